@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Generate the project's own small ONNX models, byte for byte reproducibly.
+
+    python3 scripts/make_models.py [--out models]
+
+Weights come from numpy's PCG64 generator with fixed seeds, and the ONNX
+protobuf is serialised deterministically, so running this again writes files
+with the same sha256 as those committed in models/models.toml (the test suite
+checks that).
+
+Models:
+  mlp        FP32 [batch, 256] -> logits/probabilities [batch, 16]; two 1024-wide
+             hidden layers (~1.3 M weights), heavy enough that micro-batching pays.
+  mlp_small  the same interface with one 32-wide hidden layer: the cheap fallback
+             for `mlp` in degraded mode.
+  typed_ops  mixed datatypes (INT64, FP64, BOOL in; FP64, INT64, BOOL, INT32 out) to
+             exercise the protocol's datatype handling with exactly checkable answers.
+"""
+import argparse
+import hashlib
+import os
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+IR_VERSION = 8
+
+
+def dense_layers(prefix, sizes, seed):
+    """He-initialised weights for a stack of Gemm layers."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    inits = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        w = (rng.standard_normal((fan_in, fan_out)) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+        b = (rng.standard_normal(fan_out) * 0.01).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"{prefix}_w{i}"))
+        inits.append(numpy_helper.from_array(b, f"{prefix}_b{i}"))
+    return inits
+
+
+def mlp(name, hidden, seed, in_features=256, classes=16):
+    sizes = [in_features, *hidden, classes]
+    inits = dense_layers(name, sizes, seed)
+    nodes = []
+    current = "features"
+    for i in range(len(sizes) - 1):
+        out = "logits" if i == len(sizes) - 2 else f"h{i}"
+        nodes.append(helper.make_node("Gemm", [current, f"{name}_w{i}", f"{name}_b{i}"], [out + ("" if out == "logits" else "_pre")]))
+        if out != "logits":
+            nodes.append(helper.make_node("Relu", [out + "_pre"], [out]))
+        current = out
+    nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1))
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", in_features])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes]),
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes]),
+        ],
+        inits,
+    )
+    return graph
+
+
+def typed_ops():
+    zero = numpy_helper.from_array(np.zeros((), dtype=np.int64), "zero_i64")
+    zero_f = numpy_helper.from_array(np.zeros((), dtype=np.float64), "zero_f64")
+    nodes = [
+        helper.make_node("Cast", ["a"], ["a_f64"], to=TensorProto.DOUBLE),
+        helper.make_node("Add", ["a_f64", "b"], ["sum"]),
+        helper.make_node("Where", ["mask", "a", "zero_i64"], ["masked"]),
+        helper.make_node("Greater", ["b", "zero_f64"], ["positive"]),
+        helper.make_node("Cast", ["masked"], ["masked_i32"], to=TensorProto.INT32),
+    ]
+    return helper.make_graph(
+        nodes,
+        "typed_ops",
+        [
+            helper.make_tensor_value_info("a", TensorProto.INT64, ["batch", 4]),
+            helper.make_tensor_value_info("b", TensorProto.DOUBLE, ["batch", 4]),
+            helper.make_tensor_value_info("mask", TensorProto.BOOL, ["batch", 4]),
+        ],
+        [
+            helper.make_tensor_value_info("sum", TensorProto.DOUBLE, ["batch", 4]),
+            helper.make_tensor_value_info("masked", TensorProto.INT64, ["batch", 4]),
+            helper.make_tensor_value_info("positive", TensorProto.BOOL, ["batch", 4]),
+            helper.make_tensor_value_info("masked_i32", TensorProto.INT32, ["batch", 4]),
+        ],
+        [zero, zero_f],
+    )
+
+
+def save(graph, path):
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="streamserve-make-models")
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    data = model.SerializeToString(deterministic=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    print(f"{hashlib.sha256(data).hexdigest()}  {path}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "models"))
+    args = parser.parse_args()
+    save(mlp("mlp", [1024, 1024], seed=20261125), os.path.join(args.out, "mlp", "1", "model.onnx"))
+    save(mlp("mlp_small", [32], seed=20261126), os.path.join(args.out, "mlp_small", "1", "model.onnx"))
+    save(typed_ops(), os.path.join(args.out, "typed_ops", "1", "model.onnx"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+//! The supervisor: starts every model version of the manifest (verifying its sha256, loading a
+//! worker per replica, starting its router on an arbiter of its own), publishes the result to
+//! the [`Registry`], and owns the restart policy for workers that die.
+//!
+//! A model that cannot be served (hash mismatch, file missing, GPU unusable) is refused with a
+//! clear log line and listed as unavailable; every other model keeps serving.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use futures_util::future::join_all;
+
+use super::registry::{Catalog, Registry, ServedModel, VersionState};
+use super::router::{ModelHealth, Router};
+use super::worker::{self, WorkerHandle, WorkerReport};
+use crate::manifest::{verify_sha256, Manifest, ModelEntry};
+use crate::model::ModelInfo;
+
+pub struct Supervisor {
+    env: &'static ort::environment::Environment,
+    registry: Arc<Registry>,
+}
+
+impl Supervisor {
+    pub fn new(env: &'static ort::environment::Environment, registry: Arc<Registry>) -> Supervisor {
+        Supervisor { env, registry }
+    }
+
+    /// Starts every model of the manifest concurrently and publishes the catalog.
+    pub async fn start_manifest(&self, manifest: &Manifest) {
+        let started = join_all(manifest.models.iter().cloned().map(|entry| self.start_model(Arc::new(entry)))).await;
+        let mut catalog = Catalog::default();
+        for (entry, state) in manifest.models.iter().zip(started) {
+            catalog
+                .models
+                .entry(entry.name.clone())
+                .or_default()
+                .versions
+                .insert(entry.version.clone(), state);
+        }
+        self.registry.publish(catalog);
+    }
+
+    async fn start_model(&self, entry: Arc<ModelEntry>) -> VersionState {
+        let started = Instant::now();
+        let refuse = |reason: String| {
+            tracing::error!(model = %entry.name, version = %entry.version, %reason, "model refused");
+            VersionState::Unavailable { entry: entry.clone(), reason }
+        };
+        if let Err(reason) = verify_sha256(&entry) {
+            return refuse(reason);
+        }
+        let (reports_tx, reports_rx) = flume::unbounded::<WorkerReport>();
+        let loading = (0..entry.replicas).map(|replica| worker::spawn(entry.clone(), replica, 0, self.env, reports_tx.clone()));
+        let mut workers: Vec<WorkerHandle> = Vec::new();
+        let mut interface = None;
+        let mut failures = Vec::new();
+        for result in join_all(loading).await {
+            match result {
+                Ok(Ok(started)) => {
+                    interface.get_or_insert((started.inputs, started.outputs));
+                    workers.push(started.handle);
+                }
+                Ok(Err(reason)) => failures.push(reason),
+                Err(_) => failures.push("worker thread ended while loading".to_string()),
+            }
+        }
+        let Some((inputs, outputs)) = interface else {
+            return refuse(failures.first().cloned().unwrap_or_else(|| "no replica loaded".into()));
+        };
+        if !failures.is_empty() {
+            tracing::warn!(model = %entry.name, version = %entry.version, failed = failures.len(), reason = %failures[0], "some replicas failed to load");
+        }
+        if entry.batching.max_batch_size > 0 {
+            if let Some(spec) = inputs.iter().chain(&outputs).find(|s| s.shape.first().copied() != Some(-1)) {
+                return refuse(format!(
+                    "max_batch_size is {} but '{}' has shape {:?}, without a dynamic batch axis first; set max_batch_size = 0",
+                    entry.batching.max_batch_size, spec.name, spec.shape
+                ));
+            }
+        }
+        let device = workers[0].device;
+        let info = Arc::new(ModelInfo {
+            name: entry.name.clone(),
+            version: entry.version.clone(),
+            inputs,
+            outputs,
+            batching: entry.batching,
+            device,
+            replicas: entry.replicas,
+            max_queue: entry.max_queue,
+            fallback: entry.fallback.clone(),
+            sha256: entry.sha256.clone(),
+            description: entry.description.clone(),
+            source: entry.source.clone(),
+        });
+        let health = Arc::new(ModelHealth {
+            healthy_replicas: Default::default(),
+            replicas: entry.replicas,
+        });
+        let arbiter = Arbiter::new();
+        let router = {
+            let (info, entry, health, env) = (info.clone(), entry.clone(), health.clone(), self.env);
+            Router::start_in_arbiter(&arbiter.handle(), move |ctx| {
+                ctx.add_stream(reports_rx.into_stream());
+                Router::new(info, entry, env, workers, reports_tx, health)
+            })
+        };
+        tracing::info!(
+            model = %entry.name, version = %entry.version, device = %device, replicas = entry.replicas,
+            max_batch_size = entry.batching.max_batch_size, start_ms = started.elapsed().as_millis() as u64,
+            "model serving"
+        );
+        VersionState::Serving(ServedModel { info, router, health })
+    }
+}
+
+/// Starts a replacement worker, retrying with exponential backoff (100 ms doubling to 5 s)
+/// until a session loads; resolves to the new worker's handle.
+pub async fn restart_worker(
+    entry: Arc<ModelEntry>,
+    replica: usize,
+    generation: u64,
+    env: &'static ort::environment::Environment,
+    reports: flume::Sender<WorkerReport>,
+) -> WorkerHandle {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match worker::spawn(entry.clone(), replica, generation, env, reports.clone()).await {
+            Ok(Ok(started)) => return started.handle,
+            Ok(Err(reason)) => {
+                tracing::error!(model = %entry.name, version = %entry.version, replica, %reason, "worker restart failed")
+            }
+            Err(_) => tracing::error!(model = %entry.name, replica, "worker thread ended while loading"),
+        }
+        actix_web::rt::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,56 @@
+//! Liveness and readiness, computed from the workers' real state (a model with no healthy
+//! replica is not ready, and neither is the server while any model is in that state).
+//!
+//! The protocol signals the answer by status: 200 for true, 400 for false (as Triton does);
+//! the JSON body says the same for people with curl.
+
+use actix_web::{web, HttpResponse};
+use serde_json::json;
+
+use super::AppState;
+use crate::error::ServeError;
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v2/health/live", web::get().to(live))
+        .route("/v2/health/ready", web::get().to(ready))
+        .route("/v2/models/{name}/ready", web::get().to(model_ready))
+        .route("/v2/models/{name}/versions/{version}/ready", web::get().to(model_version_ready));
+}
+
+async fn live() -> HttpResponse {
+    HttpResponse::Ok().json(json!({ "live": true }))
+}
+
+async fn ready(state: web::Data<AppState>) -> HttpResponse {
+    answer(state.registry.snapshot().ready(), "ready")
+}
+
+async fn model_ready(state: web::Data<AppState>, path: web::Path<String>) -> Result<HttpResponse, ServeError> {
+    check_model(&state, &path.into_inner(), None)
+}
+
+async fn model_version_ready(
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ServeError> {
+    let (name, version) = path.into_inner();
+    check_model(&state, &name, Some(&version))
+}
+
+fn check_model(state: &AppState, name: &str, version: Option<&str>) -> Result<HttpResponse, ServeError> {
+    let catalog = state.registry.snapshot();
+    match catalog.resolve(name, version) {
+        Ok(served) => Ok(answer(served.health.ready(), "ready")),
+        Err(ServeError::ModelUnavailable { .. }) => Ok(answer(false, "ready")),
+        Err(e) => Err(e),
+    }
+}
+
+fn answer(value: bool, key: &str) -> HttpResponse {
+    let body = json!({ key: value });
+    if value {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::BadRequest().json(body)
+    }
+}

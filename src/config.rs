@@ -1,0 +1,178 @@
+//! Server configuration, from one source with three layers: command-line flags win over
+//! environment variables (`STREAMSERVE_*`), which win over an optional TOML file
+//! (`--config`), which wins over built-in defaults that just work.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+
+#[derive(Debug, Parser)]
+#[command(name = "streamserve", version, about = "Serve ONNX models over the Open Inference Protocol")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start the server on the models of a model directory.
+    Serve(ServeArgs),
+    /// Verify a model directory's manifest and hashes, then print what it holds.
+    CheckModels(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Model directory holding `models.toml`.
+    #[arg(long, env = "STREAMSERVE_MODELS", default_value = "models")]
+    pub models: PathBuf,
+}
+
+/// Flags of `streamserve serve`. Each is optional here so that an unset flag falls through
+/// to the environment, then to the config file, then to the default.
+#[derive(Debug, Args, Default)]
+pub struct ServeArgs {
+    /// TOML config file with any of the keys below (snake_case).
+    #[arg(long, env = "STREAMSERVE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 0.0.0.0].
+    #[arg(long, env = "STREAMSERVE_HOST")]
+    pub host: Option<String>,
+    /// Port to listen on; 0 picks a free one [default: 8080].
+    #[arg(long, env = "STREAMSERVE_PORT")]
+    pub port: Option<u16>,
+    /// Model directory holding `models.toml` [default: models].
+    #[arg(long, env = "STREAMSERVE_MODELS")]
+    pub models: Option<PathBuf>,
+    /// Log line format [default: text].
+    #[arg(long, env = "STREAMSERVE_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Log filter in `RUST_LOG` syntax [default: info].
+    #[arg(long, env = "STREAMSERVE_LOG")]
+    pub log: Option<String>,
+    /// Largest request body accepted, in bytes [default: 67108864].
+    #[arg(long, env = "STREAMSERVE_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// HTTP worker threads [default: number of CPUs].
+    #[arg(long, env = "STREAMSERVE_HTTP_WORKERS")]
+    pub http_workers: Option<usize>,
+    /// Path of libonnxruntime; otherwise `ORT_DYLIB_PATH`, then the project's `.venv`.
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    pub ort_dylib: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Keys accepted in the TOML config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    host: Option<String>,
+    port: Option<u16>,
+    models: Option<PathBuf>,
+    log_format: Option<LogFormat>,
+    log: Option<String>,
+    max_body_bytes: Option<usize>,
+    http_workers: Option<usize>,
+    ort_dylib: Option<PathBuf>,
+}
+
+/// The resolved configuration the server runs with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub host: String,
+    pub port: u16,
+    pub models: PathBuf,
+    pub log_format: LogFormat,
+    pub log: String,
+    pub max_body_bytes: usize,
+    pub http_workers: usize,
+    pub ort_dylib: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            host: "0.0.0.0".into(),
+            port: 8080,
+            models: PathBuf::from("models"),
+            log_format: LogFormat::Text,
+            log: "info".into(),
+            max_body_bytes: 64 * 1024 * 1024,
+            http_workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            ort_dylib: None,
+        }
+    }
+}
+
+impl Config {
+    /// Resolves flags and environment (already merged by clap) over the config file over defaults.
+    pub fn resolve(args: ServeArgs) -> anyhow::Result<Config> {
+        let file = match &args.config {
+            Some(path) => load_file(path)?,
+            None => FileConfig::default(),
+        };
+        let defaults = Config::default();
+        Ok(Config {
+            host: args.host.or(file.host).unwrap_or(defaults.host),
+            port: args.port.or(file.port).unwrap_or(defaults.port),
+            models: args.models.or(file.models).unwrap_or(defaults.models),
+            log_format: args.log_format.or(file.log_format).unwrap_or(defaults.log_format),
+            log: args.log.or(file.log).unwrap_or(defaults.log),
+            max_body_bytes: args
+                .max_body_bytes
+                .or(file.max_body_bytes)
+                .unwrap_or(defaults.max_body_bytes),
+            http_workers: args
+                .http_workers
+                .or(file.http_workers)
+                .unwrap_or(defaults.http_workers)
+                .max(1),
+            ort_dylib: args.ort_dylib.or(file.ort_dylib),
+        })
+    }
+}
+
+fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_file_and_file_over_defaults() {
+        let dir = std::env::temp_dir().join(format!("streamserve-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.toml");
+        std::fs::write(&path, "port = 9000\nhost = \"127.0.0.1\"\nlog_format = \"json\"\n").unwrap();
+        let args = ServeArgs {
+            config: Some(path.clone()),
+            port: Some(9100),
+            ..ServeArgs::default()
+        };
+        let config = Config::resolve(args).unwrap();
+        assert_eq!(config.port, 9100);
+        assert_eq!(config.host, "127.0.0.1");
+        assert_eq!(config.log_format, LogFormat::Json);
+        assert_eq!(config.models, PathBuf::from("models"));
+
+        std::fs::write(&path, "prot = 1\n").unwrap();
+        let err = Config::resolve(ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+}

@@ -1,0 +1,124 @@
+//! The one error type that a request can end in, and its single mapping to HTTP.
+//!
+//! Every layer (protocol decoding, validation, routing, inference) returns a [`ServeError`];
+//! `api/` turns it into a KServe-style `{"error": "..."}` body with the status chosen here.
+
+use std::time::Duration;
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{HttpResponse, ResponseError};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ServeError {
+    #[error("unknown model '{0}'")]
+    ModelNotFound(String),
+    #[error("model '{model}' has no version '{version}' (available: {available})")]
+    VersionNotFound {
+        model: String,
+        version: String,
+        available: String,
+    },
+    #[error("model '{model}' is unavailable: {reason}")]
+    ModelUnavailable { model: String, reason: String },
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("request body of {size} bytes exceeds the limit of {limit} bytes")]
+    PayloadTooLarge { size: usize, limit: usize },
+    #[error("model '{model}' is overloaded: {queued} requests queued (limit {limit}); retry later")]
+    Overloaded {
+        model: String,
+        queued: usize,
+        limit: usize,
+        retry_after: Duration,
+    },
+    #[error("model '{model}' is not ready: {reason}")]
+    NotReady {
+        model: String,
+        reason: String,
+        retry_after: Duration,
+    },
+    #[error("inference failed: {0}")]
+    Inference(String),
+    #[error("the worker serving this request was lost: {0}")]
+    WorkerLost(String),
+    #[error("server is shutting down")]
+    ShuttingDown,
+}
+
+impl ServeError {
+    pub fn invalid(message: impl Into<String>) -> ServeError {
+        ServeError::InvalidRequest(message.into())
+    }
+
+    /// A short machine-readable label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ServeError::ModelNotFound(_) | ServeError::VersionNotFound { .. } => "not_found",
+            ServeError::ModelUnavailable { .. } => "unavailable",
+            ServeError::InvalidRequest(_) => "invalid",
+            ServeError::PayloadTooLarge { .. } => "too_large",
+            ServeError::Overloaded { .. } => "overloaded",
+            ServeError::NotReady { .. } => "not_ready",
+            ServeError::Inference(_) => "inference",
+            ServeError::WorkerLost(_) => "worker_lost",
+            ServeError::ShuttingDown => "shutting_down",
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ServeError::Overloaded { retry_after, .. } | ServeError::NotReady { retry_after, .. } => {
+                Some(*retry_after)
+            }
+            ServeError::WorkerLost(_) | ServeError::ShuttingDown => Some(Duration::from_secs(1)),
+            _ => None,
+        }
+    }
+}
+
+impl ResponseError for ServeError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ServeError::ModelNotFound(_) | ServeError::VersionNotFound { .. } => StatusCode::NOT_FOUND,
+            ServeError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            ServeError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ServeError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ServeError::ModelUnavailable { .. }
+            | ServeError::NotReady { .. }
+            | ServeError::WorkerLost(_)
+            | ServeError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ServeError::Inference(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status_code());
+        if let Some(after) = self.retry_after() {
+            // Retry-After is whole seconds; round up so a client never retries too early.
+            let secs = after.as_millis().div_ceil(1000).max(1);
+            response.insert_header((header::RETRY_AFTER, secs.to_string()));
+        }
+        response.json(serde_json::json!({ "error": self.to_string() }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_follow_the_protocol() {
+        assert_eq!(ServeError::ModelNotFound("x".into()).status_code(), 404);
+        assert_eq!(ServeError::invalid("bad").status_code(), 400);
+        assert_eq!(ServeError::PayloadTooLarge { size: 2, limit: 1 }.status_code(), 413);
+        let overloaded = ServeError::Overloaded {
+            model: "m".into(),
+            queued: 3,
+            limit: 3,
+            retry_after: Duration::from_millis(1500),
+        };
+        assert_eq!(overloaded.status_code(), 429);
+        let response = overloaded.error_response();
+        assert_eq!(response.headers().get(header::RETRY_AFTER).unwrap(), "2");
+    }
+}

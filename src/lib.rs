@@ -1,0 +1,17 @@
+//! streamserve: a serverless-style ONNX inference server built from supervised actors.
+//!
+//! Where a request goes: `api/rest.rs` decodes and validates it (`api/kserve.rs`,
+//! `model.rs`), the model version's `actors/router.rs` queues and batches it, an
+//! `actors/worker.rs` runs the batch on its ONNX Runtime session (`runtime/`), and the worker
+//! answers the request directly. `actors/supervisor.rs` starts it all from `models/models.toml`.
+
+pub mod actors;
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod manifest;
+pub mod model;
+pub mod runtime;
+pub mod server;
+pub mod telemetry;
+pub mod tensor;

@@ -1,0 +1,46 @@
+use clap::Parser;
+
+use streamserve::config::{Cli, Command, Config};
+use streamserve::manifest::{verify_sha256, Manifest};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::CheckModels(args) => check_models(&args.models),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("streamserve: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(args: streamserve::config::ServeArgs) -> anyhow::Result<()> {
+    let config = Config::resolve(args)?;
+    streamserve::telemetry::init_logging(config.log_format, &config.log);
+    actix_web::rt::System::new().block_on(async move {
+        let (_running, server) = streamserve::server::start(&config, true).await?;
+        server.await?;
+        tracing::info!("streamserve stopped");
+        Ok(())
+    })
+}
+
+fn check_models(dir: &std::path::Path) -> anyhow::Result<()> {
+    let manifest = Manifest::load(dir)?;
+    let mut bad = 0;
+    for entry in &manifest.models {
+        match verify_sha256(entry) {
+            Ok(()) => println!("ok    {}:{}  {}", entry.name, entry.version, entry.file.display()),
+            Err(reason) => {
+                bad += 1;
+                println!("BAD   {}:{}  {reason}", entry.name, entry.version);
+            }
+        }
+    }
+    anyhow::ensure!(bad == 0, "{bad} model file(s) do not match the manifest");
+    Ok(())
+}

@@ -1,0 +1,309 @@
+//! The model directory's manifest (`models.toml`): which models exist, in which versions,
+//! where their files are, the sha256 each must have, and how each is served.
+
+use std::fmt;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use sha2::{Digest, Sha256};
+
+pub const MANIFEST_FILE: &str = "models.toml";
+
+/// Where a model's sessions run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    /// A CUDA GPU by index.
+    Cuda(i32),
+}
+
+impl FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Device, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<i32>().ok())
+                .filter(|n| *n >= 0)
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("device must be \"cpu\" or \"cuda:N\", got \"{s}\"")),
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Device {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Device, D::Error> {
+        let s = String::deserialize(deserializer)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Dynamic micro-batching settings for one model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Batching {
+    /// Largest number of rows (requests' batch dimensions added up) in one model call.
+    /// 0 means the model has no batch axis and every request runs alone, as sent.
+    pub max_batch_size: usize,
+    /// Longest time the oldest queued request waits for others to join its batch.
+    pub max_queue_delay: Duration,
+}
+
+/// One model version as the manifest describes it, with defaults applied and its file path
+/// resolved against the model directory.
+#[derive(Clone, Debug)]
+pub struct ModelEntry {
+    pub name: String,
+    pub version: String,
+    pub file: PathBuf,
+    pub sha256: String,
+    pub device: Device,
+    /// Serve on CPU when the requested GPU cannot be used, instead of refusing the model.
+    pub allow_cpu_fallback: bool,
+    pub replicas: usize,
+    pub intra_threads: usize,
+    pub batching: Batching,
+    /// Requests allowed to wait in the router's queue before new ones get 429.
+    pub max_queue: usize,
+    pub fallback: Option<String>,
+    pub description: String,
+    pub source: String,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDefaults {
+    device: Option<Device>,
+    allow_cpu_fallback: Option<bool>,
+    replicas: Option<usize>,
+    intra_threads: Option<usize>,
+    max_batch_size: Option<usize>,
+    max_queue_delay_ms: Option<f64>,
+    max_queue: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    name: String,
+    version: String,
+    file: PathBuf,
+    sha256: String,
+    #[serde(flatten)]
+    settings: RawDefaults,
+    fallback: Option<String>,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    source: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManifest {
+    #[serde(default)]
+    defaults: RawDefaults,
+    #[serde(default)]
+    models: Vec<RawModel>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Manifest {
+    pub dir: PathBuf,
+    pub models: Vec<ModelEntry>,
+}
+
+impl Manifest {
+    /// Reads `<dir>/models.toml`. Errors name the file and the offending key.
+    pub fn load(dir: &Path) -> anyhow::Result<Manifest> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read model manifest {}: {e} (is --models / STREAMSERVE_MODELS right?)",
+                path.display()
+            )
+        })?;
+        Manifest::parse(dir, &text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    pub fn parse(dir: &Path, text: &str) -> anyhow::Result<Manifest> {
+        let raw: RawManifest = toml::from_str(text)?;
+        let d = raw.defaults;
+        let mut models = Vec::with_capacity(raw.models.len());
+        for m in raw.models {
+            let s = m.settings;
+            anyhow::ensure!(
+                !m.name.is_empty() && m.name.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)),
+                "model name '{}' must be non-empty and use only letters, digits, '_', '-', '.'",
+                m.name
+            );
+            anyhow::ensure!(
+                m.sha256.len() == 64 && m.sha256.chars().all(|c| c.is_ascii_hexdigit()),
+                "model {}:{}: sha256 must be 64 hex digits",
+                m.name,
+                m.version
+            );
+            anyhow::ensure!(
+                !models.iter().any(|e: &ModelEntry| e.name == m.name && e.version == m.version),
+                "model {}:{} is listed twice",
+                m.name,
+                m.version
+            );
+            let delay_ms = s.max_queue_delay_ms.or(d.max_queue_delay_ms).unwrap_or(1.0);
+            anyhow::ensure!(
+                delay_ms.is_finite() && delay_ms >= 0.0,
+                "model {}:{}: max_queue_delay_ms must be >= 0",
+                m.name,
+                m.version
+            );
+            models.push(ModelEntry {
+                file: dir.join(&m.file),
+                sha256: m.sha256.to_ascii_lowercase(),
+                device: s.device.or(d.device).unwrap_or(Device::Cpu),
+                allow_cpu_fallback: s.allow_cpu_fallback.or(d.allow_cpu_fallback).unwrap_or(false),
+                replicas: s.replicas.or(d.replicas).unwrap_or(1).max(1),
+                intra_threads: s.intra_threads.or(d.intra_threads).unwrap_or(1).max(1),
+                batching: Batching {
+                    max_batch_size: s.max_batch_size.or(d.max_batch_size).unwrap_or(0),
+                    max_queue_delay: Duration::from_secs_f64(delay_ms / 1000.0),
+                },
+                max_queue: s.max_queue.or(d.max_queue).unwrap_or(1024).max(1),
+                fallback: m.fallback,
+                description: m.description,
+                source: m.source,
+                name: m.name,
+                version: m.version,
+            });
+        }
+        for m in &models {
+            if let Some(fallback) = &m.fallback {
+                anyhow::ensure!(
+                    models.iter().any(|e| &e.name == fallback),
+                    "model {}:{} names fallback '{}', which the manifest does not list",
+                    m.name,
+                    m.version,
+                    fallback
+                );
+            }
+        }
+        Ok(Manifest {
+            dir: dir.to_path_buf(),
+            models,
+        })
+    }
+}
+
+/// Hashes the model file and compares it with the manifest, so that a corrupted or swapped
+/// file is refused before it is ever loaded.
+pub fn verify_sha256(entry: &ModelEntry) -> Result<(), String> {
+    let actual = sha256_file(&entry.file)
+        .map_err(|e| format!("cannot read model file {}: {e}", entry.file.display()))?;
+    if actual != entry.sha256 {
+        return Err(format!(
+            "sha256 mismatch for {}: manifest says {}, file has {}",
+            entry.file.display(),
+            entry.sha256,
+            actual
+        ));
+    }
+    Ok(())
+}
+
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Orders versions numerically where both are numbers, else as strings; the highest is the
+/// default version of a model.
+pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
+    match (a.parse::<u64>(), b.parse::<u64>()) {
+        (Ok(x), Ok(y)) => x.cmp(&y),
+        _ => a.cmp(b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HASH: &str = "00000000000000000000000000000000000000000000000000000000000000aa";
+
+    #[test]
+    fn defaults_apply_and_entries_override() {
+        let text = format!(
+            r#"
+            [defaults]
+            replicas = 2
+            max_queue_delay_ms = 3
+
+            [[models]]
+            name = "a"
+            version = "1"
+            file = "a/1/model.onnx"
+            sha256 = "{HASH}"
+            max_batch_size = 8
+            device = "cuda:1"
+            fallback = "b"
+
+            [[models]]
+            name = "b"
+            version = "1"
+            file = "b.onnx"
+            sha256 = "{HASH}"
+            replicas = 1
+            "#
+        );
+        let m = Manifest::parse(Path::new("/m"), &text).unwrap();
+        let a = &m.models[0];
+        assert_eq!(a.replicas, 2);
+        assert_eq!(a.device, Device::Cuda(1));
+        assert_eq!(a.batching.max_batch_size, 8);
+        assert_eq!(a.batching.max_queue_delay, Duration::from_millis(3));
+        assert_eq!(a.file, PathBuf::from("/m/a/1/model.onnx"));
+        assert_eq!(m.models[1].replicas, 1);
+        assert_eq!(m.models[1].batching.max_batch_size, 0);
+    }
+
+    #[test]
+    fn bad_manifests_are_refused_with_reasons() {
+        let unknown_fallback = format!(
+            "[[models]]\nname='a'\nversion='1'\nfile='a'\nsha256='{HASH}'\nfallback='zz'\n"
+        );
+        let err = Manifest::parse(Path::new("."), &unknown_fallback).unwrap_err();
+        assert!(err.to_string().contains("fallback 'zz'"), "{err}");
+        let bad_device = format!("[[models]]\nname='a'\nversion='1'\nfile='a'\nsha256='{HASH}'\ndevice='tpu'\n");
+        let err = Manifest::parse(Path::new("."), &bad_device).unwrap_err();
+        assert!(err.to_string().contains("cuda:N"), "{err}");
+        let bad_hash = "[[models]]\nname='a'\nversion='1'\nfile='a'\nsha256='abc'\n";
+        assert!(Manifest::parse(Path::new("."), bad_hash).is_err());
+    }
+
+    #[test]
+    fn versions_order_numerically() {
+        assert_eq!(compare_versions("10", "9"), std::cmp::Ordering::Greater);
+        assert_eq!(compare_versions("b", "a"), std::cmp::Ordering::Greater);
+    }
+}

@@ -1,0 +1,260 @@
+//! What a served model version looks like to the rest of the server ([`ModelInfo`]), the
+//! validated request that travels to its router ([`InferRequest`]), and the answer that comes
+//! back ([`InferResponse`]).
+//!
+//! Validation happens once, here, before a request is queued: the router and workers can then
+//! batch and pack without re-checking anything.
+
+use std::time::Duration;
+
+use crate::error::ServeError;
+use crate::manifest::{Batching, Device};
+use crate::runtime::TensorSpec;
+use crate::tensor::{element_count, NamedTensor};
+
+/// The platform string of the Open Inference Protocol's model metadata.
+pub const PLATFORM: &str = "onnxruntime_onnx";
+
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    pub name: String,
+    pub version: String,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    pub batching: Batching,
+    pub device: Device,
+    pub replicas: usize,
+    pub max_queue: usize,
+    pub fallback: Option<String>,
+    pub sha256: String,
+    pub description: String,
+    pub source: String,
+}
+
+/// A request that passed validation: inputs in the model's input order, the number of rows
+/// it adds to a batch, and the indices of the outputs to return.
+#[derive(Debug)]
+pub struct InferRequest {
+    pub inputs: Vec<NamedTensor>,
+    pub rows: usize,
+    pub outputs: Vec<usize>,
+}
+
+impl InferRequest {
+    /// Requests may share a model call only when every input agrees beyond the batch axis.
+    pub fn batches_with(&self, other: &InferRequest) -> bool {
+        self.inputs
+            .iter()
+            .zip(&other.inputs)
+            .all(|(a, b)| a.shape.get(1..) == b.shape.get(1..))
+    }
+}
+
+#[derive(Debug)]
+pub struct InferResponse {
+    pub outputs: Vec<NamedTensor>,
+    /// Rows in the model call that served this request (its own plus its batch mates').
+    pub batch_size: usize,
+    pub queue_time: Duration,
+    pub compute_time: Duration,
+}
+
+impl ModelInfo {
+    pub fn batched(&self) -> bool {
+        self.batching.max_batch_size > 0
+    }
+
+    /// Checks inputs against the model's declared interface, orders them as the model expects
+    /// and resolves the requested output names. Every error says which input and why.
+    pub fn validate(
+        &self,
+        mut inputs: Vec<NamedTensor>,
+        requested_outputs: Option<Vec<String>>,
+    ) -> Result<InferRequest, ServeError> {
+        let name = &self.name;
+        for (i, input) in inputs.iter().enumerate() {
+            if !self.inputs.iter().any(|s| s.name == input.name) {
+                return Err(ServeError::invalid(format!(
+                    "model '{name}' has no input '{}' (inputs: {})",
+                    input.name,
+                    names(&self.inputs)
+                )));
+            }
+            if inputs[..i].iter().any(|other| other.name == input.name) {
+                return Err(ServeError::invalid(format!("input '{}' is given twice", input.name)));
+            }
+        }
+        let mut ordered = Vec::with_capacity(self.inputs.len());
+        for spec in &self.inputs {
+            let Some(pos) = inputs.iter().position(|t| t.name == spec.name) else {
+                return Err(ServeError::invalid(format!(
+                    "model '{name}' needs input '{}' ({} {:?}), which the request lacks",
+                    spec.name, spec.datatype, spec.shape
+                )));
+            };
+            let tensor = inputs.swap_remove(pos);
+            self.check_tensor(spec, &tensor)?;
+            ordered.push(tensor);
+        }
+
+        let rows = if self.batched() {
+            let rows = ordered[0].shape[0];
+            if let Some(other) = ordered.iter().find(|t| t.shape[0] != rows) {
+                return Err(ServeError::invalid(format!(
+                    "inputs disagree on the batch size: '{}' has {} rows, '{}' has {}",
+                    ordered[0].name, rows, other.name, other.shape[0]
+                )));
+            }
+            let rows = rows as usize;
+            if rows > self.batching.max_batch_size {
+                return Err(ServeError::invalid(format!(
+                    "batch of {rows} rows exceeds model '{name}' max_batch_size of {}",
+                    self.batching.max_batch_size
+                )));
+            }
+            rows
+        } else {
+            1
+        };
+
+        let outputs = match requested_outputs {
+            None => (0..self.outputs.len()).collect(),
+            Some(requested) => {
+                let mut indices = Vec::with_capacity(requested.len());
+                for wanted in requested {
+                    let Some(i) = self.outputs.iter().position(|s| s.name == wanted) else {
+                        return Err(ServeError::invalid(format!(
+                            "model '{name}' has no output '{wanted}' (outputs: {})",
+                            names(&self.outputs)
+                        )));
+                    };
+                    if indices.contains(&i) {
+                        return Err(ServeError::invalid(format!("output '{wanted}' is requested twice")));
+                    }
+                    indices.push(i);
+                }
+                indices
+            }
+        };
+        Ok(InferRequest {
+            inputs: ordered,
+            rows,
+            outputs,
+        })
+    }
+
+    fn check_tensor(&self, spec: &TensorSpec, tensor: &NamedTensor) -> Result<(), ServeError> {
+        let input = &spec.name;
+        if tensor.data.datatype() != spec.datatype {
+            return Err(ServeError::invalid(format!(
+                "input '{input}' must be {}, got {}",
+                spec.datatype,
+                tensor.data.datatype()
+            )));
+        }
+        if tensor.shape.len() != spec.shape.len() {
+            return Err(ServeError::invalid(format!(
+                "input '{input}' must have {} dimensions {:?}, got shape {:?}",
+                spec.shape.len(),
+                spec.shape,
+                tensor.shape
+            )));
+        }
+        for (axis, (&want, &got)) in spec.shape.iter().zip(&tensor.shape).enumerate() {
+            if got < 0 {
+                return Err(ServeError::invalid(format!(
+                    "input '{input}' has negative dimension {got} in shape {:?}",
+                    tensor.shape
+                )));
+            }
+            if want >= 0 && want != got {
+                return Err(ServeError::invalid(format!(
+                    "input '{input}' dimension {axis} must be {want}, got shape {:?} (expected {:?})",
+                    tensor.shape, spec.shape
+                )));
+            }
+        }
+        if self.batched() && tensor.shape[0] == 0 {
+            return Err(ServeError::invalid(format!("input '{input}' has an empty batch (shape {:?})", tensor.shape)));
+        }
+        let expected = element_count(&tensor.shape).ok_or_else(|| {
+            ServeError::invalid(format!("input '{input}' shape {:?} is too large", tensor.shape))
+        })?;
+        if expected != tensor.data.len() {
+            return Err(ServeError::invalid(format!(
+                "input '{input}' shape {:?} needs {expected} elements, got {}",
+                tensor.shape,
+                tensor.data.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn names(specs: &[TensorSpec]) -> String {
+    specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::{DataType, TensorData};
+
+    fn info() -> ModelInfo {
+        ModelInfo {
+            name: "m".into(),
+            version: "1".into(),
+            inputs: vec![
+                TensorSpec { name: "x".into(), datatype: DataType::Fp32, shape: vec![-1, 2] },
+                TensorSpec { name: "y".into(), datatype: DataType::Int64, shape: vec![-1, 1] },
+            ],
+            outputs: vec![TensorSpec { name: "z".into(), datatype: DataType::Fp32, shape: vec![-1, 2] }],
+            batching: Batching { max_batch_size: 4, max_queue_delay: Duration::ZERO },
+            device: Device::Cpu,
+            replicas: 1,
+            max_queue: 8,
+            fallback: None,
+            sha256: String::new(),
+            description: String::new(),
+            source: String::new(),
+        }
+    }
+
+    fn x(rows: i64) -> NamedTensor {
+        NamedTensor { name: "x".into(), shape: vec![rows, 2], data: TensorData::Fp32(vec![0.0; rows as usize * 2]) }
+    }
+    fn y(rows: i64) -> NamedTensor {
+        NamedTensor { name: "y".into(), shape: vec![rows, 1], data: TensorData::Int64(vec![0; rows as usize]) }
+    }
+
+    fn err(result: Result<InferRequest, ServeError>) -> String {
+        result.unwrap_err().to_string()
+    }
+
+    #[test]
+    fn orders_inputs_and_counts_rows() {
+        let req = info().validate(vec![y(3), x(3)], None).unwrap();
+        assert_eq!(req.inputs[0].name, "x");
+        assert_eq!(req.rows, 3);
+        assert_eq!(req.outputs, vec![0]);
+    }
+
+    #[test]
+    fn precise_errors() {
+        let m = info();
+        assert!(err(m.validate(vec![x(1)], None)).contains("needs input 'y'"));
+        assert!(err(m.validate(vec![x(1), y(1), y(1)], None)).contains("given twice"));
+        assert!(err(m.validate(vec![x(5), y(5)], None)).contains("max_batch_size"));
+        assert!(err(m.validate(vec![x(2), y(1)], None)).contains("disagree"));
+        assert!(err(m.validate(vec![x(1), y(1)], Some(vec!["q".into()]))).contains("no output 'q'"));
+        let mut bad = x(1);
+        bad.data = TensorData::Fp32(vec![0.0; 3]);
+        assert!(err(m.validate(vec![bad, y(1)], None)).contains("needs 2 elements, got 3"));
+        let mut wrong_type = y(1);
+        wrong_type.data = TensorData::Fp32(vec![0.0]);
+        assert!(err(m.validate(vec![x(1), wrong_type], None)).contains("must be INT64, got FP32"));
+        let mut wrong_dim = x(1);
+        wrong_dim.shape = vec![2, 1];
+        assert!(err(m.validate(vec![wrong_dim, y(2)], None)).contains("dimension 1 must be 2"));
+    }
+}

@@ -1,0 +1,109 @@
+//! The only code that touches ONNX Runtime (`ort`): finding and loading the shared library,
+//! and [`ModelSession`], one loaded model on one device.
+
+mod session;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+pub use session::{ModelSession, TensorSpec};
+
+/// The ONNX Runtime version whose C API this build is compiled against (`ort` feature api-31).
+pub const ORT_VERSION: &str = "1.31.1";
+
+static ENVIRONMENT: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
+
+/// Loads `libonnxruntime` once per process and creates the global ORT environment. Later
+/// calls return the first outcome, whatever path they pass.
+pub fn init(explicit: Option<&Path>) -> Result<&'static ort::environment::Environment, String> {
+    ENVIRONMENT
+        .get_or_init(|| {
+            let path = find_dylib(explicit)?;
+            tracing::info!(path = %path.display(), "loading ONNX Runtime");
+            let builder = ort::init_from(&path).map_err(|e| {
+                format!("cannot load ONNX Runtime from {}: {e}", path.display())
+            })?;
+            builder
+                .with_name("streamserve")
+                .with_telemetry(false)
+                .build()
+                .map_err(|e| format!("cannot create the ONNX Runtime environment: {e}"))
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// Where `libonnxruntime` is: the explicit path (flag, config or `ORT_DYLIB_PATH`), else the
+/// wheel that the project's setup script installed into `.venv`, looked for beside the
+/// working directory and beside the executable.
+pub fn find_dylib(explicit: Option<&Path>) -> Result<PathBuf, String> {
+    if let Some(path) = explicit {
+        return if path.is_file() {
+            Ok(path.to_path_buf())
+        } else {
+            Err(format!(
+                "ONNX Runtime library {} (from --ort-dylib / ORT_DYLIB_PATH) does not exist",
+                path.display()
+            ))
+        };
+    }
+    if let Some(path) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        return find_dylib(Some(Path::new(&path)));
+    }
+    let mut roots: Vec<PathBuf> = Vec::new();
+    if let Ok(cwd) = std::env::current_dir() {
+        roots.push(cwd);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        // target/release/streamserve -> the checkout root is two levels up.
+        roots.extend(exe.ancestors().skip(1).take(4).map(Path::to_path_buf));
+    }
+    let mut searched = Vec::new();
+    for root in &roots {
+        let lib_dir = root.join(".venv").join("lib");
+        searched.push(lib_dir.display().to_string());
+        if let Some(found) = find_in_venv(&lib_dir) {
+            return Ok(found);
+        }
+    }
+    for system in ["/usr/local/lib/libonnxruntime.so", "/usr/lib/libonnxruntime.so"] {
+        searched.push(system.to_string());
+        if Path::new(system).is_file() {
+            return Ok(PathBuf::from(system));
+        }
+    }
+    Err(format!(
+        "cannot find libonnxruntime. Searched: {}. Fix: run `bash scripts/setup.sh` (installs the \
+         onnxruntime=={ORT_VERSION} wheel into .venv), or `pip install onnxruntime=={ORT_VERSION}` and set \
+         ORT_DYLIB_PATH to its onnxruntime/capi/libonnxruntime.so.{ORT_VERSION}",
+        searched.join(", ")
+    ))
+}
+
+fn find_in_venv(lib_dir: &Path) -> Option<PathBuf> {
+    let pythons = std::fs::read_dir(lib_dir).ok()?;
+    for python in pythons.flatten() {
+        let capi = python.path().join("site-packages").join("onnxruntime").join("capi");
+        let Ok(files) = std::fs::read_dir(&capi) else { continue };
+        let mut libs: Vec<PathBuf> = files
+            .flatten()
+            .map(|f| f.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("libonnxruntime.so"))
+            })
+            .collect();
+        libs.sort();
+        if let Some(lib) = libs.pop() {
+            return Some(lib);
+        }
+    }
+    None
+}
+
+/// Whether this ONNX Runtime build can run the CUDA execution provider at all.
+pub fn cuda_available() -> bool {
+    use ort::ep::ExecutionProvider;
+    ort::ep::CUDA::is_available().unwrap_or(false)
+}
