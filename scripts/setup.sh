@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what streamserve needs into the project's own Python environment (.venv):
+# the ONNX Runtime wheel whose shared library the server loads (ort's load-dynamic), and
+# with --dev the test and tooling packages. Everything comes from PyPI; idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want=requirements.txt
+[[ "${1:-}" == "--dev" ]] && want=requirements-dev.txt
+
+if [[ ! -x .venv/bin/python ]]; then
+    python3 -m venv .venv
+fi
+stamp=".venv/.installed-$(basename "$want" .txt)-$(cat requirements*.txt | sha256sum | cut -c1-16)"
+if [[ ! -f "$stamp" ]]; then
+    .venv/bin/pip install --quiet --disable-pip-version-check -r "$want"
+    touch "$stamp"
+fi
+
+lib=$(ls .venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* 2>/dev/null | head -n1)
+if [[ -z "$lib" ]]; then
+    echo "setup: the onnxruntime wheel installed no libonnxruntime.so" >&2
+    exit 1
+fi
+echo "setup: ONNX Runtime at $lib" >&2

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The one command that runs the whole test suite:
+#     bash scripts/test.sh
+# Unit and integration tests (real server on 127.0.0.1:0, real ONNX models, real HTTP),
+# Triton's own Python HTTP client against the real binary, a check that the generated
+# models rebuild byte for byte, and a short smoke run of the load generator.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh --dev
+
+echo "== models: manifest hashes and reproducibility"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+.venv/bin/python scripts/make_models.py --out "$tmp" >/dev/null
+for f in mlp mlp_small typed_ops; do
+    cmp "$tmp/$f/1/model.onnx" "models/$f/1/model.onnx" || { echo "models/$f does not rebuild byte for byte" >&2; exit 1; }
+done
+
+echo "== cargo test"
+cargo build --release --locked --all-targets
+cargo test --release --locked --workspace
+
+echo "== Python clients against the real binary"
+./target/release/streamserve check-models
+.venv/bin/python -m pytest -q tests/python
