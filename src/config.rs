@@ -8,7 +8,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
 #[derive(Debug, Parser)]
-#[command(name = "streamserve", version, about = "Serve ONNX models over the Open Inference Protocol")]
+#[command(
+    name = "streamserve",
+    version,
+    about = "Serve ONNX models over the Open Inference Protocol"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -124,7 +128,10 @@ impl Config {
             host: args.host.or(file.host).unwrap_or(defaults.host),
             port: args.port.or(file.port).unwrap_or(defaults.port),
             models: args.models.or(file.models).unwrap_or(defaults.models),
-            log_format: args.log_format.or(file.log_format).unwrap_or(defaults.log_format),
+            log_format: args
+                .log_format
+                .or(file.log_format)
+                .unwrap_or(defaults.log_format),
             log: args.log.or(file.log).unwrap_or(defaults.log),
             max_body_bytes: args
                 .max_body_bytes
@@ -155,7 +162,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("streamserve-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("config.toml");
-        std::fs::write(&path, "port = 9000\nhost = \"127.0.0.1\"\nlog_format = \"json\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "port = 9000\nhost = \"127.0.0.1\"\nlog_format = \"json\"\n",
+        )
+        .unwrap();
         let args = ServeArgs {
             config: Some(path.clone()),
             port: Some(9100),

@@ -24,7 +24,11 @@ pub enum ServeError {
     InvalidRequest(String),
     #[error("request body of {size} bytes exceeds the limit of {limit} bytes")]
     PayloadTooLarge { size: usize, limit: usize },
-    #[error("model '{model}' is overloaded: {queued} requests queued (limit {limit}); retry later")]
+    #[error("Content-Encoding '{0}' is not supported (use gzip, deflate or identity)")]
+    UnsupportedEncoding(String),
+    #[error(
+        "model '{model}' is overloaded: {queued} requests queued (limit {limit}); retry later"
+    )]
     Overloaded {
         model: String,
         queued: usize,
@@ -57,6 +61,7 @@ impl ServeError {
             ServeError::ModelUnavailable { .. } => "unavailable",
             ServeError::InvalidRequest(_) => "invalid",
             ServeError::PayloadTooLarge { .. } => "too_large",
+            ServeError::UnsupportedEncoding(_) => "unsupported_encoding",
             ServeError::Overloaded { .. } => "overloaded",
             ServeError::NotReady { .. } => "not_ready",
             ServeError::Inference(_) => "inference",
@@ -67,9 +72,8 @@ impl ServeError {
 
     fn retry_after(&self) -> Option<Duration> {
         match self {
-            ServeError::Overloaded { retry_after, .. } | ServeError::NotReady { retry_after, .. } => {
-                Some(*retry_after)
-            }
+            ServeError::Overloaded { retry_after, .. }
+            | ServeError::NotReady { retry_after, .. } => Some(*retry_after),
             ServeError::WorkerLost(_) | ServeError::ShuttingDown => Some(Duration::from_secs(1)),
             _ => None,
         }
@@ -79,9 +83,12 @@ impl ServeError {
 impl ResponseError for ServeError {
     fn status_code(&self) -> StatusCode {
         match self {
-            ServeError::ModelNotFound(_) | ServeError::VersionNotFound { .. } => StatusCode::NOT_FOUND,
+            ServeError::ModelNotFound(_) | ServeError::VersionNotFound { .. } => {
+                StatusCode::NOT_FOUND
+            }
             ServeError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             ServeError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ServeError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ServeError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ServeError::ModelUnavailable { .. }
             | ServeError::NotReady { .. }
@@ -110,7 +117,10 @@ mod tests {
     fn statuses_follow_the_protocol() {
         assert_eq!(ServeError::ModelNotFound("x".into()).status_code(), 404);
         assert_eq!(ServeError::invalid("bad").status_code(), 400);
-        assert_eq!(ServeError::PayloadTooLarge { size: 2, limit: 1 }.status_code(), 413);
+        assert_eq!(
+            ServeError::PayloadTooLarge { size: 2, limit: 1 }.status_code(),
+            413
+        );
         let overloaded = ServeError::Overloaded {
             model: "m".into(),
             queued: 3,

@@ -34,7 +34,12 @@ fn check_models(dir: &std::path::Path) -> anyhow::Result<()> {
     let mut bad = 0;
     for entry in &manifest.models {
         match verify_sha256(entry) {
-            Ok(()) => println!("ok    {}:{}  {}", entry.name, entry.version, entry.file.display()),
+            Ok(()) => println!(
+                "ok    {}:{}  {}",
+                entry.name,
+                entry.version,
+                entry.file.display()
+            ),
             Err(reason) => {
                 bad += 1;
                 println!("BAD   {}:{}  {reason}", entry.name, entry.version);

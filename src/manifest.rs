@@ -146,7 +146,10 @@ impl Manifest {
         for m in raw.models {
             let s = m.settings;
             anyhow::ensure!(
-                !m.name.is_empty() && m.name.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)),
+                !m.name.is_empty()
+                    && m.name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)),
                 "model name '{}' must be non-empty and use only letters, digits, '_', '-', '.'",
                 m.name
             );
@@ -157,7 +160,9 @@ impl Manifest {
                 m.version
             );
             anyhow::ensure!(
-                !models.iter().any(|e: &ModelEntry| e.name == m.name && e.version == m.version),
+                !models
+                    .iter()
+                    .any(|e: &ModelEntry| e.name == m.name && e.version == m.version),
                 "model {}:{} is listed twice",
                 m.name,
                 m.version
@@ -173,7 +178,10 @@ impl Manifest {
                 file: dir.join(&m.file),
                 sha256: m.sha256.to_ascii_lowercase(),
                 device: s.device.or(d.device).unwrap_or(Device::Cpu),
-                allow_cpu_fallback: s.allow_cpu_fallback.or(d.allow_cpu_fallback).unwrap_or(false),
+                allow_cpu_fallback: s
+                    .allow_cpu_fallback
+                    .or(d.allow_cpu_fallback)
+                    .unwrap_or(false),
                 replicas: s.replicas.or(d.replicas).unwrap_or(1).max(1),
                 intra_threads: s.intra_threads.or(d.intra_threads).unwrap_or(1).max(1),
                 batching: Batching {
@@ -294,7 +302,8 @@ mod tests {
         );
         let err = Manifest::parse(Path::new("."), &unknown_fallback).unwrap_err();
         assert!(err.to_string().contains("fallback 'zz'"), "{err}");
-        let bad_device = format!("[[models]]\nname='a'\nversion='1'\nfile='a'\nsha256='{HASH}'\ndevice='tpu'\n");
+        let bad_device =
+            format!("[[models]]\nname='a'\nversion='1'\nfile='a'\nsha256='{HASH}'\ndevice='tpu'\n");
         let err = Manifest::parse(Path::new("."), &bad_device).unwrap_err();
         assert!(err.to_string().contains("cuda:N"), "{err}");
         let bad_hash = "[[models]]\nname='a'\nversion='1'\nfile='a'\nsha256='abc'\n";

@@ -81,7 +81,10 @@ impl ModelInfo {
                 )));
             }
             if inputs[..i].iter().any(|other| other.name == input.name) {
-                return Err(ServeError::invalid(format!("input '{}' is given twice", input.name)));
+                return Err(ServeError::invalid(format!(
+                    "input '{}' is given twice",
+                    input.name
+                )));
             }
         }
         let mut ordered = Vec::with_capacity(self.inputs.len());
@@ -129,7 +132,9 @@ impl ModelInfo {
                         )));
                     };
                     if indices.contains(&i) {
-                        return Err(ServeError::invalid(format!("output '{wanted}' is requested twice")));
+                        return Err(ServeError::invalid(format!(
+                            "output '{wanted}' is requested twice"
+                        )));
                     }
                     indices.push(i);
                 }
@@ -175,10 +180,16 @@ impl ModelInfo {
             }
         }
         if self.batched() && tensor.shape[0] == 0 {
-            return Err(ServeError::invalid(format!("input '{input}' has an empty batch (shape {:?})", tensor.shape)));
+            return Err(ServeError::invalid(format!(
+                "input '{input}' has an empty batch (shape {:?})",
+                tensor.shape
+            )));
         }
         let expected = element_count(&tensor.shape).ok_or_else(|| {
-            ServeError::invalid(format!("input '{input}' shape {:?} is too large", tensor.shape))
+            ServeError::invalid(format!(
+                "input '{input}' shape {:?} is too large",
+                tensor.shape
+            ))
         })?;
         if expected != tensor.data.len() {
             return Err(ServeError::invalid(format!(
@@ -192,7 +203,11 @@ impl ModelInfo {
 }
 
 fn names(specs: &[TensorSpec]) -> String {
-    specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+    specs
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -205,11 +220,26 @@ mod tests {
             name: "m".into(),
             version: "1".into(),
             inputs: vec![
-                TensorSpec { name: "x".into(), datatype: DataType::Fp32, shape: vec![-1, 2] },
-                TensorSpec { name: "y".into(), datatype: DataType::Int64, shape: vec![-1, 1] },
+                TensorSpec {
+                    name: "x".into(),
+                    datatype: DataType::Fp32,
+                    shape: vec![-1, 2],
+                },
+                TensorSpec {
+                    name: "y".into(),
+                    datatype: DataType::Int64,
+                    shape: vec![-1, 1],
+                },
             ],
-            outputs: vec![TensorSpec { name: "z".into(), datatype: DataType::Fp32, shape: vec![-1, 2] }],
-            batching: Batching { max_batch_size: 4, max_queue_delay: Duration::ZERO },
+            outputs: vec![TensorSpec {
+                name: "z".into(),
+                datatype: DataType::Fp32,
+                shape: vec![-1, 2],
+            }],
+            batching: Batching {
+                max_batch_size: 4,
+                max_queue_delay: Duration::ZERO,
+            },
             device: Device::Cpu,
             replicas: 1,
             max_queue: 8,
@@ -221,10 +251,18 @@ mod tests {
     }
 
     fn x(rows: i64) -> NamedTensor {
-        NamedTensor { name: "x".into(), shape: vec![rows, 2], data: TensorData::Fp32(vec![0.0; rows as usize * 2]) }
+        NamedTensor {
+            name: "x".into(),
+            shape: vec![rows, 2],
+            data: TensorData::Fp32(vec![0.0; rows as usize * 2]),
+        }
     }
     fn y(rows: i64) -> NamedTensor {
-        NamedTensor { name: "y".into(), shape: vec![rows, 1], data: TensorData::Int64(vec![0; rows as usize]) }
+        NamedTensor {
+            name: "y".into(),
+            shape: vec![rows, 1],
+            data: TensorData::Int64(vec![0; rows as usize]),
+        }
     }
 
     fn err(result: Result<InferRequest, ServeError>) -> String {

@@ -22,12 +22,17 @@ pub struct Running {
 
 /// Loads the models and binds the listener; the returned `Server` future serves until stopped.
 /// Must run inside an actix `System`.
-pub async fn start(config: &Config, handle_signals: bool) -> anyhow::Result<(Running, actix_web::dev::Server)> {
+pub async fn start(
+    config: &Config,
+    handle_signals: bool,
+) -> anyhow::Result<(Running, actix_web::dev::Server)> {
     let prometheus = telemetry::metrics_handle();
     let env = crate::runtime::init(config.ort_dylib.as_deref()).map_err(anyhow::Error::msg)?;
     let manifest = Manifest::load(&config.models)?;
     let registry = Arc::new(Registry::default());
-    Supervisor::new(env, registry.clone()).start_manifest(&manifest).await;
+    Supervisor::new(env, registry.clone())
+        .start_manifest(&manifest)
+        .await;
 
     let state = web::Data::new(AppState {
         registry: registry.clone(),
@@ -50,28 +55,40 @@ pub async fn start(config: &Config, handle_signals: bool) -> anyhow::Result<(Run
     if !handle_signals {
         server = server.disable_signals();
     }
-    let addr = *server.addrs().first().ok_or_else(|| anyhow::anyhow!("listener has no address"))?;
+    let addr = *server
+        .addrs()
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("listener has no address"))?;
     let server = server.run();
     tracing::info!(%addr, "streamserve listening");
-    Ok((Running { addr, handle: server.handle(), registry }, server))
+    Ok((
+        Running {
+            addr,
+            handle: server.handle(),
+            registry,
+        },
+        server,
+    ))
 }
 
 /// Runs a server on a thread of its own (its own actix `System`), for tests and benchmarks
 /// that start it in-process; returns once it is listening.
 pub fn spawn(config: Config) -> anyhow::Result<Running> {
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::Builder::new().name("streamserve-system".into()).spawn(move || {
-        actix_web::rt::System::new().block_on(async move {
-            match start(&config, false).await {
-                Ok((running, server)) => {
-                    let _ = tx.send(Ok(running));
-                    let _ = server.await;
+    std::thread::Builder::new()
+        .name("streamserve-system".into())
+        .spawn(move || {
+            actix_web::rt::System::new().block_on(async move {
+                match start(&config, false).await {
+                    Ok((running, server)) => {
+                        let _ = tx.send(Ok(running));
+                        let _ = server.await;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
                 }
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                }
-            }
-        })
-    })?;
+            })
+        })?;
     rx.recv()?
 }

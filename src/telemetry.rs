@@ -12,7 +12,11 @@ use crate::config::LogFormat;
 /// Installs the log subscriber; a second call (tests start several servers) is a no-op.
 pub fn init_logging(format: LogFormat, filter: &str) {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(true);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(true)
+        .with_ansi(ansi);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
@@ -26,12 +30,17 @@ pub fn metrics_handle() -> PrometheusHandle {
     PROMETHEUS
         .get_or_init(|| {
             const SECONDS: &[f64] = &[
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5, 5.0, 10.0,
             ];
-            const SIZES: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+            const SIZES: &[f64] = &[
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+            ];
             let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS)
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Prefix("streamserve_batch_".into()), SIZES))
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Prefix("streamserve_batch_".into()), SIZES)
+                })
                 .expect("bucket lists are non-empty")
                 .install_recorder()
                 .expect("no other metrics recorder is installed");
@@ -42,7 +51,10 @@ pub fn metrics_handle() -> PrometheusHandle {
 }
 
 fn describe() {
-    describe_counter!("streamserve_requests_total", "Inference requests answered, by model, version and HTTP status");
+    describe_counter!(
+        "streamserve_requests_total",
+        "Inference requests answered, by model, version and HTTP status"
+    );
     describe_histogram!(
         "streamserve_request_duration_seconds",
         Unit::Seconds,
@@ -59,10 +71,31 @@ fn describe() {
         "Time of one model call (one batch) on a worker"
     );
     describe_histogram!("streamserve_batch_size", Unit::Count, "Rows per model call");
-    describe_histogram!("streamserve_batch_requests", Unit::Count, "Requests per model call");
-    describe_gauge!("streamserve_queue_depth", Unit::Count, "Requests waiting in a router's queue");
-    describe_gauge!("streamserve_workers", Unit::Count, "Healthy workers (replicas) per model version");
-    describe_counter!("streamserve_shed_total", "Requests refused with 429 because the queue was full");
-    describe_counter!("streamserve_worker_restarts_total", "Workers replaced after dying");
-    describe_counter!("streamserve_inference_failures_total", "Model calls that returned an error");
+    describe_histogram!(
+        "streamserve_batch_requests",
+        Unit::Count,
+        "Requests per model call"
+    );
+    describe_gauge!(
+        "streamserve_queue_depth",
+        Unit::Count,
+        "Requests waiting in a router's queue"
+    );
+    describe_gauge!(
+        "streamserve_workers",
+        Unit::Count,
+        "Healthy workers (replicas) per model version"
+    );
+    describe_counter!(
+        "streamserve_shed_total",
+        "Requests refused with 429 because the queue was full"
+    );
+    describe_counter!(
+        "streamserve_worker_restarts_total",
+        "Workers replaced after dying"
+    );
+    describe_counter!(
+        "streamserve_inference_failures_total",
+        "Model calls that returned an error"
+    );
 }

@@ -242,7 +242,7 @@ impl TensorData {
     /// Decodes the binary tensor data extension's raw little-endian bytes.
     pub fn from_le_bytes(datatype: DataType, bytes: &[u8]) -> Result<TensorData, String> {
         let size = datatype.element_size();
-        if bytes.len() % size != 0 {
+        if !bytes.len().is_multiple_of(size) {
             return Err(format!(
                 "{} bytes is not a whole number of {} elements ({} bytes each)",
                 bytes.len(),
@@ -292,15 +292,33 @@ impl TensorData {
         match self {
             TensorData::Bool(v) => out.extend(v.iter().map(|&b| b as u8)),
             TensorData::Uint8(v) => out.extend_from_slice(v),
-            TensorData::Uint16(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            TensorData::Uint32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            TensorData::Uint64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            TensorData::Int8(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            TensorData::Int16(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            TensorData::Int32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            TensorData::Int64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            TensorData::Fp32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            TensorData::Fp64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            TensorData::Uint16(v) => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            TensorData::Uint32(v) => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            TensorData::Uint64(v) => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            TensorData::Int8(v) => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            TensorData::Int16(v) => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            TensorData::Int32(v) => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            TensorData::Int64(v) => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            TensorData::Fp32(v) => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            TensorData::Fp64(v) => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
         }
     }
 }
@@ -334,7 +352,13 @@ mod tests {
     fn le_bytes_round_trip_every_type() {
         for dt in DataType::ALL {
             let bytes: Vec<u8> = (0..dt.element_size() * 3)
-                .map(|i| if dt == DataType::Bool { (i % 2) as u8 } else { i as u8 })
+                .map(|i| {
+                    if dt == DataType::Bool {
+                        (i % 2) as u8
+                    } else {
+                        i as u8
+                    }
+                })
                 .collect();
             let data = TensorData::from_le_bytes(dt, &bytes).unwrap();
             assert_eq!(data.datatype(), dt);

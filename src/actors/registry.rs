@@ -28,7 +28,10 @@ pub struct ServedModel {
 pub enum VersionState {
     Serving(ServedModel),
     /// Listed in the manifest but refused (bad hash, load failure), with the reason.
-    Unavailable { entry: Arc<ModelEntry>, reason: String },
+    Unavailable {
+        entry: Arc<ModelEntry>,
+        reason: String,
+    },
 }
 
 #[derive(Clone, Default)]
@@ -45,7 +48,12 @@ impl ModelVersions {
             .filter(|(_, s)| matches!(s, VersionState::Serving(_)))
             .map(|(v, _)| v.as_str())
             .max_by(|a, b| compare_versions(a, b));
-        serving.or_else(|| self.versions.keys().map(String::as_str).max_by(|a, b| compare_versions(a, b)))
+        serving.or_else(|| {
+            self.versions
+                .keys()
+                .map(String::as_str)
+                .max_by(|a, b| compare_versions(a, b))
+        })
     }
 
     pub fn sorted_versions(&self) -> Vec<String> {
@@ -87,10 +95,13 @@ impl Catalog {
 
     /// Ready when every serving version has at least one healthy replica.
     pub fn ready(&self) -> bool {
-        self.models.values().flat_map(|m| m.versions.values()).all(|state| match state {
-            VersionState::Serving(served) => served.health.ready(),
-            VersionState::Unavailable { .. } => true,
-        })
+        self.models
+            .values()
+            .flat_map(|m| m.versions.values())
+            .all(|state| match state {
+                VersionState::Serving(served) => served.health.ready(),
+                VersionState::Unavailable { .. } => true,
+            })
     }
 }
 

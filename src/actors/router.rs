@@ -81,13 +81,20 @@ impl Router {
     ) -> Router {
         let now = Instant::now();
         let mut slots: Vec<Slot> = (0..entry.replicas)
-            .map(|_| Slot { handle: None, busy: false, last_dispatch: now })
+            .map(|_| Slot {
+                handle: None,
+                busy: false,
+                last_dispatch: now,
+            })
             .collect();
         for worker in workers {
             let replica = worker.replica;
             slots[replica].handle = Some(worker);
         }
-        let labels = [("model", info.name.clone()), ("version", info.version.clone())];
+        let labels = [
+            ("model", info.name.clone()),
+            ("version", info.version.clone()),
+        ];
         Router {
             info,
             entry,
@@ -109,7 +116,9 @@ impl Router {
 
     fn publish_health(&self) {
         let healthy = self.healthy();
-        self.health.healthy_replicas.store(healthy, Ordering::Relaxed);
+        self.health
+            .healthy_replicas
+            .store(healthy, Ordering::Relaxed);
         metrics::gauge!("streamserve_workers", &self.labels).set(healthy as f64);
     }
 
@@ -142,7 +151,9 @@ impl Router {
                 let gone = self.queue.pop_front().expect("front exists");
                 self.queued_rows -= gone.request.rows;
             }
-            let Some(oldest) = self.queue.front() else { break };
+            let Some(oldest) = self.queue.front() else {
+                break;
+            };
             let Some(slot) = self.idle_slot() else { break };
             let batching = self.info.batching;
             let waited = oldest.enqueued.elapsed();
@@ -200,7 +211,9 @@ impl Router {
                     self.queued_rows -= gone.request.rows;
                     continue;
                 }
-                if rows + candidate.request.rows <= max && candidate.request.batches_with(&items[0].request) {
+                if rows + candidate.request.rows <= max
+                    && candidate.request.batches_with(&items[0].request)
+                {
                     let taken = self.queue.remove(i).expect("index in range");
                     self.queued_rows -= taken.request.rows;
                     rows += taken.request.rows;
@@ -210,12 +223,17 @@ impl Router {
                 }
             }
         }
-        Batch { items, stacked: self.info.batched() }
+        Batch {
+            items,
+            stacked: self.info.batched(),
+        }
     }
 
     fn worker_lost(&mut self, replica: usize, reason: String, ctx: &mut Context<Self>) {
         let slot = &mut self.slots[replica];
-        let Some(handle) = slot.handle.take() else { return };
+        let Some(handle) = slot.handle.take() else {
+            return;
+        };
         slot.busy = false;
         tracing::error!(model = %self.info.name, version = %self.info.version, replica, %reason, "worker died; restarting it");
         metrics::counter!("streamserve_worker_restarts_total", &self.labels).increment(1);
@@ -278,7 +296,11 @@ impl Handler<Infer> for Router {
             return;
         }
         self.queued_rows += msg.request.rows;
-        self.queue.push_back(Pending { request: msg.request, reply: msg.reply, enqueued: msg.received });
+        self.queue.push_back(Pending {
+            request: msg.request,
+            reply: msg.reply,
+            enqueued: msg.received,
+        });
         self.dispatch(ctx);
     }
 }
@@ -290,15 +312,22 @@ impl StreamHandler<WorkerReport> for Router {
             return; // a report from a worker that was already replaced
         }
         match report.outcome {
-            BatchOutcome::Done { rows, requests, compute, failed } => {
+            BatchOutcome::Done {
+                rows,
+                requests,
+                compute,
+                failed,
+            } => {
                 slot.busy = false;
                 self.mean_batch_time = (self.mean_batch_time * 7 + compute) / 8;
                 metrics::histogram!("streamserve_batch_size", &self.labels).record(rows as f64);
-                metrics::histogram!("streamserve_batch_requests", &self.labels).record(requests as f64);
+                metrics::histogram!("streamserve_batch_requests", &self.labels)
+                    .record(requests as f64);
                 metrics::histogram!("streamserve_inference_duration_seconds", &self.labels)
                     .record(compute.as_secs_f64());
                 if failed {
-                    metrics::counter!("streamserve_inference_failures_total", &self.labels).increment(1);
+                    metrics::counter!("streamserve_inference_failures_total", &self.labels)
+                        .increment(1);
                 }
             }
             BatchOutcome::Died { reason } => self.worker_lost(report.replica, reason, ctx),
@@ -317,7 +346,11 @@ impl Handler<Attach> for Router {
     fn handle(&mut self, Attach(worker): Attach, ctx: &mut Self::Context) {
         let replica = worker.replica;
         tracing::info!(model = %self.info.name, version = %self.info.version, replica, generation = worker.generation, "worker restarted");
-        self.slots[replica] = Slot { handle: Some(worker), busy: false, last_dispatch: Instant::now() };
+        self.slots[replica] = Slot {
+            handle: Some(worker),
+            busy: false,
+            last_dispatch: Instant::now(),
+        };
         self.publish_health();
         self.dispatch(ctx);
     }

@@ -29,7 +29,14 @@ impl Supervisor {
 
     /// Starts every model of the manifest concurrently and publishes the catalog.
     pub async fn start_manifest(&self, manifest: &Manifest) {
-        let started = join_all(manifest.models.iter().cloned().map(|entry| self.start_model(Arc::new(entry)))).await;
+        let started = join_all(
+            manifest
+                .models
+                .iter()
+                .cloned()
+                .map(|entry| self.start_model(Arc::new(entry))),
+        )
+        .await;
         let mut catalog = Catalog::default();
         for (entry, state) in manifest.models.iter().zip(started) {
             catalog
@@ -46,13 +53,17 @@ impl Supervisor {
         let started = Instant::now();
         let refuse = |reason: String| {
             tracing::error!(model = %entry.name, version = %entry.version, %reason, "model refused");
-            VersionState::Unavailable { entry: entry.clone(), reason }
+            VersionState::Unavailable {
+                entry: entry.clone(),
+                reason,
+            }
         };
         if let Err(reason) = verify_sha256(&entry) {
             return refuse(reason);
         }
         let (reports_tx, reports_rx) = flume::unbounded::<WorkerReport>();
-        let loading = (0..entry.replicas).map(|replica| worker::spawn(entry.clone(), replica, 0, self.env, reports_tx.clone()));
+        let loading = (0..entry.replicas)
+            .map(|replica| worker::spawn(entry.clone(), replica, 0, self.env, reports_tx.clone()));
         let mut workers: Vec<WorkerHandle> = Vec::new();
         let mut interface = None;
         let mut failures = Vec::new();
@@ -67,13 +78,22 @@ impl Supervisor {
             }
         }
         let Some((inputs, outputs)) = interface else {
-            return refuse(failures.first().cloned().unwrap_or_else(|| "no replica loaded".into()));
+            return refuse(
+                failures
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| "no replica loaded".into()),
+            );
         };
         if !failures.is_empty() {
             tracing::warn!(model = %entry.name, version = %entry.version, failed = failures.len(), reason = %failures[0], "some replicas failed to load");
         }
         if entry.batching.max_batch_size > 0 {
-            if let Some(spec) = inputs.iter().chain(&outputs).find(|s| s.shape.first().copied() != Some(-1)) {
+            if let Some(spec) = inputs
+                .iter()
+                .chain(&outputs)
+                .find(|s| s.shape.first().copied() != Some(-1))
+            {
                 return refuse(format!(
                     "max_batch_size is {} but '{}' has shape {:?}, without a dynamic batch axis first; set max_batch_size = 0",
                     entry.batching.max_batch_size, spec.name, spec.shape
@@ -101,7 +121,8 @@ impl Supervisor {
         });
         let arbiter = Arbiter::new();
         let router = {
-            let (info, entry, health, env) = (info.clone(), entry.clone(), health.clone(), self.env);
+            let (info, entry, health, env) =
+                (info.clone(), entry.clone(), health.clone(), self.env);
             Router::start_in_arbiter(&arbiter.handle(), move |ctx| {
                 ctx.add_stream(reports_rx.into_stream());
                 Router::new(info, entry, env, workers, reports_tx, health)
@@ -112,7 +133,11 @@ impl Supervisor {
             max_batch_size = entry.batching.max_batch_size, start_ms = started.elapsed().as_millis() as u64,
             "model serving"
         );
-        VersionState::Serving(ServedModel { info, router, health })
+        VersionState::Serving(ServedModel {
+            info,
+            router,
+            health,
+        })
     }
 }
 
@@ -132,7 +157,9 @@ pub async fn restart_worker(
             Ok(Err(reason)) => {
                 tracing::error!(model = %entry.name, version = %entry.version, replica, %reason, "worker restart failed")
             }
-            Err(_) => tracing::error!(model = %entry.name, replica, "worker thread ended while loading"),
+            Err(_) => {
+                tracing::error!(model = %entry.name, replica, "worker thread ended while loading")
+            }
         }
         actix_web::rt::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));

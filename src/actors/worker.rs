@@ -90,42 +90,44 @@ pub fn spawn(
 ) -> oneshot::Receiver<Result<StartedWorker, String>> {
     let (ready_tx, ready_rx) = oneshot::channel();
     let thread_name = format!("worker-{}-{}-{}", entry.name, entry.version, replica);
-    let spawned = std::thread::Builder::new().name(thread_name).spawn(move || {
-        let started = Instant::now();
-        let mut session = match ModelSession::load(
-            env,
-            &entry.file,
-            entry.device,
-            entry.allow_cpu_fallback,
-            entry.intra_threads,
-        ) {
-            Ok(session) => session,
-            Err(reason) => {
-                let _ = ready_tx.send(Err(reason));
+    let spawned = std::thread::Builder::new()
+        .name(thread_name)
+        .spawn(move || {
+            let started = Instant::now();
+            let mut session = match ModelSession::load(
+                env,
+                &entry.file,
+                entry.device,
+                entry.allow_cpu_fallback,
+                entry.intra_threads,
+            ) {
+                Ok(session) => session,
+                Err(reason) => {
+                    let _ = ready_tx.send(Err(reason));
+                    return;
+                }
+            };
+            tracing::info!(
+                model = %entry.name, version = %entry.version, replica, device = %session.device,
+                load_ms = started.elapsed().as_millis() as u64, "worker ready"
+            );
+            // Capacity 1: the router only dispatches to idle workers, so a batch never waits here.
+            let (tx, rx) = flume::bounded::<Batch>(1);
+            let started = StartedWorker {
+                handle: WorkerHandle {
+                    replica,
+                    generation,
+                    device: session.device,
+                    batches: tx,
+                },
+                inputs: session.inputs.clone(),
+                outputs: session.outputs.clone(),
+            };
+            if ready_tx.send(Ok(started)).is_err() {
                 return;
             }
-        };
-        tracing::info!(
-            model = %entry.name, version = %entry.version, replica, device = %session.device,
-            load_ms = started.elapsed().as_millis() as u64, "worker ready"
-        );
-        // Capacity 1: the router only dispatches to idle workers, so a batch never waits here.
-        let (tx, rx) = flume::bounded::<Batch>(1);
-        let started = StartedWorker {
-            handle: WorkerHandle {
-                replica,
-                generation,
-                device: session.device,
-                batches: tx,
-            },
-            inputs: session.inputs.clone(),
-            outputs: session.outputs.clone(),
-        };
-        if ready_tx.send(Ok(started)).is_err() {
-            return;
-        }
-        run_loop(&mut session, rx, replica, generation, reports);
-    });
+            run_loop(&mut session, rx, replica, generation, reports);
+        });
     if let Err(e) = spawned {
         tracing::error!("cannot spawn a worker thread: {e}");
     }
@@ -143,7 +145,8 @@ fn run_loop(
     while let Ok(batch) = batches.recv() {
         let started = Instant::now();
         let rows: usize = batch.items.iter().map(|p| p.request.rows).sum();
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| run_batch(session, &batch, rows)));
+        let outcome =
+            std::panic::catch_unwind(AssertUnwindSafe(|| run_batch(session, &batch, rows)));
         let compute = started.elapsed();
         let requests = batch.items.len();
         let outcome = match outcome {
@@ -156,36 +159,68 @@ fn run_loop(
                         compute_time: compute,
                     }));
                 }
-                BatchOutcome::Done { rows, requests, compute, failed: false }
+                BatchOutcome::Done {
+                    rows,
+                    requests,
+                    compute,
+                    failed: false,
+                }
             }
             Ok(Err(message)) => {
                 for pending in batch.items {
-                    let _ = pending.reply.send(Err(ServeError::Inference(message.clone())));
+                    let _ = pending
+                        .reply
+                        .send(Err(ServeError::Inference(message.clone())));
                 }
-                BatchOutcome::Done { rows, requests, compute, failed: true }
+                BatchOutcome::Done {
+                    rows,
+                    requests,
+                    compute,
+                    failed: true,
+                }
             }
             Err(panic) => {
                 let reason = panic_message(&panic);
                 for pending in batch.items {
-                    let _ = pending.reply.send(Err(ServeError::WorkerLost(format!("worker panicked: {reason}"))));
+                    let _ = pending.reply.send(Err(ServeError::WorkerLost(format!(
+                        "worker panicked: {reason}"
+                    ))));
                 }
-                let _ = reports.send(WorkerReport { replica, generation, outcome: BatchOutcome::Died { reason } });
+                let _ = reports.send(WorkerReport {
+                    replica,
+                    generation,
+                    outcome: BatchOutcome::Died { reason },
+                });
                 return;
             }
         };
-        if reports.send(WorkerReport { replica, generation, outcome }).is_err() {
+        if reports
+            .send(WorkerReport {
+                replica,
+                generation,
+                outcome,
+            })
+            .is_err()
+        {
             return;
         }
     }
 }
 
 /// Packs the batch, runs the model once, and splits each output back per request.
-fn run_batch(session: &mut ModelSession, batch: &Batch, rows: usize) -> Result<Vec<Vec<NamedTensor>>, String> {
+fn run_batch(
+    session: &mut ModelSession,
+    batch: &Batch,
+    rows: usize,
+) -> Result<Vec<Vec<NamedTensor>>, String> {
     let first = &batch.items[0].request;
     if !batch.stacked || batch.items.len() == 1 {
         // Nothing to pack: run on the request's own buffers.
-        let inputs: Vec<(&[i64], &TensorData)> =
-            first.inputs.iter().map(|t| (t.shape.as_slice(), &t.data)).collect();
+        let inputs: Vec<(&[i64], &TensorData)> = first
+            .inputs
+            .iter()
+            .map(|t| (t.shape.as_slice(), &t.data))
+            .collect();
         let mut outputs = session.run(&inputs)?;
         let selected = first
             .outputs
@@ -199,7 +234,11 @@ fn run_batch(session: &mut ModelSession, batch: &Batch, rows: usize) -> Result<V
         .map(|i| {
             let mut shape = first.inputs[i].shape.clone();
             shape[0] = rows as i64;
-            let elements = batch.items.iter().map(|p| p.request.inputs[i].data.len()).sum();
+            let elements = batch
+                .items
+                .iter()
+                .map(|p| p.request.inputs[i].data.len())
+                .sum();
             let mut data = TensorData::with_capacity(first.inputs[i].data.datatype(), elements);
             for pending in &batch.items {
                 data.extend_from(&pending.request.inputs[i].data);
@@ -207,7 +246,8 @@ fn run_batch(session: &mut ModelSession, batch: &Batch, rows: usize) -> Result<V
             (shape, data)
         })
         .collect();
-    let inputs: Vec<(&[i64], &TensorData)> = packed.iter().map(|(s, d)| (s.as_slice(), d)).collect();
+    let inputs: Vec<(&[i64], &TensorData)> =
+        packed.iter().map(|(s, d)| (s.as_slice(), d)).collect();
     let outputs = session.run(&inputs)?;
 
     for output in &outputs {
@@ -235,7 +275,9 @@ fn run_batch(session: &mut ModelSession, batch: &Batch, rows: usize) -> Result<V
                     NamedTensor {
                         name: output.name.clone(),
                         shape,
-                        data: output.data.slice(row * per_row..(row + request.rows) * per_row),
+                        data: output
+                            .data
+                            .slice(row * per_row..(row + request.rows) * per_row),
                     }
                 })
                 .collect();
@@ -247,7 +289,11 @@ fn run_batch(session: &mut ModelSession, batch: &Batch, rows: usize) -> Result<V
 }
 
 fn placeholder() -> NamedTensor {
-    NamedTensor { name: String::new(), shape: Vec::new(), data: TensorData::Bool(Vec::new()) }
+    NamedTensor {
+        name: String::new(),
+        shape: Vec::new(),
+        data: TensorData::Bool(Vec::new()),
+    }
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {

@@ -14,7 +14,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/v2/health/live", web::get().to(live))
         .route("/v2/health/ready", web::get().to(ready))
         .route("/v2/models/{name}/ready", web::get().to(model_ready))
-        .route("/v2/models/{name}/versions/{version}/ready", web::get().to(model_version_ready));
+        .route(
+            "/v2/models/{name}/versions/{version}/ready",
+            web::get().to(model_version_ready),
+        );
 }
 
 async fn live() -> HttpResponse {
@@ -25,7 +28,10 @@ async fn ready(state: web::Data<AppState>) -> HttpResponse {
     answer(state.registry.snapshot().ready(), "ready")
 }
 
-async fn model_ready(state: web::Data<AppState>, path: web::Path<String>) -> Result<HttpResponse, ServeError> {
+async fn model_ready(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ServeError> {
     check_model(&state, &path.into_inner(), None)
 }
 
@@ -37,7 +43,11 @@ async fn model_version_ready(
     check_model(&state, &name, Some(&version))
 }
 
-fn check_model(state: &AppState, name: &str, version: Option<&str>) -> Result<HttpResponse, ServeError> {
+fn check_model(
+    state: &AppState,
+    name: &str,
+    version: Option<&str>,
+) -> Result<HttpResponse, ServeError> {
     let catalog = state.registry.snapshot();
     match catalog.resolve(name, version) {
         Ok(served) => Ok(answer(served.health.ready(), "ready")),

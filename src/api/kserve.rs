@@ -96,7 +96,9 @@ pub fn decode(body: &[u8], json_length: Option<usize>) -> Result<DecodedRequest,
             .and_then(|p| p.get("binary_data_size"))
             .map(|v| {
                 v.as_u64().map(|n| n as usize).ok_or_else(|| {
-                    ServeError::invalid(format!("input '{name}': binary_data_size must be a non-negative integer"))
+                    ServeError::invalid(format!(
+                        "input '{name}': binary_data_size must be a non-negative integer"
+                    ))
                 })
             })
             .transpose()?;
@@ -115,11 +117,13 @@ pub fn decode(body: &[u8], json_length: Option<usize>) -> Result<DecodedRequest,
                 }
                 let (mine, rest) = binary.split_at(size);
                 binary = rest;
-                TensorData::from_le_bytes(datatype, mine).map_err(|e| ServeError::invalid(format!("input '{name}': {e}")))?
+                TensorData::from_le_bytes(datatype, mine)
+                    .map_err(|e| ServeError::invalid(format!("input '{name}': {e}")))?
             }
             (None, Some(raw)) => {
                 let capacity = element_count(&input.shape).unwrap_or(0).min(1 << 24);
-                parse_json_data(raw, datatype, capacity).map_err(|e| ServeError::invalid(format!("input '{name}': {e}")))?
+                parse_json_data(raw, datatype, capacity)
+                    .map_err(|e| ServeError::invalid(format!("input '{name}': {e}")))?
             }
             (None, None) => {
                 return Err(ServeError::invalid(format!(
@@ -127,7 +131,11 @@ pub fn decode(body: &[u8], json_length: Option<usize>) -> Result<DecodedRequest,
                 )))
             }
         };
-        inputs.push(NamedTensor { name, shape: input.shape, data });
+        inputs.push(NamedTensor {
+            name,
+            shape: input.shape,
+            data,
+        });
     }
     if !binary.is_empty() {
         return Err(ServeError::invalid(format!(
@@ -142,7 +150,11 @@ pub fn decode(body: &[u8], json_length: Option<usize>) -> Result<DecodedRequest,
             let mut names = Vec::with_capacity(list.len());
             let mut binary = Vec::with_capacity(list.len());
             for output in list {
-                if output.parameters.as_ref().is_some_and(|p| p.contains_key("classification")) {
+                if output
+                    .parameters
+                    .as_ref()
+                    .is_some_and(|p| p.contains_key("classification"))
+                {
                     return Err(ServeError::invalid(format!(
                         "output '{}': the classification extension is not supported",
                         output.name
@@ -154,18 +166,30 @@ pub fn decode(body: &[u8], json_length: Option<usize>) -> Result<DecodedRequest,
             (Some(names), binary)
         }
     };
-    Ok(DecodedRequest { id: request.id, inputs, outputs, binary_outputs, binary_default })
+    Ok(DecodedRequest {
+        id: request.id,
+        inputs,
+        outputs,
+        binary_outputs,
+        binary_default,
+    })
 }
 
 fn flag(parameters: &Option<Map<String, Value>>, key: &str) -> Result<Option<bool>, ServeError> {
     match parameters.as_ref().and_then(|p| p.get(key)) {
         None => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(other) => Err(ServeError::invalid(format!("parameter '{key}' must be true or false, got {other}"))),
+        Some(other) => Err(ServeError::invalid(format!(
+            "parameter '{key}' must be true or false, got {other}"
+        ))),
     }
 }
 
-fn parse_json_data(raw: &RawValue, datatype: DataType, capacity: usize) -> Result<TensorData, String> {
+fn parse_json_data(
+    raw: &RawValue,
+    datatype: DataType,
+    capacity: usize,
+) -> Result<TensorData, String> {
     with_element_type!(datatype, T, Wrap => {
         let mut out: Vec<T> = Vec::with_capacity(capacity);
         let mut de = serde_json::Deserializer::from_str(raw.get());
@@ -267,13 +291,21 @@ impl<'de, T: JsonElement> Visitor<'de> for Flatten<'_, T> {
     }
 }
 
-fn push<T: JsonElement, E: serde::de::Error>(out: &mut Vec<T>, value: Option<T>, shown: impl fmt::Display) -> Result<(), E> {
+fn push<T: JsonElement, E: serde::de::Error>(
+    out: &mut Vec<T>,
+    value: Option<T>,
+    shown: impl fmt::Display,
+) -> Result<(), E> {
     match value {
         Some(v) => {
             out.push(v);
             Ok(())
         }
-        None => Err(E::custom(format!("element {} ({shown}) is not a valid {}", out.len(), T::DATATYPE))),
+        None => Err(E::custom(format!(
+            "element {} ({shown}) is not a valid {}",
+            out.len(),
+            T::DATATYPE
+        ))),
     }
 }
 
@@ -305,8 +337,18 @@ pub struct EncodedResponse {
     pub json_length: Option<usize>,
 }
 
-pub fn encode(info: &ModelInfo, request: &DecodedRequest, response: &InferResponse) -> EncodedResponse {
-    let binary_for = |i: usize| request.binary_outputs.get(i).copied().unwrap_or(request.binary_default);
+pub fn encode(
+    info: &ModelInfo,
+    request: &DecodedRequest,
+    response: &InferResponse,
+) -> EncodedResponse {
+    let binary_for = |i: usize| {
+        request
+            .binary_outputs
+            .get(i)
+            .copied()
+            .unwrap_or(request.binary_default)
+    };
     let mut binary_section = Vec::new();
     let outputs = response
         .outputs
@@ -320,7 +362,9 @@ pub fn encode(info: &ModelInfo, request: &DecodedRequest, response: &InferRespon
                     name: &output.name,
                     datatype: output.data.datatype(),
                     shape: &output.shape,
-                    parameters: Some(serde_json::json!({ "binary_data_size": binary_section.len() - before })),
+                    parameters: Some(
+                        serde_json::json!({ "binary_data_size": binary_section.len() - before }),
+                    ),
                     data: None,
                 }
             } else {
@@ -346,12 +390,21 @@ pub fn encode(info: &ModelInfo, request: &DecodedRequest, response: &InferRespon
         outputs,
     };
     let mut body = serde_json::to_vec(&json).expect("response JSON serialises");
-    if binary_section.is_empty() && !request.binary_outputs.iter().any(|b| *b) && !request.binary_default {
-        return EncodedResponse { body, json_length: None };
+    if binary_section.is_empty()
+        && !request.binary_outputs.iter().any(|b| *b)
+        && !request.binary_default
+    {
+        return EncodedResponse {
+            body,
+            json_length: None,
+        };
     }
     let json_length = body.len();
     body.extend_from_slice(&binary_section);
-    EncodedResponse { body, json_length: Some(json_length) }
+    EncodedResponse {
+        body,
+        json_length: Some(json_length),
+    }
 }
 
 #[cfg(test)]
@@ -363,8 +416,14 @@ mod tests {
         let body = br#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[[1,2.5],[3,4]]},
                                    {"name":"y","shape":[3],"datatype":"BOOL","data":[true,false,true]}]}"#;
         let req = decode(body, None).unwrap();
-        assert_eq!(req.inputs[0].data, TensorData::Fp32(vec![1.0, 2.5, 3.0, 4.0]));
-        assert_eq!(req.inputs[1].data, TensorData::Bool(vec![true, false, true]));
+        assert_eq!(
+            req.inputs[0].data,
+            TensorData::Fp32(vec![1.0, 2.5, 3.0, 4.0])
+        );
+        assert_eq!(
+            req.inputs[1].data,
+            TensorData::Bool(vec![true, false, true])
+        );
         assert!(req.outputs.is_none());
     }
 
@@ -380,20 +439,32 @@ mod tests {
         assert_eq!(req.binary_outputs, vec![true]);
         // A byte too many is refused, not silently ignored.
         body.push(0);
-        assert!(decode(&body, Some(json.len())).unwrap_err().to_string().contains("no input claims"));
+        assert!(decode(&body, Some(json.len()))
+            .unwrap_err()
+            .to_string()
+            .contains("no input claims"));
     }
 
     #[test]
     fn bad_elements_are_named() {
         let body = br#"{"inputs":[{"name":"a","shape":[2],"datatype":"INT64","data":[1, 1.5]}]}"#;
         let err = decode(body, None).unwrap_err().to_string();
-        assert!(err.contains("input 'a'") && err.contains("element 1") && err.contains("INT64"), "{err}");
+        assert!(
+            err.contains("input 'a'") && err.contains("element 1") && err.contains("INT64"),
+            "{err}"
+        );
         let body = br#"{"inputs":[{"name":"a","shape":[1],"datatype":"UINT8","data":[300]}]}"#;
         assert!(decode(body, None).is_err());
         let body = br#"{"inputs":[{"name":"a","shape":[1],"datatype":"BOOL","data":[1]}]}"#;
         assert!(decode(body, None).is_err());
         let body = br#"{"inputs":[{"name":"a","shape":[1],"datatype":"BF16","data":[1]}]}"#;
-        assert!(decode(body, None).unwrap_err().to_string().contains("not supported"));
-        assert!(decode(b"{not json", None).unwrap_err().to_string().contains("malformed"));
+        assert!(decode(body, None)
+            .unwrap_err()
+            .to_string()
+            .contains("not supported"));
+        assert!(decode(b"{not json", None)
+            .unwrap_err()
+            .to_string()
+            .contains("malformed"));
     }
 }

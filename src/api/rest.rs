@@ -6,7 +6,8 @@
 
 use std::time::Instant;
 
-use actix_web::http::header::{self, HeaderValue};
+use actix_web::dev::Decompress;
+use actix_web::http::header::{self, ContentEncoding, HeaderValue};
 use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
 use serde_json::json;
@@ -24,18 +25,27 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v2/models", web::get().to(list_models))
         .route("/v2/repository/index", web::post().to(repository_index))
         .route("/v2/models/{name}", web::get().to(model_metadata))
-        .route("/v2/models/{name}/versions/{version}", web::get().to(model_version_metadata))
+        .route(
+            "/v2/models/{name}/versions/{version}",
+            web::get().to(model_version_metadata),
+        )
         .route("/v2/models/{name}/config", web::get().to(model_config))
-        .route("/v2/models/{name}/versions/{version}/config", web::get().to(model_version_config))
+        .route(
+            "/v2/models/{name}/versions/{version}/config",
+            web::get().to(model_version_config),
+        )
         .route("/v2/models/{name}/infer", web::post().to(infer))
-        .route("/v2/models/{name}/versions/{version}/infer", web::post().to(infer_version));
+        .route(
+            "/v2/models/{name}/versions/{version}/infer",
+            web::post().to(infer_version),
+        );
 }
 
 async fn server_metadata() -> HttpResponse {
     HttpResponse::Ok().json(json!({
         "name": "streamserve",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": ["binary_tensor_data", "model_repository", "statistics_metrics"],
+        "extensions": ["binary_tensor_data", "model_repository"],
     }))
 }
 
@@ -69,7 +79,10 @@ async fn repository_index(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok().json(index(&state))
 }
 
-async fn model_metadata(state: web::Data<AppState>, path: web::Path<String>) -> Result<HttpResponse, ServeError> {
+async fn model_metadata(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ServeError> {
     metadata(&state, &path.into_inner(), None)
 }
 
@@ -81,11 +94,19 @@ async fn model_version_metadata(
     metadata(&state, &name, Some(&version))
 }
 
-fn metadata(state: &AppState, name: &str, version: Option<&str>) -> Result<HttpResponse, ServeError> {
+fn metadata(
+    state: &AppState,
+    name: &str,
+    version: Option<&str>,
+) -> Result<HttpResponse, ServeError> {
     let catalog = state.registry.snapshot();
     let served = catalog.resolve(name, version)?;
     let info = &served.info;
-    let versions = catalog.models.get(name).map(|m| m.sorted_versions()).unwrap_or_default();
+    let versions = catalog
+        .models
+        .get(name)
+        .map(|m| m.sorted_versions())
+        .unwrap_or_default();
     Ok(HttpResponse::Ok().json(json!({
         "name": info.name,
         "versions": versions,
@@ -105,7 +126,10 @@ fn metadata(state: &AppState, name: &str, version: Option<&str>) -> Result<HttpR
     })))
 }
 
-async fn model_config(state: web::Data<AppState>, path: web::Path<String>) -> Result<HttpResponse, ServeError> {
+async fn model_config(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ServeError> {
     config(&state, &path.into_inner(), None)
 }
 
@@ -203,10 +227,12 @@ async fn run_inference(
     let labels = [("model", model.clone()), ("version", model_version.clone())];
     metrics::counter!("streamserve_requests_total", "model" => model.clone(), "version" => model_version.clone(), "status" => status.to_string())
         .increment(1);
-    metrics::histogram!("streamserve_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
+    metrics::histogram!("streamserve_request_duration_seconds", &labels)
+        .record(elapsed.as_secs_f64());
     match outcome {
         Ok((mut response, stats)) => {
-            metrics::histogram!("streamserve_queue_duration_seconds", &labels).record(stats.queue_us as f64 / 1e6);
+            metrics::histogram!("streamserve_queue_duration_seconds", &labels)
+                .record(stats.queue_us as f64 / 1e6);
             tracing::info!(
                 target: "streamserve::access",
                 request_id = %request_id, model = %model, version = %model_version, status,
@@ -214,7 +240,9 @@ async fn run_inference(
                 total_us = elapsed.as_micros() as u64, "infer"
             );
             if let Ok(v) = HeaderValue::from_str(&request_id) {
-                response.headers_mut().insert(header::HeaderName::from_static("x-request-id"), v);
+                response
+                    .headers_mut()
+                    .insert(header::HeaderName::from_static("x-request-id"), v);
             }
             Ok(response)
         }
@@ -244,9 +272,14 @@ async fn infer_on(
 ) -> Result<(HttpResponse, Stats), ServeError> {
     let json_length = match req.headers().get(HEADER_CONTENT_LENGTH) {
         None => None,
-        Some(v) => Some(v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok()).ok_or_else(|| {
-            ServeError::invalid(format!("{HEADER_CONTENT_LENGTH} must be a byte count"))
-        })?),
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .ok_or_else(|| {
+                    ServeError::invalid(format!("{HEADER_CONTENT_LENGTH} must be a byte count"))
+                })?,
+        ),
     };
     let body = read_body(req, body, state.max_body_bytes).await?;
     let mut decoded = kserve::decode(&body, json_length)?;
@@ -254,7 +287,11 @@ async fn infer_on(
     let info = served.info.clone();
     let request = info.validate(std::mem::take(&mut decoded.inputs), decoded.outputs.take())?;
     let (reply, answer) = oneshot::channel();
-    served.router.do_send(Infer { request, reply, received });
+    served.router.do_send(Infer {
+        request,
+        reply,
+        received,
+    });
     let response = answer
         .await
         .map_err(|_| ServeError::WorkerLost("the router dropped the request".into()))??;
@@ -274,9 +311,15 @@ async fn infer_on(
     Ok((http.body(encoded.body), stats))
 }
 
-/// Reads the body, refusing it with 413 as soon as it is known to exceed the limit, before it
-/// is buffered.
-async fn read_body(req: &HttpRequest, mut body: web::Payload, limit: usize) -> Result<web::BytesMut, ServeError> {
+/// Reads the body, decompressing it per `Content-Encoding` (gzip or deflate, as Triton's
+/// clients send with `request_compression_algorithm`), and refuses it with 413 as soon as it
+/// is known to exceed the limit, before it is buffered. The limit applies to the decompressed
+/// size too, so a small compressed body cannot expand without bound.
+async fn read_body(
+    req: &HttpRequest,
+    body: web::Payload,
+    limit: usize,
+) -> Result<web::BytesMut, ServeError> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -285,11 +328,50 @@ async fn read_body(req: &HttpRequest, mut body: web::Payload, limit: usize) -> R
     if let Some(size) = declared.filter(|&n| n > limit) {
         return Err(ServeError::PayloadTooLarge { size, limit });
     }
-    let mut buf = web::BytesMut::with_capacity(declared.unwrap_or(8 * 1024));
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| ServeError::invalid(format!("cannot read request body: {e}")))?;
+    let capacity = declared.unwrap_or(8 * 1024).min(limit);
+    let encoding = req
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .map(|v| v.to_str().unwrap_or("").trim().to_ascii_lowercase());
+    match encoding.as_deref() {
+        None | Some("identity") | Some("") => collect(body, limit, capacity).await,
+        Some("gzip") | Some("x-gzip") => {
+            collect(
+                Decompress::new(body.into_inner(), ContentEncoding::Gzip),
+                limit,
+                capacity,
+            )
+            .await
+        }
+        Some("deflate") => {
+            collect(
+                Decompress::new(body.into_inner(), ContentEncoding::Deflate),
+                limit,
+                capacity,
+            )
+            .await
+        }
+        Some(other) => Err(ServeError::UnsupportedEncoding(other.to_string())),
+    }
+}
+
+async fn collect<S>(
+    mut stream: S,
+    limit: usize,
+    capacity: usize,
+) -> Result<web::BytesMut, ServeError>
+where
+    S: futures_util::Stream<Item = Result<web::Bytes, actix_web::error::PayloadError>> + Unpin,
+{
+    let mut buf = web::BytesMut::with_capacity(capacity);
+    while let Some(chunk) = stream.next().await {
+        let chunk =
+            chunk.map_err(|e| ServeError::invalid(format!("cannot read request body: {e}")))?;
         if buf.len() + chunk.len() > limit {
-            return Err(ServeError::PayloadTooLarge { size: buf.len() + chunk.len(), limit });
+            return Err(ServeError::PayloadTooLarge {
+                size: buf.len() + chunk.len(),
+                limit,
+            });
         }
         buf.extend_from_slice(&chunk);
     }

@@ -20,9 +20,8 @@ pub fn init(explicit: Option<&Path>) -> Result<&'static ort::environment::Enviro
         .get_or_init(|| {
             let path = find_dylib(explicit)?;
             tracing::info!(path = %path.display(), "loading ONNX Runtime");
-            let builder = ort::init_from(&path).map_err(|e| {
-                format!("cannot load ONNX Runtime from {}: {e}", path.display())
-            })?;
+            let builder = ort::init_from(&path)
+                .map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", path.display()))?;
             builder
                 .with_name("streamserve")
                 .with_telemetry(false)
@@ -66,7 +65,10 @@ pub fn find_dylib(explicit: Option<&Path>) -> Result<PathBuf, String> {
             return Ok(found);
         }
     }
-    for system in ["/usr/local/lib/libonnxruntime.so", "/usr/lib/libonnxruntime.so"] {
+    for system in [
+        "/usr/local/lib/libonnxruntime.so",
+        "/usr/lib/libonnxruntime.so",
+    ] {
         searched.push(system.to_string());
         if Path::new(system).is_file() {
             return Ok(PathBuf::from(system));
@@ -83,8 +85,14 @@ pub fn find_dylib(explicit: Option<&Path>) -> Result<PathBuf, String> {
 fn find_in_venv(lib_dir: &Path) -> Option<PathBuf> {
     let pythons = std::fs::read_dir(lib_dir).ok()?;
     for python in pythons.flatten() {
-        let capi = python.path().join("site-packages").join("onnxruntime").join("capi");
-        let Ok(files) = std::fs::read_dir(&capi) else { continue };
+        let capi = python
+            .path()
+            .join("site-packages")
+            .join("onnxruntime")
+            .join("capi");
+        let Ok(files) = std::fs::read_dir(&capi) else {
+            continue;
+        };
         let mut libs: Vec<PathBuf> = files
             .flatten()
             .map(|f| f.path())

@@ -64,10 +64,13 @@ impl ModelSession {
                      (install the onnxruntime-gpu wheel on a host with an NVIDIA GPU, CUDA 12 and cuDNN 9)"
                 ));
             }
-            let cuda = ort::ep::CUDA::default().with_device_id(index).build().error_on_failure();
-            builder = builder
-                .with_execution_providers([cuda])
-                .map_err(|e| format!("cannot start the CUDA execution provider on {device}: {e}"))?;
+            let cuda = ort::ep::CUDA::default()
+                .with_device_id(index)
+                .build()
+                .error_on_failure();
+            builder = builder.with_execution_providers([cuda]).map_err(|e| {
+                format!("cannot start the CUDA execution provider on {device}: {e}")
+            })?;
         }
         let session = builder
             .commit_from_file(path)
@@ -126,7 +129,9 @@ fn extract(name: &str, datatype: DataType, value: &DynValue) -> Result<NamedTens
 
 fn spec(name: &str, dtype: &ValueType) -> Result<TensorSpec, String> {
     let ValueType::Tensor { ty, shape, .. } = dtype else {
-        return Err(format!("'{name}' is not a tensor ({dtype:?}); streamserve serves tensor models only"));
+        return Err(format!(
+            "'{name}' is not a tensor ({dtype:?}); streamserve serves tensor models only"
+        ));
     };
     let datatype = match ty {
         TensorElementType::Bool => DataType::Bool,
@@ -140,7 +145,11 @@ fn spec(name: &str, dtype: &ValueType) -> Result<TensorSpec, String> {
         TensorElementType::Int64 => DataType::Int64,
         TensorElementType::Float32 => DataType::Fp32,
         TensorElementType::Float64 => DataType::Fp64,
-        other => return Err(format!("'{name}' has element type {other:?}, which streamserve does not serve yet")),
+        other => {
+            return Err(format!(
+                "'{name}' has element type {other:?}, which streamserve does not serve yet"
+            ))
+        }
     };
     Ok(TensorSpec {
         name: name.to_string(),

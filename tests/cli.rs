@@ -1,0 +1,191 @@
+//! The `streamserve` binary as a user starts it: flags, environment, config file, a clear
+//! message when something is missing, and a clean exit on SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+
+fn binary() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_streamserve"));
+    command
+        .current_dir(repo())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+/// Waits for the "listening" log line and returns the address it names.
+fn wait_for_address(child: &mut Child) -> String {
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => {
+                if line.contains("streamserve listening") {
+                    let json: serde_json::Value =
+                        serde_json::from_str(&line).expect("JSON log line");
+                    return json["addr"].as_str().unwrap().to_string();
+                }
+                seen.push(line);
+            }
+            Err(_) => panic!(
+                "server never said it was listening; output:\n{}",
+                seen.join("\n")
+            ),
+        }
+    }
+}
+
+fn stop(mut child: Child) -> std::process::ExitStatus {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    for _ in 0..300 {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.kill().unwrap();
+    panic!("server did not exit within 30 s of SIGTERM");
+}
+
+#[tokio::test]
+async fn serve_with_flags_answers_and_exits_cleanly_on_sigterm() {
+    let mut child = binary()
+        .args([
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--models",
+            "models",
+            "--log-format",
+            "json",
+        ])
+        .spawn()
+        .unwrap();
+    let addr = wait_for_address(&mut child);
+    let c = client();
+    assert_eq!(
+        get(&c, &format!("http://{addr}/v2/health/ready")).await.0,
+        200
+    );
+    let (status, response) = post(
+        &c,
+        &format!("http://{addr}/v2/models/mlp/infer"),
+        &mlp_request(&features(5, 1)),
+    )
+    .await;
+    assert_eq!(status, 200, "{response}");
+    assert!(stop(child).success(), "exit status 0 after SIGTERM");
+}
+
+#[tokio::test]
+async fn serve_from_environment_and_config_file() {
+    let dir = model_dir("");
+    let config = dir.join("streamserve.toml");
+    std::fs::write(
+        &config,
+        "host = \"127.0.0.1\"\nlog_format = \"json\"\nport = 1\n",
+    )
+    .unwrap();
+    let mut child = binary()
+        .arg("serve")
+        .env("STREAMSERVE_CONFIG", &config)
+        .env("STREAMSERVE_PORT", "0") // env wins over the file's port 1
+        .env("STREAMSERVE_MODELS", repo().join("models"))
+        .spawn()
+        .unwrap();
+    let addr = wait_for_address(&mut child);
+    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+    assert_eq!(
+        get(&client(), &format!("http://{addr}/v2/models/typed_ops"))
+            .await
+            .0,
+        200
+    );
+    assert!(stop(child).success());
+}
+
+fn failure(args: &[&str], env: &[(&str, &str)]) -> String {
+    let output = binary()
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "expected failure for {args:?}");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn missing_pieces_are_named() {
+    let stderr = failure(
+        &["serve", "--port", "0", "--host", "127.0.0.1"],
+        &[("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")],
+    );
+    assert!(
+        stderr.contains("/nonexistent/libonnxruntime.so") && stderr.contains("does not exist"),
+        "{stderr}"
+    );
+
+    let stderr = failure(
+        &[
+            "serve",
+            "--port",
+            "0",
+            "--host",
+            "127.0.0.1",
+            "--models",
+            "/nonexistent-models",
+        ],
+        &[],
+    );
+    assert!(
+        stderr.contains("cannot read model manifest /nonexistent-models/models.toml"),
+        "{stderr}"
+    );
+
+    let stderr = failure(&["serve", "--config", "/nonexistent.toml"], &[]);
+    assert!(
+        stderr.contains("cannot read config file /nonexistent.toml"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_models_verifies_hashes() {
+    let output = binary()
+        .args(["check-models", "--models", "models"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+
+    let dir = model_dir(&format!(
+        "[[models]]\nname = \"mlp\"\nversion = \"1\"\nfile = \"{{models}}/mlp_small/1/model.onnx\"\nsha256 = \"{MLP_SHA}\"\n"
+    ));
+    let output = binary()
+        .args(["check-models", "--models"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stdout).contains("sha256 mismatch"));
+}

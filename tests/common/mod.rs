@@ -1,0 +1,133 @@
+//! Shared test support: start the real server in-process on 127.0.0.1:0 with real models, and
+//! build model directories whose manifests point at the bundled model files.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use serde_json::{json, Value};
+use streamserve::config::Config;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Starts a server on `models` and returns its base URL.
+pub fn start(models: &Path, tweak: impl FnOnce(&mut Config)) -> String {
+    let mut config = Config {
+        host: "127.0.0.1".into(),
+        port: 0,
+        models: models.to_path_buf(),
+        http_workers: 2,
+        ..Config::default()
+    };
+    tweak(&mut config);
+    let running = streamserve::server::spawn(config).expect("server starts");
+    format!("http://{}", running.addr)
+}
+
+/// One server on the bundled models, shared by the tests of a test binary.
+pub fn bundled() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| start(&repo().join("models"), |_| {}))
+}
+
+/// A fresh model directory whose `models.toml` is `manifest`, with `{models}` replaced by the
+/// absolute path of the bundled models directory.
+pub fn model_dir(manifest: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "streamserve-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let models = repo().join("models");
+    std::fs::write(
+        dir.join("models.toml"),
+        manifest.replace("{models}", models.to_str().unwrap()),
+    )
+    .unwrap();
+    dir
+}
+
+pub const MLP_SHA: &str = "682ec0e4afa4d55060b8b4465d0e2ee9f78ac23bbe28b6999a1db956956e1943";
+pub const MLP_SMALL_SHA: &str = "1ee4e3ca0ab831f8b5d0012533fdfe38626360da2dfded1adc62f14bb97bb481";
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()
+        .unwrap()
+}
+
+/// Deterministic features for the mlp model: `rows` rows of 256 values, seeded by `seed`.
+pub fn features(seed: u64, rows: usize) -> Vec<f32> {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..rows * 256)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+pub fn mlp_request(data: &[f32]) -> Value {
+    json!({ "inputs": [{ "name": "features", "shape": [data.len() / 256, 256], "datatype": "FP32", "data": data }] })
+}
+
+pub async fn post(client: &reqwest::Client, url: &str, body: &Value) -> (u16, Value) {
+    let response = client
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .expect("request sent");
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")),
+    )
+}
+
+pub async fn get(client: &reqwest::Client, url: &str) -> (u16, Value) {
+    let response = client.get(url).send().await.expect("request sent");
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// The output `name` of a JSON inference response as f32s.
+pub fn output_f32(response: &Value, name: &str) -> Vec<f32> {
+    let output = response["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["name"] == name)
+        .unwrap_or_else(|| panic!("no output {name} in {response}"));
+    output["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect()
+}
+
+pub fn assert_close(a: &[f32], b: &[f32], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths differ");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-5 + 1e-5 * y.abs(),
+            "{what}: element {i}: {x} vs {y}"
+        );
+    }
+}
