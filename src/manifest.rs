@@ -1,6 +1,7 @@
 //! The model directory's manifest (`models.toml`): which models exist, in which versions,
 //! where their files are, the sha256 each must have, and how each is served.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -52,6 +53,35 @@ impl<'de> Deserialize<'de> for Device {
     }
 }
 
+/// Where a tensor's batch dimension is when requests are stacked into one model call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchAxis {
+    /// Requests are stacked along this axis (0 for most tensors; 1 for e.g. an RNN state
+    /// shaped `[layers, batch, hidden]`).
+    Axis(usize),
+    /// Not batched: every request in a batch must carry the same value (e.g. a sample rate
+    /// scalar), and outputs of this kind go to every request whole.
+    Shared,
+}
+
+impl<'de> Deserialize<'de> for BatchAxis {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<BatchAxis, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Axis(usize),
+            Word(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Axis(n) => Ok(BatchAxis::Axis(n)),
+            Raw::Word(w) if w == "shared" => Ok(BatchAxis::Shared),
+            Raw::Word(w) => Err(serde::de::Error::custom(format!(
+                "batch axis must be an axis number or \"shared\", got \"{w}\""
+            ))),
+        }
+    }
+}
+
 /// Dynamic micro-batching settings for one model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Batching {
@@ -79,6 +109,8 @@ pub struct ModelEntry {
     /// Requests allowed to wait in the router's queue before new ones get 429.
     pub max_queue: usize,
     pub fallback: Option<String>,
+    /// Batch axis per tensor name, for tensors whose batch axis is not 0.
+    pub batch_axes: BTreeMap<String, BatchAxis>,
     pub description: String,
     pub source: String,
 }
@@ -102,9 +134,18 @@ struct RawModel {
     version: String,
     file: PathBuf,
     sha256: String,
-    #[serde(flatten)]
-    settings: RawDefaults,
+    // The same keys as [defaults]; spelled out because serde cannot combine `flatten` with
+    // `deny_unknown_fields`, and a misspelt key must be an error, not silently ignored.
+    device: Option<Device>,
+    allow_cpu_fallback: Option<bool>,
+    replicas: Option<usize>,
+    intra_threads: Option<usize>,
+    max_batch_size: Option<usize>,
+    max_queue_delay_ms: Option<f64>,
+    max_queue: Option<usize>,
     fallback: Option<String>,
+    #[serde(default)]
+    batch_axes: BTreeMap<String, BatchAxis>,
     #[serde(default)]
     description: String,
     #[serde(default)]
@@ -144,7 +185,15 @@ impl Manifest {
         let d = raw.defaults;
         let mut models = Vec::with_capacity(raw.models.len());
         for m in raw.models {
-            let s = m.settings;
+            let s = RawDefaults {
+                device: m.device,
+                allow_cpu_fallback: m.allow_cpu_fallback,
+                replicas: m.replicas,
+                intra_threads: m.intra_threads,
+                max_batch_size: m.max_batch_size,
+                max_queue_delay_ms: m.max_queue_delay_ms,
+                max_queue: m.max_queue,
+            };
             anyhow::ensure!(
                 !m.name.is_empty()
                     && m.name
@@ -190,6 +239,7 @@ impl Manifest {
                 },
                 max_queue: s.max_queue.or(d.max_queue).unwrap_or(1024).max(1),
                 fallback: m.fallback,
+                batch_axes: m.batch_axes,
                 description: m.description,
                 source: m.source,
                 name: m.name,
@@ -275,6 +325,7 @@ mod tests {
             max_batch_size = 8
             device = "cuda:1"
             fallback = "b"
+            batch_axes = {{ state = 1, sr = "shared" }}
 
             [[models]]
             name = "b"
@@ -291,6 +342,8 @@ mod tests {
         assert_eq!(a.batching.max_batch_size, 8);
         assert_eq!(a.batching.max_queue_delay, Duration::from_millis(3));
         assert_eq!(a.file, PathBuf::from("/m/a/1/model.onnx"));
+        assert_eq!(a.batch_axes["state"], BatchAxis::Axis(1));
+        assert_eq!(a.batch_axes["sr"], BatchAxis::Shared);
         assert_eq!(m.models[1].replicas, 1);
         assert_eq!(m.models[1].batching.max_batch_size, 0);
     }
@@ -308,6 +361,10 @@ mod tests {
         assert!(err.to_string().contains("cuda:N"), "{err}");
         let bad_hash = "[[models]]\nname='a'\nversion='1'\nfile='a'\nsha256='abc'\n";
         assert!(Manifest::parse(Path::new("."), bad_hash).is_err());
+        let misspelt =
+            format!("[[models]]\nname='a'\nversion='1'\nfile='a'\nsha256='{HASH}'\nreplica=2\n");
+        let err = Manifest::parse(Path::new("."), &misspelt).unwrap_err();
+        assert!(err.to_string().contains("unknown field `replica`"), "{err}");
     }
 
     #[test]

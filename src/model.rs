@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use crate::error::ServeError;
-use crate::manifest::{Batching, Device};
+use crate::manifest::{BatchAxis, Batching, Device};
 use crate::runtime::TensorSpec;
 use crate::tensor::{element_count, NamedTensor};
 
@@ -22,6 +22,9 @@ pub struct ModelInfo {
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
     pub batching: Batching,
+    /// Batch axis of each input and output (same order as `inputs` / `outputs`).
+    pub input_axes: Vec<BatchAxis>,
+    pub output_axes: Vec<BatchAxis>,
     pub device: Device,
     pub replicas: usize,
     pub max_queue: usize,
@@ -41,12 +44,24 @@ pub struct InferRequest {
 }
 
 impl InferRequest {
-    /// Requests may share a model call only when every input agrees beyond the batch axis.
-    pub fn batches_with(&self, other: &InferRequest) -> bool {
+    /// Requests may share a model call only when every batched input agrees on every axis but
+    /// its batch axis, and every shared input is identical.
+    pub fn batches_with(&self, other: &InferRequest, axes: &[BatchAxis]) -> bool {
         self.inputs
             .iter()
             .zip(&other.inputs)
-            .all(|(a, b)| a.shape.get(1..) == b.shape.get(1..))
+            .zip(axes)
+            .all(|((a, b), axis)| match *axis {
+                BatchAxis::Axis(k) => {
+                    a.shape.len() == b.shape.len()
+                        && a.shape
+                            .iter()
+                            .zip(&b.shape)
+                            .enumerate()
+                            .all(|(i, (x, y))| i == k || x == y)
+                }
+                BatchAxis::Shared => a.shape == b.shape && a.data == b.data,
+            })
     }
 }
 
@@ -88,7 +103,7 @@ impl ModelInfo {
             }
         }
         let mut ordered = Vec::with_capacity(self.inputs.len());
-        for spec in &self.inputs {
+        for (spec, axis) in self.inputs.iter().zip(&self.input_axes) {
             let Some(pos) = inputs.iter().position(|t| t.name == spec.name) else {
                 return Err(ServeError::invalid(format!(
                     "model '{name}' needs input '{}' ({} {:?}), which the request lacks",
@@ -96,19 +111,27 @@ impl ModelInfo {
                 )));
             };
             let tensor = inputs.swap_remove(pos);
-            self.check_tensor(spec, &tensor)?;
+            self.check_tensor(spec, *axis, &tensor)?;
             ordered.push(tensor);
         }
 
         let rows = if self.batched() {
-            let rows = ordered[0].shape[0];
-            if let Some(other) = ordered.iter().find(|t| t.shape[0] != rows) {
-                return Err(ServeError::invalid(format!(
-                    "inputs disagree on the batch size: '{}' has {} rows, '{}' has {}",
-                    ordered[0].name, rows, other.name, other.shape[0]
-                )));
+            let mut batch: Option<(i64, &str)> = None;
+            for (tensor, axis) in ordered.iter().zip(&self.input_axes) {
+                let BatchAxis::Axis(k) = *axis else { continue };
+                let here = tensor.shape[k];
+                match batch {
+                    None => batch = Some((here, &tensor.name)),
+                    Some((rows, first)) if rows != here => {
+                        return Err(ServeError::invalid(format!(
+                            "inputs disagree on the batch size: '{first}' has {rows} rows, '{}' has {here}",
+                            tensor.name
+                        )))
+                    }
+                    Some(_) => {}
+                }
             }
-            let rows = rows as usize;
+            let rows = batch.map_or(1, |(rows, _)| rows as usize);
             if rows > self.batching.max_batch_size {
                 return Err(ServeError::invalid(format!(
                     "batch of {rows} rows exceeds model '{name}' max_batch_size of {}",
@@ -148,7 +171,12 @@ impl ModelInfo {
         })
     }
 
-    fn check_tensor(&self, spec: &TensorSpec, tensor: &NamedTensor) -> Result<(), ServeError> {
+    fn check_tensor(
+        &self,
+        spec: &TensorSpec,
+        axis: BatchAxis,
+        tensor: &NamedTensor,
+    ) -> Result<(), ServeError> {
         let input = &spec.name;
         if tensor.data.datatype() != spec.datatype {
             return Err(ServeError::invalid(format!(
@@ -179,7 +207,11 @@ impl ModelInfo {
                 )));
             }
         }
-        if self.batched() && tensor.shape[0] == 0 {
+        let batch_dim = match axis {
+            BatchAxis::Axis(k) if self.batched() => tensor.shape.get(k).copied(),
+            _ => None,
+        };
+        if batch_dim == Some(0) {
             return Err(ServeError::invalid(format!(
                 "input '{input}' has an empty batch (shape {:?})",
                 tensor.shape
@@ -240,6 +272,8 @@ mod tests {
                 max_batch_size: 4,
                 max_queue_delay: Duration::ZERO,
             },
+            input_axes: vec![BatchAxis::Axis(0); 2],
+            output_axes: vec![BatchAxis::Axis(0)],
             device: Device::Cpu,
             replicas: 1,
             max_queue: 8,

@@ -213,26 +213,14 @@ impl TensorData {
         with_element_type!(datatype, T, Wrap => Wrap(Vec::<T>::with_capacity(capacity)))
     }
 
-    /// Appends `other`'s elements. Both must have the same datatype (the router only batches
-    /// requests that were validated against the same model input).
-    pub fn extend_from(&mut self, other: &TensorData) {
+    /// Appends `other`'s elements `range`. Both must have the same datatype (the router only
+    /// batches requests that were validated against the same model input).
+    pub fn extend_from_range(&mut self, other: &TensorData, range: Range<usize>) {
         macro_rules! arms {
             ($($variant:ident),*) => {
                 match (self, other) {
-                    $((TensorData::$variant(a), TensorData::$variant(b)) => a.extend_from_slice(b),)*
-                    (a, b) => panic!("extend_from: {} into {}", b.datatype(), a.datatype()),
-                }
-            };
-        }
-        arms!(Bool, Uint8, Uint16, Uint32, Uint64, Int8, Int16, Int32, Int64, Fp32, Fp64)
-    }
-
-    /// A copy of elements `range`.
-    pub fn slice(&self, range: Range<usize>) -> TensorData {
-        macro_rules! arms {
-            ($($variant:ident),*) => {
-                match self {
-                    $(TensorData::$variant(v) => TensorData::$variant(v[range].to_vec()),)*
+                    $((TensorData::$variant(a), TensorData::$variant(b)) => a.extend_from_slice(&b[range]),)*
+                    (a, b) => panic!("extend_from_range: {} into {}", b.datatype(), a.datatype()),
                 }
             };
         }
@@ -376,11 +364,11 @@ mod tests {
     }
 
     #[test]
-    fn extend_and_slice() {
+    fn extend_from_ranges() {
         let mut a = TensorData::with_capacity(DataType::Fp32, 4);
-        a.extend_from(&TensorData::Fp32(vec![1.0, 2.0]));
-        a.extend_from(&TensorData::Fp32(vec![3.0, 4.0]));
-        assert_eq!(a.slice(1..3), TensorData::Fp32(vec![2.0, 3.0]));
+        a.extend_from_range(&TensorData::Fp32(vec![1.0, 2.0]), 0..2);
+        a.extend_from_range(&TensorData::Fp32(vec![0.0, 3.0, 4.0]), 1..3);
+        assert_eq!(a, TensorData::Fp32(vec![1.0, 2.0, 3.0, 4.0]));
     }
 
     #[test]

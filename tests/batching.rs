@@ -91,3 +91,54 @@ async fn mixed_datatype_batches_keep_rows_apart() {
         );
     }
 }
+
+/// Silero VAD's state is `[2, batch, 128]`: its requests are stacked on axis 1 (manifest
+/// `batch_axes`), and each still gets exactly its own probability and next state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn recurrent_state_batches_on_axis_1() {
+    let url = bundled();
+    let c = client();
+    let infer = format!("{url}/v2/models/silero_vad/infer");
+    let body = |i: usize| {
+        let audio: Vec<f32> = (0..576)
+            .map(|t| ((t * (i + 1)) as f32 * 0.01).sin() * (i as f32 / 40.0))
+            .collect();
+        let state: Vec<f32> = (0..256)
+            .map(|t| ((t + i) % 7) as f32 * 0.05 - 0.15)
+            .collect();
+        json!({"inputs": [
+            {"name": "input", "shape": [1, 576], "datatype": "FP32", "data": audio},
+            {"name": "state", "shape": [2, 1, 128], "datatype": "FP32", "data": state},
+            {"name": "sr", "shape": [], "datatype": "INT64", "data": [16000]}]})
+    };
+    let mut solo = Vec::new();
+    for i in 0..48 {
+        let (status, r) = post(&c, &infer, &body(i)).await;
+        assert_eq!(status, 200, "{r}");
+        solo.push((output_f32(&r, "output"), output_f32(&r, "stateN")));
+    }
+    let tasks: Vec<_> = (0..48)
+        .map(|i| {
+            let (c, infer, b) = (c.clone(), infer.clone(), body(i));
+            tokio::spawn(async move { post(&c, &infer, &b).await })
+        })
+        .collect();
+    let mut largest = 0;
+    for (i, task) in tasks.into_iter().enumerate() {
+        let (status, r) = task.await.unwrap();
+        assert_eq!(status, 200, "{r}");
+        assert_eq!(r["outputs"][1]["shape"], json!([2, 1, 128]));
+        assert_close(
+            &output_f32(&r, "output"),
+            &solo[i].0,
+            &format!("stream {i} probability"),
+        );
+        assert_close(
+            &output_f32(&r, "stateN"),
+            &solo[i].1,
+            &format!("stream {i} state"),
+        );
+        largest = largest.max(r["parameters"]["batch_size"].as_u64().unwrap());
+    }
+    assert!(largest > 1, "steps were never batched together");
+}

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use super::supervisor;
-use super::worker::{Batch, BatchOutcome, Pending, Reply, WorkerHandle, WorkerReport};
+use super::worker::{Batch, BatchLayout, BatchOutcome, Pending, Reply, WorkerHandle, WorkerReport};
 use crate::error::ServeError;
 use crate::manifest::ModelEntry;
 use crate::model::{InferRequest, ModelInfo};
@@ -57,6 +57,8 @@ struct Slot {
 
 pub struct Router {
     info: Arc<ModelInfo>,
+    /// `None` for models without a batch axis.
+    layout: Option<Arc<BatchLayout>>,
     entry: Arc<ModelEntry>,
     env: &'static ort::environment::Environment,
     queue: VecDeque<Pending>,
@@ -95,8 +97,15 @@ impl Router {
             ("model", info.name.clone()),
             ("version", info.version.clone()),
         ];
+        let layout = info.batched().then(|| {
+            Arc::new(BatchLayout {
+                inputs: info.input_axes.clone(),
+                outputs: info.output_axes.clone(),
+            })
+        });
         Router {
             info,
+            layout,
             entry,
             env,
             queue: VecDeque::new(),
@@ -212,7 +221,9 @@ impl Router {
                     continue;
                 }
                 if rows + candidate.request.rows <= max
-                    && candidate.request.batches_with(&items[0].request)
+                    && candidate
+                        .request
+                        .batches_with(&items[0].request, &self.info.input_axes)
                 {
                     let taken = self.queue.remove(i).expect("index in range");
                     self.queued_rows -= taken.request.rows;
@@ -225,7 +236,7 @@ impl Router {
         }
         Batch {
             items,
-            stacked: self.info.batched(),
+            layout: self.layout.clone(),
         }
     }
 

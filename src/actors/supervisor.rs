@@ -14,8 +14,9 @@ use futures_util::future::join_all;
 use super::registry::{Catalog, Registry, ServedModel, VersionState};
 use super::router::{ModelHealth, Router};
 use super::worker::{self, WorkerHandle, WorkerReport};
-use crate::manifest::{verify_sha256, Manifest, ModelEntry};
+use crate::manifest::{verify_sha256, BatchAxis, Manifest, ModelEntry};
 use crate::model::ModelInfo;
+use crate::runtime::TensorSpec;
 
 pub struct Supervisor {
     env: &'static ort::environment::Environment,
@@ -88,18 +89,10 @@ impl Supervisor {
         if !failures.is_empty() {
             tracing::warn!(model = %entry.name, version = %entry.version, failed = failures.len(), reason = %failures[0], "some replicas failed to load");
         }
-        if entry.batching.max_batch_size > 0 {
-            if let Some(spec) = inputs
-                .iter()
-                .chain(&outputs)
-                .find(|s| s.shape.first().copied() != Some(-1))
-            {
-                return refuse(format!(
-                    "max_batch_size is {} but '{}' has shape {:?}, without a dynamic batch axis first; set max_batch_size = 0",
-                    entry.batching.max_batch_size, spec.name, spec.shape
-                ));
-            }
-        }
+        let (input_axes, output_axes) = match batch_axes(&entry, &inputs, &outputs) {
+            Ok(axes) => axes,
+            Err(reason) => return refuse(reason),
+        };
         let device = workers[0].device;
         let info = Arc::new(ModelInfo {
             name: entry.name.clone(),
@@ -107,6 +100,8 @@ impl Supervisor {
             inputs,
             outputs,
             batching: entry.batching,
+            input_axes,
+            output_axes,
             device,
             replicas: entry.replicas,
             max_queue: entry.max_queue,
@@ -139,6 +134,49 @@ impl Supervisor {
             health,
         })
     }
+}
+
+/// Resolves each tensor's batch axis (0 unless the manifest's `batch_axes` says otherwise) and
+/// checks that the model can really be stacked that way.
+fn batch_axes(
+    entry: &ModelEntry,
+    inputs: &[TensorSpec],
+    outputs: &[TensorSpec],
+) -> Result<(Vec<BatchAxis>, Vec<BatchAxis>), String> {
+    let batched = entry.batching.max_batch_size > 0;
+    for name in entry.batch_axes.keys() {
+        if !inputs.iter().chain(outputs).any(|s| &s.name == name) {
+            return Err(format!(
+                "batch_axes names '{name}', which is neither an input nor an output"
+            ));
+        }
+    }
+    let resolve = |specs: &[TensorSpec]| -> Result<Vec<BatchAxis>, String> {
+        specs
+            .iter()
+            .map(|spec| {
+                let axis = entry.batch_axes.get(&spec.name).copied().unwrap_or(BatchAxis::Axis(0));
+                if let (true, BatchAxis::Axis(k)) = (batched, axis) {
+                    if spec.shape.get(k).copied() != Some(-1) {
+                        return Err(format!(
+                            "max_batch_size is {} but '{}' has shape {:?}, without a dynamic axis {k} to batch on; \
+                             name its batch axis in batch_axes, or set max_batch_size = 0",
+                            entry.batching.max_batch_size, spec.name, spec.shape
+                        ));
+                    }
+                }
+                Ok(axis)
+            })
+            .collect()
+    };
+    let input_axes = resolve(inputs)?;
+    let output_axes = resolve(outputs)?;
+    if batched && !input_axes.iter().any(|a| matches!(a, BatchAxis::Axis(_))) {
+        return Err(
+            "max_batch_size is set but every input is shared; no input carries the batch".into(),
+        );
+    }
+    Ok((input_axes, output_axes))
 }
 
 /// Starts a replacement worker, retrying with exponential backoff (100 ms doubling to 5 s)

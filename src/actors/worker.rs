@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use crate::error::ServeError;
-use crate::manifest::{Device, ModelEntry};
+use crate::manifest::{BatchAxis, Device, ModelEntry};
 use crate::model::{InferRequest, InferResponse};
 use crate::runtime::{ModelSession, TensorSpec};
 use crate::tensor::{NamedTensor, TensorData};
@@ -28,11 +28,19 @@ pub struct Pending {
     pub enqueued: Instant,
 }
 
+/// Where each input's and output's batch axis is, for stacking requests into one call.
+#[derive(Debug)]
+pub struct BatchLayout {
+    pub inputs: Vec<BatchAxis>,
+    pub outputs: Vec<BatchAxis>,
+}
+
 /// What a router hands a worker: requests that can share one model call.
 pub struct Batch {
     pub items: Vec<Pending>,
-    /// Whether the requests are stacked along axis 0 (the model has a batch axis).
-    pub stacked: bool,
+    /// How to stack the requests; `None` for a model without a batch axis (one request, run
+    /// as sent).
+    pub layout: Option<Arc<BatchLayout>>,
 }
 
 /// What a worker tells its router after each batch.
@@ -214,51 +222,61 @@ fn run_batch(
     rows: usize,
 ) -> Result<Vec<Vec<NamedTensor>>, String> {
     let first = &batch.items[0].request;
-    if !batch.stacked || batch.items.len() == 1 {
-        // Nothing to pack: run on the request's own buffers.
-        let inputs: Vec<(&[i64], &TensorData)> = first
-            .inputs
-            .iter()
-            .map(|t| (t.shape.as_slice(), &t.data))
-            .collect();
-        let mut outputs = session.run(&inputs)?;
-        let selected = first
-            .outputs
-            .iter()
-            .map(|&i| std::mem::replace(&mut outputs[i], placeholder()))
-            .collect();
-        return Ok(vec![selected]);
-    }
-
-    let packed: Vec<(Vec<i64>, TensorData)> = (0..first.inputs.len())
-        .map(|i| {
-            let mut shape = first.inputs[i].shape.clone();
-            shape[0] = rows as i64;
-            let elements = batch
-                .items
+    let layout = match &batch.layout {
+        Some(layout) if batch.items.len() > 1 => layout,
+        // One request: run on its own buffers, nothing to pack or split.
+        _ => {
+            let inputs: Vec<(&[i64], &TensorData)> = first
+                .inputs
                 .iter()
-                .map(|p| p.request.inputs[i].data.len())
-                .sum();
-            let mut data = TensorData::with_capacity(first.inputs[i].data.datatype(), elements);
-            for pending in &batch.items {
-                data.extend_from(&pending.request.inputs[i].data);
+                .map(|t| (t.shape.as_slice(), &t.data))
+                .collect();
+            let mut outputs = session.run(&inputs)?;
+            let selected = first
+                .outputs
+                .iter()
+                .map(|&i| std::mem::replace(&mut outputs[i], placeholder()))
+                .collect();
+            return Ok(vec![selected]);
+        }
+    };
+
+    let row_counts: Vec<usize> = batch.items.iter().map(|p| p.request.rows).collect();
+    let packed: Vec<Option<(Vec<i64>, TensorData)>> = layout
+        .inputs
+        .iter()
+        .enumerate()
+        .map(|(i, axis)| match *axis {
+            BatchAxis::Axis(k) => {
+                let parts: Vec<&NamedTensor> =
+                    batch.items.iter().map(|p| &p.request.inputs[i]).collect();
+                Some(stack(&parts, &row_counts, k, rows))
             }
-            (shape, data)
+            // Validated identical across the batch: the first request's copy serves all.
+            BatchAxis::Shared => None,
         })
         .collect();
-    let inputs: Vec<(&[i64], &TensorData)> =
-        packed.iter().map(|(s, d)| (s.as_slice(), d)).collect();
+    let inputs: Vec<(&[i64], &TensorData)> = packed
+        .iter()
+        .zip(&first.inputs)
+        .map(|(packed, own)| match packed {
+            Some((shape, data)) => (shape.as_slice(), data),
+            None => (own.shape.as_slice(), &own.data),
+        })
+        .collect();
     let outputs = session.run(&inputs)?;
 
-    for output in &outputs {
-        if output.shape.first().copied() != Some(rows as i64) {
-            return Err(format!(
-                "output '{}' has shape {:?}, which does not keep the batch of {rows} rows on axis 0",
-                output.name, output.shape
-            ));
+    for (output, axis) in outputs.iter().zip(&layout.outputs) {
+        if let BatchAxis::Axis(k) = *axis {
+            if output.shape.get(k).copied() != Some(rows as i64) {
+                return Err(format!(
+                    "output '{}' has shape {:?}, which does not keep the batch of {rows} rows on axis {k}",
+                    output.name, output.shape
+                ));
+            }
         }
     }
-    let mut row = 0usize;
+    let mut offset = 0usize;
     let per_request = batch
         .items
         .iter()
@@ -267,25 +285,65 @@ fn run_batch(
             let selected = request
                 .outputs
                 .iter()
-                .map(|&i| {
-                    let output = &outputs[i];
-                    let per_row = output.data.len() / rows;
-                    let mut shape = output.shape.clone();
-                    shape[0] = request.rows as i64;
-                    NamedTensor {
-                        name: output.name.clone(),
-                        shape,
-                        data: output
-                            .data
-                            .slice(row * per_row..(row + request.rows) * per_row),
-                    }
+                .map(|&i| match layout.outputs[i] {
+                    BatchAxis::Axis(k) => unstack(&outputs[i], k, rows, offset, request.rows),
+                    BatchAxis::Shared => outputs[i].clone(),
                 })
                 .collect();
-            row += request.rows;
+            offset += request.rows;
             selected
         })
         .collect();
     Ok(per_request)
+}
+
+/// Concatenates tensors along `axis` (each holding `row_counts[j]` rows there) into one
+/// tensor with `rows` rows: one copy of every element.
+fn stack(
+    parts: &[&NamedTensor],
+    row_counts: &[usize],
+    axis: usize,
+    rows: usize,
+) -> (Vec<i64>, TensorData) {
+    let mut shape = parts[0].shape.clone();
+    shape[axis] = rows as i64;
+    let outer: usize = shape[..axis].iter().map(|&d| d as usize).product();
+    let inner: usize = shape[axis + 1..].iter().map(|&d| d as usize).product();
+    let mut data = TensorData::with_capacity(parts[0].data.datatype(), outer * rows * inner);
+    for o in 0..outer {
+        for (part, &n) in parts.iter().zip(row_counts) {
+            let block = n * inner;
+            data.extend_from_range(&part.data, o * block..(o + 1) * block);
+        }
+    }
+    (shape, data)
+}
+
+/// The `count` rows from `offset` along `axis` of a batched output.
+fn unstack(
+    output: &NamedTensor,
+    axis: usize,
+    rows: usize,
+    offset: usize,
+    count: usize,
+) -> NamedTensor {
+    let outer: usize = output.shape[..axis].iter().map(|&d| d as usize).product();
+    let inner: usize = output.shape[axis + 1..]
+        .iter()
+        .map(|&d| d as usize)
+        .product();
+    let mut data = TensorData::with_capacity(output.data.datatype(), outer * count * inner);
+    for o in 0..outer {
+        let start = (o * rows + offset) * inner;
+        data.extend_from_range(&output.data, start..start + count * inner);
+    }
+    let mut shape = output.shape.clone();
+    shape[axis] = count as i64;
+    NamedTensor {
+        name: output.name.clone(),
+        shape,
+        data,
+    }
 }
 
 fn placeholder() -> NamedTensor {
@@ -302,4 +360,52 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor(shape: Vec<i64>, data: Vec<f32>) -> NamedTensor {
+        NamedTensor {
+            name: "t".into(),
+            shape,
+            data: TensorData::Fp32(data),
+        }
+    }
+
+    #[test]
+    fn stacking_along_axis_1_round_trips() {
+        // Two requests with state [2, rows, 2]: 1 row and 2 rows.
+        let a = tensor(vec![2, 1, 2], vec![1., 2., 3., 4.]);
+        let b = tensor(vec![2, 2, 2], vec![5., 6., 7., 8., 9., 10., 11., 12.]);
+        let (shape, data) = stack(&[&a, &b], &[1, 2], 1, 3);
+        assert_eq!(shape, vec![2, 3, 2]);
+        assert_eq!(
+            data,
+            TensorData::Fp32(vec![1., 2., 5., 6., 7., 8., 3., 4., 9., 10., 11., 12.])
+        );
+        let packed = NamedTensor {
+            name: "t".into(),
+            shape,
+            data,
+        };
+        assert_eq!(unstack(&packed, 1, 3, 0, 1), a);
+        assert_eq!(unstack(&packed, 1, 3, 1, 2), b);
+    }
+
+    #[test]
+    fn stacking_along_axis_0_is_concatenation() {
+        let a = tensor(vec![1, 2], vec![1., 2.]);
+        let b = tensor(vec![2, 2], vec![3., 4., 5., 6.]);
+        let (shape, data) = stack(&[&a, &b], &[1, 2], 0, 3);
+        assert_eq!(shape, vec![3, 2]);
+        assert_eq!(data, TensorData::Fp32(vec![1., 2., 3., 4., 5., 6.]));
+        let packed = NamedTensor {
+            name: "t".into(),
+            shape,
+            data,
+        };
+        assert_eq!(unstack(&packed, 0, 3, 1, 2), b);
+    }
 }
