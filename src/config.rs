@@ -64,6 +64,15 @@ pub struct ServeArgs {
     /// Path of libonnxruntime; otherwise `ORT_DYLIB_PATH`, then the project's `.venv`.
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub ort_dylib: Option<PathBuf>,
+    /// Seconds a dropped stream waits for its client to resume [default: 30].
+    #[arg(long, env = "STREAMSERVE_STREAM_RESUME_SECS")]
+    pub stream_resume_secs: Option<u64>,
+    /// Seconds without audio after which a stream is closed [default: 30].
+    #[arg(long, env = "STREAMSERVE_STREAM_IDLE_SECS")]
+    pub stream_idle_secs: Option<u64>,
+    /// Seconds to finish in-flight work after SIGTERM before exiting [default: 30].
+    #[arg(long, env = "STREAMSERVE_DRAIN_SECS")]
+    pub drain_secs: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Default)]
@@ -86,6 +95,9 @@ struct FileConfig {
     max_body_bytes: Option<usize>,
     http_workers: Option<usize>,
     ort_dylib: Option<PathBuf>,
+    stream_resume_secs: Option<u64>,
+    stream_idle_secs: Option<u64>,
+    drain_secs: Option<u64>,
 }
 
 /// The resolved configuration the server runs with.
@@ -99,6 +111,9 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub http_workers: usize,
     pub ort_dylib: Option<PathBuf>,
+    pub stream_resume_secs: u64,
+    pub stream_idle_secs: u64,
+    pub drain_secs: u64,
 }
 
 impl Default for Config {
@@ -112,6 +127,9 @@ impl Default for Config {
             max_body_bytes: 64 * 1024 * 1024,
             http_workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             ort_dylib: None,
+            stream_resume_secs: 30,
+            stream_idle_secs: 30,
+            drain_secs: 30,
         }
     }
 }
@@ -143,6 +161,19 @@ impl Config {
                 .unwrap_or(defaults.http_workers)
                 .max(1),
             ort_dylib: args.ort_dylib.or(file.ort_dylib),
+            stream_resume_secs: args
+                .stream_resume_secs
+                .or(file.stream_resume_secs)
+                .unwrap_or(defaults.stream_resume_secs),
+            stream_idle_secs: args
+                .stream_idle_secs
+                .or(file.stream_idle_secs)
+                .unwrap_or(defaults.stream_idle_secs)
+                .max(1),
+            drain_secs: args
+                .drain_secs
+                .or(file.drain_secs)
+                .unwrap_or(defaults.drain_secs),
         })
     }
 }

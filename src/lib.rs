@@ -13,5 +13,6 @@ pub mod manifest;
 pub mod model;
 pub mod runtime;
 pub mod server;
+pub mod stream;
 pub mod telemetry;
 pub mod tensor;

@@ -22,8 +22,11 @@ fn serve(args: streamserve::config::ServeArgs) -> anyhow::Result<()> {
     let config = Config::resolve(args)?;
     streamserve::telemetry::init_logging(config.log_format, &config.log);
     actix_web::rt::System::new().block_on(async move {
-        let (_running, server) = streamserve::server::start(&config, true).await?;
-        server.await?;
+        let (running, server) = streamserve::server::start(&config).await?;
+        let server = actix_web::rt::spawn(server);
+        wait_for_signal().await?;
+        running.shutdown().await;
+        server.await??;
         tracing::info!("streamserve stopped");
         Ok(())
     })
@@ -47,5 +50,17 @@ fn check_models(dir: &std::path::Path) -> anyhow::Result<()> {
         }
     }
     anyhow::ensure!(bad == 0, "{bad} model file(s) do not match the manifest");
+    Ok(())
+}
+
+/// SIGTERM (what fly.io and container runtimes send) or SIGINT (Ctrl-C).
+async fn wait_for_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
     Ok(())
 }

@@ -82,6 +82,15 @@ impl<'de> Deserialize<'de> for BatchAxis {
     }
 }
 
+/// What kind of stream a model can serve over `/v1/streams/{model}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamKind {
+    /// Voice activity detection with Silero VAD's interface (`input`, `state`, `sr` ->
+    /// `output`, `stateN`).
+    Vad,
+}
+
 /// Dynamic micro-batching settings for one model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Batching {
@@ -111,6 +120,8 @@ pub struct ModelEntry {
     pub fallback: Option<String>,
     /// Batch axis per tensor name, for tensors whose batch axis is not 0.
     pub batch_axes: BTreeMap<String, BatchAxis>,
+    /// Set for models that serve WebSocket streams.
+    pub stream: Option<StreamKind>,
     pub description: String,
     pub source: String,
 }
@@ -146,6 +157,7 @@ struct RawModel {
     fallback: Option<String>,
     #[serde(default)]
     batch_axes: BTreeMap<String, BatchAxis>,
+    stream: Option<StreamKind>,
     #[serde(default)]
     description: String,
     #[serde(default)]
@@ -240,6 +252,7 @@ impl Manifest {
                 max_queue: s.max_queue.or(d.max_queue).unwrap_or(1024).max(1),
                 fallback: m.fallback,
                 batch_axes: m.batch_axes,
+                stream: m.stream,
                 description: m.description,
                 source: m.source,
                 name: m.name,

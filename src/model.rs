@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use crate::error::ServeError;
-use crate::manifest::{BatchAxis, Batching, Device};
+use crate::manifest::{BatchAxis, Batching, Device, StreamKind};
 use crate::runtime::TensorSpec;
 use crate::tensor::{element_count, NamedTensor};
 
@@ -25,6 +25,8 @@ pub struct ModelInfo {
     /// Batch axis of each input and output (same order as `inputs` / `outputs`).
     pub input_axes: Vec<BatchAxis>,
     pub output_axes: Vec<BatchAxis>,
+    /// Set for models that serve WebSocket streams.
+    pub stream: Option<StreamKind>,
     pub device: Device,
     pub replicas: usize,
     pub max_queue: usize,
@@ -274,6 +276,7 @@ mod tests {
             },
             input_axes: vec![BatchAxis::Axis(0); 2],
             output_axes: vec![BatchAxis::Axis(0)],
+            stream: None,
             device: Device::Cpu,
             replicas: 1,
             max_queue: 8,

@@ -4,10 +4,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use actix::Actor;
 use actix_web::{web, App, HttpResponse, HttpServer};
+use tokio::sync::watch;
 
 use crate::actors::registry::Registry;
+use crate::actors::stream_hub::StreamHub;
 use crate::actors::supervisor::Supervisor;
+use crate::api::ws::StreamsConfig;
 use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::manifest::Manifest;
@@ -18,14 +22,25 @@ pub struct Running {
     pub addr: SocketAddr,
     pub handle: actix_web::dev::ServerHandle,
     pub registry: Arc<Registry>,
+    shutdown: watch::Sender<bool>,
+    drain: Duration,
+}
+
+impl Running {
+    /// Graceful stop: streams are told to reconnect elsewhere (close code 1001), the listener
+    /// stops accepting, and in-flight requests finish (within the drain time) before the server
+    /// future completes.
+    pub async fn shutdown(&self) {
+        tracing::info!(drain_secs = self.drain.as_secs(), "shutting down");
+        let _ = self.shutdown.send(true);
+        self.handle.stop(true).await;
+    }
 }
 
 /// Loads the models and binds the listener; the returned `Server` future serves until stopped.
-/// Must run inside an actix `System`.
-pub async fn start(
-    config: &Config,
-    handle_signals: bool,
-) -> anyhow::Result<(Running, actix_web::dev::Server)> {
+/// Must run inside an actix `System`. Signals are the caller's to handle (see `main.rs`), so
+/// that a shutdown can tell streams before the listener stops.
+pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::Server)> {
     let prometheus = telemetry::metrics_handle();
     let env = crate::runtime::init(config.ort_dylib.as_deref()).map_err(anyhow::Error::msg)?;
     let manifest = Manifest::load(&config.models)?;
@@ -33,13 +48,21 @@ pub async fn start(
     Supervisor::new(env, registry.clone())
         .start_manifest(&manifest)
         .await;
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let streams = Arc::new(StreamsConfig {
+        hub: StreamHub::default().start(),
+        resume_window: Duration::from_secs(config.stream_resume_secs),
+        idle_timeout: Duration::from_secs(config.stream_idle_secs),
+        shutdown: shutdown_rx,
+    });
 
     let state = web::Data::new(AppState {
         registry: registry.clone(),
         max_body_bytes: config.max_body_bytes,
         prometheus,
+        streams,
     });
-    let mut server = HttpServer::new(move || {
+    let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
             .configure(api::routes)
@@ -48,27 +71,25 @@ pub async fn start(
             }))
     })
     .workers(config.http_workers)
-    .shutdown_timeout(30)
+    .shutdown_timeout(config.drain_secs)
     .client_request_timeout(Duration::from_secs(30))
     .bind((config.host.as_str(), config.port))
-    .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", config.host, config.port))?;
-    if !handle_signals {
-        server = server.disable_signals();
-    }
+    .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", config.host, config.port))?
+    .disable_signals();
     let addr = *server
         .addrs()
         .first()
         .ok_or_else(|| anyhow::anyhow!("listener has no address"))?;
     let server = server.run();
     tracing::info!(%addr, "streamserve listening");
-    Ok((
-        Running {
-            addr,
-            handle: server.handle(),
-            registry,
-        },
-        server,
-    ))
+    let running = Running {
+        addr,
+        handle: server.handle(),
+        registry,
+        shutdown,
+        drain: Duration::from_secs(config.drain_secs),
+    };
+    Ok((running, server))
 }
 
 /// Runs a server on a thread of its own (its own actix `System`), for tests and benchmarks
@@ -79,7 +100,7 @@ pub fn spawn(config: Config) -> anyhow::Result<Running> {
         .name("streamserve-system".into())
         .spawn(move || {
             actix_web::rt::System::new().block_on(async move {
-                match start(&config, false).await {
+                match start(&config).await {
                     Ok((running, server)) => {
                         let _ = tx.send(Ok(running));
                         let _ = server.await;

@@ -14,9 +14,10 @@ use futures_util::future::join_all;
 use super::registry::{Catalog, Registry, ServedModel, VersionState};
 use super::router::{ModelHealth, Router};
 use super::worker::{self, WorkerHandle, WorkerReport};
-use crate::manifest::{verify_sha256, BatchAxis, Manifest, ModelEntry};
+use crate::manifest::{verify_sha256, BatchAxis, Manifest, ModelEntry, StreamKind};
 use crate::model::ModelInfo;
 use crate::runtime::TensorSpec;
+use crate::stream::vad::VadInterface;
 
 pub struct Supervisor {
     env: &'static ort::environment::Environment,
@@ -102,6 +103,7 @@ impl Supervisor {
             batching: entry.batching,
             input_axes,
             output_axes,
+            stream: entry.stream,
             device,
             replicas: entry.replicas,
             max_queue: entry.max_queue,
@@ -110,6 +112,11 @@ impl Supervisor {
             description: entry.description.clone(),
             source: entry.source.clone(),
         });
+        if info.stream == Some(StreamKind::Vad) {
+            if let Err(reason) = VadInterface::resolve(&info) {
+                return refuse(format!("stream = \"vad\", but {reason}"));
+            }
+        }
         let health = Arc::new(ModelHealth {
             healthy_replicas: Default::default(),
             replicas: entry.replicas,

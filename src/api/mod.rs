@@ -5,6 +5,7 @@ pub mod health;
 pub mod kserve;
 pub mod metrics;
 pub mod rest;
+pub mod ws;
 
 use std::sync::Arc;
 
@@ -18,11 +19,13 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     pub max_body_bytes: usize,
     pub prometheus: PrometheusHandle,
+    pub streams: Arc<ws::StreamsConfig>,
 }
 
 /// Mounts every route.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.configure(health::routes)
         .configure(rest::routes)
+        .configure(ws::routes)
         .configure(metrics::routes);
 }

@@ -315,7 +315,7 @@ async fn infer_on(
 /// clients send with `request_compression_algorithm`), and refuses it with 413 as soon as it
 /// is known to exceed the limit, before it is buffered. The limit applies to the decompressed
 /// size too, so a small compressed body cannot expand without bound.
-async fn read_body(
+pub(crate) async fn read_body(
     req: &HttpRequest,
     body: web::Payload,
     limit: usize,

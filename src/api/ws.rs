@@ -1,0 +1,487 @@
+//! Speech streams over WebSocket (`GET /v1/streams/{model}`) and the one-shot form of the same
+//! pipeline (`POST /v1/models/{model}/segments` with a WAV body).
+//!
+//! This file is the transport only: it parses frames into `StreamSession` messages and writes
+//! the session's messages back. Each connection is two tasks: a reader (start message, audio,
+//! `end`; it stops reading while the session holds its audio budget, which is the backpressure
+//! a too-fast client feels) and a writer (results out, with a deadline per write, so a client
+//! that stops reading is dropped without holding anything else up).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use actix_web::{web, HttpRequest, HttpResponse};
+use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, ProtocolError};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::AppState;
+use crate::actors::registry::ServedModel;
+use crate::actors::stream_hub::{Lookup, Register, StreamHub};
+use crate::actors::stream_session::{
+    Attach, Attached, Audio, Connection, Detach, End, StreamParams, StreamSession, AUDIO_CREDITS,
+};
+use crate::error::ServeError;
+use crate::manifest::StreamKind;
+use crate::stream::audio::{read_wav, SampleFormat};
+use crate::stream::protocol::{ClientMessage, ResultsMode, ServerMessage, StartMessage};
+use crate::stream::vad::VadOptions;
+
+/// Largest WebSocket frame (and reassembled message) accepted.
+pub const MAX_FRAME_BYTES: usize = 64 * 1024;
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Messages queued for one connection before its client counts as not reading.
+const OUTGOING_CAPACITY: usize = 1024;
+
+/// What stream connections share.
+pub struct StreamsConfig {
+    pub hub: Addr<StreamHub>,
+    pub resume_window: Duration,
+    pub idle_timeout: Duration,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/streams/{model}", web::get().to(open_stream))
+        .route("/v1/models/{model}/segments", web::post().to(segments));
+}
+
+fn stream_model(state: &AppState, name: &str) -> Result<ServedModel, ServeError> {
+    let served = state.registry.snapshot().resolve(name, None)?;
+    if served.info.stream != Some(StreamKind::Vad) {
+        return Err(ServeError::invalid(format!(
+            "model '{name}' does not serve streams (it has no `stream = \"vad\"` in the manifest)"
+        )));
+    }
+    Ok(served)
+}
+
+async fn open_stream(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    req: HttpRequest,
+    body: web::Payload,
+) -> Result<HttpResponse, actix_web::Error> {
+    // Unknown and non-streaming models are refused before the upgrade, with a plain HTTP error.
+    let served = stream_model(&state, &path.into_inner())?;
+    let (response, session, messages) = actix_ws::handle(&req, body)?;
+    let messages = messages
+        .max_frame_size(MAX_FRAME_BYTES)
+        .aggregate_continuations()
+        .max_continuation_size(MAX_FRAME_BYTES);
+    actix_web::rt::spawn(connection(session, messages, served, state.streams.clone()));
+    Ok(response)
+}
+
+/// Why a connection ends, from the reader's side.
+enum ReadEnd {
+    /// The client closed or vanished: keep the stream for a resume.
+    Gone,
+    /// Close the socket with this code and reason (after an `error` message unless normal).
+    Close(CloseCode, String),
+}
+
+struct ConnectionGauge;
+impl ConnectionGauge {
+    fn new() -> ConnectionGauge {
+        metrics::gauge!("streamserve_stream_connections").increment(1.0);
+        ConnectionGauge
+    }
+}
+impl Drop for ConnectionGauge {
+    fn drop(&mut self) {
+        metrics::gauge!("streamserve_stream_connections").decrement(1.0);
+    }
+}
+
+async fn connection(
+    mut ws: actix_ws::Session,
+    mut messages: AggregatedMessageStream,
+    served: ServedModel,
+    config: Arc<StreamsConfig>,
+) {
+    let _gauge = ConnectionGauge::new();
+    let start = match read_start(&mut ws, &mut messages).await {
+        Ok(start) => start,
+        Err(ReadEnd::Gone) => return,
+        Err(ReadEnd::Close(code, reason)) => return close_with_error(ws, code, reason).await,
+    };
+    let resuming = start.stream_id.is_some();
+    let (session, last_seq) = match open_session(start, served, &config).await {
+        Ok(opened) => opened,
+        Err(reason) => return close_with_error(ws, CloseCode::Policy, reason).await,
+    };
+    let (messages_tx, messages_rx) = mpsc::channel(OUTGOING_CAPACITY);
+    let (close_tx, close_rx) = oneshot::channel();
+    let attach = Attach {
+        connection: Connection {
+            messages: messages_tx,
+            close: close_tx,
+        },
+        last_seq,
+    };
+    let attached = match session.send(attach).await {
+        Ok(Ok(attached)) => attached,
+        Ok(Err(reason)) => return close_with_error(ws, CloseCode::Policy, reason).await,
+        Err(_) => return close_with_error(ws, CloseCode::Away, "stream has ended".into()).await,
+    };
+    if resuming {
+        tracing::info!(generation = attached.generation, "stream resumed");
+    }
+    let (reader_close_tx, reader_close_rx) = mpsc::channel(1);
+    let writer = actix_web::rt::spawn(write_loop(
+        ws.clone(),
+        messages_rx,
+        close_rx,
+        reader_close_rx,
+    ));
+    let end = read_loop(&mut ws, &mut messages, &session, &attached, &config).await;
+    if let ReadEnd::Close(code, reason) = end {
+        let _ = reader_close_tx.send((code, reason)).await;
+    }
+    session.do_send(Detach {
+        generation: attached.generation,
+    });
+    drop(reader_close_tx);
+    let _ = writer.await;
+}
+
+async fn read_start(
+    ws: &mut actix_ws::Session,
+    messages: &mut AggregatedMessageStream,
+) -> Result<StartMessage, ReadEnd> {
+    loop {
+        let next = tokio::time::timeout(START_TIMEOUT, messages.recv())
+            .await
+            .map_err(|_| {
+                ReadEnd::Close(CloseCode::Policy, "no start message within 10 s".into())
+            })?;
+        match next {
+            None | Some(Ok(AggregatedMessage::Close(_))) => return Err(ReadEnd::Gone),
+            Some(Err(e)) => return Err(protocol_error(e)),
+            Some(Ok(AggregatedMessage::Ping(bytes))) => {
+                let _ = ws.pong(&bytes).await;
+            }
+            Some(Ok(AggregatedMessage::Pong(_))) => {}
+            Some(Ok(AggregatedMessage::Binary(_))) => {
+                return Err(ReadEnd::Close(
+                    CloseCode::Unsupported,
+                    "send a start message before any audio".into(),
+                ))
+            }
+            Some(Ok(AggregatedMessage::Text(text))) => {
+                return match serde_json::from_str::<ClientMessage>(&text) {
+                    Ok(ClientMessage::Start(start)) => Ok(start),
+                    Ok(ClientMessage::End) => Err(ReadEnd::Close(
+                        CloseCode::Policy,
+                        "the first message must be a start message".into(),
+                    )),
+                    Err(e) => Err(ReadEnd::Close(
+                        CloseCode::Invalid,
+                        format!("malformed start message: {e}"),
+                    )),
+                };
+            }
+        }
+    }
+}
+
+async fn open_session(
+    start: StartMessage,
+    served: ServedModel,
+    config: &StreamsConfig,
+) -> Result<(Addr<StreamSession>, Option<u64>), String> {
+    if let Some(id) = start.stream_id {
+        return match config.hub.send(Lookup { id: id.clone() }).await {
+            Ok(Some(session)) => Ok((session, start.last_seq)),
+            _ => Err(format!("unknown or expired stream_id '{id}'")),
+        };
+    }
+    if start.last_seq.is_some() {
+        return Err("last_seq is only meaningful with stream_id".into());
+    }
+    let id: Arc<str> = uuid::Uuid::new_v4().simple().to_string().into();
+    let params = StreamParams {
+        sample_rate: start.sample_rate,
+        format: start.format,
+        results: start.results,
+        vad: start.vad,
+        resume_window: config.resume_window,
+    };
+    let session = StreamSession::new(id.clone(), served, params, Some(config.hub.clone()))?.start();
+    config.hub.do_send(Register {
+        id,
+        session: session.clone(),
+    });
+    Ok((session, None))
+}
+
+async fn read_loop(
+    ws: &mut actix_ws::Session,
+    messages: &mut AggregatedMessageStream,
+    session: &Addr<StreamSession>,
+    attached: &Attached,
+    config: &StreamsConfig,
+) -> ReadEnd {
+    let mut shutdown = config.shutdown.clone();
+    loop {
+        let stopping = async {
+            // A dropped sender means nobody will ever ask for a shutdown, not that one began.
+            if shutdown.wait_for(|stopping| *stopping).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        let next = tokio::select! {
+            _ = stopping => {
+                return ReadEnd::Close(CloseCode::Away, "server is shutting down; reconnect to another instance".into());
+            }
+            next = tokio::time::timeout(config.idle_timeout, messages.recv()) => next,
+        };
+        let message = match next {
+            Err(_) => {
+                metrics::counter!("streamserve_stream_drops_total", "reason" => "idle")
+                    .increment(1);
+                return ReadEnd::Close(
+                    CloseCode::Policy,
+                    format!("no message for {} s", config.idle_timeout.as_secs()),
+                );
+            }
+            Ok(None) => return ReadEnd::Gone,
+            Ok(Some(Err(e))) => return protocol_error(e),
+            Ok(Some(Ok(message))) => message,
+        };
+        match message {
+            AggregatedMessage::Binary(bytes) => {
+                let samples = match attached.format.decode(&bytes) {
+                    Ok(samples) => samples,
+                    Err(reason) => return ReadEnd::Close(CloseCode::Invalid, reason),
+                };
+                if samples.is_empty() {
+                    continue;
+                }
+                if samples.len() > AUDIO_CREDITS {
+                    return ReadEnd::Close(CloseCode::Size, "audio frame too long".into());
+                }
+                // Backpressure: wait until the session has room for this audio.
+                match attached.credits.acquire_many(samples.len() as u32).await {
+                    Ok(permit) => permit.forget(),
+                    Err(_) => return ReadEnd::Gone,
+                }
+                session.do_send(Audio(samples));
+            }
+            AggregatedMessage::Text(text) => match serde_json::from_str::<ClientMessage>(&text) {
+                Ok(ClientMessage::End) => session.do_send(End),
+                Ok(ClientMessage::Start(_)) => {
+                    return ReadEnd::Close(CloseCode::Policy, "stream already started; send audio or end".into())
+                }
+                Err(e) => {
+                    return ReadEnd::Close(
+                        CloseCode::Invalid,
+                        format!("text messages must be {{\"type\":\"end\"}}; audio goes in binary frames ({e})"),
+                    )
+                }
+            },
+            AggregatedMessage::Ping(bytes) => {
+                let _ = ws.pong(&bytes).await;
+            }
+            AggregatedMessage::Pong(_) => {}
+            AggregatedMessage::Close(_) => return ReadEnd::Gone,
+        }
+    }
+}
+
+fn protocol_error(error: ProtocolError) -> ReadEnd {
+    match error {
+        ProtocolError::Overflow => ReadEnd::Close(
+            CloseCode::Size,
+            format!("frame larger than {MAX_FRAME_BYTES} bytes"),
+        ),
+        other => ReadEnd::Close(CloseCode::Protocol, other.to_string()),
+    }
+}
+
+async fn write_loop(
+    mut ws: actix_ws::Session,
+    mut messages: mpsc::Receiver<Arc<str>>,
+    mut session_close: oneshot::Receiver<(CloseCode, String)>,
+    mut reader_close: mpsc::Receiver<(CloseCode, String)>,
+) {
+    let (code, reason) = loop {
+        tokio::select! {
+            biased;
+            message = messages.recv() => match message {
+                Some(text) => {
+                    match tokio::time::timeout(WRITE_TIMEOUT, ws.text(text.to_string())).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return,
+                        Err(_) => {
+                            metrics::counter!("streamserve_stream_drops_total", "reason" => "write_timeout").increment(1);
+                            break (CloseCode::Policy, "client is not reading results; resume to continue".to_string());
+                        }
+                    }
+                }
+                // The session let go of this connection; it may have said why just before.
+                None => break session_close.try_recv().unwrap_or((CloseCode::Away, "stream closed".to_string())),
+            },
+            close = &mut session_close => {
+                // Send what the session queued before it asked to close (e.g. the summary).
+                while let Ok(text) = messages.try_recv() {
+                    if ws.text(text.to_string()).await.is_err() {
+                        return;
+                    }
+                }
+                break close.unwrap_or((CloseCode::Away, "stream closed".into()));
+            }
+            close = reader_close.recv() => match close {
+                Some((code, reason)) => {
+                    let error = ServerMessage::Error { code: error_code(code), message: &reason }.to_json();
+                    let _ = ws.text(error).await;
+                    break (code, reason);
+                }
+                None => return,
+            },
+        }
+    };
+    let _ = ws
+        .close(Some(CloseReason {
+            code,
+            description: Some(truncate(reason)),
+        }))
+        .await;
+}
+
+async fn close_with_error(mut ws: actix_ws::Session, code: CloseCode, reason: String) {
+    let error = ServerMessage::Error {
+        code: error_code(code),
+        message: &reason,
+    }
+    .to_json();
+    let _ = ws.text(error).await;
+    let _ = ws
+        .close(Some(CloseReason {
+            code,
+            description: Some(truncate(reason)),
+        }))
+        .await;
+}
+
+fn error_code(code: CloseCode) -> &'static str {
+    match code {
+        CloseCode::Invalid => "invalid_data",
+        CloseCode::Unsupported => "unsupported_data",
+        CloseCode::Size => "too_large",
+        CloseCode::Away => "going_away",
+        CloseCode::Protocol => "protocol_error",
+        _ => "policy",
+    }
+}
+
+/// Close reasons must fit a control frame (123 bytes).
+fn truncate(mut reason: String) -> String {
+    if reason.len() > 120 {
+        let mut cut = 120;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
+    }
+    reason
+}
+
+/// VAD options for the one-shot endpoint, from the query string.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SegmentsQuery {
+    threshold: Option<f32>,
+    neg_threshold: Option<f32>,
+    min_speech_ms: Option<u32>,
+    min_silence_ms: Option<u32>,
+    speech_pad_ms: Option<u32>,
+}
+
+/// `POST /v1/models/{model}/segments` with a WAV body: the speech segments as JSON, computed by
+/// the same session and batching path as a live stream.
+async fn segments(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    query: web::Query<SegmentsQuery>,
+    req: HttpRequest,
+    body: web::Payload,
+) -> Result<HttpResponse, ServeError> {
+    let served = stream_model(&state, &path.into_inner())?;
+    let body = super::rest::read_body(&req, body, state.max_body_bytes).await?;
+    let wav = read_wav(&body).map_err(ServeError::invalid)?;
+    drop(body);
+    let defaults = VadOptions::default();
+    let q = query.into_inner();
+    let vad = VadOptions {
+        threshold: q.threshold.unwrap_or(defaults.threshold),
+        neg_threshold: q.neg_threshold,
+        min_speech_ms: q.min_speech_ms.unwrap_or(defaults.min_speech_ms),
+        min_silence_ms: q.min_silence_ms.unwrap_or(defaults.min_silence_ms),
+        speech_pad_ms: q.speech_pad_ms.unwrap_or(defaults.speech_pad_ms),
+    };
+    let params = StreamParams {
+        sample_rate: wav.sample_rate,
+        format: SampleFormat::F32,
+        results: ResultsMode::Events,
+        vad,
+        resume_window: Duration::ZERO,
+    };
+    let info = served.info.clone();
+    let id: Arc<str> = uuid::Uuid::new_v4().simple().to_string().into();
+    let session = StreamSession::new(id, served, params, None)
+        .map_err(ServeError::invalid)?
+        .start();
+    // Events and the summary: at most two events per chunk.
+    let capacity = wav.samples.len() / 128 + 16;
+    let (tx, mut rx) = mpsc::channel(capacity);
+    let (close_tx, _close_rx) = oneshot::channel();
+    let attach = Attach {
+        connection: Connection {
+            messages: tx,
+            close: close_tx,
+        },
+        last_seq: None,
+    };
+    session
+        .send(attach)
+        .await
+        .map_err(|_| ServeError::Inference("stream session stopped".into()))?
+        .map_err(ServeError::Inference)?;
+    let duration = wav.samples.len() as f64 / wav.sample_rate as f64;
+    session.do_send(Audio(wav.samples));
+    session.do_send(End);
+    let _started = rx.recv().await;
+    while let Some(text) = rx.recv().await {
+        let message: serde_json::Value =
+            serde_json::from_str(&text).expect("session messages are JSON");
+        match message["type"].as_str() {
+            Some("summary") => {
+                return Ok(HttpResponse::Ok().json(json!({
+                    "model_name": info.name,
+                    "model_version": info.version,
+                    "sample_rate": wav.sample_rate,
+                    "duration": duration,
+                    "chunks": message["chunks"],
+                    "segments": message["segments"],
+                })))
+            }
+            Some("error") => {
+                return Err(ServeError::Inference(
+                    message["message"]
+                        .as_str()
+                        .unwrap_or("stream failed")
+                        .to_string(),
+                ))
+            }
+            _ => {}
+        }
+    }
+    Err(ServeError::Inference(
+        "stream ended without a summary".into(),
+    ))
+}

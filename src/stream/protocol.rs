@@ -1,0 +1,156 @@
+//! The WebSocket stream protocol's JSON messages (documented in `docs/streaming.md`).
+//!
+//! Client → server: a text `start` first, then binary audio frames, then a text `end`.
+//! Server → client: `started`, then `vad` results and `speech_start` / `speech_end` events
+//! (each with the `seq` of the chunk it belongs to), `summary` after `end`, and `error` before
+//! any close for a reason other than a normal end.
+
+use serde::{Deserialize, Serialize};
+
+use super::audio::SampleFormat;
+use super::vad::{Segment, VadOptions};
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientMessage {
+    Start(StartMessage),
+    End,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct StartMessage {
+    #[serde(default = "default_rate")]
+    pub sample_rate: u32,
+    #[serde(default)]
+    pub format: SampleFormat,
+    /// Resume this stream instead of starting a new one.
+    #[serde(default)]
+    pub stream_id: Option<String>,
+    /// With `stream_id`: the last `seq` the client received; everything after it is re-sent.
+    #[serde(default)]
+    pub last_seq: Option<u64>,
+    #[serde(default)]
+    pub results: ResultsMode,
+    #[serde(default)]
+    pub vad: VadOptions,
+}
+
+fn default_rate() -> u32 {
+    16000
+}
+
+/// Which messages a stream sends while it runs.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ResultsMode {
+    /// A `vad` message for every chunk, plus events.
+    #[default]
+    All,
+    /// Only `speech_start` / `speech_end` events (and the summary).
+    Events,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage<'a> {
+    Started {
+        stream_id: &'a str,
+        resumed: bool,
+        model: &'a str,
+        version: &'a str,
+        sample_rate: u32,
+        format: SampleFormat,
+        chunk_samples: usize,
+        /// Audio samples the server holds for this stream; a resuming client re-sends from here.
+        samples_received: u64,
+        /// `seq` of the next result.
+        next_seq: u64,
+        /// Seconds a dropped connection may take to resume.
+        resume_window_secs: u64,
+    },
+    Vad {
+        seq: u64,
+        /// Audio time of the chunk's start, in seconds.
+        t: f64,
+        probability: f32,
+    },
+    SpeechStart {
+        seq: u64,
+        t: f64,
+    },
+    SpeechEnd {
+        seq: u64,
+        t: f64,
+    },
+    Summary {
+        seq: u64,
+        duration: f64,
+        chunks: u64,
+        segments: Vec<SegmentSecs>,
+    },
+    Error {
+        code: &'a str,
+        message: &'a str,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize, Clone, Copy, PartialEq)]
+pub struct SegmentSecs {
+    pub start: f64,
+    pub end: f64,
+}
+
+impl SegmentSecs {
+    pub fn from_samples(segment: &Segment, sample_rate: u32) -> SegmentSecs {
+        SegmentSecs {
+            start: segment.start as f64 / sample_rate as f64,
+            end: segment.end as f64 / sample_rate as f64,
+        }
+    }
+}
+
+impl ServerMessage<'_> {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("server messages serialise")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_messages_parse_with_defaults_and_reject_typos() {
+        let ClientMessage::Start(start) = serde_json::from_str(r#"{"type":"start"}"#).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (start.sample_rate, start.format, start.results),
+            (16000, SampleFormat::Pcm16, ResultsMode::All)
+        );
+        let ClientMessage::Start(start) = serde_json::from_str(
+            r#"{"type":"start","sample_rate":8000,"format":"f32","stream_id":"abc","last_seq":7,"results":"events","vad":{"threshold":0.6}}"#,
+        )
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(start.last_seq, Some(7));
+        assert_eq!(start.vad.threshold, 0.6);
+        assert!(
+            serde_json::from_str::<ClientMessage>(r#"{"type":"start","samplerate":8000}"#).is_err()
+        );
+        assert!(serde_json::from_str::<ClientMessage>(r#"{"type":"begin"}"#).is_err());
+        assert!(matches!(
+            serde_json::from_str(r#"{"type":"end"}"#).unwrap(),
+            ClientMessage::End
+        ));
+    }
+
+    #[test]
+    fn server_messages_are_tagged() {
+        let json = ServerMessage::SpeechStart { seq: 3, t: 0.25 }.to_json();
+        assert_eq!(json, r#"{"type":"speech_start","seq":3,"t":0.25}"#);
+    }
+}

@@ -1,0 +1,325 @@
+//! Voice activity: the Silero VAD model interface, and the tracker that turns its per-chunk
+//! speech probabilities into speech start/end events with the semantics users of Silero VAD
+//! expect (`VADIterator` / `get_speech_timestamps`): start at `threshold`, release below
+//! `threshold - 0.15` after `min_silence_ms`, `speech_pad_ms` of padding, and segments shorter
+//! than `min_speech_ms` dropped. A start event is sent once the speech has lasted
+//! `min_speech_ms`, stamped with the time the speech began.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::ModelInfo;
+use crate::tensor::DataType;
+
+/// Which inputs and outputs of a model play which role in a VAD step.
+#[derive(Clone, Debug)]
+pub struct VadInterface {
+    pub audio_input: usize,
+    pub state_input: usize,
+    pub rate_input: usize,
+    pub probability_output: usize,
+    pub state_output: usize,
+    /// Elements of the recurrent state for one stream (`[2, 1, 128]` -> 256).
+    pub state_len: usize,
+    pub state_shape: Vec<i64>,
+}
+
+impl VadInterface {
+    /// Checks that a model has Silero VAD's interface: `input` FP32 `[B, samples]`, `state`
+    /// FP32 `[layers, B, hidden]`, `sr` INT64 scalar -> `output` `[B, 1]`, `stateN`.
+    pub fn resolve(info: &ModelInfo) -> Result<VadInterface, String> {
+        let input = |name: &str, datatype: DataType| {
+            info.inputs
+                .iter()
+                .position(|s| s.name == name && s.datatype == datatype)
+                .ok_or_else(|| format!("a VAD stream model needs a {datatype} input '{name}'"))
+        };
+        let output = |name: &str| {
+            info.outputs
+                .iter()
+                .position(|s| s.name == name && s.datatype == DataType::Fp32)
+                .ok_or_else(|| format!("a VAD stream model needs an FP32 output '{name}'"))
+        };
+        let state_input = input("state", DataType::Fp32)?;
+        let shape = &info.inputs[state_input].shape;
+        if shape.len() != 3 || shape[0] < 1 || shape[2] < 1 {
+            return Err(format!("VAD state must be [layers, batch, hidden] with fixed layers and hidden, got {shape:?}"));
+        }
+        Ok(VadInterface {
+            audio_input: input("input", DataType::Fp32)?,
+            state_input,
+            rate_input: input("sr", DataType::Int64)?,
+            probability_output: output("output")?,
+            state_output: output("stateN")?,
+            state_len: (shape[0] * shape[2]) as usize,
+            state_shape: vec![shape[0], 1, shape[2]],
+        })
+    }
+}
+
+/// Samples per model step and of left context, by sample rate (Silero's own wrapper).
+pub fn window_for(sample_rate: u32) -> Option<(usize, usize)> {
+    match sample_rate {
+        16000 => Some((512, 64)),
+        8000 => Some((256, 32)),
+        _ => None,
+    }
+}
+
+/// Thresholds and durations a client may set in its `start` message.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VadOptions {
+    #[serde(default = "default_threshold")]
+    pub threshold: f32,
+    /// Release threshold; `threshold - 0.15` when absent.
+    #[serde(default)]
+    pub neg_threshold: Option<f32>,
+    #[serde(default = "default_min_speech")]
+    pub min_speech_ms: u32,
+    #[serde(default = "default_min_silence")]
+    pub min_silence_ms: u32,
+    #[serde(default = "default_pad")]
+    pub speech_pad_ms: u32,
+}
+
+fn default_threshold() -> f32 {
+    0.5
+}
+fn default_min_speech() -> u32 {
+    250
+}
+fn default_min_silence() -> u32 {
+    100
+}
+fn default_pad() -> u32 {
+    30
+}
+
+impl Default for VadOptions {
+    fn default() -> Self {
+        VadOptions {
+            threshold: default_threshold(),
+            neg_threshold: None,
+            min_speech_ms: default_min_speech(),
+            min_silence_ms: default_min_silence(),
+            speech_pad_ms: default_pad(),
+        }
+    }
+}
+
+impl VadOptions {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.threshold) || self.threshold == 0.0 {
+            return Err(format!(
+                "threshold must be in (0, 1], got {}",
+                self.threshold
+            ));
+        }
+        if let Some(neg) = self.neg_threshold {
+            if !(0.0..=self.threshold).contains(&neg) {
+                return Err(format!(
+                    "neg_threshold must be in [0, threshold], got {neg}"
+                ));
+            }
+        }
+        for (name, ms) in [
+            ("min_speech_ms", self.min_speech_ms),
+            ("min_silence_ms", self.min_silence_ms),
+            ("speech_pad_ms", self.speech_pad_ms),
+        ] {
+            if ms > 60_000 {
+                return Err(format!("{name} must be at most 60000, got {ms}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VadEvent {
+    SpeechStart { sample: u64 },
+    SpeechEnd { sample: u64 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Segment {
+    pub start: u64,
+    pub end: u64,
+}
+
+pub struct VadTracker {
+    threshold: f32,
+    neg_threshold: f32,
+    min_speech: u64,
+    min_silence: u64,
+    pad: u64,
+    window: u64,
+    triggered: bool,
+    confirmed: bool,
+    start: u64,
+    temp_end: Option<u64>,
+    pub segments: Vec<Segment>,
+}
+
+impl VadTracker {
+    pub fn new(options: &VadOptions, sample_rate: u32, window: usize) -> VadTracker {
+        let samples = |ms: u32| ms as u64 * sample_rate as u64 / 1000;
+        VadTracker {
+            threshold: options.threshold,
+            neg_threshold: options
+                .neg_threshold
+                .unwrap_or((options.threshold - 0.15).max(0.01)),
+            min_speech: samples(options.min_speech_ms),
+            min_silence: samples(options.min_silence_ms),
+            pad: samples(options.speech_pad_ms),
+            window: window as u64,
+            triggered: false,
+            confirmed: false,
+            start: 0,
+            temp_end: None,
+            segments: Vec::new(),
+        }
+    }
+
+    /// Feeds the probability of the chunk that ends at sample `chunk_end`.
+    pub fn push(&mut self, chunk_end: u64, probability: f32, events: &mut Vec<VadEvent>) {
+        if probability >= self.threshold {
+            self.temp_end = None;
+            if !self.triggered {
+                self.triggered = true;
+                self.confirmed = false;
+                self.start = chunk_end.saturating_sub(self.pad + self.window);
+            }
+        }
+        if self.triggered
+            && !self.confirmed
+            && self.temp_end.is_none()
+            && chunk_end - self.start >= self.min_speech
+        {
+            self.confirmed = true;
+            events.push(VadEvent::SpeechStart { sample: self.start });
+        }
+        if self.triggered && probability < self.neg_threshold {
+            let temp_end = *self.temp_end.get_or_insert(chunk_end);
+            if chunk_end - temp_end >= self.min_silence {
+                let end = (temp_end + self.pad)
+                    .saturating_sub(self.window)
+                    .max(self.start);
+                self.close(end, events);
+            }
+        }
+    }
+
+    /// The stream ended at `total` samples: close an open segment there.
+    pub fn finish(&mut self, total: u64, events: &mut Vec<VadEvent>) {
+        if self.triggered {
+            let end = self
+                .temp_end
+                .map_or(total, |t| (t + self.pad).min(total))
+                .max(self.start);
+            self.close(end, events);
+        }
+    }
+
+    fn close(&mut self, end: u64, events: &mut Vec<VadEvent>) {
+        if end - self.start >= self.min_speech {
+            if !self.confirmed {
+                events.push(VadEvent::SpeechStart { sample: self.start });
+            }
+            events.push(VadEvent::SpeechEnd { sample: end });
+            self.segments.push(Segment {
+                start: self.start,
+                end,
+            });
+        }
+        self.triggered = false;
+        self.confirmed = false;
+        self.temp_end = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds one probability per 512-sample chunk at 16 kHz and returns events in seconds.
+    fn run(probabilities: &[f32]) -> Vec<(bool, f64)> {
+        let mut tracker = VadTracker::new(&VadOptions::default(), 16000, 512);
+        let mut events = Vec::new();
+        for (i, &p) in probabilities.iter().enumerate() {
+            tracker.push((i as u64 + 1) * 512, p, &mut events);
+        }
+        tracker.finish(probabilities.len() as u64 * 512, &mut events);
+        events
+            .into_iter()
+            .map(|e| match e {
+                VadEvent::SpeechStart { sample } => (true, sample as f64 / 16000.0),
+                VadEvent::SpeechEnd { sample } => (false, sample as f64 / 16000.0),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn speech_between_silences_gives_one_segment() {
+        // 1 s silence (31 chunks), 1 s speech, 1 s silence.
+        let mut p = vec![0.02; 31];
+        p.extend(vec![0.95; 31]);
+        p.extend(vec![0.02; 31]);
+        let events = run(&p);
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert!(
+            events[0].0 && (events[0].1 - 0.962).abs() < 0.05,
+            "{events:?}"
+        );
+        assert!(
+            !events[1].0 && (events[1].1 - 1.984).abs() < 0.06,
+            "{events:?}"
+        );
+    }
+
+    #[test]
+    fn short_blips_and_short_gaps() {
+        // A 2-chunk blip (64 ms < 250 ms) is not speech.
+        let mut p = vec![0.0; 10];
+        p.extend([0.9, 0.9]);
+        p.extend(vec![0.0; 20]);
+        assert!(run(&p).is_empty());
+        // A 2-chunk gap (64 ms < 100 ms min silence) does not split a segment.
+        let mut p = vec![0.9; 20];
+        p.extend([0.1, 0.1]);
+        p.extend(vec![0.9; 20]);
+        p.extend(vec![0.0; 20]);
+        assert_eq!(run(&p).len(), 2);
+        // Hysteresis: 0.4 (between 0.35 and 0.5) neither starts nor ends speech.
+        let mut p = vec![0.9; 20];
+        p.extend(vec![0.4; 20]);
+        p.extend(vec![0.0; 20]);
+        let events = run(&p);
+        assert_eq!(events.len(), 2);
+        assert!(events[1].1 > 40.0 * 512.0 / 16000.0 - 0.1);
+    }
+
+    #[test]
+    fn speech_to_the_end_is_closed_by_finish() {
+        let events = run(&[0.0, 0.0, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9]);
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[1], (false, 11.0 * 512.0 / 16000.0));
+    }
+
+    #[test]
+    fn options_are_checked() {
+        assert!(VadOptions {
+            threshold: 1.5,
+            ..VadOptions::default()
+        }
+        .validate()
+        .is_err());
+        assert!(VadOptions {
+            neg_threshold: Some(0.9),
+            ..VadOptions::default()
+        }
+        .validate()
+        .is_err());
+        assert!(VadOptions::default().validate().is_ok());
+    }
+}
