@@ -34,7 +34,9 @@ fn parse_args() -> Result<Args, String> {
         match arg.as_str() {
             "--url" => args.url = value()?,
             "--speed" => args.speed = value()?.parse().map_err(|e| format!("--speed: {e}"))?,
-            "--frame-ms" => args.frame_ms = value()?.parse().map_err(|e| format!("--frame-ms: {e}"))?,
+            "--frame-ms" => {
+                args.frame_ms = value()?.parse().map_err(|e| format!("--frame-ms: {e}"))?
+            }
             "--all" => args.all = true,
             "-h" | "--help" => return Err(String::new()),
             _ if args.wav.is_empty() => args.wav = arg,
@@ -62,20 +64,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         hound::SampleFormat::Float => reader.samples::<f32>().collect::<Result<_, _>>()?,
         hound::SampleFormat::Int => {
             let scale = (1i64 << (spec.bits_per_sample - 1)) as f32;
-            reader.samples::<i32>().map(|s| s.map(|v| v as f32 / scale)).collect::<Result<_, _>>()?
+            reader
+                .samples::<i32>()
+                .map(|s| s.map(|v| v as f32 / scale))
+                .collect::<Result<_, _>>()?
         }
     };
     let channels = spec.channels as usize;
     let mono: Vec<i16> = samples
         .chunks(channels)
-        .map(|f| (f.iter().sum::<f32>() / channels as f32 * 32767.0).clamp(-32768.0, 32767.0) as i16)
+        .map(|f| {
+            (f.iter().sum::<f32>() / channels as f32 * 32767.0).clamp(-32768.0, 32767.0) as i16
+        })
         .collect();
 
     let (ws, _) = tokio_tungstenite::connect_async(args.url.as_str()).await?;
     let (mut sink, mut stream) = ws.split();
     let results = if args.all { "all" } else { "events" };
-    sink.send(Message::text(json!({"type": "start", "sample_rate": spec.sample_rate, "results": results}).to_string()))
-        .await?;
+    sink.send(Message::text(
+        json!({"type": "start", "sample_rate": spec.sample_rate, "results": results}).to_string(),
+    ))
+    .await?;
 
     let frame = (spec.sample_rate as u64 * args.frame_ms / 1000) as usize;
     let pace = Duration::from_secs_f64(args.frame_ms as f64 / 1000.0 / args.speed);
@@ -88,7 +97,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 return;
             }
         }
-        let _ = sink.send(Message::text(json!({"type": "end"}).to_string())).await;
+        let _ = sink
+            .send(Message::text(json!({"type": "end"}).to_string()))
+            .await;
     });
 
     while let Some(message) = stream.next().await {
@@ -97,11 +108,28 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let m: Value = serde_json::from_str(&text)?;
                 let wall = began.elapsed().as_secs_f64();
                 match m["type"].as_str().unwrap_or("") {
-                    "started" => println!("stream {} on {} v{}", m["stream_id"], m["model"], m["version"]),
-                    "speech_start" => println!("[{wall:7.2}s] speech starts at {:.2}s", m["t"].as_f64().unwrap_or(0.0)),
-                    "speech_end" => println!("[{wall:7.2}s] speech ends   at {:.2}s", m["t"].as_f64().unwrap_or(0.0)),
-                    "vad" => println!("[{wall:7.2}s] t={:.3}s p={:.3}", m["t"].as_f64().unwrap_or(0.0), m["probability"].as_f64().unwrap_or(0.0)),
-                    "summary" => println!("summary: {:.2}s of audio, segments {}", m["duration"].as_f64().unwrap_or(0.0), m["segments"]),
+                    "started" => println!(
+                        "stream {} on {} v{}",
+                        m["stream_id"], m["model"], m["version"]
+                    ),
+                    "speech_start" => println!(
+                        "[{wall:7.2}s] speech starts at {:.2}s",
+                        m["t"].as_f64().unwrap_or(0.0)
+                    ),
+                    "speech_end" => println!(
+                        "[{wall:7.2}s] speech ends   at {:.2}s",
+                        m["t"].as_f64().unwrap_or(0.0)
+                    ),
+                    "vad" => println!(
+                        "[{wall:7.2}s] t={:.3}s p={:.3}",
+                        m["t"].as_f64().unwrap_or(0.0),
+                        m["probability"].as_f64().unwrap_or(0.0)
+                    ),
+                    "summary" => println!(
+                        "summary: {:.2}s of audio, segments {}",
+                        m["duration"].as_f64().unwrap_or(0.0),
+                        m["segments"]
+                    ),
                     _ => println!("{text}"),
                 }
             }

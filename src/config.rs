@@ -21,7 +21,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Start the server on the models of a model directory.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Verify a model directory's manifest and hashes, then print what it holds.
     CheckModels(CheckArgs),
 }
@@ -73,6 +73,9 @@ pub struct ServeArgs {
     /// Seconds to finish in-flight work after SIGTERM before exiting [default: 30].
     #[arg(long, env = "STREAMSERVE_DRAIN_SECS")]
     pub drain_secs: Option<u64>,
+    /// Token that enables the admin API (/admin, `Authorization: Bearer <token>`); unset = off.
+    #[arg(long, env = "STREAMSERVE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Default)]
@@ -98,6 +101,7 @@ struct FileConfig {
     stream_resume_secs: Option<u64>,
     stream_idle_secs: Option<u64>,
     drain_secs: Option<u64>,
+    admin_token: Option<String>,
 }
 
 /// The resolved configuration the server runs with.
@@ -114,6 +118,7 @@ pub struct Config {
     pub stream_resume_secs: u64,
     pub stream_idle_secs: u64,
     pub drain_secs: u64,
+    pub admin_token: Option<String>,
 }
 
 impl Default for Config {
@@ -130,6 +135,7 @@ impl Default for Config {
             stream_resume_secs: 30,
             stream_idle_secs: 30,
             drain_secs: 30,
+            admin_token: None,
         }
     }
 }
@@ -174,6 +180,7 @@ impl Config {
                 .drain_secs
                 .or(file.drain_secs)
                 .unwrap_or(defaults.drain_secs),
+            admin_token: args.admin_token.or(file.admin_token),
         })
     }
 }

@@ -41,10 +41,16 @@ pub enum ServeError {
         reason: String,
         retry_after: Duration,
     },
+    #[error("deadline exceeded after waiting {} ms in the queue; the request was not run", waited.as_millis())]
+    DeadlineExceeded { waited: Duration },
     #[error("inference failed: {0}")]
     Inference(String),
     #[error("the worker serving this request was lost: {0}")]
     WorkerLost(String),
+    #[error("the admin API is off; start the server with --admin-token (or STREAMSERVE_ADMIN_TOKEN) to enable it")]
+    AdminOff,
+    #[error("missing or wrong admin token (send Authorization: Bearer <token>)")]
+    Unauthorized,
     #[error("server is shutting down")]
     ShuttingDown,
 }
@@ -65,8 +71,11 @@ impl ServeError {
             ServeError::Overloaded { .. } => "overloaded",
             ServeError::NotReady { .. } => "not_ready",
             ServeError::Inference(_) => "inference",
+            ServeError::DeadlineExceeded { .. } => "deadline",
             ServeError::WorkerLost(_) => "worker_lost",
             ServeError::ShuttingDown => "shutting_down",
+            ServeError::AdminOff => "admin_off",
+            ServeError::Unauthorized => "unauthorized",
         }
     }
 
@@ -83,9 +92,10 @@ impl ServeError {
 impl ResponseError for ServeError {
     fn status_code(&self) -> StatusCode {
         match self {
-            ServeError::ModelNotFound(_) | ServeError::VersionNotFound { .. } => {
-                StatusCode::NOT_FOUND
-            }
+            ServeError::ModelNotFound(_)
+            | ServeError::VersionNotFound { .. }
+            | ServeError::AdminOff => StatusCode::NOT_FOUND,
+            ServeError::Unauthorized => StatusCode::UNAUTHORIZED,
             ServeError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             ServeError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ServeError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -95,6 +105,7 @@ impl ResponseError for ServeError {
             | ServeError::WorkerLost(_)
             | ServeError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ServeError::Inference(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ServeError::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 

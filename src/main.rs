@@ -6,7 +6,7 @@ use streamserve::manifest::{verify_sha256, Manifest};
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::CheckModels(args) => check_models(&args.models),
     };
     match result {

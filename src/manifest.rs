@@ -117,6 +117,11 @@ pub struct ModelEntry {
     pub batching: Batching,
     /// Requests allowed to wait in the router's queue before new ones get 429.
     pub max_queue: usize,
+    /// Latency objective for queueing: above this predicted wait the model counts as
+    /// overloaded and new requests go to its fallback (if it has one).
+    pub slo: Option<Duration>,
+    /// A batch running longer than this means the worker is hung: it is replaced.
+    pub hang_timeout: Duration,
     pub fallback: Option<String>,
     /// Batch axis per tensor name, for tensors whose batch axis is not 0.
     pub batch_axes: BTreeMap<String, BatchAxis>,
@@ -136,6 +141,8 @@ struct RawDefaults {
     max_batch_size: Option<usize>,
     max_queue_delay_ms: Option<f64>,
     max_queue: Option<usize>,
+    slo_ms: Option<u64>,
+    hang_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -154,6 +161,8 @@ struct RawModel {
     max_batch_size: Option<usize>,
     max_queue_delay_ms: Option<f64>,
     max_queue: Option<usize>,
+    slo_ms: Option<u64>,
+    hang_timeout_ms: Option<u64>,
     fallback: Option<String>,
     #[serde(default)]
     batch_axes: BTreeMap<String, BatchAxis>,
@@ -205,6 +214,8 @@ impl Manifest {
                 max_batch_size: m.max_batch_size,
                 max_queue_delay_ms: m.max_queue_delay_ms,
                 max_queue: m.max_queue,
+                slo_ms: m.slo_ms,
+                hang_timeout_ms: m.hang_timeout_ms,
             };
             anyhow::ensure!(
                 !m.name.is_empty()
@@ -250,6 +261,13 @@ impl Manifest {
                     max_queue_delay: Duration::from_secs_f64(delay_ms / 1000.0),
                 },
                 max_queue: s.max_queue.or(d.max_queue).unwrap_or(1024).max(1),
+                slo: s.slo_ms.or(d.slo_ms).map(Duration::from_millis),
+                hang_timeout: Duration::from_millis(
+                    s.hang_timeout_ms
+                        .or(d.hang_timeout_ms)
+                        .unwrap_or(10_000)
+                        .max(10),
+                ),
                 fallback: m.fallback,
                 batch_axes: m.batch_axes,
                 stream: m.stream,

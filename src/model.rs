@@ -74,6 +74,10 @@ pub struct InferResponse {
     pub batch_size: usize,
     pub queue_time: Duration,
     pub compute_time: Duration,
+    /// The model and version whose worker computed this answer.
+    pub served_by: std::sync::Arc<(String, String)>,
+    /// True when the requested model handed the request to its fallback.
+    pub degraded: bool,
 }
 
 impl ModelInfo {

@@ -61,6 +61,7 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
         max_body_bytes: config.max_body_bytes,
         prometheus,
         streams,
+        admin_token: config.admin_token.clone().filter(|t| !t.is_empty()),
     });
     let server = HttpServer::new(move || {
         App::new()

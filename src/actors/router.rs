@@ -4,8 +4,17 @@
 //! Batching follows Triton's dynamic batcher: a batch is dispatched when `max_batch_size` rows
 //! are waiting, or when the oldest request has waited `max_queue_delay`, whichever comes
 //! first, and only to an idle worker. While every worker is busy the queue keeps filling, so
-//! batches grow with load on their own. Admission is a bounded queue: past `max_queue`
-//! waiting requests a new one is refused at once with 429 and a Retry-After estimate.
+//! batches grow with load on their own.
+//!
+//! Admission, in order: a request goes to this model's queue while the model has a healthy
+//! replica, is not overloaded (its predicted queue wait is within `slo_ms`, with hysteresis)
+//! and its queue has room; otherwise to the fallback model named in the manifest (degraded
+//! mode, flagged in the answer); otherwise it is refused at once with 429 or 503 and a
+//! Retry-After. Queued requests past their deadline are answered 504 before they run.
+//!
+//! Supervision: a worker that panics or holds a batch past `hang_timeout_ms` is replaced (with
+//! backoff, see `supervisor::restart_worker`); the batch it held is retried once on another
+//! replica and otherwise answered 503. Every request gets exactly one answer.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,11 +23,17 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
+use super::registry::Registry;
 use super::supervisor;
-use super::worker::{Batch, BatchLayout, BatchOutcome, Pending, Reply, WorkerHandle, WorkerReport};
+use super::worker::{
+    Batch, BatchLayout, BatchOutcome, Fault, FaultQueue, Pending, Reply, WorkerHandle, WorkerReport,
+};
 use crate::error::ServeError;
 use crate::manifest::ModelEntry;
 use crate::model::{InferRequest, ModelInfo};
+
+/// How often queued deadlines and running batches are checked.
+const WATCH_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Health of a model version, written by its router and read lock-free by the health API.
 #[derive(Debug)]
@@ -40,53 +55,103 @@ pub struct Infer {
     pub request: InferRequest,
     pub reply: Reply,
     pub received: Instant,
+    pub deadline: Option<Instant>,
 }
+
+/// A request that its primary model handed over (degraded mode). It is not handed on again.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Fallback(Pending);
 
 /// A replacement worker that the supervisor started for a dead one.
 #[derive(Message)]
 #[rtype(result = "()")]
 struct Attach(WorkerHandle);
 
+/// Queue a fault for one replica, or every replica (admin API, for tests and drills).
+#[derive(Message)]
+#[rtype(result = "Result<usize, String>")]
+pub struct InjectFault {
+    pub replica: Option<usize>,
+    pub fault: Fault,
+    pub count: usize,
+}
+
+/// A snapshot of the router's state, for the admin API.
+#[derive(Message)]
+#[rtype(result = "RouterStatus")]
+pub struct Status;
+
+#[derive(Debug, serde::Serialize)]
+pub struct RouterStatus {
+    pub queued: usize,
+    pub healthy_replicas: usize,
+    pub busy_replicas: usize,
+    pub overloaded: bool,
+    pub restarts: u64,
+}
+
+struct InFlight {
+    items: Vec<Pending>,
+    started: Instant,
+}
+
 struct Slot {
     handle: Option<WorkerHandle>,
-    busy: bool,
+    in_flight: Option<InFlight>,
     /// When the slot last got a batch: among idle workers the longest idle goes first, which
     /// spreads load evenly across replicas.
     last_dispatch: Instant,
+    faults: FaultQueue,
+    /// Generation of the latest worker started for this slot (running or loading).
+    generation: u64,
+    /// When this slot's workers died recently, for restart backoff.
+    deaths: VecDeque<Instant>,
 }
 
 pub struct Router {
     info: Arc<ModelInfo>,
     /// `None` for models without a batch axis.
     layout: Option<Arc<BatchLayout>>,
+    served_by: Arc<(String, String)>,
     entry: Arc<ModelEntry>,
     env: &'static ort::environment::Environment,
+    registry: Arc<Registry>,
     queue: VecDeque<Pending>,
     queued_rows: usize,
     slots: Vec<Slot>,
     reports: flume::Sender<WorkerReport>,
     flush_timer: Option<SpawnHandle>,
     health: Arc<ModelHealth>,
-    /// Smoothed compute time per batch, for Retry-After estimates.
+    /// Smoothed compute time per batch, for wait predictions.
     mean_batch_time: Duration,
+    overloaded: bool,
+    restarts: u64,
     labels: [(&'static str, String); 2],
 }
 
 impl Router {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         info: Arc<ModelInfo>,
         entry: Arc<ModelEntry>,
         env: &'static ort::environment::Environment,
+        registry: Arc<Registry>,
         workers: Vec<WorkerHandle>,
+        faults: Vec<FaultQueue>,
         reports: flume::Sender<WorkerReport>,
         health: Arc<ModelHealth>,
     ) -> Router {
         let now = Instant::now();
-        let mut slots: Vec<Slot> = (0..entry.replicas)
-            .map(|_| Slot {
+        let mut slots: Vec<Slot> = faults
+            .into_iter()
+            .map(|faults| Slot {
                 handle: None,
-                busy: false,
+                in_flight: None,
                 last_dispatch: now,
+                faults,
+                generation: 0,
+                deaths: VecDeque::new(),
             })
             .collect();
         for worker in workers {
@@ -104,10 +169,12 @@ impl Router {
             })
         });
         Router {
+            served_by: Arc::new((info.name.clone(), info.version.clone())),
             info,
             layout,
             entry,
             env,
+            registry,
             queue: VecDeque::new(),
             queued_rows: 0,
             slots,
@@ -115,6 +182,8 @@ impl Router {
             flush_timer: None,
             health,
             mean_batch_time: Duration::from_millis(5),
+            overloaded: false,
+            restarts: 0,
             labels,
         }
     }
@@ -135,31 +204,92 @@ impl Router {
         metrics::gauge!("streamserve_queue_depth", &self.labels).set(self.queue.len() as f64);
     }
 
-    /// How long a newly refused client should wait before trying again.
-    fn retry_after(&self) -> Duration {
+    /// How long the last request in the queue can expect to wait for its batch to start.
+    fn predicted_wait(&self) -> Duration {
         let workers = self.healthy().max(1) as u32;
         let per_batch = self.info.batching.max_batch_size.max(1) as u32;
-        let batches = (self.queue.len() as u32).div_ceil(per_batch * workers);
-        (self.mean_batch_time * batches).max(Duration::from_millis(100))
+        let batches = (self.queued_rows as u32).div_ceil(per_batch * workers);
+        self.mean_batch_time * batches
+    }
+
+    /// Updates the overload flag, with hysteresis: on above the SLO, off below half of it.
+    fn update_overload(&mut self) {
+        let Some(slo) = self.entry.slo else { return };
+        let wait = self.predicted_wait();
+        let overloaded = if self.overloaded {
+            wait > slo / 2
+        } else {
+            wait > slo
+        };
+        if overloaded != self.overloaded {
+            self.overloaded = overloaded;
+            tracing::warn!(model = %self.info.name, version = %self.info.version, overloaded, predicted_wait_ms = wait.as_millis() as u64, "overload state changed");
+            metrics::gauge!("streamserve_overloaded", &self.labels).set(overloaded as u8 as f64);
+        }
+    }
+
+    fn retry_after(&self) -> Duration {
+        self.predicted_wait().max(Duration::from_millis(100))
     }
 
     fn idle_slot(&self) -> Option<usize> {
         self.slots
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.handle.is_some() && !s.busy)
+            .filter(|(_, s)| s.handle.is_some() && s.in_flight.is_none())
             .min_by_key(|(_, s)| s.last_dispatch)
             .map(|(i, _)| i)
+    }
+
+    /// The fallback's router, if this model has one and it can serve.
+    fn fallback(&self) -> Option<Addr<Router>> {
+        let name = self.info.fallback.as_deref()?;
+        let served = self.registry.snapshot().resolve(name, None).ok()?;
+        served.health.ready().then_some(served.router)
+    }
+
+    /// Takes a request in, hands it to the fallback, or refuses it.
+    fn admit(&mut self, pending: Pending, may_degrade: bool, ctx: &mut Context<Self>) {
+        let healthy = self.healthy() > 0;
+        let full = self.queue.len() >= self.info.max_queue;
+        if healthy && !full && !(self.overloaded && may_degrade && self.info.fallback.is_some()) {
+            self.queued_rows += pending.request.rows;
+            self.queue.push_back(pending);
+            self.update_overload();
+            self.dispatch(ctx);
+            return;
+        }
+        if may_degrade {
+            if let Some(fallback) = self.fallback() {
+                metrics::counter!("streamserve_degraded_total", &self.labels).increment(1);
+                let mut pending = pending;
+                pending.degraded_from = Some(self.info.name.as_str().into());
+                fallback.do_send(Fallback(pending));
+                return;
+            }
+        }
+        let error = if !healthy {
+            ServeError::NotReady {
+                model: self.info.name.clone(),
+                reason: "no healthy replica".into(),
+                retry_after: Duration::from_secs(1),
+            }
+        } else {
+            metrics::counter!("streamserve_shed_total", &self.labels).increment(1);
+            ServeError::Overloaded {
+                model: self.info.name.clone(),
+                queued: self.queue.len(),
+                limit: self.info.max_queue,
+                retry_after: self.retry_after(),
+            }
+        };
+        pending.reply.send(Err(error));
     }
 
     /// Sends out every batch that is due, for as long as there are idle workers.
     fn dispatch(&mut self, ctx: &mut Context<Self>) {
         loop {
-            // Callers that went away (client disconnected) need no inference.
-            while self.queue.front().is_some_and(|p| p.reply.is_closed()) {
-                let gone = self.queue.pop_front().expect("front exists");
-                self.queued_rows -= gone.request.rows;
-            }
+            self.drop_dead_front();
             let Some(oldest) = self.queue.front() else {
                 break;
             };
@@ -179,45 +309,81 @@ impl Router {
                 }
                 break;
             }
-            let batch = self.take_batch();
+            let items = self.take_batch();
+            if items.is_empty() {
+                continue;
+            }
+            let batch = Batch {
+                items: items.clone(),
+                layout: self.layout.clone(),
+                served_by: self.served_by.clone(),
+            };
             let slot_ref = &mut self.slots[slot];
             let handle = slot_ref.handle.as_ref().expect("idle slot has a worker");
             match handle.submit(batch) {
                 Ok(()) => {
-                    slot_ref.busy = true;
+                    slot_ref.in_flight = Some(InFlight {
+                        items,
+                        started: Instant::now(),
+                    });
                     slot_ref.last_dispatch = Instant::now();
                 }
-                Err(batch) => {
+                Err(_) => {
                     // The worker thread is gone without a report: requeue at the front, in order.
-                    let replica = handle.replica;
-                    for pending in batch.items.into_iter().rev() {
+                    for pending in items.into_iter().rev() {
                         self.queued_rows += pending.request.rows;
                         self.queue.push_front(pending);
                     }
-                    self.worker_lost(replica, "worker thread exited".into(), ctx);
+                    self.worker_lost(slot, "worker thread exited".into(), ctx);
                 }
             }
         }
+        self.update_overload();
         self.publish_queue();
     }
 
+    /// Answers (or forgets) requests at the front that must not run: their client went away,
+    /// or their deadline passed.
+    fn drop_dead_front(&mut self) {
+        let now = Instant::now();
+        while let Some(front) = self.queue.front() {
+            if !front.reply.is_closed() && front.deadline.is_none_or(|d| d > now) {
+                break;
+            }
+            let gone = self.queue.pop_front().expect("front exists");
+            self.queued_rows -= gone.request.rows;
+            self.expire(&gone);
+        }
+    }
+
+    fn expire(&self, pending: &Pending) {
+        if pending.deadline.is_some_and(|d| d <= Instant::now()) {
+            metrics::counter!("streamserve_deadline_exceeded_total", &self.labels).increment(1);
+            pending.reply.send(Err(ServeError::DeadlineExceeded {
+                waited: pending.enqueued.elapsed(),
+            }));
+        }
+    }
+
     /// Takes the oldest request and every later one that fits beside it.
-    fn take_batch(&mut self) -> Batch {
+    fn take_batch(&mut self) -> Vec<Pending> {
         let first = self.queue.pop_front().expect("queue is not empty");
         self.queued_rows -= first.request.rows;
         let mut rows = first.request.rows;
         let mut items = vec![first];
         if self.info.batched() {
             let max = self.info.batching.max_batch_size;
+            let now = Instant::now();
             let mut i = 0;
             // Bound the scan so a queue of incompatible shapes cannot make dispatch quadratic.
             let mut scanned = 0;
             while i < self.queue.len() && rows < max && scanned < 4 * max {
                 scanned += 1;
                 let candidate = &self.queue[i];
-                if candidate.reply.is_closed() {
+                if candidate.reply.is_closed() || candidate.deadline.is_some_and(|d| d <= now) {
                     let gone = self.queue.remove(i).expect("index in range");
                     self.queued_rows -= gone.request.rows;
+                    self.expire(&gone);
                     continue;
                 }
                 if rows + candidate.request.rows <= max
@@ -234,43 +400,105 @@ impl Router {
                 }
             }
         }
-        Batch {
-            items,
-            layout: self.layout.clone(),
-        }
+        items
     }
 
+    /// Replaces a dead or hung worker and deals with the batch it held: each request is
+    /// retried once (at the front of the queue), then answered 503.
     fn worker_lost(&mut self, replica: usize, reason: String, ctx: &mut Context<Self>) {
         let slot = &mut self.slots[replica];
-        let Some(handle) = slot.handle.take() else {
+        if slot.handle.take().is_none() {
             return;
-        };
-        slot.busy = false;
-        tracing::error!(model = %self.info.name, version = %self.info.version, replica, %reason, "worker died; restarting it");
+        }
+        let lost = slot.in_flight.take();
+        let now = Instant::now();
+        slot.deaths
+            .retain(|t| now.duration_since(*t) < Duration::from_secs(60));
+        slot.deaths.push_back(now);
+        let delay = supervisor::restart_delay(slot.deaths.len());
+        slot.generation += 1;
+        let generation = slot.generation;
+        let faults = slot.faults.clone();
+        self.restarts += 1;
+        tracing::error!(model = %self.info.name, version = %self.info.version, replica, %reason, "worker lost; restarting it");
         metrics::counter!("streamserve_worker_restarts_total", &self.labels).increment(1);
         self.publish_health();
+        if let Some(lost) = lost {
+            for mut pending in lost.items.into_iter().rev() {
+                if pending.reply.is_closed() {
+                    continue;
+                }
+                if pending.attempts == 0 && self.healthy() > 0 {
+                    pending.attempts = 1;
+                    metrics::counter!("streamserve_retries_total", &self.labels).increment(1);
+                    self.queued_rows += pending.request.rows;
+                    self.queue.push_front(pending);
+                } else {
+                    pending
+                        .reply
+                        .send(Err(ServeError::WorkerLost(reason.clone())));
+                }
+            }
+        }
         let restart = supervisor::restart_worker(
             self.entry.clone(),
             replica,
-            handle.generation + 1,
+            generation,
             self.env,
             self.reports.clone(),
+            faults,
+            delay,
         );
         ctx.spawn(restart.into_actor(self).map(|started, _router, ctx| {
             ctx.notify(Attach(started));
         }));
         if self.healthy() == 0 {
-            // Nothing can serve the queue now: answer it rather than let it wait unbounded.
-            let retry_after = Duration::from_secs(1);
-            for pending in self.queue.drain(..) {
-                let _ = pending.reply.send(Err(ServeError::NotReady {
-                    model: self.info.name.clone(),
-                    reason: "no healthy replica; restarting".into(),
-                    retry_after,
-                }));
-            }
+            // Nothing can serve the queue now: hand it to the fallback or answer it, rather
+            // than let it wait for the restart.
+            let waiting: Vec<Pending> = self.queue.drain(..).collect();
             self.queued_rows = 0;
+            for pending in waiting {
+                let may_degrade = pending.degraded_from.is_none();
+                self.admit(pending, may_degrade, ctx);
+            }
             self.publish_queue();
+        }
+        self.dispatch(ctx);
+    }
+
+    /// Periodic watch: deadlines of queued requests, and batches running far too long.
+    fn watch(&mut self, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        if self
+            .queue
+            .iter()
+            .any(|p| p.deadline.is_some_and(|d| d <= now) || p.reply.is_closed())
+        {
+            let (keep, dead): (Vec<Pending>, Vec<Pending>) = self
+                .queue
+                .drain(..)
+                .partition(|p| p.deadline.is_none_or(|d| d > now) && !p.reply.is_closed());
+            self.queue = keep.into();
+            self.queued_rows = self.queue.iter().map(|p| p.request.rows).sum();
+            for pending in &dead {
+                self.expire(pending);
+            }
+            self.publish_queue();
+        }
+        let hang_timeout = self.entry.hang_timeout;
+        let hung: Vec<(usize, Duration)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.in_flight.as_ref().map(|f| (i, f.started.elapsed())))
+            .filter(|(_, running)| *running > hang_timeout)
+            .collect();
+        for (replica, running) in hung {
+            self.worker_lost(
+                replica,
+                format!("worker hung: batch running for {} ms", running.as_millis()),
+                ctx,
+            );
         }
     }
 }
@@ -278,9 +506,11 @@ impl Router {
 impl Actor for Router {
     type Context = Context<Self>;
 
-    fn started(&mut self, _ctx: &mut Self::Context) {
+    fn started(&mut self, ctx: &mut Self::Context) {
         self.publish_health();
         self.publish_queue();
+        metrics::gauge!("streamserve_overloaded", &self.labels).set(0.0);
+        ctx.run_interval(WATCH_INTERVAL, |router, ctx| router.watch(ctx));
     }
 }
 
@@ -288,31 +518,23 @@ impl Handler<Infer> for Router {
     type Result = ();
 
     fn handle(&mut self, msg: Infer, ctx: &mut Self::Context) {
-        if self.healthy() == 0 {
-            let _ = msg.reply.send(Err(ServeError::NotReady {
-                model: self.info.name.clone(),
-                reason: "no healthy replica".into(),
-                retry_after: Duration::from_secs(1),
-            }));
-            return;
-        }
-        if self.queue.len() >= self.info.max_queue {
-            metrics::counter!("streamserve_shed_total", &self.labels).increment(1);
-            let _ = msg.reply.send(Err(ServeError::Overloaded {
-                model: self.info.name.clone(),
-                queued: self.queue.len(),
-                limit: self.info.max_queue,
-                retry_after: self.retry_after(),
-            }));
-            return;
-        }
-        self.queued_rows += msg.request.rows;
-        self.queue.push_back(Pending {
-            request: msg.request,
+        let pending = Pending {
+            request: Arc::new(msg.request),
             reply: msg.reply,
             enqueued: msg.received,
-        });
-        self.dispatch(ctx);
+            deadline: msg.deadline,
+            attempts: 0,
+            degraded_from: None,
+        };
+        self.admit(pending, true, ctx);
+    }
+}
+
+impl Handler<Fallback> for Router {
+    type Result = ();
+
+    fn handle(&mut self, Fallback(pending): Fallback, ctx: &mut Self::Context) {
+        self.admit(pending, false, ctx);
     }
 }
 
@@ -329,7 +551,7 @@ impl StreamHandler<WorkerReport> for Router {
                 compute,
                 failed,
             } => {
-                slot.busy = false;
+                slot.in_flight = None;
                 self.mean_batch_time = (self.mean_batch_time * 7 + compute) / 8;
                 metrics::histogram!("streamserve_batch_size", &self.labels).record(rows as f64);
                 metrics::histogram!("streamserve_batch_requests", &self.labels)
@@ -341,7 +563,9 @@ impl StreamHandler<WorkerReport> for Router {
                         .increment(1);
                 }
             }
-            BatchOutcome::Died { reason } => self.worker_lost(report.replica, reason, ctx),
+            BatchOutcome::Died { reason } => {
+                self.worker_lost(report.replica, format!("worker panicked: {reason}"), ctx)
+            }
         }
         self.dispatch(ctx);
     }
@@ -356,13 +580,55 @@ impl Handler<Attach> for Router {
 
     fn handle(&mut self, Attach(worker): Attach, ctx: &mut Self::Context) {
         let replica = worker.replica;
+        if worker.generation != self.slots[replica].generation {
+            return; // superseded while it loaded
+        }
         tracing::info!(model = %self.info.name, version = %self.info.version, replica, generation = worker.generation, "worker restarted");
-        self.slots[replica] = Slot {
-            handle: Some(worker),
-            busy: false,
-            last_dispatch: Instant::now(),
-        };
+        let slot = &mut self.slots[replica];
+        slot.handle = Some(worker);
+        slot.in_flight = None;
+        slot.last_dispatch = Instant::now();
         self.publish_health();
         self.dispatch(ctx);
+    }
+}
+
+impl Handler<InjectFault> for Router {
+    type Result = Result<usize, String>;
+
+    fn handle(&mut self, msg: InjectFault, _ctx: &mut Self::Context) -> Self::Result {
+        let targets: Vec<usize> = match msg.replica {
+            Some(r) if r < self.slots.len() => vec![r],
+            Some(r) => {
+                return Err(format!(
+                    "model has {} replicas; there is no replica {r}",
+                    self.slots.len()
+                ))
+            }
+            None => (0..self.slots.len()).collect(),
+        };
+        for &replica in &targets {
+            let mut faults = self.slots[replica]
+                .faults
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            faults.extend(std::iter::repeat_n(msg.fault, msg.count.max(1)));
+        }
+        tracing::warn!(model = %self.info.name, fault = ?msg.fault, count = msg.count, replicas = ?targets, "fault injected");
+        Ok(targets.len())
+    }
+}
+
+impl Handler<Status> for Router {
+    type Result = MessageResult<Status>;
+
+    fn handle(&mut self, _: Status, _ctx: &mut Self::Context) -> Self::Result {
+        MessageResult(RouterStatus {
+            queued: self.queue.len(),
+            healthy_replicas: self.healthy(),
+            busy_replicas: self.slots.iter().filter(|s| s.in_flight.is_some()).count(),
+            overloaded: self.overloaded,
+            restarts: self.restarts,
+        })
     }
 }

@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use super::registry::ServedModel;
 use super::router::Infer;
 use super::stream_hub::{StreamHub, Unregister};
+use super::worker::Reply;
 use crate::error::ServeError;
 use crate::model::{InferRequest, InferResponse};
 use crate::stream::audio::SampleFormat;
@@ -236,23 +237,21 @@ impl StreamSession {
             outputs: vec![self.vad.probability_output, self.vad.state_output],
         };
         let (reply, answer) = oneshot::channel();
+        let reply = Reply::new(reply);
         self.model.router.do_send(Infer {
             request,
             reply,
             received: Instant::now(),
+            deadline: None,
         });
-        ctx.spawn(
-            answer
-                .into_actor(self)
-                .map(move |result, session, ctx| {
-                    let result = result.unwrap_or_else(|_| {
-                        Err(ServeError::WorkerLost(
-                            "router dropped a stream step".into(),
-                        ))
-                    });
-                    session.on_step(result, audio, take, ctx)
-                }),
-        );
+        ctx.spawn(answer.into_actor(self).map(move |result, session, ctx| {
+            let result = result.unwrap_or_else(|_| {
+                Err(ServeError::WorkerLost(
+                    "router dropped a stream step".into(),
+                ))
+            });
+            session.on_step(result, audio, take, ctx)
+        }));
     }
 
     fn on_step(
@@ -315,12 +314,17 @@ impl StreamSession {
         }
         metrics::counter!("streamserve_stream_chunks_total", &self.labels).increment(1);
 
+        if response.degraded {
+            metrics::counter!("streamserve_stream_degraded_chunks_total", &self.labels)
+                .increment(1);
+        }
         if self.params.results == ResultsMode::All {
             let t = self.seconds(chunk_start);
             self.emit(ServerMessage::Vad {
                 seq: self.next_seq,
                 t,
                 probability,
+                degraded: response.degraded,
             });
         }
         let mut events = Vec::new();

@@ -5,6 +5,7 @@
 //! A model that cannot be served (hash mismatch, file missing, GPU unusable) is refused with a
 //! clear log line and listed as unavailable; every other model keeps serving.
 
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,7 @@ use futures_util::future::join_all;
 
 use super::registry::{Catalog, Registry, ServedModel, VersionState};
 use super::router::{ModelHealth, Router};
-use super::worker::{self, WorkerHandle, WorkerReport};
+use super::worker::{self, FaultQueue, WorkerHandle, WorkerReport};
 use crate::manifest::{verify_sha256, BatchAxis, Manifest, ModelEntry, StreamKind};
 use crate::model::ModelInfo;
 use crate::runtime::TensorSpec;
@@ -64,8 +65,17 @@ impl Supervisor {
             return refuse(reason);
         }
         let (reports_tx, reports_rx) = flume::unbounded::<WorkerReport>();
-        let loading = (0..entry.replicas)
-            .map(|replica| worker::spawn(entry.clone(), replica, 0, self.env, reports_tx.clone()));
+        let faults: Vec<FaultQueue> = (0..entry.replicas).map(|_| FaultQueue::default()).collect();
+        let loading = (0..entry.replicas).map(|replica| {
+            worker::spawn(
+                entry.clone(),
+                replica,
+                0,
+                self.env,
+                reports_tx.clone(),
+                faults[replica].clone(),
+            )
+        });
         let mut workers: Vec<WorkerHandle> = Vec::new();
         let mut interface = None;
         let mut failures = Vec::new();
@@ -118,16 +128,24 @@ impl Supervisor {
             }
         }
         let health = Arc::new(ModelHealth {
-            healthy_replicas: Default::default(),
+            // Ready as soon as this returns: the router only starts (and publishes) on its own thread.
+            healthy_replicas: AtomicUsize::new(workers.len()),
             replicas: entry.replicas,
         });
         let arbiter = Arbiter::new();
         let router = {
-            let (info, entry, health, env) =
-                (info.clone(), entry.clone(), health.clone(), self.env);
+            let (info, entry, health, env, registry) = (
+                info.clone(),
+                entry.clone(),
+                health.clone(),
+                self.env,
+                self.registry.clone(),
+            );
             Router::start_in_arbiter(&arbiter.handle(), move |ctx| {
                 ctx.add_stream(reports_rx.into_stream());
-                Router::new(info, entry, env, workers, reports_tx, health)
+                Router::new(
+                    info, entry, env, registry, workers, faults, reports_tx, health,
+                )
             })
         };
         tracing::info!(
@@ -186,18 +204,41 @@ fn batch_axes(
     Ok((input_axes, output_axes))
 }
 
-/// Starts a replacement worker, retrying with exponential backoff (100 ms doubling to 5 s)
-/// until a session loads; resolves to the new worker's handle.
+/// How long to wait before restarting a worker that has died `recent` times in the last
+/// minute: at once the first time (a one-off crash costs no capacity for longer than a model
+/// load), then 100 ms doubling to 5 s, so a worker that crashes on every batch cannot spin.
+pub fn restart_delay(recent: usize) -> Duration {
+    match recent {
+        0 | 1 => Duration::ZERO,
+        n => (Duration::from_millis(100) * 2u32.saturating_pow(n as u32 - 2))
+            .min(Duration::from_secs(5)),
+    }
+}
+
+/// Starts a replacement worker after `delay`, retrying with exponential backoff (100 ms
+/// doubling to 5 s) until a session loads; resolves to the new worker's handle.
 pub async fn restart_worker(
     entry: Arc<ModelEntry>,
     replica: usize,
     generation: u64,
     env: &'static ort::environment::Environment,
     reports: flume::Sender<WorkerReport>,
+    faults: FaultQueue,
+    delay: Duration,
 ) -> WorkerHandle {
+    actix_web::rt::time::sleep(delay).await;
     let mut backoff = Duration::from_millis(100);
     loop {
-        match worker::spawn(entry.clone(), replica, generation, env, reports.clone()).await {
+        match worker::spawn(
+            entry.clone(),
+            replica,
+            generation,
+            env,
+            reports.clone(),
+            faults.clone(),
+        )
+        .await
+        {
             Ok(Ok(started)) => return started.handle,
             Ok(Err(reason)) => {
                 tracing::error!(model = %entry.name, version = %entry.version, replica, %reason, "worker restart failed")

@@ -4,13 +4,17 @@
 //! runs the session, splits the outputs back per request (one copy) and answers each request
 //! directly. It then tells its router it is idle again, with what the batch cost.
 //!
-//! A panic inside inference is caught: the requests of that batch get an explicit error, and
-//! the worker reports itself dead so that its supervisor can replace it with a fresh session.
+//! A panic inside inference is caught and reported: the worker stops, and its router retries
+//! the batch once elsewhere (or answers it with 503) while the supervisor's policy starts a
+//! fresh worker. Replies are shared slots, so whoever answers first (a worker that finally
+//! returns from a hang, or the router giving up on it) is the only one who answers.
 
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use serde::Deserialize;
 use tokio::sync::oneshot;
 
 use crate::error::ServeError;
@@ -19,13 +23,46 @@ use crate::model::{InferRequest, InferResponse};
 use crate::runtime::{ModelSession, TensorSpec};
 use crate::tensor::{NamedTensor, TensorData};
 
-pub type Reply = oneshot::Sender<Result<InferResponse, ServeError>>;
+type ReplySender = oneshot::Sender<Result<InferResponse, ServeError>>;
+
+/// Where a request's one answer goes. Clones share the slot: the first `send` delivers, later
+/// ones are ignored, so a request is answered exactly once however its batch ends.
+#[derive(Clone)]
+pub struct Reply(Arc<Mutex<Option<ReplySender>>>);
+
+impl Reply {
+    pub fn new(sender: ReplySender) -> Reply {
+        Reply(Arc::new(Mutex::new(Some(sender))))
+    }
+
+    /// Delivers the answer unless one was already given; returns whether this one was.
+    pub fn send(&self, answer: Result<InferResponse, ServeError>) -> bool {
+        let sender = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        sender.is_some_and(|s| s.send(answer).is_ok())
+    }
+
+    /// Answered already, or nobody is waiting any more (the client went away).
+    pub fn is_closed(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_none_or(|s| s.is_closed())
+    }
+}
 
 /// A request waiting in a router's queue or riding in a batch.
+#[derive(Clone)]
 pub struct Pending {
-    pub request: InferRequest,
+    pub request: Arc<InferRequest>,
     pub reply: Reply,
     pub enqueued: Instant,
+    /// After this the request is answered 504 instead of being run.
+    pub deadline: Option<Instant>,
+    /// Times this request was in a batch whose worker died.
+    pub attempts: u8,
+    /// Set when a primary model handed this request to its fallback.
+    pub degraded_from: Option<Arc<str>>,
 }
 
 /// Where each input's and output's batch axis is, for stacking requests into one call.
@@ -41,6 +78,8 @@ pub struct Batch {
     /// How to stack the requests; `None` for a model without a batch axis (one request, run
     /// as sent).
     pub layout: Option<Arc<BatchLayout>>,
+    /// The model and version that serve this batch, for the answers.
+    pub served_by: Arc<(String, String)>,
 }
 
 /// What a worker tells its router after each batch.
@@ -61,9 +100,24 @@ pub enum BatchOutcome {
         compute: Duration,
         failed: bool,
     },
-    /// The worker panicked and has stopped; its requests were answered with an error.
+    /// The worker panicked and has stopped, without answering its batch.
     Died { reason: String },
 }
+
+/// Faults an operator or a test can inject into a worker, through the admin API.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Fault {
+    /// Panic inside the next batch.
+    Panic,
+    /// Block the next batch for `ms` milliseconds, as a stuck kernel would.
+    Hang { ms: u64 },
+    /// Add `ms` milliseconds to the next batch, then run it.
+    Slow { ms: u64 },
+}
+
+/// Faults queued for one replica, shared by its router and its worker thread.
+pub type FaultQueue = Arc<Mutex<VecDeque<Fault>>>;
 
 /// The router's end of a live worker.
 pub struct WorkerHandle {
@@ -95,6 +149,7 @@ pub fn spawn(
     generation: u64,
     env: &'static ort::environment::Environment,
     reports: flume::Sender<WorkerReport>,
+    faults: FaultQueue,
 ) -> oneshot::Receiver<Result<StartedWorker, String>> {
     let (ready_tx, ready_rx) = oneshot::channel();
     let thread_name = format!("worker-{}-{}-{}", entry.name, entry.version, replica);
@@ -116,7 +171,7 @@ pub fn spawn(
                 }
             };
             tracing::info!(
-                model = %entry.name, version = %entry.version, replica, device = %session.device,
+                model = %entry.name, version = %entry.version, replica, generation, device = %session.device,
                 load_ms = started.elapsed().as_millis() as u64, "worker ready"
             );
             // Capacity 1: the router only dispatches to idle workers, so a batch never waits here.
@@ -134,7 +189,7 @@ pub fn spawn(
             if ready_tx.send(Ok(started)).is_err() {
                 return;
             }
-            run_loop(&mut session, rx, replica, generation, reports);
+            run_loop(&mut session, rx, replica, generation, reports, faults);
         });
     if let Err(e) = spawned {
         tracing::error!("cannot spawn a worker thread: {e}");
@@ -148,23 +203,36 @@ fn run_loop(
     replica: usize,
     generation: u64,
     reports: flume::Sender<WorkerReport>,
+    faults: FaultQueue,
 ) {
-    // Ends when the router drops its handle (model unloaded or server stopping).
+    // Ends when the router drops its handle (model unloaded, worker replaced, server stopping).
     while let Ok(batch) = batches.recv() {
         let started = Instant::now();
         let rows: usize = batch.items.iter().map(|p| p.request.rows).sum();
-        let outcome =
-            std::panic::catch_unwind(AssertUnwindSafe(|| run_batch(session, &batch, rows)));
+        let fault = faults.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            match fault {
+                Some(Fault::Panic) => panic!("injected fault: panic"),
+                Some(Fault::Hang { ms }) | Some(Fault::Slow { ms }) => {
+                    std::thread::sleep(Duration::from_millis(ms))
+                }
+                None => {}
+            }
+            run_batch(session, &batch, rows)
+        }));
         let compute = started.elapsed();
         let requests = batch.items.len();
+        let degraded = |p: &Pending| p.degraded_from.is_some();
         let outcome = match outcome {
             Ok(Ok(per_request)) => {
-                for (pending, outputs) in batch.items.into_iter().zip(per_request) {
-                    let _ = pending.reply.send(Ok(InferResponse {
+                for (pending, outputs) in batch.items.iter().zip(per_request) {
+                    pending.reply.send(Ok(InferResponse {
                         outputs,
                         batch_size: rows,
                         queue_time: started.saturating_duration_since(pending.enqueued),
                         compute_time: compute,
+                        served_by: batch.served_by.clone(),
+                        degraded: degraded(pending),
                     }));
                 }
                 BatchOutcome::Done {
@@ -175,8 +243,8 @@ fn run_loop(
                 }
             }
             Ok(Err(message)) => {
-                for pending in batch.items {
-                    let _ = pending
+                for pending in &batch.items {
+                    pending
                         .reply
                         .send(Err(ServeError::Inference(message.clone())));
                 }
@@ -188,12 +256,8 @@ fn run_loop(
                 }
             }
             Err(panic) => {
+                // The router holds this batch too and decides: retry elsewhere, or 503.
                 let reason = panic_message(&panic);
-                for pending in batch.items {
-                    let _ = pending.reply.send(Err(ServeError::WorkerLost(format!(
-                        "worker panicked: {reason}"
-                    ))));
-                }
                 let _ = reports.send(WorkerReport {
                     replica,
                     generation,

@@ -61,6 +61,8 @@ pub struct DecodedRequest {
     pub binary_outputs: Vec<bool>,
     /// Request-level `binary_data_output`: the default for outputs not listed.
     pub binary_default: bool,
+    /// Triton's `timeout` request parameter, in microseconds.
+    pub timeout_us: Option<u64>,
 }
 
 /// Decodes a request body. `json_length` is the `Inference-Header-Content-Length` header, if
@@ -79,6 +81,12 @@ pub fn decode(body: &[u8], json_length: Option<usize>) -> Result<DecodedRequest,
     let request: RequestJson<'_> = serde_json::from_slice(json)
         .map_err(|e| ServeError::invalid(format!("malformed inference request JSON: {e}")))?;
     let binary_default = flag(&request.parameters, "binary_data_output")?.unwrap_or(false);
+    let timeout_us = match request.parameters.as_ref().and_then(|p| p.get("timeout")) {
+        None => None,
+        Some(v) => Some(v.as_u64().ok_or_else(|| {
+            ServeError::invalid("parameter 'timeout' must be a whole number of microseconds")
+        })?),
+    };
 
     let mut inputs = Vec::with_capacity(request.inputs.len());
     for input in request.inputs {
@@ -172,6 +180,7 @@ pub fn decode(body: &[u8], json_length: Option<usize>) -> Result<DecodedRequest,
         outputs,
         binary_outputs,
         binary_default,
+        timeout_us,
     })
 }
 
@@ -386,6 +395,8 @@ pub fn encode(
             "batch_size": response.batch_size,
             "queue_time_us": response.queue_time.as_micros() as u64,
             "compute_time_us": response.compute_time.as_micros() as u64,
+            "degraded": response.degraded,
+            "served_by": format!("{}:{}", response.served_by.0, response.served_by.1),
         }),
         outputs,
     };

@@ -1,6 +1,7 @@
 //! HTTP surfaces. Each file translates one protocol into actor messages and back; errors are
 //! mapped to HTTP in one place, [`crate::error::ServeError`]'s `ResponseError` impl.
 
+pub mod admin;
 pub mod health;
 pub mod kserve;
 pub mod metrics;
@@ -20,6 +21,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     pub prometheus: PrometheusHandle,
     pub streams: Arc<ws::StreamsConfig>,
+    /// `None`: the admin API is off.
+    pub admin_token: Option<String>,
 }
 
 /// Mounts every route.
@@ -27,5 +30,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.configure(health::routes)
         .configure(rest::routes)
         .configure(ws::routes)
+        .configure(admin::routes)
         .configure(metrics::routes);
 }

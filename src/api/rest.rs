@@ -4,7 +4,7 @@
 //! An inference request goes: body (size-checked) -> [`kserve::decode`] -> [`ModelInfo::validate`]
 //! -> the version's `Router` (queued, batched, run by a worker) -> [`kserve::encode`].
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix_web::dev::Decompress;
 use actix_web::http::header::{self, ContentEncoding, HeaderValue};
@@ -17,6 +17,7 @@ use super::kserve::{self, HEADER_CONTENT_LENGTH};
 use super::AppState;
 use crate::actors::registry::{ServedModel, VersionState};
 use crate::actors::router::Infer;
+use crate::actors::worker::Reply;
 use crate::error::ServeError;
 use crate::model::PLATFORM;
 
@@ -286,11 +287,24 @@ async fn infer_on(
     drop(body);
     let info = served.info.clone();
     let request = info.validate(std::mem::take(&mut decoded.inputs), decoded.outputs.take())?;
+    // A deadline from the `x-timeout-ms` header, or Triton's `timeout` parameter (µs).
+    let timeout = match req.headers().get("x-timeout-ms") {
+        Some(v) => Some(Duration::from_millis(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .ok_or_else(|| {
+                    ServeError::invalid("x-timeout-ms must be a whole number of milliseconds")
+                })?,
+        )),
+        None => decoded.timeout_us.map(Duration::from_micros),
+    };
     let (reply, answer) = oneshot::channel();
     served.router.do_send(Infer {
         request,
-        reply,
+        reply: Reply::new(reply),
         received,
+        deadline: timeout.map(|t| received + t),
     });
     let response = answer
         .await

@@ -74,6 +74,9 @@ pub enum ServerMessage<'a> {
         /// Audio time of the chunk's start, in seconds.
         t: f64,
         probability: f32,
+        /// Present (true) when the model's fallback computed this chunk.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        degraded: bool,
     },
     SpeechStart {
         seq: u64,

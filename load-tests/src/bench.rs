@@ -1,0 +1,854 @@
+//! The side-by-side REST micro-benchmark, in one run:
+//!
+//! 1. the ceiling: raw in-process ONNX Runtime throughput of the `mlp` model, batch 64, one
+//!    session per thread (no HTTP, no JSON, no queueing), plus batch 1 for reference;
+//! 2. streamserve started in-process twice on a model directory holding only `mlp` with
+//!    2 replicas: batching on (`max_batch_size = 64`, 2 ms queue delay) and batching off
+//!    (`max_batch_size = 1`);
+//! 3. closed-loop REST load against each at several concurrencies;
+//! 4. `report.md` (and `results.json`) with the figures and their ratios.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use streamserve::manifest::Device;
+use streamserve::runtime::ModelSession;
+use streamserve::tensor::TensorData;
+
+use crate::rest::{self, RestOptions, RestReport};
+use crate::sysinfo::{utc_now, CpuShare, CpuSnapshot, MachineInfo};
+use crate::{mlp, SplitMix64};
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Measured time per concurrency level and server.
+    pub duration: Duration,
+    /// Warm-up time before each measured period.
+    pub warmup: Duration,
+    /// Measured time of each in-process ceiling measurement.
+    pub ceiling_duration: Duration,
+    pub concurrencies: Vec<usize>,
+    /// Send requests with the binary tensor data extension instead of JSON data.
+    pub binary: bool,
+    /// Where `report.md` goes; default `load-tests/results/<UTC date>-rest-mlp/`.
+    pub out: Option<PathBuf>,
+    /// The model file: `models/mlp/1/model.onnx` of this checkout by default.
+    pub model_file: PathBuf,
+    /// Client runtime worker threads.
+    pub client_threads: usize,
+    /// The command line, as it goes in the report.
+    pub command: String,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            duration: Duration::from_secs(10),
+            warmup: Duration::from_secs(2),
+            ceiling_duration: Duration::from_secs(4),
+            concurrencies: vec![1, 8, 32, 128],
+            binary: false,
+            out: None,
+            model_file: default_model_file(),
+            client_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            command: String::new(),
+        }
+    }
+}
+
+/// `models/mlp/1/model.onnx` of the checkout this crate was built from.
+pub fn default_model_file() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("models")
+        .join("mlp")
+        .join("1")
+        .join("model.onnx")
+}
+
+/// `load-tests/results/` of the checkout this crate was built from.
+pub fn results_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("results")
+}
+
+/// In-process ONNX Runtime throughput: `threads` threads, each with its own session
+/// (`intra_threads = 1`), each running batches of `batch` rows back to back.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct InProcess {
+    pub threads: usize,
+    pub batch: usize,
+    pub calls: u64,
+    pub seconds: f64,
+    pub rows_per_sec: f64,
+    /// Mean time of one model call on one thread.
+    pub mean_call_ms: f64,
+    /// CPU used meanwhile (session loading and warm-up included).
+    pub cpu_cores: Option<CpuShare>,
+}
+
+/// Loads ONNX Runtime first (`streamserve::runtime::init`) if nothing has yet.
+pub fn measure_in_process(
+    model: &Path,
+    threads: usize,
+    batch: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> anyhow::Result<InProcess> {
+    let env = streamserve::runtime::init(None).map_err(anyhow::Error::msg)?;
+    let barrier = Barrier::new(threads);
+    let before = CpuSnapshot::take();
+    let per_thread = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let barrier = &barrier;
+                scope.spawn(move || -> Result<(u64, Duration), String> {
+                    let loaded = ModelSession::load(env, model, Device::Cpu, false, 1);
+                    // Meet the others even when loading failed, so that nobody waits forever.
+                    barrier.wait();
+                    let mut session = loaded?;
+                    let data = TensorData::Fp32(
+                        SplitMix64::new(0xCE11 + t as u64).f32_vec(batch * mlp::FEATURES),
+                    );
+                    let shape = [batch as i64, mlp::FEATURES as i64];
+                    let outputs = session.run(&[(&shape, &data)])?;
+                    let want = vec![batch as i64, mlp::OUTPUT_WIDTH as i64];
+                    if outputs.iter().any(|o| o.shape != want) {
+                        return Err(format!("unexpected output shapes from {}", model.display()));
+                    }
+                    let start = Instant::now();
+                    while start.elapsed() < warmup {
+                        session.run(&[(&shape, &data)])?;
+                    }
+                    let measuring = Instant::now();
+                    let mut calls = 0u64;
+                    while measuring.elapsed() < duration {
+                        session.run(&[(&shape, &data)])?;
+                        calls += 1;
+                    }
+                    Ok((calls, measuring.elapsed()))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| "an in-process benchmark thread panicked".to_string())?
+            })
+            .collect::<Result<Vec<_>, String>>()
+    })
+    .map_err(anyhow::Error::msg)?;
+    let calls: u64 = per_thread.iter().map(|(c, _)| c).sum();
+    let rows_per_sec = per_thread
+        .iter()
+        .map(|(c, d)| (*c * batch as u64) as f64 / d.as_secs_f64())
+        .sum();
+    let seconds = per_thread
+        .iter()
+        .map(|(_, d)| d.as_secs_f64())
+        .fold(0.0, f64::max);
+    let busy: f64 = per_thread.iter().map(|(_, d)| d.as_secs_f64()).sum();
+    Ok(InProcess {
+        threads,
+        batch,
+        calls,
+        seconds,
+        rows_per_sec,
+        mean_call_ms: if calls == 0 {
+            0.0
+        } else {
+            busy * 1000.0 / calls as f64
+        },
+        cpu_cores: cpu_since(before),
+    })
+}
+
+/// How one in-process server serves `mlp`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ServerSetup {
+    pub label: String,
+    pub replicas: usize,
+    pub max_batch_size: usize,
+    pub max_queue_delay_ms: f64,
+}
+
+impl ServerSetup {
+    pub fn batching_on() -> ServerSetup {
+        ServerSetup {
+            label: "batching on".into(),
+            replicas: 2,
+            max_batch_size: 64,
+            max_queue_delay_ms: 2.0,
+        }
+    }
+
+    pub fn batching_off() -> ServerSetup {
+        ServerSetup {
+            label: "batching off".into(),
+            replicas: 2,
+            max_batch_size: 1,
+            max_queue_delay_ms: 0.0,
+        }
+    }
+
+    /// The `models.toml` of a model directory that holds only `mlp`, its file given by
+    /// absolute path (the manifest joins `file` to the directory, which keeps an absolute one).
+    pub fn manifest(&self, model_file: &Path, sha256: &str) -> String {
+        let file =
+            serde_json::to_string(&model_file.display().to_string()).expect("a string serialises");
+        format!(
+            "# Written by streamserve-load for one benchmark run.\n\
+             [[models]]\n\
+             name = \"mlp\"\n\
+             version = \"1\"\n\
+             file = {file}\n\
+             sha256 = \"{sha256}\"\n\
+             device = \"cpu\"\n\
+             replicas = {}\n\
+             intra_threads = 1\n\
+             max_batch_size = {}\n\
+             max_queue_delay_ms = {:.3}\n\
+             max_queue = 1024\n",
+            self.replicas, self.max_batch_size, self.max_queue_delay_ms
+        )
+    }
+}
+
+/// A model directory under the system temp dir, removed when dropped.
+pub struct TempModelDir {
+    pub path: PathBuf,
+}
+
+impl TempModelDir {
+    /// Writes `manifest` as `models.toml` in a fresh directory.
+    pub fn create(tag: &str, manifest: &str) -> anyhow::Result<TempModelDir> {
+        static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("streamserve-load-{}-{n}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        let dir = TempModelDir { path };
+        std::fs::write(dir.path.join("models.toml"), manifest)
+            .with_context(|| format!("cannot write {}/models.toml", dir.path.display()))?;
+        Ok(dir)
+    }
+}
+
+impl Drop for TempModelDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Starts streamserve in this process on 127.0.0.1 (a free port) on `models`, and checks that
+/// `mlp` is serving; the caller stops it with [`stop_server`].
+pub fn start_server(
+    models: &Path,
+    max_batch_size: usize,
+) -> anyhow::Result<streamserve::server::Running> {
+    let config = streamserve::config::Config {
+        host: "127.0.0.1".into(),
+        port: 0,
+        models: models.to_path_buf(),
+        ..Default::default()
+    };
+    let running =
+        streamserve::server::spawn(config).context("cannot start streamserve in-process")?;
+    // The router publishes its replicas' health from its own thread once it has started,
+    // which can be just after `spawn` returns: wait for it, boundedly.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let problem = loop {
+        let problem = match running.registry.snapshot().resolve("mlp", None) {
+            Err(e) => Some(format!("streamserve started but does not serve mlp: {e}")),
+            Ok(served) if !served.health.ready() => {
+                Some("mlp has no healthy replica after 10 s".to_string())
+            }
+            Ok(served) if served.info.batching.max_batch_size != max_batch_size => Some(format!(
+                "mlp serves with max_batch_size {}, the manifest says {max_batch_size}",
+                served.info.batching.max_batch_size
+            )),
+            Ok(_) => None,
+        };
+        if problem.is_none() || Instant::now() >= deadline {
+            break problem;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    if let Some(problem) = problem {
+        stop_server(&running);
+        bail!(problem);
+    }
+    Ok(running)
+}
+
+/// Stops an in-process server without waiting for connections to drain (there are none
+/// left: the load has ended), bounded to five seconds.
+pub fn stop_server(running: &streamserve::server::Running) {
+    let handle = running.handle.clone();
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build();
+        if let Ok(rt) = rt {
+            rt.block_on(async {
+                let _ = tokio::time::timeout(Duration::from_secs(5), handle.stop(false)).await;
+            });
+        }
+    })
+    .join();
+}
+
+/// Results of one server setup at each concurrency.
+#[derive(Clone, Debug)]
+pub struct ServerResults {
+    pub setup: ServerSetup,
+    pub runs: Vec<RestReport>,
+    /// CPU used during each run (warm-up included), same order as `runs`.
+    pub cpu: Vec<Option<CpuShare>>,
+}
+
+#[derive(Clone, Debug)]
+pub struct BenchOutcome {
+    pub dir: PathBuf,
+    pub report: String,
+}
+
+/// Runs the whole benchmark and writes its report. Takes about
+/// 2 × (warm-up + duration) × levels + 2 × ceiling time, plus start-up.
+pub fn run(options: &BenchOptions) -> anyhow::Result<BenchOutcome> {
+    if options.concurrencies.is_empty() || options.concurrencies.len() > 16 {
+        bail!("give 1 to 16 concurrency levels");
+    }
+    let started = Instant::now();
+    let machine = MachineInfo::collect();
+    let (date, started_at) = utc_now();
+    let dir = options
+        .out
+        .clone()
+        .unwrap_or_else(|| results_dir().join(format!("{date}-rest-mlp")));
+    let model_file = options
+        .model_file
+        .canonicalize()
+        .with_context(|| format!("model file {} not found", options.model_file.display()))?;
+    let sha256 = streamserve::manifest::sha256_file(&model_file)
+        .with_context(|| format!("cannot read {}", model_file.display()))?;
+
+    streamserve::runtime::init(None).map_err(anyhow::Error::msg)?;
+    eprintln!("[bench] in-process ceiling: 2 threads x 1 session (intra_threads=1), batch 64 ...");
+    let warm = Duration::from_millis(500);
+    let ceiling = measure_in_process(&model_file, 2, 64, warm, options.ceiling_duration)?;
+    eprintln!("[bench]   {:.0} rows/s", ceiling.rows_per_sec);
+    eprintln!("[bench] in-process reference: 2 threads, batch 1 ...");
+    let batch1 = measure_in_process(&model_file, 2, 1, warm, options.ceiling_duration)?;
+    eprintln!("[bench]   {:.0} rows/s", batch1.rows_per_sec);
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(options.client_threads.max(1))
+        .thread_name("loadgen")
+        .enable_all()
+        .build()
+        .context("cannot start the client runtime")?;
+    let mut servers = Vec::new();
+    for setup in [ServerSetup::batching_on(), ServerSetup::batching_off()] {
+        let models = TempModelDir::create(
+            &setup.label.replace(' ', "-"),
+            &setup.manifest(&model_file, &sha256),
+        )?;
+        let running = start_server(&models.path, setup.max_batch_size)?;
+        eprintln!("[bench] streamserve ({}) on {}", setup.label, running.addr);
+        let mut runs = Vec::new();
+        let mut cpu = Vec::new();
+        let mut failure = None;
+        for &concurrency in &options.concurrencies {
+            let load = RestOptions {
+                url: format!("http://{}", running.addr),
+                model: "mlp".into(),
+                concurrency,
+                duration: options.duration,
+                warmup: options.warmup,
+                rows: 1,
+                binary: options.binary,
+                progress: true,
+                request_timeout: Duration::from_secs(30),
+            };
+            let before = CpuSnapshot::take();
+            match runtime.block_on(rest::run(&load)) {
+                Ok(report) => {
+                    cpu.push(cpu_since(before));
+                    eprintln!(
+                        "[bench]   {} c={concurrency}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
+                        setup.label,
+                        report.requests_per_sec(),
+                        report.latency_ms(0.5),
+                        report.latency_ms(0.99),
+                        report.error_count()
+                    );
+                    runs.push(report);
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        stop_server(&running);
+        drop(models);
+        if let Some(e) = failure {
+            return Err(e.context(format!("load against the {} server failed", setup.label)));
+        }
+        servers.push(ServerResults { setup, runs, cpu });
+    }
+    drop(runtime);
+
+    let elapsed = started.elapsed();
+    let report = render_report(&ReportInput {
+        machine: &machine,
+        started_at: &started_at,
+        elapsed,
+        options,
+        model_file: &model_file,
+        sha256: &sha256,
+        ceiling: &ceiling,
+        batch1: &batch1,
+        servers: &servers,
+    });
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::write(dir.join("report.md"), &report)
+        .with_context(|| format!("cannot write {}/report.md", dir.display()))?;
+    let json = results_json(&machine, &started_at, options, &ceiling, &batch1, &servers);
+    std::fs::write(dir.join("results.json"), serde_json::to_vec_pretty(&json)?)
+        .with_context(|| format!("cannot write {}/results.json", dir.display()))?;
+    Ok(BenchOutcome { dir, report })
+}
+
+struct ReportInput<'a> {
+    machine: &'a MachineInfo,
+    started_at: &'a str,
+    elapsed: Duration,
+    options: &'a BenchOptions,
+    model_file: &'a Path,
+    sha256: &'a str,
+    ceiling: &'a InProcess,
+    batch1: &'a InProcess,
+    servers: &'a [ServerResults],
+}
+
+fn cpu_since(before: Option<CpuSnapshot>) -> Option<CpuShare> {
+    Some(CpuSnapshot::take()?.since(&before?))
+}
+
+fn cpu_cell(cpu: Option<CpuShare>) -> String {
+    cpu.map_or("n/a".into(), |c| {
+        format!("{:.2} / {:.2}", c.own_cores, c.other_cores)
+    })
+}
+
+fn run_json(r: &RestReport, cpu: Option<CpuShare>) -> serde_json::Value {
+    serde_json::json!({
+        "cpu_cores": cpu,
+        "concurrency": r.concurrency,
+        "rows_per_request": r.rows,
+        "measured_s": r.measured.as_secs_f64(),
+        "ok": r.ok,
+        "errors": r.errors,
+        "warmup_requests": r.warmup_requests,
+        "warmup_errors": r.warmup_errors,
+        "first_error": r.first_error,
+        "requests_per_s": r.requests_per_sec(),
+        "rows_per_s": r.rows_per_sec(),
+        "latency_ms": {
+            "p50": r.latency_ms(0.5), "p90": r.latency_ms(0.9), "p99": r.latency_ms(0.99),
+            "p99.9": r.latency_ms(0.999), "max": r.max_ms(), "mean": r.mean_ms(),
+        },
+        "server_reported": {
+            "mean_batch_rows": r.mean_batch_rows(),
+            "mean_queue_ms": r.mean_queue_ms(),
+            "mean_model_call_ms": r.mean_compute_ms(),
+        },
+    })
+}
+
+fn results_json(
+    machine: &MachineInfo,
+    started_at: &str,
+    options: &BenchOptions,
+    ceiling: &InProcess,
+    batch1: &InProcess,
+    servers: &[ServerResults],
+) -> serde_json::Value {
+    serde_json::json!({
+        "started_at": started_at,
+        "command": options.command,
+        "machine": machine,
+        "binary_tensor_data": options.binary,
+        "in_process_ceiling": ceiling,
+        "in_process_batch1": batch1,
+        "servers": servers.iter().map(|s| serde_json::json!({
+            "setup": s.setup,
+            "runs": s.runs.iter().zip(&s.cpu).map(|(r, c)| run_json(r, *c)).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn find(servers: &[ServerResults], label: &str, concurrency: usize) -> Option<RestReport> {
+    servers
+        .iter()
+        .find(|s| s.setup.label == label)
+        .and_then(|s| s.runs.iter().find(|r| r.concurrency == concurrency))
+        .cloned()
+}
+
+fn render_report(input: &ReportInput<'_>) -> String {
+    let ReportInput {
+        machine,
+        options,
+        ceiling,
+        batch1,
+        servers,
+        ..
+    } = input;
+    let mut md = String::new();
+    let w = &mut md;
+    let on_label = ServerSetup::batching_on().label;
+    let off_label = ServerSetup::batching_off().label;
+    let _ = writeln!(
+        w,
+        "# streamserve REST micro-benchmark: `mlp`, batching on vs off\n"
+    );
+    let _ = writeln!(
+        w,
+        "Started {} · took {:.0} s in all.\n",
+        input.started_at,
+        input.elapsed.as_secs_f64()
+    );
+    let _ = writeln!(
+        w,
+        "Command (from the repository root):\n\n```\n{}\n```\n",
+        options.command
+    );
+    let _ = writeln!(w, "## Machine\n");
+    let _ = writeln!(w, "- nproc: {}", machine.nproc);
+    let _ = writeln!(w, "- CPU: {}", machine.cpu_model);
+    let _ = writeln!(w, "- memory: {}", machine.mem_total);
+    let _ = writeln!(w, "- kernel: {}", machine.kernel);
+    let _ = writeln!(w, "- load average at start: {}", machine.loadavg_at_start);
+    let _ = writeln!(
+        w,
+        "- ONNX Runtime: {} (CPU execution provider)\n",
+        streamserve::runtime::ORT_VERSION
+    );
+
+    let _ = writeln!(w, "## Setup\n");
+    let _ = writeln!(
+        w,
+        "- Model: `{}` (sha256 `{}`), FP32 `features [rows, 256]` → `logits`, `probabilities [rows, 16]`.",
+        input.model_file.display(),
+        input.sha256
+    );
+    let _ = writeln!(
+        w,
+        "- **Ceiling**: raw in-process ONNX Runtime, no HTTP, no JSON, no queue: {} threads, each owning one \
+         `ModelSession` (intra_threads = 1), batch {} back to back for {:.1} s → **{:.0} rows/s** \
+         ({:.3} ms per call; CPU cores this process / others: {}). Reference at batch 1, same 2 threads: \
+         {:.0} rows/s ({:.3} ms per call; CPU cores: {}).",
+        ceiling.threads,
+        ceiling.batch,
+        ceiling.seconds,
+        ceiling.rows_per_sec,
+        ceiling.mean_call_ms,
+        cpu_cell(ceiling.cpu_cores),
+        batch1.rows_per_sec,
+        batch1.mean_call_ms,
+        cpu_cell(batch1.cpu_cores)
+    );
+    for s in servers.iter() {
+        let _ = writeln!(
+            w,
+            "- **{}**: streamserve in this process on 127.0.0.1, `mlp` only, replicas = {}, intra_threads = 1, \
+             max_batch_size = {}, max_queue_delay_ms = {}, {} HTTP workers.",
+            s.setup.label,
+            s.setup.replicas,
+            s.setup.max_batch_size,
+            s.setup.max_queue_delay_ms,
+            machine.nproc
+        );
+    }
+    let _ = writeln!(
+        w,
+        "- Load: closed loop (each of N connections sends its next request as soon as the previous answer \
+         is in), 1 row per request, {} tensor data; {:.0} s warm-up then {:.0} s measured per level; every \
+         answer parsed and checked (FP32 `[1, 16]` outputs). The load generator is a tokio runtime with {} \
+         worker threads **in the same process, on the same {} cores as the server**.\n",
+        if options.binary { "binary (Inference-Header-Content-Length)" } else { "JSON" },
+        options.warmup.as_secs_f64(),
+        options.duration.as_secs_f64(),
+        options.client_threads,
+        machine.nproc
+    );
+
+    let _ = writeln!(w, "## Results\n");
+    let _ = writeln!(
+        w,
+        "| concurrency | on: req/s | on: p50 ms | on: p99 ms | on: errors | off: req/s | off: p50 ms | off: p99 ms \
+         | off: errors | on ÷ ceiling | off ÷ ceiling | on ÷ off |"
+    );
+    let _ = writeln!(
+        w,
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for &c in &options.concurrencies {
+        let on = find(servers, &on_label, c);
+        let off = find(servers, &off_label, c);
+        let cells = |r: &Option<RestReport>| match r {
+            Some(r) => format!(
+                "{:.0} | {:.2} | {:.2} | {}",
+                r.requests_per_sec(),
+                r.latency_ms(0.5),
+                r.latency_ms(0.99),
+                r.error_count()
+            ),
+            None => "n/a | n/a | n/a | n/a".into(),
+        };
+        let frac = |r: &Option<RestReport>| {
+            r.as_ref().map_or("n/a".into(), |r| {
+                format!("{:.1}%", 100.0 * r.rows_per_sec() / ceiling.rows_per_sec)
+            })
+        };
+        let speedup = match (&on, &off) {
+            (Some(a), Some(b)) if b.rows_per_sec() > 0.0 => {
+                format!("{:.2}×", a.rows_per_sec() / b.rows_per_sec())
+            }
+            _ => "n/a".into(),
+        };
+        let _ = writeln!(
+            w,
+            "| {c} | {} | {} | {} | {} | {speedup} |",
+            cells(&on),
+            cells(&off),
+            frac(&on),
+            frac(&off)
+        );
+    }
+    let _ = writeln!(
+        w,
+        "\nreq/s = successful requests per second of the measured period (= rows/s here: 1 row per request). \
+         \"÷ ceiling\" = server rows/s ÷ in-process batch-{} rows/s ({:.0}). \"on ÷ off\" = batching-on \
+         throughput ÷ batching-off throughput at the same concurrency.\n",
+        ceiling.batch, ceiling.rows_per_sec
+    );
+
+    let _ = writeln!(w, "### Details\n");
+    let _ = writeln!(
+        w,
+        "| server | concurrency | ok | errors | warm-up req (failed) | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms \
+         | max ms | mean batch rows | mean queue ms | mean model call ms | CPU cores: this process / others |"
+    );
+    let _ = writeln!(w, "|---|{}", "---:|".repeat(14));
+    for s in servers.iter() {
+        for (r, cpu) in s.runs.iter().zip(&s.cpu) {
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {} | {} ({}) | {:.1} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} \
+                 | {:.3} | {:.3} | {} |",
+                s.setup.label,
+                r.concurrency,
+                r.ok,
+                r.error_count(),
+                r.warmup_requests,
+                r.warmup_errors,
+                r.requests_per_sec(),
+                r.latency_ms(0.5),
+                r.latency_ms(0.9),
+                r.latency_ms(0.99),
+                r.latency_ms(0.999),
+                r.max_ms(),
+                r.mean_batch_rows(),
+                r.mean_queue_ms(),
+                r.mean_compute_ms(),
+                cpu_cell(*cpu)
+            );
+        }
+    }
+    let _ = writeln!(
+        w,
+        "\n\"Mean batch rows\", \"mean queue ms\" and \"mean model call ms\" are what the server itself \
+         reports in each answer's `parameters` \
+         (`batch_size`: rows in the model call that served the request; `queue_time_us`: from the request's \
+         arrival to its batch starting; `compute_time_us`: that model call), averaged over requests. The \
+         batch column shows how much batching actually happened; client latency minus queue and model call is \
+         HTTP, JSON and hand-off cost (plus time waiting for a CPU). The last column is CPU cores' worth of \
+         time used on average during the run (warm-up included; `/proc/stat`, `/proc/self/stat`) by this \
+         process (server and load generator together) and by every other process on the machine: the \
+         second figure should be near 0, or the run measured a contended machine.\n"
+    );
+    let errors: Vec<String> = servers
+        .iter()
+        .flat_map(|s| s.runs.iter().map(move |r| (s, r)))
+        .filter_map(|(s, r)| {
+            r.first_error.as_ref().map(|e| {
+                format!(
+                    "- {} c={}: {:?} — first: {e}",
+                    s.setup.label, r.concurrency, r.errors
+                )
+            })
+        })
+        .collect();
+    if !errors.is_empty() {
+        let _ = writeln!(w, "### Errors\n\n{}\n", errors.join("\n"));
+    }
+    let observations = observations(servers, ceiling, batch1);
+    if !observations.is_empty() {
+        let _ = writeln!(w, "### Observations (computed from the tables above)\n");
+        for line in observations {
+            let _ = writeln!(w, "- {line}");
+        }
+        let _ = writeln!(w);
+    }
+
+    let _ = writeln!(w, "## How to read this (and what it does not say)\n");
+    let _ = writeln!(
+        w,
+        "- **Shared cores.** The machine has {} logical CPUs. The load generator (HTTP client, request \
+         bodies, parsing and checking every answer), the server's {} HTTP workers, its router and its 2 model \
+         workers all compete for them. Every server figure is therefore a lower bound for a server with the \
+         machine to itself; the in-process ceiling has both cores for the model alone.",
+        machine.nproc, machine.nproc
+    );
+    let _ = writeln!(
+        w,
+        "- **What the ceiling costs the server.** At 1 row per request the server does per row what the ceiling \
+         does per 64 rows: HTTP parsing, JSON decoding of 256 floats, JSON encoding of 32, a queue hop and a \
+         worker hand-off. A small fraction of the ceiling at low concurrency is expected; batching amortises \
+         only the model call, not the per-request HTTP/JSON work."
+    );
+    let _ = writeln!(
+        w,
+        "- **Batching on vs off.** With one request in flight (concurrency 1) there is nothing to batch, and \
+         batching on can only add its queue delay (≤ {} ms) when a worker is idle. The speedup should appear \
+         as concurrency grows and the batch column rises above 1.",
+        ServerSetup::batching_on().max_queue_delay_ms
+    );
+    let _ = writeln!(
+        w,
+        "- **Closed loop.** Latency here is latency at the throughput the loop itself reaches; it says nothing \
+         about an open-loop arrival rate beyond that. Each level ran once; expect a few per cent of run-to-run \
+         noise on a shared 2-core machine."
+    );
+    let _ = writeln!(w, "- Raw numbers: `results.json` beside this file.");
+    md
+}
+
+/// Plain statements derived from the measurements, so that the report says what its table
+/// shows without anyone having to compute it.
+fn observations(servers: &[ServerResults], ceiling: &InProcess, batch1: &InProcess) -> Vec<String> {
+    let mut lines = Vec::new();
+    let others = servers
+        .iter()
+        .flat_map(|s| s.runs.iter().zip(&s.cpu).map(move |(r, c)| (s, r, c)))
+        .filter_map(|(s, r, c)| c.map(|c| (s.setup.label.clone(), r.concurrency, c.other_cores)))
+        .chain(
+            [
+                ("in-process ceiling".to_string(), 0, ceiling.cpu_cores),
+                ("in-process batch 1".to_string(), 0, batch1.cpu_cores),
+            ]
+            .into_iter()
+            .filter_map(|(l, c, cpu)| cpu.map(|cpu| (l, c, cpu.other_cores))),
+        )
+        .max_by(|a, b| a.2.total_cmp(&b.2));
+    if let Some((label, concurrency, cores)) = others {
+        let at = if concurrency > 0 {
+            format!("{label}, concurrency {concurrency}")
+        } else {
+            label
+        };
+        if cores > 0.2 {
+            lines.push(format!(
+                "**Contended machine**: other processes used up to {cores:.2} CPU cores during a measurement \
+                 ({at}); the figures of such runs are lower and noisier than the software allows. Rerun on a quiet machine."
+            ));
+        } else {
+            lines.push(format!(
+                "Other processes used at most {cores:.2} CPU cores during any measurement ({at}): a quiet machine."
+            ));
+        }
+    }
+    let on = servers
+        .iter()
+        .find(|s| s.setup.label == ServerSetup::batching_on().label);
+    let off = servers
+        .iter()
+        .find(|s| s.setup.label == ServerSetup::batching_off().label);
+    let (Some(on), Some(off)) = (on, off) else {
+        return lines;
+    };
+    let paired: Vec<(&RestReport, &RestReport)> = on
+        .runs
+        .iter()
+        .filter_map(|a| {
+            off.runs
+                .iter()
+                .find(|b| b.concurrency == a.concurrency)
+                .map(|b| (a, b))
+        })
+        .filter(|(a, b)| a.ok > 0 && b.ok > 0)
+        .collect();
+    if let Some((a, b)) = paired.iter().min_by_key(|(a, _)| a.concurrency) {
+        lines.push(format!(
+            "At concurrency {}, batching on served batches of {:.2} rows on average, and each request spent \
+             {:.2} ms in the queue (server-reported; configured max_queue_delay_ms = {}) and {:.2} ms p50 in all; \
+             batching off answered in {:.2} ms p50 ({:.2} ms queue).",
+            a.concurrency,
+            a.mean_batch_rows(),
+            a.mean_queue_ms(),
+            on.setup.max_queue_delay_ms,
+            a.latency_ms(0.5),
+            b.latency_ms(0.5),
+            b.mean_queue_ms()
+        ));
+    }
+    match paired.iter().find(|(a, b)| a.rows_per_sec() > b.rows_per_sec()) {
+        Some((a, b)) => lines.push(format!(
+            "Batching on first out-serves batching off at concurrency {} ({:.2}×, batches of {:.1} rows on \
+             average); below that it is slower, because the router holds a lone or small batch for its queue \
+             delay while a worker sits idle.",
+            a.concurrency,
+            a.rows_per_sec() / b.rows_per_sec(),
+            a.mean_batch_rows()
+        )),
+        None => lines.push("Batching on never out-served batching off at the concurrencies measured.".into()),
+    }
+    let best = |s: &ServerResults| {
+        s.runs
+            .iter()
+            .max_by(|x, y| x.rows_per_sec().total_cmp(&y.rows_per_sec()))
+            .cloned()
+    };
+    if let (Some(a), Some(b)) = (best(on), best(off)) {
+        lines.push(format!(
+            "Peak: batching on {:.0} req/s (concurrency {}) = {:.1}% of the in-process batch-{} ceiling; batching off \
+             {:.0} req/s (concurrency {}) = {:.1}% of it, and {:.1}% of the in-process batch-1 rate ({:.0} rows/s) \
+             that a server without batching could at best approach.",
+            a.rows_per_sec(),
+            a.concurrency,
+            100.0 * a.rows_per_sec() / ceiling.rows_per_sec,
+            ceiling.batch,
+            b.rows_per_sec(),
+            b.concurrency,
+            100.0 * b.rows_per_sec() / ceiling.rows_per_sec,
+            100.0 * b.rows_per_sec() / batch1.rows_per_sec,
+            batch1.rows_per_sec
+        ));
+        let model_share =
+            a.mean_compute_ms() * a.rows_per_sec() / a.mean_batch_rows().max(1.0) / 1000.0;
+        lines.push(format!(
+            "At that peak the model calls keep about {:.2} of the 2 replicas busy (requests/s ÷ rows per batch × \
+             model-call time); the rest of the CPU goes to HTTP, JSON, queueing and the load generator itself.",
+            model_share
+        ));
+    }
+    lines
+}

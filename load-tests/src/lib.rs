@@ -1,0 +1,60 @@
+//! streamserve-load: a closed-loop load generator for streamserve's Open Inference Protocol
+//! REST endpoint ([`rest`]) and the side-by-side REST micro-benchmark ([`bench`]) that
+//! compares the server, with and without dynamic batching, against the in-process ONNX
+//! Runtime ceiling.
+//!
+//! Everything here talks to loopback addresses only ([`rest::check_loopback`]) and is bounded
+//! in time: every run has a fixed duration, every request a timeout.
+
+pub mod bench;
+pub mod rest;
+pub mod sysinfo;
+
+/// The `mlp` model's interface: FP32 `features [batch, 256]` in, `[batch, 16]` out.
+pub mod mlp {
+    pub const INPUT: &str = "features";
+    pub const FEATURES: usize = 256;
+    pub const OUTPUT_WIDTH: usize = 16;
+}
+
+/// Deterministic pseudo-random numbers (SplitMix64), so that every run sends the same data.
+#[derive(Clone, Debug)]
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub fn new(seed: u64) -> SplitMix64 {
+        SplitMix64(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A float uniformly drawn from [-1, 1), with 24 bits of randomness.
+    pub fn next_f32(&mut self) -> f32 {
+        let unit = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+        unit * 2.0 - 1.0
+    }
+
+    pub fn f32_vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.next_f32()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splitmix_is_deterministic_and_in_range() {
+        let a = SplitMix64::new(7).f32_vec(1000);
+        let b = SplitMix64::new(7).f32_vec(1000);
+        assert_eq!(a, b);
+        assert!(a.iter().all(|v| (-1.0..1.0).contains(v)));
+        assert_ne!(a, SplitMix64::new(8).f32_vec(1000));
+    }
+}

@@ -1,0 +1,182 @@
+//! What the benchmark report says about the machine it ran on, read from `/proc` (Linux);
+//! anything unreadable is reported as "unknown" rather than failing the run.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MachineInfo {
+    /// Logical CPUs this process may use.
+    pub nproc: usize,
+    pub cpu_model: String,
+    pub mem_total: String,
+    pub kernel: String,
+    /// `/proc/loadavg` when the run started: a busy machine makes every figure lower.
+    pub loadavg_at_start: String,
+}
+
+impl MachineInfo {
+    pub fn collect() -> MachineInfo {
+        let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = field(&cpuinfo, "model name")
+            .or_else(|| field(&cpuinfo, "Model"))
+            .or_else(|| field(&cpuinfo, "cpu model"))
+            .unwrap_or_else(|| "unknown".into());
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let mem_total = field(&meminfo, "MemTotal").unwrap_or_else(|| "unknown".into());
+        let kernel = read_trimmed("/proc/sys/kernel/osrelease");
+        let loadavg_at_start = read_trimmed("/proc/loadavg");
+        MachineInfo {
+            nproc,
+            cpu_model,
+            mem_total,
+            kernel,
+            loadavg_at_start,
+        }
+    }
+}
+
+fn read_trimmed(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// The value of the first `key : value` line of a `/proc` file.
+fn field(text: &str, key: &str) -> Option<String> {
+    text.lines().find_map(|line| {
+        let (k, v) = line.split_once(':')?;
+        (k.trim() == key).then(|| v.trim().to_string())
+    })
+}
+
+/// CPU time counters, to tell how much of the machine other processes took during a run
+/// (a benchmark on a busy machine measures the machine, not the server).
+#[derive(Clone, Copy, Debug)]
+pub struct CpuSnapshot {
+    /// All CPUs, all states, in clock ticks (`/proc/stat`).
+    total: u64,
+    /// All CPUs, not idle and not waiting for I/O.
+    busy: u64,
+    /// This process, user + system (`/proc/self/stat`), same unit.
+    own: u64,
+    cpus: usize,
+}
+
+impl CpuSnapshot {
+    /// `None` where `/proc` cannot be read.
+    pub fn take() -> Option<CpuSnapshot> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let cpu: Vec<u64> = stat
+            .lines()
+            .find(|l| l.starts_with("cpu "))?
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal (guest time is already in user).
+        let total: u64 = cpu.iter().take(8).sum();
+        let idle = cpu.get(3).copied().unwrap_or(0) + cpu.get(4).copied().unwrap_or(0);
+        let cpus = stat
+            .lines()
+            .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
+            .count();
+        let own_stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
+        let rest: Vec<&str> = own_stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let utime: u64 = rest.get(11)?.parse().ok()?;
+        let stime: u64 = rest.get(12)?.parse().ok()?;
+        Some(CpuSnapshot {
+            total,
+            busy: total.saturating_sub(idle),
+            own: utime + stime,
+            cpus: cpus.max(1),
+        })
+    }
+
+    /// CPU cores' worth of time used, on average since `earlier`, by this process and by every
+    /// other process.
+    pub fn since(&self, earlier: &CpuSnapshot) -> CpuShare {
+        let total = self.total.saturating_sub(earlier.total).max(1) as f64;
+        let busy = self.busy.saturating_sub(earlier.busy) as f64;
+        let own = self.own.saturating_sub(earlier.own) as f64;
+        let cores = self.cpus as f64;
+        CpuShare {
+            own_cores: own / total * cores,
+            other_cores: ((busy - own) / total * cores).max(0.0),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct CpuShare {
+    pub own_cores: f64,
+    pub other_cores: f64,
+}
+
+/// Today's date in UTC as `YYYY-MM-DD`, and the time as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn utc_now() -> (String, String) {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    let rem = secs % 86_400;
+    let date = format!("{y:04}-{m:02}-{d:02}");
+    let time = format!(
+        "{date}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    );
+    (date, time)
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian (year, month, day) — H. Hinnant's algorithm.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(civil_from_days(20_417), (2025, 11, 25));
+        assert_eq!(civil_from_days(-1), (1969, 12, 31));
+    }
+
+    #[test]
+    fn cpu_snapshots() {
+        let Some(a) = CpuSnapshot::take() else { return };
+        let mut x = 0u64;
+        for i in 0..20_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        let share = CpuSnapshot::take().unwrap().since(&a);
+        assert!(
+            share.own_cores >= 0.0 && share.other_cores >= 0.0,
+            "{share:?}"
+        );
+        assert!(share.own_cores <= a.cpus as f64 + 0.5, "{share:?}");
+    }
+
+    #[test]
+    fn proc_fields() {
+        let text = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t: a b\n";
+        assert_eq!(field(text, "model name").as_deref(), Some("AMD EPYC 7B13"));
+        assert_eq!(field(text, "nothing"), None);
+    }
+}
