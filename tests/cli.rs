@@ -189,3 +189,52 @@ fn check_models_verifies_hashes() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stdout).contains("sha256 mismatch"));
 }
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests_then_exits_zero() {
+    let mut child = binary()
+        .args([
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--models",
+            "models",
+            "--log-format",
+            "json",
+        ])
+        .env("STREAMSERVE_ADMIN_TOKEN", "drain")
+        .spawn()
+        .unwrap();
+    let addr = wait_for_address(&mut child);
+    let c = client();
+    // Make every replica's next batch take 1.5 s, start requests, then ask the server to stop.
+    let fault = serde_json::json!({"fault": {"kind": "slow", "ms": 1500}});
+    let response = c
+        .post(format!("http://{addr}/admin/models/mlp/faults"))
+        .bearer_auth("drain")
+        .json(&fault)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let in_flight: Vec<_> = (0..4u64)
+        .map(|i| {
+            let (c, url) = (c.clone(), format!("http://{addr}/v2/models/mlp/infer"));
+            tokio::spawn(async move { post(&c, &url, &mlp_request(&features(i, 1))).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = tokio::task::spawn_blocking(move || stop(child))
+        .await
+        .unwrap();
+    for request in in_flight {
+        let (code, body) = request.await.unwrap();
+        assert_eq!(
+            code, 200,
+            "in-flight work finishes during the drain: {body}"
+        );
+    }
+    assert!(status.success(), "exit 0 after draining");
+}
