@@ -13,6 +13,9 @@ Models:
              hidden layers (~1.3 M weights), heavy enough that micro-batching pays.
   mlp_small  the same interface with one 32-wide hidden layer: the cheap fallback
              for `mlp` in degraded mode.
+  vad_energy an energy-threshold voice activity detector with Silero VAD's interface
+             (input [B, N], state [2, B, 128], sr -> output [B, 1], stateN): the cheap
+             fallback for silero_vad in degraded mode. The state passes through unchanged.
   typed_ops  mixed datatypes (INT64, FP64, BOOL in; FP64, INT64, BOOL, INT32 out) to
              exercise the protocol's datatype handling with exactly checkable answers.
 """
@@ -93,6 +96,36 @@ def typed_ops():
     )
 
 
+def vad_energy(floor_db=-40.0, gain=0.5):
+    """output = sigmoid(gain * (10 * log10(mean(x^2) + 1e-10) - floor_db)); stateN = state."""
+    const = lambda name, value: numpy_helper.from_array(np.array(value, dtype=np.float32), name)
+    nodes = [
+        helper.make_node("Mul", ["input", "input"], ["squared"]),
+        helper.make_node("ReduceMean", ["squared"], ["power"], axes=[1], keepdims=1),
+        helper.make_node("Add", ["power", "eps"], ["power_eps"]),
+        helper.make_node("Log", ["power_eps"], ["ln_power"]),
+        helper.make_node("Mul", ["ln_power", "db_per_neper"], ["db"]),
+        helper.make_node("Sub", ["db", "floor_db"], ["above_floor"]),
+        helper.make_node("Mul", ["above_floor", "gain"], ["logit"]),
+        helper.make_node("Sigmoid", ["logit"], ["output"]),
+        helper.make_node("Identity", ["state"], ["stateN"]),
+    ]
+    return helper.make_graph(
+        nodes,
+        "vad_energy",
+        [
+            helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", "samples"]),
+            helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", 128]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+        ],
+        [
+            helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 1]),
+            helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, "batch", 128]),
+        ],
+        [const("eps", 1e-10), const("db_per_neper", 10.0 / np.log(10.0)), const("floor_db", floor_db), const("gain", gain)],
+    )
+
+
 def save(graph, path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="streamserve-make-models")
     model.ir_version = IR_VERSION
@@ -111,6 +144,7 @@ def main():
     save(mlp("mlp", [1024, 1024], seed=20261125), os.path.join(args.out, "mlp", "1", "model.onnx"))
     save(mlp("mlp_small", [32], seed=20261126), os.path.join(args.out, "mlp_small", "1", "model.onnx"))
     save(typed_ops(), os.path.join(args.out, "typed_ops", "1", "model.onnx"))
+    save(vad_energy(), os.path.join(args.out, "vad_energy", "1", "model.onnx"))
 
 
 if __name__ == "__main__":

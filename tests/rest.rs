@@ -41,7 +41,10 @@ async fn model_listing_metadata_and_readiness() {
         .iter()
         .map(|m| m["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["mlp", "mlp_small", "silero_vad", "typed_ops"]);
+    assert_eq!(
+        names,
+        ["mlp", "mlp_small", "silero_vad", "typed_ops", "vad_energy"]
+    );
     assert!(list["models"]
         .as_array()
         .unwrap()
@@ -98,7 +101,7 @@ async fn model_listing_metadata_and_readiness() {
         .json()
         .await
         .unwrap();
-    assert_eq!(index.as_array().unwrap().len(), 4);
+    assert_eq!(index.as_array().unwrap().len(), 5);
 }
 
 #[tokio::test]

@@ -582,3 +582,63 @@ async fn stream_metrics() {
         assert!(text.contains(needle), "metrics lack {needle}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streams_ride_through_overload_on_the_fallback_model() {
+    let manifest = std::fs::read_to_string(repo().join("models/models.toml"))
+        .unwrap()
+        .replace(
+            "file = \"",
+            &format!("file = \"{}/", repo().join("models").display()),
+        );
+    let dir = model_dir(&manifest);
+    let url = start(&dir, |config| config.admin_token = Some("t".into()));
+    let c = client();
+    // Silero's replicas turn slow for a few batches while 6 streams run: their steps would
+    // queue past its 30 ms SLO, so new steps go to vad_energy until the queue drains.
+    let fault = json!({"fault": {"kind": "slow", "ms": 120}, "count": 3});
+    let response = c
+        .post(format!("{url}/admin/models/silero_vad/faults"))
+        .bearer_auth("t")
+        .json(&fault)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let (samples, rate, truth) = fixture("two_phrases_16k");
+    let audio = pcm16(&samples);
+    let tasks: Vec<_> = (0..6)
+        .map(|_| {
+            let (url, audio) = (url.clone(), audio.clone());
+            tokio::spawn(async move {
+                stream_all(
+                    &url,
+                    json!({"type": "start", "sample_rate": rate}),
+                    &audio,
+                    2048,
+                )
+                .await
+            })
+        })
+        .collect();
+    let (mut degraded, mut total) = (0, 0);
+    for task in tasks {
+        let transcript = task.await.unwrap();
+        assert_eq!(
+            transcript.close.as_ref().map(|c| c.0),
+            Some(CloseCode::Normal),
+            "{:?}",
+            transcript.close
+        );
+        for (i, m) in transcript.messages[1..].iter().enumerate() {
+            assert_eq!(m["seq"], i as u64);
+        }
+        let vad = transcript.of_type("vad");
+        total += vad.len();
+        degraded += vad.iter().filter(|m| m["degraded"] == true).count();
+        // The speech is still found (the energy model is cruder: a wider tolerance).
+        assert_segments_near(&transcript.summary_segments(), &truth, 0.5);
+    }
+    assert!(degraded > 0, "no chunk went to the fallback");
+    assert!(degraded < total, "the streams never came back to silero");
+}

@@ -204,12 +204,20 @@ impl Router {
         metrics::gauge!("streamserve_queue_depth", &self.labels).set(self.queue.len() as f64);
     }
 
-    /// How long the last request in the queue can expect to wait for its batch to start.
+    /// How long the last request in the queue can expect to wait for its batch to start:
+    /// batches that idle workers take at once cost nothing; the rest wait for rounds of
+    /// batches on every healthy worker.
     fn predicted_wait(&self) -> Duration {
-        let workers = self.healthy().max(1) as u32;
-        let per_batch = self.info.batching.max_batch_size.max(1) as u32;
-        let batches = (self.queued_rows as u32).div_ceil(per_batch * workers);
-        self.mean_batch_time * batches
+        let healthy = self.healthy().max(1);
+        let idle = self
+            .slots
+            .iter()
+            .filter(|s| s.handle.is_some() && s.in_flight.is_none())
+            .count();
+        let per_batch = self.info.batching.max_batch_size.max(1);
+        let batches = self.queued_rows.div_ceil(per_batch);
+        let rounds = batches.saturating_sub(idle).div_ceil(healthy) as u32;
+        self.mean_batch_time * rounds
     }
 
     /// Updates the overload flag, with hysteresis: on above the SLO, off below half of it.

@@ -18,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 RTOL = 1e-5
 ATOL = 1e-6
-BUNDLED_MODELS = {"mlp", "mlp_small", "typed_ops", "silero_vad"}
+BUNDLED_MODELS = {"mlp", "mlp_small", "typed_ops", "silero_vad", "vad_energy"}
 
 
 # --------------------------------------------------------------------------------------------
