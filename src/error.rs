@@ -18,6 +18,10 @@ pub enum ServeError {
         version: String,
         available: String,
     },
+    #[error("model '{model}' version '{version}' is not loaded")]
+    ModelCold { model: String, version: String },
+    #[error("{0}")]
+    Conflict(String),
     #[error("model '{model}' is unavailable: {reason}")]
     ModelUnavailable { model: String, reason: String },
     #[error("{0}")]
@@ -65,6 +69,8 @@ impl ServeError {
         match self {
             ServeError::ModelNotFound(_) | ServeError::VersionNotFound { .. } => "not_found",
             ServeError::ModelUnavailable { .. } => "unavailable",
+            ServeError::ModelCold { .. } => "cold",
+            ServeError::Conflict(_) => "conflict",
             ServeError::InvalidRequest(_) => "invalid",
             ServeError::PayloadTooLarge { .. } => "too_large",
             ServeError::UnsupportedEncoding(_) => "unsupported_encoding",
@@ -96,6 +102,8 @@ impl ResponseError for ServeError {
             | ServeError::VersionNotFound { .. }
             | ServeError::AdminOff => StatusCode::NOT_FOUND,
             ServeError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ServeError::Conflict(_) => StatusCode::CONFLICT,
+            ServeError::ModelCold { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ServeError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             ServeError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ServeError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,

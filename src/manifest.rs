@@ -91,6 +91,17 @@ pub enum StreamKind {
     Vad,
 }
 
+/// When a model version is loaded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoadPolicy {
+    /// At startup (the server is ready once it is).
+    #[default]
+    Eager,
+    /// On the first request that needs it; that request waits for the load.
+    Lazy,
+}
+
 /// Dynamic micro-batching settings for one model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Batching {
@@ -122,6 +133,10 @@ pub struct ModelEntry {
     pub slo: Option<Duration>,
     /// A batch running longer than this means the worker is hung: it is replaced.
     pub hang_timeout: Duration,
+    /// Load on the first request instead of at startup.
+    pub lazy: bool,
+    /// Unload after this long without a request (scale to zero); loads again on demand.
+    pub idle_unload: Option<Duration>,
     pub fallback: Option<String>,
     /// Batch axis per tensor name, for tensors whose batch axis is not 0.
     pub batch_axes: BTreeMap<String, BatchAxis>,
@@ -143,6 +158,8 @@ struct RawDefaults {
     max_queue: Option<usize>,
     slo_ms: Option<u64>,
     hang_timeout_ms: Option<u64>,
+    load: Option<LoadPolicy>,
+    idle_unload_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -163,6 +180,8 @@ struct RawModel {
     max_queue: Option<usize>,
     slo_ms: Option<u64>,
     hang_timeout_ms: Option<u64>,
+    load: Option<LoadPolicy>,
+    idle_unload_secs: Option<u64>,
     fallback: Option<String>,
     #[serde(default)]
     batch_axes: BTreeMap<String, BatchAxis>,
@@ -216,6 +235,8 @@ impl Manifest {
                 max_queue: m.max_queue,
                 slo_ms: m.slo_ms,
                 hang_timeout_ms: m.hang_timeout_ms,
+                load: m.load,
+                idle_unload_secs: m.idle_unload_secs,
             };
             anyhow::ensure!(
                 !m.name.is_empty()
@@ -262,6 +283,12 @@ impl Manifest {
                 },
                 max_queue: s.max_queue.or(d.max_queue).unwrap_or(1024).max(1),
                 slo: s.slo_ms.or(d.slo_ms).map(Duration::from_millis),
+                lazy: s.load.or(d.load).unwrap_or_default() == LoadPolicy::Lazy,
+                idle_unload: s
+                    .idle_unload_secs
+                    .or(d.idle_unload_secs)
+                    .filter(|&n| n > 0)
+                    .map(Duration::from_secs),
                 hang_timeout: Duration::from_millis(
                     s.hang_timeout_ms
                         .or(d.hang_timeout_ms)

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use crate::actors::registry::Registry;
 use crate::actors::stream_hub::StreamHub;
-use crate::actors::supervisor::Supervisor;
+use crate::actors::supervisor::{Start, Supervisor};
 use crate::api::ws::StreamsConfig;
 use crate::api::{self, AppState};
 use crate::config::Config;
@@ -45,9 +45,11 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
     let env = crate::runtime::init(config.ort_dylib.as_deref()).map_err(anyhow::Error::msg)?;
     let manifest = Manifest::load(&config.models)?;
     let registry = Arc::new(Registry::default());
-    Supervisor::new(env, registry.clone())
-        .start_manifest(&manifest)
-        .await;
+    let supervisor = Supervisor::new(env, registry.clone()).start();
+    supervisor
+        .send(Start(manifest))
+        .await
+        .map_err(|e| anyhow::anyhow!("supervisor stopped while starting: {e}"))?;
     let (shutdown, shutdown_rx) = watch::channel(false);
     let streams = Arc::new(StreamsConfig {
         hub: StreamHub::default().start(),
@@ -62,6 +64,7 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
         prometheus,
         streams,
         admin_token: config.admin_token.clone().filter(|t| !t.is_empty()),
+        supervisor,
     });
     let server = HttpServer::new(move || {
         App::new()

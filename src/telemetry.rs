@@ -24,6 +24,15 @@ pub fn init_logging(format: LogFormat, filter: &str) {
 }
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
+static STARTED: OnceLock<std::time::Instant> = OnceLock::new();
+
+/// Milliseconds since the process first asked (a monotonic clock that fits an atomic).
+pub fn uptime_ms() -> u64 {
+    STARTED
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
 
 /// Installs the metrics recorder once and returns the handle that renders `/metrics`.
 pub fn metrics_handle() -> PrometheusHandle {

@@ -32,20 +32,57 @@ pub enum VersionState {
         entry: Arc<ModelEntry>,
         reason: String,
     },
+    /// Not loaded (lazy, or unloaded after idling): the first request loads it.
+    Cold {
+        entry: Arc<ModelEntry>,
+    },
+    /// Being loaded; requests wait for it.
+    Loading {
+        entry: Arc<ModelEntry>,
+    },
+}
+
+impl VersionState {
+    pub fn label(&self) -> &'static str {
+        match self {
+            VersionState::Serving(served) if served.health.ready() => "READY",
+            VersionState::Serving(_) | VersionState::Unavailable { .. } => "UNAVAILABLE",
+            VersionState::Cold { .. } => "UNLOADED",
+            VersionState::Loading { .. } => "LOADING",
+        }
+    }
+}
+
+/// A version receiving a share of a model's default traffic while it proves itself.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Canary {
+    pub version: String,
+    pub percent: u32,
 }
 
 #[derive(Clone, Default)]
 pub struct ModelVersions {
     pub versions: BTreeMap<String, VersionState>,
+    /// The version a deployment made the default, instead of the highest one.
+    pub default_override: Option<String>,
+    pub canary: Option<Canary>,
 }
 
 impl ModelVersions {
-    /// The highest version that is serving, else the highest listed.
+    /// The deployed default if one was set, else the highest version that is serving or can
+    /// be loaded, else the highest listed.
     pub fn default_version(&self) -> Option<&str> {
+        if let Some(version) = self
+            .default_override
+            .as_deref()
+            .filter(|v| self.versions.contains_key(*v))
+        {
+            return Some(version);
+        }
         let serving = self
             .versions
             .iter()
-            .filter(|(_, s)| matches!(s, VersionState::Serving(_)))
+            .filter(|(_, s)| !matches!(s, VersionState::Unavailable { .. }))
             .map(|(v, _)| v.as_str())
             .max_by(|a, b| compare_versions(a, b));
         serving.or_else(|| {
@@ -77,7 +114,10 @@ impl Catalog {
             .ok_or_else(|| ServeError::ModelNotFound(name.to_string()))?;
         let version = match version {
             Some(v) => v,
-            None => model.default_version().unwrap_or_default(),
+            None => match &model.canary {
+                Some(canary) if canary_pick(canary.percent) => canary.version.as_str(),
+                _ => model.default_version().unwrap_or_default(),
+            },
         };
         match model.versions.get(version) {
             Some(VersionState::Serving(served)) => Ok(served.clone()),
@@ -85,6 +125,12 @@ impl Catalog {
                 model: format!("{name}:{version}"),
                 reason: reason.clone(),
             }),
+            Some(VersionState::Cold { .. } | VersionState::Loading { .. }) => {
+                Err(ServeError::ModelCold {
+                    model: name.to_string(),
+                    version: version.to_string(),
+                })
+            }
             None => Err(ServeError::VersionNotFound {
                 model: name.to_string(),
                 version: version.to_string(),
@@ -100,7 +146,7 @@ impl Catalog {
             .flat_map(|m| m.versions.values())
             .all(|state| match state {
                 VersionState::Serving(served) => served.health.ready(),
-                VersionState::Unavailable { .. } => true,
+                _ => true,
             })
     }
 }
@@ -119,4 +165,13 @@ impl Registry {
     pub(super) fn publish(&self, catalog: Catalog) {
         self.catalog.store(Arc::new(catalog));
     }
+}
+
+/// Whether this request goes to the canary: `percent` of requests, spread evenly.
+fn canary_pick(percent: u32) -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    // Fibonacci hashing scatters consecutive requests over 0..100.
+    ((n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % 100) < percent as u64
 }

@@ -17,7 +17,7 @@
 //! replica and otherwise answered 503. Every request gets exactly one answer.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,14 +35,46 @@ use crate::model::{InferRequest, ModelInfo};
 /// How often queued deadlines and running batches are checked.
 const WATCH_INTERVAL: Duration = Duration::from_millis(50);
 
-/// Health of a model version, written by its router and read lock-free by the health API.
-#[derive(Debug)]
+/// Health and traffic of a model version, written by its router and the API, read lock-free
+/// by the health API and the supervisor (idle unload, canary judgement).
+#[derive(Debug, Default)]
 pub struct ModelHealth {
     pub healthy_replicas: AtomicUsize,
     pub replicas: usize,
+    /// Milliseconds since the process started, at the last request.
+    pub last_used_ms: AtomicU64,
+    pub requests: AtomicU64,
+    /// Answers with a 5xx status.
+    pub errors: AtomicU64,
+    pub latency_us: AtomicU64,
 }
 
 impl ModelHealth {
+    pub fn new(healthy: usize, replicas: usize) -> ModelHealth {
+        let health = ModelHealth {
+            healthy_replicas: AtomicUsize::new(healthy),
+            replicas,
+            ..ModelHealth::default()
+        };
+        health.touch();
+        health
+    }
+
+    pub fn touch(&self) {
+        self.last_used_ms
+            .store(crate::telemetry::uptime_ms(), Ordering::Relaxed);
+    }
+
+    /// Records one answered request.
+    pub fn record(&self, server_error: bool, latency: Duration) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.latency_us
+            .fetch_add(latency.as_micros() as u64, Ordering::Relaxed);
+        if server_error {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     pub fn ready(&self) -> bool {
         self.healthy_replicas.load(Ordering::Relaxed) > 0
     }
@@ -76,6 +108,12 @@ pub struct InjectFault {
     pub fault: Fault,
     pub count: usize,
 }
+
+/// Stop once the queue and running batches are done (the version is being unloaded); the
+/// workers end with it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Drain;
 
 /// A snapshot of the router's state, for the admin API.
 #[derive(Message)]
@@ -127,6 +165,7 @@ pub struct Router {
     mean_batch_time: Duration,
     overloaded: bool,
     restarts: u64,
+    draining: bool,
     labels: [(&'static str, String); 2],
 }
 
@@ -184,6 +223,7 @@ impl Router {
             mean_batch_time: Duration::from_millis(5),
             overloaded: false,
             restarts: 0,
+            draining: false,
             labels,
         }
     }
@@ -476,6 +516,14 @@ impl Router {
 
     /// Periodic watch: deadlines of queued requests, and batches running far too long.
     fn watch(&mut self, ctx: &mut Context<Self>) {
+        if self.draining
+            && self.queue.is_empty()
+            && self.slots.iter().all(|s| s.in_flight.is_none())
+        {
+            tracing::info!(model = %self.info.name, version = %self.info.version, "unloaded");
+            ctx.stop();
+            return;
+        }
         let now = Instant::now();
         if self
             .queue
@@ -514,6 +562,13 @@ impl Router {
 impl Actor for Router {
     type Context = Context<Self>;
 
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        // Dropping the handles ends the worker threads; then the router's own arbiter.
+        self.slots.clear();
+        metrics::gauge!("streamserve_workers", &self.labels).set(0.0);
+        Arbiter::current().stop();
+    }
+
     fn started(&mut self, ctx: &mut Self::Context) {
         self.publish_health();
         self.publish_queue();
@@ -526,6 +581,7 @@ impl Handler<Infer> for Router {
     type Result = ();
 
     fn handle(&mut self, msg: Infer, ctx: &mut Self::Context) {
+        self.health.touch();
         let pending = Pending {
             request: Arc::new(msg.request),
             reply: msg.reply,
@@ -542,6 +598,7 @@ impl Handler<Fallback> for Router {
     type Result = ();
 
     fn handle(&mut self, Fallback(pending): Fallback, ctx: &mut Self::Context) {
+        self.health.touch();
         self.admit(pending, false, ctx);
     }
 }
@@ -598,6 +655,14 @@ impl Handler<Attach> for Router {
         slot.last_dispatch = Instant::now();
         self.publish_health();
         self.dispatch(ctx);
+    }
+}
+
+impl Handler<Drain> for Router {
+    type Result = ();
+
+    fn handle(&mut self, _: Drain, _ctx: &mut Self::Context) {
+        self.draining = true;
     }
 }
 

@@ -13,12 +13,18 @@ use serde_json::json;
 use super::AppState;
 use crate::actors::registry::VersionState;
 use crate::actors::router::{InjectFault, Status};
+use crate::actors::supervisor::{Deploy, Rollback, Rollouts, Strategy, Unload};
 use crate::actors::worker::Fault;
 use crate::error::ServeError;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/admin/models", web::get().to(list))
-        .route("/admin/models/{name}/faults", web::post().to(inject_fault));
+        .route("/admin/models/{name}/faults", web::post().to(inject_fault))
+        .route("/admin/models/{name}/load", web::post().to(load))
+        .route("/admin/models/{name}/unload", web::post().to(unload))
+        .route("/admin/models/{name}/deploy", web::post().to(deploy))
+        .route("/admin/models/{name}/rollback", web::post().to(rollback))
+        .route("/admin/rollouts", web::get().to(rollouts));
 }
 
 fn authorize(state: &AppState, req: &HttpRequest) -> Result<(), ServeError> {
@@ -56,6 +62,8 @@ async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRespon
                     let status = served.router.send(Status).await.ok();
                     rows.push(json!({
                         "name": name, "version": version, "state": "SERVING",
+                        "default": model.default_version() == Some(version.as_str()),
+                        "canary_percent": model.canary.as_ref().filter(|c| c.version == version).map(|c| c.percent),
                         "device": served.info.device.to_string(), "replicas": served.info.replicas,
                         "fallback": served.info.fallback, "router": status,
                     }));
@@ -63,6 +71,7 @@ async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRespon
                 VersionState::Unavailable { reason, .. } => {
                     rows.push(json!({ "name": name, "version": version, "state": "UNAVAILABLE", "reason": reason }))
                 }
+                other => rows.push(json!({ "name": name, "version": version, "state": other.label() })),
             }
         }
     }
@@ -95,9 +104,8 @@ async fn inject_fault(
     let request: FaultRequest = serde_json::from_slice(&body)
         .map_err(|e| ServeError::invalid(format!("malformed fault request: {e}")))?;
     let served = state
-        .registry
-        .snapshot()
-        .resolve(&path.into_inner(), request.version.as_deref())?;
+        .served(&path.into_inner(), request.version.as_deref())
+        .await?;
     let affected = served
         .router
         .send(InjectFault {
@@ -112,4 +120,161 @@ async fn inject_fault(
         "model": served.info.name, "version": served.info.version,
         "fault": format!("{:?}", request.fault), "count": request.count, "replicas": affected,
     })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct VersionRequest {
+    #[serde(default)]
+    version: Option<String>,
+}
+
+fn parse<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ServeError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ServeError::invalid(format!("malformed admin request: {e}")))
+}
+
+fn supervisor_gone<E>(_: E) -> ServeError {
+    ServeError::ShuttingDown
+}
+
+/// `POST /admin/models/{name}/load` (`{"version": "2"}` optional): load now, answer when ready.
+async fn load(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Bytes,
+) -> Result<HttpResponse, ServeError> {
+    authorize(&state, &req)?;
+    let request: VersionRequest = parse(&body)?;
+    let started = std::time::Instant::now();
+    let served = state
+        .served(&path.into_inner(), request.version.as_deref())
+        .await?;
+    Ok(HttpResponse::Ok().json(json!({
+        "model": served.info.name, "version": served.info.version, "state": "READY",
+        "waited_ms": started.elapsed().as_millis() as u64,
+    })))
+}
+
+/// `POST /admin/models/{name}/unload`: drain and free a version; it loads again on demand.
+async fn unload(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Bytes,
+) -> Result<HttpResponse, ServeError> {
+    authorize(&state, &req)?;
+    let request: VersionRequest = parse(&body)?;
+    let answer = state
+        .supervisor
+        .send(Unload {
+            name: path.into_inner(),
+            version: request.version,
+        })
+        .await
+        .map_err(supervisor_gone)??;
+    Ok(HttpResponse::Ok().json(answer))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeployRequest {
+    version: String,
+    strategy: Strategy,
+    #[serde(default = "default_steps")]
+    steps: Vec<u32>,
+    #[serde(default = "default_step_secs")]
+    step_secs: u64,
+    #[serde(default = "yes")]
+    smoke_test: bool,
+}
+
+impl Default for DeployRequest {
+    fn default() -> Self {
+        DeployRequest {
+            version: String::new(),
+            strategy: Strategy::BlueGreen,
+            steps: default_steps(),
+            step_secs: default_step_secs(),
+            smoke_test: true,
+        }
+    }
+}
+
+fn default_steps() -> Vec<u32> {
+    vec![5, 25, 50, 100]
+}
+fn default_step_secs() -> u64 {
+    30
+}
+fn yes() -> bool {
+    true
+}
+
+/// `POST /admin/models/{name}/deploy`: `{"version": "2", "strategy": "blue_green"}` loads the
+/// version beside the current one, smoke-tests it, switches atomically and drains the old;
+/// `"strategy": "canary"` (with `steps` in percent and `step_secs`) shifts traffic stepwise and
+/// rolls back by itself when the canary does worse than the stable version.
+async fn deploy(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Bytes,
+) -> Result<HttpResponse, ServeError> {
+    authorize(&state, &req)?;
+    let request: DeployRequest = parse(&body)?;
+    if request.version.is_empty() {
+        return Err(ServeError::invalid(
+            "deploy needs {\"version\": ..., \"strategy\": \"blue_green\" | \"canary\"}",
+        ));
+    }
+    let answer = state
+        .supervisor
+        .send(Deploy {
+            name: path.into_inner(),
+            version: request.version,
+            strategy: request.strategy,
+            steps: request.steps,
+            step_secs: request.step_secs,
+            smoke_test: request.smoke_test,
+        })
+        .await
+        .map_err(supervisor_gone)??;
+    Ok(HttpResponse::Ok().json(answer))
+}
+
+/// `POST /admin/models/{name}/rollback`: abort a running canary, or restore the previous default.
+async fn rollback(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ServeError> {
+    authorize(&state, &req)?;
+    let answer = state
+        .supervisor
+        .send(Rollback {
+            name: path.into_inner(),
+        })
+        .await
+        .map_err(supervisor_gone)??;
+    Ok(HttpResponse::Ok().json(answer))
+}
+
+/// `GET /admin/rollouts`: running canaries, the last rollback reasons, previous defaults.
+async fn rollouts(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ServeError> {
+    authorize(&state, &req)?;
+    Ok(HttpResponse::Ok().json(
+        state
+            .supervisor
+            .send(Rollouts)
+            .await
+            .map_err(supervisor_gone)?,
+    ))
 }

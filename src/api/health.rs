@@ -52,6 +52,8 @@ fn check_model(
     match catalog.resolve(name, version) {
         Ok(served) => Ok(answer(served.health.ready(), "ready")),
         Err(ServeError::ModelUnavailable { .. }) => Ok(answer(false, "ready")),
+        // Not loaded, but the next request loads it: it can serve.
+        Err(ServeError::ModelCold { .. }) => Ok(answer(true, "ready")),
         Err(e) => Err(e),
     }
 }

@@ -13,7 +13,13 @@ use std::sync::Arc;
 use actix_web::web;
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::actors::registry::Registry;
+use std::time::Duration;
+
+use actix::Addr;
+
+use crate::actors::registry::{Registry, ServedModel};
+use crate::actors::supervisor::{EnsureLoaded, Supervisor};
+use crate::error::ServeError;
 
 /// What every handler can reach.
 pub struct AppState {
@@ -23,6 +29,39 @@ pub struct AppState {
     pub streams: Arc<ws::StreamsConfig>,
     /// `None`: the admin API is off.
     pub admin_token: Option<String>,
+    pub supervisor: Addr<Supervisor>,
+}
+
+/// How long a request waits for its model to load on demand before it gets 503.
+const LOAD_WAIT: Duration = Duration::from_secs(60);
+
+impl AppState {
+    /// The model version a request goes to, loading it first if it is not loaded (lazy load,
+    /// or after an idle unload): the request waits, bounded, instead of failing.
+    pub async fn served(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<ServedModel, ServeError> {
+        match self.registry.snapshot().resolve(name, version) {
+            Err(ServeError::ModelCold { model, version }) => {
+                let load = self.supervisor.send(EnsureLoaded {
+                    name: model.clone(),
+                    version: Some(version.clone()),
+                });
+                match tokio::time::timeout(LOAD_WAIT, load).await {
+                    Ok(Ok(result)) => result,
+                    Ok(Err(_)) => Err(ServeError::ShuttingDown),
+                    Err(_) => Err(ServeError::NotReady {
+                        model,
+                        reason: format!("version {version} is still loading"),
+                        retry_after: Duration::from_secs(5),
+                    }),
+                }
+            }
+            other => other,
+        }
+    }
 }
 
 /// Mounts every route.

@@ -56,17 +56,20 @@ fn index(state: &AppState) -> Vec<serde_json::Value> {
     let mut rows = Vec::new();
     for (name, model) in &catalog.models {
         for version in model.sorted_versions() {
-            rows.push(match &model.versions[&version] {
-                VersionState::Serving(served) => json!({
-                    "name": name,
-                    "version": version,
-                    "state": if served.health.ready() { "READY" } else { "UNAVAILABLE" },
-                    "reason": if served.health.ready() { "" } else { "no healthy replica" },
-                }),
-                VersionState::Unavailable { reason, .. } => json!({
-                    "name": name, "version": version, "state": "UNAVAILABLE", "reason": reason,
-                }),
-            });
+            let state = &model.versions[&version];
+            let reason = match state {
+                VersionState::Serving(served) if !served.health.ready() => "no healthy replica",
+                VersionState::Unavailable { reason, .. } => reason.as_str(),
+                VersionState::Cold { .. } => "not loaded; the next request loads it",
+                _ => "",
+            };
+            rows.push(json!({
+                "name": name,
+                "version": version,
+                "state": state.label(),
+                "reason": reason,
+                "default": model.default_version() == Some(version.as_str()),
+            }));
         }
     }
     rows
@@ -84,7 +87,7 @@ async fn model_metadata(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ServeError> {
-    metadata(&state, &path.into_inner(), None)
+    metadata(&state, &path.into_inner(), None).await
 }
 
 async fn model_version_metadata(
@@ -92,16 +95,16 @@ async fn model_version_metadata(
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ServeError> {
     let (name, version) = path.into_inner();
-    metadata(&state, &name, Some(&version))
+    metadata(&state, &name, Some(&version)).await
 }
 
-fn metadata(
+async fn metadata(
     state: &AppState,
     name: &str,
     version: Option<&str>,
 ) -> Result<HttpResponse, ServeError> {
+    let served = state.served(name, version).await?;
     let catalog = state.registry.snapshot();
-    let served = catalog.resolve(name, version)?;
     let info = &served.info;
     let versions = catalog
         .models
@@ -131,7 +134,7 @@ async fn model_config(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ServeError> {
-    config(&state, &path.into_inner(), None)
+    config(&state, &path.into_inner(), None).await
 }
 
 async fn model_version_config(
@@ -139,13 +142,17 @@ async fn model_version_config(
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ServeError> {
     let (name, version) = path.into_inner();
-    config(&state, &name, Some(&version))
+    config(&state, &name, Some(&version)).await
 }
 
 /// The serving configuration in the shape of Triton's model configuration, which tools that
 /// speak Triton's HTTP API read.
-fn config(state: &AppState, name: &str, version: Option<&str>) -> Result<HttpResponse, ServeError> {
-    let served = state.registry.snapshot().resolve(name, version)?;
+async fn config(
+    state: &AppState,
+    name: &str,
+    version: Option<&str>,
+) -> Result<HttpResponse, ServeError> {
+    let served = state.served(name, version).await?;
     let info = &served.info;
     // Triton's convention: with batching on, dims exclude the batch axis.
     let dims = |shape: &[i64]| -> Vec<i64> {
@@ -209,22 +216,25 @@ async fn run_inference(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
-    let resolved = state.registry.snapshot().resolve(name, version);
+    let resolved = state.served(name, version).await;
     // Label metrics by the served model only: an unknown name from a client must not mint
     // a new time series.
     let (model, model_version) = match &resolved {
         Ok(served) => (served.info.name.clone(), served.info.version.clone()),
         Err(_) => ("_unknown".to_string(), String::new()),
     };
-    let outcome = match resolved {
-        Ok(served) => infer_on(state, &served, req, body, received).await,
-        Err(e) => Err(e),
+    let outcome = match &resolved {
+        Ok(served) => infer_on(state, served, req, body, received).await,
+        Err(e) => Err(e.clone()),
     };
     let elapsed = received.elapsed();
     let status = match &outcome {
         Ok(_) => 200,
         Err(e) => actix_web::ResponseError::status_code(e).as_u16(),
     };
+    if let Ok(served) = &resolved {
+        served.health.record(status >= 500, elapsed);
+    }
     let labels = [("model", model.clone()), ("version", model_version.clone())];
     metrics::counter!("streamserve_requests_total", "model" => model.clone(), "version" => model_version.clone(), "status" => status.to_string())
         .increment(1);

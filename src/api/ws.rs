@@ -49,8 +49,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/models/{model}/segments", web::post().to(segments));
 }
 
-fn stream_model(state: &AppState, name: &str) -> Result<ServedModel, ServeError> {
-    let served = state.registry.snapshot().resolve(name, None)?;
+async fn stream_model(state: &AppState, name: &str) -> Result<ServedModel, ServeError> {
+    let served = state.served(name, None).await?;
     if served.info.stream != Some(StreamKind::Vad) {
         return Err(ServeError::invalid(format!(
             "model '{name}' does not serve streams (it has no `stream = \"vad\"` in the manifest)"
@@ -66,7 +66,7 @@ async fn open_stream(
     body: web::Payload,
 ) -> Result<HttpResponse, actix_web::Error> {
     // Unknown and non-streaming models are refused before the upgrade, with a plain HTTP error.
-    let served = stream_model(&state, &path.into_inner())?;
+    let served = stream_model(&state, &path.into_inner()).await?;
     let (response, session, messages) = actix_ws::handle(&req, body)?;
     let messages = messages
         .max_frame_size(MAX_FRAME_BYTES)
@@ -411,7 +411,7 @@ async fn segments(
     req: HttpRequest,
     body: web::Payload,
 ) -> Result<HttpResponse, ServeError> {
-    let served = stream_model(&state, &path.into_inner())?;
+    let served = stream_model(&state, &path.into_inner()).await?;
     let body = super::rest::read_body(&req, body, state.max_body_bytes).await?;
     let wav = read_wav(&body).map_err(ServeError::invalid)?;
     drop(body);

@@ -61,7 +61,7 @@ impl ModelSession {
             if !super::cuda_available() {
                 return Err(format!(
                     "{device} requested, but this ONNX Runtime build has no CUDA execution provider \
-                     (install the onnxruntime-gpu wheel on a host with an NVIDIA GPU, CUDA 12 and cuDNN 9)"
+                     (install the onnxruntime-gpu wheel on a host with an NVIDIA GPU, CUDA 13 and cuDNN 9)"
                 ));
             }
             let cuda = ort::ep::CUDA::default()
