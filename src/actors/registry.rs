@@ -63,20 +63,23 @@ pub struct Canary {
 #[derive(Clone, Default)]
 pub struct ModelVersions {
     pub versions: BTreeMap<String, VersionState>,
-    /// The version a deployment made the default, instead of the highest one.
+    /// The version a deployment made the default.
     pub default_override: Option<String>,
+    /// The manifest's default: its highest eagerly loaded version (lazy versions are
+    /// candidates for a deployment), or its highest version if all are lazy.
+    pub manifest_default: Option<String>,
     pub canary: Option<Canary>,
 }
 
 impl ModelVersions {
-    /// The deployed default if one was set, else the highest version that is serving or can
-    /// be loaded, else the highest listed.
+    /// The deployed default if one was set, else the manifest's default, else the highest
+    /// version that can serve, else the highest listed.
     pub fn default_version(&self) -> Option<&str> {
-        if let Some(version) = self
-            .default_override
-            .as_deref()
-            .filter(|v| self.versions.contains_key(*v))
-        {
+        let listed = |v: &&str| self.versions.contains_key(*v);
+        if let Some(version) = self.default_override.as_deref().filter(listed) {
+            return Some(version);
+        }
+        if let Some(version) = self.manifest_default.as_deref().filter(listed) {
             return Some(version);
         }
         let serving = self

@@ -19,7 +19,9 @@ use super::registry::{Canary, Catalog, Registry, ServedModel, VersionState};
 use super::router::{Drain, Infer, ModelHealth, Router};
 use super::worker::{self, FaultQueue, Reply, WorkerHandle, WorkerReport};
 use crate::error::ServeError;
-use crate::manifest::{verify_sha256, BatchAxis, Manifest, ModelEntry, StreamKind};
+use crate::manifest::{
+    compare_versions, verify_sha256, BatchAxis, Manifest, ModelEntry, StreamKind,
+};
 use crate::model::ModelInfo;
 use crate::runtime::TensorSpec;
 use crate::stream::vad::VadInterface;
@@ -388,6 +390,16 @@ impl Handler<Start> for Supervisor {
             if !entry.lazy {
                 loads.push(self.ensure(key, ctx));
             }
+        }
+        for (name, model) in self.catalog.models.iter_mut() {
+            let highest = |lazy: bool| {
+                self.entries
+                    .values()
+                    .filter(|e| &e.name == name && e.lazy == lazy)
+                    .map(|e| e.version.clone())
+                    .max_by(|a, b| compare_versions(a, b))
+            };
+            model.manifest_default = highest(false).or_else(|| highest(true));
         }
         self.publish();
         Box::pin(

@@ -1,0 +1,391 @@
+//! The serverless life cycle over real HTTP: lazy load, idle unload, and live deployments
+//! (blue/green, canary with promotion or automatic rollback, rollback) under concurrent load,
+//! with no request failing.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+const TOKEN: &str = "ops";
+
+fn two_versions(v2_extra: &str) -> String {
+    format!(
+        r#"
+        [[models]]
+        name = "mlp"
+        version = "1"
+        file = "{{models}}/mlp/1/model.onnx"
+        sha256 = "{MLP_SHA}"
+        max_batch_size = 16
+
+        [[models]]
+        name = "mlp"
+        version = "2"
+        file = "{{models}}/mlp_small/1/model.onnx"
+        sha256 = "{MLP_SMALL_SHA}"
+        max_batch_size = 16
+        load = "lazy"
+        {v2_extra}
+        "#
+    )
+}
+
+fn server(manifest: &str) -> String {
+    start(&model_dir(manifest), |config| {
+        config.admin_token = Some(TOKEN.into())
+    })
+}
+
+async fn admin(c: &reqwest::Client, url: &str, path: &str, body: Value) -> (u16, Value) {
+    let response = c
+        .post(format!("{url}{path}"))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+async fn states(c: &reqwest::Client, url: &str) -> Vec<(String, String, String)> {
+    let (_, list) = get(c, &format!("{url}/v2/models")).await;
+    list["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["name"].as_str().unwrap().into(),
+                m["version"].as_str().unwrap().into(),
+                m["state"].as_str().unwrap().into(),
+            )
+        })
+        .collect()
+}
+
+async fn state_of(c: &reqwest::Client, url: &str, version: &str) -> String {
+    states(c, url)
+        .await
+        .into_iter()
+        .find(|(_, v, _)| v == version)
+        .unwrap()
+        .2
+}
+
+/// Clients that send requests without pause until stopped; returns every answer's status and
+/// serving version.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<(u16, String)>>>,
+}
+
+impl Traffic {
+    fn start(url: &str, clients: usize) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..clients)
+            .map(|k| {
+                let (stop, url, c) = (stop.clone(), format!("{url}/v2/models/mlp/infer"), client());
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let (status, body) =
+                            post(&c, &url, &mlp_request(&features(k as u64 * 100_000 + i, 1)))
+                                .await;
+                        seen.push((
+                            status,
+                            body["model_version"].as_str().unwrap_or("").to_string(),
+                        ));
+                        i += 1;
+                    }
+                    seen
+                })
+            })
+            .collect();
+        Traffic { stop, tasks }
+    }
+
+    async fn finish(self) -> Vec<(u16, String)> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = Vec::new();
+        for task in self.tasks {
+            all.extend(task.await.unwrap());
+        }
+        all
+    }
+}
+
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    for _ in 0..150 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lazy_versions_load_on_first_request_and_idle_ones_unload() {
+    let url = server(&two_versions("idle_unload_secs = 1"));
+    let c = client();
+    assert_eq!(state_of(&c, &url, "2").await, "UNLOADED");
+    assert_eq!(
+        get(&c, &format!("{url}/v2/health/ready")).await.0,
+        200,
+        "unloaded versions do not hold readiness back"
+    );
+    assert_eq!(
+        get(&c, &format!("{url}/v2/models/mlp/versions/2/ready"))
+            .await
+            .0,
+        200
+    );
+
+    // Concurrent first requests all wait for the one load, then all succeed.
+    let tasks: Vec<_> = (0..8u64)
+        .map(|i| {
+            let (c, url) = (c.clone(), format!("{url}/v2/models/mlp/versions/2/infer"));
+            tokio::spawn(async move { post(&c, &url, &mlp_request(&features(i, 1))).await })
+        })
+        .collect();
+    for task in tasks {
+        let (status, body) = task.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["model_version"], "2");
+    }
+    assert_eq!(state_of(&c, &url, "2").await, "READY");
+    let metrics = c
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // (Metrics are per process, and other tests here load version 2 too: check it is measured.)
+    assert!(
+        metrics.contains("streamserve_model_load_seconds_count{model=\"mlp\",version=\"2\"}"),
+        "cold starts are measured"
+    );
+
+    // Unused for a second: scaled to zero. The next request brings it back.
+    eventually("version 2 unloads when idle", async || {
+        state_of(&c, &url, "2").await == "UNLOADED"
+    })
+    .await;
+    let (status, body) = post(
+        &c,
+        &format!("{url}/v2/models/mlp/versions/2/infer"),
+        &mlp_request(&features(1, 1)),
+    )
+    .await;
+    assert_eq!((status, body["model_version"].as_str()), (200, Some("2")));
+    // Version 1 has no idle_unload: it stays.
+    assert_eq!(state_of(&c, &url, "1").await, "READY");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn blue_green_switches_atomically_under_load_and_rolls_back() {
+    let url = server(&two_versions(""));
+    let c = client();
+    let traffic = Traffic::start(&url, 4);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, answer) = admin(
+        &c,
+        &url,
+        "/admin/models/mlp/deploy",
+        json!({"version": "2", "strategy": "blue_green"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        (answer["from"].as_str(), answer["to"].as_str()),
+        (Some("1"), Some("2"))
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seen = traffic.finish().await;
+    assert!(
+        seen.iter().all(|(s, _)| *s == 200),
+        "no request failed during the switch"
+    );
+    let first_v2 = seen
+        .iter()
+        .position(|(_, v)| v == "2")
+        .expect("traffic moved to version 2");
+    assert!(first_v2 > 0, "version 1 served before the switch");
+    assert_eq!(
+        state_of(&c, &url, "1").await,
+        "UNLOADED",
+        "the old version was drained and freed"
+    );
+    let (_, list) = get(&c, &format!("{url}/v2/models")).await;
+    assert!(list["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["version"] == "2" && m["default"] == true));
+
+    // Roll back: version 1 loads again and is the default; no request fails meanwhile.
+    let traffic = Traffic::start(&url, 2);
+    let (status, answer) = admin(&c, &url, "/admin/models/mlp/rollback", json!({})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["to"], "1");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let seen = traffic.finish().await;
+    assert!(seen.iter().all(|(s, _)| *s == 200));
+    assert_eq!(seen.last().unwrap().1, "1");
+    let metrics = c
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("streamserve_rollout_events_total{model=\"mlp\",event=\"switched\"}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_healthy_canary_is_promoted_step_by_step() {
+    let url = server(&two_versions(""));
+    let c = client();
+    let traffic = Traffic::start(&url, 4);
+    let body = json!({"version": "2", "strategy": "canary", "steps": [30, 100], "step_secs": 1});
+    let (status, answer) = admin(&c, &url, "/admin/models/mlp/deploy", body).await;
+    assert_eq!(status, 200, "{answer}");
+    eventually("the canary is promoted", async || {
+        let (_, list) = get(&c, &format!("{url}/v2/models")).await;
+        list["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["version"] == "2" && m["default"] == true)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let seen = traffic.finish().await;
+    assert!(
+        seen.iter().all(|(s, _)| *s == 200),
+        "no request failed during the canary"
+    );
+    assert!(seen.iter().any(|(_, v)| v == "1") && seen.iter().any(|(_, v)| v == "2"));
+    assert_eq!(seen.last().unwrap().1, "2");
+    eventually("the stable version is freed", async || {
+        state_of(&c, &url, "1").await == "UNLOADED"
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_canary_is_rolled_back_automatically() {
+    let url = server(&two_versions(""));
+    let c = client();
+    // Load version 2 and make it slow: every batch takes 40 ms more than it should.
+    let (status, _) = admin(&c, &url, "/admin/models/mlp/load", json!({"version": "2"})).await;
+    assert_eq!(status, 200);
+    let fault = json!({"fault": {"kind": "slow", "ms": 40}, "version": "2", "count": 1000});
+    assert_eq!(
+        admin(&c, &url, "/admin/models/mlp/faults", fault).await.0,
+        200
+    );
+    let traffic = Traffic::start(&url, 4);
+    let body =
+        json!({"version": "2", "strategy": "canary", "steps": [25, 50, 100], "step_secs": 1});
+    let (status, answer) = admin(&c, &url, "/admin/models/mlp/deploy", body).await;
+    assert_eq!(status, 200, "{answer}");
+    eventually("the canary is rolled back", async || {
+        let rollouts: Value = c
+            .get(format!("{url}/admin/rollouts"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        rollouts["last_rollback"]["mlp"].is_string()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let seen = traffic.finish().await;
+    assert!(
+        seen.iter().all(|(s, _)| *s == 200),
+        "the slow canary still answered every request"
+    );
+    assert_eq!(
+        seen.last().unwrap().1,
+        "1",
+        "traffic is back on the stable version"
+    );
+    let rollouts: Value = c
+        .get(format!("{url}/admin/rollouts"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        rollouts["last_rollback"]["mlp"]
+            .as_str()
+            .unwrap()
+            .contains("latency"),
+        "{rollouts}"
+    );
+    assert_eq!(state_of(&c, &url, "2").await, "UNLOADED");
+}
+
+#[tokio::test]
+async fn bad_deployments_are_refused_and_change_nothing() {
+    let url = server(&two_versions(""));
+    let c = client();
+    let (status, body) = admin(
+        &c,
+        &url,
+        "/admin/models/mlp/deploy",
+        json!({"version": "9", "strategy": "blue_green"}),
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+    let (status, _) = admin(
+        &c,
+        &url,
+        "/admin/models/mlp/deploy",
+        json!({"version": "2", "strategy": "rolling-ish"}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    let (status, _) = admin(
+        &c,
+        &url,
+        "/admin/models/mlp/deploy",
+        json!({"version": "2", "strategy": "canary", "steps": [0]}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    let (status, body) = admin(&c, &url, "/admin/models/mlp/rollback", json!({})).await;
+    assert_eq!(status, 409, "nothing to roll back to: {body}");
+    let (status, body) = admin(
+        &c,
+        &url,
+        "/admin/models/mlp/unload",
+        json!({"version": "1"}),
+    )
+    .await;
+    assert_eq!((status, body["unloaded"].as_bool()), (200, Some(true)));
+    let (status, _) = post(
+        &c,
+        &format!("{url}/v2/models/mlp/versions/1/infer"),
+        &mlp_request(&features(1, 1)),
+    )
+    .await;
+    assert_eq!(status, 200, "an unloaded version loads again on demand");
+}
