@@ -389,3 +389,38 @@ async fn bad_deployments_are_refused_and_change_nothing() {
     .await;
     assert_eq!(status, 200, "an unloaded version loads again on demand");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rolling_update_moves_traffic_one_replica_at_a_time() {
+    let url = server(&two_versions("replicas = 2"));
+    let c = client();
+    let traffic = Traffic::start(&url, 4);
+    let (status, answer) = admin(
+        &c,
+        &url,
+        "/admin/models/mlp/deploy",
+        json!({"version": "2", "strategy": "rolling", "step_secs": 1}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer["steps"],
+        json!([50, 100]),
+        "two replicas: half the traffic, then all"
+    );
+    eventually("the rolling update completes", async || {
+        let (_, list) = get(&c, &format!("{url}/v2/models")).await;
+        list["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["version"] == "2" && m["default"] == true)
+    })
+    .await;
+    let seen = traffic.finish().await;
+    assert!(
+        seen.iter().all(|(s, _)| *s == 200),
+        "no request failed during the rolling update"
+    );
+    assert_eq!(seen.last().unwrap().1, "2");
+}

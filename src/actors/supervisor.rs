@@ -81,6 +81,8 @@ impl Traffic {
 }
 
 struct CanaryRollout {
+    /// Canaries are also judged on latency; rolling updates only on errors.
+    judge_latency: bool,
     version: String,
     stable: String,
     steps: Vec<u32>,
@@ -292,8 +294,9 @@ impl Supervisor {
         let c = Traffic::of(&canary.health).since(rollout.canary_base);
         let s = Traffic::of(&stable.health).since(rollout.stable_base);
         let worse_errors = c.error_rate() > s.error_rate() + 0.05;
-        let worse_latency =
-            s.requests > 0 && c.mean_latency_us() > 2.0 * s.mean_latency_us() + 5000.0;
+        let worse_latency = rollout.judge_latency
+            && s.requests > 0
+            && c.mean_latency_us() > 2.0 * s.mean_latency_us() + 5000.0;
         if c.requests >= 5 && (worse_errors || worse_latency) {
             let reason = format!(
                 "canary worse than stable: errors {:.1}% vs {:.1}%, mean latency {:.1} ms vs {:.1} ms",
@@ -464,6 +467,9 @@ impl Handler<Unload> for Supervisor {
 pub enum Strategy {
     BlueGreen,
     Canary,
+    /// Traffic moves to the new version one replica's share at a time (100/N % per step for
+    /// its N replicas), each step gated on the new version's error rate only.
+    Rolling,
 }
 
 /// Make `version` the default of `name` (admin).
@@ -493,7 +499,7 @@ impl Handler<Deploy> for Supervisor {
                     msg.name
                 )));
             }
-            if stable == msg.version && msg.strategy == Strategy::Canary {
+            if stable == msg.version && msg.strategy != Strategy::BlueGreen {
                 return Err(ServeError::Conflict(format!(
                     "{}:{} is already the default",
                     msg.name, msg.version
@@ -553,12 +559,20 @@ impl Handler<Deploy> for Supervisor {
                         }
                         Ok(serde_json::json!({"model": name, "strategy": "blue_green", "from": stable, "to": version, "device": served.info.device.to_string()}))
                     }
-                    Strategy::Canary => {
+                    Strategy::Canary | Strategy::Rolling => {
+                        let steps: Vec<u32> = if msg.strategy == Strategy::Rolling {
+                            let n = served.info.replicas.max(2) as u32;
+                            (1..=n).map(|k| k * 100 / n).collect()
+                        } else {
+                            msg.steps.clone()
+                        };
+                        let strategy = if msg.strategy == Strategy::Rolling { "rolling" } else { "canary" };
                         let stable_health = supervisor.served(&(name.clone(), stable.clone())).map(|s| Traffic::of(&s.health)).unwrap_or_default();
                         supervisor.rollouts.insert(name.clone(), CanaryRollout {
+                            judge_latency: msg.strategy == Strategy::Canary,
                             version: version.clone(),
                             stable: stable.clone(),
-                            steps: msg.steps.clone(),
+                            steps: steps.clone(),
                             step: 0,
                             step_secs: msg.step_secs.max(1),
                             step_started: Instant::now(),
@@ -566,11 +580,11 @@ impl Handler<Deploy> for Supervisor {
                             stable_base: stable_health,
                         });
                         let model = supervisor.catalog.models.get_mut(&name).expect("model exists");
-                        model.canary = Some(Canary { version: version.clone(), percent: msg.steps[0] });
+                        model.canary = Some(Canary { version: version.clone(), percent: steps[0] });
                         supervisor.last_rollback.remove(&name);
                         supervisor.publish();
                         event(&name, "canary_started");
-                        Ok(serde_json::json!({"model": name, "strategy": "canary", "stable": stable, "canary": version, "steps": msg.steps, "step_secs": msg.step_secs}))
+                        Ok(serde_json::json!({"model": name, "strategy": strategy, "stable": stable, "canary": version, "steps": steps, "step_secs": msg.step_secs}))
                     }
                 }
             }),
