@@ -24,6 +24,8 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Verify a model directory's manifest and hashes, then print what it holds.
     CheckModels(CheckArgs),
+    /// Operate a running server through its admin API (load, unload, deploy, rollback, ...).
+    Admin(crate::cli::AdminArgs),
 }
 
 #[derive(Debug, Args)]

@@ -8,6 +8,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(*args),
         Command::CheckModels(args) => check_models(&args.models),
+        Command::Admin(args) => streamserve::cli::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

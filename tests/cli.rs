@@ -238,3 +238,59 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
     }
     assert!(status.success(), "exit 0 after draining");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_subcommands_drive_a_running_server() {
+    let mut child = binary()
+        .args([
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--models",
+            "models",
+            "--log-format",
+            "json",
+        ])
+        .env("STREAMSERVE_ADMIN_TOKEN", "cli")
+        .spawn()
+        .unwrap();
+    let addr = wait_for_address(&mut child);
+    let url = format!("http://{addr}");
+    let admin = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_streamserve"))
+            .args(["admin", "--url", &url])
+            .args(args)
+            .env("STREAMSERVE_ADMIN_TOKEN", "cli")
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = tokio::task::block_in_place(|| admin(&["models"]));
+    assert!(ok, "{err}");
+    assert!(out.contains("\"typed_ops\""), "{out}");
+    let (ok, out, err) = tokio::task::block_in_place(|| admin(&["unload", "typed_ops"]));
+    assert!(ok && out.contains("\"unloaded\": true"), "{out}{err}");
+    let (_, list) = get(&client(), &format!("{url}/v2/models")).await;
+    let typed = list["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "typed_ops")
+        .unwrap()
+        .clone();
+    assert_eq!(typed["state"], "UNLOADED");
+    let (ok, _, err) = tokio::task::block_in_place(|| admin(&["rollback", "typed_ops"]));
+    assert!(
+        !ok && err.contains("409") && err.contains("no previous version"),
+        "{err}"
+    );
+    let (ok, _, err) = tokio::task::block_in_place(|| admin(&["--token", "wrong", "models"]));
+    assert!(!ok && err.contains("401"), "{err}");
+    assert!(stop(child).success());
+}

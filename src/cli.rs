@@ -1,0 +1,163 @@
+//! `streamserve admin ...`: the admin API from the command line, against a local or deployed
+//! server (`--url`, `STREAMSERVE_URL`; token from `--token` or `STREAMSERVE_ADMIN_TOKEN`).
+
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// Base URL of the server.
+    #[arg(long, env = "STREAMSERVE_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// The server's admin token.
+    #[arg(long, env = "STREAMSERVE_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: String,
+    #[command(subcommand)]
+    pub command: AdminCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Every model version with its state and router.
+    Models,
+    /// Load a version now.
+    Load {
+        model: String,
+        #[arg(long)]
+        version: Option<String>,
+    },
+    /// Drain and free a version (it loads again on demand).
+    Unload {
+        model: String,
+        #[arg(long)]
+        version: Option<String>,
+    },
+    /// Make VERSION the default of MODEL.
+    Deploy {
+        model: String,
+        version: String,
+        #[arg(long, value_enum, default_value = "blue-green")]
+        strategy: StrategyArg,
+        /// Canary traffic shares in percent.
+        #[arg(long, value_delimiter = ',', default_value = "5,25,50,100")]
+        steps: Vec<u32>,
+        #[arg(long, default_value_t = 30)]
+        step_secs: u64,
+        /// Skip the request of zeros sent to the new version before it takes traffic.
+        #[arg(long)]
+        no_smoke_test: bool,
+    },
+    /// Abort a running canary or rolling update, or restore the previous default.
+    Rollback { model: String },
+    /// Running rollouts and the last rollback reasons.
+    Rollouts,
+    /// Inject a fault into a model's workers (drills and tests).
+    Fault {
+        model: String,
+        #[arg(long, value_enum)]
+        kind: FaultKind,
+        #[arg(long, default_value_t = 1000)]
+        ms: u64,
+        #[arg(long)]
+        replica: Option<usize>,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        #[arg(long)]
+        version: Option<String>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum StrategyArg {
+    BlueGreen,
+    Canary,
+    Rolling,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum FaultKind {
+    Panic,
+    Hang,
+    Slow,
+}
+
+pub fn run(args: AdminArgs) -> anyhow::Result<()> {
+    let (method, path, body): (&str, String, Option<Value>) = match args.command {
+        AdminCommand::Models => ("GET", "/admin/models".into(), None),
+        AdminCommand::Rollouts => ("GET", "/admin/rollouts".into(), None),
+        AdminCommand::Load { model, version } => (
+            "POST",
+            format!("/admin/models/{model}/load"),
+            Some(json!({"version": version})),
+        ),
+        AdminCommand::Unload { model, version } => (
+            "POST",
+            format!("/admin/models/{model}/unload"),
+            Some(json!({"version": version})),
+        ),
+        AdminCommand::Deploy {
+            model,
+            version,
+            strategy,
+            steps,
+            step_secs,
+            no_smoke_test,
+        } => {
+            let strategy = match strategy {
+                StrategyArg::BlueGreen => "blue_green",
+                StrategyArg::Canary => "canary",
+                StrategyArg::Rolling => "rolling",
+            };
+            let body = json!({"version": version, "strategy": strategy, "steps": steps, "step_secs": step_secs, "smoke_test": !no_smoke_test});
+            ("POST", format!("/admin/models/{model}/deploy"), Some(body))
+        }
+        AdminCommand::Rollback { model } => (
+            "POST",
+            format!("/admin/models/{model}/rollback"),
+            Some(json!({})),
+        ),
+        AdminCommand::Fault {
+            model,
+            kind,
+            ms,
+            replica,
+            count,
+            version,
+        } => {
+            let fault = match kind {
+                FaultKind::Panic => json!({"kind": "panic"}),
+                FaultKind::Hang => json!({"kind": "hang", "ms": ms}),
+                FaultKind::Slow => json!({"kind": "slow", "ms": ms}),
+            };
+            let body =
+                json!({"fault": fault, "replica": replica, "count": count, "version": version});
+            ("POST", format!("/admin/models/{model}/faults"), Some(body))
+        }
+    };
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let url = format!("{}{path}", args.url.trim_end_matches('/'));
+    let auth = format!("Bearer {}", args.token);
+    let response = match body {
+        None => agent.get(&url).header("Authorization", &auth).call(),
+        Some(body) => agent
+            .post(&url)
+            .header("Authorization", &auth)
+            .send_json(body),
+    };
+    let mut response = response.map_err(|e| anyhow::anyhow!("{method} {url}: {e}"))?;
+    let status = response.status();
+    let text = response.body_mut().read_to_string().unwrap_or_default();
+    let pretty = serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|v| serde_json::to_string_pretty(&v).ok())
+        .unwrap_or(text);
+    if status.is_success() {
+        println!("{pretty}");
+        Ok(())
+    } else {
+        anyhow::bail!("{method} {url}: {status}\n{pretty}")
+    }
+}
