@@ -75,6 +75,10 @@ pub struct ServeArgs {
     /// Seconds to finish in-flight work after SIGTERM before exiting [default: 30].
     #[arg(long, env = "STREAMSERVE_DRAIN_SECS")]
     pub drain_secs: Option<u64>,
+    /// CPU threads all replicas may use together; autoscaling adds replicas only within it
+    /// [default: number of CPUs].
+    #[arg(long, env = "STREAMSERVE_CPU_BUDGET")]
+    pub cpu_budget: Option<usize>,
     /// Token that enables the admin API (/admin, `Authorization: Bearer <token>`); unset = off.
     #[arg(long, env = "STREAMSERVE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -104,6 +108,7 @@ struct FileConfig {
     stream_idle_secs: Option<u64>,
     drain_secs: Option<u64>,
     admin_token: Option<String>,
+    cpu_budget: Option<usize>,
 }
 
 /// The resolved configuration the server runs with.
@@ -121,6 +126,7 @@ pub struct Config {
     pub stream_idle_secs: u64,
     pub drain_secs: u64,
     pub admin_token: Option<String>,
+    pub cpu_budget: usize,
 }
 
 impl Default for Config {
@@ -138,6 +144,7 @@ impl Default for Config {
             stream_idle_secs: 30,
             drain_secs: 30,
             admin_token: None,
+            cpu_budget: std::thread::available_parallelism().map_or(2, |n| n.get()),
         }
     }
 }
@@ -183,6 +190,10 @@ impl Config {
                 .or(file.drain_secs)
                 .unwrap_or(defaults.drain_secs),
             admin_token: args.admin_token.or(file.admin_token),
+            cpu_budget: args
+                .cpu_budget
+                .or(file.cpu_budget)
+                .unwrap_or(defaults.cpu_budget),
         })
     }
 }

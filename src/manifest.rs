@@ -124,6 +124,9 @@ pub struct ModelEntry {
     /// Serve on CPU when the requested GPU cannot be used, instead of refusing the model.
     pub allow_cpu_fallback: bool,
     pub replicas: usize,
+    /// Replica autoscaling bounds (both default to `replicas`: no autoscaling).
+    pub min_replicas: usize,
+    pub max_replicas: usize,
     pub intra_threads: usize,
     pub batching: Batching,
     /// Requests allowed to wait in the router's queue before new ones get 429.
@@ -152,6 +155,8 @@ struct RawDefaults {
     device: Option<Device>,
     allow_cpu_fallback: Option<bool>,
     replicas: Option<usize>,
+    min_replicas: Option<usize>,
+    max_replicas: Option<usize>,
     intra_threads: Option<usize>,
     max_batch_size: Option<usize>,
     max_queue_delay_ms: Option<f64>,
@@ -174,6 +179,8 @@ struct RawModel {
     device: Option<Device>,
     allow_cpu_fallback: Option<bool>,
     replicas: Option<usize>,
+    min_replicas: Option<usize>,
+    max_replicas: Option<usize>,
     intra_threads: Option<usize>,
     max_batch_size: Option<usize>,
     max_queue_delay_ms: Option<f64>,
@@ -229,6 +236,8 @@ impl Manifest {
                 device: m.device,
                 allow_cpu_fallback: m.allow_cpu_fallback,
                 replicas: m.replicas,
+                min_replicas: m.min_replicas,
+                max_replicas: m.max_replicas,
                 intra_threads: m.intra_threads,
                 max_batch_size: m.max_batch_size,
                 max_queue_delay_ms: m.max_queue_delay_ms,
@@ -276,6 +285,8 @@ impl Manifest {
                     .or(d.allow_cpu_fallback)
                     .unwrap_or(false),
                 replicas: s.replicas.or(d.replicas).unwrap_or(1).max(1),
+                min_replicas: s.min_replicas.or(d.min_replicas).unwrap_or(0),
+                max_replicas: s.max_replicas.or(d.max_replicas).unwrap_or(0),
                 intra_threads: s.intra_threads.or(d.intra_threads).unwrap_or(1).max(1),
                 batching: Batching {
                     max_batch_size: s.max_batch_size.or(d.max_batch_size).unwrap_or(0),
@@ -303,6 +314,19 @@ impl Manifest {
                 name: m.name,
                 version: m.version,
             });
+        }
+        for m in &mut models {
+            let (min, max) = (m.min_replicas, m.max_replicas);
+            m.min_replicas = if min == 0 {
+                m.replicas
+            } else {
+                min.min(m.replicas)
+            };
+            m.max_replicas = if max == 0 {
+                m.replicas
+            } else {
+                max.max(m.replicas)
+            };
         }
         for m in &models {
             if let Some(fallback) = &m.fallback {

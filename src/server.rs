@@ -44,7 +44,7 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
     let prometheus = telemetry::metrics_handle();
     let env = crate::runtime::init(config.ort_dylib.as_deref()).map_err(anyhow::Error::msg)?;
     let manifest = Manifest::load(&config.models)?;
-    let registry = Arc::new(Registry::default());
+    let registry = Arc::new(Registry::new(config.cpu_budget));
     let supervisor = Supervisor::new(env, registry.clone()).start();
     supervisor
         .send(Start(manifest))

@@ -424,3 +424,60 @@ async fn a_rolling_update_moves_traffic_one_replica_at_a_time() {
     );
     assert_eq!(seen.last().unwrap().1, "2");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_scale_up_under_pressure_within_the_cpu_budget_and_back_down() {
+    let manifest = format!(
+        r#"
+        [[models]]
+        name = "mlp"
+        version = "1"
+        file = "{{models}}/mlp/1/model.onnx"
+        sha256 = "{MLP_SHA}"
+        replicas = 1
+        max_replicas = 3
+        max_batch_size = 4
+        "#
+    );
+    // A budget of 2 threads: one replica at start, room for one more, not two.
+    let url = start(&model_dir(&manifest), |config| {
+        config.admin_token = Some(TOKEN.into());
+        config.cpu_budget = 2;
+    });
+    let c = client();
+    // Slow batches keep the queue deep for longer than a second.
+    let fault = json!({"fault": {"kind": "slow", "ms": 100}, "count": 40});
+    assert_eq!(
+        admin(&c, &url, "/admin/models/mlp/faults", fault).await.0,
+        200
+    );
+    let traffic = Traffic::start(&url, 24);
+    let status = |c: reqwest::Client, url: String| async move {
+        let list: Value = c
+            .get(format!("{url}/admin/models"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        list["models"][0]["router"].clone()
+    };
+    eventually("a second replica starts", async || {
+        status(c.clone(), url.clone()).await["healthy_replicas"] == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        status(c.clone(), url.clone()).await["replicas"],
+        2,
+        "the CPU budget holds the third replica back"
+    );
+    let seen = traffic.finish().await;
+    assert!(seen.iter().all(|(s, _)| *s == 200));
+    eventually("idle replicas are removed", async || {
+        status(c.clone(), url.clone()).await["replicas"] == 1
+    })
+    .await;
+}

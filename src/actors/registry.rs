@@ -154,12 +154,72 @@ impl Catalog {
     }
 }
 
-#[derive(Default)]
 pub struct Registry {
     catalog: ArcSwap<Catalog>,
+    /// CPU threads that replicas may use, shared by all models' routers.
+    pub cpu_budget: CpuBudget,
+}
+
+/// A budget of CPU threads (ONNX Runtime intra-op threads across all replicas). Routers take
+/// from it to add replicas under load and give back when they scale down or unload, so models
+/// share the machine by what they need. A plain atomic: taking never blocks anyone.
+#[derive(Debug)]
+pub struct CpuBudget {
+    available: std::sync::atomic::AtomicI64,
+    pub total: i64,
+}
+
+impl CpuBudget {
+    pub fn new(total: usize) -> CpuBudget {
+        CpuBudget {
+            available: std::sync::atomic::AtomicI64::new(total as i64),
+            total: total as i64,
+        }
+    }
+
+    /// Takes `threads` if that many are left.
+    pub fn try_take(&self, threads: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        let threads = threads as i64;
+        self.available
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                (left >= threads).then_some(left - threads)
+            })
+            .is_ok()
+    }
+
+    /// Takes `threads` even beyond the budget (a version's initial replicas); returns whether
+    /// it fitted.
+    pub fn take(&self, threads: usize) -> bool {
+        self.available
+            .fetch_sub(threads as i64, std::sync::atomic::Ordering::AcqRel)
+            >= threads as i64
+    }
+
+    pub fn give_back(&self, threads: usize) {
+        self.available
+            .fetch_add(threads as i64, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    pub fn available(&self) -> i64 {
+        self.available.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
+    }
 }
 
 impl Registry {
+    pub fn new(cpu_threads: usize) -> Registry {
+        Registry {
+            catalog: ArcSwap::default(),
+            cpu_budget: CpuBudget::new(cpu_threads),
+        }
+    }
+
     pub fn snapshot(&self) -> Arc<Catalog> {
         self.catalog.load_full()
     }

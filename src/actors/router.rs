@@ -34,6 +34,10 @@ use crate::model::{InferRequest, ModelInfo};
 
 /// How often queued deadlines and running batches are checked.
 const WATCH_INTERVAL: Duration = Duration::from_millis(50);
+/// Queue pressure must last this long before a replica is added.
+const SCALE_UP_AFTER: Duration = Duration::from_secs(1);
+/// A replica above `min_replicas` is removed after this long without any batch.
+const SCALE_DOWN_IDLE: Duration = Duration::from_secs(5);
 
 /// Health and traffic of a model version, written by its router and the API, read lock-free
 /// by the health API and the supervisor (idle unload, canary judgement).
@@ -122,6 +126,7 @@ pub struct Status;
 
 #[derive(Debug, serde::Serialize)]
 pub struct RouterStatus {
+    pub replicas: usize,
     pub queued: usize,
     pub healthy_replicas: usize,
     pub busy_replicas: usize,
@@ -166,6 +171,12 @@ pub struct Router {
     overloaded: bool,
     restarts: u64,
     draining: bool,
+    /// Since when the queue has held more than every worker can take at once.
+    pressure_since: Option<Instant>,
+    /// Since when no batch has run (for scaling down).
+    idle_since: Instant,
+    /// A replica being added (its session loading).
+    scaling_up: bool,
     labels: [(&'static str, String); 2],
 }
 
@@ -224,6 +235,9 @@ impl Router {
             overloaded: false,
             restarts: 0,
             draining: false,
+            pressure_since: None,
+            idle_since: Instant::now(),
+            scaling_up: false,
             labels,
         }
     }
@@ -514,8 +528,82 @@ impl Router {
         self.dispatch(ctx);
     }
 
+    /// Adds a replica when the queue has stayed deeper than all workers can take for a second,
+    /// and removes the newest one after `SCALE_DOWN_IDLE` without any batch, within the
+    /// manifest's `min_replicas..=max_replicas` and the shared CPU budget.
+    fn autoscale(&mut self, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let busy = self.slots.iter().any(|s| s.in_flight.is_some());
+        if busy || !self.queue.is_empty() {
+            self.idle_since = now;
+        }
+        let per_batch = self.info.batching.max_batch_size.max(1);
+        let pressure = self.queued_rows > per_batch * self.healthy().max(1)
+            && self
+                .slots
+                .iter()
+                .all(|s| s.handle.is_none() || s.in_flight.is_some());
+        self.pressure_since = if pressure {
+            self.pressure_since.or(Some(now))
+        } else {
+            None
+        };
+        let threads = self.entry.intra_threads;
+        let sustained = self
+            .pressure_since
+            .is_some_and(|t| now.duration_since(t) >= SCALE_UP_AFTER);
+        if sustained && !self.scaling_up && self.slots.len() < self.entry.max_replicas {
+            if !self.registry.cpu_budget.try_take(threads) {
+                return; // the machine is full: the queue (and fallback) absorb the load
+            }
+            self.scaling_up = true;
+            self.pressure_since = None;
+            let replica = self.slots.len();
+            let faults = FaultQueue::default();
+            self.slots.push(Slot {
+                handle: None,
+                in_flight: None,
+                last_dispatch: now,
+                faults: faults.clone(),
+                generation: 0,
+                deaths: VecDeque::new(),
+            });
+            tracing::info!(model = %self.info.name, version = %self.info.version, replica, "scaling up");
+            metrics::counter!("streamserve_scale_events_total", "model" => self.info.name.clone(), "direction" => "up").increment(1);
+            metrics::gauge!("streamserve_replicas", &self.labels).set(self.slots.len() as f64);
+            let start = supervisor::restart_worker(
+                self.entry.clone(),
+                replica,
+                0,
+                self.env,
+                self.reports.clone(),
+                faults,
+                Duration::ZERO,
+            );
+            ctx.spawn(start.into_actor(self).map(|started, router, ctx| {
+                router.scaling_up = false;
+                ctx.notify(Attach(started));
+            }));
+            return;
+        }
+        let idle_long = now.duration_since(self.idle_since) >= SCALE_DOWN_IDLE;
+        if idle_long && self.slots.len() > self.entry.min_replicas && !self.scaling_up {
+            let last = self.slots.len() - 1;
+            if self.slots[last].in_flight.is_none() {
+                self.slots.pop();
+                self.registry.cpu_budget.give_back(threads);
+                self.idle_since = now;
+                tracing::info!(model = %self.info.name, version = %self.info.version, replica = last, "scaling down");
+                metrics::counter!("streamserve_scale_events_total", "model" => self.info.name.clone(), "direction" => "down").increment(1);
+                metrics::gauge!("streamserve_replicas", &self.labels).set(self.slots.len() as f64);
+                self.publish_health();
+            }
+        }
+    }
+
     /// Periodic watch: deadlines of queued requests, and batches running far too long.
     fn watch(&mut self, ctx: &mut Context<Self>) {
+        self.autoscale(ctx);
         if self.draining
             && self.queue.is_empty()
             && self.slots.iter().all(|s| s.in_flight.is_none())
@@ -564,6 +652,9 @@ impl Actor for Router {
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         // Dropping the handles ends the worker threads; then the router's own arbiter.
+        self.registry
+            .cpu_budget
+            .give_back(self.slots.len() * self.entry.intra_threads);
         self.slots.clear();
         metrics::gauge!("streamserve_workers", &self.labels).set(0.0);
         Arbiter::current().stop();
@@ -573,6 +664,7 @@ impl Actor for Router {
         self.publish_health();
         self.publish_queue();
         metrics::gauge!("streamserve_overloaded", &self.labels).set(0.0);
+        metrics::gauge!("streamserve_replicas", &self.labels).set(self.slots.len() as f64);
         ctx.run_interval(WATCH_INTERVAL, |router, ctx| router.watch(ctx));
     }
 }
@@ -645,7 +737,11 @@ impl Handler<Attach> for Router {
 
     fn handle(&mut self, Attach(worker): Attach, ctx: &mut Self::Context) {
         let replica = worker.replica;
-        if worker.generation != self.slots[replica].generation {
+        if self
+            .slots
+            .get(replica)
+            .is_none_or(|s| worker.generation != s.generation)
+        {
             return; // superseded while it loaded
         }
         tracing::info!(model = %self.info.name, version = %self.info.version, replica, generation = worker.generation, "worker restarted");
@@ -697,6 +793,7 @@ impl Handler<Status> for Router {
 
     fn handle(&mut self, _: Status, _ctx: &mut Self::Context) -> Self::Result {
         MessageResult(RouterStatus {
+            replicas: self.slots.len(),
             queued: self.queue.len(),
             healthy_replicas: self.healthy(),
             busy_replicas: self.slots.iter().filter(|s| s.in_flight.is_some()).count(),

@@ -807,6 +807,11 @@ pub async fn load_version(
     }
     // Ready as soon as this returns: the router only starts (and publishes) on its own thread.
     let health = Arc::new(ModelHealth::new(workers.len(), entry.replicas));
+    let threads = entry.replicas * entry.intra_threads;
+    if !registry.cpu_budget.take(threads) {
+        tracing::info!(model = %entry.name, version = %entry.version, threads, budget = registry.cpu_budget.total,
+            "replicas now use more threads than the CPU budget; no model can scale up until some are released");
+    }
     let arbiter = Arbiter::new();
     let router = {
         let (info, entry, health, env, registry) = (
