@@ -34,6 +34,19 @@ pub struct ModelInfo {
     pub sha256: String,
     pub description: String,
     pub source: String,
+    /// What serving this version takes, as the registry estimates it.
+    pub resources: Resources,
+}
+
+/// Resource needs of a model version: CPU threads of its replicas, and a memory estimate
+/// (twice the model file per replica: weights plus ONNX Runtime's working memory), on the
+/// device it runs on.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Resources {
+    pub cpu_threads: usize,
+    pub ram_mb: u64,
+    pub vram_mb: u64,
+    pub model_file_bytes: u64,
 }
 
 /// A request that passed validation: inputs in the model's input order, the number of rows
@@ -288,6 +301,7 @@ mod tests {
             sha256: String::new(),
             description: String::new(),
             source: String::new(),
+            resources: Resources::default(),
         }
     }
 

@@ -56,6 +56,8 @@ async fn model_listing_metadata_and_readiness() {
     assert_eq!(meta["name"], "mlp");
     assert_eq!(meta["versions"], json!(["1"]));
     assert_eq!(meta["platform"], "onnxruntime_onnx");
+    assert_eq!(meta["parameters"]["resources"]["cpu_threads"], 2);
+    assert_eq!(meta["parameters"]["resources"]["model_file_bytes"], 5317146);
     assert_eq!(
         meta["inputs"],
         json!([{"name": "features", "datatype": "FP32", "shape": [-1, 256]}])

@@ -799,6 +799,17 @@ pub async fn load_version(
         sha256: entry.sha256.clone(),
         description: entry.description.clone(),
         source: entry.source.clone(),
+        resources: {
+            let file = std::fs::metadata(&entry.file).map(|m| m.len()).unwrap_or(0);
+            let estimate = (file * 2 * entry.replicas as u64).div_ceil(1 << 20);
+            let on_gpu = matches!(device, crate::manifest::Device::Cuda(_));
+            crate::model::Resources {
+                cpu_threads: entry.replicas * entry.intra_threads,
+                ram_mb: if on_gpu { 0 } else { estimate },
+                vram_mb: if on_gpu { estimate } else { 0 },
+                model_file_bytes: file,
+            }
+        },
     });
     if info.stream == Some(StreamKind::Vad) {
         if let Err(reason) = VadInterface::resolve(&info) {

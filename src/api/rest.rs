@@ -126,6 +126,7 @@ async fn metadata(
             "description": info.description,
             "source": info.source,
             "fallback": info.fallback,
+            "resources": info.resources,
         },
     })))
 }
