@@ -287,10 +287,10 @@ async fn a_healthy_canary_is_promoted_step_by_step() {
 async fn a_slow_canary_is_rolled_back_automatically() {
     let url = server(&two_versions(""));
     let c = client();
-    // Load version 2 and make it slow: every batch takes 40 ms more than it should.
+    // Load version 2 and make it slow: every batch takes 150 ms more than it should.
     let (status, _) = admin(&c, &url, "/admin/models/mlp/load", json!({"version": "2"})).await;
     assert_eq!(status, 200);
-    let fault = json!({"fault": {"kind": "slow", "ms": 40}, "version": "2", "count": 1000});
+    let fault = json!({"fault": {"kind": "slow", "ms": 150}, "version": "2", "count": 1000});
     assert_eq!(
         admin(&c, &url, "/admin/models/mlp/faults", fault).await.0,
         200
