@@ -250,6 +250,16 @@ pub fn start_server(
     models: &Path,
     max_batch_size: usize,
 ) -> anyhow::Result<streamserve::server::Running> {
+    start_server_for(models, "mlp", max_batch_size)
+}
+
+/// Starts streamserve in this process on 127.0.0.1 (a free port) on `models`, and checks that
+/// `model` is serving with `max_batch_size`; the caller stops it with [`stop_server`].
+pub fn start_server_for(
+    models: &Path,
+    model: &str,
+    max_batch_size: usize,
+) -> anyhow::Result<streamserve::server::Running> {
     let config = streamserve::config::Config {
         host: "127.0.0.1".into(),
         port: 0,
@@ -262,13 +272,15 @@ pub fn start_server(
     // which can be just after `spawn` returns: wait for it, boundedly.
     let deadline = Instant::now() + Duration::from_secs(10);
     let problem = loop {
-        let problem = match running.registry.snapshot().resolve("mlp", None) {
-            Err(e) => Some(format!("streamserve started but does not serve mlp: {e}")),
+        let problem = match running.registry.snapshot().resolve(model, None) {
+            Err(e) => Some(format!(
+                "streamserve started but does not serve {model}: {e}"
+            )),
             Ok(served) if !served.health.ready() => {
-                Some("mlp has no healthy replica after 10 s".to_string())
+                Some(format!("{model} has no healthy replica after 10 s"))
             }
             Ok(served) if served.info.batching.max_batch_size != max_batch_size => Some(format!(
-                "mlp serves with max_batch_size {}, the manifest says {max_batch_size}",
+                "{model} serves with max_batch_size {}, the manifest says {max_batch_size}",
                 served.info.batching.max_batch_size
             )),
             Ok(_) => None,
@@ -437,7 +449,7 @@ struct ReportInput<'a> {
     servers: &'a [ServerResults],
 }
 
-fn cpu_since(before: Option<CpuSnapshot>) -> Option<CpuShare> {
+pub fn cpu_since(before: Option<CpuSnapshot>) -> Option<CpuShare> {
     Some(CpuSnapshot::take()?.since(&before?))
 }
 

@@ -1,13 +1,23 @@
-//! streamserve-load: a closed-loop load generator for streamserve's Open Inference Protocol
-//! REST endpoint ([`rest`]) and the side-by-side REST micro-benchmark ([`bench`]) that
-//! compares the server, with and without dynamic batching, against the in-process ONNX
-//! Runtime ceiling.
+//! streamserve-load: load generators and benchmarks for streamserve.
+//!
+//! - [`rest`]: closed-loop load on the Open Inference Protocol REST endpoint, and
+//!   [`open_loop`]: the same requests at a constant rate (open loop);
+//! - [`bench`]: the REST micro-benchmark, server with and without dynamic batching against
+//!   the in-process ONNX Runtime ceiling;
+//! - [`streams`]: WebSocket speech-stream load, and [`streams_bench`]: how many real-time
+//!   `silero_vad` streams one server carries, batching across streams on and off;
+//! - [`overload`]: open-loop overload of `mlp` with its fallback, shedding and degraded mode.
 //!
 //! Everything here talks to loopback addresses only ([`rest::check_loopback`]) and is bounded
 //! in time: every run has a fixed duration, every request a timeout.
 
 pub mod bench;
+pub mod manifest;
+pub mod open_loop;
+pub mod overload;
 pub mod rest;
+pub mod streams;
+pub mod streams_bench;
 pub mod sysinfo;
 
 /// The `mlp` model's interface: FP32 `features [batch, 256]` in, `[batch, 16]` out.

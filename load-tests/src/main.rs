@@ -1,12 +1,13 @@
-//! `loadgen`: closed-loop REST load against a streamserve on loopback (`loadgen rest`), and
-//! the side-by-side REST micro-benchmark that writes a report (`loadgen bench`).
+//! `loadgen`: REST load against a streamserve on loopback (`loadgen rest`), the side-by-side
+//! REST micro-benchmark (`loadgen bench`), WebSocket speech-stream load (`loadgen streams`)
+//! and the stream capacity benchmark (`loadgen streams-bench`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use streamserve_load::{bench, rest};
+use streamserve_load::{bench, open_loop, overload, rest, streams, streams_bench, sysinfo};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -21,12 +22,131 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Closed-loop REST load on a running server: N connections, each sending its next
-    /// inference request as soon as the previous answer is in.
+    /// REST load on a running server. Closed loop by default: N connections, each sending its
+    /// next inference request as soon as the previous answer is in. With --rate: open loop,
+    /// R requests/s on a fixed schedule whatever the answers.
     Rest(RestArgs),
     /// Start streamserve in-process (batching on, then off), load each at several
     /// concurrencies, compare with the in-process ONNX Runtime ceiling, write report.md.
     Bench(BenchArgs),
+    /// WebSocket speech streams on a running server: N concurrent streams, each sending a WAV
+    /// (looped) at real-time pace and timing every chunk's result.
+    Streams(StreamsArgs),
+    /// Start streamserve in-process on silero_vad (cross-stream batching on, then off), step
+    /// the number of real-time streams until p99 chunk latency misses the target, compare
+    /// with the in-process compute ceiling, write report.md.
+    StreamsBench(StreamsBenchArgs),
+    /// Start streamserve in-process on mlp with slo_ms, a fallback and a short queue; measure
+    /// its capacity, offer 1x, 2x, 3x, 5x of it open loop, write report.md.
+    Overload(OverloadArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct OverloadArgs {
+    /// Offered loads as multiples of the measured capacity, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [1.0f64, 2.0, 3.0, 5.0])]
+    multipliers: Vec<f64>,
+    /// Measured seconds per offered load.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=300))]
+    duration_secs: u64,
+    /// Unmeasured seconds of open-loop load before each measured period.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(0..=60))]
+    warmup_secs: u64,
+    /// Measured seconds of the closed-loop capacity measurement.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300))]
+    capacity_secs: u64,
+    /// Closed-loop concurrency of the capacity measurement.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=rest::MAX_CONCURRENCY as u64))]
+    capacity_concurrency: u64,
+    /// Requests in flight at most during the open-loop levels.
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..=open_loop::MAX_IN_FLIGHT as u64))]
+    max_in_flight: u64,
+    /// Use the binary tensor data extension instead of JSON data.
+    #[arg(long)]
+    binary: bool,
+    /// Output directory [default: load-tests/results/<UTC date>-overload-mlp/].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Longest wait, before each measurement, for other processes to leave the CPU alone.
+    #[arg(long, default_value_t = 180, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    quiet_wait_secs: u64,
+    /// Client runtime worker threads [default: number of CPUs].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
+    client_threads: Option<u64>,
+}
+
+#[derive(Debug, clap::Args)]
+struct StreamsArgs {
+    /// Server base URL; loopback IP addresses only.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Model to stream to; it must have `stream = "vad"` in the manifest.
+    #[arg(long, default_value = "silero_vad")]
+    model: String,
+    /// Concurrent streams.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=streams::MAX_STREAMS as u64))]
+    streams: u64,
+    /// Measured seconds (after the ramp).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    duration_secs: u64,
+    /// Seconds over which the streams open, evenly spread; not measured.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=600))]
+    ramp_secs: u64,
+    /// Audio seconds sent per wall-clock second (1.0 = real time).
+    #[arg(long, default_value_t = 1.0)]
+    speed: f64,
+    /// Milliseconds of audio per binary frame.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    frame_ms: u32,
+    /// `all`: a vad result per chunk (timed); `events`: speech events only (nothing to time).
+    #[arg(long, default_value = "all")]
+    results: streams::ResultsMode,
+    /// Mono 16-bit WAV at 16 or 8 kHz [default: tests/audio/two_phrases_16k.wav].
+    #[arg(long)]
+    wav: Option<PathBuf>,
+    /// A sender further behind its real-time schedule than this makes its stream late.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=60000))]
+    late_ms: u64,
+    /// Client runtime worker threads [default: number of CPUs].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
+    client_threads: Option<u64>,
+    /// No progress lines on stderr.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct StreamsBenchArgs {
+    /// Numbers of concurrent streams to try, ascending, comma-separated; stepping stops at the
+    /// first step that misses the target.
+    #[arg(long, value_delimiter = ',',
+          default_values_t = [50u64, 100, 150, 200, 250, 300, 400, 500, 750, 1000, 1250, 1500, 2000, 2500, 3000, 4000],
+          value_parser = clap::value_parser!(u64).range(1..=streams::MAX_STREAMS as u64))]
+    steps: Vec<u64>,
+    /// Seconds over which each step's streams open.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(0..=60))]
+    ramp_secs: u64,
+    /// Measured seconds per step.
+    #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u64).range(1..=300))]
+    duration_secs: u64,
+    /// The p99 chunk latency a step must stay under, ms.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10000))]
+    target_ms: u64,
+    /// Milliseconds of audio per binary frame.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    frame_ms: u32,
+    /// Measured seconds of each in-process ceiling measurement.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
+    ceiling_secs: u64,
+    /// Output directory [default: load-tests/results/<UTC date>-streams-vad/].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Longest wait, before each measurement, for other processes to leave the CPU alone.
+    #[arg(long, default_value_t = 180, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    quiet_wait_secs: u64,
+    /// Client runtime worker threads [default: number of CPUs].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
+    client_threads: Option<u64>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -37,9 +157,16 @@ struct RestArgs {
     /// Model to load; it must have the mlp interface (FP32 features [rows, 256] -> [rows, 16]).
     #[arg(long, default_value = "mlp")]
     model: String,
-    /// Requests in flight at once.
+    /// Requests in flight at once (closed loop).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=rest::MAX_CONCURRENCY as u64))]
     concurrency: u64,
+    /// Open loop: send this many requests per second on a fixed schedule, whatever the
+    /// answers; latency runs from each request's scheduled send time.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Open loop: requests in flight at most; one due beyond that is not sent (and counted).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=open_loop::MAX_IN_FLIGHT as u64))]
+    max_in_flight: u64,
     /// Measured seconds.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     duration_secs: u64,
@@ -108,6 +235,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Rest(args) => run_rest(args),
         Command::Bench(args) => run_bench(args),
+        Command::Streams(args) => run_streams(args),
+        Command::StreamsBench(args) => run_streams_bench(args),
+        Command::Overload(args) => run_overload(args),
     };
     match result {
         Ok(code) => code,
@@ -134,9 +264,30 @@ fn run_rest(args: RestArgs) -> anyhow::Result<ExitCode> {
     options.endpoint()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.client_threads.map_or_else(nproc, |n| n as usize))
-        .thread_name("loadgen")
+        .thread_name(sysinfo::LOADGEN_THREAD_PREFIX)
         .enable_all()
         .build()?;
+    if let Some(rate) = args.rate {
+        let open = open_loop::OpenLoopOptions {
+            rest: options,
+            rate,
+            max_in_flight: args.max_in_flight as usize,
+            label: format!("loadgen rate={rate}"),
+        };
+        open.check()?;
+        sysinfo::raise_nofile_limit(args.max_in_flight + 256);
+        let report = runtime.block_on(open_loop::run(&open))?;
+        print!("{}", report.summary());
+        // Refusals (429/503) are the server's answer to overload, not failures of the run;
+        // anything unanswered, any transport error or invalid answer is.
+        let failed =
+            report.unanswered > 0 || report.transport > 0 || report.invalid > 0 || report.ok() == 0;
+        return Ok(if failed {
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
+        });
+    }
     let report = runtime.block_on(rest::run(&options))?;
     print!("{}", report.summary());
     // Non-zero when anything failed, so that scripts can use it as a check.
@@ -165,6 +316,90 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     println!("{}", outcome.report);
     eprintln!(
         "[bench] wrote {}/report.md and results.json",
+        outcome.dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_streams(args: StreamsArgs) -> anyhow::Result<ExitCode> {
+    let audio = streams::load_audio(args.wav.as_deref())?;
+    let mut options = streams::StreamOptions::new(args.url, audio);
+    options.model = args.model;
+    options.streams = args.streams as usize;
+    options.duration = Duration::from_secs(args.duration_secs);
+    options.ramp = Duration::from_secs(args.ramp_secs);
+    options.speed = args.speed;
+    options.frame_ms = args.frame_ms;
+    options.results = args.results;
+    options.late_threshold = Duration::from_millis(args.late_ms);
+    options.progress = !args.quiet;
+    options.label = format!("streams N={}", args.streams);
+    // Refuse a bad target before starting anything.
+    options.endpoint()?;
+    let limit = sysinfo::raise_nofile_limit(args.streams + 256);
+    if limit < args.streams + 64 {
+        anyhow::bail!(
+            "{} streams need about {} open files, the limit is {limit}: raise it with `ulimit -n`",
+            args.streams,
+            args.streams + 64
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.client_threads.map_or_else(nproc, |n| n as usize))
+        .thread_name(sysinfo::LOADGEN_THREAD_PREFIX)
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(streams::run(&options))?;
+    print!("{}", report.summary());
+    Ok(if report.started > 0 && report.error_count() == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn run_streams_bench(args: StreamsBenchArgs) -> anyhow::Result<ExitCode> {
+    let options = streams_bench::StreamsBenchOptions {
+        steps: args.steps.iter().map(|&n| n as usize).collect(),
+        ramp: Duration::from_secs(args.ramp_secs),
+        duration: Duration::from_secs(args.duration_secs),
+        target: Duration::from_millis(args.target_ms),
+        frame_ms: args.frame_ms,
+        ceiling_duration: Duration::from_secs(args.ceiling_secs),
+        out: args.out,
+        client_threads: args.client_threads.map_or_else(nproc, |n| n as usize),
+        command: command_line(),
+        quiet_wait: Duration::from_secs(args.quiet_wait_secs),
+        ..streams_bench::StreamsBenchOptions::default()
+    };
+    let outcome = streams_bench::run(&options)?;
+    println!("{}", outcome.report);
+    eprintln!(
+        "[streams-bench] wrote {}/report.md and results.json",
+        outcome.dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_overload(args: OverloadArgs) -> anyhow::Result<ExitCode> {
+    let options = overload::OverloadOptions {
+        capacity_concurrency: args.capacity_concurrency as usize,
+        capacity_duration: Duration::from_secs(args.capacity_secs),
+        multipliers: args.multipliers,
+        warmup: Duration::from_secs(args.warmup_secs),
+        duration: Duration::from_secs(args.duration_secs),
+        max_in_flight: args.max_in_flight as usize,
+        binary: args.binary,
+        out: args.out,
+        client_threads: args.client_threads.map_or_else(nproc, |n| n as usize),
+        command: command_line(),
+        quiet_wait: Duration::from_secs(args.quiet_wait_secs),
+        ..overload::OverloadOptions::default()
+    };
+    let outcome = overload::run(&options)?;
+    println!("{}", outcome.report);
+    eprintln!(
+        "[overload] wrote {}/report.md and results.json",
         outcome.dir.display()
     );
     Ok(ExitCode::SUCCESS)

@@ -199,6 +199,9 @@ struct ResponseParameters {
     queue_time_us: Option<u64>,
     #[serde(default)]
     compute_time_us: Option<u64>,
+    /// True when the model's fallback served the request (overload).
+    #[serde(default)]
+    degraded: Option<bool>,
 }
 
 /// What the server says about how it served one request (response `parameters`); zero where
@@ -211,6 +214,8 @@ pub struct ServerSide {
     pub queue_us: u64,
     /// The model call, in microseconds.
     pub compute_us: u64,
+    /// Requests served by the model's fallback (`parameters.degraded`): 0 or 1 for one answer.
+    pub degraded: u64,
 }
 
 #[derive(Deserialize)]
@@ -231,10 +236,11 @@ struct OutputParameters {
 }
 
 impl ServerSide {
-    fn add(&mut self, other: &ServerSide) {
+    pub fn add(&mut self, other: &ServerSide) {
         self.batch_size += other.batch_size;
         self.queue_us += other.queue_us;
         self.compute_us += other.compute_us;
+        self.degraded += other.degraded;
     }
 }
 
@@ -317,6 +323,7 @@ pub fn check_mlp_response(
             batch_size: p.batch_size.unwrap_or(0),
             queue_us: p.queue_time_us.unwrap_or(0),
             compute_us: p.compute_time_us.unwrap_or(0),
+            degraded: u64::from(p.degraded.unwrap_or(false)),
         }))
 }
 
@@ -427,6 +434,12 @@ impl RestReport {
             self.mean_queue_ms(),
             self.mean_compute_ms(),
         );
+        if self.server_sums.degraded > 0 {
+            s.push_str(&format!(
+                "degraded    {} answers served by the model's fallback (parameters.degraded)\n",
+                self.server_sums.degraded
+            ));
+        }
         for (kind, n) in &self.errors {
             s.push_str(&format!("error       {kind}: {n}\n"));
         }
@@ -459,14 +472,14 @@ fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, HIST_MAX_US, 3).expect("histogram bounds are valid")
 }
 
-enum Failure {
+pub(crate) enum Failure {
     Status(u16, String),
     Transport(String),
     Invalid(String),
 }
 
 impl Failure {
-    fn kind(&self) -> String {
+    pub(crate) fn kind(&self) -> String {
         match self {
             Failure::Status(code, _) => format!("http {code}"),
             Failure::Transport(_) => "transport".into(),
@@ -474,7 +487,7 @@ impl Failure {
         }
     }
 
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             Failure::Status(code, body) => format!("HTTP {code}: {body}"),
             Failure::Transport(e) => format!("transport: {e}"),
@@ -483,7 +496,7 @@ impl Failure {
     }
 }
 
-async fn send_one(
+pub(crate) async fn send_one(
     client: &reqwest::Client,
     url: &Url,
     body: &RequestBody,
@@ -832,7 +845,8 @@ mod tests {
             Ok(ServerSide {
                 batch_size: 3,
                 queue_us: 0,
-                compute_us: 0
+                compute_us: 0,
+                degraded: 0,
             })
         );
         assert!(check_mlp_response(good, None, 2)
@@ -854,5 +868,8 @@ mod tests {
             .unwrap_err()
             .contains("binary section"));
         assert!(check_mlp_response(b"{", None, 1).is_err());
+        let degraded = br#"{"parameters":{"batch_size":2,"degraded":true,"served_by":"mlp_small:1"},
+            "outputs":[{"name":"l","datatype":"FP32","shape":[1,16],"data":[0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15]}]}"#;
+        assert_eq!(check_mlp_response(degraded, None, 1).unwrap().degraded, 1);
     }
 }

@@ -60,6 +60,8 @@ pub struct CpuSnapshot {
     busy: u64,
     /// This process, user + system (`/proc/self/stat`), same unit.
     own: u64,
+    /// This process's threads named `loadgen*` (the load generator's tokio runtime), same unit.
+    loadgen: u64,
     cpus: usize,
 }
 
@@ -90,6 +92,7 @@ impl CpuSnapshot {
             total,
             busy: total.saturating_sub(idle),
             own: utime + stime,
+            loadgen: thread_ticks(LOADGEN_THREAD_PREFIX),
             cpus: cpus.max(1),
         })
     }
@@ -101,17 +104,138 @@ impl CpuSnapshot {
         let busy = self.busy.saturating_sub(earlier.busy) as f64;
         let own = self.own.saturating_sub(earlier.own) as f64;
         let cores = self.cpus as f64;
+        let loadgen = self.loadgen.saturating_sub(earlier.loadgen) as f64;
         CpuShare {
             own_cores: own / total * cores,
             other_cores: ((busy - own) / total * cores).max(0.0),
+            loadgen_cores: (loadgen / total * cores).min(own / total * cores),
         }
     }
 }
 
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct CpuShare {
+    /// This whole process: server and load generator together when both run in it.
     pub own_cores: f64,
+    /// Every other process on the machine.
     pub other_cores: f64,
+    /// The part of `own_cores` spent on threads named `loadgen*`: the load generator's own
+    /// tokio runtime (the server's threads have other names). 0 when it runs no such threads.
+    pub loadgen_cores: f64,
+}
+
+impl CpuShare {
+    /// `own_cores` minus the load generator's threads: the in-process server's share.
+    pub fn server_cores(&self) -> f64 {
+        (self.own_cores - self.loadgen_cores).max(0.0)
+    }
+}
+
+/// The thread name (prefix) of the load generator's tokio runtimes, so that their CPU time can
+/// be told apart from the in-process server's.
+pub const LOADGEN_THREAD_PREFIX: &str = "loadgen";
+
+/// User + system clock ticks of this process's live threads whose name starts with `prefix`
+/// (`/proc/self/task/*/stat`); 0 where `/proc` cannot be read. Threads that have exited no
+/// longer count, so take deltas over periods in which the threads of interest stay alive.
+pub fn thread_ticks(prefix: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    let mut ticks = 0;
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let name = head.split_once('(').map_or("", |(_, n)| n);
+        if !name.starts_with(prefix) {
+            continue;
+        }
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let utime: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let stime: u64 = fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+        ticks += utime + stime;
+    }
+    ticks
+}
+
+/// Raises this process's soft limit on open files towards `wanted` (at most the hard limit)
+/// and returns the soft limit in force afterwards. A stream costs one socket on each side, so
+/// an in-process server and its load generator need two descriptors per stream.
+// `rlim_t` is u64 on Linux/glibc but not everywhere: keep the casts.
+#[allow(clippy::unnecessary_cast)]
+pub fn raise_nofile_limit(wanted: u64) -> u64 {
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        let target = (wanted as libc::rlim_t).min(limit.rlim_max);
+        if target > limit.rlim_cur {
+            let raised = libc::rlimit {
+                rlim_cur: target,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return target as u64;
+            }
+        }
+        limit.rlim_cur as u64
+    }
+}
+
+/// The checkout's revision (`git describe --always --dirty`), for reports; "unknown" without
+/// git.
+pub fn source_revision() -> String {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    std::process::Command::new("git")
+        .arg("-C")
+        .arg(&root)
+        .args(["describe", "--always", "--dirty"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Waits, at most `max_wait`, until other processes use less than `threshold` CPU cores over
+/// one second, printing what it waits for; returns what they used in the last second (`None`
+/// where `/proc` cannot be read). Benchmarks call it before each measurement, so that a
+/// compiler or test run elsewhere on the machine does not end up in the figures.
+pub fn wait_for_quiet(threshold: f64, max_wait: std::time::Duration) -> Option<f64> {
+    let start = std::time::Instant::now();
+    let mut said: Option<std::time::Instant> = None;
+    loop {
+        let before = CpuSnapshot::take()?;
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let others = CpuSnapshot::take()?.since(&before).other_cores;
+        if others < threshold || start.elapsed() >= max_wait {
+            if said.is_some() {
+                eprintln!(
+                    "[quiet] others now use {others:.2} cores after {:.0} s of waiting",
+                    start.elapsed().as_secs_f64()
+                );
+            }
+            return Some(others);
+        }
+        if said.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(15)) {
+            eprintln!(
+                "[quiet] other processes use {others:.2} CPU cores; waiting (at most {:.0} s) for a quiet machine",
+                max_wait.as_secs_f64()
+            );
+            said = Some(std::time::Instant::now());
+        }
+    }
 }
 
 /// Today's date in UTC as `YYYY-MM-DD`, and the time as `YYYY-MM-DDTHH:MM:SSZ`.
@@ -171,6 +295,28 @@ mod tests {
             "{share:?}"
         );
         assert!(share.own_cores <= a.cpus as f64 + 0.5, "{share:?}");
+    }
+
+    #[test]
+    fn named_thread_ticks() {
+        let handle = std::thread::Builder::new()
+            .name("loadgen-test".into())
+            .spawn(|| {
+                let start = std::time::Instant::now();
+                let mut x = 0u64;
+                while start.elapsed() < std::time::Duration::from_millis(200) {
+                    x = x.wrapping_mul(31).wrapping_add(1);
+                }
+                std::hint::black_box(x);
+                thread_ticks("loadgen-test")
+            })
+            .unwrap();
+        let ticks = handle.join().unwrap();
+        if std::path::Path::new("/proc/self/task").exists() {
+            assert!(ticks > 0, "a busy named thread used no CPU ticks");
+        }
+        assert_eq!(thread_ticks("no-such-thread-name"), 0);
+        assert!(raise_nofile_limit(256) >= 256);
     }
 
     #[test]

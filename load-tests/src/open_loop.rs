@@ -1,0 +1,573 @@
+//! Open-loop REST load: requests go out at a constant rate, on a fixed schedule, whether or
+//! not earlier ones have been answered (arrivals do not wait for the server, as real clients'
+//! do not). Latency runs from each request's *scheduled* send time, so a server (or a load
+//! generator) that falls behind shows up in the figures instead of quietly lowering the rate
+//! (no coordinated omission).
+//!
+//! In-flight requests are bounded: a request due while the bound is reached is not sent and
+//! is counted as such. Every request that is sent ends with an HTTP status or a transport
+//! error (the request timeout bounds it), and the run waits for all of them: `unanswered`
+//! must come out 0.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use hdrhistogram::Histogram;
+
+use crate::rest::{self, Failure, RestOptions};
+
+/// Upper bounds that keep any run finite and modest.
+pub const MAX_RATE: f64 = 200_000.0;
+pub const MAX_IN_FLIGHT: usize = 8192;
+const HIST_MAX_US: u64 = 600_000_000;
+const SHARDS: usize = 16;
+
+#[derive(Clone, Debug)]
+pub struct OpenLoopOptions {
+    /// Target, model, rows, binary, duration, warm-up, timeout and progress as for closed loop
+    /// (`concurrency` is not used).
+    pub rest: RestOptions,
+    /// Requests per second, on a fixed schedule.
+    pub rate: f64,
+    /// Requests in flight at most; one due beyond that is not sent (and counted).
+    pub max_in_flight: usize,
+    /// Prefix of the progress lines.
+    pub label: String,
+}
+
+impl OpenLoopOptions {
+    pub fn check(&self) -> anyhow::Result<reqwest::Url> {
+        if !(self.rate.is_finite() && self.rate > 0.0 && self.rate <= MAX_RATE) {
+            bail!("rate must be more than 0 and at most {MAX_RATE} requests/s");
+        }
+        if self.max_in_flight == 0 || self.max_in_flight > MAX_IN_FLIGHT {
+            bail!("max in-flight must be 1..={MAX_IN_FLIGHT}");
+        }
+        self.rest.endpoint()
+    }
+}
+
+/// How the requests scheduled in the measured period ended.
+#[derive(Clone, Debug)]
+pub struct OpenLoopReport {
+    pub url: String,
+    pub model: String,
+    pub rows: usize,
+    pub binary: bool,
+    pub rate: f64,
+    pub measured: Duration,
+    pub max_in_flight: usize,
+    /// Requests scheduled in the measured period.
+    pub scheduled: u64,
+    /// Of those, sent (the rest hit the in-flight bound).
+    pub sent: u64,
+    pub not_sent: u64,
+    /// 200 answers that passed the response check, served by the model itself...
+    pub ok_primary: u64,
+    /// ...and by its fallback (`parameters.degraded: true`).
+    pub ok_degraded: u64,
+    /// Non-200 answers by status code.
+    pub statuses: BTreeMap<u16, u64>,
+    /// Connection failures and timeouts.
+    pub transport: u64,
+    /// 200 answers whose body failed the check.
+    pub invalid: u64,
+    /// Sent requests without any outcome when the run ended (must be 0).
+    pub unanswered: u64,
+    pub first_error: Option<String>,
+    /// Latency of every 200 answer, from its scheduled send time, µs.
+    pub latency_ok_us: Histogram<u64>,
+    /// The same for 200 answers served by the model itself.
+    pub latency_primary_us: Histogram<u64>,
+    /// Latency of refusals (429/503), from the scheduled send time, µs.
+    pub latency_shed_us: Histogram<u64>,
+    /// The furthest the scheduler fell behind its own schedule (the load generator short of CPU).
+    pub max_schedule_lag: Duration,
+    /// Most requests in flight at once.
+    pub peak_in_flight: u64,
+}
+
+impl OpenLoopReport {
+    pub fn ok(&self) -> u64 {
+        self.ok_primary + self.ok_degraded
+    }
+
+    /// Requests that were refused for load: 429 and 503.
+    pub fn shed(&self) -> u64 {
+        self.statuses.get(&429).copied().unwrap_or(0)
+            + self.statuses.get(&503).copied().unwrap_or(0)
+    }
+
+    pub fn other_statuses(&self) -> u64 {
+        self.statuses
+            .iter()
+            .filter(|(code, _)| **code != 429 && **code != 503)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// Successful answers (200, primary or degraded) per second.
+    pub fn goodput(&self) -> f64 {
+        self.ok() as f64 / self.measured.as_secs_f64()
+    }
+
+    /// Requests actually sent per second.
+    pub fn sent_rate(&self) -> f64 {
+        self.sent as f64 / self.measured.as_secs_f64()
+    }
+
+    /// `n` as a share of the requests sent in the measured period (those that reached, or
+    /// tried to reach, the server).
+    fn share(&self, n: u64) -> f64 {
+        if self.sent == 0 {
+            0.0
+        } else {
+            n as f64 / self.sent as f64
+        }
+    }
+
+    /// Shares of the sent requests answered 200 by the fallback, and refused (429/503).
+    pub fn share_degraded(&self) -> f64 {
+        self.share(self.ok_degraded)
+    }
+    pub fn share_shed(&self) -> f64 {
+        self.share(self.shed())
+    }
+
+    /// Share of the scheduled requests not sent because the in-flight bound was reached.
+    pub fn share_not_sent(&self) -> f64 {
+        if self.scheduled == 0 {
+            0.0
+        } else {
+            self.not_sent as f64 / self.scheduled as f64
+        }
+    }
+
+    pub fn quantile_ms(h: &Histogram<u64>, q: f64) -> f64 {
+        if h.is_empty() {
+            0.0
+        } else {
+            h.value_at_quantile(q) as f64 / 1000.0
+        }
+    }
+
+    /// Latency of 200 answers at quantile `q`, ms.
+    pub fn latency_ms(&self, q: f64) -> f64 {
+        Self::quantile_ms(&self.latency_ok_us, q)
+    }
+
+    pub fn summary(&self) -> String {
+        let statuses: Vec<String> = self
+            .statuses
+            .iter()
+            .map(|(c, n)| format!("{c}: {n}"))
+            .collect();
+        let mut s = format!(
+            "target      {} model {} ({} rows/request, {})\n\
+             load        open loop, {:.0} requests/s scheduled for {:.1}s (at most {} in flight; peak {})\n\
+             requests    {} scheduled, {} sent ({:.0}/s), {} not sent (in-flight bound, {:.1}%), {} unanswered\n\
+             answers     200: {} ({} primary, {} degraded = {:.1}% of sent), shed 429/503: {} ({:.1}% of sent), other statuses: {}, transport: {}, invalid: {}\n\
+             goodput     {:.1} answers/s (200)\n\
+             latency ms  200: p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  (from the scheduled send)\n\
+             primary ms  p50 {:.3}  p99 {:.3};  refusals: p50 {:.3}  p99 {:.3}\n\
+             scheduler   max lag {:.1} ms\n",
+            self.url,
+            self.model,
+            self.rows,
+            if self.binary { "binary tensor data" } else { "JSON tensor data" },
+            self.rate,
+            self.measured.as_secs_f64(),
+            self.max_in_flight,
+            self.peak_in_flight,
+            self.scheduled,
+            self.sent,
+            self.sent_rate(),
+            self.not_sent,
+            100.0 * self.share_not_sent(),
+            self.unanswered,
+            self.ok(),
+            self.ok_primary,
+            self.ok_degraded,
+            100.0 * self.share_degraded(),
+            self.shed(),
+            100.0 * self.share_shed(),
+            if statuses.is_empty() { "none".into() } else { statuses.join(", ") },
+            self.transport,
+            self.invalid,
+            self.goodput(),
+            self.latency_ms(0.5),
+            self.latency_ms(0.9),
+            self.latency_ms(0.99),
+            self.latency_ms(0.999),
+            self.latency_ok_us.max() as f64 / 1000.0,
+            Self::quantile_ms(&self.latency_primary_us, 0.5),
+            Self::quantile_ms(&self.latency_primary_us, 0.99),
+            Self::quantile_ms(&self.latency_shed_us, 0.5),
+            Self::quantile_ms(&self.latency_shed_us, 0.99),
+            self.max_schedule_lag.as_secs_f64() * 1000.0,
+        );
+        if let Some(e) = &self.first_error {
+            s.push_str(&format!("first error {e}\n"));
+        }
+        s
+    }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, HIST_MAX_US, 3).expect("histogram bounds are valid")
+}
+
+#[derive(Default)]
+struct Tally {
+    ok_primary: u64,
+    ok_degraded: u64,
+    statuses: BTreeMap<u16, u64>,
+    transport: u64,
+    invalid: u64,
+    first_error: Option<String>,
+}
+
+struct Shard {
+    tally: Tally,
+    ok: Histogram<u64>,
+    primary: Histogram<u64>,
+    shed: Histogram<u64>,
+}
+
+struct Shared {
+    shards: Vec<Mutex<Shard>>,
+    in_flight: AtomicU64,
+    /// Outcomes recorded for requests of the measured period.
+    outcomes: AtomicU64,
+    // Live counters for the progress line (all periods).
+    live_ok: AtomicU64,
+    live_degraded: AtomicU64,
+    live_refused: AtomicU64,
+    live_other: AtomicU64,
+}
+
+fn micros(d: Duration) -> u64 {
+    d.as_micros().clamp(1, HIST_MAX_US as u128) as u64
+}
+
+/// Runs open-loop load as `options` say. Must run inside a multi-threaded tokio runtime. Ends
+/// within warm-up + duration + request timeout + 5 s.
+pub async fn run(options: &OpenLoopOptions) -> anyhow::Result<OpenLoopReport> {
+    let url = options.check()?;
+    let rest_options = &options.rest;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(options.max_in_flight)
+        .timeout(rest_options.request_timeout)
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .context("cannot build the HTTP client")?;
+    let body = rest::mlp_request(rest_options.rows, 0x0BE1_0000, rest_options.binary);
+    let shared = Arc::new(Shared {
+        shards: (0..SHARDS)
+            .map(|_| {
+                Mutex::new(Shard {
+                    tally: Tally::default(),
+                    ok: new_histogram(),
+                    primary: new_histogram(),
+                    shed: new_histogram(),
+                })
+            })
+            .collect(),
+        in_flight: AtomicU64::new(0),
+        outcomes: AtomicU64::new(0),
+        live_ok: AtomicU64::new(0),
+        live_degraded: AtomicU64::new(0),
+        live_refused: AtomicU64::new(0),
+        live_other: AtomicU64::new(0),
+    });
+
+    let start = Instant::now();
+    let measure_start = start + rest_options.warmup;
+    let measure_end = measure_start + rest_options.duration;
+    let progress = rest_options.progress.then(|| {
+        tokio::spawn(progress_lines(
+            options.label.clone(),
+            shared.clone(),
+            start,
+            measure_start,
+            measure_end,
+        ))
+    });
+    let period = Duration::from_secs_f64(1.0 / options.rate);
+    let (mut scheduled_n, mut sent, mut not_sent) = (0u64, 0u64, 0u64);
+    let mut max_lag = Duration::ZERO;
+    let mut peak = 0u64;
+    let mut i: u64 = 0;
+    loop {
+        let scheduled = start + period.mul_f64(i as f64);
+        if scheduled >= measure_end {
+            break;
+        }
+        i += 1;
+        let now = Instant::now();
+        if scheduled > now {
+            tokio::time::sleep_until(scheduled.into()).await;
+        } else {
+            max_lag = max_lag.max(now - scheduled);
+        }
+        let measured = scheduled >= measure_start;
+        scheduled_n += u64::from(measured);
+        let in_flight = shared.in_flight.load(Ordering::Relaxed);
+        if in_flight >= options.max_in_flight as u64 {
+            not_sent += u64::from(measured);
+            continue;
+        }
+        peak = peak.max(in_flight + 1);
+        sent += u64::from(measured);
+        shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        let (client, url, body, shared) =
+            (client.clone(), url.clone(), body.clone(), shared.clone());
+        let rows = rest_options.rows;
+        let shard = (i as usize) % SHARDS;
+        tokio::spawn(async move {
+            let outcome = rest::send_one(&client, &url, &body, rows).await;
+            record(&shared, shard, scheduled, measured, outcome);
+            shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+    // Every sent request ends within the request timeout; wait for them, boundedly.
+    let deadline = Instant::now() + rest_options.request_timeout + Duration::from_secs(5);
+    while shared.in_flight.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if let Some(p) = progress {
+        p.abort();
+    }
+
+    let mut report = OpenLoopReport {
+        url: rest_options.url.clone(),
+        model: rest_options.model.clone(),
+        rows: rest_options.rows,
+        binary: rest_options.binary,
+        rate: options.rate,
+        measured: rest_options.duration,
+        max_in_flight: options.max_in_flight,
+        scheduled: scheduled_n,
+        sent,
+        not_sent,
+        ok_primary: 0,
+        ok_degraded: 0,
+        statuses: BTreeMap::new(),
+        transport: 0,
+        invalid: 0,
+        unanswered: 0,
+        first_error: None,
+        latency_ok_us: new_histogram(),
+        latency_primary_us: new_histogram(),
+        latency_shed_us: new_histogram(),
+        max_schedule_lag: max_lag,
+        peak_in_flight: peak,
+    };
+    for shard in &shared.shards {
+        let shard = shard.lock().expect("no panics while holding a shard");
+        let t = &shard.tally;
+        report.ok_primary += t.ok_primary;
+        report.ok_degraded += t.ok_degraded;
+        for (code, n) in &t.statuses {
+            *report.statuses.entry(*code).or_default() += n;
+        }
+        report.transport += t.transport;
+        report.invalid += t.invalid;
+        if report.first_error.is_none() {
+            report.first_error = t.first_error.clone();
+        }
+        report.latency_ok_us.add(&shard.ok).expect("same bounds");
+        report
+            .latency_primary_us
+            .add(&shard.primary)
+            .expect("same bounds");
+        report
+            .latency_shed_us
+            .add(&shard.shed)
+            .expect("same bounds");
+    }
+    report.unanswered = sent.saturating_sub(shared.outcomes.load(Ordering::Relaxed));
+    Ok(report)
+}
+
+fn record(
+    shared: &Shared,
+    shard: usize,
+    scheduled: Instant,
+    measured: bool,
+    outcome: Result<rest::ServerSide, Failure>,
+) {
+    let us = micros(scheduled.elapsed());
+    match &outcome {
+        Ok(server) if server.degraded > 0 => shared.live_degraded.fetch_add(1, Ordering::Relaxed),
+        Ok(_) => shared.live_ok.fetch_add(1, Ordering::Relaxed),
+        Err(Failure::Status(429 | 503, _)) => shared.live_refused.fetch_add(1, Ordering::Relaxed),
+        Err(_) => shared.live_other.fetch_add(1, Ordering::Relaxed),
+    };
+    if !measured {
+        return;
+    }
+    let mut shard = shared.shards[shard]
+        .lock()
+        .expect("no panics while holding a shard");
+    match outcome {
+        Ok(server) => {
+            shard.ok.saturating_record(us);
+            if server.degraded > 0 {
+                shard.tally.ok_degraded += 1;
+            } else {
+                shard.tally.ok_primary += 1;
+                shard.primary.saturating_record(us);
+            }
+        }
+        Err(failure) => {
+            match &failure {
+                Failure::Status(code, _) => {
+                    *shard.tally.statuses.entry(*code).or_default() += 1;
+                    if *code == 429 || *code == 503 {
+                        shard.shed.saturating_record(us);
+                    }
+                }
+                Failure::Transport(_) => shard.tally.transport += 1,
+                Failure::Invalid(_) => shard.tally.invalid += 1,
+            }
+            // Refusals are expected under overload; remember the first other failure.
+            let refusal = matches!(failure, Failure::Status(429 | 503, _));
+            if shard.tally.first_error.is_none() && !refusal {
+                shard.tally.first_error = Some(failure.describe());
+            }
+        }
+    }
+    drop(shard);
+    shared.outcomes.fetch_add(1, Ordering::Relaxed);
+}
+
+async fn progress_lines(
+    label: String,
+    shared: Arc<Shared>,
+    start: Instant,
+    measure_start: Instant,
+    measure_end: Instant,
+) {
+    let mut tick = tokio::time::interval_at(
+        (start + Duration::from_secs(1)).into(),
+        Duration::from_secs(1),
+    );
+    let mut last = [0u64; 4];
+    loop {
+        let now: Instant = tick.tick().await.into();
+        let middle = now - Duration::from_millis(500);
+        let phase = if middle < measure_start {
+            "warm-up"
+        } else if middle <= measure_end {
+            "measure"
+        } else {
+            "draining"
+        };
+        let current = [
+            shared.live_ok.load(Ordering::Relaxed),
+            shared.live_degraded.load(Ordering::Relaxed),
+            shared.live_refused.load(Ordering::Relaxed),
+            shared.live_other.load(Ordering::Relaxed),
+        ];
+        eprintln!(
+            "[{label}] {:>4.0}s {phase:<8} ok {:>6}/s  degraded {:>6}/s  refused {:>6}/s  other {:>5}/s  in flight {}",
+            now.duration_since(start).as_secs_f64(),
+            current[0] - last[0],
+            current[1] - last[1],
+            current[2] - last[2],
+            current[3] - last[3],
+            shared.in_flight.load(Ordering::Relaxed),
+        );
+        last = current;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds() {
+        let base = OpenLoopOptions {
+            rest: RestOptions {
+                url: "http://127.0.0.1:9".into(),
+                ..RestOptions::default()
+            },
+            rate: 100.0,
+            max_in_flight: 64,
+            label: "t".into(),
+        };
+        assert!(base.check().is_ok());
+        for bad in [
+            OpenLoopOptions {
+                rate: 0.0,
+                ..base.clone()
+            },
+            OpenLoopOptions {
+                rate: f64::NAN,
+                ..base.clone()
+            },
+            OpenLoopOptions {
+                rate: MAX_RATE * 2.0,
+                ..base.clone()
+            },
+            OpenLoopOptions {
+                max_in_flight: 0,
+                ..base.clone()
+            },
+            OpenLoopOptions {
+                rest: RestOptions {
+                    url: "http://10.1.1.1:9".into(),
+                    ..RestOptions::default()
+                },
+                ..base.clone()
+            },
+        ] {
+            assert!(bad.check().is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    /// Against a port nobody listens on, every request ends as a transport error: all
+    /// accounted for, none unanswered.
+    #[test]
+    fn every_request_is_accounted_for() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let options = OpenLoopOptions {
+            rest: RestOptions {
+                url: format!("http://127.0.0.1:{port}"),
+                duration: Duration::from_millis(500),
+                warmup: Duration::from_millis(100),
+                request_timeout: Duration::from_secs(2),
+                ..RestOptions::default()
+            },
+            rate: 200.0,
+            max_in_flight: 16,
+            label: "t".into(),
+        };
+        let report = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(run(&options))
+            .unwrap();
+        assert!(
+            report.scheduled >= 90 && report.scheduled <= 110,
+            "{report:?}"
+        );
+        assert_eq!(report.sent + report.not_sent, report.scheduled);
+        assert_eq!(report.unanswered, 0, "{}", report.summary());
+        assert_eq!(report.transport, report.sent, "{}", report.summary());
+        assert_eq!(report.ok(), 0);
+    }
+}

@@ -1,0 +1,1222 @@
+//! The WebSocket stream capacity benchmark for `silero_vad`, in one run:
+//!
+//! 1. the compute ceiling: Silero VAD steps/s in-process (`ModelSession`, no server), at
+//!    batch 1 and batch 256, two threads each owning a session like the two replicas;
+//! 2. streamserve started in-process twice on a model directory holding only `silero_vad`
+//!    (the bundled manifest entry, 2 replicas): cross-stream batching on
+//!    (`max_batch_size = 256`, `max_queue_delay_ms = 0`) and off (`max_batch_size = 1`);
+//! 3. against each, steps of N concurrent real-time streams ([`crate::streams`]) until a step
+//!    misses the target (p99 chunk latency, errors, or late senders);
+//! 4. `report.md` and `results.json`.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use streamserve::manifest::Device;
+use streamserve::runtime::ModelSession;
+use streamserve::tensor::TensorData;
+
+use crate::bench::{cpu_since, start_server_for, stop_server, TempModelDir};
+use crate::manifest::{self, EntryChange};
+use crate::streams::{self, Audio, ResultsMode, StreamOptions, StreamReport};
+use crate::sysinfo::{
+    raise_nofile_limit, utc_now, wait_for_quiet, CpuShare, CpuSnapshot, MachineInfo,
+    LOADGEN_THREAD_PREFIX,
+};
+use crate::SplitMix64;
+
+pub const MODEL: &str = "silero_vad";
+/// Silero VAD at 16 kHz: 512 new samples + 64 of context per step, state [2, B, 128].
+pub const WINDOW: usize = 576;
+pub const STATE: usize = 128;
+/// Batch sizes of the in-process ceiling measurement.
+pub const CEILING_BATCHES: [usize; 5] = [1, 16, 64, 128, 256];
+/// Steps per second that one real-time 16 kHz stream needs (16000 / 512).
+pub const STEPS_PER_STREAM_SEC: f64 = 31.25;
+
+#[derive(Clone, Debug)]
+pub struct StreamsBenchOptions {
+    /// Numbers of concurrent streams to try, ascending; stops at the first that misses.
+    pub steps: Vec<usize>,
+    pub ramp: Duration,
+    pub duration: Duration,
+    /// The p99 chunk latency a step must stay under.
+    pub target: Duration,
+    pub frame_ms: u32,
+    /// Measured seconds of each in-process ceiling measurement.
+    pub ceiling_duration: Duration,
+    /// Where `report.md` goes; default `load-tests/results/<UTC date>-streams-vad/`.
+    pub out: Option<PathBuf>,
+    /// The bundled manifest, whose `silero_vad` entry is copied.
+    pub manifest: PathBuf,
+    pub wav: PathBuf,
+    pub client_threads: usize,
+    /// The command line, as it goes in the report.
+    pub command: String,
+    /// Longest wait for a quiet machine before each measurement.
+    pub quiet_wait: Duration,
+}
+
+impl Default for StreamsBenchOptions {
+    fn default() -> Self {
+        StreamsBenchOptions {
+            steps: vec![
+                50, 100, 150, 200, 250, 300, 400, 500, 750, 1000, 1250, 1500, 2000, 2500, 3000,
+                4000,
+            ],
+            ramp: Duration::from_secs(3),
+            duration: Duration::from_secs(12),
+            target: Duration::from_millis(100),
+            frame_ms: 20,
+            ceiling_duration: Duration::from_secs(3),
+            out: None,
+            manifest: manifest::bundled(),
+            wav: streams::default_wav(),
+            client_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            command: String::new(),
+            quiet_wait: Duration::from_secs(180),
+        }
+    }
+}
+
+/// One server configuration.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct VadSetup {
+    pub label: String,
+    pub max_batch_size: usize,
+    pub max_queue_delay_ms: f64,
+}
+
+impl VadSetup {
+    pub fn batching_on() -> VadSetup {
+        VadSetup {
+            label: "batching on".into(),
+            max_batch_size: 256,
+            max_queue_delay_ms: 0.0,
+        }
+    }
+
+    pub fn batching_off() -> VadSetup {
+        VadSetup {
+            label: "batching off".into(),
+            max_batch_size: 1,
+            max_queue_delay_ms: 0.0,
+        }
+    }
+}
+
+/// The bundled manifest's `silero_vad` entry (and its `[defaults]`), with `file` made absolute,
+/// the batching settings of `setup`, and without its `fallback` and `slo_ms`: the
+/// `models.toml` of a directory serving only it.
+/// Returns the manifest text and the model file.
+pub fn vad_manifest(bundled: &Path, setup: &VadSetup) -> anyhow::Result<(String, PathBuf)> {
+    let change = EntryChange {
+        set: vec![
+            (
+                "max_batch_size",
+                toml::Value::Integer(setup.max_batch_size as i64),
+            ),
+            (
+                "max_queue_delay_ms",
+                toml::Value::Float(setup.max_queue_delay_ms),
+            ),
+        ],
+        // Only this model is served: no fallback (and no SLO that would hand chunks to one),
+        // so that overload shows as latency, not as chunks quietly served by a cheaper model.
+        remove: vec!["fallback", "slo_ms"],
+    };
+    let (text, mut files) = manifest::from_bundled(
+        bundled,
+        &format!("{MODEL}, {}", setup.label),
+        &[(MODEL, change)],
+    )?;
+    Ok((text, files.remove(0)))
+}
+
+/// In-process Silero VAD throughput: `threads` threads, each owning a session
+/// (`intra_threads = 1`), running batches of `batch` steps back to back.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct VadCeiling {
+    pub threads: usize,
+    pub batch: usize,
+    pub calls: u64,
+    pub seconds: f64,
+    pub steps_per_sec: f64,
+    pub mean_call_ms: f64,
+    pub cpu_cores: Option<CpuShare>,
+}
+
+impl VadCeiling {
+    /// Real-time 16 kHz streams this many steps per second could carry.
+    pub fn streams(&self) -> f64 {
+        self.steps_per_sec / STEPS_PER_STREAM_SEC
+    }
+}
+
+/// Measures [`VadCeiling`]. Loads ONNX Runtime first if nothing has yet.
+pub fn measure_vad(
+    model: &Path,
+    threads: usize,
+    batch: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> anyhow::Result<VadCeiling> {
+    let env = streamserve::runtime::init(None).map_err(anyhow::Error::msg)?;
+    let barrier = Barrier::new(threads);
+    let before = CpuSnapshot::take();
+    let per_thread = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let barrier = &barrier;
+                scope.spawn(move || -> Result<(u64, Duration), String> {
+                    let loaded = ModelSession::load(env, model, Device::Cpu, false, 1);
+                    barrier.wait();
+                    let mut session = loaded?;
+                    let audio: Vec<f32> = SplitMix64::new(0xA0D1 + t as u64)
+                        .f32_vec(batch * WINDOW)
+                        .into_iter()
+                        .map(|v| v * 0.3)
+                        .collect();
+                    let tensors: Vec<(Vec<i64>, TensorData)> = session
+                        .inputs
+                        .iter()
+                        .map(|spec| match spec.name.as_str() {
+                            "input" => Ok((
+                                vec![batch as i64, WINDOW as i64],
+                                TensorData::Fp32(audio.clone()),
+                            )),
+                            "state" => Ok((
+                                vec![2, batch as i64, STATE as i64],
+                                TensorData::Fp32(vec![0.0; 2 * batch * STATE]),
+                            )),
+                            "sr" => Ok((vec![], TensorData::Int64(vec![16000]))),
+                            other => Err(format!("unexpected Silero VAD input '{other}'")),
+                        })
+                        .collect::<Result<_, _>>()?;
+                    let inputs: Vec<(&[i64], &TensorData)> =
+                        tensors.iter().map(|(s, d)| (s.as_slice(), d)).collect();
+                    let outputs = session.run(&inputs)?;
+                    let out = outputs
+                        .iter()
+                        .find(|o| o.name == "output")
+                        .ok_or("no output 'output'")?;
+                    if out.shape != [batch as i64, 1] {
+                        return Err(format!("output shape {:?}", out.shape));
+                    }
+                    let start = Instant::now();
+                    while start.elapsed() < warmup {
+                        session.run(&inputs)?;
+                    }
+                    let measuring = Instant::now();
+                    let mut calls = 0u64;
+                    while measuring.elapsed() < duration {
+                        session.run(&inputs)?;
+                        calls += 1;
+                    }
+                    Ok((calls, measuring.elapsed()))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| "an in-process benchmark thread panicked".to_string())?
+            })
+            .collect::<Result<Vec<_>, String>>()
+    })
+    .map_err(anyhow::Error::msg)?;
+    let calls: u64 = per_thread.iter().map(|(c, _)| c).sum();
+    let steps_per_sec = per_thread
+        .iter()
+        .map(|(c, d)| (*c * batch as u64) as f64 / d.as_secs_f64())
+        .sum();
+    let busy: f64 = per_thread.iter().map(|(_, d)| d.as_secs_f64()).sum();
+    Ok(VadCeiling {
+        threads,
+        batch,
+        calls,
+        seconds: per_thread
+            .iter()
+            .map(|(_, d)| d.as_secs_f64())
+            .fold(0.0, f64::max),
+        steps_per_sec,
+        mean_call_ms: if calls == 0 {
+            0.0
+        } else {
+            busy * 1000.0 / calls as f64
+        },
+        cpu_cores: cpu_since(before),
+    })
+}
+
+/// Server-side figures of one step, from `/metrics` deltas (the whole step: ramp and ending
+/// included).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct ServerFigures {
+    pub seconds: f64,
+    pub model_calls: f64,
+    pub rows: f64,
+    pub inference_seconds: f64,
+    pub chunks: f64,
+    pub chunk_latency_seconds: f64,
+    /// Chunks whose server-side latency was at most 100 ms (histogram bucket `le="0.1"`).
+    pub chunks_within_100ms: f64,
+}
+
+impl ServerFigures {
+    pub fn mean_rows_per_call(&self) -> f64 {
+        ratio(self.rows, self.model_calls)
+    }
+    pub fn calls_per_sec(&self) -> f64 {
+        ratio(self.model_calls, self.seconds)
+    }
+    pub fn mean_call_ms(&self) -> f64 {
+        ratio(self.inference_seconds, self.model_calls) * 1000.0
+    }
+    /// Replicas' worth of time spent in model calls.
+    pub fn busy_replicas(&self) -> f64 {
+        ratio(self.inference_seconds, self.seconds)
+    }
+    pub fn mean_chunk_ms(&self) -> f64 {
+        ratio(self.chunk_latency_seconds, self.chunks) * 1000.0
+    }
+    pub fn share_within_100ms(&self) -> f64 {
+        ratio(self.chunks_within_100ms, self.chunks)
+    }
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
+/// Sum of the samples of `name` (exact metric name) whose labels include `label`
+/// (e.g. `model="silero_vad"`), from Prometheus text.
+pub fn metric_sum(text: &str, name: &str, label: &str, extra: Option<&str>) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, labels) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            (metric == name
+                && labels.split(',').any(|x| x == label)
+                && extra.is_none_or(|e| labels.split(',').any(|x| x == e)))
+            .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+#[derive(Clone, Debug, Default)]
+struct MetricsSnapshot {
+    at: Option<Instant>,
+    values: [f64; 6],
+}
+
+async fn scrape(client: &reqwest::Client, base: &str) -> MetricsSnapshot {
+    let text = match client.get(format!("{base}/metrics")).send().await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => return MetricsSnapshot::default(),
+    };
+    let model = format!("model=\"{MODEL}\"");
+    let m = |name: &str, extra: Option<&str>| metric_sum(&text, name, &model, extra);
+    MetricsSnapshot {
+        at: Some(Instant::now()),
+        values: [
+            m("streamserve_batch_size_count", None),
+            m("streamserve_batch_size_sum", None),
+            m("streamserve_inference_duration_seconds_sum", None),
+            m("streamserve_stream_chunk_latency_seconds_count", None),
+            m("streamserve_stream_chunk_latency_seconds_sum", None),
+            m(
+                "streamserve_stream_chunk_latency_seconds_bucket",
+                Some("le=\"0.1\""),
+            ),
+        ],
+    }
+}
+
+fn figures(before: &MetricsSnapshot, after: &MetricsSnapshot) -> Option<ServerFigures> {
+    let seconds = after.at?.duration_since(before.at?).as_secs_f64();
+    let d = |i: usize| (after.values[i] - before.values[i]).max(0.0);
+    Some(ServerFigures {
+        seconds,
+        model_calls: d(0),
+        rows: d(1),
+        inference_seconds: d(2),
+        chunks: d(3),
+        chunk_latency_seconds: d(4),
+        chunks_within_100ms: d(5),
+    })
+}
+
+async fn streams_open(client: &reqwest::Client, base: &str) -> Option<f64> {
+    let text = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("streamserve_streams_open "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Lets the server let go of the finished streams before the next step (bounded).
+fn settle(runtime: &tokio::runtime::Runtime, client: &reqwest::Client, base: &str) {
+    runtime.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if streams_open(client, base).await.unwrap_or(0.0) <= 0.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    });
+}
+
+/// Before each measurement, wait until other processes use less than this many cores...
+const QUIET_CORES: f64 = 0.15;
+/// ...and repeat a failed step once when they used more than this many during it.
+const CONTENDED_CORES: f64 = 0.25;
+
+/// One step: N streams against one server.
+#[derive(Clone, Debug)]
+pub struct Step {
+    pub report: StreamReport,
+    pub cpu: Option<CpuShare>,
+    pub server: Option<ServerFigures>,
+    pub pass: bool,
+    /// This step failed while other processes took CPU, and was run again (the next step in
+    /// the list is its repeat, which counts instead).
+    pub repeated: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct SetupResults {
+    pub setup: VadSetup,
+    pub steps: Vec<Step>,
+    /// Why the stepping stopped.
+    pub stopped: String,
+}
+
+impl SetupResults {
+    /// The largest N of a passing step below the first failing one.
+    pub fn capacity(&self) -> Option<usize> {
+        self.steps
+            .iter()
+            .filter(|s| !s.repeated)
+            .take_while(|s| s.pass)
+            .map(|s| s.report.streams)
+            .last()
+    }
+}
+
+pub struct StreamsBenchOutcome {
+    pub dir: PathBuf,
+    pub report: String,
+}
+
+/// Runs the whole benchmark and writes its report.
+pub fn run(options: &StreamsBenchOptions) -> anyhow::Result<StreamsBenchOutcome> {
+    if options.steps.is_empty() || options.steps.len() > 32 {
+        bail!("give 1 to 32 steps");
+    }
+    if options.steps.windows(2).any(|w| w[0] >= w[1]) {
+        bail!("steps must be ascending");
+    }
+    if let Some(&big) = options.steps.iter().find(|&&n| n > streams::MAX_STREAMS) {
+        bail!("{big} streams is more than {}", streams::MAX_STREAMS);
+    }
+    let started = Instant::now();
+    let machine = MachineInfo::collect();
+    let (date, started_at) = utc_now();
+    let dir = options
+        .out
+        .clone()
+        .unwrap_or_else(|| crate::bench::results_dir().join(format!("{date}-streams-vad")));
+    let biggest = options.steps.iter().copied().max().unwrap_or(0) as u64;
+    // Two descriptors per stream (server and client sockets in this process), plus slack.
+    let nofile = raise_nofile_limit(2 * biggest + 1024);
+    let audio = Arc::new(Audio::load(&options.wav)?);
+    let (_, model_file) = vad_manifest(&options.manifest, &VadSetup::batching_on())?;
+    let sha256 = streamserve::manifest::sha256_file(&model_file)?;
+
+    streamserve::runtime::init(None).map_err(anyhow::Error::msg)?;
+    let warm = Duration::from_millis(500);
+    let mut ceilings = Vec::new();
+    for batch in CEILING_BATCHES {
+        wait_for_quiet(QUIET_CORES, options.quiet_wait);
+        eprintln!("[streams-bench] in-process ceiling: 2 threads x 1 session, batch {batch} ...");
+        let c = measure_vad(&model_file, 2, batch, warm, options.ceiling_duration)?;
+        eprintln!(
+            "[streams-bench]   {:.0} steps/s = {:.0} real-time streams ({:.3} ms per call)",
+            c.steps_per_sec,
+            c.streams(),
+            c.mean_call_ms
+        );
+        ceilings.push(c);
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(options.client_threads.max(1))
+        .thread_name(LOADGEN_THREAD_PREFIX)
+        .enable_all()
+        .build()
+        .context("cannot start the client runtime")?;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let mut results = Vec::new();
+    for setup in [VadSetup::batching_on(), VadSetup::batching_off()] {
+        let (manifest, _) = vad_manifest(&options.manifest, &setup)?;
+        let models = TempModelDir::create(&setup.label.replace(' ', "-"), &manifest)?;
+        let running = start_server_for(&models.path, MODEL, setup.max_batch_size)?;
+        let base = format!("http://{}", running.addr);
+        eprintln!("[streams-bench] streamserve ({}) on {base}", setup.label);
+        let mut steps = Vec::new();
+        let mut stopped = "every step passed".to_string();
+        for &n in &options.steps {
+            if 2 * n as u64 + 256 > nofile {
+                stopped = format!(
+                    "{n} streams need about {} open files; the limit is {nofile} (raise `ulimit -n`)",
+                    2 * n + 256
+                );
+                break;
+            }
+            let mut load = StreamOptions::new(base.clone(), audio.clone());
+            load.streams = n;
+            load.ramp = options.ramp;
+            load.duration = options.duration;
+            load.frame_ms = options.frame_ms;
+            load.results = ResultsMode::All;
+            load.late_threshold = options.target;
+            load.progress = true;
+            load.label = format!("{} N={n}", setup.label);
+            let mut attempt = 0;
+            let pass = loop {
+                attempt += 1;
+                wait_for_quiet(QUIET_CORES, options.quiet_wait);
+                let before_metrics = runtime.block_on(scrape(&client, &base));
+                let before = CpuSnapshot::take();
+                let report = runtime.block_on(streams::run(&load))?;
+                let cpu = cpu_since(before);
+                let after_metrics = runtime.block_on(scrape(&client, &base));
+                let server = figures(&before_metrics, &after_metrics);
+                let pass = report.meets(options.target);
+                let others = cpu.map_or(0.0, |c| c.other_cores);
+                // A failure measured while other processes took CPU is repeated once.
+                let contended = !pass && others > CONTENDED_CORES && attempt == 1;
+                eprintln!(
+                    "[streams-bench]   {} N={n}: {:.0} chunks/s, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {} errors, {} late, others {others:.2} cores -> {}",
+                    setup.label,
+                    report.chunks_per_sec(),
+                    report.latency_ms(0.5),
+                    report.latency_ms(0.99),
+                    report.max_ms(),
+                    report.error_count(),
+                    report.late_streams,
+                    if pass { "pass" } else if contended { "FAIL on a contended machine: repeating" } else { "FAIL" }
+                );
+                if report.error_count() > 0 {
+                    eprint!("{}", report.summary());
+                }
+                steps.push(Step {
+                    report,
+                    cpu,
+                    server,
+                    pass,
+                    repeated: contended,
+                });
+                if !contended {
+                    break pass;
+                }
+                settle(&runtime, &client, &base);
+            };
+            if !pass {
+                stopped = format!("N = {n} missed the target");
+                break;
+            }
+            settle(&runtime, &client, &base);
+        }
+        stop_server(&running);
+        drop(models);
+        results.push(SetupResults {
+            setup,
+            steps,
+            stopped,
+        });
+    }
+    drop(runtime);
+
+    let input = ReportInput {
+        machine: &machine,
+        started_at: &started_at,
+        elapsed: started.elapsed(),
+        options,
+        model_file: &model_file,
+        sha256: &sha256,
+        audio: &audio,
+        nofile,
+        ceilings: &ceilings,
+        results: &results,
+    };
+    let report = render_report(&input);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::write(dir.join("report.md"), &report)
+        .with_context(|| format!("cannot write {}/report.md", dir.display()))?;
+    std::fs::write(
+        dir.join("results.json"),
+        serde_json::to_vec_pretty(&results_json(&input))?,
+    )
+    .with_context(|| format!("cannot write {}/results.json", dir.display()))?;
+    Ok(StreamsBenchOutcome { dir, report })
+}
+
+struct ReportInput<'a> {
+    machine: &'a MachineInfo,
+    started_at: &'a str,
+    elapsed: Duration,
+    options: &'a StreamsBenchOptions,
+    model_file: &'a Path,
+    sha256: &'a str,
+    audio: &'a Audio,
+    nofile: u64,
+    ceilings: &'a [VadCeiling],
+    results: &'a [SetupResults],
+}
+
+fn step_json(s: &Step) -> serde_json::Value {
+    let r = &s.report;
+    serde_json::json!({
+        "streams": r.streams,
+        "pass": s.pass,
+        "repeated_because_contended": s.repeated,
+        "ramp_s": r.ramp.as_secs_f64(),
+        "measured_s": r.measured.as_secs_f64(),
+        "connected": r.connected, "started": r.started, "summaries": r.summaries,
+        "chunks_measured": r.chunks_measured, "chunks_total": r.chunks_total,
+        "chunks_per_s": r.chunks_per_sec(), "expected_chunks_per_s": r.expected_chunks_per_sec(),
+        "events": r.events, "degraded": r.degraded,
+        "errors": r.errors, "first_errors": r.first_errors, "closes": r.closes,
+        "late_streams": r.late_streams, "max_send_lag_ms": r.max_send_lag.as_secs_f64() * 1000.0,
+        "latency_ms": {
+            "p50": r.latency_ms(0.5), "p90": r.latency_ms(0.9), "p99": r.latency_ms(0.99),
+            "p99.9": r.latency_ms(0.999), "max": r.max_ms(), "mean": r.mean_ms(),
+        },
+        "latency_from_schedule_ms": {
+            "p50": r.sched_latency_ms(0.5), "p99": r.sched_latency_ms(0.99),
+            "max": r.latency_sched_us.max() as f64 / 1000.0,
+        },
+        "cpu_cores": s.cpu,
+        "server_metrics": s.server.map(|f| serde_json::json!({
+            "raw": f,
+            "mean_rows_per_call": f.mean_rows_per_call(),
+            "calls_per_s": f.calls_per_sec(),
+            "mean_call_ms": f.mean_call_ms(),
+            "busy_replicas": f.busy_replicas(),
+            "mean_chunk_latency_ms": f.mean_chunk_ms(),
+            "share_chunks_within_100ms": f.share_within_100ms(),
+        })),
+    })
+}
+
+fn results_json(input: &ReportInput<'_>) -> serde_json::Value {
+    serde_json::json!({
+        "started_at": input.started_at,
+        "command": input.options.command,
+        "machine": input.machine,
+        "model_file": input.model_file.display().to_string(),
+        "sha256": input.sha256,
+        "target_p99_ms": input.options.target.as_secs_f64() * 1000.0,
+        "frame_ms": input.options.frame_ms,
+        "open_files_limit": input.nofile,
+        "ceilings": input.ceilings.iter().map(|c| serde_json::json!({
+            "data": c, "real_time_streams": c.streams(),
+        })).collect::<Vec<_>>(),
+        "servers": input.results.iter().map(|s| serde_json::json!({
+            "setup": s.setup,
+            "capacity_streams": s.capacity(),
+            "stopped": s.stopped,
+            "steps": s.steps.iter().map(step_json).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn cpu_cell(cpu: Option<CpuShare>) -> String {
+    cpu.map_or("n/a".into(), |c| {
+        format!(
+            "{:.2} / {:.2} / {:.2} / {:.2}",
+            c.own_cores,
+            c.loadgen_cores,
+            c.server_cores(),
+            c.other_cores
+        )
+    })
+}
+
+fn closes_cell(r: &StreamReport) -> String {
+    if r.closes.is_empty() {
+        return "none".into();
+    }
+    r.closes
+        .iter()
+        .map(|(c, n)| format!("{c}×{n}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn render_report(input: &ReportInput<'_>) -> String {
+    let ReportInput {
+        machine,
+        options,
+        ceilings,
+        results,
+        ..
+    } = input;
+    let target_ms = options.target.as_secs_f64() * 1000.0;
+    let mut md = String::new();
+    let w = &mut md;
+    let _ = writeln!(
+        w,
+        "# streamserve WebSocket streams: how many real-time `silero_vad` streams\n"
+    );
+    let _ = writeln!(
+        w,
+        "Started {} · took {:.0} s in all.\n",
+        input.started_at,
+        input.elapsed.as_secs_f64()
+    );
+    let _ = writeln!(
+        w,
+        "Command (from the repository root):\n\n```\n{}\n```\n",
+        options.command
+    );
+    let _ = writeln!(w, "## Machine\n");
+    let _ = writeln!(w, "- nproc: {}", machine.nproc);
+    let _ = writeln!(w, "- CPU: {}", machine.cpu_model);
+    let _ = writeln!(w, "- memory: {}", machine.mem_total);
+    let _ = writeln!(w, "- kernel: {}", machine.kernel);
+    let _ = writeln!(w, "- load average at start: {}", machine.loadavg_at_start);
+    let _ = writeln!(
+        w,
+        "- open-file limit (soft, after raising): {}",
+        input.nofile
+    );
+    let _ = writeln!(
+        w,
+        "- ONNX Runtime: {} (CPU execution provider)",
+        streamserve::runtime::ORT_VERSION
+    );
+    let _ = writeln!(
+        w,
+        "- streamserve source: `{}` (`git describe --always --dirty`)\n",
+        crate::sysinfo::source_revision()
+    );
+
+    let _ = writeln!(w, "## Verdict\n");
+    let on = results.iter().find(|s| s.setup.max_batch_size > 1);
+    let off = results.iter().find(|s| s.setup.max_batch_size == 1);
+    let cap = |s: Option<&SetupResults>| s.and_then(SetupResults::capacity);
+    let ceiling256 = ceilings.iter().find(|c| c.batch == 256);
+    let ceiling1 = ceilings.iter().find(|c| c.batch == 1);
+    let fmt_cap = |c: Option<usize>| c.map_or("none of the steps".to_string(), |n| n.to_string());
+    let _ = writeln!(
+        w,
+        "Largest number of concurrent real-time streams with p99 chunk latency < {target_ms:.0} ms, no errors and \
+         no late sender, on this {}-core machine with the load generator in the same process:\n",
+        machine.nproc
+    );
+    let _ = writeln!(
+        w,
+        "| | streams that passed | first failing step | compute ceiling (in-process, no server) |"
+    );
+    let _ = writeln!(w, "|---|---:|---|---:|");
+    for (label, s, c) in [
+        (
+            "cross-stream batching on (max_batch_size 256)",
+            on,
+            ceiling256,
+        ),
+        ("batching off (max_batch_size 1)", off, ceiling1),
+    ] {
+        let first_fail = s.and_then(|s| s.steps.iter().find(|st| !st.pass)).map_or(
+            "none (stopped: ".to_string() + &s.map_or(String::new(), |s| s.stopped.clone()) + ")",
+            |st| {
+                format!(
+                    "N = {}: p99 {:.1} ms, {} errors, {} late",
+                    st.report.streams,
+                    st.report.latency_ms(0.99),
+                    st.report.error_count(),
+                    st.report.late_streams
+                )
+            },
+        );
+        let _ = writeln!(
+            w,
+            "| {label} | **{}** | {first_fail} | {} |",
+            fmt_cap(cap(s)),
+            c.map_or("n/a".into(), |c| format!(
+                "{:.0} streams (batch {})",
+                c.streams(),
+                c.batch
+            ))
+        );
+    }
+    let _ = writeln!(w);
+    let target_streams = 1000;
+    let verdict = match cap(on) {
+        Some(n) if n >= target_streams => format!(
+            "**Target met**: {n} ≥ {target_streams} concurrent real-time streams with batching on, on this machine."
+        ),
+        Some(n) => format!(
+            "**Target not met on this machine**: {n} concurrent real-time streams with batching on, against the \
+             {target_streams}-stream target."
+        ),
+        None => format!(
+            "**Target not met on this machine**: not even the first step passed with batching on (target {target_streams})."
+        ),
+    };
+    let _ = writeln!(w, "{verdict}");
+    if let Some(c) = ceiling256 {
+        let _ = writeln!(
+            w,
+            " The model alone, with both cores and batches of 256, computes {:.0} steps/s = {:.0} real-time streams; \
+             the rest of the gap is the per-chunk work that does not batch (WebSocket frames in and out, JSON, actor \
+             messages, stacking states) and the load generator, which shares the same {} cores (see the CPU \
+             columns).",
+            c.steps_per_sec,
+            c.streams(),
+            machine.nproc
+        );
+    }
+    if let (Some(a), Some(b)) = (cap(on), cap(off)) {
+        if b > 0 {
+            let _ = writeln!(
+                w,
+                "\nBatching on carried {:.1}× the streams of batching off ({a} vs {b}).",
+                a as f64 / b as f64
+            );
+        }
+    }
+    let _ = writeln!(w);
+    let observations = observations(results, ceilings, machine.nproc);
+    if !observations.is_empty() {
+        let _ = writeln!(w, "### Observations (computed from the tables below)\n");
+        for line in observations {
+            let _ = writeln!(w, "- {line}");
+        }
+        let _ = writeln!(w);
+    }
+
+    let _ = writeln!(w, "## Setup\n");
+    let _ = writeln!(
+        w,
+        "- Model: `{}` (sha256 `{}`), the `silero_vad` entry of `{}` (`stream = \"vad\"`, `batch_axes`, \
+         replicas = 2, intra_threads = 1), with `max_batch_size` / `max_queue_delay_ms` set per server and its \
+         `fallback` / `slo_ms` removed (this measures `silero_vad` alone: overload must show as latency, not as \
+         chunks served by the cheaper fallback; the `degraded` count stays 0).",
+        input.model_file.display(),
+        input.sha256,
+        options.manifest.display()
+    );
+    let _ = writeln!(
+        w,
+        "- **Compute ceiling**: Silero VAD in this process without the server, {} threads each owning one \
+         `ModelSession` (intra_threads = 1, like the 2 replicas), `input [B, 576]`, `state [2, B, 128]`, `sr` \
+         scalar, calls back to back for {:.1} s per batch size B. Real-time streams = steps/s ÷ 31.25.\n",
+        ceilings.first().map_or(2, |c| c.threads),
+        options.ceiling_duration.as_secs_f64()
+    );
+    let _ = writeln!(
+        w,
+        "  | batch B | steps/s | ms per call | µs per step | real-time streams | CPU cores: process / others |"
+    );
+    let _ = writeln!(w, "  |---:|---:|---:|---:|---:|---|");
+    for c in ceilings.iter() {
+        let _ = writeln!(
+            w,
+            "  | {} | {:.0} | {:.3} | {:.1} | **{:.0}** | {} |",
+            c.batch,
+            c.steps_per_sec,
+            c.mean_call_ms,
+            1000.0 * c.mean_call_ms / c.batch as f64,
+            c.streams(),
+            c.cpu_cores.map_or("n/a".into(), |c| format!(
+                "{:.2} / {:.2}",
+                c.own_cores, c.other_cores
+            ))
+        );
+    }
+    let _ = writeln!(w);
+    let _ = writeln!(
+        w,
+        "- Streams: `{}` ({:.2} s, {} Hz mono PCM16) looped, each stream starting at a different offset; \
+         {} ms binary frames ({} samples) sent on a real-time schedule; `results: \"all\"` (a `vad` message per \
+         512-sample chunk, 31.25/s per stream). Each step opens N streams evenly over {:.0} s (ramp), then \
+         measures {:.0} s; then every stream sends `end` and must get its `summary` and a close 1000.",
+        options.wav.display(),
+        input.audio.seconds(),
+        input.audio.sample_rate,
+        options.frame_ms,
+        input.audio.sample_rate as usize * options.frame_ms as usize / 1000,
+        options.ramp.as_secs_f64(),
+        options.duration.as_secs_f64()
+    );
+    let _ = writeln!(
+        w,
+        "- Chunk latency: from sending the frame that completed a chunk to receiving that chunk's `vad` \
+         message (the k-th `vad` message is samples [512k, 512k+512); its `t` and `seq` are checked), for \
+         chunks completed in the measured period; HDR histogram, µs resolution. A step **passes** when p99 < \
+         {target_ms:.0} ms, there are no errors (connect, protocol, seq gaps, missing results or summary, closes \
+         other than 1000) and no sender fell more than {target_ms:.0} ms behind its real-time schedule (\"late\": \
+         the server pushing back or the load generator short of CPU). Steps stop at the first failure.",
+    );
+    let _ = writeln!(
+        w,
+        "- Both servers and the load generator (a tokio runtime of {} `loadgen` threads, tokio-tungstenite) run \
+         **in this one process, on the same {} cores**.\n",
+        options.client_threads, machine.nproc
+    );
+
+    let _ = writeln!(w, "## Results\n");
+    for s in results.iter() {
+        let _ = writeln!(
+            w,
+            "### {} (max_batch_size {}, max_queue_delay_ms {})\n",
+            s.setup.label, s.setup.max_batch_size, s.setup.max_queue_delay_ms
+        );
+        let _ = writeln!(
+            w,
+            "| streams | chunks/s (expected) | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | p99 from schedule ms \
+             | errors | late | closes | rows per model call | model calls/s | replicas busy | CPU cores: process / loadgen / server / others | result |"
+        );
+        let _ = writeln!(
+            w,
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---|"
+        );
+        for st in &s.steps {
+            let r = &st.report;
+            let (rows, calls, busy) = st.server.map_or(
+                ("n/a".to_string(), "n/a".to_string(), "n/a".to_string()),
+                |f| {
+                    (
+                        format!("{:.1}", f.mean_rows_per_call()),
+                        format!("{:.0}", f.calls_per_sec()),
+                        format!("{:.2}", f.busy_replicas()),
+                    )
+                },
+            );
+            let _ = writeln!(
+                w,
+                "| {} | {:.0} ({:.0}) | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {rows} | {calls} | {busy} | {} | {} |",
+                r.streams,
+                r.chunks_per_sec(),
+                r.expected_chunks_per_sec(),
+                r.latency_ms(0.5),
+                r.latency_ms(0.9),
+                r.latency_ms(0.99),
+                r.latency_ms(0.999),
+                r.max_ms(),
+                r.sched_latency_ms(0.99),
+                r.error_count(),
+                r.late_streams,
+                closes_cell(r),
+                cpu_cell(st.cpu),
+                if st.pass {
+                    "pass".to_string()
+                } else if st.repeated {
+                    format!(
+                        "fail, contended (others {:.2} cores): repeated below",
+                        st.cpu.map_or(0.0, |c| c.other_cores)
+                    )
+                } else {
+                    "**fail**".to_string()
+                }
+            );
+        }
+        let _ = writeln!(w, "\nStopped: {}.\n", s.stopped);
+        let errors: Vec<String> = s
+            .steps
+            .iter()
+            .filter(|st| st.report.error_count() > 0)
+            .map(|st| {
+                format!(
+                    "- N = {}: {:?}; first: {}",
+                    st.report.streams,
+                    st.report.errors,
+                    st.report.first_errors.join(" | ")
+                )
+            })
+            .collect();
+        if !errors.is_empty() {
+            let _ = writeln!(w, "Errors:\n\n{}\n", errors.join("\n"));
+        }
+        let server_side: Vec<String> = s
+            .steps
+            .iter()
+            .filter_map(|st| st.server.map(|f| (st.report.streams, f)))
+            .map(|(n, f)| {
+                format!(
+                    "N = {n}: server-side chunk latency mean {:.1} ms, {:.2}% within 100 ms; mean model call \
+                     {:.2} ms for {:.1} rows",
+                    f.mean_chunk_ms(),
+                    100.0 * f.share_within_100ms(),
+                    f.mean_call_ms(),
+                    f.mean_rows_per_call()
+                )
+            })
+            .collect();
+        if !server_side.is_empty() {
+            let _ = writeln!(
+                w,
+                "Server's own view (`/metrics` deltas over each whole step, ramp and ending included; its chunk \
+                 latency runs from a chunk's last sample arriving to its result being queued for the socket):\n"
+            );
+            for line in server_side {
+                let _ = writeln!(w, "- {line}");
+            }
+            let _ = writeln!(w);
+        }
+    }
+
+    let others = results
+        .iter()
+        .flat_map(|s| s.steps.iter())
+        .filter(|st| !st.repeated)
+        .filter_map(|st| st.cpu.map(|c| (st.report.streams, c.other_cores)))
+        .max_by(|a, b| a.1.total_cmp(&b.1));
+    if let Some((n, cores)) = others {
+        if cores > CONTENDED_CORES {
+            let _ = writeln!(
+                w,
+                "**Contended machine**: other processes used up to {cores:.2} CPU cores during a counted step \
+                 (N = {n}); such a step's figures are worse than the software allows. Rerun on a quiet machine.\n"
+            );
+        } else {
+            let _ = writeln!(
+                w,
+                "Other processes used at most {cores:.2} CPU cores during any counted step (N = {n}): a quiet \
+                 machine. (Before each measurement the benchmark waits, up to {:.0} s, for other processes to use \
+                 under {QUIET_CORES} cores, and repeats once a step that failed while they used more than \
+                 {CONTENDED_CORES}.)\n",
+                options.quiet_wait.as_secs_f64()
+            );
+        }
+    }
+
+    let _ = writeln!(w, "## How to read this\n");
+    let _ = writeln!(
+        w,
+        "- **chunks/s (expected)**: timed `vad` results per second of the measured period, against N × 31.25. \
+         Below expected means results lag or are missing (then errors or late senders say why)."
+    );
+    let _ = writeln!(
+        w,
+        "- **p50 … max**: chunk latency from the frame's actual send. **p99 from schedule** measures from when \
+         the frame was *due*: when a sender falls behind (backpressure, or the load generator short of CPU), \
+         this one shows it, so it guards against coordinated omission. **late**: streams whose sender ever fell \
+         more than {target_ms:.0} ms behind schedule."
+    );
+    let _ = writeln!(
+        w,
+        "- **rows per model call**, **model calls/s**, **replicas busy** (model-call time ÷ wall time, out of 2): \
+         from the server's `/metrics` (`streamserve_batch_size`, `streamserve_inference_duration_seconds`) over \
+         the whole step. Rows per call above 1 is cross-stream batching at work."
+    );
+    let _ = writeln!(
+        w,
+        "- **CPU cores**: CPU time used during the step (ramp and ending included), in cores: this whole \
+         process / its `loadgen*` threads (the load generator: WebSocket client, framing, JSON parsing, timing) / \
+         the rest of the process (the server) / every other process on the machine (must be near 0, or the \
+         machine was not quiet). With {} cores, process ≈ {} means the machine was saturated.",
+        machine.nproc, machine.nproc
+    );
+    let _ = writeln!(
+        w,
+        "- **Caveat**: the load generator does about as much per chunk as the server (frames, masking, JSON), \
+         on the same cores, so the figures are a lower bound for a server with the machine to itself; the \
+         loadgen column says how much it took. Each step ran once; expect run-to-run noise of a step or so \
+         near the limit."
+    );
+    let _ = writeln!(w, "- Raw numbers: `results.json` beside this file.");
+    md
+}
+
+/// Plain statements derived from the measurements.
+fn observations(results: &[SetupResults], ceilings: &[VadCeiling], nproc: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    let counted = |s: &SetupResults| -> Vec<Step> {
+        s.steps.iter().filter(|st| !st.repeated).cloned().collect()
+    };
+    for s in results {
+        let steps = counted(s);
+        // The load the server could carry without the load generator, extrapolated.
+        if let Some(best) = steps.iter().take_while(|st| st.pass).last() {
+            if let Some(cpu) = best.cpu {
+                let n = best.report.streams as f64;
+                let server = cpu.server_cores();
+                if server > 0.0 {
+                    lines.push(format!(
+                        "{}: at N = {}, the largest passing step, the server took {:.2} cores and the load generator \
+                         {:.2} ({:.0} µs and {:.0} µs of CPU per chunk). Extrapolated linearly, the server alone \
+                         on all {nproc} cores would carry about {:.0} streams: an estimate, not a measurement \
+                         (it assumes the load generator elsewhere and no contention effects).",
+                        s.setup.label,
+                        best.report.streams,
+                        server,
+                        cpu.loadgen_cores,
+                        1e6 * server / (n * STEPS_PER_STREAM_SEC),
+                        1e6 * cpu.loadgen_cores / (n * STEPS_PER_STREAM_SEC),
+                        nproc as f64 * n / server
+                    ));
+                }
+            }
+        }
+        if let Some(fail) = steps.iter().find(|st| !st.pass) {
+            let cpu = fail.cpu.map_or(0.0, |c| c.own_cores + c.other_cores);
+            let r = &fail.report;
+            let how = if r.error_count() > 0 {
+                format!("{} errors", r.error_count())
+            } else if r.late_streams > 0 {
+                format!("{} late senders", r.late_streams)
+            } else {
+                format!(
+                    "latency, not errors: p50 {:.0} ms, p99 {:.0} ms, every stream still served and closed normally \
+                     (the server buffers up to 4 s of audio per stream, so senders were not pushed back)",
+                    r.latency_ms(0.5),
+                    r.latency_ms(0.99)
+                )
+            };
+            let busy = fail.server.map_or(0.0, |f| f.busy_replicas());
+            let saturated = cpu > nproc as f64 * 0.9;
+            lines.push(format!(
+                "{}: the first failing step (N = {}) used {:.2} of the {nproc} cores in all{}, with the model \
+                 replicas busy {:.2} of 2 ({:.1} rows per call){}; it failed on {how}.",
+                s.setup.label,
+                r.streams,
+                cpu,
+                if saturated {
+                    " (the machine was saturated)"
+                } else {
+                    ""
+                },
+                busy,
+                fail.server.map_or(0.0, |f| f.mean_rows_per_call()),
+                if !saturated && busy < 1.6 {
+                    ": neither the CPU nor the replicas were saturated, so the limit was elsewhere (likely handing \
+                     steps to the replicas and results back, one at a time)"
+                } else {
+                    ""
+                }
+            ));
+        }
+        // A fixed stall at low load: the tail far above p99 while nothing queues.
+        let low: Vec<&Step> = steps
+            .iter()
+            .filter(|st| st.pass && st.report.latency_ms(0.99) < 15.0)
+            .collect();
+        if let Some(first) = low.first() {
+            let tail: Vec<f64> = low.iter().map(|st| st.report.latency_ms(0.999)).collect();
+            let max_tail = tail.iter().copied().fold(0.0, f64::max);
+            if max_tail > 3.0 * first.report.latency_ms(0.99) && max_tail > 20.0 {
+                lines.push(format!(
+                    "{}: even at light load (N = {}, p99 {:.1} ms) p99.9 is {:.1} ms and max {:.1} ms: a fixed stall of \
+                     some 40–60 ms hits a few chunks in a thousand whatever the load, not queueing. Worth a look \
+                     (e.g. Nagle's algorithm on the server's sockets delaying a result behind a delayed ACK).",
+                    s.setup.label,
+                    first.report.streams,
+                    first.report.latency_ms(0.99),
+                    first.report.latency_ms(0.999),
+                    first.report.max_ms()
+                ));
+            }
+        }
+    }
+    if let (Some(one), Some(best)) = (
+        ceilings.iter().find(|c| c.batch == 1),
+        ceilings
+            .iter()
+            .max_by(|a, b| a.steps_per_sec.total_cmp(&b.steps_per_sec)),
+    ) {
+        lines.push(format!(
+            "Compute: a Silero step costs {:.0} µs alone and {:.0} µs in a batch of {} ({:.1}× less); {:.0} real-time \
+             streams would need {:.0}% of the machine's {nproc} cores for the model alone even at the best batch size.",
+            1000.0 * one.mean_call_ms,
+            1000.0 * best.mean_call_ms / best.batch as f64,
+            best.batch,
+            one.mean_call_ms * best.batch as f64 / best.mean_call_ms,
+            1000.0,
+            100.0 * 1000.0 * STEPS_PER_STREAM_SEC / best.steps_per_sec
+        ));
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_manifest_keeps_the_bundled_entry() {
+        let options = StreamsBenchOptions::default();
+        let (text, file) = vad_manifest(&options.manifest, &VadSetup::batching_off()).unwrap();
+        assert!(file.is_absolute() && file.ends_with("silero_vad/1/model.onnx"));
+        let parsed: toml::Table = toml::from_str(&text).unwrap();
+        let models = parsed["models"].as_array().unwrap();
+        assert_eq!(models.len(), 1);
+        let m = models[0].as_table().unwrap();
+        assert_eq!(m["name"].as_str(), Some("silero_vad"));
+        assert_eq!(m["stream"].as_str(), Some("vad"));
+        assert_eq!(m["max_batch_size"].as_integer(), Some(1));
+        assert_eq!(m["replicas"].as_integer(), Some(2));
+        assert!(m["batch_axes"].as_table().is_some());
+        assert!(m.get("fallback").is_none() && m.get("slo_ms").is_none());
+        assert_eq!(
+            m["file"].as_str(),
+            Some(file.display().to_string().as_str())
+        );
+    }
+
+    #[test]
+    fn prometheus_sums() {
+        let text = "# HELP x\n\
+            streamserve_batch_size_sum{model=\"silero_vad\",version=\"1\"} 12\n\
+            streamserve_batch_size_sum{model=\"mlp\",version=\"1\"} 100\n\
+            streamserve_batch_size_count{model=\"silero_vad\",version=\"1\"} 3\n\
+            streamserve_stream_chunk_latency_seconds_bucket{model=\"silero_vad\",le=\"0.1\"} 7\n\
+            streamserve_stream_chunk_latency_seconds_bucket{model=\"silero_vad\",le=\"0.25\"} 9\n";
+        let m = "model=\"silero_vad\"";
+        assert_eq!(
+            metric_sum(text, "streamserve_batch_size_sum", m, None),
+            12.0
+        );
+        assert_eq!(
+            metric_sum(text, "streamserve_batch_size_count", m, None),
+            3.0
+        );
+        assert_eq!(
+            metric_sum(
+                text,
+                "streamserve_stream_chunk_latency_seconds_bucket",
+                m,
+                Some("le=\"0.1\"")
+            ),
+            7.0
+        );
+        assert_eq!(metric_sum(text, "nothing", m, None), 0.0);
+    }
+}
