@@ -75,6 +75,10 @@ pub struct ServeArgs {
     /// Seconds to finish in-flight work after SIGTERM before exiting [default: 30].
     #[arg(long, env = "STREAMSERVE_DRAIN_SECS")]
     pub drain_secs: Option<u64>,
+    /// Inference requests handled at once (decoding, queued, running); beyond it new ones get
+    /// an immediate 429, so admitted requests keep their latency [default: 512].
+    #[arg(long, env = "STREAMSERVE_MAX_INFLIGHT")]
+    pub max_inflight: Option<usize>,
     /// CPU threads all replicas may use together; autoscaling adds replicas only within it
     /// [default: number of CPUs].
     #[arg(long, env = "STREAMSERVE_CPU_BUDGET")]
@@ -109,6 +113,7 @@ struct FileConfig {
     drain_secs: Option<u64>,
     admin_token: Option<String>,
     cpu_budget: Option<usize>,
+    max_inflight: Option<usize>,
 }
 
 /// The resolved configuration the server runs with.
@@ -127,6 +132,7 @@ pub struct Config {
     pub drain_secs: u64,
     pub admin_token: Option<String>,
     pub cpu_budget: usize,
+    pub max_inflight: usize,
 }
 
 impl Default for Config {
@@ -145,6 +151,7 @@ impl Default for Config {
             drain_secs: 30,
             admin_token: None,
             cpu_budget: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            max_inflight: 512,
         }
     }
 }
@@ -194,6 +201,11 @@ impl Config {
                 .cpu_budget
                 .or(file.cpu_budget)
                 .unwrap_or(defaults.cpu_budget),
+            max_inflight: args
+                .max_inflight
+                .or(file.max_inflight)
+                .unwrap_or(defaults.max_inflight)
+                .max(1),
         })
     }
 }

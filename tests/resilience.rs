@@ -345,3 +345,39 @@ async fn the_admin_api_needs_its_token() {
     let body: Value = response.json().await.unwrap();
     assert!(body["error"].as_str().unwrap().contains("--admin-token"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn past_max_inflight_requests_are_refused_at_once() {
+    let dir = model_dir(&mlp_manifest(""));
+    let url = start(&dir, |config| {
+        config.admin_token = Some(TOKEN.into());
+        config.max_inflight = 4;
+    });
+    let c = client();
+    inject(
+        &c,
+        &url,
+        "mlp",
+        json!({"fault": {"kind": "slow", "ms": 400}, "count": 4}),
+    )
+    .await;
+    let answers = burst(&c, &url, 30, &[]).await;
+    let ok = answers.iter().filter(|(s, _)| *s == 200).count();
+    let shed: Vec<&Value> = answers
+        .iter()
+        .filter(|(s, _)| *s == 429)
+        .map(|(_, b)| b)
+        .collect();
+    assert_eq!(ok + shed.len(), 30, "every request is answered, 200 or 429");
+    assert!(ok >= 4, "the first requests are admitted");
+    assert!(!shed.is_empty(), "requests past max_inflight are refused");
+    assert!(shed[0]["error"].as_str().unwrap().contains("overloaded"));
+    // Once the admitted ones finish, new requests are admitted again.
+    let (status, _) = post(
+        &c,
+        &format!("{url}/v2/models/mlp/infer"),
+        &mlp_request(&features(1, 1)),
+    )
+    .await;
+    assert_eq!(status, 200);
+}

@@ -30,6 +30,9 @@ pub struct AppState {
     /// `None`: the admin API is off.
     pub admin_token: Option<String>,
     pub supervisor: Addr<Supervisor>,
+    /// Admission at the door: one permit per inference request being handled.
+    pub inflight: Arc<tokio::sync::Semaphore>,
+    pub max_inflight: usize,
 }
 
 /// How long a request waits for its model to load on demand before it gets 503.

@@ -224,9 +224,23 @@ async fn run_inference(
         Ok(served) => (served.info.name.clone(), served.info.version.clone()),
         Err(_) => ("_unknown".to_string(), String::new()),
     };
-    let outcome = match &resolved {
-        Ok(served) => infer_on(state, served, req, body, received).await,
-        Err(e) => Err(e.clone()),
+    // Admission before any decoding: past max_inflight the server is saturated upstream of
+    // the model queues (HTTP, JSON), where slo_ms and max_queue cannot see it; refusing here,
+    // at once, is what keeps admitted requests fast.
+    let permit = state.inflight.clone().try_acquire_owned();
+    let outcome = match (&resolved, permit) {
+        (Ok(_), Err(_)) => {
+            metrics::counter!("streamserve_shed_total", "model" => model.clone(), "version" => model_version.clone())
+                .increment(1);
+            Err(ServeError::Overloaded {
+                model: model.clone(),
+                queued: state.max_inflight,
+                limit: state.max_inflight,
+                retry_after: Duration::from_secs(1),
+            })
+        }
+        (Ok(served), Ok(_permit)) => infer_on(state, served, req, body, received).await,
+        (Err(e), _) => Err(e.clone()),
     };
     let elapsed = received.elapsed();
     let status = match &outcome {
