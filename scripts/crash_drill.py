@@ -4,15 +4,15 @@
     python3 scripts/crash_drill.py --url http://127.0.0.1:8080 --token T [--model mlp] [--runs 10]
 
 The server must run with the same admin token. Each run injects a panic into replica 0 through
-the admin API, sends one inference request (whose batch is the one that crashes), and polls
-/admin/models until every replica is healthy again and the restart is counted. It reports the
+the admin API, sends requests one at a time until one lands on that replica and its batch
+crashes (the restart counter moves), and polls /admin/models until every replica is healthy
+again; the time runs from sending that request. It reports the
 request's status (the crashed batch is retried on another replica, so 200 is expected) and the
 time to full capacity. Loopback targets only; bounded by --runs and a 10 s limit per run.
 """
 import argparse
 import json
 import statistics
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -63,19 +63,23 @@ def main():
         replicas = before["replicas"]
         status, answer = call(f"{base}/admin/models/{args.model}/faults", args.token, {"fault": {"kind": "panic"}, "replica": 0})
         assert status == 200, answer
-        result = {}
-        crash = time.perf_counter()
-        worker = threading.Thread(target=lambda: result.update(status=call(f"{base}/v2/models/{args.model}/infer", body=request)[0]))
-        worker.start()
+        # Requests go to the least recently used idle replica: send one at a time until one
+        # lands on replica 0 and its batch crashes (the restart counter moves).
+        for _ in range(20):
+            crash = time.perf_counter()
+            result = {"status": call(f"{base}/v2/models/{args.model}/infer", body=request)[0]}
+            if router(base, args.token, args.model)["restarts"] > before["restarts"]:
+                break
+        else:
+            raise SystemExit(f"run {run}: the injected panic never fired")
         while True:
             state = router(base, args.token, args.model)
-            if state["restarts"] > before["restarts"] and state["healthy_replicas"] == replicas:
+            if state["healthy_replicas"] == replicas:
                 break
             if time.perf_counter() - crash > 10:
                 raise SystemExit(f"run {run}: not back to {replicas} healthy replicas within 10 s: {state}")
             time.sleep(0.002)
         recovered = time.perf_counter() - crash
-        worker.join()
         recoveries.append(recovered * 1000)
         statuses.append(result.get("status"))
         print(f"run {run + 1}: request answered {result.get('status')}, full capacity after {recovered * 1000:.1f} ms")

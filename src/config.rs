@@ -75,8 +75,9 @@ pub struct ServeArgs {
     /// Seconds to finish in-flight work after SIGTERM before exiting [default: 30].
     #[arg(long, env = "STREAMSERVE_DRAIN_SECS")]
     pub drain_secs: Option<u64>,
-    /// Inference requests handled at once (decoding, queued, running); beyond it new ones get
-    /// an immediate 429, so admitted requests keep their latency [default: 512].
+    /// Inference requests decoded, queued or running at once; beyond it new ones get an
+    /// immediate 429. 0 = no limit [default: 0]. Worth setting for models whose inference
+    /// outweighs the HTTP and JSON work of a request: shedding then saves real work.
     #[arg(long, env = "STREAMSERVE_MAX_INFLIGHT")]
     pub max_inflight: Option<usize>,
     /// CPU threads all replicas may use together; autoscaling adds replicas only within it
@@ -151,7 +152,7 @@ impl Default for Config {
             drain_secs: 30,
             admin_token: None,
             cpu_budget: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            max_inflight: 512,
+            max_inflight: 0,
         }
     }
 }
@@ -204,8 +205,7 @@ impl Config {
             max_inflight: args
                 .max_inflight
                 .or(file.max_inflight)
-                .unwrap_or(defaults.max_inflight)
-                .max(1),
+                .unwrap_or(defaults.max_inflight),
         })
     }
 }

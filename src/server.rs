@@ -65,7 +65,11 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
         streams,
         admin_token: config.admin_token.clone().filter(|t| !t.is_empty()),
         supervisor,
-        inflight: Arc::new(tokio::sync::Semaphore::new(config.max_inflight)),
+        inflight: Arc::new(tokio::sync::Semaphore::new(if config.max_inflight == 0 {
+            tokio::sync::Semaphore::MAX_PERMITS
+        } else {
+            config.max_inflight
+        })),
         max_inflight: config.max_inflight,
     });
     let server = HttpServer::new(move || {

@@ -3,7 +3,8 @@
 //! 1. the ceiling: raw in-process ONNX Runtime throughput of the `mlp` model, batch 64, one
 //!    session per thread (no HTTP, no JSON, no queueing), plus batch 1 for reference;
 //! 2. streamserve started in-process twice on a model directory holding only `mlp` with
-//!    2 replicas: batching on (`max_batch_size = 64`, 2 ms queue delay) and batching off
+//!    2 replicas: batching on (`max_batch_size = 64`, no queue delay, as shipped), the same with a
+//!    2 ms queue delay (Triton style), and batching off
 //!    (`max_batch_size = 1`);
 //! 3. closed-loop REST load against each at several concurrencies;
 //! 4. `report.md` (and `results.json`) with the figures and their ratios.
@@ -176,9 +177,20 @@ pub struct ServerSetup {
 }
 
 impl ServerSetup {
+    /// The shipped configuration: batch whatever queued while the workers were busy.
     pub fn batching_on() -> ServerSetup {
         ServerSetup {
             label: "batching on".into(),
+            replicas: 2,
+            max_batch_size: 64,
+            max_queue_delay_ms: 0.0,
+        }
+    }
+
+    /// Triton-style: also wait up to 2 ms for a batch to fill.
+    pub fn batching_on_with_delay() -> ServerSetup {
+        ServerSetup {
+            label: "batching on, 2 ms delay".into(),
             replicas: 2,
             max_batch_size: 64,
             max_queue_delay_ms: 2.0,
@@ -365,7 +377,11 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<BenchOutcome> {
         .build()
         .context("cannot start the client runtime")?;
     let mut servers = Vec::new();
-    for setup in [ServerSetup::batching_on(), ServerSetup::batching_off()] {
+    for setup in [
+        ServerSetup::batching_on(),
+        ServerSetup::batching_on_with_delay(),
+        ServerSetup::batching_off(),
+    ] {
         let models = TempModelDir::create(
             &setup.label.replace(' ', "-"),
             &setup.manifest(&model_file, &sha256),

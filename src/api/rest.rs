@@ -224,23 +224,9 @@ async fn run_inference(
         Ok(served) => (served.info.name.clone(), served.info.version.clone()),
         Err(_) => ("_unknown".to_string(), String::new()),
     };
-    // Admission before any decoding: past max_inflight the server is saturated upstream of
-    // the model queues (HTTP, JSON), where slo_ms and max_queue cannot see it; refusing here,
-    // at once, is what keeps admitted requests fast.
-    let permit = state.inflight.clone().try_acquire_owned();
-    let outcome = match (&resolved, permit) {
-        (Ok(_), Err(_)) => {
-            metrics::counter!("streamserve_shed_total", "model" => model.clone(), "version" => model_version.clone())
-                .increment(1);
-            Err(ServeError::Overloaded {
-                model: model.clone(),
-                queued: state.max_inflight,
-                limit: state.max_inflight,
-                retry_after: Duration::from_secs(1),
-            })
-        }
-        (Ok(served), Ok(_permit)) => infer_on(state, served, req, body, received).await,
-        (Err(e), _) => Err(e.clone()),
+    let outcome = match &resolved {
+        Ok(served) => infer_on(state, served, req, body, received).await,
+        Err(e) => Err(e.clone()),
     };
     let elapsed = received.elapsed();
     let status = match &outcome {
@@ -308,6 +294,20 @@ async fn infer_on(
         ),
     };
     let body = read_body(req, body, state.max_body_bytes).await?;
+    // Admission before decoding: past max_inflight the server is saturated upstream of the
+    // model queues (HTTP, JSON), where slo_ms and max_queue cannot see it. The body is read
+    // first all the same, so that the connection stays reusable: a refusal that leaves the
+    // body unread closes it, and reconnecting costs more than reading.
+    let _permit = state.inflight.clone().try_acquire_owned().map_err(|_| {
+        metrics::counter!("streamserve_shed_total", "model" => served.info.name.clone(), "version" => served.info.version.clone())
+            .increment(1);
+        ServeError::Overloaded {
+            model: served.info.name.clone(),
+            queued: state.max_inflight,
+            limit: state.max_inflight,
+            retry_after: Duration::from_secs(1),
+        }
+    })?;
     let mut decoded = kserve::decode(&body, json_length)?;
     drop(body);
     let info = served.info.clone();
