@@ -84,6 +84,13 @@ pub struct ServeArgs {
     /// [default: number of CPUs].
     #[arg(long, env = "STREAMSERVE_CPU_BUDGET")]
     pub cpu_budget: Option<usize>,
+    /// RAM (MiB) that CPU replicas may use together; models that would not fit are refused
+    /// [default: the memory available at startup].
+    #[arg(long, env = "STREAMSERVE_MEMORY_BUDGET_MB")]
+    pub memory_budget_mb: Option<u64>,
+    /// VRAM (MiB) per GPU that its replicas may use together; 0 = not budgeted [default: 0].
+    #[arg(long, env = "STREAMSERVE_VRAM_BUDGET_MB")]
+    pub vram_budget_mb: Option<u64>,
     /// Token that enables the admin API (/admin, `Authorization: Bearer <token>`); unset = off.
     #[arg(long, env = "STREAMSERVE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -115,6 +122,8 @@ struct FileConfig {
     admin_token: Option<String>,
     cpu_budget: Option<usize>,
     max_inflight: Option<usize>,
+    memory_budget_mb: Option<u64>,
+    vram_budget_mb: Option<u64>,
 }
 
 /// The resolved configuration the server runs with.
@@ -134,6 +143,9 @@ pub struct Config {
     pub admin_token: Option<String>,
     pub cpu_budget: usize,
     pub max_inflight: usize,
+    /// `None`: the memory available when the server starts.
+    pub memory_budget_mb: Option<u64>,
+    pub vram_budget_mb: u64,
 }
 
 impl Default for Config {
@@ -153,6 +165,8 @@ impl Default for Config {
             admin_token: None,
             cpu_budget: std::thread::available_parallelism().map_or(2, |n| n.get()),
             max_inflight: 0,
+            memory_budget_mb: None,
+            vram_budget_mb: 0,
         }
     }
 }
@@ -206,6 +220,11 @@ impl Config {
                 .max_inflight
                 .or(file.max_inflight)
                 .unwrap_or(defaults.max_inflight),
+            memory_budget_mb: args.memory_budget_mb.or(file.memory_budget_mb),
+            vram_budget_mb: args
+                .vram_budget_mb
+                .or(file.vram_budget_mb)
+                .unwrap_or(defaults.vram_budget_mb),
         })
     }
 }

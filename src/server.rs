@@ -44,7 +44,13 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
     let prometheus = telemetry::metrics_handle();
     let env = crate::runtime::init(config.ort_dylib.as_deref()).map_err(anyhow::Error::msg)?;
     let manifest = Manifest::load(&config.models)?;
-    let registry = Arc::new(Registry::new(config.cpu_budget));
+    let registry = Arc::new(Registry::new(
+        config.cpu_budget,
+        config
+            .memory_budget_mb
+            .unwrap_or_else(crate::actors::registry::available_ram_mb),
+        config.vram_budget_mb,
+    ));
     let supervisor = Supervisor::new(env, registry.clone()).start();
     supervisor
         .send(Start(manifest))

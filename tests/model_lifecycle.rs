@@ -229,3 +229,37 @@ async fn a_full_queue_sheds_with_429_and_every_request_is_answered() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn versions_that_do_not_fit_the_memory_budget_are_refused() {
+    // mlp needs about 11 MiB per replica (twice its 5.3 MB file), 22 MiB for two; mlp_small 1.
+    let dir = model_dir(&format!(
+        r#"
+        [[models]]
+        name = "mlp"
+        version = "1"
+        file = "{{models}}/mlp/1/model.onnx"
+        sha256 = "{MLP_SHA}"
+        replicas = 2
+
+        [[models]]
+        name = "mlp_small"
+        version = "1"
+        file = "{{models}}/mlp_small/1/model.onnx"
+        sha256 = "{MLP_SMALL_SHA}"
+        "#
+    ));
+    let url = start(&dir, |config| config.memory_budget_mb = Some(16));
+    let c = client();
+    let (_, list) = get(&c, &format!("{url}/v2/models")).await;
+    let mlp = &list["models"][0];
+    assert_eq!(mlp["state"], "UNAVAILABLE");
+    let reason = mlp["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("does not fit") && reason.contains("MiB on cpu"),
+        "{reason}"
+    );
+    assert_eq!(list["models"][1]["state"], "READY");
+    let (_, meta) = get(&c, &format!("{url}/v2/models/mlp_small")).await;
+    assert_eq!(meta["parameters"]["resources"]["ram_mb"], 1);
+}

@@ -12,7 +12,7 @@ use arc_swap::ArcSwap;
 
 use super::router::{ModelHealth, Router};
 use crate::error::ServeError;
-use crate::manifest::{compare_versions, ModelEntry};
+use crate::manifest::{compare_versions, Device, ModelEntry};
 use crate::model::ModelInfo;
 
 /// A version that is being served.
@@ -158,6 +158,84 @@ pub struct Registry {
     catalog: ArcSwap<Catalog>,
     /// CPU threads that replicas may use, shared by all models' routers.
     pub cpu_budget: CpuBudget,
+    /// Memory per device (RAM, VRAM per GPU) that replicas may use.
+    pub memory: MemoryBudget,
+}
+
+/// Memory per device, in MiB: RAM for CPU replicas, VRAM for each GPU's. A version whose
+/// replicas would not fit is refused when it loads, and autoscaling adds a replica only where it
+/// fits, so models are packed onto devices by what they need. A replica is estimated at twice its
+/// model file (weights plus ONNX Runtime's working memory).
+#[derive(Debug)]
+pub struct MemoryBudget {
+    ram: std::sync::atomic::AtomicI64,
+    pub ram_total_mb: i64,
+    vram: Vec<std::sync::atomic::AtomicI64>,
+    /// Per GPU; 0: VRAM is not budgeted.
+    pub vram_total_mb: i64,
+}
+
+impl MemoryBudget {
+    pub fn new(ram_mb: u64, vram_mb_per_gpu: u64) -> MemoryBudget {
+        MemoryBudget {
+            ram: std::sync::atomic::AtomicI64::new(ram_mb as i64),
+            ram_total_mb: ram_mb as i64,
+            vram: (0..16)
+                .map(|_| std::sync::atomic::AtomicI64::new(vram_mb_per_gpu as i64))
+                .collect(),
+            vram_total_mb: vram_mb_per_gpu as i64,
+        }
+    }
+
+    fn pool(&self, device: Device) -> Option<(&std::sync::atomic::AtomicI64, i64)> {
+        match device {
+            Device::Cpu => Some((&self.ram, self.ram_total_mb)),
+            Device::Cuda(n) if self.vram_total_mb > 0 => {
+                self.vram.get(n as usize).map(|a| (a, self.vram_total_mb))
+            }
+            Device::Cuda(_) => None,
+        }
+    }
+
+    /// Takes `mb` on `device` if it fits; the error says how much is left.
+    pub fn try_take(&self, device: Device, mb: u64) -> Result<(), String> {
+        use std::sync::atomic::Ordering;
+        let Some((pool, total)) = self.pool(device) else {
+            return Ok(());
+        };
+        let want = mb as i64;
+        pool.fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+            (left >= want).then_some(left - want)
+        })
+        .map(|_| ())
+        .map_err(|left| {
+            format!("needs about {mb} MiB on {device}, {left} MiB of its {total} MiB budget left")
+        })
+    }
+
+    pub fn give_back(&self, device: Device, mb: u64) {
+        if let Some((pool, _)) = self.pool(device) {
+            pool.fetch_add(mb as i64, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
+}
+
+/// Estimated memory of one replica of a model file, in MiB.
+pub fn replica_memory_mb(model_file_bytes: u64) -> u64 {
+    (model_file_bytes * 2).div_ceil(1 << 20)
+}
+
+/// What the machine has now, in MiB (`MemAvailable`), for a default RAM budget.
+pub fn available_ram_mb() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(u64::MAX >> 24, |kb| kb / 1024)
 }
 
 /// A budget of CPU threads (ONNX Runtime intra-op threads across all replicas). Routers take
@@ -208,15 +286,20 @@ impl CpuBudget {
 
 impl Default for Registry {
     fn default() -> Self {
-        Registry::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
+        Registry::new(
+            std::thread::available_parallelism().map_or(2, |n| n.get()),
+            available_ram_mb(),
+            0,
+        )
     }
 }
 
 impl Registry {
-    pub fn new(cpu_threads: usize) -> Registry {
+    pub fn new(cpu_threads: usize, ram_mb: u64, vram_mb_per_gpu: u64) -> Registry {
         Registry {
             catalog: ArcSwap::default(),
             cpu_budget: CpuBudget::new(cpu_threads),
+            memory: MemoryBudget::new(ram_mb, vram_mb_per_gpu),
         }
     }
 

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use super::registry::Registry;
+use super::registry::{replica_memory_mb, Registry};
 use super::supervisor;
 use super::worker::{
     Batch, BatchLayout, BatchOutcome, Fault, FaultQueue, Pending, Reply, WorkerHandle, WorkerReport,
@@ -549,12 +549,22 @@ impl Router {
             None
         };
         let threads = self.entry.intra_threads;
+        let memory_mb = replica_memory_mb(self.info.resources.model_file_bytes);
         let sustained = self
             .pressure_since
             .is_some_and(|t| now.duration_since(t) >= SCALE_UP_AFTER);
         if sustained && !self.scaling_up && self.slots.len() < self.entry.max_replicas {
             if !self.registry.cpu_budget.try_take(threads) {
                 return; // the machine is full: the queue (and fallback) absorb the load
+            }
+            if self
+                .registry
+                .memory
+                .try_take(self.info.device, memory_mb)
+                .is_err()
+            {
+                self.registry.cpu_budget.give_back(threads);
+                return;
             }
             self.scaling_up = true;
             self.pressure_since = None;
@@ -592,6 +602,7 @@ impl Router {
             if self.slots[last].in_flight.is_none() {
                 self.slots.pop();
                 self.registry.cpu_budget.give_back(threads);
+                self.registry.memory.give_back(self.info.device, memory_mb);
                 self.idle_since = now;
                 tracing::info!(model = %self.info.name, version = %self.info.version, replica = last, "scaling down");
                 metrics::counter!("streamserve_scale_events_total", "model" => self.info.name.clone(), "direction" => "down").increment(1);
@@ -655,6 +666,10 @@ impl Actor for Router {
         self.registry
             .cpu_budget
             .give_back(self.slots.len() * self.entry.intra_threads);
+        let memory_mb = replica_memory_mb(self.info.resources.model_file_bytes);
+        self.registry
+            .memory
+            .give_back(self.info.device, memory_mb * self.slots.len() as u64);
         self.slots.clear();
         metrics::gauge!("streamserve_workers", &self.labels).set(0.0);
         Arbiter::current().stop();

@@ -15,7 +15,7 @@ use futures_util::future::join_all;
 
 use tokio::sync::oneshot;
 
-use super::registry::{Canary, Catalog, Registry, ServedModel, VersionState};
+use super::registry::{replica_memory_mb, Canary, Catalog, Registry, ServedModel, VersionState};
 use super::router::{Drain, Infer, ModelHealth, Router};
 use super::worker::{self, FaultQueue, Reply, WorkerHandle, WorkerReport};
 use crate::error::ServeError;
@@ -818,6 +818,10 @@ pub async fn load_version(
     }
     // Ready as soon as this returns: the router only starts (and publishes) on its own thread.
     let health = Arc::new(ModelHealth::new(workers.len(), entry.replicas));
+    let memory_mb = replica_memory_mb(info.resources.model_file_bytes) * workers.len() as u64;
+    if let Err(reason) = registry.memory.try_take(device, memory_mb) {
+        return refuse(format!("does not fit: {reason}"));
+    }
     let threads = entry.replicas * entry.intra_threads;
     if !registry.cpu_budget.take(threads) {
         tracing::info!(model = %entry.name, version = %entry.version, threads, budget = registry.cpu_budget.total,
