@@ -253,11 +253,23 @@ async fn versions_that_do_not_fit_the_memory_budget_are_refused() {
     let c = client();
     let (_, list) = get(&c, &format!("{url}/v2/models")).await;
     let mlp = &list["models"][0];
-    assert_eq!(mlp["state"], "UNAVAILABLE");
+    // Not loaded, with the reason; it stays loadable should memory free up later.
+    assert_eq!(mlp["state"], "UNLOADED");
     let reason = mlp["reason"].as_str().unwrap();
     assert!(
         reason.contains("does not fit") && reason.contains("MiB on cpu"),
         "{reason}"
+    );
+    let (status, body) = post(
+        &c,
+        &format!("{url}/v2/models/mlp/infer"),
+        &mlp_request(&features(1, 1)),
+    )
+    .await;
+    assert_eq!(status, 503);
+    assert!(
+        body["error"].as_str().unwrap().contains("does not fit"),
+        "{body}"
     );
     assert_eq!(list["models"][1]["state"], "READY");
     let (_, meta) = get(&c, &format!("{url}/v2/models/mlp_small")).await;

@@ -35,6 +35,8 @@ pub enum VersionState {
     /// Not loaded (lazy, or unloaded after idling): the first request loads it.
     Cold {
         entry: Arc<ModelEntry>,
+        /// Why the last attempt to load it failed, if it did (e.g. memory it did not fit).
+        last_error: Option<String>,
     },
     /// Being loaded; requests wait for it.
     Loading {

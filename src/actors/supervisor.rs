@@ -186,7 +186,7 @@ impl Supervisor {
                 }));
             }
             Some(VersionState::Loading { .. }) => self.waiting.entry(key).or_default().push(tx),
-            Some(VersionState::Cold { entry }) => {
+            Some(VersionState::Cold { entry, .. }) => {
                 let entry = entry.clone();
                 self.set_state(
                     &key,
@@ -227,6 +227,17 @@ impl Supervisor {
                 version: key.1.clone(),
             }),
         };
+        let state = match state {
+            // Memory may free up later (an unload, a scale-down): stay loadable.
+            VersionState::Unavailable { entry, reason } if reason.starts_with(DOES_NOT_FIT) => {
+                tracing::warn!(model = %key.0, version = %key.1, %reason, "not loaded");
+                VersionState::Cold {
+                    entry,
+                    last_error: Some(reason),
+                }
+            }
+            other => other,
+        };
         self.set_state(&key, state);
         self.publish();
         for waiter in self.waiting.remove(&key).unwrap_or_default() {
@@ -241,7 +252,13 @@ impl Supervisor {
             return false;
         };
         let entry = self.entries[key].clone();
-        self.set_state(key, VersionState::Cold { entry });
+        self.set_state(
+            key,
+            VersionState::Cold {
+                entry,
+                last_error: None,
+            },
+        );
         self.publish();
         served.router.do_send(Drain);
         tracing::info!(model = %key.0, version = %key.1, why, "unloading");
@@ -388,6 +405,7 @@ impl Handler<Start> for Supervisor {
                 &key,
                 VersionState::Cold {
                     entry: entry.clone(),
+                    last_error: None,
                 },
             );
             if !entry.lazy {
@@ -512,10 +530,9 @@ impl Handler<Deploy> for Supervisor {
                     "canary steps must be percentages in 1..=100",
                 ));
             }
+            // Whether the new version fits beside the running one is the memory budget's call,
+            // made when it loads (a refusal changes nothing).
             let was_cold = self.served(&key).is_none();
-            if was_cold {
-                check_memory(&self.entries[&key])?;
-            }
             Ok((key, stable, was_cold))
         })();
         let (key, stable, was_cold) = match prepared {
@@ -671,32 +688,6 @@ impl Handler<Rollouts> for Supervisor {
     }
 }
 
-/// Refuses to load a version beside another when the machine's available memory could not
-/// hold it (an estimate: model file size x replicas x 2 for runtime overhead).
-fn check_memory(entry: &ModelEntry) -> Result<(), ServeError> {
-    let size = std::fs::metadata(&entry.file).map(|m| m.len()).unwrap_or(0);
-    let needed = size * entry.replicas as u64 * 2;
-    let available = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-                .map(|kb| kb * 1024)
-        });
-    match available {
-        Some(available) if needed > available => Err(ServeError::Conflict(format!(
-            "{}:{} needs about {} MiB beside the running version, but only {} MiB are available",
-            entry.name,
-            entry.version,
-            needed >> 20,
-            available >> 20
-        ))),
-        _ => Ok(()),
-    }
-}
-
 /// One request of zeros (dynamic dimensions 1) through a freshly loaded version.
 async fn smoke_test(served: &ServedModel) -> Result<(), ServeError> {
     let info = &served.info;
@@ -722,6 +713,9 @@ async fn smoke_test(served: &ServedModel) -> Result<(), ServeError> {
         .map_err(|_| ServeError::WorkerLost("router dropped the smoke test".into()))??;
     Ok(())
 }
+
+/// How a refusal for lack of memory starts: such a version stays loadable later.
+const DOES_NOT_FIT: &str = "does not fit";
 
 /// Loads one model version: verifies its sha256, starts a worker per replica (each loads its
 /// own session), checks the interface against the manifest, and starts its router on an
@@ -820,7 +814,7 @@ pub async fn load_version(
     let health = Arc::new(ModelHealth::new(workers.len(), entry.replicas));
     let memory_mb = replica_memory_mb(info.resources.model_file_bytes) * workers.len() as u64;
     if let Err(reason) = registry.memory.try_take(device, memory_mb) {
-        return refuse(format!("does not fit: {reason}"));
+        return refuse(format!("{DOES_NOT_FIT}: {reason}"));
     }
     let threads = entry.replicas * entry.intra_threads;
     if !registry.cpu_budget.take(threads) {

@@ -60,6 +60,10 @@ fn index(state: &AppState) -> Vec<serde_json::Value> {
             let reason = match state {
                 VersionState::Serving(served) if !served.health.ready() => "no healthy replica",
                 VersionState::Unavailable { reason, .. } => reason.as_str(),
+                VersionState::Cold {
+                    last_error: Some(error),
+                    ..
+                } => error.as_str(),
                 VersionState::Cold { .. } => "not loaded; the next request loads it",
                 _ => "",
             };
