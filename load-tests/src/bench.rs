@@ -6,8 +6,10 @@
 //!    2 replicas: batching on (`max_batch_size = 64`, no queue delay, as shipped), the same with a
 //!    2 ms queue delay (Triton style), and batching off
 //!    (`max_batch_size = 1`);
+//!    and (unless turned off) the FastAPI + uvicorn + onnxruntime peer (`crate::peer`);
 //! 3. closed-loop REST load against each at several concurrencies;
-//! 4. `report.md` (and `results.json`) with the figures and their ratios.
+//! 4. `report.md` (and `results.json`, `latency-throughput.svg`) with the figures, their
+//!    ratios and a capacity plan.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -42,6 +44,13 @@ pub struct BenchOptions {
     pub client_threads: usize,
     /// The command line, as it goes in the report.
     pub command: String,
+    /// Also measure the FastAPI + uvicorn + onnxruntime peer (`peers/fastapi_peer.py`, a
+    /// Python venv under `load-tests/.venv-peer/`, created when missing). On for
+    /// `loadgen bench`, off by default (tests and CI need no Python).
+    pub peer: bool,
+    /// Longest wait, before each measurement, for other processes to leave the CPU alone
+    /// (0: do not wait).
+    pub quiet_wait: Duration,
 }
 
 impl Default for BenchOptions {
@@ -56,6 +65,8 @@ impl Default for BenchOptions {
             model_file: default_model_file(),
             client_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             command: String::new(),
+            peer: false,
+            quiet_wait: Duration::ZERO,
         }
     }
 }
@@ -69,6 +80,9 @@ pub fn default_model_file() -> PathBuf {
         .join("1")
         .join("model.onnx")
 }
+
+/// The latency-vs-throughput plot written beside `report.md`.
+pub const PLOT_FILE: &str = "latency-throughput.svg";
 
 /// `load-tests/results/` of the checkout this crate was built from.
 pub fn results_dir() -> PathBuf {
@@ -194,6 +208,17 @@ impl ServerSetup {
             replicas: 2,
             max_batch_size: 64,
             max_queue_delay_ms: 2.0,
+        }
+    }
+
+    /// The FastAPI + uvicorn + onnxruntime peer: 2 worker processes, one session each
+    /// (intra_op_num_threads = 1), no batching across requests.
+    pub fn peer() -> ServerSetup {
+        ServerSetup {
+            label: "fastapi peer".into(),
+            replicas: 2,
+            max_batch_size: 1,
+            max_queue_delay_ms: 0.0,
         }
     }
 
@@ -388,52 +413,36 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<BenchOutcome> {
         )?;
         let running = start_server(&models.path, setup.max_batch_size)?;
         eprintln!("[bench] streamserve ({}) on {}", setup.label, running.addr);
-        let mut runs = Vec::new();
-        let mut cpu = Vec::new();
-        let mut failure = None;
-        for &concurrency in &options.concurrencies {
-            let load = RestOptions {
-                url: format!("http://{}", running.addr),
-                model: "mlp".into(),
-                concurrency,
-                duration: options.duration,
-                warmup: options.warmup,
-                rows: 1,
-                binary: options.binary,
-                progress: true,
-                request_timeout: Duration::from_secs(30),
-            };
-            let before = CpuSnapshot::take();
-            match runtime.block_on(rest::run(&load)) {
-                Ok(report) => {
-                    cpu.push(cpu_since(before));
-                    eprintln!(
-                        "[bench]   {} c={concurrency}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
-                        setup.label,
-                        report.requests_per_sec(),
-                        report.latency_ms(0.5),
-                        report.latency_ms(0.99),
-                        report.error_count()
-                    );
-                    runs.push(report);
-                }
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            }
-        }
+        let result = load_levels(
+            &runtime,
+            &format!("http://{}", running.addr),
+            &setup.label,
+            options,
+        );
         stop_server(&running);
         drop(models);
-        if let Some(e) = failure {
-            return Err(e.context(format!("load against the {} server failed", setup.label)));
-        }
+        let (runs, cpu) = result
+            .map_err(|e| e.context(format!("load against the {} server failed", setup.label)))?;
+        servers.push(ServerResults { setup, runs, cpu });
+    }
+    if options.peer {
+        let setup = ServerSetup::peer();
+        eprintln!(
+            "[bench] starting the FastAPI peer (uvicorn, {} workers) ...",
+            setup.replicas
+        );
+        let peer = crate::peer::Peer::start(&model_file, setup.replicas)?;
+        eprintln!("[bench] {} on {}", setup.label, peer.addr);
+        let result = load_levels(&runtime, &peer.url(), &setup.label, options);
+        drop(peer);
+        let (runs, cpu) =
+            result.map_err(|e| e.context(format!("load against the {} failed", setup.label)))?;
         servers.push(ServerResults { setup, runs, cpu });
     }
     drop(runtime);
 
     let elapsed = started.elapsed();
-    let report = render_report(&ReportInput {
+    let mut report = render_report(&ReportInput {
         machine: &machine,
         started_at: &started_at,
         elapsed,
@@ -444,13 +453,92 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<BenchOutcome> {
         batch1: &batch1,
         servers: &servers,
     });
+    let json = results_json(&machine, &started_at, options, &ceiling, &batch1, &servers);
+    report.push_str(&capacity_section(&json));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     std::fs::write(dir.join("report.md"), &report)
         .with_context(|| format!("cannot write {}/report.md", dir.display()))?;
-    let json = results_json(&machine, &started_at, options, &ceiling, &batch1, &servers);
     std::fs::write(dir.join("results.json"), serde_json::to_vec_pretty(&json)?)
         .with_context(|| format!("cannot write {}/results.json", dir.display()))?;
+    if let Err(e) = crate::plots::bench_latency_throughput(&json, &dir.join(PLOT_FILE)) {
+        eprintln!("[bench] {e:#}");
+    }
     Ok(BenchOutcome { dir, report })
+}
+
+/// Closed-loop load at each of `options.concurrencies` against the `mlp` REST endpoint at
+/// `url`, each level after waiting for a quiet machine.
+fn load_levels(
+    runtime: &tokio::runtime::Runtime,
+    url: &str,
+    label: &str,
+    options: &BenchOptions,
+) -> anyhow::Result<(Vec<RestReport>, Vec<Option<CpuShare>>)> {
+    let mut runs = Vec::new();
+    let mut cpu = Vec::new();
+    for &concurrency in &options.concurrencies {
+        let load = RestOptions {
+            url: url.to_string(),
+            model: "mlp".into(),
+            concurrency,
+            duration: options.duration,
+            warmup: options.warmup,
+            rows: 1,
+            binary: options.binary,
+            progress: true,
+            request_timeout: Duration::from_secs(30),
+        };
+        if !options.quiet_wait.is_zero() {
+            crate::sysinfo::wait_for_quiet(0.15, options.quiet_wait);
+        }
+        let before = CpuSnapshot::take();
+        let report = runtime.block_on(rest::run(&load))?;
+        cpu.push(cpu_since(before));
+        eprintln!(
+            "[bench]   {label} c={concurrency}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
+            report.requests_per_sec(),
+            report.latency_ms(0.5),
+            report.latency_ms(0.99),
+            report.error_count()
+        );
+        runs.push(report);
+    }
+    Ok((runs, cpu))
+}
+
+/// Example targets of the report's capacity plan (`loadgen capacity` computes any other).
+pub const PLAN_SLO_MS: f64 = 50.0;
+pub const PLAN_TARGET_RPS: f64 = 10_000.0;
+pub const PLAN_TARGET_STREAMS: u64 = 1_000;
+
+/// The report's capacity plan: this run's curves, and the newest streams-bench results.
+fn capacity_section(json: &serde_json::Value) -> String {
+    let streams_dir = crate::capacity::latest(&results_dir(), "-streams-vad");
+    let streams = streams_dir
+        .as_ref()
+        .and_then(|d| crate::plots::read_results(d).ok().map(|v| (d, v)));
+    let streams_name = streams.as_ref().map(|(d, _)| {
+        format!(
+            "results/{}/results.json",
+            d.file_name().unwrap_or_default().to_string_lossy()
+        )
+    });
+    let mut md = format!(
+        "\n## Capacity plan\n\nExample: {PLAN_TARGET_RPS:.0} req/s of `mlp` at p99 ≤ {PLAN_SLO_MS} ms (the \
+         manifest's `slo_ms` for `mlp`), and {PLAN_TARGET_STREAMS} concurrent real-time VAD streams. Any other \
+         target: `cargo run --release -p streamserve-load -- capacity --target-rps N --slo-ms M [--streams S]`.\n\n"
+    );
+    md.push_str(&crate::capacity::plan(
+        Some((json, "this run")),
+        streams
+            .as_ref()
+            .zip(streams_name.as_deref())
+            .map(|((_, v), name)| (v, name)),
+        Some(PLAN_TARGET_RPS),
+        PLAN_SLO_MS,
+        Some(PLAN_TARGET_STREAMS),
+    ));
+    md
 }
 
 struct ReportInput<'a> {
@@ -594,6 +682,18 @@ fn render_report(input: &ReportInput<'_>) -> String {
         cpu_cell(batch1.cpu_cores)
     );
     for s in servers.iter() {
+        if s.setup.label == ServerSetup::peer().label {
+            let _ = writeln!(
+                w,
+                "- **{}** (the Python point of comparison, `load-tests/peers/fastapi_peer.py`): FastAPI + uvicorn \
+                 (httptools, uvloop) with {} worker processes on 127.0.0.1, each owning one onnxruntime \
+                 `InferenceSession` (intra_op_num_threads = 1) on the same model file; one session run per request, \
+                 no batching across requests; same JSON in and out. It runs in **separate processes**, so its CPU \
+                 shows under \"others\" in the Details.",
+                s.setup.label, s.setup.replicas
+            );
+            continue;
+        }
         let _ = writeln!(
             w,
             "- **{}**: streamserve in this process on 127.0.0.1, `mlp` only, replicas = {}, intra_threads = 1, \
@@ -619,18 +719,35 @@ fn render_report(input: &ReportInput<'_>) -> String {
     );
 
     let _ = writeln!(w, "## Results\n");
+    let peer_label = ServerSetup::peer().label;
+    let has_peer = servers.iter().any(|s| s.setup.label == peer_label);
+    let (peer_head, peer_rule) = if has_peer {
+        (
+            " peer: req/s | peer: p50 ms | peer: p99 ms | peer: errors | on ÷ peer | off ÷ peer | peer ÷ ceiling |",
+            "---:|".repeat(7),
+        )
+    } else {
+        ("", String::new())
+    };
     let _ = writeln!(
         w,
         "| concurrency | on: req/s | on: p50 ms | on: p99 ms | on: errors | off: req/s | off: p50 ms | off: p99 ms \
-         | off: errors | on ÷ ceiling | off ÷ ceiling | on ÷ off |"
+         | off: errors | on ÷ ceiling | off ÷ ceiling | on ÷ off |{peer_head}"
     );
     let _ = writeln!(
         w,
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|{peer_rule}"
     );
     for &c in &options.concurrencies {
         let on = find(servers, &on_label, c);
         let off = find(servers, &off_label, c);
+        let peer = find(servers, &peer_label, c);
+        let ratio = |a: &Option<RestReport>, b: &Option<RestReport>| match (a, b) {
+            (Some(a), Some(b)) if b.rows_per_sec() > 0.0 => {
+                format!("{:.2}×", a.rows_per_sec() / b.rows_per_sec())
+            }
+            _ => "n/a".into(),
+        };
         let cells = |r: &Option<RestReport>| match r {
             Some(r) => format!(
                 "{:.0} | {:.2} | {:.2} | {}",
@@ -652,13 +769,31 @@ fn render_report(input: &ReportInput<'_>) -> String {
             }
             _ => "n/a".into(),
         };
+        let peer_cells = if has_peer {
+            format!(
+                " {} | {} | {} | {} |",
+                cells(&peer),
+                ratio(&on, &peer),
+                ratio(&off, &peer),
+                frac(&peer)
+            )
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             w,
-            "| {c} | {} | {} | {} | {} | {speedup} |",
+            "| {c} | {} | {} | {} | {} | {speedup} |{peer_cells}",
             cells(&on),
             cells(&off),
             frac(&on),
             frac(&off)
+        );
+    }
+    if has_peer {
+        let _ = writeln!(
+            w,
+            "\n\"on ÷ peer\" / \"off ÷ peer\" = streamserve (batching on / off) throughput ÷ the FastAPI peer's at \
+             the same concurrency, same load generator, same requests."
         );
     }
     let _ = writeln!(
@@ -669,6 +804,12 @@ fn render_report(input: &ReportInput<'_>) -> String {
         ceiling.batch, ceiling.rows_per_sec
     );
 
+    let _ = writeln!(
+        w,
+        "![p50 and p99 latency against throughput per server, ceiling as a vertical line]({PLOT_FILE})\n\n\
+         [`{PLOT_FILE}`]({PLOT_FILE}): p50 (circles, thick) and p99 (triangles, thin) latency against throughput, \
+         one point per concurrency level, log-log; the vertical line is the in-process ceiling.\n"
+    );
     let _ = writeln!(w, "### Details\n");
     let _ = writeln!(
         w,
@@ -774,8 +915,11 @@ fn render_report(input: &ReportInput<'_>) -> String {
 /// shows without anyone having to compute it.
 fn observations(servers: &[ServerResults], ceiling: &InProcess, batch1: &InProcess) -> Vec<String> {
     let mut lines = Vec::new();
+    let peer_label = ServerSetup::peer().label;
     let others = servers
         .iter()
+        // The peer runs in other processes: during its runs "others" is the peer itself.
+        .filter(|s| s.setup.label != peer_label)
         .flat_map(|s| s.runs.iter().zip(&s.cpu).map(move |(r, c)| (s, r, c)))
         .filter_map(|(s, r, c)| c.map(|c| (s.setup.label.clone(), r.concurrency, c.other_cores)))
         .chain(
@@ -801,6 +945,19 @@ fn observations(servers: &[ServerResults], ceiling: &InProcess, batch1: &InProce
         } else {
             lines.push(format!(
                 "Other processes used at most {cores:.2} CPU cores during any measurement ({at}): a quiet machine."
+            ));
+        }
+    }
+    if let Some(peer) = servers.iter().find(|s| s.setup.label == peer_label) {
+        let max = |f: fn(&CpuShare) -> f64| peer.cpu.iter().flatten().map(f).fold(0.0, f64::max);
+        if peer.cpu.iter().flatten().count() > 0 {
+            lines.push(format!(
+                "During the FastAPI peer's runs, \"others\" is mostly the peer itself (uvicorn, {} worker \
+                 processes): up to {:.2} cores, while this process (the load generator alone) used up to {:.2}; \
+                 the contention check above leaves those runs out.",
+                peer.setup.replicas,
+                max(|c| c.other_cores),
+                max(|c| c.own_cores)
             ));
         }
     }
@@ -877,6 +1034,23 @@ fn observations(servers: &[ServerResults], ceiling: &InProcess, batch1: &InProce
              model-call time); the rest of the CPU goes to HTTP, JSON, queueing and the load generator itself.",
             model_share
         ));
+        if let Some(p) = servers
+            .iter()
+            .find(|s| s.setup.label == ServerSetup::peer().label)
+            .and_then(best)
+            .filter(|p| p.rows_per_sec() > 0.0)
+        {
+            lines.push(format!(
+                "FastAPI peer peak: {:.0} req/s (concurrency {}, p99 {:.2} ms) = {:.1}% of the ceiling; streamserve's \
+                 peak with batching on is {:.2}× it, batching off {:.2}×.",
+                p.rows_per_sec(),
+                p.concurrency,
+                p.latency_ms(0.99),
+                100.0 * p.rows_per_sec() / ceiling.rows_per_sec,
+                a.rows_per_sec() / p.rows_per_sec(),
+                b.rows_per_sec() / p.rows_per_sec()
+            ));
+        }
     }
     lines
 }

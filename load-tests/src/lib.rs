@@ -7,15 +7,22 @@
 //! - [`streams`]: WebSocket speech-stream load, and [`streams_bench`]: how many real-time
 //!   `silero_vad` streams one server carries, batching across streams on and off;
 //! - [`overload`]: open-loop overload of `mlp` with its fallback, shedding and degraded mode.
+//! - [`peer`]: the FastAPI + uvicorn + onnxruntime peer `bench` compares with;
+//! - [`plots`]: SVG plots of `bench` and `overload` results; [`scenario`]: runs described in
+//!   TOML files; [`capacity`]: instances needed for a target from the measured curves.
 //!
 //! Everything here talks to loopback addresses only ([`rest::check_loopback`]) and is bounded
 //! in time: every run has a fixed duration, every request a timeout.
 
 pub mod bench;
+pub mod capacity;
 pub mod manifest;
 pub mod open_loop;
 pub mod overload;
+pub mod peer;
+pub mod plots;
 pub mod rest;
+pub mod scenario;
 pub mod streams;
 pub mod streams_bench;
 pub mod sysinfo;

@@ -7,7 +7,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use streamserve_load::{bench, open_loop, overload, rest, streams, streams_bench, sysinfo};
+use streamserve_load::{
+    bench, capacity, open_loop, overload, plots, rest, scenario, streams, streams_bench, sysinfo,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -26,8 +28,8 @@ enum Command {
     /// next inference request as soon as the previous answer is in. With --rate: open loop,
     /// R requests/s on a fixed schedule whatever the answers.
     Rest(RestArgs),
-    /// Start streamserve in-process (batching on, then off), load each at several
-    /// concurrencies, compare with the in-process ONNX Runtime ceiling, write report.md.
+    /// Start streamserve in-process (batching on, then off) and the FastAPI peer, load each at
+    /// several concurrencies, compare with the in-process ONNX Runtime ceiling, write report.md.
     Bench(BenchArgs),
     /// WebSocket speech streams on a running server: N concurrent streams, each sending a WAV
     /// (looped) at real-time pace and timing every chunk's result.
@@ -39,6 +41,39 @@ enum Command {
     /// Start streamserve in-process on mlp with slo_ms, a fallback and a short queue; measure
     /// its capacity, offer 1x, 2x, 3x, 5x of it open loop, write report.md.
     Overload(OverloadArgs),
+    /// Run a scenario file (load-tests/scenarios/*.toml): the subcommand it names with the
+    /// options it gives.
+    Run {
+        /// The scenario file.
+        scenario: PathBuf,
+        /// Output directory, replacing the scenario's own (if any).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Only check the scenario and print the command it stands for.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Capacity plan from the newest bench (rest-mlp) and streams-bench (streams-vad) results:
+    /// the best throughput per instance within the p99 SLO, instances needed with 30% headroom.
+    Capacity {
+        /// Requests/s to carry.
+        #[arg(long)]
+        target_rps: Option<f64>,
+        /// p99 latency every level counted must stay within, ms.
+        #[arg(long, default_value_t = 50.0)]
+        slo_ms: f64,
+        /// Concurrent real-time streams to carry.
+        #[arg(long)]
+        streams: Option<u64>,
+        /// Results directory to search [default: load-tests/results/].
+        #[arg(long)]
+        results: Option<PathBuf>,
+    },
+    /// Redraw the SVG plots of a saved `bench` or `overload` run from its results.json.
+    Plot {
+        /// A results directory (holding results.json).
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -215,6 +250,13 @@ struct BenchArgs {
     /// Client runtime worker threads [default: number of CPUs].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
     client_threads: Option<u64>,
+    /// Leave out the FastAPI + uvicorn + onnxruntime peer (which needs python3 and, the first
+    /// time, the package index to create load-tests/.venv-peer/).
+    #[arg(long)]
+    no_peer: bool,
+    /// Longest wait, before each measurement, for other processes to leave the CPU alone.
+    #[arg(long, default_value_t = 180, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    quiet_wait_secs: u64,
 }
 
 fn nproc() -> usize {
@@ -232,19 +274,53 @@ fn command_line() -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Rest(args) => run_rest(args),
-        Command::Bench(args) => run_bench(args),
-        Command::Streams(args) => run_streams(args),
-        Command::StreamsBench(args) => run_streams_bench(args),
-        Command::Overload(args) => run_overload(args),
-    };
+    let result = dispatch(cli.command);
     match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("loadgen: error: {e:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+fn run_scenario(
+    path: &std::path::Path,
+    out: Option<&std::path::Path>,
+    dry_run: bool,
+) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let args = scenario::to_args(&text, out)
+        .map_err(|e| e.context(format!("scenario {}", path.display())))?;
+    eprintln!("[run] {}: loadgen {}", path.display(), args.join(" "));
+    let cli = Cli::try_parse_from(std::iter::once("loadgen".to_string()).chain(args))
+        .map_err(|e| anyhow::anyhow!("scenario {}: {e}", path.display()))?;
+    if dry_run {
+        return Ok(ExitCode::SUCCESS);
+    }
+    dispatch(cli.command)
+}
+
+fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Rest(args) => run_rest(args),
+        Command::Bench(args) => run_bench(args),
+        Command::Streams(args) => run_streams(args),
+        Command::StreamsBench(args) => run_streams_bench(args),
+        Command::Overload(args) => run_overload(args),
+        Command::Plot { dir } => run_plot(&dir),
+        Command::Capacity {
+            target_rps,
+            slo_ms,
+            streams,
+            results,
+        } => run_capacity(target_rps, slo_ms, streams, results),
+        Command::Run {
+            scenario,
+            out,
+            dry_run,
+        } => run_scenario(&scenario, out.as_deref(), dry_run),
     }
 }
 
@@ -310,6 +386,8 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         out: args.out,
         client_threads: args.client_threads.map_or_else(nproc, |n| n as usize),
         command: command_line(),
+        peer: !args.no_peer,
+        quiet_wait: Duration::from_secs(args.quiet_wait_secs),
         ..bench::BenchOptions::default()
     };
     let outcome = bench::run(&options)?;
@@ -401,6 +479,63 @@ fn run_overload(args: OverloadArgs) -> anyhow::Result<ExitCode> {
     eprintln!(
         "[overload] wrote {}/report.md and results.json",
         outcome.dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_plot(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let json = plots::read_results(dir)?;
+    let out = if json.get("servers").is_some() {
+        let out = dir.join(bench::PLOT_FILE);
+        plots::bench_latency_throughput(&json, &out)?;
+        out
+    } else if json.get("levels").is_some() {
+        let out = dir.join(overload::PLOT_FILE);
+        plots::overload_levels(&json, &out)?;
+        out
+    } else {
+        anyhow::bail!(
+            "{}/results.json is neither a bench nor an overload run",
+            dir.display()
+        );
+    };
+    eprintln!("[plot] wrote {}", out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_capacity(
+    target_rps: Option<f64>,
+    slo_ms: f64,
+    streams: Option<u64>,
+    results: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let dir = results.unwrap_or_else(bench::results_dir);
+    let load = |suffix: &str| -> anyhow::Result<Option<(serde_json::Value, String)>> {
+        match capacity::latest(&dir, suffix) {
+            Some(d) => Ok(Some((
+                plots::read_results(&d)?,
+                d.join("results.json").display().to_string(),
+            ))),
+            None => Ok(None),
+        }
+    };
+    let bench_results = load("-rest-mlp")?;
+    let stream_results = load("-streams-vad")?;
+    if bench_results.is_none() && stream_results.is_none() {
+        anyhow::bail!(
+            "no *-rest-mlp or *-streams-vad results under {}",
+            dir.display()
+        );
+    }
+    print!(
+        "{}",
+        capacity::plan(
+            bench_results.as_ref().map(|(v, s)| (v, s.as_str())),
+            stream_results.as_ref().map(|(v, s)| (v, s.as_str())),
+            target_rps,
+            slo_ms,
+            streams,
+        )
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -270,13 +270,17 @@ pub fn run(options: &OverloadOptions) -> anyhow::Result<OverloadOutcome> {
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     std::fs::write(dir.join("report.md"), &report)
         .with_context(|| format!("cannot write {}/report.md", dir.display()))?;
-    std::fs::write(
-        dir.join("results.json"),
-        serde_json::to_vec_pretty(&results_json(&input))?,
-    )
-    .with_context(|| format!("cannot write {}/results.json", dir.display()))?;
+    let json = results_json(&input);
+    std::fs::write(dir.join("results.json"), serde_json::to_vec_pretty(&json)?)
+        .with_context(|| format!("cannot write {}/results.json", dir.display()))?;
+    if let Err(e) = crate::plots::overload_levels(&json, &dir.join(PLOT_FILE)) {
+        eprintln!("[overload] {e:#}");
+    }
     Ok(OverloadOutcome { dir, report })
 }
+
+/// The goodput/latency plot written beside `report.md`.
+pub const PLOT_FILE: &str = "overload.svg";
 
 struct ReportInput<'a> {
     machine: &'a MachineInfo,
@@ -517,6 +521,12 @@ fn render_report(input: &ReportInput<'_>) -> String {
             )
         })
         .collect();
+    let _ = writeln!(
+        w,
+        "![goodput and latency per offered load]({PLOT_FILE})\n\n[`{PLOT_FILE}`]({PLOT_FILE}): left, sent \
+         requests/s and goodput against the offered rate, the closed-loop capacity as a horizontal line; right, \
+         p50 and p99 latency of 200 answers (log scale).\n"
+    );
     let _ = writeln!(w, "### Details\n\n{}\n", details.join("\n"));
 
     let _ = writeln!(w, "### Observations (computed from the table)\n");

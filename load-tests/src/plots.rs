@@ -1,0 +1,367 @@
+//! SVG plots (plotters, SVG backend: text is written as SVG `<text>`, no system fonts
+//! needed) drawn from a benchmark's `results.json`, so that they can be redrawn from any
+//! saved run (`loadgen plot DIR`).
+//!
+//! - [`bench_latency_throughput`]: p50 and p99 latency against throughput per server, one
+//!   point per concurrency level, the in-process ceiling as a vertical line;
+//! - [`overload_levels`]: goodput and latency per offered load.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use plotters::prelude::*;
+use serde_json::Value;
+
+const PALETTE: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(255, 127, 14),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(0.0)
+}
+
+/// One server's curve: (throughput req/s, p50 ms, p99 ms) per level.
+struct Curve {
+    label: String,
+    points: Vec<(f64, f64, f64)>,
+}
+
+fn bench_curves(results: &Value) -> Vec<Curve> {
+    results["servers"]
+        .as_array()
+        .map(|servers| {
+            servers
+                .iter()
+                .map(|s| Curve {
+                    label: s["setup"]["label"].as_str().unwrap_or("?").to_string(),
+                    points: s["runs"]
+                        .as_array()
+                        .map(|runs| {
+                            runs.iter()
+                                .map(|r| {
+                                    (
+                                        f(&r["requests_per_s"]),
+                                        f(&r["latency_ms"]["p50"]),
+                                        f(&r["latency_ms"]["p99"]),
+                                    )
+                                })
+                                .filter(|p| p.0 > 0.0 && p.1 > 0.0 && p.2 > 0.0)
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+    anyhow::anyhow!("plotting failed: {e:?}")
+}
+
+/// Latency (p50 solid with circles, p99 thin with triangles) against throughput, log-log,
+/// per server in `results` (a `loadgen bench` results.json); the ceiling as a vertical line.
+pub fn bench_latency_throughput(results: &Value, out: &Path) -> anyhow::Result<()> {
+    let curves = bench_curves(results);
+    let ceiling = f(&results["in_process_ceiling"]["rows_per_sec"]);
+    let all = curves.iter().flat_map(|c| c.points.iter());
+    let x_max = all.clone().map(|p| p.0).fold(ceiling, f64::max).max(10.0) * 1.5;
+    let x_min = all
+        .clone()
+        .map(|p| p.0)
+        .fold(f64::MAX, f64::min)
+        .min(x_max / 10.0)
+        / 1.5;
+    let y_max = all.clone().map(|p| p.2).fold(1.0, f64::max) * 1.5;
+    let y_min = all.map(|p| p.1).fold(f64::MAX, f64::min).min(y_max / 10.0) / 1.5;
+
+    let root = SVGBackend::new(out, (960, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "REST mlp: latency vs throughput (closed loop, 1 row/request)",
+            ("sans-serif", 20),
+        )
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d((x_min..x_max).log_scale(), (y_min..y_max).log_scale())
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("throughput, requests/s (log)")
+        .y_desc("latency, ms (log)")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.2}"))
+        .draw()
+        .map_err(plot_err)?;
+    if ceiling > 0.0 {
+        chart
+            .draw_series(LineSeries::new(
+                [(ceiling, y_min), (ceiling, y_max)],
+                BLACK.stroke_width(2),
+            ))
+            .map_err(plot_err)?
+            .label(format!(
+                "in-process ceiling, batch 64 ({ceiling:.0} rows/s)"
+            ))
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.stroke_width(2)));
+    }
+    for (i, c) in curves.iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        chart
+            .draw_series(LineSeries::new(
+                c.points.iter().map(|p| (p.0, p.1)),
+                color.stroke_width(2),
+            ))
+            .map_err(plot_err)?
+            .label(format!("{} p50", c.label))
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart
+            .draw_series(
+                c.points
+                    .iter()
+                    .map(|p| Circle::new((p.0, p.1), 4, color.filled())),
+            )
+            .map_err(plot_err)?;
+        chart
+            .draw_series(LineSeries::new(
+                c.points.iter().map(|p| (p.0, p.2)),
+                color.stroke_width(1),
+            ))
+            .map_err(plot_err)?
+            .label(format!("{} p99", c.label))
+            .legend(move |(x, y)| TriangleMarker::new((x + 10, y), 4, color.filled()));
+        chart
+            .draw_series(
+                c.points
+                    .iter()
+                    .map(|p| TriangleMarker::new((p.0, p.2), 5, color.filled())),
+            )
+            .map_err(plot_err)?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+/// Goodput and sent rate (left) and p50/p99 latency of 200 answers (right) per offered load,
+/// from a `loadgen overload` results.json; the measured capacity as a dashed reference.
+pub fn overload_levels(results: &Value, out: &Path) -> anyhow::Result<()> {
+    let capacity = f(&results["capacity"]["requests_per_s"]);
+    let levels: Vec<(f64, f64, f64, f64, f64)> = results["levels"]
+        .as_array()
+        .map(|levels| {
+            levels
+                .iter()
+                .map(|l| {
+                    (
+                        f(&l["offered_per_s"]),
+                        f(&l["sent_per_s"]),
+                        f(&l["goodput_per_s"]),
+                        f(&l["latency_ok_ms"]["p50"]),
+                        f(&l["latency_ok_ms"]["p99"]),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let x_max = levels.iter().map(|l| l.0).fold(capacity, f64::max).max(1.0) * 1.1;
+    let root = SVGBackend::new(out, (1100, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let root = root
+        .titled(
+            "Overload, mlp with slo_ms + fallback: per offered load (open loop)",
+            ("sans-serif", 20),
+        )
+        .map_err(plot_err)?;
+    let (left, right) = root.split_horizontally(550);
+
+    let y_max = levels
+        .iter()
+        .map(|l| l.1.max(l.2))
+        .fold(capacity, f64::max)
+        .max(1.0)
+        * 1.1;
+    let mut chart = ChartBuilder::on(&left)
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..x_max, 0.0..y_max)
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("offered, requests/s")
+        .y_desc("requests/s")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .draw()
+        .map_err(plot_err)?;
+    chart
+        .draw_series(LineSeries::new(
+            [(0.0, capacity), (x_max, capacity)],
+            BLACK.stroke_width(1),
+        ))
+        .map_err(plot_err)?
+        .label(format!("closed-loop capacity ({capacity:.0}/s)"))
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.stroke_width(1)));
+    for (i, (name, pick)) in [
+        (
+            "sent",
+            (|l: &(f64, f64, f64, f64, f64)| l.1) as fn(&_) -> f64,
+        ),
+        ("goodput (200/s)", |l| l.2),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let color = PALETTE[i];
+        chart
+            .draw_series(LineSeries::new(
+                levels.iter().map(|l| (l.0, pick(l))),
+                color.stroke_width(2),
+            ))
+            .map_err(plot_err)?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart
+            .draw_series(
+                levels
+                    .iter()
+                    .map(|l| Circle::new((l.0, pick(l)), 4, color.filled())),
+            )
+            .map_err(plot_err)?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_err)?;
+
+    let lat_max = levels.iter().map(|l| l.4).fold(1.0, f64::max) * 1.5;
+    let lat_min = levels
+        .iter()
+        .map(|l| l.3)
+        .filter(|v| *v > 0.0)
+        .fold(lat_max / 10.0, f64::min)
+        / 1.5;
+    let mut chart = ChartBuilder::on(&right)
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..x_max, (lat_min..lat_max).log_scale())
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("offered, requests/s")
+        .y_desc("latency of 200 answers, ms (log)")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.1}"))
+        .draw()
+        .map_err(plot_err)?;
+    for (i, (name, pick)) in [
+        (
+            "p50",
+            (|l: &(f64, f64, f64, f64, f64)| l.3) as fn(&_) -> f64,
+        ),
+        ("p99", |l| l.4),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let color = PALETTE[i + 2];
+        chart
+            .draw_series(LineSeries::new(
+                levels
+                    .iter()
+                    .filter(|l| pick(l) > 0.0)
+                    .map(|l| (l.0, pick(l))),
+                color.stroke_width(2),
+            ))
+            .map_err(plot_err)?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart
+            .draw_series(
+                levels
+                    .iter()
+                    .filter(|l| pick(l) > 0.0)
+                    .map(|l| Circle::new((l.0, pick(l)), 4, color.filled())),
+            )
+            .map_err(plot_err)?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+/// Reads `dir/results.json`.
+pub fn read_results(dir: &Path) -> anyhow::Result<Value> {
+    let path = dir.join("results.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bench_plot_writes_svg() {
+        let results = serde_json::json!({
+            "in_process_ceiling": { "rows_per_sec": 60000.0 },
+            "servers": [
+                { "setup": { "label": "batching on" }, "runs": [
+                    { "requests_per_s": 3000.0, "latency_ms": { "p50": 0.3, "p99": 0.5 } },
+                    { "requests_per_s": 9000.0, "latency_ms": { "p50": 3.0, "p99": 9.0 } } ] },
+                { "setup": { "label": "fastapi peer" }, "runs": [
+                    { "requests_per_s": 1500.0, "latency_ms": { "p50": 0.6, "p99": 4.0 } } ] },
+            ],
+        });
+        let out = std::env::temp_dir().join(format!("plot-test-{}.svg", std::process::id()));
+        bench_latency_throughput(&results, &out).unwrap();
+        let svg = std::fs::read_to_string(&out).unwrap();
+        let _ = std::fs::remove_file(&out);
+        assert!(svg.starts_with("<svg"));
+        assert!(svg.contains("fastapi peer p99"));
+        assert!(svg.contains("ceiling"));
+    }
+
+    #[test]
+    fn overload_plot_writes_svg() {
+        let results = serde_json::json!({
+            "capacity": { "requests_per_s": 5000.0 },
+            "levels": [
+                { "offered_per_s": 5000.0, "sent_per_s": 5000.0, "goodput_per_s": 4900.0,
+                  "latency_ok_ms": { "p50": 2.0, "p99": 20.0 } },
+                { "offered_per_s": 10000.0, "sent_per_s": 9000.0, "goodput_per_s": 5200.0,
+                  "latency_ok_ms": { "p50": 30.0, "p99": 60.0 } } ],
+        });
+        let out = std::env::temp_dir().join(format!("plot-test-o-{}.svg", std::process::id()));
+        overload_levels(&results, &out).unwrap();
+        let svg = std::fs::read_to_string(&out).unwrap();
+        let _ = std::fs::remove_file(&out);
+        assert!(svg.starts_with("<svg"));
+        assert!(svg.contains("goodput"));
+    }
+}
