@@ -631,27 +631,14 @@ fn render_report(input: &ReportInput<'_>) -> String {
     let w = &mut md;
     let on_label = ServerSetup::batching_on().label;
     let off_label = ServerSetup::batching_off().label;
-    let _ = writeln!(
+    crate::sysinfo::write_report_header(
         w,
-        "# streamserve REST micro-benchmark: `mlp`, batching on vs off\n"
-    );
-    let _ = writeln!(
-        w,
-        "Started {} · took {:.0} s in all.\n",
+        "streamserve REST micro-benchmark: `mlp`, batching on vs off",
         input.started_at,
-        input.elapsed.as_secs_f64()
+        input.elapsed,
+        &options.command,
+        machine,
     );
-    let _ = writeln!(
-        w,
-        "Command (from the repository root):\n\n```\n{}\n```\n",
-        options.command
-    );
-    let _ = writeln!(w, "## Machine\n");
-    let _ = writeln!(w, "- nproc: {}", machine.nproc);
-    let _ = writeln!(w, "- CPU: {}", machine.cpu_model);
-    let _ = writeln!(w, "- memory: {}", machine.mem_total);
-    let _ = writeln!(w, "- kernel: {}", machine.kernel);
-    let _ = writeln!(w, "- load average at start: {}", machine.loadavg_at_start);
     let _ = writeln!(
         w,
         "- ONNX Runtime: {} (CPU execution provider)\n",

@@ -690,27 +690,14 @@ fn render_report(input: &ReportInput<'_>) -> String {
     let target_ms = options.target.as_secs_f64() * 1000.0;
     let mut md = String::new();
     let w = &mut md;
-    let _ = writeln!(
+    crate::sysinfo::write_report_header(
         w,
-        "# streamserve WebSocket streams: how many real-time `silero_vad` streams\n"
-    );
-    let _ = writeln!(
-        w,
-        "Started {} · took {:.0} s in all.\n",
+        "streamserve WebSocket streams: how many real-time `silero_vad` streams",
         input.started_at,
-        input.elapsed.as_secs_f64()
+        input.elapsed,
+        &options.command,
+        machine,
     );
-    let _ = writeln!(
-        w,
-        "Command (from the repository root):\n\n```\n{}\n```\n",
-        options.command
-    );
-    let _ = writeln!(w, "## Machine\n");
-    let _ = writeln!(w, "- nproc: {}", machine.nproc);
-    let _ = writeln!(w, "- CPU: {}", machine.cpu_model);
-    let _ = writeln!(w, "- memory: {}", machine.mem_total);
-    let _ = writeln!(w, "- kernel: {}", machine.kernel);
-    let _ = writeln!(w, "- load average at start: {}", machine.loadavg_at_start);
     let _ = writeln!(
         w,
         "- open-file limit (soft, after raising): {}",

@@ -269,6 +269,35 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     (y, m, d)
 }
 
+/// The opening every report shares: title, when, the command, and the machine (up to its load
+/// average; each report adds its own machine lines after it).
+pub fn write_report_header(
+    md: &mut String,
+    title: &str,
+    started_at: &str,
+    elapsed: std::time::Duration,
+    command: &str,
+    machine: &MachineInfo,
+) {
+    use std::fmt::Write as _;
+    let _ = writeln!(md, "# {title}\n");
+    let _ = writeln!(
+        md,
+        "Started {started_at} · took {:.0} s in all.\n",
+        elapsed.as_secs_f64()
+    );
+    let _ = writeln!(
+        md,
+        "Command (from the repository root):\n\n```\n{command}\n```\n"
+    );
+    let _ = writeln!(md, "## Machine\n");
+    let _ = writeln!(md, "- nproc: {}", machine.nproc);
+    let _ = writeln!(md, "- CPU: {}", machine.cpu_model);
+    let _ = writeln!(md, "- memory: {}", machine.mem_total);
+    let _ = writeln!(md, "- kernel: {}", machine.kernel);
+    let _ = writeln!(md, "- load average at start: {}", machine.loadavg_at_start);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
