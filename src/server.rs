@@ -42,6 +42,7 @@ impl Running {
 /// that a shutdown can tell streams before the listener stops.
 pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::Server)> {
     let prometheus = telemetry::metrics_handle();
+    telemetry::install_panic_hook();
     let env = crate::runtime::init(config.ort_dylib.as_deref()).map_err(anyhow::Error::msg)?;
     let manifest = Manifest::load(&config.models)?;
     let registry = Arc::new(Registry::new(

@@ -156,6 +156,7 @@ pub fn spawn(
     let spawned = std::thread::Builder::new()
         .name(thread_name)
         .spawn(move || {
+            crate::telemetry::mark_supervised_thread();
             let started = Instant::now();
             let mut session = match ModelSession::load(
                 env,
