@@ -298,10 +298,23 @@ pub fn start_server_for(
     max_batch_size: usize,
 ) -> anyhow::Result<streamserve::server::Running> {
     let config = streamserve::config::Config {
-        host: "127.0.0.1".into(),
-        port: 0,
         models: models.to_path_buf(),
         ..Default::default()
+    };
+    start_server_with(config, model, max_batch_size)
+}
+
+/// [`start_server_for`] with more of the configuration given (host and port are always
+/// 127.0.0.1 and a free port).
+pub fn start_server_with(
+    config: streamserve::config::Config,
+    model: &str,
+    max_batch_size: usize,
+) -> anyhow::Result<streamserve::server::Running> {
+    let config = streamserve::config::Config {
+        host: "127.0.0.1".into(),
+        port: 0,
+        ..config
     };
     let running =
         streamserve::server::spawn(config).context("cannot start streamserve in-process")?;

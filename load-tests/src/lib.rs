@@ -6,7 +6,9 @@
 //!   the in-process ONNX Runtime ceiling;
 //! - [`streams`]: WebSocket speech-stream load, and [`streams_bench`]: how many real-time
 //!   `silero_vad` streams one server carries, batching across streams on and off;
-//! - [`overload`]: open-loop overload of `mlp` with its fallback, shedding and degraded mode.
+//! - [`overload`]: open-loop overload of `mlp` with its fallback, shedding and degraded mode;
+//!   [`timeline`]: the same server through an overload step and injected worker faults,
+//!   over time;
 //! - [`peer`]: the FastAPI + uvicorn + onnxruntime peer `bench` compares with;
 //! - [`plots`]: SVG plots of `bench` and `overload` results; [`scenario`]: runs described in
 //!   TOML files; [`capacity`]: instances needed for a target from the measured curves.
@@ -26,6 +28,7 @@ pub mod scenario;
 pub mod streams;
 pub mod streams_bench;
 pub mod sysinfo;
+pub mod timeline;
 
 /// The `mlp` model's interface: FP32 `features [batch, 256]` in, `[batch, 16]` out.
 pub mod mlp {

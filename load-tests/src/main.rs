@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use streamserve_load::{
     bench, capacity, open_loop, overload, plots, rest, scenario, streams, streams_bench, sysinfo,
+    timeline,
 };
 
 #[derive(Debug, Parser)]
@@ -41,6 +42,10 @@ enum Command {
     /// Start streamserve in-process on mlp with slo_ms, a fallback and a short queue; measure
     /// its capacity, offer 1x, 2x, 3x, 5x of it open loop, write report.md.
     Overload(OverloadArgs),
+    /// Start streamserve in-process on mlp (slo_ms, fallback, hang detection, admin API),
+    /// measure its capacity, then one open-loop run through an overload step, every replica
+    /// panicking and one replica hanging; write report.md with latency over time.
+    Timeline(TimelineArgs),
     /// Run a scenario file (load-tests/scenarios/*.toml): the subcommand it names with the
     /// options it gives.
     Run {
@@ -69,7 +74,7 @@ enum Command {
         #[arg(long)]
         results: Option<PathBuf>,
     },
-    /// Redraw the SVG plots of a saved `bench` or `overload` run from its results.json.
+    /// Redraw the SVG plots of a saved `bench`, `overload` or `timeline` run from its results.json.
     Plot {
         /// A results directory (holding results.json).
         dir: PathBuf,
@@ -100,6 +105,64 @@ struct OverloadArgs {
     #[arg(long)]
     binary: bool,
     /// Output directory [default: load-tests/results/<UTC date>-overload-mlp/].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Longest wait, before each measurement, for other processes to leave the CPU alone.
+    #[arg(long, default_value_t = 180, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    quiet_wait_secs: u64,
+    /// Client runtime worker threads [default: number of CPUs].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
+    client_threads: Option<u64>,
+}
+
+#[derive(Debug, clap::Args)]
+struct TimelineArgs {
+    /// Length of the open-loop run, s; every event must fall within it.
+    #[arg(long, default_value_t = 30.0)]
+    duration_secs: f64,
+    /// Base rate in requests/s [default: --base-share x the measured capacity].
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Base rate as a share of the measured capacity.
+    #[arg(long, default_value_t = 0.5)]
+    base_share: f64,
+    /// When the overload step starts, s (negative: no step).
+    #[arg(long, default_value_t = 8.0, allow_negative_numbers = true)]
+    step_at: f64,
+    /// How long the overload step lasts, s.
+    #[arg(long, default_value_t = 6.0)]
+    step_secs: f64,
+    /// The rate during the step, as a share of the capacity (or of --rate).
+    #[arg(long, default_value_t = 2.0)]
+    step_share: f64,
+    /// When every replica of mlp panics in its next batch, s (negative: never).
+    #[arg(long, default_value_t = 19.0, allow_negative_numbers = true)]
+    panic_at: f64,
+    /// When replica 0 of mlp hangs in its next batch, s (negative: never).
+    #[arg(long, default_value_t = 24.0, allow_negative_numbers = true)]
+    hang_at: f64,
+    /// How long the hang lasts, ms.
+    #[arg(long, default_value_t = 3000)]
+    hang_ms: u64,
+    /// The manifest's hang_timeout_ms for mlp: when the router gives up on a hung worker.
+    #[arg(long, default_value_t = 500)]
+    hang_timeout_ms: u64,
+    /// Width of the time bins, ms.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=10_000))]
+    bin_ms: u64,
+    /// Measured seconds of the closed-loop capacity measurement.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=300))]
+    capacity_secs: u64,
+    /// Closed-loop concurrency of the capacity measurement.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=rest::MAX_CONCURRENCY as u64))]
+    capacity_concurrency: u64,
+    /// Requests in flight at most.
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..=open_loop::MAX_IN_FLIGHT as u64))]
+    max_in_flight: u64,
+    /// Use the binary tensor data extension instead of JSON data.
+    #[arg(long)]
+    binary: bool,
+    /// Output directory [default: load-tests/results/<UTC date>-timeline-mlp/].
     #[arg(long)]
     out: Option<PathBuf>,
     /// Longest wait, before each measurement, for other processes to leave the CPU alone.
@@ -309,6 +372,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Streams(args) => run_streams(args),
         Command::StreamsBench(args) => run_streams_bench(args),
         Command::Overload(args) => run_overload(args),
+        Command::Timeline(args) => run_timeline(args),
         Command::Plot { dir } => run_plot(&dir),
         Command::Capacity {
             target_rps,
@@ -347,6 +411,8 @@ fn run_rest(args: RestArgs) -> anyhow::Result<ExitCode> {
         let open = open_loop::OpenLoopOptions {
             rest: options,
             rate,
+            steps: Vec::new(),
+            timeline_bin: None,
             max_in_flight: args.max_in_flight as usize,
             label: format!("loadgen rate={rate}"),
         };
@@ -483,9 +549,62 @@ fn run_overload(args: OverloadArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Seconds from the command line: negative means "never".
+fn seconds_or_never(s: f64) -> anyhow::Result<Option<Duration>> {
+    if s < 0.0 {
+        return Ok(None);
+    }
+    Duration::try_from_secs_f64(s)
+        .map(Some)
+        .map_err(|_| anyhow::anyhow!("{s} is not a valid number of seconds"))
+}
+
+fn run_timeline(args: TimelineArgs) -> anyhow::Result<ExitCode> {
+    let secs =
+        |s: f64| seconds_or_never(s)?.ok_or_else(|| anyhow::anyhow!("{s} s: must not be negative"));
+    let options = timeline::TimelineOptions {
+        rate: args.rate,
+        base_share: args.base_share,
+        capacity_concurrency: args.capacity_concurrency as usize,
+        capacity_duration: Duration::from_secs(args.capacity_secs),
+        step_at: seconds_or_never(args.step_at)?,
+        step_for: secs(args.step_secs)?,
+        step_share: args.step_share,
+        panic_at: seconds_or_never(args.panic_at)?,
+        hang_at: seconds_or_never(args.hang_at)?,
+        hang_ms: args.hang_ms,
+        hang_timeout_ms: args.hang_timeout_ms,
+        duration: secs(args.duration_secs)?,
+        bin: Duration::from_millis(args.bin_ms),
+        max_in_flight: args.max_in_flight as usize,
+        binary: args.binary,
+        out: args.out,
+        client_threads: args.client_threads.map_or_else(nproc, |n| n as usize),
+        command: command_line(),
+        quiet_wait: Duration::from_secs(args.quiet_wait_secs),
+        ..timeline::TimelineOptions::default()
+    };
+    let outcome = timeline::run(&options)?;
+    println!("{}", outcome.report);
+    eprintln!(
+        "[timeline] wrote {}/report.md, results.json and {}",
+        outcome.dir.display(),
+        timeline::PLOT_FILE
+    );
+    Ok(if outcome.open_loop.unanswered == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
 fn run_plot(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
     let json = plots::read_results(dir)?;
-    let out = if json.get("servers").is_some() {
+    let out = if json.get("kind").and_then(|k| k.as_str()) == Some("timeline") {
+        let out = dir.join(timeline::PLOT_FILE);
+        plots::timeline(&json, &out)?;
+        out
+    } else if json.get("servers").is_some() {
         let out = dir.join(bench::PLOT_FILE);
         plots::bench_latency_throughput(&json, &out)?;
         out
@@ -495,7 +614,7 @@ fn run_plot(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
         out
     } else {
         anyhow::bail!(
-            "{}/results.json is neither a bench nor an overload run",
+            "{}/results.json is not from a bench, overload or timeline run",
             dir.display()
         );
     };

@@ -32,6 +32,11 @@ pub struct OpenLoopOptions {
     pub rest: RestOptions,
     /// Requests per second, on a fixed schedule.
     pub rate: f64,
+    /// Rate changes: from each offset (since the start of the warm-up) on, that many requests/s,
+    /// in increasing order of offset. Empty: `rate` throughout.
+    pub steps: Vec<(Duration, f64)>,
+    /// Width of the time bins of [`OpenLoopReport::timeline`]; `None`: no timeline.
+    pub timeline_bin: Option<Duration>,
     /// Requests in flight at most; one due beyond that is not sent (and counted).
     pub max_in_flight: usize,
     /// Prefix of the progress lines.
@@ -40,8 +45,20 @@ pub struct OpenLoopOptions {
 
 impl OpenLoopOptions {
     pub fn check(&self) -> anyhow::Result<reqwest::Url> {
-        if !(self.rate.is_finite() && self.rate > 0.0 && self.rate <= MAX_RATE) {
+        let valid_rate = |r: f64| r.is_finite() && r > 0.0 && r <= MAX_RATE;
+        if !valid_rate(self.rate) || self.steps.iter().any(|s| !valid_rate(s.1)) {
             bail!("rate must be more than 0 and at most {MAX_RATE} requests/s");
+        }
+        if self.steps.windows(2).any(|w| w[0].0 >= w[1].0) {
+            bail!("rate steps must be in increasing order of time");
+        }
+        if let Some(bin) = self.timeline_bin {
+            let total = self.rest.warmup + self.rest.duration;
+            if bin < Duration::from_millis(10)
+                || total.as_secs_f64() / bin.as_secs_f64() > 100_000.0
+            {
+                bail!("timeline bins must be at least 10 ms wide and at most 100000 in all");
+            }
         }
         if self.max_in_flight == 0 || self.max_in_flight > MAX_IN_FLIGHT {
             bail!("max in-flight must be 1..={MAX_IN_FLIGHT}");
@@ -88,6 +105,52 @@ pub struct OpenLoopReport {
     pub max_schedule_lag: Duration,
     /// Most requests in flight at once.
     pub peak_in_flight: u64,
+    /// When the first request was scheduled (the start of the warm-up).
+    pub started: Instant,
+    /// The whole run (warm-up included) in time bins by *scheduled* send time, when asked for.
+    pub timeline: Vec<TimelineBin>,
+}
+
+/// What happened to the requests scheduled within one time bin.
+#[derive(Clone, Debug)]
+pub struct TimelineBin {
+    /// Offset of the bin's start from [`OpenLoopReport::started`].
+    pub start: Duration,
+    pub scheduled: u64,
+    pub sent: u64,
+    pub not_sent: u64,
+    pub ok_primary: u64,
+    pub ok_degraded: u64,
+    /// Refused with 429 or 503.
+    pub shed: u64,
+    /// Other statuses, transport errors and invalid answers.
+    pub failed: u64,
+    /// Latency of the 200 answers, µs, from the scheduled send (`None` when there were none).
+    pub latency_ok_us: Option<Histogram<u64>>,
+}
+
+impl TimelineBin {
+    fn new(start: Duration) -> TimelineBin {
+        TimelineBin {
+            start,
+            scheduled: 0,
+            sent: 0,
+            not_sent: 0,
+            ok_primary: 0,
+            ok_degraded: 0,
+            shed: 0,
+            failed: 0,
+            latency_ok_us: None,
+        }
+    }
+
+    /// Latency of this bin's 200 answers at quantile `q`, ms (`None` without any).
+    pub fn latency_ms(&self, q: f64) -> Option<f64> {
+        self.latency_ok_us
+            .as_ref()
+            .filter(|h| !h.is_empty())
+            .map(|h| h.value_at_quantile(q) as f64 / 1000.0)
+    }
 }
 
 impl OpenLoopReport {
@@ -239,6 +302,8 @@ struct Shard {
 
 struct Shared {
     shards: Vec<Mutex<Shard>>,
+    /// Per-bin outcomes when a timeline was asked for (one lock: a bin update is a few adds).
+    timeline: Option<(Duration, Mutex<Vec<TimelineBin>>)>,
     in_flight: AtomicU64,
     /// Outcomes recorded for requests of the measured period.
     outcomes: AtomicU64,
@@ -278,6 +343,12 @@ pub async fn run(options: &OpenLoopOptions) -> anyhow::Result<OpenLoopReport> {
                 })
             })
             .collect(),
+        timeline: options.timeline_bin.map(|bin| {
+            let total = rest_options.warmup + rest_options.duration;
+            let n = (total.as_secs_f64() / bin.as_secs_f64()).ceil() as u32;
+            let bins = (0..n).map(|i| TimelineBin::new(bin * i)).collect();
+            (bin, Mutex::new(bins))
+        }),
         in_flight: AtomicU64::new(0),
         outcomes: AtomicU64::new(0),
         live_ok: AtomicU64::new(0),
@@ -298,17 +369,35 @@ pub async fn run(options: &OpenLoopOptions) -> anyhow::Result<OpenLoopReport> {
             measure_end,
         ))
     });
-    let period = Duration::from_secs_f64(1.0 / options.rate);
     let (mut scheduled_n, mut sent, mut not_sent) = (0u64, 0u64, 0u64);
+    // Per-bin counts of the scheduler's own decisions (only this task touches them).
+    let mut bin_counts: Vec<[u64; 3]> = shared.timeline.as_ref().map_or(Vec::new(), |(_, bins)| {
+        vec![[0; 3]; bins.lock().expect("unpoisoned").len()]
+    });
     let mut max_lag = Duration::ZERO;
     let mut peak = 0u64;
     let mut i: u64 = 0;
+    // The schedule is a sequence of constant-rate segments: request k of a segment is due at
+    // segment start + k / rate (no accumulated rounding).
+    let (mut segment_start, mut segment_rate, mut k) = (0.0f64, options.rate, 0u64);
+    let mut next_step = 0;
     loop {
-        let scheduled = start + period.mul_f64(i as f64);
+        let mut offset = segment_start + k as f64 / segment_rate;
+        while let Some(&(at, rate)) = options.steps.get(next_step) {
+            if offset < at.as_secs_f64() {
+                break;
+            }
+            (segment_start, segment_rate, k) = (at.as_secs_f64(), rate, 0);
+            offset = segment_start;
+            next_step += 1;
+        }
+        k += 1;
+        let scheduled = start + Duration::from_secs_f64(offset);
         if scheduled >= measure_end {
             break;
         }
         i += 1;
+        let bin = bin_index(&shared, start, scheduled);
         let now = Instant::now();
         if scheduled > now {
             tokio::time::sleep_until(scheduled.into()).await;
@@ -318,9 +407,18 @@ pub async fn run(options: &OpenLoopOptions) -> anyhow::Result<OpenLoopReport> {
         let measured = scheduled >= measure_start;
         scheduled_n += u64::from(measured);
         let in_flight = shared.in_flight.load(Ordering::Relaxed);
+        let counts = bin.and_then(|b| bin_counts.get_mut(b));
         if in_flight >= options.max_in_flight as u64 {
             not_sent += u64::from(measured);
+            if let Some(c) = counts {
+                c[0] += 1;
+                c[2] += 1;
+            }
             continue;
+        }
+        if let Some(c) = counts {
+            c[0] += 1;
+            c[1] += 1;
         }
         peak = peak.max(in_flight + 1);
         sent += u64::from(measured);
@@ -331,7 +429,7 @@ pub async fn run(options: &OpenLoopOptions) -> anyhow::Result<OpenLoopReport> {
         let shard = (i as usize) % SHARDS;
         tokio::spawn(async move {
             let outcome = rest::send_one(&client, &url, &body, rows).await;
-            record(&shared, shard, scheduled, measured, outcome);
+            record(&shared, shard, scheduled, measured, bin, outcome);
             shared.in_flight.fetch_sub(1, Ordering::Relaxed);
         });
     }
@@ -367,7 +465,16 @@ pub async fn run(options: &OpenLoopOptions) -> anyhow::Result<OpenLoopReport> {
         latency_shed_us: new_histogram(),
         max_schedule_lag: max_lag,
         peak_in_flight: peak,
+        started: start,
+        timeline: Vec::new(),
     };
+    if let Some((_, bins)) = &shared.timeline {
+        let mut bins = std::mem::take(&mut *bins.lock().expect("unpoisoned"));
+        for (b, c) in bins.iter_mut().zip(&bin_counts) {
+            [b.scheduled, b.sent, b.not_sent] = *c;
+        }
+        report.timeline = bins;
+    }
     for shard in &shared.shards {
         let shard = shard.lock().expect("no panics while holding a shard");
         let t = &shard.tally;
@@ -395,11 +502,23 @@ pub async fn run(options: &OpenLoopOptions) -> anyhow::Result<OpenLoopReport> {
     Ok(report)
 }
 
+/// The timeline bin of a request scheduled at `scheduled`, if a timeline is kept.
+fn bin_index(shared: &Shared, start: Instant, scheduled: Instant) -> Option<usize> {
+    let (width, _) = shared.timeline.as_ref()?;
+    Some(((scheduled - start).as_nanos() / width.as_nanos().max(1)) as usize)
+}
+
+fn new_bin_histogram() -> Histogram<u64> {
+    // Two significant digits: a plot needs no more, and a run may have thousands of bins.
+    Histogram::new_with_bounds(1, HIST_MAX_US, 2).expect("histogram bounds are valid")
+}
+
 fn record(
     shared: &Shared,
     shard: usize,
     scheduled: Instant,
     measured: bool,
+    bin: Option<usize>,
     outcome: Result<rest::ServerSide, Failure>,
 ) {
     let us = micros(scheduled.elapsed());
@@ -409,6 +528,24 @@ fn record(
         Err(Failure::Status(429 | 503, _)) => shared.live_refused.fetch_add(1, Ordering::Relaxed),
         Err(_) => shared.live_other.fetch_add(1, Ordering::Relaxed),
     };
+    if let (Some((_, bins)), Some(bin)) = (&shared.timeline, bin) {
+        if let Some(b) = bins.lock().expect("unpoisoned").get_mut(bin) {
+            match &outcome {
+                Ok(server) => {
+                    if server.degraded > 0 {
+                        b.ok_degraded += 1;
+                    } else {
+                        b.ok_primary += 1;
+                    }
+                    b.latency_ok_us
+                        .get_or_insert_with(new_bin_histogram)
+                        .saturating_record(us);
+                }
+                Err(Failure::Status(429 | 503, _)) => b.shed += 1,
+                Err(_) => b.failed += 1,
+            }
+        }
+    }
     if !measured {
         return;
     }
@@ -500,6 +637,8 @@ mod tests {
                 ..RestOptions::default()
             },
             rate: 100.0,
+            steps: Vec::new(),
+            timeline_bin: None,
             max_in_flight: 64,
             label: "t".into(),
         };
@@ -551,6 +690,8 @@ mod tests {
                 ..RestOptions::default()
             },
             rate: 200.0,
+            steps: Vec::new(),
+            timeline_bin: None,
             max_in_flight: 16,
             label: "t".into(),
         };
@@ -569,5 +710,94 @@ mod tests {
         assert_eq!(report.unanswered, 0, "{}", report.summary());
         assert_eq!(report.transport, report.sent, "{}", report.summary());
         assert_eq!(report.ok(), 0);
+    }
+
+    /// A stepped rate with a timeline: each bin holds the requests its segment's rate
+    /// schedules, and every scheduled request lands in exactly one bin.
+    #[test]
+    fn rate_steps_and_timeline_bins() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let options = OpenLoopOptions {
+            rest: RestOptions {
+                url: format!("http://127.0.0.1:{port}"),
+                duration: Duration::from_millis(800),
+                warmup: Duration::from_millis(200),
+                request_timeout: Duration::from_secs(2),
+                ..RestOptions::default()
+            },
+            rate: 100.0,
+            steps: vec![(Duration::from_millis(500), 400.0)],
+            timeline_bin: Some(Duration::from_millis(250)),
+            max_in_flight: 1000,
+            label: "t".into(),
+        };
+        options.check().unwrap();
+        let report = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(run(&options))
+            .unwrap();
+        let counts: Vec<u64> = report.timeline.iter().map(|b| b.scheduled).collect();
+        assert_eq!(counts, vec![25, 25, 100, 100], "{report:?}");
+        let starts: Vec<u128> = report
+            .timeline
+            .iter()
+            .map(|b| b.start.as_millis())
+            .collect();
+        assert_eq!(starts, vec![0, 250, 500, 750]);
+        for b in &report.timeline {
+            assert_eq!(b.sent + b.not_sent, b.scheduled);
+            // Nobody listens: every sent request failed, none vanished.
+            assert_eq!(b.failed, b.sent, "{b:?}");
+            assert_eq!(b.ok_primary + b.ok_degraded + b.shed, 0);
+            assert!(b.latency_ms(0.5).is_none());
+        }
+        // The measured period (from 200 ms) holds 5 + 25 + 200 requests.
+        assert_eq!(report.scheduled, 230, "{}", report.summary());
+        assert_eq!(report.unanswered, 0);
+    }
+
+    #[test]
+    fn steps_must_be_ordered_and_valid() {
+        let base = OpenLoopOptions {
+            rest: RestOptions {
+                url: "http://127.0.0.1:9".into(),
+                ..RestOptions::default()
+            },
+            rate: 100.0,
+            steps: vec![
+                (Duration::from_secs(1), 10.0),
+                (Duration::from_secs(2), 20.0),
+            ],
+            timeline_bin: Some(Duration::from_millis(100)),
+            max_in_flight: 64,
+            label: "t".into(),
+        };
+        assert!(base.check().is_ok());
+        for bad in [
+            OpenLoopOptions {
+                steps: vec![
+                    (Duration::from_secs(2), 10.0),
+                    (Duration::from_secs(1), 20.0),
+                ],
+                ..base.clone()
+            },
+            OpenLoopOptions {
+                steps: vec![(Duration::from_secs(1), 0.0)],
+                ..base.clone()
+            },
+            OpenLoopOptions {
+                timeline_bin: Some(Duration::from_millis(1)),
+                ..base.clone()
+            },
+        ] {
+            assert!(bad.check().is_err(), "{bad:?} was accepted");
+        }
     }
 }

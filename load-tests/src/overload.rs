@@ -66,6 +66,17 @@ impl Default for OverloadOptions {
 /// The `models.toml` of the overload server: `mlp` with admission control and its fallback,
 /// both from the bundled manifest.
 pub fn overload_manifest() -> anyhow::Result<(String, Vec<PathBuf>)> {
+    overload_manifest_with(
+        Vec::new(),
+        "mlp with slo_ms, fallback and a short queue; its fallback mlp_small",
+    )
+}
+
+/// [`overload_manifest`] with more settings on `mlp`.
+pub fn overload_manifest_with(
+    extra: Vec<(&'static str, toml::Value)>,
+    note: &str,
+) -> anyhow::Result<(String, Vec<PathBuf>)> {
     let primary = EntryChange {
         set: vec![
             ("replicas", toml::Value::Integer(2)),
@@ -74,12 +85,15 @@ pub fn overload_manifest() -> anyhow::Result<(String, Vec<PathBuf>)> {
             ("slo_ms", toml::Value::Integer(SLO_MS)),
             ("fallback", toml::Value::String(FALLBACK.into())),
             ("max_queue", toml::Value::Integer(MAX_QUEUE)),
-        ],
+        ]
+        .into_iter()
+        .chain(extra)
+        .collect(),
         remove: vec![],
     };
     manifest::from_bundled(
         &manifest::bundled(),
-        "mlp with slo_ms, fallback and a short queue; its fallback mlp_small",
+        note,
         &[(PRIMARY, primary), (FALLBACK, EntryChange::default())],
     )
 }
@@ -121,7 +135,7 @@ pub struct OverloadOutcome {
     pub report: String,
 }
 
-fn wait_ready(running: &streamserve::server::Running, model: &str) -> anyhow::Result<()> {
+pub fn wait_ready(running: &streamserve::server::Running, model: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let ready = running
@@ -218,6 +232,8 @@ pub fn run(options: &OverloadOptions) -> anyhow::Result<OverloadOutcome> {
                     ..closed.clone()
                 },
                 rate: rate * m,
+                steps: Vec::new(),
+                timeline_bin: None,
                 max_in_flight: options.max_in_flight,
                 label: format!("overload {m}x"),
             };

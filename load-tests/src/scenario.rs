@@ -18,7 +18,14 @@
 use anyhow::{bail, Context as _};
 
 /// Subcommands a scenario may name.
-pub const KINDS: [&str; 5] = ["bench", "streams-bench", "overload", "rest", "streams"];
+pub const KINDS: [&str; 6] = [
+    "bench",
+    "streams-bench",
+    "overload",
+    "timeline",
+    "rest",
+    "streams",
+];
 
 /// The `loadgen` arguments (without the program name) a scenario stands for; `out`, when
 /// given, replaces any `out` in the file.

@@ -91,3 +91,66 @@ fn non_loopback_targets_are_refused_before_any_traffic() {
         assert!(err.to_string().contains("loopback"), "{url}: {err}");
     }
 }
+
+/// `loadgen timeline`, shortened: a rate step, every replica panicking and one hanging, all
+/// within 3 s. Behaviour only: every request accounted for, the faults accepted by the admin
+/// API and seen by the server, the report, results and plot written.
+#[test]
+fn timeline_run_records_bins_events_and_the_server_view() {
+    use streamserve_load::timeline::{self, TimelineOptions};
+    let out = std::env::temp_dir().join(format!("loadgen-timeline-smoke-{}", std::process::id()));
+    let options = TimelineOptions {
+        rate: Some(300.0),
+        step_at: Some(Duration::from_millis(800)),
+        step_for: Duration::from_millis(500),
+        step_share: 3.0,
+        panic_at: Some(Duration::from_millis(1800)),
+        hang_at: Some(Duration::from_millis(2300)),
+        hang_ms: 700,
+        hang_timeout_ms: 300,
+        duration: Duration::from_secs(3),
+        bin: Duration::from_millis(100),
+        max_in_flight: 512,
+        out: Some(out.clone()),
+        client_threads: 2,
+        quiet_wait: Duration::ZERO,
+        ..TimelineOptions::default()
+    };
+    let outcome = timeline::run(&options).expect("the timeline run completes");
+    let report = &outcome.open_loop;
+    let summary = report.summary();
+    assert_eq!(report.unanswered, 0, "{summary}");
+    assert_eq!(report.transport + report.invalid, 0, "{summary}");
+    assert!(
+        report.statuses.keys().all(|c| *c == 429 || *c == 503),
+        "{summary}"
+    );
+    assert!(report.ok() > 0, "{summary}");
+
+    let results = &outcome.results;
+    let bins = results["bins"].as_array().unwrap();
+    assert_eq!(bins.len(), 30);
+    let binned: u64 = bins.iter().map(|b| b["scheduled"].as_u64().unwrap()).sum();
+    assert_eq!(
+        binned, report.scheduled,
+        "every scheduled request is in one bin"
+    );
+    let events = results["events"].as_array().unwrap();
+    assert_eq!(events.len(), 4, "{events:?}");
+    for e in events.iter().filter(|e| !e["answer"].is_null()) {
+        assert!(e["answer"].as_str().unwrap().starts_with("200 "), "{e}");
+    }
+    let server = results["server"].as_array().unwrap();
+    let restarts = server.last().expect("/metrics was scraped")["restarts"]
+        .as_f64()
+        .unwrap();
+    assert!(restarts >= 1.0, "the server saw no restart: {server:?}");
+    assert_eq!(results["phases"].as_array().unwrap().len(), 5);
+
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("## Settling"), "{md}");
+    assert!(out.join("results.json").is_file());
+    let svg = std::fs::read_to_string(out.join(timeline::PLOT_FILE)).unwrap();
+    assert!(svg.contains("every replica panics"));
+    let _ = std::fs::remove_dir_all(&out);
+}

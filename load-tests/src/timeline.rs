@@ -1,0 +1,1027 @@
+//! The timeline benchmark (`loadgen timeline`): one open-loop run against `mlp`, with its
+//! admission control armed as in [`crate::overload`] and hang detection on, through a
+//! sequence of events: an overload step (the offered rate jumps past the capacity, then
+//! drops back), every replica panicking at once, and one replica hanging. Outcomes are
+//! recorded in time bins by *scheduled* send time, and the server's own view (healthy
+//! replicas, queue depth, restarts) is scraped from `/metrics` alongside, so the report shows
+//! latency, degraded answers and refusals moving across each event and how long the server
+//! takes to settle back.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+
+use crate::bench::{cpu_since, results_dir, start_server_with, stop_server, TempModelDir};
+use crate::open_loop::{self, OpenLoopOptions, OpenLoopReport, TimelineBin};
+use crate::overload::{self, FALLBACK, MAX_QUEUE, PRIMARY, SLO_MS};
+use crate::rest::{self, RestOptions};
+use crate::streams_bench::metric_sum;
+use crate::sysinfo::{utc_now, wait_for_quiet, CpuShare, CpuSnapshot, MachineInfo};
+
+/// The token of the admin API of the in-process server (loopback only, this run only).
+const ADMIN_TOKEN: &str = "loadgen-timeline";
+/// The plot written beside `report.md`.
+pub const PLOT_FILE: &str = "timeline.svg";
+/// How often the server's `/metrics` are scraped.
+const SCRAPE_EVERY: Duration = Duration::from_millis(200);
+
+#[derive(Clone, Debug)]
+pub struct TimelineOptions {
+    /// Base rate in requests/s; `None`: `base_share` × the capacity measured in closed loop.
+    pub rate: Option<f64>,
+    pub base_share: f64,
+    pub capacity_concurrency: usize,
+    pub capacity_warmup: Duration,
+    pub capacity_duration: Duration,
+    /// The overload step: from `step_at`, for `step_for`, `step_share` × the capacity (or ×
+    /// `rate` when the rate is given).
+    pub step_at: Option<Duration>,
+    pub step_for: Duration,
+    pub step_share: f64,
+    /// When every replica of `mlp` panics in its next batch.
+    pub panic_at: Option<Duration>,
+    /// When replica 0 of `mlp` blocks its next batch for `hang_ms`; the router gives up on it
+    /// after `hang_timeout_ms` (the manifest's setting in this run).
+    pub hang_at: Option<Duration>,
+    pub hang_ms: u64,
+    pub hang_timeout_ms: u64,
+    /// The whole run; every event must fall within it.
+    pub duration: Duration,
+    pub bin: Duration,
+    pub max_in_flight: usize,
+    pub binary: bool,
+    pub out: Option<PathBuf>,
+    pub client_threads: usize,
+    pub command: String,
+    /// Longest wait for a quiet machine before the capacity run and the timeline.
+    pub quiet_wait: Duration,
+}
+
+impl Default for TimelineOptions {
+    fn default() -> Self {
+        TimelineOptions {
+            rate: None,
+            base_share: 0.5,
+            capacity_concurrency: 128,
+            capacity_warmup: Duration::from_secs(2),
+            capacity_duration: Duration::from_secs(4),
+            step_at: Some(Duration::from_secs(8)),
+            step_for: Duration::from_secs(6),
+            step_share: 2.0,
+            panic_at: Some(Duration::from_secs(19)),
+            hang_at: Some(Duration::from_secs(24)),
+            hang_ms: 3000,
+            hang_timeout_ms: 500,
+            duration: Duration::from_secs(30),
+            bin: Duration::from_millis(100),
+            max_in_flight: 2048,
+            binary: false,
+            out: None,
+            client_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            command: String::new(),
+            quiet_wait: Duration::from_secs(180),
+        }
+    }
+}
+
+/// One planned event of the run.
+#[derive(Clone, Debug, PartialEq)]
+enum Plan {
+    Rate { share: f64 },
+    PanicAll,
+    Hang { replica: usize, ms: u64 },
+}
+
+impl TimelineOptions {
+    /// The events in time order, checked against the run's length and each other.
+    fn plan(&self) -> anyhow::Result<Vec<(Duration, Plan)>> {
+        let share_ok = |s: f64| s.is_finite() && s > 0.0 && s <= 20.0;
+        if !share_ok(self.base_share) || !share_ok(self.step_share) {
+            bail!("base and step shares must be more than 0 and at most 20");
+        }
+        if self.duration > Duration::from_secs(600) || self.duration < Duration::from_secs(1) {
+            bail!("the run must last 1 to 600 s");
+        }
+        if self.hang_timeout_ms == 0 || self.hang_ms <= self.hang_timeout_ms {
+            bail!("the hang must last longer than hang_timeout_ms (> 0) for the router to see it");
+        }
+        let mut plan = Vec::new();
+        if let Some(at) = self.step_at {
+            plan.push((
+                at,
+                Plan::Rate {
+                    share: self.step_share,
+                },
+            ));
+            plan.push((
+                at + self.step_for,
+                Plan::Rate {
+                    share: self.base_share,
+                },
+            ));
+        }
+        if let Some(at) = self.panic_at {
+            plan.push((at, Plan::PanicAll));
+        }
+        if let Some(at) = self.hang_at {
+            plan.push((
+                at,
+                Plan::Hang {
+                    replica: 0,
+                    ms: self.hang_ms,
+                },
+            ));
+        }
+        plan.sort_by_key(|(at, _)| *at);
+        if plan.iter().any(|(at, _)| *at >= self.duration) {
+            bail!("every event must fall within the run's {:?}", self.duration);
+        }
+        if plan.windows(2).any(|w| w[0].0 == w[1].0) {
+            bail!("two events at the same time; space them out");
+        }
+        Ok(plan)
+    }
+}
+
+/// What happened at one event, as seen from the load generator.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EventRecord {
+    pub label: String,
+    pub planned_s: f64,
+    /// When it took effect: the rate change in the schedule, or the admin request's send.
+    pub at_s: f64,
+    /// For faults: the admin API's status and body.
+    pub answer: Option<String>,
+}
+
+/// The server's own view at one scrape of `/metrics`.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct ServerSample {
+    pub t_s: f64,
+    pub healthy_replicas: f64,
+    pub queue_depth: f64,
+    pub restarts: f64,
+    pub overloaded: f64,
+}
+
+pub struct TimelineOutcome {
+    pub dir: PathBuf,
+    pub report: String,
+    pub results: Value,
+    pub open_loop: OpenLoopReport,
+}
+
+fn plan_label(plan: &Plan, reference_rate: f64) -> String {
+    match plan {
+        Plan::Rate { share } => format!("rate {:.0}/s ({share}×)", reference_rate * share),
+        Plan::PanicAll => "every replica panics".into(),
+        Plan::Hang { replica, ms } => format!("replica {replica} hangs {ms} ms"),
+    }
+}
+
+async fn scrape(client: &reqwest::Client, base: &str, t0: Instant) -> Option<ServerSample> {
+    let text = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let label = format!("model=\"{PRIMARY}\"");
+    let m = |name: &str| metric_sum(&text, name, &label, None);
+    Some(ServerSample {
+        t_s: t0.elapsed().as_secs_f64(),
+        healthy_replicas: m("streamserve_workers"),
+        queue_depth: m("streamserve_queue_depth"),
+        restarts: m("streamserve_worker_restarts_total"),
+        overloaded: m("streamserve_overloaded"),
+    })
+}
+
+async fn inject(client: &reqwest::Client, base: &str, plan: &Plan) -> String {
+    let body = match plan {
+        Plan::PanicAll => json!({ "fault": { "kind": "panic" } }),
+        Plan::Hang { replica, ms } => {
+            json!({ "fault": { "kind": "hang", "ms": ms }, "replica": replica })
+        }
+        Plan::Rate { .. } => return String::new(),
+    };
+    match client
+        .post(format!("{base}/admin/models/{PRIMARY}/faults"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&body)
+        .send()
+        .await
+    {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            format!("{status} {}", r.text().await.unwrap_or_default().trim())
+        }
+        Err(e) => format!("admin request failed: {e}"),
+    }
+}
+
+/// Runs the capacity measurement (unless a rate is given) and the timeline, writes the report.
+pub fn run(options: &TimelineOptions) -> anyhow::Result<TimelineOutcome> {
+    let plan = options.plan()?;
+    if let Some(rate) = options.rate {
+        if !(rate.is_finite() && rate > 0.0 && rate <= open_loop::MAX_RATE) {
+            bail!(
+                "rate must be more than 0 and at most {}",
+                open_loop::MAX_RATE
+            );
+        }
+    }
+    let started = Instant::now();
+    let machine = MachineInfo::collect();
+    let (date, started_at) = utc_now();
+    let dir = options
+        .out
+        .clone()
+        .unwrap_or_else(|| results_dir().join(format!("{date}-timeline-mlp")));
+    crate::sysinfo::raise_nofile_limit(2 * options.max_in_flight as u64 + 1024);
+    let (manifest_text, _) = overload::overload_manifest_with(
+        vec![(
+            "hang_timeout_ms",
+            toml::Value::Integer(options.hang_timeout_ms as i64),
+        )],
+        "mlp with slo_ms, fallback, a short queue and hang detection; its fallback mlp_small",
+    )?;
+    let models = TempModelDir::create("timeline", &manifest_text)?;
+    let config = streamserve::config::Config {
+        models: models.path.clone(),
+        admin_token: Some(ADMIN_TOKEN.into()),
+        ..Default::default()
+    };
+    let running = start_server_with(config, PRIMARY, 64)?;
+    if let Err(e) = overload::wait_ready(&running, FALLBACK) {
+        stop_server(&running);
+        return Err(e);
+    }
+    let base = format!("http://{}", running.addr);
+    eprintln!("[timeline] streamserve on {base}");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(options.client_threads.max(1))
+        .thread_name(crate::sysinfo::LOADGEN_THREAD_PREFIX)
+        .enable_all()
+        .build()
+        .context("cannot start the client runtime")?;
+    let result = run_on(options, &plan, &base, &runtime);
+    stop_server(&running);
+    drop(models);
+    drop(runtime);
+    let measured = result?;
+
+    let input = ReportInput {
+        machine: &machine,
+        started_at: &started_at,
+        elapsed: started.elapsed(),
+        options,
+        manifest: &manifest_text,
+        measured: &measured,
+    };
+    let results = results_json(&input);
+    let report = render_report(&input, &results);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::write(dir.join("report.md"), &report)
+        .with_context(|| format!("cannot write {}/report.md", dir.display()))?;
+    std::fs::write(
+        dir.join("results.json"),
+        serde_json::to_vec_pretty(&results)?,
+    )
+    .with_context(|| format!("cannot write {}/results.json", dir.display()))?;
+    if let Err(e) = crate::plots::timeline(&results, &dir.join(PLOT_FILE)) {
+        eprintln!("[timeline] {e:#}");
+    }
+    Ok(TimelineOutcome {
+        dir,
+        report,
+        results,
+        open_loop: measured.report,
+    })
+}
+
+/// Everything measured in one run.
+struct Measured {
+    /// The closed-loop capacity run (req/s, p99 ms), when the rate was not given.
+    capacity: Option<(f64, f64)>,
+    /// What the shares are multiples of: the capacity, or the given rate.
+    reference_rate: f64,
+    base_rate: f64,
+    events: Vec<EventRecord>,
+    server: Vec<ServerSample>,
+    report: OpenLoopReport,
+    cpu: Option<CpuShare>,
+}
+
+fn run_on(
+    options: &TimelineOptions,
+    plan: &[(Duration, Plan)],
+    base: &str,
+    runtime: &tokio::runtime::Runtime,
+) -> anyhow::Result<Measured> {
+    let closed = RestOptions {
+        url: base.to_string(),
+        model: PRIMARY.into(),
+        concurrency: options.capacity_concurrency,
+        duration: options.capacity_duration,
+        warmup: options.capacity_warmup,
+        rows: 1,
+        binary: options.binary,
+        progress: true,
+        request_timeout: Duration::from_secs(30),
+    };
+    let (capacity, reference_rate, base_rate) = match options.rate {
+        Some(rate) => (None, rate, rate),
+        None => {
+            wait_for_quiet(0.15, options.quiet_wait);
+            eprintln!(
+                "[timeline] capacity: closed loop, concurrency {} ...",
+                options.capacity_concurrency
+            );
+            let report = runtime.block_on(rest::run(&closed))?;
+            eprint!("{}", report.summary());
+            let rps = report.requests_per_sec();
+            if rps <= 0.0 {
+                bail!(
+                    "the capacity run had no successful request:\n{}",
+                    report.summary()
+                );
+            }
+            (
+                Some((rps, report.latency_ms(0.99))),
+                rps,
+                rps * options.base_share,
+            )
+        }
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    wait_for_quiet(0.15, options.quiet_wait);
+
+    let steps: Vec<(Duration, f64)> = plan
+        .iter()
+        .filter_map(|(at, p)| match p {
+            Plan::Rate { share } => Some((*at, reference_rate * share)),
+            _ => None,
+        })
+        .collect();
+    let open = OpenLoopOptions {
+        rest: RestOptions {
+            duration: options.duration,
+            warmup: Duration::ZERO,
+            ..closed
+        },
+        rate: base_rate,
+        steps,
+        timeline_bin: Some(options.bin),
+        max_in_flight: options.max_in_flight,
+        label: "timeline".into(),
+    };
+    open.check()?;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+
+    let t0 = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let scraper = {
+        let (client, base, stop) = (client.clone(), base.to_string(), stop.clone());
+        let bound = options.duration + Duration::from_secs(60);
+        runtime.spawn(async move {
+            let mut samples = Vec::new();
+            let mut tick = tokio::time::interval(SCRAPE_EVERY);
+            while !stop.load(Ordering::Relaxed) && t0.elapsed() < bound {
+                tick.tick().await;
+                samples.extend(scrape(&client, &base, t0).await);
+            }
+            samples
+        })
+    };
+    let faults: Vec<_> = plan
+        .iter()
+        .filter(|(_, p)| !matches!(p, Plan::Rate { .. }))
+        .map(|(at, p)| {
+            let (client, base, p, at) = (client.clone(), base.to_string(), p.clone(), *at);
+            runtime.spawn(async move {
+                tokio::time::sleep_until((t0 + at).into()).await;
+                let sent = Instant::now();
+                let answer = inject(&client, &base, &p).await;
+                (at, p, sent, answer)
+            })
+        })
+        .collect();
+    eprintln!(
+        "[timeline] open loop at {base_rate:.0}/s for {:.0} s, events: {}",
+        options.duration.as_secs_f64(),
+        plan.iter()
+            .map(|(at, p)| format!(
+                "{:.1} s {}",
+                at.as_secs_f64(),
+                plan_label(p, reference_rate)
+            ))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    let before = CpuSnapshot::take();
+    let report = runtime.block_on(open_loop::run(&open));
+    let cpu = cpu_since(before);
+    stop.store(true, Ordering::Relaxed);
+    let report = report?;
+    let mut server = runtime.block_on(scraper).unwrap_or_default();
+    // One more look once everything is answered: the state the run left the server in.
+    server.extend(runtime.block_on(scrape(&client, base, t0)));
+    let offset = report.started.saturating_duration_since(t0).as_secs_f64();
+    for s in &mut server {
+        s.t_s -= offset;
+    }
+    let mut events: Vec<EventRecord> = plan
+        .iter()
+        .filter(|(_, p)| matches!(p, Plan::Rate { .. }))
+        .map(|(at, p)| EventRecord {
+            label: plan_label(p, reference_rate),
+            planned_s: at.as_secs_f64(),
+            at_s: at.as_secs_f64(),
+            answer: None,
+        })
+        .collect();
+    for task in faults {
+        let (at, p, sent, answer) = runtime
+            .block_on(task)
+            .context("a fault injection task failed")?;
+        events.push(EventRecord {
+            label: plan_label(&p, reference_rate),
+            planned_s: at.as_secs_f64(),
+            at_s: sent.saturating_duration_since(report.started).as_secs_f64(),
+            answer: Some(answer),
+        });
+    }
+    events.sort_by(|a, b| a.planned_s.total_cmp(&b.planned_s));
+    Ok(Measured {
+        capacity,
+        reference_rate,
+        base_rate,
+        events,
+        server,
+        report,
+        cpu,
+    })
+}
+
+struct ReportInput<'a> {
+    machine: &'a MachineInfo,
+    started_at: &'a str,
+    elapsed: Duration,
+    options: &'a TimelineOptions,
+    manifest: &'a str,
+    measured: &'a Measured,
+}
+
+/// Totals over a span of bins.
+struct Span {
+    seconds: f64,
+    scheduled: u64,
+    sent: u64,
+    not_sent: u64,
+    ok_primary: u64,
+    ok_degraded: u64,
+    shed: u64,
+    failed: u64,
+    latency: Histogram<u64>,
+}
+
+impl Span {
+    fn over(bins: &[TimelineBin], width: Duration) -> Span {
+        let mut span = Span {
+            seconds: bins.len() as f64 * width.as_secs_f64(),
+            scheduled: 0,
+            sent: 0,
+            not_sent: 0,
+            ok_primary: 0,
+            ok_degraded: 0,
+            shed: 0,
+            failed: 0,
+            latency: Histogram::new_with_bounds(1, 600_000_000, 2).expect("valid bounds"),
+        };
+        for b in bins {
+            span.scheduled += b.scheduled;
+            span.sent += b.sent;
+            span.not_sent += b.not_sent;
+            span.ok_primary += b.ok_primary;
+            span.ok_degraded += b.ok_degraded;
+            span.shed += b.shed;
+            span.failed += b.failed;
+            if let Some(h) = &b.latency_ok_us {
+                span.latency.add(h).expect("same bounds");
+            }
+        }
+        span
+    }
+
+    fn ms(&self, q: f64) -> Option<f64> {
+        (!self.latency.is_empty()).then(|| self.latency.value_at_quantile(q) as f64 / 1000.0)
+    }
+
+    /// Share of the scheduled requests that did not get a 200 from `mlp` itself.
+    fn disturbed_share(&self) -> f64 {
+        let off = self.ok_degraded + self.shed + self.failed + self.not_sent;
+        if self.scheduled == 0 {
+            0.0
+        } else {
+            off as f64 / self.scheduled as f64
+        }
+    }
+}
+
+fn opt(v: Option<f64>) -> Value {
+    v.map_or(Value::Null, |v| json!(v))
+}
+
+/// The phases between events: (label, start, end).
+fn phases(events: &[EventRecord], duration: f64) -> Vec<(String, f64, f64)> {
+    let mut out = Vec::new();
+    let mut start = 0.0;
+    let mut label = "base rate".to_string();
+    for e in events {
+        out.push((label, start, e.planned_s));
+        start = e.planned_s;
+        label = format!("after: {}", e.label);
+    }
+    out.push((label, start, duration));
+    out
+}
+
+/// How long after each event the bins stay off the baseline (latency or service): the time
+/// from the event to the first bin from which 1 s of bins (or all bins until the next event)
+/// stay on it. The baseline is the base-rate phase after its first second.
+fn settle_times(
+    bins: &[TimelineBin],
+    width: Duration,
+    events: &[EventRecord],
+    duration: f64,
+) -> (Option<(f64, f64)>, Vec<Value>) {
+    let w = width.as_secs_f64();
+    let first_event = events.first().map_or(duration, |e| e.planned_s);
+    let base_bins: Vec<TimelineBin> = bins
+        .iter()
+        .filter(|b| {
+            let t = b.start.as_secs_f64();
+            t >= 1.0 && t + w <= first_event
+        })
+        .cloned()
+        .collect();
+    if base_bins.is_empty() {
+        return (None, Vec::new());
+    }
+    let baseline = Span::over(&base_bins, width);
+    let Some(base_p99) = baseline.ms(0.99) else {
+        return (None, Vec::new());
+    };
+    let base_share = baseline.disturbed_share();
+    let latency_limit = (3.0 * base_p99).max(base_p99 + 10.0);
+    let share_limit = base_share + 0.02;
+    let bad = |b: &TimelineBin| {
+        let span = Span::over(std::slice::from_ref(b), width);
+        span.scheduled > 0
+            && (span.ms(0.99).is_some_and(|p| p > latency_limit)
+                || span.disturbed_share() > share_limit)
+    };
+    let need = ((1.0 / w).ceil() as usize).max(1);
+    let settles = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let until = events.get(i + 1).map_or(duration, |n| n.planned_s);
+            let window: Vec<&TimelineBin> = bins
+                .iter()
+                .filter(|b| {
+                    let t = b.start.as_secs_f64();
+                    t + w > e.at_s && t < until
+                })
+                .collect();
+            // Settled from the first bin that starts a run of good bins lasting `need` (1 s),
+            // or lasting until the next event when that comes sooner.
+            let (mut streak, mut streak_start) = (0usize, None);
+            for b in &window {
+                if bad(b) {
+                    (streak, streak_start) = (0, None);
+                } else {
+                    streak += 1;
+                    streak_start.get_or_insert(b.start.as_secs_f64());
+                    if streak >= need {
+                        break;
+                    }
+                }
+            }
+            let settled_at = streak_start.filter(|_| streak > 0);
+            let worst = window
+                .iter()
+                .filter_map(|b| b.latency_ms(0.99))
+                .fold(0.0, f64::max);
+            json!({
+                "event": e.label,
+                "at_s": e.at_s,
+                "off_baseline_s": settled_at.map(|t| (t - e.at_s).max(0.0)),
+                "settled_before_next": settled_at.is_some(),
+                "worst_bin_p99_ms": worst,
+            })
+        })
+        .collect();
+    (Some((latency_limit, share_limit)), settles)
+}
+
+fn results_json(input: &ReportInput<'_>) -> Value {
+    let m = input.measured;
+    let r = &m.report;
+    let width = input.options.bin;
+    let duration = input.options.duration.as_secs_f64();
+    let bins: Vec<Value> = r
+        .timeline
+        .iter()
+        .map(|b| {
+            json!({
+                "t_s": b.start.as_secs_f64(),
+                "scheduled": b.scheduled, "sent": b.sent, "not_sent": b.not_sent,
+                "ok_primary": b.ok_primary, "ok_degraded": b.ok_degraded,
+                "shed": b.shed, "failed": b.failed,
+                "p50_ms": opt(b.latency_ms(0.5)), "p99_ms": opt(b.latency_ms(0.99)),
+                "max_ms": opt(b.latency_ms(1.0)),
+            })
+        })
+        .collect();
+    let phases: Vec<Value> = phases(&m.events, duration)
+        .into_iter()
+        .map(|(label, start, end)| {
+            let inside: Vec<TimelineBin> = r
+                .timeline
+                .iter()
+                .filter(|b| {
+                    let t = b.start.as_secs_f64();
+                    t >= start - 1e-9 && t < end - 1e-9
+                })
+                .cloned()
+                .collect();
+            let s = Span::over(&inside, width);
+            json!({
+                "label": label, "start_s": start, "end_s": end,
+                "offered_per_s": s.scheduled as f64 / s.seconds.max(1e-9),
+                "goodput_per_s": (s.ok_primary + s.ok_degraded) as f64 / s.seconds.max(1e-9),
+                "scheduled": s.scheduled, "sent": s.sent, "not_sent": s.not_sent,
+                "ok_primary": s.ok_primary, "ok_degraded": s.ok_degraded,
+                "shed": s.shed, "failed": s.failed,
+                "p50_ms": opt(s.ms(0.5)), "p99_ms": opt(s.ms(0.99)), "max_ms": opt(s.ms(1.0)),
+            })
+        })
+        .collect();
+    let (limits, settles) = settle_times(&r.timeline, width, &m.events, duration);
+    json!({
+        "kind": "timeline",
+        "started_at": input.started_at,
+        "command": input.options.command,
+        "machine": input.machine,
+        "manifest": input.manifest,
+        "capacity": m.capacity.map(|(rps, p99)| json!({
+            "concurrency": input.options.capacity_concurrency,
+            "requests_per_s": rps, "p99_ms": p99,
+        })),
+        "reference_rate_per_s": m.reference_rate,
+        "base_rate_per_s": m.base_rate,
+        "bin_s": width.as_secs_f64(),
+        "duration_s": duration,
+        "hang_timeout_ms": input.options.hang_timeout_ms,
+        "events": m.events,
+        "totals": {
+            "scheduled": r.scheduled, "sent": r.sent, "not_sent": r.not_sent,
+            "ok_primary": r.ok_primary, "ok_degraded": r.ok_degraded,
+            "statuses": r.statuses, "transport": r.transport, "invalid": r.invalid,
+            "unanswered": r.unanswered, "first_error": r.first_error,
+            "max_schedule_lag_ms": r.max_schedule_lag.as_secs_f64() * 1000.0,
+            "peak_in_flight": r.peak_in_flight,
+        },
+        "cpu_cores": m.cpu,
+        "baseline_limits": limits.map(|(lat, share)| json!({ "bin_p99_ms": lat, "disturbed_share": share })),
+        "settle": settles,
+        "phases": phases,
+        "bins": bins,
+        "server": m.server,
+    })
+}
+
+fn num(v: &Value) -> String {
+    v.as_f64().map_or("–".into(), |v| {
+        if v >= 100.0 {
+            format!("{v:.0}")
+        } else {
+            format!("{v:.1}")
+        }
+    })
+}
+
+fn render_report(input: &ReportInput<'_>, results: &Value) -> String {
+    let ReportInput {
+        machine, options, ..
+    } = input;
+    let m = input.measured;
+    let r = &m.report;
+    let mut md = String::new();
+    let w = &mut md;
+    crate::sysinfo::write_report_header(
+        w,
+        "streamserve timeline: `mlp` through an overload step and worker faults",
+        input.started_at,
+        input.elapsed,
+        &options.command,
+        machine,
+    );
+    let _ = writeln!(
+        w,
+        "- ONNX Runtime: {} (CPU execution provider)\n- streamserve source: `{}` (`git describe --always --dirty`)\n",
+        streamserve::runtime::ORT_VERSION,
+        crate::sysinfo::source_revision()
+    );
+    let _ = writeln!(w, "## Setup\n");
+    let _ = writeln!(
+        w,
+        "- streamserve in this process on 127.0.0.1 with `mlp` (replicas 2, max_batch_size 64, slo_ms {SLO_MS}, \
+         fallback `{FALLBACK}`, max_queue {MAX_QUEUE}, **hang_timeout_ms {}**) and `{FALLBACK}`, the admin API on \
+         (faults are injected through it, as an operator would). The manifest, as written:\n\n```toml\n{}```\n",
+        options.hang_timeout_ms, input.manifest
+    );
+    match m.capacity {
+        Some((rps, p99)) => {
+            let _ = writeln!(
+                w,
+                "- **Capacity**: closed loop at concurrency {}, {:.0} s measured: **{rps:.0} requests/s** (p99 \
+                 {p99:.1} ms). Base rate = {} × capacity = **{:.0} requests/s**.",
+                options.capacity_concurrency,
+                options.capacity_duration.as_secs_f64(),
+                options.base_share,
+                m.base_rate
+            );
+        }
+        None => {
+            let _ = writeln!(
+                w,
+                "- Base rate given: **{:.0} requests/s** (no capacity run; shares are of this rate).",
+                m.base_rate
+            );
+        }
+    }
+    let _ = writeln!(
+        w,
+        "- **Open loop** for {:.0} s at the base rate, 1 row per request, {} tensor data, at most {} in flight (a \
+         request due beyond that is not sent, and counted). Outcomes are binned by **scheduled** send time in {:.0} ms \
+         bins; latency runs from the scheduled send (no coordinated omission). `/metrics` scraped every {:.0} ms for \
+         the server's view. The load generator runs in the same process, on the same {} cores.\n",
+        options.duration.as_secs_f64(),
+        if options.binary { "binary" } else { "JSON" },
+        options.max_in_flight,
+        options.bin.as_secs_f64() * 1000.0,
+        SCRAPE_EVERY.as_secs_f64() * 1000.0,
+        machine.nproc
+    );
+    let _ = writeln!(w, "## Events\n");
+    let _ = writeln!(w, "| planned s | took effect s | event | admin answer |");
+    let _ = writeln!(w, "|---:|---:|---|---|");
+    for e in &m.events {
+        let _ = writeln!(
+            w,
+            "| {:.1} | {:.3} | {} | {} |",
+            e.planned_s,
+            e.at_s,
+            e.label,
+            e.answer.as_deref().map_or("(schedule)".into(), |a| format!(
+                "`{}`",
+                a.replace('|', "\\|")
+            ))
+        );
+    }
+    let _ = writeln!(
+        w,
+        "\n![latency, outcomes and server state over time]({PLOT_FILE})\n\n[`{PLOT_FILE}`]({PLOT_FILE}): top, \
+         p50 / p99 / max latency of the 200 answers per bin (log scale); middle, requests per second per bin by \
+         outcome (offered = scheduled; primary = 200 from `mlp`; degraded = 200 from `{FALLBACK}`; shed = 429/503; \
+         failed = other statuses and transport errors; not sent = due while the load generator's in-flight \
+         bound was reached); bottom, healthy `mlp` replicas and its \
+         queue depth from `/metrics`. Dashed lines: the events.\n"
+    );
+    let _ = writeln!(w, "## Phases\n");
+    let _ = writeln!(
+        w,
+        "| phase | s | offered req/s | goodput req/s | 200 p50 ms | 200 p99 ms | 200 max ms | degraded | shed | failed | not sent |"
+    );
+    let _ = writeln!(w, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for p in results["phases"].as_array().into_iter().flatten() {
+        let scheduled = p["scheduled"].as_f64().unwrap_or(0.0).max(1.0);
+        let pct = |k: &str| format!("{:.1}%", 100.0 * p[k].as_f64().unwrap_or(0.0) / scheduled);
+        let _ = writeln!(
+            w,
+            "| {} | {:.1}–{:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            p["label"].as_str().unwrap_or("?"),
+            p["start_s"].as_f64().unwrap_or(0.0),
+            p["end_s"].as_f64().unwrap_or(0.0),
+            num(&p["offered_per_s"]),
+            num(&p["goodput_per_s"]),
+            num(&p["p50_ms"]),
+            num(&p["p99_ms"]),
+            num(&p["max_ms"]),
+            pct("ok_degraded"),
+            pct("shed"),
+            pct("failed"),
+            pct("not_sent"),
+        );
+    }
+    let _ = writeln!(
+        w,
+        "\nShares are of the requests scheduled in the phase. Totals: {} scheduled, {} sent, {} primary 200, {} \
+         degraded 200, statuses {:?}, transport errors {}, invalid answers {}, not sent {}, **unanswered {}**; \
+         scheduler max lag {:.1} ms; peak in flight {}.\n",
+        r.scheduled,
+        r.sent,
+        r.ok_primary,
+        r.ok_degraded,
+        r.statuses,
+        r.transport,
+        r.invalid,
+        r.not_sent,
+        r.unanswered,
+        r.max_schedule_lag.as_secs_f64() * 1000.0,
+        r.peak_in_flight
+    );
+    let _ = writeln!(w, "## Settling (computed from the bins)\n");
+    match results["baseline_limits"].as_object() {
+        Some(limits) => {
+            let _ = writeln!(
+                w,
+                "A bin is **off baseline** when its p99 exceeds {} ms (3× the base phase's p99, at least +10 ms) or \
+                 more than {:.1}% of its requests were not a 200 from `mlp` itself (the base phase's share + 2 \
+                 points). Per event: the time from the event to the first bin from which 1 s of bins (or all the \
+                 bins before the next event, if that comes sooner) stay on baseline.\n",
+                num(&limits["bin_p99_ms"]),
+                100.0 * limits["disturbed_share"].as_f64().unwrap_or(0.0)
+            );
+            let _ = writeln!(w, "| event | at s | off baseline for s | settled before the next event | worst bin p99 ms |");
+            let _ = writeln!(w, "|---|---:|---:|---|---:|");
+            for s in results["settle"].as_array().into_iter().flatten() {
+                let _ = writeln!(
+                    w,
+                    "| {} | {:.2} | {} | {} | {} |",
+                    s["event"].as_str().unwrap_or("?"),
+                    s["at_s"].as_f64().unwrap_or(0.0),
+                    s["off_baseline_s"]
+                        .as_f64()
+                        .map_or("–".into(), |v| format!("{v:.2}")),
+                    if s["settled_before_next"].as_bool() == Some(true) {
+                        "yes"
+                    } else {
+                        "**no**"
+                    },
+                    num(&s["worst_bin_p99_ms"]),
+                );
+            }
+        }
+        None => {
+            let _ = writeln!(
+                w,
+                "No base phase long enough (≥ 1 s before the first event) to compare with."
+            );
+        }
+    }
+    let restarts = m.server.last().map_or(0.0, |s| s.restarts);
+    let _ = writeln!(
+        w,
+        "\n- Worker restarts counted by the server over the run: {restarts:.0}. Every sent request was answered \
+         (a status or a counted transport error): **{}**.",
+        if r.unanswered == 0 { "yes" } else { "NO" }
+    );
+    if let Some(cpu) = m.cpu {
+        let _ = writeln!(
+            w,
+            "- CPU cores over the timeline: process {:.2}, load generator {:.2}, server {:.2}, others {:.2}{}.",
+            cpu.own_cores,
+            cpu.loadgen_cores,
+            cpu.server_cores(),
+            cpu.other_cores,
+            if cpu.other_cores > 0.2 { " (**a contended machine**)" } else { "" }
+        );
+    }
+    let _ = writeln!(
+        w,
+        "\nRaw numbers (every bin, every scrape): `results.json` beside this file."
+    );
+    md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_plan_is_in_time_order() {
+        let plan = TimelineOptions::default().plan().unwrap();
+        let kinds: Vec<&Plan> = plan.iter().map(|(_, p)| p).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                &Plan::Rate { share: 2.0 },
+                &Plan::Rate { share: 0.5 },
+                &Plan::PanicAll,
+                &Plan::Hang {
+                    replica: 0,
+                    ms: 3000
+                }
+            ]
+        );
+        assert!(plan.windows(2).all(|w| w[0].0 < w[1].0));
+    }
+
+    #[test]
+    fn bad_plans_are_refused() {
+        let base = TimelineOptions::default();
+        for bad in [
+            TimelineOptions {
+                hang_at: Some(Duration::from_secs(40)),
+                ..base.clone()
+            },
+            TimelineOptions {
+                panic_at: Some(Duration::from_secs(8)),
+                ..base.clone()
+            },
+            TimelineOptions {
+                hang_ms: 100,
+                ..base.clone()
+            },
+            TimelineOptions {
+                step_share: 0.0,
+                ..base.clone()
+            },
+        ] {
+            assert!(bad.plan().is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    fn bin(t_ms: u64, scheduled: u64, ok: u64, degraded: u64, p99_us: u64) -> TimelineBin {
+        let mut h = Histogram::new_with_bounds(1, 600_000_000, 2).unwrap();
+        for _ in 0..ok + degraded {
+            h.record(p99_us).unwrap();
+        }
+        TimelineBin {
+            start: Duration::from_millis(t_ms),
+            scheduled,
+            sent: scheduled,
+            not_sent: 0,
+            ok_primary: ok,
+            ok_degraded: degraded,
+            shed: 0,
+            failed: 0,
+            latency_ok_us: Some(h),
+        }
+    }
+
+    #[test]
+    fn settling_is_measured_from_the_event_to_the_last_bad_bin() {
+        // 0–2 s calm (5 ms); an event at 2.0 s; bins 2.0–2.3 slow, 2.3–2.4 degraded; calm after.
+        let mut bins = Vec::new();
+        for i in 0..40u64 {
+            let t = i * 100;
+            bins.push(match t {
+                2000..=2200 => bin(t, 10, 10, 0, 200_000),
+                2300 => bin(t, 10, 5, 5, 5_000),
+                _ => bin(t, 10, 10, 0, 5_000),
+            });
+        }
+        let events = vec![EventRecord {
+            label: "x".into(),
+            planned_s: 2.0,
+            at_s: 2.0,
+            answer: None,
+        }];
+        let (limits, settles) = settle_times(&bins, Duration::from_millis(100), &events, 4.0);
+        let (latency, _) = limits.unwrap();
+        assert!((latency - 15.0).abs() < 0.5, "{latency}");
+        assert_eq!(settles.len(), 1);
+        let off = settles[0]["off_baseline_s"].as_f64().unwrap();
+        assert!((off - 0.4).abs() < 1e-6, "{off}");
+        assert_eq!(settles[0]["settled_before_next"], json!(true));
+
+        // A lone slow bin after a full second on baseline does not move the settling point.
+        bins[36] = bin(3600, 10, 10, 0, 200_000);
+        let (_, again) = settle_times(&bins, Duration::from_millis(100), &events, 4.0);
+        assert_eq!(again[0]["off_baseline_s"], settles[0]["off_baseline_s"]);
+
+        // Off baseline until the end: not settled.
+        for b in bins.iter_mut().skip(24) {
+            *b = bin(b.start.as_millis() as u64, 10, 0, 10, 5_000);
+        }
+        let (_, never) = settle_times(&bins, Duration::from_millis(100), &events, 4.0);
+        assert_eq!(never[0]["settled_before_next"], json!(false));
+        assert_eq!(never[0]["off_baseline_s"], json!(null));
+    }
+}
