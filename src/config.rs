@@ -75,6 +75,12 @@ pub struct ServeArgs {
     /// Seconds to finish in-flight work after SIGTERM before exiting [default: 30].
     #[arg(long, env = "STREAMSERVE_DRAIN_SECS")]
     pub drain_secs: Option<u64>,
+    /// Seconds an idle HTTP keep-alive connection stays open [default: 75]. Longer than the
+    /// idle timeout of any proxy or client pool in front (fly's proxy, load balancers' 60 s),
+    /// so that they close idle connections first and never send a request on one the server
+    /// is closing.
+    #[arg(long, env = "STREAMSERVE_KEEP_ALIVE_SECS")]
+    pub keep_alive_secs: Option<u64>,
     /// Inference requests decoded, queued or running at once; beyond it new ones get an
     /// immediate 429. 0 = no limit [default: 0]. Worth setting for models whose inference
     /// outweighs the HTTP and JSON work of a request: shedding then saves real work.
@@ -119,6 +125,7 @@ struct FileConfig {
     stream_resume_secs: Option<u64>,
     stream_idle_secs: Option<u64>,
     drain_secs: Option<u64>,
+    keep_alive_secs: Option<u64>,
     admin_token: Option<String>,
     cpu_budget: Option<usize>,
     max_inflight: Option<usize>,
@@ -140,6 +147,7 @@ pub struct Config {
     pub stream_resume_secs: u64,
     pub stream_idle_secs: u64,
     pub drain_secs: u64,
+    pub keep_alive_secs: u64,
     pub admin_token: Option<String>,
     pub cpu_budget: usize,
     pub max_inflight: usize,
@@ -162,6 +170,7 @@ impl Default for Config {
             stream_resume_secs: 30,
             stream_idle_secs: 30,
             drain_secs: 30,
+            keep_alive_secs: 75,
             admin_token: None,
             cpu_budget: std::thread::available_parallelism().map_or(2, |n| n.get()),
             max_inflight: 0,
@@ -211,6 +220,10 @@ impl Config {
                 .drain_secs
                 .or(file.drain_secs)
                 .unwrap_or(defaults.drain_secs),
+            keep_alive_secs: args
+                .keep_alive_secs
+                .or(file.keep_alive_secs)
+                .unwrap_or(defaults.keep_alive_secs),
             admin_token: args.admin_token.or(file.admin_token),
             cpu_budget: args
                 .cpu_budget
@@ -246,7 +259,7 @@ mod tests {
         let path = dir.join("config.toml");
         std::fs::write(
             &path,
-            "port = 9000\nhost = \"127.0.0.1\"\nlog_format = \"json\"\n",
+            "port = 9000\nhost = \"127.0.0.1\"\nlog_format = \"json\"\nkeep_alive_secs = 10\n",
         )
         .unwrap();
         let args = ServeArgs {
@@ -259,6 +272,8 @@ mod tests {
         assert_eq!(config.host, "127.0.0.1");
         assert_eq!(config.log_format, LogFormat::Json);
         assert_eq!(config.models, PathBuf::from("models"));
+        assert_eq!(config.keep_alive_secs, 10);
+        assert_eq!(Config::default().keep_alive_secs, 75);
 
         std::fs::write(&path, "prot = 1\n").unwrap();
         let err = Config::resolve(ServeArgs {

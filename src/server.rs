@@ -94,6 +94,11 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
     .workers(config.http_workers)
     .shutdown_timeout(config.drain_secs)
     .client_request_timeout(Duration::from_secs(30))
+    // A client that sends on a pooled connection just as the server closes it for idleness
+    // gets "connection closed before message completed" (loadgen timeline saw 14 at once, 5 s
+    // after a load step left ~2,000 connections idle under actix's 5 s default). Outliving
+    // the clients' and proxies' own idle timeouts leaves the closing to them.
+    .keep_alive(Duration::from_secs(config.keep_alive_secs))
     .bind((config.host.as_str(), config.port))
     .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", config.host, config.port))?
     .disable_signals();

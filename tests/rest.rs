@@ -378,3 +378,59 @@ async fn metrics_expose_requests_batches_queue_and_workers() {
         assert!(text.contains(needle), "metrics lack {needle}:\n{text}");
     }
 }
+
+/// Idle keep-alive connections: closed by the server after `keep_alive_secs`, kept open
+/// (for the clients and proxies in front to close first) under the default.
+#[test]
+fn idle_keep_alive_connections_close_after_the_configured_time() {
+    use std::io::{Read, Write};
+    use std::time::Duration;
+
+    let models = common::repo().join("models");
+    let short = common::start(&models, |c| c.keep_alive_secs = 1);
+    let default = common::start(&models, |_| {});
+    let open = |base: &str| {
+        let addr = base.trim_start_matches("http://");
+        let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+        tcp.write_all(b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        let n = tcp.read(&mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+        tcp
+    };
+    let mut closing = open(&short);
+    let mut staying = open(&default);
+
+    // The 1 s connection ends (EOF) well within 10 s.
+    closing
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    assert_eq!(
+        closing.read(&mut buf).unwrap(),
+        0,
+        "expected the server to close"
+    );
+
+    // The default one is still open after 2 s idle, and still serves.
+    staying
+        .set_read_timeout(Some(Duration::from_millis(2000)))
+        .unwrap();
+    let err = staying.read(&mut buf).unwrap_err();
+    assert!(
+        matches!(
+            err.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        "{err}"
+    );
+    staying
+        .write_all(b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    staying
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let n = staying.read(&mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+}

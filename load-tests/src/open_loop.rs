@@ -327,6 +327,7 @@ pub async fn run(options: &OpenLoopOptions) -> anyhow::Result<OpenLoopReport> {
         .no_proxy()
         .tcp_nodelay(true)
         .pool_max_idle_per_host(options.max_in_flight)
+        .pool_idle_timeout(rest::POOL_IDLE_TIMEOUT)
         .timeout(rest_options.request_timeout)
         .connect_timeout(Duration::from_secs(5))
         .build()

@@ -20,6 +20,12 @@ use serde::Deserialize;
 use crate::{mlp, SplitMix64};
 
 /// Header of the binary tensor data extension: the length of the JSON part of a body.
+/// Pooled connections idle this long are dropped by the client itself: below the 5 s
+/// keep-alive of common servers (uvicorn, actix's default), so that the client never sends on
+/// a connection the server is closing (a "connection closed before message completed" error
+/// that would be the load generator's doing, not the server's).
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
 pub const HEADER_CONTENT_LENGTH: &str = "Inference-Header-Content-Length";
 
 /// Upper bounds that keep any run finite and modest.
@@ -619,6 +625,7 @@ pub async fn run(options: &RestOptions) -> anyhow::Result<RestReport> {
         .no_proxy() // loopback only: never route through an HTTP(S)_PROXY from the environment
         .tcp_nodelay(true)
         .pool_max_idle_per_host(options.concurrency)
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .timeout(options.request_timeout)
         .connect_timeout(Duration::from_secs(5))
         .build()

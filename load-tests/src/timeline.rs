@@ -598,12 +598,14 @@ fn settle_times(
         .iter()
         .enumerate()
         .map(|(i, e)| {
-            let until = events.get(i + 1).map_or(duration, |n| n.planned_s);
+            // From the bin the event fell in (its requests may be the ones it delayed) to the
+            // last bin that ends before the next event took effect.
+            let until = events.get(i + 1).map_or(duration, |n| n.at_s);
             let window: Vec<&TimelineBin> = bins
                 .iter()
                 .filter(|b| {
-                    let t = b.start.as_secs_f64();
-                    t + w > e.at_s && t < until
+                    let end = b.start.as_secs_f64() + w;
+                    end > e.at_s && end <= until + 1e-9
                 })
                 .collect();
             // Settled from the first bin that starts a run of good bins lasting `need` (1 s),
@@ -986,7 +988,7 @@ mod tests {
     }
 
     #[test]
-    fn settling_is_measured_from_the_event_to_the_last_bad_bin() {
+    fn settling_is_the_first_lasting_return_to_baseline() {
         // 0–2 s calm (5 ms); an event at 2.0 s; bins 2.0–2.3 slow, 2.3–2.4 degraded; calm after.
         let mut bins = Vec::new();
         for i in 0..40u64 {
