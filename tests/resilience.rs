@@ -161,6 +161,35 @@ async fn crashing_workers_are_replaced_and_no_request_is_lost() {
         .all(|(s, _)| *s == 200));
 }
 
+/// Every replica dies on the same fault, so a retried batch dies again: with a fallback, those
+/// requests are answered by it (degraded) instead of 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_that_outlive_their_retry_go_to_the_fallback() {
+    let url = server(&mlp_manifest("fallback = \"mlp_small\""));
+    let c = client();
+    inject(
+        &c,
+        &url,
+        "mlp",
+        json!({"fault": {"kind": "panic"}, "count": 2}),
+    )
+    .await;
+    let answers = burst(&c, &url, 120, &[]).await;
+    let mut degraded = 0;
+    for (status, body) in &answers {
+        assert_eq!(*status, 200, "{body}");
+        assert_eq!(body["outputs"][0]["shape"], json!([1, 16]));
+        if body["parameters"]["degraded"] == true {
+            assert_eq!(body["parameters"]["served_by"], "mlp_small:1");
+            degraded += 1;
+        }
+    }
+    assert!(degraded > 0, "no request went to the fallback");
+    let status = router_status(&c, &url, "mlp").await;
+    assert!(status["restarts"].as_u64().unwrap() >= 2, "{status}");
+    wait_for_replicas(&c, &url, "mlp", 2).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hung_worker_is_detected_and_its_batch_retried() {
     let url = server(&mlp_manifest("hang_timeout_ms = 300"));

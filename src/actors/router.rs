@@ -14,7 +14,8 @@
 //!
 //! Supervision: a worker that panics or holds a batch past `hang_timeout_ms` is replaced (with
 //! backoff, see `supervisor::restart_worker`); the batch it held is retried once on another
-//! replica and otherwise answered 503. Every request gets exactly one answer.
+//! replica, then goes to the fallback, and only then is answered 503. Every request gets
+//! exactly one answer.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -310,6 +311,18 @@ impl Router {
         served.health.ready().then_some(served.router)
     }
 
+    /// Hands a request to the fallback, marked degraded; gives it back when there is no
+    /// fallback ready to take it.
+    fn degrade(&self, mut pending: Pending) -> Result<(), Pending> {
+        let Some(fallback) = self.fallback() else {
+            return Err(pending);
+        };
+        metrics::counter!("streamserve_degraded_total", &self.labels).increment(1);
+        pending.degraded_from = Some(self.info.name.as_str().into());
+        fallback.do_send(Fallback(pending));
+        Ok(())
+    }
+
     /// Takes a request in, hands it to the fallback, or refuses it.
     fn admit(&mut self, pending: Pending, may_degrade: bool, ctx: &mut Context<Self>) {
         let healthy = self.healthy() > 0;
@@ -321,15 +334,13 @@ impl Router {
             self.dispatch(ctx);
             return;
         }
-        if may_degrade {
-            if let Some(fallback) = self.fallback() {
-                metrics::counter!("streamserve_degraded_total", &self.labels).increment(1);
-                let mut pending = pending;
-                pending.degraded_from = Some(self.info.name.as_str().into());
-                fallback.do_send(Fallback(pending));
-                return;
-            }
-        }
+        let pending = match may_degrade {
+            true => match self.degrade(pending) {
+                Ok(()) => return,
+                Err(pending) => pending,
+            },
+            false => pending,
+        };
         let error = if !healthy {
             ServeError::NotReady {
                 model: self.info.name.clone(),
@@ -466,7 +477,9 @@ impl Router {
     }
 
     /// Replaces a dead or hung worker and deals with the batch it held: each request is
-    /// retried once (at the front of the queue), then answered 503.
+    /// retried once (at the front of the queue) on this model, then handed to its fallback
+    /// (degraded) if it has one, and only then answered 503. So a request meets at most two
+    /// of this model's workers, which bounds the damage of an input that kills every worker.
     fn worker_lost(&mut self, replica: usize, reason: String, ctx: &mut Context<Self>) {
         let slot = &mut self.slots[replica];
         if slot.handle.take().is_none() {
@@ -495,11 +508,18 @@ impl Router {
                     metrics::counter!("streamserve_retries_total", &self.labels).increment(1);
                     self.queued_rows += pending.request.rows;
                     self.queue.push_front(pending);
-                } else {
-                    pending
-                        .reply
-                        .send(Err(ServeError::WorkerLost(reason.clone())));
+                    continue;
                 }
+                let pending = match pending.degraded_from.is_none() {
+                    true => match self.degrade(pending) {
+                        Ok(()) => continue,
+                        Err(pending) => pending,
+                    },
+                    false => pending,
+                };
+                pending
+                    .reply
+                    .send(Err(ServeError::WorkerLost(reason.clone())));
             }
         }
         let restart = supervisor::restart_worker(
