@@ -74,7 +74,8 @@ enum Command {
         #[arg(long)]
         results: Option<PathBuf>,
     },
-    /// Redraw the SVG plots of a saved `bench`, `overload` or `timeline` run from its results.json.
+    /// Redraw the SVG plot of a saved `bench`, `streams-bench`, `overload` or `timeline` run
+    /// from its results.json.
     Plot {
         /// A results directory (holding results.json).
         dir: PathBuf,
@@ -604,6 +605,10 @@ fn run_plot(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
         let out = dir.join(timeline::PLOT_FILE);
         plots::timeline(&json, &out)?;
         out
+    } else if json.get("target_p99_ms").is_some() {
+        let out = dir.join(streams_bench::PLOT_FILE);
+        plots::streams_latency(&json, &out)?;
+        out
     } else if json.get("servers").is_some() {
         let out = dir.join(bench::PLOT_FILE);
         plots::bench_latency_throughput(&json, &out)?;
@@ -614,7 +619,7 @@ fn run_plot(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
         out
     } else {
         anyhow::bail!(
-            "{}/results.json is not from a bench, overload or timeline run",
+            "{}/results.json is not from a bench, streams-bench, overload or timeline run",
             dir.display()
         );
     };

@@ -5,6 +5,7 @@
 //! - [`bench_latency_throughput`]: p50 and p99 latency against throughput per server, one
 //!   point per concurrency level, the in-process ceiling as a vertical line;
 //! - [`overload_levels`]: goodput and latency per offered load;
+//! - [`streams_latency`]: chunk latency against concurrent streams per setup;
 //! - [`timeline`]: latency, outcomes and server state over time across overload and faults.
 
 use std::path::Path;
@@ -315,6 +316,136 @@ pub fn overload_levels(results: &Value, out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One step of a streams benchmark: (streams, p50 ms, p99 ms, passed).
+type StreamStep = (f64, f64, f64, bool);
+
+/// Chunk-to-result latency (p50 solid, p99 thin) against the number of concurrent real-time
+/// streams, per setup, from a `loadgen streams-bench` results.json; failed steps as crosses,
+/// the p99 target as a horizontal line and the model's compute ceiling as a vertical one.
+pub fn streams_latency(results: &Value, out: &Path) -> anyhow::Result<()> {
+    let target = f(&results["target_p99_ms"]);
+    let ceiling = results["ceilings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| f(&c["real_time_streams"]))
+        .fold(0.0, f64::max);
+    let setups: Vec<(String, Vec<StreamStep>)> = results["servers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            let points = s["steps"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|st| {
+                    (
+                        f(&st["streams"]),
+                        f(&st["latency_ms"]["p50"]),
+                        f(&st["latency_ms"]["p99"]),
+                        st["pass"].as_bool().unwrap_or(false),
+                    )
+                })
+                .filter(|p| p.0 > 0.0 && p.1 > 0.0 && p.2 > 0.0)
+                .collect();
+            (
+                s["setup"]["label"].as_str().unwrap_or("?").to_string(),
+                points,
+            )
+        })
+        .collect();
+    let all = setups.iter().flat_map(|s| s.1.iter());
+    let x_max = all.clone().map(|p| p.0).fold(ceiling, f64::max).max(10.0) * 1.1;
+    let y_max = all.clone().map(|p| p.2).fold(target, f64::max).max(1.0) * 2.0;
+    let y_min = all.map(|p| p.1).fold(y_max / 10.0, f64::min).max(0.01) / 1.5;
+
+    let root = SVGBackend::new(out, (960, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Speech streams (silero_vad, real time): chunk latency vs concurrent streams",
+            ("sans-serif", 20),
+        )
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..x_max, (y_min..y_max).log_scale())
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("concurrent streams")
+        .y_desc("chunk-to-result latency, ms (log)")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.1}"))
+        .draw()
+        .map_err(plot_err)?;
+    if target > 0.0 {
+        chart
+            .draw_series(DashedLineSeries::new(
+                [(0.0, target), (x_max, target)],
+                8,
+                4,
+                BLACK.stroke_width(1),
+            ))
+            .map_err(plot_err)?
+            .label(format!("p99 target ({target:.0} ms)"))
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.stroke_width(1)));
+    }
+    if ceiling > 0.0 {
+        chart
+            .draw_series(LineSeries::new(
+                [(ceiling, y_min), (ceiling, y_max)],
+                BLACK.stroke_width(2),
+            ))
+            .map_err(plot_err)?
+            .label(format!("model compute ceiling ({ceiling:.0} streams)"))
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.stroke_width(2)));
+    }
+    for (i, (label, points)) in setups.iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        chart
+            .draw_series(LineSeries::new(
+                points.iter().map(|p| (p.0, p.1)),
+                color.stroke_width(2),
+            ))
+            .map_err(plot_err)?
+            .label(format!("{label} p50"))
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart
+            .draw_series(LineSeries::new(
+                points.iter().map(|p| (p.0, p.2)),
+                color.stroke_width(1),
+            ))
+            .map_err(plot_err)?
+            .label(format!("{label} p99 (× = step failed)"))
+            .legend(move |(x, y)| TriangleMarker::new((x + 10, y), 4, color.filled()));
+        chart
+            .draw_series(points.iter().map(|p| {
+                EmptyElement::at((p.0, p.2))
+                    + TriangleMarker::new((0, 0), if p.3 { 5 } else { 0 }, color.filled())
+                    + Cross::new((0, 0), if p.3 { 0 } else { 6 }, color.stroke_width(2))
+            }))
+            .map_err(plot_err)?;
+        chart
+            .draw_series(
+                points
+                    .iter()
+                    .map(|p| Circle::new((p.0, p.1), 3, color.filled())),
+            )
+            .map_err(plot_err)?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
 /// Latency, outcomes and server state over time, from a `loadgen timeline` results.json:
 /// three panels on one time axis (p50/p99/max latency per bin, log; requests/s per bin by
 /// outcome; healthy replicas and queue depth from `/metrics`), the events as dashed lines.
@@ -482,7 +613,7 @@ pub fn timeline(results: &Value, out: &Path) -> anyhow::Result<()> {
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(SeriesLabelPosition::UpperRight)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()
@@ -585,6 +716,26 @@ mod tests {
         assert!(svg.starts_with("<svg"));
         assert!(svg.contains("fastapi peer p99"));
         assert!(svg.contains("ceiling"));
+    }
+
+    #[test]
+    fn streams_plot_writes_svg() {
+        let results = serde_json::json!({
+            "target_p99_ms": 100.0,
+            "ceilings": [ { "real_time_streams": 1100.0 } ],
+            "servers": [
+                { "setup": { "label": "batching on" }, "steps": [
+                    { "streams": 50, "pass": true, "latency_ms": { "p50": 2.0, "p99": 5.0 } },
+                    { "streams": 500, "pass": false, "latency_ms": { "p50": 90.0, "p99": 400.0 } } ] },
+            ],
+        });
+        let out = std::env::temp_dir().join(format!("plot-test-s-{}.svg", std::process::id()));
+        streams_latency(&results, &out).unwrap();
+        let svg = std::fs::read_to_string(&out).unwrap();
+        let _ = std::fs::remove_file(&out);
+        assert!(svg.starts_with("<svg"));
+        assert!(svg.contains("batching on p99"));
+        assert!(svg.contains("compute ceiling"));
     }
 
     #[test]

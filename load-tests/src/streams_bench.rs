@@ -578,13 +578,17 @@ pub fn run(options: &StreamsBenchOptions) -> anyhow::Result<StreamsBenchOutcome>
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     std::fs::write(dir.join("report.md"), &report)
         .with_context(|| format!("cannot write {}/report.md", dir.display()))?;
-    std::fs::write(
-        dir.join("results.json"),
-        serde_json::to_vec_pretty(&results_json(&input))?,
-    )
-    .with_context(|| format!("cannot write {}/results.json", dir.display()))?;
+    let json = results_json(&input);
+    std::fs::write(dir.join("results.json"), serde_json::to_vec_pretty(&json)?)
+        .with_context(|| format!("cannot write {}/results.json", dir.display()))?;
+    if let Err(e) = crate::plots::streams_latency(&json, &dir.join(PLOT_FILE)) {
+        eprintln!("[streams-bench] {e:#}");
+    }
     Ok(StreamsBenchOutcome { dir, report })
 }
+
+/// The latency-vs-streams plot written beside `report.md`.
+pub const PLOT_FILE: &str = "streams-latency.svg";
 
 struct ReportInput<'a> {
     machine: &'a MachineInfo,
@@ -1005,6 +1009,12 @@ fn render_report(input: &ReportInput<'_>) -> String {
         }
     }
 
+    let _ = writeln!(
+        w,
+        "![chunk latency against concurrent streams]({PLOT_FILE})\n\n[`{PLOT_FILE}`]({PLOT_FILE}): p50 (circles) \
+         and p99 (triangles; a cross where the step failed) chunk-to-result latency against the number of \
+         streams, per setup; dashed, the p99 target; vertical, the model's compute ceiling on these cores.\n"
+    );
     let _ = writeln!(w, "## How to read this\n");
     let _ = writeln!(
         w,
