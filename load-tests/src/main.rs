@@ -46,6 +46,14 @@ enum Command {
     /// measure its capacity, then one open-loop run through an overload step, every replica
     /// panicking and one replica hanging; write report.md with latency over time.
     Timeline(TimelineArgs),
+    /// The whole suite in one command: the bench, streams-bench, overload and timeline
+    /// scenarios (load-tests/scenarios/), one after the other, then the capacity plan from
+    /// their results. About 12 minutes on 2 cores.
+    Suite {
+        /// Leave out the FastAPI peer in the bench.
+        #[arg(long)]
+        no_peer: bool,
+    },
     /// Run a scenario file (load-tests/scenarios/*.toml): the subcommand it names with the
     /// options it gives.
     Run {
@@ -366,6 +374,39 @@ fn run_scenario(
     dispatch(cli.command)
 }
 
+fn run_suite(no_peer: bool) -> anyhow::Result<ExitCode> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+    let mut failed = Vec::new();
+    for name in scenario::SUITE {
+        let path = dir.join(name);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        let mut args = scenario::to_args(&text, None)?;
+        if no_peer && args[0] == "bench" {
+            args.push("--no-peer".into());
+        }
+        eprintln!("[suite] {name}: loadgen {}", args.join(" "));
+        let cli = Cli::try_parse_from(std::iter::once("loadgen".to_string()).chain(args))
+            .map_err(|e| anyhow::anyhow!("scenario {}: {e}", path.display()))?;
+        match dispatch(cli.command) {
+            Ok(code) if code == ExitCode::SUCCESS => {}
+            Ok(_) => failed.push(format!("{name}: finished with failures")),
+            Err(e) => {
+                eprintln!("[suite] {name} failed: {e:#}");
+                failed.push(format!("{name}: {e:#}"));
+            }
+        }
+    }
+    run_capacity(None, 50.0, None, None)?;
+    if failed.is_empty() {
+        eprintln!("[suite] done: every report is under load-tests/results/");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("[suite] done, with failures:\n  {}", failed.join("\n  "));
+        Ok(ExitCode::from(1))
+    }
+}
+
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Rest(args) => run_rest(args),
@@ -386,6 +427,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             out,
             dry_run,
         } => run_scenario(&scenario, out.as_deref(), dry_run),
+        Command::Suite { no_peer } => run_suite(no_peer),
     }
 }
 

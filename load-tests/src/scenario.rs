@@ -27,6 +27,15 @@ pub const KINDS: [&str; 6] = [
     "streams",
 ];
 
+/// The scenario files (in `load-tests/scenarios/`) `loadgen suite` runs, in order: every
+/// benchmark that starts its own server.
+pub const SUITE: [&str; 4] = [
+    "rest-mlp.toml",
+    "streams-vad.toml",
+    "overload-mlp.toml",
+    "timeline-mlp.toml",
+];
+
 /// The `loadgen` arguments (without the program name) a scenario stands for; `out`, when
 /// given, replaces any `out` in the file.
 pub fn to_args(text: &str, out: Option<&std::path::Path>) -> anyhow::Result<Vec<String>> {
@@ -126,5 +135,18 @@ mod tests {
             }
         }
         assert!(n >= 3);
+    }
+
+    #[test]
+    fn the_suite_runs_in_process_benchmarks_only() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        for name in SUITE {
+            let text = std::fs::read_to_string(dir.join(name)).unwrap();
+            let args = to_args(&text, None).unwrap();
+            assert!(
+                ["bench", "streams-bench", "overload", "timeline"].contains(&args[0].as_str()),
+                "{name} needs a server of its own: {args:?}"
+            );
+        }
     }
 }
