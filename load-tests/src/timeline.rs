@@ -701,6 +701,7 @@ fn results_json(input: &ReportInput<'_>) -> Value {
         "bin_s": width.as_secs_f64(),
         "duration_s": duration,
         "hang_timeout_ms": input.options.hang_timeout_ms,
+        "rust_backtrace": std::env::var("RUST_BACKTRACE").ok(),
         "events": m.events,
         "totals": {
             "scheduled": r.scheduled, "sent": r.sent, "not_sent": r.not_sent,
@@ -791,6 +792,18 @@ fn render_report(input: &ReportInput<'_>, results: &Value) -> String {
         options.bin.as_secs_f64() * 1000.0,
         SCRAPE_EVERY.as_secs_f64() * 1000.0,
         machine.nproc
+    );
+    let _ = writeln!(
+        w,
+        "- `RUST_BACKTRACE`: {}.\n",
+        match std::env::var("RUST_BACKTRACE") {
+            Ok(v) if v != "0" => format!(
+                "`{v}`: each worker panic's backtrace is captured and resolved on a low-priority thread (at most \
+                 one per minute); resolving it can still slow serving for a few hundred ms (README, Resilience)"
+            ),
+            Ok(v) => format!("`{v}` (worker panics are logged without a backtrace)"),
+            Err(_) => "unset (worker panics are logged without a backtrace)".into(),
+        }
     );
     let _ = writeln!(w, "## Events\n");
     let _ = writeln!(w, "| planned s | took effect s | event | admin answer |");
