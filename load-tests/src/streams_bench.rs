@@ -714,7 +714,7 @@ fn render_report(input: &ReportInput<'_>) -> String {
     );
     let _ = writeln!(
         w,
-        "- streamserve source: `{}` (`git describe --always --dirty`)\n",
+        "- streamserve source: `{}` (`-dirty`: uncommitted source changes, results aside)\n",
         crate::sysinfo::source_revision()
     );
 

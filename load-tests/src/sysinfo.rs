@@ -191,21 +191,38 @@ pub fn raise_nofile_limit(wanted: u64) -> u64 {
     }
 }
 
-/// The checkout's revision (`git describe --always --dirty`), for reports; "unknown" without
-/// git.
+/// The checkout's commit for reports, `-dirty` when tracked files other than
+/// `load-tests/results/` have uncommitted changes; "unknown" without git.
 pub fn source_revision() -> String {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    std::process::Command::new("git")
-        .arg("-C")
-        .arg(&root)
-        .args(["describe", "--always", "--dirty"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "unknown".into())
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(&root)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .map(|s| s.trim().to_string())
+    };
+    let Some(commit) = git(&["rev-parse", "--short", "HEAD"]).filter(|s| !s.is_empty()) else {
+        return "unknown".into();
+    };
+    // Changed results (a suite writes several reports in turn) are not changed source.
+    let changed = git(&[
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+        "--",
+        ".",
+        ":(exclude)load-tests/results",
+    ]);
+    match changed {
+        Some(c) if c.is_empty() => commit,
+        Some(_) => format!("{commit}-dirty"),
+        None => format!("{commit} (dirty state unknown)"),
+    }
 }
 
 /// Waits, at most `max_wait`, until other processes use less than `threshold` CPU cores over

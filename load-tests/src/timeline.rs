@@ -748,7 +748,7 @@ fn render_report(input: &ReportInput<'_>, results: &Value) -> String {
     );
     let _ = writeln!(
         w,
-        "- ONNX Runtime: {} (CPU execution provider)\n- streamserve source: `{}` (`git describe --always --dirty`)\n",
+        "- ONNX Runtime: {} (CPU execution provider)\n- streamserve source: `{}` (`-dirty`: uncommitted source changes, results aside)\n",
         streamserve::runtime::ORT_VERSION,
         crate::sysinfo::source_revision()
     );
