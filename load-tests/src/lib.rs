@@ -10,8 +10,9 @@
 //!   [`timeline`]: the same server through an overload step and injected worker faults,
 //!   over time;
 //! - [`peer`]: the FastAPI + uvicorn + onnxruntime peer `bench` compares with;
-//! - [`plots`]: SVG plots of `bench` and `overload` results; [`scenario`]: runs described in
-//!   TOML files; [`capacity`]: instances needed for a target from the measured curves.
+//! - [`plots`]: SVG plots of every benchmark's results; [`scenario`]: runs described in
+//!   TOML files; [`capacity`]: instances needed for a target from the measured curves;
+//!   [`prometheus`]: the server's own figures from `/metrics`.
 //!
 //! Everything here talks to loopback addresses only ([`rest::check_loopback`]) and is bounded
 //! in time: every run has a fixed duration, every request a timeout.
@@ -23,6 +24,7 @@ pub mod open_loop;
 pub mod overload;
 pub mod peer;
 pub mod plots;
+pub mod prometheus;
 pub mod rest;
 pub mod scenario;
 pub mod streams;

@@ -101,21 +101,29 @@ struct OverloadArgs {
     /// Unmeasured seconds of open-loop load before each measured period.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(0..=60))]
     warmup_secs: u64,
+    #[command(flatten)]
+    mlp: MlpOpenLoopArgs,
+    /// Output directory [default: load-tests/results/<UTC date>-overload-mlp/].
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// What `overload` and `timeline` share: the in-process `mlp` server's capacity measurement
+/// and the open-loop client.
+#[derive(Debug, clap::Args)]
+struct MlpOpenLoopArgs {
     /// Measured seconds of the closed-loop capacity measurement.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300))]
     capacity_secs: u64,
     /// Closed-loop concurrency of the capacity measurement.
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=rest::MAX_CONCURRENCY as u64))]
     capacity_concurrency: u64,
-    /// Requests in flight at most during the open-loop levels.
+    /// Requests in flight at most during open-loop load.
     #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..=open_loop::MAX_IN_FLIGHT as u64))]
     max_in_flight: u64,
     /// Use the binary tensor data extension instead of JSON data.
     #[arg(long)]
     binary: bool,
-    /// Output directory [default: load-tests/results/<UTC date>-overload-mlp/].
-    #[arg(long)]
-    out: Option<PathBuf>,
     /// Longest wait, before each measurement, for other processes to leave the CPU alone.
     #[arg(long, default_value_t = 180, value_parser = clap::value_parser!(u64).range(0..=3600))]
     quiet_wait_secs: u64,
@@ -159,27 +167,11 @@ struct TimelineArgs {
     /// Width of the time bins, ms.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=10_000))]
     bin_ms: u64,
-    /// Measured seconds of the closed-loop capacity measurement.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=300))]
-    capacity_secs: u64,
-    /// Closed-loop concurrency of the capacity measurement.
-    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=rest::MAX_CONCURRENCY as u64))]
-    capacity_concurrency: u64,
-    /// Requests in flight at most.
-    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..=open_loop::MAX_IN_FLIGHT as u64))]
-    max_in_flight: u64,
-    /// Use the binary tensor data extension instead of JSON data.
-    #[arg(long)]
-    binary: bool,
+    #[command(flatten)]
+    mlp: MlpOpenLoopArgs,
     /// Output directory [default: load-tests/results/<UTC date>-timeline-mlp/].
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Longest wait, before each measurement, for other processes to leave the CPU alone.
-    #[arg(long, default_value_t = 180, value_parser = clap::value_parser!(u64).range(0..=3600))]
-    quiet_wait_secs: u64,
-    /// Client runtime worker threads [default: number of CPUs].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
-    client_threads: Option<u64>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -570,17 +562,17 @@ fn run_streams_bench(args: StreamsBenchArgs) -> anyhow::Result<ExitCode> {
 
 fn run_overload(args: OverloadArgs) -> anyhow::Result<ExitCode> {
     let options = overload::OverloadOptions {
-        capacity_concurrency: args.capacity_concurrency as usize,
-        capacity_duration: Duration::from_secs(args.capacity_secs),
+        capacity_concurrency: args.mlp.capacity_concurrency as usize,
+        capacity_duration: Duration::from_secs(args.mlp.capacity_secs),
         multipliers: args.multipliers,
         warmup: Duration::from_secs(args.warmup_secs),
         duration: Duration::from_secs(args.duration_secs),
-        max_in_flight: args.max_in_flight as usize,
-        binary: args.binary,
+        max_in_flight: args.mlp.max_in_flight as usize,
+        binary: args.mlp.binary,
         out: args.out,
-        client_threads: args.client_threads.map_or_else(nproc, |n| n as usize),
+        client_threads: args.mlp.client_threads.map_or_else(nproc, |n| n as usize),
         command: command_line(),
-        quiet_wait: Duration::from_secs(args.quiet_wait_secs),
+        quiet_wait: Duration::from_secs(args.mlp.quiet_wait_secs),
         ..overload::OverloadOptions::default()
     };
     let outcome = overload::run(&options)?;
@@ -608,8 +600,8 @@ fn run_timeline(args: TimelineArgs) -> anyhow::Result<ExitCode> {
     let options = timeline::TimelineOptions {
         rate: args.rate,
         base_share: args.base_share,
-        capacity_concurrency: args.capacity_concurrency as usize,
-        capacity_duration: Duration::from_secs(args.capacity_secs),
+        capacity_concurrency: args.mlp.capacity_concurrency as usize,
+        capacity_duration: Duration::from_secs(args.mlp.capacity_secs),
         step_at: seconds_or_never(args.step_at)?,
         step_for: secs(args.step_secs)?,
         step_share: args.step_share,
@@ -619,12 +611,12 @@ fn run_timeline(args: TimelineArgs) -> anyhow::Result<ExitCode> {
         hang_timeout_ms: args.hang_timeout_ms,
         duration: secs(args.duration_secs)?,
         bin: Duration::from_millis(args.bin_ms),
-        max_in_flight: args.max_in_flight as usize,
-        binary: args.binary,
+        max_in_flight: args.mlp.max_in_flight as usize,
+        binary: args.mlp.binary,
         out: args.out,
-        client_threads: args.client_threads.map_or_else(nproc, |n| n as usize),
+        client_threads: args.mlp.client_threads.map_or_else(nproc, |n| n as usize),
         command: command_line(),
-        quiet_wait: Duration::from_secs(args.quiet_wait_secs),
+        quiet_wait: Duration::from_secs(args.mlp.quiet_wait_secs),
         ..timeline::TimelineOptions::default()
     };
     let outcome = timeline::run(&options)?;

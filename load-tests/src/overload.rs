@@ -13,8 +13,8 @@ use anyhow::{bail, Context as _};
 use crate::bench::{cpu_since, results_dir, start_server_for, stop_server, TempModelDir};
 use crate::manifest::{self, EntryChange};
 use crate::open_loop::{self, OpenLoopOptions, OpenLoopReport};
+use crate::prometheus;
 use crate::rest::{self, RestOptions, RestReport};
-use crate::streams_bench::metric_sum;
 use crate::sysinfo::{
     utc_now, wait_for_quiet, CpuShare, CpuSnapshot, MachineInfo, LOADGEN_THREAD_PREFIX,
 };
@@ -106,18 +106,11 @@ pub struct ServerCounters {
 }
 
 async fn counters(client: &reqwest::Client, base: &str) -> Option<ServerCounters> {
-    let text = client
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
+    let text = prometheus::fetch(client, base).await?;
     let label = format!("model=\"{PRIMARY}\"");
     Some(ServerCounters {
-        shed: metric_sum(&text, "streamserve_shed_total", &label, None),
-        degraded: metric_sum(&text, "streamserve_degraded_total", &label, None),
+        shed: prometheus::sum(&text, "streamserve_shed_total", &label, None),
+        degraded: prometheus::sum(&text, "streamserve_degraded_total", &label, None),
     })
 }
 

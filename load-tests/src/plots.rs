@@ -66,6 +66,25 @@ fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow::anyhow!("plotting failed: {e:?}")
 }
 
+/// The legend entry of a line: a short stroke in its colour.
+fn legend_line(color: RGBColor, width: u32) -> impl Fn((i32, i32)) -> PathElement<(i32, i32)> {
+    move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(width))
+}
+
+/// Every plot's legend: a framed, mostly opaque box at `position`.
+fn legend_box<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    position: SeriesLabelPosition,
+) -> anyhow::Result<()> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_err)
+}
+
 /// Latency (p50 solid with circles, p99 thin with triangles) against throughput, log-log,
 /// per server in `results` (a `loadgen bench` results.json); the ceiling as a vertical line.
 pub fn bench_latency_throughput(results: &Value, out: &Path) -> anyhow::Result<()> {
@@ -112,7 +131,7 @@ pub fn bench_latency_throughput(results: &Value, out: &Path) -> anyhow::Result<(
             .label(format!(
                 "in-process ceiling, batch 64 ({ceiling:.0} rows/s)"
             ))
-            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.stroke_width(2)));
+            .legend(legend_line(BLACK, 2));
     }
     for (i, c) in curves.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
@@ -123,7 +142,7 @@ pub fn bench_latency_throughput(results: &Value, out: &Path) -> anyhow::Result<(
             ))
             .map_err(plot_err)?
             .label(format!("{} p50", c.label))
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(legend_line(color, 2));
         chart
             .draw_series(
                 c.points
@@ -147,13 +166,7 @@ pub fn bench_latency_throughput(results: &Value, out: &Path) -> anyhow::Result<(
             )
             .map_err(plot_err)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(plot_err)?;
+    legend_box(&mut chart, SeriesLabelPosition::UpperLeft)?;
     root.present().map_err(plot_err)?;
     Ok(())
 }
@@ -217,7 +230,7 @@ pub fn overload_levels(results: &Value, out: &Path) -> anyhow::Result<()> {
         ))
         .map_err(plot_err)?
         .label(format!("closed-loop capacity ({capacity:.0}/s)"))
-        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.stroke_width(1)));
+        .legend(legend_line(BLACK, 1));
     for (i, (name, pick)) in [
         (
             "sent",
@@ -236,7 +249,7 @@ pub fn overload_levels(results: &Value, out: &Path) -> anyhow::Result<()> {
             ))
             .map_err(plot_err)?
             .label(name)
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(legend_line(color, 2));
         chart
             .draw_series(
                 levels
@@ -245,13 +258,7 @@ pub fn overload_levels(results: &Value, out: &Path) -> anyhow::Result<()> {
             )
             .map_err(plot_err)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(plot_err)?;
+    legend_box(&mut chart, SeriesLabelPosition::UpperLeft)?;
 
     let lat_max = levels.iter().map(|l| l.4).fold(1.0, f64::max) * 1.5;
     let lat_min = levels
@@ -295,7 +302,7 @@ pub fn overload_levels(results: &Value, out: &Path) -> anyhow::Result<()> {
             ))
             .map_err(plot_err)?
             .label(name)
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(legend_line(color, 2));
         chart
             .draw_series(
                 levels
@@ -305,13 +312,7 @@ pub fn overload_levels(results: &Value, out: &Path) -> anyhow::Result<()> {
             )
             .map_err(plot_err)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(plot_err)?;
+    legend_box(&mut chart, SeriesLabelPosition::UpperLeft)?;
     root.present().map_err(plot_err)?;
     Ok(())
 }
@@ -390,7 +391,7 @@ pub fn streams_latency(results: &Value, out: &Path) -> anyhow::Result<()> {
             ))
             .map_err(plot_err)?
             .label(format!("p99 target ({target:.0} ms)"))
-            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.stroke_width(1)));
+            .legend(legend_line(BLACK, 1));
     }
     if ceiling > 0.0 {
         chart
@@ -400,7 +401,7 @@ pub fn streams_latency(results: &Value, out: &Path) -> anyhow::Result<()> {
             ))
             .map_err(plot_err)?
             .label(format!("model compute ceiling ({ceiling:.0} streams)"))
-            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.stroke_width(2)));
+            .legend(legend_line(BLACK, 2));
     }
     for (i, (label, points)) in setups.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
@@ -411,7 +412,7 @@ pub fn streams_latency(results: &Value, out: &Path) -> anyhow::Result<()> {
             ))
             .map_err(plot_err)?
             .label(format!("{label} p50"))
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(legend_line(color, 2));
         chart
             .draw_series(LineSeries::new(
                 points.iter().map(|p| (p.0, p.2)),
@@ -435,13 +436,7 @@ pub fn streams_latency(results: &Value, out: &Path) -> anyhow::Result<()> {
             )
             .map_err(plot_err)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(plot_err)?;
+    legend_box(&mut chart, SeriesLabelPosition::LowerRight)?;
     root.present().map_err(plot_err)?;
     Ok(())
 }
@@ -531,7 +526,7 @@ pub fn timeline(results: &Value, out: &Path) -> anyhow::Result<()> {
             ))
             .map_err(plot_err)?
             .label(name)
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(legend_line(color, 2));
     }
     for line in event_lines(y_min, y_max) {
         chart.draw_series(line).map_err(plot_err)?;
@@ -546,13 +541,7 @@ pub fn timeline(results: &Value, out: &Path) -> anyhow::Result<()> {
             )))
             .map_err(plot_err)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(plot_err)?;
+    legend_box(&mut chart, SeriesLabelPosition::LowerRight)?;
 
     // Requests per second by outcome.
     let per_s = |pick: &dyn Fn(&Value) -> f64| -> Vec<(f64, f64)> {
@@ -606,18 +595,12 @@ pub fn timeline(results: &Value, out: &Path) -> anyhow::Result<()> {
             ))
             .map_err(plot_err)?
             .label(*name)
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(legend_line(color, 2));
     }
     for line in event_lines(0.0, r_max) {
         chart.draw_series(line).map_err(plot_err)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(plot_err)?;
+    legend_box(&mut chart, SeriesLabelPosition::UpperRight)?;
 
     // The server's view.
     let healthy: Vec<(f64, f64)> = server
@@ -661,7 +644,7 @@ pub fn timeline(results: &Value, out: &Path) -> anyhow::Result<()> {
         ))
         .map_err(plot_err)?
         .label("healthy replicas (left; /metrics every 200 ms)")
-        .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+        .legend(legend_line(color, 2));
     let color = PALETTE[5];
     chart
         .draw_secondary_series(LineSeries::new(
@@ -670,17 +653,11 @@ pub fn timeline(results: &Value, out: &Path) -> anyhow::Result<()> {
         ))
         .map_err(plot_err)?
         .label("queue depth (right)")
-        .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+        .legend(legend_line(color, 2));
     for line in event_lines(0.0, h_max) {
         chart.draw_series(line).map_err(plot_err)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(plot_err)?;
+    legend_box(&mut chart, SeriesLabelPosition::LowerLeft)?;
     root.present().map_err(plot_err)?;
     Ok(())
 }

@@ -21,6 +21,7 @@ use streamserve::tensor::TensorData;
 
 use crate::bench::{cpu_since, start_server_for, stop_server, TempModelDir};
 use crate::manifest::{self, EntryChange};
+use crate::prometheus;
 use crate::streams::{self, Audio, ResultsMode, StreamOptions, StreamReport};
 use crate::sysinfo::{
     raise_nofile_limit, utc_now, wait_for_quiet, CpuShare, CpuSnapshot, MachineInfo,
@@ -297,25 +298,6 @@ fn ratio(a: f64, b: f64) -> f64 {
     }
 }
 
-/// Sum of the samples of `name` (exact metric name) whose labels include `label`
-/// (e.g. `model="silero_vad"`), from Prometheus text.
-pub fn metric_sum(text: &str, name: &str, label: &str, extra: Option<&str>) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (metric, labels) = match series.split_once('{') {
-                Some((m, rest)) => (m, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            (metric == name
-                && labels.split(',').any(|x| x == label)
-                && extra.is_none_or(|e| labels.split(',').any(|x| x == e)))
-            .then(|| value.parse::<f64>().ok())?
-        })
-        .sum()
-}
-
 #[derive(Clone, Debug, Default)]
 struct MetricsSnapshot {
     at: Option<Instant>,
@@ -323,12 +305,11 @@ struct MetricsSnapshot {
 }
 
 async fn scrape(client: &reqwest::Client, base: &str) -> MetricsSnapshot {
-    let text = match client.get(format!("{base}/metrics")).send().await {
-        Ok(r) => r.text().await.unwrap_or_default(),
-        Err(_) => return MetricsSnapshot::default(),
+    let Some(text) = prometheus::fetch(client, base).await else {
+        return MetricsSnapshot::default();
     };
     let model = format!("model=\"{MODEL}\"");
-    let m = |name: &str, extra: Option<&str>| metric_sum(&text, name, &model, extra);
+    let m = |name: &str, extra: Option<&str>| prometheus::sum(&text, name, &model, extra);
     MetricsSnapshot {
         at: Some(Instant::now()),
         values: [
@@ -1184,34 +1165,5 @@ mod tests {
             m["file"].as_str(),
             Some(file.display().to_string().as_str())
         );
-    }
-
-    #[test]
-    fn prometheus_sums() {
-        let text = "# HELP x\n\
-            streamserve_batch_size_sum{model=\"silero_vad\",version=\"1\"} 12\n\
-            streamserve_batch_size_sum{model=\"mlp\",version=\"1\"} 100\n\
-            streamserve_batch_size_count{model=\"silero_vad\",version=\"1\"} 3\n\
-            streamserve_stream_chunk_latency_seconds_bucket{model=\"silero_vad\",le=\"0.1\"} 7\n\
-            streamserve_stream_chunk_latency_seconds_bucket{model=\"silero_vad\",le=\"0.25\"} 9\n";
-        let m = "model=\"silero_vad\"";
-        assert_eq!(
-            metric_sum(text, "streamserve_batch_size_sum", m, None),
-            12.0
-        );
-        assert_eq!(
-            metric_sum(text, "streamserve_batch_size_count", m, None),
-            3.0
-        );
-        assert_eq!(
-            metric_sum(
-                text,
-                "streamserve_stream_chunk_latency_seconds_bucket",
-                m,
-                Some("le=\"0.1\"")
-            ),
-            7.0
-        );
-        assert_eq!(metric_sum(text, "nothing", m, None), 0.0);
     }
 }

@@ -20,8 +20,8 @@ use serde_json::{json, Value};
 use crate::bench::{cpu_since, results_dir, start_server_with, stop_server, TempModelDir};
 use crate::open_loop::{self, OpenLoopOptions, OpenLoopReport, TimelineBin};
 use crate::overload::{self, FALLBACK, MAX_QUEUE, PRIMARY, SLO_MS};
+use crate::prometheus;
 use crate::rest::{self, RestOptions};
-use crate::streams_bench::metric_sum;
 use crate::sysinfo::{utc_now, wait_for_quiet, CpuShare, CpuSnapshot, MachineInfo};
 
 /// The token of the admin API of the in-process server (loopback only, this run only).
@@ -70,7 +70,7 @@ impl Default for TimelineOptions {
             base_share: 0.5,
             capacity_concurrency: 128,
             capacity_warmup: Duration::from_secs(2),
-            capacity_duration: Duration::from_secs(4),
+            capacity_duration: Duration::from_secs(5),
             step_at: Some(Duration::from_secs(8)),
             step_for: Duration::from_secs(6),
             step_share: 2.0,
@@ -186,16 +186,9 @@ fn plan_label(plan: &Plan, reference_rate: f64) -> String {
 }
 
 async fn scrape(client: &reqwest::Client, base: &str, t0: Instant) -> Option<ServerSample> {
-    let text = client
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
+    let text = prometheus::fetch(client, base).await?;
     let label = format!("model=\"{PRIMARY}\"");
-    let m = |name: &str| metric_sum(&text, name, &label, None);
+    let m = |name: &str| prometheus::sum(&text, name, &label, None);
     Some(ServerSample {
         t_s: t0.elapsed().as_secs_f64(),
         healthy_replicas: m("streamserve_workers"),
