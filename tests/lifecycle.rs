@@ -161,14 +161,7 @@ async fn lazy_versions_load_on_first_request_and_idle_ones_unload() {
         assert_eq!(body["model_version"], "2");
     }
     assert_eq!(state_of(&c, &url, "2").await, "READY");
-    let metrics = c
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&c, &url).await;
     // (Metrics are per process, and other tests here load version 2 too: check it is measured.)
     assert!(
         metrics.contains("streamserve_model_load_seconds_count{model=\"mlp\",version=\"2\"}"),
@@ -241,14 +234,7 @@ async fn blue_green_switches_atomically_under_load_and_rolls_back() {
     let seen = traffic.finish().await;
     assert!(seen.iter().all(|(s, _)| *s == 200));
     assert_eq!(seen.last().unwrap().1, "1");
-    let metrics = c
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&c, &url).await;
     assert!(metrics.contains("streamserve_rollout_events_total{model=\"mlp\",event=\"switched\"}"));
 }
 

@@ -216,14 +216,7 @@ async fn a_full_queue_sheds_with_429_and_every_request_is_answered() {
     }
     assert_eq!(ok + shed, 200, "every request is answered exactly once");
     assert!(ok > 0 && shed > 0, "ok {ok}, shed {shed}");
-    let metrics = c
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&c, &url).await;
     assert!(
         metrics.contains("streamserve_shed_total{model=\"mlp\""),
         "{metrics}"

@@ -145,14 +145,7 @@ async fn crashing_workers_are_replaced_and_no_request_is_lost() {
     wait_for_replicas(&c, &url, "mlp", 2).await;
     let status = router_status(&c, &url, "mlp").await;
     assert!(status["restarts"].as_u64().unwrap() >= 1, "{status}");
-    let metrics = c
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&c, &url).await;
     assert!(metrics.contains("streamserve_worker_restarts_total{model=\"mlp\",version=\"1\"}"));
     // Full capacity again: a second burst with no faults is answered in full.
     assert!(burst(&c, &url, 50, &[])
@@ -260,14 +253,7 @@ async fn overload_goes_to_the_fallback_and_comes_back() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(back, "traffic never returned to the primary");
-    let metrics = c
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&c, &url).await;
     assert!(
         metrics.contains("streamserve_degraded_total{model=\"mlp\",version=\"1\"}"),
         "{metrics}"

@@ -359,14 +359,7 @@ async fn metrics_expose_requests_batches_queue_and_workers() {
     )
     .await;
     assert_eq!(status, 200);
-    let text = c
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&c, url).await;
     for needle in [
         "streamserve_requests_total{model=\"mlp\",version=\"1\",status=\"200\"}",
         "streamserve_request_duration_seconds_bucket{model=\"mlp\",version=\"1\"",

@@ -565,14 +565,7 @@ async fn stream_metrics() {
         4000,
     )
     .await;
-    let text = client()
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&client(), url).await;
     for needle in [
         "streamserve_streams_open",
         "streamserve_stream_connections",

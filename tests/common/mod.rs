@@ -96,6 +96,18 @@ pub async fn post(client: &reqwest::Client, url: &str, body: &Value) -> (u16, Va
     )
 }
 
+/// The server's Prometheus `/metrics` text.
+pub async fn metrics_text(client: &reqwest::Client, base: &str) -> String {
+    client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("/metrics answers")
+        .text()
+        .await
+        .expect("/metrics is text")
+}
+
 pub async fn get(client: &reqwest::Client, url: &str) -> (u16, Value) {
     let response = client.get(url).send().await.expect("request sent");
     let status = response.status().as_u16();
