@@ -135,7 +135,7 @@ struct MlpOpenLoopArgs {
 #[derive(Debug, clap::Args)]
 struct TimelineArgs {
     /// Length of the open-loop run, s; every event must fall within it.
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, default_value_t = 33.0)]
     duration_secs: f64,
     /// Base rate in requests/s [default: --base-share x the measured capacity].
     #[arg(long)]
@@ -153,10 +153,10 @@ struct TimelineArgs {
     #[arg(long, default_value_t = 2.0)]
     step_share: f64,
     /// When every replica of mlp panics in its next batch, s (negative: never).
-    #[arg(long, default_value_t = 19.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 22.0, allow_negative_numbers = true)]
     panic_at: f64,
     /// When replica 0 of mlp hangs in its next batch, s (negative: never).
-    #[arg(long, default_value_t = 24.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 27.0, allow_negative_numbers = true)]
     hang_at: f64,
     /// How long the hang lasts, ms.
     #[arg(long, default_value_t = 3000)]

@@ -74,11 +74,11 @@ impl Default for TimelineOptions {
             step_at: Some(Duration::from_secs(8)),
             step_for: Duration::from_secs(6),
             step_share: 2.0,
-            panic_at: Some(Duration::from_secs(19)),
-            hang_at: Some(Duration::from_secs(24)),
+            panic_at: Some(Duration::from_secs(22)),
+            hang_at: Some(Duration::from_secs(27)),
             hang_ms: 3000,
             hang_timeout_ms: 500,
-            duration: Duration::from_secs(30),
+            duration: Duration::from_secs(33),
             bin: Duration::from_millis(100),
             max_in_flight: 2048,
             binary: false,
@@ -798,6 +798,16 @@ fn render_report(input: &ReportInput<'_>, results: &Value) -> String {
             Err(_) => "unset (worker panics are logged without a backtrace)".into(),
         }
     );
+    if options.step_at.is_some() {
+        let _ = writeln!(
+            w,
+            "- After the step the load generator holds up to {} connections; about 6 s after it ends it drops the \
+             idle ones at once (pool idle timeout {} s, then its pool's next check), which costs one slow bin. \
+             Faults planned later than that are not blurred by it.\n",
+            options.max_in_flight,
+            crate::rest::POOL_IDLE_TIMEOUT.as_secs()
+        );
+    }
     let _ = writeln!(w, "## Events\n");
     let _ = writeln!(w, "| planned s | took effect s | event | admin answer |");
     let _ = writeln!(w, "|---:|---:|---|---|");
