@@ -80,7 +80,7 @@ pub fn install_panic_hook() {
                 .unwrap_or_else(|| "unknown panic".into());
             let location = info.location().map(|l| l.to_string()).unwrap_or_default();
             if tracing::dispatcher::has_been_set() {
-                tracing::error!(thread = %thread, %location, %message, "supervised thread panicked; its supervisor restarts it");
+                tracing::error!(thread = %thread, %location, panic = %message, "supervised thread panicked; its supervisor restarts it");
             } else {
                 eprintln!("thread '{thread}' panicked at {location}: {message} (supervised: restarted)");
             }
