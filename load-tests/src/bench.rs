@@ -468,14 +468,14 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<BenchOutcome> {
     });
     let json = results_json(&machine, &started_at, options, &ceiling, &batch1, &servers);
     report.push_str(&capacity_section(&json));
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    std::fs::write(dir.join("report.md"), &report)
-        .with_context(|| format!("cannot write {}/report.md", dir.display()))?;
-    std::fs::write(dir.join("results.json"), serde_json::to_vec_pretty(&json)?)
-        .with_context(|| format!("cannot write {}/results.json", dir.display()))?;
-    if let Err(e) = crate::plots::bench_latency_throughput(&json, &dir.join(PLOT_FILE)) {
-        eprintln!("[bench] {e:#}");
-    }
+    crate::sysinfo::save_run(
+        &dir,
+        "bench",
+        &report,
+        &json,
+        PLOT_FILE,
+        crate::plots::bench_latency_throughput,
+    )?;
     Ok(BenchOutcome { dir, report })
 }
 

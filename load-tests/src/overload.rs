@@ -276,15 +276,15 @@ pub fn run(options: &OverloadOptions) -> anyhow::Result<OverloadOutcome> {
         levels: &levels,
     };
     let report = render_report(&input);
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    std::fs::write(dir.join("report.md"), &report)
-        .with_context(|| format!("cannot write {}/report.md", dir.display()))?;
     let json = results_json(&input);
-    std::fs::write(dir.join("results.json"), serde_json::to_vec_pretty(&json)?)
-        .with_context(|| format!("cannot write {}/results.json", dir.display()))?;
-    if let Err(e) = crate::plots::overload_levels(&json, &dir.join(PLOT_FILE)) {
-        eprintln!("[overload] {e:#}");
-    }
+    crate::sysinfo::save_run(
+        &dir,
+        "overload",
+        &report,
+        &json,
+        PLOT_FILE,
+        crate::plots::overload_levels,
+    )?;
     Ok(OverloadOutcome { dir, report })
 }
 

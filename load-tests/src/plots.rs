@@ -71,6 +71,47 @@ fn legend_line(color: RGBColor, width: u32) -> impl Fn((i32, i32)) -> PathElemen
     move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(width))
 }
 
+/// One setup's latency against x: p50 as a thick line with circles of `circle` px, p99 as a
+/// thin line, each with its legend entry (`{label} p50`, `{label} {p99_legend}`). The p99
+/// markers are the caller's: they say different things per plot.
+fn draw_p50_p99<DB: DrawingBackend, X, Y>(
+    chart: &mut ChartContext<'_, DB, Cartesian2d<X, Y>>,
+    label: &str,
+    p99_legend: &str,
+    color: RGBColor,
+    circle: u32,
+    points: impl Iterator<Item = (f64, f64, f64)> + Clone,
+) -> anyhow::Result<()>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    chart
+        .draw_series(LineSeries::new(
+            points.clone().map(|p| (p.0, p.1)),
+            color.stroke_width(2),
+        ))
+        .map_err(plot_err)?
+        .label(format!("{label} p50"))
+        .legend(legend_line(color, 2));
+    chart
+        .draw_series(
+            points
+                .clone()
+                .map(|p| Circle::new((p.0, p.1), circle, color.filled())),
+        )
+        .map_err(plot_err)?;
+    chart
+        .draw_series(LineSeries::new(
+            points.map(|p| (p.0, p.2)),
+            color.stroke_width(1),
+        ))
+        .map_err(plot_err)?
+        .label(format!("{label} {p99_legend}"))
+        .legend(move |(x, y)| TriangleMarker::new((x + 10, y), 4, color.filled()));
+    Ok(())
+}
+
 /// Every plot's legend: a framed, mostly opaque box at `position`.
 fn legend_box<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
     chart: &mut ChartContext<'a, DB, CT>,
@@ -135,29 +176,14 @@ pub fn bench_latency_throughput(results: &Value, out: &Path) -> anyhow::Result<(
     }
     for (i, c) in curves.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
-        chart
-            .draw_series(LineSeries::new(
-                c.points.iter().map(|p| (p.0, p.1)),
-                color.stroke_width(2),
-            ))
-            .map_err(plot_err)?
-            .label(format!("{} p50", c.label))
-            .legend(legend_line(color, 2));
-        chart
-            .draw_series(
-                c.points
-                    .iter()
-                    .map(|p| Circle::new((p.0, p.1), 4, color.filled())),
-            )
-            .map_err(plot_err)?;
-        chart
-            .draw_series(LineSeries::new(
-                c.points.iter().map(|p| (p.0, p.2)),
-                color.stroke_width(1),
-            ))
-            .map_err(plot_err)?
-            .label(format!("{} p99", c.label))
-            .legend(move |(x, y)| TriangleMarker::new((x + 10, y), 4, color.filled()));
+        draw_p50_p99(
+            &mut chart,
+            &c.label,
+            "p99",
+            color,
+            4,
+            c.points.iter().copied(),
+        )?;
         chart
             .draw_series(
                 c.points
@@ -405,35 +431,14 @@ pub fn streams_latency(results: &Value, out: &Path) -> anyhow::Result<()> {
     }
     for (i, (label, points)) in setups.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
-        chart
-            .draw_series(LineSeries::new(
-                points.iter().map(|p| (p.0, p.1)),
-                color.stroke_width(2),
-            ))
-            .map_err(plot_err)?
-            .label(format!("{label} p50"))
-            .legend(legend_line(color, 2));
-        chart
-            .draw_series(LineSeries::new(
-                points.iter().map(|p| (p.0, p.2)),
-                color.stroke_width(1),
-            ))
-            .map_err(plot_err)?
-            .label(format!("{label} p99 (× = step failed)"))
-            .legend(move |(x, y)| TriangleMarker::new((x + 10, y), 4, color.filled()));
+        let lines = points.iter().map(|p| (p.0, p.1, p.2));
+        draw_p50_p99(&mut chart, label, "p99 (× = step failed)", color, 3, lines)?;
         chart
             .draw_series(points.iter().map(|p| {
                 EmptyElement::at((p.0, p.2))
                     + TriangleMarker::new((0, 0), if p.3 { 5 } else { 0 }, color.filled())
                     + Cross::new((0, 0), if p.3 { 0 } else { 6 }, color.stroke_width(2))
             }))
-            .map_err(plot_err)?;
-        chart
-            .draw_series(
-                points
-                    .iter()
-                    .map(|p| Circle::new((p.0, p.1), 3, color.filled())),
-            )
             .map_err(plot_err)?;
     }
     legend_box(&mut chart, SeriesLabelPosition::LowerRight)?;

@@ -556,15 +556,15 @@ pub fn run(options: &StreamsBenchOptions) -> anyhow::Result<StreamsBenchOutcome>
         results: &results,
     };
     let report = render_report(&input);
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    std::fs::write(dir.join("report.md"), &report)
-        .with_context(|| format!("cannot write {}/report.md", dir.display()))?;
     let json = results_json(&input);
-    std::fs::write(dir.join("results.json"), serde_json::to_vec_pretty(&json)?)
-        .with_context(|| format!("cannot write {}/results.json", dir.display()))?;
-    if let Err(e) = crate::plots::streams_latency(&json, &dir.join(PLOT_FILE)) {
-        eprintln!("[streams-bench] {e:#}");
-    }
+    crate::sysinfo::save_run(
+        &dir,
+        "streams-bench",
+        &report,
+        &json,
+        PLOT_FILE,
+        crate::plots::streams_latency,
+    )?;
     Ok(StreamsBenchOutcome { dir, report })
 }
 

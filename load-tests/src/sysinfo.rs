@@ -286,6 +286,32 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     (y, m, d)
 }
 
+/// Writes a benchmark run into `dir`: `report.md`, `results.json`, and the plot that
+/// `draw` makes from those results as `plot_file`. A plot that fails is said on stderr
+/// (prefixed `[tag]`), not an error: the numbers are already written.
+pub fn save_run(
+    dir: &std::path::Path,
+    tag: &str,
+    report: &str,
+    results: &serde_json::Value,
+    plot_file: &str,
+    draw: fn(&serde_json::Value, &std::path::Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::write(dir.join("report.md"), report)
+        .with_context(|| format!("cannot write {}/report.md", dir.display()))?;
+    std::fs::write(
+        dir.join("results.json"),
+        serde_json::to_vec_pretty(results)?,
+    )
+    .with_context(|| format!("cannot write {}/results.json", dir.display()))?;
+    if let Err(e) = draw(results, &dir.join(plot_file)) {
+        eprintln!("[{tag}] {e:#}");
+    }
+    Ok(())
+}
+
 /// The opening every report shares: title, when, the command, and the machine (up to its load
 /// average; each report adds its own machine lines after it).
 pub fn write_report_header(

@@ -282,17 +282,14 @@ pub fn run(options: &TimelineOptions) -> anyhow::Result<TimelineOutcome> {
     };
     let results = results_json(&input);
     let report = render_report(&input, &results);
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    std::fs::write(dir.join("report.md"), &report)
-        .with_context(|| format!("cannot write {}/report.md", dir.display()))?;
-    std::fs::write(
-        dir.join("results.json"),
-        serde_json::to_vec_pretty(&results)?,
-    )
-    .with_context(|| format!("cannot write {}/results.json", dir.display()))?;
-    if let Err(e) = crate::plots::timeline(&results, &dir.join(PLOT_FILE)) {
-        eprintln!("[timeline] {e:#}");
-    }
+    crate::sysinfo::save_run(
+        &dir,
+        "timeline",
+        &report,
+        &results,
+        PLOT_FILE,
+        crate::plots::timeline,
+    )?;
     Ok(TimelineOutcome {
         dir,
         report,
