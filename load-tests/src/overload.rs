@@ -382,16 +382,7 @@ fn render_report(input: &ReportInput<'_>) -> String {
         &options.command,
         machine,
     );
-    let _ = writeln!(
-        w,
-        "- ONNX Runtime: {} (CPU execution provider)",
-        streamserve::runtime::ORT_VERSION
-    );
-    let _ = writeln!(
-        w,
-        "- streamserve source: `{}` (`-dirty`: uncommitted source changes, results aside)\n",
-        crate::sysinfo::source_revision()
-    );
+    crate::sysinfo::write_software_lines(w);
 
     let _ = writeln!(w, "## Setup\n");
     let _ = writeln!(

@@ -679,6 +679,17 @@ pub fn read_results(dir: &Path) -> anyhow::Result<Value> {
 mod tests {
     use super::*;
 
+    /// Draws `results` with `draw` into a temporary file and returns the SVG text.
+    fn render(draw: fn(&Value, &Path) -> anyhow::Result<()>, results: &Value) -> String {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let out = std::env::temp_dir().join(format!("plot-test-{}-{n}.svg", std::process::id()));
+        draw(results, &out).unwrap();
+        let svg = std::fs::read_to_string(&out).unwrap();
+        let _ = std::fs::remove_file(&out);
+        svg
+    }
+
     #[test]
     fn bench_plot_writes_svg() {
         let results = serde_json::json!({
@@ -691,10 +702,7 @@ mod tests {
                     { "requests_per_s": 1500.0, "latency_ms": { "p50": 0.6, "p99": 4.0 } } ] },
             ],
         });
-        let out = std::env::temp_dir().join(format!("plot-test-{}.svg", std::process::id()));
-        bench_latency_throughput(&results, &out).unwrap();
-        let svg = std::fs::read_to_string(&out).unwrap();
-        let _ = std::fs::remove_file(&out);
+        let svg = render(bench_latency_throughput, &results);
         assert!(svg.starts_with("<svg"));
         assert!(svg.contains("fastapi peer p99"));
         assert!(svg.contains("ceiling"));
@@ -711,10 +719,7 @@ mod tests {
                     { "streams": 500, "pass": false, "latency_ms": { "p50": 90.0, "p99": 400.0 } } ] },
             ],
         });
-        let out = std::env::temp_dir().join(format!("plot-test-s-{}.svg", std::process::id()));
-        streams_latency(&results, &out).unwrap();
-        let svg = std::fs::read_to_string(&out).unwrap();
-        let _ = std::fs::remove_file(&out);
+        let svg = render(streams_latency, &results);
         assert!(svg.starts_with("<svg"));
         assert!(svg.contains("batching on p99"));
         assert!(svg.contains("compute ceiling"));
@@ -735,10 +740,7 @@ mod tests {
             "server": [ { "t_s": 0.0, "healthy_replicas": 2.0, "queue_depth": 0.0 },
                         { "t_s": 0.2, "healthy_replicas": 0.0, "queue_depth": 40.0 } ],
         });
-        let out = std::env::temp_dir().join(format!("plot-test-t-{}.svg", std::process::id()));
-        timeline(&results, &out).unwrap();
-        let svg = std::fs::read_to_string(&out).unwrap();
-        let _ = std::fs::remove_file(&out);
+        let svg = render(timeline, &results);
         assert!(svg.starts_with("<svg"));
         assert!(svg.contains("every replica panics"));
         assert!(svg.contains("degraded"));
@@ -755,10 +757,7 @@ mod tests {
                 { "offered_per_s": 10000.0, "sent_per_s": 9000.0, "goodput_per_s": 5200.0,
                   "latency_ok_ms": { "p50": 30.0, "p99": 60.0 } } ],
         });
-        let out = std::env::temp_dir().join(format!("plot-test-o-{}.svg", std::process::id()));
-        overload_levels(&results, &out).unwrap();
-        let svg = std::fs::read_to_string(&out).unwrap();
-        let _ = std::fs::remove_file(&out);
+        let svg = render(overload_levels, &results);
         assert!(svg.starts_with("<svg"));
         assert!(svg.contains("goodput"));
     }

@@ -341,14 +341,7 @@ fn figures(before: &MetricsSnapshot, after: &MetricsSnapshot) -> Option<ServerFi
 }
 
 async fn streams_open(client: &reqwest::Client, base: &str) -> Option<f64> {
-    let text = client
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
+    let text = prometheus::fetch(client, base).await?;
     text.lines()
         .find_map(|l| l.strip_prefix("streamserve_streams_open "))
         .and_then(|v| v.trim().parse().ok())
@@ -688,16 +681,7 @@ fn render_report(input: &ReportInput<'_>) -> String {
         "- open-file limit (soft, after raising): {}",
         input.nofile
     );
-    let _ = writeln!(
-        w,
-        "- ONNX Runtime: {} (CPU execution provider)",
-        streamserve::runtime::ORT_VERSION
-    );
-    let _ = writeln!(
-        w,
-        "- streamserve source: `{}` (`-dirty`: uncommitted source changes, results aside)\n",
-        crate::sysinfo::source_revision()
-    );
+    crate::sysinfo::write_software_lines(w);
 
     let _ = writeln!(w, "## Verdict\n");
     let on = results.iter().find(|s| s.setup.max_batch_size > 1);

@@ -312,6 +312,22 @@ pub fn save_run(
     Ok(())
 }
 
+/// The software lines of a report's machine section: the ONNX Runtime version and the
+/// checkout's revision, then a blank line.
+pub fn write_software_lines(md: &mut String) {
+    use std::fmt::Write as _;
+    let _ = writeln!(
+        md,
+        "- ONNX Runtime: {} (CPU execution provider)",
+        streamserve::runtime::ORT_VERSION
+    );
+    let _ = writeln!(
+        md,
+        "- streamserve source: `{}` (`-dirty`: uncommitted source changes, results aside)\n",
+        source_revision()
+    );
+}
+
 /// The opening every report shares: title, when, the command, and the machine (up to its load
 /// average; each report adds its own machine lines after it).
 pub fn write_report_header(

@@ -736,12 +736,7 @@ fn render_report(input: &ReportInput<'_>, results: &Value) -> String {
         &options.command,
         machine,
     );
-    let _ = writeln!(
-        w,
-        "- ONNX Runtime: {} (CPU execution provider)\n- streamserve source: `{}` (`-dirty`: uncommitted source changes, results aside)\n",
-        streamserve::runtime::ORT_VERSION,
-        crate::sysinfo::source_revision()
-    );
+    crate::sysinfo::write_software_lines(w);
     let _ = writeln!(w, "## Setup\n");
     let _ = writeln!(
         w,
