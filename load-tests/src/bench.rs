@@ -104,6 +104,39 @@ pub struct InProcess {
     pub cpu_cores: Option<CpuShare>,
 }
 
+/// Calls `call` back to back for `warmup`, then for `duration` counting the calls: (calls,
+/// measured time). The in-process ceilings' inner loop.
+pub fn call_for(
+    warmup: Duration,
+    duration: Duration,
+    mut call: impl FnMut() -> Result<(), String>,
+) -> Result<(u64, Duration), String> {
+    let start = Instant::now();
+    while start.elapsed() < warmup {
+        call()?;
+    }
+    let measuring = Instant::now();
+    let mut calls = 0u64;
+    while measuring.elapsed() < duration {
+        call()?;
+        calls += 1;
+    }
+    Ok((calls, measuring.elapsed()))
+}
+
+/// Each measuring thread's result, in order; a panicked thread is an error.
+pub fn join_all<T>(
+    handles: Vec<std::thread::ScopedJoinHandle<'_, Result<T, String>>>,
+) -> Result<Vec<T>, String> {
+    handles
+        .into_iter()
+        .map(|h| {
+            h.join()
+                .map_err(|_| "an in-process benchmark thread panicked".to_string())?
+        })
+        .collect()
+}
+
 /// Loads ONNX Runtime first (`streamserve::runtime::init`) if nothing has yet.
 pub fn measure_in_process(
     model: &Path,
@@ -133,27 +166,13 @@ pub fn measure_in_process(
                     if outputs.iter().any(|o| o.shape != want) {
                         return Err(format!("unexpected output shapes from {}", model.display()));
                     }
-                    let start = Instant::now();
-                    while start.elapsed() < warmup {
-                        session.run(&[(&shape, &data)])?;
-                    }
-                    let measuring = Instant::now();
-                    let mut calls = 0u64;
-                    while measuring.elapsed() < duration {
-                        session.run(&[(&shape, &data)])?;
-                        calls += 1;
-                    }
-                    Ok((calls, measuring.elapsed()))
+                    call_for(warmup, duration, || {
+                        session.run(&[(&shape, &data)]).map(drop)
+                    })
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .map_err(|_| "an in-process benchmark thread panicked".to_string())?
-            })
-            .collect::<Result<Vec<_>, String>>()
+        join_all(handles)
     })
     .map_err(anyhow::Error::msg)?;
     let calls: u64 = per_thread.iter().map(|(c, _)| c).sum();

@@ -207,27 +207,11 @@ pub fn measure_vad(
                     if out.shape != [batch as i64, 1] {
                         return Err(format!("output shape {:?}", out.shape));
                     }
-                    let start = Instant::now();
-                    while start.elapsed() < warmup {
-                        session.run(&inputs)?;
-                    }
-                    let measuring = Instant::now();
-                    let mut calls = 0u64;
-                    while measuring.elapsed() < duration {
-                        session.run(&inputs)?;
-                        calls += 1;
-                    }
-                    Ok((calls, measuring.elapsed()))
+                    crate::bench::call_for(warmup, duration, || session.run(&inputs).map(drop))
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .map_err(|_| "an in-process benchmark thread panicked".to_string())?
-            })
-            .collect::<Result<Vec<_>, String>>()
+        crate::bench::join_all(handles)
     })
     .map_err(anyhow::Error::msg)?;
     let calls: u64 = per_thread.iter().map(|(c, _)| c).sum();
