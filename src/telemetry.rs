@@ -40,19 +40,20 @@ const BACKTRACE_EVERY_MS: u64 = 60_000;
 /// expected, handled event: its router restarts the worker and retries the batch. The default
 /// hook would first print the panic, and with `RUST_BACKTRACE` set *resolve* a backtrace, on
 /// the panicking thread; resolving symbols of a binary with debug info takes hundreds of
-/// milliseconds (measured: replicas out for ~0.4 s instead of ~0.1 s in
-/// `loadgen timeline`), and the router only hears of the death after it. Here a supervised
-/// panic becomes one structured log event at once; a captured backtrace (as `RUST_BACKTRACE`
-/// asks) is resolved and logged on a background thread at the lowest CPU priority, at most
-/// one per minute, so that neither the resolution nor a crash loop takes CPU from serving.
-/// (It can still slow serving for a few hundred ms, likely through page faults while the
-/// debug info is read: 1 run in 3 in `loadgen timeline`; unset `RUST_BACKTRACE` avoids it.) Panics of any other thread go to the previous hook
-/// unchanged.
+/// milliseconds (measured: replicas out for ~0.4 s instead of ~0.1 s in `loadgen timeline`),
+/// and the router only hears of the death after it. Here a supervised panic becomes one
+/// structured log event at once; a captured backtrace (as `RUST_BACKTRACE` asks) is resolved
+/// and logged on a background thread at the lowest CPU priority, at most one per minute, so
+/// that neither the resolution nor a crash loop takes CPU from serving. (It can still slow
+/// serving for a few hundred ms, likely through page faults while the debug info is read: 1
+/// run in 3 in `loadgen timeline`; unset `RUST_BACKTRACE` avoids it.) Panics of any other
+/// thread go to the previous hook unchanged.
 pub fn install_panic_hook() {
     static INSTALLED: std::sync::Once = std::sync::Once::new();
     INSTALLED.call_once(|| {
         let previous = std::panic::take_hook();
-        let (backtraces, pending) = std::sync::mpsc::sync_channel::<(String, std::backtrace::Backtrace)>(1);
+        let (backtraces, pending) =
+            std::sync::mpsc::sync_channel::<(String, std::backtrace::Backtrace)>(1);
         let spawned = std::thread::Builder::new()
             .name("panic-backtraces".into())
             .spawn(move || {
@@ -72,25 +73,21 @@ pub fn install_panic_hook() {
                 return previous(info);
             }
             let thread = std::thread::current().name().unwrap_or("unnamed").to_string();
-            let message = info
-                .payload()
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| info.payload().downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
+            let message = panic_text(info.payload());
             let location = info.location().map(|l| l.to_string()).unwrap_or_default();
             if tracing::dispatcher::has_been_set() {
                 tracing::error!(thread = %thread, %location, panic = %message, "supervised thread panicked; its supervisor restarts it");
             } else {
                 eprintln!("thread '{thread}' panicked at {location}: {message} (supervised: restarted)");
             }
-            let backtrace = std::backtrace::Backtrace::capture();
-            if backtrace.status() != std::backtrace::BacktraceStatus::Captured {
-                return;
-            }
+            // Within a minute of the last one, no backtrace: not even the stack walk.
             let now = uptime_ms();
             let last = last_backtrace.load(std::sync::atomic::Ordering::Relaxed);
             if last != u64::MAX && now.saturating_sub(last) < BACKTRACE_EVERY_MS {
+                return;
+            }
+            let backtrace = std::backtrace::Backtrace::capture();
+            if backtrace.status() != std::backtrace::BacktraceStatus::Captured {
                 return;
             }
             last_backtrace.store(now, std::sync::atomic::Ordering::Relaxed);
@@ -99,6 +96,15 @@ pub fn install_panic_hook() {
             }
         }));
     });
+}
+
+/// The text a panic was raised with (`panic!("...")` or a formatted message).
+pub fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_string())
 }
 
 /// Gives the calling thread the lowest CPU priority (nice 19; Linux keeps it per thread), so

@@ -334,12 +334,13 @@ impl Router {
             self.dispatch(ctx);
             return;
         }
-        let pending = match may_degrade {
-            true => match self.degrade(pending) {
+        let pending = if may_degrade {
+            match self.degrade(pending) {
                 Ok(()) => return,
                 Err(pending) => pending,
-            },
-            false => pending,
+            }
+        } else {
+            pending
         };
         let error = if !healthy {
             ServeError::NotReady {
@@ -510,12 +511,13 @@ impl Router {
                     self.queue.push_front(pending);
                     continue;
                 }
-                let pending = match pending.degraded_from.is_none() {
-                    true => match self.degrade(pending) {
+                let pending = if pending.degraded_from.is_none() {
+                    match self.degrade(pending) {
                         Ok(()) => continue,
                         Err(pending) => pending,
-                    },
-                    false => pending,
+                    }
+                } else {
+                    pending
                 };
                 pending
                     .reply

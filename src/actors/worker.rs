@@ -258,7 +258,7 @@ fn run_loop(
             }
             Err(panic) => {
                 // The router holds this batch too and decides: retry elsewhere, or 503.
-                let reason = panic_message(&panic);
+                let reason = crate::telemetry::panic_text(&*panic);
                 let _ = reports.send(WorkerReport {
                     replica,
                     generation,
@@ -417,14 +417,6 @@ fn placeholder() -> NamedTensor {
         shape: Vec::new(),
         data: TensorData::Bool(Vec::new()),
     }
-}
-
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".to_string())
 }
 
 #[cfg(test)]
