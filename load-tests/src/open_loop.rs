@@ -509,7 +509,8 @@ fn bin_index(shared: &Shared, start: Instant, scheduled: Instant) -> Option<usiz
     Some(((scheduled - start).as_nanos() / width.as_nanos().max(1)) as usize)
 }
 
-fn new_bin_histogram() -> Histogram<u64> {
+/// The latency histogram of one timeline bin (or of a span of them), µs.
+pub fn new_bin_histogram() -> Histogram<u64> {
     // Two significant digits: a plot needs no more, and a run may have thousands of bins.
     Histogram::new_with_bounds(1, HIST_MAX_US, 2).expect("histogram bounds are valid")
 }

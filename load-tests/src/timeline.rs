@@ -488,9 +488,9 @@ struct Span {
 }
 
 impl Span {
-    fn over(bins: &[TimelineBin], width: Duration) -> Span {
+    fn over<'a>(bins: impl IntoIterator<Item = &'a TimelineBin>, width: Duration) -> Span {
         let mut span = Span {
-            seconds: bins.len() as f64 * width.as_secs_f64(),
+            seconds: 0.0,
             scheduled: 0,
             sent: 0,
             not_sent: 0,
@@ -498,9 +498,10 @@ impl Span {
             ok_degraded: 0,
             shed: 0,
             failed: 0,
-            latency: Histogram::new_with_bounds(1, 600_000_000, 2).expect("valid bounds"),
+            latency: open_loop::new_bin_histogram(),
         };
         for b in bins {
+            span.seconds += width.as_secs_f64();
             span.scheduled += b.scheduled;
             span.sent += b.sent;
             span.not_sent += b.not_sent;
@@ -519,14 +520,20 @@ impl Span {
         (!self.latency.is_empty()).then(|| self.latency.value_at_quantile(q) as f64 / 1000.0)
     }
 
-    /// Share of the scheduled requests that did not get a 200 from `mlp` itself.
     fn disturbed_share(&self) -> f64 {
-        let off = self.ok_degraded + self.shed + self.failed + self.not_sent;
-        if self.scheduled == 0 {
-            0.0
-        } else {
-            off as f64 / self.scheduled as f64
-        }
+        disturbed_share(
+            self.scheduled,
+            self.ok_degraded + self.shed + self.failed + self.not_sent,
+        )
+    }
+}
+
+/// Share of `scheduled` requests that did not get a 200 from `mlp` itself (`off` of them).
+fn disturbed_share(scheduled: u64, off: u64) -> f64 {
+    if scheduled == 0 {
+        0.0
+    } else {
+        off as f64 / scheduled as f64
     }
 }
 
@@ -559,18 +566,13 @@ fn settle_times(
 ) -> (Option<(f64, f64)>, Vec<Value>) {
     let w = width.as_secs_f64();
     let first_event = events.first().map_or(duration, |e| e.planned_s);
-    let base_bins: Vec<TimelineBin> = bins
-        .iter()
-        .filter(|b| {
+    let baseline = Span::over(
+        bins.iter().filter(|b| {
             let t = b.start.as_secs_f64();
             t >= 1.0 && t + w <= first_event
-        })
-        .cloned()
-        .collect();
-    if base_bins.is_empty() {
-        return (None, Vec::new());
-    }
-    let baseline = Span::over(&base_bins, width);
+        }),
+        width,
+    );
     let Some(base_p99) = baseline.ms(0.99) else {
         return (None, Vec::new());
     };
@@ -578,10 +580,10 @@ fn settle_times(
     let latency_limit = (3.0 * base_p99).max(base_p99 + 10.0);
     let share_limit = base_share + 0.02;
     let bad = |b: &TimelineBin| {
-        let span = Span::over(std::slice::from_ref(b), width);
-        span.scheduled > 0
-            && (span.ms(0.99).is_some_and(|p| p > latency_limit)
-                || span.disturbed_share() > share_limit)
+        let off = b.ok_degraded + b.shed + b.failed + b.not_sent;
+        b.scheduled > 0
+            && (b.latency_ms(0.99).is_some_and(|p| p > latency_limit)
+                || disturbed_share(b.scheduled, off) > share_limit)
     };
     let need = ((1.0 / w).ceil() as usize).max(1);
     let settles = events
@@ -654,16 +656,11 @@ fn results_json(input: &ReportInput<'_>) -> Value {
     let phases: Vec<Value> = phases(&m.events, duration)
         .into_iter()
         .map(|(label, start, end)| {
-            let inside: Vec<TimelineBin> = r
-                .timeline
-                .iter()
-                .filter(|b| {
-                    let t = b.start.as_secs_f64();
-                    t >= start - 1e-9 && t < end - 1e-9
-                })
-                .cloned()
-                .collect();
-            let s = Span::over(&inside, width);
+            let inside = r.timeline.iter().filter(|b| {
+                let t = b.start.as_secs_f64();
+                t >= start - 1e-9 && t < end - 1e-9
+            });
+            let s = Span::over(inside, width);
             json!({
                 "label": label, "start_s": start, "end_s": end,
                 "offered_per_s": s.scheduled as f64 / s.seconds.max(1e-9),
@@ -984,7 +981,7 @@ mod tests {
     }
 
     fn bin(t_ms: u64, scheduled: u64, ok: u64, degraded: u64, p99_us: u64) -> TimelineBin {
-        let mut h = Histogram::new_with_bounds(1, 600_000_000, 2).unwrap();
+        let mut h = open_loop::new_bin_histogram();
         for _ in 0..ok + degraded {
             h.record(p99_us).unwrap();
         }
