@@ -119,12 +119,13 @@ impl TimelineOptions {
                     share: self.step_share,
                 },
             ));
-            plan.push((
-                at + self.step_for,
-                Plan::Rate {
-                    share: self.base_share,
-                },
-            ));
+            // Back to the base rate: with a given rate, that rate itself (shares are of it).
+            let base = if self.rate.is_some() {
+                1.0
+            } else {
+                self.base_share
+            };
+            plan.push((at + self.step_for, Plan::Rate { share: base }));
         }
         if let Some(at) = self.panic_at {
             plan.push((at, Plan::PanicAll));
@@ -953,6 +954,17 @@ mod tests {
             ]
         );
         assert!(plan.windows(2).all(|w| w[0].0 < w[1].0));
+    }
+
+    #[test]
+    fn with_a_given_rate_the_step_returns_to_it() {
+        let options = TimelineOptions {
+            rate: Some(300.0),
+            ..TimelineOptions::default()
+        };
+        let plan = options.plan().unwrap();
+        assert_eq!(plan[0].1, Plan::Rate { share: 2.0 });
+        assert_eq!(plan[1].1, Plan::Rate { share: 1.0 });
     }
 
     #[test]
