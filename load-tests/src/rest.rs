@@ -97,21 +97,23 @@ impl RestOptions {
         if self.request_timeout.is_zero() || self.request_timeout > Duration::from_secs(600) {
             bail!("request timeout must be more than 0 and at most 600s");
         }
-        if self.model.is_empty()
-            || !self
-                .model
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
-        {
-            bail!(
-                "model name '{}' must be non-empty and use only letters, digits, '_', '-', '.'",
-                self.model
-            );
-        }
+        check_model_name(&self.model)?;
         let base = check_loopback(&self.url)?;
         base.join(&format!("v2/models/{}/infer", self.model))
             .with_context(|| format!("cannot build the inference URL from {base}"))
     }
+}
+
+/// A model name as the server's URLs take it: letters, digits, '_', '-', '.'.
+pub fn check_model_name(model: &str) -> anyhow::Result<()> {
+    if model.is_empty()
+        || !model
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+    {
+        bail!("model name '{model}' must be non-empty and use only letters, digits, '_', '-', '.'");
+    }
+    Ok(())
 }
 
 /// Parses a server base URL and refuses anything but plain HTTP to a loopback IP address:

@@ -25,7 +25,7 @@ use hdrhistogram::Histogram;
 use serde::Deserialize;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::rest::check_loopback;
+use crate::rest::{check_loopback, check_model_name};
 
 /// Upper bounds that keep any run finite and modest.
 pub const MAX_STREAMS: usize = 8192;
@@ -217,17 +217,7 @@ impl StreamOptions {
         if self.end_timeout.is_zero() || self.end_timeout > Duration::from_secs(600) {
             bail!("end timeout must be more than 0 and at most 600s");
         }
-        if self.model.is_empty()
-            || !self
-                .model
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
-        {
-            bail!(
-                "model name '{}' must be non-empty and use only letters, digits, '_', '-', '.'",
-                self.model
-            );
-        }
+        check_model_name(&self.model)?;
         let base = check_loopback(&self.url)?;
         let url = base
             .join(&format!("v1/streams/{}", self.model))
