@@ -143,3 +143,36 @@ pub fn assert_close(a: &[f32], b: &[f32], what: &str) {
         );
     }
 }
+
+/// POSTs raw bytes with extra headers; returns the status and the JSON body (which every
+/// error must have).
+pub async fn post_raw(
+    c: &reqwest::Client,
+    url: &str,
+    body: Vec<u8>,
+    headers: &[(&str, String)],
+) -> (u16, Value) {
+    let mut request = c.post(url).body(body);
+    for (k, v) in headers {
+        request = request.header(*k, v);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("error body is not JSON: {text}")),
+    )
+}
+
+/// Asserts the status and that the `error` message contains `needle`.
+pub fn expect(got: (u16, Value), status: u16, needle: &str) {
+    assert_eq!(got.0, status, "{}", got.1);
+    let message = got.1["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error field: {}", got.1));
+    assert!(
+        message.contains(needle),
+        "error '{message}' lacks '{needle}'"
+    );
+}

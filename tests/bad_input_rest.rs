@@ -1,40 +1,10 @@
-//! Bad input gets a precise 4xx with a KServe-style `{"error": ...}`, and good requests sent at
+//! REST (KServe v2 JSON) bad input gets a precise 4xx with a KServe-style `{"error": ...}`, and good requests sent at
 //! the same time are unaffected.
 
 mod common;
 
 use common::*;
 use serde_json::{json, Value};
-
-async fn post_raw(
-    c: &reqwest::Client,
-    url: &str,
-    body: Vec<u8>,
-    headers: &[(&str, String)],
-) -> (u16, Value) {
-    let mut request = c.post(url).body(body);
-    for (k, v) in headers {
-        request = request.header(*k, v);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    let text = response.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or_else(|_| panic!("error body is not JSON: {text}")),
-    )
-}
-
-fn expect(got: (u16, Value), status: u16, needle: &str) {
-    assert_eq!(got.0, status, "{}", got.1);
-    let message = got.1["error"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no error field: {}", got.1));
-    assert!(
-        message.contains(needle),
-        "error '{message}' lacks '{needle}'"
-    );
-}
 
 fn features_input(shape: Value, datatype: &str, data: Value) -> Value {
     json!({"inputs": [{"name": "features", "shape": shape, "datatype": datatype, "data": data}]})
@@ -213,80 +183,6 @@ async fn each_kind_of_bad_request_gets_a_precise_error() {
         post(&c, &typed, &typed_body(json!([1, 2, true, 4]))).await,
         400,
         "not a valid INT64",
-    );
-}
-
-#[tokio::test]
-async fn binary_extension_errors() {
-    let url = bundled();
-    let c = client();
-    let infer = format!("{url}/v2/models/mlp/infer");
-    let header = |n: usize| json!({"inputs": [{"name": "features", "shape": [1, 256], "datatype": "FP32", "parameters": {"binary_data_size": n}}]});
-    let with_tail = |json_part: &Value, tail: usize| {
-        let mut body = serde_json::to_vec(json_part).unwrap();
-        let n = body.len();
-        body.extend(std::iter::repeat_n(0u8, tail));
-        (body, n)
-    };
-
-    let (body, n) = with_tail(&header(1024), 1000);
-    expect(
-        post_raw(
-            &c,
-            &infer,
-            body,
-            &[("Inference-Header-Content-Length", n.to_string())],
-        )
-        .await,
-        400,
-        "only 1000 binary bytes remain",
-    );
-    let (body, n) = with_tail(&header(1024), 1030);
-    expect(
-        post_raw(
-            &c,
-            &infer,
-            body,
-            &[("Inference-Header-Content-Length", n.to_string())],
-        )
-        .await,
-        400,
-        "no input claims them",
-    );
-    let (body, n) = with_tail(&header(1022), 1022);
-    expect(
-        post_raw(
-            &c,
-            &infer,
-            body,
-            &[("Inference-Header-Content-Length", n.to_string())],
-        )
-        .await,
-        400,
-        "not a whole number of FP32",
-    );
-    let (body, _) = with_tail(&header(1024), 1024);
-    expect(
-        post_raw(
-            &c,
-            &infer,
-            body.clone(),
-            &[("Inference-Header-Content-Length", "999999".into())],
-        )
-        .await,
-        400,
-        "but the body has only",
-    );
-    expect(
-        post_raw(
-            &c,
-            &infer,
-            body,
-            &[("Inference-Header-Content-Length", "lots".into())],
-        )
-        .await,
-        400,
-        "must be a byte count",
     );
 }
 
