@@ -100,6 +100,21 @@ pub struct ServeArgs {
     /// Token that enables the admin API (/admin, `Authorization: Bearer <token>`); unset = off.
     #[arg(long, env = "STREAMSERVE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Seconds a request body may take to arrive, whole; slower ones get 408 [default: 60].
+    #[arg(long, env = "STREAMSERVE_BODY_TIMEOUT_SECS")]
+    pub body_timeout_secs: Option<u64>,
+    /// Slowest average rate a request body may arrive at after its first 2 s, in bytes per
+    /// second; slower ones (and stalled ones) get 408 [default: 16384].
+    #[arg(long, env = "STREAMSERVE_MIN_BODY_BYTES_PER_SEC")]
+    pub min_body_bytes_per_sec: Option<u64>,
+    /// Open connections accepted at once; beyond it new ones wait in the listen backlog.
+    /// 0 = derived from the open-file limit, leaving room for model files [default: 0].
+    #[arg(long, env = "STREAMSERVE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Memory (MiB) that request bodies being read and decoded may hold together; a body that
+    /// would go beyond it gets 503 with Retry-After [default: 512].
+    #[arg(long, env = "STREAMSERVE_MAX_BODY_MEMORY_MB")]
+    pub max_body_memory_mb: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Default)]
@@ -131,6 +146,10 @@ struct FileConfig {
     max_inflight: Option<usize>,
     memory_budget_mb: Option<u64>,
     vram_budget_mb: Option<u64>,
+    body_timeout_secs: Option<u64>,
+    min_body_bytes_per_sec: Option<u64>,
+    max_connections: Option<usize>,
+    max_body_memory_mb: Option<u64>,
 }
 
 /// The resolved configuration the server runs with.
@@ -154,6 +173,11 @@ pub struct Config {
     /// `None`: the memory available when the server starts.
     pub memory_budget_mb: Option<u64>,
     pub vram_budget_mb: u64,
+    pub body_timeout_secs: u64,
+    pub min_body_bytes_per_sec: u64,
+    /// 0: derived from the open-file limit.
+    pub max_connections: usize,
+    pub max_body_memory_mb: u64,
 }
 
 impl Default for Config {
@@ -176,6 +200,10 @@ impl Default for Config {
             max_inflight: 0,
             memory_budget_mb: None,
             vram_budget_mb: 0,
+            body_timeout_secs: 60,
+            min_body_bytes_per_sec: 16 * 1024,
+            max_connections: 0,
+            max_body_memory_mb: 512,
         }
     }
 }
@@ -238,6 +266,24 @@ impl Config {
                 .vram_budget_mb
                 .or(file.vram_budget_mb)
                 .unwrap_or(defaults.vram_budget_mb),
+            body_timeout_secs: args
+                .body_timeout_secs
+                .or(file.body_timeout_secs)
+                .unwrap_or(defaults.body_timeout_secs)
+                .max(1),
+            min_body_bytes_per_sec: args
+                .min_body_bytes_per_sec
+                .or(file.min_body_bytes_per_sec)
+                .unwrap_or(defaults.min_body_bytes_per_sec),
+            max_connections: args
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(defaults.max_connections),
+            max_body_memory_mb: args
+                .max_body_memory_mb
+                .or(file.max_body_memory_mb)
+                .unwrap_or(defaults.max_body_memory_mb)
+                .max(1),
         })
     }
 }

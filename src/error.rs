@@ -28,6 +28,22 @@ pub enum ServeError {
     InvalidRequest(String),
     #[error("request body of {size} bytes exceeds the limit of {limit} bytes")]
     PayloadTooLarge { size: usize, limit: usize },
+    #[error("request body of {size} bytes exceeds the limit of {limit} bytes for model '{model}' (its inputs at max_batch_size {rows} rows)")]
+    TooLargeForModel {
+        size: usize,
+        limit: usize,
+        model: String,
+        rows: usize,
+    },
+    #[error("the request body did not arrive in time: {received} bytes in {} ms (a body must arrive within {} s, at least {min_rate} bytes/s after its first 2 s)", elapsed.as_millis(), deadline.as_secs())]
+    BodyTimeout {
+        received: usize,
+        elapsed: Duration,
+        deadline: Duration,
+        min_rate: u64,
+    },
+    #[error("the server holds as many request bodies as its memory bound allows ({limit_mb} MiB); retry later")]
+    BodyMemoryFull { limit_mb: u64 },
     #[error("Content-Encoding '{0}' is not supported (use gzip, deflate or identity)")]
     UnsupportedEncoding(String),
     #[error(
@@ -72,7 +88,9 @@ impl ServeError {
             ServeError::ModelCold { .. } => "cold",
             ServeError::Conflict(_) => "conflict",
             ServeError::InvalidRequest(_) => "invalid",
-            ServeError::PayloadTooLarge { .. } => "too_large",
+            ServeError::PayloadTooLarge { .. } | ServeError::TooLargeForModel { .. } => "too_large",
+            ServeError::BodyTimeout { .. } => "body_timeout",
+            ServeError::BodyMemoryFull { .. } => "body_memory_full",
             ServeError::UnsupportedEncoding(_) => "unsupported_encoding",
             ServeError::Overloaded { .. } => "overloaded",
             ServeError::NotReady { .. } => "not_ready",
@@ -89,7 +107,9 @@ impl ServeError {
         match self {
             ServeError::Overloaded { retry_after, .. }
             | ServeError::NotReady { retry_after, .. } => Some(*retry_after),
-            ServeError::WorkerLost(_) | ServeError::ShuttingDown => Some(Duration::from_secs(1)),
+            ServeError::WorkerLost(_)
+            | ServeError::ShuttingDown
+            | ServeError::BodyMemoryFull { .. } => Some(Duration::from_secs(1)),
             _ => None,
         }
     }
@@ -105,13 +125,17 @@ impl ResponseError for ServeError {
             ServeError::Conflict(_) => StatusCode::CONFLICT,
             ServeError::ModelCold { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ServeError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
-            ServeError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ServeError::PayloadTooLarge { .. } | ServeError::TooLargeForModel { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            ServeError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ServeError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ServeError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ServeError::ModelUnavailable { .. }
             | ServeError::NotReady { .. }
             | ServeError::WorkerLost(_)
-            | ServeError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            | ServeError::ShuttingDown
+            | ServeError::BodyMemoryFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ServeError::Inference(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ServeError::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -123,6 +147,15 @@ impl ResponseError for ServeError {
             // Retry-After is whole seconds; round up so a client never retries too early.
             let secs = after.as_millis().div_ceil(1000).max(1);
             response.insert_header((header::RETRY_AFTER, secs.to_string()));
+        }
+        if matches!(
+            self,
+            ServeError::BodyTimeout { .. }
+                | ServeError::PayloadTooLarge { .. }
+                | ServeError::TooLargeForModel { .. }
+        ) {
+            // The rest of the body is never read: the connection cannot carry another request.
+            response.force_close();
         }
         response.json(serde_json::json!({ "error": self.to_string() }))
     }

@@ -17,3 +17,4 @@ pub mod server;
 pub mod stream;
 pub mod telemetry;
 pub mod tensor;
+pub mod untrusted;

@@ -5,12 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Actor;
-use actix_web::{web, App, HttpResponse, HttpServer};
+use actix_web::{web, App, HttpServer};
 use tokio::sync::watch;
 
 use crate::actors::registry::Registry;
 use crate::actors::stream_hub::StreamHub;
 use crate::actors::supervisor::{Start, Supervisor};
+use crate::api::body::BodyMemory;
+use crate::api::door::{self, BodyPace, Door, Work};
 use crate::api::ws::StreamsConfig;
 use crate::api::{self, AppState};
 use crate::config::Config;
@@ -24,16 +26,32 @@ pub struct Running {
     pub registry: Arc<Registry>,
     shutdown: watch::Sender<bool>,
     drain: Duration,
+    work: Arc<Work>,
 }
 
 impl Running {
-    /// Graceful stop: streams are told to reconnect elsewhere (close code 1001), the listener
-    /// stops accepting, and in-flight requests finish (within the drain time) before the server
-    /// future completes.
+    /// Graceful stop. Streams are told to reconnect elsewhere (close code 1001); the listener
+    /// closes; every response from now on carries `Connection: close`, so a keep-alive client
+    /// gets the answer to what it sent and then leaves, instead of sending on a connection that
+    /// is about to be cut. The server future completes once every connection has closed, or
+    /// after the drain time. Returns once nothing the server has read is still unanswered
+    /// (or the drain time is up).
     pub async fn shutdown(&self) {
         tracing::info!(drain_secs = self.drain.as_secs(), "shutting down");
+        self.work.start_draining();
         let _ = self.shutdown.send(true);
-        self.handle.stop(true).await;
+        let stop = self.handle.stop(true);
+        let deadline = tokio::time::Instant::now() + self.drain;
+        while self.work.active() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if self.work.active() > 0 {
+            tracing::warn!(
+                active = self.work.active(),
+                "drain time is up with work still in flight"
+            );
+        }
+        stop.await;
     }
 }
 
@@ -65,6 +83,16 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
         shutdown: shutdown_rx,
     });
 
+    let work = Arc::new(Work::default());
+    let body_pace = BodyPace {
+        deadline: Duration::from_secs(config.body_timeout_secs),
+        min_bytes_per_sec: config.min_body_bytes_per_sec,
+    };
+    let door = Door {
+        pace: body_pace,
+        work: work.clone(),
+    };
+    let max_connections = connection_cap(config.max_connections, config.http_workers);
     let state = web::Data::new(AppState {
         registry: registry.clone(),
         max_body_bytes: config.max_body_bytes,
@@ -78,14 +106,19 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
             config.max_inflight
         })),
         max_inflight: config.max_inflight,
+        body_memory: BodyMemory::new(config.max_body_memory_mb),
+        body_pace,
+        work: work.clone(),
     });
     let server = HttpServer::new(move || {
+        let door = door.clone();
         App::new()
             .app_data(state.clone())
+            .app_data(door::query_errors())
+            .app_data(door::path_errors())
             .configure(api::routes)
-            .default_service(web::to(|| async {
-                HttpResponse::NotFound().json(serde_json::json!({ "error": "no such endpoint" }))
-            }))
+            .default_service(web::to(door::no_such_endpoint))
+            .wrap_fn(move |req, service| door.wrap(req, service))
     })
     // Results are small writes (a stream sends one per 32 ms chunk): without TCP_NODELAY, Nagle's
     // algorithm holds one back behind the peer's delayed ACK, a 40 ms stall the load tool saw
@@ -93,6 +126,10 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
     .tcp_nodelay(true)
     .workers(config.http_workers)
     .shutdown_timeout(config.drain_secs)
+    // Per worker. Past the open-file limit, accept() fails and every new client is locked out;
+    // below it, a flood of connections waits in the listen backlog while those open are served
+    // (and slow bodies among them are cut by the door's pace).
+    .max_connections(max_connections.div_ceil(config.http_workers.max(1)))
     .client_request_timeout(Duration::from_secs(30))
     // A client that sends on a pooled connection just as the server closes it for idleness
     // gets "connection closed before message completed" (loadgen timeline saw 14 at once, 5 s
@@ -107,15 +144,49 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
         .first()
         .ok_or_else(|| anyhow::anyhow!("listener has no address"))?;
     let server = server.run();
-    tracing::info!(%addr, "streamserve listening");
+    tracing::info!(%addr, max_connections, "streamserve listening");
     let running = Running {
         addr,
         handle: server.handle(),
         registry,
         shutdown,
         drain: Duration::from_secs(config.drain_secs),
+        work,
     };
     Ok((running, server))
+}
+
+/// Open-file descriptors kept for model files, logs, the listener and ONNX Runtime.
+const RESERVED_FDS: u64 = 256;
+
+/// The connection limit: as configured, or what the open-file limit leaves (after raising the
+/// soft limit to the hard one, as servers do), so that accept() never runs out of descriptors.
+fn connection_cap(configured: usize, workers: usize) -> usize {
+    if configured > 0 {
+        return configured;
+    }
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read or write the struct passed.
+    let fds = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit.rlim_cur = limit.rlim_max;
+            }
+        }
+        limit.rlim_cur
+    };
+    let cap = fds.saturating_sub(RESERVED_FDS).max(workers as u64 * 16);
+    usize::try_from(cap).unwrap_or(usize::MAX).min(1 << 20)
 }
 
 /// Runs a server on a thread of its own (its own actix `System`), for tests and benchmarks

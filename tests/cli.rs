@@ -294,3 +294,129 @@ async fn the_admin_subcommands_drive_a_running_server() {
     assert!(!ok && err.contains("401"), "{err}");
     assert!(stop(child).success());
 }
+
+/// Keep-alive clients sending back to back while SIGTERM arrives: every request the server
+/// reads is answered (with `Connection: close` once draining); the only errors a client sees
+/// are refused connections for requests it had not sent yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_racing_sigterm_on_keep_alive_connections_are_all_answered() {
+    let mut child = binary()
+        .args([
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--models",
+            "models",
+            "--log-format",
+            "json",
+            "--drain-secs",
+            "5",
+        ])
+        .spawn()
+        .unwrap();
+    let addr = wait_for_address(&mut child);
+    let url = format!("http://{addr}/v2/models/mlp/infer");
+    let clients: Vec<_> = (0..8u64)
+        .map(|i| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                // A client of its own: one keep-alive connection, reused request after request.
+                let c = client();
+                let (mut answered, mut lost) = (0, Vec::new());
+                let until = std::time::Instant::now() + Duration::from_secs(8);
+                while std::time::Instant::now() < until {
+                    match c
+                        .post(&url)
+                        .json(&mlp_request(&features(i, 1)))
+                        .send()
+                        .await
+                    {
+                        Ok(response) if response.status() == 200 => answered += 1,
+                        Ok(response) => lost.push(format!("status {}", response.status())),
+                        Err(e) if e.is_connect() => break,
+                        Err(e) => lost.push(format!("{e:?}")),
+                    }
+                }
+                (answered, lost)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let status = tokio::task::spawn_blocking(move || stop(child))
+        .await
+        .unwrap();
+    assert!(status.success());
+    for client in clients {
+        let (answered, lost) = client.await.unwrap();
+        assert!(answered > 0);
+        assert!(lost.is_empty(), "requests without an answer: {lost:?}");
+    }
+}
+
+/// A model name carrying a newline (`%0A`) and a huge request id cannot forge or bloat log
+/// lines in the default text format.
+#[tokio::test]
+async fn client_text_in_logs_is_escaped_and_capped() {
+    let mut child = binary()
+        .args([
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--models",
+            "models",
+        ])
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let addr = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("server starts");
+        if let Some(rest) = line.split("addr=").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    let c = client();
+    let forged = "x%0AINFO%20streamserve::access:%20forged";
+    let response = c
+        .post(format!("http://{addr}/v2/models/{forged}/infer"))
+        .header("x-request-id", "r".repeat(16_000))
+        .json(&mlp_request(&features(0, 1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    // The access line for that request, then nothing more from it.
+    let mut lines = Vec::new();
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(2)) {
+        lines.push(line);
+    }
+    stop(child);
+    let access: Vec<_> = lines
+        .iter()
+        .filter(|l| l.contains("unknown model"))
+        .collect();
+    assert_eq!(access.len(), 1, "{lines:?}");
+    assert!(access[0].contains("x\\nINFO"), "{}", access[0]);
+    assert!(
+        access[0].len() < 2_000,
+        "a capped line: {} bytes",
+        access[0].len()
+    );
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.starts_with("INFO streamserve::access: forged")),
+        "{lines:?}"
+    );
+}

@@ -11,12 +11,12 @@ use super::AppState;
 use crate::error::ServeError;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v2/health/live", web::get().to(live))
-        .route("/v2/health/ready", web::get().to(ready))
-        .route("/v2/models/{name}/ready", web::get().to(model_ready))
-        .route(
-            "/v2/models/{name}/versions/{version}/ready",
-            web::get().to(model_version_ready),
+    cfg.service(web::resource("/v2/health/live").route(web::get().to(live)))
+        .service(web::resource("/v2/health/ready").route(web::get().to(ready)))
+        .service(web::resource("/v2/models/{name}/ready").route(web::get().to(model_ready)))
+        .service(
+            web::resource("/v2/models/{name}/versions/{version}/ready")
+                .route(web::get().to(model_version_ready)),
         );
 }
 

@@ -5,7 +5,7 @@ use actix_web::{web, HttpResponse};
 use super::AppState;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/metrics", web::get().to(render));
+    cfg.service(web::resource("/metrics").route(web::get().to(render)));
 }
 
 async fn render(state: web::Data<AppState>) -> HttpResponse {

@@ -2,6 +2,8 @@
 //! mapped to HTTP in one place, [`crate::error::ServeError`]'s `ResponseError` impl.
 
 pub mod admin;
+pub mod body;
+pub mod door;
 pub mod health;
 pub mod kserve;
 pub mod metrics;
@@ -33,12 +35,27 @@ pub struct AppState {
     /// Admission at the door: one permit per inference request being handled.
     pub inflight: Arc<tokio::sync::Semaphore>,
     pub max_inflight: usize,
+    /// Memory that request bodies may hold together.
+    pub body_memory: body::BodyMemory,
+    /// How fast a request body must arrive (enforced by the door, reported by `body`).
+    pub body_pace: door::BodyPace,
+    /// Requests being handled and streams open, for the shutdown.
+    pub work: Arc<door::Work>,
 }
 
 /// How long a request waits for its model to load on demand before it gets 503.
 const LOAD_WAIT: Duration = Duration::from_secs(60);
 
 impl AppState {
+    /// What reading a body of at most `max_bytes` needs.
+    pub fn body_limits(&self, max_bytes: usize) -> body::BodyLimits<'_> {
+        body::BodyLimits {
+            max_bytes,
+            memory: &self.body_memory,
+            pace: self.body_pace,
+        }
+    }
+
     /// The model version a request goes to, loading it first if it is not loaded (lazy load,
     /// or after an idle unload): the request waits, bounded, instead of failing.
     pub async fn served(

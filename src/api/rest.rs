@@ -6,39 +6,41 @@
 
 use std::time::{Duration, Instant};
 
-use actix_web::dev::Decompress;
-use actix_web::http::header::{self, ContentEncoding, HeaderValue};
+use actix_web::http::header::{self, HeaderValue};
 use actix_web::{web, HttpRequest, HttpResponse};
-use futures_util::StreamExt;
 use serde_json::json;
 use tokio::sync::oneshot;
 
+use super::body;
 use super::kserve::{self, HEADER_CONTENT_LENGTH};
 use super::AppState;
 use crate::actors::registry::{ServedModel, VersionState};
 use crate::actors::router::Infer;
 use crate::actors::worker::Reply;
 use crate::error::ServeError;
-use crate::model::PLATFORM;
+use crate::manifest::BatchAxis;
+use crate::model::{InferRequest, ModelInfo, PLATFORM};
+use crate::untrusted::{self, Untrusted};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v2", web::get().to(server_metadata))
-        .route("/v2/models", web::get().to(list_models))
-        .route("/v2/repository/index", web::post().to(repository_index))
-        .route("/v2/models/{name}", web::get().to(model_metadata))
-        .route(
-            "/v2/models/{name}/versions/{version}",
-            web::get().to(model_version_metadata),
+    // Resources, not bare routes: a known path called with the wrong method gets 405 + Allow.
+    cfg.service(web::resource("/v2").route(web::get().to(server_metadata)))
+        .service(web::resource("/v2/models").route(web::get().to(list_models)))
+        .service(web::resource("/v2/repository/index").route(web::post().to(repository_index)))
+        .service(web::resource("/v2/models/{name}").route(web::get().to(model_metadata)))
+        .service(
+            web::resource("/v2/models/{name}/versions/{version}")
+                .route(web::get().to(model_version_metadata)),
         )
-        .route("/v2/models/{name}/config", web::get().to(model_config))
-        .route(
-            "/v2/models/{name}/versions/{version}/config",
-            web::get().to(model_version_config),
+        .service(web::resource("/v2/models/{name}/config").route(web::get().to(model_config)))
+        .service(
+            web::resource("/v2/models/{name}/versions/{version}/config")
+                .route(web::get().to(model_version_config)),
         )
-        .route("/v2/models/{name}/infer", web::post().to(infer))
-        .route(
-            "/v2/models/{name}/versions/{version}/infer",
-            web::post().to(infer_version),
+        .service(web::resource("/v2/models/{name}/infer").route(web::post().to(infer)))
+        .service(
+            web::resource("/v2/models/{name}/versions/{version}/infer")
+                .route(web::post().to(infer_version)),
         );
 }
 
@@ -219,7 +221,7 @@ async fn run_inference(
         .headers()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
+        .and_then(untrusted::request_id)
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     let resolved = state.served(name, version).await;
     // Label metrics by the served model only: an unknown name from a client must not mint
@@ -266,11 +268,51 @@ async fn run_inference(
             tracing::info!(
                 target: "streamserve::access",
                 request_id = %request_id, model = %model, version = %model_version, status,
-                error = %e, total_us = elapsed.as_micros() as u64, "infer"
+                error = %Untrusted(&e.to_string()), total_us = elapsed.as_micros() as u64, "infer"
             );
             Err(e)
         }
     }
+}
+
+/// Bodies up to this size are decoded on the HTTP thread; larger ones on the blocking pool.
+const INLINE_DECODE_BYTES: usize = 256 * 1024;
+
+fn decode_and_validate(
+    body: &[u8],
+    json_length: Option<usize>,
+    info: &ModelInfo,
+) -> Result<(kserve::DecodedRequest, InferRequest), ServeError> {
+    let mut decoded = kserve::decode(body, json_length)?;
+    let request = info.validate(std::mem::take(&mut decoded.inputs), decoded.outputs.take())?;
+    Ok((decoded, request))
+}
+
+/// The largest body a request to this model can need, so that a bigger one is refused from
+/// its `Content-Length` before it is read or parsed: every input at max_batch_size rows, each
+/// element as long as JSON spells any number (a 17-digit float with exponent, a separator and
+/// pretty-printing's indentation: 48 bytes), plus room for names and parameters. `None` where
+/// an input has a free dimension besides its batch axis: then only `--max-body-bytes` bounds it.
+fn model_body_limit(info: &ModelInfo) -> Option<usize> {
+    const BYTES_PER_ELEMENT: usize = 48;
+    const ENVELOPE: usize = 64 * 1024;
+    let rows = info.batching.max_batch_size.max(1);
+    let mut elements = 0usize;
+    for (spec, axis) in info.inputs.iter().zip(&info.input_axes) {
+        let mut count = 1usize;
+        for (i, &dim) in spec.shape.iter().enumerate() {
+            let dim = match usize::try_from(dim) {
+                Ok(fixed) => fixed,
+                Err(_) if info.batched() && *axis == BatchAxis::Axis(i) => rows,
+                Err(_) => return None,
+            };
+            count = count.checked_mul(dim)?;
+        }
+        elements = elements.checked_add(count)?;
+    }
+    elements
+        .checked_mul(BYTES_PER_ELEMENT)?
+        .checked_add(ENVELOPE)
 }
 
 struct Stats {
@@ -297,7 +339,24 @@ async fn infer_on(
                 })?,
         ),
     };
-    let body = read_body(req, body, state.max_body_bytes).await?;
+    // A body larger than the model can take is refused as soon as that is known (from its
+    // Content-Length, before a byte is buffered), not after it is parsed.
+    let model_limit = model_body_limit(&served.info).filter(|&n| n < state.max_body_bytes);
+    let limits = state.body_limits(model_limit.unwrap_or(state.max_body_bytes));
+    let body = body::read(req, body, &limits)
+        .await
+        .map_err(|e| match (e, model_limit) {
+            (ServeError::PayloadTooLarge { size, limit }, Some(_)) => {
+                ServeError::TooLargeForModel {
+                    size,
+                    limit,
+                    model: served.info.name.clone(),
+                    rows: served.info.batching.max_batch_size,
+                }
+            }
+            (e, _) => e,
+        })?;
+    let small = body.bytes.len() <= INLINE_DECODE_BYTES;
     // Admission before decoding: past max_inflight the server is saturated upstream of the
     // model queues (HTTP, JSON), where slo_ms and max_queue cannot see it. The body is read
     // first all the same, so that the connection stays reusable: a refusal that leaves the
@@ -312,10 +371,20 @@ async fn infer_on(
             retry_after: Duration::from_secs(1),
         }
     })?;
-    let mut decoded = kserve::decode(&body, json_length)?;
-    drop(body);
     let info = served.info.clone();
-    let request = info.validate(std::mem::take(&mut decoded.inputs), decoded.outputs.take())?;
+    let (decoded, request) = if small {
+        let decoded = decode_and_validate(&body.bytes, json_length, &info)?;
+        drop(body);
+        decoded
+    } else {
+        // A large JSON body takes tens to hundreds of milliseconds to parse: off the HTTP
+        // threads, so that requests on the other connections of this thread go on meanwhile.
+        // The body (and its memory reservation) ends with the decoding.
+        let info = info.clone();
+        web::block(move || decode_and_validate(&body.bytes, json_length, &info))
+            .await
+            .map_err(|_| ServeError::ShuttingDown)??
+    };
     // A deadline from the `x-timeout-ms` header, or Triton's `timeout` parameter (µs).
     let timeout = match req.headers().get("x-timeout-ms") {
         Some(v) => Some(Duration::from_millis(
@@ -352,71 +421,4 @@ async fn infer_on(
         compute_us: response.compute_time.as_micros() as u64,
     };
     Ok((http.body(encoded.body), stats))
-}
-
-/// Reads the body, decompressing it per `Content-Encoding` (gzip or deflate, as Triton's
-/// clients send with `request_compression_algorithm`), and refuses it with 413 as soon as it
-/// is known to exceed the limit, before it is buffered. The limit applies to the decompressed
-/// size too, so a small compressed body cannot expand without bound.
-pub(crate) async fn read_body(
-    req: &HttpRequest,
-    body: web::Payload,
-    limit: usize,
-) -> Result<web::BytesMut, ServeError> {
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.parse::<usize>().ok());
-    if let Some(size) = declared.filter(|&n| n > limit) {
-        return Err(ServeError::PayloadTooLarge { size, limit });
-    }
-    let capacity = declared.unwrap_or(8 * 1024).min(limit);
-    let encoding = req
-        .headers()
-        .get(header::CONTENT_ENCODING)
-        .map(|v| v.to_str().unwrap_or("").trim().to_ascii_lowercase());
-    match encoding.as_deref() {
-        None | Some("identity") | Some("") => collect(body, limit, capacity).await,
-        Some("gzip") | Some("x-gzip") => {
-            collect(
-                Decompress::new(body.into_inner(), ContentEncoding::Gzip),
-                limit,
-                capacity,
-            )
-            .await
-        }
-        Some("deflate") => {
-            collect(
-                Decompress::new(body.into_inner(), ContentEncoding::Deflate),
-                limit,
-                capacity,
-            )
-            .await
-        }
-        Some(other) => Err(ServeError::UnsupportedEncoding(other.to_string())),
-    }
-}
-
-async fn collect<S>(
-    mut stream: S,
-    limit: usize,
-    capacity: usize,
-) -> Result<web::BytesMut, ServeError>
-where
-    S: futures_util::Stream<Item = Result<web::Bytes, actix_web::error::PayloadError>> + Unpin,
-{
-    let mut buf = web::BytesMut::with_capacity(capacity);
-    while let Some(chunk) = stream.next().await {
-        let chunk =
-            chunk.map_err(|e| ServeError::invalid(format!("cannot read request body: {e}")))?;
-        if buf.len() + chunk.len() > limit {
-            return Err(ServeError::PayloadTooLarge {
-                size: buf.len() + chunk.len(),
-                limit,
-            });
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(buf)
 }

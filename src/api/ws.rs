@@ -45,8 +45,8 @@ pub struct StreamsConfig {
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/streams/{model}", web::get().to(open_stream))
-        .route("/v1/models/{model}/segments", web::post().to(segments));
+    cfg.service(web::resource("/v1/streams/{model}").route(web::get().to(open_stream)))
+        .service(web::resource("/v1/models/{model}/segments").route(web::post().to(segments)));
 }
 
 async fn stream_model(state: &AppState, name: &str) -> Result<ServedModel, ServeError> {
@@ -68,11 +68,17 @@ async fn open_stream(
     // Unknown and non-streaming models are refused before the upgrade, with a plain HTTP error.
     let served = stream_model(&state, &path.into_inner()).await?;
     let (response, session, messages) = actix_ws::handle(&req, body)?;
+    let streams = state.streams.clone();
     let messages = messages
         .max_frame_size(MAX_FRAME_BYTES)
         .aggregate_continuations()
         .max_continuation_size(MAX_FRAME_BYTES);
-    actix_web::rt::spawn(connection(session, messages, served, state.streams.clone()));
+    // An open stream is work in flight: a shutdown waits for it to close (code 1001).
+    let work = state.work.begin();
+    actix_web::rt::spawn(async move {
+        connection(session, messages, served, streams).await;
+        drop(work);
+    });
     Ok(response)
 }
 
@@ -412,8 +418,8 @@ async fn segments(
     body: web::Payload,
 ) -> Result<HttpResponse, ServeError> {
     let served = stream_model(&state, &path.into_inner()).await?;
-    let body = super::rest::read_body(&req, body, state.max_body_bytes).await?;
-    let wav = read_wav(&body).map_err(ServeError::invalid)?;
+    let body = super::body::read(&req, body, &state.body_limits(state.max_body_bytes)).await?;
+    let wav = read_wav(&body.bytes).map_err(ServeError::invalid)?;
     drop(body);
     let defaults = VadOptions::default();
     let q = query.into_inner();

@@ -1,0 +1,211 @@
+//! Reading a request body, for every surface that takes one (inference, WAV segments): the
+//! size limit (refused from `Content-Length` before a byte is buffered, and again as bytes
+//! arrive, after decompression too, so a small gzip body cannot expand without bound), the
+//! memory all bodies may hold together ([`BodyMemory`]), and clean errors for bodies that are
+//! too slow (the door's pace, see `door.rs`), cut short, or not valid gzip/deflate.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix_web::dev::Decompress;
+use actix_web::error::PayloadError;
+use actix_web::http::header::{self, ContentEncoding};
+use actix_web::{web, HttpRequest};
+use futures_util::StreamExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::door::{self, BodyPace};
+use crate::error::ServeError;
+
+/// Bodies reserve memory in steps of this many KiB, so a body of many small chunks does not
+/// touch the semaphore for each.
+const STEP_KIB: usize = 64;
+
+/// The memory that request bodies being read, decoded and answered may hold together. A body
+/// that would take more gets 503 with Retry-After at once: eight 63 MB bodies at the same time
+/// cannot add half a gigabyte to the process and hold every other client up meanwhile.
+pub struct BodyMemory {
+    kib: Arc<Semaphore>,
+    limit_mb: u64,
+}
+
+impl BodyMemory {
+    pub fn new(limit_mb: u64) -> BodyMemory {
+        let kib = usize::try_from(limit_mb.saturating_mul(1024))
+            .unwrap_or(usize::MAX)
+            .min(Semaphore::MAX_PERMITS);
+        BodyMemory {
+            kib: Arc::new(Semaphore::new(kib)),
+            limit_mb,
+        }
+    }
+
+    /// Grows `held` to cover `bytes`.
+    fn reserve(
+        &self,
+        held: &mut Option<OwnedSemaphorePermit>,
+        bytes: usize,
+    ) -> Result<(), ServeError> {
+        let have = held.as_ref().map_or(0, |p| p.num_permits());
+        let want = bytes.div_ceil(1024).div_ceil(STEP_KIB) * STEP_KIB;
+        if want <= have {
+            return Ok(());
+        }
+        let more = u32::try_from(want - have).map_err(|_| self.full())?;
+        let permit = self
+            .kib
+            .clone()
+            .try_acquire_many_owned(more)
+            .map_err(|_| self.full())?;
+        match held {
+            Some(h) => h.merge(permit),
+            None => *held = Some(permit),
+        }
+        Ok(())
+    }
+
+    fn full(&self) -> ServeError {
+        metrics::counter!("streamserve_body_memory_refusals_total").increment(1);
+        ServeError::BodyMemoryFull {
+            limit_mb: self.limit_mb,
+        }
+    }
+}
+
+/// A body read whole, with the memory reservation it holds until it is dropped.
+pub struct Body {
+    pub bytes: web::BytesMut,
+    _reserved: Option<OwnedSemaphorePermit>,
+}
+
+/// What reading a body needs from the server's configuration.
+pub struct BodyLimits<'a> {
+    pub max_bytes: usize,
+    pub memory: &'a BodyMemory,
+    pub pace: BodyPace,
+}
+
+/// Reads the body, decompressing it per `Content-Encoding` (gzip or deflate, as Triton's
+/// clients send with `request_compression_algorithm`). `max_bytes` bounds the decompressed size.
+pub async fn read(
+    req: &HttpRequest,
+    body: web::Payload,
+    limits: &BodyLimits<'_>,
+) -> Result<Body, ServeError> {
+    let limit = limits.max_bytes;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse::<usize>().ok());
+    if let Some(size) = declared.filter(|&n| n > limit) {
+        return Err(ServeError::PayloadTooLarge { size, limit });
+    }
+    let encoding = req
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .map(|v| v.to_str().unwrap_or("").trim().to_ascii_lowercase());
+    let coding = match encoding.as_deref() {
+        None | Some("identity") | Some("") => None,
+        Some("gzip") | Some("x-gzip") => Some(ContentEncoding::Gzip),
+        Some("deflate") => Some(ContentEncoding::Deflate),
+        Some(other) => return Err(ServeError::UnsupportedEncoding(other.to_string())),
+    };
+    let reader = Reader {
+        limits,
+        capacity: declared.unwrap_or(8 * 1024).min(limit),
+        encoding: encoding.as_deref().filter(|_| coding.is_some()),
+    };
+    match coding {
+        None => reader.collect(body).await,
+        Some(coding) => {
+            reader
+                .collect(Decompress::new(body.into_inner(), coding))
+                .await
+        }
+    }
+}
+
+struct Reader<'a> {
+    limits: &'a BodyLimits<'a>,
+    capacity: usize,
+    encoding: Option<&'a str>,
+}
+
+impl Reader<'_> {
+    async fn collect<S>(&self, mut stream: S) -> Result<Body, ServeError>
+    where
+        S: futures_util::Stream<Item = Result<web::Bytes, PayloadError>> + Unpin,
+    {
+        let started = Instant::now();
+        let limit = self.limits.max_bytes;
+        let mut reserved = None;
+        self.limits.memory.reserve(&mut reserved, self.capacity)?;
+        let mut buf = web::BytesMut::with_capacity(self.capacity);
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| self.payload_error(e, buf.len(), started))?;
+            let size = buf.len() + chunk.len();
+            if size > limit {
+                return Err(ServeError::PayloadTooLarge { size, limit });
+            }
+            self.limits.memory.reserve(&mut reserved, size)?;
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(Body {
+            bytes: buf,
+            _reserved: reserved,
+        })
+    }
+
+    /// A clean, client-facing reason for a failed read (the framework's Display for these
+    /// carries Rust debug text).
+    fn payload_error(&self, error: PayloadError, received: usize, started: Instant) -> ServeError {
+        if door::is_body_timeout(&error) {
+            metrics::counter!("streamserve_body_timeouts_total").increment(1);
+            return ServeError::BodyTimeout {
+                received,
+                elapsed: started.elapsed(),
+                deadline: self.limits.pace.deadline,
+                min_rate: self.limits.pace.min_bytes_per_sec,
+            };
+        }
+        match (error, self.encoding) {
+            (PayloadError::Overflow, _) => ServeError::PayloadTooLarge {
+                size: received,
+                limit: self.limits.max_bytes,
+            },
+            // Decompression reports a corrupt stream in several ways, none a client can act on
+            // better than this.
+            (_, Some(encoding)) => ServeError::invalid(format!(
+                "the request body is not valid {encoding} data (Content-Encoding: {encoding})"
+            )),
+            (PayloadError::Incomplete(_), None) => {
+                ServeError::invalid("the request body ended before its declared length")
+            }
+            (_, None) => ServeError::invalid("the request body could not be read"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_is_reserved_in_steps_and_refused_past_the_bound() {
+        let memory = BodyMemory::new(1);
+        let mut a = None;
+        memory.reserve(&mut a, 1).unwrap();
+        assert_eq!(a.as_ref().unwrap().num_permits(), STEP_KIB);
+        memory.reserve(&mut a, 600 * 1024).unwrap();
+        assert_eq!(a.as_ref().unwrap().num_permits(), 640);
+        let mut b = None;
+        let refused = memory.reserve(&mut b, 512 * 1024).unwrap_err();
+        assert!(matches!(
+            refused,
+            ServeError::BodyMemoryFull { limit_mb: 1 }
+        ));
+        drop(a);
+        memory.reserve(&mut b, 512 * 1024).unwrap();
+    }
+}
