@@ -131,6 +131,13 @@ async fn metadata(
             "source": info.source,
             "fallback": info.fallback,
             "resources": info.resources,
+            "allow_non_finite": info.allow_non_finite,
+            // What the manifest declares beyond `inputs`: every accepted shape (`inputs` shows
+            // the first) and allowed values, per input that has any.
+            "input_rules": info.inputs.iter().zip(&info.input_rules)
+                .filter(|(_, rule)| !rule.is_empty())
+                .map(|(spec, rule)| (spec.name.clone(), json!(rule)))
+                .collect::<serde_json::Map<_, _>>(),
         },
     })))
 }
