@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod health;
+mod json_tensor;
 pub mod kserve;
 pub mod metrics;
 pub mod rest;
