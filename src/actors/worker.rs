@@ -506,6 +506,94 @@ mod tests {
         assert_eq!(unstack(&packed, 1, 3, 1, 2), b);
     }
 
+    /// A batch of `n` one-row requests, with the receivers of their answers.
+    fn batch(
+        n: usize,
+    ) -> (
+        Batch,
+        Vec<oneshot::Receiver<Result<InferResponse, ServeError>>>,
+    ) {
+        let (items, answers) = (0..n)
+            .map(|_| {
+                let (tx, rx) = oneshot::channel();
+                let pending = Pending {
+                    request: Arc::new(InferRequest {
+                        inputs: vec![],
+                        rows: 1,
+                        outputs: vec![],
+                    }),
+                    reply: Reply::new(tx),
+                    enqueued: Instant::now(),
+                    deadline: None,
+                    attempts: 0,
+                    degraded_from: None,
+                };
+                (pending, rx)
+            })
+            .unzip();
+        let batch = Batch {
+            items,
+            layout: None,
+            served_by: Arc::new(("m".into(), "1".into())),
+        };
+        (batch, answers)
+    }
+
+    fn run_error(invalid_input: bool) -> RunError {
+        RunError {
+            message: "Non-zero status code returned while running Conv node. Name:'c' Status Message: bad\nmore".into(),
+            invalid_input,
+        }
+    }
+
+    fn status(rx: &mut oneshot::Receiver<Result<InferResponse, ServeError>>) -> u16 {
+        use actix_web::ResponseError;
+        match rx.try_recv().unwrap() {
+            Ok(_) => 200,
+            Err(e) => e.status_code().as_u16(),
+        }
+    }
+
+    #[test]
+    fn failures_the_request_caused_are_400s_that_do_not_count() {
+        let now = Instant::now();
+        // INVALID_ARGUMENT: the input's doing, alone or not.
+        let (b, mut rx) = batch(1);
+        assert!(!answer(
+            &b,
+            vec![Err(run_error(true))],
+            true,
+            1,
+            now,
+            Duration::ZERO
+        ));
+        assert_eq!(status(&mut rx[0]), 400);
+        // Any other error of a request that ran alone is the model's: 500, counted...
+        let (b, mut rx) = batch(1);
+        assert!(answer(
+            &b,
+            vec![Err(run_error(false))],
+            true,
+            1,
+            now,
+            Duration::ZERO
+        ));
+        assert_eq!(status(&mut rx[0]), 500);
+        // ...unless a batch mate ran fine alone: then the model works and the request is at fault.
+        let (b, mut rx) = batch(3);
+        let results = vec![Ok(vec![]), Err(run_error(false)), Err(run_error(true))];
+        assert!(!answer(&b, results, true, 3, now, Duration::ZERO));
+        assert_eq!(
+            rx.iter_mut().map(status).collect::<Vec<_>>(),
+            vec![200, 400, 400]
+        );
+        // The message is one line: the node and its complaint.
+        let (b, mut rx) = batch(1);
+        answer(&b, vec![Err(run_error(true))], true, 1, now, Duration::ZERO);
+        let message = rx[0].try_recv().unwrap().unwrap_err().to_string();
+        assert_eq!(message, "model 'm' cannot run this input: Conv node: bad");
+    }
+
     #[test]
     fn stacking_along_axis_0_is_concatenation() {
         let a = tensor(vec![1, 2], vec![1., 2.]);
