@@ -95,12 +95,8 @@ fn check_decl(
     batched: bool,
 ) -> Result<(), String> {
     for shape in &decl.shapes {
-        let fits = shape.len() == spec.shape.len()
-            && shape
-                .iter()
-                .zip(&spec.shape)
-                .all(|(&d, &m)| m < 0 || d == m);
-        if !fits {
+        // The model's fixed dimensions must stay as they are; its dynamic ones may be fixed.
+        if !fits(shape, &spec.shape) {
             return Err(format!(
                 "inputs.{name}: shape {shape:?} does not fit the model's {:?}",
                 spec.shape
