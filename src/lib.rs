@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod manifest;
 pub mod model;
+pub mod rules;
 pub mod runtime;
 pub mod server;
 pub mod stream;

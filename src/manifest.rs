@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 use sha2::{Digest, Sha256};
 
 pub const MANIFEST_FILE: &str = "models.toml";
@@ -102,6 +102,43 @@ pub enum LoadPolicy {
     Lazy,
 }
 
+/// What the manifest declares about one model input beyond what the ONNX file says: ONNX
+/// files often leave dimensions dynamic that the model really needs fixed (Silero VAD says
+/// `[-1, -1]` and needs `[-1, 576]`), or take a scalar that only some values make sense for.
+/// Requests are checked against it before they are queued, so that a bad one gets a 400 with
+/// the reason instead of an ONNX Runtime error from inside the model.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputDecl {
+    /// Shapes the input may have (`-1`: any size there); the first is the one metadata
+    /// advertises. Empty: the model's own shape.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shapes: Vec<Vec<i64>>,
+    /// Values every element must be one of. Empty: any value.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<AllowedValue>,
+    /// Another input whose value picks the shape: `shapes[i]` goes with its `values[i]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paired_with: Option<String>,
+}
+
+/// A number from an input's `values` list, compared with tensor elements by value.
+#[derive(Clone, Copy, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum AllowedValue {
+    Int(i64),
+    Float(f64),
+}
+
+impl fmt::Display for AllowedValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AllowedValue::Int(v) => write!(f, "{v}"),
+            AllowedValue::Float(v) => write!(f, "{v}"),
+        }
+    }
+}
+
 /// Dynamic micro-batching settings for one model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Batching {
@@ -145,6 +182,10 @@ pub struct ModelEntry {
     pub batch_axes: BTreeMap<String, BatchAxis>,
     /// Set for models that serve WebSocket streams.
     pub stream: Option<StreamKind>,
+    /// Accept NaN and infinities in float inputs (refused with 400 by default).
+    pub allow_non_finite: bool,
+    /// Declared constraints per input name.
+    pub inputs: BTreeMap<String, InputDecl>,
     pub description: String,
     pub source: String,
 }
@@ -165,6 +206,7 @@ struct RawDefaults {
     hang_timeout_ms: Option<u64>,
     load: Option<LoadPolicy>,
     idle_unload_secs: Option<u64>,
+    allow_non_finite: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -189,9 +231,12 @@ struct RawModel {
     hang_timeout_ms: Option<u64>,
     load: Option<LoadPolicy>,
     idle_unload_secs: Option<u64>,
+    allow_non_finite: Option<bool>,
     fallback: Option<String>,
     #[serde(default)]
     batch_axes: BTreeMap<String, BatchAxis>,
+    #[serde(default)]
+    inputs: BTreeMap<String, InputDecl>,
     stream: Option<StreamKind>,
     #[serde(default)]
     description: String,
@@ -246,6 +291,7 @@ impl Manifest {
                 hang_timeout_ms: m.hang_timeout_ms,
                 load: m.load,
                 idle_unload_secs: m.idle_unload_secs,
+                allow_non_finite: m.allow_non_finite,
             };
             anyhow::ensure!(
                 !m.name.is_empty()
@@ -276,6 +322,8 @@ impl Manifest {
                 m.name,
                 m.version
             );
+            check_input_decls(&m.inputs)
+                .map_err(|e| anyhow::anyhow!("model {}:{}: {e}", m.name, m.version))?;
             models.push(ModelEntry {
                 file: dir.join(&m.file),
                 sha256: m.sha256.to_ascii_lowercase(),
@@ -309,6 +357,8 @@ impl Manifest {
                 fallback: m.fallback,
                 batch_axes: m.batch_axes,
                 stream: m.stream,
+                allow_non_finite: s.allow_non_finite.or(d.allow_non_finite).unwrap_or(false),
+                inputs: m.inputs,
                 description: m.description,
                 source: m.source,
                 name: m.name,
@@ -344,6 +394,50 @@ impl Manifest {
             models,
         })
     }
+}
+
+/// What can be checked of `inputs` declarations without the model: dimensions, non-empty
+/// lists, and that a `paired_with` names a declared input with one value per shape. That the
+/// declarations fit the model's inputs is checked when it loads (`rules.rs`).
+fn check_input_decls(inputs: &BTreeMap<String, InputDecl>) -> Result<(), String> {
+    for (name, decl) in inputs {
+        if decl.shapes.is_empty() && decl.values.is_empty() {
+            return Err(format!("inputs.{name} declares neither shapes nor values"));
+        }
+        if let Some(shape) = decl.shapes.iter().find(|s| s.iter().any(|&d| d < -1)) {
+            return Err(format!(
+                "inputs.{name}: shape {shape:?} has a dimension below -1 (-1 means any size)"
+            ));
+        }
+        for (i, v) in decl.values.iter().enumerate() {
+            if let AllowedValue::Float(f) = v {
+                if !f.is_finite() {
+                    return Err(format!("inputs.{name}: values must be finite numbers"));
+                }
+            }
+            if decl.values[..i].contains(v) {
+                return Err(format!("inputs.{name}: value {v} is listed twice"));
+            }
+        }
+        let Some(other) = &decl.paired_with else {
+            continue;
+        };
+        let paired = inputs
+            .get(other)
+            .filter(|_| other != name)
+            .ok_or_else(|| {
+                format!("inputs.{name}.paired_with names '{other}', which must be another input declared with values")
+            })?;
+        if decl.shapes.is_empty() || paired.values.len() != decl.shapes.len() {
+            return Err(format!(
+                "inputs.{name} is paired_with '{other}': it needs one shape per value of '{other}' \
+                 ({} shapes, {} values)",
+                decl.shapes.len(),
+                paired.values.len()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Hashes the model file and compares it with the manifest, so that a corrupted or swapped
@@ -447,6 +541,78 @@ mod tests {
             format!("[[models]]\nname='a'\nversion='1'\nfile='a'\nsha256='{HASH}'\nreplica=2\n");
         let err = Manifest::parse(Path::new("."), &misspelt).unwrap_err();
         assert!(err.to_string().contains("unknown field `replica`"), "{err}");
+    }
+
+    #[test]
+    fn input_declarations_and_non_finite_flag() {
+        let text = format!(
+            r#"
+            [defaults]
+            allow_non_finite = true
+
+            [[models]]
+            name = "vad"
+            version = "1"
+            file = "v.onnx"
+            sha256 = "{HASH}"
+            inputs.input = {{ shapes = [[-1, 576], [-1, 288]], paired_with = "sr" }}
+            inputs.sr = {{ values = [16000, 8000] }}
+
+            [[models]]
+            name = "b"
+            version = "1"
+            file = "b.onnx"
+            sha256 = "{HASH}"
+            allow_non_finite = false
+            "#
+        );
+        let m = Manifest::parse(Path::new("/m"), &text).unwrap();
+        let vad = &m.models[0];
+        assert!(vad.allow_non_finite, "from [defaults]");
+        assert!(!m.models[1].allow_non_finite, "the entry overrides");
+        assert_eq!(
+            vad.inputs["input"].shapes,
+            vec![vec![-1, 576], vec![-1, 288]]
+        );
+        assert_eq!(vad.inputs["input"].paired_with.as_deref(), Some("sr"));
+        assert_eq!(
+            vad.inputs["sr"].values,
+            vec![AllowedValue::Int(16000), AllowedValue::Int(8000)]
+        );
+        assert!(m.models[1].inputs.is_empty());
+        let plain = format!("[[models]]\nname='a'\nversion='1'\nfile='a'\nsha256='{HASH}'\n");
+        assert!(!Manifest::parse(Path::new("."), &plain).unwrap().models[0].allow_non_finite);
+    }
+
+    #[test]
+    fn bad_input_declarations_are_refused() {
+        let refused = |decl: &str| {
+            let text =
+                format!("[[models]]\nname='a'\nversion='1'\nfile='a'\nsha256='{HASH}'\n{decl}\n");
+            Manifest::parse(Path::new("."), &text)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(refused("inputs.x = { shape = [[1]] }").contains("unknown field `shape`"));
+        assert!(refused("inputs.x = {}").contains("neither shapes nor values"));
+        assert!(refused("inputs.x = { shapes = [[-2, 3]] }").contains("below -1"));
+        assert!(refused("inputs.x = { values = [1, 1] }").contains("listed twice"));
+        assert!(
+            refused("inputs.x = { shapes = [[1], [2]], paired_with = 'y' }")
+                .contains("must be another input declared with values")
+        );
+        assert!(
+            refused("inputs.x = { shapes = [[1]], paired_with = 'x', values = [1] }")
+                .contains("must be another input")
+        );
+        let mismatch = refused(
+            "inputs.x = { shapes = [[1], [2]], paired_with = 'y' }\ninputs.y = { values = [1] }",
+        );
+        assert!(
+            mismatch.contains("one shape per value of 'y' (2 shapes, 1 values)"),
+            "{mismatch}"
+        );
+        assert!(refused("allow_non_finite = 'yes'").contains("allow_non_finite"));
     }
 
     #[test]

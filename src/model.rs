@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use crate::error::ServeError;
 use crate::manifest::{BatchAxis, Batching, Device, StreamKind};
+use crate::rules::{self, InputRule};
 use crate::runtime::TensorSpec;
-use crate::tensor::{element_count, NamedTensor};
+use crate::tensor::{element_count, NamedTensor, TensorData};
 
 /// The platform string of the Open Inference Protocol's model metadata.
 pub const PLATFORM: &str = "onnxruntime_onnx";
@@ -19,7 +20,13 @@ pub const PLATFORM: &str = "onnxruntime_onnx";
 pub struct ModelInfo {
     pub name: String,
     pub version: String,
+    /// The inputs as the model declares them, except that an input the manifest declares
+    /// shapes for shows the first of them (what metadata advertises).
     pub inputs: Vec<TensorSpec>,
+    /// The manifest's rules per input (same order as `inputs`; most have none).
+    pub input_rules: Vec<InputRule>,
+    /// NaN and infinities in float inputs are accepted only when the manifest allows them.
+    pub allow_non_finite: bool,
     pub outputs: Vec<TensorSpec>,
     pub batching: Batching,
     /// Batch axis of each input and output (same order as `inputs` / `outputs`).
@@ -130,8 +137,12 @@ impl ModelInfo {
                 )));
             };
             let tensor = inputs.swap_remove(pos);
-            self.check_tensor(spec, *axis, &tensor)?;
+            self.check_tensor(ordered.len(), *axis, &tensor)?;
             ordered.push(tensor);
+        }
+        for i in 0..ordered.len() {
+            rules::check_pairing(&self.inputs, &self.input_rules, i, &ordered)
+                .map_err(ServeError::InvalidRequest)?;
         }
 
         let rows = if self.batched() {
@@ -190,12 +201,16 @@ impl ModelInfo {
         })
     }
 
+    /// Checks input `i`: datatype, shape (the spec's, or one of the manifest's declared shapes),
+    /// element count, declared values, and that floats are finite.
     fn check_tensor(
         &self,
-        spec: &TensorSpec,
+        i: usize,
         axis: BatchAxis,
         tensor: &NamedTensor,
     ) -> Result<(), ServeError> {
+        let spec = &self.inputs[i];
+        let rule = self.input_rules.get(i);
         let input = &spec.name;
         if tensor.data.datatype() != spec.datatype {
             return Err(ServeError::invalid(format!(
@@ -204,26 +219,31 @@ impl ModelInfo {
                 tensor.data.datatype()
             )));
         }
-        if tensor.shape.len() != spec.shape.len() {
+        if let Some(got) = tensor.shape.iter().find(|&&d| d < 0) {
             return Err(ServeError::invalid(format!(
-                "input '{input}' must have {} dimensions {:?}, got shape {:?}",
-                spec.shape.len(),
-                spec.shape,
+                "input '{input}' has negative dimension {got} in shape {:?}",
                 tensor.shape
             )));
         }
-        for (axis, (&want, &got)) in spec.shape.iter().zip(&tensor.shape).enumerate() {
-            if got < 0 {
+        if rule.is_some_and(|r| r.shapes.len() > 1) {
+            rules::check_shapes(&self.name, &self.inputs, &self.input_rules, i, tensor)
+                .map_err(ServeError::InvalidRequest)?;
+        } else {
+            if tensor.shape.len() != spec.shape.len() {
                 return Err(ServeError::invalid(format!(
-                    "input '{input}' has negative dimension {got} in shape {:?}",
+                    "input '{input}' must have {} dimensions {:?}, got shape {:?}",
+                    spec.shape.len(),
+                    spec.shape,
                     tensor.shape
                 )));
             }
-            if want >= 0 && want != got {
-                return Err(ServeError::invalid(format!(
-                    "input '{input}' dimension {axis} must be {want}, got shape {:?} (expected {:?})",
-                    tensor.shape, spec.shape
-                )));
+            for (axis, (&want, &got)) in spec.shape.iter().zip(&tensor.shape).enumerate() {
+                if want >= 0 && want != got {
+                    return Err(ServeError::invalid(format!(
+                        "input '{input}' dimension {axis} must be {want}, got shape {:?} (expected {:?})",
+                        tensor.shape, spec.shape
+                    )));
+                }
             }
         }
         let batch_dim = match axis {
@@ -249,8 +269,64 @@ impl ModelInfo {
                 tensor.data.len()
             )));
         }
+        if let Some(rule) = rule {
+            rules::check_values(input, &rule.values, &tensor.data)
+                .map_err(ServeError::InvalidRequest)?;
+        }
+        if !self.allow_non_finite {
+            if let Some((element, value)) = first_non_finite(&tensor.data) {
+                return Err(ServeError::invalid(format!(
+                    "input '{input}' element {element} is {value}: model '{}' takes finite {} values only",
+                    self.name, spec.datatype
+                )));
+            }
+        }
         Ok(())
     }
+
+    /// One request that passes validation: zeros (or each input's first declared value) in
+    /// the advertised shapes, dynamic dimensions 1. For smoke tests of a freshly loaded
+    /// version.
+    pub fn example_inputs(&self) -> Vec<NamedTensor> {
+        self.inputs
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                let shape: Vec<i64> = spec.shape.iter().map(|&d| d.max(1)).collect();
+                let count = element_count(&shape).unwrap_or(0);
+                let value = self
+                    .input_rules
+                    .get(i)
+                    .and_then(|r| r.values.first().copied());
+                NamedTensor {
+                    name: spec.name.clone(),
+                    shape,
+                    data: rules::filled(spec.datatype, count, value),
+                }
+            })
+            .collect()
+    }
+}
+
+/// The first NaN or infinity of a float tensor: its index and how it reads. One pass over
+/// the data, cheap beside decoding it; integer tensors are skipped.
+fn first_non_finite(data: &TensorData) -> Option<(usize, String)> {
+    let (i, value) = match data {
+        TensorData::Fp32(v) => v
+            .iter()
+            .position(|x| !x.is_finite())
+            .map(|i| (i, v[i] as f64))?,
+        TensorData::Fp64(v) => v.iter().position(|x| !x.is_finite()).map(|i| (i, v[i]))?,
+        _ => return None,
+    };
+    Some((
+        i,
+        if value.is_nan() {
+            "NaN".into()
+        } else {
+            format!("{value}")
+        },
+    ))
 }
 
 fn names(specs: &[TensorSpec]) -> String {
@@ -264,7 +340,7 @@ fn names(specs: &[TensorSpec]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensor::{DataType, TensorData};
+    use crate::tensor::DataType;
 
     fn info() -> ModelInfo {
         ModelInfo {
@@ -291,6 +367,8 @@ mod tests {
                 max_batch_size: 4,
                 max_queue_delay: Duration::ZERO,
             },
+            input_rules: vec![InputRule::default(); 2],
+            allow_non_finite: false,
             input_axes: vec![BatchAxis::Axis(0); 2],
             output_axes: vec![BatchAxis::Axis(0)],
             stream: None,
@@ -349,5 +427,100 @@ mod tests {
         let mut wrong_dim = x(1);
         wrong_dim.shape = vec![2, 1];
         assert!(err(m.validate(vec![wrong_dim, y(2)], None)).contains("dimension 1 must be 2"));
+    }
+
+    #[test]
+    fn non_finite_floats_are_refused_unless_allowed() {
+        let mut m = info();
+        for (value, shown) in [
+            (f32::NAN, "NaN"),
+            (f32::INFINITY, "inf"),
+            (f32::NEG_INFINITY, "-inf"),
+        ] {
+            let mut bad = x(2);
+            bad.data = TensorData::Fp32(vec![0.0, 1.0, value, 2.0]);
+            let e = err(m.validate(vec![bad, y(2)], None));
+            assert!(
+                e.contains("input 'x' element 2 is")
+                    && e.contains(shown)
+                    && e.contains("finite FP32 values only"),
+                "{e}"
+            );
+        }
+        m.allow_non_finite = true;
+        let mut bad = x(1);
+        bad.data = TensorData::Fp32(vec![f32::NAN, f32::INFINITY]);
+        assert!(m.validate(vec![bad, y(1)], None).is_ok());
+    }
+
+    /// Silero VAD's interface with the bundled manifest's declarations.
+    fn vad() -> ModelInfo {
+        let entry = crate::rules::tests::entry(crate::rules::tests::VAD);
+        let mut inputs = crate::rules::tests::vad_specs();
+        let input_axes = vec![BatchAxis::Axis(0), BatchAxis::Axis(1), BatchAxis::Shared];
+        let input_rules = rules::resolve(&entry, &mut inputs, &input_axes).unwrap();
+        ModelInfo {
+            name: "vad".into(),
+            inputs,
+            input_rules,
+            input_axes,
+            output_axes: vec![],
+            outputs: vec![],
+            ..info()
+        }
+    }
+
+    fn vad_request(samples: i64, sr: i64) -> Vec<NamedTensor> {
+        vec![
+            NamedTensor {
+                name: "input".into(),
+                shape: vec![1, samples],
+                data: TensorData::Fp32(vec![0.0; samples as usize]),
+            },
+            NamedTensor {
+                name: "state".into(),
+                shape: vec![2, 1, 128],
+                data: TensorData::Fp32(vec![0.0; 256]),
+            },
+            NamedTensor {
+                name: "sr".into(),
+                shape: vec![],
+                data: TensorData::Int64(vec![sr]),
+            },
+        ]
+    }
+
+    #[test]
+    fn declared_shapes_and_values_are_enforced_together() {
+        let m = vad();
+        assert!(m.validate(vad_request(576, 16000), None).is_ok());
+        assert!(m.validate(vad_request(288, 8000), None).is_ok());
+        assert_eq!(
+            err(m.validate(vad_request(1, 16000), None)),
+            "input 'input' has shape [1, 1], but model 'vad' takes [-1, 576] (with sr = 16000) \
+             or [-1, 288] (with sr = 8000) (-1: any size)"
+        );
+        assert!(
+            err(m.validate(vad_request(100_000, 16000), None)).contains("has shape [1, 100000]")
+        );
+        assert_eq!(
+            err(m.validate(vad_request(576, 12345), None)),
+            "input 'sr' must be one of 16000, 8000; got 12345"
+        );
+        assert_eq!(
+            err(m.validate(vad_request(288, 16000), None)),
+            "input 'input' has shape [1, 288], which goes with sr = 8000, but sr is 16000: \
+             with sr = 16000 it must be [-1, 576] (-1: any size)"
+        );
+    }
+
+    #[test]
+    fn example_inputs_pass_validation() {
+        let m = vad();
+        let inputs = m.example_inputs();
+        assert_eq!(inputs[0].shape, vec![1, 576]);
+        assert_eq!(inputs[2].data, TensorData::Int64(vec![16000]));
+        assert!(m.validate(inputs, None).is_ok());
+        assert!(info().validate(info().example_inputs(), None).is_ok());
     }
 }

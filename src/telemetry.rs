@@ -200,7 +200,7 @@ fn describe() {
     );
     describe_counter!(
         "streamserve_inference_failures_total",
-        "Model calls that returned an error"
+        "Model calls that failed (a request the model refused as invalid input is a 400, not counted)"
     );
 }
 

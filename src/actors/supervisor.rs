@@ -688,20 +688,11 @@ impl Handler<Rollouts> for Supervisor {
     }
 }
 
-/// One request of zeros (dynamic dimensions 1) through a freshly loaded version.
+/// One request of zeros (dynamic dimensions 1; declared shapes and values where the manifest
+/// declares them) through a freshly loaded version.
 async fn smoke_test(served: &ServedModel) -> Result<(), ServeError> {
     let info = &served.info;
-    let inputs = info
-        .inputs
-        .iter()
-        .map(|spec| {
-            let shape: Vec<i64> = spec.shape.iter().map(|&d| if d < 0 { 1 } else { d }).collect();
-            let count = crate::tensor::element_count(&shape).unwrap_or(0);
-            let data = crate::with_element_type!(spec.datatype, T, Wrap => Wrap(vec![T::default(); count]));
-            crate::tensor::NamedTensor { name: spec.name.clone(), shape, data }
-        })
-        .collect();
-    let request = info.validate(inputs, None)?;
+    let request = info.validate(info.example_inputs(), None)?;
     let (tx, rx) = oneshot::channel();
     served.router.do_send(Infer {
         request,
@@ -761,7 +752,7 @@ pub async fn load_version(
             Err(_) => failures.push("worker thread ended while loading".to_string()),
         }
     }
-    let Some((inputs, outputs)) = interface else {
+    let Some((mut inputs, outputs)) = interface else {
         return refuse(
             failures
                 .first()
@@ -776,11 +767,17 @@ pub async fn load_version(
         Ok(axes) => axes,
         Err(reason) => return refuse(reason),
     };
+    let input_rules = match crate::rules::resolve(&entry, &mut inputs, &input_axes) {
+        Ok(rules) => rules,
+        Err(reason) => return refuse(reason),
+    };
     let device = workers[0].device;
     let info = Arc::new(ModelInfo {
         name: entry.name.clone(),
         version: entry.version.clone(),
         inputs,
+        input_rules,
+        allow_non_finite: entry.allow_non_finite,
         outputs,
         batching: entry.batching,
         input_axes,

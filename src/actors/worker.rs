@@ -4,6 +4,13 @@
 //! runs the session, splits the outputs back per request (one copy) and answers each request
 //! directly. It then tells its router it is idle again, with what the batch cost.
 //!
+//! A model call that fails for a batch of several requests is retried request by request, so
+//! that one request the model cannot take does not fail its batch mates. A request that still
+//! fails alone is the request's doing when ONNX Runtime says `INVALID_ARGUMENT` (a kernel
+//! refused its shapes or values) or when a batch mate ran fine alone: it is answered 400 with a
+//! one-line reason and does not count as an inference failure. Anything else is a 500 and
+//! counts (`streamserve_inference_failures_total`).
+//!
 //! A panic inside inference is caught and reported: the worker stops, and its router retries
 //! the batch once elsewhere (or answers it with 503) while the supervisor's policy starts a
 //! fresh worker. Replies are shared slots, so whoever answers first (a worker that finally
@@ -20,7 +27,7 @@ use tokio::sync::oneshot;
 use crate::error::ServeError;
 use crate::manifest::{BatchAxis, Device, ModelEntry};
 use crate::model::{InferRequest, InferResponse};
-use crate::runtime::{ModelSession, TensorSpec};
+use crate::runtime::{ModelSession, RunError, TensorSpec};
 use crate::tensor::{NamedTensor, TensorData};
 
 type ReplySender = oneshot::Sender<Result<InferResponse, ServeError>>;
@@ -219,41 +226,18 @@ fn run_loop(
                 }
                 None => {}
             }
-            run_batch(session, &batch, rows)
+            run_each(session, &batch, rows)
         }));
         let compute = started.elapsed();
         let requests = batch.items.len();
-        let degraded = |p: &Pending| p.degraded_from.is_some();
         let outcome = match outcome {
-            Ok(Ok(per_request)) => {
-                for (pending, outputs) in batch.items.iter().zip(per_request) {
-                    pending.reply.send(Ok(InferResponse {
-                        outputs,
-                        batch_size: rows,
-                        queue_time: started.saturating_duration_since(pending.enqueued),
-                        compute_time: compute,
-                        served_by: batch.served_by.clone(),
-                        degraded: degraded(pending),
-                    }));
-                }
+            Ok((results, alone)) => {
+                let failed = answer(&batch, results, alone, rows, started, compute);
                 BatchOutcome::Done {
                     rows,
                     requests,
                     compute,
-                    failed: false,
-                }
-            }
-            Ok(Err(message)) => {
-                for pending in &batch.items {
-                    pending
-                        .reply
-                        .send(Err(ServeError::Inference(message.clone())));
-                }
-                BatchOutcome::Done {
-                    rows,
-                    requests,
-                    compute,
-                    failed: true,
+                    failed,
                 }
             }
             Err(panic) => {
@@ -280,30 +264,98 @@ fn run_loop(
     }
 }
 
+type Outputs = Vec<NamedTensor>;
+
+/// Runs the batch in one model call; when that fails for several requests, runs each alone
+/// (one bad request must not fail its batch mates). Returns each request's outcome, and
+/// whether they ran alone.
+fn run_each(
+    session: &mut ModelSession,
+    batch: &Batch,
+    rows: usize,
+) -> (Vec<Result<Outputs, RunError>>, bool) {
+    match run_batch(session, batch, rows) {
+        Ok(per_request) => (per_request.into_iter().map(Ok).collect(), false),
+        Err(e) if batch.items.len() == 1 => (vec![Err(e)], true),
+        Err(e) => {
+            tracing::debug!(error = %e.message, requests = batch.items.len(), "batch failed; running its requests one by one");
+            let alone = batch
+                .items
+                .iter()
+                .map(|p| run_alone(session, &p.request))
+                .collect();
+            (alone, true)
+        }
+    }
+}
+
+/// Answers every request of a batch; returns whether a failure was the model's (not a
+/// request's), which counts against the replica.
+fn answer(
+    batch: &Batch,
+    results: Vec<Result<Outputs, RunError>>,
+    alone: bool,
+    rows: usize,
+    started: Instant,
+    compute: Duration,
+) -> bool {
+    // A request that fails alone while another ran fine alone is the one at fault.
+    let model_works = alone && results.iter().any(Result::is_ok);
+    let mut failed = false;
+    for (pending, result) in batch.items.iter().zip(results) {
+        let reply = match result {
+            Ok(outputs) => Ok(InferResponse {
+                outputs,
+                batch_size: if alone { pending.request.rows } else { rows },
+                queue_time: started.saturating_duration_since(pending.enqueued),
+                compute_time: compute,
+                served_by: batch.served_by.clone(),
+                degraded: pending.degraded_from.is_some(),
+            }),
+            Err(e) if e.invalid_input || model_works => {
+                tracing::debug!(model = %batch.served_by.0, error = %e.message, "the model refused a request's input");
+                Err(ServeError::invalid(format!(
+                    "model '{}' cannot run this input: {}",
+                    batch.served_by.0,
+                    e.reason()
+                )))
+            }
+            Err(e) => {
+                tracing::warn!(model = %batch.served_by.0, error = %e.message, "inference failed");
+                failed = true;
+                Err(ServeError::Inference(e.reason()))
+            }
+        };
+        pending.reply.send(reply);
+    }
+    failed
+}
+
+/// Runs one request on its own buffers: nothing to pack or split.
+fn run_alone(session: &mut ModelSession, request: &InferRequest) -> Result<Outputs, RunError> {
+    let inputs: Vec<(&[i64], &TensorData)> = request
+        .inputs
+        .iter()
+        .map(|t| (t.shape.as_slice(), &t.data))
+        .collect();
+    let mut outputs = session.run_classified(&inputs)?;
+    Ok(request
+        .outputs
+        .iter()
+        .map(|&i| std::mem::replace(&mut outputs[i], placeholder()))
+        .collect())
+}
+
 /// Packs the batch, runs the model once, and splits each output back per request.
 fn run_batch(
     session: &mut ModelSession,
     batch: &Batch,
     rows: usize,
-) -> Result<Vec<Vec<NamedTensor>>, String> {
+) -> Result<Vec<Outputs>, RunError> {
     let first = &batch.items[0].request;
     let layout = match &batch.layout {
         Some(layout) if batch.items.len() > 1 => layout,
-        // One request: run on its own buffers, nothing to pack or split.
-        _ => {
-            let inputs: Vec<(&[i64], &TensorData)> = first
-                .inputs
-                .iter()
-                .map(|t| (t.shape.as_slice(), &t.data))
-                .collect();
-            let mut outputs = session.run(&inputs)?;
-            let selected = first
-                .outputs
-                .iter()
-                .map(|&i| std::mem::replace(&mut outputs[i], placeholder()))
-                .collect();
-            return Ok(vec![selected]);
-        }
+        _ => return Ok(vec![run_alone(session, first)?]),
     };
 
     let row_counts: Vec<usize> = batch.items.iter().map(|p| p.request.rows).collect();
@@ -329,15 +381,18 @@ fn run_batch(
             None => (own.shape.as_slice(), &own.data),
         })
         .collect();
-    let outputs = session.run(&inputs)?;
+    let outputs = session.run_classified(&inputs)?;
 
     for (output, axis) in outputs.iter().zip(&layout.outputs) {
         if let BatchAxis::Axis(k) = *axis {
             if output.shape.get(k).copied() != Some(rows as i64) {
-                return Err(format!(
-                    "output '{}' has shape {:?}, which does not keep the batch of {rows} rows on axis {k}",
-                    output.name, output.shape
-                ));
+                return Err(RunError {
+                    message: format!(
+                        "output '{}' has shape {:?}, which does not keep the batch of {rows} rows on axis {k}",
+                        output.name, output.shape
+                    ),
+                    invalid_input: false,
+                });
             }
         }
     }
@@ -449,6 +504,94 @@ mod tests {
         };
         assert_eq!(unstack(&packed, 1, 3, 0, 1), a);
         assert_eq!(unstack(&packed, 1, 3, 1, 2), b);
+    }
+
+    /// A batch of `n` one-row requests, with the receivers of their answers.
+    fn batch(
+        n: usize,
+    ) -> (
+        Batch,
+        Vec<oneshot::Receiver<Result<InferResponse, ServeError>>>,
+    ) {
+        let (items, answers) = (0..n)
+            .map(|_| {
+                let (tx, rx) = oneshot::channel();
+                let pending = Pending {
+                    request: Arc::new(InferRequest {
+                        inputs: vec![],
+                        rows: 1,
+                        outputs: vec![],
+                    }),
+                    reply: Reply::new(tx),
+                    enqueued: Instant::now(),
+                    deadline: None,
+                    attempts: 0,
+                    degraded_from: None,
+                };
+                (pending, rx)
+            })
+            .unzip();
+        let batch = Batch {
+            items,
+            layout: None,
+            served_by: Arc::new(("m".into(), "1".into())),
+        };
+        (batch, answers)
+    }
+
+    fn run_error(invalid_input: bool) -> RunError {
+        RunError {
+            message: "Non-zero status code returned while running Conv node. Name:'c' Status Message: bad\nmore".into(),
+            invalid_input,
+        }
+    }
+
+    fn status(rx: &mut oneshot::Receiver<Result<InferResponse, ServeError>>) -> u16 {
+        use actix_web::ResponseError;
+        match rx.try_recv().unwrap() {
+            Ok(_) => 200,
+            Err(e) => e.status_code().as_u16(),
+        }
+    }
+
+    #[test]
+    fn failures_the_request_caused_are_400s_that_do_not_count() {
+        let now = Instant::now();
+        // INVALID_ARGUMENT: the input's doing, alone or not.
+        let (b, mut rx) = batch(1);
+        assert!(!answer(
+            &b,
+            vec![Err(run_error(true))],
+            true,
+            1,
+            now,
+            Duration::ZERO
+        ));
+        assert_eq!(status(&mut rx[0]), 400);
+        // Any other error of a request that ran alone is the model's: 500, counted...
+        let (b, mut rx) = batch(1);
+        assert!(answer(
+            &b,
+            vec![Err(run_error(false))],
+            true,
+            1,
+            now,
+            Duration::ZERO
+        ));
+        assert_eq!(status(&mut rx[0]), 500);
+        // ...unless a batch mate ran fine alone: then the model works and the request is at fault.
+        let (b, mut rx) = batch(3);
+        let results = vec![Ok(vec![]), Err(run_error(false)), Err(run_error(true))];
+        assert!(!answer(&b, results, true, 3, now, Duration::ZERO));
+        assert_eq!(
+            rx.iter_mut().map(status).collect::<Vec<_>>(),
+            vec![200, 400, 400]
+        );
+        // The message is one line: the node and its complaint.
+        let (b, mut rx) = batch(1);
+        answer(&b, vec![Err(run_error(true))], true, 1, now, Duration::ZERO);
+        let message = rx[0].try_recv().unwrap().unwrap_err().to_string();
+        assert_eq!(message, "model 'm' cannot run this input: Conv node: bad");
     }
 
     #[test]

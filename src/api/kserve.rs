@@ -1,24 +1,47 @@
 //! The Open Inference Protocol (KServe v2) wire format: decoding an inference request, JSON or
 //! JSON plus the binary tensor data extension, into tensors; encoding the answer the same way.
 //!
-//! JSON tensor data is parsed straight into typed vectors (nested or flat arrays, no
-//! intermediate `serde_json::Value` tree), because for large tensors that tree costs more than
-//! the inference.
+//! The body must be a JSON object. JSON tensor data is parsed straight into typed vectors,
+//! its nesting checked against the shape, and written back with non-finite floats spelt out
+//! (`json_tensor.rs`); binary outputs carry NaN and infinities as they are.
 
 use std::fmt;
+use std::marker::PhantomData;
 
-use serde::de::{DeserializeSeed, SeqAccess, Visitor};
+use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
+use super::json_tensor::{self, JsonData};
 use crate::error::ServeError;
 use crate::model::{InferResponse, ModelInfo};
-use crate::tensor::{element_count, DataType, NamedTensor, TensorData};
-use crate::with_element_type;
+use crate::tensor::{DataType, NamedTensor, TensorData};
 
 /// Header that announces the binary tensor data extension: the length of the JSON part.
 pub const HEADER_CONTENT_LENGTH: &str = "Inference-Header-Content-Length";
+
+const NOT_AN_OBJECT: &str = "the request body must be a JSON object with \"inputs\"";
+
+/// Reads `T` from a JSON object only: serde's derived struct impls also take a JSON array of
+/// the fields in order, so without this `[null, null, [...]]` would pass for a request.
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ObjectVisitor<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectVisitor<T> {
+            type Value = Object<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Object<T>, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Object)
+            }
+        }
+        deserializer.deserialize_map(ObjectVisitor(PhantomData))
+    }
+}
 
 #[derive(Deserialize)]
 struct RequestJson<'a> {
@@ -27,9 +50,9 @@ struct RequestJson<'a> {
     #[serde(default)]
     parameters: Option<Map<String, Value>>,
     #[serde(borrow)]
-    inputs: Vec<InputJson<'a>>,
+    inputs: Vec<Object<InputJson<'a>>>,
     #[serde(default)]
-    outputs: Option<Vec<OutputJson>>,
+    outputs: Option<Vec<Object<OutputJson>>>,
 }
 
 #[derive(Deserialize)]
@@ -78,8 +101,19 @@ pub fn decode(body: &[u8], json_length: Option<usize>) -> Result<DecodedRequest,
             )))
         }
     };
-    let request: RequestJson<'_> = serde_json::from_slice(json)
-        .map_err(|e| ServeError::invalid(format!("malformed inference request JSON: {e}")))?;
+    let request: RequestJson<'_> = match serde_json::from_slice::<Object<RequestJson>>(json) {
+        Ok(Object(request)) => request,
+        Err(e) => {
+            let first = json.iter().find(|b| !b" \t\r\n".contains(b));
+            return Err(ServeError::invalid(
+                if e.is_data() && first != Some(&b'{') {
+                    NOT_AN_OBJECT.to_string()
+                } else {
+                    format!("malformed inference request JSON: {e}")
+                },
+            ));
+        }
+    };
     let binary_default = flag(&request.parameters, "binary_data_output")?.unwrap_or(false);
     let timeout_us = match request.parameters.as_ref().and_then(|p| p.get("timeout")) {
         None => None,
@@ -89,7 +123,7 @@ pub fn decode(body: &[u8], json_length: Option<usize>) -> Result<DecodedRequest,
     };
 
     let mut inputs = Vec::with_capacity(request.inputs.len());
-    for input in request.inputs {
+    for Object(input) in request.inputs {
         let name = input.name;
         let datatype = DataType::parse(&input.datatype).ok_or_else(|| {
             ServeError::invalid(format!(
@@ -128,11 +162,8 @@ pub fn decode(body: &[u8], json_length: Option<usize>) -> Result<DecodedRequest,
                 TensorData::from_le_bytes(datatype, mine)
                     .map_err(|e| ServeError::invalid(format!("input '{name}': {e}")))?
             }
-            (None, Some(raw)) => {
-                let capacity = element_count(&input.shape).unwrap_or(0).min(1 << 24);
-                parse_json_data(raw, datatype, capacity)
-                    .map_err(|e| ServeError::invalid(format!("input '{name}': {e}")))?
-            }
+            (None, Some(raw)) => json_tensor::parse(raw, datatype, &input.shape)
+                .map_err(|e| ServeError::invalid(format!("input '{name}': {e}")))?,
             (None, None) => {
                 return Err(ServeError::invalid(format!(
                     "input '{name}' has no data (give \"data\" or parameters.binary_data_size)"
@@ -157,7 +188,7 @@ pub fn decode(body: &[u8], json_length: Option<usize>) -> Result<DecodedRequest,
         Some(list) => {
             let mut names = Vec::with_capacity(list.len());
             let mut binary = Vec::with_capacity(list.len());
-            for output in list {
+            for Object(output) in list {
                 if output
                     .parameters
                     .as_ref()
@@ -194,130 +225,6 @@ fn flag(parameters: &Option<Map<String, Value>>, key: &str) -> Result<Option<boo
     }
 }
 
-fn parse_json_data(
-    raw: &RawValue,
-    datatype: DataType,
-    capacity: usize,
-) -> Result<TensorData, String> {
-    with_element_type!(datatype, T, Wrap => {
-        let mut out: Vec<T> = Vec::with_capacity(capacity);
-        let mut de = serde_json::Deserializer::from_str(raw.get());
-        Flatten { out: &mut out }.deserialize(&mut de).map_err(|e| e.to_string())?;
-        Ok(Wrap(out))
-    })
-}
-
-/// A tensor element that can be read from a JSON number or boolean, exactly.
-trait JsonElement: Sized {
-    const DATATYPE: DataType;
-    fn from_i64(v: i64) -> Option<Self>;
-    fn from_u64(v: u64) -> Option<Self>;
-    fn from_f64(v: f64) -> Option<Self>;
-    fn from_bool(_: bool) -> Option<Self> {
-        None
-    }
-}
-
-macro_rules! integer_element {
-    ($($t:ty => $dt:ident),*) => {$(
-        impl JsonElement for $t {
-            const DATATYPE: DataType = DataType::$dt;
-            fn from_i64(v: i64) -> Option<Self> { <$t>::try_from(v).ok() }
-            fn from_u64(v: u64) -> Option<Self> { <$t>::try_from(v).ok() }
-            // Integral floats such as 3.0 are accepted; 3.5 is not.
-            fn from_f64(v: f64) -> Option<Self> {
-                if v.fract() == 0.0 && v >= <$t>::MIN as f64 && v <= <$t>::MAX as f64 { Some(v as $t) } else { None }
-            }
-        }
-    )*};
-}
-integer_element!(u8 => Uint8, u16 => Uint16, u32 => Uint32, u64 => Uint64, i8 => Int8, i16 => Int16, i32 => Int32, i64 => Int64);
-
-macro_rules! float_element {
-    ($($t:ty => $dt:ident),*) => {$(
-        impl JsonElement for $t {
-            const DATATYPE: DataType = DataType::$dt;
-            fn from_i64(v: i64) -> Option<Self> { Some(v as $t) }
-            fn from_u64(v: u64) -> Option<Self> { Some(v as $t) }
-            fn from_f64(v: f64) -> Option<Self> { Some(v as $t) }
-        }
-    )*};
-}
-float_element!(f32 => Fp32, f64 => Fp64);
-
-impl JsonElement for bool {
-    const DATATYPE: DataType = DataType::Bool;
-    fn from_i64(_: i64) -> Option<Self> {
-        None
-    }
-    fn from_u64(_: u64) -> Option<Self> {
-        None
-    }
-    fn from_f64(_: f64) -> Option<Self> {
-        None
-    }
-    fn from_bool(v: bool) -> Option<Self> {
-        Some(v)
-    }
-}
-
-/// Appends every scalar of an arbitrarily nested JSON array to `out`, in row-major order.
-struct Flatten<'v, T> {
-    out: &'v mut Vec<T>,
-}
-
-impl<'de, T: JsonElement> DeserializeSeed<'de> for Flatten<'_, T> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        deserializer.deserialize_any(self)
-    }
-}
-
-impl<'de, T: JsonElement> Visitor<'de> for Flatten<'_, T> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "an array of {} values", T::DATATYPE)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let out = self.out;
-        while seq.next_element_seed(Flatten { out: &mut *out })?.is_some() {}
-        Ok(())
-    }
-
-    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<(), E> {
-        push(self.out, T::from_i64(v), v)
-    }
-    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<(), E> {
-        push(self.out, T::from_u64(v), v)
-    }
-    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
-        push(self.out, T::from_f64(v), v)
-    }
-    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<(), E> {
-        push(self.out, T::from_bool(v), v)
-    }
-}
-
-fn push<T: JsonElement, E: serde::de::Error>(
-    out: &mut Vec<T>,
-    value: Option<T>,
-    shown: impl fmt::Display,
-) -> Result<(), E> {
-    match value {
-        Some(v) => {
-            out.push(v);
-            Ok(())
-        }
-        None => Err(E::custom(format!(
-            "element {} ({shown}) is not a valid {}",
-            out.len(),
-            T::DATATYPE
-        ))),
-    }
-}
-
 #[derive(Serialize)]
 struct OutputTensorJson<'a> {
     name: &'a str,
@@ -326,7 +233,7 @@ struct OutputTensorJson<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     parameters: Option<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    data: Option<&'a TensorData>,
+    data: Option<JsonData<'a>>,
 }
 
 #[derive(Serialize)]
@@ -382,7 +289,7 @@ pub fn encode(
                     datatype: output.data.datatype(),
                     shape: &output.shape,
                     parameters: None,
-                    data: Some(&output.data),
+                    data: Some(JsonData(&output.data)),
                 }
             }
         })
@@ -477,5 +384,29 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("malformed"));
+    }
+
+    fn decode_err(body: &str) -> String {
+        decode(body.as_bytes(), None).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn only_a_json_object_is_a_request() {
+        for body in [
+            "[]",
+            " [{\"inputs\": []}]",
+            "[null, null, [], null]",
+            "5",
+            "\"inputs\"",
+        ] {
+            assert_eq!(decode_err(body), NOT_AN_OBJECT, "{body}");
+        }
+        // Inputs and outputs must be objects too, not arrays of their fields.
+        let err = decode_err(r#"{"inputs": [["x", [1], "FP32", null, [1]]]}"#);
+        assert!(err.contains("expected a JSON object"), "{err}");
+        let err = decode_err(r#"{"inputs": [], "outputs": [["z"]]}"#);
+        assert!(err.contains("expected a JSON object"), "{err}");
+        assert!(decode_err("").contains("malformed"));
+        assert!(decode_err(r#"{"inputs": {"name": "x"}}"#).contains("malformed"));
     }
 }

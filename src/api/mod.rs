@@ -5,6 +5,7 @@ pub mod admin;
 pub mod body;
 pub mod door;
 pub mod health;
+mod json_tensor;
 pub mod kserve;
 pub mod metrics;
 pub mod rest;

@@ -133,6 +133,13 @@ async fn metadata(
             "source": info.source,
             "fallback": info.fallback,
             "resources": info.resources,
+            "allow_non_finite": info.allow_non_finite,
+            // What the manifest declares beyond `inputs`: every accepted shape (`inputs` shows
+            // the first) and allowed values, per input that has any.
+            "input_rules": info.inputs.iter().zip(&info.input_rules)
+                .filter(|(_, rule)| !rule.is_empty())
+                .map(|(spec, rule)| (spec.name.clone(), json!(rule)))
+                .collect::<serde_json::Map<_, _>>(),
         },
     })))
 }
@@ -161,15 +168,17 @@ async fn config(
 ) -> Result<HttpResponse, ServeError> {
     let served = state.served(name, version).await?;
     let info = &served.info;
-    // Triton's convention: with batching on, dims exclude the batch axis.
-    let dims = |shape: &[i64]| -> Vec<i64> {
-        if info.batched() {
-            shape[1..].to_vec()
-        } else {
-            shape.to_vec()
-        }
+    // Triton's convention: with batching on, dims exclude the batch axis (wherever the
+    // manifest's batch_axes puts it; a shared input such as a scalar keeps all its dims).
+    let dims = |shape: &[i64], axis: &crate::manifest::BatchAxis| -> Vec<i64> {
+        let skip = match axis {
+            crate::manifest::BatchAxis::Axis(k) if info.batched() => Some(*k),
+            _ => None,
+        };
+        let kept = shape.iter().enumerate().filter(|(i, _)| Some(*i) != skip);
+        kept.map(|(_, &d)| d).collect()
     };
-    let tensor = |s: &crate::runtime::TensorSpec| json!({ "name": s.name, "data_type": format!("TYPE_{}", s.datatype), "dims": dims(&s.shape) });
+    let tensor = |(s, axis): (&crate::runtime::TensorSpec, &crate::manifest::BatchAxis)| json!({ "name": s.name, "data_type": format!("TYPE_{}", s.datatype), "dims": dims(&s.shape, axis) });
     let (kind, gpus) = match info.device {
         crate::manifest::Device::Cpu => ("KIND_CPU", vec![]),
         crate::manifest::Device::Cuda(n) => ("KIND_GPU", vec![n]),
@@ -180,8 +189,8 @@ async fn config(
         "backend": "onnxruntime",
         "version": info.version,
         "max_batch_size": info.batching.max_batch_size,
-        "input": info.inputs.iter().map(tensor).collect::<Vec<_>>(),
-        "output": info.outputs.iter().map(tensor).collect::<Vec<_>>(),
+        "input": info.inputs.iter().zip(&info.input_axes).map(tensor).collect::<Vec<_>>(),
+        "output": info.outputs.iter().zip(&info.output_axes).map(tensor).collect::<Vec<_>>(),
         "dynamic_batching": if info.batched() {
             json!({ "max_queue_delay_microseconds": info.batching.max_queue_delay.as_micros() as u64,
                     "max_queue_size": info.max_queue })

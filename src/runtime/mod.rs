@@ -6,7 +6,7 @@ mod session;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-pub use session::{ModelSession, TensorSpec};
+pub use session::{short_reason, ModelSession, RunError, TensorSpec};
 
 /// The ONNX Runtime version whose C API this build is compiled against (`ort` feature api-31).
 pub const ORT_VERSION: &str = "1.31.1";

@@ -176,3 +176,38 @@ pub fn expect(got: (u16, Value), status: u16, needle: &str) {
         "error '{message}' lacks '{needle}'"
     );
 }
+
+/// The sum of a Prometheus counter's series for `model` (0 when it has none yet).
+pub fn counter(metrics: &str, name: &str, model: &str) -> f64 {
+    let label = format!("model=\"{model}\"");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A Silero VAD step as JSON: `samples` of silence, a zero state, sample rate `sr`.
+pub fn vad_request(samples: usize, sr: i64) -> Value {
+    json!({"inputs": [
+        {"name": "input", "shape": [1, samples], "datatype": "FP32", "data": vec![0.0f32; samples]},
+        {"name": "state", "shape": [2, 1, 128], "datatype": "FP32", "data": vec![0.0f32; 256]},
+        {"name": "sr", "shape": [], "datatype": "INT64", "data": [sr]}]})
+}
+
+/// silero_vad without the bundled manifest's input declarations, under another name: its
+/// bad requests reach ONNX Runtime.
+pub fn undeclared_silero_dir(name: &str) -> PathBuf {
+    model_dir(&format!(
+        r#"
+        [[models]]
+        name = "{name}"
+        version = "1"
+        file = "{{models}}/silero_vad/1/model.onnx"
+        sha256 = "1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3"
+        max_batch_size = 64
+        max_queue_delay_ms = 2.0
+        batch_axes = {{ state = 1, stateN = 1, sr = "shared" }}
+        "#
+    ))
+}
