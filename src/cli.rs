@@ -4,6 +4,8 @@
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 
+use crate::api::admin::{MAX_FAULT_COUNT, MAX_FAULT_MS};
+
 #[derive(Debug, Args)]
 pub struct AdminArgs {
     /// Base URL of the server.
@@ -56,12 +58,15 @@ pub enum AdminCommand {
         model: String,
         #[arg(long, value_enum)]
         kind: FaultKind,
-        #[arg(long, default_value_t = 1000)]
+        /// Milliseconds of a hang or slow-down, in 1..=600000.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=MAX_FAULT_MS))]
         ms: u64,
+        /// One replica (0-based); all of them if not given.
         #[arg(long)]
         replica: Option<usize>,
-        #[arg(long, default_value_t = 1)]
-        count: usize,
+        /// Batches the fault hits on each replica, in 1..=1000.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=MAX_FAULT_COUNT))]
+        count: u64,
         #[arg(long)]
         version: Option<String>,
     },

@@ -24,11 +24,10 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
+use super::faults::{Fault, FaultQueue};
 use super::registry::{replica_memory_mb, Registry};
 use super::supervisor;
-use super::worker::{
-    Batch, BatchLayout, BatchOutcome, Fault, FaultQueue, Pending, Reply, WorkerHandle, WorkerReport,
-};
+use super::worker::{Batch, BatchLayout, BatchOutcome, Pending, Reply, WorkerHandle, WorkerReport};
 use crate::error::ServeError;
 use crate::manifest::ModelEntry;
 use crate::model::{InferRequest, ModelInfo};
@@ -105,13 +104,14 @@ struct Fallback(Pending);
 #[rtype(result = "()")]
 struct Attach(WorkerHandle);
 
-/// Queue a fault for one replica, or every replica (admin API, for tests and drills).
+/// Queue a fault for one replica, or every replica (admin API, for tests and drills), for
+/// its next `count` batches; answers how many replicas got it.
 #[derive(Message)]
-#[rtype(result = "Result<usize, String>")]
+#[rtype(result = "Result<usize, ServeError>")]
 pub struct InjectFault {
     pub replica: Option<usize>,
     pub fault: Fault,
-    pub count: usize,
+    pub count: u64,
 }
 
 /// Stop once the queue and running batches are done (the version is being unloaded); the
@@ -800,25 +800,36 @@ impl Handler<Drain> for Router {
 }
 
 impl Handler<InjectFault> for Router {
-    type Result = Result<usize, String>;
+    type Result = Result<usize, ServeError>;
 
     fn handle(&mut self, msg: InjectFault, _ctx: &mut Self::Context) -> Self::Result {
         let targets: Vec<usize> = match msg.replica {
             Some(r) if r < self.slots.len() => vec![r],
             Some(r) => {
-                return Err(format!(
-                    "model has {} replicas; there is no replica {r}",
+                return Err(ServeError::invalid(format!(
+                    "replica must be in 0..{} (the model has {} replicas), got {r}",
+                    self.slots.len(),
                     self.slots.len()
-                ))
+                )))
             }
             None => (0..self.slots.len()).collect(),
         };
-        for &replica in &targets {
-            let mut faults = self.slots[replica]
+        // All or nothing. Only this actor adds faults and workers only take them, so a book
+        // that has room now still has it below.
+        let book = |r: usize| {
+            self.slots[r]
                 .faults
                 .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            faults.extend(std::iter::repeat_n(msg.fault, msg.count.max(1)));
+                .unwrap_or_else(|e| e.into_inner())
+        };
+        if let Some(full) = targets.iter().find(|&&r| !book(r).has_room_for(msg.fault)) {
+            return Err(ServeError::Conflict(format!(
+                "replica {full} already holds {} different queued faults; let them run first",
+                super::faults::MAX_ENTRIES
+            )));
+        }
+        for &replica in &targets {
+            let _ = book(replica).push(msg.fault, msg.count);
         }
         tracing::warn!(model = %self.info.name, fault = ?msg.fault, count = msg.count, replicas = ?targets, "fault injected");
         Ok(targets.len())

@@ -15,9 +15,10 @@ use futures_util::future::join_all;
 
 use tokio::sync::oneshot;
 
+use super::faults::FaultQueue;
 use super::registry::{replica_memory_mb, Canary, Catalog, Registry, ServedModel, VersionState};
 use super::router::{Drain, Infer, ModelHealth, Router};
-use super::worker::{self, FaultQueue, Reply, WorkerHandle, WorkerReport};
+use super::worker::{self, Reply, WorkerHandle, WorkerReport};
 use crate::error::ServeError;
 use crate::manifest::{
     compare_versions, verify_sha256, BatchAxis, Manifest, ModelEntry, StreamKind,

@@ -5,17 +5,42 @@
 //! - `GET /admin/models`: every model version with its router's live state.
 //! - `POST /admin/models/{name}/faults`: queue a fault (`panic`, `hang`, `slow`) for one or all
 //!   replicas of a model, to prove supervision, retries and degraded mode in tests and drills.
+//!
+//! Every count, size and duration an admin request carries is bounded (the `MAX_*` constants)
+//! and checked here, before anything is loaded or queued: an admin token is no licence to make
+//! the server allocate, sleep or wait in proportion to a number it was sent.
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::json;
 
 use super::AppState;
+use crate::actors::faults::Fault;
 use crate::actors::registry::VersionState;
 use crate::actors::router::{InjectFault, Status};
 use crate::actors::supervisor::{Deploy, Rollback, Rollouts, Strategy, Unload};
-use crate::actors::worker::Fault;
 use crate::error::ServeError;
+
+/// Most batches one fault request hits on each replica.
+pub const MAX_FAULT_COUNT: u64 = 1000;
+/// Longest hang or slow-down one fault injects, in milliseconds (10 minutes).
+pub const MAX_FAULT_MS: u64 = 600_000;
+/// Longest version string a request may name.
+pub const MAX_VERSION_LEN: usize = 64;
+/// Most canary steps.
+pub const MAX_STEPS: usize = 20;
+/// Longest canary or rolling step, in seconds (1 hour).
+pub const MAX_STEP_SECS: u64 = 3600;
+
+fn check_version(version: Option<&str>) -> Result<(), ServeError> {
+    match version {
+        Some(v) if v.chars().count() > MAX_VERSION_LEN => Err(ServeError::invalid(format!(
+            "version must be at most {MAX_VERSION_LEN} characters, got {}",
+            v.chars().count()
+        ))),
+        _ => Ok(()),
+    }
+}
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/admin/models", web::get().to(list))
@@ -87,11 +112,30 @@ struct FaultRequest {
     #[serde(default)]
     version: Option<String>,
     #[serde(default = "one")]
-    count: usize,
+    count: u64,
 }
 
-fn one() -> usize {
+fn one() -> u64 {
     1
+}
+
+impl FaultRequest {
+    fn check(&self) -> Result<(), ServeError> {
+        if !(1..=MAX_FAULT_COUNT).contains(&self.count) {
+            return Err(ServeError::invalid(format!(
+                "count must be in 1..={MAX_FAULT_COUNT} (batches the fault hits on each replica), got {}",
+                self.count
+            )));
+        }
+        if let Fault::Hang { ms } | Fault::Slow { ms } = self.fault {
+            if !(1..=MAX_FAULT_MS).contains(&ms) {
+                return Err(ServeError::invalid(format!(
+                    "fault ms must be in 1..={MAX_FAULT_MS} (10 minutes), got {ms}"
+                )));
+            }
+        }
+        check_version(self.version.as_deref())
+    }
 }
 
 async fn inject_fault(
@@ -103,6 +147,7 @@ async fn inject_fault(
     authorize(&state, &req)?;
     let request: FaultRequest = serde_json::from_slice(&body)
         .map_err(|e| ServeError::invalid(format!("malformed fault request: {e}")))?;
+    request.check()?;
     let served = state
         .served(&path.into_inner(), request.version.as_deref())
         .await?;
@@ -114,8 +159,7 @@ async fn inject_fault(
             count: request.count,
         })
         .await
-        .map_err(|_| ServeError::WorkerLost("router is gone".into()))?
-        .map_err(ServeError::invalid)?;
+        .map_err(|_| ServeError::WorkerLost("router is gone".into()))??;
     Ok(HttpResponse::Ok().json(json!({
         "model": served.info.name, "version": served.info.version,
         "fault": format!("{:?}", request.fault), "count": request.count, "replicas": affected,
@@ -150,6 +194,7 @@ async fn load(
 ) -> Result<HttpResponse, ServeError> {
     authorize(&state, &req)?;
     let request: VersionRequest = parse(&body)?;
+    check_version(request.version.as_deref())?;
     let started = std::time::Instant::now();
     let served = state
         .served(&path.into_inner(), request.version.as_deref())
@@ -169,6 +214,7 @@ async fn unload(
 ) -> Result<HttpResponse, ServeError> {
     authorize(&state, &req)?;
     let request: VersionRequest = parse(&body)?;
+    check_version(request.version.as_deref())?;
     let answer = state
         .supervisor
         .send(Unload {
