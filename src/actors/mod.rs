@@ -1,6 +1,7 @@
 //! The actors of the serving path, one file each:
 //!
 //! - [`supervisor`]: starts everything from the manifest; restarts dead workers.
+//! - [`restart_policy`]: how long a dead worker's replacement waits (pure).
 //! - [`faults`]: faults injected through the admin API, held per replica (pure).
 //! - [`registry`]: the catalog of model versions, published by the supervisor.
 //! - [`router`]: one per model version; queue, admission, dynamic micro-batching, dispatch.
@@ -10,6 +11,7 @@
 
 pub mod faults;
 pub mod registry;
+pub mod restart_policy;
 pub mod router;
 pub mod stream_hub;
 pub mod stream_session;

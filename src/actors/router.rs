@@ -13,7 +13,7 @@
 //! Retry-After. Queued requests past their deadline are answered 504 before they run.
 //!
 //! Supervision: a worker that panics or holds a batch past `hang_timeout_ms` is replaced (with
-//! backoff, see `supervisor::restart_worker`); the batch it held is retried once on another
+//! backoff, see `restart_policy`); the batch it held is retried once on another
 //! replica, then goes to the fallback, and only then is answered 503. Every request gets
 //! exactly one answer.
 
@@ -26,6 +26,7 @@ use actix::prelude::*;
 
 use super::faults::{Fault, FaultQueue};
 use super::registry::{replica_memory_mb, Registry};
+use super::restart_policy::Backoff;
 use super::supervisor;
 use super::worker::{Batch, BatchLayout, BatchOutcome, Pending, Reply, WorkerHandle, WorkerReport};
 use crate::error::ServeError;
@@ -150,7 +151,7 @@ struct Slot {
     /// Generation of the latest worker started for this slot (running or loading).
     generation: u64,
     /// When this slot's workers died recently, for restart backoff.
-    deaths: VecDeque<Instant>,
+    backoff: Backoff,
 }
 
 pub struct Router {
@@ -202,7 +203,7 @@ impl Router {
                 last_dispatch: now,
                 faults,
                 generation: 0,
-                deaths: VecDeque::new(),
+                backoff: Backoff::new(now),
             })
             .collect();
         for worker in workers {
@@ -487,11 +488,7 @@ impl Router {
             return;
         }
         let lost = slot.in_flight.take();
-        let now = Instant::now();
-        slot.deaths
-            .retain(|t| now.duration_since(*t) < Duration::from_secs(60));
-        slot.deaths.push_back(now);
-        let delay = supervisor::restart_delay(slot.deaths.len());
+        let delay = slot.backoff.died(Instant::now());
         slot.generation += 1;
         let generation = slot.generation;
         let faults = slot.faults.clone();
@@ -598,7 +595,7 @@ impl Router {
                 last_dispatch: now,
                 faults: faults.clone(),
                 generation: 0,
-                deaths: VecDeque::new(),
+                backoff: Backoff::new(now),
             });
             tracing::info!(model = %self.info.name, version = %self.info.version, replica, "scaling up");
             metrics::counter!("streamserve_scale_events_total", "model" => self.info.name.clone(), "direction" => "up").increment(1);
@@ -786,6 +783,7 @@ impl Handler<Attach> for Router {
         slot.handle = Some(worker);
         slot.in_flight = None;
         slot.last_dispatch = Instant::now();
+        slot.backoff.attached(slot.last_dispatch);
         self.publish_health();
         self.dispatch(ctx);
     }

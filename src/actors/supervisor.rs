@@ -1,6 +1,7 @@
 //! The supervisor: starts every model version of the manifest (verifying its sha256, loading a
 //! worker per replica, starting its router on an arbiter of its own), publishes the result to
-//! the [`Registry`], and owns the restart policy for workers that die.
+//! the [`Registry`], and restarts workers that die (after the wait that
+//! [`restart_policy`](super::restart_policy) decides).
 //!
 //! A model that cannot be served (hash mismatch, file missing, GPU unusable) is refused with a
 //! clear log line and listed as unavailable; every other model keeps serving.
@@ -891,17 +892,6 @@ fn batch_axes(
         );
     }
     Ok((input_axes, output_axes))
-}
-
-/// How long to wait before restarting a worker that has died `recent` times in the last
-/// minute: at once the first time (a one-off crash costs no capacity for longer than a model
-/// load), then 100 ms doubling to 5 s, so a worker that crashes on every batch cannot spin.
-pub fn restart_delay(recent: usize) -> Duration {
-    match recent {
-        0 | 1 => Duration::ZERO,
-        n => (Duration::from_millis(100) * 2u32.saturating_pow(n as u32 - 2))
-            .min(Duration::from_secs(5)),
-    }
 }
 
 /// Starts a replacement worker after `delay`, retrying with exponential backoff (100 ms
