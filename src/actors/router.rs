@@ -318,8 +318,8 @@ impl Router {
         let Some(fallback) = self.fallback() else {
             return Err(pending);
         };
-        metrics::counter!("streamserve_degraded_total", &self.labels).increment(1);
-        pending.degraded_from = Some(self.info.name.as_str().into());
+        // Counted as degraded by the fallback, once it has queued the request (it may shed it).
+        pending.degraded_from = Some(self.served_by.clone());
         fallback.do_send(Fallback(pending));
         Ok(())
     }
@@ -329,6 +329,10 @@ impl Router {
         let healthy = self.healthy() > 0;
         let full = self.queue.len() >= self.info.max_queue;
         if healthy && !full && !(self.overloaded && may_degrade && self.info.fallback.is_some()) {
+            if let Some(asked) = &pending.degraded_from {
+                metrics::counter!("streamserve_degraded_total", "model" => asked.0.clone(), "version" => asked.1.clone(), "served_by" => self.info.name.clone())
+                    .increment(1);
+            }
             self.queued_rows += pending.request.rows;
             self.queue.push_back(pending);
             self.update_overload();
@@ -350,7 +354,10 @@ impl Router {
                 retry_after: Duration::from_secs(1),
             }
         } else {
-            metrics::counter!("streamserve_shed_total", &self.labels).increment(1);
+            // Labelled by the model the client asked for, even when its fallback sheds it.
+            let asked = pending.degraded_from.as_deref().unwrap_or(&self.served_by);
+            metrics::counter!("streamserve_shed_total", "model" => asked.0.clone(), "version" => asked.1.clone())
+                .increment(1);
             ServeError::Overloaded {
                 model: self.info.name.clone(),
                 queued: self.queue.len(),
@@ -699,6 +706,7 @@ impl Actor for Router {
         self.publish_queue();
         metrics::gauge!("streamserve_overloaded", &self.labels).set(0.0);
         metrics::gauge!("streamserve_replicas", &self.labels).set(self.slots.len() as f64);
+        crate::telemetry::register_model_series(&self.info);
         ctx.run_interval(WATCH_INTERVAL, |router, ctx| router.watch(ctx));
     }
 }

@@ -403,6 +403,7 @@ impl Handler<Start> for Supervisor {
             let entry = Arc::new(entry);
             let key = (entry.name.clone(), entry.version.clone());
             self.entries.insert(key.clone(), entry.clone());
+            crate::telemetry::register_rollout_series(&entry.name);
             self.set_state(
                 &key,
                 VersionState::Cold {

@@ -60,8 +60,9 @@ pub struct Pending {
     pub deadline: Option<Instant>,
     /// Times this request was in a batch whose worker died.
     pub attempts: u8,
-    /// Set when a primary model handed this request to its fallback.
-    pub degraded_from: Option<Arc<str>>,
+    /// Set when a primary model handed this request to its fallback: the model and version
+    /// the client asked for, which its metrics are labelled with wherever it ends.
+    pub degraded_from: Option<Arc<(String, String)>>,
 }
 
 /// Where each input's and output's batch axis is, for stacking requests into one call.
