@@ -261,6 +261,54 @@ fn yes() -> bool {
     true
 }
 
+impl DeployRequest {
+    fn check(&self) -> Result<(), ServeError> {
+        if self.version.is_empty() {
+            return Err(ServeError::invalid(
+                "deploy needs {\"version\": ..., \"strategy\": \"blue_green\" | \"canary\" | \"rolling\"}",
+            ));
+        }
+        check_version(Some(&self.version))?;
+        if !(1..=MAX_STEP_SECS).contains(&self.step_secs) {
+            return Err(ServeError::invalid(format!(
+                "step_secs must be in 1..={MAX_STEP_SECS}, got {}: each step needs time to be judged",
+                self.step_secs
+            )));
+        }
+        // Rolling updates make their steps from the replica count; blue/green has none.
+        if self.strategy == Strategy::Canary {
+            check_steps(&self.steps).map_err(ServeError::invalid)?;
+        }
+        Ok(())
+    }
+}
+
+/// Canary steps: traffic shares in percent, strictly increasing, each in 1..=100, the last 100
+/// (the canary takes all traffic before it is promoted), at most `MAX_STEPS` of them.
+pub fn check_steps(steps: &[u32]) -> Result<(), String> {
+    const RULE: &str =
+        "canary steps must be strictly increasing percentages in 1..=100 ending at 100, e.g. [5, 25, 50, 100]";
+    if steps.is_empty() {
+        return Err(format!("{RULE}; got none"));
+    }
+    if steps.len() > MAX_STEPS {
+        return Err(format!(
+            "{RULE}, at most {MAX_STEPS} of them; got {}",
+            steps.len()
+        ));
+    }
+    if let Some(p) = steps.iter().find(|&&p| p == 0 || p > 100) {
+        return Err(format!("{RULE}; got {p} in {steps:?}"));
+    }
+    if let Some(w) = steps.windows(2).find(|w| w[1] <= w[0]) {
+        return Err(format!("{RULE}; got {} after {} in {steps:?}", w[1], w[0]));
+    }
+    if steps.last() != Some(&100) {
+        return Err(format!("{RULE}; got {steps:?}, which does not end at 100"));
+    }
+    Ok(())
+}
+
 /// `POST /admin/models/{name}/deploy`: `{"version": "2", "strategy": "blue_green"}` loads the
 /// version beside the current one, smoke-tests it, switches atomically and drains the old;
 /// `"strategy": "canary"` (with `steps` in percent and `step_secs`) shifts traffic stepwise and
@@ -273,11 +321,7 @@ async fn deploy(
 ) -> Result<HttpResponse, ServeError> {
     authorize(&state, &req)?;
     let request: DeployRequest = parse(&body)?;
-    if request.version.is_empty() {
-        return Err(ServeError::invalid(
-            "deploy needs {\"version\": ..., \"strategy\": \"blue_green\" | \"canary\"}",
-        ));
-    }
+    request.check()?;
     let answer = state
         .supervisor
         .send(Deploy {
@@ -293,7 +337,8 @@ async fn deploy(
     Ok(HttpResponse::Ok().json(answer))
 }
 
-/// `POST /admin/models/{name}/rollback`: abort a running canary, or restore the previous default.
+/// `POST /admin/models/{name}/rollback`: abort a running canary, or restore the previous default
+/// (once: the rollback consumes it, so a second one is 409 rather than undoing the first).
 async fn rollback(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -323,4 +368,83 @@ async fn rollouts(
             .await
             .map_err(supervisor_gone)?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fault(body: &str) -> Result<(), String> {
+        let request: FaultRequest = serde_json::from_str(body).map_err(|e| e.to_string())?;
+        request.check().map_err(|e| e.to_string())
+    }
+
+    fn deploy(body: &str) -> Result<(), String> {
+        let request: DeployRequest = parse(body.as_bytes()).map_err(|e| e.to_string())?;
+        request.check().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn fault_counts_and_durations_are_bounded() {
+        assert!(fault(r#"{"fault": {"kind": "panic"}}"#).is_ok());
+        assert!(fault(r#"{"fault": {"kind": "panic"}, "count": 1000}"#).is_ok());
+        let huge = fault(r#"{"fault": {"kind": "panic"}, "count": 1000000000}"#).unwrap_err();
+        assert!(huge.contains("1..=1000"), "{huge}");
+        assert!(fault(r#"{"fault": {"kind": "panic"}, "count": 0}"#).is_err());
+        assert!(fault(r#"{"fault": {"kind": "panic"}, "count": -1}"#).is_err());
+        assert!(fault(r#"{"fault": {"kind": "hang", "ms": 600000}}"#).is_ok());
+        let long = fault(r#"{"fault": {"kind": "hang", "ms": 600001}}"#).unwrap_err();
+        assert!(long.contains("1..=600000"), "{long}");
+        assert!(fault(r#"{"fault": {"kind": "slow", "ms": 0}}"#).is_err());
+        let version = format!(
+            r#"{{"fault": {{"kind": "panic"}}, "version": "{}"}}"#,
+            "9".repeat(65)
+        );
+        assert!(fault(&version).unwrap_err().contains("at most 64"));
+    }
+
+    #[test]
+    fn canary_steps_must_climb_to_100() {
+        assert!(check_steps(&[5, 25, 50, 100]).is_ok());
+        assert!(check_steps(&[100]).is_ok());
+        for bad in [
+            &[][..],
+            &[0, 100],
+            &[50, 101],
+            &[50, 50, 100],
+            &[50, 25, 100],
+            &[25, 50],
+        ] {
+            let message = check_steps(bad).unwrap_err();
+            assert!(
+                message.contains("strictly increasing"),
+                "{bad:?}: {message}"
+            );
+        }
+        assert!(check_steps(&(1..=21).chain([100]).collect::<Vec<_>>())
+            .unwrap_err()
+            .contains("at most 20"));
+    }
+
+    #[test]
+    fn deployments_are_checked_before_they_start() {
+        assert!(deploy(r#"{"version": "2", "strategy": "blue_green"}"#).is_ok());
+        assert!(deploy(
+            r#"{"version": "2", "strategy": "canary", "steps": [30, 100], "step_secs": 1}"#
+        )
+        .is_ok());
+        // Rolling updates take their steps from the replicas; the given ones are not used.
+        assert!(deploy(r#"{"version": "2", "strategy": "rolling", "step_secs": 1}"#).is_ok());
+        let zero =
+            deploy(r#"{"version": "2", "strategy": "canary", "steps": [50, 100], "step_secs": 0}"#);
+        assert!(zero.unwrap_err().contains("step_secs must be in 1..=3600"));
+        assert!(deploy(r#"{"version": "2", "strategy": "rolling", "step_secs": 3601}"#).is_err());
+        assert!(
+            deploy(r#"{"version": "2", "strategy": "canary", "steps": [60, 40, 100]}"#).is_err()
+        );
+        assert!(deploy(r#"{"strategy": "canary"}"#).is_err());
+        assert!(deploy("[1, 2]")
+            .unwrap_err()
+            .contains("malformed admin request"));
+    }
 }
