@@ -4,6 +4,8 @@
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 
+use crate::api::admin::{MAX_FAULT_COUNT, MAX_FAULT_MS, MAX_STEP_SECS};
+
 #[derive(Debug, Args)]
 pub struct AdminArgs {
     /// Base URL of the server.
@@ -38,10 +40,12 @@ pub enum AdminCommand {
         version: String,
         #[arg(long, value_enum, default_value = "blue-green")]
         strategy: StrategyArg,
-        /// Canary traffic shares in percent.
+        /// Canary traffic shares in percent: strictly increasing, each in 1..=100, ending at
+        /// 100, at most 20 (a rolling update makes its own, one replica's share per step).
         #[arg(long, value_delimiter = ',', default_value = "5,25,50,100")]
         steps: Vec<u32>,
-        #[arg(long, default_value_t = 30)]
+        /// Seconds per canary or rolling step, in 1..=3600.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=MAX_STEP_SECS))]
         step_secs: u64,
         /// Skip the request of zeros sent to the new version before it takes traffic.
         #[arg(long)]
@@ -56,12 +60,15 @@ pub enum AdminCommand {
         model: String,
         #[arg(long, value_enum)]
         kind: FaultKind,
-        #[arg(long, default_value_t = 1000)]
+        /// Milliseconds of a hang or slow-down, in 1..=600000.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=MAX_FAULT_MS))]
         ms: u64,
+        /// One replica (0-based); all of them if not given.
         #[arg(long)]
         replica: Option<usize>,
-        #[arg(long, default_value_t = 1)]
-        count: usize,
+        /// Batches the fault hits on each replica, in 1..=1000.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=MAX_FAULT_COUNT))]
+        count: u64,
         #[arg(long)]
         version: Option<String>,
     },

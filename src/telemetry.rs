@@ -154,9 +154,83 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
+/// Why a stream was dropped (`streamserve_stream_drops_total`'s `reason`).
+pub const STREAM_DROP_REASONS: &[&str] = &[
+    "slow_consumer",
+    "inference_error",
+    "not_resumed",
+    "idle",
+    "write_timeout",
+];
+
+/// The `event` values of `streamserve_rollout_events_total`.
+pub const ROLLOUT_EVENTS: &[&str] = &[
+    "deploy_started",
+    "deploy_failed",
+    "switched",
+    "canary_started",
+    "canary_step",
+    "promoted",
+    "rolled_back",
+    "unloaded",
+];
+
+/// Counters of one model version, labelled `model` and `version` (the model the client asked
+/// for, also when its fallback served or shed the request).
+const MODEL_COUNTERS: &[&str] = &[
+    "streamserve_worker_restarts_total",
+    "streamserve_retries_total",
+    "streamserve_shed_total",
+    "streamserve_deadline_exceeded_total",
+    "streamserve_inference_failures_total",
+];
+
+/// Creates at 0 every counter series that a model version's router (and its streams) can
+/// increment, when the router starts: a series that only appears with its first event hides
+/// that event from `rate()` and `increase()`, and an alert on it has nothing to evaluate until
+/// then.
+pub fn register_model_series(info: &crate::model::ModelInfo) {
+    let labels = [
+        ("model", info.name.clone()),
+        ("version", info.version.clone()),
+    ];
+    for &name in MODEL_COUNTERS {
+        metrics::counter!(name, &labels).increment(0);
+    }
+    if let Some(fallback) = &info.fallback {
+        metrics::counter!("streamserve_degraded_total", "model" => info.name.clone(), "version" => info.version.clone(), "served_by" => fallback.clone())
+            .increment(0);
+    }
+    for direction in ["up", "down"] {
+        metrics::counter!("streamserve_scale_events_total", "model" => info.name.clone(), "direction" => direction)
+            .increment(0);
+    }
+    if info.stream.is_some() {
+        let model = [("model", info.name.clone())];
+        for name in [
+            "streamserve_stream_chunks_total",
+            "streamserve_stream_degraded_chunks_total",
+            "streamserve_stream_resumes_total",
+        ] {
+            metrics::counter!(name, &model).increment(0);
+        }
+    }
+}
+
+/// Creates at 0 the rollout event series of a model the manifest names.
+pub fn register_rollout_series(model: &str) {
+    for &event in ROLLOUT_EVENTS {
+        metrics::counter!("streamserve_rollout_events_total", "model" => model.to_string(), "event" => event)
+            .increment(0);
+    }
+}
+
+/// HELP text and unit for every metric the server emits (the exporter writes `# HELP` only
+/// for described ones), and the process-wide series at 0.
 fn describe() {
     describe_counter!(
         "streamserve_requests_total",
+        Unit::Count,
         "Inference requests answered, by model, version and HTTP status"
     );
     describe_histogram!(
@@ -180,6 +254,11 @@ fn describe() {
         Unit::Count,
         "Requests per model call"
     );
+    describe_histogram!(
+        "streamserve_model_load_seconds",
+        Unit::Seconds,
+        "Time to load a model version on demand (cold start), from the first request to serving"
+    );
     describe_gauge!(
         "streamserve_queue_depth",
         Unit::Count,
@@ -190,18 +269,96 @@ fn describe() {
         Unit::Count,
         "Healthy workers (replicas) per model version"
     );
+    describe_gauge!(
+        "streamserve_replicas",
+        Unit::Count,
+        "Replicas per model version, healthy or being replaced"
+    );
+    describe_gauge!(
+        "streamserve_overloaded",
+        Unit::Count,
+        "1 while a model version's predicted queue wait is past its SLO (requests go to its fallback), else 0"
+    );
     describe_counter!(
         "streamserve_shed_total",
-        "Requests refused with 429 because the queue was full"
+        Unit::Count,
+        "Requests refused with 429 (queue full, or past max_inflight), by the model the client asked for"
+    );
+    describe_counter!(
+        "streamserve_degraded_total",
+        Unit::Count,
+        "Requests a fallback model took in for the model the client asked for (served_by: the fallback); not those it then shed"
+    );
+    describe_counter!(
+        "streamserve_retries_total",
+        Unit::Count,
+        "Requests retried on another replica because the worker running their batch was lost"
+    );
+    describe_counter!(
+        "streamserve_deadline_exceeded_total",
+        Unit::Count,
+        "Requests answered 504 because their deadline passed while they were queued"
     );
     describe_counter!(
         "streamserve_worker_restarts_total",
-        "Workers replaced after dying"
+        Unit::Count,
+        "Workers replaced after dying or hanging"
     );
     describe_counter!(
         "streamserve_inference_failures_total",
+        Unit::Count,
         "Model calls that failed (a request the model refused as invalid input is a 400, not counted)"
     );
+    describe_counter!(
+        "streamserve_scale_events_total",
+        Unit::Count,
+        "Replicas added (direction up) or removed (down) by the autoscaler"
+    );
+    describe_counter!(
+        "streamserve_rollout_events_total",
+        Unit::Count,
+        "Deployment events per model: deploy_started, deploy_failed, switched, canary_started, canary_step, promoted, rolled_back, unloaded"
+    );
+    describe_gauge!(
+        "streamserve_streams_open",
+        Unit::Count,
+        "Live speech streams, connected or waiting for a resume"
+    );
+    describe_gauge!(
+        "streamserve_stream_connections",
+        Unit::Count,
+        "Open WebSocket stream connections"
+    );
+    describe_counter!(
+        "streamserve_stream_chunks_total",
+        Unit::Count,
+        "Audio chunks (model steps) run for streams"
+    );
+    describe_counter!(
+        "streamserve_stream_degraded_chunks_total",
+        Unit::Count,
+        "Stream chunks answered by the fallback model"
+    );
+    describe_counter!(
+        "streamserve_stream_resumes_total",
+        Unit::Count,
+        "Streams resumed by a reconnecting client"
+    );
+    describe_counter!(
+        "streamserve_stream_drops_total",
+        Unit::Count,
+        "Streams dropped, by reason: slow_consumer, inference_error, not_resumed, idle, write_timeout"
+    );
+    describe_histogram!(
+        "streamserve_stream_chunk_latency_seconds",
+        Unit::Seconds,
+        "Time from a chunk's audio arriving in full to its result"
+    );
+    for &reason in STREAM_DROP_REASONS {
+        metrics::counter!("streamserve_stream_drops_total", "reason" => reason).increment(0);
+    }
+    metrics::gauge!("streamserve_streams_open").set(0.0);
+    metrics::gauge!("streamserve_stream_connections").increment(0.0);
 }
 
 #[cfg(test)]

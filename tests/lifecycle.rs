@@ -234,8 +234,13 @@ async fn blue_green_switches_atomically_under_load_and_rolls_back() {
     let seen = traffic.finish().await;
     assert!(seen.iter().all(|(s, _)| *s == 200));
     assert_eq!(seen.last().unwrap().1, "1");
+    // The series exists at 0 from the start: the switch must have moved it.
     let metrics = metrics_text(&c, &url).await;
-    assert!(metrics.contains("streamserve_rollout_events_total{model=\"mlp\",event=\"switched\"}"));
+    let switched = sample(
+        &metrics,
+        "streamserve_rollout_events_total{model=\"mlp\",event=\"switched\"}",
+    );
+    assert!(switched.is_some_and(|n| n >= 1.0), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -13,7 +13,7 @@
 //! Retry-After. Queued requests past their deadline are answered 504 before they run.
 //!
 //! Supervision: a worker that panics or holds a batch past `hang_timeout_ms` is replaced (with
-//! backoff, see `supervisor::restart_worker`); the batch it held is retried once on another
+//! backoff, see `restart_policy`); the batch it held is retried once on another
 //! replica, then goes to the fallback, and only then is answered 503. Every request gets
 //! exactly one answer.
 
@@ -24,11 +24,11 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
+use super::faults::{Fault, FaultQueue};
 use super::registry::{replica_memory_mb, Registry};
+use super::restart_policy::Backoff;
 use super::supervisor;
-use super::worker::{
-    Batch, BatchLayout, BatchOutcome, Fault, FaultQueue, Pending, Reply, WorkerHandle, WorkerReport,
-};
+use super::worker::{Batch, BatchLayout, BatchOutcome, Pending, Reply, WorkerHandle, WorkerReport};
 use crate::error::ServeError;
 use crate::manifest::ModelEntry;
 use crate::model::{InferRequest, ModelInfo};
@@ -105,13 +105,14 @@ struct Fallback(Pending);
 #[rtype(result = "()")]
 struct Attach(WorkerHandle);
 
-/// Queue a fault for one replica, or every replica (admin API, for tests and drills).
+/// Queue a fault for one replica, or every replica (admin API, for tests and drills), for
+/// its next `count` batches; answers how many replicas got it.
 #[derive(Message)]
-#[rtype(result = "Result<usize, String>")]
+#[rtype(result = "Result<usize, ServeError>")]
 pub struct InjectFault {
     pub replica: Option<usize>,
     pub fault: Fault,
-    pub count: usize,
+    pub count: u64,
 }
 
 /// Stop once the queue and running batches are done (the version is being unloaded); the
@@ -150,7 +151,7 @@ struct Slot {
     /// Generation of the latest worker started for this slot (running or loading).
     generation: u64,
     /// When this slot's workers died recently, for restart backoff.
-    deaths: VecDeque<Instant>,
+    backoff: Backoff,
 }
 
 pub struct Router {
@@ -202,7 +203,7 @@ impl Router {
                 last_dispatch: now,
                 faults,
                 generation: 0,
-                deaths: VecDeque::new(),
+                backoff: Backoff::new(now),
             })
             .collect();
         for worker in workers {
@@ -317,8 +318,8 @@ impl Router {
         let Some(fallback) = self.fallback() else {
             return Err(pending);
         };
-        metrics::counter!("streamserve_degraded_total", &self.labels).increment(1);
-        pending.degraded_from = Some(self.info.name.as_str().into());
+        // Counted as degraded by the fallback, once it has queued the request (it may shed it).
+        pending.degraded_from = Some(self.served_by.clone());
         fallback.do_send(Fallback(pending));
         Ok(())
     }
@@ -328,6 +329,10 @@ impl Router {
         let healthy = self.healthy() > 0;
         let full = self.queue.len() >= self.info.max_queue;
         if healthy && !full && !(self.overloaded && may_degrade && self.info.fallback.is_some()) {
+            if let Some(asked) = &pending.degraded_from {
+                metrics::counter!("streamserve_degraded_total", "model" => asked.0.clone(), "version" => asked.1.clone(), "served_by" => self.info.name.clone())
+                    .increment(1);
+            }
             self.queued_rows += pending.request.rows;
             self.queue.push_back(pending);
             self.update_overload();
@@ -349,7 +354,10 @@ impl Router {
                 retry_after: Duration::from_secs(1),
             }
         } else {
-            metrics::counter!("streamserve_shed_total", &self.labels).increment(1);
+            // Labelled by the model the client asked for, even when its fallback sheds it.
+            let asked = pending.degraded_from.as_deref().unwrap_or(&self.served_by);
+            metrics::counter!("streamserve_shed_total", "model" => asked.0.clone(), "version" => asked.1.clone())
+                .increment(1);
             ServeError::Overloaded {
                 model: self.info.name.clone(),
                 queued: self.queue.len(),
@@ -487,11 +495,7 @@ impl Router {
             return;
         }
         let lost = slot.in_flight.take();
-        let now = Instant::now();
-        slot.deaths
-            .retain(|t| now.duration_since(*t) < Duration::from_secs(60));
-        slot.deaths.push_back(now);
-        let delay = supervisor::restart_delay(slot.deaths.len());
+        let delay = slot.backoff.died(Instant::now());
         slot.generation += 1;
         let generation = slot.generation;
         let faults = slot.faults.clone();
@@ -598,7 +602,7 @@ impl Router {
                 last_dispatch: now,
                 faults: faults.clone(),
                 generation: 0,
-                deaths: VecDeque::new(),
+                backoff: Backoff::new(now),
             });
             tracing::info!(model = %self.info.name, version = %self.info.version, replica, "scaling up");
             metrics::counter!("streamserve_scale_events_total", "model" => self.info.name.clone(), "direction" => "up").increment(1);
@@ -702,6 +706,7 @@ impl Actor for Router {
         self.publish_queue();
         metrics::gauge!("streamserve_overloaded", &self.labels).set(0.0);
         metrics::gauge!("streamserve_replicas", &self.labels).set(self.slots.len() as f64);
+        crate::telemetry::register_model_series(&self.info);
         ctx.run_interval(WATCH_INTERVAL, |router, ctx| router.watch(ctx));
     }
 }
@@ -786,6 +791,7 @@ impl Handler<Attach> for Router {
         slot.handle = Some(worker);
         slot.in_flight = None;
         slot.last_dispatch = Instant::now();
+        slot.backoff.attached(slot.last_dispatch);
         self.publish_health();
         self.dispatch(ctx);
     }
@@ -800,25 +806,36 @@ impl Handler<Drain> for Router {
 }
 
 impl Handler<InjectFault> for Router {
-    type Result = Result<usize, String>;
+    type Result = Result<usize, ServeError>;
 
     fn handle(&mut self, msg: InjectFault, _ctx: &mut Self::Context) -> Self::Result {
         let targets: Vec<usize> = match msg.replica {
             Some(r) if r < self.slots.len() => vec![r],
             Some(r) => {
-                return Err(format!(
-                    "model has {} replicas; there is no replica {r}",
+                return Err(ServeError::invalid(format!(
+                    "replica must be in 0..{} (the model has {} replicas), got {r}",
+                    self.slots.len(),
                     self.slots.len()
-                ))
+                )))
             }
             None => (0..self.slots.len()).collect(),
         };
-        for &replica in &targets {
-            let mut faults = self.slots[replica]
+        // All or nothing. Only this actor adds faults and workers only take them, so a book
+        // that has room now still has it below.
+        let book = |r: usize| {
+            self.slots[r]
                 .faults
                 .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            faults.extend(std::iter::repeat_n(msg.fault, msg.count.max(1)));
+                .unwrap_or_else(|e| e.into_inner())
+        };
+        if let Some(full) = targets.iter().find(|&&r| !book(r).has_room_for(msg.fault)) {
+            return Err(ServeError::Conflict(format!(
+                "replica {full} already holds {} different queued faults; let them run first",
+                super::faults::MAX_ENTRIES
+            )));
+        }
+        for &replica in &targets {
+            let _ = book(replica).push(msg.fault, msg.count);
         }
         tracing::warn!(model = %self.info.name, fault = ?msg.fault, count = msg.count, replicas = ?targets, "fault injected");
         Ok(targets.len())

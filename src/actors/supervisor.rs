@@ -1,6 +1,7 @@
 //! The supervisor: starts every model version of the manifest (verifying its sha256, loading a
 //! worker per replica, starting its router on an arbiter of its own), publishes the result to
-//! the [`Registry`], and owns the restart policy for workers that die.
+//! the [`Registry`], and restarts workers that die (after the wait that
+//! [`restart_policy`](super::restart_policy) decides).
 //!
 //! A model that cannot be served (hash mismatch, file missing, GPU unusable) is refused with a
 //! clear log line and listed as unavailable; every other model keeps serving.
@@ -15,9 +16,10 @@ use futures_util::future::join_all;
 
 use tokio::sync::oneshot;
 
+use super::faults::FaultQueue;
 use super::registry::{replica_memory_mb, Canary, Catalog, Registry, ServedModel, VersionState};
 use super::router::{Drain, Infer, ModelHealth, Router};
-use super::worker::{self, FaultQueue, Reply, WorkerHandle, WorkerReport};
+use super::worker::{self, Reply, WorkerHandle, WorkerReport};
 use crate::error::ServeError;
 use crate::manifest::{
     compare_versions, verify_sha256, BatchAxis, Manifest, ModelEntry, StreamKind,
@@ -145,6 +147,9 @@ impl Supervisor {
     }
 
     fn key(&self, name: &str, version: Option<&str>) -> Result<Key, ServeError> {
+        if !self.catalog.models.contains_key(name) {
+            return Err(ServeError::ModelNotFound(name.to_string()));
+        }
         let version = match version {
             Some(v) => v.to_string(),
             None => self.default_of(name)?,
@@ -401,6 +406,7 @@ impl Handler<Start> for Supervisor {
             let entry = Arc::new(entry);
             let key = (entry.name.clone(), entry.version.clone());
             self.entries.insert(key.clone(), entry.clone());
+            crate::telemetry::register_rollout_series(&entry.name);
             self.set_state(
                 &key,
                 VersionState::Cold {
@@ -497,7 +503,8 @@ pub struct Deploy {
     pub name: String,
     pub version: String,
     pub strategy: Strategy,
-    /// Canary traffic shares, in percent, ending at 100.
+    /// Canary traffic shares, in percent: strictly increasing, ending at 100 (the admin API
+    /// checks them, and `step_secs`, before sending this).
     pub steps: Vec<u32>,
     pub step_secs: u64,
     /// Run one request of zeros through the new version before it takes traffic.
@@ -522,13 +529,6 @@ impl Handler<Deploy> for Supervisor {
                     "{}:{} is already the default",
                     msg.name, msg.version
                 )));
-            }
-            if msg.strategy == Strategy::Canary
-                && (msg.steps.is_empty() || msg.steps.iter().any(|&p| p == 0 || p > 100))
-            {
-                return Err(ServeError::invalid(
-                    "canary steps must be percentages in 1..=100",
-                ));
             }
             // Whether the new version fits beside the running one is the memory budget's call,
             // made when it loads (a refusal changes nothing).
@@ -591,7 +591,7 @@ impl Handler<Deploy> for Supervisor {
                             stable: stable.clone(),
                             steps: steps.clone(),
                             step: 0,
-                            step_secs: msg.step_secs.max(1),
+                            step_secs: msg.step_secs,
                             step_started: Instant::now(),
                             canary_base: Traffic::of(&served.health),
                             stable_base: stable_health,
@@ -621,20 +621,27 @@ impl Handler<Rollback> for Supervisor {
 
     fn handle(&mut self, msg: Rollback, ctx: &mut Self::Context) -> Self::Result {
         let name = msg.name;
+        if !self.catalog.models.contains_key(&name) {
+            return Box::pin(actix::fut::ready(Err(ServeError::ModelNotFound(name))));
+        }
         if self.rollouts.contains_key(&name) {
             self.abort_canary(&name, "rolled back by an operator");
             return Box::pin(actix::fut::ready(Ok(
                 serde_json::json!({"model": name, "rolled_back": "canary"}),
             )));
         }
-        let Some(previous) = self.previous_default.get(&name).cloned() else {
-            return Box::pin(actix::fut::ready(Err(ServeError::Conflict(format!(
-                "'{name}' has no previous version to roll back to"
-            )))));
-        };
         let current = match self.default_of(&name) {
             Ok(v) => v,
             Err(e) => return Box::pin(actix::fut::ready(Err(e))),
+        };
+        // A rollback consumes the previous default, at once (a second rollback, even one
+        // sent while this one loads, has nothing to go back to rather than undoing this one);
+        // it is put back if this one fails.
+        let Some(previous) = self.previous_default.remove(&name) else {
+            return Box::pin(actix::fut::ready(Err(ServeError::Conflict(format!(
+                "'{name}' has no previous version to roll back to: no deployment changed its \
+                 default since it started or since the last rollback"
+            )))));
         };
         let loading = self.ensure((name.clone(), previous.clone()), ctx);
         Box::pin(
@@ -645,16 +652,16 @@ impl Handler<Rollback> for Supervisor {
             }
             .into_actor(self)
             .map(move |loaded, supervisor, _ctx| {
-                loaded?;
+                if let Err(e) = loaded {
+                    supervisor.previous_default.entry(name).or_insert(previous);
+                    return Err(e);
+                }
                 let model = supervisor
                     .catalog
                     .models
                     .get_mut(&name)
                     .expect("model exists");
                 model.default_override = Some(previous.clone());
-                supervisor
-                    .previous_default
-                    .insert(name.clone(), current.clone());
                 supervisor.publish();
                 event(&name, "rolled_back");
                 if current != previous {
@@ -887,17 +894,6 @@ fn batch_axes(
         );
     }
     Ok((input_axes, output_axes))
-}
-
-/// How long to wait before restarting a worker that has died `recent` times in the last
-/// minute: at once the first time (a one-off crash costs no capacity for longer than a model
-/// load), then 100 ms doubling to 5 s, so a worker that crashes on every batch cannot spin.
-pub fn restart_delay(recent: usize) -> Duration {
-    match recent {
-        0 | 1 => Duration::ZERO,
-        n => (Duration::from_millis(100) * 2u32.saturating_pow(n as u32 - 2))
-            .min(Duration::from_secs(5)),
-    }
 }
 
 /// Starts a replacement worker after `delay`, retrying with exponential backoff (100 ms

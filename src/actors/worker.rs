@@ -16,14 +16,13 @@
 //! fresh worker. Replies are shared slots, so whoever answers first (a worker that finally
 //! returns from a hang, or the router giving up on it) is the only one who answers.
 
-use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
 use tokio::sync::oneshot;
 
+use super::faults::{Fault, FaultQueue};
 use crate::error::ServeError;
 use crate::manifest::{BatchAxis, Device, ModelEntry};
 use crate::model::{InferRequest, InferResponse};
@@ -68,8 +67,9 @@ pub struct Pending {
     pub deadline: Option<Instant>,
     /// Times this request was in a batch whose worker died.
     pub attempts: u8,
-    /// Set when a primary model handed this request to its fallback.
-    pub degraded_from: Option<Arc<str>>,
+    /// Set when a primary model handed this request to its fallback: the model and version
+    /// the client asked for, which its metrics are labelled with wherever it ends.
+    pub degraded_from: Option<Arc<(String, String)>>,
 }
 
 /// Where each input's and output's batch axis is, for stacking requests into one call.
@@ -110,21 +110,6 @@ pub enum BatchOutcome {
     /// The worker panicked and has stopped, without answering its batch.
     Died { reason: String },
 }
-
-/// Faults an operator or a test can inject into a worker, through the admin API.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
-pub enum Fault {
-    /// Panic inside the next batch.
-    Panic,
-    /// Block the next batch for `ms` milliseconds, as a stuck kernel would.
-    Hang { ms: u64 },
-    /// Add `ms` milliseconds to the next batch, then run it.
-    Slow { ms: u64 },
-}
-
-/// Faults queued for one replica, shared by its router and its worker thread.
-pub type FaultQueue = Arc<Mutex<VecDeque<Fault>>>;
 
 /// The router's end of a live worker.
 pub struct WorkerHandle {
@@ -217,7 +202,7 @@ fn run_loop(
     while let Ok(batch) = batches.recv() {
         let started = Instant::now();
         let rows: usize = batch.items.iter().map(|p| p.request.rows).sum();
-        let fault = faults.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+        let fault = faults.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
             match fault {
                 Some(Fault::Panic) => panic!("injected fault: panic"),

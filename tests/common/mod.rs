@@ -211,3 +211,15 @@ pub fn undeclared_silero_dir(name: &str) -> PathBuf {
         "#
     ))
 }
+
+/// The value of one sample in `/metrics` text; `series` is written as the exporter writes it,
+/// name and labels in order, e.g. `streamserve_shed_total{model="mlp",version="1"}`.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        line.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}

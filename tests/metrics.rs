@@ -1,0 +1,251 @@
+//! `/metrics` as alerting reads it, scraped from a real server: counters exist at 0 from the
+//! start, every metric has HELP, and shed and degraded requests are counted once, under the
+//! model the client asked for.
+//!
+//! The metrics recorder is process-wide, so each test here uses model names of its own.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::*;
+use serde_json::{json, Value};
+
+const TOKEN: &str = "test-token";
+
+/// The `# TYPE` names without a `# HELP` line.
+fn undescribed(text: &str) -> Vec<String> {
+    let named = |prefix: &str| -> BTreeSet<String> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(prefix)?.split_whitespace().next())
+            .map(str::to_string)
+            .collect()
+    };
+    let help = named("# HELP ");
+    named("# TYPE ")
+        .into_iter()
+        .filter(|name| !help.contains(name))
+        .collect()
+}
+
+#[tokio::test]
+async fn counters_exist_at_zero_from_the_start_and_every_metric_has_help() {
+    let dir = model_dir(&format!(
+        r#"
+        [[models]]
+        name = "zero_mlp"
+        version = "1"
+        file = "{{models}}/mlp/1/model.onnx"
+        sha256 = "{MLP_SHA}"
+        fallback = "zero_small"
+
+        [[models]]
+        name = "zero_small"
+        version = "1"
+        file = "{{models}}/mlp_small/1/model.onnx"
+        sha256 = "{MLP_SMALL_SHA}"
+        "#
+    ));
+    let url = start(&dir, |_| {});
+    let c = client();
+    // Before any request: the start-up has published every counter a request could move.
+    let text = metrics_text(&c, &url).await;
+    let labels = r#"{model="zero_mlp",version="1"}"#;
+    for name in [
+        "streamserve_worker_restarts_total",
+        "streamserve_retries_total",
+        "streamserve_shed_total",
+        "streamserve_deadline_exceeded_total",
+        "streamserve_inference_failures_total",
+    ] {
+        assert_eq!(
+            sample(&text, &format!("{name}{labels}")),
+            Some(0.0),
+            "{name}{labels} is not at 0 in:\n{text}"
+        );
+    }
+    assert_eq!(
+        sample(
+            &text,
+            r#"streamserve_degraded_total{model="zero_mlp",version="1",served_by="zero_small"}"#
+        ),
+        Some(0.0),
+        "{text}"
+    );
+    for direction in ["up", "down"] {
+        let series = format!(
+            r#"streamserve_scale_events_total{{model="zero_mlp",direction="{direction}"}}"#
+        );
+        assert_eq!(sample(&text, &series), Some(0.0), "{series}");
+    }
+    assert_eq!(
+        sample(
+            &text,
+            r#"streamserve_rollout_events_total{model="zero_mlp",event="rolled_back"}"#
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&text, r#"streamserve_stream_drops_total{reason="idle"}"#),
+        Some(0.0)
+    );
+    // After traffic too (histograms appear with their first sample).
+    let (status, _) = post(
+        &c,
+        &format!("{url}/v2/models/zero_mlp/infer"),
+        &mlp_request(&features(1, 2)),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let text = metrics_text(&c, &url).await;
+    // (Recorded before the answer is sent; the router's batch histograms may come later.)
+    assert!(
+        text.contains("# TYPE streamserve_request_duration_seconds histogram"),
+        "{text}"
+    );
+    assert_eq!(undescribed(&text), Vec::<String>::new(), "{text}");
+}
+
+/// Every metric name the server's code emits is described in `telemetry.rs`, with a unit,
+/// including those a scrape only shows after rare events (stream drops, cold starts).
+#[test]
+fn every_metric_in_the_source_is_described() {
+    let src = repo().join("src");
+    let telemetry = std::fs::read_to_string(src.join("telemetry.rs")).unwrap();
+    let described: BTreeSet<String> = [
+        "describe_counter!(",
+        "describe_gauge!(",
+        "describe_histogram!(",
+    ]
+    .iter()
+    .flat_map(|call| telemetry.split(call).skip(1))
+    .map(|rest| {
+        let name = rest.split('"').nth(1).unwrap();
+        let args = rest.split(");").next().unwrap();
+        assert!(
+            args.contains("Unit::"),
+            "{name} is described without a unit"
+        );
+        name.to_string()
+    })
+    .collect();
+    let mut files = vec![src.clone()];
+    let mut emitted = BTreeSet::new();
+    while let Some(path) = files.pop() {
+        if path.is_dir() {
+            files.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        for piece in text.split("\"streamserve_").skip(1) {
+            let name = piece.split('"').next().unwrap();
+            // A bucket matcher's prefix is not a metric.
+            if !name.ends_with('_') {
+                emitted.insert(format!("streamserve_{name}"));
+            }
+        }
+    }
+    assert!(emitted.len() >= 20, "{emitted:?}");
+    let missing: Vec<&String> = emitted.difference(&described).collect();
+    assert!(missing.is_empty(), "no describe_* for {missing:?}");
+}
+
+async fn inject(c: &reqwest::Client, url: &str, model: &str, body: Value) {
+    let response = c
+        .post(format!("{url}/admin/models/{model}/faults"))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+}
+
+/// The primary is overloaded, so requests go to its fallback, whose queue of 2 overflows: some
+/// requests are served degraded, some shed. Each is counted once, under the model the client
+/// called: a shed request is not also counted as degraded, and the fallback's own counters do
+/// not move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shed_and_degraded_count_each_request_once_under_the_model_asked_for() {
+    let dir = model_dir(&format!(
+        r#"
+        [[models]]
+        name = "shed_mlp"
+        version = "1"
+        file = "{{models}}/mlp/1/model.onnx"
+        sha256 = "{MLP_SHA}"
+        max_batch_size = 8
+        max_queue_delay_ms = 0
+        slo_ms = 20
+        fallback = "shed_small"
+
+        [[models]]
+        name = "shed_small"
+        version = "1"
+        file = "{{models}}/mlp_small/1/model.onnx"
+        sha256 = "{MLP_SMALL_SHA}"
+        max_batch_size = 1
+        max_queue = 2
+        "#
+    ));
+    let url = start(&dir, |config| config.admin_token = Some(TOKEN.into()));
+    let c = client();
+    inject(
+        &c,
+        &url,
+        "shed_mlp",
+        json!({"fault": {"kind": "slow", "ms": 200}, "count": 4}),
+    )
+    .await;
+    inject(
+        &c,
+        &url,
+        "shed_small",
+        json!({"fault": {"kind": "slow", "ms": 200}, "count": 4}),
+    )
+    .await;
+    let tasks: Vec<_> = (0..120)
+        .map(|i| {
+            let c = c.clone();
+            let url = format!("{url}/v2/models/shed_mlp/infer");
+            tokio::spawn(async move { post(&c, &url, &mlp_request(&features(i, 1))).await })
+        })
+        .collect();
+    let (mut degraded, mut shed, mut primary) = (0u64, 0u64, 0u64);
+    for task in tasks {
+        let (status, body) = task.await.unwrap();
+        match status {
+            200 if body["parameters"]["degraded"] == true => {
+                assert_eq!(body["parameters"]["served_by"], "shed_small:1");
+                degraded += 1;
+            }
+            200 => primary += 1,
+            429 => shed += 1,
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert!(
+        degraded > 0 && shed > 0 && primary > 0,
+        "degraded {degraded}, shed {shed}, primary {primary}"
+    );
+    eprintln!("served by the primary {primary}, degraded {degraded}, shed {shed}");
+    let text = metrics_text(&c, &url).await;
+    let value = |series: &str| sample(&text, series).unwrap_or_else(|| panic!("no {series}"));
+    assert_eq!(
+        value(r#"streamserve_degraded_total{model="shed_mlp",version="1",served_by="shed_small"}"#),
+        degraded as f64,
+        "degraded counts only the requests the fallback took in"
+    );
+    assert_eq!(
+        value(r#"streamserve_shed_total{model="shed_mlp",version="1"}"#),
+        shed as f64,
+        "shed requests count under the model the client called"
+    );
+    assert_eq!(
+        value(r#"streamserve_shed_total{model="shed_small",version="1"}"#),
+        0.0,
+        "nobody called the fallback itself"
+    );
+    assert!(!text.contains(r#"streamserve_degraded_total{model="shed_small""#));
+    assert_eq!(undescribed(&text), Vec::<String>::new());
+}
