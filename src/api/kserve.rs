@@ -129,7 +129,11 @@ pub fn decode(body: &[u8], json_length: Option<usize>) -> Result<DecodedRequest,
                     .map_err(|e| ServeError::invalid(format!("input '{name}': {e}")))?
             }
             (None, Some(raw)) => {
-                let capacity = element_count(&input.shape).unwrap_or(0).min(1 << 24);
+                // The shape is only declared: reserve no more than the JSON text can hold
+                // (every element takes at least a digit and a separator).
+                let capacity = element_count(&input.shape)
+                    .unwrap_or(0)
+                    .min(raw.get().len() / 2 + 1);
                 parse_json_data(raw, datatype, capacity)
                     .map_err(|e| ServeError::invalid(format!("input '{name}': {e}")))?
             }
