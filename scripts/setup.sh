@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what streamserve needs into the project's own Python environment (.venv):
 # the ONNX Runtime wheel whose shared library the server loads (ort's load-dynamic), and
-# with --dev the test and tooling packages. Everything comes from PyPI; idempotent.
+# with --dev the test and tooling packages (from PyPI) and cargo-fuzz (from crates.io, for the
+# fuzz step of scripts/test.sh). Idempotent: what is installed is not installed again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,3 +24,7 @@ if [[ -z "$lib" ]]; then
     exit 1
 fi
 echo "setup: ONNX Runtime at $lib" >&2
+
+if [[ "$want" == requirements-dev.txt ]] && ! command -v cargo-fuzz >/dev/null; then
+    cargo install cargo-fuzz --locked --version 0.13.2
+fi

@@ -3,7 +3,8 @@
 #     bash scripts/test.sh
 # Unit and integration tests (real server on 127.0.0.1:0, real ONNX models, real HTTP),
 # Triton's own Python HTTP client against the real binary, a check that the generated
-# models rebuild byte for byte, and a short smoke run of the load generator.
+# models rebuild byte for byte, a few seconds of fuzzing per parser, and a short smoke run of
+# the load generator.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --dev
@@ -19,6 +20,9 @@ done
 echo "== cargo test"
 cargo build --release --locked --all-targets
 cargo test --release --locked --workspace
+
+echo "== fuzz: each parser's target for a few seconds (fuzz/README.md runs them longer)"
+bash scripts/fuzz.sh 5
 
 echo "== Python clients against the real binary"
 ./target/release/streamserve check-models

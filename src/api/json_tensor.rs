@@ -23,7 +23,11 @@ use crate::with_element_type;
 /// Parses one input's `data` as `datatype`, checking its nesting against `shape` (element
 /// count is checked by validation, against the shape, for flat and nested data alike).
 pub fn parse(raw: &RawValue, datatype: DataType, shape: &[i64]) -> Result<TensorData, String> {
-    let capacity = element_count(shape).unwrap_or(0).min(1 << 24);
+    // The shape is only declared: reserve no more than the JSON text can hold (every element
+    // takes at least a digit and a separator), or a 73-byte request could reserve 128 MiB.
+    let capacity = element_count(shape)
+        .unwrap_or(0)
+        .min(raw.get().len() / 2 + 1);
     let mut nesting = Nesting {
         shape,
         // A shape with a negative dimension is refused by validation, with its own reason.

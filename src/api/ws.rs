@@ -305,6 +305,18 @@ fn protocol_error(error: ProtocolError) -> ReadEnd {
             CloseCode::Size,
             format!("frame larger than {MAX_FRAME_BYTES} bytes"),
         ),
+        // actix-ws reports these two as I/O errors (tests/bad_input_ws.rs pins the mapping): a
+        // message over the limit in fragments each under it, and text that is not UTF-8.
+        ProtocolError::Io(e) if e.to_string().contains("maximum continuation size") => {
+            ReadEnd::Close(
+                CloseCode::Size,
+                format!("message larger than {MAX_FRAME_BYTES} bytes"),
+            )
+        }
+        ProtocolError::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => ReadEnd::Close(
+            CloseCode::Invalid,
+            format!("text message is not UTF-8 ({e})"),
+        ),
         other => ReadEnd::Close(CloseCode::Protocol, other.to_string()),
     }
 }
@@ -318,6 +330,16 @@ async fn write_loop(
     let (code, reason) = loop {
         tokio::select! {
             biased;
+            // The reader's reason first: it detaches from the session right after, which
+            // closes `messages`, and the close must say why rather than "stream closed".
+            close = reader_close.recv() => match close {
+                Some((code, reason)) => {
+                    let error = ServerMessage::Error { code: error_code(code), message: &reason }.to_json();
+                    let _ = ws.text(error).await;
+                    break (code, reason);
+                }
+                None => return,
+            },
             message = messages.recv() => match message {
                 Some(text) => {
                     match tokio::time::timeout(WRITE_TIMEOUT, ws.text(text.to_string())).await {
@@ -341,14 +363,6 @@ async fn write_loop(
                 }
                 break close.unwrap_or((CloseCode::Away, "stream closed".into()));
             }
-            close = reader_close.recv() => match close {
-                Some((code, reason)) => {
-                    let error = ServerMessage::Error { code: error_code(code), message: &reason }.to_json();
-                    let _ = ws.text(error).await;
-                    break (code, reason);
-                }
-                None => return,
-            },
         }
     };
     let _ = ws

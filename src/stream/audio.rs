@@ -42,9 +42,7 @@ impl SampleFormat {
                 .enumerate()
                 .map(|(i, b)| {
                     let v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                    // Finite and in [-1, 1] (with a hair of headroom for rounding): anything else
-                    // is not audio in this format, most likely bytes sent in the wrong format.
-                    if v.is_finite() && v.abs() <= 1.001 {
+                    if is_audio(v) {
                         Ok(v)
                     } else {
                         Err(format!(
@@ -64,6 +62,13 @@ impl SampleFormat {
     }
 }
 
+/// Float samples must be finite and in [-1, 1] (with a hair of headroom for rounding): anything
+/// else is not audio in the format announced, most likely bytes in another format, and would
+/// reach the model as NaN or garbage.
+fn is_audio(v: f32) -> bool {
+    v.is_finite() && v.abs() <= 1.001
+}
+
 /// A decoded WAV file, mixed down to mono.
 pub struct Wav {
     pub sample_rate: u32,
@@ -79,8 +84,13 @@ pub fn read_wav(bytes: &[u8]) -> Result<Wav, String> {
     let interleaved: Vec<f32> = match spec.sample_format {
         hound::SampleFormat::Float => reader
             .samples::<f32>()
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("corrupt WAV data: {e}"))?,
+            .enumerate()
+            .map(|(i, s)| match s {
+                Ok(v) if is_audio(v) => Ok(v),
+                Ok(v) => Err(format!("WAV float sample {i} is {v}, outside [-1, 1]")),
+                Err(e) => Err(format!("corrupt WAV data: {e}")),
+            })
+            .collect::<Result<_, _>>()?,
         hound::SampleFormat::Int => {
             let scale = (1i64 << (spec.bits_per_sample.clamp(1, 32) - 1)) as f32;
             reader
@@ -145,5 +155,23 @@ mod tests {
         assert_eq!(wav.sample_rate, 8000);
         assert_eq!(wav.samples, vec![0.25, -0.5]);
         assert!(read_wav(b"RIFFnope").is_err());
+
+        // A float WAV holding NaN is refused, like an f32 stream frame holding one.
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        let spec = hound::WavSpec {
+            channels: 1,
+            sample_rate: 16000,
+            bits_per_sample: 32,
+            sample_format: hound::SampleFormat::Float,
+        };
+        let mut writer = hound::WavWriter::new(&mut bytes, spec).unwrap();
+        for v in [0.5f32, f32::NAN] {
+            writer.write_sample(v).unwrap();
+        }
+        writer.finalize().unwrap();
+        assert!(read_wav(bytes.get_ref())
+            .err()
+            .unwrap()
+            .contains("float sample 1 is NaN"));
     }
 }

@@ -188,7 +188,12 @@ impl VadTracker {
             if !self.triggered {
                 self.triggered = true;
                 self.confirmed = false;
-                self.start = chunk_end.saturating_sub(self.pad + self.window);
+                // Padding reaches back no further than the previous segment's end: with a pad
+                // longer than half of min_silence, segments would otherwise overlap.
+                let previous_end = self.segments.last().map_or(0, |s| s.end);
+                self.start = chunk_end
+                    .saturating_sub(self.pad + self.window)
+                    .max(previous_end);
             }
         }
         if self.triggered
@@ -202,8 +207,10 @@ impl VadTracker {
         if self.triggered && probability < self.neg_threshold {
             let temp_end = *self.temp_end.get_or_insert(chunk_end);
             if chunk_end - temp_end >= self.min_silence {
+                // ...and forward no further than the audio heard so far.
                 let end = (temp_end + self.pad)
                     .saturating_sub(self.window)
+                    .min(chunk_end)
                     .max(self.start);
                 self.close(end, events);
             }
@@ -304,6 +311,30 @@ mod tests {
         let events = run(&[0.0, 0.0, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9]);
         assert_eq!(events.len(), 2);
         assert_eq!(events[1], (false, 11.0 * 512.0 / 16000.0));
+    }
+
+    #[test]
+    fn long_padding_never_overlaps_segments_or_passes_the_audio() {
+        // 2 s of padding around speech bursts 0.5 s apart (the fuzzer's find).
+        let options = VadOptions {
+            speech_pad_ms: 2000,
+            min_silence_ms: 100,
+            ..VadOptions::default()
+        };
+        let mut tracker = VadTracker::new(&options, 16000, 512);
+        let mut events = Vec::new();
+        let burst = [[0.9f32; 16], [0.0; 16]].concat();
+        let mut heard = 0;
+        for (i, &p) in burst.iter().cycle().take(burst.len() * 4).enumerate() {
+            heard = (i as u64 + 1) * 512;
+            tracker.push(heard, p, &mut events);
+            assert!(tracker.segments.iter().all(|s| s.end <= heard));
+        }
+        tracker.finish(heard, &mut events);
+        assert_eq!(tracker.segments.len(), 4, "{:?}", tracker.segments);
+        for pair in tracker.segments.windows(2) {
+            assert!(pair[0].end <= pair[1].start, "{:?}", tracker.segments);
+        }
     }
 
     #[test]

@@ -1,0 +1,8 @@
+//! libFuzzer entry point for `harness::kserve_binary` (the checks are there, shared with the plain
+//! `cargo test` in tests/fuzz_corpus.rs).
+#![no_main]
+
+#[path = "../harness.rs"]
+mod harness;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| harness::kserve_binary(data));

@@ -1,0 +1,8 @@
+//! libFuzzer entry point for `harness::ws_audio` (the checks are there, shared with the plain
+//! `cargo test` in tests/fuzz_corpus.rs).
+#![no_main]
+
+#[path = "../harness.rs"]
+mod harness;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| harness::ws_audio(data));
