@@ -378,6 +378,30 @@ async fn bad_admin_input_is_refused_while_inference_carries_on() {
         expect(admin_raw(&c, &url, path, "{\"bogus\": 1}").await, 400, what);
     }
 
+    // An admin body is a small JSON object: a large one is refused before it is buffered,
+    // a wrong method gets 405, and without the token nothing is read at all.
+    let big = format!("{{\"version\": \"{}\"}}", "9".repeat(100_000));
+    expect(
+        admin_raw(&c, &url, "/admin/models/dep/load", &big).await,
+        413,
+        "exceeds the limit of 65536 bytes",
+    );
+    let response = c
+        .get(format!("{url}{faults}"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 405);
+    assert_eq!(response.headers()["allow"], "POST");
+    let response = c
+        .post(format!("{url}{faults}"))
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+
     let statuses = good.finish().await;
     eprintln!(
         "the well-behaved client sent {} requests meanwhile",

@@ -43,13 +43,28 @@ fn check_version(version: Option<&str>) -> Result<(), ServeError> {
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/admin/models", web::get().to(list))
-        .route("/admin/models/{name}/faults", web::post().to(inject_fault))
-        .route("/admin/models/{name}/load", web::post().to(load))
-        .route("/admin/models/{name}/unload", web::post().to(unload))
-        .route("/admin/models/{name}/deploy", web::post().to(deploy))
-        .route("/admin/models/{name}/rollback", web::post().to(rollback))
-        .route("/admin/rollouts", web::get().to(rollouts));
+    // Resources, not bare routes: a known path called with the wrong method gets 405 + Allow.
+    cfg.service(web::resource("/admin/models").route(web::get().to(list)))
+        .service(web::resource("/admin/models/{name}/faults").route(web::post().to(inject_fault)))
+        .service(web::resource("/admin/models/{name}/load").route(web::post().to(load)))
+        .service(web::resource("/admin/models/{name}/unload").route(web::post().to(unload)))
+        .service(web::resource("/admin/models/{name}/deploy").route(web::post().to(deploy)))
+        .service(web::resource("/admin/models/{name}/rollback").route(web::post().to(rollback)))
+        .service(web::resource("/admin/rollouts").route(web::get().to(rollouts)));
+}
+
+/// Largest admin request body: every admin request is a small JSON object.
+const MAX_ADMIN_BODY: usize = 64 * 1024;
+
+/// Reads an admin request's body, after the token was checked (so a caller without one
+/// cannot make the server buffer anything), with the same size, pace and memory bounds as
+/// every body.
+async fn admin_body(
+    state: &AppState,
+    req: &HttpRequest,
+    body: web::Payload,
+) -> Result<super::body::Body, ServeError> {
+    super::body::read(req, body, &state.body_limits(MAX_ADMIN_BODY)).await
 }
 
 fn authorize(state: &AppState, req: &HttpRequest) -> Result<(), ServeError> {
@@ -142,10 +157,11 @@ async fn inject_fault(
     state: web::Data<AppState>,
     req: HttpRequest,
     path: web::Path<String>,
-    body: web::Bytes,
+    body: web::Payload,
 ) -> Result<HttpResponse, ServeError> {
     authorize(&state, &req)?;
-    let request: FaultRequest = serde_json::from_slice(&body)
+    let body = admin_body(&state, &req, body).await?;
+    let request: FaultRequest = serde_json::from_slice(&body.bytes)
         .map_err(|e| ServeError::invalid(format!("malformed fault request: {e}")))?;
     request.check()?;
     let served = state
@@ -190,10 +206,11 @@ async fn load(
     state: web::Data<AppState>,
     req: HttpRequest,
     path: web::Path<String>,
-    body: web::Bytes,
+    body: web::Payload,
 ) -> Result<HttpResponse, ServeError> {
     authorize(&state, &req)?;
-    let request: VersionRequest = parse(&body)?;
+    let body = admin_body(&state, &req, body).await?;
+    let request: VersionRequest = parse(&body.bytes)?;
     check_version(request.version.as_deref())?;
     let started = std::time::Instant::now();
     let served = state
@@ -210,10 +227,11 @@ async fn unload(
     state: web::Data<AppState>,
     req: HttpRequest,
     path: web::Path<String>,
-    body: web::Bytes,
+    body: web::Payload,
 ) -> Result<HttpResponse, ServeError> {
     authorize(&state, &req)?;
-    let request: VersionRequest = parse(&body)?;
+    let body = admin_body(&state, &req, body).await?;
+    let request: VersionRequest = parse(&body.bytes)?;
     check_version(request.version.as_deref())?;
     let answer = state
         .supervisor
@@ -317,10 +335,11 @@ async fn deploy(
     state: web::Data<AppState>,
     req: HttpRequest,
     path: web::Path<String>,
-    body: web::Bytes,
+    body: web::Payload,
 ) -> Result<HttpResponse, ServeError> {
     authorize(&state, &req)?;
-    let request: DeployRequest = parse(&body)?;
+    let body = admin_body(&state, &req, body).await?;
+    let request: DeployRequest = parse(&body.bytes)?;
     request.check()?;
     let answer = state
         .supervisor
