@@ -30,17 +30,19 @@ pub struct Running {
 }
 
 impl Running {
-    /// Graceful stop. Streams are told to reconnect elsewhere (close code 1001); the listener
-    /// closes; every response from now on carries `Connection: close`, so a keep-alive client
+    /// Graceful stop. The listener stops accepting; streams are told to reconnect elsewhere
+    /// (close code 1001); every response from now on carries `Connection: close`, so a keep-alive client
     /// gets the answer to what it sent and then leaves, instead of sending on a connection that
     /// is about to be cut. The server future completes once every connection has closed, or
     /// after the drain time. Returns once nothing the server has read is still unanswered
     /// (or the drain time is up).
     pub async fn shutdown(&self) {
         tracing::info!(drain_secs = self.drain.as_secs(), "shutting down");
+        // First take no more connections: one accepted after the first `Connection: close`
+        // answers would be dropped unread by the stopping worker.
+        self.handle.pause().await;
         self.work.start_draining();
         let _ = self.shutdown.send(true);
-        let stop = self.handle.stop(true);
         let deadline = tokio::time::Instant::now() + self.drain;
         while self.work.active() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -51,7 +53,9 @@ impl Running {
                 "drain time is up with work still in flight"
             );
         }
-        stop.await;
+        // Closes the listener and waits for the connections left (idle keep-alive ones until
+        // the drain time is up).
+        self.handle.stop(true).await;
     }
 }
 

@@ -19,8 +19,8 @@ fn binary() -> Command {
     command
 }
 
-/// Waits for the "listening" log line and returns the address it names.
-fn wait_for_address(child: &mut Child) -> String {
+/// The child's stdout, line by line, read on a thread of its own.
+fn stdout_lines(child: &mut Child) -> mpsc::Receiver<String> {
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -28,6 +28,16 @@ fn wait_for_address(child: &mut Child) -> String {
             let _ = tx.send(line);
         }
     });
+    rx
+}
+
+/// Waits for the "listening" log line and returns the address it names.
+fn wait_for_address(child: &mut Child) -> String {
+    listening_address(&stdout_lines(child))
+}
+
+/// Reads log lines until the "listening" one, and returns the address it names.
+fn listening_address(rx: &mpsc::Receiver<String>) -> String {
     let mut seen = Vec::new();
     loop {
         match rx.recv_timeout(Duration::from_secs(60)) {
@@ -296,8 +306,9 @@ async fn the_admin_subcommands_drive_a_running_server() {
 }
 
 /// Keep-alive clients sending back to back while SIGTERM arrives: every request the server
-/// reads is answered (with `Connection: close` once draining); the only errors a client sees
-/// are refused connections for requests it had not sent yet.
+/// read (each has its access log line) reaches its client, answered, with `Connection: close`
+/// once draining. A client may fail only the request it had not got into the server: a
+/// refused connection, or one left in the listen backlog when the listener closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_racing_sigterm_on_keep_alive_connections_are_all_answered() {
     let mut child = binary()
@@ -316,7 +327,8 @@ async fn requests_racing_sigterm_on_keep_alive_connections_are_all_answered() {
         ])
         .spawn()
         .unwrap();
-    let addr = wait_for_address(&mut child);
+    let logs = stdout_lines(&mut child);
+    let addr = listening_address(&logs);
     let url = format!("http://{addr}/v2/models/mlp/infer");
     let clients: Vec<_> = (0..8u64)
         .map(|i| {
@@ -324,9 +336,9 @@ async fn requests_racing_sigterm_on_keep_alive_connections_are_all_answered() {
             tokio::spawn(async move {
                 // A client of its own: one keep-alive connection, reused request after request.
                 let c = client();
-                let (mut answered, mut lost) = (0, Vec::new());
+                let (mut answered, mut failed) = (0usize, Vec::new());
                 let until = std::time::Instant::now() + Duration::from_secs(8);
-                while std::time::Instant::now() < until {
+                while std::time::Instant::now() < until && failed.is_empty() {
                     match c
                         .post(&url)
                         .json(&mlp_request(&features(i, 1)))
@@ -334,12 +346,11 @@ async fn requests_racing_sigterm_on_keep_alive_connections_are_all_answered() {
                         .await
                     {
                         Ok(response) if response.status() == 200 => answered += 1,
-                        Ok(response) => lost.push(format!("status {}", response.status())),
-                        Err(e) if e.is_connect() => break,
-                        Err(e) => lost.push(format!("{e:?}")),
+                        Ok(response) => panic!("status {}", response.status()),
+                        Err(e) => failed.push(format!("{e:?}")),
                     }
                 }
-                (answered, lost)
+                (answered, failed)
             })
         })
         .collect();
@@ -348,11 +359,18 @@ async fn requests_racing_sigterm_on_keep_alive_connections_are_all_answered() {
         .await
         .unwrap();
     assert!(status.success());
+    let mut answered = 0;
     for client in clients {
-        let (answered, lost) = client.await.unwrap();
-        assert!(answered > 0);
-        assert!(lost.is_empty(), "requests without an answer: {lost:?}");
+        let (n, failed) = client.await.unwrap();
+        assert!(n > 0);
+        assert!(failed.len() <= 1, "{failed:?}");
+        answered += n;
     }
+    let read: usize = logs
+        .try_iter()
+        .filter(|l| l.contains("streamserve::access") && l.contains("\"status\":200"))
+        .count();
+    assert_eq!(read, answered, "every request the server read was answered");
 }
 
 /// A model name carrying a newline (`%0A`) and a huge request id cannot forge or bloat log
@@ -371,13 +389,7 @@ async fn client_text_in_logs_is_escaped_and_capped() {
         ])
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = stdout_lines(&mut child);
     let addr = loop {
         let line = rx
             .recv_timeout(Duration::from_secs(60))
