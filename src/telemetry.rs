@@ -354,6 +354,18 @@ fn describe() {
         Unit::Seconds,
         "Time from a chunk's audio arriving in full to its result"
     );
+    describe_counter!(
+        "streamserve_body_timeouts_total",
+        Unit::Count,
+        "Request bodies that arrived too slowly or stalled (answered 408)"
+    );
+    describe_counter!(
+        "streamserve_body_memory_refusals_total",
+        Unit::Count,
+        "Request bodies refused because bodies in flight held the memory bound (answered 503)"
+    );
+    metrics::counter!("streamserve_body_timeouts_total").increment(0);
+    metrics::counter!("streamserve_body_memory_refusals_total").increment(0);
     for &reason in STREAM_DROP_REASONS {
         metrics::counter!("streamserve_stream_drops_total", "reason" => reason).increment(0);
     }
