@@ -186,25 +186,23 @@ pub struct SlowBodyGuard {
     started: Instant,
     received: u64,
     pace: BodyPace,
-    /// Fires when the body, at what it has received so far, falls behind its pace.
-    alarm: Pin<Box<Sleep>>,
+    /// Fires when the body, at what it has received so far, falls behind its pace. Set only
+    /// once the body has to be waited for: most bodies are in the socket buffer when read,
+    /// and they cost no timer.
+    alarm: Option<Pin<Box<Sleep>>>,
     done: bool,
 }
 
 impl SlowBodyGuard {
     pub fn new(inner: Payload, pace: BodyPace) -> SlowBodyGuard {
-        let started = Instant::now();
-        let mut guard = SlowBodyGuard {
+        SlowBodyGuard {
             inner,
-            started,
+            started: Instant::now(),
             received: 0,
             pace,
-            alarm: Box::pin(tokio::time::sleep_until(started)),
+            alarm: None,
             done: false,
-        };
-        let due = guard.due();
-        guard.alarm.as_mut().reset(due);
-        guard
+        }
     }
 
     /// The moment this body falls behind: the whole-body deadline, or the time by which the
@@ -231,8 +229,12 @@ impl Stream for SlowBodyGuard {
         match Pin::new(&mut this.inner).poll_next(cx) {
             Poll::Ready(Some(Ok(chunk))) => {
                 this.received += chunk.len() as u64;
-                let due = this.due();
-                this.alarm.as_mut().reset(due);
+                if this.alarm.is_some() {
+                    let due = this.due();
+                    if let Some(alarm) = this.alarm.as_mut() {
+                        alarm.as_mut().reset(due);
+                    }
+                }
                 return Poll::Ready(Some(Ok(chunk)));
             }
             Poll::Ready(other) => {
@@ -241,7 +243,11 @@ impl Stream for SlowBodyGuard {
             }
             Poll::Pending => {}
         }
-        if this.alarm.as_mut().poll(cx).is_ready() {
+        let due = this.due();
+        let alarm = this
+            .alarm
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if alarm.as_mut().poll(cx).is_ready() {
             this.done = true;
             return Poll::Ready(Some(Err(PayloadError::Io(io::Error::new(
                 io::ErrorKind::TimedOut,
