@@ -56,14 +56,14 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 /// Largest admin request body: every admin request is a small JSON object.
 const MAX_ADMIN_BODY: usize = 64 * 1024;
 
-/// Reads an admin request's body, after the token was checked (so a caller without one
-/// cannot make the server buffer anything), with the same size, pace and memory bounds as
-/// every body.
-async fn admin_body(
+/// Checks the token, then reads the request's body, with the same size, pace and memory
+/// bounds as every body: a caller without the token cannot make the server buffer anything.
+async fn authorized_body(
     state: &AppState,
     req: &HttpRequest,
     body: web::Payload,
 ) -> Result<super::body::Body, ServeError> {
+    authorize(state, req)?;
     super::body::read(req, body, &state.body_limits(MAX_ADMIN_BODY)).await
 }
 
@@ -159,8 +159,7 @@ async fn inject_fault(
     path: web::Path<String>,
     body: web::Payload,
 ) -> Result<HttpResponse, ServeError> {
-    authorize(&state, &req)?;
-    let body = admin_body(&state, &req, body).await?;
+    let body = authorized_body(&state, &req, body).await?;
     let request: FaultRequest = serde_json::from_slice(&body.bytes)
         .map_err(|e| ServeError::invalid(format!("malformed fault request: {e}")))?;
     request.check()?;
@@ -208,8 +207,7 @@ async fn load(
     path: web::Path<String>,
     body: web::Payload,
 ) -> Result<HttpResponse, ServeError> {
-    authorize(&state, &req)?;
-    let body = admin_body(&state, &req, body).await?;
+    let body = authorized_body(&state, &req, body).await?;
     let request: VersionRequest = parse(&body.bytes)?;
     check_version(request.version.as_deref())?;
     let started = std::time::Instant::now();
@@ -229,8 +227,7 @@ async fn unload(
     path: web::Path<String>,
     body: web::Payload,
 ) -> Result<HttpResponse, ServeError> {
-    authorize(&state, &req)?;
-    let body = admin_body(&state, &req, body).await?;
+    let body = authorized_body(&state, &req, body).await?;
     let request: VersionRequest = parse(&body.bytes)?;
     check_version(request.version.as_deref())?;
     let answer = state
@@ -337,8 +334,7 @@ async fn deploy(
     path: web::Path<String>,
     body: web::Payload,
 ) -> Result<HttpResponse, ServeError> {
-    authorize(&state, &req)?;
-    let body = admin_body(&state, &req, body).await?;
+    let body = authorized_body(&state, &req, body).await?;
     let request: DeployRequest = parse(&body.bytes)?;
     request.check()?;
     let answer = state
