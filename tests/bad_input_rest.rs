@@ -520,21 +520,7 @@ async fn silero_inputs_it_cannot_take_are_refused_up_front() {
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["outputs"][0]["shape"], json!([1, 1]));
     }
-    let metrics = metrics_text(&c, url).await;
-    assert_eq!(
-        counter(
-            &metrics,
-            "streamserve_inference_failures_total",
-            "silero_vad"
-        ),
-        failures_before
-    );
-    assert_eq!(
-        get(&c, &format!("{url}/v2/models/silero_vad/ready"))
-            .await
-            .0,
-        200
-    );
+    assert_unharmed(&c, url, "silero_vad", failures_before).await;
 }
 
 #[tokio::test]
@@ -578,21 +564,7 @@ async fn model_errors_caused_by_the_request_are_client_errors() {
             );
         }
     }
-    let metrics = metrics_text(&c, &url).await;
-    assert_eq!(
-        counter(
-            &metrics,
-            "streamserve_inference_failures_total",
-            "silero_raw"
-        ),
-        0.0
-    );
-    assert_eq!(
-        get(&c, &format!("{url}/v2/models/silero_raw/ready"))
-            .await
-            .0,
-        200
-    );
+    assert_unharmed(&c, &url, "silero_raw", 0.0).await;
 }
 
 #[tokio::test]
@@ -691,19 +663,5 @@ async fn good_requests_are_unaffected_by_concurrent_bad_values() {
         }
     }
     assert_eq!(good, 40);
-    let metrics = metrics_text(&c, url).await;
-    assert_eq!(
-        counter(
-            &metrics,
-            "streamserve_inference_failures_total",
-            "silero_vad"
-        ),
-        failures_before
-    );
-    assert_eq!(
-        get(&c, &format!("{url}/v2/models/silero_vad/ready"))
-            .await
-            .0,
-        200
-    );
+    assert_unharmed(&c, url, "silero_vad", failures_before).await;
 }

@@ -223,3 +223,19 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
             .ok()
     })
 }
+
+/// Asserts that bad requests did a model no harm: its inference failures counter is still
+/// `failures_before` and it is ready.
+pub async fn assert_unharmed(c: &reqwest::Client, url: &str, model: &str, failures_before: f64) {
+    let metrics = metrics_text(c, url).await;
+    assert_eq!(
+        counter(&metrics, "streamserve_inference_failures_total", model),
+        failures_before,
+        "inference failures of {model}"
+    );
+    assert_eq!(
+        get(c, &format!("{url}/v2/models/{model}/ready")).await.0,
+        200,
+        "{model} is ready"
+    );
+}
