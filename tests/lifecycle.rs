@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
@@ -82,7 +82,8 @@ async fn state_of(c: &reqwest::Client, url: &str, version: &str) -> String {
 /// serving version.
 struct Traffic {
     stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<Vec<(u16, String)>>>,
+    /// Per client, each answer's status and version, with when its request was sent.
+    tasks: Vec<tokio::task::JoinHandle<Vec<(u16, String, Instant)>>>,
 }
 
 impl Traffic {
@@ -95,12 +96,14 @@ impl Traffic {
                     let mut seen = Vec::new();
                     let mut i = 0u64;
                     while !stop.load(Ordering::Relaxed) {
+                        let sent = Instant::now();
                         let (status, body) =
                             post(&c, &url, &mlp_request(&features(k as u64 * 100_000 + i, 1)))
                                 .await;
                         seen.push((
                             status,
                             body["model_version"].as_str().unwrap_or("").to_string(),
+                            sent,
                         ));
                         i += 1;
                     }
@@ -112,6 +115,11 @@ impl Traffic {
     }
 
     async fn finish(self) -> Vec<(u16, String)> {
+        let timed = self.finish_timed().await;
+        timed.into_iter().map(|(s, v, _)| (s, v)).collect()
+    }
+
+    async fn finish_timed(self) -> Vec<(u16, String, Instant)> {
         self.stop.store(true, Ordering::Relaxed);
         let mut all = Vec::new();
         for task in self.tasks {
@@ -304,16 +312,24 @@ async fn a_slow_canary_is_rolled_back_automatically() {
         rollouts["last_rollback"]["mlp"].is_string()
     })
     .await;
+    let rolled_back = Instant::now();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let seen = traffic.finish().await;
+    let seen = traffic.finish_timed().await;
     assert!(
-        seen.iter().all(|(s, _)| *s == 200),
+        seen.iter().all(|(s, _, _)| *s == 200),
         "the slow canary still answered every request"
     );
-    assert_eq!(
-        seen.last().unwrap().1,
-        "1",
-        "traffic is back on the stable version"
+    // A request the slow canary took before the rollback may finish last; every one sent
+    // after it is on the stable version.
+    let after: Vec<&str> = seen
+        .iter()
+        .filter(|(_, _, sent)| *sent > rolled_back)
+        .map(|(_, v, _)| v.as_str())
+        .collect();
+    assert!(!after.is_empty(), "requests were sent after the rollback");
+    assert!(
+        after.iter().all(|v| *v == "1"),
+        "traffic is back on the stable version: {after:?}"
     );
     let rollouts: Value = c
         .get(format!("{url}/admin/rollouts"))
