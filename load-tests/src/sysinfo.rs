@@ -102,7 +102,9 @@ impl CpuSnapshot {
     pub fn since(&self, earlier: &CpuSnapshot) -> CpuShare {
         let total = self.total.saturating_sub(earlier.total).max(1) as f64;
         let busy = self.busy.saturating_sub(earlier.busy) as f64;
-        let own = self.own.saturating_sub(earlier.own) as f64;
+        // The kernel counts the machine's ticks and this process's ticks apart, so over a short
+        // span the process can seem to have used more than the whole machine did; it cannot have.
+        let own = (self.own.saturating_sub(earlier.own) as f64).min(busy);
         let cores = self.cpus as f64;
         let loadgen = self.loadgen.saturating_sub(earlier.loadgen) as f64;
         CpuShare {
