@@ -8,6 +8,7 @@ use actix::Actor;
 use actix_web::{web, App, HttpServer};
 use tokio::sync::watch;
 
+use crate::actors::budget::Budgets;
 use crate::actors::registry::Registry;
 use crate::actors::stream_hub::StreamHub;
 use crate::actors::supervisor::{Start, Supervisor};
@@ -65,16 +66,18 @@ impl Running {
 pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::Server)> {
     let prometheus = telemetry::metrics_handle();
     telemetry::install_panic_hook();
-    let env = crate::runtime::init(config.ort_dylib.as_deref()).map_err(anyhow::Error::msg)?;
+    let sessions =
+        crate::runtime::ort_sessions(config.ort_dylib.as_deref()).map_err(anyhow::Error::msg)?;
     let manifest = Manifest::load(&config.models)?;
-    let registry = Arc::new(Registry::new(
+    let registry = Arc::new(Registry::default());
+    let budgets = Arc::new(Budgets::new(
         config.cpu_budget,
         config
             .memory_budget_mb
-            .unwrap_or_else(crate::actors::registry::available_ram_mb),
+            .unwrap_or_else(crate::actors::budget::available_ram_mb),
         config.vram_budget_mb,
     ));
-    let supervisor = Supervisor::new(env, registry.clone()).start();
+    let supervisor = Supervisor::new(sessions, registry.clone(), budgets).start();
     supervisor
         .send(Start(manifest))
         .await

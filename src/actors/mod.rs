@@ -1,18 +1,24 @@
-//! The actors of the serving path, one file each:
+//! The actors of the serving path, and the plain types they share:
 //!
-//! - [`supervisor`]: starts everything from the manifest; restarts dead workers.
-//! - [`restart_policy`]: how long a dead worker's replacement waits (pure).
-//! - [`faults`]: faults injected through the admin API, held per replica (pure).
+//! - [`supervisor`]: starts everything from the manifest; loads, unloads and deploys versions.
 //! - [`registry`]: the catalog of model versions, published by the supervisor.
+//! - [`served`]: one serving version's handle, and the one way to run a request on it.
 //! - [`router`]: one per model version; queue, admission, dynamic micro-batching, dispatch.
-//! - [`worker`]: one per replica, on its own thread; owns an ONNX Runtime session.
+//! - [`worker`]: one per replica, on its own thread; owns a model session; its restarts.
+//! - [`pending`]: a request in a queue or a batch, with its exactly-once reply slot.
+//! - [`health`]: a version's health and traffic counters, shared lock-free.
+//! - [`budget`]: the CPU and memory budgets that every version's replicas share.
+//! - [`faults`]: faults injected through the admin API, held per replica (pure).
 //! - [`stream_session`]: one per speech stream; owns its model state across steps and resumes.
 //! - [`stream_hub`]: the directory of live streams, for resuming by id.
 
+pub mod budget;
 pub mod faults;
+pub mod health;
+pub mod pending;
 pub mod registry;
-pub mod restart_policy;
 pub mod router;
+pub mod served;
 pub mod stream_hub;
 pub mod stream_session;
 pub mod supervisor;

@@ -19,9 +19,8 @@ use actix_ws::CloseCode;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::registry::ServedModel;
-use super::router::Infer;
+use super::served::InferOptions;
 use super::stream_hub::{StreamHub, Unregister};
-use super::worker::Reply;
 use crate::error::ServeError;
 use crate::model::{InferRequest, InferResponse};
 use crate::stream::audio::SampleFormat;
@@ -236,22 +235,12 @@ impl StreamSession {
             rows: 1,
             outputs: vec![self.vad.probability_output, self.vad.state_output],
         };
-        let (reply, answer) = oneshot::channel();
-        let reply = Reply::new(reply);
-        self.model.router.do_send(Infer {
-            request,
-            reply,
-            received: Instant::now(),
-            deadline: None,
-        });
-        ctx.spawn(answer.into_actor(self).map(move |result, session, ctx| {
-            let result = result.unwrap_or_else(|_| {
-                Err(ServeError::WorkerLost(
-                    "router dropped a stream step".into(),
-                ))
-            });
-            session.on_step(result, audio, take, ctx)
-        }));
+        let answer = self.model.infer(request, InferOptions::now());
+        ctx.spawn(
+            answer
+                .into_actor(self)
+                .map(move |result, session, ctx| session.on_step(result, audio, take, ctx)),
+        );
     }
 
     fn on_step(

@@ -16,16 +16,19 @@ use futures_util::future::join_all;
 
 use tokio::sync::oneshot;
 
+use super::budget::{replica_memory_mb, Budgets};
 use super::faults::FaultQueue;
-use super::registry::{replica_memory_mb, Canary, Catalog, Registry, ServedModel, VersionState};
-use super::router::{Drain, Infer, ModelHealth, Router};
-use super::worker::{self, Reply, WorkerHandle, WorkerReport};
+use super::health::ModelHealth;
+use super::registry::{Canary, Catalog, Registry, VersionState};
+use super::router::{self, FallbackLookup, RouterSetup};
+use super::served::{InferOptions, ServedModel};
+use super::worker::{WorkerHandle, WorkerRecipe, WorkerReport};
 use crate::error::ServeError;
 use crate::manifest::{
     compare_versions, verify_sha256, BatchAxis, Manifest, ModelEntry, StreamKind,
 };
 use crate::model::ModelInfo;
-use crate::runtime::TensorSpec;
+use crate::runtime::{Sessions, TensorSpec};
 use crate::stream::vad::VadInterface;
 
 /// The supervisor actor: the one writer of the model catalog. It loads versions (at startup,
@@ -34,8 +37,9 @@ use crate::stream::vad::VadInterface;
 /// drain the old) and canary (a growing share of traffic, judged against the stable version,
 /// promoted or rolled back automatically).
 pub struct Supervisor {
-    env: &'static ort::environment::Environment,
+    sessions: Sessions,
     registry: Arc<Registry>,
+    budgets: Arc<Budgets>,
     catalog: Catalog,
     entries: HashMap<Key, Arc<ModelEntry>>,
     waiting: HashMap<Key, Vec<oneshot::Sender<Result<ServedModel, ServeError>>>>,
@@ -96,10 +100,11 @@ struct CanaryRollout {
 }
 
 impl Supervisor {
-    pub fn new(env: &'static ort::environment::Environment, registry: Arc<Registry>) -> Supervisor {
+    pub fn new(sessions: Sessions, registry: Arc<Registry>, budgets: Arc<Budgets>) -> Supervisor {
         Supervisor {
-            env,
+            sessions,
             registry,
+            budgets,
             catalog: Catalog::default(),
             entries: HashMap::new(),
             waiting: HashMap::new(),
@@ -203,7 +208,7 @@ impl Supervisor {
                 self.waiting.entry(key.clone()).or_default().push(tx);
                 let started = Instant::now();
                 tracing::info!(model = %key.0, version = %key.1, "loading on demand");
-                ctx.spawn(load_version(entry, self.env, self.registry.clone()).into_actor(self).map(
+                ctx.spawn(load_version(entry, self.sessions, self.registry.clone(), self.budgets.clone()).into_actor(self).map(
                     move |state, supervisor, _ctx| {
                         let cold_start = started.elapsed();
                         metrics::histogram!("streamserve_model_load_seconds", "model" => key.0.clone(), "version" => key.1.clone())
@@ -265,7 +270,7 @@ impl Supervisor {
             },
         );
         self.publish();
-        served.router.do_send(Drain);
+        served.drain();
         tracing::info!(model = %key.0, version = %key.1, why, "unloading");
         event(&key.0, "unloaded");
         true
@@ -700,15 +705,7 @@ impl Handler<Rollouts> for Supervisor {
 async fn smoke_test(served: &ServedModel) -> Result<(), ServeError> {
     let info = &served.info;
     let request = info.validate(info.example_inputs(), None)?;
-    let (tx, rx) = oneshot::channel();
-    served.router.do_send(Infer {
-        request,
-        reply: Reply::new(tx),
-        received: Instant::now(),
-        deadline: None,
-    });
-    rx.await
-        .map_err(|_| ServeError::WorkerLost("router dropped the smoke test".into()))??;
+    served.infer(request, InferOptions::now()).await?;
     Ok(())
 }
 
@@ -720,8 +717,9 @@ const DOES_NOT_FIT: &str = "does not fit";
 /// arbiter of its own. A version that cannot be served comes back `Unavailable` with the reason.
 pub async fn load_version(
     entry: Arc<ModelEntry>,
-    env: &'static ort::environment::Environment,
+    sessions: Sessions,
     registry: Arc<Registry>,
+    budgets: Arc<Budgets>,
 ) -> VersionState {
     let started = Instant::now();
     let refuse = |reason: String| {
@@ -735,17 +733,14 @@ pub async fn load_version(
         return refuse(reason);
     }
     let (reports_tx, reports_rx) = flume::unbounded::<WorkerReport>();
+    let recipe = WorkerRecipe {
+        entry: entry.clone(),
+        sessions,
+        reports: reports_tx,
+    };
     let faults: Vec<FaultQueue> = (0..entry.replicas).map(|_| FaultQueue::default()).collect();
-    let loading = (0..entry.replicas).map(|replica| {
-        worker::spawn(
-            entry.clone(),
-            replica,
-            0,
-            env,
-            reports_tx.clone(),
-            faults[replica].clone(),
-        )
-    });
+    let loading =
+        (0..entry.replicas).map(|replica| recipe.spawn(replica, 0, faults[replica].clone()));
     let mut workers: Vec<WorkerHandle> = Vec::new();
     let mut interface = None;
     let mut failures = Vec::new();
@@ -817,30 +812,30 @@ pub async fn load_version(
     // Ready as soon as this returns: the router only starts (and publishes) on its own thread.
     let health = Arc::new(ModelHealth::new(workers.len(), entry.replicas));
     let memory_mb = replica_memory_mb(info.resources.model_file_bytes) * workers.len() as u64;
-    if let Err(reason) = registry.memory.try_take(device, memory_mb) {
+    if let Err(reason) = budgets.memory.try_take(device, memory_mb) {
         return refuse(format!("{DOES_NOT_FIT}: {reason}"));
     }
     let threads = entry.replicas * entry.intra_threads;
-    if !registry.cpu_budget.take(threads) {
-        tracing::info!(model = %entry.name, version = %entry.version, threads, budget = registry.cpu_budget.total,
+    if !budgets.cpu.take(threads) {
+        tracing::info!(model = %entry.name, version = %entry.version, threads, budget = budgets.cpu.total,
             "replicas now use more threads than the CPU budget; no model can scale up until some are released");
     }
-    let arbiter = Arbiter::new();
-    let router = {
-        let (info, entry, health, env, registry) = (
-            info.clone(),
-            entry.clone(),
-            health.clone(),
-            env,
-            registry.clone(),
-        );
-        Router::start_in_arbiter(&arbiter.handle(), move |ctx| {
-            ctx.add_stream(reports_rx.into_stream());
-            Router::new(
-                info, entry, env, registry, workers, faults, reports_tx, health,
-            )
-        })
-    };
+    let fallback: FallbackLookup = Arc::new(move |name| {
+        let served = registry.snapshot().resolve(name, None).ok()?;
+        served.health.ready().then_some(served.router)
+    });
+    let router = router::start(
+        RouterSetup {
+            info: info.clone(),
+            recipe,
+            budgets,
+            fallback,
+            workers,
+            faults,
+            health: health.clone(),
+        },
+        reports_rx,
+    );
     tracing::info!(
         model = %entry.name, version = %entry.version, device = %device, replicas = entry.replicas,
         max_batch_size = entry.batching.max_batch_size, start_ms = started.elapsed().as_millis() as u64,
@@ -894,41 +889,4 @@ fn batch_axes(
         );
     }
     Ok((input_axes, output_axes))
-}
-
-/// Starts a replacement worker after `delay`, retrying with exponential backoff (100 ms
-/// doubling to 5 s) until a session loads; resolves to the new worker's handle.
-pub async fn restart_worker(
-    entry: Arc<ModelEntry>,
-    replica: usize,
-    generation: u64,
-    env: &'static ort::environment::Environment,
-    reports: flume::Sender<WorkerReport>,
-    faults: FaultQueue,
-    delay: Duration,
-) -> WorkerHandle {
-    actix_web::rt::time::sleep(delay).await;
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match worker::spawn(
-            entry.clone(),
-            replica,
-            generation,
-            env,
-            reports.clone(),
-            faults.clone(),
-        )
-        .await
-        {
-            Ok(Ok(started)) => return started.handle,
-            Ok(Err(reason)) => {
-                tracing::error!(model = %entry.name, version = %entry.version, replica, %reason, "worker restart failed")
-            }
-            Err(_) => {
-                tracing::error!(model = %entry.name, replica, "worker thread ended while loading")
-            }
-        }
-        actix_web::rt::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-    }
 }

@@ -9,14 +9,12 @@ use std::time::{Duration, Instant};
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::json;
-use tokio::sync::oneshot;
 
 use super::body;
 use super::kserve::{self, HEADER_CONTENT_LENGTH};
 use super::AppState;
 use crate::actors::registry::{ServedModel, VersionState};
-use crate::actors::router::Infer;
-use crate::actors::worker::Reply;
+use crate::actors::served::InferOptions;
 use crate::error::ServeError;
 use crate::manifest::BatchAxis;
 use crate::model::{InferRequest, ModelInfo, PLATFORM};
@@ -406,16 +404,12 @@ async fn infer_on(
         )),
         None => decoded.timeout_us.map(Duration::from_micros),
     };
-    let (reply, answer) = oneshot::channel();
-    served.router.do_send(Infer {
-        request,
-        reply: Reply::new(reply),
-        received,
-        deadline: timeout.map(|t| received + t),
-    });
-    let response = answer
-        .await
-        .map_err(|_| ServeError::WorkerLost("the router dropped the request".into()))??;
+    let response = served
+        .infer(
+            request,
+            InferOptions::received_at(received).with_timeout(timeout),
+        )
+        .await?;
     let encoded = kserve::encode(&info, &decoded, &response);
     let mut http = HttpResponse::Ok();
     if let Some(n) = encoded.json_length {

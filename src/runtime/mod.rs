@@ -1,12 +1,80 @@
 //! The only code that touches ONNX Runtime (`ort`): finding and loading the shared library,
 //! and [`ModelSession`], one loaded model on one device.
+//!
+//! Workers do not see `ort` either: they run an [`InferenceSession`] that a [`SessionLoader`]
+//! made. In the server that is ONNX Runtime ([`ort_sessions`]); in unit tests of the router and
+//! the supervisor it is one of the [`doubles`] (echo, panic, hang, slow), which need no
+//! library and no model file.
 
+pub mod doubles;
 mod session;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 pub use session::{short_reason, ModelSession, RunError, TensorSpec};
+
+use crate::manifest::{Device, ModelEntry};
+use crate::tensor::{NamedTensor, TensorData};
+
+/// One loaded model that one worker runs, on one thread.
+pub trait InferenceSession: Send {
+    /// The inputs as the model declares them, in the order `run` takes them.
+    fn inputs(&self) -> &[TensorSpec];
+    /// The outputs as the model declares them, in the order `run` returns them.
+    fn outputs(&self) -> &[TensorSpec];
+    /// Where it runs (CPU where a GPU was asked for and the manifest allowed falling back).
+    fn device(&self) -> Device;
+    /// Runs the model on inputs in the model's input order, borrowing their data; returns every
+    /// output in the model's output order.
+    fn run(&mut self, inputs: &[(&[i64], &TensorData)]) -> Result<Vec<NamedTensor>, RunError>;
+}
+
+/// Makes the session of one replica of a model version (called on the worker's own thread).
+pub trait SessionLoader: Send + Sync {
+    fn load(&self, entry: &ModelEntry) -> Result<Box<dyn InferenceSession>, String>;
+}
+
+/// The loader every worker of a server uses: one per process, so a plain reference.
+pub type Sessions = &'static dyn SessionLoader;
+
+impl InferenceSession for ModelSession {
+    fn inputs(&self) -> &[TensorSpec] {
+        &self.inputs
+    }
+    fn outputs(&self) -> &[TensorSpec] {
+        &self.outputs
+    }
+    fn device(&self) -> Device {
+        self.device
+    }
+    fn run(&mut self, inputs: &[(&[i64], &TensorData)]) -> Result<Vec<NamedTensor>, RunError> {
+        self.run_classified(inputs)
+    }
+}
+
+struct OrtLoader(&'static ort::environment::Environment);
+
+impl SessionLoader for OrtLoader {
+    fn load(&self, entry: &ModelEntry) -> Result<Box<dyn InferenceSession>, String> {
+        let session = ModelSession::load(
+            self.0,
+            &entry.file,
+            entry.device,
+            entry.allow_cpu_fallback,
+            entry.intra_threads,
+        )?;
+        Ok(Box::new(session))
+    }
+}
+
+static ORT_LOADER: OnceLock<OrtLoader> = OnceLock::new();
+
+/// ONNX Runtime sessions: loads the library first ([`init`]), once per process.
+pub fn ort_sessions(explicit: Option<&Path>) -> Result<Sessions, String> {
+    let env = init(explicit)?;
+    Ok(ORT_LOADER.get_or_init(|| OrtLoader(env)))
+}
 
 /// The ONNX Runtime version whose C API this build is compiled against (`ort` feature api-31).
 pub const ORT_VERSION: &str = "1.31.1";

@@ -1,11 +1,14 @@
-//! How long a router waits before replacing a replica's dead worker: at once for a one-off
-//! crash, with growing backoff for a worker that keeps dying, and at once again after the
-//! replica has served quietly for a while.
-//!
-//! Pure (the caller passes the clock), so the policy is tested without a model or a timer.
+//! Replacing a replica's dead worker. [`Backoff`] decides how long its router waits: at once
+//! for a one-off crash, with growing backoff for a worker that keeps dying, and at once again
+//! after the replica has served quietly for a while; it is pure (the caller passes the clock),
+//! so the policy is tested without a model or a timer. [`restart`] then starts the
+//! replacement, retrying until a session loads.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
+
+use super::{WorkerHandle, WorkerRecipe};
+use crate::actors::faults::FaultQueue;
 
 /// Deaths this far back no longer count towards the backoff.
 pub const WINDOW: Duration = Duration::from_secs(60);
@@ -68,6 +71,33 @@ pub fn delay(recent: usize) -> Duration {
     match recent {
         0 | 1 => Duration::ZERO,
         n => (Duration::from_millis(100) * 2u32.saturating_pow(n as u32 - 2)).min(MAX_DELAY),
+    }
+}
+
+/// Starts a replacement worker after `delay`, retrying with exponential backoff (100 ms
+/// doubling to 5 s) until a session loads; resolves to the new worker's handle.
+pub async fn restart(
+    recipe: WorkerRecipe,
+    replica: usize,
+    generation: u64,
+    faults: FaultQueue,
+    delay: Duration,
+) -> WorkerHandle {
+    actix_web::rt::time::sleep(delay).await;
+    let mut backoff = Duration::from_millis(100);
+    let entry = &recipe.entry;
+    loop {
+        match recipe.spawn(replica, generation, faults.clone()).await {
+            Ok(Ok(started)) => return started.handle,
+            Ok(Err(reason)) => {
+                tracing::error!(model = %entry.name, version = %entry.version, replica, %reason, "worker restart failed")
+            }
+            Err(_) => {
+                tracing::error!(model = %entry.name, replica, "worker thread ended while loading")
+            }
+        }
+        actix_web::rt::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_DELAY);
     }
 }
 

@@ -13,79 +13,49 @@
 //! Retry-After. Queued requests past their deadline are answered 504 before they run.
 //!
 //! Supervision: a worker that panics or holds a batch past `hang_timeout_ms` is replaced (with
-//! backoff, see `restart_policy`); the batch it held is retried once on another
+//! backoff, see `worker::restart`); the batch it held is retried once on another
 //! replica, then goes to the fallback, and only then is answered 503. Every request gets
 //! exactly one answer.
+//!
+//! The rules live in plain parts this actor wires together: [`queue`] (lanes, when a batch is
+//! due and what it holds, expiry, predicted wait), [`replicas`] (which worker is idle, busy or
+//! hung) and [`scaling`] (when to add or remove a replica). The actor owns their state, the
+//! timers, the metrics, and the workers' channels.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+pub mod queue;
+mod replicas;
+mod scaling;
+#[cfg(test)]
+mod tests;
+
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
+use super::budget::{replica_memory_mb, Budgets};
 use super::faults::{Fault, FaultQueue};
-use super::registry::{replica_memory_mb, Registry};
-use super::restart_policy::Backoff;
-use super::supervisor;
-use super::worker::{Batch, BatchLayout, BatchOutcome, Pending, Reply, WorkerHandle, WorkerReport};
+use super::health::ModelHealth;
+use super::pending::{Batch, BatchLayout, Pending, Reply};
+use super::worker::restart::restart;
+use super::worker::{BatchOutcome, WorkerHandle, WorkerRecipe, WorkerReport};
 use crate::error::ServeError;
-use crate::manifest::ModelEntry;
 use crate::model::{InferRequest, ModelInfo};
+pub use queue::Priority;
+use queue::{BatchPolicy, BatchQueue, Due};
+use replicas::{InFlight, Replicas, Slot};
+use scaling::{Autoscaler, Load, Scale};
 
 /// How often queued deadlines and running batches are checked.
 const WATCH_INTERVAL: Duration = Duration::from_millis(50);
-/// Queue pressure must last this long before a replica is added.
-const SCALE_UP_AFTER: Duration = Duration::from_secs(1);
-/// A replica above `min_replicas` is removed after this long without any batch.
-const SCALE_DOWN_IDLE: Duration = Duration::from_secs(5);
 
-/// Health and traffic of a model version, written by its router and the API, read lock-free
-/// by the health API and the supervisor (idle unload, canary judgement).
-#[derive(Debug, Default)]
-pub struct ModelHealth {
-    pub healthy_replicas: AtomicUsize,
-    pub replicas: usize,
-    /// Milliseconds since the process started, at the last request.
-    pub last_used_ms: AtomicU64,
-    pub requests: AtomicU64,
-    /// Answers with a 5xx status.
-    pub errors: AtomicU64,
-    pub latency_us: AtomicU64,
-}
+/// Finds the router of a fallback model by name, when it can serve (the supervisor gives each
+/// router one that reads the catalog, so that routers need not know the catalog).
+pub type FallbackLookup = Arc<dyn Fn(&str) -> Option<Addr<Router>> + Send + Sync>;
 
-impl ModelHealth {
-    pub fn new(healthy: usize, replicas: usize) -> ModelHealth {
-        let health = ModelHealth {
-            healthy_replicas: AtomicUsize::new(healthy),
-            replicas,
-            ..ModelHealth::default()
-        };
-        health.touch();
-        health
-    }
-
-    pub fn touch(&self) {
-        self.last_used_ms
-            .store(crate::telemetry::uptime_ms(), Ordering::Relaxed);
-    }
-
-    /// Records one answered request.
-    pub fn record(&self, server_error: bool, latency: Duration) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        self.latency_us
-            .fetch_add(latency.as_micros() as u64, Ordering::Relaxed);
-        if server_error {
-            self.errors.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    pub fn ready(&self) -> bool {
-        self.healthy_replicas.load(Ordering::Relaxed) > 0
-    }
-}
-
-/// Queue a validated request; the answer arrives on `reply`.
+/// Queue a validated request; the answer arrives on `reply`. Sent by
+/// [`ServedModel::infer`](super::served::ServedModel::infer) only.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Infer {
@@ -93,6 +63,7 @@ pub struct Infer {
     pub reply: Reply,
     pub received: Instant,
     pub deadline: Option<Instant>,
+    pub priority: Priority,
 }
 
 /// A request that its primary model handed over (degraded mode). It is not handed on again.
@@ -136,22 +107,26 @@ pub struct RouterStatus {
     pub restarts: u64,
 }
 
-struct InFlight {
-    items: Vec<Pending>,
-    started: Instant,
+/// What a router starts with: the version, its first workers (one per replica; a replica
+/// whose worker failed to load has none and is restarted), and what it shares with others.
+pub struct RouterSetup {
+    pub info: Arc<ModelInfo>,
+    pub recipe: WorkerRecipe,
+    pub budgets: Arc<Budgets>,
+    pub fallback: FallbackLookup,
+    pub workers: Vec<WorkerHandle>,
+    /// One fault book per replica, shared with its workers.
+    pub faults: Vec<FaultQueue>,
+    pub health: Arc<ModelHealth>,
 }
 
-struct Slot {
-    handle: Option<WorkerHandle>,
-    in_flight: Option<InFlight>,
-    /// When the slot last got a batch: among idle workers the longest idle goes first, which
-    /// spreads load evenly across replicas.
-    last_dispatch: Instant,
-    faults: FaultQueue,
-    /// Generation of the latest worker started for this slot (running or loading).
-    generation: u64,
-    /// When this slot's workers died recently, for restart backoff.
-    backoff: Backoff,
+/// Starts a router on an arbiter (thread) of its own, reading its workers' reports.
+pub fn start(setup: RouterSetup, reports: flume::Receiver<WorkerReport>) -> Addr<Router> {
+    let arbiter = Arbiter::new();
+    Router::start_in_arbiter(&arbiter.handle(), move |ctx| {
+        ctx.add_stream(reports.into_stream());
+        Router::new(setup)
+    })
 }
 
 pub struct Router {
@@ -159,13 +134,12 @@ pub struct Router {
     /// `None` for models without a batch axis.
     layout: Option<Arc<BatchLayout>>,
     served_by: Arc<(String, String)>,
-    entry: Arc<ModelEntry>,
-    env: &'static ort::environment::Environment,
-    registry: Arc<Registry>,
-    queue: VecDeque<Pending>,
-    queued_rows: usize,
-    slots: Vec<Slot>,
-    reports: flume::Sender<WorkerReport>,
+    recipe: WorkerRecipe,
+    budgets: Arc<Budgets>,
+    fallback: FallbackLookup,
+    queue: BatchQueue<Pending>,
+    replicas: Replicas,
+    scaler: Autoscaler,
     flush_timer: Option<SpawnHandle>,
     health: Arc<ModelHealth>,
     /// Smoothed compute time per batch, for wait predictions.
@@ -173,42 +147,27 @@ pub struct Router {
     overloaded: bool,
     restarts: u64,
     draining: bool,
-    /// Since when the queue has held more than every worker can take at once.
-    pressure_since: Option<Instant>,
-    /// Since when no batch has run (for scaling down).
-    idle_since: Instant,
-    /// A replica being added (its session loading).
-    scaling_up: bool,
     labels: [(&'static str, String); 2],
 }
 
 impl Router {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        info: Arc<ModelInfo>,
-        entry: Arc<ModelEntry>,
-        env: &'static ort::environment::Environment,
-        registry: Arc<Registry>,
-        workers: Vec<WorkerHandle>,
-        faults: Vec<FaultQueue>,
-        reports: flume::Sender<WorkerReport>,
-        health: Arc<ModelHealth>,
-    ) -> Router {
+    fn new(setup: RouterSetup) -> Router {
         let now = Instant::now();
-        let mut slots: Vec<Slot> = faults
-            .into_iter()
-            .map(|faults| Slot {
-                handle: None,
-                in_flight: None,
-                last_dispatch: now,
-                faults,
-                generation: 0,
-                backoff: Backoff::new(now),
-            })
-            .collect();
+        let RouterSetup {
+            info,
+            recipe,
+            budgets,
+            fallback,
+            workers,
+            faults,
+            health,
+        } = setup;
+        let mut replicas = Replicas {
+            slots: faults.into_iter().map(|f| Slot::new(f, now)).collect(),
+        };
         for worker in workers {
             let replica = worker.replica;
-            slots[replica].handle = Some(worker);
+            replicas.slots[replica].handle = Some(worker);
         }
         let labels = [
             ("model", info.name.clone()),
@@ -220,36 +179,38 @@ impl Router {
                 outputs: info.output_axes.clone(),
             })
         });
+        let entry = &recipe.entry;
+        let queue = BatchQueue::new(BatchPolicy {
+            max_batch_size: if info.batched() {
+                info.batching.max_batch_size
+            } else {
+                0
+            },
+            max_queue_delay: info.batching.max_queue_delay,
+            max_queue: info.max_queue,
+        });
         Router {
             served_by: Arc::new((info.name.clone(), info.version.clone())),
+            scaler: Autoscaler::new(entry.min_replicas, entry.max_replicas, now),
             info,
             layout,
-            entry,
-            env,
-            registry,
-            queue: VecDeque::new(),
-            queued_rows: 0,
-            slots,
-            reports,
+            recipe,
+            budgets,
+            fallback,
+            queue,
+            replicas,
             flush_timer: None,
             health,
             mean_batch_time: Duration::from_millis(5),
             overloaded: false,
             restarts: 0,
             draining: false,
-            pressure_since: None,
-            idle_since: Instant::now(),
-            scaling_up: false,
             labels,
         }
     }
 
-    fn healthy(&self) -> usize {
-        self.slots.iter().filter(|s| s.handle.is_some()).count()
-    }
-
     fn publish_health(&self) {
-        let healthy = self.healthy();
+        let healthy = self.replicas.healthy();
         self.health
             .healthy_replicas
             .store(healthy, Ordering::Relaxed);
@@ -260,25 +221,19 @@ impl Router {
         metrics::gauge!("streamserve_queue_depth", &self.labels).set(self.queue.len() as f64);
     }
 
-    /// How long the last request in the queue can expect to wait for its batch to start:
-    /// batches that idle workers take at once cost nothing; the rest wait for rounds of
-    /// batches on every healthy worker.
     fn predicted_wait(&self) -> Duration {
-        let healthy = self.healthy().max(1);
-        let idle = self
-            .slots
-            .iter()
-            .filter(|s| s.handle.is_some() && s.in_flight.is_none())
-            .count();
-        let per_batch = self.info.batching.max_batch_size.max(1);
-        let batches = self.queued_rows.div_ceil(per_batch);
-        let rounds = batches.saturating_sub(idle).div_ceil(healthy) as u32;
-        self.mean_batch_time * rounds
+        self.queue.predicted_wait(
+            self.replicas.idle(),
+            self.replicas.healthy(),
+            self.mean_batch_time,
+        )
     }
 
     /// Updates the overload flag, with hysteresis: on above the SLO, off below half of it.
     fn update_overload(&mut self) {
-        let Some(slo) = self.entry.slo else { return };
+        let Some(slo) = self.recipe.entry.slo else {
+            return;
+        };
         let wait = self.predicted_wait();
         let overloaded = if self.overloaded {
             wait > slo / 2
@@ -296,26 +251,15 @@ impl Router {
         self.predicted_wait().max(Duration::from_millis(100))
     }
 
-    fn idle_slot(&self) -> Option<usize> {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.handle.is_some() && s.in_flight.is_none())
-            .min_by_key(|(_, s)| s.last_dispatch)
-            .map(|(i, _)| i)
-    }
-
-    /// The fallback's router, if this model has one and it can serve.
-    fn fallback(&self) -> Option<Addr<Router>> {
-        let name = self.info.fallback.as_deref()?;
-        let served = self.registry.snapshot().resolve(name, None).ok()?;
-        served.health.ready().then_some(served.router)
-    }
-
     /// Hands a request to the fallback, marked degraded; gives it back when there is no
     /// fallback ready to take it.
     fn degrade(&self, mut pending: Pending) -> Result<(), Pending> {
-        let Some(fallback) = self.fallback() else {
+        let Some(fallback) = self
+            .info
+            .fallback
+            .as_deref()
+            .and_then(|f| (self.fallback)(f))
+        else {
             return Err(pending);
         };
         // Counted as degraded by the fallback, once it has queued the request (it may shed it).
@@ -326,15 +270,14 @@ impl Router {
 
     /// Takes a request in, hands it to the fallback, or refuses it.
     fn admit(&mut self, pending: Pending, may_degrade: bool, ctx: &mut Context<Self>) {
-        let healthy = self.healthy() > 0;
-        let full = self.queue.len() >= self.info.max_queue;
+        let healthy = self.replicas.healthy() > 0;
+        let full = !self.queue.has_room();
         if healthy && !full && !(self.overloaded && may_degrade && self.info.fallback.is_some()) {
             if let Some(asked) = &pending.degraded_from {
                 metrics::counter!("streamserve_degraded_total", "model" => asked.0.clone(), "version" => asked.1.clone(), "served_by" => self.info.name.clone())
                     .increment(1);
             }
-            self.queued_rows += pending.request.rows;
-            self.queue.push_back(pending);
+            self.queue.push(pending);
             self.update_overload();
             self.dispatch(ctx);
             return;
@@ -371,27 +314,36 @@ impl Router {
     /// Sends out every batch that is due, for as long as there are idle workers.
     fn dispatch(&mut self, ctx: &mut Context<Self>) {
         loop {
-            self.drop_dead_front();
-            let Some(oldest) = self.queue.front() else {
+            let now = Instant::now();
+            let dead = self.queue.remove_dead_fronts(now);
+            self.expire(&dead);
+            let Some(slot) = self.replicas.next_idle() else {
                 break;
             };
-            let Some(slot) = self.idle_slot() else { break };
-            let batching = self.info.batching;
-            let waited = oldest.enqueued.elapsed();
-            let due = !self.info.batched()
-                || self.queued_rows >= batching.max_batch_size
-                || waited >= batching.max_queue_delay;
-            if !due {
-                if self.flush_timer.is_none() {
-                    let wait = batching.max_queue_delay - waited;
-                    self.flush_timer = Some(ctx.run_later(wait, |router, ctx| {
-                        router.flush_timer = None;
-                        router.dispatch(ctx);
-                    }));
+            match self.queue.due(now) {
+                Due::Empty => break,
+                Due::At(when) => {
+                    if self.flush_timer.is_none() {
+                        let wait = when.saturating_duration_since(now);
+                        self.flush_timer = Some(ctx.run_later(wait, |router, ctx| {
+                            router.flush_timer = None;
+                            router.dispatch(ctx);
+                        }));
+                    }
+                    break;
                 }
-                break;
+                Due::Now => {}
             }
-            let items = self.take_batch();
+            let axes = &self.info.input_axes;
+            let mut dead = Vec::new();
+            let items = self.queue.take_batch(
+                now,
+                |candidate: &Pending, first: &Pending| {
+                    candidate.request.batches_with(&first.request, axes)
+                },
+                &mut dead,
+            );
+            self.expire(&dead);
             if items.is_empty() {
                 continue;
             }
@@ -400,7 +352,7 @@ impl Router {
                 layout: self.layout.clone(),
                 served_by: self.served_by.clone(),
             };
-            let slot_ref = &mut self.slots[slot];
+            let slot_ref = &mut self.replicas.slots[slot];
             let handle = slot_ref.handle.as_ref().expect("idle slot has a worker");
             match handle.submit(batch) {
                 Ok(()) => {
@@ -413,7 +365,6 @@ impl Router {
                 Err(_) => {
                     // The worker thread is gone without a report: requeue at the front, in order.
                     for pending in items.into_iter().rev() {
-                        self.queued_rows += pending.request.rows;
                         self.queue.push_front(pending);
                     }
                     self.worker_lost(slot, "worker thread exited".into(), ctx);
@@ -424,65 +375,18 @@ impl Router {
         self.publish_queue();
     }
 
-    /// Answers (or forgets) requests at the front that must not run: their client went away,
-    /// or their deadline passed.
-    fn drop_dead_front(&mut self) {
+    /// Answers the requests taken out of the queue unrun: 504 past their deadline; those whose
+    /// client went away are forgotten.
+    fn expire(&self, dead: &[Pending]) {
         let now = Instant::now();
-        while let Some(front) = self.queue.front() {
-            if !front.reply.is_closed() && front.deadline.is_none_or(|d| d > now) {
-                break;
-            }
-            let gone = self.queue.pop_front().expect("front exists");
-            self.queued_rows -= gone.request.rows;
-            self.expire(&gone);
-        }
-    }
-
-    fn expire(&self, pending: &Pending) {
-        if pending.deadline.is_some_and(|d| d <= Instant::now()) {
-            metrics::counter!("streamserve_deadline_exceeded_total", &self.labels).increment(1);
-            pending.reply.send(Err(ServeError::DeadlineExceeded {
-                waited: pending.enqueued.elapsed(),
-            }));
-        }
-    }
-
-    /// Takes the oldest request and every later one that fits beside it.
-    fn take_batch(&mut self) -> Vec<Pending> {
-        let first = self.queue.pop_front().expect("queue is not empty");
-        self.queued_rows -= first.request.rows;
-        let mut rows = first.request.rows;
-        let mut items = vec![first];
-        if self.info.batched() {
-            let max = self.info.batching.max_batch_size;
-            let now = Instant::now();
-            let mut i = 0;
-            // Bound the scan so a queue of incompatible shapes cannot make dispatch quadratic.
-            let mut scanned = 0;
-            while i < self.queue.len() && rows < max && scanned < 4 * max {
-                scanned += 1;
-                let candidate = &self.queue[i];
-                if candidate.reply.is_closed() || candidate.deadline.is_some_and(|d| d <= now) {
-                    let gone = self.queue.remove(i).expect("index in range");
-                    self.queued_rows -= gone.request.rows;
-                    self.expire(&gone);
-                    continue;
-                }
-                if rows + candidate.request.rows <= max
-                    && candidate
-                        .request
-                        .batches_with(&items[0].request, &self.info.input_axes)
-                {
-                    let taken = self.queue.remove(i).expect("index in range");
-                    self.queued_rows -= taken.request.rows;
-                    rows += taken.request.rows;
-                    items.push(taken);
-                } else {
-                    i += 1;
-                }
+        for pending in dead {
+            if pending.deadline.is_some_and(|d| d <= now) {
+                metrics::counter!("streamserve_deadline_exceeded_total", &self.labels).increment(1);
+                pending.reply.send(Err(ServeError::DeadlineExceeded {
+                    waited: pending.enqueued.elapsed(),
+                }));
             }
         }
-        items
     }
 
     /// Replaces a dead or hung worker and deals with the batch it held: each request is
@@ -490,7 +394,7 @@ impl Router {
     /// (degraded) if it has one, and only then answered 503. So a request meets at most two
     /// of this model's workers, which bounds the damage of an input that kills every worker.
     fn worker_lost(&mut self, replica: usize, reason: String, ctx: &mut Context<Self>) {
-        let slot = &mut self.slots[replica];
+        let slot = &mut self.replicas.slots[replica];
         if slot.handle.take().is_none() {
             return;
         }
@@ -508,10 +412,9 @@ impl Router {
                 if pending.reply.is_closed() {
                     continue;
                 }
-                if pending.attempts == 0 && self.healthy() > 0 {
+                if pending.attempts == 0 && self.replicas.healthy() > 0 {
                     pending.attempts = 1;
                     metrics::counter!("streamserve_retries_total", &self.labels).increment(1);
-                    self.queued_rows += pending.request.rows;
                     self.queue.push_front(pending);
                     continue;
                 }
@@ -528,24 +431,14 @@ impl Router {
                     .send(Err(ServeError::WorkerLost(reason.clone())));
             }
         }
-        let restart = supervisor::restart_worker(
-            self.entry.clone(),
-            replica,
-            generation,
-            self.env,
-            self.reports.clone(),
-            faults,
-            delay,
-        );
-        ctx.spawn(restart.into_actor(self).map(|started, _router, ctx| {
+        let restarted = restart(self.recipe.clone(), replica, generation, faults, delay);
+        ctx.spawn(restarted.into_actor(self).map(|started, _router, ctx| {
             ctx.notify(Attach(started));
         }));
-        if self.healthy() == 0 {
+        if self.replicas.healthy() == 0 {
             // Nothing can serve the queue now: hand it to the fallback or answer it, rather
             // than let it wait for the restart.
-            let waiting: Vec<Pending> = self.queue.drain(..).collect();
-            self.queued_rows = 0;
-            for pending in waiting {
+            for pending in self.queue.drain() {
                 let may_degrade = pending.degraded_from.is_none();
                 self.admit(pending, may_degrade, ctx);
             }
@@ -554,85 +447,62 @@ impl Router {
         self.dispatch(ctx);
     }
 
-    /// Adds a replica when the queue has stayed deeper than all workers can take for a second,
-    /// and removes the newest one after `SCALE_DOWN_IDLE` without any batch, within the
-    /// manifest's `min_replicas..=max_replicas` and the shared CPU budget.
+    /// Adds or removes a replica as [`scaling`] decides, within the shared CPU and memory
+    /// budgets.
     fn autoscale(&mut self, ctx: &mut Context<Self>) {
         let now = Instant::now();
-        let busy = self.slots.iter().any(|s| s.in_flight.is_some());
-        if busy || !self.queue.is_empty() {
-            self.idle_since = now;
-        }
-        let per_batch = self.info.batching.max_batch_size.max(1);
-        let pressure = self.queued_rows > per_batch * self.healthy().max(1)
-            && self
+        let rows_per_batch = self.info.batching.max_batch_size.max(1);
+        let load = Load {
+            active: self.replicas.busy() > 0 || !self.queue.is_empty(),
+            pressure: self.queue.rows() > rows_per_batch * self.replicas.healthy().max(1)
+                && self.replicas.all_busy(),
+            replicas: self.replicas.len(),
+            newest_idle: self
+                .replicas
                 .slots
-                .iter()
-                .all(|s| s.handle.is_none() || s.in_flight.is_some());
-        self.pressure_since = if pressure {
-            self.pressure_since.or(Some(now))
-        } else {
-            None
+                .last()
+                .is_some_and(|s| s.in_flight.is_none()),
         };
-        let threads = self.entry.intra_threads;
+        let threads = self.recipe.entry.intra_threads;
         let memory_mb = replica_memory_mb(self.info.resources.model_file_bytes);
-        let sustained = self
-            .pressure_since
-            .is_some_and(|t| now.duration_since(t) >= SCALE_UP_AFTER);
-        if sustained && !self.scaling_up && self.slots.len() < self.entry.max_replicas {
-            if !self.registry.cpu_budget.try_take(threads) {
-                return; // the machine is full: the queue (and fallback) absorb the load
+        match self.scaler.decide(load, now) {
+            Scale::Hold => {}
+            Scale::Up => {
+                if !self.budgets.cpu.try_take(threads) {
+                    return; // the machine is full: the queue (and fallback) absorb the load
+                }
+                if self
+                    .budgets
+                    .memory
+                    .try_take(self.info.device, memory_mb)
+                    .is_err()
+                {
+                    self.budgets.cpu.give_back(threads);
+                    return;
+                }
+                self.scaler.started_adding();
+                let replica = self.replicas.len();
+                let faults = FaultQueue::default();
+                self.replicas.slots.push(Slot::new(faults.clone(), now));
+                tracing::info!(model = %self.info.name, version = %self.info.version, replica, "scaling up");
+                metrics::counter!("streamserve_scale_events_total", "model" => self.info.name.clone(), "direction" => "up").increment(1);
+                metrics::gauge!("streamserve_replicas", &self.labels)
+                    .set(self.replicas.len() as f64);
+                let started = restart(self.recipe.clone(), replica, 0, faults, Duration::ZERO);
+                ctx.spawn(started.into_actor(self).map(|started, router, ctx| {
+                    router.scaler.added();
+                    ctx.notify(Attach(started));
+                }));
             }
-            if self
-                .registry
-                .memory
-                .try_take(self.info.device, memory_mb)
-                .is_err()
-            {
-                self.registry.cpu_budget.give_back(threads);
-                return;
-            }
-            self.scaling_up = true;
-            self.pressure_since = None;
-            let replica = self.slots.len();
-            let faults = FaultQueue::default();
-            self.slots.push(Slot {
-                handle: None,
-                in_flight: None,
-                last_dispatch: now,
-                faults: faults.clone(),
-                generation: 0,
-                backoff: Backoff::new(now),
-            });
-            tracing::info!(model = %self.info.name, version = %self.info.version, replica, "scaling up");
-            metrics::counter!("streamserve_scale_events_total", "model" => self.info.name.clone(), "direction" => "up").increment(1);
-            metrics::gauge!("streamserve_replicas", &self.labels).set(self.slots.len() as f64);
-            let start = supervisor::restart_worker(
-                self.entry.clone(),
-                replica,
-                0,
-                self.env,
-                self.reports.clone(),
-                faults,
-                Duration::ZERO,
-            );
-            ctx.spawn(start.into_actor(self).map(|started, router, ctx| {
-                router.scaling_up = false;
-                ctx.notify(Attach(started));
-            }));
-            return;
-        }
-        let idle_long = now.duration_since(self.idle_since) >= SCALE_DOWN_IDLE;
-        if idle_long && self.slots.len() > self.entry.min_replicas && !self.scaling_up {
-            let last = self.slots.len() - 1;
-            if self.slots[last].in_flight.is_none() {
-                self.slots.pop();
-                self.registry.cpu_budget.give_back(threads);
-                self.registry.memory.give_back(self.info.device, memory_mb);
-                self.idle_since = now;
+            Scale::Down => {
+                let last = self.replicas.len() - 1;
+                self.replicas.slots.pop();
+                self.budgets.cpu.give_back(threads);
+                self.budgets.memory.give_back(self.info.device, memory_mb);
                 tracing::info!(model = %self.info.name, version = %self.info.version, replica = last, "scaling down");
                 metrics::counter!("streamserve_scale_events_total", "model" => self.info.name.clone(), "direction" => "down").increment(1);
-                metrics::gauge!("streamserve_replicas", &self.labels).set(self.slots.len() as f64);
+                metrics::gauge!("streamserve_replicas", &self.labels)
+                    .set(self.replicas.len() as f64);
                 self.publish_health();
             }
         }
@@ -641,40 +511,17 @@ impl Router {
     /// Periodic watch: deadlines of queued requests, and batches running far too long.
     fn watch(&mut self, ctx: &mut Context<Self>) {
         self.autoscale(ctx);
-        if self.draining
-            && self.queue.is_empty()
-            && self.slots.iter().all(|s| s.in_flight.is_none())
-        {
+        if self.draining && self.queue.is_empty() && self.replicas.busy() == 0 {
             tracing::info!(model = %self.info.name, version = %self.info.version, "unloaded");
             ctx.stop();
             return;
         }
-        let now = Instant::now();
-        if self
-            .queue
-            .iter()
-            .any(|p| p.deadline.is_some_and(|d| d <= now) || p.reply.is_closed())
-        {
-            let (keep, dead): (Vec<Pending>, Vec<Pending>) = self
-                .queue
-                .drain(..)
-                .partition(|p| p.deadline.is_none_or(|d| d > now) && !p.reply.is_closed());
-            self.queue = keep.into();
-            self.queued_rows = self.queue.iter().map(|p| p.request.rows).sum();
-            for pending in &dead {
-                self.expire(pending);
-            }
+        let dead = self.queue.remove_dead(Instant::now());
+        if !dead.is_empty() {
+            self.expire(&dead);
             self.publish_queue();
         }
-        let hang_timeout = self.entry.hang_timeout;
-        let hung: Vec<(usize, Duration)> = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| s.in_flight.as_ref().map(|f| (i, f.started.elapsed())))
-            .filter(|(_, running)| *running > hang_timeout)
-            .collect();
-        for (replica, running) in hung {
+        for (replica, running) in self.replicas.hung(self.recipe.entry.hang_timeout) {
             self.worker_lost(
                 replica,
                 format!("worker hung: batch running for {} ms", running.as_millis()),
@@ -689,14 +536,15 @@ impl Actor for Router {
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         // Dropping the handles ends the worker threads; then the router's own arbiter.
-        self.registry
-            .cpu_budget
-            .give_back(self.slots.len() * self.entry.intra_threads);
+        let replicas = self.replicas.len();
+        self.budgets
+            .cpu
+            .give_back(replicas * self.recipe.entry.intra_threads);
         let memory_mb = replica_memory_mb(self.info.resources.model_file_bytes);
-        self.registry
+        self.budgets
             .memory
-            .give_back(self.info.device, memory_mb * self.slots.len() as u64);
-        self.slots.clear();
+            .give_back(self.info.device, memory_mb * replicas as u64);
+        self.replicas.slots.clear();
         metrics::gauge!("streamserve_workers", &self.labels).set(0.0);
         Arbiter::current().stop();
     }
@@ -705,7 +553,7 @@ impl Actor for Router {
         self.publish_health();
         self.publish_queue();
         metrics::gauge!("streamserve_overloaded", &self.labels).set(0.0);
-        metrics::gauge!("streamserve_replicas", &self.labels).set(self.slots.len() as f64);
+        metrics::gauge!("streamserve_replicas", &self.labels).set(self.replicas.len() as f64);
         crate::telemetry::register_model_series(&self.info);
         ctx.run_interval(WATCH_INTERVAL, |router, ctx| router.watch(ctx));
     }
@@ -723,6 +571,7 @@ impl Handler<Infer> for Router {
             deadline: msg.deadline,
             attempts: 0,
             degraded_from: None,
+            priority: msg.priority,
         };
         self.admit(pending, true, ctx);
     }
@@ -739,7 +588,9 @@ impl Handler<Fallback> for Router {
 
 impl StreamHandler<WorkerReport> for Router {
     fn handle(&mut self, report: WorkerReport, ctx: &mut Self::Context) {
-        let slot = &mut self.slots[report.replica];
+        let Some(slot) = self.replicas.slots.get_mut(report.replica) else {
+            return; // a report from a replica that was scaled down
+        };
         if slot.handle.as_ref().map(|h| h.generation) != Some(report.generation) {
             return; // a report from a worker that was already replaced
         }
@@ -780,6 +631,7 @@ impl Handler<Attach> for Router {
     fn handle(&mut self, Attach(worker): Attach, ctx: &mut Self::Context) {
         let replica = worker.replica;
         if self
+            .replicas
             .slots
             .get(replica)
             .is_none_or(|s| worker.generation != s.generation)
@@ -787,7 +639,7 @@ impl Handler<Attach> for Router {
             return; // superseded while it loaded
         }
         tracing::info!(model = %self.info.name, version = %self.info.version, replica, generation = worker.generation, "worker restarted");
-        let slot = &mut self.slots[replica];
+        let slot = &mut self.replicas.slots[replica];
         slot.handle = Some(worker);
         slot.in_flight = None;
         slot.last_dispatch = Instant::now();
@@ -809,21 +661,20 @@ impl Handler<InjectFault> for Router {
     type Result = Result<usize, ServeError>;
 
     fn handle(&mut self, msg: InjectFault, _ctx: &mut Self::Context) -> Self::Result {
+        let n = self.replicas.len();
         let targets: Vec<usize> = match msg.replica {
-            Some(r) if r < self.slots.len() => vec![r],
+            Some(r) if r < n => vec![r],
             Some(r) => {
                 return Err(ServeError::invalid(format!(
-                    "replica must be in 0..{} (the model has {} replicas), got {r}",
-                    self.slots.len(),
-                    self.slots.len()
+                    "replica must be in 0..{n} (the model has {n} replicas), got {r}"
                 )))
             }
-            None => (0..self.slots.len()).collect(),
+            None => (0..n).collect(),
         };
         // All or nothing. Only this actor adds faults and workers only take them, so a book
         // that has room now still has it below.
         let book = |r: usize| {
-            self.slots[r]
+            self.replicas.slots[r]
                 .faults
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -847,10 +698,10 @@ impl Handler<Status> for Router {
 
     fn handle(&mut self, _: Status, _ctx: &mut Self::Context) -> Self::Result {
         MessageResult(RouterStatus {
-            replicas: self.slots.len(),
+            replicas: self.replicas.len(),
             queued: self.queue.len(),
-            healthy_replicas: self.healthy(),
-            busy_replicas: self.slots.iter().filter(|s| s.in_flight.is_some()).count(),
+            healthy_replicas: self.replicas.healthy(),
+            busy_replicas: self.replicas.busy(),
             overloaded: self.overloaded,
             restarts: self.restarts,
         })

@@ -1,5 +1,6 @@
-//! `ModelWorker`: one replica of one model version. It owns one ONNX Runtime session on its
-//! device and runs on its own OS thread, because inference blocks; it takes whole batches
+//! `ModelWorker`: one replica of one model version. It owns one model session on its device
+//! (ONNX Runtime's, or a test double: [`crate::runtime::InferenceSession`]) and runs on its own
+//! OS thread, because inference blocks; it takes whole batches
 //! from its router over a bounded channel, packs them into one tensor per input (one copy),
 //! runs the session, splits the outputs back per request (one copy) and answers each request
 //! directly. It then tells its router it is idle again, with what the batch cost.
@@ -13,81 +14,26 @@
 //!
 //! A panic inside inference is caught and reported: the worker stops, and its router retries
 //! the batch once elsewhere (or answers it with 503) while the supervisor's policy starts a
-//! fresh worker. Replies are shared slots, so whoever answers first (a worker that finally
-//! returns from a hang, or the router giving up on it) is the only one who answers.
+//! fresh worker ([`restart`]). Replies are shared slots, so whoever answers first (a worker that
+//! finally returns from a hang, or the router giving up on it) is the only one who answers.
+
+mod packing;
+pub mod restart;
 
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
 use super::faults::{Fault, FaultQueue};
+use super::pending::Batch;
 use crate::error::ServeError;
 use crate::manifest::{BatchAxis, Device, ModelEntry};
 use crate::model::{InferRequest, InferResponse};
-use crate::runtime::{ModelSession, RunError, TensorSpec};
+use crate::runtime::{InferenceSession, RunError, Sessions, TensorSpec};
 use crate::tensor::{NamedTensor, TensorData};
-
-type ReplySender = oneshot::Sender<Result<InferResponse, ServeError>>;
-
-/// Where a request's one answer goes. Clones share the slot: the first `send` delivers, later
-/// ones are ignored, so a request is answered exactly once however its batch ends.
-#[derive(Clone)]
-pub struct Reply(Arc<Mutex<Option<ReplySender>>>);
-
-impl Reply {
-    pub fn new(sender: ReplySender) -> Reply {
-        Reply(Arc::new(Mutex::new(Some(sender))))
-    }
-
-    /// Delivers the answer unless one was already given; returns whether this one was.
-    pub fn send(&self, answer: Result<InferResponse, ServeError>) -> bool {
-        let sender = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
-        sender.is_some_and(|s| s.send(answer).is_ok())
-    }
-
-    /// Answered already, or nobody is waiting any more (the client went away).
-    pub fn is_closed(&self) -> bool {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .is_none_or(|s| s.is_closed())
-    }
-}
-
-/// A request waiting in a router's queue or riding in a batch.
-#[derive(Clone)]
-pub struct Pending {
-    pub request: Arc<InferRequest>,
-    pub reply: Reply,
-    pub enqueued: Instant,
-    /// After this the request is answered 504 instead of being run.
-    pub deadline: Option<Instant>,
-    /// Times this request was in a batch whose worker died.
-    pub attempts: u8,
-    /// Set when a primary model handed this request to its fallback: the model and version
-    /// the client asked for, which its metrics are labelled with wherever it ends.
-    pub degraded_from: Option<Arc<(String, String)>>,
-}
-
-/// Where each input's and output's batch axis is, for stacking requests into one call.
-#[derive(Debug)]
-pub struct BatchLayout {
-    pub inputs: Vec<BatchAxis>,
-    pub outputs: Vec<BatchAxis>,
-}
-
-/// What a router hands a worker: requests that can share one model call.
-pub struct Batch {
-    pub items: Vec<Pending>,
-    /// How to stack the requests; `None` for a model without a batch axis (one request, run
-    /// as sent).
-    pub layout: Option<Arc<BatchLayout>>,
-    /// The model and version that serve this batch, for the answers.
-    pub served_by: Arc<(String, String)>,
-}
+use packing::{placeholder, stack, unstack};
 
 /// What a worker tells its router after each batch.
 #[derive(Debug, actix::Message)]
@@ -133,65 +79,75 @@ pub struct StartedWorker {
     pub outputs: Vec<TensorSpec>,
 }
 
-/// Starts a worker thread that loads `entry`'s model; resolves once the session is ready (or
-/// failed to load, with the reason).
-pub fn spawn(
-    entry: Arc<ModelEntry>,
-    replica: usize,
-    generation: u64,
-    env: &'static ort::environment::Environment,
-    reports: flume::Sender<WorkerReport>,
-    faults: FaultQueue,
-) -> oneshot::Receiver<Result<StartedWorker, String>> {
-    let (ready_tx, ready_rx) = oneshot::channel();
-    let thread_name = format!("worker-{}-{}-{}", entry.name, entry.version, replica);
-    let spawned = std::thread::Builder::new()
-        .name(thread_name)
-        .spawn(move || {
-            crate::telemetry::mark_supervised_thread();
-            let started = Instant::now();
-            let mut session = match ModelSession::load(
-                env,
-                &entry.file,
-                entry.device,
-                entry.allow_cpu_fallback,
-                entry.intra_threads,
-            ) {
-                Ok(session) => session,
-                Err(reason) => {
-                    let _ = ready_tx.send(Err(reason));
+/// What every worker of one model version starts from: the version, how to load its session,
+/// and where to report. Each replica's worker adds its index, generation and fault book.
+#[derive(Clone)]
+pub struct WorkerRecipe {
+    pub entry: Arc<ModelEntry>,
+    pub sessions: Sessions,
+    pub reports: flume::Sender<WorkerReport>,
+}
+
+impl WorkerRecipe {
+    /// Starts a worker thread that loads the model; resolves once the session is ready (or
+    /// failed to load, with the reason).
+    pub fn spawn(
+        &self,
+        replica: usize,
+        generation: u64,
+        faults: FaultQueue,
+    ) -> oneshot::Receiver<Result<StartedWorker, String>> {
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let WorkerRecipe {
+            entry,
+            sessions,
+            reports,
+        } = self.clone();
+        let thread_name = format!("worker-{}-{}-{}", entry.name, entry.version, replica);
+        let spawned = std::thread::Builder::new()
+            .name(thread_name)
+            .spawn(move || {
+                crate::telemetry::mark_supervised_thread();
+                let started = Instant::now();
+                let mut session = match sessions.load(&entry) {
+                    Ok(session) => session,
+                    Err(reason) => {
+                        let _ = ready_tx.send(Err(reason));
+                        return;
+                    }
+                };
+                let device = session.device();
+                tracing::info!(
+                    model = %entry.name, version = %entry.version, replica, generation, device = %device,
+                    load_ms = started.elapsed().as_millis() as u64, "worker ready"
+                );
+                // Capacity 1: the router only dispatches to idle workers, so a batch never
+                // waits here.
+                let (tx, rx) = flume::bounded::<Batch>(1);
+                let started = StartedWorker {
+                    handle: WorkerHandle {
+                        replica,
+                        generation,
+                        device,
+                        batches: tx,
+                    },
+                    inputs: session.inputs().to_vec(),
+                    outputs: session.outputs().to_vec(),
+                };
+                if ready_tx.send(Ok(started)).is_err() {
                     return;
                 }
-            };
-            tracing::info!(
-                model = %entry.name, version = %entry.version, replica, generation, device = %session.device,
-                load_ms = started.elapsed().as_millis() as u64, "worker ready"
-            );
-            // Capacity 1: the router only dispatches to idle workers, so a batch never waits here.
-            let (tx, rx) = flume::bounded::<Batch>(1);
-            let started = StartedWorker {
-                handle: WorkerHandle {
-                    replica,
-                    generation,
-                    device: session.device,
-                    batches: tx,
-                },
-                inputs: session.inputs.clone(),
-                outputs: session.outputs.clone(),
-            };
-            if ready_tx.send(Ok(started)).is_err() {
-                return;
-            }
-            run_loop(&mut session, rx, replica, generation, reports, faults);
-        });
-    if let Err(e) = spawned {
-        tracing::error!("cannot spawn a worker thread: {e}");
+                run_loop(&mut *session, rx, replica, generation, reports, faults);
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot spawn a worker thread: {e}");
+        }
+        ready_rx
     }
-    ready_rx
 }
 
 fn run_loop(
-    session: &mut ModelSession,
+    session: &mut dyn InferenceSession,
     batches: flume::Receiver<Batch>,
     replica: usize,
     generation: u64,
@@ -255,7 +211,7 @@ type Outputs = Vec<NamedTensor>;
 /// (one bad request must not fail its batch mates). Returns each request's outcome, and
 /// whether they ran alone.
 fn run_each(
-    session: &mut ModelSession,
+    session: &mut dyn InferenceSession,
     batch: &Batch,
     rows: usize,
 ) -> (Vec<Result<Outputs, RunError>>, bool) {
@@ -317,13 +273,16 @@ fn answer(
 }
 
 /// Runs one request on its own buffers: nothing to pack or split.
-fn run_alone(session: &mut ModelSession, request: &InferRequest) -> Result<Outputs, RunError> {
+fn run_alone(
+    session: &mut dyn InferenceSession,
+    request: &InferRequest,
+) -> Result<Outputs, RunError> {
     let inputs: Vec<(&[i64], &TensorData)> = request
         .inputs
         .iter()
         .map(|t| (t.shape.as_slice(), &t.data))
         .collect();
-    let mut outputs = session.run_classified(&inputs)?;
+    let mut outputs = session.run(&inputs)?;
     Ok(request
         .outputs
         .iter()
@@ -333,7 +292,7 @@ fn run_alone(session: &mut ModelSession, request: &InferRequest) -> Result<Outpu
 
 /// Packs the batch, runs the model once, and splits each output back per request.
 fn run_batch(
-    session: &mut ModelSession,
+    session: &mut dyn InferenceSession,
     batch: &Batch,
     rows: usize,
 ) -> Result<Vec<Outputs>, RunError> {
@@ -366,7 +325,7 @@ fn run_batch(
             None => (own.shape.as_slice(), &own.data),
         })
         .collect();
-    let outputs = session.run_classified(&inputs)?;
+    let outputs = session.run(&inputs)?;
 
     for (output, axis) in outputs.iter().zip(&layout.outputs) {
         if let BatchAxis::Axis(k) = *axis {
@@ -402,94 +361,10 @@ fn run_batch(
     Ok(per_request)
 }
 
-/// Concatenates tensors along `axis` (each holding `row_counts[j]` rows there) into one
-/// tensor with `rows` rows: one copy of every element.
-fn stack(
-    parts: &[&NamedTensor],
-    row_counts: &[usize],
-    axis: usize,
-    rows: usize,
-) -> (Vec<i64>, TensorData) {
-    let mut shape = parts[0].shape.clone();
-    shape[axis] = rows as i64;
-    let outer: usize = shape[..axis].iter().map(|&d| d as usize).product();
-    let inner: usize = shape[axis + 1..].iter().map(|&d| d as usize).product();
-    let mut data = TensorData::with_capacity(parts[0].data.datatype(), outer * rows * inner);
-    for o in 0..outer {
-        for (part, &n) in parts.iter().zip(row_counts) {
-            let block = n * inner;
-            data.extend_from_range(&part.data, o * block..(o + 1) * block);
-        }
-    }
-    (shape, data)
-}
-
-/// The `count` rows from `offset` along `axis` of a batched output.
-fn unstack(
-    output: &NamedTensor,
-    axis: usize,
-    rows: usize,
-    offset: usize,
-    count: usize,
-) -> NamedTensor {
-    let outer: usize = output.shape[..axis].iter().map(|&d| d as usize).product();
-    let inner: usize = output.shape[axis + 1..]
-        .iter()
-        .map(|&d| d as usize)
-        .product();
-    let mut data = TensorData::with_capacity(output.data.datatype(), outer * count * inner);
-    for o in 0..outer {
-        let start = (o * rows + offset) * inner;
-        data.extend_from_range(&output.data, start..start + count * inner);
-    }
-    let mut shape = output.shape.clone();
-    shape[axis] = count as i64;
-    NamedTensor {
-        name: output.name.clone(),
-        shape,
-        data,
-    }
-}
-
-fn placeholder() -> NamedTensor {
-    NamedTensor {
-        name: String::new(),
-        shape: Vec::new(),
-        data: TensorData::Bool(Vec::new()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn tensor(shape: Vec<i64>, data: Vec<f32>) -> NamedTensor {
-        NamedTensor {
-            name: "t".into(),
-            shape,
-            data: TensorData::Fp32(data),
-        }
-    }
-
-    #[test]
-    fn stacking_along_axis_1_round_trips() {
-        // Two requests with state [2, rows, 2]: 1 row and 2 rows.
-        let a = tensor(vec![2, 1, 2], vec![1., 2., 3., 4.]);
-        let b = tensor(vec![2, 2, 2], vec![5., 6., 7., 8., 9., 10., 11., 12.]);
-        let (shape, data) = stack(&[&a, &b], &[1, 2], 1, 3);
-        assert_eq!(shape, vec![2, 3, 2]);
-        assert_eq!(
-            data,
-            TensorData::Fp32(vec![1., 2., 5., 6., 7., 8., 3., 4., 9., 10., 11., 12.])
-        );
-        let packed = NamedTensor {
-            name: "t".into(),
-            shape,
-            data,
-        };
-        assert_eq!(unstack(&packed, 1, 3, 0, 1), a);
-        assert_eq!(unstack(&packed, 1, 3, 1, 2), b);
-    }
+    use crate::actors::pending::{Pending, Reply};
 
     /// A batch of `n` one-row requests, with the receivers of their answers.
     fn batch(
@@ -512,6 +387,7 @@ mod tests {
                     deadline: None,
                     attempts: 0,
                     degraded_from: None,
+                    priority: crate::actors::router::Priority::Interactive,
                 };
                 (pending, rx)
             })
@@ -577,20 +453,5 @@ mod tests {
         answer(&b, vec![Err(run_error(true))], true, 1, now, Duration::ZERO);
         let message = rx[0].try_recv().unwrap().unwrap_err().to_string();
         assert_eq!(message, "model 'm' cannot run this input: Conv node: bad");
-    }
-
-    #[test]
-    fn stacking_along_axis_0_is_concatenation() {
-        let a = tensor(vec![1, 2], vec![1., 2.]);
-        let b = tensor(vec![2, 2], vec![3., 4., 5., 6.]);
-        let (shape, data) = stack(&[&a, &b], &[1, 2], 0, 3);
-        assert_eq!(shape, vec![3, 2]);
-        assert_eq!(data, TensorData::Fp32(vec![1., 2., 3., 4., 5., 6.]));
-        let packed = NamedTensor {
-            name: "t".into(),
-            shape,
-            data,
-        };
-        assert_eq!(unstack(&packed, 0, 3, 1, 2), b);
     }
 }

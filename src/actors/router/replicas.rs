@@ -1,0 +1,97 @@
+//! The replicas of one model version as its router sees them: each slot's live worker (or
+//! none while it is replaced), the batch it runs, its fault book and restart history. No
+//! actix: the router owns the table and asks it which worker is idle, busy or hung.
+
+use std::time::{Duration, Instant};
+
+use crate::actors::faults::FaultQueue;
+use crate::actors::pending::Pending;
+use crate::actors::worker::restart::Backoff;
+use crate::actors::worker::WorkerHandle;
+
+/// The batch a worker holds, for retry when it dies.
+pub struct InFlight {
+    pub items: Vec<Pending>,
+    pub started: Instant,
+}
+
+pub struct Slot {
+    pub handle: Option<WorkerHandle>,
+    pub in_flight: Option<InFlight>,
+    /// When the slot last got a batch: among idle workers the longest idle goes first, which
+    /// spreads load evenly across replicas.
+    pub last_dispatch: Instant,
+    pub faults: FaultQueue,
+    /// Generation of the latest worker started for this slot (running or loading).
+    pub generation: u64,
+    /// When this slot's workers died recently, for restart backoff.
+    pub backoff: Backoff,
+}
+
+impl Slot {
+    pub fn new(faults: FaultQueue, now: Instant) -> Slot {
+        Slot {
+            handle: None,
+            in_flight: None,
+            last_dispatch: now,
+            faults,
+            generation: 0,
+            backoff: Backoff::new(now),
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.handle.is_some() && self.in_flight.is_none()
+    }
+}
+
+#[derive(Default)]
+pub struct Replicas {
+    pub slots: Vec<Slot>,
+}
+
+impl Replicas {
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Replicas with a live worker.
+    pub fn healthy(&self) -> usize {
+        self.slots.iter().filter(|s| s.handle.is_some()).count()
+    }
+
+    pub fn idle(&self) -> usize {
+        self.slots.iter().filter(|s| s.idle()).count()
+    }
+
+    pub fn busy(&self) -> usize {
+        self.slots.iter().filter(|s| s.in_flight.is_some()).count()
+    }
+
+    /// Every live worker runs a batch.
+    pub fn all_busy(&self) -> bool {
+        self.slots
+            .iter()
+            .all(|s| s.handle.is_none() || s.in_flight.is_some())
+    }
+
+    /// The idle worker that has waited longest.
+    pub fn next_idle(&self) -> Option<usize> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.idle())
+            .min_by_key(|(_, s)| s.last_dispatch)
+            .map(|(i, _)| i)
+    }
+
+    /// Replicas whose batch has run longer than `timeout`, with how long.
+    pub fn hung(&self, timeout: Duration) -> Vec<(usize, Duration)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.in_flight.as_ref().map(|f| (i, f.started.elapsed())))
+            .filter(|(_, running)| *running > timeout)
+            .collect()
+    }
+}

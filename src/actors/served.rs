@@ -1,0 +1,95 @@
+//! `ServedModel`: the handle of one serving model version, as the catalog lists it, and
+//! [`ServedModel::infer`], the one way to run a request on a model. REST, WebSocket streams,
+//! the supervisor's smoke test (and the protocols to come) all call it: it hands the request
+//! to the version's router with its reply slot and deadline, and resolves to the answer or a
+//! typed error. Nothing outside the actors touches the router's messages or reply slots.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::Addr;
+use tokio::sync::oneshot;
+
+use super::health::ModelHealth;
+use super::pending::Reply;
+pub use super::router::Priority;
+use super::router::{Drain, Infer, Router};
+use crate::error::ServeError;
+use crate::model::{InferRequest, InferResponse, ModelInfo};
+
+/// A version that is being served.
+#[derive(Clone)]
+pub struct ServedModel {
+    pub info: Arc<ModelInfo>,
+    pub router: Addr<Router>,
+    pub health: Arc<ModelHealth>,
+}
+
+/// When a request arrived, by when it must have started running, and its lane.
+#[derive(Clone, Copy, Debug)]
+pub struct InferOptions {
+    /// Queue time is counted from here (the first byte the server read, for REST).
+    pub received: Instant,
+    /// After this the request is answered 504 instead of being run.
+    pub deadline: Option<Instant>,
+    pub priority: Priority,
+}
+
+impl InferOptions {
+    /// Arrived now, no deadline, interactive.
+    pub fn now() -> InferOptions {
+        InferOptions::received_at(Instant::now())
+    }
+
+    pub fn received_at(received: Instant) -> InferOptions {
+        InferOptions {
+            received,
+            deadline: None,
+            priority: Priority::Interactive,
+        }
+    }
+
+    /// A deadline `timeout` after the request arrived.
+    pub fn with_timeout(mut self, timeout: Option<Duration>) -> InferOptions {
+        self.deadline = timeout.map(|t| self.received + t);
+        self
+    }
+
+    pub fn with_priority(mut self, priority: Priority) -> InferOptions {
+        self.priority = priority;
+        self
+    }
+}
+
+impl ServedModel {
+    /// Queues a validated request on this version (or its fallback, in degraded mode) and
+    /// resolves to its one answer. The request is handed over before this returns, so calls
+    /// made one after another are queued in that order (a stream's steps rely on it).
+    pub fn infer(
+        &self,
+        request: InferRequest,
+        options: InferOptions,
+    ) -> impl Future<Output = Result<InferResponse, ServeError>> + 'static {
+        let (tx, answer) = oneshot::channel();
+        self.router.do_send(Infer {
+            request,
+            reply: Reply::new(tx),
+            received: options.received,
+            deadline: options.deadline,
+            priority: options.priority,
+        });
+        async move {
+            answer.await.unwrap_or_else(|_| {
+                Err(ServeError::WorkerLost(
+                    "the router dropped the request".into(),
+                ))
+            })
+        }
+    }
+
+    /// Stops taking requests once the queue and running batches are done; the workers end.
+    pub fn drain(&self) {
+        self.router.do_send(Drain);
+    }
+}
