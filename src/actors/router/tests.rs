@@ -1,1 +1,273 @@
+//! The router's supervision and admission rules, on test doubles of the model session
+//! (`runtime::doubles`): real actors, real worker threads, no ONNX Runtime and no model file,
+//! so each case takes milliseconds.
 
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::actors::budget::Budgets;
+use crate::actors::registry::{Catalog, ModelVersions, Registry, VersionState};
+use crate::actors::served::{InferOptions, Priority, ServedModel};
+use crate::actors::supervisor::load_version;
+use crate::error::ServeError;
+use crate::manifest::{sha256_file, Manifest, ModelEntry};
+use crate::model::InferRequest;
+use crate::runtime::doubles::{Behaviour, DoubleLoader};
+use crate::tensor::{NamedTensor, TensorData};
+
+/// Manifest entries of the double model: one version "1" per `(name, manifest keys)`.
+fn entries(models: &[(&str, &str)]) -> Vec<ModelEntry> {
+    let dir = std::env::temp_dir().join(format!(
+        "streamserve-router-{}-{:?}",
+        std::process::id(),
+        Instant::now()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("model.onnx"), b"a test double needs no model").unwrap();
+    let sha256 = sha256_file(&dir.join("model.onnx")).unwrap();
+    let text: String = models
+        .iter()
+        .map(|(name, keys)| {
+            format!(
+                "[[models]]\nname = \"{name}\"\nversion = \"1\"\nfile = \"model.onnx\"\nsha256 = \"{sha256}\"\n{keys}\n"
+            )
+        })
+        .collect();
+    Manifest::parse(&dir, &text).unwrap().models
+}
+
+/// Serves a version on sessions from `loader`.
+async fn serve_entry(
+    loader: &'static DoubleLoader,
+    registry: &Arc<Registry>,
+    entry: ModelEntry,
+) -> ServedModel {
+    let budgets = Arc::new(Budgets::new(64, 1 << 20, 0));
+    match load_version(Arc::new(entry), loader, registry.clone(), budgets).await {
+        VersionState::Serving(served) => served,
+        _ => panic!("the double model did not load"),
+    }
+}
+
+/// Serves one version named `name` of the double model with the manifest keys in `keys`.
+async fn serve(
+    loader: &'static DoubleLoader,
+    registry: &Arc<Registry>,
+    name: &str,
+    keys: &str,
+) -> ServedModel {
+    let entry = entries(&[(name, keys)]).remove(0);
+    serve_entry(loader, registry, entry).await
+}
+
+/// Lists serving versions in the catalog, so that fallbacks can be found by name.
+fn publish(registry: &Registry, served: &[&ServedModel]) {
+    let mut catalog = Catalog::default();
+    for s in served {
+        let mut versions = ModelVersions {
+            manifest_default: Some(s.info.version.clone()),
+            ..ModelVersions::default()
+        };
+        versions
+            .versions
+            .insert(s.info.version.clone(), VersionState::Serving((*s).clone()));
+        catalog.models.insert(s.info.name.clone(), versions);
+    }
+    registry.publish(catalog);
+}
+
+fn request(served: &ServedModel, rows: usize) -> InferRequest {
+    let x = NamedTensor {
+        name: "x".into(),
+        shape: vec![rows as i64, 4],
+        data: TensorData::Fp32(vec![0.5; rows * 4]),
+    };
+    served.info.validate(vec![x], None).unwrap()
+}
+
+/// Waits until the version has `n` healthy replicas again (restarts load in the background).
+async fn healthy(served: &ServedModel, n: usize) {
+    let start = Instant::now();
+    while served
+        .health
+        .healthy_replicas
+        .load(std::sync::atomic::Ordering::Relaxed)
+        < n
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "replicas did not come back"
+        );
+        actix_web::rt::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[actix_web::test]
+async fn requests_that_wait_together_run_in_one_model_call() {
+    let loader = DoubleLoader::new(Behaviour::Echo).leak();
+    let registry = Arc::new(Registry::default());
+    let served = serve(
+        loader,
+        &registry,
+        "m",
+        "max_batch_size = 8\nmax_queue_delay_ms = 50",
+    )
+    .await;
+    let answers: Vec<_> = (0..5)
+        .map(|_| served.infer(request(&served, 1), InferOptions::now()))
+        .collect();
+    for answer in futures_util::future::join_all(answers).await {
+        let response = answer.unwrap();
+        assert_eq!(response.batch_size, 5);
+        assert_eq!(response.outputs[0].shape, vec![1, 4]);
+    }
+    assert_eq!(loader.calls(), vec![5]);
+}
+
+#[actix_web::test]
+async fn a_request_meets_at_most_two_dying_workers_then_gets_503_and_replicas_come_back() {
+    let loader = DoubleLoader::new(Behaviour::Panic).leak();
+    let registry = Arc::new(Registry::default());
+    let served = serve(loader, &registry, "m", "max_batch_size = 4\nreplicas = 2").await;
+    let answer = served.infer(request(&served, 1), InferOptions::now()).await;
+    assert!(
+        matches!(answer, Err(ServeError::WorkerLost(_))),
+        "{answer:?}"
+    );
+    assert_eq!(
+        loader.calls().len(),
+        2,
+        "tried on one worker, retried once on the other"
+    );
+    loader.set(Behaviour::Echo);
+    healthy(&served, 2).await;
+    assert!(served
+        .infer(request(&served, 1), InferOptions::now())
+        .await
+        .is_ok());
+}
+
+#[actix_web::test]
+async fn a_hung_worker_is_given_up_on_before_it_returns() {
+    let loader = DoubleLoader::new(Behaviour::Sleep(Duration::from_secs(5))).leak();
+    let registry = Arc::new(Registry::default());
+    let served = serve(
+        loader,
+        &registry,
+        "m",
+        "max_batch_size = 4\nreplicas = 2\nhang_timeout_ms = 100",
+    )
+    .await;
+    let started = Instant::now();
+    let answer = served.infer(request(&served, 1), InferOptions::now()).await;
+    assert!(
+        matches!(answer, Err(ServeError::WorkerLost(ref why)) if why.contains("hung")),
+        "{answer:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "answered before the hang ended"
+    );
+    loader.set(Behaviour::Echo);
+    healthy(&served, 2).await;
+    assert!(served
+        .infer(request(&served, 1), InferOptions::now())
+        .await
+        .is_ok());
+}
+
+#[actix_web::test]
+async fn a_request_past_its_deadline_is_answered_504_without_running() {
+    let loader = DoubleLoader::new(Behaviour::Sleep(Duration::from_millis(300))).leak();
+    let registry = Arc::new(Registry::default());
+    let served = serve(loader, &registry, "m", "max_batch_size = 1").await;
+    let running = served.infer(request(&served, 1), InferOptions::now());
+    let late = served.infer(
+        request(&served, 1),
+        InferOptions::now().with_timeout(Some(Duration::from_millis(50))),
+    );
+    let (running, late) = futures_util::join!(running, late);
+    assert!(running.is_ok());
+    assert!(
+        matches!(late, Err(ServeError::DeadlineExceeded { .. })),
+        "{late:?}"
+    );
+    assert_eq!(loader.calls(), vec![1], "the late request never ran");
+}
+
+#[actix_web::test]
+async fn a_full_queue_refuses_at_once_with_retry_after() {
+    let loader = DoubleLoader::new(Behaviour::Sleep(Duration::from_millis(200))).leak();
+    let registry = Arc::new(Registry::default());
+    let served = serve(loader, &registry, "m", "max_batch_size = 1\nmax_queue = 2").await;
+    let first = served.infer(request(&served, 1), InferOptions::now());
+    // Let the first request reach the worker, so that the next two fill the queue.
+    actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+    let queued: Vec<_> = (0..2)
+        .map(|_| served.infer(request(&served, 1), InferOptions::now()))
+        .collect();
+    let refused = served.infer(request(&served, 1), InferOptions::now()).await;
+    match refused {
+        Err(ServeError::Overloaded {
+            limit, retry_after, ..
+        }) => {
+            assert_eq!(limit, 2);
+            assert!(retry_after >= Duration::from_millis(100));
+        }
+        other => panic!("expected 429, got {other:?}"),
+    }
+    assert!(first.await.is_ok());
+    for answer in futures_util::future::join_all(queued).await {
+        assert!(answer.is_ok());
+    }
+}
+
+#[actix_web::test]
+async fn when_every_worker_of_a_model_dies_its_requests_go_to_the_fallback() {
+    let registry = Arc::new(Registry::default());
+    let broken = DoubleLoader::new(Behaviour::Panic).leak();
+    let spare = DoubleLoader::new(Behaviour::Echo).leak();
+    let mut models = entries(&[
+        (
+            "primary",
+            "max_batch_size = 4\nreplicas = 2\nfallback = \"spare\"",
+        ),
+        ("spare", "max_batch_size = 4"),
+    ]);
+    let fallback = serve_entry(spare, &registry, models.remove(1)).await;
+    let primary = serve_entry(broken, &registry, models.remove(0)).await;
+    publish(&registry, &[&primary, &fallback]);
+    let response = primary
+        .infer(request(&primary, 1), InferOptions::now())
+        .await
+        .unwrap();
+    assert!(response.degraded);
+    assert_eq!(response.served_by.0, "spare");
+    assert_eq!(broken.calls().len(), 2);
+    assert_eq!(spare.calls(), vec![1]);
+}
+
+#[actix_web::test]
+async fn interactive_requests_overtake_batch_priority_ones_in_the_queue() {
+    let loader = DoubleLoader::new(Behaviour::Sleep(Duration::from_millis(100))).leak();
+    let registry = Arc::new(Registry::default());
+    let served = serve(loader, &registry, "m", "max_batch_size = 1").await;
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let send = |label: &'static str, priority: Priority| {
+        let order = order.clone();
+        let answer = served.infer(
+            request(&served, 1),
+            InferOptions::now().with_priority(priority),
+        );
+        async move {
+            answer.await.unwrap();
+            order.lock().unwrap().push(label);
+        }
+    };
+    let running = send("first", Priority::Interactive);
+    actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+    let bulk = send("bulk", Priority::Batch);
+    let interactive = send("interactive", Priority::Interactive);
+    futures_util::join!(running, bulk, interactive);
+    assert_eq!(*order.lock().unwrap(), vec!["first", "interactive", "bulk"]);
+}
