@@ -12,10 +12,12 @@
 //!   their serde form, and only `normalise` below is per key.
 //!
 //! A layering crate (figment) was weighed: it would replace the ten lines of [`Config::resolve`]
-//! but brings five crates and a proc-macro, and its gain, naming the layer a bad value came from,
-//! matters only for the file: values from flags and environment are already typed by clap. Tests
-//! below check that the two lists name the same keys, that each environment variable is
-//! `STREAMSERVE_<KEY>`, and that each help text's `[default: ...]` is `Config::default()`'s.
+//! but brings several crates (a proc-macro among them), and its gain, naming the layer a bad
+//! value came from, matters only for the file: values from flags and environment are already
+//! typed by clap, and toml's own errors (file, line, key) are clearer than a re-wrapped one.
+//! Tests (`config/tests.rs`) check that the two lists name the same keys, that each
+//! environment variable is `STREAMSERVE_<KEY>`, and that each help text's `[default: ...]` is
+//! `Config::default()`'s.
 //!
 //! Adding a key: a field in `ServeArgs` (doc, flag, env), a field in `Config` and its default.
 //!
