@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use crate::api::admin::{MAX_FAULT_COUNT, MAX_FAULT_MS, MAX_STEP_SECS};
 
-#[derive(Debug, Args)]
+#[derive(Args)]
 pub struct AdminArgs {
     /// Base URL of the server.
     #[arg(long, env = "STREAMSERVE_URL", default_value = "http://127.0.0.1:8080")]
@@ -16,6 +16,17 @@ pub struct AdminArgs {
     pub token: String,
     #[command(subcommand)]
     pub command: AdminCommand,
+}
+
+/// The token never prints.
+impl std::fmt::Debug for AdminArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminArgs")
+            .field("url", &self.url)
+            .field("token", &"<redacted>")
+            .field("command", &self.command)
+            .finish()
+    }
 }
 
 #[derive(Debug, Subcommand)]
