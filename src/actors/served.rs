@@ -2,7 +2,8 @@
 //! [`ServedModel::infer`], the one way to run a request on a model. REST, WebSocket streams,
 //! the supervisor's smoke test (and the protocols to come) all call it: it hands the request
 //! to the version's router with its reply slot and deadline, and resolves to the answer or a
-//! typed error. Nothing outside the actors touches the router's messages or reply slots.
+//! typed error. Its other methods are the router's controls (status, faults, drain), so that
+//! nothing outside the actors touches the router's messages or reply slots.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -11,10 +12,11 @@ use std::time::{Duration, Instant};
 use actix::Addr;
 use tokio::sync::oneshot;
 
+use super::faults::Fault;
 use super::health::ModelHealth;
 use super::pending::Reply;
 pub use super::router::Priority;
-use super::router::{Drain, Infer, Router};
+use super::router::{Drain, Infer, InjectFault, Router, RouterStatus, Status};
 use crate::error::ServeError;
 use crate::model::{InferRequest, InferResponse, ModelInfo};
 
@@ -91,5 +93,28 @@ impl ServedModel {
     /// Stops taking requests once the queue and running batches are done; the workers end.
     pub fn drain(&self) {
         self.router.do_send(Drain);
+    }
+
+    /// The router's queue and replicas now; `None` once it has stopped.
+    pub async fn status(&self) -> Option<RouterStatus> {
+        self.router.send(Status).await.ok()
+    }
+
+    /// Queues `fault` for the next `count` batches of one replica, or of every replica;
+    /// answers how many replicas got it.
+    pub async fn inject_fault(
+        &self,
+        replica: Option<usize>,
+        fault: Fault,
+        count: u64,
+    ) -> Result<usize, ServeError> {
+        self.router
+            .send(InjectFault {
+                replica,
+                fault,
+                count,
+            })
+            .await
+            .map_err(|_| ServeError::WorkerLost("router is gone".into()))?
     }
 }

@@ -17,7 +17,6 @@ use serde_json::json;
 use super::AppState;
 use crate::actors::faults::Fault;
 use crate::actors::registry::VersionState;
-use crate::actors::router::{InjectFault, Status};
 use crate::actors::supervisor::{Deploy, Rollback, Rollouts, Strategy, Unload};
 use crate::error::ServeError;
 
@@ -99,7 +98,7 @@ async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRespon
         for version in model.sorted_versions() {
             match &model.versions[&version] {
                 VersionState::Serving(served) => {
-                    let status = served.router.send(Status).await.ok();
+                    let status = served.status().await;
                     rows.push(json!({
                         "name": name, "version": version, "state": "SERVING",
                         "default": model.default_version() == Some(version.as_str()),
@@ -167,14 +166,8 @@ async fn inject_fault(
         .served(&path.into_inner(), request.version.as_deref())
         .await?;
     let affected = served
-        .router
-        .send(InjectFault {
-            replica: request.replica,
-            fault: request.fault,
-            count: request.count,
-        })
-        .await
-        .map_err(|_| ServeError::WorkerLost("router is gone".into()))??;
+        .inject_fault(request.replica, request.fault, request.count)
+        .await?;
     Ok(HttpResponse::Ok().json(json!({
         "model": served.info.name, "version": served.info.version,
         "fault": format!("{:?}", request.fault), "count": request.count, "replicas": affected,
