@@ -1,9 +1,11 @@
 //! streamserve: a serverless-style ONNX inference server built from supervised actors.
 //!
 //! Where a request goes: `api/rest.rs` decodes and validates it (`api/kserve.rs`,
-//! `model.rs`), the model version's `actors/router.rs` queues and batches it, an
-//! `actors/worker.rs` runs the batch on its ONNX Runtime session (`runtime/`), and the worker
-//! answers the request directly. `actors/supervisor.rs` starts it all from `models/models.toml`.
+//! `model.rs`) and calls `actors/served.rs`'s `ServedModel::infer`; the model version's
+//! `actors/router/` queues and batches it, an `actors/worker/` thread runs the batch on its
+//! model session (`runtime/`), and the worker answers the request directly.
+//! `actors/supervisor/` starts it all from `models/models.toml`. The whole map is
+//! `docs/architecture.md`.
 
 pub mod actors;
 pub mod api;
