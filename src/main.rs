@@ -1,3 +1,6 @@
+//! The `streamserve` command: `serve` (the server), `check-models` (verify a model directory) and
+//! `admin` (the admin API from the shell). Everything else lives in the library.
+
 use clap::Parser;
 
 use streamserve::config::{Cli, Command, Config};
