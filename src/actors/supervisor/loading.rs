@@ -258,3 +258,89 @@ pub(super) async fn smoke_test(served: &ServedModel) -> Result<(), ServeError> {
     served.infer(request, InferOptions::now()).await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::manifest::Manifest;
+    use crate::tensor::DataType;
+
+    /// One manifest entry `m:1`, with `extra` manifest keys.
+    fn entry(extra: &str) -> ModelEntry {
+        let text = format!(
+            "[[models]]\nname = \"m\"\nversion = \"1\"\nfile = \"m.onnx\"\nsha256 = \"{}\"\n{extra}\n",
+            "0".repeat(64)
+        );
+        Manifest::parse(Path::new("/models"), &text)
+            .expect("a valid manifest")
+            .models
+            .remove(0)
+    }
+
+    fn spec(name: &str, shape: &[i64]) -> TensorSpec {
+        TensorSpec {
+            name: name.into(),
+            datatype: DataType::Fp32,
+            shape: shape.to_vec(),
+        }
+    }
+
+    #[test]
+    fn batch_axes_default_to_0_and_need_a_dynamic_dimension_there_when_batching() {
+        let (x, y) = ([spec("x", &[-1, 4])], [spec("y", &[-1, 4])]);
+        let batched = entry("max_batch_size = 8");
+        assert_eq!(
+            batch_axes(&batched, &x, &y),
+            Ok((vec![BatchAxis::Axis(0)], vec![BatchAxis::Axis(0)]))
+        );
+        let fixed = [spec("x", &[2, 4])];
+        let err = batch_axes(&batched, &fixed, &y).unwrap_err();
+        assert!(err.contains("without a dynamic axis 0"), "{err}");
+        // Without batching any shape will do: every request runs alone.
+        assert!(batch_axes(&entry(""), &fixed, &y).is_ok());
+    }
+
+    #[test]
+    fn batch_axes_from_the_manifest_are_checked_against_the_model() {
+        let (x, y) = ([spec("x", &[-1, 4])], [spec("y", &[-1, 4])]);
+        let with_state = [spec("x", &[-1, 4]), spec("state", &[2, -1, 8])];
+        let rnn = entry("max_batch_size = 8\nbatch_axes = { state = 1 }");
+        assert_eq!(
+            batch_axes(&rnn, &with_state, &y),
+            Ok((
+                vec![BatchAxis::Axis(0), BatchAxis::Axis(1)],
+                vec![BatchAxis::Axis(0)]
+            ))
+        );
+        let unknown = entry("batch_axes = { z = 0 }");
+        let err = batch_axes(&unknown, &x, &y).unwrap_err();
+        assert!(
+            err.contains("'z', which is neither an input nor an output"),
+            "{err}"
+        );
+        let all_shared = entry("max_batch_size = 8\nbatch_axes = { x = \"shared\" }");
+        let err = batch_axes(&all_shared, &x, &y).unwrap_err();
+        assert!(err.contains("every input is shared"), "{err}");
+    }
+
+    #[test]
+    fn resources_are_twice_the_file_per_replica_on_its_device() {
+        let two = entry("replicas = 2\nintra_threads = 3");
+        let cpu = estimate_resources(&two, 3 << 20, Device::Cpu);
+        assert_eq!(
+            (
+                cpu.cpu_threads,
+                cpu.ram_mb,
+                cpu.vram_mb,
+                cpu.model_file_bytes
+            ),
+            (6, 12, 0, 3 << 20)
+        );
+        let gpu = estimate_resources(&two, 3 << 20, Device::Cuda(0));
+        assert_eq!((gpu.ram_mb, gpu.vram_mb), (0, 12));
+        // Rounded up to whole MiB: a tiny model is not free.
+        assert_eq!(estimate_resources(&entry(""), 10, Device::Cpu).ram_mb, 1);
+    }
+}
