@@ -14,9 +14,10 @@
 
 mod loading;
 mod rollout;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -54,12 +55,10 @@ type Key = (String, String);
 type Loaded = oneshot::Receiver<Result<ServedModel, ServeError>>;
 
 /// The answer of [`Supervisor::ensure`], as a future.
-fn when_loaded(loaded: Loaded) -> impl Future<Output = Result<ServedModel, ServeError>> {
-    async move {
-        loaded
-            .await
-            .unwrap_or_else(|_| Err(ServeError::ShuttingDown))
-    }
+async fn when_loaded(loaded: Loaded) -> Result<ServedModel, ServeError> {
+    loaded
+        .await
+        .unwrap_or_else(|_| Err(ServeError::ShuttingDown))
 }
 
 impl Supervisor {
