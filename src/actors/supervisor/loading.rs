@@ -1,0 +1,346 @@
+//! Loading one model version, and what a load needs to know: [`load_version`] verifies the file,
+//! starts a worker per replica, checks the model's interface against the manifest, takes the
+//! version's share of the [`Budgets`], and starts its router; [`smoke_test`] proves a freshly
+//! loaded version answers before a deployment gives it traffic.
+//!
+//! These are plain functions of a manifest entry, not of the supervisor's state, so that the
+//! supervisor only decides *when* to load (startup, first request, deployment) and what the
+//! outcome means for the catalog. The rules a load checks ([`batch_axes`], the
+//! [`estimate_resources`] it publishes) are pure and unit-tested here.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::future::join_all;
+
+use crate::actors::budget::{replica_memory_mb, Budgets};
+use crate::actors::faults::FaultQueue;
+use crate::actors::health::ModelHealth;
+use crate::actors::registry::{Registry, VersionState};
+use crate::actors::router::{self, FallbackLookup, RouterSetup};
+use crate::actors::served::{InferOptions, ServedModel};
+use crate::actors::worker::{WorkerHandle, WorkerRecipe, WorkerReport};
+use crate::error::ServeError;
+use crate::manifest::{verify_sha256, BatchAxis, Device, ModelEntry, StreamKind};
+use crate::model::{ModelInfo, Resources};
+use crate::runtime::{Sessions, TensorSpec};
+use crate::stream::vad::VadInterface;
+
+/// How a refusal for lack of memory starts: such a version stays loadable later.
+pub(super) const DOES_NOT_FIT: &str = "does not fit";
+
+/// Loads one model version: verifies its sha256, starts a worker per replica (each loads its
+/// own session), checks the interface against the manifest, and starts its router on an
+/// arbiter of its own. A version that cannot be served comes back `Unavailable` with the reason.
+pub async fn load_version(
+    entry: Arc<ModelEntry>,
+    sessions: Sessions,
+    registry: Arc<Registry>,
+    budgets: Arc<Budgets>,
+) -> VersionState {
+    match serve(&entry, sessions, registry, budgets).await {
+        Ok(served) => VersionState::Serving(served),
+        Err(reason) => {
+            tracing::error!(model = %entry.name, version = %entry.version, %reason, "model refused");
+            VersionState::Unavailable { entry, reason }
+        }
+    }
+}
+
+/// [`load_version`]'s steps, in order; the first that fails says why the version is refused.
+async fn serve(
+    entry: &Arc<ModelEntry>,
+    sessions: Sessions,
+    registry: Arc<Registry>,
+    budgets: Arc<Budgets>,
+) -> Result<ServedModel, String> {
+    let started = Instant::now();
+    verify_sha256(entry)?;
+    let (reports_tx, reports_rx) = flume::unbounded::<WorkerReport>();
+    let recipe = WorkerRecipe {
+        entry: entry.clone(),
+        sessions,
+        reports: reports_tx,
+    };
+    let faults: Vec<FaultQueue> = (0..entry.replicas).map(|_| FaultQueue::default()).collect();
+    let (workers, inputs, outputs) = start_workers(&recipe, &faults).await?;
+    let device = workers[0].device;
+    let info = Arc::new(model_info(entry, inputs, outputs, device)?);
+    // Ready as soon as this returns: the router only starts (and publishes) on its own thread.
+    let health = Arc::new(ModelHealth::new(workers.len(), entry.replicas));
+    take_budgets(entry, &info, workers.len(), &budgets)?;
+    let fallback: FallbackLookup = Arc::new(move |name| {
+        let served = registry.snapshot().resolve(name, None).ok()?;
+        served.health.ready().then_some(served.router)
+    });
+    let router = router::start(
+        RouterSetup {
+            info: info.clone(),
+            recipe,
+            budgets,
+            fallback,
+            workers,
+            faults,
+            health: health.clone(),
+        },
+        reports_rx,
+    );
+    tracing::info!(
+        model = %entry.name, version = %entry.version, device = %device, replicas = entry.replicas,
+        max_batch_size = entry.batching.max_batch_size, start_ms = started.elapsed().as_millis() as u64,
+        "model serving"
+    );
+    Ok(ServedModel {
+        info,
+        router,
+        health,
+    })
+}
+
+/// Starts a worker per replica and waits for their sessions. Serving needs one: replicas that
+/// failed are logged (their router restarts them); if none loaded, the first reason is the
+/// version's. Returns the workers and the interface the model declares.
+async fn start_workers(
+    recipe: &WorkerRecipe,
+    faults: &[FaultQueue],
+) -> Result<(Vec<WorkerHandle>, Vec<TensorSpec>, Vec<TensorSpec>), String> {
+    let entry = &recipe.entry;
+    let loading = faults
+        .iter()
+        .enumerate()
+        .map(|(replica, faults)| recipe.spawn(replica, 0, faults.clone()));
+    let mut workers: Vec<WorkerHandle> = Vec::new();
+    let mut interface = None;
+    let mut failures = Vec::new();
+    for result in join_all(loading).await {
+        match result {
+            Ok(Ok(started)) => {
+                interface.get_or_insert((started.inputs, started.outputs));
+                workers.push(started.handle);
+            }
+            Ok(Err(reason)) => failures.push(reason),
+            Err(_) => failures.push("worker thread ended while loading".to_string()),
+        }
+    }
+    let Some((inputs, outputs)) = interface else {
+        return Err(failures
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "no replica loaded".into()));
+    };
+    if !failures.is_empty() {
+        tracing::warn!(model = %entry.name, version = %entry.version, failed = failures.len(), reason = %failures[0], "some replicas failed to load");
+    }
+    Ok((workers, inputs, outputs))
+}
+
+/// What the catalog says of a loaded version: its interface checked against the manifest
+/// (batch axes, declared input rules, a stream kind's required interface) and its resources.
+fn model_info(
+    entry: &ModelEntry,
+    mut inputs: Vec<TensorSpec>,
+    outputs: Vec<TensorSpec>,
+    device: Device,
+) -> Result<ModelInfo, String> {
+    let (input_axes, output_axes) = batch_axes(entry, &inputs, &outputs)?;
+    let input_rules = crate::rules::resolve(entry, &mut inputs, &input_axes)?;
+    let file_bytes = std::fs::metadata(&entry.file).map(|m| m.len()).unwrap_or(0);
+    let info = ModelInfo {
+        name: entry.name.clone(),
+        version: entry.version.clone(),
+        inputs,
+        input_rules,
+        allow_non_finite: entry.allow_non_finite,
+        outputs,
+        batching: entry.batching,
+        input_axes,
+        output_axes,
+        stream: entry.stream,
+        device,
+        replicas: entry.replicas,
+        max_queue: entry.max_queue,
+        fallback: entry.fallback.clone(),
+        sha256: entry.sha256.clone(),
+        description: entry.description.clone(),
+        source: entry.source.clone(),
+        resources: estimate_resources(entry, file_bytes, device),
+    };
+    if info.stream == Some(StreamKind::Vad) {
+        if let Err(reason) = VadInterface::resolve(&info) {
+            return Err(format!("stream = \"vad\", but {reason}"));
+        }
+    }
+    Ok(info)
+}
+
+/// What a version's replicas are estimated to use, as the catalog publishes it: their threads,
+/// and twice the model file per replica (weights plus working memory) in RAM or, on a GPU, VRAM.
+pub(super) fn estimate_resources(entry: &ModelEntry, file_bytes: u64, device: Device) -> Resources {
+    let estimate = (file_bytes * 2 * entry.replicas as u64).div_ceil(1 << 20);
+    let on_gpu = matches!(device, Device::Cuda(_));
+    Resources {
+        cpu_threads: entry.replicas * entry.intra_threads,
+        ram_mb: if on_gpu { 0 } else { estimate },
+        vram_mb: if on_gpu { estimate } else { 0 },
+        model_file_bytes: file_bytes,
+    }
+}
+
+/// Takes the loaded replicas' memory on their device (refusing the version, as one that
+/// [`DOES_NOT_FIT`], when it is not there) and their threads (which may go over the CPU
+/// budget: it then only stops scaling up, everywhere).
+fn take_budgets(
+    entry: &ModelEntry,
+    info: &ModelInfo,
+    loaded_replicas: usize,
+    budgets: &Budgets,
+) -> Result<(), String> {
+    let memory_mb = replica_memory_mb(info.resources.model_file_bytes) * loaded_replicas as u64;
+    if let Err(reason) = budgets.memory.try_take(info.device, memory_mb) {
+        return Err(format!("{DOES_NOT_FIT}: {reason}"));
+    }
+    let threads = entry.replicas * entry.intra_threads;
+    if !budgets.cpu.take(threads) {
+        tracing::info!(model = %entry.name, version = %entry.version, threads, budget = budgets.cpu.total,
+            "replicas now use more threads than the CPU budget; no model can scale up until some are released");
+    }
+    Ok(())
+}
+
+/// Resolves each tensor's batch axis (0 unless the manifest's `batch_axes` says otherwise) and
+/// checks that the model can really be stacked that way.
+pub(super) fn batch_axes(
+    entry: &ModelEntry,
+    inputs: &[TensorSpec],
+    outputs: &[TensorSpec],
+) -> Result<(Vec<BatchAxis>, Vec<BatchAxis>), String> {
+    let batched = entry.batching.max_batch_size > 0;
+    for name in entry.batch_axes.keys() {
+        if !inputs.iter().chain(outputs).any(|s| &s.name == name) {
+            return Err(format!(
+                "batch_axes names '{name}', which is neither an input nor an output"
+            ));
+        }
+    }
+    let resolve = |specs: &[TensorSpec]| -> Result<Vec<BatchAxis>, String> {
+        specs
+            .iter()
+            .map(|spec| {
+                let axis = entry.batch_axes.get(&spec.name).copied().unwrap_or(BatchAxis::Axis(0));
+                if let (true, BatchAxis::Axis(k)) = (batched, axis) {
+                    if spec.shape.get(k).copied() != Some(-1) {
+                        return Err(format!(
+                            "max_batch_size is {} but '{}' has shape {:?}, without a dynamic axis {k} to batch on; \
+                             name its batch axis in batch_axes, or set max_batch_size = 0",
+                            entry.batching.max_batch_size, spec.name, spec.shape
+                        ));
+                    }
+                }
+                Ok(axis)
+            })
+            .collect()
+    };
+    let input_axes = resolve(inputs)?;
+    let output_axes = resolve(outputs)?;
+    if batched && !input_axes.iter().any(|a| matches!(a, BatchAxis::Axis(_))) {
+        return Err(
+            "max_batch_size is set but every input is shared; no input carries the batch".into(),
+        );
+    }
+    Ok((input_axes, output_axes))
+}
+
+/// One request of zeros (dynamic dimensions 1; declared shapes and values where the manifest
+/// declares them) through a freshly loaded version.
+pub(super) async fn smoke_test(served: &ServedModel) -> Result<(), ServeError> {
+    let info = &served.info;
+    let request = info.validate(info.example_inputs(), None)?;
+    served.infer(request, InferOptions::now()).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::manifest::Manifest;
+    use crate::tensor::DataType;
+
+    /// One manifest entry `m:1`, with `extra` manifest keys.
+    fn entry(extra: &str) -> ModelEntry {
+        let text = format!(
+            "[[models]]\nname = \"m\"\nversion = \"1\"\nfile = \"m.onnx\"\nsha256 = \"{}\"\n{extra}\n",
+            "0".repeat(64)
+        );
+        Manifest::parse(Path::new("/models"), &text)
+            .expect("a valid manifest")
+            .models
+            .remove(0)
+    }
+
+    fn spec(name: &str, shape: &[i64]) -> TensorSpec {
+        TensorSpec {
+            name: name.into(),
+            datatype: DataType::Fp32,
+            shape: shape.to_vec(),
+        }
+    }
+
+    #[test]
+    fn batch_axes_default_to_0_and_need_a_dynamic_dimension_there_when_batching() {
+        let (x, y) = ([spec("x", &[-1, 4])], [spec("y", &[-1, 4])]);
+        let batched = entry("max_batch_size = 8");
+        assert_eq!(
+            batch_axes(&batched, &x, &y),
+            Ok((vec![BatchAxis::Axis(0)], vec![BatchAxis::Axis(0)]))
+        );
+        let fixed = [spec("x", &[2, 4])];
+        let err = batch_axes(&batched, &fixed, &y).unwrap_err();
+        assert!(err.contains("without a dynamic axis 0"), "{err}");
+        // Without batching any shape will do: every request runs alone.
+        assert!(batch_axes(&entry(""), &fixed, &y).is_ok());
+    }
+
+    #[test]
+    fn batch_axes_from_the_manifest_are_checked_against_the_model() {
+        let (x, y) = ([spec("x", &[-1, 4])], [spec("y", &[-1, 4])]);
+        let with_state = [spec("x", &[-1, 4]), spec("state", &[2, -1, 8])];
+        let rnn = entry("max_batch_size = 8\nbatch_axes = { state = 1 }");
+        assert_eq!(
+            batch_axes(&rnn, &with_state, &y),
+            Ok((
+                vec![BatchAxis::Axis(0), BatchAxis::Axis(1)],
+                vec![BatchAxis::Axis(0)]
+            ))
+        );
+        let unknown = entry("batch_axes = { z = 0 }");
+        let err = batch_axes(&unknown, &x, &y).unwrap_err();
+        assert!(
+            err.contains("'z', which is neither an input nor an output"),
+            "{err}"
+        );
+        let all_shared = entry("max_batch_size = 8\nbatch_axes = { x = \"shared\" }");
+        let err = batch_axes(&all_shared, &x, &y).unwrap_err();
+        assert!(err.contains("every input is shared"), "{err}");
+    }
+
+    #[test]
+    fn resources_are_twice_the_file_per_replica_on_its_device() {
+        let two = entry("replicas = 2\nintra_threads = 3");
+        let cpu = estimate_resources(&two, 3 << 20, Device::Cpu);
+        assert_eq!(
+            (
+                cpu.cpu_threads,
+                cpu.ram_mb,
+                cpu.vram_mb,
+                cpu.model_file_bytes
+            ),
+            (6, 12, 0, 3 << 20)
+        );
+        let gpu = estimate_resources(&two, 3 << 20, Device::Cuda(0));
+        assert_eq!((gpu.ram_mb, gpu.vram_mb), (0, 12));
+        // Rounded up to whole MiB: a tiny model is not free.
+        assert_eq!(estimate_resources(&entry(""), 10, Device::Cpu).ram_mb, 1);
+    }
+}
