@@ -25,6 +25,7 @@ pub mod overload;
 pub mod peer;
 pub mod plots;
 pub mod prometheus;
+pub mod report;
 pub mod rest;
 pub mod scenario;
 pub mod streams;

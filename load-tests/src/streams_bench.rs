@@ -9,7 +9,6 @@
 //!    misses the target (p99 chunk latency, errors, or late senders);
 //! 4. `report.md` and `results.json`.
 
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -532,9 +531,9 @@ pub fn run(options: &StreamsBenchOptions) -> anyhow::Result<StreamsBenchOutcome>
         ceilings: &ceilings,
         results: &results,
     };
-    let report = render_report(&input);
     let json = results_json(&input);
-    crate::sysinfo::save_run(
+    let report = render_report(&input, &json)?;
+    crate::report::save_run(
         &dir,
         "streams-bench",
         &report,
@@ -618,388 +617,42 @@ fn results_json(input: &ReportInput<'_>) -> serde_json::Value {
     })
 }
 
-fn cpu_cell(cpu: Option<CpuShare>) -> String {
-    cpu.map_or("n/a".into(), |c| {
-        format!(
-            "{:.2} / {:.2} / {:.2} / {:.2}",
-            c.own_cores,
-            c.loadgen_cores,
-            c.server_cores(),
-            c.other_cores
-        )
-    })
-}
-
-fn closes_cell(r: &StreamReport) -> String {
-    if r.closes.is_empty() {
-        return "none".into();
-    }
-    r.closes
-        .iter()
-        .map(|(c, n)| format!("{c}×{n}"))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn render_report(input: &ReportInput<'_>) -> String {
-    let ReportInput {
-        machine,
-        options,
-        ceilings,
-        results,
-        ..
-    } = input;
-    let target_ms = options.target.as_secs_f64() * 1000.0;
-    let mut md = String::new();
-    let w = &mut md;
-    crate::sysinfo::write_report_header(
-        w,
-        "streamserve WebSocket streams: how many real-time `silero_vad` streams",
-        input.started_at,
-        input.elapsed,
-        &options.command,
-        machine,
-    );
-    let _ = writeln!(
-        w,
-        "- open-file limit (soft, after raising): {}",
-        input.nofile
-    );
-    crate::sysinfo::write_software_lines(w);
-
-    let _ = writeln!(w, "## Verdict\n");
-    let on = results.iter().find(|s| s.setup.max_batch_size > 1);
-    let off = results.iter().find(|s| s.setup.max_batch_size == 1);
-    let cap = |s: Option<&SetupResults>| s.and_then(SetupResults::capacity);
-    let ceiling256 = ceilings.iter().find(|c| c.batch == 256);
-    let ceiling1 = ceilings.iter().find(|c| c.batch == 1);
-    let fmt_cap = |c: Option<usize>| c.map_or("none of the steps".to_string(), |n| n.to_string());
-    let _ = writeln!(
-        w,
-        "Largest number of concurrent real-time streams with p99 chunk latency < {target_ms:.0} ms, no errors and \
-         no late sender, on this {}-core machine with the load generator in the same process:\n",
-        machine.nproc
-    );
-    let _ = writeln!(
-        w,
-        "| | streams that passed | first failing step | compute ceiling (in-process, no server) |"
-    );
-    let _ = writeln!(w, "|---|---:|---|---:|");
-    for (label, s, c) in [
-        (
-            "cross-stream batching on (max_batch_size 256)",
-            on,
-            ceiling256,
-        ),
-        ("batching off (max_batch_size 1)", off, ceiling1),
-    ] {
-        let first_fail = s.and_then(|s| s.steps.iter().find(|st| !st.pass)).map_or(
-            "none (stopped: ".to_string() + &s.map_or(String::new(), |s| s.stopped.clone()) + ")",
-            |st| {
-                format!(
-                    "N = {}: p99 {:.1} ms, {} errors, {} late",
-                    st.report.streams,
-                    st.report.latency_ms(0.99),
-                    st.report.error_count(),
-                    st.report.late_streams
-                )
-            },
-        );
-        let _ = writeln!(
-            w,
-            "| {label} | **{}** | {first_fail} | {} |",
-            fmt_cap(cap(s)),
-            c.map_or("n/a".into(), |c| format!(
-                "{:.0} streams (batch {})",
-                c.streams(),
-                c.batch
-            ))
-        );
-    }
-    let _ = writeln!(w);
-    let target_streams = 1000;
-    let verdict = match cap(on) {
-        Some(n) if n >= target_streams => format!(
-            "**Target met**: {n} ≥ {target_streams} concurrent real-time streams with batching on, on this machine."
-        ),
-        Some(n) => format!(
-            "**Target not met on this machine**: {n} concurrent real-time streams with batching on, against the \
-             {target_streams}-stream target."
-        ),
-        None => format!(
-            "**Target not met on this machine**: not even the first step passed with batching on (target {target_streams})."
-        ),
-    };
-    let _ = writeln!(w, "{verdict}");
-    if let Some(c) = ceiling256 {
-        let _ = writeln!(
-            w,
-            " The model alone, with both cores and batches of 256, computes {:.0} steps/s = {:.0} real-time streams; \
-             the rest of the gap is the per-chunk work that does not batch (WebSocket frames in and out, JSON, actor \
-             messages, stacking states) and the load generator, which shares the same {} cores (see the CPU \
-             columns).",
-            c.steps_per_sec,
-            c.streams(),
-            machine.nproc
-        );
-    }
-    if let (Some(a), Some(b)) = (cap(on), cap(off)) {
-        if b > 0 {
-            let _ = writeln!(
-                w,
-                "\nBatching on carried {:.1}× the streams of batching off ({a} vs {b}).",
-                a as f64 / b as f64
-            );
-        }
-    }
-    let _ = writeln!(w);
-    let observations = observations(results, ceilings, machine.nproc);
-    if !observations.is_empty() {
-        let _ = writeln!(w, "### Observations (computed from the tables below)\n");
-        for line in observations {
-            let _ = writeln!(w, "- {line}");
-        }
-        let _ = writeln!(w);
-    }
-
-    let _ = writeln!(w, "## Setup\n");
-    let _ = writeln!(
-        w,
-        "- Model: `{}` (sha256 `{}`), the `silero_vad` entry of `{}` (`stream = \"vad\"`, `batch_axes`, \
-         replicas = 2, intra_threads = 1), with `max_batch_size` / `max_queue_delay_ms` set per server and its \
-         `fallback` / `slo_ms` removed (this measures `silero_vad` alone: overload must show as latency, not as \
-         chunks served by the cheaper fallback; the `degraded` count stays 0).",
-        input.model_file.display(),
-        input.sha256,
-        options.manifest.display()
-    );
-    let _ = writeln!(
-        w,
-        "- **Compute ceiling**: Silero VAD in this process without the server, {} threads each owning one \
-         `ModelSession` (intra_threads = 1, like the 2 replicas), `input [B, 576]`, `state [2, B, 128]`, `sr` \
-         scalar, calls back to back for {:.1} s per batch size B. Real-time streams = steps/s ÷ 31.25.\n",
-        ceilings.first().map_or(2, |c| c.threads),
-        options.ceiling_duration.as_secs_f64()
-    );
-    let _ = writeln!(
-        w,
-        "  | batch B | steps/s | ms per call | µs per step | real-time streams | CPU cores: process / others |"
-    );
-    let _ = writeln!(w, "  |---:|---:|---:|---:|---:|---|");
-    for c in ceilings.iter() {
-        let _ = writeln!(
-            w,
-            "  | {} | {:.0} | {:.3} | {:.1} | **{:.0}** | {} |",
-            c.batch,
-            c.steps_per_sec,
-            c.mean_call_ms,
-            1000.0 * c.mean_call_ms / c.batch as f64,
-            c.streams(),
-            c.cpu_cores.map_or("n/a".into(), |c| format!(
-                "{:.2} / {:.2}",
-                c.own_cores, c.other_cores
-            ))
-        );
-    }
-    let _ = writeln!(w);
-    let _ = writeln!(
-        w,
-        "- Streams: `{}` ({:.2} s, {} Hz mono PCM16) looped, each stream starting at a different offset; \
-         {} ms binary frames ({} samples) sent on a real-time schedule; `results: \"all\"` (a `vad` message per \
-         512-sample chunk, 31.25/s per stream). Each step opens N streams evenly over {:.0} s (ramp), then \
-         measures {:.0} s; then every stream sends `end` and must get its `summary` and a close 1000.",
-        options.wav.display(),
-        input.audio.seconds(),
-        input.audio.sample_rate,
-        options.frame_ms,
-        input.audio.sample_rate as usize * options.frame_ms as usize / 1000,
-        options.ramp.as_secs_f64(),
-        options.duration.as_secs_f64()
-    );
-    let _ = writeln!(
-        w,
-        "- Chunk latency: from sending the frame that completed a chunk to receiving that chunk's `vad` \
-         message (the k-th `vad` message is samples [512k, 512k+512); its `t` and `seq` are checked), for \
-         chunks completed in the measured period; HDR histogram, µs resolution. A step **passes** when p99 < \
-         {target_ms:.0} ms, there are no errors (connect, protocol, seq gaps, missing results or summary, closes \
-         other than 1000) and no sender fell more than {target_ms:.0} ms behind its real-time schedule (\"late\": \
-         the server pushing back or the load generator short of CPU). Steps stop at the first failure.",
-    );
-    let _ = writeln!(
-        w,
-        "- Both servers and the load generator (a tokio runtime of {} `loadgen` threads, tokio-tungstenite) run \
-         **in this one process, on the same {} cores**.\n",
-        options.client_threads, machine.nproc
-    );
-
-    let _ = writeln!(w, "## Results\n");
-    for s in results.iter() {
-        let _ = writeln!(
-            w,
-            "### {} (max_batch_size {}, max_queue_delay_ms {})\n",
-            s.setup.label, s.setup.max_batch_size, s.setup.max_queue_delay_ms
-        );
-        let _ = writeln!(
-            w,
-            "| streams | chunks/s (expected) | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | p99 from schedule ms \
-             | errors | late | closes | rows per model call | model calls/s | replicas busy | CPU cores: process / loadgen / server / others | result |"
-        );
-        let _ = writeln!(
-            w,
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---|"
-        );
-        for st in &s.steps {
-            let r = &st.report;
-            let (rows, calls, busy) = st.server.map_or(
-                ("n/a".to_string(), "n/a".to_string(), "n/a".to_string()),
-                |f| {
-                    (
-                        format!("{:.1}", f.mean_rows_per_call()),
-                        format!("{:.0}", f.calls_per_sec()),
-                        format!("{:.2}", f.busy_replicas()),
-                    )
-                },
-            );
-            let _ = writeln!(
-                w,
-                "| {} | {:.0} ({:.0}) | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {rows} | {calls} | {busy} | {} | {} |",
-                r.streams,
-                r.chunks_per_sec(),
-                r.expected_chunks_per_sec(),
-                r.latency_ms(0.5),
-                r.latency_ms(0.9),
-                r.latency_ms(0.99),
-                r.latency_ms(0.999),
-                r.max_ms(),
-                r.sched_latency_ms(0.99),
-                r.error_count(),
-                r.late_streams,
-                closes_cell(r),
-                cpu_cell(st.cpu),
-                if st.pass {
-                    "pass".to_string()
-                } else if st.repeated {
-                    format!(
-                        "fail, contended (others {:.2} cores): repeated below",
-                        st.cpu.map_or(0.0, |c| c.other_cores)
-                    )
-                } else {
-                    "**fail**".to_string()
-                }
-            );
-        }
-        let _ = writeln!(w, "\nStopped: {}.\n", s.stopped);
-        let errors: Vec<String> = s
-            .steps
-            .iter()
-            .filter(|st| st.report.error_count() > 0)
-            .map(|st| {
-                format!(
-                    "- N = {}: {:?}; first: {}",
-                    st.report.streams,
-                    st.report.errors,
-                    st.report.first_errors.join(" | ")
-                )
-            })
-            .collect();
-        if !errors.is_empty() {
-            let _ = writeln!(w, "Errors:\n\n{}\n", errors.join("\n"));
-        }
-        let server_side: Vec<String> = s
-            .steps
-            .iter()
-            .filter_map(|st| st.server.map(|f| (st.report.streams, f)))
-            .map(|(n, f)| {
-                format!(
-                    "N = {n}: server-side chunk latency mean {:.1} ms, {:.2}% within 100 ms; mean model call \
-                     {:.2} ms for {:.1} rows",
-                    f.mean_chunk_ms(),
-                    100.0 * f.share_within_100ms(),
-                    f.mean_call_ms(),
-                    f.mean_rows_per_call()
-                )
-            })
-            .collect();
-        if !server_side.is_empty() {
-            let _ = writeln!(
-                w,
-                "Server's own view (`/metrics` deltas over each whole step, ramp and ending included; its chunk \
-                 latency runs from a chunk's last sample arriving to its result being queued for the socket):\n"
-            );
-            for line in server_side {
-                let _ = writeln!(w, "- {line}");
-            }
-            let _ = writeln!(w);
-        }
-    }
-
-    let others = results
+/// `report.md` from `templates/streams_bench.md.j2`: the results JSON, the run's settings and
+/// the observations.
+fn render_report(input: &ReportInput<'_>, json: &serde_json::Value) -> anyhow::Result<String> {
+    let options = input.options;
+    let others = input
+        .results
         .iter()
         .flat_map(|s| s.steps.iter())
         .filter(|st| !st.repeated)
         .filter_map(|st| st.cpu.map(|c| (st.report.streams, c.other_cores)))
-        .max_by(|a, b| a.1.total_cmp(&b.1));
-    if let Some((n, cores)) = others {
-        if cores > CONTENDED_CORES {
-            let _ = writeln!(
-                w,
-                "**Contended machine**: other processes used up to {cores:.2} CPU cores during a counted step \
-                 (N = {n}); such a step's figures are worse than the software allows. Rerun on a quiet machine.\n"
-            );
-        } else {
-            let _ = writeln!(
-                w,
-                "Other processes used at most {cores:.2} CPU cores during any counted step (N = {n}): a quiet \
-                 machine. (Before each measurement the benchmark waits, up to {:.0} s, for other processes to use \
-                 under {QUIET_CORES} cores, and repeats once a step that failed while they used more than \
-                 {CONTENDED_CORES}.)\n",
-                options.quiet_wait.as_secs_f64()
-            );
-        }
-    }
-
-    let _ = writeln!(
-        w,
-        "![chunk latency against concurrent streams]({PLOT_FILE})\n\n[`{PLOT_FILE}`]({PLOT_FILE}): p50 (circles) \
-         and p99 (triangles; a cross where the step failed) chunk-to-result latency against the number of \
-         streams, per setup; dashed, the p99 target; vertical, the model's compute ceiling on these cores.\n"
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(n, cores)| serde_json::json!({ "n": n, "cores": cores }));
+    let extra = serde_json::json!({
+        "target_streams": 1000, "manifest": options.manifest.display().to_string(),
+        "wav": options.wav.display().to_string(), "audio_s": input.audio.seconds(),
+        "sample_rate": input.audio.sample_rate,
+        "frame_samples": input.audio.sample_rate as usize * options.frame_ms as usize / 1000,
+        "ramp_s": options.ramp.as_secs_f64(), "duration_s": options.duration.as_secs_f64(),
+        "ceiling_s": options.ceiling_duration.as_secs_f64(), "client_threads": options.client_threads,
+        "quiet_wait_s": options.quiet_wait.as_secs_f64(), "quiet_cores": QUIET_CORES,
+        "contended_cores": CONTENDED_CORES, "others": others, "plot": PLOT_FILE,
+        "observations": observations(input.results, input.ceilings, input.machine.nproc),
+    });
+    let header = crate::report::header(
+        "streamserve WebSocket streams: how many real-time `silero_vad` streams",
+        input.elapsed,
+        &[format!(
+            "open-file limit (soft, after raising): {}",
+            input.nofile
+        )],
+        true,
     );
-    let _ = writeln!(w, "## How to read this\n");
-    let _ = writeln!(
-        w,
-        "- **chunks/s (expected)**: timed `vad` results per second of the measured period, against N × 31.25. \
-         Below expected means results lag or are missing (then errors or late senders say why)."
-    );
-    let _ = writeln!(
-        w,
-        "- **p50 … max**: chunk latency from the frame's actual send. **p99 from schedule** measures from when \
-         the frame was *due*: when a sender falls behind (backpressure, or the load generator short of CPU), \
-         this one shows it, so it guards against coordinated omission. **late**: streams whose sender ever fell \
-         more than {target_ms:.0} ms behind schedule."
-    );
-    let _ = writeln!(
-        w,
-        "- **rows per model call**, **model calls/s**, **replicas busy** (model-call time ÷ wall time, out of 2): \
-         from the server's `/metrics` (`streamserve_batch_size`, `streamserve_inference_duration_seconds`) over \
-         the whole step. Rows per call above 1 is cross-stream batching at work."
-    );
-    let _ = writeln!(
-        w,
-        "- **CPU cores**: CPU time used during the step (ramp and ending included), in cores: this whole \
-         process / its `loadgen*` threads (the load generator: WebSocket client, framing, JSON parsing, timing) / \
-         the rest of the process (the server) / every other process on the machine (must be near 0, or the \
-         machine was not quiet). With {} cores, process ≈ {} means the machine was saturated.",
-        machine.nproc, machine.nproc
-    );
-    let _ = writeln!(
-        w,
-        "- **Caveat**: the load generator does about as much per chunk as the server (frames, masking, JSON), \
-         on the same cores, so the figures are a lower bound for a server with the machine to itself; the \
-         loadgen column says how much it took. Each step ran once; expect run-to-run noise of a step or so \
-         near the limit."
-    );
-    let _ = writeln!(w, "- Raw numbers: `results.json` beside this file.");
-    md
+    crate::report::render(
+        "streams_bench",
+        &crate::report::context(json, &[header, extra]),
+    )
 }
 
 /// Plain statements derived from the measurements.
