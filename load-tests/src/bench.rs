@@ -21,7 +21,7 @@ use streamserve::runtime::ModelSession;
 use streamserve::tensor::TensorData;
 
 use crate::rest::{self, RestOptions, RestReport};
-use crate::sysinfo::{utc_now, CpuShare, CpuSnapshot, MachineInfo};
+use crate::sysinfo::{CpuShare, CpuSnapshot, MachineInfo};
 use crate::{mlp, SplitMix64};
 
 #[derive(Clone, Debug)]
@@ -103,46 +103,19 @@ pub struct InProcess {
     pub cpu_cores: Option<CpuShare>,
 }
 
-/// Calls `call` back to back for `warmup`, then for `duration` counting the calls: (calls,
-/// measured time). The in-process ceilings' inner loop.
-pub fn call_for(
-    warmup: Duration,
-    duration: Duration,
-    mut call: impl FnMut() -> Result<(), String>,
-) -> Result<(u64, Duration), String> {
-    let start = Instant::now();
-    while start.elapsed() < warmup {
-        call()?;
-    }
-    let measuring = Instant::now();
-    let mut calls = 0u64;
-    while measuring.elapsed() < duration {
-        call()?;
-        calls += 1;
-    }
-    Ok((calls, measuring.elapsed()))
-}
+/// The inputs of one model call: (shape, data) per model input.
+pub type Inputs = Vec<(Vec<i64>, TensorData)>;
 
-/// Each measuring thread's result, in order; a panicked thread is an error.
-pub fn join_all<T>(
-    handles: Vec<std::thread::ScopedJoinHandle<'_, Result<T, String>>>,
-) -> Result<Vec<T>, String> {
-    handles
-        .into_iter()
-        .map(|h| {
-            h.join()
-                .map_err(|_| "an in-process benchmark thread panicked".to_string())?
-        })
-        .collect()
-}
-
-/// Loads ONNX Runtime first (`streamserve::runtime::init`) if nothing has yet.
-pub fn measure_in_process(
+/// Runs `model` in-process on `threads` threads, each owning one session (`intra_threads = 1`)
+/// and calling it back to back on the inputs `inputs` makes for (its session, its thread
+/// number), after `check` accepted the first call's outputs: for `warmup`, then for `duration`
+/// counting calls. Loads ONNX Runtime first (`streamserve::runtime::init`) if nothing has yet.
+pub fn in_process(
     model: &Path,
-    threads: usize,
-    batch: usize,
-    warmup: Duration,
-    duration: Duration,
+    (threads, batch): (usize, usize),
+    (warmup, duration): (Duration, Duration),
+    inputs: impl Fn(&ModelSession, usize) -> Result<Inputs, String> + Sync,
+    check: impl Fn(&[streamserve::tensor::NamedTensor]) -> Result<(), String> + Sync,
 ) -> anyhow::Result<InProcess> {
     let env = streamserve::runtime::init(None).map_err(anyhow::Error::msg)?;
     let barrier = Barrier::new(threads);
@@ -150,46 +123,52 @@ pub fn measure_in_process(
     let per_thread = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
-                let barrier = &barrier;
+                let (barrier, inputs, check) = (&barrier, &inputs, &check);
                 scope.spawn(move || -> Result<(u64, Duration), String> {
                     let loaded = ModelSession::load(env, model, Device::Cpu, false, 1);
                     // Meet the others even when loading failed, so that nobody waits forever.
                     barrier.wait();
                     let mut session = loaded?;
-                    let data = TensorData::Fp32(
-                        SplitMix64::new(0xCE11 + t as u64).f32_vec(batch * mlp::FEATURES),
-                    );
-                    let shape = [batch as i64, mlp::FEATURES as i64];
-                    let outputs = session.run(&[(&shape, &data)])?;
-                    let want = vec![batch as i64, mlp::OUTPUT_WIDTH as i64];
-                    if outputs.iter().any(|o| o.shape != want) {
-                        return Err(format!("unexpected output shapes from {}", model.display()));
+                    let tensors = inputs(&session, t)?;
+                    let tensors: Vec<(&[i64], &TensorData)> =
+                        tensors.iter().map(|(s, d)| (s.as_slice(), d)).collect();
+                    check(&session.run(&tensors)?)?;
+                    let start = Instant::now();
+                    while start.elapsed() < warmup {
+                        session.run(&tensors)?;
                     }
-                    call_for(warmup, duration, || {
-                        session.run(&[(&shape, &data)]).map(drop)
-                    })
+                    let (measuring, mut calls) = (Instant::now(), 0u64);
+                    while measuring.elapsed() < duration {
+                        session.run(&tensors)?;
+                        calls += 1;
+                    }
+                    Ok((calls, measuring.elapsed()))
                 })
             })
             .collect();
-        join_all(handles)
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| "an in-process benchmark thread panicked".to_string())?
+            })
+            .collect::<Result<Vec<_>, String>>()
     })
     .map_err(anyhow::Error::msg)?;
     let calls: u64 = per_thread.iter().map(|(c, _)| c).sum();
-    let rows_per_sec = per_thread
-        .iter()
-        .map(|(c, d)| (*c * batch as u64) as f64 / d.as_secs_f64())
-        .sum();
-    let seconds = per_thread
-        .iter()
-        .map(|(_, d)| d.as_secs_f64())
-        .fold(0.0, f64::max);
     let busy: f64 = per_thread.iter().map(|(_, d)| d.as_secs_f64()).sum();
     Ok(InProcess {
         threads,
         batch,
         calls,
-        seconds,
-        rows_per_sec,
+        seconds: per_thread
+            .iter()
+            .map(|(_, d)| d.as_secs_f64())
+            .fold(0.0, f64::max),
+        rows_per_sec: per_thread
+            .iter()
+            .map(|(c, d)| (*c * batch as u64) as f64 / d.as_secs_f64())
+            .sum(),
         mean_call_ms: if calls == 0 {
             0.0
         } else {
@@ -197,6 +176,29 @@ pub fn measure_in_process(
         },
         cpu_cores: cpu_since(before),
     })
+}
+
+/// The `mlp` ceiling: batches of `batch` rows of deterministic data.
+pub fn measure_in_process(
+    model: &Path,
+    threads: usize,
+    batch: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> anyhow::Result<InProcess> {
+    let data = |t: usize| SplitMix64::new(0xCE11 + t as u64).f32_vec(batch * mlp::FEATURES);
+    let shape = vec![batch as i64, mlp::FEATURES as i64];
+    let want = [batch as i64, mlp::OUTPUT_WIDTH as i64];
+    in_process(
+        model,
+        (threads, batch),
+        (warmup, duration),
+        |_, t| Ok(vec![(shape.clone(), TensorData::Fp32(data(t)))]),
+        |outputs| match outputs.iter().all(|o| o.shape == want) {
+            true => Ok(()),
+            false => Err(format!("unexpected output shapes from {}", model.display())),
+        },
+    )
 }
 
 /// How one in-process server serves `mlp`.
@@ -391,25 +393,13 @@ pub struct ServerResults {
     pub cpu: Vec<Option<CpuShare>>,
 }
 
-#[derive(Clone, Debug)]
-pub struct BenchOutcome {
-    pub dir: PathBuf,
-    pub report: String,
-}
-
 /// Runs the whole benchmark and writes its report. Takes about
 /// 2 × (warm-up + duration) × levels + 2 × ceiling time, plus start-up.
-pub fn run(options: &BenchOptions) -> anyhow::Result<BenchOutcome> {
+pub fn run(options: &BenchOptions) -> anyhow::Result<crate::report::Outcome> {
     if options.concurrencies.is_empty() || options.concurrencies.len() > 16 {
         bail!("give 1 to 16 concurrency levels");
     }
-    let started = Instant::now();
-    let machine = MachineInfo::collect();
-    let (date, started_at) = utc_now();
-    let dir = options
-        .out
-        .clone()
-        .unwrap_or_else(|| results_dir().join(format!("{date}-rest-mlp")));
+    let start = crate::report::Start::now(options.out.as_deref(), "rest-mlp");
     let model_file = options
         .model_file
         .canonicalize()
@@ -426,12 +416,7 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<BenchOutcome> {
     let batch1 = measure_in_process(&model_file, 2, 1, warm, options.ceiling_duration)?;
     eprintln!("[bench]   {:.0} rows/s", batch1.rows_per_sec);
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(options.client_threads.max(1))
-        .thread_name("loadgen")
-        .enable_all()
-        .build()
-        .context("cannot start the client runtime")?;
+    let runtime = crate::sysinfo::client_runtime(options.client_threads)?;
     let mut servers = Vec::new();
     for setup in [
         ServerSetup::batching_on(),
@@ -472,10 +457,17 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<BenchOutcome> {
     }
     drop(runtime);
 
-    let json = results_json(&machine, &started_at, options, &ceiling, &batch1, &servers);
+    let json = results_json(
+        &start.machine,
+        &start.started_at,
+        options,
+        &ceiling,
+        &batch1,
+        &servers,
+    );
     let mut report = render_report(
         &json,
-        started.elapsed(),
+        start.at.elapsed(),
         options,
         &model_file,
         &sha256,
@@ -485,14 +477,17 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<BenchOutcome> {
     )?;
     report.push_str(&capacity_section(&json));
     crate::report::save_run(
-        &dir,
+        &start.dir,
         "bench",
         &report,
         &json,
         PLOT_FILE,
         crate::plots::bench_latency_throughput,
     )?;
-    Ok(BenchOutcome { dir, report })
+    Ok(crate::report::Outcome {
+        dir: start.dir,
+        report,
+    })
 }
 
 /// Closed-loop load at each of `options.concurrencies` against the `mlp` REST endpoint at

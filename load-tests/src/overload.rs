@@ -7,16 +7,15 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use anyhow::bail;
 
-use crate::bench::{cpu_since, results_dir, start_server_for, stop_server, TempModelDir};
+use crate::bench::{cpu_since, start_server_for, stop_server, TempModelDir};
+use crate::hist::ms;
 use crate::manifest::{self, EntryChange};
 use crate::open_loop::{self, OpenLoopOptions, OpenLoopReport};
 use crate::prometheus;
 use crate::rest::{self, RestOptions, RestReport};
-use crate::sysinfo::{
-    utc_now, wait_for_quiet, CpuShare, CpuSnapshot, MachineInfo, LOADGEN_THREAD_PREFIX,
-};
+use crate::sysinfo::{wait_for_quiet, CpuShare, CpuSnapshot, MachineInfo};
 
 pub const PRIMARY: &str = "mlp";
 pub const FALLBACK: &str = "mlp_small";
@@ -122,11 +121,6 @@ pub struct Level {
     pub server: Option<ServerCounters>,
 }
 
-pub struct OverloadOutcome {
-    pub dir: PathBuf,
-    pub report: String,
-}
-
 pub fn wait_ready(running: &streamserve::server::Running, model: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -146,7 +140,7 @@ pub fn wait_ready(running: &streamserve::server::Running, model: &str) -> anyhow
 }
 
 /// Runs the whole benchmark and writes its report.
-pub fn run(options: &OverloadOptions) -> anyhow::Result<OverloadOutcome> {
+pub fn run(options: &OverloadOptions) -> anyhow::Result<crate::report::Outcome> {
     if options.multipliers.is_empty()
         || options.multipliers.len() > 16
         || options
@@ -156,13 +150,7 @@ pub fn run(options: &OverloadOptions) -> anyhow::Result<OverloadOutcome> {
     {
         bail!("give 1 to 16 multipliers, each more than 0 and at most 20");
     }
-    let started = Instant::now();
-    let machine = MachineInfo::collect();
-    let (date, started_at) = utc_now();
-    let dir = options
-        .out
-        .clone()
-        .unwrap_or_else(|| results_dir().join(format!("{date}-overload-mlp")));
+    let start = crate::report::Start::now(options.out.as_deref(), "overload-mlp");
     crate::sysinfo::raise_nofile_limit(2 * options.max_in_flight as u64 + 1024);
     let (manifest_text, _) = overload_manifest()?;
     let models = TempModelDir::create("overload", &manifest_text)?;
@@ -173,16 +161,8 @@ pub fn run(options: &OverloadOptions) -> anyhow::Result<OverloadOutcome> {
     }
     let base = format!("http://{}", running.addr);
     eprintln!("[overload] streamserve on {base}");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(options.client_threads.max(1))
-        .thread_name(LOADGEN_THREAD_PREFIX)
-        .enable_all()
-        .build()
-        .context("cannot start the client runtime")?;
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(10))
-        .build()?;
+    let runtime = crate::sysinfo::client_runtime(options.client_threads)?;
+    let client = crate::sysinfo::metrics_client()?;
 
     let result = (|| -> anyhow::Result<(RestReport, Option<CpuShare>, Vec<Level>)> {
         wait_for_quiet(0.15, options.quiet_wait);
@@ -266,31 +246,30 @@ pub fn run(options: &OverloadOptions) -> anyhow::Result<OverloadOutcome> {
 
     let json = results_json(
         options,
-        &machine,
-        &started_at,
+        &start.machine,
+        &start.started_at,
         &manifest_text,
         &capacity,
         capacity_cpu,
         &levels,
     );
-    let report = render_report(&json, started.elapsed(), options, &levels)?;
+    let report = render_report(&json, start.at.elapsed(), options, &levels)?;
     crate::report::save_run(
-        &dir,
+        &start.dir,
         "overload",
         &report,
         &json,
         PLOT_FILE,
         crate::plots::overload_levels,
     )?;
-    Ok(OverloadOutcome { dir, report })
+    Ok(crate::report::Outcome {
+        dir: start.dir,
+        report,
+    })
 }
 
 /// The goodput/latency plot written beside `report.md`.
 pub const PLOT_FILE: &str = "overload.svg";
-
-fn ms(h: &hdrhistogram::Histogram<u64>, q: f64) -> f64 {
-    OpenLoopReport::quantile_ms(h, q)
-}
 
 fn results_json(
     options: &OverloadOptions,

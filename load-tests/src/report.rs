@@ -110,6 +110,37 @@ pub fn context(results: &serde_json::Value, extra: &[serde_json::Value]) -> serd
     context
 }
 
+/// Where a benchmark run wrote its files, and its report.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub dir: std::path::PathBuf,
+    pub report: String,
+}
+
+/// What every benchmark notes as it starts: when, on what machine, and where its files go
+/// (`out`, or `load-tests/results/<UTC date>-<suffix>/`).
+pub struct Start {
+    pub at: std::time::Instant,
+    pub machine: crate::sysinfo::MachineInfo,
+    pub started_at: String,
+    pub dir: std::path::PathBuf,
+}
+
+impl Start {
+    pub fn now(out: Option<&std::path::Path>, suffix: &str) -> Start {
+        let (date, started_at) = crate::sysinfo::utc_now();
+        Start {
+            at: std::time::Instant::now(),
+            machine: crate::sysinfo::MachineInfo::collect(),
+            started_at,
+            dir: out.map_or_else(
+                || crate::bench::results_dir().join(format!("{date}-{suffix}")),
+                |o| o.to_path_buf(),
+            ),
+        }
+    }
+}
+
 /// Writes a benchmark run into `dir`: `report.md`, `results.json`, and the plot that
 /// `draw` makes from those results as `plot_file`. A plot that fails is said on stderr
 /// (prefixed `[tag]`), not an error: the numbers are already written.

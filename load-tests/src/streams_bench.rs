@@ -10,11 +10,10 @@
 //! 4. `report.md` and `results.json`.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Barrier};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
-use streamserve::manifest::Device;
+use anyhow::bail;
 use streamserve::runtime::ModelSession;
 use streamserve::tensor::TensorData;
 
@@ -22,10 +21,7 @@ use crate::bench::{cpu_since, start_server_for, stop_server, TempModelDir};
 use crate::manifest::{self, EntryChange};
 use crate::prometheus;
 use crate::streams::{self, Audio, ResultsMode, StreamOptions, StreamReport};
-use crate::sysinfo::{
-    raise_nofile_limit, utc_now, wait_for_quiet, CpuShare, CpuSnapshot, MachineInfo,
-    LOADGEN_THREAD_PREFIX,
-};
+use crate::sysinfo::{raise_nofile_limit, wait_for_quiet, CpuShare, CpuSnapshot, MachineInfo};
 use crate::SplitMix64;
 
 pub const MODEL: &str = "silero_vad";
@@ -156,7 +152,7 @@ impl VadCeiling {
     }
 }
 
-/// Measures [`VadCeiling`]. Loads ONNX Runtime first if nothing has yet.
+/// Measures [`VadCeiling`]: [`crate::bench::in_process`] on Silero VAD inputs.
 pub fn measure_vad(
     model: &Path,
     threads: usize,
@@ -164,76 +160,48 @@ pub fn measure_vad(
     warmup: Duration,
     duration: Duration,
 ) -> anyhow::Result<VadCeiling> {
-    let env = streamserve::runtime::init(None).map_err(anyhow::Error::msg)?;
-    let barrier = Barrier::new(threads);
-    let before = CpuSnapshot::take();
-    let per_thread = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let barrier = &barrier;
-                scope.spawn(move || -> Result<(u64, Duration), String> {
-                    let loaded = ModelSession::load(env, model, Device::Cpu, false, 1);
-                    barrier.wait();
-                    let mut session = loaded?;
-                    let audio: Vec<f32> = SplitMix64::new(0xA0D1 + t as u64)
-                        .f32_vec(batch * WINDOW)
-                        .into_iter()
-                        .map(|v| v * 0.3)
-                        .collect();
-                    let tensors: Vec<(Vec<i64>, TensorData)> = session
-                        .inputs
-                        .iter()
-                        .map(|spec| match spec.name.as_str() {
-                            "input" => Ok((
-                                vec![batch as i64, WINDOW as i64],
-                                TensorData::Fp32(audio.clone()),
-                            )),
-                            "state" => Ok((
-                                vec![2, batch as i64, STATE as i64],
-                                TensorData::Fp32(vec![0.0; 2 * batch * STATE]),
-                            )),
-                            "sr" => Ok((vec![], TensorData::Int64(vec![16000]))),
-                            other => Err(format!("unexpected Silero VAD input '{other}'")),
-                        })
-                        .collect::<Result<_, _>>()?;
-                    let inputs: Vec<(&[i64], &TensorData)> =
-                        tensors.iter().map(|(s, d)| (s.as_slice(), d)).collect();
-                    let outputs = session.run(&inputs)?;
-                    let out = outputs
-                        .iter()
-                        .find(|o| o.name == "output")
-                        .ok_or("no output 'output'")?;
-                    if out.shape != [batch as i64, 1] {
-                        return Err(format!("output shape {:?}", out.shape));
-                    }
-                    crate::bench::call_for(warmup, duration, || session.run(&inputs).map(drop))
-                })
-            })
+    let inputs = |session: &ModelSession, t: usize| {
+        let audio: Vec<f32> = SplitMix64::new(0xA0D1 + t as u64)
+            .f32_vec(batch * WINDOW)
+            .into_iter()
+            .map(|v| v * 0.3)
             .collect();
-        crate::bench::join_all(handles)
-    })
-    .map_err(anyhow::Error::msg)?;
-    let calls: u64 = per_thread.iter().map(|(c, _)| c).sum();
-    let steps_per_sec = per_thread
-        .iter()
-        .map(|(c, d)| (*c * batch as u64) as f64 / d.as_secs_f64())
-        .sum();
-    let busy: f64 = per_thread.iter().map(|(_, d)| d.as_secs_f64()).sum();
+        session
+            .inputs
+            .iter()
+            .map(|spec| match spec.name.as_str() {
+                "input" => Ok((
+                    vec![batch as i64, WINDOW as i64],
+                    TensorData::Fp32(audio.clone()),
+                )),
+                "state" => Ok((
+                    vec![2, batch as i64, STATE as i64],
+                    TensorData::Fp32(vec![0.0; 2 * batch * STATE]),
+                )),
+                "sr" => Ok((vec![], TensorData::Int64(vec![16000]))),
+                other => Err(format!("unexpected Silero VAD input '{other}'")),
+            })
+            .collect()
+    };
+    let check = |outputs: &[streamserve::tensor::NamedTensor]| {
+        let out = outputs
+            .iter()
+            .find(|o| o.name == "output")
+            .ok_or("no output 'output'")?;
+        match out.shape == [batch as i64, 1] {
+            true => Ok(()),
+            false => Err(format!("output shape {:?}", out.shape)),
+        }
+    };
+    let c = crate::bench::in_process(model, (threads, batch), (warmup, duration), inputs, check)?;
     Ok(VadCeiling {
         threads,
         batch,
-        calls,
-        seconds: per_thread
-            .iter()
-            .map(|(_, d)| d.as_secs_f64())
-            .fold(0.0, f64::max),
-        steps_per_sec,
-        mean_call_ms: if calls == 0 {
-            0.0
-        } else {
-            busy * 1000.0 / calls as f64
-        },
-        cpu_cores: cpu_since(before),
+        calls: c.calls,
+        seconds: c.seconds,
+        steps_per_sec: c.rows_per_sec,
+        mean_call_ms: c.mean_call_ms,
+        cpu_cores: c.cpu_cores,
     })
 }
 
@@ -381,13 +349,8 @@ impl SetupResults {
     }
 }
 
-pub struct StreamsBenchOutcome {
-    pub dir: PathBuf,
-    pub report: String,
-}
-
 /// Runs the whole benchmark and writes its report.
-pub fn run(options: &StreamsBenchOptions) -> anyhow::Result<StreamsBenchOutcome> {
+pub fn run(options: &StreamsBenchOptions) -> anyhow::Result<crate::report::Outcome> {
     if options.steps.is_empty() || options.steps.len() > 32 {
         bail!("give 1 to 32 steps");
     }
@@ -397,13 +360,7 @@ pub fn run(options: &StreamsBenchOptions) -> anyhow::Result<StreamsBenchOutcome>
     if let Some(&big) = options.steps.iter().find(|&&n| n > streams::MAX_STREAMS) {
         bail!("{big} streams is more than {}", streams::MAX_STREAMS);
     }
-    let started = Instant::now();
-    let machine = MachineInfo::collect();
-    let (date, started_at) = utc_now();
-    let dir = options
-        .out
-        .clone()
-        .unwrap_or_else(|| crate::bench::results_dir().join(format!("{date}-streams-vad")));
+    let start = crate::report::Start::now(options.out.as_deref(), "streams-vad");
     let biggest = options.steps.iter().copied().max().unwrap_or(0) as u64;
     // Two descriptors per stream (server and client sockets in this process), plus slack.
     let nofile = raise_nofile_limit(2 * biggest + 1024);
@@ -427,16 +384,8 @@ pub fn run(options: &StreamsBenchOptions) -> anyhow::Result<StreamsBenchOutcome>
         ceilings.push(c);
     }
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(options.client_threads.max(1))
-        .thread_name(LOADGEN_THREAD_PREFIX)
-        .enable_all()
-        .build()
-        .context("cannot start the client runtime")?;
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(10))
-        .build()?;
+    let runtime = crate::sysinfo::client_runtime(options.client_threads)?;
+    let client = crate::sysinfo::metrics_client()?;
     let mut results = Vec::new();
     for setup in [VadSetup::batching_on(), VadSetup::batching_off()] {
         let (manifest, _) = vad_manifest(&options.manifest, &setup)?;
@@ -520,9 +469,9 @@ pub fn run(options: &StreamsBenchOptions) -> anyhow::Result<StreamsBenchOutcome>
     drop(runtime);
 
     let input = ReportInput {
-        machine: &machine,
-        started_at: &started_at,
-        elapsed: started.elapsed(),
+        machine: &start.machine,
+        started_at: &start.started_at,
+        elapsed: start.at.elapsed(),
         options,
         model_file: &model_file,
         sha256: &sha256,
@@ -534,14 +483,17 @@ pub fn run(options: &StreamsBenchOptions) -> anyhow::Result<StreamsBenchOutcome>
     let json = results_json(&input);
     let report = render_report(&input, &json)?;
     crate::report::save_run(
-        &dir,
+        &start.dir,
         "streams-bench",
         &report,
         &json,
         PLOT_FILE,
         crate::plots::streams_latency,
     )?;
-    Ok(StreamsBenchOutcome { dir, report })
+    Ok(crate::report::Outcome {
+        dir: start.dir,
+        report,
+    })
 }
 
 /// The latency-vs-streams plot written beside `report.md`.

@@ -132,6 +132,26 @@ pub fn thread_ticks(prefix: &str) -> u64 {
         .sum()
 }
 
+/// The load generator's tokio runtime: `threads` workers named `loadgen*`, so that their
+/// CPU time can be told apart from an in-process server's.
+pub fn client_runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context as _;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .thread_name(LOADGEN_THREAD_PREFIX)
+        .enable_all()
+        .build()
+        .context("cannot start the client runtime")
+}
+
+/// The HTTP client for the server's `/metrics` and admin API: no proxy, 10 s per request.
+pub fn metrics_client() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .no_proxy()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()?)
+}
+
 /// Raises this process's soft limit on open files towards `wanted` (at most the hard limit)
 /// and returns the soft limit in force afterwards. A stream costs one socket on each side, so
 /// an in-process server and its load generator need two descriptors per stream.

@@ -12,16 +12,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::hist::Histogram;
 use anyhow::{bail, Context as _};
-use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
-use crate::bench::{cpu_since, results_dir, start_server_with, stop_server, TempModelDir};
+use crate::bench::{cpu_since, start_server_with, stop_server, TempModelDir};
 use crate::open_loop::{self, OpenLoopOptions, OpenLoopReport, TimelineBin};
 use crate::overload::{self, FALLBACK, MAX_QUEUE, PRIMARY, SLO_MS};
 use crate::prometheus;
 use crate::rest::{self, RestOptions};
-use crate::sysinfo::{utc_now, wait_for_quiet, CpuShare, CpuSnapshot, MachineInfo};
+use crate::sysinfo::{wait_for_quiet, CpuShare, CpuSnapshot, MachineInfo};
 
 /// The token of the admin API of the in-process server (loopback only, this run only).
 const ADMIN_TOKEN: &str = "loadgen-timeline";
@@ -232,13 +232,7 @@ pub fn run(options: &TimelineOptions) -> anyhow::Result<TimelineOutcome> {
             );
         }
     }
-    let started = Instant::now();
-    let machine = MachineInfo::collect();
-    let (date, started_at) = utc_now();
-    let dir = options
-        .out
-        .clone()
-        .unwrap_or_else(|| results_dir().join(format!("{date}-timeline-mlp")));
+    let start = crate::report::Start::now(options.out.as_deref(), "timeline-mlp");
     crate::sysinfo::raise_nofile_limit(2 * options.max_in_flight as u64 + 1024);
     let (manifest_text, _) = overload::overload_manifest_with(
         vec![(
@@ -260,12 +254,7 @@ pub fn run(options: &TimelineOptions) -> anyhow::Result<TimelineOutcome> {
     }
     let base = format!("http://{}", running.addr);
     eprintln!("[timeline] streamserve on {base}");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(options.client_threads.max(1))
-        .thread_name(crate::sysinfo::LOADGEN_THREAD_PREFIX)
-        .enable_all()
-        .build()
-        .context("cannot start the client runtime")?;
+    let runtime = crate::sysinfo::client_runtime(options.client_threads)?;
     let result = run_on(options, &plan, &base, &runtime);
     stop_server(&running);
     drop(models);
@@ -273,9 +262,9 @@ pub fn run(options: &TimelineOptions) -> anyhow::Result<TimelineOutcome> {
     let measured = result?;
 
     let input = ReportInput {
-        machine: &machine,
-        started_at: &started_at,
-        elapsed: started.elapsed(),
+        machine: &start.machine,
+        started_at: &start.started_at,
+        elapsed: start.at.elapsed(),
         options,
         manifest: &manifest_text,
         measured: &measured,
@@ -283,7 +272,7 @@ pub fn run(options: &TimelineOptions) -> anyhow::Result<TimelineOutcome> {
     let results = results_json(&input);
     let report = render_report(&input, &results)?;
     crate::report::save_run(
-        &dir,
+        &start.dir,
         "timeline",
         &report,
         &results,
@@ -291,7 +280,7 @@ pub fn run(options: &TimelineOptions) -> anyhow::Result<TimelineOutcome> {
         crate::plots::timeline,
     )?;
     Ok(TimelineOutcome {
-        dir,
+        dir: start.dir,
         report,
         results,
         open_loop: measured.report,
@@ -375,10 +364,7 @@ fn run_on(
         label: "timeline".into(),
     };
     open.check()?;
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(10))
-        .build()?;
+    let client = crate::sysinfo::metrics_client()?;
 
     let t0 = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
@@ -484,7 +470,7 @@ struct Span {
     ok_degraded: u64,
     shed: u64,
     failed: u64,
-    latency: Histogram<u64>,
+    latency: Histogram,
 }
 
 impl Span {
@@ -498,7 +484,7 @@ impl Span {
             ok_degraded: 0,
             shed: 0,
             failed: 0,
-            latency: open_loop::new_bin_histogram(),
+            latency: crate::hist::new(2),
         };
         for b in bins {
             span.seconds += width.as_secs_f64();
@@ -798,7 +784,7 @@ mod tests {
     }
 
     fn bin(t_ms: u64, scheduled: u64, ok: u64, degraded: u64, p99_us: u64) -> TimelineBin {
-        let mut h = open_loop::new_bin_histogram();
+        let mut h = crate::hist::new(2);
         for _ in 0..ok + degraded {
             h.record(p99_us).unwrap();
         }
