@@ -11,7 +11,6 @@
 //! 4. `report.md` (and `results.json`, `latency-throughput.svg`) with the figures, their
 //!    ratios and a capacity plan.
 
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
@@ -22,7 +21,7 @@ use streamserve::runtime::ModelSession;
 use streamserve::tensor::TensorData;
 
 use crate::rest::{self, RestOptions, RestReport};
-use crate::sysinfo::{utc_now, CpuShare, CpuSnapshot, MachineInfo};
+use crate::sysinfo::{CpuShare, CpuSnapshot, MachineInfo};
 use crate::{mlp, SplitMix64};
 
 #[derive(Clone, Debug)]
@@ -104,46 +103,19 @@ pub struct InProcess {
     pub cpu_cores: Option<CpuShare>,
 }
 
-/// Calls `call` back to back for `warmup`, then for `duration` counting the calls: (calls,
-/// measured time). The in-process ceilings' inner loop.
-pub fn call_for(
-    warmup: Duration,
-    duration: Duration,
-    mut call: impl FnMut() -> Result<(), String>,
-) -> Result<(u64, Duration), String> {
-    let start = Instant::now();
-    while start.elapsed() < warmup {
-        call()?;
-    }
-    let measuring = Instant::now();
-    let mut calls = 0u64;
-    while measuring.elapsed() < duration {
-        call()?;
-        calls += 1;
-    }
-    Ok((calls, measuring.elapsed()))
-}
+/// The inputs of one model call: (shape, data) per model input.
+pub type Inputs = Vec<(Vec<i64>, TensorData)>;
 
-/// Each measuring thread's result, in order; a panicked thread is an error.
-pub fn join_all<T>(
-    handles: Vec<std::thread::ScopedJoinHandle<'_, Result<T, String>>>,
-) -> Result<Vec<T>, String> {
-    handles
-        .into_iter()
-        .map(|h| {
-            h.join()
-                .map_err(|_| "an in-process benchmark thread panicked".to_string())?
-        })
-        .collect()
-}
-
-/// Loads ONNX Runtime first (`streamserve::runtime::init`) if nothing has yet.
-pub fn measure_in_process(
+/// Runs `model` in-process on `threads` threads, each owning one session (`intra_threads = 1`)
+/// and calling it back to back on the inputs `inputs` makes for (its session, its thread
+/// number), after `check` accepted the first call's outputs: for `warmup`, then for `duration`
+/// counting calls. Loads ONNX Runtime first (`streamserve::runtime::init`) if nothing has yet.
+pub fn in_process(
     model: &Path,
-    threads: usize,
-    batch: usize,
-    warmup: Duration,
-    duration: Duration,
+    (threads, batch): (usize, usize),
+    (warmup, duration): (Duration, Duration),
+    inputs: impl Fn(&ModelSession, usize) -> Result<Inputs, String> + Sync,
+    check: impl Fn(&[streamserve::tensor::NamedTensor]) -> Result<(), String> + Sync,
 ) -> anyhow::Result<InProcess> {
     let env = streamserve::runtime::init(None).map_err(anyhow::Error::msg)?;
     let barrier = Barrier::new(threads);
@@ -151,46 +123,52 @@ pub fn measure_in_process(
     let per_thread = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
-                let barrier = &barrier;
+                let (barrier, inputs, check) = (&barrier, &inputs, &check);
                 scope.spawn(move || -> Result<(u64, Duration), String> {
                     let loaded = ModelSession::load(env, model, Device::Cpu, false, 1);
                     // Meet the others even when loading failed, so that nobody waits forever.
                     barrier.wait();
                     let mut session = loaded?;
-                    let data = TensorData::Fp32(
-                        SplitMix64::new(0xCE11 + t as u64).f32_vec(batch * mlp::FEATURES),
-                    );
-                    let shape = [batch as i64, mlp::FEATURES as i64];
-                    let outputs = session.run(&[(&shape, &data)])?;
-                    let want = vec![batch as i64, mlp::OUTPUT_WIDTH as i64];
-                    if outputs.iter().any(|o| o.shape != want) {
-                        return Err(format!("unexpected output shapes from {}", model.display()));
+                    let tensors = inputs(&session, t)?;
+                    let tensors: Vec<(&[i64], &TensorData)> =
+                        tensors.iter().map(|(s, d)| (s.as_slice(), d)).collect();
+                    check(&session.run(&tensors)?)?;
+                    let start = Instant::now();
+                    while start.elapsed() < warmup {
+                        session.run(&tensors)?;
                     }
-                    call_for(warmup, duration, || {
-                        session.run(&[(&shape, &data)]).map(drop)
-                    })
+                    let (measuring, mut calls) = (Instant::now(), 0u64);
+                    while measuring.elapsed() < duration {
+                        session.run(&tensors)?;
+                        calls += 1;
+                    }
+                    Ok((calls, measuring.elapsed()))
                 })
             })
             .collect();
-        join_all(handles)
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| "an in-process benchmark thread panicked".to_string())?
+            })
+            .collect::<Result<Vec<_>, String>>()
     })
     .map_err(anyhow::Error::msg)?;
     let calls: u64 = per_thread.iter().map(|(c, _)| c).sum();
-    let rows_per_sec = per_thread
-        .iter()
-        .map(|(c, d)| (*c * batch as u64) as f64 / d.as_secs_f64())
-        .sum();
-    let seconds = per_thread
-        .iter()
-        .map(|(_, d)| d.as_secs_f64())
-        .fold(0.0, f64::max);
     let busy: f64 = per_thread.iter().map(|(_, d)| d.as_secs_f64()).sum();
     Ok(InProcess {
         threads,
         batch,
         calls,
-        seconds,
-        rows_per_sec,
+        seconds: per_thread
+            .iter()
+            .map(|(_, d)| d.as_secs_f64())
+            .fold(0.0, f64::max),
+        rows_per_sec: per_thread
+            .iter()
+            .map(|(c, d)| (*c * batch as u64) as f64 / d.as_secs_f64())
+            .sum(),
         mean_call_ms: if calls == 0 {
             0.0
         } else {
@@ -198,6 +176,29 @@ pub fn measure_in_process(
         },
         cpu_cores: cpu_since(before),
     })
+}
+
+/// The `mlp` ceiling: batches of `batch` rows of deterministic data.
+pub fn measure_in_process(
+    model: &Path,
+    threads: usize,
+    batch: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> anyhow::Result<InProcess> {
+    let data = |t: usize| SplitMix64::new(0xCE11 + t as u64).f32_vec(batch * mlp::FEATURES);
+    let shape = vec![batch as i64, mlp::FEATURES as i64];
+    let want = [batch as i64, mlp::OUTPUT_WIDTH as i64];
+    in_process(
+        model,
+        (threads, batch),
+        (warmup, duration),
+        |_, t| Ok(vec![(shape.clone(), TensorData::Fp32(data(t)))]),
+        |outputs| match outputs.iter().all(|o| o.shape == want) {
+            true => Ok(()),
+            false => Err(format!("unexpected output shapes from {}", model.display())),
+        },
+    )
 }
 
 /// How one in-process server serves `mlp`.
@@ -392,25 +393,13 @@ pub struct ServerResults {
     pub cpu: Vec<Option<CpuShare>>,
 }
 
-#[derive(Clone, Debug)]
-pub struct BenchOutcome {
-    pub dir: PathBuf,
-    pub report: String,
-}
-
 /// Runs the whole benchmark and writes its report. Takes about
 /// 2 × (warm-up + duration) × levels + 2 × ceiling time, plus start-up.
-pub fn run(options: &BenchOptions) -> anyhow::Result<BenchOutcome> {
+pub fn run(options: &BenchOptions) -> anyhow::Result<crate::report::Outcome> {
     if options.concurrencies.is_empty() || options.concurrencies.len() > 16 {
         bail!("give 1 to 16 concurrency levels");
     }
-    let started = Instant::now();
-    let machine = MachineInfo::collect();
-    let (date, started_at) = utc_now();
-    let dir = options
-        .out
-        .clone()
-        .unwrap_or_else(|| results_dir().join(format!("{date}-rest-mlp")));
+    let start = crate::report::Start::now(options.out.as_deref(), "rest-mlp");
     let model_file = options
         .model_file
         .canonicalize()
@@ -427,12 +416,7 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<BenchOutcome> {
     let batch1 = measure_in_process(&model_file, 2, 1, warm, options.ceiling_duration)?;
     eprintln!("[bench]   {:.0} rows/s", batch1.rows_per_sec);
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(options.client_threads.max(1))
-        .thread_name("loadgen")
-        .enable_all()
-        .build()
-        .context("cannot start the client runtime")?;
+    let runtime = crate::sysinfo::client_runtime(options.client_threads)?;
     let mut servers = Vec::new();
     for setup in [
         ServerSetup::batching_on(),
@@ -473,29 +457,37 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<BenchOutcome> {
     }
     drop(runtime);
 
-    let elapsed = started.elapsed();
-    let mut report = render_report(&ReportInput {
-        machine: &machine,
-        started_at: &started_at,
-        elapsed,
+    let json = results_json(
+        &start.machine,
+        &start.started_at,
         options,
-        model_file: &model_file,
-        sha256: &sha256,
-        ceiling: &ceiling,
-        batch1: &batch1,
-        servers: &servers,
-    });
-    let json = results_json(&machine, &started_at, options, &ceiling, &batch1, &servers);
+        &ceiling,
+        &batch1,
+        &servers,
+    );
+    let mut report = render_report(
+        &json,
+        start.at.elapsed(),
+        options,
+        &model_file,
+        &sha256,
+        &servers,
+        &ceiling,
+        &batch1,
+    )?;
     report.push_str(&capacity_section(&json));
-    crate::sysinfo::save_run(
-        &dir,
+    crate::report::save_run(
+        &start.dir,
         "bench",
         &report,
         &json,
         PLOT_FILE,
         crate::plots::bench_latency_throughput,
     )?;
-    Ok(BenchOutcome { dir, report })
+    Ok(crate::report::Outcome {
+        dir: start.dir,
+        report,
+    })
 }
 
 /// Closed-loop load at each of `options.concurrencies` against the `mlp` REST endpoint at
@@ -573,26 +565,8 @@ fn capacity_section(json: &serde_json::Value) -> String {
     md
 }
 
-struct ReportInput<'a> {
-    machine: &'a MachineInfo,
-    started_at: &'a str,
-    elapsed: Duration,
-    options: &'a BenchOptions,
-    model_file: &'a Path,
-    sha256: &'a str,
-    ceiling: &'a InProcess,
-    batch1: &'a InProcess,
-    servers: &'a [ServerResults],
-}
-
 pub fn cpu_since(before: Option<CpuSnapshot>) -> Option<CpuShare> {
     Some(CpuSnapshot::take()?.since(&before?))
-}
-
-fn cpu_cell(cpu: Option<CpuShare>) -> String {
-    cpu.map_or("n/a".into(), |c| {
-        format!("{:.2} / {:.2}", c.own_cores, c.other_cores)
-    })
 }
 
 fn run_json(r: &RestReport, cpu: Option<CpuShare>) -> serde_json::Value {
@@ -642,292 +616,68 @@ fn results_json(
     })
 }
 
-fn find(servers: &[ServerResults], label: &str, concurrency: usize) -> Option<RestReport> {
-    servers
-        .iter()
-        .find(|s| s.setup.label == label)
-        .and_then(|s| s.runs.iter().find(|r| r.concurrency == concurrency))
-        .cloned()
-}
-
-fn render_report(input: &ReportInput<'_>) -> String {
-    let ReportInput {
-        machine,
-        options,
-        ceiling,
-        batch1,
-        servers,
-        ..
-    } = input;
-    let mut md = String::new();
-    let w = &mut md;
-    let on_label = ServerSetup::batching_on().label;
-    let off_label = ServerSetup::batching_off().label;
-    crate::sysinfo::write_report_header(
-        w,
-        "streamserve REST micro-benchmark: `mlp`, batching on vs off",
-        input.started_at,
-        input.elapsed,
-        &options.command,
-        machine,
-    );
-    let _ = writeln!(
-        w,
-        "- ONNX Runtime: {} (CPU execution provider)\n",
-        streamserve::runtime::ORT_VERSION
-    );
-
-    let _ = writeln!(w, "## Setup\n");
-    let _ = writeln!(
-        w,
-        "- Model: `{}` (sha256 `{}`), FP32 `features [rows, 256]` → `logits`, `probabilities [rows, 16]`.",
-        input.model_file.display(),
-        input.sha256
-    );
-    let _ = writeln!(
-        w,
-        "- **Ceiling**: raw in-process ONNX Runtime, no HTTP, no JSON, no queue: {} threads, each owning one \
-         `ModelSession` (intra_threads = 1), batch {} back to back for {:.1} s → **{:.0} rows/s** \
-         ({:.3} ms per call; CPU cores this process / others: {}). Reference at batch 1, same 2 threads: \
-         {:.0} rows/s ({:.3} ms per call; CPU cores: {}).",
-        ceiling.threads,
-        ceiling.batch,
-        ceiling.seconds,
-        ceiling.rows_per_sec,
-        ceiling.mean_call_ms,
-        cpu_cell(ceiling.cpu_cores),
-        batch1.rows_per_sec,
-        batch1.mean_call_ms,
-        cpu_cell(batch1.cpu_cores)
-    );
-    for s in servers.iter() {
-        if s.setup.label == ServerSetup::peer().label {
-            let _ = writeln!(
-                w,
-                "- **{}** (the Python point of comparison, `load-tests/peers/fastapi_peer.py`): FastAPI + uvicorn \
-                 (httptools, uvloop) with {} worker processes on 127.0.0.1, each owning one onnxruntime \
-                 `InferenceSession` (intra_op_num_threads = 1) on the same model file; one session run per request, \
-                 no batching across requests; same JSON in and out. It runs in **separate processes**, so its CPU \
-                 shows under \"others\" in the Details.",
-                s.setup.label, s.setup.replicas
-            );
-            continue;
-        }
-        let _ = writeln!(
-            w,
-            "- **{}**: streamserve in this process on 127.0.0.1, `mlp` only, replicas = {}, intra_threads = 1, \
-             max_batch_size = {}, max_queue_delay_ms = {}, {} HTTP workers.",
-            s.setup.label,
-            s.setup.replicas,
-            s.setup.max_batch_size,
-            s.setup.max_queue_delay_ms,
-            machine.nproc
-        );
-    }
-    let _ = writeln!(
-        w,
-        "- Load: closed loop (each of N connections sends its next request as soon as the previous answer \
-         is in), 1 row per request, {} tensor data; {:.0} s warm-up then {:.0} s measured per level; every \
-         answer parsed and checked (FP32 `[1, 16]` outputs). The load generator is a tokio runtime with {} \
-         worker threads **in the same process, on the same {} cores as the server**.\n",
-        if options.binary { "binary (Inference-Header-Content-Length)" } else { "JSON" },
-        options.warmup.as_secs_f64(),
-        options.duration.as_secs_f64(),
-        options.client_threads,
-        machine.nproc
-    );
-
-    let _ = writeln!(w, "## Results\n");
+/// `report.md` from `templates/bench.md.j2`: the results JSON, the rows of the results table
+/// (each concurrency's run of batching on, off and the peer), the errors and observations.
+#[allow(clippy::too_many_arguments)]
+fn render_report(
+    json: &serde_json::Value,
+    elapsed: Duration,
+    options: &BenchOptions,
+    model_file: &Path,
+    sha256: &str,
+    servers: &[ServerResults],
+    ceiling: &InProcess,
+    batch1: &InProcess,
+) -> anyhow::Result<String> {
     let peer_label = ServerSetup::peer().label;
-    let has_peer = servers.iter().any(|s| s.setup.label == peer_label);
-    let (peer_head, peer_rule) = if has_peer {
-        (
-            " peer: req/s | peer: p50 ms | peer: p99 ms | peer: errors | on ÷ peer | off ÷ peer | peer ÷ ceiling |",
-            "---:|".repeat(7),
-        )
-    } else {
-        ("", String::new())
+    let run_of = |label: &str, c: usize| {
+        let s = json["servers"]
+            .as_array()?
+            .iter()
+            .find(|s| s["setup"]["label"] == label)?;
+        s["runs"]
+            .as_array()?
+            .iter()
+            .find(|r| r["concurrency"] == c)
+            .cloned()
     };
-    let _ = writeln!(
-        w,
-        "| concurrency | on: req/s | on: p50 ms | on: p99 ms | on: errors | off: req/s | off: p50 ms | off: p99 ms \
-         | off: errors | on ÷ ceiling | off ÷ ceiling | on ÷ off |{peer_head}"
-    );
-    let _ = writeln!(
-        w,
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|{peer_rule}"
-    );
-    for &c in &options.concurrencies {
-        let on = find(servers, &on_label, c);
-        let off = find(servers, &off_label, c);
-        let peer = find(servers, &peer_label, c);
-        let ratio = |a: &Option<RestReport>, b: &Option<RestReport>| match (a, b) {
-            (Some(a), Some(b)) if b.rows_per_sec() > 0.0 => {
-                format!("{:.2}×", a.rows_per_sec() / b.rows_per_sec())
-            }
-            _ => "n/a".into(),
-        };
-        let cells = |r: &Option<RestReport>| match r {
-            Some(r) => format!(
-                "{:.0} | {:.2} | {:.2} | {}",
-                r.requests_per_sec(),
-                r.latency_ms(0.5),
-                r.latency_ms(0.99),
-                r.error_count()
-            ),
-            None => "n/a | n/a | n/a | n/a".into(),
-        };
-        let frac = |r: &Option<RestReport>| {
-            r.as_ref().map_or("n/a".into(), |r| {
-                format!("{:.1}%", 100.0 * r.rows_per_sec() / ceiling.rows_per_sec)
-            })
-        };
-        let speedup = match (&on, &off) {
-            (Some(a), Some(b)) if b.rows_per_sec() > 0.0 => {
-                format!("{:.2}×", a.rows_per_sec() / b.rows_per_sec())
-            }
-            _ => "n/a".into(),
-        };
-        let peer_cells = if has_peer {
-            format!(
-                " {} | {} | {} | {} |",
-                cells(&peer),
-                ratio(&on, &peer),
-                ratio(&off, &peer),
-                frac(&peer)
-            )
-        } else {
-            String::new()
-        };
-        let _ = writeln!(
-            w,
-            "| {c} | {} | {} | {} | {} | {speedup} |{peer_cells}",
-            cells(&on),
-            cells(&off),
-            frac(&on),
-            frac(&off)
-        );
-    }
-    if has_peer {
-        let _ = writeln!(
-            w,
-            "\n\"on ÷ peer\" / \"off ÷ peer\" = streamserve (batching on / off) throughput ÷ the FastAPI peer's at \
-             the same concurrency, same load generator, same requests."
-        );
-    }
-    let _ = writeln!(
-        w,
-        "\nreq/s = successful requests per second of the measured period (= rows/s here: 1 row per request). \
-         \"÷ ceiling\" = server rows/s ÷ in-process batch-{} rows/s ({:.0}). \"on ÷ off\" = batching-on \
-         throughput ÷ batching-off throughput at the same concurrency.\n",
-        ceiling.batch, ceiling.rows_per_sec
-    );
-
-    let _ = writeln!(
-        w,
-        "![p50 and p99 latency against throughput per server, ceiling as a vertical line]({PLOT_FILE})\n\n\
-         [`{PLOT_FILE}`]({PLOT_FILE}): p50 (circles, thick) and p99 (triangles, thin) latency against throughput, \
-         one point per concurrency level, log-log; the vertical line is the in-process ceiling.\n"
-    );
-    let _ = writeln!(w, "### Details\n");
-    let _ = writeln!(
-        w,
-        "| server | concurrency | ok | errors | warm-up req (failed) | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms \
-         | max ms | mean batch rows | mean queue ms | mean model call ms | CPU cores: this process / others |"
-    );
-    let _ = writeln!(w, "|---|{}", "---:|".repeat(14));
-    for s in servers.iter() {
-        for (r, cpu) in s.runs.iter().zip(&s.cpu) {
-            let _ = writeln!(
-                w,
-                "| {} | {} | {} | {} | {} ({}) | {:.1} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} \
-                 | {:.3} | {:.3} | {} |",
-                s.setup.label,
-                r.concurrency,
-                r.ok,
-                r.error_count(),
-                r.warmup_requests,
-                r.warmup_errors,
-                r.requests_per_sec(),
-                r.latency_ms(0.5),
-                r.latency_ms(0.9),
-                r.latency_ms(0.99),
-                r.latency_ms(0.999),
-                r.max_ms(),
-                r.mean_batch_rows(),
-                r.mean_queue_ms(),
-                r.mean_compute_ms(),
-                cpu_cell(*cpu)
-            );
-        }
-    }
-    let _ = writeln!(
-        w,
-        "\n\"Mean batch rows\", \"mean queue ms\" and \"mean model call ms\" are what the server itself \
-         reports in each answer's `parameters` \
-         (`batch_size`: rows in the model call that served the request; `queue_time_us`: from the request's \
-         arrival to its batch starting; `compute_time_us`: that model call), averaged over requests. The \
-         batch column shows how much batching actually happened; client latency minus queue and model call is \
-         HTTP, JSON and hand-off cost (plus time waiting for a CPU). The last column is CPU cores' worth of \
-         time used on average during the run (warm-up included; `/proc/stat`, `/proc/self/stat`) by this \
-         process (server and load generator together) and by every other process on the machine: the \
-         second figure should be near 0, or the run measured a contended machine.\n"
-    );
-    let errors: Vec<String> = servers
+    let levels: Vec<serde_json::Value> = options
+        .concurrencies
         .iter()
-        .flat_map(|s| s.runs.iter().map(move |r| (s, r)))
-        .filter_map(|(s, r)| {
-            r.first_error.as_ref().map(|e| {
-                format!(
-                    "- {} c={}: {:?} — first: {e}",
-                    s.setup.label, r.concurrency, r.errors
-                )
+        .map(|&c| {
+            serde_json::json!({
+                "c": c, "on": run_of(&ServerSetup::batching_on().label, c),
+                "off": run_of(&ServerSetup::batching_off().label, c), "peer": run_of(&peer_label, c),
             })
         })
         .collect();
-    if !errors.is_empty() {
-        let _ = writeln!(w, "### Errors\n\n{}\n", errors.join("\n"));
-    }
-    let observations = observations(servers, ceiling, batch1);
-    if !observations.is_empty() {
-        let _ = writeln!(w, "### Observations (computed from the tables above)\n");
-        for line in observations {
-            let _ = writeln!(w, "- {line}");
-        }
-        let _ = writeln!(w);
-    }
-
-    let _ = writeln!(w, "## How to read this (and what it does not say)\n");
-    let _ = writeln!(
-        w,
-        "- **Shared cores.** The machine has {} logical CPUs. The load generator (HTTP client, request \
-         bodies, parsing and checking every answer), the server's {} HTTP workers, its router and its 2 model \
-         workers all compete for them. Every server figure is therefore a lower bound for a server with the \
-         machine to itself; the in-process ceiling has both cores for the model alone.",
-        machine.nproc, machine.nproc
+    let error_lines: Vec<String> = servers
+        .iter()
+        .flat_map(|s| s.runs.iter().map(move |r| (s, r)))
+        .filter_map(|(s, r)| {
+            let e = r.first_error.as_ref()?;
+            Some(format!(
+                "- {} c={}: {:?} — first: {e}",
+                s.setup.label, r.concurrency, r.errors
+            ))
+        })
+        .collect();
+    let header = crate::report::header(
+        "streamserve REST micro-benchmark: `mlp`, batching on vs off",
+        elapsed,
+        &[],
+        false,
     );
-    let _ = writeln!(
-        w,
-        "- **What the ceiling costs the server.** At 1 row per request the server does per row what the ceiling \
-         does per 64 rows: HTTP parsing, JSON decoding of 256 floats, JSON encoding of 32, a queue hop and a \
-         worker hand-off. A small fraction of the ceiling at low concurrency is expected; batching amortises \
-         only the model call, not the per-request HTTP/JSON work."
-    );
-    let _ = writeln!(
-        w,
-        "- **Batching on vs off.** With one request in flight (concurrency 1) there is nothing to batch, and \
-         batching on can only add its queue delay (≤ {} ms) when a worker is idle. The speedup should appear \
-         as concurrency grows and the batch column rises above 1.",
-        ServerSetup::batching_on().max_queue_delay_ms
-    );
-    let _ = writeln!(
-        w,
-        "- **Closed loop.** Latency here is latency at the throughput the loop itself reaches; it says nothing \
-         about an open-loop arrival rate beyond that. Each level ran once; expect a few per cent of run-to-run \
-         noise on a shared 2-core machine."
-    );
-    let _ = writeln!(w, "- Raw numbers: `results.json` beside this file.");
-    md
+    let extra = serde_json::json!({
+        "model_file": model_file.display().to_string(), "sha256": sha256,
+        "warmup_s": options.warmup.as_secs_f64(), "duration_s": options.duration.as_secs_f64(),
+        "client_threads": options.client_threads, "peer_label": peer_label,
+        "has_peer": servers.iter().any(|s| s.setup.label == peer_label),
+        "levels": levels, "error_lines": error_lines, "plot": PLOT_FILE,
+        "observations": observations(servers, ceiling, batch1),
+        "delay_ms": ServerSetup::batching_on().max_queue_delay_ms,
+    });
+    crate::report::render("bench", &crate::report::context(json, &[header, extra]))
 }
 
 /// Plain statements derived from the measurements, so that the report says what its table

@@ -7,7 +7,6 @@
 //! the load generator sharing them with the server), so they are per-instance lower bounds
 //! for an instance of that size, not a substitute for measuring the target deployment.
 
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -103,8 +102,8 @@ fn machine_line(results: &Value) -> String {
     )
 }
 
-/// The capacity plan in Markdown: REST at `slo_ms` (and the target, if any) from `bench`,
-/// streams (and the target, if any) from `streams`.
+/// The capacity plan in Markdown (`templates/capacity.md.j2`): REST at `slo_ms` (and the
+/// target, if any) from `bench`, streams (and the target, if any) from `streams`.
 pub fn plan(
     bench: Option<(&Value, &str)>,
     streams: Option<(&Value, &str)>,
@@ -112,87 +111,41 @@ pub fn plan(
     slo_ms: f64,
     target_streams: Option<u64>,
 ) -> String {
-    let mut md = String::new();
-    let w = &mut md;
-    let _ = writeln!(
-        w,
-        "**Where these figures come from**: one instance = one streamserve process on the benchmark machine; \
-         the committed runs used a **2-core machine on which the load generator shared the cores with the \
-         server** (it takes a large share of them), so per-instance figures are lower bounds for a 2-core \
-         instance with its cores to itself, and closed-loop points, not an arrival-rate guarantee. Each \
-         instance is planned at {:.0} % of what it sustained ({:.0} % headroom): instances = ⌈target ÷ (0.7 × \
-         per-instance)⌉.\n",
-        100.0 * (1.0 - HEADROOM),
-        100.0 * HEADROOM
-    );
-    if let Some((bench, source)) = bench {
-        let _ = writeln!(
-            w,
-            "REST `mlp`, 1 row per request, JSON, from `{source}` ({}):\n",
-            machine_line(bench)
-        );
-        let _ = writeln!(
-            w,
-            "| server | best req/s with p99 ≤ {slo_ms} ms | at concurrency | p99 ms | usable req/s per instance (70 %) | instances for {} |",
-            target_rps.map_or("—".to_string(), |t| format!("{t:.0} req/s"))
-        );
-        let _ = writeln!(w, "|---|---:|---:|---:|---:|---:|");
-        for p in rest_points(bench, slo_ms) {
-            match p.best {
-                Some((rps, c, p99)) => {
-                    let n = target_rps
-                        .and_then(|t| instances(t, rps))
-                        .map_or("—".into(), |n| n.to_string());
-                    let _ = writeln!(
-                        w,
-                        "| {} | {rps:.0} | {c} | {p99:.2} | {:.0} | {n} |",
-                        p.label,
-                        rps * (1.0 - HEADROOM)
-                    );
-                }
-                None => {
-                    let _ = writeln!(w, "| {} | none met the SLO | — | — | — | — |", p.label);
-                }
-            }
-        }
-        let _ = writeln!(
-            w,
-            "\nOnly the concurrency levels measured are candidates: the true best point lies between them."
-        );
-    }
-    if let Some((streams, source)) = streams {
-        let target_ms = streams["target_p99_ms"].as_f64().unwrap_or(100.0);
-        let _ = writeln!(
-            w,
-            "\nReal-time `silero_vad` WebSocket streams (p99 chunk latency < {target_ms} ms, no errors, no late \
-             sender), from `{source}` ({}):\n",
-            machine_line(streams)
-        );
-        let _ = writeln!(
-            w,
-            "| server | streams per instance (largest passing step) | usable per instance (70 %) | instances for {} |",
-            target_streams.map_or("—".to_string(), |t| format!("{t} streams"))
-        );
-        let _ = writeln!(w, "|---|---:|---:|---:|");
-        for (label, cap) in stream_points(streams) {
-            match cap {
-                Some(cap) => {
-                    let n = target_streams
-                        .and_then(|t| instances(t as f64, cap as f64))
-                        .map_or("—".into(), |n| n.to_string());
-                    let _ = writeln!(
-                        w,
-                        "| {label} | {cap} | {:.0} | {n} |",
-                        cap as f64 * (1.0 - HEADROOM)
-                    );
-                }
-                None => {
-                    let _ = writeln!(w, "| {label} | no step passed | — | — |");
-                }
-            }
-        }
-    }
-    md
+    let dash = |n: Option<u64>| n.map_or("—".to_string(), |n| n.to_string());
+    let rest = bench.map(|(bench, source)| {
+        let points: Vec<Value> = rest_points(bench, slo_ms)
+            .into_iter()
+            .map(|p| {
+                let n = p
+                    .best
+                    .and_then(|b| target_rps.and_then(|t| instances(t, b.0)));
+                serde_json::json!({ "label": p.label, "best": p.best, "instances": dash(n) })
+            })
+            .collect();
+        serde_json::json!({
+            "source": source, "machine": machine_line(bench), "points": points,
+            "target": target_rps.map_or("—".to_string(), |t| format!("{t:.0} req/s")),
+        })
+    });
+    let streams = streams.map(|(streams, source)| {
+        let points: Vec<Value> = stream_points(streams)
+            .into_iter()
+            .map(|(label, cap)| {
+                let n =
+                    cap.and_then(|c| target_streams.and_then(|t| instances(t as f64, c as f64)));
+                serde_json::json!({ "label": label, "cap": cap, "instances": dash(n) })
+            })
+            .collect();
+        serde_json::json!({
+            "source": source, "machine": machine_line(streams), "points": points,
+            "target_ms": streams["target_p99_ms"].as_f64().unwrap_or(100.0),
+            "target": target_streams.map_or("—".to_string(), |t| format!("{t} streams")),
+        })
+    });
+    let context = serde_json::json!({
+        "headroom": HEADROOM, "slo_ms": slo_ms, "rest": rest, "streams": streams,
+    });
+    crate::report::render("capacity", &context).expect("the capacity plan renders")
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ pub mod overload;
 pub mod peer;
 pub mod plots;
 pub mod prometheus;
+pub mod report;
 pub mod rest;
 pub mod scenario;
 pub mod streams;
@@ -37,6 +38,33 @@ pub mod mlp {
     pub const INPUT: &str = "features";
     pub const FEATURES: usize = 256;
     pub const OUTPUT_WIDTH: usize = 16;
+}
+
+/// The one latency histogram of every load loop: microseconds, from 1 µs to 10 minutes.
+pub mod hist {
+    use std::time::Duration;
+
+    pub type Histogram = hdrhistogram::Histogram<u64>;
+    pub const MAX_US: u64 = 600_000_000;
+
+    /// 3 significant digits for run totals; 2 for the thousands of bins of a timeline (a plot
+    /// needs no more).
+    pub fn new(digits: u8) -> Histogram {
+        Histogram::new_with_bounds(1, MAX_US, digits).expect("histogram bounds are valid")
+    }
+
+    /// A duration as a histogram value, clamped to the bounds.
+    pub fn micros(d: Duration) -> u64 {
+        d.as_micros().clamp(1, MAX_US as u128) as u64
+    }
+
+    /// The value at quantile `q` (0..=1) in milliseconds; 0 without data.
+    pub fn ms(h: &Histogram, q: f64) -> f64 {
+        if h.is_empty() {
+            return 0.0;
+        }
+        h.value_at_quantile(q) as f64 / 1000.0
+    }
 }
 
 /// Deterministic pseudo-random numbers (SplitMix64), so that every run sends the same data.

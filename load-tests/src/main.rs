@@ -437,11 +437,7 @@ fn run_rest(args: RestArgs) -> anyhow::Result<ExitCode> {
     };
     // Refuse a bad target before starting anything.
     options.endpoint()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.client_threads.map_or_else(nproc, |n| n as usize))
-        .thread_name(sysinfo::LOADGEN_THREAD_PREFIX)
-        .enable_all()
-        .build()?;
+    let runtime = sysinfo::client_runtime(args.client_threads.map_or_else(nproc, |n| n as usize))?;
     if let Some(rate) = args.rate {
         let open = open_loop::OpenLoopOptions {
             rest: options,
@@ -491,10 +487,14 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         quiet_wait: Duration::from_secs(args.quiet_wait_secs),
         ..bench::BenchOptions::default()
     };
-    let outcome = bench::run(&options)?;
+    finished("bench", &bench::run(&options)?)
+}
+
+/// Prints a benchmark's report, and where it went.
+fn finished(tag: &str, outcome: &streamserve_load::report::Outcome) -> anyhow::Result<ExitCode> {
     println!("{}", outcome.report);
     eprintln!(
-        "[bench] wrote {}/report.md and results.json",
+        "[{tag}] wrote {}/report.md and results.json",
         outcome.dir.display()
     );
     Ok(ExitCode::SUCCESS)
@@ -523,11 +523,7 @@ fn run_streams(args: StreamsArgs) -> anyhow::Result<ExitCode> {
             args.streams + 64
         );
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.client_threads.map_or_else(nproc, |n| n as usize))
-        .thread_name(sysinfo::LOADGEN_THREAD_PREFIX)
-        .enable_all()
-        .build()?;
+    let runtime = sysinfo::client_runtime(args.client_threads.map_or_else(nproc, |n| n as usize))?;
     let report = runtime.block_on(streams::run(&options))?;
     print!("{}", report.summary());
     Ok(if report.started > 0 && report.error_count() == 0 {
@@ -551,13 +547,7 @@ fn run_streams_bench(args: StreamsBenchArgs) -> anyhow::Result<ExitCode> {
         quiet_wait: Duration::from_secs(args.quiet_wait_secs),
         ..streams_bench::StreamsBenchOptions::default()
     };
-    let outcome = streams_bench::run(&options)?;
-    println!("{}", outcome.report);
-    eprintln!(
-        "[streams-bench] wrote {}/report.md and results.json",
-        outcome.dir.display()
-    );
-    Ok(ExitCode::SUCCESS)
+    finished("streams-bench", &streams_bench::run(&options)?)
 }
 
 fn run_overload(args: OverloadArgs) -> anyhow::Result<ExitCode> {
@@ -575,13 +565,7 @@ fn run_overload(args: OverloadArgs) -> anyhow::Result<ExitCode> {
         quiet_wait: Duration::from_secs(args.mlp.quiet_wait_secs),
         ..overload::OverloadOptions::default()
     };
-    let outcome = overload::run(&options)?;
-    println!("{}", outcome.report);
-    eprintln!(
-        "[overload] wrote {}/report.md and results.json",
-        outcome.dir.display()
-    );
-    Ok(ExitCode::SUCCESS)
+    finished("overload", &overload::run(&options)?)
 }
 
 /// Seconds from the command line: negative means "never".

@@ -15,14 +15,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use hdrhistogram::Histogram;
 
+use crate::hist::{self, Histogram};
 use crate::rest::{self, Failure, RestOptions};
 
 /// Upper bounds that keep any run finite and modest.
 pub const MAX_RATE: f64 = 200_000.0;
 pub const MAX_IN_FLIGHT: usize = 8192;
-const HIST_MAX_US: u64 = 600_000_000;
 const SHARDS: usize = 16;
 
 #[derive(Clone, Debug)]
@@ -96,11 +95,11 @@ pub struct OpenLoopReport {
     pub unanswered: u64,
     pub first_error: Option<String>,
     /// Latency of every 200 answer, from its scheduled send time, µs.
-    pub latency_ok_us: Histogram<u64>,
+    pub latency_ok_us: Histogram,
     /// The same for 200 answers served by the model itself.
-    pub latency_primary_us: Histogram<u64>,
+    pub latency_primary_us: Histogram,
     /// Latency of refusals (429/503), from the scheduled send time, µs.
-    pub latency_shed_us: Histogram<u64>,
+    pub latency_shed_us: Histogram,
     /// The furthest the scheduler fell behind its own schedule (the load generator short of CPU).
     pub max_schedule_lag: Duration,
     /// Most requests in flight at once.
@@ -126,7 +125,7 @@ pub struct TimelineBin {
     /// Other statuses, transport errors and invalid answers.
     pub failed: u64,
     /// Latency of the 200 answers, µs, from the scheduled send (`None` when there were none).
-    pub latency_ok_us: Option<Histogram<u64>>,
+    pub latency_ok_us: Option<Histogram>,
 }
 
 impl TimelineBin {
@@ -209,17 +208,9 @@ impl OpenLoopReport {
         }
     }
 
-    pub fn quantile_ms(h: &Histogram<u64>, q: f64) -> f64 {
-        if h.is_empty() {
-            0.0
-        } else {
-            h.value_at_quantile(q) as f64 / 1000.0
-        }
-    }
-
     /// Latency of 200 answers at quantile `q`, ms.
     pub fn latency_ms(&self, q: f64) -> f64 {
-        Self::quantile_ms(&self.latency_ok_us, q)
+        hist::ms(&self.latency_ok_us, q)
     }
 
     pub fn summary(&self) -> String {
@@ -266,10 +257,10 @@ impl OpenLoopReport {
             self.latency_ms(0.99),
             self.latency_ms(0.999),
             self.latency_ok_us.max() as f64 / 1000.0,
-            Self::quantile_ms(&self.latency_primary_us, 0.5),
-            Self::quantile_ms(&self.latency_primary_us, 0.99),
-            Self::quantile_ms(&self.latency_shed_us, 0.5),
-            Self::quantile_ms(&self.latency_shed_us, 0.99),
+            hist::ms(&self.latency_primary_us, 0.5),
+            hist::ms(&self.latency_primary_us, 0.99),
+            hist::ms(&self.latency_shed_us, 0.5),
+            hist::ms(&self.latency_shed_us, 0.99),
             self.max_schedule_lag.as_secs_f64() * 1000.0,
         );
         if let Some(e) = &self.first_error {
@@ -277,10 +268,6 @@ impl OpenLoopReport {
         }
         s
     }
-}
-
-fn new_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, HIST_MAX_US, 3).expect("histogram bounds are valid")
 }
 
 #[derive(Default)]
@@ -295,9 +282,9 @@ struct Tally {
 
 struct Shard {
     tally: Tally,
-    ok: Histogram<u64>,
-    primary: Histogram<u64>,
-    shed: Histogram<u64>,
+    ok: Histogram,
+    primary: Histogram,
+    shed: Histogram,
 }
 
 struct Shared {
@@ -312,10 +299,6 @@ struct Shared {
     live_degraded: AtomicU64,
     live_refused: AtomicU64,
     live_other: AtomicU64,
-}
-
-fn micros(d: Duration) -> u64 {
-    d.as_micros().clamp(1, HIST_MAX_US as u128) as u64
 }
 
 /// Runs open-loop load as `options` say. Must run inside a multi-threaded tokio runtime. Ends
@@ -338,9 +321,9 @@ pub async fn run(options: &OpenLoopOptions) -> anyhow::Result<OpenLoopReport> {
             .map(|_| {
                 Mutex::new(Shard {
                     tally: Tally::default(),
-                    ok: new_histogram(),
-                    primary: new_histogram(),
-                    shed: new_histogram(),
+                    ok: hist::new(3),
+                    primary: hist::new(3),
+                    shed: hist::new(3),
                 })
             })
             .collect(),
@@ -461,9 +444,9 @@ pub async fn run(options: &OpenLoopOptions) -> anyhow::Result<OpenLoopReport> {
         invalid: 0,
         unanswered: 0,
         first_error: None,
-        latency_ok_us: new_histogram(),
-        latency_primary_us: new_histogram(),
-        latency_shed_us: new_histogram(),
+        latency_ok_us: hist::new(3),
+        latency_primary_us: hist::new(3),
+        latency_shed_us: hist::new(3),
         max_schedule_lag: max_lag,
         peak_in_flight: peak,
         started: start,
@@ -509,12 +492,6 @@ fn bin_index(shared: &Shared, start: Instant, scheduled: Instant) -> Option<usiz
     Some(((scheduled - start).as_nanos() / width.as_nanos().max(1)) as usize)
 }
 
-/// The latency histogram of one timeline bin (or of a span of them), µs.
-pub fn new_bin_histogram() -> Histogram<u64> {
-    // Two significant digits: a plot needs no more, and a run may have thousands of bins.
-    Histogram::new_with_bounds(1, HIST_MAX_US, 2).expect("histogram bounds are valid")
-}
-
 fn record(
     shared: &Shared,
     shard: usize,
@@ -523,7 +500,7 @@ fn record(
     bin: Option<usize>,
     outcome: Result<rest::ServerSide, Failure>,
 ) {
-    let us = micros(scheduled.elapsed());
+    let us = hist::micros(scheduled.elapsed());
     match &outcome {
         Ok(server) if server.degraded > 0 => shared.live_degraded.fetch_add(1, Ordering::Relaxed),
         Ok(_) => shared.live_ok.fetch_add(1, Ordering::Relaxed),
@@ -540,7 +517,7 @@ fn record(
                         b.ok_primary += 1;
                     }
                     b.latency_ok_us
-                        .get_or_insert_with(new_bin_histogram)
+                        .get_or_insert_with(|| hist::new(2))
                         .saturating_record(us);
                 }
                 Err(Failure::Status(429 | 503, _)) => b.shed += 1,

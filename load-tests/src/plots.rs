@@ -74,8 +74,8 @@ fn legend_line(color: RGBColor, width: u32) -> impl Fn((i32, i32)) -> PathElemen
 /// One setup's latency against x: p50 as a thick line with circles of `circle` px, p99 as a
 /// thin line, each with its legend entry (`{label} p50`, `{label} {p99_legend}`). The p99
 /// markers are the caller's: they say different things per plot.
-fn draw_p50_p99<DB: DrawingBackend, X, Y>(
-    chart: &mut ChartContext<'_, DB, Cartesian2d<X, Y>>,
+fn draw_p50_p99<X, Y>(
+    chart: &mut Chart<'_, '_, X, Y>,
     label: &str,
     p99_legend: &str,
     color: RGBColor,
@@ -86,21 +86,9 @@ where
     X: Ranged<ValueType = f64>,
     Y: Ranged<ValueType = f64>,
 {
-    chart
-        .draw_series(LineSeries::new(
-            points.clone().map(|p| (p.0, p.1)),
-            color.stroke_width(2),
-        ))
-        .map_err(plot_err)?
-        .label(format!("{label} p50"))
-        .legend(legend_line(color, 2));
-    chart
-        .draw_series(
-            points
-                .clone()
-                .map(|p| Circle::new((p.0, p.1), circle, color.filled())),
-        )
-        .map_err(plot_err)?;
+    let p50 = points.clone().map(|p| (p.0, p.1));
+    line(chart, p50.clone(), (color, 2, 2), format!("{label} p50"))?;
+    dots(chart, p50, color, circle)?;
     chart
         .draw_series(LineSeries::new(
             points.map(|p| (p.0, p.2)),
@@ -126,6 +114,94 @@ fn legend_box<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
         .map_err(plot_err)
 }
 
+type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
+type Chart<'a, 'b, X, Y> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<X, Y>>;
+
+/// A chart on `area` with every plot's margins: (margin, x label area, y label areas, both
+/// sides).
+fn chart_on<'a, 'b>(
+    area: &'a Area<'b>,
+    (margin, x_area, y_area, both): (u32, u32, u32, bool),
+) -> ChartBuilder<'a, 'b, SVGBackend<'b>> {
+    let mut builder = ChartBuilder::on(area);
+    builder
+        .margin(margin)
+        .x_label_area_size(x_area)
+        .y_label_area_size(y_area);
+    if both {
+        builder.right_y_label_area_size(y_area);
+    }
+    builder
+}
+
+/// The axes of a chart: descriptions and label formats with `x_digits` / `y_digits`
+/// decimals (`x_unit` after each x label).
+fn axes<X, Y>(
+    chart: &mut Chart<'_, '_, X, Y>,
+    (x_desc, y_desc): (Option<&str>, &str),
+    (x_digits, x_unit, y_digits): (usize, &str, usize),
+    y_labels: Option<usize>,
+) -> anyhow::Result<()>
+where
+    X: Ranged<ValueType = f64> + plotters::coord::ranged1d::ValueFormatter<f64>,
+    Y: Ranged<ValueType = f64> + plotters::coord::ranged1d::ValueFormatter<f64>,
+{
+    let xf = move |v: &f64| format!("{v:.x_digits$}{x_unit}");
+    let yf = move |v: &f64| format!("{v:.y_digits$}");
+    let mut mesh = chart.configure_mesh();
+    if let Some(d) = x_desc {
+        mesh.x_desc(d);
+    }
+    if let Some(n) = y_labels {
+        mesh.y_labels(n);
+    }
+    mesh.y_desc(y_desc)
+        .x_label_formatter(&xf)
+        .y_label_formatter(&yf)
+        .draw()
+        .map_err(plot_err)
+}
+
+/// A line through `points` with its legend entry `label` (a stroke `legend_width` wide).
+fn line<X, Y>(
+    chart: &mut Chart<'_, '_, X, Y>,
+    points: impl IntoIterator<Item = (f64, f64)>,
+    (color, width, legend_width): (RGBColor, u32, u32),
+    label: impl Into<String>,
+) -> anyhow::Result<()>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    chart
+        .draw_series(LineSeries::new(points, color.stroke_width(width)))
+        .map_err(plot_err)?
+        .label(label)
+        .legend(legend_line(color, legend_width));
+    Ok(())
+}
+
+/// Filled circles of `size` px at `points`.
+fn dots<X, Y>(
+    chart: &mut Chart<'_, '_, X, Y>,
+    points: impl IntoIterator<Item = (f64, f64)>,
+    color: RGBColor,
+    size: u32,
+) -> anyhow::Result<()>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    chart
+        .draw_series(
+            points
+                .into_iter()
+                .map(|p| Circle::new(p, size, color.filled())),
+        )
+        .map_err(plot_err)?;
+    Ok(())
+}
+
 /// Latency (p50 solid with circles, p99 thin with triangles) against throughput, log-log,
 /// per server in `results` (a `loadgen bench` results.json); the ceiling as a vertical line.
 pub fn bench_latency_throughput(results: &Value, out: &Path) -> anyhow::Result<()> {
@@ -144,35 +220,23 @@ pub fn bench_latency_throughput(results: &Value, out: &Path) -> anyhow::Result<(
 
     let root = SVGBackend::new(out, (960, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
-    let mut chart = ChartBuilder::on(&root)
+    let mut chart = chart_on(&root, (15, 45, 60, false))
         .caption(
             "REST mlp: latency vs throughput (closed loop, 1 row/request)",
             ("sans-serif", 20),
         )
-        .margin(15)
-        .x_label_area_size(45)
-        .y_label_area_size(60)
         .build_cartesian_2d((x_min..x_max).log_scale(), (y_min..y_max).log_scale())
         .map_err(plot_err)?;
-    chart
-        .configure_mesh()
-        .x_desc("throughput, requests/s (log)")
-        .y_desc("latency, ms (log)")
-        .x_label_formatter(&|v| format!("{v:.0}"))
-        .y_label_formatter(&|v| format!("{v:.2}"))
-        .draw()
-        .map_err(plot_err)?;
+    let descs = (Some("throughput, requests/s (log)"), "latency, ms (log)");
+    axes(&mut chart, descs, (0, "", 2), None)?;
     if ceiling > 0.0 {
-        chart
-            .draw_series(LineSeries::new(
-                [(ceiling, y_min), (ceiling, y_max)],
-                BLACK.stroke_width(2),
-            ))
-            .map_err(plot_err)?
-            .label(format!(
-                "in-process ceiling, batch 64 ({ceiling:.0} rows/s)"
-            ))
-            .legend(legend_line(BLACK, 2));
+        let label = format!("in-process ceiling, batch 64 ({ceiling:.0} rows/s)");
+        line(
+            &mut chart,
+            [(ceiling, y_min), (ceiling, y_max)],
+            (BLACK, 2, 2),
+            label,
+        )?;
     }
     for (i, c) in curves.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
@@ -235,54 +299,31 @@ pub fn overload_levels(results: &Value, out: &Path) -> anyhow::Result<()> {
         .fold(capacity, f64::max)
         .max(1.0)
         * 1.1;
-    let mut chart = ChartBuilder::on(&left)
-        .margin(15)
-        .x_label_area_size(45)
-        .y_label_area_size(60)
+    let mut chart = chart_on(&left, (15, 45, 60, false))
         .build_cartesian_2d(0.0..x_max, 0.0..y_max)
         .map_err(plot_err)?;
-    chart
-        .configure_mesh()
-        .x_desc("offered, requests/s")
-        .y_desc("requests/s")
-        .x_label_formatter(&|v| format!("{v:.0}"))
-        .y_label_formatter(&|v| format!("{v:.0}"))
-        .draw()
-        .map_err(plot_err)?;
-    chart
-        .draw_series(LineSeries::new(
-            [(0.0, capacity), (x_max, capacity)],
-            BLACK.stroke_width(1),
-        ))
-        .map_err(plot_err)?
-        .label(format!("closed-loop capacity ({capacity:.0}/s)"))
-        .legend(legend_line(BLACK, 1));
-    for (i, (name, pick)) in [
-        (
-            "sent",
-            (|l: &(f64, f64, f64, f64, f64)| l.1) as fn(&_) -> f64,
-        ),
-        ("goodput (200/s)", |l| l.2),
-    ]
-    .into_iter()
-    .enumerate()
+    axes(
+        &mut chart,
+        (Some("offered, requests/s"), "requests/s"),
+        (0, "", 0),
+        None,
+    )?;
+    let label = format!("closed-loop capacity ({capacity:.0}/s)");
+    line(
+        &mut chart,
+        [(0.0, capacity), (x_max, capacity)],
+        (BLACK, 1, 1),
+        label,
+    )?;
+    type Pick = fn(&(f64, f64, f64, f64, f64)) -> f64;
+    let (sent, goodput): (Pick, Pick) = (|l| l.1, |l| l.2);
+    for (i, (name, pick)) in [("sent", sent), ("goodput (200/s)", goodput)]
+        .into_iter()
+        .enumerate()
     {
-        let color = PALETTE[i];
-        chart
-            .draw_series(LineSeries::new(
-                levels.iter().map(|l| (l.0, pick(l))),
-                color.stroke_width(2),
-            ))
-            .map_err(plot_err)?
-            .label(name)
-            .legend(legend_line(color, 2));
-        chart
-            .draw_series(
-                levels
-                    .iter()
-                    .map(|l| Circle::new((l.0, pick(l)), 4, color.filled())),
-            )
-            .map_err(plot_err)?;
+        let points: Vec<(f64, f64)> = levels.iter().map(|l| (l.0, pick(l))).collect();
+        line(&mut chart, points.clone(), (PALETTE[i], 2, 2), name)?;
+        dots(&mut chart, points, PALETTE[i], 4)?;
     }
     legend_box(&mut chart, SeriesLabelPosition::UpperLeft)?;
 
@@ -293,50 +334,23 @@ pub fn overload_levels(results: &Value, out: &Path) -> anyhow::Result<()> {
         .filter(|v| *v > 0.0)
         .fold(lat_max / 10.0, f64::min)
         / 1.5;
-    let mut chart = ChartBuilder::on(&right)
-        .margin(15)
-        .x_label_area_size(45)
-        .y_label_area_size(60)
+    let mut chart = chart_on(&right, (15, 45, 60, false))
         .build_cartesian_2d(0.0..x_max, (lat_min..lat_max).log_scale())
         .map_err(plot_err)?;
-    chart
-        .configure_mesh()
-        .x_desc("offered, requests/s")
-        .y_desc("latency of 200 answers, ms (log)")
-        .x_label_formatter(&|v| format!("{v:.0}"))
-        .y_label_formatter(&|v| format!("{v:.1}"))
-        .draw()
-        .map_err(plot_err)?;
-    for (i, (name, pick)) in [
-        (
-            "p50",
-            (|l: &(f64, f64, f64, f64, f64)| l.3) as fn(&_) -> f64,
-        ),
-        ("p99", |l| l.4),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let color = PALETTE[i + 2];
-        chart
-            .draw_series(LineSeries::new(
-                levels
-                    .iter()
-                    .filter(|l| pick(l) > 0.0)
-                    .map(|l| (l.0, pick(l))),
-                color.stroke_width(2),
-            ))
-            .map_err(plot_err)?
-            .label(name)
-            .legend(legend_line(color, 2));
-        chart
-            .draw_series(
-                levels
-                    .iter()
-                    .filter(|l| pick(l) > 0.0)
-                    .map(|l| Circle::new((l.0, pick(l)), 4, color.filled())),
-            )
-            .map_err(plot_err)?;
+    let descs = (
+        Some("offered, requests/s"),
+        "latency of 200 answers, ms (log)",
+    );
+    axes(&mut chart, descs, (0, "", 1), None)?;
+    let (p50, p99): (Pick, Pick) = (|l| l.3, |l| l.4);
+    for (i, (name, pick)) in [("p50", p50), ("p99", p99)].into_iter().enumerate() {
+        let points: Vec<(f64, f64)> = levels
+            .iter()
+            .filter(|l| pick(l) > 0.0)
+            .map(|l| (l.0, pick(l)))
+            .collect();
+        line(&mut chart, points.clone(), (PALETTE[i + 2], 2, 2), name)?;
+        dots(&mut chart, points, PALETTE[i + 2], 4)?;
     }
     legend_box(&mut chart, SeriesLabelPosition::UpperLeft)?;
     root.present().map_err(plot_err)?;
@@ -389,24 +403,18 @@ pub fn streams_latency(results: &Value, out: &Path) -> anyhow::Result<()> {
 
     let root = SVGBackend::new(out, (960, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
-    let mut chart = ChartBuilder::on(&root)
+    let mut chart = chart_on(&root, (15, 45, 60, false))
         .caption(
             "Speech streams (silero_vad, real time): chunk latency vs concurrent streams",
             ("sans-serif", 20),
         )
-        .margin(15)
-        .x_label_area_size(45)
-        .y_label_area_size(60)
         .build_cartesian_2d(0.0..x_max, (y_min..y_max).log_scale())
         .map_err(plot_err)?;
-    chart
-        .configure_mesh()
-        .x_desc("concurrent streams")
-        .y_desc("chunk-to-result latency, ms (log)")
-        .x_label_formatter(&|v| format!("{v:.0}"))
-        .y_label_formatter(&|v| format!("{v:.1}"))
-        .draw()
-        .map_err(plot_err)?;
+    let descs = (
+        Some("concurrent streams"),
+        "chunk-to-result latency, ms (log)",
+    );
+    axes(&mut chart, descs, (0, "", 1), None)?;
     if target > 0.0 {
         chart
             .draw_series(DashedLineSeries::new(
@@ -420,14 +428,13 @@ pub fn streams_latency(results: &Value, out: &Path) -> anyhow::Result<()> {
             .legend(legend_line(BLACK, 1));
     }
     if ceiling > 0.0 {
-        chart
-            .draw_series(LineSeries::new(
-                [(ceiling, y_min), (ceiling, y_max)],
-                BLACK.stroke_width(2),
-            ))
-            .map_err(plot_err)?
-            .label(format!("model compute ceiling ({ceiling:.0} streams)"))
-            .legend(legend_line(BLACK, 2));
+        let label = format!("model compute ceiling ({ceiling:.0} streams)");
+        line(
+            &mut chart,
+            [(ceiling, y_min), (ceiling, y_max)],
+            (BLACK, 2, 2),
+            label,
+        )?;
     }
     for (i, (label, points)) in setups.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
@@ -505,36 +512,28 @@ pub fn timeline(results: &Value, out: &Path) -> anyhow::Result<()> {
         .fold(y_max / 10.0, f64::min)
         .max(0.01)
         / 1.5;
-    let mut chart = ChartBuilder::on(&panels[0])
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(70)
-        .right_y_label_area_size(70)
+    let mut chart = chart_on(&panels[0], (10, 30, 70, true))
         .build_cartesian_2d(0.0..duration, (y_min..y_max).log_scale())
         .map_err(plot_err)?;
-    chart
-        .configure_mesh()
-        .y_desc("latency of 200s, ms (log)")
-        .x_label_formatter(&|v| format!("{v:.0} s"))
-        .y_label_formatter(&|v| format!("{v:.1}"))
-        .draw()
-        .map_err(plot_err)?;
+    axes(
+        &mut chart,
+        (None, "latency of 200s, ms (log)"),
+        (0, " s", 1),
+        None,
+    )?;
     for (i, (name, points, width)) in [("p50", &p50, 2), ("p99", &p99, 2), ("max", &max, 1)]
         .into_iter()
         .enumerate()
     {
-        let color = PALETTE[i];
-        chart
-            .draw_series(LineSeries::new(
-                points.iter().copied(),
-                color.stroke_width(width),
-            ))
-            .map_err(plot_err)?
-            .label(name)
-            .legend(legend_line(color, 2));
+        line(
+            &mut chart,
+            points.iter().copied(),
+            (PALETTE[i], width, 2),
+            name,
+        )?;
     }
-    for line in event_lines(y_min, y_max) {
-        chart.draw_series(line).map_err(plot_err)?;
+    for event in event_lines(y_min, y_max) {
+        chart.draw_series(event).map_err(plot_err)?;
     }
     for (i, (t, label)) in events.iter().enumerate() {
         let y = if i % 2 == 0 { y_max / 1.6 } else { y_max / 3.2 };
@@ -577,33 +576,26 @@ pub fn timeline(results: &Value, out: &Path) -> anyhow::Result<()> {
         .flat_map(|s| s.1.iter().map(|p| p.1))
         .fold(1.0, f64::max)
         * 1.1;
-    let mut chart = ChartBuilder::on(&panels[1])
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(70)
-        .right_y_label_area_size(70)
+    let mut chart = chart_on(&panels[1], (10, 30, 70, true))
         .build_cartesian_2d(0.0..duration, 0.0..r_max)
         .map_err(plot_err)?;
-    chart
-        .configure_mesh()
-        .y_desc("requests/s (per bin)")
-        .x_label_formatter(&|v| format!("{v:.0} s"))
-        .y_label_formatter(&|v| format!("{v:.0}"))
-        .draw()
-        .map_err(plot_err)?;
+    axes(
+        &mut chart,
+        (None, "requests/s (per bin)"),
+        (0, " s", 0),
+        None,
+    )?;
     for (name, points, color) in &series {
-        let color = *color;
-        chart
-            .draw_series(LineSeries::new(
-                points.iter().copied(),
-                color.stroke_width(if color == BLACK { 1 } else { 2 }),
-            ))
-            .map_err(plot_err)?
-            .label(*name)
-            .legend(legend_line(color, 2));
+        let width = if *color == BLACK { 1 } else { 2 };
+        line(
+            &mut chart,
+            points.iter().copied(),
+            (*color, width, 2),
+            *name,
+        )?;
     }
-    for line in event_lines(0.0, r_max) {
-        chart.draw_series(line).map_err(plot_err)?;
+    for event in event_lines(0.0, r_max) {
+        chart.draw_series(event).map_err(plot_err)?;
     }
     legend_box(&mut chart, SeriesLabelPosition::UpperRight)?;
 
@@ -618,38 +610,28 @@ pub fn timeline(results: &Value, out: &Path) -> anyhow::Result<()> {
         .collect();
     let h_max = (healthy.iter().map(|p| p.1).fold(1.0, f64::max) + 1.0).round();
     let q_max = queue.iter().map(|p| p.1).fold(1.0, f64::max) * 1.2;
-    let mut chart = ChartBuilder::on(&panels[2])
-        .margin(10)
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .right_y_label_area_size(70)
+    let mut chart = chart_on(&panels[2], (10, 40, 70, true))
         .build_cartesian_2d(0.0..duration, 0.0..h_max)
         .map_err(plot_err)?
         .set_secondary_coord(0.0..duration, 0.0..q_max);
-    chart
-        .configure_mesh()
-        .x_desc("seconds since the first scheduled request")
-        .y_desc("healthy mlp replicas")
-        .y_labels(h_max as usize + 1)
-        .x_label_formatter(&|v| format!("{v:.0} s"))
-        .y_label_formatter(&|v| format!("{v:.0}"))
-        .draw()
-        .map_err(plot_err)?;
+    let descs = (
+        Some("seconds since the first scheduled request"),
+        "healthy mlp replicas",
+    );
+    axes(&mut chart, descs, (0, " s", 0), Some(h_max as usize + 1))?;
     chart
         .configure_secondary_axes()
         .y_desc("mlp queue depth")
         .label_style(("sans-serif", 12))
         .draw()
         .map_err(plot_err)?;
-    let color = PALETTE[2];
-    chart
-        .draw_series(LineSeries::new(
-            healthy.iter().copied(),
-            color.stroke_width(2),
-        ))
-        .map_err(plot_err)?
-        .label("healthy replicas (left; /metrics every 200 ms)")
-        .legend(legend_line(color, 2));
+    let label = "healthy replicas (left; /metrics every 200 ms)";
+    line(
+        &mut chart,
+        healthy.iter().copied(),
+        (PALETTE[2], 2, 2),
+        label,
+    )?;
     let color = PALETTE[5];
     chart
         .draw_secondary_series(LineSeries::new(
@@ -659,8 +641,8 @@ pub fn timeline(results: &Value, out: &Path) -> anyhow::Result<()> {
         .map_err(plot_err)?
         .label("queue depth (right)")
         .legend(legend_line(color, 2));
-    for line in event_lines(0.0, h_max) {
-        chart.draw_series(line).map_err(plot_err)?;
+    for event in event_lines(0.0, h_max) {
+        chart.draw_series(event).map_err(plot_err)?;
     }
     legend_box(&mut chart, SeriesLabelPosition::LowerLeft)?;
     root.present().map_err(plot_err)?;

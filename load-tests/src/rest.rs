@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use bytes::Bytes;
-use hdrhistogram::Histogram;
 use reqwest::Url;
 use serde::Deserialize;
 
+use crate::hist::{self, Histogram};
 use crate::{mlp, SplitMix64};
 
 /// Header of the binary tensor data extension: the length of the JSON part of a body.
@@ -32,9 +32,6 @@ pub const HEADER_CONTENT_LENGTH: &str = "Inference-Header-Content-Length";
 pub const MAX_CONCURRENCY: usize = 1024;
 pub const MAX_DURATION: Duration = Duration::from_secs(3600);
 pub const MAX_ROWS: usize = 4096;
-
-/// Latencies are recorded in microseconds, from 1 µs to 10 minutes, 3 significant digits.
-const HIST_MAX_US: u64 = 600_000_000;
 
 #[derive(Clone, Debug)]
 pub struct RestOptions {
@@ -355,7 +352,7 @@ pub struct RestReport {
     /// The first failure seen, for diagnosis.
     pub first_error: Option<String>,
     /// Latency of successful requests, in microseconds.
-    pub latency_us: Histogram<u64>,
+    pub latency_us: Histogram,
     /// Sums over successful requests of what the server reported ([`ServerSide`]).
     pub server_sums: ServerSide,
 }
@@ -375,10 +372,7 @@ impl RestReport {
 
     /// Latency at quantile `q` (0..=1) in milliseconds; 0 without data.
     pub fn latency_ms(&self, q: f64) -> f64 {
-        if self.latency_us.is_empty() {
-            return 0.0;
-        }
-        self.latency_us.value_at_quantile(q) as f64 / 1000.0
+        hist::ms(&self.latency_us, q)
     }
 
     pub fn max_ms(&self) -> f64 {
@@ -472,12 +466,22 @@ struct TaskStats {
     warmup_requests: u64,
     warmup_errors: u64,
     first_error: Option<String>,
-    latency_us: Histogram<u64>,
+    latency_us: Histogram,
     server_sums: ServerSide,
 }
 
-fn new_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, HIST_MAX_US, 3).expect("histogram bounds are valid")
+impl TaskStats {
+    fn new() -> TaskStats {
+        TaskStats {
+            ok: 0,
+            errors: BTreeMap::new(),
+            warmup_requests: 0,
+            warmup_errors: 0,
+            first_error: None,
+            latency_us: hist::new(3),
+            server_sums: ServerSide::default(),
+        }
+    }
 }
 
 pub(crate) enum Failure {
@@ -566,15 +570,7 @@ async fn task_loop(
     measure_end: Instant,
     live: Arc<Live>,
 ) -> TaskStats {
-    let mut stats = TaskStats {
-        ok: 0,
-        errors: BTreeMap::new(),
-        warmup_requests: 0,
-        warmup_errors: 0,
-        first_error: None,
-        latency_us: new_histogram(),
-        server_sums: ServerSide::default(),
-    };
+    let mut stats = TaskStats::new();
     while Instant::now() < measure_end {
         let started = Instant::now();
         let outcome = send_one(&client, &url, &body, rows).await;
@@ -589,10 +585,7 @@ async fn task_loop(
                 if measured {
                     stats.ok += 1;
                     stats.server_sums.add(&server);
-                    let us = done
-                        .duration_since(started)
-                        .as_micros()
-                        .clamp(1, HIST_MAX_US as u128) as u64;
+                    let us = hist::micros(done.duration_since(started));
                     stats.latency_us.saturating_record(us);
                 } else if warmup {
                     stats.warmup_requests += 1;
@@ -662,15 +655,7 @@ pub async fn run(options: &RestOptions) -> anyhow::Result<RestReport> {
         ))
     });
 
-    let mut merged = TaskStats {
-        ok: 0,
-        errors: BTreeMap::new(),
-        warmup_requests: 0,
-        warmup_errors: 0,
-        first_error: None,
-        latency_us: new_histogram(),
-        server_sums: ServerSide::default(),
-    };
+    let mut merged = TaskStats::new();
     let deadline = measure_end + options.request_timeout + Duration::from_secs(5);
     let joined = tokio::time::timeout_at(deadline.into(), async {
         while let Some(result) = tasks.join_next().await {

@@ -21,17 +21,15 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use hdrhistogram::Histogram;
 use serde::Deserialize;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::hist::{self, Histogram};
 use crate::rest::{check_loopback, check_model_name};
 
 /// Upper bounds that keep any run finite and modest.
 pub const MAX_STREAMS: usize = 8192;
 pub const MAX_DURATION: Duration = Duration::from_secs(3600);
-/// Latencies are recorded in microseconds, from 1 µs to 10 minutes, 3 significant digits.
-const HIST_MAX_US: u64 = 600_000_000;
 /// Histograms are shared by this many streams each (one lock per result, rarely contended).
 const SHARDS: usize = 32;
 
@@ -274,9 +272,9 @@ pub struct StreamReport {
     /// The furthest any sender fell behind its schedule.
     pub max_send_lag: Duration,
     /// Chunk latency from the completing frame's actual send, µs (measured period only).
-    pub latency_us: Histogram<u64>,
+    pub latency_us: Histogram,
     /// Chunk latency from the completing frame's scheduled send, µs.
-    pub latency_sched_us: Histogram<u64>,
+    pub latency_sched_us: Histogram,
 }
 
 impl StreamReport {
@@ -297,21 +295,14 @@ impl StreamReport {
         self.streams as f64 * self.speed * self.sample_rate as f64 / self.chunk_samples as f64
     }
 
-    fn quantile_ms(h: &Histogram<u64>, q: f64) -> f64 {
-        if h.is_empty() {
-            return 0.0;
-        }
-        h.value_at_quantile(q) as f64 / 1000.0
-    }
-
     /// Latency from the actual send at quantile `q`, ms; 0 without data.
     pub fn latency_ms(&self, q: f64) -> f64 {
-        Self::quantile_ms(&self.latency_us, q)
+        hist::ms(&self.latency_us, q)
     }
 
     /// Latency from the scheduled send at quantile `q`, ms.
     pub fn sched_latency_ms(&self, q: f64) -> f64 {
-        Self::quantile_ms(&self.latency_sched_us, q)
+        hist::ms(&self.latency_sched_us, q)
     }
 
     pub fn max_ms(&self) -> f64 {
@@ -388,13 +379,9 @@ impl StreamReport {
     }
 }
 
-fn new_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, HIST_MAX_US, 3).expect("histogram bounds are valid")
-}
-
 struct Shard {
-    latency_us: Histogram<u64>,
-    latency_sched_us: Histogram<u64>,
+    latency_us: Histogram,
+    latency_sched_us: Histogram,
 }
 
 /// State shared by every stream of a run.
@@ -475,8 +462,8 @@ pub async fn run(options: &StreamOptions) -> anyhow::Result<StreamReport> {
         shards: (0..SHARDS)
             .map(|_| {
                 Mutex::new(Shard {
-                    latency_us: new_histogram(),
-                    latency_sched_us: new_histogram(),
+                    latency_us: hist::new(3),
+                    latency_sched_us: hist::new(3),
                 })
             })
             .collect(),
@@ -559,8 +546,8 @@ pub async fn run(options: &StreamOptions) -> anyhow::Result<StreamReport> {
         late_streams: 0,
         late_threshold: options.late_threshold,
         max_send_lag: Duration::ZERO,
-        latency_us: new_histogram(),
-        latency_sched_us: new_histogram(),
+        latency_us: hist::new(3),
+        latency_sched_us: hist::new(3),
     };
     if unfinished > 0 {
         report
@@ -606,10 +593,6 @@ pub async fn run(options: &StreamOptions) -> anyhow::Result<StreamReport> {
             .expect("same histogram bounds");
     }
     Ok(report)
-}
-
-fn micros(d: Duration) -> u64 {
-    d.as_micros().clamp(1, HIST_MAX_US as u128) as u64
 }
 
 async fn one_stream(
@@ -787,7 +770,7 @@ where
         let lag = now.saturating_duration_since(scheduled);
         if lag > max_lag {
             max_lag = lag;
-            max_lag_us.fetch_max(micros(lag), Ordering::Relaxed);
+            max_lag_us.fetch_max(hist::micros(lag), Ordering::Relaxed);
         }
         let after = sent + frame_samples as u64;
         {
@@ -848,7 +831,7 @@ async fn read_results<S>(
     S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
 {
     let rate = options.audio.sample_rate as f64;
-    let target_us = micros(options.late_threshold);
+    let target_us = hist::micros(options.late_threshold);
     let mut next_seq: u64 = 0;
     let mut vad_index: u64 = 0;
     loop {
@@ -956,8 +939,8 @@ async fn read_results<S>(
                     continue;
                 };
                 if sent >= shared.measure_start && sent < shared.measure_end {
-                    let us = micros(received.saturating_duration_since(sent));
-                    let sched_us = micros(received.saturating_duration_since(scheduled));
+                    let us = hist::micros(received.saturating_duration_since(sent));
+                    let sched_us = hist::micros(received.saturating_duration_since(scheduled));
                     {
                         let mut shard = shared.shards[k as usize % SHARDS]
                             .lock()

@@ -9,13 +9,11 @@
 //!    misses the target (p99 chunk latency, errors, or late senders);
 //! 4. `report.md` and `results.json`.
 
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Barrier};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
-use streamserve::manifest::Device;
+use anyhow::bail;
 use streamserve::runtime::ModelSession;
 use streamserve::tensor::TensorData;
 
@@ -23,10 +21,7 @@ use crate::bench::{cpu_since, start_server_for, stop_server, TempModelDir};
 use crate::manifest::{self, EntryChange};
 use crate::prometheus;
 use crate::streams::{self, Audio, ResultsMode, StreamOptions, StreamReport};
-use crate::sysinfo::{
-    raise_nofile_limit, utc_now, wait_for_quiet, CpuShare, CpuSnapshot, MachineInfo,
-    LOADGEN_THREAD_PREFIX,
-};
+use crate::sysinfo::{raise_nofile_limit, wait_for_quiet, CpuShare, CpuSnapshot, MachineInfo};
 use crate::SplitMix64;
 
 pub const MODEL: &str = "silero_vad";
@@ -157,7 +152,7 @@ impl VadCeiling {
     }
 }
 
-/// Measures [`VadCeiling`]. Loads ONNX Runtime first if nothing has yet.
+/// Measures [`VadCeiling`]: [`crate::bench::in_process`] on Silero VAD inputs.
 pub fn measure_vad(
     model: &Path,
     threads: usize,
@@ -165,76 +160,48 @@ pub fn measure_vad(
     warmup: Duration,
     duration: Duration,
 ) -> anyhow::Result<VadCeiling> {
-    let env = streamserve::runtime::init(None).map_err(anyhow::Error::msg)?;
-    let barrier = Barrier::new(threads);
-    let before = CpuSnapshot::take();
-    let per_thread = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let barrier = &barrier;
-                scope.spawn(move || -> Result<(u64, Duration), String> {
-                    let loaded = ModelSession::load(env, model, Device::Cpu, false, 1);
-                    barrier.wait();
-                    let mut session = loaded?;
-                    let audio: Vec<f32> = SplitMix64::new(0xA0D1 + t as u64)
-                        .f32_vec(batch * WINDOW)
-                        .into_iter()
-                        .map(|v| v * 0.3)
-                        .collect();
-                    let tensors: Vec<(Vec<i64>, TensorData)> = session
-                        .inputs
-                        .iter()
-                        .map(|spec| match spec.name.as_str() {
-                            "input" => Ok((
-                                vec![batch as i64, WINDOW as i64],
-                                TensorData::Fp32(audio.clone()),
-                            )),
-                            "state" => Ok((
-                                vec![2, batch as i64, STATE as i64],
-                                TensorData::Fp32(vec![0.0; 2 * batch * STATE]),
-                            )),
-                            "sr" => Ok((vec![], TensorData::Int64(vec![16000]))),
-                            other => Err(format!("unexpected Silero VAD input '{other}'")),
-                        })
-                        .collect::<Result<_, _>>()?;
-                    let inputs: Vec<(&[i64], &TensorData)> =
-                        tensors.iter().map(|(s, d)| (s.as_slice(), d)).collect();
-                    let outputs = session.run(&inputs)?;
-                    let out = outputs
-                        .iter()
-                        .find(|o| o.name == "output")
-                        .ok_or("no output 'output'")?;
-                    if out.shape != [batch as i64, 1] {
-                        return Err(format!("output shape {:?}", out.shape));
-                    }
-                    crate::bench::call_for(warmup, duration, || session.run(&inputs).map(drop))
-                })
-            })
+    let inputs = |session: &ModelSession, t: usize| {
+        let audio: Vec<f32> = SplitMix64::new(0xA0D1 + t as u64)
+            .f32_vec(batch * WINDOW)
+            .into_iter()
+            .map(|v| v * 0.3)
             .collect();
-        crate::bench::join_all(handles)
-    })
-    .map_err(anyhow::Error::msg)?;
-    let calls: u64 = per_thread.iter().map(|(c, _)| c).sum();
-    let steps_per_sec = per_thread
-        .iter()
-        .map(|(c, d)| (*c * batch as u64) as f64 / d.as_secs_f64())
-        .sum();
-    let busy: f64 = per_thread.iter().map(|(_, d)| d.as_secs_f64()).sum();
+        session
+            .inputs
+            .iter()
+            .map(|spec| match spec.name.as_str() {
+                "input" => Ok((
+                    vec![batch as i64, WINDOW as i64],
+                    TensorData::Fp32(audio.clone()),
+                )),
+                "state" => Ok((
+                    vec![2, batch as i64, STATE as i64],
+                    TensorData::Fp32(vec![0.0; 2 * batch * STATE]),
+                )),
+                "sr" => Ok((vec![], TensorData::Int64(vec![16000]))),
+                other => Err(format!("unexpected Silero VAD input '{other}'")),
+            })
+            .collect()
+    };
+    let check = |outputs: &[streamserve::tensor::NamedTensor]| {
+        let out = outputs
+            .iter()
+            .find(|o| o.name == "output")
+            .ok_or("no output 'output'")?;
+        match out.shape == [batch as i64, 1] {
+            true => Ok(()),
+            false => Err(format!("output shape {:?}", out.shape)),
+        }
+    };
+    let c = crate::bench::in_process(model, (threads, batch), (warmup, duration), inputs, check)?;
     Ok(VadCeiling {
         threads,
         batch,
-        calls,
-        seconds: per_thread
-            .iter()
-            .map(|(_, d)| d.as_secs_f64())
-            .fold(0.0, f64::max),
-        steps_per_sec,
-        mean_call_ms: if calls == 0 {
-            0.0
-        } else {
-            busy * 1000.0 / calls as f64
-        },
-        cpu_cores: cpu_since(before),
+        calls: c.calls,
+        seconds: c.seconds,
+        steps_per_sec: c.rows_per_sec,
+        mean_call_ms: c.mean_call_ms,
+        cpu_cores: c.cpu_cores,
     })
 }
 
@@ -382,13 +349,8 @@ impl SetupResults {
     }
 }
 
-pub struct StreamsBenchOutcome {
-    pub dir: PathBuf,
-    pub report: String,
-}
-
 /// Runs the whole benchmark and writes its report.
-pub fn run(options: &StreamsBenchOptions) -> anyhow::Result<StreamsBenchOutcome> {
+pub fn run(options: &StreamsBenchOptions) -> anyhow::Result<crate::report::Outcome> {
     if options.steps.is_empty() || options.steps.len() > 32 {
         bail!("give 1 to 32 steps");
     }
@@ -398,13 +360,7 @@ pub fn run(options: &StreamsBenchOptions) -> anyhow::Result<StreamsBenchOutcome>
     if let Some(&big) = options.steps.iter().find(|&&n| n > streams::MAX_STREAMS) {
         bail!("{big} streams is more than {}", streams::MAX_STREAMS);
     }
-    let started = Instant::now();
-    let machine = MachineInfo::collect();
-    let (date, started_at) = utc_now();
-    let dir = options
-        .out
-        .clone()
-        .unwrap_or_else(|| crate::bench::results_dir().join(format!("{date}-streams-vad")));
+    let start = crate::report::Start::now(options.out.as_deref(), "streams-vad");
     let biggest = options.steps.iter().copied().max().unwrap_or(0) as u64;
     // Two descriptors per stream (server and client sockets in this process), plus slack.
     let nofile = raise_nofile_limit(2 * biggest + 1024);
@@ -428,16 +384,8 @@ pub fn run(options: &StreamsBenchOptions) -> anyhow::Result<StreamsBenchOutcome>
         ceilings.push(c);
     }
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(options.client_threads.max(1))
-        .thread_name(LOADGEN_THREAD_PREFIX)
-        .enable_all()
-        .build()
-        .context("cannot start the client runtime")?;
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(10))
-        .build()?;
+    let runtime = crate::sysinfo::client_runtime(options.client_threads)?;
+    let client = crate::sysinfo::metrics_client()?;
     let mut results = Vec::new();
     for setup in [VadSetup::batching_on(), VadSetup::batching_off()] {
         let (manifest, _) = vad_manifest(&options.manifest, &setup)?;
@@ -521,9 +469,9 @@ pub fn run(options: &StreamsBenchOptions) -> anyhow::Result<StreamsBenchOutcome>
     drop(runtime);
 
     let input = ReportInput {
-        machine: &machine,
-        started_at: &started_at,
-        elapsed: started.elapsed(),
+        machine: &start.machine,
+        started_at: &start.started_at,
+        elapsed: start.at.elapsed(),
         options,
         model_file: &model_file,
         sha256: &sha256,
@@ -532,17 +480,20 @@ pub fn run(options: &StreamsBenchOptions) -> anyhow::Result<StreamsBenchOutcome>
         ceilings: &ceilings,
         results: &results,
     };
-    let report = render_report(&input);
     let json = results_json(&input);
-    crate::sysinfo::save_run(
-        &dir,
+    let report = render_report(&input, &json)?;
+    crate::report::save_run(
+        &start.dir,
         "streams-bench",
         &report,
         &json,
         PLOT_FILE,
         crate::plots::streams_latency,
     )?;
-    Ok(StreamsBenchOutcome { dir, report })
+    Ok(crate::report::Outcome {
+        dir: start.dir,
+        report,
+    })
 }
 
 /// The latency-vs-streams plot written beside `report.md`.
@@ -618,388 +569,42 @@ fn results_json(input: &ReportInput<'_>) -> serde_json::Value {
     })
 }
 
-fn cpu_cell(cpu: Option<CpuShare>) -> String {
-    cpu.map_or("n/a".into(), |c| {
-        format!(
-            "{:.2} / {:.2} / {:.2} / {:.2}",
-            c.own_cores,
-            c.loadgen_cores,
-            c.server_cores(),
-            c.other_cores
-        )
-    })
-}
-
-fn closes_cell(r: &StreamReport) -> String {
-    if r.closes.is_empty() {
-        return "none".into();
-    }
-    r.closes
-        .iter()
-        .map(|(c, n)| format!("{c}×{n}"))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn render_report(input: &ReportInput<'_>) -> String {
-    let ReportInput {
-        machine,
-        options,
-        ceilings,
-        results,
-        ..
-    } = input;
-    let target_ms = options.target.as_secs_f64() * 1000.0;
-    let mut md = String::new();
-    let w = &mut md;
-    crate::sysinfo::write_report_header(
-        w,
-        "streamserve WebSocket streams: how many real-time `silero_vad` streams",
-        input.started_at,
-        input.elapsed,
-        &options.command,
-        machine,
-    );
-    let _ = writeln!(
-        w,
-        "- open-file limit (soft, after raising): {}",
-        input.nofile
-    );
-    crate::sysinfo::write_software_lines(w);
-
-    let _ = writeln!(w, "## Verdict\n");
-    let on = results.iter().find(|s| s.setup.max_batch_size > 1);
-    let off = results.iter().find(|s| s.setup.max_batch_size == 1);
-    let cap = |s: Option<&SetupResults>| s.and_then(SetupResults::capacity);
-    let ceiling256 = ceilings.iter().find(|c| c.batch == 256);
-    let ceiling1 = ceilings.iter().find(|c| c.batch == 1);
-    let fmt_cap = |c: Option<usize>| c.map_or("none of the steps".to_string(), |n| n.to_string());
-    let _ = writeln!(
-        w,
-        "Largest number of concurrent real-time streams with p99 chunk latency < {target_ms:.0} ms, no errors and \
-         no late sender, on this {}-core machine with the load generator in the same process:\n",
-        machine.nproc
-    );
-    let _ = writeln!(
-        w,
-        "| | streams that passed | first failing step | compute ceiling (in-process, no server) |"
-    );
-    let _ = writeln!(w, "|---|---:|---|---:|");
-    for (label, s, c) in [
-        (
-            "cross-stream batching on (max_batch_size 256)",
-            on,
-            ceiling256,
-        ),
-        ("batching off (max_batch_size 1)", off, ceiling1),
-    ] {
-        let first_fail = s.and_then(|s| s.steps.iter().find(|st| !st.pass)).map_or(
-            "none (stopped: ".to_string() + &s.map_or(String::new(), |s| s.stopped.clone()) + ")",
-            |st| {
-                format!(
-                    "N = {}: p99 {:.1} ms, {} errors, {} late",
-                    st.report.streams,
-                    st.report.latency_ms(0.99),
-                    st.report.error_count(),
-                    st.report.late_streams
-                )
-            },
-        );
-        let _ = writeln!(
-            w,
-            "| {label} | **{}** | {first_fail} | {} |",
-            fmt_cap(cap(s)),
-            c.map_or("n/a".into(), |c| format!(
-                "{:.0} streams (batch {})",
-                c.streams(),
-                c.batch
-            ))
-        );
-    }
-    let _ = writeln!(w);
-    let target_streams = 1000;
-    let verdict = match cap(on) {
-        Some(n) if n >= target_streams => format!(
-            "**Target met**: {n} ≥ {target_streams} concurrent real-time streams with batching on, on this machine."
-        ),
-        Some(n) => format!(
-            "**Target not met on this machine**: {n} concurrent real-time streams with batching on, against the \
-             {target_streams}-stream target."
-        ),
-        None => format!(
-            "**Target not met on this machine**: not even the first step passed with batching on (target {target_streams})."
-        ),
-    };
-    let _ = writeln!(w, "{verdict}");
-    if let Some(c) = ceiling256 {
-        let _ = writeln!(
-            w,
-            " The model alone, with both cores and batches of 256, computes {:.0} steps/s = {:.0} real-time streams; \
-             the rest of the gap is the per-chunk work that does not batch (WebSocket frames in and out, JSON, actor \
-             messages, stacking states) and the load generator, which shares the same {} cores (see the CPU \
-             columns).",
-            c.steps_per_sec,
-            c.streams(),
-            machine.nproc
-        );
-    }
-    if let (Some(a), Some(b)) = (cap(on), cap(off)) {
-        if b > 0 {
-            let _ = writeln!(
-                w,
-                "\nBatching on carried {:.1}× the streams of batching off ({a} vs {b}).",
-                a as f64 / b as f64
-            );
-        }
-    }
-    let _ = writeln!(w);
-    let observations = observations(results, ceilings, machine.nproc);
-    if !observations.is_empty() {
-        let _ = writeln!(w, "### Observations (computed from the tables below)\n");
-        for line in observations {
-            let _ = writeln!(w, "- {line}");
-        }
-        let _ = writeln!(w);
-    }
-
-    let _ = writeln!(w, "## Setup\n");
-    let _ = writeln!(
-        w,
-        "- Model: `{}` (sha256 `{}`), the `silero_vad` entry of `{}` (`stream = \"vad\"`, `batch_axes`, \
-         replicas = 2, intra_threads = 1), with `max_batch_size` / `max_queue_delay_ms` set per server and its \
-         `fallback` / `slo_ms` removed (this measures `silero_vad` alone: overload must show as latency, not as \
-         chunks served by the cheaper fallback; the `degraded` count stays 0).",
-        input.model_file.display(),
-        input.sha256,
-        options.manifest.display()
-    );
-    let _ = writeln!(
-        w,
-        "- **Compute ceiling**: Silero VAD in this process without the server, {} threads each owning one \
-         `ModelSession` (intra_threads = 1, like the 2 replicas), `input [B, 576]`, `state [2, B, 128]`, `sr` \
-         scalar, calls back to back for {:.1} s per batch size B. Real-time streams = steps/s ÷ 31.25.\n",
-        ceilings.first().map_or(2, |c| c.threads),
-        options.ceiling_duration.as_secs_f64()
-    );
-    let _ = writeln!(
-        w,
-        "  | batch B | steps/s | ms per call | µs per step | real-time streams | CPU cores: process / others |"
-    );
-    let _ = writeln!(w, "  |---:|---:|---:|---:|---:|---|");
-    for c in ceilings.iter() {
-        let _ = writeln!(
-            w,
-            "  | {} | {:.0} | {:.3} | {:.1} | **{:.0}** | {} |",
-            c.batch,
-            c.steps_per_sec,
-            c.mean_call_ms,
-            1000.0 * c.mean_call_ms / c.batch as f64,
-            c.streams(),
-            c.cpu_cores.map_or("n/a".into(), |c| format!(
-                "{:.2} / {:.2}",
-                c.own_cores, c.other_cores
-            ))
-        );
-    }
-    let _ = writeln!(w);
-    let _ = writeln!(
-        w,
-        "- Streams: `{}` ({:.2} s, {} Hz mono PCM16) looped, each stream starting at a different offset; \
-         {} ms binary frames ({} samples) sent on a real-time schedule; `results: \"all\"` (a `vad` message per \
-         512-sample chunk, 31.25/s per stream). Each step opens N streams evenly over {:.0} s (ramp), then \
-         measures {:.0} s; then every stream sends `end` and must get its `summary` and a close 1000.",
-        options.wav.display(),
-        input.audio.seconds(),
-        input.audio.sample_rate,
-        options.frame_ms,
-        input.audio.sample_rate as usize * options.frame_ms as usize / 1000,
-        options.ramp.as_secs_f64(),
-        options.duration.as_secs_f64()
-    );
-    let _ = writeln!(
-        w,
-        "- Chunk latency: from sending the frame that completed a chunk to receiving that chunk's `vad` \
-         message (the k-th `vad` message is samples [512k, 512k+512); its `t` and `seq` are checked), for \
-         chunks completed in the measured period; HDR histogram, µs resolution. A step **passes** when p99 < \
-         {target_ms:.0} ms, there are no errors (connect, protocol, seq gaps, missing results or summary, closes \
-         other than 1000) and no sender fell more than {target_ms:.0} ms behind its real-time schedule (\"late\": \
-         the server pushing back or the load generator short of CPU). Steps stop at the first failure.",
-    );
-    let _ = writeln!(
-        w,
-        "- Both servers and the load generator (a tokio runtime of {} `loadgen` threads, tokio-tungstenite) run \
-         **in this one process, on the same {} cores**.\n",
-        options.client_threads, machine.nproc
-    );
-
-    let _ = writeln!(w, "## Results\n");
-    for s in results.iter() {
-        let _ = writeln!(
-            w,
-            "### {} (max_batch_size {}, max_queue_delay_ms {})\n",
-            s.setup.label, s.setup.max_batch_size, s.setup.max_queue_delay_ms
-        );
-        let _ = writeln!(
-            w,
-            "| streams | chunks/s (expected) | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | p99 from schedule ms \
-             | errors | late | closes | rows per model call | model calls/s | replicas busy | CPU cores: process / loadgen / server / others | result |"
-        );
-        let _ = writeln!(
-            w,
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---|"
-        );
-        for st in &s.steps {
-            let r = &st.report;
-            let (rows, calls, busy) = st.server.map_or(
-                ("n/a".to_string(), "n/a".to_string(), "n/a".to_string()),
-                |f| {
-                    (
-                        format!("{:.1}", f.mean_rows_per_call()),
-                        format!("{:.0}", f.calls_per_sec()),
-                        format!("{:.2}", f.busy_replicas()),
-                    )
-                },
-            );
-            let _ = writeln!(
-                w,
-                "| {} | {:.0} ({:.0}) | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {rows} | {calls} | {busy} | {} | {} |",
-                r.streams,
-                r.chunks_per_sec(),
-                r.expected_chunks_per_sec(),
-                r.latency_ms(0.5),
-                r.latency_ms(0.9),
-                r.latency_ms(0.99),
-                r.latency_ms(0.999),
-                r.max_ms(),
-                r.sched_latency_ms(0.99),
-                r.error_count(),
-                r.late_streams,
-                closes_cell(r),
-                cpu_cell(st.cpu),
-                if st.pass {
-                    "pass".to_string()
-                } else if st.repeated {
-                    format!(
-                        "fail, contended (others {:.2} cores): repeated below",
-                        st.cpu.map_or(0.0, |c| c.other_cores)
-                    )
-                } else {
-                    "**fail**".to_string()
-                }
-            );
-        }
-        let _ = writeln!(w, "\nStopped: {}.\n", s.stopped);
-        let errors: Vec<String> = s
-            .steps
-            .iter()
-            .filter(|st| st.report.error_count() > 0)
-            .map(|st| {
-                format!(
-                    "- N = {}: {:?}; first: {}",
-                    st.report.streams,
-                    st.report.errors,
-                    st.report.first_errors.join(" | ")
-                )
-            })
-            .collect();
-        if !errors.is_empty() {
-            let _ = writeln!(w, "Errors:\n\n{}\n", errors.join("\n"));
-        }
-        let server_side: Vec<String> = s
-            .steps
-            .iter()
-            .filter_map(|st| st.server.map(|f| (st.report.streams, f)))
-            .map(|(n, f)| {
-                format!(
-                    "N = {n}: server-side chunk latency mean {:.1} ms, {:.2}% within 100 ms; mean model call \
-                     {:.2} ms for {:.1} rows",
-                    f.mean_chunk_ms(),
-                    100.0 * f.share_within_100ms(),
-                    f.mean_call_ms(),
-                    f.mean_rows_per_call()
-                )
-            })
-            .collect();
-        if !server_side.is_empty() {
-            let _ = writeln!(
-                w,
-                "Server's own view (`/metrics` deltas over each whole step, ramp and ending included; its chunk \
-                 latency runs from a chunk's last sample arriving to its result being queued for the socket):\n"
-            );
-            for line in server_side {
-                let _ = writeln!(w, "- {line}");
-            }
-            let _ = writeln!(w);
-        }
-    }
-
-    let others = results
+/// `report.md` from `templates/streams_bench.md.j2`: the results JSON, the run's settings and
+/// the observations.
+fn render_report(input: &ReportInput<'_>, json: &serde_json::Value) -> anyhow::Result<String> {
+    let options = input.options;
+    let others = input
+        .results
         .iter()
         .flat_map(|s| s.steps.iter())
         .filter(|st| !st.repeated)
         .filter_map(|st| st.cpu.map(|c| (st.report.streams, c.other_cores)))
-        .max_by(|a, b| a.1.total_cmp(&b.1));
-    if let Some((n, cores)) = others {
-        if cores > CONTENDED_CORES {
-            let _ = writeln!(
-                w,
-                "**Contended machine**: other processes used up to {cores:.2} CPU cores during a counted step \
-                 (N = {n}); such a step's figures are worse than the software allows. Rerun on a quiet machine.\n"
-            );
-        } else {
-            let _ = writeln!(
-                w,
-                "Other processes used at most {cores:.2} CPU cores during any counted step (N = {n}): a quiet \
-                 machine. (Before each measurement the benchmark waits, up to {:.0} s, for other processes to use \
-                 under {QUIET_CORES} cores, and repeats once a step that failed while they used more than \
-                 {CONTENDED_CORES}.)\n",
-                options.quiet_wait.as_secs_f64()
-            );
-        }
-    }
-
-    let _ = writeln!(
-        w,
-        "![chunk latency against concurrent streams]({PLOT_FILE})\n\n[`{PLOT_FILE}`]({PLOT_FILE}): p50 (circles) \
-         and p99 (triangles; a cross where the step failed) chunk-to-result latency against the number of \
-         streams, per setup; dashed, the p99 target; vertical, the model's compute ceiling on these cores.\n"
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(n, cores)| serde_json::json!({ "n": n, "cores": cores }));
+    let extra = serde_json::json!({
+        "target_streams": 1000, "manifest": options.manifest.display().to_string(),
+        "wav": options.wav.display().to_string(), "audio_s": input.audio.seconds(),
+        "sample_rate": input.audio.sample_rate,
+        "frame_samples": input.audio.sample_rate as usize * options.frame_ms as usize / 1000,
+        "ramp_s": options.ramp.as_secs_f64(), "duration_s": options.duration.as_secs_f64(),
+        "ceiling_s": options.ceiling_duration.as_secs_f64(), "client_threads": options.client_threads,
+        "quiet_wait_s": options.quiet_wait.as_secs_f64(), "quiet_cores": QUIET_CORES,
+        "contended_cores": CONTENDED_CORES, "others": others, "plot": PLOT_FILE,
+        "observations": observations(input.results, input.ceilings, input.machine.nproc),
+    });
+    let header = crate::report::header(
+        "streamserve WebSocket streams: how many real-time `silero_vad` streams",
+        input.elapsed,
+        &[format!(
+            "open-file limit (soft, after raising): {}",
+            input.nofile
+        )],
+        true,
     );
-    let _ = writeln!(w, "## How to read this\n");
-    let _ = writeln!(
-        w,
-        "- **chunks/s (expected)**: timed `vad` results per second of the measured period, against N × 31.25. \
-         Below expected means results lag or are missing (then errors or late senders say why)."
-    );
-    let _ = writeln!(
-        w,
-        "- **p50 … max**: chunk latency from the frame's actual send. **p99 from schedule** measures from when \
-         the frame was *due*: when a sender falls behind (backpressure, or the load generator short of CPU), \
-         this one shows it, so it guards against coordinated omission. **late**: streams whose sender ever fell \
-         more than {target_ms:.0} ms behind schedule."
-    );
-    let _ = writeln!(
-        w,
-        "- **rows per model call**, **model calls/s**, **replicas busy** (model-call time ÷ wall time, out of 2): \
-         from the server's `/metrics` (`streamserve_batch_size`, `streamserve_inference_duration_seconds`) over \
-         the whole step. Rows per call above 1 is cross-stream batching at work."
-    );
-    let _ = writeln!(
-        w,
-        "- **CPU cores**: CPU time used during the step (ramp and ending included), in cores: this whole \
-         process / its `loadgen*` threads (the load generator: WebSocket client, framing, JSON parsing, timing) / \
-         the rest of the process (the server) / every other process on the machine (must be near 0, or the \
-         machine was not quiet). With {} cores, process ≈ {} means the machine was saturated.",
-        machine.nproc, machine.nproc
-    );
-    let _ = writeln!(
-        w,
-        "- **Caveat**: the load generator does about as much per chunk as the server (frames, masking, JSON), \
-         on the same cores, so the figures are a lower bound for a server with the machine to itself; the \
-         loadgen column says how much it took. Each step ran once; expect run-to-run noise of a step or so \
-         near the limit."
-    );
-    let _ = writeln!(w, "- Raw numbers: `results.json` beside this file.");
-    md
+    crate::report::render(
+        "streams_bench",
+        &crate::report::context(json, &[header, extra]),
+    )
 }
 
 /// Plain statements derived from the measurements.

@@ -1,7 +1,8 @@
-//! What the benchmark report says about the machine it ran on, read from `/proc` (Linux);
-//! anything unreadable is reported as "unknown" rather than failing the run.
+//! What the benchmark reports say about the machine and its CPU use, from `/proc` through
+//! the `procfs` crate (Linux); anything unreadable is reported as "unknown" (or `None`)
+//! rather than failing the run.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use procfs::{Current as _, CurrentSI as _};
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct MachineInfo {
@@ -16,38 +17,30 @@ pub struct MachineInfo {
 
 impl MachineInfo {
     pub fn collect() -> MachineInfo {
-        let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let cpu_model = field(&cpuinfo, "model name")
-            .or_else(|| field(&cpuinfo, "Model"))
-            .or_else(|| field(&cpuinfo, "cpu model"))
-            .unwrap_or_else(|| "unknown".into());
-        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-        let mem_total = field(&meminfo, "MemTotal").unwrap_or_else(|| "unknown".into());
-        let kernel = read_trimmed("/proc/sys/kernel/osrelease");
-        let loadavg_at_start = read_trimmed("/proc/loadavg");
+        let unknown = || "unknown".to_string();
+        let cpuinfo = procfs::CpuInfo::current().ok();
+        let cpu_model = cpuinfo.as_ref().and_then(|c| {
+            ["model name", "Model", "cpu model"]
+                .iter()
+                .find_map(|k| c.get_field(0, k).map(str::to_string))
+        });
+        let load = procfs::LoadAverage::current().ok().map(|l| {
+            let (one, five, fifteen) = (l.one, l.five, l.fifteen);
+            format!(
+                "{one:.2} {five:.2} {fifteen:.2} {}/{} {}",
+                l.cur, l.max, l.latest_pid
+            )
+        });
         MachineInfo {
-            nproc,
-            cpu_model,
-            mem_total,
-            kernel,
-            loadavg_at_start,
+            nproc: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            cpu_model: cpu_model.unwrap_or_else(unknown),
+            mem_total: procfs::Meminfo::current()
+                .map_or_else(|_| unknown(), |m| format!("{} kB", m.mem_total / 1024)),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map_or_else(|_| unknown(), |s| s.trim().to_string()),
+            loadavg_at_start: load.unwrap_or_else(unknown),
         }
     }
-}
-
-fn read_trimmed(path: &str) -> String {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
-}
-
-/// The value of the first `key : value` line of a `/proc` file.
-fn field(text: &str, key: &str) -> Option<String> {
-    text.lines().find_map(|line| {
-        let (k, v) = line.split_once(':')?;
-        (k.trim() == key).then(|| v.trim().to_string())
-    })
 }
 
 /// CPU time counters, to tell how much of the machine other processes took during a run
@@ -68,32 +61,19 @@ pub struct CpuSnapshot {
 impl CpuSnapshot {
     /// `None` where `/proc` cannot be read.
     pub fn take() -> Option<CpuSnapshot> {
-        let stat = std::fs::read_to_string("/proc/stat").ok()?;
-        let cpu: Vec<u64> = stat
-            .lines()
-            .find(|l| l.starts_with("cpu "))?
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|v| v.parse().ok())
-            .collect();
+        let stat = procfs::KernelStats::current().ok()?;
+        let t = &stat.total;
+        let opt = |v: Option<u64>| v.unwrap_or(0);
         // user nice system idle iowait irq softirq steal (guest time is already in user).
-        let total: u64 = cpu.iter().take(8).sum();
-        let idle = cpu.get(3).copied().unwrap_or(0) + cpu.get(4).copied().unwrap_or(0);
-        let cpus = stat
-            .lines()
-            .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
-            .count();
-        let own_stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-        // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
-        let rest: Vec<&str> = own_stat.rsplit_once(')')?.1.split_whitespace().collect();
-        let utime: u64 = rest.get(11)?.parse().ok()?;
-        let stime: u64 = rest.get(12)?.parse().ok()?;
+        let idle = t.idle + opt(t.iowait);
+        let total = t.user + t.nice + t.system + idle + opt(t.irq) + opt(t.softirq) + opt(t.steal);
+        let own = procfs::process::Process::myself().ok()?.stat().ok()?;
         Some(CpuSnapshot {
             total,
             busy: total.saturating_sub(idle),
-            own: utime + stime,
+            own: own.utime + own.stime,
             loadgen: thread_ticks(LOADGEN_THREAD_PREFIX),
-            cpus: cpus.max(1),
+            cpus: stat.cpu_time.len().max(1),
         })
     }
 
@@ -141,27 +121,35 @@ pub const LOADGEN_THREAD_PREFIX: &str = "loadgen";
 /// (`/proc/self/task/*/stat`); 0 where `/proc` cannot be read. Threads that have exited no
 /// longer count, so take deltas over periods in which the threads of interest stay alive.
 pub fn thread_ticks(prefix: &str) -> u64 {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+    let Ok(tasks) = procfs::process::Process::myself().and_then(|p| p.tasks()) else {
         return 0;
     };
-    let mut ticks = 0;
-    for task in tasks.flatten() {
-        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
-            continue;
-        };
-        let Some((head, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let name = head.split_once('(').map_or("", |(_, n)| n);
-        if !name.starts_with(prefix) {
-            continue;
-        }
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let utime: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
-        let stime: u64 = fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-        ticks += utime + stime;
-    }
-    ticks
+    tasks
+        .flatten()
+        .filter_map(|task| task.stat().ok())
+        .filter(|stat| stat.comm.starts_with(prefix))
+        .map(|stat| stat.utime + stat.stime)
+        .sum()
+}
+
+/// The load generator's tokio runtime: `threads` workers named `loadgen*`, so that their
+/// CPU time can be told apart from an in-process server's.
+pub fn client_runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context as _;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .thread_name(LOADGEN_THREAD_PREFIX)
+        .enable_all()
+        .build()
+        .context("cannot start the client runtime")
+}
+
+/// The HTTP client for the server's `/metrics` and admin API: no proxy, 10 s per request.
+pub fn metrics_client() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .no_proxy()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()?)
 }
 
 /// Raises this process's soft limit on open files towards `wanted` (at most the hard limit)
@@ -259,104 +247,12 @@ pub fn wait_for_quiet(threshold: f64, max_wait: std::time::Duration) -> Option<f
 
 /// Today's date in UTC as `YYYY-MM-DD`, and the time as `YYYY-MM-DDTHH:MM:SSZ`.
 pub fn utc_now() -> (String, String) {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
-    let rem = secs % 86_400;
-    let date = format!("{y:04}-{m:02}-{d:02}");
-    let time = format!(
-        "{date}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    );
-    (date, time)
+    utc_at(std::time::SystemTime::now())
 }
 
-/// Days since 1970-01-01 to a proleptic Gregorian (year, month, day) — H. Hinnant's algorithm.
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
-/// Writes a benchmark run into `dir`: `report.md`, `results.json`, and the plot that
-/// `draw` makes from those results as `plot_file`. A plot that fails is said on stderr
-/// (prefixed `[tag]`), not an error: the numbers are already written.
-pub fn save_run(
-    dir: &std::path::Path,
-    tag: &str,
-    report: &str,
-    results: &serde_json::Value,
-    plot_file: &str,
-    draw: fn(&serde_json::Value, &std::path::Path) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
-    use anyhow::Context as _;
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    std::fs::write(dir.join("report.md"), report)
-        .with_context(|| format!("cannot write {}/report.md", dir.display()))?;
-    std::fs::write(
-        dir.join("results.json"),
-        serde_json::to_vec_pretty(results)?,
-    )
-    .with_context(|| format!("cannot write {}/results.json", dir.display()))?;
-    if let Err(e) = draw(results, &dir.join(plot_file)) {
-        eprintln!("[{tag}] {e:#}");
-    }
-    Ok(())
-}
-
-/// The software lines of a report's machine section: the ONNX Runtime version and the
-/// checkout's revision, then a blank line.
-pub fn write_software_lines(md: &mut String) {
-    use std::fmt::Write as _;
-    let _ = writeln!(
-        md,
-        "- ONNX Runtime: {} (CPU execution provider)",
-        streamserve::runtime::ORT_VERSION
-    );
-    let _ = writeln!(
-        md,
-        "- streamserve source: `{}` (`-dirty`: uncommitted source changes, results aside)\n",
-        source_revision()
-    );
-}
-
-/// The opening every report shares: title, when, the command, and the machine (up to its load
-/// average; each report adds its own machine lines after it).
-pub fn write_report_header(
-    md: &mut String,
-    title: &str,
-    started_at: &str,
-    elapsed: std::time::Duration,
-    command: &str,
-    machine: &MachineInfo,
-) {
-    use std::fmt::Write as _;
-    let _ = writeln!(md, "# {title}\n");
-    let _ = writeln!(
-        md,
-        "Started {started_at} · took {:.0} s in all.\n",
-        elapsed.as_secs_f64()
-    );
-    let _ = writeln!(
-        md,
-        "Command (from the repository root):\n\n```\n{command}\n```\n"
-    );
-    let _ = writeln!(md, "## Machine\n");
-    let _ = writeln!(md, "- nproc: {}", machine.nproc);
-    let _ = writeln!(md, "- CPU: {}", machine.cpu_model);
-    let _ = writeln!(md, "- memory: {}", machine.mem_total);
-    let _ = writeln!(md, "- kernel: {}", machine.kernel);
-    let _ = writeln!(md, "- load average at start: {}", machine.loadavg_at_start);
+fn utc_at(t: std::time::SystemTime) -> (String, String) {
+    let time = humantime::format_rfc3339_seconds(t).to_string();
+    (time[..10].to_string(), time)
 }
 
 #[cfg(test)]
@@ -365,10 +261,16 @@ mod tests {
 
     #[test]
     fn dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
-        assert_eq!(civil_from_days(20_417), (2025, 11, 25));
-        assert_eq!(civil_from_days(-1), (1969, 12, 31));
+        let day = |d: u64| {
+            utc_at(std::time::UNIX_EPOCH + std::time::Duration::from_secs(d * 86_400 + 3_723)).0
+        };
+        assert_eq!(day(0), "1970-01-01");
+        assert_eq!(day(11_016), "2000-02-29");
+        assert_eq!(day(20_417), "2025-11-25");
+        assert_eq!(
+            utc_at(std::time::UNIX_EPOCH + std::time::Duration::from_secs(3_723)).1,
+            "1970-01-01T01:02:03Z"
+        );
     }
 
     #[test]
@@ -410,9 +312,13 @@ mod tests {
     }
 
     #[test]
-    fn proc_fields() {
-        let text = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t: a b\n";
-        assert_eq!(field(text, "model name").as_deref(), Some("AMD EPYC 7B13"));
-        assert_eq!(field(text, "nothing"), None);
+    fn machine_fields() {
+        let m = MachineInfo::collect();
+        assert!(m.nproc >= 1);
+        if std::path::Path::new("/proc/cpuinfo").exists() {
+            assert_ne!(m.cpu_model, "unknown", "{m:?}");
+            assert!(m.mem_total.ends_with(" kB"), "{m:?}");
+            assert_eq!(m.loadavg_at_start.split_whitespace().count(), 5, "{m:?}");
+        }
     }
 }

@@ -7,22 +7,21 @@
 //! latency, degraded answers and refusals moving across each event and how long the server
 //! takes to settle back.
 
-use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::hist::Histogram;
 use anyhow::{bail, Context as _};
-use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
-use crate::bench::{cpu_since, results_dir, start_server_with, stop_server, TempModelDir};
+use crate::bench::{cpu_since, start_server_with, stop_server, TempModelDir};
 use crate::open_loop::{self, OpenLoopOptions, OpenLoopReport, TimelineBin};
 use crate::overload::{self, FALLBACK, MAX_QUEUE, PRIMARY, SLO_MS};
 use crate::prometheus;
 use crate::rest::{self, RestOptions};
-use crate::sysinfo::{utc_now, wait_for_quiet, CpuShare, CpuSnapshot, MachineInfo};
+use crate::sysinfo::{wait_for_quiet, CpuShare, CpuSnapshot, MachineInfo};
 
 /// The token of the admin API of the in-process server (loopback only, this run only).
 const ADMIN_TOKEN: &str = "loadgen-timeline";
@@ -233,13 +232,7 @@ pub fn run(options: &TimelineOptions) -> anyhow::Result<TimelineOutcome> {
             );
         }
     }
-    let started = Instant::now();
-    let machine = MachineInfo::collect();
-    let (date, started_at) = utc_now();
-    let dir = options
-        .out
-        .clone()
-        .unwrap_or_else(|| results_dir().join(format!("{date}-timeline-mlp")));
+    let start = crate::report::Start::now(options.out.as_deref(), "timeline-mlp");
     crate::sysinfo::raise_nofile_limit(2 * options.max_in_flight as u64 + 1024);
     let (manifest_text, _) = overload::overload_manifest_with(
         vec![(
@@ -261,12 +254,7 @@ pub fn run(options: &TimelineOptions) -> anyhow::Result<TimelineOutcome> {
     }
     let base = format!("http://{}", running.addr);
     eprintln!("[timeline] streamserve on {base}");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(options.client_threads.max(1))
-        .thread_name(crate::sysinfo::LOADGEN_THREAD_PREFIX)
-        .enable_all()
-        .build()
-        .context("cannot start the client runtime")?;
+    let runtime = crate::sysinfo::client_runtime(options.client_threads)?;
     let result = run_on(options, &plan, &base, &runtime);
     stop_server(&running);
     drop(models);
@@ -274,17 +262,17 @@ pub fn run(options: &TimelineOptions) -> anyhow::Result<TimelineOutcome> {
     let measured = result?;
 
     let input = ReportInput {
-        machine: &machine,
-        started_at: &started_at,
-        elapsed: started.elapsed(),
+        machine: &start.machine,
+        started_at: &start.started_at,
+        elapsed: start.at.elapsed(),
         options,
         manifest: &manifest_text,
         measured: &measured,
     };
     let results = results_json(&input);
-    let report = render_report(&input, &results);
-    crate::sysinfo::save_run(
-        &dir,
+    let report = render_report(&input, &results)?;
+    crate::report::save_run(
+        &start.dir,
         "timeline",
         &report,
         &results,
@@ -292,7 +280,7 @@ pub fn run(options: &TimelineOptions) -> anyhow::Result<TimelineOutcome> {
         crate::plots::timeline,
     )?;
     Ok(TimelineOutcome {
-        dir,
+        dir: start.dir,
         report,
         results,
         open_loop: measured.report,
@@ -376,10 +364,7 @@ fn run_on(
         label: "timeline".into(),
     };
     open.check()?;
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(10))
-        .build()?;
+    let client = crate::sysinfo::metrics_client()?;
 
     let t0 = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
@@ -485,7 +470,7 @@ struct Span {
     ok_degraded: u64,
     shed: u64,
     failed: u64,
-    latency: Histogram<u64>,
+    latency: Histogram,
 }
 
 impl Span {
@@ -499,7 +484,7 @@ impl Span {
             ok_degraded: 0,
             shed: 0,
             failed: 0,
-            latency: open_loop::new_bin_histogram(),
+            latency: crate::hist::new(2),
         };
         for b in bins {
             span.seconds += width.as_secs_f64();
@@ -708,229 +693,35 @@ fn results_json(input: &ReportInput<'_>) -> Value {
     })
 }
 
-fn num(v: &Value) -> String {
-    v.as_f64().map_or("–".into(), |v| {
-        if v >= 100.0 {
-            format!("{v:.0}")
-        } else {
-            format!("{v:.1}")
-        }
-    })
-}
-
-fn render_report(input: &ReportInput<'_>, results: &Value) -> String {
-    let ReportInput {
-        machine, options, ..
-    } = input;
-    let m = input.measured;
-    let r = &m.report;
-    let mut md = String::new();
-    let w = &mut md;
-    crate::sysinfo::write_report_header(
-        w,
+/// `report.md` from `templates/timeline.md.j2`: the results JSON and the run's settings.
+fn render_report(input: &ReportInput<'_>, results: &Value) -> anyhow::Result<String> {
+    let (options, m) = (input.options, input.measured);
+    let backtrace = match std::env::var("RUST_BACKTRACE") {
+        Ok(v) if v != "0" => format!(
+            "`{v}`: each worker panic's backtrace is captured and resolved on a low-priority thread (at most \
+             one per minute); resolving it can still slow serving for a few hundred ms (README, Resilience)"
+        ),
+        Ok(v) => format!("`{v}` (worker panics are logged without a backtrace)"),
+        Err(_) => "unset (worker panics are logged without a backtrace)".into(),
+    };
+    let extra = json!({
+        "slo_ms": SLO_MS, "fallback": FALLBACK, "max_queue": MAX_QUEUE, "backtrace": backtrace,
+        "capacity_s": options.capacity_duration.as_secs_f64(), "base_share": options.base_share,
+        "binary": options.binary, "max_in_flight": options.max_in_flight,
+        "scrape_ms": SCRAPE_EVERY.as_secs_f64() * 1000.0, "step": options.step_at.is_some(),
+        "pool_idle_s": crate::rest::POOL_IDLE_TIMEOUT.as_secs(), "plot": PLOT_FILE,
+        "restarts": m.server.last().map_or(0.0, |s| s.restarts),
+    });
+    let header = crate::report::header(
         "streamserve timeline: `mlp` through an overload step and worker faults",
-        input.started_at,
         input.elapsed,
-        &options.command,
-        machine,
+        &[],
+        true,
     );
-    crate::sysinfo::write_software_lines(w);
-    let _ = writeln!(w, "## Setup\n");
-    let _ = writeln!(
-        w,
-        "- streamserve in this process on 127.0.0.1 with `mlp` (replicas 2, max_batch_size 64, slo_ms {SLO_MS}, \
-         fallback `{FALLBACK}`, max_queue {MAX_QUEUE}, **hang_timeout_ms {}**) and `{FALLBACK}`, the admin API on \
-         (faults are injected through it, as an operator would). The manifest, as written:\n\n```toml\n{}```\n",
-        options.hang_timeout_ms, input.manifest
-    );
-    match m.capacity {
-        Some((rps, p99)) => {
-            let _ = writeln!(
-                w,
-                "- **Capacity**: closed loop at concurrency {}, {:.0} s measured: **{rps:.0} requests/s** (p99 \
-                 {p99:.1} ms). Base rate = {} × capacity = **{:.0} requests/s**.",
-                options.capacity_concurrency,
-                options.capacity_duration.as_secs_f64(),
-                options.base_share,
-                m.base_rate
-            );
-        }
-        None => {
-            let _ = writeln!(
-                w,
-                "- Base rate given: **{:.0} requests/s** (no capacity run; shares are of this rate).",
-                m.base_rate
-            );
-        }
-    }
-    let _ = writeln!(
-        w,
-        "- **Open loop** for {:.0} s at the base rate, 1 row per request, {} tensor data, at most {} in flight (a \
-         request due beyond that is not sent, and counted). Outcomes are binned by **scheduled** send time in {:.0} ms \
-         bins; latency runs from the scheduled send (no coordinated omission). `/metrics` scraped every {:.0} ms for \
-         the server's view. The load generator runs in the same process, on the same {} cores.\n",
-        options.duration.as_secs_f64(),
-        if options.binary { "binary" } else { "JSON" },
-        options.max_in_flight,
-        options.bin.as_secs_f64() * 1000.0,
-        SCRAPE_EVERY.as_secs_f64() * 1000.0,
-        machine.nproc
-    );
-    let _ = writeln!(
-        w,
-        "- `RUST_BACKTRACE`: {}.\n",
-        match std::env::var("RUST_BACKTRACE") {
-            Ok(v) if v != "0" => format!(
-                "`{v}`: each worker panic's backtrace is captured and resolved on a low-priority thread (at most \
-                 one per minute); resolving it can still slow serving for a few hundred ms (README, Resilience)"
-            ),
-            Ok(v) => format!("`{v}` (worker panics are logged without a backtrace)"),
-            Err(_) => "unset (worker panics are logged without a backtrace)".into(),
-        }
-    );
-    if options.step_at.is_some() {
-        let _ = writeln!(
-            w,
-            "- After the step the load generator holds up to {} connections; about 6 s after it ends it drops the \
-             idle ones at once (pool idle timeout {} s, then its pool's next check), which costs one slow bin. \
-             Faults planned later than that are not blurred by it.\n",
-            options.max_in_flight,
-            crate::rest::POOL_IDLE_TIMEOUT.as_secs()
-        );
-    }
-    let _ = writeln!(w, "## Events\n");
-    let _ = writeln!(w, "| planned s | took effect s | event | admin answer |");
-    let _ = writeln!(w, "|---:|---:|---|---|");
-    for e in &m.events {
-        let _ = writeln!(
-            w,
-            "| {:.1} | {:.3} | {} | {} |",
-            e.planned_s,
-            e.at_s,
-            e.label,
-            e.answer.as_deref().map_or("(schedule)".into(), |a| format!(
-                "`{}`",
-                a.replace('|', "\\|")
-            ))
-        );
-    }
-    let _ = writeln!(
-        w,
-        "\n![latency, outcomes and server state over time]({PLOT_FILE})\n\n[`{PLOT_FILE}`]({PLOT_FILE}): top, \
-         p50 / p99 / max latency of the 200 answers per bin (log scale); middle, requests per second per bin by \
-         outcome (offered = scheduled; primary = 200 from `mlp`; degraded = 200 from `{FALLBACK}`; shed = 429/503; \
-         failed = other statuses and transport errors; not sent = due while the load generator's in-flight \
-         bound was reached); bottom, healthy `mlp` replicas and its \
-         queue depth from `/metrics`. Dashed lines: the events.\n"
-    );
-    let _ = writeln!(w, "## Phases\n");
-    let _ = writeln!(
-        w,
-        "| phase | s | offered req/s | goodput req/s | 200 p50 ms | 200 p99 ms | 200 max ms | degraded | shed | failed | not sent |"
-    );
-    let _ = writeln!(w, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for p in results["phases"].as_array().into_iter().flatten() {
-        let scheduled = p["scheduled"].as_f64().unwrap_or(0.0).max(1.0);
-        let pct = |k: &str| format!("{:.1}%", 100.0 * p[k].as_f64().unwrap_or(0.0) / scheduled);
-        let _ = writeln!(
-            w,
-            "| {} | {:.1}–{:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            p["label"].as_str().unwrap_or("?"),
-            p["start_s"].as_f64().unwrap_or(0.0),
-            p["end_s"].as_f64().unwrap_or(0.0),
-            num(&p["offered_per_s"]),
-            num(&p["goodput_per_s"]),
-            num(&p["p50_ms"]),
-            num(&p["p99_ms"]),
-            num(&p["max_ms"]),
-            pct("ok_degraded"),
-            pct("shed"),
-            pct("failed"),
-            pct("not_sent"),
-        );
-    }
-    let _ = writeln!(
-        w,
-        "\nShares are of the requests scheduled in the phase. Totals: {} scheduled, {} sent, {} primary 200, {} \
-         degraded 200, statuses {:?}, transport errors {}, invalid answers {}, not sent {}, **unanswered {}**; \
-         scheduler max lag {:.1} ms; peak in flight {}.\n",
-        r.scheduled,
-        r.sent,
-        r.ok_primary,
-        r.ok_degraded,
-        r.statuses,
-        r.transport,
-        r.invalid,
-        r.not_sent,
-        r.unanswered,
-        r.max_schedule_lag.as_secs_f64() * 1000.0,
-        r.peak_in_flight
-    );
-    let _ = writeln!(w, "## Settling (computed from the bins)\n");
-    match results["baseline_limits"].as_object() {
-        Some(limits) => {
-            let _ = writeln!(
-                w,
-                "A bin is **off baseline** when its p99 exceeds {} ms (3× the base phase's p99, at least +10 ms) or \
-                 more than {:.1}% of its requests were not a 200 from `mlp` itself (the base phase's share + 2 \
-                 points). Per event: the time from the event to the first bin from which 1 s of bins (or all the \
-                 bins before the next event, if that comes sooner) stay on baseline; the worst bin's p99 and the \
-                 slowest 200 answer from the bin the event fell in to the next event (a fault that delays one \
-                 small batch shows in the slowest answer, not in a bin's p99).\n",
-                num(&limits["bin_p99_ms"]),
-                100.0 * limits["disturbed_share"].as_f64().unwrap_or(0.0)
-            );
-            let _ = writeln!(w, "| event | at s | off baseline for s | settled before the next event | worst bin p99 ms | slowest 200 ms |");
-            let _ = writeln!(w, "|---|---:|---:|---|---:|---:|");
-            for s in results["settle"].as_array().into_iter().flatten() {
-                let _ = writeln!(
-                    w,
-                    "| {} | {:.2} | {} | {} | {} | {} |",
-                    s["event"].as_str().unwrap_or("?"),
-                    s["at_s"].as_f64().unwrap_or(0.0),
-                    s["off_baseline_s"]
-                        .as_f64()
-                        .map_or("–".into(), |v| format!("{v:.2}")),
-                    if s["settled_before_next"].as_bool() == Some(true) {
-                        "yes"
-                    } else {
-                        "**no**"
-                    },
-                    num(&s["worst_bin_p99_ms"]),
-                    num(&s["slowest_ms"]),
-                );
-            }
-        }
-        None => {
-            let _ = writeln!(
-                w,
-                "No base phase long enough (≥ 1 s before the first event) to compare with."
-            );
-        }
-    }
-    let restarts = m.server.last().map_or(0.0, |s| s.restarts);
-    let _ = writeln!(
-        w,
-        "\n- Worker restarts counted by the server over the run: {restarts:.0}. Every sent request was answered \
-         (a status or a counted transport error): **{}**.",
-        if r.unanswered == 0 { "yes" } else { "NO" }
-    );
-    if let Some(cpu) = m.cpu {
-        let _ = writeln!(
-            w,
-            "- CPU cores over the timeline: process {:.2}, load generator {:.2}, server {:.2}, others {:.2}{}.",
-            cpu.own_cores,
-            cpu.loadgen_cores,
-            cpu.server_cores(),
-            cpu.other_cores,
-            if cpu.other_cores > 0.2 { " (**a contended machine**)" } else { "" }
-        );
-    }
-    let _ = writeln!(
-        w,
-        "\nRaw numbers (every bin, every scrape): `results.json` beside this file."
-    );
-    md
+    crate::report::render(
+        "timeline",
+        &crate::report::context(results, &[header, extra]),
+    )
 }
 
 #[cfg(test)]
@@ -993,7 +784,7 @@ mod tests {
     }
 
     fn bin(t_ms: u64, scheduled: u64, ok: u64, degraded: u64, p99_us: u64) -> TimelineBin {
-        let mut h = open_loop::new_bin_histogram();
+        let mut h = crate::hist::new(2);
         for _ in 0..ok + degraded {
             h.record(p99_us).unwrap();
         }
