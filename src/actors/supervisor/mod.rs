@@ -268,7 +268,7 @@ impl Supervisor {
                 let served = self.served(key)?;
                 let idle_for =
                     now_ms.saturating_sub(served.health.last_used_ms.load(Ordering::Relaxed));
-                let in_rollout = self.deployments.involves(&key.1);
+                let in_rollout = self.deployments.involves(&key.0, &key.1);
                 (idle_for >= idle_after.as_millis() as u64 && !in_rollout).then(|| key.clone())
             })
             .collect();
@@ -373,7 +373,7 @@ impl Handler<Unload> for Supervisor {
 
     fn handle(&mut self, msg: Unload, _ctx: &mut Self::Context) -> Self::Result {
         let key = self.key(&msg.name, msg.version.as_deref())?;
-        if self.deployments.involves(&key.1) {
+        if self.deployments.involves(&key.0, &key.1) {
             return Err(ServeError::Conflict(format!(
                 "{}:{} is part of a running canary; roll it back first",
                 key.0, key.1

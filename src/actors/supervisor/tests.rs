@@ -332,6 +332,13 @@ async fn a_canary_worse_than_stable_is_rolled_back() {
         f.deploy("2", Strategy::BlueGreen).await,
         Err(ServeError::Conflict(_))
     ));
+    // Another model's version of the same name is not held by this rollout.
+    f.ensure("idle", Some("1")).await.unwrap();
+    let unload = f.supervisor.send(Unload {
+        name: "idle".into(),
+        version: Some("1".into()),
+    });
+    assert_eq!(unload.await.unwrap().unwrap()["unloaded"], true);
     // Five failed answers from the canary, none from stable.
     let health = f.served("m", "2").health;
     for _ in 0..5 {

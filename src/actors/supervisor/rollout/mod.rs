@@ -33,12 +33,13 @@ pub(super) struct Deployments {
 }
 
 impl Deployments {
-    /// Whether `version` is the canary or the stable version of a running rollout (of any
-    /// model, as before the split): such a version is neither unloaded idle nor on request.
-    pub(super) fn involves(&self, version: &str) -> bool {
+    /// Whether `model:version` is the canary or the stable version of the model's running
+    /// rollout: such a version is neither unloaded idle nor on request. (Another model's
+    /// version of the same name is not held.)
+    pub(super) fn involves(&self, model: &str, version: &str) -> bool {
         self.running
-            .values()
-            .any(|r| r.version == version || r.stable == version)
+            .get(model)
+            .is_some_and(|r| r.version == version || r.stable == version)
     }
 }
 
