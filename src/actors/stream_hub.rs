@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
-use super::stream_session::StreamSession;
+use super::stream_session::{StreamEnded, StreamSession};
 
 #[derive(Default)]
 pub struct StreamHub {
@@ -20,12 +20,6 @@ pub struct StreamHub {
 pub struct Register {
     pub id: Arc<str>,
     pub session: Addr<StreamSession>,
-}
-
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Unregister {
-    pub id: Arc<str>,
 }
 
 #[derive(Message)]
@@ -52,9 +46,9 @@ impl Handler<Register> for StreamHub {
     }
 }
 
-impl Handler<Unregister> for StreamHub {
+impl Handler<StreamEnded> for StreamHub {
     type Result = ();
-    fn handle(&mut self, msg: Unregister, _: &mut Self::Context) {
+    fn handle(&mut self, msg: StreamEnded, _: &mut Self::Context) {
         self.streams.remove(&msg.id);
         self.publish();
     }

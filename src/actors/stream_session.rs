@@ -20,7 +20,6 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::registry::ServedModel;
 use super::served::InferOptions;
-use super::stream_hub::{StreamHub, Unregister};
 use crate::error::ServeError;
 use crate::model::{InferRequest, InferResponse};
 use crate::stream::audio::SampleFormat;
@@ -103,8 +102,16 @@ pub struct StreamSession {
     generation: u64,
     credits: Arc<Semaphore>,
     resume_timer: Option<SpawnHandle>,
-    hub: Option<Addr<StreamHub>>,
+    ended: Option<Recipient<StreamEnded>>,
     labels: [(&'static str, String); 1],
+}
+
+/// Told to whoever listed a stream (the hub) when its session ends, so that the listing goes
+/// with it. A message of the session's, so that sessions need not know the hub.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StreamEnded {
+    pub id: Arc<str>,
 }
 
 impl StreamSession {
@@ -113,7 +120,7 @@ impl StreamSession {
         id: Arc<str>,
         model: ServedModel,
         params: StreamParams,
-        hub: Option<Addr<StreamHub>>,
+        ended: Option<Recipient<StreamEnded>>,
     ) -> Result<StreamSession, String> {
         let vad = VadInterface::resolve(&model.info)?;
         let (window, context_len) = window_for(params.sample_rate).ok_or_else(|| {
@@ -148,7 +155,7 @@ impl StreamSession {
             generation: 0,
             credits: Arc::new(Semaphore::new(AUDIO_CREDITS)),
             resume_timer: None,
-            hub,
+            ended,
             labels,
         })
     }
@@ -390,8 +397,8 @@ impl Actor for StreamSession {
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         // Wakes a connection waiting for audio credits: this stream takes no more audio.
         self.credits.close();
-        if let Some(hub) = &self.hub {
-            hub.do_send(Unregister {
+        if let Some(ended) = &self.ended {
+            ended.do_send(StreamEnded {
                 id: self.id.clone(),
             });
         }

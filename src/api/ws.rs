@@ -217,7 +217,13 @@ async fn open_session(
         vad: start.vad,
         resume_window: config.resume_window,
     };
-    let session = StreamSession::new(id.clone(), served, params, Some(config.hub.clone()))?.start();
+    let session = StreamSession::new(
+        id.clone(),
+        served,
+        params,
+        Some(config.hub.clone().recipient()),
+    )?
+    .start();
     config.hub.do_send(Register {
         id,
         session: session.clone(),

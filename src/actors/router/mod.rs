@@ -57,8 +57,8 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(50);
 /// router one that reads the catalog, so that routers need not know the catalog).
 pub type FallbackLookup = Arc<dyn Fn(&str) -> Option<Addr<Router>> + Send + Sync>;
 
-/// Queue a validated request; the answer arrives on `reply`. Sent by
-/// [`ServedModel::infer`](super::served::ServedModel::infer) only.
+/// Queue a validated request; the answer arrives on `reply`. Sent by `ServedModel::infer`
+/// only.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Infer {
