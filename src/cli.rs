@@ -1,10 +1,32 @@
-//! `streamserve admin ...`: the admin API from the command line, against a local or deployed
-//! server (`--url`, `STREAMSERVE_URL`; token from `--token` or `STREAMSERVE_ADMIN_TOKEN`).
+//! The `streamserve` command line: its subcommands ([`Cli`]), and `streamserve admin ...`, the
+//! admin API from the command line, against a local or deployed server (`--url`,
+//! `STREAMSERVE_URL`; token from `--token` or `STREAMSERVE_ADMIN_TOKEN`).
 
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 
 use crate::api::admin::{MAX_FAULT_COUNT, MAX_FAULT_MS, MAX_STEP_SECS};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "streamserve",
+    version,
+    about = "Serve ONNX models over the Open Inference Protocol"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start the server on the models of a model directory.
+    Serve(Box<crate::config::ServeArgs>),
+    /// Verify a model directory's manifest and hashes, then print what it holds.
+    CheckModels(crate::config::CheckArgs),
+    /// Operate a running server through its admin API (load, unload, deploy, rollback, ...).
+    Admin(AdminArgs),
+}
 
 #[derive(Args)]
 pub struct AdminArgs {

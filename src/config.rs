@@ -29,29 +29,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::Args;
 use serde::{Deserialize, Serialize};
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "streamserve",
-    version,
-    about = "Serve ONNX models over the Open Inference Protocol"
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Start the server on the models of a model directory.
-    Serve(Box<ServeArgs>),
-    /// Verify a model directory's manifest and hashes, then print what it holds.
-    CheckModels(CheckArgs),
-    /// Operate a running server through its admin API (load, unload, deploy, rollback, ...).
-    Admin(crate::cli::AdminArgs),
-}
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
@@ -150,13 +129,7 @@ pub struct ServeArgs {
     pub max_body_memory_mb: Option<u64>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
-}
+pub use crate::telemetry::LogFormat;
 
 /// The resolved configuration the server runs with; also the keys of the TOML file, each
 /// documented on its flag in [`ServeArgs`]. Keys the file leaves out take `Config::default()`.

@@ -3,7 +3,8 @@
 
 use clap::Parser;
 
-use streamserve::config::{Cli, Command, Config};
+use streamserve::cli::{Cli, Command};
+use streamserve::config::Config;
 use streamserve::manifest::{verify_sha256, Manifest};
 
 fn main() -> std::process::ExitCode {

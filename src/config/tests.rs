@@ -2,7 +2,9 @@
 //! the key list stay one list.
 
 use super::*;
+use crate::cli::{Cli, Command};
 use clap::CommandFactory;
+use clap::Parser;
 
 /// A fresh directory for one test's files.
 fn test_dir(test: &str) -> PathBuf {
