@@ -26,6 +26,44 @@ pub enum Command {
     CheckModels(crate::config::CheckArgs),
     /// Operate a running server through its admin API (load, unload, deploy, rollback, ...).
     Admin(AdminArgs),
+    /// Make API keys for `--api-keys` files.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// A new random key: prints the key (once: the file keeps only its hash) and the entry to
+    /// add to the keys file.
+    New {
+        /// The key's name, as logs and metrics show it.
+        name: String,
+        /// Models it may call: `*`, `name` or `name:version`, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "*")]
+        models: Vec<String>,
+    },
+}
+
+/// `streamserve keys new`: the key on stdout's first line, the file entry after it.
+pub fn keys(command: KeysCommand) -> anyhow::Result<()> {
+    match command {
+        KeysCommand::New { name, models } => {
+            let key = crate::access::keys::new_key().map_err(anyhow::Error::msg)?;
+            let models: Vec<String> = models.iter().map(|m| format!("{m:?}")).collect();
+            let entry = format!(
+                "[[keys]]\nname = {name:?}\nsha256 = \"{}\"\nmodels = [{}]\n",
+                hex::encode(crate::access::keys::hash(&key)),
+                models.join(", ")
+            );
+            // The entry must parse as the server will read it.
+            crate::access::keys::parse(&entry).map_err(anyhow::Error::msg)?;
+            println!("{key}");
+            println!(
+                "\n# Add to the API keys file (the key above is not stored anywhere):\n{entry}"
+            );
+            Ok(())
+        }
+    }
 }
 
 #[derive(Args)]

@@ -127,6 +127,24 @@ pub struct ServeArgs {
     /// would go beyond it gets 503 with Retry-After; at least 1 [default: 512].
     #[arg(long, env = "STREAMSERVE_MAX_BODY_MEMORY_MB")]
     pub max_body_memory_mb: Option<u64>,
+    /// API keys file (TOML; see docs/access.md): when set, inference (REST and streams) needs
+    /// a key from it, within the models and limits it gives; re-read when it changes; unset =
+    /// no keys needed.
+    #[arg(long, env = "STREAMSERVE_API_KEYS")]
+    pub api_keys: Option<PathBuf>,
+    /// Header that carries the API key: `authorization` takes `Bearer <key>`, any other
+    /// header the bare key [default: authorization].
+    #[arg(long, env = "STREAMSERVE_API_KEY_HEADER")]
+    pub api_key_header: Option<String>,
+    /// Requests per second (burst: twice that) from one client address, for callers without
+    /// an API key's own limits; 0 = no limit [default: 0].
+    #[arg(long, env = "STREAMSERVE_CLIENT_REQUESTS_PER_SEC")]
+    pub client_requests_per_sec: Option<u32>,
+    /// Addresses or CIDR ranges of the proxies in front (comma-separated) whose
+    /// `Fly-Client-IP` / `X-Forwarded-For` name the client; from anyone else those headers are
+    /// ignored.
+    #[arg(long, env = "STREAMSERVE_TRUSTED_PROXIES")]
+    pub trusted_proxies: Option<String>,
 }
 
 pub use crate::telemetry::LogFormat;
@@ -161,6 +179,11 @@ pub struct Config {
     /// 0: derived from the open-file limit.
     pub max_connections: usize,
     pub max_body_memory_mb: u64,
+    pub api_keys: Option<PathBuf>,
+    pub api_key_header: String,
+    pub client_requests_per_sec: u32,
+    /// Comma-separated addresses or CIDR ranges.
+    pub trusted_proxies: Option<String>,
 }
 
 impl Default for Config {
@@ -188,6 +211,10 @@ impl Default for Config {
             min_body_bytes_per_sec: 16 * 1024,
             max_connections: 0,
             max_body_memory_mb: 512,
+            api_keys: None,
+            api_key_header: "authorization".into(),
+            client_requests_per_sec: 0,
+            trusted_proxies: None,
         }
     }
 }

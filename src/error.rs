@@ -71,6 +71,12 @@ pub enum ServeError {
     AdminOff,
     #[error("missing or wrong admin token (send Authorization: Bearer <token>)")]
     Unauthorized,
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{what}; retry in {} ms", retry_after.as_millis().max(1))]
+    RateLimited { what: String, retry_after: Duration },
     #[error("server is shutting down")]
     ShuttingDown,
 }
@@ -100,13 +106,17 @@ impl ServeError {
             ServeError::ShuttingDown => "shutting_down",
             ServeError::AdminOff => "admin_off",
             ServeError::Unauthorized => "unauthorized",
+            ServeError::Unauthenticated(_) => "unauthenticated",
+            ServeError::Forbidden(_) => "forbidden",
+            ServeError::RateLimited { .. } => "rate_limited",
         }
     }
 
     fn retry_after(&self) -> Option<Duration> {
         match self {
             ServeError::Overloaded { retry_after, .. }
-            | ServeError::NotReady { retry_after, .. } => Some(*retry_after),
+            | ServeError::NotReady { retry_after, .. }
+            | ServeError::RateLimited { retry_after, .. } => Some(*retry_after),
             ServeError::WorkerLost(_)
             | ServeError::ShuttingDown
             | ServeError::BodyMemoryFull { .. } => Some(Duration::from_secs(1)),
@@ -121,7 +131,8 @@ impl ResponseError for ServeError {
             ServeError::ModelNotFound(_)
             | ServeError::VersionNotFound { .. }
             | ServeError::AdminOff => StatusCode::NOT_FOUND,
-            ServeError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ServeError::Unauthorized | ServeError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            ServeError::Forbidden(_) => StatusCode::FORBIDDEN,
             ServeError::Conflict(_) => StatusCode::CONFLICT,
             ServeError::ModelCold { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ServeError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
@@ -130,7 +141,9 @@ impl ResponseError for ServeError {
             }
             ServeError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ServeError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ServeError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ServeError::Overloaded { .. } | ServeError::RateLimited { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ServeError::ModelUnavailable { .. }
             | ServeError::NotReady { .. }
             | ServeError::WorkerLost(_)
@@ -147,6 +160,9 @@ impl ResponseError for ServeError {
             // Retry-After is whole seconds; round up so a client never retries too early.
             let secs = after.as_millis().div_ceil(1000).max(1);
             response.insert_header((header::RETRY_AFTER, secs.to_string()));
+        }
+        if matches!(self, ServeError::Unauthenticated(_)) {
+            response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
         }
         if matches!(
             self,

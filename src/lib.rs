@@ -7,6 +7,7 @@
 //! `actors/supervisor/` starts it all from `models/models.toml`. The whole map is
 //! `docs/architecture.md`.
 
+pub mod access;
 pub mod actors;
 pub mod api;
 pub mod cli;

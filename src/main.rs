@@ -13,6 +13,7 @@ fn main() -> std::process::ExitCode {
         Command::Serve(args) => serve(*args),
         Command::CheckModels(args) => check_models(&args.models),
         Command::Admin(args) => streamserve::cli::run(args),
+        Command::Keys(command) => streamserve::cli::keys(command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -8,6 +8,7 @@ use actix::Actor;
 use actix_web::{web, App, HttpServer};
 use tokio::sync::watch;
 
+use crate::access::Access;
 use crate::actors::budget::Budgets;
 use crate::actors::registry::Registry;
 use crate::actors::stream_hub::StreamHub;
@@ -100,6 +101,19 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
         work: work.clone(),
     };
     let max_connections = connection_cap(config.max_connections, config.http_workers);
+    let access = Arc::new(Access::from_config(config).map_err(anyhow::Error::msg)?);
+    {
+        // Keys reload when their file changes; idle client addresses are forgotten.
+        let access = access.clone();
+        actix_web::rt::spawn(async move {
+            let mut tick = actix_web::rt::time::interval(crate::access::RELOAD_EVERY);
+            loop {
+                tick.tick().await;
+                access.reload_if_changed();
+                access.forget_idle_addresses();
+            }
+        });
+    }
     let state = web::Data::new(AppState {
         registry: registry.clone(),
         max_body_bytes: config.max_body_bytes,
@@ -116,6 +130,7 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
         body_memory: BodyMemory::new(config.max_body_memory_mb),
         body_pace,
         work: work.clone(),
+        access,
     });
     let server = HttpServer::new(move || {
         let door = door.clone();

@@ -302,6 +302,11 @@ fn describe() {
         "Requests refused with 429 (queue full, or past max_inflight), by the model the client asked for"
     );
     describe_counter!(
+        "streamserve_access_refused_total",
+        Unit::Count,
+        "Requests and streams refused at the door: no or no valid API key (401), outside the key's models (403), over a key's or a client address's limit (429); by key name ('-' without one) and reason"
+    );
+    describe_counter!(
         "streamserve_degraded_total",
         Unit::Count,
         "Requests a fallback model took in for the model the client asked for (served_by: the fallback); not those it then shed"

@@ -39,7 +39,7 @@ pub struct InferOptions {
 }
 
 impl InferOptions {
-    /// Arrived now, no deadline, interactive.
+    /// Arrived now, no deadline, normal priority.
     pub fn now() -> InferOptions {
         InferOptions::received_at(Instant::now())
     }
@@ -48,7 +48,7 @@ impl InferOptions {
         InferOptions {
             received,
             deadline: None,
-            priority: Priority::Interactive,
+            priority: Priority::Normal,
         }
     }
 

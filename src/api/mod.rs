@@ -42,6 +42,8 @@ pub struct AppState {
     pub body_pace: door::BodyPace,
     /// Requests being handled and streams open, for the shutdown.
     pub work: Arc<door::Work>,
+    /// Who may call which model, within which limits.
+    pub access: Arc<crate::access::Access>,
 }
 
 /// How long a request waits for its model to load on demand before it gets 503.

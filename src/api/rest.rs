@@ -13,6 +13,7 @@ use serde_json::json;
 use super::body;
 use super::kserve::{self, HEADER_CONTENT_LENGTH};
 use super::AppState;
+use crate::access::Pass;
 use crate::actors::registry::{ServedModel, VersionState};
 use crate::actors::served::InferOptions;
 use crate::error::ServeError;
@@ -230,17 +231,40 @@ async fn run_inference(
         .and_then(|v| v.to_str().ok())
         .and_then(untrusted::request_id)
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
-    let resolved = state.served(name, version).await;
+    let peer = req.peer_addr().map(|a| a.ip());
+    let mut body = Some(body);
+    let (pass, resolved) = match state.access.admit(req.headers(), peer, name) {
+        Ok(pass) => {
+            let resolved = state.served(name, version).await;
+            (Some(pass), resolved)
+        }
+        Err(refused) => {
+            if matches!(refused, ServeError::RateLimited { .. }) {
+                // A client over its rate keeps its connection: read the body it sent (within
+                // the limits) before answering, as for any refusal after admission.
+                if let Some(body) = body.take() {
+                    let limits = state.body_limits(state.max_body_bytes);
+                    let _ = body::read(req, body, &limits).await;
+                }
+            }
+            (None, Err(refused))
+        }
+    };
+    let key = pass.as_ref().map_or("-", |p| p.name()).to_string();
     // Label metrics by the served model only: an unknown name from a client must not mint
     // a new time series.
     let (model, model_version) = match &resolved {
         Ok(served) => (served.info.name.clone(), served.info.version.clone()),
         Err(_) => ("_unknown".to_string(), String::new()),
     };
-    let outcome = match &resolved {
-        Ok(served) => infer_on(state, served, req, body, received).await,
-        Err(e) => Err(e.clone()),
+    let outcome = match (&resolved, &pass, body) {
+        (Ok(served), Some(pass), Some(body)) => {
+            infer_on(state, served, req, body, received, pass).await
+        }
+        (Err(e), _, _) => Err(e.clone()),
+        (Ok(_), _, _) => unreachable!("a model is resolved only for an admitted caller"),
     };
+    drop(pass);
     let elapsed = received.elapsed();
     let status = match &outcome {
         Ok(_) => 200,
@@ -260,7 +284,7 @@ async fn run_inference(
                 .record(stats.queue_us as f64 / 1e6);
             tracing::info!(
                 target: "streamserve::access",
-                request_id = %request_id, model = %model, version = %model_version, status,
+                request_id = %request_id, key = %key, model = %model, version = %model_version, status,
                 batch_size = stats.batch_size, queue_us = stats.queue_us, compute_us = stats.compute_us,
                 total_us = elapsed.as_micros() as u64, "infer"
             );
@@ -274,7 +298,7 @@ async fn run_inference(
         Err(e) => {
             tracing::info!(
                 target: "streamserve::access",
-                request_id = %request_id, model = %model, version = %model_version, status,
+                request_id = %request_id, key = %key, model = %model, version = %model_version, status,
                 error = %Untrusted(&e.to_string()), total_us = elapsed.as_micros() as u64, "infer"
             );
             Err(e)
@@ -334,7 +358,11 @@ async fn infer_on(
     req: &HttpRequest,
     body: web::Payload,
     received: Instant,
+    pass: &Pass,
 ) -> Result<(HttpResponse, Stats), ServeError> {
+    state
+        .access
+        .check_version(pass, &served.info.name, &served.info.version)?;
     let json_length = match req.headers().get(HEADER_CONTENT_LENGTH) {
         None => None,
         Some(v) => Some(
@@ -404,12 +432,11 @@ async fn infer_on(
         )),
         None => decoded.timeout_us.map(Duration::from_micros),
     };
-    let response = served
-        .infer(
-            request,
-            InferOptions::received_at(received).with_timeout(timeout),
-        )
-        .await?;
+    state.access.check_rows(pass, &info.name, request.rows)?;
+    let options = InferOptions::received_at(received)
+        .with_timeout(timeout)
+        .with_priority(pass.priority());
+    let response = served.infer(request, options).await?;
     let encoded = kserve::encode(&info, &decoded, &response);
     let mut http = HttpResponse::Ok();
     if let Some(n) = encoded.json_length {

@@ -18,6 +18,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::AppState;
+use crate::access::StreamPass;
 use crate::actors::registry::ServedModel;
 use crate::actors::stream_hub::{Lookup, Register, StreamHub};
 use crate::actors::stream_session::{
@@ -35,6 +36,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Messages queued for one connection before its client counts as not reading.
 const OUTGOING_CAPACITY: usize = 1024;
+/// The subprotocol a browser offers beside `bearer.<key>`, and which the handshake names back.
+pub const SUBPROTOCOL: &str = "streamserve";
 
 /// What stream connections share.
 pub struct StreamsConfig {
@@ -65,9 +68,32 @@ async fn open_stream(
     req: HttpRequest,
     body: web::Payload,
 ) -> Result<HttpResponse, actix_web::Error> {
-    // Unknown and non-streaming models are refused before the upgrade, with a plain HTTP error.
-    let served = stream_model(&state, &path.into_inner()).await?;
-    let (response, session, messages) = actix_ws::handle(&req, body)?;
+    // Callers without access, and unknown and non-streaming models, are refused before the
+    // upgrade, with a plain HTTP error.
+    let name = path.into_inner();
+    let peer = req.peer_addr().map(|a| a.ip());
+    let pass = state.access.admit(req.headers(), peer, &name)?;
+    let served = stream_model(&state, &name).await?;
+    state
+        .access
+        .check_version(&pass, &served.info.name, &served.info.version)?;
+    let stream_pass = state.access.stream(&pass, &served.info.name)?;
+    drop(pass);
+    let (mut response, session, messages) = actix_ws::handle(&req, body)?;
+    // A browser that sent its key as a `bearer.<key>` subprotocol also offered `streamserve`,
+    // which the handshake must name back (never the key).
+    if req
+        .headers()
+        .get_all("sec-websocket-protocol")
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == SUBPROTOCOL)
+    {
+        response.headers_mut().insert(
+            actix_web::http::header::SEC_WEBSOCKET_PROTOCOL,
+            actix_web::http::header::HeaderValue::from_static(SUBPROTOCOL),
+        );
+    }
     let streams = state.streams.clone();
     let messages = messages
         .max_frame_size(MAX_FRAME_BYTES)
@@ -76,7 +102,7 @@ async fn open_stream(
     // An open stream is work in flight: a shutdown waits for it to close (code 1001).
     let work = state.work.begin();
     actix_web::rt::spawn(async move {
-        connection(session, messages, served, streams).await;
+        connection(session, messages, served, streams, stream_pass).await;
         drop(work);
     });
     Ok(response)
@@ -108,6 +134,7 @@ async fn connection(
     mut messages: AggregatedMessageStream,
     served: ServedModel,
     config: Arc<StreamsConfig>,
+    access: StreamPass,
 ) {
     let _gauge = ConnectionGauge::new();
     let start = match read_start(&mut ws, &mut messages).await {
@@ -116,6 +143,7 @@ async fn connection(
         Err(ReadEnd::Close(code, reason)) => return close_with_error(ws, code, reason).await,
     };
     let resuming = start.stream_id.is_some();
+    let sample_rate = start.sample_rate.max(1);
     let (session, last_seq) = match open_session(start, served, &config).await {
         Ok(opened) => opened,
         Err(reason) => return close_with_error(ws, CloseCode::Policy, reason).await,
@@ -144,7 +172,11 @@ async fn connection(
         close_rx,
         reader_close_rx,
     ));
-    let end = read_loop(&mut ws, &mut messages, &session, &attached, &config).await;
+    let limits = ReadLimits {
+        access: &access,
+        sample_rate,
+    };
+    let end = read_loop(&mut ws, &mut messages, &session, &attached, &config, limits).await;
     if let ReadEnd::Close(code, reason) = end {
         let _ = reader_close_tx.send((code, reason)).await;
     }
@@ -231,12 +263,20 @@ async fn open_session(
     Ok((session, None))
 }
 
+/// What bounds a connection's audio: its key's audio per minute, at the stream's rate.
+#[derive(Clone, Copy)]
+struct ReadLimits<'a> {
+    access: &'a StreamPass,
+    sample_rate: u32,
+}
+
 async fn read_loop(
     ws: &mut actix_ws::Session,
     messages: &mut AggregatedMessageStream,
     session: &Addr<StreamSession>,
     attached: &Attached,
     config: &StreamsConfig,
+    limits: ReadLimits<'_>,
 ) -> ReadEnd {
     let mut shutdown = config.shutdown.clone();
     loop {
@@ -276,6 +316,10 @@ async fn read_loop(
                 }
                 if samples.len() > AUDIO_CREDITS {
                     return ReadEnd::Close(CloseCode::Size, "audio frame too long".into());
+                }
+                let ms = (samples.len() as u64 * 1000).div_ceil(limits.sample_rate as u64);
+                if let Err(e) = limits.access.audio(ms.min(u32::MAX as u64) as u32) {
+                    return ReadEnd::Close(CloseCode::Again, e.to_string());
                 }
                 // Backpressure: wait until the session has room for this audio.
                 match attached.credits.acquire_many(samples.len() as u32).await {
@@ -401,6 +445,7 @@ fn error_code(code: CloseCode) -> &'static str {
         CloseCode::Size => "too_large",
         CloseCode::Away => "going_away",
         CloseCode::Protocol => "protocol_error",
+        CloseCode::Again => "try_again",
         _ => "policy",
     }
 }
@@ -437,7 +482,14 @@ async fn segments(
     req: HttpRequest,
     body: web::Payload,
 ) -> Result<HttpResponse, ServeError> {
-    let served = stream_model(&state, &path.into_inner()).await?;
+    let name = path.into_inner();
+    let pass = state
+        .access
+        .admit(req.headers(), req.peer_addr().map(|a| a.ip()), &name)?;
+    let served = stream_model(&state, &name).await?;
+    state
+        .access
+        .check_version(&pass, &served.info.name, &served.info.version)?;
     let body = super::body::read(&req, body, &state.body_limits(state.max_body_bytes)).await?;
     let wav = read_wav(&body.bytes).map_err(ServeError::invalid)?;
     drop(body);

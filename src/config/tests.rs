@@ -122,6 +122,10 @@ fn defaults_are_unchanged() {
         min_body_bytes_per_sec,
         max_connections,
         max_body_memory_mb,
+        api_keys,
+        api_key_header,
+        client_requests_per_sec,
+        trusted_proxies,
     } = Config::default();
     assert_eq!(host, "0.0.0.0");
     assert_eq!(port, 8080);
@@ -145,6 +149,10 @@ fn defaults_are_unchanged() {
     assert_eq!(min_body_bytes_per_sec, 16_384);
     assert_eq!(max_connections, 0);
     assert_eq!(max_body_memory_mb, 512);
+    assert_eq!(api_keys, None);
+    assert_eq!(api_key_header, "authorization");
+    assert_eq!(client_requests_per_sec, 0);
+    assert_eq!(trusted_proxies, None);
 
     // Resolving nothing gives the defaults, and an empty file too.
     let nothing = serde_json::to_value(Config::resolve(ServeArgs::default()).unwrap());

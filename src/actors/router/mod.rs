@@ -8,7 +8,8 @@
 //!
 //! Admission, in order: a request goes to this model's queue while the model has a healthy
 //! replica, is not overloaded (its predicted queue wait is within `slo_ms`, with hysteresis)
-//! and its queue has room; otherwise to the fallback model named in the manifest (degraded
+//! and its queue has room (for low-priority requests: while the model is not overloaded and
+//! its queue is less than half full); otherwise to the fallback model named in the manifest (degraded
 //! mode, flagged in the answer); otherwise it is refused at once with 429 or 503 and a
 //! Retry-After. Queued requests past their deadline are answered 504 before they run.
 //!
@@ -244,7 +245,13 @@ impl Router {
     fn admit(&mut self, pending: Pending, may_degrade: bool, ctx: &mut Context<Self>) {
         let healthy = self.replicas.healthy() > 0;
         let full = !self.queue.has_room();
-        if healthy && !full && !(self.overloaded && may_degrade && self.info.fallback.is_some()) {
+        // Low priority absorbs the squeeze: it leaves the queue's second half and an
+        // overloaded model to normal traffic.
+        let squeezed = self.overloaded || 2 * self.queue.len() >= self.info.max_queue;
+        let yield_to_normal = pending.priority == Priority::Low && squeezed;
+        let to_fallback = self.overloaded && may_degrade && self.info.fallback.is_some();
+        let queue_it = healthy && !full && !yield_to_normal && !to_fallback;
+        if queue_it {
             if let Some(asked) = &pending.degraded_from {
                 metrics::counter!("streamserve_degraded_total", "model" => asked.0.clone(), "version" => asked.1.clone(), "served_by" => self.info.name.clone())
                     .increment(1);

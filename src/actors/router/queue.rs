@@ -3,8 +3,8 @@
 //!
 //! - **Admission**: a request is queued while the queue holds fewer than `max_queue`
 //!   requests ([`BatchQueue::has_room`]); the router decides what happens to the others.
-//! - **Lanes**: interactive requests go first; batch-priority requests (bulk jobs) run only
-//!   when no interactive request waits, and may fill the rest of an interactive batch.
+//! - **Lanes**: normal requests go first; low-priority ones (low-priority API keys, bulk jobs)
+//!   run only when no normal request waits, and may fill the rest of a normal batch.
 //! - **When a batch is due** (Triton's dynamic batcher): at once for a model without a batch
 //!   axis; otherwise when `max_batch_size` rows wait, or when the request that would go next
 //!   has waited `max_queue_delay` ([`BatchQueue::due`]).
@@ -24,9 +24,10 @@ use std::time::{Duration, Instant};
 pub enum Priority {
     /// A caller is waiting: REST, gRPC, a stream's step.
     #[default]
-    Interactive,
-    /// Bulk work that may wait for interactive traffic to pass.
-    Batch,
+    Normal,
+    /// Work that may wait for normal traffic to pass, and that is refused (or sent to the
+    /// fallback) first when the model is squeezed: low-priority API keys, bulk jobs.
+    Low,
 }
 
 /// What the queue needs to know of an entry.
@@ -70,7 +71,7 @@ pub enum Due {
 }
 
 pub struct BatchQueue<T> {
-    /// Interactive, then batch priority.
+    /// Normal, then low priority.
     lanes: [VecDeque<T>; 2],
     rows: usize,
     policy: BatchPolicy,
@@ -78,8 +79,8 @@ pub struct BatchQueue<T> {
 
 fn lane(priority: Priority) -> usize {
     match priority {
-        Priority::Interactive => 0,
-        Priority::Batch => 1,
+        Priority::Normal => 0,
+        Priority::Low => 1,
     }
 }
 
@@ -220,11 +221,11 @@ impl<T: Queued> BatchQueue<T> {
         items
     }
 
-    /// Everything queued, interactive first, leaving the queue empty.
+    /// Everything queued, normal priority first, leaving the queue empty.
     pub fn drain(&mut self) -> Vec<T> {
         self.rows = 0;
-        let [interactive, batch] = &mut self.lanes;
-        interactive.drain(..).chain(batch.drain(..)).collect()
+        let [normal, low] = &mut self.lanes;
+        normal.drain(..).chain(low.drain(..)).collect()
     }
 
     /// How long the last request in the queue can expect to wait for its batch to start:
@@ -281,7 +282,7 @@ mod tests {
             id,
             rows,
             shape: 0,
-            priority: Priority::Interactive,
+            priority: Priority::Normal,
             enqueued: at,
             deadline: None,
             gone: Cell::new(false),
@@ -397,18 +398,18 @@ mod tests {
     }
 
     #[test]
-    fn interactive_requests_go_before_batch_priority_ones() {
+    fn normal_requests_go_before_low_priority_ones() {
         let t0 = Instant::now();
         let mut q = queue(3, 10, 100);
         for id in 1..=2 {
             let mut bulk = item(id, 1, t0);
-            bulk.priority = Priority::Batch;
+            bulk.priority = Priority::Low;
             q.push(bulk);
         }
         q.push(item(3, 1, t0 + MS));
         q.push(item(4, 1, t0 + MS));
         let mut dead = Vec::new();
-        // Interactive first; bulk fills the rest of the batch.
+        // Normal first; low priority fills the rest of the batch.
         assert_eq!(
             ids(&q.take_batch(t0 + MS, same_shape, &mut dead)),
             vec![3, 4, 1]
@@ -416,7 +417,7 @@ mod tests {
         assert_eq!(ids(&q.take_batch(t0 + MS, same_shape, &mut dead)), vec![2]);
         // The delay counts from the request that goes next.
         let mut bulk = item(5, 1, t0);
-        bulk.priority = Priority::Batch;
+        bulk.priority = Priority::Low;
         q.push(bulk);
         q.push(item(6, 1, t0 + 8 * MS));
         assert_eq!(q.due(t0 + 10 * MS), Due::At(t0 + 18 * MS));
@@ -432,7 +433,7 @@ mod tests {
         }
         assert!(!q.has_room());
         let mut bulk = item(4, 1, t0);
-        bulk.priority = Priority::Batch;
+        bulk.priority = Priority::Low;
         q.push(bulk);
         assert_eq!(ids(&q.drain()), vec![2, 3, 1, 4]);
         assert!(q.is_empty());

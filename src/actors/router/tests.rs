@@ -248,7 +248,7 @@ async fn when_every_worker_of_a_model_dies_its_requests_go_to_the_fallback() {
 }
 
 #[actix_web::test]
-async fn interactive_requests_overtake_batch_priority_ones_in_the_queue() {
+async fn normal_requests_overtake_low_priority_ones_in_the_queue() {
     let loader = DoubleLoader::new(Behaviour::Sleep(Duration::from_millis(100))).leak();
     let registry = Arc::new(Registry::default());
     let served = serve(loader, &registry, "m", "max_batch_size = 1").await;
@@ -264,10 +264,32 @@ async fn interactive_requests_overtake_batch_priority_ones_in_the_queue() {
             order.lock().unwrap().push(label);
         }
     };
-    let running = send("first", Priority::Interactive);
+    let running = send("first", Priority::Normal);
     actix_web::rt::time::sleep(Duration::from_millis(20)).await;
-    let bulk = send("bulk", Priority::Batch);
-    let interactive = send("interactive", Priority::Interactive);
+    let bulk = send("bulk", Priority::Low);
+    let interactive = send("interactive", Priority::Normal);
     futures_util::join!(running, bulk, interactive);
     assert_eq!(*order.lock().unwrap(), vec!["first", "interactive", "bulk"]);
+}
+
+#[actix_web::test]
+async fn low_priority_requests_are_refused_first_when_the_queue_fills() {
+    let loader = DoubleLoader::new(Behaviour::Sleep(Duration::from_millis(200))).leak();
+    let registry = Arc::new(Registry::default());
+    let served = serve(loader, &registry, "m", "max_batch_size = 1\nmax_queue = 4").await;
+    let low = InferOptions::now().with_priority(Priority::Low);
+    let running = served.infer(request(&served, 1), InferOptions::now());
+    actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+    // The queue is empty: a low-priority request is queued.
+    let queued_low = served.infer(request(&served, 1), low);
+    let queued_normal = served.infer(request(&served, 1), InferOptions::now());
+    // Half full now: the next low-priority request is refused, a normal one still queued.
+    let refused = served.infer(request(&served, 1), low).await;
+    assert!(
+        matches!(refused, Err(ServeError::Overloaded { .. })),
+        "{refused:?}"
+    );
+    let normal = served.infer(request(&served, 1), InferOptions::now());
+    let (a, b, c, d) = futures_util::join!(running, queued_low, queued_normal, normal);
+    assert!(a.is_ok() && b.is_ok() && c.is_ok() && d.is_ok());
 }

@@ -387,7 +387,7 @@ mod tests {
                     deadline: None,
                     attempts: 0,
                     degraded_from: None,
-                    priority: crate::actors::router::Priority::Interactive,
+                    priority: crate::actors::router::Priority::Normal,
                 };
                 (pending, rx)
             })

@@ -1,0 +1,96 @@
+//! Who the client is, by address: the socket's peer, unless the peer is a proxy named in
+//! `--trusted-proxies`, whose `Fly-Client-IP` or `X-Forwarded-For` then names the client.
+//! From anyone else those headers are ignored, so a client cannot pick its own address to
+//! dodge a per-address limit or to blame another in the audit log.
+
+use std::net::IpAddr;
+
+use actix_web::http::header::HeaderMap;
+use ipnet::IpNet;
+
+#[derive(Debug, Default)]
+pub struct TrustedProxies(Vec<IpNet>);
+
+impl TrustedProxies {
+    /// Comma-separated addresses or CIDR ranges; empty: none.
+    pub fn parse(text: &str) -> Result<TrustedProxies, String> {
+        text.split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(|t| {
+                t.parse::<IpNet>()
+                    .or_else(|_| t.parse::<IpAddr>().map(IpNet::from))
+                    .map_err(|_| format!("trusted_proxies: '{t}' is not an address or CIDR range"))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(TrustedProxies)
+    }
+
+    fn trusts(&self, ip: IpAddr) -> bool {
+        self.0.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The client's address for a request from `peer`.
+    pub fn client(&self, peer: Option<IpAddr>, headers: &HeaderMap) -> Option<IpAddr> {
+        let peer = peer?;
+        if !self.trusts(peer) {
+            return Some(peer);
+        }
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        if let Some(ip) = header("fly-client-ip").and_then(|v| v.trim().parse().ok()) {
+            return Some(ip);
+        }
+        // The last address that is not one of our proxies is the one the nearest proxy saw.
+        let forwarded: Vec<IpAddr> = headers
+            .get_all("x-forwarded-for")
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|a| a.trim().parse().ok())
+            .collect();
+        Some(
+            forwarded
+                .into_iter()
+                .rev()
+                .find(|ip| !self.trusts(*ip))
+                .unwrap_or(peer),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::http::header::{HeaderName, HeaderValue};
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn forwarding_headers_count_only_from_trusted_proxies() {
+        let proxies = TrustedProxies::parse("10.0.0.0/8, 127.0.0.1").unwrap();
+        let spoofed = headers(&[("x-forwarded-for", "1.2.3.4"), ("fly-client-ip", "5.6.7.8")]);
+        let stranger: IpAddr = "203.0.113.9".parse().unwrap();
+        assert_eq!(proxies.client(Some(stranger), &spoofed), Some(stranger));
+        let proxy: IpAddr = "10.1.2.3".parse().unwrap();
+        assert_eq!(
+            proxies.client(Some(proxy), &spoofed),
+            Some("5.6.7.8".parse().unwrap())
+        );
+        let chain = headers(&[("x-forwarded-for", "9.9.9.9, 198.51.100.7, 10.0.0.2")]);
+        assert_eq!(
+            proxies.client(Some(proxy), &chain),
+            Some("198.51.100.7".parse().unwrap())
+        );
+        assert_eq!(proxies.client(Some(proxy), &headers(&[])), Some(proxy));
+        assert!(TrustedProxies::parse("10.0.0.0/33").is_err());
+        assert!(TrustedProxies::parse("").unwrap().0.is_empty());
+    }
+}

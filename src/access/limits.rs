@@ -1,0 +1,218 @@
+//! A key's live limits: token buckets (`governor`) for requests, rows and audio, and
+//! semaphores for requests in flight and open streams. A reload keeps the state of every key
+//! whose declaration did not change, so editing one key does not hand every other key a fresh
+//! burst.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::keys::KeySpec;
+use crate::error::ServeError;
+
+/// One key with its live limiters.
+pub struct Key {
+    pub spec: KeySpec,
+    requests: Option<DefaultDirectRateLimiter>,
+    rows: Option<DefaultDirectRateLimiter>,
+    /// In milliseconds of audio.
+    audio: Option<DefaultDirectRateLimiter>,
+    concurrent: Option<Arc<Semaphore>>,
+    streams: Option<Arc<Semaphore>>,
+}
+
+fn nonzero(n: Option<u32>) -> Option<NonZeroU32> {
+    n.and_then(NonZeroU32::new)
+}
+
+/// How long until `limiter` has `n` cells again.
+fn wait(limiter: &DefaultDirectRateLimiter, n: NonZeroU32) -> Result<(), Duration> {
+    match limiter.check_n(n) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(not_until)) => Err(not_until.wait_time_from(DefaultClock::default().now())),
+        // More than the bucket ever holds: never.
+        Err(_) => Err(Duration::from_secs(60)),
+    }
+}
+
+impl Key {
+    pub fn new(spec: KeySpec) -> Key {
+        let limits = spec.limits;
+        let requests = nonzero(limits.requests_per_sec).map(|rate| {
+            let burst = nonzero(limits.burst).unwrap_or(rate);
+            RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
+        });
+        let rows =
+            nonzero(limits.rows_per_sec).map(|rate| RateLimiter::direct(Quota::per_second(rate)));
+        let audio = nonzero(limits.audio_secs_per_min.map(|s| s.saturating_mul(1000)))
+            .map(|ms| RateLimiter::direct(Quota::per_minute(ms)));
+        let semaphore =
+            |n: Option<u32>| nonzero(n).map(|n| Arc::new(Semaphore::new(n.get() as usize)));
+        Key {
+            concurrent: semaphore(limits.max_concurrent),
+            streams: semaphore(limits.max_streams),
+            spec,
+            requests,
+            rows,
+            audio,
+        }
+    }
+
+    /// Rebuilds the table from `specs`, keeping the live key of every unchanged declaration.
+    pub fn rebuild(specs: Vec<KeySpec>, old: &[Arc<Key>]) -> Vec<Arc<Key>> {
+        specs
+            .into_iter()
+            .map(|spec| match old.iter().find(|k| k.spec == spec) {
+                Some(same) => same.clone(),
+                None => Arc::new(Key::new(spec)),
+            })
+            .collect()
+    }
+
+    fn limited(&self, what: String, retry_after: Duration) -> ServeError {
+        ServeError::RateLimited {
+            what: format!("API key '{}' is over its limit of {what}", self.spec.name),
+            retry_after: retry_after.max(Duration::from_millis(1)),
+        }
+    }
+
+    /// One request: its rate, then a place among the key's requests in flight (held by the
+    /// returned permit until the answer is sent).
+    pub fn request(&self) -> Result<Option<OwnedSemaphorePermit>, ServeError> {
+        if let Some(limiter) = &self.requests {
+            wait(limiter, NonZeroU32::MIN).map_err(|after| {
+                let rate = self.spec.limits.requests_per_sec.unwrap_or_default();
+                self.limited(format!("{rate} requests/s"), after)
+            })?;
+        }
+        match &self.concurrent {
+            None => Ok(None),
+            Some(semaphore) => semaphore
+                .clone()
+                .try_acquire_owned()
+                .map(Some)
+                .map_err(|_| {
+                    let n = self.spec.limits.max_concurrent.unwrap_or_default();
+                    self.limited(
+                        format!("{n} requests in flight"),
+                        Duration::from_millis(100),
+                    )
+                }),
+        }
+    }
+
+    /// The rows of a decoded request.
+    pub fn rows(&self, rows: usize) -> Result<(), ServeError> {
+        let (Some(limiter), Some(n)) = (
+            &self.rows,
+            NonZeroU32::new(rows.min(u32::MAX as usize) as u32),
+        ) else {
+            return Ok(());
+        };
+        wait(limiter, n).map_err(|after| {
+            let rate = self.spec.limits.rows_per_sec.unwrap_or_default();
+            self.limited(format!("{rate} rows/s"), after)
+        })
+    }
+
+    /// A new stream: a place among the key's open streams, held by the returned permit.
+    pub fn stream(&self) -> Result<Option<OwnedSemaphorePermit>, ServeError> {
+        match &self.streams {
+            None => Ok(None),
+            Some(semaphore) => semaphore
+                .clone()
+                .try_acquire_owned()
+                .map(Some)
+                .map_err(|_| {
+                    let n = self.spec.limits.max_streams.unwrap_or_default();
+                    self.limited(format!("{n} open streams"), Duration::from_secs(1))
+                }),
+        }
+    }
+
+    /// `ms` milliseconds of a stream's audio.
+    pub fn audio(&self, ms: u32) -> Result<(), ServeError> {
+        let (Some(limiter), Some(n)) = (&self.audio, NonZeroU32::new(ms)) else {
+            return Ok(());
+        };
+        wait(limiter, n).map_err(|after| {
+            let secs = self.spec.limits.audio_secs_per_min.unwrap_or_default();
+            self.limited(format!("{secs} s of audio per minute"), after)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::access::keys::parse;
+
+    fn key(limits: &str) -> Key {
+        let text = format!(
+            "[[keys]]\nname = \"k\"\nsha256 = \"{}\"\nmodels = [\"*\"]\n{limits}\n",
+            "ab".repeat(32)
+        );
+        Key::new(parse(&text).unwrap().remove(0))
+    }
+
+    #[test]
+    fn a_burst_then_the_rate() {
+        let k = key("requests_per_sec = 1\nburst = 3");
+        for _ in 0..3 {
+            assert!(k.request().is_ok());
+        }
+        match k.request() {
+            Err(ServeError::RateLimited { what, retry_after }) => {
+                assert!(
+                    what.contains("'k'") && what.contains("1 requests/s"),
+                    "{what}"
+                );
+                assert!(retry_after > Duration::ZERO && retry_after <= Duration::from_secs(1));
+            }
+            other => panic!("expected 429, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn requests_in_flight_and_streams_are_held_by_their_permits() {
+        let k = key("max_concurrent = 1\nmax_streams = 1");
+        let held = k.request().unwrap();
+        assert!(k.request().is_err());
+        drop(held);
+        assert!(k.request().is_ok());
+        let stream = k.stream().unwrap();
+        assert!(k.stream().is_err());
+        drop(stream);
+        assert!(k.stream().is_ok());
+    }
+
+    #[test]
+    fn rows_and_audio_are_counted_by_size() {
+        let k = key("rows_per_sec = 10\naudio_secs_per_min = 1");
+        assert!(k.rows(10).is_ok());
+        assert!(k.rows(1).is_err());
+        assert!(k.rows(11).is_err(), "more than the bucket holds");
+        assert!(k.audio(600).is_ok());
+        assert!(k.audio(400).is_ok());
+        assert!(k.audio(100).is_err());
+        let free = key("");
+        assert!(free.request().unwrap().is_none());
+        assert!(free.rows(1_000_000).is_ok());
+    }
+
+    #[test]
+    fn a_reload_keeps_the_state_of_unchanged_keys() {
+        let a = Arc::new(key("requests_per_sec = 1\nburst = 1"));
+        assert!(a.request().is_ok());
+        let table = Key::rebuild(vec![a.spec.clone()], std::slice::from_ref(&a));
+        assert!(table[0].request().is_err(), "the spent burst stays spent");
+        let mut changed = a.spec.clone();
+        changed.limits.burst = Some(2);
+        let table = Key::rebuild(vec![changed], &[a]);
+        assert!(table[0].request().is_ok(), "a changed key starts afresh");
+    }
+}

@@ -1,0 +1,317 @@
+//! Access control at the door, for every inference surface: who is calling (an API key, or
+//! the client's address), which models they may call, and their limits (requests/s with a
+//! burst, rows/s, requests in flight, open streams, audio per minute). Off unless
+//! `--api-keys` (or `--client-requests-per-sec`) is set, so a first run needs nothing.
+//!
+//! - [`keys`]: the keys file (hashes, scopes, limits, priority, expiry).
+//! - [`limits`]: each key's live token buckets and semaphores.
+//! - [`client`]: the client's address, trusting forwarding headers only from known proxies.
+//! - [`audit`]: one log event per refusal, itself rate-limited.
+//!
+//! Keys are never logged nor put in metrics (only their names), and a presented key is
+//! compared with every stored hash in constant time. Refusals: 401 (no key, or not a valid
+//! one: the answer does not say which keys exist), 403 (a valid key outside its models), 429
+//! with Retry-After (over a limit).
+
+pub mod audit;
+pub mod client;
+pub mod keys;
+pub mod limits;
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use actix_web::http::header::{HeaderMap, HeaderName, AUTHORIZATION};
+use arc_swap::ArcSwap;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use subtle::ConstantTimeEq;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::actors::served::Priority;
+use crate::config::Config;
+use crate::error::ServeError;
+use limits::Key;
+
+/// How often the keys file is checked for changes.
+pub const RELOAD_EVERY: Duration = Duration::from_secs(2);
+
+/// The keys file and the table read from it.
+struct KeysFile {
+    path: PathBuf,
+    table: ArcSwap<Vec<Arc<Key>>>,
+    /// Modification time of what `table` was read from.
+    read_at: Mutex<Option<SystemTime>>,
+}
+
+pub struct Access {
+    keys: Option<KeysFile>,
+    header: HeaderName,
+    per_address: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    per_address_rate: u32,
+    proxies: client::TrustedProxies,
+    audit: audit::Audit,
+}
+
+/// A caller let in, for one request or stream: who it is, and the permits it holds.
+pub struct Pass {
+    key: Option<Arc<Key>>,
+    pub address: Option<IpAddr>,
+    _in_flight: Option<OwnedSemaphorePermit>,
+}
+
+impl Pass {
+    /// Who the caller is, for logs and metrics: the key's name, or `-`.
+    pub fn name(&self) -> &str {
+        self.key.as_ref().map_or("-", |k| k.spec.name.as_str())
+    }
+
+    /// The lane its requests take.
+    pub fn priority(&self) -> Priority {
+        self.key
+            .as_ref()
+            .map_or(Priority::Normal, |k| k.spec.priority)
+    }
+}
+
+/// A stream let in: holds its place among the key's open streams while it lives.
+pub struct StreamPass {
+    key: Option<Arc<Key>>,
+    _open: Option<OwnedSemaphorePermit>,
+}
+
+impl StreamPass {
+    /// `ms` milliseconds of the stream's audio, against the key's audio per minute.
+    pub fn audio(&self, ms: u32) -> Result<(), ServeError> {
+        self.key.as_ref().map_or(Ok(()), |k| k.audio(ms))
+    }
+}
+
+impl Access {
+    pub fn from_config(config: &Config) -> Result<Access, String> {
+        let keys = match &config.api_keys {
+            None => None,
+            Some(path) => {
+                let specs = keys::load(path)?;
+                tracing::info!(file = %path.display(), keys = specs.len(), "API keys required for inference");
+                let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+                Some(KeysFile {
+                    path: path.clone(),
+                    table: ArcSwap::from_pointee(Key::rebuild(specs, &[])),
+                    read_at: Mutex::new(modified),
+                })
+            }
+        };
+        let header =
+            HeaderName::from_bytes(config.api_key_header.trim().as_bytes()).map_err(|_| {
+                format!(
+                    "api_key_header '{}' is not a header name",
+                    config.api_key_header
+                )
+            })?;
+        let per_address = NonZeroU32::new(config.client_requests_per_sec).map(|rate| {
+            let burst = rate.saturating_mul(NonZeroU32::new(2).expect("2 is not 0"));
+            RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
+        });
+        Ok(Access {
+            keys,
+            header,
+            per_address,
+            per_address_rate: config.client_requests_per_sec,
+            proxies: client::TrustedProxies::parse(
+                config.trusted_proxies.as_deref().unwrap_or(""),
+            )?,
+            audit: audit::Audit::default(),
+        })
+    }
+
+    /// Nothing to check: every caller is let in as it is.
+    pub fn open() -> Access {
+        Access::from_config(&Config::default()).expect("the defaults are valid")
+    }
+
+    /// Re-reads the keys file if it changed since it was read; a file that no longer parses
+    /// leaves the table as it was (and says why in the log).
+    pub fn reload_if_changed(&self) {
+        let Some(file) = &self.keys else { return };
+        let modified = std::fs::metadata(&file.path)
+            .and_then(|m| m.modified())
+            .ok();
+        let mut read_at = file.read_at.lock().unwrap_or_else(|e| e.into_inner());
+        if modified == *read_at {
+            return;
+        }
+        *read_at = modified;
+        match keys::load(&file.path) {
+            Ok(specs) => {
+                let table = Key::rebuild(specs, &file.table.load());
+                tracing::info!(file = %file.path.display(), keys = table.len(), "API keys reloaded");
+                file.table.store(Arc::new(table));
+            }
+            Err(reason) => {
+                tracing::error!(%reason, "API keys file not reloaded; the previous keys stay in force")
+            }
+        }
+    }
+
+    /// The key a request presents, if any: `Authorization: Bearer <key>`, or the configured
+    /// header's bare value; for a WebSocket handshake also a `bearer.<key>` subprotocol,
+    /// since browsers cannot set headers there.
+    fn presented<'a>(&self, headers: &'a HeaderMap) -> Option<&'a str> {
+        let value = headers.get(&self.header).and_then(|v| v.to_str().ok());
+        let from_header = if self.header == AUTHORIZATION {
+            value.and_then(|v| v.strip_prefix("Bearer ")).map(str::trim)
+        } else {
+            value.map(str::trim)
+        };
+        from_header.or_else(|| {
+            headers
+                .get_all("sec-websocket-protocol")
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .find_map(|p| p.trim().strip_prefix("bearer."))
+        })
+    }
+
+    /// The stored key whose hash matches, compared with every key in constant time.
+    fn find(&self, table: &[Arc<Key>], presented: &str) -> Option<Arc<Key>> {
+        let hash = keys::hash(presented);
+        let mut found = None;
+        for key in table {
+            if bool::from(key.spec.hash.ct_eq(&hash)) {
+                found = Some(key.clone());
+            }
+        }
+        found
+    }
+
+    /// Lets a request for `model` in, or says why not. `peer` is the socket's address.
+    pub fn admit(
+        &self,
+        headers: &HeaderMap,
+        peer: Option<IpAddr>,
+        model: &str,
+    ) -> Result<Pass, ServeError> {
+        let address = self.proxies.client(peer, headers);
+        let refuse = |name: &str, error: ServeError| {
+            self.audit.refused(name, model, address, &error);
+            error
+        };
+        let Some(file) = &self.keys else {
+            if let (Some(limiter), Some(ip)) = (&self.per_address, address) {
+                limiter.check_key(&ip).map_err(|_| {
+                    refuse(
+                        "-",
+                        ServeError::RateLimited {
+                            what: format!(
+                                "this client address is over its limit of {} requests/s",
+                                self.per_address_rate
+                            ),
+                            retry_after: Duration::from_secs(1),
+                        },
+                    )
+                })?;
+            }
+            return Ok(Pass {
+                key: None,
+                address,
+                _in_flight: None,
+            });
+        };
+        let Some(presented) = self.presented(headers) else {
+            return Err(refuse(
+                "-",
+                ServeError::Unauthenticated(format!(
+                    "an API key is required: send it as {}",
+                    self.how_to_send()
+                )),
+            ));
+        };
+        let table = file.table.load();
+        let Some(key) = self.find(&table, presented) else {
+            return Err(refuse(
+                "-",
+                ServeError::Unauthenticated("the API key is not valid".into()),
+            ));
+        };
+        let name = key.spec.name.as_str();
+        if key.spec.expires.is_some_and(|t| t <= SystemTime::now()) {
+            return Err(refuse(
+                name,
+                ServeError::Unauthenticated("the API key has expired".into()),
+            ));
+        }
+        if !key.spec.scopes.iter().any(|s| s.names(model)) {
+            return Err(refuse(
+                name,
+                ServeError::Forbidden(format!("this API key may not call model '{model}'")),
+            ));
+        }
+        let in_flight = key.request().map_err(|e| refuse(name, e))?;
+        Ok(Pass {
+            key: Some(key),
+            address,
+            _in_flight: in_flight,
+        })
+    }
+
+    fn how_to_send(&self) -> String {
+        if self.header == AUTHORIZATION {
+            "Authorization: Bearer <key>".into()
+        } else {
+            format!("{}: <key>", self.header)
+        }
+    }
+
+    /// After the version is resolved: whether the key may call that version.
+    pub fn check_version(&self, pass: &Pass, model: &str, version: &str) -> Result<(), ServeError> {
+        let Some(key) = &pass.key else { return Ok(()) };
+        if key.spec.scopes.iter().any(|s| s.covers(model, version)) {
+            return Ok(());
+        }
+        let error = ServeError::Forbidden(format!(
+            "this API key may not call version '{version}' of model '{model}'"
+        ));
+        self.audit
+            .refused(&key.spec.name, model, pass.address, &error);
+        Err(error)
+    }
+
+    /// After decoding: the request's rows against the key's rows/s.
+    pub fn check_rows(&self, pass: &Pass, model: &str, rows: usize) -> Result<(), ServeError> {
+        let Some(key) = &pass.key else { return Ok(()) };
+        key.rows(rows).inspect_err(|error| {
+            self.audit
+                .refused(&key.spec.name, model, pass.address, error);
+        })
+    }
+
+    /// A new stream for an admitted caller: a place among its key's open streams.
+    pub fn stream(&self, pass: &Pass, model: &str) -> Result<StreamPass, ServeError> {
+        let Some(key) = &pass.key else {
+            return Ok(StreamPass {
+                key: None,
+                _open: None,
+            });
+        };
+        let open = key.stream().inspect_err(|error| {
+            self.audit
+                .refused(&key.spec.name, model, pass.address, error);
+        })?;
+        Ok(StreamPass {
+            key: Some(key.clone()),
+            _open: open,
+        })
+    }
+
+    /// Forgets addresses not seen lately (the per-address buckets would otherwise grow with
+    /// every client ever seen).
+    pub fn forget_idle_addresses(&self) {
+        if let Some(limiter) = &self.per_address {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+    }
+}

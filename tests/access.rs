@@ -1,0 +1,359 @@
+//! Access control over real sockets: API keys for REST and WebSocket streams (missing, wrong,
+//! expired, outside their models: 401 / 403 without a hint of which keys exist), per-key rate
+//! and stream limits (429 with Retry-After, other keys unaffected), keys reloaded live, and
+//! per-address limits that forwarding headers cannot dodge unless they come from a trusted
+//! proxy. Keys never appear in metrics.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+
+struct Keys {
+    file: PathBuf,
+    full: String,
+    small_only: String,
+    expired: String,
+    pinned: String,
+    one_stream: String,
+}
+
+fn entry(name: &str, key: &str, extra: &str) -> String {
+    let sha = hex::encode(streamserve::access::keys::hash(key));
+    format!("[[keys]]\nname = \"{name}\"\nsha256 = \"{sha}\"\n{extra}\n\n")
+}
+
+fn write_keys() -> Keys {
+    let new = || streamserve::access::keys::new_key().unwrap();
+    let keys = Keys {
+        file: model_dir("").join("keys.toml"),
+        full: new(),
+        small_only: new(),
+        expired: new(),
+        pinned: new(),
+        one_stream: new(),
+    };
+    let text = [
+        entry("full", &keys.full, "models = [\"*\"]"),
+        entry(
+            "small-only",
+            &keys.small_only,
+            "models = [\"mlp_small\"]\nrequests_per_sec = 1\nburst = 2",
+        ),
+        entry(
+            "expired",
+            &keys.expired,
+            "models = [\"*\"]\nexpires = \"2020-01-01T00:00:00Z\"",
+        ),
+        entry("pinned", &keys.pinned, "models = [\"mlp:2\"]"),
+        entry(
+            "one-stream",
+            &keys.one_stream,
+            "models = [\"silero_vad\"]\nmax_streams = 1",
+        ),
+    ]
+    .concat();
+    std::fs::write(&keys.file, text).unwrap();
+    keys
+}
+
+async fn call(c: &reqwest::Client, url: &str, model: &str, key: Option<&str>) -> reqwest::Response {
+    let mut request = c
+        .post(format!("{url}/v2/models/{model}/infer"))
+        .json(&mlp_request(&features(1, 1)));
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    request.send().await.unwrap()
+}
+
+async fn status_and_error(response: reqwest::Response) -> (u16, String) {
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.json().await.unwrap();
+    (
+        status,
+        body["error"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_decide_who_calls_which_model_and_how_often() {
+    let keys = write_keys();
+    let file = keys.file.clone();
+    let url = start(&repo().join("models"), |c| c.api_keys = Some(file));
+    let c = client();
+
+    // No key, a wrong key, an expired one: 401, saying nothing of which keys exist.
+    let response = call(&c, &url, "mlp", None).await;
+    assert_eq!(response.headers()["www-authenticate"], "Bearer");
+    let (status, error) = status_and_error(response).await;
+    assert_eq!(status, 401);
+    assert!(error.contains("Authorization: Bearer"), "{error}");
+    let wrong = streamserve::access::keys::new_key().unwrap();
+    let (status, error) = status_and_error(call(&c, &url, "mlp", Some(&wrong)).await).await;
+    assert_eq!((status, error.as_str()), (401, "the API key is not valid"));
+    let (status, error) = status_and_error(call(&c, &url, "mlp", Some(&keys.expired)).await).await;
+    assert_eq!((status, error.as_str()), (401, "the API key has expired"));
+
+    // Outside the key's models, or its version: 403.
+    let (status, error) =
+        status_and_error(call(&c, &url, "mlp", Some(&keys.small_only)).await).await;
+    assert_eq!(status, 403, "{error}");
+    assert!(error.contains("model 'mlp'"), "{error}");
+    let (status, error) = status_and_error(call(&c, &url, "mlp", Some(&keys.pinned)).await).await;
+    assert_eq!(status, 403, "{error}");
+    assert!(error.contains("version '1'"), "{error}");
+
+    // Within them: 200.
+    let (status, _) = status_and_error(call(&c, &url, "mlp", Some(&keys.full)).await).await;
+    assert_eq!(status, 200);
+
+    // Over its rate (1/s, burst 2): 429 with Retry-After, while another key is unaffected.
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let response = call(&c, &url, "mlp_small", Some(&keys.small_only)).await;
+        if response.status() == 429 {
+            assert!(response.headers().contains_key("retry-after"));
+        }
+        statuses.push(status_and_error(response).await);
+    }
+    assert_eq!(statuses[0].0, 200);
+    assert_eq!(statuses[1].0, 200);
+    assert_eq!(statuses[2].0, 429, "{:?}", statuses[2]);
+    assert!(statuses[2].1.contains("'small-only'") && statuses[2].1.contains("1 requests/s"));
+    for _ in 0..5 {
+        let (status, _) =
+            status_and_error(call(&c, &url, "mlp_small", Some(&keys.full)).await).await;
+        assert_eq!(status, 200);
+    }
+
+    // Refusals are counted by key name; no key appears in the metrics.
+    let metrics = metrics_text(&c, &url).await;
+    assert!(metrics
+        .contains("streamserve_access_refused_total{key=\"small-only\",reason=\"rate_limited\"}"));
+    assert!(
+        metrics.contains("streamserve_access_refused_total{key=\"-\",reason=\"unauthenticated\"}")
+    );
+    for key in [&keys.full, &keys.small_only, &keys.expired, &wrong] {
+        assert!(!metrics.contains(key.as_str()));
+    }
+}
+
+fn ws_request(
+    url: &str,
+    model: &str,
+    key: Option<&str>,
+    protocols: Option<&str>,
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    let ws_url = format!("{}/v1/streams/{model}", url.replace("http://", "ws://"));
+    let mut request = ws_url.into_client_request().unwrap();
+    if let Some(key) = key {
+        request.headers_mut().insert(
+            "authorization",
+            HeaderValue::from_str(&format!("Bearer {key}")).unwrap(),
+        );
+    }
+    if let Some(protocols) = protocols {
+        request.headers_mut().insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_str(protocols).unwrap(),
+        );
+    }
+    request
+}
+
+fn refused_with(
+    result: Result<impl std::fmt::Debug, tokio_tungstenite::tungstenite::Error>,
+) -> u16 {
+    match result {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+        other => panic!("expected an HTTP refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streams_need_a_key_in_a_header_or_a_subprotocol_and_keep_to_their_limit() {
+    let keys = write_keys();
+    let file = keys.file.clone();
+    let url = start(&repo().join("models"), |c| c.api_keys = Some(file));
+
+    let anonymous =
+        tokio_tungstenite::connect_async(ws_request(&url, "silero_vad", None, None)).await;
+    assert_eq!(refused_with(anonymous), 401);
+    let outside = ws_request(&url, "silero_vad", Some(&keys.small_only), None);
+    assert_eq!(
+        refused_with(tokio_tungstenite::connect_async(outside).await),
+        403
+    );
+
+    // A browser's way: the key as a subprotocol, beside `streamserve`, which comes back.
+    let protocols = format!("streamserve, bearer.{}", keys.one_stream);
+    let request = ws_request(&url, "silero_vad", None, Some(&protocols));
+    let (first, response) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("upgrade");
+    assert_eq!(response.headers()["sec-websocket-protocol"], "streamserve");
+
+    // One stream at a time for this key: a second is refused before the upgrade.
+    let second = ws_request(&url, "silero_vad", Some(&keys.one_stream), None);
+    assert_eq!(
+        refused_with(tokio_tungstenite::connect_async(second).await),
+        429
+    );
+    // Another key is unaffected.
+    let other = ws_request(&url, "silero_vad", Some(&keys.full), None);
+    let (other, _) = tokio_tungstenite::connect_async(other)
+        .await
+        .expect("upgrade");
+    drop(other);
+
+    // Once the first stream's connection ends, the key may open another.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let again = ws_request(&url, "silero_vad", Some(&keys.one_stream), None);
+        match tokio_tungstenite::connect_async(again).await {
+            Ok(_) => break,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "the stream's place was not given back: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_reload_when_their_file_changes() {
+    let keys = write_keys();
+    let file = keys.file.clone();
+    let url = start(&repo().join("models"), |c| c.api_keys = Some(file));
+    let c = client();
+    let newcomer = streamserve::access::keys::new_key().unwrap();
+    let (status, _) = status_and_error(call(&c, &url, "mlp", Some(&newcomer)).await).await;
+    assert_eq!(status, 401);
+    // Modification times can be coarse: make sure the new file's differs.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut text = std::fs::read_to_string(&keys.file).unwrap();
+    text.push_str(&entry("newcomer", &newcomer, "models = [\"mlp\"]"));
+    std::fs::write(&keys.file, text).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _) = status_and_error(call(&c, &url, "mlp", Some(&newcomer)).await).await;
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new key was not picked up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A file that no longer parses leaves the keys in force.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    std::fs::write(&keys.file, "[[keys]]\nname = ").unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (status, _) = status_and_error(call(&c, &url, "mlp", Some(&newcomer)).await).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn per_address_limits_ignore_forwarding_headers_from_untrusted_peers() {
+    let c = client();
+    let spoof = |c: &reqwest::Client, url: &str, n: usize| {
+        c.post(format!("{url}/v2/models/mlp/infer"))
+            .header("x-forwarded-for", format!("198.51.100.{n}"))
+            .header("fly-client-ip", format!("203.0.113.{n}"))
+            .json(&mlp_request(&features(1, 1)))
+            .send()
+    };
+    // Without a trusted proxy, every request is the peer's (127.0.0.1), whatever it claims.
+    let url = start(&repo().join("models"), |c| c.client_requests_per_sec = 1);
+    let mut statuses = Vec::new();
+    for n in 0..3 {
+        statuses.push(spoof(&c, &url, n).await.unwrap().status().as_u16());
+    }
+    assert_eq!(statuses, vec![200, 200, 429]);
+    // Behind a trusted proxy (127.0.0.1 here), its headers name the client.
+    let url = start(&repo().join("models"), |c| {
+        c.client_requests_per_sec = 1;
+        c.trusted_proxies = Some("127.0.0.1".into());
+    });
+    for n in 0..6 {
+        assert_eq!(spoof(&c, &url, n).await.unwrap().status(), 200);
+    }
+    let health = c
+        .get(format!("{url}/v2/health/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        health.status(),
+        200,
+        "health checks have no key and no limit"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn under_pressure_a_low_priority_key_is_refused_while_a_normal_one_is_served() {
+    let normal = streamserve::access::keys::new_key().unwrap();
+    let low = streamserve::access::keys::new_key().unwrap();
+    let dir = model_dir(&format!(
+        r#"
+        [[models]]
+        name = "m"
+        version = "1"
+        file = "{{models}}/mlp_small/1/model.onnx"
+        sha256 = "{MLP_SMALL_SHA}"
+        max_batch_size = 1
+        max_queue = 4
+        "#
+    ));
+    let file = dir.join("keys.toml");
+    std::fs::write(
+        &file,
+        entry("normal", &normal, "models = [\"m\"]")
+            + &entry("batchy", &low, "models = [\"m\"]\npriority = \"low\""),
+    )
+    .unwrap();
+    let url = start(&dir, |c| {
+        c.api_keys = Some(file);
+        c.admin_token = Some("admin".into());
+    });
+    let c = client();
+    // Every batch takes 400 ms from now on, so requests pile up in the queue.
+    let fault = c
+        .post(format!("{url}/admin/models/m/faults"))
+        .bearer_auth("admin")
+        .json(&serde_json::json!({"fault": {"kind": "slow", "ms": 400}, "count": 20}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(fault.status(), 200);
+    let send = |key: &str| {
+        let (c, url, key) = (c.clone(), url.clone(), key.to_string());
+        tokio::spawn(async move {
+            let response = call(&c, &url, "m", Some(&key)).await;
+            status_and_error(response).await
+        })
+    };
+    let running = send(&normal);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let queued = [send(&normal), send(&normal)];
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The queue is half full: the low-priority key yields, the normal one is still queued.
+    let started = Instant::now();
+    let (status, error) = send(&low).await.unwrap();
+    assert_eq!(status, 429, "{error}");
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "refused at once"
+    );
+    let (status, _) = send(&normal).await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(running.await.unwrap().0, 200);
+    for q in queued {
+        assert_eq!(q.await.unwrap().0, 200);
+    }
+}
