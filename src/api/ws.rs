@@ -493,6 +493,11 @@ async fn segments(
     let body = super::body::read(&req, body, &state.body_limits(state.max_body_bytes)).await?;
     let wav = read_wav(&body.bytes).map_err(ServeError::invalid)?;
     drop(body);
+    // A one-shot file is a stream for the key's limits: a place among its streams while it
+    // runs, and its audio against the key's audio per minute.
+    let stream_pass = state.access.stream(&pass, &served.info.name)?;
+    let ms = (wav.samples.len() as u64 * 1000).div_ceil(wav.sample_rate.max(1) as u64);
+    stream_pass.audio(ms.min(u32::MAX as u64) as u32)?;
     let defaults = VadOptions::default();
     let q = query.into_inner();
     let vad = VadOptions {
