@@ -59,7 +59,7 @@ ENV STREAMSERVE_HOST=0.0.0.0 \
     STREAMSERVE_MODELS=/app/models \
     STREAMSERVE_LOG_FORMAT=json \
     STREAMSERVE_DRAIN_SECS=30
-EXPOSE 8080
+EXPOSE 8080 8081
 STOPSIGNAL SIGTERM
 CMD ["streamserve", "serve"]
 
@@ -81,7 +81,7 @@ ENV STREAMSERVE_HOST=0.0.0.0 \
     STREAMSERVE_MODELS=/app/models \
     STREAMSERVE_LOG_FORMAT=json \
     STREAMSERVE_DRAIN_SECS=30
-EXPOSE 8080
+EXPOSE 8080 8081
 STOPSIGNAL SIGTERM
 # Exec form: streamserve itself receives SIGTERM and drains (a shell wrapper would not pass it on).
 # No HEALTHCHECK (the image has no curl); fly.io and orchestrators probe /v2/health/ready.

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what streamserve needs into the project's own Python environment (.venv):
 # the ONNX Runtime wheel whose shared library the server loads (ort's load-dynamic), and
-# with --dev the test and tooling packages (from PyPI) and cargo-fuzz (from crates.io, for the
-# fuzz step of scripts/test.sh). Idempotent: what is installed is not installed again.
+# with --dev the test and tooling packages (from PyPI, Triton's HTTP and gRPC clients among
+# them) and cargo-fuzz (from crates.io, for the fuzz step of scripts/test.sh). Idempotent: what is installed is not installed again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

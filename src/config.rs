@@ -145,6 +145,70 @@ pub struct ServeArgs {
     /// ignored.
     #[arg(long, env = "STREAMSERVE_TRUSTED_PROXIES")]
     pub trusted_proxies: Option<String>,
+    /// Port of the gRPC listener (the Open Inference Protocol over plaintext HTTP/2, on the
+    /// same address as HTTP); 0 picks a free one, `off` turns gRPC off [default: 8081, or a
+    /// free port when --port is 0].
+    #[arg(long, env = "STREAMSERVE_GRPC_PORT")]
+    pub grpc_port: Option<GrpcPort>,
+    /// Largest gRPC message received or sent, in bytes [default: max_body_bytes].
+    #[arg(long, env = "STREAMSERVE_GRPC_MAX_MESSAGE_BYTES")]
+    pub grpc_max_message_bytes: Option<usize>,
+}
+
+/// Where gRPC listens: a port (0: a free one), or nowhere. Written `8081` or `"off"`, in TOML
+/// and on the command line alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrpcPort {
+    Off,
+    Port(u16),
+}
+
+impl std::str::FromStr for GrpcPort {
+    type Err = String;
+    fn from_str(s: &str) -> Result<GrpcPort, String> {
+        match s.trim() {
+            "off" => Ok(GrpcPort::Off),
+            port => port
+                .parse()
+                .map(GrpcPort::Port)
+                .map_err(|_| format!("'{s}' is neither a port (0-65535) nor 'off'")),
+        }
+    }
+}
+
+impl Serialize for GrpcPort {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            GrpcPort::Off => serializer.serialize_str("off"),
+            GrpcPort::Port(port) => serializer.serialize_u16(*port),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for GrpcPort {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<GrpcPort, D::Error> {
+        struct PortVisitor;
+        impl serde::de::Visitor<'_> for PortVisitor {
+            type Value = GrpcPort;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a port (0-65535) or \"off\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<GrpcPort, E> {
+                u16::try_from(v)
+                    .map(GrpcPort::Port)
+                    .map_err(|_| E::custom(format!("port {v} is out of range (0-65535)")))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<GrpcPort, E> {
+                u64::try_from(v)
+                    .map_err(|_| E::custom(format!("port {v} is out of range (0-65535)")))
+                    .and_then(|v| self.visit_u64(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<GrpcPort, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_any(PortVisitor)
+    }
 }
 
 pub use crate::telemetry::LogFormat;
@@ -184,6 +248,10 @@ pub struct Config {
     pub client_requests_per_sec: u32,
     /// Comma-separated addresses or CIDR ranges.
     pub trusted_proxies: Option<String>,
+    /// `None`: 8081, or a free port when `port` is 0 (see [`Config::grpc_listen_port`]).
+    pub grpc_port: Option<GrpcPort>,
+    /// `None`: `max_body_bytes`.
+    pub grpc_max_message_bytes: Option<usize>,
 }
 
 impl Default for Config {
@@ -215,9 +283,14 @@ impl Default for Config {
             api_key_header: "authorization".into(),
             client_requests_per_sec: 0,
             trusted_proxies: None,
+            grpc_port: None,
+            grpc_max_message_bytes: None,
         }
     }
 }
+
+/// The gRPC port when none is configured (HTTP's 8080 plus one, as KServe and Triton pair them).
+pub const DEFAULT_GRPC_PORT: u16 = 8081;
 
 fn cpus() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
@@ -244,6 +317,23 @@ impl Config {
         let config: Config =
             serde_json::from_value(merged.into()).context("flags and environment")?;
         config.normalise()
+    }
+
+    /// The port gRPC listens on (0: a free one), or `None` when gRPC is off. Unset, it is 8081,
+    /// except beside a free HTTP port (`port = 0`: tests, benchmarks), where it is a free port
+    /// too, so that two such servers never contend for 8081.
+    pub fn grpc_listen_port(&self) -> Option<u16> {
+        match self.grpc_port {
+            Some(GrpcPort::Off) => None,
+            Some(GrpcPort::Port(port)) => Some(port),
+            None if self.port == 0 => Some(0),
+            None => Some(DEFAULT_GRPC_PORT),
+        }
+    }
+
+    /// The largest gRPC message, received or sent.
+    pub fn grpc_max_message(&self) -> usize {
+        self.grpc_max_message_bytes.unwrap_or(self.max_body_bytes)
     }
 
     /// Reads a TOML config file; keys it leaves out are the defaults.

@@ -1,7 +1,10 @@
-//! The one error type that a request can end in, and its single mapping to HTTP.
+//! The one error type that a request can end in, and its mappings to the protocols: to HTTP
+//! (a status and a KServe-style `{"error": "..."}` body) and, beside it, to gRPC (a
+//! [`tonic::Status`] code, the same message, and `retry-after` metadata where REST sends
+//! `Retry-After`). WebSocket close codes are chosen in `api/ws.rs`.
 //!
 //! Every layer (protocol decoding, validation, routing, inference) returns a [`ServeError`];
-//! `api/` turns it into a KServe-style `{"error": "..."}` body with the status chosen here.
+//! `api/` turns it into its protocol's answer with the codes chosen here.
 
 use std::time::Duration;
 
@@ -35,6 +38,8 @@ pub enum ServeError {
         model: String,
         rows: usize,
     },
+    #[error("the answer of {size} bytes exceeds the message limit of {limit} bytes (ask for fewer rows or outputs)")]
+    ResponseTooLarge { size: usize, limit: usize },
     #[error("the request body did not arrive in time: {received} bytes in {} ms (a body must arrive within {} s, at least {min_rate} bytes/s after its first 2 s)", elapsed.as_millis(), deadline.as_secs())]
     BodyTimeout {
         received: usize,
@@ -95,6 +100,7 @@ impl ServeError {
             ServeError::Conflict(_) => "conflict",
             ServeError::InvalidRequest(_) => "invalid",
             ServeError::PayloadTooLarge { .. } | ServeError::TooLargeForModel { .. } => "too_large",
+            ServeError::ResponseTooLarge { .. } => "response_too_large",
             ServeError::BodyTimeout { .. } => "body_timeout",
             ServeError::BodyMemoryFull { .. } => "body_memory_full",
             ServeError::UnsupportedEncoding(_) => "unsupported_encoding",
@@ -110,6 +116,12 @@ impl ServeError {
             ServeError::Forbidden(_) => "forbidden",
             ServeError::RateLimited { .. } => "rate_limited",
         }
+    }
+
+    /// When a client may retry, in whole seconds rounded up (so it never retries too early).
+    fn retry_after_secs(&self) -> Option<u128> {
+        self.retry_after()
+            .map(|after| after.as_millis().div_ceil(1000).max(1))
     }
 
     fn retry_after(&self) -> Option<Duration> {
@@ -149,16 +161,16 @@ impl ResponseError for ServeError {
             | ServeError::WorkerLost(_)
             | ServeError::ShuttingDown
             | ServeError::BodyMemoryFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ServeError::Inference(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ServeError::Inference(_) | ServeError::ResponseTooLarge { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             ServeError::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
     fn error_response(&self) -> HttpResponse {
         let mut response = HttpResponse::build(self.status_code());
-        if let Some(after) = self.retry_after() {
-            // Retry-After is whole seconds; round up so a client never retries too early.
-            let secs = after.as_millis().div_ceil(1000).max(1);
+        if let Some(secs) = self.retry_after_secs() {
             response.insert_header((header::RETRY_AFTER, secs.to_string()));
         }
         if matches!(self, ServeError::Unauthenticated(_)) {
@@ -174,6 +186,58 @@ impl ResponseError for ServeError {
             response.force_close();
         }
         response.json(serde_json::json!({ "error": self.to_string() }))
+    }
+}
+
+impl ServeError {
+    /// The gRPC status code, following the HTTP status: 400 INVALID_ARGUMENT, 404 NOT_FOUND,
+    /// 413 and 429 RESOURCE_EXHAUSTED (gRPC's code for a message over the limit and for a
+    /// quota), 503 UNAVAILABLE, 504 DEADLINE_EXCEEDED.
+    pub fn grpc_code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            ServeError::ModelNotFound(_)
+            | ServeError::VersionNotFound { .. }
+            | ServeError::AdminOff => Code::NotFound,
+            ServeError::Unauthorized | ServeError::Unauthenticated(_) => Code::Unauthenticated,
+            ServeError::Forbidden(_) => Code::PermissionDenied,
+            ServeError::Conflict(_) => Code::FailedPrecondition,
+            ServeError::InvalidRequest(_) => Code::InvalidArgument,
+            ServeError::PayloadTooLarge { .. }
+            | ServeError::TooLargeForModel { .. }
+            | ServeError::ResponseTooLarge { .. }
+            | ServeError::Overloaded { .. }
+            | ServeError::RateLimited { .. } => Code::ResourceExhausted,
+            ServeError::BodyTimeout { .. } | ServeError::DeadlineExceeded { .. } => {
+                Code::DeadlineExceeded
+            }
+            ServeError::UnsupportedEncoding(_) => Code::Unimplemented,
+            ServeError::ModelCold { .. }
+            | ServeError::ModelUnavailable { .. }
+            | ServeError::NotReady { .. }
+            | ServeError::WorkerLost(_)
+            | ServeError::ShuttingDown
+            | ServeError::BodyMemoryFull { .. } => Code::Unavailable,
+            ServeError::Inference(_) => Code::Internal,
+        }
+    }
+
+    /// The error as a gRPC status: [`ServeError::grpc_code`], the message REST sends, and
+    /// `retry-after` (whole seconds) in the metadata where REST sends `Retry-After`.
+    pub fn to_grpc_status(&self) -> tonic::Status {
+        let mut status = tonic::Status::new(self.grpc_code(), self.to_string());
+        if let Some(secs) = self.retry_after_secs() {
+            if let Ok(value) = secs.to_string().parse() {
+                status.metadata_mut().insert("retry-after", value);
+            }
+        }
+        status
+    }
+}
+
+impl From<ServeError> for tonic::Status {
+    fn from(error: ServeError) -> tonic::Status {
+        error.to_grpc_status()
     }
 }
 
@@ -198,5 +262,73 @@ mod tests {
         assert_eq!(overloaded.status_code(), 429);
         let response = overloaded.error_response();
         assert_eq!(response.headers().get(header::RETRY_AFTER).unwrap(), "2");
+    }
+
+    /// Every error's gRPC code is the one its HTTP status calls for, and retry advice travels
+    /// in both.
+    #[test]
+    fn grpc_codes_follow_the_http_statuses() {
+        use tonic::Code;
+        let wait = Duration::from_millis(1500);
+        let cases = [
+            (ServeError::ModelNotFound("x".into()), Code::NotFound),
+            (ServeError::invalid("bad"), Code::InvalidArgument),
+            (
+                ServeError::PayloadTooLarge { size: 2, limit: 1 },
+                Code::ResourceExhausted,
+            ),
+            (
+                ServeError::Overloaded {
+                    model: "m".into(),
+                    queued: 1,
+                    limit: 1,
+                    retry_after: wait,
+                },
+                Code::ResourceExhausted,
+            ),
+            (
+                ServeError::NotReady {
+                    model: "m".into(),
+                    reason: "loading".into(),
+                    retry_after: wait,
+                },
+                Code::Unavailable,
+            ),
+            (ServeError::ShuttingDown, Code::Unavailable),
+            (
+                ServeError::DeadlineExceeded {
+                    waited: Duration::from_millis(3),
+                },
+                Code::DeadlineExceeded,
+            ),
+            (ServeError::Inference("boom".into()), Code::Internal),
+        ];
+        for (error, code) in cases {
+            let status = error.to_grpc_status();
+            assert_eq!(status.code(), code, "{error}");
+            assert_eq!(status.message(), error.to_string());
+            let http = error.error_response();
+            let http_retry = http.headers().get(header::RETRY_AFTER);
+            let grpc_retry = status.metadata().get("retry-after");
+            assert_eq!(
+                http_retry.map(|v| v.to_str().unwrap().to_string()),
+                grpc_retry.map(|v| v.to_str().unwrap().to_string()),
+                "{error}"
+            );
+        }
+        let overloaded = ServeError::Overloaded {
+            model: "m".into(),
+            queued: 1,
+            limit: 1,
+            retry_after: wait,
+        };
+        assert_eq!(
+            overloaded
+                .to_grpc_status()
+                .metadata()
+                .get("retry-after")
+                .unwrap(),
+            "2"
+        );
     }
 }

@@ -1,4 +1,5 @@
-//! Starting the whole server: ORT, the supervisor and its models, then the HTTP listener.
+//! Starting the whole server: ORT, the supervisor and its models, then the HTTP listener and
+//! the gRPC one beside it (`api/grpc/`), which stop together.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use crate::actors::stream_hub::StreamHub;
 use crate::actors::supervisor::{Start, Supervisor};
 use crate::api::body::BodyMemory;
 use crate::api::door::{self, BodyPace, Door, Work};
+use crate::api::grpc::{GrpcConfig, GrpcServer};
 use crate::api::ws::StreamsConfig;
 use crate::api::{self, AppState};
 use crate::config::Config;
@@ -24,6 +26,9 @@ use crate::telemetry;
 /// A started server: where it listens, and how to stop it.
 pub struct Running {
     pub addr: SocketAddr,
+    /// Where gRPC listens; `None` when it is off.
+    pub grpc_addr: Option<SocketAddr>,
+    grpc: Option<GrpcServer>,
     pub handle: actix_web::dev::ServerHandle,
     pub registry: Arc<Registry>,
     shutdown: watch::Sender<bool>,
@@ -32,8 +37,10 @@ pub struct Running {
 }
 
 impl Running {
-    /// Graceful stop. The listener stops accepting; streams are told to reconnect elsewhere
-    /// (close code 1001); every response from now on carries `Connection: close`, so a keep-alive client
+    /// Graceful stop. The listeners stop accepting; streams are told to reconnect elsewhere
+    /// (WebSocket close code 1001; a gRPC stream ends UNAVAILABLE once its answers are sent,
+    /// and gRPC connections get GOAWAY); every HTTP response from now on carries
+    /// `Connection: close`, so a keep-alive client
     /// gets the answer to what it sent and then leaves, instead of sending on a connection that
     /// is about to be cut. The server future completes once every connection has closed, or
     /// after the drain time. Returns once nothing the server has read is still unanswered
@@ -45,6 +52,9 @@ impl Running {
         self.handle.pause().await;
         self.work.start_draining();
         let _ = self.shutdown.send(true);
+        if let Some(grpc) = &self.grpc {
+            grpc.drain();
+        }
         let deadline = tokio::time::Instant::now() + self.drain;
         while self.work.active() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -56,8 +66,13 @@ impl Running {
             );
         }
         // Closes the listener and waits for the connections left (idle keep-alive ones until
-        // the drain time is up).
-        self.handle.stop(true).await;
+        // the drain time is up); gRPC's, whose calls are answered by now, close at once.
+        let grpc = async {
+            if let Some(grpc) = &self.grpc {
+                grpc.stop(deadline).await;
+            }
+        };
+        tokio::join!(self.handle.stop(true), grpc);
     }
 }
 
@@ -114,7 +129,7 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
             }
         });
     }
-    let state = web::Data::new(AppState {
+    let state: web::Data<AppState> = web::Data::new(AppState {
         registry: registry.clone(),
         max_body_bytes: config.max_body_bytes,
         prometheus,
@@ -132,6 +147,7 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
         work: work.clone(),
         access,
     });
+    let grpc_state = state.clone().into_inner();
     let server = HttpServer::new(move || {
         let door = door.clone();
         App::new()
@@ -165,10 +181,28 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
         .addrs()
         .first()
         .ok_or_else(|| anyhow::anyhow!("listener has no address"))?;
+    // Bound after HTTP, so that a failed HTTP bind leaves no gRPC listener behind.
+    let grpc = match config.grpc_listen_port() {
+        None => None,
+        Some(port) => Some(GrpcServer::start(
+            grpc_state,
+            GrpcConfig {
+                host: &config.host,
+                port,
+                max_message: config.grpc_max_message(),
+                workers: config.http_workers,
+            },
+        )?),
+    };
+    let grpc_addr = grpc.as_ref().map(|g| g.addr);
     let server = server.run();
-    tracing::info!(%addr, max_connections, "streamserve listening");
+    // One line for both listeners: tools wait for it and read the addresses from it.
+    let grpc_field = grpc_addr.map_or_else(|| "off".to_string(), |a| a.to_string());
+    tracing::info!(%addr, grpc_addr = %grpc_field, max_connections, "streamserve listening");
     let running = Running {
         addr,
+        grpc_addr,
+        grpc,
         handle: server.handle(),
         registry,
         shutdown,

@@ -248,12 +248,12 @@ fn describe() {
     describe_counter!(
         "streamserve_requests_total",
         Unit::Count,
-        "Inference requests answered, by model, version and HTTP status"
+        "Inference requests answered, by model, version and HTTP status (gRPC calls: protocol=\"grpc\", status the HTTP status their code stands for)"
     );
     describe_histogram!(
         "streamserve_request_duration_seconds",
         Unit::Seconds,
-        "End-to-end inference request latency inside the server"
+        "End-to-end inference request latency inside the server (gRPC calls: protocol=\"grpc\")"
     );
     describe_histogram!(
         "streamserve_queue_duration_seconds",

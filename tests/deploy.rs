@@ -303,6 +303,14 @@ impl Stage {
     }
 }
 
+/// The port the image's server listens for gRPC on: its environment's, else the server's
+/// default (the image leaves it at that).
+fn grpc_port(env: &BTreeMap<String, String>) -> u16 {
+    env.get("STREAMSERVE_GRPC_PORT")
+        .map(|p| p.parse().expect("STREAMSERVE_GRPC_PORT is a port"))
+        .unwrap_or(streamserve::config::DEFAULT_GRPC_PORT)
+}
+
 // ---------------------------------------------------------------------------------------------
 // fly.toml helpers
 
@@ -539,7 +547,11 @@ fn check_runtime_stage(docker: &Dockerfile, stage: &Stage, ort_stage: &str) {
     let uid = user.split(':').next().unwrap();
     assert!(uid != "root" && uid != "0", "{label}: runs as root");
     let port: u16 = env["STREAMSERVE_PORT"].parse().unwrap();
-    assert_eq!(stage.exposed_ports(), vec![port], "{label}: EXPOSE");
+    assert_eq!(
+        stage.exposed_ports(),
+        vec![port, grpc_port(&env)],
+        "{label}: EXPOSE (HTTP, gRPC)"
+    );
     assert_eq!(stage.last("STOPSIGNAL"), Some("SIGTERM"), "{label}");
     assert_eq!(
         env["STREAMSERVE_HOST"], "0.0.0.0",
@@ -640,7 +652,33 @@ fn fly_configs_match_the_image_and_the_server() {
         let port = get_int(&config, "http_service.internal_port");
         assert_eq!(port, 8080, "{name}");
         assert_eq!(env["STREAMSERVE_PORT"], port.to_string(), "{name}");
-        assert_eq!(stage.exposed_ports(), vec![port as u16], "{name}");
+        let grpc = grpc_port(&env);
+        assert_eq!(stage.exposed_ports(), vec![port as u16, grpc], "{name}");
+        // gRPC: a TCP service on the server's gRPC port, TLS ending at fly's proxy with ALPN
+        // h2 so that the plaintext HTTP/2 (h2c) listener gets the connection as it is.
+        let services = get(&config, "services").as_array().expect("[[services]]");
+        let service = services
+            .iter()
+            .find(|s| get_int(s, "internal_port") == i64::from(grpc))
+            .unwrap_or_else(|| panic!("{name}: no service on the gRPC port {grpc}"));
+        assert_eq!(get_str(service, "protocol"), "tcp", "{name}");
+        let ports = get(service, "ports").as_array().unwrap();
+        assert!(
+            ports.iter().any(|p| {
+                let handlers = get(p, "handlers").as_array().unwrap();
+                let alpn = get(p, "tls_options.alpn").as_array().unwrap();
+                handlers.len() == 1
+                    && handlers[0].as_str() == Some("tls")
+                    && alpn.iter().any(|a| a.as_str() == Some("h2"))
+            }),
+            "{name}: the gRPC service needs a tls port with alpn h2: {ports:?}"
+        );
+        assert_eq!(
+            get_str(service, "concurrency.type"),
+            "connections",
+            "{name}"
+        );
+        assert_eq!(get_str(service, "auto_stop_machines"), "stop", "{name}");
         assert!(get_bool(&config, "http_service.force_https"), "{name}");
         assert_eq!(
             get_str(&config, "http_service.auto_stop_machines"),
@@ -738,6 +776,9 @@ fn docker_context_keeps_what_the_build_needs() {
     let mut needed = vec![
         "Cargo.toml".to_string(),
         "Cargo.lock".to_string(),
+        "build.rs".to_string(),
+        "proto/inference/grpc_service.proto".to_string(),
+        "proto/grpc/health/v1/health.proto".to_string(),
         "src/main.rs".to_string(),
         "models/models.toml".to_string(),
     ];
@@ -906,6 +947,12 @@ async fn run_like_fly(stage: &Stage, config: &Value, models: &Path) -> Vec<Json>
                 log_line(line, &mut logs);
                 let last = logs.last().unwrap();
                 if last["message"] == "streamserve listening" {
+                    // gRPC listens beside HTTP, on a free port of its own as HTTP's is.
+                    let grpc = last["grpc_addr"].as_str().expect("grpc_addr field");
+                    assert!(
+                        grpc.starts_with("127.0.0.1:") && !grpc.ends_with(":0"),
+                        "{grpc}"
+                    );
                     break last["addr"].as_str().expect("addr field").to_string();
                 }
             }

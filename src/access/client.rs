@@ -5,8 +5,9 @@
 
 use std::net::IpAddr;
 
-use actix_web::http::header::HeaderMap;
 use ipnet::IpNet;
+
+use super::Headers;
 
 #[derive(Debug, Default)]
 pub struct TrustedProxies(Vec<IpNet>);
@@ -31,19 +32,18 @@ impl TrustedProxies {
     }
 
     /// The client's address for a request from `peer`.
-    pub fn client(&self, peer: Option<IpAddr>, headers: &HeaderMap) -> Option<IpAddr> {
+    pub fn client(&self, peer: Option<IpAddr>, headers: &dyn Headers) -> Option<IpAddr> {
         let peer = peer?;
         if !self.trusts(peer) {
             return Some(peer);
         }
-        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        if let Some(ip) = header("fly-client-ip").and_then(|v| v.trim().parse().ok()) {
+        if let Some(ip) = headers.first("fly-client-ip").and_then(|v| v.trim().parse().ok()) {
             return Some(ip);
         }
         // The last address that is not one of our proxies is the one the nearest proxy saw.
         let forwarded: Vec<IpAddr> = headers
-            .get_all("x-forwarded-for")
-            .filter_map(|v| v.to_str().ok())
+            .all("x-forwarded-for")
+            .into_iter()
             .flat_map(|v| v.split(','))
             .filter_map(|a| a.trim().parse().ok())
             .collect();
@@ -60,7 +60,7 @@ impl TrustedProxies {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use actix_web::http::header::{HeaderName, HeaderValue};
+    use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();

@@ -1,4 +1,5 @@
-//! Access control at the door, for every inference surface: who is calling (an API key, or
+//! Access control at the door, for every inference surface (REST, WebSocket streams, gRPC):
+//! who is calling (an API key, or
 //! the client's address), which models they may call, and their limits (requests/s with a
 //! burst, rows/s, requests in flight, open streams, audio per minute). Off unless
 //! `--api-keys` (or `--client-requests-per-sec`) is set, so a first run needs nothing.
@@ -24,7 +25,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use actix_web::http::header::{HeaderMap, HeaderName, AUTHORIZATION};
+use actix_web::http::header::{HeaderName, AUTHORIZATION};
 use arc_swap::ArcSwap;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use subtle::ConstantTimeEq;
@@ -34,6 +35,30 @@ use crate::actors::served::Priority;
 use crate::config::Config;
 use crate::error::ServeError;
 use limits::Key;
+
+/// Request headers, from whichever protocol: HTTP headers, or gRPC metadata.
+pub trait Headers {
+    fn first(&self, name: &str) -> Option<&str>;
+    fn all(&self, name: &str) -> Vec<&str>;
+}
+
+impl Headers for actix_web::http::header::HeaderMap {
+    fn first(&self, name: &str) -> Option<&str> {
+        self.get(name).and_then(|v| v.to_str().ok())
+    }
+    fn all(&self, name: &str) -> Vec<&str> {
+        self.get_all(name).filter_map(|v| v.to_str().ok()).collect()
+    }
+}
+
+impl Headers for tonic::metadata::MetadataMap {
+    fn first(&self, name: &str) -> Option<&str> {
+        self.get(name).and_then(|v| v.to_str().ok())
+    }
+    fn all(&self, name: &str) -> Vec<&str> {
+        self.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect()
+    }
+}
 
 /// How often the keys file is checked for changes.
 pub const RELOAD_EVERY: Duration = Duration::from_secs(2);
@@ -159,8 +184,8 @@ impl Access {
     /// The key a request presents, if any: `Authorization: Bearer <key>`, or the configured
     /// header's bare value; for a WebSocket handshake also a `bearer.<key>` subprotocol,
     /// since browsers cannot set headers there.
-    fn presented<'a>(&self, headers: &'a HeaderMap) -> Option<&'a str> {
-        let value = headers.get(&self.header).and_then(|v| v.to_str().ok());
+    fn presented<'a>(&self, headers: &'a dyn Headers) -> Option<&'a str> {
+        let value = headers.first(self.header.as_str());
         let from_header = if self.header == AUTHORIZATION {
             value.and_then(|v| v.strip_prefix("Bearer ")).map(str::trim)
         } else {
@@ -168,8 +193,8 @@ impl Access {
         };
         from_header.or_else(|| {
             headers
-                .get_all("sec-websocket-protocol")
-                .filter_map(|v| v.to_str().ok())
+                .all("sec-websocket-protocol")
+                .into_iter()
                 .flat_map(|v| v.split(','))
                 .find_map(|p| p.trim().strip_prefix("bearer."))
         })
@@ -190,7 +215,7 @@ impl Access {
     /// Lets a request for `model` in, or says why not. `peer` is the socket's address.
     pub fn admit(
         &self,
-        headers: &HeaderMap,
+        headers: &dyn Headers,
         peer: Option<IpAddr>,
         model: &str,
     ) -> Result<Pass, ServeError> {

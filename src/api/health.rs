@@ -48,12 +48,18 @@ fn check_model(
     name: &str,
     version: Option<&str>,
 ) -> Result<HttpResponse, ServeError> {
-    let catalog = state.registry.snapshot();
-    match catalog.resolve(name, version) {
-        Ok(served) => Ok(answer(served.health.ready(), "ready")),
-        Err(ServeError::ModelUnavailable { .. }) => Ok(answer(false, "ready")),
+    can_serve(state, name, version).map(|ready| answer(ready, "ready"))
+}
+
+/// Whether a model version (its default without `version`) can serve: it has a healthy
+/// replica, or it is not loaded and the next request loads it. Unknown names are errors.
+/// REST's and gRPC's readiness (and gRPC health) all answer from here.
+pub fn can_serve(state: &AppState, name: &str, version: Option<&str>) -> Result<bool, ServeError> {
+    match state.registry.snapshot().resolve(name, version) {
+        Ok(served) => Ok(served.health.ready()),
+        Err(ServeError::ModelUnavailable { .. }) => Ok(false),
         // Not loaded, but the next request loads it: it can serve.
-        Err(ServeError::ModelCold { .. }) => Ok(answer(true, "ready")),
+        Err(ServeError::ModelCold { .. }) => Ok(true),
         Err(e) => Err(e),
     }
 }

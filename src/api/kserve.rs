@@ -1,5 +1,7 @@
 //! The Open Inference Protocol (KServe v2) wire format: decoding an inference request, JSON or
 //! JSON plus the binary tensor data extension, into tensors; encoding the answer the same way.
+//! What the REST and gRPC forms of the protocol share lives here too: datatype names, the
+//! parameters every answer carries, Triton's configuration dims, the server's extensions.
 //!
 //! The body must be a JSON object. JSON tensor data is parsed straight into typed vectors,
 //! its nesting checked against the shape, and written back with non-finite floats spelt out
@@ -15,11 +17,65 @@ use serde_json::{Map, Value};
 
 use super::json_tensor::{self, JsonData};
 use crate::error::ServeError;
+use crate::manifest::BatchAxis;
 use crate::model::{InferResponse, ModelInfo};
 use crate::tensor::{DataType, NamedTensor, TensorData};
 
 /// Header that announces the binary tensor data extension: the length of the JSON part.
 pub const HEADER_CONTENT_LENGTH: &str = "Inference-Header-Content-Length";
+
+/// The protocol extensions the server metadata lists (REST and gRPC alike).
+pub const SERVER_EXTENSIONS: [&str; 2] = ["binary_tensor_data", "model_repository"];
+
+/// An input's datatype by its protocol name (`"FP32"`), or an error that names the input and
+/// the supported types.
+pub fn parse_datatype(input: &str, datatype: &str) -> Result<DataType, ServeError> {
+    DataType::parse(datatype).ok_or_else(|| {
+        ServeError::invalid(format!(
+            "input '{input}': datatype '{datatype}' is not supported (use one of {})",
+            DataType::ALL.map(DataType::as_str).join(", ")
+        ))
+    })
+}
+
+/// A value of an answer's parameters.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AnswerParameter {
+    Int(u64),
+    Bool(bool),
+    Text(String),
+}
+
+/// The parameters every inference answer carries, in both protocols: the batch it ran in, its
+/// queue and compute time, whether a fallback served it, and which model version did.
+pub fn answer_parameters(response: &InferResponse) -> [(&'static str, AnswerParameter); 5] {
+    use AnswerParameter::*;
+    [
+        ("batch_size", Int(response.batch_size as u64)),
+        ("queue_time_us", Int(response.queue_time.as_micros() as u64)),
+        (
+            "compute_time_us",
+            Int(response.compute_time.as_micros() as u64),
+        ),
+        ("degraded", Bool(response.degraded)),
+        (
+            "served_by",
+            Text(format!("{}:{}", response.served_by.0, response.served_by.1)),
+        ),
+    ]
+}
+
+/// A tensor's dims in Triton's model configuration: with batching on, without the batch axis
+/// (wherever the manifest's batch_axes puts it; a shared input such as a scalar keeps all its
+/// dims).
+pub fn config_dims(info: &ModelInfo, shape: &[i64], axis: &BatchAxis) -> Vec<i64> {
+    let skip = match axis {
+        BatchAxis::Axis(k) if info.batched() => Some(*k),
+        _ => None,
+    };
+    let kept = shape.iter().enumerate().filter(|(i, _)| Some(*i) != skip);
+    kept.map(|(_, &d)| d).collect()
+}
 
 const NOT_AN_OBJECT: &str = "the request body must be a JSON object with \"inputs\"";
 
@@ -125,13 +181,7 @@ pub fn decode(body: &[u8], json_length: Option<usize>) -> Result<DecodedRequest,
     let mut inputs = Vec::with_capacity(request.inputs.len());
     for Object(input) in request.inputs {
         let name = input.name;
-        let datatype = DataType::parse(&input.datatype).ok_or_else(|| {
-            ServeError::invalid(format!(
-                "input '{name}': datatype '{}' is not supported (use one of {})",
-                input.datatype,
-                DataType::ALL.map(DataType::as_str).join(", ")
-            ))
-        })?;
+        let datatype = parse_datatype(&name, &input.datatype)?;
         let binary_size = input
             .parameters
             .as_ref()
@@ -298,13 +348,18 @@ pub fn encode(
         model_name: &info.name,
         model_version: &info.version,
         id: request.id.as_deref(),
-        parameters: serde_json::json!({
-            "batch_size": response.batch_size,
-            "queue_time_us": response.queue_time.as_micros() as u64,
-            "compute_time_us": response.compute_time.as_micros() as u64,
-            "degraded": response.degraded,
-            "served_by": format!("{}:{}", response.served_by.0, response.served_by.1),
-        }),
+        parameters: answer_parameters(response)
+            .into_iter()
+            .map(|(key, value)| {
+                let value = match value {
+                    AnswerParameter::Int(n) => Value::from(n),
+                    AnswerParameter::Bool(b) => Value::from(b),
+                    AnswerParameter::Text(t) => Value::from(t),
+                };
+                (key.to_string(), value)
+            })
+            .collect::<Map<_, _>>()
+            .into(),
         outputs,
     };
     let mut body = serde_json::to_vec(&json).expect("response JSON serialises");

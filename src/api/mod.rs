@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod body;
 pub mod door;
+pub mod grpc;
 pub mod health;
 mod json_tensor;
 pub mod kserve;

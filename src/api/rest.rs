@@ -47,12 +47,23 @@ async fn server_metadata() -> HttpResponse {
     HttpResponse::Ok().json(json!({
         "name": "streamserve",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": ["binary_tensor_data", "model_repository"],
+        "extensions": kserve::SERVER_EXTENSIONS,
     }))
 }
 
-/// Every listed model version with its state, and the reason where it is not serving.
-fn index(state: &AppState) -> Vec<serde_json::Value> {
+/// One row of the repository index: a listed model version, its state, and why it is not
+/// serving where it is not.
+pub struct IndexRow {
+    pub name: String,
+    pub version: String,
+    pub state: &'static str,
+    pub reason: String,
+    pub default: bool,
+}
+
+/// Every listed model version with its state, and the reason where it is not serving (REST's
+/// and gRPC's repository index).
+pub fn index_rows(state: &AppState) -> Vec<IndexRow> {
     let catalog = state.registry.snapshot();
     let mut rows = Vec::new();
     for (name, model) in &catalog.models {
@@ -68,16 +79,31 @@ fn index(state: &AppState) -> Vec<serde_json::Value> {
                 VersionState::Cold { .. } => "not loaded; the next request loads it",
                 _ => "",
             };
-            rows.push(json!({
-                "name": name,
-                "version": version,
-                "state": state.label(),
-                "reason": reason,
-                "default": model.default_version() == Some(version.as_str()),
-            }));
+            rows.push(IndexRow {
+                name: name.clone(),
+                state: state.label(),
+                reason: reason.to_string(),
+                default: model.default_version() == Some(version.as_str()),
+                version,
+            });
         }
     }
     rows
+}
+
+fn index(state: &AppState) -> Vec<serde_json::Value> {
+    index_rows(state)
+        .into_iter()
+        .map(|row| {
+            json!({
+                "name": row.name,
+                "version": row.version,
+                "state": row.state,
+                "reason": row.reason,
+                "default": row.default,
+            })
+        })
+        .collect()
 }
 
 async fn list_models(state: web::Data<AppState>) -> HttpResponse {
@@ -167,17 +193,8 @@ async fn config(
 ) -> Result<HttpResponse, ServeError> {
     let served = state.served(name, version).await?;
     let info = &served.info;
-    // Triton's convention: with batching on, dims exclude the batch axis (wherever the
-    // manifest's batch_axes puts it; a shared input such as a scalar keeps all its dims).
-    let dims = |shape: &[i64], axis: &crate::manifest::BatchAxis| -> Vec<i64> {
-        let skip = match axis {
-            crate::manifest::BatchAxis::Axis(k) if info.batched() => Some(*k),
-            _ => None,
-        };
-        let kept = shape.iter().enumerate().filter(|(i, _)| Some(*i) != skip);
-        kept.map(|(_, &d)| d).collect()
-    };
-    let tensor = |(s, axis): (&crate::runtime::TensorSpec, &crate::manifest::BatchAxis)| json!({ "name": s.name, "data_type": format!("TYPE_{}", s.datatype), "dims": dims(&s.shape, axis) });
+    // Triton's convention: with batching on, dims exclude the batch axis.
+    let tensor = |(s, axis): (&crate::runtime::TensorSpec, &crate::manifest::BatchAxis)| json!({ "name": s.name, "data_type": format!("TYPE_{}", s.datatype), "dims": kserve::config_dims(info, &s.shape, axis) });
     let (kind, gpus) = match info.device {
         crate::manifest::Device::Cpu => ("KIND_CPU", vec![]),
         crate::manifest::Device::Cuda(n) => ("KIND_GPU", vec![n]),

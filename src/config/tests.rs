@@ -126,6 +126,8 @@ fn defaults_are_unchanged() {
         api_key_header,
         client_requests_per_sec,
         trusted_proxies,
+        grpc_port,
+        grpc_max_message_bytes,
     } = Config::default();
     assert_eq!(host, "0.0.0.0");
     assert_eq!(port, 8080);
@@ -153,6 +155,10 @@ fn defaults_are_unchanged() {
     assert_eq!(api_key_header, "authorization");
     assert_eq!(client_requests_per_sec, 0);
     assert_eq!(trusted_proxies, None);
+    assert_eq!(grpc_port, None);
+    assert_eq!(grpc_max_message_bytes, None);
+    assert_eq!(Config::default().grpc_listen_port(), Some(8081));
+    assert_eq!(Config::default().grpc_max_message(), 67_108_864);
 
     // Resolving nothing gives the defaults, and an empty file too.
     let nothing = serde_json::to_value(Config::resolve(ServeArgs::default()).unwrap());
@@ -338,4 +344,68 @@ fn the_admin_token_comes_from_a_file_and_is_never_printed() {
         err.to_string().contains("cannot read admin token file"),
         "{err}"
     );
+}
+
+#[test]
+fn the_grpc_port_is_a_port_or_off_and_follows_a_free_http_port() {
+    let parse = |args: &[&str]| {
+        let cli = Cli::try_parse_from(["streamserve", "serve"].iter().chain(args))?;
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        Ok::<_, clap::Error>(Config::resolve(*args).unwrap())
+    };
+    let config = parse(&[]).unwrap();
+    assert_eq!(config.grpc_listen_port(), Some(8081));
+    let config = parse(&["--grpc-port", "off"]).unwrap();
+    assert_eq!(config.grpc_listen_port(), None);
+    let config = parse(&["--grpc-port", "9001", "--port", "0"]).unwrap();
+    assert_eq!(
+        config.grpc_listen_port(),
+        Some(9001),
+        "set explicitly, kept"
+    );
+    let config = parse(&["--port", "0"]).unwrap();
+    assert_eq!(
+        config.grpc_listen_port(),
+        Some(0),
+        "a free one beside a free HTTP port"
+    );
+    let config = parse(&["--port", "9000"]).unwrap();
+    assert_eq!(config.grpc_listen_port(), Some(8081));
+    let err = parse(&["--grpc-port", "of"]).err().unwrap().to_string();
+    assert!(err.contains("neither a port"), "{err}");
+    assert!(parse(&["--grpc-port", "70000"]).is_err());
+
+    let path = test_dir("grpc").join("config.toml");
+    for (text, want) in [
+        ("grpc_port = \"off\"\n", None),
+        ("grpc_port = 9002\n", Some(9002)),
+        ("grpc_port = 0\nport = 8080\n", Some(0)),
+    ] {
+        std::fs::write(&path, text).unwrap();
+        assert_eq!(
+            resolve_file(&path).unwrap().grpc_listen_port(),
+            want,
+            "{text}"
+        );
+    }
+    for text in [
+        "grpc_port = 70000\n",
+        "grpc_port = \"on\"\n",
+        "grpc_port = -1\n",
+    ] {
+        std::fs::write(&path, text).unwrap();
+        let err = resolve_file(&path).unwrap_err().to_string();
+        assert!(err.contains("grpc_port"), "{text}: {err}");
+    }
+    // The message limit follows the body limit unless set.
+    std::fs::write(&path, "max_body_bytes = 1000\n").unwrap();
+    assert_eq!(resolve_file(&path).unwrap().grpc_max_message(), 1000);
+    std::fs::write(
+        &path,
+        "max_body_bytes = 1000\ngrpc_max_message_bytes = 50\n",
+    )
+    .unwrap();
+    assert_eq!(resolve_file(&path).unwrap().grpc_max_message(), 50);
 }

@@ -14,6 +14,14 @@ pub fn repo() -> PathBuf {
 
 /// Starts a server on `models` and returns its base URL.
 pub fn start(models: &Path, tweak: impl FnOnce(&mut Config)) -> String {
+    format!("http://{}", start_running(models, tweak).addr)
+}
+
+/// Starts a server on `models` (HTTP and gRPC on free ports) and returns its handle.
+pub fn start_running(
+    models: &Path,
+    tweak: impl FnOnce(&mut Config),
+) -> streamserve::server::Running {
     let mut config = Config {
         host: "127.0.0.1".into(),
         port: 0,
@@ -22,8 +30,7 @@ pub fn start(models: &Path, tweak: impl FnOnce(&mut Config)) -> String {
         ..Config::default()
     };
     tweak(&mut config);
-    let running = streamserve::server::spawn(config).expect("server starts");
-    format!("http://{}", running.addr)
+    streamserve::server::spawn(config).expect("server starts")
 }
 
 /// One server on the bundled models, shared by the tests of a test binary.

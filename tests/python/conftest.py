@@ -2,7 +2,7 @@
 
 The server is started exactly as an operator would start it (`streamserve serve ...`), with
 JSON logs on stdout. The fixture waits for the "streamserve listening" log line, takes the
-bound address from its "addr" field, keeps draining the server's output in a background thread
+bound addresses from its "addr" (HTTP) and "grpc_addr" (gRPC) fields, keeps draining the server's output in a background thread
 (so a full pipe can never stall the server), and stops the process when the session ends.
 """
 
@@ -55,7 +55,8 @@ class _ServerOutput:
             return "\n".join(list(self.lines)[-last:])
 
 
-def _listening_addr(line):
+def _listening_addrs(line):
+    """(HTTP address, gRPC address) from the "streamserve listening" line, else None."""
     try:
         record = json.loads(line)
     except ValueError:
@@ -64,15 +65,17 @@ def _listening_addr(line):
         return None
     # With --log-format json the tracing fields sit at the top level; accept the nested
     # "fields" layout too so a formatter change produces a clear failure, not a hang.
-    addr = record.get("addr") or (record.get("fields") or {}).get("addr")
-    if not addr:
-        raise AssertionError(f"'{LISTENING_MESSAGE}' log line has no addr field: {line}")
-    return addr
+    fields = record.get("fields") or {}
+    addr = record.get("addr") or fields.get("addr")
+    grpc_addr = record.get("grpc_addr") or fields.get("grpc_addr")
+    if not addr or not grpc_addr:
+        raise AssertionError(f"'{LISTENING_MESSAGE}' log line lacks addr or grpc_addr: {line}")
+    return addr, grpc_addr
 
 
 @pytest.fixture(scope="session")
-def server_addr():
-    """The "127.0.0.1:PORT" of a running streamserve serving the bundled models."""
+def _server():
+    """(HTTP, gRPC) "127.0.0.1:PORT" of a running streamserve serving the bundled models."""
     if not BINARY.is_file():
         pytest.fail(
             f"streamserve binary not found at {BINARY}; build it first with "
@@ -116,7 +119,7 @@ def server_addr():
                     f"command: {' '.join(command)}\noutput:\n{output.text()}",
                     pytrace=False,
                 )
-            addr = _listening_addr(line)
+            addr = _listening_addrs(line)
         output.started()
         yield addr
     finally:
@@ -127,6 +130,18 @@ def server_addr():
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def server_addr(_server):
+    """The HTTP "127.0.0.1:PORT" of the server."""
+    return _server[0]
+
+
+@pytest.fixture(scope="session")
+def server_grpc_addr(_server):
+    """The gRPC "127.0.0.1:PORT" of the same server (a free port, as `--port 0` gives)."""
+    return _server[1]
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,526 @@
+//! `inference.GRPCInferenceService`: the Open Inference Protocol over gRPC, with the Triton
+//! additions its client uses (streaming inference, model configuration, repository index).
+//!
+//! Inference goes the way REST's does: resolve the version (loading it if cold), admission at
+//! the door (`max_inflight`), [`convert::decode`], [`ModelInfo::validate`],
+//! [`ServedModel::infer`] with the deadline from `grpc-timeout` (or Triton's `timeout`
+//! parameter), [`convert::encode`]. Errors are `ServeError`s, mapped to status codes in
+//! `error.rs`; a streamed request's error answers that request (`error_message`) and the
+//! stream goes on.
+
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::convert;
+use super::proto::inference::grpc_inference_service_server::GrpcInferenceService;
+use super::proto::inference::model_metadata_response::TensorMetadata;
+use super::proto::inference::*;
+use super::{draining, grpc_timeout, request_id, Stop};
+use crate::access::Pass;
+use crate::actors::registry::ServedModel;
+use crate::actors::served::InferOptions;
+use crate::api::{health, kserve, rest, AppState};
+use crate::error::ServeError;
+use crate::model::PLATFORM;
+use crate::untrusted::Untrusted;
+
+/// Requests of one stream being decoded, queued or run at once; beyond it the stream is not
+/// read until an answer is sent (HTTP/2 flow control then holds the client back).
+const STREAM_IN_FLIGHT: usize = 64;
+
+pub struct Inference {
+    pub state: Arc<AppState>,
+    /// Largest message sent; a larger answer is RESOURCE_EXHAUSTED.
+    pub max_message: usize,
+    pub stop: watch::Receiver<Stop>,
+}
+
+type Answer<T> = Result<Response<T>, Status>;
+
+/// Who made a call, for access control: its metadata (the API key, forwarding headers) and
+/// its peer address.
+#[derive(Clone, Copy)]
+struct Caller<'a> {
+    metadata: &'a MetadataMap,
+    peer: Option<IpAddr>,
+}
+
+fn version(v: &str) -> Option<&str> {
+    (!v.is_empty()).then_some(v)
+}
+
+fn unimplemented(what: &str, instead: &str) -> Status {
+    Status::unimplemented(format!("{what} is not supported by streamserve; {instead}"))
+}
+
+impl Inference {
+    /// One inference, accounted (metrics, access log, the version's health) as REST does, with
+    /// `protocol="grpc"` on its series.
+    async fn infer(
+        &self,
+        rpc: &'static str,
+        mut request: ModelInferRequest,
+        call_timeout: Option<Duration>,
+        request_id: String,
+        caller: Caller<'_>,
+    ) -> Result<ModelInferResponse, ServeError> {
+        let received = Instant::now();
+        let admitted = self
+            .state
+            .access
+            .admit(caller.metadata, caller.peer, &request.model_name);
+        let (pass, resolved) = match admitted {
+            Ok(pass) => {
+                let resolved = self
+                    .state
+                    .served(&request.model_name, version(&request.model_version))
+                    .await;
+                (Some(pass), resolved)
+            }
+            Err(refused) => (None, Err(refused)),
+        };
+        let (model, model_version) = match &resolved {
+            Ok(served) => (served.info.name.clone(), served.info.version.clone()),
+            Err(_) => ("_unknown".to_string(), String::new()),
+        };
+        let key = pass.as_ref().map_or("-", |p| p.name()).to_string();
+        let outcome = match (&resolved, &pass) {
+            (Ok(served), Some(pass)) => {
+                self.infer_on(served, &mut request, call_timeout, received, pass)
+                    .await
+            }
+            (Err(e), _) => Err(e.clone()),
+            (Ok(_), None) => unreachable!("a model is resolved only for an admitted caller"),
+        };
+        drop(pass);
+        let elapsed = received.elapsed();
+        let status = match &outcome {
+            Ok(_) => 200,
+            Err(e) => actix_web::ResponseError::status_code(e).as_u16(),
+        };
+        if let Ok(served) = &resolved {
+            served.health.record(status >= 500, elapsed);
+        }
+        let labels = [
+            ("model", model.clone()),
+            ("version", model_version.clone()),
+            ("protocol", "grpc".to_string()),
+        ];
+        metrics::counter!("streamserve_requests_total", "model" => model.clone(), "version" => model_version.clone(), "status" => status.to_string(), "protocol" => "grpc")
+            .increment(1);
+        metrics::histogram!("streamserve_request_duration_seconds", &labels)
+            .record(elapsed.as_secs_f64());
+        let total_us = elapsed.as_micros() as u64;
+        match &outcome {
+            Ok((_, stats)) => {
+                metrics::histogram!("streamserve_queue_duration_seconds", &labels)
+                    .record(stats.queue_time.as_secs_f64());
+                tracing::info!(
+                    target: "streamserve::access",
+                    protocol = "grpc", rpc, request_id = %request_id, key = %key, model = %model,
+                    version = %model_version, status, code = "OK",
+                    batch_size = stats.batch_size, queue_us = stats.queue_time.as_micros() as u64,
+                    compute_us = stats.compute_time.as_micros() as u64, total_us, "infer"
+                );
+            }
+            Err(e) => tracing::info!(
+                target: "streamserve::access",
+                protocol = "grpc", rpc, request_id = %request_id, key = %key, model = %model,
+                version = %model_version, status, code = ?e.grpc_code(),
+                error = %Untrusted(&e.to_string()), total_us, "infer"
+            ),
+        }
+        outcome.map(|(answer, _)| answer)
+    }
+
+    async fn infer_on(
+        &self,
+        served: &ServedModel,
+        request: &mut ModelInferRequest,
+        call_timeout: Option<Duration>,
+        received: Instant,
+        pass: &Pass,
+    ) -> Result<(ModelInferResponse, crate::model::InferResponse), ServeError> {
+        let state = &self.state;
+        state
+            .access
+            .check_version(pass, &served.info.name, &served.info.version)?;
+        // Admission before decoding, as REST's: past max_inflight the server is saturated
+        // upstream of the model queues.
+        let _permit = state.inflight.clone().try_acquire_owned().map_err(|_| {
+            metrics::counter!("streamserve_shed_total", "model" => served.info.name.clone(), "version" => served.info.version.clone())
+                .increment(1);
+            ServeError::Overloaded {
+                model: served.info.name.clone(),
+                queued: state.max_inflight,
+                limit: state.max_inflight,
+                retry_after: Duration::from_secs(1),
+            }
+        })?;
+        let decoded = convert::decode(request)?;
+        let info = served.info.clone();
+        let validated = info.validate(decoded.inputs, decoded.outputs)?;
+        state.access.check_rows(pass, &info.name, validated.rows)?;
+        // The sooner of the call's deadline and the request's own.
+        let timeout = match (call_timeout, decoded.timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let response = served
+            .infer(
+                validated,
+                InferOptions::received_at(received)
+                    .with_timeout(timeout)
+                    .with_priority(pass.priority()),
+            )
+            .await?;
+        let answer = convert::encode(
+            &info,
+            std::mem::take(&mut request.id),
+            decoded.raw_output,
+            &response,
+        );
+        let size = answer.encoded_len();
+        if size > self.max_message {
+            return Err(ServeError::ResponseTooLarge {
+                size,
+                limit: self.max_message,
+            });
+        }
+        Ok((answer, response))
+    }
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for Arc<Inference> {
+    async fn server_live(&self, _: Request<ServerLiveRequest>) -> Answer<ServerLiveResponse> {
+        Ok(Response::new(ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Answer<ServerReadyResponse> {
+        let ready = self.state.registry.snapshot().ready() && !self.state.work.draining();
+        Ok(Response::new(ServerReadyResponse { ready }))
+    }
+
+    async fn model_ready(&self, request: Request<ModelReadyRequest>) -> Answer<ModelReadyResponse> {
+        let request = request.into_inner();
+        let ready = health::can_serve(&self.state, &request.name, version(&request.version))?;
+        Ok(Response::new(ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> Answer<ServerMetadataResponse> {
+        Ok(Response::new(ServerMetadataResponse {
+            name: "streamserve".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            extensions: kserve::SERVER_EXTENSIONS.map(String::from).to_vec(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<ModelMetadataRequest>,
+    ) -> Answer<ModelMetadataResponse> {
+        let request = request.into_inner();
+        let served = self
+            .state
+            .served(&request.name, version(&request.version))
+            .await?;
+        let info = &served.info;
+        let versions = self
+            .state
+            .registry
+            .snapshot()
+            .models
+            .get(&info.name)
+            .map(|m| m.sorted_versions())
+            .unwrap_or_default();
+        let tensor = |s: &crate::runtime::TensorSpec| TensorMetadata {
+            name: s.name.clone(),
+            datatype: s.datatype.as_str().into(),
+            shape: s.shape.clone(),
+        };
+        Ok(Response::new(ModelMetadataResponse {
+            name: info.name.clone(),
+            versions,
+            platform: PLATFORM.into(),
+            inputs: info.inputs.iter().map(tensor).collect(),
+            outputs: info.outputs.iter().map(tensor).collect(),
+        }))
+    }
+
+    async fn model_infer(&self, request: Request<ModelInferRequest>) -> Answer<ModelInferResponse> {
+        let _work = self.state.work.begin();
+        let timeout = grpc_timeout(request.metadata());
+        let id = request_id(request.metadata(), &request.get_ref().id);
+        let peer = request.remote_addr().map(|a| a.ip());
+        let (metadata, _, message) = request.into_parts();
+        let caller = Caller {
+            metadata: &metadata,
+            peer,
+        };
+        let answer = self
+            .infer("ModelInfer", message, timeout, id.clone(), caller)
+            .await?;
+        let mut response = Response::new(answer);
+        if let Ok(value) = id.parse() {
+            response.metadata_mut().insert("x-request-id", value);
+        }
+        Ok(response)
+    }
+
+    type ModelStreamInferStream =
+        Pin<Box<dyn futures_util::Stream<Item = Result<ModelStreamInferResponse, Status>> + Send>>;
+
+    /// Answers in the order the requests came; up to [`STREAM_IN_FLIGHT`] of them are in
+    /// flight at once, so a stream's requests batch with each other and with other clients'.
+    async fn model_stream_infer(
+        &self,
+        request: Request<Streaming<ModelInferRequest>>,
+    ) -> Answer<Self::ModelStreamInferStream> {
+        // Every request of the stream is let in (or not) on the stream's own metadata.
+        let peer = request.remote_addr().map(|a| a.ip());
+        let (metadata, _, mut incoming) = request.into_parts();
+        let metadata = Arc::new(metadata);
+        let this = self.clone();
+        let (tx, rx) = mpsc::channel(STREAM_IN_FLIGHT);
+        tokio::spawn(async move {
+            let _work = this.state.work.begin();
+            let mut pending = FuturesOrdered::new();
+            let stop = draining(this.stop.clone());
+            tokio::pin!(stop);
+            let (mut open, mut stopping) = (true, false);
+            while (open && !stopping) || !pending.is_empty() {
+                tokio::select! {
+                    Some(answer) = pending.next(), if !pending.is_empty() => {
+                        if tx.send(Ok(answer)).await.is_err() {
+                            return; // the client went away
+                        }
+                    }
+                    message = incoming.message(), if open && !stopping && pending.len() < STREAM_IN_FLIGHT => {
+                        match message {
+                            Ok(Some(request)) => pending.push_back(this.clone().stream_one(request, metadata.clone(), peer)),
+                            Ok(None) => open = false,
+                            Err(status) => {
+                                // The transport failed (e.g. a message over the limit): answer
+                                // what was read, then end the stream with the error.
+                                while let Some(answer) = pending.next().await {
+                                    let _ = tx.send(Ok(answer)).await;
+                                }
+                                let _ = tx.send(Err(super::transport_status(status))).await;
+                                return;
+                            }
+                        }
+                    }
+                    _ = &mut stop, if !stopping => stopping = true,
+                }
+            }
+            if stopping && open {
+                let _ = tx
+                    .send(Err(Status::unavailable(
+                        "the server is shutting down; reconnect and send the rest again",
+                    )))
+                    .await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn model_config(
+        &self,
+        request: Request<ModelConfigRequest>,
+    ) -> Answer<ModelConfigResponse> {
+        let request = request.into_inner();
+        let served = self
+            .state
+            .served(&request.name, version(&request.version))
+            .await?;
+        Ok(Response::new(ModelConfigResponse {
+            config: Some(super::model_config::model_config(&served.info)),
+        }))
+    }
+
+    async fn model_statistics(
+        &self,
+        _: Request<ModelStatisticsRequest>,
+    ) -> Answer<ModelStatisticsResponse> {
+        Err(unimplemented(
+            "ModelStatistics",
+            "per-version counts and latencies are in GET /metrics (streamserve_requests_total, \
+             streamserve_request_duration_seconds, streamserve_queue_duration_seconds, \
+             streamserve_inference_duration_seconds)",
+        ))
+    }
+
+    async fn repository_index(
+        &self,
+        request: Request<RepositoryIndexRequest>,
+    ) -> Answer<RepositoryIndexResponse> {
+        let request = request.into_inner();
+        let models = rest::index_rows(&self.state)
+            .into_iter()
+            .filter(|row| !request.ready || row.state == "READY")
+            .map(|row| repository_index_response::ModelIndex {
+                name: row.name,
+                version: row.version,
+                state: row.state.into(),
+                reason: row.reason,
+            })
+            .collect();
+        Ok(Response::new(RepositoryIndexResponse { models }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        _: Request<RepositoryModelLoadRequest>,
+    ) -> Answer<RepositoryModelLoadResponse> {
+        Err(unimplemented(
+            "RepositoryModelLoad",
+            "models load on their first request, or through the admin API (POST /admin/models/{name}/load)",
+        ))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        _: Request<RepositoryModelUnloadRequest>,
+    ) -> Answer<RepositoryModelUnloadResponse> {
+        Err(unimplemented(
+            "RepositoryModelUnload",
+            "use the admin API (POST /admin/models/{name}/unload)",
+        ))
+    }
+
+    async fn system_shared_memory_status(
+        &self,
+        _: Request<SystemSharedMemoryStatusRequest>,
+    ) -> Answer<SystemSharedMemoryStatusResponse> {
+        Err(unimplemented(
+            "System shared memory",
+            "send tensors in the request",
+        ))
+    }
+
+    async fn system_shared_memory_register(
+        &self,
+        _: Request<SystemSharedMemoryRegisterRequest>,
+    ) -> Answer<SystemSharedMemoryRegisterResponse> {
+        Err(unimplemented(
+            "System shared memory",
+            "send tensors in the request",
+        ))
+    }
+
+    async fn system_shared_memory_unregister(
+        &self,
+        _: Request<SystemSharedMemoryUnregisterRequest>,
+    ) -> Answer<SystemSharedMemoryUnregisterResponse> {
+        Err(unimplemented(
+            "System shared memory",
+            "send tensors in the request",
+        ))
+    }
+
+    async fn cuda_shared_memory_status(
+        &self,
+        _: Request<CudaSharedMemoryStatusRequest>,
+    ) -> Answer<CudaSharedMemoryStatusResponse> {
+        Err(unimplemented(
+            "CUDA shared memory",
+            "send tensors in the request",
+        ))
+    }
+
+    async fn cuda_shared_memory_register(
+        &self,
+        _: Request<CudaSharedMemoryRegisterRequest>,
+    ) -> Answer<CudaSharedMemoryRegisterResponse> {
+        Err(unimplemented(
+            "CUDA shared memory",
+            "send tensors in the request",
+        ))
+    }
+
+    async fn cuda_shared_memory_unregister(
+        &self,
+        _: Request<CudaSharedMemoryUnregisterRequest>,
+    ) -> Answer<CudaSharedMemoryUnregisterResponse> {
+        Err(unimplemented(
+            "CUDA shared memory",
+            "send tensors in the request",
+        ))
+    }
+
+    async fn trace_setting(&self, _: Request<TraceSettingRequest>) -> Answer<TraceSettingResponse> {
+        Err(unimplemented(
+            "TraceSetting",
+            "request logs are the streamserve::access log target (--log)",
+        ))
+    }
+
+    async fn log_settings(&self, _: Request<LogSettingsRequest>) -> Answer<LogSettingsResponse> {
+        Err(unimplemented(
+            "LogSettings",
+            "the log filter is set at start (--log, STREAMSERVE_LOG)",
+        ))
+    }
+}
+
+impl Inference {
+    /// One request of a stream, answered in the stream: its answer, or its error in
+    /// `error_message` beside its id, model and version so that the client can tell which.
+    async fn stream_one(
+        self: Arc<Self>,
+        request: ModelInferRequest,
+        metadata: Arc<MetadataMap>,
+        peer: Option<IpAddr>,
+    ) -> ModelStreamInferResponse {
+        let (id, model_name, model_version) = (
+            request.id.clone(),
+            request.model_name.clone(),
+            request.model_version.clone(),
+        );
+        let request_id = if id.is_empty() {
+            uuid::Uuid::new_v4().simple().to_string()
+        } else {
+            id.clone()
+        };
+        match self
+            .infer(
+                "ModelStreamInfer",
+                request,
+                None,
+                request_id,
+                Caller {
+                    metadata: &metadata,
+                    peer,
+                },
+            )
+            .await
+        {
+            Ok(answer) => ModelStreamInferResponse {
+                error_message: String::new(),
+                infer_response: Some(answer),
+            },
+            Err(e) => ModelStreamInferResponse {
+                error_message: e.to_string(),
+                infer_response: Some(ModelInferResponse {
+                    model_name,
+                    model_version,
+                    id,
+                    ..Default::default()
+                }),
+            },
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! The gRPC front end: the Open Inference Protocol (`inference.GRPCInferenceService`, the
+//! KServe v2 protocol with Triton's additions, so that `tritonclient.grpc` works unchanged),
+//! `grpc.health.v1.Health`, and server reflection (so `grpcurl` needs no proto files), on
+//! plaintext HTTP/2 (h2c) beside the HTTP listener.
+//!
+//! - `inference.rs`: the inference service; `convert.rs`: its tensors; `model_config.rs`:
+//!   Triton's `ModelConfig`; `health.rs`: the health service.
+//! - This file: the listener, on a runtime of its own (tonic needs a multi-threaded tokio
+//!   runtime; the actors take messages from any thread), its message limits, and its part of
+//!   the graceful shutdown ([`GrpcServer::drain`], [`GrpcServer::stop`]).
+//!
+//! The proto files are vendored in `proto/` (sources and licences in `proto/README.md`) and
+//! compiled by `build.rs` in pure Rust.
+
+mod convert;
+mod health;
+mod inference;
+mod model_config;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tonic::codegen::http;
+use tonic::metadata::MetadataMap;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Code, Status};
+
+use super::AppState;
+
+/// The generated protocol types, services and clients.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod proto {
+    pub mod inference {
+        tonic::include_proto!("inference");
+    }
+    pub mod health {
+        tonic::include_proto!("grpc.health.v1");
+    }
+    /// The compiled descriptors of every vendored proto file, for reflection.
+    pub const DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
+}
+
+/// The inference service's full name (also a name `grpc.health.v1` answers for).
+pub const INFERENCE_SERVICE: &str = "inference.GRPCInferenceService";
+
+/// Where the gRPC server is in the shutdown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stop {
+    Serving,
+    /// No new connections or calls; calls in flight finish, streams end after their answers.
+    Draining,
+    /// The drain time is up: whatever is left is dropped.
+    Now,
+}
+
+/// Resolves once the server drains. A dropped sender (a server whose `Running` was dropped,
+/// as tests do) never drains.
+async fn draining(mut stop: watch::Receiver<Stop>) {
+    if stop.wait_for(|s| *s >= Stop::Draining).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// The call's deadline from its `grpc-timeout` header (`<up to 8 digits><H|M|S|m|u|n>`).
+fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The id a call is logged under: the request's `id`, else an `x-request-id` header, else a
+/// fresh one.
+fn request_id(metadata: &MetadataMap, id: &str) -> String {
+    let header = metadata
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::untrusted::request_id);
+    crate::untrusted::request_id(id)
+        .or(header)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string())
+}
+
+/// tonic's words for a message over the decoding limit.
+const TOO_LARGE: &str = "Error, decoded message length too large";
+
+/// A transport error as the protocol names it: tonic reports a message over the limit as
+/// OUT_OF_RANGE, where gRPC's status code table says RESOURCE_EXHAUSTED.
+fn transport_status(status: Status) -> Status {
+    if status.code() == Code::OutOfRange && status.message().starts_with(TOO_LARGE) {
+        Status::resource_exhausted(status.message().to_string())
+    } else {
+        status
+    }
+}
+
+/// [`transport_status`] for unary calls, whose decoding error tonic answers before any handler
+/// runs (a trailers-only response: the status is in the headers).
+fn fix_too_large<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let headers = response.headers_mut();
+    let too_large = headers.get("grpc-status").is_some_and(|v| v == "11")
+        && headers
+            .get("grpc-message")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|m| {
+                m.starts_with(&TOO_LARGE.replace(' ', "%20")) || m.starts_with(TOO_LARGE)
+            });
+    if too_large {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+    response
+}
+
+/// The running gRPC listener.
+pub struct GrpcServer {
+    pub addr: SocketAddr,
+    stop: watch::Sender<Stop>,
+    stopped: watch::Receiver<bool>,
+}
+
+/// What the gRPC listener is configured with.
+pub struct GrpcConfig<'a> {
+    pub host: &'a str,
+    pub port: u16,
+    pub max_message: usize,
+    pub workers: usize,
+}
+
+impl GrpcServer {
+    /// Binds the listener (so that a taken port fails the start, and port 0 is resolved
+    /// before this returns) and serves it on a runtime thread of its own.
+    pub fn start(state: Arc<AppState>, config: GrpcConfig<'_>) -> anyhow::Result<GrpcServer> {
+        let listener = std::net::TcpListener::bind((config.host, config.port)).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen for gRPC on {}:{}: {e}",
+                config.host,
+                config.port
+            )
+        })?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.workers.max(1))
+            .thread_name("grpc")
+            .enable_all()
+            .build()?;
+        let (stop, stop_rx) = watch::channel(Stop::Serving);
+        let (stopped_tx, stopped) = watch::channel(false);
+        let max_message = config.max_message;
+        std::thread::Builder::new()
+            .name("streamserve-grpc".into())
+            .spawn(move || {
+                runtime.block_on(serve(listener, state, stop_rx, max_message));
+                runtime.shutdown_timeout(Duration::from_millis(100));
+                let _ = stopped_tx.send(true);
+            })?;
+        Ok(GrpcServer {
+            addr,
+            stop,
+            stopped,
+        })
+    }
+
+    /// Stops taking connections and calls (GOAWAY); calls in flight go on, streams end once
+    /// their answers are sent, health turns NOT_SERVING.
+    pub fn drain(&self) {
+        self.stop.send_if_modified(|s| {
+            let changed = *s < Stop::Draining;
+            *s = (*s).max(Stop::Draining);
+            changed
+        });
+    }
+
+    /// Waits until the server has stopped, at most until `deadline`; then drops what is left.
+    pub async fn stop(&self, deadline: tokio::time::Instant) {
+        self.drain();
+        let mut stopped = self.stopped.clone();
+        let done = tokio::time::timeout_at(deadline, stopped.wait_for(|s| *s))
+            .await
+            .is_ok();
+        if !done {
+            tracing::warn!("gRPC calls still open when the drain time was up; closing them");
+            let _ = self.stop.send(Stop::Now);
+            let _ = tokio::time::timeout(Duration::from_secs(1), stopped.wait_for(|s| *s)).await;
+        }
+    }
+}
+
+async fn serve(
+    listener: std::net::TcpListener,
+    state: Arc<AppState>,
+    stop: watch::Receiver<Stop>,
+    max_message: usize,
+) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!(error = %e, "gRPC listener failed");
+            return;
+        }
+    };
+    // Small answers: without TCP_NODELAY, Nagle's algorithm holds one back behind the peer's
+    // delayed ACK (as on the HTTP listener).
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let inference = Arc::new(inference::Inference {
+        state: state.clone(),
+        max_message,
+        stop: stop.clone(),
+    });
+    let inference =
+        proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer::new(inference)
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message);
+    let health = proto::health::health_server::HealthServer::new(Arc::new(health::HealthService {
+        state,
+        stop: stop.clone(),
+    }));
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::DESCRIPTORS)
+    };
+    let (reflection_v1, reflection_v1alpha) =
+        match (reflection().build_v1(), reflection().build_v1alpha()) {
+            (Ok(v1), Ok(v1alpha)) => (v1, v1alpha),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(error = %e, "gRPC reflection cannot read the descriptors");
+                return;
+            }
+        };
+    let graceful = draining(stop.clone());
+    let mut now = stop.clone();
+    let server = tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(fix_too_large))
+        .add_service(inference)
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(incoming, graceful);
+    tokio::select! {
+        result = server => {
+            if let Err(e) = result {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        }
+        _ = async { let _ = now.wait_for(|s| *s == Stop::Now).await; std::future::pending::<()>().await } => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit() {
+        let parse = |v: &str| {
+            let mut m = MetadataMap::new();
+            m.insert("grpc-timeout", v.parse().unwrap());
+            grpc_timeout(&m)
+        };
+        assert_eq!(parse("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(parse("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(parse("9n"), Some(Duration::from_nanos(9)));
+        assert_eq!(parse("123456789S"), None, "at most 8 digits");
+        assert_eq!(parse("S"), None);
+        assert_eq!(parse("5x"), None);
+        assert_eq!(grpc_timeout(&MetadataMap::new()), None);
+    }
+
+    #[test]
+    fn a_message_over_the_limit_is_resource_exhausted() {
+        let status =
+            Status::out_of_range(format!("{TOO_LARGE}: found 9 bytes, the limit is: 8 bytes"));
+        assert_eq!(transport_status(status).code(), Code::ResourceExhausted);
+        let other = Status::out_of_range("something else");
+        assert_eq!(transport_status(other).code(), Code::OutOfRange);
+        let response = status_response(Status::out_of_range(format!("{TOO_LARGE}: found 9")));
+        assert_eq!(fix_too_large(response).headers()["grpc-status"], "8");
+        let response = status_response(Status::invalid_argument("no"));
+        assert_eq!(fix_too_large(response).headers()["grpc-status"], "3");
+    }
+
+    fn status_response(status: Status) -> http::Response<()> {
+        let mut response = http::Response::new(());
+        status.add_header(response.headers_mut()).unwrap();
+        response
+    }
+}

@@ -1,0 +1,217 @@
+"""Protocol compatibility over gRPC: Triton's own Python gRPC client (`tritonclient.grpc`),
+unchanged, against the real streamserve binary (the same server as the HTTP client's tests,
+on its gRPC port).
+
+Inference answers are checked against ONNX Runtime's Python InferenceSession on the same
+model file, so these tests prove the tensors crossed the wire (raw little-endian contents) and
+the batcher unchanged.
+"""
+
+import queue
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+RTOL = 1e-5
+ATOL = 1e-6
+BUNDLED_MODELS = {"mlp", "mlp_small", "typed_ops", "silero_vad", "vad_energy"}
+
+_sessions = {}
+
+
+@pytest.fixture(scope="module")
+def client(server_grpc_addr):
+    c = grpcclient.InferenceServerClient(url=server_grpc_addr)
+    yield c
+    c.close()
+
+
+def reference(repo_root, model, feeds):
+    """ONNX Runtime's own answer for `model` (version 1) on `feeds`, as {output name: array}."""
+    if model not in _sessions:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        _sessions[model] = ort.InferenceSession(
+            str(repo_root / "models" / model / "1" / "model.onnx"),
+            sess_options=options,
+            providers=["CPUExecutionProvider"],
+        )
+    session = _sessions[model]
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
+
+
+def features(seed, rows=4):
+    return np.random.default_rng(seed).standard_normal((rows, 256)).astype(np.float32)
+
+
+def mlp_input(x):
+    inp = grpcclient.InferInput("features", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return inp
+
+
+def assert_mlp_result(result, expected, names=("logits", "probabilities")):
+    for name in names:
+        got = result.as_numpy(name)
+        assert got is not None, f"output '{name}' missing from {result.get_response()}"
+        assert got.dtype == np.float32, (name, got.dtype)
+        assert got.shape == expected[name].shape, (name, got.shape)
+        np.testing.assert_allclose(got, expected[name], rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+def infer_error(client, *args, **kwargs):
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer(*args, **kwargs)
+    return caught.value
+
+
+# --------------------------------------------------------------------------------------------
+# health and metadata
+
+
+def test_server_live_and_ready(client):
+    assert client.is_server_live() is True
+    assert client.is_server_ready() is True
+    for name in sorted(BUNDLED_MODELS):
+        assert client.is_model_ready(name) is True, name
+    assert client.is_model_ready("mlp", model_version="1") is True
+
+
+def test_server_metadata(client):
+    meta = client.get_server_metadata(as_json=True)
+    assert meta["name"] == "streamserve"
+    assert meta["version"]
+
+
+def test_model_metadata(client):
+    meta = client.get_model_metadata("mlp")
+    assert meta.name == "mlp"
+    assert list(meta.versions) == ["1"]
+    assert meta.platform == "onnxruntime_onnx"
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("features", "FP32", [-1, 256])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
+        ("logits", "FP32", [-1, 16]),
+        ("probabilities", "FP32", [-1, 16]),
+    ]
+    pinned = client.get_model_metadata("mlp", model_version="1", as_json=True)
+    assert pinned["name"] == "mlp" and pinned["inputs"][0]["name"] == "features"
+    with pytest.raises(InferenceServerException) as caught:
+        client.get_model_metadata("nope")
+    assert caught.value.status() == "StatusCode.NOT_FOUND"
+    assert "nope" in caught.value.message()
+
+
+def test_model_config_and_repository_index(client):
+    config = client.get_model_config("mlp").config
+    assert config.name == "mlp"
+    assert config.max_batch_size == 64
+    assert [(i.name, list(i.dims)) for i in config.input] == [("features", [256])]
+    assert config.instance_group[0].count == 2
+    index = client.get_model_repository_index(as_json=True)
+    rows = {row["name"]: row for row in index["models"]}
+    assert set(rows) == BUNDLED_MODELS, index
+    assert all(row["state"] == "READY" and row["version"] == "1" for row in rows.values())
+
+
+# --------------------------------------------------------------------------------------------
+# unary inference
+
+
+def test_mlp_infer_numpy(client, repo_root):
+    x = features(seed=1)
+    result = client.infer("mlp", [mlp_input(x)], request_id="grpc-1")
+    response = result.get_response()
+    assert response.model_name == "mlp"
+    assert response.model_version == "1"
+    assert response.id == "grpc-1"
+    assert response.parameters["served_by"].string_param == "mlp:1"
+    assert response.parameters["degraded"].bool_param is False
+    assert response.parameters["batch_size"].int64_param >= 4
+    assert_mlp_result(result, reference(repo_root, "mlp", {"features": x}))
+
+
+def test_requested_output_and_version_pinning(client, repo_root):
+    x = features(seed=2, rows=3)
+    result = client.infer(
+        "mlp",
+        [mlp_input(x)],
+        model_version="1",
+        outputs=[grpcclient.InferRequestedOutput("probabilities")],
+    )
+    assert [o.name for o in result.get_response().outputs] == ["probabilities"]
+    assert result.as_numpy("logits") is None
+    assert_mlp_result(result, reference(repo_root, "mlp", {"features": x}), names=("probabilities",))
+    error = infer_error(client, "mlp", [mlp_input(x)], model_version="9")
+    assert error.status() == "StatusCode.NOT_FOUND"
+    assert "no version '9'" in error.message()
+
+
+def test_typed_ops_every_datatype(client, repo_root):
+    rng = np.random.default_rng(3)
+    a = rng.integers(-1_000_000, 1_000_000, size=(2, 4), dtype=np.int64)
+    a[0, 0] = 9007199254740993  # beyond double precision: must come back exactly
+    b = rng.standard_normal((2, 4))
+    mask = rng.random((2, 4)) < 0.5
+    mask[0, 0] = True  # so that `masked` carries it
+    inputs = []
+    for name, value, datatype in (("a", a, "INT64"), ("b", b, "FP64"), ("mask", mask, "BOOL")):
+        t = grpcclient.InferInput(name, list(value.shape), datatype)
+        t.set_data_from_numpy(value)
+        inputs.append(t)
+    result = client.infer("typed_ops", inputs)
+    expected = reference(repo_root, "typed_ops", {"a": a, "b": b, "mask": mask})
+    for name, want in expected.items():
+        got = result.as_numpy(name)
+        assert got.dtype == want.dtype, (name, got.dtype, want.dtype)
+        np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def test_bad_requests_get_their_status(client):
+    wrong_shape = grpcclient.InferInput("features", [1, 255], "FP32")
+    wrong_shape.set_data_from_numpy(np.zeros((1, 255), dtype=np.float32))
+    error = infer_error(client, "mlp", [wrong_shape])
+    assert error.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "dimension 1 must be 256" in error.message()
+    wrong_type = grpcclient.InferInput("features", [1, 256], "FP64")
+    wrong_type.set_data_from_numpy(np.zeros((1, 256), dtype=np.float64))
+    error = infer_error(client, "mlp", [wrong_type])
+    assert error.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "must be FP32" in error.message()
+    error = infer_error(client, "nope", [mlp_input(features(seed=4, rows=1))])
+    assert error.status() == "StatusCode.NOT_FOUND"
+    # The client and the server carry on.
+    assert client.infer("mlp", [mlp_input(features(seed=5, rows=1))]).as_numpy("logits").shape == (1, 16)
+
+
+# --------------------------------------------------------------------------------------------
+# streaming: start_stream / async_stream_infer
+
+
+def test_stream_infer_answers_each_request_and_survives_a_bad_one(client, repo_root):
+    answers = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        inputs = [features(seed=100 + i, rows=1 + i % 3) for i in range(6)]
+        for i, x in enumerate(inputs):
+            client.async_stream_infer("mlp", [mlp_input(x)], request_id=f"s-{i}")
+            if i == 2:
+                bad = grpcclient.InferInput("features", [1, 255], "FP32")
+                bad.set_data_from_numpy(np.zeros((1, 255), dtype=np.float32))
+                client.async_stream_infer("mlp", [bad], request_id="bad")
+        got = [answers.get(timeout=30) for _ in range(len(inputs) + 1)]
+    finally:
+        client.stop_stream()
+    errors = [error for _, error in got if error is not None]
+    assert len(errors) == 1, errors
+    assert "dimension 1 must be 256" in errors[0].message()
+    results = {r.get_response().id: r for r, error in got if error is None}
+    assert sorted(results) == sorted(f"s-{i}" for i in range(len(inputs)))
+    for i, x in enumerate(inputs):
+        assert_mlp_result(results[f"s-{i}"], reference(repo_root, "mlp", {"features": x}))
+    # Answers come in request order, the bad one in its place.
+    order = [r.get_response().id if error is None else "bad" for r, error in got]
+    assert order == ["s-0", "s-1", "s-2", "bad", "s-3", "s-4", "s-5"], order
