@@ -570,28 +570,7 @@ pub fn cpu_since(before: Option<CpuSnapshot>) -> Option<CpuShare> {
 }
 
 fn run_json(r: &RestReport, cpu: Option<CpuShare>) -> serde_json::Value {
-    serde_json::json!({
-        "cpu_cores": cpu,
-        "concurrency": r.concurrency,
-        "rows_per_request": r.rows,
-        "measured_s": r.measured.as_secs_f64(),
-        "ok": r.ok,
-        "errors": r.errors,
-        "warmup_requests": r.warmup_requests,
-        "warmup_errors": r.warmup_errors,
-        "first_error": r.first_error,
-        "requests_per_s": r.requests_per_sec(),
-        "rows_per_s": r.rows_per_sec(),
-        "latency_ms": {
-            "p50": r.latency_ms(0.5), "p90": r.latency_ms(0.9), "p99": r.latency_ms(0.99),
-            "p99.9": r.latency_ms(0.999), "max": r.max_ms(), "mean": r.mean_ms(),
-        },
-        "server_reported": {
-            "mean_batch_rows": r.mean_batch_rows(),
-            "mean_queue_ms": r.mean_queue_ms(),
-            "mean_model_call_ms": r.mean_compute_ms(),
-        },
-    })
+    crate::report::context(&r.to_json(), &[serde_json::json!({ "cpu_cores": cpu })])
 }
 
 fn results_json(

@@ -213,60 +213,39 @@ impl OpenLoopReport {
         hist::ms(&self.latency_ok_us, q)
     }
 
+    /// The run as JSON: what `results.json` files hold of it and the summary prints.
+    pub fn to_json(&self) -> serde_json::Value {
+        let ms = |h: &Histogram, q: f64| hist::ms(h, q);
+        serde_json::json!({
+            "offered_per_s": self.rate,
+            "measured_s": self.measured.as_secs_f64(),
+            "scheduled": self.scheduled, "sent": self.sent, "not_sent": self.not_sent,
+            "sent_per_s": self.sent_rate(),
+            "ok_primary": self.ok_primary, "ok_degraded": self.ok_degraded,
+            "statuses": self.statuses, "transport": self.transport, "invalid": self.invalid,
+            "unanswered": self.unanswered,
+            "goodput_per_s": self.goodput(),
+            "share_degraded": self.share_degraded(), "share_shed": self.share_shed(),
+            "latency_ok_ms": {
+                "p50": self.latency_ms(0.5), "p90": self.latency_ms(0.9), "p99": self.latency_ms(0.99),
+                "p99.9": self.latency_ms(0.999), "max": self.latency_ok_us.max() as f64 / 1000.0,
+            },
+            "latency_primary_ms": { "p50": ms(&self.latency_primary_us, 0.5), "p99": ms(&self.latency_primary_us, 0.99) },
+            "latency_refused_ms": { "p50": ms(&self.latency_shed_us, 0.5), "p99": ms(&self.latency_shed_us, 0.99) },
+            "max_schedule_lag_ms": self.max_schedule_lag.as_secs_f64() * 1000.0,
+            "peak_in_flight": self.peak_in_flight,
+            "first_error": self.first_error,
+        })
+    }
+
+    /// A human-readable summary, several lines (`templates/summary.txt.j2`).
     pub fn summary(&self) -> String {
-        let statuses: Vec<String> = self
-            .statuses
-            .iter()
-            .map(|(c, n)| format!("{c}: {n}"))
-            .collect();
-        let mut s = format!(
-            "target      {} model {} ({} rows/request, {})\n\
-             load        open loop, {:.0} requests/s scheduled for {:.1}s (at most {} in flight; peak {})\n\
-             requests    {} scheduled, {} sent ({:.0}/s), {} not sent (in-flight bound, {:.1}%), {} unanswered\n\
-             answers     200: {} ({} primary, {} degraded = {:.1}% of sent), shed 429/503: {} ({:.1}% of sent), other statuses: {}, transport: {}, invalid: {}\n\
-             goodput     {:.1} answers/s (200)\n\
-             latency ms  200: p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  (from the scheduled send)\n\
-             primary ms  p50 {:.3}  p99 {:.3};  refusals: p50 {:.3}  p99 {:.3}\n\
-             scheduler   max lag {:.1} ms\n",
-            self.url,
-            self.model,
-            self.rows,
-            if self.binary { "binary tensor data" } else { "JSON tensor data" },
-            self.rate,
-            self.measured.as_secs_f64(),
-            self.max_in_flight,
-            self.peak_in_flight,
-            self.scheduled,
-            self.sent,
-            self.sent_rate(),
-            self.not_sent,
-            100.0 * self.share_not_sent(),
-            self.unanswered,
-            self.ok(),
-            self.ok_primary,
-            self.ok_degraded,
-            100.0 * self.share_degraded(),
-            self.shed(),
-            100.0 * self.share_shed(),
-            if statuses.is_empty() { "none".into() } else { statuses.join(", ") },
-            self.transport,
-            self.invalid,
-            self.goodput(),
-            self.latency_ms(0.5),
-            self.latency_ms(0.9),
-            self.latency_ms(0.99),
-            self.latency_ms(0.999),
-            self.latency_ok_us.max() as f64 / 1000.0,
-            hist::ms(&self.latency_primary_us, 0.5),
-            hist::ms(&self.latency_primary_us, 0.99),
-            hist::ms(&self.latency_shed_us, 0.5),
-            hist::ms(&self.latency_shed_us, 0.99),
-            self.max_schedule_lag.as_secs_f64() * 1000.0,
-        );
-        if let Some(e) = &self.first_error {
-            s.push_str(&format!("first error {e}\n"));
-        }
-        s
+        let extra = serde_json::json!({
+            "kind": "open_loop", "url": self.url, "model": self.model, "rows": self.rows,
+            "binary": self.binary, "max_in_flight": self.max_in_flight,
+            "share_not_sent": self.share_not_sent(), "shed": self.shed(),
+        });
+        crate::report::summary(&self.to_json(), extra)
     }
 }
 

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 
 use crate::bench::{cpu_since, start_server_for, stop_server, TempModelDir};
-use crate::hist::ms;
 use crate::manifest::{self, EntryChange};
 use crate::open_loop::{self, OpenLoopOptions, OpenLoopReport};
 use crate::prometheus;
@@ -295,32 +294,9 @@ fn results_json(
             "mean_batch_rows": c.mean_batch_rows(),
             "cpu_cores": capacity_cpu,
         },
-        "levels": levels.iter().map(|l| {
-            let r = &l.report;
-            serde_json::json!({
-                "multiplier": l.multiplier,
-                "offered_per_s": r.rate,
-                "measured_s": r.measured.as_secs_f64(),
-                "scheduled": r.scheduled, "sent": r.sent, "not_sent": r.not_sent,
-                "sent_per_s": r.sent_rate(),
-                "ok_primary": r.ok_primary, "ok_degraded": r.ok_degraded,
-                "statuses": r.statuses, "transport": r.transport, "invalid": r.invalid,
-                "unanswered": r.unanswered,
-                "goodput_per_s": r.goodput(),
-                "share_degraded": r.share_degraded(), "share_shed": r.share_shed(),
-                "latency_ok_ms": {
-                    "p50": r.latency_ms(0.5), "p90": r.latency_ms(0.9), "p99": r.latency_ms(0.99),
-                    "p99.9": r.latency_ms(0.999), "max": r.latency_ok_us.max() as f64 / 1000.0,
-                },
-                "latency_primary_ms": { "p50": ms(&r.latency_primary_us, 0.5), "p99": ms(&r.latency_primary_us, 0.99) },
-                "latency_refused_ms": { "p50": ms(&r.latency_shed_us, 0.5), "p99": ms(&r.latency_shed_us, 0.99) },
-                "max_schedule_lag_ms": r.max_schedule_lag.as_secs_f64() * 1000.0,
-                "peak_in_flight": r.peak_in_flight,
-                "first_error": r.first_error,
-                "cpu_cores": l.cpu,
-                "server_counters": l.server,
-            })
-        }).collect::<Vec<_>>(),
+        "levels": levels.iter().map(|l| crate::report::context(&l.report.to_json(), &[serde_json::json!({
+            "multiplier": l.multiplier, "cpu_cores": l.cpu, "server_counters": l.server,
+        })])).collect::<Vec<_>>(),
     })
 }
 

@@ -6,7 +6,8 @@
 use anyhow::Context as _;
 use minijinja::{Environment, Value};
 
-const TEMPLATES: [(&str, &str); 6] = [
+const TEMPLATES: [(&str, &str); 7] = [
+    ("summary", include_str!("../templates/summary.txt.j2")),
     ("header", include_str!("../templates/header.md.j2")),
     ("bench", include_str!("../templates/bench.md.j2")),
     ("capacity", include_str!("../templates/capacity.md.j2")),
@@ -79,6 +80,12 @@ pub fn render(name: &str, context: &serde_json::Value) -> anyhow::Result<String>
     template
         .render(Value::from_serialize(context))
         .with_context(|| format!("cannot render the {name} report"))
+}
+
+/// A report's text summary: `templates/summary.txt.j2` over its JSON and `extra` (its
+/// `kind` and what the JSON leaves out).
+pub fn summary(json: &serde_json::Value, extra: serde_json::Value) -> String {
+    render("summary", &context(json, &[extra])).expect("the summary template renders")
 }
 
 /// What every report's header says besides its results: the title, how long the run took,

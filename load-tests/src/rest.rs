@@ -406,49 +406,38 @@ impl RestReport {
         self.mean_of(self.server_sums.compute_us) / 1000.0
     }
 
-    /// A human-readable summary, several lines.
+    /// The run as JSON: what `results.json` files hold of it and the summary prints.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "concurrency": self.concurrency,
+            "rows_per_request": self.rows,
+            "measured_s": self.measured.as_secs_f64(),
+            "ok": self.ok,
+            "errors": self.errors,
+            "warmup_requests": self.warmup_requests,
+            "warmup_errors": self.warmup_errors,
+            "first_error": self.first_error,
+            "requests_per_s": self.requests_per_sec(),
+            "rows_per_s": self.rows_per_sec(),
+            "latency_ms": {
+                "p50": self.latency_ms(0.5), "p90": self.latency_ms(0.9), "p99": self.latency_ms(0.99),
+                "p99.9": self.latency_ms(0.999), "max": self.max_ms(), "mean": self.mean_ms(),
+            },
+            "server_reported": {
+                "mean_batch_rows": self.mean_batch_rows(),
+                "mean_queue_ms": self.mean_queue_ms(),
+                "mean_model_call_ms": self.mean_compute_ms(),
+            },
+        })
+    }
+
+    /// A human-readable summary, several lines (`templates/summary.txt.j2`).
     pub fn summary(&self) -> String {
-        let mut s = format!(
-            "target      {} model {} ({} rows/request, {})\n\
-             load        closed loop, concurrency {}, measured {:.1}s (warm-up: {} requests, {} failed)\n\
-             throughput  {:.1} requests/s ({:.1} rows/s), {} ok, {} errors\n\
-             latency ms  p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  mean {:.3}\n\
-             server      mean batch {:.2} rows, mean queue {:.3} ms, mean model call {:.3} ms (as the server reports)\n",
-            self.url,
-            self.model,
-            self.rows,
-            if self.binary { "binary tensor data" } else { "JSON tensor data" },
-            self.concurrency,
-            self.measured.as_secs_f64(),
-            self.warmup_requests,
-            self.warmup_errors,
-            self.requests_per_sec(),
-            self.rows_per_sec(),
-            self.ok,
-            self.error_count(),
-            self.latency_ms(0.5),
-            self.latency_ms(0.9),
-            self.latency_ms(0.99),
-            self.latency_ms(0.999),
-            self.max_ms(),
-            self.mean_ms(),
-            self.mean_batch_rows(),
-            self.mean_queue_ms(),
-            self.mean_compute_ms(),
-        );
-        if self.server_sums.degraded > 0 {
-            s.push_str(&format!(
-                "degraded    {} answers served by the model's fallback (parameters.degraded)\n",
-                self.server_sums.degraded
-            ));
-        }
-        for (kind, n) in &self.errors {
-            s.push_str(&format!("error       {kind}: {n}\n"));
-        }
-        if let Some(e) = &self.first_error {
-            s.push_str(&format!("first error {e}\n"));
-        }
-        s
+        let extra = serde_json::json!({
+            "kind": "rest", "url": self.url, "model": self.model, "binary": self.binary,
+            "degraded": self.server_sums.degraded,
+        });
+        crate::report::summary(&self.to_json(), extra)
     }
 }
 

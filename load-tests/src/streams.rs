@@ -321,61 +321,37 @@ impl StreamReport {
             && self.late_streams == 0
     }
 
-    /// A human-readable summary, several lines.
+    /// The run as JSON: what `results.json` files hold of it and the summary prints.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "streams": self.streams,
+            "ramp_s": self.ramp.as_secs_f64(),
+            "measured_s": self.measured.as_secs_f64(),
+            "connected": self.connected, "started": self.started, "summaries": self.summaries,
+            "chunks_measured": self.chunks_measured, "chunks_total": self.chunks_total,
+            "chunks_per_s": self.chunks_per_sec(), "expected_chunks_per_s": self.expected_chunks_per_sec(),
+            "events": self.events, "degraded": self.degraded,
+            "errors": self.errors, "first_errors": self.first_errors, "closes": self.closes,
+            "late_streams": self.late_streams, "max_send_lag_ms": self.max_send_lag.as_secs_f64() * 1000.0,
+            "latency_ms": {
+                "p50": self.latency_ms(0.5), "p90": self.latency_ms(0.9), "p99": self.latency_ms(0.99),
+                "p99.9": self.latency_ms(0.999), "max": self.max_ms(), "mean": self.mean_ms(),
+            },
+            "latency_from_schedule_ms": {
+                "p50": self.sched_latency_ms(0.5), "p99": self.sched_latency_ms(0.99),
+                "max": self.latency_sched_us.max() as f64 / 1000.0,
+            },
+        })
+    }
+
+    /// A human-readable summary, several lines (`templates/summary.txt.j2`).
     pub fn summary(&self) -> String {
-        let closes: Vec<String> = self
-            .closes
-            .iter()
-            .map(|(code, n)| format!("{code}: {n}"))
-            .collect();
-        let mut s = format!(
-            "target      {} model {} (results {}, {} ms frames, speed {}x)\n\
-             streams     {} (ramp {:.1}s, measured {:.1}s): {} connected, {} started, {} summaries; closes {}\n\
-             chunks      {} timed, {:.1}/s (expected {:.1}/s), {} in all; {} events, {} degraded; {:.0} s of audio sent\n\
-             latency ms  p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  mean {:.3}  (from the frame's send)\n\
-             sched ms    p50 {:.3}  p99 {:.3}  max {:.3}  (from the frame's scheduled send)\n\
-             senders     {} late (> {} ms behind schedule), max lag {:.1} ms\n\
-             errors      {}\n",
-            self.url,
-            self.model,
-            self.results.as_str(),
-            self.frame_ms,
-            self.speed,
-            self.streams,
-            self.ramp.as_secs_f64(),
-            self.measured.as_secs_f64(),
-            self.connected,
-            self.started,
-            self.summaries,
-            if closes.is_empty() { "none".to_string() } else { closes.join(", ") },
-            self.chunks_measured,
-            self.chunks_per_sec(),
-            self.expected_chunks_per_sec(),
-            self.chunks_total,
-            self.events,
-            self.degraded,
-            self.audio_seconds,
-            self.latency_ms(0.5),
-            self.latency_ms(0.9),
-            self.latency_ms(0.99),
-            self.latency_ms(0.999),
-            self.max_ms(),
-            self.mean_ms(),
-            self.sched_latency_ms(0.5),
-            self.sched_latency_ms(0.99),
-            self.latency_sched_us.max() as f64 / 1000.0,
-            self.late_streams,
-            self.late_threshold.as_millis(),
-            self.max_send_lag.as_secs_f64() * 1000.0,
-            self.error_count(),
-        );
-        for (kind, n) in &self.errors {
-            s.push_str(&format!("error       {kind}: {n}\n"));
-        }
-        for e in &self.first_errors {
-            s.push_str(&format!("first error {e}\n"));
-        }
-        s
+        let extra = serde_json::json!({
+            "kind": "streams", "url": self.url, "model": self.model,
+            "results": self.results.as_str(), "frame_ms": self.frame_ms, "speed": self.speed,
+            "audio_seconds": self.audio_seconds, "late_ms": self.late_threshold.as_millis() as u64,
+        });
+        crate::report::summary(&self.to_json(), extra)
     }
 }
 

@@ -513,27 +513,9 @@ struct ReportInput<'a> {
 }
 
 fn step_json(s: &Step) -> serde_json::Value {
-    let r = &s.report;
-    serde_json::json!({
-        "streams": r.streams,
+    let more = serde_json::json!({
         "pass": s.pass,
         "repeated_because_contended": s.repeated,
-        "ramp_s": r.ramp.as_secs_f64(),
-        "measured_s": r.measured.as_secs_f64(),
-        "connected": r.connected, "started": r.started, "summaries": r.summaries,
-        "chunks_measured": r.chunks_measured, "chunks_total": r.chunks_total,
-        "chunks_per_s": r.chunks_per_sec(), "expected_chunks_per_s": r.expected_chunks_per_sec(),
-        "events": r.events, "degraded": r.degraded,
-        "errors": r.errors, "first_errors": r.first_errors, "closes": r.closes,
-        "late_streams": r.late_streams, "max_send_lag_ms": r.max_send_lag.as_secs_f64() * 1000.0,
-        "latency_ms": {
-            "p50": r.latency_ms(0.5), "p90": r.latency_ms(0.9), "p99": r.latency_ms(0.99),
-            "p99.9": r.latency_ms(0.999), "max": r.max_ms(), "mean": r.mean_ms(),
-        },
-        "latency_from_schedule_ms": {
-            "p50": r.sched_latency_ms(0.5), "p99": r.sched_latency_ms(0.99),
-            "max": r.latency_sched_us.max() as f64 / 1000.0,
-        },
         "cpu_cores": s.cpu,
         "server_metrics": s.server.map(|f| serde_json::json!({
             "raw": f,
@@ -544,7 +526,8 @@ fn step_json(s: &Step) -> serde_json::Value {
             "mean_chunk_latency_ms": f.mean_chunk_ms(),
             "share_chunks_within_100ms": f.share_within_100ms(),
         })),
-    })
+    });
+    crate::report::context(&s.report.to_json(), &[more])
 }
 
 fn results_json(input: &ReportInput<'_>) -> serde_json::Value {
