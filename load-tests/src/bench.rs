@@ -472,8 +472,6 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<crate::report::Outcome> {
         &model_file,
         &sha256,
         &servers,
-        &ceiling,
-        &batch1,
     )?;
     report.push_str(&capacity_section(&json));
     crate::report::save_run(
@@ -596,8 +594,7 @@ fn results_json(
 }
 
 /// `report.md` from `templates/bench.md.j2`: the results JSON, the rows of the results table
-/// (each concurrency's run of batching on, off and the peer), the errors and observations.
-#[allow(clippy::too_many_arguments)]
+/// (each concurrency's run of batching on, off and the peer), the errors; the observations are the template's.
 fn render_report(
     json: &serde_json::Value,
     elapsed: Duration,
@@ -605,8 +602,6 @@ fn render_report(
     model_file: &Path,
     sha256: &str,
     servers: &[ServerResults],
-    ceiling: &InProcess,
-    batch1: &InProcess,
 ) -> anyhow::Result<String> {
     let peer_label = ServerSetup::peer().label;
     let run_of = |label: &str, c: usize| {
@@ -653,152 +648,8 @@ fn render_report(
         "client_threads": options.client_threads, "peer_label": peer_label,
         "has_peer": servers.iter().any(|s| s.setup.label == peer_label),
         "levels": levels, "error_lines": error_lines, "plot": PLOT_FILE,
-        "observations": observations(servers, ceiling, batch1),
+        "on_label": ServerSetup::batching_on().label, "off_label": ServerSetup::batching_off().label,
         "delay_ms": ServerSetup::batching_on().max_queue_delay_ms,
     });
     crate::report::render("bench", &crate::report::context(json, &[header, extra]))
-}
-
-/// Plain statements derived from the measurements, so that the report says what its table
-/// shows without anyone having to compute it.
-fn observations(servers: &[ServerResults], ceiling: &InProcess, batch1: &InProcess) -> Vec<String> {
-    let mut lines = Vec::new();
-    let peer_label = ServerSetup::peer().label;
-    let others = servers
-        .iter()
-        // The peer runs in other processes: during its runs "others" is the peer itself.
-        .filter(|s| s.setup.label != peer_label)
-        .flat_map(|s| s.runs.iter().zip(&s.cpu).map(move |(r, c)| (s, r, c)))
-        .filter_map(|(s, r, c)| c.map(|c| (s.setup.label.clone(), r.concurrency, c.other_cores)))
-        .chain(
-            [
-                ("in-process ceiling".to_string(), 0, ceiling.cpu_cores),
-                ("in-process batch 1".to_string(), 0, batch1.cpu_cores),
-            ]
-            .into_iter()
-            .filter_map(|(l, c, cpu)| cpu.map(|cpu| (l, c, cpu.other_cores))),
-        )
-        .max_by(|a, b| a.2.total_cmp(&b.2));
-    if let Some((label, concurrency, cores)) = others {
-        let at = if concurrency > 0 {
-            format!("{label}, concurrency {concurrency}")
-        } else {
-            label
-        };
-        if cores > 0.2 {
-            lines.push(format!(
-                "**Contended machine**: other processes used up to {cores:.2} CPU cores during a measurement \
-                 ({at}); the figures of such runs are lower and noisier than the software allows. Rerun on a quiet machine."
-            ));
-        } else {
-            lines.push(format!(
-                "Other processes used at most {cores:.2} CPU cores during any measurement ({at}): a quiet machine."
-            ));
-        }
-    }
-    if let Some(peer) = servers.iter().find(|s| s.setup.label == peer_label) {
-        let max = |f: fn(&CpuShare) -> f64| peer.cpu.iter().flatten().map(f).fold(0.0, f64::max);
-        if peer.cpu.iter().flatten().count() > 0 {
-            lines.push(format!(
-                "During the FastAPI peer's runs, \"others\" is mostly the peer itself (uvicorn, {} worker \
-                 processes): up to {:.2} cores, while this process (the load generator alone) used up to {:.2}; \
-                 the contention check above leaves those runs out.",
-                peer.setup.replicas,
-                max(|c| c.other_cores),
-                max(|c| c.own_cores)
-            ));
-        }
-    }
-    let on = servers
-        .iter()
-        .find(|s| s.setup.label == ServerSetup::batching_on().label);
-    let off = servers
-        .iter()
-        .find(|s| s.setup.label == ServerSetup::batching_off().label);
-    let (Some(on), Some(off)) = (on, off) else {
-        return lines;
-    };
-    let paired: Vec<(&RestReport, &RestReport)> = on
-        .runs
-        .iter()
-        .filter_map(|a| {
-            off.runs
-                .iter()
-                .find(|b| b.concurrency == a.concurrency)
-                .map(|b| (a, b))
-        })
-        .filter(|(a, b)| a.ok > 0 && b.ok > 0)
-        .collect();
-    if let Some((a, b)) = paired.iter().min_by_key(|(a, _)| a.concurrency) {
-        lines.push(format!(
-            "At concurrency {}, batching on served batches of {:.2} rows on average, and each request spent \
-             {:.2} ms in the queue (server-reported; configured max_queue_delay_ms = {}) and {:.2} ms p50 in all; \
-             batching off answered in {:.2} ms p50 ({:.2} ms queue).",
-            a.concurrency,
-            a.mean_batch_rows(),
-            a.mean_queue_ms(),
-            on.setup.max_queue_delay_ms,
-            a.latency_ms(0.5),
-            b.latency_ms(0.5),
-            b.mean_queue_ms()
-        ));
-    }
-    match paired.iter().find(|(a, b)| a.rows_per_sec() > b.rows_per_sec()) {
-        Some((a, b)) => lines.push(format!(
-            "Batching on first out-serves batching off at concurrency {} ({:.2}×, batches of {:.1} rows on \
-             average); below that it is slower, because the router holds a lone or small batch for its queue \
-             delay while a worker sits idle.",
-            a.concurrency,
-            a.rows_per_sec() / b.rows_per_sec(),
-            a.mean_batch_rows()
-        )),
-        None => lines.push("Batching on never out-served batching off at the concurrencies measured.".into()),
-    }
-    let best = |s: &ServerResults| {
-        s.runs
-            .iter()
-            .max_by(|x, y| x.rows_per_sec().total_cmp(&y.rows_per_sec()))
-            .cloned()
-    };
-    if let (Some(a), Some(b)) = (best(on), best(off)) {
-        lines.push(format!(
-            "Peak: batching on {:.0} req/s (concurrency {}) = {:.1}% of the in-process batch-{} ceiling; batching off \
-             {:.0} req/s (concurrency {}) = {:.1}% of it, and {:.1}% of the in-process batch-1 rate ({:.0} rows/s) \
-             that a server without batching could at best approach.",
-            a.rows_per_sec(),
-            a.concurrency,
-            100.0 * a.rows_per_sec() / ceiling.rows_per_sec,
-            ceiling.batch,
-            b.rows_per_sec(),
-            b.concurrency,
-            100.0 * b.rows_per_sec() / ceiling.rows_per_sec,
-            100.0 * b.rows_per_sec() / batch1.rows_per_sec,
-            batch1.rows_per_sec
-        ));
-        let model_share =
-            a.mean_compute_ms() * a.rows_per_sec() / a.mean_batch_rows().max(1.0) / 1000.0;
-        lines.push(format!(
-            "At that peak the model calls keep about {:.2} of the 2 replicas busy (requests/s ÷ rows per batch × \
-             model-call time); the rest of the CPU goes to HTTP, JSON, queueing and the load generator itself.",
-            model_share
-        ));
-        if let Some(p) = servers
-            .iter()
-            .find(|s| s.setup.label == ServerSetup::peer().label)
-            .and_then(best)
-            .filter(|p| p.rows_per_sec() > 0.0)
-        {
-            lines.push(format!(
-                "FastAPI peer peak: {:.0} req/s (concurrency {}, p99 {:.2} ms) = {:.1}% of the ceiling; streamserve's \
-                 peak with batching on is {:.2}× it, batching off {:.2}×.",
-                p.rows_per_sec(),
-                p.concurrency,
-                p.latency_ms(0.99),
-                100.0 * p.rows_per_sec() / ceiling.rows_per_sec,
-                a.rows_per_sec() / p.rows_per_sec(),
-                b.rows_per_sec() / p.rows_per_sec()
-            ));
-        }
-    }
-    lines
 }

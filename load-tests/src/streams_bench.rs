@@ -573,7 +573,7 @@ fn render_report(input: &ReportInput<'_>, json: &serde_json::Value) -> anyhow::R
         "ceiling_s": options.ceiling_duration.as_secs_f64(), "client_threads": options.client_threads,
         "quiet_wait_s": options.quiet_wait.as_secs_f64(), "quiet_cores": QUIET_CORES,
         "contended_cores": CONTENDED_CORES, "others": others, "plot": PLOT_FILE,
-        "observations": observations(input.results, input.ceilings, input.machine.nproc),
+        "steps_per_stream_s": STEPS_PER_STREAM_SEC,
     });
     let header = crate::report::header(
         "streamserve WebSocket streams: how many real-time `silero_vad` streams",
@@ -588,114 +588,6 @@ fn render_report(input: &ReportInput<'_>, json: &serde_json::Value) -> anyhow::R
         "streams_bench",
         &crate::report::context(json, &[header, extra]),
     )
-}
-
-/// Plain statements derived from the measurements.
-fn observations(results: &[SetupResults], ceilings: &[VadCeiling], nproc: usize) -> Vec<String> {
-    let mut lines = Vec::new();
-    let counted = |s: &SetupResults| -> Vec<Step> {
-        s.steps.iter().filter(|st| !st.repeated).cloned().collect()
-    };
-    for s in results {
-        let steps = counted(s);
-        // The load the server could carry without the load generator, extrapolated.
-        if let Some(best) = steps.iter().take_while(|st| st.pass).last() {
-            if let Some(cpu) = best.cpu {
-                let n = best.report.streams as f64;
-                let server = cpu.server_cores();
-                if server > 0.0 {
-                    lines.push(format!(
-                        "{}: at N = {}, the largest passing step, the server took {:.2} cores and the load generator \
-                         {:.2} ({:.0} µs and {:.0} µs of CPU per chunk). Extrapolated linearly, the server alone \
-                         on all {nproc} cores would carry about {:.0} streams: an estimate, not a measurement \
-                         (it assumes the load generator elsewhere and no contention effects).",
-                        s.setup.label,
-                        best.report.streams,
-                        server,
-                        cpu.loadgen_cores,
-                        1e6 * server / (n * STEPS_PER_STREAM_SEC),
-                        1e6 * cpu.loadgen_cores / (n * STEPS_PER_STREAM_SEC),
-                        nproc as f64 * n / server
-                    ));
-                }
-            }
-        }
-        if let Some(fail) = steps.iter().find(|st| !st.pass) {
-            let cpu = fail.cpu.map_or(0.0, |c| c.own_cores + c.other_cores);
-            let r = &fail.report;
-            let how = if r.error_count() > 0 {
-                format!("{} errors", r.error_count())
-            } else if r.late_streams > 0 {
-                format!("{} late senders", r.late_streams)
-            } else {
-                format!(
-                    "latency, not errors: p50 {:.0} ms, p99 {:.0} ms, every stream still served and closed normally \
-                     (the server buffers up to 4 s of audio per stream, so senders were not pushed back)",
-                    r.latency_ms(0.5),
-                    r.latency_ms(0.99)
-                )
-            };
-            let busy = fail.server.map_or(0.0, |f| f.busy_replicas());
-            let saturated = cpu > nproc as f64 * 0.9;
-            lines.push(format!(
-                "{}: the first failing step (N = {}) used {:.2} of the {nproc} cores in all{}, with the model \
-                 replicas busy {:.2} of 2 ({:.1} rows per call){}; it failed on {how}.",
-                s.setup.label,
-                r.streams,
-                cpu,
-                if saturated {
-                    " (the machine was saturated)"
-                } else {
-                    ""
-                },
-                busy,
-                fail.server.map_or(0.0, |f| f.mean_rows_per_call()),
-                if !saturated && busy < 1.6 {
-                    ": neither the CPU nor the replicas were saturated, so the limit was elsewhere (likely handing \
-                     steps to the replicas and results back, one at a time)"
-                } else {
-                    ""
-                }
-            ));
-        }
-        // A fixed stall at low load: the tail far above p99 while nothing queues.
-        let low: Vec<&Step> = steps
-            .iter()
-            .filter(|st| st.pass && st.report.latency_ms(0.99) < 15.0)
-            .collect();
-        if let Some(first) = low.first() {
-            let tail: Vec<f64> = low.iter().map(|st| st.report.latency_ms(0.999)).collect();
-            let max_tail = tail.iter().copied().fold(0.0, f64::max);
-            if max_tail > 3.0 * first.report.latency_ms(0.99) && max_tail > 20.0 {
-                lines.push(format!(
-                    "{}: at light load (steps with p99 < 15 ms) p99.9 reaches {:.1} ms, over 3x the p99 of the \
-                     first step (N = {}, p99 {:.1} ms): a tail that is not queueing. Worth a look.",
-                    s.setup.label,
-                    max_tail,
-                    first.report.streams,
-                    first.report.latency_ms(0.99),
-                ));
-            }
-        }
-    }
-    if let (Some(one), Some(best)) = (
-        ceilings.iter().find(|c| c.batch == 1),
-        ceilings
-            .iter()
-            .max_by(|a, b| a.steps_per_sec.total_cmp(&b.steps_per_sec)),
-    ) {
-        lines.push(format!(
-            "Compute: a Silero step costs {:.0} µs alone and {:.0} µs in a batch of {} ({:.1}× less); {:.0} real-time \
-             streams would need {:.0}% of the machine's {nproc} cores for the model alone even at the best batch size.",
-            1000.0 * one.mean_call_ms,
-            1000.0 * best.mean_call_ms / best.batch as f64,
-            best.batch,
-            one.mean_call_ms * best.batch as f64 / best.mean_call_ms,
-            1000.0,
-            100.0 * 1000.0 * STEPS_PER_STREAM_SEC / best.steps_per_sec
-        ));
-    }
-    lines
 }
 
 #[cfg(test)]
