@@ -90,6 +90,38 @@ enum Command {
     },
 }
 
+/// The client runtime's size, for every subcommand that sends load.
+#[derive(Debug, clap::Args)]
+struct Threads {
+    /// Client runtime worker threads [default: number of CPUs].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
+    client_threads: Option<u64>,
+}
+
+impl Threads {
+    fn get(&self) -> usize {
+        self.client_threads.map_or_else(
+            || std::thread::available_parallelism().map_or(2, |n| n.get()),
+            |n| n as usize,
+        )
+    }
+}
+
+/// What every benchmark that starts its own server takes: where its files go, how long it
+/// waits for a quiet machine, the client runtime.
+#[derive(Debug, clap::Args)]
+struct BenchCommon {
+    /// Output directory [default: load-tests/results/<UTC date>-<scenario>/, the scenario
+    /// being rest-mlp, streams-vad, overload-mlp or timeline-mlp].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Longest wait, before each measurement, for other processes to leave the CPU alone.
+    #[arg(long, default_value_t = 180, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    quiet_wait_secs: u64,
+    #[command(flatten)]
+    threads: Threads,
+}
+
 #[derive(Debug, clap::Args)]
 struct OverloadArgs {
     /// Offered loads as multiples of the measured capacity, comma-separated.
@@ -103,9 +135,6 @@ struct OverloadArgs {
     warmup_secs: u64,
     #[command(flatten)]
     mlp: MlpOpenLoopArgs,
-    /// Output directory [default: load-tests/results/<UTC date>-overload-mlp/].
-    #[arg(long)]
-    out: Option<PathBuf>,
 }
 
 /// What `overload` and `timeline` share: the in-process `mlp` server's capacity measurement
@@ -124,12 +153,8 @@ struct MlpOpenLoopArgs {
     /// Use the binary tensor data extension instead of JSON data.
     #[arg(long)]
     binary: bool,
-    /// Longest wait, before each measurement, for other processes to leave the CPU alone.
-    #[arg(long, default_value_t = 180, value_parser = clap::value_parser!(u64).range(0..=3600))]
-    quiet_wait_secs: u64,
-    /// Client runtime worker threads [default: number of CPUs].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
-    client_threads: Option<u64>,
+    #[command(flatten)]
+    common: BenchCommon,
 }
 
 #[derive(Debug, clap::Args)]
@@ -169,9 +194,6 @@ struct TimelineArgs {
     bin_ms: u64,
     #[command(flatten)]
     mlp: MlpOpenLoopArgs,
-    /// Output directory [default: load-tests/results/<UTC date>-timeline-mlp/].
-    #[arg(long)]
-    out: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -206,9 +228,8 @@ struct StreamsArgs {
     /// A sender further behind its real-time schedule than this makes its stream late.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=60000))]
     late_ms: u64,
-    /// Client runtime worker threads [default: number of CPUs].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
-    client_threads: Option<u64>,
+    #[command(flatten)]
+    threads: Threads,
     /// No progress lines on stderr.
     #[arg(long)]
     quiet: bool,
@@ -237,15 +258,8 @@ struct StreamsBenchArgs {
     /// Measured seconds of each in-process ceiling measurement.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
     ceiling_secs: u64,
-    /// Output directory [default: load-tests/results/<UTC date>-streams-vad/].
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Longest wait, before each measurement, for other processes to leave the CPU alone.
-    #[arg(long, default_value_t = 180, value_parser = clap::value_parser!(u64).range(0..=3600))]
-    quiet_wait_secs: u64,
-    /// Client runtime worker threads [default: number of CPUs].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
-    client_threads: Option<u64>,
+    #[command(flatten)]
+    common: BenchCommon,
 }
 
 #[derive(Debug, clap::Args)]
@@ -282,9 +296,8 @@ struct RestArgs {
     /// Seconds to wait for one answer before counting it as a transport error.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=600))]
     timeout_secs: u64,
-    /// Client runtime worker threads [default: number of CPUs].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
-    client_threads: Option<u64>,
+    #[command(flatten)]
+    threads: Threads,
     /// No progress lines on stderr.
     #[arg(long)]
     quiet: bool,
@@ -308,23 +321,12 @@ struct BenchArgs {
     /// Use the binary tensor data extension instead of JSON data.
     #[arg(long)]
     binary: bool,
-    /// Output directory [default: load-tests/results/<UTC date>-rest-mlp/].
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Client runtime worker threads [default: number of CPUs].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
-    client_threads: Option<u64>,
+    #[command(flatten)]
+    common: BenchCommon,
     /// Leave out the FastAPI + uvicorn + onnxruntime peer (which needs python3 and, the first
     /// time, the package index to create load-tests/.venv-peer/).
     #[arg(long)]
     no_peer: bool,
-    /// Longest wait, before each measurement, for other processes to leave the CPU alone.
-    #[arg(long, default_value_t = 180, value_parser = clap::value_parser!(u64).range(0..=3600))]
-    quiet_wait_secs: u64,
-}
-
-fn nproc() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
 /// The command line as given, for the report; `cargo run` shows up as the built binary.
@@ -348,39 +350,45 @@ fn main() -> ExitCode {
     }
 }
 
+/// The command a scenario file stands for (with `--no-peer` added to a bench when asked), and
+/// its arguments for the log line.
+fn scenario_command(
+    path: &std::path::Path,
+    out: Option<&std::path::Path>,
+    no_peer: bool,
+) -> anyhow::Result<(Vec<String>, Command)> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let mut args = scenario::to_args(&text, out)
+        .map_err(|e| e.context(format!("scenario {}", path.display())))?;
+    if no_peer && args[0] == "bench" {
+        args.push("--no-peer".into());
+    }
+    let cli = Cli::try_parse_from(std::iter::once("loadgen".to_string()).chain(args.clone()))
+        .map_err(|e| anyhow::anyhow!("scenario {}: {e}", path.display()))?;
+    Ok((args, cli.command))
+}
+
 fn run_scenario(
     path: &std::path::Path,
     out: Option<&std::path::Path>,
     dry_run: bool,
 ) -> anyhow::Result<ExitCode> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-    let args = scenario::to_args(&text, out)
-        .map_err(|e| e.context(format!("scenario {}", path.display())))?;
+    let (args, command) = scenario_command(path, out, false)?;
     eprintln!("[run] {}: loadgen {}", path.display(), args.join(" "));
-    let cli = Cli::try_parse_from(std::iter::once("loadgen".to_string()).chain(args))
-        .map_err(|e| anyhow::anyhow!("scenario {}: {e}", path.display()))?;
     if dry_run {
         return Ok(ExitCode::SUCCESS);
     }
-    dispatch(cli.command)
+    dispatch(command)
 }
 
 fn run_suite(no_peer: bool) -> anyhow::Result<ExitCode> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
     let mut failed = Vec::new();
     for name in scenario::SUITE {
-        let path = dir.join(name);
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-        let mut args = scenario::to_args(&text, None)?;
-        if no_peer && args[0] == "bench" {
-            args.push("--no-peer".into());
-        }
+        let (args, command) = scenario_command(&dir.join(name), None, no_peer)?;
         eprintln!("[suite] {name}: loadgen {}", args.join(" "));
-        let cli = Cli::try_parse_from(std::iter::once("loadgen".to_string()).chain(args))
-            .map_err(|e| anyhow::anyhow!("scenario {}: {e}", path.display()))?;
-        match dispatch(cli.command) {
+        match dispatch(command) {
             Ok(code) if code == ExitCode::SUCCESS => {}
             Ok(_) => failed.push(format!("{name}: finished with failures")),
             Err(e) => {
@@ -437,7 +445,7 @@ fn run_rest(args: RestArgs) -> anyhow::Result<ExitCode> {
     };
     // Refuse a bad target before starting anything.
     options.endpoint()?;
-    let runtime = sysinfo::client_runtime(args.client_threads.map_or_else(nproc, |n| n as usize))?;
+    let runtime = sysinfo::client_runtime(args.threads.get())?;
     if let Some(rate) = args.rate {
         let open = open_loop::OpenLoopOptions {
             rest: options,
@@ -480,11 +488,11 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         ceiling_duration: Duration::from_secs(args.ceiling_secs),
         concurrencies: args.concurrency.iter().map(|&c| c as usize).collect(),
         binary: args.binary,
-        out: args.out,
-        client_threads: args.client_threads.map_or_else(nproc, |n| n as usize),
+        out: args.common.out,
+        client_threads: args.common.threads.get(),
         command: command_line(),
         peer: !args.no_peer,
-        quiet_wait: Duration::from_secs(args.quiet_wait_secs),
+        quiet_wait: Duration::from_secs(args.common.quiet_wait_secs),
         ..bench::BenchOptions::default()
     };
     finished("bench", &bench::run(&options)?)
@@ -523,7 +531,7 @@ fn run_streams(args: StreamsArgs) -> anyhow::Result<ExitCode> {
             args.streams + 64
         );
     }
-    let runtime = sysinfo::client_runtime(args.client_threads.map_or_else(nproc, |n| n as usize))?;
+    let runtime = sysinfo::client_runtime(args.threads.get())?;
     let report = runtime.block_on(streams::run(&options))?;
     print!("{}", report.summary());
     Ok(if report.started > 0 && report.error_count() == 0 {
@@ -541,10 +549,10 @@ fn run_streams_bench(args: StreamsBenchArgs) -> anyhow::Result<ExitCode> {
         target: Duration::from_millis(args.target_ms),
         frame_ms: args.frame_ms,
         ceiling_duration: Duration::from_secs(args.ceiling_secs),
-        out: args.out,
-        client_threads: args.client_threads.map_or_else(nproc, |n| n as usize),
+        out: args.common.out,
+        client_threads: args.common.threads.get(),
         command: command_line(),
-        quiet_wait: Duration::from_secs(args.quiet_wait_secs),
+        quiet_wait: Duration::from_secs(args.common.quiet_wait_secs),
         ..streams_bench::StreamsBenchOptions::default()
     };
     finished("streams-bench", &streams_bench::run(&options)?)
@@ -559,10 +567,10 @@ fn run_overload(args: OverloadArgs) -> anyhow::Result<ExitCode> {
         duration: Duration::from_secs(args.duration_secs),
         max_in_flight: args.mlp.max_in_flight as usize,
         binary: args.mlp.binary,
-        out: args.out,
-        client_threads: args.mlp.client_threads.map_or_else(nproc, |n| n as usize),
+        out: args.mlp.common.out,
+        client_threads: args.mlp.common.threads.get(),
         command: command_line(),
-        quiet_wait: Duration::from_secs(args.mlp.quiet_wait_secs),
+        quiet_wait: Duration::from_secs(args.mlp.common.quiet_wait_secs),
         ..overload::OverloadOptions::default()
     };
     finished("overload", &overload::run(&options)?)
@@ -597,10 +605,10 @@ fn run_timeline(args: TimelineArgs) -> anyhow::Result<ExitCode> {
         bin: Duration::from_millis(args.bin_ms),
         max_in_flight: args.mlp.max_in_flight as usize,
         binary: args.mlp.binary,
-        out: args.out,
-        client_threads: args.mlp.client_threads.map_or_else(nproc, |n| n as usize),
+        out: args.mlp.common.out,
+        client_threads: args.mlp.common.threads.get(),
         command: command_line(),
-        quiet_wait: Duration::from_secs(args.mlp.quiet_wait_secs),
+        quiet_wait: Duration::from_secs(args.mlp.common.quiet_wait_secs),
         ..timeline::TimelineOptions::default()
     };
     let outcome = timeline::run(&options)?;
