@@ -605,15 +605,7 @@ async fn task_loop(
 /// multi-threaded tokio runtime. Ends within warm-up + duration + one request timeout.
 pub async fn run(options: &RestOptions) -> anyhow::Result<RestReport> {
     let url = options.endpoint()?;
-    let client = reqwest::Client::builder()
-        .no_proxy() // loopback only: never route through an HTTP(S)_PROXY from the environment
-        .tcp_nodelay(true)
-        .pool_max_idle_per_host(options.concurrency)
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .timeout(options.request_timeout)
-        .connect_timeout(Duration::from_secs(5))
-        .build()
-        .context("cannot build the HTTP client")?;
+    let client = http_client(options.concurrency, options.request_timeout)?;
 
     let start = Instant::now();
     let measure_start = start + options.warmup;
@@ -694,26 +686,33 @@ pub async fn run(options: &RestOptions) -> anyhow::Result<RestReport> {
     })
 }
 
-async fn progress_lines(
-    label: String,
-    live: Arc<Live>,
+/// The HTTP client of both load loops, keeping up to `pool` idle connections.
+pub(crate) fn http_client(pool: usize, timeout: Duration) -> anyhow::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .no_proxy() // loopback only: never route through an HTTP(S)_PROXY from the environment
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(pool)
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .timeout(timeout)
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .context("cannot build the HTTP client")
+}
+
+/// Ticks every second from `start` + 1 s for the progress lines of both load loops, each with
+/// the seconds since `start` and the phase of the second that just ended (named by its middle).
+pub(crate) async fn progress_ticks(
     start: Instant,
     measure_start: Instant,
     measure_end: Instant,
+    mut line: impl FnMut(f64, &str),
 ) {
     let mut tick = tokio::time::interval_at(
         (start + Duration::from_secs(1)).into(),
         Duration::from_secs(1),
     );
-    let mut last_ok = 0u64;
     loop {
-        let now = tick.tick().await;
-        let now: Instant = now.into();
-        let (ok, err) = (
-            live.ok.load(Ordering::Relaxed),
-            live.errors.load(Ordering::Relaxed),
-        );
-        // Name the phase of the second that just ended by its middle.
+        let now: Instant = tick.tick().await.into();
         let middle = now - Duration::from_millis(500);
         let phase = if middle < measure_start {
             "warm-up"
@@ -722,13 +721,30 @@ async fn progress_lines(
         } else {
             "draining"
         };
+        line(now.duration_since(start).as_secs_f64(), phase);
+    }
+}
+
+async fn progress_lines(
+    label: String,
+    live: Arc<Live>,
+    start: Instant,
+    measure_start: Instant,
+    measure_end: Instant,
+) {
+    let mut last_ok = 0u64;
+    progress_ticks(start, measure_start, measure_end, |t, phase| {
+        let (ok, err) = (
+            live.ok.load(Ordering::Relaxed),
+            live.errors.load(Ordering::Relaxed),
+        );
         eprintln!(
-            "[loadgen {label}] {:>4.0}s {phase:<8} {:>8.0} req/s  ok {ok}  errors {err}",
-            now.duration_since(start).as_secs_f64(),
+            "[loadgen {label}] {t:>4.0}s {phase:<8} {:>8.0} req/s  ok {ok}  errors {err}",
             (ok - last_ok) as f64,
         );
         last_ok = ok;
-    }
+    })
+    .await
 }
 
 #[cfg(test)]
@@ -762,37 +778,18 @@ mod tests {
 
     #[test]
     fn bounds_are_enforced() {
-        let base = RestOptions::default();
-        assert!(RestOptions {
-            concurrency: 0,
-            ..base.clone()
+        let bad: [fn(&mut RestOptions); 5] = [
+            |o| o.concurrency = 0,
+            |o| o.concurrency = MAX_CONCURRENCY + 1,
+            |o| o.duration = Duration::ZERO,
+            |o| o.rows = 0,
+            |o| o.model = "../x".into(),
+        ];
+        for change in bad {
+            let mut o = RestOptions::default();
+            change(&mut o);
+            assert!(o.endpoint().is_err(), "{o:?} was accepted");
         }
-        .endpoint()
-        .is_err());
-        assert!(RestOptions {
-            concurrency: MAX_CONCURRENCY + 1,
-            ..base.clone()
-        }
-        .endpoint()
-        .is_err());
-        assert!(RestOptions {
-            duration: Duration::ZERO,
-            ..base.clone()
-        }
-        .endpoint()
-        .is_err());
-        assert!(RestOptions {
-            rows: 0,
-            ..base.clone()
-        }
-        .endpoint()
-        .is_err());
-        assert!(RestOptions {
-            model: "../x".into(),
-            ..base
-        }
-        .endpoint()
-        .is_err());
     }
 
     #[test]
