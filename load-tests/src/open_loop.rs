@@ -129,7 +129,7 @@ pub struct TimelineBin {
 }
 
 impl TimelineBin {
-    fn new(start: Duration) -> TimelineBin {
+    pub fn new(start: Duration) -> TimelineBin {
         TimelineBin {
             start,
             scheduled: 0,
@@ -140,6 +140,26 @@ impl TimelineBin {
             shed: 0,
             failed: 0,
             latency_ok_us: None,
+        }
+    }
+
+    /// Adds `other`'s counts and latencies to this bin's (a span of bins as one).
+    pub fn add(&mut self, other: &TimelineBin) {
+        let o = other;
+        for (n, m) in [
+            (&mut self.scheduled, o.scheduled),
+            (&mut self.sent, o.sent),
+            (&mut self.not_sent, o.not_sent),
+            (&mut self.ok_primary, o.ok_primary),
+            (&mut self.ok_degraded, o.ok_degraded),
+            (&mut self.shed, o.shed),
+            (&mut self.failed, o.failed),
+        ] {
+            *n += m;
+        }
+        if let Some(h) = &o.latency_ok_us {
+            let mine = self.latency_ok_us.get_or_insert_with(|| hist::new(2));
+            mine.add(h).expect("same bounds");
         }
     }
 

@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::hist::Histogram;
 use anyhow::{bail, Context as _};
 use serde_json::{json, Value};
 
@@ -460,67 +459,38 @@ struct ReportInput<'a> {
     measured: &'a Measured,
 }
 
-/// Totals over a span of bins.
-struct Span {
-    seconds: f64,
-    scheduled: u64,
-    sent: u64,
-    not_sent: u64,
-    ok_primary: u64,
-    ok_degraded: u64,
-    shed: u64,
-    failed: u64,
-    latency: Histogram,
+/// Totals over a span of bins: its length in seconds, and its bins added up as one.
+fn span<'a>(
+    bins: impl IntoIterator<Item = &'a TimelineBin>,
+    width: Duration,
+) -> (f64, TimelineBin) {
+    let mut total = TimelineBin::new(Duration::ZERO);
+    let mut seconds = 0.0;
+    for b in bins {
+        seconds += width.as_secs_f64();
+        total.add(b);
+    }
+    (seconds, total)
 }
 
-impl Span {
-    fn over<'a>(bins: impl IntoIterator<Item = &'a TimelineBin>, width: Duration) -> Span {
-        let mut span = Span {
-            seconds: 0.0,
-            scheduled: 0,
-            sent: 0,
-            not_sent: 0,
-            ok_primary: 0,
-            ok_degraded: 0,
-            shed: 0,
-            failed: 0,
-            latency: crate::hist::new(2),
-        };
-        for b in bins {
-            span.seconds += width.as_secs_f64();
-            span.scheduled += b.scheduled;
-            span.sent += b.sent;
-            span.not_sent += b.not_sent;
-            span.ok_primary += b.ok_primary;
-            span.ok_degraded += b.ok_degraded;
-            span.shed += b.shed;
-            span.failed += b.failed;
-            if let Some(h) = &b.latency_ok_us {
-                span.latency.add(h).expect("same bounds");
-            }
-        }
-        span
-    }
-
-    fn ms(&self, q: f64) -> Option<f64> {
-        (!self.latency.is_empty()).then(|| self.latency.value_at_quantile(q) as f64 / 1000.0)
-    }
-
-    fn disturbed_share(&self) -> f64 {
-        disturbed_share(
-            self.scheduled,
-            self.ok_degraded + self.shed + self.failed + self.not_sent,
-        )
-    }
-}
-
-/// Share of `scheduled` requests that did not get a 200 from `mlp` itself (`off` of them).
-fn disturbed_share(scheduled: u64, off: u64) -> f64 {
-    if scheduled == 0 {
+/// Share of a bin's scheduled requests that did not get a 200 from `mlp` itself.
+fn disturbed_share(b: &TimelineBin) -> f64 {
+    if b.scheduled == 0 {
         0.0
     } else {
-        off as f64 / scheduled as f64
+        (b.ok_degraded + b.shed + b.failed + b.not_sent) as f64 / b.scheduled as f64
     }
+}
+
+/// A bin's (or a span's) counts and latency in results.json.
+fn bin_json(b: &TimelineBin) -> Value {
+    json!({
+        "scheduled": b.scheduled, "sent": b.sent, "not_sent": b.not_sent,
+        "ok_primary": b.ok_primary, "ok_degraded": b.ok_degraded,
+        "shed": b.shed, "failed": b.failed,
+        "p50_ms": opt(b.latency_ms(0.5)), "p99_ms": opt(b.latency_ms(0.99)),
+        "max_ms": opt(b.latency_ms(1.0)),
+    })
 }
 
 fn opt(v: Option<f64>) -> Value {
@@ -552,24 +522,23 @@ fn settle_times(
 ) -> (Option<(f64, f64)>, Vec<Value>) {
     let w = width.as_secs_f64();
     let first_event = events.first().map_or(duration, |e| e.planned_s);
-    let baseline = Span::over(
+    let (_, baseline) = span(
         bins.iter().filter(|b| {
             let t = b.start.as_secs_f64();
             t >= 1.0 && t + w <= first_event
         }),
         width,
     );
-    let Some(base_p99) = baseline.ms(0.99) else {
+    let Some(base_p99) = baseline.latency_ms(0.99) else {
         return (None, Vec::new());
     };
-    let base_share = baseline.disturbed_share();
+    let base_share = disturbed_share(&baseline);
     let latency_limit = (3.0 * base_p99).max(base_p99 + 10.0);
     let share_limit = base_share + 0.02;
     let bad = |b: &TimelineBin| {
-        let off = b.ok_degraded + b.shed + b.failed + b.not_sent;
         b.scheduled > 0
             && (b.latency_ms(0.99).is_some_and(|p| p > latency_limit)
-                || disturbed_share(b.scheduled, off) > share_limit)
+                || disturbed_share(b) > share_limit)
     };
     let need = ((1.0 / w).ceil() as usize).max(1);
     let settles = events
@@ -628,16 +597,7 @@ fn results_json(input: &ReportInput<'_>) -> Value {
     let bins: Vec<Value> = r
         .timeline
         .iter()
-        .map(|b| {
-            json!({
-                "t_s": b.start.as_secs_f64(),
-                "scheduled": b.scheduled, "sent": b.sent, "not_sent": b.not_sent,
-                "ok_primary": b.ok_primary, "ok_degraded": b.ok_degraded,
-                "shed": b.shed, "failed": b.failed,
-                "p50_ms": opt(b.latency_ms(0.5)), "p99_ms": opt(b.latency_ms(0.99)),
-                "max_ms": opt(b.latency_ms(1.0)),
-            })
-        })
+        .map(|b| crate::report::context(&bin_json(b), &[json!({ "t_s": b.start.as_secs_f64() })]))
         .collect();
     let phases: Vec<Value> = phases(&m.events, duration)
         .into_iter()
@@ -646,16 +606,13 @@ fn results_json(input: &ReportInput<'_>) -> Value {
                 let t = b.start.as_secs_f64();
                 t >= start - 1e-9 && t < end - 1e-9
             });
-            let s = Span::over(inside, width);
-            json!({
+            let (seconds, s) = span(inside, width);
+            let more = json!({
                 "label": label, "start_s": start, "end_s": end,
-                "offered_per_s": s.scheduled as f64 / s.seconds.max(1e-9),
-                "goodput_per_s": (s.ok_primary + s.ok_degraded) as f64 / s.seconds.max(1e-9),
-                "scheduled": s.scheduled, "sent": s.sent, "not_sent": s.not_sent,
-                "ok_primary": s.ok_primary, "ok_degraded": s.ok_degraded,
-                "shed": s.shed, "failed": s.failed,
-                "p50_ms": opt(s.ms(0.5)), "p99_ms": opt(s.ms(0.99)), "max_ms": opt(s.ms(1.0)),
-            })
+                "offered_per_s": s.scheduled as f64 / seconds.max(1e-9),
+                "goodput_per_s": (s.ok_primary + s.ok_degraded) as f64 / seconds.max(1e-9),
+            });
+            crate::report::context(&bin_json(&s), &[more])
         })
         .collect();
     let (limits, settles) = settle_times(&r.timeline, width, &m.events, duration);
@@ -760,26 +717,16 @@ mod tests {
 
     #[test]
     fn bad_plans_are_refused() {
-        let base = TimelineOptions::default();
-        for bad in [
-            TimelineOptions {
-                hang_at: Some(Duration::from_secs(40)),
-                ..base.clone()
-            },
-            TimelineOptions {
-                panic_at: Some(Duration::from_secs(8)),
-                ..base.clone()
-            },
-            TimelineOptions {
-                hang_ms: 100,
-                ..base.clone()
-            },
-            TimelineOptions {
-                step_share: 0.0,
-                ..base.clone()
-            },
-        ] {
-            assert!(bad.plan().is_err(), "{bad:?} was accepted");
+        let bad: [fn(&mut TimelineOptions); 4] = [
+            |o| o.hang_at = Some(Duration::from_secs(40)),
+            |o| o.panic_at = Some(Duration::from_secs(8)),
+            |o| o.hang_ms = 100,
+            |o| o.step_share = 0.0,
+        ];
+        for change in bad {
+            let mut o = TimelineOptions::default();
+            change(&mut o);
+            assert!(o.plan().is_err(), "{o:?} was accepted");
         }
     }
 
