@@ -20,54 +20,42 @@ use streamserve::manifest::Device;
 use streamserve::runtime::ModelSession;
 use streamserve::tensor::TensorData;
 
+use crate::cli::{command_line, count, secs, BenchCommon};
 use crate::rest::{self, RestOptions, RestReport};
 use crate::sysinfo::{CpuShare, CpuSnapshot, MachineInfo};
 use crate::{mlp, SplitMix64};
 
-#[derive(Clone, Debug)]
+/// `loadgen bench`'s options.
+#[derive(Clone, Debug, clap::Args)]
 pub struct BenchOptions {
-    /// Measured time per concurrency level and server.
+    /// Measured seconds per concurrency level and server (2 servers x 4 levels).
+    #[arg(long = "duration-secs", value_name = "DURATION_SECS", default_value = "10", value_parser = secs(1, 300))]
     pub duration: Duration,
-    /// Warm-up time before each measured period.
+    /// Warm-up seconds before each measured period.
+    #[arg(long = "warmup-secs", value_name = "WARMUP_SECS", default_value = "2", value_parser = secs(0, 60))]
     pub warmup: Duration,
-    /// Measured time of each in-process ceiling measurement.
+    /// Measured seconds of each in-process ceiling measurement.
+    #[arg(long = "ceiling-secs", value_name = "CEILING_SECS", default_value = "4", value_parser = secs(1, 60))]
     pub ceiling_duration: Duration,
+    /// Concurrency levels, comma-separated.
+    #[arg(long = "concurrency", value_name = "CONCURRENCY", value_delimiter = ',', default_values_t = [1usize, 8, 32, 128],
+          value_parser = count(1, crate::rest::MAX_CONCURRENCY))]
     pub concurrencies: Vec<usize>,
-    /// Send requests with the binary tensor data extension instead of JSON data.
+    /// Use the binary tensor data extension instead of JSON data.
+    #[arg(long)]
     pub binary: bool,
-    /// Where `report.md` goes; default `load-tests/results/<UTC date>-rest-mlp/`.
-    pub out: Option<PathBuf>,
-    /// The model file: `models/mlp/1/model.onnx` of this checkout by default.
+    #[command(flatten)]
+    pub common: BenchCommon,
+    /// Leave out the FastAPI + uvicorn + onnxruntime peer (which needs python3 and, the first
+    /// time, the package index to create load-tests/.venv-peer/).
+    #[arg(long)]
+    pub no_peer: bool,
+    /// The model file: `models/mlp/1/model.onnx` of this checkout.
+    #[arg(skip = default_model_file())]
     pub model_file: PathBuf,
-    /// Client runtime worker threads.
-    pub client_threads: usize,
     /// The command line, as it goes in the report.
+    #[arg(skip = command_line())]
     pub command: String,
-    /// Also measure the FastAPI + uvicorn + onnxruntime peer (`peers/fastapi_peer.py`, a
-    /// Python venv under `load-tests/.venv-peer/`, created when missing). On for
-    /// `loadgen bench`, off by default (tests and CI need no Python).
-    pub peer: bool,
-    /// Longest wait, before each measurement, for other processes to leave the CPU alone
-    /// (0: do not wait).
-    pub quiet_wait: Duration,
-}
-
-impl Default for BenchOptions {
-    fn default() -> Self {
-        BenchOptions {
-            duration: Duration::from_secs(10),
-            warmup: Duration::from_secs(2),
-            ceiling_duration: Duration::from_secs(4),
-            concurrencies: vec![1, 8, 32, 128],
-            binary: false,
-            out: None,
-            model_file: default_model_file(),
-            client_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            command: String::new(),
-            peer: false,
-            quiet_wait: Duration::ZERO,
-        }
-    }
 }
 
 /// `models/mlp/1/model.onnx` of the checkout this crate was built from.
@@ -399,7 +387,7 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<crate::report::Outcome> {
     if options.concurrencies.is_empty() || options.concurrencies.len() > 16 {
         bail!("give 1 to 16 concurrency levels");
     }
-    let start = crate::report::Start::now(options.out.as_deref(), "rest-mlp");
+    let start = crate::report::Start::now(options.common.out.as_deref(), "rest-mlp");
     let model_file = options
         .model_file
         .canonicalize()
@@ -416,7 +404,7 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<crate::report::Outcome> {
     let batch1 = measure_in_process(&model_file, 2, 1, warm, options.ceiling_duration)?;
     eprintln!("[bench]   {:.0} rows/s", batch1.rows_per_sec);
 
-    let runtime = crate::sysinfo::client_runtime(options.client_threads)?;
+    let runtime = crate::sysinfo::client_runtime(options.common.threads.get())?;
     let mut servers = Vec::new();
     for setup in [
         ServerSetup::batching_on(),
@@ -441,7 +429,7 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<crate::report::Outcome> {
             .map_err(|e| e.context(format!("load against the {} server failed", setup.label)))?;
         servers.push(ServerResults { setup, runs, cpu });
     }
-    if options.peer {
+    if !options.no_peer {
         let setup = ServerSetup::peer();
         eprintln!(
             "[bench] starting the FastAPI peer (uvicorn, {} workers) ...",
@@ -510,8 +498,8 @@ fn load_levels(
             progress: true,
             request_timeout: Duration::from_secs(30),
         };
-        if !options.quiet_wait.is_zero() {
-            crate::sysinfo::wait_for_quiet(0.15, options.quiet_wait);
+        if !options.common.quiet_wait.is_zero() {
+            crate::sysinfo::wait_for_quiet(0.15, options.common.quiet_wait);
         }
         let before = CpuSnapshot::take();
         let report = runtime.block_on(rest::run(&load))?;
@@ -645,7 +633,7 @@ fn render_report(
     let extra = serde_json::json!({
         "model_file": model_file.display().to_string(), "sha256": sha256,
         "warmup_s": options.warmup.as_secs_f64(), "duration_s": options.duration.as_secs_f64(),
-        "client_threads": options.client_threads, "peer_label": peer_label,
+        "client_threads": options.common.threads.get(), "peer_label": peer_label,
         "has_peer": servers.iter().any(|s| s.setup.label == peer_label),
         "levels": levels, "error_lines": error_lines, "plot": PLOT_FILE,
         "on_label": ServerSetup::batching_on().label, "off_label": ServerSetup::batching_off().label,

@@ -31,17 +31,17 @@ enum Command {
     Rest(RestArgs),
     /// Start streamserve in-process (batching on, then off) and the FastAPI peer, load each at
     /// several concurrencies, compare with the in-process ONNX Runtime ceiling, write report.md.
-    Bench(BenchArgs),
+    Bench(bench::BenchOptions),
     /// WebSocket speech streams on a running server: N concurrent streams, each sending a WAV
     /// (looped) at real-time pace and timing every chunk's result.
     Streams(StreamsArgs),
     /// Start streamserve in-process on silero_vad (cross-stream batching on, then off), step
     /// the number of real-time streams until p99 chunk latency misses the target, compare
     /// with the in-process compute ceiling, write report.md.
-    StreamsBench(StreamsBenchArgs),
+    StreamsBench(streams_bench::StreamsBenchOptions),
     /// Start streamserve in-process on mlp with slo_ms, a fallback and a short queue; measure
     /// its capacity, offer 1x, 2x, 3x, 5x of it open loop, write report.md.
-    Overload(OverloadArgs),
+    Overload(overload::OverloadOptions),
     /// Start streamserve in-process on mlp (slo_ms, fallback, hang detection, admin API),
     /// measure its capacity, then one open-loop run through an overload step, every replica
     /// panicking and one replica hanging; write report.md with latency over time.
@@ -90,73 +90,6 @@ enum Command {
     },
 }
 
-/// The client runtime's size, for every subcommand that sends load.
-#[derive(Debug, clap::Args)]
-struct Threads {
-    /// Client runtime worker threads [default: number of CPUs].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
-    client_threads: Option<u64>,
-}
-
-impl Threads {
-    fn get(&self) -> usize {
-        self.client_threads.map_or_else(
-            || std::thread::available_parallelism().map_or(2, |n| n.get()),
-            |n| n as usize,
-        )
-    }
-}
-
-/// What every benchmark that starts its own server takes: where its files go, how long it
-/// waits for a quiet machine, the client runtime.
-#[derive(Debug, clap::Args)]
-struct BenchCommon {
-    /// Output directory [default: load-tests/results/<UTC date>-<scenario>/, the scenario
-    /// being rest-mlp, streams-vad, overload-mlp or timeline-mlp].
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Longest wait, before each measurement, for other processes to leave the CPU alone.
-    #[arg(long, default_value_t = 180, value_parser = clap::value_parser!(u64).range(0..=3600))]
-    quiet_wait_secs: u64,
-    #[command(flatten)]
-    threads: Threads,
-}
-
-#[derive(Debug, clap::Args)]
-struct OverloadArgs {
-    /// Offered loads as multiples of the measured capacity, comma-separated.
-    #[arg(long, value_delimiter = ',', default_values_t = [1.0f64, 2.0, 3.0, 5.0])]
-    multipliers: Vec<f64>,
-    /// Measured seconds per offered load.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=300))]
-    duration_secs: u64,
-    /// Unmeasured seconds of open-loop load before each measured period.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(0..=60))]
-    warmup_secs: u64,
-    #[command(flatten)]
-    mlp: MlpOpenLoopArgs,
-}
-
-/// What `overload` and `timeline` share: the in-process `mlp` server's capacity measurement
-/// and the open-loop client.
-#[derive(Debug, clap::Args)]
-struct MlpOpenLoopArgs {
-    /// Measured seconds of the closed-loop capacity measurement.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300))]
-    capacity_secs: u64,
-    /// Closed-loop concurrency of the capacity measurement.
-    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=rest::MAX_CONCURRENCY as u64))]
-    capacity_concurrency: u64,
-    /// Requests in flight at most during open-loop load.
-    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..=open_loop::MAX_IN_FLIGHT as u64))]
-    max_in_flight: u64,
-    /// Use the binary tensor data extension instead of JSON data.
-    #[arg(long)]
-    binary: bool,
-    #[command(flatten)]
-    common: BenchCommon,
-}
-
 #[derive(Debug, clap::Args)]
 struct TimelineArgs {
     /// Length of the open-loop run, s; every event must fall within it.
@@ -193,7 +126,7 @@ struct TimelineArgs {
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=10_000))]
     bin_ms: u64,
     #[command(flatten)]
-    mlp: MlpOpenLoopArgs,
+    mlp: overload::MlpOpenLoop,
 }
 
 #[derive(Debug, clap::Args)]
@@ -229,37 +162,10 @@ struct StreamsArgs {
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=60000))]
     late_ms: u64,
     #[command(flatten)]
-    threads: Threads,
+    threads: streamserve_load::cli::Threads,
     /// No progress lines on stderr.
     #[arg(long)]
     quiet: bool,
-}
-
-#[derive(Debug, clap::Args)]
-struct StreamsBenchArgs {
-    /// Numbers of concurrent streams to try, ascending, comma-separated; stepping stops at the
-    /// first step that misses the target.
-    #[arg(long, value_delimiter = ',',
-          default_values_t = [50u64, 100, 150, 200, 250, 300, 400, 500, 750, 1000, 1250, 1500, 2000, 2500, 3000, 4000],
-          value_parser = clap::value_parser!(u64).range(1..=streams::MAX_STREAMS as u64))]
-    steps: Vec<u64>,
-    /// Seconds over which each step's streams open.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(0..=60))]
-    ramp_secs: u64,
-    /// Measured seconds per step.
-    #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u64).range(1..=300))]
-    duration_secs: u64,
-    /// The p99 chunk latency a step must stay under, ms.
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10000))]
-    target_ms: u64,
-    /// Milliseconds of audio per binary frame.
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
-    frame_ms: u32,
-    /// Measured seconds of each in-process ceiling measurement.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
-    ceiling_secs: u64,
-    #[command(flatten)]
-    common: BenchCommon,
 }
 
 #[derive(Debug, clap::Args)]
@@ -297,45 +203,10 @@ struct RestArgs {
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=600))]
     timeout_secs: u64,
     #[command(flatten)]
-    threads: Threads,
+    threads: streamserve_load::cli::Threads,
     /// No progress lines on stderr.
     #[arg(long)]
     quiet: bool,
-}
-
-#[derive(Debug, clap::Args)]
-struct BenchArgs {
-    /// Measured seconds per concurrency level and server (2 servers x 4 levels).
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
-    duration_secs: u64,
-    /// Warm-up seconds before each measured period.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=60))]
-    warmup_secs: u64,
-    /// Measured seconds of each in-process ceiling measurement.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=60))]
-    ceiling_secs: u64,
-    /// Concurrency levels, comma-separated.
-    #[arg(long, value_delimiter = ',', default_values_t = [1u64, 8, 32, 128],
-          value_parser = clap::value_parser!(u64).range(1..=rest::MAX_CONCURRENCY as u64))]
-    concurrency: Vec<u64>,
-    /// Use the binary tensor data extension instead of JSON data.
-    #[arg(long)]
-    binary: bool,
-    #[command(flatten)]
-    common: BenchCommon,
-    /// Leave out the FastAPI + uvicorn + onnxruntime peer (which needs python3 and, the first
-    /// time, the package index to create load-tests/.venv-peer/).
-    #[arg(long)]
-    no_peer: bool,
-}
-
-/// The command line as given, for the report; `cargo run` shows up as the built binary.
-fn command_line() -> String {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    format!(
-        "cargo run --release -p streamserve-load -- {}",
-        args.join(" ")
-    )
 }
 
 fn main() -> ExitCode {
@@ -410,10 +281,10 @@ fn run_suite(no_peer: bool) -> anyhow::Result<ExitCode> {
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Rest(args) => run_rest(args),
-        Command::Bench(args) => run_bench(args),
+        Command::Bench(o) => finished("bench", &bench::run(&o)?),
         Command::Streams(args) => run_streams(args),
-        Command::StreamsBench(args) => run_streams_bench(args),
-        Command::Overload(args) => run_overload(args),
+        Command::StreamsBench(o) => finished("streams-bench", &streams_bench::run(&o)?),
+        Command::Overload(o) => finished("overload", &overload::run(&o)?),
         Command::Timeline(args) => run_timeline(args),
         Command::Plot { dir } => run_plot(&dir),
         Command::Capacity {
@@ -481,23 +352,6 @@ fn run_rest(args: RestArgs) -> anyhow::Result<ExitCode> {
     )
 }
 
-fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
-    let options = bench::BenchOptions {
-        duration: Duration::from_secs(args.duration_secs),
-        warmup: Duration::from_secs(args.warmup_secs),
-        ceiling_duration: Duration::from_secs(args.ceiling_secs),
-        concurrencies: args.concurrency.iter().map(|&c| c as usize).collect(),
-        binary: args.binary,
-        out: args.common.out,
-        client_threads: args.common.threads.get(),
-        command: command_line(),
-        peer: !args.no_peer,
-        quiet_wait: Duration::from_secs(args.common.quiet_wait_secs),
-        ..bench::BenchOptions::default()
-    };
-    finished("bench", &bench::run(&options)?)
-}
-
 /// Prints a benchmark's report, and where it went.
 fn finished(tag: &str, outcome: &streamserve_load::report::Outcome) -> anyhow::Result<ExitCode> {
     println!("{}", outcome.report);
@@ -541,41 +395,6 @@ fn run_streams(args: StreamsArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn run_streams_bench(args: StreamsBenchArgs) -> anyhow::Result<ExitCode> {
-    let options = streams_bench::StreamsBenchOptions {
-        steps: args.steps.iter().map(|&n| n as usize).collect(),
-        ramp: Duration::from_secs(args.ramp_secs),
-        duration: Duration::from_secs(args.duration_secs),
-        target: Duration::from_millis(args.target_ms),
-        frame_ms: args.frame_ms,
-        ceiling_duration: Duration::from_secs(args.ceiling_secs),
-        out: args.common.out,
-        client_threads: args.common.threads.get(),
-        command: command_line(),
-        quiet_wait: Duration::from_secs(args.common.quiet_wait_secs),
-        ..streams_bench::StreamsBenchOptions::default()
-    };
-    finished("streams-bench", &streams_bench::run(&options)?)
-}
-
-fn run_overload(args: OverloadArgs) -> anyhow::Result<ExitCode> {
-    let options = overload::OverloadOptions {
-        capacity_concurrency: args.mlp.capacity_concurrency as usize,
-        capacity_duration: Duration::from_secs(args.mlp.capacity_secs),
-        multipliers: args.multipliers,
-        warmup: Duration::from_secs(args.warmup_secs),
-        duration: Duration::from_secs(args.duration_secs),
-        max_in_flight: args.mlp.max_in_flight as usize,
-        binary: args.mlp.binary,
-        out: args.mlp.common.out,
-        client_threads: args.mlp.common.threads.get(),
-        command: command_line(),
-        quiet_wait: Duration::from_secs(args.mlp.common.quiet_wait_secs),
-        ..overload::OverloadOptions::default()
-    };
-    finished("overload", &overload::run(&options)?)
-}
-
 /// Seconds from the command line: negative means "never".
 fn seconds_or_never(s: f64) -> anyhow::Result<Option<Duration>> {
     if s < 0.0 {
@@ -592,8 +411,8 @@ fn run_timeline(args: TimelineArgs) -> anyhow::Result<ExitCode> {
     let options = timeline::TimelineOptions {
         rate: args.rate,
         base_share: args.base_share,
-        capacity_concurrency: args.mlp.capacity_concurrency as usize,
-        capacity_duration: Duration::from_secs(args.mlp.capacity_secs),
+        capacity_concurrency: args.mlp.capacity_concurrency,
+        capacity_duration: args.mlp.capacity_duration,
         step_at: seconds_or_never(args.step_at)?,
         step_for: secs(args.step_secs)?,
         step_share: args.step_share,
@@ -603,12 +422,12 @@ fn run_timeline(args: TimelineArgs) -> anyhow::Result<ExitCode> {
         hang_timeout_ms: args.hang_timeout_ms,
         duration: secs(args.duration_secs)?,
         bin: Duration::from_millis(args.bin_ms),
-        max_in_flight: args.mlp.max_in_flight as usize,
+        max_in_flight: args.mlp.max_in_flight,
         binary: args.mlp.binary,
         out: args.mlp.common.out,
         client_threads: args.mlp.common.threads.get(),
-        command: command_line(),
-        quiet_wait: Duration::from_secs(args.mlp.common.quiet_wait_secs),
+        command: streamserve_load::cli::command_line(),
+        quiet_wait: args.mlp.common.quiet_wait,
         ..timeline::TimelineOptions::default()
     };
     let outcome = timeline::run(&options)?;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 
 use crate::bench::{cpu_since, start_server_for, stop_server, TempModelDir};
+use crate::cli::{count, secs, BenchCommon};
 use crate::manifest::{self, EntryChange};
 use crate::open_loop::{self, OpenLoopOptions, OpenLoopReport};
 use crate::prometheus;
@@ -21,43 +22,46 @@ pub const FALLBACK: &str = "mlp_small";
 pub const SLO_MS: i64 = 50;
 pub const MAX_QUEUE: i64 = 256;
 
-#[derive(Clone, Debug)]
-pub struct OverloadOptions {
-    /// Closed-loop concurrency of the capacity measurement.
-    pub capacity_concurrency: usize,
-    pub capacity_warmup: Duration,
+/// What `overload` and `timeline` share: the in-process `mlp` server's capacity measurement
+/// and the open-loop client.
+#[derive(Clone, Debug, clap::Args)]
+pub struct MlpOpenLoop {
+    /// Measured seconds of the closed-loop capacity measurement.
+    #[arg(long = "capacity-secs", value_name = "CAPACITY_SECS", default_value = "5", value_parser = secs(1, 300))]
     pub capacity_duration: Duration,
-    /// Offered loads, as multiples of the measured capacity.
-    pub multipliers: Vec<f64>,
-    /// Unmeasured open-loop seconds before each level's measured period.
-    pub warmup: Duration,
-    pub duration: Duration,
+    /// Closed-loop concurrency of the capacity measurement.
+    #[arg(long, default_value_t = 128, value_parser = count(1, rest::MAX_CONCURRENCY))]
+    pub capacity_concurrency: usize,
+    /// Requests in flight at most during open-loop load.
+    #[arg(long, default_value_t = 2048, value_parser = count(1, open_loop::MAX_IN_FLIGHT))]
     pub max_in_flight: usize,
+    /// Use the binary tensor data extension instead of JSON data.
+    #[arg(long)]
     pub binary: bool,
-    pub out: Option<PathBuf>,
-    pub client_threads: usize,
-    pub command: String,
-    /// Longest wait for a quiet machine before each measurement.
-    pub quiet_wait: Duration,
+    #[command(flatten)]
+    pub common: BenchCommon,
 }
 
-impl Default for OverloadOptions {
-    fn default() -> Self {
-        OverloadOptions {
-            capacity_concurrency: 128,
-            capacity_warmup: Duration::from_secs(2),
-            capacity_duration: Duration::from_secs(5),
-            multipliers: vec![1.0, 2.0, 3.0, 5.0],
-            warmup: Duration::from_secs(1),
-            duration: Duration::from_secs(8),
-            max_in_flight: 2048,
-            binary: false,
-            out: None,
-            client_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            command: String::new(),
-            quiet_wait: Duration::from_secs(180),
-        }
-    }
+/// Unmeasured seconds of closed-loop load before the capacity measurement.
+pub const CAPACITY_WARMUP: Duration = Duration::from_secs(2);
+
+/// `loadgen overload`'s options.
+#[derive(Clone, Debug, clap::Args)]
+pub struct OverloadOptions {
+    /// Offered loads as multiples of the measured capacity, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [1.0f64, 2.0, 3.0, 5.0])]
+    pub multipliers: Vec<f64>,
+    /// Measured seconds per offered load.
+    #[arg(long = "duration-secs", value_name = "DURATION_SECS", default_value = "8", value_parser = secs(1, 300))]
+    pub duration: Duration,
+    /// Unmeasured seconds of open-loop load before each measured period.
+    #[arg(long = "warmup-secs", value_name = "WARMUP_SECS", default_value = "1", value_parser = secs(0, 60))]
+    pub warmup: Duration,
+    #[command(flatten)]
+    pub mlp: MlpOpenLoop,
+    /// The command line, as it goes in the report.
+    #[arg(skip = crate::cli::command_line())]
+    pub command: String,
 }
 
 /// The `models.toml` of the overload server: `mlp` with admission control and its fallback,
@@ -149,8 +153,8 @@ pub fn run(options: &OverloadOptions) -> anyhow::Result<crate::report::Outcome> 
     {
         bail!("give 1 to 16 multipliers, each more than 0 and at most 20");
     }
-    let start = crate::report::Start::now(options.out.as_deref(), "overload-mlp");
-    crate::sysinfo::raise_nofile_limit(2 * options.max_in_flight as u64 + 1024);
+    let start = crate::report::Start::now(options.mlp.common.out.as_deref(), "overload-mlp");
+    crate::sysinfo::raise_nofile_limit(2 * options.mlp.max_in_flight as u64 + 1024);
     let (manifest_text, _) = overload_manifest()?;
     let models = TempModelDir::create("overload", &manifest_text)?;
     let running = start_server_for(&models.path, PRIMARY, 64)?;
@@ -160,23 +164,23 @@ pub fn run(options: &OverloadOptions) -> anyhow::Result<crate::report::Outcome> 
     }
     let base = format!("http://{}", running.addr);
     eprintln!("[overload] streamserve on {base}");
-    let runtime = crate::sysinfo::client_runtime(options.client_threads)?;
+    let runtime = crate::sysinfo::client_runtime(options.mlp.common.threads.get())?;
     let client = crate::sysinfo::metrics_client()?;
 
     let result = (|| -> anyhow::Result<(RestReport, Option<CpuShare>, Vec<Level>)> {
-        wait_for_quiet(0.15, options.quiet_wait);
+        wait_for_quiet(0.15, options.mlp.common.quiet_wait);
         eprintln!(
             "[overload] capacity: closed loop, concurrency {} ...",
-            options.capacity_concurrency
+            options.mlp.capacity_concurrency
         );
         let closed = RestOptions {
             url: base.clone(),
             model: PRIMARY.into(),
-            concurrency: options.capacity_concurrency,
-            duration: options.capacity_duration,
-            warmup: options.capacity_warmup,
+            concurrency: options.mlp.capacity_concurrency,
+            duration: options.mlp.capacity_duration,
+            warmup: CAPACITY_WARMUP,
             rows: 1,
-            binary: options.binary,
+            binary: options.mlp.binary,
             progress: true,
             request_timeout: Duration::from_secs(30),
         };
@@ -194,7 +198,7 @@ pub fn run(options: &OverloadOptions) -> anyhow::Result<crate::report::Outcome> 
         let mut levels = Vec::new();
         for &m in &options.multipliers {
             std::thread::sleep(Duration::from_secs(1));
-            wait_for_quiet(0.15, options.quiet_wait);
+            wait_for_quiet(0.15, options.mlp.common.quiet_wait);
             let open = OpenLoopOptions {
                 rest: RestOptions {
                     duration: options.duration,
@@ -205,7 +209,7 @@ pub fn run(options: &OverloadOptions) -> anyhow::Result<crate::report::Outcome> 
                 rate: rate * m,
                 steps: Vec::new(),
                 timeline_bin: None,
-                max_in_flight: options.max_in_flight,
+                max_in_flight: options.mlp.max_in_flight,
                 label: format!("overload {m}x"),
             };
             let counters_before = runtime.block_on(counters(&client, &base));
@@ -323,11 +327,11 @@ fn render_report(
         .collect();
     let sum = |f: fn(&OpenLoopReport) -> u64| levels.iter().map(|l| f(&l.report)).sum::<u64>();
     let extra = serde_json::json!({
-        "rows": rows, "slo_ms": SLO_MS, "max_queue": MAX_QUEUE, "binary": options.binary,
-        "capacity_warmup_s": options.capacity_warmup.as_secs_f64(),
-        "capacity_measured_s": options.capacity_duration.as_secs_f64(),
+        "rows": rows, "slo_ms": SLO_MS, "max_queue": MAX_QUEUE, "binary": options.mlp.binary,
+        "capacity_warmup_s": CAPACITY_WARMUP.as_secs_f64(),
+        "capacity_measured_s": options.mlp.capacity_duration.as_secs_f64(),
         "warmup_s": options.warmup.as_secs_f64(), "duration_s": options.duration.as_secs_f64(),
-        "max_in_flight": options.max_in_flight, "client_threads": options.client_threads,
+        "max_in_flight": options.mlp.max_in_flight, "client_threads": options.mlp.common.threads.get(),
         "plot": PLOT_FILE,
         "shed_total": sum(OpenLoopReport::shed), "degraded_total": sum(|r| r.ok_degraded),
         "sent_total": sum(|r| r.sent),

@@ -17,7 +17,10 @@ use anyhow::bail;
 use streamserve::runtime::ModelSession;
 use streamserve::tensor::TensorData;
 
+use clap::builder::TypedValueParser as _;
+
 use crate::bench::{cpu_since, start_server_for, stop_server, TempModelDir};
+use crate::cli::{command_line, count, secs, BenchCommon};
 use crate::manifest::{self, EntryChange};
 use crate::prometheus;
 use crate::streams::{self, Audio, ResultsMode, StreamOptions, StreamReport};
@@ -33,49 +36,41 @@ pub const CEILING_BATCHES: [usize; 5] = [1, 16, 64, 128, 256];
 /// Steps per second that one real-time 16 kHz stream needs (16000 / 512).
 pub const STEPS_PER_STREAM_SEC: f64 = 31.25;
 
-#[derive(Clone, Debug)]
+/// `loadgen streams-bench`'s options.
+#[derive(Clone, Debug, clap::Args)]
 pub struct StreamsBenchOptions {
-    /// Numbers of concurrent streams to try, ascending; stops at the first that misses.
+    /// Numbers of concurrent streams to try, ascending, comma-separated; stepping stops at the
+    /// first step that misses the target.
+    #[arg(long, value_delimiter = ',',
+          default_values_t = [50usize, 100, 150, 200, 250, 300, 400, 500, 750, 1000, 1250, 1500, 2000, 2500, 3000, 4000],
+          value_parser = count(1, streams::MAX_STREAMS))]
     pub steps: Vec<usize>,
+    /// Seconds over which each step's streams open.
+    #[arg(long = "ramp-secs", value_name = "RAMP_SECS", default_value = "3", value_parser = secs(0, 60))]
     pub ramp: Duration,
+    /// Measured seconds per step.
+    #[arg(long = "duration-secs", value_name = "DURATION_SECS", default_value = "12", value_parser = secs(1, 300))]
     pub duration: Duration,
-    /// The p99 chunk latency a step must stay under.
+    /// The p99 chunk latency a step must stay under, ms.
+    #[arg(long = "target-ms", value_name = "TARGET_MS", default_value = "100",
+          value_parser = clap::value_parser!(u64).range(1..=10000).map(Duration::from_millis))]
     pub target: Duration,
+    /// Milliseconds of audio per binary frame.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub frame_ms: u32,
     /// Measured seconds of each in-process ceiling measurement.
+    #[arg(long = "ceiling-secs", value_name = "CEILING_SECS", default_value = "3", value_parser = secs(1, 60))]
     pub ceiling_duration: Duration,
-    /// Where `report.md` goes; default `load-tests/results/<UTC date>-streams-vad/`.
-    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: BenchCommon,
     /// The bundled manifest, whose `silero_vad` entry is copied.
+    #[arg(skip = manifest::bundled())]
     pub manifest: PathBuf,
+    #[arg(skip = streams::default_wav())]
     pub wav: PathBuf,
-    pub client_threads: usize,
     /// The command line, as it goes in the report.
+    #[arg(skip = command_line())]
     pub command: String,
-    /// Longest wait for a quiet machine before each measurement.
-    pub quiet_wait: Duration,
-}
-
-impl Default for StreamsBenchOptions {
-    fn default() -> Self {
-        StreamsBenchOptions {
-            steps: vec![
-                50, 100, 150, 200, 250, 300, 400, 500, 750, 1000, 1250, 1500, 2000, 2500, 3000,
-                4000,
-            ],
-            ramp: Duration::from_secs(3),
-            duration: Duration::from_secs(12),
-            target: Duration::from_millis(100),
-            frame_ms: 20,
-            ceiling_duration: Duration::from_secs(3),
-            out: None,
-            manifest: manifest::bundled(),
-            wav: streams::default_wav(),
-            client_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            command: String::new(),
-            quiet_wait: Duration::from_secs(180),
-        }
-    }
 }
 
 /// One server configuration.
@@ -360,7 +355,7 @@ pub fn run(options: &StreamsBenchOptions) -> anyhow::Result<crate::report::Outco
     if let Some(&big) = options.steps.iter().find(|&&n| n > streams::MAX_STREAMS) {
         bail!("{big} streams is more than {}", streams::MAX_STREAMS);
     }
-    let start = crate::report::Start::now(options.out.as_deref(), "streams-vad");
+    let start = crate::report::Start::now(options.common.out.as_deref(), "streams-vad");
     let biggest = options.steps.iter().copied().max().unwrap_or(0) as u64;
     // Two descriptors per stream (server and client sockets in this process), plus slack.
     let nofile = raise_nofile_limit(2 * biggest + 1024);
@@ -372,7 +367,7 @@ pub fn run(options: &StreamsBenchOptions) -> anyhow::Result<crate::report::Outco
     let warm = Duration::from_millis(500);
     let mut ceilings = Vec::new();
     for batch in CEILING_BATCHES {
-        wait_for_quiet(QUIET_CORES, options.quiet_wait);
+        wait_for_quiet(QUIET_CORES, options.common.quiet_wait);
         eprintln!("[streams-bench] in-process ceiling: 2 threads x 1 session, batch {batch} ...");
         let c = measure_vad(&model_file, 2, batch, warm, options.ceiling_duration)?;
         eprintln!(
@@ -384,7 +379,7 @@ pub fn run(options: &StreamsBenchOptions) -> anyhow::Result<crate::report::Outco
         ceilings.push(c);
     }
 
-    let runtime = crate::sysinfo::client_runtime(options.client_threads)?;
+    let runtime = crate::sysinfo::client_runtime(options.common.threads.get())?;
     let client = crate::sysinfo::metrics_client()?;
     let mut results = Vec::new();
     for setup in [VadSetup::batching_on(), VadSetup::batching_off()] {
@@ -415,7 +410,7 @@ pub fn run(options: &StreamsBenchOptions) -> anyhow::Result<crate::report::Outco
             let mut attempt = 0;
             let pass = loop {
                 attempt += 1;
-                wait_for_quiet(QUIET_CORES, options.quiet_wait);
+                wait_for_quiet(QUIET_CORES, options.common.quiet_wait);
                 let before_metrics = runtime.block_on(scrape(&client, &base));
                 let before = CpuSnapshot::take();
                 let report = runtime.block_on(streams::run(&load))?;
@@ -570,8 +565,8 @@ fn render_report(input: &ReportInput<'_>, json: &serde_json::Value) -> anyhow::R
         "sample_rate": input.audio.sample_rate,
         "frame_samples": input.audio.sample_rate as usize * options.frame_ms as usize / 1000,
         "ramp_s": options.ramp.as_secs_f64(), "duration_s": options.duration.as_secs_f64(),
-        "ceiling_s": options.ceiling_duration.as_secs_f64(), "client_threads": options.client_threads,
-        "quiet_wait_s": options.quiet_wait.as_secs_f64(), "quiet_cores": QUIET_CORES,
+        "ceiling_s": options.ceiling_duration.as_secs_f64(), "client_threads": options.common.threads.get(),
+        "quiet_wait_s": options.common.quiet_wait.as_secs_f64(), "quiet_cores": QUIET_CORES,
         "contended_cores": CONTENDED_CORES, "others": others, "plot": PLOT_FILE,
         "steps_per_stream_s": STEPS_PER_STREAM_SEC,
     });
@@ -596,7 +591,7 @@ mod tests {
 
     #[test]
     fn the_manifest_keeps_the_bundled_entry() {
-        let options = StreamsBenchOptions::default();
+        let options = crate::cli::defaults::<StreamsBenchOptions>();
         let (text, file) = vad_manifest(&options.manifest, &VadSetup::batching_off()).unwrap();
         assert!(file.is_absolute() && file.ends_with("silero_vad/1/model.onnx"));
         let parsed: toml::Table = toml::from_str(&text).unwrap();
