@@ -45,7 +45,7 @@ enum Command {
     /// Start streamserve in-process on mlp (slo_ms, fallback, hang detection, admin API),
     /// measure its capacity, then one open-loop run through an overload step, every replica
     /// panicking and one replica hanging; write report.md with latency over time.
-    Timeline(TimelineArgs),
+    Timeline(timeline::TimelineOptions),
     /// The whole suite in one command: the bench, streams-bench, overload and timeline
     /// scenarios (load-tests/scenarios/), one after the other, then the capacity plan from
     /// their results. About 12 minutes on 2 cores.
@@ -88,45 +88,6 @@ enum Command {
         /// A results directory (holding results.json).
         dir: PathBuf,
     },
-}
-
-#[derive(Debug, clap::Args)]
-struct TimelineArgs {
-    /// Length of the open-loop run, s; every event must fall within it.
-    #[arg(long, default_value_t = 33.0)]
-    duration_secs: f64,
-    /// Base rate in requests/s [default: --base-share x the measured capacity].
-    #[arg(long)]
-    rate: Option<f64>,
-    /// Base rate as a share of the measured capacity.
-    #[arg(long, default_value_t = 0.5)]
-    base_share: f64,
-    /// When the overload step starts, s (negative: no step).
-    #[arg(long, default_value_t = 8.0, allow_negative_numbers = true)]
-    step_at: f64,
-    /// How long the overload step lasts, s.
-    #[arg(long, default_value_t = 6.0)]
-    step_secs: f64,
-    /// The rate during the step, as a share of the capacity (or of --rate).
-    #[arg(long, default_value_t = 2.0)]
-    step_share: f64,
-    /// When every replica of mlp panics in its next batch, s (negative: never).
-    #[arg(long, default_value_t = 22.0, allow_negative_numbers = true)]
-    panic_at: f64,
-    /// When replica 0 of mlp hangs in its next batch, s (negative: never).
-    #[arg(long, default_value_t = 27.0, allow_negative_numbers = true)]
-    hang_at: f64,
-    /// How long the hang lasts, ms.
-    #[arg(long, default_value_t = 3000)]
-    hang_ms: u64,
-    /// The manifest's hang_timeout_ms for mlp: when the router gives up on a hung worker.
-    #[arg(long, default_value_t = 500)]
-    hang_timeout_ms: u64,
-    /// Width of the time bins, ms.
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=10_000))]
-    bin_ms: u64,
-    #[command(flatten)]
-    mlp: overload::MlpOpenLoop,
 }
 
 #[derive(Debug, clap::Args)]
@@ -395,41 +356,7 @@ fn run_streams(args: StreamsArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Seconds from the command line: negative means "never".
-fn seconds_or_never(s: f64) -> anyhow::Result<Option<Duration>> {
-    if s < 0.0 {
-        return Ok(None);
-    }
-    Duration::try_from_secs_f64(s)
-        .map(Some)
-        .map_err(|_| anyhow::anyhow!("{s} is not a valid number of seconds"))
-}
-
-fn run_timeline(args: TimelineArgs) -> anyhow::Result<ExitCode> {
-    let secs =
-        |s: f64| seconds_or_never(s)?.ok_or_else(|| anyhow::anyhow!("{s} s: must not be negative"));
-    let options = timeline::TimelineOptions {
-        rate: args.rate,
-        base_share: args.base_share,
-        capacity_concurrency: args.mlp.capacity_concurrency,
-        capacity_duration: args.mlp.capacity_duration,
-        step_at: seconds_or_never(args.step_at)?,
-        step_for: secs(args.step_secs)?,
-        step_share: args.step_share,
-        panic_at: seconds_or_never(args.panic_at)?,
-        hang_at: seconds_or_never(args.hang_at)?,
-        hang_ms: args.hang_ms,
-        hang_timeout_ms: args.hang_timeout_ms,
-        duration: secs(args.duration_secs)?,
-        bin: Duration::from_millis(args.bin_ms),
-        max_in_flight: args.mlp.max_in_flight,
-        binary: args.mlp.binary,
-        out: args.mlp.common.out,
-        client_threads: args.mlp.common.threads.get(),
-        command: streamserve_load::cli::command_line(),
-        quiet_wait: args.mlp.common.quiet_wait,
-        ..timeline::TimelineOptions::default()
-    };
+fn run_timeline(options: timeline::TimelineOptions) -> anyhow::Result<ExitCode> {
     let outcome = timeline::run(&options)?;
     println!("{}", outcome.report);
     eprintln!(

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+use clap::builder::TypedValueParser as _;
 use serde_json::{json, Value};
 
 use crate::bench::{cpu_since, start_server_with, stop_server, TempModelDir};
@@ -29,62 +30,74 @@ pub const PLOT_FILE: &str = "timeline.svg";
 /// How often the server's `/metrics` are scraped.
 const SCRAPE_EVERY: Duration = Duration::from_millis(200);
 
-#[derive(Clone, Debug)]
+/// Seconds on the command line, as a duration: `Some`, or `None` for a negative number
+/// ("never").
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct At(pub Option<Duration>);
+
+fn at(s: &str) -> Result<At, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{s}: {e}"))?;
+    if v < 0.0 {
+        return Ok(At(None));
+    }
+    Duration::try_from_secs_f64(v)
+        .map(|d| At(Some(d)))
+        .map_err(|_| format!("{s} is not a valid number of seconds"))
+}
+
+fn seconds(s: &str) -> Result<Duration, String> {
+    at(s)?
+        .0
+        .ok_or_else(|| format!("{s} s: must not be negative"))
+}
+
+/// `loadgen timeline`'s options.
+#[derive(Clone, Debug, clap::Args)]
 pub struct TimelineOptions {
-    /// Base rate in requests/s; `None`: `base_share` × the capacity measured in closed loop.
-    pub rate: Option<f64>,
-    pub base_share: f64,
-    pub capacity_concurrency: usize,
-    pub capacity_warmup: Duration,
-    pub capacity_duration: Duration,
-    /// The overload step: from `step_at`, for `step_for`, `step_share` × the capacity (or ×
-    /// `rate` when the rate is given).
-    pub step_at: Option<Duration>,
-    pub step_for: Duration,
-    pub step_share: f64,
-    /// When every replica of `mlp` panics in its next batch.
-    pub panic_at: Option<Duration>,
-    /// When replica 0 of `mlp` blocks its next batch for `hang_ms`; the router gives up on it
-    /// after `hang_timeout_ms` (the manifest's setting in this run).
-    pub hang_at: Option<Duration>,
-    pub hang_ms: u64,
-    pub hang_timeout_ms: u64,
-    /// The whole run; every event must fall within it.
+    /// Length of the open-loop run, s; every event must fall within it.
+    #[arg(long = "duration-secs", value_name = "DURATION_SECS", default_value = "33", value_parser = seconds)]
     pub duration: Duration,
+    /// Base rate in requests/s [default: --base-share x the measured capacity].
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Base rate as a share of the measured capacity.
+    #[arg(long, default_value_t = 0.5)]
+    pub base_share: f64,
+    /// When the overload step starts, s (negative: no step).
+    #[arg(long, default_value = "8", allow_negative_numbers = true, value_parser = at)]
+    pub step_at: At,
+    /// How long the overload step lasts, s.
+    #[arg(long = "step-secs", value_name = "STEP_SECS", default_value = "6", value_parser = seconds)]
+    pub step_for: Duration,
+    /// The rate during the step, as a share of the capacity (or of --rate).
+    #[arg(long, default_value_t = 2.0)]
+    pub step_share: f64,
+    /// When every replica of mlp panics in its next batch, s (negative: never).
+    #[arg(long, default_value = "22", allow_negative_numbers = true, value_parser = at)]
+    pub panic_at: At,
+    /// When replica 0 of mlp hangs in its next batch, s (negative: never).
+    #[arg(long, default_value = "27", allow_negative_numbers = true, value_parser = at)]
+    pub hang_at: At,
+    /// How long the hang lasts, ms.
+    #[arg(long, default_value_t = 3000)]
+    pub hang_ms: u64,
+    /// The manifest's hang_timeout_ms for mlp: when the router gives up on a hung worker.
+    #[arg(long, default_value_t = 500)]
+    pub hang_timeout_ms: u64,
+    /// Width of the time bins, ms.
+    #[arg(long = "bin-ms", value_name = "BIN_MS", default_value = "100",
+          value_parser = clap::value_parser!(u64).range(10..=10_000).map(Duration::from_millis))]
     pub bin: Duration,
-    pub max_in_flight: usize,
-    pub binary: bool,
-    pub out: Option<PathBuf>,
-    pub client_threads: usize,
+    #[command(flatten)]
+    pub mlp: overload::MlpOpenLoop,
+    /// The command line, as it goes in the report.
+    #[arg(skip = crate::cli::command_line())]
     pub command: String,
-    /// Longest wait for a quiet machine before the capacity run and the timeline.
-    pub quiet_wait: Duration,
 }
 
 impl Default for TimelineOptions {
     fn default() -> Self {
-        TimelineOptions {
-            rate: None,
-            base_share: 0.5,
-            capacity_concurrency: 128,
-            capacity_warmup: Duration::from_secs(2),
-            capacity_duration: Duration::from_secs(5),
-            step_at: Some(Duration::from_secs(8)),
-            step_for: Duration::from_secs(6),
-            step_share: 2.0,
-            panic_at: Some(Duration::from_secs(22)),
-            hang_at: Some(Duration::from_secs(27)),
-            hang_ms: 3000,
-            hang_timeout_ms: 500,
-            duration: Duration::from_secs(33),
-            bin: Duration::from_millis(100),
-            max_in_flight: 2048,
-            binary: false,
-            out: None,
-            client_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            command: String::new(),
-            quiet_wait: Duration::from_secs(180),
-        }
+        crate::cli::defaults()
     }
 }
 
@@ -110,7 +123,7 @@ impl TimelineOptions {
             bail!("the hang must last longer than hang_timeout_ms (> 0) for the router to see it");
         }
         let mut plan = Vec::new();
-        if let Some(at) = self.step_at {
+        if let Some(at) = self.step_at.0 {
             plan.push((
                 at,
                 Plan::Rate {
@@ -125,10 +138,10 @@ impl TimelineOptions {
             };
             plan.push((at + self.step_for, Plan::Rate { share: base }));
         }
-        if let Some(at) = self.panic_at {
+        if let Some(at) = self.panic_at.0 {
             plan.push((at, Plan::PanicAll));
         }
-        if let Some(at) = self.hang_at {
+        if let Some(at) = self.hang_at.0 {
             plan.push((
                 at,
                 Plan::Hang {
@@ -231,8 +244,8 @@ pub fn run(options: &TimelineOptions) -> anyhow::Result<TimelineOutcome> {
             );
         }
     }
-    let start = crate::report::Start::now(options.out.as_deref(), "timeline-mlp");
-    crate::sysinfo::raise_nofile_limit(2 * options.max_in_flight as u64 + 1024);
+    let start = crate::report::Start::now(options.mlp.common.out.as_deref(), "timeline-mlp");
+    crate::sysinfo::raise_nofile_limit(2 * options.mlp.max_in_flight as u64 + 1024);
     let (manifest_text, _) = overload::overload_manifest_with(
         vec![(
             "hang_timeout_ms",
@@ -253,7 +266,7 @@ pub fn run(options: &TimelineOptions) -> anyhow::Result<TimelineOutcome> {
     }
     let base = format!("http://{}", running.addr);
     eprintln!("[timeline] streamserve on {base}");
-    let runtime = crate::sysinfo::client_runtime(options.client_threads)?;
+    let runtime = crate::sysinfo::client_runtime(options.mlp.common.threads.get())?;
     let result = run_on(options, &plan, &base, &runtime);
     stop_server(&running);
     drop(models);
@@ -308,21 +321,21 @@ fn run_on(
     let closed = RestOptions {
         url: base.to_string(),
         model: PRIMARY.into(),
-        concurrency: options.capacity_concurrency,
-        duration: options.capacity_duration,
-        warmup: options.capacity_warmup,
+        concurrency: options.mlp.capacity_concurrency,
+        duration: options.mlp.capacity_duration,
+        warmup: overload::CAPACITY_WARMUP,
         rows: 1,
-        binary: options.binary,
+        binary: options.mlp.binary,
         progress: true,
         request_timeout: Duration::from_secs(30),
     };
     let (capacity, reference_rate, base_rate) = match options.rate {
         Some(rate) => (None, rate, rate),
         None => {
-            wait_for_quiet(0.15, options.quiet_wait);
+            wait_for_quiet(0.15, options.mlp.common.quiet_wait);
             eprintln!(
                 "[timeline] capacity: closed loop, concurrency {} ...",
-                options.capacity_concurrency
+                options.mlp.capacity_concurrency
             );
             let report = runtime.block_on(rest::run(&closed))?;
             eprint!("{}", report.summary());
@@ -341,7 +354,7 @@ fn run_on(
         }
     };
     std::thread::sleep(Duration::from_secs(1));
-    wait_for_quiet(0.15, options.quiet_wait);
+    wait_for_quiet(0.15, options.mlp.common.quiet_wait);
 
     let steps: Vec<(Duration, f64)> = plan
         .iter()
@@ -359,7 +372,7 @@ fn run_on(
         rate: base_rate,
         steps,
         timeline_bin: Some(options.bin),
-        max_in_flight: options.max_in_flight,
+        max_in_flight: options.mlp.max_in_flight,
         label: "timeline".into(),
     };
     open.check()?;
@@ -623,7 +636,7 @@ fn results_json(input: &ReportInput<'_>) -> Value {
         "machine": input.machine,
         "manifest": input.manifest,
         "capacity": m.capacity.map(|(rps, p99)| json!({
-            "concurrency": input.options.capacity_concurrency,
+            "concurrency": input.options.mlp.capacity_concurrency,
             "requests_per_s": rps, "p99_ms": p99,
         })),
         "reference_rate_per_s": m.reference_rate,
@@ -663,9 +676,9 @@ fn render_report(input: &ReportInput<'_>, results: &Value) -> anyhow::Result<Str
     };
     let extra = json!({
         "slo_ms": SLO_MS, "fallback": FALLBACK, "max_queue": MAX_QUEUE, "backtrace": backtrace,
-        "capacity_s": options.capacity_duration.as_secs_f64(), "base_share": options.base_share,
-        "binary": options.binary, "max_in_flight": options.max_in_flight,
-        "scrape_ms": SCRAPE_EVERY.as_secs_f64() * 1000.0, "step": options.step_at.is_some(),
+        "capacity_s": options.mlp.capacity_duration.as_secs_f64(), "base_share": options.base_share,
+        "binary": options.mlp.binary, "max_in_flight": options.mlp.max_in_flight,
+        "scrape_ms": SCRAPE_EVERY.as_secs_f64() * 1000.0, "step": options.step_at.0.is_some(),
         "pool_idle_s": crate::rest::POOL_IDLE_TIMEOUT.as_secs(), "plot": PLOT_FILE,
         "restarts": m.server.last().map_or(0.0, |s| s.restarts),
     });
@@ -718,8 +731,8 @@ mod tests {
     #[test]
     fn bad_plans_are_refused() {
         let bad: [fn(&mut TimelineOptions); 4] = [
-            |o| o.hang_at = Some(Duration::from_secs(40)),
-            |o| o.panic_at = Some(Duration::from_secs(8)),
+            |o| o.hang_at = At(Some(Duration::from_secs(40))),
+            |o| o.panic_at = At(Some(Duration::from_secs(8))),
             |o| o.hang_ms = 100,
             |o| o.step_share = 0.0,
         ];
