@@ -1032,41 +1032,20 @@ mod tests {
             "ws://127.0.0.1:9/v1/streams/silero_vad"
         );
         assert_eq!(base.frame_samples(), 320);
-        for bad in [
-            StreamOptions {
-                streams: 0,
-                ..base.clone()
-            },
-            StreamOptions {
-                streams: MAX_STREAMS + 1,
-                ..base.clone()
-            },
-            StreamOptions {
-                duration: Duration::ZERO,
-                ..base.clone()
-            },
-            StreamOptions {
-                speed: 0.0,
-                ..base.clone()
-            },
-            StreamOptions {
-                frame_ms: 0,
-                ..base.clone()
-            },
-            StreamOptions {
-                url: "http://localhost:9".into(),
-                ..base.clone()
-            },
-            StreamOptions {
-                url: "http://192.0.2.1:9".into(),
-                ..base.clone()
-            },
-            StreamOptions {
-                model: "../x".into(),
-                ..base.clone()
-            },
-        ] {
-            assert!(bad.endpoint().is_err(), "{bad:?} was accepted");
+        let bad: [fn(&mut StreamOptions); 8] = [
+            |o| o.streams = 0,
+            |o| o.streams = MAX_STREAMS + 1,
+            |o| o.duration = Duration::ZERO,
+            |o| o.speed = 0.0,
+            |o| o.frame_ms = 0,
+            |o| o.url = "http://localhost:9".into(),
+            |o| o.url = "http://192.0.2.1:9".into(),
+            |o| o.model = "../x".into(),
+        ];
+        for change in bad {
+            let mut o = base.clone();
+            change(&mut o);
+            assert!(o.endpoint().is_err(), "{o:?} was accepted");
         }
         assert_eq!("events".parse(), Ok(ResultsMode::Events));
         assert!("some".parse::<ResultsMode>().is_err());
