@@ -495,7 +495,7 @@ fn load_levels(
             warmup: options.warmup,
             rows: 1,
             binary: options.binary,
-            progress: true,
+            quiet: false,
             request_timeout: Duration::from_secs(30),
         };
         if !options.common.quiet_wait.is_zero() {

@@ -131,15 +131,8 @@ struct StreamsArgs {
 
 #[derive(Debug, clap::Args)]
 struct RestArgs {
-    /// Server base URL; loopback IP addresses only.
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
-    url: String,
-    /// Model to load; it must have the mlp interface (FP32 features [rows, 256] -> [rows, 16]).
-    #[arg(long, default_value = "mlp")]
-    model: String,
-    /// Requests in flight at once (closed loop).
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=rest::MAX_CONCURRENCY as u64))]
-    concurrency: u64,
+    #[command(flatten)]
+    options: rest::RestOptions,
     /// Open loop: send this many requests per second on a fixed schedule, whatever the
     /// answers; latency runs from each request's scheduled send time.
     #[arg(long)]
@@ -147,27 +140,8 @@ struct RestArgs {
     /// Open loop: requests in flight at most; one due beyond that is not sent (and counted).
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=open_loop::MAX_IN_FLIGHT as u64))]
     max_in_flight: u64,
-    /// Measured seconds.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    duration_secs: u64,
-    /// Unmeasured warm-up seconds before the measured period.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(0..=600))]
-    warmup_secs: u64,
-    /// Rows per request (input shape [rows, 256]); at most the model's max_batch_size.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=rest::MAX_ROWS as u64))]
-    rows: u64,
-    /// Send the input as binary tensor data (Inference-Header-Content-Length) and ask for
-    /// binary outputs, instead of JSON arrays.
-    #[arg(long)]
-    binary: bool,
-    /// Seconds to wait for one answer before counting it as a transport error.
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=600))]
-    timeout_secs: u64,
     #[command(flatten)]
     threads: streamserve_load::cli::Threads,
-    /// No progress lines on stderr.
-    #[arg(long)]
-    quiet: bool,
 }
 
 fn main() -> ExitCode {
@@ -264,17 +238,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 fn run_rest(args: RestArgs) -> anyhow::Result<ExitCode> {
-    let options = rest::RestOptions {
-        url: args.url,
-        model: args.model,
-        concurrency: args.concurrency as usize,
-        duration: Duration::from_secs(args.duration_secs),
-        warmup: Duration::from_secs(args.warmup_secs),
-        rows: args.rows as usize,
-        binary: args.binary,
-        progress: !args.quiet,
-        request_timeout: Duration::from_secs(args.timeout_secs),
-    };
+    let options = args.options;
     // Refuse a bad target before starting anything.
     options.endpoint()?;
     let runtime = sysinfo::client_runtime(args.threads.get())?;

@@ -26,7 +26,7 @@ const SHARDS: usize = 16;
 
 #[derive(Clone, Debug)]
 pub struct OpenLoopOptions {
-    /// Target, model, rows, binary, duration, warm-up, timeout and progress as for closed loop
+    /// Target, model, rows, binary, duration, warm-up, timeout and quiet as for closed loop
     /// (`concurrency` is not used).
     pub rest: RestOptions,
     /// Requests per second, on a fixed schedule.
@@ -330,7 +330,7 @@ pub async fn run(options: &OpenLoopOptions) -> anyhow::Result<OpenLoopReport> {
     let start = Instant::now();
     let measure_start = start + rest_options.warmup;
     let measure_end = measure_start + rest_options.duration;
-    let progress = rest_options.progress.then(|| {
+    let progress = (!rest_options.quiet).then(|| {
         tokio::spawn(progress_lines(
             options.label.clone(),
             shared.clone(),

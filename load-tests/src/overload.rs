@@ -181,7 +181,7 @@ pub fn run(options: &OverloadOptions) -> anyhow::Result<crate::report::Outcome> 
             warmup: CAPACITY_WARMUP,
             rows: 1,
             binary: options.mlp.binary,
-            progress: true,
+            quiet: false,
             request_timeout: Duration::from_secs(30),
         };
         let before = CpuSnapshot::take();

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use reqwest::Url;
 use serde::Deserialize;
 
+use crate::cli::{count, secs};
 use crate::hist::{self, Histogram};
 use crate::{mlp, SplitMix64};
 
@@ -33,39 +34,45 @@ pub const MAX_CONCURRENCY: usize = 1024;
 pub const MAX_DURATION: Duration = Duration::from_secs(3600);
 pub const MAX_ROWS: usize = 4096;
 
-#[derive(Clone, Debug)]
+/// `loadgen rest`'s options (closed loop; `--rate` and its bound are the open loop's).
+#[derive(Clone, Debug, clap::Args)]
 pub struct RestOptions {
-    /// Server base URL, e.g. `http://127.0.0.1:8080`; must be a loopback address.
+    /// Server base URL; loopback IP addresses only.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
+    /// Model to load; it must have the mlp interface (FP32 features [rows, 256] -> [rows, 16]).
+    #[arg(long, default_value = "mlp")]
     pub model: String,
-    /// Requests in flight at once (one task each, closed loop).
+    /// Requests in flight at once (closed loop).
+    #[arg(long, default_value_t = 8, value_parser = count(1, MAX_CONCURRENCY))]
     pub concurrency: usize,
-    /// Measured period.
+    /// Measured seconds.
+    #[arg(long = "duration-secs", value_name = "DURATION_SECS", default_value = "10", value_parser = secs(1, 3600))]
     pub duration: Duration,
-    /// Load before the measured period, not recorded (connections, caches, allocators).
+    /// Unmeasured warm-up seconds before the measured period.
+    #[arg(long = "warmup-secs", value_name = "WARMUP_SECS", default_value = "1", value_parser = secs(0, 600))]
     pub warmup: Duration,
-    /// Rows (batch dimension) per request: input shape `[rows, 256]`.
+    /// Rows per request (input shape [rows, 256]); at most the model's max_batch_size.
+    #[arg(long, default_value_t = 1, value_parser = count(1, MAX_ROWS))]
     pub rows: usize,
-    /// Send the input through the binary tensor data extension (and ask for binary outputs).
+    /// Send the input as binary tensor data (Inference-Header-Content-Length) and ask for
+    /// binary outputs, instead of JSON arrays.
+    #[arg(long)]
     pub binary: bool,
-    /// Print a progress line to stderr every second.
-    pub progress: bool,
-    /// Longest wait for one answer; a request that takes longer counts as a transport error.
+    /// Seconds to wait for one answer before counting it as a transport error.
+    #[arg(long = "timeout-secs", value_name = "TIMEOUT_SECS", default_value = "30", value_parser = secs(1, 600))]
     pub request_timeout: Duration,
+    /// No progress lines on stderr.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
+/// The command line's defaults, quiet.
 impl Default for RestOptions {
     fn default() -> Self {
         RestOptions {
-            url: "http://127.0.0.1:8080".into(),
-            model: "mlp".into(),
-            concurrency: 8,
-            duration: Duration::from_secs(10),
-            warmup: Duration::from_secs(1),
-            rows: 1,
-            binary: false,
-            progress: false,
-            request_timeout: Duration::from_secs(30),
+            quiet: true,
+            ..crate::cli::defaults()
         }
     }
 }
@@ -624,7 +631,7 @@ pub async fn run(options: &RestOptions) -> anyhow::Result<RestReport> {
             live.clone(),
         ));
     }
-    let progress = options.progress.then(|| {
+    let progress = (!options.quiet).then(|| {
         let live = live.clone();
         let label = format!("c={}", options.concurrency);
         tokio::spawn(progress_lines(

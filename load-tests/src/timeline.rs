@@ -326,7 +326,7 @@ fn run_on(
         warmup: overload::CAPACITY_WARMUP,
         rows: 1,
         binary: options.mlp.binary,
-        progress: true,
+        quiet: false,
         request_timeout: Duration::from_secs(30),
     };
     let (capacity, reference_rate, base_rate) = match options.rate {
