@@ -4,7 +4,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use streamserve_load::{
@@ -92,41 +91,13 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct StreamsArgs {
-    /// Server base URL; loopback IP addresses only.
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
-    url: String,
-    /// Model to stream to; it must have `stream = "vad"` in the manifest.
-    #[arg(long, default_value = "silero_vad")]
-    model: String,
-    /// Concurrent streams.
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=streams::MAX_STREAMS as u64))]
-    streams: u64,
-    /// Measured seconds (after the ramp).
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    duration_secs: u64,
-    /// Seconds over which the streams open, evenly spread; not measured.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=600))]
-    ramp_secs: u64,
-    /// Audio seconds sent per wall-clock second (1.0 = real time).
-    #[arg(long, default_value_t = 1.0)]
-    speed: f64,
-    /// Milliseconds of audio per binary frame.
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
-    frame_ms: u32,
-    /// `all`: a vad result per chunk (timed); `events`: speech events only (nothing to time).
-    #[arg(long, default_value = "all")]
-    results: streams::ResultsMode,
+    #[command(flatten)]
+    options: streams::StreamOptions,
     /// Mono 16-bit WAV at 16 or 8 kHz [default: tests/audio/two_phrases_16k.wav].
     #[arg(long)]
     wav: Option<PathBuf>,
-    /// A sender further behind its real-time schedule than this makes its stream late.
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=60000))]
-    late_ms: u64,
     #[command(flatten)]
     threads: streamserve_load::cli::Threads,
-    /// No progress lines on stderr.
-    #[arg(long)]
-    quiet: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -288,26 +259,17 @@ fn finished(tag: &str, outcome: &streamserve_load::report::Outcome) -> anyhow::R
 }
 
 fn run_streams(args: StreamsArgs) -> anyhow::Result<ExitCode> {
-    let audio = streams::load_audio(args.wav.as_deref())?;
-    let mut options = streams::StreamOptions::new(args.url, audio);
-    options.model = args.model;
-    options.streams = args.streams as usize;
-    options.duration = Duration::from_secs(args.duration_secs);
-    options.ramp = Duration::from_secs(args.ramp_secs);
-    options.speed = args.speed;
-    options.frame_ms = args.frame_ms;
-    options.results = args.results;
-    options.late_threshold = Duration::from_millis(args.late_ms);
-    options.progress = !args.quiet;
-    options.label = format!("streams N={}", args.streams);
+    let mut options = args.options;
+    options.audio = streams::load_audio(args.wav.as_deref())?;
+    options.label = format!("streams N={}", options.streams);
+    let n = options.streams as u64;
     // Refuse a bad target before starting anything.
     options.endpoint()?;
-    let limit = sysinfo::raise_nofile_limit(args.streams + 256);
-    if limit < args.streams + 64 {
+    let limit = sysinfo::raise_nofile_limit(n + 256);
+    if limit < n + 64 {
         anyhow::bail!(
-            "{} streams need about {} open files, the limit is {limit}: raise it with `ulimit -n`",
-            args.streams,
-            args.streams + 64
+            "{n} streams need about {} open files, the limit is {limit}: raise it with `ulimit -n`",
+            n + 64
         );
     }
     let runtime = sysinfo::client_runtime(args.threads.get())?;

@@ -20,10 +20,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use bytes::Bytes;
+use clap::builder::TypedValueParser as _;
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::cli::{count, secs};
 use crate::hist::{self, Histogram};
 use crate::rest::{check_loopback, check_model_name};
 
@@ -65,7 +67,7 @@ impl std::str::FromStr for ResultsMode {
 
 /// Mono PCM16 audio, kept twice in a row so that any window of up to its length is one
 /// contiguous, zero-copy slice even where the loop wraps around.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Audio {
     pub sample_rate: u32,
     /// Samples in one pass of the file.
@@ -143,51 +145,58 @@ pub fn default_wav() -> PathBuf {
         .join("two_phrases_16k.wav")
 }
 
-#[derive(Clone, Debug)]
+/// `loadgen streams`' options (the audio aside: `--wav` is read into `audio`).
+#[derive(Clone, Debug, clap::Args)]
 pub struct StreamOptions {
-    /// Server base URL, e.g. `http://127.0.0.1:8080`; must be a loopback address.
+    /// Server base URL; loopback IP addresses only.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
-    /// A model with `stream = "vad"`.
+    /// Model to stream to; it must have `stream = "vad"` in the manifest.
+    #[arg(long, default_value = "silero_vad")]
     pub model: String,
     /// Concurrent streams.
+    #[arg(long, default_value_t = 100, value_parser = count(1, MAX_STREAMS))]
     pub streams: usize,
-    /// Streams open evenly spread over this time; the measured period starts after it.
-    pub ramp: Duration,
-    /// Measured period: chunks whose completing frame was sent in it are timed.
+    /// Measured seconds (after the ramp).
+    #[arg(long = "duration-secs", value_name = "DURATION_SECS", default_value = "10", value_parser = secs(1, 3600))]
     pub duration: Duration,
+    /// Seconds over which the streams open, evenly spread; not measured.
+    #[arg(long = "ramp-secs", value_name = "RAMP_SECS", default_value = "2", value_parser = secs(0, 600))]
+    pub ramp: Duration,
     /// Audio seconds sent per wall-clock second (1.0 = real time).
+    #[arg(long, default_value_t = 1.0)]
     pub speed: f64,
-    /// Audio per binary frame, in milliseconds of audio.
+    /// Milliseconds of audio per binary frame.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub frame_ms: u32,
+    /// `all`: a vad result per chunk (timed); `events`: speech events only (nothing to time).
+    #[arg(long, default_value = "all")]
     pub results: ResultsMode,
+    #[arg(skip)]
     pub audio: Arc<Audio>,
-    /// A stream whose sender falls further behind its schedule than this is late.
+    /// A sender further behind its real-time schedule than this makes its stream late.
+    #[arg(long = "late-ms", value_name = "LATE_MS", default_value = "100",
+          value_parser = clap::value_parser!(u64).range(1..=60000).map(Duration::from_millis))]
     pub late_threshold: Duration,
     /// After `end`, how long a stream waits for its summary and close.
+    #[arg(skip = Duration::from_secs(15))]
     pub end_timeout: Duration,
-    /// Print a progress line to stderr every second.
-    pub progress: bool,
+    /// No progress lines on stderr.
+    #[arg(long)]
+    pub quiet: bool,
     /// Prefix of the progress lines.
+    #[arg(skip = "streams".to_string())]
     pub label: String,
 }
 
 impl StreamOptions {
-    /// Defaults for a server at `url`, with the given audio.
+    /// The command line's defaults for a server at `url`, with the given audio, quiet.
     pub fn new(url: impl Into<String>, audio: Arc<Audio>) -> StreamOptions {
         StreamOptions {
             url: url.into(),
-            model: "silero_vad".into(),
-            streams: 100,
-            ramp: Duration::from_secs(2),
-            duration: Duration::from_secs(10),
-            speed: 1.0,
-            frame_ms: 20,
-            results: ResultsMode::All,
             audio,
-            late_threshold: Duration::from_millis(100),
-            end_timeout: Duration::from_secs(15),
-            progress: false,
-            label: "streams".into(),
+            quiet: true,
+            ..crate::cli::defaults()
         }
     }
 
@@ -462,7 +471,7 @@ pub async fn run(options: &StreamOptions) -> anyhow::Result<StreamReport> {
             one_stream(i, &url, &options, &shared).await
         });
     }
-    let progress = options.progress.then(|| {
+    let progress = (!options.quiet).then(|| {
         tokio::spawn(progress_lines(
             options.label.clone(),
             shared.clone(),

@@ -405,7 +405,7 @@ pub fn run(options: &StreamsBenchOptions) -> anyhow::Result<crate::report::Outco
             load.frame_ms = options.frame_ms;
             load.results = ResultsMode::All;
             load.late_threshold = options.target;
-            load.progress = true;
+            load.quiet = false;
             load.label = format!("{} N={n}", setup.label);
             let mut attempt = 0;
             let pass = loop {
