@@ -462,18 +462,8 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<crate::report::Outcome> {
         &servers,
     )?;
     report.push_str(&capacity_section(&json));
-    crate::report::save_run(
-        &start.dir,
-        "bench",
-        &report,
-        &json,
-        PLOT_FILE,
-        crate::plots::bench_latency_throughput,
-    )?;
-    Ok(crate::report::Outcome {
-        dir: start.dir,
-        report,
-    })
+    let plot = (PLOT_FILE, crate::plots::bench_latency_throughput as _);
+    crate::report::save_run(start.dir, "bench", report, &json, plot)
 }
 
 /// Closed-loop load at each of `options.concurrencies` against the `mlp` REST endpoint at

@@ -257,18 +257,8 @@ pub fn run(options: &OverloadOptions) -> anyhow::Result<crate::report::Outcome> 
         &levels,
     );
     let report = render_report(&json, start.at.elapsed(), options, &levels)?;
-    crate::report::save_run(
-        &start.dir,
-        "overload",
-        &report,
-        &json,
-        PLOT_FILE,
-        crate::plots::overload_levels,
-    )?;
-    Ok(crate::report::Outcome {
-        dir: start.dir,
-        report,
-    })
+    let plot = (PLOT_FILE, crate::plots::overload_levels as _);
+    crate::report::save_run(start.dir, "overload", report, &json, plot)
 }
 
 /// The goodput/latency plot written beside `report.md`.

@@ -152,15 +152,17 @@ impl Start {
 /// `draw` makes from those results as `plot_file`. A plot that fails is said on stderr
 /// (prefixed `[tag]`), not an error: the numbers are already written.
 pub fn save_run(
-    dir: &std::path::Path,
+    dir: std::path::PathBuf,
     tag: &str,
-    report: &str,
+    report: String,
     results: &serde_json::Value,
-    plot_file: &str,
-    draw: fn(&serde_json::Value, &std::path::Path) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    std::fs::write(dir.join("report.md"), report)
+    (plot_file, draw): (
+        &str,
+        fn(&serde_json::Value, &std::path::Path) -> anyhow::Result<()>,
+    ),
+) -> anyhow::Result<Outcome> {
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::write(dir.join("report.md"), &report)
         .with_context(|| format!("cannot write {}/report.md", dir.display()))?;
     std::fs::write(
         dir.join("results.json"),
@@ -170,7 +172,7 @@ pub fn save_run(
     if let Err(e) = draw(results, &dir.join(plot_file)) {
         eprintln!("[{tag}] {e:#}");
     }
-    Ok(())
+    Ok(Outcome { dir, report })
 }
 
 #[cfg(test)]

@@ -477,18 +477,8 @@ pub fn run(options: &StreamsBenchOptions) -> anyhow::Result<crate::report::Outco
     };
     let json = results_json(&input);
     let report = render_report(&input, &json)?;
-    crate::report::save_run(
-        &start.dir,
-        "streams-bench",
-        &report,
-        &json,
-        PLOT_FILE,
-        crate::plots::streams_latency,
-    )?;
-    Ok(crate::report::Outcome {
-        dir: start.dir,
-        report,
-    })
+    let plot = (PLOT_FILE, crate::plots::streams_latency as _);
+    crate::report::save_run(start.dir, "streams-bench", report, &json, plot)
 }
 
 /// The latency-vs-streams plot written beside `report.md`.

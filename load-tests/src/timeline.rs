@@ -283,17 +283,11 @@ pub fn run(options: &TimelineOptions) -> anyhow::Result<TimelineOutcome> {
     };
     let results = results_json(&input);
     let report = render_report(&input, &results)?;
-    crate::report::save_run(
-        &start.dir,
-        "timeline",
-        &report,
-        &results,
-        PLOT_FILE,
-        crate::plots::timeline,
-    )?;
+    let plot = (PLOT_FILE, crate::plots::timeline as _);
+    let saved = crate::report::save_run(start.dir, "timeline", report, &results, plot)?;
     Ok(TimelineOutcome {
-        dir: start.dir,
-        report,
+        dir: saved.dir,
+        report: saved.report,
         results,
         open_loop: measured.report,
     })
