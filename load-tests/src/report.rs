@@ -148,6 +148,9 @@ impl Start {
     }
 }
 
+/// A plot drawn from a run's results into a file.
+pub type Draw = fn(&serde_json::Value, &std::path::Path) -> anyhow::Result<()>;
+
 /// Writes a benchmark run into `dir`: `report.md`, `results.json`, and the plot that
 /// `draw` makes from those results as `plot_file`. A plot that fails is said on stderr
 /// (prefixed `[tag]`), not an error: the numbers are already written.
@@ -156,10 +159,7 @@ pub fn save_run(
     tag: &str,
     report: String,
     results: &serde_json::Value,
-    (plot_file, draw): (
-        &str,
-        fn(&serde_json::Value, &std::path::Path) -> anyhow::Result<()>,
-    ),
+    (plot_file, draw): (&str, Draw),
 ) -> anyhow::Result<Outcome> {
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     std::fs::write(dir.join("report.md"), &report)
