@@ -20,54 +20,42 @@ use streamserve::manifest::Device;
 use streamserve::runtime::ModelSession;
 use streamserve::tensor::TensorData;
 
+use crate::cli::{command_line, count, secs, BenchCommon};
 use crate::rest::{self, RestOptions, RestReport};
 use crate::sysinfo::{CpuShare, CpuSnapshot, MachineInfo};
 use crate::{mlp, SplitMix64};
 
-#[derive(Clone, Debug)]
+/// `loadgen bench`'s options.
+#[derive(Clone, Debug, clap::Args)]
 pub struct BenchOptions {
-    /// Measured time per concurrency level and server.
+    /// Measured seconds per concurrency level and server (2 servers x 4 levels).
+    #[arg(long = "duration-secs", value_name = "DURATION_SECS", default_value = "10", value_parser = secs(1, 300))]
     pub duration: Duration,
-    /// Warm-up time before each measured period.
+    /// Warm-up seconds before each measured period.
+    #[arg(long = "warmup-secs", value_name = "WARMUP_SECS", default_value = "2", value_parser = secs(0, 60))]
     pub warmup: Duration,
-    /// Measured time of each in-process ceiling measurement.
+    /// Measured seconds of each in-process ceiling measurement.
+    #[arg(long = "ceiling-secs", value_name = "CEILING_SECS", default_value = "4", value_parser = secs(1, 60))]
     pub ceiling_duration: Duration,
+    /// Concurrency levels, comma-separated.
+    #[arg(long = "concurrency", value_name = "CONCURRENCY", value_delimiter = ',', default_values_t = [1usize, 8, 32, 128],
+          value_parser = count(1, crate::rest::MAX_CONCURRENCY))]
     pub concurrencies: Vec<usize>,
-    /// Send requests with the binary tensor data extension instead of JSON data.
+    /// Use the binary tensor data extension instead of JSON data.
+    #[arg(long)]
     pub binary: bool,
-    /// Where `report.md` goes; default `load-tests/results/<UTC date>-rest-mlp/`.
-    pub out: Option<PathBuf>,
-    /// The model file: `models/mlp/1/model.onnx` of this checkout by default.
+    #[command(flatten)]
+    pub common: BenchCommon,
+    /// Leave out the FastAPI + uvicorn + onnxruntime peer (which needs python3 and, the first
+    /// time, the package index to create load-tests/.venv-peer/).
+    #[arg(long)]
+    pub no_peer: bool,
+    /// The model file: `models/mlp/1/model.onnx` of this checkout.
+    #[arg(skip = default_model_file())]
     pub model_file: PathBuf,
-    /// Client runtime worker threads.
-    pub client_threads: usize,
     /// The command line, as it goes in the report.
+    #[arg(skip = command_line())]
     pub command: String,
-    /// Also measure the FastAPI + uvicorn + onnxruntime peer (`peers/fastapi_peer.py`, a
-    /// Python venv under `load-tests/.venv-peer/`, created when missing). On for
-    /// `loadgen bench`, off by default (tests and CI need no Python).
-    pub peer: bool,
-    /// Longest wait, before each measurement, for other processes to leave the CPU alone
-    /// (0: do not wait).
-    pub quiet_wait: Duration,
-}
-
-impl Default for BenchOptions {
-    fn default() -> Self {
-        BenchOptions {
-            duration: Duration::from_secs(10),
-            warmup: Duration::from_secs(2),
-            ceiling_duration: Duration::from_secs(4),
-            concurrencies: vec![1, 8, 32, 128],
-            binary: false,
-            out: None,
-            model_file: default_model_file(),
-            client_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            command: String::new(),
-            peer: false,
-            quiet_wait: Duration::ZERO,
-        }
-    }
 }
 
 /// `models/mlp/1/model.onnx` of the checkout this crate was built from.
@@ -399,7 +387,7 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<crate::report::Outcome> {
     if options.concurrencies.is_empty() || options.concurrencies.len() > 16 {
         bail!("give 1 to 16 concurrency levels");
     }
-    let start = crate::report::Start::now(options.out.as_deref(), "rest-mlp");
+    let start = crate::report::Start::now(options.common.out.as_deref(), "rest-mlp");
     let model_file = options
         .model_file
         .canonicalize()
@@ -416,7 +404,7 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<crate::report::Outcome> {
     let batch1 = measure_in_process(&model_file, 2, 1, warm, options.ceiling_duration)?;
     eprintln!("[bench]   {:.0} rows/s", batch1.rows_per_sec);
 
-    let runtime = crate::sysinfo::client_runtime(options.client_threads)?;
+    let runtime = crate::sysinfo::client_runtime(options.common.threads.get())?;
     let mut servers = Vec::new();
     for setup in [
         ServerSetup::batching_on(),
@@ -441,7 +429,7 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<crate::report::Outcome> {
             .map_err(|e| e.context(format!("load against the {} server failed", setup.label)))?;
         servers.push(ServerResults { setup, runs, cpu });
     }
-    if options.peer {
+    if !options.no_peer {
         let setup = ServerSetup::peer();
         eprintln!(
             "[bench] starting the FastAPI peer (uvicorn, {} workers) ...",
@@ -472,22 +460,10 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<crate::report::Outcome> {
         &model_file,
         &sha256,
         &servers,
-        &ceiling,
-        &batch1,
     )?;
     report.push_str(&capacity_section(&json));
-    crate::report::save_run(
-        &start.dir,
-        "bench",
-        &report,
-        &json,
-        PLOT_FILE,
-        crate::plots::bench_latency_throughput,
-    )?;
-    Ok(crate::report::Outcome {
-        dir: start.dir,
-        report,
-    })
+    let plot = (PLOT_FILE, crate::plots::bench_latency_throughput as _);
+    crate::report::save_run(start.dir, "bench", report, &json, plot)
 }
 
 /// Closed-loop load at each of `options.concurrencies` against the `mlp` REST endpoint at
@@ -509,11 +485,11 @@ fn load_levels(
             warmup: options.warmup,
             rows: 1,
             binary: options.binary,
-            progress: true,
+            quiet: false,
             request_timeout: Duration::from_secs(30),
         };
-        if !options.quiet_wait.is_zero() {
-            crate::sysinfo::wait_for_quiet(0.15, options.quiet_wait);
+        if !options.common.quiet_wait.is_zero() {
+            crate::sysinfo::wait_for_quiet(0.15, options.common.quiet_wait);
         }
         let before = CpuSnapshot::take();
         let report = runtime.block_on(rest::run(&load))?;
@@ -570,28 +546,7 @@ pub fn cpu_since(before: Option<CpuSnapshot>) -> Option<CpuShare> {
 }
 
 fn run_json(r: &RestReport, cpu: Option<CpuShare>) -> serde_json::Value {
-    serde_json::json!({
-        "cpu_cores": cpu,
-        "concurrency": r.concurrency,
-        "rows_per_request": r.rows,
-        "measured_s": r.measured.as_secs_f64(),
-        "ok": r.ok,
-        "errors": r.errors,
-        "warmup_requests": r.warmup_requests,
-        "warmup_errors": r.warmup_errors,
-        "first_error": r.first_error,
-        "requests_per_s": r.requests_per_sec(),
-        "rows_per_s": r.rows_per_sec(),
-        "latency_ms": {
-            "p50": r.latency_ms(0.5), "p90": r.latency_ms(0.9), "p99": r.latency_ms(0.99),
-            "p99.9": r.latency_ms(0.999), "max": r.max_ms(), "mean": r.mean_ms(),
-        },
-        "server_reported": {
-            "mean_batch_rows": r.mean_batch_rows(),
-            "mean_queue_ms": r.mean_queue_ms(),
-            "mean_model_call_ms": r.mean_compute_ms(),
-        },
-    })
+    crate::report::context(&r.to_json(), &[serde_json::json!({ "cpu_cores": cpu })])
 }
 
 fn results_json(
@@ -617,8 +572,7 @@ fn results_json(
 }
 
 /// `report.md` from `templates/bench.md.j2`: the results JSON, the rows of the results table
-/// (each concurrency's run of batching on, off and the peer), the errors and observations.
-#[allow(clippy::too_many_arguments)]
+/// (each concurrency's run of batching on, off and the peer), the errors; the observations are the template's.
 fn render_report(
     json: &serde_json::Value,
     elapsed: Duration,
@@ -626,8 +580,6 @@ fn render_report(
     model_file: &Path,
     sha256: &str,
     servers: &[ServerResults],
-    ceiling: &InProcess,
-    batch1: &InProcess,
 ) -> anyhow::Result<String> {
     let peer_label = ServerSetup::peer().label;
     let run_of = |label: &str, c: usize| {
@@ -671,155 +623,11 @@ fn render_report(
     let extra = serde_json::json!({
         "model_file": model_file.display().to_string(), "sha256": sha256,
         "warmup_s": options.warmup.as_secs_f64(), "duration_s": options.duration.as_secs_f64(),
-        "client_threads": options.client_threads, "peer_label": peer_label,
+        "client_threads": options.common.threads.get(), "peer_label": peer_label,
         "has_peer": servers.iter().any(|s| s.setup.label == peer_label),
         "levels": levels, "error_lines": error_lines, "plot": PLOT_FILE,
-        "observations": observations(servers, ceiling, batch1),
+        "on_label": ServerSetup::batching_on().label, "off_label": ServerSetup::batching_off().label,
         "delay_ms": ServerSetup::batching_on().max_queue_delay_ms,
     });
     crate::report::render("bench", &crate::report::context(json, &[header, extra]))
-}
-
-/// Plain statements derived from the measurements, so that the report says what its table
-/// shows without anyone having to compute it.
-fn observations(servers: &[ServerResults], ceiling: &InProcess, batch1: &InProcess) -> Vec<String> {
-    let mut lines = Vec::new();
-    let peer_label = ServerSetup::peer().label;
-    let others = servers
-        .iter()
-        // The peer runs in other processes: during its runs "others" is the peer itself.
-        .filter(|s| s.setup.label != peer_label)
-        .flat_map(|s| s.runs.iter().zip(&s.cpu).map(move |(r, c)| (s, r, c)))
-        .filter_map(|(s, r, c)| c.map(|c| (s.setup.label.clone(), r.concurrency, c.other_cores)))
-        .chain(
-            [
-                ("in-process ceiling".to_string(), 0, ceiling.cpu_cores),
-                ("in-process batch 1".to_string(), 0, batch1.cpu_cores),
-            ]
-            .into_iter()
-            .filter_map(|(l, c, cpu)| cpu.map(|cpu| (l, c, cpu.other_cores))),
-        )
-        .max_by(|a, b| a.2.total_cmp(&b.2));
-    if let Some((label, concurrency, cores)) = others {
-        let at = if concurrency > 0 {
-            format!("{label}, concurrency {concurrency}")
-        } else {
-            label
-        };
-        if cores > 0.2 {
-            lines.push(format!(
-                "**Contended machine**: other processes used up to {cores:.2} CPU cores during a measurement \
-                 ({at}); the figures of such runs are lower and noisier than the software allows. Rerun on a quiet machine."
-            ));
-        } else {
-            lines.push(format!(
-                "Other processes used at most {cores:.2} CPU cores during any measurement ({at}): a quiet machine."
-            ));
-        }
-    }
-    if let Some(peer) = servers.iter().find(|s| s.setup.label == peer_label) {
-        let max = |f: fn(&CpuShare) -> f64| peer.cpu.iter().flatten().map(f).fold(0.0, f64::max);
-        if peer.cpu.iter().flatten().count() > 0 {
-            lines.push(format!(
-                "During the FastAPI peer's runs, \"others\" is mostly the peer itself (uvicorn, {} worker \
-                 processes): up to {:.2} cores, while this process (the load generator alone) used up to {:.2}; \
-                 the contention check above leaves those runs out.",
-                peer.setup.replicas,
-                max(|c| c.other_cores),
-                max(|c| c.own_cores)
-            ));
-        }
-    }
-    let on = servers
-        .iter()
-        .find(|s| s.setup.label == ServerSetup::batching_on().label);
-    let off = servers
-        .iter()
-        .find(|s| s.setup.label == ServerSetup::batching_off().label);
-    let (Some(on), Some(off)) = (on, off) else {
-        return lines;
-    };
-    let paired: Vec<(&RestReport, &RestReport)> = on
-        .runs
-        .iter()
-        .filter_map(|a| {
-            off.runs
-                .iter()
-                .find(|b| b.concurrency == a.concurrency)
-                .map(|b| (a, b))
-        })
-        .filter(|(a, b)| a.ok > 0 && b.ok > 0)
-        .collect();
-    if let Some((a, b)) = paired.iter().min_by_key(|(a, _)| a.concurrency) {
-        lines.push(format!(
-            "At concurrency {}, batching on served batches of {:.2} rows on average, and each request spent \
-             {:.2} ms in the queue (server-reported; configured max_queue_delay_ms = {}) and {:.2} ms p50 in all; \
-             batching off answered in {:.2} ms p50 ({:.2} ms queue).",
-            a.concurrency,
-            a.mean_batch_rows(),
-            a.mean_queue_ms(),
-            on.setup.max_queue_delay_ms,
-            a.latency_ms(0.5),
-            b.latency_ms(0.5),
-            b.mean_queue_ms()
-        ));
-    }
-    match paired.iter().find(|(a, b)| a.rows_per_sec() > b.rows_per_sec()) {
-        Some((a, b)) => lines.push(format!(
-            "Batching on first out-serves batching off at concurrency {} ({:.2}×, batches of {:.1} rows on \
-             average); below that it is slower, because the router holds a lone or small batch for its queue \
-             delay while a worker sits idle.",
-            a.concurrency,
-            a.rows_per_sec() / b.rows_per_sec(),
-            a.mean_batch_rows()
-        )),
-        None => lines.push("Batching on never out-served batching off at the concurrencies measured.".into()),
-    }
-    let best = |s: &ServerResults| {
-        s.runs
-            .iter()
-            .max_by(|x, y| x.rows_per_sec().total_cmp(&y.rows_per_sec()))
-            .cloned()
-    };
-    if let (Some(a), Some(b)) = (best(on), best(off)) {
-        lines.push(format!(
-            "Peak: batching on {:.0} req/s (concurrency {}) = {:.1}% of the in-process batch-{} ceiling; batching off \
-             {:.0} req/s (concurrency {}) = {:.1}% of it, and {:.1}% of the in-process batch-1 rate ({:.0} rows/s) \
-             that a server without batching could at best approach.",
-            a.rows_per_sec(),
-            a.concurrency,
-            100.0 * a.rows_per_sec() / ceiling.rows_per_sec,
-            ceiling.batch,
-            b.rows_per_sec(),
-            b.concurrency,
-            100.0 * b.rows_per_sec() / ceiling.rows_per_sec,
-            100.0 * b.rows_per_sec() / batch1.rows_per_sec,
-            batch1.rows_per_sec
-        ));
-        let model_share =
-            a.mean_compute_ms() * a.rows_per_sec() / a.mean_batch_rows().max(1.0) / 1000.0;
-        lines.push(format!(
-            "At that peak the model calls keep about {:.2} of the 2 replicas busy (requests/s ÷ rows per batch × \
-             model-call time); the rest of the CPU goes to HTTP, JSON, queueing and the load generator itself.",
-            model_share
-        ));
-        if let Some(p) = servers
-            .iter()
-            .find(|s| s.setup.label == ServerSetup::peer().label)
-            .and_then(best)
-            .filter(|p| p.rows_per_sec() > 0.0)
-        {
-            lines.push(format!(
-                "FastAPI peer peak: {:.0} req/s (concurrency {}, p99 {:.2} ms) = {:.1}% of the ceiling; streamserve's \
-                 peak with batching on is {:.2}× it, batching off {:.2}×.",
-                p.rows_per_sec(),
-                p.concurrency,
-                p.latency_ms(0.99),
-                100.0 * p.rows_per_sec() / ceiling.rows_per_sec,
-                a.rows_per_sec() / p.rows_per_sec(),
-                b.rows_per_sec() / p.rows_per_sec()
-            ));
-        }
-    }
-    lines
 }

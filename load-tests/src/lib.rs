@@ -67,6 +67,74 @@ pub mod hist {
     }
 }
 
+/// The command-line options the benchmarks share; each benchmark's options are its
+/// subcommand's arguments (`loadgen` flattens them), so that flags, scenario files and the
+/// library take the same values.
+pub mod cli {
+    use clap::builder::TypedValueParser as _;
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    /// Whole seconds from `lo` to `hi` on the command line, as a duration.
+    pub fn secs(lo: u64, hi: u64) -> impl clap::builder::TypedValueParser<Value = Duration> {
+        clap::value_parser!(u64)
+            .range(lo..=hi)
+            .map(Duration::from_secs)
+    }
+
+    /// A count from `lo` to `hi` on the command line.
+    pub fn count(lo: u64, hi: usize) -> impl clap::builder::TypedValueParser<Value = usize> {
+        clap::value_parser!(u64)
+            .range(lo..=hi as u64)
+            .map(|n| n as usize)
+    }
+
+    /// The client runtime's size, for every subcommand that sends load.
+    #[derive(Clone, Debug, clap::Args)]
+    pub struct Threads {
+        /// Client runtime worker threads [default: number of CPUs].
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
+        pub client_threads: Option<u64>,
+    }
+
+    impl Threads {
+        pub fn get(&self) -> usize {
+            let cpus = || std::thread::available_parallelism().map_or(2, |n| n.get());
+            self.client_threads.map_or_else(cpus, |n| n as usize)
+        }
+    }
+
+    /// What every benchmark that starts its own server takes: where its files go, how long it
+    /// waits for a quiet machine, the client runtime.
+    #[derive(Clone, Debug, clap::Args)]
+    pub struct BenchCommon {
+        /// Output directory [default: load-tests/results/<UTC date>-<scenario>/, the scenario
+        /// being rest-mlp, streams-vad, overload-mlp or timeline-mlp].
+        #[arg(long)]
+        pub out: Option<PathBuf>,
+        /// Longest wait, before each measurement, for other processes to leave the CPU alone.
+        #[arg(long = "quiet-wait-secs", value_name = "QUIET_WAIT_SECS", default_value = "180", value_parser = secs(0, 3600))]
+        pub quiet_wait: Duration,
+        #[command(flatten)]
+        pub threads: Threads,
+    }
+
+    /// The command line as given, for the report; `cargo run` shows up as the built binary.
+    pub fn command_line() -> String {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        format!(
+            "cargo run --release -p streamserve-load -- {}",
+            args.join(" ")
+        )
+    }
+
+    /// A subcommand's options with every default, as an empty command line gives them.
+    pub fn defaults<T: clap::Args + clap::FromArgMatches>() -> T {
+        let command = T::augment_args(clap::Command::new("defaults"));
+        T::from_arg_matches(&command.get_matches_from(["defaults"])).expect("defaults parse")
+    }
+}
+
 /// Deterministic pseudo-random numbers (SplitMix64), so that every run sends the same data.
 #[derive(Clone, Debug)]
 pub struct SplitMix64(u64);

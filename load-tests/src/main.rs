@@ -4,7 +4,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use streamserve_load::{
@@ -31,21 +30,21 @@ enum Command {
     Rest(RestArgs),
     /// Start streamserve in-process (batching on, then off) and the FastAPI peer, load each at
     /// several concurrencies, compare with the in-process ONNX Runtime ceiling, write report.md.
-    Bench(BenchArgs),
+    Bench(bench::BenchOptions),
     /// WebSocket speech streams on a running server: N concurrent streams, each sending a WAV
     /// (looped) at real-time pace and timing every chunk's result.
     Streams(StreamsArgs),
     /// Start streamserve in-process on silero_vad (cross-stream batching on, then off), step
     /// the number of real-time streams until p99 chunk latency misses the target, compare
     /// with the in-process compute ceiling, write report.md.
-    StreamsBench(StreamsBenchArgs),
+    StreamsBench(streams_bench::StreamsBenchOptions),
     /// Start streamserve in-process on mlp with slo_ms, a fallback and a short queue; measure
     /// its capacity, offer 1x, 2x, 3x, 5x of it open loop, write report.md.
-    Overload(OverloadArgs),
+    Overload(overload::OverloadOptions),
     /// Start streamserve in-process on mlp (slo_ms, fallback, hang detection, admin API),
     /// measure its capacity, then one open-loop run through an overload step, every replica
     /// panicking and one replica hanging; write report.md with latency over time.
-    Timeline(TimelineArgs),
+    Timeline(timeline::TimelineOptions),
     /// The whole suite in one command: the bench, streams-bench, overload and timeline
     /// scenarios (load-tests/scenarios/), one after the other, then the capacity plan from
     /// their results. About 12 minutes on 2 cores.
@@ -91,174 +90,20 @@ enum Command {
 }
 
 #[derive(Debug, clap::Args)]
-struct OverloadArgs {
-    /// Offered loads as multiples of the measured capacity, comma-separated.
-    #[arg(long, value_delimiter = ',', default_values_t = [1.0f64, 2.0, 3.0, 5.0])]
-    multipliers: Vec<f64>,
-    /// Measured seconds per offered load.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=300))]
-    duration_secs: u64,
-    /// Unmeasured seconds of open-loop load before each measured period.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(0..=60))]
-    warmup_secs: u64,
-    #[command(flatten)]
-    mlp: MlpOpenLoopArgs,
-    /// Output directory [default: load-tests/results/<UTC date>-overload-mlp/].
-    #[arg(long)]
-    out: Option<PathBuf>,
-}
-
-/// What `overload` and `timeline` share: the in-process `mlp` server's capacity measurement
-/// and the open-loop client.
-#[derive(Debug, clap::Args)]
-struct MlpOpenLoopArgs {
-    /// Measured seconds of the closed-loop capacity measurement.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300))]
-    capacity_secs: u64,
-    /// Closed-loop concurrency of the capacity measurement.
-    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=rest::MAX_CONCURRENCY as u64))]
-    capacity_concurrency: u64,
-    /// Requests in flight at most during open-loop load.
-    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..=open_loop::MAX_IN_FLIGHT as u64))]
-    max_in_flight: u64,
-    /// Use the binary tensor data extension instead of JSON data.
-    #[arg(long)]
-    binary: bool,
-    /// Longest wait, before each measurement, for other processes to leave the CPU alone.
-    #[arg(long, default_value_t = 180, value_parser = clap::value_parser!(u64).range(0..=3600))]
-    quiet_wait_secs: u64,
-    /// Client runtime worker threads [default: number of CPUs].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
-    client_threads: Option<u64>,
-}
-
-#[derive(Debug, clap::Args)]
-struct TimelineArgs {
-    /// Length of the open-loop run, s; every event must fall within it.
-    #[arg(long, default_value_t = 33.0)]
-    duration_secs: f64,
-    /// Base rate in requests/s [default: --base-share x the measured capacity].
-    #[arg(long)]
-    rate: Option<f64>,
-    /// Base rate as a share of the measured capacity.
-    #[arg(long, default_value_t = 0.5)]
-    base_share: f64,
-    /// When the overload step starts, s (negative: no step).
-    #[arg(long, default_value_t = 8.0, allow_negative_numbers = true)]
-    step_at: f64,
-    /// How long the overload step lasts, s.
-    #[arg(long, default_value_t = 6.0)]
-    step_secs: f64,
-    /// The rate during the step, as a share of the capacity (or of --rate).
-    #[arg(long, default_value_t = 2.0)]
-    step_share: f64,
-    /// When every replica of mlp panics in its next batch, s (negative: never).
-    #[arg(long, default_value_t = 22.0, allow_negative_numbers = true)]
-    panic_at: f64,
-    /// When replica 0 of mlp hangs in its next batch, s (negative: never).
-    #[arg(long, default_value_t = 27.0, allow_negative_numbers = true)]
-    hang_at: f64,
-    /// How long the hang lasts, ms.
-    #[arg(long, default_value_t = 3000)]
-    hang_ms: u64,
-    /// The manifest's hang_timeout_ms for mlp: when the router gives up on a hung worker.
-    #[arg(long, default_value_t = 500)]
-    hang_timeout_ms: u64,
-    /// Width of the time bins, ms.
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=10_000))]
-    bin_ms: u64,
-    #[command(flatten)]
-    mlp: MlpOpenLoopArgs,
-    /// Output directory [default: load-tests/results/<UTC date>-timeline-mlp/].
-    #[arg(long)]
-    out: Option<PathBuf>,
-}
-
-#[derive(Debug, clap::Args)]
 struct StreamsArgs {
-    /// Server base URL; loopback IP addresses only.
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
-    url: String,
-    /// Model to stream to; it must have `stream = "vad"` in the manifest.
-    #[arg(long, default_value = "silero_vad")]
-    model: String,
-    /// Concurrent streams.
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=streams::MAX_STREAMS as u64))]
-    streams: u64,
-    /// Measured seconds (after the ramp).
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    duration_secs: u64,
-    /// Seconds over which the streams open, evenly spread; not measured.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=600))]
-    ramp_secs: u64,
-    /// Audio seconds sent per wall-clock second (1.0 = real time).
-    #[arg(long, default_value_t = 1.0)]
-    speed: f64,
-    /// Milliseconds of audio per binary frame.
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
-    frame_ms: u32,
-    /// `all`: a vad result per chunk (timed); `events`: speech events only (nothing to time).
-    #[arg(long, default_value = "all")]
-    results: streams::ResultsMode,
+    #[command(flatten)]
+    options: streams::StreamOptions,
     /// Mono 16-bit WAV at 16 or 8 kHz [default: tests/audio/two_phrases_16k.wav].
     #[arg(long)]
     wav: Option<PathBuf>,
-    /// A sender further behind its real-time schedule than this makes its stream late.
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=60000))]
-    late_ms: u64,
-    /// Client runtime worker threads [default: number of CPUs].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
-    client_threads: Option<u64>,
-    /// No progress lines on stderr.
-    #[arg(long)]
-    quiet: bool,
-}
-
-#[derive(Debug, clap::Args)]
-struct StreamsBenchArgs {
-    /// Numbers of concurrent streams to try, ascending, comma-separated; stepping stops at the
-    /// first step that misses the target.
-    #[arg(long, value_delimiter = ',',
-          default_values_t = [50u64, 100, 150, 200, 250, 300, 400, 500, 750, 1000, 1250, 1500, 2000, 2500, 3000, 4000],
-          value_parser = clap::value_parser!(u64).range(1..=streams::MAX_STREAMS as u64))]
-    steps: Vec<u64>,
-    /// Seconds over which each step's streams open.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(0..=60))]
-    ramp_secs: u64,
-    /// Measured seconds per step.
-    #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u64).range(1..=300))]
-    duration_secs: u64,
-    /// The p99 chunk latency a step must stay under, ms.
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10000))]
-    target_ms: u64,
-    /// Milliseconds of audio per binary frame.
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
-    frame_ms: u32,
-    /// Measured seconds of each in-process ceiling measurement.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
-    ceiling_secs: u64,
-    /// Output directory [default: load-tests/results/<UTC date>-streams-vad/].
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Longest wait, before each measurement, for other processes to leave the CPU alone.
-    #[arg(long, default_value_t = 180, value_parser = clap::value_parser!(u64).range(0..=3600))]
-    quiet_wait_secs: u64,
-    /// Client runtime worker threads [default: number of CPUs].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
-    client_threads: Option<u64>,
+    #[command(flatten)]
+    threads: streamserve_load::cli::Threads,
 }
 
 #[derive(Debug, clap::Args)]
 struct RestArgs {
-    /// Server base URL; loopback IP addresses only.
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
-    url: String,
-    /// Model to load; it must have the mlp interface (FP32 features [rows, 256] -> [rows, 16]).
-    #[arg(long, default_value = "mlp")]
-    model: String,
-    /// Requests in flight at once (closed loop).
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=rest::MAX_CONCURRENCY as u64))]
-    concurrency: u64,
+    #[command(flatten)]
+    options: rest::RestOptions,
     /// Open loop: send this many requests per second on a fixed schedule, whatever the
     /// answers; latency runs from each request's scheduled send time.
     #[arg(long)]
@@ -266,74 +111,8 @@ struct RestArgs {
     /// Open loop: requests in flight at most; one due beyond that is not sent (and counted).
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=open_loop::MAX_IN_FLIGHT as u64))]
     max_in_flight: u64,
-    /// Measured seconds.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    duration_secs: u64,
-    /// Unmeasured warm-up seconds before the measured period.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(0..=600))]
-    warmup_secs: u64,
-    /// Rows per request (input shape [rows, 256]); at most the model's max_batch_size.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=rest::MAX_ROWS as u64))]
-    rows: u64,
-    /// Send the input as binary tensor data (Inference-Header-Content-Length) and ask for
-    /// binary outputs, instead of JSON arrays.
-    #[arg(long)]
-    binary: bool,
-    /// Seconds to wait for one answer before counting it as a transport error.
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=600))]
-    timeout_secs: u64,
-    /// Client runtime worker threads [default: number of CPUs].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
-    client_threads: Option<u64>,
-    /// No progress lines on stderr.
-    #[arg(long)]
-    quiet: bool,
-}
-
-#[derive(Debug, clap::Args)]
-struct BenchArgs {
-    /// Measured seconds per concurrency level and server (2 servers x 4 levels).
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
-    duration_secs: u64,
-    /// Warm-up seconds before each measured period.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=60))]
-    warmup_secs: u64,
-    /// Measured seconds of each in-process ceiling measurement.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=60))]
-    ceiling_secs: u64,
-    /// Concurrency levels, comma-separated.
-    #[arg(long, value_delimiter = ',', default_values_t = [1u64, 8, 32, 128],
-          value_parser = clap::value_parser!(u64).range(1..=rest::MAX_CONCURRENCY as u64))]
-    concurrency: Vec<u64>,
-    /// Use the binary tensor data extension instead of JSON data.
-    #[arg(long)]
-    binary: bool,
-    /// Output directory [default: load-tests/results/<UTC date>-rest-mlp/].
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Client runtime worker threads [default: number of CPUs].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
-    client_threads: Option<u64>,
-    /// Leave out the FastAPI + uvicorn + onnxruntime peer (which needs python3 and, the first
-    /// time, the package index to create load-tests/.venv-peer/).
-    #[arg(long)]
-    no_peer: bool,
-    /// Longest wait, before each measurement, for other processes to leave the CPU alone.
-    #[arg(long, default_value_t = 180, value_parser = clap::value_parser!(u64).range(0..=3600))]
-    quiet_wait_secs: u64,
-}
-
-fn nproc() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get())
-}
-
-/// The command line as given, for the report; `cargo run` shows up as the built binary.
-fn command_line() -> String {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    format!(
-        "cargo run --release -p streamserve-load -- {}",
-        args.join(" ")
-    )
+    #[command(flatten)]
+    threads: streamserve_load::cli::Threads,
 }
 
 fn main() -> ExitCode {
@@ -348,39 +127,45 @@ fn main() -> ExitCode {
     }
 }
 
+/// The command a scenario file stands for (with `--no-peer` added to a bench when asked), and
+/// its arguments for the log line.
+fn scenario_command(
+    path: &std::path::Path,
+    out: Option<&std::path::Path>,
+    no_peer: bool,
+) -> anyhow::Result<(Vec<String>, Command)> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let mut args = scenario::to_args(&text, out)
+        .map_err(|e| e.context(format!("scenario {}", path.display())))?;
+    if no_peer && args[0] == "bench" {
+        args.push("--no-peer".into());
+    }
+    let cli = Cli::try_parse_from(std::iter::once("loadgen".to_string()).chain(args.clone()))
+        .map_err(|e| anyhow::anyhow!("scenario {}: {e}", path.display()))?;
+    Ok((args, cli.command))
+}
+
 fn run_scenario(
     path: &std::path::Path,
     out: Option<&std::path::Path>,
     dry_run: bool,
 ) -> anyhow::Result<ExitCode> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-    let args = scenario::to_args(&text, out)
-        .map_err(|e| e.context(format!("scenario {}", path.display())))?;
+    let (args, command) = scenario_command(path, out, false)?;
     eprintln!("[run] {}: loadgen {}", path.display(), args.join(" "));
-    let cli = Cli::try_parse_from(std::iter::once("loadgen".to_string()).chain(args))
-        .map_err(|e| anyhow::anyhow!("scenario {}: {e}", path.display()))?;
     if dry_run {
         return Ok(ExitCode::SUCCESS);
     }
-    dispatch(cli.command)
+    dispatch(command)
 }
 
 fn run_suite(no_peer: bool) -> anyhow::Result<ExitCode> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
     let mut failed = Vec::new();
     for name in scenario::SUITE {
-        let path = dir.join(name);
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-        let mut args = scenario::to_args(&text, None)?;
-        if no_peer && args[0] == "bench" {
-            args.push("--no-peer".into());
-        }
+        let (args, command) = scenario_command(&dir.join(name), None, no_peer)?;
         eprintln!("[suite] {name}: loadgen {}", args.join(" "));
-        let cli = Cli::try_parse_from(std::iter::once("loadgen".to_string()).chain(args))
-            .map_err(|e| anyhow::anyhow!("scenario {}: {e}", path.display()))?;
-        match dispatch(cli.command) {
+        match dispatch(command) {
             Ok(code) if code == ExitCode::SUCCESS => {}
             Ok(_) => failed.push(format!("{name}: finished with failures")),
             Err(e) => {
@@ -402,10 +187,10 @@ fn run_suite(no_peer: bool) -> anyhow::Result<ExitCode> {
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Rest(args) => run_rest(args),
-        Command::Bench(args) => run_bench(args),
+        Command::Bench(o) => finished("bench", &bench::run(&o)?),
         Command::Streams(args) => run_streams(args),
-        Command::StreamsBench(args) => run_streams_bench(args),
-        Command::Overload(args) => run_overload(args),
+        Command::StreamsBench(o) => finished("streams-bench", &streams_bench::run(&o)?),
+        Command::Overload(o) => finished("overload", &overload::run(&o)?),
         Command::Timeline(args) => run_timeline(args),
         Command::Plot { dir } => run_plot(&dir),
         Command::Capacity {
@@ -424,20 +209,10 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 fn run_rest(args: RestArgs) -> anyhow::Result<ExitCode> {
-    let options = rest::RestOptions {
-        url: args.url,
-        model: args.model,
-        concurrency: args.concurrency as usize,
-        duration: Duration::from_secs(args.duration_secs),
-        warmup: Duration::from_secs(args.warmup_secs),
-        rows: args.rows as usize,
-        binary: args.binary,
-        progress: !args.quiet,
-        request_timeout: Duration::from_secs(args.timeout_secs),
-    };
+    let options = args.options;
     // Refuse a bad target before starting anything.
     options.endpoint()?;
-    let runtime = sysinfo::client_runtime(args.client_threads.map_or_else(nproc, |n| n as usize))?;
+    let runtime = sysinfo::client_runtime(args.threads.get())?;
     if let Some(rate) = args.rate {
         let open = open_loop::OpenLoopOptions {
             rest: options,
@@ -473,23 +248,6 @@ fn run_rest(args: RestArgs) -> anyhow::Result<ExitCode> {
     )
 }
 
-fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
-    let options = bench::BenchOptions {
-        duration: Duration::from_secs(args.duration_secs),
-        warmup: Duration::from_secs(args.warmup_secs),
-        ceiling_duration: Duration::from_secs(args.ceiling_secs),
-        concurrencies: args.concurrency.iter().map(|&c| c as usize).collect(),
-        binary: args.binary,
-        out: args.out,
-        client_threads: args.client_threads.map_or_else(nproc, |n| n as usize),
-        command: command_line(),
-        peer: !args.no_peer,
-        quiet_wait: Duration::from_secs(args.quiet_wait_secs),
-        ..bench::BenchOptions::default()
-    };
-    finished("bench", &bench::run(&options)?)
-}
-
 /// Prints a benchmark's report, and where it went.
 fn finished(tag: &str, outcome: &streamserve_load::report::Outcome) -> anyhow::Result<ExitCode> {
     println!("{}", outcome.report);
@@ -501,29 +259,20 @@ fn finished(tag: &str, outcome: &streamserve_load::report::Outcome) -> anyhow::R
 }
 
 fn run_streams(args: StreamsArgs) -> anyhow::Result<ExitCode> {
-    let audio = streams::load_audio(args.wav.as_deref())?;
-    let mut options = streams::StreamOptions::new(args.url, audio);
-    options.model = args.model;
-    options.streams = args.streams as usize;
-    options.duration = Duration::from_secs(args.duration_secs);
-    options.ramp = Duration::from_secs(args.ramp_secs);
-    options.speed = args.speed;
-    options.frame_ms = args.frame_ms;
-    options.results = args.results;
-    options.late_threshold = Duration::from_millis(args.late_ms);
-    options.progress = !args.quiet;
-    options.label = format!("streams N={}", args.streams);
+    let mut options = args.options;
+    options.audio = streams::load_audio(args.wav.as_deref())?;
+    options.label = format!("streams N={}", options.streams);
+    let n = options.streams as u64;
     // Refuse a bad target before starting anything.
     options.endpoint()?;
-    let limit = sysinfo::raise_nofile_limit(args.streams + 256);
-    if limit < args.streams + 64 {
+    let limit = sysinfo::raise_nofile_limit(n + 256);
+    if limit < n + 64 {
         anyhow::bail!(
-            "{} streams need about {} open files, the limit is {limit}: raise it with `ulimit -n`",
-            args.streams,
-            args.streams + 64
+            "{n} streams need about {} open files, the limit is {limit}: raise it with `ulimit -n`",
+            n + 64
         );
     }
-    let runtime = sysinfo::client_runtime(args.client_threads.map_or_else(nproc, |n| n as usize))?;
+    let runtime = sysinfo::client_runtime(args.threads.get())?;
     let report = runtime.block_on(streams::run(&options))?;
     print!("{}", report.summary());
     Ok(if report.started > 0 && report.error_count() == 0 {
@@ -533,76 +282,7 @@ fn run_streams(args: StreamsArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn run_streams_bench(args: StreamsBenchArgs) -> anyhow::Result<ExitCode> {
-    let options = streams_bench::StreamsBenchOptions {
-        steps: args.steps.iter().map(|&n| n as usize).collect(),
-        ramp: Duration::from_secs(args.ramp_secs),
-        duration: Duration::from_secs(args.duration_secs),
-        target: Duration::from_millis(args.target_ms),
-        frame_ms: args.frame_ms,
-        ceiling_duration: Duration::from_secs(args.ceiling_secs),
-        out: args.out,
-        client_threads: args.client_threads.map_or_else(nproc, |n| n as usize),
-        command: command_line(),
-        quiet_wait: Duration::from_secs(args.quiet_wait_secs),
-        ..streams_bench::StreamsBenchOptions::default()
-    };
-    finished("streams-bench", &streams_bench::run(&options)?)
-}
-
-fn run_overload(args: OverloadArgs) -> anyhow::Result<ExitCode> {
-    let options = overload::OverloadOptions {
-        capacity_concurrency: args.mlp.capacity_concurrency as usize,
-        capacity_duration: Duration::from_secs(args.mlp.capacity_secs),
-        multipliers: args.multipliers,
-        warmup: Duration::from_secs(args.warmup_secs),
-        duration: Duration::from_secs(args.duration_secs),
-        max_in_flight: args.mlp.max_in_flight as usize,
-        binary: args.mlp.binary,
-        out: args.out,
-        client_threads: args.mlp.client_threads.map_or_else(nproc, |n| n as usize),
-        command: command_line(),
-        quiet_wait: Duration::from_secs(args.mlp.quiet_wait_secs),
-        ..overload::OverloadOptions::default()
-    };
-    finished("overload", &overload::run(&options)?)
-}
-
-/// Seconds from the command line: negative means "never".
-fn seconds_or_never(s: f64) -> anyhow::Result<Option<Duration>> {
-    if s < 0.0 {
-        return Ok(None);
-    }
-    Duration::try_from_secs_f64(s)
-        .map(Some)
-        .map_err(|_| anyhow::anyhow!("{s} is not a valid number of seconds"))
-}
-
-fn run_timeline(args: TimelineArgs) -> anyhow::Result<ExitCode> {
-    let secs =
-        |s: f64| seconds_or_never(s)?.ok_or_else(|| anyhow::anyhow!("{s} s: must not be negative"));
-    let options = timeline::TimelineOptions {
-        rate: args.rate,
-        base_share: args.base_share,
-        capacity_concurrency: args.mlp.capacity_concurrency as usize,
-        capacity_duration: Duration::from_secs(args.mlp.capacity_secs),
-        step_at: seconds_or_never(args.step_at)?,
-        step_for: secs(args.step_secs)?,
-        step_share: args.step_share,
-        panic_at: seconds_or_never(args.panic_at)?,
-        hang_at: seconds_or_never(args.hang_at)?,
-        hang_ms: args.hang_ms,
-        hang_timeout_ms: args.hang_timeout_ms,
-        duration: secs(args.duration_secs)?,
-        bin: Duration::from_millis(args.bin_ms),
-        max_in_flight: args.mlp.max_in_flight as usize,
-        binary: args.mlp.binary,
-        out: args.out,
-        client_threads: args.mlp.client_threads.map_or_else(nproc, |n| n as usize),
-        command: command_line(),
-        quiet_wait: Duration::from_secs(args.mlp.quiet_wait_secs),
-        ..timeline::TimelineOptions::default()
-    };
+fn run_timeline(options: timeline::TimelineOptions) -> anyhow::Result<ExitCode> {
     let outcome = timeline::run(&options)?;
     println!("{}", outcome.report);
     eprintln!(

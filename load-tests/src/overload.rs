@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 
 use crate::bench::{cpu_since, start_server_for, stop_server, TempModelDir};
-use crate::hist::ms;
+use crate::cli::{count, secs, BenchCommon};
 use crate::manifest::{self, EntryChange};
 use crate::open_loop::{self, OpenLoopOptions, OpenLoopReport};
 use crate::prometheus;
@@ -22,43 +22,46 @@ pub const FALLBACK: &str = "mlp_small";
 pub const SLO_MS: i64 = 50;
 pub const MAX_QUEUE: i64 = 256;
 
-#[derive(Clone, Debug)]
-pub struct OverloadOptions {
-    /// Closed-loop concurrency of the capacity measurement.
-    pub capacity_concurrency: usize,
-    pub capacity_warmup: Duration,
+/// What `overload` and `timeline` share: the in-process `mlp` server's capacity measurement
+/// and the open-loop client.
+#[derive(Clone, Debug, clap::Args)]
+pub struct MlpOpenLoop {
+    /// Measured seconds of the closed-loop capacity measurement.
+    #[arg(long = "capacity-secs", value_name = "CAPACITY_SECS", default_value = "5", value_parser = secs(1, 300))]
     pub capacity_duration: Duration,
-    /// Offered loads, as multiples of the measured capacity.
-    pub multipliers: Vec<f64>,
-    /// Unmeasured open-loop seconds before each level's measured period.
-    pub warmup: Duration,
-    pub duration: Duration,
+    /// Closed-loop concurrency of the capacity measurement.
+    #[arg(long, default_value_t = 128, value_parser = count(1, rest::MAX_CONCURRENCY))]
+    pub capacity_concurrency: usize,
+    /// Requests in flight at most during open-loop load.
+    #[arg(long, default_value_t = 2048, value_parser = count(1, open_loop::MAX_IN_FLIGHT))]
     pub max_in_flight: usize,
+    /// Use the binary tensor data extension instead of JSON data.
+    #[arg(long)]
     pub binary: bool,
-    pub out: Option<PathBuf>,
-    pub client_threads: usize,
-    pub command: String,
-    /// Longest wait for a quiet machine before each measurement.
-    pub quiet_wait: Duration,
+    #[command(flatten)]
+    pub common: BenchCommon,
 }
 
-impl Default for OverloadOptions {
-    fn default() -> Self {
-        OverloadOptions {
-            capacity_concurrency: 128,
-            capacity_warmup: Duration::from_secs(2),
-            capacity_duration: Duration::from_secs(5),
-            multipliers: vec![1.0, 2.0, 3.0, 5.0],
-            warmup: Duration::from_secs(1),
-            duration: Duration::from_secs(8),
-            max_in_flight: 2048,
-            binary: false,
-            out: None,
-            client_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            command: String::new(),
-            quiet_wait: Duration::from_secs(180),
-        }
-    }
+/// Unmeasured seconds of closed-loop load before the capacity measurement.
+pub const CAPACITY_WARMUP: Duration = Duration::from_secs(2);
+
+/// `loadgen overload`'s options.
+#[derive(Clone, Debug, clap::Args)]
+pub struct OverloadOptions {
+    /// Offered loads as multiples of the measured capacity, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [1.0f64, 2.0, 3.0, 5.0])]
+    pub multipliers: Vec<f64>,
+    /// Measured seconds per offered load.
+    #[arg(long = "duration-secs", value_name = "DURATION_SECS", default_value = "8", value_parser = secs(1, 300))]
+    pub duration: Duration,
+    /// Unmeasured seconds of open-loop load before each measured period.
+    #[arg(long = "warmup-secs", value_name = "WARMUP_SECS", default_value = "1", value_parser = secs(0, 60))]
+    pub warmup: Duration,
+    #[command(flatten)]
+    pub mlp: MlpOpenLoop,
+    /// The command line, as it goes in the report.
+    #[arg(skip = crate::cli::command_line())]
+    pub command: String,
 }
 
 /// The `models.toml` of the overload server: `mlp` with admission control and its fallback,
@@ -150,8 +153,8 @@ pub fn run(options: &OverloadOptions) -> anyhow::Result<crate::report::Outcome> 
     {
         bail!("give 1 to 16 multipliers, each more than 0 and at most 20");
     }
-    let start = crate::report::Start::now(options.out.as_deref(), "overload-mlp");
-    crate::sysinfo::raise_nofile_limit(2 * options.max_in_flight as u64 + 1024);
+    let start = crate::report::Start::now(options.mlp.common.out.as_deref(), "overload-mlp");
+    crate::sysinfo::raise_nofile_limit(2 * options.mlp.max_in_flight as u64 + 1024);
     let (manifest_text, _) = overload_manifest()?;
     let models = TempModelDir::create("overload", &manifest_text)?;
     let running = start_server_for(&models.path, PRIMARY, 64)?;
@@ -161,24 +164,24 @@ pub fn run(options: &OverloadOptions) -> anyhow::Result<crate::report::Outcome> 
     }
     let base = format!("http://{}", running.addr);
     eprintln!("[overload] streamserve on {base}");
-    let runtime = crate::sysinfo::client_runtime(options.client_threads)?;
+    let runtime = crate::sysinfo::client_runtime(options.mlp.common.threads.get())?;
     let client = crate::sysinfo::metrics_client()?;
 
     let result = (|| -> anyhow::Result<(RestReport, Option<CpuShare>, Vec<Level>)> {
-        wait_for_quiet(0.15, options.quiet_wait);
+        wait_for_quiet(0.15, options.mlp.common.quiet_wait);
         eprintln!(
             "[overload] capacity: closed loop, concurrency {} ...",
-            options.capacity_concurrency
+            options.mlp.capacity_concurrency
         );
         let closed = RestOptions {
             url: base.clone(),
             model: PRIMARY.into(),
-            concurrency: options.capacity_concurrency,
-            duration: options.capacity_duration,
-            warmup: options.capacity_warmup,
+            concurrency: options.mlp.capacity_concurrency,
+            duration: options.mlp.capacity_duration,
+            warmup: CAPACITY_WARMUP,
             rows: 1,
-            binary: options.binary,
-            progress: true,
+            binary: options.mlp.binary,
+            quiet: false,
             request_timeout: Duration::from_secs(30),
         };
         let before = CpuSnapshot::take();
@@ -195,7 +198,7 @@ pub fn run(options: &OverloadOptions) -> anyhow::Result<crate::report::Outcome> 
         let mut levels = Vec::new();
         for &m in &options.multipliers {
             std::thread::sleep(Duration::from_secs(1));
-            wait_for_quiet(0.15, options.quiet_wait);
+            wait_for_quiet(0.15, options.mlp.common.quiet_wait);
             let open = OpenLoopOptions {
                 rest: RestOptions {
                     duration: options.duration,
@@ -206,7 +209,7 @@ pub fn run(options: &OverloadOptions) -> anyhow::Result<crate::report::Outcome> 
                 rate: rate * m,
                 steps: Vec::new(),
                 timeline_bin: None,
-                max_in_flight: options.max_in_flight,
+                max_in_flight: options.mlp.max_in_flight,
                 label: format!("overload {m}x"),
             };
             let counters_before = runtime.block_on(counters(&client, &base));
@@ -254,18 +257,8 @@ pub fn run(options: &OverloadOptions) -> anyhow::Result<crate::report::Outcome> 
         &levels,
     );
     let report = render_report(&json, start.at.elapsed(), options, &levels)?;
-    crate::report::save_run(
-        &start.dir,
-        "overload",
-        &report,
-        &json,
-        PLOT_FILE,
-        crate::plots::overload_levels,
-    )?;
-    Ok(crate::report::Outcome {
-        dir: start.dir,
-        report,
-    })
+    let plot = (PLOT_FILE, crate::plots::overload_levels as _);
+    crate::report::save_run(start.dir, "overload", report, &json, plot)
 }
 
 /// The goodput/latency plot written beside `report.md`.
@@ -295,32 +288,9 @@ fn results_json(
             "mean_batch_rows": c.mean_batch_rows(),
             "cpu_cores": capacity_cpu,
         },
-        "levels": levels.iter().map(|l| {
-            let r = &l.report;
-            serde_json::json!({
-                "multiplier": l.multiplier,
-                "offered_per_s": r.rate,
-                "measured_s": r.measured.as_secs_f64(),
-                "scheduled": r.scheduled, "sent": r.sent, "not_sent": r.not_sent,
-                "sent_per_s": r.sent_rate(),
-                "ok_primary": r.ok_primary, "ok_degraded": r.ok_degraded,
-                "statuses": r.statuses, "transport": r.transport, "invalid": r.invalid,
-                "unanswered": r.unanswered,
-                "goodput_per_s": r.goodput(),
-                "share_degraded": r.share_degraded(), "share_shed": r.share_shed(),
-                "latency_ok_ms": {
-                    "p50": r.latency_ms(0.5), "p90": r.latency_ms(0.9), "p99": r.latency_ms(0.99),
-                    "p99.9": r.latency_ms(0.999), "max": r.latency_ok_us.max() as f64 / 1000.0,
-                },
-                "latency_primary_ms": { "p50": ms(&r.latency_primary_us, 0.5), "p99": ms(&r.latency_primary_us, 0.99) },
-                "latency_refused_ms": { "p50": ms(&r.latency_shed_us, 0.5), "p99": ms(&r.latency_shed_us, 0.99) },
-                "max_schedule_lag_ms": r.max_schedule_lag.as_secs_f64() * 1000.0,
-                "peak_in_flight": r.peak_in_flight,
-                "first_error": r.first_error,
-                "cpu_cores": l.cpu,
-                "server_counters": l.server,
-            })
-        }).collect::<Vec<_>>(),
+        "levels": levels.iter().map(|l| crate::report::context(&l.report.to_json(), &[serde_json::json!({
+            "multiplier": l.multiplier, "cpu_cores": l.cpu, "server_counters": l.server,
+        })])).collect::<Vec<_>>(),
     })
 }
 
@@ -347,11 +317,11 @@ fn render_report(
         .collect();
     let sum = |f: fn(&OpenLoopReport) -> u64| levels.iter().map(|l| f(&l.report)).sum::<u64>();
     let extra = serde_json::json!({
-        "rows": rows, "slo_ms": SLO_MS, "max_queue": MAX_QUEUE, "binary": options.binary,
-        "capacity_warmup_s": options.capacity_warmup.as_secs_f64(),
-        "capacity_measured_s": options.capacity_duration.as_secs_f64(),
+        "rows": rows, "slo_ms": SLO_MS, "max_queue": MAX_QUEUE, "binary": options.mlp.binary,
+        "capacity_warmup_s": CAPACITY_WARMUP.as_secs_f64(),
+        "capacity_measured_s": options.mlp.capacity_duration.as_secs_f64(),
         "warmup_s": options.warmup.as_secs_f64(), "duration_s": options.duration.as_secs_f64(),
-        "max_in_flight": options.max_in_flight, "client_threads": options.client_threads,
+        "max_in_flight": options.mlp.max_in_flight, "client_threads": options.mlp.common.threads.get(),
         "plot": PLOT_FILE,
         "shed_total": sum(OpenLoopReport::shed), "degraded_total": sum(|r| r.ok_degraded),
         "sent_total": sum(|r| r.sent),

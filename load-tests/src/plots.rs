@@ -34,32 +34,29 @@ struct Curve {
 }
 
 fn bench_curves(results: &Value) -> Vec<Curve> {
-    results["servers"]
-        .as_array()
-        .map(|servers| {
-            servers
-                .iter()
-                .map(|s| Curve {
-                    label: s["setup"]["label"].as_str().unwrap_or("?").to_string(),
-                    points: s["runs"]
-                        .as_array()
-                        .map(|runs| {
-                            runs.iter()
-                                .map(|r| {
-                                    (
-                                        f(&r["requests_per_s"]),
-                                        f(&r["latency_ms"]["p50"]),
-                                        f(&r["latency_ms"]["p99"]),
-                                    )
-                                })
-                                .filter(|p| p.0 > 0.0 && p.1 > 0.0 && p.2 > 0.0)
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                })
-                .collect()
+    items(results, "servers")
+        .map(|s| Curve {
+            label: label(s),
+            points: items(s, "runs")
+                .map(|r| (f(&r["requests_per_s"]), p50(r), f(&r["latency_ms"]["p99"])))
+                .filter(|p| p.0 > 0.0 && p.1 > 0.0 && p.2 > 0.0)
+                .collect(),
         })
-        .unwrap_or_default()
+        .collect()
+}
+
+/// The entries of array `key` of `v` (none when it is missing).
+fn items<'a>(v: &'a Value, key: &str) -> impl Iterator<Item = &'a Value> + Clone {
+    v[key].as_array().into_iter().flatten()
+}
+
+/// A server's setup label.
+fn label(server: &Value) -> String {
+    server["setup"]["label"].as_str().unwrap_or("?").to_string()
+}
+
+fn p50(v: &Value) -> f64 {
+    f(&v["latency_ms"]["p50"])
 }
 
 fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
@@ -265,23 +262,19 @@ pub fn bench_latency_throughput(results: &Value, out: &Path) -> anyhow::Result<(
 /// from a `loadgen overload` results.json; the measured capacity as a dashed reference.
 pub fn overload_levels(results: &Value, out: &Path) -> anyhow::Result<()> {
     let capacity = f(&results["capacity"]["requests_per_s"]);
-    let levels: Vec<(f64, f64, f64, f64, f64)> = results["levels"]
-        .as_array()
-        .map(|levels| {
-            levels
-                .iter()
-                .map(|l| {
-                    (
-                        f(&l["offered_per_s"]),
-                        f(&l["sent_per_s"]),
-                        f(&l["goodput_per_s"]),
-                        f(&l["latency_ok_ms"]["p50"]),
-                        f(&l["latency_ok_ms"]["p99"]),
-                    )
-                })
-                .collect()
+    let levels: Vec<(f64, f64, f64, f64, f64)> = items(results, "levels")
+        .map(|l| {
+            let lat = |q: &str| f(&l["latency_ok_ms"][q]);
+            let rates = (f(&l["offered_per_s"]), f(&l["sent_per_s"]));
+            (
+                rates.0,
+                rates.1,
+                f(&l["goodput_per_s"]),
+                lat("p50"),
+                lat("p99"),
+            )
         })
-        .unwrap_or_default();
+        .collect();
     let x_max = levels.iter().map(|l| l.0).fold(capacity, f64::max).max(1.0) * 1.1;
     let root = SVGBackend::new(out, (1100, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
@@ -365,35 +358,24 @@ type StreamStep = (f64, f64, f64, bool);
 /// the p99 target as a horizontal line and the model's compute ceiling as a vertical one.
 pub fn streams_latency(results: &Value, out: &Path) -> anyhow::Result<()> {
     let target = f(&results["target_p99_ms"]);
-    let ceiling = results["ceilings"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let ceiling = items(results, "ceilings")
         .map(|c| f(&c["real_time_streams"]))
         .fold(0.0, f64::max);
-    let setups: Vec<(String, Vec<StreamStep>)> = results["servers"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let setups: Vec<(String, Vec<StreamStep>)> = items(results, "servers")
         .map(|s| {
-            let points = s["steps"]
-                .as_array()
-                .into_iter()
-                .flatten()
+            let points = items(s, "steps")
                 .map(|st| {
+                    let pass = st["pass"].as_bool().unwrap_or(false);
                     (
                         f(&st["streams"]),
-                        f(&st["latency_ms"]["p50"]),
+                        p50(st),
                         f(&st["latency_ms"]["p99"]),
-                        st["pass"].as_bool().unwrap_or(false),
+                        pass,
                     )
                 })
                 .filter(|p| p.0 > 0.0 && p.1 > 0.0 && p.2 > 0.0)
                 .collect();
-            (
-                s["setup"]["label"].as_str().unwrap_or("?").to_string(),
-                points,
-            )
+            (label(s), points)
         })
         .collect();
     let all = setups.iter().flat_map(|s| s.1.iter());
@@ -459,14 +441,8 @@ pub fn streams_latency(results: &Value, out: &Path) -> anyhow::Result<()> {
 pub fn timeline(results: &Value, out: &Path) -> anyhow::Result<()> {
     let bin_s = f(&results["bin_s"]).max(1e-3);
     let duration = f(&results["duration_s"]).max(bin_s);
-    let bins: Vec<&Value> = results["bins"]
-        .as_array()
-        .map(|b| b.iter().collect())
-        .unwrap_or_default();
-    let events: Vec<(f64, String)> = results["events"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let bins: Vec<&Value> = items(results, "bins").collect();
+    let events: Vec<(f64, String)> = items(results, "events")
         .map(|e| {
             (
                 f(&e["at_s"]),
@@ -474,10 +450,7 @@ pub fn timeline(results: &Value, out: &Path) -> anyhow::Result<()> {
             )
         })
         .collect();
-    let server: Vec<&Value> = results["server"]
-        .as_array()
-        .map(|b| b.iter().collect())
-        .unwrap_or_default();
+    let server: Vec<&Value> = items(results, "server").collect();
     let mid = |b: &Value| f(&b["t_s"]) + bin_s / 2.0;
     let latency = |key: &str| -> Vec<(f64, f64)> {
         bins.iter()

@@ -6,7 +6,8 @@
 use anyhow::Context as _;
 use minijinja::{Environment, Value};
 
-const TEMPLATES: [(&str, &str); 6] = [
+const TEMPLATES: [(&str, &str); 7] = [
+    ("summary", include_str!("../templates/summary.txt.j2")),
     ("header", include_str!("../templates/header.md.j2")),
     ("bench", include_str!("../templates/bench.md.j2")),
     ("capacity", include_str!("../templates/capacity.md.j2")),
@@ -81,6 +82,12 @@ pub fn render(name: &str, context: &serde_json::Value) -> anyhow::Result<String>
         .with_context(|| format!("cannot render the {name} report"))
 }
 
+/// A report's text summary: `templates/summary.txt.j2` over its JSON and `extra` (its
+/// `kind` and what the JSON leaves out).
+pub fn summary(json: &serde_json::Value, extra: serde_json::Value) -> String {
+    render("summary", &context(json, &[extra])).expect("the summary template renders")
+}
+
 /// What every report's header says besides its results: the title, how long the run took,
 /// more machine lines, the ONNX Runtime version and (`software`) the checkout's revision.
 pub fn header(
@@ -141,19 +148,21 @@ impl Start {
     }
 }
 
+/// A plot drawn from a run's results into a file.
+pub type Draw = fn(&serde_json::Value, &std::path::Path) -> anyhow::Result<()>;
+
 /// Writes a benchmark run into `dir`: `report.md`, `results.json`, and the plot that
 /// `draw` makes from those results as `plot_file`. A plot that fails is said on stderr
 /// (prefixed `[tag]`), not an error: the numbers are already written.
 pub fn save_run(
-    dir: &std::path::Path,
+    dir: std::path::PathBuf,
     tag: &str,
-    report: &str,
+    report: String,
     results: &serde_json::Value,
-    plot_file: &str,
-    draw: fn(&serde_json::Value, &std::path::Path) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    std::fs::write(dir.join("report.md"), report)
+    (plot_file, draw): (&str, Draw),
+) -> anyhow::Result<Outcome> {
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::write(dir.join("report.md"), &report)
         .with_context(|| format!("cannot write {}/report.md", dir.display()))?;
     std::fs::write(
         dir.join("results.json"),
@@ -163,7 +172,7 @@ pub fn save_run(
     if let Err(e) = draw(results, &dir.join(plot_file)) {
         eprintln!("[{tag}] {e:#}");
     }
-    Ok(())
+    Ok(Outcome { dir, report })
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use reqwest::Url;
 use serde::Deserialize;
 
+use crate::cli::{count, secs};
 use crate::hist::{self, Histogram};
 use crate::{mlp, SplitMix64};
 
@@ -33,39 +34,45 @@ pub const MAX_CONCURRENCY: usize = 1024;
 pub const MAX_DURATION: Duration = Duration::from_secs(3600);
 pub const MAX_ROWS: usize = 4096;
 
-#[derive(Clone, Debug)]
+/// `loadgen rest`'s options (closed loop; `--rate` and its bound are the open loop's).
+#[derive(Clone, Debug, clap::Args)]
 pub struct RestOptions {
-    /// Server base URL, e.g. `http://127.0.0.1:8080`; must be a loopback address.
+    /// Server base URL; loopback IP addresses only.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
+    /// Model to load; it must have the mlp interface (FP32 features [rows, 256] -> [rows, 16]).
+    #[arg(long, default_value = "mlp")]
     pub model: String,
-    /// Requests in flight at once (one task each, closed loop).
+    /// Requests in flight at once (closed loop).
+    #[arg(long, default_value_t = 8, value_parser = count(1, MAX_CONCURRENCY))]
     pub concurrency: usize,
-    /// Measured period.
+    /// Measured seconds.
+    #[arg(long = "duration-secs", value_name = "DURATION_SECS", default_value = "10", value_parser = secs(1, 3600))]
     pub duration: Duration,
-    /// Load before the measured period, not recorded (connections, caches, allocators).
+    /// Unmeasured warm-up seconds before the measured period.
+    #[arg(long = "warmup-secs", value_name = "WARMUP_SECS", default_value = "1", value_parser = secs(0, 600))]
     pub warmup: Duration,
-    /// Rows (batch dimension) per request: input shape `[rows, 256]`.
+    /// Rows per request (input shape [rows, 256]); at most the model's max_batch_size.
+    #[arg(long, default_value_t = 1, value_parser = count(1, MAX_ROWS))]
     pub rows: usize,
-    /// Send the input through the binary tensor data extension (and ask for binary outputs).
+    /// Send the input as binary tensor data (Inference-Header-Content-Length) and ask for
+    /// binary outputs, instead of JSON arrays.
+    #[arg(long)]
     pub binary: bool,
-    /// Print a progress line to stderr every second.
-    pub progress: bool,
-    /// Longest wait for one answer; a request that takes longer counts as a transport error.
+    /// Seconds to wait for one answer before counting it as a transport error.
+    #[arg(long = "timeout-secs", value_name = "TIMEOUT_SECS", default_value = "30", value_parser = secs(1, 600))]
     pub request_timeout: Duration,
+    /// No progress lines on stderr.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
+/// The command line's defaults, quiet.
 impl Default for RestOptions {
     fn default() -> Self {
         RestOptions {
-            url: "http://127.0.0.1:8080".into(),
-            model: "mlp".into(),
-            concurrency: 8,
-            duration: Duration::from_secs(10),
-            warmup: Duration::from_secs(1),
-            rows: 1,
-            binary: false,
-            progress: false,
-            request_timeout: Duration::from_secs(30),
+            quiet: true,
+            ..crate::cli::defaults()
         }
     }
 }
@@ -406,49 +413,38 @@ impl RestReport {
         self.mean_of(self.server_sums.compute_us) / 1000.0
     }
 
-    /// A human-readable summary, several lines.
+    /// The run as JSON: what `results.json` files hold of it and the summary prints.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "concurrency": self.concurrency,
+            "rows_per_request": self.rows,
+            "measured_s": self.measured.as_secs_f64(),
+            "ok": self.ok,
+            "errors": self.errors,
+            "warmup_requests": self.warmup_requests,
+            "warmup_errors": self.warmup_errors,
+            "first_error": self.first_error,
+            "requests_per_s": self.requests_per_sec(),
+            "rows_per_s": self.rows_per_sec(),
+            "latency_ms": {
+                "p50": self.latency_ms(0.5), "p90": self.latency_ms(0.9), "p99": self.latency_ms(0.99),
+                "p99.9": self.latency_ms(0.999), "max": self.max_ms(), "mean": self.mean_ms(),
+            },
+            "server_reported": {
+                "mean_batch_rows": self.mean_batch_rows(),
+                "mean_queue_ms": self.mean_queue_ms(),
+                "mean_model_call_ms": self.mean_compute_ms(),
+            },
+        })
+    }
+
+    /// A human-readable summary, several lines (`templates/summary.txt.j2`).
     pub fn summary(&self) -> String {
-        let mut s = format!(
-            "target      {} model {} ({} rows/request, {})\n\
-             load        closed loop, concurrency {}, measured {:.1}s (warm-up: {} requests, {} failed)\n\
-             throughput  {:.1} requests/s ({:.1} rows/s), {} ok, {} errors\n\
-             latency ms  p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  mean {:.3}\n\
-             server      mean batch {:.2} rows, mean queue {:.3} ms, mean model call {:.3} ms (as the server reports)\n",
-            self.url,
-            self.model,
-            self.rows,
-            if self.binary { "binary tensor data" } else { "JSON tensor data" },
-            self.concurrency,
-            self.measured.as_secs_f64(),
-            self.warmup_requests,
-            self.warmup_errors,
-            self.requests_per_sec(),
-            self.rows_per_sec(),
-            self.ok,
-            self.error_count(),
-            self.latency_ms(0.5),
-            self.latency_ms(0.9),
-            self.latency_ms(0.99),
-            self.latency_ms(0.999),
-            self.max_ms(),
-            self.mean_ms(),
-            self.mean_batch_rows(),
-            self.mean_queue_ms(),
-            self.mean_compute_ms(),
-        );
-        if self.server_sums.degraded > 0 {
-            s.push_str(&format!(
-                "degraded    {} answers served by the model's fallback (parameters.degraded)\n",
-                self.server_sums.degraded
-            ));
-        }
-        for (kind, n) in &self.errors {
-            s.push_str(&format!("error       {kind}: {n}\n"));
-        }
-        if let Some(e) = &self.first_error {
-            s.push_str(&format!("first error {e}\n"));
-        }
-        s
+        let extra = serde_json::json!({
+            "kind": "rest", "url": self.url, "model": self.model, "binary": self.binary,
+            "degraded": self.server_sums.degraded,
+        });
+        crate::report::summary(&self.to_json(), extra)
     }
 }
 
@@ -616,15 +612,7 @@ async fn task_loop(
 /// multi-threaded tokio runtime. Ends within warm-up + duration + one request timeout.
 pub async fn run(options: &RestOptions) -> anyhow::Result<RestReport> {
     let url = options.endpoint()?;
-    let client = reqwest::Client::builder()
-        .no_proxy() // loopback only: never route through an HTTP(S)_PROXY from the environment
-        .tcp_nodelay(true)
-        .pool_max_idle_per_host(options.concurrency)
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .timeout(options.request_timeout)
-        .connect_timeout(Duration::from_secs(5))
-        .build()
-        .context("cannot build the HTTP client")?;
+    let client = http_client(options.concurrency, options.request_timeout)?;
 
     let start = Instant::now();
     let measure_start = start + options.warmup;
@@ -643,7 +631,7 @@ pub async fn run(options: &RestOptions) -> anyhow::Result<RestReport> {
             live.clone(),
         ));
     }
-    let progress = options.progress.then(|| {
+    let progress = (!options.quiet).then(|| {
         let live = live.clone();
         let label = format!("c={}", options.concurrency);
         tokio::spawn(progress_lines(
@@ -705,26 +693,33 @@ pub async fn run(options: &RestOptions) -> anyhow::Result<RestReport> {
     })
 }
 
-async fn progress_lines(
-    label: String,
-    live: Arc<Live>,
+/// The HTTP client of both load loops, keeping up to `pool` idle connections.
+pub(crate) fn http_client(pool: usize, timeout: Duration) -> anyhow::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .no_proxy() // loopback only: never route through an HTTP(S)_PROXY from the environment
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(pool)
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .timeout(timeout)
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .context("cannot build the HTTP client")
+}
+
+/// Ticks every second from `start` + 1 s for the progress lines of both load loops, each with
+/// the seconds since `start` and the phase of the second that just ended (named by its middle).
+pub(crate) async fn progress_ticks(
     start: Instant,
     measure_start: Instant,
     measure_end: Instant,
+    mut line: impl FnMut(f64, &str),
 ) {
     let mut tick = tokio::time::interval_at(
         (start + Duration::from_secs(1)).into(),
         Duration::from_secs(1),
     );
-    let mut last_ok = 0u64;
     loop {
-        let now = tick.tick().await;
-        let now: Instant = now.into();
-        let (ok, err) = (
-            live.ok.load(Ordering::Relaxed),
-            live.errors.load(Ordering::Relaxed),
-        );
-        // Name the phase of the second that just ended by its middle.
+        let now: Instant = tick.tick().await.into();
         let middle = now - Duration::from_millis(500);
         let phase = if middle < measure_start {
             "warm-up"
@@ -733,13 +728,30 @@ async fn progress_lines(
         } else {
             "draining"
         };
+        line(now.duration_since(start).as_secs_f64(), phase);
+    }
+}
+
+async fn progress_lines(
+    label: String,
+    live: Arc<Live>,
+    start: Instant,
+    measure_start: Instant,
+    measure_end: Instant,
+) {
+    let mut last_ok = 0u64;
+    progress_ticks(start, measure_start, measure_end, |t, phase| {
+        let (ok, err) = (
+            live.ok.load(Ordering::Relaxed),
+            live.errors.load(Ordering::Relaxed),
+        );
         eprintln!(
-            "[loadgen {label}] {:>4.0}s {phase:<8} {:>8.0} req/s  ok {ok}  errors {err}",
-            now.duration_since(start).as_secs_f64(),
+            "[loadgen {label}] {t:>4.0}s {phase:<8} {:>8.0} req/s  ok {ok}  errors {err}",
             (ok - last_ok) as f64,
         );
         last_ok = ok;
-    }
+    })
+    .await
 }
 
 #[cfg(test)]
@@ -773,37 +785,18 @@ mod tests {
 
     #[test]
     fn bounds_are_enforced() {
-        let base = RestOptions::default();
-        assert!(RestOptions {
-            concurrency: 0,
-            ..base.clone()
+        let bad: [fn(&mut RestOptions); 5] = [
+            |o| o.concurrency = 0,
+            |o| o.concurrency = MAX_CONCURRENCY + 1,
+            |o| o.duration = Duration::ZERO,
+            |o| o.rows = 0,
+            |o| o.model = "../x".into(),
+        ];
+        for change in bad {
+            let mut o = RestOptions::default();
+            change(&mut o);
+            assert!(o.endpoint().is_err(), "{o:?} was accepted");
         }
-        .endpoint()
-        .is_err());
-        assert!(RestOptions {
-            concurrency: MAX_CONCURRENCY + 1,
-            ..base.clone()
-        }
-        .endpoint()
-        .is_err());
-        assert!(RestOptions {
-            duration: Duration::ZERO,
-            ..base.clone()
-        }
-        .endpoint()
-        .is_err());
-        assert!(RestOptions {
-            rows: 0,
-            ..base.clone()
-        }
-        .endpoint()
-        .is_err());
-        assert!(RestOptions {
-            model: "../x".into(),
-            ..base
-        }
-        .endpoint()
-        .is_err());
     }
 
     #[test]

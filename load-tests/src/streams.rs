@@ -20,10 +20,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use bytes::Bytes;
+use clap::builder::TypedValueParser as _;
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::cli::{count, secs};
 use crate::hist::{self, Histogram};
 use crate::rest::{check_loopback, check_model_name};
 
@@ -65,7 +67,7 @@ impl std::str::FromStr for ResultsMode {
 
 /// Mono PCM16 audio, kept twice in a row so that any window of up to its length is one
 /// contiguous, zero-copy slice even where the loop wraps around.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Audio {
     pub sample_rate: u32,
     /// Samples in one pass of the file.
@@ -143,51 +145,58 @@ pub fn default_wav() -> PathBuf {
         .join("two_phrases_16k.wav")
 }
 
-#[derive(Clone, Debug)]
+/// `loadgen streams`' options (the audio aside: `--wav` is read into `audio`).
+#[derive(Clone, Debug, clap::Args)]
 pub struct StreamOptions {
-    /// Server base URL, e.g. `http://127.0.0.1:8080`; must be a loopback address.
+    /// Server base URL; loopback IP addresses only.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
-    /// A model with `stream = "vad"`.
+    /// Model to stream to; it must have `stream = "vad"` in the manifest.
+    #[arg(long, default_value = "silero_vad")]
     pub model: String,
     /// Concurrent streams.
+    #[arg(long, default_value_t = 100, value_parser = count(1, MAX_STREAMS))]
     pub streams: usize,
-    /// Streams open evenly spread over this time; the measured period starts after it.
-    pub ramp: Duration,
-    /// Measured period: chunks whose completing frame was sent in it are timed.
+    /// Measured seconds (after the ramp).
+    #[arg(long = "duration-secs", value_name = "DURATION_SECS", default_value = "10", value_parser = secs(1, 3600))]
     pub duration: Duration,
+    /// Seconds over which the streams open, evenly spread; not measured.
+    #[arg(long = "ramp-secs", value_name = "RAMP_SECS", default_value = "2", value_parser = secs(0, 600))]
+    pub ramp: Duration,
     /// Audio seconds sent per wall-clock second (1.0 = real time).
+    #[arg(long, default_value_t = 1.0)]
     pub speed: f64,
-    /// Audio per binary frame, in milliseconds of audio.
+    /// Milliseconds of audio per binary frame.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub frame_ms: u32,
+    /// `all`: a vad result per chunk (timed); `events`: speech events only (nothing to time).
+    #[arg(long, default_value = "all")]
     pub results: ResultsMode,
+    #[arg(skip)]
     pub audio: Arc<Audio>,
-    /// A stream whose sender falls further behind its schedule than this is late.
+    /// A sender further behind its real-time schedule than this makes its stream late.
+    #[arg(long = "late-ms", value_name = "LATE_MS", default_value = "100",
+          value_parser = clap::value_parser!(u64).range(1..=60000).map(Duration::from_millis))]
     pub late_threshold: Duration,
     /// After `end`, how long a stream waits for its summary and close.
+    #[arg(skip = Duration::from_secs(15))]
     pub end_timeout: Duration,
-    /// Print a progress line to stderr every second.
-    pub progress: bool,
+    /// No progress lines on stderr.
+    #[arg(long)]
+    pub quiet: bool,
     /// Prefix of the progress lines.
+    #[arg(skip = "streams".to_string())]
     pub label: String,
 }
 
 impl StreamOptions {
-    /// Defaults for a server at `url`, with the given audio.
+    /// The command line's defaults for a server at `url`, with the given audio, quiet.
     pub fn new(url: impl Into<String>, audio: Arc<Audio>) -> StreamOptions {
         StreamOptions {
             url: url.into(),
-            model: "silero_vad".into(),
-            streams: 100,
-            ramp: Duration::from_secs(2),
-            duration: Duration::from_secs(10),
-            speed: 1.0,
-            frame_ms: 20,
-            results: ResultsMode::All,
             audio,
-            late_threshold: Duration::from_millis(100),
-            end_timeout: Duration::from_secs(15),
-            progress: false,
-            label: "streams".into(),
+            quiet: true,
+            ..crate::cli::defaults()
         }
     }
 
@@ -321,61 +330,37 @@ impl StreamReport {
             && self.late_streams == 0
     }
 
-    /// A human-readable summary, several lines.
+    /// The run as JSON: what `results.json` files hold of it and the summary prints.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "streams": self.streams,
+            "ramp_s": self.ramp.as_secs_f64(),
+            "measured_s": self.measured.as_secs_f64(),
+            "connected": self.connected, "started": self.started, "summaries": self.summaries,
+            "chunks_measured": self.chunks_measured, "chunks_total": self.chunks_total,
+            "chunks_per_s": self.chunks_per_sec(), "expected_chunks_per_s": self.expected_chunks_per_sec(),
+            "events": self.events, "degraded": self.degraded,
+            "errors": self.errors, "first_errors": self.first_errors, "closes": self.closes,
+            "late_streams": self.late_streams, "max_send_lag_ms": self.max_send_lag.as_secs_f64() * 1000.0,
+            "latency_ms": {
+                "p50": self.latency_ms(0.5), "p90": self.latency_ms(0.9), "p99": self.latency_ms(0.99),
+                "p99.9": self.latency_ms(0.999), "max": self.max_ms(), "mean": self.mean_ms(),
+            },
+            "latency_from_schedule_ms": {
+                "p50": self.sched_latency_ms(0.5), "p99": self.sched_latency_ms(0.99),
+                "max": self.latency_sched_us.max() as f64 / 1000.0,
+            },
+        })
+    }
+
+    /// A human-readable summary, several lines (`templates/summary.txt.j2`).
     pub fn summary(&self) -> String {
-        let closes: Vec<String> = self
-            .closes
-            .iter()
-            .map(|(code, n)| format!("{code}: {n}"))
-            .collect();
-        let mut s = format!(
-            "target      {} model {} (results {}, {} ms frames, speed {}x)\n\
-             streams     {} (ramp {:.1}s, measured {:.1}s): {} connected, {} started, {} summaries; closes {}\n\
-             chunks      {} timed, {:.1}/s (expected {:.1}/s), {} in all; {} events, {} degraded; {:.0} s of audio sent\n\
-             latency ms  p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  mean {:.3}  (from the frame's send)\n\
-             sched ms    p50 {:.3}  p99 {:.3}  max {:.3}  (from the frame's scheduled send)\n\
-             senders     {} late (> {} ms behind schedule), max lag {:.1} ms\n\
-             errors      {}\n",
-            self.url,
-            self.model,
-            self.results.as_str(),
-            self.frame_ms,
-            self.speed,
-            self.streams,
-            self.ramp.as_secs_f64(),
-            self.measured.as_secs_f64(),
-            self.connected,
-            self.started,
-            self.summaries,
-            if closes.is_empty() { "none".to_string() } else { closes.join(", ") },
-            self.chunks_measured,
-            self.chunks_per_sec(),
-            self.expected_chunks_per_sec(),
-            self.chunks_total,
-            self.events,
-            self.degraded,
-            self.audio_seconds,
-            self.latency_ms(0.5),
-            self.latency_ms(0.9),
-            self.latency_ms(0.99),
-            self.latency_ms(0.999),
-            self.max_ms(),
-            self.mean_ms(),
-            self.sched_latency_ms(0.5),
-            self.sched_latency_ms(0.99),
-            self.latency_sched_us.max() as f64 / 1000.0,
-            self.late_streams,
-            self.late_threshold.as_millis(),
-            self.max_send_lag.as_secs_f64() * 1000.0,
-            self.error_count(),
-        );
-        for (kind, n) in &self.errors {
-            s.push_str(&format!("error       {kind}: {n}\n"));
-        }
-        for e in &self.first_errors {
-            s.push_str(&format!("first error {e}\n"));
-        }
-        s
+        let extra = serde_json::json!({
+            "kind": "streams", "url": self.url, "model": self.model,
+            "results": self.results.as_str(), "frame_ms": self.frame_ms, "speed": self.speed,
+            "audio_seconds": self.audio_seconds, "late_ms": self.late_threshold.as_millis() as u64,
+        });
+        crate::report::summary(&self.to_json(), extra)
     }
 }
 
@@ -486,7 +471,7 @@ pub async fn run(options: &StreamOptions) -> anyhow::Result<StreamReport> {
             one_stream(i, &url, &options, &shared).await
         });
     }
-    let progress = options.progress.then(|| {
+    let progress = (!options.quiet).then(|| {
         tokio::spawn(progress_lines(
             options.label.clone(),
             shared.clone(),
@@ -1056,41 +1041,20 @@ mod tests {
             "ws://127.0.0.1:9/v1/streams/silero_vad"
         );
         assert_eq!(base.frame_samples(), 320);
-        for bad in [
-            StreamOptions {
-                streams: 0,
-                ..base.clone()
-            },
-            StreamOptions {
-                streams: MAX_STREAMS + 1,
-                ..base.clone()
-            },
-            StreamOptions {
-                duration: Duration::ZERO,
-                ..base.clone()
-            },
-            StreamOptions {
-                speed: 0.0,
-                ..base.clone()
-            },
-            StreamOptions {
-                frame_ms: 0,
-                ..base.clone()
-            },
-            StreamOptions {
-                url: "http://localhost:9".into(),
-                ..base.clone()
-            },
-            StreamOptions {
-                url: "http://192.0.2.1:9".into(),
-                ..base.clone()
-            },
-            StreamOptions {
-                model: "../x".into(),
-                ..base.clone()
-            },
-        ] {
-            assert!(bad.endpoint().is_err(), "{bad:?} was accepted");
+        let bad: [fn(&mut StreamOptions); 8] = [
+            |o| o.streams = 0,
+            |o| o.streams = MAX_STREAMS + 1,
+            |o| o.duration = Duration::ZERO,
+            |o| o.speed = 0.0,
+            |o| o.frame_ms = 0,
+            |o| o.url = "http://localhost:9".into(),
+            |o| o.url = "http://192.0.2.1:9".into(),
+            |o| o.model = "../x".into(),
+        ];
+        for change in bad {
+            let mut o = base.clone();
+            change(&mut o);
+            assert!(o.endpoint().is_err(), "{o:?} was accepted");
         }
         assert_eq!("events".parse(), Ok(ResultsMode::Events));
         assert!("some".parse::<ResultsMode>().is_err());

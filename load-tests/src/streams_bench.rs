@@ -17,7 +17,10 @@ use anyhow::bail;
 use streamserve::runtime::ModelSession;
 use streamserve::tensor::TensorData;
 
+use clap::builder::TypedValueParser as _;
+
 use crate::bench::{cpu_since, start_server_for, stop_server, TempModelDir};
+use crate::cli::{command_line, count, secs, BenchCommon};
 use crate::manifest::{self, EntryChange};
 use crate::prometheus;
 use crate::streams::{self, Audio, ResultsMode, StreamOptions, StreamReport};
@@ -33,49 +36,41 @@ pub const CEILING_BATCHES: [usize; 5] = [1, 16, 64, 128, 256];
 /// Steps per second that one real-time 16 kHz stream needs (16000 / 512).
 pub const STEPS_PER_STREAM_SEC: f64 = 31.25;
 
-#[derive(Clone, Debug)]
+/// `loadgen streams-bench`'s options.
+#[derive(Clone, Debug, clap::Args)]
 pub struct StreamsBenchOptions {
-    /// Numbers of concurrent streams to try, ascending; stops at the first that misses.
+    /// Numbers of concurrent streams to try, ascending, comma-separated; stepping stops at the
+    /// first step that misses the target.
+    #[arg(long, value_delimiter = ',',
+          default_values_t = [50usize, 100, 150, 200, 250, 300, 400, 500, 750, 1000, 1250, 1500, 2000, 2500, 3000, 4000],
+          value_parser = count(1, streams::MAX_STREAMS))]
     pub steps: Vec<usize>,
+    /// Seconds over which each step's streams open.
+    #[arg(long = "ramp-secs", value_name = "RAMP_SECS", default_value = "3", value_parser = secs(0, 60))]
     pub ramp: Duration,
+    /// Measured seconds per step.
+    #[arg(long = "duration-secs", value_name = "DURATION_SECS", default_value = "12", value_parser = secs(1, 300))]
     pub duration: Duration,
-    /// The p99 chunk latency a step must stay under.
+    /// The p99 chunk latency a step must stay under, ms.
+    #[arg(long = "target-ms", value_name = "TARGET_MS", default_value = "100",
+          value_parser = clap::value_parser!(u64).range(1..=10000).map(Duration::from_millis))]
     pub target: Duration,
+    /// Milliseconds of audio per binary frame.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub frame_ms: u32,
     /// Measured seconds of each in-process ceiling measurement.
+    #[arg(long = "ceiling-secs", value_name = "CEILING_SECS", default_value = "3", value_parser = secs(1, 60))]
     pub ceiling_duration: Duration,
-    /// Where `report.md` goes; default `load-tests/results/<UTC date>-streams-vad/`.
-    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: BenchCommon,
     /// The bundled manifest, whose `silero_vad` entry is copied.
+    #[arg(skip = manifest::bundled())]
     pub manifest: PathBuf,
+    #[arg(skip = streams::default_wav())]
     pub wav: PathBuf,
-    pub client_threads: usize,
     /// The command line, as it goes in the report.
+    #[arg(skip = command_line())]
     pub command: String,
-    /// Longest wait for a quiet machine before each measurement.
-    pub quiet_wait: Duration,
-}
-
-impl Default for StreamsBenchOptions {
-    fn default() -> Self {
-        StreamsBenchOptions {
-            steps: vec![
-                50, 100, 150, 200, 250, 300, 400, 500, 750, 1000, 1250, 1500, 2000, 2500, 3000,
-                4000,
-            ],
-            ramp: Duration::from_secs(3),
-            duration: Duration::from_secs(12),
-            target: Duration::from_millis(100),
-            frame_ms: 20,
-            ceiling_duration: Duration::from_secs(3),
-            out: None,
-            manifest: manifest::bundled(),
-            wav: streams::default_wav(),
-            client_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            command: String::new(),
-            quiet_wait: Duration::from_secs(180),
-        }
-    }
 }
 
 /// One server configuration.
@@ -360,7 +355,7 @@ pub fn run(options: &StreamsBenchOptions) -> anyhow::Result<crate::report::Outco
     if let Some(&big) = options.steps.iter().find(|&&n| n > streams::MAX_STREAMS) {
         bail!("{big} streams is more than {}", streams::MAX_STREAMS);
     }
-    let start = crate::report::Start::now(options.out.as_deref(), "streams-vad");
+    let start = crate::report::Start::now(options.common.out.as_deref(), "streams-vad");
     let biggest = options.steps.iter().copied().max().unwrap_or(0) as u64;
     // Two descriptors per stream (server and client sockets in this process), plus slack.
     let nofile = raise_nofile_limit(2 * biggest + 1024);
@@ -372,7 +367,7 @@ pub fn run(options: &StreamsBenchOptions) -> anyhow::Result<crate::report::Outco
     let warm = Duration::from_millis(500);
     let mut ceilings = Vec::new();
     for batch in CEILING_BATCHES {
-        wait_for_quiet(QUIET_CORES, options.quiet_wait);
+        wait_for_quiet(QUIET_CORES, options.common.quiet_wait);
         eprintln!("[streams-bench] in-process ceiling: 2 threads x 1 session, batch {batch} ...");
         let c = measure_vad(&model_file, 2, batch, warm, options.ceiling_duration)?;
         eprintln!(
@@ -384,7 +379,7 @@ pub fn run(options: &StreamsBenchOptions) -> anyhow::Result<crate::report::Outco
         ceilings.push(c);
     }
 
-    let runtime = crate::sysinfo::client_runtime(options.client_threads)?;
+    let runtime = crate::sysinfo::client_runtime(options.common.threads.get())?;
     let client = crate::sysinfo::metrics_client()?;
     let mut results = Vec::new();
     for setup in [VadSetup::batching_on(), VadSetup::batching_off()] {
@@ -410,12 +405,12 @@ pub fn run(options: &StreamsBenchOptions) -> anyhow::Result<crate::report::Outco
             load.frame_ms = options.frame_ms;
             load.results = ResultsMode::All;
             load.late_threshold = options.target;
-            load.progress = true;
+            load.quiet = false;
             load.label = format!("{} N={n}", setup.label);
             let mut attempt = 0;
             let pass = loop {
                 attempt += 1;
-                wait_for_quiet(QUIET_CORES, options.quiet_wait);
+                wait_for_quiet(QUIET_CORES, options.common.quiet_wait);
                 let before_metrics = runtime.block_on(scrape(&client, &base));
                 let before = CpuSnapshot::take();
                 let report = runtime.block_on(streams::run(&load))?;
@@ -482,18 +477,8 @@ pub fn run(options: &StreamsBenchOptions) -> anyhow::Result<crate::report::Outco
     };
     let json = results_json(&input);
     let report = render_report(&input, &json)?;
-    crate::report::save_run(
-        &start.dir,
-        "streams-bench",
-        &report,
-        &json,
-        PLOT_FILE,
-        crate::plots::streams_latency,
-    )?;
-    Ok(crate::report::Outcome {
-        dir: start.dir,
-        report,
-    })
+    let plot = (PLOT_FILE, crate::plots::streams_latency as _);
+    crate::report::save_run(start.dir, "streams-bench", report, &json, plot)
 }
 
 /// The latency-vs-streams plot written beside `report.md`.
@@ -513,27 +498,9 @@ struct ReportInput<'a> {
 }
 
 fn step_json(s: &Step) -> serde_json::Value {
-    let r = &s.report;
-    serde_json::json!({
-        "streams": r.streams,
+    let more = serde_json::json!({
         "pass": s.pass,
         "repeated_because_contended": s.repeated,
-        "ramp_s": r.ramp.as_secs_f64(),
-        "measured_s": r.measured.as_secs_f64(),
-        "connected": r.connected, "started": r.started, "summaries": r.summaries,
-        "chunks_measured": r.chunks_measured, "chunks_total": r.chunks_total,
-        "chunks_per_s": r.chunks_per_sec(), "expected_chunks_per_s": r.expected_chunks_per_sec(),
-        "events": r.events, "degraded": r.degraded,
-        "errors": r.errors, "first_errors": r.first_errors, "closes": r.closes,
-        "late_streams": r.late_streams, "max_send_lag_ms": r.max_send_lag.as_secs_f64() * 1000.0,
-        "latency_ms": {
-            "p50": r.latency_ms(0.5), "p90": r.latency_ms(0.9), "p99": r.latency_ms(0.99),
-            "p99.9": r.latency_ms(0.999), "max": r.max_ms(), "mean": r.mean_ms(),
-        },
-        "latency_from_schedule_ms": {
-            "p50": r.sched_latency_ms(0.5), "p99": r.sched_latency_ms(0.99),
-            "max": r.latency_sched_us.max() as f64 / 1000.0,
-        },
         "cpu_cores": s.cpu,
         "server_metrics": s.server.map(|f| serde_json::json!({
             "raw": f,
@@ -544,7 +511,8 @@ fn step_json(s: &Step) -> serde_json::Value {
             "mean_chunk_latency_ms": f.mean_chunk_ms(),
             "share_chunks_within_100ms": f.share_within_100ms(),
         })),
-    })
+    });
+    crate::report::context(&s.report.to_json(), &[more])
 }
 
 fn results_json(input: &ReportInput<'_>) -> serde_json::Value {
@@ -587,10 +555,10 @@ fn render_report(input: &ReportInput<'_>, json: &serde_json::Value) -> anyhow::R
         "sample_rate": input.audio.sample_rate,
         "frame_samples": input.audio.sample_rate as usize * options.frame_ms as usize / 1000,
         "ramp_s": options.ramp.as_secs_f64(), "duration_s": options.duration.as_secs_f64(),
-        "ceiling_s": options.ceiling_duration.as_secs_f64(), "client_threads": options.client_threads,
-        "quiet_wait_s": options.quiet_wait.as_secs_f64(), "quiet_cores": QUIET_CORES,
+        "ceiling_s": options.ceiling_duration.as_secs_f64(), "client_threads": options.common.threads.get(),
+        "quiet_wait_s": options.common.quiet_wait.as_secs_f64(), "quiet_cores": QUIET_CORES,
         "contended_cores": CONTENDED_CORES, "others": others, "plot": PLOT_FILE,
-        "observations": observations(input.results, input.ceilings, input.machine.nproc),
+        "steps_per_stream_s": STEPS_PER_STREAM_SEC,
     });
     let header = crate::report::header(
         "streamserve WebSocket streams: how many real-time `silero_vad` streams",
@@ -607,121 +575,13 @@ fn render_report(input: &ReportInput<'_>, json: &serde_json::Value) -> anyhow::R
     )
 }
 
-/// Plain statements derived from the measurements.
-fn observations(results: &[SetupResults], ceilings: &[VadCeiling], nproc: usize) -> Vec<String> {
-    let mut lines = Vec::new();
-    let counted = |s: &SetupResults| -> Vec<Step> {
-        s.steps.iter().filter(|st| !st.repeated).cloned().collect()
-    };
-    for s in results {
-        let steps = counted(s);
-        // The load the server could carry without the load generator, extrapolated.
-        if let Some(best) = steps.iter().take_while(|st| st.pass).last() {
-            if let Some(cpu) = best.cpu {
-                let n = best.report.streams as f64;
-                let server = cpu.server_cores();
-                if server > 0.0 {
-                    lines.push(format!(
-                        "{}: at N = {}, the largest passing step, the server took {:.2} cores and the load generator \
-                         {:.2} ({:.0} µs and {:.0} µs of CPU per chunk). Extrapolated linearly, the server alone \
-                         on all {nproc} cores would carry about {:.0} streams: an estimate, not a measurement \
-                         (it assumes the load generator elsewhere and no contention effects).",
-                        s.setup.label,
-                        best.report.streams,
-                        server,
-                        cpu.loadgen_cores,
-                        1e6 * server / (n * STEPS_PER_STREAM_SEC),
-                        1e6 * cpu.loadgen_cores / (n * STEPS_PER_STREAM_SEC),
-                        nproc as f64 * n / server
-                    ));
-                }
-            }
-        }
-        if let Some(fail) = steps.iter().find(|st| !st.pass) {
-            let cpu = fail.cpu.map_or(0.0, |c| c.own_cores + c.other_cores);
-            let r = &fail.report;
-            let how = if r.error_count() > 0 {
-                format!("{} errors", r.error_count())
-            } else if r.late_streams > 0 {
-                format!("{} late senders", r.late_streams)
-            } else {
-                format!(
-                    "latency, not errors: p50 {:.0} ms, p99 {:.0} ms, every stream still served and closed normally \
-                     (the server buffers up to 4 s of audio per stream, so senders were not pushed back)",
-                    r.latency_ms(0.5),
-                    r.latency_ms(0.99)
-                )
-            };
-            let busy = fail.server.map_or(0.0, |f| f.busy_replicas());
-            let saturated = cpu > nproc as f64 * 0.9;
-            lines.push(format!(
-                "{}: the first failing step (N = {}) used {:.2} of the {nproc} cores in all{}, with the model \
-                 replicas busy {:.2} of 2 ({:.1} rows per call){}; it failed on {how}.",
-                s.setup.label,
-                r.streams,
-                cpu,
-                if saturated {
-                    " (the machine was saturated)"
-                } else {
-                    ""
-                },
-                busy,
-                fail.server.map_or(0.0, |f| f.mean_rows_per_call()),
-                if !saturated && busy < 1.6 {
-                    ": neither the CPU nor the replicas were saturated, so the limit was elsewhere (likely handing \
-                     steps to the replicas and results back, one at a time)"
-                } else {
-                    ""
-                }
-            ));
-        }
-        // A fixed stall at low load: the tail far above p99 while nothing queues.
-        let low: Vec<&Step> = steps
-            .iter()
-            .filter(|st| st.pass && st.report.latency_ms(0.99) < 15.0)
-            .collect();
-        if let Some(first) = low.first() {
-            let tail: Vec<f64> = low.iter().map(|st| st.report.latency_ms(0.999)).collect();
-            let max_tail = tail.iter().copied().fold(0.0, f64::max);
-            if max_tail > 3.0 * first.report.latency_ms(0.99) && max_tail > 20.0 {
-                lines.push(format!(
-                    "{}: at light load (steps with p99 < 15 ms) p99.9 reaches {:.1} ms, over 3x the p99 of the \
-                     first step (N = {}, p99 {:.1} ms): a tail that is not queueing. Worth a look.",
-                    s.setup.label,
-                    max_tail,
-                    first.report.streams,
-                    first.report.latency_ms(0.99),
-                ));
-            }
-        }
-    }
-    if let (Some(one), Some(best)) = (
-        ceilings.iter().find(|c| c.batch == 1),
-        ceilings
-            .iter()
-            .max_by(|a, b| a.steps_per_sec.total_cmp(&b.steps_per_sec)),
-    ) {
-        lines.push(format!(
-            "Compute: a Silero step costs {:.0} µs alone and {:.0} µs in a batch of {} ({:.1}× less); {:.0} real-time \
-             streams would need {:.0}% of the machine's {nproc} cores for the model alone even at the best batch size.",
-            1000.0 * one.mean_call_ms,
-            1000.0 * best.mean_call_ms / best.batch as f64,
-            best.batch,
-            one.mean_call_ms * best.batch as f64 / best.mean_call_ms,
-            1000.0,
-            100.0 * 1000.0 * STEPS_PER_STREAM_SEC / best.steps_per_sec
-        ));
-    }
-    lines
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn the_manifest_keeps_the_bundled_entry() {
-        let options = StreamsBenchOptions::default();
+        let options = crate::cli::defaults::<StreamsBenchOptions>();
         let (text, file) = vad_manifest(&options.manifest, &VadSetup::batching_off()).unwrap();
         assert!(file.is_absolute() && file.ends_with("silero_vad/1/model.onnx"));
         let parsed: toml::Table = toml::from_str(&text).unwrap();

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::hist::Histogram;
 use anyhow::{bail, Context as _};
+use clap::builder::TypedValueParser as _;
 use serde_json::{json, Value};
 
 use crate::bench::{cpu_since, start_server_with, stop_server, TempModelDir};
@@ -30,62 +30,74 @@ pub const PLOT_FILE: &str = "timeline.svg";
 /// How often the server's `/metrics` are scraped.
 const SCRAPE_EVERY: Duration = Duration::from_millis(200);
 
-#[derive(Clone, Debug)]
+/// Seconds on the command line, as a duration: `Some`, or `None` for a negative number
+/// ("never").
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct At(pub Option<Duration>);
+
+fn at(s: &str) -> Result<At, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{s}: {e}"))?;
+    if v < 0.0 {
+        return Ok(At(None));
+    }
+    Duration::try_from_secs_f64(v)
+        .map(|d| At(Some(d)))
+        .map_err(|_| format!("{s} is not a valid number of seconds"))
+}
+
+fn seconds(s: &str) -> Result<Duration, String> {
+    at(s)?
+        .0
+        .ok_or_else(|| format!("{s} s: must not be negative"))
+}
+
+/// `loadgen timeline`'s options.
+#[derive(Clone, Debug, clap::Args)]
 pub struct TimelineOptions {
-    /// Base rate in requests/s; `None`: `base_share` × the capacity measured in closed loop.
-    pub rate: Option<f64>,
-    pub base_share: f64,
-    pub capacity_concurrency: usize,
-    pub capacity_warmup: Duration,
-    pub capacity_duration: Duration,
-    /// The overload step: from `step_at`, for `step_for`, `step_share` × the capacity (or ×
-    /// `rate` when the rate is given).
-    pub step_at: Option<Duration>,
-    pub step_for: Duration,
-    pub step_share: f64,
-    /// When every replica of `mlp` panics in its next batch.
-    pub panic_at: Option<Duration>,
-    /// When replica 0 of `mlp` blocks its next batch for `hang_ms`; the router gives up on it
-    /// after `hang_timeout_ms` (the manifest's setting in this run).
-    pub hang_at: Option<Duration>,
-    pub hang_ms: u64,
-    pub hang_timeout_ms: u64,
-    /// The whole run; every event must fall within it.
+    /// Length of the open-loop run, s; every event must fall within it.
+    #[arg(long = "duration-secs", value_name = "DURATION_SECS", default_value = "33", value_parser = seconds)]
     pub duration: Duration,
+    /// Base rate in requests/s [default: --base-share x the measured capacity].
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Base rate as a share of the measured capacity.
+    #[arg(long, default_value_t = 0.5)]
+    pub base_share: f64,
+    /// When the overload step starts, s (negative: no step).
+    #[arg(long, default_value = "8", allow_negative_numbers = true, value_parser = at)]
+    pub step_at: At,
+    /// How long the overload step lasts, s.
+    #[arg(long = "step-secs", value_name = "STEP_SECS", default_value = "6", value_parser = seconds)]
+    pub step_for: Duration,
+    /// The rate during the step, as a share of the capacity (or of --rate).
+    #[arg(long, default_value_t = 2.0)]
+    pub step_share: f64,
+    /// When every replica of mlp panics in its next batch, s (negative: never).
+    #[arg(long, default_value = "22", allow_negative_numbers = true, value_parser = at)]
+    pub panic_at: At,
+    /// When replica 0 of mlp hangs in its next batch, s (negative: never).
+    #[arg(long, default_value = "27", allow_negative_numbers = true, value_parser = at)]
+    pub hang_at: At,
+    /// How long the hang lasts, ms.
+    #[arg(long, default_value_t = 3000)]
+    pub hang_ms: u64,
+    /// The manifest's hang_timeout_ms for mlp: when the router gives up on a hung worker.
+    #[arg(long, default_value_t = 500)]
+    pub hang_timeout_ms: u64,
+    /// Width of the time bins, ms.
+    #[arg(long = "bin-ms", value_name = "BIN_MS", default_value = "100",
+          value_parser = clap::value_parser!(u64).range(10..=10_000).map(Duration::from_millis))]
     pub bin: Duration,
-    pub max_in_flight: usize,
-    pub binary: bool,
-    pub out: Option<PathBuf>,
-    pub client_threads: usize,
+    #[command(flatten)]
+    pub mlp: overload::MlpOpenLoop,
+    /// The command line, as it goes in the report.
+    #[arg(skip = crate::cli::command_line())]
     pub command: String,
-    /// Longest wait for a quiet machine before the capacity run and the timeline.
-    pub quiet_wait: Duration,
 }
 
 impl Default for TimelineOptions {
     fn default() -> Self {
-        TimelineOptions {
-            rate: None,
-            base_share: 0.5,
-            capacity_concurrency: 128,
-            capacity_warmup: Duration::from_secs(2),
-            capacity_duration: Duration::from_secs(5),
-            step_at: Some(Duration::from_secs(8)),
-            step_for: Duration::from_secs(6),
-            step_share: 2.0,
-            panic_at: Some(Duration::from_secs(22)),
-            hang_at: Some(Duration::from_secs(27)),
-            hang_ms: 3000,
-            hang_timeout_ms: 500,
-            duration: Duration::from_secs(33),
-            bin: Duration::from_millis(100),
-            max_in_flight: 2048,
-            binary: false,
-            out: None,
-            client_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            command: String::new(),
-            quiet_wait: Duration::from_secs(180),
-        }
+        crate::cli::defaults()
     }
 }
 
@@ -111,7 +123,7 @@ impl TimelineOptions {
             bail!("the hang must last longer than hang_timeout_ms (> 0) for the router to see it");
         }
         let mut plan = Vec::new();
-        if let Some(at) = self.step_at {
+        if let Some(at) = self.step_at.0 {
             plan.push((
                 at,
                 Plan::Rate {
@@ -126,10 +138,10 @@ impl TimelineOptions {
             };
             plan.push((at + self.step_for, Plan::Rate { share: base }));
         }
-        if let Some(at) = self.panic_at {
+        if let Some(at) = self.panic_at.0 {
             plan.push((at, Plan::PanicAll));
         }
-        if let Some(at) = self.hang_at {
+        if let Some(at) = self.hang_at.0 {
             plan.push((
                 at,
                 Plan::Hang {
@@ -232,8 +244,8 @@ pub fn run(options: &TimelineOptions) -> anyhow::Result<TimelineOutcome> {
             );
         }
     }
-    let start = crate::report::Start::now(options.out.as_deref(), "timeline-mlp");
-    crate::sysinfo::raise_nofile_limit(2 * options.max_in_flight as u64 + 1024);
+    let start = crate::report::Start::now(options.mlp.common.out.as_deref(), "timeline-mlp");
+    crate::sysinfo::raise_nofile_limit(2 * options.mlp.max_in_flight as u64 + 1024);
     let (manifest_text, _) = overload::overload_manifest_with(
         vec![(
             "hang_timeout_ms",
@@ -254,7 +266,7 @@ pub fn run(options: &TimelineOptions) -> anyhow::Result<TimelineOutcome> {
     }
     let base = format!("http://{}", running.addr);
     eprintln!("[timeline] streamserve on {base}");
-    let runtime = crate::sysinfo::client_runtime(options.client_threads)?;
+    let runtime = crate::sysinfo::client_runtime(options.mlp.common.threads.get())?;
     let result = run_on(options, &plan, &base, &runtime);
     stop_server(&running);
     drop(models);
@@ -271,17 +283,11 @@ pub fn run(options: &TimelineOptions) -> anyhow::Result<TimelineOutcome> {
     };
     let results = results_json(&input);
     let report = render_report(&input, &results)?;
-    crate::report::save_run(
-        &start.dir,
-        "timeline",
-        &report,
-        &results,
-        PLOT_FILE,
-        crate::plots::timeline,
-    )?;
+    let plot = (PLOT_FILE, crate::plots::timeline as _);
+    let saved = crate::report::save_run(start.dir, "timeline", report, &results, plot)?;
     Ok(TimelineOutcome {
-        dir: start.dir,
-        report,
+        dir: saved.dir,
+        report: saved.report,
         results,
         open_loop: measured.report,
     })
@@ -309,21 +315,21 @@ fn run_on(
     let closed = RestOptions {
         url: base.to_string(),
         model: PRIMARY.into(),
-        concurrency: options.capacity_concurrency,
-        duration: options.capacity_duration,
-        warmup: options.capacity_warmup,
+        concurrency: options.mlp.capacity_concurrency,
+        duration: options.mlp.capacity_duration,
+        warmup: overload::CAPACITY_WARMUP,
         rows: 1,
-        binary: options.binary,
-        progress: true,
+        binary: options.mlp.binary,
+        quiet: false,
         request_timeout: Duration::from_secs(30),
     };
     let (capacity, reference_rate, base_rate) = match options.rate {
         Some(rate) => (None, rate, rate),
         None => {
-            wait_for_quiet(0.15, options.quiet_wait);
+            wait_for_quiet(0.15, options.mlp.common.quiet_wait);
             eprintln!(
                 "[timeline] capacity: closed loop, concurrency {} ...",
-                options.capacity_concurrency
+                options.mlp.capacity_concurrency
             );
             let report = runtime.block_on(rest::run(&closed))?;
             eprint!("{}", report.summary());
@@ -342,7 +348,7 @@ fn run_on(
         }
     };
     std::thread::sleep(Duration::from_secs(1));
-    wait_for_quiet(0.15, options.quiet_wait);
+    wait_for_quiet(0.15, options.mlp.common.quiet_wait);
 
     let steps: Vec<(Duration, f64)> = plan
         .iter()
@@ -360,7 +366,7 @@ fn run_on(
         rate: base_rate,
         steps,
         timeline_bin: Some(options.bin),
-        max_in_flight: options.max_in_flight,
+        max_in_flight: options.mlp.max_in_flight,
         label: "timeline".into(),
     };
     open.check()?;
@@ -460,67 +466,38 @@ struct ReportInput<'a> {
     measured: &'a Measured,
 }
 
-/// Totals over a span of bins.
-struct Span {
-    seconds: f64,
-    scheduled: u64,
-    sent: u64,
-    not_sent: u64,
-    ok_primary: u64,
-    ok_degraded: u64,
-    shed: u64,
-    failed: u64,
-    latency: Histogram,
+/// Totals over a span of bins: its length in seconds, and its bins added up as one.
+fn span<'a>(
+    bins: impl IntoIterator<Item = &'a TimelineBin>,
+    width: Duration,
+) -> (f64, TimelineBin) {
+    let mut total = TimelineBin::new(Duration::ZERO);
+    let mut seconds = 0.0;
+    for b in bins {
+        seconds += width.as_secs_f64();
+        total.add(b);
+    }
+    (seconds, total)
 }
 
-impl Span {
-    fn over<'a>(bins: impl IntoIterator<Item = &'a TimelineBin>, width: Duration) -> Span {
-        let mut span = Span {
-            seconds: 0.0,
-            scheduled: 0,
-            sent: 0,
-            not_sent: 0,
-            ok_primary: 0,
-            ok_degraded: 0,
-            shed: 0,
-            failed: 0,
-            latency: crate::hist::new(2),
-        };
-        for b in bins {
-            span.seconds += width.as_secs_f64();
-            span.scheduled += b.scheduled;
-            span.sent += b.sent;
-            span.not_sent += b.not_sent;
-            span.ok_primary += b.ok_primary;
-            span.ok_degraded += b.ok_degraded;
-            span.shed += b.shed;
-            span.failed += b.failed;
-            if let Some(h) = &b.latency_ok_us {
-                span.latency.add(h).expect("same bounds");
-            }
-        }
-        span
-    }
-
-    fn ms(&self, q: f64) -> Option<f64> {
-        (!self.latency.is_empty()).then(|| self.latency.value_at_quantile(q) as f64 / 1000.0)
-    }
-
-    fn disturbed_share(&self) -> f64 {
-        disturbed_share(
-            self.scheduled,
-            self.ok_degraded + self.shed + self.failed + self.not_sent,
-        )
-    }
-}
-
-/// Share of `scheduled` requests that did not get a 200 from `mlp` itself (`off` of them).
-fn disturbed_share(scheduled: u64, off: u64) -> f64 {
-    if scheduled == 0 {
+/// Share of a bin's scheduled requests that did not get a 200 from `mlp` itself.
+fn disturbed_share(b: &TimelineBin) -> f64 {
+    if b.scheduled == 0 {
         0.0
     } else {
-        off as f64 / scheduled as f64
+        (b.ok_degraded + b.shed + b.failed + b.not_sent) as f64 / b.scheduled as f64
     }
+}
+
+/// A bin's (or a span's) counts and latency in results.json.
+fn bin_json(b: &TimelineBin) -> Value {
+    json!({
+        "scheduled": b.scheduled, "sent": b.sent, "not_sent": b.not_sent,
+        "ok_primary": b.ok_primary, "ok_degraded": b.ok_degraded,
+        "shed": b.shed, "failed": b.failed,
+        "p50_ms": opt(b.latency_ms(0.5)), "p99_ms": opt(b.latency_ms(0.99)),
+        "max_ms": opt(b.latency_ms(1.0)),
+    })
 }
 
 fn opt(v: Option<f64>) -> Value {
@@ -552,24 +529,23 @@ fn settle_times(
 ) -> (Option<(f64, f64)>, Vec<Value>) {
     let w = width.as_secs_f64();
     let first_event = events.first().map_or(duration, |e| e.planned_s);
-    let baseline = Span::over(
+    let (_, baseline) = span(
         bins.iter().filter(|b| {
             let t = b.start.as_secs_f64();
             t >= 1.0 && t + w <= first_event
         }),
         width,
     );
-    let Some(base_p99) = baseline.ms(0.99) else {
+    let Some(base_p99) = baseline.latency_ms(0.99) else {
         return (None, Vec::new());
     };
-    let base_share = baseline.disturbed_share();
+    let base_share = disturbed_share(&baseline);
     let latency_limit = (3.0 * base_p99).max(base_p99 + 10.0);
     let share_limit = base_share + 0.02;
     let bad = |b: &TimelineBin| {
-        let off = b.ok_degraded + b.shed + b.failed + b.not_sent;
         b.scheduled > 0
             && (b.latency_ms(0.99).is_some_and(|p| p > latency_limit)
-                || disturbed_share(b.scheduled, off) > share_limit)
+                || disturbed_share(b) > share_limit)
     };
     let need = ((1.0 / w).ceil() as usize).max(1);
     let settles = events
@@ -628,16 +604,7 @@ fn results_json(input: &ReportInput<'_>) -> Value {
     let bins: Vec<Value> = r
         .timeline
         .iter()
-        .map(|b| {
-            json!({
-                "t_s": b.start.as_secs_f64(),
-                "scheduled": b.scheduled, "sent": b.sent, "not_sent": b.not_sent,
-                "ok_primary": b.ok_primary, "ok_degraded": b.ok_degraded,
-                "shed": b.shed, "failed": b.failed,
-                "p50_ms": opt(b.latency_ms(0.5)), "p99_ms": opt(b.latency_ms(0.99)),
-                "max_ms": opt(b.latency_ms(1.0)),
-            })
-        })
+        .map(|b| crate::report::context(&bin_json(b), &[json!({ "t_s": b.start.as_secs_f64() })]))
         .collect();
     let phases: Vec<Value> = phases(&m.events, duration)
         .into_iter()
@@ -646,16 +613,13 @@ fn results_json(input: &ReportInput<'_>) -> Value {
                 let t = b.start.as_secs_f64();
                 t >= start - 1e-9 && t < end - 1e-9
             });
-            let s = Span::over(inside, width);
-            json!({
+            let (seconds, s) = span(inside, width);
+            let more = json!({
                 "label": label, "start_s": start, "end_s": end,
-                "offered_per_s": s.scheduled as f64 / s.seconds.max(1e-9),
-                "goodput_per_s": (s.ok_primary + s.ok_degraded) as f64 / s.seconds.max(1e-9),
-                "scheduled": s.scheduled, "sent": s.sent, "not_sent": s.not_sent,
-                "ok_primary": s.ok_primary, "ok_degraded": s.ok_degraded,
-                "shed": s.shed, "failed": s.failed,
-                "p50_ms": opt(s.ms(0.5)), "p99_ms": opt(s.ms(0.99)), "max_ms": opt(s.ms(1.0)),
-            })
+                "offered_per_s": s.scheduled as f64 / seconds.max(1e-9),
+                "goodput_per_s": (s.ok_primary + s.ok_degraded) as f64 / seconds.max(1e-9),
+            });
+            crate::report::context(&bin_json(&s), &[more])
         })
         .collect();
     let (limits, settles) = settle_times(&r.timeline, width, &m.events, duration);
@@ -666,7 +630,7 @@ fn results_json(input: &ReportInput<'_>) -> Value {
         "machine": input.machine,
         "manifest": input.manifest,
         "capacity": m.capacity.map(|(rps, p99)| json!({
-            "concurrency": input.options.capacity_concurrency,
+            "concurrency": input.options.mlp.capacity_concurrency,
             "requests_per_s": rps, "p99_ms": p99,
         })),
         "reference_rate_per_s": m.reference_rate,
@@ -706,9 +670,9 @@ fn render_report(input: &ReportInput<'_>, results: &Value) -> anyhow::Result<Str
     };
     let extra = json!({
         "slo_ms": SLO_MS, "fallback": FALLBACK, "max_queue": MAX_QUEUE, "backtrace": backtrace,
-        "capacity_s": options.capacity_duration.as_secs_f64(), "base_share": options.base_share,
-        "binary": options.binary, "max_in_flight": options.max_in_flight,
-        "scrape_ms": SCRAPE_EVERY.as_secs_f64() * 1000.0, "step": options.step_at.is_some(),
+        "capacity_s": options.mlp.capacity_duration.as_secs_f64(), "base_share": options.base_share,
+        "binary": options.mlp.binary, "max_in_flight": options.mlp.max_in_flight,
+        "scrape_ms": SCRAPE_EVERY.as_secs_f64() * 1000.0, "step": options.step_at.0.is_some(),
         "pool_idle_s": crate::rest::POOL_IDLE_TIMEOUT.as_secs(), "plot": PLOT_FILE,
         "restarts": m.server.last().map_or(0.0, |s| s.restarts),
     });
@@ -760,26 +724,16 @@ mod tests {
 
     #[test]
     fn bad_plans_are_refused() {
-        let base = TimelineOptions::default();
-        for bad in [
-            TimelineOptions {
-                hang_at: Some(Duration::from_secs(40)),
-                ..base.clone()
-            },
-            TimelineOptions {
-                panic_at: Some(Duration::from_secs(8)),
-                ..base.clone()
-            },
-            TimelineOptions {
-                hang_ms: 100,
-                ..base.clone()
-            },
-            TimelineOptions {
-                step_share: 0.0,
-                ..base.clone()
-            },
-        ] {
-            assert!(bad.plan().is_err(), "{bad:?} was accepted");
+        let bad: [fn(&mut TimelineOptions); 4] = [
+            |o| o.hang_at = At(Some(Duration::from_secs(40))),
+            |o| o.panic_at = At(Some(Duration::from_secs(8))),
+            |o| o.hang_ms = 100,
+            |o| o.step_share = 0.0,
+        ];
+        for change in bad {
+            let mut o = TimelineOptions::default();
+            change(&mut o);
+            assert!(o.plan().is_err(), "{o:?} was accepted");
         }
     }
 

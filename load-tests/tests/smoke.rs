@@ -97,24 +97,34 @@ fn non_loopback_targets_are_refused_before_any_traffic() {
 /// API and seen by the server, the report, results and plot written.
 #[test]
 fn timeline_run_records_bins_events_and_the_server_view() {
-    use streamserve_load::timeline::{self, TimelineOptions};
+    use streamserve_load::cli::{BenchCommon, Threads};
+    use streamserve_load::overload::MlpOpenLoop;
+    use streamserve_load::timeline::{self, At, TimelineOptions};
     let out = std::env::temp_dir().join(format!("loadgen-timeline-smoke-{}", std::process::id()));
+    let defaults = TimelineOptions::default();
     let options = TimelineOptions {
         rate: Some(300.0),
-        step_at: Some(Duration::from_millis(800)),
+        step_at: At(Some(Duration::from_millis(800))),
         step_for: Duration::from_millis(500),
         step_share: 3.0,
-        panic_at: Some(Duration::from_millis(1800)),
-        hang_at: Some(Duration::from_millis(2300)),
+        panic_at: At(Some(Duration::from_millis(1800))),
+        hang_at: At(Some(Duration::from_millis(2300))),
         hang_ms: 700,
         hang_timeout_ms: 300,
         duration: Duration::from_secs(3),
         bin: Duration::from_millis(100),
-        max_in_flight: 512,
-        out: Some(out.clone()),
-        client_threads: 2,
-        quiet_wait: Duration::ZERO,
-        ..TimelineOptions::default()
+        mlp: MlpOpenLoop {
+            max_in_flight: 512,
+            common: BenchCommon {
+                out: Some(out.clone()),
+                quiet_wait: Duration::ZERO,
+                threads: Threads {
+                    client_threads: Some(2),
+                },
+            },
+            ..defaults.mlp.clone()
+        },
+        ..defaults
     };
     let outcome = timeline::run(&options).expect("the timeline run completes");
     let report = &outcome.open_loop;

@@ -14,9 +14,11 @@ use streamserve_load::streams_bench::{self, StreamsBenchOptions, VadSetup};
 #[test]
 fn streams_against_a_real_server() {
     let setup = VadSetup::batching_on();
-    let (manifest, _) =
-        streams_bench::vad_manifest(&StreamsBenchOptions::default().manifest, &setup)
-            .expect("the bundled manifest has silero_vad");
+    let (manifest, _) = streams_bench::vad_manifest(
+        &streamserve_load::cli::defaults::<StreamsBenchOptions>().manifest,
+        &setup,
+    )
+    .expect("the bundled manifest has silero_vad");
     let dir = TempModelDir::create("streams-smoke", &manifest).unwrap();
     let running = bench::start_server_for(&dir.path, streams_bench::MODEL, setup.max_batch_size)
         .expect("streamserve starts and serves silero_vad");
