@@ -127,7 +127,7 @@ pub struct ServeArgs {
     /// would go beyond it gets 503 with Retry-After; at least 1 [default: 512].
     #[arg(long, env = "STREAMSERVE_MAX_BODY_MEMORY_MB")]
     pub max_body_memory_mb: Option<u64>,
-    /// API keys file (TOML; see docs/access.md): when set, inference (REST and streams) needs
+    /// API keys file (TOML; see docs/access.md): when set, inference (REST, gRPC, streams) needs
     /// a key from it, within the models and limits it gives; re-read when it changes; unset =
     /// no keys needed.
     #[arg(long, env = "STREAMSERVE_API_KEYS")]

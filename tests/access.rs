@@ -357,3 +357,70 @@ async fn under_pressure_a_low_priority_key_is_refused_while_a_normal_one_is_serv
         assert_eq!(q.await.unwrap().0, 200);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grpc_calls_need_a_key_in_their_metadata_too() {
+    use streamserve::api::grpc::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+    use streamserve::api::grpc::proto::inference::model_infer_request::InferInputTensor;
+    use streamserve::api::grpc::proto::inference::ModelInferRequest;
+    use tonic::Code;
+
+    let keys = write_keys();
+    let file = keys.file.clone();
+    let running = start_running(&repo().join("models"), |c| c.api_keys = Some(file));
+    let endpoint = format!("http://{}", running.grpc_addr.expect("gRPC is on"));
+    let channel = tonic::transport::Channel::from_shared(endpoint)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = GrpcInferenceServiceClient::new(channel);
+    let infer = |model: &str, key: Option<&str>| {
+        let x: Vec<u8> = features(1, 1)
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let mut request = tonic::Request::new(ModelInferRequest {
+            model_name: model.into(),
+            inputs: vec![InferInputTensor {
+                name: "features".into(),
+                datatype: "FP32".into(),
+                shape: vec![1, 256],
+                ..Default::default()
+            }],
+            raw_input_contents: vec![x],
+            ..Default::default()
+        });
+        if let Some(key) = key {
+            let value = format!("Bearer {key}").parse().unwrap();
+            request.metadata_mut().insert("authorization", value);
+        }
+        request
+    };
+    let code = |r: Result<tonic::Response<_>, tonic::Status>| {
+        r.map(|_| Code::Ok).unwrap_or_else(|s| s.code())
+    };
+    assert_eq!(
+        code(grpc.model_infer(infer("mlp", None)).await),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        code(grpc.model_infer(infer("mlp", Some(&keys.small_only))).await),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(grpc.model_infer(infer("mlp", Some(&keys.full))).await),
+        Code::Ok
+    );
+    // Over its rate (burst 2): RESOURCE_EXHAUSTED with retry-after.
+    let mut last = None;
+    for _ in 0..3 {
+        last = Some(
+            grpc.model_infer(infer("mlp_small", Some(&keys.small_only)))
+                .await,
+        );
+    }
+    let refused = last.unwrap().unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.metadata().get("retry-after").is_some());
+}

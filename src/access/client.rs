@@ -37,7 +37,10 @@ impl TrustedProxies {
         if !self.trusts(peer) {
             return Some(peer);
         }
-        if let Some(ip) = headers.first("fly-client-ip").and_then(|v| v.trim().parse().ok()) {
+        if let Some(ip) = headers
+            .first("fly-client-ip")
+            .and_then(|v| v.trim().parse().ok())
+        {
             return Some(ip);
         }
         // The last address that is not one of our proxies is the one the nearest proxy saw.

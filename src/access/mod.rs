@@ -56,7 +56,10 @@ impl Headers for tonic::metadata::MetadataMap {
         self.get(name).and_then(|v| v.to_str().ok())
     }
     fn all(&self, name: &str) -> Vec<&str> {
-        self.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect()
+        self.get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect()
     }
 }
 
