@@ -41,22 +41,38 @@ pub enum KeysCommand {
         /// Models it may call: `*`, `name` or `name:version`, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "*")]
         models: Vec<String>,
+        /// The server's `--api-key-secret-file`: the entry then holds the key's HMAC-SHA256
+        /// under that secret instead of its SHA-256.
+        #[arg(long, env = "STREAMSERVE_API_KEY_SECRET_FILE")]
+        secret_file: Option<std::path::PathBuf>,
     },
 }
 
 /// `streamserve keys new`: the key on stdout's first line, the file entry after it.
 pub fn keys(command: KeysCommand) -> anyhow::Result<()> {
     match command {
-        KeysCommand::New { name, models } => {
-            let key = crate::access::keys::new_key().map_err(anyhow::Error::msg)?;
+        KeysCommand::New {
+            name,
+            models,
+            secret_file,
+        } => {
+            use crate::access::keys;
+            let key = keys::new_key().map_err(anyhow::Error::msg)?;
             let models: Vec<String> = models.iter().map(|m| format!("{m:?}")).collect();
+            let (field, hash) = match &secret_file {
+                Some(path) => {
+                    let secret = keys::read_secret(path).map_err(anyhow::Error::msg)?;
+                    ("hmac_sha256", keys::keyed_hash(&secret, &key))
+                }
+                None => ("sha256", keys::hash(&key)),
+            };
             let entry = format!(
-                "[[keys]]\nname = {name:?}\nsha256 = \"{}\"\nmodels = [{}]\n",
-                hex::encode(crate::access::keys::hash(&key)),
+                "[[keys]]\nname = {name:?}\n{field} = \"{}\"\nmodels = [{}]\n",
+                hex::encode(hash),
                 models.join(", ")
             );
             // The entry must parse as the server will read it.
-            crate::access::keys::parse(&entry).map_err(anyhow::Error::msg)?;
+            keys::parse(&entry, secret_file.is_some()).map_err(anyhow::Error::msg)?;
             println!("{key}");
             println!(
                 "\n# Add to the API keys file (the key above is not stored anywhere):\n{entry}"

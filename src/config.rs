@@ -132,6 +132,10 @@ pub struct ServeArgs {
     /// no keys needed.
     #[arg(long, env = "STREAMSERVE_API_KEYS")]
     pub api_keys: Option<PathBuf>,
+    /// File whose contents (trimmed, at least 16 characters) are the secret under which the
+    /// keys file's `hmac_sha256` entries are keyed.
+    #[arg(long, env = "STREAMSERVE_API_KEY_SECRET_FILE")]
+    pub api_key_secret_file: Option<PathBuf>,
     /// Header that carries the API key: `authorization` takes `Bearer <key>`, any other
     /// header the bare key [default: authorization].
     #[arg(long, env = "STREAMSERVE_API_KEY_HEADER")]
@@ -244,6 +248,7 @@ pub struct Config {
     pub max_connections: usize,
     pub max_body_memory_mb: u64,
     pub api_keys: Option<PathBuf>,
+    pub api_key_secret_file: Option<PathBuf>,
     pub api_key_header: String,
     pub client_requests_per_sec: u32,
     /// Comma-separated addresses or CIDR ranges.
@@ -280,6 +285,7 @@ impl Default for Config {
             max_connections: 0,
             max_body_memory_mb: 512,
             api_keys: None,
+            api_key_secret_file: None,
             api_key_header: "authorization".into(),
             client_requests_per_sec: 0,
             trusted_proxies: None,

@@ -424,3 +424,44 @@ async fn grpc_calls_need_a_key_in_their_metadata_too() {
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert!(refused.metadata().get("retry-after").is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_hashed_under_the_servers_secret_work_and_the_secret_is_needed() {
+    let dir = model_dir("");
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "a server secret of some length\n").unwrap();
+    let key = streamserve::access::keys::new_key().unwrap();
+    let keyed = hex::encode(streamserve::access::keys::keyed_hash(
+        b"a server secret of some length",
+        &key,
+    ));
+    let file = dir.join("keys.toml");
+    std::fs::write(
+        &file,
+        format!("[[keys]]\nname = \"keyed\"\nhmac_sha256 = \"{keyed}\"\nmodels = [\"*\"]\n"),
+    )
+    .unwrap();
+    let (keys_file, secret_file) = (file.clone(), secret.clone());
+    let url = start(&repo().join("models"), |c| {
+        c.api_keys = Some(keys_file);
+        c.api_key_secret_file = Some(secret_file);
+    });
+    let c = client();
+    let (status, _) = status_and_error(call(&c, &url, "mlp", Some(&key)).await).await;
+    assert_eq!(status, 200);
+    // The plain SHA-256 of the key is not what the file holds: a file without the secret
+    // gives nothing to match against.
+    let (status, _) = status_and_error(call(&c, &url, "mlp", Some(&keyed)).await).await;
+    assert_eq!(status, 401);
+    // Without the secret, such a file is refused at start-up, naming the flag.
+    let config = streamserve::config::Config {
+        host: "127.0.0.1".into(),
+        port: 0,
+        api_keys: Some(file),
+        ..streamserve::config::Config::default()
+    };
+    let refused = streamserve::access::Access::from_config(&config)
+        .err()
+        .unwrap();
+    assert!(refused.contains("--api-key-secret-file"), "{refused}");
+}

@@ -1,15 +1,19 @@
-//! The API keys file (`--api-keys FILE`, TOML): each key's name, the SHA-256 of the key (never
-//! the key itself), the models it may call, its limits, priority and expiry. Parsing and
-//! checking only; the live limiters are built from it in `limits.rs`.
+//! The API keys file (`--api-keys FILE`, TOML): each key's name, a hash of the key (never the
+//! key itself), the models it may call, its limits, priority and expiry. Parsing and checking
+//! only; the live limiters are built from it in `limits.rs`.
 //!
-//! Why SHA-256 and not a slow password hash: the keys are 256-bit random tokens made by
-//! `streamserve keys new`, so no dictionary or brute force can find one from its hash, and a
-//! slow hash (argon2, ~10 ms) would cost that on every request. Keys that a person chose are
-//! refused: the file holds only hashes, so `keys new` is the way to make one.
+//! The hash is keyed when the server has a secret (`--api-key-secret-file`): `hmac_sha256`,
+//! HMAC-SHA256 under that secret, so that the keys file alone (a backup, a repository) gives
+//! nothing to test guesses against. Without a secret it is a plain `sha256`. Why not a slow
+//! password hash: the keys are 256-bit random tokens made by `streamserve keys new`, which no
+//! dictionary or brute force can find from their hash, and a slow hash (argon2, ~10 ms) would
+//! cost that on every request. The file holds only hashes, so a key a person chose cannot be
+//! put in it; `keys new` is the way to make one.
 
 use std::path::Path;
 use std::time::SystemTime;
 
+use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -30,7 +34,10 @@ struct RawFile {
 #[serde(deny_unknown_fields)]
 struct RawKey {
     name: String,
-    sha256: String,
+    /// SHA-256 of the key (no server secret), or
+    sha256: Option<String>,
+    /// HMAC-SHA256 of the key under the server's secret.
+    hmac_sha256: Option<String>,
     /// `"*"` for every model, `"name"` for every version of one, `"name:version"` for one.
     models: Vec<String>,
     #[serde(default)]
@@ -111,15 +118,39 @@ impl Scope {
 pub struct KeySpec {
     pub name: String,
     pub hash: [u8; 32],
+    /// `hash` is HMAC-SHA256 under the server's secret, not plain SHA-256.
+    pub keyed: bool,
     pub scopes: Vec<Scope>,
     pub priority: Priority,
     pub expires: Option<SystemTime>,
     pub limits: Limits,
 }
 
-/// SHA-256 of a key, as the file stores it.
+/// SHA-256 of a key, as the file stores it without a server secret.
 pub fn hash(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
+}
+
+/// HMAC-SHA256 of a key under the server's secret, as the file stores it with one.
+pub fn keyed_hash(secret: &[u8], key: &str) -> [u8; 32] {
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes keys of any length");
+    mac.update(key.as_bytes());
+    mac.finalize().into_bytes().into()
+}
+
+/// The server's secret for keyed hashes: a file's contents, trimmed.
+pub fn read_secret(path: &Path) -> Result<Vec<u8>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read API key secret file {}: {e}", path.display()))?;
+    let secret = text.trim();
+    if secret.len() < 16 {
+        return Err(format!(
+            "API key secret file {} must hold at least 16 characters",
+            path.display()
+        ));
+    }
+    Ok(secret.as_bytes().to_vec())
 }
 
 /// A new random key (256 bits), with its prefix.
@@ -129,13 +160,14 @@ pub fn new_key() -> Result<String, String> {
     Ok(format!("{KEY_PREFIX}{}", hex::encode(bytes)))
 }
 
-pub fn load(path: &Path) -> Result<Vec<KeySpec>, String> {
+/// Reads the keys file; `keyed` says whether the server has a secret for `hmac_sha256` keys.
+pub fn load(path: &Path, keyed: bool) -> Result<Vec<KeySpec>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read API keys file {}: {e}", path.display()))?;
-    parse(&text).map_err(|e| format!("API keys file {}: {e}", path.display()))
+    parse(&text, keyed).map_err(|e| format!("API keys file {}: {e}", path.display()))
 }
 
-pub fn parse(text: &str) -> Result<Vec<KeySpec>, String> {
+pub fn parse(text: &str, has_secret: bool) -> Result<Vec<KeySpec>, String> {
     let raw: RawFile = toml::from_str(text).map_err(|e| e.to_string())?;
     let mut specs: Vec<KeySpec> = Vec::with_capacity(raw.keys.len());
     for key in raw.keys {
@@ -153,16 +185,30 @@ pub fn parse(text: &str) -> Result<Vec<KeySpec>, String> {
         if specs.iter().any(|s| s.name == name) {
             return Err(format!("two keys are named '{name}'"));
         }
-        let hash: [u8; 32] = hex::decode(&key.sha256)
+        let (field, hex_hash, keyed) = match (&key.sha256, &key.hmac_sha256) {
+            (Some(h), None) => ("sha256", h, false),
+            (None, Some(h)) if has_secret => ("hmac_sha256", h, true),
+            (None, Some(_)) => {
+                return Err(format!(
+                    "key '{name}' has an hmac_sha256, but the server has no --api-key-secret-file"
+                ))
+            }
+            _ => {
+                return Err(format!(
+                    "key '{name}' needs one of sha256 or hmac_sha256 (`streamserve keys new` prints it)"
+                ))
+            }
+        };
+        let hash: [u8; 32] = hex::decode(hex_hash)
             .ok()
             .and_then(|b| b.try_into().ok())
             .ok_or_else(|| {
                 format!(
-                    "key '{name}': sha256 must be 64 hex digits (`streamserve keys new` prints it)"
+                    "key '{name}': {field} must be 64 hex digits (`streamserve keys new` prints it)"
                 )
             })?;
         if specs.iter().any(|s| s.hash == hash) {
-            return Err(format!("key '{name}' has the same sha256 as another key"));
+            return Err(format!("key '{name}' has the same hash as another key"));
         }
         if key.models.is_empty() {
             return Err(format!(
@@ -186,6 +232,7 @@ pub fn parse(text: &str) -> Result<Vec<KeySpec>, String> {
         specs.push(KeySpec {
             name,
             hash,
+            keyed,
             scopes,
             priority: match key.priority {
                 RawPriority::Normal => Priority::Normal,
@@ -211,7 +258,7 @@ mod tests {
              requests_per_sec = 100\nburst = 20\nmax_streams = 2\npriority = \"low\"\n\
              expires = \"2027-01-01T00:00:00Z\"\n"
         );
-        let keys = parse(&text).unwrap();
+        let keys = parse(&text, false).unwrap();
         assert_eq!(keys.len(), 1);
         let key = &keys[0];
         assert_eq!(key.name, "web");
@@ -252,9 +299,29 @@ mod tests {
             ),
             (format!("{}{}", one(""), one("")), "two keys are named"),
         ] {
-            let err = parse(&text).unwrap_err();
+            let err = parse(&text, false).unwrap_err();
             assert!(err.contains(says), "{text}\n=> {err}");
         }
+    }
+
+    #[test]
+    fn keyed_hashes_need_the_servers_secret() {
+        let text = format!("[[keys]]\nname = \"k\"\nhmac_sha256 = \"{SHA}\"\nmodels = [\"*\"]\n");
+        assert!(parse(&text, false)
+            .unwrap_err()
+            .contains("--api-key-secret-file"));
+        assert!(parse(&text, true).unwrap()[0].keyed);
+        let both = format!(
+            "[[keys]]\nname = \"k\"\nsha256 = \"{SHA}\"\nhmac_sha256 = \"{SHA}\"\nmodels = [\"*\"]\n"
+        );
+        assert!(parse(&both, true)
+            .unwrap_err()
+            .contains("one of sha256 or hmac_sha256"));
+        // RFC 4231, test case 2.
+        assert_eq!(
+            hex::encode(keyed_hash(b"Jefe", "what do ya want for nothing?")),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
     }
 
     #[test]

@@ -156,7 +156,7 @@ mod tests {
             "[[keys]]\nname = \"k\"\nsha256 = \"{}\"\nmodels = [\"*\"]\n{limits}\n",
             "ab".repeat(32)
         );
-        Key::new(parse(&text).unwrap().remove(0))
+        Key::new(parse(&text, false).unwrap().remove(0))
     }
 
     #[test]

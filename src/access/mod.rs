@@ -76,6 +76,8 @@ struct KeysFile {
 
 pub struct Access {
     keys: Option<KeysFile>,
+    /// The server's secret for `hmac_sha256` keys.
+    secret: Option<Vec<u8>>,
     header: HeaderName,
     per_address: Option<DefaultKeyedRateLimiter<IpAddr>>,
     per_address_rate: u32,
@@ -119,10 +121,15 @@ impl StreamPass {
 
 impl Access {
     pub fn from_config(config: &Config) -> Result<Access, String> {
+        let secret = config
+            .api_key_secret_file
+            .as_deref()
+            .map(keys::read_secret)
+            .transpose()?;
         let keys = match &config.api_keys {
             None => None,
             Some(path) => {
-                let specs = keys::load(path)?;
+                let specs = keys::load(path, secret.is_some())?;
                 tracing::info!(file = %path.display(), keys = specs.len(), "API keys required for inference");
                 let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
                 Some(KeysFile {
@@ -145,6 +152,7 @@ impl Access {
         });
         Ok(Access {
             keys,
+            secret,
             header,
             per_address,
             per_address_rate: config.client_requests_per_sec,
@@ -172,7 +180,7 @@ impl Access {
             return;
         }
         *read_at = modified;
-        match keys::load(&file.path) {
+        match keys::load(&file.path, self.secret.is_some()) {
             Ok(specs) => {
                 let table = Key::rebuild(specs, &file.table.load());
                 tracing::info!(file = %file.path.display(), keys = table.len(), "API keys reloaded");
@@ -205,10 +213,18 @@ impl Access {
 
     /// The stored key whose hash matches, compared with every key in constant time.
     fn find(&self, table: &[Arc<Key>], presented: &str) -> Option<Arc<Key>> {
-        let hash = keys::hash(presented);
+        let plain = keys::hash(presented);
+        let keyed = self
+            .secret
+            .as_deref()
+            .map(|s| keys::keyed_hash(s, presented));
         let mut found = None;
         for key in table {
-            if bool::from(key.spec.hash.ct_eq(&hash)) {
+            let hash = match (&keyed, key.spec.keyed) {
+                (Some(keyed), true) => keyed,
+                _ => &plain,
+            };
+            if bool::from(key.spec.hash.ct_eq(hash)) {
                 found = Some(key.clone());
             }
         }

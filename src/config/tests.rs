@@ -123,6 +123,7 @@ fn defaults_are_unchanged() {
         max_connections,
         max_body_memory_mb,
         api_keys,
+        api_key_secret_file,
         api_key_header,
         client_requests_per_sec,
         trusted_proxies,
@@ -152,6 +153,7 @@ fn defaults_are_unchanged() {
     assert_eq!(max_connections, 0);
     assert_eq!(max_body_memory_mb, 512);
     assert_eq!(api_keys, None);
+    assert_eq!(api_key_secret_file, None);
     assert_eq!(api_key_header, "authorization");
     assert_eq!(client_requests_per_sec, 0);
     assert_eq!(trusted_proxies, None);
