@@ -267,7 +267,9 @@ async fn run_inference(
             (None, Err(refused))
         }
     };
-    let key = pass.as_ref().map_or("-", |p| p.name()).to_string();
+    // The caller's key name for the access log; the pass (and its in-flight permit) lives until
+    // the answer is logged.
+    let key = pass.as_ref().map_or("-", |p| p.name());
     // Label metrics by the served model only: an unknown name from a client must not mint
     // a new time series.
     let (model, model_version) = match &resolved {
@@ -281,7 +283,6 @@ async fn run_inference(
         (Err(e), _, _) => Err(e.clone()),
         (Ok(_), _, _) => unreachable!("a model is resolved only for an admitted caller"),
     };
-    drop(pass);
     let elapsed = received.elapsed();
     let status = match &outcome {
         Ok(_) => 200,

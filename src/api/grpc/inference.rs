@@ -92,7 +92,9 @@ impl Inference {
             Ok(served) => (served.info.name.clone(), served.info.version.clone()),
             Err(_) => ("_unknown".to_string(), String::new()),
         };
-        let key = pass.as_ref().map_or("-", |p| p.name()).to_string();
+        // The caller's key name for the access log; the pass (and its in-flight permit) lives until
+        // the answer is logged.
+        let key = pass.as_ref().map_or("-", |p| p.name());
         let outcome = match (&resolved, &pass) {
             (Ok(served), Some(pass)) => {
                 self.infer_on(served, &mut request, call_timeout, received, pass)
@@ -101,7 +103,6 @@ impl Inference {
             (Err(e), _) => Err(e.clone()),
             (Ok(_), None) => unreachable!("a model is resolved only for an admitted caller"),
         };
-        drop(pass);
         let elapsed = received.elapsed();
         let status = match &outcome {
             Ok(_) => 200,
