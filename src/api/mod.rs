@@ -60,6 +60,39 @@ impl AppState {
         }
     }
 
+    /// Lets an inference caller in for model `name` (`access`) and finds the version it asked
+    /// for, as [`served`](Self::served) does. Every inference surface starts here.
+    pub async fn admitted(
+        &self,
+        headers: &(dyn crate::access::Headers + Sync),
+        peer: Option<std::net::IpAddr>,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<(crate::access::Pass, ServedModel), ServeError> {
+        let pass = self.access.admit(headers, peer, name)?;
+        let served = self.served(name, version).await?;
+        Ok((pass, served))
+    }
+
+    /// A place among the inference requests decoded, queued or running at once
+    /// (`--max-inflight`), held by the returned permit; past it the server is saturated
+    /// upstream of the model queues (HTTP, JSON), where `slo_ms` and `max_queue` cannot see it.
+    pub fn inflight_permit(
+        &self,
+        served: &ServedModel,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, ServeError> {
+        self.inflight.clone().try_acquire_owned().map_err(|_| {
+            ::metrics::counter!("streamserve_shed_total", "model" => served.info.name.clone(), "version" => served.info.version.clone())
+                .increment(1);
+            ServeError::Overloaded {
+                model: served.info.name.clone(),
+                queued: self.max_inflight,
+                limit: self.max_inflight,
+                retry_after: Duration::from_secs(1),
+            }
+        })
+    }
+
     /// The model version a request goes to, loading it first if it is not loaded (lazy load,
     /// or after an idle unload): the request waits, bounded, instead of failing.
     pub async fn served(

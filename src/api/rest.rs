@@ -249,46 +249,34 @@ async fn run_inference(
         .and_then(untrusted::request_id)
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     let peer = req.peer_addr().map(|a| a.ip());
-    let mut body = Some(body);
-    let (pass, resolved) = match state.access.admit(req.headers(), peer, name) {
-        Ok(pass) => {
-            let resolved = state.served(name, version).await;
-            (Some(pass), resolved)
-        }
+    let admitted = state.admitted(req.headers(), peer, name, version).await;
+    // The caller's key name for the access log; the pass (and its in-flight permit) lives until
+    // the answer is logged.
+    let key = admitted.as_ref().map_or("-", |(pass, _)| pass.name());
+    // Label metrics by the served model only: an unknown name from a client must not mint
+    // a new time series.
+    let (model, model_version) = match &admitted {
+        Ok((_, served)) => (served.info.name.clone(), served.info.version.clone()),
+        Err(_) => ("_unknown".to_string(), String::new()),
+    };
+    let outcome = match &admitted {
+        Ok((pass, served)) => infer_on(state, served, req, body, received, pass).await,
         Err(refused) => {
             if matches!(refused, ServeError::RateLimited { .. }) {
                 // A client over its rate keeps its connection: read the body it sent (within
                 // the limits) before answering, as for any refusal after admission.
-                if let Some(body) = body.take() {
-                    let limits = state.body_limits(state.max_body_bytes);
-                    let _ = body::read(req, body, &limits).await;
-                }
+                let limits = state.body_limits(state.max_body_bytes);
+                let _ = body::read(req, body, &limits).await;
             }
-            (None, Err(refused))
+            Err(refused.clone())
         }
-    };
-    // The caller's key name for the access log; the pass (and its in-flight permit) lives until
-    // the answer is logged.
-    let key = pass.as_ref().map_or("-", |p| p.name());
-    // Label metrics by the served model only: an unknown name from a client must not mint
-    // a new time series.
-    let (model, model_version) = match &resolved {
-        Ok(served) => (served.info.name.clone(), served.info.version.clone()),
-        Err(_) => ("_unknown".to_string(), String::new()),
-    };
-    let outcome = match (&resolved, &pass, body) {
-        (Ok(served), Some(pass), Some(body)) => {
-            infer_on(state, served, req, body, received, pass).await
-        }
-        (Err(e), _, _) => Err(e.clone()),
-        (Ok(_), _, _) => unreachable!("a model is resolved only for an admitted caller"),
     };
     let elapsed = received.elapsed();
     let status = match &outcome {
         Ok(_) => 200,
         Err(e) => actix_web::ResponseError::status_code(e).as_u16(),
     };
-    if let Ok(served) = &resolved {
+    if let Ok((_, served)) = &admitted {
         served.health.record(status >= 500, elapsed);
     }
     let labels = [("model", model.clone()), ("version", model_version.clone())];
@@ -410,20 +398,10 @@ async fn infer_on(
             (e, _) => e,
         })?;
     let small = body.bytes.len() <= INLINE_DECODE_BYTES;
-    // Admission before decoding: past max_inflight the server is saturated upstream of the
-    // model queues (HTTP, JSON), where slo_ms and max_queue cannot see it. The body is read
-    // first all the same, so that the connection stays reusable: a refusal that leaves the
-    // body unread closes it, and reconnecting costs more than reading.
-    let _permit = state.inflight.clone().try_acquire_owned().map_err(|_| {
-        metrics::counter!("streamserve_shed_total", "model" => served.info.name.clone(), "version" => served.info.version.clone())
-            .increment(1);
-        ServeError::Overloaded {
-            model: served.info.name.clone(),
-            queued: state.max_inflight,
-            limit: state.max_inflight,
-            retry_after: Duration::from_secs(1),
-        }
-    })?;
+    // Admission before decoding. The body is read first all the same, so that the connection
+    // stays reusable: a refusal that leaves the body unread closes it, and reconnecting costs
+    // more than reading.
+    let _permit = state.inflight_permit(served)?;
     let info = served.info.clone();
     let (decoded, request) = if small {
         let decoded = decode_and_validate(&body.bytes, json_length, &info)?;

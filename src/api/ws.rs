@@ -18,7 +18,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::AppState;
-use crate::access::StreamPass;
+use crate::access::{Pass, StreamPass};
 use crate::actors::registry::ServedModel;
 use crate::actors::stream_hub::{Lookup, Register, StreamHub};
 use crate::actors::stream_session::{
@@ -52,14 +52,20 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/v1/models/{model}/segments").route(web::post().to(segments)));
 }
 
-async fn stream_model(state: &AppState, name: &str) -> Result<ServedModel, ServeError> {
-    let served = state.served(name, None).await?;
+/// Lets the caller in and finds the model, which must serve streams.
+async fn stream_model(
+    state: &AppState,
+    req: &HttpRequest,
+    name: &str,
+) -> Result<(Pass, ServedModel), ServeError> {
+    let peer = req.peer_addr().map(|a| a.ip());
+    let (pass, served) = state.admitted(req.headers(), peer, name, None).await?;
     if served.info.stream != Some(StreamKind::Vad) {
         return Err(ServeError::invalid(format!(
             "model '{name}' does not serve streams (it has no `stream = \"vad\"` in the manifest)"
         )));
     }
-    Ok(served)
+    Ok((pass, served))
 }
 
 async fn open_stream(
@@ -71,9 +77,7 @@ async fn open_stream(
     // Callers without access, and unknown and non-streaming models, are refused before the
     // upgrade, with a plain HTTP error.
     let name = path.into_inner();
-    let peer = req.peer_addr().map(|a| a.ip());
-    let pass = state.access.admit(req.headers(), peer, &name)?;
-    let served = stream_model(&state, &name).await?;
+    let (pass, served) = stream_model(&state, &req, &name).await?;
     state
         .access
         .check_version(&pass, &served.info.name, &served.info.version)?;
@@ -82,13 +86,7 @@ async fn open_stream(
     let (mut response, session, messages) = actix_ws::handle(&req, body)?;
     // A browser that sent its key as a `bearer.<key>` subprotocol also offered `streamserve`,
     // which the handshake must name back (never the key).
-    if req
-        .headers()
-        .get_all("sec-websocket-protocol")
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|p| p.trim() == SUBPROTOCOL)
-    {
+    if crate::access::subprotocols(req.headers()).contains(&SUBPROTOCOL) {
         response.headers_mut().insert(
             actix_web::http::header::SEC_WEBSOCKET_PROTOCOL,
             actix_web::http::header::HeaderValue::from_static(SUBPROTOCOL),
@@ -483,10 +481,7 @@ async fn segments(
     body: web::Payload,
 ) -> Result<HttpResponse, ServeError> {
     let name = path.into_inner();
-    let pass = state
-        .access
-        .admit(req.headers(), req.peer_addr().map(|a| a.ip()), &name)?;
-    let served = stream_model(&state, &name).await?;
+    let (pass, served) = stream_model(&state, &req, &name).await?;
     state
         .access
         .check_version(&pass, &served.info.name, &served.info.version)?;

@@ -76,39 +76,33 @@ impl Inference {
         let received = Instant::now();
         let admitted = self
             .state
-            .access
-            .admit(caller.metadata, caller.peer, &request.model_name);
-        let (pass, resolved) = match admitted {
-            Ok(pass) => {
-                let resolved = self
-                    .state
-                    .served(&request.model_name, version(&request.model_version))
-                    .await;
-                (Some(pass), resolved)
-            }
-            Err(refused) => (None, Err(refused)),
-        };
-        let (model, model_version) = match &resolved {
-            Ok(served) => (served.info.name.clone(), served.info.version.clone()),
+            .admitted(
+                caller.metadata,
+                caller.peer,
+                &request.model_name,
+                version(&request.model_version),
+            )
+            .await;
+        let (model, model_version) = match &admitted {
+            Ok((_, served)) => (served.info.name.clone(), served.info.version.clone()),
             Err(_) => ("_unknown".to_string(), String::new()),
         };
         // The caller's key name for the access log; the pass (and its in-flight permit) lives until
         // the answer is logged.
-        let key = pass.as_ref().map_or("-", |p| p.name());
-        let outcome = match (&resolved, &pass) {
-            (Ok(served), Some(pass)) => {
+        let key = admitted.as_ref().map_or("-", |(pass, _)| pass.name());
+        let outcome = match &admitted {
+            Ok((pass, served)) => {
                 self.infer_on(served, &mut request, call_timeout, received, pass)
                     .await
             }
-            (Err(e), _) => Err(e.clone()),
-            (Ok(_), None) => unreachable!("a model is resolved only for an admitted caller"),
+            Err(e) => Err(e.clone()),
         };
         let elapsed = received.elapsed();
         let status = match &outcome {
             Ok(_) => 200,
             Err(e) => actix_web::ResponseError::status_code(e).as_u16(),
         };
-        if let Ok(served) = &resolved {
+        if let Ok((_, served)) = &admitted {
             served.health.record(status >= 500, elapsed);
         }
         let labels = [
@@ -155,18 +149,8 @@ impl Inference {
         state
             .access
             .check_version(pass, &served.info.name, &served.info.version)?;
-        // Admission before decoding, as REST's: past max_inflight the server is saturated
-        // upstream of the model queues.
-        let _permit = state.inflight.clone().try_acquire_owned().map_err(|_| {
-            metrics::counter!("streamserve_shed_total", "model" => served.info.name.clone(), "version" => served.info.version.clone())
-                .increment(1);
-            ServeError::Overloaded {
-                model: served.info.name.clone(),
-                queued: state.max_inflight,
-                limit: state.max_inflight,
-                retry_after: Duration::from_secs(1),
-            }
-        })?;
+        // Admission before decoding, as REST's.
+        let _permit = state.inflight_permit(served)?;
         let decoded = convert::decode(request)?;
         let info = served.info.clone();
         let validated = info.validate(decoded.inputs, decoded.outputs)?;
