@@ -80,68 +80,82 @@ impl Key {
         }
     }
 
+    /// `n` cells of `limiter`, if the key has that limit; `what` names it for the refusal.
+    fn bucket(
+        &self,
+        limiter: &Option<DefaultDirectRateLimiter>,
+        n: usize,
+        what: impl FnOnce() -> String,
+    ) -> Result<(), ServeError> {
+        let (Some(limiter), Some(n)) = (limiter, NonZeroU32::new(n.min(u32::MAX as usize) as u32))
+        else {
+            return Ok(());
+        };
+        wait(limiter, n).map_err(|after| self.limited(what(), after))
+    }
+
+    /// A place in `semaphore`, if the key has that limit, held by the returned permit.
+    fn place(
+        &self,
+        semaphore: &Option<Arc<Semaphore>>,
+        what: impl FnOnce() -> String,
+        retry_after: Duration,
+    ) -> Result<Option<OwnedSemaphorePermit>, ServeError> {
+        let Some(semaphore) = semaphore else {
+            return Ok(None);
+        };
+        semaphore
+            .clone()
+            .try_acquire_owned()
+            .map(Some)
+            .map_err(|_| self.limited(what(), retry_after))
+    }
+
     /// One request: its rate, then a place among the key's requests in flight (held by the
     /// returned permit until the answer is sent).
     pub fn request(&self) -> Result<Option<OwnedSemaphorePermit>, ServeError> {
-        if let Some(limiter) = &self.requests {
-            wait(limiter, NonZeroU32::MIN).map_err(|after| {
-                let rate = self.spec.limits.requests_per_sec.unwrap_or_default();
-                self.limited(format!("{rate} requests/s"), after)
-            })?;
-        }
-        match &self.concurrent {
-            None => Ok(None),
-            Some(semaphore) => semaphore
-                .clone()
-                .try_acquire_owned()
-                .map(Some)
-                .map_err(|_| {
-                    let n = self.spec.limits.max_concurrent.unwrap_or_default();
-                    self.limited(
-                        format!("{n} requests in flight"),
-                        Duration::from_millis(100),
-                    )
-                }),
-        }
+        let limits = self.spec.limits;
+        self.bucket(&self.requests, 1, || {
+            format!("{} requests/s", limits.requests_per_sec.unwrap_or_default())
+        })?;
+        self.place(
+            &self.concurrent,
+            || {
+                format!(
+                    "{} requests in flight",
+                    limits.max_concurrent.unwrap_or_default()
+                )
+            },
+            Duration::from_millis(100),
+        )
     }
 
     /// The rows of a decoded request.
     pub fn rows(&self, rows: usize) -> Result<(), ServeError> {
-        let (Some(limiter), Some(n)) = (
-            &self.rows,
-            NonZeroU32::new(rows.min(u32::MAX as usize) as u32),
-        ) else {
-            return Ok(());
-        };
-        wait(limiter, n).map_err(|after| {
-            let rate = self.spec.limits.rows_per_sec.unwrap_or_default();
-            self.limited(format!("{rate} rows/s"), after)
+        let limits = self.spec.limits;
+        self.bucket(&self.rows, rows, || {
+            format!("{} rows/s", limits.rows_per_sec.unwrap_or_default())
         })
     }
 
     /// A new stream: a place among the key's open streams, held by the returned permit.
     pub fn stream(&self) -> Result<Option<OwnedSemaphorePermit>, ServeError> {
-        match &self.streams {
-            None => Ok(None),
-            Some(semaphore) => semaphore
-                .clone()
-                .try_acquire_owned()
-                .map(Some)
-                .map_err(|_| {
-                    let n = self.spec.limits.max_streams.unwrap_or_default();
-                    self.limited(format!("{n} open streams"), Duration::from_secs(1))
-                }),
-        }
+        let limits = self.spec.limits;
+        self.place(
+            &self.streams,
+            || format!("{} open streams", limits.max_streams.unwrap_or_default()),
+            Duration::from_secs(1),
+        )
     }
 
     /// `ms` milliseconds of a stream's audio.
     pub fn audio(&self, ms: u32) -> Result<(), ServeError> {
-        let (Some(limiter), Some(n)) = (&self.audio, NonZeroU32::new(ms)) else {
-            return Ok(());
-        };
-        wait(limiter, n).map_err(|after| {
-            let secs = self.spec.limits.audio_secs_per_min.unwrap_or_default();
-            self.limited(format!("{secs} s of audio per minute"), after)
+        let limits = self.spec.limits;
+        self.bucket(&self.audio, ms as usize, || {
+            format!(
+                "{} s of audio per minute",
+                limits.audio_secs_per_min.unwrap_or_default()
+            )
         })
     }
 }

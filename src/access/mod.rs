@@ -63,6 +63,16 @@ impl Headers for tonic::metadata::MetadataMap {
     }
 }
 
+/// The WebSocket subprotocols a handshake offers (`Sec-WebSocket-Protocol`), in order.
+pub fn subprotocols(headers: &dyn Headers) -> Vec<&str> {
+    headers
+        .all("sec-websocket-protocol")
+        .into_iter()
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect()
+}
+
 /// How often the keys file is checked for changes.
 pub const RELOAD_EVERY: Duration = Duration::from_secs(2);
 
@@ -163,11 +173,6 @@ impl Access {
         })
     }
 
-    /// Nothing to check: every caller is let in as it is.
-    pub fn open() -> Access {
-        Access::from_config(&Config::default()).expect("the defaults are valid")
-    }
-
     /// Re-reads the keys file if it changed since it was read; a file that no longer parses
     /// leaves the table as it was (and says why in the log).
     pub fn reload_if_changed(&self) {
@@ -203,11 +208,9 @@ impl Access {
             value.map(str::trim)
         };
         from_header.or_else(|| {
-            headers
-                .all("sec-websocket-protocol")
+            subprotocols(headers)
                 .into_iter()
-                .flat_map(|v| v.split(','))
-                .find_map(|p| p.trim().strip_prefix("bearer."))
+                .find_map(|p| p.strip_prefix("bearer."))
         })
     }
 
