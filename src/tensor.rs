@@ -332,6 +332,20 @@ pub fn element_count(shape: &[i64]) -> Option<usize> {
     })
 }
 
+/// `n` elements of `dt` as little-endian bytes, each valid for the type (for tests).
+#[cfg(test)]
+pub(crate) fn sample_le_bytes(dt: DataType, n: usize) -> Vec<u8> {
+    (0..dt.element_size() * n)
+        .map(|i| {
+            if dt == DataType::Bool {
+                (i % 2) as u8
+            } else {
+                i as u8
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -339,15 +353,7 @@ mod tests {
     #[test]
     fn le_bytes_round_trip_every_type() {
         for dt in DataType::ALL {
-            let bytes: Vec<u8> = (0..dt.element_size() * 3)
-                .map(|i| {
-                    if dt == DataType::Bool {
-                        (i % 2) as u8
-                    } else {
-                        i as u8
-                    }
-                })
-                .collect();
+            let bytes = sample_le_bytes(dt, 3);
             let data = TensorData::from_le_bytes(dt, &bytes).unwrap();
             assert_eq!(data.datatype(), dt);
             assert_eq!(data.len(), 3);

@@ -470,16 +470,9 @@ mod tests {
 
     #[test]
     fn every_datatype_round_trips_through_typed_contents() {
+        use crate::tensor::sample_le_bytes;
         for dt in DataType::ALL {
-            let bytes: Vec<u8> = (0..dt.element_size() * 3)
-                .map(|i| {
-                    if dt == DataType::Bool {
-                        (i % 2) as u8
-                    } else {
-                        i as u8
-                    }
-                })
-                .collect();
+            let bytes = sample_le_bytes(dt, 3);
             let data = TensorData::from_le_bytes(dt, &bytes).unwrap();
             let mut request = ModelInferRequest {
                 inputs: vec![input("x", dt.as_str(), &[3], contents_of(&data))],
