@@ -92,6 +92,17 @@ pub struct ServeArgs {
     /// outweighs the HTTP and JSON work of a request: shedding then saves real work.
     #[arg(long, env = "STREAMSERVE_MAX_INFLIGHT")]
     pub max_inflight: Option<usize>,
+    /// How the door limits the inference requests it lets in: `adaptive` moves the limit with
+    /// the latency it measures (up to `max_inflight` when that is set), so that admitted
+    /// requests stay within `admission_target_ms` when the CPU (HTTP, JSON), not a model
+    /// queue, is short; `static` holds it at `max_inflight` (0: no limit) [default: adaptive].
+    #[arg(long, env = "STREAMSERVE_ADMISSION")]
+    pub admission: Option<Admission>,
+    /// The adaptive limit's latency target, in milliseconds: the time an admitted request may
+    /// spend inside the server besides its model's compute (reading, decoding, queueing,
+    /// encoding); at least 1 [default: 20].
+    #[arg(long, env = "STREAMSERVE_ADMISSION_TARGET_MS")]
+    pub admission_target_ms: Option<u64>,
     /// CPU threads all replicas may use together; autoscaling adds replicas only within it
     /// [default: number of CPUs].
     #[arg(long, env = "STREAMSERVE_CPU_BUDGET")]
@@ -239,6 +250,8 @@ pub struct Config {
     pub admin_token_file: Option<PathBuf>,
     pub cpu_budget: usize,
     pub max_inflight: usize,
+    pub admission: Admission,
+    pub admission_target_ms: u64,
     /// `None`: the memory available when the server starts.
     pub memory_budget_mb: Option<u64>,
     pub vram_budget_mb: u64,
@@ -278,6 +291,8 @@ impl Default for Config {
             admin_token_file: None,
             cpu_budget: cpus(),
             max_inflight: 0,
+            admission: Admission::Adaptive,
+            admission_target_ms: 20,
             memory_budget_mb: None,
             vram_budget_mb: 0,
             body_timeout_secs: 60,
@@ -293,6 +308,17 @@ impl Default for Config {
             grpc_max_message_bytes: None,
         }
     }
+}
+
+/// How the door limits the inference requests it lets in (see `ServeArgs::admission`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Admission {
+    /// A concurrency limit that follows the latency measured inside the server.
+    #[default]
+    Adaptive,
+    /// `max_inflight` as it is (0: no limit): the behaviour before the adaptive limit.
+    Static,
 }
 
 /// The gRPC port when none is configured (HTTP's 8080 plus one, as KServe and Triton pair them).
@@ -355,6 +381,7 @@ impl Config {
         self.stream_idle_secs = self.stream_idle_secs.max(1);
         self.body_timeout_secs = self.body_timeout_secs.max(1);
         self.max_body_memory_mb = self.max_body_memory_mb.max(1);
+        self.admission_target_ms = self.admission_target_ms.max(1);
         if let Some(path) = &self.admin_token_file {
             anyhow::ensure!(
                 self.admin_token.is_none(),

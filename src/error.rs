@@ -60,6 +60,12 @@ pub enum ServeError {
         limit: usize,
         retry_after: Duration,
     },
+    /// The door's admission limit: the server itself (HTTP, decoding), not a model queue, is
+    /// at capacity.
+    #[error(
+        "the server is at its admission limit ({limit} inference requests in flight); retry later"
+    )]
+    Busy { limit: usize, retry_after: Duration },
     #[error("model '{model}' is not ready: {reason}")]
     NotReady {
         model: String,
@@ -105,6 +111,7 @@ impl ServeError {
             ServeError::BodyMemoryFull { .. } => "body_memory_full",
             ServeError::UnsupportedEncoding(_) => "unsupported_encoding",
             ServeError::Overloaded { .. } => "overloaded",
+            ServeError::Busy { .. } => "busy",
             ServeError::NotReady { .. } => "not_ready",
             ServeError::Inference(_) => "inference",
             ServeError::DeadlineExceeded { .. } => "deadline",
@@ -127,6 +134,7 @@ impl ServeError {
     fn retry_after(&self) -> Option<Duration> {
         match self {
             ServeError::Overloaded { retry_after, .. }
+            | ServeError::Busy { retry_after, .. }
             | ServeError::NotReady { retry_after, .. }
             | ServeError::RateLimited { retry_after, .. } => Some(*retry_after),
             ServeError::WorkerLost(_)
@@ -153,9 +161,9 @@ impl ResponseError for ServeError {
             }
             ServeError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ServeError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ServeError::Overloaded { .. } | ServeError::RateLimited { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            ServeError::Overloaded { .. }
+            | ServeError::Busy { .. }
+            | ServeError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ServeError::ModelUnavailable { .. }
             | ServeError::NotReady { .. }
             | ServeError::WorkerLost(_)
@@ -207,6 +215,7 @@ impl ServeError {
             | ServeError::TooLargeForModel { .. }
             | ServeError::ResponseTooLarge { .. }
             | ServeError::Overloaded { .. }
+            | ServeError::Busy { .. }
             | ServeError::RateLimited { .. } => Code::ResourceExhausted,
             ServeError::BodyTimeout { .. } | ServeError::DeadlineExceeded { .. } => {
                 Code::DeadlineExceeded

@@ -136,12 +136,11 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
         streams,
         admin_token: config.admin_token.clone().filter(|t| !t.is_empty()),
         supervisor,
-        inflight: Arc::new(tokio::sync::Semaphore::new(if config.max_inflight == 0 {
-            tokio::sync::Semaphore::MAX_PERMITS
-        } else {
-            config.max_inflight
-        })),
-        max_inflight: config.max_inflight,
+        admission: Arc::new(door::limit::AdmissionLimit::new(
+            config.admission,
+            config.max_inflight,
+            Duration::from_millis(config.admission_target_ms),
+        )),
         body_memory: BodyMemory::new(config.max_body_memory_mb),
         body_pace,
         work: work.clone(),

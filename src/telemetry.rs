@@ -299,7 +299,27 @@ fn describe() {
     describe_counter!(
         "streamserve_shed_total",
         Unit::Count,
-        "Requests refused with 429 (queue full, or past max_inflight), by the model the client asked for"
+        "Requests refused with 429 (queue full, or past the door's admission limit), by the model the client asked for"
+    );
+    describe_counter!(
+        "streamserve_admission_refused_total",
+        Unit::Count,
+        "Inference requests (429) and new streams (close 1013) refused at the door's admission limit"
+    );
+    describe_gauge!(
+        "streamserve_admission_limit",
+        Unit::Count,
+        "The door's admission limit: inference requests let inside at once (adaptive unless admission = static; 0: no limit)"
+    );
+    describe_gauge!(
+        "streamserve_admission_in_flight",
+        Unit::Count,
+        "Inference requests inside the door's admission limit now"
+    );
+    describe_histogram!(
+        "streamserve_admission_wait_seconds",
+        Unit::Seconds,
+        "Time admitted inference requests spent inside the server besides their model's compute (reading, decoding, queueing, encoding): what the adaptive limit holds to admission_target_ms"
     );
     describe_counter!(
         "streamserve_access_refused_total",
@@ -388,6 +408,7 @@ fn describe() {
     );
     metrics::counter!("streamserve_body_timeouts_total").increment(0);
     metrics::counter!("streamserve_body_memory_refusals_total").increment(0);
+    metrics::counter!("streamserve_admission_refused_total").increment(0);
     for &reason in STREAM_DROP_REASONS {
         metrics::counter!("streamserve_stream_drops_total", "reason" => reason).increment(0);
     }

@@ -35,8 +35,7 @@ pub struct AppState {
     pub admin_token: Option<String>,
     pub supervisor: Addr<Supervisor>,
     /// Admission at the door: one permit per inference request being handled.
-    pub inflight: Arc<tokio::sync::Semaphore>,
-    pub max_inflight: usize,
+    pub admission: Arc<door::limit::AdmissionLimit>,
     /// Memory that request bodies may hold together.
     pub body_memory: body::BodyMemory,
     /// How fast a request body must arrive (enforced by the door, reported by `body`).
@@ -74,20 +73,20 @@ impl AppState {
         Ok((pass, served))
     }
 
-    /// A place among the inference requests decoded, queued or running at once
-    /// (`--max-inflight`), held by the returned permit; past it the server is saturated
-    /// upstream of the model queues (HTTP, JSON), where `slo_ms` and `max_queue` cannot see it.
-    pub fn inflight_permit(
+    /// A place among the inference requests decoded, queued or running at once (the door's
+    /// admission limit, adaptive by default), held by the returned permit; past it the server
+    /// is saturated upstream of the model queues (HTTP, JSON), where `slo_ms` and `max_queue`
+    /// cannot see it, and the request gets an immediate 429.
+    pub fn admission_permit(
         &self,
         served: &ServedModel,
-    ) -> Result<tokio::sync::OwnedSemaphorePermit, ServeError> {
-        self.inflight.clone().try_acquire_owned().map_err(|_| {
+    ) -> Result<door::limit::AdmissionPermit, ServeError> {
+        self.admission.try_enter().ok_or_else(|| {
             ::metrics::counter!("streamserve_shed_total", "model" => served.info.name.clone(), "version" => served.info.version.clone())
                 .increment(1);
-            ServeError::Overloaded {
-                model: served.info.name.clone(),
-                queued: self.max_inflight,
-                limit: self.max_inflight,
+            ::metrics::counter!("streamserve_admission_refused_total").increment(1);
+            ServeError::Busy {
+                limit: self.admission.limit(),
                 retry_after: Duration::from_secs(1),
             }
         })
@@ -123,7 +122,8 @@ impl AppState {
 
 /// Mounts every route.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.configure(health::routes)
+    cfg.configure(rest::infer_routes)
+        .configure(health::routes)
         .configure(rest::routes)
         .configure(ws::routes)
         .configure(admin::routes)

@@ -17,6 +17,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::door::limit::AdmissionLimit;
 use super::AppState;
 use crate::access::{Pass, StreamPass};
 use crate::actors::registry::ServedModel;
@@ -93,6 +94,7 @@ async fn open_stream(
         );
     }
     let streams = state.streams.clone();
+    let admission = state.admission.clone();
     let messages = messages
         .max_frame_size(MAX_FRAME_BYTES)
         .aggregate_continuations()
@@ -100,7 +102,7 @@ async fn open_stream(
     // An open stream is work in flight: a shutdown waits for it to close (code 1001).
     let work = state.work.begin();
     actix_web::rt::spawn(async move {
-        connection(session, messages, served, streams, stream_pass).await;
+        connection(session, messages, served, streams, stream_pass, admission).await;
         drop(work);
     });
     Ok(response)
@@ -133,6 +135,7 @@ async fn connection(
     served: ServedModel,
     config: Arc<StreamsConfig>,
     access: StreamPass,
+    admission: Arc<AdmissionLimit>,
 ) {
     let _gauge = ConnectionGauge::new();
     let start = match read_start(&mut ws, &mut messages).await {
@@ -141,6 +144,13 @@ async fn connection(
         Err(ReadEnd::Close(code, reason)) => return close_with_error(ws, code, reason).await,
     };
     let resuming = start.stream_id.is_some();
+    // A server short of CPU keeps the streams it has in real time rather than take on more:
+    // a new stream is told to retry (1013), a resumed one (already counted here) goes on.
+    if !resuming && admission.refusing() {
+        metrics::counter!("streamserve_admission_refused_total").increment(1);
+        let reason = "the server is at its admission limit; retry in a second".to_string();
+        return close_with_error(ws, CloseCode::Again, reason).await;
+    }
     let sample_rate = start.sample_rate.max(1);
     let (session, last_seq) = match open_session(start, served, &config).await {
         Ok(opened) => opened,

@@ -116,6 +116,8 @@ fn defaults_are_unchanged() {
         admin_token_file,
         cpu_budget,
         max_inflight,
+        admission,
+        admission_target_ms,
         memory_budget_mb,
         vram_budget_mb,
         body_timeout_secs,
@@ -146,6 +148,8 @@ fn defaults_are_unchanged() {
     assert_eq!(admin_token_file, None);
     assert_eq!(cpu_budget, cpus);
     assert_eq!(max_inflight, 0);
+    assert_eq!(admission, Admission::Adaptive);
+    assert_eq!(admission_target_ms, 20);
     assert_eq!(memory_budget_mb, None);
     assert_eq!(vram_budget_mb, 0);
     assert_eq!(body_timeout_secs, 60);

@@ -2,7 +2,7 @@
 //! additions its client uses (streaming inference, model configuration, repository index).
 //!
 //! Inference goes the way REST's does: resolve the version (loading it if cold), admission at
-//! the door (`max_inflight`), [`convert::decode`], [`ModelInfo::validate`],
+//! the door's admission limit, [`convert::decode`], [`ModelInfo::validate`],
 //! [`ServedModel::infer`] with the deadline from `grpc-timeout` (or Triton's `timeout`
 //! parameter), [`convert::encode`]. Errors are `ServeError`s, mapped to status codes in
 //! `error.rs`; a streamed request's error answers that request (`error_message`) and the
@@ -150,7 +150,7 @@ impl Inference {
             .access
             .check_version(pass, &served.info.name, &served.info.version)?;
         // Admission before decoding, as REST's.
-        let _permit = state.inflight_permit(served)?;
+        let permit = state.admission_permit(served)?;
         let decoded = convert::decode(request)?;
         let info = served.info.clone();
         let validated = info.validate(decoded.inputs, decoded.outputs)?;
@@ -181,6 +181,7 @@ impl Inference {
                 limit: self.max_message,
             });
         }
+        permit.answered(received.elapsed().saturating_sub(response.compute_time));
         Ok((answer, response))
     }
 }

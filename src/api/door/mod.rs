@@ -31,6 +31,8 @@ use actix_web::{HttpMessage, HttpResponse};
 use futures_util::Stream;
 use tokio::time::{Instant, Sleep};
 
+pub mod limit;
+
 /// The message a timed-out body read carries; [`is_body_timeout`] recognises it.
 const BODY_TIMEOUT: &str = "request body arrived too slowly";
 /// Time a body may take before the minimum rate applies (a connection's first bytes are slow).

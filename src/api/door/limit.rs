@@ -1,0 +1,307 @@
+//! The door's admission limit: how many inference requests may be inside the server at once.
+//!
+//! A model's router sees only its own queue; when the CPU is short for the work around the
+//! model (HTTP, JSON decoding and encoding), requests wait before they reach any queue and
+//! `slo_ms` never engages. The door sees every request from the moment its handler starts, so
+//! it bounds them all together and refuses the rest with an immediate 429, before a body is
+//! decoded.
+//!
+//! `adaptive` (the default) moves the bound with what it measures, in the manner of Netflix's
+//! concurrency-limits and Envoy's adaptive concurrency filter: every admitted answer reports
+//! how long it waited inside the server besides its model's compute. Each window
+//! ([`WINDOW`]) where more than a tenth of the answers waited past the target shrinks the
+//! limit by a fifth; a window that filled the limit and stayed within the target grows it by
+//! its square root (fast from a small limit, gently near a large one), so the limit settles
+//! where the measured wait meets the target and recovers within a second once an overload
+//! ends. `static` keeps `max_inflight` fixed (0: no limit).
+//!
+//! The wait a server can measure starts when its HTTP thread parses a request. Time spent
+//! before that, in the kernel's socket buffers while that thread is busy, is invisible to it,
+//! which is why the target (20 ms) is well below the bundled models' `slo_ms` (50 ms).
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::config::Admission;
+
+/// How often the adaptive limit is reconsidered (when answers come in).
+pub const WINDOW: Duration = Duration::from_millis(50);
+/// The adaptive limit never goes below this: a few batches' worth for two replicas.
+pub const MIN_LIMIT: usize = 8;
+/// The adaptive limit's ceiling when `max_inflight` is 0.
+pub const DEFAULT_MAX_LIMIT: usize = 4096;
+/// Where the adaptive limit starts.
+pub const INITIAL_LIMIT: usize = 64;
+/// For how long after a refusal [`AdmissionLimit::refusing`] says so (new streams wait that out).
+const REFUSING_FOR: Duration = Duration::from_secs(1);
+
+/// What one window saw.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Window {
+    /// Admitted answers that reported their wait.
+    pub answers: u32,
+    /// Of those, the ones that waited longer than the target.
+    pub late: u32,
+    /// Whether the limit was reached (a request was refused, or in flight met the limit).
+    pub saturated: bool,
+}
+
+/// The adaptive rule on its own, without clocks or locks.
+#[derive(Clone, Copy, Debug)]
+pub struct Controller {
+    pub limit: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Controller {
+    /// The limit after a window.
+    pub fn after(&mut self, window: Window) -> f64 {
+        if window.answers >= 4 && window.late * 10 > window.answers {
+            self.limit = (self.limit * 0.8).max(self.min);
+        } else if window.saturated && window.late * 10 <= window.answers {
+            self.limit = (self.limit + self.limit.sqrt()).min(self.max);
+        }
+        self.limit
+    }
+}
+
+struct State {
+    controller: Controller,
+    in_flight: usize,
+    window: Window,
+    window_started: Instant,
+    last_refusal: Option<Instant>,
+}
+
+/// The limit, its count of requests inside, and its metrics; one per server.
+pub struct AdmissionLimit {
+    mode: Admission,
+    target: Duration,
+    state: Mutex<State>,
+}
+
+impl AdmissionLimit {
+    /// `max_inflight` 0 means no ceiling: none at all in `static` mode, [`DEFAULT_MAX_LIMIT`]
+    /// for the adaptive limit.
+    pub fn new(mode: Admission, max_inflight: usize, target: Duration) -> AdmissionLimit {
+        let (limit, min, max) = match mode {
+            Admission::Static if max_inflight == 0 => (f64::INFINITY, 0.0, f64::INFINITY),
+            Admission::Static => {
+                let n = max_inflight as f64;
+                (n, n, n)
+            }
+            Admission::Adaptive => {
+                let max = if max_inflight == 0 {
+                    DEFAULT_MAX_LIMIT
+                } else {
+                    max_inflight
+                } as f64;
+                let min = (MIN_LIMIT as f64).min(max);
+                ((INITIAL_LIMIT as f64).clamp(min, max), min, max)
+            }
+        };
+        let limit = AdmissionLimit {
+            mode,
+            target,
+            state: Mutex::new(State {
+                controller: Controller { limit, min, max },
+                in_flight: 0,
+                window: Window::default(),
+                window_started: Instant::now(),
+                last_refusal: None,
+            }),
+        };
+        limit.publish(&limit.lock());
+        limit
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state is numbers only, consistent after every statement: a panic elsewhere
+        // while it was held leaves nothing half-done.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A place inside, or `None` when the server is at its limit (the caller answers 429).
+    pub fn try_enter(self: &Arc<Self>) -> Option<AdmissionPermit> {
+        let mut state = self.lock();
+        if (state.in_flight as f64) >= state.controller.limit.floor() {
+            state.window.saturated = true;
+            state.last_refusal = Some(Instant::now());
+            return None;
+        }
+        state.in_flight += 1;
+        if state.in_flight as f64 >= state.controller.limit.floor() {
+            state.window.saturated = true;
+        }
+        metrics::gauge!("streamserve_admission_in_flight").set(state.in_flight as f64);
+        Some(AdmissionPermit {
+            limit: self.clone(),
+        })
+    }
+
+    /// The limit now (`usize::MAX`: none).
+    pub fn limit(&self) -> usize {
+        let limit = self.lock().controller.limit;
+        if limit.is_finite() {
+            limit as usize
+        } else {
+            usize::MAX
+        }
+    }
+
+    /// Whether the door refused a request within the last second: the server is short of
+    /// CPU, so new long-lived work (streams) had better go elsewhere.
+    pub fn refusing(&self) -> bool {
+        self.lock()
+            .last_refusal
+            .is_some_and(|at| at.elapsed() < REFUSING_FOR)
+    }
+
+    fn leave(&self, waited: Option<Duration>) {
+        let mut state = self.lock();
+        state.in_flight -= 1;
+        metrics::gauge!("streamserve_admission_in_flight").set(state.in_flight as f64);
+        let Some(waited) = waited else { return };
+        metrics::histogram!("streamserve_admission_wait_seconds").record(waited.as_secs_f64());
+        if self.mode == Admission::Static {
+            return;
+        }
+        state.window.answers += 1;
+        if waited > self.target {
+            state.window.late += 1;
+        }
+        if state.window_started.elapsed() >= WINDOW {
+            let window = std::mem::take(&mut state.window);
+            let before = state.controller.limit;
+            let after = state.controller.after(window);
+            state.window_started = Instant::now();
+            if after != before {
+                self.publish(&state);
+            }
+        }
+    }
+
+    fn publish(&self, state: &State) {
+        let limit = state.controller.limit;
+        // Static without a limit shows 0, as `max_inflight` spells it.
+        metrics::gauge!("streamserve_admission_limit").set(if limit.is_finite() {
+            limit.floor()
+        } else {
+            0.0
+        });
+    }
+}
+
+/// A request's place inside; dropping it leaves without a measurement (a refusal after the
+/// door, an error), [`AdmissionPermit::answered`] leaves with one.
+pub struct AdmissionPermit {
+    limit: Arc<AdmissionLimit>,
+}
+
+impl AdmissionPermit {
+    /// The request was answered after waiting `waited` inside the server besides its model's
+    /// compute.
+    pub fn answered(self, waited: Duration) {
+        self.limit.leave(Some(waited));
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for AdmissionPermit {
+    fn drop(&mut self) {
+        self.limit.leave(None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn controller() -> Controller {
+        Controller {
+            limit: 64.0,
+            min: 8.0,
+            max: 4096.0,
+        }
+    }
+
+    fn window(answers: u32, late: u32, saturated: bool) -> Window {
+        Window {
+            answers,
+            late,
+            saturated,
+        }
+    }
+
+    #[test]
+    fn late_answers_shrink_the_limit_down_to_its_floor() {
+        let mut c = controller();
+        assert_eq!(c.after(window(100, 50, true)), 64.0 * 0.8);
+        for _ in 0..50 {
+            c.after(window(100, 50, true));
+        }
+        assert_eq!(c.limit, 8.0);
+    }
+
+    #[test]
+    fn a_full_window_within_the_target_grows_the_limit_and_recovers_within_a_second() {
+        let mut c = controller();
+        c.limit = 8.0;
+        let windows_per_second = (Duration::from_secs(1).as_millis() / WINDOW.as_millis()) as u32;
+        for _ in 0..windows_per_second {
+            c.after(window(100, 0, true));
+        }
+        assert!(c.limit >= 100.0, "{}", c.limit);
+        for _ in 0..1000 {
+            c.after(window(100, 0, true));
+        }
+        assert_eq!(c.limit, 4096.0);
+    }
+
+    #[test]
+    fn a_limit_that_is_not_reached_stays_where_it_is() {
+        let mut c = controller();
+        assert_eq!(c.after(window(100, 0, false)), 64.0);
+        // Too few answers to judge, and a tenth late is within the rule.
+        assert_eq!(c.after(window(3, 3, false)), 64.0);
+        assert_eq!(c.after(window(100, 10, false)), 64.0);
+    }
+
+    #[test]
+    fn the_door_refuses_past_its_limit_and_lets_in_again_when_a_place_frees() {
+        let door = Arc::new(AdmissionLimit::new(
+            Admission::Static,
+            2,
+            Duration::from_millis(20),
+        ));
+        let a = door.try_enter().unwrap();
+        let _b = door.try_enter().unwrap();
+        assert!(door.try_enter().is_none());
+        assert!(door.refusing());
+        a.answered(Duration::from_millis(1));
+        assert!(door.try_enter().is_some());
+        assert_eq!(door.limit(), 2);
+    }
+
+    #[test]
+    fn static_without_a_limit_lets_everyone_in() {
+        let door = Arc::new(AdmissionLimit::new(
+            Admission::Static,
+            0,
+            Duration::from_millis(20),
+        ));
+        let permits: Vec<_> = (0..10_000).map(|_| door.try_enter().unwrap()).collect();
+        assert_eq!(permits.len(), 10_000);
+        assert_eq!(door.limit(), usize::MAX);
+        assert!(!door.refusing());
+    }
+
+    #[test]
+    fn the_adaptive_limit_starts_within_its_bounds() {
+        let small = AdmissionLimit::new(Admission::Adaptive, 4, Duration::from_millis(20));
+        assert_eq!(small.limit(), 4);
+        let default = AdmissionLimit::new(Admission::Adaptive, 0, Duration::from_millis(20));
+        assert_eq!(default.limit(), INITIAL_LIMIT);
+    }
+}
