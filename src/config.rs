@@ -99,8 +99,8 @@ pub struct ServeArgs {
     #[arg(long, env = "STREAMSERVE_ADMISSION")]
     pub admission: Option<Admission>,
     /// The adaptive limit's latency target, in milliseconds: the time an admitted request may
-    /// spend inside the server besides its model's compute (reading, decoding, queueing,
-    /// encoding); at least 1 [default: 20].
+    /// spend inside the server outside its model's queue and compute (reading, decoding,
+    /// waiting for the HTTP thread, encoding); at least 1 [default: 5].
     #[arg(long, env = "STREAMSERVE_ADMISSION_TARGET_MS")]
     pub admission_target_ms: Option<u64>,
     /// CPU threads all replicas may use together; autoscaling adds replicas only within it
@@ -292,7 +292,7 @@ impl Default for Config {
             cpu_budget: cpus(),
             max_inflight: 0,
             admission: Admission::Adaptive,
-            admission_target_ms: 20,
+            admission_target_ms: 5,
             memory_budget_mb: None,
             vram_budget_mb: 0,
             body_timeout_secs: 60,

@@ -31,6 +31,16 @@ impl fmt::Display for Untrusted<'_> {
 /// Longest `x-request-id` echoed back and logged; longer ones are cut to this.
 pub const MAX_REQUEST_ID: usize = 128;
 
+/// A new request id, for answers and logs where the client sent none: a random v4 UUID from
+/// a thread-local generator. It is not a secret, and drawing from the operating system's
+/// generator costs a system call per request.
+pub fn new_request_id() -> String {
+    uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes())
+        .into_uuid()
+        .simple()
+        .to_string()
+}
+
 /// The request id a client sent, if usable: visible ASCII (what a header value can carry
 /// safely back), cut to [`MAX_REQUEST_ID`].
 pub fn request_id(given: &str) -> Option<String> {

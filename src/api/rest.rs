@@ -254,7 +254,7 @@ async fn run_inference(
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .and_then(untrusted::request_id)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+        .unwrap_or_else(|| crate::untrusted::new_request_id());
     let peer = req.peer_addr().map(|a| a.ip());
     let admitted = state.admitted(req.headers(), peer, name, version).await;
     // The caller's key name for the access log; the pass (and its in-flight permit) lives until
@@ -448,7 +448,15 @@ async fn infer_on(
     } else {
         http.content_type("application/json");
     }
-    permit.answered(received.elapsed().saturating_sub(response.compute_time));
+    // What the door's limit measures: the time outside the model's queue and compute. A large
+    // body's decoding is its own size's cost, not a sign of overload.
+    if small {
+        permit.answered(
+            received
+                .elapsed()
+                .saturating_sub(response.queue_time + response.compute_time),
+        );
+    }
     let stats = Stats {
         batch_size: response.batch_size,
         queue_us: response.queue_time.as_micros() as u64,

@@ -149,7 +149,7 @@ fn defaults_are_unchanged() {
     assert_eq!(cpu_budget, cpus);
     assert_eq!(max_inflight, 0);
     assert_eq!(admission, Admission::Adaptive);
-    assert_eq!(admission_target_ms, 20);
+    assert_eq!(admission_target_ms, 5);
     assert_eq!(memory_budget_mb, None);
     assert_eq!(vram_budget_mb, 0);
     assert_eq!(body_timeout_secs, 60);

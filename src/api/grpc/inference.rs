@@ -181,7 +181,12 @@ impl Inference {
                 limit: self.max_message,
             });
         }
-        permit.answered(received.elapsed().saturating_sub(response.compute_time));
+        // What the door's limit measures: the time outside the model's queue and compute.
+        permit.answered(
+            received
+                .elapsed()
+                .saturating_sub(response.queue_time + response.compute_time),
+        );
         Ok((answer, response))
     }
 }
@@ -477,7 +482,7 @@ impl Inference {
             request.model_version.clone(),
         );
         let request_id = if id.is_empty() {
-            uuid::Uuid::new_v4().simple().to_string()
+            crate::untrusted::new_request_id()
         } else {
             id.clone()
         };
