@@ -87,9 +87,10 @@ pub struct ServeArgs {
     /// is closing.
     #[arg(long, env = "STREAMSERVE_KEEP_ALIVE_SECS")]
     pub keep_alive_secs: Option<u64>,
-    /// Inference requests decoded, queued or running at once; beyond it new ones get an
-    /// immediate 429. 0 = no limit [default: 0]. Worth setting for models whose inference
-    /// outweighs the HTTP and JSON work of a request: shedding then saves real work.
+    /// Inference requests decoded, queued or running at once, at most; beyond the door's
+    /// limit new ones get an immediate 429. With `admission = adaptive` this is the ceiling
+    /// the limit moves under (0: 4096); with `static`, the limit itself (0: none)
+    /// [default: 0].
     #[arg(long, env = "STREAMSERVE_MAX_INFLIGHT")]
     pub max_inflight: Option<usize>,
     /// How the door limits the inference requests it lets in: `adaptive` moves the limit with

@@ -308,6 +308,9 @@ async fn run_inference(
             }
             Ok(response)
         }
+        // The door logs its refusals as a count per second (`door::limit`): a line for each
+        // would spend the CPU that is short.
+        Err(e @ ServeError::Busy { .. }) => Err(e),
         Err(e) => {
             tracing::info!(
                 target: "streamserve::access",

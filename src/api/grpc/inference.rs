@@ -127,6 +127,8 @@ impl Inference {
                     compute_us = stats.compute_time.as_micros() as u64, total_us, "infer"
                 );
             }
+            // The door logs its refusals as a count per second (`door::limit`).
+            Err(ServeError::Busy { .. }) => {}
             Err(e) => tracing::info!(
                 target: "streamserve::access",
                 protocol = "grpc", rpc, request_id = %request_id, key = %key, model = %model,
