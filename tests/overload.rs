@@ -120,7 +120,11 @@ async fn a_burst_far_above_capacity_gets_one_answer_each_and_the_limit_grows_bac
     // One answer per request, each for its own request, and only the three kinds.
     assert_eq!(answers.len(), BURST);
     let ids: HashSet<&str> = answers.iter().map(|a| a.request_id.as_str()).collect();
-    assert_eq!(ids.len(), BURST, "each request answered once, under its own id");
+    assert_eq!(
+        ids.len(),
+        BURST,
+        "each request answered once, under its own id"
+    );
     let ok = answers.iter().filter(|a| a.status == 200).count();
     let degraded = answers.iter().filter(|a| a.degraded).count();
     let refused: Vec<&Answer> = answers.iter().filter(|a| a.status == 429).collect();
@@ -245,7 +249,9 @@ async fn while_the_door_refuses_a_new_stream_is_told_to_retry() {
         refused.error
     );
 
-    let close = open_stream(&url).await.expect_err("the new stream is refused");
+    let close = open_stream(&url)
+        .await
+        .expect_err("the new stream is refused");
     let (code, reason) = close.expect("a close frame");
     assert_eq!(code, CloseCode::Again, "1013: try again later");
     assert!(reason.contains("retry"), "{reason}");

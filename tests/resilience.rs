@@ -397,7 +397,10 @@ async fn past_max_inflight_requests_are_refused_at_once() {
     assert_eq!(ok + shed.len(), 30, "every request is answered, 200 or 429");
     assert!(ok >= 4, "the first requests are admitted");
     assert!(!shed.is_empty(), "requests past max_inflight are refused");
-    assert!(shed[0]["error"].as_str().unwrap().contains("admission limit"));
+    assert!(shed[0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("admission limit"));
     // Once the admitted ones finish, new requests are admitted again.
     let (status, _) = post(
         &c,

@@ -1,6 +1,7 @@
 //! HTTP surfaces. Each file translates one protocol into actor messages and back; errors are
 //! mapped to HTTP in one place, [`crate::error::ServeError`]'s `ResponseError` impl.
 
+mod accounting;
 pub mod admin;
 pub mod body;
 pub mod door;

@@ -10,6 +10,7 @@ use actix_web::http::header::{self, HeaderValue};
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::json;
 
+use super::accounting::{Answered, Protocol, Stats};
 use super::body;
 use super::kserve::{self, HEADER_CONTENT_LENGTH};
 use super::AppState;
@@ -19,7 +20,7 @@ use crate::actors::served::InferOptions;
 use crate::error::ServeError;
 use crate::manifest::BatchAxis;
 use crate::model::{InferRequest, ModelInfo, PLATFORM};
-use crate::untrusted::{self, Untrusted};
+use crate::untrusted;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     // Resources, not bare routes: a known path called with the wrong method gets 405 + Allow.
@@ -260,12 +261,6 @@ async fn run_inference(
     // The caller's key name for the access log; the pass (and its in-flight permit) lives until
     // the answer is logged.
     let key = admitted.as_ref().map_or("-", |(pass, _)| pass.name());
-    // Label metrics by the served model only: an unknown name from a client must not mint
-    // a new time series.
-    let (model, model_version) = match &admitted {
-        Ok((_, served)) => (served.info.name.clone(), served.info.version.clone()),
-        Err(_) => ("_unknown".to_string(), String::new()),
-    };
     let outcome = match &admitted {
         Ok((pass, served)) => infer_on(state, served, req, body, received, pass).await,
         Err(refused) => {
@@ -278,48 +273,21 @@ async fn run_inference(
             Err(refused.clone())
         }
     };
-    let elapsed = received.elapsed();
-    let status = match &outcome {
-        Ok(_) => 200,
-        Err(e) => actix_web::ResponseError::status_code(e).as_u16(),
-    };
-    if let Ok((_, served)) = &admitted {
-        served.health.record(status >= 500, elapsed);
+    super::accounting::record(Answered {
+        protocol: Protocol::Rest,
+        request_id: &request_id,
+        key,
+        served: admitted.as_ref().ok().map(|(_, served)| served),
+        elapsed: received.elapsed(),
+        outcome: outcome.as_ref().map(|(_, stats)| *stats),
+    });
+    let (mut response, _) = outcome?;
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        response
+            .headers_mut()
+            .insert(header::HeaderName::from_static("x-request-id"), v);
     }
-    let labels = [("model", model.clone()), ("version", model_version.clone())];
-    metrics::counter!("streamserve_requests_total", "model" => model.clone(), "version" => model_version.clone(), "status" => status.to_string())
-        .increment(1);
-    metrics::histogram!("streamserve_request_duration_seconds", &labels)
-        .record(elapsed.as_secs_f64());
-    match outcome {
-        Ok((mut response, stats)) => {
-            metrics::histogram!("streamserve_queue_duration_seconds", &labels)
-                .record(stats.queue_us as f64 / 1e6);
-            tracing::info!(
-                target: "streamserve::access",
-                request_id = %request_id, key = %key, model = %model, version = %model_version, status,
-                batch_size = stats.batch_size, queue_us = stats.queue_us, compute_us = stats.compute_us,
-                total_us = elapsed.as_micros() as u64, "infer"
-            );
-            if let Ok(v) = HeaderValue::from_str(&request_id) {
-                response
-                    .headers_mut()
-                    .insert(header::HeaderName::from_static("x-request-id"), v);
-            }
-            Ok(response)
-        }
-        // The door logs its refusals as a count per second (`door::limit`): a line for each
-        // would spend the CPU that is short.
-        Err(e @ ServeError::Busy { .. }) => Err(e),
-        Err(e) => {
-            tracing::info!(
-                target: "streamserve::access",
-                request_id = %request_id, key = %key, model = %model, version = %model_version, status,
-                error = %Untrusted(&e.to_string()), total_us = elapsed.as_micros() as u64, "infer"
-            );
-            Err(e)
-        }
-    }
+    Ok(response)
 }
 
 /// Bodies up to this size are decoded on the HTTP thread; larger ones on the blocking pool.
@@ -360,12 +328,6 @@ fn model_body_limit(info: &ModelInfo) -> Option<usize> {
     elements
         .checked_mul(BYTES_PER_ELEMENT)?
         .checked_add(ENVELOPE)
-}
-
-struct Stats {
-    batch_size: usize,
-    queue_us: u64,
-    compute_us: u64,
 }
 
 async fn infer_on(
@@ -460,10 +422,6 @@ async fn infer_on(
                 .saturating_sub(response.queue_time + response.compute_time),
         );
     }
-    let stats = Stats {
-        batch_size: response.batch_size,
-        queue_us: response.queue_time.as_micros() as u64,
-        compute_us: response.compute_time.as_micros() as u64,
-    };
+    let stats = Stats::from(&response);
     Ok((http.body(encoded.body), stats))
 }

@@ -170,8 +170,11 @@ impl AdmissionLimit {
                 .last_logged
                 .is_none_or(|at| now.duration_since(at) >= LOG_EVERY);
             if log_due {
-                let (refused, limit, in_flight) =
-                    (state.refused_unlogged, self.limit_of(&state), state.in_flight);
+                let (refused, limit, in_flight) = (
+                    state.refused_unlogged,
+                    self.limit_of(&state),
+                    state.in_flight,
+                );
                 state.refused_unlogged = 0;
                 state.last_logged = Some(now);
                 drop(state);
@@ -300,8 +303,16 @@ mod tests {
     #[test]
     fn late_answers_shrink_the_limit_down_to_its_floor() {
         let mut c = controller();
-        assert_eq!(c.after(window(100, 50, true), 1), 64.0, "one late window is a burst");
-        assert_eq!(c.after(window(100, 50, true), 1), 64.0, "two are a long burst");
+        assert_eq!(
+            c.after(window(100, 50, true), 1),
+            64.0,
+            "one late window is a burst"
+        );
+        assert_eq!(
+            c.after(window(100, 50, true), 1),
+            64.0,
+            "two are a long burst"
+        );
         assert_eq!(c.after(window(100, 50, true), 1), 64.0 * 0.8);
         for _ in 0..50 {
             c.after(window(100, 50, true), 1);

@@ -28,10 +28,10 @@ use super::{draining, grpc_timeout, request_id, Stop};
 use crate::access::Pass;
 use crate::actors::registry::ServedModel;
 use crate::actors::served::InferOptions;
+use crate::api::accounting::{Answered, Protocol, Stats};
 use crate::api::{health, kserve, rest, AppState};
 use crate::error::ServeError;
 use crate::model::PLATFORM;
-use crate::untrusted::Untrusted;
 
 /// Requests of one stream being decoded, queued or run at once; beyond it the stream is not
 /// read until an answer is sent (HTTP/2 flow control then holds the client back).
@@ -83,10 +83,6 @@ impl Inference {
                 version(&request.model_version),
             )
             .await;
-        let (model, model_version) = match &admitted {
-            Ok((_, served)) => (served.info.name.clone(), served.info.version.clone()),
-            Err(_) => ("_unknown".to_string(), String::new()),
-        };
         // The caller's key name for the access log; the pass (and its in-flight permit) lives until
         // the answer is logged.
         let key = admitted.as_ref().map_or("-", |(pass, _)| pass.name());
@@ -97,45 +93,14 @@ impl Inference {
             }
             Err(e) => Err(e.clone()),
         };
-        let elapsed = received.elapsed();
-        let status = match &outcome {
-            Ok(_) => 200,
-            Err(e) => actix_web::ResponseError::status_code(e).as_u16(),
-        };
-        if let Ok((_, served)) = &admitted {
-            served.health.record(status >= 500, elapsed);
-        }
-        let labels = [
-            ("model", model.clone()),
-            ("version", model_version.clone()),
-            ("protocol", "grpc".to_string()),
-        ];
-        metrics::counter!("streamserve_requests_total", "model" => model.clone(), "version" => model_version.clone(), "status" => status.to_string(), "protocol" => "grpc")
-            .increment(1);
-        metrics::histogram!("streamserve_request_duration_seconds", &labels)
-            .record(elapsed.as_secs_f64());
-        let total_us = elapsed.as_micros() as u64;
-        match &outcome {
-            Ok((_, stats)) => {
-                metrics::histogram!("streamserve_queue_duration_seconds", &labels)
-                    .record(stats.queue_time.as_secs_f64());
-                tracing::info!(
-                    target: "streamserve::access",
-                    protocol = "grpc", rpc, request_id = %request_id, key = %key, model = %model,
-                    version = %model_version, status, code = "OK",
-                    batch_size = stats.batch_size, queue_us = stats.queue_time.as_micros() as u64,
-                    compute_us = stats.compute_time.as_micros() as u64, total_us, "infer"
-                );
-            }
-            // The door logs its refusals as a count per second (`door::limit`).
-            Err(ServeError::Busy { .. }) => {}
-            Err(e) => tracing::info!(
-                target: "streamserve::access",
-                protocol = "grpc", rpc, request_id = %request_id, key = %key, model = %model,
-                version = %model_version, status, code = ?e.grpc_code(),
-                error = %Untrusted(&e.to_string()), total_us, "infer"
-            ),
-        }
+        crate::api::accounting::record(Answered {
+            protocol: Protocol::Grpc { rpc },
+            request_id: &request_id,
+            key,
+            served: admitted.as_ref().ok().map(|(_, served)| served),
+            elapsed: received.elapsed(),
+            outcome: outcome.as_ref().map(|(_, response)| Stats::from(response)),
+        });
         outcome.map(|(answer, _)| answer)
     }
 
