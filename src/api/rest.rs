@@ -255,7 +255,7 @@ async fn run_inference(
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .and_then(untrusted::request_id)
-        .unwrap_or_else(|| crate::untrusted::new_request_id());
+        .unwrap_or_else(crate::untrusted::new_request_id);
     let peer = req.peer_addr().map(|a| a.ip());
     let admitted = state.admitted(req.headers(), peer, name, version).await;
     // The caller's key name for the access log; the pass (and its in-flight permit) lives until

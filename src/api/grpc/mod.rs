@@ -91,7 +91,7 @@ fn request_id(metadata: &MetadataMap, id: &str) -> String {
         .and_then(crate::untrusted::request_id);
     crate::untrusted::request_id(id)
         .or(header)
-        .unwrap_or_else(|| crate::untrusted::new_request_id())
+        .unwrap_or_else(crate::untrusted::new_request_id)
 }
 
 /// tonic's words for a message over the decoding limit.
