@@ -94,7 +94,13 @@ pub fn overload_levels(results: &Value, out: &Path) -> anyhow::Result<()> {
         (BLACK, 1, 1),
         label,
     )?;
-    let offered = [(0.0, 0.0), (m_max, m_max * capacity)];
+    // Goodput = offered, up to the top of the chart.
+    let top = if capacity > 0.0 {
+        (y_max / capacity).min(m_max)
+    } else {
+        m_max
+    };
+    let offered = [(0.0, 0.0), (top, top * capacity)];
     line(&mut chart, offered, (grey, 1, 1), "offered")?;
     for (i, s) in all.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
