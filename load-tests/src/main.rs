@@ -47,9 +47,9 @@ enum Command {
     /// measure its capacity, then one open-loop run through an overload step, every replica
     /// panicking and one replica hanging; write report.md with latency over time.
     Timeline(timeline::TimelineOptions),
-    /// The whole suite in one command: the bench, streams-bench, overload and timeline
-    /// scenarios (load-tests/scenarios/), one after the other, then the capacity plan from
-    /// their results. About 12 minutes on 2 cores.
+    /// The whole suite in one command: the bench, streams-bench, overload (unpinned and
+    /// pinned) and timeline scenarios (load-tests/scenarios/), one after the other, then the
+    /// capacity plan from their results. About 15 minutes on 2 cores.
     Suite {
         /// Leave out the FastAPI peer in the bench.
         #[arg(long)]
