@@ -6,7 +6,8 @@
 //!   the in-process ONNX Runtime ceiling;
 //! - [`streams`]: WebSocket speech-stream load, and [`streams_bench`]: how many real-time
 //!   `silero_vad` streams one server carries, batching across streams on and off;
-//! - [`overload`]: open-loop overload of `mlp` with its fallback, shedding and degraded mode;
+//! - [`overload`]: open-loop overload of `mlp` with its fallback, shedding and degraded mode,
+//!   door admission static vs adaptive, in-process or pinned to its own CPU;
 //!   [`timeline`]: the same server through an overload step and injected worker faults,
 //!   over time;
 //! - [`peer`]: the FastAPI + uvicorn + onnxruntime peer `bench` compares with;

@@ -38,16 +38,18 @@ enum Command {
     /// the number of real-time streams until p99 chunk latency misses the target, compare
     /// with the in-process compute ceiling, write report.md.
     StreamsBench(streams_bench::StreamsBenchOptions),
-    /// Start streamserve in-process on mlp with slo_ms, a fallback and a short queue; measure
-    /// its capacity, offer 1x, 2x, 3x, 5x of it open loop, write report.md.
+    /// Start streamserve on mlp with slo_ms, a fallback and a short queue, once per door
+    /// admission mode (static, then adaptive); measure its capacity, offer 1x, 2x, 3x, 5x of it
+    /// open loop, write report.md with the modes side by side. In-process, or with --pin the
+    /// streamserve binary on one CPU and the load generator on another.
     Overload(overload::OverloadOptions),
     /// Start streamserve in-process on mlp (slo_ms, fallback, hang detection, admin API),
     /// measure its capacity, then one open-loop run through an overload step, every replica
     /// panicking and one replica hanging; write report.md with latency over time.
     Timeline(timeline::TimelineOptions),
-    /// The whole suite in one command: the bench, streams-bench, overload and timeline
-    /// scenarios (load-tests/scenarios/), one after the other, then the capacity plan from
-    /// their results. About 12 minutes on 2 cores.
+    /// The whole suite in one command: the bench, streams-bench, overload (unpinned and
+    /// pinned) and timeline scenarios (load-tests/scenarios/), one after the other, then the
+    /// capacity plan from their results. About 15 minutes on 2 cores.
     Suite {
         /// Leave out the FastAPI peer in the bench.
         #[arg(long)]
@@ -311,7 +313,7 @@ fn run_plot(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
         let out = dir.join(bench::PLOT_FILE);
         plots::bench_latency_throughput(&json, &out)?;
         out
-    } else if json.get("levels").is_some() {
+    } else if json.get("variants").is_some() || json.get("levels").is_some() {
         let out = dir.join(overload::PLOT_FILE);
         plots::overload_levels(&json, &out)?;
         out

@@ -28,11 +28,12 @@ pub const KINDS: [&str; 6] = [
 ];
 
 /// The scenario files (in `load-tests/scenarios/`) `loadgen suite` runs, in order: every
-/// benchmark that starts its own server.
-pub const SUITE: [&str; 4] = [
+/// benchmark that starts its own server (in-process, or pinned to a CPU of its own).
+pub const SUITE: [&str; 5] = [
     "rest-mlp.toml",
     "streams-vad.toml",
     "overload-mlp.toml",
+    "overload-mlp-pinned.toml",
     "timeline-mlp.toml",
 ];
 
@@ -138,7 +139,7 @@ mod tests {
     }
 
     #[test]
-    fn the_suite_runs_in_process_benchmarks_only() {
+    fn the_suite_runs_benchmarks_that_start_their_own_server() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
         for name in SUITE {
             let text = std::fs::read_to_string(dir.join(name)).unwrap();

@@ -245,6 +245,39 @@ pub fn wait_for_quiet(threshold: f64, max_wait: std::time::Duration) -> Option<f
     }
 }
 
+/// Busy and total clock ticks of CPU `cpu` from `/proc/stat` text (its `cpuN` line; busy is
+/// everything but idle and I/O wait), `None` when the line is missing or malformed.
+pub fn cpu_ticks(stat: &str, cpu: usize) -> Option<(u64, u64)> {
+    let name = format!("cpu{cpu}");
+    let line = stat
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name.as_str()))?;
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let values: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|v| v.parse().ok())
+        .collect::<Option<_>>()?;
+    let idle = values.get(3)? + values.get(4).copied().unwrap_or(0);
+    let total: u64 = values.iter().sum();
+    Some((total.saturating_sub(idle), total))
+}
+
+/// User + system clock ticks of process `pid` (`/proc/<pid>/stat`), `None` where unreadable.
+pub fn process_ticks(pid: u32) -> Option<u64> {
+    let stat = procfs::process::Process::new(pid as i32)
+        .ok()?
+        .stat()
+        .ok()?;
+    Some(stat.utime + stat.stime)
+}
+
+/// Clock ticks per second, the unit of [`cpu_ticks`] and [`process_ticks`].
+pub fn ticks_per_second() -> u64 {
+    procfs::ticks_per_second().max(1)
+}
+
 /// Today's date in UTC as `YYYY-MM-DD`, and the time as `YYYY-MM-DDTHH:MM:SSZ`.
 pub fn utc_now() -> (String, String) {
     utc_at(std::time::SystemTime::now())
@@ -309,6 +342,20 @@ mod tests {
         }
         assert_eq!(thread_ticks("no-such-thread-name"), 0);
         assert!(raise_nofile_limit(256) >= 256);
+    }
+
+    #[test]
+    fn per_cpu_ticks() {
+        let stat = "cpu  10 0 10 100 5 0 0 0 0 0\ncpu0 4 1 3 50 2 0 1 0 0 0\ncpu1 6 0 7 50 3 0 0 1\nintr 5\n";
+        assert_eq!(cpu_ticks(stat, 0), Some((9, 61)));
+        assert_eq!(cpu_ticks(stat, 1), Some((14, 67)));
+        assert_eq!(cpu_ticks(stat, 2), None);
+        assert_eq!(cpu_ticks("cpu0 x y\n", 0), None);
+        if let Ok(text) = std::fs::read_to_string("/proc/stat") {
+            let (busy, total) = cpu_ticks(&text, 0).expect("cpu0 is in /proc/stat");
+            assert!(busy <= total && total > 0);
+            assert!(process_ticks(std::process::id()).is_some());
+        }
     }
 
     #[test]

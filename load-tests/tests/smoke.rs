@@ -164,3 +164,59 @@ fn timeline_run_records_bins_events_and_the_server_view() {
     assert!(svg.contains("every replica panics"));
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// `loadgen overload`, shortened: both admission variants in-process, one level each.
+/// Behaviour only: every request accounted for, a table per variant and the comparison in
+/// the report, the plot written.
+#[test]
+fn overload_runs_each_admission_variant_on_a_server_of_its_own() {
+    use streamserve::config::Admission;
+    use streamserve_load::cli::{BenchCommon, Threads};
+    use streamserve_load::overload::{self, MlpOpenLoop, OverloadOptions};
+    let out = std::env::temp_dir().join(format!("loadgen-overload-smoke-{}", std::process::id()));
+    let defaults = streamserve_load::cli::defaults::<OverloadOptions>();
+    let options = OverloadOptions {
+        multipliers: vec![2.0],
+        duration: Duration::from_secs(1),
+        warmup: Duration::ZERO,
+        admission: vec![Admission::Static, Admission::Adaptive],
+        mlp: MlpOpenLoop {
+            capacity_duration: Duration::from_secs(1),
+            capacity_concurrency: 16,
+            max_in_flight: 512,
+            common: BenchCommon {
+                out: Some(out.clone()),
+                quiet_wait: Duration::ZERO,
+                threads: Threads {
+                    client_threads: Some(2),
+                },
+            },
+            ..defaults.mlp.clone()
+        },
+        ..defaults
+    };
+    overload::run(&options).expect("the overload run completes");
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    let variants = results["variants"].as_array().unwrap();
+    assert_eq!(variants.len(), 2);
+    for (v, mode) in variants.iter().zip(["static", "adaptive"]) {
+        assert_eq!(v["admission"], mode);
+        let level = &v["levels"][0];
+        assert_eq!(level["unanswered"], 0, "{level}");
+        assert_eq!(level["transport"], 0, "{level}");
+        assert!(level["goodput_per_s"].as_f64().unwrap() > 0.0, "{level}");
+        // The door's limit, read back from the server's /metrics. Not compared with the mode:
+        // the metrics are process-wide, and other tests here run servers of their own.
+        assert!(level["admission_limit"].is_number(), "{level}");
+    }
+    assert_eq!(
+        variants[0]["levels"][0]["offered_per_s"], variants[1]["levels"][0]["offered_per_s"],
+        "both variants are offered the same rate"
+    );
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("### adaptive against static"), "{md}");
+    let svg = std::fs::read_to_string(out.join(overload::PLOT_FILE)).unwrap();
+    assert!(svg.contains("adaptive goodput"));
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -4,15 +4,19 @@
 //!
 //! - [`bench_latency_throughput`]: p50 and p99 latency against throughput per server, one
 //!   point per concurrency level, the in-process ceiling as a vertical line;
-//! - [`overload_levels`]: goodput and latency per offered load;
+//! - [`overload_levels`]: goodput and admitted latency per offered load, per admission variant;
 //! - [`streams_latency`]: chunk latency against concurrent streams per setup;
 //! - [`timeline`]: latency, outcomes and server state over time across overload and faults.
+
+mod overload;
 
 use std::path::Path;
 
 use anyhow::Context as _;
 use plotters::prelude::*;
 use serde_json::Value;
+
+pub use overload::overload_levels;
 
 const PALETTE: [RGBColor; 6] = [
     RGBColor(31, 119, 180),
@@ -252,98 +256,6 @@ pub fn bench_latency_throughput(results: &Value, out: &Path) -> anyhow::Result<(
                     .map(|p| TriangleMarker::new((p.0, p.2), 5, color.filled())),
             )
             .map_err(plot_err)?;
-    }
-    legend_box(&mut chart, SeriesLabelPosition::UpperLeft)?;
-    root.present().map_err(plot_err)?;
-    Ok(())
-}
-
-/// Goodput and sent rate (left) and p50/p99 latency of 200 answers (right) per offered load,
-/// from a `loadgen overload` results.json; the measured capacity as a dashed reference.
-pub fn overload_levels(results: &Value, out: &Path) -> anyhow::Result<()> {
-    let capacity = f(&results["capacity"]["requests_per_s"]);
-    let levels: Vec<(f64, f64, f64, f64, f64)> = items(results, "levels")
-        .map(|l| {
-            let lat = |q: &str| f(&l["latency_ok_ms"][q]);
-            let rates = (f(&l["offered_per_s"]), f(&l["sent_per_s"]));
-            (
-                rates.0,
-                rates.1,
-                f(&l["goodput_per_s"]),
-                lat("p50"),
-                lat("p99"),
-            )
-        })
-        .collect();
-    let x_max = levels.iter().map(|l| l.0).fold(capacity, f64::max).max(1.0) * 1.1;
-    let root = SVGBackend::new(out, (1100, 500)).into_drawing_area();
-    root.fill(&WHITE).map_err(plot_err)?;
-    let root = root
-        .titled(
-            "Overload, mlp with slo_ms + fallback: per offered load (open loop)",
-            ("sans-serif", 20),
-        )
-        .map_err(plot_err)?;
-    let (left, right) = root.split_horizontally(550);
-
-    let y_max = levels
-        .iter()
-        .map(|l| l.1.max(l.2))
-        .fold(capacity, f64::max)
-        .max(1.0)
-        * 1.1;
-    let mut chart = chart_on(&left, (15, 45, 60, false))
-        .build_cartesian_2d(0.0..x_max, 0.0..y_max)
-        .map_err(plot_err)?;
-    axes(
-        &mut chart,
-        (Some("offered, requests/s"), "requests/s"),
-        (0, "", 0),
-        None,
-    )?;
-    let label = format!("closed-loop capacity ({capacity:.0}/s)");
-    line(
-        &mut chart,
-        [(0.0, capacity), (x_max, capacity)],
-        (BLACK, 1, 1),
-        label,
-    )?;
-    type Pick = fn(&(f64, f64, f64, f64, f64)) -> f64;
-    let (sent, goodput): (Pick, Pick) = (|l| l.1, |l| l.2);
-    for (i, (name, pick)) in [("sent", sent), ("goodput (200/s)", goodput)]
-        .into_iter()
-        .enumerate()
-    {
-        let points: Vec<(f64, f64)> = levels.iter().map(|l| (l.0, pick(l))).collect();
-        line(&mut chart, points.clone(), (PALETTE[i], 2, 2), name)?;
-        dots(&mut chart, points, PALETTE[i], 4)?;
-    }
-    legend_box(&mut chart, SeriesLabelPosition::UpperLeft)?;
-
-    let lat_max = levels.iter().map(|l| l.4).fold(1.0, f64::max) * 1.5;
-    let lat_min = levels
-        .iter()
-        .map(|l| l.3)
-        .filter(|v| *v > 0.0)
-        .fold(lat_max / 10.0, f64::min)
-        / 1.5;
-    let mut chart = chart_on(&right, (15, 45, 60, false))
-        .build_cartesian_2d(0.0..x_max, (lat_min..lat_max).log_scale())
-        .map_err(plot_err)?;
-    let descs = (
-        Some("offered, requests/s"),
-        "latency of 200 answers, ms (log)",
-    );
-    axes(&mut chart, descs, (0, "", 1), None)?;
-    let (p50, p99): (Pick, Pick) = (|l| l.3, |l| l.4);
-    for (i, (name, pick)) in [("p50", p50), ("p99", p99)].into_iter().enumerate() {
-        let points: Vec<(f64, f64)> = levels
-            .iter()
-            .filter(|l| pick(l) > 0.0)
-            .map(|l| (l.0, pick(l)))
-            .collect();
-        line(&mut chart, points.clone(), (PALETTE[i + 2], 2, 2), name)?;
-        dots(&mut chart, points, PALETTE[i + 2], 4)?;
     }
     legend_box(&mut chart, SeriesLabelPosition::UpperLeft)?;
     root.present().map_err(plot_err)?;
@@ -635,7 +547,7 @@ mod tests {
     use super::*;
 
     /// Draws `results` with `draw` into a temporary file and returns the SVG text.
-    fn render(draw: fn(&Value, &Path) -> anyhow::Result<()>, results: &Value) -> String {
+    pub(super) fn render(draw: fn(&Value, &Path) -> anyhow::Result<()>, results: &Value) -> String {
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let out = std::env::temp_dir().join(format!("plot-test-{}-{n}.svg", std::process::id()));
@@ -700,20 +612,5 @@ mod tests {
         assert!(svg.contains("every replica panics"));
         assert!(svg.contains("degraded"));
         assert!(svg.contains("queue depth"));
-    }
-
-    #[test]
-    fn overload_plot_writes_svg() {
-        let results = serde_json::json!({
-            "capacity": { "requests_per_s": 5000.0 },
-            "levels": [
-                { "offered_per_s": 5000.0, "sent_per_s": 5000.0, "goodput_per_s": 4900.0,
-                  "latency_ok_ms": { "p50": 2.0, "p99": 20.0 } },
-                { "offered_per_s": 10000.0, "sent_per_s": 9000.0, "goodput_per_s": 5200.0,
-                  "latency_ok_ms": { "p50": 30.0, "p99": 60.0 } } ],
-        });
-        let svg = render(overload_levels, &results);
-        assert!(svg.starts_with("<svg"));
-        assert!(svg.contains("goodput"));
     }
 }
