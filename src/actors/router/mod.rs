@@ -95,6 +95,10 @@ pub struct RouterSetup {
 
 /// Starts a router on an arbiter (thread) of its own, reading its workers' reports.
 pub fn start(setup: RouterSetup, reports: flume::Receiver<WorkerReport>) -> Addr<Router> {
+    // Here, not in `started`: the router's own thread may run that after the version is
+    // already published as serving and scraped, and a counter that appears with its first
+    // event hides that event from `rate()`.
+    crate::telemetry::register_model_series(&setup.info);
     let arbiter = Arbiter::new();
     Router::start_in_arbiter(&arbiter.handle(), move |ctx| {
         ctx.add_stream(reports.into_stream());
@@ -533,7 +537,6 @@ impl Actor for Router {
         self.publish_queue();
         metrics::gauge!("streamserve_overloaded", &self.labels).set(0.0);
         metrics::gauge!("streamserve_replicas", &self.labels).set(self.replicas.len() as f64);
-        crate::telemetry::register_model_series(&self.info);
         ctx.run_interval(WATCH_INTERVAL, |router, ctx| router.watch(ctx));
     }
 }
