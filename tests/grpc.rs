@@ -954,6 +954,26 @@ async fn messages_over_the_limit_are_resource_exhausted() {
 }
 
 #[tokio::test]
+async fn messages_count_against_the_body_memory_bound_as_rest_bodies_do() {
+    let running = start_running(&repo().join("models"), |config| {
+        config.max_body_memory_mb = 1;
+    });
+    let endpoint = format!("http://{}", running.grpc_addr.unwrap());
+    let mut c = GrpcInferenceServiceClient::new(connect(&endpoint).await);
+    // 2 MiB of floats: within the message size limit (64 MiB), beyond the 1 MiB memory bound,
+    // refused before it is decoded (it would also be too many rows for mlp).
+    let big = features(5, 2048);
+    expect_status(
+        c.model_infer(mlp_raw(&big)).await,
+        Code::Unavailable,
+        "memory bound",
+    );
+    // The bound is given back: a request that fits is answered, on the same connection.
+    let small = features(6, 2);
+    assert!(c.model_infer(mlp_raw(&small)).await.is_ok());
+}
+
+#[tokio::test]
 async fn grpc_calls_are_counted_with_their_protocol() {
     let mut c = grpc().await;
     let mut request = mlp_raw(&features(31, 1));

@@ -64,12 +64,26 @@ impl BodyMemory {
         Ok(())
     }
 
+    /// Reserves memory for `bytes` of a request that arrived by other means than [`read`]
+    /// (a gRPC message, which tonic has already received whole), until the hold is dropped:
+    /// its decoded copies count against the same bound as REST bodies.
+    pub fn hold(&self, bytes: usize) -> Result<MemoryHold, ServeError> {
+        let mut held = None;
+        self.reserve(&mut held, bytes)?;
+        Ok(MemoryHold { _reserved: held })
+    }
+
     fn full(&self) -> ServeError {
         metrics::counter!("streamserve_body_memory_refusals_total").increment(1);
         ServeError::BodyMemoryFull {
             limit_mb: self.limit_mb,
         }
     }
+}
+
+/// Memory reserved by [`BodyMemory::hold`], given back when this is dropped.
+pub struct MemoryHold {
+    _reserved: Option<OwnedSemaphorePermit>,
 }
 
 /// A body read whole, with the memory reservation it holds until it is dropped.

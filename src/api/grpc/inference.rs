@@ -116,8 +116,10 @@ impl Inference {
         state
             .access
             .check_version(pass, &served.info.name, &served.info.version)?;
-        // Admission before decoding, as REST's.
+        // Admission before decoding, as REST's; the message and its decoded copies count
+        // against the same memory bound as REST bodies (`--max-body-memory-mb`).
         let permit = state.admission_permit(served)?;
+        let _memory = state.body_memory.hold(request.encoded_len())?;
         let decoded = convert::decode(request)?;
         let info = served.info.clone();
         let validated = info.validate(decoded.inputs, decoded.outputs)?;
