@@ -63,66 +63,50 @@ pub fn record(answer: Answered<'_>) {
         }
         None => ("_unknown", ""),
     };
-    let elapsed = answer.elapsed.as_secs_f64();
+    // gRPC's series add `protocol` after the labels REST's have, in this order.
+    let protocol = matches!(answer.protocol, Protocol::Grpc { .. }).then_some(("protocol", "grpc"));
+    let labels: Vec<(&'static str, String)> = [("model", model), ("version", version)]
+        .into_iter()
+        .chain(protocol)
+        .map(|(k, v)| (k, v.to_string()))
+        .collect();
+    let mut counted = labels.clone();
+    counted.insert(2, ("status", status.to_string()));
+    metrics::counter!("streamserve_requests_total", &counted).increment(1);
+    metrics::histogram!("streamserve_request_duration_seconds", &labels)
+        .record(answer.elapsed.as_secs_f64());
+    if let Ok(stats) = answer.outcome {
+        metrics::histogram!("streamserve_queue_duration_seconds", &labels)
+            .record(stats.queue_time.as_secs_f64());
+    }
     let total_us = answer.elapsed.as_micros() as u64;
     let (request_id, key) = (answer.request_id, answer.key);
-    match answer.protocol {
-        Protocol::Rest => {
-            let labels = [
-                ("model", model.to_string()),
-                ("version", version.to_string()),
-            ];
-            metrics::counter!("streamserve_requests_total", "model" => model.to_string(), "version" => version.to_string(), "status" => status.to_string())
-                .increment(1);
-            metrics::histogram!("streamserve_request_duration_seconds", &labels).record(elapsed);
-            match answer.outcome {
-                Ok(stats) => {
-                    metrics::histogram!("streamserve_queue_duration_seconds", &labels)
-                        .record(stats.queue_time.as_secs_f64());
-                    tracing::info!(
-                        target: "streamserve::access",
-                        request_id = %request_id, key = %key, model = %model, version = %version, status,
-                        batch_size = stats.batch_size, queue_us = stats.queue_time.as_micros() as u64,
-                        compute_us = stats.compute_time.as_micros() as u64, total_us, "infer"
-                    );
-                }
-                Err(ServeError::Busy { .. }) => {}
-                Err(e) => tracing::info!(
-                    target: "streamserve::access",
-                    request_id = %request_id, key = %key, model = %model, version = %version, status,
-                    error = %Untrusted(&e.to_string()), total_us, "infer"
-                ),
-            }
-        }
-        Protocol::Grpc { rpc } => {
-            let labels = [
-                ("model", model.to_string()),
-                ("version", version.to_string()),
-                ("protocol", "grpc".to_string()),
-            ];
-            metrics::counter!("streamserve_requests_total", "model" => model.to_string(), "version" => version.to_string(), "status" => status.to_string(), "protocol" => "grpc")
-                .increment(1);
-            metrics::histogram!("streamserve_request_duration_seconds", &labels).record(elapsed);
-            match answer.outcome {
-                Ok(stats) => {
-                    metrics::histogram!("streamserve_queue_duration_seconds", &labels)
-                        .record(stats.queue_time.as_secs_f64());
-                    tracing::info!(
-                        target: "streamserve::access",
-                        protocol = "grpc", rpc, request_id = %request_id, key = %key, model = %model,
-                        version = %version, status, code = "OK",
-                        batch_size = stats.batch_size, queue_us = stats.queue_time.as_micros() as u64,
-                        compute_us = stats.compute_time.as_micros() as u64, total_us, "infer"
-                    );
-                }
-                Err(ServeError::Busy { .. }) => {}
-                Err(e) => tracing::info!(
-                    target: "streamserve::access",
-                    protocol = "grpc", rpc, request_id = %request_id, key = %key, model = %model,
-                    version = %version, status, code = ?e.grpc_code(),
-                    error = %Untrusted(&e.to_string()), total_us, "infer"
-                ),
-            }
-        }
+    // One line per answer; the field sets differ by protocol, so each has its own pair.
+    match (answer.protocol, answer.outcome) {
+        (_, Err(ServeError::Busy { .. })) => {}
+        (Protocol::Rest, Ok(stats)) => tracing::info!(
+            target: "streamserve::access",
+            request_id = %request_id, key = %key, model = %model, version = %version, status,
+            batch_size = stats.batch_size, queue_us = stats.queue_time.as_micros() as u64,
+            compute_us = stats.compute_time.as_micros() as u64, total_us, "infer"
+        ),
+        (Protocol::Rest, Err(e)) => tracing::info!(
+            target: "streamserve::access",
+            request_id = %request_id, key = %key, model = %model, version = %version, status,
+            error = %Untrusted(&e.to_string()), total_us, "infer"
+        ),
+        (Protocol::Grpc { rpc }, Ok(stats)) => tracing::info!(
+            target: "streamserve::access",
+            protocol = "grpc", rpc, request_id = %request_id, key = %key, model = %model,
+            version = %version, status, code = "OK",
+            batch_size = stats.batch_size, queue_us = stats.queue_time.as_micros() as u64,
+            compute_us = stats.compute_time.as_micros() as u64, total_us, "infer"
+        ),
+        (Protocol::Grpc { rpc }, Err(e)) => tracing::info!(
+            target: "streamserve::access",
+            protocol = "grpc", rpc, request_id = %request_id, key = %key, model = %model,
+            version = %version, status, code = ?e.grpc_code(),
+            error = %Untrusted(&e.to_string()), total_us, "infer"
+        ),
     }
 }
