@@ -85,7 +85,6 @@ impl AppState {
         self.admission.try_enter().ok_or_else(|| {
             ::metrics::counter!("streamserve_shed_total", "model" => served.info.name.clone(), "version" => served.info.version.clone())
                 .increment(1);
-            ::metrics::counter!("streamserve_admission_refused_total").increment(1);
             ServeError::Busy {
                 limit: self.admission.limit(),
                 retry_after: Duration::from_secs(1),

@@ -10,7 +10,7 @@ use actix_web::http::header::{self, HeaderValue};
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::json;
 
-use super::accounting::{Answered, Protocol, Stats};
+use super::accounting::{self, Answered, Protocol, Stats};
 use super::body;
 use super::kserve::{self, HEADER_CONTENT_LENGTH};
 use super::AppState;
@@ -255,7 +255,7 @@ async fn run_inference(
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .and_then(untrusted::request_id)
-        .unwrap_or_else(crate::untrusted::new_request_id);
+        .unwrap_or_else(untrusted::new_request_id);
     let peer = req.peer_addr().map(|a| a.ip());
     let admitted = state.admitted(req.headers(), peer, name, version).await;
     // The caller's key name for the access log; the pass (and its in-flight permit) lives until
@@ -273,7 +273,7 @@ async fn run_inference(
             Err(refused.clone())
         }
     };
-    super::accounting::record(Answered {
+    accounting::record(Answered {
         protocol: Protocol::Rest,
         request_id: &request_id,
         key,
@@ -413,14 +413,10 @@ async fn infer_on(
     } else {
         http.content_type("application/json");
     }
-    // What the door's limit measures: the time outside the model's queue and compute. A large
-    // body's decoding is its own size's cost, not a sign of overload.
+    // Only inline-decoded bodies report to the door's limit: a large body's decoding is its
+    // own size's cost, not a sign of overload.
     if small {
-        permit.answered(
-            received
-                .elapsed()
-                .saturating_sub(response.queue_time + response.compute_time),
-        );
+        permit.answered(received, &response);
     }
     let stats = Stats::from(&response);
     Ok((http.body(encoded.body), stats))

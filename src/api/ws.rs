@@ -146,8 +146,7 @@ async fn connection(
     let resuming = start.stream_id.is_some();
     // A server short of CPU keeps the streams it has in real time rather than take on more:
     // a new stream is told to retry (1013), a resumed one (already counted here) goes on.
-    if !resuming && admission.refusing() {
-        metrics::counter!("streamserve_admission_refused_total").increment(1);
+    if !resuming && !admission.admit_stream() {
         let reason = "the server is at its admission limit; retry in a second".to_string();
         return close_with_error(ws, CloseCode::Again, reason).await;
     }

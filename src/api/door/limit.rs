@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::config::Admission;
+use crate::model::InferResponse;
 
 /// How often the adaptive limit is reconsidered (when answers come in).
 pub const WINDOW: Duration = Duration::from_millis(50);
@@ -104,11 +105,32 @@ struct State {
     last_logged: Option<Instant>,
 }
 
+impl State {
+    /// The limit now (`usize::MAX`: none).
+    fn limit(&self) -> usize {
+        let limit = self.controller.limit;
+        if limit.is_finite() {
+            limit as usize
+        } else {
+            usize::MAX
+        }
+    }
+}
+
+/// The limit's series, looked up once: every request moves two of them.
+struct Series {
+    limit: metrics::Gauge,
+    in_flight: metrics::Gauge,
+    wait: metrics::Histogram,
+    refused: metrics::Counter,
+}
+
 /// The limit, its count of requests inside, and its metrics; one per server.
 pub struct AdmissionLimit {
     mode: Admission,
     target: Duration,
     state: Mutex<State>,
+    series: Series,
 }
 
 impl AdmissionLimit {
@@ -133,6 +155,12 @@ impl AdmissionLimit {
         let limit = AdmissionLimit {
             mode,
             target,
+            series: Series {
+                limit: metrics::gauge!("streamserve_admission_limit"),
+                in_flight: metrics::gauge!("streamserve_admission_in_flight"),
+                wait: metrics::histogram!("streamserve_admission_wait_seconds"),
+                refused: metrics::counter!("streamserve_admission_refused_total"),
+            },
             state: Mutex::new(State {
                 controller: Controller {
                     limit,
@@ -163,6 +191,7 @@ impl AdmissionLimit {
         let mut state = self.lock();
         if (state.in_flight as f64) >= state.controller.limit.floor() {
             let now = Instant::now();
+            self.series.refused.increment(1);
             state.window.saturated = true;
             state.last_refusal = Some(now);
             state.refused_unlogged += 1;
@@ -170,11 +199,8 @@ impl AdmissionLimit {
                 .last_logged
                 .is_none_or(|at| now.duration_since(at) >= LOG_EVERY);
             if log_due {
-                let (refused, limit, in_flight) = (
-                    state.refused_unlogged,
-                    self.limit_of(&state),
-                    state.in_flight,
-                );
+                let (refused, limit, in_flight) =
+                    (state.refused_unlogged, state.limit(), state.in_flight);
                 state.refused_unlogged = 0;
                 state.last_logged = Some(now);
                 drop(state);
@@ -190,24 +216,16 @@ impl AdmissionLimit {
         if state.in_flight as f64 >= state.controller.limit.floor() {
             state.window.saturated = true;
         }
-        metrics::gauge!("streamserve_admission_in_flight").set(state.in_flight as f64);
+        self.series.in_flight.set(state.in_flight as f64);
         Some(AdmissionPermit {
             limit: self.clone(),
+            waited: None,
         })
     }
 
     /// The limit now (`usize::MAX`: none).
     pub fn limit(&self) -> usize {
-        self.limit_of(&self.lock())
-    }
-
-    fn limit_of(&self, state: &State) -> usize {
-        let limit = state.controller.limit;
-        if limit.is_finite() {
-            limit as usize
-        } else {
-            usize::MAX
-        }
+        self.lock().limit()
     }
 
     /// Whether the door refused a request within the last second: the server is short of
@@ -218,12 +236,22 @@ impl AdmissionLimit {
             .is_some_and(|at| at.elapsed() < REFUSING_FOR)
     }
 
+    /// Whether a new stream may start: not while the door is [`refusing`](Self::refusing)
+    /// requests; a stream turned away is counted with the refused requests.
+    pub fn admit_stream(&self) -> bool {
+        let refusing = self.refusing();
+        if refusing {
+            self.series.refused.increment(1);
+        }
+        !refusing
+    }
+
     fn leave(&self, waited: Option<Duration>) {
         let mut state = self.lock();
         state.in_flight -= 1;
-        metrics::gauge!("streamserve_admission_in_flight").set(state.in_flight as f64);
+        self.series.in_flight.set(state.in_flight as f64);
         let Some(waited) = waited else { return };
-        metrics::histogram!("streamserve_admission_wait_seconds").record(waited.as_secs_f64());
+        self.series.wait.record(waited.as_secs_f64());
         if self.mode == Admission::Static {
             return;
         }
@@ -249,7 +277,7 @@ impl AdmissionLimit {
     fn publish(&self, state: &State) {
         let limit = state.controller.limit;
         // Static without a limit shows 0, as `max_inflight` spells it.
-        metrics::gauge!("streamserve_admission_limit").set(if limit.is_finite() {
+        self.series.limit.set(if limit.is_finite() {
             limit.floor()
         } else {
             0.0
@@ -261,20 +289,27 @@ impl AdmissionLimit {
 /// door, an error), [`AdmissionPermit::answered`] leaves with one.
 pub struct AdmissionPermit {
     limit: Arc<AdmissionLimit>,
+    /// Set by [`answered`](Self::answered): what leaving reports.
+    waited: Option<Duration>,
 }
 
 impl AdmissionPermit {
-    /// The request was answered after `waited` inside the server outside its model's queue
-    /// and compute.
-    pub fn answered(self, waited: Duration) {
-        self.limit.leave(Some(waited));
-        std::mem::forget(self);
+    /// The request `received` then was answered with `response`: what the limit measures is
+    /// the time since, outside the model's queue and compute.
+    pub fn answered(self, received: Instant, response: &InferResponse) {
+        let model = response.queue_time + response.compute_time;
+        self.answered_after(received.elapsed().saturating_sub(model));
+    }
+
+    /// Leaves reporting `waited` as the time measured.
+    fn answered_after(mut self, waited: Duration) {
+        self.waited = Some(waited);
     }
 }
 
 impl Drop for AdmissionPermit {
     fn drop(&mut self) {
-        self.limit.leave(None);
+        self.limit.leave(self.waited);
     }
 }
 
@@ -372,7 +407,7 @@ mod tests {
         let _b = door.try_enter().unwrap();
         assert!(door.try_enter().is_none());
         assert!(door.refusing());
-        a.answered(Duration::from_millis(1));
+        a.answered_after(Duration::from_millis(1));
         assert!(door.try_enter().is_some());
         assert_eq!(door.limit(), 2);
     }

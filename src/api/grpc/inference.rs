@@ -28,7 +28,7 @@ use super::{draining, grpc_timeout, request_id, Stop};
 use crate::access::Pass;
 use crate::actors::registry::ServedModel;
 use crate::actors::served::InferOptions;
-use crate::api::accounting::{Answered, Protocol, Stats};
+use crate::api::accounting::{self, Answered, Protocol, Stats};
 use crate::api::{health, kserve, rest, AppState};
 use crate::error::ServeError;
 use crate::model::PLATFORM;
@@ -93,7 +93,7 @@ impl Inference {
             }
             Err(e) => Err(e.clone()),
         };
-        crate::api::accounting::record(Answered {
+        accounting::record(Answered {
             protocol: Protocol::Grpc { rpc },
             request_id: &request_id,
             key,
@@ -150,12 +150,7 @@ impl Inference {
                 limit: self.max_message,
             });
         }
-        // What the door's limit measures: the time outside the model's queue and compute.
-        permit.answered(
-            received
-                .elapsed()
-                .saturating_sub(response.queue_time + response.compute_time),
-        );
+        permit.answered(received, &response);
         Ok((answer, response))
     }
 }
