@@ -16,6 +16,9 @@ Models:
   vad_energy an energy-threshold voice activity detector with Silero VAD's interface
              (input [B, N], state [2, B, 128], sr -> output [B, 1], stateN): the cheap
              fallback for silero_vad in degraded mode. The state passes through unchanged.
+  mlp_slow   mlp's interface, made slow on purpose (one 512x512 layer applied 1000 times,
+             several ms a call): not in models.toml; the registry tests push it as a new
+             version of `mlp` that a canary's latency gate must roll back.
   typed_ops  mixed datatypes (INT64, FP64, BOOL in; FP64, INT64, BOOL, INT32 out) to
              exercise the protocol's datatype handling with exactly checkable answers.
 """
@@ -66,6 +69,37 @@ def mlp(name, hidden, seed, in_features=256, classes=16):
         inits,
     )
     return graph
+
+
+def mlp_slow(repeats=1000, in_features=256, width=512, classes=16, seed=20261204):
+    """features -> x W_in -> tanh(x W) `repeats` times (one shared weight) -> logits."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    w_in = (rng.standard_normal((in_features, width)) / np.sqrt(in_features)).astype(np.float32)
+    w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    w_out = (rng.standard_normal((width, classes)) / np.sqrt(width)).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(w_in, "slow_in"),
+        numpy_helper.from_array(w, "slow_w"),
+        numpy_helper.from_array(w_out, "slow_out"),
+    ]
+    nodes = [helper.make_node("MatMul", ["features", "slow_in"], ["x"])]
+    current = "x"
+    for i in range(repeats):
+        nodes.append(helper.make_node("MatMul", [current, "slow_w"], [f"m{i}"]))
+        nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"t{i}"]))
+        current = f"t{i}"
+    nodes.append(helper.make_node("MatMul", [current, "slow_out"], ["logits"]))
+    nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1))
+    return helper.make_graph(
+        nodes,
+        "mlp_slow",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", in_features])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes]),
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes]),
+        ],
+        inits,
+    )
 
 
 def typed_ops():
@@ -145,6 +179,7 @@ def main():
     save(mlp("mlp_small", [32], seed=20261126), os.path.join(args.out, "mlp_small", "1", "model.onnx"))
     save(typed_ops(), os.path.join(args.out, "typed_ops", "1", "model.onnx"))
     save(vad_energy(), os.path.join(args.out, "vad_energy", "1", "model.onnx"))
+    save(mlp_slow(), os.path.join(args.out, "mlp_slow", "1", "model.onnx"))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ echo "== models: manifest hashes and reproducibility"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 .venv/bin/python scripts/make_models.py --out "$tmp" >/dev/null
-for f in mlp mlp_small typed_ops vad_energy; do
+for f in mlp mlp_small typed_ops vad_energy mlp_slow; do
     cmp "$tmp/$f/1/model.onnx" "models/$f/1/model.onnx" || { echo "models/$f does not rebuild byte for byte" >&2; exit 1; }
 done
 

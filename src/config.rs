@@ -169,6 +169,32 @@ pub struct ServeArgs {
     /// Largest gRPC message received or sent, in bytes [default: max_body_bytes].
     #[arg(long, env = "STREAMSERVE_GRPC_MAX_MESSAGE_BYTES")]
     pub grpc_max_message_bytes: Option<usize>,
+    /// Model registry to follow (docs/registry.md): `s3://bucket/prefix` (endpoint and keys
+    /// from `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`),
+    /// `gs://`, `az://`, `file:///dir` or a directory. Models in it are served beside those of
+    /// `models`, as its desired state says; unset = the model directory alone.
+    #[arg(long, env = "STREAMSERVE_REGISTRY")]
+    pub registry: Option<String>,
+    /// Seconds between two polls of the registry; at least 0.1 [default: 5.0].
+    #[arg(long, env = "STREAMSERVE_REGISTRY_POLL_SECS")]
+    pub registry_poll_secs: Option<f64>,
+    /// Directory that keeps the versions taken from the registry (sha256-verified) and its
+    /// last desired state, to serve them after a restart while the registry is unreachable
+    /// [default: .streamserve-cache].
+    #[arg(long, env = "STREAMSERVE_REGISTRY_CACHE")]
+    pub registry_cache: Option<PathBuf>,
+    /// Seconds the server waits at startup for the registry's versions to load before it
+    /// listens (serving what it has if they are not in by then) [default: 120].
+    #[arg(long, env = "STREAMSERVE_REGISTRY_WAIT_SECS")]
+    pub registry_wait_secs: Option<u64>,
+    /// This instance's name in the fleet (letters, digits, `_-.`); unset = `FLY_MACHINE_ID`,
+    /// else the host name and a random suffix.
+    #[arg(long, env = "STREAMSERVE_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+    /// The URL at which the fleet's operators can reach this instance, shown by
+    /// `registry status`.
+    #[arg(long, env = "STREAMSERVE_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
 }
 
 /// Where gRPC listens: a port (0: a free one), or nowhere. Written `8081` or `"off"`, in TOML
@@ -271,6 +297,13 @@ pub struct Config {
     pub grpc_port: Option<GrpcPort>,
     /// `None`: `max_body_bytes`.
     pub grpc_max_message_bytes: Option<usize>,
+    pub registry: Option<String>,
+    pub registry_poll_secs: f64,
+    pub registry_cache: PathBuf,
+    pub registry_wait_secs: u64,
+    /// `None`: see [`crate::actors::fleet::default_instance_id`].
+    pub instance_id: Option<String>,
+    pub advertise_url: Option<String>,
 }
 
 impl Default for Config {
@@ -307,6 +340,12 @@ impl Default for Config {
             trusted_proxies: None,
             grpc_port: None,
             grpc_max_message_bytes: None,
+            registry: None,
+            registry_poll_secs: 5.0,
+            registry_cache: PathBuf::from(".streamserve-cache"),
+            registry_wait_secs: 120,
+            instance_id: None,
+            advertise_url: None,
         }
     }
 }
@@ -383,6 +422,12 @@ impl Config {
         self.body_timeout_secs = self.body_timeout_secs.max(1);
         self.max_body_memory_mb = self.max_body_memory_mb.max(1);
         self.admission_target_ms = self.admission_target_ms.max(1);
+        anyhow::ensure!(
+            self.registry_poll_secs.is_finite() && self.registry_poll_secs >= 0.1,
+            "registry_poll_secs must be at least 0.1, got {}",
+            self.registry_poll_secs
+        );
+        self.registry = self.registry.take().filter(|r| !r.trim().is_empty());
         if let Some(path) = &self.admin_token_file {
             anyhow::ensure!(
                 self.admin_token.is_none(),

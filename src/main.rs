@@ -1,5 +1,6 @@
-//! The `streamserve` command: `serve` (the server), `check-models` (verify a model directory) and
-//! `admin` (the admin API from the shell). Everything else lives in the library.
+//! The `streamserve` command: `serve` (the server), `check-models` (verify a model directory),
+//! `admin` (the admin API from the shell), `keys` and `registry` (the model registry). Everything
+//! else lives in the library.
 
 use clap::Parser;
 
@@ -14,6 +15,7 @@ fn main() -> std::process::ExitCode {
         Command::CheckModels(args) => check_models(&args.models),
         Command::Admin(args) => streamserve::cli::run(args),
         Command::Keys(command) => streamserve::cli::keys(command),
+        Command::Registry(args) => streamserve::cli::registry::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

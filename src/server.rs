@@ -11,7 +11,8 @@ use tokio::sync::watch;
 
 use crate::access::Access;
 use crate::actors::budget::Budgets;
-use crate::actors::registry::Registry;
+use crate::actors::catalog::SharedCatalog;
+use crate::actors::fleet::{Fleet, FleetOptions};
 use crate::actors::stream_hub::StreamHub;
 use crate::actors::supervisor::{Start, Supervisor};
 use crate::api::body::BodyMemory;
@@ -30,7 +31,9 @@ pub struct Running {
     pub grpc_addr: Option<SocketAddr>,
     grpc: Option<GrpcServer>,
     pub handle: actix_web::dev::ServerHandle,
-    pub registry: Arc<Registry>,
+    pub catalog: Arc<SharedCatalog>,
+    /// The fleet agent, when following a model registry.
+    pub fleet: Option<Fleet>,
     shutdown: watch::Sender<bool>,
     drain: Duration,
     work: Arc<Work>,
@@ -47,6 +50,10 @@ impl Running {
     /// (or the drain time is up).
     pub async fn shutdown(&self) {
         tracing::info!(drain_secs = self.drain.as_secs(), "shutting down");
+        // Out of the fleet first: a rollout stops waiting for this instance now.
+        if let Some(fleet) = &self.fleet {
+            fleet.leave().await;
+        }
         // First take no more connections: one accepted after the first `Connection: close`
         // answers would be dropped unread by the stopping worker.
         self.handle.pause().await;
@@ -84,8 +91,8 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
     telemetry::install_panic_hook();
     let sessions =
         crate::runtime::ort_sessions(config.ort_dylib.as_deref()).map_err(anyhow::Error::msg)?;
-    let manifest = Manifest::load(&config.models)?;
-    let registry = Arc::new(Registry::default());
+    let manifest = load_manifest(config)?;
+    let catalog = Arc::new(SharedCatalog::default());
     let budgets = Arc::new(Budgets::new(
         config.cpu_budget,
         config
@@ -93,11 +100,31 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
             .unwrap_or_else(crate::actors::budget::available_ram_mb),
         config.vram_budget_mb,
     ));
-    let supervisor = Supervisor::new(sessions, registry.clone(), budgets).start();
+    let supervisor = Supervisor::new(sessions, catalog.clone(), budgets).start();
     supervisor
         .send(Start(manifest))
         .await
         .map_err(|e| anyhow::anyhow!("supervisor stopped while starting: {e}"))?;
+    let fleet = match &config.registry {
+        None => None,
+        Some(registry) => {
+            let options = FleetOptions {
+                registry: registry.clone(),
+                cache_dir: config.registry_cache.clone(),
+                instance_id: config
+                    .instance_id
+                    .clone()
+                    .unwrap_or_else(crate::actors::fleet::default_instance_id),
+                url: config.advertise_url.clone(),
+                poll: Duration::from_secs_f64(config.registry_poll_secs),
+            };
+            let fleet = Fleet::start(options, supervisor.clone(), catalog.clone())?;
+            fleet
+                .wait_synced(Duration::from_secs(config.registry_wait_secs))
+                .await;
+            Some(fleet)
+        }
+    };
     let (shutdown, shutdown_rx) = watch::channel(false);
     let streams = Arc::new(StreamsConfig {
         hub: StreamHub::default().start(),
@@ -130,7 +157,7 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
         });
     }
     let state: web::Data<AppState> = web::Data::new(AppState {
-        registry: registry.clone(),
+        catalog: catalog.clone(),
         max_body_bytes: config.max_body_bytes,
         prometheus,
         streams,
@@ -145,6 +172,7 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
         body_pace,
         work: work.clone(),
         access,
+        fleet: fleet.clone(),
     });
     let grpc_state = state.clone().into_inner();
     let server = HttpServer::new(move || {
@@ -203,12 +231,27 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
         grpc_addr,
         grpc,
         handle: server.handle(),
-        registry,
+        catalog,
+        fleet,
         shutdown,
         drain: Duration::from_secs(config.drain_secs),
         work,
     };
     Ok((running, server))
+}
+
+/// The model directory's manifest. Following a registry, a directory without one is no
+/// error: every model may come from the registry.
+fn load_manifest(config: &Config) -> anyhow::Result<Manifest> {
+    let path = config.models.join(crate::manifest::MANIFEST_FILE);
+    if config.registry.is_some() && !path.exists() {
+        tracing::info!(models = %config.models.display(), "no model manifest; every model comes from the registry");
+        return Ok(Manifest {
+            dir: config.models.clone(),
+            models: Vec::new(),
+        });
+    }
+    Manifest::load(&config.models)
 }
 
 /// Open-file descriptors kept for model files, logs, the listener and ONNX Runtime.

@@ -330,7 +330,7 @@ pub fn start_server_with(
     // which can be just after `spawn` returns: wait for it, boundedly.
     let deadline = Instant::now() + Duration::from_secs(10);
     let problem = loop {
-        let problem = match running.registry.snapshot().resolve(model, None) {
+        let problem = match running.catalog.snapshot().resolve(model, None) {
             Err(e) => Some(format!(
                 "streamserve started but does not serve {model}: {e}"
             )),

@@ -18,7 +18,7 @@ use actix::prelude::*;
 use actix_ws::CloseCode;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use super::registry::ServedModel;
+use super::catalog::ServedModel;
 use super::served::InferOptions;
 use crate::error::ServeError;
 use crate::model::{InferRequest, InferResponse};

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use crate::actors::registry::ServedModel;
+use crate::actors::catalog::ServedModel;
 use crate::error::ServeError;
 use crate::untrusted::Untrusted;
 

@@ -15,8 +15,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::AppState;
+use crate::actors::catalog::VersionState;
 use crate::actors::faults::Fault;
-use crate::actors::registry::VersionState;
 use crate::actors::supervisor::{Deploy, Rollback, Rollouts, Strategy, Unload};
 use crate::error::ServeError;
 
@@ -92,7 +92,7 @@ fn authorize(state: &AppState, req: &HttpRequest) -> Result<(), ServeError> {
 
 async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ServeError> {
     authorize(&state, &req)?;
-    let catalog = state.registry.snapshot();
+    let catalog = state.catalog.snapshot();
     let mut rows = Vec::new();
     for (name, model) in &catalog.models {
         for version in model.sorted_versions() {

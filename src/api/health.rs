@@ -25,7 +25,7 @@ async fn live() -> HttpResponse {
 }
 
 async fn ready(state: web::Data<AppState>) -> HttpResponse {
-    answer(state.registry.snapshot().ready(), "ready")
+    answer(state.catalog.snapshot().ready(), "ready")
 }
 
 async fn model_ready(
@@ -55,7 +55,7 @@ fn check_model(
 /// replica, or it is not loaded and the next request loads it. Unknown names are errors.
 /// REST's and gRPC's readiness (and gRPC health) all answer from here.
 pub fn can_serve(state: &AppState, name: &str, version: Option<&str>) -> Result<bool, ServeError> {
-    match state.registry.snapshot().resolve(name, version) {
+    match state.catalog.snapshot().resolve(name, version) {
         Ok(served) => Ok(served.health.ready()),
         Err(ServeError::ModelUnavailable { .. }) => Ok(false),
         // Not loaded, but the next request loads it: it can serve.

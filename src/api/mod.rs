@@ -22,13 +22,13 @@ use std::time::Duration;
 
 use actix::Addr;
 
-use crate::actors::registry::{Registry, ServedModel};
+use crate::actors::catalog::{ServedModel, SharedCatalog};
 use crate::actors::supervisor::{EnsureLoaded, Supervisor};
 use crate::error::ServeError;
 
 /// What every handler can reach.
 pub struct AppState {
-    pub registry: Arc<Registry>,
+    pub catalog: Arc<SharedCatalog>,
     pub max_body_bytes: usize,
     pub prometheus: PrometheusHandle,
     pub streams: Arc<ws::StreamsConfig>,
@@ -45,6 +45,8 @@ pub struct AppState {
     pub work: Arc<door::Work>,
     /// Who may call which model, within which limits.
     pub access: Arc<crate::access::Access>,
+    /// The fleet agent, when the server follows a model registry.
+    pub fleet: Option<crate::actors::fleet::Fleet>,
 }
 
 /// How long a request waits for its model to load on demand before it gets 503.
@@ -99,7 +101,7 @@ impl AppState {
         name: &str,
         version: Option<&str>,
     ) -> Result<ServedModel, ServeError> {
-        match self.registry.snapshot().resolve(name, version) {
+        match self.catalog.snapshot().resolve(name, version) {
             Err(ServeError::ModelCold { model, version }) => {
                 let load = self.supervisor.send(EnsureLoaded {
                     name: model.clone(),

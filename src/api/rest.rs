@@ -15,7 +15,7 @@ use super::body;
 use super::kserve::{self, HEADER_CONTENT_LENGTH};
 use super::AppState;
 use crate::access::Pass;
-use crate::actors::registry::{ServedModel, VersionState};
+use crate::actors::catalog::{ServedModel, VersionState};
 use crate::actors::served::InferOptions;
 use crate::error::ServeError;
 use crate::manifest::BatchAxis;
@@ -72,7 +72,7 @@ pub struct IndexRow {
 /// Every listed model version with its state, and the reason where it is not serving (REST's
 /// and gRPC's repository index).
 pub fn index_rows(state: &AppState) -> Vec<IndexRow> {
-    let catalog = state.registry.snapshot();
+    let catalog = state.catalog.snapshot();
     let mut rows = Vec::new();
     for (name, model) in &catalog.models {
         for version in model.sorted_versions() {
@@ -143,7 +143,7 @@ async fn metadata(
     version: Option<&str>,
 ) -> Result<HttpResponse, ServeError> {
     let served = state.served(name, version).await?;
-    let catalog = state.registry.snapshot();
+    let catalog = state.catalog.snapshot();
     let info = &served.info;
     let versions = catalog
         .models

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::door::limit::AdmissionLimit;
 use super::AppState;
 use crate::access::{Pass, StreamPass};
-use crate::actors::registry::ServedModel;
+use crate::actors::catalog::ServedModel;
 use crate::actors::stream_hub::{Lookup, Register, StreamHub};
 use crate::actors::stream_session::{
     Attach, Attached, Audio, Connection, Detach, End, StreamParams, StreamSession, AUDIO_CREDITS,

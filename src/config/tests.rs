@@ -131,7 +131,19 @@ fn defaults_are_unchanged() {
         trusted_proxies,
         grpc_port,
         grpc_max_message_bytes,
+        registry,
+        registry_poll_secs,
+        registry_cache,
+        registry_wait_secs,
+        instance_id,
+        advertise_url,
     } = Config::default();
+    assert_eq!(registry, None);
+    assert_eq!(registry_poll_secs, 5.0);
+    assert_eq!(registry_cache, PathBuf::from(".streamserve-cache"));
+    assert_eq!(registry_wait_secs, 120);
+    assert_eq!(instance_id, None);
+    assert_eq!(advertise_url, None);
     assert_eq!(host, "0.0.0.0");
     assert_eq!(port, 8080);
     assert_eq!(models, PathBuf::from("models"));

@@ -25,6 +25,84 @@ impl Manifest {
 
     pub fn parse(dir: &Path, text: &str) -> anyhow::Result<Manifest> {
         let raw: RawManifest = toml::from_str(text)?;
+        let manifest = Manifest::resolve(dir, raw)?;
+        for m in &manifest.models {
+            if let Some(fallback) = &m.fallback {
+                anyhow::ensure!(
+                    manifest.models.iter().any(|e| &e.name == fallback),
+                    "model {}:{} names fallback '{}', which the manifest does not list",
+                    m.name,
+                    m.version,
+                    fallback
+                );
+            }
+        }
+        Ok(manifest)
+    }
+
+    /// One version published in the model registry: `settings` are the keys of a
+    /// `[[models]]` entry other than its identity (name, version, file, sha256), checked as
+    /// the manifest checks them; `file` is where the model file is. The fallback it names is
+    /// not checked here: it may be another registry model, or a bundled one.
+    pub fn registry_entry(
+        name: &str,
+        version: &str,
+        file: &Path,
+        sha256: &str,
+        settings: &toml::Table,
+    ) -> anyhow::Result<ModelEntry> {
+        if let Some(key) = IDENTITY_KEYS.iter().find(|k| settings.contains_key(**k)) {
+            anyhow::bail!("the serving settings may not set '{key}' (it comes from the registry)");
+        }
+        let mut model = settings.clone();
+        model.insert("name".into(), name.into());
+        model.insert("version".into(), version.into());
+        model.insert("file".into(), file.display().to_string().into());
+        model.insert("sha256".into(), sha256.into());
+        let mut table = toml::Table::new();
+        table.insert(
+            "models".into(),
+            toml::Value::Array(vec![toml::Value::Table(model)]),
+        );
+        let raw: RawManifest = toml::Value::Table(table).try_into()?;
+        let dir = file.parent().unwrap_or(Path::new("."));
+        let mut manifest = Manifest::resolve(dir, raw)?;
+        Ok(manifest.models.remove(0))
+    }
+
+    /// Each model's serving settings as the registry records them: its `[[models]]` keys
+    /// with `[defaults]` filled in, less its identity (name, version, file, sha256); in the
+    /// order of [`Manifest::parse`]'s models.
+    pub fn settings_tables(text: &str) -> anyhow::Result<Vec<toml::Table>> {
+        let table: toml::Table = toml::from_str(text)?;
+        let defaults = table
+            .get("defaults")
+            .and_then(|d| d.as_table())
+            .cloned()
+            .unwrap_or_default();
+        let models = match table.get("models") {
+            Some(toml::Value::Array(models)) => models.clone(),
+            _ => Vec::new(),
+        };
+        Ok(models
+            .into_iter()
+            .filter_map(|m| match m {
+                toml::Value::Table(t) => Some(t),
+                _ => None,
+            })
+            .map(|mut model| {
+                for (key, value) in &defaults {
+                    model.entry(key.clone()).or_insert_with(|| value.clone());
+                }
+                for key in IDENTITY_KEYS {
+                    model.remove(*key);
+                }
+                model
+            })
+            .collect())
+    }
+
+    fn resolve(dir: &Path, raw: RawManifest) -> anyhow::Result<Manifest> {
         let d = raw.defaults;
         let mut models = Vec::with_capacity(raw.models.len());
         for m in raw.models {
@@ -129,23 +207,15 @@ impl Manifest {
                 max.max(m.replicas)
             };
         }
-        for m in &models {
-            if let Some(fallback) = &m.fallback {
-                anyhow::ensure!(
-                    models.iter().any(|e| &e.name == fallback),
-                    "model {}:{} names fallback '{}', which the manifest does not list",
-                    m.name,
-                    m.version,
-                    fallback
-                );
-            }
-        }
         Ok(Manifest {
             dir: dir.to_path_buf(),
             models,
         })
     }
 }
+
+/// The keys of a `[[models]]` entry that say which version it is, not how it is served.
+const IDENTITY_KEYS: &[&str] = &["name", "version", "file", "sha256"];
 
 /// What can be checked of `inputs` declarations without the model: dimensions, non-empty
 /// lists, and that a `paired_with` names a declared input with one value per shape. That the

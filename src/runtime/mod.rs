@@ -183,3 +183,14 @@ pub fn cuda_available() -> bool {
     use ort::ep::ExecutionProvider;
     ort::ep::CUDA::is_available().unwrap_or(false)
 }
+
+/// Opens a model file on the CPU to read the inputs and outputs it declares (what
+/// `registry push` records), proving on the way that ONNX Runtime can load it.
+pub fn inspect(
+    explicit: Option<&Path>,
+    file: &Path,
+) -> Result<(Vec<TensorSpec>, Vec<TensorSpec>), String> {
+    let env = init(explicit)?;
+    let session = ModelSession::load(env, file, Device::Cpu, false, 1)?;
+    Ok((session.inputs.clone(), session.outputs.clone()))
+}

@@ -240,7 +240,7 @@ pub fn wait_ready(running: &streamserve::server::Running, model: &str) -> anyhow
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let ready = running
-            .registry
+            .catalog
             .snapshot()
             .resolve(model, None)
             .is_ok_and(|served| served.health.ready());

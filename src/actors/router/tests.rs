@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::actors::budget::Budgets;
-use crate::actors::registry::{Catalog, ModelVersions, Registry, VersionState};
+use crate::actors::catalog::{Catalog, ModelVersions, SharedCatalog, VersionState};
 use crate::actors::served::{InferOptions, Priority, ServedModel};
 use crate::actors::supervisor::load_version;
 use crate::error::ServeError;
@@ -39,11 +39,11 @@ fn entries(models: &[(&str, &str)]) -> Vec<ModelEntry> {
 /// Serves a version on sessions from `loader`.
 async fn serve_entry(
     loader: &'static DoubleLoader,
-    registry: &Arc<Registry>,
+    catalog: &Arc<SharedCatalog>,
     entry: ModelEntry,
 ) -> ServedModel {
     let budgets = Arc::new(Budgets::new(64, 1 << 20, 0));
-    match load_version(Arc::new(entry), loader, registry.clone(), budgets).await {
+    match load_version(Arc::new(entry), loader, catalog.clone(), budgets).await {
         VersionState::Serving(served) => served,
         _ => panic!("the double model did not load"),
     }
@@ -52,16 +52,16 @@ async fn serve_entry(
 /// Serves one version named `name` of the double model with the manifest keys in `keys`.
 async fn serve(
     loader: &'static DoubleLoader,
-    registry: &Arc<Registry>,
+    catalog: &Arc<SharedCatalog>,
     name: &str,
     keys: &str,
 ) -> ServedModel {
     let entry = entries(&[(name, keys)]).remove(0);
-    serve_entry(loader, registry, entry).await
+    serve_entry(loader, catalog, entry).await
 }
 
 /// Lists serving versions in the catalog, so that fallbacks can be found by name.
-fn publish(registry: &Registry, served: &[&ServedModel]) {
+fn publish(shared: &SharedCatalog, served: &[&ServedModel]) {
     let mut catalog = Catalog::default();
     for s in served {
         let mut versions = ModelVersions {
@@ -73,7 +73,7 @@ fn publish(registry: &Registry, served: &[&ServedModel]) {
             .insert(s.info.version.clone(), VersionState::Serving((*s).clone()));
         catalog.models.insert(s.info.name.clone(), versions);
     }
-    registry.publish(catalog);
+    shared.publish(catalog);
 }
 
 fn request(served: &ServedModel, rows: usize) -> InferRequest {
@@ -105,10 +105,10 @@ async fn healthy(served: &ServedModel, n: usize) {
 #[actix_web::test]
 async fn requests_that_wait_together_run_in_one_model_call() {
     let loader = DoubleLoader::new(Behaviour::Echo).leak();
-    let registry = Arc::new(Registry::default());
+    let catalog = Arc::new(SharedCatalog::default());
     let served = serve(
         loader,
-        &registry,
+        &catalog,
         "m",
         "max_batch_size = 8\nmax_queue_delay_ms = 50",
     )
@@ -127,8 +127,8 @@ async fn requests_that_wait_together_run_in_one_model_call() {
 #[actix_web::test]
 async fn a_request_meets_at_most_two_dying_workers_then_gets_503_and_replicas_come_back() {
     let loader = DoubleLoader::new(Behaviour::Panic).leak();
-    let registry = Arc::new(Registry::default());
-    let served = serve(loader, &registry, "m", "max_batch_size = 4\nreplicas = 2").await;
+    let catalog = Arc::new(SharedCatalog::default());
+    let served = serve(loader, &catalog, "m", "max_batch_size = 4\nreplicas = 2").await;
     let answer = served.infer(request(&served, 1), InferOptions::now()).await;
     assert!(
         matches!(answer, Err(ServeError::WorkerLost(_))),
@@ -150,10 +150,10 @@ async fn a_request_meets_at_most_two_dying_workers_then_gets_503_and_replicas_co
 #[actix_web::test]
 async fn a_hung_worker_is_given_up_on_before_it_returns() {
     let loader = DoubleLoader::new(Behaviour::Sleep(Duration::from_secs(5))).leak();
-    let registry = Arc::new(Registry::default());
+    let catalog = Arc::new(SharedCatalog::default());
     let served = serve(
         loader,
-        &registry,
+        &catalog,
         "m",
         "max_batch_size = 4\nreplicas = 2\nhang_timeout_ms = 100",
     )
@@ -179,8 +179,8 @@ async fn a_hung_worker_is_given_up_on_before_it_returns() {
 #[actix_web::test]
 async fn a_request_past_its_deadline_is_answered_504_without_running() {
     let loader = DoubleLoader::new(Behaviour::Sleep(Duration::from_millis(300))).leak();
-    let registry = Arc::new(Registry::default());
-    let served = serve(loader, &registry, "m", "max_batch_size = 1").await;
+    let catalog = Arc::new(SharedCatalog::default());
+    let served = serve(loader, &catalog, "m", "max_batch_size = 1").await;
     let running = served.infer(request(&served, 1), InferOptions::now());
     let late = served.infer(
         request(&served, 1),
@@ -198,8 +198,8 @@ async fn a_request_past_its_deadline_is_answered_504_without_running() {
 #[actix_web::test]
 async fn a_full_queue_refuses_at_once_with_retry_after() {
     let loader = DoubleLoader::new(Behaviour::Sleep(Duration::from_millis(200))).leak();
-    let registry = Arc::new(Registry::default());
-    let served = serve(loader, &registry, "m", "max_batch_size = 1\nmax_queue = 2").await;
+    let catalog = Arc::new(SharedCatalog::default());
+    let served = serve(loader, &catalog, "m", "max_batch_size = 1\nmax_queue = 2").await;
     let first = served.infer(request(&served, 1), InferOptions::now());
     // Let the first request reach the worker, so that the next two fill the queue.
     actix_web::rt::time::sleep(Duration::from_millis(50)).await;
@@ -224,7 +224,7 @@ async fn a_full_queue_refuses_at_once_with_retry_after() {
 
 #[actix_web::test]
 async fn when_every_worker_of_a_model_dies_its_requests_go_to_the_fallback() {
-    let registry = Arc::new(Registry::default());
+    let catalog = Arc::new(SharedCatalog::default());
     let broken = DoubleLoader::new(Behaviour::Panic).leak();
     let spare = DoubleLoader::new(Behaviour::Echo).leak();
     let mut models = entries(&[
@@ -234,9 +234,9 @@ async fn when_every_worker_of_a_model_dies_its_requests_go_to_the_fallback() {
         ),
         ("spare", "max_batch_size = 4"),
     ]);
-    let fallback = serve_entry(spare, &registry, models.remove(1)).await;
-    let primary = serve_entry(broken, &registry, models.remove(0)).await;
-    publish(&registry, &[&primary, &fallback]);
+    let fallback = serve_entry(spare, &catalog, models.remove(1)).await;
+    let primary = serve_entry(broken, &catalog, models.remove(0)).await;
+    publish(&catalog, &[&primary, &fallback]);
     let response = primary
         .infer(request(&primary, 1), InferOptions::now())
         .await
@@ -250,8 +250,8 @@ async fn when_every_worker_of_a_model_dies_its_requests_go_to_the_fallback() {
 #[actix_web::test]
 async fn normal_requests_overtake_low_priority_ones_in_the_queue() {
     let loader = DoubleLoader::new(Behaviour::Sleep(Duration::from_millis(100))).leak();
-    let registry = Arc::new(Registry::default());
-    let served = serve(loader, &registry, "m", "max_batch_size = 1").await;
+    let catalog = Arc::new(SharedCatalog::default());
+    let served = serve(loader, &catalog, "m", "max_batch_size = 1").await;
     let order = Arc::new(std::sync::Mutex::new(Vec::new()));
     let send = |label: &'static str, priority: Priority| {
         let order = order.clone();
@@ -275,8 +275,8 @@ async fn normal_requests_overtake_low_priority_ones_in_the_queue() {
 #[actix_web::test]
 async fn low_priority_requests_are_refused_first_when_the_queue_fills() {
     let loader = DoubleLoader::new(Behaviour::Sleep(Duration::from_millis(200))).leak();
-    let registry = Arc::new(Registry::default());
-    let served = serve(loader, &registry, "m", "max_batch_size = 1\nmax_queue = 4").await;
+    let catalog = Arc::new(SharedCatalog::default());
+    let served = serve(loader, &catalog, "m", "max_batch_size = 1\nmax_queue = 4").await;
     let low = InferOptions::now().with_priority(Priority::Low);
     let running = served.infer(request(&served, 1), InferOptions::now());
     actix_web::rt::time::sleep(Duration::from_millis(50)).await;

@@ -14,9 +14,9 @@ use std::time::Instant;
 use futures_util::future::join_all;
 
 use crate::actors::budget::{replica_memory_mb, Budgets};
+use crate::actors::catalog::{SharedCatalog, VersionState};
 use crate::actors::faults::FaultQueue;
 use crate::actors::health::ModelHealth;
-use crate::actors::registry::{Registry, VersionState};
 use crate::actors::router::{self, FallbackLookup, RouterSetup};
 use crate::actors::served::{InferOptions, ServedModel};
 use crate::actors::worker::{WorkerHandle, WorkerRecipe, WorkerReport};
@@ -35,10 +35,10 @@ pub(super) const DOES_NOT_FIT: &str = "does not fit";
 pub async fn load_version(
     entry: Arc<ModelEntry>,
     sessions: Sessions,
-    registry: Arc<Registry>,
+    catalog: Arc<SharedCatalog>,
     budgets: Arc<Budgets>,
 ) -> VersionState {
-    match serve(&entry, sessions, registry, budgets).await {
+    match serve(&entry, sessions, catalog, budgets).await {
         Ok(served) => VersionState::Serving(served),
         Err(reason) => {
             tracing::error!(model = %entry.name, version = %entry.version, %reason, "model refused");
@@ -51,7 +51,7 @@ pub async fn load_version(
 async fn serve(
     entry: &Arc<ModelEntry>,
     sessions: Sessions,
-    registry: Arc<Registry>,
+    catalog: Arc<SharedCatalog>,
     budgets: Arc<Budgets>,
 ) -> Result<ServedModel, String> {
     let started = Instant::now();
@@ -70,7 +70,7 @@ async fn serve(
     let health = Arc::new(ModelHealth::new(workers.len(), entry.replicas));
     take_budgets(entry, &info, workers.len(), &budgets)?;
     let fallback: FallbackLookup = Arc::new(move |name| {
-        let served = registry.snapshot().resolve(name, None).ok()?;
+        let served = catalog.snapshot().resolve(name, None).ok()?;
         served.health.ready().then_some(served.router)
     });
     let router = router::start(

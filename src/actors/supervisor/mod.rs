@@ -1,7 +1,7 @@
 //! The supervisor: the one writer of the model catalog. It takes over the manifest ([`Start`]),
 //! loads versions (at startup, or on the first request for `load = "lazy"`: [`EnsureLoaded`]),
 //! unloads idle ones (`idle_unload_secs`, scale to zero) or on request ([`Unload`]), and runs
-//! deployments; every change becomes a new [`Catalog`] published to the [`Registry`].
+//! deployments; every change becomes a new [`Catalog`] published to the [`SharedCatalog`].
 //!
 //! A model that cannot be served (hash mismatch, file missing, GPU unusable) is refused with a
 //! clear log line and listed as unavailable; every other model keeps serving. Workers that die
@@ -11,7 +11,10 @@
 //! which use this one and not each other, except that deployments smoke-test through loading:
 //! - [`loading`]: loading one version ([`load_version`]), its checks and resource estimate.
 //! - [`rollout`]: [`Deploy`], [`Rollback`] and [`Rollouts`], one file per [`Strategy`].
+//! - [`fleet`]: what the fleet agent asks when a model registry drives this instance
+//!   ([`AddVersions`], [`Route`]).
 
+mod fleet;
 mod loading;
 mod rollout;
 #[cfg(test)]
@@ -27,25 +30,28 @@ use futures_util::future::join_all;
 use tokio::sync::oneshot;
 
 use super::budget::Budgets;
-use super::registry::{Canary, Catalog, Registry, VersionState};
+use super::catalog::{Canary, Catalog, SharedCatalog, VersionState};
 use super::served::ServedModel;
 use crate::error::ServeError;
 use crate::manifest::{compare_versions, Manifest, ModelEntry};
 use crate::runtime::Sessions;
+use fleet::FleetRouting;
+pub use fleet::{AddVersions, Readiness, Route, RouteOutcome};
 pub use loading::load_version;
 use loading::DOES_NOT_FIT;
 use rollout::Deployments;
-pub use rollout::{Deploy, Rollback, Rollouts, Strategy};
+pub use rollout::{traffic, Deploy, Rollback, Rollouts, Strategy};
 
 /// The supervisor actor: see the module's documentation.
 pub struct Supervisor {
     sessions: Sessions,
-    registry: Arc<Registry>,
+    published: Arc<SharedCatalog>,
     budgets: Arc<Budgets>,
     catalog: Catalog,
     entries: HashMap<Key, Arc<ModelEntry>>,
     waiting: HashMap<Key, Vec<oneshot::Sender<Result<ServedModel, ServeError>>>>,
     deployments: Deployments,
+    fleet: FleetRouting,
 }
 
 /// A model version: (name, version).
@@ -62,20 +68,25 @@ async fn when_loaded(loaded: Loaded) -> Result<ServedModel, ServeError> {
 }
 
 impl Supervisor {
-    pub fn new(sessions: Sessions, registry: Arc<Registry>, budgets: Arc<Budgets>) -> Supervisor {
+    pub fn new(
+        sessions: Sessions,
+        published: Arc<SharedCatalog>,
+        budgets: Arc<Budgets>,
+    ) -> Supervisor {
         Supervisor {
             sessions,
-            registry,
+            published,
             budgets,
             catalog: Catalog::default(),
             entries: HashMap::new(),
             waiting: HashMap::new(),
             deployments: Deployments::default(),
+            fleet: FleetRouting::default(),
         }
     }
 
     fn publish(&self) {
-        self.registry.publish(self.catalog.clone());
+        self.published.publish(self.catalog.clone());
     }
 
     fn state(&self, key: &Key) -> Option<&VersionState> {
@@ -191,7 +202,7 @@ impl Supervisor {
         let load = load_version(
             entry,
             self.sessions,
-            self.registry.clone(),
+            self.published.clone(),
             self.budgets.clone(),
         );
         ctx.spawn(load.into_actor(self).map(move |state, supervisor, _ctx| {
@@ -250,6 +261,7 @@ impl Supervisor {
             },
         );
         self.publish();
+        self.fleet.forget(key);
         served.drain();
         tracing::info!(model = %key.0, version = %key.1, why, "unloading");
         event(&key.0, "unloaded");
@@ -268,7 +280,7 @@ impl Supervisor {
                 let served = self.served(key)?;
                 let idle_for =
                     now_ms.saturating_sub(served.health.last_used_ms.load(Ordering::Relaxed));
-                let in_rollout = self.deployments.involves(&key.0, &key.1);
+                let in_rollout = self.deployments.involves(&key.0, &key.1) || self.fleet.holds(key);
                 (idle_for >= idle_after.as_millis() as u64 && !in_rollout).then(|| key.clone())
             })
             .collect();

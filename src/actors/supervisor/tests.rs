@@ -52,7 +52,7 @@ sha256 = "{wrong}"
 
 struct Fixture {
     loader: &'static DoubleLoader,
-    registry: Arc<Registry>,
+    catalog: Arc<SharedCatalog>,
     supervisor: Addr<Supervisor>,
     dir: PathBuf,
 }
@@ -77,13 +77,13 @@ async fn start(test: &str, ram_mb: u64) -> Fixture {
         .replace("{wrong}", &"0".repeat(64));
     let manifest = Manifest::parse(&dir, &text).unwrap();
     let loader = DoubleLoader::new(Behaviour::Echo).leak();
-    let registry = Arc::new(Registry::default());
+    let catalog = Arc::new(SharedCatalog::default());
     let budgets = Arc::new(Budgets::new(8, ram_mb, 0));
-    let supervisor = Supervisor::new(loader, registry.clone(), budgets).start();
+    let supervisor = Supervisor::new(loader, catalog.clone(), budgets).start();
     supervisor.send(Start(manifest)).await.unwrap();
     Fixture {
         loader,
-        registry,
+        catalog,
         supervisor,
         dir,
     }
@@ -91,16 +91,16 @@ async fn start(test: &str, ram_mb: u64) -> Fixture {
 
 impl Fixture {
     fn label(&self, name: &str, version: &str) -> &'static str {
-        self.registry.snapshot().models[name].versions[version].label()
+        self.catalog.snapshot().models[name].versions[version].label()
     }
 
     fn default_of(&self, name: &str) -> String {
-        let catalog = self.registry.snapshot();
+        let catalog = self.catalog.snapshot();
         catalog.models[name].default_version().unwrap().to_string()
     }
 
     fn served(&self, name: &str, version: &str) -> ServedModel {
-        self.registry
+        self.catalog
             .snapshot()
             .resolve(name, Some(version))
             .unwrap()
@@ -187,7 +187,7 @@ async fn start_serves_eager_versions_and_lists_the_rest() {
     assert_eq!(f.label("idle", "1"), "UNLOADED");
     // The manifest's default is the highest eager version, lazy ones wait for a deployment.
     assert_eq!(f.default_of("m"), "1");
-    let served = f.registry.snapshot().resolve("m", None).unwrap();
+    let served = f.catalog.snapshot().resolve("m", None).unwrap();
     assert_eq!(served.info.version, "1");
     assert_eq!(echo(&served).await.unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
     // A file that is not what the manifest says is refused, with the reason; it stays so.
@@ -237,7 +237,7 @@ async fn a_version_that_does_not_fit_stays_loadable() {
     // No memory budget at all: nothing fits.
     let f = start("does-not-fit", 0).await;
     assert_eq!(f.label("m", "1"), "UNLOADED");
-    let catalog = f.registry.snapshot();
+    let catalog = f.catalog.snapshot();
     let VersionState::Cold { last_error, .. } = &catalog.models["m"].versions["1"] else {
         panic!("expected m:1 cold");
     };
@@ -261,7 +261,7 @@ async fn blue_green_switches_the_default_and_unloads_the_old() {
     assert_eq!(f.default_of("m"), "2");
     assert_eq!(f.label("m", "2"), "READY");
     assert_eq!(f.label("m", "1"), "UNLOADED");
-    let served = f.registry.snapshot().resolve("m", None).unwrap();
+    let served = f.catalog.snapshot().resolve("m", None).unwrap();
     assert_eq!(served.info.version, "2");
     assert_eq!(echo(&served).await.unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
     assert_eq!(f.rollouts().await["previous_default"]["m"], "1");
@@ -283,7 +283,7 @@ async fn a_failing_smoke_test_changes_nothing() {
     assert_eq!(f.label("m", "1"), "READY");
     assert!(f.rollback().await.is_err(), "nothing to roll back to");
     f.loader.set(Behaviour::Echo);
-    let served = f.registry.snapshot().resolve("m", None).unwrap();
+    let served = f.catalog.snapshot().resolve("m", None).unwrap();
     assert_eq!(echo(&served).await.unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
 }
 
@@ -296,7 +296,7 @@ async fn a_rollback_restores_the_previous_default_once() {
     assert_eq!(f.default_of("m"), "1");
     assert_eq!(f.label("m", "1"), "READY");
     assert_eq!(f.label("m", "2"), "UNLOADED");
-    let served = f.registry.snapshot().resolve("m", None).unwrap();
+    let served = f.catalog.snapshot().resolve("m", None).unwrap();
     assert_eq!(served.info.version, "1");
     assert_eq!(echo(&served).await.unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
     // The previous default is consumed: a second rollback does not undo the first.
@@ -316,7 +316,7 @@ async fn a_canary_worse_than_stable_is_rolled_back() {
     let answer = f.deploy_in_steps("2", Strategy::Canary, 2).await.unwrap();
     assert_eq!(answer["strategy"], "canary");
     assert_eq!(answer["steps"], serde_json::json!([50, 100]));
-    let canary = f.registry.snapshot().models["m"].canary.clone().unwrap();
+    let canary = f.catalog.snapshot().models["m"].canary.clone().unwrap();
     assert_eq!((canary.version.as_str(), canary.percent), ("2", 50));
     // While it runs: the default is unchanged, and neither version can be unloaded or deployed.
     assert_eq!(f.default_of("m"), "1");
@@ -345,7 +345,7 @@ async fn a_canary_worse_than_stable_is_rolled_back() {
         health.record(true, Duration::from_millis(1));
     }
     eventually("the canary is rolled back", || {
-        f.registry.snapshot().models["m"].canary.is_none()
+        f.catalog.snapshot().models["m"].canary.is_none()
     })
     .await;
     assert_eq!(f.default_of("m"), "1");
@@ -365,7 +365,7 @@ async fn a_canary_that_holds_up_is_promoted_step_by_step() {
     let f = start("canary-promoted", 1024).await;
     f.deploy_in_steps("2", Strategy::Canary, 0).await.unwrap();
     eventually("the canary is promoted", || f.default_of("m") == "2").await;
-    assert!(f.registry.snapshot().models["m"].canary.is_none());
+    assert!(f.catalog.snapshot().models["m"].canary.is_none());
     assert_eq!(f.label("m", "2"), "READY");
     assert_eq!(f.label("m", "1"), "UNLOADED");
     let rollouts = f.rollouts().await;
@@ -397,7 +397,7 @@ async fn a_rolling_update_steps_one_replicas_share_and_an_operator_can_stop_it()
     );
     let answer = f.rollback().await.unwrap();
     assert_eq!(answer["rolled_back"], "canary");
-    assert!(f.registry.snapshot().models["m"].canary.is_none());
+    assert!(f.catalog.snapshot().models["m"].canary.is_none());
     assert_eq!(f.label("m", "2"), "UNLOADED");
     assert_eq!(f.default_of("m"), "1");
     assert_eq!(

@@ -44,7 +44,7 @@ impl HealthService {
     /// The status of `service`, or `None` for a name that is neither the server nor a model.
     fn status(&self, service: &str) -> Option<ServingStatus> {
         if service.is_empty() || service == INFERENCE_SERVICE {
-            let ready = self.state.registry.snapshot().ready() && !self.state.work.draining();
+            let ready = self.state.catalog.snapshot().ready() && !self.state.work.draining();
             return Some(serving(ready));
         }
         let (name, version) = match service.rsplit_once(':') {
@@ -84,7 +84,7 @@ impl Health for Arc<HealthService> {
         &self,
         _: Request<HealthListRequest>,
     ) -> Result<Response<HealthListResponse>, Status> {
-        let catalog = self.state.registry.snapshot();
+        let catalog = self.state.catalog.snapshot();
         let mut names = vec![String::new(), INFERENCE_SERVICE.to_string()];
         for (name, model) in &catalog.models {
             names.push(name.clone());

@@ -26,7 +26,7 @@ use super::proto::inference::model_metadata_response::TensorMetadata;
 use super::proto::inference::*;
 use super::{draining, grpc_timeout, request_id, Stop};
 use crate::access::Pass;
-use crate::actors::registry::ServedModel;
+use crate::actors::catalog::ServedModel;
 use crate::actors::served::InferOptions;
 use crate::api::accounting::{self, Answered, Protocol, Stats};
 use crate::api::{health, kserve, rest, AppState};
@@ -162,7 +162,7 @@ impl GrpcInferenceService for Arc<Inference> {
     }
 
     async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Answer<ServerReadyResponse> {
-        let ready = self.state.registry.snapshot().ready() && !self.state.work.draining();
+        let ready = self.state.catalog.snapshot().ready() && !self.state.work.draining();
         Ok(Response::new(ServerReadyResponse { ready }))
     }
 
@@ -195,7 +195,7 @@ impl GrpcInferenceService for Arc<Inference> {
         let info = &served.info;
         let versions = self
             .state
-            .registry
+            .catalog
             .snapshot()
             .models
             .get(&info.name)

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use super::super::{event, Key, Supervisor};
 use super::traffic::{self, Traffic, Verdict};
 use super::{Deploy, Strategy};
-use crate::actors::registry::Canary;
+use crate::actors::catalog::Canary;
 use crate::actors::served::ServedModel;
 
 /// A running canary (or rolling update) of one model.

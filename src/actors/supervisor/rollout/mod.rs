@@ -11,7 +11,7 @@
 
 mod blue_green;
 mod canary;
-mod traffic;
+pub mod traffic;
 
 use std::collections::HashMap;
 
@@ -53,14 +53,18 @@ impl Supervisor {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Strategy {
-    BlueGreen,
-    Canary,
-    /// Traffic moves to the new version one replica's share at a time (100/N % per step for
-    /// its N replicas), each step gated on the new version's error rate only.
-    Rolling,
+/// The strategies, as the registry names them; on one machine a rolling update moves traffic
+/// to the new version one replica's share at a time (100/N % per step for its N replicas),
+/// each step gated on the new version's error rate only.
+pub use crate::registry::records::Strategy;
+
+/// Stops `name`'s running canary or rolling update, if any (traffic back to its stable version).
+pub(in crate::actors::supervisor) fn abort_running(
+    supervisor: &mut Supervisor,
+    name: &str,
+    reason: &str,
+) {
+    canary::abort(supervisor, name, reason);
 }
 
 /// Make `version` the default of `name` (admin).

@@ -1,4 +1,4 @@
-//! The registry of served models: which names and versions exist, which version is the
+//! The catalog of served models: which names and versions exist, which version is the
 //! default, and where each version's router is.
 //!
 //! Exactly one writer (the supervisor) publishes a new immutable [`Catalog`] snapshot; request
@@ -46,7 +46,7 @@ impl VersionState {
 }
 
 /// A version receiving a share of a model's default traffic while it proves itself.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Canary {
     pub version: String,
     pub percent: u32,
@@ -148,11 +148,11 @@ impl Catalog {
 
 /// The published catalog. Only the supervisor publishes; everyone else reads snapshots.
 #[derive(Default)]
-pub struct Registry {
+pub struct SharedCatalog {
     catalog: ArcSwap<Catalog>,
 }
 
-impl Registry {
+impl SharedCatalog {
     pub fn snapshot(&self) -> Arc<Catalog> {
         self.catalog.load_full()
     }

@@ -1,6 +1,9 @@
 //! The `streamserve` command line: its subcommands ([`Cli`]), and `streamserve admin ...`, the
 //! admin API from the command line, against a local or deployed server (`--url`,
-//! `STREAMSERVE_URL`; token from `--token` or `STREAMSERVE_ADMIN_TOKEN`).
+//! `STREAMSERVE_URL`; token from `--token` or `STREAMSERVE_ADMIN_TOKEN`). The model registry's
+//! commands are in [`registry`].
+
+pub mod registry;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
@@ -29,6 +32,8 @@ pub enum Command {
     /// Make API keys for `--api-keys` files.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// The model registry: publish versions, deploy them to the fleet, watch the fleet.
+    Registry(registry::RegistryArgs),
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,0 +1,532 @@
+//! The fleet agent's loop: one task, which owns what it knows of the registry (the desired
+//! states with their ETags, the versions it listed or is fetching, its part in each rollout)
+//! and polls: read, fetch, route, judge, report, decide. See the module header of `fleet`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use futures_util::FutureExt;
+use tokio::task::JoinHandle;
+
+use super::part::Part;
+use super::Fleet;
+use crate::actors::catalog::{Canary, Catalog, VersionState};
+use crate::actors::supervisor::traffic::Traffic;
+use crate::actors::supervisor::{Readiness, Route, RouteOutcome};
+use crate::registry::fleet::{self, Decision};
+use crate::registry::records::{
+    CanaryShare, Desired, InstanceReport, ModelReport, Strategy, VersionReport, FORMAT,
+};
+use crate::registry::store::{Read, WriteIf};
+use crate::registry::{desired_key, instance_key, now_ms, RegistryError};
+
+/// A model version: (name, version).
+type Key = (String, String);
+
+/// A failed fetch is tried again after this long (a corrupt object stays corrupt; a network
+/// error may pass).
+const FETCH_RETRY_MS: u64 = 10_000;
+/// Reports older than this are taken out of the registry (an instance that died without
+/// leaving).
+const STALE_REPORT_MS: u64 = 3_600_000;
+
+pub(super) struct Agent {
+    fleet: Fleet,
+    started_at_ms: u64,
+    /// Each model's desired state, with the ETag it was read at (`None`: from the cache).
+    desired: BTreeMap<String, (Desired, Option<String>)>,
+    /// Versions listed with the supervisor.
+    listed: HashSet<Key>,
+    fetching: HashMap<Key, JoinHandle<Result<(), RegistryError>>>,
+    /// Versions that could not be fetched or listed: why, and when.
+    unavailable: HashMap<Key, (String, u64)>,
+    /// The last routing sent per model, and whether it settled (every version ready or failed).
+    sent: HashMap<String, (Route, bool)>,
+    outcomes: HashMap<String, RouteOutcome>,
+    parts: HashMap<String, Part>,
+    /// The other live instances' reports, as last read.
+    others: Vec<InstanceReport>,
+    /// This instance's last report.
+    mine: InstanceReport,
+    registry_error: Option<String>,
+    polls: u64,
+}
+
+impl Agent {
+    pub(super) fn new(fleet: Fleet) -> Agent {
+        let started_at_ms = now_ms();
+        Agent {
+            fleet,
+            started_at_ms,
+            desired: BTreeMap::new(),
+            listed: HashSet::new(),
+            fetching: HashMap::new(),
+            unavailable: HashMap::new(),
+            sent: HashMap::new(),
+            outcomes: HashMap::new(),
+            parts: HashMap::new(),
+            others: Vec::new(),
+            mine: InstanceReport::default(),
+            registry_error: None,
+            polls: 0,
+        }
+    }
+
+    fn me(&self) -> &str {
+        &self.fleet.shared.options.instance_id
+    }
+
+    pub(super) async fn run(mut self) {
+        let mut stop = self.fleet.shared.stop.subscribe();
+        let mut tick = tokio::time::interval(self.fleet.shared.options.poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            self.poll().await;
+        }
+    }
+
+    async fn poll(&mut self) {
+        self.polls += 1;
+        let now = now_ms();
+        let reachable = self.read_desired().await;
+        metrics::gauge!("streamserve_registry_up").set(if reachable { 1.0 } else { 0.0 });
+        let outcome = if reachable { "ok" } else { "error" };
+        metrics::counter!("streamserve_registry_polls_total", "outcome" => outcome).increment(1);
+        self.fetch_needed(now).await;
+        let rolling_out = self.desired.values().any(|(d, _)| d.rollout.is_some());
+        if reachable && (rolling_out || self.polls % 10 == 1) {
+            self.read_others(now).await;
+        }
+        self.route_all(now).await;
+        let catalog = self.fleet.shared.catalog.snapshot();
+        self.judge_parts(&catalog, now);
+        self.mine = self.report(&catalog, now);
+        if reachable {
+            let key = instance_key(self.me());
+            if let Err(e) = self
+                .fleet
+                .shared
+                .store
+                .write_json(&key, &self.mine, WriteIf::Always)
+                .await
+            {
+                self.unreachable(e);
+            }
+        }
+        if reachable && rolling_out {
+            self.decide_all(now).await;
+        }
+        self.publish_status(now);
+        if !*self.fleet.shared.synced.borrow() && self.settled() {
+            let _ = self.fleet.shared.synced.send(true);
+        }
+    }
+
+    fn unreachable(&mut self, e: RegistryError) {
+        let text = e.to_string();
+        if self.registry_error.as_deref() != Some(&text) {
+            tracing::warn!(error = %text, "registry unreachable; serving what this instance has");
+        }
+        self.registry_error = Some(text);
+    }
+
+    /// Reads every model's desired state (only changed documents travel); on the first poll
+    /// with the registry unreachable, takes what the cache kept. Returns whether the registry
+    /// answered.
+    async fn read_desired(&mut self) -> bool {
+        let store = self.fleet.shared.store.clone();
+        let names = match store.list_dirs(crate::registry::MODELS_DIR).await {
+            Ok(names) => names,
+            Err(e) => {
+                if self.polls == 1 {
+                    for desired in self.fleet.shared.cache.load_desired() {
+                        tracing::info!(model = %desired.model, "desired state from the cache");
+                        self.desired.insert(desired.model.clone(), (desired, None));
+                    }
+                }
+                self.unreachable(e);
+                return false;
+            }
+        };
+        for name in names {
+            let known = self.desired.get(&name).and_then(|(_, etag)| etag.clone());
+            match store
+                .read_json::<Desired>(&desired_key(&name), known.as_deref())
+                .await
+            {
+                Ok(Read::Unchanged) => {}
+                Ok(Read::Missing) => {
+                    self.desired.remove(&name);
+                }
+                Ok(Read::Found(found)) if found.value.format > FORMAT => {
+                    tracing::error!(model = %name, format = found.value.format, "desired state in a newer format; ignored (upgrade streamserve)");
+                }
+                Ok(Read::Found(found)) => {
+                    if let Err(e) = self.fleet.shared.cache.save_desired(&found.value) {
+                        tracing::warn!(error = %e, "cannot keep the desired state in the cache");
+                    }
+                    self.desired.insert(name, (found.value, found.etag));
+                }
+                Err(RegistryError::Corrupt(reason)) => {
+                    tracing::error!(model = %name, %reason, "desired state unreadable; keeping the last one");
+                }
+                Err(e) => {
+                    self.unreachable(e);
+                    return false;
+                }
+            }
+        }
+        if self.registry_error.take().is_some() {
+            tracing::info!("registry reachable again");
+        }
+        true
+    }
+
+    /// Starts fetching each version a desired state names that is not listed yet; collects
+    /// the fetches that finished.
+    async fn fetch_needed(&mut self, now: u64) {
+        let finished: Vec<Key> = self
+            .fetching
+            .iter()
+            .filter(|(_, task)| task.is_finished())
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in finished {
+            let task = self.fetching.remove(&key).expect("listed above");
+            let result = task
+                .now_or_never()
+                .map(|joined| joined.unwrap_or_else(|e| Err(RegistryError::Local(e.to_string()))));
+            match result {
+                Some(Ok(())) => {
+                    metrics::counter!("streamserve_registry_fetches_total", "outcome" => "ok")
+                        .increment(1);
+                    self.unavailable.remove(&key);
+                    self.listed.insert(key);
+                }
+                Some(Err(e)) => {
+                    metrics::counter!("streamserve_registry_fetches_total", "outcome" => "failed")
+                        .increment(1);
+                    tracing::error!(model = %key.0, version = %key.1, error = %e, "cannot take the version from the registry");
+                    self.unavailable.insert(key, (e.to_string(), now));
+                }
+                None => {}
+            }
+        }
+        let needed: Vec<Key> = self
+            .desired
+            .values()
+            .flat_map(|(d, _)| {
+                let rollout = d
+                    .rollout
+                    .iter()
+                    .flat_map(|r| [Some(&r.version), r.from.as_ref()]);
+                [d.default.as_ref()]
+                    .into_iter()
+                    .chain(rollout)
+                    .flatten()
+                    .map(|v| (d.model.clone(), v.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for key in needed {
+            let retry_later = self
+                .unavailable
+                .get(&key)
+                .is_some_and(|(_, at)| now.saturating_sub(*at) < FETCH_RETRY_MS);
+            if self.listed.contains(&key) || self.fetching.contains_key(&key) || retry_later {
+                continue;
+            }
+            let fleet = self.fleet.clone();
+            let (name, version) = key.clone();
+            let task = actix_web::rt::spawn(async move { fleet.fetch(&name, &version).await });
+            self.fetching.insert(key, task);
+        }
+    }
+
+    /// Reads the other instances' reports, keeping the live ones; takes long-dead ones out.
+    async fn read_others(&mut self, now: u64) {
+        let store = &self.fleet.shared.store;
+        match crate::registry::ops::instances(store).await {
+            Ok(all) => {
+                let me = self.me().to_string();
+                let (live, dead): (Vec<_>, Vec<_>) =
+                    all.into_iter().partition(|r| fleet::is_live(r, now));
+                for report in dead {
+                    if now.saturating_sub(report.heartbeat_at_ms) > STALE_REPORT_MS {
+                        let _ = store.delete(&instance_key(&report.id)).await;
+                    }
+                }
+                self.others = live.into_iter().filter(|r| r.id != me).collect();
+                metrics::gauge!("streamserve_fleet_instances_live")
+                    .set((self.others.len() + 1) as f64);
+            }
+            Err(e) => self.unreachable(e),
+        }
+    }
+
+    /// The live instances, this one with its last report.
+    fn live(&self) -> Vec<InstanceReport> {
+        let mut live = self.others.clone();
+        live.push(self.mine.clone());
+        live
+    }
+
+    /// Routes every model with a desired state: sends the supervisor its plan when it changed
+    /// or when the last one had not settled.
+    async fn route_all(&mut self, now: u64) {
+        let live = self.live();
+        let me = self.me().to_string();
+        let models: Vec<(String, Desired)> = self
+            .desired
+            .iter()
+            .map(|(n, (d, _))| (n.clone(), d.clone()))
+            .collect();
+        for (name, desired) in models {
+            let plan = fleet::plan(&desired, &me, now, &live);
+            let route = Route {
+                name: name.clone(),
+                default: plan.default.clone(),
+                canary: plan.canary.map(|c| Canary {
+                    version: c.version,
+                    percent: c.percent,
+                }),
+                prepare: plan.prepare,
+                smoke_test: plan.smoke_test,
+            };
+            let unchanged = self
+                .sent
+                .get(&name)
+                .is_some_and(|(sent, settled)| *sent == route && *settled);
+            if unchanged {
+                continue;
+            }
+            let Some(outcome) = self.fleet.send_route(route.clone()).await else {
+                return;
+            };
+            let settled = outcome
+                .versions
+                .values()
+                .all(|r| matches!(r, Readiness::Ready | Readiness::Failed(_)));
+            self.sent.insert(name.clone(), (route, settled));
+            self.outcomes.insert(name, outcome);
+        }
+    }
+
+    /// Whether every model's routing settled (for the first sync).
+    fn settled(&self) -> bool {
+        self.desired.keys().all(|name| {
+            self.sent.get(name).is_some_and(|(_, settled)| *settled)
+                || self.desired[name]
+                    .0
+                    .default
+                    .as_ref()
+                    .is_some_and(|v| self.unavailable.contains_key(&(name.clone(), v.clone())))
+        }) && self.fetching.is_empty()
+    }
+
+    /// Updates this instance's part in each running rollout from its traffic counters.
+    fn judge_parts(&mut self, catalog: &Catalog, now: u64) {
+        let traffic = |name: &str, version: Option<&String>| -> Traffic {
+            version
+                .and_then(|v| catalog.models.get(name)?.versions.get(v))
+                .map(|state| match state {
+                    VersionState::Serving(served) => Traffic::of(&served.health),
+                    _ => Traffic::default(),
+                })
+                .unwrap_or_default()
+        };
+        let running: HashSet<String> = self
+            .desired
+            .iter()
+            .filter(|(_, (d, _))| d.rollout.is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        self.parts.retain(|name, _| running.contains(name));
+        for (name, (desired, _)) in &self.desired {
+            let Some(rollout) = &desired.rollout else {
+                continue;
+            };
+            let new = traffic(name, Some(&rollout.version));
+            let stable = traffic(name, rollout.from.as_ref());
+            let part = self
+                .parts
+                .entry(name.clone())
+                .and_modify(|p| {
+                    if p.rollout_id != rollout.id {
+                        *p = Part::new(rollout, now, new, stable);
+                    }
+                })
+                .or_insert_with(|| Part::new(rollout, now, new, stable));
+            let key = (name.clone(), rollout.version.clone());
+            if let Some((reason, _)) = self.unavailable.get(&key) {
+                part.fail(reason.clone());
+            }
+            let outcome = self.outcomes.get(name);
+            if let Some(Readiness::Failed(reason)) =
+                outcome.and_then(|o| o.versions.get(&rollout.version))
+            {
+                part.fail(reason.clone());
+            }
+            match rollout.strategy {
+                Strategy::BlueGreen => {}
+                Strategy::Canary => part.judge_canary(rollout, now, new, stable),
+                Strategy::Rolling => {
+                    let serving_new =
+                        outcome.and_then(|o| o.default.as_ref()) == Some(&rollout.version);
+                    part.judge_rolling(serving_new, now, new);
+                }
+            }
+        }
+    }
+
+    /// This instance's report: every model it knows, as its catalog has it now.
+    fn report(&self, catalog: &Catalog, now: u64) -> InstanceReport {
+        let options = &self.fleet.shared.options;
+        let mut models = BTreeMap::new();
+        for (name, model) in &catalog.models {
+            let versions = model
+                .versions
+                .iter()
+                .map(|(v, state)| {
+                    let (requests, errors) = match state {
+                        VersionState::Serving(s) => {
+                            let t = Traffic::of(&s.health);
+                            (t.requests, t.errors)
+                        }
+                        _ => (0, 0),
+                    };
+                    let report = VersionReport {
+                        state: state.label().to_string(),
+                        requests,
+                        errors,
+                    };
+                    (v.clone(), report)
+                })
+                .collect();
+            let rollout = self.desired.get(name).and_then(|(d, _)| {
+                let rollout = d.rollout.as_ref()?;
+                let prepared = self
+                    .outcomes
+                    .get(name)
+                    .and_then(|o| o.versions.get(&rollout.version))
+                    == Some(&Readiness::Ready);
+                Some(self.parts.get(name)?.report(prepared))
+            });
+            let unavailable = self
+                .unavailable
+                .iter()
+                .filter(|((n, _), _)| n == name)
+                .map(|((_, v), (reason, _))| (v.clone(), reason.clone()))
+                .collect();
+            models.insert(
+                name.clone(),
+                ModelReport {
+                    default: model.default_version().map(str::to_string),
+                    canary: model.canary.as_ref().map(|c| CanaryShare {
+                        version: c.version.clone(),
+                        percent: c.percent,
+                    }),
+                    versions,
+                    rollout,
+                    unavailable,
+                },
+            );
+        }
+        InstanceReport {
+            format: FORMAT,
+            id: options.instance_id.clone(),
+            url: options.url.clone(),
+            streamserve: env!("CARGO_PKG_VERSION").to_string(),
+            started_at_ms: self.started_at_ms,
+            heartbeat_at_ms: now,
+            poll_ms: options.poll.as_millis() as u64,
+            registry_error: self.registry_error.clone(),
+            models,
+        }
+    }
+
+    /// Records what the live reports say each running rollout should do next.
+    async fn decide_all(&mut self, now: u64) {
+        let live = self.live();
+        let me = self.me().to_string();
+        let store = self.fleet.shared.store.clone();
+        let models: Vec<String> = self.desired.keys().cloned().collect();
+        for name in models {
+            let (desired, etag) = &self.desired[&name];
+            let Some(decision) = fleet::decide(desired, &me, now, &live) else {
+                continue;
+            };
+            let Some(etag) = etag.clone() else {
+                continue;
+            };
+            let next = fleet::apply(desired, &decision, &me, now);
+            match store
+                .write_json(&desired_key(&name), &next, WriteIf::Matches(etag))
+                .await
+            {
+                Ok(new_etag) => {
+                    let label = decision_label(&decision);
+                    metrics::counter!("streamserve_fleet_decisions_total", "decision" => label)
+                        .increment(1);
+                    match &decision {
+                        Decision::Abort { instance, reason } => {
+                            tracing::warn!(model = %name, %instance, %reason, "rollout rolled back fleet-wide")
+                        }
+                        _ => tracing::info!(model = %name, decision = label, "rollout moved on"),
+                    }
+                    let _ = self.fleet.shared.cache.save_desired(&next);
+                    self.desired.insert(name, (next, new_etag));
+                }
+                // Another instance recorded it (or something else) first: read it next poll.
+                Err(RegistryError::Conflict(_)) => {}
+                Err(e) => self.unreachable(e),
+            }
+        }
+    }
+
+    fn publish_status(&self, now: u64) {
+        let models: serde_json::Map<String, serde_json::Value> = self
+            .desired
+            .iter()
+            .map(|(name, (desired, etag))| {
+                let outcome = self.outcomes.get(name);
+                let value = serde_json::json!({
+                    "desired": desired,
+                    "from_cache": etag.is_none(),
+                    "routing": outcome.map(|o| serde_json::json!({
+                        "default": o.default,
+                        "canary": o.canary,
+                        "versions": o.versions,
+                    })),
+                    "fetching": self.fetching.keys().filter(|(n, _)| n == name).map(|(_, v)| v).collect::<Vec<_>>(),
+                });
+                (name.clone(), value)
+            })
+            .collect();
+        let status = serde_json::json!({
+            "registry": self.fleet.shared.store.uri(),
+            "instance": self.me(),
+            "reachable": self.registry_error.is_none(),
+            "registry_error": self.registry_error,
+            "last_poll_ms": now,
+            "polls": self.polls,
+            "live_instances": self.others.len() + 1,
+            "models": models,
+            "report": self.mine,
+        });
+        *self.fleet.shared.status.lock().expect("status lock") = status;
+    }
+}
+
+fn decision_label(decision: &Decision) -> &'static str {
+    match decision {
+        Decision::Switch => "switch",
+        Decision::Promote => "promote",
+        Decision::RolledOut => "rolled_out",
+        Decision::Join => "join",
+        Decision::Abort { .. } => "abort",
+    }
+}

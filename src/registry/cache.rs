@@ -1,0 +1,165 @@
+//! An instance's local copies of what it took from the registry: model files (verified
+//! against their record's sha256 before they are used), their records, and the last desired
+//! state it read of each model, so that it can serve after a restart while the registry is
+//! unreachable.
+//!
+//! A download goes to a temporary file beside its final name and is renamed only once its
+//! size and sha256 match the record: a partial or corrupt download is never served, and the
+//! reason is reported. One directory per registry (named by a hash of its URI), so that two
+//! registries never mix.
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use super::records::{Desired, VersionRecord};
+use super::{RegistryError, Store};
+use crate::manifest::sha256_file;
+
+#[derive(Clone, Debug)]
+pub struct Cache {
+    root: PathBuf,
+}
+
+impl Cache {
+    /// The cache of registry `uri` under `dir`.
+    pub fn open(dir: &Path, uri: &str) -> Result<Cache, RegistryError> {
+        let tag = hex::encode(&Sha256::digest(uri.as_bytes())[..8]);
+        let root = dir.join(tag);
+        std::fs::create_dir_all(root.join("desired")).map_err(|e| {
+            RegistryError::Local(format!("cannot create cache {}: {e}", root.display()))
+        })?;
+        Ok(Cache { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn version_dir(&self, name: &str, version: &str) -> PathBuf {
+        self.root.join("models").join(name).join(version)
+    }
+
+    /// Where `record`'s model file lives once it is here.
+    pub fn model_file(&self, record: &VersionRecord) -> PathBuf {
+        self.version_dir(&record.name, &record.version)
+            .join(format!("{}.onnx", record.sha256))
+    }
+
+    /// The model file of `record`, downloaded and verified if it is not here yet (a copy
+    /// here that does not match is replaced). Blocking file hashing runs off the caller's
+    /// thread.
+    pub async fn fetch(
+        &self,
+        store: &Store,
+        record: &VersionRecord,
+    ) -> Result<PathBuf, RegistryError> {
+        let path = self.model_file(record);
+        if self.verified(record).await {
+            return Ok(path);
+        }
+        let dir = self.version_dir(&record.name, &record.version);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| RegistryError::Local(format!("cannot create {}: {e}", dir.display())))?;
+        let part = dir.join(format!(
+            ".{}.part-{:016x}",
+            record.sha256,
+            fastrand::u64(..)
+        ));
+        let key = super::file_key(&record.name, &record.version, &record.sha256);
+        let outcome = store.download(&key, &part).await;
+        let checked = outcome.and_then(|(size, sha256)| {
+            if size != record.size {
+                Err(RegistryError::Corrupt(format!(
+                    "{}:{}: the model file is {size} bytes, its record says {} (a partial or \
+                     replaced upload); not served",
+                    record.name, record.version, record.size
+                )))
+            } else if sha256 != record.sha256 {
+                Err(RegistryError::Corrupt(format!(
+                    "{}:{}: the model file's sha256 is {sha256}, its record says {}; not served",
+                    record.name, record.version, record.sha256
+                )))
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = checked {
+            let _ = std::fs::remove_file(&part);
+            return Err(e);
+        }
+        std::fs::rename(&part, &path).map_err(|e| {
+            let _ = std::fs::remove_file(&part);
+            RegistryError::Local(format!(
+                "cannot move the download to {}: {e}",
+                path.display()
+            ))
+        })?;
+        Ok(path)
+    }
+
+    /// Whether `record`'s file is here with the right sha256.
+    async fn verified(&self, record: &VersionRecord) -> bool {
+        let path = self.model_file(record);
+        if std::fs::metadata(&path).map(|m| m.len()).ok() != Some(record.size) {
+            return false;
+        }
+        let sha256 = record.sha256.clone();
+        tokio::task::spawn_blocking(move || sha256_file(&path).is_ok_and(|h| h == sha256))
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Keeps a version's record beside its file (to serve it without the registry).
+    pub fn save_record(&self, record: &VersionRecord) -> Result<(), RegistryError> {
+        let dir = self.version_dir(&record.name, &record.version);
+        write_json(&dir.join("version.json"), record)
+    }
+
+    pub fn load_record(&self, name: &str, version: &str) -> Option<VersionRecord> {
+        read_json(&self.version_dir(name, version).join("version.json"))
+    }
+
+    /// Keeps the last desired state read of a model.
+    pub fn save_desired(&self, desired: &Desired) -> Result<(), RegistryError> {
+        write_json(
+            &self
+                .root
+                .join("desired")
+                .join(format!("{}.json", desired.model)),
+            desired,
+        )
+    }
+
+    /// Every desired state kept here.
+    pub fn load_desired(&self) -> Vec<Desired> {
+        let Ok(entries) = std::fs::read_dir(self.root.join("desired")) else {
+            return Vec::new();
+        };
+        let mut all: Vec<Desired> = entries
+            .flatten()
+            .filter_map(|e| read_json(&e.path()))
+            .collect();
+        all.sort_by(|a, b| a.model.cmp(&b.model));
+        all
+    }
+}
+
+fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), RegistryError> {
+    let dir = path.parent().expect("a file in a directory");
+    std::fs::create_dir_all(dir)
+        .map_err(|e| RegistryError::Local(format!("cannot create {}: {e}", dir.display())))?;
+    let part = path.with_extension(format!("part-{:016x}", fastrand::u64(..)));
+    let text = serde_json::to_vec_pretty(value).expect("registry documents serialize");
+    std::fs::write(&part, text)
+        .and_then(|()| std::fs::rename(&part, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&part);
+            RegistryError::Local(format!("cannot write {}: {e}", path.display()))
+        })
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
+    let text = std::fs::read(path).ok()?;
+    serde_json::from_slice(&text).ok()
+}

@@ -1,0 +1,385 @@
+//! What the `streamserve registry` commands do, against a [`Store`]: publish a version
+//! ([`push`]), seed a registry from a model directory ([`seed`]), list what is there
+//! ([`list`]), change a model's desired state ([`deploy`], [`rollback`]) and read the fleet's
+//! ([`status`]). Printing is the command line's; these return values and typed errors.
+//!
+//! Desired-state changes go through [`update_desired`]: read with the ETag, change, write with
+//! `If-Match`, and on a conflict start again from the new document, so that two racing
+//! `deploy` commands cannot both win: the second one sees the first one's rollout and is
+//! refused.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::fleet::{self, DeployRequest};
+use super::records::{Desired, InstanceReport, Interface, VersionRecord, FORMAT};
+use super::store::{Read, WriteIf};
+use super::{check_name, desired_key, file_key, now_ms, version_key, RegistryError, Store};
+use crate::manifest::{compare_versions, sha256_file, Manifest, MANIFEST_FILE};
+
+/// A version to publish.
+#[derive(Debug)]
+pub struct Push {
+    pub name: String,
+    pub version: String,
+    pub file: PathBuf,
+    /// The serving settings (a `[[models]]` entry's keys, less its identity).
+    pub settings: toml::Table,
+    pub interface: Option<Interface>,
+    pub by: String,
+}
+
+/// Publishes a version: checks its settings, uploads its file, then writes its record, only
+/// if no record of that version exists (versions are immutable). Returns the record.
+pub async fn push(store: &Store, push: Push) -> Result<VersionRecord, RegistryError> {
+    check_name("model name", &push.name)?;
+    check_name("version", &push.version)?;
+    let record_key = version_key(&push.name, &push.version);
+    if store.exists(&record_key).await? {
+        return Err(exists(&push.name, &push.version));
+    }
+    let file = push.file.clone();
+    let (size, sha256) = tokio::task::spawn_blocking(move || {
+        let size = std::fs::metadata(&file)?.len();
+        Ok::<_, std::io::Error>((size, sha256_file(&file)?))
+    })
+    .await
+    .map_err(|e| RegistryError::Local(e.to_string()))?
+    .map_err(|e| RegistryError::Local(format!("cannot read {}: {e}", push.file.display())))?;
+    let entry = Manifest::registry_entry(
+        &push.name,
+        &push.version,
+        &push.file,
+        &sha256,
+        &push.settings,
+    )
+    .map_err(|e| RegistryError::Refused(format!("serving settings: {e:#}")))?;
+    // The file first, under its hash: a record never names a file that is not there, and two
+    // racing pushes of one version upload to different names, so the loser cannot replace
+    // the winner's file.
+    store
+        .upload(&file_key(&push.name, &push.version, &sha256), &push.file)
+        .await?;
+    let record = VersionRecord {
+        format: FORMAT,
+        name: push.name.clone(),
+        version: push.version.clone(),
+        file: format!("{sha256}.onnx"),
+        sha256,
+        size,
+        settings: push.settings,
+        interface: push.interface,
+        description: entry.description,
+        source: entry.source,
+        pushed_by: push.by,
+        pushed_at_ms: now_ms(),
+    };
+    match store
+        .write_json(&record_key, &record, WriteIf::Absent)
+        .await
+    {
+        Ok(_) => Ok(record),
+        Err(RegistryError::Conflict(_)) => Err(exists(&push.name, &push.version)),
+        Err(e) => Err(e),
+    }
+}
+
+fn exists(name: &str, version: &str) -> RegistryError {
+    RegistryError::Refused(format!(
+        "{name}:{version} is already in the registry; versions are immutable: push a new version"
+    ))
+}
+
+/// Reads a version's record.
+pub async fn record(
+    store: &Store,
+    name: &str,
+    version: &str,
+) -> Result<VersionRecord, RegistryError> {
+    check_name("model name", name)?;
+    check_name("version", version)?;
+    match store
+        .read_json::<VersionRecord>(&version_key(name, version), None)
+        .await?
+    {
+        Read::Found(found) if found.value.format <= FORMAT => Ok(found.value),
+        Read::Found(found) => Err(newer_format("version record", found.value.format)),
+        Read::Missing | Read::Unchanged => {
+            Err(RegistryError::NotFound(format!("{name}:{version}")))
+        }
+    }
+}
+
+fn newer_format(what: &str, format: u32) -> RegistryError {
+    RegistryError::Corrupt(format!(
+        "the {what} has format {format}, newer than this streamserve reads ({FORMAT}); upgrade it"
+    ))
+}
+
+/// Reads a model's desired state and the condition to write it back under (a model with
+/// none yet starts from an empty one, written only if still absent).
+pub async fn read_desired(store: &Store, name: &str) -> Result<(Desired, WriteIf), RegistryError> {
+    match store.read_json::<Desired>(&desired_key(name), None).await? {
+        Read::Found(found) if found.value.format > FORMAT => {
+            Err(newer_format("desired state", found.value.format))
+        }
+        Read::Found(found) => {
+            let condition = match found.etag {
+                Some(etag) => WriteIf::Matches(etag),
+                None => WriteIf::Always,
+            };
+            Ok((found.value, condition))
+        }
+        Read::Missing | Read::Unchanged => Ok((Desired::new(name), WriteIf::Absent)),
+    }
+}
+
+/// Times a desired-state change is re-tried from a fresh read after losing a race.
+const UPDATE_TRIES: usize = 8;
+
+/// Changes `name`'s desired state with `change`, conditionally (see the module header).
+pub async fn update_desired(
+    store: &Store,
+    name: &str,
+    change: impl Fn(&Desired) -> Result<Desired, RegistryError>,
+) -> Result<Desired, RegistryError> {
+    for _ in 0..UPDATE_TRIES {
+        let (current, condition) = read_desired(store, name).await?;
+        let next = change(&current)?;
+        if next == current && !matches!(condition, WriteIf::Absent) {
+            return Ok(next);
+        }
+        match store.write_json(&desired_key(name), &next, condition).await {
+            Ok(_) => return Ok(next),
+            Err(RegistryError::Conflict(_)) => {
+                tokio::time::sleep(std::time::Duration::from_millis(20 + fastrand::u64(..80)))
+                    .await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(RegistryError::Conflict(desired_key(name)))
+}
+
+/// Starts a rollout of `request.version` (which must be in the registry).
+pub async fn deploy(
+    store: &Store,
+    name: &str,
+    request: DeployRequest,
+) -> Result<Desired, RegistryError> {
+    record(store, name, &request.version).await?;
+    let now = now_ms();
+    update_desired(store, name, |d| fleet::start(d, request.clone(), now)).await
+}
+
+/// Stops `name`'s rollout, or puts its previous (or `to`) version back as the default.
+pub async fn rollback(
+    store: &Store,
+    name: &str,
+    to: Option<&str>,
+    by: &str,
+    reason: &str,
+) -> Result<Desired, RegistryError> {
+    check_name("model name", name)?;
+    if let Some(to) = to {
+        record(store, name, to).await?;
+    }
+    let now = now_ms();
+    update_desired(store, name, |d| {
+        if d.default.is_none() && d.rollout.is_none() {
+            return Err(RegistryError::NotFound(format!(
+                "a desired state of '{name}'"
+            )));
+        }
+        fleet::roll_back(d, to, by, reason, now)
+    })
+    .await
+}
+
+/// One model as [`list`] finds it.
+#[derive(Debug, serde::Serialize)]
+pub struct ModelListing {
+    pub name: String,
+    pub desired: Option<Desired>,
+    pub versions: Vec<VersionRecord>,
+}
+
+/// Every model (or only `only`) with its versions, oldest first, and its desired state.
+pub async fn list(store: &Store, only: Option<&str>) -> Result<Vec<ModelListing>, RegistryError> {
+    let names = match only {
+        Some(name) => vec![name.to_string()],
+        None => store.list_dirs(super::MODELS_DIR).await?,
+    };
+    let mut listings = Vec::new();
+    for name in names {
+        let mut versions = Vec::new();
+        for version in store
+            .list_dirs(&format!("{}/{name}", super::MODELS_DIR))
+            .await?
+        {
+            match record(store, &name, &version).await {
+                Ok(record) => versions.push(record),
+                // A folder without a record: an upload in progress or abandoned.
+                Err(RegistryError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        versions.sort_by(|a, b| compare_versions(&a.version, &b.version));
+        let desired = match read_desired(store, &name).await? {
+            (desired, WriteIf::Absent) if desired.history.is_empty() => None,
+            (desired, _) => Some(desired),
+        };
+        if versions.is_empty() && desired.is_none() {
+            continue;
+        }
+        listings.push(ModelListing {
+            name,
+            desired,
+            versions,
+        });
+    }
+    Ok(listings)
+}
+
+/// Every instance that has reported, live or not, ordered by id.
+pub async fn instances(store: &Store) -> Result<Vec<InstanceReport>, RegistryError> {
+    let mut reports = Vec::new();
+    for file in store.list_files(super::INSTANCES_DIR).await? {
+        let Some(id) = file.strip_suffix(".json") else {
+            continue;
+        };
+        // One that went away between the listing and the read is simply not there.
+        if let Read::Found(found) = store
+            .read_json::<InstanceReport>(&super::instance_key(id), None)
+            .await?
+        {
+            reports.push(found.value);
+        }
+    }
+    reports.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(reports)
+}
+
+/// The whole fleet: each model's desired state and every instance's report, read at `now_ms`.
+#[derive(Debug, serde::Serialize)]
+pub struct Status {
+    pub registry: String,
+    pub now_ms: u64,
+    pub models: Vec<Desired>,
+    pub instances: Vec<InstanceReport>,
+}
+
+pub async fn status(store: &Store) -> Result<Status, RegistryError> {
+    let mut models = Vec::new();
+    for name in store.list_dirs(super::MODELS_DIR).await? {
+        if let (desired, WriteIf::Matches(_) | WriteIf::Always) = read_desired(store, &name).await?
+        {
+            models.push(desired);
+        }
+    }
+    Ok(Status {
+        registry: store.uri().to_string(),
+        now_ms: now_ms(),
+        models,
+        instances: instances(store).await?,
+    })
+}
+
+/// What [`seed`] did with each version of the model directory.
+#[derive(Debug, serde::Serialize)]
+pub struct Seeded {
+    pub pushed: Vec<String>,
+    /// Already there with the same sha256.
+    pub present: Vec<String>,
+    /// Models whose desired default this set.
+    pub defaults: BTreeMap<String, String>,
+}
+
+/// Publishes every version of a model directory (`models.toml`, its `[defaults]` folded into
+/// each version's settings) and gives each model without a default its manifest default (its
+/// highest eagerly loaded version). Versions already there are left alone if their sha256 is
+/// the same, and refused if it differs.
+pub async fn seed(store: &Store, dir: &Path, by: &str) -> Result<Seeded, RegistryError> {
+    let path = dir.join(MANIFEST_FILE);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| RegistryError::Local(format!("cannot read {}: {e}", path.display())))?;
+    let bad = |e: anyhow::Error| RegistryError::Refused(format!("{}: {e:#}", path.display()));
+    let manifest = Manifest::parse(dir, &text).map_err(bad)?;
+    let settings = Manifest::settings_tables(&text).map_err(bad)?;
+    let mut seeded = Seeded {
+        pushed: Vec::new(),
+        present: Vec::new(),
+        defaults: BTreeMap::new(),
+    };
+    for (entry, settings) in manifest.models.iter().zip(settings) {
+        let label = format!("{}:{}", entry.name, entry.version);
+        match record(store, &entry.name, &entry.version).await {
+            Ok(existing) if existing.sha256 == entry.sha256 => {
+                seeded.present.push(label);
+                continue;
+            }
+            Ok(existing) => {
+                return Err(RegistryError::Refused(format!(
+                    "{label} is in the registry with sha256 {}, the directory's file has {}; \
+                     versions are immutable",
+                    existing.sha256, entry.sha256
+                )))
+            }
+            Err(RegistryError::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+        push(
+            store,
+            Push {
+                name: entry.name.clone(),
+                version: entry.version.clone(),
+                file: entry.file.clone(),
+                settings,
+                interface: None,
+                by: by.to_string(),
+            },
+        )
+        .await?;
+        seeded.pushed.push(label);
+    }
+    let mut names: Vec<&str> = manifest.models.iter().map(|m| m.name.as_str()).collect();
+    names.dedup();
+    names.sort();
+    names.dedup();
+    for name in names {
+        let highest = |lazy: bool| {
+            manifest
+                .models
+                .iter()
+                .filter(|m| m.name == name && m.lazy == lazy)
+                .map(|m| m.version.clone())
+                .max_by(|a, b| compare_versions(a, b))
+        };
+        let Some(default) = highest(false).or_else(|| highest(true)) else {
+            continue;
+        };
+        let now = now_ms();
+        let set = update_desired(store, name, |d| {
+            let mut next = d.clone();
+            if next.default.is_none() && next.rollout.is_none() {
+                next.format = FORMAT;
+                next.default = Some(default.clone());
+                next.record(super::records::Event {
+                    at_ms: now,
+                    event: super::records::EventKind::Switched,
+                    version: default.clone(),
+                    from: None,
+                    strategy: None,
+                    by: by.to_string(),
+                    reason: Some("seeded from a model directory".into()),
+                });
+            }
+            Ok(next)
+        })
+        .await?;
+        if set.default.as_deref() == Some(default.as_str()) {
+            seeded.defaults.insert(name.to_string(), default);
+        }
+    }
+    Ok(seeded)
+}

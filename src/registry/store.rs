@@ -1,0 +1,492 @@
+//! The registry's storage: one object store (S3 and what speaks its protocol, GCS, Azure, or a
+//! local directory) under a prefix, through the `object_store` crate, with the few operations
+//! the registry needs: JSON documents read with their ETag (and re-read only when it changed),
+//! written only if nobody wrote them since (`If-Match`) or only if absent (`If-None-Match: *`),
+//! listings, and model files streamed up and down.
+//!
+//! Credentials and endpoints come the standard way, from the environment (`AWS_ENDPOINT_URL`,
+//! `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `GOOGLE_*`, `AZURE_*`), and
+//! are never logged: a store prints as its URI, which holds no secret.
+//!
+//! A local directory cannot compare-and-swap through `object_store` (`PutMode::Update` is not
+//! implemented there), so for it a conditional write holds an advisory lock on the directory's
+//! `.lock` file (flock) around read-compare-write; every process on the machine honours it.
+
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use object_store::path::Path;
+use object_store::{
+    ClientOptions, GetOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+    RetryConfig, UpdateVersion, WriteMultipart,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+
+use super::RegistryError;
+
+/// An open registry store.
+#[derive(Clone)]
+pub struct Store {
+    /// Short calls (documents, listings): a few seconds each, retried a little, so that an
+    /// unreachable registry is noticed within one poll.
+    control: Arc<dyn ObjectStore>,
+    /// Model files: no overall time limit (they may be large), only on connecting and on
+    /// each read.
+    bulk: Arc<dyn ObjectStore>,
+    prefix: Path,
+    /// For a local directory: its root, whose `.lock` serialises conditional writes.
+    local_root: Option<PathBuf>,
+    uri: String,
+}
+
+/// A document as read, with the version to write it back against.
+#[derive(Debug, Clone)]
+pub struct Versioned<T> {
+    pub value: T,
+    pub etag: Option<String>,
+}
+
+/// What a conditional read found.
+#[derive(Debug)]
+pub enum Read<T> {
+    Missing,
+    /// The document still has the ETag the caller has.
+    Unchanged,
+    Found(Versioned<T>),
+}
+
+/// When a write may happen.
+#[derive(Debug, Clone)]
+pub enum WriteIf {
+    /// Always (the caller owns the document: an instance's own report).
+    Always,
+    /// Only if nothing is there yet (a version record: versions are immutable).
+    Absent,
+    /// Only if the document still has this ETag (desired state: two writers race).
+    Matches(String),
+}
+
+/// The initial retry and connect settings of control calls.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// A model file read that stalls this long fails (and is retried on the next poll).
+const BULK_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Parts of a multipart upload.
+const UPLOAD_PART: usize = 8 * 1024 * 1024;
+
+impl Store {
+    /// Opens the store a URI names: `s3://bucket/prefix` (endpoint and keys from `AWS_*`; an
+    /// `http://` endpoint is allowed as such, for MinIO and local test servers), `gs://`,
+    /// `az://` / `abfs://`, `file:///abs/dir`, or a plain directory path.
+    pub fn open(uri: &str) -> Result<Store, RegistryError> {
+        let uri = uri.trim();
+        if uri.is_empty() {
+            return Err(RegistryError::Config("the registry URI is empty".into()));
+        }
+        let local = match uri.strip_prefix("file://") {
+            Some(path) => Some(PathBuf::from(path)),
+            None if !uri.contains("://") => Some(PathBuf::from(uri)),
+            None => None,
+        };
+        if let Some(dir) = local {
+            return Store::open_local(&dir, uri);
+        }
+        // TLS through rustls with ring; idempotent (an error means one is installed).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let url = url::Url::parse(uri)
+            .map_err(|e| RegistryError::Config(format!("registry URI '{uri}': {e}")))?;
+        let prefix = Path::from(url.path().trim_matches('/'));
+        let control = open_remote(&url, Client::Control)?;
+        let bulk = open_remote(&url, Client::Bulk)?;
+        Ok(Store {
+            control,
+            bulk,
+            prefix,
+            local_root: None,
+            uri: uri.to_string(),
+        })
+    }
+
+    fn open_local(dir: &FsPath, uri: &str) -> Result<Store, RegistryError> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            RegistryError::Config(format!(
+                "cannot create registry directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+        let root = dir.canonicalize().map_err(|e| {
+            RegistryError::Config(format!("registry directory {}: {e}", dir.display()))
+        })?;
+        let fs = object_store::local::LocalFileSystem::new_with_prefix(&root)
+            .map_err(|e| {
+                RegistryError::Config(format!("registry directory {}: {e}", root.display()))
+            })?
+            .with_automatic_cleanup(true);
+        let fs: Arc<dyn ObjectStore> = Arc::new(fs);
+        Ok(Store {
+            control: fs.clone(),
+            bulk: fs,
+            prefix: Path::default(),
+            local_root: Some(root),
+            uri: uri.to_string(),
+        })
+    }
+
+    /// The URI it was opened with (no secrets: those come from the environment).
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    fn path(&self, key: &str) -> Path {
+        let mut path = self.prefix.clone();
+        for part in key.split('/').filter(|p| !p.is_empty()) {
+            path = path.clone().join(part);
+        }
+        path
+    }
+
+    /// Reads a JSON document; with `known` (the ETag the caller holds), answers
+    /// [`Read::Unchanged`] without the body when it still has it.
+    pub async fn read_json<T: DeserializeOwned>(
+        &self,
+        key: &str,
+        known: Option<&str>,
+    ) -> Result<Read<T>, RegistryError> {
+        let options = GetOptions {
+            if_none_match: known.map(str::to_string),
+            ..GetOptions::default()
+        };
+        let got = match self.control.get_opts(&self.path(key), options).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => return Ok(Read::Missing),
+            Err(object_store::Error::NotModified { .. }) => return Ok(Read::Unchanged),
+            Err(e) => return Err(self.failed("read", key, e)),
+        };
+        let etag = got.meta.e_tag.clone();
+        let bytes = got.bytes().await.map_err(|e| self.failed("read", key, e))?;
+        let value = serde_json::from_slice(&bytes)
+            .map_err(|e| RegistryError::Corrupt(format!("{key}: not a valid document: {e}")))?;
+        Ok(Read::Found(Versioned { value, etag }))
+    }
+
+    /// Writes a JSON document if `condition` holds; [`RegistryError::Conflict`] if it does
+    /// not. Returns the new ETag.
+    pub async fn write_json<T: Serialize>(
+        &self,
+        key: &str,
+        value: &T,
+        condition: WriteIf,
+    ) -> Result<Option<String>, RegistryError> {
+        let body = serde_json::to_vec_pretty(value).expect("registry documents serialize");
+        self.write_bytes(key, Bytes::from(body), condition).await
+    }
+
+    async fn write_bytes(
+        &self,
+        key: &str,
+        body: Bytes,
+        condition: WriteIf,
+    ) -> Result<Option<String>, RegistryError> {
+        let path = self.path(key);
+        if let (Some(root), WriteIf::Matches(etag)) = (&self.local_root, &condition) {
+            return self
+                .write_local_if_matches(root, &path, key, body, etag)
+                .await;
+        }
+        let mode = match condition {
+            WriteIf::Always => PutMode::Overwrite,
+            WriteIf::Absent => PutMode::Create,
+            WriteIf::Matches(etag) => PutMode::Update(UpdateVersion {
+                e_tag: Some(etag),
+                version: None,
+            }),
+        };
+        let options = PutOptions {
+            mode,
+            ..PutOptions::default()
+        };
+        match self
+            .control
+            .put_opts(&path, PutPayload::from_bytes(body), options)
+            .await
+        {
+            Ok(put) => Ok(put.e_tag),
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => Err(RegistryError::Conflict(key.to_string())),
+            Err(e) => Err(self.failed("write", key, e)),
+        }
+    }
+
+    /// A local compare-and-swap: under the directory's lock, the document must still have
+    /// `etag` (or be absent, when the caller read it absent: `etag` is then empty).
+    async fn write_local_if_matches(
+        &self,
+        root: &FsPath,
+        path: &Path,
+        key: &str,
+        body: Bytes,
+        etag: &str,
+    ) -> Result<Option<String>, RegistryError> {
+        let lock = LocalLock::take(root).await?;
+        let current = match self.control.head(path).await {
+            Ok(meta) => meta.e_tag,
+            Err(object_store::Error::NotFound { .. }) => None,
+            Err(e) => return Err(self.failed("write", key, e)),
+        };
+        if current.as_deref().unwrap_or("") != etag {
+            return Err(RegistryError::Conflict(key.to_string()));
+        }
+        let put = self
+            .control
+            .put(path, PutPayload::from_bytes(body))
+            .await
+            .map_err(|e| self.failed("write", key, e))?;
+        drop(lock);
+        Ok(put.e_tag)
+    }
+
+    /// The names directly under `key/` (its "folders").
+    pub async fn list_dirs(&self, key: &str) -> Result<Vec<String>, RegistryError> {
+        let listed = self
+            .control
+            .list_with_delimiter(Some(&self.path(key)))
+            .await
+            .map_err(|e| self.failed("list", key, e))?;
+        let mut names: Vec<String> = listed
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_string))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// The object names directly under `key/` (not in its folders).
+    pub async fn list_files(&self, key: &str) -> Result<Vec<String>, RegistryError> {
+        let listed = self
+            .control
+            .list_with_delimiter(Some(&self.path(key)))
+            .await
+            .map_err(|e| self.failed("list", key, e))?;
+        let mut names: Vec<String> = listed
+            .objects
+            .iter()
+            .filter_map(|o| o.location.filename().map(str::to_string))
+            .filter(|name| !name.starts_with('.'))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), RegistryError> {
+        match self.control.delete(&self.path(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.failed("delete", key, e)),
+        }
+    }
+
+    /// Whether an object exists.
+    pub async fn exists(&self, key: &str) -> Result<bool, RegistryError> {
+        match self.control.head(&self.path(key)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.failed("read", key, e)),
+        }
+    }
+
+    /// Uploads a local file (in parts, never whole in memory), overwriting.
+    pub async fn upload(&self, key: &str, file: &FsPath) -> Result<u64, RegistryError> {
+        let mut input = tokio::fs::File::open(file)
+            .await
+            .map_err(|e| RegistryError::Local(format!("cannot read {}: {e}", file.display())))?;
+        let upload = self
+            .bulk
+            .put_multipart(&self.path(key))
+            .await
+            .map_err(|e| self.failed("upload", key, e))?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, UPLOAD_PART);
+        let mut buffer = vec![0u8; 1024 * 1024];
+        let mut total = 0u64;
+        loop {
+            let n = input.read(&mut buffer).await.map_err(|e| {
+                RegistryError::Local(format!("cannot read {}: {e}", file.display()))
+            })?;
+            if n == 0 {
+                break;
+            }
+            writer
+                .wait_for_capacity(4)
+                .await
+                .map_err(|e| self.failed("upload", key, e))?;
+            writer.write(&buffer[..n]);
+            total += n as u64;
+        }
+        writer
+            .finish()
+            .await
+            .map_err(|e| self.failed("upload", key, e))?;
+        Ok(total)
+    }
+
+    /// Downloads an object into `dest` (a temporary file the caller renames once it is
+    /// satisfied), streaming, and returns its size and sha256.
+    pub async fn download(&self, key: &str, dest: &FsPath) -> Result<(u64, String), RegistryError> {
+        use tokio::io::AsyncWriteExt;
+        let got = match self.bulk.get(&self.path(key)).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(RegistryError::NotFound(key.to_string()))
+            }
+            Err(e) => return Err(self.failed("download", key, e)),
+        };
+        let local = |e: std::io::Error| {
+            RegistryError::Local(format!("cannot write {}: {e}", dest.display()))
+        };
+        let mut out = tokio::fs::File::create(dest).await.map_err(local)?;
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        let mut stream = got.into_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| self.failed("download", key, e))?;
+            hasher.update(&chunk);
+            size += chunk.len() as u64;
+            out.write_all(&chunk).await.map_err(local)?;
+        }
+        out.sync_all().await.map_err(local)?;
+        Ok((size, hex::encode(hasher.finalize())))
+    }
+
+    fn failed(&self, what: &str, key: &str, e: object_store::Error) -> RegistryError {
+        RegistryError::Unreachable(format!("{what} {key} in {}: {}", self.uri, short(&e)))
+    }
+}
+
+/// Which client a store gets: see [`Store`]'s fields.
+#[derive(Clone, Copy)]
+enum Client {
+    Control,
+    Bulk,
+}
+
+fn open_remote(url: &url::Url, client: Client) -> Result<Arc<dyn ObjectStore>, RegistryError> {
+    let mut options = ClientOptions::new().with_connect_timeout(CONNECT_TIMEOUT);
+    options = match client {
+        Client::Control => options.with_timeout(CONTROL_TIMEOUT),
+        Client::Bulk => options
+            .with_timeout_disabled()
+            .with_read_timeout(BULK_READ_TIMEOUT),
+    };
+    let retry = RetryConfig {
+        max_retries: 2,
+        retry_timeout: Duration::from_secs(10),
+        backoff: object_store::BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            base: 2.0,
+        },
+    };
+    let bad =
+        |e: object_store::Error| RegistryError::Config(format!("registry {url}: {}", short(&e)));
+    match url.scheme() {
+        "s3" | "s3a" | "https" | "http" => {
+            let endpoint = std::env::var("AWS_ENDPOINT_URL")
+                .or_else(|_| std::env::var("AWS_ENDPOINT"))
+                .unwrap_or_default();
+            // A plain-HTTP endpoint (MinIO, a local test server) is meant as written.
+            if endpoint.starts_with("http://") || url.scheme() == "http" {
+                options = options.with_allow_http(true);
+            }
+            let mut builder = object_store::aws::AmazonS3Builder::from_env()
+                .with_url(url.as_str())
+                .with_client_options(options)
+                .with_retry(retry);
+            // Path-style addressing works with every S3-compatible server (MinIO, moto, R2,
+            // Tigris); virtual-hosted style only where DNS has a name per bucket.
+            if std::env::var_os("AWS_VIRTUAL_HOSTED_STYLE_REQUEST").is_none() {
+                builder = builder.with_virtual_hosted_style_request(false);
+            }
+            Ok(Arc::new(builder.build().map_err(bad)?))
+        }
+        "gs" => Ok(Arc::new(
+            object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                .with_url(url.as_str())
+                .with_client_options(options)
+                .with_retry(retry)
+                .build()
+                .map_err(bad)?,
+        )),
+        "az" | "azure" | "abfs" | "abfss" | "adl" => Ok(Arc::new(
+            object_store::azure::MicrosoftAzureBuilder::from_env()
+                .with_url(url.as_str())
+                .with_client_options(options)
+                .with_retry(retry)
+                .build()
+                .map_err(bad)?,
+        )),
+        other => Err(RegistryError::Config(format!(
+            "registry URI scheme '{other}:' is not supported; use s3://, gs://, az://, file:// or a path"
+        ))),
+    }
+}
+
+/// An `object_store` error in one line, without the request's URL query (which may carry a
+/// signature) or the debug chains that repeat it.
+fn short(e: &object_store::Error) -> String {
+    let text = e.to_string();
+    let line = text.lines().next().unwrap_or_default();
+    let cut: String = line.chars().take(300).collect();
+    match cut.find("X-Amz-") {
+        Some(at) => cut[..at].to_string(),
+        None => cut,
+    }
+}
+
+/// An exclusive advisory lock on a local registry's `.lock` file, released when dropped.
+struct LocalLock(std::fs::File);
+
+impl LocalLock {
+    async fn take(root: &FsPath) -> Result<LocalLock, RegistryError> {
+        let path = root.join(".lock");
+        tokio::task::spawn_blocking(move || {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(|e| {
+                    RegistryError::Local(format!("cannot open {}: {e}", path.display()))
+                })?;
+            use std::os::fd::AsRawFd;
+            // SAFETY: flock on a descriptor this function owns.
+            let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+            if locked != 0 {
+                return Err(RegistryError::Local(format!(
+                    "cannot lock {}: {}",
+                    path.display(),
+                    std::io::Error::last_os_error()
+                )));
+            }
+            Ok(LocalLock(file))
+        })
+        .await
+        .map_err(|e| RegistryError::Local(format!("lock task: {e}")))?
+    }
+}
+
+impl Drop for LocalLock {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: unlocking the descriptor this value owns.
+        unsafe {
+            libc::flock(self.0.as_raw_fd(), libc::LOCK_UN);
+        }
+    }
+}
