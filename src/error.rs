@@ -90,6 +90,9 @@ pub enum ServeError {
     RateLimited { what: String, retry_after: Duration },
     #[error("server is shutting down")]
     ShuttingDown,
+    /// The model registry, for an admin request that needed it.
+    #[error("{0}")]
+    Registry(#[from] crate::registry::RegistryError),
 }
 
 impl ServeError {
@@ -122,6 +125,7 @@ impl ServeError {
             ServeError::Unauthenticated(_) => "unauthenticated",
             ServeError::Forbidden(_) => "forbidden",
             ServeError::RateLimited { .. } => "rate_limited",
+            ServeError::Registry(_) => "registry",
         }
     }
 
@@ -173,6 +177,16 @@ impl ResponseError for ServeError {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
             ServeError::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ServeError::Registry(e) => {
+                use crate::registry::RegistryError as R;
+                match e {
+                    R::NotFound(_) => StatusCode::NOT_FOUND,
+                    R::Refused(_) | R::Conflict(_) => StatusCode::CONFLICT,
+                    R::Unreachable(_) => StatusCode::SERVICE_UNAVAILABLE,
+                    R::Corrupt(_) => StatusCode::BAD_GATEWAY,
+                    R::Config(_) | R::Local(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                }
+            }
         }
     }
 
@@ -228,6 +242,15 @@ impl ServeError {
             | ServeError::ShuttingDown
             | ServeError::BodyMemoryFull { .. } => Code::Unavailable,
             ServeError::Inference(_) => Code::Internal,
+            ServeError::Registry(e) => {
+                use crate::registry::RegistryError as R;
+                match e {
+                    R::NotFound(_) => Code::NotFound,
+                    R::Refused(_) | R::Conflict(_) => Code::FailedPrecondition,
+                    R::Unreachable(_) => Code::Unavailable,
+                    R::Corrupt(_) | R::Config(_) | R::Local(_) => Code::Internal,
+                }
+            }
         }
     }
 

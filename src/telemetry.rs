@@ -242,6 +242,21 @@ pub fn register_rollout_series(model: &str) {
     }
 }
 
+/// The registry's and the fleet's series at 0, for a server that follows a registry.
+pub fn register_fleet_series() {
+    metrics::gauge!("streamserve_registry_up").set(0.0);
+    metrics::gauge!("streamserve_fleet_instances_live").set(1.0);
+    for outcome in ["ok", "error"] {
+        metrics::counter!("streamserve_registry_polls_total", "outcome" => outcome).increment(0);
+    }
+    for outcome in ["ok", "failed"] {
+        metrics::counter!("streamserve_registry_fetches_total", "outcome" => outcome).increment(0);
+    }
+    for decision in ["switch", "promote", "rolled_out", "join", "abort"] {
+        metrics::counter!("streamserve_fleet_decisions_total", "decision" => decision).increment(0);
+    }
+}
+
 /// HELP text and unit for every metric the server emits (the exporter writes `# HELP` only
 /// for described ones), and the process-wide series at 0.
 fn describe() {
@@ -405,6 +420,31 @@ fn describe() {
         "streamserve_body_memory_refusals_total",
         Unit::Count,
         "Request bodies refused because bodies in flight held the memory bound (answered 503)"
+    );
+    describe_gauge!(
+        "streamserve_registry_up",
+        Unit::Count,
+        "1 when the model registry answered this instance's last poll, 0 when it did not (the instance serves what it has)"
+    );
+    describe_counter!(
+        "streamserve_registry_polls_total",
+        Unit::Count,
+        "Polls of the model registry, by outcome (ok, error)"
+    );
+    describe_counter!(
+        "streamserve_registry_fetches_total",
+        Unit::Count,
+        "Versions taken from the registry into the local cache, by outcome (ok; failed: unreachable, corrupt, sha256 mismatch)"
+    );
+    describe_gauge!(
+        "streamserve_fleet_instances_live",
+        Unit::Count,
+        "Instances of the fleet whose heartbeat is recent, this one included, as this instance last read them"
+    );
+    describe_counter!(
+        "streamserve_fleet_decisions_total",
+        Unit::Count,
+        "Rollout steps this instance recorded in the registry, by decision (switch, promote, rolled_out, join, abort)"
     );
     metrics::counter!("streamserve_body_timeouts_total").increment(0);
     metrics::counter!("streamserve_body_memory_refusals_total").increment(0);

@@ -49,7 +49,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/admin/models/{name}/unload").route(web::post().to(unload)))
         .service(web::resource("/admin/models/{name}/deploy").route(web::post().to(deploy)))
         .service(web::resource("/admin/models/{name}/rollback").route(web::post().to(rollback)))
-        .service(web::resource("/admin/rollouts").route(web::get().to(rollouts)));
+        .service(web::resource("/admin/rollouts").route(web::get().to(rollouts)))
+        .service(web::resource("/admin/registry").route(web::get().to(registry)));
 }
 
 /// Largest admin request body: every admin request is a small JSON object.
@@ -330,10 +331,21 @@ async fn deploy(
     let body = authorized_body(&state, &req, body).await?;
     let request: DeployRequest = parse(&body.bytes)?;
     request.check()?;
+    let name = path.into_inner();
+    // A version only the registry has is taken from it first (into the cache, then listed).
+    let listed = state
+        .catalog
+        .snapshot()
+        .models
+        .get(&name)
+        .is_some_and(|m| m.versions.contains_key(&request.version));
+    if let (false, Some(fleet)) = (listed, &state.fleet) {
+        fleet.fetch(&name, &request.version).await?;
+    }
     let answer = state
         .supervisor
         .send(Deploy {
-            name: path.into_inner(),
+            name,
             version: request.version,
             strategy: request.strategy,
             steps: request.steps,
@@ -376,6 +388,21 @@ async fn rollouts(
             .await
             .map_err(supervisor_gone)?,
     ))
+}
+
+/// `GET /admin/registry`: the fleet agent's account (the registry, whether it answers, each
+/// model's desired state and this instance's routing of it, its last report).
+async fn registry(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ServeError> {
+    authorize(&state, &req)?;
+    match &state.fleet {
+        Some(fleet) => Ok(HttpResponse::Ok().json(fleet.status())),
+        None => Ok(HttpResponse::NotFound().json(json!({
+            "error": "this server follows no model registry (start it with --registry URI)"
+        }))),
+    }
 }
 
 #[cfg(test)]

@@ -345,6 +345,9 @@ fn print_listings(listings: &[ops::ModelListing]) {
                 v.pushed_by
             );
         }
+        for (version, reason) in &listing.broken {
+            println!("  {version:<10} BROKEN: {reason}");
+        }
     }
 }
 

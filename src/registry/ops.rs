@@ -202,6 +202,9 @@ pub struct ModelListing {
     pub name: String,
     pub desired: Option<Desired>,
     pub versions: Vec<VersionRecord>,
+    /// Versions whose record cannot be read, with why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub broken: Vec<(String, String)>,
 }
 
 /// Every model (or only `only`) with its versions, oldest first, and its desired state.
@@ -213,6 +216,7 @@ pub async fn list(store: &Store, only: Option<&str>) -> Result<Vec<ModelListing>
     let mut listings = Vec::new();
     for name in names {
         let mut versions = Vec::new();
+        let mut broken = Vec::new();
         for version in store
             .list_dirs(&format!("{}/{name}", super::MODELS_DIR))
             .await?
@@ -221,6 +225,9 @@ pub async fn list(store: &Store, only: Option<&str>) -> Result<Vec<ModelListing>
                 Ok(record) => versions.push(record),
                 // A folder without a record: an upload in progress or abandoned.
                 Err(RegistryError::NotFound(_)) => {}
+                Err(e @ (RegistryError::Corrupt(_) | RegistryError::Refused(_))) => {
+                    broken.push((version, e.to_string()))
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -229,13 +236,14 @@ pub async fn list(store: &Store, only: Option<&str>) -> Result<Vec<ModelListing>
             (desired, WriteIf::Absent) if desired.history.is_empty() => None,
             (desired, _) => Some(desired),
         };
-        if versions.is_empty() && desired.is_none() {
+        if versions.is_empty() && broken.is_empty() && desired.is_none() {
             continue;
         }
         listings.push(ModelListing {
             name,
             desired,
             versions,
+            broken,
         });
     }
     Ok(listings)

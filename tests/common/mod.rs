@@ -2,6 +2,8 @@
 //! build model directories whose manifests point at the bundled model files.
 #![allow(dead_code)]
 
+pub mod fleet;
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 

@@ -92,6 +92,7 @@ impl Fleet {
             cache = %fleet.shared.cache.root().display(),
             "following the model registry"
         );
+        crate::telemetry::register_fleet_series();
         actix_web::rt::spawn(agent::Agent::new(fleet.clone()).run());
         Ok(fleet)
     }

@@ -85,7 +85,11 @@ fn without_a_rollout_every_instance_routes_the_default() {
 fn blue_green_prepares_everywhere_and_switches_once_all_are_ready() {
     let d = rolling_out(Strategy::BlueGreen);
     let plan = plan(&d, "a", T0, &[]);
-    assert_eq!(plan.default.as_deref(), Some("1"), "the old version until the switch");
+    assert_eq!(
+        plan.default.as_deref(),
+        Some("1"),
+        "the old version until the switch"
+    );
     assert_eq!(plan.prepare, vec!["2".to_string()]);
     assert!(plan.smoke_test);
 
@@ -105,7 +109,10 @@ fn blue_green_prepares_everywhere_and_switches_once_all_are_ready() {
     assert_eq!(next.default.as_deref(), Some("2"));
     assert_eq!(next.rollout, None);
     let last = next.history.last().unwrap();
-    assert_eq!((last.event, last.version.as_str()), (EventKind::Switched, "2"));
+    assert_eq!(
+        (last.event, last.version.as_str()),
+        (EventKind::Switched, "2")
+    );
     assert_eq!(last.by, "instance b");
 }
 
@@ -116,7 +123,10 @@ fn a_blue_green_instance_that_cannot_load_blocks_the_switch_and_says_why() {
         failed: Some("does not fit: 900 MiB".into()),
         ..part(false)
     };
-    let live = [report("a", T0, Some(part(true))), report("b", T0, Some(failed))];
+    let live = [
+        report("a", T0, Some(part(true))),
+        report("b", T0, Some(failed)),
+    ];
     assert_eq!(decide(&d, "a", T0, &live), None, "blocked, not aborted");
     assert_eq!(
         blocked_by(&d, &live),
@@ -128,7 +138,10 @@ fn a_blue_green_instance_that_cannot_load_blocks_the_switch_and_says_why() {
 fn a_canary_moves_in_step_on_every_instance_from_the_recorded_start() {
     let d = rolling_out(Strategy::Canary);
     let at = |secs: u64| plan(&d, "a", T0 + secs * 1000, &[]).canary.unwrap().percent;
-    assert_eq!((at(0), at(9), at(10), at(19), at(20), at(99)), (10, 10, 50, 50, 100, 100));
+    assert_eq!(
+        (at(0), at(9), at(10), at(19), at(20), at(99)),
+        (10, 10, 50, 50, 100, 100)
+    );
     assert_eq!(plan(&d, "a", T0, &[]).default.as_deref(), Some("1"));
     assert_eq!(canary_step(d.rollout.as_ref().unwrap(), T0 + 30_000), 3);
 }
@@ -141,9 +154,19 @@ fn a_canary_is_promoted_when_every_live_instance_passed_the_last_step() {
         ..part(true)
     };
     let end = T0 + 30_000;
-    let live = [report("a", end, Some(passed(2))), report("b", end, Some(passed(1)))];
-    assert_eq!(decide(&d, "a", end, &live), None, "b has not judged the last step");
-    let live = [report("a", end, Some(passed(2))), report("b", end, Some(passed(2)))];
+    let live = [
+        report("a", end, Some(passed(2))),
+        report("b", end, Some(passed(1))),
+    ];
+    assert_eq!(
+        decide(&d, "a", end, &live),
+        None,
+        "b has not judged the last step"
+    );
+    let live = [
+        report("a", end, Some(passed(2))),
+        report("b", end, Some(passed(2))),
+    ];
     assert_eq!(decide(&d, "a", end - 1, &live), None, "not over yet");
     assert_eq!(decide(&d, "a", end, &live), Some(Decision::Promote));
     let next = apply(&d, &Decision::Promote, "a", end);
@@ -158,7 +181,10 @@ fn one_instance_failing_a_canary_rolls_back_the_whole_fleet() {
         failed: Some("step 1 (10%): slow".into()),
         ..part(true)
     };
-    let live = [report("a", T0, Some(part(true))), report("b", T0, Some(failed))];
+    let live = [
+        report("a", T0, Some(part(true))),
+        report("b", T0, Some(failed)),
+    ];
     let decision = decide(&d, "a", T0, &live).unwrap();
     assert_eq!(
         decision,
@@ -168,11 +194,18 @@ fn one_instance_failing_a_canary_rolls_back_the_whole_fleet() {
         }
     );
     let next = apply(&d, &decision, "a", T0);
-    assert_eq!(next.default.as_deref(), Some("1"), "the stable version stays");
+    assert_eq!(
+        next.default.as_deref(),
+        Some("1"),
+        "the stable version stays"
+    );
     assert_eq!(next.rollout, None);
     let last = next.history.last().unwrap();
     assert_eq!(last.event, EventKind::RolledBack);
-    assert_eq!(last.reason.as_deref(), Some("instance b: step 1 (10%): slow"));
+    assert_eq!(
+        last.reason.as_deref(),
+        Some("instance b: step 1 (10%): slow")
+    );
 }
 
 #[test]
@@ -209,7 +242,10 @@ fn rolling_moves_one_instance_at_a_time_after_the_last_one_held() {
         report("b", T0 + 1000, None),
     ];
     assert!(plan(&d, "b", T0 + 5999, &live).prepare.is_empty());
-    assert_eq!(plan(&d, "b", T0 + 6000, &live).prepare, vec!["2".to_string()]);
+    assert_eq!(
+        plan(&d, "b", T0 + 6000, &live).prepare,
+        vec!["2".to_string()]
+    );
     let live = vec![
         report("a", T0 + 6000, Some(healthy(T0 + 1000))),
         report("b", T0 + 6000, Some(part(true))),
@@ -222,7 +258,10 @@ fn rolling_moves_one_instance_at_a_time_after_the_last_one_held() {
         report("b", T0 + 7000, Some(healthy(T0 + 7000))),
     ];
     assert_eq!(decide(&d, "a", T0 + 11_999, &live), None);
-    assert_eq!(decide(&d, "a", T0 + 12_000, &live), Some(Decision::RolledOut));
+    assert_eq!(
+        decide(&d, "a", T0 + 12_000, &live),
+        Some(Decision::RolledOut)
+    );
     let next = apply(&d, &Decision::RolledOut, "a", T0 + 12_000);
     assert_eq!(next.default.as_deref(), Some("2"));
     assert_eq!(next.history.last().unwrap().event, EventKind::RolledOut);
@@ -234,21 +273,34 @@ fn a_rolling_update_does_not_wait_for_a_dead_instance() {
     d = apply(&d, &Decision::Join, "a", T0);
     // a switched, then died: its report is gone from the live list; b may go.
     let live = vec![report("b", T0 + 100, None)];
-    assert_eq!(plan(&d, "b", T0 + 100, &live).prepare, vec!["2".to_string()]);
+    assert_eq!(
+        plan(&d, "b", T0 + 100, &live).prepare,
+        vec!["2".to_string()]
+    );
 }
 
 #[test]
 fn deploy_refuses_a_second_rollout_and_the_current_default() {
     let d = rolling_out(Strategy::Canary);
     let err = start(&d, deploy(Strategy::BlueGreen), T0).unwrap_err();
-    assert!(err.to_string().contains("a canary rollout of m:2 is running"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("a canary rollout of m:2 is running"),
+        "{err}"
+    );
     let err = start(&desired("2"), deploy(Strategy::BlueGreen), T0).unwrap_err();
     assert!(err.to_string().contains("already the default"), "{err}");
 }
 
 #[test]
 fn deploy_checks_canary_steps() {
-    for steps in [vec![], vec![50], vec![0, 100], vec![50, 50, 100], vec![60, 101]] {
+    for steps in [
+        vec![],
+        vec![50],
+        vec![0, 100],
+        vec![50, 50, 100],
+        vec![60, 101],
+    ] {
         let request = DeployRequest {
             steps: steps.clone(),
             ..deploy(Strategy::Canary)
@@ -273,10 +325,18 @@ fn a_first_version_becomes_the_default_at_once() {
 fn rollback_stops_a_rollout_or_returns_to_what_the_last_one_replaced() {
     let d = rolling_out(Strategy::Canary);
     let back = roll_back(&d, None, "op", "bad", T0).unwrap();
-    assert_eq!((back.default.as_deref(), back.rollout.is_none()), (Some("1"), true));
+    assert_eq!(
+        (back.default.as_deref(), back.rollout.is_none()),
+        (Some("1"), true)
+    );
     assert!(roll_back(&d, Some("7"), "op", "bad", T0).is_err());
 
-    let switched = apply(&rolling_out(Strategy::BlueGreen), &Decision::Switch, "a", T0);
+    let switched = apply(
+        &rolling_out(Strategy::BlueGreen),
+        &Decision::Switch,
+        "a",
+        T0,
+    );
     let back = roll_back(&switched, None, "op", "bad", T0 + 1).unwrap();
     assert_eq!(back.default.as_deref(), Some("1"));
     assert_eq!(back.history.last().unwrap().from.as_deref(), Some("2"));
