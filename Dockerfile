@@ -51,14 +51,16 @@ COPY models/ /app/models/
 RUN sed -i 's/^device = "cpu"/device = "cuda:0"/' /app/models/models.toml \
     && ldconfig \
     && groupadd --system --gid 10001 streamserve \
-    && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin streamserve
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin streamserve \
+    && install -d -o 10001 -g 10001 /var/cache/streamserve
 WORKDIR /app
 USER 10001:10001
 ENV STREAMSERVE_HOST=0.0.0.0 \
     STREAMSERVE_PORT=8080 \
     STREAMSERVE_MODELS=/app/models \
     STREAMSERVE_LOG_FORMAT=json \
-    STREAMSERVE_DRAIN_SECS=30
+    STREAMSERVE_DRAIN_SECS=30 \
+    STREAMSERVE_REGISTRY_CACHE=/var/cache/streamserve
 EXPOSE 8080 8081
 STOPSIGNAL SIGTERM
 CMD ["streamserve", "serve"]
@@ -73,14 +75,16 @@ COPY --from=ort-cpu /ort/onnxruntime/capi/libonnxruntime.so.${ORT_VERSION} /usr/
 COPY --from=build /usr/local/bin/streamserve /usr/local/bin/streamserve
 COPY models/ /app/models/
 RUN groupadd --system --gid 10001 streamserve \
-    && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin streamserve
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin streamserve \
+    && install -d -o 10001 -g 10001 /var/cache/streamserve
 WORKDIR /app
 USER 10001:10001
 ENV STREAMSERVE_HOST=0.0.0.0 \
     STREAMSERVE_PORT=8080 \
     STREAMSERVE_MODELS=/app/models \
     STREAMSERVE_LOG_FORMAT=json \
-    STREAMSERVE_DRAIN_SECS=30
+    STREAMSERVE_DRAIN_SECS=30 \
+    STREAMSERVE_REGISTRY_CACHE=/var/cache/streamserve
 EXPOSE 8080 8081
 STOPSIGNAL SIGTERM
 # Exec form: streamserve itself receives SIGTERM and drains (a shell wrapper would not pass it on).

@@ -397,8 +397,9 @@ fn open_remote(url: &url::Url, client: Client) -> Result<Arc<dyn ObjectStore>, R
         |e: object_store::Error| RegistryError::Config(format!("registry {url}: {}", short(&e)));
     match url.scheme() {
         "s3" | "s3a" | "https" | "http" => {
-            let endpoint = std::env::var("AWS_ENDPOINT_URL")
-                .or_else(|_| std::env::var("AWS_ENDPOINT"))
+            let endpoint = ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"]
+                .iter()
+                .find_map(|key| std::env::var(key).ok())
                 .unwrap_or_default();
             // A plain-HTTP endpoint (MinIO, a local test server) is meant as written.
             if endpoint.starts_with("http://") || url.scheme() == "http" {
