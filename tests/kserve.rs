@@ -40,9 +40,19 @@ fn runtime_args(models: &Path) -> Vec<String> {
     args
 }
 
+/// The server process, killed (and reaped) when dropped.
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts the binary as KServe would (runtime args, then the InferenceService's env) and
 /// returns it with its address.
-fn start(args: &[String], env: &[(String, String)]) -> (std::process::Child, String) {
+fn start(args: &[String], env: &[(String, String)]) -> (Server, String) {
     use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_streamserve"))
         .current_dir(common::repo())
@@ -53,10 +63,11 @@ fn start(args: &[String], env: &[(String, String)]) -> (std::process::Child, Str
         .spawn()
         .unwrap();
     let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let server = Server(child);
     for line in stdout.lines().map_while(Result::ok) {
         if line.contains("streamserve listening") {
             let json: serde_json::Value = serde_json::from_str(&line).unwrap();
-            return (child, format!("http://{}", json["addr"].as_str().unwrap()));
+            return (server, format!("http://{}", json["addr"].as_str().unwrap()));
         }
     }
     panic!("never listened");
@@ -115,9 +126,8 @@ fn the_runtime_offers_what_the_inference_services_ask_for() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_runtime_serves_a_model_directory_from_mnt_models() {
-    let (mut child, url) = start(&runtime_args(&common::repo().join("models")), &[]);
+    let (_server, url) = start(&runtime_args(&common::repo().join("models")), &[]);
     probes_metrics_and_an_inference(&url).await;
-    child.kill().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,12 +158,11 @@ async fn the_registry_inference_service_follows_a_registry() {
         env.push((name, value));
     }
     // No storageUri: /mnt/models does not exist.
-    let (mut child, url) = start(&runtime_args(Path::new("/nonexistent/mnt/models")), &env);
+    let (_server, url) = start(&runtime_args(Path::new("/nonexistent/mnt/models")), &env);
     probes_metrics_and_an_inference(&url).await;
     let status = status(&registry, &[]);
     assert_eq!(
         status["instances"][0]["id"],
         "streamserve-fleet-predictor-0"
     );
-    child.kill().unwrap();
 }
