@@ -401,7 +401,19 @@ async fn an_unreachable_registry_is_survived_and_caught_up_with() {
 
     // The store is back: both catch up with the deployment.
     gate.reopen();
-    wait_serving(&[a, fresh], "2").await;
+    let (a, fresh) = (&a, &fresh);
+    for instance in [a, fresh] {
+        wait_serving(std::slice::from_ref(instance), "2").await;
+    }
+    // Whatever went wrong, no credential reached a log line or the metrics.
+    let metrics = common::metrics_text(&http, &fresh.url).await;
+    for (name, value) in &gated_env {
+        if name.contains("KEY") {
+            assert!(!fresh.logs().contains(value.as_str()), "{name} in the logs");
+            assert!(!a.logs().contains(value.as_str()), "{name} in the logs");
+            assert!(!metrics.contains(value.as_str()), "{name} in the metrics");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -438,16 +438,40 @@ fn open_remote(url: &url::Url, client: Client) -> Result<Arc<dyn ObjectStore>, R
     }
 }
 
+/// Environment variables whose values must never reach a log line or an answer, even when a
+/// store quotes them back (S3 names the access key in some error bodies).
+const SECRET_VARS: &[&str] = &[
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AZURE_STORAGE_ACCOUNT_KEY",
+    "AZURE_STORAGE_ACCESS_KEY",
+    "AZURE_STORAGE_SAS_KEY",
+    "GOOGLE_SERVICE_ACCOUNT_KEY",
+];
+
 /// An `object_store` error in one line, without the request's URL query (which may carry a
-/// signature) or the debug chains that repeat it.
+/// signature), the debug chains that repeat it, or any credential.
 fn short(e: &object_store::Error) -> String {
-    let text = e.to_string();
+    let secrets: Vec<String> = SECRET_VARS
+        .iter()
+        .filter_map(|var| std::env::var(var).ok())
+        .collect();
+    scrub(&e.to_string(), &secrets)
+}
+
+/// `text`'s first line, at most 300 characters, cut before a presigned query, with every
+/// secret (of 4 characters or more) replaced.
+fn scrub(text: &str, secrets: &[String]) -> String {
     let line = text.lines().next().unwrap_or_default();
-    let cut: String = line.chars().take(300).collect();
-    match cut.find("X-Amz-") {
-        Some(at) => cut[..at].to_string(),
-        None => cut,
+    let mut cut: String = line.chars().take(300).collect();
+    if let Some(at) = cut.find("X-Amz-") {
+        cut.truncate(at);
     }
+    for secret in secrets.iter().filter(|s| s.len() >= 4) {
+        cut = cut.replace(secret.as_str(), "<redacted>");
+    }
+    cut
 }
 
 /// An exclusive advisory lock on a local registry's `.lock` file, released when dropped.
@@ -489,5 +513,26 @@ impl Drop for LocalLock {
         unsafe {
             libc::flock(self.0.as_raw_fd(), libc::LOCK_UN);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scrub;
+
+    #[test]
+    fn errors_lose_credentials_signatures_and_length() {
+        let secrets = vec!["AKIAEXAMPLE".to_string(), "s3cr3t/key+value".to_string()];
+        let text = "Error performing GET http://s3/bucket/x?X-Amz-Signature=abc: <AWSAccessKeyId>AKIAEXAMPLE</AWSAccessKeyId>";
+        assert_eq!(
+            scrub(text, &secrets),
+            "Error performing GET http://s3/bucket/x?"
+        );
+        let text = "403 Forbidden: key AKIAEXAMPLE with s3cr3t/key+value\nsecond line";
+        assert_eq!(
+            scrub(text, &secrets),
+            "403 Forbidden: key <redacted> with <redacted>"
+        );
+        assert_eq!(scrub(&"x".repeat(1000), &[]).len(), 300);
     }
 }

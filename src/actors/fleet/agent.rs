@@ -267,10 +267,12 @@ impl Agent {
         }
     }
 
-    /// The live instances, this one with its last report.
+    /// The live instances, this one with its last report (none before its first poll).
     fn live(&self) -> Vec<InstanceReport> {
         let mut live = self.others.clone();
-        live.push(self.mine.clone());
+        if !self.mine.id.is_empty() {
+            live.push(self.mine.clone());
+        }
         live
     }
 
