@@ -147,6 +147,9 @@ pub enum AdminCommand {
     Rollback { model: String },
     /// Running rollouts and the last rollback reasons.
     Rollouts,
+    /// What this server sees of its model registry: reachable or not, each model's desired
+    /// state and its routing here, its last report.
+    Registry,
     /// Inject a fault into a model's workers (drills and tests).
     Fault {
         model: String,
@@ -184,6 +187,7 @@ pub fn run(args: AdminArgs) -> anyhow::Result<()> {
     let (method, path, body): (&str, String, Option<Value>) = match args.command {
         AdminCommand::Models => ("GET", "/admin/models".into(), None),
         AdminCommand::Rollouts => ("GET", "/admin/rollouts".into(), None),
+        AdminCommand::Registry => ("GET", "/admin/registry".into(), None),
         AdminCommand::Load { model, version } => (
             "POST",
             format!("/admin/models/{model}/load"),

@@ -82,6 +82,7 @@ impl Agent {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
+                _ = self.fleet.shared.wake.notified() => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
             self.poll().await;
@@ -241,7 +242,11 @@ impl Agent {
             }
             let fleet = self.fleet.clone();
             let (name, version) = key.clone();
-            let task = actix_web::rt::spawn(async move { fleet.fetch(&name, &version).await });
+            let task = actix_web::rt::spawn(async move {
+                let fetched = fleet.fetch(&name, &version).await;
+                fleet.shared.wake.notify_one();
+                fetched
+            });
             self.fetching.insert(key, task);
         }
     }

@@ -61,6 +61,8 @@ struct Shared {
     /// True once the first poll has brought every model's default in (or given up on it).
     synced: watch::Sender<bool>,
     stop: watch::Sender<bool>,
+    /// Polls at once (a fetch finished: its version can be routed now, not a poll later).
+    wake: tokio::sync::Notify,
 }
 
 impl Fleet {
@@ -83,6 +85,7 @@ impl Fleet {
                 status: Mutex::new(serde_json::Value::Null),
                 synced: watch::channel(false).0,
                 stop: watch::channel(false).0,
+                wake: tokio::sync::Notify::new(),
             }),
         };
         tracing::info!(
