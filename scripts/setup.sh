@@ -2,12 +2,26 @@
 # Installs what streamserve needs into the project's own Python environment (.venv):
 # the ONNX Runtime wheel whose shared library the server loads (ort's load-dynamic), and
 # with --dev the test and tooling packages (from PyPI, Triton's HTTP and gRPC clients among
-# them) and cargo-fuzz (from crates.io, for the fuzz step of scripts/test.sh). Idempotent: what is installed is not installed again.
+# them) and cargo-fuzz (from crates.io, for the fuzz step of scripts/test.sh); with --fleet
+# what the load suite's fleet drill (`loadgen fleet`) needs besides: the dev packages' S3
+# server (moto) and Debian's haproxy (apt-get, only when no haproxy is on the PATH). The flags
+# combine. Idempotent: what is installed is not installed again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+dev=0
+fleet=0
+for arg in "$@"; do
+    case "$arg" in
+        --dev) dev=1 ;;
+        --fleet) fleet=1 ;;
+        *) echo "setup: unknown option $arg (known: --dev, --fleet)" >&2; exit 2 ;;
+    esac
+done
 want=requirements.txt
-[[ "${1:-}" == "--dev" ]] && want=requirements-dev.txt
+if (( dev || fleet )); then
+    want=requirements-dev.txt
+fi
 
 if [[ ! -x .venv/bin/python ]]; then
     python3 -m venv .venv
@@ -25,6 +39,13 @@ if [[ -z "$lib" ]]; then
 fi
 echo "setup: ONNX Runtime at $lib" >&2
 
-if [[ "$want" == requirements-dev.txt ]] && ! command -v cargo-fuzz >/dev/null; then
+if (( dev )) && ! command -v cargo-fuzz >/dev/null; then
     cargo install cargo-fuzz --locked --version 0.13.2
+fi
+
+if (( fleet )) && ! command -v haproxy >/dev/null; then
+    if [[ $(id -u) -eq 0 ]]; then sudo=(); else sudo=(sudo); fi
+    "${sudo[@]}" apt-get update -qq
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy
+    echo "setup: $(haproxy -v | head -n1)" >&2
 fi

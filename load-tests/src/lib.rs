@@ -10,6 +10,8 @@
 //!   door admission static vs adaptive, in-process or pinned to its own CPU;
 //!   [`timeline`]: the same server through an overload step and injected worker faults,
 //!   over time;
+//! - [`fleet`]: deployments across several `streamserve` processes that follow a model
+//!   registry (moto's S3 server), behind haproxy, under load;
 //! - [`peer`]: the FastAPI + uvicorn + onnxruntime peer `bench` compares with;
 //! - [`plots`]: SVG plots of every benchmark's results; [`scenario`]: runs described in
 //!   TOML files; [`capacity`]: instances needed for a target from the measured curves;
@@ -20,6 +22,7 @@
 
 pub mod bench;
 pub mod capacity;
+pub mod fleet;
 pub mod manifest;
 pub mod open_loop;
 pub mod overload;
@@ -110,7 +113,7 @@ pub mod cli {
     #[derive(Clone, Debug, clap::Args)]
     pub struct BenchCommon {
         /// Output directory [default: load-tests/results/<UTC date>-<scenario>/, the scenario
-        /// being rest-mlp, streams-vad, overload-mlp or timeline-mlp].
+        /// being rest-mlp, streams-vad, overload-mlp, timeline-mlp or fleet-mlp].
         #[arg(long)]
         pub out: Option<PathBuf>,
         /// Longest wait, before each measurement, for other processes to leave the CPU alone.

@@ -1,14 +1,15 @@
 //! `loadgen`: REST load against a streamserve on loopback (`loadgen rest`), the side-by-side
 //! REST micro-benchmark (`loadgen bench`), WebSocket speech-stream load (`loadgen streams`)
-//! and the stream capacity benchmark (`loadgen streams-bench`).
+//! the stream capacity benchmark (`loadgen streams-bench`), the overload and timeline
+//! benchmarks, and the fleet drill (`loadgen fleet`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use streamserve_load::{
-    bench, capacity, open_loop, overload, plots, rest, scenario, streams, streams_bench, sysinfo,
-    timeline,
+    bench, capacity, fleet, open_loop, overload, plots, rest, scenario, streams, streams_bench,
+    sysinfo, timeline,
 };
 
 #[derive(Debug, Parser)]
@@ -47,9 +48,15 @@ enum Command {
     /// measure its capacity, then one open-loop run through an overload step, every replica
     /// panicking and one replica hanging; write report.md with latency over time.
     Timeline(timeline::TimelineOptions),
+    /// Start moto's S3 server with a model registry in it, 3 `streamserve serve --registry`
+    /// instances and haproxy in front of them; under REST load through haproxy, deploy `mlp`
+    /// blue/green, as a canary, rolling, and as a slow canary that must be rolled back; write
+    /// report.md with the time to converge, failed requests and traffic share per version.
+    /// Needs `bash scripts/setup.sh --fleet` (haproxy, moto) and the release streamserve binary.
+    Fleet(fleet::FleetOptions),
     /// The whole suite in one command: the bench, streams-bench, overload (unpinned and
-    /// pinned) and timeline scenarios (load-tests/scenarios/), one after the other, then the
-    /// capacity plan from their results. About 15 minutes on 2 cores.
+    /// pinned), timeline and fleet scenarios (load-tests/scenarios/), one after the other, then
+    /// the capacity plan from their results. About 16 minutes on 2 cores.
     Suite {
         /// Leave out the FastAPI peer in the bench.
         #[arg(long)]
@@ -83,7 +90,7 @@ enum Command {
         #[arg(long)]
         results: Option<PathBuf>,
     },
-    /// Redraw the SVG plot of a saved `bench`, `streams-bench`, `overload` or `timeline` run
+    /// Redraw the SVG plot of a saved `bench`, `streams-bench`, `overload`, `timeline` or `fleet` run
     /// from its results.json.
     Plot {
         /// A results directory (holding results.json).
@@ -194,6 +201,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::StreamsBench(o) => finished("streams-bench", &streams_bench::run(&o)?),
         Command::Overload(o) => finished("overload", &overload::run(&o)?),
         Command::Timeline(args) => run_timeline(args),
+        Command::Fleet(o) => run_fleet(&o),
         Command::Plot { dir } => run_plot(&dir),
         Command::Capacity {
             target_rps,
@@ -299,9 +307,32 @@ fn run_timeline(options: timeline::TimelineOptions) -> anyhow::Result<ExitCode> 
     })
 }
 
+fn run_fleet(options: &fleet::FleetOptions) -> anyhow::Result<ExitCode> {
+    let outcome = fleet::run(options)?;
+    println!("{}", outcome.report);
+    eprintln!(
+        "[fleet] wrote {}/report.md, results.json and {}",
+        outcome.dir.display(),
+        fleet::PLOT_FILE
+    );
+    if !outcome.passed {
+        eprintln!("[fleet] a request failed, or a drill did not end as it should: see the report");
+    }
+    Ok(if outcome.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
 fn run_plot(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
     let json = plots::read_results(dir)?;
-    let out = if json.get("kind").and_then(|k| k.as_str()) == Some("timeline") {
+    let kind = json.get("kind").and_then(|k| k.as_str());
+    let out = if kind == Some("fleet") {
+        let out = dir.join(fleet::PLOT_FILE);
+        plots::fleet(&json, &out)?;
+        out
+    } else if kind == Some("timeline") {
         let out = dir.join(timeline::PLOT_FILE);
         plots::timeline(&json, &out)?;
         out
@@ -319,7 +350,7 @@ fn run_plot(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
         out
     } else {
         anyhow::bail!(
-            "{}/results.json is not from a bench, streams-bench, overload or timeline run",
+            "{}/results.json is not from a bench, streams-bench, overload, timeline or fleet run",
             dir.display()
         );
     };

@@ -18,23 +18,26 @@
 use anyhow::{bail, Context as _};
 
 /// Subcommands a scenario may name.
-pub const KINDS: [&str; 6] = [
+pub const KINDS: [&str; 7] = [
     "bench",
     "streams-bench",
     "overload",
     "timeline",
+    "fleet",
     "rest",
     "streams",
 ];
 
 /// The scenario files (in `load-tests/scenarios/`) `loadgen suite` runs, in order: every
-/// benchmark that starts its own server (in-process, or pinned to a CPU of its own).
-pub const SUITE: [&str; 5] = [
+/// benchmark that starts its own server (in-process, or pinned to a CPU of its own), and the
+/// fleet drill (its own instances, haproxy and S3 server).
+pub const SUITE: [&str; 6] = [
     "rest-mlp.toml",
     "streams-vad.toml",
     "overload-mlp.toml",
     "overload-mlp-pinned.toml",
     "timeline-mlp.toml",
+    "fleet-mlp.toml",
 ];
 
 /// The `loadgen` arguments (without the program name) a scenario stands for; `out`, when
@@ -145,7 +148,8 @@ mod tests {
             let text = std::fs::read_to_string(dir.join(name)).unwrap();
             let args = to_args(&text, None).unwrap();
             assert!(
-                ["bench", "streams-bench", "overload", "timeline"].contains(&args[0].as_str()),
+                ["bench", "streams-bench", "overload", "timeline", "fleet"]
+                    .contains(&args[0].as_str()),
                 "{name} needs a server of its own: {args:?}"
             );
         }

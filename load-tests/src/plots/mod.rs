@@ -6,8 +6,10 @@
 //!   point per concurrency level, the in-process ceiling as a vertical line;
 //! - [`overload_levels`]: goodput and admitted latency per offered load, per admission variant;
 //! - [`streams_latency`]: chunk latency against concurrent streams per setup;
-//! - [`timeline`]: latency, outcomes and server state over time across overload and faults.
+//! - [`timeline`]: latency, outcomes and server state over time across overload and faults;
+//! - [`fleet()`]: traffic share per model version over time, one panel per fleet drill.
 
+mod fleet;
 mod overload;
 
 use std::path::Path;
@@ -16,6 +18,7 @@ use anyhow::Context as _;
 use plotters::prelude::*;
 use serde_json::Value;
 
+pub use fleet::fleet;
 pub use overload::overload_levels;
 
 const PALETTE: [RGBColor; 6] = [
