@@ -5,6 +5,12 @@
 //!     cargo run --release --example stream_wav -- file.wav --url ws://host:8080/v1/streams/silero_vad --speed 4 --all
 //!
 //! The WAV must be 16 or 8 kHz; multi-channel audio is mixed down to mono.
+//!
+//! It survives its server: it asks for checkpoints, keeps its audio from the last one on, and
+//! when the connection ends before the summary (the server was drained and said 1001, or
+//! died, or the network dropped) it reconnects to the same URL (a balancer in front of a
+//! fleet), resumes from the last checkpoint with the last `seq` it has, and sends its audio
+//! again from where the server says. Every event is printed once.
 
 use std::time::{Duration, Instant};
 
@@ -49,16 +55,9 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = match parse_args() {
-        Ok(args) => args,
-        Err(e) => {
-            eprintln!("{e}\nusage: stream_wav FILE.wav [--url ws://...] [--speed X] [--frame-ms N] [--all]");
-            std::process::exit(2);
-        }
-    };
-    let mut reader = hound::WavReader::open(&args.wav)?;
+/// The WAV as mono 16-bit samples, and its sample rate.
+fn read_wav(path: &str) -> Result<(Vec<i16>, u32), Box<dyn std::error::Error>> {
+    let mut reader = hound::WavReader::open(path)?;
     let spec = reader.spec();
     let samples: Vec<f32> = match spec.sample_format {
         hound::SampleFormat::Float => reader.samples::<f32>().collect::<Result<_, _>>()?,
@@ -71,28 +70,107 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     let channels = spec.channels as usize;
-    let mono: Vec<i16> = samples
+    let mono = samples
         .chunks(channels)
         .map(|f| {
             (f.iter().sum::<f32>() / channels as f32 * 32767.0).clamp(-32768.0, 32767.0) as i16
         })
         .collect();
+    Ok((mono, spec.sample_rate))
+}
 
+/// What the client carries from one connection to the next.
+struct Progress {
+    /// The newest checkpoint's token, and the sample it was taken at: audio before it is
+    /// never needed again (a real capture would drop it from its buffer here).
+    checkpoint: Option<(String, u64)>,
+    last_seq: Option<u64>,
+    done: bool,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("{e}\nusage: stream_wav FILE.wav [--url ws://...] [--speed X] [--frame-ms N] [--all]");
+            std::process::exit(2);
+        }
+    };
+    let (mono, rate) = read_wav(&args.wav)?;
+    let began = Instant::now();
+    let mut progress = Progress {
+        checkpoint: None,
+        last_seq: None,
+        done: false,
+    };
+    for attempt in 0..20u32 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(200 * attempt.min(5) as u64)).await;
+        }
+        let start = match &progress.checkpoint {
+            None => json!({"type": "start", "sample_rate": rate, "checkpoints": true,
+                           "results": if args.all { "all" } else { "events" }}),
+            Some((token, samples)) => {
+                println!(
+                    "[{:7.2}s] reconnecting: resuming from the checkpoint at {:.2}s",
+                    began.elapsed().as_secs_f64(),
+                    *samples as f64 / rate as f64
+                );
+                json!({"type": "start", "resume": token, "last_seq": progress.last_seq})
+            }
+        };
+        match connection(&args, start, &mono, rate, began, &mut progress).await {
+            Ok(()) if progress.done => return Ok(()),
+            Ok(()) => {}
+            Err(e) => println!(
+                "[{:7.2}s] connection lost: {e}",
+                began.elapsed().as_secs_f64()
+            ),
+        }
+        if progress.checkpoint.is_none() {
+            return Err("the stream ended before its first checkpoint; start again".into());
+        }
+    }
+    Err("gave up after 20 connections".into())
+}
+
+/// One connection: start (or resume), send audio from where the server says, print results.
+async fn connection(
+    args: &Args,
+    start: Value,
+    mono: &[i16],
+    rate: u32,
+    began: Instant,
+    progress: &mut Progress,
+) -> Result<(), Box<dyn std::error::Error>> {
     let (ws, _) = tokio_tungstenite::connect_async(args.url.as_str()).await?;
     let (mut sink, mut stream) = ws.split();
-    let results = if args.all { "all" } else { "events" };
-    sink.send(Message::text(
-        json!({"type": "start", "sample_rate": spec.sample_rate, "results": results}).to_string(),
-    ))
-    .await?;
-
-    let frame = (spec.sample_rate as u64 * args.frame_ms / 1000) as usize;
+    sink.send(Message::text(start.to_string())).await?;
+    // The first answer is `started`, or an error and a close (a refused start or resume).
+    let started: Value = match stream.next().await {
+        Some(Ok(Message::Text(text))) => serde_json::from_str(&text)?,
+        other => return Err(format!("no answer to start: {other:?}").into()),
+    };
+    if started["type"] != "started" {
+        return Err(format!("refused: {started}").into());
+    }
+    println!(
+        "stream {} on {} v{}",
+        started["stream_id"], started["model"], started["version"]
+    );
+    // Send the audio from where the server has it, at the chosen pace.
+    let from = started["samples_received"].as_u64().unwrap_or(0) as usize;
+    let frame = (rate as u64 * args.frame_ms / 1000) as usize;
     let pace = Duration::from_secs_f64(args.frame_ms as f64 / 1000.0 / args.speed);
-    let began = Instant::now();
+    let frames: Vec<Vec<u8>> = mono[from.min(mono.len())..]
+        .chunks(frame)
+        .map(|c| c.iter().flat_map(|s| s.to_le_bytes()).collect())
+        .collect();
     let sender = tokio::spawn(async move {
-        for (i, chunk) in mono.chunks(frame).enumerate() {
-            tokio::time::sleep_until((began + pace * i as u32).into()).await;
-            let bytes: Vec<u8> = chunk.iter().flat_map(|s| s.to_le_bytes()).collect();
+        let first = Instant::now();
+        for (i, bytes) in frames.into_iter().enumerate() {
+            tokio::time::sleep_until((first + pace * i as u32).into()).await;
             if sink.send(Message::binary(bytes)).await.is_err() {
                 return;
             }
@@ -101,47 +179,63 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .send(Message::text(json!({"type": "end"}).to_string()))
             .await;
     });
+    let read = read_rest(stream, began, progress).await;
+    sender.abort();
+    read
+}
 
+/// Reads a started connection's messages until it closes.
+async fn read_rest(
+    mut stream: futures_util::stream::SplitStream<
+        tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+    >,
+    began: Instant,
+    progress: &mut Progress,
+) -> Result<(), Box<dyn std::error::Error>> {
     while let Some(message) = stream.next().await {
-        match message? {
-            Message::Text(text) => {
-                let m: Value = serde_json::from_str(&text)?;
-                let wall = began.elapsed().as_secs_f64();
-                match m["type"].as_str().unwrap_or("") {
-                    "started" => println!(
-                        "stream {} on {} v{}",
-                        m["stream_id"], m["model"], m["version"]
-                    ),
-                    "speech_start" => println!(
-                        "[{wall:7.2}s] speech starts at {:.2}s",
-                        m["t"].as_f64().unwrap_or(0.0)
-                    ),
-                    "speech_end" => println!(
-                        "[{wall:7.2}s] speech ends   at {:.2}s",
-                        m["t"].as_f64().unwrap_or(0.0)
-                    ),
-                    "vad" => println!(
-                        "[{wall:7.2}s] t={:.3}s p={:.3}",
-                        m["t"].as_f64().unwrap_or(0.0),
-                        m["probability"].as_f64().unwrap_or(0.0)
-                    ),
-                    "summary" => println!(
-                        "summary: {:.2}s of audio, segments {}",
-                        m["duration"].as_f64().unwrap_or(0.0),
-                        m["segments"]
-                    ),
-                    _ => println!("{text}"),
-                }
-            }
+        let text = match message? {
+            Message::Text(text) => text,
             Message::Close(frame) => {
                 if let Some(frame) = frame {
                     println!("closed: {} {}", u16::from(frame.code), frame.reason);
                 }
-                break;
+                return Ok(());
             }
-            _ => {}
+            _ => continue,
+        };
+        let m: Value = serde_json::from_str(&text)?;
+        if let Some(seq) = m["seq"].as_u64() {
+            progress.last_seq = Some(seq);
+        }
+        let wall = began.elapsed().as_secs_f64();
+        let t = m["t"].as_f64().unwrap_or(0.0);
+        match m["type"].as_str().unwrap_or("") {
+            "checkpoint" => {
+                let samples = m["samples"].as_u64().unwrap_or(0);
+                progress.checkpoint = Some((m["token"].as_str().unwrap_or("").into(), samples));
+                if m["handover"] == true {
+                    println!("[{wall:7.2}s] the server is going away; it handed the stream over");
+                }
+            }
+            "speech_start" => println!("[{wall:7.2}s] speech starts at {t:.2}s"),
+            "speech_end" => println!("[{wall:7.2}s] speech ends   at {t:.2}s"),
+            "vad" => println!(
+                "[{wall:7.2}s] t={t:.3}s p={:.3}",
+                m["probability"].as_f64().unwrap_or(0.0)
+            ),
+            "summary" => {
+                progress.done = true;
+                println!(
+                    "summary: {:.2}s of audio, segments {}",
+                    m["duration"].as_f64().unwrap_or(0.0),
+                    m["segments"]
+                );
+            }
+            "error" => println!("[{wall:7.2}s] error: {}", m["message"]),
+            _ => println!("[{wall:7.2}s] {text}"),
         }
     }
-    sender.abort();
     Ok(())
 }

@@ -75,6 +75,16 @@ pub struct ServeArgs {
     /// Seconds a dropped stream waits for its client to resume [default: 30].
     #[arg(long, env = "STREAMSERVE_STREAM_RESUME_SECS")]
     pub stream_resume_secs: Option<u64>,
+    /// Milliseconds of audio between two checkpoints a stream sends its client (resume
+    /// tokens: how much audio a client keeps to send again after a crash); 0 = none
+    /// [default: 1000].
+    #[arg(long, env = "STREAMSERVE_STREAM_CHECKPOINT_MS")]
+    pub stream_checkpoint_ms: Option<u64>,
+    /// File of the keys that sign stream checkpoints, one per line, the first signing, all
+    /// verifying (`streamserve keys new-stream-key`): the same file on every instance lets a
+    /// stream resume on any of them. Unset = a key of this process's own.
+    #[arg(long, env = "STREAMSERVE_STREAM_TOKEN_KEYS")]
+    pub stream_token_keys: Option<PathBuf>,
     /// Seconds without audio after which a stream is closed; at least 1 [default: 30].
     #[arg(long, env = "STREAMSERVE_STREAM_IDLE_SECS")]
     pub stream_idle_secs: Option<u64>,
@@ -269,6 +279,8 @@ pub struct Config {
     pub http_workers: usize,
     pub ort_dylib: Option<PathBuf>,
     pub stream_resume_secs: u64,
+    pub stream_checkpoint_ms: u64,
+    pub stream_token_keys: Option<PathBuf>,
     pub stream_idle_secs: u64,
     pub drain_secs: u64,
     pub keep_alive_secs: u64,
@@ -318,6 +330,8 @@ impl Default for Config {
             http_workers: cpus(),
             ort_dylib: None,
             stream_resume_secs: 30,
+            stream_checkpoint_ms: 1000,
+            stream_token_keys: None,
             stream_idle_secs: 30,
             drain_secs: 30,
             keep_alive_secs: 75,

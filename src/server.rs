@@ -126,11 +126,23 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
         }
     };
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let keys = match &config.stream_token_keys {
+        Some(path) => {
+            crate::stream::checkpoint::TokenKeys::from_file(path).map_err(anyhow::Error::msg)?
+        }
+        None => {
+            tracing::info!("stream checkpoints are signed with this process's own key: they resume streams here only (set --stream-token-keys to resume on any instance of a fleet)");
+            crate::stream::checkpoint::TokenKeys::ephemeral()
+        }
+    };
     let streams = Arc::new(StreamsConfig {
         hub: StreamHub::default().start(),
         resume_window: Duration::from_secs(config.stream_resume_secs),
         idle_timeout: Duration::from_secs(config.stream_idle_secs),
         shutdown: shutdown_rx,
+        keys: Arc::new(keys),
+        checkpoint_every: Duration::from_millis(config.stream_checkpoint_ms),
+        catalog: catalog.clone(),
     });
 
     let work = Arc::new(Work::default());

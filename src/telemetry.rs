@@ -228,6 +228,8 @@ pub fn register_model_series(info: &crate::model::ModelInfo) {
             "streamserve_stream_chunks_total",
             "streamserve_stream_degraded_chunks_total",
             "streamserve_stream_resumes_total",
+            "streamserve_stream_checkpoints_total",
+            "streamserve_stream_handovers_total",
         ] {
             metrics::counter!(name, &model).increment(0);
         }
@@ -446,6 +448,22 @@ fn describe() {
         Unit::Count,
         "Rollout steps this instance recorded in the registry, by decision (switch, promote, rolled_out, join, abort)"
     );
+    describe_counter!(
+        "streamserve_stream_checkpoints_total",
+        Unit::Count,
+        "Checkpoints (signed resume tokens) sent to stream clients, by model"
+    );
+    describe_counter!(
+        "streamserve_stream_handovers_total",
+        Unit::Count,
+        "Streams told at shutdown to resume from their last checkpoint elsewhere, by model"
+    );
+    describe_counter!(
+        "streamserve_stream_takeovers_total",
+        Unit::Count,
+        "Streams this instance took over from a checkpoint made elsewhere (or before a restart)"
+    );
+    metrics::counter!("streamserve_stream_takeovers_total").increment(0);
     metrics::counter!("streamserve_body_timeouts_total").increment(0);
     metrics::counter!("streamserve_body_memory_refusals_total").increment(0);
     metrics::counter!("streamserve_admission_refused_total").increment(0);

@@ -1,10 +1,12 @@
 //! `StreamHub`: the directory of live streams, so that a client reconnecting with its stream
 //! id finds the session that holds its state. Sessions run on the arbiter of the connection
 //! that created them (spreading streams over the HTTP worker threads); the hub only maps ids
-//! to addresses and counts them.
+//! to addresses and counts them. It also remembers, for a while, the streams that ended here
+//! with their summary, so that a replayed resume token of one is refused, not restored.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
@@ -13,6 +15,19 @@ use super::stream_session::{StreamEnded, StreamSession};
 #[derive(Default)]
 pub struct StreamHub {
     streams: HashMap<Arc<str>, Addr<StreamSession>>,
+    /// Streams that ended here, and when.
+    finished: HashMap<Arc<str>, Instant>,
+}
+
+/// How long an ended stream is remembered (longer than any resume token lives).
+const FINISHED_KEPT: Duration = Duration::from_secs(600);
+
+/// What the hub knows of a stream id.
+pub enum Found {
+    Live(Addr<StreamSession>),
+    /// It ended here with its summary.
+    Finished,
+    Unknown,
 }
 
 #[derive(Message)]
@@ -23,7 +38,7 @@ pub struct Register {
 }
 
 #[derive(Message)]
-#[rtype(result = "Option<Addr<StreamSession>>")]
+#[rtype(result = "Found")]
 pub struct Lookup {
     pub id: String,
 }
@@ -50,16 +65,22 @@ impl Handler<StreamEnded> for StreamHub {
     type Result = ();
     fn handle(&mut self, msg: StreamEnded, _: &mut Self::Context) {
         self.streams.remove(&msg.id);
+        if msg.finished {
+            self.finished.retain(|_, at| at.elapsed() < FINISHED_KEPT);
+            self.finished.insert(msg.id, Instant::now());
+        }
         self.publish();
     }
 }
 
 impl Handler<Lookup> for StreamHub {
-    type Result = Option<Addr<StreamSession>>;
+    type Result = MessageResult<Lookup>;
     fn handle(&mut self, msg: Lookup, _: &mut Self::Context) -> Self::Result {
-        self.streams
-            .get(msg.id.as_str())
-            .filter(|a| a.connected())
-            .cloned()
+        let id = msg.id.as_str();
+        MessageResult(match self.streams.get(id).filter(|a| a.connected()) {
+            Some(session) => Found::Live(session.clone()),
+            None if self.finished.contains_key(id) => Found::Finished,
+            None => Found::Unknown,
+        })
     }
 }

@@ -38,6 +38,10 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
+    /// A new key for `--stream-token-keys`: 256 random bits, one line. Put the same file on
+    /// every instance; to rotate, add a new key as the first line everywhere, and remove the
+    /// old one once its tokens have expired (`--stream-resume-secs`).
+    NewStreamKey,
     /// A new random key: prints the key (once: the file keeps only its hash) and the entry to
     /// add to the keys file.
     New {
@@ -56,6 +60,11 @@ pub enum KeysCommand {
 /// `streamserve keys new`: the key on stdout's first line, the file entry after it.
 pub fn keys(command: KeysCommand) -> anyhow::Result<()> {
     match command {
+        KeysCommand::NewStreamKey => {
+            let key = crate::stream::checkpoint::new_key().map_err(anyhow::Error::msg)?;
+            println!("{key}");
+            Ok(())
+        }
         KeysCommand::New {
             name,
             models,

@@ -109,6 +109,8 @@ fn defaults_are_unchanged() {
         http_workers,
         ort_dylib,
         stream_resume_secs,
+        stream_checkpoint_ms,
+        stream_token_keys,
         stream_idle_secs,
         drain_secs,
         keep_alive_secs,
@@ -138,6 +140,8 @@ fn defaults_are_unchanged() {
         instance_id,
         advertise_url,
     } = Config::default();
+    assert_eq!(stream_checkpoint_ms, 1000);
+    assert_eq!(stream_token_keys, None);
     assert_eq!(registry, None);
     assert_eq!(registry_poll_secs, 5.0);
     assert_eq!(registry_cache, PathBuf::from(".streamserve-cache"));

@@ -3,5 +3,6 @@
 //! The actors that run streams are `actors::stream_session` and `actors::stream_hub`.
 
 pub mod audio;
+pub mod checkpoint;
 pub mod protocol;
 pub mod vad;

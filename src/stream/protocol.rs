@@ -27,9 +27,17 @@ pub struct StartMessage {
     /// Resume this stream instead of starting a new one.
     #[serde(default)]
     pub stream_id: Option<String>,
-    /// With `stream_id`: the last `seq` the client received; everything after it is re-sent.
+    /// With `stream_id` or `resume`: the last `seq` the client received; everything after it
+    /// is sent again, nothing before it.
     #[serde(default)]
     pub last_seq: Option<u64>,
+    /// Resume from a checkpoint's token, on any instance of the fleet (docs/streaming.md).
+    #[serde(default)]
+    pub resume: Option<String>,
+    /// Ask for checkpoints (resume tokens) every `--stream-checkpoint-ms` of audio, and one
+    /// at shutdown: the client then keeps its audio from the last one on.
+    #[serde(default)]
+    pub checkpoints: bool,
     #[serde(default)]
     pub results: ResultsMode,
     #[serde(default)]
@@ -68,6 +76,18 @@ pub enum ServerMessage<'a> {
         next_seq: u64,
         /// Seconds a dropped connection may take to resume.
         resume_window_secs: u64,
+        /// Audio samples between two checkpoints (0: none are sent).
+        checkpoint_samples: u64,
+    },
+    /// A resume token: the stream as of sample `samples`, results up to `next_seq - 1`. A
+    /// client keeps its audio from `samples` on, to send again if it resumes from this token.
+    Checkpoint {
+        token: &'a str,
+        samples: u64,
+        next_seq: u64,
+        /// The server is shutting down: resume from this token (on another instance).
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        handover: bool,
     },
     Vad {
         seq: u64,

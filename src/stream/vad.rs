@@ -141,7 +141,17 @@ pub enum VadEvent {
     SpeechEnd { sample: u64 },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+/// A [`VadTracker`]'s progress (see [`VadTracker::snapshot`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackerState {
+    pub triggered: bool,
+    pub confirmed: bool,
+    pub start: u64,
+    pub temp_end: Option<u64>,
+    pub segments: Vec<Segment>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Segment {
     pub start: u64,
     pub end: u64,
@@ -179,6 +189,27 @@ impl VadTracker {
             temp_end: None,
             segments: Vec::new(),
         }
+    }
+
+    /// What the tracker has seen so far, for a stream's checkpoint (its options come from the
+    /// stream's `start`, which the checkpoint keeps beside it).
+    pub fn snapshot(&self) -> TrackerState {
+        TrackerState {
+            triggered: self.triggered,
+            confirmed: self.confirmed,
+            start: self.start,
+            temp_end: self.temp_end,
+            segments: self.segments.clone(),
+        }
+    }
+
+    /// Takes up where a checkpoint left off.
+    pub fn restore(&mut self, state: TrackerState) {
+        self.triggered = state.triggered;
+        self.confirmed = state.confirmed;
+        self.start = state.start;
+        self.temp_end = state.temp_end;
+        self.segments = state.segments;
     }
 
     /// Feeds the probability of the chunk that ends at sample `chunk_end`.

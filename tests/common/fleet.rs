@@ -475,3 +475,52 @@ pub fn assert_all_ok(answers: &[Answer]) {
     );
     assert!(!answers.is_empty(), "the load sent nothing");
 }
+
+/// haproxy (Debian's package: `bash scripts/setup.sh --fleet`) in front of `backends`, round
+/// robin per connection, no stickiness, health-checked on readiness; killed when dropped.
+pub struct Haproxy {
+    child: Child,
+    pub url: String,
+}
+
+impl Haproxy {
+    pub fn start(backends: &[String]) -> Haproxy {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let servers: String = backends
+            .iter()
+            .enumerate()
+            .map(|(i, url)| format!("    server s{i} {}\n", url.trim_start_matches("http://")))
+            .collect();
+        let config = format!(
+            "global\n    maxconn 2048\n\ndefaults\n    mode http\n    timeout connect 1s\n    timeout client 30s\n    timeout server 30s\n    timeout tunnel 60s\n    retries 3\n    option redispatch\n\nfrontend streams\n    bind 127.0.0.1:{port}\n    default_backend fleet\n\nbackend fleet\n    balance roundrobin\n    option httpchk GET /v2/health/ready\n    default-server check inter 200ms fall 1 rise 2\n{servers}"
+        );
+        let path = temp_dir("haproxy").join("haproxy.cfg");
+        std::fs::write(&path, config).unwrap();
+        let child = Command::new("haproxy")
+            .arg("-f")
+            .arg(&path)
+            .arg("-db")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start haproxy ({e}): bash scripts/setup.sh --fleet installs it")
+            });
+        let url = format!("http://127.0.0.1:{port}");
+        wait_for("haproxy to listen", Duration::from_secs(10), || {
+            TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        Haproxy { child, url }
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -2,10 +2,12 @@
 //! pipeline (`POST /v1/models/{model}/segments` with a WAV body).
 //!
 //! This file is the transport only: it parses frames into `StreamSession` messages and writes
-//! the session's messages back. Each connection is two tasks: a reader (start message, audio,
+//! the session's messages back; `open.rs` finds or makes the session a `start` asks for. Each connection is two tasks: a reader (start message, audio,
 //! `end`; it stops reading while the session holds its audio budget, which is the backpressure
 //! a too-fast client feels) and a writer (results out, with a deadline per write, so a client
 //! that stops reading is dropped without holding anything else up).
+
+mod open;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,13 +23,16 @@ use super::door::limit::AdmissionLimit;
 use super::AppState;
 use crate::access::{Pass, StreamPass};
 use crate::actors::catalog::ServedModel;
-use crate::actors::stream_hub::{Lookup, Register, StreamHub};
+use crate::actors::catalog::SharedCatalog;
+use crate::actors::stream_hub::StreamHub;
 use crate::actors::stream_session::{
-    Attach, Attached, Audio, Connection, Detach, End, StreamParams, StreamSession, AUDIO_CREDITS,
+    Attach, Attached, Audio, Connection, Detach, End, Handover, StreamParams, StreamSession,
+    AUDIO_CREDITS,
 };
 use crate::error::ServeError;
 use crate::manifest::StreamKind;
 use crate::stream::audio::{read_wav, SampleFormat};
+use crate::stream::checkpoint::TokenKeys;
 use crate::stream::protocol::{ClientMessage, ResultsMode, ServerMessage, StartMessage};
 use crate::stream::vad::VadOptions;
 
@@ -35,6 +40,8 @@ use crate::stream::vad::VadOptions;
 pub const MAX_FRAME_BYTES: usize = 64 * 1024;
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a shutdown waits for a stream's last checkpoint to be written.
+const HANDOVER_WAIT: Duration = Duration::from_secs(5);
 /// Messages queued for one connection before its client counts as not reading.
 const OUTGOING_CAPACITY: usize = 1024;
 /// The subprotocol a browser offers beside `bearer.<key>`, and which the handshake names back.
@@ -46,6 +53,12 @@ pub struct StreamsConfig {
     pub resume_window: Duration,
     pub idle_timeout: Duration,
     pub shutdown: watch::Receiver<bool>,
+    /// Sign and verify checkpoints (the fleet's shared keys, or this process's own).
+    pub keys: Arc<TokenKeys>,
+    /// Audio between two checkpoints; zero: none.
+    pub checkpoint_every: Duration,
+    /// Where a stream taken over from a checkpoint finds its model version.
+    pub catalog: Arc<SharedCatalog>,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -114,6 +127,8 @@ enum ReadEnd {
     Gone,
     /// Close the socket with this code and reason (after an `error` message unless normal).
     Close(CloseCode, String),
+    /// The server is shutting down and the session closes the socket after its checkpoint.
+    HandedOver,
 }
 
 struct ConnectionGauge;
@@ -140,10 +155,10 @@ async fn connection(
     let _gauge = ConnectionGauge::new();
     let start = match read_start(&mut ws, &mut messages).await {
         Ok(start) => start,
-        Err(ReadEnd::Gone) => return,
+        Err(ReadEnd::Gone | ReadEnd::HandedOver) => return,
         Err(ReadEnd::Close(code, reason)) => return close_with_error(ws, code, reason).await,
     };
-    let resuming = start.stream_id.is_some();
+    let resuming = start.stream_id.is_some() || start.resume.is_some();
     // A server short of CPU keeps the streams it has in real time rather than take on more:
     // a new stream is told to retry (1013), a resumed one (already counted here) goes on.
     if !resuming && !admission.admit_stream() {
@@ -151,10 +166,11 @@ async fn connection(
         return close_with_error(ws, CloseCode::Again, reason).await;
     }
     let sample_rate = start.sample_rate.max(1);
-    let (session, last_seq) = match open_session(start, served, &config).await {
+    let opened = match open::open_session(start, served, &config).await {
         Ok(opened) => opened,
         Err(reason) => return close_with_error(ws, CloseCode::Policy, reason).await,
     };
+    let session = opened.session;
     let (messages_tx, messages_rx) = mpsc::channel(OUTGOING_CAPACITY);
     let (close_tx, close_rx) = oneshot::channel();
     let attach = Attach {
@@ -162,7 +178,8 @@ async fn connection(
             messages: messages_tx,
             close: close_tx,
         },
-        last_seq,
+        last_seq: opened.last_seq,
+        token_counter: opened.token_counter,
     };
     let attached = match session.send(attach).await {
         Ok(Ok(attached)) => attached,
@@ -173,7 +190,7 @@ async fn connection(
         tracing::info!(generation = attached.generation, "stream resumed");
     }
     let (reader_close_tx, reader_close_rx) = mpsc::channel(1);
-    let writer = actix_web::rt::spawn(write_loop(
+    let mut writer = actix_web::rt::spawn(write_loop(
         ws.clone(),
         messages_rx,
         close_rx,
@@ -184,14 +201,27 @@ async fn connection(
         sample_rate,
     };
     let end = read_loop(&mut ws, &mut messages, &session, &attached, &config, limits).await;
-    if let ReadEnd::Close(code, reason) = end {
-        let _ = reader_close_tx.send((code, reason)).await;
+    let mut writer_done = false;
+    match end {
+        ReadEnd::Close(code, reason) => {
+            let _ = reader_close_tx.send((code, reason)).await;
+        }
+        // The session writes its last checkpoint and closes; the reader's side stays open
+        // until then (a dropped reader side ends the writer at once).
+        ReadEnd::HandedOver => {
+            writer_done = tokio::time::timeout(HANDOVER_WAIT, &mut writer)
+                .await
+                .is_ok();
+        }
+        ReadEnd::Gone => {}
     }
     session.do_send(Detach {
         generation: attached.generation,
     });
     drop(reader_close_tx);
-    let _ = writer.await;
+    if !writer_done {
+        let _ = writer.await;
+    }
 }
 
 async fn read_start(
@@ -234,42 +264,6 @@ async fn read_start(
     }
 }
 
-async fn open_session(
-    start: StartMessage,
-    served: ServedModel,
-    config: &StreamsConfig,
-) -> Result<(Addr<StreamSession>, Option<u64>), String> {
-    if let Some(id) = start.stream_id {
-        return match config.hub.send(Lookup { id: id.clone() }).await {
-            Ok(Some(session)) => Ok((session, start.last_seq)),
-            _ => Err(format!("unknown or expired stream_id '{id}'")),
-        };
-    }
-    if start.last_seq.is_some() {
-        return Err("last_seq is only meaningful with stream_id".into());
-    }
-    let id: Arc<str> = uuid::Uuid::new_v4().simple().to_string().into();
-    let params = StreamParams {
-        sample_rate: start.sample_rate,
-        format: start.format,
-        results: start.results,
-        vad: start.vad,
-        resume_window: config.resume_window,
-    };
-    let session = StreamSession::new(
-        id.clone(),
-        served,
-        params,
-        Some(config.hub.clone().recipient()),
-    )?
-    .start();
-    config.hub.do_send(Register {
-        id,
-        session: session.clone(),
-    });
-    Ok((session, None))
-}
-
 /// What bounds a connection's audio: its key's audio per minute, at the stream's rate.
 #[derive(Clone, Copy)]
 struct ReadLimits<'a> {
@@ -295,6 +289,11 @@ async fn read_loop(
         };
         let next = tokio::select! {
             _ = stopping => {
+                if attached.checkpoints {
+                    // The session sends a last checkpoint and closes with 1001 itself.
+                    session.do_send(Handover);
+                    return ReadEnd::HandedOver;
+                }
                 return ReadEnd::Close(CloseCode::Away, "server is shutting down; reconnect to another instance".into());
             }
             next = tokio::time::timeout(config.idle_timeout, messages.recv()) => next,
@@ -517,6 +516,8 @@ async fn segments(
         results: ResultsMode::Events,
         vad,
         resume_window: Duration::ZERO,
+        keys: state.streams.keys.clone(),
+        checkpoint_samples: 0,
     };
     let info = served.info.clone();
     let id: Arc<str> = uuid::Uuid::new_v4().simple().to_string().into();
@@ -533,6 +534,7 @@ async fn segments(
             close: close_tx,
         },
         last_seq: None,
+        token_counter: None,
     };
     session
         .send(attach)

@@ -8,7 +8,13 @@
 //!
 //! The session outlives its WebSocket: when the connection drops it waits `resume_window` for
 //! the client to come back with its stream id and last seen `seq`, then replays what the client
-//! missed and carries on with the state intact.
+//! missed and carries on with the state intact. It also sends the client a signed checkpoint
+//! every `checkpoint_samples` of audio, and one last one when the server shuts down
+//! ([`checkpoint`]), from which any instance of the fleet can take the stream over.
+
+mod checkpoint;
+
+pub use checkpoint::Handover;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -23,6 +29,7 @@ use super::served::InferOptions;
 use crate::error::ServeError;
 use crate::model::{InferRequest, InferResponse};
 use crate::stream::audio::SampleFormat;
+use crate::stream::checkpoint::TokenKeys;
 use crate::stream::protocol::{ResultsMode, SegmentSecs, ServerMessage};
 use crate::stream::vad::{window_for, VadEvent, VadInterface, VadOptions, VadTracker};
 use crate::tensor::{NamedTensor, TensorData};
@@ -47,6 +54,10 @@ pub struct StreamParams {
     pub results: ResultsMode,
     pub vad: VadOptions,
     pub resume_window: Duration,
+    /// Signs (and verifies) the stream's checkpoints.
+    pub keys: Arc<TokenKeys>,
+    /// Audio samples between two checkpoints; 0: none.
+    pub checkpoint_samples: u64,
 }
 
 /// What a connection learns when it attaches.
@@ -54,6 +65,8 @@ pub struct Attached {
     pub generation: u64,
     pub credits: Arc<Semaphore>,
     pub format: SampleFormat,
+    /// The stream sends checkpoints: at shutdown it hands over ([`Handover`]).
+    pub checkpoints: bool,
 }
 
 #[derive(Message)]
@@ -69,6 +82,9 @@ pub struct End;
 pub struct Attach {
     pub connection: Connection,
     pub last_seq: Option<u64>,
+    /// The counter of the checkpoint token the client resumed with, if it sent one: a token
+    /// older than one already used to resume this stream is refused (a replay).
+    pub token_counter: Option<u32>,
 }
 
 #[derive(Message)]
@@ -104,6 +120,17 @@ pub struct StreamSession {
     resume_timer: Option<SpawnHandle>,
     ended: Option<Recipient<StreamEnded>>,
     labels: [(&'static str, String); 1],
+    /// Checkpoints issued so far (including those of the instances before, when restored).
+    checkpoints: u32,
+    /// `samples_done` at the last checkpoint.
+    checkpointed_at: u64,
+    /// The newest checkpoint a client resumed this stream with.
+    redeemed: Option<u32>,
+    /// Results up to this `seq` are not sent: the client has them (a stream restored from a
+    /// checkpoint computes them again).
+    suppress_through: Option<u64>,
+    /// Taken over from a checkpoint rather than started here.
+    restored: bool,
 }
 
 /// Told to whoever listed a stream (the hub) when its session ends, so that the listing goes
@@ -112,6 +139,8 @@ pub struct StreamSession {
 #[rtype(result = "()")]
 pub struct StreamEnded {
     pub id: Arc<str>,
+    /// It ended with its summary (not dropped): a token of it can no longer resume it.
+    pub finished: bool,
 }
 
 impl StreamSession {
@@ -157,6 +186,11 @@ impl StreamSession {
             resume_timer: None,
             ended,
             labels,
+            checkpoints: 0,
+            checkpointed_at: 0,
+            redeemed: None,
+            suppress_through: None,
+            restored: false,
         })
     }
 
@@ -173,6 +207,9 @@ impl StreamSession {
             self.outbox.pop_front();
         }
         self.outbox.push_back((seq, text.clone()));
+        if self.suppress_through.is_some_and(|through| seq <= through) {
+            return;
+        }
         self.send(text);
     }
 
@@ -327,6 +364,7 @@ impl StreamSession {
         self.tracker
             .push(chunk_start + self.window as u64, probability, &mut events);
         self.emit_events(&events);
+        self.maybe_checkpoint();
         self.maybe_step(ctx);
     }
 
@@ -400,6 +438,7 @@ impl Actor for StreamSession {
         if let Some(ended) = &self.ended {
             ended.do_send(StreamEnded {
                 id: self.id.clone(),
+                finished: self.finished,
             });
         }
     }
@@ -442,7 +481,15 @@ impl Handler<Attach> for StreamSession {
         if self.finished {
             return Err("stream has already ended".into());
         }
-        let resumed = attach.last_seq.is_some() || self.generation > 0;
+        let resumed = attach.last_seq.is_some() || self.generation > 0 || self.restored;
+        if let (Some(token), Some(redeemed)) = (attach.token_counter, self.redeemed) {
+            if token < redeemed {
+                return Err(format!(
+                    "resume token is superseded: the stream was resumed from a newer one \
+                     (checkpoint {redeemed}, this is {token})"
+                ));
+            }
+        }
         let replay_from = attach.last_seq.map_or(0, |s| s + 1);
         if let Some(&(oldest, _)) = self.outbox.front() {
             if replay_from < oldest {
@@ -451,7 +498,11 @@ impl Handler<Attach> for StreamSession {
                 ));
             }
         }
-        if replay_from > self.next_seq {
+        // A restored stream has not computed again what the client already has.
+        let known = self
+            .next_seq
+            .max(self.suppress_through.map_or(0, |through| through + 1));
+        if replay_from > known {
             return Err(format!(
                 "last_seq {} is beyond the last result sent ({})",
                 replay_from - 1,
@@ -460,6 +511,9 @@ impl Handler<Attach> for StreamSession {
         }
         if let Some(timer) = self.resume_timer.take() {
             ctx.cancel_future(timer);
+        }
+        if let Some(token) = attach.token_counter {
+            self.redeemed = Some(self.redeemed.map_or(token, |r| r.max(token)));
         }
         // A newer connection supersedes an older one that has not noticed it is gone.
         self.disconnect(
@@ -481,6 +535,7 @@ impl Handler<Attach> for StreamSession {
             samples_received: self.samples_received,
             next_seq: self.next_seq,
             resume_window_secs: self.params.resume_window.as_secs(),
+            checkpoint_samples: self.params.checkpoint_samples,
         }
         .to_json();
         let _ = attach.connection.messages.try_send(started.into());
@@ -498,6 +553,7 @@ impl Handler<Attach> for StreamSession {
             generation: self.generation,
             credits: self.credits.clone(),
             format: self.params.format,
+            checkpoints: self.params.checkpoint_samples > 0,
         })
     }
 }

@@ -1,0 +1,130 @@
+//! A stream's checkpoints: issuing them (every `checkpoint_samples` of audio, and one last one
+//! when the server shuts down, [`Handover`]), and taking a stream over from one
+//! ([`StreamSession::restore`]), on this instance or any other of the fleet that shares the
+//! signing keys.
+//!
+//! A checkpoint is taken at a chunk boundary: the model state and audio context after the
+//! last completed step, the tracker's progress, and the counts of audio consumed and results
+//! produced. A step in flight is not part of it; a stream restored from it computes that step
+//! again, from the audio the client sends again, and gets the same result.
+
+use actix::prelude::*;
+use actix_ws::CloseCode;
+
+use super::{StreamEnded, StreamParams, StreamSession};
+use crate::actors::catalog::ServedModel;
+use crate::stream::checkpoint::Checkpoint;
+use crate::stream::protocol::ServerMessage;
+
+impl StreamSession {
+    /// The stream as of its last completed step, as a checkpoint (counted).
+    fn checkpoint(&mut self) -> Checkpoint {
+        self.checkpoints += 1;
+        self.checkpointed_at = self.samples_done;
+        Checkpoint {
+            stream_id: self.id.to_string(),
+            model: self.model.info.name.clone(),
+            version: self.model.info.version.clone(),
+            sample_rate: self.params.sample_rate,
+            format: self.params.format,
+            results: self.params.results,
+            vad: self.params.vad.clone(),
+            counter: self.checkpoints,
+            issued_at_ms: crate::registry::now_ms(),
+            samples_done: self.samples_done,
+            next_seq: self.next_seq,
+            state: self.state.clone(),
+            context: self.context.clone(),
+            tracker: self.tracker.snapshot(),
+        }
+    }
+
+    /// Sends the client a checkpoint (not a result: it has no `seq` and is not replayed).
+    fn send_checkpoint(&mut self, handover: bool) {
+        let checkpoint = self.checkpoint();
+        let token = self.params.keys.seal(&checkpoint);
+        metrics::counter!("streamserve_stream_checkpoints_total", &self.labels).increment(1);
+        let text = ServerMessage::Checkpoint {
+            token: &token,
+            samples: checkpoint.samples_done,
+            next_seq: checkpoint.next_seq,
+            handover,
+        }
+        .to_json();
+        self.send(text.into());
+    }
+
+    /// After a step: a checkpoint if `checkpoint_samples` of audio went by since the last.
+    pub(super) fn maybe_checkpoint(&mut self) {
+        let every = self.params.checkpoint_samples;
+        if every > 0 && self.samples_done - self.checkpointed_at >= every {
+            self.send_checkpoint(false);
+        }
+    }
+
+    /// Takes over a stream from `checkpoint` (verified by the caller) on `model`, which must
+    /// be the checkpoint's model with the same state size. Results up to `last_seq` are
+    /// computed again but not sent: the client has them.
+    pub fn restore(
+        checkpoint: Checkpoint,
+        model: ServedModel,
+        mut params: StreamParams,
+        last_seq: Option<u64>,
+        ended: Option<Recipient<StreamEnded>>,
+    ) -> Result<StreamSession, String> {
+        if checkpoint.model != model.info.name {
+            return Err(format!(
+                "the resume token is for a stream on model '{}', not '{}'",
+                checkpoint.model, model.info.name
+            ));
+        }
+        params.sample_rate = checkpoint.sample_rate;
+        params.format = checkpoint.format;
+        params.results = checkpoint.results;
+        params.vad = checkpoint.vad.clone();
+        let mut session =
+            StreamSession::new(checkpoint.stream_id.as_str().into(), model, params, ended)?;
+        if checkpoint.state.len() != session.state.len()
+            || checkpoint.context.len() != session.context.len()
+        {
+            return Err(format!(
+                "the resume token's model state does not fit {}:{} (a version with another state size)",
+                session.model.info.name, session.model.info.version
+            ));
+        }
+        session.state = checkpoint.state;
+        session.context = checkpoint.context;
+        session.tracker.restore(checkpoint.tracker);
+        session.samples_done = checkpoint.samples_done;
+        session.samples_received = checkpoint.samples_done;
+        session.checkpointed_at = checkpoint.samples_done;
+        session.next_seq = checkpoint.next_seq;
+        session.checkpoints = checkpoint.counter;
+        session.redeemed = Some(checkpoint.counter);
+        session.suppress_through = last_seq;
+        session.restored = true;
+        Ok(session)
+    }
+}
+
+/// The server is shutting down: send the client a last checkpoint (as of the last completed
+/// step) and close with 1001, so that it resumes from it on another instance.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Handover;
+
+impl Handler<Handover> for StreamSession {
+    type Result = ();
+
+    fn handle(&mut self, _: Handover, _ctx: &mut Self::Context) {
+        if self.finished || self.connection.is_none() {
+            return;
+        }
+        self.send_checkpoint(true);
+        metrics::counter!("streamserve_stream_handovers_total", &self.labels).increment(1);
+        self.disconnect(
+            CloseCode::Away,
+            "server is shutting down; resume from the last checkpoint on another instance".into(),
+        );
+    }
+}

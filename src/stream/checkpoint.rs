@@ -1,0 +1,304 @@
+//! A speech stream's resume token: everything a stream needs to go on from a chunk boundary
+//! ([`Checkpoint`]: the model's recurrent state and audio context, the voice activity
+//! tracker's progress, the audio and result counts, the stream's settings), signed with a key
+//! the fleet shares, so that any instance can take the stream over and a client cannot forge
+//! or alter its state (docs/streaming.md, "Resume on any instance").
+//!
+//! A token is `base64url(1 | key id (8) | postcard(checkpoint) | HMAC-SHA256 (32))`, the MAC
+//! over everything before it. The key id (the first 8 bytes of the key's SHA-256) picks the
+//! key among those accepted, so keys can be rotated: a new key first in every instance's keys
+//! file signs, the old ones after it still verify, until they are removed.
+
+use std::path::Path;
+
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::audio::SampleFormat;
+use super::protocol::ResultsMode;
+use super::vad::{TrackerState, VadOptions};
+
+/// The state of a stream at a chunk boundary: results up to `next_seq - 1` were produced from
+/// the audio up to sample `samples_done`; audio after it is the client's to send again.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub stream_id: String,
+    pub model: String,
+    pub version: String,
+    pub sample_rate: u32,
+    pub format: SampleFormat,
+    pub results: ResultsMode,
+    pub vad: VadOptions,
+    /// Counts the stream's checkpoints, so that an older one can be told from a newer one.
+    pub counter: u32,
+    pub issued_at_ms: u64,
+    pub samples_done: u64,
+    pub next_seq: u64,
+    pub state: Vec<f32>,
+    pub context: Vec<f32>,
+    pub tracker: TrackerState,
+}
+
+/// The format byte that starts every token.
+const FORMAT: u8 = 1;
+const KEY_ID_LEN: usize = 8;
+const MAC_LEN: usize = 32;
+/// Longest token accepted (a Silero checkpoint is about 1.9 KB; segments add 16 bytes each).
+pub const MAX_TOKEN_CHARS: usize = 64 * 1024;
+/// Shortest key in a keys file.
+pub const MIN_KEY_CHARS: usize = 32;
+
+/// Why a token cannot be used; each says so in words a client can act on.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TokenError {
+    #[error("resume token is malformed")]
+    Malformed,
+    #[error("resume token is longer than {MAX_TOKEN_CHARS} characters")]
+    TooLong,
+    #[error("resume token is signed with a key this server does not accept (rotated out, or another fleet's)")]
+    UnknownKey,
+    #[error("resume token signature does not match: it was altered")]
+    Tampered,
+    #[error("resume token expired {0} s ago; start a new stream")]
+    Expired(u64),
+}
+
+struct Key {
+    id: [u8; KEY_ID_LEN],
+    secret: Vec<u8>,
+}
+
+impl Key {
+    fn new(secret: &[u8]) -> Key {
+        let mut id = [0u8; KEY_ID_LEN];
+        id.copy_from_slice(&Sha256::digest(secret)[..KEY_ID_LEN]);
+        Key {
+            id,
+            secret: secret.to_vec(),
+        }
+    }
+
+    fn mac(&self) -> Hmac<Sha256> {
+        Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes keys of any length")
+    }
+}
+
+/// The keys an instance signs and verifies tokens with: the first signs, all verify.
+pub struct TokenKeys {
+    keys: Vec<Key>,
+    /// Whether they came from a file the fleet shares (else: this process's own random key).
+    pub shared: bool,
+}
+
+/// Keys never print.
+impl std::fmt::Debug for TokenKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "TokenKeys({} keys, shared: {})",
+            self.keys.len(),
+            self.shared
+        )
+    }
+}
+
+impl TokenKeys {
+    /// A random key for this process alone: its tokens resume only here.
+    pub fn ephemeral() -> TokenKeys {
+        let mut secret = [0u8; 32];
+        getrandom::fill(&mut secret).expect("the operating system's random generator");
+        TokenKeys {
+            keys: vec![Key::new(&secret)],
+            shared: false,
+        }
+    }
+
+    /// Keys from a file: one per line (at least 32 characters each; blank lines and `#`
+    /// comments skipped), the first one signing. `streamserve keys new-stream-key` makes one.
+    pub fn from_file(path: &Path) -> Result<TokenKeys, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read stream token keys {}: {e}", path.display()))?;
+        TokenKeys::parse(&text).map_err(|e| format!("stream token keys {}: {e}", path.display()))
+    }
+
+    fn parse(text: &str) -> Result<TokenKeys, String> {
+        let mut keys = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            if line.chars().count() < MIN_KEY_CHARS {
+                return Err(format!(
+                    "line {}: a key must be at least {MIN_KEY_CHARS} characters",
+                    n + 1
+                ));
+            }
+            keys.push(Key::new(line.as_bytes()));
+        }
+        if keys.is_empty() {
+            return Err("no key in it".into());
+        }
+        Ok(TokenKeys { keys, shared: true })
+    }
+
+    /// Signs a checkpoint into a token.
+    pub fn seal(&self, checkpoint: &Checkpoint) -> String {
+        let key = &self.keys[0];
+        let payload = postcard::to_stdvec(checkpoint).expect("checkpoints serialize");
+        let mut bytes = Vec::with_capacity(1 + KEY_ID_LEN + payload.len() + MAC_LEN);
+        bytes.push(FORMAT);
+        bytes.extend_from_slice(&key.id);
+        bytes.extend_from_slice(&payload);
+        let mut mac = key.mac();
+        mac.update(&bytes);
+        bytes.extend_from_slice(&mac.finalize().into_bytes());
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    /// Verifies a token and reads its checkpoint; one issued more than `max_age_ms` before
+    /// `now_ms` has expired.
+    pub fn open(
+        &self,
+        token: &str,
+        now_ms: u64,
+        max_age_ms: u64,
+    ) -> Result<Checkpoint, TokenError> {
+        if token.len() > MAX_TOKEN_CHARS {
+            return Err(TokenError::TooLong);
+        }
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token.trim())
+            .map_err(|_| TokenError::Malformed)?;
+        if bytes.len() < 1 + KEY_ID_LEN + MAC_LEN || bytes[0] != FORMAT {
+            return Err(TokenError::Malformed);
+        }
+        let (signed, mac) = bytes.split_at(bytes.len() - MAC_LEN);
+        let key = self
+            .keys
+            .iter()
+            .find(|k| k.id[..] == signed[1..1 + KEY_ID_LEN])
+            .ok_or(TokenError::UnknownKey)?;
+        let mut check = key.mac();
+        check.update(signed);
+        // Constant time: a forger learns nothing from how long a comparison took.
+        check.verify_slice(mac).map_err(|_| TokenError::Tampered)?;
+        let checkpoint: Checkpoint =
+            postcard::from_bytes(&signed[1 + KEY_ID_LEN..]).map_err(|_| TokenError::Malformed)?;
+        let age = now_ms.saturating_sub(checkpoint.issued_at_ms);
+        if age > max_age_ms {
+            return Err(TokenError::Expired((age - max_age_ms) / 1000));
+        }
+        Ok(checkpoint)
+    }
+}
+
+/// A new random key for a keys file: 256 bits as 64 hex digits.
+pub fn new_key() -> Result<String, String> {
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| format!("no randomness: {e}"))?;
+    Ok(hex::encode(secret))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::vad::Segment;
+
+    fn checkpoint() -> Checkpoint {
+        Checkpoint {
+            stream_id: "s1".into(),
+            model: "silero_vad".into(),
+            version: "1".into(),
+            sample_rate: 16000,
+            format: SampleFormat::Pcm16,
+            results: ResultsMode::All,
+            vad: VadOptions::default(),
+            counter: 3,
+            issued_at_ms: 1_000_000,
+            samples_done: 51_200,
+            next_seq: 104,
+            state: (0..256).map(|i| i as f32 * 0.01).collect(),
+            context: vec![0.5; 64],
+            tracker: TrackerState {
+                triggered: true,
+                confirmed: false,
+                start: 40_000,
+                temp_end: Some(50_000),
+                segments: vec![Segment { start: 1, end: 2 }],
+            },
+        }
+    }
+
+    fn keys(lines: &str) -> TokenKeys {
+        TokenKeys::parse(lines).unwrap()
+    }
+
+    const A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
+    #[test]
+    fn a_token_carries_its_checkpoint_exactly() {
+        let k = keys(A);
+        let token = k.seal(&checkpoint());
+        assert!(token.len() < 2200, "{} characters", token.len());
+        assert_eq!(k.open(&token, 1_000_500, 30_000).unwrap(), checkpoint());
+    }
+
+    #[test]
+    fn tampered_expired_foreign_and_garbage_tokens_are_refused() {
+        let k = keys(A);
+        let token = k.seal(&checkpoint());
+        // One character changed anywhere in the signed part.
+        let mut chars: Vec<char> = token.chars().collect();
+        let at = chars.len() / 2;
+        chars[at] = if chars[at] == 'A' { 'B' } else { 'A' };
+        let altered: String = chars.into_iter().collect();
+        assert_eq!(
+            k.open(&altered, 1_000_500, 30_000),
+            Err(TokenError::Tampered)
+        );
+        assert_eq!(
+            k.open(&token, 1_031_000, 30_000),
+            Err(TokenError::Expired(1))
+        );
+        assert_eq!(
+            keys(B).open(&token, 1_000_500, 30_000),
+            Err(TokenError::UnknownKey)
+        );
+        assert_eq!(k.open("not base64!", 0, 1), Err(TokenError::Malformed));
+        assert_eq!(k.open("AAAA", 0, 1), Err(TokenError::Malformed));
+        assert_eq!(
+            k.open(&"A".repeat(MAX_TOKEN_CHARS + 1), 0, 1),
+            Err(TokenError::TooLong)
+        );
+    }
+
+    #[test]
+    fn rotation_signs_with_the_first_key_and_verifies_with_all() {
+        let old = keys(A).seal(&checkpoint());
+        let rotated = keys(&format!("# new first\n{B}\n\n{A}\n"));
+        assert_eq!(rotated.open(&old, 1_000_500, 30_000).unwrap().counter, 3);
+        let new = rotated.seal(&checkpoint());
+        assert_eq!(keys(B).open(&new, 1_000_500, 30_000).unwrap().counter, 3);
+        assert_eq!(
+            keys(A).open(&new, 1_000_500, 30_000),
+            Err(TokenError::UnknownKey)
+        );
+    }
+
+    #[test]
+    fn keys_files_are_checked() {
+        assert!(TokenKeys::parse("short\n")
+            .unwrap_err()
+            .contains("at least 32"));
+        assert!(TokenKeys::parse("# only a comment\n")
+            .unwrap_err()
+            .contains("no key"));
+        assert_eq!(new_key().unwrap().len(), 64);
+        assert!(format!("{:?}", keys(A)).contains("1 keys"));
+        assert!(!format!("{:?}", keys(A)).contains('a'.to_string().repeat(8).as_str()));
+    }
+}
