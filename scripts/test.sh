@@ -4,10 +4,11 @@
 # Unit and integration tests (real server on 127.0.0.1:0, real ONNX models, real HTTP),
 # Triton's own Python HTTP client against the real binary, a check that the generated
 # models rebuild byte for byte, a few seconds of fuzzing per parser, and a short smoke run of
-# the load generator.
+# the load generator. The fleet tests need a real S3-compatible server (moto, from PyPI) and
+# a real load balancer (haproxy, from Debian): `setup.sh --fleet` installs both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh --dev
+bash scripts/setup.sh --dev --fleet
 
 echo "== models: manifest hashes and reproducibility"
 tmp=$(mktemp -d)
