@@ -85,6 +85,11 @@ pub struct ServeArgs {
     /// stream resume on any of them. Unset = a key of this process's own.
     #[arg(long, env = "STREAMSERVE_STREAM_TOKEN_KEYS")]
     pub stream_token_keys: Option<PathBuf>,
+    /// The same keys as a value, comma-separated, the first signing, for platforms whose
+    /// secrets are environment variables (`fly secrets set STREAMSERVE_STREAM_TOKEN_KEY=...`);
+    /// not with `--stream-token-keys`. Prefer the environment variable: a flag shows in `ps`.
+    #[arg(long, env = "STREAMSERVE_STREAM_TOKEN_KEY", hide_env_values = true)]
+    pub stream_token_key: Option<String>,
     /// Seconds without audio after which a stream is closed; at least 1 [default: 30].
     #[arg(long, env = "STREAMSERVE_STREAM_IDLE_SECS")]
     pub stream_idle_secs: Option<u64>,
@@ -281,6 +286,7 @@ pub struct Config {
     pub stream_resume_secs: u64,
     pub stream_checkpoint_ms: u64,
     pub stream_token_keys: Option<PathBuf>,
+    pub stream_token_key: Option<String>,
     pub stream_idle_secs: u64,
     pub drain_secs: u64,
     pub keep_alive_secs: u64,
@@ -332,6 +338,7 @@ impl Default for Config {
             stream_resume_secs: 30,
             stream_checkpoint_ms: 1000,
             stream_token_keys: None,
+            stream_token_key: None,
             stream_idle_secs: 30,
             drain_secs: 30,
             keep_alive_secs: 75,
@@ -442,6 +449,10 @@ impl Config {
             self.registry_poll_secs
         );
         self.registry = self.registry.take().filter(|r| !r.trim().is_empty());
+        anyhow::ensure!(
+            self.stream_token_keys.is_none() || self.stream_token_key.is_none(),
+            "both stream_token_keys and stream_token_key are set; set one of them"
+        );
         if let Some(path) = &self.admin_token_file {
             anyhow::ensure!(
                 self.admin_token.is_none(),
@@ -463,7 +474,7 @@ impl Config {
 }
 
 /// Keys whose values `Debug` never prints.
-const SECRET_KEYS: &[&str] = &["admin_token"];
+const SECRET_KEYS: &[&str] = &["admin_token", "stream_token_key"];
 
 /// `Debug` of a configuration struct through its serde form, so that it lists every key
 /// without a third copy of them, with the secret ones redacted.

@@ -126,15 +126,7 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
         }
     };
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let keys = match &config.stream_token_keys {
-        Some(path) => {
-            crate::stream::checkpoint::TokenKeys::from_file(path).map_err(anyhow::Error::msg)?
-        }
-        None => {
-            tracing::info!("stream checkpoints are signed with this process's own key: they resume streams here only (set --stream-token-keys to resume on any instance of a fleet)");
-            crate::stream::checkpoint::TokenKeys::ephemeral()
-        }
-    };
+    let keys = token_keys(config)?;
     let streams = Arc::new(StreamsConfig {
         hub: StreamHub::default().start(),
         resume_window: Duration::from_secs(config.stream_resume_secs),
@@ -250,6 +242,22 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
         work,
     };
     Ok((running, server))
+}
+
+/// The keys that sign stream checkpoints: the fleet's (a file, or a value from the
+/// environment), else this process's own.
+fn token_keys(config: &Config) -> anyhow::Result<crate::stream::checkpoint::TokenKeys> {
+    use crate::stream::checkpoint::TokenKeys;
+    Ok(
+        match (&config.stream_token_keys, &config.stream_token_key) {
+            (Some(path), _) => TokenKeys::from_file(path).map_err(anyhow::Error::msg)?,
+            (None, Some(value)) => TokenKeys::from_value(value).map_err(anyhow::Error::msg)?,
+            (None, None) => {
+                tracing::info!("stream checkpoints are signed with this process's own key: they resume streams here only (set --stream-token-keys to resume on any instance of a fleet)");
+                TokenKeys::ephemeral()
+            }
+        },
+    )
 }
 
 /// The model directory's manifest. Following a registry, a directory without one is no

@@ -111,6 +111,7 @@ fn defaults_are_unchanged() {
         stream_resume_secs,
         stream_checkpoint_ms,
         stream_token_keys,
+        stream_token_key,
         stream_idle_secs,
         drain_secs,
         keep_alive_secs,
@@ -142,6 +143,7 @@ fn defaults_are_unchanged() {
     } = Config::default();
     assert_eq!(stream_checkpoint_ms, 1000);
     assert_eq!(stream_token_keys, None);
+    assert_eq!(stream_token_key, None);
     assert_eq!(registry, None);
     assert_eq!(registry_poll_secs, 5.0);
     assert_eq!(registry_cache, PathBuf::from(".streamserve-cache"));
@@ -430,4 +432,21 @@ fn the_grpc_port_is_a_port_or_off_and_follows_a_free_http_port() {
     )
     .unwrap();
     assert_eq!(resolve_file(&path).unwrap().grpc_max_message(), 50);
+}
+
+#[test]
+fn the_stream_token_key_is_never_printed_and_not_set_twice() {
+    let config = Config::resolve(ServeArgs {
+        stream_token_key: Some("k3y-that-must-never-print-0123456789abcdef".into()),
+        ..ServeArgs::default()
+    })
+    .unwrap();
+    assert!(!format!("{config:?}").contains("k3y-that"), "{config:?}");
+    let err = Config::resolve(ServeArgs {
+        stream_token_key: Some("x".into()),
+        stream_token_keys: Some(PathBuf::from("/keys")),
+        ..ServeArgs::default()
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("set one of them"), "{err}");
 }

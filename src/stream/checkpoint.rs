@@ -123,6 +123,13 @@ impl TokenKeys {
         TokenKeys::parse(&text).map_err(|e| format!("stream token keys {}: {e}", path.display()))
     }
 
+    /// Keys from a value: comma- or newline-separated, the first signing (an environment
+    /// variable's form of a keys file).
+    pub fn from_value(value: &str) -> Result<TokenKeys, String> {
+        TokenKeys::parse(&value.replace(',', "\n"))
+            .map_err(|e| format!("STREAMSERVE_STREAM_TOKEN_KEY: {e}"))
+    }
+
     fn parse(text: &str) -> Result<TokenKeys, String> {
         let mut keys = Vec::new();
         for (n, line) in text.lines().enumerate() {
@@ -287,6 +294,16 @@ mod tests {
             keys(A).open(&new, 1_000_500, 30_000),
             Err(TokenError::UnknownKey)
         );
+    }
+
+    #[test]
+    fn keys_come_from_a_file_or_a_value() {
+        let from_value = TokenKeys::from_value(&format!("{B},{A}")).unwrap();
+        let token = keys(A).seal(&checkpoint());
+        assert!(from_value.open(&token, 1_000_500, 30_000).is_ok());
+        assert!(TokenKeys::from_value("short")
+            .unwrap_err()
+            .contains("STREAMSERVE_STREAM_TOKEN_KEY"));
     }
 
     #[test]
