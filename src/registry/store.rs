@@ -255,35 +255,35 @@ impl Store {
 
     /// The names directly under `key/` (its "folders").
     pub async fn list_dirs(&self, key: &str) -> Result<Vec<String>, RegistryError> {
-        let listed = self
-            .control
-            .list_with_delimiter(Some(&self.path(key)))
-            .await
-            .map_err(|e| self.failed("list", key, e))?;
-        let mut names: Vec<String> = listed
-            .common_prefixes
-            .iter()
-            .filter_map(|p| p.filename().map(str::to_string))
-            .collect();
-        names.sort();
-        Ok(names)
+        Ok(self.list(key).await?.0)
     }
 
-    /// The object names directly under `key/` (not in its folders).
+    /// The object names directly under `key/` (not in its folders; hidden ones left out).
     pub async fn list_files(&self, key: &str) -> Result<Vec<String>, RegistryError> {
+        Ok(self.list(key).await?.1)
+    }
+
+    /// One level under `key/`: its folders' names and its objects' names, each sorted.
+    async fn list(&self, key: &str) -> Result<(Vec<String>, Vec<String>), RegistryError> {
         let listed = self
             .control
             .list_with_delimiter(Some(&self.path(key)))
             .await
             .map_err(|e| self.failed("list", key, e))?;
-        let mut names: Vec<String> = listed
+        let sorted = |mut names: Vec<String>| {
+            names.sort();
+            names
+        };
+        let dirs = listed.common_prefixes.iter().filter_map(|p| p.filename());
+        let files = listed
             .objects
             .iter()
-            .filter_map(|o| o.location.filename().map(str::to_string))
-            .filter(|name| !name.starts_with('.'))
-            .collect();
-        names.sort();
-        Ok(names)
+            .filter_map(|o| o.location.filename())
+            .filter(|name| !name.starts_with('.'));
+        Ok((
+            sorted(dirs.map(str::to_string).collect()),
+            sorted(files.map(str::to_string).collect()),
+        ))
     }
 
     pub async fn delete(&self, key: &str) -> Result<(), RegistryError> {
