@@ -61,13 +61,16 @@ pub struct ModelVersions {
     /// candidates for a deployment), or its highest version if all are lazy.
     pub manifest_default: Option<String>,
     pub canary: Option<Canary>,
+    /// A model registry routes it: its default is the one the registry pinned, even before
+    /// that version is listed here (requests wait for it rather than go to another).
+    pub fleet_managed: bool,
 }
 
 impl ModelVersions {
     /// The deployed default if one was set, else the manifest's default, else the highest
     /// version that can serve, else the highest listed.
     pub fn default_version(&self) -> Option<&str> {
-        let listed = |v: &&str| self.versions.contains_key(*v);
+        let listed = |v: &&str| self.fleet_managed || self.versions.contains_key(*v);
         if let Some(version) = self.default_override.as_deref().filter(listed) {
             return Some(version);
         }
@@ -124,6 +127,14 @@ impl Catalog {
                 Err(ServeError::ModelCold {
                     model: name.to_string(),
                     version: version.to_string(),
+                })
+            }
+            // The registry's default, not fetched here yet.
+            None if model.fleet_managed && model.default_override.as_deref() == Some(version) => {
+                Err(ServeError::NotReady {
+                    model: name.to_string(),
+                    reason: format!("version {version} is still being fetched from the registry"),
+                    retry_after: std::time::Duration::from_secs(5),
                 })
             }
             None => Err(ServeError::VersionNotFound {

@@ -138,7 +138,8 @@ impl Cache {
         };
         let mut all: Vec<Desired> = entries
             .flatten()
-            .filter_map(|e| read_json(&e.path()))
+            .filter_map(|e| read_json::<Desired>(&e.path()))
+            .filter(|d| super::check_name("model name", &d.model).is_ok())
             .collect();
         all.sort_by(|a, b| a.model.cmp(&b.model));
         all

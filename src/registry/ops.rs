@@ -102,12 +102,36 @@ pub async fn record(
         .read_json::<VersionRecord>(&version_key(name, version), None)
         .await?
     {
-        Read::Found(found) if found.value.format <= FORMAT => Ok(found.value),
+        Read::Found(found) if found.value.format <= FORMAT => {
+            check_record(&found.value, name, version)?;
+            Ok(found.value)
+        }
         Read::Found(found) => Err(newer_format("version record", found.value.format)),
         Read::Missing | Read::Unchanged => {
             Err(RegistryError::NotFound(format!("{name}:{version}")))
         }
     }
+}
+
+/// A record names what its place says, and a file by a real sha256: its fields become
+/// object keys and cache paths.
+fn check_record(record: &VersionRecord, name: &str, version: &str) -> Result<(), RegistryError> {
+    let sha_ok = record.sha256.len() == 64
+        && record
+            .sha256
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase());
+    if record.name != name
+        || record.version != version
+        || !sha_ok
+        || record.file != format!("{}.onnx", record.sha256)
+    {
+        return Err(RegistryError::Corrupt(format!(
+            "{}: the record does not match its place (name, version, sha256 or file)",
+            version_key(name, version)
+        )));
+    }
+    Ok(())
 }
 
 fn newer_format(what: &str, format: u32) -> RegistryError {
@@ -123,9 +147,14 @@ pub async fn read_desired(store: &Store, name: &str) -> Result<(Desired, WriteIf
         Read::Found(found) if found.value.format > FORMAT => {
             Err(newer_format("desired state", found.value.format))
         }
+        Read::Found(found) if found.value.model != name => Err(RegistryError::Corrupt(format!(
+            "{}: it is the desired state of '{}'",
+            desired_key(name),
+            crate::untrusted::Untrusted(&found.value.model)
+        ))),
         Read::Found(found) => {
-            let condition = match found.etag {
-                Some(etag) => WriteIf::Matches(etag),
+            let condition = match found.tag.etag {
+                Some(_) => WriteIf::Matches(found.tag),
                 None => WriteIf::Always,
             };
             Ok((found.value, condition))

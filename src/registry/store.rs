@@ -45,11 +45,19 @@ pub struct Store {
     uri: String,
 }
 
+/// Which version of an object a write is conditional on: its ETag, and the store's own
+/// version id where it has one (GCS's generation, which its conditional writes need).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Tag {
+    pub etag: Option<String>,
+    pub version: Option<String>,
+}
+
 /// A document as read, with the version to write it back against.
 #[derive(Debug, Clone)]
 pub struct Versioned<T> {
     pub value: T,
-    pub etag: Option<String>,
+    pub tag: Tag,
 }
 
 /// What a conditional read found.
@@ -68,8 +76,8 @@ pub enum WriteIf {
     Always,
     /// Only if nothing is there yet (a version record: versions are immutable).
     Absent,
-    /// Only if the document still has this ETag (desired state: two writers race).
-    Matches(String),
+    /// Only if the document is still this version (desired state: two writers race).
+    Matches(Tag),
 }
 
 /// The initial retry and connect settings of control calls.
@@ -77,6 +85,8 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// A model file read that stalls this long fails (and is retried on the next poll).
 const BULK_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest registry document read (records, desired states and reports are a few KB).
+pub const MAX_DOCUMENT_BYTES: u64 = 1024 * 1024;
 /// Parts of a multipart upload.
 const UPLOAD_PART: usize = 8 * 1024 * 1024;
 
@@ -151,15 +161,15 @@ impl Store {
         path
     }
 
-    /// Reads a JSON document; with `known` (the ETag the caller holds), answers
-    /// [`Read::Unchanged`] without the body when it still has it.
+    /// Reads a JSON document (at most [`MAX_DOCUMENT_BYTES`]); with `known` (the version
+    /// the caller holds), answers [`Read::Unchanged`] without the body when it still is.
     pub async fn read_json<T: DeserializeOwned>(
         &self,
         key: &str,
-        known: Option<&str>,
+        known: Option<&Tag>,
     ) -> Result<Read<T>, RegistryError> {
         let options = GetOptions {
-            if_none_match: known.map(str::to_string),
+            if_none_match: known.and_then(|tag| tag.etag.clone()),
             ..GetOptions::default()
         };
         let got = match self.control.get_opts(&self.path(key), options).await {
@@ -168,21 +178,30 @@ impl Store {
             Err(object_store::Error::NotModified { .. }) => return Ok(Read::Unchanged),
             Err(e) => return Err(self.failed("read", key, e)),
         };
-        let etag = got.meta.e_tag.clone();
+        if got.meta.size > MAX_DOCUMENT_BYTES {
+            return Err(RegistryError::Corrupt(format!(
+                "{key}: {} bytes, more than a registry document may be ({MAX_DOCUMENT_BYTES})",
+                got.meta.size
+            )));
+        }
+        let tag = Tag {
+            etag: got.meta.e_tag.clone(),
+            version: got.meta.version.clone(),
+        };
         let bytes = got.bytes().await.map_err(|e| self.failed("read", key, e))?;
         let value = serde_json::from_slice(&bytes)
             .map_err(|e| RegistryError::Corrupt(format!("{key}: not a valid document: {e}")))?;
-        Ok(Read::Found(Versioned { value, etag }))
+        Ok(Read::Found(Versioned { value, tag }))
     }
 
     /// Writes a JSON document if `condition` holds; [`RegistryError::Conflict`] if it does
-    /// not. Returns the new ETag.
+    /// not. Returns its new version.
     pub async fn write_json<T: Serialize>(
         &self,
         key: &str,
         value: &T,
         condition: WriteIf,
-    ) -> Result<Option<String>, RegistryError> {
+    ) -> Result<Tag, RegistryError> {
         let body = serde_json::to_vec_pretty(value).expect("registry documents serialize");
         self.write_bytes(key, Bytes::from(body), condition).await
     }
@@ -192,19 +211,20 @@ impl Store {
         key: &str,
         body: Bytes,
         condition: WriteIf,
-    ) -> Result<Option<String>, RegistryError> {
+    ) -> Result<Tag, RegistryError> {
         let path = self.path(key);
-        if let (Some(root), WriteIf::Matches(etag)) = (&self.local_root, &condition) {
+        if let (Some(root), WriteIf::Matches(tag)) = (&self.local_root, &condition) {
+            let etag = tag.etag.clone().unwrap_or_default();
             return self
-                .write_local_if_matches(root, &path, key, body, etag)
+                .write_local_if_matches(root, &path, key, body, &etag)
                 .await;
         }
         let mode = match condition {
             WriteIf::Always => PutMode::Overwrite,
             WriteIf::Absent => PutMode::Create,
-            WriteIf::Matches(etag) => PutMode::Update(UpdateVersion {
-                e_tag: Some(etag),
-                version: None,
+            WriteIf::Matches(tag) => PutMode::Update(UpdateVersion {
+                e_tag: tag.etag,
+                version: tag.version,
             }),
         };
         let options = PutOptions {
@@ -216,7 +236,10 @@ impl Store {
             .put_opts(&path, PutPayload::from_bytes(body), options)
             .await
         {
-            Ok(put) => Ok(put.e_tag),
+            Ok(put) => Ok(Tag {
+                etag: put.e_tag,
+                version: put.version,
+            }),
             Err(
                 object_store::Error::AlreadyExists { .. }
                 | object_store::Error::Precondition { .. },
@@ -234,7 +257,7 @@ impl Store {
         key: &str,
         body: Bytes,
         etag: &str,
-    ) -> Result<Option<String>, RegistryError> {
+    ) -> Result<Tag, RegistryError> {
         let lock = LocalLock::take(root).await?;
         let current = match self.control.head(path).await {
             Ok(meta) => meta.e_tag,
@@ -250,7 +273,10 @@ impl Store {
             .await
             .map_err(|e| self.failed("write", key, e))?;
         drop(lock);
-        Ok(put.e_tag)
+        Ok(Tag {
+            etag: put.e_tag,
+            version: put.version,
+        })
     }
 
     /// The names directly under `key/` (its "folders").
@@ -463,15 +489,15 @@ fn short(e: &object_store::Error) -> String {
 /// `text`'s first line, at most 300 characters, cut before a presigned query, with every
 /// secret (of 4 characters or more) replaced.
 fn scrub(text: &str, secrets: &[String]) -> String {
-    let line = text.lines().next().unwrap_or_default();
-    let mut cut: String = line.chars().take(300).collect();
-    if let Some(at) = cut.find("X-Amz-") {
-        cut.truncate(at);
-    }
+    let mut line = text.lines().next().unwrap_or_default().to_string();
+    // Redact before cutting: a secret across the cut would leave its first characters.
     for secret in secrets.iter().filter(|s| s.len() >= 4) {
-        cut = cut.replace(secret.as_str(), "<redacted>");
+        line = line.replace(secret.as_str(), "<redacted>");
     }
-    cut
+    if let Some(at) = line.find("X-Amz-") {
+        line.truncate(at);
+    }
+    line.chars().take(300).collect()
 }
 
 /// An exclusive advisory lock on a local registry's `.lock` file, released when dropped.

@@ -16,7 +16,7 @@ use crate::registry::fleet::{self, Decision};
 use crate::registry::records::{
     CanaryShare, Desired, InstanceReport, ModelReport, Strategy, VersionReport, FORMAT,
 };
-use crate::registry::store::{Read, WriteIf};
+use crate::registry::store::{Read, Tag, WriteIf};
 use crate::registry::{desired_key, instance_key, now_ms, RegistryError};
 
 /// A model version: (name, version).
@@ -32,13 +32,13 @@ const STALE_REPORT_MS: u64 = 3_600_000;
 pub(super) struct Agent {
     fleet: Fleet,
     started_at_ms: u64,
-    /// Each model's desired state, with the ETag it was read at (`None`: from the cache).
-    desired: BTreeMap<String, (Desired, Option<String>)>,
+    /// Each model's desired state, with the version it was read at (`None`: from the cache).
+    desired: BTreeMap<String, (Desired, Option<Tag>)>,
     /// Versions listed with the supervisor.
     listed: HashSet<Key>,
     fetching: HashMap<Key, JoinHandle<Result<(), RegistryError>>>,
     /// Versions that could not be fetched or listed: why, and when.
-    unavailable: HashMap<Key, (String, u64)>,
+    unavailable: HashMap<Key, (RegistryError, u64)>,
     /// The last routing sent per model, and whether it settled (every version ready or failed).
     sent: HashMap<String, (Route, bool)>,
     outcomes: HashMap<String, RouteOutcome>,
@@ -155,12 +155,15 @@ impl Agent {
         for name in names {
             let known = self.desired.get(&name).and_then(|(_, etag)| etag.clone());
             match store
-                .read_json::<Desired>(&desired_key(&name), known.as_deref())
+                .read_json::<Desired>(&desired_key(&name), known.as_ref())
                 .await
             {
                 Ok(Read::Unchanged) => {}
                 Ok(Read::Missing) => {
                     self.desired.remove(&name);
+                }
+                Ok(Read::Found(found)) if found.value.model != name => {
+                    tracing::error!(model = %name, "desired state names another model; ignored");
                 }
                 Ok(Read::Found(found)) if found.value.format > FORMAT => {
                     tracing::error!(model = %name, format = found.value.format, "desired state in a newer format; ignored (upgrade streamserve)");
@@ -169,7 +172,7 @@ impl Agent {
                     if let Err(e) = self.fleet.shared.cache.save_desired(&found.value) {
                         tracing::warn!(error = %e, "cannot keep the desired state in the cache");
                     }
-                    self.desired.insert(name, (found.value, found.etag));
+                    self.desired.insert(name, (found.value, Some(found.tag)));
                 }
                 Err(RegistryError::Corrupt(reason)) => {
                     tracing::error!(model = %name, %reason, "desired state unreadable; keeping the last one");
@@ -211,7 +214,7 @@ impl Agent {
                     metrics::counter!("streamserve_registry_fetches_total", "outcome" => "failed")
                         .increment(1);
                     tracing::error!(model = %key.0, version = %key.1, error = %e, "cannot take the version from the registry");
-                    self.unavailable.insert(key, (e.to_string(), now));
+                    self.unavailable.insert(key, (e, now));
                 }
                 None => {}
             }
@@ -368,8 +371,12 @@ impl Agent {
                 })
                 .or_insert_with(|| Part::new(rollout, now, new, stable));
             let key = (name.clone(), rollout.version.clone());
-            if let Some((reason, _)) = self.unavailable.get(&key) {
-                part.fail(reason.clone());
+            // A version that is not what its record says fails the rollout here; one that
+            // could not be fetched (network, disk) is tried again, and only delays it.
+            if let Some((e @ (RegistryError::Corrupt(_) | RegistryError::Refused(_)), _)) =
+                self.unavailable.get(&key)
+            {
+                part.fail(e.to_string());
             }
             let outcome = self.outcomes.get(name);
             if let Some(Readiness::Failed(reason)) =
@@ -426,7 +433,7 @@ impl Agent {
                 .unavailable
                 .iter()
                 .filter(|((n, _), _)| n == name)
-                .map(|((_, v), (reason, _))| (v.clone(), reason.clone()))
+                .map(|((_, v), (reason, _))| (v.clone(), reason.to_string()))
                 .collect();
             models.insert(
                 name.clone(),
@@ -466,12 +473,12 @@ impl Agent {
             let Some(decision) = fleet::decide(desired, &me, now, &live) else {
                 continue;
             };
-            let Some(etag) = etag.clone() else {
+            let Some(tag) = etag.clone() else {
                 continue;
             };
             let next = fleet::apply(desired, &decision, &me, now);
             match store
-                .write_json(&desired_key(&name), &next, WriteIf::Matches(etag))
+                .write_json(&desired_key(&name), &next, WriteIf::Matches(tag))
                 .await
             {
                 Ok(new_etag) => {
@@ -485,7 +492,7 @@ impl Agent {
                         _ => tracing::info!(model = %name, decision = label, "rollout moved on"),
                     }
                     let _ = self.fleet.shared.cache.save_desired(&next);
-                    self.desired.insert(name, (next, new_etag));
+                    self.desired.insert(name, (next, Some(new_etag)));
                 }
                 // Another instance recorded it (or something else) first: read it next poll.
                 Err(RegistryError::Conflict(_)) => {}

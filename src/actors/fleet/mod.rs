@@ -63,6 +63,8 @@ struct Shared {
     stop: watch::Sender<bool>,
     /// Polls at once (a fetch finished: its version can be routed now, not a poll later).
     wake: tokio::sync::Notify,
+    /// The agent's task, stopped (mid-poll if need be) before the instance leaves.
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Fleet {
@@ -86,6 +88,7 @@ impl Fleet {
                 synced: watch::channel(false).0,
                 stop: watch::channel(false).0,
                 wake: tokio::sync::Notify::new(),
+                task: Mutex::new(None),
             }),
         };
         tracing::info!(
@@ -96,7 +99,8 @@ impl Fleet {
             "following the model registry"
         );
         crate::telemetry::register_fleet_series();
-        actix_web::rt::spawn(agent::Agent::new(fleet.clone()).run());
+        let task = actix_web::rt::spawn(agent::Agent::new(fleet.clone()).run());
+        *fleet.shared.task.lock().expect("task lock") = Some(task);
         Ok(fleet)
     }
 
@@ -155,6 +159,10 @@ impl Fleet {
     /// fleet stops counting it at once (a rollout does not wait for it).
     pub async fn leave(&self) {
         let _ = self.shared.stop.send(true);
+        // A poll in flight would write the report again after the delete below.
+        if let Some(task) = self.shared.task.lock().expect("task lock").take() {
+            task.abort();
+        }
         let key = crate::registry::instance_key(&self.shared.options.instance_id);
         match self.shared.store.delete(&key).await {
             Ok(()) => tracing::info!("left the fleet"),

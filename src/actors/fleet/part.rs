@@ -85,6 +85,10 @@ impl Part {
             self.switch_base = new;
             return;
         }
+        if new.requests < self.switch_base.requests {
+            // Loaded again since the switch: judge from here.
+            self.switch_base = new;
+        }
         if let Verdict::Worse(reason) =
             traffic::judge(new.since(self.switch_base), Traffic::default(), false)
         {

@@ -161,13 +161,14 @@ impl Handler<Route> for Supervisor {
         let mut changed = false;
         // Pinned, not derived: a model's default would otherwise follow its highest version,
         // and a version listed ahead of a blue/green switch would take traffic before it.
-        let model = self.catalog.models.get(&name);
-        let pinned = model.and_then(|m| m.default_override.clone());
-        let unpinned =
-            model.is_some_and(|m| m.default_override.is_none() && m.manifest_default.is_none());
-        let target = route.default.as_deref().filter(|d| {
-            ready(d) || (unpinned && self.entries.contains_key(&(name.clone(), d.to_string())))
-        });
+        // A model with no default yet (none pinned, none from the manifest) is pinned to the
+        // registry's at once, listed or not: requests then wait for it (503) rather than go to
+        // whichever version happens to be listed.
+        let model = self.catalog.models.entry(name.clone()).or_default();
+        model.fleet_managed = true;
+        let pinned = model.default_override.clone();
+        let unpinned = pinned.is_none() && model.manifest_default.is_none();
+        let target = route.default.as_deref().filter(|d| ready(d) || unpinned);
         if let Some(default) = target {
             if pinned.as_deref() != Some(default) {
                 tracing::info!(model = %name, version = default, "default set by the registry");

@@ -26,7 +26,7 @@ pub const LIVE_FLOOR_MS: u64 = 5_000;
 
 /// Whether `report`'s instance is live at `now_ms`.
 pub fn is_live(report: &InstanceReport, now_ms: u64) -> bool {
-    let window = (LIVE_POLLS * report.poll_ms).max(LIVE_FLOOR_MS);
+    let window = LIVE_POLLS.saturating_mul(report.poll_ms).max(LIVE_FLOOR_MS);
     now_ms.saturating_sub(report.heartbeat_at_ms) <= window
 }
 
@@ -55,7 +55,7 @@ impl Plan {
 
 /// The canary step in force at `now_ms`: its index, or `steps.len()` once every step has run.
 pub fn canary_step(rollout: &Rollout, now_ms: u64) -> usize {
-    let step_ms = rollout.step_secs.max(1) * 1000;
+    let step_ms = rollout.step_secs.clamp(1, MAX_STEP_SECS) * 1000;
     let elapsed = now_ms.saturating_sub(rollout.started_at_ms);
     ((elapsed / step_ms) as usize).min(rollout.steps.len())
 }
@@ -117,20 +117,34 @@ pub fn next_to_switch<'a>(
     live: &'a [InstanceReport],
     now_ms: u64,
 ) -> Option<&'a str> {
-    if let Some(last) = rollout.switched.last() {
-        if let Some(report) = live.iter().find(|r| r.id == last.instance) {
-            let held = part(report, model, rollout)
-                .and_then(|p| p.healthy_since_ms)
-                .is_some_and(|since| now_ms.saturating_sub(since) >= rollout.hold_secs * 1000);
-            if !held {
-                return None;
-            }
-        }
+    if !last_switched_held(model, rollout, live, now_ms) {
+        return None;
     }
     live.iter()
         .map(|r| r.id.as_str())
         .filter(|id| !rollout.switched.iter().any(|s| s.instance == *id))
         .min()
+}
+
+/// Rolling: whether the last instance to switch has reported the new version healthy for
+/// `hold_secs` (a report that does not say so yet has not held), or is gone (not waited for),
+/// or none has switched.
+fn last_switched_held(
+    model: &str,
+    rollout: &Rollout,
+    live: &[InstanceReport],
+    now_ms: u64,
+) -> bool {
+    let Some(last) = rollout.switched.last() else {
+        return true;
+    };
+    let Some(report) = live.iter().find(|r| r.id == last.instance) else {
+        return true;
+    };
+    let hold_ms = rollout.hold_secs.saturating_mul(1000);
+    part(report, model, rollout)
+        .and_then(|p| p.healthy_since_ms)
+        .is_some_and(|since| now_ms.saturating_sub(since) >= hold_ms)
 }
 
 /// What the live instances' reports say the rollout should do next.
@@ -206,16 +220,8 @@ pub fn decide(
             let switched = |id: &str| rollout.switched.iter().any(|s| s.instance == id);
             if parts.iter().all(|(r, _)| switched(&r.id)) {
                 // Everyone moved: done once the last one held (as for the next's turn).
-                let held = rollout.switched.last().is_none_or(|last| {
-                    parts
-                        .iter()
-                        .find(|(r, _)| r.id == last.instance)
-                        .and_then(|(_, p)| p.and_then(|p| p.healthy_since_ms))
-                        .is_none_or(|since| {
-                            now_ms.saturating_sub(since) >= rollout.hold_secs * 1000
-                        })
-                });
-                return held.then_some(Decision::RolledOut);
+                return last_switched_held(model, rollout, live, now_ms)
+                    .then_some(Decision::RolledOut);
             }
             let mine = parts.iter().find(|(r, _)| r.id == me)?;
             let ready = mine.1.is_some_and(|p| p.prepared);

@@ -252,6 +252,12 @@ fn rolling_moves_one_instance_at_a_time_after_the_last_one_held() {
     ];
     assert_eq!(decide(&d, "b", T0 + 6000, &live), Some(Decision::Join));
     d = apply(&d, &Decision::Join, "b", T0 + 6000);
+    // b's report does not say it is healthy on 2 yet: not done, however long a's held.
+    let live = vec![
+        report("a", T0 + 20_000, Some(healthy(T0 + 1000))),
+        report("b", T0 + 20_000, Some(part(true))),
+    ];
+    assert_eq!(decide(&d, "a", T0 + 20_000, &live), None);
     // Done once the last one held too.
     let live = vec![
         report("a", T0 + 7000, Some(healthy(T0 + 1000))),

@@ -35,12 +35,16 @@ impl Traffic {
         }
     }
 
-    /// What happened between `base` and `self`.
+    /// What happened between `base` and `self` (nothing, if the counters went back: the
+    /// version was loaded again since `base`).
     pub fn since(self, base: Traffic) -> Traffic {
+        if self.requests < base.requests {
+            return Traffic::default();
+        }
         Traffic {
             requests: self.requests - base.requests,
-            errors: self.errors - base.errors,
-            latency_us: self.latency_us - base.latency_us,
+            errors: self.errors.saturating_sub(base.errors),
+            latency_us: self.latency_us.saturating_sub(base.latency_us),
         }
     }
 
