@@ -128,13 +128,14 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
     let (shutdown, shutdown_rx) = watch::channel(false);
     let keys = token_keys(config)?;
     let streams = Arc::new(StreamsConfig {
-        hub: StreamHub::default().start(),
+        hub: StreamHub::new(Duration::from_secs(config.stream_resume_secs)).start(),
         resume_window: Duration::from_secs(config.stream_resume_secs),
         idle_timeout: Duration::from_secs(config.stream_idle_secs),
         shutdown: shutdown_rx,
         keys: Arc::new(keys),
         checkpoint_every: Duration::from_millis(config.stream_checkpoint_ms),
         catalog: catalog.clone(),
+        supervisor: supervisor.clone(),
     });
 
     let work = Arc::new(Work::default());

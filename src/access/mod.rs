@@ -103,6 +103,13 @@ pub struct Pass {
 }
 
 impl Pass {
+    /// The same caller, no longer holding a place among its key's requests in flight (for
+    /// checks made later, such as a stream's version on a takeover).
+    pub fn without_permit(mut self) -> Pass {
+        self._in_flight = None;
+        self
+    }
+
     /// Who the caller is, for logs and metrics: the key's name, or `-`.
     pub fn name(&self) -> &str {
         self.key.as_ref().map_or("-", |k| k.spec.name.as_str())

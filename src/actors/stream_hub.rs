@@ -12,15 +12,24 @@ use actix::prelude::*;
 
 use super::stream_session::{StreamEnded, StreamSession};
 
-#[derive(Default)]
 pub struct StreamHub {
     streams: HashMap<Arc<str>, Addr<StreamSession>>,
     /// Streams that ended here, and when.
     finished: HashMap<Arc<str>, Instant>,
+    /// How long an ended stream is remembered: longer than its tokens live.
+    finished_kept: Duration,
 }
 
-/// How long an ended stream is remembered (longer than any resume token lives).
-const FINISHED_KEPT: Duration = Duration::from_secs(600);
+impl StreamHub {
+    /// A hub whose streams' tokens live `resume_window`.
+    pub fn new(resume_window: Duration) -> StreamHub {
+        StreamHub {
+            streams: HashMap::new(),
+            finished: HashMap::new(),
+            finished_kept: (resume_window * 2).max(Duration::from_secs(60)),
+        }
+    }
+}
 
 /// What the hub knows of a stream id.
 pub enum Found {
@@ -41,6 +50,17 @@ pub struct Register {
 #[rtype(result = "Found")]
 pub struct Lookup {
     pub id: String,
+}
+
+/// List `session` as stream `id`, unless a live session already is (two takeovers of one
+/// stream racing): the answer is the session that holds the id. `replacing` names a session
+/// that may be replaced (a stale copy the caller retired).
+#[derive(Message)]
+#[rtype(result = "Addr<StreamSession>")]
+pub struct Adopt {
+    pub id: Arc<str>,
+    pub session: Addr<StreamSession>,
+    pub replacing: Option<Addr<StreamSession>>,
 }
 
 impl StreamHub {
@@ -64,9 +84,13 @@ impl Handler<Register> for StreamHub {
 impl Handler<StreamEnded> for StreamHub {
     type Result = ();
     fn handle(&mut self, msg: StreamEnded, _: &mut Self::Context) {
-        self.streams.remove(&msg.id);
-        if msg.finished {
-            self.finished.retain(|_, at| at.elapsed() < FINISHED_KEPT);
+        // Only if it is still this session's id (a takeover may have listed another).
+        if self.streams.get(&msg.id) == Some(&msg.session) {
+            self.streams.remove(&msg.id);
+        }
+        if msg.summarized {
+            let kept = self.finished_kept;
+            self.finished.retain(|_, at| at.elapsed() < kept);
             self.finished.insert(msg.id, Instant::now());
         }
         self.publish();
@@ -82,5 +106,21 @@ impl Handler<Lookup> for StreamHub {
             None if self.finished.contains_key(id) => Found::Finished,
             None => Found::Unknown,
         })
+    }
+}
+
+impl Handler<Adopt> for StreamHub {
+    type Result = MessageResult<Adopt>;
+    fn handle(&mut self, msg: Adopt, _: &mut Self::Context) -> Self::Result {
+        let holder = self
+            .streams
+            .get(&msg.id)
+            .filter(|a| a.connected() && msg.replacing.as_ref() != Some(*a));
+        if let Some(holder) = holder {
+            return MessageResult(holder.clone());
+        }
+        self.streams.insert(msg.id, msg.session.clone());
+        self.publish();
+        MessageResult(msg.session)
     }
 }

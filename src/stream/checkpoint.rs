@@ -38,8 +38,17 @@ pub struct Checkpoint {
     pub next_seq: u64,
     pub state: Vec<f32>,
     pub context: Vec<f32>,
+    /// The tracker's progress; its segments are the newest [`MAX_SEGMENTS`] at most...
     pub tracker: TrackerState,
+    /// ...and this many older ones were left out.
+    pub segments_omitted: u64,
 }
+
+/// Most speech segments a checkpoint carries (at most 20 KB, a token of about 29,000
+/// characters): a token must fit in a `start` message (64 KiB). A stream with more (hours of
+/// speech) keeps resuming; the summary of a stream taken over then lists the newest ones and
+/// counts the others.
+pub const MAX_SEGMENTS: usize = 2000;
 
 /// The format byte that starts every token.
 const FORMAT: u8 = 1;
@@ -236,6 +245,7 @@ mod tests {
                 temp_end: Some(50_000),
                 segments: vec![Segment { start: 1, end: 2 }],
             },
+            segments_omitted: 0,
         }
     }
 
@@ -252,6 +262,30 @@ mod tests {
         let token = k.seal(&checkpoint());
         assert!(token.len() < 2200, "{} characters", token.len());
         assert_eq!(k.open(&token, 1_000_500, 30_000).unwrap(), checkpoint());
+    }
+
+    #[test]
+    fn a_day_of_speech_segments_still_fits_a_start_message() {
+        // The worst a checkpoint carries: MAX_SEGMENTS segments a day into the stream
+        // (offsets take their longest encoding), with the largest state a model has.
+        let day = 16_000 * 86_400;
+        let mut full = checkpoint();
+        full.tracker.segments = (0..MAX_SEGMENTS as u64)
+            .map(|i| Segment {
+                start: day + i * 40_000,
+                end: day + i * 40_000 + 20_000,
+            })
+            .collect();
+        full.segments_omitted = 123_456;
+        let k = keys(A);
+        let token = k.seal(&full);
+        // Room left for the rest of the `start` message around the token.
+        assert!(
+            token.len() + 1024 < MAX_TOKEN_CHARS,
+            "{} characters",
+            token.len()
+        );
+        assert_eq!(k.open(&token, 1_000_500, 30_000).unwrap(), full);
     }
 
     #[test]

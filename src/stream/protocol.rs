@@ -111,6 +111,10 @@ pub enum ServerMessage<'a> {
         duration: f64,
         chunks: u64,
         segments: Vec<SegmentSecs>,
+        /// Segments at the start of a very long stream that a checkpoint could not carry
+        /// (more than `stream::checkpoint::MAX_SEGMENTS`): only after a takeover.
+        #[serde(skip_serializing_if = "is_zero")]
+        segments_omitted: u64,
     },
     Error {
         code: &'a str,
@@ -131,6 +135,10 @@ impl SegmentSecs {
             end: segment.end as f64 / sample_rate as f64,
         }
     }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl ServerMessage<'_> {

@@ -31,7 +31,12 @@ pub fn fixture_pcm16(name: &str) -> (Vec<u8>, u32) {
 }
 
 pub async fn connect(url: &str) -> Result<Socket, String> {
-    let ws_url = format!("{}/v1/streams/silero_vad", url.replace("http://", "ws://"));
+    connect_to(url, "silero_vad").await
+}
+
+/// A WebSocket stream on `model` of the server at `url` (`http://…`).
+pub async fn connect_to(url: &str, model: &str) -> Result<Socket, String> {
+    let ws_url = format!("{}/v1/streams/{model}", url.replace("http://", "ws://"));
     tokio_tungstenite::connect_async(ws_url)
         .await
         .map(|(socket, _)| socket)

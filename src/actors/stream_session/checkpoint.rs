@@ -13,7 +13,7 @@ use actix_ws::CloseCode;
 
 use super::{StreamEnded, StreamParams, StreamSession};
 use crate::actors::catalog::ServedModel;
-use crate::stream::checkpoint::Checkpoint;
+use crate::stream::checkpoint::{Checkpoint, MAX_SEGMENTS};
 use crate::stream::protocol::ServerMessage;
 
 impl StreamSession {
@@ -21,6 +21,9 @@ impl StreamSession {
     fn checkpoint(&mut self) -> Checkpoint {
         self.checkpoints += 1;
         self.checkpointed_at = self.samples_done;
+        let mut tracker = self.tracker.snapshot();
+        let over = tracker.segments.len().saturating_sub(MAX_SEGMENTS);
+        tracker.segments.drain(..over);
         Checkpoint {
             stream_id: self.id.to_string(),
             model: self.model.info.name.clone(),
@@ -35,7 +38,8 @@ impl StreamSession {
             next_seq: self.next_seq,
             state: self.state.clone(),
             context: self.context.clone(),
-            tracker: self.tracker.snapshot(),
+            tracker,
+            segments_omitted: self.segments_omitted + over as u64,
         }
     }
 
@@ -63,13 +67,16 @@ impl StreamSession {
     }
 
     /// Takes over a stream from `checkpoint` (verified by the caller) on `model`, which must
-    /// be the checkpoint's model with the same state size. Results up to `last_seq` are
-    /// computed again but not sent: the client has them.
+    /// be the checkpoint's model. Results up to `last_seq` are computed again but not sent:
+    /// the client has them. On the checkpoint's own version the model state goes on; on
+    /// another (`fresh_state`: the stream's version is served nowhere here) it starts again
+    /// from a zero state, and the results differ from an uninterrupted run's.
     pub fn restore(
         checkpoint: Checkpoint,
         model: ServedModel,
         mut params: StreamParams,
         last_seq: Option<u64>,
+        fresh_state: bool,
         ended: Option<Recipient<StreamEnded>>,
     ) -> Result<StreamSession, String> {
         if checkpoint.model != model.info.name {
@@ -84,16 +91,18 @@ impl StreamSession {
         params.vad = checkpoint.vad.clone();
         let mut session =
             StreamSession::new(checkpoint.stream_id.as_str().into(), model, params, ended)?;
-        if checkpoint.state.len() != session.state.len()
-            || checkpoint.context.len() != session.context.len()
-        {
-            return Err(format!(
-                "the resume token's model state does not fit {}:{} (a version with another state size)",
-                session.model.info.name, session.model.info.version
-            ));
+        let fits = checkpoint.state.len() == session.state.len()
+            && checkpoint.context.len() == session.context.len();
+        if !fresh_state {
+            if !fits {
+                return Err(format!(
+                    "the resume token's model state does not fit {}:{}",
+                    session.model.info.name, session.model.info.version
+                ));
+            }
+            session.state = checkpoint.state;
+            session.context = checkpoint.context;
         }
-        session.state = checkpoint.state;
-        session.context = checkpoint.context;
         session.tracker.restore(checkpoint.tracker);
         session.samples_done = checkpoint.samples_done;
         session.samples_received = checkpoint.samples_done;
@@ -103,6 +112,7 @@ impl StreamSession {
         session.redeemed = Some(checkpoint.counter);
         session.suppress_through = last_seq;
         session.restored = true;
+        session.segments_omitted = checkpoint.segments_omitted;
         Ok(session)
     }
 }
@@ -126,5 +136,35 @@ impl Handler<Handover> for StreamSession {
             CloseCode::Away,
             "server is shutting down; resume from the last checkpoint on another instance".into(),
         );
+    }
+}
+
+/// How far a copy of a stream is: the audio it holds and the next result it will send.
+#[derive(Message)]
+#[rtype(result = "(u64, u64)")]
+pub struct Progress;
+
+impl Handler<Progress> for StreamSession {
+    type Result = MessageResult<Progress>;
+
+    fn handle(&mut self, _: Progress, _ctx: &mut Self::Context) -> Self::Result {
+        MessageResult((self.samples_received, self.next_seq))
+    }
+}
+
+/// Another copy of the stream took over: this one stops, quietly (its client is elsewhere).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Retire;
+
+impl Handler<Retire> for StreamSession {
+    type Result = ();
+
+    fn handle(&mut self, _: Retire, ctx: &mut Self::Context) {
+        self.disconnect(
+            CloseCode::Policy,
+            "superseded: the stream went on from a newer checkpoint".into(),
+        );
+        ctx.stop();
     }
 }

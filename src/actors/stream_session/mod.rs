@@ -14,7 +14,7 @@
 
 mod checkpoint;
 
-pub use checkpoint::Handover;
+pub use checkpoint::{Handover, Progress, Retire};
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -65,6 +65,8 @@ pub struct Attached {
     pub generation: u64,
     pub credits: Arc<Semaphore>,
     pub format: SampleFormat,
+    /// The stream's sample rate (a stream taken over has its checkpoint's).
+    pub sample_rate: u32,
     /// The stream sends checkpoints: at shutdown it hands over ([`Handover`]).
     pub checkpoints: bool,
 }
@@ -131,6 +133,10 @@ pub struct StreamSession {
     suppress_through: Option<u64>,
     /// Taken over from a checkpoint rather than started here.
     restored: bool,
+    /// Its summary was sent.
+    summarized: bool,
+    /// Segments of the stream's start that the checkpoint it was taken over from left out.
+    segments_omitted: u64,
 }
 
 /// Told to whoever listed a stream (the hub) when its session ends, so that the listing goes
@@ -139,8 +145,11 @@ pub struct StreamSession {
 #[rtype(result = "()")]
 pub struct StreamEnded {
     pub id: Arc<str>,
-    /// It ended with its summary (not dropped): a token of it can no longer resume it.
-    pub finished: bool,
+    /// Which session ended (another may have taken over the id since).
+    pub session: Addr<StreamSession>,
+    /// It ended with its summary (not dropped, not failed): a token of it can no longer
+    /// resume it.
+    pub summarized: bool,
 }
 
 impl StreamSession {
@@ -191,6 +200,8 @@ impl StreamSession {
             redeemed: None,
             suppress_through: None,
             restored: false,
+            summarized: false,
+            segments_omitted: 0,
         })
     }
 
@@ -401,7 +412,9 @@ impl StreamSession {
             duration: self.seconds(self.samples_done),
             chunks,
             segments,
+            segments_omitted: self.segments_omitted,
         });
+        self.summarized = true;
         self.disconnect(CloseCode::Normal, "stream ended".into());
         ctx.stop();
     }
@@ -432,13 +445,14 @@ impl StreamSession {
 impl Actor for StreamSession {
     type Context = Context<Self>;
 
-    fn stopped(&mut self, _ctx: &mut Self::Context) {
+    fn stopped(&mut self, ctx: &mut Self::Context) {
         // Wakes a connection waiting for audio credits: this stream takes no more audio.
         self.credits.close();
         if let Some(ended) = &self.ended {
             ended.do_send(StreamEnded {
                 id: self.id.clone(),
-                finished: self.finished,
+                session: ctx.address(),
+                summarized: self.summarized,
             });
         }
     }
@@ -553,6 +567,7 @@ impl Handler<Attach> for StreamSession {
             generation: self.generation,
             credits: self.credits.clone(),
             format: self.params.format,
+            sample_rate: self.params.sample_rate,
             checkpoints: self.params.checkpoint_samples > 0,
         })
     }

@@ -29,6 +29,7 @@ use crate::actors::stream_session::{
     Attach, Attached, Audio, Connection, Detach, End, Handover, StreamParams, StreamSession,
     AUDIO_CREDITS,
 };
+use crate::actors::supervisor::Supervisor;
 use crate::error::ServeError;
 use crate::manifest::StreamKind;
 use crate::stream::audio::{read_wav, SampleFormat};
@@ -57,8 +58,9 @@ pub struct StreamsConfig {
     pub keys: Arc<TokenKeys>,
     /// Audio between two checkpoints; zero: none.
     pub checkpoint_every: Duration,
-    /// Where a stream taken over from a checkpoint finds its model version.
+    /// Where a stream taken over from a checkpoint finds its model version, and loads it.
     pub catalog: Arc<SharedCatalog>,
+    pub supervisor: Addr<Supervisor>,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -96,7 +98,11 @@ async fn open_stream(
         .access
         .check_version(&pass, &served.info.name, &served.info.version)?;
     let stream_pass = state.access.stream(&pass, &served.info.name)?;
-    drop(pass);
+    let caller = open::Caller {
+        served,
+        pass: pass.without_permit(),
+        access: state.access.clone(),
+    };
     let (mut response, session, messages) = actix_ws::handle(&req, body)?;
     // A browser that sent its key as a `bearer.<key>` subprotocol also offered `streamserve`,
     // which the handshake must name back (never the key).
@@ -115,7 +121,7 @@ async fn open_stream(
     // An open stream is work in flight: a shutdown waits for it to close (code 1001).
     let work = state.work.begin();
     actix_web::rt::spawn(async move {
-        connection(session, messages, served, streams, stream_pass, admission).await;
+        connection(session, messages, caller, streams, stream_pass, admission).await;
         drop(work);
     });
     Ok(response)
@@ -147,7 +153,7 @@ impl Drop for ConnectionGauge {
 async fn connection(
     mut ws: actix_ws::Session,
     mut messages: AggregatedMessageStream,
-    served: ServedModel,
+    caller: open::Caller,
     config: Arc<StreamsConfig>,
     access: StreamPass,
     admission: Arc<AdmissionLimit>,
@@ -165,8 +171,7 @@ async fn connection(
         let reason = "the server is at its admission limit; retry in a second".to_string();
         return close_with_error(ws, CloseCode::Again, reason).await;
     }
-    let sample_rate = start.sample_rate.max(1);
-    let opened = match open::open_session(start, served, &config).await {
+    let opened = match open::open_session(start, caller, &config).await {
         Ok(opened) => opened,
         Err(reason) => return close_with_error(ws, CloseCode::Policy, reason).await,
     };
@@ -198,7 +203,7 @@ async fn connection(
     ));
     let limits = ReadLimits {
         access: &access,
-        sample_rate,
+        sample_rate: attached.sample_rate.max(1),
     };
     let end = read_loop(&mut ws, &mut messages, &session, &attached, &config, limits).await;
     let mut writer_done = false;

@@ -8,11 +8,21 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use super::StreamsConfig;
+use crate::access::{Access, Pass};
 use crate::actors::catalog::ServedModel;
-use crate::actors::stream_hub::{Found, Lookup, Register};
-use crate::actors::stream_session::{StreamParams, StreamSession};
+use crate::actors::stream_hub::{Adopt, Found, Lookup, Register};
+use crate::actors::stream_session::{Progress, Retire, StreamParams, StreamSession};
+use crate::actors::supervisor::EnsureLoaded;
 use crate::stream::checkpoint::Checkpoint;
 use crate::stream::protocol::StartMessage;
+
+/// Who opened the stream, on which model (its default version, as the URL asked): what a
+/// takeover checks the token's model and version against.
+pub(super) struct Caller {
+    pub served: ServedModel,
+    pub pass: Pass,
+    pub access: Arc<Access>,
+}
 
 /// A session to attach the connection to, and how.
 pub(super) struct Opened {
@@ -26,7 +36,7 @@ pub(super) struct Opened {
 /// Finds or makes the session `start` asks for; an `Err` is the reason for a 1008 close.
 pub(super) async fn open_session(
     start: StartMessage,
-    served: ServedModel,
+    caller: Caller,
     config: &StreamsConfig,
 ) -> Result<Opened, String> {
     if let Some(token) = &start.resume {
@@ -45,7 +55,7 @@ pub(super) async fn open_session(
         {
             return Err("the resume token belongs to another stream than stream_id".into());
         }
-        return take_over(checkpoint, start.last_seq, served, config).await;
+        return take_over(checkpoint, start.last_seq, caller, config).await;
     }
     if let Some(id) = start.stream_id {
         return match config.hub.send(Lookup { id: id.clone() }).await {
@@ -62,13 +72,8 @@ pub(super) async fn open_session(
     }
     let id: Arc<str> = uuid::Uuid::new_v4().simple().to_string().into();
     let params = params(config, start.sample_rate, &start, start.checkpoints);
-    let session = StreamSession::new(
-        id.clone(),
-        served,
-        params,
-        Some(config.hub.clone().recipient()),
-    )?
-    .start();
+    let hub = Some(config.hub.clone().recipient());
+    let session = StreamSession::new(id.clone(), caller.served, params, hub)?.start();
     config.hub.do_send(Register {
         id,
         session: session.clone(),
@@ -80,58 +85,116 @@ pub(super) async fn open_session(
     })
 }
 
-/// A stream from a verified checkpoint: the live session if it is still here (exact: it
-/// sends again what the client missed), else a new session restored from the checkpoint on
-/// the checkpoint's model version (or the default one, if its state fits).
+/// A stream from a verified checkpoint: the live session if it is here and as far along as
+/// the token (exact: it sends again what the client missed), else a session restored from the
+/// checkpoint, on the checkpoint's own model version (loaded if need be).
 async fn take_over(
     checkpoint: Checkpoint,
     last_seq: Option<u64>,
-    served: ServedModel,
+    caller: Caller,
     config: &StreamsConfig,
 ) -> Result<Opened, String> {
+    let name = caller.served.info.name.clone();
+    if checkpoint.model != name {
+        return Err(format!(
+            "the resume token is for a stream on model '{}', not '{name}'",
+            crate::untrusted::Untrusted(&checkpoint.model)
+        ));
+    }
+    caller
+        .access
+        .check_version(&caller.pass, &name, &checkpoint.version)
+        .map_err(|e| e.to_string())?;
+    // The client must have every result before the checkpoint: they are not in it.
+    if checkpoint.next_seq > 0 && last_seq.is_none_or(|last| last + 1 < checkpoint.next_seq) {
+        return Err(format!(
+            "the checkpoint starts at seq {}; resume with last_seq {} or later (the results before it are not in the token)",
+            checkpoint.next_seq,
+            checkpoint.next_seq - 1
+        ));
+    }
     let token_counter = Some(checkpoint.counter);
-    let id = checkpoint.stream_id.clone();
-    match config.hub.send(Lookup { id: id.clone() }).await {
+    let id: Arc<str> = checkpoint.stream_id.as_str().into();
+    let mut stale = None;
+    match config.hub.send(Lookup { id: id.to_string() }).await {
         Ok(Found::Live(session)) => {
-            return Ok(Opened {
-                session,
-                last_seq,
-                token_counter,
-            })
+            // This copy can go on if it needs no audio the client no longer keeps (before the
+            // checkpoint) and has every result the client has (it sends again what follows).
+            let (received, next_seq) = session.send(Progress).await.unwrap_or((0, 0));
+            let has_results = last_seq.is_none_or(|last| next_seq > last);
+            if received >= checkpoint.samples_done && has_results {
+                return Ok(Opened {
+                    session,
+                    last_seq,
+                    token_counter,
+                });
+            }
+            // A copy of the stream went further elsewhere: this one is behind; it goes.
+            session.do_send(Retire);
+            stale = Some(session);
         }
         Ok(Found::Finished) => return Err(format!("stream '{id}' has ended")),
         Ok(Found::Unknown) | Err(_) => {}
     }
-    let model = config
-        .catalog
-        .snapshot()
-        .resolve(&checkpoint.model, Some(&checkpoint.version))
-        .unwrap_or(served);
-    // A client that resumes from a checkpoint keeps getting them.
+    let (model, fresh_state) = checkpoint_model(&checkpoint, caller.served, config).await;
     let params = params(
         config,
         checkpoint.sample_rate,
         &StartMessage::default(),
         true,
     );
-    let session = StreamSession::restore(
-        checkpoint,
-        model,
-        params,
-        last_seq,
-        Some(config.hub.clone().recipient()),
-    )?
-    .start();
+    let hub = Some(config.hub.clone().recipient());
+    let restored =
+        StreamSession::restore(checkpoint, model, params, last_seq, fresh_state, hub)?.start();
+    // Two takeovers of one stream may race: the hub keeps one, the other goes.
+    let session = config
+        .hub
+        .send(Adopt {
+            id,
+            session: restored.clone(),
+            replacing: stale,
+        })
+        .await
+        .map_err(|_| "the server is stopping".to_string())?;
+    if session != restored {
+        restored.do_send(Retire);
+        return Ok(Opened {
+            session,
+            last_seq,
+            token_counter,
+        });
+    }
     metrics::counter!("streamserve_stream_takeovers_total").increment(1);
-    config.hub.do_send(Register {
-        id: id.into(),
-        session: session.clone(),
-    });
     Ok(Opened {
         session,
         last_seq: None,
         token_counter,
     })
+}
+
+/// The checkpoint's own model version, loaded here if it is listed but cold; when this
+/// instance cannot serve that version, the default one with a fresh state (`true`).
+async fn checkpoint_model(
+    checkpoint: &Checkpoint,
+    default: ServedModel,
+    config: &StreamsConfig,
+) -> (ServedModel, bool) {
+    if default.info.version == checkpoint.version {
+        return (default, false);
+    }
+    let load = config.supervisor.send(EnsureLoaded {
+        name: checkpoint.model.clone(),
+        version: Some(checkpoint.version.clone()),
+    });
+    match load.await {
+        Ok(Ok(served)) => (served, false),
+        Ok(Err(e)) => {
+            tracing::warn!(model = %checkpoint.model, version = %checkpoint.version, error = %e,
+                "the stream's version is not served here; it goes on from a fresh state on the default version");
+            (default, true)
+        }
+        Err(_) => (default, true),
+    }
 }
 
 /// A stream's parameters from its `start` (a restored stream takes its own from its
