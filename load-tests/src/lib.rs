@@ -11,7 +11,8 @@
 //!   [`timeline`]: the same server through an overload step and injected worker faults,
 //!   over time;
 //! - [`fleet`]: deployments across several `streamserve` processes that follow a model
-//!   registry (moto's S3 server), behind haproxy, under load;
+//!   registry (moto's S3 server), behind haproxy, under load; [`streams_fleet`]: real-time
+//!   speech streams that resume on any instance through a rolling restart of such a fleet;
 //! - [`peer`]: the FastAPI + uvicorn + onnxruntime peer `bench` compares with;
 //! - [`plots`]: SVG plots of every benchmark's results; [`scenario`]: runs described in
 //!   TOML files; [`capacity`]: instances needed for a target from the measured curves;
@@ -34,6 +35,7 @@ pub mod rest;
 pub mod scenario;
 pub mod streams;
 pub mod streams_bench;
+pub mod streams_fleet;
 pub mod sysinfo;
 pub mod timeline;
 
@@ -113,7 +115,7 @@ pub mod cli {
     #[derive(Clone, Debug, clap::Args)]
     pub struct BenchCommon {
         /// Output directory [default: load-tests/results/<UTC date>-<scenario>/, the scenario
-        /// being rest-mlp, streams-vad, overload-mlp, timeline-mlp or fleet-mlp].
+        /// being rest-mlp, streams-vad, overload-mlp, timeline-mlp, fleet-mlp or streams-fleet].
         #[arg(long)]
         pub out: Option<PathBuf>,
         /// Longest wait, before each measurement, for other processes to leave the CPU alone.

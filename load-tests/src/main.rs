@@ -1,7 +1,8 @@
 //! `loadgen`: REST load against a streamserve on loopback (`loadgen rest`), the side-by-side
 //! REST micro-benchmark (`loadgen bench`), WebSocket speech-stream load (`loadgen streams`)
 //! the stream capacity benchmark (`loadgen streams-bench`), the overload and timeline
-//! benchmarks, and the fleet drill (`loadgen fleet`).
+//! benchmarks, the fleet drill (`loadgen fleet`) and the streams fleet drill (`loadgen
+//! streams-fleet`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,7 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use streamserve_load::{
     bench, capacity, fleet, open_loop, overload, plots, rest, scenario, streams, streams_bench,
-    sysinfo, timeline,
+    streams_fleet, sysinfo, timeline,
 };
 
 #[derive(Debug, Parser)]
@@ -54,9 +55,16 @@ enum Command {
     /// report.md with the time to converge, failed requests and traffic share per version.
     /// Needs `bash scripts/setup.sh --fleet` (haproxy, moto) and the release streamserve binary.
     Fleet(fleet::FleetOptions),
+    /// Start N `streamserve serve` instances sharing stream token keys behind haproxy, run M
+    /// real-time speech streams through it that resume on any instance, and restart every
+    /// instance in turn (SIGTERM, handover, start again) meanwhile; compare every stream's
+    /// results with a solo run; write report.md with resumes, audio sent again, the latency
+    /// at the switch, checkpoint bytes and CPU. Needs haproxy and the release streamserve
+    /// binary. About 75 s.
+    StreamsFleet(streams_fleet::StreamsFleetOptions),
     /// The whole suite in one command: the bench, streams-bench, overload (unpinned and
-    /// pinned), timeline and fleet scenarios (load-tests/scenarios/), one after the other, then
-    /// the capacity plan from their results. About 16 minutes on 2 cores.
+    /// pinned), timeline, fleet and streams-fleet scenarios (load-tests/scenarios/), one after
+    /// the other, then the capacity plan from their results. About 17 minutes on 2 cores.
     Suite {
         /// Leave out the FastAPI peer in the bench.
         #[arg(long)]
@@ -90,7 +98,7 @@ enum Command {
         #[arg(long)]
         results: Option<PathBuf>,
     },
-    /// Redraw the SVG plot of a saved `bench`, `streams-bench`, `overload`, `timeline` or `fleet` run
+    /// Redraw the SVG plot of a saved `bench`, `streams-bench`, `overload`, `timeline`, `fleet` or `streams-fleet` run
     /// from its results.json.
     Plot {
         /// A results directory (holding results.json).
@@ -202,6 +210,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Overload(o) => finished("overload", &overload::run(&o)?),
         Command::Timeline(args) => run_timeline(args),
         Command::Fleet(o) => run_fleet(&o),
+        Command::StreamsFleet(o) => run_streams_fleet(&o),
         Command::Plot { dir } => run_plot(&dir),
         Command::Capacity {
             target_rps,
@@ -325,10 +334,32 @@ fn run_fleet(options: &fleet::FleetOptions) -> anyhow::Result<ExitCode> {
     })
 }
 
+fn run_streams_fleet(options: &streams_fleet::StreamsFleetOptions) -> anyhow::Result<ExitCode> {
+    let (outcome, passed) = streams_fleet::run(options)?;
+    println!("{}", outcome.report);
+    eprintln!(
+        "[streams-fleet] wrote {}/report.md, results.json and {}",
+        outcome.dir.display(),
+        streams_fleet::PLOT_FILE
+    );
+    if !passed {
+        eprintln!("[streams-fleet] a stream did not finish, or its results differ from the solo run: see the report");
+    }
+    Ok(if passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
 fn run_plot(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
     let json = plots::read_results(dir)?;
     let kind = json.get("kind").and_then(|k| k.as_str());
-    let out = if kind == Some("fleet") {
+    let out = if kind == Some("streams_fleet") {
+        let out = dir.join(streams_fleet::PLOT_FILE);
+        plots::streams_fleet(&json, &out)?;
+        out
+    } else if kind == Some("fleet") {
         let out = dir.join(fleet::PLOT_FILE);
         plots::fleet(&json, &out)?;
         out
@@ -350,7 +381,7 @@ fn run_plot(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
         out
     } else {
         anyhow::bail!(
-            "{}/results.json is not from a bench, streams-bench, overload, timeline or fleet run",
+            "{}/results.json is not from a bench, streams-bench, overload, timeline, fleet or streams-fleet run",
             dir.display()
         );
     };

@@ -6,7 +6,7 @@
 use anyhow::Context as _;
 use minijinja::{Environment, Value};
 
-const TEMPLATES: [(&str, &str); 8] = [
+const TEMPLATES: [(&str, &str); 9] = [
     ("summary", include_str!("../templates/summary.txt.j2")),
     ("header", include_str!("../templates/header.md.j2")),
     ("bench", include_str!("../templates/bench.md.j2")),
@@ -18,6 +18,10 @@ const TEMPLATES: [(&str, &str); 8] = [
     ("overload", include_str!("../templates/overload.md.j2")),
     ("timeline", include_str!("../templates/timeline.md.j2")),
     ("fleet", include_str!("../templates/fleet.md.j2")),
+    (
+        "streams_fleet",
+        include_str!("../templates/streams_fleet.md.j2"),
+    ),
 ];
 
 fn number(v: &Value) -> Option<f64> {

@@ -18,26 +18,28 @@
 use anyhow::{bail, Context as _};
 
 /// Subcommands a scenario may name.
-pub const KINDS: [&str; 7] = [
+pub const KINDS: [&str; 8] = [
     "bench",
     "streams-bench",
     "overload",
     "timeline",
     "fleet",
+    "streams-fleet",
     "rest",
     "streams",
 ];
 
 /// The scenario files (in `load-tests/scenarios/`) `loadgen suite` runs, in order: every
 /// benchmark that starts its own server (in-process, or pinned to a CPU of its own), and the
-/// fleet drill (its own instances, haproxy and S3 server).
-pub const SUITE: [&str; 6] = [
+/// fleet drills (their own instances, haproxy, and for `fleet` an S3 server).
+pub const SUITE: [&str; 7] = [
     "rest-mlp.toml",
     "streams-vad.toml",
     "overload-mlp.toml",
     "overload-mlp-pinned.toml",
     "timeline-mlp.toml",
     "fleet-mlp.toml",
+    "streams-fleet.toml",
 ];
 
 /// The `loadgen` arguments (without the program name) a scenario stands for; `out`, when
@@ -148,8 +150,15 @@ mod tests {
             let text = std::fs::read_to_string(dir.join(name)).unwrap();
             let args = to_args(&text, None).unwrap();
             assert!(
-                ["bench", "streams-bench", "overload", "timeline", "fleet"]
-                    .contains(&args[0].as_str()),
+                [
+                    "bench",
+                    "streams-bench",
+                    "overload",
+                    "timeline",
+                    "fleet",
+                    "streams-fleet"
+                ]
+                .contains(&args[0].as_str()),
                 "{name} needs a server of its own: {args:?}"
             );
         }

@@ -13,6 +13,7 @@
 //! registry and `/proc` meanwhile, [`analysis`] the arithmetic and [`report`] the files written.
 
 pub mod analysis;
+pub mod balancer;
 pub mod load;
 pub mod options;
 pub mod procs;
@@ -26,8 +27,9 @@ use serde_json::Value;
 
 use crate::manifest::{self, EntryChange};
 use crate::sysinfo::wait_for_quiet;
+use balancer::Haproxy;
 pub use options::{Drill, FleetOptions};
-use procs::{Haproxy, Instance, InstanceSetup, Registry, TempDir, S3};
+use procs::{Instance, InstanceSetup, Registry, TempDir, S3};
 use watch::{cpu_mark, cpu_share, instances_settled, model_history, outcome};
 
 /// The plot written beside `report.md`.
@@ -191,16 +193,20 @@ fn drill(
         let cache = work.sub(&format!("cache-{i}"))?;
         let setup = InstanceSetup {
             bin,
-            registry: &registry,
-            poll_secs: options.poll_secs,
             models: &empty,
-            cache: &cache,
+            follow: Some(procs::Follow {
+                registry: &registry,
+                poll_secs: options.poll_secs,
+                cache: &cache,
+            }),
+            port: 0,
+            extra: &[],
         };
         instances.push(Instance::start(&setup, &id, out.join(format!("{id}.log")))?);
     }
     let client = crate::sysinfo::metrics_client()?;
     for instance in &instances {
-        runtime.block_on(wait_ready(&client, instance))?;
+        runtime.block_on(wait_ready(&client, instance, MODEL))?;
     }
     let instance_ids: Vec<String> = instances.iter().map(|i| i.id.clone()).collect();
     eprintln!(
@@ -213,12 +219,12 @@ fn drill(
             .join(", ")
     );
 
-    let port = procs::free_port()?;
+    let port = balancer::free_port()?;
     let servers: Vec<(String, String)> = instances
         .iter()
         .map(|i| (i.id.clone(), i.addr.clone()))
         .collect();
-    let haproxy_config = procs::haproxy_config(port, &servers, options.check_ms);
+    let haproxy_config = balancer::haproxy_config(port, &servers, options.check_ms, false);
     let config_path = out.join("haproxy.cfg");
     std::fs::write(&config_path, &haproxy_config)?;
     let mut haproxy = Haproxy::start(&config_path, port, out.join("haproxy.log"))?;
@@ -371,9 +377,14 @@ fn run_step(
     })
 }
 
-/// Waits (at most 60 s) until `instance` serves `mlp` (version 1, from the registry).
-async fn wait_ready(client: &reqwest::Client, instance: &Instance) -> anyhow::Result<()> {
-    let url = format!("http://{}/v2/models/{MODEL}/ready", instance.addr);
+/// Waits (at most 60 s) until `instance` serves `model` (for the drill: `mlp` version 1, from
+/// the registry).
+pub(crate) async fn wait_ready(
+    client: &reqwest::Client,
+    instance: &Instance,
+    model: &str,
+) -> anyhow::Result<()> {
+    let url = format!("http://{}/v2/models/{model}/ready", instance.addr);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let ready = client
@@ -387,7 +398,7 @@ async fn wait_ready(client: &reqwest::Client, instance: &Instance) -> anyhow::Re
         }
         if Instant::now() >= deadline {
             bail!(
-                "instance {} does not serve {MODEL} 60 s after it started:\n{}",
+                "instance {} does not serve {model} 60 s after it started:\n{}",
                 instance.id,
                 instance.log_tail(20)
             );

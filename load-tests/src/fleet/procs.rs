@@ -1,8 +1,9 @@
 //! The processes of the fleet drill, each stopped when its guard drops (at the end, on every
 //! error path, and — through `PR_SET_PDEATHSIG` — when `loadgen` itself is killed): moto's
-//! S3-compatible server ([`S3`]), the `streamserve serve` instances that follow the registry
-//! ([`Instance`]), haproxy in front of them ([`Haproxy`]), and the bounded runs of
-//! `streamserve registry ...` ([`registry`]). Everything listens on 127.0.0.1 only.
+//! S3-compatible server ([`S3`]), the `streamserve serve` instances, following the registry or
+//! serving a model directory ([`Instance`]), and the bounded runs of `streamserve registry ...`
+//! ([`Registry`]); haproxy in front of them is in `balancer`. Everything listens on 127.0.0.1
+//! only. `loadgen streams-fleet` uses the instances and haproxy without a registry.
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::os::unix::process::CommandExt as _;
@@ -54,7 +55,7 @@ impl Drop for TempDir {
 
 /// The child dies with this thread's process (SIGKILL) even when `loadgen` is killed. Children
 /// are spawned from the thread that runs the drill, which lives as long as they do.
-fn die_with_parent(cmd: &mut Command) {
+pub(super) fn die_with_parent(cmd: &mut Command) {
     // SAFETY: one system call between fork and exec, nothing allocated.
     unsafe {
         cmd.pre_exec(|| {
@@ -66,13 +67,17 @@ fn die_with_parent(cmd: &mut Command) {
     }
 }
 
-/// SIGTERM, then SIGKILL when it has not exited within `grace`; waits for it.
-fn stop_child(child: &mut Child, grace: Duration) {
-    if let Ok(Some(_)) = child.try_wait() {
-        return;
+/// SIGTERM to a child this process spawned, unless it has exited (and been reaped) already.
+fn terminate_child(child: &mut Child) {
+    if let Ok(None) = child.try_wait() {
+        // SAFETY: kill(2) on a child this process spawned and has not reaped yet.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
     }
-    // SAFETY: kill(2) on a child this process spawned and has not reaped yet.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+}
+
+/// SIGTERM, then SIGKILL when it has not exited within `grace`; waits for it.
+pub(super) fn stop_child(child: &mut Child, grace: Duration) {
+    terminate_child(child);
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {
@@ -211,7 +216,7 @@ pub struct Ran {
 }
 
 /// Runs `cmd` to its end, at most `limit` (then it is killed and this is an error).
-fn run_bounded(mut cmd: Command, what: &str, limit: Duration) -> anyhow::Result<Ran> {
+pub(super) fn run_bounded(mut cmd: Command, what: &str, limit: Duration) -> anyhow::Result<Ran> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -280,8 +285,7 @@ impl Registry {
     }
 }
 
-/// One `streamserve serve` process of the fleet, following the registry; stopped when dropped.
-/// Its output goes to `log`.
+/// One `streamserve serve` process of the fleet; stopped when dropped. Its output goes to `log`.
 pub struct Instance {
     child: Child,
     pub id: String,
@@ -289,13 +293,23 @@ pub struct Instance {
     pub log: PathBuf,
 }
 
+/// An instance that follows a registry: where, how often, and its cache directory.
+pub struct Follow<'a> {
+    pub registry: &'a Registry,
+    pub poll_secs: f64,
+    pub cache: &'a Path,
+}
+
 /// How the drill starts its instances.
 pub struct InstanceSetup<'a> {
     pub bin: &'a Path,
-    pub registry: &'a Registry,
-    pub poll_secs: f64,
     pub models: &'a Path,
-    pub cache: &'a Path,
+    /// The registry to follow, if any.
+    pub follow: Option<Follow<'a>>,
+    /// The port to listen on (0: any free one).
+    pub port: u16,
+    /// More `serve` arguments.
+    pub extra: &'a [String],
 }
 
 impl Instance {
@@ -305,8 +319,6 @@ impl Instance {
             "serve",
             "--host",
             "127.0.0.1",
-            "--port",
-            "0",
             "--grpc-port",
             "off",
             "--http-workers",
@@ -318,11 +330,18 @@ impl Instance {
         ]
         .map(String::from)
         .into();
+        args.extend(["--port".into(), setup.port.to_string()]);
         args.extend(["--models".into(), setup.models.display().to_string()]);
-        args.extend(["--registry".into(), setup.registry.uri.clone()]);
-        args.extend(["--registry-poll-secs".into(), setup.poll_secs.to_string()]);
-        args.extend(["--registry-cache".into(), setup.cache.display().to_string()]);
+        if let Some(follow) = &setup.follow {
+            args.extend(["--registry".into(), follow.registry.uri.clone()]);
+            args.extend(["--registry-poll-secs".into(), follow.poll_secs.to_string()]);
+            args.extend([
+                "--registry-cache".into(),
+                follow.cache.display().to_string(),
+            ]);
+        }
         args.extend(["--instance-id".into(), id.to_string()]);
+        args.extend(setup.extra.iter().cloned());
         args
     }
 
@@ -334,7 +353,11 @@ impl Instance {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         die_with_parent(&mut cmd);
-        let mut child = prepared(cmd, &setup.registry.env)
+        let env = setup
+            .follow
+            .as_ref()
+            .map_or(&[][..], |f| &f.registry.env[..]);
+        let mut child = prepared(cmd, env)
             .spawn()
             .with_context(|| format!("cannot start {}", setup.bin.display()))?;
         let file = std::fs::File::create(&log)
@@ -404,6 +427,16 @@ impl Instance {
     pub fn stop(&mut self) {
         stop_child(&mut self.child, Duration::from_secs(10));
     }
+
+    /// Sends SIGTERM (a graceful stop: drain, streams handed over) without waiting.
+    pub fn terminate(&mut self) {
+        terminate_child(&mut self.child);
+    }
+
+    /// Whether it has exited (then it is reaped).
+    pub fn exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
 }
 
 impl Drop for Instance {
@@ -422,103 +455,6 @@ pub fn listening_addr(line: &serde_json::Value) -> Option<String> {
     parsed.ip().is_loopback().then(|| parsed.to_string())
 }
 
-/// haproxy's configuration for the drill: HTTP mode on 127.0.0.1:`port`, round robin over
-/// `servers` (name, address) with no stickiness, a health check on `/v2/health/ready` every
-/// `check_ms`, and each answer marked with the server that gave it (`X-Served-By`).
-pub fn haproxy_config(port: u16, servers: &[(String, String)], check_ms: u64) -> String {
-    let mut cfg = format!(
-        "# Written by `loadgen fleet`: round robin over the fleet, no stickiness.\n\
-         global\n    maxconn 1024\n\n\
-         defaults\n    mode http\n    timeout connect 2s\n    timeout client 30s\n    timeout server 30s\n    \
-         timeout http-keep-alive 10s\n    retries 2\n\n\
-         frontend drill\n    bind 127.0.0.1:{port}\n    default_backend fleet\n\n\
-         backend fleet\n    balance roundrobin\n    option httpchk GET /v2/health/ready\n    \
-         http-check expect status 200\n    default-server check inter {check_ms}ms fall 2 rise 1\n    \
-         http-response set-header X-Served-By %[srv_name]\n"
-    );
-    for (name, addr) in servers {
-        cfg.push_str(&format!("    server {name} {addr}\n"));
-    }
-    cfg
-}
-
-/// haproxy in the foreground (`haproxy -f CFG -db`), killed when dropped.
-pub struct Haproxy {
-    child: Child,
-    pub version: String,
-    pub url: String,
-    pub log: PathBuf,
-}
-
-impl Haproxy {
-    /// haproxy's version line, or how to install it.
-    pub fn version() -> anyhow::Result<String> {
-        let mut cmd = Command::new("haproxy");
-        cmd.arg("-v");
-        match run_bounded(cmd, "haproxy -v", Duration::from_secs(10)) {
-            Ok(ran) if ran.ok => Ok(ran.stdout.lines().next().unwrap_or("").trim().to_string()),
-            _ => bail!(
-                "haproxy is not installed (the drill puts Debian's haproxy in front of the fleet): \
-                 run `bash scripts/setup.sh --fleet` (apt-get install haproxy, and moto into .venv)"
-            ),
-        }
-    }
-
-    /// Checks `config` (`haproxy -c`), then starts haproxy on it; its output goes to `log`.
-    pub fn start(config: &Path, port: u16, log: PathBuf) -> anyhow::Result<Haproxy> {
-        let version = Haproxy::version()?;
-        let mut check = Command::new("haproxy");
-        check.arg("-c").arg("-f").arg(config);
-        let ran = run_bounded(check, "haproxy -c", Duration::from_secs(10))?;
-        if !ran.ok {
-            bail!(
-                "haproxy refuses {}:\n{}{}",
-                config.display(),
-                ran.stdout,
-                ran.stderr
-            );
-        }
-        let out = std::fs::File::create(&log)
-            .with_context(|| format!("cannot create {}", log.display()))?;
-        let mut cmd = Command::new("haproxy");
-        cmd.arg("-f")
-            .arg(config)
-            .arg("-db")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out);
-        die_with_parent(&mut cmd);
-        let child = cmd.spawn().context("cannot start haproxy")?;
-        Ok(Haproxy {
-            child,
-            version,
-            url: format!("http://127.0.0.1:{port}"),
-            log,
-        })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Whether it is still running.
-    pub fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-}
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        stop_child(&mut self.child, Duration::from_secs(3));
-    }
-}
-
-/// A free TCP port on 127.0.0.1 (free when asked; haproxy binds it moments later).
-pub fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
-    Ok(listener.local_addr()?.port())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -532,27 +468,6 @@ mod tests {
         let elsewhere = serde_json::json!({"addr": "10.0.0.1:80"});
         assert_eq!(listening_addr(&elsewhere), None);
         assert_eq!(listening_addr(&serde_json::json!({})), None);
-    }
-
-    #[test]
-    fn the_haproxy_config_balances_without_stickiness_and_marks_answers() {
-        let servers = vec![
-            ("fleet-0".to_string(), "127.0.0.1:1001".to_string()),
-            ("fleet-1".to_string(), "127.0.0.1:1002".to_string()),
-        ];
-        let cfg = haproxy_config(8080, &servers, 500);
-        assert!(cfg.contains("bind 127.0.0.1:8080"));
-        assert!(cfg.contains("balance roundrobin"));
-        assert!(cfg.contains("option httpchk GET /v2/health/ready"));
-        assert!(cfg.contains("http-response set-header X-Served-By %[srv_name]"));
-        assert!(cfg.contains("server fleet-1 127.0.0.1:1002"));
-        let settings: Vec<&str> = cfg.lines().filter(|l| !l.starts_with('#')).collect();
-        assert!(
-            settings.iter().all(|l| !l.contains("cookie")
-                && !l.contains("stick")
-                && !l.contains("balance source")),
-            "{cfg}"
-        );
     }
 
     #[test]

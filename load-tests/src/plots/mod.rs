@@ -7,10 +7,12 @@
 //! - [`overload_levels`]: goodput and admitted latency per offered load, per admission variant;
 //! - [`streams_latency`]: chunk latency against concurrent streams per setup;
 //! - [`timeline`]: latency, outcomes and server state over time across overload and faults;
-//! - [`fleet()`]: traffic share per model version over time, one panel per fleet drill.
+//! - [`fleet()`]: traffic share per model version over time, one panel per fleet drill;
+//! - [`streams_fleet()`]: chunk latency and streams per instance through a rolling restart.
 
 mod fleet;
 mod overload;
+mod streams_fleet;
 
 use std::path::Path;
 
@@ -20,6 +22,7 @@ use serde_json::Value;
 
 pub use fleet::fleet;
 pub use overload::overload_levels;
+pub use streams_fleet::streams_fleet;
 
 const PALETTE: [RGBColor; 6] = [
     RGBColor(31, 119, 180),

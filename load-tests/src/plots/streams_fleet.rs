@@ -1,0 +1,159 @@
+//! The streams fleet drill's plot (`streams-fleet.svg`), from a `loadgen streams-fleet`
+//! results.json: chunk latency per time bin (p50 and p99 from the send, max from the due time;
+//! log scale) over the streams connected to each instance, on one time axis, with each
+//! instance's SIGTERM (black) and its return to ready (grey) as dashed lines.
+
+use std::path::Path;
+
+use plotters::prelude::*;
+use serde_json::Value;
+
+use super::{axes, chart_on, f, items, legend_box, line, plot_err, PALETTE};
+
+pub fn streams_fleet(results: &Value, out: &Path) -> anyhow::Result<()> {
+    let bins: Vec<&Value> = items(results, "timeline").collect();
+    if bins.is_empty() {
+        anyhow::bail!("no latency bins in the results");
+    }
+    let width = f(&results["settings"]["bin_s"]).max(1e-3);
+    let end = f(&results["end_s"]).max(width);
+    let mid = |b: &Value| f(&b["t_s"]) + width / 2.0;
+    let series = |key: &str| -> Vec<(f64, f64)> {
+        bins.iter()
+            .filter_map(|b| b[key].as_f64().filter(|v| *v > 0.0).map(|v| (mid(b), v)))
+            .collect()
+    };
+    let (p50, p99, max) = (
+        series("p50_ms"),
+        series("p99_ms"),
+        series("max_from_due_ms"),
+    );
+    let marks: Vec<(f64, RGBColor)> = items(results, "restarts")
+        .flat_map(|r| {
+            [
+                (f(&r["term_s"]), BLACK),
+                (f(&r["ready_s"]), RGBColor(150, 150, 150)),
+            ]
+        })
+        .collect();
+
+    let root = SVGBackend::new(out, (1100, 760)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let root = root
+        .titled(
+            "Streams fleet drill: real-time VAD streams through haproxy during a rolling restart",
+            ("sans-serif", 20),
+        )
+        .map_err(plot_err)?;
+    let panels = root.split_evenly((2, 1));
+
+    let y_max = max.iter().chain(&p99).map(|p| p.1).fold(1.0, f64::max) * 3.0;
+    let y_min = p50
+        .iter()
+        .map(|p| p.1)
+        .fold(y_max / 10.0, f64::min)
+        .max(0.01)
+        / 1.5;
+    let mut chart = chart_on(&panels[0], (10, 30, 70, false))
+        .caption(
+            "chunk latency per bin, ms (log); dashed: SIGTERM (black), ready again (grey)",
+            ("sans-serif", 14),
+        )
+        .build_cartesian_2d(0.0..end, (y_min..y_max).log_scale())
+        .map_err(plot_err)?;
+    axes(&mut chart, (None, "ms (log)"), (0, " s", 1), None)?;
+    let named = [
+        ("p50 from send", &p50, 2),
+        ("p99 from send", &p99, 2),
+        ("max from due (real-time schedule)", &max, 1),
+    ];
+    for ((name, points, w), color) in named.into_iter().zip([0, 3, 4]) {
+        line(
+            &mut chart,
+            points.iter().copied(),
+            (PALETTE[color], w, 2),
+            name,
+        )?;
+    }
+    for (t, color) in &marks {
+        chart
+            .draw_series(DashedLineSeries::new(
+                [(*t, y_min), (*t, y_max)],
+                6,
+                4,
+                color.stroke_width(1),
+            ))
+            .map_err(plot_err)?;
+    }
+    legend_box(&mut chart, SeriesLabelPosition::UpperRight)?;
+
+    let ids: Vec<String> = items(results, "instances")
+        .filter_map(|i| i.as_str().map(str::to_string))
+        .collect();
+    let connected: Vec<&Value> = items(results, "connected").collect();
+    let c_max = connected
+        .iter()
+        .flat_map(|c| ids.iter().map(|id| f(&c["streams"][id])))
+        .fold(1.0, f64::max)
+        * 1.15;
+    let mut chart = chart_on(&panels[1], (10, 40, 70, false))
+        .caption("streams connected per instance", ("sans-serif", 14))
+        .build_cartesian_2d(0.0..end, 0.0..c_max)
+        .map_err(plot_err)?;
+    axes(
+        &mut chart,
+        (Some("seconds since the first stream opened"), "streams"),
+        (0, " s", 0),
+        None,
+    )?;
+    for (i, id) in ids.iter().enumerate() {
+        let points = connected
+            .iter()
+            .map(|c| (f(&c["t_s"]), f(&c["streams"][id])));
+        line(
+            &mut chart,
+            points,
+            (PALETTE[i % PALETTE.len()], 2, 2),
+            id.as_str(),
+        )?;
+    }
+    for (t, color) in &marks {
+        chart
+            .draw_series(DashedLineSeries::new(
+                [(*t, 0.0), (*t, c_max)],
+                6,
+                4,
+                color.stroke_width(1),
+            ))
+            .map_err(plot_err)?;
+    }
+    legend_box(&mut chart, SeriesLabelPosition::UpperRight)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streams_fleet_plot_writes_svg() {
+        let results = serde_json::json!({
+            "settings": { "bin_s": 0.5 }, "end_s": 2.0, "instances": ["s0", "s1"],
+            "timeline": [
+                { "t_s": 0.0, "p50_ms": 2.0, "p99_ms": 5.0, "max_from_due_ms": 9.0 },
+                { "t_s": 0.5, "p50_ms": 3.0, "p99_ms": 400.0, "max_from_due_ms": 900.0 },
+            ],
+            "connected": [
+                { "t_s": 0.0, "streams": { "s0": 2, "s1": 2 } },
+                { "t_s": 1.0, "streams": { "s0": 0, "s1": 4 } },
+            ],
+            "restarts": [ { "term_s": 0.6, "ready_s": 1.2 } ],
+        });
+        let svg = super::super::tests::render(streams_fleet, &results);
+        assert!(svg.starts_with("<svg"));
+        assert!(svg.contains("p99 from send"));
+        assert!(svg.contains("s1"));
+        assert!(streams_fleet(&serde_json::json!({}), Path::new("/nonexistent/x.svg")).is_err());
+    }
+}
