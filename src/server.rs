@@ -136,6 +136,7 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
         checkpoint_every: Duration::from_millis(config.stream_checkpoint_ms),
         catalog: catalog.clone(),
         supervisor: supervisor.clone(),
+        arbiters: crate::api::ws::SessionArbiters::new(config.http_workers.max(1)),
     });
 
     let work = Arc::new(Work::default());

@@ -895,7 +895,7 @@ async fn bad_requests_get_precise_codes_and_others_are_served_meanwhile() {
     expect_status(
         c.model_infer(sequence).await,
         Code::InvalidArgument,
-        "sequence batching",
+        "served on ModelStreamInfer",
     );
 
     // The connection that carried them still serves.

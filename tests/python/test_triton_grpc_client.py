@@ -182,3 +182,71 @@ def test_stream_infer_answers_each_request_and_survives_a_bad_one(client, repo_r
     # Answers come in request order, the bad one in its place.
     order = [r.get_response().id if error is None else "bad" for r, error in got]
     assert order == ["s-0", "s-1", "s-2", "bad", "s-3", "s-4", "s-5"], order
+
+
+# --------------------------------------------------------------------------------------------
+# speech streams: Triton's sequence API (sequence_id / sequence_start / sequence_end)
+
+
+def test_a_sequence_streams_speech_and_finds_what_the_one_shot_endpoint_finds(
+    client, server_addr, repo_root
+):
+    import json
+    import urllib.request
+    import wave
+
+    path = repo_root / "tests" / "audio" / "two_phrases_16k.wav"
+    with wave.open(str(path), "rb") as w:
+        pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+    with open(path, "rb") as f:
+        request = urllib.request.Request(
+            f"http://{server_addr}/v1/models/silero_vad/segments", data=f.read(), method="POST"
+        )
+    with urllib.request.urlopen(request, timeout=30) as r:
+        want = json.load(r)
+
+    answers = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        steps = [pcm[i : i + 4096] for i in range(0, len(pcm), 4096)]
+        for i, samples in enumerate(steps):
+            audio = grpcclient.InferInput("AUDIO", [len(samples)], "INT16")
+            audio.set_data_from_numpy(samples)
+            client.async_stream_infer(
+                "silero_vad",
+                [audio],
+                request_id=f"step-{i}",
+                sequence_id=42,
+                sequence_start=i == 0,
+                sequence_end=i == len(steps) - 1,
+            )
+            if i == 3:
+                # A step of a sequence this stream never started: an error in its place.
+                client.async_stream_infer(
+                    "silero_vad", [audio], request_id="stray", sequence_id=43
+                )
+        got = [answers.get(timeout=30) for _ in range(len(steps) + 1)]
+    finally:
+        client.stop_stream()
+
+    errors = [(i, error) for i, (_, error) in enumerate(got) if error is not None]
+    assert len(errors) == 1 and errors[0][0] == 4, errors
+    assert "was not started" in errors[0][1].message()
+    results = [result for result, error in got if error is None]
+    assert [r.get_response().id for r in results] == [f"step-{i}" for i in range(len(steps))]
+    first = results[0].get_response()
+    assert first.model_version == "1"
+    assert len(first.parameters["stream_id"].string_param) == 32
+    probabilities = np.concatenate([r.as_numpy("probability") for r in results])
+    assert len(probabilities) == want["chunks"]
+    assert ((probabilities >= 0) & (probabilities <= 1)).all()
+    starts = np.concatenate([r.as_numpy("speech_start") for r in results])
+    segments = results[-1].as_numpy("segments")
+    assert segments.shape == (len(want["segments"]), 2)
+    assert len(starts) == len(want["segments"])
+    for (start, end), one_shot in zip(segments, want["segments"]):
+        assert start == pytest.approx(one_shot["start"], abs=1e-3)
+        assert end == pytest.approx(one_shot["end"], abs=1e-3)
+    assert results[-1].get_response().parameters["duration"].double_param == pytest.approx(
+        want["duration"], abs=0.04
+    )

@@ -13,8 +13,10 @@
 //! ([`checkpoint`]), from which any instance of the fleet can take the stream over.
 
 mod checkpoint;
+mod flush;
 
 pub use checkpoint::{Handover, Progress, Retire};
+pub use flush::Flush;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -137,6 +139,8 @@ pub struct StreamSession {
     summarized: bool,
     /// Segments of the stream's start that the checkpoint it was taken over from left out.
     segments_omitted: u64,
+    /// Flushes waiting for `samples_done` to reach their audio ([`Flush`]).
+    flushes: Vec<(u64, oneshot::Sender<()>)>,
 }
 
 /// Told to whoever listed a stream (the hub) when its session ends, so that the listing goes
@@ -202,6 +206,7 @@ impl StreamSession {
             restored: false,
             summarized: false,
             segments_omitted: 0,
+            flushes: Vec::new(),
         })
     }
 
@@ -376,6 +381,7 @@ impl StreamSession {
             .push(chunk_start + self.window as u64, probability, &mut events);
         self.emit_events(&events);
         self.maybe_checkpoint();
+        self.settle_flushes();
         self.maybe_step(ctx);
     }
 

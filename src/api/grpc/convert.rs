@@ -21,7 +21,7 @@ use crate::error::ServeError;
 use crate::model::{InferResponse, ModelInfo};
 use crate::tensor::{element_count, DataType, NamedTensor, TensorData};
 
-/// Triton's sequence parameters: sequence batching over gRPC is not served yet.
+/// Triton's sequence parameters: a unary call cannot carry them (sequences are streams).
 const SEQUENCE_PARAMETERS: [&str; 3] = ["sequence_id", "sequence_start", "sequence_end"];
 
 /// A decoded (not yet validated) gRPC inference request.
@@ -44,8 +44,9 @@ pub fn decode(request: &mut ModelInferRequest) -> Result<Decoded, ServeError> {
         .find(|key| parameters.contains_key(**key))
     {
         return Err(ServeError::invalid(format!(
-            "parameter '{key}': sequence batching (sequence_id, sequence_start, sequence_end) \
-             is not served over gRPC yet; send each step as its own request, with its state"
+            "parameter '{key}': sequences (sequence_id, sequence_start, sequence_end) are \
+             speech streams, served on ModelStreamInfer to a model that serves streams \
+             (docs/streaming.md)"
         )));
     }
     let timeout = match parameters
@@ -234,7 +235,7 @@ fn typed_tensor(
 }
 
 /// One output's values as typed contents.
-fn contents_of(data: &TensorData) -> InferTensorContents {
+pub(super) fn contents_of(data: &TensorData) -> InferTensorContents {
     let mut c = InferTensorContents::default();
     match data {
         TensorData::Bool(v) => c.bool_contents = v.clone(),
@@ -440,7 +441,7 @@ mod tests {
             "sequence_id".into(),
             parameter(ParameterChoice::Uint64Param(1)),
         );
-        assert!(err(sequence).contains("sequence batching"));
+        assert!(err(sequence).contains("served on ModelStreamInfer"));
     }
 
     #[test]

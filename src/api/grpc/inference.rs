@@ -13,6 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
@@ -24,6 +25,7 @@ use super::convert;
 use super::proto::inference::grpc_inference_service_server::GrpcInferenceService;
 use super::proto::inference::model_metadata_response::TensorMetadata;
 use super::proto::inference::*;
+use super::sequence::{self, Sequences};
 use super::{draining, grpc_timeout, request_id, Stop};
 use crate::access::Pass;
 use crate::actors::catalog::ServedModel;
@@ -252,7 +254,15 @@ impl GrpcInferenceService for Arc<Inference> {
         let (tx, rx) = mpsc::channel(STREAM_IN_FLIGHT);
         tokio::spawn(async move {
             let _work = this.state.work.begin();
-            let mut pending = FuturesOrdered::new();
+            let mut pending: FuturesOrdered<BoxFuture<'static, ModelStreamInferResponse>> =
+                FuturesOrdered::new();
+            let mut sequences = Sequences::new(
+                this.state.clone(),
+                this.stop.clone(),
+                metadata.clone(),
+                peer,
+                tx.clone(),
+            );
             let stop = draining(this.stop.clone());
             tokio::pin!(stop);
             let (mut open, mut stopping) = (true, false);
@@ -265,7 +275,8 @@ impl GrpcInferenceService for Arc<Inference> {
                     }
                     message = incoming.message(), if open && !stopping && pending.len() < STREAM_IN_FLIGHT => {
                         match message {
-                            Ok(Some(request)) => pending.push_back(this.clone().stream_one(request, metadata.clone(), peer)),
+                            Ok(Some(request)) if sequence::is_sequence(&request) => pending.push_back(sequences.route(request)),
+                            Ok(Some(request)) => pending.push_back(Box::pin(this.clone().stream_one(request, metadata.clone(), peer))),
                             Ok(None) => open = false,
                             Err(status) => {
                                 // The transport failed (e.g. a message over the limit): answer
@@ -273,6 +284,7 @@ impl GrpcInferenceService for Arc<Inference> {
                                 while let Some(answer) = pending.next().await {
                                     let _ = tx.send(Ok(answer)).await;
                                 }
+                                sequences.finish().await;
                                 let _ = tx.send(Err(super::transport_status(status))).await;
                                 return;
                             }
@@ -281,6 +293,8 @@ impl GrpcInferenceService for Arc<Inference> {
                     _ = &mut stop, if !stopping => stopping = true,
                 }
             }
+            // Unended sequences wait for a resume; in a shutdown they hand over first.
+            sequences.finish().await;
             if stopping && open {
                 let _ = tx
                     .send(Err(Status::unavailable(

@@ -16,6 +16,7 @@ mod convert;
 mod health;
 mod inference;
 mod model_config;
+mod sequence;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -7,7 +7,7 @@
 //! a too-fast client feels) and a writer (results out, with a deadline per write, so a client
 //! that stops reading is dropped without holding anything else up).
 
-mod open;
+pub(super) mod open;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,6 +61,30 @@ pub struct StreamsConfig {
     /// Where a stream taken over from a checkpoint finds its model version, and loads it.
     pub catalog: Arc<SharedCatalog>,
     pub supervisor: Addr<Supervisor>,
+    /// Where sessions of transports outside actix's own threads (gRPC) live.
+    pub arbiters: SessionArbiters,
+}
+
+/// Threads that run stream sessions for transports outside actix's threads (gRPC runs on a
+/// tokio runtime of its own, where no actor can start), used in turn.
+pub struct SessionArbiters {
+    arbiters: Vec<Arbiter>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl SessionArbiters {
+    pub fn new(threads: usize) -> SessionArbiters {
+        SessionArbiters {
+            arbiters: (0..threads).map(|_| Arbiter::new()).collect(),
+            next: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// The next thread's arbiter.
+    pub fn next(&self) -> ArbiterHandle {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.arbiters[i % self.arbiters.len()].handle()
+    }
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {

@@ -18,14 +18,14 @@ use crate::stream::protocol::StartMessage;
 
 /// Who opened the stream, on which model (its default version, as the URL asked): what a
 /// takeover checks the token's model and version against.
-pub(super) struct Caller {
+pub(in crate::api) struct Caller {
     pub served: ServedModel,
     pub pass: Pass,
     pub access: Arc<Access>,
 }
 
 /// A session to attach the connection to, and how.
-pub(super) struct Opened {
+pub(in crate::api) struct Opened {
     pub session: Addr<StreamSession>,
     /// Results after this `seq` are (re)sent on attaching.
     pub last_seq: Option<u64>,
@@ -34,7 +34,7 @@ pub(super) struct Opened {
 }
 
 /// Finds or makes the session `start` asks for; an `Err` is the reason for a 1008 close.
-pub(super) async fn open_session(
+pub(in crate::api) async fn open_session(
     start: StartMessage,
     caller: Caller,
     config: &StreamsConfig,

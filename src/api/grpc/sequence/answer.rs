@@ -1,0 +1,335 @@
+//! What a gRPC sequence step answers: the stream session's messages (the WebSocket protocol's
+//! JSON, `stream::protocol::ServerMessage`) gathered into one `ModelInferResponse` with typed
+//! outputs, and the request parameters of a `sequence_start` turned into the WebSocket `start`
+//! message, so that both transports take the same options with the same checks.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::super::convert::contents_of;
+use super::super::proto::inference::infer_parameter::ParameterChoice;
+use super::super::proto::inference::model_infer_response::InferOutputTensor;
+use super::super::proto::inference::{InferParameter, ModelInferResponse};
+use crate::stream::protocol::{ClientMessage, StartMessage};
+use crate::tensor::TensorData;
+
+/// Triton's sequence parameters.
+pub const SEQUENCE_ID: &str = "sequence_id";
+pub const SEQUENCE_START: &str = "sequence_start";
+pub const SEQUENCE_END: &str = "sequence_end";
+
+/// Request parameters every step may carry (read by `convert::decode` or ignored, as
+/// Triton's client sends them).
+const ANY_STEP: [&str; 3] = ["timeout", "binary_data_output", "priority"];
+/// `sequence_start` parameters that go to the top of the `start` message...
+const START: [&str; 6] = [
+    "sample_rate",
+    "results",
+    "checkpoints",
+    "stream_id",
+    "resume",
+    "last_seq",
+];
+/// ...and those that go into its `vad` options.
+const VAD: [&str; 5] = [
+    "threshold",
+    "neg_threshold",
+    "min_speech_ms",
+    "min_silence_ms",
+    "speech_pad_ms",
+];
+
+/// A parameter's value as JSON.
+fn json_of(choice: &ParameterChoice) -> Value {
+    match choice {
+        ParameterChoice::BoolParam(b) => Value::Bool(*b),
+        ParameterChoice::Int64Param(n) => Value::from(*n),
+        ParameterChoice::Uint64Param(n) => Value::from(*n),
+        ParameterChoice::DoubleParam(x) => Value::from(*x),
+        ParameterChoice::StringParam(s) => Value::String(s.clone()),
+    }
+}
+
+/// The `start` message of a `sequence_start` step, from its parameters (the sequence ones
+/// already taken out); `format` is the audio's, from its datatype. A later step may carry no
+/// start parameter.
+pub fn start_message(
+    parameters: &HashMap<String, InferParameter>,
+    starting: bool,
+    format: &str,
+) -> Result<StartMessage, String> {
+    let mut start = Map::new();
+    let mut vad = Map::new();
+    start.insert("type".into(), "start".into());
+    start.insert("format".into(), format.into());
+    for (key, parameter) in parameters {
+        if ANY_STEP.contains(&key.as_str()) {
+            continue;
+        }
+        let known = START.contains(&key.as_str()) || VAD.contains(&key.as_str());
+        if !known {
+            return Err(format!(
+                "parameter '{}' is not a stream option; a sequence_start takes {} and {}",
+                crate::untrusted::Untrusted(key),
+                START.join(", "),
+                VAD.join(", ")
+            ));
+        }
+        if !starting {
+            return Err(format!(
+                "parameter '{key}' is a stream option: send it with sequence_start"
+            ));
+        }
+        let Some(choice) = &parameter.parameter_choice else {
+            return Err(format!("parameter '{key}' has no value"));
+        };
+        let target = if VAD.contains(&key.as_str()) {
+            &mut vad
+        } else {
+            &mut start
+        };
+        target.insert(key.clone(), json_of(choice));
+    }
+    if !vad.is_empty() {
+        start.insert("vad".into(), Value::Object(vad));
+    }
+    match serde_json::from_value::<ClientMessage>(Value::Object(start)) {
+        Ok(ClientMessage::Start(start)) => Ok(start),
+        Ok(ClientMessage::End) => unreachable!("built as a start message"),
+        Err(e) => Err(format!("stream options: {e}")),
+    }
+}
+
+/// One message of the stream session, as the WebSocket protocol writes it.
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Sent {
+    Started {
+        stream_id: String,
+        resumed: bool,
+        version: String,
+        samples_received: u64,
+        chunk_samples: u64,
+        next_seq: u64,
+    },
+    Checkpoint {
+        token: String,
+        samples: u64,
+        #[serde(default)]
+        handover: bool,
+    },
+    Vad {
+        seq: u64,
+        t: f64,
+        probability: f32,
+        #[serde(default)]
+        degraded: bool,
+    },
+    SpeechStart {
+        seq: u64,
+        t: f64,
+    },
+    SpeechEnd {
+        seq: u64,
+        t: f64,
+    },
+    Summary {
+        seq: u64,
+        duration: f64,
+        chunks: u64,
+        segments: Vec<Segment>,
+        #[serde(default)]
+        segments_omitted: u64,
+    },
+    Error {
+        message: String,
+    },
+}
+
+#[derive(Deserialize)]
+struct Segment {
+    start: f64,
+    end: f64,
+}
+
+/// What a step's messages said, gathered.
+#[derive(Default)]
+pub struct Gathered {
+    seq: Vec<u64>,
+    t: Vec<f64>,
+    probability: Vec<f32>,
+    degraded: Vec<bool>,
+    speech_start: Vec<f64>,
+    speech_end: Vec<f64>,
+    segments: Option<Vec<f64>>,
+    parameters: HashMap<String, InferParameter>,
+    last_seq: Option<u64>,
+    /// The version serving the stream (from `started`).
+    pub version: Option<String>,
+    /// The newest checkpoint was the shutdown's last.
+    pub handover: bool,
+    /// The session reported an error (its stream is over).
+    pub error: Option<String>,
+}
+
+fn parameter(choice: ParameterChoice) -> InferParameter {
+    InferParameter {
+        parameter_choice: Some(choice),
+    }
+}
+
+impl Gathered {
+    /// Adds one message of the session (text it wrote itself: a message that does not parse
+    /// is a bug, reported as an error rather than dropped).
+    pub fn add(&mut self, text: &str) {
+        let message = match serde_json::from_str::<Sent>(text) {
+            Ok(message) => message,
+            Err(e) => {
+                self.error = Some(format!("internal: unreadable stream message ({e})"));
+                return;
+            }
+        };
+        use ParameterChoice::*;
+        let mut set = |key: &str, choice| {
+            self.parameters.insert(key.into(), parameter(choice));
+        };
+        match message {
+            Sent::Started {
+                stream_id,
+                resumed,
+                version,
+                samples_received,
+                chunk_samples,
+                next_seq,
+            } => {
+                set("stream_id", StringParam(stream_id));
+                set("resumed", BoolParam(resumed));
+                set("samples_received", Int64Param(samples_received as i64));
+                set("chunk_samples", Int64Param(chunk_samples as i64));
+                set("next_seq", Int64Param(next_seq as i64));
+                self.version = Some(version);
+            }
+            Sent::Checkpoint {
+                token,
+                samples,
+                handover,
+            } => {
+                set("checkpoint", StringParam(token));
+                set("checkpoint_samples", Int64Param(samples as i64));
+                self.handover |= handover;
+            }
+            Sent::Vad {
+                seq,
+                t,
+                probability,
+                degraded,
+            } => {
+                self.seq.push(seq);
+                self.t.push(t);
+                self.probability.push(probability);
+                self.degraded.push(degraded);
+                self.last_seq = Some(seq);
+            }
+            Sent::SpeechStart { seq, t } => {
+                self.speech_start.push(t);
+                self.last_seq = Some(seq);
+            }
+            Sent::SpeechEnd { seq, t } => {
+                self.speech_end.push(t);
+                self.last_seq = Some(seq);
+            }
+            Sent::Summary {
+                seq,
+                duration,
+                chunks,
+                segments,
+                segments_omitted,
+            } => {
+                set("duration", DoubleParam(duration));
+                set("chunks", Int64Param(chunks as i64));
+                if segments_omitted > 0 {
+                    set("segments_omitted", Int64Param(segments_omitted as i64));
+                }
+                self.segments = Some(segments.iter().flat_map(|s| [s.start, s.end]).collect());
+                self.last_seq = Some(seq);
+            }
+            Sent::Error { message } => self.error = Some(message),
+        }
+    }
+
+    /// The step's answer: every result as a typed output (raw little-endian bytes when
+    /// `raw`), the stream's news as parameters, `last_seq` the last result's `seq` (what a
+    /// resume names).
+    pub fn into_response(
+        mut self,
+        model: &str,
+        version: &str,
+        id: String,
+        sequence: InferParameter,
+        raw: bool,
+    ) -> ModelInferResponse {
+        if let Some(last) = self.last_seq {
+            self.parameters.insert(
+                "last_seq".into(),
+                parameter(ParameterChoice::Int64Param(last as i64)),
+            );
+        }
+        self.parameters.insert(SEQUENCE_ID.into(), sequence);
+        let chunks = self.seq.len() as i64;
+        let mut outputs = vec![
+            ("seq", vec![chunks], TensorData::Uint64(self.seq)),
+            ("t", vec![chunks], TensorData::Fp64(self.t)),
+            (
+                "probability",
+                vec![chunks],
+                TensorData::Fp32(self.probability),
+            ),
+            ("degraded", vec![chunks], TensorData::Bool(self.degraded)),
+            (
+                "speech_start",
+                vec![self.speech_start.len() as i64],
+                TensorData::Fp64(self.speech_start),
+            ),
+            (
+                "speech_end",
+                vec![self.speech_end.len() as i64],
+                TensorData::Fp64(self.speech_end),
+            ),
+        ];
+        if let Some(segments) = self.segments {
+            let rows = segments.len() as i64 / 2;
+            outputs.push(("segments", vec![rows, 2], TensorData::Fp64(segments)));
+        }
+        let mut raw_output_contents = Vec::new();
+        let outputs = outputs
+            .into_iter()
+            .map(|(name, shape, data)| {
+                let contents = if raw {
+                    let mut bytes = Vec::new();
+                    data.write_le_bytes(&mut bytes);
+                    raw_output_contents.push(bytes);
+                    None
+                } else {
+                    Some(contents_of(&data))
+                };
+                InferOutputTensor {
+                    name: name.into(),
+                    datatype: data.datatype().as_str().into(),
+                    shape,
+                    parameters: HashMap::new(),
+                    contents,
+                }
+            })
+            .collect();
+        ModelInferResponse {
+            model_name: model.into(),
+            model_version: version.into(),
+            id,
+            parameters: self.parameters,
+            outputs,
+            raw_output_contents,
+        }
+    }
+}

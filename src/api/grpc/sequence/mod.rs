@@ -1,0 +1,491 @@
+//! Speech streams over gRPC, with Triton's sequence conventions: on `ModelStreamInfer`, the
+//! requests that carry `sequence_id` (`sequence_start` on the first, `sequence_end` on the
+//! last) to a model that serves streams are the audio of one speech stream each, with its
+//! state kept here (a `StreamSession`, as a WebSocket stream has: batched across streams,
+//! checkpoints, resume, handover). Each request is answered once, in order, with the results
+//! its audio completed (`answer.rs`); the sequences of one call are independent and their
+//! ids are the call's own, so a client cannot reach another call's stream by guessing an id.
+//!
+//! Per call, [`Sequences`] routes each step to its sequence's task, which owns the session's
+//! connection and answers the step through a oneshot that the call's ordered queue awaits.
+
+mod answer;
+mod parse;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use actix_ws::CloseCode;
+use futures_util::future::BoxFuture;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tonic::metadata::MetadataMap;
+use tonic::Status;
+
+use super::convert;
+use super::proto::inference::{InferParameter, ModelInferRequest, ModelStreamInferResponse};
+use super::{draining, Stop};
+use crate::access::StreamPass;
+use crate::actors::stream_session::{
+    Attach, Attached, Audio, Connection, Detach, End, Flush, Handover, StreamSession,
+};
+use crate::api::ws::open::{open_session, Caller};
+use crate::api::AppState;
+use crate::manifest::StreamKind;
+use answer::{Gathered, SEQUENCE_END, SEQUENCE_ID, SEQUENCE_START};
+use parse::{audio_of, take_flags, SequenceKey};
+
+/// Steps of one sequence queued behind the one being answered.
+const QUEUED_STEPS: usize = 64;
+/// Results a session may hand over between two steps (a resume replays up to the session's
+/// 8,192 kept results at once).
+const OUTGOING_CAPACITY: usize = 16384;
+/// Longest a step waits for its audio's results, and a shutdown for a last checkpoint.
+const STEP_WAIT: Duration = Duration::from_secs(60);
+const HANDOVER_WAIT: Duration = Duration::from_secs(5);
+
+/// Whether a request belongs to a sequence.
+pub fn is_sequence(request: &ModelInferRequest) -> bool {
+    [SEQUENCE_ID, SEQUENCE_START, SEQUENCE_END]
+        .iter()
+        .any(|key| request.parameters.contains_key(*key))
+}
+
+/// One request of a sequence, for its task.
+struct Step {
+    request: ModelInferRequest,
+    start: bool,
+    end: bool,
+    answer: oneshot::Sender<ModelStreamInferResponse>,
+}
+
+/// The sequences of one `ModelStreamInfer` call.
+pub struct Sequences {
+    state: Arc<AppState>,
+    stop: watch::Receiver<Stop>,
+    metadata: Arc<MetadataMap>,
+    peer: Option<IpAddr>,
+    /// Answers no request asked for: a shutdown's handover checkpoints.
+    unsolicited: mpsc::Sender<Result<ModelStreamInferResponse, Status>>,
+    live: HashMap<SequenceKey, mpsc::Sender<Step>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// An answer that refuses a step, naming what it was for.
+fn refused(
+    request: &ModelInferRequest,
+    sequence: Option<InferParameter>,
+    message: String,
+) -> ModelStreamInferResponse {
+    let mut response = answer::Gathered::default().into_response(
+        &request.model_name,
+        &request.model_version,
+        request.id.clone(),
+        sequence.clone().unwrap_or_default(),
+        false,
+    );
+    response.outputs.clear();
+    if sequence.is_none() {
+        response.parameters.remove(SEQUENCE_ID);
+    }
+    ModelStreamInferResponse {
+        error_message: message,
+        infer_response: Some(response),
+    }
+}
+
+impl Sequences {
+    pub fn new(
+        state: Arc<AppState>,
+        stop: watch::Receiver<Stop>,
+        metadata: Arc<MetadataMap>,
+        peer: Option<IpAddr>,
+        unsolicited: mpsc::Sender<Result<ModelStreamInferResponse, Status>>,
+    ) -> Sequences {
+        Sequences {
+            state,
+            stop,
+            metadata,
+            peer,
+            unsolicited,
+            live: HashMap::new(),
+            tasks: Vec::new(),
+        }
+    }
+
+    /// Hands a step to its sequence (starting it on `sequence_start`); the future is its
+    /// answer. Called in the order the steps arrive, which is the order their audio is taken.
+    pub fn route(
+        &mut self,
+        mut request: ModelInferRequest,
+    ) -> BoxFuture<'static, ModelStreamInferResponse> {
+        let flags = match take_flags(&mut request.parameters) {
+            Ok(flags) => flags,
+            Err(e) => return Box::pin(std::future::ready(refused(&request, None, e))),
+        };
+        let echo = Some(flags.echo.clone());
+        if flags.start {
+            if self.live.contains_key(&flags.key) {
+                let message = format!(
+                    "{} is running on this call: end it (sequence_end) before starting it again",
+                    flags.key
+                );
+                return Box::pin(std::future::ready(refused(&request, echo, message)));
+            }
+            let (steps, queue) = mpsc::channel(QUEUED_STEPS);
+            let task = SequenceTask {
+                state: self.state.clone(),
+                metadata: self.metadata.clone(),
+                peer: self.peer,
+                echo: flags.echo.clone(),
+                model: request.model_name.clone(),
+                version: request.model_version.clone(),
+                live: None,
+                failed: None,
+            };
+            let stop = self.stop.clone();
+            let unsolicited = self.unsolicited.clone();
+            self.tasks
+                .push(tokio::spawn(task.run(queue, stop, unsolicited)));
+            self.live.insert(flags.key.clone(), steps);
+        }
+        let Some(steps) = self.live.get(&flags.key) else {
+            let message = format!(
+                "{} was not started on this call: send sequence_start first (a stream of an \
+                 earlier call resumes with sequence_start and its stream_id or resume token)",
+                flags.key
+            );
+            return Box::pin(std::future::ready(refused(&request, echo, message)));
+        };
+        let (answer, answered) = oneshot::channel();
+        let overflow = refused(
+            &request,
+            echo.clone(),
+            format!("{}: more than {QUEUED_STEPS} steps queued", flags.key),
+        );
+        let ended = refused(
+            &request,
+            echo,
+            format!("{} has ended on this call", flags.key),
+        );
+        let step = Step {
+            request,
+            start: flags.start,
+            end: flags.end,
+            answer,
+        };
+        let sent = steps.try_send(step);
+        if flags.end {
+            self.live.remove(&flags.key);
+        }
+        if sent.is_err() {
+            return Box::pin(std::future::ready(overflow));
+        }
+        Box::pin(async move { answered.await.unwrap_or(ended) })
+    }
+
+    /// The call is over: sequences not ended wait for a resume (their sessions keep them for
+    /// the resume window); in a shutdown, their tasks first hand them over.
+    pub async fn finish(mut self) {
+        self.live.clear();
+        for task in self.tasks.drain(..) {
+            let _ = tokio::time::timeout(HANDOVER_WAIT + Duration::from_secs(1), task).await;
+        }
+    }
+}
+
+/// The session of a started sequence, and the connection its messages come through.
+struct Live {
+    session: Addr<StreamSession>,
+    attached: Attached,
+    messages: mpsc::Receiver<Arc<str>>,
+    close: oneshot::Receiver<(CloseCode, String)>,
+    access: StreamPass,
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        // The session keeps the stream for a resume (a finished one ignores this).
+        self.session.do_send(Detach {
+            generation: self.attached.generation,
+        });
+    }
+}
+
+/// One sequence: its steps, in order.
+struct SequenceTask {
+    state: Arc<AppState>,
+    metadata: Arc<MetadataMap>,
+    peer: Option<IpAddr>,
+    echo: InferParameter,
+    model: String,
+    version: String,
+    live: Option<Live>,
+    /// Why the sequence cannot go on; every further step is answered with it.
+    failed: Option<String>,
+}
+
+impl SequenceTask {
+    async fn run(
+        mut self,
+        mut queue: mpsc::Receiver<Step>,
+        stop: watch::Receiver<Stop>,
+        unsolicited: mpsc::Sender<Result<ModelStreamInferResponse, Status>>,
+    ) {
+        let stopping = draining(stop.clone());
+        tokio::pin!(stopping);
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut stopping => {
+                    self.hand_over(&unsolicited).await;
+                    while let Ok(step) = queue.try_recv() {
+                        let message = "the server is shutting down; resume the sequence on another instance".to_string();
+                        let _ = step.answer.send(refused(&step.request, Some(self.echo.clone()), message));
+                    }
+                    return;
+                }
+                step = queue.recv() => match step {
+                    // The call is over; in a shutdown (the call may see it first), hand over.
+                    None if *stop.borrow() >= Stop::Draining => {
+                        self.hand_over(&unsolicited).await;
+                        return;
+                    }
+                    None => return,
+                    Some(step) => {
+                        let end = step.end;
+                        self.step(step).await;
+                        if end {
+                            return;
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    async fn step(&mut self, step: Step) {
+        let Step {
+            mut request,
+            start,
+            end,
+            answer,
+        } = step;
+        let reply = match self.take(&mut request, start, end).await {
+            Ok((mut gathered, raw)) => {
+                let error = gathered.error.take();
+                if let Some(reason) = &error {
+                    self.failed = Some(reason.clone());
+                }
+                if let Some(version) = gathered.version.clone() {
+                    self.version = version;
+                }
+                let response = gathered.into_response(
+                    &self.model,
+                    &self.version,
+                    std::mem::take(&mut request.id),
+                    self.echo.clone(),
+                    raw,
+                );
+                ModelStreamInferResponse {
+                    error_message: error.unwrap_or_default(),
+                    infer_response: Some(response),
+                }
+            }
+            Err(message) => refused(&request, Some(self.echo.clone()), message),
+        };
+        let _ = answer.send(reply);
+    }
+
+    /// Takes a step's audio and gathers what it produced; `raw`: answer in raw bytes.
+    async fn take(
+        &mut self,
+        request: &mut ModelInferRequest,
+        start: bool,
+        end: bool,
+    ) -> Result<(Gathered, bool), String> {
+        if let Some(reason) = &self.failed {
+            return Err(reason.clone());
+        }
+        let format = match request.inputs.first().map(|input| input.datatype.as_str()) {
+            Some("FP32") => "f32",
+            _ => "pcm16",
+        };
+        let options = answer::start_message(&request.parameters, start, format)?;
+        if start {
+            if let Err(reason) = self.open(request, options).await {
+                self.failed = Some(reason.clone());
+                return Err(reason);
+            }
+        }
+        let live = self
+            .live
+            .as_mut()
+            .ok_or_else(|| "the sequence has no stream".to_string())?;
+        let decoded = convert::decode(request).map_err(|e| e.to_string())?;
+        let samples = audio_of(decoded.inputs)?;
+        if !samples.is_empty() {
+            let rate = u64::from(live.attached.sample_rate.max(1));
+            let ms = (samples.len() as u64 * 1000).div_ceil(rate);
+            live.access
+                .audio(ms.min(u64::from(u32::MAX)) as u32)
+                .map_err(|e| e.to_string())?;
+            // Backpressure: the session takes this audio when it has room for it.
+            let permit = live
+                .attached
+                .credits
+                .acquire_many(samples.len() as u32)
+                .await
+                .map_err(|_| "the stream has ended".to_string())?;
+            permit.forget();
+            live.session.do_send(Audio(samples));
+        }
+        let mut gathered = Gathered::default();
+        if end {
+            live.session.do_send(End);
+            // Everything up to the summary: the session then lets go of the connection.
+            let all = async {
+                while let Some(text) = live.messages.recv().await {
+                    gathered.add(&text);
+                }
+            };
+            if tokio::time::timeout(STEP_WAIT, all).await.is_err() {
+                return Err("the stream did not end within 60 s".into());
+            }
+        } else {
+            let (flushed, done) = oneshot::channel();
+            live.session.do_send(Flush(flushed));
+            let waited = tokio::time::timeout(STEP_WAIT, done).await;
+            while let Ok(text) = live.messages.try_recv() {
+                gathered.add(&text);
+            }
+            if waited.is_err() {
+                return Err("the stream's results did not come within 60 s".into());
+            }
+        }
+        if let Ok((code, reason)) = live.close.try_recv() {
+            if code != CloseCode::Normal && gathered.error.is_none() {
+                gathered.error = Some(reason);
+            }
+        }
+        Ok((gathered, decoded.raw_output))
+    }
+
+    /// Lets the caller in and opens (or finds, to resume) the stream a `sequence_start` asks for.
+    async fn open(
+        &mut self,
+        request: &ModelInferRequest,
+        start: crate::stream::protocol::StartMessage,
+    ) -> Result<(), String> {
+        let state = &self.state;
+        let version = (!request.model_version.is_empty()).then_some(request.model_version.as_str());
+        let (pass, served) = state
+            .admitted(&*self.metadata, self.peer, &request.model_name, version)
+            .await
+            .map_err(|e| e.to_string())?;
+        if served.info.stream != Some(StreamKind::Vad) {
+            return Err(format!(
+                "model '{}' does not serve streams: sequences go to a model with \
+                 `stream = \"vad\"` in the manifest",
+                served.info.name
+            ));
+        }
+        state
+            .access
+            .check_version(&pass, &served.info.name, &served.info.version)
+            .map_err(|e| e.to_string())?;
+        let access = state
+            .access
+            .stream(&pass, &served.info.name)
+            .map_err(|e| e.to_string())?;
+        let resuming = start.stream_id.is_some() || start.resume.is_some();
+        if !resuming && !state.admission.admit_stream() {
+            return Err("the server is at its admission limit; retry in a second".into());
+        }
+        self.model = served.info.name.clone();
+        self.version = served.info.version.clone();
+        let caller = Caller {
+            served,
+            pass: pass.without_permit(),
+            access: state.access.clone(),
+        };
+        // Sessions are actors: they start on an actix thread, not on gRPC's runtime.
+        let (opened_tx, opened) = oneshot::channel();
+        let streams = state.streams.clone();
+        streams.arbiters.next().spawn_fn(move || {
+            actix::spawn(async move {
+                let _ = opened_tx.send(open_session(start, caller, &streams).await);
+            });
+        });
+        let opened = opened
+            .await
+            .map_err(|_| "the server is stopping".to_string())??;
+        let (messages_tx, messages) = mpsc::channel(OUTGOING_CAPACITY);
+        let (close_tx, close) = oneshot::channel();
+        let attach = Attach {
+            connection: Connection {
+                messages: messages_tx,
+                close: close_tx,
+            },
+            last_seq: opened.last_seq,
+            token_counter: opened.token_counter,
+        };
+        let attached = match opened.session.send(attach).await {
+            Ok(attached) => attached?,
+            Err(_) => return Err("the stream has ended".into()),
+        };
+        self.live = Some(Live {
+            session: opened.session,
+            attached,
+            messages,
+            close,
+            access,
+        });
+        Ok(())
+    }
+
+    /// In a shutdown: the stream's last checkpoint, as an answer of its own for the client to
+    /// resume from elsewhere (streams without checkpoints have none to give).
+    async fn hand_over(
+        &mut self,
+        unsolicited: &mpsc::Sender<Result<ModelStreamInferResponse, Status>>,
+    ) {
+        if let Some(handover) = self.last_checkpoint().await {
+            let _ = unsolicited.send(Ok(handover)).await;
+        }
+    }
+
+    async fn last_checkpoint(&mut self) -> Option<ModelStreamInferResponse> {
+        let live = self.live.as_mut()?;
+        if !live.attached.checkpoints || self.failed.is_some() {
+            return None;
+        }
+        live.session.do_send(Handover);
+        let mut gathered = Gathered::default();
+        let all = async {
+            while let Some(text) = live.messages.recv().await {
+                gathered.add(&text);
+            }
+        };
+        let _ = tokio::time::timeout(HANDOVER_WAIT, all).await;
+        if !gathered.handover {
+            return None;
+        }
+        let response = gathered.into_response(
+            &self.model,
+            &self.version,
+            String::new(),
+            self.echo.clone(),
+            false,
+        );
+        Some(ModelStreamInferResponse {
+            error_message: "the server is shutting down: resume this sequence on another \
+                            instance with sequence_start, resume = its checkpoint and last_seq"
+                .into(),
+            infer_response: Some(response),
+        })
+    }
+}
