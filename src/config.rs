@@ -184,6 +184,15 @@ pub struct ServeArgs {
     /// Largest gRPC message received or sent, in bytes [default: max_body_bytes].
     #[arg(long, env = "STREAMSERVE_GRPC_MAX_MESSAGE_BYTES")]
     pub grpc_max_message_bytes: Option<usize>,
+    /// PEM file of the certificate chain the gRPC listener presents: with
+    /// `--grpc-tls-key`, gRPC takes TLS only (HTTP/2 over TLS, ALPN h2). Unset = plaintext
+    /// HTTP/2 (h2c), for a proxy that terminates TLS.
+    #[arg(long, env = "STREAMSERVE_GRPC_TLS_CERT")]
+    pub grpc_tls_cert: Option<PathBuf>,
+    /// PEM file of the private key of `--grpc-tls-cert` (a file, e.g. a mounted secret; it is
+    /// read once at startup and never logged).
+    #[arg(long, env = "STREAMSERVE_GRPC_TLS_KEY")]
+    pub grpc_tls_key: Option<PathBuf>,
     /// Model registry to follow (docs/registry.md): `s3://bucket/prefix` (endpoint and keys
     /// from `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`),
     /// `gs://`, `az://`, `file:///dir` or a directory. Models in it are served beside those of
@@ -315,6 +324,8 @@ pub struct Config {
     pub grpc_port: Option<GrpcPort>,
     /// `None`: `max_body_bytes`.
     pub grpc_max_message_bytes: Option<usize>,
+    pub grpc_tls_cert: Option<PathBuf>,
+    pub grpc_tls_key: Option<PathBuf>,
     pub registry: Option<String>,
     pub registry_poll_secs: f64,
     pub registry_cache: PathBuf,
@@ -361,6 +372,8 @@ impl Default for Config {
             trusted_proxies: None,
             grpc_port: None,
             grpc_max_message_bytes: None,
+            grpc_tls_cert: None,
+            grpc_tls_key: None,
             registry: None,
             registry_poll_secs: 5.0,
             registry_cache: PathBuf::from(".streamserve-cache"),
@@ -449,6 +462,10 @@ impl Config {
             self.registry_poll_secs
         );
         self.registry = self.registry.take().filter(|r| !r.trim().is_empty());
+        anyhow::ensure!(
+            self.grpc_tls_cert.is_some() == self.grpc_tls_key.is_some(),
+            "grpc_tls_cert and grpc_tls_key go together: set both (TLS) or neither (h2c)"
+        );
         anyhow::ensure!(
             self.stream_token_keys.is_none() || self.stream_token_key.is_none(),
             "both stream_token_keys and stream_token_key are set; set one of them"

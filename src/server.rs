@@ -224,6 +224,10 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
                 port,
                 max_message: config.grpc_max_message(),
                 workers: config.http_workers,
+                tls: config
+                    .grpc_tls_cert
+                    .as_deref()
+                    .zip(config.grpc_tls_key.as_deref()),
             },
         )?),
     };
@@ -231,7 +235,8 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
     let server = server.run();
     // One line for both listeners: tools wait for it and read the addresses from it.
     let grpc_field = grpc_addr.map_or_else(|| "off".to_string(), |a| a.to_string());
-    tracing::info!(%addr, grpc_addr = %grpc_field, max_connections, "streamserve listening");
+    let grpc_tls = config.grpc_tls_cert.is_some();
+    tracing::info!(%addr, grpc_addr = %grpc_field, grpc_tls, max_connections, "streamserve listening");
     let running = Running {
         addr,
         grpc_addr,

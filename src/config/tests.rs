@@ -134,6 +134,8 @@ fn defaults_are_unchanged() {
         trusted_proxies,
         grpc_port,
         grpc_max_message_bytes,
+        grpc_tls_cert,
+        grpc_tls_key,
         registry,
         registry_poll_secs,
         registry_cache,
@@ -181,6 +183,7 @@ fn defaults_are_unchanged() {
     assert_eq!(trusted_proxies, None);
     assert_eq!(grpc_port, None);
     assert_eq!(grpc_max_message_bytes, None);
+    assert_eq!((grpc_tls_cert, grpc_tls_key), (None, None));
     assert_eq!(Config::default().grpc_listen_port(), Some(8081));
     assert_eq!(Config::default().grpc_max_message(), 67_108_864);
 
@@ -449,4 +452,19 @@ fn the_stream_token_key_is_never_printed_and_not_set_twice() {
     })
     .unwrap_err();
     assert!(err.to_string().contains("set one of them"), "{err}");
+}
+
+#[test]
+fn a_grpc_tls_certificate_needs_its_key() {
+    let args = |cert: Option<&str>, key: Option<&str>| ServeArgs {
+        grpc_tls_cert: cert.map(PathBuf::from),
+        grpc_tls_key: key.map(PathBuf::from),
+        ..ServeArgs::default()
+    };
+    let e = Config::resolve(args(Some("/cert.pem"), None)).unwrap_err();
+    assert!(e.to_string().contains("go together"), "{e}");
+    let e = Config::resolve(args(None, Some("/key.pem"))).unwrap_err();
+    assert!(e.to_string().contains("go together"), "{e}");
+    let both = Config::resolve(args(Some("/cert.pem"), Some("/key.pem"))).unwrap();
+    assert_eq!(both.grpc_tls_key, Some(PathBuf::from("/key.pem")));
 }

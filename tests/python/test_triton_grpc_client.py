@@ -231,7 +231,7 @@ def test_a_sequence_streams_speech_and_finds_what_the_one_shot_endpoint_finds(
 
     errors = [(i, error) for i, (_, error) in enumerate(got) if error is not None]
     assert len(errors) == 1 and errors[0][0] == 4, errors
-    assert "was not started" in errors[0][1].message()
+    assert "is not running on this call" in errors[0][1].message()
     results = [result for result, error in got if error is None]
     assert [r.get_response().id for r in results] == [f"step-{i}" for i in range(len(steps))]
     first = results[0].get_response()

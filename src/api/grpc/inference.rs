@@ -261,7 +261,6 @@ impl GrpcInferenceService for Arc<Inference> {
                 this.stop.clone(),
                 metadata.clone(),
                 peer,
-                tx.clone(),
             );
             let stop = draining(this.stop.clone());
             tokio::pin!(stop);
@@ -284,7 +283,9 @@ impl GrpcInferenceService for Arc<Inference> {
                                 while let Some(answer) = pending.next().await {
                                     let _ = tx.send(Ok(answer)).await;
                                 }
-                                sequences.finish().await;
+                                for handover in sequences.finish().await {
+                                    let _ = tx.send(Ok(handover)).await;
+                                }
                                 let _ = tx.send(Err(super::transport_status(status))).await;
                                 return;
                             }
@@ -293,8 +294,11 @@ impl GrpcInferenceService for Arc<Inference> {
                     _ = &mut stop, if !stopping => stopping = true,
                 }
             }
-            // Unended sequences wait for a resume; in a shutdown they hand over first.
-            sequences.finish().await;
+            // Unended sequences wait for a resume; in a shutdown they hand over, after every
+            // answer asked for.
+            for handover in sequences.finish().await {
+                let _ = tx.send(Ok(handover)).await;
+            }
             if stopping && open {
                 let _ = tx
                     .send(Err(Status::unavailable(

@@ -26,6 +26,7 @@ use tokio::sync::watch;
 use tonic::codegen::http;
 use tonic::metadata::MetadataMap;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Code, Status};
 
 use super::AppState;
@@ -138,12 +139,38 @@ pub struct GrpcConfig<'a> {
     pub port: u16,
     pub max_message: usize,
     pub workers: usize,
+    /// PEM files of the certificate chain and its private key: TLS only; `None`: h2c.
+    pub tls: Option<(&'a std::path::Path, &'a std::path::Path)>,
+}
+
+/// The server builder, with TLS when a certificate is configured (read here, so that a
+/// missing or malformed file fails the start, naming the file but never printing the key).
+fn builder(tls: Option<(&std::path::Path, &std::path::Path)>) -> anyhow::Result<Server> {
+    let server = Server::builder();
+    let Some((cert, key)) = tls else {
+        return Ok(server);
+    };
+    let read = |path: &std::path::Path, what: &str| {
+        std::fs::read(path)
+            .map_err(|e| anyhow::anyhow!("cannot read the gRPC TLS {what} {}: {e}", path.display()))
+    };
+    let identity = Identity::from_pem(read(cert, "certificate")?, read(key, "key")?);
+    server
+        .tls_config(ServerTlsConfig::new().identity(identity))
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "gRPC TLS: {} and {} are not a PEM certificate chain and its private key ({e})",
+                cert.display(),
+                key.display()
+            )
+        })
 }
 
 impl GrpcServer {
     /// Binds the listener (so that a taken port fails the start, and port 0 is resolved
     /// before this returns) and serves it on a runtime thread of its own.
     pub fn start(state: Arc<AppState>, config: GrpcConfig<'_>) -> anyhow::Result<GrpcServer> {
+        let builder = builder(config.tls)?;
         let listener = std::net::TcpListener::bind((config.host, config.port)).map_err(|e| {
             anyhow::anyhow!(
                 "cannot listen for gRPC on {}:{}: {e}",
@@ -164,7 +191,7 @@ impl GrpcServer {
         std::thread::Builder::new()
             .name("streamserve-grpc".into())
             .spawn(move || {
-                runtime.block_on(serve(listener, state, stop_rx, max_message));
+                runtime.block_on(serve(builder, listener, state, stop_rx, max_message));
                 runtime.shutdown_timeout(Duration::from_millis(100));
                 let _ = stopped_tx.send(true);
             })?;
@@ -201,6 +228,7 @@ impl GrpcServer {
 }
 
 async fn serve(
+    builder: Server,
     listener: std::net::TcpListener,
     state: Arc<AppState>,
     stop: watch::Receiver<Stop>,
@@ -243,7 +271,7 @@ async fn serve(
         };
     let graceful = draining(stop.clone());
     let mut now = stop.clone();
-    let server = tonic::transport::Server::builder()
+    let server = builder
         .layer(tower::util::MapResponseLayer::new(fix_too_large))
         .add_service(inference)
         .add_service(health)

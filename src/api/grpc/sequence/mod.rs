@@ -20,12 +20,13 @@ use std::time::Duration;
 use actix::prelude::*;
 use actix_ws::CloseCode;
 use futures_util::future::BoxFuture;
+use prost::Message as _;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinHandle;
+use tokio::task::JoinSet;
 use tonic::metadata::MetadataMap;
-use tonic::Status;
 
 use super::convert;
+use super::proto::inference::infer_parameter::ParameterChoice;
 use super::proto::inference::{InferParameter, ModelInferRequest, ModelStreamInferResponse};
 use super::{draining, Stop};
 use crate::access::StreamPass;
@@ -43,6 +44,9 @@ const QUEUED_STEPS: usize = 64;
 /// Results a session may hand over between two steps (a resume replays up to the session's
 /// 8,192 kept results at once).
 const OUTGOING_CAPACITY: usize = 16384;
+/// Audio handed to the session at once: well under its room, so that a piece always fits
+/// beside a partial chunk.
+const PIECE: usize = 16384;
 /// Longest a step waits for its audio's results, and a shutdown for a last checkpoint.
 const STEP_WAIT: Duration = Duration::from_secs(60);
 const HANDOVER_WAIT: Duration = Duration::from_secs(5);
@@ -68,10 +72,18 @@ pub struct Sequences {
     stop: watch::Receiver<Stop>,
     metadata: Arc<MetadataMap>,
     peer: Option<IpAddr>,
-    /// Answers no request asked for: a shutdown's handover checkpoints.
-    unsolicited: mpsc::Sender<Result<ModelStreamInferResponse, Status>>,
     live: HashMap<SequenceKey, mpsc::Sender<Step>>,
-    tasks: Vec<JoinHandle<()>>,
+    /// Each sequence's task; its output is its handover checkpoint, in a shutdown.
+    tasks: JoinSet<Option<ModelStreamInferResponse>>,
+}
+
+/// Why a step of a sequence that this call does not hold is refused.
+fn not_running(key: &SequenceKey) -> String {
+    format!(
+        "{key} is not running on this call (not started, or ended, failed or idle past \
+         --stream-idle-secs): send sequence_start (with stream_id or resume to continue a \
+         stream)"
+    )
 }
 
 /// An answer that refuses a step, naming what it was for.
@@ -103,16 +115,14 @@ impl Sequences {
         stop: watch::Receiver<Stop>,
         metadata: Arc<MetadataMap>,
         peer: Option<IpAddr>,
-        unsolicited: mpsc::Sender<Result<ModelStreamInferResponse, Status>>,
     ) -> Sequences {
         Sequences {
             state,
             stop,
             metadata,
             peer,
-            unsolicited,
             live: HashMap::new(),
-            tasks: Vec::new(),
+            tasks: JoinSet::new(),
         }
     }
 
@@ -127,6 +137,9 @@ impl Sequences {
             Err(e) => return Box::pin(std::future::ready(refused(&request, None, e))),
         };
         let echo = Some(flags.echo.clone());
+        // Sequences whose task is over (ended, failed, idle) are let go of.
+        while self.tasks.try_join_next().is_some() {}
+        self.live.retain(|_, steps| !steps.is_closed());
         if flags.start {
             if self.live.contains_key(&flags.key) {
                 let message = format!(
@@ -146,31 +159,22 @@ impl Sequences {
                 live: None,
                 failed: None,
             };
-            let stop = self.stop.clone();
-            let unsolicited = self.unsolicited.clone();
-            self.tasks
-                .push(tokio::spawn(task.run(queue, stop, unsolicited)));
+            let idle = self.state.streams.idle_timeout;
+            self.tasks.spawn(task.run(queue, self.stop.clone(), idle));
             self.live.insert(flags.key.clone(), steps);
         }
         let Some(steps) = self.live.get(&flags.key) else {
-            let message = format!(
-                "{} was not started on this call: send sequence_start first (a stream of an \
-                 earlier call resumes with sequence_start and its stream_id or resume token)",
-                flags.key
-            );
+            let message = not_running(&flags.key);
             return Box::pin(std::future::ready(refused(&request, echo, message)));
         };
         let (answer, answered) = oneshot::channel();
-        let overflow = refused(
-            &request,
-            echo.clone(),
-            format!("{}: more than {QUEUED_STEPS} steps queued", flags.key),
-        );
-        let ended = refused(
-            &request,
-            echo,
-            format!("{} has ended on this call", flags.key),
-        );
+        // What an answer that never comes names (the task ended with the step queued).
+        let named = ModelInferRequest {
+            model_name: request.model_name.clone(),
+            model_version: request.model_version.clone(),
+            id: request.id.clone(),
+            ..Default::default()
+        };
         let step = Step {
             request,
             start: flags.start,
@@ -181,19 +185,41 @@ impl Sequences {
         if flags.end {
             self.live.remove(&flags.key);
         }
-        if sent.is_err() {
-            return Box::pin(std::future::ready(overflow));
+        match sent {
+            Ok(()) => {
+                let key = flags.key;
+                Box::pin(async move {
+                    match answered.await {
+                        Ok(answer) => answer,
+                        Err(_) => refused(&named, echo, not_running(&key)),
+                    }
+                })
+            }
+            Err(mpsc::error::TrySendError::Full(step)) => {
+                let message = format!("{}: more than {QUEUED_STEPS} steps queued", flags.key);
+                Box::pin(std::future::ready(refused(&step.request, echo, message)))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                let message = not_running(&flags.key);
+                Box::pin(std::future::ready(refused(&named, echo, message)))
+            }
         }
-        Box::pin(async move { answered.await.unwrap_or(ended) })
     }
 
-    /// The call is over: sequences not ended wait for a resume (their sessions keep them for
-    /// the resume window); in a shutdown, their tasks first hand them over.
-    pub async fn finish(mut self) {
+    /// The call is over (every step answered): sequences not ended wait for a resume (their
+    /// sessions keep them for the resume window). In a shutdown, the answers nobody asked for
+    /// come back: each sequence's last checkpoint, to send after every other answer.
+    pub async fn finish(mut self) -> Vec<ModelStreamInferResponse> {
         self.live.clear();
-        for task in self.tasks.drain(..) {
-            let _ = tokio::time::timeout(HANDOVER_WAIT + Duration::from_secs(1), task).await;
-        }
+        let mut handovers = Vec::new();
+        let all = async {
+            while let Some(done) = self.tasks.join_next().await {
+                handovers.extend(done.ok().flatten());
+            }
+        };
+        // Tasks past the deadline are aborted when the set drops.
+        let _ = tokio::time::timeout(HANDOVER_WAIT + Duration::from_secs(1), all).await;
+        handovers
     }
 }
 
@@ -229,37 +255,40 @@ struct SequenceTask {
 }
 
 impl SequenceTask {
+    /// Takes the sequence's steps in order until it ends, fails, sits idle past `idle` (its
+    /// session then waits for a resume) or the server stops (its last checkpoint is then the
+    /// task's output).
     async fn run(
         mut self,
         mut queue: mpsc::Receiver<Step>,
         stop: watch::Receiver<Stop>,
-        unsolicited: mpsc::Sender<Result<ModelStreamInferResponse, Status>>,
-    ) {
+        idle: Duration,
+    ) -> Option<ModelStreamInferResponse> {
         let stopping = draining(stop.clone());
         tokio::pin!(stopping);
         loop {
             tokio::select! {
                 biased;
-                _ = &mut stopping => {
-                    self.hand_over(&unsolicited).await;
-                    while let Ok(step) = queue.try_recv() {
-                        let message = "the server is shutting down; resume the sequence on another instance".to_string();
-                        let _ = step.answer.send(refused(&step.request, Some(self.echo.clone()), message));
+                _ = &mut stopping => return self.stop_now(&mut queue).await,
+                step = tokio::time::timeout(idle, queue.recv()) => match step {
+                    Err(_) => {
+                        tracing::info!(model = %self.model, "a gRPC sequence had no step within the idle time; it waits for a resume");
+                        metrics::counter!("streamserve_stream_drops_total", "reason" => "idle").increment(1);
+                        return None;
                     }
-                    return;
-                }
-                step = queue.recv() => match step {
                     // The call is over; in a shutdown (the call may see it first), hand over.
-                    None if *stop.borrow() >= Stop::Draining => {
-                        self.hand_over(&unsolicited).await;
-                        return;
-                    }
-                    None => return,
-                    Some(step) => {
-                        let end = step.end;
-                        self.step(step).await;
-                        if end {
-                            return;
+                    Ok(None) if *stop.borrow() >= Stop::Draining => return self.stop_now(&mut queue).await,
+                    Ok(None) => return None,
+                    Ok(Some(step)) => {
+                        let reply = self.step(step.request, step.start, step.end).await;
+                        let over = step.end || self.failed.is_some();
+                        if over {
+                            // Before the answer: a new sequence_start of this id is then let in.
+                            queue.close();
+                        }
+                        let _ = step.answer.send(reply);
+                        if over {
+                            return None;
                         }
                     }
                 },
@@ -267,14 +296,30 @@ impl SequenceTask {
         }
     }
 
-    async fn step(&mut self, step: Step) {
-        let Step {
-            mut request,
-            start,
-            end,
-            answer,
-        } = step;
-        let reply = match self.take(&mut request, start, end).await {
+    /// In a shutdown: refuses the steps still queued, then hands the stream over.
+    async fn stop_now(
+        &mut self,
+        queue: &mut mpsc::Receiver<Step>,
+    ) -> Option<ModelStreamInferResponse> {
+        queue.close();
+        while let Ok(step) = queue.try_recv() {
+            let message =
+                "the server is shutting down; resume the sequence on another instance".to_string();
+            let _ = step
+                .answer
+                .send(refused(&step.request, Some(self.echo.clone()), message));
+        }
+        self.last_checkpoint().await
+    }
+
+    /// A step's answer (a step that cannot be taken is refused, and the sequence goes on).
+    async fn step(
+        &mut self,
+        mut request: ModelInferRequest,
+        start: bool,
+        end: bool,
+    ) -> ModelStreamInferResponse {
+        match self.take(&mut request, start, end).await {
             Ok((mut gathered, raw)) => {
                 let error = gathered.error.take();
                 if let Some(reason) = &error {
@@ -296,8 +341,7 @@ impl SequenceTask {
                 }
             }
             Err(message) => refused(&request, Some(self.echo.clone()), message),
-        };
-        let _ = answer.send(reply);
+        }
     }
 
     /// Takes a step's audio and gathers what it produced; `raw`: answer in raw bytes.
@@ -325,6 +369,12 @@ impl SequenceTask {
             .live
             .as_mut()
             .ok_or_else(|| "the sequence has no stream".to_string())?;
+        // The message and its decoded audio count against the memory REST bodies share.
+        let _memory = self
+            .state
+            .body_memory
+            .hold(request.encoded_len())
+            .map_err(|e| e.to_string())?;
         let decoded = convert::decode(request).map_err(|e| e.to_string())?;
         let samples = audio_of(decoded.inputs)?;
         if !samples.is_empty() {
@@ -333,15 +383,17 @@ impl SequenceTask {
             live.access
                 .audio(ms.min(u64::from(u32::MAX)) as u32)
                 .map_err(|e| e.to_string())?;
-            // Backpressure: the session takes this audio when it has room for it.
-            let permit = live
-                .attached
-                .credits
-                .acquire_many(samples.len() as u32)
-                .await
-                .map_err(|_| "the stream has ended".to_string())?;
-            permit.forget();
-            live.session.do_send(Audio(samples));
+            // Backpressure: the session takes audio as it has room for it, a piece at a time
+            // (a partial chunk holds some of its room until more audio comes).
+            for piece in pieces(samples) {
+                let credits = live.attached.credits.acquire_many(piece.len() as u32);
+                match tokio::time::timeout(STEP_WAIT, credits).await {
+                    Ok(Ok(permit)) => permit.forget(),
+                    Ok(Err(_)) => return Err("the stream has ended".into()),
+                    Err(_) => return Err("the stream took no audio for 60 s".into()),
+                }
+                live.session.do_send(Audio(piece));
+            }
         }
         let mut gathered = Gathered::default();
         if end {
@@ -353,7 +405,7 @@ impl SequenceTask {
                 }
             };
             if tokio::time::timeout(STEP_WAIT, all).await.is_err() {
-                return Err("the stream did not end within 60 s".into());
+                gathered.error = Some("the stream did not end within 60 s".into());
             }
         } else {
             let (flushed, done) = oneshot::channel();
@@ -363,7 +415,7 @@ impl SequenceTask {
                 gathered.add(&text);
             }
             if waited.is_err() {
-                return Err("the stream's results did not come within 60 s".into());
+                gathered.error = Some("the stream's results did not come within 60 s".into());
             }
         }
         if let Ok((code, reason)) = live.close.try_recv() {
@@ -447,17 +499,8 @@ impl SequenceTask {
         Ok(())
     }
 
-    /// In a shutdown: the stream's last checkpoint, as an answer of its own for the client to
-    /// resume from elsewhere (streams without checkpoints have none to give).
-    async fn hand_over(
-        &mut self,
-        unsolicited: &mpsc::Sender<Result<ModelStreamInferResponse, Status>>,
-    ) {
-        if let Some(handover) = self.last_checkpoint().await {
-            let _ = unsolicited.send(Ok(handover)).await;
-        }
-    }
-
+    /// The stream's last checkpoint, as an answer of its own (no request asked for it) for
+    /// the client to resume from elsewhere; streams without checkpoints have none to give.
     async fn last_checkpoint(&mut self) -> Option<ModelStreamInferResponse> {
         let live = self.live.as_mut()?;
         if !live.attached.checkpoints || self.failed.is_some() {
@@ -474,18 +517,31 @@ impl SequenceTask {
         if !gathered.handover {
             return None;
         }
-        let response = gathered.into_response(
+        let mut response = gathered.into_response(
             &self.model,
             &self.version,
             String::new(),
             self.echo.clone(),
             false,
         );
+        // Not an error: Triton's client hides an answer's outputs when it has one.
+        response.parameters.insert(
+            "handover".into(),
+            InferParameter {
+                parameter_choice: Some(ParameterChoice::BoolParam(true)),
+            },
+        );
         Some(ModelStreamInferResponse {
-            error_message: "the server is shutting down: resume this sequence on another \
-                            instance with sequence_start, resume = its checkpoint and last_seq"
-                .into(),
+            error_message: String::new(),
             infer_response: Some(response),
         })
     }
+}
+
+/// `samples` in pieces of at most [`PIECE`] (one piece, not copied, when it is small).
+fn pieces(samples: Vec<f32>) -> Vec<Vec<f32>> {
+    if samples.len() <= PIECE {
+        return vec![samples];
+    }
+    samples.chunks(PIECE).map(<[f32]>::to_vec).collect()
 }
