@@ -365,6 +365,17 @@ async fn a_sequence_resumes_on_a_new_call_from_its_stream_id() {
         ("stream_id", ParameterChoice::StringParam(stream_id.clone())),
         ("last_seq", ParameterChoice::Int64Param(last_seq)),
     ];
+    // The stream id on another streaming model's name is refused.
+    let mut elsewhere = step(4, true, false, Samples::None, &resume);
+    elsewhere.model_name = "vad_energy".into();
+    tx.send(elsewhere).await.unwrap();
+    let refused = answer(&mut answers).await;
+    assert!(
+        refused
+            .error_message
+            .contains("is on model 'silero_vad', not 'vad_energy'"),
+        "{refused:?}"
+    );
     tx.send(step(4, true, false, Samples::None, &resume))
         .await
         .unwrap();

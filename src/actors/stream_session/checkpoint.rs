@@ -152,6 +152,21 @@ impl Handler<Progress> for StreamSession {
     }
 }
 
+/// Which model version a stream runs on: a resume by `stream_id` must come from a caller
+/// of that model, allowed that version.
+#[derive(Message)]
+#[rtype(result = "(String, String)")]
+pub struct ServedBy;
+
+impl Handler<ServedBy> for StreamSession {
+    type Result = MessageResult<ServedBy>;
+
+    fn handle(&mut self, _: ServedBy, _ctx: &mut Self::Context) -> Self::Result {
+        let info = &self.model.info;
+        MessageResult((info.name.clone(), info.version.clone()))
+    }
+}
+
 /// Another copy of the stream took over: this one stops, quietly (its client is elsewhere).
 #[derive(Message)]
 #[rtype(result = "()")]

@@ -15,7 +15,7 @@
 mod checkpoint;
 mod flush;
 
-pub use checkpoint::{Handover, Progress, Retire};
+pub use checkpoint::{Handover, Progress, Retire, ServedBy};
 pub use flush::Flush;
 
 use std::collections::VecDeque;

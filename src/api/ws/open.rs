@@ -11,10 +11,11 @@ use super::StreamsConfig;
 use crate::access::{Access, Pass};
 use crate::actors::catalog::ServedModel;
 use crate::actors::stream_hub::{Adopt, Found, Lookup, Register};
-use crate::actors::stream_session::{Progress, Retire, StreamParams, StreamSession};
+use crate::actors::stream_session::{Progress, Retire, ServedBy, StreamParams, StreamSession};
 use crate::actors::supervisor::EnsureLoaded;
 use crate::stream::checkpoint::Checkpoint;
 use crate::stream::protocol::StartMessage;
+use crate::untrusted::Untrusted;
 
 /// Who opened the stream, on which model (its default version, as the URL asked): what a
 /// takeover checks the token's model and version against.
@@ -58,14 +59,28 @@ pub(in crate::api) async fn open_session(
         return take_over(checkpoint, start.last_seq, caller, config).await;
     }
     if let Some(id) = start.stream_id {
-        return match config.hub.send(Lookup { id: id.clone() }).await {
-            Ok(Found::Live(session)) => Ok(Opened {
-                session,
-                last_seq: start.last_seq,
-                token_counter: None,
-            }),
-            _ => Err(format!("unknown or expired stream_id '{id}'")),
+        let unknown = || format!("unknown or expired stream_id '{}'", Untrusted(&id));
+        let Ok(Found::Live(session)) = config.hub.send(Lookup { id: id.clone() }).await else {
+            return Err(unknown());
         };
+        // The stream's own model, at a version this caller may use.
+        let (model, version) = session.send(ServedBy).await.map_err(|_| unknown())?;
+        if model != caller.served.info.name {
+            return Err(format!(
+                "stream '{}' is on model '{model}', not '{}'",
+                Untrusted(&id),
+                caller.served.info.name
+            ));
+        }
+        caller
+            .access
+            .check_version(&caller.pass, &model, &version)
+            .map_err(|e| e.to_string())?;
+        return Ok(Opened {
+            session,
+            last_seq: start.last_seq,
+            token_counter: None,
+        });
     }
     if start.last_seq.is_some() {
         return Err("last_seq is only meaningful with stream_id or resume".into());
@@ -98,7 +113,7 @@ async fn take_over(
     if checkpoint.model != name {
         return Err(format!(
             "the resume token is for a stream on model '{}', not '{name}'",
-            crate::untrusted::Untrusted(&checkpoint.model)
+            Untrusted(&checkpoint.model)
         ));
     }
     caller
