@@ -1,6 +1,6 @@
 //! Compiles the vendored gRPC protocol files (`proto/`, see `proto/README.md`) into Rust: the
 //! Open Inference Protocol (`inference.GRPCInferenceService`, Triton's superset of KServe v2)
-//! and `grpc.health.v1`. The protobuf compiler is protox, in pure Rust, so a build needs no
+//! `grpc.health.v1`, and streamserve's own `streamserve.speech.v1.Speech`. The protobuf compiler is protox, in pure Rust, so a build needs no
 //! `protoc` and downloads nothing; the compiled descriptors also feed server reflection.
 
 use prost::Message;
@@ -9,7 +9,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     // `grpc_service.proto` imports "model_config.proto" from its own directory.
     let files = protox::compile(
-        ["grpc_service.proto", "grpc/health/v1/health.proto"],
+        [
+            "grpc_service.proto",
+            "grpc/health/v1/health.proto",
+            "streamserve/speech.proto",
+        ],
         ["proto/inference", "proto"],
     )?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);

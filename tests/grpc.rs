@@ -746,7 +746,11 @@ async fn reflection_lists_the_services() {
         panic!("not a service list")
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for service in ["inference.GRPCInferenceService", "grpc.health.v1.Health"] {
+    for service in [
+        "inference.GRPCInferenceService",
+        "streamserve.speech.v1.Speech",
+        "grpc.health.v1.Health",
+    ] {
         assert!(names.contains(&service.to_string()), "{names:?}");
     }
     let Some(MessageResponse::FileDescriptorResponse(files)) =

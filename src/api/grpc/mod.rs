@@ -17,6 +17,7 @@ mod health;
 mod inference;
 mod model_config;
 mod sequence;
+mod speech;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -39,6 +40,9 @@ pub mod proto {
     }
     pub mod health {
         tonic::include_proto!("grpc.health.v1");
+    }
+    pub mod speech {
+        tonic::include_proto!("streamserve.speech.v1");
     }
     /// The compiled descriptors of every vendored proto file, for reflection.
     pub const DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
@@ -253,6 +257,11 @@ async fn serve(
         proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer::new(inference)
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
+    let speech = proto::speech::speech_server::SpeechServer::new(Arc::new(speech::SpeechService {
+        state: state.clone(),
+    }))
+    .max_decoding_message_size(max_message)
+    .max_encoding_message_size(max_message);
     let health = proto::health::health_server::HealthServer::new(Arc::new(health::HealthService {
         state,
         stop: stop.clone(),
@@ -274,6 +283,7 @@ async fn serve(
     let server = builder
         .layer(tower::util::MapResponseLayer::new(fix_too_large))
         .add_service(inference)
+        .add_service(speech)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

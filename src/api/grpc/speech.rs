@@ -1,0 +1,355 @@
+//! `streamserve.speech.v1.Speech`: the speech call shapes Triton's protocol has no room for,
+//! on the same stream session as every other speech stream (batched across streams with
+//! them). `Segments` is server streaming (a WAV file in, speech events out as they are found,
+//! then the summary); `Summarize` is client streaming (audio in pieces, the summary out).
+//! Bidirectional speech streams are Triton's sequences on `ModelStreamInfer` (`sequence/`).
+
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::proto::speech::speech_server::Speech;
+use super::proto::speech::*;
+use crate::access::StreamPass;
+use crate::actors::stream_session::{
+    Attach, Audio, Connection, Detach, End, StreamParams, StreamSession, AUDIO_CREDITS,
+};
+use crate::api::AppState;
+use crate::error::ServeError;
+use crate::manifest::StreamKind;
+use crate::stream::audio::{read_wav, SampleFormat};
+use crate::stream::protocol::ResultsMode;
+
+/// Longest a call waits for the model between two events.
+const EVENT_WAIT: Duration = Duration::from_secs(60);
+
+pub struct SpeechService {
+    pub state: Arc<AppState>,
+}
+
+/// A session running for one call, and the messages it writes.
+struct Running {
+    session: Addr<StreamSession>,
+    messages: mpsc::Receiver<Arc<str>>,
+    credits: Arc<tokio::sync::Semaphore>,
+    generation: u64,
+    model: String,
+    version: String,
+    _access: StreamPass,
+}
+
+/// The session's messages this service reads (the WebSocket protocol's JSON).
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Sent {
+    SpeechStart {
+        t: f64,
+    },
+    SpeechEnd {
+        t: f64,
+    },
+    Summary(SummaryJson),
+    Error {
+        message: String,
+    },
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Deserialize)]
+struct SummaryJson {
+    duration: f64,
+    chunks: u64,
+    segments: Vec<SegmentJson>,
+}
+
+#[derive(Deserialize)]
+struct SegmentJson {
+    start: f64,
+    end: f64,
+}
+
+fn vad_options(vad: Option<VadOptions>) -> crate::stream::vad::VadOptions {
+    let defaults = crate::stream::vad::VadOptions::default();
+    let vad = vad.unwrap_or_default();
+    crate::stream::vad::VadOptions {
+        threshold: vad.threshold.unwrap_or(defaults.threshold),
+        neg_threshold: vad.neg_threshold,
+        min_speech_ms: vad.min_speech_ms.unwrap_or(defaults.min_speech_ms),
+        min_silence_ms: vad.min_silence_ms.unwrap_or(defaults.min_silence_ms),
+        speech_pad_ms: vad.speech_pad_ms.unwrap_or(defaults.speech_pad_ms),
+    }
+}
+
+impl SpeechService {
+    /// Lets the caller in and starts a session on `model` (events and summary only).
+    async fn open(
+        &self,
+        metadata: &MetadataMap,
+        peer: Option<IpAddr>,
+        model: &str,
+        sample_rate: u32,
+        vad: Option<VadOptions>,
+    ) -> Result<Running, Status> {
+        let state = &self.state;
+        let (pass, served) = state.admitted(metadata, peer, model, None).await?;
+        if served.info.stream != Some(StreamKind::Vad) {
+            return Err(ServeError::invalid(format!(
+                "model '{}' does not serve streams (it has no `stream = \"vad\"` in the manifest)",
+                served.info.name
+            ))
+            .into());
+        }
+        state
+            .access
+            .check_version(&pass, &served.info.name, &served.info.version)?;
+        let access = state.access.stream(&pass, &served.info.name)?;
+        if !state.admission.admit_stream() {
+            return Err(ServeError::Busy {
+                limit: state.admission.limit(),
+                retry_after: Duration::from_secs(1),
+            }
+            .into());
+        }
+        let params = StreamParams {
+            sample_rate,
+            format: SampleFormat::F32,
+            results: ResultsMode::Events,
+            vad: vad_options(vad),
+            resume_window: Duration::ZERO,
+            keys: state.streams.keys.clone(),
+            checkpoint_samples: 0,
+        };
+        let (model, version) = (served.info.name.clone(), served.info.version.clone());
+        let id: Arc<str> = uuid::Uuid::new_v4().simple().to_string().into();
+        let session = StreamSession::new(id, served, params, None)
+            .map_err(|e| Status::from(ServeError::invalid(e)))?;
+        // An actor starts on an actix thread, not on gRPC's runtime.
+        let (started_tx, started) = oneshot::channel();
+        state.streams.arbiters.next().spawn_fn(move || {
+            let _ = started_tx.send(session.start());
+        });
+        let session = started
+            .await
+            .map_err(|_| Status::unavailable("the server is stopping"))?;
+        let (tx, messages) = mpsc::channel(4096);
+        let (close, _) = oneshot::channel();
+        let attach = Attach {
+            connection: Connection {
+                messages: tx,
+                close,
+            },
+            last_seq: None,
+            token_counter: None,
+        };
+        let attached = session
+            .send(attach)
+            .await
+            .map_err(|_| Status::unavailable("the stream session stopped"))?
+            .map_err(|e| Status::from(ServeError::Inference(e)))?;
+        Ok(Running {
+            session,
+            messages,
+            credits: attached.credits,
+            generation: attached.generation,
+            model,
+            version,
+            _access: access,
+        })
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // A call that ends early (an error, a client gone) stops its session: these streams
+        // do not resume (their resume window is zero).
+        self.session.do_send(Detach {
+            generation: self.generation,
+        });
+    }
+}
+
+impl Running {
+    /// Hands `samples` to the session as it has room for them (backpressure on the caller).
+    async fn feed(&self, samples: Vec<f32>) -> Result<(), Status> {
+        for piece in samples.chunks(AUDIO_CREDITS / 4) {
+            let credits = self.credits.acquire_many(piece.len() as u32);
+            match tokio::time::timeout(EVENT_WAIT, credits).await {
+                Ok(Ok(permit)) => permit.forget(),
+                Ok(Err(_)) => return Err(Status::internal("the stream session stopped")),
+                Err(_) => {
+                    return Err(Status::deadline_exceeded(
+                        "the model took no audio for 60 s",
+                    ))
+                }
+            }
+            self.session.do_send(Audio(piece.to_vec()));
+        }
+        Ok(())
+    }
+
+    /// The next event or the summary (`None`: the session's other messages are skipped).
+    async fn next(&mut self) -> Result<Option<speech_event::Event>, Status> {
+        loop {
+            let text = match tokio::time::timeout(EVENT_WAIT, self.messages.recv()).await {
+                Ok(Some(text)) => text,
+                Ok(None) => return Err(Status::internal("the stream ended without a summary")),
+                Err(_) => {
+                    return Err(Status::deadline_exceeded(
+                        "no result from the model for 60 s",
+                    ))
+                }
+            };
+            let Ok(sent) = serde_json::from_str::<Sent>(&text) else {
+                return Err(Status::internal("an unreadable stream message"));
+            };
+            return Ok(Some(match sent {
+                Sent::SpeechStart { t } => speech_event::Event::SpeechStart(t),
+                Sent::SpeechEnd { t } => speech_event::Event::SpeechEnd(t),
+                Sent::Summary(summary) => speech_event::Event::Summary(self.summary(summary)),
+                Sent::Error { message } => return Err(Status::unavailable(message)),
+                Sent::Other => continue,
+            }));
+        }
+    }
+
+    fn summary(&self, summary: SummaryJson) -> Summary {
+        Summary {
+            model: self.model.clone(),
+            version: self.version.clone(),
+            duration: summary.duration,
+            chunks: summary.chunks,
+            segments: summary
+                .segments
+                .into_iter()
+                .map(|s| Segment {
+                    start: s.start,
+                    end: s.end,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A piece's audio: PCM16 bytes or float samples in [-1, 1], one of the two.
+fn piece_audio(piece: AudioPiece) -> Result<Vec<f32>, Status> {
+    match (piece.pcm16.is_empty(), piece.samples.is_empty()) {
+        (true, true) => Ok(Vec::new()),
+        (false, false) => Err(Status::invalid_argument(
+            "a piece has pcm16 or samples, not both",
+        )),
+        (false, true) => SampleFormat::Pcm16
+            .decode(&piece.pcm16)
+            .map_err(Status::invalid_argument),
+        (true, false) => match piece
+            .samples
+            .iter()
+            .position(|v| !(v.is_finite() && (-1.0..=1.0).contains(v)))
+        {
+            Some(i) => Err(Status::invalid_argument(format!(
+                "sample {i} of the piece is {}, outside [-1, 1]",
+                piece.samples[i]
+            ))),
+            None => Ok(piece.samples),
+        },
+    }
+}
+
+type Events = Pin<Box<dyn futures_util::Stream<Item = Result<SpeechEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Speech for Arc<SpeechService> {
+    type SegmentsStream = Events;
+
+    async fn segments(
+        &self,
+        request: Request<SegmentsRequest>,
+    ) -> Result<Response<Events>, Status> {
+        let peer = request.remote_addr().map(|a| a.ip());
+        let (metadata, _, request) = request.into_parts();
+        let wav = read_wav(&request.wav).map_err(Status::invalid_argument)?;
+        let mut running = self
+            .open(
+                &metadata,
+                peer,
+                &request.model,
+                wav.sample_rate,
+                request.vad,
+            )
+            .await?;
+        let ms = (wav.samples.len() as u64 * 1000).div_ceil(u64::from(wav.sample_rate.max(1)));
+        running._access.audio(ms.min(u64::from(u32::MAX)) as u32)?;
+        let (tx, rx) = mpsc::channel(64);
+        let work = self.state.work.begin();
+        tokio::spawn(async move {
+            let _work = work;
+            let fed = running.feed(wav.samples).await;
+            running.session.do_send(End);
+            if let Err(status) = fed {
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
+            loop {
+                let event = running.next().await;
+                let last = matches!(event, Ok(Some(speech_event::Event::Summary(_))) | Err(_));
+                let item = event.map(|event| SpeechEvent { event });
+                if tx.send(item).await.is_err() || last {
+                    return; // the client went away, or that was the end
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn summarize(
+        &self,
+        request: Request<Streaming<AudioPiece>>,
+    ) -> Result<Response<Summary>, Status> {
+        let peer = request.remote_addr().map(|a| a.ip());
+        let (metadata, _, mut pieces) = request.into_parts();
+        let Some(first) = pieces.message().await? else {
+            return Err(Status::invalid_argument(
+                "no audio: the first piece names the model and its sample rate",
+            ));
+        };
+        if first.model.is_empty() {
+            return Err(Status::invalid_argument("the first piece names the model"));
+        }
+        let rate = if first.sample_rate == 0 {
+            16000
+        } else {
+            first.sample_rate
+        };
+        let _work = self.state.work.begin();
+        let mut running = self
+            .open(&metadata, peer, &first.model, rate, first.vad)
+            .await?;
+        let mut piece = Some(first);
+        while let Some(next) = piece.take() {
+            if !next.model.is_empty() && next.model != running.model {
+                return Err(Status::invalid_argument(
+                    "only the first piece names the model",
+                ));
+            }
+            let samples = piece_audio(next)?;
+            let ms = (samples.len() as u64 * 1000).div_ceil(u64::from(rate));
+            running._access.audio(ms.min(u64::from(u32::MAX)) as u32)?;
+            running.feed(samples).await?;
+            piece = pieces.message().await?;
+        }
+        running.session.do_send(End);
+        loop {
+            if let Some(speech_event::Event::Summary(summary)) = running.next().await? {
+                return Ok(Response::new(summary));
+            }
+        }
+    }
+}
