@@ -465,3 +465,127 @@ async fn keys_hashed_under_the_servers_secret_work_and_the_secret_is_needed() {
         .unwrap();
     assert!(refused.contains("--api-key-secret-file"), "{refused}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grpc_speech_streams_need_a_key_and_keep_to_its_stream_limit() {
+    use std::collections::HashMap;
+    use streamserve::api::grpc::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+    use streamserve::api::grpc::proto::inference::infer_parameter::ParameterChoice;
+    use streamserve::api::grpc::proto::inference::{InferParameter, ModelInferRequest};
+    use streamserve::api::grpc::proto::speech::speech_client::SpeechClient;
+    use streamserve::api::grpc::proto::speech::SegmentsRequest;
+    use tonic::Code;
+
+    let keys = write_keys();
+    let file = keys.file.clone();
+    let running = start_running(&repo().join("models"), |c| c.api_keys = Some(file));
+    let endpoint = format!("http://{}", running.grpc_addr.expect("gRPC is on"));
+    let channel = tonic::transport::Channel::from_shared(endpoint)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    // Speech/Segments: a key, and one allowed that model.
+    let wav = std::fs::read(repo().join("tests/audio/two_phrases_16k.wav")).unwrap();
+    let segments = |key: Option<&str>| {
+        with_key(
+            SegmentsRequest {
+                model: "silero_vad".into(),
+                wav: wav.clone(),
+                vad: None,
+            },
+            key,
+        )
+    };
+    let mut speech = SpeechClient::new(channel.clone());
+    let code = |r: Result<tonic::Response<_>, tonic::Status>| {
+        r.map(|_| Code::Ok).unwrap_or_else(|s| s.code())
+    };
+    assert_eq!(
+        code(speech.segments(segments(None)).await),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        code(speech.segments(segments(Some(&keys.small_only))).await),
+        Code::PermissionDenied
+    );
+    // Read to its end: the call holds the key's one stream place until then.
+    let mut events = speech
+        .segments(segments(Some(&keys.one_stream)))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    while let Some(event) = events.message().await.unwrap() {
+        last = event.event;
+    }
+    assert!(matches!(
+        last,
+        Some(streamserve::api::grpc::proto::speech::speech_event::Event::Summary(_))
+    ));
+
+    // Sequences on ModelStreamInfer: the call's key; a key of one stream runs one at a time.
+    let step = |id: i64| {
+        let mut parameters = HashMap::new();
+        let p = |c| InferParameter {
+            parameter_choice: Some(c),
+        };
+        parameters.insert(
+            "sequence_id".to_string(),
+            p(ParameterChoice::Int64Param(id)),
+        );
+        parameters.insert(
+            "sequence_start".to_string(),
+            p(ParameterChoice::BoolParam(true)),
+        );
+        ModelInferRequest {
+            model_name: "silero_vad".into(),
+            parameters,
+            ..Default::default()
+        }
+    };
+    let mut grpc = GrpcInferenceServiceClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let requests = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let mut answers = grpc
+        .model_stream_infer(with_key(requests, Some(&keys.one_stream)))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(step(1)).await.unwrap();
+    let first = answers.message().await.unwrap().unwrap();
+    assert_eq!(first.error_message, "");
+    tx.send(step(2)).await.unwrap();
+    let second = answers.message().await.unwrap().unwrap();
+    assert!(
+        second.error_message.contains("stream"),
+        "{}",
+        second.error_message
+    );
+    assert_ne!(second.error_message, "");
+
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let requests = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let mut answers = grpc
+        .model_stream_infer(with_key(requests, Some(&keys.small_only)))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(step(1)).await.unwrap();
+    let refused = answers.message().await.unwrap().unwrap();
+    assert!(
+        refused.error_message.contains("silero_vad"),
+        "{}",
+        refused.error_message
+    );
+}
+
+/// A gRPC request carrying `key` (if any) as `authorization: Bearer <key>`.
+fn with_key<T>(message: T, key: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(key) = key {
+        let value = format!("Bearer {key}").parse().unwrap();
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
+}

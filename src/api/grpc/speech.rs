@@ -301,8 +301,14 @@ impl Speech for Arc<SpeechService> {
                 let event = running.next().await;
                 let last = matches!(event, Ok(Some(speech_event::Event::Summary(_))) | Err(_));
                 let item = event.map(|event| SpeechEvent { event });
-                if tx.send(item).await.is_err() || last {
-                    return; // the client went away, or that was the end
+                if last {
+                    // The stream's place goes back before the client hears it is over.
+                    drop(running);
+                    let _ = tx.send(item).await;
+                    return;
+                }
+                if tx.send(item).await.is_err() {
+                    return; // the client went away
                 }
             }
         });

@@ -283,8 +283,10 @@ impl SequenceTask {
                         let reply = self.step(step.request, step.start, step.end).await;
                         let over = step.end || self.failed.is_some();
                         if over {
-                            // Before the answer: a new sequence_start of this id is then let in.
+                            // Before the answer: a new sequence_start of this id is then let
+                            // in, and the key's stream place is back.
                             queue.close();
+                            self.live = None;
                         }
                         let _ = step.answer.send(reply);
                         if over {
