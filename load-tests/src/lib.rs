@@ -13,6 +13,8 @@
 //! - [`fleet`]: deployments across several `streamserve` processes that follow a model
 //!   registry (moto's S3 server), behind haproxy, under load; [`streams_fleet`]: real-time
 //!   speech streams that resume on any instance through a rolling restart of such a fleet;
+//! - [`protocols`]: REST JSON, REST binary, gRPC unary and gRPC streaming clients of the same
+//!   `mlp` request against one server, side by side, with their ratios;
 //! - [`peer`]: the FastAPI + uvicorn + onnxruntime peer `bench` compares with;
 //! - [`plots`]: SVG plots of every benchmark's results; [`scenario`]: runs described in
 //!   TOML files; [`capacity`]: instances needed for a target from the measured curves;
@@ -30,6 +32,7 @@ pub mod overload;
 pub mod peer;
 pub mod plots;
 pub mod prometheus;
+pub mod protocols;
 pub mod report;
 pub mod rest;
 pub mod scenario;
@@ -115,7 +118,8 @@ pub mod cli {
     #[derive(Clone, Debug, clap::Args)]
     pub struct BenchCommon {
         /// Output directory [default: load-tests/results/<UTC date>-<scenario>/, the scenario
-        /// being rest-mlp, streams-vad, overload-mlp, timeline-mlp, fleet-mlp or streams-fleet].
+        /// being rest-mlp, streams-vad, overload-mlp, timeline-mlp, fleet-mlp, streams-fleet or
+        /// protocols-mlp].
         #[arg(long)]
         pub out: Option<PathBuf>,
         /// Longest wait, before each measurement, for other processes to leave the CPU alone.

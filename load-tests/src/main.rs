@@ -1,5 +1,6 @@
 //! `loadgen`: REST load against a streamserve on loopback (`loadgen rest`), the side-by-side
-//! REST micro-benchmark (`loadgen bench`), WebSocket speech-stream load (`loadgen streams`)
+//! REST micro-benchmark (`loadgen bench`), REST against gRPC on one server (`loadgen
+//! protocols`), WebSocket speech-stream load (`loadgen streams`),
 //! the stream capacity benchmark (`loadgen streams-bench`), the overload and timeline
 //! benchmarks, the fleet drill (`loadgen fleet`) and the streams fleet drill (`loadgen
 //! streams-fleet`).
@@ -9,8 +10,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use streamserve_load::{
-    bench, capacity, fleet, open_loop, overload, plots, rest, scenario, streams, streams_bench,
-    streams_fleet, sysinfo, timeline,
+    bench, capacity, fleet, open_loop, overload, plots, protocols, rest, scenario, streams,
+    streams_bench, streams_fleet, sysinfo, timeline,
 };
 
 #[derive(Debug, Parser)]
@@ -33,6 +34,11 @@ enum Command {
     /// Start streamserve in-process (batching on, then off) and the FastAPI peer, load each at
     /// several concurrencies, compare with the in-process ONNX Runtime ceiling, write report.md.
     Bench(bench::BenchOptions),
+    /// Start streamserve in-process on mlp (replicas 2, batching on) and load it from four
+    /// clients of the same request in turn at each concurrency: REST JSON, REST binary, gRPC
+    /// ModelInfer and gRPC ModelStreamInfer; write report.md with their throughput, latency,
+    /// CPU and ratios to REST JSON. About 2 minutes.
+    Protocols(protocols::ProtocolsOptions),
     /// WebSocket speech streams on a running server: N concurrent streams, each sending a WAV
     /// (looped) at real-time pace and timing every chunk's result.
     Streams(StreamsArgs),
@@ -62,9 +68,9 @@ enum Command {
     /// at the switch, checkpoint bytes and CPU. Needs haproxy and the release streamserve
     /// binary. About 75 s.
     StreamsFleet(streams_fleet::StreamsFleetOptions),
-    /// The whole suite in one command: the bench, streams-bench, overload (unpinned and
-    /// pinned), timeline, fleet and streams-fleet scenarios (load-tests/scenarios/), one after
-    /// the other, then the capacity plan from their results. About 17 minutes on 2 cores.
+    /// The whole suite in one command: the bench, protocols, streams-bench, overload (unpinned
+    /// and pinned), timeline, fleet and streams-fleet scenarios (load-tests/scenarios/), one
+    /// after the other, then the capacity plan from their results. About 19 minutes on 2 cores.
     Suite {
         /// Leave out the FastAPI peer in the bench.
         #[arg(long)]
@@ -98,8 +104,8 @@ enum Command {
         #[arg(long)]
         results: Option<PathBuf>,
     },
-    /// Redraw the SVG plot of a saved `bench`, `streams-bench`, `overload`, `timeline`, `fleet` or `streams-fleet` run
-    /// from its results.json.
+    /// Redraw the SVG plot of a saved `bench`, `protocols`, `streams-bench`, `overload`,
+    /// `timeline`, `fleet` or `streams-fleet` run from its results.json.
     Plot {
         /// A results directory (holding results.json).
         dir: PathBuf,
@@ -205,6 +211,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Rest(args) => run_rest(args),
         Command::Bench(o) => finished("bench", &bench::run(&o)?),
+        Command::Protocols(o) => finished("protocols", &protocols::run(&o)?),
         Command::Streams(args) => run_streams(args),
         Command::StreamsBench(o) => finished("streams-bench", &streams_bench::run(&o)?),
         Command::Overload(o) => finished("overload", &overload::run(&o)?),
@@ -355,7 +362,11 @@ fn run_streams_fleet(options: &streams_fleet::StreamsFleetOptions) -> anyhow::Re
 fn run_plot(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
     let json = plots::read_results(dir)?;
     let kind = json.get("kind").and_then(|k| k.as_str());
-    let out = if kind == Some("streams_fleet") {
+    let out = if kind == Some("protocols") {
+        let out = dir.join(protocols::PLOT_FILE);
+        plots::protocols(&json, &out)?;
+        out
+    } else if kind == Some("streams_fleet") {
         let out = dir.join(streams_fleet::PLOT_FILE);
         plots::streams_fleet(&json, &out)?;
         out
@@ -381,7 +392,7 @@ fn run_plot(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
         out
     } else {
         anyhow::bail!(
-            "{}/results.json is not from a bench, streams-bench, overload, timeline, fleet or streams-fleet run",
+            "{}/results.json is not from a bench, protocols, streams-bench, overload, timeline, fleet or streams-fleet run",
             dir.display()
         );
     };

@@ -6,7 +6,7 @@
 use anyhow::Context as _;
 use minijinja::{Environment, Value};
 
-const TEMPLATES: [(&str, &str); 9] = [
+const TEMPLATES: [(&str, &str); 10] = [
     ("summary", include_str!("../templates/summary.txt.j2")),
     ("header", include_str!("../templates/header.md.j2")),
     ("bench", include_str!("../templates/bench.md.j2")),
@@ -22,6 +22,7 @@ const TEMPLATES: [(&str, &str); 9] = [
         "streams_fleet",
         include_str!("../templates/streams_fleet.md.j2"),
     ),
+    ("protocols", include_str!("../templates/protocols.md.j2")),
 ];
 
 fn number(v: &Value) -> Option<f64> {

@@ -18,8 +18,9 @@
 use anyhow::{bail, Context as _};
 
 /// Subcommands a scenario may name.
-pub const KINDS: [&str; 8] = [
+pub const KINDS: [&str; 9] = [
     "bench",
+    "protocols",
     "streams-bench",
     "overload",
     "timeline",
@@ -32,8 +33,9 @@ pub const KINDS: [&str; 8] = [
 /// The scenario files (in `load-tests/scenarios/`) `loadgen suite` runs, in order: every
 /// benchmark that starts its own server (in-process, or pinned to a CPU of its own), and the
 /// fleet drills (their own instances, haproxy, and for `fleet` an S3 server).
-pub const SUITE: [&str; 7] = [
+pub const SUITE: [&str; 8] = [
     "rest-mlp.toml",
+    "protocols-mlp.toml",
     "streams-vad.toml",
     "overload-mlp.toml",
     "overload-mlp-pinned.toml",
@@ -152,6 +154,7 @@ mod tests {
             assert!(
                 [
                     "bench",
+                    "protocols",
                     "streams-bench",
                     "overload",
                     "timeline",

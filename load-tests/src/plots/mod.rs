@@ -8,10 +8,13 @@
 //! - [`streams_latency`]: chunk latency against concurrent streams per setup;
 //! - [`timeline`]: latency, outcomes and server state over time across overload and faults;
 //! - [`fleet()`]: traffic share per model version over time, one panel per fleet drill;
-//! - [`streams_fleet()`]: chunk latency and streams per instance through a rolling restart.
+//! - [`streams_fleet()`]: chunk latency and streams per instance through a rolling restart;
+//! - [`protocols()`]: throughput and latency per concurrency of REST JSON / binary and gRPC
+//!   unary / stream against one server.
 
 mod fleet;
 mod overload;
+mod protocols;
 mod streams_fleet;
 
 use std::path::Path;
@@ -22,6 +25,7 @@ use serde_json::Value;
 
 pub use fleet::fleet;
 pub use overload::overload_levels;
+pub use protocols::protocols;
 pub use streams_fleet::streams_fleet;
 
 const PALETTE: [RGBColor; 6] = [

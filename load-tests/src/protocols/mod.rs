@@ -1,0 +1,232 @@
+//! The protocols benchmark, in one run against one in-process streamserve (`mlp` only,
+//! replicas 2, batching on as in `bench`): closed-loop load at each concurrency level from
+//! four clients of the same `mlp` request, REST JSON, REST binary (both the REST load loop of
+//! [`crate::rest`]), gRPC `ModelInfer` and gRPC `ModelStreamInfer` ([`grpc_client`]); per
+//! level, every client runs once per round, the rounds alternating the order (A B C D, then
+//! D C B A) so that a drift of the machine weighs on all alike; each slice warms up before it
+//! measures. [`results`] turns the slices into `results.json`, the ratios to the baseline
+//! (REST JSON) and `report.md`; [`options`] holds the options, [`tally`] the shared counting.
+
+pub mod grpc_client;
+pub mod options;
+pub mod results;
+pub mod tally;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+
+use crate::bench::{cpu_since, start_server_with, stop_server, ServerSetup, TempModelDir};
+use crate::rest::{self, RestOptions, RestReport};
+use crate::sysinfo::{wait_for_quiet, CpuSnapshot};
+use grpc_client::GrpcLoad;
+pub use options::{Protocol, ProtocolsOptions, CONTENDED_CORES};
+use results::{Level, Slice};
+
+/// The plot written beside `report.md`.
+pub const PLOT_FILE: &str = "protocols.svg";
+
+/// Where the one server listens.
+struct Target {
+    http: SocketAddr,
+    grpc: SocketAddr,
+}
+
+/// Runs the whole benchmark and writes its report. Takes about levels × rounds × clients ×
+/// (warm-up + duration), plus a second per level for the quiet check and the start-up.
+pub fn run(options: &ProtocolsOptions) -> anyhow::Result<crate::report::Outcome> {
+    options.check()?;
+    let start = crate::report::Start::now(options.common.out.as_deref(), "protocols-mlp");
+    let model_file = options
+        .model_file
+        .canonicalize()
+        .with_context(|| format!("model file {} not found", options.model_file.display()))?;
+    let sha256 = streamserve::manifest::sha256_file(&model_file)
+        .with_context(|| format!("cannot read {}", model_file.display()))?;
+
+    let setup = ServerSetup::batching_on();
+    let models = TempModelDir::create("protocols", &setup.manifest(&model_file, &sha256))?;
+    let config = streamserve::config::Config {
+        models: models.path.clone(),
+        // The load has ended when the server stops: nothing is left to drain.
+        drain_secs: 2,
+        admission: options.admission,
+        ..Default::default()
+    };
+    let running = start_server_with(config, "mlp", setup.max_batch_size)?;
+    let Some(grpc) = running.grpc_addr else {
+        stop_server(&running);
+        bail!("streamserve started without its gRPC listener");
+    };
+    let target = Target {
+        http: running.addr,
+        grpc,
+    };
+    eprintln!(
+        "[protocols] streamserve ({}) on http://{} and grpc://{}; {} levels x {} rounds x {} clients, ~{:.0} s",
+        setup.label,
+        target.http,
+        target.grpc,
+        options.concurrencies.len(),
+        options.rounds,
+        options.protocols.len(),
+        options.planned_secs().1,
+    );
+    let runtime = match crate::sysinfo::client_runtime(options.common.threads.get()) {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            stop_server(&running);
+            return Err(e);
+        }
+    };
+    let measured = measure_levels(&runtime, &target, options);
+    // Both listeners (`stop_server` would leave gRPC's), boundedly.
+    runtime.block_on(async {
+        let stopped = tokio::time::timeout(Duration::from_secs(10), running.shutdown()).await;
+        if stopped.is_err() {
+            eprintln!("[protocols] the server took over 10 s to stop");
+        }
+    });
+    drop(runtime);
+    drop(models);
+    let levels = measured?;
+
+    let json = results::results_json(
+        (&start.machine, &start.started_at),
+        options,
+        &setup,
+        &target.grpc.to_string(),
+        &levels,
+    );
+    let report =
+        results::render_report(&json, start.at.elapsed(), &model_file, &sha256, PLOT_FILE)?;
+    let plot = (PLOT_FILE, crate::plots::protocols as _);
+    crate::report::save_run(start.dir, "protocols", report, &json, plot)
+}
+
+/// Every level's rounds, each after waiting for a quiet machine; a round during which other
+/// processes took more than [`CONTENDED_CORES`] in any slice runs once more (the contended
+/// one is kept aside, in `results.json`, not counted).
+fn measure_levels(
+    runtime: &tokio::runtime::Runtime,
+    target: &Target,
+    options: &ProtocolsOptions,
+) -> anyhow::Result<Vec<Level>> {
+    let mut levels = Vec::new();
+    for &concurrency in &options.concurrencies {
+        let mut level = Level {
+            concurrency,
+            slices: Vec::new(),
+            set_aside: Vec::new(),
+            others_before: Vec::new(),
+        };
+        for round in 0..options.rounds {
+            for attempt in 0..2 {
+                if !options.common.quiet_wait.is_zero() {
+                    let others = wait_for_quiet(0.15, options.common.quiet_wait);
+                    level.others_before.extend(others);
+                }
+                let slices = measure_round(runtime, target, options, concurrency, round)?;
+                let worst = slices
+                    .iter()
+                    .filter_map(|s| s.cpu.map(|c| c.other_cores))
+                    .fold(0.0, f64::max);
+                if attempt == 0 && worst > CONTENDED_CORES {
+                    eprintln!(
+                        "[protocols]   other processes took {worst:.2} cores during round {}: running it again",
+                        round + 1
+                    );
+                    level.set_aside.extend(slices);
+                    continue;
+                }
+                level.slices.extend(slices);
+                break;
+            }
+        }
+        levels.push(level);
+    }
+    Ok(levels)
+}
+
+/// One round at one level: every client once, in the round's order.
+fn measure_round(
+    runtime: &tokio::runtime::Runtime,
+    target: &Target,
+    options: &ProtocolsOptions,
+    concurrency: usize,
+    round: usize,
+) -> anyhow::Result<Vec<Slice>> {
+    let mut slices = Vec::new();
+    for (position, protocol) in options.order(round).into_iter().enumerate() {
+        let before = CpuSnapshot::take();
+        let report = runtime
+            .block_on(slice(protocol, concurrency, target, options))
+            .with_context(|| format!("{} at concurrency {concurrency}", protocol.label()))?;
+        let cpu = cpu_since(before);
+        eprintln!(
+            "[protocols]   c={concurrency} round {} {:<11}: {:>7.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors{}",
+            round + 1,
+            protocol.label(),
+            report.requests_per_sec(),
+            report.latency_ms(0.5),
+            report.latency_ms(0.99),
+            report.error_count(),
+            cpu.map_or(String::new(), |c| format!(
+                ", cores server {:.2} client {:.2} others {:.2}",
+                c.server_cores(),
+                c.loadgen_cores,
+                c.other_cores
+            )),
+        );
+        slices.push(Slice {
+            protocol,
+            round,
+            position,
+            report,
+            cpu,
+        });
+    }
+    Ok(slices)
+}
+
+/// One client at one level for one round: warm-up, then the measured period.
+async fn slice(
+    protocol: Protocol,
+    concurrency: usize,
+    target: &Target,
+    options: &ProtocolsOptions,
+) -> anyhow::Result<RestReport> {
+    match protocol {
+        Protocol::RestJson | Protocol::RestBinary => {
+            let load = RestOptions {
+                url: format!("http://{}", target.http),
+                model: "mlp".into(),
+                concurrency,
+                duration: options.duration,
+                warmup: options.warmup,
+                rows: options.rows,
+                binary: protocol == Protocol::RestBinary,
+                quiet: true,
+                request_timeout: options.request_timeout,
+            };
+            rest::run(&load).await
+        }
+        Protocol::GrpcUnary | Protocol::GrpcStream => {
+            let load = GrpcLoad {
+                addr: target.grpc,
+                concurrency,
+                rows: options.rows,
+                warmup: options.warmup,
+                duration: options.duration,
+                connections: options.grpc_connections,
+                stream_window: options.stream_window,
+                request_timeout: options.request_timeout,
+            };
+            match protocol {
+                Protocol::GrpcUnary => grpc_client::run_unary(&load).await,
+                _ => grpc_client::run_stream(&load).await,
+            }
+        }
+    }
+}
