@@ -134,6 +134,12 @@ impl StreamPass {
     pub fn audio(&self, ms: u32) -> Result<(), ServeError> {
         self.key.as_ref().map_or(Ok(()), |k| k.audio(ms))
     }
+
+    /// [`audio`](Self::audio) for `samples` samples at `sample_rate`, rounded up to a ms.
+    pub fn audio_samples(&self, samples: usize, sample_rate: u32) -> Result<(), ServeError> {
+        let ms = (samples as u64 * 1000).div_ceil(u64::from(sample_rate.max(1)));
+        self.audio(ms.min(u64::from(u32::MAX)) as u32)
+    }
 }
 
 impl Access {

@@ -122,6 +122,53 @@ pub enum ServerMessage<'a> {
     },
 }
 
+/// A [`ServerMessage`] read back, owned, by a transport that re-encodes the session's
+/// messages (gRPC sequences and speech calls): the same tags and fields.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum SentMessage {
+    Started {
+        stream_id: String,
+        resumed: bool,
+        version: String,
+        samples_received: u64,
+        chunk_samples: u64,
+        next_seq: u64,
+    },
+    Checkpoint {
+        token: String,
+        samples: u64,
+        #[serde(default)]
+        handover: bool,
+    },
+    Vad {
+        seq: u64,
+        t: f64,
+        probability: f32,
+        #[serde(default)]
+        degraded: bool,
+    },
+    SpeechStart {
+        seq: u64,
+        t: f64,
+    },
+    SpeechEnd {
+        seq: u64,
+        t: f64,
+    },
+    Summary {
+        seq: u64,
+        duration: f64,
+        chunks: u64,
+        segments: Vec<SegmentSecs>,
+        #[serde(default)]
+        segments_omitted: u64,
+    },
+    Error {
+        message: String,
+    },
+}
+
 #[derive(Debug, Serialize, Deserialize, Clone, Copy, PartialEq)]
 pub struct SegmentSecs {
     pub start: f64,

@@ -1,12 +1,56 @@
-//! `Flush`: answered once every whole chunk of the audio a stream holds has been stepped and
-//! its results handed to the connection, so that a transport with one answer per request
-//! (gRPC sequences) can collect what a request's audio produced. A partial chunk waits for
-//! more audio (or the end), as it does on WebSocket.
+//! For transports that hand a stream audio in calls rather than frames (gRPC): [`feed`]
+//! gives a session audio as it has room for it, and `Flush` is answered once every whole
+//! chunk of the audio a stream holds has been stepped and its results handed to the
+//! connection, so that a transport with one answer per request (gRPC sequences) can collect
+//! what a request's audio produced. A partial chunk waits for more audio (or the end), as it
+//! does on WebSocket.
+
+use std::time::Duration;
 
 use actix::prelude::*;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Semaphore};
 
-use super::StreamSession;
+use super::{Audio, StreamSession, AUDIO_CREDITS};
+
+/// Audio handed to a session at once: well under its room, so that a piece always fits beside
+/// a partial chunk (which holds some of the room until more audio comes).
+const PIECE: usize = AUDIO_CREDITS / 4;
+
+/// Why [`feed`] stopped.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FeedError {
+    /// The session stopped (it takes no more audio).
+    Ended,
+    /// The session had no room for `wait`.
+    Stalled,
+}
+
+/// Gives `session` its audio a piece at a time, each once the session has room for it
+/// (`credits`, from its `Attached`): the backpressure a caller feels.
+pub async fn feed(
+    session: &Addr<StreamSession>,
+    credits: &Semaphore,
+    samples: Vec<f32>,
+    wait: Duration,
+) -> Result<(), FeedError> {
+    let give = |piece: Vec<f32>| async move {
+        match tokio::time::timeout(wait, credits.acquire_many(piece.len() as u32)).await {
+            Ok(Ok(permit)) => permit.forget(),
+            Ok(Err(_)) => return Err(FeedError::Ended),
+            Err(_) => return Err(FeedError::Stalled),
+        }
+        session.do_send(Audio(piece));
+        Ok(())
+    };
+    // Most often one piece, given without a copy.
+    if samples.len() <= PIECE {
+        return give(samples).await;
+    }
+    for piece in samples.chunks(PIECE) {
+        give(piece.to_vec()).await?;
+    }
+    Ok(())
+}
 
 /// Answers (through its sender) when the audio received so far is stepped as far as it can
 /// be; dropped unanswered if the stream ends first.

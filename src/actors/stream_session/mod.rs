@@ -16,7 +16,7 @@ mod checkpoint;
 mod flush;
 
 pub use checkpoint::{Handover, Progress, Retire, ServedBy};
-pub use flush::Flush;
+pub use flush::{feed, FeedError, Flush};
 
 use std::collections::VecDeque;
 use std::sync::Arc;

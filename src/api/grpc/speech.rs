@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
@@ -20,13 +19,13 @@ use super::proto::speech::speech_server::Speech;
 use super::proto::speech::*;
 use crate::access::StreamPass;
 use crate::actors::stream_session::{
-    Attach, Audio, Connection, Detach, End, StreamParams, StreamSession, AUDIO_CREDITS,
+    feed, Attach, Connection, Detach, End, FeedError, StreamParams, StreamSession,
 };
 use crate::api::AppState;
 use crate::error::ServeError;
 use crate::manifest::StreamKind;
 use crate::stream::audio::{read_wav, SampleFormat};
-use crate::stream::protocol::ResultsMode;
+use crate::stream::protocol::{ResultsMode, SegmentSecs, SentMessage as Sent};
 
 /// Longest a call waits for the model between two events.
 const EVENT_WAIT: Duration = Duration::from_secs(60);
@@ -44,37 +43,6 @@ struct Running {
     model: String,
     version: String,
     _access: StreamPass,
-}
-
-/// The session's messages this service reads (the WebSocket protocol's JSON).
-#[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum Sent {
-    SpeechStart {
-        t: f64,
-    },
-    SpeechEnd {
-        t: f64,
-    },
-    Summary(SummaryJson),
-    Error {
-        message: String,
-    },
-    #[serde(other)]
-    Other,
-}
-
-#[derive(Deserialize)]
-struct SummaryJson {
-    duration: f64,
-    chunks: u64,
-    segments: Vec<SegmentJson>,
-}
-
-#[derive(Deserialize)]
-struct SegmentJson {
-    start: f64,
-    end: f64,
 }
 
 fn vad_options(vad: Option<VadOptions>) -> crate::stream::vad::VadOptions {
@@ -180,20 +148,13 @@ impl Drop for Running {
 impl Running {
     /// Hands `samples` to the session as it has room for them (backpressure on the caller).
     async fn feed(&self, samples: Vec<f32>) -> Result<(), Status> {
-        for piece in samples.chunks(AUDIO_CREDITS / 4) {
-            let credits = self.credits.acquire_many(piece.len() as u32);
-            match tokio::time::timeout(EVENT_WAIT, credits).await {
-                Ok(Ok(permit)) => permit.forget(),
-                Ok(Err(_)) => return Err(Status::internal("the stream session stopped")),
-                Err(_) => {
-                    return Err(Status::deadline_exceeded(
-                        "the model took no audio for 60 s",
-                    ))
-                }
-            }
-            self.session.do_send(Audio(piece.to_vec()));
+        match feed(&self.session, &self.credits, samples, EVENT_WAIT).await {
+            Ok(()) => Ok(()),
+            Err(FeedError::Ended) => Err(Status::internal("the stream session stopped")),
+            Err(FeedError::Stalled) => Err(Status::deadline_exceeded(
+                "the model took no audio for 60 s",
+            )),
         }
-        Ok(())
     }
 
     /// The next event or the summary (`None`: the session's other messages are skipped).
@@ -212,24 +173,28 @@ impl Running {
                 return Err(Status::internal("an unreadable stream message"));
             };
             return Ok(Some(match sent {
-                Sent::SpeechStart { t } => speech_event::Event::SpeechStart(t),
-                Sent::SpeechEnd { t } => speech_event::Event::SpeechEnd(t),
-                Sent::Summary(summary) => speech_event::Event::Summary(self.summary(summary)),
+                Sent::SpeechStart { t, .. } => speech_event::Event::SpeechStart(t),
+                Sent::SpeechEnd { t, .. } => speech_event::Event::SpeechEnd(t),
+                Sent::Summary {
+                    duration,
+                    chunks,
+                    segments,
+                    ..
+                } => speech_event::Event::Summary(self.summary(duration, chunks, &segments)),
                 Sent::Error { message } => return Err(Status::unavailable(message)),
-                Sent::Other => continue,
+                Sent::Started { .. } | Sent::Checkpoint { .. } | Sent::Vad { .. } => continue,
             }));
         }
     }
 
-    fn summary(&self, summary: SummaryJson) -> Summary {
+    fn summary(&self, duration: f64, chunks: u64, segments: &[SegmentSecs]) -> Summary {
         Summary {
             model: self.model.clone(),
             version: self.version.clone(),
-            duration: summary.duration,
-            chunks: summary.chunks,
-            segments: summary
-                .segments
-                .into_iter()
+            duration,
+            chunks,
+            segments: segments
+                .iter()
                 .map(|s| Segment {
                     start: s.start,
                     end: s.end,
@@ -285,8 +250,9 @@ impl Speech for Arc<SpeechService> {
                 request.vad,
             )
             .await?;
-        let ms = (wav.samples.len() as u64 * 1000).div_ceil(u64::from(wav.sample_rate.max(1)));
-        running._access.audio(ms.min(u64::from(u32::MAX)) as u32)?;
+        running
+            ._access
+            .audio_samples(wav.samples.len(), wav.sample_rate)?;
         let (tx, rx) = mpsc::channel(64);
         let work = self.state.work.begin();
         tokio::spawn(async move {
@@ -346,8 +312,7 @@ impl Speech for Arc<SpeechService> {
                 ));
             }
             let samples = piece_audio(next)?;
-            let ms = (samples.len() as u64 * 1000).div_ceil(u64::from(rate));
-            running._access.audio(ms.min(u64::from(u32::MAX)) as u32)?;
+            running._access.audio_samples(samples.len(), rate)?;
             running.feed(samples).await?;
             piece = pieces.message().await?;
         }

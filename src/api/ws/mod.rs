@@ -352,8 +352,7 @@ async fn read_loop(
                 if samples.len() > AUDIO_CREDITS {
                     return ReadEnd::Close(CloseCode::Size, "audio frame too long".into());
                 }
-                let ms = (samples.len() as u64 * 1000).div_ceil(limits.sample_rate as u64);
-                if let Err(e) = limits.access.audio(ms.min(u32::MAX as u64) as u32) {
+                if let Err(e) = limits.access.audio_samples(samples.len(), limits.sample_rate) {
                     return ReadEnd::Close(CloseCode::Again, e.to_string());
                 }
                 // Backpressure: wait until the session has room for this audio.
@@ -528,8 +527,7 @@ async fn segments(
     // A one-shot file is a stream for the key's limits: a place among its streams while it
     // runs, and its audio against the key's audio per minute.
     let stream_pass = state.access.stream(&pass, &served.info.name)?;
-    let ms = (wav.samples.len() as u64 * 1000).div_ceil(wav.sample_rate.max(1) as u64);
-    stream_pass.audio(ms.min(u32::MAX as u64) as u32)?;
+    stream_pass.audio_samples(wav.samples.len(), wav.sample_rate)?;
     let defaults = VadOptions::default();
     let q = query.into_inner();
     let vad = VadOptions {

@@ -5,14 +5,13 @@
 
 use std::collections::HashMap;
 
-use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::super::convert::contents_of;
 use super::super::proto::inference::infer_parameter::ParameterChoice;
 use super::super::proto::inference::model_infer_response::InferOutputTensor;
 use super::super::proto::inference::{InferParameter, ModelInferResponse};
-use crate::stream::protocol::{ClientMessage, StartMessage};
+use crate::stream::protocol::{ClientMessage, SentMessage as Sent, StartMessage};
 use crate::tensor::TensorData;
 
 /// Triton's sequence parameters.
@@ -100,58 +99,6 @@ pub fn start_message(
         Ok(ClientMessage::End) => unreachable!("built as a start message"),
         Err(e) => Err(format!("stream options: {e}")),
     }
-}
-
-/// One message of the stream session, as the WebSocket protocol writes it.
-#[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum Sent {
-    Started {
-        stream_id: String,
-        resumed: bool,
-        version: String,
-        samples_received: u64,
-        chunk_samples: u64,
-        next_seq: u64,
-    },
-    Checkpoint {
-        token: String,
-        samples: u64,
-        #[serde(default)]
-        handover: bool,
-    },
-    Vad {
-        seq: u64,
-        t: f64,
-        probability: f32,
-        #[serde(default)]
-        degraded: bool,
-    },
-    SpeechStart {
-        seq: u64,
-        t: f64,
-    },
-    SpeechEnd {
-        seq: u64,
-        t: f64,
-    },
-    Summary {
-        seq: u64,
-        duration: f64,
-        chunks: u64,
-        segments: Vec<Segment>,
-        #[serde(default)]
-        segments_omitted: u64,
-    },
-    Error {
-        message: String,
-    },
-}
-
-#[derive(Deserialize)]
-struct Segment {
-    start: f64,
-    end: f64,
 }
 
 /// What a step's messages said, gathered.

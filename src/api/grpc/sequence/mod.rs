@@ -31,7 +31,7 @@ use super::proto::inference::{InferParameter, ModelInferRequest, ModelStreamInfe
 use super::{draining, Stop};
 use crate::access::StreamPass;
 use crate::actors::stream_session::{
-    Attach, Attached, Audio, Connection, Detach, End, Flush, Handover, StreamSession,
+    feed, Attach, Attached, Connection, Detach, End, FeedError, Flush, Handover, StreamSession,
 };
 use crate::api::ws::open::{open_session, Caller};
 use crate::api::AppState;
@@ -44,9 +44,6 @@ const QUEUED_STEPS: usize = 64;
 /// Results a session may hand over between two steps (a resume replays up to the session's
 /// 8,192 kept results at once).
 const OUTGOING_CAPACITY: usize = 16384;
-/// Audio handed to the session at once: well under its room, so that a piece always fits
-/// beside a partial chunk.
-const PIECE: usize = 16384;
 /// Longest a step waits for its audio's results, and a shutdown for a last checkpoint.
 const STEP_WAIT: Duration = Duration::from_secs(60);
 const HANDOVER_WAIT: Duration = Duration::from_secs(5);
@@ -380,21 +377,14 @@ impl SequenceTask {
         let decoded = convert::decode(request).map_err(|e| e.to_string())?;
         let samples = audio_of(decoded.inputs)?;
         if !samples.is_empty() {
-            let rate = u64::from(live.attached.sample_rate.max(1));
-            let ms = (samples.len() as u64 * 1000).div_ceil(rate);
             live.access
-                .audio(ms.min(u64::from(u32::MAX)) as u32)
+                .audio_samples(samples.len(), live.attached.sample_rate)
                 .map_err(|e| e.to_string())?;
-            // Backpressure: the session takes audio as it has room for it, a piece at a time
-            // (a partial chunk holds some of its room until more audio comes).
-            for piece in pieces(samples) {
-                let credits = live.attached.credits.acquire_many(piece.len() as u32);
-                match tokio::time::timeout(STEP_WAIT, credits).await {
-                    Ok(Ok(permit)) => permit.forget(),
-                    Ok(Err(_)) => return Err("the stream has ended".into()),
-                    Err(_) => return Err("the stream took no audio for 60 s".into()),
-                }
-                live.session.do_send(Audio(piece));
+            let credits = &live.attached.credits;
+            match feed(&live.session, credits, samples, STEP_WAIT).await {
+                Ok(()) => {}
+                Err(FeedError::Ended) => return Err("the stream has ended".into()),
+                Err(FeedError::Stalled) => return Err("the stream took no audio for 60 s".into()),
             }
         }
         let mut gathered = Gathered::default();
@@ -538,12 +528,4 @@ impl SequenceTask {
             infer_response: Some(response),
         })
     }
-}
-
-/// `samples` in pieces of at most [`PIECE`] (one piece, not copied, when it is small).
-fn pieces(samples: Vec<f32>) -> Vec<Vec<f32>> {
-    if samples.len() <= PIECE {
-        return vec![samples];
-    }
-    samples.chunks(PIECE).map(<[f32]>::to_vec).collect()
 }
