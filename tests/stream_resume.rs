@@ -55,6 +55,22 @@ fn assert_same_results(got: &Run, want: &Run) {
     }
 }
 
+/// Connects to `url` and resumes from `token` with `last_seq`; the socket and its `started`.
+async fn resume_from(url: &str, token: &str, last_seq: u64) -> (Socket, Value) {
+    let mut ws = connect(url).await.unwrap();
+    ws.send(Message::text(
+        json!({"type": "start", "resume": token, "last_seq": last_seq}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let Some(Ok(Message::Text(text))) = ws.next().await else {
+        panic!("no answer")
+    };
+    let started: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(started["type"], "started", "{started}");
+    (ws, started)
+}
+
 /// Opens a stream and sends `start`; returns what the server answered first, and its close
 /// (none when it answered `started`: the connection is then dropped).
 async fn start_with(url: &str, start: Value) -> (Value, Option<(CloseCode, String)>) {
@@ -139,17 +155,7 @@ async fn a_stream_resumes_on_another_instance_from_its_checkpoint() {
 
     // On B, which never saw the stream: it takes it over from the token.
     let (audio, _) = fixture_pcm16("two_phrases_16k");
-    let mut ws = connect(&url(&b)).await.unwrap();
-    ws.send(Message::text(
-        json!({"type": "start", "resume": token, "last_seq": last_seq}).to_string(),
-    ))
-    .await
-    .unwrap();
-    let Some(Ok(Message::Text(text))) = ws.next().await else {
-        panic!("no answer")
-    };
-    let started: Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(started["type"], "started", "{started}");
+    let (mut ws, started) = resume_from(&url(&b), token, last_seq).await;
     assert_eq!(started["resumed"], true);
     assert_eq!(started["stream_id"], stream_id.as_str());
     let from = started["samples_received"].as_u64().unwrap() as usize * 2;
@@ -423,17 +429,7 @@ async fn resume_until_checkpoint(
     audio: &[u8],
     past: u64,
 ) -> (Vec<Value>, Value) {
-    let mut ws = connect(url).await.unwrap();
-    ws.send(Message::text(
-        json!({"type": "start", "resume": token, "last_seq": last_seq}).to_string(),
-    ))
-    .await
-    .unwrap();
-    let Some(Ok(Message::Text(text))) = ws.next().await else {
-        panic!("no answer")
-    };
-    let started: Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(started["type"], "started", "{started}");
+    let (mut ws, started) = resume_from(url, token, last_seq).await;
     let from = started["samples_received"].as_u64().unwrap() as usize * 2;
     let mut frames = audio[from..].chunks(2048);
     let mut results = Vec::new();
