@@ -380,7 +380,7 @@ async fn grpc_calls_need_a_key_in_their_metadata_too() {
             .iter()
             .flat_map(|v| v.to_le_bytes())
             .collect();
-        let mut request = tonic::Request::new(ModelInferRequest {
+        let request = ModelInferRequest {
             model_name: model.into(),
             inputs: vec![InferInputTensor {
                 name: "features".into(),
@@ -390,12 +390,8 @@ async fn grpc_calls_need_a_key_in_their_metadata_too() {
             }],
             raw_input_contents: vec![x],
             ..Default::default()
-        });
-        if let Some(key) = key {
-            let value = format!("Bearer {key}").parse().unwrap();
-            request.metadata_mut().insert("authorization", value);
-        }
-        request
+        };
+        with_key(request, key)
     };
     let code = |r: Result<tonic::Response<_>, tonic::Status>| {
         r.map(|_| Code::Ok).unwrap_or_else(|s| s.code())
