@@ -4,18 +4,23 @@
 # with --dev the test and tooling packages (from PyPI, Triton's HTTP and gRPC clients among
 # them) and cargo-fuzz (from crates.io, for the fuzz step of scripts/test.sh); with --fleet
 # what the load suite's fleet drill (`loadgen fleet`) needs besides: the dev packages' S3
-# server (moto) and Debian's haproxy (apt-get, only when no haproxy is on the PATH). The flags
-# combine. Idempotent: what is installed is not installed again.
+# server (moto) and Debian's haproxy (apt-get, only when no haproxy is on the PATH); with
+# --observe what the monitoring tests need: Debian's Prometheus (the server and promtool, to
+# check and unit-test the shipped alert rules and to scrape a running server) and Chromium (a
+# real headless browser for the status page). The flags combine. Idempotent: what is
+# installed is not installed again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 dev=0
 fleet=0
+observe=0
 for arg in "$@"; do
     case "$arg" in
         --dev) dev=1 ;;
         --fleet) fleet=1 ;;
-        *) echo "setup: unknown option $arg (known: --dev, --fleet)" >&2; exit 2 ;;
+        --observe) observe=1 ;;
+        *) echo "setup: unknown option $arg (known: --dev, --fleet, --observe)" >&2; exit 2 ;;
     esac
 done
 want=requirements.txt
@@ -43,9 +48,18 @@ if (( dev )) && ! command -v cargo-fuzz >/dev/null; then
     cargo install cargo-fuzz --locked --version 0.13.2
 fi
 
-if (( fleet )) && ! command -v haproxy >/dev/null; then
+# Debian packages, each installed only when its command is missing: one apt-get run for all.
+packages=()
+if (( fleet )) && ! command -v haproxy >/dev/null; then packages+=(haproxy); fi
+if (( observe )) && ! command -v promtool >/dev/null; then packages+=(prometheus); fi
+if (( observe )) && ! command -v chromium >/dev/null; then packages+=(chromium); fi
+if (( ${#packages[@]} )); then
     if [[ $(id -u) -eq 0 ]]; then sudo=(); else sudo=(sudo); fi
     "${sudo[@]}" apt-get update -qq
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy
-    echo "setup: $(haproxy -v | head -n1)" >&2
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}"
+fi
+if (( fleet )); then echo "setup: $(haproxy -v | head -n1)" >&2; fi
+if (( observe )); then
+    echo "setup: $(promtool --version 2>&1 | head -n1)" >&2
+    echo "setup: $(chromium --version 2>/dev/null | head -n1)" >&2
 fi

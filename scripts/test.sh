@@ -5,10 +5,11 @@
 # Triton's own Python HTTP client against the real binary, a check that the generated
 # models rebuild byte for byte, a few seconds of fuzzing per parser, and a short smoke run of
 # the load generator. The fleet tests need a real S3-compatible server (moto, from PyPI) and
-# a real load balancer (haproxy, from Debian): `setup.sh --fleet` installs both.
+# a real load balancer (haproxy, from Debian): `setup.sh --fleet` installs both. The
+# monitoring tests need Prometheus and Chromium (from Debian): `setup.sh --observe`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh --dev --fleet
+bash scripts/setup.sh --dev --fleet --observe
 
 echo "== models: manifest hashes and reproducibility"
 tmp=$(mktemp -d)

@@ -15,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod manifest;
 pub mod model;
+pub mod monitor;
 pub mod registry;
 pub mod rules;
 pub mod runtime;

@@ -18,6 +18,7 @@ use super::pending::Reply;
 pub use super::router::Priority;
 use super::router::{Drain, Infer, InjectFault, Router, RouterStatus, Status};
 use crate::error::ServeError;
+use crate::monitor::ModelWatch;
 use crate::model::{InferRequest, InferResponse, ModelInfo};
 
 /// A version that is being served.
@@ -26,6 +27,8 @@ pub struct ServedModel {
     pub info: Arc<ModelInfo>,
     pub router: Addr<Router>,
     pub health: Arc<ModelHealth>,
+    /// What its inputs and outputs look like, drift and probe ([`crate::monitor`]).
+    pub watch: Arc<ModelWatch>,
 }
 
 /// When a request arrived, by when it must have started running, and its lane.

@@ -23,6 +23,7 @@ use crate::actors::worker::{WorkerHandle, WorkerRecipe, WorkerReport};
 use crate::error::ServeError;
 use crate::manifest::{verify_sha256, BatchAxis, Device, ModelEntry, StreamKind};
 use crate::model::{ModelInfo, Resources};
+use crate::monitor::ModelWatch;
 use crate::runtime::{Sessions, TensorSpec};
 use crate::stream::vad::VadInterface;
 
@@ -91,6 +92,7 @@ async fn serve(
         "model serving"
     );
     Ok(ServedModel {
+        watch: Arc::new(ModelWatch::new(&info.name, &info.version)),
         info,
         router,
         health,
