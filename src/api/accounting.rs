@@ -1,5 +1,6 @@
 //! What every inference answer leaves behind, for REST and gRPC alike: the served version's
-//! health record, the request counters and histograms, and the access log line.
+//! health record (totals, degraded answers, the recent window the status page reads), the
+//! request counters and histograms, and the access log line.
 //!
 //! Series are labelled by the served model only: an unknown name from a client must not mint a
 //! new time series, so requests for no model count under `_unknown`. gRPC's series add
@@ -26,6 +27,8 @@ pub struct Stats {
     pub batch_size: usize,
     pub queue_time: Duration,
     pub compute_time: Duration,
+    /// The fallback model computed the answer (degraded mode).
+    pub degraded: bool,
 }
 
 impl From<&crate::model::InferResponse> for Stats {
@@ -34,6 +37,7 @@ impl From<&crate::model::InferResponse> for Stats {
             batch_size: response.batch_size,
             queue_time: response.queue_time,
             compute_time: response.compute_time,
+            degraded: response.degraded,
         }
     }
 }
@@ -59,6 +63,9 @@ pub fn record(answer: Answered<'_>) {
     let (model, version) = match answer.served {
         Some(served) => {
             served.health.record(status >= 500, answer.elapsed);
+            if matches!(answer.outcome, Ok(Stats { degraded: true, .. })) {
+                served.health.record_degraded();
+            }
             (served.info.name.as_str(), served.info.version.as_str())
         }
         None => ("_unknown", ""),
