@@ -67,7 +67,7 @@ async fn authorized_body(
     super::body::read(req, body, &state.body_limits(MAX_ADMIN_BODY)).await
 }
 
-fn authorize(state: &AppState, req: &HttpRequest) -> Result<(), ServeError> {
+pub(super) fn authorize(state: &AppState, req: &HttpRequest) -> Result<(), ServeError> {
     let Some(token) = state.admin_token.as_deref() else {
         return Err(ServeError::AdminOff);
     };
@@ -97,22 +97,11 @@ async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRespon
     let mut rows = Vec::new();
     for (name, model) in &catalog.models {
         for version in model.sorted_versions() {
-            match &model.versions[&version] {
-                VersionState::Serving(served) => {
-                    let status = served.status().await;
-                    rows.push(json!({
-                        "name": name, "version": version, "state": "SERVING",
-                        "default": model.default_version() == Some(version.as_str()),
-                        "canary_percent": model.canary.as_ref().filter(|c| c.version == version).map(|c| c.percent),
-                        "device": served.info.device.to_string(), "replicas": served.info.replicas,
-                        "fallback": served.info.fallback, "router": status,
-                    }));
-                }
-                VersionState::Unavailable { reason, .. } => {
-                    rows.push(json!({ "name": name, "version": version, "state": "UNAVAILABLE", "reason": reason }))
-                }
-                other => rows.push(json!({ "name": name, "version": version, "state": other.label() })),
-            }
+            let router = match &model.versions[&version] {
+                VersionState::Serving(served) => served.status().await,
+                _ => None,
+            };
+            rows.push(super::status::version_row(name, model, &version, router));
         }
     }
     Ok(HttpResponse::Ok().json(json!({ "models": rows })))

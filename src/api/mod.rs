@@ -7,10 +7,11 @@ pub mod body;
 pub mod door;
 pub mod grpc;
 pub mod health;
-mod json_tensor;
+pub(crate) mod json_tensor;
 pub mod kserve;
 pub mod metrics;
 pub mod rest;
+mod status;
 pub mod ws;
 
 use std::sync::Arc;
@@ -129,5 +130,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .configure(rest::routes)
         .configure(ws::routes)
         .configure(admin::routes)
+        .configure(status::routes)
         .configure(metrics::routes);
 }
