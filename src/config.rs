@@ -219,6 +219,22 @@ pub struct ServeArgs {
     /// `registry status`.
     #[arg(long, env = "STREAMSERVE_ADVERTISE_URL")]
     pub advertise_url: Option<String>,
+    /// Watch every model version's inputs and outputs in /metrics: histograms on buckets
+    /// fixed per version, NaN and infinity counts, input ranges and drift scores; `false`
+    /// turns the recording off (probes still run) [default: true].
+    #[arg(long, env = "STREAMSERVE_MONITOR_OUTPUTS")]
+    pub monitor_outputs: Option<bool>,
+    /// Rows answered after load that a version's drift reference is frozen from, when no
+    /// `profile.json` was published with it; at least 1 [default: 1000].
+    #[arg(long, env = "STREAMSERVE_DRIFT_REFERENCE_ROWS")]
+    pub drift_reference_rows: Option<u64>,
+    /// Rows each drift score is computed over; at least 1 [default: 1000].
+    #[arg(long, env = "STREAMSERVE_DRIFT_WINDOW_ROWS")]
+    pub drift_window_rows: Option<u64>,
+    /// A model version whose last golden-input probe (`probe.json`) failed answers "not
+    /// ready" on its readiness endpoints [default: false].
+    #[arg(long, env = "STREAMSERVE_PROBE_READINESS")]
+    pub probe_readiness: Option<bool>,
 }
 
 /// Where gRPC listens: a port (0: a free one), or nowhere. Written `8081` or `"off"`, in TOML
@@ -333,6 +349,10 @@ pub struct Config {
     /// `None`: see [`crate::actors::fleet::default_instance_id`].
     pub instance_id: Option<String>,
     pub advertise_url: Option<String>,
+    pub monitor_outputs: bool,
+    pub drift_reference_rows: u64,
+    pub drift_window_rows: u64,
+    pub probe_readiness: bool,
 }
 
 impl Default for Config {
@@ -380,6 +400,10 @@ impl Default for Config {
             registry_wait_secs: 120,
             instance_id: None,
             advertise_url: None,
+            monitor_outputs: true,
+            drift_reference_rows: 1000,
+            drift_window_rows: 1000,
+            probe_readiness: false,
         }
     }
 }
@@ -437,6 +461,16 @@ impl Config {
         }
     }
 
+    /// How each model version's monitor works.
+    pub fn watch_settings(&self) -> crate::monitor::WatchSettings {
+        crate::monitor::WatchSettings {
+            enabled: self.monitor_outputs,
+            reference_rows: self.drift_reference_rows,
+            window_rows: self.drift_window_rows,
+            probe_gates_readiness: self.probe_readiness,
+        }
+    }
+
     /// The largest gRPC message, received or sent.
     pub fn grpc_max_message(&self) -> usize {
         self.grpc_max_message_bytes.unwrap_or(self.max_body_bytes)
@@ -456,6 +490,8 @@ impl Config {
         self.body_timeout_secs = self.body_timeout_secs.max(1);
         self.max_body_memory_mb = self.max_body_memory_mb.max(1);
         self.admission_target_ms = self.admission_target_ms.max(1);
+        self.drift_reference_rows = self.drift_reference_rows.max(1);
+        self.drift_window_rows = self.drift_window_rows.max(1);
         anyhow::ensure!(
             self.registry_poll_secs.is_finite() && self.registry_poll_secs >= 0.1,
             "registry_poll_secs must be at least 0.1, got {}",

@@ -1,5 +1,5 @@
 //! The `streamserve` command: `serve` (the server), `check-models` (verify a model directory),
-//! `admin` (the admin API from the shell), `keys` and `registry` (the model registry). Everything
+//! `admin` (the admin API from the shell), `keys`, `registry` (the model registry) and `profile` (a version's drift reference and probe). Everything
 //! else lives in the library.
 
 use clap::Parser;
@@ -16,6 +16,7 @@ fn main() -> std::process::ExitCode {
         Command::Admin(args) => streamserve::cli::run(args),
         Command::Keys(command) => streamserve::cli::keys(command),
         Command::Registry(args) => streamserve::cli::registry::run(args),
+        Command::Profile(args) => streamserve::cli::profile::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -104,6 +104,18 @@ pub struct Catalog {
 }
 
 impl Catalog {
+    /// The model monitors of every serving version, in name and version order.
+    pub fn watches(&self) -> Vec<std::sync::Arc<crate::monitor::ModelWatch>> {
+        self.models
+            .values()
+            .flat_map(|m| m.versions.values())
+            .filter_map(|state| match state {
+                VersionState::Serving(served) => Some(served.watch.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Finds a serving model version; the default version when `version` is `None`.
     pub fn resolve(&self, name: &str, version: Option<&str>) -> Result<ServedModel, ServeError> {
         let model = self

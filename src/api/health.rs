@@ -52,11 +52,12 @@ fn check_model(
 }
 
 /// Whether a model version (its default without `version`) can serve: it has a healthy
-/// replica, or it is not loaded and the next request loads it. Unknown names are errors.
-/// REST's and gRPC's readiness (and gRPC health) all answer from here.
+/// replica (and, with `--probe-readiness`, its last probe passed), or it is not loaded and
+/// the next request loads it. Unknown names are errors. REST's and gRPC's readiness (and gRPC
+/// health) all answer from here.
 pub fn can_serve(state: &AppState, name: &str, version: Option<&str>) -> Result<bool, ServeError> {
     match state.catalog.snapshot().resolve(name, version) {
-        Ok(served) => Ok(served.health.ready()),
+        Ok(served) => Ok(served.health.ready() && !served.watch.blocks_readiness()),
         Err(ServeError::ModelUnavailable { .. }) => Ok(false),
         // Not loaded, but the next request loads it: it can serve.
         Err(ServeError::ModelCold { .. }) => Ok(true),

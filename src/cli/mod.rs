@@ -3,6 +3,7 @@
 //! `STREAMSERVE_URL`; token from `--token` or `STREAMSERVE_ADMIN_TOKEN`). The model registry's
 //! commands are in [`registry`].
 
+pub mod profile;
 pub mod registry;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -34,6 +35,9 @@ pub enum Command {
     Keys(KeysCommand),
     /// The model registry: publish versions, deploy them to the fleet, watch the fleet.
     Registry(registry::RegistryArgs),
+    /// Profile a model version on a reference data set (`profile.json`, what drift is measured
+    /// against), and optionally make its golden-input probe (`probe.json`).
+    Profile(profile::ProfileArgs),
 }
 
 #[derive(Debug, Subcommand)]

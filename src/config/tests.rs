@@ -142,7 +142,15 @@ fn defaults_are_unchanged() {
         registry_wait_secs,
         instance_id,
         advertise_url,
+        monitor_outputs,
+        drift_reference_rows,
+        drift_window_rows,
+        probe_readiness,
     } = Config::default();
+    assert!(monitor_outputs);
+    assert_eq!(drift_reference_rows, 1000);
+    assert_eq!(drift_window_rows, 1000);
+    assert!(!probe_readiness);
     assert_eq!(stream_checkpoint_ms, 1000);
     assert_eq!(stream_token_keys, None);
     assert_eq!(stream_token_key, None);

@@ -3,11 +3,58 @@
 //! input ranges), how far its outputs have drifted from a reference profile (PSI per output),
 //! and whether its golden-input probe still passes.
 //!
-//! One [`ModelWatch`] per served version. Its workers record each batch they ran into it (one
-//! short lock per batch), the probe runner records each check, and `/metrics`, the admin API
-//! and the status page read it. Nothing here touches actix or ONNX Runtime.
+//! One [`ModelWatch`] per served version. Its workers record each model call into it (one
+//! short lock per call, after the call, on the worker's thread), the supervisor records each
+//! probe, and `/metrics` ([`render`]), the admin API and the status page read it. Nothing here
+//! touches actix or ONNX Runtime.
+
+mod bins;
+pub mod probe;
+pub mod profile;
+mod render;
+pub mod stream;
+mod values;
+
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
+
+pub use bins::{psi, Edges};
+use probe::{Probe, ProbeRecord};
+use profile::{Profile, ProfileBuilder};
+pub use render::render;
+
+/// Calls `f` with every value of a tensor as `f64`, whatever its element type.
+pub fn visit_values(data: &TensorData, f: impl FnMut(f64)) {
+    visit(data, usize::MAX, f)
+}
+use crate::tensor::{NamedTensor, TensorData};
+use values::{visit, MAX_VALUES_PER_CALL};
+
+/// The monitor's settings (flags `--monitor-outputs`, `--drift-reference-rows`,
+/// `--drift-window-rows`).
+#[derive(Clone, Copy, Debug)]
+pub struct WatchSettings {
+    /// Off: workers record nothing and the model's series are absent (the probe still runs).
+    pub enabled: bool,
+    /// Without a profile, the reference is frozen from this many answered rows.
+    pub reference_rows: u64,
+    /// Each drift score is computed over this many rows.
+    pub window_rows: u64,
+    /// A version whose last probe failed answers "not ready" (`--probe-readiness`).
+    pub probe_gates_readiness: bool,
+}
+
+impl Default for WatchSettings {
+    fn default() -> Self {
+        WatchSettings {
+            enabled: true,
+            reference_rows: 1000,
+            window_rows: 1000,
+            probe_gates_readiness: false,
+        }
+    }
+}
 
 /// Where a version's reference profile came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -19,6 +66,19 @@ pub enum ReferenceSource {
     FirstAnswers,
     /// Still collecting the first answers; no drift score yet.
     Collecting,
+    /// Output monitoring is off.
+    Off,
+}
+
+impl ReferenceSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReferenceSource::Profile => "profile",
+            ReferenceSource::FirstAnswers => "first_answers",
+            ReferenceSource::Collecting => "collecting",
+            ReferenceSource::Off => "off",
+        }
+    }
 }
 
 /// One output's drift against the reference: the population stability index over the
@@ -54,23 +114,349 @@ pub struct WatchSummary {
 pub struct ModelWatch {
     pub model: String,
     pub version: String,
+    settings: WatchSettings,
+    model_sha256: String,
+    input_names: Vec<String>,
+    state: Mutex<State>,
+    probe: Option<Probe>,
+    probe_record: Mutex<ProbeRecord>,
+    /// Set for versions that serve VAD streams.
+    stream: Option<stream::StreamStats>,
+}
+
+#[derive(Debug)]
+struct State {
+    rows: u64,
+    reference: Reference,
+    outputs: Vec<OutputWatch>,
+    inputs: Vec<InputWatch>,
+}
+
+#[derive(Debug)]
+enum Reference {
+    Profile,
+    FirstAnswers,
+    Collecting(Box<ProfileBuilder>),
+    Off,
+}
+
+/// One output's histogram on the reference's buckets, and its drift window.
+#[derive(Debug)]
+struct OutputWatch {
+    name: String,
+    edges: Edges,
+    shares: Vec<f64>,
+    /// Values per bucket since load (not cumulative; `/metrics` adds them up).
+    counts: Vec<u64>,
+    sum: f64,
+    nan: u64,
+    window: Vec<u64>,
+    window_rows: u64,
+    psi: Option<f64>,
+}
+
+/// One input's range and non-finite values, as the model saw them.
+#[derive(Debug, Default)]
+struct InputWatch {
+    name: String,
+    min: f64,
+    max: f64,
+    seen: bool,
+    nan: u64,
+    inf: u64,
 }
 
 impl ModelWatch {
-    pub fn new(model: &str, version: &str) -> ModelWatch {
+    /// The watch of a version with these inputs and outputs. `profile` (already checked
+    /// against the model's sha256) fixes the buckets from the start; without it they are
+    /// frozen from the first `reference_rows` answered rows.
+    pub fn new(
+        identity: (&str, &str, &str),
+        interface: (&[String], &[String]),
+        settings: WatchSettings,
+        profile: Option<Profile>,
+        probe: Option<Probe>,
+    ) -> ModelWatch {
+        let (model, version, sha256) = identity;
+        let (inputs, outputs) = interface;
+        let (reference, output_watches) = match (settings.enabled, profile) {
+            (false, _) => (Reference::Off, Vec::new()),
+            (true, Some(profile)) => (Reference::Profile, output_watches(&profile)),
+            (true, None) => (
+                Reference::Collecting(Box::new(ProfileBuilder::new(outputs))),
+                Vec::new(),
+            ),
+        };
+        let input_watches = inputs
+            .iter()
+            .map(|name| InputWatch {
+                name: name.clone(),
+                ..InputWatch::default()
+            })
+            .collect();
+        let next_due_ms = crate::telemetry::uptime_ms();
         ModelWatch {
             model: model.to_string(),
             version: version.to_string(),
+            settings,
+            model_sha256: sha256.to_string(),
+            input_names: inputs.to_vec(),
+            state: Mutex::new(State {
+                rows: 0,
+                reference,
+                outputs: output_watches,
+                inputs: input_watches,
+            }),
+            probe,
+            probe_record: Mutex::new(ProbeRecord {
+                next_due_ms,
+                ..ProbeRecord::default()
+            }),
+            stream: None,
+        }
+    }
+
+    /// The same watch, also adding up what the version's VAD streams found.
+    pub fn with_stream_stats(mut self) -> ModelWatch {
+        self.stream = Some(stream::StreamStats::default());
+        self
+    }
+
+    /// The VAD stream totals, for a version that serves streams.
+    pub fn stream_stats(&self) -> Option<&stream::StreamStats> {
+        self.stream.as_ref()
+    }
+
+    /// A watch that records nothing (tests, versions loaded without one).
+    pub fn off(model: &str, version: &str) -> ModelWatch {
+        let settings = WatchSettings {
+            enabled: false,
+            ..WatchSettings::default()
+        };
+        ModelWatch::new((model, version, ""), (&[], &[]), settings, None, None)
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records one model call: its inputs (in the model's input order), all its outputs, and
+    /// the rows it answered.
+    pub fn observe(&self, inputs: &[&TensorData], outputs: &[NamedTensor], rows: usize) {
+        if !self.settings.enabled {
+            return;
+        }
+        let mut state = self.state();
+        let state = &mut *state;
+        state.rows += rows as u64;
+        for (watch, data) in state.inputs.iter_mut().zip(inputs) {
+            watch.observe(data);
+        }
+        if let Reference::Collecting(builder) = &mut state.reference {
+            builder.add_outputs(outputs, rows);
+            for watch in &state.inputs {
+                if watch.seen {
+                    builder.add_input_range(&watch.name, watch.min, watch.max);
+                }
+            }
+            if builder.rows() >= self.settings.reference_rows {
+                let Reference::Collecting(builder) =
+                    std::mem::replace(&mut state.reference, Reference::FirstAnswers)
+                else {
+                    unreachable!()
+                };
+                let profile = builder.finish(&self.model_sha256, None);
+                state.outputs = output_watches(&profile);
+                tracing::info!(
+                    model = %self.model, version = %self.version, rows = profile.rows,
+                    "drift reference frozen from the first answers (no profile.json published with this version)"
+                );
+            }
+            return;
+        }
+        for watch in &mut state.outputs {
+            if let Some(output) = outputs.iter().find(|o| o.name == watch.name) {
+                watch.observe(&output.data, rows as u64, self.settings.window_rows);
+            }
         }
     }
 
     /// What the monitor knows now.
     pub fn summary(&self) -> WatchSummary {
+        let state = self.state();
         WatchSummary {
-            reference: ReferenceSource::Collecting,
-            rows: 0,
-            outputs: Vec::new(),
-            probe: None,
+            reference: state.reference.source(),
+            rows: state.rows,
+            outputs: state
+                .outputs
+                .iter()
+                .map(|o| OutputDrift {
+                    name: o.name.clone(),
+                    psi: o.psi,
+                })
+                .collect(),
+            probe: self.probe.as_ref().map(|_| {
+                let record = self.probe_record();
+                ProbeSummary {
+                    passing: record.last_error.is_none(),
+                    checks: record.checks,
+                    failures: record.failures,
+                    last_error: record.last_error.clone(),
+                }
+            }),
         }
+    }
+
+    /// The version's probe, if it has one.
+    pub fn probe(&self) -> Option<&Probe> {
+        self.probe.as_ref()
+    }
+
+    fn probe_record(&self) -> MutexGuard<'_, ProbeRecord> {
+        self.probe_record.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a probe check is due at `now_ms` (process uptime); marks it running if so, so
+    /// that one check at a time is sent.
+    pub fn take_due_probe(&self, now_ms: u64) -> bool {
+        let Some(probe) = &self.probe else {
+            return false;
+        };
+        let mut record = self.probe_record();
+        if record.running || now_ms < record.next_due_ms {
+            return false;
+        }
+        record.running = true;
+        record.next_due_ms = now_ms + probe.every().as_millis() as u64;
+        true
+    }
+
+    /// Records a probe check's outcome; logs when the probe starts or stops failing.
+    pub fn record_probe(&self, outcome: Result<(), String>) {
+        let mut record = self.probe_record();
+        record.running = false;
+        record.checks += 1;
+        record.last_check_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        match outcome {
+            Ok(()) => {
+                if let Some(was) = record.last_error.take() {
+                    tracing::info!(model = %self.model, version = %self.version, was = %was, "probe passes again");
+                }
+            }
+            Err(error) => {
+                record.failures += 1;
+                if record.last_error.is_none() {
+                    tracing::warn!(model = %self.model, version = %self.version, %error, "probe failed");
+                }
+                record.last_error = Some(error);
+            }
+        }
+    }
+
+    /// The last probe check failed (false without a probe or before the first check).
+    pub fn probe_failing(&self) -> Option<String> {
+        self.probe.as_ref()?;
+        self.probe_record().last_error.clone()
+    }
+
+    /// Whether the probe keeps this version from answering "ready": it failed last, and the
+    /// server was told to let probes gate readiness.
+    pub fn blocks_readiness(&self) -> bool {
+        self.settings.probe_gates_readiness && self.probe_failing().is_some()
+    }
+
+    /// The input names, in the model's order.
+    pub fn input_names(&self) -> &[String] {
+        &self.input_names
+    }
+}
+
+impl Reference {
+    fn source(&self) -> ReferenceSource {
+        match self {
+            Reference::Profile => ReferenceSource::Profile,
+            Reference::FirstAnswers => ReferenceSource::FirstAnswers,
+            Reference::Collecting(_) => ReferenceSource::Collecting,
+            Reference::Off => ReferenceSource::Off,
+        }
+    }
+}
+
+fn output_watches(profile: &Profile) -> Vec<OutputWatch> {
+    profile
+        .outputs
+        .iter()
+        .map(|(name, p)| OutputWatch {
+            name: name.clone(),
+            counts: vec![0; p.edges.buckets()],
+            window: vec![0; p.edges.buckets()],
+            edges: p.edges.clone(),
+            shares: p.shares.clone(),
+            sum: 0.0,
+            nan: 0,
+            window_rows: 0,
+            psi: None,
+        })
+        .collect()
+}
+
+impl OutputWatch {
+    fn observe(&mut self, data: &TensorData, rows: u64, window_rows: u64) {
+        visit(data, MAX_VALUES_PER_CALL, |v| {
+            if v.is_nan() {
+                self.nan += 1;
+                return;
+            }
+            let bucket = self.edges.bucket(v);
+            self.counts[bucket] += 1;
+            self.window[bucket] += 1;
+            self.sum += v;
+        });
+        self.window_rows += rows;
+        if self.window_rows >= window_rows.max(1) {
+            self.psi = psi(&self.shares, &self.window).or(self.psi);
+            self.window.iter_mut().for_each(|c| *c = 0);
+            self.window_rows = 0;
+        }
+    }
+}
+
+impl InputWatch {
+    fn observe(&mut self, data: &TensorData) {
+        let (mut min, mut max) = (f64::INFINITY, f64::NEG_INFINITY);
+        visit(data, usize::MAX, |v| {
+            if v.is_nan() {
+                self.nan += 1;
+            } else if v.is_infinite() {
+                self.inf += 1;
+            } else {
+                min = min.min(v);
+                max = max.max(v);
+            }
+        });
+        if min <= max {
+            if !self.seen {
+                (self.min, self.max, self.seen) = (min, max, true);
+            }
+            self.min = self.min.min(min);
+            self.max = self.max.max(max);
+        }
+    }
+}
+
+/// A version's watch as its workers hold it: set once the version's interface is known
+/// (after the first worker loaded), so a worker started before that records nothing.
+#[derive(Debug, Default)]
+pub struct OnceWatch(std::sync::OnceLock<Arc<ModelWatch>>);
+
+impl OnceWatch {
+    pub fn set(&self, watch: Arc<ModelWatch>) {
+        let _ = self.0.set(watch);
+    }
+
+    pub fn get(&self) -> Option<&ModelWatch> {
+        self.0.get().map(|w| &**w)
     }
 }

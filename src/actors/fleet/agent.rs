@@ -378,6 +378,17 @@ impl Agent {
             {
                 part.fail(e.to_string());
             }
+            // A new version whose golden-input probe fails is wrong, however few errors it
+            // answers with.
+            if let Some(VersionState::Serving(served)) = catalog
+                .models
+                .get(name)
+                .and_then(|m| m.versions.get(&rollout.version))
+            {
+                if let Some(error) = served.watch.probe_failing() {
+                    part.fail(format!("the new version's probe fails: {error}"));
+                }
+            }
             let outcome = self.outcomes.get(name);
             if let Some(Readiness::Failed(reason)) =
                 outcome.and_then(|o| o.versions.get(&rollout.version))

@@ -529,6 +529,9 @@ impl Actor for Router {
             .give_back(self.info.device, memory_mb * replicas as u64);
         self.replicas.slots.clear();
         metrics::gauge!("streamserve_workers", &self.labels).set(0.0);
+        // 0 of 0: an unloaded version is not one without a healthy replica (the alert on
+        // `streamserve_workers == 0` also asks for `streamserve_replicas > 0`).
+        metrics::gauge!("streamserve_replicas", &self.labels).set(0.0);
         Arbiter::current().stop();
     }
 

@@ -43,7 +43,15 @@ async fn serve_entry(
     entry: ModelEntry,
 ) -> ServedModel {
     let budgets = Arc::new(Budgets::new(64, 1 << 20, 0));
-    match load_version(Arc::new(entry), loader, catalog.clone(), budgets).await {
+    match load_version(
+        Arc::new(entry),
+        loader,
+        catalog.clone(),
+        budgets,
+        Default::default(),
+    )
+    .await
+    {
         VersionState::Serving(served) => served,
         _ => panic!("the double model did not load"),
     }

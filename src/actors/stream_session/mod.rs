@@ -362,6 +362,9 @@ impl StreamSession {
                 .record(ready.elapsed().as_secs_f64());
         }
         metrics::counter!("streamserve_stream_chunks_total", &self.labels).increment(1);
+        if let Some(stats) = self.model.watch.stream_stats() {
+            stats.add_audio(take as f64 / f64::from(self.params.sample_rate));
+        }
 
         if response.degraded {
             metrics::counter!("streamserve_stream_degraded_chunks_total", &self.labels)
@@ -392,10 +395,18 @@ impl StreamSession {
                     seq: self.next_seq,
                     t: self.seconds(sample),
                 },
-                VadEvent::SpeechEnd { sample } => ServerMessage::SpeechEnd {
-                    seq: self.next_seq,
-                    t: self.seconds(sample),
-                },
+                VadEvent::SpeechEnd { sample } => {
+                    let segment = self.tracker.segments.last().filter(|s| s.end == sample);
+                    if let (Some(segment), Some(stats)) = (segment, self.model.watch.stream_stats())
+                    {
+                        let samples = segment.end.saturating_sub(segment.start);
+                        stats.add_segment(samples as f64 / f64::from(self.params.sample_rate));
+                    }
+                    ServerMessage::SpeechEnd {
+                        seq: self.next_seq,
+                        t: self.seconds(sample),
+                    }
+                }
             };
             self.emit(message);
         }

@@ -23,7 +23,9 @@ use crate::actors::worker::{WorkerHandle, WorkerRecipe, WorkerReport};
 use crate::error::ServeError;
 use crate::manifest::{verify_sha256, BatchAxis, Device, ModelEntry, StreamKind};
 use crate::model::{ModelInfo, Resources};
-use crate::monitor::ModelWatch;
+use crate::monitor::probe::Probe;
+use crate::monitor::profile::Profile;
+use crate::monitor::{ModelWatch, OnceWatch, WatchSettings};
 use crate::runtime::{Sessions, TensorSpec};
 use crate::stream::vad::VadInterface;
 
@@ -38,8 +40,9 @@ pub async fn load_version(
     sessions: Sessions,
     catalog: Arc<SharedCatalog>,
     budgets: Arc<Budgets>,
+    watch: WatchSettings,
 ) -> VersionState {
-    match serve(&entry, sessions, catalog, budgets).await {
+    match serve(&entry, sessions, catalog, budgets, watch).await {
         Ok(served) => VersionState::Serving(served),
         Err(reason) => {
             tracing::error!(model = %entry.name, version = %entry.version, %reason, "model refused");
@@ -54,19 +57,39 @@ async fn serve(
     sessions: Sessions,
     catalog: Arc<SharedCatalog>,
     budgets: Arc<Budgets>,
+    watch_settings: WatchSettings,
 ) -> Result<ServedModel, String> {
     let started = Instant::now();
     verify_sha256(entry)?;
+    // Both are read before any worker starts: a broken profile or probe refuses the version,
+    // so that a typo cannot silently turn a check off.
+    let profile = Profile::load_beside(&entry.file, &entry.sha256)?;
+    let probe = Probe::load_beside(&entry.file)?;
     let (reports_tx, reports_rx) = flume::unbounded::<WorkerReport>();
+    let watch = Arc::new(OnceWatch::default());
     let recipe = WorkerRecipe {
         entry: entry.clone(),
         sessions,
         reports: reports_tx,
+        watch: watch.clone(),
     };
     let faults: Vec<FaultQueue> = (0..entry.replicas).map(|_| FaultQueue::default()).collect();
     let (workers, inputs, outputs) = start_workers(&recipe, &faults).await?;
     let device = workers[0].device;
     let info = Arc::new(model_info(entry, inputs, outputs, device)?);
+    let names = |specs: &[TensorSpec]| specs.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
+    let mut model_watch = ModelWatch::new(
+        (&entry.name, &entry.version, &entry.sha256),
+        (&names(&info.inputs), &names(&info.outputs)),
+        watch_settings,
+        profile,
+        probe,
+    );
+    if info.stream.is_some() {
+        model_watch = model_watch.with_stream_stats();
+    }
+    let model_watch = Arc::new(model_watch);
+    watch.set(model_watch.clone());
     // Ready as soon as this returns: the router only starts (and publishes) on its own thread.
     let health = Arc::new(ModelHealth::new(workers.len(), entry.replicas));
     take_budgets(entry, &info, workers.len(), &budgets)?;
@@ -92,7 +115,7 @@ async fn serve(
         "model serving"
     );
     Ok(ServedModel {
-        watch: Arc::new(ModelWatch::new(&info.name, &info.version)),
+        watch: model_watch,
         info,
         router,
         health,
@@ -254,11 +277,44 @@ pub(super) fn batch_axes(
 
 /// One request of zeros (dynamic dimensions 1; declared shapes and values where the manifest
 /// declares them) through a freshly loaded version.
+/// Proves a version answers before a deployment gives it traffic: its probe when it has one
+/// (the golden input must give the expected answer), otherwise an example input of the right
+/// shapes.
 pub(super) async fn smoke_test(served: &ServedModel) -> Result<(), ServeError> {
+    if served.watch.probe().is_some() {
+        let outcome = run_probe(served).await;
+        served.watch.record_probe(outcome.clone());
+        return outcome.map_err(|e| ServeError::invalid(format!("the version's probe fails: {e}")));
+    }
     let info = &served.info;
     let request = info.validate(info.example_inputs(), None)?;
     served.infer(request, InferOptions::now()).await?;
     Ok(())
+}
+
+/// How long a probe waits for its answer before it counts as failed.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Sends the version's probe through its router and judges the answer.
+pub async fn run_probe(served: &ServedModel) -> Result<(), String> {
+    let Some(probe) = served.watch.probe() else {
+        return Ok(());
+    };
+    let inputs = probe.inputs()?;
+    let request = served
+        .info
+        .validate(inputs, Some(probe.output_names()))
+        .map_err(|e| format!("the golden input does not fit the model: {e}"))?;
+    let options = InferOptions::now().with_timeout(Some(PROBE_TIMEOUT));
+    let answer = served
+        .infer(request, options)
+        .await
+        .map_err(|e| format!("no answer: {e}"))?;
+    if answer.degraded {
+        // The fallback answered: the version itself was not probed.
+        return Err("answered by the fallback, not this version".into());
+    }
+    probe.judge(&answer.outputs)
 }
 
 #[cfg(test)]

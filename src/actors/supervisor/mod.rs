@@ -34,6 +34,7 @@ use super::catalog::{Canary, Catalog, SharedCatalog, VersionState};
 use super::served::ServedModel;
 use crate::error::ServeError;
 use crate::manifest::{compare_versions, Manifest, ModelEntry};
+use crate::monitor::WatchSettings;
 use crate::runtime::Sessions;
 use fleet::FleetRouting;
 pub use fleet::{AddVersions, Readiness, Route, RouteOutcome};
@@ -52,6 +53,8 @@ pub struct Supervisor {
     waiting: HashMap<Key, Vec<oneshot::Sender<Result<ServedModel, ServeError>>>>,
     deployments: Deployments,
     fleet: FleetRouting,
+    /// How each loaded version's model monitor works.
+    watch: WatchSettings,
 }
 
 /// A model version: (name, version).
@@ -82,7 +85,14 @@ impl Supervisor {
             waiting: HashMap::new(),
             deployments: Deployments::default(),
             fleet: FleetRouting::default(),
+            watch: WatchSettings::default(),
         }
+    }
+
+    /// Sets how the model monitor of each version loaded from now on works.
+    pub fn with_watch(mut self, watch: WatchSettings) -> Supervisor {
+        self.watch = watch;
+        self
     }
 
     fn publish(&self) {
@@ -204,6 +214,7 @@ impl Supervisor {
             self.sessions,
             self.published.clone(),
             self.budgets.clone(),
+            self.watch,
         );
         ctx.spawn(load.into_actor(self).map(move |state, supervisor, _ctx| {
             let cold_start = started.elapsed();
@@ -269,7 +280,7 @@ impl Supervisor {
     }
 
     /// Every 250 ms: unloads versions idle past their `idle_unload_secs` (unless a rollout
-    /// uses them), and ends the canary steps that are due.
+    /// uses them), sends the probes that are due, and ends the canary steps that are due.
     fn tick(&mut self) {
         let now_ms = crate::telemetry::uptime_ms();
         let idle: Vec<Key> = self
@@ -287,7 +298,27 @@ impl Supervisor {
         for key in idle {
             self.unload(&key, "idle");
         }
+        self.run_due_probes(now_ms);
         self.judge_rollouts();
+    }
+
+    /// Sends each serving version's golden-input probe when it is due, through the version's
+    /// own router, one at a time per version; the outcome lands in its model monitor.
+    fn run_due_probes(&self, now_ms: u64) {
+        for model in self.catalog.models.values() {
+            for state in model.versions.values() {
+                let VersionState::Serving(served) = state else {
+                    continue;
+                };
+                if served.watch.take_due_probe(now_ms) {
+                    let served = served.clone();
+                    actix::spawn(async move {
+                        let outcome = loading::run_probe(&served).await;
+                        served.watch.record_probe(outcome);
+                    });
+                }
+            }
+        }
     }
 }
 

@@ -31,6 +31,7 @@ use super::pending::Batch;
 use crate::error::ServeError;
 use crate::manifest::{BatchAxis, Device, ModelEntry};
 use crate::model::{InferRequest, InferResponse};
+use crate::monitor::OnceWatch;
 use crate::runtime::{InferenceSession, RunError, Sessions, TensorSpec};
 use crate::tensor::{NamedTensor, TensorData};
 use packing::{placeholder, stack, unstack};
@@ -86,6 +87,8 @@ pub struct WorkerRecipe {
     pub entry: Arc<ModelEntry>,
     pub sessions: Sessions,
     pub reports: flume::Sender<WorkerReport>,
+    /// The version's model monitor, which records every model call.
+    pub watch: Arc<OnceWatch>,
 }
 
 impl WorkerRecipe {
@@ -102,6 +105,7 @@ impl WorkerRecipe {
             entry,
             sessions,
             reports,
+            watch,
         } = self.clone();
         let thread_name = format!("worker-{}-{}-{}", entry.name, entry.version, replica);
         let spawned = std::thread::Builder::new()
@@ -137,7 +141,14 @@ impl WorkerRecipe {
                 if ready_tx.send(Ok(started)).is_err() {
                     return;
                 }
-                run_loop(&mut *session, rx, replica, generation, reports, faults);
+                let worker = Worker {
+                    replica,
+                    generation,
+                    reports,
+                    faults,
+                    watch,
+                };
+                run_loop(&mut *session, rx, worker);
             });
         if let Err(e) = spawned {
             tracing::error!("cannot spawn a worker thread: {e}");
@@ -146,14 +157,24 @@ impl WorkerRecipe {
     }
 }
 
-fn run_loop(
-    session: &mut dyn InferenceSession,
-    batches: flume::Receiver<Batch>,
+/// What one worker thread keeps beside its session.
+struct Worker {
     replica: usize,
     generation: u64,
     reports: flume::Sender<WorkerReport>,
     faults: FaultQueue,
-) {
+    watch: Arc<OnceWatch>,
+}
+
+fn run_loop(session: &mut dyn InferenceSession, batches: flume::Receiver<Batch>, worker: Worker) {
+    let Worker {
+        replica,
+        generation,
+        reports,
+        faults,
+        watch,
+    } = worker;
+    let watch = &*watch;
     // Ends when the router drops its handle (model unloaded, worker replaced, server stopping).
     while let Ok(batch) = batches.recv() {
         let started = Instant::now();
@@ -167,7 +188,7 @@ fn run_loop(
                 }
                 None => {}
             }
-            run_each(session, &batch, rows)
+            run_each(session, &batch, rows, watch)
         }));
         let compute = started.elapsed();
         let requests = batch.items.len();
@@ -214,8 +235,9 @@ fn run_each(
     session: &mut dyn InferenceSession,
     batch: &Batch,
     rows: usize,
+    watch: &OnceWatch,
 ) -> (Vec<Result<Outputs, RunError>>, bool) {
-    match run_batch(session, batch, rows) {
+    match run_batch(session, batch, rows, watch) {
         Ok(per_request) => (per_request.into_iter().map(Ok).collect(), false),
         Err(e) if batch.items.len() == 1 => (vec![Err(e)], true),
         Err(e) => {
@@ -223,7 +245,7 @@ fn run_each(
             let alone = batch
                 .items
                 .iter()
-                .map(|p| run_alone(session, &p.request))
+                .map(|p| run_alone(session, &p.request, watch))
                 .collect();
             (alone, true)
         }
@@ -276,6 +298,7 @@ fn answer(
 fn run_alone(
     session: &mut dyn InferenceSession,
     request: &InferRequest,
+    watch: &OnceWatch,
 ) -> Result<Outputs, RunError> {
     let inputs: Vec<(&[i64], &TensorData)> = request
         .inputs
@@ -283,6 +306,7 @@ fn run_alone(
         .map(|t| (t.shape.as_slice(), &t.data))
         .collect();
     let mut outputs = session.run(&inputs)?;
+    observe(watch, &inputs, &outputs, request.rows);
     Ok(request
         .outputs
         .iter()
@@ -290,16 +314,30 @@ fn run_alone(
         .collect())
 }
 
+/// Hands one model call to the version's monitor (once it has one).
+fn observe(
+    watch: &OnceWatch,
+    inputs: &[(&[i64], &TensorData)],
+    outputs: &[NamedTensor],
+    rows: usize,
+) {
+    if let Some(watch) = watch.get() {
+        let data: Vec<&TensorData> = inputs.iter().map(|(_, data)| *data).collect();
+        watch.observe(&data, outputs, rows);
+    }
+}
+
 /// Packs the batch, runs the model once, and splits each output back per request.
 fn run_batch(
     session: &mut dyn InferenceSession,
     batch: &Batch,
     rows: usize,
+    watch: &OnceWatch,
 ) -> Result<Vec<Outputs>, RunError> {
     let first = &batch.items[0].request;
     let layout = match &batch.layout {
         Some(layout) if batch.items.len() > 1 => layout,
-        _ => return Ok(vec![run_alone(session, first)?]),
+        _ => return Ok(vec![run_alone(session, first, watch)?]),
     };
 
     let row_counts: Vec<usize> = batch.items.iter().map(|p| p.request.rows).collect();
@@ -326,6 +364,7 @@ fn run_batch(
         })
         .collect();
     let outputs = session.run(&inputs)?;
+    observe(watch, &inputs, &outputs, rows);
 
     for (output, axis) in outputs.iter().zip(&layout.outputs) {
         if let BatchAxis::Axis(k) = *axis {

@@ -119,6 +119,18 @@ pub(super) fn judge(supervisor: &mut Supervisor, name: &str) {
     let Some(rollout) = supervisor.deployments.running.get(name) else {
         return;
     };
+    // A failing probe rolls back at once, without waiting for the step to end.
+    let probe_error = supervisor
+        .served(&(name.to_string(), rollout.version.clone()))
+        .and_then(|canary| canary.watch.probe_failing());
+    if let Some(error) = probe_error {
+        abort(
+            supervisor,
+            name,
+            &format!("the canary's probe fails: {error}"),
+        );
+        return;
+    }
     if !rollout.step_due() {
         return;
     }

@@ -1,0 +1,354 @@
+//! The model monitor's series in Prometheus' text format, appended to `/metrics`. Written here
+//! rather than through the `metrics` crate because each version's output histogram has buckets
+//! of its own (its reference's quantiles), which the exporter, with one bucket list per
+//! metric name, cannot express.
+
+use std::fmt::Write;
+use std::sync::Arc;
+
+use super::stream::SEGMENT_BUCKETS;
+use super::{ModelWatch, Reference};
+
+/// A metric family: its name, type and help, and the sample lines written so far.
+struct Family {
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    lines: String,
+}
+
+impl Family {
+    fn new(name: &'static str, kind: &'static str, help: &'static str) -> Family {
+        Family {
+            name,
+            kind,
+            help,
+            lines: String::new(),
+        }
+    }
+
+    fn sample(&mut self, suffix: &str, labels: &str, value: f64) {
+        let _ = writeln!(
+            self.lines,
+            "{}{suffix}{{{labels}}} {}",
+            self.name,
+            number(value)
+        );
+    }
+}
+
+fn number(v: f64) -> String {
+    if v == f64::INFINITY {
+        "+Inf".into()
+    } else if v == f64::NEG_INFINITY {
+        "-Inf".into()
+    } else if v.is_nan() {
+        "NaN".into()
+    } else {
+        format!("{v}")
+    }
+}
+
+/// A label value escaped as the text format wants (backslash, quote, newline).
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Writes every watch's series to `out`, each family once with its HELP and TYPE.
+pub fn render(watches: &[Arc<ModelWatch>], out: &mut String) {
+    let mut reference = Family::new(
+        "streamserve_model_reference_info",
+        "gauge",
+        "Where a version's drift reference comes from: profile (streamserve profile), first_answers (frozen after load), collecting, or off",
+    );
+    let mut rows = Family::new(
+        "streamserve_model_rows_total",
+        "counter",
+        "Rows the model version answered, as its monitor counted them",
+    );
+    let mut output = Family::new(
+        "streamserve_model_output",
+        "histogram",
+        "Output values on the buckets of the version's reference profile (large outputs are read at a stride)",
+    );
+    let mut output_nan = Family::new(
+        "streamserve_model_output_nan_total",
+        "counter",
+        "NaN values in an output",
+    );
+    let mut drift = Family::new(
+        "streamserve_model_output_drift_psi",
+        "gauge",
+        "Population stability index of an output over the last window against the reference (0.1 moderate, 0.25 large shift)",
+    );
+    let mut input_min = Family::new(
+        "streamserve_model_input_min",
+        "gauge",
+        "Smallest finite value an input had since load",
+    );
+    let mut input_max = Family::new(
+        "streamserve_model_input_max",
+        "gauge",
+        "Largest finite value an input had since load",
+    );
+    let mut nonfinite = Family::new(
+        "streamserve_model_input_nonfinite_total",
+        "counter",
+        "NaN and infinite values that reached the model in an input",
+    );
+    let mut probe_success = Family::new(
+        "streamserve_probe_success",
+        "gauge",
+        "1 when the version's last golden-input probe passed (or none ran yet), 0 when it failed",
+    );
+    let mut probe_checks = Family::new(
+        "streamserve_probe_checks_total",
+        "counter",
+        "Golden-input probes sent",
+    );
+    let mut probe_failures = Family::new(
+        "streamserve_probe_failures_total",
+        "counter",
+        "Golden-input probes that failed",
+    );
+    let mut probe_last = Family::new(
+        "streamserve_probe_last_check_timestamp_seconds",
+        "gauge",
+        "When the last probe check finished, in seconds since the Unix epoch",
+    );
+
+    let mut audio = Family::new(
+        "streamserve_stream_audio_seconds_total",
+        "counter",
+        "Seconds of stream audio the VAD model version went through",
+    );
+    let mut speech = Family::new(
+        "streamserve_stream_speech_seconds_total",
+        "counter",
+        "Seconds of speech in the segments the VAD model version found",
+    );
+    let mut ratio = Family::new(
+        "streamserve_stream_speech_ratio",
+        "gauge",
+        "Share of stream audio that was speech, since load",
+    );
+    let mut segments = Family::new(
+        "streamserve_stream_segment_seconds",
+        "histogram",
+        "Length of the speech segments the VAD model version found",
+    );
+
+    for watch in watches {
+        let version = format!(
+            "model=\"{}\",version=\"{}\"",
+            escape(&watch.model),
+            escape(&watch.version)
+        );
+        if let Some(_probe) = watch.probe() {
+            let record = watch.probe_record().clone();
+            let ok = if record.last_error.is_none() {
+                1.0
+            } else {
+                0.0
+            };
+            probe_success.sample("", &version, ok);
+            probe_checks.sample("", &version, record.checks as f64);
+            probe_failures.sample("", &version, record.failures as f64);
+            if record.checks > 0 {
+                probe_last.sample("", &version, record.last_check_unix);
+            }
+        }
+        if let Some(stats) = watch.stream_stats() {
+            let (audio_s, speech_s) = stats.seconds();
+            audio.sample("", &version, audio_s);
+            speech.sample("", &version, speech_s);
+            ratio.sample(
+                "",
+                &version,
+                if audio_s > 0.0 {
+                    speech_s / audio_s
+                } else {
+                    0.0
+                },
+            );
+            let mut cumulative = 0u64;
+            for (i, count) in stats.segment_counts().iter().enumerate() {
+                cumulative += count;
+                let le = SEGMENT_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY);
+                segments.sample(
+                    "_bucket",
+                    &format!("{version},le=\"{}\"", number(le)),
+                    cumulative as f64,
+                );
+            }
+            segments.sample("_sum", &version, speech_s);
+            segments.sample("_count", &version, cumulative as f64);
+        }
+        let state = watch.state();
+        let source = state.reference.source().as_str();
+        reference.sample("", &format!("{version},source=\"{source}\""), 1.0);
+        if matches!(state.reference, Reference::Off) {
+            continue;
+        }
+        rows.sample("", &version, state.rows as f64);
+        for o in &state.outputs {
+            let labels = format!("{version},output=\"{}\"", escape(&o.name));
+            let mut cumulative = 0u64;
+            for (i, count) in o.counts.iter().enumerate() {
+                cumulative += count;
+                let le = o.edges.0.get(i).copied().unwrap_or(f64::INFINITY);
+                output.sample(
+                    "_bucket",
+                    &format!("{labels},le=\"{}\"", number(le)),
+                    cumulative as f64,
+                );
+            }
+            output.sample("_sum", &labels, o.sum);
+            output.sample("_count", &labels, cumulative as f64);
+            output_nan.sample("", &labels, o.nan as f64);
+            if let Some(score) = o.psi {
+                drift.sample("", &labels, score);
+            }
+        }
+        for i in &state.inputs {
+            let labels = format!("{version},input=\"{}\"", escape(&i.name));
+            if i.seen {
+                input_min.sample("", &labels, i.min);
+                input_max.sample("", &labels, i.max);
+            }
+            nonfinite.sample("", &format!("{labels},kind=\"nan\""), i.nan as f64);
+            nonfinite.sample("", &format!("{labels},kind=\"inf\""), i.inf as f64);
+        }
+    }
+
+    for family in [
+        reference,
+        rows,
+        output,
+        output_nan,
+        drift,
+        input_min,
+        input_max,
+        nonfinite,
+        probe_success,
+        probe_checks,
+        probe_failures,
+        probe_last,
+        audio,
+        speech,
+        ratio,
+        segments,
+    ] {
+        if family.lines.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "# HELP {} {}", family.name, family.help);
+        let _ = writeln!(out, "# TYPE {} {}", family.name, family.kind);
+        out.push_str(&family.lines);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::profile::ProfileBuilder;
+    use super::super::{ModelWatch, WatchSettings};
+    use super::*;
+    use crate::tensor::{NamedTensor, TensorData};
+
+    fn y(values: Vec<f32>) -> NamedTensor {
+        NamedTensor {
+            name: "y".into(),
+            shape: vec![values.len() as i64],
+            data: TensorData::Fp32(values),
+        }
+    }
+
+    #[test]
+    fn a_version_with_a_profile_has_its_histogram_from_the_start_and_drift_after_a_window() {
+        let mut builder = ProfileBuilder::new(&["y".to_string()]);
+        builder.add_outputs(&[y((0..1000).map(|i| i as f32 / 1000.0).collect())], 1000);
+        let settings = WatchSettings {
+            enabled: true,
+            reference_rows: 10,
+            window_rows: 100,
+            probe_gates_readiness: false,
+        };
+        let watch = Arc::new(ModelWatch::new(
+            ("m", "1", "aa"),
+            (&["x".to_string()], &["y".to_string()]),
+            settings,
+            Some(builder.finish("aa", None)),
+            None,
+        ));
+        let mut text = String::new();
+        render(&[watch.clone()], &mut text);
+        assert!(
+            text.contains(
+                "streamserve_model_output_count{model=\"m\",version=\"1\",output=\"y\"} 0"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("source=\"profile\""));
+        assert!(
+            !text.contains("drift_psi{"),
+            "no drift before a full window"
+        );
+
+        let x = TensorData::Fp32(vec![f32::NAN, 2.0, -3.0]);
+        watch.observe(&[&x], &[y(vec![5.0; 100])], 100);
+        let mut text = String::new();
+        render(&[watch.clone()], &mut text);
+        let psi_line = text
+            .lines()
+            .find(|l| l.starts_with("streamserve_model_output_drift_psi{"))
+            .expect("a drift score after a window");
+        let score: f64 = psi_line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(score > 1.0, "{psi_line}");
+        assert!(text.contains("le=\"+Inf\"} 100"), "{text}");
+        assert!(
+            text.contains("streamserve_model_input_min{model=\"m\",version=\"1\",input=\"x\"} -3")
+        );
+        assert!(text.contains("input=\"x\",kind=\"nan\"} 1"));
+        assert_eq!(
+            text.matches("# TYPE streamserve_model_output histogram")
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn without_a_profile_the_reference_is_frozen_from_the_first_answers() {
+        let settings = WatchSettings {
+            enabled: true,
+            reference_rows: 50,
+            window_rows: 50,
+            probe_gates_readiness: false,
+        };
+        let watch = Arc::new(ModelWatch::new(
+            ("m", "1", "aa"),
+            (&[], &["y".to_string()]),
+            settings,
+            None,
+            None,
+        ));
+        watch.observe(&[], &[y((0..40).map(|i| i as f32).collect())], 40);
+        assert_eq!(
+            watch.summary().reference,
+            super::super::ReferenceSource::Collecting
+        );
+        watch.observe(&[], &[y((40..60).map(|i| i as f32).collect())], 20);
+        assert_eq!(
+            watch.summary().reference,
+            super::super::ReferenceSource::FirstAnswers
+        );
+        watch.observe(&[], &[y((0..60).map(|i| i as f32).collect())], 60);
+        let psi = watch.summary().outputs[0].psi.expect("a window passed");
+        assert!(psi < 0.1, "the same distribution scores low: {psi}");
+        let mut text = String::new();
+        render(&[watch], &mut text);
+        assert!(text.contains("source=\"first_answers\""));
+    }
+}
