@@ -8,7 +8,8 @@ use crate::manifest::Device;
 /// Memory per device, in MiB: RAM for CPU replicas, VRAM for each GPU's. A version whose
 /// replicas would not fit is refused when it loads, and autoscaling adds a replica only where it
 /// fits, so models are packed onto devices by what they need. A replica is estimated at twice its
-/// model file (weights plus ONNX Runtime's working memory).
+/// model file (weights plus ONNX Runtime's working memory). What is in use is counted on every
+/// device, budgeted or not, for `/metrics`.
 #[derive(Debug)]
 pub struct MemoryBudget {
     ram: std::sync::atomic::AtomicI64,
@@ -16,6 +17,8 @@ pub struct MemoryBudget {
     vram: Vec<std::sync::atomic::AtomicI64>,
     /// Per GPU; 0: VRAM is not budgeted.
     pub vram_total_mb: i64,
+    /// In use, in MiB: the CPU's RAM first, then each GPU's VRAM.
+    in_use: Vec<std::sync::atomic::AtomicI64>,
 }
 
 impl MemoryBudget {
@@ -23,11 +26,33 @@ impl MemoryBudget {
         MemoryBudget {
             ram: std::sync::atomic::AtomicI64::new(ram_mb as i64),
             ram_total_mb: ram_mb as i64,
-            vram: (0..16)
+            vram: (0..GPUS)
                 .map(|_| std::sync::atomic::AtomicI64::new(vram_mb_per_gpu as i64))
                 .collect(),
             vram_total_mb: vram_mb_per_gpu as i64,
+            in_use: (0..=GPUS)
+                .map(|_| std::sync::atomic::AtomicI64::new(0))
+                .collect(),
         }
+    }
+
+    fn in_use_slot(&self, device: Device) -> Option<&std::sync::atomic::AtomicI64> {
+        match device {
+            Device::Cpu => self.in_use.first(),
+            Device::Cuda(n) => usize::try_from(n).ok().and_then(|n| self.in_use.get(n + 1)),
+        }
+    }
+
+    /// The estimate of what `device`'s loaded replicas hold, in MiB.
+    pub fn in_use_mb(&self, device: Device) -> u64 {
+        self.in_use_slot(device).map_or(0, |a| {
+            a.load(std::sync::atomic::Ordering::Acquire).max(0) as u64
+        })
+    }
+
+    /// `device`'s budget in MiB; `None`: not budgeted (a GPU when VRAM is not).
+    pub fn budget_mb(&self, device: Device) -> Option<u64> {
+        self.pool(device).map(|(_, total)| total.max(0) as u64)
     }
 
     fn pool(&self, device: Device) -> Option<(&std::sync::atomic::AtomicI64, i64)> {
@@ -43,25 +68,35 @@ impl MemoryBudget {
     /// Takes `mb` on `device` if it fits; the error says how much is left.
     pub fn try_take(&self, device: Device, mb: u64) -> Result<(), String> {
         use std::sync::atomic::Ordering;
-        let Some((pool, total)) = self.pool(device) else {
-            return Ok(());
-        };
         let want = mb as i64;
-        pool.fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
-            (left >= want).then_some(left - want)
-        })
-        .map(|_| ())
-        .map_err(|left| {
-            format!("needs about {mb} MiB on {device}, {left} MiB of its {total} MiB budget left")
-        })
+        if let Some((pool, total)) = self.pool(device) {
+            pool.fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                (left >= want).then_some(left - want)
+            })
+            .map_err(|left| {
+                format!(
+                    "needs about {mb} MiB on {device}, {left} MiB of its {total} MiB budget left"
+                )
+            })?;
+        }
+        if let Some(in_use) = self.in_use_slot(device) {
+            in_use.fetch_add(want, Ordering::AcqRel);
+        }
+        Ok(())
     }
 
     pub fn give_back(&self, device: Device, mb: u64) {
         if let Some((pool, _)) = self.pool(device) {
             pool.fetch_add(mb as i64, std::sync::atomic::Ordering::AcqRel);
         }
+        if let Some(in_use) = self.in_use_slot(device) {
+            in_use.fetch_sub(mb as i64, std::sync::atomic::Ordering::AcqRel);
+        }
     }
 }
+
+/// GPUs a budget keeps accounts for (`cuda:0` to `cuda:15`).
+const GPUS: usize = 16;
 
 /// Estimated memory of one replica of a model file, in MiB.
 pub fn replica_memory_mb(model_file_bytes: u64) -> u64 {
@@ -151,5 +186,34 @@ impl Default for Budgets {
             available_ram_mb(),
             0,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What is in use is counted on every device, budgeted or not; a refused take holds
+    /// nothing.
+    #[test]
+    fn memory_in_use_follows_takes_and_gives() {
+        let budget = MemoryBudget::new(100, 0);
+        assert_eq!(budget.budget_mb(Device::Cpu), Some(100));
+        assert_eq!(budget.budget_mb(Device::Cuda(0)), None, "VRAM not budgeted");
+        budget.try_take(Device::Cpu, 60).unwrap();
+        assert!(budget.try_take(Device::Cpu, 60).is_err());
+        budget.try_take(Device::Cuda(1), 500).unwrap();
+        assert_eq!(budget.in_use_mb(Device::Cpu), 60);
+        assert_eq!(budget.in_use_mb(Device::Cuda(1)), 500);
+        assert_eq!(budget.in_use_mb(Device::Cuda(0)), 0);
+        budget.give_back(Device::Cpu, 60);
+        budget.give_back(Device::Cuda(1), 500);
+        assert_eq!(budget.in_use_mb(Device::Cpu), 0);
+        assert_eq!(budget.in_use_mb(Device::Cuda(1)), 0);
+        assert_eq!(
+            budget.in_use_mb(Device::Cuda(99)),
+            0,
+            "beyond the GPUs kept"
+        );
     }
 }
