@@ -21,6 +21,7 @@ use crate::api::grpc::{GrpcConfig, GrpcServer};
 use crate::api::ws::StreamsConfig;
 use crate::api::{self, AppState};
 use crate::config::Config;
+use crate::machine::{traffic, Machine};
 use crate::manifest::Manifest;
 use crate::telemetry;
 
@@ -89,6 +90,7 @@ impl Running {
 pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::Server)> {
     let prometheus = telemetry::metrics_handle();
     telemetry::install_panic_hook();
+    crate::machine::gpu::init();
     let sessions =
         crate::runtime::ort_sessions(config.ort_dylib.as_deref()).map_err(anyhow::Error::msg)?;
     let manifest = load_manifest(config)?;
@@ -100,7 +102,10 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
             .unwrap_or_else(crate::actors::budget::available_ram_mb),
         config.vram_budget_mb,
     ));
-    let supervisor = Supervisor::new(sessions, catalog.clone(), budgets).start();
+    let machine = web::Data::new(Machine::new(budgets.clone()));
+    let supervisor = Supervisor::new(sessions, catalog.clone(), budgets)
+        .with_watch(config.watch_settings())
+        .start();
     supervisor
         .send(Start(manifest))
         .await
@@ -185,12 +190,17 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
         let door = door.clone();
         App::new()
             .app_data(state.clone())
+            .app_data(machine.clone())
             .app_data(door::query_errors())
             .app_data(door::path_errors())
             .configure(api::routes)
             .default_service(web::to(door::no_such_endpoint))
             .wrap_fn(move |req, service| door.wrap(req, service))
+            // Outermost: the bodies as the client sends and gets them.
+            .wrap_fn(traffic::count_http)
     })
+    // Counts the connection until it closes (its data is dropped with it).
+    .on_connect(traffic::on_http_connect)
     // Results are small writes (a stream sends one per 32 ms chunk): without TCP_NODELAY, Nagle's
     // algorithm holds one back behind the peer's delayed ACK, a 40 ms stall the load tool saw
     // on a few chunks in a thousand.

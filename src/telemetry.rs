@@ -463,6 +463,7 @@ fn describe() {
         Unit::Count,
         "Streams this instance took over from a checkpoint made elsewhere (or before a restart)"
     );
+    describe_machine();
     metrics::counter!("streamserve_stream_takeovers_total").increment(0);
     metrics::counter!("streamserve_body_timeouts_total").increment(0);
     metrics::counter!("streamserve_body_memory_refusals_total").increment(0);
@@ -472,6 +473,83 @@ fn describe() {
     }
     metrics::gauge!("streamserve_streams_open").set(0.0);
     metrics::gauge!("streamserve_stream_connections").increment(0.0);
+}
+
+/// The machine's series (`machine/`): the standard `process_*` ones, devices' memory, bytes
+/// and connections per protocol, GPUs; then their handles, and their first values.
+fn describe_machine() {
+    describe_gauge!(
+        "process_resident_memory_bytes",
+        Unit::Bytes,
+        "Resident memory size in bytes."
+    );
+    describe_gauge!(
+        "process_virtual_memory_bytes",
+        Unit::Bytes,
+        "Virtual memory size in bytes."
+    );
+    describe_gauge!(
+        "process_open_fds",
+        Unit::Count,
+        "Number of open file descriptors."
+    );
+    describe_gauge!(
+        "process_max_fds",
+        Unit::Count,
+        "Maximum number of open file descriptors (0: unlimited)."
+    );
+    describe_gauge!(
+        "process_threads",
+        Unit::Count,
+        "Number of OS threads in the process."
+    );
+    describe_gauge!(
+        "process_start_time_seconds",
+        Unit::Seconds,
+        "Start time of the process since unix epoch in seconds."
+    );
+    // process_cpu_seconds_total is written with its HELP by machine::render_extra.
+    describe_gauge!(
+        "streamserve_device_memory_bytes",
+        Unit::Bytes,
+        "Memory the loaded replicas hold on a device (device=cpu: RAM, cuda:N: that GPU's VRAM), as the memory budget estimates it (twice each replica's model file)"
+    );
+    describe_gauge!(
+        "streamserve_device_memory_budget_bytes",
+        Unit::Bytes,
+        "A device's memory budget (--memory-budget-mb for cpu, --vram-budget-mb per GPU); absent for a GPU whose VRAM is not budgeted"
+    );
+    describe_counter!(
+        "streamserve_received_bytes_total",
+        Unit::Bytes,
+        "Bytes received, by protocol: http request bodies (not headers), websocket frame payloads, grpc everything its connections read (HTTP/2 frames)"
+    );
+    describe_counter!(
+        "streamserve_sent_bytes_total",
+        Unit::Bytes,
+        "Bytes sent, by protocol: http response bodies (not headers), websocket frame payloads, grpc everything its connections wrote (HTTP/2 frames)"
+    );
+    describe_gauge!(
+        "streamserve_open_connections",
+        Unit::Count,
+        "Open client connections, by protocol (http: WebSocket streams included; grpc)"
+    );
+    describe_gauge!(
+        "streamserve_gpu_utilization_ratio",
+        Unit::Count,
+        "Share of the last sample period in which a GPU ran a kernel (0 to 1), from NVML; GPU hosts only"
+    );
+    describe_gauge!(
+        "streamserve_gpu_memory_used_bytes",
+        Unit::Bytes,
+        "A GPU's memory in use by any process, from NVML; GPU hosts only"
+    );
+    describe_gauge!(
+        "streamserve_gpu_memory_total_bytes",
+        Unit::Bytes,
+        "A GPU's memory, from NVML; GPU hosts only"
+    );
+    crate::machine::install();
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //!
 //! - `inference.rs`: the inference service; `convert.rs`: its tensors; `model_config.rs`:
 //!   Triton's `ModelConfig`; `health.rs`: the health service.
+//! - `counted.rs`: each connection's bytes and the open connections, for `/metrics`.
 //! - This file: the listener, on a runtime of its own (tonic needs a multi-threaded tokio
 //!   runtime; the actors take messages from any thread), its message limits, and its part of
 //!   the graceful shutdown ([`GrpcServer::drain`], [`GrpcServer::stop`]).
@@ -13,6 +14,7 @@
 //! compiled by `build.rs` in pure Rust.
 
 mod convert;
+mod counted;
 mod health;
 mod inference;
 mod model_config;
@@ -248,6 +250,9 @@ async fn serve(
     // Small answers: without TCP_NODELAY, Nagle's algorithm holds one back behind the peer's
     // delayed ACK (as on the HTTP listener).
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    // Each connection counts its bytes, and itself while open (`counted.rs`).
+    let incoming =
+        futures_util::StreamExt::map(incoming, |accepted| accepted.map(counted::Counted::new));
     let inference = Arc::new(inference::Inference {
         state: state.clone(),
         max_message,

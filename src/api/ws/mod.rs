@@ -31,6 +31,7 @@ use crate::actors::stream_session::{
 };
 use crate::actors::supervisor::Supervisor;
 use crate::error::ServeError;
+use crate::machine::traffic::{self, Protocol};
 use crate::manifest::StreamKind;
 use crate::stream::audio::{read_wav, SampleFormat};
 use crate::stream::checkpoint::TokenKeys;
@@ -263,11 +264,11 @@ async fn read_start(
             .map_err(|_| {
                 ReadEnd::Close(CloseCode::Policy, "no start message within 10 s".into())
             })?;
-        match next {
+        match counted(next) {
             None | Some(Ok(AggregatedMessage::Close(_))) => return Err(ReadEnd::Gone),
             Some(Err(e)) => return Err(protocol_error(e)),
             Some(Ok(AggregatedMessage::Ping(bytes))) => {
-                let _ = ws.pong(&bytes).await;
+                let _ = pong(ws, &bytes).await;
             }
             Some(Ok(AggregatedMessage::Pong(_))) => {}
             Some(Ok(AggregatedMessage::Binary(_))) => {
@@ -325,7 +326,7 @@ async fn read_loop(
                 }
                 return ReadEnd::Close(CloseCode::Away, "server is shutting down; reconnect to another instance".into());
             }
-            next = tokio::time::timeout(config.idle_timeout, messages.recv()) => next,
+            next = tokio::time::timeout(config.idle_timeout, messages.recv()) => next.map(counted),
         };
         let message = match next {
             Err(_) => {
@@ -375,12 +376,39 @@ async fn read_loop(
                 }
             },
             AggregatedMessage::Ping(bytes) => {
-                let _ = ws.pong(&bytes).await;
+                let _ = pong(ws, &bytes).await;
             }
             AggregatedMessage::Pong(_) => {}
             AggregatedMessage::Close(_) => return ReadEnd::Gone,
         }
     }
+}
+
+/// Counts a message read: its payload's bytes (`streamserve_received_bytes_total`).
+fn counted<E>(next: Option<Result<AggregatedMessage, E>>) -> Option<Result<AggregatedMessage, E>> {
+    if let Some(Ok(message)) = &next {
+        let bytes = match message {
+            AggregatedMessage::Text(text) => text.len(),
+            AggregatedMessage::Binary(bytes)
+            | AggregatedMessage::Ping(bytes)
+            | AggregatedMessage::Pong(bytes) => bytes.len(),
+            AggregatedMessage::Close(_) => 0,
+        };
+        traffic::received(Protocol::WebSocket, bytes);
+    }
+    next
+}
+
+/// Sends a text message, counting its payload (`streamserve_sent_bytes_total`).
+async fn send_text(ws: &mut actix_ws::Session, text: String) -> Result<(), actix_ws::Closed> {
+    traffic::sent(Protocol::WebSocket, text.len());
+    ws.text(text).await
+}
+
+/// Answers a ping, counting the pong's payload.
+async fn pong(ws: &mut actix_ws::Session, bytes: &[u8]) -> Result<(), actix_ws::Closed> {
+    traffic::sent(Protocol::WebSocket, bytes.len());
+    ws.pong(bytes).await
 }
 
 fn protocol_error(error: ProtocolError) -> ReadEnd {
@@ -419,14 +447,14 @@ async fn write_loop(
             close = reader_close.recv() => match close {
                 Some((code, reason)) => {
                     let error = ServerMessage::Error { code: error_code(code), message: &reason }.to_json();
-                    let _ = ws.text(error).await;
+                    let _ = send_text(&mut ws, error).await;
                     break (code, reason);
                 }
                 None => return,
             },
             message = messages.recv() => match message {
                 Some(text) => {
-                    match tokio::time::timeout(WRITE_TIMEOUT, ws.text(text.to_string())).await {
+                    match tokio::time::timeout(WRITE_TIMEOUT, send_text(&mut ws, text.to_string())).await {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => return,
                         Err(_) => {
@@ -441,7 +469,7 @@ async fn write_loop(
             close = &mut session_close => {
                 // Send what the session queued before it asked to close (e.g. the summary).
                 while let Ok(text) = messages.try_recv() {
-                    if ws.text(text.to_string()).await.is_err() {
+                    if send_text(&mut ws, text.to_string()).await.is_err() {
                         return;
                     }
                 }
@@ -463,7 +491,7 @@ async fn close_with_error(mut ws: actix_ws::Session, code: CloseCode, reason: St
         message: &reason,
     }
     .to_json();
-    let _ = ws.text(error).await;
+    let _ = send_text(&mut ws, error).await;
     let _ = ws
         .close(Some(CloseReason {
             code,
