@@ -389,3 +389,35 @@ async fn a_keyed_server_without_admin_token_hides_status_and_a_development_serve
     assert_eq!(code, 200, "{body}");
     assert_eq!(row(&body, "open_tiny")["state"], "SERVING");
 }
+
+#[test]
+fn the_page_says_the_server_is_unreachable_when_status_does_not_answer() {
+    use std::io::{Read, Write};
+    // A stand-in server: the page at /, and a connection closed unanswered for anything else.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let page = include_str!("../src/api/status.html");
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            stream.set_read_timeout(Some(Duration::from_secs(2))).ok();
+            let mut head = [0u8; 4096];
+            let n = stream.read(&mut head).unwrap_or(0);
+            if head[..n].starts_with(b"GET / ") {
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/html; charset=utf-8\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{page}",
+                    page.len()
+                );
+            }
+        }
+    });
+    let dom = dump_dom(&format!("http://{addr}/"), 1500);
+    assert!(
+        dom.contains("class=\"banner shown\" id=\"unreachable\"")
+            && dom.contains("server unreachable"),
+        "{dom}"
+    );
+    assert!(!dom.contains("class=\"banner shown\" id=\"auth\""));
+}
