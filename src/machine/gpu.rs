@@ -35,7 +35,8 @@ static GPUS: OnceLock<Option<Gpus>> = OnceLock::new();
 /// Needs the metrics recorder installed.
 pub fn init() {
     GPUS.get_or_init(|| {
-        let nvml = match open() {
+        // `libnvidia-ml.so.1`, the name the driver installs.
+        let nvml = match Nvml::init() {
             Ok(nvml) => nvml,
             Err(e) => {
                 tracing::info!(reason = %e, "no NVML (no NVIDIA GPU, driver or libnvidia-ml): no GPU metrics");
@@ -68,15 +69,6 @@ pub fn init() {
         gpus.read();
         Some(gpus)
     });
-}
-
-/// The library as the driver installs it (`libnvidia-ml.so.1`), else the development name
-/// `nvml-wrapper` looks for by default.
-fn open() -> Result<Nvml, nvml_wrapper::error::NvmlError> {
-    Nvml::builder()
-        .lib_path(std::ffi::OsStr::new("libnvidia-ml.so.1"))
-        .init()
-        .or_else(|_| Nvml::init())
 }
 
 /// GPUs NVML sees (0 without NVML).
