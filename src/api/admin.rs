@@ -14,6 +14,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::status::{authorize, version_row};
 use super::AppState;
 use crate::actors::catalog::VersionState;
 use crate::actors::faults::Fault;
@@ -67,30 +68,6 @@ async fn authorized_body(
     super::body::read(req, body, &state.body_limits(MAX_ADMIN_BODY)).await
 }
 
-pub(super) fn authorize(state: &AppState, req: &HttpRequest) -> Result<(), ServeError> {
-    let Some(token) = state.admin_token.as_deref() else {
-        return Err(ServeError::AdminOff);
-    };
-    let given = req
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    // Compare in time independent of where the first difference is.
-    let same = given.len() == token.len()
-        && given
-            .bytes()
-            .zip(token.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
-    if same {
-        Ok(())
-    } else {
-        Err(ServeError::Unauthorized)
-    }
-}
-
 async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ServeError> {
     authorize(&state, &req)?;
     let catalog = state.catalog.snapshot();
@@ -101,7 +78,7 @@ async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRespon
                 VersionState::Serving(served) => served.status().await,
                 _ => None,
             };
-            rows.push(super::status::version_row(name, model, &version, router));
+            rows.push(version_row(name, model, &version, router));
         }
     }
     Ok(HttpResponse::Ok().json(json!({ "models": rows })))

@@ -11,6 +11,10 @@
 //! anyone. The JSON never holds a token, key or credential; URIs in it lose their user info.
 //! The page itself is no secret: it holds no data until `/status` answers.
 //!
+//! The two pieces the admin API shares with the page live here, since both read the same data
+//! behind the same check: [`authorize`] (the admin token) and [`version_row`] (a version as
+//! `GET /admin/models` lists it).
+//!
 //! The page's Content-Security-Policy allows fetches to this origin only, and its one inline
 //! script and one inline style by their sha256 hashes (computed here from the embedded page),
 //! so no injected markup could run or load anything.
@@ -87,7 +91,7 @@ fn inline_hash(page: &str, tag: &str) -> String {
 /// Who may read `/status` (see the module).
 fn allowed(state: &AppState, req: &HttpRequest) -> Result<(), ServeError> {
     if state.admin_token.is_some() {
-        return super::admin::authorize(state, req);
+        return authorize(state, req);
     }
     if keyed(&state.access) {
         return Err(ServeError::Unauthenticated(
@@ -97,6 +101,32 @@ fn allowed(state: &AppState, req: &HttpRequest) -> Result<(), ServeError> {
         ));
     }
     Ok(())
+}
+
+/// The admin API's check (`/admin/*`, and `/status` on a server with a token): the request
+/// carries the server's admin token as `Authorization: Bearer <token>`; no token, no admin API.
+pub(super) fn authorize(state: &AppState, req: &HttpRequest) -> Result<(), ServeError> {
+    let Some(token) = state.admin_token.as_deref() else {
+        return Err(ServeError::AdminOff);
+    };
+    let given = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Compare in time independent of where the first difference is.
+    let same = given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(ServeError::Unauthorized)
+    }
 }
 
 /// Whether `access` requires API keys. `Access` does not say so directly: it is asked once
