@@ -14,7 +14,8 @@
 //!   registry (moto's S3 server), behind haproxy, under load; [`streams_fleet`]: real-time
 //!   speech streams that resume on any instance through a rolling restart of such a fleet;
 //! - [`protocols`]: REST JSON, REST binary, gRPC unary and gRPC streaming clients of the same
-//!   `mlp` request against one server, side by side, with their ratios;
+//!   `mlp` request against one server, side by side, with their ratios; [`monitoring`]: the
+//!   model monitor's cost, two servers with output monitoring off and on, side by side;
 //! - [`peer`]: the FastAPI + uvicorn + onnxruntime peer `bench` compares with;
 //! - [`plots`]: SVG plots of every benchmark's results; [`scenario`]: runs described in
 //!   TOML files; [`capacity`]: instances needed for a target from the measured curves;
@@ -27,6 +28,7 @@ pub mod bench;
 pub mod capacity;
 pub mod fleet;
 pub mod manifest;
+pub mod monitoring;
 pub mod open_loop;
 pub mod overload;
 pub mod peer;

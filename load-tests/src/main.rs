@@ -10,8 +10,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use streamserve_load::{
-    bench, capacity, fleet, open_loop, overload, plots, protocols, rest, scenario, streams,
-    streams_bench, streams_fleet, sysinfo, timeline,
+    bench, capacity, fleet, monitoring, open_loop, overload, plots, protocols, rest, scenario,
+    streams, streams_bench, streams_fleet, sysinfo, timeline,
 };
 
 #[derive(Debug, Parser)]
@@ -39,6 +39,10 @@ enum Command {
     /// ModelInfer and gRPC ModelStreamInfer; write report.md with their throughput, latency,
     /// CPU and ratios to REST JSON. About 2 minutes.
     Protocols(protocols::ProtocolsOptions),
+    /// Start two in-process streamservers on mlp (replicas 2, batching on), one with output
+    /// monitoring off and one on, and load each in turn with REST JSON at each concurrency;
+    /// write report.md with their throughput, latency, CPU and the on/off ratios. About 2.5 min.
+    Monitoring(monitoring::MonitoringOptions),
     /// WebSocket speech streams on a running server: N concurrent streams, each sending a WAV
     /// (looped) at real-time pace and timing every chunk's result.
     Streams(StreamsArgs),
@@ -68,9 +72,9 @@ enum Command {
     /// at the switch, checkpoint bytes and CPU. Needs haproxy and the release streamserve
     /// binary. About 75 s.
     StreamsFleet(streams_fleet::StreamsFleetOptions),
-    /// The whole suite in one command: the bench, protocols, streams-bench, overload (unpinned
+    /// The whole suite in one command: the bench, protocols, monitoring, streams-bench, overload (unpinned
     /// and pinned), timeline, fleet and streams-fleet scenarios (load-tests/scenarios/), one
-    /// after the other, then the capacity plan from their results. About 19 minutes on 2 cores.
+    /// after the other, then the capacity plan from their results. About 21 minutes on 2 cores.
     Suite {
         /// Leave out the FastAPI peer in the bench.
         #[arg(long)]
@@ -212,6 +216,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Rest(args) => run_rest(args),
         Command::Bench(o) => finished("bench", &bench::run(&o)?),
         Command::Protocols(o) => finished("protocols", &protocols::run(&o)?),
+        Command::Monitoring(o) => finished("monitoring", &monitoring::run(&o)?),
         Command::Streams(args) => run_streams(args),
         Command::StreamsBench(o) => finished("streams-bench", &streams_bench::run(&o)?),
         Command::Overload(o) => finished("overload", &overload::run(&o)?),
@@ -362,8 +367,12 @@ fn run_streams_fleet(options: &streams_fleet::StreamsFleetOptions) -> anyhow::Re
 fn run_plot(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
     let json = plots::read_results(dir)?;
     let kind = json.get("kind").and_then(|k| k.as_str());
-    let out = if kind == Some("protocols") {
-        let out = dir.join(protocols::PLOT_FILE);
+    let out = if kind == Some("protocols") || kind == Some("monitoring") {
+        let file = match kind {
+            Some("monitoring") => monitoring::PLOT_FILE,
+            _ => protocols::PLOT_FILE,
+        };
+        let out = dir.join(file);
         plots::protocols(&json, &out)?;
         out
     } else if kind == Some("streams_fleet") {

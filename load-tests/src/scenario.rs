@@ -18,9 +18,10 @@
 use anyhow::{bail, Context as _};
 
 /// Subcommands a scenario may name.
-pub const KINDS: [&str; 9] = [
+pub const KINDS: [&str; 10] = [
     "bench",
     "protocols",
+    "monitoring",
     "streams-bench",
     "overload",
     "timeline",
@@ -33,9 +34,10 @@ pub const KINDS: [&str; 9] = [
 /// The scenario files (in `load-tests/scenarios/`) `loadgen suite` runs, in order: every
 /// benchmark that starts its own server (in-process, or pinned to a CPU of its own), and the
 /// fleet drills (their own instances, haproxy, and for `fleet` an S3 server).
-pub const SUITE: [&str; 8] = [
+pub const SUITE: [&str; 9] = [
     "rest-mlp.toml",
     "protocols-mlp.toml",
+    "monitoring-mlp.toml",
     "streams-vad.toml",
     "overload-mlp.toml",
     "overload-mlp-pinned.toml",
@@ -155,6 +157,7 @@ mod tests {
                 [
                     "bench",
                     "protocols",
+                    "monitoring",
                     "streams-bench",
                     "overload",
                     "timeline",

@@ -57,9 +57,13 @@ pub fn protocols(results: &Value, out: &Path) -> anyhow::Result<()> {
     let root = SVGBackend::new(out, (1100, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let rows = results["rows_per_request"].as_u64().unwrap_or(1);
-    let title = format!(
-        "mlp, {rows} row/request, one server: REST JSON / binary vs gRPC unary / stream (closed loop)"
-    );
+    // `loadgen monitoring` writes the same shape, its server variants as the clients.
+    let title = match results["plot_title"].as_str() {
+        Some(title) => title.to_string(),
+        None => format!(
+            "mlp, {rows} row/request, one server: REST JSON / binary vs gRPC unary / stream (closed loop)"
+        ),
+    };
     let root = root.titled(&title, ("sans-serif", 20)).map_err(plot_err)?;
     let (left, right) = root.split_horizontally(550);
 

@@ -22,7 +22,7 @@ use crate::rest::{self, RestOptions, RestReport};
 use crate::sysinfo::{wait_for_quiet, CpuSnapshot};
 use grpc_client::GrpcLoad;
 pub use options::{Protocol, ProtocolsOptions, CONTENDED_CORES};
-use results::{Level, Slice};
+use results::{Client, Level, Slice};
 
 /// The plot written beside `report.md`.
 pub const PLOT_FILE: &str = "protocols.svg";
@@ -113,81 +113,109 @@ fn measure_levels(
     target: &Target,
     options: &ProtocolsOptions,
 ) -> anyhow::Result<Vec<Level>> {
-    let mut levels = Vec::new();
-    for &concurrency in &options.concurrencies {
-        let mut level = Level {
-            concurrency,
-            slices: Vec::new(),
-            set_aside: Vec::new(),
-            others_before: Vec::new(),
-        };
-        for round in 0..options.rounds {
-            for attempt in 0..2 {
-                if !options.common.quiet_wait.is_zero() {
-                    let others = wait_for_quiet(0.15, options.common.quiet_wait);
-                    level.others_before.extend(others);
-                }
-                let slices = measure_round(runtime, target, options, concurrency, round)?;
-                let worst = slices
-                    .iter()
-                    .filter_map(|s| s.cpu.map(|c| c.other_cores))
-                    .fold(0.0, f64::max);
-                if attempt == 0 && worst > CONTENDED_CORES {
-                    eprintln!(
-                        "[protocols]   other processes took {worst:.2} cores during round {}: running it again",
-                        round + 1
-                    );
-                    level.set_aside.extend(slices);
-                    continue;
-                }
-                level.slices.extend(slices);
-                break;
-            }
-        }
-        levels.push(level);
-    }
-    Ok(levels)
+    let schedule = Schedule {
+        tag: "protocols",
+        concurrencies: &options.concurrencies,
+        rounds: options.rounds,
+        quiet_wait: options.common.quiet_wait,
+    };
+    schedule.measure(
+        |round| options.order(round),
+        |protocol, concurrency| runtime.block_on(slice(protocol, concurrency, target, options)),
+    )
 }
 
-/// One round at one level: every client once, in the round's order.
-fn measure_round(
-    runtime: &tokio::runtime::Runtime,
-    target: &Target,
-    options: &ProtocolsOptions,
-    concurrency: usize,
-    round: usize,
-) -> anyhow::Result<Vec<Slice>> {
-    let mut slices = Vec::new();
-    for (position, protocol) in options.order(round).into_iter().enumerate() {
-        let before = CpuSnapshot::take();
-        let report = runtime
-            .block_on(slice(protocol, concurrency, target, options))
-            .with_context(|| format!("{} at concurrency {concurrency}", protocol.label()))?;
-        let cpu = cpu_since(before);
+/// When a side-by-side benchmark measures: at each level, `rounds` rounds of every client.
+pub struct Schedule<'a> {
+    /// The log lines' prefix (`[protocols]`).
+    pub tag: &'a str,
+    pub concurrencies: &'a [usize],
+    pub rounds: usize,
+    /// Longest wait for a quiet machine before each round (zero: none).
+    pub quiet_wait: Duration,
+}
+
+impl Schedule<'_> {
+    /// Every level's rounds, each round's clients in `order(round)`, each slice measured by
+    /// `run(client, concurrency)` with the CPU used meanwhile; each round after waiting for a
+    /// quiet machine, and a round during which other processes took more than
+    /// [`CONTENDED_CORES`] in any slice once more (the contended one set aside).
+    pub fn measure<K: Client>(
+        &self,
+        order: impl Fn(usize) -> Vec<K>,
+        mut run: impl FnMut(K, usize) -> anyhow::Result<RestReport>,
+    ) -> anyhow::Result<Vec<Level<K>>> {
+        let mut levels = Vec::new();
+        for &concurrency in self.concurrencies {
+            let mut level = Level {
+                concurrency,
+                slices: Vec::new(),
+                set_aside: Vec::new(),
+                others_before: Vec::new(),
+            };
+            for round in 0..self.rounds {
+                for attempt in 0..2 {
+                    if !self.quiet_wait.is_zero() {
+                        let others = wait_for_quiet(0.15, self.quiet_wait);
+                        level.others_before.extend(others);
+                    }
+                    let mut slices = Vec::new();
+                    for (position, protocol) in order(round).into_iter().enumerate() {
+                        let before = CpuSnapshot::take();
+                        let report = run(protocol, concurrency).with_context(|| {
+                            format!("{} at concurrency {concurrency}", protocol.label())
+                        })?;
+                        let slice = Slice {
+                            protocol,
+                            round,
+                            position,
+                            report,
+                            cpu: cpu_since(before),
+                        };
+                        self.log(&slice, concurrency);
+                        slices.push(slice);
+                    }
+                    let worst = slices
+                        .iter()
+                        .filter_map(|s| s.cpu.map(|c| c.other_cores))
+                        .fold(0.0, f64::max);
+                    if attempt == 0 && worst > CONTENDED_CORES {
+                        eprintln!(
+                            "[{}]   other processes took {worst:.2} cores during round {}: running it again",
+                            self.tag,
+                            round + 1
+                        );
+                        level.set_aside.extend(slices);
+                        continue;
+                    }
+                    level.slices.extend(slices);
+                    break;
+                }
+            }
+            levels.push(level);
+        }
+        Ok(levels)
+    }
+
+    fn log<K: Client>(&self, s: &Slice<K>, concurrency: usize) {
+        let report = &s.report;
         eprintln!(
-            "[protocols]   c={concurrency} round {} {:<11}: {:>7.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors{}",
-            round + 1,
-            protocol.label(),
+            "[{}]   c={concurrency} round {} {:<11}: {:>7.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors{}",
+            self.tag,
+            s.round + 1,
+            s.protocol.label(),
             report.requests_per_sec(),
             report.latency_ms(0.5),
             report.latency_ms(0.99),
             report.error_count(),
-            cpu.map_or(String::new(), |c| format!(
+            s.cpu.map_or(String::new(), |c| format!(
                 ", cores server {:.2} client {:.2} others {:.2}",
                 c.server_cores(),
                 c.loadgen_cores,
                 c.other_cores
             )),
         );
-        slices.push(Slice {
-            protocol,
-            round,
-            position,
-            report,
-            cpu,
-        });
     }
-    Ok(slices)
 }
 
 /// One client at one level for one round: warm-up, then the measured period.

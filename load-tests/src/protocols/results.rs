@@ -1,7 +1,8 @@
 //! `loadgen protocols`'s measurements as `results.json` and `report.md`
 //! (`templates/protocols.md.j2`): each client's slices at a level combined into one run, its
 //! CPU (server, client, others) and CPU per request, and its ratios to the baseline client
-//! measured at the same level in the same run.
+//! measured at the same level in the same run. The slices, levels and their JSON are generic
+//! over the [`Client`] compared, so that `loadgen monitoring` (server variants) shares them.
 
 use std::time::Duration;
 
@@ -13,10 +14,28 @@ use crate::bench::ServerSetup;
 use crate::rest::RestReport;
 use crate::sysinfo::{CpuShare, MachineInfo};
 
+/// What a benchmark compares side by side at each level: a protocol here, a server variant in
+/// `loadgen monitoring`.
+pub trait Client: Copy + PartialEq {
+    /// The name in `results.json`.
+    fn key(self) -> &'static str;
+    /// The name in the report.
+    fn label(self) -> &'static str;
+}
+
+impl Client for Protocol {
+    fn key(self) -> &'static str {
+        Protocol::key(self)
+    }
+    fn label(self) -> &'static str {
+        Protocol::label(self)
+    }
+}
+
 /// One client's run at one level, in one round.
 #[derive(Clone, Debug)]
-pub struct Slice {
-    pub protocol: Protocol,
+pub struct Slice<K = Protocol> {
+    pub protocol: K,
     pub round: usize,
     /// Its place in the round's order, from 0.
     pub position: usize,
@@ -27,12 +46,12 @@ pub struct Slice {
 
 /// Every slice of one concurrency level, in the order they ran.
 #[derive(Clone, Debug)]
-pub struct Level {
+pub struct Level<K = Protocol> {
     pub concurrency: usize,
-    pub slices: Vec<Slice>,
+    pub slices: Vec<Slice<K>>,
     /// Slices of rounds run again because other processes took the CPU meanwhile: kept in
     /// `results.json`, not counted.
-    pub set_aside: Vec<Slice>,
+    pub set_aside: Vec<Slice<K>>,
     /// Cores other processes used in the last second before each round (the quiet check).
     pub others_before: Vec<f64>,
 }
@@ -91,7 +110,11 @@ fn cpu_json(cpu: Option<CpuShare>, per_s: f64) -> Value {
 
 /// One client at one level: its slices combined ([`tally::combine_slices`]), each slice's own
 /// figures, the CPU, and the ratios to `base` (the baseline's combined run, if measured).
-fn run_json(protocol: Protocol, slices: &[&Slice], base: Option<&RestReport>) -> Option<Value> {
+fn run_json<K: Client>(
+    protocol: K,
+    slices: &[&Slice<K>],
+    base: Option<&RestReport>,
+) -> Option<Value> {
     let all = tally::combine_slices(slices.iter().map(|s| s.report.clone()).collect())?;
     let cpu = mean_cpu(&slices.iter().map(|s| s.cpu).collect::<Vec<_>>());
     let each: Vec<Value> = slices
@@ -114,30 +137,28 @@ fn run_json(protocol: Protocol, slices: &[&Slice], base: Option<&RestReport>) ->
     Some(crate::report::context(&all.to_json(), &[extra]))
 }
 
-/// `results.json`: the run's settings, and per level each client's combined run.
-pub fn results_json(
-    (machine, started_at): (&MachineInfo, &str),
-    options: &ProtocolsOptions,
-    setup: &ServerSetup,
-    grpc_addr: &str,
-    levels: &[Level],
-) -> Value {
-    let base = options.baseline();
-    let levels: Vec<Value> = levels
+/// Per level, each of `clients` (the first is the baseline) combined over its slices, with
+/// its ratios to the baseline; the order of each of the `rounds`, and what was set aside.
+pub fn levels_json<K: Client>(
+    levels: &[Level<K>],
+    clients: &[K],
+    order: impl Fn(usize) -> Vec<K>,
+    rounds: usize,
+) -> Vec<Value> {
+    levels
         .iter()
         .map(|level| {
-            let of = |p: Protocol| -> Vec<&Slice> {
+            let of = |p: K| -> Vec<&Slice<K>> {
                 level.slices.iter().filter(|s| s.protocol == p).collect()
             };
             let base_run =
-                tally::combine_slices(of(base).iter().map(|s| s.report.clone()).collect());
-            let runs: Vec<Value> = options
-                .protocols
+                tally::combine_slices(of(clients[0]).iter().map(|s| s.report.clone()).collect());
+            let runs: Vec<Value> = clients
                 .iter()
                 .filter_map(|&p| run_json(p, &of(p), base_run.as_ref()))
                 .collect();
-            let order: Vec<Vec<&str>> = (0..options.rounds)
-                .map(|r| options.order(r).iter().map(|p| p.key()).collect())
+            let order: Vec<Vec<&str>> = (0..rounds)
+                .map(|r| order(r).iter().map(|p| p.key()).collect())
                 .collect();
             let set_aside: Vec<Value> = level
                 .set_aside
@@ -157,7 +178,20 @@ pub fn results_json(
                 "set_aside": set_aside,
             })
         })
-        .collect();
+        .collect()
+}
+
+/// `results.json`: the run's settings, and per level each client's combined run.
+pub fn results_json(
+    (machine, started_at): (&MachineInfo, &str),
+    options: &ProtocolsOptions,
+    setup: &ServerSetup,
+    grpc_addr: &str,
+    levels: &[Level],
+) -> Value {
+    let base = options.baseline();
+    let order = |round| options.order(round);
+    let levels = levels_json(levels, &options.protocols, order, options.rounds);
     json!({
         "kind": "protocols",
         "started_at": started_at,
@@ -181,6 +215,24 @@ pub fn results_json(
     })
 }
 
+/// The report's list of errors: one line per run that had any, with its first error.
+pub fn error_lines(results: &Value) -> Vec<String> {
+    let mut lines = Vec::new();
+    for level in results["levels"].as_array().into_iter().flatten() {
+        for run in level["runs"].as_array().into_iter().flatten() {
+            if let Some(first) = run["first_error"].as_str() {
+                lines.push(format!(
+                    "- {} c={}: {} — first: {first}",
+                    run["label"].as_str().unwrap_or("?"),
+                    level["concurrency"],
+                    run["errors"]
+                ));
+            }
+        }
+    }
+    lines
+}
+
 /// `report.md` from `templates/protocols.md.j2` over `results`, with the header and the
 /// errors listed.
 pub fn render_report(
@@ -190,19 +242,6 @@ pub fn render_report(
     sha256: &str,
     plot: &str,
 ) -> anyhow::Result<String> {
-    let mut error_lines = Vec::new();
-    for level in results["levels"].as_array().into_iter().flatten() {
-        for run in level["runs"].as_array().into_iter().flatten() {
-            if let Some(first) = run["first_error"].as_str() {
-                error_lines.push(format!(
-                    "- {} c={}: {} — first: {first}",
-                    run["label"].as_str().unwrap_or("?"),
-                    level["concurrency"],
-                    run["errors"]
-                ));
-            }
-        }
-    }
     let header = crate::report::header(
         "streamserve protocols: REST JSON, REST binary, gRPC unary and gRPC streaming on `mlp`, side by side",
         elapsed,
@@ -211,7 +250,7 @@ pub fn render_report(
     );
     let extra = json!({
         "model_file": model_file.display().to_string(), "sha256": sha256,
-        "error_lines": error_lines, "plot": plot,
+        "error_lines": error_lines(results), "plot": plot,
     });
     crate::report::render(
         "protocols",
