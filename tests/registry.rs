@@ -394,3 +394,106 @@ fn racing_deploys_on_a_local_directory_have_one_winner() {
         "{outputs:?}"
     );
 }
+
+/// A probe made by `streamserve profile --probe` on the real mlp, in a model directory of its
+/// own (the command writes beside the model file): its golden answer is the real mlp's.
+fn mlp_probe() -> std::path::PathBuf {
+    let dir = temp_dir("probe-models");
+    std::fs::create_dir_all(dir.join("mlp")).unwrap();
+    std::fs::copy(
+        common::repo().join("models/mlp/1/model.onnx"),
+        dir.join("mlp/model.onnx"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("models.toml"),
+        format!(
+            "[[models]]\nname = \"mlp\"\nversion = \"1\"\nfile = \"mlp/model.onnx\"\nsha256 = \"{}\"\n",
+            common::MLP_SHA
+        ),
+    )
+    .unwrap();
+    let data = dir.join("data.jsonl");
+    std::fs::write(
+        &data,
+        common::mlp_request(&common::features(11, 2)).to_string(),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_streamserve"))
+        .current_dir(common::repo())
+        .args(["profile", "mlp", "--probe", "--models"])
+        .arg(&dir)
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir.join("mlp/probe.json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_published_with_a_version_travels_with_it_and_stops_a_wrong_one() {
+    let registry = seeded();
+    // Version 7 is the small mlp's file with the real mlp's probe beside it: a wrong version.
+    let dir = temp_dir("wrong");
+    let file = dir.join("model.onnx");
+    std::fs::copy(small(), &file).unwrap();
+    std::fs::copy(mlp_probe(), dir.join("probe.json")).unwrap();
+    // A profile made for other weights is refused at the push, not at the deployment.
+    std::fs::write(
+        dir.join("profile.json"),
+        r#"{"format": 1, "model_sha256": "00", "rows": 1, "created_unix": 0, "outputs": {}}"#,
+    )
+    .unwrap();
+    let stderr = failure(
+        &registry,
+        &[
+            "push",
+            "--name",
+            "mlp",
+            "--version",
+            "7",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert!(stderr.contains("not this one"), "{stderr}");
+    std::fs::remove_file(dir.join("profile.json")).unwrap();
+    registry_ok(
+        &registry,
+        NO_ENV,
+        &[
+            "push",
+            "--name",
+            "mlp",
+            "--version",
+            "7",
+            file.to_str().unwrap(),
+        ],
+    );
+    let list: Value =
+        serde_json::from_str(&registry_ok(&registry, NO_ENV, &["list", "--json"])).unwrap();
+    let record = list[0]["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["version"] == "7")
+        .unwrap();
+    assert_eq!(record["probe"]["outputs"][0]["name"], "logits", "{record}");
+
+    let solo = instance(&registry, &small_mlp_dir());
+    let http = common::client();
+    let response = http
+        .post(format!("{}/admin/models/mlp/deploy", solo.url))
+        .bearer_auth("fleet-test")
+        .json(&serde_json::json!({"version": "7", "strategy": "blue_green"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 409);
+    let text = response.text().await.unwrap();
+    assert!(text.contains("probe fails"), "{text}");
+}

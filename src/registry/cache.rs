@@ -55,6 +55,7 @@ impl Cache {
         record: &VersionRecord,
     ) -> Result<PathBuf, RegistryError> {
         let path = self.model_file(record);
+        self.write_companions(record)?;
         if self.verified(record).await {
             return Ok(path);
         }
@@ -96,6 +97,34 @@ impl Cache {
             ))
         })?;
         Ok(path)
+    }
+
+    /// Writes the version's `profile.json` and `probe.json` from its record beside its model
+    /// file (where loading reads them), and removes stale ones the record does not have.
+    fn write_companions(&self, record: &VersionRecord) -> Result<(), RegistryError> {
+        let dir = self.version_dir(&record.name, &record.version);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| RegistryError::Local(format!("cannot create {}: {e}", dir.display())))?;
+        let model_file = self.model_file(record);
+        let files = [
+            (
+                crate::monitor::profile::Profile::path_beside(&model_file),
+                &record.profile,
+            ),
+            (
+                crate::monitor::probe::Probe::path_beside(&model_file),
+                &record.probe,
+            ),
+        ];
+        for (path, content) in files {
+            match content {
+                Some(value) => write_json(&path, value)?,
+                None => {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Whether `record`'s file is here with the right sha256.

@@ -13,9 +13,12 @@ use std::path::{Path, PathBuf};
 
 use super::fleet::{self, DeployRequest};
 use super::records::{Desired, InstanceReport, Interface, VersionRecord, FORMAT};
-use super::store::{Read, WriteIf};
+use super::store::{Read, WriteIf, MAX_DOCUMENT_BYTES};
 use super::{check_name, desired_key, file_key, now_ms, version_key, RegistryError, Store};
 use crate::manifest::{compare_versions, sha256_file, Manifest, MANIFEST_FILE};
+use crate::monitor::probe::Probe;
+use crate::monitor::profile::Profile;
+use serde_json::Value;
 
 /// A version to publish.
 #[derive(Debug)]
@@ -54,6 +57,7 @@ pub async fn push(store: &Store, push: Push) -> Result<VersionRecord, RegistryEr
         &push.settings,
     )
     .map_err(|e| RegistryError::Refused(format!("serving settings: {e:#}")))?;
+    let (profile, probe) = companions(&push.file, &sha256)?;
     // The file first, under its hash: a record never names a file that is not there, and two
     // racing pushes of one version upload to different names, so the loser cannot replace
     // the winner's file.
@@ -73,7 +77,17 @@ pub async fn push(store: &Store, push: Push) -> Result<VersionRecord, RegistryEr
         source: entry.source,
         pushed_by: push.by,
         pushed_at_ms: now_ms(),
+        profile,
+        probe,
     };
+    let size = serde_json::to_vec(&record).map_or(0, |v| v.len() as u64);
+    if size > MAX_DOCUMENT_BYTES {
+        return Err(RegistryError::Refused(format!(
+            "{}:{}: its record with profile.json and probe.json is {size} bytes, more than a \
+             registry document may be ({MAX_DOCUMENT_BYTES}): use a smaller golden input",
+            push.name, push.version
+        )));
+    }
     match store
         .write_json(&record_key, &record, WriteIf::Absent)
         .await
@@ -82,6 +96,27 @@ pub async fn push(store: &Store, push: Push) -> Result<VersionRecord, RegistryEr
         Err(RegistryError::Conflict(_)) => Err(exists(&push.name, &push.version)),
         Err(e) => Err(e),
     }
+}
+
+/// The version's `profile.json` and `probe.json` from beside its model file, each checked as
+/// the server checks them when it loads a version (a profile made for other weights, or a
+/// probe that does not parse, refuses the push rather than the later deployment).
+fn companions(file: &Path, sha256: &str) -> Result<(Option<Value>, Option<Value>), RegistryError> {
+    let refused = |e: String| RegistryError::Refused(e);
+    let as_value = |path: PathBuf| -> Result<Value, RegistryError> {
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| RegistryError::Local(format!("cannot read {}: {e}", path.display())))?;
+        serde_json::from_str(&text).map_err(|e| refused(format!("{}: {e}", path.display())))
+    };
+    let profile = match Profile::load_beside(file, sha256).map_err(refused)? {
+        Some(_) => Some(as_value(Profile::path_beside(file))?),
+        None => None,
+    };
+    let probe = match Probe::load_beside(file).map_err(refused)? {
+        Some(_) => Some(as_value(Probe::path_beside(file))?),
+        None => None,
+    };
+    Ok((profile, probe))
 }
 
 fn exists(name: &str, version: &str) -> RegistryError {

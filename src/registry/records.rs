@@ -59,6 +59,13 @@ pub struct VersionRecord {
     pub source: String,
     pub pushed_by: String,
     pub pushed_at_ms: u64,
+    /// The version's drift reference (`profile.json`, checked against `sha256`) and its
+    /// golden-input probe (`probe.json`), when they were beside the model file it was pushed
+    /// from; instances write them back beside their copy of the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
