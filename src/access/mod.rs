@@ -143,6 +143,11 @@ impl StreamPass {
 }
 
 impl Access {
+    /// Whether callers need an API key (the server has a keys file).
+    pub fn requires_keys(&self) -> bool {
+        self.keys.is_some()
+    }
+
     pub fn from_config(config: &Config) -> Result<Access, String> {
         let secret = config
             .api_key_secret_file

@@ -19,7 +19,7 @@
 //! script and one inline style by their sha256 hashes (computed here from the embedded page),
 //! so no injected markup could run or load anything.
 
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use actix_web::http::header;
@@ -30,7 +30,6 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::AppState;
-use crate::access::Access;
 use crate::actors::catalog::{ModelVersions, VersionState};
 use crate::actors::health::{ModelHealth, WINDOW_MS};
 use crate::actors::supervisor::Rollouts;
@@ -93,7 +92,7 @@ fn allowed(state: &AppState, req: &HttpRequest) -> Result<(), ServeError> {
     if state.admin_token.is_some() {
         return authorize(state, req);
     }
-    if keyed(&state.access) {
+    if state.access.requires_keys() {
         return Err(ServeError::Unauthenticated(
             "the status page needs --admin-token (or STREAMSERVE_ADMIN_TOKEN) on a server with \
              API keys; then send Authorization: Bearer <admin token>"
@@ -127,23 +126,6 @@ pub(super) fn authorize(state: &AppState, req: &HttpRequest) -> Result<(), Serve
     } else {
         Err(ServeError::Unauthorized)
     }
-}
-
-/// Whether `access` requires API keys. `Access` does not say so directly: it is asked once
-/// (per `Access`) to admit a caller without a key, which only a keyed server refuses. A
-/// server's keys file can change, but not whether it has one.
-fn keyed(access: &Arc<Access>) -> bool {
-    static SEEN: Mutex<Vec<(Weak<Access>, bool)>> = Mutex::new(Vec::new());
-    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
-    seen.retain(|(weak, _)| weak.strong_count() > 0);
-    let me = Arc::downgrade(access);
-    if let Some((_, keyed)) = seen.iter().find(|(weak, _)| weak.ptr_eq(&me)) {
-        return *keyed;
-    }
-    let no_key = actix_web::http::header::HeaderMap::new();
-    let keyed = access.admit(&no_key, None, "(status page)").is_err();
-    seen.push((me, keyed));
-    keyed
 }
 
 /// `GET /status`: everything the page shows, as JSON (shape in docs/status-page.md).
