@@ -284,7 +284,7 @@ mod tests {
             None,
         ));
         let mut text = String::new();
-        render(&[watch.clone()], &mut text);
+        render(std::slice::from_ref(&watch), &mut text);
         assert!(
             text.contains(
                 "streamserve_model_output_count{model=\"m\",version=\"1\",output=\"y\"} 0"
@@ -300,7 +300,7 @@ mod tests {
         let x = TensorData::Fp32(vec![f32::NAN, 2.0, -3.0]);
         watch.observe(&[&x], &[y(vec![5.0; 100])], 100);
         let mut text = String::new();
-        render(&[watch.clone()], &mut text);
+        render(std::slice::from_ref(&watch), &mut text);
         let psi_line = text
             .lines()
             .find(|l| l.starts_with("streamserve_model_output_drift_psi{"))
