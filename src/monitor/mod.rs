@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::Serialize;
 
 pub use bins::{psi, Edges};
-use probe::{Probe, ProbeRecord};
+use probe::{Probe, ProbeOutcome, ProbeRecord};
 use profile::{Profile, ProfileBuilder};
 pub use render::render;
 
@@ -332,9 +332,17 @@ impl ModelWatch {
     }
 
     /// Records a probe check's outcome; logs when the probe starts or stops failing.
-    pub fn record_probe(&self, outcome: Result<(), String>) {
+    pub fn record_probe(&self, outcome: ProbeOutcome) {
         let mut record = self.probe_record();
         record.running = false;
+        let outcome = match outcome {
+            ProbeOutcome::Passed => Ok(()),
+            ProbeOutcome::Failed(error) => Err(error),
+            ProbeOutcome::Inconclusive(why) => {
+                tracing::debug!(model = %self.model, version = %self.version, %why, "probe inconclusive");
+                return;
+            }
+        };
         record.checks += 1;
         record.last_check_unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -458,5 +466,38 @@ impl OnceWatch {
 
     pub fn get(&self) -> Option<&ModelWatch> {
         self.0.get().map(|w| &**w)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_inconclusive_probe_neither_passes_nor_fails_and_one_check_runs_at_a_time() {
+        let probe: Probe =
+            serde_json::from_str(r#"{"inputs": [], "outputs": [{"name": "y", "data": [1]}]}"#)
+                .unwrap();
+        let settings = WatchSettings {
+            probe_gates_readiness: true,
+            ..WatchSettings::default()
+        };
+        let watch = ModelWatch::new(("m", "1", ""), (&[], &[]), settings, None, Some(probe));
+        let now = crate::telemetry::uptime_ms();
+        assert!(watch.take_due_probe(now));
+        assert!(!watch.take_due_probe(now + 60_000), "one check at a time");
+        watch.record_probe(ProbeOutcome::Failed("wrong".into()));
+        assert_eq!(watch.probe_failing().as_deref(), Some("wrong"));
+        assert!(watch.blocks_readiness());
+        watch.record_probe(ProbeOutcome::Inconclusive("shed".into()));
+        assert_eq!(watch.probe_failing().as_deref(), Some("wrong"), "unchanged");
+        assert_eq!(watch.summary().probe.unwrap().checks, 1);
+        watch.record_probe(ProbeOutcome::Passed);
+        assert!(watch.probe_failing().is_none() && !watch.blocks_readiness());
+        assert!(
+            !watch.take_due_probe(now + 1000),
+            "the next is due every_secs later"
+        );
+        assert!(watch.take_due_probe(now + 31_000));
     }
 }

@@ -205,6 +205,18 @@ impl Probe {
     }
 }
 
+/// What one probe check found.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ProbeOutcome {
+    Passed,
+    /// The version answered wrongly, or could not answer.
+    Failed(String),
+    /// The version was not checked: its fallback answered, or the server shed or timed out the
+    /// probe under load. Neither a pass nor a failure, so that an overload does not roll back a
+    /// good canary.
+    Inconclusive(String),
+}
+
 /// What the probe said last, and how often it ran and failed.
 #[derive(Clone, Debug, Default)]
 pub struct ProbeRecord {

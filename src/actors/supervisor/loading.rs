@@ -23,7 +23,7 @@ use crate::actors::worker::{WorkerHandle, WorkerRecipe, WorkerReport};
 use crate::error::ServeError;
 use crate::manifest::{verify_sha256, BatchAxis, Device, ModelEntry, StreamKind};
 use crate::model::{ModelInfo, Resources};
-use crate::monitor::probe::Probe;
+use crate::monitor::probe::{Probe, ProbeOutcome};
 use crate::monitor::profile::Profile;
 use crate::monitor::{ModelWatch, OnceWatch, WatchSettings};
 use crate::runtime::{Sessions, TensorSpec};
@@ -284,7 +284,16 @@ pub(super) async fn smoke_test(served: &ServedModel) -> Result<(), ServeError> {
     if served.watch.probe().is_some() {
         let outcome = run_probe(served).await;
         served.watch.record_probe(outcome.clone());
-        return outcome.map_err(|e| ServeError::invalid(format!("the version's probe fails: {e}")));
+        return match outcome {
+            ProbeOutcome::Passed => Ok(()),
+            ProbeOutcome::Failed(e) => Err(ServeError::invalid(format!(
+                "the version's probe fails: {e}"
+            ))),
+            // Before a deployment the version must be checked, not skipped.
+            ProbeOutcome::Inconclusive(e) => Err(ServeError::invalid(format!(
+                "the version's probe could not be checked: {e}"
+            ))),
+        };
     }
     let info = &served.info;
     let request = info.validate(info.example_inputs(), None)?;
@@ -296,25 +305,36 @@ pub(super) async fn smoke_test(served: &ServedModel) -> Result<(), ServeError> {
 const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Sends the version's probe through its router and judges the answer.
-pub async fn run_probe(served: &ServedModel) -> Result<(), String> {
+pub async fn run_probe(served: &ServedModel) -> ProbeOutcome {
     let Some(probe) = served.watch.probe() else {
-        return Ok(());
+        return ProbeOutcome::Passed;
     };
-    let inputs = probe.inputs()?;
-    let request = served
-        .info
-        .validate(inputs, Some(probe.output_names()))
-        .map_err(|e| format!("the golden input does not fit the model: {e}"))?;
+    let request = match probe.inputs().and_then(|inputs| {
+        served
+            .info
+            .validate(inputs, Some(probe.output_names()))
+            .map_err(|e| format!("the golden input does not fit the model: {e}"))
+    }) {
+        Ok(request) => request,
+        Err(e) => return ProbeOutcome::Failed(e),
+    };
     let options = InferOptions::now().with_timeout(Some(PROBE_TIMEOUT));
-    let answer = served
-        .infer(request, options)
-        .await
-        .map_err(|e| format!("no answer: {e}"))?;
-    if answer.degraded {
+    match served.infer(request, options).await {
         // The fallback answered: the version itself was not probed.
-        return Err("answered by the fallback, not this version".into());
+        Ok(answer) if answer.degraded => {
+            ProbeOutcome::Inconclusive("answered by the fallback, not this version".into())
+        }
+        Ok(answer) => match probe.judge(&answer.outputs) {
+            Ok(()) => ProbeOutcome::Passed,
+            Err(e) => ProbeOutcome::Failed(e),
+        },
+        Err(
+            e @ (ServeError::Overloaded { .. }
+            | ServeError::DeadlineExceeded { .. }
+            | ServeError::ShuttingDown),
+        ) => ProbeOutcome::Inconclusive(e.to_string()),
+        Err(e) => ProbeOutcome::Failed(format!("no answer: {e}")),
     }
-    probe.judge(&answer.outputs)
 }
 
 #[cfg(test)]
