@@ -235,6 +235,10 @@ pub struct ServeArgs {
     /// ready" on its readiness endpoints [default: false].
     #[arg(long, env = "STREAMSERVE_PROBE_READINESS")]
     pub probe_readiness: Option<bool>,
+    /// Directory that keeps batch jobs' state files (docs/jobs.md): unfinished jobs resume
+    /// from it when the server starts [default: .streamserve-jobs].
+    #[arg(long, env = "STREAMSERVE_JOBS_DIR")]
+    pub jobs_dir: Option<PathBuf>,
 }
 
 /// Where gRPC listens: a port (0: a free one), or nowhere. Written `8081` or `"off"`, in TOML
@@ -353,6 +357,7 @@ pub struct Config {
     pub drift_reference_rows: u64,
     pub drift_window_rows: u64,
     pub probe_readiness: bool,
+    pub jobs_dir: PathBuf,
 }
 
 impl Default for Config {
@@ -404,6 +409,7 @@ impl Default for Config {
             drift_reference_rows: 1000,
             drift_window_rows: 1000,
             probe_readiness: false,
+            jobs_dir: PathBuf::from(".streamserve-jobs"),
         }
     }
 }

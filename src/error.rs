@@ -25,6 +25,9 @@ pub enum ServeError {
     ModelCold { model: String, version: String },
     #[error("{0}")]
     Conflict(String),
+    /// A batch job id that this server does not know (docs/jobs.md).
+    #[error("unknown job '{0}'")]
+    JobNotFound(String),
     #[error("model '{model}' is unavailable: {reason}")]
     ModelUnavailable { model: String, reason: String },
     #[error("{0}")]
@@ -103,7 +106,9 @@ impl ServeError {
     /// A short machine-readable label for metrics and logs.
     pub fn kind(&self) -> &'static str {
         match self {
-            ServeError::ModelNotFound(_) | ServeError::VersionNotFound { .. } => "not_found",
+            ServeError::ModelNotFound(_)
+            | ServeError::VersionNotFound { .. }
+            | ServeError::JobNotFound(_) => "not_found",
             ServeError::ModelUnavailable { .. } => "unavailable",
             ServeError::ModelCold { .. } => "cold",
             ServeError::Conflict(_) => "conflict",
@@ -154,6 +159,7 @@ impl ResponseError for ServeError {
         match self {
             ServeError::ModelNotFound(_)
             | ServeError::VersionNotFound { .. }
+            | ServeError::JobNotFound(_)
             | ServeError::AdminOff => StatusCode::NOT_FOUND,
             ServeError::Unauthorized | ServeError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             ServeError::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -220,6 +226,7 @@ impl ServeError {
         match self {
             ServeError::ModelNotFound(_)
             | ServeError::VersionNotFound { .. }
+            | ServeError::JobNotFound(_)
             | ServeError::AdminOff => Code::NotFound,
             ServeError::Unauthorized | ServeError::Unauthenticated(_) => Code::Unauthenticated,
             ServeError::Forbidden(_) => Code::PermissionDenied,

@@ -38,6 +38,7 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
     drain: Duration,
     work: Arc<Work>,
+    jobs: crate::jobs::Jobs,
 }
 
 impl Running {
@@ -51,6 +52,8 @@ impl Running {
     /// (or the drain time is up).
     pub async fn shutdown(&self) {
         tracing::info!(drain_secs = self.drain.as_secs(), "shutting down");
+        // Running batch jobs stop where they are; they resume at the next start.
+        self.jobs.shutdown().await;
         // Out of the fleet first: a rollout stops waiting for this instance now.
         if let Some(fleet) = &self.fleet {
             fleet.leave().await;
@@ -130,6 +133,8 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
             Some(fleet)
         }
     };
+    // Unfinished batch jobs resume once the models are in.
+    let jobs = crate::jobs::Jobs::start(&config.jobs_dir, catalog.clone(), supervisor.clone())?;
     let (shutdown, shutdown_rx) = watch::channel(false);
     let keys = token_keys(config)?;
     let streams = Arc::new(StreamsConfig {
@@ -184,6 +189,7 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
         work: work.clone(),
         access,
         fleet: fleet.clone(),
+        jobs: jobs.clone(),
     });
     let grpc_state = state.clone().into_inner();
     let server = HttpServer::new(move || {
@@ -257,6 +263,7 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
         shutdown,
         drain: Duration::from_secs(config.drain_secs),
         work,
+        jobs,
     };
     Ok((running, server))
 }

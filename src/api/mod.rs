@@ -7,6 +7,7 @@ pub mod body;
 pub mod door;
 pub mod grpc;
 pub mod health;
+mod jobs;
 pub(crate) mod json_tensor;
 pub mod kserve;
 pub mod metrics;
@@ -48,6 +49,8 @@ pub struct AppState {
     pub access: Arc<crate::access::Access>,
     /// The fleet agent, when the server follows a model registry.
     pub fleet: Option<crate::actors::fleet::Fleet>,
+    /// Batch prediction jobs (docs/jobs.md).
+    pub jobs: crate::jobs::Jobs,
 }
 
 /// How long a request waits for its model to load on demand before it gets 503.
@@ -130,6 +133,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .configure(rest::routes)
         .configure(ws::routes)
         .configure(admin::routes)
+        .configure(jobs::routes)
         .configure(status::routes)
         .configure(metrics::routes);
 }

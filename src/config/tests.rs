@@ -146,7 +146,9 @@ fn defaults_are_unchanged() {
         drift_reference_rows,
         drift_window_rows,
         probe_readiness,
+        jobs_dir,
     } = Config::default();
+    assert_eq!(jobs_dir, PathBuf::from(".streamserve-jobs"));
     assert!(monitor_outputs);
     assert_eq!(drift_reference_rows, 1000);
     assert_eq!(drift_window_rows, 1000);

@@ -1,0 +1,476 @@
+//! Batch prediction jobs (docs/jobs.md): a JSON Lines file of KServe v2 requests run through
+//! the model's own router on the low-priority lane, its answers written in input order to
+//! `<output>.part` in fsynced chunks and renamed to `<output>` when complete.
+//!
+//! [`Jobs`] is the registry and the one owner of every job's state: the API submits, lists
+//! and cancels through it; each running job is one task (`run.rs`) on the jobs' own runtime
+//! (a thread of its own, so that file I/O never stalls the HTTP workers or the actors), which
+//! reports its checkpoints back here. Every change of state is written to
+//! `<jobs_dir>/<id>.json` (`store.rs`) under the registry's lock, so the state file and the
+//! table never disagree; at start, jobs still running in their files resume from their last
+//! checkpoint, exactly once.
+
+mod run;
+mod store;
+mod submit;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix::Addr;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use crate::actors::catalog::SharedCatalog;
+use crate::actors::supervisor::Supervisor;
+use crate::error::ServeError;
+
+pub use submit::Submission;
+
+/// What a job does with a row it cannot run (malformed JSON, a tensor that does not decode or
+/// does not fit the model).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// The job fails at the first bad row, naming its line; its output is removed.
+    #[default]
+    Stop,
+    /// The row's output line carries `"error"`; the job goes on and counts it.
+    Skip,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn finished(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+/// What was asked for, checked at submission (absolute paths).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub model: String,
+    pub version: Option<String>,
+    pub input: PathBuf,
+    pub output: PathBuf,
+    pub key_field: String,
+    pub on_error: OnError,
+    pub max_rows_per_sec: Option<u32>,
+}
+
+impl JobSpec {
+    /// Where the output is written until it is complete.
+    pub fn part_path(&self) -> PathBuf {
+        let mut name = self.output.as_os_str().to_owned();
+        name.push(".part");
+        PathBuf::from(name)
+    }
+}
+
+/// A row that could not be run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RowError {
+    pub line: u64,
+    pub error: String,
+}
+
+/// How many bad rows a job keeps the line numbers of (it counts them all).
+pub const KEPT_ERRORS: usize = 20;
+
+/// How far a job has durably got: everything here is in the `.part` file, fsynced.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Rows answered (or written as errors).
+    pub rows_done: u64,
+    /// The input's line number of the last row written (1-based; 0 before the first).
+    pub line: u64,
+    /// Bytes of the input consumed by those rows.
+    pub input_bytes: u64,
+    /// Bytes of the `.part` file that are complete.
+    pub part_bytes: u64,
+    pub errors: u64,
+    /// The first [`KEPT_ERRORS`] bad rows.
+    pub first_errors: Vec<RowError>,
+}
+
+/// One job as its state file keeps it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub spec: JobSpec,
+    pub state: JobState,
+    /// Rows in the input (its non-blank lines), counted at submission.
+    pub rows_total: u64,
+    pub progress: Checkpoint,
+    /// Why it failed.
+    pub message: Option<String>,
+    pub created_unix_ms: u64,
+    pub finished_unix_ms: Option<u64>,
+}
+
+/// What a running job's task is told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Signal {
+    Run,
+    /// The server is stopping: end without touching the job's state (it resumes at the next
+    /// start).
+    Stop,
+    /// Cancelled: the registry has already recorded it.
+    Cancel,
+}
+
+struct Entry {
+    record: JobRecord,
+    signal: watch::Sender<Signal>,
+    /// When this process started running it, and its rows done then (for the rate).
+    started: Option<(Instant, u64)>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    catalog: Arc<SharedCatalog>,
+    supervisor: Addr<Supervisor>,
+    table: Mutex<BTreeMap<String, Entry>>,
+    runtime: tokio::runtime::Handle,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    close: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+}
+
+/// The jobs of this server (cheap to clone: one shared registry).
+#[derive(Clone)]
+pub struct Jobs {
+    inner: Arc<Inner>,
+}
+
+/// How long the shutdown waits for running jobs to stop.
+const STOP_WAIT: Duration = Duration::from_secs(10);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Jobs {
+    /// The registry on `dir`, its runtime started, and every unfinished job in `dir` resumed.
+    /// The directory is made at the first submission, not here.
+    pub fn start(
+        dir: &Path,
+        catalog: Arc<SharedCatalog>,
+        supervisor: Addr<Supervisor>,
+    ) -> anyhow::Result<Jobs> {
+        let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+        let (close, closed) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("streamserve-jobs".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .thread_name("streamserve-job")
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = handle_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = handle_tx.send(Ok(runtime.handle().clone()));
+                runtime.block_on(async {
+                    let _ = closed.await;
+                });
+                runtime.shutdown_timeout(Duration::from_secs(1));
+            })?;
+        let runtime = handle_rx.recv()??;
+        let dir = std::path::absolute(dir)?;
+        let jobs = Jobs {
+            inner: Arc::new(Inner {
+                catalog,
+                supervisor,
+                table: Mutex::new(BTreeMap::new()),
+                runtime,
+                tasks: Mutex::new(Vec::new()),
+                close: Mutex::new(Some(close)),
+                dir,
+            }),
+        };
+        for record in store::load_all(&jobs.inner.dir)? {
+            let unfinished = !record.state.finished();
+            let id = record.id.clone();
+            jobs.insert(record);
+            if unfinished {
+                tracing::info!(job = %id, "resuming batch job");
+                jobs.spawn(&id);
+            }
+        }
+        Ok(jobs)
+    }
+
+    fn insert(&self, record: JobRecord) {
+        let (signal, _) = watch::channel(Signal::Run);
+        self.table().insert(
+            record.id.clone(),
+            Entry {
+                record,
+                signal,
+                started: None,
+            },
+        );
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
+        self.inner.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn spawn(&self, id: &str) {
+        let Some(signal) = self.table().get(id).map(|e| e.signal.subscribe()) else {
+            return;
+        };
+        let task = self
+            .inner
+            .runtime
+            .spawn(run::run(self.clone(), id.to_string(), signal));
+        let mut tasks = self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task);
+    }
+
+    /// Checks a submission (model, input, output) and starts the job: 202's record. Reads the
+    /// whole input to count its rows: call it off the HTTP threads.
+    pub fn submit(&self, submission: Submission) -> Result<Value, ServeError> {
+        let record = submit::check(self, submission)?;
+        let id = record.id.clone();
+        std::fs::create_dir_all(&self.inner.dir).map_err(|e| {
+            ServeError::invalid(format!(
+                "cannot make the jobs directory {}: {e}",
+                self.inner.dir.display()
+            ))
+        })?;
+        if let Err(e) = store::save(&self.inner.dir, &record) {
+            let _ = std::fs::remove_file(record.spec.part_path());
+            return Err(ServeError::invalid(format!("cannot save the job: {e}")));
+        }
+        tracing::info!(job = %id, model = %record.spec.model, input = %record.spec.input.display(), output = %record.spec.output.display(), rows = record.rows_total, "batch job submitted");
+        self.insert(record);
+        self.spawn(&id);
+        self.get(&id)
+    }
+
+    /// Outputs of unfinished jobs (a second job may not write the same file).
+    fn outputs_in_use(&self) -> Vec<PathBuf> {
+        self.table()
+            .values()
+            .filter(|e| !e.record.state.finished())
+            .map(|e| e.record.spec.output.clone())
+            .collect()
+    }
+
+    /// Every job, newest first.
+    pub fn list(&self) -> Vec<Value> {
+        let table = self.table();
+        let mut entries: Vec<&Entry> = table.values().collect();
+        entries.sort_by_key(|e| std::cmp::Reverse(e.record.created_unix_ms));
+        entries.into_iter().map(view).collect()
+    }
+
+    pub fn get(&self, id: &str) -> Result<Value, ServeError> {
+        self.table()
+            .get(id)
+            .map(view)
+            .ok_or_else(|| ServeError::JobNotFound(id.to_string()))
+    }
+
+    /// Cancels a queued or running job: its task stops, its `.part` file is removed.
+    pub fn cancel(&self, id: &str) -> Result<Value, ServeError> {
+        let mut table = self.table();
+        let entry = table
+            .get_mut(id)
+            .ok_or_else(|| ServeError::JobNotFound(id.to_string()))?;
+        let state = entry.record.state;
+        if state.finished() {
+            return Err(ServeError::Conflict(format!(
+                "job '{id}' has already {}",
+                serde_json::to_value(state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default()
+            )));
+        }
+        entry.record.state = JobState::Cancelled;
+        entry.record.finished_unix_ms = Some(now_ms());
+        let _ = entry.signal.send(Signal::Cancel);
+        let _ = std::fs::remove_file(entry.record.spec.part_path());
+        if let Err(e) = store::save(&self.inner.dir, &entry.record) {
+            tracing::warn!(job = %id, error = %e, "cannot save the cancelled job's state");
+        }
+        tracing::info!(job = %id, "batch job cancelled");
+        Ok(view(entry))
+    }
+
+    /// Stops every running job where it is (they resume at the next start) and ends the
+    /// jobs' runtime.
+    pub async fn shutdown(&self) {
+        for entry in self.table().values() {
+            let _ = entry.signal.send(Signal::Stop);
+        }
+        let tasks: Vec<_> =
+            std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        let _ = tokio::time::timeout(STOP_WAIT, futures_util::future::join_all(tasks)).await;
+        if let Some(close) = self
+            .inner
+            .close
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            let _ = close.send(());
+        }
+    }
+
+    // What the running task reports. Each returns false once the job is no longer running
+    // (cancelled): the task then ends without writing.
+
+    fn record(&self, id: &str) -> Option<JobRecord> {
+        self.table().get(id).map(|e| e.record.clone())
+    }
+
+    fn started(&self, id: &str) -> bool {
+        let mut table = self.table();
+        let Some(entry) = table.get_mut(id) else {
+            return false;
+        };
+        if entry.record.state.finished() {
+            return false;
+        }
+        entry.started = Some((Instant::now(), entry.record.progress.rows_done));
+        if entry.record.state == JobState::Queued {
+            entry.record.state = JobState::Running;
+            if let Err(e) = store::save(&self.inner.dir, &entry.record) {
+                tracing::warn!(job = %id, error = %e, "cannot save the job's state");
+            }
+        }
+        true
+    }
+
+    /// A chunk is fsynced in the `.part` file: this is now where the job resumes.
+    fn checkpoint(&self, id: &str, progress: &Checkpoint) -> Result<bool, String> {
+        let mut table = self.table();
+        let Some(entry) = table.get_mut(id) else {
+            return Ok(false);
+        };
+        if entry.record.state != JobState::Running {
+            return Ok(false);
+        }
+        entry.record.progress = progress.clone();
+        store::save(&self.inner.dir, &entry.record)
+            .map_err(|e| format!("cannot save the checkpoint: {e}"))?;
+        Ok(true)
+    }
+
+    /// Every row is written and checkpointed: the `.part` file becomes the output.
+    fn succeed(&self, id: &str) {
+        let mut table = self.table();
+        let Some(entry) = table.get_mut(id) else {
+            return;
+        };
+        if entry.record.state != JobState::Running {
+            return;
+        }
+        let spec = &entry.record.spec;
+        let part = spec.part_path();
+        // A crash between the rename and the state file leaves the output and no `.part`.
+        let renamed = if part.exists() || !spec.output.exists() {
+            std::fs::rename(&part, &spec.output).and_then(|()| store::sync_dir(&spec.output))
+        } else {
+            Ok(())
+        };
+        match renamed {
+            Ok(()) => entry.record.state = JobState::Succeeded,
+            Err(e) => {
+                entry.record.state = JobState::Failed;
+                entry.record.message = Some(format!(
+                    "cannot rename {} to {}: {e}",
+                    part.display(),
+                    spec.output.display()
+                ));
+            }
+        }
+        entry.record.finished_unix_ms = Some(now_ms());
+        if let Err(e) = store::save(&self.inner.dir, &entry.record) {
+            tracing::warn!(job = %id, error = %e, "cannot save the job's state");
+        }
+        tracing::info!(job = %id, state = ?entry.record.state, rows = entry.record.progress.rows_done, errors = entry.record.progress.errors, "batch job finished");
+    }
+
+    fn fail(&self, id: &str, message: String) {
+        let mut table = self.table();
+        let Some(entry) = table.get_mut(id) else {
+            return;
+        };
+        if entry.record.state.finished() {
+            return;
+        }
+        tracing::warn!(job = %id, error = %message, "batch job failed");
+        let _ = std::fs::remove_file(entry.record.spec.part_path());
+        entry.record.state = JobState::Failed;
+        entry.record.message = Some(message);
+        entry.record.finished_unix_ms = Some(now_ms());
+        if let Err(e) = store::save(&self.inner.dir, &entry.record) {
+            tracing::warn!(job = %id, error = %e, "cannot save the job's state");
+        }
+    }
+}
+
+/// A job as the API shows it: its record, and while it runs, its rate and time left.
+fn view(entry: &Entry) -> Value {
+    let record = &entry.record;
+    let progress = &record.progress;
+    let rate = match (record.state, entry.started) {
+        (JobState::Running, Some((since, rows_then))) => {
+            let secs = since.elapsed().as_secs_f64();
+            (secs > 0.0).then(|| progress.rows_done.saturating_sub(rows_then) as f64 / secs)
+        }
+        _ => None,
+    };
+    let left = record.rows_total.saturating_sub(progress.rows_done);
+    let eta = rate
+        .filter(|r| *r > 0.0)
+        .map(|r| (left as f64 / r).ceil() as u64);
+    json!({
+        "id": record.id,
+        "state": record.state,
+        "model": record.spec.model,
+        "version": record.spec.version,
+        "input": record.spec.input,
+        "output": record.spec.output,
+        "key_field": record.spec.key_field,
+        "on_error": record.spec.on_error,
+        "max_rows_per_sec": record.spec.max_rows_per_sec,
+        "rows_total": record.rows_total,
+        "rows_done": progress.rows_done,
+        "rows_per_sec": rate.map(|r| (r * 10.0).round() / 10.0),
+        "eta_secs": eta,
+        "errors": progress.errors,
+        "error_lines": progress.first_errors.iter().map(|e| e.line).collect::<Vec<_>>(),
+        "first_errors": progress.first_errors,
+        "message": record.message,
+        "created_unix_ms": record.created_unix_ms,
+        "finished_unix_ms": record.finished_unix_ms,
+    })
+}

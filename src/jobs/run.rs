@@ -1,0 +1,462 @@
+//! One running job: read the input from its checkpoint, send a bounded window of rows to the
+//! model's router on the low-priority lane (so that the router batches them, behind online
+//! traffic), write the answers in input order to the `.part` file, and checkpoint after each
+//! fsynced chunk. A stop (server shutdown) or a cancel ends the loop between two rows; what
+//! was written after the last checkpoint is cut off when the job resumes, so every row is in
+//! the output exactly once.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::future::Future;
+use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+use serde_json::Value;
+use tokio::sync::watch;
+
+use super::{Checkpoint, JobRecord, JobSpec, Jobs, OnError, RowError, Signal, KEPT_ERRORS};
+use crate::actors::catalog::ServedModel;
+use crate::actors::served::{InferOptions, Priority};
+use crate::actors::supervisor::EnsureLoaded;
+use crate::error::ServeError;
+use crate::model::InferResponse;
+use crate::monitor::probe::TensorJson;
+use crate::tensor::{DataType, TensorData};
+
+/// Rows sent to the router and not yet written.
+const WINDOW: usize = 32;
+/// A checkpoint after this many rows, or after [`CHUNK_TIME`], whichever comes first.
+const CHUNK_ROWS: u64 = 256;
+const CHUNK_TIME: Duration = Duration::from_secs(1);
+/// A row refused for a reason that passes (queue full, model loading, a lost worker) is sent
+/// again this many times, backing off, before the job fails.
+const RETRIES: u32 = 40;
+/// How long a cold model may take to load.
+const LOAD_WAIT: Duration = Duration::from_secs(60);
+
+type Answer = Pin<Box<dyn Future<Output = Result<InferResponse, ServeError>> + Send>>;
+
+/// A row read from the input.
+struct Row {
+    line: u64,
+    /// Input bytes consumed up to the end of this row's line.
+    end: u64,
+    text: String,
+    key: Value,
+    /// Sent (its answer to come), or why it cannot be.
+    sent: Result<Answer, String>,
+}
+
+enum Outcome {
+    Done,
+    Stopped,
+}
+
+pub(super) async fn run(jobs: Jobs, id: String, signal: watch::Receiver<Signal>) {
+    let Some(record) = jobs.record(&id) else {
+        return;
+    };
+    if !jobs.started(&id) {
+        return;
+    }
+    let mut job = Job {
+        jobs: &jobs,
+        id: &id,
+        spec: &record.spec,
+        signal,
+    };
+    match job.drive(&record).await {
+        Ok(Outcome::Done) => jobs.succeed(&id),
+        Ok(Outcome::Stopped) => {}
+        Err(message) => jobs.fail(&id, message),
+    }
+}
+
+struct Job<'a> {
+    jobs: &'a Jobs,
+    id: &'a str,
+    spec: &'a JobSpec,
+    signal: watch::Receiver<Signal>,
+}
+
+impl Job<'_> {
+    fn stopped(&self) -> bool {
+        *self.signal.borrow() != Signal::Run
+    }
+
+    /// Waits for `future` unless the job is stopped first.
+    async fn unless_stopped<T>(&mut self, future: impl Future<Output = T>) -> Option<T> {
+        if self.stopped() {
+            return None;
+        }
+        tokio::select! {
+            out = future => Some(out),
+            _ = self.signal.changed() => None,
+        }
+    }
+
+    /// The model version to send rows to, loading it if it is cold.
+    async fn resolve(&self) -> Result<ServedModel, ServeError> {
+        let catalog = self.jobs.inner.catalog.snapshot();
+        match catalog.resolve(&self.spec.model, self.spec.version.as_deref()) {
+            Err(ServeError::ModelCold { model, version }) => {
+                let load = self.jobs.inner.supervisor.send(EnsureLoaded {
+                    name: model,
+                    version: Some(version),
+                });
+                match tokio::time::timeout(LOAD_WAIT, load).await {
+                    Ok(Ok(result)) => result,
+                    Ok(Err(_)) => Err(ServeError::ShuttingDown),
+                    Err(_) => Err(ServeError::NotReady {
+                        model: self.spec.model.clone(),
+                        reason: "still loading".into(),
+                        retry_after: Duration::from_secs(1),
+                    }),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// [`resolve`](Self::resolve), waiting out a version that is not serving for now.
+    async fn resolve_patiently(&mut self) -> Result<Option<ServedModel>, String> {
+        let mut attempt = 0;
+        loop {
+            match self.resolve().await {
+                Ok(served) => return Ok(Some(served)),
+                Err(e @ (ServeError::ModelNotFound(_) | ServeError::VersionNotFound { .. })) => {
+                    return Err(e.to_string())
+                }
+                Err(e) if attempt >= RETRIES => return Err(e.to_string()),
+                Err(_) => {}
+            }
+            attempt += 1;
+            if self
+                .unless_stopped(tokio::time::sleep(backoff(attempt)))
+                .await
+                .is_none()
+            {
+                return Ok(None);
+            }
+        }
+    }
+
+    async fn drive(&mut self, record: &JobRecord) -> Result<Outcome, String> {
+        let mut progress = record.progress.clone();
+        let part_path = self.spec.part_path();
+        let mut part = match OpenOptions::new().write(true).open(&part_path) {
+            Ok(part) => part,
+            // Renamed already, its state not yet saved: it is complete.
+            Err(_) if self.spec.output.exists() && progress.rows_done == record.rows_total => {
+                return Ok(Outcome::Done)
+            }
+            Err(e) => return Err(format!("cannot open {}: {e}", part_path.display())),
+        };
+        let len = part.metadata().map_err(|e| e.to_string())?.len();
+        if len < progress.part_bytes {
+            return Err(format!(
+                "{} has {len} bytes, fewer than the {} checkpointed",
+                part_path.display(),
+                progress.part_bytes
+            ));
+        }
+        // Whatever was written after the last checkpoint is written again.
+        part.set_len(progress.part_bytes)
+            .and_then(|()| part.seek(SeekFrom::Start(progress.part_bytes)))
+            .map_err(|e| format!("cannot cut {} to its checkpoint: {e}", part_path.display()))?;
+        let mut input = File::open(&self.spec.input)
+            .map(|f| BufReader::with_capacity(1 << 20, f))
+            .map_err(|e| format!("cannot read {}: {e}", self.spec.input.display()))?;
+        input
+            .seek(SeekFrom::Start(progress.input_bytes))
+            .map_err(|e| format!("cannot read {}: {e}", self.spec.input.display()))?;
+        let mut read_pos = progress.input_bytes;
+        let mut read_line = progress.line;
+        let mut pace = self.spec.max_rows_per_sec.map(|n| {
+            let mut every = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(n)));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            every
+        });
+        let Some(mut served) = self.resolve_patiently().await? else {
+            return Ok(Outcome::Stopped);
+        };
+        let mut window: VecDeque<Row> = VecDeque::with_capacity(WINDOW);
+        let mut chunk: Vec<u8> = Vec::new();
+        let mut chunk_rows = 0u64;
+        let mut last_checkpoint = Instant::now();
+        let mut input_done = false;
+        let mut text = String::new();
+        loop {
+            // Fill the window.
+            while !input_done && window.len() < WINDOW {
+                text.clear();
+                let n = input
+                    .read_line(&mut text)
+                    .map_err(|e| format!("cannot read {}: {e}", self.spec.input.display()))?;
+                if n == 0 {
+                    input_done = true;
+                    break;
+                }
+                read_pos += n as u64;
+                read_line += 1;
+                if text.trim().is_empty() {
+                    continue;
+                }
+                if let Some(pace) = pace.as_mut() {
+                    if self.unless_stopped(pace.tick()).await.is_none() {
+                        return Ok(Outcome::Stopped);
+                    }
+                }
+                let (key, sent) = send(&served, &text, &self.spec.key_field);
+                window.push_back(Row {
+                    line: read_line,
+                    end: read_pos,
+                    text: std::mem::take(&mut text),
+                    key,
+                    sent,
+                });
+            }
+            let Some(row) = window.pop_front() else {
+                break;
+            };
+            let Some(answer) = self.answer(&mut served, row.sent, &row.text).await? else {
+                return Ok(Outcome::Stopped);
+            };
+            match answer {
+                Ok(response) => write_answer(
+                    &mut chunk,
+                    &self.jobs.inner.catalog,
+                    row.line,
+                    &row.key,
+                    &served,
+                    &response,
+                ),
+                Err(error) => {
+                    if self.spec.on_error == OnError::Stop {
+                        return Err(format!("line {}: {error}", row.line));
+                    }
+                    progress.errors += 1;
+                    if progress.first_errors.len() < KEPT_ERRORS {
+                        progress.first_errors.push(RowError {
+                            line: row.line,
+                            error: error.clone(),
+                        });
+                    }
+                    write_line(
+                        &mut chunk,
+                        &ErrorLine {
+                            line: row.line,
+                            key: &row.key,
+                            error: &error,
+                        },
+                    );
+                }
+            }
+            chunk_rows += 1;
+            progress.line = row.line;
+            progress.input_bytes = row.end;
+            if chunk_rows >= CHUNK_ROWS || last_checkpoint.elapsed() >= CHUNK_TIME {
+                if !self.flush(&mut part, &mut chunk, &mut chunk_rows, &mut progress)? {
+                    return Ok(Outcome::Stopped);
+                }
+                last_checkpoint = Instant::now();
+                // A new default version, a reload: the next rows go where requests go now (on an
+                // error, the rows' retries deal with it).
+                if let Ok(now) = self.resolve().await {
+                    served = now;
+                }
+            }
+        }
+        // Blank lines at the end count as consumed.
+        progress.input_bytes = read_pos;
+        if !self.flush(&mut part, &mut chunk, &mut chunk_rows, &mut progress)? {
+            return Ok(Outcome::Stopped);
+        }
+        Ok(Outcome::Done)
+    }
+
+    /// A row's answer: the model's, or why the row is bad (`Err` inside). Refusals that pass
+    /// (queue full, version loading or unloaded, a worker lost) send it again. `None`: stopped.
+    async fn answer(
+        &mut self,
+        served: &mut ServedModel,
+        sent: Result<Answer, String>,
+        text: &str,
+    ) -> Result<Option<Result<InferResponse, String>>, String> {
+        let mut pending = match sent {
+            Ok(answer) => answer,
+            Err(bad) => return Ok(Some(Err(bad))),
+        };
+        let mut attempt = 0;
+        loop {
+            let Some(result) = self.unless_stopped(&mut pending).await else {
+                return Ok(None);
+            };
+            match result {
+                Ok(response) => return Ok(Some(Ok(response))),
+                Err(ServeError::InvalidRequest(bad)) => return Ok(Some(Err(bad))),
+                Err(e) if attempt >= RETRIES => {
+                    return Err(format!("the model keeps refusing: {e}"))
+                }
+                Err(_) => {}
+            }
+            attempt += 1;
+            if self
+                .unless_stopped(tokio::time::sleep(backoff(attempt)))
+                .await
+                .is_none()
+            {
+                return Ok(None);
+            }
+            let Some(now) = self.resolve_patiently().await? else {
+                return Ok(None);
+            };
+            *served = now;
+            match send(served, text, &self.spec.key_field).1 {
+                Ok(answer) => pending = answer,
+                Err(bad) => return Ok(Some(Err(bad))),
+            }
+        }
+    }
+
+    /// Appends the chunk to the `.part` file, fsyncs it, and checkpoints. False: the job was
+    /// cancelled meanwhile.
+    fn flush(
+        &self,
+        part: &mut File,
+        chunk: &mut Vec<u8>,
+        chunk_rows: &mut u64,
+        progress: &mut Checkpoint,
+    ) -> Result<bool, String> {
+        part.write_all(chunk)
+            .and_then(|()| part.sync_data())
+            .map_err(|e| format!("cannot write {}: {e}", self.spec.part_path().display()))?;
+        progress.part_bytes += chunk.len() as u64;
+        progress.rows_done += *chunk_rows;
+        chunk.clear();
+        *chunk_rows = 0;
+        self.jobs.checkpoint(self.id, progress)
+    }
+}
+
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis((50u64 << attempt.min(5)).min(2000))
+}
+
+/// Decodes one input line as the REST API decodes a request, validates it against the
+/// version and sends it on the low-priority lane: the row's key, and its answer to come or
+/// why the line is bad.
+fn send(served: &ServedModel, text: &str, key_field: &str) -> (Value, Result<Answer, String>) {
+    let fields: std::collections::HashMap<&str, &RawValue> = match serde_json::from_str(text) {
+        Ok(fields) => fields,
+        Err(e) => return (Value::Null, Err(format!("not a JSON object: {e}"))),
+    };
+    let key = fields
+        .get(key_field)
+        .and_then(|raw| serde_json::from_str(raw.get()).ok())
+        .unwrap_or(Value::Null);
+    let sent = (|| {
+        let inputs = fields.get("inputs").ok_or("no \"inputs\"")?;
+        let inputs: Vec<TensorJson> =
+            serde_json::from_str(inputs.get()).map_err(|e| format!("\"inputs\": {e}"))?;
+        let inputs = inputs
+            .iter()
+            .map(TensorJson::decode)
+            .collect::<Result<Vec<_>, String>>()?;
+        let outputs = match fields.get("outputs") {
+            None => None,
+            Some(raw) => {
+                #[derive(serde::Deserialize)]
+                struct Named {
+                    name: String,
+                }
+                let named: Vec<Named> =
+                    serde_json::from_str(raw.get()).map_err(|e| format!("\"outputs\": {e}"))?;
+                Some(named.into_iter().map(|n| n.name).collect())
+            }
+        };
+        let request = served
+            .info
+            .validate(inputs, outputs)
+            .map_err(|e| e.to_string())?;
+        let answer: Answer =
+            Box::pin(served.infer(request, InferOptions::now().with_priority(Priority::Low)));
+        Ok::<_, String>(answer)
+    })();
+    (key, sent.map_err(|e| e.to_string()))
+}
+
+#[derive(Serialize)]
+struct OutputTensor<'a> {
+    name: &'a str,
+    shape: &'a [i64],
+    datatype: DataType,
+    data: &'a TensorData,
+}
+
+#[derive(Serialize)]
+struct AnswerLine<'a> {
+    line: u64,
+    key: &'a Value,
+    model: &'a str,
+    model_version: &'a str,
+    sha256: &'a str,
+    outputs: Vec<OutputTensor<'a>>,
+}
+
+#[derive(Serialize)]
+struct ErrorLine<'a> {
+    line: u64,
+    key: &'a Value,
+    error: &'a str,
+}
+
+fn write_line(chunk: &mut Vec<u8>, line: &impl Serialize) {
+    serde_json::to_writer(&mut *chunk, line).expect("an output line serialises");
+    chunk.push(b'\n');
+}
+
+/// The answer's line, naming the version that computed it (the fallback's, when the row was
+/// handed to it) and that version's sha256.
+fn write_answer(
+    chunk: &mut Vec<u8>,
+    catalog: &crate::actors::catalog::SharedCatalog,
+    line: u64,
+    key: &Value,
+    served: &ServedModel,
+    response: &InferResponse,
+) {
+    let (model, version) = (&response.served_by.0, &response.served_by.1);
+    let sha256 = if *model == served.info.name && *version == served.info.version {
+        served.info.sha256.clone()
+    } else {
+        catalog
+            .snapshot()
+            .resolve(model, Some(version))
+            .map(|s| s.info.sha256.clone())
+            .unwrap_or_default()
+    };
+    write_line(
+        chunk,
+        &AnswerLine {
+            line,
+            key,
+            model,
+            model_version: version,
+            sha256: &sha256,
+            outputs: response
+                .outputs
+                .iter()
+                .map(|t| OutputTensor {
+                    name: &t.name,
+                    shape: &t.shape,
+                    datatype: t.data.datatype(),
+                    data: &t.data,
+                })
+                .collect(),
+        },
+    );
+}

@@ -1,0 +1,102 @@
+//! A job's state file, `<jobs_dir>/<id>.json`: written whole to a temporary file, fsynced and
+//! renamed over the old one (then the directory fsynced), so that a crash at any moment
+//! leaves either the previous state or the new one, never a torn file.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use super::JobRecord;
+
+fn path_of(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.json"))
+}
+
+/// Writes `record` atomically and durably.
+pub(super) fn save(dir: &Path, record: &JobRecord) -> std::io::Result<()> {
+    let path = path_of(dir, &record.id);
+    let tmp = dir.join(format!(".{}.json.tmp", record.id));
+    let bytes = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
+    {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path)?;
+    sync_dir(&path)
+}
+
+/// Makes a rename or a new file in `path`'s directory durable.
+pub(super) fn sync_dir(path: &Path) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Every job in `dir` (none when it does not exist). A file that does not read is skipped
+/// with a warning: one damaged job must not keep the server from starting.
+pub(super) fn load_all(dir: &Path) -> std::io::Result<Vec<JobRecord>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut records = Vec::new();
+    for entry in entries {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with('.') || !name.ends_with(".json") {
+            continue;
+        }
+        match std::fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<JobRecord>(&b).map_err(|e| e.to_string()))
+        {
+            Ok(record) => records.push(record),
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "skipping a job state file that does not read")
+            }
+        }
+    }
+    Ok(records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Checkpoint, JobSpec, JobState, OnError};
+    use super::*;
+
+    #[test]
+    fn a_saved_record_loads_back() {
+        let dir = std::env::temp_dir().join(format!("jobs-store-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let record = JobRecord {
+            id: "j1".into(),
+            spec: JobSpec {
+                model: "m".into(),
+                version: None,
+                input: "/in".into(),
+                output: "/out".into(),
+                key_field: "key".into(),
+                on_error: OnError::Skip,
+                max_rows_per_sec: Some(5),
+            },
+            state: JobState::Running,
+            rows_total: 10,
+            progress: Checkpoint {
+                rows_done: 4,
+                part_bytes: 100,
+                ..Checkpoint::default()
+            },
+            message: None,
+            created_unix_ms: 1,
+            finished_unix_ms: None,
+        };
+        save(&dir, &record).unwrap();
+        save(&dir, &record).unwrap();
+        std::fs::write(dir.join("junk.json"), "{").unwrap();
+        let loaded = load_all(&dir).unwrap();
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(loaded[0].progress.part_bytes, 100);
+        assert_eq!(loaded[0].spec.on_error, OnError::Skip);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,466 @@
+//! Batch prediction jobs over real HTTP (docs/jobs.md): a 10,000-row job beside online
+//! traffic, its output equal row by row to the online answers; cancelling; malformed rows
+//! skipped or stopping the job; submissions refused at once; and a job that survives a
+//! server restart (and a torn last write) with every row written exactly once, in order.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+const TOKEN: &str = "ops";
+
+fn manifest() -> String {
+    format!(
+        r#"
+        [[models]]
+        name = "mlp"
+        version = "1"
+        file = "{{models}}/mlp/1/model.onnx"
+        sha256 = "{MLP_SHA}"
+        replicas = 1
+        max_batch_size = 64
+        max_queue = 4096
+        "#
+    )
+}
+
+/// A fresh empty directory.
+fn scratch(name: &str) -> PathBuf {
+    let dir = model_dir("").join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn server(jobs_dir: &Path) -> streamserve::server::Running {
+    let jobs_dir = jobs_dir.to_path_buf();
+    start_running(&model_dir(&manifest()), move |config| {
+        config.admin_token = Some(TOKEN.into());
+        config.jobs_dir = jobs_dir;
+        config.drain_secs = 1;
+    })
+}
+
+fn row(i: usize) -> Value {
+    let mut request = mlp_request(&features(i as u64, 1));
+    request["key"] = json!(format!("row-{i}"));
+    request
+}
+
+fn write_input(path: &Path, rows: usize) {
+    let mut text = String::new();
+    for i in 0..rows {
+        text.push_str(&row(i).to_string());
+        text.push('\n');
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+async fn call(
+    c: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    body: Option<Value>,
+    token: Option<&str>,
+) -> (u16, Value) {
+    let mut request = c.request(method, url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+async fn submit(c: &reqwest::Client, url: &str, body: Value) -> (u16, Value) {
+    call(
+        c,
+        reqwest::Method::POST,
+        &format!("{url}/v2/jobs"),
+        Some(body),
+        Some(TOKEN),
+    )
+    .await
+}
+
+async fn job(c: &reqwest::Client, url: &str, id: &str) -> Value {
+    let (status, job) = call(
+        c,
+        reqwest::Method::GET,
+        &format!("{url}/v2/jobs/{id}"),
+        None,
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 200, "{job}");
+    job
+}
+
+/// Polls the job until `done` says so (or fails the test after `limit`).
+async fn wait_until(
+    c: &reqwest::Client,
+    url: &str,
+    id: &str,
+    limit: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let start = Instant::now();
+    loop {
+        let job = job(c, url, id).await;
+        if done(&job) {
+            return job;
+        }
+        assert!(start.elapsed() < limit, "job did not get there: {job}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn finished(job: &Value) -> bool {
+    ["succeeded", "failed", "cancelled"].contains(&job["state"].as_str().unwrap())
+}
+
+fn output_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_runs_beside_online_traffic_and_answers_as_online_requests_do() {
+    const ROWS: usize = 10_000;
+    let dir = scratch("big");
+    let running = server(&dir.join("jobs"));
+    let url = format!("http://{}", running.addr);
+    let c = client();
+    let input = dir.join("in.jsonl");
+    write_input(&input, ROWS);
+    let output = dir.join("out.jsonl");
+    let (status, submitted) = submit(
+        &c,
+        &url,
+        json!({"model": "mlp", "input": input, "output": output}),
+    )
+    .await;
+    assert_eq!(status, 202, "{submitted}");
+    assert_eq!(submitted["rows_total"], ROWS);
+    let id = submitted["id"].as_str().unwrap().to_string();
+
+    // Online requests meanwhile, for every 25th row of the job's input.
+    let mut online = Vec::new();
+    for t in 0..4 {
+        let (c, url) = (c.clone(), url.clone());
+        online.push(tokio::spawn(async move {
+            let mut answers = Vec::new();
+            for i in (t * 25..ROWS).step_by(100) {
+                let (status, answer) =
+                    post(&c, &format!("{url}/v2/models/mlp/infer"), &row(i)).await;
+                assert_eq!(status, 200, "online request {i}: {answer}");
+                answers.push((i, answer));
+            }
+            answers
+        }));
+    }
+    let mut answers = Vec::new();
+    for task in online {
+        answers.extend(task.await.unwrap());
+    }
+    let running_then = job(&c, &url, &id).await;
+    let done = wait_until(&c, &url, &id, Duration::from_secs(120), finished).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["rows_done"], ROWS);
+    assert_eq!(done["errors"], 0);
+    assert!(!Path::new(&format!("{}.part", output.display())).exists());
+    eprintln!("job while online requests ended: {running_then}");
+
+    let lines = output_lines(&output);
+    assert_eq!(lines.len(), ROWS);
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line["line"], i + 1);
+        assert_eq!(line["key"], format!("row-{i}"));
+        assert_eq!(line["model_version"], "1");
+        assert_eq!(line["sha256"], MLP_SHA);
+    }
+    assert_eq!(answers.len(), ROWS / 25);
+    for (i, answer) in &answers {
+        for output in answer["outputs"].as_array().unwrap() {
+            let name = output["name"].as_str().unwrap();
+            assert_close(
+                &output_f32(&lines[*i], name),
+                &output_f32(answer, name),
+                &format!("row {i} output {name}"),
+            );
+        }
+    }
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancelled_job_leaves_no_output() {
+    let dir = scratch("cancel");
+    let running = server(&dir.join("jobs"));
+    let url = format!("http://{}", running.addr);
+    let c = client();
+    let input = dir.join("in.jsonl");
+    write_input(&input, 200);
+    let output = dir.join("out.jsonl");
+    let (status, submitted) = submit(
+        &c,
+        &url,
+        json!({"model": "mlp", "input": input, "output": output, "max_rows_per_sec": 20}),
+    )
+    .await;
+    assert_eq!(status, 202, "{submitted}");
+    let id = submitted["id"].as_str().unwrap();
+    wait_until(&c, &url, id, Duration::from_secs(20), |j| {
+        j["state"] == "running"
+    })
+    .await;
+    let delete = |c: reqwest::Client, url: String, id: String| async move {
+        call(
+            &c,
+            reqwest::Method::DELETE,
+            &format!("{url}/v2/jobs/{id}"),
+            None,
+            Some(TOKEN),
+        )
+        .await
+    };
+    let (status, cancelled) = delete(c.clone(), url.clone(), id.to_string()).await;
+    assert_eq!(status, 200, "{cancelled}");
+    assert_eq!(cancelled["state"], "cancelled");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(job(&c, &url, id).await["state"], "cancelled");
+    assert!(!output.exists());
+    assert!(!Path::new(&format!("{}.part", output.display())).exists());
+    let (status, again) = delete(c.clone(), url.clone(), id.to_string()).await;
+    assert_eq!(status, 409, "{again}");
+    let (status, list) = call(
+        &c,
+        reqwest::Method::GET,
+        &format!("{url}/v2/jobs"),
+        None,
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(list["jobs"][0]["id"], id);
+    running.shutdown().await;
+}
+
+/// 20 rows, of which lines 3 (not JSON), 7 (an unknown input) and 12 (a wrong shape) are bad;
+/// line 10 is blank.
+fn write_bad_input(path: &Path) {
+    let mut lines: Vec<String> = (0..20).map(|i| row(i).to_string()).collect();
+    lines[2] = "{\"key\": \"row-2\", \"inputs\": [".into();
+    lines[6] = json!({"key": "row-6", "inputs": [{"name": "nope", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}).to_string();
+    lines[9] = String::new();
+    lines[11] = json!({"key": "row-11", "inputs": [{"name": "features", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}).to_string();
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_rows_are_skipped_with_their_line_numbers_or_stop_the_job() {
+    let dir = scratch("bad");
+    let running = server(&dir.join("jobs"));
+    let url = format!("http://{}", running.addr);
+    let c = client();
+    let input = dir.join("in.jsonl");
+    write_bad_input(&input);
+
+    let output = dir.join("skipped.jsonl");
+    let (status, submitted) = submit(
+        &c,
+        &url,
+        json!({"model": "mlp", "input": input, "output": output, "on_error": "skip"}),
+    )
+    .await;
+    assert_eq!(status, 202, "{submitted}");
+    assert_eq!(submitted["rows_total"], 19);
+    let id = submitted["id"].as_str().unwrap();
+    let done = wait_until(&c, &url, id, Duration::from_secs(20), finished).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["rows_done"], 19);
+    assert_eq!(done["errors"], 3);
+    assert_eq!(done["error_lines"], json!([3, 7, 12]));
+    let lines = output_lines(&output);
+    let numbers: Vec<u64> = lines.iter().map(|l| l["line"].as_u64().unwrap()).collect();
+    let expected: Vec<u64> = (1..=20).filter(|n| *n != 10).collect();
+    assert_eq!(numbers, expected);
+    for line in &lines {
+        let bad = [3, 7, 12].contains(&line["line"].as_u64().unwrap());
+        assert_eq!(line.get("error").is_some(), bad, "{line}");
+        assert_eq!(line.get("outputs").is_some(), !bad, "{line}");
+    }
+    assert_eq!(lines[6]["key"], "row-6");
+
+    let output = dir.join("stopped.jsonl");
+    let (status, submitted) = submit(
+        &c,
+        &url,
+        json!({"model": "mlp", "input": input, "output": output}),
+    )
+    .await;
+    assert_eq!(status, 202, "{submitted}");
+    assert_eq!(submitted["on_error"], "stop");
+    let id = submitted["id"].as_str().unwrap();
+    let done = wait_until(&c, &url, id, Duration::from_secs(20), finished).await;
+    assert_eq!(done["state"], "failed", "{done}");
+    assert!(
+        done["message"].as_str().unwrap().starts_with("line 3:"),
+        "{done}"
+    );
+    assert!(!output.exists());
+    assert!(!Path::new(&format!("{}.part", output.display())).exists());
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_submissions_fail_at_once() {
+    let dir = scratch("refused");
+    let running = server(&dir.join("jobs"));
+    let url = format!("http://{}", running.addr);
+    let c = client();
+    let input = dir.join("in.jsonl");
+    write_input(&input, 3);
+    let output = dir.join("out.jsonl");
+    let jobs = format!("{url}/v2/jobs");
+
+    let (status, body) = submit(
+        &c,
+        &url,
+        json!({"model": "nope", "input": input, "output": output}),
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+    let missing = dir.join("missing.jsonl");
+    let (status, body) = submit(
+        &c,
+        &url,
+        json!({"model": "mlp", "input": missing, "output": output}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("missing.jsonl"),
+        "{body}"
+    );
+    let (status, body) = submit(
+        &c,
+        &url,
+        json!({"model": "mlp", "input": input, "output": dir.join("no/such/dir/out.jsonl")}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("not writable"),
+        "{body}"
+    );
+    let (status, body) = submit(
+        &c,
+        &url,
+        json!({"model": "mlp", "input": input, "output": input}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    std::fs::write(&output, "already here").unwrap();
+    let (status, body) = submit(
+        &c,
+        &url,
+        json!({"model": "mlp", "input": input, "output": output}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("already exists"),
+        "{body}"
+    );
+    let (status, body) = submit(
+        &c,
+        &url,
+        json!({"model": "mlp", "input": input, "output": output, "bogus": 1}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    // Jobs read and write files on the server: the admin token is required.
+    for token in [None, Some("wrong")] {
+        let body = json!({"model": "mlp", "input": input, "output": dir.join("x.jsonl")});
+        let (status, _) = call(&c, reqwest::Method::POST, &jobs, Some(body), token).await;
+        assert_eq!(status, 401);
+        let (status, _) = call(&c, reqwest::Method::GET, &jobs, None, token).await;
+        assert_eq!(status, 401);
+    }
+    let (status, body) = call(
+        &c,
+        reqwest::Method::GET,
+        &format!("{jobs}/job-nope"),
+        None,
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+    let (status, list) = call(&c, reqwest::Method::GET, &jobs, None, Some(TOKEN)).await;
+    assert_eq!(status, 200);
+    assert_eq!(list["jobs"], json!([]), "no refused submission left a job");
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_resumes_after_a_restart_with_every_row_once() {
+    const ROWS: usize = 300;
+    let dir = scratch("restart");
+    let jobs_dir = dir.join("jobs");
+    let a = server(&jobs_dir);
+    let url = format!("http://{}", a.addr);
+    let c = client();
+    let input = dir.join("in.jsonl");
+    write_input(&input, ROWS);
+    let output = dir.join("out.jsonl");
+    let (status, submitted) = submit(
+        &c,
+        &url,
+        json!({"model": "mlp", "input": input, "output": output, "max_rows_per_sec": 150}),
+    )
+    .await;
+    assert_eq!(status, 202, "{submitted}");
+    let id = submitted["id"].as_str().unwrap().to_string();
+    // Some chunks checkpointed, not all.
+    let then = wait_until(&c, &url, &id, Duration::from_secs(20), |j| {
+        j["rows_done"].as_u64().unwrap() >= 100
+    })
+    .await;
+    assert_eq!(then["state"], "running", "{then}");
+    drop(c);
+    a.shutdown().await;
+    // A crash would leave rows written after the last checkpoint, maybe half a line.
+    let part = PathBuf::from(format!("{}.part", output.display()));
+    let mut torn = std::fs::read(&part).unwrap();
+    torn.extend_from_slice(b"{\"line\": 9999, \"key\": \"torn");
+    std::fs::write(&part, torn).unwrap();
+
+    let b = server(&jobs_dir);
+    let url = format!("http://{}", b.addr);
+    let c = client();
+    let done = wait_until(&c, &url, &id, Duration::from_secs(30), finished).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["rows_done"], ROWS);
+    let lines = output_lines(&output);
+    assert_eq!(lines.len(), ROWS);
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line["line"], i + 1, "{line}");
+        assert_eq!(line["key"], format!("row-{i}"));
+        assert!(line["outputs"].is_array());
+    }
+    b.shutdown().await;
+}
