@@ -31,8 +31,9 @@ const WINDOW: usize = 32;
 /// A checkpoint after this many rows, or after [`CHUNK_TIME`], whichever comes first.
 const CHUNK_ROWS: u64 = 256;
 const CHUNK_TIME: Duration = Duration::from_secs(1);
-/// A row refused for a reason that passes (queue full, model loading, a lost worker) is sent
-/// again this many times, backing off, before the job fails.
+/// A row that fails (a lost worker, an inference error) is sent again this many times,
+/// backing off, before the job fails; one refused because the model is busy or loading waits
+/// as long as it takes.
 const RETRIES: u32 = 40;
 /// How long a cold model may take to load.
 const LOAD_WAIT: Duration = Duration::from_secs(60);
@@ -290,22 +291,36 @@ impl Job<'_> {
             Ok(answer) => answer,
             Err(bad) => return Ok(Some(Err(bad))),
         };
-        let mut attempt = 0;
+        // Failures (a lost worker, an inference error) count towards RETRIES; waits do not.
+        let (mut attempt, mut waits) = (0, 0);
         loop {
             let Some(result) = self.unless_stopped(&mut pending).await else {
                 return Ok(None);
             };
             match result {
+                // The row must be answered by the version asked for: one handed to the
+                // fallback (the model is squeezed) waits and goes again.
+                Ok(response) if response.degraded => {}
                 Ok(response) => return Ok(Some(Ok(response))),
                 Err(ServeError::InvalidRequest(bad)) => return Ok(Some(Err(bad))),
+                // Online traffic first: a job waits out a busy or reloading model for as long
+                // as it takes.
+                Err(
+                    ServeError::Overloaded { .. }
+                    | ServeError::Busy { .. }
+                    | ServeError::NotReady { .. }
+                    | ServeError::ModelCold { .. }
+                    | ServeError::ModelUnavailable { .. }
+                    | ServeError::DeadlineExceeded { .. },
+                ) => {}
                 Err(e) if attempt >= RETRIES => {
-                    return Err(format!("the model keeps refusing: {e}"))
+                    return Err(format!("the model keeps failing: {e}"))
                 }
-                Err(_) => {}
+                Err(_) => attempt += 1,
             }
-            attempt += 1;
+            waits += 1;
             if self
-                .unless_stopped(tokio::time::sleep(backoff(attempt)))
+                .unless_stopped(tokio::time::sleep(backoff(waits)))
                 .await
                 .is_none()
             {
