@@ -1,5 +1,6 @@
 //! The `streamserve` command: `serve` (the server), `check-models` (verify a model directory),
-//! `admin` (the admin API from the shell), `keys`, `registry` (the model registry) and `profile` (a version's drift reference and probe). Everything
+//! `admin` (the admin API from the shell), `keys`, `registry` (the model registry), `profile`
+//! (a version's drift reference and probe) and `jobs` (batch prediction jobs). Everything
 //! else lives in the library.
 
 use clap::Parser;
@@ -17,6 +18,7 @@ fn main() -> std::process::ExitCode {
         Command::Keys(command) => streamserve::cli::keys(command),
         Command::Registry(args) => streamserve::cli::registry::run(args),
         Command::Profile(args) => streamserve::cli::profile::run(args),
+        Command::Jobs(args) => streamserve::cli::jobs::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -464,3 +464,85 @@ async fn a_job_resumes_after_a_restart_with_every_row_once() {
     }
     b.shutdown().await;
 }
+
+fn cli(url: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_streamserve"))
+        .arg("jobs")
+        .args(["--url", url, "--token", TOKEN])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_jobs_subcommands_submit_follow_list_and_cancel() {
+    let dir = scratch("cli");
+    let running = server(&dir.join("jobs"));
+    let url = format!("http://{}", running.addr);
+    let input = dir.join("in.jsonl");
+    write_input(&input, 50);
+    let (input, output) = (input.display().to_string(), dir.join("out.jsonl"));
+    let out = output.display().to_string();
+    let submitted = tokio::task::spawn_blocking({
+        let url = url.clone();
+        move || {
+            cli(
+                &url,
+                &[
+                    "submit",
+                    "mlp",
+                    "--input",
+                    &input,
+                    "--output",
+                    &out,
+                    "--on-error",
+                    "skip",
+                    "--wait",
+                ],
+            )
+        }
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&submitted.stderr);
+    assert!(submitted.status.success(), "{stderr}");
+    assert!(stderr.contains("succeeded 50/50 rows"), "{stderr}");
+    let job: Value = serde_json::from_slice(&submitted.stdout).unwrap();
+    assert_eq!(job["state"], "succeeded");
+    assert_eq!(output_lines(&output).len(), 50);
+    let id = job["id"].as_str().unwrap().to_string();
+
+    let (listed, status, cancel, missing) = tokio::task::spawn_blocking({
+        let url = url.clone();
+        move || {
+            (
+                cli(&url, &["list"]),
+                cli(&url, &["status", &id]),
+                cli(&url, &["cancel", &id]),
+                cli(
+                    &url,
+                    &[
+                        "submit",
+                        "mlp",
+                        "--input",
+                        "/no/such.jsonl",
+                        "--output",
+                        "/tmp/x",
+                    ],
+                ),
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("succeeded 50/50"));
+    assert!(status.status.success());
+    assert!(
+        !cancel.status.success(),
+        "a finished job cannot be cancelled"
+    );
+    assert!(String::from_utf8_lossy(&cancel.stderr).contains("409"));
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/no/such.jsonl"));
+    running.shutdown().await;
+}

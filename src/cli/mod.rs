@@ -3,6 +3,7 @@
 //! `STREAMSERVE_URL`; token from `--token` or `STREAMSERVE_ADMIN_TOKEN`). The model registry's
 //! commands are in [`registry`].
 
+pub mod jobs;
 pub mod profile;
 pub mod registry;
 
@@ -38,6 +39,8 @@ pub enum Command {
     /// Profile a model version on a reference data set (`profile.json`, what drift is measured
     /// against), and optionally make its golden-input probe (`probe.json`).
     Profile(profile::ProfileArgs),
+    /// Batch prediction jobs on a running server: submit, status (`--wait`), list, cancel.
+    Jobs(jobs::JobsArgs),
 }
 
 #[derive(Debug, Subcommand)]
