@@ -435,12 +435,19 @@ async fn a_job_resumes_after_a_restart_with_every_row_once() {
     .await;
     assert_eq!(status, 202, "{submitted}");
     let id = submitted["id"].as_str().unwrap().to_string();
+    let submitted_at = Instant::now();
     // Some chunks checkpointed, not all.
     let then = wait_until(&c, &url, &id, Duration::from_secs(20), |j| {
         j["rows_done"].as_u64().unwrap() >= 100
     })
     .await;
     assert_eq!(then["state"], "running", "{then}");
+    // The cap holds: 100 rows at 150 rows/s take at least 0.66 s.
+    assert!(
+        submitted_at.elapsed() >= Duration::from_millis(600),
+        "{:?}",
+        submitted_at.elapsed()
+    );
     drop(c);
     a.shutdown().await;
     // A crash would leave rows written after the last checkpoint, maybe half a line.
@@ -479,8 +486,16 @@ async fn the_jobs_subcommands_submit_follow_list_and_cancel() {
     let dir = scratch("cli");
     let running = server(&dir.join("jobs"));
     let url = format!("http://{}", running.addr);
+    // Keys in another field, named by --key-field; no newline after the last line.
     let input = dir.join("in.jsonl");
-    write_input(&input, 50);
+    let lines: Vec<String> = (0..50)
+        .map(|i| {
+            let mut line = row(i);
+            line["id"] = json!(i);
+            line.to_string()
+        })
+        .collect();
+    std::fs::write(&input, lines.join("\n")).unwrap();
     let (input, output) = (input.display().to_string(), dir.join("out.jsonl"));
     let out = output.display().to_string();
     let submitted = tokio::task::spawn_blocking({
@@ -495,8 +510,8 @@ async fn the_jobs_subcommands_submit_follow_list_and_cancel() {
                     &input,
                     "--output",
                     &out,
-                    "--on-error",
-                    "skip",
+                    "--key-field",
+                    "id",
                     "--wait",
                 ],
             )
@@ -509,7 +524,9 @@ async fn the_jobs_subcommands_submit_follow_list_and_cancel() {
     assert!(stderr.contains("succeeded 50/50 rows"), "{stderr}");
     let job: Value = serde_json::from_slice(&submitted.stdout).unwrap();
     assert_eq!(job["state"], "succeeded");
-    assert_eq!(output_lines(&output).len(), 50);
+    let written = output_lines(&output);
+    assert_eq!(written.len(), 50);
+    assert_eq!(written[49]["key"], 49);
     let id = job["id"].as_str().unwrap().to_string();
 
     let (listed, status, cancel, missing) = tokio::task::spawn_blocking({
