@@ -162,3 +162,46 @@ pub(super) fn check(jobs: &Jobs, submission: Submission) -> Result<JobRecord, Se
         finished_unix_ms: None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_the_lines_that_are_not_blank() {
+        let path = std::env::temp_dir().join(format!("jobs-count-{}.jsonl", std::process::id()));
+        std::fs::write(&path, "{}\n\n  \n{}\n{}").unwrap();
+        assert_eq!(count_rows(&path).unwrap(), 3);
+        std::fs::write(&path, "").unwrap();
+        assert_eq!(count_rows(&path).unwrap(), 0);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_submission_names_its_fields_and_takes_no_others() {
+        let ok: Submission = serde_json::from_str(
+            r#"{"model": "m", "input": "a", "output": "b", "on_error": "skip"}"#,
+        )
+        .unwrap();
+        assert_eq!(ok.on_error, Some(OnError::Skip));
+        assert!(serde_json::from_str::<Submission>(r#"{"model": "m", "input": "a"}"#).is_err());
+        assert!(serde_json::from_str::<Submission>(
+            r#"{"model": "m", "input": "a", "output": "b", "on_error": "ignore"}"#
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn the_part_file_sits_beside_the_output() {
+        let spec = JobSpec {
+            model: "m".into(),
+            version: None,
+            input: "/in.jsonl".into(),
+            output: "/data/out.jsonl".into(),
+            key_field: "key".into(),
+            on_error: OnError::Stop,
+            max_rows_per_sec: None,
+        };
+        assert_eq!(spec.part_path(), PathBuf::from("/data/out.jsonl.part"));
+    }
+}
