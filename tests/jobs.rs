@@ -418,7 +418,7 @@ async fn bad_submissions_fail_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_job_resumes_after_a_restart_with_every_row_once() {
-    const ROWS: usize = 300;
+    const ROWS: usize = 450;
     let dir = scratch("restart");
     let jobs_dir = dir.join("jobs");
     let a = server(&jobs_dir);

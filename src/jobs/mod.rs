@@ -210,7 +210,13 @@ impl Jobs {
                 dir,
             }),
         };
-        for record in store::load_all(&jobs.inner.dir)? {
+        let records = store::load_all(&jobs.inner.dir).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read the jobs directory {}: {e}",
+                jobs.inner.dir.display()
+            )
+        })?;
+        for record in records {
             let unfinished = !record.state.finished();
             let id = record.id.clone();
             jobs.insert(record);
