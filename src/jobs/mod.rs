@@ -92,6 +92,9 @@ pub struct RowError {
 /// How many bad rows a job keeps the line numbers of (it counts them all).
 pub const KEPT_ERRORS: usize = 20;
 
+/// Longest input line (one row, read whole into memory): the default request body bound.
+pub const MAX_LINE_BYTES: usize = 64 * 1024 * 1024;
+
 /// How far a job has durably got: everything here is in the `.part` file, fsynced.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Checkpoint {

@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::future::Future;
-use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,9 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::sync::watch;
 
-use super::{Checkpoint, JobRecord, JobSpec, Jobs, OnError, RowError, Signal, KEPT_ERRORS};
+use super::{
+    Checkpoint, JobRecord, JobSpec, Jobs, OnError, RowError, Signal, KEPT_ERRORS, MAX_LINE_BYTES,
+};
 use crate::actors::catalog::ServedModel;
 use crate::actors::served::{InferOptions, Priority};
 use crate::actors::supervisor::EnsureLoaded;
@@ -194,12 +196,20 @@ impl Job<'_> {
             // Fill the window.
             while !input_done && window.len() < WINDOW {
                 text.clear();
-                let n = input
+                // Bounded, in case the file grew a longer line since it was checked.
+                let n = (&mut input)
+                    .take(MAX_LINE_BYTES as u64 + 1)
                     .read_line(&mut text)
                     .map_err(|e| format!("cannot read {}: {e}", self.spec.input.display()))?;
                 if n == 0 {
                     input_done = true;
                     break;
+                }
+                if n > MAX_LINE_BYTES {
+                    return Err(format!(
+                        "line {} of the input is longer than {MAX_LINE_BYTES} bytes",
+                        read_line + 1
+                    ));
                 }
                 read_pos += n as u64;
                 read_line += 1;

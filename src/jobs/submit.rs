@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::{now_ms, Checkpoint, JobRecord, JobSpec, JobState, Jobs, OnError};
+use super::{now_ms, Checkpoint, JobRecord, JobSpec, JobState, Jobs, OnError, MAX_LINE_BYTES};
 use crate::error::ServeError;
 
 /// The body of `POST /v2/jobs`.
@@ -41,19 +41,33 @@ fn absolute(what: &str, path: &str) -> Result<PathBuf, ServeError> {
         .map_err(|e| ServeError::invalid(format!("{what} '{path}' is not a usable path: {e}")))
 }
 
-/// Rows in a JSON Lines file: its lines that are not blank.
-pub(super) fn count_rows(path: &Path) -> std::io::Result<u64> {
+/// Rows in a JSON Lines file: its lines that are not blank. A line longer than
+/// [`MAX_LINE_BYTES`] is an error naming it: a row is read whole into memory, so the bound is
+/// checked here, at submission, without holding any line.
+pub(super) fn count_rows(path: &Path) -> std::io::Result<Result<u64, String>> {
     let mut reader = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(path)?);
-    let mut line = Vec::new();
-    let mut rows = 0;
+    let (mut rows, mut line, mut length, mut blank) = (0u64, 1u64, 0usize, true);
     loop {
-        line.clear();
-        if reader.read_until(b'\n', &mut line)? == 0 {
-            return Ok(rows);
+        let buffer = reader.fill_buf()?;
+        if buffer.is_empty() {
+            return Ok(Ok(rows + u64::from(!blank)));
         }
-        if !line.iter().all(u8::is_ascii_whitespace) {
-            rows += 1;
+        let consumed = buffer.len();
+        for &byte in buffer {
+            if byte == b'\n' {
+                rows += u64::from(!blank);
+                (line, length, blank) = (line + 1, 0, true);
+                continue;
+            }
+            length += 1;
+            blank &= byte.is_ascii_whitespace();
+            if length > MAX_LINE_BYTES {
+                return Ok(Err(format!(
+                    "line {line} of the input is longer than {MAX_LINE_BYTES} bytes"
+                )));
+            }
         }
+        reader.consume(consumed);
     }
 }
 
@@ -97,12 +111,14 @@ pub(super) fn check(jobs: &Jobs, submission: Submission) -> Result<JobRecord, Se
             )))
         }
     }
-    let rows_total = count_rows(&input_path).map_err(|e| {
-        ServeError::invalid(format!(
-            "input file '{}' cannot be read: {e}",
-            input_path.display()
-        ))
-    })?;
+    let rows_total = count_rows(&input_path)
+        .map_err(|e| {
+            ServeError::invalid(format!(
+                "input file '{}' cannot be read: {e}",
+                input_path.display()
+            ))
+        })?
+        .map_err(ServeError::invalid)?;
     let output_path = absolute("output", &output)?;
     if output_path == input_path {
         return Err(ServeError::invalid("output is the input file"));
@@ -171,9 +187,16 @@ mod tests {
     fn rows_are_the_lines_that_are_not_blank() {
         let path = std::env::temp_dir().join(format!("jobs-count-{}.jsonl", std::process::id()));
         std::fs::write(&path, "{}\n\n  \n{}\n{}").unwrap();
-        assert_eq!(count_rows(&path).unwrap(), 3);
+        assert_eq!(count_rows(&path).unwrap(), Ok(3));
         std::fs::write(&path, "").unwrap();
-        assert_eq!(count_rows(&path).unwrap(), 0);
+        assert_eq!(count_rows(&path).unwrap(), Ok(0));
+        let long = format!("{{}}\n{}\n", "x".repeat(MAX_LINE_BYTES + 1));
+        std::fs::write(&path, long).unwrap();
+        let error = count_rows(&path).unwrap().unwrap_err();
+        assert!(
+            error.starts_with("line 2 of the input is longer than"),
+            "{error}"
+        );
         std::fs::remove_file(&path).unwrap();
     }
 
