@@ -18,8 +18,8 @@ use super::pending::Reply;
 pub use super::router::Priority;
 use super::router::{Drain, Infer, InjectFault, Router, RouterStatus, Status};
 use crate::error::ServeError;
-use crate::monitor::ModelWatch;
 use crate::model::{InferRequest, InferResponse, ModelInfo};
+use crate::monitor::ModelWatch;
 
 /// A version that is being served.
 #[derive(Clone)]
