@@ -202,8 +202,6 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
             .configure(api::routes)
             .default_service(web::to(door::no_such_endpoint))
             .wrap_fn(move |req, service| door.wrap(req, service))
-            // Outermost: the bodies as the client sends and gets them.
-            .wrap_fn(traffic::count_http)
     })
     // Counts the connection until it closes (its data is dropped with it).
     .on_connect(traffic::on_http_connect)

@@ -1,10 +1,11 @@
 //! Bytes in and out, and open connections, per protocol: what the network side of the server
 //! carries, beside what its models compute. Each protocol counts where it moves its bytes:
 //!
-//! - HTTP ([`count_http`], the outermost middleware): request and response *bodies*, not
-//!   headers; a request body as the server reads it, a response body as it is handed to the
-//!   connection (its size when known, else chunk by chunk). A WebSocket upgrade is left to
-//!   the WebSocket count.
+//! - HTTP (in the door, `api/door/`, which every request passes and which already wraps
+//!   every request body): request and response *bodies*, not headers; a request body as the
+//!   server reads it, a response body as it is handed to the connection ([`count_response`]:
+//!   its size when known, else chunk by chunk). A WebSocket upgrade is left to the WebSocket
+//!   count.
 //! - WebSocket (`api/ws/`): the payload of each frame read and written (text, binary, ping,
 //!   pong), not the frame headers.
 //! - gRPC (`api/grpc/counted.rs`): what goes through each connection's socket, HTTP/2 framing
@@ -14,18 +15,13 @@
 //!
 //! The handles are made once ([`install`]): counting a chunk is one atomic add.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::OnceLock;
 use std::task::{Context, Poll};
 
 use actix_web::body::{BodySize, BoxBody, MessageBody};
-use actix_web::dev::{Payload, Service, ServiceRequest, ServiceResponse};
-use actix_web::error::PayloadError;
-use actix_web::http::{header, Method};
+use actix_web::dev::ServiceResponse;
 use actix_web::web::Bytes;
-use actix_web::HttpMessage;
-use futures_util::Stream;
 use metrics::{Counter, Gauge};
 
 /// A protocol the server speaks, as the `protocol` label names it.
@@ -128,58 +124,23 @@ pub fn on_http_connect(_: &dyn std::any::Any, data: &mut actix_web::dev::Extensi
     data.insert(ConnectionGuard::new(Protocol::Http));
 }
 
-/// The middleware (for `App::wrap_fn`, outermost) that counts HTTP bodies.
-pub fn count_http<S>(
-    mut req: ServiceRequest,
-    service: &S,
-) -> impl Future<Output = Result<ServiceResponse<BoxBody>, actix_web::Error>> + 'static
-where
-    S: Service<ServiceRequest, Response = ServiceResponse<BoxBody>, Error = actix_web::Error>,
-    S::Future: 'static,
-{
-    // A WebSocket upgrade's payload and body are the stream itself: counted as WebSocket.
-    let upgrade = req.headers().contains_key(header::UPGRADE);
-    let headers = req.headers();
-    let has_body = headers.contains_key(header::TRANSFER_ENCODING)
-        || headers
-            .get(header::CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes() != b"0");
-    if !upgrade && has_body {
-        let inner = req.take_payload();
-        req.set_payload(Payload::Stream {
-            payload: Box::pin(CountedPayload(inner)),
-        });
+/// Counts an HTTP response's body as it goes out (not for a WebSocket upgrade, whose bytes are
+/// counted as WebSocket's, nor for HEAD, which sends none).
+pub fn count_response(
+    response: ServiceResponse<BoxBody>,
+    upgrade: bool,
+    head: bool,
+) -> ServiceResponse<BoxBody> {
+    if upgrade || head {
+        return response;
     }
-    let head = req.method() == Method::HEAD;
-    let response = service.call(req);
-    async move {
-        let response = response.await?;
-        if upgrade || head {
-            return Ok(response);
+    match response.response().body().size() {
+        BodySize::None => response,
+        BodySize::Sized(n) => {
+            sent(Protocol::Http, n as usize);
+            response
         }
-        Ok(match response.response().body().size() {
-            BodySize::None => response,
-            BodySize::Sized(n) => {
-                sent(Protocol::Http, n as usize);
-                response
-            }
-            BodySize::Stream => response.map_body(|_, body| BoxBody::new(CountedBody(body))),
-        })
-    }
-}
-
-/// A request body that counts what is read of it.
-struct CountedPayload(Payload);
-
-impl Stream for CountedPayload {
-    type Item = Result<Bytes, PayloadError>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let next = Pin::new(&mut self.0).poll_next(cx);
-        if let Poll::Ready(Some(Ok(chunk))) = &next {
-            received(Protocol::Http, chunk.len());
-        }
-        next
+        BodySize::Stream => response.map_body(|_, body| BoxBody::new(CountedBody(body))),
     }
 }
 

@@ -25,11 +25,13 @@ use std::time::Duration;
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{Payload, Service, ServiceRequest, ServiceResponse};
 use actix_web::error::PayloadError;
-use actix_web::http::{header, ConnectionType, StatusCode};
+use actix_web::http::{header, ConnectionType, Method, StatusCode};
 use actix_web::web::Bytes;
 use actix_web::{HttpMessage, HttpResponse};
 use futures_util::Stream;
 use tokio::time::{Instant, Sleep};
+
+use crate::machine::traffic::{self, Protocol};
 
 pub mod limit;
 
@@ -103,7 +105,8 @@ impl Door {
         S::Future: 'static,
     {
         let guard = self.work.begin();
-        // A WebSocket upgrade's payload is the stream itself, paced by its own protocol.
+        // A WebSocket upgrade's payload is the stream itself, paced (and its bytes counted) by
+        // its own protocol. Every other body is read through the guard, which also counts it.
         let upgrade = req.headers().contains_key(header::UPGRADE);
         if !upgrade && has_body(&req) {
             let inner = req.take_payload();
@@ -123,7 +126,12 @@ impl Door {
                     .set_connection_type(ConnectionType::Close);
             }
             drop(guard);
-            Ok(with_error_body(response, &method))
+            let response = with_error_body(response, &method);
+            Ok(traffic::count_response(
+                response,
+                upgrade,
+                method == Method::HEAD,
+            ))
         }
     }
 }
@@ -231,6 +239,7 @@ impl Stream for SlowBodyGuard {
         match Pin::new(&mut this.inner).poll_next(cx) {
             Poll::Ready(Some(Ok(chunk))) => {
                 this.received += chunk.len() as u64;
+                traffic::received(Protocol::Http, chunk.len());
                 if this.alarm.is_some() {
                     let due = this.due();
                     if let Some(alarm) = this.alarm.as_mut() {
