@@ -3,15 +3,14 @@
 //! the model's sha256; with `--probe`, also a golden-input probe (`probe.json`) made from the
 //! data set's first request and the answer the model gave it. Publish both with the version.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 
-use crate::manifest::{verify_sha256, Manifest, ModelEntry};
+use crate::manifest::{sha256_file, verify_sha256, Manifest, ModelEntry};
 use crate::monitor::probe::{Probe, TensorJson};
 use crate::monitor::profile::{Profile, ProfileBuilder};
 use crate::tensor::NamedTensor;
@@ -106,7 +105,13 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
         args.data.display()
     );
 
-    let profile = builder.finish(&entry.sha256, Some(sha256_of(&args.data)?));
+    let profile = builder.finish(
+        &entry.sha256,
+        Some(
+            sha256_file(&args.data)
+                .with_context(|| format!("cannot read {}", args.data.display()))?,
+        ),
+    );
     let path = Profile::path_beside(&entry.file);
     write_atomically(&path, &serde_json::to_string_pretty(&profile)?)?;
     println!(
@@ -147,20 +152,6 @@ fn find<'m>(manifest: &'m Manifest, spec: &str) -> anyhow::Result<&'m ModelEntry
         ),
         _ => anyhow::bail!("model {name} has several versions: name one as {name}:VERSION"),
     }
-}
-
-fn sha256_of(path: &std::path::Path) -> anyhow::Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 1 << 16];
-    loop {
-        let n = file.read(&mut buffer)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buffer[..n]);
-    }
-    Ok(hex::encode(hasher.finalize()))
 }
 
 /// Writes through a temporary file and a rename, so that a server reading the file never

@@ -35,6 +35,20 @@ impl Family {
             number(value)
         );
     }
+
+    /// A histogram's series: `counts` per bucket (not cumulative; `+Inf` last, past the
+    /// upper `edges`), then `_sum` and `_count`.
+    fn histogram(&mut self, labels: &str, edges: &[f64], counts: &[u64], sum: f64) {
+        let mut cumulative = 0u64;
+        for (i, count) in counts.iter().enumerate() {
+            cumulative += count;
+            let le = edges.get(i).copied().unwrap_or(f64::INFINITY);
+            let bucket = format!("{labels},le=\"{}\"", number(le));
+            self.sample("_bucket", &bucket, cumulative as f64);
+        }
+        self.sample("_sum", labels, sum);
+        self.sample("_count", labels, cumulative as f64);
+    }
 }
 
 fn number(v: f64) -> String {
@@ -174,18 +188,12 @@ pub fn render(watches: &[Arc<ModelWatch>], out: &mut String) {
                     0.0
                 },
             );
-            let mut cumulative = 0u64;
-            for (i, count) in stats.segment_counts().iter().enumerate() {
-                cumulative += count;
-                let le = SEGMENT_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY);
-                segments.sample(
-                    "_bucket",
-                    &format!("{version},le=\"{}\"", number(le)),
-                    cumulative as f64,
-                );
-            }
-            segments.sample("_sum", &version, speech_s);
-            segments.sample("_count", &version, cumulative as f64);
+            segments.histogram(
+                &version,
+                &SEGMENT_BUCKETS,
+                &stats.segment_counts(),
+                speech_s,
+            );
         }
         let state = watch.state();
         let source = state.reference.source().as_str();
@@ -196,18 +204,7 @@ pub fn render(watches: &[Arc<ModelWatch>], out: &mut String) {
         rows.sample("", &version, state.rows as f64);
         for o in &state.outputs {
             let labels = format!("{version},output=\"{}\"", escape(&o.name));
-            let mut cumulative = 0u64;
-            for (i, count) in o.counts.iter().enumerate() {
-                cumulative += count;
-                let le = o.edges.0.get(i).copied().unwrap_or(f64::INFINITY);
-                output.sample(
-                    "_bucket",
-                    &format!("{labels},le=\"{}\"", number(le)),
-                    cumulative as f64,
-                );
-            }
-            output.sample("_sum", &labels, o.sum);
-            output.sample("_count", &labels, cumulative as f64);
+            output.histogram(&labels, &o.edges.0, &o.counts, o.sum);
             output_nan.sample("", &labels, o.nan as f64);
             if let Some(score) = o.psi {
                 drift.sample("", &labels, score);
