@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::*;
@@ -44,21 +43,6 @@ fn open(text: &str, protocol: &str) -> f64 {
         text,
         &format!("streamserve_open_connections{{protocol=\"{protocol}\"}}"),
     )
-}
-
-/// The `# TYPE` names without a `# HELP` line.
-fn undescribed(text: &str) -> Vec<String> {
-    let named = |prefix: &str| -> BTreeSet<String> {
-        text.lines()
-            .filter_map(|l| l.strip_prefix(prefix)?.split_whitespace().next())
-            .map(str::to_string)
-            .collect()
-    };
-    let help = named("# HELP ");
-    named("# TYPE ")
-        .into_iter()
-        .filter(|name| !help.contains(name))
-        .collect()
 }
 
 /// Scrapes until `ok` holds (at most 5 s), returning the last scrape.

@@ -13,21 +13,6 @@ use serde_json::{json, Value};
 
 const TOKEN: &str = "test-token";
 
-/// The `# TYPE` names without a `# HELP` line.
-fn undescribed(text: &str) -> Vec<String> {
-    let named = |prefix: &str| -> BTreeSet<String> {
-        text.lines()
-            .filter_map(|l| l.strip_prefix(prefix)?.split_whitespace().next())
-            .map(str::to_string)
-            .collect()
-    };
-    let help = named("# HELP ");
-    named("# TYPE ")
-        .into_iter()
-        .filter(|name| !help.contains(name))
-        .collect()
-}
-
 #[tokio::test]
 async fn counters_exist_at_zero_from_the_start_and_every_metric_has_help() {
     let dir = model_dir(&format!(

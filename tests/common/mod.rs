@@ -249,3 +249,18 @@ pub async fn assert_unharmed(c: &reqwest::Client, url: &str, model: &str, failur
         "{model} is ready"
     );
 }
+
+/// The `# TYPE` names without a `# HELP` line.
+pub fn undescribed(text: &str) -> Vec<String> {
+    let named = |prefix: &str| -> std::collections::BTreeSet<String> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(prefix)?.split_whitespace().next())
+            .map(str::to_string)
+            .collect()
+    };
+    let help = named("# HELP ");
+    named("# TYPE ")
+        .into_iter()
+        .filter(|name| !help.contains(name))
+        .collect()
+}
