@@ -28,6 +28,9 @@ pub enum ServeError {
     /// A batch job id that this server does not know (docs/jobs.md).
     #[error("unknown job '{0}'")]
     JobNotFound(String),
+    /// No published prediction for a key, or no published predictions for a model.
+    #[error("{0}")]
+    PredictionNotFound(String),
     #[error("model '{model}' is unavailable: {reason}")]
     ModelUnavailable { model: String, reason: String },
     #[error("{0}")]
@@ -108,7 +111,8 @@ impl ServeError {
         match self {
             ServeError::ModelNotFound(_)
             | ServeError::VersionNotFound { .. }
-            | ServeError::JobNotFound(_) => "not_found",
+            | ServeError::JobNotFound(_)
+            | ServeError::PredictionNotFound(_) => "not_found",
             ServeError::ModelUnavailable { .. } => "unavailable",
             ServeError::ModelCold { .. } => "cold",
             ServeError::Conflict(_) => "conflict",
@@ -160,6 +164,7 @@ impl ResponseError for ServeError {
             ServeError::ModelNotFound(_)
             | ServeError::VersionNotFound { .. }
             | ServeError::JobNotFound(_)
+            | ServeError::PredictionNotFound(_)
             | ServeError::AdminOff => StatusCode::NOT_FOUND,
             ServeError::Unauthorized | ServeError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             ServeError::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -227,6 +232,7 @@ impl ServeError {
             ServeError::ModelNotFound(_)
             | ServeError::VersionNotFound { .. }
             | ServeError::JobNotFound(_)
+            | ServeError::PredictionNotFound(_)
             | ServeError::AdminOff => Code::NotFound,
             ServeError::Unauthorized | ServeError::Unauthenticated(_) => Code::Unauthenticated,
             ServeError::Forbidden(_) => Code::PermissionDenied,

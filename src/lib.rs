@@ -13,6 +13,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod files;
 pub mod jobs;
 pub mod machine;
 pub mod manifest;

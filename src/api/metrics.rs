@@ -13,6 +13,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 
 async fn render(state: web::Data<AppState>, machine: Option<web::Data<Machine>>) -> HttpResponse {
     machine::refresh(machine.as_ref().map(|m| m.get_ref())).await;
+    state.jobs.record_metrics();
     let mut text = state.prometheus.render();
     machine::render_extra(&mut text);
     crate::monitor::render(&state.catalog.snapshot().watches(), &mut text);

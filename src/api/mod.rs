@@ -11,6 +11,7 @@ mod jobs;
 pub(crate) mod json_tensor;
 pub mod kserve;
 pub mod metrics;
+mod predictions;
 pub mod rest;
 mod status;
 pub mod ws;
@@ -134,6 +135,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .configure(ws::routes)
         .configure(admin::routes)
         .configure(jobs::routes)
+        .configure(predictions::routes)
         .configure(status::routes)
         .configure(metrics::routes);
 }

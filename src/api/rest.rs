@@ -242,7 +242,7 @@ async fn infer_version(
     run_inference(&state, &name, Some(&version), &req, body).await
 }
 
-async fn run_inference(
+pub(super) async fn run_inference(
     state: &AppState,
     name: &str,
     version: Option<&str>,

@@ -157,8 +157,6 @@ fn find<'m>(manifest: &'m Manifest, spec: &str) -> anyhow::Result<&'m ModelEntry
 /// Writes through a temporary file and a rename, so that a server reading the file never
 /// sees half of it.
 fn write_atomically(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    crate::files::write_atomically(path, text.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
 }

@@ -10,6 +10,7 @@
 //! table never disagree; at start, jobs still running in their files resume from their last
 //! checkpoint, exactly once.
 
+mod lookup;
 mod run;
 mod store;
 mod submit;
@@ -28,6 +29,7 @@ use crate::actors::catalog::SharedCatalog;
 use crate::actors::supervisor::Supervisor;
 use crate::error::ServeError;
 
+pub use lookup::Lookup;
 pub use submit::Submission;
 
 /// What a job does with a row it cannot run (malformed JSON, a tensor that does not decode or
@@ -53,6 +55,16 @@ pub enum JobState {
 }
 
 impl JobState {
+    pub fn name(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
     pub fn finished(self) -> bool {
         matches!(
             self,
@@ -71,6 +83,9 @@ pub struct JobSpec {
     pub key_field: String,
     pub on_error: OnError,
     pub max_rows_per_sec: Option<u32>,
+    /// When it succeeds, its output becomes the model's published predictions.
+    #[serde(default)]
+    pub publish: bool,
 }
 
 impl JobSpec {
@@ -152,6 +167,8 @@ struct Inner {
     runtime: tokio::runtime::Handle,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     close: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    /// The published predictions of each model (`lookup.rs`).
+    published: lookup::Tables,
 }
 
 /// The jobs of this server (cheap to clone: one shared registry).
@@ -210,6 +227,7 @@ impl Jobs {
                 runtime,
                 tasks: Mutex::new(Vec::new()),
                 close: Mutex::new(Some(close)),
+                published: lookup::Tables::load(&dir),
                 dir,
             }),
         };
@@ -315,10 +333,7 @@ impl Jobs {
         if state.finished() {
             return Err(ServeError::Conflict(format!(
                 "job '{id}' has already {}",
-                serde_json::to_value(state)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default()
+                state.name()
             )));
         }
         entry.record.state = JobState::Cancelled;
@@ -350,6 +365,32 @@ impl Jobs {
         {
             let _ = close.send(());
         }
+    }
+
+    /// The published prediction of `model` for `key`.
+    pub fn prediction(&self, model: &str, key: &str) -> Lookup {
+        self.inner.published.lookup(model, key)
+    }
+
+    /// What `model`'s published predictions are (`None`: it has none).
+    pub fn predictions_info(&self, model: &str) -> Option<Value> {
+        self.inner.published.info(model)
+    }
+
+    /// Sets the gauges read at a scrape: jobs per state, the age of each published table.
+    pub fn record_metrics(&self) {
+        let mut states: BTreeMap<&'static str, u64> =
+            ["queued", "running", "succeeded", "failed", "cancelled"]
+                .into_iter()
+                .map(|s| (s, 0))
+                .collect();
+        for entry in self.table().values() {
+            *states.entry(entry.record.state.name()).or_default() += 1;
+        }
+        for (state, n) in states {
+            ::metrics::gauge!("streamserve_jobs", "state" => state).set(n as f64);
+        }
+        self.inner.published.record_ages();
     }
 
     // What the running task reports. Each returns false once the job is no longer running
@@ -386,6 +427,11 @@ impl Jobs {
         if entry.record.state != JobState::Running {
             return Ok(false);
         }
+        let rows = progress
+            .rows_done
+            .saturating_sub(entry.record.progress.rows_done);
+        ::metrics::counter!("streamserve_job_rows_total", "model" => entry.record.spec.model.clone())
+            .increment(rows);
         entry.record.progress = progress.clone();
         store::save(&self.inner.dir, &entry.record)
             .map_err(|e| format!("cannot save the checkpoint: {e}"))?;
@@ -405,19 +451,33 @@ impl Jobs {
         let part = spec.part_path();
         // A crash between the rename and the state file leaves the output and no `.part`.
         let renamed = if part.exists() || !spec.output.exists() {
-            std::fs::rename(&part, &spec.output).and_then(|()| store::sync_dir(&spec.output))
+            std::fs::rename(&part, &spec.output).and_then(|()| crate::files::sync_dir(&spec.output))
         } else {
             Ok(())
         };
-        match renamed {
+        // Publishing indexes the output (a read of it) before the job is called succeeded: a
+        // job asked to publish that cannot has failed, and the previous table stays.
+        let finished = match renamed {
+            Err(e) => Err(format!(
+                "cannot rename {} to {}: {e}",
+                part.display(),
+                spec.output.display()
+            )),
+            Ok(()) if spec.publish => self
+                .inner
+                .published
+                .publish(&spec.model, id, &spec.output)
+                .map_err(|e| format!("the output is written but not published: {e}")),
+            Ok(()) => Ok(()),
+        };
+        match finished {
             Ok(()) => entry.record.state = JobState::Succeeded,
-            Err(e) => {
+            Err(message) => {
+                if spec.publish {
+                    self.inner.published.refresh_failed(&spec.model, id);
+                }
                 entry.record.state = JobState::Failed;
-                entry.record.message = Some(format!(
-                    "cannot rename {} to {}: {e}",
-                    part.display(),
-                    spec.output.display()
-                ));
+                entry.record.message = Some(message);
             }
         }
         entry.record.finished_unix_ms = Some(now_ms());
@@ -437,6 +497,11 @@ impl Jobs {
         }
         tracing::warn!(job = %id, error = %message, "batch job failed");
         let _ = std::fs::remove_file(entry.record.spec.part_path());
+        if entry.record.spec.publish {
+            self.inner
+                .published
+                .refresh_failed(&entry.record.spec.model, id);
+        }
         entry.record.state = JobState::Failed;
         entry.record.message = Some(message);
         entry.record.finished_unix_ms = Some(now_ms());
@@ -471,6 +536,7 @@ fn view(entry: &Entry) -> Value {
         "key_field": record.spec.key_field,
         "on_error": record.spec.on_error,
         "max_rows_per_sec": record.spec.max_rows_per_sec,
+        "publish": record.spec.publish,
         "rows_total": record.rows_total,
         "rows_done": progress.rows_done,
         "rows_per_sec": rate.map(|r| (r * 10.0).round() / 10.0),

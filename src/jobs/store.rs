@@ -1,8 +1,6 @@
-//! A job's state file, `<jobs_dir>/<id>.json`: written whole to a temporary file, fsynced and
-//! renamed over the old one (then the directory fsynced), so that a crash at any moment
-//! leaves either the previous state or the new one, never a torn file.
+//! A job's state file, `<jobs_dir>/<id>.json`, written atomically (`crate::files`): a crash
+//! at any moment leaves either the previous state or the new one, never a torn file.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::JobRecord;
@@ -13,22 +11,8 @@ fn path_of(dir: &Path, id: &str) -> PathBuf {
 
 /// Writes `record` atomically and durably.
 pub(super) fn save(dir: &Path, record: &JobRecord) -> std::io::Result<()> {
-    let path = path_of(dir, &record.id);
-    let tmp = dir.join(format!(".{}.json.tmp", record.id));
     let bytes = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
-    {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(&bytes)?;
-        file.sync_all()?;
-    }
-    std::fs::rename(&tmp, &path)?;
-    sync_dir(&path)
-}
-
-/// Makes a rename or a new file in `path`'s directory durable.
-pub(super) fn sync_dir(path: &Path) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::File::open(dir)?.sync_all()
+    crate::files::write_atomically(&path_of(dir, &record.id), &bytes)
 }
 
 /// Every job in `dir` (none when it does not exist). A file that does not read is skipped
@@ -78,6 +62,7 @@ mod tests {
                 key_field: "key".into(),
                 on_error: OnError::Skip,
                 max_rows_per_sec: Some(5),
+                publish: false,
             },
             state: JobState::Running,
             rows_total: 10,

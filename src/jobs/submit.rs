@@ -31,6 +31,9 @@ pub struct Submission {
     /// Rows sent per second at most; unset or 0: as fast as the low-priority lane goes.
     #[serde(default)]
     pub max_rows_per_sec: Option<u32>,
+    /// When it succeeds, serve its output by key (`GET /v2/models/{model}/predictions/{key}`).
+    #[serde(default)]
+    pub publish: bool,
 }
 
 fn absolute(what: &str, path: &str) -> Result<PathBuf, ServeError> {
@@ -81,6 +84,7 @@ pub(super) fn check(jobs: &Jobs, submission: Submission) -> Result<JobRecord, Se
         key_field,
         on_error,
         max_rows_per_sec,
+        publish,
     } = submission;
     // The model, as a request would find it (a cold version is fine: the job loads it).
     match jobs
@@ -154,6 +158,7 @@ pub(super) fn check(jobs: &Jobs, submission: Submission) -> Result<JobRecord, Se
             .unwrap_or_else(|| "key".into()),
         on_error: on_error.unwrap_or_default(),
         max_rows_per_sec: max_rows_per_sec.filter(|n| *n > 0),
+        publish,
     };
     // Making the `.part` file proves the location writable; it is the job's from now on.
     std::fs::OpenOptions::new()
@@ -224,6 +229,7 @@ mod tests {
             key_field: "key".into(),
             on_error: OnError::Stop,
             max_rows_per_sec: None,
+            publish: false,
         };
         assert_eq!(spec.part_path(), PathBuf::from("/data/out.jsonl.part"));
     }

@@ -179,14 +179,9 @@ fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), Registr
     let dir = path.parent().expect("a file in a directory");
     std::fs::create_dir_all(dir)
         .map_err(|e| RegistryError::Local(format!("cannot create {}: {e}", dir.display())))?;
-    let part = path.with_extension(format!("part-{:016x}", fastrand::u64(..)));
     let text = serde_json::to_vec_pretty(value).expect("registry documents serialize");
-    std::fs::write(&part, text)
-        .and_then(|()| std::fs::rename(&part, path))
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&part);
-            RegistryError::Local(format!("cannot write {}: {e}", path.display()))
-        })
+    crate::files::write_atomically(path, &text)
+        .map_err(|e| RegistryError::Local(format!("cannot write {}: {e}", path.display())))
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fleet;
+pub mod jobs;
 pub mod stream_client;
 
 use std::path::{Path, PathBuf};

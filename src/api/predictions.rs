@@ -1,0 +1,107 @@
+//! Published predictions by key (docs/jobs.md, "Serving the results"): the answers a batch
+//! job computed ahead of time, served without running the model. `GET
+//! /v2/models/{name}/predictions` says what is published (job, time, age, keys, a newer job
+//! that failed); `GET .../predictions/{key}` answers one key from the table, 404 when it has
+//! none; `POST .../predictions/{key}` with a KServe v2 inference body answers from the table
+//! when it can and falls through to online inference when it cannot, the `x-prediction-source`
+//! header saying which (`table` or `online`). Lookups pass the same access rules as inference
+//! (API keys, per-key rate limits); the tables are [`crate::jobs::Jobs`]'.
+
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::{web, HttpRequest, HttpResponse};
+
+use super::AppState;
+use crate::error::ServeError;
+use crate::jobs::Lookup;
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/v2/models/{name}/predictions").route(web::get().to(published)))
+        .service(
+            web::resource("/v2/models/{name}/predictions/{key}")
+                .route(web::get().to(lookup))
+                .route(web::post().to(lookup_or_infer)),
+        );
+}
+
+const SOURCE: &str = "x-prediction-source";
+
+fn no_table(model: &str) -> ServeError {
+    ServeError::PredictionNotFound(format!(
+        "model '{model}' has no published predictions (a job submitted with \"publish\": true publishes them when it succeeds)"
+    ))
+}
+
+fn count(model: &str, result: &'static str) {
+    ::metrics::counter!("streamserve_predictions_lookups_total", "model" => model.to_string(), "result" => result)
+        .increment(1);
+}
+
+/// The table's answer, with `Age` (seconds since it was computed, as a cache would say it).
+fn found(answer: serde_json::Value, age_secs: u64) -> HttpResponse {
+    HttpResponse::Ok()
+        .insert_header((header::AGE, HeaderValue::from(age_secs)))
+        .insert_header((SOURCE, "table"))
+        .json(answer)
+}
+
+async fn published(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ServeError> {
+    let model = path.into_inner();
+    let _pass = state
+        .access
+        .admit(req.headers(), req.peer_addr().map(|a| a.ip()), &model)?;
+    let info = state
+        .jobs
+        .predictions_info(&model)
+        .ok_or_else(|| no_table(&model))?;
+    Ok(HttpResponse::Ok().json(info))
+}
+
+async fn lookup(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ServeError> {
+    let (model, key) = path.into_inner();
+    let _pass = state
+        .access
+        .admit(req.headers(), req.peer_addr().map(|a| a.ip()), &model)?;
+    match state.jobs.prediction(&model, &key) {
+        Lookup::Found { answer, age_secs } => {
+            count(&model, "hit");
+            Ok(found(answer, age_secs))
+        }
+        Lookup::Missing(why) => {
+            count(&model, "miss");
+            Err(ServeError::PredictionNotFound(why))
+        }
+        Lookup::NoTable => Err(no_table(&model)),
+    }
+}
+
+async fn lookup_or_infer(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    body: web::Payload,
+) -> Result<HttpResponse, ServeError> {
+    let (model, key) = path.into_inner();
+    if let Lookup::Found { answer, age_secs } = state.jobs.prediction(&model, &key) {
+        let _pass = state
+            .access
+            .admit(req.headers(), req.peer_addr().map(|a| a.ip()), &model)?;
+        count(&model, "hit");
+        return Ok(found(answer, age_secs));
+    }
+    // Admitted there, as any inference request.
+    let mut response = super::rest::run_inference(&state, &model, None, &req, body).await?;
+    count(&model, "online");
+    response.headers_mut().insert(
+        header::HeaderName::from_static(SOURCE),
+        HeaderValue::from_static("online"),
+    );
+    Ok(response)
+}
