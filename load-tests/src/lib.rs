@@ -16,6 +16,8 @@
 //! - [`protocols`]: REST JSON, REST binary, gRPC unary and gRPC streaming clients of the same
 //!   `mlp` request against one server, side by side, with their ratios; [`monitoring`]: the
 //!   model monitor's cost, two servers with output monitoring off and on, side by side;
+//!   [`jobs_bench`]: online load with and without a batch job running on one server, and the
+//!   job's rows/s against its idle ceiling;
 //! - [`peer`]: the FastAPI + uvicorn + onnxruntime peer `bench` compares with;
 //! - [`plots`]: SVG plots of every benchmark's results; [`scenario`]: runs described in
 //!   TOML files; [`capacity`]: instances needed for a target from the measured curves;
@@ -27,6 +29,7 @@
 pub mod bench;
 pub mod capacity;
 pub mod fleet;
+pub mod jobs_bench;
 pub mod manifest;
 pub mod monitoring;
 pub mod open_loop;

@@ -10,8 +10,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use streamserve_load::{
-    bench, capacity, fleet, monitoring, open_loop, overload, plots, protocols, rest, scenario,
-    streams, streams_bench, streams_fleet, sysinfo, timeline,
+    bench, capacity, fleet, jobs_bench, monitoring, open_loop, overload, plots, protocols, rest,
+    scenario, streams, streams_bench, streams_fleet, sysinfo, timeline,
 };
 
 #[derive(Debug, Parser)]
@@ -43,6 +43,11 @@ enum Command {
     /// monitoring off and one on, and load each in turn with REST JSON at each concurrency;
     /// write report.md with their throughput, latency, CPU and the on/off ratios. About 2.5 min.
     Monitoring(monitoring::MonitoringOptions),
+    /// Start streamserve in-process on mlp (replicas 2, batching on, jobs API on), load it with
+    /// REST JSON at each concurrency alone and with a batch job running, and run the job alone;
+    /// write report.md with online req/s and p99 with a job ÷ alone and the job's rows/s ÷ its
+    /// idle ceiling. About 2 min.
+    Jobs(jobs_bench::JobsOptions),
     /// WebSocket speech streams on a running server: N concurrent streams, each sending a WAV
     /// (looped) at real-time pace and timing every chunk's result.
     Streams(StreamsArgs),
@@ -108,8 +113,9 @@ enum Command {
         #[arg(long)]
         results: Option<PathBuf>,
     },
-    /// Redraw the SVG plot of a saved `bench`, `protocols`, `streams-bench`, `overload`,
-    /// `timeline`, `fleet` or `streams-fleet` run from its results.json.
+    /// Redraw the SVG plot of a saved `bench`, `protocols`, `monitoring`, `jobs`,
+    /// `streams-bench`, `overload`, `timeline`, `fleet` or `streams-fleet` run from its
+    /// results.json.
     Plot {
         /// A results directory (holding results.json).
         dir: PathBuf,
@@ -217,6 +223,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Bench(o) => finished("bench", &bench::run(&o)?),
         Command::Protocols(o) => finished("protocols", &protocols::run(&o)?),
         Command::Monitoring(o) => finished("monitoring", &monitoring::run(&o)?),
+        Command::Jobs(o) => finished("jobs", &jobs_bench::run(&o)?),
         Command::Streams(args) => run_streams(args),
         Command::StreamsBench(o) => finished("streams-bench", &streams_bench::run(&o)?),
         Command::Overload(o) => finished("overload", &overload::run(&o)?),
@@ -367,9 +374,10 @@ fn run_streams_fleet(options: &streams_fleet::StreamsFleetOptions) -> anyhow::Re
 fn run_plot(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
     let json = plots::read_results(dir)?;
     let kind = json.get("kind").and_then(|k| k.as_str());
-    let out = if kind == Some("protocols") || kind == Some("monitoring") {
+    let out = if matches!(kind, Some("protocols" | "monitoring" | "jobs")) {
         let file = match kind {
             Some("monitoring") => monitoring::PLOT_FILE,
+            Some("jobs") => jobs_bench::PLOT_FILE,
             _ => protocols::PLOT_FILE,
         };
         let out = dir.join(file);
@@ -401,7 +409,7 @@ fn run_plot(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
         out
     } else {
         anyhow::bail!(
-            "{}/results.json is not from a bench, protocols, streams-bench, overload, timeline, fleet or streams-fleet run",
+            "{}/results.json is not from a bench, protocols, monitoring, jobs, streams-bench, overload, timeline, fleet or streams-fleet run",
             dir.display()
         );
     };

@@ -18,10 +18,11 @@
 use anyhow::{bail, Context as _};
 
 /// Subcommands a scenario may name.
-pub const KINDS: [&str; 10] = [
+pub const KINDS: [&str; 11] = [
     "bench",
     "protocols",
     "monitoring",
+    "jobs",
     "streams-bench",
     "overload",
     "timeline",
