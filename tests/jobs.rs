@@ -1,4 +1,4 @@
-//! Batch prediction jobs over real HTTP (docs/jobs.md): a 10,000-row job beside online
+//! Batch prediction jobs over real HTTP (docs/jobs.md): a 100,000-row job beside online
 //! traffic, its output equal row by row to the online answers; cancelling; malformed rows
 //! skipped or stopping the job; submissions refused at once; and a job that survives a
 //! server restart (and a torn last write) with every row written exactly once, in order.
@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_job_runs_beside_online_traffic_and_answers_as_online_requests_do() {
-    const ROWS: usize = 10_000;
+    const ROWS: usize = 100_000;
     let dir = scratch("big");
     let running = server(&dir.join("jobs"));
     let url = format!("http://{}", running.addr);
@@ -52,7 +52,7 @@ async fn a_job_runs_beside_online_traffic_and_answers_as_online_requests_do() {
         answers.extend(task.await.unwrap());
     }
     let running_then = job(&c, &url, &id).await;
-    let done = wait_until(&c, &url, &id, Duration::from_secs(120), finished).await;
+    let done = wait_until(&c, &url, &id, Duration::from_secs(300), finished).await;
     assert_eq!(done["state"], "succeeded", "{done}");
     assert_eq!(done["rows_done"], ROWS);
     assert_eq!(done["errors"], 0);
@@ -79,6 +79,8 @@ async fn a_job_runs_beside_online_traffic_and_answers_as_online_requests_do() {
         }
     }
     running.shutdown().await;
+    // 100k rows in and out are a few hundred MB.
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -436,5 +438,134 @@ async fn the_jobs_subcommands_submit_follow_list_and_cancel() {
     assert!(String::from_utf8_lossy(&cancel.stderr).contains("409"));
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/no/such.jsonl"));
+    running.shutdown().await;
+}
+
+/// `rows` rows of `features` as a float32 `.npy` array [rows, 256], written by numpy.
+fn write_npy(path: &Path, rows: usize) {
+    let data: Vec<Vec<f32>> = (0..rows).map(|i| features(i as u64, 1)).collect();
+    let json = path.with_extension("json");
+    std::fs::write(&json, serde_json::to_vec(&data).unwrap()).unwrap();
+    let script = "import json, sys, numpy as np\n\
+                  np.save(sys.argv[2], np.asarray(json.load(open(sys.argv[1])), dtype='<f4'))";
+    let status = std::process::Command::new(repo().join(".venv/bin/python"))
+        .args(["-c", script])
+        .arg(&json)
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(status.success(), "numpy could not write {}", path.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jobs_read_and_write_object_storage_and_npy_arrays() {
+    use streamserve::registry::Store;
+    const ROWS: usize = 120;
+    let s3 = common::fleet::S3::start();
+    s3.registry("jobs");
+    for (name, value) in common::fleet::s3_env(&s3.endpoint) {
+        std::env::set_var(name, value);
+    }
+    let dir = scratch("objects");
+    let jobs_dir = dir.join("jobs");
+    let running = server(&jobs_dir);
+    let url = format!("http://{}", running.addr);
+    let c = client();
+    let input = dir.join("in.jsonl");
+    write_input(&input, ROWS);
+    let data = Store::open("s3://jobs/data").unwrap();
+    data.upload("in.jsonl", &input).await.unwrap();
+
+    // An object in, an object out.
+    let (status, submitted) = submit(
+        &c,
+        &url,
+        json!({"model": "mlp", "input": "s3://jobs/data/in.jsonl", "output": "s3://jobs/out/answers.jsonl"}),
+    )
+    .await;
+    assert_eq!(status, 202, "{submitted}");
+    assert_eq!(submitted["input"], "s3://jobs/data/in.jsonl");
+    assert_eq!(submitted["output"], "s3://jobs/out/answers.jsonl");
+    let id = submitted["id"].as_str().unwrap();
+    let done = wait_until(&c, &url, id, Duration::from_secs(30), finished).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["rows_total"], ROWS);
+    let fetched = dir.join("answers.jsonl");
+    Store::open("s3://jobs/out")
+        .unwrap()
+        .download("answers.jsonl", &fetched)
+        .await
+        .unwrap();
+    let lines = output_lines(&fetched);
+    assert_eq!(lines.len(), ROWS);
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line["key"], format!("row-{i}"));
+    }
+    // Nothing staged is left behind: only the state file.
+    let left: Vec<_> = std::fs::read_dir(&jobs_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(left, vec![format!("{id}.json")]);
+
+    // A .npy array written by numpy: row i is array[i], keyed by its index.
+    let npy = dir.join("rows.npy");
+    write_npy(&npy, 40);
+    let output = dir.join("npy.jsonl");
+    let (status, submitted) = submit(
+        &c,
+        &url,
+        json!({"model": "mlp", "input": npy, "output": output}),
+    )
+    .await;
+    assert_eq!(status, 202, "{submitted}");
+    let id = submitted["id"].as_str().unwrap();
+    let done = wait_until(&c, &url, id, Duration::from_secs(30), finished).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let lines = output_lines(&output);
+    assert_eq!(lines.len(), 40);
+    for i in [0, 17, 39] {
+        assert_eq!(lines[i]["key"], i);
+        let (_, online) = post(&c, &format!("{url}/v2/models/mlp/infer"), &row(i)).await;
+        let name = online["outputs"][0]["name"].as_str().unwrap();
+        assert_close(
+            &output_f32(&lines[i], name),
+            &output_f32(&online, name),
+            &format!("npy row {i}"),
+        );
+    }
+
+    // What can be known at submission fails it.
+    for (body, expected) in [
+        (
+            json!({"model": "mlp", "input": "s3://jobs/data/missing.jsonl", "output": dir.join("x.jsonl")}),
+            "does not exist",
+        ),
+        (
+            json!({"model": "mlp", "input": input, "output": "s3://jobs/out/answers.jsonl"}),
+            "already exists",
+        ),
+        (
+            json!({"model": "mlp", "input": input, "output": "s3://no-such-bucket/answers.jsonl"}),
+            "not writable",
+        ),
+        (
+            json!({"model": "mlp", "input": input, "output": "s3://jobs"}),
+            "names no object",
+        ),
+        (
+            json!({"model": "mlp", "input": npy, "output": dir.join("y.jsonl"), "input_name": "nope"}),
+            "is not an input of model",
+        ),
+        (
+            json!({"model": "mlp", "input": input, "output": dir.join("z.jsonl"), "input_name": "features"}),
+            "input_name is for .npy inputs",
+        ),
+    ] {
+        let (status, refused) = submit(&c, &url, body.clone()).await;
+        assert_eq!(status, 400, "{body} -> {refused}");
+        let error = refused["error"].as_str().unwrap();
+        assert!(error.contains(expected), "{body} -> {error}");
+    }
     running.shutdown().await;
 }

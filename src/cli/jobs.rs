@@ -33,16 +33,24 @@ impl std::fmt::Debug for JobsArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum JobsCommand {
-    /// Run a JSON Lines file of KServe v2 requests through MODEL; prints the job.
+    /// Run a JSON Lines file of KServe v2 requests (or a .npy array) through MODEL; prints
+    /// the job.
     Submit {
         model: String,
-        /// The input file, as the server sees it: absolute, or relative to its working
-        /// directory.
+        /// The input, as the server sees it: a path (absolute, or relative to its working
+        /// directory) or an object-store URI (s3://bucket/path/rows.jsonl).
         #[arg(long)]
         input: String,
-        /// Where the answers go (same rules); must not exist yet.
+        /// Where the answers go (a path or a URI); must not exist yet.
         #[arg(long)]
         output: String,
+        /// For a .npy input: the model input its rows go to [default: the only one].
+        #[arg(long)]
+        input_name: Option<String>,
+        /// When the job succeeds, serve its answers by key
+        /// (GET /v2/models/MODEL/predictions/KEY).
+        #[arg(long)]
+        publish: bool,
         #[arg(long)]
         version: Option<String>,
         /// The field of each line that is its key [default: key].
@@ -128,7 +136,14 @@ fn print(value: &Value) {
 /// `job-1 running 3072/10000 rows (30.7%), 10392.3 rows/s, 0 errors, 1 s left`
 pub fn progress_line(job: &Value) -> String {
     let done = job["rows_done"].as_u64().unwrap_or(0);
-    let total = job["rows_total"].as_u64().unwrap_or(0);
+    let Some(total) = job["rows_total"].as_u64() else {
+        // An object or a .npy input is counted once staged.
+        return format!(
+            "{} {} staging the input",
+            job["id"].as_str().unwrap_or("?"),
+            job["state"].as_str().unwrap_or("?")
+        );
+    };
     let percent = if total > 0 {
         100.0 * done as f64 / total as f64
     } else {
@@ -188,6 +203,8 @@ pub fn run(args: JobsArgs) -> anyhow::Result<()> {
             key_field,
             on_error,
             max_rows_per_sec,
+            input_name,
+            publish,
             wait: follow,
         } => {
             let on_error = on_error.map(|o| match o {
@@ -195,7 +212,8 @@ pub fn run(args: JobsArgs) -> anyhow::Result<()> {
                 OnErrorArg::Skip => "skip",
             });
             let body = json!({"model": model, "version": version, "input": input, "output": output,
-                              "key_field": key_field, "on_error": on_error, "max_rows_per_sec": max_rows_per_sec});
+                              "key_field": key_field, "on_error": on_error, "max_rows_per_sec": max_rows_per_sec,
+                              "input_name": input_name, "publish": publish});
             let job = client.call("POST", "/v2/jobs", Some(body))?;
             if follow {
                 wait(&client, job["id"].as_str().unwrap_or_default())

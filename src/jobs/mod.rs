@@ -11,7 +11,10 @@
 //! checkpoint, exactly once.
 
 mod lookup;
+mod npy;
+mod remote;
 mod run;
+mod stage;
 mod store;
 mod submit;
 
@@ -86,9 +89,52 @@ pub struct JobSpec {
     /// When it succeeds, its output becomes the model's published predictions.
     #[serde(default)]
     pub publish: bool,
+    /// Where the rows come from when `input` is a copy the job makes before its first row.
+    #[serde(default)]
+    pub source: Option<Source>,
+    /// The object the output is uploaded to when complete (`output` is then in the jobs
+    /// directory).
+    #[serde(default)]
+    pub upload_to: Option<String>,
+}
+
+/// An input the job stages into the jobs directory as JSON Lines before its first row.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Source {
+    /// The object-store URI or the local path that was submitted.
+    pub from: String,
+    /// A `.npy` array: the model input its rows go to.
+    pub npy_input: Option<String>,
 }
 
 impl JobSpec {
+    /// Where the answers end up, as the user named it: the object's URI or the path.
+    pub fn output_name(&self) -> String {
+        self.upload_to
+            .clone()
+            .unwrap_or_else(|| self.output.display().to_string())
+    }
+
+    /// Removes what the job kept in the jobs directory and no longer needs once it ended:
+    /// the `.part` file, a staged input, and a local copy of an uploaded output (kept when it
+    /// succeeded and serves its published predictions).
+    fn discard_files(&self, succeeded: bool) {
+        let _ = std::fs::remove_file(self.part_path());
+        if self.source.is_some() {
+            let _ = std::fs::remove_file(&self.input);
+        }
+        if self.upload_to.is_some() && !(succeeded && self.publish) {
+            let _ = std::fs::remove_file(&self.output);
+        }
+    }
+
+    /// The input as the user named it.
+    pub fn input_name(&self) -> String {
+        self.source
+            .as_ref()
+            .map_or_else(|| self.input.display().to_string(), |s| s.from.clone())
+    }
+
     /// Where the output is written until it is complete.
     pub fn part_path(&self) -> PathBuf {
         let mut name = self.output.as_os_str().to_owned();
@@ -131,6 +177,9 @@ pub struct Checkpoint {
 pub struct JobRecord {
     pub id: String,
     pub spec: JobSpec,
+    /// The input is ready to read at `spec.input` (always, for a local JSON Lines input).
+    #[serde(default = "staged_by_default")]
+    pub staged: bool,
     pub state: JobState,
     /// Rows in the input (its non-blank lines), counted at submission.
     pub rows_total: u64,
@@ -139,6 +188,10 @@ pub struct JobRecord {
     pub message: Option<String>,
     pub created_unix_ms: u64,
     pub finished_unix_ms: Option<u64>,
+}
+
+fn staged_by_default() -> bool {
+    true
 }
 
 /// What a running job's task is told.
@@ -283,29 +336,37 @@ impl Jobs {
     pub fn submit(&self, submission: Submission) -> Result<Value, ServeError> {
         let record = submit::check(self, submission)?;
         let id = record.id.clone();
-        std::fs::create_dir_all(&self.inner.dir).map_err(|e| {
-            ServeError::invalid(format!(
-                "cannot make the jobs directory {}: {e}",
-                self.inner.dir.display()
-            ))
-        })?;
         if let Err(e) = store::save(&self.inner.dir, &record) {
             let _ = std::fs::remove_file(record.spec.part_path());
             return Err(ServeError::invalid(format!("cannot save the job: {e}")));
         }
-        tracing::info!(job = %id, model = %record.spec.model, input = %record.spec.input.display(), output = %record.spec.output.display(), rows = record.rows_total, "batch job submitted");
+        tracing::info!(job = %id, model = %record.spec.model, input = %record.spec.input_name(), output = %record.spec.output_name(), rows = record.rows_total, "batch job submitted");
         self.insert(record);
         self.spawn(&id);
         self.get(&id)
     }
 
-    /// Outputs of unfinished jobs (a second job may not write the same file).
-    fn outputs_in_use(&self) -> Vec<PathBuf> {
+    /// Outputs of unfinished jobs (a second job may not write the same file): paths and
+    /// URIs.
+    fn outputs_in_use(&self) -> Vec<String> {
         self.table()
             .values()
             .filter(|e| !e.record.state.finished())
-            .map(|e| e.record.spec.output.clone())
+            .map(|e| e.record.spec.output_name())
             .collect()
+    }
+
+    /// Runs `future` on the jobs' runtime and waits for it: for the object-store checks of a
+    /// submission, which runs on a blocking thread.
+    fn block_on<T: Send + 'static>(
+        &self,
+        future: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.inner.runtime.spawn(async move {
+            let _ = tx.send(future.await);
+        });
+        rx.recv().expect("the jobs' runtime runs")
     }
 
     /// Every job, newest first.
@@ -339,7 +400,7 @@ impl Jobs {
         entry.record.state = JobState::Cancelled;
         entry.record.finished_unix_ms = Some(now_ms());
         let _ = entry.signal.send(Signal::Cancel);
-        let _ = std::fs::remove_file(entry.record.spec.part_path());
+        entry.record.spec.discard_files(false);
         if let Err(e) = store::save(&self.inner.dir, &entry.record) {
             tracing::warn!(job = %id, error = %e, "cannot save the cancelled job's state");
         }
@@ -418,6 +479,23 @@ impl Jobs {
         true
     }
 
+    /// The input is staged with `rows` rows. False: the job is no longer running.
+    fn staged(&self, id: &str, rows: u64) -> bool {
+        let mut table = self.table();
+        let Some(entry) = table.get_mut(id) else {
+            return false;
+        };
+        if entry.record.state != JobState::Running {
+            return false;
+        }
+        entry.record.staged = true;
+        entry.record.rows_total = rows;
+        if let Err(e) = store::save(&self.inner.dir, &entry.record) {
+            tracing::warn!(job = %id, error = %e, "cannot save the job's state");
+        }
+        true
+    }
+
     /// A chunk is fsynced in the `.part` file: this is now where the job resumes.
     fn checkpoint(&self, id: &str, progress: &Checkpoint) -> Result<bool, String> {
         let mut table = self.table();
@@ -470,6 +548,7 @@ impl Jobs {
                 .map_err(|e| format!("the output is written but not published: {e}")),
             Ok(()) => Ok(()),
         };
+        spec.discard_files(finished.is_ok());
         match finished {
             Ok(()) => entry.record.state = JobState::Succeeded,
             Err(message) => {
@@ -496,7 +575,7 @@ impl Jobs {
             return;
         }
         tracing::warn!(job = %id, error = %message, "batch job failed");
-        let _ = std::fs::remove_file(entry.record.spec.part_path());
+        entry.record.spec.discard_files(false);
         if entry.record.spec.publish {
             self.inner
                 .published
@@ -531,13 +610,13 @@ fn view(entry: &Entry) -> Value {
         "state": record.state,
         "model": record.spec.model,
         "version": record.spec.version,
-        "input": record.spec.input,
-        "output": record.spec.output,
+        "input": record.spec.input_name(),
+        "output": record.spec.output_name(),
         "key_field": record.spec.key_field,
         "on_error": record.spec.on_error,
         "max_rows_per_sec": record.spec.max_rows_per_sec,
         "publish": record.spec.publish,
-        "rows_total": record.rows_total,
+        "rows_total": record.staged.then_some(record.rows_total),
         "rows_done": progress.rows_done,
         "rows_per_sec": rate.map(|r| (r * 10.0).round() / 10.0),
         "eta_secs": eta,

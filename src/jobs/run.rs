@@ -18,7 +18,8 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use super::{
-    Checkpoint, JobRecord, JobSpec, Jobs, OnError, RowError, Signal, KEPT_ERRORS, MAX_LINE_BYTES,
+    stage, Checkpoint, JobRecord, JobSpec, Jobs, OnError, RowError, Signal, KEPT_ERRORS,
+    MAX_LINE_BYTES,
 };
 use crate::actors::catalog::ServedModel;
 use crate::actors::served::{InferOptions, Priority};
@@ -59,7 +60,7 @@ enum Outcome {
 }
 
 pub(super) async fn run(jobs: Jobs, id: String, signal: watch::Receiver<Signal>) {
-    let Some(record) = jobs.record(&id) else {
+    let Some(mut record) = jobs.record(&id) else {
         return;
     };
     if !jobs.started(&id) {
@@ -71,7 +72,27 @@ pub(super) async fn run(jobs: Jobs, id: String, signal: watch::Receiver<Signal>)
         spec: &record.spec,
         signal,
     };
-    match job.drive(&record).await {
+    if !record.staged {
+        match job.unless_stopped(stage::stage(&record.spec)).await {
+            None => return,
+            Some(Err(message)) => return jobs.fail(&id, message),
+            Some(Ok(rows)) if jobs.staged(&id, rows) => record.rows_total = rows,
+            Some(Ok(_)) => return,
+        }
+    }
+    let outcome = match job.drive(&record).await {
+        Ok(Outcome::Done) => match &record.spec.upload_to {
+            Some(uri) => job
+                .unless_stopped(stage::deliver(&record.spec, uri))
+                .await
+                .map_or(Ok(Outcome::Stopped), |delivered| {
+                    delivered.map(|()| Outcome::Done)
+                }),
+            None => Ok(Outcome::Done),
+        },
+        other => other,
+    };
+    match outcome {
         Ok(Outcome::Done) => jobs.succeed(&id),
         Ok(Outcome::Stopped) => {}
         Err(message) => jobs.fail(&id, message),

@@ -63,7 +63,10 @@ mod tests {
                 on_error: OnError::Skip,
                 max_rows_per_sec: Some(5),
                 publish: false,
+                source: None,
+                upload_to: None,
             },
+            staged: true,
             state: JobState::Running,
             rows_total: 10,
             progress: Checkpoint {

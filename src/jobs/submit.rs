@@ -1,15 +1,18 @@
 //! Checking a job at submission, so that what can be known at once fails the request with a
-//! clear error instead of the job later: the model exists, the input file is there and
-//! readable (its rows counted), and the output can be written (its directory exists, the
-//! output does not, no other job writes it, and its `.part` file can be made, which is then
-//! the job's).
+//! clear error instead of the job later: the model exists, the input is there and readable (a
+//! local JSON Lines file's rows counted; an object's existence asked of its store), and the
+//! output can be written (a local one: its directory exists, the output does not, no other
+//! job writes it, and its `.part` file can be made, which is then the job's; an object: absent,
+//! and an object written beside it and removed).
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::{now_ms, Checkpoint, JobRecord, JobSpec, JobState, Jobs, OnError, MAX_LINE_BYTES};
+use super::{
+    now_ms, remote, Checkpoint, JobRecord, JobSpec, JobState, Jobs, OnError, Source, MAX_LINE_BYTES,
+};
 use crate::error::ServeError;
 
 /// The body of `POST /v2/jobs`.
@@ -19,9 +22,10 @@ pub struct Submission {
     pub model: String,
     #[serde(default)]
     pub version: Option<String>,
-    /// A JSON Lines file on the server: absolute, or relative to its working directory.
+    /// A JSON Lines file or a `.npy` array: a path on the server (absolute, or relative to its
+    /// working directory) or an object-store URI (`s3://bucket/path`).
     pub input: String,
-    /// Where the answers go (same rules); must not exist yet.
+    /// Where the answers go (a path or a URI); must not exist yet.
     pub output: String,
     /// The field of each line that is the row's key [default: `key`].
     #[serde(default)]
@@ -34,9 +38,13 @@ pub struct Submission {
     /// When it succeeds, serve its output by key (`GET /v2/models/{model}/predictions/{key}`).
     #[serde(default)]
     pub publish: bool,
+    /// For a `.npy` input: the model input its rows go to [default: the model's only input].
+    #[serde(default)]
+    pub input_name: Option<String>,
 }
 
 fn absolute(what: &str, path: &str) -> Result<PathBuf, ServeError> {
+    let path = path.strip_prefix("file://").unwrap_or(path);
     if path.trim().is_empty() {
         return Err(ServeError::invalid(format!("{what} is empty")));
     }
@@ -85,95 +93,141 @@ pub(super) fn check(jobs: &Jobs, submission: Submission) -> Result<JobRecord, Se
         on_error,
         max_rows_per_sec,
         publish,
+        input_name,
     } = submission;
     // The model, as a request would find it (a cold version is fine: the job loads it).
-    match jobs
+    let served = match jobs
         .inner
         .catalog
         .snapshot()
         .resolve(&model, version.as_deref())
     {
-        Ok(_) | Err(ServeError::ModelCold { .. }) => {}
+        Ok(served) => Some(served),
         Err(e @ (ServeError::ModelNotFound(_) | ServeError::VersionNotFound { .. })) => {
             return Err(e)
         }
-        Err(_) => {} // known but not serving now: the job waits for it
-    }
-    let input_path = absolute("input", &input)?;
-    match std::fs::metadata(&input_path) {
-        Ok(meta) if meta.is_file() => {}
-        Ok(_) => {
-            return Err(ServeError::invalid(format!(
-                "input '{}' is not a file",
-                input_path.display()
-            )))
-        }
-        Err(e) => {
-            return Err(ServeError::invalid(format!(
-                "input file '{}' cannot be read: {e}",
-                input_path.display()
-            )))
-        }
-    }
-    let rows_total = count_rows(&input_path)
-        .map_err(|e| {
-            ServeError::invalid(format!(
-                "input file '{}' cannot be read: {e}",
-                input_path.display()
-            ))
-        })?
-        .map_err(ServeError::invalid)?;
-    let output_path = absolute("output", &output)?;
-    if output_path == input_path {
-        return Err(ServeError::invalid("output is the input file"));
-    }
-    let unwritable = |why: String| {
-        ServeError::invalid(format!(
-            "output location '{}' is not writable: {why}",
-            output_path.display()
-        ))
+        Err(_) => None, // cold, or known but not serving now: the job waits for it
     };
-    let parent = output_path
-        .parent()
-        .ok_or_else(|| unwritable("it has no directory".into()))?;
-    if !parent.is_dir() {
-        return Err(unwritable(format!(
-            "directory '{}' does not exist",
-            parent.display()
-        )));
-    }
-    if output_path.exists() {
-        return Err(unwritable("it already exists".into()));
-    }
-    if jobs.outputs_in_use().contains(&output_path) {
-        return Err(unwritable("another job is writing it".into()));
-    }
+    let id = format!("job-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    std::fs::create_dir_all(&jobs.inner.dir).map_err(|e| {
+        ServeError::invalid(format!(
+            "cannot make the jobs directory {}: {e}",
+            jobs.inner.dir.display()
+        ))
+    })?;
+    let staged = |what: &str| jobs.inner.dir.join(format!("{id}.{what}"));
+
+    // The input: a local JSON Lines file is read where it is and counted now; an object or a
+    // `.npy` array is staged by the job into the jobs directory first (and counted then).
+    let npy = input.trim_end().to_ascii_lowercase().ends_with(".npy");
+    let npy_input = if npy {
+        Some(npy_input_name(input_name, served.as_ref())?)
+    } else if input_name.is_some() {
+        return Err(ServeError::invalid(
+            "input_name is for .npy inputs; a JSON Lines row names its inputs",
+        ));
+    } else {
+        None
+    };
+    let (input_path, source, rows_total) = match remote::parse(&input) {
+        Some(remote) => {
+            let remote = remote.map_err(ServeError::invalid)?;
+            jobs.block_on(async move { remote.check_input().await })
+                .map_err(ServeError::invalid)?;
+            let from = input.trim().to_string();
+            (staged("input.jsonl"), Some(Source { from, npy_input }), 0)
+        }
+        None => {
+            let path = absolute("input", &input)?;
+            readable_file(&path)?;
+            match npy_input {
+                Some(npy_input) => {
+                    let from = path.display().to_string();
+                    (
+                        staged("input.jsonl"),
+                        Some(Source {
+                            from,
+                            npy_input: Some(npy_input),
+                        }),
+                        0,
+                    )
+                }
+                None => {
+                    let rows = count_rows(&path)
+                        .map_err(|e| {
+                            ServeError::invalid(format!(
+                                "input file '{}' cannot be read: {e}",
+                                path.display()
+                            ))
+                        })?
+                        .map_err(ServeError::invalid)?;
+                    (path, None, rows)
+                }
+            }
+        }
+    };
+
+    // The output: a local file beside which `.part` is made now (proving the place
+    // writable); an object checked absent and writable, its rows written in the jobs
+    // directory and uploaded when complete.
+    let (output_path, upload_to) = match remote::parse(&output) {
+        Some(remote) => {
+            let remote = remote.map_err(ServeError::invalid)?;
+            let uri = remote.uri().to_string();
+            if source.as_ref().is_some_and(|s| s.from == uri) {
+                return Err(ServeError::invalid("output is the input"));
+            }
+            if jobs.outputs_in_use().contains(&uri) {
+                return Err(ServeError::invalid(format!(
+                    "output '{uri}' is not writable: another job is writing it"
+                )));
+            }
+            let scratch = staged("write-check");
+            jobs.block_on(async move { remote.check_output(&scratch).await })
+                .map_err(ServeError::invalid)?;
+            (staged("output.jsonl"), Some(uri))
+        }
+        None => {
+            let path = absolute("output", &output)?;
+            local_output(jobs, &path, &input_path)?;
+            (path, None)
+        }
+    };
     let spec = JobSpec {
         model,
         version,
         input: input_path,
-        output: output_path.clone(),
+        output: output_path,
         key_field: key_field
             .filter(|k| !k.is_empty())
             .unwrap_or_else(|| "key".into()),
         on_error: on_error.unwrap_or_default(),
         max_rows_per_sec: max_rows_per_sec.filter(|n| *n > 0),
         publish,
+        source,
+        upload_to,
     };
     // Making the `.part` file proves the location writable; it is the job's from now on.
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(spec.part_path())
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists => unwritable(format!(
-                "'{}' exists (a job writing there?)",
-                spec.part_path().display()
-            )),
-            _ => unwritable(e.to_string()),
+        .map_err(|e| {
+            let why = match e.kind() {
+                std::io::ErrorKind::AlreadyExists => format!(
+                    "'{}' exists (a job writing there?)",
+                    spec.part_path().display()
+                ),
+                _ => e.to_string(),
+            };
+            ServeError::invalid(format!(
+                "output location '{}' is not writable: {why}",
+                spec.output.display()
+            ))
         })?;
     Ok(JobRecord {
-        id: format!("job-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
+        id,
+        staged: spec.source.is_none(),
         spec,
         state: JobState::Queued,
         rows_total,
@@ -182,6 +236,85 @@ pub(super) fn check(jobs: &Jobs, submission: Submission) -> Result<JobRecord, Se
         created_unix_ms: now_ms(),
         finished_unix_ms: None,
     })
+}
+
+/// The model input a `.npy` array's rows go to: the one named, or the model's only input.
+fn npy_input_name(
+    named: Option<String>,
+    served: Option<&crate::actors::catalog::ServedModel>,
+) -> Result<String, ServeError> {
+    if let Some(name) = named.filter(|n| !n.is_empty()) {
+        if let Some(served) = served {
+            if !served.info.inputs.iter().any(|i| i.name == name) {
+                return Err(ServeError::invalid(format!(
+                    "input_name '{name}' is not an input of model '{}'",
+                    served.info.name
+                )));
+            }
+        }
+        return Ok(name);
+    }
+    match served.map(|s| s.info.inputs.as_slice()) {
+        Some([only]) => Ok(only.name.clone()),
+        Some(inputs) => Err(ServeError::invalid(format!(
+            "a .npy input feeds one model input: name it with input_name (one of: {})",
+            inputs
+                .iter()
+                .map(|i| i.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+        None => Err(ServeError::invalid(
+            "the model is not loaded, so its input is not known: name it with input_name",
+        )),
+    }
+}
+
+fn readable_file(path: &Path) -> Result<(), ServeError> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() => Ok(()),
+        Ok(_) => Err(ServeError::invalid(format!(
+            "input '{}' is not a file",
+            path.display()
+        ))),
+        Err(e) => Err(ServeError::invalid(format!(
+            "input file '{}' cannot be read: {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// A local output: not the input, in a directory that exists, not there yet, and no other
+/// job's.
+fn local_output(jobs: &Jobs, output: &Path, input: &Path) -> Result<(), ServeError> {
+    if output == input {
+        return Err(ServeError::invalid("output is the input file"));
+    }
+    let unwritable = |why: String| {
+        ServeError::invalid(format!(
+            "output location '{}' is not writable: {why}",
+            output.display()
+        ))
+    };
+    let parent = output
+        .parent()
+        .ok_or_else(|| unwritable("it has no directory".into()))?;
+    if !parent.is_dir() {
+        return Err(unwritable(format!(
+            "directory '{}' does not exist",
+            parent.display()
+        )));
+    }
+    if output.exists() {
+        return Err(unwritable("it already exists".into()));
+    }
+    if jobs
+        .outputs_in_use()
+        .contains(&output.display().to_string())
+    {
+        return Err(unwritable("another job is writing it".into()));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -230,6 +363,8 @@ mod tests {
             on_error: OnError::Stop,
             max_rows_per_sec: None,
             publish: false,
+            source: None,
+            upload_to: None,
         };
         assert_eq!(spec.part_path(), PathBuf::from("/data/out.jsonl.part"));
     }
