@@ -303,6 +303,10 @@ impl Router {
             let Some(slot) = self.replicas.next_idle() else {
                 break;
             };
+            let last_idle = self.replicas.idle() == 1 && self.replicas.healthy() > 1;
+            if last_idle && self.queue.low_waits_for_normal(now) {
+                break;
+            }
             match self.queue.due(now) {
                 Due::Empty => break,
                 Due::At(when) => {

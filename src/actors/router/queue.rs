@@ -4,7 +4,11 @@
 //! - **Admission**: a request is queued while the queue holds fewer than `max_queue`
 //!   requests ([`BatchQueue::has_room`]); the router decides what happens to the others.
 //! - **Lanes**: normal requests go first; low-priority ones (low-priority API keys, bulk jobs)
-//!   run only when no normal request waits, and may fill the rest of a normal batch.
+//!   run only when no normal request waits, in batches of their own: a normal batch is not
+//!   made longer (slower) by low-priority rows. While normal traffic is recent (within
+//!   [`NORMAL_RECENT`]), the router keeps its last idle worker for it
+//!   ([`BatchQueue::low_waits_for_normal`]), so that a normal request never queues behind a
+//!   low-priority batch on a model with more than one replica.
 //! - **When a batch is due** (Triton's dynamic batcher): at once for a model without a batch
 //!   axis; otherwise when `max_batch_size` rows wait, or when the request that would go next
 //!   has waited `max_queue_delay` ([`BatchQueue::due`]).
@@ -70,9 +74,15 @@ pub enum Due {
     At(Instant),
 }
 
+/// How long after the last normal request low-priority batches leave a worker free for the
+/// next one.
+pub const NORMAL_RECENT: Duration = Duration::from_secs(1);
+
 pub struct BatchQueue<T> {
     /// Normal, then low priority.
     lanes: [VecDeque<T>; 2],
+    /// When the latest normal request entered the queue.
+    last_normal: Option<Instant>,
     rows: usize,
     policy: BatchPolicy,
 }
@@ -88,6 +98,7 @@ impl<T: Queued> BatchQueue<T> {
     pub fn new(policy: BatchPolicy) -> BatchQueue<T> {
         BatchQueue {
             lanes: [VecDeque::new(), VecDeque::new()],
+            last_normal: None,
             rows: 0,
             policy,
         }
@@ -112,6 +123,9 @@ impl<T: Queued> BatchQueue<T> {
 
     /// Queues at the back of its lane (the caller checked [`has_room`](Self::has_room)).
     pub fn push(&mut self, item: T) {
+        if item.priority() == Priority::Normal {
+            self.last_normal = self.last_normal.max(Some(item.enqueued()));
+        }
         self.rows += item.rows();
         self.lanes[lane(item.priority())].push_back(item);
     }
@@ -121,6 +135,15 @@ impl<T: Queued> BatchQueue<T> {
     pub fn push_front(&mut self, item: T) {
         self.rows += item.rows();
         self.lanes[lane(item.priority())].push_front(item);
+    }
+
+    /// The next batch would be low priority while normal traffic is recent: the router does
+    /// not give it its last idle worker.
+    pub fn low_waits_for_normal(&self, now: Instant) -> bool {
+        self.next_lane() == Some(1)
+            && self
+                .last_normal
+                .is_some_and(|t| now.saturating_duration_since(t) < NORMAL_RECENT)
     }
 
     /// The lane the next batch comes from.
@@ -175,9 +198,10 @@ impl<T: Queued> BatchQueue<T> {
         dead
     }
 
-    /// The next batch: the next request and every later one that fits beside it within
-    /// `max_batch_size` rows and that `batches_with(candidate, first)` accepts (same shapes off
-    /// the batch axis). Dead entries met on the way are put in `dead`. Empty when the queue is.
+    /// The next batch: the next request and every later one of its lane that fits beside it
+    /// within `max_batch_size` rows and that `batches_with(candidate, first)` accepts (same
+    /// shapes off the batch axis). Dead entries met on the way are put in `dead`. Empty when
+    /// the queue is.
     pub fn take_batch(
         &mut self,
         now: Instant,
@@ -199,23 +223,22 @@ impl<T: Queued> BatchQueue<T> {
         let max = self.policy.max_batch_size;
         // Bound the scan so that a queue of incompatible shapes cannot make dispatch quadratic.
         let mut scanned = 0;
-        for l in first_lane..2 {
-            let mut i = 0;
-            while i < self.lanes[l].len() && rows < max && scanned < 4 * max {
-                scanned += 1;
-                let candidate = &self.lanes[l][i];
-                if candidate.dead(now) {
-                    let gone = self.lanes[l].remove(i).expect("index in range");
-                    self.rows -= gone.rows();
-                    dead.push(gone);
-                } else if rows + candidate.rows() <= max && batches_with(candidate, &items[0]) {
-                    let taken = self.lanes[l].remove(i).expect("index in range");
-                    self.rows -= taken.rows();
-                    rows += taken.rows();
-                    items.push(taken);
-                } else {
-                    i += 1;
-                }
+        let lane = &mut self.lanes[first_lane];
+        let mut i = 0;
+        while i < lane.len() && rows < max && scanned < 4 * max {
+            scanned += 1;
+            let candidate = &lane[i];
+            if candidate.dead(now) {
+                let gone = lane.remove(i).expect("index in range");
+                self.rows -= gone.rows();
+                dead.push(gone);
+            } else if rows + candidate.rows() <= max && batches_with(candidate, &items[0]) {
+                let taken = lane.remove(i).expect("index in range");
+                self.rows -= taken.rows();
+                rows += taken.rows();
+                items.push(taken);
+            } else {
+                i += 1;
             }
         }
         items
@@ -409,12 +432,19 @@ mod tests {
         q.push(item(3, 1, t0 + MS));
         q.push(item(4, 1, t0 + MS));
         let mut dead = Vec::new();
-        // Normal first; low priority fills the rest of the batch.
+        // Normal first, in a batch of its own; the last normal request is 1 ms old, so the
+        // low-priority batch waits for a worker to spare.
+        assert!(!q.low_waits_for_normal(t0 + MS));
         assert_eq!(
             ids(&q.take_batch(t0 + MS, same_shape, &mut dead)),
-            vec![3, 4, 1]
+            vec![3, 4]
         );
-        assert_eq!(ids(&q.take_batch(t0 + MS, same_shape, &mut dead)), vec![2]);
+        assert!(q.low_waits_for_normal(t0 + MS));
+        assert!(!q.low_waits_for_normal(t0 + MS + NORMAL_RECENT));
+        assert_eq!(
+            ids(&q.take_batch(t0 + MS, same_shape, &mut dead)),
+            vec![1, 2]
+        );
         // The delay counts from the request that goes next.
         let mut bulk = item(5, 1, t0);
         bulk.priority = Priority::Low;
