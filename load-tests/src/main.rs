@@ -77,9 +77,9 @@ enum Command {
     /// at the switch, checkpoint bytes and CPU. Needs haproxy and the release streamserve
     /// binary. About 75 s.
     StreamsFleet(streams_fleet::StreamsFleetOptions),
-    /// The whole suite in one command: the bench, protocols, monitoring, streams-bench, overload (unpinned
+    /// The whole suite in one command: the bench, protocols, monitoring, jobs, streams-bench, overload (unpinned
     /// and pinned), timeline, fleet and streams-fleet scenarios (load-tests/scenarios/), one
-    /// after the other, then the capacity plan from their results. About 21 minutes on 2 cores.
+    /// after the other, then the capacity plan from their results. About 23 minutes on 2 cores.
     Suite {
         /// Leave out the FastAPI peer in the bench.
         #[arg(long)]

@@ -35,10 +35,11 @@ pub const KINDS: [&str; 11] = [
 /// The scenario files (in `load-tests/scenarios/`) `loadgen suite` runs, in order: every
 /// benchmark that starts its own server (in-process, or pinned to a CPU of its own), and the
 /// fleet drills (their own instances, haproxy, and for `fleet` an S3 server).
-pub const SUITE: [&str; 9] = [
+pub const SUITE: [&str; 10] = [
     "rest-mlp.toml",
     "protocols-mlp.toml",
     "monitoring-mlp.toml",
+    "jobs-mlp.toml",
     "streams-vad.toml",
     "overload-mlp.toml",
     "overload-mlp-pinned.toml",
@@ -159,6 +160,7 @@ mod tests {
                     "bench",
                     "protocols",
                     "monitoring",
+                    "jobs",
                     "streams-bench",
                     "overload",
                     "timeline",
