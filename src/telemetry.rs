@@ -259,9 +259,49 @@ pub fn register_fleet_series() {
     }
 }
 
+/// Batch jobs and their published predictions (docs/jobs.md).
+fn describe_jobs() {
+    describe_gauge!(
+        "streamserve_jobs",
+        Unit::Count,
+        "Batch jobs this server knows, by state (queued, running, succeeded, failed, cancelled)"
+    );
+    describe_counter!(
+        "streamserve_job_rows_total",
+        Unit::Count,
+        "Rows batch jobs have durably written (answers and error lines), by model"
+    );
+    describe_gauge!(
+        "streamserve_predictions_age_seconds",
+        Unit::Seconds,
+        "Age of a model's published predictions: seconds since the job that computed them finished"
+    );
+    describe_gauge!(
+        "streamserve_predictions_computed_timestamp_seconds",
+        Unit::Seconds,
+        "When a model's published predictions were computed (Unix time)"
+    );
+    describe_gauge!(
+        "streamserve_predictions_keys",
+        Unit::Count,
+        "Keys in a model's published predictions"
+    );
+    describe_counter!(
+        "streamserve_predictions_lookups_total",
+        Unit::Count,
+        "Lookups of published predictions by key, by model and result (hit, miss, online: a miss answered by online inference)"
+    );
+    describe_counter!(
+        "streamserve_predictions_refresh_failures_total",
+        Unit::Count,
+        "Publishing jobs that failed, leaving the model's previous predictions serving"
+    );
+}
+
 /// HELP text and unit for every metric the server emits (the exporter writes `# HELP` only
 /// for described ones), and the process-wide series at 0.
 fn describe() {
+    describe_jobs();
     describe_counter!(
         "streamserve_requests_total",
         Unit::Count,

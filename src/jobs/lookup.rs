@@ -174,6 +174,7 @@ impl Tables {
     }
 
     fn set(&self, model: &str, table: Table) {
+        self.expect_refresh(model);
         ::metrics::gauge!("streamserve_predictions_keys", "model" => model.to_string())
             .set(table.index.len() as f64);
         ::metrics::gauge!("streamserve_predictions_computed_timestamp_seconds", "model" => model.to_string())
@@ -201,6 +202,13 @@ impl Tables {
             .remove(model);
         tracing::info!(model = %model, job = %job, keys, "predictions published");
         Ok(())
+    }
+
+    /// A job will publish `model`'s predictions: its failures counter exists from 0 (a counter
+    /// that appears with its first failure hides that failure from `increase()`).
+    pub fn expect_refresh(&self, model: &str) {
+        ::metrics::counter!("streamserve_predictions_refresh_failures_total", "model" => model.to_string())
+            .increment(0);
     }
 
     /// A job that was to publish `model`'s predictions failed: the previous table stays.

@@ -12,6 +12,7 @@
 
 mod lookup;
 mod npy;
+mod record;
 mod remote;
 mod run;
 mod stage;
@@ -24,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use actix::Addr;
-use serde::{Deserialize, Serialize};
+
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
@@ -33,166 +34,11 @@ use crate::actors::supervisor::Supervisor;
 use crate::error::ServeError;
 
 pub use lookup::Lookup;
+pub use record::{
+    Checkpoint, JobRecord, JobSpec, JobState, OnError, RowError, Source, KEPT_ERRORS,
+    MAX_LINE_BYTES,
+};
 pub use submit::Submission;
-
-/// What a job does with a row it cannot run (malformed JSON, a tensor that does not decode or
-/// does not fit the model).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnError {
-    /// The job fails at the first bad row, naming its line; its output is removed.
-    #[default]
-    Stop,
-    /// The row's output line carries `"error"`; the job goes on and counts it.
-    Skip,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobState {
-    Queued,
-    Running,
-    Succeeded,
-    Failed,
-    Cancelled,
-}
-
-impl JobState {
-    pub fn name(self) -> &'static str {
-        match self {
-            JobState::Queued => "queued",
-            JobState::Running => "running",
-            JobState::Succeeded => "succeeded",
-            JobState::Failed => "failed",
-            JobState::Cancelled => "cancelled",
-        }
-    }
-
-    pub fn finished(self) -> bool {
-        matches!(
-            self,
-            JobState::Succeeded | JobState::Failed | JobState::Cancelled
-        )
-    }
-}
-
-/// What was asked for, checked at submission (absolute paths).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct JobSpec {
-    pub model: String,
-    pub version: Option<String>,
-    pub input: PathBuf,
-    pub output: PathBuf,
-    pub key_field: String,
-    pub on_error: OnError,
-    pub max_rows_per_sec: Option<u32>,
-    /// When it succeeds, its output becomes the model's published predictions.
-    #[serde(default)]
-    pub publish: bool,
-    /// Where the rows come from when `input` is a copy the job makes before its first row.
-    #[serde(default)]
-    pub source: Option<Source>,
-    /// The object the output is uploaded to when complete (`output` is then in the jobs
-    /// directory).
-    #[serde(default)]
-    pub upload_to: Option<String>,
-}
-
-/// An input the job stages into the jobs directory as JSON Lines before its first row.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Source {
-    /// The object-store URI or the local path that was submitted.
-    pub from: String,
-    /// A `.npy` array: the model input its rows go to.
-    pub npy_input: Option<String>,
-}
-
-impl JobSpec {
-    /// Where the answers end up, as the user named it: the object's URI or the path.
-    pub fn output_name(&self) -> String {
-        self.upload_to
-            .clone()
-            .unwrap_or_else(|| self.output.display().to_string())
-    }
-
-    /// Removes what the job kept in the jobs directory and no longer needs once it ended:
-    /// the `.part` file, a staged input, and a local copy of an uploaded output (kept when it
-    /// succeeded and serves its published predictions).
-    fn discard_files(&self, succeeded: bool) {
-        let _ = std::fs::remove_file(self.part_path());
-        if self.source.is_some() {
-            let _ = std::fs::remove_file(&self.input);
-        }
-        if self.upload_to.is_some() && !(succeeded && self.publish) {
-            let _ = std::fs::remove_file(&self.output);
-        }
-    }
-
-    /// The input as the user named it.
-    pub fn input_name(&self) -> String {
-        self.source
-            .as_ref()
-            .map_or_else(|| self.input.display().to_string(), |s| s.from.clone())
-    }
-
-    /// Where the output is written until it is complete.
-    pub fn part_path(&self) -> PathBuf {
-        let mut name = self.output.as_os_str().to_owned();
-        name.push(".part");
-        PathBuf::from(name)
-    }
-}
-
-/// A row that could not be run.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct RowError {
-    pub line: u64,
-    pub error: String,
-}
-
-/// How many bad rows a job keeps the line numbers of (it counts them all).
-pub const KEPT_ERRORS: usize = 20;
-
-/// Longest input line (one row, read whole into memory): the default request body bound.
-pub const MAX_LINE_BYTES: usize = 64 * 1024 * 1024;
-
-/// How far a job has durably got: everything here is in the `.part` file, fsynced.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct Checkpoint {
-    /// Rows answered (or written as errors).
-    pub rows_done: u64,
-    /// The input's line number of the last row written (1-based; 0 before the first).
-    pub line: u64,
-    /// Bytes of the input consumed by those rows.
-    pub input_bytes: u64,
-    /// Bytes of the `.part` file that are complete.
-    pub part_bytes: u64,
-    pub errors: u64,
-    /// The first [`KEPT_ERRORS`] bad rows.
-    pub first_errors: Vec<RowError>,
-}
-
-/// One job as its state file keeps it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct JobRecord {
-    pub id: String,
-    pub spec: JobSpec,
-    /// The input is ready to read at `spec.input` (always, for a local JSON Lines input).
-    #[serde(default = "staged_by_default")]
-    pub staged: bool,
-    pub state: JobState,
-    /// Rows in the input (its non-blank lines), counted at submission.
-    pub rows_total: u64,
-    pub progress: Checkpoint,
-    /// Why it failed.
-    pub message: Option<String>,
-    pub created_unix_ms: u64,
-    pub finished_unix_ms: Option<u64>,
-}
-
-fn staged_by_default() -> bool {
-    true
-}
 
 /// What a running job's task is told.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -293,6 +139,9 @@ impl Jobs {
         for record in records {
             let unfinished = !record.state.finished();
             let id = record.id.clone();
+            if unfinished && record.spec.publish {
+                jobs.inner.published.expect_refresh(&record.spec.model);
+            }
             jobs.insert(record);
             if unfinished {
                 tracing::info!(job = %id, "resuming batch job");
@@ -341,6 +190,9 @@ impl Jobs {
             return Err(ServeError::invalid(format!("cannot save the job: {e}")));
         }
         tracing::info!(job = %id, model = %record.spec.model, input = %record.spec.input_name(), output = %record.spec.output_name(), rows = record.rows_total, "batch job submitted");
+        if record.spec.publish {
+            self.inner.published.expect_refresh(&record.spec.model);
+        }
         self.insert(record);
         self.spawn(&id);
         self.get(&id)

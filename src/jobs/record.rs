@@ -1,0 +1,166 @@
+//! What a job is, as its state file keeps it (`store.rs`) and the API shows it: what was
+//! asked for ([`JobSpec`]), where it stands ([`JobState`], [`Checkpoint`]), and the rules of
+//! its files (where its `.part` file sits, what it may remove when it ends).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// What a job does with a row it cannot run (malformed JSON, a tensor that does not decode or
+/// does not fit the model).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// The job fails at the first bad row, naming its line; its output is removed.
+    #[default]
+    Stop,
+    /// The row's output line carries `"error"`; the job goes on and counts it.
+    Skip,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn name(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn finished(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+/// What was asked for, checked at submission (absolute paths).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub model: String,
+    pub version: Option<String>,
+    pub input: PathBuf,
+    pub output: PathBuf,
+    pub key_field: String,
+    pub on_error: OnError,
+    pub max_rows_per_sec: Option<u32>,
+    /// When it succeeds, its output becomes the model's published predictions.
+    #[serde(default)]
+    pub publish: bool,
+    /// Where the rows come from when `input` is a copy the job makes before its first row.
+    #[serde(default)]
+    pub source: Option<Source>,
+    /// The object the output is uploaded to when complete (`output` is then in the jobs
+    /// directory).
+    #[serde(default)]
+    pub upload_to: Option<String>,
+}
+
+/// An input the job stages into the jobs directory as JSON Lines before its first row.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Source {
+    /// The object-store URI or the local path that was submitted.
+    pub from: String,
+    /// A `.npy` array: the model input its rows go to.
+    pub npy_input: Option<String>,
+}
+
+impl JobSpec {
+    /// Where the answers end up, as the user named it: the object's URI or the path.
+    pub fn output_name(&self) -> String {
+        self.upload_to
+            .clone()
+            .unwrap_or_else(|| self.output.display().to_string())
+    }
+
+    /// Removes what the job kept in the jobs directory and no longer needs once it ended:
+    /// the `.part` file, a staged input, and a local copy of an uploaded output (kept when it
+    /// succeeded and serves its published predictions).
+    pub(super) fn discard_files(&self, succeeded: bool) {
+        let _ = std::fs::remove_file(self.part_path());
+        if self.source.is_some() {
+            let _ = std::fs::remove_file(&self.input);
+        }
+        if self.upload_to.is_some() && !(succeeded && self.publish) {
+            let _ = std::fs::remove_file(&self.output);
+        }
+    }
+
+    /// The input as the user named it.
+    pub fn input_name(&self) -> String {
+        self.source
+            .as_ref()
+            .map_or_else(|| self.input.display().to_string(), |s| s.from.clone())
+    }
+
+    /// Where the output is written until it is complete.
+    pub fn part_path(&self) -> PathBuf {
+        let mut name = self.output.as_os_str().to_owned();
+        name.push(".part");
+        PathBuf::from(name)
+    }
+}
+
+/// A row that could not be run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RowError {
+    pub line: u64,
+    pub error: String,
+}
+
+/// How many bad rows a job keeps the line numbers of (it counts them all).
+pub const KEPT_ERRORS: usize = 20;
+
+/// Longest input line (one row, read whole into memory): the default request body bound.
+pub const MAX_LINE_BYTES: usize = 64 * 1024 * 1024;
+
+/// How far a job has durably got: everything here is in the `.part` file, fsynced.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Rows answered (or written as errors).
+    pub rows_done: u64,
+    /// The input's line number of the last row written (1-based; 0 before the first).
+    pub line: u64,
+    /// Bytes of the input consumed by those rows.
+    pub input_bytes: u64,
+    /// Bytes of the `.part` file that are complete.
+    pub part_bytes: u64,
+    pub errors: u64,
+    /// The first [`KEPT_ERRORS`] bad rows.
+    pub first_errors: Vec<RowError>,
+}
+
+/// One job as its state file keeps it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub spec: JobSpec,
+    /// The input is ready to read at `spec.input` (always, for a local JSON Lines input).
+    #[serde(default = "staged_by_default")]
+    pub staged: bool,
+    pub state: JobState,
+    /// Rows in the input (its non-blank lines), counted at submission.
+    pub rows_total: u64,
+    pub progress: Checkpoint,
+    /// Why it failed.
+    pub message: Option<String>,
+    pub created_unix_ms: u64,
+    pub finished_unix_ms: Option<u64>,
+}
+
+fn staged_by_default() -> bool {
+    true
+}
