@@ -20,7 +20,10 @@ for f in mlp mlp_small typed_ops vad_energy mlp_slow; do
 done
 
 echo "== cargo test"
-cargo build --release --locked --all-targets
+# --workspace in both: the same packages resolve the same dependency features, so the test
+# run reuses this build (without it, load-tests' features rebuilt ort, object_store and
+# streamserve itself, ~6 of CI's minutes).
+cargo build --release --locked --workspace --all-targets
 cargo test --release --locked --workspace
 
 echo "== fuzz: each parser's target for a few seconds (fuzz/README.md runs them longer)"

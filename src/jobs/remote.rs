@@ -50,7 +50,9 @@ pub(super) fn parse(uri: &str) -> Option<Result<Remote, String>> {
 /// A storage error as a job or a submission says it.
 fn described(uri: &str, e: RegistryError) -> String {
     match e {
-        RegistryError::Unreachable(why) => format!("'{uri}': the object store failed: {why}"),
+        RegistryError::Unreachable(why) => format!(
+            "'{uri}': the object store failed: {why} (its endpoint and credentials come from the server's environment: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION; GOOGLE_*; AZURE_*)"
+        ),
         RegistryError::NotFound(_) => format!("'{uri}' does not exist"),
         other => format!("'{uri}': {other}"),
     }
