@@ -382,18 +382,24 @@ pub struct ServerResults {
 }
 
 /// Runs the whole benchmark and writes its report. Takes about
+/// The model file a benchmark loads, as an absolute path, and its sha256 (for the manifest
+/// and the report).
+pub fn model_file_and_sha256(file: &Path) -> anyhow::Result<(PathBuf, String)> {
+    let model_file = file
+        .canonicalize()
+        .with_context(|| format!("model file {} not found", file.display()))?;
+    let sha256 = streamserve::manifest::sha256_file(&model_file)
+        .with_context(|| format!("cannot read {}", model_file.display()))?;
+    Ok((model_file, sha256))
+}
+
 /// 2 × (warm-up + duration) × levels + 2 × ceiling time, plus start-up.
 pub fn run(options: &BenchOptions) -> anyhow::Result<crate::report::Outcome> {
     if options.concurrencies.is_empty() || options.concurrencies.len() > 16 {
         bail!("give 1 to 16 concurrency levels");
     }
     let start = crate::report::Start::now(options.common.out.as_deref(), "rest-mlp");
-    let model_file = options
-        .model_file
-        .canonicalize()
-        .with_context(|| format!("model file {} not found", options.model_file.display()))?;
-    let sha256 = streamserve::manifest::sha256_file(&model_file)
-        .with_context(|| format!("cannot read {}", model_file.display()))?;
+    let (model_file, sha256) = crate::bench::model_file_and_sha256(&options.model_file)?;
 
     streamserve::runtime::init(None).map_err(anyhow::Error::msg)?;
     eprintln!("[bench] in-process ceiling: 2 threads x 1 session (intra_threads=1), batch 64 ...");

@@ -227,12 +227,7 @@ pub fn run(options: &JobsOptions) -> anyhow::Result<crate::report::Outcome> {
         "give 1 to 16 concurrency levels"
     );
     let start = crate::report::Start::now(options.common.out.as_deref(), "jobs-mlp");
-    let model_file = options
-        .model_file
-        .canonicalize()
-        .with_context(|| format!("model file {} not found", options.model_file.display()))?;
-    let sha256 = streamserve::manifest::sha256_file(&model_file)
-        .with_context(|| format!("cannot read {}", model_file.display()))?;
+    let (model_file, sha256) = crate::bench::model_file_and_sha256(&options.model_file)?;
     let setup = ServerSetup::batching_on();
     // The job's files live beside the manifest, and go with it.
     let models = TempModelDir::create("jobs", &setup.manifest(&model_file, &sha256))?;

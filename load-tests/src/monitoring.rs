@@ -8,7 +8,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use serde_json::{json, Value};
 use streamserve::config::{Config, GrpcPort};
 
@@ -90,12 +89,7 @@ pub fn run(options: &MonitoringOptions) -> anyhow::Result<crate::report::Outcome
         "give 1 to 16 concurrency levels"
     );
     let start = crate::report::Start::now(options.common.out.as_deref(), "monitoring-mlp");
-    let model_file = options
-        .model_file
-        .canonicalize()
-        .with_context(|| format!("model file {} not found", options.model_file.display()))?;
-    let sha256 = streamserve::manifest::sha256_file(&model_file)
-        .with_context(|| format!("cannot read {}", model_file.display()))?;
+    let (model_file, sha256) = crate::bench::model_file_and_sha256(&options.model_file)?;
     let setup = ServerSetup::batching_on();
     let models = TempModelDir::create("monitoring", &setup.manifest(&model_file, &sha256))?;
     let mut servers = Vec::new();

@@ -38,12 +38,7 @@ struct Target {
 pub fn run(options: &ProtocolsOptions) -> anyhow::Result<crate::report::Outcome> {
     options.check()?;
     let start = crate::report::Start::now(options.common.out.as_deref(), "protocols-mlp");
-    let model_file = options
-        .model_file
-        .canonicalize()
-        .with_context(|| format!("model file {} not found", options.model_file.display()))?;
-    let sha256 = streamserve::manifest::sha256_file(&model_file)
-        .with_context(|| format!("cannot read {}", model_file.display()))?;
+    let (model_file, sha256) = crate::bench::model_file_and_sha256(&options.model_file)?;
 
     let setup = ServerSetup::batching_on();
     let models = TempModelDir::create("protocols", &setup.manifest(&model_file, &sha256))?;
