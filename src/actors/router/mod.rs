@@ -3,7 +3,8 @@
 //!
 //! Batching follows Triton's dynamic batcher: a batch is dispatched when `max_batch_size` rows
 //! are waiting, or when the oldest request has waited `max_queue_delay`, whichever comes
-//! first, and only to an idle worker. While every worker is busy the queue keeps filling, so
+//! first, and only to an idle worker (a low-priority batch not to the last idle one while
+//! normal traffic is recent: [`queue::NORMAL_RECENT`]). While every worker is busy the queue keeps filling, so
 //! batches grow with load on their own.
 //!
 //! Admission, in order: a request goes to this model's queue while the model has a healthy
@@ -20,10 +21,11 @@
 //!
 //! The rules live in plain parts this actor wires together: [`queue`] (lanes, when a batch is
 //! due and what it holds, expiry, predicted wait), [`replicas`] (which worker is idle, busy or
-//! hung) and [`scaling`] (when to add or remove a replica); [`control`] holds the admin and
-//! supervisor messages. The actor owns their state, the timers, the metrics, and the workers'
+//! hung) and [`scaling`] (when to add or remove a replica; `autoscale.rs` carries that out);
+//! [`control`] holds the admin and supervisor messages. The actor owns their state, the timers, the metrics, and the workers'
 //! channels.
 
+mod autoscale;
 mod control;
 pub mod queue;
 mod replicas;
@@ -49,7 +51,7 @@ pub use control::{Drain, InjectFault, RouterStatus, Status};
 pub use queue::Priority;
 use queue::{BatchPolicy, BatchQueue, Due};
 use replicas::{InFlight, Replicas, Slot};
-use scaling::{Autoscaler, Load, Scale};
+use scaling::Autoscaler;
 
 /// How often queued deadlines and running batches are checked.
 const WATCH_INTERVAL: Duration = Duration::from_millis(50);
@@ -432,67 +434,6 @@ impl Router {
             self.publish_queue();
         }
         self.dispatch(ctx);
-    }
-
-    /// Adds or removes a replica as [`scaling`] decides, within the shared CPU and memory
-    /// budgets.
-    fn autoscale(&mut self, ctx: &mut Context<Self>) {
-        let now = Instant::now();
-        let rows_per_batch = self.info.batching.max_batch_size.max(1);
-        let load = Load {
-            active: self.replicas.busy() > 0 || !self.queue.is_empty(),
-            pressure: self.queue.rows() > rows_per_batch * self.replicas.healthy().max(1)
-                && self.replicas.all_busy(),
-            replicas: self.replicas.len(),
-            newest_idle: self
-                .replicas
-                .slots
-                .last()
-                .is_some_and(|s| s.in_flight.is_none()),
-        };
-        let threads = self.recipe.entry.intra_threads;
-        let memory_mb = replica_memory_mb(self.info.resources.model_file_bytes);
-        match self.scaler.decide(load, now) {
-            Scale::Hold => {}
-            Scale::Up => {
-                if !self.budgets.cpu.try_take(threads) {
-                    return; // the machine is full: the queue (and fallback) absorb the load
-                }
-                if self
-                    .budgets
-                    .memory
-                    .try_take(self.info.device, memory_mb)
-                    .is_err()
-                {
-                    self.budgets.cpu.give_back(threads);
-                    return;
-                }
-                self.scaler.started_adding();
-                let replica = self.replicas.len();
-                let faults = FaultQueue::default();
-                self.replicas.slots.push(Slot::new(faults.clone(), now));
-                tracing::info!(model = %self.info.name, version = %self.info.version, replica, "scaling up");
-                metrics::counter!("streamserve_scale_events_total", "model" => self.info.name.clone(), "direction" => "up").increment(1);
-                metrics::gauge!("streamserve_replicas", &self.labels)
-                    .set(self.replicas.len() as f64);
-                let started = restart(self.recipe.clone(), replica, 0, faults, Duration::ZERO);
-                ctx.spawn(started.into_actor(self).map(|started, router, ctx| {
-                    router.scaler.added();
-                    ctx.notify(Attach(started));
-                }));
-            }
-            Scale::Down => {
-                let last = self.replicas.len() - 1;
-                self.replicas.slots.pop();
-                self.budgets.cpu.give_back(threads);
-                self.budgets.memory.give_back(self.info.device, memory_mb);
-                tracing::info!(model = %self.info.name, version = %self.info.version, replica = last, "scaling down");
-                metrics::counter!("streamserve_scale_events_total", "model" => self.info.name.clone(), "direction" => "down").increment(1);
-                metrics::gauge!("streamserve_replicas", &self.labels)
-                    .set(self.replicas.len() as f64);
-                self.publish_health();
-            }
-        }
     }
 
     /// Periodic watch: deadlines of queued requests, and batches running far too long.
