@@ -76,6 +76,20 @@ async fn published_predictions_are_served_by_key_through_a_failed_refresh_and_a_
     assert_eq!(status, 200, "{info}");
     assert_eq!(info["job"], first_id);
     assert_eq!(info["keys"], 300);
+    // The status page shows it, without the server's paths.
+    let (status, page) = call(
+        &c,
+        reqwest::Method::GET,
+        &format!("{url}/status"),
+        None,
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["jobs"]["states"]["succeeded"], 1, "{page}");
+    assert_eq!(page["jobs"]["predictions"][0]["model"], "mlp");
+    assert_eq!(page["jobs"]["predictions"][0]["keys"], 300);
+    assert!(page["jobs"]["predictions"][0].get("output").is_none());
 
     // A key answers as the model does online, with the time it was computed.
     let (status, answer, age, source) = lookup(&c, &url, "row-7").await;

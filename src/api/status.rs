@@ -179,6 +179,7 @@ async fn status(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResp
         "models": models,
         "rollouts": rollouts,
         "fleet": state.fleet.as_ref().map(|fleet| fleet_summary(&fleet.status())),
+        "jobs": state.jobs.summary(),
     });
     redact_credentials(&mut answer);
     Ok(HttpResponse::Ok()

@@ -306,6 +306,28 @@ impl Tables {
         Some(info)
     }
 
+    /// Every model's [`info`](Self::info), by model name.
+    pub fn all_info(&self) -> Vec<Value> {
+        let mut models: Vec<String> = self
+            .tables
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        models.sort();
+        models
+            .into_iter()
+            .filter_map(|model| {
+                let mut info = self.info(&model)?;
+                info["model"] = json!(model);
+                // The status page shows no server paths.
+                info.as_object_mut()?.remove("output");
+                Some(info)
+            })
+            .collect()
+    }
+
     /// Sets each table's age gauge, for a scrape.
     pub fn record_ages(&self) {
         let now = now_ms();

@@ -290,6 +290,35 @@ impl Jobs {
         self.inner.published.info(model)
     }
 
+    /// What the status page shows (no paths): jobs per state, the unfinished ones' progress,
+    /// and each model's published predictions.
+    pub fn summary(&self) -> Value {
+        let mut states = serde_json::Map::new();
+        let mut active = Vec::new();
+        for entry in self.table().values() {
+            let state = entry.record.state;
+            let n = states
+                .get(state.name())
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            states.insert(state.name().into(), json!(n + 1));
+            if !state.finished() {
+                let full = view(entry);
+                active.push(json!({
+                    "id": full["id"], "model": full["model"], "state": full["state"],
+                    "rows_done": full["rows_done"], "rows_total": full["rows_total"],
+                    "rows_per_sec": full["rows_per_sec"], "eta_secs": full["eta_secs"],
+                    "errors": full["errors"], "publish": full["publish"],
+                }));
+            }
+        }
+        json!({
+            "states": states,
+            "active": active,
+            "predictions": self.inner.published.all_info(),
+        })
+    }
+
     /// Sets the gauges read at a scrape: jobs per state, the age of each published table.
     pub fn record_metrics(&self) {
         let mut states: BTreeMap<&'static str, u64> =
