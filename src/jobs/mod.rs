@@ -79,6 +79,20 @@ pub struct Jobs {
 /// How long the shutdown waits for running jobs to stop.
 const STOP_WAIT: Duration = Duration::from_secs(10);
 
+/// The nice value of the jobs' threads: reading, decoding and writing rows yields the CPU to
+/// the HTTP workers and the model's workers whenever they want it.
+const JOB_NICE: libc::c_int = 10;
+
+/// Lowers the calling thread's scheduling priority (on Linux `setpriority` with `who = 0`
+/// applies to the calling thread only). Best effort: a failure leaves it as it was.
+fn lower_priority() {
+    // SAFETY: setpriority takes plain integers and touches no memory of ours.
+    let failed = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, JOB_NICE) } != 0;
+    if failed {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot lower the priority of a job thread");
+    }
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -98,9 +112,11 @@ impl Jobs {
         std::thread::Builder::new()
             .name("streamserve-jobs".into())
             .spawn(move || {
+                lower_priority();
                 let runtime = match tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
                     .thread_name("streamserve-job")
+                    .on_thread_start(lower_priority)
                     .enable_all()
                     .build()
                 {

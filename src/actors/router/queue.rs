@@ -5,7 +5,9 @@
 //!   requests ([`BatchQueue::has_room`]); the router decides what happens to the others.
 //! - **Lanes**: normal requests go first; low-priority ones (low-priority API keys, bulk jobs)
 //!   run only when no normal request waits, in batches of their own: a normal batch is not
-//!   made longer (slower) by low-priority rows. While normal traffic is recent (within
+//!   made longer (slower) by low-priority rows. A low-priority batch is due at half of
+//!   `max_batch_size` rows or after [`LOW_BATCH_DELAY`] (or `max_queue_delay`, if longer), so
+//!   that a job whose threads the OS runs last still fills its batches. While normal traffic is recent (within
 //!   [`NORMAL_RECENT`]), the router keeps its last idle worker for it
 //!   ([`BatchQueue::low_waits_for_normal`]), so that a normal request never queues behind a
 //!   low-priority batch on a model with more than one replica.
@@ -77,6 +79,8 @@ pub enum Due {
 /// How long after the last normal request low-priority batches leave a worker free for the
 /// next one.
 pub const NORMAL_RECENT: Duration = Duration::from_secs(1);
+/// How long a low-priority batch waits to fill to half of `max_batch_size`.
+pub const LOW_BATCH_DELAY: Duration = Duration::from_millis(2);
 
 pub struct BatchQueue<T> {
     /// Normal, then low priority.
@@ -159,13 +163,22 @@ impl<T: Queued> BatchQueue<T> {
         };
         let next = self.lanes[l].front().expect("lane is not empty");
         let waited = now.saturating_duration_since(next.enqueued());
-        if !self.policy.batched()
-            || self.rows >= self.policy.max_batch_size
-            || waited >= self.policy.max_queue_delay
-        {
+        // A low-priority batch waits a little for its sender to fill it: a job fed by
+        // threads the OS runs last would otherwise send a worker batch after tiny batch.
+        let delay = if l == 1 {
+            self.policy.max_queue_delay.max(LOW_BATCH_DELAY)
+        } else {
+            self.policy.max_queue_delay
+        };
+        let full = if l == 1 {
+            self.lanes[1].iter().map(Queued::rows).sum::<usize>() >= self.policy.max_batch_size / 2
+        } else {
+            self.rows >= self.policy.max_batch_size
+        };
+        if !self.policy.batched() || full || waited >= delay {
             Due::Now
         } else {
-            Due::At(now + (self.policy.max_queue_delay - waited))
+            Due::At(now + (delay - waited))
         }
     }
 
@@ -451,6 +464,28 @@ mod tests {
         q.push(bulk);
         q.push(item(6, 1, t0 + 8 * MS));
         assert_eq!(q.due(t0 + 10 * MS), Due::At(t0 + 18 * MS));
+    }
+
+    #[test]
+    fn a_low_priority_batch_waits_briefly_to_fill_to_half() {
+        let t0 = Instant::now();
+        let mut q = queue(8, 0, 100);
+        let low = |id| {
+            let mut bulk = item(id, 1, t0);
+            bulk.priority = Priority::Low;
+            bulk
+        };
+        q.push(low(1));
+        assert_eq!(q.due(t0), Due::At(t0 + LOW_BATCH_DELAY));
+        assert_eq!(q.due(t0 + LOW_BATCH_DELAY), Due::Now);
+        for id in 2..=4 {
+            q.push(low(id));
+        }
+        assert_eq!(q.due(t0), Due::Now);
+        // A normal request goes at once (max_queue_delay 0).
+        let mut q = queue(8, 0, 100);
+        q.push(item(5, 1, t0));
+        assert_eq!(q.due(t0), Due::Now);
     }
 
     #[test]
