@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 /// Series a server exports only in some setups (following a model registry; on a host with
-/// GPUs): checked against their descriptions in src/telemetry.rs instead of a running
+/// GPUs): checked against their descriptions in src/telemetry/describe.rs instead of a running
 /// server's /metrics.
 const ONLY_IN_SOME_SETUPS: &[&str] = &[
     "streamserve_registry_up",
@@ -346,7 +346,7 @@ async fn every_metric_the_rules_and_the_dashboard_name_is_exported() {
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE ")?.split_whitespace().next())
         .collect();
-    let telemetry = std::fs::read_to_string(repo().join("src/telemetry.rs")).unwrap();
+    let telemetry = std::fs::read_to_string(repo().join("src/telemetry/describe.rs")).unwrap();
 
     let mut missing = Vec::new();
     for (name, user) in &referenced {

@@ -91,12 +91,12 @@ async fn counters_exist_at_zero_from_the_start_and_every_metric_has_help() {
     assert_eq!(undescribed(&text), Vec::<String>::new(), "{text}");
 }
 
-/// Every metric name the server's code emits is described in `telemetry.rs`, with a unit,
+/// Every metric name the server's code emits is described in `telemetry/describe.rs`, with a unit,
 /// including those a scrape only shows after rare events (stream drops, cold starts).
 #[test]
 fn every_metric_in_the_source_is_described() {
     let src = repo().join("src");
-    let telemetry = std::fs::read_to_string(src.join("telemetry.rs")).unwrap();
+    let telemetry = std::fs::read_to_string(src.join("telemetry/describe.rs")).unwrap();
     let described: BTreeSet<String> = [
         "describe_counter!(",
         "describe_gauge!(",

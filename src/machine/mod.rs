@@ -55,7 +55,7 @@ pub fn snapshot() -> MachineSnapshot {
     }
 }
 
-/// The standard process series that are gauges (described in `telemetry.rs`);
+/// The standard process series that are gauges (described in `telemetry/describe.rs`);
 /// `process_cpu_seconds_total`, a counter with a fractional value, is written by
 /// [`render_extra`].
 pub const PROCESS_GAUGES: [&str; 6] = [
