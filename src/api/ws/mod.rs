@@ -2,12 +2,15 @@
 //! pipeline (`POST /v1/models/{model}/segments` with a WAV body).
 //!
 //! This file is the transport only: it parses frames into `StreamSession` messages and writes
-//! the session's messages back; `open.rs` finds or makes the session a `start` asks for. Each connection is two tasks: a reader (start message, audio,
+//! the session's messages back; `open.rs` finds or makes the session a `start` asks for, and
+//! `segments.rs` is the one-shot endpoint. Each connection is two tasks: a reader (start
+//! message, audio,
 //! `end`; it stops reading while the session holds its audio budget, which is the backpressure
 //! a too-fast client feels) and a writer (results out, with a deadline per write, so a client
 //! that stops reading is dropped without holding anything else up).
 
 pub(super) mod open;
+mod segments;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,8 +18,6 @@ use std::time::Duration;
 use actix::prelude::*;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, ProtocolError};
-use serde::Deserialize;
-use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::door::limit::AdmissionLimit;
@@ -26,17 +27,14 @@ use crate::actors::catalog::ServedModel;
 use crate::actors::catalog::SharedCatalog;
 use crate::actors::stream_hub::StreamHub;
 use crate::actors::stream_session::{
-    Attach, Attached, Audio, Connection, Detach, End, Handover, StreamParams, StreamSession,
-    AUDIO_CREDITS,
+    Attach, Attached, Audio, Connection, Detach, End, Handover, StreamSession, AUDIO_CREDITS,
 };
 use crate::actors::supervisor::Supervisor;
 use crate::error::ServeError;
 use crate::machine::traffic::{self, Protocol};
 use crate::manifest::StreamKind;
-use crate::stream::audio::{read_wav, SampleFormat};
 use crate::stream::checkpoint::TokenKeys;
-use crate::stream::protocol::{ClientMessage, ResultsMode, ServerMessage, StartMessage};
-use crate::stream::vad::VadOptions;
+use crate::stream::protocol::{ClientMessage, ServerMessage, StartMessage};
 
 /// Largest WebSocket frame (and reassembled message) accepted.
 pub const MAX_FRAME_BYTES: usize = 64 * 1024;
@@ -90,7 +88,9 @@ impl SessionArbiters {
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/v1/streams/{model}").route(web::get().to(open_stream)))
-        .service(web::resource("/v1/models/{model}/segments").route(web::post().to(segments)));
+        .service(
+            web::resource("/v1/models/{model}/segments").route(web::post().to(segments::segments)),
+        );
 }
 
 /// Lets the caller in and finds the model, which must serve streams.
@@ -522,110 +522,4 @@ fn truncate(mut reason: String) -> String {
         reason.truncate(cut);
     }
     reason
-}
-
-/// VAD options for the one-shot endpoint, from the query string.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SegmentsQuery {
-    threshold: Option<f32>,
-    neg_threshold: Option<f32>,
-    min_speech_ms: Option<u32>,
-    min_silence_ms: Option<u32>,
-    speech_pad_ms: Option<u32>,
-}
-
-/// `POST /v1/models/{model}/segments` with a WAV body: the speech segments as JSON, computed by
-/// the same session and batching path as a live stream.
-async fn segments(
-    state: web::Data<AppState>,
-    path: web::Path<String>,
-    query: web::Query<SegmentsQuery>,
-    req: HttpRequest,
-    body: web::Payload,
-) -> Result<HttpResponse, ServeError> {
-    let name = path.into_inner();
-    let (pass, served) = stream_model(&state, &req, &name).await?;
-    state
-        .access
-        .check_version(&pass, &served.info.name, &served.info.version)?;
-    let body = super::body::read(&req, body, &state.body_limits(state.max_body_bytes)).await?;
-    let wav = read_wav(&body.bytes).map_err(ServeError::invalid)?;
-    drop(body);
-    // A one-shot file is a stream for the key's limits: a place among its streams while it
-    // runs, and its audio against the key's audio per minute.
-    let stream_pass = state.access.stream(&pass, &served.info.name)?;
-    stream_pass.audio_samples(wav.samples.len(), wav.sample_rate)?;
-    let defaults = VadOptions::default();
-    let q = query.into_inner();
-    let vad = VadOptions {
-        threshold: q.threshold.unwrap_or(defaults.threshold),
-        neg_threshold: q.neg_threshold,
-        min_speech_ms: q.min_speech_ms.unwrap_or(defaults.min_speech_ms),
-        min_silence_ms: q.min_silence_ms.unwrap_or(defaults.min_silence_ms),
-        speech_pad_ms: q.speech_pad_ms.unwrap_or(defaults.speech_pad_ms),
-    };
-    let params = StreamParams {
-        sample_rate: wav.sample_rate,
-        format: SampleFormat::F32,
-        results: ResultsMode::Events,
-        vad,
-        resume_window: Duration::ZERO,
-        keys: state.streams.keys.clone(),
-        checkpoint_samples: 0,
-    };
-    let info = served.info.clone();
-    let id: Arc<str> = uuid::Uuid::new_v4().simple().to_string().into();
-    let session = StreamSession::new(id, served, params, None)
-        .map_err(ServeError::invalid)?
-        .start();
-    // Events and the summary: at most two events per chunk.
-    let capacity = wav.samples.len() / 128 + 16;
-    let (tx, mut rx) = mpsc::channel(capacity);
-    let (close_tx, _close_rx) = oneshot::channel();
-    let attach = Attach {
-        connection: Connection {
-            messages: tx,
-            close: close_tx,
-        },
-        last_seq: None,
-        token_counter: None,
-    };
-    session
-        .send(attach)
-        .await
-        .map_err(|_| ServeError::Inference("stream session stopped".into()))?
-        .map_err(ServeError::Inference)?;
-    let duration = wav.samples.len() as f64 / wav.sample_rate as f64;
-    session.do_send(Audio(wav.samples));
-    session.do_send(End);
-    let _started = rx.recv().await;
-    while let Some(text) = rx.recv().await {
-        let message: serde_json::Value =
-            serde_json::from_str(&text).expect("session messages are JSON");
-        match message["type"].as_str() {
-            Some("summary") => {
-                return Ok(HttpResponse::Ok().json(json!({
-                    "model_name": info.name,
-                    "model_version": info.version,
-                    "sample_rate": wav.sample_rate,
-                    "duration": duration,
-                    "chunks": message["chunks"],
-                    "segments": message["segments"],
-                })))
-            }
-            Some("error") => {
-                return Err(ServeError::Inference(
-                    message["message"]
-                        .as_str()
-                        .unwrap_or("stream failed")
-                        .to_string(),
-                ))
-            }
-            _ => {}
-        }
-    }
-    Err(ServeError::Inference(
-        "stream ended without a summary".into(),
-    ))
 }
