@@ -8,10 +8,11 @@
 //!
 //! The session outlives its WebSocket: when the connection drops it waits `resume_window` for
 //! the client to come back with its stream id and last seen `seq`, then replays what the client
-//! missed and carries on with the state intact. It also sends the client a signed checkpoint
+//! missed and carries on with the state intact (`attach.rs`). It also sends the client a signed checkpoint
 //! every `checkpoint_samples` of audio, and one last one when the server shuts down
 //! ([`checkpoint`]), from which any instance of the fleet can take the stream over.
 
+mod attach;
 mod checkpoint;
 mod flush;
 
@@ -502,109 +503,5 @@ impl Handler<End> for StreamSession {
         }
         self.ending = true;
         self.maybe_step(ctx);
-    }
-}
-
-impl Handler<Attach> for StreamSession {
-    type Result = Result<Attached, String>;
-
-    fn handle(&mut self, attach: Attach, ctx: &mut Self::Context) -> Self::Result {
-        if self.finished {
-            return Err("stream has already ended".into());
-        }
-        let resumed = attach.last_seq.is_some() || self.generation > 0 || self.restored;
-        if let (Some(token), Some(redeemed)) = (attach.token_counter, self.redeemed) {
-            if token < redeemed {
-                return Err(format!(
-                    "resume token is superseded: the stream was resumed from a newer one \
-                     (checkpoint {redeemed}, this is {token})"
-                ));
-            }
-        }
-        let replay_from = attach.last_seq.map_or(0, |s| s + 1);
-        if let Some(&(oldest, _)) = self.outbox.front() {
-            if replay_from < oldest {
-                return Err(format!(
-                    "results from seq {replay_from} are no longer kept (oldest kept: {oldest}); start a new stream"
-                ));
-            }
-        }
-        // A restored stream has not computed again what the client already has.
-        let known = self
-            .next_seq
-            .max(self.suppress_through.map_or(0, |through| through + 1));
-        if replay_from > known {
-            return Err(format!(
-                "last_seq {} is beyond the last result sent ({})",
-                replay_from - 1,
-                self.next_seq as i64 - 1
-            ));
-        }
-        if let Some(timer) = self.resume_timer.take() {
-            ctx.cancel_future(timer);
-        }
-        if let Some(token) = attach.token_counter {
-            self.redeemed = Some(self.redeemed.map_or(token, |r| r.max(token)));
-        }
-        // A newer connection supersedes an older one that has not noticed it is gone.
-        self.disconnect(
-            CloseCode::Policy,
-            "superseded by a newer connection to this stream".into(),
-        );
-        self.generation += 1;
-        if resumed {
-            metrics::counter!("streamserve_stream_resumes_total", &self.labels).increment(1);
-        }
-        let started = ServerMessage::Started {
-            stream_id: &self.id,
-            resumed,
-            model: &self.model.info.name,
-            version: &self.model.info.version,
-            sample_rate: self.params.sample_rate,
-            format: self.params.format,
-            chunk_samples: self.window,
-            samples_received: self.samples_received,
-            next_seq: self.next_seq,
-            resume_window_secs: self.params.resume_window.as_secs(),
-            checkpoint_samples: self.params.checkpoint_samples,
-        }
-        .to_json();
-        let _ = attach.connection.messages.try_send(started.into());
-        self.connection = Some(attach.connection);
-        let missed: Vec<Arc<str>> = self
-            .outbox
-            .iter()
-            .filter(|(seq, _)| *seq >= replay_from)
-            .map(|(_, text)| text.clone())
-            .collect();
-        for text in missed {
-            self.send(text);
-        }
-        Ok(Attached {
-            generation: self.generation,
-            credits: self.credits.clone(),
-            format: self.params.format,
-            sample_rate: self.params.sample_rate,
-            checkpoints: self.params.checkpoint_samples > 0,
-        })
-    }
-}
-
-impl Handler<Detach> for StreamSession {
-    type Result = ();
-
-    fn handle(&mut self, detach: Detach, ctx: &mut Self::Context) {
-        if detach.generation != self.generation || self.finished {
-            return;
-        }
-        self.connection = None;
-        let window = self.params.resume_window;
-        tracing::debug!(stream = %self.id, "connection lost; keeping the stream for {window:?}");
-        self.resume_timer = Some(ctx.run_later(window, |session, ctx| {
-            tracing::info!(stream = %session.id, "resume window passed; dropping the stream");
-            metrics::counter!("streamserve_stream_drops_total", "reason" => "not_resumed")
-                .increment(1);
-            ctx.stop();
-        }));
     }
 }
