@@ -81,15 +81,11 @@ const STOP_WAIT: Duration = Duration::from_secs(10);
 
 /// The nice value of the jobs' threads: reading, decoding and writing rows yields the CPU to
 /// the HTTP workers and the model's workers whenever they want it.
-const JOB_NICE: libc::c_int = 10;
+const JOB_NICE: i32 = 10;
 
-/// Lowers the calling thread's scheduling priority (on Linux `setpriority` with `who = 0`
-/// applies to the calling thread only). Best effort: a failure leaves it as it was.
 fn lower_priority() {
-    // SAFETY: setpriority takes plain integers and touches no memory of ours.
-    let failed = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, JOB_NICE) } != 0;
-    if failed {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot lower the priority of a job thread");
+    if let Err(e) = crate::telemetry::lower_cpu_priority(JOB_NICE) {
+        tracing::debug!(error = %e, "cannot lower the priority of a job thread");
     }
 }
 

@@ -75,7 +75,7 @@ pub fn install_panic_hook() {
         let spawned = std::thread::Builder::new()
             .name("panic-backtraces".into())
             .spawn(move || {
-                lowest_cpu_priority();
+                let _ = lower_cpu_priority(19);
                 for (thread, backtrace) in pending {
                     if tracing::dispatcher::has_been_set() {
                         tracing::error!(thread = %thread, backtrace = %backtrace, "backtrace of the panic above");
@@ -125,15 +125,21 @@ pub fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic".to_string())
 }
 
-/// Gives the calling thread the lowest CPU priority (nice 19; Linux keeps it per thread), so
-/// that its work only takes CPU time nothing else wants.
-fn lowest_cpu_priority() {
+/// Lowers the calling thread's CPU priority to `nice` (Linux keeps it per thread), so that its
+/// work takes CPU time mostly when nothing of normal priority wants it. Best effort: a failure
+/// leaves the thread as it was, and is returned for the caller to log if it cares.
+pub fn lower_cpu_priority(nice: i32) -> std::io::Result<()> {
     #[cfg(target_os = "linux")]
     // SAFETY: plain system calls on the calling thread's own id; no memory is shared.
     unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 19);
+        if libc::setpriority(libc::PRIO_PROCESS, tid, nice) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
     }
+    #[cfg(not(target_os = "linux"))]
+    let _ = nice;
+    Ok(())
 }
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
