@@ -302,19 +302,27 @@ impl Jobs {
         self.inner.published.info(model)
     }
 
+    /// Jobs per state, every state named (0 where none is in it).
+    fn state_counts(&self) -> BTreeMap<&'static str, u64> {
+        let mut counts: BTreeMap<&'static str, u64> =
+            JobState::ALL.iter().map(|s| (s.name(), 0)).collect();
+        for entry in self.table().values() {
+            *counts.entry(entry.record.state.name()).or_default() += 1;
+        }
+        counts
+    }
+
     /// What the status page shows (no paths): jobs per state, the unfinished ones' progress,
     /// and each model's published predictions.
     pub fn summary(&self) -> Value {
-        let mut states = serde_json::Map::new();
+        let states: BTreeMap<&str, u64> = self
+            .state_counts()
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .collect();
         let mut active = Vec::new();
         for entry in self.table().values() {
-            let state = entry.record.state;
-            let n = states
-                .get(state.name())
-                .and_then(Value::as_u64)
-                .unwrap_or(0);
-            states.insert(state.name().into(), json!(n + 1));
-            if !state.finished() {
+            if !entry.record.state.finished() {
                 let full = view(entry);
                 active.push(json!({
                     "id": full["id"], "model": full["model"], "state": full["state"],
@@ -333,15 +341,7 @@ impl Jobs {
 
     /// Sets the gauges read at a scrape: jobs per state, the age of each published table.
     pub fn record_metrics(&self) {
-        let mut states: BTreeMap<&'static str, u64> =
-            ["queued", "running", "succeeded", "failed", "cancelled"]
-                .into_iter()
-                .map(|s| (s, 0))
-                .collect();
-        for entry in self.table().values() {
-            *states.entry(entry.record.state.name()).or_default() += 1;
-        }
-        for (state, n) in states {
+        for (state, n) in self.state_counts() {
             ::metrics::gauge!("streamserve_jobs", "state" => state).set(n as f64);
         }
         self.inner.published.record_ages();

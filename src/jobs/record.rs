@@ -28,7 +28,22 @@ pub enum JobState {
     Cancelled,
 }
 
+/// `path` with `suffix` added to its file name (`out.jsonl` → `out.jsonl.part`).
+pub(super) fn with_suffix(path: &std::path::Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
 impl JobState {
+    pub const ALL: [JobState; 5] = [
+        JobState::Queued,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             JobState::Queued => "queued",
@@ -108,9 +123,7 @@ impl JobSpec {
 
     /// Where the output is written until it is complete.
     pub fn part_path(&self) -> PathBuf {
-        let mut name = self.output.as_os_str().to_owned();
-        name.push(".part");
-        PathBuf::from(name)
+        with_suffix(&self.output, ".part")
     }
 }
 

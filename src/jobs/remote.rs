@@ -8,6 +8,7 @@
 
 use std::path::Path;
 
+use crate::registry::store::WriteIf;
 use crate::registry::{RegistryError, Store};
 
 /// An object named by a URI: the store of its directory and its name there.
@@ -58,7 +59,7 @@ fn described(uri: &str, e: RegistryError) -> String {
     }
 }
 
-/// The suffix of the empty object a submission writes (and removes) to prove it may write
+/// The suffix of the object (`{}`) a submission writes (and removes) to prove it may write
 /// beside the output.
 const WRITE_CHECK: &str = ".streamserve-write-check";
 
@@ -77,17 +78,17 @@ impl Remote {
     }
 
     /// The output does not exist yet, and an object can be written beside it.
-    pub async fn check_output(&self, scratch: &Path) -> Result<(), String> {
+    pub async fn check_output(&self) -> Result<(), String> {
         match self.store.exists(&self.key).await {
             Ok(false) => {}
             Ok(true) => return Err(format!("output '{}' already exists", self.uri)),
             Err(e) => return Err(described(&self.uri, e)),
         }
         let probe = format!("{}{WRITE_CHECK}", self.key);
-        std::fs::write(scratch, b"").map_err(|e| format!("{}: {e}", scratch.display()))?;
-        let written = self.store.upload(&probe, scratch).await;
-        let _ = std::fs::remove_file(scratch);
-        written.map_err(|e| format!("output '{}' is not writable: {}", self.uri, e))?;
+        self.store
+            .write_json(&probe, &serde_json::json!({}), WriteIf::Always)
+            .await
+            .map_err(|e| format!("output '{}' is not writable: {}", self.uri, e))?;
         let _ = self.store.delete(&probe).await;
         Ok(())
     }

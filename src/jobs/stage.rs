@@ -7,16 +7,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::record::with_suffix;
 use super::{npy, remote, submit, JobSpec};
 
 /// Uploads are tried this many times, backing off, before the job fails.
 const UPLOAD_TRIES: u32 = 5;
-
-fn with_suffix(path: &std::path::Path, suffix: &str) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(suffix);
-    PathBuf::from(name)
-}
 
 /// Makes `spec.input` from `spec.source`: the rows it holds.
 pub(super) async fn stage(spec: &JobSpec) -> Result<u64, String> {

@@ -182,8 +182,7 @@ pub(super) fn check(jobs: &Jobs, submission: Submission) -> Result<JobRecord, Se
                     "output '{uri}' is not writable: another job is writing it"
                 )));
             }
-            let scratch = staged("write-check");
-            jobs.block_on(async move { remote.check_output(&scratch).await })
+            jobs.block_on(async move { remote.check_output().await })
                 .map_err(ServeError::invalid)?;
             (staged("output.jsonl"), Some(uri))
         }
