@@ -51,11 +51,7 @@ impl Client for Load {
 
 /// The loads in round `round` (from 0): alone with, then with alone, ...
 pub fn order(round: usize) -> Vec<Load> {
-    let mut order = VARIANTS.to_vec();
-    if round % 2 == 1 {
-        order.reverse();
-    }
-    order
+    crate::protocols::alternating(&VARIANTS, round)
 }
 
 /// `loadgen jobs`'s options.

@@ -73,11 +73,7 @@ pub struct MonitoringOptions {
 impl MonitoringOptions {
     /// The servers in round `round` (from 0): off on, then on off, ...
     pub fn order(&self, round: usize) -> Vec<Monitor> {
-        let mut order = VARIANTS.to_vec();
-        if round % 2 == 1 {
-            order.reverse();
-        }
-        order
+        crate::protocols::alternating(&VARIANTS, round)
     }
 }
 

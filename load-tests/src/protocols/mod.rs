@@ -120,6 +120,16 @@ fn measure_levels(
     )
 }
 
+/// The clients of round `round` (from 0): as given in even rounds, reversed in odd ones
+/// (A B C, C B A, ...), so that a linear drift over a level weighs on every client alike.
+pub fn alternating<K: Clone>(clients: &[K], round: usize) -> Vec<K> {
+    let mut order = clients.to_vec();
+    if round % 2 == 1 {
+        order.reverse();
+    }
+    order
+}
+
 /// When a side-by-side benchmark measures: at each level, `rounds` rounds of every client.
 pub struct Schedule<'a> {
     /// The log lines' prefix (`[protocols]`).

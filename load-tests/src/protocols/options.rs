@@ -149,11 +149,7 @@ impl ProtocolsOptions {
     /// The order of the clients in round `round` (from 0): as listed in even rounds, reversed
     /// in odd ones (A B C D, D C B A, ...), so that a linear drift over a level cancels out.
     pub fn order(&self, round: usize) -> Vec<Protocol> {
-        let mut order = self.protocols.clone();
-        if round % 2 == 1 {
-            order.reverse();
-        }
-        order
+        super::alternating(&self.protocols, round)
     }
 
     /// Measured seconds and seconds in all (warm-up included) of the whole run's slices.
