@@ -12,9 +12,10 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
 use streamserve::api::kserve;
+use streamserve::manifest::{audio_window, StreamDecl};
 use streamserve::stream::audio::{read_wav, SampleFormat};
 use streamserve::stream::protocol::ClientMessage;
-use streamserve::stream::vad::{window_for, VadTracker};
+use streamserve::stream::vad::VadTracker;
 use streamserve::tensor::{DataType, TensorData};
 
 /// A KServe v2 JSON request body, as `POST /v2/models/{model}/infer` gets it without
@@ -78,7 +79,11 @@ pub fn ws_message(data: &[u8]) {
     let Ok(ClientMessage::Start(start)) = parsed else {
         return;
     };
-    let Some((window, _context)) = window_for(start.sample_rate) else {
+    let silero = StreamDecl::silero_vad();
+    if !silero.sample_rates.contains(&start.sample_rate) {
+        return;
+    }
+    let Ok((_, window)) = audio_window(&silero.input, start.sample_rate) else {
         return;
     };
     if start.vad.validate().is_err() {

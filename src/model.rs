@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use crate::error::ServeError;
-use crate::manifest::{BatchAxis, Batching, Device, StreamKind};
+use crate::manifest::{BatchAxis, Batching, Device, StreamDecl, StreamKind};
 use crate::rules::{self, InputRule};
 use crate::runtime::TensorSpec;
 use crate::tensor::{element_count, NamedTensor, TensorData};
@@ -32,8 +32,8 @@ pub struct ModelInfo {
     /// Batch axis of each input and output (same order as `inputs` / `outputs`).
     pub input_axes: Vec<BatchAxis>,
     pub output_axes: Vec<BatchAxis>,
-    /// Set for models that serve WebSocket streams.
-    pub stream: Option<StreamKind>,
+    /// Set for models that serve WebSocket streams: how their stream steps.
+    pub stream: Option<std::sync::Arc<StreamDecl>>,
     pub device: Device,
     pub replicas: usize,
     pub max_queue: usize,
@@ -43,6 +43,13 @@ pub struct ModelInfo {
     pub source: String,
     /// What serving this version takes, as the registry estimates it.
     pub resources: Resources,
+}
+
+impl ModelInfo {
+    /// What the model's streams produce, if it serves streams.
+    pub fn stream_kind(&self) -> Option<StreamKind> {
+        self.stream.as_ref().map(|s| s.kind)
+    }
 }
 
 /// Resource needs of a model version: CPU threads of its replicas, and a memory estimate

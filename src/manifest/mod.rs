@@ -15,10 +15,14 @@ use std::time::Duration;
 mod raw;
 mod resolve;
 mod sha256;
+mod stream;
 mod types;
 
 pub use sha256::{sha256_file, verify_sha256};
-pub use types::{AllowedValue, BatchAxis, Device, InputDecl, LoadPolicy, StreamKind};
+pub use stream::{
+    audio_window, ConstantDecl, OutputDecl, StageDecl, StreamDecl, StreamKind, WindowDecl,
+};
+pub use types::{AllowedValue, BatchAxis, Device, InputDecl, LoadPolicy};
 
 pub const MANIFEST_FILE: &str = "models.toml";
 
@@ -63,8 +67,8 @@ pub struct ModelEntry {
     pub fallback: Option<String>,
     /// Batch axis per tensor name, for tensors whose batch axis is not 0.
     pub batch_axes: BTreeMap<String, BatchAxis>,
-    /// Set for models that serve WebSocket streams.
-    pub stream: Option<StreamKind>,
+    /// Set for models that serve WebSocket streams: how their stream steps.
+    pub stream: Option<std::sync::Arc<StreamDecl>>,
     /// Accept NaN and infinities in float inputs (refused with 400 by default).
     pub allow_non_finite: bool,
     /// Declared constraints per input name.

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::types::{BatchAxis, Device, InputDecl, LoadPolicy, StreamKind};
+use super::stream::StreamDecl;
+use super::types::{BatchAxis, Device, InputDecl, LoadPolicy};
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -55,7 +56,8 @@ pub(super) struct RawModel {
     pub(super) batch_axes: BTreeMap<String, BatchAxis>,
     #[serde(default)]
     pub(super) inputs: BTreeMap<String, InputDecl>,
-    pub(super) stream: Option<StreamKind>,
+    #[serde(default, deserialize_with = "super::stream::deserialize_stream")]
+    pub(super) stream: Option<StreamDecl>,
     #[serde(default)]
     pub(super) description: String,
     #[serde(default)]

@@ -153,6 +153,11 @@ impl Manifest {
             );
             check_input_decls(&m.inputs)
                 .map_err(|e| anyhow::anyhow!("model {}:{}: {e}", m.name, m.version))?;
+            if let Some(stream) = &m.stream {
+                stream
+                    .validate(&m.name)
+                    .map_err(|e| anyhow::anyhow!("model {}:{}: stream: {e}", m.name, m.version))?;
+            }
             models.push(ModelEntry {
                 file: dir.join(&m.file),
                 sha256: m.sha256.to_ascii_lowercase(),
@@ -185,7 +190,7 @@ impl Manifest {
                 ),
                 fallback: m.fallback,
                 batch_axes: m.batch_axes,
-                stream: m.stream,
+                stream: m.stream.map(std::sync::Arc::new),
                 allow_non_finite: s.allow_non_finite.or(d.allow_non_finite).unwrap_or(false),
                 inputs: m.inputs,
                 description: m.description,
@@ -207,11 +212,29 @@ impl Manifest {
                 max.max(m.replicas)
             };
         }
+        check_stream_stages(&models)?;
         Ok(Manifest {
             dir: dir.to_path_buf(),
             models,
         })
     }
+}
+
+/// Every stage of a declared stream names a model of this manifest.
+fn check_stream_stages(models: &[ModelEntry]) -> anyhow::Result<()> {
+    for m in models {
+        let Some(stream) = &m.stream else { continue };
+        for stage in &stream.stages {
+            anyhow::ensure!(
+                models.iter().any(|other| other.name == stage.model),
+                "model {}:{}: stream stage '{}' is not a model of this manifest",
+                m.name,
+                m.version,
+                stage.model
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The keys of a `[[models]]` entry that say which version it is, not how it is served.

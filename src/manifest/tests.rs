@@ -142,3 +142,115 @@ fn versions_order_numerically() {
     assert_eq!(compare_versions("10", "9"), std::cmp::Ordering::Greater);
     assert_eq!(compare_versions("b", "a"), std::cmp::Ordering::Greater);
 }
+
+/// A keyword spotter declared in the manifest: two feature stages before the model.
+const KEYWORD_STREAM: &str = r#"
+    [[models]]
+    name = "mel"
+    version = "1"
+    file = "mel.onnx"
+    sha256 = "00000000000000000000000000000000000000000000000000000000000000aa"
+
+    [[models]]
+    name = "spotter"
+    version = "1"
+    file = "spotter.onnx"
+    sha256 = "00000000000000000000000000000000000000000000000000000000000000aa"
+    [models.stream]
+    kind = "keyword"
+    phrase = "hey marvin"
+    input = { tensor = "embeddings", window = 16, hop = 1, prefill = 0 }
+    output = "score"
+    [[models.stream.stages]]
+    model = "mel"
+    input = { tensor = "audio", window_ms = 110, hop_ms = 80 }
+    output = { tensor = "mel", frames = 8 }
+"#;
+
+#[test]
+fn streams_are_declared_as_stages_or_by_the_vad_shorthand() {
+    let m = Manifest::parse(Path::new("/m"), KEYWORD_STREAM).unwrap();
+    let stream = m.models[1].stream.as_ref().unwrap();
+    assert_eq!(stream.kind, StreamKind::Keyword);
+    assert_eq!(stream.sample_rates, [16000]);
+    let stages = stream.stages("spotter");
+    assert_eq!(stages.len(), 2);
+    assert_eq!(
+        (stages[0].model.as_str(), stages[0].output.frames),
+        ("mel", 8)
+    );
+    assert_eq!(audio_window(&stages[0].input, 16000).unwrap(), (1760, 1280));
+    assert_eq!(stages[1].input.window, Some(16));
+    let silero = format!(
+        "[[models]]\nname = \"v\"\nversion = \"1\"\nfile = \"v.onnx\"\nsha256 = \"{HASH}\"\nstream = \"vad\"\n"
+    );
+    let m = Manifest::parse(Path::new("/m"), &silero).unwrap();
+    assert_eq!(
+        **m.models[0].stream.as_ref().unwrap(),
+        StreamDecl::silero_vad()
+    );
+}
+
+#[test]
+fn bad_stream_declarations_are_refused_with_reasons() {
+    let refused = |from: &str, to: &str| {
+        let text = KEYWORD_STREAM.replace(from, to);
+        assert_ne!(text, KEYWORD_STREAM, "{from} is not in the manifest");
+        format!("{:#}", Manifest::parse(Path::new("/m"), &text).unwrap_err())
+    };
+    for (from, to, reason) in [
+        (
+            "model = \"mel\"",
+            "model = \"nope\"",
+            "stream stage 'nope' is not a model of this manifest",
+        ),
+        (
+            "phrase = \"hey marvin\"",
+            "",
+            "a keyword stream needs its `phrase`",
+        ),
+        (
+            "hop_ms = 80",
+            "hop_ms = 80.01",
+            "hop_ms = 80.01 is not a whole number of samples at 16000 Hz",
+        ),
+        (
+            "window = 16, hop = 1",
+            "window = 16, hop = 17",
+            "need 0 < hop <= window",
+        ),
+        (
+            "window = 16, hop = 1",
+            "window_ms = 16, hop_ms = 1",
+            "later stages count frames",
+        ),
+        (
+            "frames = 8",
+            "frames = 0",
+            "output frames must be at least 1",
+        ),
+        (
+            "kind = \"keyword\"",
+            "kind = \"asr\"",
+            "unknown variant `asr`",
+        ),
+        (
+            "output = \"score\"",
+            "ouput = \"score\"",
+            "unknown field `ouput`",
+        ),
+        (
+            "stream]\n",
+            "stream]\nstream_rate = 1\n",
+            "unknown field `stream_rate`",
+        ),
+    ] {
+        let err = refused(from, to);
+        assert!(err.contains(reason), "{from} -> {to}: {err}");
+    }
+    let text = format!(
+        "[[models]]\nname = \"v\"\nversion = \"1\"\nfile = \"v.onnx\"\nsha256 = \"{HASH}\"\nstream = \"asr\"\n"
+    );
+    let err = format!("{:#}", Manifest::parse(Path::new("/m"), &text).unwrap_err());
+    assert!(err.contains("stream must be \"vad\" or a table"), "{err}");
+}

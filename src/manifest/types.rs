@@ -76,15 +76,6 @@ impl<'de> Deserialize<'de> for BatchAxis {
     }
 }
 
-/// What kind of stream a model can serve over `/v1/streams/{model}`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StreamKind {
-    /// Voice activity detection with Silero VAD's interface (`input`, `state`, `sr` ->
-    /// `output`, `stateN`).
-    Vad,
-}
-
 /// When a model version is loaded.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -1,6 +1,6 @@
 //! A speech stream's resume token: everything a stream needs to go on from a chunk boundary
-//! ([`Checkpoint`]: the model's recurrent state and audio context, the voice activity
-//! tracker's progress, the audio and result counts, the stream's settings), signed with a key
+//! ([`Checkpoint`]: its progress through its stages (buffers and recurrent state), the voice
+//! activity tracker's or keyword detector's progress, the audio and result counts, the stream's settings), signed with a key
 //! the fleet shares, so that any instance can take the stream over and a client cannot forge
 //! or alter its state (docs/streaming.md, "Resume on any instance").
 //!
@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::audio::SampleFormat;
+use super::keyword::{KeywordDetector, KeywordOptions};
+use super::pipeline::PipelineState;
 use super::protocol::ResultsMode;
 use super::vad::{TrackerState, VadOptions};
 
@@ -31,13 +33,15 @@ pub struct Checkpoint {
     pub format: SampleFormat,
     pub results: ResultsMode,
     pub vad: VadOptions,
+    pub keyword: KeywordOptions,
     /// Counts the stream's checkpoints, so that an older one can be told from a newer one.
     pub counter: u32,
     pub issued_at_ms: u64,
     pub samples_done: u64,
     pub next_seq: u64,
-    pub state: Vec<f32>,
-    pub context: Vec<f32>,
+    /// Buffers and recurrent state of each stage, as of the last completed step.
+    pub progress: PipelineState,
+    pub keywords: KeywordDetector,
     /// The tracker's progress; its segments are the newest [`MAX_SEGMENTS`] at most...
     pub tracker: TrackerState,
     /// ...and this many older ones were left out.
@@ -50,11 +54,13 @@ pub struct Checkpoint {
 /// counts the others.
 pub const MAX_SEGMENTS: usize = 2000;
 
-/// The format byte that starts every token.
-const FORMAT: u8 = 1;
+/// The format byte that starts every token (2: a stream's progress through declared stages
+/// replaced format 1's Silero-only state and context; a format 1 token reads as malformed).
+const FORMAT: u8 = 2;
 const KEY_ID_LEN: usize = 8;
 const MAC_LEN: usize = 32;
-/// Longest token accepted (a Silero checkpoint is about 1.9 KB; segments add 16 bytes each).
+/// Longest token accepted (a Silero checkpoint is about 1.9 KB, the keyword spotter's about
+/// 18 KB; segments add 16 bytes each).
 pub const MAX_TOKEN_CHARS: usize = 64 * 1024;
 /// Shortest key in a keys file.
 pub const MIN_KEY_CHARS: usize = 32;
@@ -232,12 +238,13 @@ mod tests {
             format: SampleFormat::Pcm16,
             results: ResultsMode::All,
             vad: VadOptions::default(),
+            keyword: KeywordOptions::default(),
             counter: 3,
             issued_at_ms: 1_000_000,
             samples_done: 51_200,
             next_seq: 104,
-            state: (0..256).map(|i| i as f32 * 0.01).collect(),
-            context: vec![0.5; 64],
+            progress: PipelineState::example(),
+            keywords: KeywordDetector::default(),
             tracker: TrackerState {
                 triggered: true,
                 confirmed: false,

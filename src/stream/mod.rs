@@ -1,8 +1,11 @@
-//! Speech streaming: the WebSocket protocol's messages, audio decoding, and the voice
-//! activity tracker that turns per-chunk speech probabilities into speech start/end events.
+//! Speech streaming: the WebSocket protocol's messages, audio decoding, the engine that steps
+//! a stream through its declared stages (`pipeline`), and what turns the last stage's output
+//! into events: the voice activity tracker (speech start/end) and the keyword detector.
 //! The actors that run streams are `actors::stream_session` and `actors::stream_hub`.
 
 pub mod audio;
 pub mod checkpoint;
+pub mod keyword;
+pub mod pipeline;
 pub mod protocol;
 pub mod vad;

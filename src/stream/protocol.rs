@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::audio::SampleFormat;
+use super::keyword::KeywordOptions;
 use super::vad::{Segment, VadOptions};
 
 #[derive(Debug, Deserialize)]
@@ -42,6 +43,9 @@ pub struct StartMessage {
     pub results: ResultsMode,
     #[serde(default)]
     pub vad: VadOptions,
+    /// Detection settings of a keyword stream.
+    #[serde(default)]
+    pub keyword: KeywordOptions,
 }
 
 fn default_rate() -> u32 {
@@ -106,11 +110,29 @@ pub enum ServerMessage<'a> {
         seq: u64,
         t: f64,
     },
+    /// A keyword stream's score for the audio up to `t` (seconds).
+    Score {
+        seq: u64,
+        t: f64,
+        score: f32,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        degraded: bool,
+    },
+    /// The phrase was heard in the audio up to `t`.
+    Keyword {
+        seq: u64,
+        t: f64,
+        phrase: &'a str,
+        score: f32,
+    },
     Summary {
         seq: u64,
         duration: f64,
         chunks: u64,
         segments: Vec<SegmentSecs>,
+        /// Keyword events of a keyword stream.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        keywords: Option<u64>,
         /// Segments at the start of a very long stream that a checkpoint could not carry
         /// (more than `stream::checkpoint::MAX_SEGMENTS`): only after a takeover.
         #[serde(skip_serializing_if = "is_zero")]

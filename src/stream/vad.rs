@@ -1,4 +1,4 @@
-//! Voice activity: the Silero VAD model interface, and the tracker that turns its per-chunk
+//! Voice activity: the tracker that turns a VAD model's per-chunk
 //! speech probabilities into speech start/end events with the semantics users of Silero VAD
 //! expect (`VADIterator` / `get_speech_timestamps`): start at `threshold`, release below
 //! `threshold - 0.15` after `min_silence_ms`, `speech_pad_ms` of padding, and segments shorter
@@ -6,64 +6,6 @@
 //! `min_speech_ms`, stamped with the time the speech began.
 
 use serde::{Deserialize, Serialize};
-
-use crate::model::ModelInfo;
-use crate::tensor::DataType;
-
-/// Which inputs and outputs of a model play which role in a VAD step.
-#[derive(Clone, Debug)]
-pub struct VadInterface {
-    pub audio_input: usize,
-    pub state_input: usize,
-    pub rate_input: usize,
-    pub probability_output: usize,
-    pub state_output: usize,
-    /// Elements of the recurrent state for one stream (`[2, 1, 128]` -> 256).
-    pub state_len: usize,
-    pub state_shape: Vec<i64>,
-}
-
-impl VadInterface {
-    /// Checks that a model has Silero VAD's interface: `input` FP32 `[B, samples]`, `state`
-    /// FP32 `[layers, B, hidden]`, `sr` INT64 scalar -> `output` `[B, 1]`, `stateN`.
-    pub fn resolve(info: &ModelInfo) -> Result<VadInterface, String> {
-        let input = |name: &str, datatype: DataType| {
-            info.inputs
-                .iter()
-                .position(|s| s.name == name && s.datatype == datatype)
-                .ok_or_else(|| format!("a VAD stream model needs a {datatype} input '{name}'"))
-        };
-        let output = |name: &str| {
-            info.outputs
-                .iter()
-                .position(|s| s.name == name && s.datatype == DataType::Fp32)
-                .ok_or_else(|| format!("a VAD stream model needs an FP32 output '{name}'"))
-        };
-        let state_input = input("state", DataType::Fp32)?;
-        let shape = &info.inputs[state_input].shape;
-        if shape.len() != 3 || shape[0] < 1 || shape[2] < 1 {
-            return Err(format!("VAD state must be [layers, batch, hidden] with fixed layers and hidden, got {shape:?}"));
-        }
-        Ok(VadInterface {
-            audio_input: input("input", DataType::Fp32)?,
-            state_input,
-            rate_input: input("sr", DataType::Int64)?,
-            probability_output: output("output")?,
-            state_output: output("stateN")?,
-            state_len: (shape[0] * shape[2]) as usize,
-            state_shape: vec![shape[0], 1, shape[2]],
-        })
-    }
-}
-
-/// Samples per model step and of left context, by sample rate (Silero's own wrapper).
-pub fn window_for(sample_rate: u32) -> Option<(usize, usize)> {
-    match sample_rate {
-        16000 => Some((512, 64)),
-        8000 => Some((256, 32)),
-        _ => None,
-    }
-}
 
 /// Thresholds and durations a client may set in its `start` message.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]

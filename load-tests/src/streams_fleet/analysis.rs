@@ -210,7 +210,7 @@ pub fn seal_open(
     let open_us = started.elapsed().as_secs_f64() * 1e6 / iterations as f64;
     json!({
         "iterations": iterations, "opened": opened, "token_chars": sealed.len(),
-        "state_floats": checkpoint.state.len(), "context_floats": checkpoint.context.len(),
+        "progress_bytes": serde_json::to_vec(&checkpoint.progress).map_or(0, |b| b.len()),
         "segments": checkpoint.tracker.segments.len(),
         "seal_us": seal_us, "open_us": open_us,
     })

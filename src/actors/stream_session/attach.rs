@@ -67,7 +67,7 @@ impl Handler<Attach> for StreamSession {
             version: &self.model.info.version,
             sample_rate: self.params.sample_rate,
             format: self.params.format,
-            chunk_samples: self.window,
+            chunk_samples: self.layout.chunk_samples(),
             samples_received: self.samples_received,
             next_seq: self.next_seq,
             resume_window_secs: self.params.resume_window.as_secs(),

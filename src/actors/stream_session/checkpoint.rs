@@ -3,8 +3,8 @@
 //! ([`StreamSession::restore`]), on this instance or any other of the fleet that shares the
 //! signing keys.
 //!
-//! A checkpoint is taken at a chunk boundary: the model state and audio context after the
-//! last completed step, the tracker's progress, and the counts of audio consumed and results
+//! A checkpoint is taken at a chunk boundary: the stages' buffers and recurrent state after
+//! the last completed step, the tracker's or detector's progress, and the counts of audio consumed and results
 //! produced. A step in flight is not part of it; a stream restored from it computes that step
 //! again, from the audio the client sends again, and gets the same result.
 
@@ -14,6 +14,7 @@ use actix_ws::CloseCode;
 use super::{StreamEnded, StreamParams, StreamSession};
 use crate::actors::catalog::ServedModel;
 use crate::stream::checkpoint::{Checkpoint, MAX_SEGMENTS};
+use crate::stream::pipeline::PipelineState;
 use crate::stream::protocol::ServerMessage;
 
 impl StreamSession {
@@ -32,12 +33,13 @@ impl StreamSession {
             format: self.params.format,
             results: self.params.results,
             vad: self.params.vad.clone(),
+            keyword: self.params.keyword.clone(),
             counter: self.checkpoints,
             issued_at_ms: crate::registry::now_ms(),
             samples_done: self.samples_done,
             next_seq: self.next_seq,
-            state: self.state.clone(),
-            context: self.context.clone(),
+            progress: self.progress.snapshot(),
+            keywords: self.keywords.clone(),
             tracker,
             segments_omitted: self.segments_omitted + over as u64,
         }
@@ -73,36 +75,38 @@ impl StreamSession {
     /// from a zero state, and the results differ from an uninterrupted run's.
     pub fn restore(
         checkpoint: Checkpoint,
-        model: ServedModel,
+        stages: Vec<ServedModel>,
         mut params: StreamParams,
         last_seq: Option<u64>,
         fresh_state: bool,
         ended: Option<Recipient<StreamEnded>>,
     ) -> Result<StreamSession, String> {
-        if checkpoint.model != model.info.name {
+        let model = &stages.last().ok_or("a stream needs a model")?.info;
+        if checkpoint.model != model.name {
             return Err(format!(
                 "the resume token is for a stream on model '{}', not '{}'",
-                checkpoint.model, model.info.name
+                checkpoint.model, model.name
             ));
         }
         params.sample_rate = checkpoint.sample_rate;
         params.format = checkpoint.format;
         params.results = checkpoint.results;
         params.vad = checkpoint.vad.clone();
+        params.keyword = checkpoint.keyword.clone();
         let mut session =
-            StreamSession::new(checkpoint.stream_id.as_str().into(), model, params, ended)?;
-        let fits = checkpoint.state.len() == session.state.len()
-            && checkpoint.context.len() == session.context.len();
-        if !fresh_state {
-            if !fits {
+            StreamSession::new(checkpoint.stream_id.as_str().into(), stages, params, ended)?;
+        if fresh_state {
+            session.progress = PipelineState::fresh_at(&session.layout, checkpoint.samples_done);
+        } else {
+            if !checkpoint.progress.fits(&session.layout) {
                 return Err(format!(
                     "the resume token's model state does not fit {}:{}",
                     session.model.info.name, session.model.info.version
                 ));
             }
-            session.state = checkpoint.state;
-            session.context = checkpoint.context;
+            session.progress = checkpoint.progress;
         }
+        session.keywords = checkpoint.keywords;
         session.tracker.restore(checkpoint.tracker);
         session.samples_done = checkpoint.samples_done;
         session.samples_received = checkpoint.samples_done;

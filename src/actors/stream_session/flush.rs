@@ -79,9 +79,9 @@ impl Handler<Flush> for StreamSession {
     type Result = ();
 
     fn handle(&mut self, Flush(answer): Flush, _ctx: &mut Self::Context) {
-        let whole = self.pending.len() / self.window * self.window;
-        self.flushes
-            .push((self.samples_done + whole as u64, answer));
+        let chunk = self.layout.chunk_samples() as u64;
+        let whole = self.progress.audio_pending() / chunk * chunk;
+        self.flushes.push((self.samples_done + whole, answer));
         self.settle_flushes();
     }
 }

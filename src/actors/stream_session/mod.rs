@@ -1,10 +1,11 @@
 //! `StreamSession`: one actor per speech stream. It owns everything a stream needs between
-//! steps: the model's recurrent state and audio context, audio not yet stepped, the voice
-//! activity tracker, and the recent results a reconnecting client may have missed.
+//! steps: its progress through the stages its model declares (`stream::pipeline`: buffers,
+//! recurrent state, audio not yet stepped), the voice activity tracker or keyword detector,
+//! and the recent results a reconnecting client may have missed.
 //!
-//! Each step goes through the model's router like any request, so the steps of many streams
-//! are batched into one model call (the state's batch axis). A stream has at most one step in
-//! flight, because each step needs the state the previous one produced.
+//! Each step goes through its stage model's router like any request, so the steps of many
+//! streams are batched into one model call (`step.rs`). A stream has at most one step in
+//! flight, because each step needs the state or frames the one before produced.
 //!
 //! The session outlives its WebSocket: when the connection drops it waits `resume_window` for
 //! the client to come back with its stream id and last seen `seq`, then replays what the client
@@ -15,6 +16,7 @@
 mod attach;
 mod checkpoint;
 mod flush;
+mod step;
 
 pub use checkpoint::{Handover, Progress, Retire, ServedBy};
 pub use flush::{feed, FeedError, Flush};
@@ -28,14 +30,15 @@ use actix_ws::CloseCode;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::catalog::ServedModel;
-use super::served::InferOptions;
 use crate::error::ServeError;
-use crate::model::{InferRequest, InferResponse};
+use crate::manifest::StreamKind;
+use crate::model::ModelInfo;
 use crate::stream::audio::SampleFormat;
 use crate::stream::checkpoint::TokenKeys;
+use crate::stream::keyword::{KeywordDetector, KeywordOptions};
+use crate::stream::pipeline::{Layout, PipelineState};
 use crate::stream::protocol::{ResultsMode, SegmentSecs, ServerMessage};
-use crate::stream::vad::{window_for, VadEvent, VadInterface, VadOptions, VadTracker};
-use crate::tensor::{NamedTensor, TensorData};
+use crate::stream::vad::{VadEvent, VadOptions, VadTracker};
 
 /// Audio samples a stream may have buffered before the server stops reading its socket.
 pub const AUDIO_CREDITS: usize = 65536;
@@ -56,6 +59,7 @@ pub struct StreamParams {
     pub format: SampleFormat,
     pub results: ResultsMode,
     pub vad: VadOptions,
+    pub keyword: KeywordOptions,
     pub resume_window: Duration,
     /// Signs (and verifies) the stream's checkpoints.
     pub keys: Arc<TokenKeys>,
@@ -100,19 +104,25 @@ pub struct Detach {
 
 pub struct StreamSession {
     id: Arc<str>,
+    /// The stream's model: its last stage, whose output is the stream's result.
     model: ServedModel,
-    vad: VadInterface,
+    kind: StreamKind,
+    /// The models of the stream's stages, in order (the last is `model`).
+    stages: Vec<ServedModel>,
+    layout: Layout,
+    progress: PipelineState,
+    /// What a keyword stream listens for.
+    phrase: String,
     params: StreamParams,
-    window: usize,
-    context_len: usize,
     tracker: VadTracker,
-    state: Vec<f32>,
-    context: Vec<f32>,
-    pending: VecDeque<f32>,
+    keywords: KeywordDetector,
     samples_received: u64,
     samples_done: u64,
-    /// When each complete-but-unstepped chunk became available, for chunk latency.
-    chunk_ready: VecDeque<Instant>,
+    /// Where each complete-but-unstepped chunk ends (samples), and when it became available,
+    /// for chunk latency: measured when the last stage's output covers it.
+    chunk_ready: VecDeque<(u64, Instant)>,
+    /// A stage's answer was degraded since the last stage last answered.
+    degraded: bool,
     in_flight: bool,
     retries: u32,
     ending: bool,
@@ -158,36 +168,43 @@ pub struct StreamEnded {
 }
 
 impl StreamSession {
-    /// A new stream on `model`; refuses sample rates and options the model cannot take.
+    /// A new stream on the models of its stages (`stages`, its own model last); refuses
+    /// sample rates and options the stream cannot take.
     pub fn new(
         id: Arc<str>,
-        model: ServedModel,
+        stages: Vec<ServedModel>,
         params: StreamParams,
         ended: Option<Recipient<StreamEnded>>,
     ) -> Result<StreamSession, String> {
-        let vad = VadInterface::resolve(&model.info)?;
-        let (window, context_len) = window_for(params.sample_rate).ok_or_else(|| {
-            format!(
-                "sample_rate must be 16000 or 8000, got {}",
-                params.sample_rate
-            )
-        })?;
-        params.vad.validate()?;
+        let model = stages.last().ok_or("a stream needs a model")?.clone();
+        let decl = model
+            .info
+            .stream
+            .clone()
+            .ok_or_else(|| format!("model '{}' does not serve streams", model.info.name))?;
+        let infos: Vec<&ModelInfo> = stages.iter().map(|s| &*s.info).collect();
+        let layout = Layout::resolve(&decl, &infos, params.sample_rate)?;
+        match decl.kind {
+            StreamKind::Vad => params.vad.validate()?,
+            StreamKind::Keyword => params.keyword.validate()?,
+        }
         let labels = [("model", model.info.name.clone())];
+        let chunk = layout.chunk_samples();
         Ok(StreamSession {
-            tracker: VadTracker::new(&params.vad, params.sample_rate, window),
-            state: vec![0.0; vad.state_len],
-            context: vec![0.0; context_len],
+            tracker: VadTracker::new(&params.vad, params.sample_rate, chunk),
+            keywords: KeywordDetector::default(),
+            progress: PipelineState::new(&layout),
+            kind: decl.kind,
+            phrase: decl.phrase.clone().unwrap_or_default(),
+            layout,
+            stages,
             id,
             model,
-            vad,
             params,
-            window,
-            context_len,
-            pending: VecDeque::new(),
             samples_received: 0,
             samples_done: 0,
             chunk_ready: VecDeque::new(),
+            degraded: false,
             in_flight: false,
             retries: 0,
             ending: false,
@@ -252,143 +269,6 @@ impl StreamSession {
         }
     }
 
-    fn maybe_step(&mut self, ctx: &mut Context<Self>) {
-        if self.in_flight || self.finished {
-            return;
-        }
-        let take = if self.pending.len() >= self.window {
-            self.window
-        } else if self.ending && !self.pending.is_empty() {
-            self.pending.len()
-        } else {
-            if self.ending {
-                self.finish(ctx);
-            }
-            return;
-        };
-        let mut audio = Vec::with_capacity(self.context_len + self.window);
-        audio.extend_from_slice(&self.context);
-        audio.extend(self.pending.iter().take(take));
-        // The last chunk of a stream is padded with silence to a full window.
-        audio.resize(self.context_len + self.window, 0.0);
-        self.in_flight = true;
-        self.send_step(audio, take, ctx);
-    }
-
-    fn send_step(&mut self, audio: Vec<f32>, take: usize, ctx: &mut Context<Self>) {
-        let info = &self.model.info;
-        let mut inputs: Vec<NamedTensor> = info
-            .inputs
-            .iter()
-            .map(|spec| NamedTensor {
-                name: spec.name.clone(),
-                shape: Vec::new(),
-                data: TensorData::Fp32(Vec::new()),
-            })
-            .collect();
-        inputs[self.vad.audio_input].shape = vec![1, audio.len() as i64];
-        inputs[self.vad.audio_input].data = TensorData::Fp32(audio.clone());
-        inputs[self.vad.state_input].shape = self.vad.state_shape.clone();
-        inputs[self.vad.state_input].data = TensorData::Fp32(self.state.clone());
-        inputs[self.vad.rate_input].data = TensorData::Int64(vec![self.params.sample_rate as i64]);
-        let request = InferRequest {
-            inputs,
-            rows: 1,
-            outputs: vec![self.vad.probability_output, self.vad.state_output],
-        };
-        let answer = self.model.infer(request, InferOptions::now());
-        ctx.spawn(
-            answer
-                .into_actor(self)
-                .map(move |result, session, ctx| session.on_step(result, audio, take, ctx)),
-        );
-    }
-
-    fn on_step(
-        &mut self,
-        result: Result<InferResponse, ServeError>,
-        audio: Vec<f32>,
-        take: usize,
-        ctx: &mut Context<Self>,
-    ) {
-        let response = match result {
-            Ok(response) => response,
-            Err(
-                e @ (ServeError::Overloaded { .. }
-                | ServeError::NotReady { .. }
-                | ServeError::WorkerLost(_)),
-            ) if self.retries < STEP_RETRIES => {
-                self.retries += 1;
-                tracing::debug!(stream = %self.id, error = %e, "retrying stream step");
-                ctx.run_later(Duration::from_millis(25), move |session, ctx| {
-                    session.send_step(audio, take, ctx)
-                });
-                return;
-            }
-            Err(e) => {
-                self.in_flight = false;
-                self.fail(&e, ctx);
-                return;
-            }
-        };
-        self.retries = 0;
-        self.in_flight = false;
-        let (probability, state) = match (&response.outputs[0].data, &response.outputs[1].data) {
-            (TensorData::Fp32(p), TensorData::Fp32(s))
-                if !p.is_empty() && s.len() == self.state.len() =>
-            {
-                (p[0], s)
-            }
-            _ => {
-                self.fail(
-                    &ServeError::Inference(
-                        "the VAD model returned outputs of an unexpected shape".into(),
-                    ),
-                    ctx,
-                );
-                return;
-            }
-        };
-        self.state.copy_from_slice(state);
-        let window_end = self.context_len + take;
-        self.context
-            .copy_from_slice(&audio[window_end - self.context_len..window_end]);
-        self.pending.drain(..take);
-        let chunk_start = self.samples_done;
-        self.samples_done += take as u64;
-        self.credits.add_permits(take);
-
-        if let Some(ready) = self.chunk_ready.pop_front() {
-            metrics::histogram!("streamserve_stream_chunk_latency_seconds", &self.labels)
-                .record(ready.elapsed().as_secs_f64());
-        }
-        metrics::counter!("streamserve_stream_chunks_total", &self.labels).increment(1);
-        if let Some(stats) = self.model.watch.stream_stats() {
-            stats.add_audio(take as f64 / f64::from(self.params.sample_rate));
-        }
-
-        if response.degraded {
-            metrics::counter!("streamserve_stream_degraded_chunks_total", &self.labels)
-                .increment(1);
-        }
-        if self.params.results == ResultsMode::All {
-            let t = self.seconds(chunk_start);
-            self.emit(ServerMessage::Vad {
-                seq: self.next_seq,
-                t,
-                probability,
-                degraded: response.degraded,
-            });
-        }
-        let mut events = Vec::new();
-        self.tracker
-            .push(chunk_start + self.window as u64, probability, &mut events);
-        self.emit_events(&events);
-        self.maybe_checkpoint();
-        self.settle_flushes();
-        self.maybe_step(ctx);
-    }
-
     fn emit_events(&mut self, events: &[VadEvent]) {
         for event in events {
             let message = match *event {
@@ -424,13 +304,16 @@ impl StreamSession {
             .iter()
             .map(|s| SegmentSecs::from_samples(s, self.params.sample_rate))
             .collect();
-        let chunks = self.samples_done.div_ceil(self.window as u64);
+        let chunks = self
+            .samples_done
+            .div_ceil(self.layout.chunk_samples() as u64);
         self.emit(ServerMessage::Summary {
             seq: self.next_seq,
             duration: self.seconds(self.samples_done),
             chunks,
             segments,
             segments_omitted: self.segments_omitted,
+            keywords: (self.kind == StreamKind::Keyword).then_some(self.keywords.events),
         });
         self.summarized = true;
         self.disconnect(CloseCode::Normal, "stream ended".into());
@@ -483,13 +366,15 @@ impl Handler<Audio> for StreamSession {
         if self.ending || self.finished {
             return;
         }
-        let before = self.pending.len();
+        let chunk = self.layout.chunk_samples() as u64;
+        let before = self.samples_received;
         self.samples_received += samples.len() as u64;
-        self.pending.extend(samples);
+        self.progress.push_audio(&samples);
         let now = Instant::now();
-        let new_chunks = self.pending.len() / self.window - before / self.window;
+        let first_new = before / chunk + 1;
+        let last_new = self.samples_received / chunk;
         self.chunk_ready
-            .extend(std::iter::repeat_n(now, new_chunks));
+            .extend((first_new..=last_new).map(|n| (n * chunk, now)));
         self.maybe_step(ctx);
     }
 }
@@ -498,8 +383,12 @@ impl Handler<End> for StreamSession {
     type Result = ();
 
     fn handle(&mut self, _: End, ctx: &mut Self::Context) {
-        if !self.pending.len().is_multiple_of(self.window) {
-            self.chunk_ready.push_back(Instant::now());
+        if !self
+            .samples_received
+            .is_multiple_of(self.layout.chunk_samples() as u64)
+        {
+            self.chunk_ready
+                .push_back((self.samples_received, Instant::now()));
         }
         self.ending = true;
         self.maybe_step(ctx);

@@ -21,13 +21,13 @@ use crate::actors::router::{self, FallbackLookup, RouterSetup};
 use crate::actors::served::{InferOptions, ServedModel};
 use crate::actors::worker::{WorkerHandle, WorkerRecipe, WorkerReport};
 use crate::error::ServeError;
-use crate::manifest::{verify_sha256, BatchAxis, Device, ModelEntry, StreamKind};
+use crate::manifest::{verify_sha256, BatchAxis, Device, ModelEntry};
 use crate::model::{ModelInfo, Resources};
 use crate::monitor::probe::{Probe, ProbeOutcome};
 use crate::monitor::profile::Profile;
 use crate::monitor::{ModelWatch, OnceWatch, WatchSettings};
 use crate::runtime::{Sessions, TensorSpec};
-use crate::stream::vad::VadInterface;
+use crate::stream::pipeline::Layout;
 
 /// How a refusal for lack of memory starts: such a version stays loadable later.
 pub(super) const DOES_NOT_FIT: &str = "does not fit";
@@ -180,7 +180,7 @@ fn model_info(
         batching: entry.batching,
         input_axes,
         output_axes,
-        stream: entry.stream,
+        stream: entry.stream.clone(),
         device,
         replicas: entry.replicas,
         max_queue: entry.max_queue,
@@ -190,9 +190,11 @@ fn model_info(
         source: entry.source.clone(),
         resources: estimate_resources(entry, file_bytes, device),
     };
-    if info.stream == Some(StreamKind::Vad) {
-        if let Err(reason) = VadInterface::resolve(&info) {
-            return Err(format!("stream = \"vad\", but {reason}"));
+    // A stream of this model alone is checked now, at every rate it takes; one with stages
+    // before it, when a stream starts (its stages' models load on their own).
+    if let Some(decl) = info.stream.as_ref().filter(|d| d.stages.is_empty()) {
+        for &rate in &decl.sample_rates {
+            Layout::resolve(decl, &[&info], rate).map_err(|reason| format!("stream: {reason}"))?;
         }
     }
     Ok(info)

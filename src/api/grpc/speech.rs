@@ -25,6 +25,7 @@ use crate::api::AppState;
 use crate::error::ServeError;
 use crate::manifest::StreamKind;
 use crate::stream::audio::{read_wav, SampleFormat};
+use crate::stream::keyword::KeywordOptions;
 use crate::stream::protocol::{ResultsMode, SegmentSecs, SentMessage as Sent};
 
 /// Longest a call waits for the model between two events.
@@ -69,7 +70,7 @@ impl SpeechService {
     ) -> Result<Running, Status> {
         let state = &self.state;
         let (pass, served) = state.admitted(metadata, peer, model, None).await?;
-        if served.info.stream != Some(StreamKind::Vad) {
+        if served.info.stream_kind() != Some(StreamKind::Vad) {
             return Err(ServeError::invalid(format!(
                 "model '{}' does not serve streams (it has no `stream = \"vad\"` in the manifest)",
                 served.info.name
@@ -92,13 +93,14 @@ impl SpeechService {
             format: SampleFormat::F32,
             results: ResultsMode::Events,
             vad: vad_options(vad),
+            keyword: KeywordOptions::default(),
             resume_window: Duration::ZERO,
             keys: state.streams.keys.clone(),
             checkpoint_samples: 0,
         };
         let (model, version) = (served.info.name.clone(), served.info.version.clone());
         let id: Arc<str> = uuid::Uuid::new_v4().simple().to_string().into();
-        let session = StreamSession::new(id, served, params, None)
+        let session = StreamSession::new(id, vec![served], params, None)
             .map_err(|e| Status::from(ServeError::invalid(e)))?;
         // An actor starts on an actix thread, not on gRPC's runtime.
         let (started_tx, started) = oneshot::channel();

@@ -32,7 +32,6 @@ use crate::actors::stream_session::{
 use crate::actors::supervisor::Supervisor;
 use crate::error::ServeError;
 use crate::machine::traffic::{self, Protocol};
-use crate::manifest::StreamKind;
 use crate::stream::checkpoint::TokenKeys;
 use crate::stream::protocol::{ClientMessage, ServerMessage, StartMessage};
 
@@ -101,9 +100,9 @@ async fn stream_model(
 ) -> Result<(Pass, ServedModel), ServeError> {
     let peer = req.peer_addr().map(|a| a.ip());
     let (pass, served) = state.admitted(req.headers(), peer, name, None).await?;
-    if served.info.stream != Some(StreamKind::Vad) {
+    if served.info.stream.is_none() {
         return Err(ServeError::invalid(format!(
-            "model '{name}' does not serve streams (it has no `stream = \"vad\"` in the manifest)"
+            "model '{name}' does not serve streams (its manifest entry has no `stream`)"
         )));
     }
     Ok((pass, served))

@@ -88,7 +88,8 @@ pub(in crate::api) async fn open_session(
     let id: Arc<str> = uuid::Uuid::new_v4().simple().to_string().into();
     let params = params(config, start.sample_rate, &start, start.checkpoints);
     let hub = Some(config.hub.clone().recipient());
-    let session = StreamSession::new(id.clone(), caller.served, params, hub)?.start();
+    let stages = stage_models(caller.served, config).await?;
+    let session = StreamSession::new(id.clone(), stages, params, hub)?.start();
     config.hub.do_send(Register {
         id,
         session: session.clone(),
@@ -159,8 +160,9 @@ async fn take_over(
         true,
     );
     let hub = Some(config.hub.clone().recipient());
+    let stages = stage_models(model, config).await?;
     let restored =
-        StreamSession::restore(checkpoint, model, params, last_seq, fresh_state, hub)?.start();
+        StreamSession::restore(checkpoint, stages, params, last_seq, fresh_state, hub)?.start();
     // Two takeovers of one stream may race: the hub keeps one, the other goes.
     let session = config
         .hub
@@ -212,6 +214,38 @@ async fn checkpoint_model(
     }
 }
 
+/// The models of a stream's stages, `model` (the stream's own) last: the stages before it are
+/// the default versions of the models its declaration names, loaded if they are cold.
+async fn stage_models(
+    model: ServedModel,
+    config: &StreamsConfig,
+) -> Result<Vec<ServedModel>, String> {
+    let names: Vec<String> = model
+        .info
+        .stream
+        .iter()
+        .flat_map(|decl| decl.stages.iter().map(|s| s.model.clone()))
+        .collect();
+    let mut stages = Vec::with_capacity(names.len() + 1);
+    for name in names {
+        let load = config.supervisor.send(EnsureLoaded {
+            name: name.clone(),
+            version: None,
+        });
+        match load.await {
+            Ok(Ok(served)) => stages.push(served),
+            Ok(Err(e)) => {
+                return Err(format!(
+                    "the stream's stage model '{name}' is not available: {e}"
+                ))
+            }
+            Err(_) => return Err("the server is stopping".into()),
+        }
+    }
+    stages.push(model);
+    Ok(stages)
+}
+
 /// A stream's parameters from its `start` (a restored stream takes its own from its
 /// checkpoint) and the server's settings; `checkpoints`: whether it sends them.
 fn params(
@@ -226,6 +260,7 @@ fn params(
         format: start.format,
         results: start.results,
         vad: start.vad.clone(),
+        keyword: start.keyword.clone(),
         resume_window: config.resume_window,
         keys: config.keys.clone(),
         checkpoint_samples: if checkpoints { every } else { 0 },

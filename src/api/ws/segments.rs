@@ -15,7 +15,9 @@ use super::stream_model;
 use crate::actors::stream_session::{Attach, Audio, Connection, End, StreamParams, StreamSession};
 use crate::api::AppState;
 use crate::error::ServeError;
+use crate::manifest::StreamKind;
 use crate::stream::audio::{read_wav, SampleFormat};
+use crate::stream::keyword::KeywordOptions;
 use crate::stream::protocol::ResultsMode;
 use crate::stream::vad::VadOptions;
 
@@ -41,6 +43,11 @@ pub(super) async fn segments(
 ) -> Result<HttpResponse, ServeError> {
     let name = path.into_inner();
     let (pass, served) = stream_model(&state, &req, &name).await?;
+    if served.info.stream_kind() != Some(StreamKind::Vad) {
+        return Err(ServeError::invalid(format!(
+            "model '{name}' is not a voice activity model: segments come from a `stream = \"vad\"` model"
+        )));
+    }
     state
         .access
         .check_version(&pass, &served.info.name, &served.info.version)?;
@@ -65,13 +72,14 @@ pub(super) async fn segments(
         format: SampleFormat::F32,
         results: ResultsMode::Events,
         vad,
+        keyword: KeywordOptions::default(),
         resume_window: Duration::ZERO,
         keys: state.streams.keys.clone(),
         checkpoint_samples: 0,
     };
     let info = served.info.clone();
     let id: Arc<str> = uuid::Uuid::new_v4().simple().to_string().into();
-    let session = StreamSession::new(id, served, params, None)
+    let session = StreamSession::new(id, vec![served], params, None)
         .map_err(ServeError::invalid)?
         .start();
     // Events and the summary: at most two events per chunk.

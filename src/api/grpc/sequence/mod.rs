@@ -430,7 +430,7 @@ impl SequenceTask {
             .admitted(&*self.metadata, self.peer, &request.model_name, version)
             .await
             .map_err(|e| e.to_string())?;
-        if served.info.stream != Some(StreamKind::Vad) {
+        if served.info.stream_kind() != Some(StreamKind::Vad) {
             return Err(format!(
                 "model '{}' does not serve streams: sequences go to a model with \
                  `stream = \"vad\"` in the manifest",

@@ -1,0 +1,173 @@
+//! A stream's steps: the next ready stage's window goes through that stage model's router
+//! (batched there with other streams' steps), and its answer moves the stream on. The last
+//! stage's answers become the stream's results: `vad` probabilities with speech events, or
+//! keyword scores with `keyword` events.
+
+use std::time::Duration;
+
+use actix::prelude::*;
+
+use super::{StreamSession, STEP_RETRIES};
+use crate::actors::served::InferOptions;
+use crate::error::ServeError;
+use crate::manifest::StreamKind;
+use crate::model::{InferRequest, InferResponse};
+use crate::stream::pipeline::StepDone;
+use crate::stream::protocol::{ResultsMode, ServerMessage};
+
+impl StreamSession {
+    pub(super) fn maybe_step(&mut self, ctx: &mut Context<Self>) {
+        if self.in_flight || self.finished {
+            return;
+        }
+        match self.progress.next_step(&self.layout, self.ending) {
+            Some(stage) => {
+                self.in_flight = true;
+                let request = self.progress.request(&self.layout, stage);
+                self.send_step(stage, request, ctx);
+            }
+            None if self.ending => self.finish(ctx),
+            None => {}
+        }
+    }
+
+    fn send_step(&mut self, stage: usize, request: InferRequest, ctx: &mut Context<Self>) {
+        // Kept for a retry: the router takes the request it is given.
+        let again = clone_request(&request);
+        let answer = self.stages[stage].infer(request, InferOptions::now());
+        ctx.spawn(
+            answer
+                .into_actor(self)
+                .map(move |result, session, ctx| session.on_step(stage, result, again, ctx)),
+        );
+    }
+
+    fn on_step(
+        &mut self,
+        stage: usize,
+        result: Result<InferResponse, ServeError>,
+        request: InferRequest,
+        ctx: &mut Context<Self>,
+    ) {
+        let response = match result {
+            Ok(response) => response,
+            Err(
+                e @ (ServeError::Overloaded { .. }
+                | ServeError::NotReady { .. }
+                | ServeError::WorkerLost(_)),
+            ) if self.retries < STEP_RETRIES => {
+                self.retries += 1;
+                tracing::debug!(stream = %self.id, error = %e, "retrying stream step");
+                ctx.run_later(Duration::from_millis(25), move |session, ctx| {
+                    session.send_step(stage, request, ctx)
+                });
+                return;
+            }
+            Err(e) => {
+                self.in_flight = false;
+                self.fail(&e, ctx);
+                return;
+            }
+        };
+        self.retries = 0;
+        self.in_flight = false;
+        let outputs: Vec<_> = response.outputs.into_iter().map(|t| t.data).collect();
+        let done = match self.progress.complete(&self.layout, stage, &outputs) {
+            Ok(done) => done,
+            Err(reason) => return self.fail(&ServeError::Inference(reason), ctx),
+        };
+        self.degraded |= response.degraded;
+        if stage == 0 {
+            self.took_audio(done.audio_taken);
+        }
+        if stage + 1 == self.layout.stages.len() {
+            self.result(done);
+        }
+        if stage == 0 {
+            self.maybe_checkpoint();
+            self.settle_flushes();
+        }
+        self.maybe_step(ctx);
+    }
+
+    /// The first stage consumed `taken` new samples: the client may send that much more.
+    fn took_audio(&mut self, taken: u64) {
+        let chunk_start = self.samples_done;
+        self.samples_done += taken;
+        self.credits.add_permits(taken as usize);
+        metrics::counter!("streamserve_stream_chunks_total", &self.labels).increment(1);
+        if let Some(stats) = self.model.watch.stream_stats() {
+            stats.add_audio(
+                (self.samples_done - chunk_start) as f64 / f64::from(self.params.sample_rate),
+            );
+        }
+    }
+
+    /// The last stage answered: the stream's result for the audio up to `done.time`.
+    fn result(&mut self, done: StepDone) {
+        while let Some(&(end, ready)) = self.chunk_ready.front() {
+            if end > done.time {
+                break;
+            }
+            self.chunk_ready.pop_front();
+            metrics::histogram!("streamserve_stream_chunk_latency_seconds", &self.labels)
+                .record(ready.elapsed().as_secs_f64());
+        }
+        let degraded = std::mem::take(&mut self.degraded);
+        if degraded {
+            metrics::counter!("streamserve_stream_degraded_chunks_total", &self.labels)
+                .increment(1);
+        }
+        let all = self.params.results == ResultsMode::All;
+        match self.kind {
+            StreamKind::Vad => {
+                let hop = self.layout.chunk_samples() as u64;
+                if all {
+                    self.emit(ServerMessage::Vad {
+                        seq: self.next_seq,
+                        t: self.seconds(done.time - hop),
+                        probability: done.value,
+                        degraded,
+                    });
+                }
+                let mut events = Vec::new();
+                self.tracker.push(done.time, done.value, &mut events);
+                self.emit_events(&events);
+            }
+            StreamKind::Keyword => {
+                let t = self.seconds(done.time);
+                if all {
+                    self.emit(ServerMessage::Score {
+                        seq: self.next_seq,
+                        t,
+                        score: done.value,
+                        degraded,
+                    });
+                }
+                let rate = self.params.sample_rate;
+                if self
+                    .keywords
+                    .push(&self.params.keyword, rate, done.time, done.value)
+                {
+                    metrics::counter!("streamserve_stream_keywords_total", &self.labels)
+                        .increment(1);
+                    let phrase = self.phrase.clone();
+                    self.emit(ServerMessage::Keyword {
+                        seq: self.next_seq,
+                        t,
+                        phrase: &phrase,
+                        score: done.value,
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn clone_request(request: &InferRequest) -> InferRequest {
+    InferRequest {
+        inputs: request.inputs.clone(),
+        rows: request.rows,
+        outputs: request.outputs.clone(),
+    }
+}

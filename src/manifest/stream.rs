@@ -1,0 +1,299 @@
+//! How a model serves streams, as the manifest declares it ([`StreamDecl`]): the stream's
+//! stages, each a model that runs on a sliding window of the audio or of the previous stage's
+//! output, with the recurrent state it carries from step to step and the constant inputs it
+//! takes; and what the last stage's output means (voice activity, or a keyword score).
+//!
+//! `stream = "vad"` is shorthand for Silero VAD's declaration ([`StreamDecl::silero_vad`]);
+//! anything else is written out as a table (docs/streaming.md, "Declaring a stream"). Only
+//! the declaration's shape is checked here; whether the models have the tensors it names is
+//! checked when the stream's models are known (`stream::pipeline`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// What the stream's results are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamKind {
+    /// A speech probability per step: `vad` results, `speech_start` / `speech_end` events.
+    Vad,
+    /// A score per step for one phrase: `keyword` events when it crosses the threshold.
+    Keyword,
+}
+
+/// A model's stream declaration: the model itself is the last stage.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamDecl {
+    pub kind: StreamKind,
+    /// Sample rates a client may stream at; the first is the default.
+    #[serde(default = "default_rates")]
+    pub sample_rates: Vec<u32>,
+    /// The phrase a keyword stream detects (sent with each event).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phrase: Option<String>,
+    /// Models that run before this one, in order; the first reads the audio.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<StageDecl>,
+    // How this model (the last stage) steps: the keys of [`StageDecl`] but `model`, spelt
+    // out because serde cannot combine `flatten` with `deny_unknown_fields`.
+    pub input: WindowDecl,
+    pub output: OutputDecl,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub state: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub constants: BTreeMap<String, ConstantDecl>,
+}
+
+/// One stage: a model, and how it steps.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageDecl {
+    pub model: String,
+    /// The windowed input.
+    pub input: WindowDecl,
+    /// The output that carries the stage's result (frames for the next stage, or the score).
+    pub output: OutputDecl,
+    /// Recurrent state: input name <- the output name that feeds it at the next step (zeros
+    /// at the first).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub state: BTreeMap<String, String>,
+    /// Inputs that take the same value at every step: a number, or `"sample_rate"`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub constants: BTreeMap<String, ConstantDecl>,
+}
+
+/// A sliding window over the stage's source: step `k` sees frames `[k*hop, k*hop + window)`
+/// of a buffer that starts with `prefill` frames of `pad`. A frame is one audio sample, or
+/// one frame of the previous stage's output.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowDecl {
+    /// The model input the window goes to.
+    pub tensor: String,
+    /// Window and hop in frames (stages after the first)...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hop: Option<usize>,
+    /// ...or in milliseconds of audio (the first stage), so that they scale with the rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hop_ms: Option<f64>,
+    /// Frames of `pad` the buffer starts with; `window - hop` when absent (the first step
+    /// then comes after one hop).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill: Option<usize>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pad: f32,
+}
+
+/// The output a stage's result comes from, and how many frames one step makes of it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct OutputDecl {
+    pub tensor: String,
+    pub frames: usize,
+}
+
+impl<'de> Deserialize<'de> for OutputDecl {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<OutputDecl, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            tensor: String,
+            #[serde(default = "one")]
+            frames: usize,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Name(String),
+            Table(Table),
+        }
+        match Raw::deserialize(deserializer).map_err(|_| {
+            serde::de::Error::custom(
+                "output must be a tensor name or { tensor = \"...\", frames = N }",
+            )
+        })? {
+            Raw::Name(tensor) => Ok(OutputDecl { tensor, frames: 1 }),
+            Raw::Table(t) => Ok(OutputDecl {
+                tensor: t.tensor,
+                frames: t.frames,
+            }),
+        }
+    }
+}
+
+/// A constant input's value.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub enum ConstantDecl {
+    Number(f64),
+    /// The stream's sample rate.
+    SampleRate,
+}
+
+impl<'de> Deserialize<'de> for ConstantDecl {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<ConstantDecl, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(f64),
+            Word(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Number(n) => Ok(ConstantDecl::Number(n)),
+            Raw::Word(w) if w == "sample_rate" => Ok(ConstantDecl::SampleRate),
+            Raw::Word(w) => Err(serde::de::Error::custom(format!(
+                "a constant is a number or \"sample_rate\", got \"{w}\""
+            ))),
+        }
+    }
+}
+
+fn default_rates() -> Vec<u32> {
+    vec![16000]
+}
+fn one() -> usize {
+    1
+}
+fn is_zero(x: &f32) -> bool {
+    *x == 0.0
+}
+
+impl StreamDecl {
+    /// Silero VAD's stream: 512 samples (+64 of context) at 16 kHz, 256 (+32) at 8 kHz, as
+    /// its own wrapper steps it; recurrent `state`; the rate as `sr`.
+    pub fn silero_vad() -> StreamDecl {
+        StreamDecl {
+            kind: StreamKind::Vad,
+            sample_rates: vec![16000, 8000],
+            phrase: None,
+            stages: Vec::new(),
+            input: WindowDecl {
+                tensor: "input".into(),
+                window: None,
+                hop: None,
+                window_ms: Some(36.0),
+                hop_ms: Some(32.0),
+                prefill: None,
+                pad: 0.0,
+            },
+            output: OutputDecl {
+                tensor: "output".into(),
+                frames: 1,
+            },
+            state: BTreeMap::from([("state".into(), "stateN".into())]),
+            constants: BTreeMap::from([("sr".into(), ConstantDecl::SampleRate)]),
+        }
+    }
+
+    /// The stages in order, this model (`own_name`) last.
+    pub fn stages(&self, own_name: &str) -> Vec<StageDecl> {
+        let mut stages = self.stages.clone();
+        stages.push(StageDecl {
+            model: own_name.to_string(),
+            input: self.input.clone(),
+            output: self.output.clone(),
+            state: self.state.clone(),
+            constants: self.constants.clone(),
+        });
+        stages
+    }
+
+    /// Checks what can be checked without the models: windows, hops and rates.
+    pub fn validate(&self, own_name: &str) -> Result<(), String> {
+        if self.sample_rates.is_empty() || self.sample_rates.contains(&0) {
+            return Err("sample_rates must list at least one rate above 0".into());
+        }
+        if self.kind == StreamKind::Keyword && self.phrase.as_deref().unwrap_or("").is_empty() {
+            return Err("a keyword stream needs its `phrase`".into());
+        }
+        let stages = self.stages(own_name);
+        for (i, step) in stages.iter().enumerate() {
+            let model = &step.model;
+            let at = |what: String| format!("stage {i} ({model}): {what}");
+            if i + 1 < stages.len() && model == own_name {
+                return Err(at("a model cannot be a stage of its own stream".into()));
+            }
+            let w = &step.input;
+            if i == 0 {
+                if w.window.is_some() || w.hop.is_some() {
+                    return Err(at(
+                        "the first stage reads audio: give window_ms and hop_ms".into()
+                    ));
+                }
+                for rate in &self.sample_rates {
+                    audio_window(w, *rate).map_err(&at)?;
+                }
+            } else {
+                if w.window_ms.is_some() || w.hop_ms.is_some() {
+                    return Err(at("window_ms / hop_ms are for the first stage; later stages count frames (window, hop)".into()));
+                }
+                let (window, hop) = (w.window.unwrap_or(0), w.hop.unwrap_or(0));
+                check_window(window, hop, w.prefill).map_err(&at)?;
+            }
+            if step.output.frames == 0 {
+                return Err(at("output frames must be at least 1".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The first stage's window and hop in samples at `rate`.
+pub fn audio_window(w: &WindowDecl, rate: u32) -> Result<(usize, usize), String> {
+    let samples = |ms: Option<f64>, what: &str| -> Result<usize, String> {
+        let ms = ms.ok_or_else(|| format!("the first stage needs {what}"))?;
+        let exact = ms * f64::from(rate) / 1000.0;
+        if !(exact >= 1.0 && exact.fract() == 0.0 && exact < 1e7) {
+            return Err(format!(
+                "{what} = {ms} is not a whole number of samples at {rate} Hz"
+            ));
+        }
+        Ok(exact as usize)
+    };
+    let window = samples(w.window_ms, "window_ms")?;
+    let hop = samples(w.hop_ms, "hop_ms")?;
+    check_window(window, hop, w.prefill)?;
+    Ok((window, hop))
+}
+
+fn check_window(window: usize, hop: usize, prefill: Option<usize>) -> Result<(), String> {
+    if window == 0 || hop == 0 || hop > window {
+        return Err(format!(
+            "need 0 < hop <= window, got window {window}, hop {hop}"
+        ));
+    }
+    if prefill.is_some_and(|p| p >= window) {
+        return Err(format!("prefill must be below the window ({window})"));
+    }
+    Ok(())
+}
+
+/// The manifest's `stream` key: `"vad"` or a table (whose misspelt keys are errors that
+/// name the key, which an untagged enum would swallow).
+pub(super) fn deserialize_stream<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<StreamDecl>, D::Error> {
+    struct Visit;
+    impl<'de> serde::de::Visitor<'de> for Visit {
+        type Value = StreamDecl;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("\"vad\" or a table declaring the stream")
+        }
+        fn visit_str<E: serde::de::Error>(self, word: &str) -> Result<StreamDecl, E> {
+            match word {
+                "vad" => Ok(StreamDecl::silero_vad()),
+                _ => Err(E::custom(format!(
+                    "stream must be \"vad\" or a table declaring the stream, got \"{word}\""
+                ))),
+            }
+        }
+        fn visit_map<M: serde::de::MapAccess<'de>>(self, map: M) -> Result<StreamDecl, M::Error> {
+            StreamDecl::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+        }
+    }
+    deserializer.deserialize_any(Visit).map(Some)
+}

@@ -1,0 +1,325 @@
+//! The stream engine against models described by hand (no ONNX Runtime): Silero's stepping,
+//! a three-stage chain like the keyword spotter's, and checkpoints that go on exactly.
+
+use super::*;
+use crate::manifest::{Batching, Device, OutputDecl, StreamKind, WindowDecl};
+use crate::model::Resources;
+use crate::runtime::TensorSpec;
+
+fn spec(name: &str, datatype: DataType, shape: &[i64]) -> TensorSpec {
+    TensorSpec {
+        name: name.into(),
+        datatype,
+        shape: shape.to_vec(),
+    }
+}
+
+fn info(name: &str, inputs: Vec<(TensorSpec, BatchAxis)>, outputs: Vec<TensorSpec>) -> ModelInfo {
+    let output_axes = vec![BatchAxis::Axis(0); outputs.len()];
+    ModelInfo {
+        name: name.into(),
+        version: "1".into(),
+        input_rules: vec![Default::default(); inputs.len()],
+        input_axes: inputs.iter().map(|(_, a)| *a).collect(),
+        inputs: inputs.into_iter().map(|(s, _)| s).collect(),
+        allow_non_finite: false,
+        outputs,
+        batching: Batching {
+            max_batch_size: 64,
+            max_queue_delay: std::time::Duration::ZERO,
+        },
+        output_axes,
+        stream: None,
+        device: Device::Cpu,
+        replicas: 1,
+        max_queue: 16,
+        fallback: None,
+        sha256: String::new(),
+        description: String::new(),
+        source: String::new(),
+        resources: Resources::default(),
+    }
+}
+
+fn silero() -> ModelInfo {
+    let mut m = info(
+        "vad",
+        vec![
+            (
+                spec("input", DataType::Fp32, &[-1, 576]),
+                BatchAxis::Axis(0),
+            ),
+            (
+                spec("state", DataType::Fp32, &[2, -1, 128]),
+                BatchAxis::Axis(1),
+            ),
+            (spec("sr", DataType::Int64, &[]), BatchAxis::Shared),
+        ],
+        vec![
+            spec("output", DataType::Fp32, &[-1, 1]),
+            spec("stateN", DataType::Fp32, &[2, -1, 128]),
+        ],
+    );
+    m.output_axes[1] = BatchAxis::Axis(1);
+    m
+}
+
+fn fp32(t: &NamedTensor) -> &[f32] {
+    match &t.data {
+        TensorData::Fp32(v) => v,
+        other => panic!("not fp32: {other:?}"),
+    }
+}
+
+/// Runs every step the stream has ready, answering each with `model`; returns (stage, done).
+fn drain(
+    layout: &Layout,
+    state: &mut PipelineState,
+    ending: bool,
+    model: &dyn Fn(usize, &InferRequest) -> Vec<TensorData>,
+) -> Vec<(usize, StepDone)> {
+    let mut steps = Vec::new();
+    while let Some(stage) = state.next_step(layout, ending) {
+        let request = state.request(layout, stage);
+        let outputs = model(stage, &request);
+        steps.push((stage, state.complete(layout, stage, &outputs).unwrap()));
+    }
+    steps
+}
+
+#[test]
+fn silero_steps_as_its_own_wrapper_does() {
+    let decl = StreamDecl::silero_vad();
+    let vad = silero();
+    let layout = Layout::resolve(&decl, &[&vad], 16000).unwrap();
+    assert_eq!(
+        (layout.stages[0].window, layout.chunk_samples()),
+        (576, 512)
+    );
+    let mut state = PipelineState::new(&layout);
+    let audio: Vec<f32> = (0..1000).map(|i| i as f32).collect();
+    state.push_audio(&audio);
+    let seen = std::cell::RefCell::new(Vec::new());
+    let model = |_: usize, r: &InferRequest| {
+        assert_eq!(r.inputs[0].shape, [1, 576]);
+        assert_eq!(r.inputs[1].shape, [2, 1, 128]);
+        assert_eq!(r.inputs[2].data, TensorData::Int64(vec![16000]));
+        assert_eq!(r.outputs, [0, 1]);
+        seen.borrow_mut().push(fp32(&r.inputs[0]).to_vec());
+        vec![
+            TensorData::Fp32(vec![0.75]),
+            TensorData::Fp32(vec![1.0; 256]),
+        ]
+    };
+    let steps = drain(&layout, &mut state, false, &model);
+    assert_eq!(steps.len(), 1);
+    assert_eq!(
+        steps[0].1,
+        StepDone {
+            time: 512,
+            audio_taken: 512,
+            value: 0.75
+        }
+    );
+    // 64 samples of context (silence at the start), then the chunk.
+    let first = seen.borrow()[0].clone();
+    assert!(first[..64].iter().all(|&x| x == 0.0));
+    assert_eq!(&first[64..], &audio[..512]);
+    // The end pads the last 488 samples with silence to a window.
+    let steps = drain(&layout, &mut state, true, &model);
+    assert_eq!(
+        steps[0].1,
+        StepDone {
+            time: 1024,
+            audio_taken: 488,
+            value: 0.75
+        }
+    );
+    let last = seen.borrow()[1].clone();
+    assert_eq!(&last[..64], &audio[448..512]);
+    assert_eq!(&last[64..552], &audio[512..]);
+    assert!(last[552..].iter().all(|&x| x == 0.0));
+    assert_eq!(state.next_step(&layout, true), None);
+    // 8 kHz halves the window; other rates are refused with the ones it takes.
+    let at_8k = Layout::resolve(&decl, &[&vad], 8000).unwrap();
+    assert_eq!((at_8k.stages[0].window, at_8k.chunk_samples()), (288, 256));
+    let err = Layout::resolve(&decl, &[&vad], 44100).unwrap_err();
+    assert_eq!(err, "sample_rate must be 16000 or 8000, got 44100");
+}
+
+/// Audio (window 6, hop 4) -> 2 frames of 3; frames (window 4, hop 2, prefill 2 of 1.0) -> one
+/// frame of 5; frames (window 3, hop 1) -> a score.
+fn chain() -> (StreamDecl, Vec<ModelInfo>) {
+    let frames = |tensor: &str, window, hop, prefill, pad| WindowDecl {
+        tensor: tensor.into(),
+        window: Some(window),
+        hop: Some(hop),
+        window_ms: None,
+        hop_ms: None,
+        prefill,
+        pad,
+    };
+    let stage = |model: &str, input, output: &str, frames| StageDecl {
+        model: model.into(),
+        input,
+        output: OutputDecl {
+            tensor: output.into(),
+            frames,
+        },
+        state: Default::default(),
+        constants: Default::default(),
+    };
+    let audio = WindowDecl {
+        tensor: "audio".into(),
+        window: None,
+        hop: None,
+        window_ms: Some(6.0),
+        hop_ms: Some(4.0),
+        prefill: None,
+        pad: 0.0,
+    };
+    let decl = StreamDecl {
+        kind: StreamKind::Keyword,
+        sample_rates: vec![1000],
+        phrase: Some("x".into()),
+        stages: vec![
+            stage("feat", audio, "feat", 2),
+            stage("emb", frames("feat", 4, 2, Some(2), 1.0), "emb", 1),
+        ],
+        input: frames("emb", 3, 1, Some(0), 0.0),
+        output: OutputDecl {
+            tensor: "score".into(),
+            frames: 1,
+        },
+        state: Default::default(),
+        constants: Default::default(),
+    };
+    let models = vec![
+        info(
+            "feat",
+            vec![(spec("audio", DataType::Fp32, &[-1, 6]), BatchAxis::Axis(0))],
+            vec![spec("feat", DataType::Fp32, &[-1, 2, 3])],
+        ),
+        info(
+            "emb",
+            vec![(
+                spec("feat", DataType::Fp32, &[-1, 4, 3, 1]),
+                BatchAxis::Axis(0),
+            )],
+            vec![spec("emb", DataType::Fp32, &[-1, 1, 1, 5])],
+        ),
+        info(
+            "kw",
+            vec![(spec("emb", DataType::Fp32, &[-1, 3, 5]), BatchAxis::Axis(0))],
+            vec![spec("score", DataType::Fp32, &[-1, 1])],
+        ),
+    ];
+    (decl, models)
+}
+
+/// Each stage's output is a function of its whole window (a weighted sum per output element),
+/// so any frame out of place changes the score.
+fn chain_model(stage: usize, r: &InferRequest) -> Vec<TensorData> {
+    let x = fp32(&r.inputs[0]);
+    let weighted = |k: usize| -> f32 {
+        x.iter()
+            .enumerate()
+            .map(|(i, v)| v * ((i * 7 + k * 3) % 11) as f32)
+            .sum::<f32>()
+            * 1e-3
+    };
+    let n = [6, 5, 1][stage];
+    vec![TensorData::Fp32((0..n).map(weighted).collect())]
+}
+
+fn run_chain(audio: &[f32], pieces: usize) -> Vec<(usize, StepDone)> {
+    let (decl, models) = chain();
+    let infos: Vec<&ModelInfo> = models.iter().collect();
+    let layout = Layout::resolve(&decl, &infos, 1000).unwrap();
+    let mut state = PipelineState::new(&layout);
+    let mut steps = Vec::new();
+    for piece in audio.chunks(audio.len().div_ceil(pieces)) {
+        state.push_audio(piece);
+        steps.extend(drain(&layout, &mut state, false, &chain_model));
+    }
+    steps.extend(drain(&layout, &mut state, true, &chain_model));
+    steps
+}
+
+#[test]
+fn a_chain_steps_downstream_first_and_stamps_audio_time() {
+    let (decl, models) = chain();
+    let infos: Vec<&ModelInfo> = models.iter().collect();
+    let layout = Layout::resolve(&decl, &infos, 1000).unwrap();
+    assert_eq!(layout.chunk_samples(), 4);
+    let audio: Vec<f32> = (0..30).map(|i| (i as f32).sin()).collect();
+    let steps = run_chain(&audio, 1);
+    let order: Vec<usize> = steps.iter().map(|(s, _)| *s).collect();
+    // feat makes 2 frames per step; emb needs 2 new ones (after its prefill of 2) per step;
+    // the scorer needs 3 embeddings, then steps on each new one.
+    assert_eq!(&order[..8], &[0, 1, 0, 1, 0, 1, 2, 0]);
+    let scores: Vec<u64> = steps
+        .iter()
+        .filter(|(s, _)| *s == 2)
+        .map(|(_, d)| d.time)
+        .collect();
+    assert_eq!(
+        scores[0], 12,
+        "the first score covers the audio up to the third chunk"
+    );
+    assert!(scores.windows(2).all(|w| w[1] == w[0] + 4));
+    let taken: u64 = steps.iter().map(|(_, d)| d.audio_taken).sum();
+    assert_eq!(taken, 30, "every sample is stepped, the last ones padded");
+    // However the audio arrives, the results are the same.
+    assert_eq!(run_chain(&audio, 7), steps);
+}
+
+#[test]
+fn a_checkpoint_goes_on_exactly() {
+    let (decl, models) = chain();
+    let infos: Vec<&ModelInfo> = models.iter().collect();
+    let layout = Layout::resolve(&decl, &infos, 1000).unwrap();
+    let audio: Vec<f32> = (0..41).map(|i| (i as f32 * 0.3).cos()).collect();
+    let whole = run_chain(&audio, 1);
+
+    let mut state = PipelineState::new(&layout);
+    state.push_audio(&audio[..23]);
+    let mut steps = drain(&layout, &mut state, false, &chain_model);
+    let checkpoint = state.snapshot();
+    assert!(checkpoint.fits(&layout));
+    assert_eq!(checkpoint.audio_in, checkpoint.audio_done);
+    // The client sends again from the checkpoint's sample on.
+    let mut resumed: PipelineState =
+        postcard::from_bytes(&postcard::to_stdvec(&checkpoint).unwrap()).unwrap();
+    resumed.push_audio(&audio[checkpoint.audio_done as usize..]);
+    steps.extend(drain(&layout, &mut resumed, true, &chain_model));
+    assert_eq!(steps, whole);
+    // A Silero-sized progress does not fit the chain.
+    assert!(!PipelineState::example().fits(&layout));
+}
+
+#[test]
+fn declarations_that_do_not_fit_their_models_say_why() {
+    let (mut decl, models) = chain();
+    let infos: Vec<&ModelInfo> = models.iter().collect();
+    decl.stages[1].output.frames = 2;
+    let err = Layout::resolve(&decl, &infos, 1000).unwrap_err();
+    assert!(
+        err.contains("stage 1 (emb)") && err.contains("divide into 2 frames"),
+        "{err}"
+    );
+    let (mut decl, _) = chain();
+    decl.stages[1].input.window = Some(5);
+    let err = Layout::resolve(&decl, &infos, 1000).unwrap_err();
+    assert!(
+        err.contains("cannot take a window of 5 frames of 3"),
+        "{err}"
+    );
+    let (mut decl, _) = chain();
+    decl.input.tensor = "embeddings".into();
+    let err = Layout::resolve(&decl, &infos, 1000).unwrap_err();
+    assert!(
+        err.contains("stage 2 (kw): the model has no input 'embeddings'"),
+        "{err}"
+    );
+}
