@@ -20,7 +20,7 @@ mod types;
 
 pub use sha256::{sha256_file, verify_sha256};
 pub use stream::{
-    audio_window, ConstantDecl, OutputDecl, StageDecl, StreamDecl, StreamKind, WindowDecl,
+    audio_window, ConstantDecl, GateDecl, OutputDecl, StageDecl, StreamDecl, StreamKind, WindowDecl,
 };
 pub use types::{AllowedValue, BatchAxis, Device, InputDecl, LoadPolicy};
 

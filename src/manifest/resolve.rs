@@ -220,7 +220,8 @@ impl Manifest {
     }
 }
 
-/// Every stage of a declared stream names a model of this manifest.
+/// Every stage of a declared stream names a model of this manifest, and a gate names one
+/// that serves voice activity streams on its own.
 fn check_stream_stages(models: &[ModelEntry]) -> anyhow::Result<()> {
     for m in models {
         let Some(stream) = &m.stream else { continue };
@@ -233,6 +234,27 @@ fn check_stream_stages(models: &[ModelEntry]) -> anyhow::Result<()> {
                 stage.model
             );
         }
+        let Some(gate) = &stream.gate else { continue };
+        let vad_alone = |other: &ModelEntry| {
+            other.stream.as_ref().is_some_and(|s| {
+                s.kind == super::StreamKind::Vad && s.stages.is_empty() && s.gate.is_none()
+            })
+        };
+        let named: Vec<&ModelEntry> = models.iter().filter(|o| o.name == gate.model).collect();
+        anyhow::ensure!(
+            !named.is_empty(),
+            "model {}:{}: stream gate '{}' is not a model of this manifest",
+            m.name,
+            m.version,
+            gate.model
+        );
+        anyhow::ensure!(
+            named.into_iter().all(vad_alone),
+            "model {}:{}: stream gate '{}' must serve voice activity streams on its own (stream = \"vad\", or kind = \"vad\" with no stages)",
+            m.name,
+            m.version,
+            gate.model
+        );
     }
     Ok(())
 }

@@ -44,6 +44,30 @@ pub struct StreamDecl {
     pub state: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub constants: BTreeMap<String, ConstantDecl>,
+    /// A voice activity model that lets one stage (and those after it) run only around speech.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<GateDecl>,
+}
+
+/// A gate: the stream's audio also goes through a voice activity model (one with `stream =
+/// "vad"` or another `kind = "vad"` declaration of one stage), and step `k` of `stage` runs only
+/// when that model heard speech within `[t - hangover_ms, t + lookback]` of the step's audio
+/// time `t`. The lookback is what the stages after `stage` look back over, so that their
+/// results around speech equal the ungated stream's; the steps it takes are run late, when
+/// the speech that calls for them is heard. Skipped steps break the stages after `stage`:
+/// they start again, from their prefill, on the next step that runs.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GateDecl {
+    pub model: String,
+    /// The gated stage, by model name; not the first (which reads the audio the gate reads).
+    pub stage: String,
+    /// A gate step hears speech when its probability is at least this.
+    #[serde(default = "half")]
+    pub threshold: f32,
+    /// Steps keep running this long after the last speech the gate heard.
+    #[serde(default = "second")]
+    pub hangover_ms: f64,
 }
 
 /// One stage: a model, and how it steps.
@@ -158,6 +182,12 @@ fn default_rates() -> Vec<u32> {
 fn one() -> usize {
     1
 }
+fn half() -> f32 {
+    0.5
+}
+fn second() -> f64 {
+    1000.0
+}
 fn is_zero(x: &f32) -> bool {
     *x == 0.0
 }
@@ -186,6 +216,7 @@ impl StreamDecl {
             },
             state: BTreeMap::from([("state".into(), "stateN".into())]),
             constants: BTreeMap::from([("sr".into(), ConstantDecl::SampleRate)]),
+            gate: None,
         }
     }
 
@@ -236,6 +267,36 @@ impl StreamDecl {
             }
             if step.output.frames == 0 {
                 return Err(at("output frames must be at least 1".into()));
+            }
+        }
+        if let Some(gate) = &self.gate {
+            let gated = stages.iter().position(|s| s.model == gate.stage);
+            match gated {
+                None => {
+                    return Err(format!(
+                        "gate.stage '{}' is not a stage of this stream",
+                        gate.stage
+                    ))
+                }
+                Some(0) => {
+                    return Err(format!(
+                        "gate.stage '{}' reads the audio; gate a later stage",
+                        gate.stage
+                    ))
+                }
+                Some(_) => {}
+            }
+            if !(0.0..=1.0).contains(&gate.threshold) {
+                return Err("gate.threshold must be between 0 and 1".into());
+            }
+            if !(gate.hangover_ms.is_finite() && gate.hangover_ms >= 0.0) {
+                return Err("gate.hangover_ms must be 0 or more".into());
+            }
+            if gate.model == own_name || stages.iter().any(|s| s.model == gate.model) {
+                return Err(format!(
+                    "gate.model '{}' is a stage of this stream; the gate is a model of its own",
+                    gate.model
+                ));
             }
         }
         Ok(())

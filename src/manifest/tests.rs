@@ -254,3 +254,81 @@ fn bad_stream_declarations_are_refused_with_reasons() {
     let err = format!("{:#}", Manifest::parse(Path::new("/m"), &text).unwrap_err());
     assert!(err.contains("stream must be \"vad\" or a table"), "{err}");
 }
+
+/// The spotter gated by a voice activity model.
+fn gated_stream() -> String {
+    format!(
+        r#"{KEYWORD_STREAM}
+    [models.stream.gate]
+    model = "vad"
+    stage = "spotter"
+    hangover_ms = 500
+
+    [[models]]
+    name = "vad"
+    version = "1"
+    file = "vad.onnx"
+    sha256 = "{HASH}"
+    stream = "vad"
+"#
+    )
+}
+
+#[test]
+fn a_gate_is_a_voice_activity_model_before_a_later_stage() {
+    let m = Manifest::parse(Path::new("/m"), &gated_stream()).unwrap();
+    let gate = m.models[1].stream.as_ref().unwrap().gate.clone().unwrap();
+    assert_eq!(
+        (gate.model.as_str(), gate.stage.as_str()),
+        ("vad", "spotter")
+    );
+    assert_eq!((gate.threshold, gate.hangover_ms), (0.5, 500.0));
+    let text = gated_stream();
+    for (from, to, reason) in [
+        (
+            "model = \"vad\"",
+            "model = \"nope\"",
+            "stream gate 'nope' is not a model of this manifest",
+        ),
+        (
+            "model = \"vad\"",
+            "model = \"mel\"",
+            "gate.model 'mel' is a stage of this stream",
+        ),
+        (
+            "stage = \"spotter\"",
+            "stage = \"mel\"",
+            "gate.stage 'mel' reads the audio; gate a later stage",
+        ),
+        (
+            "stage = \"spotter\"",
+            "stage = \"other\"",
+            "gate.stage 'other' is not a stage of this stream",
+        ),
+        (
+            "hangover_ms = 500",
+            "hangover_ms = -1",
+            "gate.hangover_ms must be 0 or more",
+        ),
+        (
+            "hangover_ms = 500",
+            "threshold = 1.5",
+            "gate.threshold must be between 0 and 1",
+        ),
+        (
+            "hangover_ms = 500",
+            "hangover = 500",
+            "unknown field `hangover`",
+        ),
+        (
+            "stream = \"vad\"",
+            "",
+            "stream gate 'vad' must serve voice activity streams on its own",
+        ),
+    ] {
+        let bad = text.replacen(from, to, 1);
+        assert_ne!(bad, text, "{from} is not in the manifest");
+        let err = format!("{:#}", Manifest::parse(Path::new("/m"), &bad).unwrap_err());
+        assert!(err.contains(reason), "{from} -> {to}: {err}");
+    }
+}

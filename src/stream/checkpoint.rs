@@ -34,6 +34,8 @@ pub struct Checkpoint {
     pub results: ResultsMode,
     pub vad: VadOptions,
     pub keyword: KeywordOptions,
+    /// The stream runs its declaration's gate.
+    pub gate: bool,
     /// Counts the stream's checkpoints, so that an older one can be told from a newer one.
     pub counter: u32,
     pub issued_at_ms: u64,
@@ -239,6 +241,7 @@ mod tests {
             results: ResultsMode::All,
             vad: VadOptions::default(),
             keyword: KeywordOptions::default(),
+            gate: true,
             counter: 3,
             issued_at_ms: 1_000_000,
             samples_done: 51_200,

@@ -5,7 +5,9 @@
 
 pub mod audio;
 pub mod checkpoint;
+pub mod gate;
 pub mod keyword;
+pub mod layout;
 pub mod pipeline;
 pub mod protocol;
 pub mod vad;

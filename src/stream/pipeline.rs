@@ -1,6 +1,5 @@
-//! The stream engine: a stream's stages, as its manifest declaration says, resolved against
-//! the models that serve them ([`Layout`]), and one stream's progress through them
-//! ([`PipelineState`]): the buffer of frames each stage slides its window over, the recurrent
+//! The stream engine: one stream's progress through its stages, as its manifest declaration
+//! says and `stream::layout` resolves them ([`PipelineState`]): the buffer of frames each stage slides its window over, the recurrent
 //! state each carries, and the audio consumed. No actors and no I/O: the session asks for the
 //! next step, sends it through the stage model's router (where it is batched with other
 //! streams' steps), and hands the answer back.
@@ -9,231 +8,19 @@
 //! `prefill` frames of `pad`; the frames a step makes go to the next stage's buffer, stamped
 //! with the audio time (in samples) its input reached. A stream's results depend on its own
 //! audio only, so a stream batched with others gets what it would get alone.
+//!
+//! A stream may have a gate (`stream::gate`): a voice activity model beside the first stage,
+//! stepped here as the stage one past the last, that lets a later stage run only around
+//! speech.
 
 use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::{audio_window, BatchAxis, ConstantDecl, StageDecl, StreamDecl};
-use crate::model::{InferRequest, ModelInfo};
-use crate::tensor::{DataType, NamedTensor, TensorData};
-
-/// One stage resolved against its model.
-#[derive(Clone, Debug)]
-pub struct StageLayout {
-    pub model: String,
-    input_names: Vec<String>,
-    window_input: usize,
-    window_shape: Vec<i64>,
-    pub window: usize,
-    pub hop: usize,
-    prefill: usize,
-    pad: f32,
-    /// Elements per input frame (1 for audio).
-    frame_len: usize,
-    output: usize,
-    frames_out: usize,
-    out_frame_len: usize,
-    recurrent: Vec<Recurrent>,
-    constants: Vec<(usize, Vec<i64>, TensorData)>,
-}
-
-#[derive(Clone, Debug)]
-struct Recurrent {
-    input: usize,
-    output: usize,
-    shape: Vec<i64>,
-    len: usize,
-}
-
-/// A stream's stages at one sample rate; the first reads the audio.
-#[derive(Clone, Debug)]
-pub struct Layout {
-    pub stages: Vec<StageLayout>,
-    pub sample_rate: u32,
-}
-
-impl Layout {
-    /// Resolves `decl` (of the model `infos.last()`) against its stages' models, in order.
-    pub fn resolve(
-        decl: &StreamDecl,
-        infos: &[&ModelInfo],
-        sample_rate: u32,
-    ) -> Result<Layout, String> {
-        if !decl.sample_rates.contains(&sample_rate) {
-            let rates: Vec<String> = decl.sample_rates.iter().map(u32::to_string).collect();
-            return Err(format!(
-                "sample_rate must be {}, got {sample_rate}",
-                rates.join(" or ")
-            ));
-        }
-        let own = infos.last().ok_or("a stream needs a model")?;
-        let stages = decl.stages(&own.name);
-        if stages.len() != infos.len() {
-            return Err("the stream's stages and models differ in number".into());
-        }
-        let mut frame_len = 1;
-        let mut resolved = Vec::with_capacity(stages.len());
-        let last = stages.len() - 1;
-        for (i, (stage, info)) in stages.iter().zip(infos).enumerate() {
-            let layout = resolve_stage(stage, info, (i == 0, i == last), frame_len, sample_rate)
-                .map_err(|e| format!("stream stage {i} ({}): {e}", stage.model))?;
-            frame_len = layout.out_frame_len;
-            resolved.push(layout);
-        }
-        Ok(Layout {
-            stages: resolved,
-            sample_rate,
-        })
-    }
-
-    /// Audio samples per step of the first stage: the stream's chunk.
-    pub fn chunk_samples(&self) -> usize {
-        self.stages[0].hop
-    }
-}
-
-fn resolve_stage(
-    stage: &StageDecl,
-    info: &ModelInfo,
-    (reads_audio, last): (bool, bool),
-    frame_len: usize,
-    sample_rate: u32,
-) -> Result<StageLayout, String> {
-    let input = |name: &str| {
-        info.inputs
-            .iter()
-            .position(|s| s.name == name)
-            .ok_or_else(|| format!("the model has no input '{name}'"))
-    };
-    let output = |name: &str| {
-        info.outputs
-            .iter()
-            .position(|s| s.name == name)
-            .ok_or_else(|| format!("the model has no output '{name}'"))
-    };
-    let fp32_row_shape = |index: usize, is_input: bool| -> Result<(Vec<i64>, usize), String> {
-        let (spec, axis) = if is_input {
-            (&info.inputs[index], &info.input_axes[index])
-        } else {
-            (&info.outputs[index], &info.output_axes[index])
-        };
-        if spec.datatype != DataType::Fp32 {
-            return Err(format!("'{}' must be FP32", spec.name));
-        }
-        let BatchAxis::Axis(axis) = *axis else {
-            return Err(format!("'{}' must have a batch axis", spec.name));
-        };
-        let mut shape = spec.shape.clone();
-        if axis >= shape.len() {
-            return Err(format!("'{}' has no axis {axis} to batch on", spec.name));
-        }
-        shape[axis] = 1;
-        let fixed = shape.iter().all(|&d| d >= 1);
-        Ok((
-            shape.clone(),
-            if fixed {
-                shape.iter().product::<i64>() as usize
-            } else {
-                0
-            },
-        ))
-    };
-
-    let w = &stage.input;
-    let (window, hop) = if reads_audio {
-        audio_window(w, sample_rate)?
-    } else {
-        (w.window.unwrap_or(0), w.hop.unwrap_or(0))
-    };
-    let window_input = input(&w.tensor)?;
-    let (mut window_shape, fixed_len) = fp32_row_shape(window_input, true)?;
-    let window_len = window * frame_len;
-    if fixed_len != window_len {
-        // A [batch, n] input whose n the file leaves open (or the manifest declares per
-        // rate, as Silero's): the window goes in flat.
-        if window_shape.len() != 2 {
-            return Err(format!(
-                "input '{}' of shape {:?} cannot take a window of {window} frames of {frame_len}",
-                w.tensor, info.inputs[window_input].shape
-            ));
-        }
-        let other = usize::from(window_shape[0] == 1);
-        window_shape[other] = window_len as i64;
-    }
-    let output_index = output(&stage.output.tensor)?;
-    let (_, out_len) = fp32_row_shape(output_index, false)?;
-    let frames_out = stage.output.frames;
-    // The last stage's output is read for its first value: its size may be left open.
-    let open_ok = last && frames_out == 1;
-    if (out_len == 0 && !open_ok) || !out_len.is_multiple_of(frames_out) {
-        return Err(format!(
-            "output '{}' must have fixed dimensions that divide into {frames_out} frames",
-            stage.output.tensor
-        ));
-    }
-    let mut recurrent = Vec::new();
-    for (input_name, output_name) in &stage.state {
-        let input_index = input(input_name)?;
-        let (shape, len) = fp32_row_shape(input_index, true)?;
-        let output_index = output(output_name)?;
-        // ONNX files often leave the output's dimensions open; its size is checked per step.
-        let (_, out) = fp32_row_shape(output_index, false)?;
-        if len == 0 || (out != 0 && out != len) {
-            return Err(format!(
-                "state '{input_name}' must have fixed dimensions, and '{output_name}' its size"
-            ));
-        }
-        recurrent.push(Recurrent {
-            input: input_index,
-            output: output_index,
-            shape,
-            len,
-        });
-    }
-    let mut constants = Vec::new();
-    for (name, value) in &stage.constants {
-        let index = input(name)?;
-        let spec = &info.inputs[index];
-        let value = match value {
-            ConstantDecl::Number(n) => *n,
-            ConstantDecl::SampleRate => f64::from(sample_rate),
-        };
-        let shape: Vec<i64> = spec.shape.iter().map(|&d| d.max(1)).collect();
-        let n = shape.iter().product::<i64>() as usize;
-        let data = match spec.datatype {
-            DataType::Int64 => TensorData::Int64(vec![value as i64; n]),
-            DataType::Int32 => TensorData::Int32(vec![value as i32; n]),
-            DataType::Fp32 => TensorData::Fp32(vec![value as f32; n]),
-            DataType::Fp64 => TensorData::Fp64(vec![value; n]),
-            other => return Err(format!("constant '{name}' cannot be {other}")),
-        };
-        constants.push((index, shape, data));
-    }
-    let covered = 1 + recurrent.len() + constants.len();
-    if covered != info.inputs.len() {
-        return Err(format!(
-            "the model has {} inputs; the declaration feeds {covered} (window, state, constants)",
-            info.inputs.len()
-        ));
-    }
-    Ok(StageLayout {
-        model: info.name.clone(),
-        input_names: info.inputs.iter().map(|s| s.name.clone()).collect(),
-        window_input,
-        window_shape,
-        window,
-        hop,
-        prefill: w.prefill.unwrap_or(window - hop),
-        pad: w.pad,
-        frame_len,
-        output: output_index,
-        frames_out,
-        out_frame_len: out_len / frames_out,
-        recurrent,
-        constants,
-    })
-}
+use super::gate::{GateState, Verdict};
+pub use super::layout::{Layout, StageLayout};
+use crate::model::InferRequest;
+use crate::tensor::{NamedTensor, TensorData};
 
 /// One stage's progress: its buffer (from the next step's first frame on), the audio time of
 /// each frame (stages after the first), its step count and recurrent state.
@@ -245,6 +32,44 @@ pub struct StageState {
     states: Vec<Vec<f32>>,
 }
 
+impl StageState {
+    /// A stage before its first step: the buffer holds the prefill, the state is zeros.
+    fn start(s: &StageLayout, reads_audio: bool) -> StageState {
+        StageState {
+            frames: std::iter::repeat_n(s.pad, s.prefill * s.frame_len).collect(),
+            // An audio stage's frames are samples: their time is their index.
+            times: std::iter::repeat_n(0, if reads_audio { 0 } else { s.prefill }).collect(),
+            steps: 0,
+            states: s.recurrent.iter().map(|r| vec![0.0; r.len]).collect(),
+        }
+    }
+
+    fn ready(&self, s: &StageLayout) -> bool {
+        self.frames.len() >= s.window * s.frame_len
+    }
+
+    fn fits(&self, s: &StageLayout, reads_audio: bool) -> bool {
+        self.states.len() == s.recurrent.len()
+            && self
+                .states
+                .iter()
+                .zip(&s.recurrent)
+                .all(|(v, r)| v.len() == r.len)
+            && self.frames.len().is_multiple_of(s.frame_len)
+            && (reads_audio || self.times.len() == self.frames.len() / s.frame_len)
+    }
+
+    /// The audio time an audio stage's step reaches, from where its steps so far reached.
+    fn audio_step_end(&self, s: &StageLayout, reached: u64) -> u64 {
+        let covers = if self.steps == 0 {
+            s.window - s.prefill
+        } else {
+            s.hop
+        };
+        reached + covers as u64
+    }
+}
+
 /// One stream's progress through its stages: all a checkpoint needs to go on.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PipelineState {
@@ -254,6 +79,15 @@ pub struct PipelineState {
     pub audio_done: u64,
     /// The last audio was padded with silence to a whole window (the stream is ending).
     padded: bool,
+    /// (Checkpoints are postcard, which needs every field written, `None`s too.)
+    gate: Option<GateProgress>,
+}
+
+/// The gate's own stage (its buffer of audio and recurrent state) and what it heard.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct GateProgress {
+    stage: StageState,
+    state: GateState,
 }
 
 /// What a completed step produced.
@@ -275,17 +109,15 @@ impl PipelineState {
                 .stages
                 .iter()
                 .enumerate()
-                .map(|(i, s)| StageState {
-                    frames: std::iter::repeat_n(s.pad, s.prefill * s.frame_len).collect(),
-                    // The first stage's frames are audio samples: their time is their index.
-                    times: std::iter::repeat_n(0, if i == 0 { 0 } else { s.prefill }).collect(),
-                    steps: 0,
-                    states: s.recurrent.iter().map(|r| vec![0.0; r.len]).collect(),
-                })
+                .map(|(i, s)| StageState::start(s, i == 0))
                 .collect(),
             audio_in: 0,
             audio_done: 0,
             padded: false,
+            gate: (layout.gate.as_ref()).map(|g| GateProgress {
+                stage: StageState::start(&g.stage, true),
+                state: GateState::default(),
+            }),
         }
     }
 
@@ -295,28 +127,25 @@ impl PipelineState {
         let mut progress = PipelineState::new(layout);
         progress.audio_in = samples;
         progress.audio_done = samples;
+        if let Some(gate) = &mut progress.gate {
+            gate.state.heard = samples;
+        }
         progress
     }
 
     /// Whether a checkpoint's progress fits `layout` (same stages, state sizes and frames).
     pub fn fits(&self, layout: &Layout) -> bool {
+        let gate_fits = match (&self.gate, &layout.gate) {
+            (None, None) => true,
+            (Some(p), Some(g)) => !p.state.padded && p.stage.fits(&g.stage, true),
+            _ => false,
+        };
         self.stages.len() == layout.stages.len()
             && !self.padded
             && self.audio_in == self.audio_done
-            && self
-                .stages
-                .iter()
-                .zip(&layout.stages)
-                .enumerate()
-                .all(|(i, (p, s))| {
-                    p.states.len() == s.recurrent.len()
-                        && p.states
-                            .iter()
-                            .zip(&s.recurrent)
-                            .all(|(v, r)| v.len() == r.len)
-                        && p.frames.len().is_multiple_of(s.frame_len)
-                        && (i == 0 || p.times.len() == p.frames.len() / s.frame_len)
-                })
+            && gate_fits
+            && (self.stages.iter().zip(&layout.stages).enumerate())
+                .all(|(i, (p, s))| p.fits(s, i == 0))
     }
 
     /// The progress as of the last completed step, for a checkpoint: audio after it is the
@@ -326,6 +155,16 @@ impl PipelineState {
         let pending = self.audio_pending() as usize;
         let first = &mut snapshot.stages[0].frames;
         first.truncate(first.len().saturating_sub(pending));
+        let resume_at = self.audio_done;
+        if let Some(gate) = &mut snapshot.gate {
+            // The client sends the audio from `resume_at` again. The gate keeps what it has
+            // not heard before that, and skips what it heard after it.
+            let received = self.audio_in + gate.state.skip;
+            let keep_to = gate.state.heard.max(resume_at);
+            let frames = &mut gate.stage.frames;
+            frames.truncate(frames.len().saturating_sub((received - keep_to) as usize));
+            gate.state.skip = keep_to - resume_at;
+        }
         snapshot.audio_in = snapshot.audio_done;
         snapshot
     }
@@ -333,6 +172,16 @@ impl PipelineState {
     pub fn push_audio(&mut self, samples: &[f32]) {
         self.audio_in += samples.len() as u64;
         self.stages[0].frames.extend(samples);
+        if let Some(gate) = &mut self.gate {
+            let heard_already = gate.state.skip.min(samples.len() as u64);
+            gate.state.skip -= heard_already;
+            gate.stage.frames.extend(&samples[heard_already as usize..]);
+        }
+    }
+
+    /// Steps the gate let its stage skip so far (0 without a gate).
+    pub fn gated_skips(&self) -> u64 {
+        self.gate.as_ref().map_or(0, |g| g.state.skipped)
     }
 
     /// Audio samples received but not yet covered by a completed step.
@@ -343,13 +192,38 @@ impl PipelineState {
     /// The stage to step next, if any: the last that has a window ready, so that results
     /// come out before more audio goes in. With `ending`, the audio left over is padded with
     /// silence to a last window.
+    /// The gate is the stage one past the last: it steps before the first stage, so that it
+    /// is never more than a window behind.
     pub fn next_step(&mut self, layout: &Layout, ending: bool) -> Option<usize> {
-        let ready = |p: &StageState, s: &StageLayout| p.frames.len() >= s.window * s.frame_len;
-        if let Some(stage) = (0..layout.stages.len())
-            .rev()
-            .find(|&i| ready(&self.stages[i], &layout.stages[i]))
-        {
-            return Some(stage);
+        let gate_index = layout.stages.len();
+        'decide: loop {
+            for i in (1..layout.stages.len()).rev() {
+                if !self.stages[i].ready(&layout.stages[i]) {
+                    continue;
+                }
+                match self.verdict(layout, i, ending) {
+                    Verdict::Run => return Some(i),
+                    Verdict::Wait => {}
+                    Verdict::Skip => {
+                        self.skip(layout, i);
+                        continue 'decide;
+                    }
+                }
+            }
+            break;
+        }
+        if let (Some(p), Some(g)) = (&mut self.gate, &layout.gate) {
+            if p.stage.ready(&g.stage) {
+                return Some(gate_index);
+            }
+            if ending && !p.state.padded && self.audio_in + p.state.skip > p.state.heard {
+                p.state.padded = true;
+                p.stage.frames.resize(g.stage.window, 0.0);
+                return Some(gate_index);
+            }
+        }
+        if self.stages[0].ready(&layout.stages[0]) {
+            return Some(0);
         }
         if ending && !self.padded && self.audio_pending() > 0 {
             self.padded = true;
@@ -360,10 +234,63 @@ impl PipelineState {
         None
     }
 
+    /// Whether the gate lets `stage`'s ready step run now.
+    fn verdict(&self, layout: &Layout, stage: usize, ending: bool) -> Verdict {
+        let (Some(p), Some(g)) = (&self.gate, &layout.gate) else {
+            return Verdict::Run;
+        };
+        if stage != g.gated {
+            return Verdict::Run;
+        }
+        let s = &layout.stages[stage];
+        let t = self.stages[stage].times[s.window - 1];
+        let exhausted = ending
+            && !p.stage.ready(&g.stage)
+            && (p.state.padded || self.audio_in + p.state.skip == p.state.heard);
+        p.state.verdict(g, t, exhausted)
+    }
+
+    /// Skips the gated `stage`'s step: its window slides on, and the stages after it start
+    /// again (their windows would span the gap).
+    fn skip(&mut self, layout: &Layout, stage: usize) {
+        let s = &layout.stages[stage];
+        let p = &mut self.stages[stage];
+        let t = p.times[s.window - 1];
+        p.steps += 1;
+        p.frames.drain(..s.hop * s.frame_len);
+        p.times.drain(..s.hop);
+        for (later, l) in self.stages.iter_mut().zip(&layout.stages).skip(stage + 1) {
+            *later = StageState::start(l, false);
+        }
+        if let (Some(p), Some(g)) = (&mut self.gate, &layout.gate) {
+            p.state.skipped += 1;
+            p.state.decided(g, t);
+        }
+    }
+
+    /// Whether a stage after the first (or the gate) has a step it can take now: the audio
+    /// stepped so far has work left downstream.
+    pub fn downstream_ready(&self, layout: &Layout) -> bool {
+        let gate_ready =
+            matches!((&self.gate, &layout.gate), (Some(p), Some(g)) if p.stage.ready(&g.stage));
+        gate_ready
+            || (1..layout.stages.len()).any(|i| {
+                self.stages[i].ready(&layout.stages[i])
+                    && self.verdict(layout, i, false) != Verdict::Wait
+            })
+    }
+
+    fn stage(&self, stage: usize) -> &StageState {
+        match self.stages.get(stage) {
+            Some(p) => p,
+            None => &self.gate.as_ref().expect("the gate's progress").stage,
+        }
+    }
+
     /// The request for `stage`'s next step (which [`PipelineState::next_step`] said is ready).
     pub fn request(&self, layout: &Layout, stage: usize) -> InferRequest {
-        let s = &layout.stages[stage];
-        let p = &self.stages[stage];
+        let s = layout.stage(stage);
+        let p = self.stage(stage);
         let mut inputs: Vec<NamedTensor> = s
             .input_names
             .iter()
@@ -401,7 +328,7 @@ impl PipelineState {
         stage: usize,
         outputs: &[TensorData],
     ) -> Result<StepDone, String> {
-        let s = &layout.stages[stage];
+        let s = layout.stage(stage);
         let expected = s.frames_out * s.out_frame_len;
         let values = match outputs.first() {
             Some(TensorData::Fp32(v))
@@ -416,11 +343,10 @@ impl PipelineState {
                 ))
             }
         };
+        let p = self.stage_mut(stage);
         for (i, r) in s.recurrent.iter().enumerate() {
             match outputs.get(1 + i) {
-                Some(TensorData::Fp32(v)) if v.len() == r.len => {
-                    self.stages[stage].states[i].copy_from_slice(v)
-                }
+                Some(TensorData::Fp32(v)) if v.len() == r.len => p.states[i].copy_from_slice(v),
                 _ => {
                     return Err(format!(
                         "model '{}' answered a stream step with a state of an unexpected shape",
@@ -429,13 +355,12 @@ impl PipelineState {
                 }
             }
         }
+        let value = values[0];
+        if stage == layout.stages.len() {
+            return Ok(self.gate_heard(layout, value));
+        }
         let (time, audio_taken) = if stage == 0 {
-            let covers = if self.stages[0].steps == 0 {
-                s.window - s.prefill
-            } else {
-                s.hop
-            };
-            let time = self.audio_done + covers as u64;
+            let time = self.stages[0].audio_step_end(s, self.audio_done);
             let done = time.min(self.audio_in);
             let taken = done - self.audio_done;
             self.audio_done = done;
@@ -453,11 +378,40 @@ impl PipelineState {
             next.frames.extend(values.iter().copied());
             next.times.extend(std::iter::repeat_n(time, s.frames_out));
         }
+        if let (Some(gate), Some(g)) = (&mut self.gate, &layout.gate) {
+            if stage == g.gated {
+                gate.state.decided(g, time);
+            }
+        }
         Ok(StepDone {
             time,
             audio_taken,
-            value: values[0],
+            value,
         })
+    }
+
+    /// The gate's step answered `probability` (its state is kept already).
+    fn gate_heard(&mut self, layout: &Layout, probability: f32) -> StepDone {
+        let g = layout.gate.as_ref().expect("a gated layout");
+        let received = self.audio_in;
+        let gate = self.gate.as_mut().expect("a gated stream");
+        let time = gate.stage.audio_step_end(&g.stage, gate.state.heard);
+        gate.state.heard = time.min(received + gate.state.skip);
+        gate.stage.steps += 1;
+        gate.stage.frames.drain(..g.stage.hop);
+        gate.state.hear(g, time, probability);
+        StepDone {
+            time,
+            audio_taken: 0,
+            value: probability,
+        }
+    }
+
+    fn stage_mut(&mut self, stage: usize) -> &mut StageState {
+        match self.stages.get_mut(stage) {
+            Some(p) => p,
+            None => &mut self.gate.as_mut().expect("the gate's progress").stage,
+        }
     }
 }
 
@@ -475,6 +429,7 @@ impl PipelineState {
             audio_in: 51_200,
             audio_done: 51_200,
             padded: false,
+            gate: None,
         }
     }
 }

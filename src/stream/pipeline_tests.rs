@@ -1,10 +1,15 @@
 //! The stream engine against models described by hand (no ONNX Runtime): Silero's stepping,
-//! a three-stage chain like the keyword spotter's, and checkpoints that go on exactly.
+//! a three-stage chain like the keyword spotter's, the same chain gated by a voice activity
+//! model, and checkpoints that go on exactly.
 
 use super::*;
-use crate::manifest::{Batching, Device, OutputDecl, StreamKind, WindowDecl};
+use crate::manifest::{
+    BatchAxis, Batching, Device, OutputDecl, StageDecl, StreamDecl, StreamKind, WindowDecl,
+};
+use crate::model::ModelInfo;
 use crate::model::Resources;
 use crate::runtime::TensorSpec;
+use crate::tensor::DataType;
 
 fn spec(name: &str, datatype: DataType, shape: &[i64]) -> TensorSpec {
     TensorSpec {
@@ -193,6 +198,7 @@ fn chain() -> (StreamDecl, Vec<ModelInfo>) {
         },
         state: Default::default(),
         constants: Default::default(),
+        gate: None,
     };
     let models = vec![
         info(
@@ -322,4 +328,176 @@ fn declarations_that_do_not_fit_their_models_say_why() {
         err.contains("stage 2 (kw): the model has no input 'embeddings'"),
         "{err}"
     );
+}
+
+/// The chain with a gate on its second stage: a voice activity model of 4-sample chunks that
+/// hears speech where the chunk's mean magnitude is above 0.5; 4 samples of hangover.
+fn gated_chain() -> (StreamDecl, Vec<ModelInfo>) {
+    let (mut decl, mut models) = chain();
+    decl.gate = Some(crate::manifest::GateDecl {
+        model: "gate".into(),
+        stage: "emb".into(),
+        threshold: 0.5,
+        hangover_ms: 4.0,
+    });
+    let mut gate = info(
+        "gate",
+        vec![(spec("audio", DataType::Fp32, &[-1, 4]), BatchAxis::Axis(0))],
+        vec![spec("p", DataType::Fp32, &[-1, 1])],
+    );
+    let mut vad = StreamDecl::silero_vad();
+    vad.sample_rates = vec![1000];
+    vad.input.tensor = "audio".into();
+    (vad.input.window_ms, vad.input.hop_ms) = (Some(4.0), Some(4.0));
+    vad.output.tensor = "p".into();
+    (vad.state, vad.constants) = Default::default();
+    gate.stream = Some(std::sync::Arc::new(vad));
+    models.push(gate);
+    (decl, models)
+}
+
+fn gated_model(stage: usize, r: &InferRequest) -> Vec<TensorData> {
+    if stage < 3 {
+        return chain_model(stage, r);
+    }
+    let x = fp32(&r.inputs[0]);
+    let loud = x.iter().map(|v| v.abs()).sum::<f32>() / x.len() as f32 > 0.5;
+    vec![TensorData::Fp32(vec![if loud { 0.9 } else { 0.1 }])]
+}
+
+/// 40 samples of silence, 20 of speech, 40 of silence, 20 of speech, 30 of silence.
+fn speech_and_silence() -> Vec<f32> {
+    let speech = |n: usize| (0..n).map(|i| 1.0 + (i as f32).sin() * 0.3);
+    let quiet = |n: usize| (0..n).map(|i| (i as f32 * 0.7).sin() * 0.01);
+    quiet(40)
+        .chain(speech(20))
+        .chain(quiet(40))
+        .chain(speech(20))
+        .chain(quiet(30))
+        .collect()
+}
+
+/// Each stage's steps, in order: stages that read the audio side by side interleave as the
+/// audio arrives.
+fn by_stage(steps: &[(usize, StepDone)]) -> Vec<Vec<StepDone>> {
+    let mut stages = vec![Vec::new(); 4];
+    for (stage, done) in steps {
+        stages[*stage].push(*done);
+    }
+    stages
+}
+
+fn run_gated(
+    layout: &Layout,
+    audio: &[f32],
+    pieces: usize,
+) -> (Vec<(usize, StepDone)>, PipelineState) {
+    let mut state = PipelineState::new(layout);
+    let mut steps = Vec::new();
+    for piece in audio.chunks(audio.len().div_ceil(pieces)) {
+        state.push_audio(piece);
+        steps.extend(drain(layout, &mut state, false, &gated_model));
+    }
+    steps.extend(drain(layout, &mut state, true, &gated_model));
+    (steps, state)
+}
+
+#[test]
+fn a_gated_stage_runs_only_around_speech_with_the_ungated_results_there() {
+    let (decl, models) = gated_chain();
+    let infos: Vec<&ModelInfo> = models.iter().collect();
+    let layout = Layout::resolve(&decl, &infos, 1000).unwrap();
+    let gate = layout.gate.as_ref().unwrap();
+    // The scorer looks back over 2 embeddings of 4 samples each.
+    assert_eq!((gate.gated, gate.hangover, gate.lookback), (1, 4, 8));
+    let audio = speech_and_silence();
+    let (steps, state) = run_gated(&layout, &audio, 1);
+    let ungated = run_chain(&audio, 1);
+    let of = |steps: &[(usize, StepDone)], stage| -> Vec<StepDone> {
+        steps
+            .iter()
+            .filter(|(s, _)| *s == stage)
+            .map(|(_, d)| *d)
+            .collect()
+    };
+    // The gate heard all the audio, in its own 4-sample chunks.
+    let heard = of(&steps, 3);
+    assert_eq!(heard.len(), audio.len().div_ceil(4));
+    let speech: Vec<u64> = heard
+        .iter()
+        .filter(|d| d.value >= 0.5)
+        .map(|d| d.time)
+        .collect();
+    assert!(!speech.is_empty());
+    // Every score the gated stream makes is the ungated stream's score at that time, and it
+    // makes every score that has speech in the hangover before it.
+    let all_scores = of(&ungated, 2);
+    let scores = of(&steps, 2);
+    for done in &scores {
+        assert!(
+            all_scores.contains(done),
+            "{done:?} is not an ungated score"
+        );
+    }
+    for done in &all_scores {
+        if speech.iter().any(|&s| s <= done.time && done.time <= s + 4) {
+            assert!(scores.contains(done), "{done:?} is missing");
+        }
+    }
+    // The silence cost no embedding steps: those were skipped, and counted.
+    let (embedded, all_embedded) = (of(&steps, 1).len(), of(&ungated, 1).len());
+    assert!(embedded < all_embedded, "{embedded} of {all_embedded}");
+    assert_eq!(state.gated_skips(), (all_embedded - embedded) as u64);
+    // The first stage and the audio it took are the ungated stream's.
+    assert_eq!(of(&steps, 0), of(&ungated, 0));
+    // However the audio arrives, each stage makes the same steps (the gate and the first
+    // stage interleave differently).
+    assert_eq!(by_stage(&run_gated(&layout, &audio, 9).0), by_stage(&steps));
+
+    // Silence alone: the gate runs, the gated stage never does.
+    let quiet = vec![0.0; 60];
+    let (steps, state) = run_gated(&layout, &quiet, 3);
+    assert!(of(&steps, 1).is_empty() && of(&steps, 2).is_empty());
+    assert_eq!(
+        state.gated_skips(),
+        of(&run_chain(&quiet, 1), 1).len() as u64
+    );
+}
+
+#[test]
+fn a_gated_checkpoint_goes_on_exactly_wherever_it_is_taken() {
+    let (decl, models) = gated_chain();
+    let infos: Vec<&ModelInfo> = models.iter().collect();
+    let layout = Layout::resolve(&decl, &infos, 1000).unwrap();
+    let audio = speech_and_silence();
+    let (whole, _) = run_gated(&layout, &audio, 1);
+    assert!(whole.iter().any(|(stage, _)| *stage == 2));
+    // Every split: the gate is ahead of the first stage at some, behind it at others.
+    for split in 1..audio.len() {
+        let mut state = PipelineState::new(&layout);
+        let mut steps = Vec::new();
+        for piece in audio[..split].chunks(3) {
+            state.push_audio(piece);
+            steps.extend(drain(&layout, &mut state, false, &gated_model));
+        }
+        let checkpoint = state.snapshot();
+        assert!(checkpoint.fits(&layout), "split {split}");
+        // The client sends again from the checkpoint's sample on.
+        let mut resumed: PipelineState =
+            postcard::from_bytes(&postcard::to_stdvec(&checkpoint).unwrap()).unwrap();
+        resumed.push_audio(&audio[checkpoint.audio_done as usize..]);
+        steps.extend(drain(&layout, &mut resumed, true, &gated_model));
+        assert_eq!(
+            by_stage(&steps),
+            by_stage(&whole),
+            "split at {split} (checkpoint at {})",
+            checkpoint.audio_done
+        );
+    }
+    // An ungated progress does not fit the gated layout, nor the other way round.
+    let (plain, plain_models) = chain();
+    let plain_infos: Vec<&ModelInfo> = plain_models.iter().collect();
+    let plain_layout = Layout::resolve(&plain, &plain_infos, 1000).unwrap();
+    assert!(!PipelineState::new(&plain_layout).fits(&layout));
+    assert!(!PipelineState::new(&layout).fits(&plain_layout));
 }

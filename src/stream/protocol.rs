@@ -46,6 +46,10 @@ pub struct StartMessage {
     /// Detection settings of a keyword stream.
     #[serde(default)]
     pub keyword: KeywordOptions,
+    /// `false`: the model's gate (if its stream declares one) is left out, and every stage
+    /// runs on all the audio. Absent: the gate runs.
+    #[serde(default)]
+    pub gate: Option<bool>,
 }
 
 fn default_rate() -> u32 {

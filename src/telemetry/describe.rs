@@ -181,6 +181,21 @@ pub(super) fn describe() {
         "Audio chunks (model steps) run for streams"
     );
     describe_counter!(
+        "streamserve_stream_stage_steps_total",
+        Unit::Count,
+        "Steps run by each stage of a declared stream (model: the stream's model, stage: the stage's)"
+    );
+    describe_counter!(
+        "streamserve_stream_stage_skips_total",
+        Unit::Count,
+        "Steps of a gated stage skipped because the stream's gate heard no speech around them (model, stage)"
+    );
+    describe_counter!(
+        "streamserve_stream_keywords_total",
+        Unit::Count,
+        "Keyword events sent by keyword-spotting streams"
+    );
+    describe_counter!(
         "streamserve_stream_degraded_chunks_total",
         Unit::Count,
         "Stream chunks answered by the fallback model"

@@ -241,6 +241,22 @@ pub fn register_model_series(info: &crate::model::ModelInfo) {
             metrics::counter!(name, &model).increment(0);
         }
     }
+    if let Some(stream) = &info.stream {
+        for stage in stream.stages(&info.name) {
+            metrics::counter!("streamserve_stream_stage_steps_total", "model" => info.name.clone(), "stage" => stage.model)
+                .increment(0);
+        }
+        if let Some(gate) = &stream.gate {
+            metrics::counter!("streamserve_stream_stage_steps_total", "model" => info.name.clone(), "stage" => gate.model.clone())
+                .increment(0);
+            metrics::counter!("streamserve_stream_stage_skips_total", "model" => info.name.clone(), "stage" => gate.stage.clone())
+                .increment(0);
+        }
+        if stream.kind == crate::manifest::StreamKind::Keyword {
+            metrics::counter!("streamserve_stream_keywords_total", "model" => info.name.clone())
+                .increment(0);
+        }
+    }
 }
 
 /// Creates at 0 the rollout event series of a model the manifest names.

@@ -11,8 +11,7 @@
 use actix::prelude::*;
 use actix_ws::CloseCode;
 
-use super::{StreamEnded, StreamParams, StreamSession};
-use crate::actors::catalog::ServedModel;
+use super::{StreamEnded, StreamModels, StreamParams, StreamSession};
 use crate::stream::checkpoint::{Checkpoint, MAX_SEGMENTS};
 use crate::stream::pipeline::PipelineState;
 use crate::stream::protocol::ServerMessage;
@@ -34,6 +33,7 @@ impl StreamSession {
             results: self.params.results,
             vad: self.params.vad.clone(),
             keyword: self.params.keyword.clone(),
+            gate: self.params.gate,
             counter: self.checkpoints,
             issued_at_ms: crate::registry::now_ms(),
             samples_done: self.samples_done,
@@ -75,13 +75,13 @@ impl StreamSession {
     /// from a zero state, and the results differ from an uninterrupted run's.
     pub fn restore(
         checkpoint: Checkpoint,
-        stages: Vec<ServedModel>,
+        models: StreamModels,
         mut params: StreamParams,
         last_seq: Option<u64>,
         fresh_state: bool,
         ended: Option<Recipient<StreamEnded>>,
     ) -> Result<StreamSession, String> {
-        let model = &stages.last().ok_or("a stream needs a model")?.info;
+        let model = &models.stages.last().ok_or("a stream needs a model")?.info;
         if checkpoint.model != model.name {
             return Err(format!(
                 "the resume token is for a stream on model '{}', not '{}'",
@@ -93,8 +93,9 @@ impl StreamSession {
         params.results = checkpoint.results;
         params.vad = checkpoint.vad.clone();
         params.keyword = checkpoint.keyword.clone();
+        params.gate = checkpoint.gate;
         let mut session =
-            StreamSession::new(checkpoint.stream_id.as_str().into(), stages, params, ended)?;
+            StreamSession::new(checkpoint.stream_id.as_str().into(), models, params, ended)?;
         if fresh_state {
             session.progress = PipelineState::fresh_at(&session.layout, checkpoint.samples_done);
         } else {
@@ -105,6 +106,7 @@ impl StreamSession {
                 ));
             }
             session.progress = checkpoint.progress;
+            session.skips_counted = session.progress.gated_skips();
         }
         session.keywords = checkpoint.keywords;
         session.tracker.restore(checkpoint.tracker);

@@ -60,11 +60,29 @@ pub struct StreamParams {
     pub results: ResultsMode,
     pub vad: VadOptions,
     pub keyword: KeywordOptions,
+    /// Run the gate the stream's declaration names, if any.
+    pub gate: bool,
     pub resume_window: Duration,
     /// Signs (and verifies) the stream's checkpoints.
     pub keys: Arc<TokenKeys>,
     /// Audio samples between two checkpoints; 0: none.
     pub checkpoint_samples: u64,
+}
+
+/// The models a stream runs on: its stages in order, its own model last, and its gate's.
+pub struct StreamModels {
+    pub stages: Vec<ServedModel>,
+    pub gate: Option<ServedModel>,
+}
+
+impl StreamModels {
+    /// A stream on one model that declares no stages before it and no gate.
+    pub fn alone(model: ServedModel) -> StreamModels {
+        StreamModels {
+            stages: vec![model],
+            gate: None,
+        }
+    }
 }
 
 /// What a connection learns when it attaches.
@@ -107,7 +125,8 @@ pub struct StreamSession {
     /// The stream's model: its last stage, whose output is the stream's result.
     model: ServedModel,
     kind: StreamKind,
-    /// The models of the stream's stages, in order (the last is `model`).
+    /// The models of the stream's stages, in order (`model` is the last), then its gate's:
+    /// indexed as the layout indexes steps.
     stages: Vec<ServedModel>,
     layout: Layout,
     progress: PipelineState,
@@ -119,7 +138,7 @@ pub struct StreamSession {
     samples_received: u64,
     samples_done: u64,
     /// Where each complete-but-unstepped chunk ends (samples), and when it became available,
-    /// for chunk latency: measured when the last stage's output covers it.
+    /// for chunk latency: over when every stage has done what its audio lets it.
     chunk_ready: VecDeque<(u64, Instant)>,
     /// A stage's answer was degraded since the last stage last answered.
     degraded: bool,
@@ -135,6 +154,8 @@ pub struct StreamSession {
     resume_timer: Option<SpawnHandle>,
     ended: Option<Recipient<StreamEnded>>,
     labels: [(&'static str, String); 1],
+    /// Per stage: the stream's model and the stage's.
+    stage_labels: Vec<[(&'static str, String); 2]>,
     /// Checkpoints issued so far (including those of the instances before, when restored).
     checkpoints: u32,
     /// `samples_done` at the last checkpoint.
@@ -152,6 +173,8 @@ pub struct StreamSession {
     segments_omitted: u64,
     /// Flushes waiting for `samples_done` to reach their audio ([`Flush`]).
     flushes: Vec<(u64, oneshot::Sender<()>)>,
+    /// Gated steps skipped that the metrics have counted.
+    skips_counted: u64,
 }
 
 /// Told to whoever listed a stream (the hub) when its session ends, so that the listing goes
@@ -168,20 +191,30 @@ pub struct StreamEnded {
 }
 
 impl StreamSession {
-    /// A new stream on the models of its stages (`stages`, its own model last); refuses
-    /// sample rates and options the stream cannot take.
+    /// A new stream on its models; refuses sample rates and options the stream cannot take.
     pub fn new(
         id: Arc<str>,
-        stages: Vec<ServedModel>,
+        models: StreamModels,
         params: StreamParams,
         ended: Option<Recipient<StreamEnded>>,
     ) -> Result<StreamSession, String> {
-        let model = stages.last().ok_or("a stream needs a model")?.clone();
-        let decl = model
+        let model = models
+            .stages
+            .last()
+            .ok_or("a stream needs a model")?
+            .clone();
+        let gated = models.gate.is_some();
+        let mut stages = models.stages;
+        stages.extend(models.gate);
+        let mut decl = model
             .info
             .stream
             .clone()
             .ok_or_else(|| format!("model '{}' does not serve streams", model.info.name))?;
+        if !gated && decl.gate.is_some() {
+            // The client asked for the stream without its gate.
+            Arc::make_mut(&mut decl).gate = None;
+        }
         let infos: Vec<&ModelInfo> = stages.iter().map(|s| &*s.info).collect();
         let layout = Layout::resolve(&decl, &infos, params.sample_rate)?;
         match decl.kind {
@@ -189,6 +222,15 @@ impl StreamSession {
             StreamKind::Keyword => params.keyword.validate()?,
         }
         let labels = [("model", model.info.name.clone())];
+        let stage_labels = stages
+            .iter()
+            .map(|s| {
+                [
+                    ("model", model.info.name.clone()),
+                    ("stage", s.info.name.clone()),
+                ]
+            })
+            .collect();
         let chunk = layout.chunk_samples();
         Ok(StreamSession {
             tracker: VadTracker::new(&params.vad, params.sample_rate, chunk),
@@ -217,6 +259,7 @@ impl StreamSession {
             resume_timer: None,
             ended,
             labels,
+            stage_labels,
             checkpoints: 0,
             checkpointed_at: 0,
             redeemed: None,
@@ -225,6 +268,7 @@ impl StreamSession {
             summarized: false,
             segments_omitted: 0,
             flushes: Vec::new(),
+            skips_counted: 0,
         })
     }
 

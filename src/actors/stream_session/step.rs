@@ -20,7 +20,9 @@ impl StreamSession {
         if self.in_flight || self.finished {
             return;
         }
-        match self.progress.next_step(&self.layout, self.ending) {
+        let next = self.progress.next_step(&self.layout, self.ending);
+        self.count_skips();
+        match next {
             Some(stage) => {
                 self.in_flight = true;
                 let request = self.progress.request(&self.layout, stage);
@@ -77,17 +79,40 @@ impl StreamSession {
             Err(reason) => return self.fail(&ServeError::Inference(reason), ctx),
         };
         self.degraded |= response.degraded;
+        metrics::counter!(
+            "streamserve_stream_stage_steps_total",
+            &self.stage_labels[stage]
+        )
+        .increment(1);
         if stage == 0 {
             self.took_audio(done.audio_taken);
         }
         if stage + 1 == self.layout.stages.len() {
             self.result(done);
         }
+        if !self.progress.downstream_ready(&self.layout) {
+            self.chunks_done();
+        }
         if stage == 0 {
             self.maybe_checkpoint();
             self.settle_flushes();
         }
         self.maybe_step(ctx);
+    }
+
+    /// Steps the gate skipped since the last count go to the gated stage's metric.
+    fn count_skips(&mut self) {
+        let (Some(gate), skips) = (&self.layout.gate, self.progress.gated_skips()) else {
+            return;
+        };
+        if skips > self.skips_counted {
+            metrics::counter!(
+                "streamserve_stream_stage_skips_total",
+                &self.stage_labels[gate.gated]
+            )
+            .increment(skips - self.skips_counted);
+            self.skips_counted = skips;
+        }
     }
 
     /// The first stage consumed `taken` new samples: the client may send that much more.
@@ -103,16 +128,22 @@ impl StreamSession {
         }
     }
 
-    /// The last stage answered: the stream's result for the audio up to `done.time`.
-    fn result(&mut self, done: StepDone) {
+    /// Every stage has done what the audio stepped so far lets it: those chunks' latency
+    /// (from when their audio came in) is over, whether or not they made a result (a keyword
+    /// spotter makes none until its window fills).
+    fn chunks_done(&mut self) {
         while let Some(&(end, ready)) = self.chunk_ready.front() {
-            if end > done.time {
+            if end > self.samples_done {
                 break;
             }
             self.chunk_ready.pop_front();
             metrics::histogram!("streamserve_stream_chunk_latency_seconds", &self.labels)
                 .record(ready.elapsed().as_secs_f64());
         }
+    }
+
+    /// The last stage answered: the stream's result for the audio up to `done.time`.
+    fn result(&mut self, done: StepDone) {
         let degraded = std::mem::take(&mut self.degraded);
         if degraded {
             metrics::counter!("streamserve_stream_degraded_chunks_total", &self.labels)

@@ -19,7 +19,7 @@ use super::proto::speech::speech_server::Speech;
 use super::proto::speech::*;
 use crate::access::StreamPass;
 use crate::actors::stream_session::{
-    feed, Attach, Connection, Detach, End, FeedError, StreamParams, StreamSession,
+    feed, Attach, Connection, Detach, End, FeedError, StreamModels, StreamParams, StreamSession,
 };
 use crate::api::AppState;
 use crate::error::ServeError;
@@ -94,13 +94,14 @@ impl SpeechService {
             results: ResultsMode::Events,
             vad: vad_options(vad),
             keyword: KeywordOptions::default(),
+            gate: true,
             resume_window: Duration::ZERO,
             keys: state.streams.keys.clone(),
             checkpoint_samples: 0,
         };
         let (model, version) = (served.info.name.clone(), served.info.version.clone());
         let id: Arc<str> = uuid::Uuid::new_v4().simple().to_string().into();
-        let session = StreamSession::new(id, vec![served], params, None)
+        let session = StreamSession::new(id, StreamModels::alone(served), params, None)
             .map_err(|e| Status::from(ServeError::invalid(e)))?;
         // An actor starts on an actix thread, not on gRPC's runtime.
         let (started_tx, started) = oneshot::channel();

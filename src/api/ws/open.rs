@@ -11,7 +11,9 @@ use super::StreamsConfig;
 use crate::access::{Access, Pass};
 use crate::actors::catalog::ServedModel;
 use crate::actors::stream_hub::{Adopt, Found, Lookup, Register};
-use crate::actors::stream_session::{Progress, Retire, ServedBy, StreamParams, StreamSession};
+use crate::actors::stream_session::{
+    Progress, Retire, ServedBy, StreamModels, StreamParams, StreamSession,
+};
 use crate::actors::supervisor::EnsureLoaded;
 use crate::stream::checkpoint::Checkpoint;
 use crate::stream::protocol::StartMessage;
@@ -88,8 +90,8 @@ pub(in crate::api) async fn open_session(
     let id: Arc<str> = uuid::Uuid::new_v4().simple().to_string().into();
     let params = params(config, start.sample_rate, &start, start.checkpoints);
     let hub = Some(config.hub.clone().recipient());
-    let stages = stage_models(caller.served, config).await?;
-    let session = StreamSession::new(id.clone(), stages, params, hub)?.start();
+    let models = stage_models(caller.served, params.gate, config).await?;
+    let session = StreamSession::new(id.clone(), models, params, hub)?.start();
     config.hub.do_send(Register {
         id,
         session: session.clone(),
@@ -160,9 +162,9 @@ async fn take_over(
         true,
     );
     let hub = Some(config.hub.clone().recipient());
-    let stages = stage_models(model, config).await?;
+    let models = stage_models(model, checkpoint.gate, config).await?;
     let restored =
-        StreamSession::restore(checkpoint, stages, params, last_seq, fresh_state, hub)?.start();
+        StreamSession::restore(checkpoint, models, params, last_seq, fresh_state, hub)?.start();
     // Two takeovers of one stream may race: the hub keeps one, the other goes.
     let session = config
         .hub
@@ -214,36 +216,44 @@ async fn checkpoint_model(
     }
 }
 
-/// The models of a stream's stages, `model` (the stream's own) last: the stages before it are
-/// the default versions of the models its declaration names, loaded if they are cold.
+/// The models of a stream's stages, `model` (the stream's own) last, and its gate's: the
+/// default versions of the models its declaration names, loaded if they are cold.
 async fn stage_models(
     model: ServedModel,
+    gated: bool,
     config: &StreamsConfig,
-) -> Result<Vec<ServedModel>, String> {
-    let names: Vec<String> = model
-        .info
-        .stream
-        .iter()
-        .flat_map(|decl| decl.stages.iter().map(|s| s.model.clone()))
-        .collect();
-    let mut stages = Vec::with_capacity(names.len() + 1);
+) -> Result<StreamModels, String> {
+    let decl = model.info.stream.clone();
+    let names = decl.iter().flat_map(|d| d.stages.iter().map(|s| &s.model));
+    let mut stages = Vec::with_capacity(names.clone().count() + 1);
     for name in names {
-        let load = config.supervisor.send(EnsureLoaded {
-            name: name.clone(),
-            version: None,
-        });
-        match load.await {
-            Ok(Ok(served)) => stages.push(served),
-            Ok(Err(e)) => {
-                return Err(format!(
-                    "the stream's stage model '{name}' is not available: {e}"
-                ))
-            }
-            Err(_) => return Err("the server is stopping".into()),
-        }
+        stages.push(load(name, "stage", config).await?);
     }
     stages.push(model);
-    Ok(stages)
+    let gate = match decl
+        .as_ref()
+        .and_then(|d| d.gate.as_ref())
+        .filter(|_| gated)
+    {
+        Some(gate) => Some(load(&gate.model, "gate", config).await?),
+        None => None,
+    };
+    Ok(StreamModels { stages, gate })
+}
+
+/// A model the stream runs on besides its own, loaded if it is lazy.
+async fn load(name: &str, role: &str, config: &StreamsConfig) -> Result<ServedModel, String> {
+    let load = config.supervisor.send(EnsureLoaded {
+        name: name.to_string(),
+        version: None,
+    });
+    match load.await {
+        Ok(Ok(served)) => Ok(served),
+        Ok(Err(e)) => Err(format!(
+            "the stream's {role} model '{name}' is not available: {e}"
+        )),
+        Err(_) => Err("the server is stopping".into()),
+    }
 }
 
 /// A stream's parameters from its `start` (a restored stream takes its own from its
@@ -261,6 +271,7 @@ fn params(
         results: start.results,
         vad: start.vad.clone(),
         keyword: start.keyword.clone(),
+        gate: start.gate.unwrap_or(true),
         resume_window: config.resume_window,
         keys: config.keys.clone(),
         checkpoint_samples: if checkpoints { every } else { 0 },

@@ -12,7 +12,9 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
 use super::stream_model;
-use crate::actors::stream_session::{Attach, Audio, Connection, End, StreamParams, StreamSession};
+use crate::actors::stream_session::{
+    Attach, Audio, Connection, End, StreamModels, StreamParams, StreamSession,
+};
 use crate::api::AppState;
 use crate::error::ServeError;
 use crate::manifest::StreamKind;
@@ -73,13 +75,14 @@ pub(super) async fn segments(
         results: ResultsMode::Events,
         vad,
         keyword: KeywordOptions::default(),
+        gate: true,
         resume_window: Duration::ZERO,
         keys: state.streams.keys.clone(),
         checkpoint_samples: 0,
     };
     let info = served.info.clone();
     let id: Arc<str> = uuid::Uuid::new_v4().simple().to_string().into();
-    let session = StreamSession::new(id, vec![served], params, None)
+    let session = StreamSession::new(id, StreamModels::alone(served), params, None)
         .map_err(ServeError::invalid)?
         .start();
     // Events and the summary: at most two events per chunk.
