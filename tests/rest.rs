@@ -43,7 +43,16 @@ async fn model_listing_metadata_and_readiness() {
         .collect();
     assert_eq!(
         names,
-        ["mlp", "mlp_small", "silero_vad", "typed_ops", "vad_energy"]
+        [
+            "hey_marvin",
+            "mlp",
+            "mlp_small",
+            "silero_vad",
+            "typed_ops",
+            "vad_energy",
+            "ww_embedding",
+            "ww_melspec"
+        ]
     );
     assert!(list["models"]
         .as_array()
@@ -103,7 +112,7 @@ async fn model_listing_metadata_and_readiness() {
         .json()
         .await
         .unwrap();
-    assert_eq!(index.as_array().unwrap().len(), 5);
+    assert_eq!(index.as_array().unwrap().len(), 8);
 }
 
 #[tokio::test]

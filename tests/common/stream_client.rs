@@ -95,17 +95,46 @@ pub async fn stream_resumable(
     pace: Duration,
     max_resumes: usize,
 ) -> Run {
+    stream_resumable_to(
+        ("silero_vad", &json!({})),
+        urls,
+        audio,
+        rate,
+        frame_bytes,
+        pace,
+        max_resumes,
+    )
+    .await
+}
+
+/// [`stream_resumable`] on a stream of `model`, whose first `start` message also carries the
+/// fields of `options` (an object).
+pub async fn stream_resumable_to(
+    (model, options): (&str, &Value),
+    urls: &[String],
+    audio: &[u8],
+    rate: u32,
+    frame_bytes: usize,
+    pace: Duration,
+    max_resumes: usize,
+) -> Run {
     let mut run = Run::default();
     let mut token: Option<String> = None;
     let mut sent_upto = 0usize;
     loop {
         let last_seq = run.results.last().map(|m| m["seq"].as_u64().unwrap());
         let start = match &token {
-            None => json!({"type": "start", "sample_rate": rate, "checkpoints": true}),
+            None => {
+                let mut start = json!({"type": "start", "sample_rate": rate, "checkpoints": true});
+                for (key, value) in options.as_object().expect("start options are an object") {
+                    start[key] = value.clone();
+                }
+                start
+            }
             Some(token) => json!({"type": "start", "resume": token, "last_seq": last_seq}),
         };
         let url = &urls[run.resumes.min(urls.len() - 1)];
-        let ended = match connect(url).await {
+        let ended = match connect_to(url, model).await {
             Ok(ws) => {
                 let (ended, new_token, sent) =
                     one_connection(ws, start, audio, frame_bytes, pace, &mut run).await;

@@ -8,7 +8,10 @@ from tritonclient.utils import InferenceServerException
 
 RTOL = 1e-5
 ATOL = 1e-6
-BUNDLED_MODELS = {"mlp", "mlp_small", "typed_ops", "silero_vad", "vad_energy"}
+BUNDLED_MODELS = {
+    "mlp", "mlp_small", "typed_ops", "silero_vad", "vad_energy",
+    "ww_melspec", "ww_embedding", "hey_marvin",
+}
 
 _sessions = {}
 
