@@ -1,8 +1,10 @@
-//! Streams a WAV file to a streamserve VAD stream at real-time pace (or faster) and prints
-//! what comes back: speech start/end events as they happen, then the summary.
+//! Streams a WAV file to a streamserve stream at real-time pace (or faster) and prints what
+//! comes back: speech start/end events (a VAD stream) or keywords heard (a keyword stream) as
+//! they happen, then the summary.
 //!
 //!     cargo run --release --example stream_wav -- tests/audio/two_phrases_16k.wav
 //!     cargo run --release --example stream_wav -- file.wav --url ws://host:8080/v1/streams/silero_vad --speed 4 --all
+//!     cargo run --release --example stream_wav -- tests/audio/keyword_positive.wav --url ws://127.0.0.1:8080/v1/streams/hey_marvin
 //!
 //! The WAV must be 16 or 8 kHz; multi-channel audio is mixed down to mono.
 //!
@@ -73,7 +75,10 @@ fn read_wav(path: &str) -> Result<(Vec<i16>, u32), Box<dyn std::error::Error>> {
     let mono = samples
         .chunks(channels)
         .map(|f| {
-            (f.iter().sum::<f32>() / channels as f32 * 32767.0).clamp(-32768.0, 32767.0) as i16
+            // x 32768 and rounded: a 16-bit file goes out exactly as it is.
+            (f.iter().sum::<f32>() / channels as f32 * 32768.0)
+                .round()
+                .clamp(-32768.0, 32767.0) as i16
         })
         .collect();
     Ok((mono, spec.sample_rate))
@@ -221,16 +226,27 @@ async fn read_rest(
             }
             "speech_start" => println!("[{wall:7.2}s] speech starts at {t:.2}s"),
             "speech_end" => println!("[{wall:7.2}s] speech ends   at {t:.2}s"),
+            "keyword" => println!(
+                "[{wall:7.2}s] heard \"{}\" ending at {t:.2}s (score {:.3})",
+                m["phrase"].as_str().unwrap_or(""),
+                m["score"].as_f64().unwrap_or(0.0)
+            ),
+            "score" => println!(
+                "[{wall:7.2}s] t={t:.3}s score={:.3}",
+                m["score"].as_f64().unwrap_or(0.0)
+            ),
             "vad" => println!(
                 "[{wall:7.2}s] t={t:.3}s p={:.3}",
                 m["probability"].as_f64().unwrap_or(0.0)
             ),
             "summary" => {
                 progress.done = true;
+                let keywords = m.get("keywords").map(|k| format!(", keywords {k}"));
                 println!(
-                    "summary: {:.2}s of audio, segments {}",
+                    "summary: {:.2}s of audio, segments {}{}",
                     m["duration"].as_f64().unwrap_or(0.0),
-                    m["segments"]
+                    m["segments"],
+                    keywords.unwrap_or_default()
                 );
             }
             "error" => println!("[{wall:7.2}s] error: {}", m["message"]),
