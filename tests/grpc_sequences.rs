@@ -8,22 +8,15 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use common::grpc_sequence::*;
 use common::stream_client::*;
 use common::*;
-use streamserve::api::grpc::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use streamserve::api::grpc::proto::inference::infer_parameter::ParameterChoice;
-use streamserve::api::grpc::proto::inference::model_infer_request::InferInputTensor;
 use streamserve::api::grpc::proto::inference::*;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
-use tonic::{Code, Streaming};
-
-type Client = GrpcInferenceServiceClient<Channel>;
+use tonic::Code;
 
 const KEYS: &str = "a-fleet-wide-stream-token-key-for-grpc-sequences\n";
 
@@ -37,47 +30,6 @@ fn server(tweak: impl FnOnce(&mut streamserve::config::Config)) -> streamserve::
     start_running(&repo().join("models"), tweak)
 }
 
-async fn client(running: &streamserve::server::Running) -> Client {
-    let endpoint = format!("http://{}", running.grpc_addr.unwrap());
-    let channel = Channel::from_shared(endpoint)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    GrpcInferenceServiceClient::new(channel)
-}
-
-/// A call: its request sender and its answers.
-async fn call(
-    c: &mut Client,
-) -> (
-    mpsc::Sender<ModelInferRequest>,
-    Streaming<ModelStreamInferResponse>,
-) {
-    let (tx, rx) = mpsc::channel(64);
-    let answers = c
-        .model_stream_infer(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    (tx, answers)
-}
-
-fn p(choice: ParameterChoice) -> InferParameter {
-    InferParameter {
-        parameter_choice: Some(choice),
-    }
-}
-
-/// The audio a step carries.
-enum Samples<'a> {
-    None,
-    /// INT16 PCM, in raw contents.
-    Pcm(&'a [i16]),
-    /// FP32 in [-1, 1], in typed contents.
-    Float(&'a [f32]),
-}
-
 /// One step of sequence `id` on silero_vad, with extra `parameters`.
 fn step(
     id: i64,
@@ -86,50 +38,7 @@ fn step(
     audio: Samples,
     parameters: &[(&str, ParameterChoice)],
 ) -> ModelInferRequest {
-    let mut request = ModelInferRequest {
-        model_name: "silero_vad".into(),
-        id: format!("{id}-{start}-{end}"),
-        ..Default::default()
-    };
-    request
-        .parameters
-        .insert("sequence_id".into(), p(ParameterChoice::Int64Param(id)));
-    request.parameters.insert(
-        "sequence_start".into(),
-        p(ParameterChoice::BoolParam(start)),
-    );
-    request
-        .parameters
-        .insert("sequence_end".into(), p(ParameterChoice::BoolParam(end)));
-    for (key, value) in parameters {
-        request.parameters.insert(key.to_string(), p(value.clone()));
-    }
-    let input = |datatype: &str, n: usize, contents| InferInputTensor {
-        name: "AUDIO".into(),
-        datatype: datatype.into(),
-        shape: vec![n as i64],
-        parameters: HashMap::new(),
-        contents,
-    };
-    match audio {
-        Samples::None => {}
-        Samples::Pcm(pcm) => {
-            request.inputs.push(input("INT16", pcm.len(), None));
-            request
-                .raw_input_contents
-                .push(pcm.iter().flat_map(|s| s.to_le_bytes()).collect());
-        }
-        Samples::Float(samples) => {
-            let contents = InferTensorContents {
-                fp32_contents: samples.to_vec(),
-                ..Default::default()
-            };
-            request
-                .inputs
-                .push(input("FP32", samples.len(), Some(contents)));
-        }
-    }
-    request
+    step_on("silero_vad", id, start, end, audio, parameters)
 }
 
 /// What a sequence gave, gathered over its answers.
@@ -140,70 +49,6 @@ struct Results {
     speech_start: Vec<f64>,
     speech_end: Vec<f64>,
     segments: Vec<f64>,
-}
-
-fn output<'a>(response: &'a ModelInferResponse, name: &str) -> (usize, &'a [u8]) {
-    let at = response
-        .outputs
-        .iter()
-        .position(|o| o.name == name)
-        .unwrap_or_else(|| panic!("no output '{name}'"));
-    let bytes = response
-        .raw_output_contents
-        .get(at)
-        .map_or(&[][..], Vec::as_slice);
-    (at, bytes)
-}
-
-fn f64s(response: &ModelInferResponse, name: &str) -> Vec<f64> {
-    let (at, bytes) = output(response, name);
-    if response.raw_output_contents.is_empty() {
-        return response.outputs[at].contents.clone().unwrap().fp64_contents;
-    }
-    bytes
-        .chunks_exact(8)
-        .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
-        .collect()
-}
-
-fn f32s(response: &ModelInferResponse, name: &str) -> Vec<f32> {
-    let (at, bytes) = output(response, name);
-    if response.raw_output_contents.is_empty() {
-        return response.outputs[at].contents.clone().unwrap().fp32_contents;
-    }
-    bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect()
-}
-
-fn u64s(response: &ModelInferResponse, name: &str) -> Vec<u64> {
-    let (at, bytes) = output(response, name);
-    if response.raw_output_contents.is_empty() {
-        return response.outputs[at]
-            .contents
-            .clone()
-            .unwrap()
-            .uint64_contents;
-    }
-    bytes
-        .chunks_exact(8)
-        .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
-        .collect()
-}
-
-fn int(response: &ModelInferResponse, key: &str) -> i64 {
-    match response.parameters[key].parameter_choice.clone().unwrap() {
-        ParameterChoice::Int64Param(n) => n,
-        other => panic!("{key}: {other:?}"),
-    }
-}
-
-fn text(response: &ModelInferResponse, key: &str) -> String {
-    match response.parameters[key].parameter_choice.clone().unwrap() {
-        ParameterChoice::StringParam(s) => s,
-        other => panic!("{key}: {other:?}"),
-    }
 }
 
 impl Results {
@@ -264,21 +109,6 @@ async fn websocket_reference(running: &streamserve::server::Running) -> Results 
     Results::of_websocket(&run)
 }
 
-async fn answer(answers: &mut Streaming<ModelStreamInferResponse>) -> ModelStreamInferResponse {
-    tokio::time::timeout(Duration::from_secs(30), answers.message())
-        .await
-        .expect("an answer within 30 s")
-        .unwrap()
-        .expect("the call goes on")
-}
-
-/// An answer that must be a success; its response.
-async fn ok(answers: &mut Streaming<ModelStreamInferResponse>) -> ModelInferResponse {
-    let a = answer(answers).await;
-    assert_eq!(a.error_message, "", "{a:?}");
-    a.infer_response.unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_sequences_on_one_call_give_what_a_websocket_stream_gives() {
     let running = server(|_| {});
@@ -286,7 +116,7 @@ async fn two_sequences_on_one_call_give_what_a_websocket_stream_gives() {
     assert!(want.speech_start.len() >= 2 && want.vad.len() > 200);
     let (pcm, _) = fixture();
     let floats: Vec<f32> = pcm.iter().map(|&s| f32::from(s) / 32768.0).collect();
-    let mut c = client(&running).await;
+    let mut c = grpc_client(&running).await;
     let (tx, mut answers) = call(&mut c).await;
     // Sequence 7 sends INT16 in raw contents, 2,048 samples a step; sequence 8 FP32 in typed
     // contents, 3,000 a step (chunks straddle steps); their steps interleave on one call.
@@ -340,7 +170,7 @@ async fn a_sequence_resumes_on_a_new_call_from_its_stream_id() {
     let want = websocket_reference(&running).await;
     let (pcm, _) = fixture();
     let half = pcm.len() / 2;
-    let mut c = client(&running).await;
+    let mut c = grpc_client(&running).await;
     let (tx, mut answers) = call(&mut c).await;
     let mut got = Results::default();
     let (mut stream_id, mut last_seq) = (String::new(), -1);
@@ -411,7 +241,7 @@ async fn a_shutdown_hands_a_sequence_over_to_another_instance() {
     let b = server(with_keys);
     let want = websocket_reference(&b).await;
     let (pcm, _) = fixture();
-    let mut c = client(&a).await;
+    let mut c = grpc_client(&a).await;
     let (tx, mut answers) = call(&mut c).await;
     let mut got = Results::default();
     let mut last_seq = -1;
@@ -448,7 +278,7 @@ async fn a_shutdown_hands_a_sequence_over_to_another_instance() {
     assert_eq!(end.unwrap_err().code(), Code::Unavailable);
     stopping.await.unwrap();
 
-    let mut c = client(&b).await;
+    let mut c = grpc_client(&b).await;
     let (tx, mut answers) = call(&mut c).await;
     let resume = [
         ("resume", ParameterChoice::StringParam(token)),
@@ -484,7 +314,7 @@ async fn bad_steps_get_reasons_while_a_good_sequence_carries_on() {
     let running = server(|_| {});
     let want = websocket_reference(&running).await;
     let (pcm, _) = fixture();
-    let mut c = client(&running).await;
+    let mut c = grpc_client(&running).await;
     let (tx, mut answers) = call(&mut c).await;
     let mut good = Results::default();
     let good_steps: Vec<&[i16]> = pcm.chunks(4096).collect();
@@ -656,7 +486,7 @@ async fn bad_steps_get_reasons_while_a_good_sequence_carries_on() {
 async fn long_steps_retried_starts_and_idle_sequences() {
     let running = server(|config| config.stream_idle_secs = 1);
     let (pcm, _) = fixture();
-    let mut c = client(&running).await;
+    let mut c = grpc_client(&running).await;
     let (tx, mut answers) = call(&mut c).await;
 
     // A step as long as a stream's whole audio room, after a partial chunk holds some of it.

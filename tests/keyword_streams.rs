@@ -2,7 +2,8 @@
 //! models chained by its manifest declaration (mel frames -> speech embeddings -> a score)
 //! and gated by Silero VAD, on espeak-ng speech with the phrase at known times
 //! (tests/audio/keyword_*.{wav,json}, made by scripts/make_wakeword.py, which also wrote the
-//! events its Python reference of the same pipeline gives on them). What the gate saves is
+//! events its Python reference of the same pipeline gives on them), over WebSocket and over
+//! gRPC sequences. What the gate saves is
 //! counted in tests/keyword_gate.rs, a test binary of its own so that its metrics are its own.
 
 mod common;
@@ -281,7 +282,11 @@ async fn a_keyword_stream_resumes_on_another_instance_with_every_stage_intact() 
     // B never saw the stream: it goes on from the token, every stage's buffer with it.
     let token = checkpoint["token"].as_str().unwrap();
     // Every stage's buffer and the gate's fit a start message (64 KiB) with room to spare.
-    assert!(token.len() < 48 * 1024, "a token of {} characters", token.len());
+    assert!(
+        token.len() < 48 * 1024,
+        "a token of {} characters",
+        token.len()
+    );
     let last_seq = results.last().unwrap()["seq"].as_u64().unwrap();
     let mut ws = connect_to(&b, SPOTTER).await.unwrap();
     let resume = json!({"type": "start", "resume": token, "last_seq": last_seq});
@@ -395,4 +400,94 @@ async fn bad_keyword_starts_are_refused_with_reasons_while_a_good_stream_carries
             .unwrap()
             .len()
     );
+}
+
+/// A keyword stream's answers over gRPC, gathered: (seq, t, score) of every score and (t, score)
+/// of every keyword event, and the summary's count.
+#[derive(Debug, Default, PartialEq)]
+struct Heard {
+    scores: Vec<(u64, f64, f32)>,
+    keywords: Vec<(f64, f32)>,
+    total: Option<i64>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_keyword_sequence_over_grpc_gives_the_websocket_streams_results() {
+    use common::grpc_sequence::*;
+    use streamserve::api::grpc::proto::inference::infer_parameter::ParameterChoice;
+
+    let running = start_running(&repo().join("models"), |_| {});
+    let url = format!("http://{}", running.addr);
+    let ws = alone(&url, "keyword_positive", 3200, ungated()).await;
+    let mut want = Heard::default();
+    for m in &ws.results {
+        let score = || (f64_of(&m["t"]), f64_of(&m["score"]) as f32);
+        match m["type"].as_str().unwrap() {
+            "score" => {
+                let (t, score) = score();
+                want.scores.push((m["seq"].as_u64().unwrap(), t, score))
+            }
+            "keyword" => want.keywords.push(score()),
+            _ => {}
+        }
+    }
+    want.total = Some(2);
+
+    let (bytes, _) = fixture_pcm16("keyword_positive");
+    let pcm: Vec<i16> = bytes
+        .chunks_exact(2)
+        .map(|b| i16::from_le_bytes([b[0], b[1]]))
+        .collect();
+    let steps: Vec<&[i16]> = pcm.chunks(4000).collect();
+    let mut c = grpc_client(&running).await;
+    let (tx, mut answers) = call(&mut c).await;
+    let options = [("gate", ParameterChoice::BoolParam(false))];
+    let mut got = Heard::default();
+    for i in 0..=steps.len() {
+        let audio = steps.get(i).map_or(Samples::None, |s| Samples::Pcm(s));
+        let parameters: &[_] = if i == 0 { &options } else { &[] };
+        let request = step_on(SPOTTER, 3, i == 0, i == steps.len(), audio, parameters);
+        tx.send(request).await.unwrap();
+        let r = ok(&mut answers).await;
+        let (seq, t, score) = (u64s(&r, "seq"), f64s(&r, "t"), f32s(&r, "score"));
+        got.scores
+            .extend((0..seq.len()).map(|k| (seq[k], t[k], score[k])));
+        let (kt, ks) = (f64s(&r, "keyword_t"), f32s(&r, "keyword_score"));
+        if !kt.is_empty() {
+            assert_eq!(text(&r, "phrase"), "hey marvin");
+        }
+        got.keywords.extend(kt.into_iter().zip(ks));
+        assert!(r.outputs.iter().all(|o| o.name != "probability"));
+        if r.parameters.contains_key("keywords") {
+            got.total = Some(int(&r, "keywords"));
+        }
+    }
+    assert_eq!(
+        got, want,
+        "the same scores and keywords as the WebSocket stream"
+    );
+
+    // Keyword options are checked as the WebSocket start's are; a misspelt one is named.
+    for (id, (key, value, reason)) in (4..).zip([
+        (
+            "keyword_threshold",
+            ParameterChoice::DoubleParam(2.0),
+            "keyword.threshold must be in (0, 1], got 2",
+        ),
+        (
+            "keyword_treshold",
+            ParameterChoice::DoubleParam(0.5),
+            "parameter 'keyword_treshold' is not a stream option",
+        ),
+        (
+            "gate",
+            ParameterChoice::StringParam("off".into()),
+            "expected a boolean",
+        ),
+    ]) {
+        let request = step_on(SPOTTER, id, true, true, Samples::None, &[(key, value)]);
+        tx.send(request).await.unwrap();
+        let a = answer(&mut answers).await;
+        assert!(a.error_message.contains(reason), "{key}: {a:?}");
+    }
 }

@@ -182,11 +182,26 @@ pub enum SentMessage {
         seq: u64,
         t: f64,
     },
+    Score {
+        seq: u64,
+        t: f64,
+        score: f32,
+        #[serde(default)]
+        degraded: bool,
+    },
+    Keyword {
+        seq: u64,
+        t: f64,
+        phrase: String,
+        score: f32,
+    },
     Summary {
         seq: u64,
         duration: f64,
         chunks: u64,
         segments: Vec<SegmentSecs>,
+        #[serde(default)]
+        keywords: Option<u64>,
         #[serde(default)]
         segments_omitted: u64,
     },

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fleet;
+pub mod grpc_sequence;
 pub mod jobs;
 pub mod stream_client;
 

@@ -185,7 +185,11 @@ impl Running {
                     ..
                 } => speech_event::Event::Summary(self.summary(duration, chunks, &segments)),
                 Sent::Error { message } => return Err(Status::unavailable(message)),
-                Sent::Started { .. } | Sent::Checkpoint { .. } | Sent::Vad { .. } => continue,
+                Sent::Started { .. }
+                | Sent::Checkpoint { .. }
+                | Sent::Vad { .. }
+                | Sent::Score { .. }
+                | Sent::Keyword { .. } => continue,
             }));
         }
     }

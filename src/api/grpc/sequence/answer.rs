@@ -11,6 +11,7 @@ use super::super::convert::contents_of;
 use super::super::proto::inference::infer_parameter::ParameterChoice;
 use super::super::proto::inference::model_infer_response::InferOutputTensor;
 use super::super::proto::inference::{InferParameter, ModelInferResponse};
+use crate::manifest::StreamKind;
 use crate::stream::protocol::{ClientMessage, SentMessage as Sent, StartMessage};
 use crate::tensor::TensorData;
 
@@ -23,21 +24,27 @@ pub const SEQUENCE_END: &str = "sequence_end";
 /// Triton's client sends them).
 const ANY_STEP: [&str; 3] = ["timeout", "binary_data_output", "priority"];
 /// `sequence_start` parameters that go to the top of the `start` message...
-const START: [&str; 6] = [
+const START: [&str; 7] = [
     "sample_rate",
     "results",
     "checkpoints",
     "stream_id",
     "resume",
     "last_seq",
+    "gate",
 ];
-/// ...and those that go into its `vad` options.
+/// ...those that go into its `vad` options...
 const VAD: [&str; 5] = [
     "threshold",
     "neg_threshold",
     "min_speech_ms",
     "min_silence_ms",
     "speech_pad_ms",
+];
+/// ...and into its `keyword` options, under their names there.
+const KEYWORD: [(&str, &str); 2] = [
+    ("keyword_threshold", "threshold"),
+    ("refractory_ms", "refractory_ms"),
 ];
 
 /// A parameter's value as JSON.
@@ -61,19 +68,25 @@ pub fn start_message(
 ) -> Result<StartMessage, String> {
     let mut start = Map::new();
     let mut vad = Map::new();
+    let mut keyword = Map::new();
     start.insert("type".into(), "start".into());
     start.insert("format".into(), format.into());
     for (key, parameter) in parameters {
         if ANY_STEP.contains(&key.as_str()) {
             continue;
         }
-        let known = START.contains(&key.as_str()) || VAD.contains(&key.as_str());
+        let keyword_option = KEYWORD.iter().find(|(name, _)| name == key).map(|k| k.1);
+        let known = START.contains(&key.as_str())
+            || VAD.contains(&key.as_str())
+            || keyword_option.is_some();
         if !known {
+            let keyword_names: Vec<&str> = KEYWORD.iter().map(|k| k.0).collect();
             return Err(format!(
-                "parameter '{}' is not a stream option; a sequence_start takes {} and {}",
+                "parameter '{}' is not a stream option; a sequence_start takes {}, {} and {}",
                 crate::untrusted::Untrusted(key),
                 START.join(", "),
-                VAD.join(", ")
+                VAD.join(", "),
+                keyword_names.join(", ")
             ));
         }
         if !starting {
@@ -84,6 +97,10 @@ pub fn start_message(
         let Some(choice) = &parameter.parameter_choice else {
             return Err(format!("parameter '{key}' has no value"));
         };
+        if let Some(name) = keyword_option {
+            keyword.insert(name.into(), json_of(choice));
+            continue;
+        }
         let target = if VAD.contains(&key.as_str()) {
             &mut vad
         } else {
@@ -93,6 +110,9 @@ pub fn start_message(
     }
     if !vad.is_empty() {
         start.insert("vad".into(), Value::Object(vad));
+    }
+    if !keyword.is_empty() {
+        start.insert("keyword".into(), Value::Object(keyword));
     }
     match serde_json::from_value::<ClientMessage>(Value::Object(start)) {
         Ok(ClientMessage::Start(start)) => Ok(start),
@@ -104,13 +124,19 @@ pub fn start_message(
 /// What a step's messages said, gathered.
 #[derive(Default)]
 pub struct Gathered {
+    /// A keyword stream's answer (`score`, `keyword_t`, `keyword_score`) rather than a voice
+    /// activity stream's (`probability`, `speech_start`, `speech_end`, `segments`).
+    keyword: bool,
     seq: Vec<u64>,
     t: Vec<f64>,
-    probability: Vec<f32>,
+    /// Per result: the speech probability, or the keyword score.
+    value: Vec<f32>,
     degraded: Vec<bool>,
     speech_start: Vec<f64>,
     speech_end: Vec<f64>,
     segments: Option<Vec<f64>>,
+    keyword_t: Vec<f64>,
+    keyword_score: Vec<f32>,
     parameters: HashMap<String, InferParameter>,
     last_seq: Option<u64>,
     /// The version serving the stream (from `started`).
@@ -128,6 +154,22 @@ fn parameter(choice: ParameterChoice) -> InferParameter {
 }
 
 impl Gathered {
+    /// An empty answer for a stream of `kind`.
+    pub fn of(kind: StreamKind) -> Gathered {
+        Gathered {
+            keyword: kind == StreamKind::Keyword,
+            ..Gathered::default()
+        }
+    }
+
+    fn result(&mut self, seq: u64, t: f64, value: f32, degraded: bool) {
+        self.seq.push(seq);
+        self.t.push(t);
+        self.value.push(value);
+        self.degraded.push(degraded);
+        self.last_seq = Some(seq);
+    }
+
     /// Adds one message of the session (text it wrote itself: a message that does not parse
     /// is a bug, reported as an error rather than dropped).
     pub fn add(&mut self, text: &str) {
@@ -172,11 +214,22 @@ impl Gathered {
                 t,
                 probability,
                 degraded,
+            } => self.result(seq, t, probability, degraded),
+            Sent::Score {
+                seq,
+                t,
+                score,
+                degraded,
+            } => self.result(seq, t, score, degraded),
+            Sent::Keyword {
+                seq,
+                t,
+                phrase,
+                score,
             } => {
-                self.seq.push(seq);
-                self.t.push(t);
-                self.probability.push(probability);
-                self.degraded.push(degraded);
+                set("phrase", StringParam(phrase));
+                self.keyword_t.push(t);
+                self.keyword_score.push(score);
                 self.last_seq = Some(seq);
             }
             Sent::SpeechStart { seq, t } => {
@@ -192,10 +245,14 @@ impl Gathered {
                 duration,
                 chunks,
                 segments,
+                keywords,
                 segments_omitted,
             } => {
                 set("duration", DoubleParam(duration));
                 set("chunks", Int64Param(chunks as i64));
+                if let Some(keywords) = keywords {
+                    set("keywords", Int64Param(keywords as i64));
+                }
                 if segments_omitted > 0 {
                     set("segments_omitted", Int64Param(segments_omitted as i64));
                 }
@@ -225,27 +282,38 @@ impl Gathered {
         }
         self.parameters.insert(SEQUENCE_ID.into(), sequence);
         let chunks = self.seq.len() as i64;
+        let value = if self.keyword { "score" } else { "probability" };
         let mut outputs = vec![
             ("seq", vec![chunks], TensorData::Uint64(self.seq)),
             ("t", vec![chunks], TensorData::Fp64(self.t)),
-            (
-                "probability",
-                vec![chunks],
-                TensorData::Fp32(self.probability),
-            ),
+            (value, vec![chunks], TensorData::Fp32(self.value)),
             ("degraded", vec![chunks], TensorData::Bool(self.degraded)),
-            (
-                "speech_start",
-                vec![self.speech_start.len() as i64],
-                TensorData::Fp64(self.speech_start),
-            ),
-            (
-                "speech_end",
-                vec![self.speech_end.len() as i64],
-                TensorData::Fp64(self.speech_end),
-            ),
         ];
-        if let Some(segments) = self.segments {
+        let events = |v: &Vec<f64>| vec![v.len() as i64];
+        if self.keyword {
+            outputs.push((
+                "keyword_t",
+                events(&self.keyword_t),
+                TensorData::Fp64(self.keyword_t),
+            ));
+            outputs.push((
+                "keyword_score",
+                vec![self.keyword_score.len() as i64],
+                TensorData::Fp32(self.keyword_score),
+            ));
+        } else {
+            outputs.push((
+                "speech_start",
+                events(&self.speech_start),
+                TensorData::Fp64(self.speech_start),
+            ));
+            outputs.push((
+                "speech_end",
+                events(&self.speech_end),
+                TensorData::Fp64(self.speech_end),
+            ));
+        }
+        if let Some(segments) = self.segments.filter(|_| !self.keyword) {
             let rows = segments.len() as i64 / 2;
             outputs.push(("segments", vec![rows, 2], TensorData::Fp64(segments)));
         }

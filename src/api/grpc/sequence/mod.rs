@@ -153,6 +153,7 @@ impl Sequences {
                 echo: flags.echo.clone(),
                 model: request.model_name.clone(),
                 version: request.model_version.clone(),
+                kind: StreamKind::Vad,
                 live: None,
                 failed: None,
             };
@@ -246,6 +247,8 @@ struct SequenceTask {
     echo: InferParameter,
     model: String,
     version: String,
+    /// What the stream's results are (known once it is open).
+    kind: StreamKind,
     live: Option<Live>,
     /// Why the sequence cannot go on; every further step is answered with it.
     failed: Option<String>,
@@ -387,7 +390,7 @@ impl SequenceTask {
                 Err(FeedError::Stalled) => return Err("the stream took no audio for 60 s".into()),
             }
         }
-        let mut gathered = Gathered::default();
+        let mut gathered = Gathered::of(self.kind);
         if end {
             live.session.do_send(End);
             // Everything up to the summary: the session then lets go of the connection.
@@ -430,13 +433,13 @@ impl SequenceTask {
             .admitted(&*self.metadata, self.peer, &request.model_name, version)
             .await
             .map_err(|e| e.to_string())?;
-        if served.info.stream_kind() != Some(StreamKind::Vad) {
+        let Some(kind) = served.info.stream_kind() else {
             return Err(format!(
-                "model '{}' does not serve streams: sequences go to a model with \
-                 `stream = \"vad\"` in the manifest",
+                "model '{}' does not serve streams: sequences go to a model whose manifest \
+                 entry declares a `stream` (a voice activity or keyword model)",
                 served.info.name
             ));
-        }
+        };
         state
             .access
             .check_version(&pass, &served.info.name, &served.info.version)
@@ -451,6 +454,7 @@ impl SequenceTask {
         }
         self.model = served.info.name.clone();
         self.version = served.info.version.clone();
+        self.kind = kind;
         let caller = Caller {
             served,
             pass: pass.without_permit(),
@@ -499,7 +503,7 @@ impl SequenceTask {
             return None;
         }
         live.session.do_send(Handover);
-        let mut gathered = Gathered::default();
+        let mut gathered = Gathered::of(self.kind);
         let all = async {
             while let Some(text) = live.messages.recv().await {
                 gathered.add(&text);
