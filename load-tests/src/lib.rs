@@ -6,6 +6,9 @@
 //!   the in-process ONNX Runtime ceiling;
 //! - [`streams`]: WebSocket speech-stream load, and [`streams_bench`]: how many real-time
 //!   `silero_vad` streams one server carries, batching across streams on and off;
+//!   [`keywords_bench`]: the same for keyword-spotting streams (`hey_marvin`, a pipeline of
+//!   three models and a gate), with server CPU per stream-second and the pipeline's compute
+//!   limit;
 //! - [`overload`]: open-loop overload of `mlp` with its fallback, shedding and degraded mode,
 //!   door admission static vs adaptive, in-process or pinned to its own CPU;
 //!   [`timeline`]: the same server through an overload step and injected worker faults,
@@ -30,6 +33,7 @@ pub mod bench;
 pub mod capacity;
 pub mod fleet;
 pub mod jobs_bench;
+pub mod keywords_bench;
 pub mod manifest;
 pub mod monitoring;
 pub mod open_loop;
@@ -123,7 +127,7 @@ pub mod cli {
     #[derive(Clone, Debug, clap::Args)]
     pub struct BenchCommon {
         /// Output directory [default: load-tests/results/<UTC date>-<scenario>/, the scenario
-        /// being rest-mlp, streams-vad, overload-mlp, timeline-mlp, fleet-mlp, streams-fleet or
+        /// being rest-mlp, streams-vad, streams-keyword, overload-mlp, timeline-mlp, fleet-mlp, streams-fleet or
         /// protocols-mlp].
         #[arg(long)]
         pub out: Option<PathBuf>,

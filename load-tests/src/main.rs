@@ -1,8 +1,8 @@
 //! `loadgen`: REST load against a streamserve on loopback (`loadgen rest`), the side-by-side
 //! REST micro-benchmark (`loadgen bench`), REST against gRPC on one server (`loadgen
 //! protocols`), WebSocket speech-stream load (`loadgen streams`),
-//! the stream capacity benchmark (`loadgen streams-bench`), the overload and timeline
-//! benchmarks, the fleet drill (`loadgen fleet`) and the streams fleet drill (`loadgen
+//! the stream capacity benchmarks (`loadgen streams-bench`, `loadgen keywords-bench`), the
+//! overload and timeline benchmarks, the fleet drill (`loadgen fleet`) and the streams fleet drill (`loadgen
 //! streams-fleet`).
 
 use std::path::PathBuf;
@@ -10,8 +10,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use streamserve_load::{
-    bench, capacity, fleet, jobs_bench, monitoring, open_loop, overload, plots, protocols, rest,
-    scenario, streams, streams_bench, streams_fleet, sysinfo, timeline,
+    bench, capacity, fleet, jobs_bench, keywords_bench, monitoring, open_loop, overload, plots,
+    protocols, rest, scenario, streams, streams_bench, streams_fleet, sysinfo, timeline,
 };
 
 #[derive(Debug, Parser)]
@@ -55,6 +55,13 @@ enum Command {
     /// the number of real-time streams until p99 chunk latency misses the target, compare
     /// with the in-process compute ceiling, write report.md.
     StreamsBench(streams_bench::StreamsBenchOptions),
+    /// Measure the keyword pipeline's models in-process (µs per row at batch 1/16/64, CPU per
+    /// stream-second), then start `streamserve serve` on hey_marvin and its stages (batching
+    /// on, then off) and step real-time keyword streams ("gate": false) until p99 chunk
+    /// latency misses the target, plus one gated step; write report.md with streams, server
+    /// CPU per stream-second and the compute limit side by side. Needs the release streamserve
+    /// binary. About 4-5 minutes on 2 cores.
+    KeywordsBench(keywords_bench::KeywordsBenchOptions),
     /// Start streamserve on mlp with slo_ms, a fallback and a short queue, once per door
     /// admission mode (static, then adaptive); measure its capacity, offer 1x, 2x, 3x, 5x of it
     /// open loop, write report.md with the modes side by side. In-process, or with --pin the
@@ -77,9 +84,9 @@ enum Command {
     /// at the switch, checkpoint bytes and CPU. Needs haproxy and the release streamserve
     /// binary. About 75 s.
     StreamsFleet(streams_fleet::StreamsFleetOptions),
-    /// The whole suite in one command: the bench, protocols, monitoring, jobs, streams-bench, overload (unpinned
+    /// The whole suite in one command: the bench, protocols, monitoring, jobs, streams-bench, keywords-bench, overload (unpinned
     /// and pinned), timeline, fleet and streams-fleet scenarios (load-tests/scenarios/), one
-    /// after the other, then the capacity plan from their results. About 23 minutes on 2 cores.
+    /// after the other, then the capacity plan from their results. About 27 minutes on 2 cores.
     Suite {
         /// Leave out the FastAPI peer in the bench.
         #[arg(long)]
@@ -226,6 +233,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Jobs(o) => finished("jobs", &jobs_bench::run(&o)?),
         Command::Streams(args) => run_streams(args),
         Command::StreamsBench(o) => finished("streams-bench", &streams_bench::run(&o)?),
+        Command::KeywordsBench(o) => finished("keywords-bench", &keywords_bench::run(&o)?),
         Command::Overload(o) => finished("overload", &overload::run(&o)?),
         Command::Timeline(args) => run_timeline(args),
         Command::Fleet(o) => run_fleet(&o),
@@ -383,6 +391,8 @@ fn run_plot(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
         let out = dir.join(file);
         plots::protocols(&json, &out)?;
         out
+    } else if kind == Some("keywords_bench") {
+        anyhow::bail!("a keywords-bench run has no plot: its report.md holds the tables");
     } else if kind == Some("streams_fleet") {
         let out = dir.join(streams_fleet::PLOT_FILE);
         plots::streams_fleet(&json, &out)?;

@@ -6,7 +6,7 @@
 use anyhow::Context as _;
 use minijinja::{Environment, Value};
 
-const TEMPLATES: [(&str, &str); 12] = [
+const TEMPLATES: [(&str, &str); 13] = [
     ("summary", include_str!("../templates/summary.txt.j2")),
     ("header", include_str!("../templates/header.md.j2")),
     ("bench", include_str!("../templates/bench.md.j2")),
@@ -14,6 +14,10 @@ const TEMPLATES: [(&str, &str); 12] = [
     (
         "streams_bench",
         include_str!("../templates/streams_bench.md.j2"),
+    ),
+    (
+        "keywords_bench",
+        include_str!("../templates/keywords_bench.md.j2"),
     ),
     ("overload", include_str!("../templates/overload.md.j2")),
     ("timeline", include_str!("../templates/timeline.md.j2")),

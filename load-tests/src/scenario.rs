@@ -18,12 +18,13 @@
 use anyhow::{bail, Context as _};
 
 /// Subcommands a scenario may name.
-pub const KINDS: [&str; 11] = [
+pub const KINDS: [&str; 12] = [
     "bench",
     "protocols",
     "monitoring",
     "jobs",
     "streams-bench",
+    "keywords-bench",
     "overload",
     "timeline",
     "fleet",
@@ -33,14 +34,16 @@ pub const KINDS: [&str; 11] = [
 ];
 
 /// The scenario files (in `load-tests/scenarios/`) `loadgen suite` runs, in order: every
-/// benchmark that starts its own server (in-process, or pinned to a CPU of its own), and the
+/// benchmark that starts its own server (in-process, or a child process, possibly pinned to a
+/// CPU of its own), and the
 /// fleet drills (their own instances, haproxy, and for `fleet` an S3 server).
-pub const SUITE: [&str; 10] = [
+pub const SUITE: [&str; 11] = [
     "rest-mlp.toml",
     "protocols-mlp.toml",
     "monitoring-mlp.toml",
     "jobs-mlp.toml",
     "streams-vad.toml",
+    "streams-keyword.toml",
     "overload-mlp.toml",
     "overload-mlp-pinned.toml",
     "timeline-mlp.toml",
@@ -162,6 +165,7 @@ mod tests {
                     "monitoring",
                     "jobs",
                     "streams-bench",
+                    "keywords-bench",
                     "overload",
                     "timeline",
                     "fleet",

@@ -151,7 +151,7 @@ pub struct StreamOptions {
     /// Server base URL; loopback IP addresses only.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
-    /// Model to stream to; it must have `stream = "vad"` in the manifest.
+    /// Model to stream to; it must declare a `stream` in the manifest (VAD or keyword).
     #[arg(long, default_value = "silero_vad")]
     pub model: String,
     /// Concurrent streams.
@@ -172,6 +172,10 @@ pub struct StreamOptions {
     /// `all`: a vad result per chunk (timed); `events`: speech events only (nothing to time).
     #[arg(long, default_value = "all")]
     pub results: ResultsMode,
+    /// Keyword streams: leave out the model's gate (`"gate": false` in `start`), so that every
+    /// stage runs on all the audio.
+    #[arg(long)]
+    pub no_gate: bool,
     #[arg(skip)]
     pub audio: Arc<Audio>,
     /// A sender further behind its real-time schedule than this makes its stream late.
@@ -398,6 +402,10 @@ struct StreamOutcome {
     max_lag: Duration,
     errors: Vec<(String, String)>,
     chunk_samples: u64,
+    /// A keyword stream's first scored chunk: the chunks before it fill the spotter's window.
+    first_scored: Option<u64>,
+    /// The summary said it is a keyword stream (it counts `keywords`).
+    keyword_stream: bool,
 }
 
 impl StreamOutcome {
@@ -420,6 +428,9 @@ struct ServerMessage {
     degraded: Option<bool>,
     #[serde(default)]
     chunks: Option<u64>,
+    /// A keyword stream's summary: its keyword events.
+    #[serde(default)]
+    keywords: Option<u64>,
     #[serde(default)]
     chunk_samples: Option<u64>,
     #[serde(default)]
@@ -621,12 +632,15 @@ async fn stream_body(
     read_deadline: Instant,
     outcome: &mut StreamOutcome,
 ) {
-    let start = serde_json::json!({
+    let mut start = serde_json::json!({
         "type": "start",
         "sample_rate": options.audio.sample_rate,
         "format": "pcm16",
         "results": options.results.as_str(),
     });
+    if options.no_gate {
+        start["gate"] = false.into();
+    }
     if let Err(e) = ws.send(Message::text(start.to_string())).await {
         outcome.error(shared, "transport", format!("sending start: {e}"));
         return;
@@ -706,14 +720,19 @@ async fn stream_body(
             outcome.error(shared, "transport", e);
         }
     }
-    let expected_chunks = sent.div_ceil(chunk);
+    let expected_chunks = sent.div_ceil(chunk) - outcome.first_scored.unwrap_or(0);
+    // A gated keyword stream has no score for the steps its gate skipped (none at all while
+    // it hears no speech).
+    let gated = outcome.keyword_stream && !options.no_gate;
+    let missing = outcome.chunks_total > expected_chunks
+        || (!gated && outcome.chunks_total != expected_chunks);
     if outcome.summary {
-        if options.results == ResultsMode::All && outcome.chunks_total != expected_chunks {
+        if options.results == ResultsMode::All && missing {
             outcome.error(
                 shared,
                 "missing results",
                 format!(
-                    "{} vad results for {expected_chunks} chunks sent",
+                    "{} results for {expected_chunks} chunks sent (after the first scored)",
                     outcome.chunks_total
                 ),
             );
@@ -886,21 +905,32 @@ async fn read_results<S>(
             }
         }
         match message.kind.as_str() {
-            "vad" => {
-                let k = vad_index;
-                vad_index += 1;
+            kind @ ("vad" | "score") => {
+                // A `vad` result is for the next chunk (`t` its start); a keyword stream's
+                // `score` for the chunk its `t` ends (none come for the first chunks, while the
+                // spotter fills its window).
+                let k = if kind == "vad" {
+                    let k = vad_index;
+                    vad_index += 1;
+                    let t_expected = (k * chunk) as f64 / rate;
+                    if message.t.is_none_or(|t| (t - t_expected).abs() > 1e-6) {
+                        outcome.error(
+                            shared,
+                            "vad t mismatch",
+                            format!("vad #{k} should have t = {t_expected}: {text}"),
+                        );
+                    }
+                    k
+                } else {
+                    let end = (message.t.unwrap_or(0.0) * rate / chunk as f64).round() as u64;
+                    let k = end.saturating_sub(1);
+                    outcome.first_scored.get_or_insert(k);
+                    k
+                };
                 outcome.chunks_total += 1;
                 shared.chunks.fetch_add(1, Ordering::Relaxed);
                 if message.degraded == Some(true) {
                     outcome.degraded += 1;
-                }
-                let t_expected = (k * chunk) as f64 / rate;
-                if message.t.is_none_or(|t| (t - t_expected).abs() > 1e-6) {
-                    outcome.error(
-                        shared,
-                        "vad t mismatch",
-                        format!("vad #{k} should have t = {t_expected}: {text}"),
-                    );
                 }
                 let found = {
                     let mut times = times.lock().expect("no panics while holding it");
@@ -940,10 +970,15 @@ async fn read_results<S>(
                     }
                 }
             }
-            "speech_start" | "speech_end" => outcome.events += 1,
+            "speech_start" | "speech_end" | "keyword" => outcome.events += 1,
             "summary" => {
                 outcome.summary = true;
-                if options.results == ResultsMode::All && message.chunks != Some(vad_index) {
+                let vad_stream = message.keywords.is_none();
+                outcome.keyword_stream = !vad_stream;
+                if vad_stream
+                    && options.results == ResultsMode::All
+                    && message.chunks != Some(vad_index)
+                {
                     outcome.error(
                         shared,
                         "summary chunks",

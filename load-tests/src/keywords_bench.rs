@@ -1,0 +1,462 @@
+//! `loadgen keywords-bench`: how many real-time keyword-spotting streams (`hey_marvin`, a
+//! pipeline of `ww_melspec` → `ww_embedding` → the head, gated by `silero_vad`; see
+//! docs/streaming.md) one server carries, and what each costs, in one run:
+//!
+//! 1. the pipeline's compute limit in-process (no server): each model alone in a
+//!    `ModelSession` (intra_threads 1) on random inputs at batch 1, 16 and 64, µs per row, and
+//!    from them the CPU one real-time stream needs per second (12.5 steps of each stage, plus
+//!    31.25 Silero steps when gated);
+//! 2. `streamserve serve` as a child process (so that its CPU is counted apart from this load
+//!    generator's) on a model directory of the four bundled entries, batching on (as bundled)
+//!    then off (`max_batch_size = 1` on all four); against each, streams of
+//!    `tests/audio/keyword_positive.wav` with `"gate": false` (every stage on all the audio),
+//!    N stepped up until a step misses the p99 target ([`crate::streams`]); on the batching-on
+//!    server, one more step with the gate on;
+//! 3. per step, the server's CPU time (`/proc/<pid>/stat`) over the measured window: server
+//!    CPU per stream-second; and its `/metrics`: rows per model call of each stage;
+//! 4. `report.md` (`templates/keywords_bench.md.j2`) and `results.json`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use clap::builder::TypedValueParser as _;
+
+use crate::bench::TempModelDir;
+use crate::cli::{command_line, count, secs, BenchCommon};
+use crate::fleet::procs::{Instance, InstanceSetup};
+use crate::fleet::watch::{cpu_mark, cpu_share};
+use crate::manifest::{self, EntryChange};
+use crate::prometheus;
+use crate::streams::{self, Audio, ResultsMode, StreamOptions, StreamReport};
+use crate::sysinfo::{raise_nofile_limit, wait_for_quiet};
+
+mod compute;
+mod results;
+
+pub use compute::{compute_limit, measure_stage, Stage, StageCost, CEILING_BATCHES, STAGES};
+use results::{no_plot, results_json};
+pub use results::{SetupResults, Step, Window};
+
+/// The keyword spotter (its head) and its gate.
+pub const MODEL: &str = "hey_marvin";
+pub const GATE: &str = "silero_vad";
+/// Before each measurement, wait until other processes use less than this many cores, and
+/// repeat a failed step once when they used more than `CONTENDED_CORES` during it.
+const QUIET_CORES: f64 = 0.15;
+const CONTENDED_CORES: f64 = 0.25;
+
+/// `tests/audio/keyword_positive.wav`: 16 s of speech, the phrase twice.
+pub fn default_wav() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/audio/keyword_positive.wav")
+}
+
+/// `loadgen keywords-bench`'s options.
+#[derive(Clone, Debug, clap::Args)]
+pub struct KeywordsBenchOptions {
+    /// Numbers of concurrent streams to try, ascending, comma-separated; stepping stops at the
+    /// first step that misses the target.
+    #[arg(long, value_delimiter = ',', default_values_t = [10usize, 25, 50, 75, 100, 125, 150, 200, 250, 300],
+          value_parser = count(1, streams::MAX_STREAMS))]
+    pub steps: Vec<usize>,
+    /// Seconds over which each step's streams open.
+    #[arg(long = "ramp-secs", value_name = "RAMP_SECS", default_value = "2", value_parser = secs(0, 60))]
+    pub ramp: Duration,
+    /// Measured seconds per step.
+    #[arg(long = "duration-secs", value_name = "DURATION_SECS", default_value = "10", value_parser = secs(1, 300))]
+    pub duration: Duration,
+    /// The p99 chunk latency a step must stay under, ms.
+    #[arg(long = "target-ms", value_name = "TARGET_MS", default_value = "100",
+          value_parser = clap::value_parser!(u64).range(1..=10000).map(Duration::from_millis))]
+    pub target: Duration,
+    /// Milliseconds of audio per binary frame.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub frame_ms: u32,
+    /// Measured seconds of each in-process measurement (4 models x 3 batch sizes).
+    #[arg(long = "ceiling-secs", value_name = "CEILING_SECS", default_value = "2", value_parser = secs(1, 60))]
+    pub ceiling_duration: Duration,
+    /// Leave out the gated step (batching on, the gate on, at up to half the streams batching on
+    /// carried).
+    #[arg(long)]
+    pub no_gated: bool,
+    /// The `streamserve` binary [default: the one beside loadgen, target/release/streamserve].
+    #[arg(long)]
+    pub server_bin: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: BenchCommon,
+    /// The bundled manifest, whose four entries are copied.
+    #[arg(skip = manifest::bundled())]
+    pub manifest: PathBuf,
+    #[arg(skip = default_wav())]
+    pub wav: PathBuf,
+    /// The command line, as it goes in the report.
+    #[arg(skip = command_line())]
+    pub command: String,
+}
+
+/// One configuration: the server's batching, whether the streams keep the gate, and whether
+/// their audio is mostly quiet (the file, then [`QUIET_SECS`] of background noise).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Setup {
+    pub label: &'static str,
+    pub batching: bool,
+    pub gate: bool,
+    pub quiet: bool,
+}
+
+pub const ON: Setup = Setup {
+    label: "batching on",
+    batching: true,
+    gate: false,
+    quiet: false,
+};
+pub const OFF: Setup = Setup {
+    label: "batching off",
+    batching: false,
+    gate: false,
+    quiet: false,
+};
+pub const GATED: Setup = Setup {
+    label: "batching on, gate on",
+    batching: true,
+    gate: true,
+    quiet: false,
+};
+/// What a wake-word listener mostly hears: a room with nobody speaking.
+pub const GATED_QUIET: Setup = Setup {
+    label: "batching on, gate on, 3/4 quiet audio",
+    batching: true,
+    gate: true,
+    quiet: true,
+};
+/// Seconds of background noise after the file in the quiet configuration: three times the
+/// file's 16 s.
+pub const QUIET_SECS: usize = 48;
+
+/// The file followed by [`QUIET_SECS`] of white noise at about -65 dBFS rms.
+fn mostly_quiet(path: &Path) -> anyhow::Result<Audio> {
+    let mut samples: Vec<i16> = hound::WavReader::open(path)?
+        .samples::<i16>()
+        .collect::<Result<_, _>>()?;
+    let mut rng = crate::SplitMix64::new(0x5eed);
+    samples.extend((0..QUIET_SECS * 16_000).map(|_| (rng.next_u64() % 65) as i16 - 32));
+    Audio::from_samples(&samples, 16_000)
+}
+
+/// The `models.toml` of a directory serving the keyword pipeline: the bundled entries of the
+/// four models (`file` made absolute), the gate's `fallback` and `slo_ms` removed (overload must
+/// show as latency), and with batching off `max_batch_size = 1` on all four. Also returns the
+/// model files, in the order of [`STAGES`].
+pub fn pipeline_manifest(bundled: &Path, setup: &Setup) -> anyhow::Result<(String, Vec<PathBuf>)> {
+    let models: Vec<(&str, EntryChange)> = STAGES
+        .iter()
+        .map(|s| {
+            let mut change = EntryChange::default();
+            if s.model == GATE {
+                change.remove = vec!["fallback", "slo_ms"];
+            }
+            if !setup.batching {
+                change.set.push(("max_batch_size", toml::Value::Integer(1)));
+            }
+            (s.model, change)
+        })
+        .collect();
+    manifest::from_bundled(
+        bundled,
+        &format!("{MODEL} and its stages, {}", setup.label),
+        &models,
+    )
+}
+
+/// The streams run of one step with the server's CPU and `/metrics` sampled at the measured
+/// window's two ends (the run's ramp and its end aside).
+async fn measured(
+    load: &StreamOptions,
+    server: &Instance,
+    client: &reqwest::Client,
+) -> anyhow::Result<(StreamReport, Option<Window>)> {
+    let base = format!("http://{}", server.addr);
+    let pids = [("server".to_string(), server.pid())];
+    let t0 = Instant::now();
+    let watch = async {
+        tokio::time::sleep_until((t0 + load.ramp).into()).await;
+        let (mark, text) = (cpu_mark(&pids), prometheus::fetch(client, &base).await);
+        tokio::time::sleep_until((t0 + load.ramp + load.duration).into()).await;
+        (
+            (mark, text),
+            (cpu_mark(&pids), prometheus::fetch(client, &base).await),
+        )
+    };
+    let (report, ((m0, before), (m1, after))) = tokio::join!(streams::run(load), watch);
+    let report = report?;
+    let seconds = m1.0.duration_since(m0.0).as_secs_f64();
+    let cores = cpu_share(m0, m1);
+    let Some(((_, loadgen), (_, other))) = cores.first().zip(cores.last()) else {
+        return Ok((report, None));
+    };
+    let server_cores = cores.iter().find(|c| c.0 == "server").map_or(0.0, |c| c.1);
+    let delta = |name: &str, model: &str, extra: Option<&str>| {
+        let at = |text: &Option<String>| {
+            text.as_deref().map_or(0.0, |t| {
+                prometheus::sum(t, name, &format!("model=\"{model}\""), extra)
+            })
+        };
+        (at(&after) - at(&before)).max(0.0)
+    };
+    let stages = STAGES
+        .iter()
+        .map(|s| {
+            let rows = delta("streamserve_batch_size_sum", s.model, None);
+            let calls = delta("streamserve_batch_size_count", s.model, None);
+            (
+                s.model.to_string(),
+                rows / seconds.max(1e-3),
+                if calls > 0.0 { rows / calls } else { 0.0 },
+            )
+        })
+        .collect();
+    let embedding = Some("stage=\"ww_embedding\"");
+    let skips = delta("streamserve_stream_stage_skips_total", MODEL, embedding);
+    let runs = delta("streamserve_stream_stage_steps_total", MODEL, embedding);
+    let window = Window {
+        seconds,
+        server_cores,
+        loadgen_cores: *loadgen,
+        other_cores: *other,
+        server_ms_per_stream_s: server_cores * 1000.0 / load.streams as f64,
+        stages,
+        embedding_skipped: if skips + runs > 0.0 {
+            skips / (skips + runs)
+        } else {
+            0.0
+        },
+    };
+    Ok((report, Some(window)))
+}
+
+/// Steps `setup`'s streams up `steps` against `server` until one misses the target (a gated
+/// step is judged on errors and late senders only: the gate holds steps back by design).
+fn step_up(
+    options: &KeywordsBenchOptions,
+    setup: &Setup,
+    steps: &[usize],
+    server: &Instance,
+    audio: &Arc<Audio>,
+    nofile: u64,
+) -> anyhow::Result<SetupResults> {
+    let runtime = crate::sysinfo::client_runtime(options.common.threads.get())?;
+    let client = crate::sysinfo::metrics_client()?;
+    let mut results = SetupResults {
+        setup: setup.clone(),
+        steps: Vec::new(),
+        stopped: "every step passed".into(),
+    };
+    for &n in steps {
+        if n as u64 + 256 > nofile {
+            results.stopped = format!(
+                "{n} streams need about {} open files; the limit is {nofile} (raise `ulimit -n`)",
+                n + 256
+            );
+            break;
+        }
+        let mut load = StreamOptions::new(format!("http://{}", server.addr), audio.clone());
+        load.model = MODEL.into();
+        load.streams = n;
+        load.ramp = options.ramp;
+        load.duration = options.duration;
+        load.frame_ms = options.frame_ms;
+        load.results = ResultsMode::All;
+        load.no_gate = !setup.gate;
+        load.late_threshold = options.target;
+        load.quiet = false;
+        load.label = format!("{} N={n}", setup.label);
+        for attempt in 1.. {
+            wait_for_quiet(QUIET_CORES, options.common.quiet_wait);
+            let (report, window) = runtime.block_on(measured(&load, server, &client))?;
+            let pass = match setup.gate {
+                false => report.meets(options.target),
+                true => {
+                    report.chunks_measured > 0
+                        && report.error_count() == 0
+                        && report.late_streams == 0
+                }
+            };
+            let others = window.as_ref().map_or(0.0, |w| w.other_cores);
+            let repeated = !pass && others > CONTENDED_CORES && attempt == 1;
+            eprintln!(
+                "[keywords-bench]   {} N={n}: p50 {:.1} ms, p99 {:.1} ms, {} errors, {} late, server {:.1} CPU-ms per stream-s, others {others:.2} cores -> {}",
+                setup.label,
+                report.latency_ms(0.5),
+                report.latency_ms(0.99),
+                report.error_count(),
+                report.late_streams,
+                window.as_ref().map_or(0.0, |w| w.server_ms_per_stream_s),
+                if pass { "pass" } else if repeated { "FAIL on a contended machine: repeating" } else { "FAIL" }
+            );
+            if report.error_count() > 0 {
+                eprint!("{}", report.summary());
+            }
+            results.steps.push(Step {
+                report,
+                window,
+                pass,
+                repeated,
+            });
+            if !repeated {
+                break;
+            }
+        }
+        if !results.steps.last().is_some_and(|s| s.pass) {
+            results.stopped = format!("N = {n} missed the target");
+            break;
+        }
+    }
+    Ok(results)
+}
+
+/// `streamserve serve` on a fresh directory of the pipeline's entries, every model ready.
+fn start_server(
+    bin: &Path,
+    options: &KeywordsBenchOptions,
+    setup: &Setup,
+) -> anyhow::Result<(Instance, TempModelDir)> {
+    let (text, _) = pipeline_manifest(&options.manifest, setup)?;
+    let models = TempModelDir::create(&setup.label.replace([' ', ','], "-"), &text)?;
+    let instance_setup = InstanceSetup {
+        bin,
+        models: &models.path,
+        follow: None,
+        port: 0,
+        extra: &[],
+    };
+    let instance = Instance::start(
+        &instance_setup,
+        "keywords-bench",
+        models.path.join("server.log"),
+    )?;
+    let client = crate::sysinfo::metrics_client()?;
+    let runtime = crate::sysinfo::client_runtime(1)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for stage in &STAGES {
+        let url = format!("http://{}/v2/models/{}/ready", instance.addr, stage.model);
+        while !runtime
+            .block_on(async { client.get(&url).send().await })
+            .is_ok_and(|r| r.status().is_success())
+        {
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} is not ready 30 s after the server started:\n{}",
+                    stage.model,
+                    instance.log_tail(20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    eprintln!(
+        "[keywords-bench] streamserve ({}) on {}, pid {}",
+        setup.label,
+        instance.addr,
+        instance.pid()
+    );
+    Ok((instance, models))
+}
+
+/// Runs the whole benchmark and writes its report.
+pub fn run(options: &KeywordsBenchOptions) -> anyhow::Result<crate::report::Outcome> {
+    if options.steps.is_empty()
+        || options.steps.len() > 32
+        || options.steps.windows(2).any(|w| w[0] >= w[1])
+    {
+        bail!("give 1 to 32 steps, ascending");
+    }
+    let bin = match &options.server_bin {
+        Some(bin) => bin.clone(),
+        None => crate::overload::server::default_server_bin()?,
+    };
+    if !bin.is_file() {
+        bail!("{} does not exist: build it (`cargo build --release --bin streamserve`) or name it with --server-bin", bin.display());
+    }
+    let start = crate::report::Start::now(options.common.out.as_deref(), "streams-keyword");
+    let biggest = options.steps.iter().copied().max().unwrap_or(0) as u64;
+    let nofile = raise_nofile_limit(biggest + 1024);
+    let audio = Arc::new(Audio::load(&options.wav)?);
+    let quiet = Arc::new(mostly_quiet(&options.wav)?);
+    let (_, files) = pipeline_manifest(&options.manifest, &ON)?;
+
+    let mut costs = Vec::new();
+    for (stage, file) in STAGES.iter().zip(&files) {
+        for batch in CEILING_BATCHES {
+            wait_for_quiet(QUIET_CORES, options.common.quiet_wait);
+            let c = measure_stage(stage, file, batch, options.ceiling_duration)?;
+            eprintln!("[keywords-bench] in-process {} batch {batch}: {:.1} µs per row, {:.2} CPU-ms per stream-s", c.model, c.us_per_row, c.ms_per_stream_s);
+            costs.push(c);
+        }
+    }
+
+    let mut results = Vec::new();
+    for setup in [ON, OFF] {
+        let (server, models) = start_server(&bin, options, &setup)?;
+        let stepped = step_up(options, &setup, &options.steps, &server, &audio, nofile)?;
+        let gated_n = results::gated_streams(&stepped, &options.steps);
+        results.push(stepped);
+        if setup.batching && !options.no_gated {
+            results.push(step_up(
+                options,
+                &GATED,
+                &[gated_n],
+                &server,
+                &audio,
+                nofile,
+            )?);
+            results.push(step_up(
+                options,
+                &GATED_QUIET,
+                &[gated_n],
+                &server,
+                &quiet,
+                nofile,
+            )?);
+        }
+        drop(server);
+        drop(models);
+    }
+
+    let json = results_json(options, &start, &files, &audio, &costs, &results);
+    let (elapsed, nproc) = (start.at.elapsed(), start.machine.nproc);
+    let report = results::render(&json, options, elapsed, (&bin, nproc), nofile)?;
+    crate::report::save_run(start.dir, "keywords-bench", report, &json, ("", no_plot))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_manifest_holds_the_pipeline() {
+        let options = crate::cli::defaults::<KeywordsBenchOptions>();
+        let (text, files) = pipeline_manifest(&options.manifest, &OFF).unwrap();
+        assert_eq!(files.len(), 4);
+        assert!(files.iter().all(|f| f.is_absolute() && f.is_file()));
+        let parsed: toml::Table = toml::from_str(&text).unwrap();
+        let models = parsed["models"].as_array().unwrap();
+        let names: Vec<&str> = models.iter().filter_map(|m| m["name"].as_str()).collect();
+        assert_eq!(
+            names,
+            ["ww_melspec", "ww_embedding", "hey_marvin", "silero_vad"]
+        );
+        assert!(models
+            .iter()
+            .all(|m| m["max_batch_size"].as_integer() == Some(1)));
+        assert!(models[2]["stream"]["gate"].is_table());
+        assert!(models[3].get("fallback").is_none() && models[3].get("slo_ms").is_none());
+        let (on, _) = pipeline_manifest(&options.manifest, &ON).unwrap();
+        let on: toml::Table = toml::from_str(&on).unwrap();
+        assert!(on["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["max_batch_size"].as_integer() > Some(1)));
+    }
+}
