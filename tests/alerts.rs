@@ -271,13 +271,10 @@ async fn one_stream(url: &str) {
 fn models_with_probe() -> PathBuf {
     let bundled = repo().join("models");
     let dir = model_dir("");
-    let manifest = std::fs::read_to_string(bundled.join("models.toml"))
-        .unwrap()
-        .replace("file = \"", &format!("file = \"{}/", bundled.display()))
-        .replace(
-            &format!("file = \"{}/mlp/1/model.onnx\"", bundled.display()),
-            "file = \"mlp/model.onnx\"",
-        );
+    let manifest = bundled_manifest().replace(
+        &format!("file = \"{}/mlp/1/model.onnx\"", bundled.display()),
+        "file = \"mlp/model.onnx\"",
+    );
     std::fs::write(dir.join("models.toml"), manifest).unwrap();
     std::fs::create_dir_all(dir.join("mlp")).unwrap();
     std::fs::copy(bundled.join("mlp/1/model.onnx"), dir.join("mlp/model.onnx")).unwrap();

@@ -226,16 +226,7 @@ async fn model_metadata_readiness_config_and_index() {
         "unknown model 'nope'",
     );
 
-    for name in [
-        "hey_marvin",
-        "mlp",
-        "mlp_small",
-        "silero_vad",
-        "typed_ops",
-        "vad_energy",
-        "ww_embedding",
-        "ww_melspec",
-    ] {
+    for name in BUNDLED_MODELS {
         let ready = c
             .model_ready(ModelReadyRequest {
                 name: name.into(),
@@ -323,19 +314,8 @@ async fn model_metadata_readiness_config_and_index() {
         .iter()
         .map(|m| (m.name.as_str(), m.version.as_str(), m.state.as_str()))
         .collect();
-    assert_eq!(
-        rows,
-        [
-            ("hey_marvin", "1", "READY"),
-            ("mlp", "1", "READY"),
-            ("mlp_small", "1", "READY"),
-            ("silero_vad", "1", "READY"),
-            ("typed_ops", "1", "READY"),
-            ("vad_energy", "1", "READY"),
-            ("ww_embedding", "1", "READY"),
-            ("ww_melspec", "1", "READY")
-        ]
-    );
+    let want: Vec<_> = BUNDLED_MODELS.map(|name| (name, "1", "READY")).into();
+    assert_eq!(rows, want);
     let ready_only = c
         .repository_index(RepositoryIndexRequest {
             repository_name: String::new(),
@@ -344,7 +324,7 @@ async fn model_metadata_readiness_config_and_index() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(ready_only.models.len(), 8);
+    assert_eq!(ready_only.models.len(), BUNDLED_MODELS.len());
 
     // What cannot be answered honestly says so.
     expect_status(

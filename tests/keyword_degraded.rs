@@ -13,13 +13,7 @@ use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn keyword_streams_ride_through_a_slow_gate_on_its_fallback() {
-    let manifest = std::fs::read_to_string(repo().join("models/models.toml"))
-        .unwrap()
-        .replace(
-            "file = \"",
-            &format!("file = \"{}/", repo().join("models").display()),
-        );
-    let dir = model_dir(&manifest);
+    let dir = model_dir(&bundled_manifest());
     let url = start(&dir, |config| config.admin_token = Some("t".into()));
     // Silero's replicas turn slow for a few batches while 6 streams run: the gate's steps
     // would queue past its 30 ms SLO, so new ones go to vad_energy until the queue drains.

@@ -41,19 +41,7 @@ async fn model_listing_metadata_and_readiness() {
         .iter()
         .map(|m| m["name"].as_str().unwrap())
         .collect();
-    assert_eq!(
-        names,
-        [
-            "hey_marvin",
-            "mlp",
-            "mlp_small",
-            "silero_vad",
-            "typed_ops",
-            "vad_energy",
-            "ww_embedding",
-            "ww_melspec"
-        ]
-    );
+    assert_eq!(names, BUNDLED_MODELS);
     assert!(list["models"]
         .as_array()
         .unwrap()
@@ -112,7 +100,7 @@ async fn model_listing_metadata_and_readiness() {
         .json()
         .await
         .unwrap();
-    assert_eq!(index.as_array().unwrap().len(), 8);
+    assert_eq!(index.as_array().unwrap().len(), BUNDLED_MODELS.len());
 }
 
 #[tokio::test]

@@ -578,13 +578,7 @@ async fn stream_metrics() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn streams_ride_through_overload_on_the_fallback_model() {
-    let manifest = std::fs::read_to_string(repo().join("models/models.toml"))
-        .unwrap()
-        .replace(
-            "file = \"",
-            &format!("file = \"{}/", repo().join("models").display()),
-        );
-    let dir = model_dir(&manifest);
+    let dir = model_dir(&bundled_manifest());
     let url = start(&dir, |config| config.admin_token = Some("t".into()));
     let c = client();
     // Silero's replicas turn slow for a few batches while 6 streams run: their steps would

@@ -64,6 +64,27 @@ pub fn model_dir(manifest: &str) -> PathBuf {
     dir
 }
 
+/// The bundled manifest's text with every `file` made absolute, to be written elsewhere (with
+/// changes) by a test that needs the bundled models under other settings.
+pub fn bundled_manifest() -> String {
+    let models = repo().join("models");
+    std::fs::read_to_string(models.join("models.toml"))
+        .unwrap()
+        .replace("file = \"", &format!("file = \"{}/", models.display()))
+}
+
+/// The bundled models' names, as the repository listings sort them.
+pub const BUNDLED_MODELS: [&str; 8] = [
+    "hey_marvin",
+    "mlp",
+    "mlp_small",
+    "silero_vad",
+    "typed_ops",
+    "vad_energy",
+    "ww_embedding",
+    "ww_melspec",
+];
+
 pub const MLP_SHA: &str = "682ec0e4afa4d55060b8b4465d0e2ee9f78ac23bbe28b6999a1db956956e1943";
 pub const MLP_SMALL_SHA: &str = "1ee4e3ca0ab831f8b5d0012533fdfe38626360da2dfded1adc62f14bb97bb481";
 
