@@ -1,6 +1,6 @@
 //! The stream engine: one stream's progress through its stages, as its manifest declaration
-//! says and `stream::layout` resolves them ([`PipelineState`]): the buffer of frames each stage slides its window over, the recurrent
-//! state each carries, and the audio consumed. No actors and no I/O: the session asks for the
+//! says and `stream::layout` resolves them ([`PipelineState`]): the buffer of frames each
+//! stage slides its window over, the recurrent state each carries, and the audio consumed. No actors and no I/O: the session asks for the
 //! next step, sends it through the stage model's router (where it is batched with other
 //! streams' steps), and hands the answer back.
 //!
@@ -90,6 +90,14 @@ struct GateProgress {
     state: GateState,
 }
 
+impl GateProgress {
+    /// How far the gate's buffer reaches in the stream's audio, when the stream has received
+    /// `audio_in` samples: past it by the audio the gate will skip (heard before a resume).
+    fn received(&self, audio_in: u64) -> u64 {
+        audio_in + self.state.skip
+    }
+}
+
 /// What a completed step produced.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepDone {
@@ -159,7 +167,7 @@ impl PipelineState {
         if let Some(gate) = &mut snapshot.gate {
             // The client sends the audio from `resume_at` again. The gate keeps what it has
             // not heard before that, and skips what it heard after it.
-            let received = self.audio_in + gate.state.skip;
+            let received = gate.received(self.audio_in);
             let keep_to = gate.state.heard.max(resume_at);
             let frames = &mut gate.stage.frames;
             frames.truncate(frames.len().saturating_sub((received - keep_to) as usize));
@@ -192,6 +200,7 @@ impl PipelineState {
     /// The stage to step next, if any: the last that has a window ready, so that results
     /// come out before more audio goes in. With `ending`, the audio left over is padded with
     /// silence to a last window.
+    ///
     /// The gate is the stage one past the last: it steps before the first stage, so that it
     /// is never more than a window behind.
     pub fn next_step(&mut self, layout: &Layout, ending: bool) -> Option<usize> {
@@ -216,7 +225,7 @@ impl PipelineState {
             if p.stage.ready(&g.stage) {
                 return Some(gate_index);
             }
-            if ending && !p.state.padded && self.audio_in + p.state.skip > p.state.heard {
+            if ending && !p.state.padded && p.received(self.audio_in) > p.state.heard {
                 p.state.padded = true;
                 p.stage.frames.resize(g.stage.window, 0.0);
                 return Some(gate_index);
@@ -246,7 +255,7 @@ impl PipelineState {
         let t = self.stages[stage].times[s.window - 1];
         let exhausted = ending
             && !p.stage.ready(&g.stage)
-            && (p.state.padded || self.audio_in + p.state.skip == p.state.heard);
+            && (p.state.padded || p.received(self.audio_in) == p.state.heard);
         p.state.verdict(g, t, exhausted)
     }
 
@@ -393,10 +402,10 @@ impl PipelineState {
     /// The gate's step answered `probability` (its state is kept already).
     fn gate_heard(&mut self, layout: &Layout, probability: f32) -> StepDone {
         let g = layout.gate.as_ref().expect("a gated layout");
-        let received = self.audio_in;
+        let audio_in = self.audio_in;
         let gate = self.gate.as_mut().expect("a gated stream");
         let time = gate.stage.audio_step_end(&g.stage, gate.state.heard);
-        gate.state.heard = time.min(received + gate.state.skip);
+        gate.state.heard = time.min(gate.received(audio_in));
         gate.stage.steps += 1;
         gate.stage.frames.drain(..g.stage.hop);
         gate.state.hear(g, time, probability);

@@ -106,7 +106,6 @@ impl StreamSession {
                 ));
             }
             session.progress = checkpoint.progress;
-            session.skips_counted = session.progress.gated_skips();
         }
         session.keywords = checkpoint.keywords;
         session.tracker.restore(checkpoint.tracker);

@@ -173,8 +173,6 @@ pub struct StreamSession {
     segments_omitted: u64,
     /// Flushes waiting for `samples_done` to reach their audio ([`Flush`]).
     flushes: Vec<(u64, oneshot::Sender<()>)>,
-    /// Gated steps skipped that the metrics have counted.
-    skips_counted: u64,
 }
 
 /// Told to whoever listed a stream (the hub) when its session ends, so that the listing goes
@@ -268,7 +266,6 @@ impl StreamSession {
             summarized: false,
             segments_omitted: 0,
             flushes: Vec::new(),
-            skips_counted: 0,
         })
     }
 

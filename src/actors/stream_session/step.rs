@@ -20,8 +20,9 @@ impl StreamSession {
         if self.in_flight || self.finished {
             return;
         }
+        let skipped_before = self.progress.gated_skips();
         let next = self.progress.next_step(&self.layout, self.ending);
-        self.count_skips();
+        self.count_skips(self.progress.gated_skips() - skipped_before);
         match next {
             Some(stage) => {
                 self.in_flight = true;
@@ -100,18 +101,14 @@ impl StreamSession {
         self.maybe_step(ctx);
     }
 
-    /// Steps the gate skipped since the last count go to the gated stage's metric.
-    fn count_skips(&mut self) {
-        let (Some(gate), skips) = (&self.layout.gate, self.progress.gated_skips()) else {
-            return;
-        };
-        if skips > self.skips_counted {
+    /// Steps the gate skipped (only `next_step` skips) go to the gated stage's metric.
+    fn count_skips(&self, skips: u64) {
+        if let (Some(gate), 1..) = (&self.layout.gate, skips) {
             metrics::counter!(
                 "streamserve_stream_stage_skips_total",
                 &self.stage_labels[gate.gated]
             )
-            .increment(skips - self.skips_counted);
-            self.skips_counted = skips;
+            .increment(skips);
         }
     }
 
