@@ -15,17 +15,8 @@ use serde_json::json;
 async fn keyword_streams_ride_through_a_slow_gate_on_its_fallback() {
     let dir = model_dir(&bundled_manifest());
     let url = start(&dir, |config| config.admin_token = Some("t".into()));
-    // Silero's replicas turn slow for a few batches while 6 streams run: the gate's steps
-    // would queue past its 30 ms SLO, so new ones go to vad_energy until the queue drains.
-    let fault = json!({"fault": {"kind": "slow", "ms": 120}, "count": 3});
-    let response = client()
-        .post(format!("{url}/admin/models/silero_vad/faults"))
-        .bearer_auth("t")
-        .json(&fault)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    // While 6 streams run, the gate's steps go to vad_energy for a while.
+    slow_silero_for_three_batches(&url).await;
     let (audio, rate) = fixture_pcm16("keyword_positive");
     let options = json!({});
     let runs = futures_util::future::join_all((0..6).map(|_| {

@@ -297,20 +297,7 @@ async fn a_keyword_stream_resumes_on_another_instance_with_every_stage_intact() 
     let started: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(started["resumed"], true, "{started}");
     let from = started["samples_received"].as_u64().unwrap() as usize * 2;
-    for frame in audio[from..].chunks(3200) {
-        ws.send(Message::binary(frame.to_vec())).await.unwrap();
-    }
-    ws.send(Message::text(json!({"type": "end"}).to_string()))
-        .await
-        .unwrap();
-    while let Some(Ok(message)) = ws.next().await {
-        if let Message::Text(text) = message {
-            let m: Value = serde_json::from_str(&text).unwrap();
-            if m.get("seq").is_some() {
-                results.push(m);
-            }
-        }
-    }
+    results.extend(send_rest_and_results(&mut ws, &audio[from..], 3200).await);
     assert_eq!(results.len(), want.results.len(), "as many results");
     for (i, (got, alone)) in results.iter().zip(&want.results).enumerate() {
         assert_eq!(got["seq"], i as u64, "gap or repeat at {i}: {got}");

@@ -148,7 +148,7 @@ async fn a_stream_resumes_on_another_instance_from_its_checkpoint() {
         server(Some(keys), |_| {}),
     );
     let want = uninterrupted(&url(&a)).await;
-    let (stream_id, results, checkpoint) = half_a_stream(&url(&a)).await;
+    let (stream_id, mut results, checkpoint) = half_a_stream(&url(&a)).await;
     let last_seq = results.last().unwrap()["seq"].as_u64().unwrap();
     let token = checkpoint["token"].as_str().unwrap();
     assert!(checkpoint["samples"].as_u64().unwrap() > 0, "{checkpoint}");
@@ -164,25 +164,11 @@ async fn a_stream_resumes_on_another_instance_from_its_checkpoint() {
         checkpoint["samples"].as_u64().unwrap() * 2,
         "re-send from the checkpoint"
     );
-    for frame in audio[from..].chunks(2048) {
-        ws.send(Message::binary(frame.to_vec())).await.unwrap();
-    }
-    ws.send(Message::text(json!({"type": "end"}).to_string()))
-        .await
-        .unwrap();
-    let mut got = Run {
+    results.extend(send_rest_and_results(&mut ws, &audio[from..], 2048).await);
+    let got = Run {
         results,
         ..Run::default()
     };
-    while let Some(Ok(message)) = ws.next().await {
-        let Message::Text(text) = message else {
-            continue;
-        };
-        let m: Value = serde_json::from_str(&text).unwrap();
-        if m.get("seq").is_some() {
-            got.results.push(m);
-        }
-    }
     for (i, m) in got.results.iter().enumerate() {
         assert_eq!(m["seq"], i as u64, "gap or repeat at {i}: {m}");
     }
@@ -486,20 +472,7 @@ async fn a_stale_copy_of_a_stream_gives_way_to_a_newer_checkpoint() {
         "from B's checkpoint, not A's copy"
     );
     let from = started["samples_received"].as_u64().unwrap() as usize * 2;
-    for frame in audio[from..].chunks(2048) {
-        ws.send(Message::binary(frame.to_vec())).await.unwrap();
-    }
-    ws.send(Message::text(json!({"type": "end"}).to_string()))
-        .await
-        .unwrap();
-    while let Some(Ok(message)) = ws.next().await {
-        if let Message::Text(text) = message {
-            let m: Value = serde_json::from_str(&text).unwrap();
-            if m.get("seq").is_some() {
-                results.push(m);
-            }
-        }
-    }
+    results.extend(send_rest_and_results(&mut ws, &audio[from..], 2048).await);
     let got = Run {
         results,
         ..Run::default()

@@ -580,18 +580,8 @@ async fn stream_metrics() {
 async fn streams_ride_through_overload_on_the_fallback_model() {
     let dir = model_dir(&bundled_manifest());
     let url = start(&dir, |config| config.admin_token = Some("t".into()));
-    let c = client();
-    // Silero's replicas turn slow for a few batches while 6 streams run: their steps would
-    // queue past its 30 ms SLO, so new steps go to vad_energy until the queue drains.
-    let fault = json!({"fault": {"kind": "slow", "ms": 120}, "count": 3});
-    let response = c
-        .post(format!("{url}/admin/models/silero_vad/faults"))
-        .bearer_auth("t")
-        .json(&fault)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    // While 6 streams run, their steps go to vad_energy for a while.
+    slow_silero_for_three_batches(&url).await;
     let (samples, rate, truth) = fixture("two_phrases_16k");
     let audio = pcm16(&samples);
     let tasks: Vec<_> = (0..6)

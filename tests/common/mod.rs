@@ -73,6 +73,22 @@ pub fn bundled_manifest() -> String {
         .replace("file = \"", &format!("file = \"{}/", models.display()))
 }
 
+/// Makes `silero_vad`'s replicas slow (120 ms a batch) for their next 3 batches, through the
+/// admin API of a server started with admin token "t": while streams run, their steps would
+/// queue past Silero's 30 ms SLO, so new ones go to its fallback (`vad_energy`) until the
+/// queue drains.
+pub async fn slow_silero_for_three_batches(url: &str) {
+    let fault = json!({"fault": {"kind": "slow", "ms": 120}, "count": 3});
+    let response = client()
+        .post(format!("{url}/admin/models/silero_vad/faults"))
+        .bearer_auth("t")
+        .json(&fault)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
 /// The bundled models' names, as the repository listings sort them.
 pub const BUNDLED_MODELS: [&str; 8] = [
     "hey_marvin",

@@ -34,6 +34,27 @@ pub async fn connect(url: &str) -> Result<Socket, String> {
     connect_to(url, "silero_vad").await
 }
 
+/// Sends `rest` (the audio the server asked for again after a resume) in `frame_bytes` frames,
+/// then `end`, and returns every result (each message with a `seq`) until the close.
+pub async fn send_rest_and_results(ws: &mut Socket, rest: &[u8], frame_bytes: usize) -> Vec<Value> {
+    for frame in rest.chunks(frame_bytes) {
+        ws.send(Message::binary(frame.to_vec())).await.unwrap();
+    }
+    ws.send(Message::text(json!({"type": "end"}).to_string()))
+        .await
+        .unwrap();
+    let mut results = Vec::new();
+    while let Some(Ok(message)) = ws.next().await {
+        if let Message::Text(text) = message {
+            let m: Value = serde_json::from_str(&text).unwrap();
+            if m.get("seq").is_some() {
+                results.push(m);
+            }
+        }
+    }
+    results
+}
+
 /// A WebSocket stream on `model` of the server at `url` (`http://…`).
 pub async fn connect_to(url: &str, model: &str) -> Result<Socket, String> {
     let ws_url = format!("{}/v1/streams/{model}", url.replace("http://", "ws://"));
