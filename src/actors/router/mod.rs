@@ -127,6 +127,30 @@ pub struct Router {
     restarts: u64,
     draining: bool,
     labels: [(&'static str, String); 2],
+    /// The series every dispatch or batch moves, looked up once (a lookup by labels clones
+    /// them and hashes the key each time).
+    series: BatchSeries,
+}
+
+struct BatchSeries {
+    queue_depth: metrics::Gauge,
+    batch_size: metrics::Histogram,
+    batch_requests: metrics::Histogram,
+    inference_duration: metrics::Histogram,
+}
+
+impl BatchSeries {
+    fn new(labels: &[(&'static str, String); 2]) -> BatchSeries {
+        BatchSeries {
+            queue_depth: metrics::gauge!("streamserve_queue_depth", labels),
+            batch_size: metrics::histogram!("streamserve_batch_size", labels),
+            batch_requests: metrics::histogram!("streamserve_batch_requests", labels),
+            inference_duration: metrics::histogram!(
+                "streamserve_inference_duration_seconds",
+                labels
+            ),
+        }
+    }
 }
 
 impl Router {
@@ -184,6 +208,7 @@ impl Router {
             overloaded: false,
             restarts: 0,
             draining: false,
+            series: BatchSeries::new(&labels),
             labels,
         }
     }
@@ -197,7 +222,7 @@ impl Router {
     }
 
     fn publish_queue(&self) {
-        metrics::gauge!("streamserve_queue_depth", &self.labels).set(self.queue.len() as f64);
+        self.series.queue_depth.set(self.queue.len() as f64);
     }
 
     fn predicted_wait(&self) -> Duration {
@@ -533,11 +558,9 @@ impl StreamHandler<WorkerReport> for Router {
             } => {
                 slot.in_flight = None;
                 self.mean_batch_time = (self.mean_batch_time * 7 + compute) / 8;
-                metrics::histogram!("streamserve_batch_size", &self.labels).record(rows as f64);
-                metrics::histogram!("streamserve_batch_requests", &self.labels)
-                    .record(requests as f64);
-                metrics::histogram!("streamserve_inference_duration_seconds", &self.labels)
-                    .record(compute.as_secs_f64());
+                self.series.batch_size.record(rows as f64);
+                self.series.batch_requests.record(requests as f64);
+                self.series.inference_duration.record(compute.as_secs_f64());
                 if failed {
                     metrics::counter!("streamserve_inference_failures_total", &self.labels)
                         .increment(1);

@@ -2,10 +2,9 @@
 //! session, new or resumed, replaying what the client missed; `Detach` marks it gone and
 //! keeps the stream for its resume window before dropping it.
 
-use std::sync::Arc;
-
 use actix::prelude::*;
 use actix_ws::CloseCode;
+use bytestring::ByteString;
 
 use super::{Attach, Attached, Detach, StreamSession};
 use crate::stream::protocol::ServerMessage;
@@ -76,7 +75,7 @@ impl Handler<Attach> for StreamSession {
         .to_json();
         let _ = attach.connection.messages.try_send(started.into());
         self.connection = Some(attach.connection);
-        let missed: Vec<Arc<str>> = self
+        let missed: Vec<ByteString> = self
             .outbox
             .iter()
             .filter(|(seq, _)| *seq >= replay_from)

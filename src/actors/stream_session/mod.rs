@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_ws::CloseCode;
+use bytestring::ByteString;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::catalog::ServedModel;
@@ -49,7 +50,7 @@ const STEP_RETRIES: u32 = 40;
 
 /// The session's link to the WebSocket currently attached to it.
 pub struct Connection {
-    pub messages: mpsc::Sender<Arc<str>>,
+    pub messages: mpsc::Sender<ByteString>,
     /// Tells the connection to close, with a code and reason, once it has sent what is queued.
     pub close: oneshot::Sender<(CloseCode, String)>,
 }
@@ -147,7 +148,7 @@ pub struct StreamSession {
     ending: bool,
     finished: bool,
     next_seq: u64,
-    outbox: VecDeque<(u64, Arc<str>)>,
+    outbox: VecDeque<(u64, ByteString)>,
     connection: Option<Connection>,
     generation: u64,
     credits: Arc<Semaphore>,
@@ -156,6 +157,9 @@ pub struct StreamSession {
     labels: [(&'static str, String); 1],
     /// Per stage: the stream's model and the stage's.
     stage_labels: Vec<[(&'static str, String); 2]>,
+    /// The series every step or chunk moves, looked up once: a lookup by labels clones
+    /// them and hashes the key each time, which a stream would do 30 times a second.
+    per_step: StepMetrics,
     /// Checkpoints issued so far (including those of the instances before, when restored).
     checkpoints: u32,
     /// `samples_done` at the last checkpoint.
@@ -173,6 +177,29 @@ pub struct StreamSession {
     segments_omitted: u64,
     /// Flushes waiting for `samples_done` to reach their audio ([`Flush`]).
     flushes: Vec<(u64, oneshot::Sender<()>)>,
+}
+
+/// A stream's chunk counter and latency histogram, and each stage's step counter.
+struct StepMetrics {
+    chunks: metrics::Counter,
+    chunk_latency: metrics::Histogram,
+    stage_steps: Vec<metrics::Counter>,
+}
+
+impl StepMetrics {
+    fn new(
+        labels: &[(&'static str, String); 1],
+        stage_labels: &[[(&'static str, String); 2]],
+    ) -> StepMetrics {
+        StepMetrics {
+            chunks: metrics::counter!("streamserve_stream_chunks_total", labels),
+            chunk_latency: metrics::histogram!("streamserve_stream_chunk_latency_seconds", labels),
+            stage_steps: stage_labels
+                .iter()
+                .map(|l| metrics::counter!("streamserve_stream_stage_steps_total", l))
+                .collect(),
+        }
+    }
 }
 
 /// Told to whoever listed a stream (the hub) when its session ends, so that the listing goes
@@ -220,7 +247,7 @@ impl StreamSession {
             StreamKind::Keyword => params.keyword.validate()?,
         }
         let labels = [("model", model.info.name.clone())];
-        let stage_labels = stages
+        let stage_labels: Vec<_> = stages
             .iter()
             .map(|s| {
                 [
@@ -229,6 +256,7 @@ impl StreamSession {
                 ]
             })
             .collect();
+        let per_step = StepMetrics::new(&labels, &stage_labels);
         let chunk = layout.chunk_samples();
         Ok(StreamSession {
             tracker: VadTracker::new(&params.vad, params.sample_rate, chunk),
@@ -258,6 +286,7 @@ impl StreamSession {
             ended,
             labels,
             stage_labels,
+            per_step,
             checkpoints: 0,
             checkpointed_at: 0,
             redeemed: None,
@@ -275,7 +304,7 @@ impl StreamSession {
 
     /// Sends a message now (if a client is attached) and keeps it for replay.
     fn emit(&mut self, message: ServerMessage<'_>) {
-        let text: Arc<str> = message.to_json().into();
+        let text = ByteString::from(message.to_json());
         let seq = self.next_seq;
         self.next_seq += 1;
         if self.outbox.len() == OUTBOX_LIMIT {
@@ -288,7 +317,7 @@ impl StreamSession {
         self.send(text);
     }
 
-    fn send(&mut self, text: Arc<str>) {
+    fn send(&mut self, text: ByteString) {
         let Some(connection) = &self.connection else {
             return;
         };

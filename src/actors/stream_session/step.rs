@@ -11,7 +11,7 @@ use super::{StreamSession, STEP_RETRIES};
 use crate::actors::served::InferOptions;
 use crate::error::ServeError;
 use crate::manifest::StreamKind;
-use crate::model::{InferRequest, InferResponse};
+use crate::model::InferResponse;
 use crate::stream::pipeline::StepDone;
 use crate::stream::protocol::{ResultsMode, ServerMessage};
 
@@ -26,22 +26,23 @@ impl StreamSession {
         match next {
             Some(stage) => {
                 self.in_flight = true;
-                let request = self.progress.request(&self.layout, stage);
-                self.send_step(stage, request, ctx);
+                self.send_step(stage, ctx);
             }
             None if self.ending => self.finish(ctx),
             None => {}
         }
     }
 
-    fn send_step(&mut self, stage: usize, request: InferRequest, ctx: &mut Context<Self>) {
-        // Kept for a retry: the router takes the request it is given.
-        let again = clone_request(&request);
+    /// Sends `stage`'s next step. A retry builds the same request again: nothing it reads
+    /// (the stage's window and state) moves while the step is in flight, and building it
+    /// again is cheaper than keeping a copy of every step for the rare retry.
+    fn send_step(&mut self, stage: usize, ctx: &mut Context<Self>) {
+        let request = self.progress.request(&self.layout, stage);
         let answer = self.stages[stage].infer(request, InferOptions::now());
         ctx.spawn(
             answer
                 .into_actor(self)
-                .map(move |result, session, ctx| session.on_step(stage, result, again, ctx)),
+                .map(move |result, session, ctx| session.on_step(stage, result, ctx)),
         );
     }
 
@@ -49,7 +50,6 @@ impl StreamSession {
         &mut self,
         stage: usize,
         result: Result<InferResponse, ServeError>,
-        request: InferRequest,
         ctx: &mut Context<Self>,
     ) {
         let response = match result {
@@ -62,7 +62,7 @@ impl StreamSession {
                 self.retries += 1;
                 tracing::debug!(stream = %self.id, error = %e, "retrying stream step");
                 ctx.run_later(Duration::from_millis(25), move |session, ctx| {
-                    session.send_step(stage, request, ctx)
+                    session.send_step(stage, ctx)
                 });
                 return;
             }
@@ -80,11 +80,7 @@ impl StreamSession {
             Err(reason) => return self.fail(&ServeError::Inference(reason), ctx),
         };
         self.degraded |= response.degraded;
-        metrics::counter!(
-            "streamserve_stream_stage_steps_total",
-            &self.stage_labels[stage]
-        )
-        .increment(1);
+        self.per_step.stage_steps[stage].increment(1);
         if stage == 0 {
             self.took_audio(done.audio_taken);
         }
@@ -117,7 +113,7 @@ impl StreamSession {
         let chunk_start = self.samples_done;
         self.samples_done += taken;
         self.credits.add_permits(taken as usize);
-        metrics::counter!("streamserve_stream_chunks_total", &self.labels).increment(1);
+        self.per_step.chunks.increment(1);
         if let Some(stats) = self.model.watch.stream_stats() {
             stats.add_audio(
                 (self.samples_done - chunk_start) as f64 / f64::from(self.params.sample_rate),
@@ -134,7 +130,8 @@ impl StreamSession {
                 break;
             }
             self.chunk_ready.pop_front();
-            metrics::histogram!("streamserve_stream_chunk_latency_seconds", &self.labels)
+            self.per_step
+                .chunk_latency
                 .record(ready.elapsed().as_secs_f64());
         }
     }
@@ -189,13 +186,5 @@ impl StreamSession {
                 }
             }
         }
-    }
-}
-
-fn clone_request(request: &InferRequest) -> InferRequest {
-    InferRequest {
-        inputs: request.inputs.clone(),
-        rows: request.rows,
-        outputs: request.outputs.clone(),
     }
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
+use bytestring::ByteString;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
@@ -38,7 +39,7 @@ pub struct SpeechService {
 /// A session running for one call, and the messages it writes.
 struct Running {
     session: Addr<StreamSession>,
-    messages: mpsc::Receiver<Arc<str>>,
+    messages: mpsc::Receiver<ByteString>,
     credits: Arc<tokio::sync::Semaphore>,
     generation: u64,
     model: String,

@@ -18,6 +18,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, ProtocolError};
+use bytestring::ByteString;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::door::limit::AdmissionLimit;
@@ -399,7 +400,11 @@ fn counted<E>(next: Option<Result<AggregatedMessage, E>>) -> Option<Result<Aggre
 }
 
 /// Sends a text message, counting its payload (`streamserve_sent_bytes_total`).
-async fn send_text(ws: &mut actix_ws::Session, text: String) -> Result<(), actix_ws::Closed> {
+async fn send_text(
+    ws: &mut actix_ws::Session,
+    text: impl Into<ByteString>,
+) -> Result<(), actix_ws::Closed> {
+    let text = text.into();
     traffic::sent(Protocol::WebSocket, text.len());
     ws.text(text).await
 }
@@ -434,7 +439,7 @@ fn protocol_error(error: ProtocolError) -> ReadEnd {
 
 async fn write_loop(
     mut ws: actix_ws::Session,
-    mut messages: mpsc::Receiver<Arc<str>>,
+    mut messages: mpsc::Receiver<ByteString>,
     mut session_close: oneshot::Receiver<(CloseCode, String)>,
     mut reader_close: mpsc::Receiver<(CloseCode, String)>,
 ) {
@@ -453,7 +458,7 @@ async fn write_loop(
             },
             message = messages.recv() => match message {
                 Some(text) => {
-                    match tokio::time::timeout(WRITE_TIMEOUT, send_text(&mut ws, text.to_string())).await {
+                    match tokio::time::timeout(WRITE_TIMEOUT, send_text(&mut ws, text)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => return,
                         Err(_) => {
@@ -468,7 +473,7 @@ async fn write_loop(
             close = &mut session_close => {
                 // Send what the session queued before it asked to close (e.g. the summary).
                 while let Ok(text) = messages.try_recv() {
-                    if send_text(&mut ws, text.to_string()).await.is_err() {
+                    if send_text(&mut ws, text).await.is_err() {
                         return;
                     }
                 }

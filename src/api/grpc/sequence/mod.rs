@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use actix_ws::CloseCode;
+use bytestring::ByteString;
 use futures_util::future::BoxFuture;
 use prost::Message as _;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -225,7 +226,7 @@ impl Sequences {
 struct Live {
     session: Addr<StreamSession>,
     attached: Attached,
-    messages: mpsc::Receiver<Arc<str>>,
+    messages: mpsc::Receiver<ByteString>,
     close: oneshot::Receiver<(CloseCode, String)>,
     access: StreamPass,
 }
