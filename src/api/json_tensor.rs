@@ -23,26 +23,47 @@ use crate::with_element_type;
 /// Parses one input's `data` as `datatype`, checking its nesting against `shape` (element
 /// count is checked by validation, against the shape, for flat and nested data alike).
 pub fn parse(raw: &RawValue, datatype: DataType, shape: &[i64]) -> Result<TensorData, String> {
-    // The shape is only declared: reserve no more than the JSON text can hold (every element
-    // takes at least a digit and a separator), or a 73-byte request could reserve 128 MiB.
-    let capacity = element_count(shape)
-        .unwrap_or(0)
-        .min(raw.get().len() / 2 + 1);
-    let mut nesting = Nesting {
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    TypedData {
+        datatype,
         shape,
-        // A shape with a negative dimension is refused by validation, with its own reason.
-        check: shape.iter().all(|&d| d >= 0),
-        nested: None,
-        path: Vec::new(),
-    };
-    with_element_type!(datatype, T, Wrap => {
-        let mut out: Vec<T> = Vec::with_capacity(capacity);
-        let mut de = serde_json::Deserializer::from_str(raw.get());
-        Flatten { out: &mut out, nesting: &mut nesting, depth: 0 }
-            .deserialize(&mut de)
-            .map_err(|e| e.to_string())?;
-        Ok(Wrap(out))
-    })
+        text_len: raw.get().len(),
+    }
+    .deserialize(&mut de)
+    .map_err(|e| e.to_string())
+}
+
+/// `data` read as `datatype` straight from the request's JSON, where its datatype and shape
+/// are already known (what [`parse`] does with data read aside first).
+pub struct TypedData<'s> {
+    pub datatype: DataType,
+    pub shape: &'s [i64],
+    /// Bytes of JSON text that hold the data (at most): bounds what is reserved for it.
+    pub text_len: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for TypedData<'_> {
+    type Value = TensorData;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<TensorData, D::Error> {
+        // The shape is only declared: reserve no more than the JSON text can hold (every
+        // element takes at least a digit and a separator), or a 73-byte request could reserve
+        // 128 MiB.
+        let capacity = element_count(self.shape)
+            .unwrap_or(0)
+            .min(self.text_len / 2 + 1);
+        let mut nesting = Nesting {
+            shape: self.shape,
+            // A shape with a negative dimension is refused by validation, with its own reason.
+            check: self.shape.iter().all(|&d| d >= 0),
+            nested: None,
+            path: Vec::new(),
+        };
+        with_element_type!(self.datatype, T, Wrap => {
+            let mut out: Vec<T> = Vec::with_capacity(capacity);
+            Flatten { out: &mut out, nesting: &mut nesting, depth: 0 }.deserialize(deserializer)?;
+            Ok(Wrap(out))
+        })
+    }
 }
 
 /// A tensor element that can be read from a JSON number or boolean, exactly.
