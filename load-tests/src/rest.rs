@@ -184,11 +184,30 @@ pub fn mlp_request(rows: usize, seed: u64, binary: bool) -> RequestBody {
             json_length: Some(json_length),
         }
     } else {
-        let json = serde_json::json!({
-            "inputs": [{ "name": mlp::INPUT, "shape": shape, "datatype": "FP32", "data": values }],
-        });
+        // Keys in the order Triton's and KServe's clients write them, `data` last (`json!`
+        // would sort them, `data` first): the server reads data that follows its datatype
+        // and shape in one pass.
+        #[derive(serde::Serialize)]
+        struct Input<'a> {
+            name: &'a str,
+            shape: [usize; 2],
+            datatype: &'a str,
+            data: &'a [f32],
+        }
+        #[derive(serde::Serialize)]
+        struct Request<'a> {
+            inputs: [Input<'a>; 1],
+        }
+        let request = Request {
+            inputs: [Input {
+                name: mlp::INPUT,
+                shape,
+                datatype: "FP32",
+                data: &values,
+            }],
+        };
         RequestBody {
-            body: serde_json::to_vec(&json)
+            body: serde_json::to_vec(&request)
                 .expect("request JSON serialises")
                 .into(),
             json_length: None,
