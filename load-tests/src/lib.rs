@@ -21,6 +21,8 @@
 //!   model monitor's cost, two servers with output monitoring off and on, side by side;
 //!   [`jobs_bench`]: online load with and without a batch job running on one server, and the
 //!   job's rows/s against its idle ceiling;
+//! - [`efficiency`]: server CPU per REST request and per stream chunk, the server in its own
+//!   process, beside the model's own cost per row at the batch sizes the run produced;
 //! - [`peer`]: the FastAPI + uvicorn + onnxruntime peer `bench` compares with;
 //! - [`plots`]: SVG plots of every benchmark's results; [`scenario`]: runs described in
 //!   TOML files; [`capacity`]: instances needed for a target from the measured curves;
@@ -31,6 +33,7 @@
 
 pub mod bench;
 pub mod capacity;
+pub mod efficiency;
 pub mod fleet;
 pub mod jobs_bench;
 pub mod keywords_bench;

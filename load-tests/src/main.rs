@@ -10,8 +10,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use streamserve_load::{
-    bench, capacity, fleet, jobs_bench, keywords_bench, monitoring, open_loop, overload, plots,
-    protocols, rest, scenario, streams, streams_bench, streams_fleet, sysinfo, timeline,
+    bench, capacity, efficiency, fleet, jobs_bench, keywords_bench, monitoring, open_loop,
+    overload, plots, protocols, rest, scenario, streams, streams_bench, streams_fleet, sysinfo,
+    timeline,
 };
 
 #[derive(Debug, Parser)]
@@ -62,6 +63,12 @@ enum Command {
     /// CPU per stream-second and the compute limit side by side. Needs the release streamserve
     /// binary. About 4-5 minutes on 2 cores.
     KeywordsBench(keywords_bench::KeywordsBenchOptions),
+    /// Start `streamserve serve` as a child process on mlp and silero_vad; load it with REST
+    /// JSON and binary (1-row requests) at each concurrency, then real-time streams; write
+    /// report.md with server CPU µs per request / per chunk from its pid's CPU time, beside the
+    /// model's own µs per row in-process at the batch size the run produced, and streams per
+    /// server core. One client thread unless told. Needs the release streamserve binary.
+    Efficiency(efficiency::EfficiencyOptions),
     /// Start streamserve on mlp with slo_ms, a fallback and a short queue, once per door
     /// admission mode (static, then adaptive); measure its capacity, offer 1x, 2x, 3x, 5x of it
     /// open loop, write report.md with the modes side by side. In-process, or with --pin the
@@ -84,9 +91,9 @@ enum Command {
     /// at the switch, checkpoint bytes and CPU. Needs haproxy and the release streamserve
     /// binary. About 75 s.
     StreamsFleet(streams_fleet::StreamsFleetOptions),
-    /// The whole suite in one command: the bench, protocols, monitoring, jobs, streams-bench, keywords-bench, overload (unpinned
+    /// The whole suite in one command: the bench, protocols, monitoring, jobs, streams-bench, keywords-bench, efficiency, overload (unpinned
     /// and pinned), timeline, fleet and streams-fleet scenarios (load-tests/scenarios/), one
-    /// after the other, then the capacity plan from their results. About 27 minutes on 2 cores.
+    /// after the other, then the capacity plan from their results. About 29 minutes on 2 cores.
     Suite {
         /// Leave out the FastAPI peer in the bench.
         #[arg(long)]
@@ -234,6 +241,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Streams(args) => run_streams(args),
         Command::StreamsBench(o) => finished("streams-bench", &streams_bench::run(&o)?),
         Command::KeywordsBench(o) => finished("keywords-bench", &keywords_bench::run(&o)?),
+        Command::Efficiency(o) => finished("efficiency", &efficiency::run(&o)?),
         Command::Overload(o) => finished("overload", &overload::run(&o)?),
         Command::Timeline(args) => run_timeline(args),
         Command::Fleet(o) => run_fleet(&o),
@@ -391,8 +399,8 @@ fn run_plot(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
         let out = dir.join(file);
         plots::protocols(&json, &out)?;
         out
-    } else if kind == Some("keywords_bench") {
-        anyhow::bail!("a keywords-bench run has no plot: its report.md holds the tables");
+    } else if let Some(k @ ("keywords_bench" | "efficiency")) = kind {
+        anyhow::bail!("a {k} run has no plot: its report.md holds the tables");
     } else if kind == Some("streams_fleet") {
         let out = dir.join(streams_fleet::PLOT_FILE);
         plots::streams_fleet(&json, &out)?;

@@ -6,7 +6,7 @@
 use anyhow::Context as _;
 use minijinja::{Environment, Value};
 
-const TEMPLATES: [(&str, &str); 13] = [
+const TEMPLATES: [(&str, &str); 14] = [
     ("summary", include_str!("../templates/summary.txt.j2")),
     ("header", include_str!("../templates/header.md.j2")),
     ("bench", include_str!("../templates/bench.md.j2")),
@@ -29,6 +29,7 @@ const TEMPLATES: [(&str, &str); 13] = [
     ("protocols", include_str!("../templates/protocols.md.j2")),
     ("monitoring", include_str!("../templates/monitoring.md.j2")),
     ("jobs", include_str!("../templates/jobs.md.j2")),
+    ("efficiency", include_str!("../templates/efficiency.md.j2")),
 ];
 
 fn number(v: &Value) -> Option<f64> {

@@ -18,8 +18,9 @@
 use anyhow::{bail, Context as _};
 
 /// Subcommands a scenario may name.
-pub const KINDS: [&str; 12] = [
+pub const KINDS: [&str; 13] = [
     "bench",
+    "efficiency",
     "protocols",
     "monitoring",
     "jobs",
@@ -37,13 +38,14 @@ pub const KINDS: [&str; 12] = [
 /// benchmark that starts its own server (in-process, or a child process, possibly pinned to a
 /// CPU of its own), and the
 /// fleet drills (their own instances, haproxy, and for `fleet` an S3 server).
-pub const SUITE: [&str; 11] = [
+pub const SUITE: [&str; 12] = [
     "rest-mlp.toml",
     "protocols-mlp.toml",
     "monitoring-mlp.toml",
     "jobs-mlp.toml",
     "streams-vad.toml",
     "streams-keyword.toml",
+    "efficiency.toml",
     "overload-mlp.toml",
     "overload-mlp-pinned.toml",
     "timeline-mlp.toml",
@@ -166,6 +168,7 @@ mod tests {
                     "jobs",
                     "streams-bench",
                     "keywords-bench",
+                    "efficiency",
                     "overload",
                     "timeline",
                     "fleet",

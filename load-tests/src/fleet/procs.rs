@@ -315,21 +315,19 @@ pub struct InstanceSetup<'a> {
 impl Instance {
     /// The `serve` arguments of instance `id`.
     pub fn args(setup: &InstanceSetup<'_>, id: &str) -> Vec<String> {
-        let mut args: Vec<String> = [
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--grpc-port",
-            "off",
-            "--http-workers",
-            "1",
-            "--log-format",
-            "json",
-            "--log",
-            "info,streamserve::access=warn",
-        ]
-        .map(String::from)
-        .into();
+        let mut args = vec!["serve".to_string()];
+        // The drills' defaults, each left out where `extra` gives the flag itself.
+        for (flag, value) in [
+            ("--host", "127.0.0.1"),
+            ("--grpc-port", "off"),
+            ("--http-workers", "1"),
+            ("--log-format", "json"),
+            ("--log", "info,streamserve::access=warn"),
+        ] {
+            if !setup.extra.iter().any(|e| e == flag) {
+                args.extend([flag.to_string(), value.to_string()]);
+            }
+        }
         args.extend(["--port".into(), setup.port.to_string()]);
         args.extend(["--models".into(), setup.models.display().to_string()]);
         if let Some(follow) = &setup.follow {

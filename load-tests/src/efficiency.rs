@@ -1,0 +1,640 @@
+//! `loadgen efficiency`: what the server spends per unit of work, with the server in a process
+//! of its own so that its CPU is told apart from the load generator's.
+//!
+//! 1. `streamserve serve` as a child process (the bundled `mlp` and `silero_vad` entries,
+//!    batching as bundled, `fallback` and `slo_ms` removed), optionally (`--pin`) on one CPU
+//!    with this process on another;
+//! 2. against it, one case after the other: closed-loop REST load of 1-row `mlp` requests, JSON
+//!    and binary, at each concurrency ([`crate::rest`]), then real-time `silero_vad` streams
+//!    with `results: "all"` at each number of streams ([`crate::streams`]);
+//! 3. at the two ends of each case's measured window (after the warm-up or the ramp): the CPU
+//!    time of the server's pid, of this process and of the machine ([`cpu_mark`]), and the
+//!    server's `/metrics` (requests or stream chunks it counted, rows per model call): **server
+//!    CPU µs per request / per chunk**, streams per server core;
+//! 4. with the server stopped, each model in-process on one thread at the mean batch size its
+//!    server calls had: the model's own µs per row, hence server ÷ model and the plumbing;
+//! 5. `report.md` (`templates/efficiency.md.j2`) and `results.json`.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use serde_json::{json, Value};
+
+use crate::bench::TempModelDir;
+use crate::cli::{command_line, count, secs, BenchCommon};
+use crate::fleet::procs::{Instance, InstanceSetup};
+use crate::fleet::watch::{cpu_mark, cpu_share, CpuMark};
+use crate::manifest::{self, EntryChange};
+use crate::overload::server::{default_server_bin, Pinning, Unpin as Unpinned};
+use crate::prometheus;
+use crate::rest::{self, RestOptions};
+use crate::streams::{self, Audio, ResultsMode, StreamOptions};
+use crate::sysinfo::{raise_nofile_limit, wait_for_quiet};
+
+/// The REST model and the stream model.
+pub const MLP: &str = "mlp";
+pub const VAD: &str = "silero_vad";
+/// Before each measurement, wait until other processes use less than this many cores; a window
+/// in which they used more than `CONTENDED_CORES` is flagged in the report.
+const QUIET_CORES: f64 = 0.15;
+const CONTENDED_CORES: f64 = 0.25;
+
+/// `loadgen efficiency`'s options.
+#[derive(Clone, Debug, clap::Args)]
+#[command(mut_arg("client_threads", |a| a.help("Client runtime worker threads [default: 1, so that the load generator takes one core at most]")))]
+pub struct EfficiencyOptions {
+    /// REST concurrencies (closed loop, 1-row requests), each run as JSON and as binary.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 32], value_parser = count(1, rest::MAX_CONCURRENCY))]
+    pub concurrency: Vec<usize>,
+    /// Numbers of concurrent real-time silero_vad streams.
+    #[arg(long, value_delimiter = ',', default_values_t = [100usize, 200], value_parser = count(1, streams::MAX_STREAMS))]
+    pub streams: Vec<usize>,
+    /// Measured seconds of each case.
+    #[arg(long = "duration-secs", value_name = "DURATION_SECS", default_value = "8", value_parser = secs(1, 300))]
+    pub duration: Duration,
+    /// Unmeasured REST warm-up seconds before each measured window.
+    #[arg(long = "warmup-secs", value_name = "WARMUP_SECS", default_value = "1", value_parser = secs(0, 60))]
+    pub warmup: Duration,
+    /// Seconds over which a streams case opens its streams, before its measured window.
+    #[arg(long = "ramp-secs", value_name = "RAMP_SECS", default_value = "2", value_parser = secs(0, 60))]
+    pub ramp: Duration,
+    /// Measured seconds of each in-process model measurement.
+    #[arg(long = "ceiling-secs", value_name = "CEILING_SECS", default_value = "2", value_parser = secs(1, 60))]
+    pub ceiling_duration: Duration,
+    /// The `streamserve` binary [default: the one beside loadgen, target/release/streamserve].
+    #[arg(long)]
+    pub server_bin: Option<PathBuf>,
+    /// Start the server on the first CPU this process may use and pin this process to the second.
+    #[arg(long)]
+    pub pin: bool,
+    #[command(flatten)]
+    pub common: BenchCommon,
+    #[arg(skip = manifest::bundled())]
+    pub manifest: PathBuf,
+    #[arg(skip = streams::default_wav())]
+    pub wav: PathBuf,
+    /// The command line, as it goes in the report.
+    #[arg(skip = command_line())]
+    pub command: String,
+}
+
+impl EfficiencyOptions {
+    pub fn client_threads(&self) -> usize {
+        self.common.threads.client_threads.map_or(1, |n| n as usize)
+    }
+}
+
+/// One load case: REST (JSON or binary) at a concurrency, or N streams.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Case {
+    pub label: String,
+    pub model: &'static str,
+    pub streams: bool,
+    pub binary: bool,
+    /// Concurrency, or streams.
+    pub n: usize,
+    /// What the server counts: "request" or "chunk".
+    pub unit: &'static str,
+}
+
+impl Case {
+    pub fn new(streams: bool, binary: bool, n: usize) -> Case {
+        let (model, unit, label) = match (streams, binary) {
+            (true, _) => (VAD, "chunk", format!("{n} streams")),
+            (false, false) => (MLP, "request", format!("REST JSON, c={n}")),
+            (false, true) => (MLP, "request", format!("REST binary, c={n}")),
+        };
+        Case {
+            label,
+            model,
+            streams,
+            binary,
+            n,
+            unit,
+        }
+    }
+
+    /// The server's counter of this case's units.
+    fn counter(&self) -> &'static str {
+        match self.streams {
+            true => "streamserve_stream_chunks_total",
+            false => "streamserve_requests_total",
+        }
+    }
+}
+
+/// What the server did over one measured window.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Window {
+    pub seconds: f64,
+    /// CPU cores: the server process, this process (the load generator), every other process.
+    pub server_cores: f64,
+    pub loadgen_cores: f64,
+    pub other_cores: f64,
+    /// Counter deltas from `/metrics`: units (requests or chunks), rows and calls of the model.
+    pub units: f64,
+    pub rows: f64,
+    pub calls: f64,
+}
+
+/// The headline figures of one case.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Figures {
+    pub server_us_per_unit: f64,
+    pub rows_per_call: f64,
+    pub rows_per_unit: f64,
+    pub model_us_per_unit: Option<f64>,
+    pub server_over_model: Option<f64>,
+    pub plumbing_us: Option<f64>,
+    pub streams_per_core: Option<f64>,
+}
+
+impl Window {
+    /// From `cpu_share`'s cores (this process first, others last) over `seconds`, and the
+    /// `/metrics` texts at the window's two ends.
+    pub fn new(case: &Case, seconds: f64, cores: &[(String, f64)], texts: [&str; 2]) -> Window {
+        let delta = |name: &str| {
+            let label = format!("model=\"{}\"", case.model);
+            let [before, after] = texts.map(|t| prometheus::sum(t, name, &label, None));
+            (after - before).max(0.0)
+        };
+        let of = |i: Option<&(String, f64)>| i.map_or(0.0, |c| c.1);
+        Window {
+            seconds,
+            server_cores: of(cores.iter().find(|c| c.0 == "server")),
+            loadgen_cores: of(cores.first()),
+            other_cores: of(cores.last()),
+            units: delta(case.counter()),
+            rows: delta("streamserve_batch_size_sum"),
+            calls: delta("streamserve_batch_size_count"),
+        }
+    }
+
+    pub fn rows_per_call(&self) -> f64 {
+        ratio(self.rows, self.calls).unwrap_or(0.0)
+    }
+
+    /// The batch size the model is measured at in-process: the mean rows per call, rounded.
+    pub fn batch(&self) -> Option<usize> {
+        (self.calls > 0.0).then(|| self.rows_per_call().round().max(1.0) as usize)
+    }
+
+    /// Per-unit figures, given the model's own µs per row at [`Window::batch`].
+    pub fn figures(&self, case: &Case, model_us_per_row: Option<f64>) -> Figures {
+        let server_us = ratio(self.server_cores * self.seconds * 1e6, self.units).unwrap_or(0.0);
+        let rows_per_unit = ratio(self.rows, self.units).unwrap_or(0.0);
+        let model_us = model_us_per_row.map(|m| m * rows_per_unit);
+        let per_core = ratio(case.n as f64, self.server_cores);
+        Figures {
+            server_us_per_unit: server_us,
+            rows_per_call: self.rows_per_call(),
+            rows_per_unit,
+            model_us_per_unit: model_us,
+            server_over_model: model_us.and_then(|m| ratio(server_us, m)),
+            plumbing_us: model_us.map(|m| server_us - m),
+            streams_per_core: per_core.filter(|_| case.streams),
+        }
+    }
+}
+
+fn ratio(a: f64, b: f64) -> Option<f64> {
+    (b > 0.0).then(|| a / b)
+}
+
+/// The model's own cost in-process, one thread, at one batch size.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ModelCost {
+    pub model: &'static str,
+    pub batch: usize,
+    pub calls: u64,
+    pub us_per_call: f64,
+    pub us_per_row: f64,
+}
+
+/// `model`'s cost at `batch` from `costs`, measured (and added) when not there yet.
+fn model_cost(
+    costs: &mut Vec<ModelCost>,
+    (model, file, batch): (&'static str, &Path, usize),
+    options: &EfficiencyOptions,
+) -> anyhow::Result<ModelCost> {
+    if let Some(c) = costs.iter().find(|c| (c.model, c.batch) == (model, batch)) {
+        return Ok(c.clone());
+    }
+    wait_for_quiet(QUIET_CORES, options.common.quiet_wait);
+    let (warm, d) = (Duration::from_millis(500), options.ceiling_duration);
+    let (calls, ms) = match model {
+        MLP => crate::bench::measure_in_process(file, 1, batch, warm, d)
+            .map(|c| (c.calls, c.mean_call_ms)),
+        _ => crate::streams_bench::measure_vad(file, 1, batch, warm, d)
+            .map(|c| (c.calls, c.mean_call_ms)),
+    }?;
+    let (us_per_call, us_per_row) = (ms * 1000.0, ms * 1000.0 / batch as f64);
+    eprintln!("[efficiency] in-process {model} batch {batch}: {us_per_row:.1} µs per row");
+    costs.push(ModelCost {
+        model,
+        batch,
+        calls,
+        us_per_call,
+        us_per_row,
+    });
+    Ok(costs[costs.len() - 1].clone())
+}
+
+/// A mark of the server: CPU counters and its `/metrics`.
+type Mark = (CpuMark, Option<String>);
+
+async fn mark(pid: u32, base: &str, client: &reqwest::Client) -> Mark {
+    let pids = [("server".to_string(), pid)];
+    (cpu_mark(&pids), prometheus::fetch(client, base).await)
+}
+
+/// Runs `load` while marking the server `skip` after its start and `skip + length` after.
+async fn measured<T>(
+    load: impl Future<Output = anyhow::Result<T>>,
+    (skip, length): (Duration, Duration),
+    (pid, base): (u32, &str),
+    client: &reqwest::Client,
+) -> anyhow::Result<(T, Mark, Mark)> {
+    let t0 = tokio::time::Instant::now();
+    let marks = async {
+        tokio::time::sleep_until(t0 + skip).await;
+        let first = mark(pid, base, client).await;
+        tokio::time::sleep_until(t0 + skip + length).await;
+        (first, mark(pid, base, client).await)
+    };
+    let (report, (first, last)) = tokio::join!(load, marks);
+    Ok((report?, first, last))
+}
+
+/// What the load generator saw over a measured window: units per second (requests or chunks
+/// answered), latency, errors, units it counted, and its whole report.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Seen {
+    pub per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub errors: u64,
+    pub client_units: u64,
+    pub load: Value,
+}
+
+/// One case's outcome: what the load generator saw, the server's window, the model's cost.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CaseResult {
+    pub case: Case,
+    #[serde(flatten)]
+    pub seen: Seen,
+    pub window: Option<Window>,
+    pub model_cost: Option<ModelCost>,
+    pub figures: Option<Figures>,
+}
+
+fn run_case(
+    case: &Case,
+    options: &EfficiencyOptions,
+    (server, runtime): (&Instance, &tokio::runtime::Runtime),
+    audio: &Arc<Audio>,
+) -> anyhow::Result<CaseResult> {
+    let client = crate::sysinfo::metrics_client()?;
+    let base = format!("http://{}", server.addr);
+    let at = (server.pid(), base.as_str());
+    let seen = |per_s, p50_ms, p99_ms, errors, client_units, load| Seen {
+        per_s,
+        p50_ms,
+        p99_ms,
+        errors,
+        client_units,
+        load,
+    };
+    wait_for_quiet(QUIET_CORES, options.common.quiet_wait);
+    let (seen, first, last) = if case.streams {
+        let mut load = StreamOptions::new(base.clone(), audio.clone());
+        (load.model, load.streams, load.results) = (VAD.into(), case.n, ResultsMode::All);
+        (load.ramp, load.duration) = (options.ramp, options.duration);
+        let times = (options.ramp, options.duration);
+        let (r, first, last) =
+            runtime.block_on(measured(streams::run(&load), times, at, &client))?;
+        let (per_s, p50_ms, p99_ms) = (r.chunks_per_sec(), r.latency_ms(0.5), r.latency_ms(0.99));
+        let (errors, client_units, load) = (r.error_count(), r.chunks_measured, r.to_json());
+        (
+            seen(per_s, p50_ms, p99_ms, errors, client_units, load),
+            first,
+            last,
+        )
+    } else {
+        let (url, model, concurrency, binary) = (base.clone(), MLP.into(), case.n, case.binary);
+        let (duration, warmup) = (options.duration, options.warmup);
+        let load = RestOptions {
+            url,
+            model,
+            concurrency,
+            binary,
+            duration,
+            warmup,
+            ..Default::default()
+        };
+        let (r, first, last) =
+            runtime.block_on(measured(rest::run(&load), (warmup, duration), at, &client))?;
+        let (per_s, p50_ms, p99_ms) = (r.requests_per_sec(), r.latency_ms(0.5), r.latency_ms(0.99));
+        let (errors, client_units) = (r.error_count() + r.warmup_errors, r.ok + r.error_count());
+        (
+            seen(per_s, p50_ms, p99_ms, errors, client_units, r.to_json()),
+            first,
+            last,
+        )
+    };
+    let seconds = last.0 .0.duration_since(first.0 .0).as_secs_f64();
+    let cores = cpu_share(first.0, last.0);
+    let window = match (&first.1, &last.1, cores.is_empty()) {
+        (Some(before), Some(after), false) => {
+            Some(Window::new(case, seconds, &cores, [before, after]))
+        }
+        _ => None,
+    };
+    let w = window.clone().unwrap_or_default();
+    eprintln!(
+        "[efficiency]   {}: {:.0} {}s/s, p99 {:.2} ms, {} errors; server {:.2} cores, {:.0} µs per {}, {:.1} rows per call; loadgen {:.2}, others {:.2} cores",
+        case.label, seen.per_s, case.unit, seen.p99_ms, seen.errors, w.server_cores,
+        w.figures(case, None).server_us_per_unit, case.unit, w.rows_per_call(), w.loadgen_cores, w.other_cores
+    );
+    let (model_cost, figures) = (None, None);
+    Ok(CaseResult {
+        case: case.clone(),
+        seen,
+        window,
+        model_cost,
+        figures,
+    })
+}
+
+/// `streamserve serve` on `models`, both models ready, and its command line. With `pinning`,
+/// the server inherits the server CPU (this process sits on it while it starts the server),
+/// then this process moves to the load generator's CPU until the returned guard drops.
+fn start_server(
+    bin: &Path,
+    models: &TempModelDir,
+    pinning: Option<Pinning>,
+    runtime: &tokio::runtime::Runtime,
+) -> anyhow::Result<(Instance, String, Option<Unpinned>)> {
+    // As a user runs it: the access log on, an HTTP worker per CPU it may use.
+    let cpus = match pinning {
+        Some(_) => 1,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    let extra = ["--log", "info", "--http-workers", &cpus.to_string()].map(String::from);
+    let setup = InstanceSetup {
+        bin,
+        models: &models.path,
+        follow: None,
+        port: 0,
+        extra: &extra,
+    };
+    let server_cpu_only = pinning.map(|p| Pinning {
+        loadgen_cpu: p.server_cpu,
+        ..p
+    });
+    let on_server_cpu = server_cpu_only
+        .as_ref()
+        .map(Pinning::pin_this_process)
+        .transpose()?;
+    let started = Instance::start(&setup, "efficiency", models.path.join("server.log"));
+    drop(on_server_cpu);
+    let server = started?;
+    let unpin = pinning
+        .as_ref()
+        .map(Pinning::pin_this_process)
+        .transpose()?;
+    let taskset = pinning.map(|p| format!("taskset -c {} ", p.server_cpu));
+    let args = Instance::args(&setup, "efficiency").join(" ");
+    let command = format!("{}{} {args}", taskset.unwrap_or_default(), bin.display());
+    let client = crate::sysinfo::metrics_client()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for model in [MLP, VAD] {
+        let url = format!("http://{}/v2/models/{model}/ready", server.addr);
+        let ready = || {
+            runtime
+                .block_on(async { client.get(&url).send().await })
+                .is_ok_and(|r| r.status().is_success())
+        };
+        while !ready() {
+            if Instant::now() >= deadline {
+                bail!(
+                    "{model} is not ready 30 s after the server started:\n{}",
+                    server.log_tail(20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok((server, command, unpin))
+}
+
+/// Runs the whole benchmark and writes its report.
+pub fn run(options: &EfficiencyOptions) -> anyhow::Result<crate::report::Outcome> {
+    let n_cases = options.concurrency.len() + options.streams.len();
+    if !(1..=16).contains(&n_cases) {
+        bail!("give 1 to 16 concurrencies and numbers of streams in all");
+    }
+    let bin = match &options.server_bin {
+        Some(bin) => bin.clone(),
+        None => default_server_bin()?,
+    };
+    if !bin.is_file() {
+        bail!("{} does not exist: build it (`cargo build --release --bin streamserve`) or name it with --server-bin", bin.display());
+    }
+    let pinning = options.pin.then(Pinning::choose).transpose()?;
+    let start = crate::report::Start::now(options.common.out.as_deref(), "efficiency");
+    let most_streams = options.streams.iter().max().copied().unwrap_or(0) as u64;
+    let nofile = raise_nofile_limit(most_streams + 1024);
+    let audio = Arc::new(Audio::load(&options.wav)?);
+    let change = || EntryChange {
+        remove: vec!["fallback", "slo_ms"],
+        ..Default::default()
+    };
+    let note = "mlp and silero_vad as bundled, without fallback and slo_ms";
+    let entries = [(MLP, change()), (VAD, change())];
+    let (text, files) = manifest::from_bundled(&options.manifest, note, &entries)?;
+    let models = TempModelDir::create("efficiency", &text)?;
+    let runtime = crate::sysinfo::client_runtime(options.client_threads())?;
+    let (server, command, unpin) = start_server(&bin, &models, pinning, &runtime)?;
+    eprintln!(
+        "[efficiency] {command}: on {}, pid {}",
+        server.addr,
+        server.pid()
+    );
+
+    let rest = [false, true].map(|binary| {
+        options
+            .concurrency
+            .iter()
+            .map(move |&n| Case::new(false, binary, n))
+    });
+    let streams = options.streams.iter().map(|&n| Case::new(true, false, n));
+    let mut results = Vec::new();
+    for case in rest.into_iter().flatten().chain(streams) {
+        results.push(run_case(&case, options, (&server, &runtime), &audio)?);
+    }
+    drop(server);
+
+    let mut costs = Vec::new();
+    for r in &mut results {
+        let Some((w, batch)) = r.window.as_ref().and_then(|w| Some((w, w.batch()?))) else {
+            continue;
+        };
+        let file = &files[usize::from(r.case.streams)];
+        let cost = model_cost(&mut costs, (r.case.model, file, batch), options)?;
+        r.figures = Some(w.figures(&r.case, Some(cost.us_per_row)));
+        r.model_cost = Some(cost);
+    }
+    drop(unpin);
+
+    let contended = results
+        .iter()
+        .filter_map(|r| r.window.as_ref())
+        .any(|w| w.other_cores > CONTENDED_CORES);
+    let json = json!({
+        "kind": "efficiency", "started_at": start.started_at, "command": options.command, "machine": start.machine,
+        "server_bin": bin.display().to_string(), "server_command": command, "pinned": pinning,
+        "client_threads": options.client_threads(), "open_files_limit": nofile,
+        "duration_s": options.duration.as_secs_f64(), "warmup_s": options.warmup.as_secs_f64(), "ramp_s": options.ramp.as_secs_f64(),
+        "ceiling_s": options.ceiling_duration.as_secs_f64(), "quiet_wait_s": options.common.quiet_wait.as_secs_f64(),
+        "manifest": options.manifest.display().to_string(), "wav": options.wav.display().to_string(), "audio_s": audio.seconds(),
+        "cases": results, "model_costs": costs, "contended": contended,
+    });
+    let header = crate::report::header("", start.at.elapsed(), &[], true);
+    let extra = json!({ "quiet_cores": QUIET_CORES, "contended_cores": CONTENDED_CORES });
+    let report = crate::report::render(
+        "efficiency",
+        &crate::report::context(&json, &[header, extra]),
+    )?;
+    crate::report::save_run(start.dir, "efficiency", report, &json, ("", |_, _| Ok(())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `/metrics` of both models at a window's two ends.
+    fn texts(requests: u64, rest_calls: u64, chunks: u64, vad_calls: u64) -> String {
+        let (mlp, vad) = (
+            "{model=\"mlp\",version=\"1\"",
+            "{model=\"silero_vad\",version=\"1\"",
+        );
+        format!(
+            "streamserve_requests_total{mlp},status=\"200\"}} {requests}\n\
+             streamserve_requests_total{mlp},status=\"503\"}} 0\n\
+             streamserve_batch_size_sum{mlp}}} {requests}\nstreamserve_batch_size_count{mlp}}} {rest_calls}\n\
+             streamserve_stream_chunks_total{{model=\"silero_vad\"}} {chunks}\n\
+             streamserve_batch_size_sum{vad}}} {chunks}\nstreamserve_batch_size_count{vad}}} {vad_calls}\n"
+        )
+    }
+
+    fn window(case: &Case, seconds: f64, server_cores: f64) -> Window {
+        let cores = [
+            ("loadgen (client)", 0.4),
+            ("server", server_cores),
+            ("others", 0.02),
+        ];
+        let cores: Vec<(String, f64)> = cores.iter().map(|(l, c)| (l.to_string(), *c)).collect();
+        let (before, after) = (texts(100, 100, 50, 10), texts(8100, 2100, 25050, 5010));
+        Window::new(case, seconds, &cores, [&before, &after])
+    }
+
+    #[test]
+    fn rest_figures_per_request() {
+        let case = Case::new(false, false, 32);
+        // 1.0 core over 8 s = 8 CPU-s for 8000 requests: 1000 µs each; 8000 rows in 2000 calls.
+        let w = window(&case, 8.0, 1.0);
+        assert_eq!(
+            (w.units, w.rows, w.calls, w.batch()),
+            (8000.0, 8000.0, 2000.0, Some(4))
+        );
+        assert_eq!((w.loadgen_cores, w.other_cores), (0.4, 0.02));
+        let f = w.figures(&case, Some(250.0));
+        assert_eq!(
+            (f.server_us_per_unit, f.rows_per_call, f.rows_per_unit),
+            (1000.0, 4.0, 1.0)
+        );
+        assert_eq!(
+            (f.server_over_model, f.plumbing_us),
+            (Some(4.0), Some(750.0))
+        );
+        assert_eq!(f.streams_per_core, None);
+        assert_eq!(w.figures(&case, None).server_over_model, None);
+    }
+
+    #[test]
+    fn stream_figures_per_chunk_and_per_core() {
+        let case = Case::new(true, false, 200);
+        // 0.5 core over 4 s = 2 CPU-s for 25000 chunks: 80 µs each; 200 streams on 0.5 core.
+        let f = window(&case, 4.0, 0.5).figures(&case, Some(40.0));
+        assert_eq!((f.server_us_per_unit, f.rows_per_call), (80.0, 5.0));
+        assert_eq!(
+            (f.server_over_model, f.plumbing_us),
+            (Some(2.0), Some(40.0))
+        );
+        assert_eq!(f.streams_per_core, Some(400.0));
+        // No counters moved: no batch to measure, nothing divided by zero.
+        let still = texts(1, 1, 1, 1);
+        let empty = Window::new(&case, 4.0, &[], [&still, &still]);
+        assert_eq!(
+            (empty.batch(), empty.figures(&case, None)),
+            (None, Figures::default())
+        );
+    }
+
+    #[test]
+    fn the_defaults_and_the_report() {
+        let options = crate::cli::defaults::<EfficiencyOptions>();
+        assert_eq!(
+            (&options.concurrency[..], &options.streams[..]),
+            (&[1, 32][..], &[100, 200][..])
+        );
+        assert_eq!(options.client_threads(), 1);
+        let case = Case::new(true, false, 200);
+        let w = window(&case, 4.0, 0.5);
+        let cost = ModelCost {
+            model: VAD,
+            batch: 5,
+            calls: 9,
+            us_per_call: 200.0,
+            us_per_row: 40.0,
+        };
+        let load = json!({});
+        let seen = Seen {
+            per_s: 6250.0,
+            p50_ms: 3.0,
+            p99_ms: 9.0,
+            errors: 2,
+            client_units: 25000,
+            load,
+        };
+        let (figures, model_cost) = (Some(w.figures(&case, Some(40.0))), Some(cost.clone()));
+        let result = CaseResult {
+            case,
+            seen,
+            window: Some(w),
+            model_cost,
+            figures,
+        };
+        let start = crate::report::Start::now(Some(Path::new("/nonexistent")), "test");
+        let json = json!({ "started_at": "t", "command": "c", "machine": start.machine, "server_bin": "s",
+            "server_command": "x", "pinned": { "server_cpu": 0, "loadgen_cpu": 1 }, "client_threads": 1, "duration_s": 4.0, "warmup_s": 1.0,
+            "ramp_s": 2.0, "ceiling_s": 2.0, "quiet_wait_s": 0.0, "manifest": "m", "wav": "w", "audio_s": 16.0,
+            "cases": [result], "model_costs": [cost], "contended": false, "quiet_cores": 0.15, "contended_cores": 0.25 });
+        let header = crate::report::header("", Duration::from_secs(1), &[], false);
+        let md =
+            crate::report::render("efficiency", &crate::report::context(&json, &[header])).unwrap();
+        let row = "| 200 streams | 6250 chunks/s | 3.00 / 9.00 ms | 0.50 | **80 µs** per chunk | 5.0 | **40.0 µs** (5) | 2.00× | 40 µs | **400** |";
+        for want in [
+            row,
+            "**Errors** in 200 streams",
+            "server pinned to CPU 0, load generator to CPU 1",
+        ] {
+            assert!(md.contains(want), "{want:?} is not in:\n{md}");
+        }
+    }
+}
