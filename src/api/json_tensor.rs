@@ -24,10 +24,11 @@ use crate::with_element_type;
 /// count is checked by validation, against the shape, for flat and nested data alike).
 pub fn parse(raw: &RawValue, datatype: DataType, shape: &[i64]) -> Result<TensorData, String> {
     let mut de = serde_json::Deserializer::from_str(raw.get());
+    let budget = std::cell::Cell::new(raw.get().len());
     TypedData {
         datatype,
         shape,
-        text_len: raw.get().len(),
+        text_budget: &budget,
     }
     .deserialize(&mut de)
     .map_err(|e| e.to_string())
@@ -38,8 +39,10 @@ pub fn parse(raw: &RawValue, datatype: DataType, shape: &[i64]) -> Result<Tensor
 pub struct TypedData<'s> {
     pub datatype: DataType,
     pub shape: &'s [i64],
-    /// Bytes of JSON text that hold the data (at most): bounds what is reserved for it.
-    pub text_len: usize,
+    /// Bytes of JSON text not yet spoken for: bounds what is reserved for the data, and is
+    /// lowered by what this reserves, so that the inputs of one request together reserve no
+    /// more than its text can hold.
+    pub text_budget: &'s std::cell::Cell<usize>,
 }
 
 impl<'de> DeserializeSeed<'de> for TypedData<'_> {
@@ -48,9 +51,9 @@ impl<'de> DeserializeSeed<'de> for TypedData<'_> {
         // The shape is only declared: reserve no more than the JSON text can hold (every
         // element takes at least a digit and a separator), or a 73-byte request could reserve
         // 128 MiB.
-        let capacity = element_count(self.shape)
-            .unwrap_or(0)
-            .min(self.text_len / 2 + 1);
+        let budget = self.text_budget.get();
+        let capacity = element_count(self.shape).unwrap_or(0).min(budget / 2 + 1);
+        self.text_budget.set(budget.saturating_sub(capacity * 2));
         let mut nesting = Nesting {
             shape: self.shape,
             // A shape with a negative dimension is refused by validation, with its own reason.

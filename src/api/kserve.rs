@@ -165,13 +165,15 @@ impl<'de: 'a, 'a> Deserialize<'de> for EagerInput<'a> {
                         "data" => {
                             let known = datatype.as_deref().and_then(DataType::parse);
                             data = match (known, shape.as_deref()) {
-                                (Some(datatype), Some(shape)) => Some(InputData::Parsed(
-                                    map.next_value_seed(json_tensor::TypedData {
-                                        datatype,
-                                        shape,
-                                        text_len: JSON_TEXT_LEN.with(std::cell::Cell::get),
-                                    })?,
-                                )),
+                                (Some(datatype), Some(shape)) => {
+                                    Some(InputData::Parsed(JSON_TEXT_LEN.with(|text_budget| {
+                                        map.next_value_seed(json_tensor::TypedData {
+                                            datatype,
+                                            shape,
+                                            text_budget,
+                                        })
+                                    })?))
+                                }
                                 // `null` is no data, as `InputJson` reads it.
                                 _ => map.next_value::<Option<&RawValue>>()?.map(InputData::Raw),
                             };
@@ -198,9 +200,11 @@ impl<'de: 'a, 'a> Deserialize<'de> for EagerInput<'a> {
 }
 
 thread_local! {
-    /// The length of the JSON text [`decode`] is reading: the most an input's data can hold,
-    /// which bounds what is reserved for it (as [`json_tensor::parse`] bounds it by the text
-    /// it is given). A `Deserialize` impl has no other way to learn it.
+    /// What is left of the JSON text [`decode`] is reading, after what earlier inputs reserved:
+    /// the most the next input's data can hold, which bounds what is reserved for it (as
+    /// [`json_tensor::parse`] bounds each input by its own text), so that a request of many
+    /// inputs cannot reserve many times its size. A `Deserialize` impl has no other way to
+    /// learn it.
     static JSON_TEXT_LEN: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
@@ -590,6 +594,19 @@ mod tests {
             panic!("FP32")
         };
         assert!(data.capacity() <= huge.len(), "{}", data.capacity());
+        // Many such inputs share the one bound: together they reserve no more than the text.
+        let one = r#"{"name":"x","shape":[33554432],"datatype":"FP32","data":[1]}"#;
+        let many = format!(r#"{{"inputs":[{}]}}"#, vec![one; 200].join(","));
+        let reserved: usize = decode(many.as_bytes(), None)
+            .unwrap()
+            .inputs
+            .iter()
+            .map(|t| match &t.data {
+                TensorData::Fp32(v) => v.capacity(),
+                other => panic!("{other:?}"),
+            })
+            .sum();
+        assert!(reserved <= many.len() / 2 + 200, "{reserved}");
     }
 
     fn decode_err(body: &str) -> String {
