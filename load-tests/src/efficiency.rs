@@ -15,7 +15,6 @@
 //!    server calls had: the model's own µs per row, hence server ÷ model and the plumbing;
 //! 5. `report.md` (`templates/efficiency.md.j2`) and `results.json`.
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,7 +25,7 @@ use serde_json::{json, Value};
 use crate::bench::TempModelDir;
 use crate::cli::{command_line, count, secs, BenchCommon};
 use crate::fleet::procs::{Instance, InstanceSetup};
-use crate::fleet::watch::{cpu_mark, cpu_share, CpuMark};
+use crate::fleet::watch::{cpu_share, measured};
 use crate::manifest::{self, EntryChange};
 use crate::overload::server::{default_server_bin, Pinning, Unpin as Unpinned};
 use crate::prometheus;
@@ -241,32 +240,6 @@ fn model_cost(
         us_per_row,
     });
     Ok(costs[costs.len() - 1].clone())
-}
-
-/// A mark of the server: CPU counters and its `/metrics`.
-type Mark = (CpuMark, Option<String>);
-
-async fn mark(pid: u32, base: &str, client: &reqwest::Client) -> Mark {
-    let pids = [("server".to_string(), pid)];
-    (cpu_mark(&pids), prometheus::fetch(client, base).await)
-}
-
-/// Runs `load` while marking the server `skip` after its start and `skip + length` after.
-async fn measured<T>(
-    load: impl Future<Output = anyhow::Result<T>>,
-    (skip, length): (Duration, Duration),
-    (pid, base): (u32, &str),
-    client: &reqwest::Client,
-) -> anyhow::Result<(T, Mark, Mark)> {
-    let t0 = tokio::time::Instant::now();
-    let marks = async {
-        tokio::time::sleep_until(t0 + skip).await;
-        let first = mark(pid, base, client).await;
-        tokio::time::sleep_until(t0 + skip + length).await;
-        (first, mark(pid, base, client).await)
-    };
-    let (report, (first, last)) = tokio::join!(load, marks);
-    Ok((report?, first, last))
 }
 
 /// What the load generator saw over a measured window: units per second (requests or chunks

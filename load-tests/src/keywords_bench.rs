@@ -26,7 +26,7 @@ use clap::builder::TypedValueParser as _;
 use crate::bench::TempModelDir;
 use crate::cli::{command_line, count, secs, BenchCommon};
 use crate::fleet::procs::{Instance, InstanceSetup};
-use crate::fleet::watch::{cpu_mark, cpu_share};
+use crate::fleet::watch::{self, cpu_share};
 use crate::manifest::{self, EntryChange};
 use crate::prometheus;
 use crate::streams::{self, Audio, ResultsMode, StreamOptions, StreamReport};
@@ -177,19 +177,9 @@ async fn measured(
     client: &reqwest::Client,
 ) -> anyhow::Result<(StreamReport, Option<Window>)> {
     let base = format!("http://{}", server.addr);
-    let pids = [("server".to_string(), server.pid())];
-    let t0 = Instant::now();
-    let watch = async {
-        tokio::time::sleep_until((t0 + load.ramp).into()).await;
-        let (mark, text) = (cpu_mark(&pids), prometheus::fetch(client, &base).await);
-        tokio::time::sleep_until((t0 + load.ramp + load.duration).into()).await;
-        (
-            (mark, text),
-            (cpu_mark(&pids), prometheus::fetch(client, &base).await),
-        )
-    };
-    let (report, ((m0, before), (m1, after))) = tokio::join!(streams::run(load), watch);
-    let report = report?;
+    let window = (load.ramp, load.duration);
+    let (report, (m0, before), (m1, after)) =
+        watch::measured(streams::run(load), window, (server.pid(), &base), client).await?;
     let seconds = m1.0.duration_since(m0.0).as_secs_f64();
     let cores = cpu_share(m0, m1);
     let Some(((_, loadgen), (_, other))) = cores.first().zip(cores.last()) else {

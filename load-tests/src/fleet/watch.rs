@@ -2,11 +2,13 @@
 //! --json` prints it (the model's history, the event that ended a rollout, whether every
 //! instance settled on a version), and the CPU time of each process of the fleet.
 
-use std::time::Instant;
+use std::future::Future;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use super::MODEL;
+use crate::prometheus;
 use crate::sysinfo::CpuSnapshot;
 
 /// The model's history from `registry status --json`.
@@ -71,6 +73,32 @@ pub type CpuMark = (Instant, Option<CpuSnapshot>, Vec<(String, u64)>);
 
 pub fn cpu_mark(pids: &[(String, u32)]) -> CpuMark {
     (Instant::now(), CpuSnapshot::take(), process_ticks(pids))
+}
+
+/// A mark of the server: CPU counters and its `/metrics`.
+pub type Mark = (CpuMark, Option<String>);
+
+async fn mark(pid: u32, base: &str, client: &reqwest::Client) -> Mark {
+    let pids = [("server".to_string(), pid)];
+    (cpu_mark(&pids), prometheus::fetch(client, base).await)
+}
+
+/// Runs `load` while marking the server `skip` after its start and `skip + length` after.
+pub async fn measured<T>(
+    load: impl Future<Output = anyhow::Result<T>>,
+    (skip, length): (Duration, Duration),
+    (pid, base): (u32, &str),
+    client: &reqwest::Client,
+) -> anyhow::Result<(T, Mark, Mark)> {
+    let t0 = tokio::time::Instant::now();
+    let marks = async {
+        tokio::time::sleep_until(t0 + skip).await;
+        let first = mark(pid, base, client).await;
+        tokio::time::sleep_until(t0 + skip + length).await;
+        (first, mark(pid, base, client).await)
+    };
+    let (report, (first, last)) = tokio::join!(load, marks);
+    Ok((report?, first, last))
 }
 
 /// CPU cores used between two marks: loadgen, each labelled group of processes, and others.
