@@ -5,7 +5,8 @@
 //!
 //! The body must be a JSON object. JSON tensor data is parsed straight into typed vectors,
 //! its nesting checked against the shape, and written back with non-finite floats spelt out
-//! (`json_tensor.rs`); binary outputs carry NaN and infinities as they are.
+//! (`json_tensor.rs`, which also holds the one-pass input reader); binary outputs carry NaN
+//! and infinities as they are.
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -15,7 +16,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use super::json_tensor::{self, JsonData};
+use super::json_tensor::{self, EagerInput, InputData, JsonData, JSON_TEXT_LEN};
 use crate::error::ServeError;
 use crate::manifest::BatchAxis;
 use crate::model::{InferResponse, ModelInfo};
@@ -122,90 +123,6 @@ struct InputJson<'a> {
     parameters: Option<Map<String, Value>>,
     #[serde(borrow, default)]
     data: Option<&'a RawValue>,
-}
-
-/// An input's `data`: set aside as text, or parsed already.
-enum InputData<'a> {
-    Raw(&'a RawValue),
-    Parsed(TensorData),
-}
-
-/// An input as [`InputJson`] reads it, except that `data` that comes after a known
-/// `datatype` and a `shape` (the order Triton's clients write) is parsed as it is read: one
-/// pass over the numbers instead of two, which was a third of the JSON decoding of a 1-row
-/// request (perf, docs/efficiency.md). It fails on anything unusual (a repeated key, `null`
-/// data, data that does not parse); the request is then read again as before, so that every
-/// refusal keeps its exact message and order.
-struct EagerInput<'a> {
-    name: String,
-    shape: Vec<i64>,
-    datatype: String,
-    parameters: Option<Map<String, Value>>,
-    data: Option<InputData<'a>>,
-}
-
-impl<'de: 'a, 'a> Deserialize<'de> for EagerInput<'a> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct EagerVisitor<'a>(PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for EagerVisitor<'a> {
-            type Value = EagerInput<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an input object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<EagerInput<'a>, A::Error> {
-                use serde::de::Error;
-                let (mut name, mut shape, mut datatype) = (None, None::<Vec<i64>>, None::<String>);
-                let (mut parameters, mut data, mut data_seen) = (None, None, false);
-                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                    let repeated = match &*key {
-                        "name" => name.replace(map.next_value()?).is_some(),
-                        "shape" => shape.replace(map.next_value()?).is_some(),
-                        "datatype" => datatype.replace(map.next_value()?).is_some(),
-                        "parameters" => parameters.replace(map.next_value()?).is_some(),
-                        "data" => {
-                            let known = datatype.as_deref().and_then(DataType::parse);
-                            data = match (known, shape.as_deref()) {
-                                (Some(datatype), Some(shape)) => {
-                                    Some(InputData::Parsed(JSON_TEXT_LEN.with(|text_budget| {
-                                        map.next_value_seed(json_tensor::TypedData {
-                                            datatype,
-                                            shape,
-                                            text_budget,
-                                        })
-                                    })?))
-                                }
-                                // `null` is no data, as `InputJson` reads it.
-                                _ => map.next_value::<Option<&RawValue>>()?.map(InputData::Raw),
-                            };
-                            std::mem::replace(&mut data_seen, true)
-                        }
-                        _ => map.next_value::<serde::de::IgnoredAny>().map(|_| false)?,
-                    };
-                    if repeated {
-                        return Err(A::Error::custom("repeated key"));
-                    }
-                }
-                let missing = || A::Error::custom("missing key");
-                Ok(EagerInput {
-                    name: name.ok_or_else(missing)?,
-                    shape: shape.ok_or_else(missing)?,
-                    datatype: datatype.ok_or_else(missing)?,
-                    parameters: parameters.flatten(),
-                    data,
-                })
-            }
-        }
-        deserializer.deserialize_map(EagerVisitor(PhantomData))
-    }
-}
-
-thread_local! {
-    /// What is left of the JSON text [`decode`] is reading, after what earlier inputs reserved:
-    /// the most the next input's data can hold, which bounds what is reserved for it (as
-    /// [`json_tensor::parse`] bounds each input by its own text), so that a request of many
-    /// inputs cannot reserve many times its size. A `Deserialize` impl has no other way to
-    /// learn it.
-    static JSON_TEXT_LEN: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 impl<'a> From<InputJson<'a>> for EagerInput<'a> {
