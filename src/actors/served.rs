@@ -9,14 +9,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::Addr;
 use tokio::sync::oneshot;
 
 use super::faults::Fault;
 use super::health::ModelHealth;
 use super::pending::Reply;
 pub use super::router::Priority;
-use super::router::{Drain, Infer, InjectFault, Router, RouterStatus, Status};
+use super::router::{Drain, Infer, InjectFault, RouterHandle, RouterStatus, Status};
 use crate::error::ServeError;
 use crate::model::{InferRequest, InferResponse, ModelInfo};
 use crate::monitor::ModelWatch;
@@ -25,7 +24,7 @@ use crate::monitor::ModelWatch;
 #[derive(Clone)]
 pub struct ServedModel {
     pub info: Arc<ModelInfo>,
-    pub router: Addr<Router>,
+    pub router: RouterHandle,
     pub health: Arc<ModelHealth>,
     /// What its inputs and outputs look like, drift and probe ([`crate::monitor`]).
     pub watch: Arc<ModelWatch>,
@@ -77,7 +76,7 @@ impl ServedModel {
         options: InferOptions,
     ) -> impl Future<Output = Result<InferResponse, ServeError>> + 'static {
         let (tx, answer) = oneshot::channel();
-        self.router.do_send(Infer {
+        self.router.infer(Infer {
             request,
             reply: Reply::new(tx),
             received: options.received,
@@ -95,12 +94,12 @@ impl ServedModel {
 
     /// Stops taking requests once the queue and running batches are done; the workers end.
     pub fn drain(&self) {
-        self.router.do_send(Drain);
+        self.router.actor().do_send(Drain);
     }
 
     /// The router's queue and replicas now; `None` once it has stopped.
     pub async fn status(&self) -> Option<RouterStatus> {
-        self.router.send(Status).await.ok()
+        self.router.actor().send(Status).await.ok()
     }
 
     /// Queues `fault` for the next `count` batches of one replica, or of every replica;
@@ -112,6 +111,7 @@ impl ServedModel {
         count: u64,
     ) -> Result<usize, ServeError> {
         self.router
+            .actor()
             .send(InjectFault {
                 replica,
                 fault,

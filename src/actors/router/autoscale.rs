@@ -5,19 +5,16 @@
 
 use std::time::{Duration, Instant};
 
-use actix::prelude::*;
-
+use super::core::{Effects, RouterCore, StartWorker};
 use super::replicas::Slot;
 use super::scaling::{Load, Scale};
-use super::{Attach, Router};
 use crate::actors::budget::replica_memory_mb;
 use crate::actors::faults::FaultQueue;
-use crate::actors::worker::restart::restart;
 
-impl Router {
-    /// Adds or removes a replica as [`scaling`] decides, within the shared CPU and memory
-    /// budgets.
-    pub(super) fn autoscale(&mut self, ctx: &mut Context<Self>) {
+impl RouterCore {
+    /// Adds or removes a replica as [`scaling`](super::scaling) decides, within the shared CPU
+    /// and memory budgets.
+    pub(super) fn autoscale(&mut self, effects: &mut Effects) {
         let now = Instant::now();
         let rows_per_batch = self.info.batching.max_batch_size.max(1);
         let load = Load {
@@ -56,11 +53,13 @@ impl Router {
                 metrics::counter!("streamserve_scale_events_total", "model" => self.info.name.clone(), "direction" => "up").increment(1);
                 metrics::gauge!("streamserve_replicas", &self.labels)
                     .set(self.replicas.len() as f64);
-                let started = restart(self.recipe.clone(), replica, 0, faults, Duration::ZERO);
-                ctx.spawn(started.into_actor(self).map(|started, router, ctx| {
-                    router.scaler.added();
-                    ctx.notify(Attach(started));
-                }));
+                effects.starts.push(StartWorker {
+                    replica,
+                    generation: 0,
+                    faults,
+                    delay: Duration::ZERO,
+                    scaling_up: true,
+                });
             }
             Scale::Down => {
                 let last = self.replicas.len() - 1;

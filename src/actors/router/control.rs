@@ -42,7 +42,7 @@ impl Handler<Drain> for Router {
     type Result = ();
 
     fn handle(&mut self, _: Drain, _ctx: &mut Self::Context) {
-        self.draining = true;
+        self.lock().draining = true;
     }
 }
 
@@ -50,7 +50,8 @@ impl Handler<InjectFault> for Router {
     type Result = Result<usize, ServeError>;
 
     fn handle(&mut self, msg: InjectFault, _ctx: &mut Self::Context) -> Self::Result {
-        let n = self.replicas.len();
+        let core = self.lock();
+        let n = core.replicas.len();
         let targets: Vec<usize> = match msg.replica {
             Some(r) if r < n => vec![r],
             Some(r) => {
@@ -63,7 +64,7 @@ impl Handler<InjectFault> for Router {
         // All or nothing. Only this actor adds faults and workers only take them, so a book
         // that has room now still has it below.
         let book = |r: usize| {
-            self.replicas.slots[r]
+            core.replicas.slots[r]
                 .faults
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -77,7 +78,7 @@ impl Handler<InjectFault> for Router {
         for &replica in &targets {
             let _ = book(replica).push(msg.fault, msg.count);
         }
-        tracing::warn!(model = %self.info.name, fault = ?msg.fault, count = msg.count, replicas = ?targets, "fault injected");
+        tracing::warn!(model = %core.info.name, fault = ?msg.fault, count = msg.count, replicas = ?targets, "fault injected");
         Ok(targets.len())
     }
 }
@@ -86,13 +87,14 @@ impl Handler<Status> for Router {
     type Result = MessageResult<Status>;
 
     fn handle(&mut self, _: Status, _ctx: &mut Self::Context) -> Self::Result {
+        let core = self.lock();
         MessageResult(RouterStatus {
-            replicas: self.replicas.len(),
-            queued: self.queue.len(),
-            healthy_replicas: self.replicas.healthy(),
-            busy_replicas: self.replicas.busy(),
-            overloaded: self.overloaded,
-            restarts: self.restarts,
+            replicas: core.replicas.len(),
+            queued: core.queue.len(),
+            healthy_replicas: core.replicas.healthy(),
+            busy_replicas: core.replicas.busy(),
+            overloaded: core.overloaded,
+            restarts: core.restarts,
         })
     }
 }

@@ -19,7 +19,7 @@ use crate::actors::faults::FaultQueue;
 use crate::actors::health::ModelHealth;
 use crate::actors::router::{self, FallbackLookup, RouterSetup};
 use crate::actors::served::{InferOptions, ServedModel};
-use crate::actors::worker::{WorkerHandle, WorkerRecipe, WorkerReport};
+use crate::actors::worker::{Reports, WorkerHandle, WorkerRecipe};
 use crate::error::ServeError;
 use crate::manifest::{verify_sha256, BatchAxis, Device, ModelEntry};
 use crate::model::{ModelInfo, Resources};
@@ -65,12 +65,11 @@ async fn serve(
     // so that a typo cannot silently turn a check off.
     let profile = Profile::load_beside(&entry.file, &entry.sha256)?;
     let probe = Probe::load_beside(&entry.file)?;
-    let (reports_tx, reports_rx) = flume::unbounded::<WorkerReport>();
     let watch = Arc::new(OnceWatch::default());
     let recipe = WorkerRecipe {
         entry: entry.clone(),
         sessions,
-        reports: reports_tx,
+        reports: Reports::default(),
         watch: watch.clone(),
     };
     let faults: Vec<FaultQueue> = (0..entry.replicas).map(|_| FaultQueue::default()).collect();
@@ -107,7 +106,6 @@ async fn serve(
             faults,
             health: health.clone(),
         },
-        reports_rx,
     );
     tracing::info!(
         model = %entry.name, version = %entry.version, device = %device, replicas = entry.replicas,

@@ -3,7 +3,9 @@
 //! OS thread, because inference blocks; it takes whole batches
 //! from its router over a bounded channel, packs them into one tensor per input (one copy),
 //! runs the session, splits the outputs back per request (one copy) and answers each request
-//! directly. It then tells its router it is idle again, with what the batch cost.
+//! directly. It then tells its router it is idle again, with what the batch cost: a call into
+//! the router's state on this thread ([`ReportTarget`]), which may hand it its next batch at
+//! once, so a busy worker goes from batch to batch without waking another thread.
 //!
 //! A model call that fails for a batch of several requests is retried request by request, so
 //! that one request the model cannot take does not fail its batch mates. A request that still
@@ -21,7 +23,7 @@ mod packing;
 pub mod restart;
 
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -37,8 +39,7 @@ use crate::tensor::{NamedTensor, TensorData};
 use packing::{placeholder, stack, unstack};
 
 /// What a worker tells its router after each batch.
-#[derive(Debug, actix::Message)]
-#[rtype(result = "()")]
+#[derive(Debug)]
 pub struct WorkerReport {
     pub replica: usize,
     pub generation: u64,
@@ -56,6 +57,32 @@ pub enum BatchOutcome {
     },
     /// The worker panicked and has stopped, without answering its batch.
     Died { reason: String },
+}
+
+/// The router, as its workers see it: it takes a report on the worker's own thread and answers
+/// whether it still runs (a worker whose router is gone stops).
+pub trait ReportTarget: Send + Sync {
+    fn report(&self, report: WorkerReport) -> bool;
+}
+
+/// Where the workers of one version report. The recipe, and so the first workers, exist
+/// before their router does; the router connects itself when it starts. A worker only reports
+/// after its router dispatched it a batch, so by then the target is always there. Weak: the
+/// router's state owns the workers' channels, not the other way round.
+#[derive(Clone, Default)]
+pub struct Reports(Arc<OnceLock<Weak<dyn ReportTarget>>>);
+
+impl Reports {
+    /// Sends every report of these workers to `target` (once; later calls are ignored).
+    pub fn connect(&self, target: Weak<dyn ReportTarget>) {
+        let _ = self.0.set(target);
+    }
+
+    /// Hands a report to the router; `false` when there is no router any more.
+    fn send(&self, report: WorkerReport) -> bool {
+        let target = self.0.get().and_then(Weak::upgrade);
+        target.is_some_and(|router| router.report(report))
+    }
 }
 
 /// The router's end of a live worker.
@@ -86,7 +113,7 @@ pub struct StartedWorker {
 pub struct WorkerRecipe {
     pub entry: Arc<ModelEntry>,
     pub sessions: Sessions,
-    pub reports: flume::Sender<WorkerReport>,
+    pub reports: Reports,
     /// The version's model monitor, which records every model call.
     pub watch: Arc<OnceWatch>,
 }
@@ -161,7 +188,7 @@ impl WorkerRecipe {
 struct Worker {
     replica: usize,
     generation: u64,
-    reports: flume::Sender<WorkerReport>,
+    reports: Reports,
     faults: FaultQueue,
     watch: Arc<OnceWatch>,
 }
@@ -205,7 +232,7 @@ fn run_loop(session: &mut dyn InferenceSession, batches: flume::Receiver<Batch>,
             Err(panic) => {
                 // The router holds this batch too and decides: retry elsewhere, or 503.
                 let reason = crate::telemetry::panic_text(&*panic);
-                let _ = reports.send(WorkerReport {
+                reports.send(WorkerReport {
                     replica,
                     generation,
                     outcome: BatchOutcome::Died { reason },
@@ -213,14 +240,12 @@ fn run_loop(session: &mut dyn InferenceSession, batches: flume::Receiver<Batch>,
                 return;
             }
         };
-        if reports
-            .send(WorkerReport {
-                replica,
-                generation,
-                outcome,
-            })
-            .is_err()
-        {
+        let report = WorkerReport {
+            replica,
+            generation,
+            outcome,
+        };
+        if !reports.send(report) {
             return;
         }
     }
