@@ -17,7 +17,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::bail;
 use serde_json::{json, Value};
@@ -25,9 +25,9 @@ use serde_json::{json, Value};
 use crate::bench::TempModelDir;
 use crate::cli::{command_line, count, secs, BenchCommon};
 use crate::fleet::procs::{Instance, InstanceSetup};
-use crate::fleet::watch::{cpu_share, measured};
+use crate::fleet::watch::{cpu_share, measured, CpuWindow};
 use crate::manifest::{self, EntryChange};
-use crate::overload::server::{default_server_bin, Pinning, Unpin as Unpinned};
+use crate::overload::server::{server_bin, Pinning, Unpin as Unpinned};
 use crate::prometheus;
 use crate::rest::{self, RestOptions};
 use crate::streams::{self, Audio, ResultsMode, StreamOptions};
@@ -128,11 +128,8 @@ impl Case {
 /// What the server did over one measured window.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Window {
-    pub seconds: f64,
-    /// CPU cores: the server process, this process (the load generator), every other process.
-    pub server_cores: f64,
-    pub loadgen_cores: f64,
-    pub other_cores: f64,
+    #[serde(flatten)]
+    pub cpu: CpuWindow,
     /// Counter deltas from `/metrics`: units (requests or chunks), rows and calls of the model.
     pub units: f64,
     pub rows: f64,
@@ -160,12 +157,12 @@ impl Window {
             let [before, after] = texts.map(|t| prometheus::sum(t, name, &label, None));
             (after - before).max(0.0)
         };
-        let of = |i: Option<&(String, f64)>| i.map_or(0.0, |c| c.1);
+        let cpu = CpuWindow::from_cores(seconds, cores);
         Window {
-            seconds,
-            server_cores: of(cores.iter().find(|c| c.0 == "server")),
-            loadgen_cores: of(cores.first()),
-            other_cores: of(cores.last()),
+            cpu: cpu.unwrap_or(CpuWindow {
+                seconds,
+                ..Default::default()
+            }),
             units: delta(case.counter()),
             rows: delta("streamserve_batch_size_sum"),
             calls: delta("streamserve_batch_size_count"),
@@ -183,10 +180,11 @@ impl Window {
 
     /// Per-unit figures, given the model's own µs per row at [`Window::batch`].
     pub fn figures(&self, case: &Case, model_us_per_row: Option<f64>) -> Figures {
-        let server_us = ratio(self.server_cores * self.seconds * 1e6, self.units).unwrap_or(0.0);
+        let (seconds, server_cores) = (self.cpu.seconds, self.cpu.server_cores);
+        let server_us = ratio(server_cores * seconds * 1e6, self.units).unwrap_or(0.0);
         let rows_per_unit = ratio(self.rows, self.units).unwrap_or(0.0);
         let model_us = model_us_per_row.map(|m| m * rows_per_unit);
-        let per_core = ratio(case.n as f64, self.server_cores);
+        let per_core = ratio(case.n as f64, server_cores);
         Figures {
             server_us_per_unit: server_us,
             rows_per_call: self.rows_per_call(),
@@ -330,8 +328,8 @@ fn run_case(
     let w = window.clone().unwrap_or_default();
     eprintln!(
         "[efficiency]   {}: {:.0} {}s/s, p99 {:.2} ms, {} errors; server {:.2} cores, {:.0} µs per {}, {:.1} rows per call; loadgen {:.2}, others {:.2} cores",
-        case.label, seen.per_s, case.unit, seen.p99_ms, seen.errors, w.server_cores,
-        w.figures(case, None).server_us_per_unit, case.unit, w.rows_per_call(), w.loadgen_cores, w.other_cores
+        case.label, seen.per_s, case.unit, seen.p99_ms, seen.errors, w.cpu.server_cores,
+        w.figures(case, None).server_us_per_unit, case.unit, w.rows_per_call(), w.cpu.loadgen_cores, w.cpu.other_cores
     );
     let (model_cost, figures) = (None, None);
     Ok(CaseResult {
@@ -383,25 +381,7 @@ fn start_server(
     let taskset = pinning.map(|p| format!("taskset -c {} ", p.server_cpu));
     let args = Instance::args(&setup, "efficiency").join(" ");
     let command = format!("{}{} {args}", taskset.unwrap_or_default(), bin.display());
-    let client = crate::sysinfo::metrics_client()?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for model in [MLP, VAD] {
-        let url = format!("http://{}/v2/models/{model}/ready", server.addr);
-        let ready = || {
-            runtime
-                .block_on(async { client.get(&url).send().await })
-                .is_ok_and(|r| r.status().is_success())
-        };
-        while !ready() {
-            if Instant::now() >= deadline {
-                bail!(
-                    "{model} is not ready 30 s after the server started:\n{}",
-                    server.log_tail(20)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
+    server.wait_ready(&[MLP, VAD], runtime)?;
     Ok((server, command, unpin))
 }
 
@@ -411,13 +391,7 @@ pub fn run(options: &EfficiencyOptions) -> anyhow::Result<crate::report::Outcome
     if !(1..=16).contains(&n_cases) {
         bail!("give 1 to 16 concurrencies and numbers of streams in all");
     }
-    let bin = match &options.server_bin {
-        Some(bin) => bin.clone(),
-        None => default_server_bin()?,
-    };
-    if !bin.is_file() {
-        bail!("{} does not exist: build it (`cargo build --release --bin streamserve`) or name it with --server-bin", bin.display());
-    }
+    let bin = server_bin(options.server_bin.as_deref())?;
     let pinning = options.pin.then(Pinning::choose).transpose()?;
     let start = crate::report::Start::now(options.common.out.as_deref(), "efficiency");
     let most_streams = options.streams.iter().max().copied().unwrap_or(0) as u64;
@@ -467,7 +441,7 @@ pub fn run(options: &EfficiencyOptions) -> anyhow::Result<crate::report::Outcome
     let contended = results
         .iter()
         .filter_map(|r| r.window.as_ref())
-        .any(|w| w.other_cores > CONTENDED_CORES);
+        .any(|w| w.cpu.other_cores > CONTENDED_CORES);
     let json = json!({
         "kind": "efficiency", "started_at": start.started_at, "command": options.command, "machine": start.machine,
         "server_bin": bin.display().to_string(), "server_command": command, "pinned": pinning,
@@ -525,7 +499,7 @@ mod tests {
             (w.units, w.rows, w.calls, w.batch()),
             (8000.0, 8000.0, 2000.0, Some(4))
         );
-        assert_eq!((w.loadgen_cores, w.other_cores), (0.4, 0.02));
+        assert_eq!((w.cpu.loadgen_cores, w.cpu.other_cores), (0.4, 0.02));
         let f = w.figures(&case, Some(250.0));
         assert_eq!(
             (f.server_us_per_unit, f.rows_per_call, f.rows_per_unit),

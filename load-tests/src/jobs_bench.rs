@@ -20,14 +20,16 @@ use streamserve::config::{Config, GrpcPort};
 use tokio::time::Instant;
 
 use crate::bench::{cpu_since, start_server_with, stop_server, ServerSetup, TempModelDir};
-use crate::cli::{count, secs, BenchCommon};
-use crate::protocols::results::{error_lines, levels_json, ratio, Client, Level};
-use crate::protocols::{Schedule, CONTENDED_CORES};
+use crate::cli::{count, secs};
+use crate::protocols::results::{levels_json, ratio, render_report, Client, Level};
+use crate::protocols::{MlpClosedLoop, Schedule, CONTENDED_CORES};
 use crate::rest::{self, RestOptions};
 use crate::sysinfo::{CpuShare, CpuSnapshot};
 
 /// The plot written beside `report.md` (`protocols`' plot of this run's results).
 pub const PLOT_FILE: &str = "jobs.svg";
+/// The report's title.
+pub const TITLE: &str = "streamserve batch jobs beside online traffic: `mlp` online throughput and latency with and without a job, and the job's rows/s";
 /// How often a running job's progress is read.
 const POLL: Duration = Duration::from_millis(100);
 
@@ -74,17 +76,8 @@ pub struct JobsOptions {
     /// at the end); a job must outlast a slice's warm-up and measured period.
     #[arg(long, default_value_t = 90_000, value_parser = count(1000, 95_000))]
     pub job_rows: usize,
-    /// Seconds to wait for one answer before counting it as a transport error.
-    #[arg(long = "timeout-secs", value_name = "TIMEOUT_SECS", default_value = "30", value_parser = secs(1, 600))]
-    pub request_timeout: Duration,
     #[command(flatten)]
-    pub common: BenchCommon,
-    /// The model file: `models/mlp/1/model.onnx` of this checkout.
-    #[arg(skip = crate::bench::default_model_file())]
-    pub model_file: PathBuf,
-    /// The command line, as it goes in the report.
-    #[arg(skip = crate::cli::command_line())]
-    pub command: String,
+    pub mlp: MlpClosedLoop,
 }
 
 /// What one job did over one measured period.
@@ -222,8 +215,8 @@ pub fn run(options: &JobsOptions) -> anyhow::Result<crate::report::Outcome> {
         !options.concurrencies.is_empty() && options.concurrencies.len() <= 16,
         "give 1 to 16 concurrency levels"
     );
-    let start = crate::report::Start::now(options.common.out.as_deref(), "jobs-mlp");
-    let (model_file, sha256) = crate::bench::model_file_and_sha256(&options.model_file)?;
+    let start = crate::report::Start::now(options.mlp.common.out.as_deref(), "jobs-mlp");
+    let (model_file, sha256) = crate::bench::model_file_and_sha256(&options.mlp.model_file)?;
     let setup = ServerSetup::batching_on();
     // The job's files live beside the manifest, and go with it.
     let models = TempModelDir::create("jobs", &setup.manifest(&model_file, &sha256))?;
@@ -244,69 +237,71 @@ pub fn run(options: &JobsOptions) -> anyhow::Result<crate::report::Outcome> {
         "[jobs] streamserve on http://{}, job input {} rows ({:.0} MB); {} levels x {} rounds x 2, and the job alone twice",
         running.addr, options.job_rows, input_bytes as f64 / 1e6, options.concurrencies.len(), options.rounds
     );
-    let measured = crate::sysinfo::client_runtime(options.common.threads.get()).and_then(|rt| {
-        let api = JobApi {
-            client: rest::http_client(2, options.request_timeout)?,
-            url: format!("http://{}/v2/jobs", running.addr),
-            token,
-            input: files.join("input.jsonl"),
-            outputs: files.join("out"),
-            submitted: Cell::new(0),
-        };
-        let job_alone = |when: &str| -> anyhow::Result<JobSlice> {
-            if !options.common.quiet_wait.is_zero() {
-                crate::sysinfo::wait_for_quiet(0.15, options.common.quiet_wait);
-            }
-            let before = CpuSnapshot::take();
-            let mut job = rt.block_on(api.slice(options.warmup, options.duration))?;
-            job.cpu = cpu_since(before);
-            log_job(&format!("job alone, {when}"), &job);
-            Ok(job)
-        };
-        let first = job_alone("before")?;
-        // Each "with a job" slice's job, by (concurrency, round); a round run again follows
-        // the one set aside, so the last of each is the one kept.
-        let (round, jobs) = (Cell::new(0), RefCell::new(Vec::new()));
-        let schedule = Schedule {
-            tag: "jobs",
-            concurrencies: &options.concurrencies,
-            rounds: options.rounds,
-            quiet_wait: options.common.quiet_wait,
-        };
-        let levels = schedule.measure(
-            |r| {
-                round.set(r);
-                order(r)
-            },
-            |load, concurrency| {
-                let online = RestOptions {
-                    url: format!("http://{}", running.addr),
-                    model: "mlp".into(),
-                    concurrency,
-                    duration: options.duration,
-                    warmup: options.warmup,
-                    rows: 1,
-                    binary: false,
-                    quiet: true,
-                    request_timeout: options.request_timeout,
-                };
-                if load == Load::Alone {
-                    return rt.block_on(rest::run(&online));
+    let measured =
+        crate::sysinfo::client_runtime(options.mlp.common.threads.get()).and_then(|rt| {
+            let api = JobApi {
+                client: rest::http_client(2, options.mlp.request_timeout)?,
+                url: format!("http://{}/v2/jobs", running.addr),
+                token,
+                input: files.join("input.jsonl"),
+                outputs: files.join("out"),
+                submitted: Cell::new(0),
+            };
+            let job_alone = |when: &str| -> anyhow::Result<JobSlice> {
+                if !options.mlp.common.quiet_wait.is_zero() {
+                    crate::sysinfo::wait_for_quiet(0.15, options.mlp.common.quiet_wait);
                 }
-                let job = api.slice(options.warmup, options.duration);
-                let (online, job) = rt.block_on(async { tokio::join!(rest::run(&online), job) });
-                let job = job?;
-                log_job(
-                    &format!("c={concurrency} round {} job", round.get() + 1),
-                    &job,
-                );
-                jobs.borrow_mut().push((concurrency, round.get(), job));
-                online
-            },
-        )?;
-        let last = job_alone("after")?;
-        Ok((levels, [first, last], jobs.into_inner()))
-    });
+                let before = CpuSnapshot::take();
+                let mut job = rt.block_on(api.slice(options.warmup, options.duration))?;
+                job.cpu = cpu_since(before);
+                log_job(&format!("job alone, {when}"), &job);
+                Ok(job)
+            };
+            let first = job_alone("before")?;
+            // Each "with a job" slice's job, by (concurrency, round); a round run again follows
+            // the one set aside, so the last of each is the one kept.
+            let (round, jobs) = (Cell::new(0), RefCell::new(Vec::new()));
+            let schedule = Schedule {
+                tag: "jobs",
+                concurrencies: &options.concurrencies,
+                rounds: options.rounds,
+                quiet_wait: options.mlp.common.quiet_wait,
+            };
+            let levels = schedule.measure(
+                |r| {
+                    round.set(r);
+                    order(r)
+                },
+                |load, concurrency| {
+                    let online = RestOptions {
+                        url: format!("http://{}", running.addr),
+                        model: "mlp".into(),
+                        concurrency,
+                        duration: options.duration,
+                        warmup: options.warmup,
+                        rows: 1,
+                        binary: false,
+                        quiet: true,
+                        request_timeout: options.mlp.request_timeout,
+                    };
+                    if load == Load::Alone {
+                        return rt.block_on(rest::run(&online));
+                    }
+                    let job = api.slice(options.warmup, options.duration);
+                    let (online, job) =
+                        rt.block_on(async { tokio::join!(rest::run(&online), job) });
+                    let job = job?;
+                    log_job(
+                        &format!("c={concurrency} round {} job", round.get() + 1),
+                        &job,
+                    );
+                    jobs.borrow_mut().push((concurrency, round.get(), job));
+                    online
+                },
+            )?;
+            let last = job_alone("after")?;
+            Ok((levels, [first, last], jobs.into_inner()))
+        });
     stop_server(&running);
     drop(models);
     let (levels, ceiling, jobs) = measured?;
@@ -317,7 +312,8 @@ pub fn run(options: &JobsOptions) -> anyhow::Result<crate::report::Outcome> {
         &levels,
         &jobs,
     );
-    let report = render_report(&json, start.at.elapsed(), &model_file, &sha256)?;
+    let (elapsed, file) = (start.at.elapsed(), (model_file.as_path(), sha256.as_str()));
+    let report = render_report(("jobs", TITLE), &json, elapsed, file, PLOT_FILE)?;
     let plot = (PLOT_FILE, crate::plots::protocols as _);
     crate::report::save_run(start.dir, "jobs", report, &json, plot)
 }
@@ -368,7 +364,7 @@ pub fn results_json(
     json!({
         "kind": "jobs",
         "started_at": start.started_at,
-        "command": options.command,
+        "command": options.mlp.command,
         "machine": start.machine,
         "loadavg_at_end": crate::sysinfo::MachineInfo::collect().loadavg_at_start,
         "setup": setup,
@@ -380,7 +376,7 @@ pub fn results_json(
         "rounds": options.rounds,
         "warmup_s": options.warmup.as_secs_f64(),
         "slice_s": options.duration.as_secs_f64(),
-        "client_threads": options.common.threads.get(),
+        "client_threads": options.mlp.common.threads.get(),
         "contended_cores": CONTENDED_CORES,
         "job_rows": options.job_rows,
         "input_bytes": input_bytes,
@@ -388,24 +384,4 @@ pub fn results_json(
         "ceiling": {"rows_per_s": idle, "slices": ceiling, "ran_out": ceiling.iter().any(|j| j.ran_out)},
         "levels": levels_json,
     })
-}
-
-/// `report.md` from `templates/jobs.md.j2` over `results`.
-pub fn render_report(
-    results: &Value,
-    elapsed: Duration,
-    model_file: &Path,
-    sha256: &str,
-) -> anyhow::Result<String> {
-    let header = crate::report::header(
-        "streamserve batch jobs beside online traffic: `mlp` online throughput and latency with and without a job, and the job's rows/s",
-        elapsed,
-        &[],
-        true,
-    );
-    let extra = json!({
-        "model_file": model_file.display().to_string(), "sha256": sha256,
-        "error_lines": error_lines(results), "plot": PLOT_FILE,
-    });
-    crate::report::render("jobs", &crate::report::context(results, &[header, extra]))
 }

@@ -18,7 +18,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::bail;
 use clap::builder::TypedValueParser as _;
@@ -26,7 +26,7 @@ use clap::builder::TypedValueParser as _;
 use crate::bench::TempModelDir;
 use crate::cli::{command_line, count, secs, BenchCommon};
 use crate::fleet::procs::{Instance, InstanceSetup};
-use crate::fleet::watch::{self, cpu_share};
+use crate::fleet::watch::{self, CpuWindow};
 use crate::manifest::{self, EntryChange};
 use crate::prometheus;
 use crate::streams::{self, Audio, ResultsMode, StreamOptions, StreamReport};
@@ -180,12 +180,10 @@ async fn measured(
     let window = (load.ramp, load.duration);
     let (report, (m0, before), (m1, after)) =
         watch::measured(streams::run(load), window, (server.pid(), &base), client).await?;
-    let seconds = m1.0.duration_since(m0.0).as_secs_f64();
-    let cores = cpu_share(m0, m1);
-    let Some(((_, loadgen), (_, other))) = cores.first().zip(cores.last()) else {
+    let Some(cpu) = CpuWindow::between(m0, m1) else {
         return Ok((report, None));
     };
-    let server_cores = cores.iter().find(|c| c.0 == "server").map_or(0.0, |c| c.1);
+    let seconds = cpu.seconds;
     let delta = |name: &str, model: &str, extra: Option<&str>| {
         let at = |text: &Option<String>| {
             text.as_deref().map_or(0.0, |t| {
@@ -210,11 +208,8 @@ async fn measured(
     let skips = delta("streamserve_stream_stage_skips_total", MODEL, embedding);
     let runs = delta("streamserve_stream_stage_steps_total", MODEL, embedding);
     let window = Window {
-        seconds,
-        server_cores,
-        loadgen_cores: *loadgen,
-        other_cores: *other,
-        server_ms_per_stream_s: server_cores * 1000.0 / load.streams as f64,
+        server_ms_per_stream_s: cpu.server_cores * 1000.0 / load.streams as f64,
+        cpu,
         stages,
         embedding_skipped: if skips + runs > 0.0 {
             skips / (skips + runs)
@@ -272,7 +267,7 @@ fn step_up(
                         && report.late_streams == 0
                 }
             };
-            let others = window.as_ref().map_or(0.0, |w| w.other_cores);
+            let others = window.as_ref().map_or(0.0, |w| w.cpu.other_cores);
             let repeated = !pass && others > CONTENDED_CORES && attempt == 1;
             eprintln!(
                 "[keywords-bench]   {} N={n}: p50 {:.1} ms, p99 {:.1} ms, {} errors, {} late, server {:.1} CPU-ms per stream-s, others {others:.2} cores -> {}",
@@ -325,25 +320,8 @@ fn start_server(
         "keywords-bench",
         models.path.join("server.log"),
     )?;
-    let client = crate::sysinfo::metrics_client()?;
-    let runtime = crate::sysinfo::client_runtime(1)?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for stage in &STAGES {
-        let url = format!("http://{}/v2/models/{}/ready", instance.addr, stage.model);
-        while !runtime
-            .block_on(async { client.get(&url).send().await })
-            .is_ok_and(|r| r.status().is_success())
-        {
-            if Instant::now() >= deadline {
-                bail!(
-                    "{} is not ready 30 s after the server started:\n{}",
-                    stage.model,
-                    instance.log_tail(20)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
+    let names = STAGES.map(|s| s.model);
+    instance.wait_ready(&names, &crate::sysinfo::client_runtime(1)?)?;
     eprintln!(
         "[keywords-bench] streamserve ({}) on {}, pid {}",
         setup.label,
@@ -361,13 +339,7 @@ pub fn run(options: &KeywordsBenchOptions) -> anyhow::Result<crate::report::Outc
     {
         bail!("give 1 to 32 steps, ascending");
     }
-    let bin = match &options.server_bin {
-        Some(bin) => bin.clone(),
-        None => crate::overload::server::default_server_bin()?,
-    };
-    if !bin.is_file() {
-        bail!("{} does not exist: build it (`cargo build --release --bin streamserve`) or name it with --server-bin", bin.display());
-    }
+    let bin = crate::overload::server::server_bin(options.server_bin.as_deref())?;
     let start = crate::report::Start::now(options.common.out.as_deref(), "streams-keyword");
     let biggest = options.steps.iter().copied().max().unwrap_or(0) as u64;
     let nofile = raise_nofile_limit(biggest + 1024);

@@ -5,20 +5,22 @@
 //! levels and the plot are `protocols`' ([`Schedule`], [`levels_json`], [`crate::plots::protocols`]),
 //! the two servers standing for its clients; the report is `templates/monitoring.md.j2`.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use streamserve::config::{Config, GrpcPort};
 
 use crate::bench::{start_server_with, stop_server, ServerSetup, TempModelDir};
-use crate::cli::{count, secs, BenchCommon};
-use crate::protocols::results::{error_lines, levels_json, Client, Level};
-use crate::protocols::{Schedule, CONTENDED_CORES};
+use crate::cli::{count, secs};
+use crate::protocols::results::{levels_json, render_report, Client, Level};
+use crate::protocols::{MlpClosedLoop, Schedule, CONTENDED_CORES};
 use crate::rest::{self, RestOptions};
 
 /// The plot written beside `report.md` (`protocols`' plot of this run's results).
 pub const PLOT_FILE: &str = "monitoring.svg";
+/// The report's title.
+pub const TITLE: &str =
+    "streamserve model monitor: `mlp` throughput and latency with output monitoring off vs on";
 
 /// The two servers compared; the first is the baseline of the ratios.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,17 +59,8 @@ pub struct MonitoringOptions {
     /// Rows per request (input [rows, 256]); at most the server's max_batch_size (64).
     #[arg(long, default_value_t = 1, value_parser = count(1, 64))]
     pub rows: usize,
-    /// Seconds to wait for one answer before counting it as a transport error.
-    #[arg(long = "timeout-secs", value_name = "TIMEOUT_SECS", default_value = "30", value_parser = secs(1, 600))]
-    pub request_timeout: Duration,
     #[command(flatten)]
-    pub common: BenchCommon,
-    /// The model file: `models/mlp/1/model.onnx` of this checkout.
-    #[arg(skip = crate::bench::default_model_file())]
-    pub model_file: PathBuf,
-    /// The command line, as it goes in the report.
-    #[arg(skip = crate::cli::command_line())]
-    pub command: String,
+    pub mlp: MlpClosedLoop,
 }
 
 impl MonitoringOptions {
@@ -84,8 +77,8 @@ pub fn run(options: &MonitoringOptions) -> anyhow::Result<crate::report::Outcome
         !options.concurrencies.is_empty() && options.concurrencies.len() <= 16,
         "give 1 to 16 concurrency levels"
     );
-    let start = crate::report::Start::now(options.common.out.as_deref(), "monitoring-mlp");
-    let (model_file, sha256) = crate::bench::model_file_and_sha256(&options.model_file)?;
+    let start = crate::report::Start::now(options.mlp.common.out.as_deref(), "monitoring-mlp");
+    let (model_file, sha256) = crate::bench::model_file_and_sha256(&options.mlp.model_file)?;
     let setup = ServerSetup::batching_on();
     let models = TempModelDir::create("monitoring", &setup.manifest(&model_file, &sha256))?;
     let mut servers = Vec::new();
@@ -116,27 +109,28 @@ pub fn run(options: &MonitoringOptions) -> anyhow::Result<crate::report::Outcome
         tag: "monitoring",
         concurrencies: &options.concurrencies,
         rounds: options.rounds,
-        quiet_wait: options.common.quiet_wait,
+        quiet_wait: options.mlp.common.quiet_wait,
     };
-    let measured = crate::sysinfo::client_runtime(options.common.threads.get()).and_then(|rt| {
-        schedule.measure(
-            |round| options.order(round),
-            |variant, concurrency| {
-                let load = RestOptions {
-                    url: format!("http://{}", servers[variant as usize].addr),
-                    model: "mlp".into(),
-                    concurrency,
-                    duration: options.duration,
-                    warmup: options.warmup,
-                    rows: options.rows,
-                    binary: false,
-                    quiet: true,
-                    request_timeout: options.request_timeout,
-                };
-                rt.block_on(rest::run(&load))
-            },
-        )
-    });
+    let measured =
+        crate::sysinfo::client_runtime(options.mlp.common.threads.get()).and_then(|rt| {
+            schedule.measure(
+                |round| options.order(round),
+                |variant, concurrency| {
+                    let load = RestOptions {
+                        url: format!("http://{}", servers[variant as usize].addr),
+                        model: "mlp".into(),
+                        concurrency,
+                        duration: options.duration,
+                        warmup: options.warmup,
+                        rows: options.rows,
+                        binary: false,
+                        quiet: true,
+                        request_timeout: options.mlp.request_timeout,
+                    };
+                    rt.block_on(rest::run(&load))
+                },
+            )
+        });
     // What each server's monitor recorded: the proof that one watched and the other did not.
     let watched: Vec<Value> = servers
         .iter()
@@ -151,7 +145,8 @@ pub fn run(options: &MonitoringOptions) -> anyhow::Result<crate::report::Outcome
 
     let json = results_json((&start, options, &setup), watched, &levels);
     let elapsed = start.at.elapsed();
-    let report = render_report(&json, elapsed, &model_file, &sha256)?;
+    let file = (model_file.as_path(), sha256.as_str());
+    let report = render_report(("monitoring", TITLE), &json, elapsed, file, PLOT_FILE)?;
     let plot = (PLOT_FILE, crate::plots::protocols as _);
     crate::report::save_run(start.dir, "monitoring", report, &json, plot)
 }
@@ -167,7 +162,7 @@ pub fn results_json(
     json!({
         "kind": "monitoring",
         "started_at": start.started_at,
-        "command": options.command,
+        "command": options.mlp.command,
         "machine": start.machine,
         "loadavg_at_end": crate::sysinfo::MachineInfo::collect().loadavg_at_start,
         "setup": setup,
@@ -179,34 +174,11 @@ pub fn results_json(
         "rounds": options.rounds,
         "warmup_s": options.warmup.as_secs_f64(),
         "slice_s": options.duration.as_secs_f64(),
-        "client_threads": options.common.threads.get(),
+        "client_threads": options.mlp.common.threads.get(),
         "contended_cores": CONTENDED_CORES,
         "monitor": {"off": watched.first(), "on": watched.get(1)},
         "levels": levels_json(levels, &VARIANTS, order, options.rounds),
     })
-}
-
-/// `report.md` from `templates/monitoring.md.j2` over `results`.
-pub fn render_report(
-    results: &Value,
-    elapsed: Duration,
-    model_file: &std::path::Path,
-    sha256: &str,
-) -> anyhow::Result<String> {
-    let header = crate::report::header(
-        "streamserve model monitor: `mlp` throughput and latency with output monitoring off vs on",
-        elapsed,
-        &[],
-        true,
-    );
-    let extra = json!({
-        "model_file": model_file.display().to_string(), "sha256": sha256,
-        "error_lines": error_lines(results), "plot": PLOT_FILE,
-    });
-    crate::report::render(
-        "monitoring",
-        &crate::report::context(results, &[header, extra]),
-    )
 }
 
 #[cfg(test)]
@@ -217,18 +189,8 @@ mod tests {
 
     #[test]
     fn the_scenario_file_gives_these_options() {
-        use clap::{Args as _, FromArgMatches as _};
-        let path =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/monitoring-mlp.toml");
-        let args = crate::scenario::to_args(&std::fs::read_to_string(path).unwrap(), None).unwrap();
-        assert_eq!(args[0], "monitoring");
-        let command = MonitoringOptions::augment_args(clap::Command::new("monitoring"));
-        let matches = command
-            .try_get_matches_from(
-                std::iter::once("monitoring".to_string()).chain(args[1..].to_vec()),
-            )
-            .unwrap();
-        let o = MonitoringOptions::from_arg_matches(&matches).unwrap();
+        let o: MonitoringOptions =
+            crate::scenario::bundled_options("monitoring-mlp.toml", "monitoring");
         assert_eq!(o.concurrencies, [1, 8, 32, 64]);
         assert_eq!(o.order(0), [Monitor::Off, Monitor::On]);
         assert_eq!(o.order(1), [Monitor::On, Monitor::Off]);
@@ -276,8 +238,14 @@ mod tests {
         let runs = &json["levels"][0]["runs"];
         assert_eq!(runs[1]["protocol"], "on");
         assert_eq!(runs[1]["ratios"]["throughput"], 0.95);
-        let report =
-            render_report(&json, Duration::from_secs(3), "m.onnx".as_ref(), "abc").unwrap();
+        let report = render_report(
+            ("monitoring", TITLE),
+            &json,
+            Duration::from_secs(3),
+            ("m.onnx".as_ref(), "abc"),
+            PLOT_FILE,
+        )
+        .unwrap();
         assert!(report.contains("**0.950×**"), "{report}");
         assert!(report.contains("5.0 % fewer"), "{report}");
         assert!(report.contains("first_answers"), "{report}");

@@ -110,6 +110,22 @@ pub fn to_args(text: &str, out: Option<&std::path::Path>) -> anyhow::Result<Vec<
     Ok(args)
 }
 
+/// The options a bundled scenario file gives its subcommand `kind`, parsed as `loadgen run`
+/// parses them (for the benchmarks' tests).
+#[cfg(test)]
+pub fn bundled_options<T: clap::Args + clap::FromArgMatches>(file: &str, kind: &'static str) -> T {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scenarios")
+        .join(file);
+    let args = to_args(&std::fs::read_to_string(path).unwrap(), None).unwrap();
+    assert_eq!(args[0], kind);
+    let command = T::augment_args(clap::Command::new(kind));
+    let matches = command
+        .try_get_matches_from(std::iter::once(kind.to_string()).chain(args[1..].to_vec()))
+        .unwrap();
+    T::from_arg_matches(&matches).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,12 +20,12 @@ fn every_client_gets_checked_answers_from_one_server() {
         // 5 requests in flight over 3 streams (2 + 2 + 1), on 2 connections.
         stream_window: 2,
         grpc_connections: 2,
-        request_timeout: Duration::from_secs(10),
         ..ProtocolsOptions::default()
     };
-    options.common.out = Some(out.clone());
-    options.common.quiet_wait = Duration::ZERO;
-    options.common.threads.client_threads = Some(2);
+    options.mlp.request_timeout = Duration::from_secs(10);
+    options.mlp.common.out = Some(out.clone());
+    options.mlp.common.quiet_wait = Duration::ZERO;
+    options.mlp.common.threads.client_threads = Some(2);
     let outcome = protocols::run(&options).expect("the protocols run completes");
 
     let results: serde_json::Value =

@@ -82,16 +82,7 @@ pub struct Measured {
 /// Runs the drill and writes its report.
 pub fn run(options: &FleetOptions) -> anyhow::Result<report::FleetOutcome> {
     options.check()?;
-    let bin = match &options.server_bin {
-        Some(bin) => bin.clone(),
-        None => crate::overload::server::default_server_bin()?,
-    };
-    if !bin.is_file() {
-        bail!(
-            "{} does not exist: build it (`cargo build --release --bin streamserve`) or name it with --server-bin",
-            bin.display()
-        );
-    }
+    let bin = crate::overload::server::server_bin(options.server_bin.as_deref())?;
     let haproxy_version = Haproxy::version()?;
     if !S3::python().is_file() {
         bail!("no .venv with moto's S3 server: run `bash scripts/setup.sh --fleet`");
@@ -228,7 +219,15 @@ fn drill(
     let config_path = out.join("haproxy.cfg");
     std::fs::write(&config_path, &haproxy_config)?;
     let mut haproxy = Haproxy::start(&config_path, port, out.join("haproxy.log"))?;
-    runtime.block_on(wait_balanced(&client, &haproxy.url, &instance_ids))?;
+    let url = format!("{}/v2/models/{MODEL}/infer", haproxy.url);
+    let body = crate::rest::mlp_request(1, 1, false).body;
+    let infer = || {
+        let json = client
+            .post(&url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json");
+        json.body(body.clone())
+    };
+    runtime.block_on(wait_through(&instance_ids, infer))?;
     eprintln!("[fleet] haproxy on {} ({haproxy_version})", haproxy.url);
 
     // The load, and the clock every figure is read on.
@@ -407,23 +406,19 @@ pub(crate) async fn wait_ready(
     }
 }
 
-/// Waits (at most 30 s) until requests through haproxy have been answered by every instance.
-async fn wait_balanced(client: &reqwest::Client, base: &str, ids: &[String]) -> anyhow::Result<()> {
-    let url = format!("{base}/v2/models/{MODEL}/infer");
-    let body = crate::rest::mlp_request(1, 1, false).body;
+/// Waits (at most 30 s) until `request`s through haproxy have been answered (`x-served-by`)
+/// by every instance of `ids`.
+pub(crate) async fn wait_through(
+    ids: &[String],
+    request: impl Fn() -> reqwest::RequestBuilder,
+) -> anyhow::Result<()> {
     let mut seen = std::collections::BTreeSet::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while seen.len() < ids.len() {
         if Instant::now() >= deadline {
             bail!("through haproxy, only {seen:?} of {ids:?} answered within 30 s");
         }
-        let answer = client
-            .post(&url)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body.clone())
-            .send()
-            .await;
-        match answer {
+        match request().send().await {
             Ok(r) if r.status().is_success() => {
                 if let Some(by) = r.headers().get("x-served-by").and_then(|v| v.to_str().ok()) {
                     seen.insert(by.to_string());

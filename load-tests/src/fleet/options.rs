@@ -205,16 +205,7 @@ mod tests {
 
     #[test]
     fn the_scenario_file_gives_these_options() {
-        use clap::{Args as _, FromArgMatches as _};
-        let path =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/fleet-mlp.toml");
-        let args = crate::scenario::to_args(&std::fs::read_to_string(path).unwrap(), None).unwrap();
-        assert_eq!(args[0], "fleet");
-        let command = FleetOptions::augment_args(clap::Command::new("fleet"));
-        let matches = command
-            .try_get_matches_from(std::iter::once("fleet".to_string()).chain(args[1..].to_vec()))
-            .unwrap();
-        let o = FleetOptions::from_arg_matches(&matches).unwrap();
+        let o: FleetOptions = crate::scenario::bundled_options("fleet-mlp.toml", "fleet");
         o.check().unwrap();
         assert_eq!(o.drills.len(), 4);
         assert_eq!((o.instances, o.concurrency, o.poll_secs), (3, 8, 0.5));

@@ -416,6 +416,34 @@ impl Instance {
         self.child.id()
     }
 
+    /// Waits until every one of `models` answers ready, for 30 s at most after this call.
+    pub fn wait_ready(
+        &self,
+        models: &[&str],
+        runtime: &tokio::runtime::Runtime,
+    ) -> anyhow::Result<()> {
+        let client = crate::sysinfo::metrics_client()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for model in models {
+            let url = format!("http://{}/v2/models/{model}/ready", self.addr);
+            let ready = || {
+                runtime
+                    .block_on(async { client.get(&url).send().await })
+                    .is_ok_and(|r| r.status().is_success())
+            };
+            while !ready() {
+                if Instant::now() >= deadline {
+                    bail!(
+                        "{model} is not ready 30 s after the server started:\n{}",
+                        self.log_tail(20)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
     pub fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();

@@ -1,6 +1,8 @@
 //! What the fleet drill watches besides the answers: the registry's state as `registry status
 //! --json` prints it (the model's history, the event that ended a rollout, whether every
-//! instance settled on a version), and the CPU time of each process of the fleet.
+//! instance settled on a version), and the CPU time of each process of the fleet; also the
+//! server marks at a load's measured window ([`measured`], [`CpuWindow`]) that `efficiency`
+//! and `keywords-bench` take.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -99,6 +101,37 @@ pub async fn measured<T>(
     };
     let (report, (first, last)) = tokio::join!(load, marks);
     Ok((report?, first, last))
+}
+
+/// The CPU side of a measured window: its seconds and the cores each side used.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct CpuWindow {
+    pub seconds: f64,
+    /// CPU cores: the server process, this process (the load generator), every other process.
+    pub server_cores: f64,
+    pub loadgen_cores: f64,
+    pub other_cores: f64,
+}
+
+impl CpuWindow {
+    /// Between two marks of the server (labelled "server", as [`measured`] marks it); `None`
+    /// without the machine's counters.
+    pub fn between(first: CpuMark, last: CpuMark) -> Option<CpuWindow> {
+        let seconds = last.0.duration_since(first.0).as_secs_f64();
+        CpuWindow::from_cores(seconds, &cpu_share(first, last))
+    }
+
+    /// From [`cpu_share`]'s cores (this process first, others last) over `seconds`.
+    pub fn from_cores(seconds: f64, cores: &[(String, f64)]) -> Option<CpuWindow> {
+        let ((_, loadgen_cores), (_, other_cores)) = cores.first().zip(cores.last())?;
+        let server = cores.iter().find(|c| c.0 == "server");
+        Some(CpuWindow {
+            seconds,
+            server_cores: server.map_or(0.0, |c| c.1),
+            loadgen_cores: *loadgen_cores,
+            other_cores: *other_cores,
+        })
+    }
 }
 
 /// CPU cores used between two marks: loadgen, each labelled group of processes, and others.

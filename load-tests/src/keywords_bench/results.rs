@@ -9,16 +9,14 @@ use serde_json::{json, Value};
 
 use super::compute::{compute_limit, StageCost, STAGES};
 use super::{KeywordsBenchOptions, Setup, CONTENDED_CORES, GATED, OFF, ON, QUIET_CORES};
+use crate::fleet::watch::CpuWindow;
 use crate::streams::{Audio, StreamReport};
 
 /// What one step measured over its measured window, besides the streams' own report.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Window {
-    pub seconds: f64,
-    /// CPU cores: the server process, this process (the load generator), every other process.
-    pub server_cores: f64,
-    pub loadgen_cores: f64,
-    pub other_cores: f64,
+    #[serde(flatten)]
+    pub cpu: CpuWindow,
     /// Server CPU ms per stream per second of audio.
     pub server_ms_per_stream_s: f64,
     /// From `/metrics`: (model, rows per second, rows per model call) of each stage.
@@ -251,11 +249,14 @@ mod tests {
             .iter()
             .map(|s| (s.model.to_string(), 12.5 * n as f64, 2.0))
             .collect();
-        let window = Window {
+        let cpu = CpuWindow {
             seconds: 10.0,
             server_cores: server_ms * n as f64 / 1000.0,
             loadgen_cores: 0.1,
             other_cores: 0.01,
+        };
+        let window = Window {
+            cpu,
             server_ms_per_stream_s: server_ms,
             stages,
             embedding_skipped: 0.0,

@@ -9,6 +9,9 @@
 //! between fork and exec (`sched_setaffinity`), as is `PR_SET_PDEATHSIG`, so that the child
 //! dies with this process even when it is killed; otherwise it is stopped with SIGTERM (then
 //! SIGKILL after 10 s) at the end of its variant, and on every error path (`Drop`).
+//!
+//! Also where every benchmark that starts the binary (`efficiency`, `keywords-bench`, `fleet`,
+//! `streams-fleet`) finds it ([`server_bin`]).
 
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt as _;
@@ -185,6 +188,22 @@ pub fn shell_command(bin: &Path, pinning: &Pinning, args: &[OsString]) -> String
 pub fn default_server_bin() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("cannot find the running executable")?;
     Ok(exe.with_file_name("streamserve"))
+}
+
+/// The `--server-bin` of the benchmarks that start `streamserve serve` themselves: `given`, or
+/// [`default_server_bin`]; an error when it does not exist.
+pub fn server_bin(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let bin = match given {
+        Some(bin) => bin.to_path_buf(),
+        None => default_server_bin()?,
+    };
+    if !bin.is_file() {
+        bail!(
+            "{} does not exist: build it (`cargo build --release --bin streamserve`) or name it with --server-bin",
+            bin.display()
+        );
+    }
+    Ok(bin)
 }
 
 /// A `streamserve` child process; stopped when dropped.

@@ -9,7 +9,7 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde_json::Value;
 
-use super::{axes, chart_on, f, items, plot_err, Area, PALETTE};
+use super::{axes, canvas, chart_on, f, items, plot_err, Area, PALETTE};
 
 /// A version's colour, the same in every panel.
 fn version_color(version: &str) -> RGBColor {
@@ -121,16 +121,8 @@ pub fn fleet(results: &Value, out: &Path) -> anyhow::Result<()> {
         .map(|s| f(&s["end_s"]))
         .fold(x0 + 1.0, f64::max);
     let height = 60 + 250 * steps.len() as u32;
-    let root = SVGBackend::new(out, (1250, height)).into_drawing_area();
-    root.fill(&WHITE).map_err(plot_err)?;
-    let root = root
-        .titled(
-            &format!(
-                "Fleet drill: share of answers per mlp version ({bin_ms:.0} ms bins, through haproxy) over seconds since `registry deploy` returned"
-            ),
-            ("sans-serif", 18),
-        )
-        .map_err(plot_err)?;
+    let heading = format!("Fleet drill: share of answers per mlp version ({bin_ms:.0} ms bins, through haproxy) over seconds since `registry deploy` returned");
+    let root = canvas(out, (1250, height), Some((&heading, 18)))?;
     let panels = root.split_evenly((steps.len(), 1));
     for (panel, step) in panels.iter().zip(&steps) {
         let (plot_area, legend_area) = panel.split_horizontally(960);

@@ -6,7 +6,7 @@
 //!   point per concurrency level, the in-process ceiling as a vertical line;
 //! - [`overload_levels`]: goodput and admitted latency per offered load, per admission variant;
 //! - [`streams_latency`]: chunk latency against concurrent streams per setup;
-//! - [`timeline`]: latency, outcomes and server state over time across overload and faults;
+//! - [`timeline()`]: latency, outcomes and server state over time across overload and faults;
 //! - [`fleet()`]: traffic share per model version over time, one panel per fleet drill;
 //! - [`streams_fleet()`]: chunk latency and streams per instance through a rolling restart;
 //! - [`protocols()`]: throughput and latency per concurrency of REST JSON / binary and gRPC
@@ -16,6 +16,7 @@ mod fleet;
 mod overload;
 mod protocols;
 mod streams_fleet;
+mod timeline;
 
 use std::path::Path;
 
@@ -27,6 +28,7 @@ pub use fleet::fleet;
 pub use overload::overload_levels;
 pub use protocols::protocols;
 pub use streams_fleet::streams_fleet;
+pub use timeline::timeline;
 
 const PALETTE: [RGBColor; 6] = [
     RGBColor(31, 119, 180),
@@ -75,6 +77,20 @@ fn p50(v: &Value) -> f64 {
 
 fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow::anyhow!("plotting failed: {e:?}")
+}
+
+/// A white SVG canvas of `size` pixels written to `out`, under `title` (at `font` px) if any.
+fn canvas<'a>(
+    out: &'a Path,
+    size: (u32, u32),
+    title: Option<(&str, u32)>,
+) -> anyhow::Result<Area<'a>> {
+    let root = SVGBackend::new(out, size).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    match title {
+        Some((title, font)) => root.titled(title, ("sans-serif", font)).map_err(plot_err),
+        None => Ok(root),
+    }
 }
 
 /// The legend entry of a line: a short stroke in its colour.
@@ -229,8 +245,7 @@ pub fn bench_latency_throughput(results: &Value, out: &Path) -> anyhow::Result<(
     let y_max = all.clone().map(|p| p.2).fold(1.0, f64::max) * 1.5;
     let y_min = all.map(|p| p.1).fold(f64::MAX, f64::min).min(y_max / 10.0) / 1.5;
 
-    let root = SVGBackend::new(out, (960, 600)).into_drawing_area();
-    root.fill(&WHITE).map_err(plot_err)?;
+    let root = canvas(out, (960, 600), None)?;
     let mut chart = chart_on(&root, (15, 45, 60, false))
         .caption(
             "REST mlp: latency vs throughput (closed loop, 1 row/request)",
@@ -305,8 +320,7 @@ pub fn streams_latency(results: &Value, out: &Path) -> anyhow::Result<()> {
     let y_max = all.clone().map(|p| p.2).fold(target, f64::max).max(1.0) * 2.0;
     let y_min = all.map(|p| p.1).fold(y_max / 10.0, f64::min).max(0.01) / 1.5;
 
-    let root = SVGBackend::new(out, (960, 600)).into_drawing_area();
-    root.fill(&WHITE).map_err(plot_err)?;
+    let root = canvas(out, (960, 600), None)?;
     let mut chart = chart_on(&root, (15, 45, 60, false))
         .caption(
             "Speech streams (silero_vad, real time): chunk latency vs concurrent streams",
@@ -353,193 +367,6 @@ pub fn streams_latency(results: &Value, out: &Path) -> anyhow::Result<()> {
             .map_err(plot_err)?;
     }
     legend_box(&mut chart, SeriesLabelPosition::LowerRight)?;
-    root.present().map_err(plot_err)?;
-    Ok(())
-}
-
-/// Latency, outcomes and server state over time, from a `loadgen timeline` results.json:
-/// three panels on one time axis (p50/p99/max latency per bin, log; requests/s per bin by
-/// outcome; healthy replicas and queue depth from `/metrics`), the events as dashed lines.
-pub fn timeline(results: &Value, out: &Path) -> anyhow::Result<()> {
-    let bin_s = f(&results["bin_s"]).max(1e-3);
-    let duration = f(&results["duration_s"]).max(bin_s);
-    let bins: Vec<&Value> = items(results, "bins").collect();
-    let events: Vec<(f64, String)> = items(results, "events")
-        .map(|e| {
-            (
-                f(&e["at_s"]),
-                e["label"].as_str().unwrap_or("?").to_string(),
-            )
-        })
-        .collect();
-    let server: Vec<&Value> = items(results, "server").collect();
-    let mid = |b: &Value| f(&b["t_s"]) + bin_s / 2.0;
-    let latency = |key: &str| -> Vec<(f64, f64)> {
-        bins.iter()
-            .filter_map(|b| b[key].as_f64().filter(|v| *v > 0.0).map(|v| (mid(b), v)))
-            .collect()
-    };
-    let (p50, p99, max) = (latency("p50_ms"), latency("p99_ms"), latency("max_ms"));
-
-    let root = SVGBackend::new(out, (1100, 980)).into_drawing_area();
-    root.fill(&WHITE).map_err(plot_err)?;
-    let root = root
-        .titled(
-            "Timeline: mlp through an overload step and worker faults (open loop, bins by scheduled send)",
-            ("sans-serif", 20),
-        )
-        .map_err(plot_err)?;
-    let panels = root.split_evenly((3, 1));
-    let event_lines = |y0: f64, y1: f64| {
-        events
-            .iter()
-            .map(move |(t, _)| {
-                DashedLineSeries::new([(*t, y0), (*t, y1)], 6, 4, BLACK.stroke_width(1))
-            })
-            .collect::<Vec<_>>()
-    };
-
-    // Latency.
-    let y_max = max.iter().chain(&p99).map(|p| p.1).fold(1.0, f64::max) * 3.0;
-    let y_min = p50
-        .iter()
-        .map(|p| p.1)
-        .fold(y_max / 10.0, f64::min)
-        .max(0.01)
-        / 1.5;
-    let mut chart = chart_on(&panels[0], (10, 30, 70, true))
-        .build_cartesian_2d(0.0..duration, (y_min..y_max).log_scale())
-        .map_err(plot_err)?;
-    axes(
-        &mut chart,
-        (None, "latency of 200s, ms (log)"),
-        (0, " s", 1),
-        None,
-    )?;
-    for (i, (name, points, width)) in [("p50", &p50, 2), ("p99", &p99, 2), ("max", &max, 1)]
-        .into_iter()
-        .enumerate()
-    {
-        line(
-            &mut chart,
-            points.iter().copied(),
-            (PALETTE[i], width, 2),
-            name,
-        )?;
-    }
-    for event in event_lines(y_min, y_max) {
-        chart.draw_series(event).map_err(plot_err)?;
-    }
-    for (i, (t, label)) in events.iter().enumerate() {
-        let y = if i % 2 == 0 { y_max / 1.6 } else { y_max / 3.2 };
-        chart
-            .draw_series(std::iter::once(Text::new(
-                format!(" {label}"),
-                (*t, y),
-                ("sans-serif", 12),
-            )))
-            .map_err(plot_err)?;
-    }
-    legend_box(&mut chart, SeriesLabelPosition::LowerRight)?;
-
-    // Requests per second by outcome.
-    let per_s = |pick: &dyn Fn(&Value) -> f64| -> Vec<(f64, f64)> {
-        bins.iter().map(|b| (mid(b), pick(b) / bin_s)).collect()
-    };
-    let series = [
-        ("offered (scheduled)", per_s(&|b| f(&b["scheduled"])), BLACK),
-        ("200 from mlp", per_s(&|b| f(&b["ok_primary"])), PALETTE[0]),
-        (
-            "200 from fallback (degraded)",
-            per_s(&|b| f(&b["ok_degraded"])),
-            PALETTE[3],
-        ),
-        ("shed 429/503", per_s(&|b| f(&b["shed"])), PALETTE[1]),
-        (
-            "failed (other status, transport)",
-            per_s(&|b| f(&b["failed"])),
-            PALETTE[4],
-        ),
-        (
-            "not sent (load generator's in-flight bound)",
-            per_s(&|b| f(&b["not_sent"])),
-            PALETTE[5],
-        ),
-    ];
-    let r_max = series
-        .iter()
-        .flat_map(|s| s.1.iter().map(|p| p.1))
-        .fold(1.0, f64::max)
-        * 1.1;
-    let mut chart = chart_on(&panels[1], (10, 30, 70, true))
-        .build_cartesian_2d(0.0..duration, 0.0..r_max)
-        .map_err(plot_err)?;
-    axes(
-        &mut chart,
-        (None, "requests/s (per bin)"),
-        (0, " s", 0),
-        None,
-    )?;
-    for (name, points, color) in &series {
-        let width = if *color == BLACK { 1 } else { 2 };
-        line(
-            &mut chart,
-            points.iter().copied(),
-            (*color, width, 2),
-            *name,
-        )?;
-    }
-    for event in event_lines(0.0, r_max) {
-        chart.draw_series(event).map_err(plot_err)?;
-    }
-    legend_box(&mut chart, SeriesLabelPosition::UpperRight)?;
-
-    // The server's view.
-    let healthy: Vec<(f64, f64)> = server
-        .iter()
-        .map(|s| (f(&s["t_s"]), f(&s["healthy_replicas"])))
-        .collect();
-    let queue: Vec<(f64, f64)> = server
-        .iter()
-        .map(|s| (f(&s["t_s"]), f(&s["queue_depth"])))
-        .collect();
-    let h_max = (healthy.iter().map(|p| p.1).fold(1.0, f64::max) + 1.0).round();
-    let q_max = queue.iter().map(|p| p.1).fold(1.0, f64::max) * 1.2;
-    let mut chart = chart_on(&panels[2], (10, 40, 70, true))
-        .build_cartesian_2d(0.0..duration, 0.0..h_max)
-        .map_err(plot_err)?
-        .set_secondary_coord(0.0..duration, 0.0..q_max);
-    let descs = (
-        Some("seconds since the first scheduled request"),
-        "healthy mlp replicas",
-    );
-    axes(&mut chart, descs, (0, " s", 0), Some(h_max as usize + 1))?;
-    chart
-        .configure_secondary_axes()
-        .y_desc("mlp queue depth")
-        .label_style(("sans-serif", 12))
-        .draw()
-        .map_err(plot_err)?;
-    let label = "healthy replicas (left; /metrics every 200 ms)";
-    line(
-        &mut chart,
-        healthy.iter().copied(),
-        (PALETTE[2], 2, 2),
-        label,
-    )?;
-    let color = PALETTE[5];
-    chart
-        .draw_secondary_series(LineSeries::new(
-            queue.iter().copied(),
-            color.stroke_width(1),
-        ))
-        .map_err(plot_err)?
-        .label("queue depth (right)")
-        .legend(legend_line(color, 2));
-    for event in event_lines(0.0, h_max) {
-        chart.draw_series(event).map_err(plot_err)?;
-    }
-    legend_box(&mut chart, SeriesLabelPosition::LowerLeft)?;
     root.present().map_err(plot_err)?;
     Ok(())
 }
@@ -600,27 +427,5 @@ mod tests {
         assert!(svg.starts_with("<svg"));
         assert!(svg.contains("batching on p99"));
         assert!(svg.contains("compute ceiling"));
-    }
-
-    #[test]
-    fn timeline_plot_writes_svg() {
-        let results = serde_json::json!({
-            "bin_s": 0.1, "duration_s": 0.3,
-            "events": [ { "at_s": 0.1, "label": "every replica panics" } ],
-            "bins": [
-                { "t_s": 0.0, "scheduled": 10, "ok_primary": 10, "ok_degraded": 0, "shed": 0,
-                  "failed": 0, "not_sent": 0, "p50_ms": 1.0, "p99_ms": 2.0, "max_ms": 3.0 },
-                { "t_s": 0.1, "scheduled": 10, "ok_primary": 2, "ok_degraded": 6, "shed": 2,
-                  "failed": 0, "not_sent": 0, "p50_ms": 10.0, "p99_ms": 90.0, "max_ms": 99.0 },
-                { "t_s": 0.2, "scheduled": 10, "ok_primary": 0, "ok_degraded": 0, "shed": 0,
-                  "failed": 10, "not_sent": 0, "p50_ms": null, "p99_ms": null, "max_ms": null } ],
-            "server": [ { "t_s": 0.0, "healthy_replicas": 2.0, "queue_depth": 0.0 },
-                        { "t_s": 0.2, "healthy_replicas": 0.0, "queue_depth": 40.0 } ],
-        });
-        let svg = render(timeline, &results);
-        assert!(svg.starts_with("<svg"));
-        assert!(svg.contains("every replica panics"));
-        assert!(svg.contains("degraded"));
-        assert!(svg.contains("queue depth"));
     }
 }

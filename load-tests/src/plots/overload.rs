@@ -8,7 +8,7 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde_json::Value;
 
-use super::{axes, chart_on, dots, f, items, legend_box, line, plot_err, PALETTE};
+use super::{axes, canvas, chart_on, dots, f, items, legend_box, line, plot_err, PALETTE};
 
 /// One variant's levels: (multiplier, goodput/s, primary p50 ms, primary p99 ms).
 struct Series {
@@ -65,14 +65,12 @@ pub fn overload_levels(results: &Value, out: &Path) -> anyhow::Result<()> {
         .flat_map(|s| s.points.iter().map(|p| p.0))
         .fold(1.0, f64::max)
         * 1.1;
-    let root = SVGBackend::new(out, (1100, 500)).into_drawing_area();
-    root.fill(&WHITE).map_err(plot_err)?;
     let title = if results["pinned"].is_object() {
         "Overload, mlp with slo_ms + fallback, pinned: per offered load (open loop)"
     } else {
         "Overload, mlp with slo_ms + fallback: per offered load (open loop)"
     };
-    let root = root.titled(title, ("sans-serif", 20)).map_err(plot_err)?;
+    let root = canvas(out, (1100, 500), Some((title, 20)))?;
     let (left, right) = root.split_horizontally(550);
 
     let y_max = all

@@ -7,7 +7,9 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde_json::Value;
 
-use super::{axes, chart_on, dots, draw_p50_p99, f, items, legend_box, line, plot_err, PALETTE};
+use super::{
+    axes, canvas, chart_on, dots, draw_p50_p99, f, items, legend_box, line, plot_err, PALETTE,
+};
 
 /// One client's levels: (concurrency, req/s, p50 ms, p99 ms).
 struct Series {
@@ -54,8 +56,6 @@ pub fn protocols(results: &Value, out: &Path) -> anyhow::Result<()> {
         .max(0.001)
         / 1.5;
 
-    let root = SVGBackend::new(out, (1100, 500)).into_drawing_area();
-    root.fill(&WHITE).map_err(plot_err)?;
     let rows = results["rows_per_request"].as_u64().unwrap_or(1);
     // `loadgen monitoring` writes the same shape, its server variants as the clients.
     let title = match results["plot_title"].as_str() {
@@ -64,7 +64,7 @@ pub fn protocols(results: &Value, out: &Path) -> anyhow::Result<()> {
             "mlp, {rows} row/request, one server: REST JSON / binary vs gRPC unary / stream (closed loop)"
         ),
     };
-    let root = root.titled(&title, ("sans-serif", 20)).map_err(plot_err)?;
+    let root = canvas(out, (1100, 500), Some((&title, 20)))?;
     let (left, right) = root.split_horizontally(550);
 
     let mut chart = chart_on(&left, (10, 45, 70, false))

@@ -8,7 +8,7 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde_json::Value;
 
-use super::{axes, chart_on, f, items, legend_box, line, plot_err, PALETTE};
+use super::{axes, canvas, chart_on, f, items, legend_box, line, plot_err, PALETTE};
 
 pub fn streams_fleet(results: &Value, out: &Path) -> anyhow::Result<()> {
     let bins: Vec<&Value> = items(results, "timeline").collect();
@@ -37,14 +37,9 @@ pub fn streams_fleet(results: &Value, out: &Path) -> anyhow::Result<()> {
         })
         .collect();
 
-    let root = SVGBackend::new(out, (1100, 760)).into_drawing_area();
-    root.fill(&WHITE).map_err(plot_err)?;
-    let root = root
-        .titled(
-            "Streams fleet drill: real-time VAD streams through haproxy during a rolling restart",
-            ("sans-serif", 20),
-        )
-        .map_err(plot_err)?;
+    let title =
+        "Streams fleet drill: real-time VAD streams through haproxy during a rolling restart";
+    let root = canvas(out, (1100, 760), Some((title, 20)))?;
     let panels = root.split_evenly((2, 1));
 
     let y_max = max.iter().chain(&p99).map(|p| p.1).fold(1.0, f64::max) * 3.0;

@@ -21,7 +21,7 @@ use crate::bench::{cpu_since, start_server_with, stop_server, ServerSetup, TempM
 use crate::rest::{self, RestOptions, RestReport};
 use crate::sysinfo::{wait_for_quiet, CpuSnapshot};
 use grpc_client::GrpcLoad;
-pub use options::{Protocol, ProtocolsOptions, CONTENDED_CORES};
+pub use options::{MlpClosedLoop, Protocol, ProtocolsOptions, CONTENDED_CORES};
 use results::{Client, Level, Slice};
 
 /// The plot written beside `report.md`.
@@ -37,8 +37,8 @@ struct Target {
 /// (warm-up + duration), plus a second per level for the quiet check and the start-up.
 pub fn run(options: &ProtocolsOptions) -> anyhow::Result<crate::report::Outcome> {
     options.check()?;
-    let start = crate::report::Start::now(options.common.out.as_deref(), "protocols-mlp");
-    let (model_file, sha256) = crate::bench::model_file_and_sha256(&options.model_file)?;
+    let start = crate::report::Start::now(options.mlp.common.out.as_deref(), "protocols-mlp");
+    let (model_file, sha256) = crate::bench::model_file_and_sha256(&options.mlp.model_file)?;
 
     let setup = ServerSetup::batching_on();
     let models = TempModelDir::create("protocols", &setup.manifest(&model_file, &sha256))?;
@@ -68,7 +68,7 @@ pub fn run(options: &ProtocolsOptions) -> anyhow::Result<crate::report::Outcome>
         options.protocols.len(),
         options.planned_secs().1,
     );
-    let runtime = match crate::sysinfo::client_runtime(options.common.threads.get()) {
+    let runtime = match crate::sysinfo::client_runtime(options.mlp.common.threads.get()) {
         Ok(runtime) => runtime,
         Err(e) => {
             stop_server(&running);
@@ -94,8 +94,14 @@ pub fn run(options: &ProtocolsOptions) -> anyhow::Result<crate::report::Outcome>
         &target.grpc.to_string(),
         &levels,
     );
-    let report =
-        results::render_report(&json, start.at.elapsed(), &model_file, &sha256, PLOT_FILE)?;
+    let (elapsed, file) = (start.at.elapsed(), (model_file.as_path(), sha256.as_str()));
+    let report = results::render_report(
+        ("protocols", results::TITLE),
+        &json,
+        elapsed,
+        file,
+        PLOT_FILE,
+    )?;
     let plot = (PLOT_FILE, crate::plots::protocols as _);
     crate::report::save_run(start.dir, "protocols", report, &json, plot)
 }
@@ -112,7 +118,7 @@ fn measure_levels(
         tag: "protocols",
         concurrencies: &options.concurrencies,
         rounds: options.rounds,
-        quiet_wait: options.common.quiet_wait,
+        quiet_wait: options.mlp.common.quiet_wait,
     };
     schedule.measure(
         |round| options.order(round),
@@ -241,7 +247,7 @@ async fn slice(
                 rows: options.rows,
                 binary: protocol == Protocol::RestBinary,
                 quiet: true,
-                request_timeout: options.request_timeout,
+                request_timeout: options.mlp.request_timeout,
             };
             rest::run(&load).await
         }
@@ -254,7 +260,7 @@ async fn slice(
                 duration: options.duration,
                 connections: options.grpc_connections,
                 stream_window: options.stream_window,
-                request_timeout: options.request_timeout,
+                request_timeout: options.mlp.request_timeout,
             };
             match protocol {
                 Protocol::GrpcUnary => grpc_client::run_unary(&load).await,

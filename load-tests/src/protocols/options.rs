@@ -1,6 +1,7 @@
-//! `loadgen protocols`'s options, and the four clients it compares: REST with JSON tensor
-//! data, REST with the binary tensor data extension, gRPC `ModelInfer` (unary) and gRPC
-//! `ModelStreamInfer` (streaming), all sending the same `mlp` request.
+//! `loadgen protocols`'s options (with [`MlpClosedLoop`], the part `monitoring` and `jobs`
+//! take too), and the four clients it compares: REST with JSON tensor data, REST with the
+//! binary tensor data extension, gRPC `ModelInfer` (unary) and gRPC `ModelStreamInfer`
+//! (streaming), all sending the same `mlp` request.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -58,6 +59,23 @@ impl Protocol {
     }
 }
 
+/// What `protocols`, `monitoring` and `jobs` share after their own options: the closed-loop
+/// clients' timeout, the benchmarks' common options, the `mlp` file and the command line.
+#[derive(Clone, Debug, clap::Args)]
+pub struct MlpClosedLoop {
+    /// Seconds to wait for one answer before counting it as a transport error.
+    #[arg(long = "timeout-secs", value_name = "TIMEOUT_SECS", default_value = "30", value_parser = secs(1, 600))]
+    pub request_timeout: Duration,
+    #[command(flatten)]
+    pub common: BenchCommon,
+    /// The model file: `models/mlp/1/model.onnx` of this checkout.
+    #[arg(skip = crate::bench::default_model_file())]
+    pub model_file: PathBuf,
+    /// The command line, as it goes in the report.
+    #[arg(skip = crate::cli::command_line())]
+    pub command: String,
+}
+
 /// `loadgen protocols`'s options.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ProtocolsOptions {
@@ -98,17 +116,8 @@ pub struct ProtocolsOptions {
     /// limit that refuses with 429 beyond it; `static`: no door limit).
     #[arg(long, value_enum, default_value = "adaptive")]
     pub admission: streamserve::config::Admission,
-    /// Seconds to wait for one answer before counting it as a transport error.
-    #[arg(long = "timeout-secs", value_name = "TIMEOUT_SECS", default_value = "30", value_parser = secs(1, 600))]
-    pub request_timeout: Duration,
     #[command(flatten)]
-    pub common: BenchCommon,
-    /// The model file: `models/mlp/1/model.onnx` of this checkout.
-    #[arg(skip = crate::bench::default_model_file())]
-    pub model_file: PathBuf,
-    /// The command line, as it goes in the report.
-    #[arg(skip = crate::cli::command_line())]
-    pub command: String,
+    pub mlp: MlpClosedLoop,
 }
 
 impl Default for ProtocolsOptions {
@@ -230,18 +239,8 @@ mod tests {
 
     #[test]
     fn the_scenario_file_gives_these_options() {
-        use clap::{Args as _, FromArgMatches as _};
-        let path =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/protocols-mlp.toml");
-        let args = crate::scenario::to_args(&std::fs::read_to_string(path).unwrap(), None).unwrap();
-        assert_eq!(args[0], "protocols");
-        let command = ProtocolsOptions::augment_args(clap::Command::new("protocols"));
-        let matches = command
-            .try_get_matches_from(
-                std::iter::once("protocols".to_string()).chain(args[1..].to_vec()),
-            )
-            .unwrap();
-        let o = ProtocolsOptions::from_arg_matches(&matches).unwrap();
+        let o: ProtocolsOptions =
+            crate::scenario::bundled_options("protocols-mlp.toml", "protocols");
         o.check().unwrap();
         assert_eq!(o.protocols.len(), 4);
         assert_eq!(o.baseline(), Protocol::RestJson);

@@ -2,7 +2,9 @@
 //! (`templates/protocols.md.j2`): each client's slices at a level combined into one run, its
 //! CPU (server, client, others) and CPU per request, and its ratios to the baseline client
 //! measured at the same level in the same run. The slices, levels and their JSON are generic
-//! over the [`Client`] compared, so that `loadgen monitoring` (server variants) shares them.
+//! over the [`Client`] compared, so that `loadgen monitoring` (server variants) and `loadgen
+//! jobs` (loads with and without a job) share them, and the report's rendering
+//! ([`render_report`]).
 
 use std::time::Duration;
 
@@ -195,7 +197,7 @@ pub fn results_json(
     json!({
         "kind": "protocols",
         "started_at": started_at,
-        "command": options.command,
+        "command": options.mlp.command,
         "machine": machine,
         "setup": setup,
         "grpc_addr": grpc_addr,
@@ -208,7 +210,7 @@ pub fn results_json(
         "slice_s": options.duration.as_secs_f64(),
         "grpc_connections": options.grpc_connections,
         "stream_window": options.stream_window,
-        "client_threads": options.common.threads.get(),
+        "client_threads": options.mlp.common.threads.get(),
         "admission": options.admission,
         "contended_cores": CONTENDED_CORES,
         "levels": levels,
@@ -233,29 +235,25 @@ pub fn error_lines(results: &Value) -> Vec<String> {
     lines
 }
 
-/// `report.md` from `templates/protocols.md.j2` over `results`, with the header and the
+/// The title of `protocols`' report.
+pub const TITLE: &str = "streamserve protocols: REST JSON, REST binary, gRPC unary and gRPC streaming on `mlp`, side by side";
+
+/// `report.md` from `templates/<template>.md.j2` over `results` (`protocols`', and those of
+/// `monitoring` and `jobs`, which measure as it does), with the header titled `title` and the
 /// errors listed.
 pub fn render_report(
+    (template, title): (&str, &str),
     results: &Value,
     elapsed: Duration,
-    model_file: &std::path::Path,
-    sha256: &str,
+    (model_file, sha256): (&std::path::Path, &str),
     plot: &str,
 ) -> anyhow::Result<String> {
-    let header = crate::report::header(
-        "streamserve protocols: REST JSON, REST binary, gRPC unary and gRPC streaming on `mlp`, side by side",
-        elapsed,
-        &[],
-        true,
-    );
+    let header = crate::report::header(title, elapsed, &[], true);
     let extra = json!({
         "model_file": model_file.display().to_string(), "sha256": sha256,
         "error_lines": error_lines(results), "plot": plot,
     });
-    crate::report::render(
-        "protocols",
-        &crate::report::context(results, &[header, extra]),
-    )
+    crate::report::render(template, &crate::report::context(results, &[header, extra]))
 }
 
 #[cfg(test)]
@@ -360,11 +358,12 @@ mod tests {
         assert_eq!(runs[1]["slices"].as_array().unwrap().len(), 2);
         assert_eq!(json["levels"][0]["order"][1][0], "grpc-unary");
         assert_eq!(json["levels"][0]["set_aside"][0]["requests_per_s"], 5.0);
+        let file = ("m.onnx".as_ref(), "abc");
         let report = render_report(
+            ("protocols", TITLE),
             &json,
             Duration::from_secs(3),
-            "m.onnx".as_ref(),
-            "abc",
+            file,
             "p.svg",
         )
         .unwrap();

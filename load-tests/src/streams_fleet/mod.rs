@@ -142,16 +142,7 @@ pub struct Measured {
 pub fn run(options: &StreamsFleetOptions) -> anyhow::Result<(crate::report::Outcome, bool)> {
     let audio = crate::streams::Audio::load(&crate::streams::default_wav())?;
     options.check(audio.seconds())?;
-    let bin = match &options.server_bin {
-        Some(bin) => bin.clone(),
-        None => crate::overload::server::default_server_bin()?,
-    };
-    if !bin.is_file() {
-        bail!(
-            "{} does not exist: build it (`cargo build --release --bin streamserve`) or name it with --server-bin",
-            bin.display()
-        );
-    }
+    let bin = crate::overload::server::server_bin(options.server_bin.as_deref())?;
     let haproxy_version = Haproxy::version()?;
     let start = crate::report::Start::now(options.common.out.as_deref(), "streams-fleet");
     std::fs::create_dir_all(&start.dir)
@@ -262,7 +253,11 @@ fn drill(
     let config_path = out.join("haproxy.cfg");
     std::fs::write(&config_path, &haproxy_config)?;
     let mut haproxy = Haproxy::start(&config_path, haproxy_port, out.join("haproxy.log"))?;
-    runtime.block_on(wait_through(&client, &haproxy.url, &instance_ids))?;
+    // Until haproxy has passed a readiness check to every instance.
+    let ready = format!("{}/v2/health/ready", haproxy.url);
+    runtime.block_on(crate::fleet::wait_through(&instance_ids, || {
+        client.get(&ready)
+    }))?;
     eprintln!(
         "[streams-fleet] {} instances ({}) behind haproxy on {} ({haproxy_version})",
         slots.len(),
@@ -465,27 +460,6 @@ fn restart(
     })
 }
 
-/// Waits (at most 30 s) until haproxy has passed a readiness check to every instance.
-async fn wait_through(client: &reqwest::Client, base: &str, ids: &[String]) -> anyhow::Result<()> {
-    let url = format!("{base}/v2/health/ready");
-    let mut seen = std::collections::BTreeSet::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while seen.len() < ids.len() {
-        if Instant::now() >= deadline {
-            bail!("through haproxy, only {seen:?} of {ids:?} answered within 30 s");
-        }
-        match client.get(&url).send().await {
-            Ok(r) if r.status().is_success() => {
-                if let Some(by) = r.headers().get("x-served-by").and_then(|v| v.to_str().ok()) {
-                    seen.insert(by.to_string());
-                }
-            }
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -508,15 +482,8 @@ mod tests {
 
     #[test]
     fn the_scenario_file_gives_these_options() {
-        use clap::{Args as _, FromArgMatches as _};
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/streams-fleet.toml");
-        let args = crate::scenario::to_args(&std::fs::read_to_string(path).unwrap(), None).unwrap();
-        assert_eq!(args[0], "streams-fleet");
-        let command = StreamsFleetOptions::augment_args(clap::Command::new("streams-fleet"));
-        let matches = command
-            .try_get_matches_from(std::iter::once("x".to_string()).chain(args[1..].to_vec()))
-            .unwrap();
-        let o = StreamsFleetOptions::from_arg_matches(&matches).unwrap();
+        let o: StreamsFleetOptions =
+            crate::scenario::bundled_options("streams-fleet.toml", "streams-fleet");
         o.check(9.44).unwrap();
         assert_eq!((o.instances, o.streams), (3, 40));
     }
