@@ -184,7 +184,10 @@ impl Window {
         let server_us = ratio(server_cores * seconds * 1e6, self.units).unwrap_or(0.0);
         let rows_per_unit = ratio(self.rows, self.units).unwrap_or(0.0);
         let model_us = model_us_per_row.map(|m| m * rows_per_unit);
-        let per_core = ratio(case.n as f64, server_cores);
+        // The streams that kept real time, from the chunks the server stepped, not the streams
+        // asked for: a stream that fell behind or failed counts for the share it got.
+        let real_time_streams = ratio(self.units, seconds).map(|c| c / CHUNKS_PER_STREAM_SECOND);
+        let per_core = real_time_streams.and_then(|n| ratio(n, server_cores));
         Figures {
             server_us_per_unit: server_us,
             rows_per_call: self.rows_per_call(),
@@ -196,6 +199,9 @@ impl Window {
         }
     }
 }
+
+/// One real-time `silero_vad` stream's chunks per second: 512-sample chunks of 16 kHz audio.
+const CHUNKS_PER_STREAM_SECOND: f64 = 16_000.0 / 512.0;
 
 fn ratio(a: f64, b: f64) -> Option<f64> {
     (b > 0.0).then(|| a / b)
@@ -524,6 +530,12 @@ mod tests {
             (Some(2.0), Some(40.0))
         );
         assert_eq!(f.streams_per_core, Some(400.0));
+        // Half the chunks: the streams kept half of real time, so 100 streams on 0.5 core.
+        let behind = Window {
+            units: 12_500.0,
+            ..window(&case, 4.0, 0.5)
+        };
+        assert_eq!(behind.figures(&case, None).streams_per_core, Some(200.0));
         // No counters moved: no batch to measure, nothing divided by zero.
         let still = texts(1, 1, 1, 1);
         let empty = Window::new(&case, 4.0, &[], [&still, &still]);
