@@ -19,6 +19,7 @@ use super::router::{Drain, Infer, InjectFault, RouterHandle, RouterStatus, Statu
 use crate::error::ServeError;
 use crate::model::{InferRequest, InferResponse, ModelInfo};
 use crate::monitor::ModelWatch;
+use crate::telemetry::RequestSeries;
 
 /// A version that is being served.
 #[derive(Clone)]
@@ -28,6 +29,8 @@ pub struct ServedModel {
     pub health: Arc<ModelHealth>,
     /// What its inputs and outputs look like, drift and probe ([`crate::monitor`]).
     pub watch: Arc<ModelWatch>,
+    /// The request series its answers move, looked up once.
+    pub series: Arc<RequestSeries>,
 }
 
 /// When a request arrived, by when it must have started running, and its lane.

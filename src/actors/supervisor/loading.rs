@@ -96,17 +96,15 @@ async fn serve(
         let served = catalog.snapshot().resolve(name, None).ok()?;
         served.health.ready().then_some(served.router)
     });
-    let router = router::start(
-        RouterSetup {
-            info: info.clone(),
-            recipe,
-            budgets,
-            fallback,
-            workers,
-            faults,
-            health: health.clone(),
-        },
-    );
+    let router = router::start(RouterSetup {
+        info: info.clone(),
+        recipe,
+        budgets,
+        fallback,
+        workers,
+        faults,
+        health: health.clone(),
+    });
     tracing::info!(
         model = %entry.name, version = %entry.version, device = %device, replicas = entry.replicas,
         max_batch_size = entry.batching.max_batch_size, start_ms = started.elapsed().as_millis() as u64,
@@ -114,6 +112,7 @@ async fn serve(
     );
     Ok(ServedModel {
         watch: model_watch,
+        series: Default::default(),
         info,
         router,
         health,
