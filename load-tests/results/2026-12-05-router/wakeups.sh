@@ -10,7 +10,7 @@ sw() { cat /proc/$PID/task/*/status | awk '/ctxt_switches/{s+=$2} END{print s}';
 cpu() { awk '{print $14+$15}' /proc/$PID/stat; }
 reqs() { curl -s localhost:$PORT/metrics | awk '/^streamserve_batch_requests_sum\{model="mlp"/{print $2}'; }
 s0=$(sw); c0=$(cpu); r0=$(reqs)
-OUT=$(target/release/loadgen rest --url http://127.0.0.1:$PORT --concurrency $C --duration-secs 6 --warmup-secs 1 --quiet --client-threads 1 $EXTRA 2>&1)
+OUT=$(target/release/loadgen rest --url http://127.0.0.1:$PORT --concurrency $C --duration-secs ${DUR:-6} --warmup-secs 1 --quiet --client-threads 1 $EXTRA 2>&1)
 s1=$(sw); c1=$(cpu); r1=$(reqs)
 kill $PID; wait $PID 2>/dev/null
 TCK=$(getconf CLK_TCK)
