@@ -209,10 +209,6 @@ const MODEL_COUNTERS: &[&str] = &[
     "streamserve_inference_failures_total",
 ];
 
-/// Creates at 0 every counter series that a model version's router (and its streams) can
-/// increment, when the router starts: a series that only appears with its first event hides
-/// that event from `rate()` and `increase()`, and an alert on it has nothing to evaluate until
-/// then.
 /// The series answered requests move, for one served version, looked up once each: a lookup
 /// by labels builds and hashes the label strings on every request (about 4% of a 1-row
 /// request's CPU at concurrency 1, with the access line). Each is made on its first use, so
@@ -280,6 +276,10 @@ impl RequestSeries {
     }
 }
 
+/// Creates at 0 every counter series that a model version's router (and its streams) can
+/// increment, when the router starts: a series that only appears with its first event hides
+/// that event from `rate()` and `increase()`, and an alert on it has nothing to evaluate until
+/// then.
 pub fn register_model_series(info: &crate::model::ModelInfo) {
     let labels = [
         ("model", info.name.clone()),

@@ -10,7 +10,11 @@
 //! server's CPU for a 1-row request at concurrency 1 (docs/efficiency.md). Now a request wakes
 //! two: its worker, and its caller. What needs a timer or an `await` is left to the actor as
 //! [`Effects`], carried out once the lock is released (never while holding it, so that two
-//! routers handing requests to each other's fallback cannot deadlock).
+//! routers handing requests to each other's fallback cannot deadlock). One consequence: when a
+//! version's last worker dies, the requests it hands to its fallback travel after the lock is
+//! released, so a request admitted meanwhile on another thread may reach the fallback before
+//! them. Each is answered exactly once all the same; only their order at the fallback can
+//! differ (a stream keeps one step in flight, so its steps are not affected).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -478,6 +482,9 @@ impl RouterCore {
         self.autoscale(effects);
         if self.draining && self.queue.is_empty() && self.replicas.busy() == 0 {
             tracing::info!(model = %self.info.name, version = %self.info.version, "unloaded");
+            // Under this same lock: a request that still arrives (from a caller holding an old
+            // handle) is dropped at once, not queued behind a timer that will never fire.
+            self.stopped = true;
             return true;
         }
         let dead = self.queue.remove_dead(Instant::now());

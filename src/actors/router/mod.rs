@@ -91,8 +91,15 @@ pub fn start(setup: RouterSetup) -> RouterHandle {
     // event hides that event from `rate()`.
     crate::telemetry::register_model_series(&setup.info);
     let reports = setup.recipe.reports.clone();
+    let core = RouterCore::new(setup, Instant::now());
+    // Published before any caller can reach the state (not in the actor's `started`, which
+    // may run after the first requests and would overwrite what they set).
+    core.publish_health();
+    core.publish_queue();
+    metrics::gauge!("streamserve_overloaded", &core.labels).set(0.0);
+    metrics::gauge!("streamserve_replicas", &core.labels).set(core.replicas.len() as f64);
     let shared = Arc::new(Shared {
-        core: Mutex::new(RouterCore::new(setup, Instant::now())),
+        core: Mutex::new(core),
         addr: OnceLock::new(),
     });
     let arbiter = Arbiter::new();
@@ -251,6 +258,10 @@ impl Actor for Router {
             .memory
             .give_back(core.info.device, memory_mb * replicas as u64);
         core.replicas.slots.clear();
+        // Whatever still waits (the actor ended some other way than a finished drain) is
+        // dropped with its reply slot: its caller hears that the router dropped the request,
+        // rather than waiting for a timer or a watch that will not run again.
+        drop(core.queue.drain());
         metrics::gauge!("streamserve_workers", &core.labels).set(0.0);
         // 0 of 0: an unloaded version is not one without a healthy replica (the alert on
         // `streamserve_workers == 0` also asks for `streamserve_replicas > 0`).
@@ -260,13 +271,6 @@ impl Actor for Router {
     }
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        {
-            let core = self.lock();
-            core.publish_health();
-            core.publish_queue();
-            metrics::gauge!("streamserve_overloaded", &core.labels).set(0.0);
-            metrics::gauge!("streamserve_replicas", &core.labels).set(core.replicas.len() as f64);
-        }
         ctx.run_interval(WATCH_INTERVAL, |router, ctx| {
             if router.with_core(ctx, |core, effects| core.watch(effects)) {
                 ctx.stop();

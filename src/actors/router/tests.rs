@@ -301,3 +301,35 @@ async fn low_priority_requests_are_refused_first_when_the_queue_fills() {
     let (a, b, c, d) = futures_util::join!(running, queued_low, queued_normal, normal);
     assert!(a.is_ok() && b.is_ok() && c.is_ok() && d.is_ok());
 }
+
+#[actix_web::test]
+async fn a_request_to_an_unloaded_version_is_refused_at_once() {
+    // A caller may still hold the handle of a version that finished draining; with a batching
+    // delay its request would otherwise wait for a flush timer that no longer runs.
+    let loader = DoubleLoader::new(Behaviour::Echo).leak();
+    let catalog = Arc::new(SharedCatalog::default());
+    let served = serve(
+        loader,
+        &catalog,
+        "m",
+        "max_batch_size = 8\nmax_queue_delay_ms = 50",
+    )
+    .await;
+    assert!(served
+        .infer(request(&served, 1), InferOptions::now())
+        .await
+        .is_ok());
+    served.drain();
+    let start = Instant::now();
+    while served.status().await.is_some() {
+        assert!(start.elapsed() < Duration::from_secs(5), "did not unload");
+        actix_web::rt::time::sleep(Duration::from_millis(10)).await;
+    }
+    let late = actix_web::rt::time::timeout(
+        Duration::from_secs(2),
+        served.infer(request(&served, 1), InferOptions::now()),
+    )
+    .await
+    .expect("answered, not left waiting");
+    assert!(matches!(late, Err(ServeError::WorkerLost(_))), "{late:?}");
+}
