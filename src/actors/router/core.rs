@@ -28,7 +28,7 @@ use crate::actors::budget::Budgets;
 use crate::actors::faults::FaultQueue;
 use crate::actors::health::ModelHealth;
 use crate::actors::pending::{Batch, BatchLayout, Pending};
-use crate::actors::worker::{BatchOutcome, WorkerHandle, WorkerRecipe, WorkerReport};
+use crate::actors::worker::{BatchOutcome, Inbox, WorkerHandle, WorkerRecipe, WorkerReport};
 use crate::error::ServeError;
 use crate::model::ModelInfo;
 
@@ -42,6 +42,18 @@ pub(super) struct Effects {
     pub starts: Vec<StartWorker>,
     /// Requests handed to a fallback model (degraded mode).
     pub handoffs: Vec<(RouterHandle, Pending)>,
+    /// Batches for idle workers, sent once the lock is released: the send wakes the worker,
+    /// and on a busy core the woken thread may run at once; holding the lock then would stop
+    /// every caller and the worker's own report until the sender ran again.
+    pub batches: Vec<Dispatched>,
+}
+
+/// A batch on its way to a replica's worker.
+pub(super) struct Dispatched {
+    pub replica: usize,
+    pub generation: u64,
+    pub inbox: Inbox,
+    pub batch: Batch,
 }
 
 /// A worker to start for a replica, after `delay` (restart backoff).
@@ -326,22 +338,17 @@ impl RouterCore {
             };
             let slot_ref = &mut self.replicas.slots[slot];
             let handle = slot_ref.handle.as_ref().expect("idle slot has a worker");
-            match handle.submit(batch) {
-                Ok(()) => {
-                    slot_ref.in_flight = Some(InFlight {
-                        items,
-                        started: Instant::now(),
-                    });
-                    slot_ref.last_dispatch = Instant::now();
-                }
-                Err(_) => {
-                    // The worker thread is gone without a report: requeue at the front, in order.
-                    for pending in items.into_iter().rev() {
-                        self.queue.push_front(pending);
-                    }
-                    self.worker_lost(slot, "worker thread exited".into(), effects);
-                }
-            }
+            effects.batches.push(Dispatched {
+                replica: slot,
+                generation: handle.generation,
+                inbox: handle.inbox(),
+                batch,
+            });
+            slot_ref.in_flight = Some(InFlight {
+                items,
+                started: Instant::now(),
+            });
+            slot_ref.last_dispatch = Instant::now();
         }
         self.update_overload();
         self.publish_queue();
@@ -418,6 +425,24 @@ impl RouterCore {
             self.publish_queue();
         }
         self.dispatch(effects);
+    }
+
+    /// A batch its worker could not take (the thread is gone): unless the replica was replaced
+    /// meanwhile (then the batch was dealt with as the lost worker's), its requests go back to
+    /// the front of the queue, in order, and the worker is replaced.
+    pub fn undelivered(&mut self, replica: usize, generation: u64, effects: &mut Effects) {
+        let Some(slot) = self.replicas.slots.get_mut(replica) else {
+            return;
+        };
+        if slot.handle.as_ref().map(|h| h.generation) != Some(generation) {
+            return;
+        }
+        if let Some(lost) = slot.in_flight.take() {
+            for pending in lost.items.into_iter().rev() {
+                self.queue.push_front(pending);
+            }
+        }
+        self.worker_lost(replica, "worker thread exited".into(), effects);
     }
 
     /// A worker's report, on the worker's thread: the replica is idle again (and may take the

@@ -148,19 +148,30 @@ impl Shared {
     /// Carries out what the state asked for, with the lock released.
     fn apply(&self, effects: Effects) {
         if let Some(addr) = self.addr.get() {
-            apply(effects, addr);
+            apply(effects, addr, self);
         }
     }
 }
 
-/// Sends the actor its timer and worker starts, and hands requests to fallbacks (their
-/// routers' own locks, taken only now that this router's is released).
-fn apply(effects: Effects, addr: &Addr<Router>) {
+/// Hands workers their batches, sends the actor its timer and worker starts, and hands
+/// requests to fallbacks (their routers' own locks, taken only now that this router's is
+/// released). A batch a worker cannot take goes back through `shared`'s lock.
+fn apply(effects: Effects, addr: &Addr<Router>, shared: &Shared) {
     let Effects {
         flush_after,
         starts,
         handoffs,
+        batches,
     } = effects;
+    for dispatched in batches {
+        if dispatched.inbox.submit(dispatched.batch).is_err() {
+            let mut effects = Effects::default();
+            shared
+                .lock()
+                .undelivered(dispatched.replica, dispatched.generation, &mut effects);
+            apply(effects, addr, shared);
+        }
+    }
     if let Some(wait) = flush_after {
         addr.do_send(ArmFlush(wait));
     }
@@ -237,7 +248,7 @@ impl Router {
     ) -> R {
         let mut effects = Effects::default();
         let result = step(&mut self.lock(), &mut effects);
-        apply(effects, &ctx.address());
+        apply(effects, &ctx.address(), &self.shared);
         result
     }
 }

@@ -94,9 +94,21 @@ pub struct WorkerHandle {
 }
 
 impl WorkerHandle {
-    /// Hands the worker a batch; gives it back if the worker thread is gone.
+    /// Where to hand this worker its batch, kept apart from the handle so that the router can
+    /// send after releasing its lock.
+    pub fn inbox(&self) -> Inbox {
+        Inbox(self.batches.clone())
+    }
+}
+
+/// A worker's batch channel.
+pub struct Inbox(flume::Sender<Batch>);
+
+impl Inbox {
+    /// Hands the worker a batch without waiting; gives it back if the worker thread is gone,
+    /// or still holds a batch (a worker given up on as hung, whose slot was refilled).
     pub fn submit(&self, batch: Batch) -> Result<(), Batch> {
-        self.batches.send(batch).map_err(|e| e.into_inner())
+        self.0.try_send(batch).map_err(|e| e.into_inner())
     }
 }
 
