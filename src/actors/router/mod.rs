@@ -145,41 +145,38 @@ impl Shared {
         self.apply(effects);
     }
 
-    /// Carries out what the state asked for, with the lock released.
+    /// Carries out what the state asked for, with the lock released: hands workers their
+    /// batches (one a worker cannot take goes back under the lock), sends the actor its timer
+    /// and worker starts, and hands requests to fallbacks (their routers' own locks, taken only
+    /// now that this router's is released).
     fn apply(&self, effects: Effects) {
+        let Effects {
+            flush_after,
+            starts,
+            handoffs,
+            batches,
+        } = effects;
+        for dispatched in batches {
+            if dispatched.inbox.submit(dispatched.batch).is_err() {
+                let mut effects = Effects::default();
+                self.lock()
+                    .undelivered(dispatched.replica, dispatched.generation, &mut effects);
+                self.apply(effects);
+            }
+        }
+        // The address is set before any caller or worker can reach the state, and the
+        // actor's own first watch comes a tick (50 ms) after it starts.
         if let Some(addr) = self.addr.get() {
-            apply(effects, addr, self);
+            if let Some(wait) = flush_after {
+                addr.do_send(ArmFlush(wait));
+            }
+            for start in starts {
+                addr.do_send(start);
+            }
         }
-    }
-}
-
-/// Hands workers their batches, sends the actor its timer and worker starts, and hands
-/// requests to fallbacks (their routers' own locks, taken only now that this router's is
-/// released). A batch a worker cannot take goes back through `shared`'s lock.
-fn apply(effects: Effects, addr: &Addr<Router>, shared: &Shared) {
-    let Effects {
-        flush_after,
-        starts,
-        handoffs,
-        batches,
-    } = effects;
-    for dispatched in batches {
-        if dispatched.inbox.submit(dispatched.batch).is_err() {
-            let mut effects = Effects::default();
-            shared
-                .lock()
-                .undelivered(dispatched.replica, dispatched.generation, &mut effects);
-            apply(effects, addr, shared);
+        for (fallback, pending) in handoffs {
+            fallback.0.admit(pending, false);
         }
-    }
-    if let Some(wait) = flush_after {
-        addr.do_send(ArmFlush(wait));
-    }
-    for start in starts {
-        addr.do_send(start);
-    }
-    for (fallback, pending) in handoffs {
-        fallback.0.admit(pending, false);
     }
 }
 
@@ -241,14 +238,10 @@ impl Router {
     }
 
     /// Runs `step` on the state, then carries out its effects.
-    fn with_core<R>(
-        &mut self,
-        ctx: &mut Context<Self>,
-        step: impl FnOnce(&mut RouterCore, &mut Effects) -> R,
-    ) -> R {
+    fn with_core<R>(&mut self, step: impl FnOnce(&mut RouterCore, &mut Effects) -> R) -> R {
         let mut effects = Effects::default();
         let result = step(&mut self.lock(), &mut effects);
-        apply(effects, &ctx.address(), &self.shared);
+        self.shared.apply(effects);
         result
     }
 }
@@ -283,7 +276,7 @@ impl Actor for Router {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.run_interval(WATCH_INTERVAL, |router, ctx| {
-            if router.with_core(ctx, |core, effects| core.watch(effects)) {
+            if router.with_core(|core, effects| core.watch(effects)) {
                 ctx.stop();
             }
         });
@@ -294,8 +287,8 @@ impl Handler<ArmFlush> for Router {
     type Result = ();
 
     fn handle(&mut self, ArmFlush(wait): ArmFlush, ctx: &mut Self::Context) {
-        ctx.run_later(wait, |router, ctx| {
-            router.with_core(ctx, |core, effects| core.flush(effects))
+        ctx.run_later(wait, |router, _ctx| {
+            router.with_core(|core, effects| core.flush(effects))
         });
     }
 }
@@ -325,7 +318,7 @@ impl Handler<StartWorker> for Router {
 impl Handler<Attach> for Router {
     type Result = ();
 
-    fn handle(&mut self, Attach(worker): Attach, ctx: &mut Self::Context) {
-        self.with_core(ctx, |core, effects| core.attach(worker, effects));
+    fn handle(&mut self, Attach(worker): Attach, _ctx: &mut Self::Context) {
+        self.with_core(|core, effects| core.attach(worker, effects));
     }
 }
