@@ -181,6 +181,15 @@ pub struct ServeArgs {
     /// free port when --port is 0].
     #[arg(long, env = "STREAMSERVE_GRPC_PORT")]
     pub grpc_port: Option<GrpcPort>,
+    /// Port of a second listener for speech only (the stream and segments endpoints, and
+    /// health), on HTTP threads of its own, so that a flood of requests on `--port` cannot
+    /// hold up open streams' chunks; 0 picks a free one. Streams are served on `--port` too.
+    /// Unset: no such listener.
+    #[arg(long, env = "STREAMSERVE_STREAM_PORT")]
+    pub stream_port: Option<u16>,
+    /// HTTP worker threads of the `--stream-port` listener; at least 1 [default: 1].
+    #[arg(long, env = "STREAMSERVE_STREAM_WORKERS")]
+    pub stream_workers: Option<usize>,
     /// Largest gRPC message received or sent, in bytes [default: max_body_bytes].
     #[arg(long, env = "STREAMSERVE_GRPC_MAX_MESSAGE_BYTES")]
     pub grpc_max_message_bytes: Option<usize>,
@@ -342,6 +351,9 @@ pub struct Config {
     pub trusted_proxies: Option<String>,
     /// `None`: 8081, or a free port when `port` is 0 (see [`Config::grpc_listen_port`]).
     pub grpc_port: Option<GrpcPort>,
+    /// `None`: no speech-only listener.
+    pub stream_port: Option<u16>,
+    pub stream_workers: usize,
     /// `None`: `max_body_bytes`.
     pub grpc_max_message_bytes: Option<usize>,
     pub grpc_tls_cert: Option<PathBuf>,
@@ -396,6 +408,8 @@ impl Default for Config {
             client_requests_per_sec: 0,
             trusted_proxies: None,
             grpc_port: None,
+            stream_port: None,
+            stream_workers: 1,
             grpc_max_message_bytes: None,
             grpc_tls_cert: None,
             grpc_tls_key: None,
@@ -492,6 +506,7 @@ impl Config {
     /// The per-key rules that a type cannot say: lower bounds, and the token file read.
     fn normalise(mut self) -> anyhow::Result<Config> {
         self.http_workers = self.http_workers.max(1);
+        self.stream_workers = self.stream_workers.max(1);
         self.stream_idle_secs = self.stream_idle_secs.max(1);
         self.body_timeout_secs = self.body_timeout_secs.max(1);
         self.max_body_memory_mb = self.max_body_memory_mb.max(1);

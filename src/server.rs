@@ -31,6 +31,9 @@ pub struct Running {
     /// Where gRPC listens; `None` when it is off.
     pub grpc_addr: Option<SocketAddr>,
     grpc: Option<GrpcServer>,
+    /// Where the speech-only listener (`--stream-port`) listens; `None` when there is none.
+    pub stream_addr: Option<SocketAddr>,
+    stream_handle: Option<actix_web::dev::ServerHandle>,
     pub handle: actix_web::dev::ServerHandle,
     pub catalog: Arc<SharedCatalog>,
     /// The fleet agent, when following a model registry.
@@ -61,6 +64,9 @@ impl Running {
         // First take no more connections: one accepted after the first `Connection: close`
         // answers would be dropped unread by the stopping worker.
         self.handle.pause().await;
+        if let Some(streams) = &self.stream_handle {
+            streams.pause().await;
+        }
         self.work.start_draining();
         let _ = self.shutdown.send(true);
         if let Some(grpc) = &self.grpc {
@@ -83,7 +89,12 @@ impl Running {
                 grpc.stop(deadline).await;
             }
         };
-        tokio::join!(self.handle.stop(true), grpc);
+        let streams = async {
+            if let Some(streams) = &self.stream_handle {
+                streams.stop(true).await;
+            }
+        };
+        tokio::join!(self.handle.stop(true), grpc, streams);
     }
 }
 
@@ -192,42 +203,32 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
         jobs: jobs.clone(),
     });
     let grpc_state = state.clone().into_inner();
-    let server = HttpServer::new(move || {
-        let door = door.clone();
-        App::new()
-            .app_data(state.clone())
-            .app_data(machine.clone())
-            .app_data(door::query_errors())
-            .app_data(door::path_errors())
-            .configure(api::routes)
-            .default_service(web::to(door::no_such_endpoint))
-            .wrap_fn(move |req, service| door.wrap(req, service))
-    })
-    // Counts the connection until it closes (its data is dropped with it).
-    .on_connect(traffic::on_http_connect)
-    // Results are small writes (a stream sends one per 32 ms chunk): without TCP_NODELAY, Nagle's
-    // algorithm holds one back behind the peer's delayed ACK, a 40 ms stall the load tool saw
-    // on a few chunks in a thousand.
-    .tcp_nodelay(true)
-    .workers(config.http_workers)
-    .shutdown_timeout(config.drain_secs)
-    // Per worker. Past the open-file limit, accept() fails and every new client is locked out;
-    // below it, a flood of connections waits in the listen backlog while those open are served
-    // (and slow bodies among them are cut by the door's pace).
-    .max_connections(max_connections.div_ceil(config.http_workers.max(1)))
-    .client_request_timeout(Duration::from_secs(30))
-    // A client that sends on a pooled connection just as the server closes it for idleness
-    // gets "connection closed before message completed" (loadgen timeline saw 14 at once, 5 s
-    // after a load step left ~2,000 connections idle under actix's 5 s default). Outliving
-    // the clients' and proxies' own idle timeouts leaves the closing to them.
-    .keep_alive(Duration::from_secs(config.keep_alive_secs))
-    .bind((config.host.as_str(), config.port))
-    .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", config.host, config.port))?
-    .disable_signals();
-    let addr = *server
-        .addrs()
-        .first()
-        .ok_or_else(|| anyhow::anyhow!("listener has no address"))?;
+    let listener = Listener {
+        config,
+        state,
+        machine,
+        door,
+        max_connections,
+    };
+    let (server, addr) = listener.bind(config.port, config.http_workers, api::routes)?;
+    // Speech on HTTP threads of its own: each thread's event loop reads and writes every
+    // connection it holds, so on `--port` a stream's chunk waits behind whatever else that
+    // thread is reading and refusing. Measured pinned on one core with REST at twice its
+    // capacity: 40 streams' chunk p99 284 ms on the shared thread, 6 ms on a thread of their
+    // own (load-tests/results/2026-12-05-door-fit).
+    let streams_listener = match config.stream_port {
+        None => None,
+        Some(port) => {
+            let (server, addr) = listener.bind(port, config.stream_workers, api::stream_routes)?;
+            Some((server, addr))
+        }
+    };
+    let stream_addr = streams_listener.as_ref().map(|(_, addr)| *addr);
+    let stream_handle = streams_listener.map(|(server, _)| {
+        let handle = server.handle();
+        actix_web::rt::spawn(server);
+        handle
+    });
     // Bound after HTTP, so that a failed HTTP bind leaves no gRPC listener behind.
     let grpc = match config.grpc_listen_port() {
         None => None,
@@ -246,15 +247,17 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
         )?),
     };
     let grpc_addr = grpc.as_ref().map(|g| g.addr);
-    let server = server.run();
     // One line for both listeners: tools wait for it and read the addresses from it.
     let grpc_field = grpc_addr.map_or_else(|| "off".to_string(), |a| a.to_string());
+    let stream_field = stream_addr.map_or_else(|| "off".to_string(), |a| a.to_string());
     let grpc_tls = config.grpc_tls_cert.is_some();
-    tracing::info!(%addr, grpc_addr = %grpc_field, grpc_tls, max_connections, "streamserve listening");
+    tracing::info!(%addr, grpc_addr = %grpc_field, grpc_tls, stream_addr = %stream_field, max_connections, "streamserve listening");
     let running = Running {
         addr,
         grpc_addr,
         grpc,
+        stream_addr,
+        stream_handle,
         handle: server.handle(),
         catalog,
         fleet,
@@ -264,6 +267,68 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
         jobs,
     };
     Ok((running, server))
+}
+
+/// What an HTTP listener is built from: the main one (every route) and the speech-only one
+/// (`--stream-port`) share the state, the door and the connection settings.
+struct Listener<'a> {
+    config: &'a Config,
+    state: web::Data<AppState>,
+    machine: web::Data<Machine>,
+    door: Door,
+    max_connections: usize,
+}
+
+impl Listener<'_> {
+    /// An HTTP server with `routes` on `port` and `workers` threads, bound; it starts when its
+    /// future is first polled.
+    fn bind(
+        &self,
+        port: u16,
+        workers: usize,
+        routes: fn(&mut web::ServiceConfig),
+    ) -> anyhow::Result<(actix_web::dev::Server, SocketAddr)> {
+        let (state, machine, door) = (self.state.clone(), self.machine.clone(), self.door.clone());
+        let config = self.config;
+        let server = HttpServer::new(move || {
+            let door = door.clone();
+            App::new()
+                .app_data(state.clone())
+                .app_data(machine.clone())
+                .app_data(door::query_errors())
+                .app_data(door::path_errors())
+                .configure(routes)
+                .default_service(web::to(door::no_such_endpoint))
+                .wrap_fn(move |req, service| door.wrap(req, service))
+        })
+        // Counts the connection until it closes (its data is dropped with it).
+        .on_connect(traffic::on_http_connect)
+        // Results are small writes (a stream sends one per 32 ms chunk): without TCP_NODELAY,
+        // Nagle's algorithm holds one back behind the peer's delayed ACK, a 40 ms stall the
+        // load tool saw on a few chunks in a thousand.
+        .tcp_nodelay(true)
+        .workers(workers)
+        .shutdown_timeout(config.drain_secs)
+        // Per worker. Past the open-file limit, accept() fails and every new client is locked
+        // out; below it, a flood of connections waits in the listen backlog while those open
+        // are served (and slow bodies among them are cut by the door's pace).
+        .max_connections(self.max_connections.div_ceil(workers.max(1)))
+        .client_request_timeout(Duration::from_secs(30))
+        // A client that sends on a pooled connection just as the server closes it for
+        // idleness gets "connection closed before message completed" (loadgen timeline saw 14
+        // at once, 5 s after a load step left ~2,000 connections idle under actix's 5 s
+        // default). Outliving the clients' and proxies' own idle timeouts leaves the closing
+        // to them.
+        .keep_alive(Duration::from_secs(config.keep_alive_secs))
+        .bind((config.host.as_str(), port))
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}:{port}: {e}", config.host))?
+        .disable_signals();
+        let addr = *server
+            .addrs()
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("listener has no address"))?;
+        Ok((server.run(), addr))
+    }
 }
 
 /// The keys that sign stream checkpoints: the fleet's (a file, or a value from the

@@ -127,6 +127,12 @@ impl AppState {
     }
 }
 
+/// Mounts the speech routes and health only: the `--stream-port` listener's, whose HTTP
+/// threads then carry no other traffic.
+pub fn stream_routes(cfg: &mut web::ServiceConfig) {
+    cfg.configure(ws::routes).configure(health::routes);
+}
+
 /// Mounts every route.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.configure(rest::infer_routes)

@@ -133,6 +133,8 @@ fn defaults_are_unchanged() {
         client_requests_per_sec,
         trusted_proxies,
         grpc_port,
+        stream_port,
+        stream_workers,
         grpc_max_message_bytes,
         grpc_tls_cert,
         grpc_tls_key,
@@ -192,6 +194,7 @@ fn defaults_are_unchanged() {
     assert_eq!(client_requests_per_sec, 0);
     assert_eq!(trusted_proxies, None);
     assert_eq!(grpc_port, None);
+    assert_eq!((stream_port, stream_workers), (None, 1));
     assert_eq!(grpc_max_message_bytes, None);
     assert_eq!((grpc_tls_cert, grpc_tls_key), (None, None));
     assert_eq!(Config::default().grpc_listen_port(), Some(8081));
