@@ -1,5 +1,6 @@
-//! Starting the whole server: ORT, the supervisor and its models, then the HTTP listener and
-//! the gRPC one beside it (`api/grpc/`), which stop together.
+//! Starting the whole server: ORT, the supervisor and its models, then the HTTP listener, the
+//! gRPC one beside it (`api/grpc/`) and, with `--stream-port`, an HTTP listener for speech
+//! only, which all stop together.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -169,7 +170,13 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
         pace: body_pace,
         work: work.clone(),
     };
-    let max_connections = connection_cap(config.max_connections, config.http_workers);
+    // One cap for every HTTP thread, shared by the listeners in proportion to their threads.
+    let stream_workers = config.stream_port.map_or(0, |_| config.stream_workers);
+    let max_connections =
+        connection_cap(config.max_connections, config.http_workers + stream_workers);
+    let stream_connections = (max_connections * stream_workers
+        / (config.http_workers + stream_workers))
+        .max(stream_workers);
     let access = Arc::new(Access::from_config(config).map_err(anyhow::Error::msg)?);
     {
         // Keys reload when their file changes; idle client addresses are forgotten.
@@ -208,27 +215,27 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
         state,
         machine,
         door,
-        max_connections,
     };
-    let (server, addr) = listener.bind(config.port, config.http_workers, api::routes)?;
+    let main_connections = max_connections
+        .saturating_sub(stream_connections)
+        .max(config.http_workers);
+    let (server, addr) = listener.bind(
+        config.port,
+        config.http_workers,
+        main_connections,
+        api::routes,
+    )?;
     // Speech on HTTP threads of its own: each thread's event loop reads and writes every
     // connection it holds, so on `--port` a stream's chunk waits behind whatever else that
     // thread is reading and refusing. Measured pinned on one core with REST at twice its
-    // capacity: 40 streams' chunk p99 284 ms on the shared thread, 6 ms on a thread of their
+    // capacity: 40 streams' chunk p99 245 ms on the shared thread, 6 ms on a thread of their
     // own (load-tests/results/2026-12-05-door-fit).
     let streams_listener = match config.stream_port {
         None => None,
         Some(port) => {
-            let (server, addr) = listener.bind(port, config.stream_workers, api::stream_routes)?;
-            Some((server, addr))
+            Some(listener.bind(port, stream_workers, stream_connections, api::stream_routes)?)
         }
     };
-    let stream_addr = streams_listener.as_ref().map(|(_, addr)| *addr);
-    let stream_handle = streams_listener.map(|(server, _)| {
-        let handle = server.handle();
-        actix_web::rt::spawn(server);
-        handle
-    });
     // Bound after HTTP, so that a failed HTTP bind leaves no gRPC listener behind.
     let grpc = match config.grpc_listen_port() {
         None => None,
@@ -247,7 +254,18 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
         )?),
     };
     let grpc_addr = grpc.as_ref().map(|g| g.addr);
-    // One line for both listeners: tools wait for it and read the addresses from it.
+    // Started once every listener is bound: a failed bind leaves none of them serving.
+    let stream_addr = streams_listener.as_ref().map(|(_, addr)| *addr);
+    let stream_handle = streams_listener.map(|(server, _)| {
+        let handle = server.handle();
+        actix_web::rt::spawn(async move {
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "the stream listener stopped with an error");
+            }
+        });
+        handle
+    });
+    // One line for every listener: tools wait for it and read the addresses from it.
     let grpc_field = grpc_addr.map_or_else(|| "off".to_string(), |a| a.to_string());
     let stream_field = stream_addr.map_or_else(|| "off".to_string(), |a| a.to_string());
     let grpc_tls = config.grpc_tls_cert.is_some();
@@ -276,16 +294,16 @@ struct Listener<'a> {
     state: web::Data<AppState>,
     machine: web::Data<Machine>,
     door: Door,
-    max_connections: usize,
 }
 
 impl Listener<'_> {
-    /// An HTTP server with `routes` on `port` and `workers` threads, bound; it starts when its
-    /// future is first polled.
+    /// An HTTP server with `routes` on `port`, `workers` threads and at most `connections`
+    /// open connections, bound; it starts when its future is first polled.
     fn bind(
         &self,
         port: u16,
         workers: usize,
+        connections: usize,
         routes: fn(&mut web::ServiceConfig),
     ) -> anyhow::Result<(actix_web::dev::Server, SocketAddr)> {
         let (state, machine, door) = (self.state.clone(), self.machine.clone(), self.door.clone());
@@ -312,7 +330,7 @@ impl Listener<'_> {
         // Per worker. Past the open-file limit, accept() fails and every new client is locked
         // out; below it, a flood of connections waits in the listen backlog while those open
         // are served (and slow bodies among them are cut by the door's pace).
-        .max_connections(self.max_connections.div_ceil(workers.max(1)))
+        .max_connections(connections.div_ceil(workers.max(1)))
         .client_request_timeout(Duration::from_secs(30))
         // A client that sends on a pooled connection just as the server closes it for
         // idleness gets "connection closed before message completed" (loadgen timeline saw 14

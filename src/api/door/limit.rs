@@ -14,8 +14,8 @@
 //! Each window ([`WINDOW`]) where more than a tenth of the answers took longer than the
 //! target, as the third such window in a row ([`LATE_WINDOWS`]), cuts the limit to four fifths
 //! of the most requests that were inside during the window, unless no more were inside than
-//! the server answers in twice the target and none was refused ([`Controller::fits`]: a
-//! pool of connections, not an overload); a window that filled the limit within the target
+//! the server answers in twice the target plus their time in the model and none was refused
+//! ([`Controller::fits`]: a pool of connections, not an overload); a window that filled the limit within the target
 //! grows it by its square root (fast from a small limit, gently near a large one), so the
 //! limit settles where the measured time meets the target and recovers within a second once
 //! an overload ends. It starts at its
@@ -46,12 +46,13 @@ pub const DEFAULT_MAX_LIMIT: usize = 4096;
 /// twice that) is not an overload, and refusing
 /// part of it would only send its clients away for a second.
 pub const LATE_WINDOWS: u32 = 3;
-/// How much of the best recent answer rate a window keeps: it halves in about 3.5 s, so that
-/// [`Controller::fits`] follows a server that got slower (a heavier model, a busier machine)
-/// within seconds.
+/// How much of the best recent answer rate each window (busy or quiet) keeps: it halves in
+/// about 3.5 s, so that [`Controller::fits`] follows a server that got slower (a heavier
+/// model, a busier machine) within seconds.
 pub const RATE_DECAY: f64 = 0.99;
-/// [`Controller::fits`] counts `rate x FIT_TARGETS x target`: at that many inside, the mean
-/// wait is twice the target, where the tenth-late rule (about p90) already holds. Measured
+/// [`Controller::fits`] counts `rate x (FIT_TARGETS x target + model time)`: at that many
+/// inside, the mean wait outside the model is twice the target, where the tenth-late rule
+/// (about p90) already holds. Measured
 /// pinned on one core (`mlp`, 1-row JSON, about 10k answers/s): a closed loop of 64
 /// connections, which the proxy's limit (`fly.toml`, 64 per core) lets in, got 429s for 75%
 /// of its requests and half the static door's goodput without it, as each refusal and its
@@ -75,6 +76,8 @@ pub struct Window {
     pub saturated: bool,
     /// Whether a request was refused.
     pub refused: bool,
+    /// Seconds the answers spent in their models' queues and compute, together.
+    pub model_secs: f64,
     /// The most requests inside at once.
     pub peak: usize,
     /// Admitted answers per second in this window.
@@ -90,8 +93,10 @@ pub struct Controller {
     /// Late windows in a row, up to this one.
     pub late_windows: u32,
     /// The highest answer rate of the recent windows (answers per second, decaying by
-    /// [`RATE_DECAY`] a window): what the server answers when it is not refusing.
+    /// [`RATE_DECAY`] a window): what the server can answer.
     pub best_rate: f64,
+    /// The last window's mean time of an answer in its model's queue and compute (seconds).
+    pub model_time: f64,
     /// Seconds of that rate that may be inside at once however late the answers, while none
     /// is refused: see [`Controller::fits`].
     pub fit_time: f64,
@@ -99,12 +104,14 @@ pub struct Controller {
 
 impl Controller {
     /// Requests that may be inside, however late their answers, while the door refuses
-    /// none: as many as the server answers in `fit_time` at its best recent rate (Little's
-    /// law). A client that keeps that many inside (a pool of connections, each sending its
-    /// next request when the last is answered) is not overloading the server, even when its
-    /// answers wait for the HTTP thread longer than the target.
+    /// none: as many as the server answers, at its best recent rate, in `fit_time` plus the
+    /// time an answer spends in its model (Little's law: a request inside is either waiting
+    /// outside the model, which the target is about, or in it). A client that keeps that
+    /// many inside (a pool of connections, each sending its next request when the last is
+    /// answered) is not overloading the server, even when its answers wait for the HTTP
+    /// thread longer than the target.
     pub fn fits(&self) -> f64 {
-        self.best_rate * self.fit_time
+        self.best_rate * (self.fit_time + self.model_time)
     }
 
     /// The limit after a window that lasted `windows` [`WINDOW`]s (more than one after a
@@ -112,16 +119,21 @@ impl Controller {
     /// for every further window it spent idle, whatever the answers before the spell said).
     pub fn after(&mut self, window: Window, windows: u32) -> f64 {
         let grow = |limit: f64| (limit + limit.sqrt()).min(self.max);
-        let late = window.answers >= 4 && window.late * 10 > window.answers;
-        self.late_windows = if late { self.late_windows + 1 } else { 0 };
-        self.best_rate = window.rate.max(self.best_rate * RATE_DECAY);
+        let decay = RATE_DECAY.powi(windows.clamp(1, 10_000) as i32);
+        self.best_rate = window.rate.max(self.best_rate * decay);
+        if window.answers > 0 {
+            self.model_time = window.model_secs / f64::from(window.answers);
+        }
         // Late, but as many as fit were inside and none was refused: cutting would refuse
         // requests the server answers well within `slo_ms`, and a pool of connections sends
         // each refused request again at once, so the refusals would only add to the CPU's
         // load, the rate would fall, and each cut would call for the next (measured: below).
-        // Once the door refuses (an open-loop overload), the rule is the plain one.
+        // Such a window counts as on time. Once the door refuses (an open-loop overload, or
+        // a pool larger than fits), the rule is the plain one.
         let fitting = !window.refused && window.peak as f64 <= self.fits();
-        if late && !fitting && self.late_windows >= LATE_WINDOWS {
+        let late = window.answers >= 4 && window.late * 10 > window.answers && !fitting;
+        self.late_windows = if late { self.late_windows + 1 } else { 0 };
+        if late && self.late_windows >= LATE_WINDOWS {
             self.limit = (self.limit.min(window.peak as f64) * 0.8).max(self.min);
         } else if !late && window.saturated {
             self.limit = grow(self.limit);
@@ -208,6 +220,7 @@ impl AdmissionLimit {
                     max,
                     late_windows: 0,
                     best_rate: 0.0,
+                    model_time: 0.0,
                     fit_time: (FIT_TARGETS * target).as_secs_f64(),
                 },
                 in_flight: 0,
@@ -262,7 +275,7 @@ impl AdmissionLimit {
         self.series.in_flight.set(state.in_flight as f64);
         Some(AdmissionPermit {
             limit: self.clone(),
-            waited: None,
+            answered: None,
         })
     }
 
@@ -289,16 +302,20 @@ impl AdmissionLimit {
         !refusing
     }
 
-    fn leave(&self, waited: Option<Duration>) {
+    /// Leaves; an answered request reports its wait outside its model and its time in it.
+    fn leave(&self, answered: Option<(Duration, Duration)>) {
         let mut state = self.lock();
         state.in_flight -= 1;
         self.series.in_flight.set(state.in_flight as f64);
-        let Some(waited) = waited else { return };
+        let Some((waited, in_model)) = answered else {
+            return;
+        };
         self.series.wait.record(waited.as_secs_f64());
         if self.mode == Admission::Static {
             return;
         }
         state.window.answers += 1;
+        state.window.model_secs += in_model.as_secs_f64();
         if waited > self.target {
             state.window.late += 1;
         }
@@ -333,240 +350,31 @@ impl AdmissionLimit {
 /// door, an error), [`AdmissionPermit::answered`] leaves with one.
 pub struct AdmissionPermit {
     limit: Arc<AdmissionLimit>,
-    /// Set by [`answered`](Self::answered): what leaving reports.
-    waited: Option<Duration>,
+    /// Set by [`answered`](Self::answered): what leaving reports, the wait outside the model
+    /// and the time in it.
+    answered: Option<(Duration, Duration)>,
 }
 
 impl AdmissionPermit {
     /// The request `received` then was answered with `response`: what the limit measures is
     /// the time since, outside the model's queue and compute.
-    pub fn answered(self, received: Instant, response: &InferResponse) {
+    pub fn answered(mut self, received: Instant, response: &InferResponse) {
         let model = response.queue_time + response.compute_time;
-        self.answered_after(received.elapsed().saturating_sub(model));
+        self.answered = Some((received.elapsed().saturating_sub(model), model));
     }
 
-    /// Leaves reporting `waited` as the time measured.
+    /// Leaves reporting `waited` as the time measured outside the model, and none in it.
+    #[cfg(test)]
     fn answered_after(mut self, waited: Duration) {
-        self.waited = Some(waited);
+        self.answered = Some((waited, Duration::ZERO));
     }
 }
 
 impl Drop for AdmissionPermit {
     fn drop(&mut self) {
-        self.limit.leave(self.waited);
+        self.limit.leave(self.answered);
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn controller() -> Controller {
-        Controller {
-            limit: 64.0,
-            min: 8.0,
-            max: 4096.0,
-            late_windows: 0,
-            best_rate: 0.0,
-            fit_time: 0.010,
-        }
-    }
-
-    fn window(answers: u32, late: u32, saturated: bool) -> Window {
-        Window {
-            answers,
-            late,
-            saturated,
-            peak: 1000,
-            refused: false,
-            rate: 0.0,
-        }
-    }
-
-    #[test]
-    fn late_answers_shrink_the_limit_down_to_its_floor() {
-        let mut c = controller();
-        assert_eq!(
-            c.after(window(100, 50, true), 1),
-            64.0,
-            "one late window is a burst"
-        );
-        assert_eq!(
-            c.after(window(100, 50, true), 1),
-            64.0,
-            "two are a long burst"
-        );
-        assert_eq!(c.after(window(100, 50, true), 1), 64.0 * 0.8);
-        for _ in 0..50 {
-            c.after(window(100, 50, true), 1);
-        }
-        assert_eq!(c.limit, 8.0);
-    }
-
-    #[test]
-    fn late_answers_of_as_many_as_fit_do_not_cut_the_limit_until_the_door_refuses() {
-        let mut c = controller();
-        c.limit = 4096.0;
-        // A closed loop of 128 connections that the server answers at 20k/s: with 10 ms
-        // (twice a 5 ms target), 200 fit. Their answers are late all the same (waiting for
-        // the HTTP thread, say), but refusing some would not make the others faster.
-        let pool = Window {
-            peak: 128,
-            rate: 20_000.0,
-            ..window(100, 50, false)
-        };
-        for _ in 0..10 {
-            assert_eq!(c.after(pool, 1), 4096.0);
-        }
-        assert_eq!(c.fits(), 200.0);
-        // More inside than fit (an open-loop overload) is cut, by the plain rule.
-        c.after(window(100, 0, false), 1);
-        let crowded = Window {
-            peak: 1000,
-            ..window(100, 50, true)
-        };
-        c.after(crowded, 1);
-        c.after(crowded, 1);
-        assert_eq!(c.after(crowded, 1), 800.0);
-        // And once the door refuses, late windows go on cutting below what fits.
-        let refusing = Window {
-            peak: 150,
-            refused: true,
-            ..window(100, 50, true)
-        };
-        assert_eq!(c.after(refusing, 1), 120.0);
-        for _ in 0..50 {
-            c.after(refusing, 1);
-        }
-        assert_eq!(c.limit, 8.0);
-    }
-
-    #[test]
-    fn what_fits_follows_a_server_that_got_slower() {
-        let mut c = controller();
-        c.after(
-            Window {
-                rate: 20_000.0,
-                ..window(100, 0, false)
-            },
-            1,
-        );
-        let slower = Window {
-            rate: 5_000.0,
-            ..window(100, 0, false)
-        };
-        // About 3.5 s of windows halve the best rate.
-        for _ in 0..69 {
-            c.after(slower, 1);
-        }
-        assert!((95.0..105.0).contains(&c.fits()), "{}", c.fits());
-        for _ in 0..400 {
-            c.after(slower, 1);
-        }
-        assert_eq!(c.fits(), 50.0);
-    }
-
-    #[test]
-    fn a_cut_starts_from_what_was_inside_not_from_an_unreached_limit() {
-        let mut c = controller();
-        c.limit = 4096.0;
-        let w = Window {
-            peak: 300,
-            ..window(100, 50, false)
-        };
-        c.after(w, 1);
-        c.after(w, 1);
-        assert_eq!(c.after(w, 1), 240.0);
-    }
-
-    #[test]
-    fn a_full_window_within_the_target_grows_the_limit_and_recovers_within_a_second() {
-        let mut c = controller();
-        c.limit = 8.0;
-        let windows_per_second = (Duration::from_secs(1).as_millis() / WINDOW.as_millis()) as u32;
-        for _ in 0..windows_per_second {
-            c.after(window(100, 0, true), 1);
-        }
-        assert!(c.limit >= 100.0, "{}", c.limit);
-        for _ in 0..1000 {
-            c.after(window(100, 0, true), 1);
-        }
-        assert_eq!(c.limit, 4096.0);
-    }
-
-    #[test]
-    fn a_limit_that_is_not_reached_stays_where_it_is_until_the_server_was_idle() {
-        let mut c = controller();
-        assert_eq!(c.after(window(100, 0, false), 1), 64.0);
-        // Too few answers to judge, and a tenth late is within the rule.
-        assert_eq!(c.after(window(3, 3, false), 1), 64.0);
-        assert_eq!(c.after(window(100, 10, false), 1), 64.0);
-        // A second without answers, then answers within the target: grown back past where
-        // the overloads of the load suite settle it.
-        c.limit = 16.0;
-        assert!(c.after(window(5, 0, false), 21) >= 150.0, "{}", c.limit);
-    }
-
-    #[test]
-    fn the_door_refuses_past_its_limit_and_lets_in_again_when_a_place_frees() {
-        let door = Arc::new(AdmissionLimit::new(
-            Admission::Static,
-            2,
-            Duration::from_millis(20),
-        ));
-        let a = door.try_enter().unwrap();
-        let _b = door.try_enter().unwrap();
-        assert!(door.try_enter().is_none());
-        assert!(door.refusing());
-        a.answered_after(Duration::from_millis(1));
-        assert!(door.try_enter().is_some());
-        assert_eq!(door.limit(), 2);
-    }
-
-    #[test]
-    fn a_pool_that_keeps_as_many_inside_as_fit_is_never_refused_however_late_its_answers() {
-        let door = Arc::new(AdmissionLimit::new(
-            Admission::Adaptive,
-            0,
-            Duration::from_millis(5),
-        ));
-        // 64 connections, each sending its next request as soon as the last is answered;
-        // every answer reports 20 ms outside the model (four times the target), at the
-        // rate a loop without a model answers (far more than 64 fit in 10 ms of it).
-        let mut pool: std::collections::VecDeque<_> =
-            (0..64).map(|_| door.try_enter().unwrap()).collect();
-        let until = Instant::now() + 8 * WINDOW;
-        while Instant::now() < until {
-            pool.pop_front()
-                .unwrap()
-                .answered_after(Duration::from_millis(20));
-            pool.push_back(
-                door.try_enter()
-                    .expect("a place for the pool's next request"),
-            );
-        }
-        assert_eq!(door.limit(), DEFAULT_MAX_LIMIT);
-        assert!(!door.refusing());
-    }
-
-    #[test]
-    fn static_without_a_limit_lets_everyone_in() {
-        let door = Arc::new(AdmissionLimit::new(
-            Admission::Static,
-            0,
-            Duration::from_millis(20),
-        ));
-        let permits: Vec<_> = (0..10_000).map(|_| door.try_enter().unwrap()).collect();
-        assert_eq!(permits.len(), 10_000);
-        assert_eq!(door.limit(), usize::MAX);
-        assert!(!door.refusing());
-    }
-
-    #[test]
-    fn the_adaptive_limit_starts_at_its_ceiling() {
-        let small = AdmissionLimit::new(Admission::Adaptive, 4, Duration::from_millis(20));
-        assert_eq!(small.limit(), 4);
-        let default = AdmissionLimit::new(Admission::Adaptive, 0, Duration::from_millis(20));
-        assert_eq!(default.limit(), DEFAULT_MAX_LIMIT);
-    }
-}
+mod tests;

@@ -1,0 +1,232 @@
+//! The adaptive rule on its own (no clocks), and the door over real time.
+
+use super::*;
+
+fn controller() -> Controller {
+    Controller {
+        limit: 64.0,
+        min: 8.0,
+        max: 4096.0,
+        late_windows: 0,
+        best_rate: 0.0,
+        model_time: 0.0,
+        fit_time: 0.010,
+    }
+}
+
+fn window(answers: u32, late: u32, saturated: bool) -> Window {
+    Window {
+        answers,
+        late,
+        saturated,
+        peak: 1000,
+        refused: false,
+        model_secs: 0.0,
+        rate: 0.0,
+    }
+}
+
+#[test]
+fn late_answers_shrink_the_limit_down_to_its_floor() {
+    let mut c = controller();
+    assert_eq!(
+        c.after(window(100, 50, true), 1),
+        64.0,
+        "one late window is a burst"
+    );
+    assert_eq!(
+        c.after(window(100, 50, true), 1),
+        64.0,
+        "two are a long burst"
+    );
+    assert_eq!(c.after(window(100, 50, true), 1), 64.0 * 0.8);
+    for _ in 0..50 {
+        c.after(window(100, 50, true), 1);
+    }
+    assert_eq!(c.limit, 8.0);
+}
+
+#[test]
+fn late_answers_of_as_many_as_fit_do_not_cut_the_limit_until_the_door_refuses() {
+    let mut c = controller();
+    c.limit = 4096.0;
+    // A closed loop of 128 connections that the server answers at 20k/s, each answer
+    // 0.5 ms in its model: with 10 ms (twice a 5 ms target) besides, 210 fit. Their
+    // answers are late all the same (waiting for the HTTP thread, say), but refusing some
+    // would not make the others faster.
+    let pool = Window {
+        peak: 128,
+        rate: 20_000.0,
+        model_secs: 100.0 * 0.0005,
+        ..window(100, 50, false)
+    };
+    for _ in 0..10 {
+        assert_eq!(c.after(pool, 1), 4096.0);
+    }
+    assert!((c.fits() - 210.0).abs() < 1e-6, "{}", c.fits());
+    // Those windows counted as on time: once the door refuses, the plain rule's three
+    // late windows in a row start from the first refusing one.
+    let refusing = Window {
+        peak: 150,
+        refused: true,
+        ..pool
+    };
+    assert_eq!(c.after(refusing, 1), 4096.0);
+    assert_eq!(c.after(refusing, 1), 4096.0);
+    assert_eq!(c.after(refusing, 1), 120.0);
+    // And late windows go on cutting below what fits while the door refuses.
+    for _ in 0..50 {
+        c.after(refusing, 1);
+    }
+    assert_eq!(c.limit, 8.0);
+    // More inside than fit is cut too, refused or not.
+    let mut c = controller();
+    let crowded = Window {
+        peak: 1000,
+        rate: 20_000.0,
+        ..window(100, 50, true)
+    };
+    c.after(crowded, 1);
+    c.after(crowded, 1);
+    assert_eq!(c.after(crowded, 1), 64.0 * 0.8);
+}
+
+#[test]
+fn what_fits_follows_a_server_that_got_slower() {
+    let mut c = controller();
+    c.after(
+        Window {
+            rate: 20_000.0,
+            ..window(100, 0, false)
+        },
+        1,
+    );
+    let slower = Window {
+        rate: 5_000.0,
+        ..window(100, 0, false)
+    };
+    // About 3.5 s of windows halve the best rate.
+    for _ in 0..69 {
+        c.after(slower, 1);
+    }
+    assert!((95.0..105.0).contains(&c.fits()), "{}", c.fits());
+    for _ in 0..400 {
+        c.after(slower, 1);
+    }
+    assert_eq!(c.fits(), 50.0);
+    // A quiet spell counts its windows too.
+    let mut c = controller();
+    c.after(
+        Window {
+            rate: 20_000.0,
+            ..window(100, 0, false)
+        },
+        1,
+    );
+    c.after(slower, 69);
+    assert!((95.0..105.0).contains(&c.fits()), "{}", c.fits());
+}
+
+#[test]
+fn a_cut_starts_from_what_was_inside_not_from_an_unreached_limit() {
+    let mut c = controller();
+    c.limit = 4096.0;
+    let w = Window {
+        peak: 300,
+        ..window(100, 50, false)
+    };
+    c.after(w, 1);
+    c.after(w, 1);
+    assert_eq!(c.after(w, 1), 240.0);
+}
+
+#[test]
+fn a_full_window_within_the_target_grows_the_limit_and_recovers_within_a_second() {
+    let mut c = controller();
+    c.limit = 8.0;
+    let windows_per_second = (Duration::from_secs(1).as_millis() / WINDOW.as_millis()) as u32;
+    for _ in 0..windows_per_second {
+        c.after(window(100, 0, true), 1);
+    }
+    assert!(c.limit >= 100.0, "{}", c.limit);
+    for _ in 0..1000 {
+        c.after(window(100, 0, true), 1);
+    }
+    assert_eq!(c.limit, 4096.0);
+}
+
+#[test]
+fn a_limit_that_is_not_reached_stays_where_it_is_until_the_server_was_idle() {
+    let mut c = controller();
+    assert_eq!(c.after(window(100, 0, false), 1), 64.0);
+    // Too few answers to judge, and a tenth late is within the rule.
+    assert_eq!(c.after(window(3, 3, false), 1), 64.0);
+    assert_eq!(c.after(window(100, 10, false), 1), 64.0);
+    // A second without answers, then answers within the target: grown back past where
+    // the overloads of the load suite settle it.
+    c.limit = 16.0;
+    assert!(c.after(window(5, 0, false), 21) >= 150.0, "{}", c.limit);
+}
+
+#[test]
+fn the_door_refuses_past_its_limit_and_lets_in_again_when_a_place_frees() {
+    let door = Arc::new(AdmissionLimit::new(
+        Admission::Static,
+        2,
+        Duration::from_millis(20),
+    ));
+    let a = door.try_enter().unwrap();
+    let _b = door.try_enter().unwrap();
+    assert!(door.try_enter().is_none());
+    assert!(door.refusing());
+    a.answered_after(Duration::from_millis(1));
+    assert!(door.try_enter().is_some());
+    assert_eq!(door.limit(), 2);
+}
+
+#[test]
+fn a_pool_that_keeps_as_many_inside_as_fit_is_never_refused_however_late_its_answers() {
+    let door = Arc::new(AdmissionLimit::new(
+        Admission::Adaptive,
+        0,
+        Duration::from_millis(5),
+    ));
+    // 64 connections, each sending its next request as soon as the last is answered;
+    // every answer reports 20 ms outside the model (four times the target), at the
+    // rate a loop without a model answers (far more than 64 fit in 10 ms of it).
+    let mut pool: std::collections::VecDeque<_> =
+        (0..64).map(|_| door.try_enter().unwrap()).collect();
+    let until = Instant::now() + 8 * WINDOW;
+    while Instant::now() < until {
+        pool.pop_front()
+            .unwrap()
+            .answered_after(Duration::from_millis(20));
+        pool.push_back(
+            door.try_enter()
+                .expect("a place for the pool's next request"),
+        );
+    }
+    assert_eq!(door.limit(), DEFAULT_MAX_LIMIT);
+    assert!(!door.refusing());
+}
+
+#[test]
+fn static_without_a_limit_lets_everyone_in() {
+    let door = Arc::new(AdmissionLimit::new(
+        Admission::Static,
+        0,
+        Duration::from_millis(20),
+    ));
+    let permits: Vec<_> = (0..10_000).map(|_| door.try_enter().unwrap()).collect();
+    assert_eq!(permits.len(), 10_000);
+    assert_eq!(door.limit(), usize::MAX);
+    assert!(!door.refusing());
+}
+
+#[test]
+fn the_adaptive_limit_starts_at_its_ceiling() {
+    let small = AdmissionLimit::new(Admission::Adaptive, 4, Duration::from_millis(20));
+    assert_eq!(small.limit(), 4);
+    let default = AdmissionLimit::new(Admission::Adaptive, 0, Duration::from_millis(20));
+    assert_eq!(default.limit(), DEFAULT_MAX_LIMIT);
+}
