@@ -174,9 +174,8 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
     let stream_workers = config.stream_port.map_or(0, |_| config.stream_workers);
     let max_connections =
         connection_cap(config.max_connections, config.http_workers + stream_workers);
-    let stream_connections = (max_connections * stream_workers
-        / (config.http_workers + stream_workers))
-        .max(stream_workers);
+    let (main_connections, stream_connections) =
+        share_connections(max_connections, config.http_workers, stream_workers);
     let access = Arc::new(Access::from_config(config).map_err(anyhow::Error::msg)?);
     {
         // Keys reload when their file changes; idle client addresses are forgotten.
@@ -216,9 +215,6 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
         machine,
         door,
     };
-    let main_connections = max_connections
-        .saturating_sub(stream_connections)
-        .max(config.http_workers);
     let (server, addr) = listener.bind(
         config.port,
         config.http_workers,
@@ -349,6 +345,17 @@ impl Listener<'_> {
     }
 }
 
+/// The connection cap shared by the main listener's `main_workers` threads and the stream
+/// listener's `stream_workers` (0: none), in proportion to their threads, at least one
+/// connection per thread each.
+fn share_connections(cap: usize, main_workers: usize, stream_workers: usize) -> (usize, usize) {
+    if stream_workers == 0 {
+        return (cap, 0);
+    }
+    let streams = (cap * stream_workers / (main_workers + stream_workers)).max(stream_workers);
+    (cap.saturating_sub(streams).max(main_workers), streams)
+}
+
 /// The keys that sign stream checkpoints: the fleet's (a file, or a value from the
 /// environment), else this process's own.
 fn token_keys(config: &Config) -> anyhow::Result<crate::stream::checkpoint::TokenKeys> {
@@ -432,4 +439,17 @@ pub fn spawn(config: Config) -> anyhow::Result<Running> {
             })
         })?;
     rx.recv()?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::share_connections;
+
+    #[test]
+    fn the_listeners_share_one_connection_cap_by_their_threads() {
+        assert_eq!(share_connections(20_000, 2, 0), (20_000, 0));
+        assert_eq!(share_connections(30_000, 2, 1), (20_000, 10_000));
+        // A cap too small to share still leaves each thread a connection.
+        assert_eq!(share_connections(2, 2, 1), (2, 1));
+    }
 }
