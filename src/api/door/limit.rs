@@ -15,12 +15,11 @@
 //! target, as the third such window in a row ([`LATE_WINDOWS`]), cuts the limit to four fifths
 //! of the most requests that were inside during the window, unless no more were inside than
 //! the server answers in twice the target plus their time in the model and none was refused
-//! ([`Controller::fits`]: a pool of connections, not an overload); a window that filled the limit within the target
-//! grows it by its square root (fast from a small limit, gently near a large one), so the
-//! limit settles where the measured time meets the target and recovers within a second once
-//! an overload ends. It starts at its
-//! ceiling: a server that is not short of anything refuses nothing. `static` keeps
-//! `max_inflight` fixed (0: no limit).
+//! ([`Controller::fits`]: a pool of connections, not an overload). A window that filled the
+//! limit within the target grows it by its square root (fast from a small limit, gently near
+//! a large one), so the limit settles where the measured time meets the target and recovers
+//! within a second once an overload ends. It starts at its ceiling: a server that is not
+//! short of anything refuses nothing. `static` keeps `max_inflight` fixed (0: no limit).
 //!
 //! The time a server can measure starts when its HTTP thread parses a request. Time spent
 //! before that, in the kernel's socket buffers while that thread is busy, is invisible to it,
@@ -52,11 +51,11 @@ pub const LATE_WINDOWS: u32 = 3;
 pub const RATE_DECAY: f64 = 0.99;
 /// [`Controller::fits`] counts `rate x (FIT_TARGETS x target + model time)`: at that many
 /// inside, the mean wait outside the model is twice the target, where the tenth-late rule
-/// (about p90) already holds. Measured
-/// pinned on one core (`mlp`, 1-row JSON, about 10k answers/s): a closed loop of 64
-/// connections, which the proxy's limit (`fly.toml`, 64 per core) lets in, got 429s for 75%
-/// of its requests and half the static door's goodput without it, as each refusal and its
-/// immediate retry took CPU from the answers; with it, none.
+/// (about p90) already holds. Measured pinned on one core (`mlp`, 1-row JSON, about 10k
+/// answers/s): a closed loop of 64 connections, which the proxy's limit (`fly.toml`, 64 per
+/// core) lets in, got 429s for 75% of its requests and half the static door's goodput
+/// without it, as each refusal and its immediate retry took CPU from the answers; with it,
+/// none.
 pub const FIT_TARGETS: u32 = 2;
 /// Refusals are logged as one line per this long, with their count: a line per refused
 /// request would cost the CPU that is already short (measured: goodput at 1.4x capacity,

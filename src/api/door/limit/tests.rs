@@ -93,14 +93,12 @@ fn late_answers_of_as_many_as_fit_do_not_cut_the_limit_until_the_door_refuses() 
 
 #[test]
 fn what_fits_follows_a_server_that_got_slower() {
+    let fast = Window {
+        rate: 20_000.0,
+        ..window(100, 0, false)
+    };
     let mut c = controller();
-    c.after(
-        Window {
-            rate: 20_000.0,
-            ..window(100, 0, false)
-        },
-        1,
-    );
+    c.after(fast, 1);
     let slower = Window {
         rate: 5_000.0,
         ..window(100, 0, false)
@@ -116,13 +114,7 @@ fn what_fits_follows_a_server_that_got_slower() {
     assert_eq!(c.fits(), 50.0);
     // A quiet spell counts its windows too.
     let mut c = controller();
-    c.after(
-        Window {
-            rate: 20_000.0,
-            ..window(100, 0, false)
-        },
-        1,
-    );
+    c.after(fast, 1);
     c.after(slower, 69);
     assert!((95.0..105.0).contains(&c.fits()), "{}", c.fits());
 }
