@@ -1,8 +1,8 @@
 //! Overload at the door, over real sockets on the bundled models: a burst far above what the
-//! server can take gets only answers (200, degraded 200, or 429 with Retry-After), one per
-//! request; health checks go on being answered; the admission limit grows back afterwards;
-//! and while the door refuses, a new stream is told to retry (close 1013) and a later one is
-//! let in. Behaviour, not timings: speed is the load suite's (`loadgen overload`).
+//! server can take gets only answers (200, degraded 200 from the fallback past the limit, or
+//! 429 with Retry-After once the fallback's places are full too), one per request; health
+//! checks go on being answered; the admission limit grows back afterwards; and while the door
+//! refuses, a new stream is told to retry (close 1013) and a later one is let in. Behaviour, not timings: speed is the load suite's (`loadgen overload`).
 
 mod common;
 
@@ -146,6 +146,10 @@ async fn a_burst_far_above_capacity_gets_one_answer_each_and_the_limit_grows_bac
     let metrics = metrics_text(&c, &url).await;
     let refused_at_door = sample(&metrics, "streamserve_admission_refused_total").unwrap();
     assert!(refused_at_door >= 1.0);
+    // Past the limit, `mlp`'s fallback answered some before the door refused the rest.
+    let to_fallback = sample(&metrics, "streamserve_admission_fallback_total").unwrap();
+    assert!(to_fallback >= 1.0, "the fallback took the overflow first");
+    assert!(degraded >= 1, "answers from the fallback say so");
     eprintln!(
         "burst of {BURST}: {ok} answered ({degraded} degraded), {} refused ({refused_at_door} at the door)",
         refused.len()
@@ -168,6 +172,11 @@ async fn a_burst_far_above_capacity_gets_one_answer_each_and_the_limit_grows_bac
         sample(&metrics, "streamserve_admission_in_flight"),
         Some(0.0),
         "every place at the door was given back"
+    );
+    assert_eq!(
+        sample(&metrics, "streamserve_admission_fallback_in_flight"),
+        Some(0.0),
+        "and every place of the fallbacks"
     );
 }
 
@@ -204,6 +213,16 @@ async fn open_stream(url: &str) -> Result<String, Option<(CloseCode, String)>> {
     }
 }
 
+/// Waits (a second at most) until the gauge `name` reads `value`.
+async fn gauge_reaches(c: &reqwest::Client, url: &str, name: &str, value: f64) {
+    for _ in 0..500 {
+        if sample(&metrics_text(c, url).await, name) == Some(value) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn while_the_door_refuses_a_new_stream_is_told_to_retry() {
     let _turn = ONE_AT_A_TIME.lock().await;
@@ -213,28 +232,28 @@ async fn while_the_door_refuses_a_new_stream_is_told_to_retry() {
         config.max_inflight = 1;
     });
     let c = client();
-    // One slow inference holds the only place at the door.
-    let response = c
-        .post(format!("{url}/admin/models/mlp/faults"))
-        .bearer_auth(TOKEN)
-        .json(&json!({"fault": {"kind": "slow", "ms": 1500}, "count": 1}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
-    let holder = {
-        let (c, url) = (c.clone(), url.clone());
-        tokio::spawn(async move { infer(&c, &url, 0).await })
-    };
-    for _ in 0..500 {
-        let metrics = metrics_text(&c, &url).await;
-        if sample(&metrics, "streamserve_admission_in_flight") == Some(1.0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+    // One slow inference holds the only place at the door, and one slow answer of the
+    // fallback the only place past it.
+    for model in ["mlp", "mlp_small"] {
+        let response = c
+            .post(format!("{url}/admin/models/{model}/faults"))
+            .bearer_auth(TOKEN)
+            .json(&json!({"fault": {"kind": "slow", "ms": 1500}, "count": 1}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
     }
+    let spawn_infer = |i: usize| {
+        let (c, url) = (c.clone(), url.clone());
+        tokio::spawn(async move { infer(&c, &url, i).await })
+    };
+    let holder = spawn_infer(0);
+    gauge_reaches(&c, &url, "streamserve_admission_in_flight", 1.0).await;
+    let past_the_limit = spawn_infer(1);
+    gauge_reaches(&c, &url, "streamserve_admission_fallback_in_flight", 1.0).await;
     let mut refused = None;
-    for i in 1..200 {
+    for i in 2..200 {
         let answer = infer(&c, &url, i).await;
         if answer.status == 429 {
             refused = Some(answer);
@@ -242,7 +261,7 @@ async fn while_the_door_refuses_a_new_stream_is_told_to_retry() {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let refused = refused.expect("a second request is refused while the first holds the door");
+    let refused = refused.expect("a third request is refused while the first two hold both places");
     assert!(
         refused.error.contains("admission limit"),
         "{}",
@@ -256,7 +275,20 @@ async fn while_the_door_refuses_a_new_stream_is_told_to_retry() {
     assert_eq!(code, CloseCode::Again, "1013: try again later");
     assert!(reason.contains("retry"), "{reason}");
 
-    assert_eq!(holder.await.unwrap().status, 200);
+    let first = holder.await.unwrap();
+    assert_eq!(
+        (first.status, first.degraded),
+        (200, false),
+        "{}",
+        first.error
+    );
+    let second = past_the_limit.await.unwrap();
+    assert_eq!(
+        (second.status, second.degraded),
+        (200, true),
+        "past the limit the fallback answers: {}",
+        second.error
+    );
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let first = open_stream(&url)
         .await

@@ -41,6 +41,9 @@ pub struct InferOptions {
     /// After this the request is answered 504 instead of being run.
     pub deadline: Option<Instant>,
     pub priority: Priority,
+    /// Straight to the model's fallback, if it has one that is loaded: the door was past its
+    /// limit (the CPU around the models is short, and the fallback's answer costs less of it).
+    pub fallback_first: bool,
 }
 
 impl InferOptions {
@@ -54,6 +57,7 @@ impl InferOptions {
             received,
             deadline: None,
             priority: Priority::Normal,
+            fallback_first: false,
         }
     }
 
@@ -65,6 +69,11 @@ impl InferOptions {
 
     pub fn with_priority(mut self, priority: Priority) -> InferOptions {
         self.priority = priority;
+        self
+    }
+
+    pub fn with_fallback_first(mut self, fallback_first: bool) -> InferOptions {
+        self.fallback_first = fallback_first;
         self
     }
 }
@@ -85,6 +94,7 @@ impl ServedModel {
             received: options.received,
             deadline: options.deadline,
             priority: options.priority,
+            fallback_first: options.fallback_first,
         });
         async move {
             answer.await.unwrap_or_else(|_| {

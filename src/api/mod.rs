@@ -82,21 +82,28 @@ impl AppState {
     }
 
     /// A place among the inference requests decoded, queued or running at once (the door's
-    /// admission limit, adaptive by default), held by the returned permit; past it the server
-    /// is saturated upstream of the model queues (HTTP, JSON), where `slo_ms` and `max_queue`
-    /// cannot see it, and the request gets an immediate 429.
+    /// admission limit, adaptive by default), held by the returned permit. Past the limit the
+    /// server is saturated upstream of the model queues (HTTP, JSON), where `slo_ms` and
+    /// `max_queue` cannot see it: a model with a fallback has it answer, among as many again
+    /// (the permit says [`to_fallback`](door::limit::AdmissionPermit::to_fallback)); the rest
+    /// get an immediate 429.
     pub fn admission_permit(
         &self,
         served: &ServedModel,
     ) -> Result<door::limit::AdmissionPermit, ServeError> {
-        self.admission.try_enter().ok_or_else(|| {
-            ::metrics::counter!("streamserve_shed_total", "model" => served.info.name.clone(), "version" => served.info.version.clone())
-                .increment(1);
-            ServeError::Busy {
-                limit: self.admission.limit(),
-                retry_after: Duration::from_secs(1),
+        match self.admission.enter(served.info.fallback.is_some()) {
+            door::limit::Entry::Admitted(permit) | door::limit::Entry::Fallback(permit) => {
+                Ok(permit)
             }
-        })
+            door::limit::Entry::Refused => {
+                ::metrics::counter!("streamserve_shed_total", "model" => served.info.name.clone(), "version" => served.info.version.clone())
+                    .increment(1);
+                Err(ServeError::Busy {
+                    limit: self.admission.limit(),
+                    retry_after: Duration::from_secs(1),
+                })
+            }
+        }
     }
 
     /// The model version a request goes to, loading it first if it is not loaded (lazy load,

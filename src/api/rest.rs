@@ -422,7 +422,8 @@ async fn infer_on(
     state.access.check_rows(pass, &info.name, request.rows)?;
     let options = InferOptions::received_at(received)
         .with_timeout(timeout)
-        .with_priority(pass.priority());
+        .with_priority(pass.priority())
+        .with_fallback_first(permit.to_fallback());
     let response = served.infer(request, options).await?;
     let encoded = kserve::encode(&info, &decoded, &response);
     let mut http = HttpResponse::Ok();

@@ -120,6 +120,21 @@ pub(super) fn describe() {
         Unit::Count,
         "Inference requests inside the door's admission limit now"
     );
+    describe_counter!(
+        "streamserve_admission_fallback_total",
+        Unit::Count,
+        "Inference requests past the door's admission limit that their model's fallback answered instead (flagged degraded): the CPU around the models was short"
+    );
+    describe_gauge!(
+        "streamserve_admission_fallback_limit",
+        Unit::Count,
+        "The door's second limit: inference requests past the admission limit that their models' fallbacks may answer at once (moved by the same rule on the fallbacks' answers)"
+    );
+    describe_gauge!(
+        "streamserve_admission_fallback_in_flight",
+        Unit::Count,
+        "Inference requests past the door's admission limit inside now, on their way to their model's fallback"
+    );
     describe_histogram!(
         "streamserve_admission_wait_seconds",
         Unit::Seconds,
@@ -270,6 +285,7 @@ pub(super) fn describe() {
     metrics::counter!("streamserve_body_timeouts_total").increment(0);
     metrics::counter!("streamserve_body_memory_refusals_total").increment(0);
     metrics::counter!("streamserve_admission_refused_total").increment(0);
+    metrics::counter!("streamserve_admission_fallback_total").increment(0);
     for &reason in STREAM_DROP_REASONS {
         metrics::counter!("streamserve_stream_drops_total", "reason" => reason).increment(0);
     }

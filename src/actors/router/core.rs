@@ -32,6 +32,20 @@ use crate::actors::worker::{BatchOutcome, Inbox, WorkerHandle, WorkerRecipe, Wor
 use crate::error::ServeError;
 use crate::model::ModelInfo;
 
+/// Whether a request may go to the model's fallback instead of its queue.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Degrade {
+    /// No: it comes from its primary already.
+    Never,
+    /// When this model cannot take it well: overloaded (predicted wait past `slo_ms`), its
+    /// queue full, or no healthy replica.
+    WhenShort,
+    /// At once, when a fallback is ready: the door was past its limit, so the CPU around the
+    /// models is short, and the fallback's answer costs less of it. Without a ready
+    /// fallback the request is queued here as usual (the door already gave it a place).
+    Now,
+}
+
 /// What the state machine asks of the actor, once the lock is released.
 #[derive(Default)]
 pub(super) struct Effects {
@@ -237,10 +251,19 @@ impl RouterCore {
     }
 
     /// Takes a request in, hands it to the fallback, or refuses it.
-    pub fn admit(&mut self, pending: Pending, may_degrade: bool, effects: &mut Effects) {
+    pub fn admit(&mut self, pending: Pending, degrade: Degrade, effects: &mut Effects) {
         if self.stopped {
             return;
         }
+        let may_degrade = degrade != Degrade::Never;
+        let pending = if degrade == Degrade::Now {
+            match self.degrade(pending, effects) {
+                Ok(()) => return,
+                Err(pending) => pending,
+            }
+        } else {
+            pending
+        };
         let healthy = self.replicas.healthy() > 0;
         let full = !self.queue.has_room();
         // Low priority absorbs the squeeze: it leaves the queue's second half and an
@@ -419,8 +442,12 @@ impl RouterCore {
             // Nothing can serve the queue now: hand it to the fallback or answer it, rather
             // than let it wait for the restart.
             for pending in self.queue.drain() {
-                let may_degrade = pending.degraded_from.is_none();
-                self.admit(pending, may_degrade, effects);
+                let degrade = if pending.degraded_from.is_none() {
+                    Degrade::WhenShort
+                } else {
+                    Degrade::Never
+                };
+                self.admit(pending, degrade, effects);
             }
             self.publish_queue();
         }

@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use self::core::{Effects, RouterCore, StartWorker};
+use self::core::{Degrade, Effects, RouterCore, StartWorker};
 use super::budget::{replica_memory_mb, Budgets};
 use super::faults::FaultQueue;
 use super::health::ModelHealth;
@@ -68,6 +68,8 @@ pub struct Infer {
     pub received: Instant,
     pub deadline: Option<Instant>,
     pub priority: Priority,
+    /// Straight to the fallback when one is ready (the door was past its limit).
+    pub fallback_first: bool,
 }
 
 /// What a router starts with: the version, its first workers (one per replica; a replica
@@ -135,12 +137,12 @@ impl Shared {
 
     /// Takes a request in (or hands it to the fallback, or refuses it), then carries out what
     /// that asked of the actor.
-    fn admit(&self, pending: Pending, may_degrade: bool) {
+    fn admit(&self, pending: Pending, degrade: Degrade) {
         let mut effects = Effects::default();
         {
             let mut core = self.lock();
             core.health.touch();
-            core.admit(pending, may_degrade, &mut effects);
+            core.admit(pending, degrade, &mut effects);
         }
         self.apply(effects);
     }
@@ -175,7 +177,7 @@ impl Shared {
             }
         }
         for (fallback, pending) in handoffs {
-            fallback.0.admit(pending, false);
+            fallback.0.admit(pending, Degrade::Never);
         }
     }
 }
@@ -208,7 +210,12 @@ impl RouterHandle {
             degraded_from: None,
             priority: msg.priority,
         };
-        self.0.admit(pending, true);
+        let degrade = if msg.fallback_first {
+            Degrade::Now
+        } else {
+            Degrade::WhenShort
+        };
+        self.0.admit(pending, degrade);
     }
 
     /// The actor, for the control messages.

@@ -333,3 +333,40 @@ async fn a_request_to_an_unloaded_version_is_refused_at_once() {
     .expect("answered, not left waiting");
     assert!(matches!(late, Err(ServeError::WorkerLost(_))), "{late:?}");
 }
+
+#[actix_web::test]
+async fn a_request_the_door_sends_to_the_fallback_goes_there_while_one_is_ready() {
+    let catalog = Arc::new(SharedCatalog::default());
+    let main = DoubleLoader::new(Behaviour::Echo).leak();
+    let spare = DoubleLoader::new(Behaviour::Echo).leak();
+    let mut models = entries(&[
+        ("primary", "max_batch_size = 4\nfallback = \"spare\""),
+        ("spare", "max_batch_size = 4"),
+    ]);
+    let fallback = serve_entry(spare, &catalog, models.remove(1)).await;
+    let primary = serve_entry(main, &catalog, models.remove(0)).await;
+    let fallback_first = || InferOptions::now().with_fallback_first(true);
+    // No fallback in the catalog yet: the request is the primary's, as any other.
+    let response = primary
+        .infer(request(&primary, 1), fallback_first())
+        .await
+        .unwrap();
+    assert!(!response.degraded);
+    assert_eq!(main.calls(), vec![1]);
+    publish(&catalog, &[&primary, &fallback]);
+    // A healthy primary with an empty queue, but the door asked for the fallback.
+    let response = primary
+        .infer(request(&primary, 1), fallback_first())
+        .await
+        .unwrap();
+    assert!(response.degraded);
+    assert_eq!(response.served_by.0, "spare");
+    assert_eq!(spare.calls(), vec![1]);
+    // Without the door's word, the primary answers.
+    let response = primary
+        .infer(request(&primary, 1), InferOptions::now())
+        .await
+        .unwrap();
+    assert!(!response.degraded);
+    assert_eq!(main.calls(), vec![1, 1]);
+}

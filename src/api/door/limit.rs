@@ -71,10 +71,10 @@ pub struct Window {
     pub answers: u32,
     /// Of those, the ones that waited longer than the target.
     pub late: u32,
-    /// Whether the limit was reached (a request was refused, or in flight met the limit).
+    /// Whether the limit was reached (a request overflowed it, or in flight met it).
     pub saturated: bool,
-    /// Whether a request was refused.
-    pub refused: bool,
+    /// Whether a request overflowed the limit: it was refused, or sent to its fallback.
+    pub overflowed: bool,
     /// Seconds the answers spent in their models' queues and compute, together.
     pub model_secs: f64,
     /// The most requests inside at once.
@@ -123,13 +123,13 @@ impl Controller {
         if window.answers > 0 {
             self.model_time = window.model_secs / f64::from(window.answers);
         }
-        // Late, but as many as fit were inside and none was refused: cutting would refuse
+        // Late, but as many as fit were inside and none overflowed: cutting would refuse
         // requests the server answers well within `slo_ms`, and a pool of connections sends
         // each refused request again at once, so the refusals would only add to the CPU's
         // load, the rate would fall, and each cut would call for the next (measured: below).
-        // Such a window counts as on time. Once the door refuses (an open-loop overload, or
-        // a pool larger than fits), the rule is the plain one.
-        let fitting = !window.refused && window.peak as f64 <= self.fits();
+        // Such a window counts as on time. Once requests overflow the door (an open-loop
+        // overload, or a pool larger than fits), the rule is the plain one.
+        let fitting = !window.overflowed && window.peak as f64 <= self.fits();
         let late = window.answers >= 4 && window.late * 10 > window.answers && !fitting;
         self.late_windows = if late { self.late_windows + 1 } else { 0 };
         if late && self.late_windows >= LATE_WINDOWS {
@@ -145,18 +145,25 @@ impl Controller {
     }
 }
 
-struct State {
+/// One count of places with its own limit: the requests the limit lets in, or those past it
+/// that their models' fallbacks answer.
+struct Lane {
     controller: Controller,
     in_flight: usize,
     window: Window,
     window_started: Instant,
-    last_refusal: Option<Instant>,
-    /// Refusals since the last log line about them.
-    refused_unlogged: u64,
-    last_logged: Option<Instant>,
 }
 
-impl State {
+impl Lane {
+    fn new(controller: Controller) -> Lane {
+        Lane {
+            controller,
+            in_flight: 0,
+            window: Window::default(),
+            window_started: Instant::now(),
+        }
+    }
+
     /// The limit now (`usize::MAX`: none).
     fn limit(&self) -> usize {
         let limit = self.controller.limit;
@@ -166,14 +173,87 @@ impl State {
             usize::MAX
         }
     }
+
+    /// Takes a place if there is one; a lane that has none is marked overflowed.
+    fn try_take(&mut self) -> bool {
+        let limit = self.controller.limit.floor();
+        if (self.in_flight as f64) >= limit {
+            self.window.saturated = true;
+            self.window.overflowed = true;
+            return false;
+        }
+        self.in_flight += 1;
+        self.window.peak = self.window.peak.max(self.in_flight);
+        if self.in_flight as f64 >= limit {
+            self.window.saturated = true;
+        }
+        true
+    }
+
+    /// Counts an answer; at the end of a window, moves the limit. Whether it moved.
+    fn answered(&mut self, waited: Duration, in_model: Duration, target: Duration) -> bool {
+        self.window.answers += 1;
+        self.window.model_secs += in_model.as_secs_f64();
+        if waited > target {
+            self.window.late += 1;
+        }
+        let lasted = self.window_started.elapsed();
+        if lasted < WINDOW {
+            return false;
+        }
+        let window = std::mem::take(&mut self.window);
+        // The next window starts with what is inside now.
+        self.window.peak = self.in_flight;
+        let before = self.controller.limit;
+        let windows = (lasted.as_millis() / WINDOW.as_millis()).min(u32::MAX as u128) as u32;
+        let rate = f64::from(window.answers) / lasted.as_secs_f64();
+        let after = self.controller.after(Window { rate, ..window }, windows);
+        self.window_started = Instant::now();
+        after != before
+    }
+}
+
+struct State {
+    /// The requests the limit lets in, to the models they asked for.
+    primary: Lane,
+    /// Past the limit, the requests whose models' fallbacks answer them: a lane of its own,
+    /// moved by the same rule on the fallbacks' answers, so that a server too short of CPU
+    /// to answer even those in time refuses (cheaper still) instead of taking in more than
+    /// it answers.
+    fallback: Lane,
+    /// The last request that overflowed the limit (refused, or sent to its fallback).
+    last_overflow: Option<Instant>,
+    /// Refusals since the last log line about them.
+    refused_unlogged: u64,
+    last_logged: Option<Instant>,
 }
 
 /// The limit's series, looked up once: every request moves two of them.
 struct Series {
     limit: metrics::Gauge,
     in_flight: metrics::Gauge,
+    fallback_limit: metrics::Gauge,
+    fallback_in_flight: metrics::Gauge,
     wait: metrics::Histogram,
     refused: metrics::Counter,
+    to_fallback: metrics::Counter,
+}
+
+/// Where the door puts a request.
+pub enum Entry {
+    /// A place within the limit: the request goes to the model it asked for.
+    Admitted(AdmissionPermit),
+    /// Past the limit, a place within the fallbacks' own limit: its model's fallback answers.
+    Fallback(AdmissionPermit),
+    /// Past both limits, or past the first without a fallback: 429.
+    Refused,
+}
+
+/// Which lane a place belongs to.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum LaneId {
+    Primary,
+    Fallback,
 }
 
 /// The limit, its count of requests inside, and its metrics; one per server.
@@ -186,7 +266,7 @@ pub struct AdmissionLimit {
 
 impl AdmissionLimit {
     /// `max_inflight` 0 means no ceiling: none at all in `static` mode, [`DEFAULT_MAX_LIMIT`]
-    /// for the adaptive limit.
+    /// for the adaptive limit. The fallbacks' lane has the same ceiling and rule.
     pub fn new(mode: Admission, max_inflight: usize, target: Duration) -> AdmissionLimit {
         let (limit, min, max) = match mode {
             Admission::Static if max_inflight == 0 => (f64::INFINITY, 0.0, f64::INFINITY),
@@ -203,29 +283,31 @@ impl AdmissionLimit {
                 (max, (MIN_LIMIT as f64).min(max), max)
             }
         };
+        let controller = Controller {
+            limit,
+            min,
+            max,
+            late_windows: 0,
+            best_rate: 0.0,
+            model_time: 0.0,
+            fit_time: (FIT_TARGETS * target).as_secs_f64(),
+        };
         let limit = AdmissionLimit {
             mode,
             target,
             series: Series {
                 limit: metrics::gauge!("streamserve_admission_limit"),
                 in_flight: metrics::gauge!("streamserve_admission_in_flight"),
+                fallback_limit: metrics::gauge!("streamserve_admission_fallback_limit"),
+                fallback_in_flight: metrics::gauge!("streamserve_admission_fallback_in_flight"),
                 wait: metrics::histogram!("streamserve_admission_wait_seconds"),
                 refused: metrics::counter!("streamserve_admission_refused_total"),
+                to_fallback: metrics::counter!("streamserve_admission_fallback_total"),
             },
             state: Mutex::new(State {
-                controller: Controller {
-                    limit,
-                    min,
-                    max,
-                    late_windows: 0,
-                    best_rate: 0.0,
-                    model_time: 0.0,
-                    fit_time: (FIT_TARGETS * target).as_secs_f64(),
-                },
-                in_flight: 0,
-                window: Window::default(),
-                window_started: Instant::now(),
-                last_refusal: None,
+                primary: Lane::new(controller),
+                fallback: Lane::new(controller),
+                last_overflow: None,
                 refused_unlogged: 0,
                 last_logged: None,
             }),
@@ -240,59 +322,79 @@ impl AdmissionLimit {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A place inside, or `None` when the server is at its limit (the caller answers 429).
+    /// A place within the limit, or `None` when the server is at it (the caller answers 429).
     pub fn try_enter(self: &Arc<Self>) -> Option<AdmissionPermit> {
+        match self.enter(false) {
+            Entry::Admitted(permit) => Some(permit),
+            Entry::Fallback(_) | Entry::Refused => None,
+        }
+    }
+
+    /// A place for a request whose model has a fallback (`has_fallback`) or not: within the
+    /// limit; past it, within the fallbacks' limit; or none.
+    pub fn enter(self: &Arc<Self>, has_fallback: bool) -> Entry {
         let mut state = self.lock();
-        if (state.in_flight as f64) >= state.controller.limit.floor() {
-            let now = Instant::now();
-            self.series.refused.increment(1);
-            state.window.saturated = true;
-            state.window.refused = true;
-            state.last_refusal = Some(now);
-            state.refused_unlogged += 1;
-            let log_due = state
-                .last_logged
-                .is_none_or(|at| now.duration_since(at) >= LOG_EVERY);
-            if log_due {
-                let (refused, limit, in_flight) =
-                    (state.refused_unlogged, state.limit(), state.in_flight);
-                state.refused_unlogged = 0;
-                state.last_logged = Some(now);
-                drop(state);
-                tracing::warn!(
-                    refused, limit, in_flight,
-                    "at the admission limit: refusing inference requests (429) and new streams (1013); refused is the count since the last such line"
-                );
-            }
-            return None;
+        if state.primary.try_take() {
+            self.series.in_flight.set(state.primary.in_flight as f64);
+            return Entry::Admitted(self.permit(LaneId::Primary));
         }
-        state.in_flight += 1;
-        state.window.peak = state.window.peak.max(state.in_flight);
-        if state.in_flight as f64 >= state.controller.limit.floor() {
-            state.window.saturated = true;
+        let now = Instant::now();
+        state.last_overflow = Some(now);
+        if has_fallback && state.fallback.try_take() {
+            self.series
+                .fallback_in_flight
+                .set(state.fallback.in_flight as f64);
+            self.series.to_fallback.increment(1);
+            return Entry::Fallback(self.permit(LaneId::Fallback));
         }
-        self.series.in_flight.set(state.in_flight as f64);
-        Some(AdmissionPermit {
+        self.series.refused.increment(1);
+        state.refused_unlogged += 1;
+        let log_due = state
+            .last_logged
+            .is_none_or(|at| now.duration_since(at) >= LOG_EVERY);
+        if log_due {
+            let (refused, limit, in_flight) = (
+                state.refused_unlogged,
+                state.primary.limit(),
+                state.primary.in_flight,
+            );
+            let (fallback_limit, fallback_in_flight) =
+                (state.fallback.limit(), state.fallback.in_flight);
+            state.refused_unlogged = 0;
+            state.last_logged = Some(now);
+            drop(state);
+            tracing::warn!(
+                refused, limit, in_flight, fallback_limit, fallback_in_flight,
+                "at the admission limit: refusing inference requests (429) and new streams (1013); refused is the count since the last such line"
+            );
+        }
+        Entry::Refused
+    }
+
+    fn permit(self: &Arc<Self>, lane: LaneId) -> AdmissionPermit {
+        AdmissionPermit {
             limit: self.clone(),
+            lane,
             answered: None,
-        })
+        }
     }
 
     /// The limit now (`usize::MAX`: none).
     pub fn limit(&self) -> usize {
-        self.lock().limit()
+        self.lock().primary.limit()
     }
 
-    /// Whether the door refused a request within the last second: the server is short of
-    /// CPU, so new long-lived work (streams) had better go elsewhere.
+    /// Whether a request overflowed the limit (refused, or sent to its fallback) within the
+    /// last second: the server is short of CPU, so new long-lived work (streams) had better
+    /// go elsewhere.
     pub fn refusing(&self) -> bool {
         self.lock()
-            .last_refusal
+            .last_overflow
             .is_some_and(|at| at.elapsed() < REFUSING_FOR)
     }
 
-    /// Whether a new stream may start: not while the door is [`refusing`](Self::refusing)
-    /// requests; a stream turned away is counted with the refused requests.
+    /// Whether a new stream may start: not while the door is [`refusing`](Self::refusing);
+    /// a stream turned away is counted with the refused requests.
     pub fn admit_stream(&self) -> bool {
         let refusing = self.refusing();
         if refusing {
@@ -302,10 +404,15 @@ impl AdmissionLimit {
     }
 
     /// Leaves; an answered request reports its wait outside its model and its time in it.
-    fn leave(&self, answered: Option<(Duration, Duration)>) {
-        let mut state = self.lock();
-        state.in_flight -= 1;
-        self.series.in_flight.set(state.in_flight as f64);
+    fn leave(&self, lane: LaneId, answered: Option<(Duration, Duration)>) {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let (lane, gauge) = match lane {
+            LaneId::Primary => (&mut state.primary, &self.series.in_flight),
+            LaneId::Fallback => (&mut state.fallback, &self.series.fallback_in_flight),
+        };
+        lane.in_flight -= 1;
+        gauge.set(lane.in_flight as f64);
         let Some((waited, in_model)) = answered else {
             return;
         };
@@ -313,35 +420,23 @@ impl AdmissionLimit {
         if self.mode == Admission::Static {
             return;
         }
-        state.window.answers += 1;
-        state.window.model_secs += in_model.as_secs_f64();
-        if waited > self.target {
-            state.window.late += 1;
-        }
-        let lasted = state.window_started.elapsed();
-        if lasted >= WINDOW {
-            let window = std::mem::take(&mut state.window);
-            // The next window starts with what is inside now.
-            state.window.peak = state.in_flight;
-            let before = state.controller.limit;
-            let windows = (lasted.as_millis() / WINDOW.as_millis()).min(u32::MAX as u128) as u32;
-            let rate = f64::from(window.answers) / lasted.as_secs_f64();
-            let after = state.controller.after(Window { rate, ..window }, windows);
-            state.window_started = Instant::now();
-            if after != before {
-                self.publish(&state);
-            }
+        if lane.answered(waited, in_model, self.target) {
+            self.publish(state);
         }
     }
 
     fn publish(&self, state: &State) {
-        let limit = state.controller.limit;
         // Static without a limit shows 0, as `max_inflight` spells it.
-        self.series.limit.set(if limit.is_finite() {
-            limit.floor()
-        } else {
-            0.0
-        });
+        let shown = |lane: &Lane| {
+            let limit = lane.controller.limit;
+            if limit.is_finite() {
+                limit.floor()
+            } else {
+                0.0
+            }
+        };
+        self.series.limit.set(shown(&state.primary));
+        self.series.fallback_limit.set(shown(&state.fallback));
     }
 }
 
@@ -349,12 +444,18 @@ impl AdmissionLimit {
 /// door, an error), [`AdmissionPermit::answered`] leaves with one.
 pub struct AdmissionPermit {
     limit: Arc<AdmissionLimit>,
+    lane: LaneId,
     /// Set by [`answered`](Self::answered): what leaving reports, the wait outside the model
     /// and the time in it.
     answered: Option<(Duration, Duration)>,
 }
 
 impl AdmissionPermit {
+    /// Whether this is a place past the limit, whose request goes to its model's fallback.
+    pub fn to_fallback(&self) -> bool {
+        self.lane == LaneId::Fallback
+    }
+
     /// The request `received` then was answered with `response`: what the limit measures is
     /// the time since, outside the model's queue and compute.
     pub fn answered(mut self, received: Instant, response: &InferResponse) {
@@ -371,7 +472,7 @@ impl AdmissionPermit {
 
 impl Drop for AdmissionPermit {
     fn drop(&mut self) {
-        self.limit.leave(self.answered);
+        self.limit.leave(self.lane, self.answered);
     }
 }
 

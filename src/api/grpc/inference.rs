@@ -136,7 +136,8 @@ impl Inference {
                 validated,
                 InferOptions::received_at(received)
                     .with_timeout(timeout)
-                    .with_priority(pass.priority()),
+                    .with_priority(pass.priority())
+                    .with_fallback_first(permit.to_fallback()),
             )
             .await?;
         let answer = convert::encode(

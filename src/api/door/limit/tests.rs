@@ -20,7 +20,7 @@ fn window(answers: u32, late: u32, saturated: bool) -> Window {
         late,
         saturated,
         peak: 1000,
-        refused: false,
+        overflowed: false,
         model_secs: 0.0,
         rate: 0.0,
     }
@@ -68,7 +68,7 @@ fn late_answers_of_as_many_as_fit_do_not_cut_the_limit_until_the_door_refuses() 
     // late windows in a row start from the first refusing one.
     let refusing = Window {
         peak: 150,
-        refused: true,
+        overflowed: true,
         ..pool
     };
     assert_eq!(c.after(refusing, 1), 4096.0);
@@ -221,4 +221,72 @@ fn the_adaptive_limit_starts_at_its_ceiling() {
     assert_eq!(small.limit(), 4);
     let default = AdmissionLimit::new(Admission::Adaptive, 0, Duration::from_millis(20));
     assert_eq!(default.limit(), DEFAULT_MAX_LIMIT);
+}
+
+#[test]
+fn past_the_limit_a_model_with_a_fallback_gets_the_fallbacks_places_then_429() {
+    let door = Arc::new(AdmissionLimit::new(
+        Admission::Static,
+        2,
+        Duration::from_millis(20),
+    ));
+    let admitted: Vec<_> = (0..2)
+        .map(|_| match door.enter(true) {
+            Entry::Admitted(permit) => permit,
+            _ => panic!("a place within the limit"),
+        })
+        .collect();
+    assert!(admitted.iter().all(|p| !p.to_fallback()));
+    // Past the limit: a model without a fallback is refused; one with a fallback gets one
+    // of the fallbacks' places, as many as the limit.
+    assert!(matches!(door.enter(false), Entry::Refused));
+    let to_fallback: Vec<_> = (0..2)
+        .map(|_| match door.enter(true) {
+            Entry::Fallback(permit) => permit,
+            _ => panic!("a fallback's place"),
+        })
+        .collect();
+    assert!(to_fallback.iter().all(|p| p.to_fallback()));
+    assert!(matches!(door.enter(true), Entry::Refused));
+    assert!(door.refusing(), "an overflow turns new streams away");
+    // A fallback's place given back lets the next overflow in there, not within the limit.
+    drop(to_fallback);
+    assert!(matches!(door.enter(false), Entry::Refused));
+    assert!(matches!(door.enter(true), Entry::Fallback(_)));
+    // A place within the limit given back is the next request's, fallback or not.
+    drop(admitted);
+    assert!(matches!(door.enter(true), Entry::Admitted(_)));
+}
+
+#[test]
+fn the_fallbacks_places_move_by_the_rule_on_their_own_answers() {
+    let door = Arc::new(AdmissionLimit::new(
+        Admission::Adaptive,
+        64,
+        Duration::from_millis(5),
+    ));
+    // Every place within the limit is taken and held. Past it, the fallbacks' places fill
+    // too, more arrive than they hold, and the fallbacks answer late.
+    let _held: Vec<_> = (0..64).map(|_| door.try_enter().unwrap()).collect();
+    let mut inside = std::collections::VecDeque::new();
+    let until = Instant::now() + 8 * WINDOW;
+    while Instant::now() < until {
+        while let Entry::Fallback(permit) = door.enter(true) {
+            inside.push_back(permit);
+        }
+        let answered: Option<AdmissionPermit> = inside.pop_front();
+        answered
+            .expect("a fallback's place to give back")
+            .answered_after(Duration::from_millis(20));
+    }
+    let state = door.lock();
+    assert!(
+        state.fallback.controller.limit < 64.0,
+        "late fallback answers cut the fallbacks' limit: {}",
+        state.fallback.controller.limit
+    );
+    assert_eq!(
+        state.primary.controller.limit, 64.0,
+        "the limit itself is moved by its own answers only"
+    );
 }
