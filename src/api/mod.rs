@@ -84,14 +84,27 @@ impl AppState {
     /// A place among the inference requests decoded, queued or running at once (the door's
     /// admission limit, adaptive by default), held by the returned permit. Past the limit the
     /// server is saturated upstream of the model queues (HTTP, JSON), where `slo_ms` and
-    /// `max_queue` cannot see it: a model with a fallback has it answer, among as many again
-    /// (the permit says [`to_fallback`](door::limit::AdmissionPermit::to_fallback)); the rest
-    /// get an immediate 429.
+    /// `max_queue` cannot see it: a model whose fallback is ready has it answer, within the
+    /// fallbacks' own limit (the permit says
+    /// [`to_fallback`](door::limit::AdmissionPermit::to_fallback)); the rest get an immediate
+    /// 429.
     pub fn admission_permit(
         &self,
         served: &ServedModel,
     ) -> Result<door::limit::AdmissionPermit, ServeError> {
-        match self.admission.enter(served.info.fallback.is_some()) {
+        // Whether a fallback can take the overflow, the router's own test: another model,
+        // serving with a healthy replica. Looked up only past the limit.
+        let fallback_ready = || {
+            served.info.fallback.as_deref().is_some_and(|name| {
+                name != served.info.name
+                    && self
+                        .catalog
+                        .snapshot()
+                        .resolve(name, None)
+                        .is_ok_and(|fallback| fallback.health.ready())
+            })
+        };
+        match self.admission.enter(fallback_ready) {
             door::limit::Entry::Admitted(permit) | door::limit::Entry::Fallback(permit) => {
                 Ok(permit)
             }

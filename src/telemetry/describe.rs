@@ -123,12 +123,12 @@ pub(super) fn describe() {
     describe_counter!(
         "streamserve_admission_fallback_total",
         Unit::Count,
-        "Inference requests past the door's admission limit that their model's fallback answered instead (flagged degraded): the CPU around the models was short"
+        "Inference requests past the door's admission limit sent to their model's fallback instead of refused (answered flagged degraded, unless the fallback shed them): the CPU around the models was short"
     );
     describe_gauge!(
         "streamserve_admission_fallback_limit",
         Unit::Count,
-        "The door's second limit: inference requests past the admission limit that their models' fallbacks may answer at once (moved by the same rule on the fallbacks' answers)"
+        "The door's second limit: inference requests past the admission limit that may go to their models' fallbacks at once (moved by the same rule on their own answers, from the floor up)"
     );
     describe_gauge!(
         "streamserve_admission_fallback_in_flight",
@@ -138,7 +138,7 @@ pub(super) fn describe() {
     describe_histogram!(
         "streamserve_admission_wait_seconds",
         Unit::Seconds,
-        "Time admitted inference requests spent inside the server besides their model's compute (reading, decoding, queueing, encoding): what the adaptive limit holds to admission_target_ms"
+        "Time inference requests let in at the door (within its limit, or past it to a fallback) spent inside the server besides their model's queue and compute (reading, decoding, waiting for the HTTP thread, encoding): what the adaptive limits hold to admission_target_ms"
     );
     describe_counter!(
         "streamserve_access_refused_total",

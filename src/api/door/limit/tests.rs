@@ -231,7 +231,7 @@ fn past_the_limit_a_model_with_a_fallback_gets_the_fallbacks_places_then_429() {
         Duration::from_millis(20),
     ));
     let admitted: Vec<_> = (0..2)
-        .map(|_| match door.enter(true) {
+        .map(|_| match door.enter(|| true) {
             Entry::Admitted(permit) => permit,
             _ => panic!("a place within the limit"),
         })
@@ -239,54 +239,62 @@ fn past_the_limit_a_model_with_a_fallback_gets_the_fallbacks_places_then_429() {
     assert!(admitted.iter().all(|p| !p.to_fallback()));
     // Past the limit: a model without a fallback is refused; one with a fallback gets one
     // of the fallbacks' places, as many as the limit.
-    assert!(matches!(door.enter(false), Entry::Refused));
+    assert!(matches!(door.enter(|| false), Entry::Refused));
     let to_fallback: Vec<_> = (0..2)
-        .map(|_| match door.enter(true) {
+        .map(|_| match door.enter(|| true) {
             Entry::Fallback(permit) => permit,
             _ => panic!("a fallback's place"),
         })
         .collect();
     assert!(to_fallback.iter().all(|p| p.to_fallback()));
-    assert!(matches!(door.enter(true), Entry::Refused));
+    assert!(matches!(door.enter(|| true), Entry::Refused));
     assert!(door.refusing(), "an overflow turns new streams away");
     // A fallback's place given back lets the next overflow in there, not within the limit.
     drop(to_fallback);
-    assert!(matches!(door.enter(false), Entry::Refused));
-    assert!(matches!(door.enter(true), Entry::Fallback(_)));
+    assert!(matches!(door.enter(|| false), Entry::Refused));
+    assert!(matches!(door.enter(|| true), Entry::Fallback(_)));
     // A place within the limit given back is the next request's, fallback or not.
     drop(admitted);
-    assert!(matches!(door.enter(true), Entry::Admitted(_)));
+    assert!(matches!(door.enter(|| true), Entry::Admitted(_)));
 }
 
 #[test]
-fn the_fallbacks_places_move_by_the_rule_on_their_own_answers() {
+fn the_fallbacks_places_start_at_the_floor_and_move_by_the_rule_on_their_own_answers() {
     let door = Arc::new(AdmissionLimit::new(
         Admission::Adaptive,
-        64,
+        256,
         Duration::from_millis(5),
     ));
-    // Every place within the limit is taken and held. Past it, the fallbacks' places fill
-    // too, more arrive than they hold, and the fallbacks answer late.
-    let _held: Vec<_> = (0..64).map(|_| door.try_enter().unwrap()).collect();
+    let fallback_limit = |door: &AdmissionLimit| door.lock().fallback.controller.limit;
+    assert_eq!(fallback_limit(&door), MIN_LIMIT as f64);
+    // Every place within the limit is taken and held. Past it, the fallbacks' places fill,
+    // more arrive than they hold, and the fallbacks answer: first on time, then late.
+    let _held: Vec<_> = (0..256).map(|_| door.try_enter().unwrap()).collect();
     let mut inside = std::collections::VecDeque::new();
-    let until = Instant::now() + 8 * WINDOW;
-    while Instant::now() < until {
-        while let Entry::Fallback(permit) = door.enter(true) {
-            inside.push_back(permit);
+    let mut overflow_for = |span: Duration, wait: Duration| {
+        let until = Instant::now() + span;
+        while Instant::now() < until {
+            while let Entry::Fallback(permit) = door.enter(|| true) {
+                inside.push_back(permit);
+            }
+            let answered: Option<AdmissionPermit> = inside.pop_front();
+            answered
+                .expect("a fallback's place to give back")
+                .answered_after(wait);
         }
-        let answered: Option<AdmissionPermit> = inside.pop_front();
-        answered
-            .expect("a fallback's place to give back")
-            .answered_after(Duration::from_millis(20));
-    }
-    let state = door.lock();
+    };
+    overflow_for(6 * WINDOW, Duration::from_millis(1));
+    let grown = fallback_limit(&door);
     assert!(
-        state.fallback.controller.limit < 64.0,
-        "late fallback answers cut the fallbacks' limit: {}",
-        state.fallback.controller.limit
+        grown > MIN_LIMIT as f64,
+        "on time and full, it grows: {grown}"
     );
+    overflow_for(8 * WINDOW, Duration::from_millis(20));
+    let cut = fallback_limit(&door);
+    assert!(cut < grown, "late, it is cut: {grown} -> {cut}");
     assert_eq!(
-        state.primary.controller.limit, 64.0,
+        door.limit(),
+        256,
         "the limit itself is moved by its own answers only"
     );
 }
