@@ -157,6 +157,15 @@ impl Catalog {
         }
     }
 
+    /// The version of `name` a request to it goes to, if that one is serving with a healthy
+    /// replica: what a model's fallback must be to take a request, for the router's handoffs
+    /// and for the door's overflow alike.
+    pub fn ready_fallback(&self, name: &str) -> Option<ServedModel> {
+        self.resolve(name, None)
+            .ok()
+            .filter(|served| served.health.ready())
+    }
+
     /// Ready when every serving version has at least one healthy replica.
     pub fn ready(&self) -> bool {
         self.models

@@ -92,16 +92,11 @@ impl AppState {
         &self,
         served: &ServedModel,
     ) -> Result<door::limit::AdmissionPermit, ServeError> {
-        // Whether a fallback can take the overflow, the router's own test: another model,
-        // serving with a healthy replica. Looked up only past the limit.
+        // Whether a fallback can take the overflow, by the router's own test, and is another
+        // model. Looked up only past the limit.
         let fallback_ready = || {
             served.info.fallback.as_deref().is_some_and(|name| {
-                name != served.info.name
-                    && self
-                        .catalog
-                        .snapshot()
-                        .resolve(name, None)
-                        .is_ok_and(|fallback| fallback.health.ready())
+                name != served.info.name && self.catalog.snapshot().ready_fallback(name).is_some()
             })
         };
         match self.admission.enter(fallback_ready) {

@@ -92,10 +92,8 @@ async fn serve(
     // Ready as soon as this returns: the router only starts (and publishes) on its own thread.
     let health = Arc::new(ModelHealth::new(workers.len(), entry.replicas));
     take_budgets(entry, &info, workers.len(), &budgets)?;
-    let fallback: FallbackLookup = Arc::new(move |name| {
-        let served = catalog.snapshot().resolve(name, None).ok()?;
-        served.health.ready().then_some(served.router)
-    });
+    let fallback: FallbackLookup =
+        Arc::new(move |name| Some(catalog.snapshot().ready_fallback(name)?.router));
     let router = router::start(RouterSetup {
         info: info.clone(),
         recipe,

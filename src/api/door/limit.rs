@@ -343,7 +343,9 @@ impl AdmissionLimit {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A place within the limit, or `None` when the server is at it (the caller answers 429).
+    /// A place within the limit, or `None` when the server is at it: [`enter`](Self::enter)
+    /// for a model without a fallback, as the tests of the limit alone use it.
+    #[cfg(test)]
     pub fn try_enter(self: &Arc<Self>) -> Option<AdmissionPermit> {
         match self.enter(|| false) {
             Entry::Admitted(permit) => Some(permit),
