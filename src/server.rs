@@ -315,8 +315,12 @@ impl Listener<'_> {
                 .default_service(web::to(door::no_such_endpoint))
                 .wrap_fn(move |req, service| door.wrap(req, service))
         })
-        // Counts the connection until it closes (its data is dropped with it).
-        .on_connect(traffic::on_http_connect)
+        // Counts the connection until it closes (its data is dropped with it)
+        // and remembers its socket, whose kernel record says when a request arrived.
+        .on_connect(|io, data| {
+            traffic::on_http_connect(io, data);
+            door::arrival::on_connect(io, data);
+        })
         // Results are small writes (a stream sends one per 32 ms chunk): without TCP_NODELAY,
         // Nagle's algorithm holds one back behind the peer's delayed ACK, a 40 ms stall the
         // load tool saw on a few chunks in a thousand.

@@ -249,7 +249,8 @@ pub(super) async fn run_inference(
     req: &HttpRequest,
     body: web::Payload,
 ) -> Result<HttpResponse, ServeError> {
-    let received = Instant::now();
+    // From when its bytes arrived, not when this thread got to them.
+    let received = super::door::arrival::arrived(req);
     let request_id = req
         .headers()
         .get("x-request-id")

@@ -33,6 +33,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::machine::traffic::{self, Protocol};
 
+pub mod arrival;
 pub mod limit;
 
 /// The message a timed-out body read carries; [`is_body_timeout`] recognises it.

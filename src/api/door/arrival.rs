@@ -1,0 +1,129 @@
+//! When a request arrived: the kernel's record of its connection, so that the time a request
+//! waited in its socket while the HTTP thread was busy counts as time inside the server.
+//!
+//! A server short of CPU reads its sockets late. Measured from the handler's start, its
+//! answers look fast while its clients wait tens of milliseconds (docs/overload.md), and the
+//! door's adaptive limit, which moves on that measure, stays open. Linux keeps, per TCP
+//! connection, when data last arrived (`tcpi_last_data_recv` of `TCP_INFO`, in milliseconds);
+//! for a request on a connection that has one in flight, that is when its bytes arrived. A
+//! request's clock ([`arrived`]) starts then: the door's wait, the router's deadline and the
+//! latency series all count it.
+
+use std::any::Any;
+use std::time::{Duration, Instant};
+
+use actix_web::dev::Extensions;
+use actix_web::HttpRequest;
+
+/// The kernel counts `tcpi_last_data_recv` in its clock ticks (4 ms at the usual 250 Hz), so
+/// a reading is up to one tick more than the time that passed: that much is taken off, so the
+/// wait counted is never more than the real one (a request read within the tick counts none).
+const TICK: Duration = Duration::from_millis(4);
+
+/// A connection's socket, kept in the connection's data when it opens (TCP only).
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionSocket(#[cfg_attr(not(target_os = "linux"), allow(dead_code))] i32);
+
+/// For `HttpServer::on_connect`: remembers a TCP connection's socket.
+pub fn on_connect(io: &dyn Any, data: &mut Extensions) {
+    #[cfg(unix)]
+    if let Some(stream) = io.downcast_ref::<actix_web::rt::net::TcpStream>() {
+        use std::os::fd::AsRawFd;
+        data.insert(ConnectionSocket(stream.as_raw_fd()));
+    }
+}
+
+/// When `req` arrived: now, less the time its bytes waited in the socket where the kernel
+/// says so.
+pub fn arrived(req: &HttpRequest) -> Instant {
+    let now = Instant::now();
+    let waited = req
+        .conn_data::<ConnectionSocket>()
+        .and_then(|socket| since_last_data(socket.0))
+        .map_or(Duration::ZERO, |since| since.saturating_sub(TICK));
+    now.checked_sub(waited).unwrap_or(now)
+}
+
+/// How long ago data last arrived on the socket, by the kernel's clock.
+#[cfg(target_os = "linux")]
+fn since_last_data(fd: i32) -> Option<Duration> {
+    // SAFETY: `info` is a plain C struct that the kernel fills up to `len` bytes; the socket
+    // belongs to the connection whose request is being handled, which is open while its
+    // handler runs (the connection's data, where the descriptor was kept, lives with it).
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let status = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    (status == 0).then(|| Duration::from_millis(u64::from(info.tcpi_last_data_recv)))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn since_last_data(_fd: i32) -> Option<Duration> {
+    None
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn the_kernel_says_how_long_ago_a_request_arrived() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        let since = since_last_data(server.as_raw_fd()).expect("TCP_INFO on a TCP socket");
+        // The kernel counts whole ticks of its clock (4 or 10 ms): some of the sleep.
+        assert!(since >= Duration::from_millis(10), "{since:?}");
+        assert_eq!(since_last_data(-1), None, "not a socket");
+    }
+
+    #[test]
+    fn a_request_on_a_tcp_connection_finds_its_socket() {
+        use actix_web::{web, App, HttpResponse, HttpServer};
+        use std::io::Read;
+        actix_web::rt::System::new().block_on(async {
+            let server = HttpServer::new(|| {
+                App::new().route(
+                    "/",
+                    web::get().to(|req: HttpRequest| async move {
+                        let found = req.conn_data::<ConnectionSocket>().is_some();
+                        let earlier = arrived(&req) <= Instant::now();
+                        HttpResponse::Ok().body(format!("{found} {earlier}"))
+                    }),
+                )
+            })
+            .on_connect(on_connect)
+            .workers(1)
+            .bind("127.0.0.1:0")
+            .unwrap();
+            let address = server.addrs()[0];
+            let server = server.run();
+            let handle = server.handle();
+            actix_web::rt::spawn(server);
+            let body = web::block(move || {
+                let mut client = std::net::TcpStream::connect(address).unwrap();
+                client
+                    .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    .unwrap();
+                let mut response = String::new();
+                client.read_to_string(&mut response).unwrap();
+                response
+            })
+            .await
+            .unwrap();
+            handle.stop(false).await;
+            assert!(body.ends_with("true true"), "{body}");
+        });
+    }
+}
