@@ -7,9 +7,12 @@
 //!   refreshes ([`refresh`], then [`render_extra`]).
 //! - `traffic.rs`: bytes in and out and open connections per protocol, counted where each
 //!   protocol moves them.
+//! - `cpu_share.rs`: the share of its usable cores the process used over a span, which the
+//!   door's admission limit reads.
 //! - `gpu.rs`: utilisation and memory of each GPU from NVML, loaded at run time; a machine
 //!   without a GPU or without the library has no GPU series, and says so in one log line.
 
+pub mod cpu_share;
 pub mod gpu;
 pub mod traffic;
 

@@ -21,15 +21,24 @@
 //! within a second once an overload ends. It starts at its ceiling: a server that is not
 //! short of anything refuses nothing. `static` keeps `max_inflight` fixed (0: no limit).
 //!
-//! The time a server can measure starts when its HTTP thread parses a request. Time spent
-//! before that, in the kernel's socket buffers while that thread is busy, is invisible to it,
-//! which is why the target (`admission_target_ms`, 5 ms) is well below the bundled models'
-//! `slo_ms` (50 ms).
+//! A request's time starts when its bytes arrived in the kernel, not when the HTTP thread got
+//! to them (`arrival.rs`, for REST over TCP on Linux; elsewhere, and for gRPC, when its
+//! handler starts): a server short of CPU reads its sockets late, and that wait is most of
+//! what its clients see. The target (`admission_target_ms`, 5 ms) stays well below the
+//! bundled models' `slo_ms` (50 ms).
+//!
+//! The first lane also watches the process's CPU ([`CPU_BUSY`]). A window where the process
+//! used all its usable cores does not grow the limit, and while the requests past the limit
+//! go to a fallback, a cut may go below the floor, to [`BUSY_MIN_LIMIT`]: a model answer
+//! costs about three fallback answers' CPU, so fewer model answers leave room for more
+//! answers in all. A busy CPU whose answers come on time (a server at its capacity and
+//! keeping up) is not cut.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::config::Admission;
+use crate::machine::cpu_share::CpuShare;
 use crate::model::InferResponse;
 
 /// How often the adaptive limit is reconsidered (when answers come in).
@@ -63,6 +72,16 @@ pub const FIT_TARGETS: u32 = 2;
 const LOG_EVERY: Duration = Duration::from_secs(1);
 /// For how long after a refusal [`AdmissionLimit::refusing`] says so (new streams wait that out).
 const REFUSING_FOR: Duration = Duration::from_secs(1);
+/// The share of its usable cores above which the process is short of CPU.
+pub const CPU_BUSY: f64 = 0.9;
+/// How low the limit may be cut, below [`MIN_LIMIT`], while the CPU is busy and the requests
+/// past it go to their models' fallbacks: each answer the model does not give, its fallback
+/// gives for a third of the CPU, so fewer model answers leave room for more answers in all.
+/// Measured pinned on one core (`mlp`, fallback `mlp_small`, open loop at twice the
+/// capacity; load-tests/results/2026-12-05-door-cpu/): this floor alone took admitted p99
+/// from 32-48 ms to 19-20 ms and goodput from 0.32-0.47 to 0.62-0.83 of capacity; with the
+/// socket wait counted too, 22 ms and 0.89-0.93.
+pub const BUSY_MIN_LIMIT: usize = 4;
 
 /// What one window saw.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -81,6 +100,10 @@ pub struct Window {
     pub peak: usize,
     /// Admitted answers per second in this window.
     pub rate: f64,
+    /// The share of its usable cores the process used during the window.
+    pub busy: f64,
+    /// Whether a request past the limit went to its model's fallback.
+    pub to_fallback: bool,
 }
 
 /// The adaptive rule on its own, without clocks or locks.
@@ -99,6 +122,9 @@ pub struct Controller {
     /// Seconds of that rate that may be inside at once however late the answers, while none
     /// is refused: see [`Controller::fits`].
     pub fit_time: f64,
+    /// How low a cut may go while the CPU is busy and the requests past the limit go to
+    /// their fallbacks ([`BUSY_MIN_LIMIT`]; `min` for a lane that does not watch the CPU).
+    pub busy_min: f64,
 }
 
 impl Controller {
@@ -131,10 +157,22 @@ impl Controller {
         // overload, or a pool larger than fits), the rule is the plain one.
         let fitting = !window.overflowed && window.peak as f64 <= self.fits();
         let late = window.answers >= 4 && window.late * 10 > window.answers && !fitting;
+        // A process that used all its cores has no room for more model answers, however
+        // timely the last ones: the limit does not grow, and while the requests past it have
+        // a cheaper fallback to go to, a cut may go below the floor. Whether it is behind is
+        // for the answers' wait to say (it counts the time in the socket, `arrival.rs`): a
+        // server at its capacity and keeping up keeps its limit.
+        let busy = window.busy >= CPU_BUSY;
         self.late_windows = if late { self.late_windows + 1 } else { 0 };
         if late && self.late_windows >= LATE_WINDOWS {
-            self.limit = (self.limit.min(window.peak as f64) * 0.8).max(self.min);
-        } else if !late && window.saturated {
+            let floor = if busy && window.to_fallback {
+                self.busy_min
+            } else {
+                self.min
+            };
+            // A limit already below the floor (cut while busy) is not raised by a cut.
+            self.limit = (self.limit.min(window.peak as f64) * 0.8).max(floor.min(self.limit));
+        } else if !late && !busy && window.saturated {
             self.limit = grow(self.limit);
         }
         // A window stays open until an answer comes after its end: the rest was quiet.
@@ -152,17 +190,21 @@ struct Lane {
     in_flight: usize,
     window: Window,
     window_started: Instant,
+    /// The process's CPU over the window, for a lane that watches it (the first: the
+    /// fallbacks' lane answers for less CPU than a refusal saves, see [`BUSY_MIN_LIMIT`]).
+    cpu: Option<CpuShare>,
     /// Whether a quiet spell grows the limit back (see [`Controller::after`]).
     grows_when_quiet: bool,
 }
 
 impl Lane {
-    fn new(controller: Controller, grows_when_quiet: bool) -> Lane {
+    fn new(controller: Controller, grows_when_quiet: bool, watches_cpu: bool) -> Lane {
         Lane {
             controller,
             in_flight: 0,
             window: Window::default(),
             window_started: Instant::now(),
+            cpu: watches_cpu.then(CpuShare::new),
             grows_when_quiet,
         }
     }
@@ -214,7 +256,15 @@ impl Lane {
             1
         };
         let rate = f64::from(window.answers) / lasted.as_secs_f64();
-        let after = self.controller.after(Window { rate, ..window }, windows);
+        let busy = self.cpu.as_mut().map_or(0.0, CpuShare::take);
+        let after = self.controller.after(
+            Window {
+                rate,
+                busy,
+                ..window
+            },
+            windows,
+        );
         self.window_started = Instant::now();
         after != before
     }
@@ -300,6 +350,7 @@ impl AdmissionLimit {
             best_rate: 0.0,
             model_time: 0.0,
             fit_time: (FIT_TARGETS * target).as_secs_f64(),
+            busy_min: (BUSY_MIN_LIMIT as f64).min(min),
         };
         let limit = AdmissionLimit {
             mode,
@@ -314,7 +365,7 @@ impl AdmissionLimit {
                 to_fallback: metrics::counter!("streamserve_admission_fallback_total"),
             },
             state: Mutex::new(State {
-                primary: Lane::new(controller, true),
+                primary: Lane::new(controller, true, true),
                 // The fallbacks' lane starts at the floor and grows only while it is full and
                 // its answers come within the target: an overload's first second at its
                 // ceiling would take in more than the CPU answers (measured with the lane
@@ -324,8 +375,10 @@ impl AdmissionLimit {
                 fallback: Lane::new(
                     Controller {
                         limit: min,
+                        busy_min: min,
                         ..controller
                     },
+                    false,
                     false,
                 ),
                 last_overflow: None,
@@ -365,6 +418,7 @@ impl AdmissionLimit {
         let now = Instant::now();
         state.last_overflow = Some(now);
         if fallback_ready() && state.fallback.try_take() {
+            state.primary.window.to_fallback = true;
             self.series
                 .fallback_in_flight
                 .set(state.fallback.in_flight as f64);

@@ -11,6 +11,7 @@ fn controller() -> Controller {
         best_rate: 0.0,
         model_time: 0.0,
         fit_time: 0.010,
+        busy_min: 4.0,
     }
 }
 
@@ -23,6 +24,8 @@ fn window(answers: u32, late: u32, saturated: bool) -> Window {
         overflowed: false,
         model_secs: 0.0,
         rate: 0.0,
+        busy: 0.0,
+        to_fallback: false,
     }
 }
 
@@ -130,6 +133,67 @@ fn a_cut_starts_from_what_was_inside_not_from_an_unreached_limit() {
     c.after(w, 1);
     c.after(w, 1);
     assert_eq!(c.after(w, 1), 240.0);
+}
+
+#[test]
+fn a_busy_cpu_sending_the_overflow_to_a_fallback_cuts_below_the_floor() {
+    let late_busy = |to_fallback: bool| Window {
+        busy: 1.0,
+        to_fallback,
+        overflowed: true,
+        ..window(100, 50, true)
+    };
+    let cut_with = |w: Window| {
+        let mut c = controller();
+        for _ in 0..50 {
+            c.after(w, 1);
+        }
+        c.limit
+    };
+    assert_eq!(
+        cut_with(late_busy(true)),
+        4.0,
+        "model answers make way for the fallback's"
+    );
+    assert_eq!(
+        cut_with(late_busy(false)),
+        8.0,
+        "refusals only: the floor holds"
+    );
+    assert_eq!(
+        cut_with(Window {
+            busy: 0.5,
+            ..late_busy(true)
+        }),
+        8.0,
+        "late, but the CPU is not what is short"
+    );
+    // Cut below the floor, a late window that is not busy does not raise it to the floor.
+    let mut c = controller();
+    c.limit = 4.0;
+    for _ in 0..5 {
+        c.after(window(100, 50, true), 1);
+    }
+    assert_eq!(c.limit, 4.0);
+}
+
+#[test]
+fn a_busy_cpu_keeping_up_keeps_its_limit_and_does_not_grow_it() {
+    let mut c = controller();
+    let busy_on_time = Window {
+        busy: 0.99,
+        overflowed: true,
+        to_fallback: true,
+        ..window(100, 0, true)
+    };
+    for _ in 0..50 {
+        assert_eq!(c.after(busy_on_time, 1), 64.0);
+    }
+    let idle_on_time = Window {
+        busy: 0.5,
+        ..busy_on_time
+    };
+    assert!(c.after(idle_on_time, 1) > 64.0, "room on the CPU: it grows");
 }
 
 #[test]
