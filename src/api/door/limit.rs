@@ -8,13 +8,14 @@
 //!
 //! `adaptive` (the default) moves the bound with what it measures, in the manner of Netflix's
 //! concurrency-limits and Envoy's adaptive concurrency filter. Every admitted answer reports
-//! how long it spent inside the server outside its model's queue and compute: reading,
-//! decoding, waiting for the HTTP thread, encoding. A model's own queue is its router's to
-//! watch (`slo_ms` sends its overflow to the fallback); the door watches what no router sees.
-//! Each window ([`WINDOW`]) where more than a tenth of the answers took longer than the
-//! target, as the third such window in a row ([`LATE_WINDOWS`]), cuts the limit to four fifths
-//! of the most requests that were inside during the window, unless no more were inside than
-//! the server answers in twice the target plus their time in the model and none was refused
+//! how long it waited after its model answered (for the HTTP thread to take the answer up,
+//! and to encode it): the HTTP thread's delay, which grows as soon as the CPU around the
+//! models is short. A model's own queue is its router's to watch (`slo_ms` sends its
+//! overflow to the fallback); the door watches what no router sees. Each window ([`WINDOW`])
+//! where more than a tenth of the answers took longer than the target, as the third such
+//! window in a row ([`LATE_WINDOWS`]), cuts the limit to four fifths of the most requests
+//! that were inside during the window, unless no more were inside than the server answers in
+//! twice the target plus their time from arrival to answer, and none was refused
 //! ([`Controller::fits`]: a pool of connections, not an overload). A window that filled the
 //! limit within the target grows it by its square root (fast from a small limit, gently near
 //! a large one), so the limit settles where the measured time meets the target and recovers
@@ -23,16 +24,17 @@
 //!
 //! A request's time starts when its bytes arrived in the kernel, not when the HTTP thread got
 //! to them (`arrival.rs`, for REST over TCP on Linux; elsewhere, and for gRPC, when its
-//! handler starts): a server short of CPU reads its sockets late, and that wait is most of
-//! what its clients see. The target (`admission_target_ms`, 5 ms) stays well below the
-//! bundled models' `slo_ms` (50 ms).
+//! handler starts): a server short of CPU reads its sockets late. That wait counts in what
+//! fits, not against the target (see [`AdmissionPermit::answered`] for why). The target
+//! (`admission_target_ms`, 5 ms) stays well below the bundled models' `slo_ms` (50 ms).
 //!
 //! The first lane also watches the process's CPU ([`CPU_BUSY`]). A window where the process
 //! used all its usable cores does not grow the limit, and while the requests past the limit
 //! go to a fallback, a cut may go below the floor, to [`BUSY_MIN_LIMIT`]: a model answer
 //! costs about three fallback answers' CPU, so fewer model answers leave room for more
-//! answers in all. A busy CPU whose answers come on time (a server at its capacity and
-//! keeping up) is not cut.
+//! answers in all; the first window where the CPU had room, or where nothing went to a
+//! fallback, puts it back at the floor. A busy CPU whose answers come on time (a server at
+//! its capacity and keeping up) is not cut.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -78,9 +80,9 @@ pub const CPU_BUSY: f64 = 0.9;
 /// past it go to their models' fallbacks: each answer the model does not give, its fallback
 /// gives for a third of the CPU, so fewer model answers leave room for more answers in all.
 /// Measured pinned on one core (`mlp`, fallback `mlp_small`, open loop at twice the
-/// capacity; load-tests/results/2026-12-05-door-cpu/): this floor alone took admitted p99
-/// from 32-48 ms to 19-20 ms and goodput from 0.32-0.47 to 0.62-0.83 of capacity; with the
-/// socket wait counted too, 22 ms and 0.89-0.93.
+/// capacity; load-tests/results/2026-12-05-door-cpu/): in a first form of the rule, a floor
+/// of 4 against 16 took admitted p99 from 32-48 ms to 19-20 ms and goodput from 0.32-0.47 to
+/// 0.62-0.83 of capacity.
 pub const BUSY_MIN_LIMIT: usize = 4;
 
 /// What one window saw.
@@ -94,8 +96,9 @@ pub struct Window {
     pub saturated: bool,
     /// Whether a request overflowed the limit: it was refused, or sent to its fallback.
     pub overflowed: bool,
-    /// Seconds the answers spent in their models' queues and compute, together.
-    pub model_secs: f64,
+    /// Seconds from the answers' arrival to the end of their compute, together: in their
+    /// sockets, being read and decoded, in their models' queues and compute.
+    pub to_answer_secs: f64,
     /// The most requests inside at once.
     pub peak: usize,
     /// Admitted answers per second in this window.
@@ -117,8 +120,9 @@ pub struct Controller {
     /// The highest answer rate of the recent windows (answers per second, decaying by
     /// [`RATE_DECAY`] a window): what the server can answer.
     pub best_rate: f64,
-    /// The last window's mean time of an answer in its model's queue and compute (seconds).
-    pub model_time: f64,
+    /// The last window's mean time from a request's arrival to the end of its compute
+    /// (seconds).
+    pub to_answer_time: f64,
     /// Seconds of that rate that may be inside at once however late the answers, while none
     /// is refused: see [`Controller::fits`].
     pub fit_time: f64,
@@ -130,13 +134,14 @@ pub struct Controller {
 impl Controller {
     /// Requests that may be inside, however late their answers, while the door refuses
     /// none: as many as the server answers, at its best recent rate, in `fit_time` plus the
-    /// time an answer spends in its model (Little's law: a request inside is either waiting
-    /// outside the model, which the target is about, or in it). A client that keeps that
-    /// many inside (a pool of connections, each sending its next request when the last is
-    /// answered) is not overloading the server, even when its answers wait for the HTTP
-    /// thread longer than the target.
+    /// time from a request's arrival to its answer (Little's law: a request is in its socket,
+    /// being decoded, in its model, or waiting after it). A client that keeps that many
+    /// inside (a pool of connections, each sending its next request when the last is
+    /// answered) is not overloading the server, even when its requests wait in their sockets
+    /// and for the HTTP thread longer than the target: refusing some would not make the
+    /// others faster.
     pub fn fits(&self) -> f64 {
-        self.best_rate * (self.fit_time + self.model_time)
+        self.best_rate * (self.fit_time + self.to_answer_time)
     }
 
     /// The limit after a window that lasted `windows` [`WINDOW`]s (more than one after a
@@ -147,7 +152,7 @@ impl Controller {
         let decay = RATE_DECAY.powi(windows.clamp(1, 10_000) as i32);
         self.best_rate = window.rate.max(self.best_rate * decay);
         if window.answers > 0 {
-            self.model_time = window.model_secs / f64::from(window.answers);
+            self.to_answer_time = window.to_answer_secs / f64::from(window.answers);
         }
         // Late, but as many as fit were inside and none overflowed: cutting would refuse
         // requests the server answers well within `slo_ms`, and a pool of connections sends
@@ -163,21 +168,29 @@ impl Controller {
         // for the answers' wait to say (it counts the time in the socket, `arrival.rs`): a
         // server at its capacity and keeping up keeps its limit.
         let busy = window.busy >= CPU_BUSY;
+        let below_floor_allowed = busy && window.to_fallback;
+        // Below the floor only while that lasts: a window where the CPU had room, or where
+        // nothing went to a fallback (it went away, or the overload did), is back at it.
+        if !below_floor_allowed && self.limit < self.min {
+            self.limit = self.min;
+        }
         self.late_windows = if late { self.late_windows + 1 } else { 0 };
         if late && self.late_windows >= LATE_WINDOWS {
-            let floor = if busy && window.to_fallback {
+            let floor = if below_floor_allowed {
                 self.busy_min
             } else {
                 self.min
             };
-            // A limit already below the floor (cut while busy) is not raised by a cut.
             self.limit = (self.limit.min(window.peak as f64) * 0.8).max(floor.min(self.limit));
         } else if !late && !busy && window.saturated {
             self.limit = grow(self.limit);
         }
-        // A window stays open until an answer comes after its end: the rest was quiet.
-        for _ in 1..windows.min(200) {
-            self.limit = grow(self.limit);
+        // A window stays open until an answer comes after its end: the rest was quiet, unless
+        // the CPU was busy all the same (a batch or a stalled thread taking it).
+        if !busy {
+            for _ in 1..windows.min(200) {
+                self.limit = grow(self.limit);
+            }
         }
         self.limit
     }
@@ -236,9 +249,9 @@ impl Lane {
     }
 
     /// Counts an answer; at the end of a window, moves the limit. Whether it moved.
-    fn answered(&mut self, waited: Duration, in_model: Duration, target: Duration) -> bool {
+    fn answered(&mut self, waited: Duration, to_answer: Duration, target: Duration) -> bool {
         self.window.answers += 1;
-        self.window.model_secs += in_model.as_secs_f64();
+        self.window.to_answer_secs += to_answer.as_secs_f64();
         if waited > target {
             self.window.late += 1;
         }
@@ -348,7 +361,7 @@ impl AdmissionLimit {
             max,
             late_windows: 0,
             best_rate: 0.0,
-            model_time: 0.0,
+            to_answer_time: 0.0,
             fit_time: (FIT_TARGETS * target).as_secs_f64(),
             busy_min: (BUSY_MIN_LIMIT as f64).min(min),
         };
@@ -481,7 +494,8 @@ impl AdmissionLimit {
         !refusing
     }
 
-    /// Leaves; an answered request reports its wait outside its model and its time in it.
+    /// Leaves; an answered request reports its wait outside its model and its time from
+    /// arrival to answer.
     fn leave(&self, lane: LaneId, answered: Option<(Duration, Duration)>) {
         let mut guard = self.lock();
         let state = &mut *guard;
@@ -491,14 +505,14 @@ impl AdmissionLimit {
         };
         lane.in_flight -= 1;
         gauge.set(lane.in_flight as f64);
-        let Some((waited, in_model)) = answered else {
+        let Some((waited, to_answer)) = answered else {
             return;
         };
         self.series.wait.record(waited.as_secs_f64());
         if self.mode == Admission::Static {
             return;
         }
-        if lane.answered(waited, in_model, self.target) {
+        if lane.answered(waited, to_answer, self.target) {
             self.publish(state);
         }
     }
@@ -524,7 +538,7 @@ pub struct AdmissionPermit {
     limit: Arc<AdmissionLimit>,
     lane: LaneId,
     /// Set by [`answered`](Self::answered): what leaving reports, the wait outside the model
-    /// and the time in it.
+    /// and the time from arrival to the end of its compute.
     answered: Option<(Duration, Duration)>,
 }
 
@@ -534,11 +548,19 @@ impl AdmissionPermit {
         self.lane == LaneId::Fallback
     }
 
-    /// The request `received` then was answered with `response`: what the limit measures is
-    /// the time since, outside the model's queue and compute.
+    /// The request that arrived at `received` was answered with `response` (whose queue
+    /// time counts from `received`). What the limit measures: the time since its model
+    /// answered (waiting for the HTTP thread to take the answer up, encoding it), and the
+    /// time from its arrival to that answer, for [`Controller::fits`].
+    ///
+    /// The wait before the model (in the socket, reading, decoding) counts in the second,
+    /// not the first. Tried the other way (load-tests/results/2026-12-05-door-cpu/): a
+    /// closed loop of 128 connections on one core was cut (its requests wait their turn in
+    /// their sockets), and open-loop goodput at twice the capacity was 0.68-0.69 of it
+    /// against 0.89-0.93, with admitted p99 no better.
     pub fn answered(mut self, received: Instant, response: &InferResponse) {
-        let model = response.queue_time + response.compute_time;
-        self.answered = Some((received.elapsed().saturating_sub(model), model));
+        let to_answer = response.queue_time + response.compute_time;
+        self.answered = Some((received.elapsed().saturating_sub(to_answer), to_answer));
     }
 
     /// Leaves reporting `waited` as the time measured outside the model, and none in it.

@@ -9,7 +9,7 @@ fn controller() -> Controller {
         max: 4096.0,
         late_windows: 0,
         best_rate: 0.0,
-        model_time: 0.0,
+        to_answer_time: 0.0,
         fit_time: 0.010,
         busy_min: 4.0,
     }
@@ -22,7 +22,7 @@ fn window(answers: u32, late: u32, saturated: bool) -> Window {
         saturated,
         peak: 1000,
         overflowed: false,
-        model_secs: 0.0,
+        to_answer_secs: 0.0,
         rate: 0.0,
         busy: 0.0,
         to_fallback: false,
@@ -60,7 +60,7 @@ fn late_answers_of_as_many_as_fit_do_not_cut_the_limit_until_the_door_refuses() 
     let pool = Window {
         peak: 128,
         rate: 20_000.0,
-        model_secs: 100.0 * 0.0005,
+        to_answer_secs: 100.0 * 0.0005,
         ..window(100, 50, false)
     };
     for _ in 0..10 {
@@ -168,13 +168,29 @@ fn a_busy_cpu_sending_the_overflow_to_a_fallback_cuts_below_the_floor() {
         8.0,
         "late, but the CPU is not what is short"
     );
-    // Cut below the floor, a late window that is not busy does not raise it to the floor.
+    // Below the floor only while the CPU is busy and the overflow goes to a fallback: once a
+    // window is not that (no fallback any more, or room on the CPU), back at the floor.
     let mut c = controller();
     c.limit = 4.0;
-    for _ in 0..5 {
-        c.after(window(100, 50, true), 1);
-    }
+    c.after(late_busy(true), 1);
     assert_eq!(c.limit, 4.0);
+    c.after(late_busy(false), 1);
+    assert_eq!(c.limit, 8.0, "the fallback went away");
+    c.limit = 4.0;
+    c.after(window(100, 50, true), 1);
+    assert_eq!(c.limit, 8.0, "the CPU had room");
+}
+
+#[test]
+fn a_quiet_spell_on_a_busy_cpu_does_not_grow_the_limit() {
+    let mut c = controller();
+    c.limit = 16.0;
+    let busy = Window {
+        busy: 1.0,
+        ..window(5, 0, false)
+    };
+    assert_eq!(c.after(busy, 21), 16.0);
+    assert!(c.after(window(5, 0, false), 21) >= 150.0, "{}", c.limit);
 }
 
 #[test]
