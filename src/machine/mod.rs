@@ -51,7 +51,7 @@ pub fn snapshot() -> MachineSnapshot {
         resident_memory_bytes: figures.resident_memory_bytes.unwrap_or(0),
         threads: figures.threads.unwrap_or(0),
         open_fds: figures.open_fds.unwrap_or(0),
-        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cores: cpu_share::usable_cores(),
         virtual_memory_bytes: figures.virtual_memory_bytes.unwrap_or(0),
         max_fds: figures.max_fds.unwrap_or(0),
         start_time_seconds: figures.start_time_seconds.unwrap_or(0),

@@ -126,9 +126,6 @@ pub struct Controller {
     /// Seconds of that rate that may be inside at once however late the answers, while none
     /// is refused: see [`Controller::fits`].
     pub fit_time: f64,
-    /// How low a cut may go while the CPU is busy and the requests past the limit go to
-    /// their fallbacks ([`BUSY_MIN_LIMIT`]; `min` for a lane that does not watch the CPU).
-    pub busy_min: f64,
 }
 
 impl Controller {
@@ -165,8 +162,8 @@ impl Controller {
         // A process that used all its cores has no room for more model answers, however
         // timely the last ones: the limit does not grow, and while the requests past it have
         // a cheaper fallback to go to, a cut may go below the floor. Whether it is behind is
-        // for the answers' wait to say (it counts the time in the socket, `arrival.rs`): a
-        // server at its capacity and keeping up keeps its limit.
+        // for the answers' wait after their model to say: a server at its capacity and
+        // keeping up keeps its limit.
         let busy = window.busy >= CPU_BUSY;
         let below_floor_allowed = busy && window.to_fallback;
         // Below the floor only while that lasts: a window where the CPU had room, or where
@@ -177,7 +174,7 @@ impl Controller {
         self.late_windows = if late { self.late_windows + 1 } else { 0 };
         if late && self.late_windows >= LATE_WINDOWS {
             let floor = if below_floor_allowed {
-                self.busy_min
+                (BUSY_MIN_LIMIT as f64).min(self.min)
             } else {
                 self.min
             };
@@ -363,7 +360,6 @@ impl AdmissionLimit {
             best_rate: 0.0,
             to_answer_time: 0.0,
             fit_time: (FIT_TARGETS * target).as_secs_f64(),
-            busy_min: (BUSY_MIN_LIMIT as f64).min(min),
         };
         let limit = AdmissionLimit {
             mode,
@@ -388,7 +384,6 @@ impl AdmissionLimit {
                 fallback: Lane::new(
                     Controller {
                         limit: min,
-                        busy_min: min,
                         ..controller
                     },
                     false,

@@ -11,7 +11,6 @@ fn controller() -> Controller {
         best_rate: 0.0,
         to_answer_time: 0.0,
         fit_time: 0.010,
-        busy_min: 4.0,
     }
 }
 
