@@ -18,7 +18,7 @@ use super::status::{authorize, version_row};
 use super::AppState;
 use crate::actors::catalog::VersionState;
 use crate::actors::faults::Fault;
-use crate::actors::supervisor::{Deploy, Rollback, Rollouts, Strategy, Unload};
+use crate::actors::supervisor::{Deploy, Rollback, Rollouts, Strategy, Supervisor, Unload};
 use crate::error::ServeError;
 
 /// Most batches one fault request hits on each replica.
@@ -148,6 +148,18 @@ struct VersionRequest {
     version: Option<String>,
 }
 
+/// The body of a load or unload: an optional, checked version.
+async fn version_request(
+    state: &AppState,
+    req: &HttpRequest,
+    body: web::Payload,
+) -> Result<VersionRequest, ServeError> {
+    let body = authorized_body(state, req, body).await?;
+    let request: VersionRequest = parse(&body.bytes)?;
+    check_version(request.version.as_deref())?;
+    Ok(request)
+}
+
 fn parse<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ServeError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
@@ -156,8 +168,18 @@ fn parse<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, Ser
         .map_err(|e| ServeError::invalid(format!("malformed admin request: {e}")))
 }
 
-fn supervisor_gone<E>(_: E) -> ServeError {
-    ServeError::ShuttingDown
+/// Asks the supervisor; it is gone only while the server shuts down.
+async fn ask<M>(state: &AppState, message: M) -> Result<M::Result, ServeError>
+where
+    M: actix::Message + Send + 'static,
+    M::Result: Send,
+    Supervisor: actix::Handler<M>,
+{
+    state
+        .supervisor
+        .send(message)
+        .await
+        .map_err(|_| ServeError::ShuttingDown)
 }
 
 /// `POST /admin/models/{name}/load` (`{"version": "2"}` optional): load now, answer when ready.
@@ -167,9 +189,7 @@ async fn load(
     path: web::Path<String>,
     body: web::Payload,
 ) -> Result<HttpResponse, ServeError> {
-    let body = authorized_body(&state, &req, body).await?;
-    let request: VersionRequest = parse(&body.bytes)?;
-    check_version(request.version.as_deref())?;
+    let request = version_request(&state, &req, body).await?;
     let started = std::time::Instant::now();
     let served = state
         .served(&path.into_inner(), request.version.as_deref())
@@ -187,17 +207,15 @@ async fn unload(
     path: web::Path<String>,
     body: web::Payload,
 ) -> Result<HttpResponse, ServeError> {
-    let body = authorized_body(&state, &req, body).await?;
-    let request: VersionRequest = parse(&body.bytes)?;
-    check_version(request.version.as_deref())?;
-    let answer = state
-        .supervisor
-        .send(Unload {
+    let request = version_request(&state, &req, body).await?;
+    let answer = ask(
+        &state,
+        Unload {
             name: path.into_inner(),
             version: request.version,
-        })
-        .await
-        .map_err(supervisor_gone)??;
+        },
+    )
+    .await??;
     Ok(HttpResponse::Ok().json(answer))
 }
 
@@ -308,18 +326,18 @@ async fn deploy(
     if let (false, Some(fleet)) = (listed, &state.fleet) {
         fleet.fetch(&name, &request.version).await?;
     }
-    let answer = state
-        .supervisor
-        .send(Deploy {
+    let answer = ask(
+        &state,
+        Deploy {
             name,
             version: request.version,
             strategy: request.strategy,
             steps: request.steps,
             step_secs: request.step_secs,
             smoke_test: request.smoke_test,
-        })
-        .await
-        .map_err(supervisor_gone)??;
+        },
+    )
+    .await??;
     Ok(HttpResponse::Ok().json(answer))
 }
 
@@ -331,13 +349,13 @@ async fn rollback(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ServeError> {
     authorize(&state, &req)?;
-    let answer = state
-        .supervisor
-        .send(Rollback {
+    let answer = ask(
+        &state,
+        Rollback {
             name: path.into_inner(),
-        })
-        .await
-        .map_err(supervisor_gone)??;
+        },
+    )
+    .await??;
     Ok(HttpResponse::Ok().json(answer))
 }
 
@@ -347,13 +365,7 @@ async fn rollouts(
     req: HttpRequest,
 ) -> Result<HttpResponse, ServeError> {
     authorize(&state, &req)?;
-    Ok(HttpResponse::Ok().json(
-        state
-            .supervisor
-            .send(Rollouts)
-            .await
-            .map_err(supervisor_gone)?,
-    ))
+    Ok(HttpResponse::Ok().json(ask(&state, Rollouts).await?))
 }
 
 /// `GET /admin/registry`: the fleet agent's account (the registry, whether it answers, each

@@ -110,6 +110,16 @@ async fn healthy(served: &ServedModel, n: usize) {
     }
 }
 
+/// Heals the double's sessions, waits for `n` replicas and checks that the version answers.
+async fn answers_again(loader: &DoubleLoader, served: &ServedModel, n: usize) {
+    loader.set(Behaviour::Echo);
+    healthy(served, n).await;
+    assert!(served
+        .infer(request(served, 1), InferOptions::now())
+        .await
+        .is_ok());
+}
+
 #[actix_web::test]
 async fn requests_that_wait_together_run_in_one_model_call() {
     let loader = DoubleLoader::new(Behaviour::Echo).leak();
@@ -147,12 +157,7 @@ async fn a_request_meets_at_most_two_dying_workers_then_gets_503_and_replicas_co
         2,
         "tried on one worker, retried once on the other"
     );
-    loader.set(Behaviour::Echo);
-    healthy(&served, 2).await;
-    assert!(served
-        .infer(request(&served, 1), InferOptions::now())
-        .await
-        .is_ok());
+    answers_again(loader, &served, 2).await;
 }
 
 #[actix_web::test]
@@ -176,12 +181,7 @@ async fn a_hung_worker_is_given_up_on_before_it_returns() {
         started.elapsed() < Duration::from_secs(4),
         "answered before the hang ended"
     );
-    loader.set(Behaviour::Echo);
-    healthy(&served, 2).await;
-    assert!(served
-        .infer(request(&served, 1), InferOptions::now())
-        .await
-        .is_ok());
+    answers_again(loader, &served, 2).await;
 }
 
 #[actix_web::test]

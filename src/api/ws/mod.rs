@@ -28,13 +28,14 @@ use crate::actors::catalog::ServedModel;
 use crate::actors::catalog::SharedCatalog;
 use crate::actors::stream_hub::StreamHub;
 use crate::actors::stream_session::{
-    Attach, Attached, Audio, Connection, Detach, End, Handover, StreamSession, AUDIO_CREDITS,
+    Attached, Audio, Detach, End, Handover, StreamSession, AUDIO_CREDITS,
 };
 use crate::actors::supervisor::Supervisor;
 use crate::error::ServeError;
 use crate::machine::traffic::{self, Protocol};
 use crate::stream::checkpoint::TokenKeys;
 use crate::stream::protocol::{ClientMessage, ServerMessage, StartMessage};
+use open::AttachError;
 
 /// Largest WebSocket frame (and reassembled message) accepted.
 pub const MAX_FRAME_BYTES: usize = 64 * 1024;
@@ -200,22 +201,16 @@ async fn connection(
         Ok(opened) => opened,
         Err(reason) => return close_with_error(ws, CloseCode::Policy, reason).await,
     };
+    let (attached, messages_rx, close_rx) = match opened.attach(OUTGOING_CAPACITY).await {
+        Ok(c) => (c.attached, c.messages, c.close),
+        Err(AttachError::Refused(reason)) => {
+            return close_with_error(ws, CloseCode::Policy, reason).await
+        }
+        Err(AttachError::Ended) => {
+            return close_with_error(ws, CloseCode::Away, "stream has ended".into()).await
+        }
+    };
     let session = opened.session;
-    let (messages_tx, messages_rx) = mpsc::channel(OUTGOING_CAPACITY);
-    let (close_tx, close_rx) = oneshot::channel();
-    let attach = Attach {
-        connection: Connection {
-            messages: messages_tx,
-            close: close_tx,
-        },
-        last_seq: opened.last_seq,
-        token_counter: opened.token_counter,
-    };
-    let attached = match session.send(attach).await {
-        Ok(Ok(attached)) => attached,
-        Ok(Err(reason)) => return close_with_error(ws, CloseCode::Policy, reason).await,
-        Err(_) => return close_with_error(ws, CloseCode::Away, "stream has ended".into()).await,
-    };
     if resuming {
         tracing::info!(generation = attached.generation, "stream resumed");
     }

@@ -6,13 +6,17 @@
 use std::sync::Arc;
 
 use actix::prelude::*;
+use actix_ws::CloseCode;
+use bytestring::ByteString;
+use tokio::sync::{mpsc, oneshot};
 
 use super::StreamsConfig;
 use crate::access::{Access, Pass};
 use crate::actors::catalog::ServedModel;
 use crate::actors::stream_hub::{Adopt, Found, Lookup, Register};
 use crate::actors::stream_session::{
-    Progress, Retire, ServedBy, StreamModels, StreamParams, StreamSession,
+    Attach, Attached, Connection, Progress, Retire, ServedBy, StreamModels, StreamParams,
+    StreamSession,
 };
 use crate::actors::supervisor::EnsureLoaded;
 use crate::stream::checkpoint::Checkpoint;
@@ -34,6 +38,48 @@ pub(in crate::api) struct Opened {
     pub last_seq: Option<u64>,
     /// The counter of the token the client resumed with.
     pub token_counter: Option<u32>,
+}
+
+/// A connection attached to its session: what the session sends it, and the session's word
+/// to close it (a code and reason, once what is queued is sent).
+pub(in crate::api) struct AttachedConnection {
+    pub attached: Attached,
+    pub messages: mpsc::Receiver<ByteString>,
+    pub close: oneshot::Receiver<(CloseCode, String)>,
+}
+
+/// Why a connection could not attach to its session.
+pub(in crate::api) enum AttachError {
+    /// The session refused it (a replayed token, another connection's newer claim).
+    Refused(String),
+    /// The session ended before it could answer.
+    Ended,
+}
+
+impl Opened {
+    /// Attaches a new connection to the session, which then sends its messages (up to
+    /// `capacity` waiting) to it: the one way WebSocket and gRPC transports take a session.
+    pub async fn attach(&self, capacity: usize) -> Result<AttachedConnection, AttachError> {
+        let (messages_tx, messages) = mpsc::channel(capacity);
+        let (close_tx, close) = oneshot::channel();
+        let attach = Attach {
+            connection: Connection {
+                messages: messages_tx,
+                close: close_tx,
+            },
+            last_seq: self.last_seq,
+            token_counter: self.token_counter,
+        };
+        match self.session.send(attach).await {
+            Ok(Ok(attached)) => Ok(AttachedConnection {
+                attached,
+                messages,
+                close,
+            }),
+            Ok(Err(reason)) => Err(AttachError::Refused(reason)),
+            Err(_) => Err(AttachError::Ended),
+        }
+    }
 }
 
 /// Finds or makes the session `start` asks for; an `Err` is the reason for a 1008 close.

@@ -32,9 +32,9 @@ use super::proto::inference::{InferParameter, ModelInferRequest, ModelStreamInfe
 use super::{draining, Stop};
 use crate::access::StreamPass;
 use crate::actors::stream_session::{
-    feed, Attach, Attached, Connection, Detach, End, FeedError, Flush, Handover, StreamSession,
+    feed, Attached, Detach, End, FeedError, Flush, Handover, StreamSession,
 };
-use crate::api::ws::open::{open_session, Caller};
+use crate::api::ws::open::{open_session, AttachError, Caller};
 use crate::api::AppState;
 use crate::manifest::StreamKind;
 use answer::{Gathered, SEQUENCE_END, SEQUENCE_ID, SEQUENCE_START};
@@ -472,25 +472,16 @@ impl SequenceTask {
         let opened = opened
             .await
             .map_err(|_| "the server is stopping".to_string())??;
-        let (messages_tx, messages) = mpsc::channel(OUTGOING_CAPACITY);
-        let (close_tx, close) = oneshot::channel();
-        let attach = Attach {
-            connection: Connection {
-                messages: messages_tx,
-                close: close_tx,
-            },
-            last_seq: opened.last_seq,
-            token_counter: opened.token_counter,
-        };
-        let attached = match opened.session.send(attach).await {
-            Ok(attached) => attached?,
-            Err(_) => return Err("the stream has ended".into()),
+        let connection = match opened.attach(OUTGOING_CAPACITY).await {
+            Ok(connection) => connection,
+            Err(AttachError::Refused(reason)) => return Err(reason),
+            Err(AttachError::Ended) => return Err("the stream has ended".into()),
         };
         self.live = Some(Live {
             session: opened.session,
-            attached,
-            messages,
-            close,
+            attached: connection.attached,
+            messages: connection.messages,
+            close: connection.close,
             access,
         });
         Ok(())
