@@ -23,7 +23,7 @@ use crate::bench::{cpu_since, start_server_with, stop_server, ServerSetup, TempM
 use crate::cli::{count, secs};
 use crate::protocols::results::{levels_json, ratio, render_report, Client, Level};
 use crate::protocols::{MlpClosedLoop, Schedule, CONTENDED_CORES};
-use crate::rest::{self, RestOptions};
+use crate::rest;
 use crate::sysinfo::{CpuShare, CpuSnapshot};
 
 /// The plot written beside `report.md` (`protocols`' plot of this run's results).
@@ -267,23 +267,15 @@ pub fn run(options: &JobsOptions) -> anyhow::Result<crate::report::Outcome> {
                 rounds: options.rounds,
                 quiet_wait: options.mlp.common.quiet_wait,
             };
+            let timing = (options.warmup, options.duration);
             let levels = schedule.measure(
                 |r| {
                     round.set(r);
                     order(r)
                 },
                 |load, concurrency| {
-                    let online = RestOptions {
-                        url: format!("http://{}", running.addr),
-                        model: "mlp".into(),
-                        concurrency,
-                        duration: options.duration,
-                        warmup: options.warmup,
-                        rows: 1,
-                        binary: false,
-                        quiet: true,
-                        request_timeout: options.mlp.request_timeout,
-                    };
+                    let shape = (concurrency, 1, false);
+                    let online = options.mlp.rest_load(running.addr, shape, timing);
                     if load == Load::Alone {
                         return rt.block_on(rest::run(&online));
                     }

@@ -14,7 +14,7 @@ use crate::bench::{start_server_with, stop_server, ServerSetup, TempModelDir};
 use crate::cli::{count, secs};
 use crate::protocols::results::{levels_json, render_report, Client, Level};
 use crate::protocols::{MlpClosedLoop, Schedule, CONTENDED_CORES};
-use crate::rest::{self, RestOptions};
+use crate::rest;
 
 /// The plot written beside `report.md` (`protocols`' plot of this run's results).
 pub const PLOT_FILE: &str = "monitoring.svg";
@@ -111,22 +111,15 @@ pub fn run(options: &MonitoringOptions) -> anyhow::Result<crate::report::Outcome
         rounds: options.rounds,
         quiet_wait: options.mlp.common.quiet_wait,
     };
+    let timing = (options.warmup, options.duration);
     let measured =
         crate::sysinfo::client_runtime(options.mlp.common.threads.get()).and_then(|rt| {
             schedule.measure(
                 |round| options.order(round),
                 |variant, concurrency| {
-                    let load = RestOptions {
-                        url: format!("http://{}", servers[variant as usize].addr),
-                        model: "mlp".into(),
-                        concurrency,
-                        duration: options.duration,
-                        warmup: options.warmup,
-                        rows: options.rows,
-                        binary: false,
-                        quiet: true,
-                        request_timeout: options.mlp.request_timeout,
-                    };
+                    let shape = (concurrency, options.rows, false);
+                    let addr = servers[variant as usize].addr;
+                    let load = options.mlp.rest_load(addr, shape, timing);
                     rt.block_on(rest::run(&load))
                 },
             )
@@ -203,7 +196,7 @@ mod tests {
     fn results_and_report_from_slices() {
         let options: MonitoringOptions = crate::cli::defaults();
         let slice = |protocol, round, ok: u64| {
-            let mut report = crate::protocols::tally::empty("x", "mlp", 8, 1, false);
+            let mut report = crate::rest::RestReport::empty("x", "mlp", 8, 1, false);
             report.measured = Duration::from_secs(2);
             report.ok = ok;
             for _ in 0..ok {

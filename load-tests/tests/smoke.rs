@@ -4,9 +4,12 @@
 //! Needs libonnxruntime, which `streamserve::runtime::init` finds in the checkout's `.venv`
 //! (installed by `bash scripts/setup.sh`).
 
+use std::path::Path;
 use std::time::Duration;
 
 use streamserve_load::bench::{self, ServerSetup, TempModelDir};
+use streamserve_load::cli::{BenchCommon, Threads};
+use streamserve_load::overload::MlpOpenLoop;
 use streamserve_load::rest::{self, RestOptions};
 
 /// `mlp` alone, batching on, one replica.
@@ -23,6 +26,22 @@ fn start() -> (TempModelDir, streamserve::server::Running) {
     let running = bench::start_server(&dir.path, setup.max_batch_size)
         .expect("streamserve starts and serves mlp");
     (dir, running)
+}
+
+/// The open-loop part of a shortened `timeline` or `overload` run: its files in `out`, no wait
+/// for a quiet machine, two client threads, a bounded number of requests in flight.
+fn shortened(out: &Path, defaults: MlpOpenLoop) -> MlpOpenLoop {
+    MlpOpenLoop {
+        max_in_flight: 512,
+        common: BenchCommon {
+            out: Some(out.to_path_buf()),
+            quiet_wait: Duration::ZERO,
+            threads: Threads {
+                client_threads: Some(2),
+            },
+        },
+        ..defaults
+    }
 }
 
 fn check(options: RestOptions) {
@@ -97,8 +116,6 @@ fn non_loopback_targets_are_refused_before_any_traffic() {
 /// API and seen by the server, the report, results and plot written.
 #[test]
 fn timeline_run_records_bins_events_and_the_server_view() {
-    use streamserve_load::cli::{BenchCommon, Threads};
-    use streamserve_load::overload::MlpOpenLoop;
     use streamserve_load::timeline::{self, At, TimelineOptions};
     let out = std::env::temp_dir().join(format!("loadgen-timeline-smoke-{}", std::process::id()));
     let defaults = TimelineOptions::default();
@@ -113,17 +130,7 @@ fn timeline_run_records_bins_events_and_the_server_view() {
         hang_timeout_ms: 300,
         duration: Duration::from_secs(3),
         bin: Duration::from_millis(100),
-        mlp: MlpOpenLoop {
-            max_in_flight: 512,
-            common: BenchCommon {
-                out: Some(out.clone()),
-                quiet_wait: Duration::ZERO,
-                threads: Threads {
-                    client_threads: Some(2),
-                },
-            },
-            ..defaults.mlp.clone()
-        },
+        mlp: shortened(&out, defaults.mlp.clone()),
         ..defaults
     };
     let outcome = timeline::run(&options).expect("the timeline run completes");
@@ -171,8 +178,7 @@ fn timeline_run_records_bins_events_and_the_server_view() {
 #[test]
 fn overload_runs_each_admission_variant_on_a_server_of_its_own() {
     use streamserve::config::Admission;
-    use streamserve_load::cli::{BenchCommon, Threads};
-    use streamserve_load::overload::{self, MlpOpenLoop, OverloadOptions};
+    use streamserve_load::overload::{self, OverloadOptions};
     let out = std::env::temp_dir().join(format!("loadgen-overload-smoke-{}", std::process::id()));
     let defaults = streamserve_load::cli::defaults::<OverloadOptions>();
     let options = OverloadOptions {
@@ -183,15 +189,7 @@ fn overload_runs_each_admission_variant_on_a_server_of_its_own() {
         mlp: MlpOpenLoop {
             capacity_duration: Duration::from_secs(1),
             capacity_concurrency: 16,
-            max_in_flight: 512,
-            common: BenchCommon {
-                out: Some(out.clone()),
-                quiet_wait: Duration::ZERO,
-                threads: Threads {
-                    client_threads: Some(2),
-                },
-            },
-            ..defaults.mlp.clone()
+            ..shortened(&out, defaults.mlp.clone())
         },
         ..defaults
     };

@@ -117,7 +117,7 @@ impl Drop for Haproxy {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (free when asked; haproxy binds it moments later).
+/// A free TCP port on 127.0.0.1 (free when asked; its server binds it moments later).
 pub fn free_port() -> anyhow::Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
     Ok(listener.local_addr()?.port())

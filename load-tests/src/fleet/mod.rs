@@ -399,7 +399,7 @@ pub(crate) async fn wait_ready(
             bail!(
                 "instance {} does not serve {model} 60 s after it started:\n{}",
                 instance.id,
-                instance.log_tail(20)
+                procs::log_tail(&instance.log, 20)
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

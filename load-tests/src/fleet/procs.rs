@@ -54,8 +54,8 @@ impl Drop for TempDir {
 }
 
 /// The child dies with this thread's process (SIGKILL) even when `loadgen` is killed. Children
-/// are spawned from the thread that runs the drill, which lives as long as they do.
-pub(super) fn die_with_parent(cmd: &mut Command) {
+/// are spawned from the thread that runs the benchmark, which lives as long as they do.
+pub(crate) fn die_with_parent(cmd: &mut Command) {
     // SAFETY: one system call between fork and exec, nothing allocated.
     unsafe {
         cmd.pre_exec(|| {
@@ -75,18 +75,27 @@ fn terminate_child(child: &mut Child) {
     }
 }
 
-/// SIGTERM, then SIGKILL when it has not exited within `grace`; waits for it.
-pub(super) fn stop_child(child: &mut Child, grace: Duration) {
+/// SIGTERM, then SIGKILL when it has not exited within `grace`; waits for it. True when it
+/// had to be killed.
+pub(crate) fn stop_child(child: &mut Child, grace: Duration) -> bool {
     terminate_child(child);
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {
-            return;
+            return false;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = child.kill();
     let _ = child.wait();
+    true
+}
+
+/// The last `lines` lines of a child's output, written to `log`.
+pub(crate) fn log_tail(log: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// The environment that points the AWS client of `streamserve` at moto (it takes any keys).
@@ -395,13 +404,13 @@ impl Instance {
             if let Ok(Some(status)) = instance.child.try_wait() {
                 bail!(
                     "instance {id} exited ({status}) before it listened:\n{}",
-                    instance.log_tail(20)
+                    log_tail(&instance.log, 20)
                 );
             }
             if Instant::now() >= deadline {
                 bail!(
                     "instance {id} did not listen within 60 s:\n{}",
-                    instance.log_tail(20)
+                    log_tail(&instance.log, 20)
                 );
             }
         };
@@ -435,19 +444,13 @@ impl Instance {
                 if Instant::now() >= deadline {
                     bail!(
                         "{model} is not ready 30 s after the server started:\n{}",
-                        self.log_tail(20)
+                        log_tail(&self.log, 20)
                     );
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
         Ok(())
-    }
-
-    pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
     }
 
     pub fn stop(&mut self) {

@@ -54,6 +54,24 @@ pub struct MlpOpenLoop {
     pub common: BenchCommon,
 }
 
+impl MlpOpenLoop {
+    /// The closed-loop capacity measurement of the server at `url` (its base URL), with
+    /// progress lines; the open loop's requests are the same.
+    pub fn capacity_load(&self, url: &str) -> RestOptions {
+        RestOptions {
+            url: url.to_string(),
+            model: PRIMARY.into(),
+            concurrency: self.capacity_concurrency,
+            duration: self.capacity_duration,
+            warmup: CAPACITY_WARMUP,
+            rows: 1,
+            binary: self.binary,
+            quiet: false,
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
 /// Unmeasured seconds of closed-loop load before the capacity measurement.
 pub const CAPACITY_WARMUP: Duration = Duration::from_secs(2);
 
@@ -405,17 +423,7 @@ fn run_variant(
         "[overload] {label}: capacity, closed loop, concurrency {} ...",
         options.mlp.capacity_concurrency
     );
-    let closed = RestOptions {
-        url: base.clone(),
-        model: PRIMARY.into(),
-        concurrency: options.mlp.capacity_concurrency,
-        duration: options.mlp.capacity_duration,
-        warmup: CAPACITY_WARMUP,
-        rows: 1,
-        binary: options.mlp.binary,
-        quiet: false,
-        request_timeout: Duration::from_secs(30),
-    };
+    let closed = options.mlp.capacity_load(&base);
     let before = context.cpu_snapshot(server);
     let capacity = context.runtime.block_on(rest::run(&closed))?;
     let (capacity_cpu, capacity_pinned_cpu) = context.cpu_since(server, before);

@@ -24,6 +24,8 @@ use streamserve::config::Admission;
 
 use super::{FALLBACK, PRIMARY};
 use crate::bench::{start_server_with, stop_server};
+use crate::fleet::balancer::free_port;
+use crate::fleet::procs::{die_with_parent, log_tail, stop_child};
 
 /// The CPUs of a pinned run: the server's and the load generator's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -249,16 +251,11 @@ impl ChildServer {
             }
         }
         let cpu = pinning.server_cpu;
-        // SAFETY: the closure makes two system calls and allocates nothing.
+        // SAFETY: the closure makes one system call and allocates nothing.
         unsafe {
-            cmd.pre_exec(move || {
-                set_affinity(0, &[cpu])?;
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+            cmd.pre_exec(move || set_affinity(0, &[cpu]));
         }
+        die_with_parent(&mut cmd);
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot start {command}"))?;
@@ -290,7 +287,7 @@ impl ChildServer {
                 bail!(
                     "the server exited ({status}) before it was ready: {}\n{}",
                     self.command,
-                    self.log_tail(30)
+                    log_tail(&self.log, 30)
                 );
             }
             let mut ready = true;
@@ -313,18 +310,11 @@ impl ChildServer {
                 bail!(
                     "the server is not ready 30 s after it started: {}\n{}",
                     self.command,
-                    self.log_tail(30)
+                    log_tail(&self.log, 30)
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    }
-
-    /// The last `lines` lines of the server's output.
-    pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
     }
 
     /// The server's output so far.
@@ -337,21 +327,12 @@ impl ChildServer {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        // SAFETY: kill(2) with a pid this process spawned and has not yet reaped.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if stop_child(&mut child, Duration::from_secs(10)) {
+            eprintln!(
+                "[overload] the server (pid {}) did not stop within 10 s of SIGTERM; killing it",
+                self.pid
+            );
         }
-        eprintln!(
-            "[overload] the server (pid {}) did not stop within 10 s of SIGTERM; killing it",
-            self.pid
-        );
-        let _ = child.kill();
-        let _ = child.wait();
     }
 }
 
@@ -359,12 +340,6 @@ impl Drop for ChildServer {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-/// A free TCP port on 127.0.0.1 (free when asked; the child binds it moments later).
-fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
-    Ok(listener.local_addr()?.port())
 }
 
 /// The server of one variant.

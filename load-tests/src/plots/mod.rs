@@ -114,8 +114,7 @@ where
     Y: Ranged<ValueType = f64>,
 {
     let p50 = points.clone().map(|p| (p.0, p.1));
-    line(chart, p50.clone(), (color, 2, 2), format!("{label} p50"))?;
-    dots(chart, p50, color, circle)?;
+    line_with_dots(chart, p50, color, circle, format!("{label} p50"))?;
     chart
         .draw_series(LineSeries::new(
             points.map(|p| (p.0, p.2)),
@@ -142,6 +141,7 @@ fn legend_box<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
 }
 
 type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
+type Points = Vec<(f64, f64)>;
 type Chart<'a, 'b, X, Y> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<X, Y>>;
 
 /// A chart on `area` with every plot's margins: (margin, x label area, y label areas, both
@@ -208,17 +208,20 @@ where
     Ok(())
 }
 
-/// Filled circles of `size` px at `points`.
-fn dots<X, Y>(
+/// A 2 px line through `points` with a filled circle of `size` px on each, and its legend
+/// entry `label`.
+fn line_with_dots<X, Y>(
     chart: &mut Chart<'_, '_, X, Y>,
-    points: impl IntoIterator<Item = (f64, f64)>,
+    points: impl IntoIterator<Item = (f64, f64)> + Clone,
     color: RGBColor,
     size: u32,
+    label: impl Into<String>,
 ) -> anyhow::Result<()>
 where
     X: Ranged<ValueType = f64>,
     Y: Ranged<ValueType = f64>,
 {
+    line(chart, points.clone(), (color, 2, 2), label)?;
     chart
         .draw_series(
             points
@@ -227,6 +230,45 @@ where
         )
         .map_err(plot_err)?;
     Ok(())
+}
+
+/// Dashed vertical lines from `y0` to `y1` at each `(x, colour)` of `marks`: the events on a
+/// time axis.
+fn vertical_marks<X, Y>(
+    chart: &mut Chart<'_, '_, X, Y>,
+    marks: impl IntoIterator<Item = (f64, RGBColor)>,
+    (y0, y1): (f64, f64),
+) -> anyhow::Result<()>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    for (x, color) in marks {
+        let dashed = DashedLineSeries::new([(x, y0), (x, y1)], 6, 4, color.stroke_width(1));
+        chart.draw_series(dashed).map_err(plot_err)?;
+    }
+    Ok(())
+}
+
+/// p50, p99 and max (`max_key`) latency per time bin of `width` s, at the bin's middle where it
+/// has one, and a log axis over them: from under the lowest p50 to 3× the highest.
+fn bin_latencies(bins: &[&Value], width: f64, max_key: &str) -> ([Points; 3], (f64, f64)) {
+    let [p50, p99, max] = ["p50_ms", "p99_ms", max_key].map(|key| {
+        bins.iter()
+            .filter_map(|b| {
+                let v = b[key].as_f64().filter(|v| *v > 0.0)?;
+                Some((f(&b["t_s"]) + width / 2.0, v))
+            })
+            .collect::<Vec<_>>()
+    });
+    let y_max = max.iter().chain(&p99).map(|p| p.1).fold(1.0, f64::max) * 3.0;
+    let y_min = p50
+        .iter()
+        .map(|p| p.1)
+        .fold(y_max / 10.0, f64::min)
+        .max(0.01)
+        / 1.5;
+    ([p50, p99, max], (y_min, y_max))
 }
 
 /// Latency (p50 solid with circles, p99 thin with triangles) against throughput, log-log,

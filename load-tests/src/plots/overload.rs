@@ -8,7 +8,9 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde_json::Value;
 
-use super::{axes, canvas, chart_on, dots, f, items, legend_box, line, plot_err, PALETTE};
+use super::{
+    axes, canvas, chart_on, f, items, legend_box, line, line_with_dots, plot_err, PALETTE,
+};
 
 /// One variant's levels: (multiplier, goodput/s, primary p50 ms, primary p99 ms).
 struct Series {
@@ -102,14 +104,8 @@ pub fn overload_levels(results: &Value, out: &Path) -> anyhow::Result<()> {
     line(&mut chart, offered, (grey, 1, 1), "offered")?;
     for (i, s) in all.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
-        let points: Vec<(f64, f64)> = s.points.iter().map(|p| (p.0, p.1)).collect();
-        line(
-            &mut chart,
-            points.clone(),
-            (color, 2, 2),
-            named(&s.label, "goodput"),
-        )?;
-        dots(&mut chart, points, color, 4)?;
+        let points = s.points.iter().map(|p| (p.0, p.1));
+        line_with_dots(&mut chart, points, color, 4, named(&s.label, "goodput"))?;
     }
     legend_box(&mut chart, SeriesLabelPosition::UpperLeft)?;
 
@@ -130,19 +126,8 @@ pub fn overload_levels(results: &Value, out: &Path) -> anyhow::Result<()> {
     axes(&mut chart, descs, (1, "×", 1), None)?;
     for (i, s) in all.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
-        let p99: Vec<(f64, f64)> = s
-            .points
-            .iter()
-            .filter(|p| p.3 > 0.0)
-            .map(|p| (p.0, p.3))
-            .collect();
-        line(
-            &mut chart,
-            p99.clone(),
-            (color, 2, 2),
-            named(&s.label, "p99"),
-        )?;
-        dots(&mut chart, p99, color, 4)?;
+        let p99 = s.points.iter().filter(|p| p.3 > 0.0).map(|p| (p.0, p.3));
+        line_with_dots(&mut chart, p99, color, 4, named(&s.label, "p99"))?;
         let p50: Vec<(f64, f64)> = s
             .points
             .iter()

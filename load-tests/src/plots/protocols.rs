@@ -8,7 +8,7 @@ use plotters::prelude::*;
 use serde_json::Value;
 
 use super::{
-    axes, canvas, chart_on, dots, draw_p50_p99, f, items, legend_box, line, plot_err, PALETTE,
+    axes, canvas, chart_on, draw_p50_p99, f, items, legend_box, line_with_dots, plot_err, PALETTE,
 };
 
 /// One client's levels: (concurrency, req/s, p50 ms, p99 ms).
@@ -74,14 +74,8 @@ pub fn protocols(results: &Value, out: &Path) -> anyhow::Result<()> {
     axes(&mut chart, descs, (0, "", 0), None)?;
     for (i, s) in all.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
-        let xy: Vec<(f64, f64)> = s.points.iter().map(|p| (p.0, p.1)).collect();
-        line(
-            &mut chart,
-            xy.iter().copied(),
-            (color, 2, 2),
-            s.label.as_str(),
-        )?;
-        dots(&mut chart, xy, color, 4)?;
+        let xy = s.points.iter().map(|p| (p.0, p.1));
+        line_with_dots(&mut chart, xy, color, 4, s.label.as_str())?;
     }
     legend_box(&mut chart, SeriesLabelPosition::LowerRight)?;
 

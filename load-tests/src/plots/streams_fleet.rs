@@ -8,7 +8,10 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde_json::Value;
 
-use super::{axes, canvas, chart_on, f, items, legend_box, line, plot_err, PALETTE};
+use super::{
+    axes, bin_latencies, canvas, chart_on, f, items, legend_box, line, plot_err, vertical_marks,
+    PALETTE,
+};
 
 pub fn streams_fleet(results: &Value, out: &Path) -> anyhow::Result<()> {
     let bins: Vec<&Value> = items(results, "timeline").collect();
@@ -17,17 +20,7 @@ pub fn streams_fleet(results: &Value, out: &Path) -> anyhow::Result<()> {
     }
     let width = f(&results["settings"]["bin_s"]).max(1e-3);
     let end = f(&results["end_s"]).max(width);
-    let mid = |b: &Value| f(&b["t_s"]) + width / 2.0;
-    let series = |key: &str| -> Vec<(f64, f64)> {
-        bins.iter()
-            .filter_map(|b| b[key].as_f64().filter(|v| *v > 0.0).map(|v| (mid(b), v)))
-            .collect()
-    };
-    let (p50, p99, max) = (
-        series("p50_ms"),
-        series("p99_ms"),
-        series("max_from_due_ms"),
-    );
+    let ([p50, p99, max], (y_min, y_max)) = bin_latencies(&bins, width, "max_from_due_ms");
     let marks: Vec<(f64, RGBColor)> = items(results, "restarts")
         .flat_map(|r| {
             [
@@ -42,13 +35,6 @@ pub fn streams_fleet(results: &Value, out: &Path) -> anyhow::Result<()> {
     let root = canvas(out, (1100, 760), Some((title, 20)))?;
     let panels = root.split_evenly((2, 1));
 
-    let y_max = max.iter().chain(&p99).map(|p| p.1).fold(1.0, f64::max) * 3.0;
-    let y_min = p50
-        .iter()
-        .map(|p| p.1)
-        .fold(y_max / 10.0, f64::min)
-        .max(0.01)
-        / 1.5;
     let mut chart = chart_on(&panels[0], (10, 30, 70, false))
         .caption(
             "chunk latency per bin, ms (log); dashed: SIGTERM (black), ready again (grey)",
@@ -70,16 +56,7 @@ pub fn streams_fleet(results: &Value, out: &Path) -> anyhow::Result<()> {
             name,
         )?;
     }
-    for (t, color) in &marks {
-        chart
-            .draw_series(DashedLineSeries::new(
-                [(*t, y_min), (*t, y_max)],
-                6,
-                4,
-                color.stroke_width(1),
-            ))
-            .map_err(plot_err)?;
-    }
+    vertical_marks(&mut chart, marks.iter().copied(), (y_min, y_max))?;
     legend_box(&mut chart, SeriesLabelPosition::UpperRight)?;
 
     let ids: Vec<String> = items(results, "instances")
@@ -112,16 +89,7 @@ pub fn streams_fleet(results: &Value, out: &Path) -> anyhow::Result<()> {
             id.as_str(),
         )?;
     }
-    for (t, color) in &marks {
-        chart
-            .draw_series(DashedLineSeries::new(
-                [(*t, 0.0), (*t, c_max)],
-                6,
-                4,
-                color.stroke_width(1),
-            ))
-            .map_err(plot_err)?;
-    }
+    vertical_marks(&mut chart, marks, (0.0, c_max))?;
     legend_box(&mut chart, SeriesLabelPosition::UpperRight)?;
     root.present().map_err(plot_err)?;
     Ok(())

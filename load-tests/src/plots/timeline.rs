@@ -6,7 +6,10 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde_json::Value;
 
-use super::{axes, canvas, chart_on, f, items, legend_box, legend_line, line, plot_err, PALETTE};
+use super::{
+    axes, bin_latencies, canvas, chart_on, f, items, legend_box, legend_line, line, plot_err,
+    vertical_marks, PALETTE,
+};
 
 /// Latency, outcomes and server state over time, from a `loadgen timeline` results.json:
 /// three panels on one time axis (p50/p99/max latency per bin, log; requests/s per bin by
@@ -25,33 +28,14 @@ pub fn timeline(results: &Value, out: &Path) -> anyhow::Result<()> {
         .collect();
     let server: Vec<&Value> = items(results, "server").collect();
     let mid = |b: &Value| f(&b["t_s"]) + bin_s / 2.0;
-    let latency = |key: &str| -> Vec<(f64, f64)> {
-        bins.iter()
-            .filter_map(|b| b[key].as_f64().filter(|v| *v > 0.0).map(|v| (mid(b), v)))
-            .collect()
-    };
-    let (p50, p99, max) = (latency("p50_ms"), latency("p99_ms"), latency("max_ms"));
+    let ([p50, p99, max], (y_min, y_max)) = bin_latencies(&bins, bin_s, "max_ms");
 
     let title = "Timeline: mlp through an overload step and worker faults (open loop, bins by scheduled send)";
     let root = canvas(out, (1100, 980), Some((title, 20)))?;
     let panels = root.split_evenly((3, 1));
-    let event_lines = |y0: f64, y1: f64| {
-        events
-            .iter()
-            .map(move |(t, _)| {
-                DashedLineSeries::new([(*t, y0), (*t, y1)], 6, 4, BLACK.stroke_width(1))
-            })
-            .collect::<Vec<_>>()
-    };
+    let marks = || events.iter().map(|(t, _)| (*t, BLACK));
 
     // Latency.
-    let y_max = max.iter().chain(&p99).map(|p| p.1).fold(1.0, f64::max) * 3.0;
-    let y_min = p50
-        .iter()
-        .map(|p| p.1)
-        .fold(y_max / 10.0, f64::min)
-        .max(0.01)
-        / 1.5;
     let mut chart = chart_on(&panels[0], (10, 30, 70, true))
         .build_cartesian_2d(0.0..duration, (y_min..y_max).log_scale())
         .map_err(plot_err)?;
@@ -72,9 +56,7 @@ pub fn timeline(results: &Value, out: &Path) -> anyhow::Result<()> {
             name,
         )?;
     }
-    for event in event_lines(y_min, y_max) {
-        chart.draw_series(event).map_err(plot_err)?;
-    }
+    vertical_marks(&mut chart, marks(), (y_min, y_max))?;
     for (i, (t, label)) in events.iter().enumerate() {
         let y = if i % 2 == 0 { y_max / 1.6 } else { y_max / 3.2 };
         chart
@@ -134,9 +116,7 @@ pub fn timeline(results: &Value, out: &Path) -> anyhow::Result<()> {
             *name,
         )?;
     }
-    for event in event_lines(0.0, r_max) {
-        chart.draw_series(event).map_err(plot_err)?;
-    }
+    vertical_marks(&mut chart, marks(), (0.0, r_max))?;
     legend_box(&mut chart, SeriesLabelPosition::UpperRight)?;
 
     // The server's view.
@@ -181,9 +161,7 @@ pub fn timeline(results: &Value, out: &Path) -> anyhow::Result<()> {
         .map_err(plot_err)?
         .label("queue depth (right)")
         .legend(legend_line(color, 2));
-    for event in event_lines(0.0, h_max) {
-        chart.draw_series(event).map_err(plot_err)?;
-    }
+    vertical_marks(&mut chart, marks(), (0.0, h_max))?;
     legend_box(&mut chart, SeriesLabelPosition::LowerLeft)?;
     root.present().map_err(plot_err)?;
     Ok(())

@@ -28,7 +28,7 @@ use streamserve::api::grpc::proto::inference::{
 
 use super::options::stream_windows;
 use super::tally::{self, Failed, Period};
-use crate::rest::{RestReport, ServerSide};
+use crate::rest::{self, RestReport, ServerSide};
 use crate::{mlp, SplitMix64};
 
 /// The largest message either way: a request of 64 rows is 64 KiB; the answers are smaller.
@@ -254,7 +254,7 @@ pub struct GrpcLoad {
 impl GrpcLoad {
     fn empty(&self) -> RestReport {
         let url = format!("grpc://{}", self.addr);
-        tally::empty(&url, "mlp", self.concurrency, self.rows, true)
+        RestReport::empty(&url, "mlp", self.concurrency, self.rows, true)
     }
 
     /// `n` connections, at most `self.connections`.
@@ -269,26 +269,14 @@ impl GrpcLoad {
     /// Waits for every task and merges their tallies, boundedly.
     async fn join(
         &self,
-        mut tasks: tokio::task::JoinSet<RestReport>,
+        tasks: tokio::task::JoinSet<RestReport>,
         period: Period,
     ) -> anyhow::Result<RestReport> {
         let mut all = self.empty();
         all.measured = self.duration;
         let deadline = period.end + 2 * self.request_timeout + Duration::from_secs(5);
-        let joined = tokio::time::timeout_at(deadline.into(), async {
-            while let Some(result) = tasks.join_next().await {
-                tally::absorb(&mut all, result.context("a gRPC load task panicked")?);
-            }
-            anyhow::Ok(())
-        })
-        .await;
-        match joined {
-            Ok(result) => result.map(|()| all),
-            Err(_) => {
-                tasks.abort_all();
-                bail!("gRPC load tasks did not finish by their deadline");
-            }
-        }
+        rest::join_tallies(tasks, &mut all, deadline, "gRPC load").await?;
+        Ok(all)
     }
 }
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 
 use crate::bench::{cpu_since, start_server_with, stop_server, ServerSetup, TempModelDir};
-use crate::rest::{self, RestOptions, RestReport};
+use crate::rest::{self, RestReport};
 use crate::sysinfo::{wait_for_quiet, CpuSnapshot};
 use grpc_client::GrpcLoad;
 pub use options::{MlpClosedLoop, Protocol, ProtocolsOptions, CONTENDED_CORES};
@@ -238,18 +238,9 @@ async fn slice(
 ) -> anyhow::Result<RestReport> {
     match protocol {
         Protocol::RestJson | Protocol::RestBinary => {
-            let load = RestOptions {
-                url: format!("http://{}", target.http),
-                model: "mlp".into(),
-                concurrency,
-                duration: options.duration,
-                warmup: options.warmup,
-                rows: options.rows,
-                binary: protocol == Protocol::RestBinary,
-                quiet: true,
-                request_timeout: options.mlp.request_timeout,
-            };
-            rest::run(&load).await
+            let shape = (concurrency, options.rows, protocol == Protocol::RestBinary);
+            let timing = (options.warmup, options.duration);
+            rest::run(&options.mlp.rest_load(target.http, shape, timing)).await
         }
         Protocol::GrpcUnary | Protocol::GrpcStream => {
             let load = GrpcLoad {

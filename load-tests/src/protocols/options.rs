@@ -3,12 +3,14 @@
 //! binary tensor data extension, gRPC `ModelInfer` (unary) and gRPC `ModelStreamInfer`
 //! (streaming), all sending the same `mlp` request.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
 
 use crate::cli::{count, secs, BenchCommon};
+use crate::rest::RestOptions;
 
 /// The requests in flight one gRPC stream carries at most: the server reads no more of a
 /// stream while this many of its requests are unanswered (`STREAM_IN_FLIGHT` in
@@ -74,6 +76,29 @@ pub struct MlpClosedLoop {
     /// The command line, as it goes in the report.
     #[arg(skip = crate::cli::command_line())]
     pub command: String,
+}
+
+impl MlpClosedLoop {
+    /// One slice of quiet closed-loop `mlp` REST load on the server at `addr`: `(concurrency,
+    /// rows per request, binary)`, warm-up then the measured period.
+    pub fn rest_load(
+        &self,
+        addr: SocketAddr,
+        (concurrency, rows, binary): (usize, usize, bool),
+        (warmup, duration): (Duration, Duration),
+    ) -> RestOptions {
+        RestOptions {
+            url: format!("http://{addr}"),
+            model: "mlp".into(),
+            concurrency,
+            duration,
+            warmup,
+            rows,
+            binary,
+            quiet: true,
+            request_timeout: self.request_timeout,
+        }
+    }
 }
 
 /// `loadgen protocols`'s options.

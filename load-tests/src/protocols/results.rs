@@ -261,7 +261,7 @@ mod tests {
     use super::*;
 
     fn run(ok: u64, latency_us: u64) -> RestReport {
-        let mut r = tally::empty("x", "mlp", 8, 1, false);
+        let mut r = RestReport::empty("x", "mlp", 8, 1, false);
         r.measured = Duration::from_secs(2);
         r.ok = ok;
         for _ in 0..ok {

@@ -2,9 +2,8 @@
 //! [`RestReport`] (successes, errors by kind, warm-up counts, the latency histogram and the
 //! server-reported batch, queue and model-call sums), so that the gRPC loops' results read,
 //! print and serialise exactly as REST's. Here: one answer's accounting for the gRPC loops
-//! ([`record`]), and merging the tallies of tasks and of slices.
+//! ([`record`]), and merging the tallies of slices (those of tasks: [`RestReport::absorb`]).
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::hist;
@@ -32,43 +31,6 @@ impl Failed {
     }
 }
 
-/// An empty tally of a closed-loop run against `url`.
-pub fn empty(url: &str, model: &str, concurrency: usize, rows: usize, binary: bool) -> RestReport {
-    RestReport {
-        url: url.to_string(),
-        model: model.to_string(),
-        concurrency,
-        rows,
-        binary,
-        measured: Duration::ZERO,
-        ok: 0,
-        errors: BTreeMap::new(),
-        warmup_requests: 0,
-        warmup_errors: 0,
-        first_error: None,
-        latency_us: hist::new(3),
-        server_sums: ServerSide::default(),
-    }
-}
-
-/// Adds `other`'s counts, errors, latencies and server sums to `into` (not its measured
-/// time: tasks run side by side, slices one after the other; the caller knows which).
-pub fn absorb(into: &mut RestReport, other: RestReport) {
-    into.ok += other.ok;
-    for (kind, n) in other.errors {
-        *into.errors.entry(kind).or_default() += n;
-    }
-    into.warmup_requests += other.warmup_requests;
-    into.warmup_errors += other.warmup_errors;
-    if into.first_error.is_none() {
-        into.first_error = other.first_error;
-    }
-    into.latency_us
-        .add(&other.latency_us)
-        .expect("every load loop's histogram has the same bounds");
-    into.server_sums.add(&other.server_sums);
-}
-
 /// The slices of one client at one level, run one after the other, as one run: counts and
 /// latencies together, the measured time their sum (so requests/s is the slices' mean
 /// weighted by their length). `None` without slices.
@@ -77,7 +39,7 @@ pub fn combine_slices(slices: Vec<RestReport>) -> Option<RestReport> {
     let mut all = slices.next()?;
     for slice in slices {
         all.measured += slice.measured;
-        absorb(&mut all, slice);
+        all.absorb(slice);
     }
     Some(all)
 }
@@ -140,7 +102,7 @@ mod tests {
     use super::*;
 
     fn slice(ok: u64, latency_us: u64, secs: u64) -> RestReport {
-        let mut r = empty("grpc://127.0.0.1:1", "mlp", 8, 1, true);
+        let mut r = RestReport::empty("grpc://127.0.0.1:1", "mlp", 8, 1, true);
         r.measured = Duration::from_secs(secs);
         r.ok = ok;
         for _ in 0..ok {
@@ -180,7 +142,7 @@ mod tests {
             end: now + Duration::from_secs(2),
         };
         let at = |ms: u64| now + Duration::from_millis(ms);
-        let mut stats = empty("x", "mlp", 1, 1, false);
+        let mut stats = RestReport::empty("x", "mlp", 1, 1, false);
         let ok = || Ok(ServerSide::default());
         record(&mut stats, period, (at(0), at(500)), ok());
         record(&mut stats, period, (at(900), at(1100)), ok());

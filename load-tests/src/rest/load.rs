@@ -2,7 +2,6 @@
 //! keeping their own tallies, merged at the end; the HTTP client, one request's send and check,
 //! and the progress lines are shared with the open loop.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,38 +13,13 @@ use super::{
     check_mlp_response, mlp_request, RequestBody, RestOptions, RestReport, ServerSide,
     HEADER_CONTENT_LENGTH, POOL_IDLE_TIMEOUT,
 };
-use crate::hist::{self, Histogram};
+use crate::hist;
 
 /// Counters shared with the progress printer.
 #[derive(Default)]
 struct Live {
     ok: AtomicU64,
     errors: AtomicU64,
-}
-
-/// One task's own tallies, merged at the end (no locking on the hot path).
-struct TaskStats {
-    ok: u64,
-    errors: BTreeMap<String, u64>,
-    warmup_requests: u64,
-    warmup_errors: u64,
-    first_error: Option<String>,
-    latency_us: Histogram,
-    server_sums: ServerSide,
-}
-
-impl TaskStats {
-    fn new() -> TaskStats {
-        TaskStats {
-            ok: 0,
-            errors: BTreeMap::new(),
-            warmup_requests: 0,
-            warmup_errors: 0,
-            first_error: None,
-            latency_us: hist::new(3),
-            server_sums: ServerSide::default(),
-        }
-    }
 }
 
 pub(crate) enum Failure {
@@ -125,19 +99,20 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Sends `body` again and again until `measure_end`, counting into `stats` (this task's own
+/// tally, no locking on the hot path; empty, its `rows` those of `body`).
 async fn task_loop(
     client: reqwest::Client,
     url: Url,
     body: RequestBody,
-    rows: usize,
+    mut stats: RestReport,
     measure_start: Instant,
     measure_end: Instant,
     live: Arc<Live>,
-) -> TaskStats {
-    let mut stats = TaskStats::new();
+) -> RestReport {
     while Instant::now() < measure_end {
         let started = Instant::now();
-        let outcome = send_one(&client, &url, &body, rows).await;
+        let outcome = send_one(&client, &url, &body, stats.rows).await;
         let done = Instant::now();
         // A request counts towards the period in which it completed; one that completes after
         // the end of the measured period is not counted at all.
@@ -187,13 +162,20 @@ pub async fn run(options: &RestOptions) -> anyhow::Result<RestReport> {
     let measure_end = measure_start + options.duration;
     let live = Arc::new(Live::default());
     let mut tasks = tokio::task::JoinSet::new();
+    let mut report = RestReport::empty(
+        &options.url,
+        &options.model,
+        options.concurrency,
+        options.rows,
+        options.binary,
+    );
     for i in 0..options.concurrency {
         let body = mlp_request(options.rows, 0x5EED_0000 + i as u64, options.binary);
         tasks.spawn(task_loop(
             client.clone(),
             url.clone(),
             body,
-            options.rows,
+            report.clone(),
             measure_start,
             measure_end,
             live.clone(),
@@ -211,54 +193,37 @@ pub async fn run(options: &RestOptions) -> anyhow::Result<RestReport> {
         ))
     });
 
-    let mut merged = TaskStats::new();
     let deadline = measure_end + options.request_timeout + Duration::from_secs(5);
+    let joined = join_tallies(tasks, &mut report, deadline, "load").await;
+    if let Some(p) = progress {
+        p.abort();
+    }
+    report.measured = options.duration;
+    joined.map(|()| report)
+}
+
+/// Waits for every task of a load loop (`what`: "load", "gRPC load") and adds their tallies to
+/// `report`; aborts them all when they have not finished by `deadline`.
+pub(crate) async fn join_tallies(
+    mut tasks: tokio::task::JoinSet<RestReport>,
+    report: &mut RestReport,
+    deadline: Instant,
+    what: &str,
+) -> anyhow::Result<()> {
     let joined = tokio::time::timeout_at(deadline.into(), async {
         while let Some(result) = tasks.join_next().await {
-            let stats = result.context("a load task panicked")?;
-            merged.ok += stats.ok;
-            for (kind, n) in stats.errors {
-                *merged.errors.entry(kind).or_default() += n;
-            }
-            merged.warmup_requests += stats.warmup_requests;
-            merged.warmup_errors += stats.warmup_errors;
-            if merged.first_error.is_none() {
-                merged.first_error = stats.first_error;
-            }
-            merged
-                .latency_us
-                .add(&stats.latency_us)
-                .expect("same histogram bounds");
-            merged.server_sums.add(&stats.server_sums);
+            report.absorb(result.with_context(|| format!("a {what} task panicked"))?);
         }
         anyhow::Ok(())
     })
     .await;
-    if let Some(p) = progress {
-        p.abort();
-    }
     match joined {
-        Ok(result) => result?,
+        Ok(result) => result,
         Err(_) => {
             tasks.abort_all();
-            bail!("load tasks did not finish by their deadline");
+            bail!("{what} tasks did not finish by their deadline");
         }
     }
-    Ok(RestReport {
-        url: options.url.clone(),
-        model: options.model.clone(),
-        concurrency: options.concurrency,
-        rows: options.rows,
-        binary: options.binary,
-        measured: options.duration,
-        ok: merged.ok,
-        errors: merged.errors,
-        warmup_requests: merged.warmup_requests,
-        warmup_errors: merged.warmup_errors,
-        first_error: merged.first_error,
-        latency_us: merged.latency_us,
-        server_sums: merged.server_sums,
-    })
 }
 
 /// The HTTP client of both load loops, keeping up to `pool` idle connections.

@@ -23,7 +23,7 @@ mod report;
 mod tests;
 
 pub use load::run;
-pub(crate) use load::{http_client, progress_ticks, send_one, Failure};
+pub(crate) use load::{http_client, join_tallies, progress_ticks, send_one, Failure};
 pub use protocol::{check_mlp_response, mlp_request, RequestBody, ServerSide};
 pub use report::RestReport;
 
@@ -93,12 +93,7 @@ impl RestOptions {
                 self.concurrency
             );
         }
-        if self.duration.is_zero() || self.duration > MAX_DURATION {
-            bail!(
-                "duration must be more than 0 and at most {}s",
-                MAX_DURATION.as_secs()
-            );
-        }
+        check_duration(self.duration, MAX_DURATION)?;
         if self.warmup > MAX_DURATION {
             bail!("warm-up must be at most {}s", MAX_DURATION.as_secs());
         }
@@ -113,6 +108,17 @@ impl RestOptions {
         base.join(&format!("v2/models/{}/infer", self.model))
             .with_context(|| format!("cannot build the inference URL from {base}"))
     }
+}
+
+/// A measured period of more than 0 and at most `max`, as every load loop takes it.
+pub fn check_duration(duration: Duration, max: Duration) -> anyhow::Result<()> {
+    if duration.is_zero() || duration > max {
+        bail!(
+            "duration must be more than 0 and at most {}s",
+            max.as_secs()
+        );
+    }
+    Ok(())
 }
 
 /// A model name as the server's URLs take it: letters, digits, '_', '-', '.'.

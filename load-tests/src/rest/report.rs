@@ -33,6 +33,43 @@ pub struct RestReport {
 }
 
 impl RestReport {
+    /// An empty tally of a closed-loop run against `url`.
+    pub fn empty(url: &str, model: &str, concurrency: usize, rows: usize, binary: bool) -> Self {
+        RestReport {
+            url: url.to_string(),
+            model: model.to_string(),
+            concurrency,
+            rows,
+            binary,
+            measured: Duration::ZERO,
+            ok: 0,
+            errors: BTreeMap::new(),
+            warmup_requests: 0,
+            warmup_errors: 0,
+            first_error: None,
+            latency_us: hist::new(3),
+            server_sums: ServerSide::default(),
+        }
+    }
+
+    /// Adds `other`'s counts, errors, latencies and server sums (not its measured time: tasks
+    /// run side by side, slices one after the other; the caller knows which).
+    pub fn absorb(&mut self, other: RestReport) {
+        self.ok += other.ok;
+        for (kind, n) in other.errors {
+            *self.errors.entry(kind).or_default() += n;
+        }
+        self.warmup_requests += other.warmup_requests;
+        self.warmup_errors += other.warmup_errors;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+        self.latency_us
+            .add(&other.latency_us)
+            .expect("every load loop's histogram has the same bounds");
+        self.server_sums.add(&other.server_sums);
+    }
+
     pub fn error_count(&self) -> u64 {
         self.errors.values().sum()
     }

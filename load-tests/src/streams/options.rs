@@ -9,7 +9,7 @@ use clap::builder::TypedValueParser as _;
 
 use super::{Audio, MAX_DURATION, MAX_STREAMS};
 use crate::cli::{count, secs};
-use crate::rest::{check_loopback, check_model_name};
+use crate::rest::{check_duration, check_loopback, check_model_name};
 
 /// Which results a stream asks for (`results` in the start message).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -106,12 +106,7 @@ impl StreamOptions {
         if self.streams == 0 || self.streams > MAX_STREAMS {
             bail!("streams must be 1..={MAX_STREAMS}, got {}", self.streams);
         }
-        if self.duration.is_zero() || self.duration > MAX_DURATION {
-            bail!(
-                "duration must be more than 0 and at most {}s",
-                MAX_DURATION.as_secs()
-            );
-        }
+        check_duration(self.duration, MAX_DURATION)?;
         if self.ramp > MAX_DURATION {
             bail!("ramp must be at most {}s", MAX_DURATION.as_secs());
         }

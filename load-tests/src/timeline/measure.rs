@@ -12,7 +12,7 @@ use serde_json::json;
 use super::{EventRecord, Plan, ServerSample, TimelineOptions, ADMIN_TOKEN, SCRAPE_EVERY};
 use crate::bench::cpu_since;
 use crate::open_loop::{self, OpenLoopOptions, OpenLoopReport};
-use crate::overload::{self, PRIMARY};
+use crate::overload::PRIMARY;
 use crate::prometheus;
 use crate::rest::{self, RestOptions};
 use crate::sysinfo::{wait_for_quiet, CpuShare, CpuSnapshot};
@@ -80,17 +80,7 @@ pub(super) fn run_on(
     base: &str,
     runtime: &tokio::runtime::Runtime,
 ) -> anyhow::Result<Measured> {
-    let closed = RestOptions {
-        url: base.to_string(),
-        model: PRIMARY.into(),
-        concurrency: options.mlp.capacity_concurrency,
-        duration: options.mlp.capacity_duration,
-        warmup: overload::CAPACITY_WARMUP,
-        rows: 1,
-        binary: options.mlp.binary,
-        quiet: false,
-        request_timeout: Duration::from_secs(30),
-    };
+    let closed = options.mlp.capacity_load(base);
     let (capacity, reference_rate, base_rate) = match options.rate {
         Some(rate) => (None, rate, rate),
         None => {
