@@ -28,18 +28,14 @@ use crate::fleet::procs::{Instance, InstanceSetup};
 use crate::fleet::watch::{cpu_share, measured, CpuWindow};
 use crate::manifest::{self, EntryChange};
 use crate::overload::server::{server_bin, Pinning, Unpin as Unpinned};
-use crate::prometheus;
 use crate::rest::{self, RestOptions};
+use crate::stream_steps::{counter_delta, ratio, CONTENDED_CORES, QUIET_CORES};
 use crate::streams::{self, Audio, ResultsMode, StreamOptions};
 use crate::sysinfo::{raise_nofile_limit, wait_for_quiet};
 
 /// The REST model and the stream model.
 pub const MLP: &str = "mlp";
 pub const VAD: &str = "silero_vad";
-/// Before each measurement, wait until other processes use less than this many cores; a window
-/// in which they used more than `CONTENDED_CORES` is flagged in the report.
-const QUIET_CORES: f64 = 0.15;
-const CONTENDED_CORES: f64 = 0.25;
 
 /// `loadgen efficiency`'s options.
 #[derive(Clone, Debug, clap::Args)]
@@ -152,11 +148,7 @@ impl Window {
     /// From `cpu_share`'s cores (this process first, others last) over `seconds`, and the
     /// `/metrics` texts at the window's two ends.
     pub fn new(case: &Case, seconds: f64, cores: &[(String, f64)], texts: [&str; 2]) -> Window {
-        let delta = |name: &str| {
-            let label = format!("model=\"{}\"", case.model);
-            let [before, after] = texts.map(|t| prometheus::sum(t, name, &label, None));
-            (after - before).max(0.0)
-        };
+        let delta = |name| counter_delta(texts, name, case.model, None);
         let cpu = CpuWindow::from_cores(seconds, cores);
         Window {
             cpu: cpu.unwrap_or(CpuWindow {
@@ -202,10 +194,6 @@ impl Window {
 
 /// One real-time `silero_vad` stream's chunks per second: 512-sample chunks of 16 kHz audio.
 const CHUNKS_PER_STREAM_SECOND: f64 = 16_000.0 / 512.0;
-
-fn ratio(a: f64, b: f64) -> Option<f64> {
-    (b > 0.0).then(|| a / b)
-}
 
 /// The model's own cost in-process, one thread, at one batch size.
 #[derive(Clone, Debug, serde::Serialize)]

@@ -21,15 +21,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::bail;
-use clap::builder::TypedValueParser as _;
 
 use crate::bench::TempModelDir;
-use crate::cli::{command_line, count, secs, BenchCommon};
+use crate::cli::{command_line, secs, BenchCommon};
 use crate::fleet::procs::{Instance, InstanceSetup};
 use crate::fleet::watch::{self, CpuWindow};
 use crate::manifest::{self, EntryChange};
-use crate::prometheus;
-use crate::streams::{self, Audio, ResultsMode, StreamOptions, StreamReport};
+use crate::stream_steps::{self, StepOptions, QUIET_CORES};
+use crate::streams::{self, Audio};
 use crate::sysinfo::{raise_nofile_limit, wait_for_quiet};
 
 mod compute;
@@ -42,10 +41,6 @@ pub use results::{SetupResults, Step, Window};
 /// The keyword spotter (its head) and its gate.
 pub const MODEL: &str = "hey_marvin";
 pub const GATE: &str = "silero_vad";
-/// Before each measurement, wait until other processes use less than this many cores, and
-/// repeat a failed step once when they used more than `CONTENDED_CORES` during it.
-const QUIET_CORES: f64 = 0.15;
-const CONTENDED_CORES: f64 = 0.25;
 
 /// `tests/audio/keyword_positive.wav`: 16 s of speech, the phrase twice.
 pub fn default_wav() -> PathBuf {
@@ -54,25 +49,11 @@ pub fn default_wav() -> PathBuf {
 
 /// `loadgen keywords-bench`'s options.
 #[derive(Clone, Debug, clap::Args)]
+#[command(mut_arg("steps", |a| a.default_values(["10", "25", "50", "75", "100", "125", "150", "200", "250", "300"])))]
+#[command(mut_arg("ramp", |a| a.default_value("2")), mut_arg("duration", |a| a.default_value("10")))]
 pub struct KeywordsBenchOptions {
-    /// Numbers of concurrent streams to try, ascending, comma-separated; stepping stops at the
-    /// first step that misses the target.
-    #[arg(long, value_delimiter = ',', default_values_t = [10usize, 25, 50, 75, 100, 125, 150, 200, 250, 300],
-          value_parser = count(1, streams::MAX_STREAMS))]
-    pub steps: Vec<usize>,
-    /// Seconds over which each step's streams open.
-    #[arg(long = "ramp-secs", value_name = "RAMP_SECS", default_value = "2", value_parser = secs(0, 60))]
-    pub ramp: Duration,
-    /// Measured seconds per step.
-    #[arg(long = "duration-secs", value_name = "DURATION_SECS", default_value = "10", value_parser = secs(1, 300))]
-    pub duration: Duration,
-    /// The p99 chunk latency a step must stay under, ms.
-    #[arg(long = "target-ms", value_name = "TARGET_MS", default_value = "100",
-          value_parser = clap::value_parser!(u64).range(1..=10000).map(Duration::from_millis))]
-    pub target: Duration,
-    /// Milliseconds of audio per binary frame.
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
-    pub frame_ms: u32,
+    #[command(flatten)]
+    pub stepping: StepOptions,
     /// Measured seconds of each in-process measurement (4 models x 3 batch sizes).
     #[arg(long = "ceiling-secs", value_name = "CEILING_SECS", default_value = "2", value_parser = secs(1, 60))]
     pub ceiling_duration: Duration,
@@ -169,57 +150,6 @@ pub fn pipeline_manifest(bundled: &Path, setup: &Setup) -> anyhow::Result<(Strin
     )
 }
 
-/// The streams run of one step with the server's CPU and `/metrics` sampled at the measured
-/// window's two ends (the run's ramp and its end aside).
-async fn measured(
-    load: &StreamOptions,
-    server: &Instance,
-    client: &reqwest::Client,
-) -> anyhow::Result<(StreamReport, Option<Window>)> {
-    let base = format!("http://{}", server.addr);
-    let window = (load.ramp, load.duration);
-    let (report, (m0, before), (m1, after)) =
-        watch::measured(streams::run(load), window, (server.pid(), &base), client).await?;
-    let Some(cpu) = CpuWindow::between(m0, m1) else {
-        return Ok((report, None));
-    };
-    let seconds = cpu.seconds;
-    let delta = |name: &str, model: &str, extra: Option<&str>| {
-        let at = |text: &Option<String>| {
-            text.as_deref().map_or(0.0, |t| {
-                prometheus::sum(t, name, &format!("model=\"{model}\""), extra)
-            })
-        };
-        (at(&after) - at(&before)).max(0.0)
-    };
-    let stages = STAGES
-        .iter()
-        .map(|s| {
-            let rows = delta("streamserve_batch_size_sum", s.model, None);
-            let calls = delta("streamserve_batch_size_count", s.model, None);
-            (
-                s.model.to_string(),
-                rows / seconds.max(1e-3),
-                if calls > 0.0 { rows / calls } else { 0.0 },
-            )
-        })
-        .collect();
-    let embedding = Some("stage=\"ww_embedding\"");
-    let skips = delta("streamserve_stream_stage_skips_total", MODEL, embedding);
-    let runs = delta("streamserve_stream_stage_steps_total", MODEL, embedding);
-    let window = Window {
-        server_ms_per_stream_s: cpu.server_cores * 1000.0 / load.streams as f64,
-        cpu,
-        stages,
-        embedding_skipped: if skips + runs > 0.0 {
-            skips / (skips + runs)
-        } else {
-            0.0
-        },
-    };
-    Ok((report, Some(window)))
-}
-
 /// Steps `setup`'s streams up `steps` against `server` until one misses the target (a gated
 /// step is judged on errors and late senders only: the gate holds steps back by design).
 fn step_up(
@@ -232,72 +162,43 @@ fn step_up(
 ) -> anyhow::Result<SetupResults> {
     let runtime = crate::sysinfo::client_runtime(options.common.threads.get())?;
     let client = crate::sysinfo::metrics_client()?;
-    let mut results = SetupResults {
-        setup: setup.clone(),
-        steps: Vec::new(),
-        stopped: "every step passed".into(),
-    };
-    for &n in steps {
-        if n as u64 + 256 > nofile {
-            results.stopped = format!(
-                "{n} streams need about {} open files; the limit is {nofile} (raise `ulimit -n`)",
-                n + 256
-            );
-            break;
-        }
-        let mut load = StreamOptions::new(format!("http://{}", server.addr), audio.clone());
+    let base = format!("http://{}", server.addr);
+    let attempt = |n| {
+        let mut load = options.stepping.load(&base, audio, n, setup.label);
         load.model = MODEL.into();
-        load.streams = n;
-        load.ramp = options.ramp;
-        load.duration = options.duration;
-        load.frame_ms = options.frame_ms;
-        load.results = ResultsMode::All;
         load.no_gate = !setup.gate;
-        load.late_threshold = options.target;
-        load.quiet = false;
-        load.label = format!("{} N={n}", setup.label);
-        for attempt in 1.. {
-            wait_for_quiet(QUIET_CORES, options.common.quiet_wait);
-            let (report, window) = runtime.block_on(measured(&load, server, &client))?;
-            let pass = match setup.gate {
-                false => report.meets(options.target),
-                true => {
-                    report.chunks_measured > 0
-                        && report.error_count() == 0
-                        && report.late_streams == 0
-                }
-            };
-            let others = window.as_ref().map_or(0.0, |w| w.cpu.other_cores);
-            let repeated = !pass && others > CONTENDED_CORES && attempt == 1;
-            eprintln!(
-                "[keywords-bench]   {} N={n}: p50 {:.1} ms, p99 {:.1} ms, {} errors, {} late, server {:.1} CPU-ms per stream-s, others {others:.2} cores -> {}",
-                setup.label,
-                report.latency_ms(0.5),
-                report.latency_ms(0.99),
-                report.error_count(),
-                report.late_streams,
-                window.as_ref().map_or(0.0, |w| w.server_ms_per_stream_s),
-                if pass { "pass" } else if repeated { "FAIL on a contended machine: repeating" } else { "FAIL" }
-            );
-            if report.error_count() > 0 {
-                eprint!("{}", report.summary());
+        // The server's CPU and `/metrics` at the measured window's two ends, so that neither
+        // the ramp nor the streams' ending counts.
+        let at = (server.pid(), base.as_str());
+        let run = watch::measured(streams::run(&load), (load.ramp, load.duration), at, &client);
+        let (report, (m0, before), (m1, after)) = runtime.block_on(run)?;
+        let texts = [&before, &after].map(|t| t.as_deref().unwrap_or(""));
+        let window = CpuWindow::between(m0, m1).map(|cpu| Window::new(cpu, n, texts));
+        let pass = match setup.gate {
+            false => report.meets(options.stepping.target),
+            true => {
+                report.chunks_measured > 0 && report.error_count() == 0 && report.late_streams == 0
             }
-            results.steps.push(Step {
-                report,
-                window,
-                pass,
-                repeated,
-            });
-            if !repeated {
-                break;
-            }
-        }
-        if !results.steps.last().is_some_and(|s| s.pass) {
-            results.stopped = format!("N = {n} missed the target");
-            break;
-        }
-    }
-    Ok(results)
+        };
+        let line = format!(
+            "p50 {:.1} ms, p99 {:.1} ms, {} errors, {} late, server {:.1} CPU-ms per stream-s",
+            report.latency_ms(0.5),
+            report.latency_ms(0.99),
+            report.error_count(),
+            report.late_streams,
+            window.as_ref().map_or(0.0, |w| w.server_ms_per_stream_s),
+        );
+        let others = window.as_ref().map_or(0.0, |w| w.cpu.other_cores);
+        Ok((report, window, pass, others, line))
+    };
+    stream_steps::step_up(
+        (setup.clone(), setup.label),
+        ("keywords-bench", options.common.quiet_wait),
+        steps,
+        (nofile, 1), // the server's sockets are another process's
+        attempt,
+        || (),
+    )
 }
 
 /// `streamserve serve` on a fresh directory of the pipeline's entries, every model ready.
@@ -333,15 +234,13 @@ fn start_server(
 
 /// Runs the whole benchmark and writes its report.
 pub fn run(options: &KeywordsBenchOptions) -> anyhow::Result<crate::report::Outcome> {
-    if options.steps.is_empty()
-        || options.steps.len() > 32
-        || options.steps.windows(2).any(|w| w[0] >= w[1])
-    {
+    let steps = &options.stepping.steps;
+    if steps.is_empty() || steps.len() > 32 || steps.windows(2).any(|w| w[0] >= w[1]) {
         bail!("give 1 to 32 steps, ascending");
     }
     let bin = crate::overload::server::server_bin(options.server_bin.as_deref())?;
     let start = crate::report::Start::now(options.common.out.as_deref(), "streams-keyword");
-    let biggest = options.steps.iter().copied().max().unwrap_or(0) as u64;
+    let biggest = steps.iter().copied().max().unwrap_or(0) as u64;
     let nofile = raise_nofile_limit(biggest + 1024);
     let audio = Arc::new(Audio::load(&options.wav)?);
     let quiet = Arc::new(mostly_quiet(&options.wav)?);
@@ -360,26 +259,13 @@ pub fn run(options: &KeywordsBenchOptions) -> anyhow::Result<crate::report::Outc
     let mut results = Vec::new();
     for setup in [ON, OFF] {
         let (server, models) = start_server(&bin, options, &setup)?;
-        let stepped = step_up(options, &setup, &options.steps, &server, &audio, nofile)?;
-        let gated_n = results::gated_streams(&stepped, &options.steps);
+        let stepped = step_up(options, &setup, steps, &server, &audio, nofile)?;
+        let gated_n = results::gated_streams(&stepped, steps);
         results.push(stepped);
         if setup.batching && !options.no_gated {
-            results.push(step_up(
-                options,
-                &GATED,
-                &[gated_n],
-                &server,
-                &audio,
-                nofile,
-            )?);
-            results.push(step_up(
-                options,
-                &GATED_QUIET,
-                &[gated_n],
-                &server,
-                &quiet,
-                nofile,
-            )?);
+            for (gated, audio) in [(&GATED, &audio), (&GATED_QUIET, &quiet)] {
+                results.push(step_up(options, gated, &[gated_n], &server, audio, nofile)?);
+            }
         }
         drop(server);
         drop(models);
@@ -398,6 +284,12 @@ mod tests {
     #[test]
     fn the_manifest_holds_the_pipeline() {
         let options = crate::cli::defaults::<KeywordsBenchOptions>();
+        let stepping = &options.stepping;
+        let defaults = (stepping.steps[9], stepping.ramp, stepping.duration);
+        assert_eq!(
+            defaults,
+            (300, Duration::from_secs(2), Duration::from_secs(10))
+        );
         let (text, files) = pipeline_manifest(&options.manifest, &OFF).unwrap();
         assert_eq!(files.len(), 4);
         assert!(files.iter().all(|f| f.is_absolute() && f.is_file()));

@@ -9,6 +9,7 @@
 //!   [`keywords_bench`]: the same for keyword-spotting streams (`hey_marvin`, a pipeline of
 //!   three models and a gate), with server CPU per stream-second and the pipeline's compute
 //!   limit;
+//!   [`stream_steps`]: the options, step-up loop and `/metrics` deltas both benches share;
 //! - [`overload`]: open-loop overload of `mlp` with its fallback, shedding and degraded mode,
 //!   door admission static vs adaptive, in-process or pinned to its own CPU;
 //!   [`timeline`]: the same server through an overload step and injected worker faults,
@@ -48,6 +49,7 @@ pub mod protocols;
 pub mod report;
 pub mod rest;
 pub mod scenario;
+pub mod stream_steps;
 pub mod streams;
 pub mod streams_bench;
 pub mod streams_fleet;

@@ -17,13 +17,12 @@ use anyhow::bail;
 use streamserve::runtime::ModelSession;
 use streamserve::tensor::TensorData;
 
-use clap::builder::TypedValueParser as _;
-
 use crate::bench::{cpu_since, start_server_for, stop_server, TempModelDir};
-use crate::cli::{command_line, count, secs, BenchCommon};
+use crate::cli::{command_line, secs, BenchCommon};
 use crate::manifest::{self, EntryChange};
 use crate::prometheus;
-use crate::streams::{self, Audio, ResultsMode, StreamOptions, StreamReport};
+use crate::stream_steps::{self, counter_delta, ratio, StepOptions, CONTENDED_CORES, QUIET_CORES};
+use crate::streams::{self, Audio};
 use crate::sysinfo::{raise_nofile_limit, wait_for_quiet, CpuShare, CpuSnapshot, MachineInfo};
 use crate::SplitMix64;
 
@@ -39,25 +38,8 @@ pub const STEPS_PER_STREAM_SEC: f64 = 31.25;
 /// `loadgen streams-bench`'s options.
 #[derive(Clone, Debug, clap::Args)]
 pub struct StreamsBenchOptions {
-    /// Numbers of concurrent streams to try, ascending, comma-separated; stepping stops at the
-    /// first step that misses the target.
-    #[arg(long, value_delimiter = ',',
-          default_values_t = [50usize, 100, 150, 200, 250, 300, 400, 500, 750, 1000, 1250, 1500, 2000, 2500, 3000, 4000],
-          value_parser = count(1, streams::MAX_STREAMS))]
-    pub steps: Vec<usize>,
-    /// Seconds over which each step's streams open.
-    #[arg(long = "ramp-secs", value_name = "RAMP_SECS", default_value = "3", value_parser = secs(0, 60))]
-    pub ramp: Duration,
-    /// Measured seconds per step.
-    #[arg(long = "duration-secs", value_name = "DURATION_SECS", default_value = "12", value_parser = secs(1, 300))]
-    pub duration: Duration,
-    /// The p99 chunk latency a step must stay under, ms.
-    #[arg(long = "target-ms", value_name = "TARGET_MS", default_value = "100",
-          value_parser = clap::value_parser!(u64).range(1..=10000).map(Duration::from_millis))]
-    pub target: Duration,
-    /// Milliseconds of audio per binary frame.
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
-    pub frame_ms: u32,
+    #[command(flatten)]
+    pub stepping: StepOptions,
     /// Measured seconds of each in-process ceiling measurement.
     #[arg(long = "ceiling-secs", value_name = "CEILING_SECS", default_value = "3", value_parser = secs(1, 60))]
     pub ceiling_duration: Duration,
@@ -216,73 +198,48 @@ pub struct ServerFigures {
 
 impl ServerFigures {
     pub fn mean_rows_per_call(&self) -> f64 {
-        ratio(self.rows, self.model_calls)
+        ratio(self.rows, self.model_calls).unwrap_or(0.0)
     }
     pub fn calls_per_sec(&self) -> f64 {
-        ratio(self.model_calls, self.seconds)
+        ratio(self.model_calls, self.seconds).unwrap_or(0.0)
     }
     pub fn mean_call_ms(&self) -> f64 {
-        ratio(self.inference_seconds, self.model_calls) * 1000.0
+        ratio(self.inference_seconds, self.model_calls).unwrap_or(0.0) * 1000.0
     }
     /// Replicas' worth of time spent in model calls.
     pub fn busy_replicas(&self) -> f64 {
-        ratio(self.inference_seconds, self.seconds)
+        ratio(self.inference_seconds, self.seconds).unwrap_or(0.0)
     }
     pub fn mean_chunk_ms(&self) -> f64 {
-        ratio(self.chunk_latency_seconds, self.chunks) * 1000.0
+        ratio(self.chunk_latency_seconds, self.chunks).unwrap_or(0.0) * 1000.0
     }
     pub fn share_within_100ms(&self) -> f64 {
-        ratio(self.chunks_within_100ms, self.chunks)
+        ratio(self.chunks_within_100ms, self.chunks).unwrap_or(0.0)
     }
 }
 
-fn ratio(a: f64, b: f64) -> f64 {
-    if b > 0.0 {
-        a / b
-    } else {
-        0.0
-    }
+/// The server's `/metrics` and when it answered; `None` when it did not.
+type Scrape = Option<(Instant, String)>;
+
+async fn scrape(client: &reqwest::Client, base: &str) -> Scrape {
+    let text = prometheus::fetch(client, base).await?;
+    Some((Instant::now(), text))
 }
 
-#[derive(Clone, Debug, Default)]
-struct MetricsSnapshot {
-    at: Option<Instant>,
-    values: [f64; 6],
-}
-
-async fn scrape(client: &reqwest::Client, base: &str) -> MetricsSnapshot {
-    let Some(text) = prometheus::fetch(client, base).await else {
-        return MetricsSnapshot::default();
-    };
-    let model = format!("model=\"{MODEL}\"");
-    let m = |name: &str, extra: Option<&str>| prometheus::sum(&text, name, &model, extra);
-    MetricsSnapshot {
-        at: Some(Instant::now()),
-        values: [
-            m("streamserve_batch_size_count", None),
-            m("streamserve_batch_size_sum", None),
-            m("streamserve_inference_duration_seconds_sum", None),
-            m("streamserve_stream_chunk_latency_seconds_count", None),
-            m("streamserve_stream_chunk_latency_seconds_sum", None),
-            m(
-                "streamserve_stream_chunk_latency_seconds_bucket",
-                Some("le=\"0.1\""),
-            ),
-        ],
-    }
-}
-
-fn figures(before: &MetricsSnapshot, after: &MetricsSnapshot) -> Option<ServerFigures> {
-    let seconds = after.at?.duration_since(before.at?).as_secs_f64();
-    let d = |i: usize| (after.values[i] - before.values[i]).max(0.0);
+fn figures(before: &Scrape, after: &Scrape) -> Option<ServerFigures> {
+    let ((t0, before), (t1, after)) = (before.as_ref()?, after.as_ref()?);
+    let d = |name: &str, extra| counter_delta([before, after], name, MODEL, extra);
     Some(ServerFigures {
-        seconds,
-        model_calls: d(0),
-        rows: d(1),
-        inference_seconds: d(2),
-        chunks: d(3),
-        chunk_latency_seconds: d(4),
-        chunks_within_100ms: d(5),
+        seconds: t1.duration_since(*t0).as_secs_f64(),
+        model_calls: d("streamserve_batch_size_count", None),
+        rows: d("streamserve_batch_size_sum", None),
+        inference_seconds: d("streamserve_inference_duration_seconds_sum", None),
+        chunks: d("streamserve_stream_chunk_latency_seconds_count", None),
+        chunk_latency_seconds: d("streamserve_stream_chunk_latency_seconds_sum", None),
+        chunks_within_100ms: d(
+            "streamserve_stream_chunk_latency_seconds_bucket",
+            Some("le=\"0.1\""),
+        ),
     })
 }
 
@@ -307,56 +264,31 @@ fn settle(runtime: &tokio::runtime::Runtime, client: &reqwest::Client, base: &st
     });
 }
 
-/// Before each measurement, wait until other processes use less than this many cores...
-const QUIET_CORES: f64 = 0.15;
-/// ...and repeat a failed step once when they used more than this many during it.
-const CONTENDED_CORES: f64 = 0.25;
-
-/// One step: N streams against one server.
-#[derive(Clone, Debug)]
-pub struct Step {
-    pub report: StreamReport,
+/// What a step measured besides the streams' report, over the whole step (ramp and ending
+/// included): the machine's CPU, and the server's figures.
+#[derive(Clone, Copy, Debug)]
+pub struct StepFigures {
     pub cpu: Option<CpuShare>,
     pub server: Option<ServerFigures>,
-    pub pass: bool,
-    /// This step failed while other processes took CPU, and was run again (the next step in
-    /// the list is its repeat, which counts instead).
-    pub repeated: bool,
 }
 
-#[derive(Clone, Debug)]
-pub struct SetupResults {
-    pub setup: VadSetup,
-    pub steps: Vec<Step>,
-    /// Why the stepping stopped.
-    pub stopped: String,
-}
-
-impl SetupResults {
-    /// The largest N of a passing step below the first failing one.
-    pub fn capacity(&self) -> Option<usize> {
-        self.steps
-            .iter()
-            .filter(|s| !s.repeated)
-            .take_while(|s| s.pass)
-            .map(|s| s.report.streams)
-            .last()
-    }
-}
+pub type Step = stream_steps::Step<StepFigures>;
+pub type SetupResults = stream_steps::Stepped<VadSetup, StepFigures>;
 
 /// Runs the whole benchmark and writes its report.
 pub fn run(options: &StreamsBenchOptions) -> anyhow::Result<crate::report::Outcome> {
-    if options.steps.is_empty() || options.steps.len() > 32 {
+    let stepping = &options.stepping;
+    if stepping.steps.is_empty() || stepping.steps.len() > 32 {
         bail!("give 1 to 32 steps");
     }
-    if options.steps.windows(2).any(|w| w[0] >= w[1]) {
+    if stepping.steps.windows(2).any(|w| w[0] >= w[1]) {
         bail!("steps must be ascending");
     }
-    if let Some(&big) = options.steps.iter().find(|&&n| n > streams::MAX_STREAMS) {
+    if let Some(&big) = stepping.steps.iter().find(|&&n| n > streams::MAX_STREAMS) {
         bail!("{big} streams is more than {}", streams::MAX_STREAMS);
     }
     let start = crate::report::Start::now(options.common.out.as_deref(), "streams-vad");
-    let biggest = options.steps.iter().copied().max().unwrap_or(0) as u64;
+    let biggest = stepping.steps.iter().copied().max().unwrap_or(0) as u64;
     // Two descriptors per stream (server and client sockets in this process), plus slack.
     let nofile = raise_nofile_limit(2 * biggest + 1024);
     let audio = Arc::new(Audio::load(&options.wav)?);
@@ -388,78 +320,39 @@ pub fn run(options: &StreamsBenchOptions) -> anyhow::Result<crate::report::Outco
         let running = start_server_for(&models.path, MODEL, setup.max_batch_size)?;
         let base = format!("http://{}", running.addr);
         eprintln!("[streams-bench] streamserve ({}) on {base}", setup.label);
-        let mut steps = Vec::new();
-        let mut stopped = "every step passed".to_string();
-        for &n in &options.steps {
-            if 2 * n as u64 + 256 > nofile {
-                stopped = format!(
-                    "{n} streams need about {} open files; the limit is {nofile} (raise `ulimit -n`)",
-                    2 * n + 256
-                );
-                break;
-            }
-            let mut load = StreamOptions::new(base.clone(), audio.clone());
-            load.streams = n;
-            load.ramp = options.ramp;
-            load.duration = options.duration;
-            load.frame_ms = options.frame_ms;
-            load.results = ResultsMode::All;
-            load.late_threshold = options.target;
-            load.quiet = false;
-            load.label = format!("{} N={n}", setup.label);
-            let mut attempt = 0;
-            let pass = loop {
-                attempt += 1;
-                wait_for_quiet(QUIET_CORES, options.common.quiet_wait);
-                let before_metrics = runtime.block_on(scrape(&client, &base));
-                let before = CpuSnapshot::take();
-                let report = runtime.block_on(streams::run(&load))?;
-                let cpu = cpu_since(before);
-                let after_metrics = runtime.block_on(scrape(&client, &base));
-                let server = figures(&before_metrics, &after_metrics);
-                let pass = report.meets(options.target);
-                let others = cpu.map_or(0.0, |c| c.other_cores);
-                // A failure measured while other processes took CPU is repeated once.
-                let contended = !pass && others > CONTENDED_CORES && attempt == 1;
-                eprintln!(
-                    "[streams-bench]   {} N={n}: {:.0} chunks/s, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {} errors, {} late, others {others:.2} cores -> {}",
-                    setup.label,
-                    report.chunks_per_sec(),
-                    report.latency_ms(0.5),
-                    report.latency_ms(0.99),
-                    report.max_ms(),
-                    report.error_count(),
-                    report.late_streams,
-                    if pass { "pass" } else if contended { "FAIL on a contended machine: repeating" } else { "FAIL" }
-                );
-                if report.error_count() > 0 {
-                    eprint!("{}", report.summary());
-                }
-                steps.push(Step {
-                    report,
-                    cpu,
-                    server,
-                    pass,
-                    repeated: contended,
-                });
-                if !contended {
-                    break pass;
-                }
-                settle(&runtime, &client, &base);
-            };
-            if !pass {
-                stopped = format!("N = {n} missed the target");
-                break;
-            }
-            settle(&runtime, &client, &base);
-        }
+        let label = setup.label.clone();
+        let attempt = |n| {
+            let load = stepping.load(&base, &audio, n, &label);
+            let before_metrics = runtime.block_on(scrape(&client, &base));
+            let before = CpuSnapshot::take();
+            let report = runtime.block_on(streams::run(&load))?;
+            let cpu = cpu_since(before);
+            let after_metrics = runtime.block_on(scrape(&client, &base));
+            let server = figures(&before_metrics, &after_metrics);
+            let pass = report.meets(stepping.target);
+            let line = format!(
+                "{:.0} chunks/s, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {} errors, {} late",
+                report.chunks_per_sec(),
+                report.latency_ms(0.5),
+                report.latency_ms(0.99),
+                report.max_ms(),
+                report.error_count(),
+                report.late_streams,
+            );
+            let others = cpu.map_or(0.0, |c| c.other_cores);
+            Ok((report, StepFigures { cpu, server }, pass, others, line))
+        };
+        let stepped = stream_steps::step_up(
+            (setup, &label),
+            ("streams-bench", options.common.quiet_wait),
+            &stepping.steps,
+            (nofile, 2), // two descriptors per stream, as above
+            attempt,
+            || settle(&runtime, &client, &base),
+        )?;
         stop_server(&running);
         drop(models);
-        results.push(SetupResults {
-            setup,
-            steps,
-            stopped,
-        });
+        results.push(stepped);
     }
     drop(runtime);
 
@@ -501,8 +394,8 @@ fn step_json(s: &Step) -> serde_json::Value {
     let more = serde_json::json!({
         "pass": s.pass,
         "repeated_because_contended": s.repeated,
-        "cpu_cores": s.cpu,
-        "server_metrics": s.server.map(|f| serde_json::json!({
+        "cpu_cores": s.window.cpu,
+        "server_metrics": s.window.server.map(|f| serde_json::json!({
             "raw": f,
             "mean_rows_per_call": f.mean_rows_per_call(),
             "calls_per_s": f.calls_per_sec(),
@@ -522,8 +415,8 @@ fn results_json(input: &ReportInput<'_>) -> serde_json::Value {
         "machine": input.machine,
         "model_file": input.model_file.display().to_string(),
         "sha256": input.sha256,
-        "target_p99_ms": input.options.target.as_secs_f64() * 1000.0,
-        "frame_ms": input.options.frame_ms,
+        "target_p99_ms": input.options.stepping.target.as_secs_f64() * 1000.0,
+        "frame_ms": input.options.stepping.frame_ms,
         "open_files_limit": input.nofile,
         "ceilings": input.ceilings.iter().map(|c| serde_json::json!({
             "data": c, "real_time_streams": c.streams(),
@@ -546,15 +439,15 @@ fn render_report(input: &ReportInput<'_>, json: &serde_json::Value) -> anyhow::R
         .iter()
         .flat_map(|s| s.steps.iter())
         .filter(|st| !st.repeated)
-        .filter_map(|st| st.cpu.map(|c| (st.report.streams, c.other_cores)))
+        .filter_map(|st| st.window.cpu.map(|c| (st.report.streams, c.other_cores)))
         .max_by(|a, b| a.1.total_cmp(&b.1))
         .map(|(n, cores)| serde_json::json!({ "n": n, "cores": cores }));
     let extra = serde_json::json!({
         "target_streams": 1000, "manifest": options.manifest.display().to_string(),
         "wav": options.wav.display().to_string(), "audio_s": input.audio.seconds(),
         "sample_rate": input.audio.sample_rate,
-        "frame_samples": input.audio.sample_rate as usize * options.frame_ms as usize / 1000,
-        "ramp_s": options.ramp.as_secs_f64(), "duration_s": options.duration.as_secs_f64(),
+        "frame_samples": input.audio.sample_rate as usize * options.stepping.frame_ms as usize / 1000,
+        "ramp_s": options.stepping.ramp.as_secs_f64(), "duration_s": options.stepping.duration.as_secs_f64(),
         "ceiling_s": options.ceiling_duration.as_secs_f64(), "client_threads": options.common.threads.get(),
         "quiet_wait_s": options.common.quiet_wait.as_secs_f64(), "quiet_cores": QUIET_CORES,
         "contended_cores": CONTENDED_CORES, "others": others, "plot": PLOT_FILE,
@@ -598,5 +491,40 @@ mod tests {
             m["file"].as_str(),
             Some(file.display().to_string().as_str())
         );
+    }
+
+    #[test]
+    fn server_figures_are_the_metrics_deltas_of_the_model() {
+        // The 0.25 s bucket and the other model's calls must not count.
+        let text = |[calls, rows, busy_s, chunks, latency_s, within]: [f64; 6]| {
+            let m = "{model=\"silero_vad\",version=\"1\"";
+            format!(
+                "streamserve_batch_size_count{m}}} {calls}\nstreamserve_batch_size_sum{m}}} {rows}\n\
+                 streamserve_inference_duration_seconds_sum{m}}} {busy_s}\n\
+                 streamserve_stream_chunk_latency_seconds_count{m}}} {chunks}\n\
+                 streamserve_stream_chunk_latency_seconds_sum{m}}} {latency_s}\n\
+                 streamserve_stream_chunk_latency_seconds_bucket{m},le=\"0.1\"}} {within}\n\
+                 streamserve_stream_chunk_latency_seconds_bucket{m},le=\"0.25\"}} 1e6\n\
+                 streamserve_batch_size_count{{model=\"mlp\"}} 1e6\n"
+            )
+        };
+        let t0 = Instant::now();
+        let t4 = t0 + Duration::from_secs(4);
+        let before = Some((t0, text([100.0, 800.0, 0.5, 800.0, 1.0, 700.0])));
+        let after = Some((t4, text([612.0, 4896.0, 2.5, 4896.0, 9.0, 4284.0])));
+        let f = figures(&before, &after).unwrap();
+        let raw = serde_json::json!({ "seconds": 4.0, "model_calls": 512.0, "rows": 4096.0,
+            "inference_seconds": 2.0, "chunks": 4096.0, "chunk_latency_seconds": 8.0, "chunks_within_100ms": 3584.0 });
+        assert_eq!(serde_json::to_value(f).unwrap(), raw);
+        assert_eq!(
+            (f.mean_rows_per_call(), f.calls_per_sec(), f.mean_call_ms()),
+            (8.0, 128.0, 3.90625)
+        );
+        assert_eq!(
+            (f.busy_replicas(), f.mean_chunk_ms(), f.share_within_100ms()),
+            (0.5, 1.953125, 0.875)
+        );
+        assert!(figures(&None, &after).is_none());
+        assert_eq!(ServerFigures::default().mean_call_ms(), 0.0);
     }
 }

@@ -10,6 +10,7 @@ use streamserve::tensor::TensorData;
 
 use super::{GATE, MODEL};
 use crate::bench::in_process;
+use crate::stream_steps::ratio;
 use crate::streams_bench::{measure_vad, STEPS_PER_STREAM_SEC};
 use crate::sysinfo::CpuShare;
 use crate::SplitMix64;
@@ -151,7 +152,7 @@ pub fn compute_limit(costs: &[StageCost], gated: bool, best: bool, nproc: usize)
             }
         })
         .sum();
-    let per_core = if ms > 0.0 { 1000.0 / ms } else { 0.0 };
+    let per_core = ratio(1000.0, ms).unwrap_or(0.0);
     json!({ "gated": gated, "best_batch": best, "cpu_ms_per_stream_s": ms,
             "streams_per_core": per_core, "streams_on_all_cores": per_core * nproc as f64 })
 }

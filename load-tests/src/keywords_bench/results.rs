@@ -8,9 +8,10 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::compute::{compute_limit, StageCost, STAGES};
-use super::{KeywordsBenchOptions, Setup, CONTENDED_CORES, GATED, OFF, ON, QUIET_CORES};
+use super::{KeywordsBenchOptions, Setup, GATED, MODEL, OFF, ON};
 use crate::fleet::watch::CpuWindow;
-use crate::streams::{Audio, StreamReport};
+use crate::stream_steps::{self, counter_delta, ratio, CONTENDED_CORES, QUIET_CORES};
+use crate::streams::Audio;
 
 /// What one step measured over its measured window, besides the streams' own report.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -25,32 +26,40 @@ pub struct Window {
     pub embedding_skipped: f64,
 }
 
-#[derive(Clone, Debug)]
-pub struct Step {
-    pub report: StreamReport,
-    pub window: Option<Window>,
-    pub pass: bool,
-    /// Failed while other processes took CPU, and was run again (the next row counts).
-    pub repeated: bool,
+impl Window {
+    /// From the server's CPU over the window of `streams` streams, and its `/metrics` texts at
+    /// the window's two ends.
+    pub fn new(cpu: CpuWindow, streams: usize, texts: [&str; 2]) -> Window {
+        let delta = |name, model, extra| counter_delta(texts, name, model, extra);
+        let stages = STAGES
+            .iter()
+            .map(|s| {
+                let rows = delta("streamserve_batch_size_sum", s.model, None);
+                let calls = delta("streamserve_batch_size_count", s.model, None);
+                let per_s = rows / cpu.seconds.max(1e-3);
+                (
+                    s.model.to_string(),
+                    per_s,
+                    ratio(rows, calls).unwrap_or(0.0),
+                )
+            })
+            .collect();
+        let embedding = Some("stage=\"ww_embedding\"");
+        let skips = delta("streamserve_stream_stage_skips_total", MODEL, embedding);
+        let runs = delta("streamserve_stream_stage_steps_total", MODEL, embedding);
+        Window {
+            server_ms_per_stream_s: cpu.server_cores * 1000.0 / streams as f64,
+            cpu,
+            stages,
+            embedding_skipped: ratio(skips, skips + runs).unwrap_or(0.0),
+        }
+    }
 }
 
-#[derive(Clone, Debug)]
-pub struct SetupResults {
-    pub setup: Setup,
-    pub steps: Vec<Step>,
-    pub stopped: String,
-}
+pub type Step = stream_steps::Step<Option<Window>>;
+pub type SetupResults = stream_steps::Stepped<Setup, Option<Window>>;
 
 impl SetupResults {
-    /// The step with the most streams that passed before the first failing one.
-    pub fn best(&self) -> Option<&Step> {
-        self.steps
-            .iter()
-            .filter(|s| !s.repeated)
-            .take_while(|s| s.pass)
-            .last()
-    }
-
     /// The step the headline reports: the best one, or for the gated configuration its one
     /// step (passed or not: its CPU is the figure wanted).
     pub fn headline_step(&self) -> Option<&Step> {
@@ -80,7 +89,7 @@ pub fn gated_streams(on: &SetupResults, steps: &[usize]) -> usize {
             .filter(|s| !s.repeated && s.pass)
             .map(|s| s.report.streams)
     };
-    let capacity = on.best().map_or(0, |b| b.report.streams);
+    let capacity = on.capacity().unwrap_or(0);
     passed()
         .filter(|&n| 2 * n <= capacity)
         .max()
@@ -136,16 +145,8 @@ fn on_off(results: &[SetupResults]) -> Value {
                     "cpu_ratio": ungated.filter(|u| *u > 0.0).map(|u| w.server_ms_per_stream_s / u),
                     "embedding_skipped": w.embedding_skipped })
         });
-    let common = off
-        .best()
-        .map(|b| b.report.streams)
-        .into_iter()
-        .chain(on.best().map(|b| b.report.streams))
-        .min();
-    let (n_on, n_off) = (
-        on.best().map(|b| b.report.streams),
-        off.best().map(|b| b.report.streams),
-    );
+    let (n_on, n_off) = (on.capacity(), off.capacity());
+    let common = n_off.into_iter().chain(n_on).min();
     let cpu = common.and_then(|n| on.cpu_at(n).zip(off.cpu_at(n)).map(|(a, b)| (n, a, b)));
     json!({
         "streams_ratio": n_on.zip(n_off).filter(|(_, off)| *off > 0).map(|(on, off)| on as f64 / off as f64),
@@ -162,21 +163,21 @@ pub(super) fn results_json(
     costs: &[StageCost],
     results: &[SetupResults],
 ) -> Value {
-    let nproc = start.machine.nproc;
+    let (nproc, stepping) = (start.machine.nproc, &options.stepping);
     let limits: Vec<Value> = [(false, false), (false, true), (true, false), (true, true)]
         .iter()
         .map(|&(g, b)| compute_limit(costs, g, b, nproc))
         .collect();
     json!({
         "kind": "keywords_bench", "started_at": start.started_at, "command": options.command, "machine": start.machine,
-        "target_p99_ms": options.target.as_secs_f64() * 1000.0, "frame_ms": options.frame_ms,
-        "ramp_s": options.ramp.as_secs_f64(), "duration_s": options.duration.as_secs_f64(),
+        "target_p99_ms": stepping.target.as_secs_f64() * 1000.0, "frame_ms": stepping.frame_ms,
+        "ramp_s": stepping.ramp.as_secs_f64(), "duration_s": stepping.duration.as_secs_f64(),
         "ceiling_s": options.ceiling_duration.as_secs_f64(), "quiet_wait_s": options.common.quiet_wait.as_secs_f64(),
         "manifest": options.manifest.display().to_string(), "wav": options.wav.display().to_string(), "audio_s": audio.seconds(), "quiet_secs": super::QUIET_SECS,
         "stages": STAGES.iter().zip(files).map(|(s, f)| json!({ "model": s.model, "role": s.role, "input": s.input, "row": s.row, "output": s.output, "steps_per_stream_s": s.steps_per_stream_s, "file": f.display().to_string() })).collect::<Vec<_>>(),
         "ceilings": costs, "compute_limits": limits,
         "servers": results.iter().map(|s| json!({ "setup": s.setup, "stopped": s.stopped,
-            "capacity_streams": s.best().filter(|_| !s.setup.gate).map(|b| b.report.streams),
+            "capacity_streams": s.capacity().filter(|_| !s.setup.gate),
             "steps": s.steps.iter().map(step_json).collect::<Vec<_>>() })).collect::<Vec<_>>(),
         "headline": results.iter().map(|s| headline(s, costs, nproc)).collect::<Vec<_>>(),
         "on_off": on_off(results),
@@ -212,7 +213,7 @@ pub(super) fn render(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::streams::ResultsMode;
+    use crate::streams::{ResultsMode, StreamReport};
 
     fn step(n: usize, p99_ms: u64, server_ms: f64) -> Step {
         let mut latency = crate::hist::new(3);
@@ -267,6 +268,33 @@ mod tests {
             pass: p99_ms < 100,
             repeated: false,
         }
+    }
+
+    #[test]
+    fn a_window_is_the_server_cpu_and_the_metrics_deltas_of_each_stage() {
+        // Each stage's rows in a quarter as many calls; the embedding stage skipped `skips` steps
+        // and ran 100 + skips / 3.
+        let text = |rows: u32, skips: u32| {
+            let stage = |m: &str| {
+                format!("streamserve_batch_size_sum{{model=\"{m}\"}} {rows}\nstreamserve_batch_size_count{{model=\"{m}\"}} {}\n", rows / 4)
+            };
+            let embedding = format!("{{model=\"{MODEL}\",stage=\"ww_embedding\"}}");
+            STAGES.map(|s| stage(s.model)).concat() + &format!("streamserve_stream_stage_skips_total{embedding} {skips}\nstreamserve_stream_stage_steps_total{embedding} {}\n", 100 + skips / 3)
+        };
+        let cpu = CpuWindow {
+            seconds: 10.0,
+            server_cores: 0.5,
+            ..Default::default()
+        };
+        // 0.5 cores for 20 streams: 25 CPU-ms per stream-second; 1000 rows in 10 s, in 250 calls.
+        let w = Window::new(cpu.clone(), 20, [&text(100, 0), &text(1100, 300)]);
+        let want = json!({ "seconds": 10.0, "server_cores": 0.5, "loadgen_cores": 0.0, "other_cores": 0.0, "server_ms_per_stream_s": 25.0,
+                           "stages": STAGES.map(|s| json!([s.model, 100.0, 4.0])), "embedding_skipped": 0.75 });
+        assert_eq!(json!(w), want);
+        // A `/metrics` that could not be read counts as no work, not as negative work.
+        let unread = Window::new(cpu, 20, [&text(100, 0), ""]);
+        assert_eq!(unread.stages[0], ("ww_melspec".to_string(), 0.0, 0.0));
+        assert_eq!(unread.embedding_skipped, 0.0);
     }
 
     #[test]
