@@ -3,7 +3,9 @@
 //! S3-compatible server ([`S3`]), the `streamserve serve` instances, following the registry or
 //! serving a model directory ([`Instance`]), and the bounded runs of `streamserve registry ...`
 //! ([`Registry`]); haproxy in front of them is in `balancer`. Everything listens on 127.0.0.1
-//! only. `loadgen streams-fleet` uses the instances and haproxy without a registry.
+//! only. `loadgen streams-fleet` uses the instances and haproxy without a registry; the other
+//! benches that start `streamserve serve` (efficiency, keywords-bench, pinned overload) use the
+//! instances or the child helpers here (`die_with_parent`, `stop_child`, `log_tail`).
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::os::unix::process::CommandExt as _;

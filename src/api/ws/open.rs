@@ -50,7 +50,9 @@ pub(in crate::api) struct AttachedConnection {
 
 /// Why a connection could not attach to its session.
 pub(in crate::api) enum AttachError {
-    /// The session refused it (a replayed token, another connection's newer claim).
+    /// The session refused it, and the reason says why: the stream already ended, the resume
+    /// token is older than one already used, or the results to send again from `last_seq` are
+    /// no longer kept (or were never sent).
     Refused(String),
     /// The session ended before it could answer.
     Ended,
