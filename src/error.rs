@@ -72,6 +72,9 @@ pub enum ServeError {
         "the server is at its admission limit ({limit} inference requests in flight); retry later"
     )]
     Busy { limit: usize, retry_after: Duration },
+    /// The open streams are behind real time: a new one is refused so that they keep up.
+    #[error("this server's open streams are behind real time; retry later")]
+    StreamsBehind { retry_after: Duration },
     #[error("model '{model}' is not ready: {reason}")]
     NotReady {
         model: String,
@@ -124,6 +127,7 @@ impl ServeError {
             ServeError::UnsupportedEncoding(_) => "unsupported_encoding",
             ServeError::Overloaded { .. } => "overloaded",
             ServeError::Busy { .. } => "busy",
+            ServeError::StreamsBehind { .. } => "streams_behind",
             ServeError::NotReady { .. } => "not_ready",
             ServeError::Inference(_) => "inference",
             ServeError::DeadlineExceeded { .. } => "deadline",
@@ -148,6 +152,7 @@ impl ServeError {
         match self {
             ServeError::Overloaded { retry_after, .. }
             | ServeError::Busy { retry_after, .. }
+            | ServeError::StreamsBehind { retry_after }
             | ServeError::NotReady { retry_after, .. }
             | ServeError::RateLimited { retry_after, .. } => Some(*retry_after),
             ServeError::WorkerLost(_)
@@ -178,6 +183,7 @@ impl ResponseError for ServeError {
             ServeError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ServeError::Overloaded { .. }
             | ServeError::Busy { .. }
+            | ServeError::StreamsBehind { .. }
             | ServeError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ServeError::ModelUnavailable { .. }
             | ServeError::NotReady { .. }
@@ -243,6 +249,7 @@ impl ServeError {
             | ServeError::ResponseTooLarge { .. }
             | ServeError::Overloaded { .. }
             | ServeError::Busy { .. }
+            | ServeError::StreamsBehind { .. }
             | ServeError::RateLimited { .. } => Code::ResourceExhausted,
             ServeError::BodyTimeout { .. } | ServeError::DeadlineExceeded { .. } => {
                 Code::DeadlineExceeded

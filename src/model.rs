@@ -38,6 +38,9 @@ pub struct ModelInfo {
     pub replicas: usize,
     pub max_queue: usize,
     pub fallback: Option<String>,
+    /// The manifest's `slo_ms`: a request (or stream chunk) that would wait longer goes to
+    /// the fallback.
+    pub slo: Option<std::time::Duration>,
     pub sha256: String,
     pub description: String,
     pub source: String,
@@ -383,6 +386,7 @@ mod tests {
             replicas: 1,
             max_queue: 8,
             fallback: None,
+            slo: None,
             sha256: String::new(),
             description: String::new(),
             source: String::new(),

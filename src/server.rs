@@ -149,6 +149,11 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
     let jobs = crate::jobs::Jobs::start(&config.jobs_dir, catalog.clone(), supervisor.clone())?;
     let (shutdown, shutdown_rx) = watch::channel(false);
     let keys = token_keys(config)?;
+    let admission = Arc::new(door::limit::AdmissionLimit::new(
+        config.admission,
+        config.max_inflight,
+        Duration::from_millis(config.admission_target_ms),
+    ));
     let streams = Arc::new(StreamsConfig {
         hub: StreamHub::new(Duration::from_secs(config.stream_resume_secs)).start(),
         resume_window: Duration::from_secs(config.stream_resume_secs),
@@ -159,6 +164,7 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
         catalog: catalog.clone(),
         supervisor: supervisor.clone(),
         arbiters: crate::api::ws::SessionArbiters::new(config.http_workers.max(1)),
+        pace: admission.stream_pace(),
     });
 
     let work = Arc::new(Work::default());
@@ -196,11 +202,7 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
         streams,
         admin_token: config.admin_token.clone().filter(|t| !t.is_empty()),
         supervisor,
-        admission: Arc::new(door::limit::AdmissionLimit::new(
-            config.admission,
-            config.max_inflight,
-            Duration::from_millis(config.admission_target_ms),
-        )),
+        admission,
         body_memory: BodyMemory::new(config.max_body_memory_mb),
         body_pace,
         work: work.clone(),

@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod gate;
 pub mod keyword;
 pub mod layout;
+pub mod pace;
 pub mod pipeline;
 pub mod protocol;
 pub mod vad;

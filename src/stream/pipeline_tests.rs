@@ -39,6 +39,7 @@ fn info(name: &str, inputs: Vec<(TensorSpec, BatchAxis)>, outputs: Vec<TensorSpe
         replicas: 1,
         max_queue: 16,
         fallback: None,
+        slo: None,
         sha256: String::new(),
         description: String::new(),
         source: String::new(),

@@ -211,6 +211,16 @@ pub(super) fn describe() {
         "Keyword events sent by keyword-spotting streams"
     );
     describe_counter!(
+        "streamserve_streams_refused_behind_total",
+        Unit::Count,
+        "New streams refused (close 1013) because the open streams were behind real time"
+    );
+    describe_counter!(
+        "streamserve_stream_behind_chunks_total",
+        Unit::Count,
+        "Stream chunks completed while their stream was behind real time (its steps went to the fallback model, where it has one)"
+    );
+    describe_counter!(
         "streamserve_stream_degraded_chunks_total",
         Unit::Count,
         "Stream chunks answered by the fallback model"
@@ -285,6 +295,7 @@ pub(super) fn describe() {
     metrics::counter!("streamserve_body_timeouts_total").increment(0);
     metrics::counter!("streamserve_body_memory_refusals_total").increment(0);
     metrics::counter!("streamserve_admission_refused_total").increment(0);
+    metrics::counter!("streamserve_streams_refused_behind_total").increment(0);
     metrics::counter!("streamserve_admission_fallback_total").increment(0);
     for &reason in STREAM_DROP_REASONS {
         metrics::counter!("streamserve_stream_drops_total", "reason" => reason).increment(0);

@@ -80,6 +80,13 @@ async fn stream_body(
                 }
                 m.chunk_samples.unwrap_or(0)
             }
+            // Turned away at the door (its limit, or its streams behind real time): an
+            // error message, then close 1013. Counted as a refusal, with its close code.
+            Ok(m) if m.kind == "error" && m.code.as_deref() == Some("try_again") => {
+                outcome.close = closing_code(&mut ws).await;
+                outcome.error(shared, "refused (try_again)", text.to_string());
+                return;
+            }
             _ => {
                 outcome.error(shared, "start", format!("expected started, got {text}"));
                 return;
@@ -244,5 +251,20 @@ where
             max_lag,
             Some("sending end blocked until the deadline".into()),
         ),
+    }
+}
+
+/// The close code that follows a server's error message (1005 when the close says none;
+/// `None` when no close comes within 2 s).
+async fn closing_code(ws: &mut Socket) -> Option<u16> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                return Some(frame.as_ref().map_or(1005, |f| u16::from(f.code)))
+            }
+            Ok(Some(Ok(_))) => continue,
+            _ => return None,
+        }
     }
 }

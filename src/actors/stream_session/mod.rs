@@ -37,6 +37,7 @@ use crate::model::ModelInfo;
 use crate::stream::audio::SampleFormat;
 use crate::stream::checkpoint::TokenKeys;
 use crate::stream::keyword::{KeywordDetector, KeywordOptions};
+use crate::stream::pace::{Lateness, StreamPace, DEFAULT_BEHIND_AFTER};
 use crate::stream::pipeline::{Layout, PipelineState};
 use crate::stream::protocol::{ResultsMode, SegmentSecs, ServerMessage};
 use crate::stream::vad::{VadEvent, VadOptions, VadTracker};
@@ -68,6 +69,9 @@ pub struct StreamParams {
     pub keys: Arc<TokenKeys>,
     /// Audio samples between two checkpoints; 0: none.
     pub checkpoint_samples: u64,
+    /// Where the stream reports whether it keeps real time (the door reads it); `None` for
+    /// audio that is not live (a whole file), which is never behind.
+    pub pace: Option<Arc<StreamPace>>,
 }
 
 /// The models a stream runs on: its stages in order, its own model last, and its gate's.
@@ -141,6 +145,13 @@ pub struct StreamSession {
     /// Where each complete-but-unstepped chunk ends (samples), and when it became available,
     /// for chunk latency: over when every stage has done what its audio lets it.
     chunk_ready: VecDeque<(u64, Instant)>,
+    /// The real-time schedule of the stream's audio, from its first audio here.
+    lateness: Option<Lateness>,
+    /// The oldest waiting chunk was more than `behind_after` late when the last step went:
+    /// steps go to the models' fallbacks until it catches up (`step.rs`).
+    behind: bool,
+    /// The stream model's `slo_ms`, or [`DEFAULT_BEHIND_AFTER`].
+    behind_after: Duration,
     /// A stage's answer was degraded since the last stage last answered.
     degraded: bool,
     in_flight: bool,
@@ -182,6 +193,8 @@ pub struct StreamSession {
 /// A stream's chunk counter and latency histogram, and each stage's step counter.
 struct StepMetrics {
     chunks: metrics::Counter,
+    /// Chunks completed while the stream was behind real time.
+    behind_chunks: metrics::Counter,
     chunk_latency: metrics::Histogram,
     stage_steps: Vec<metrics::Counter>,
 }
@@ -193,6 +206,7 @@ impl StepMetrics {
     ) -> StepMetrics {
         StepMetrics {
             chunks: metrics::counter!("streamserve_stream_chunks_total", labels),
+            behind_chunks: metrics::counter!("streamserve_stream_behind_chunks_total", labels),
             chunk_latency: metrics::histogram!("streamserve_stream_chunk_latency_seconds", labels),
             stage_steps: stage_labels
                 .iter()
@@ -258,6 +272,7 @@ impl StreamSession {
             .collect();
         let per_step = StepMetrics::new(&labels, &stage_labels);
         let chunk = layout.chunk_samples();
+        let behind_after = model.info.slo.unwrap_or(DEFAULT_BEHIND_AFTER);
         Ok(StreamSession {
             tracker: VadTracker::new(&params.vad, params.sample_rate, chunk),
             keywords: KeywordDetector::default(),
@@ -272,6 +287,9 @@ impl StreamSession {
             samples_received: 0,
             samples_done: 0,
             chunk_ready: VecDeque::new(),
+            lateness: None,
+            behind: false,
+            behind_after,
             degraded: false,
             in_flight: false,
             retries: 0,
@@ -441,6 +459,9 @@ impl Handler<Audio> for StreamSession {
         self.samples_received += samples.len() as u64;
         self.progress.push_audio(&samples);
         let now = Instant::now();
+        if self.lateness.is_none() && self.params.pace.is_some() {
+            self.lateness = Some(Lateness::new(now, before, self.params.sample_rate));
+        }
         let first_new = before / chunk + 1;
         let last_new = self.samples_received / chunk;
         self.chunk_ready

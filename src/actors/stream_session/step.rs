@@ -1,9 +1,10 @@
 //! A stream's steps: the next ready stage's window goes through that stage model's router
 //! (batched there with other streams' steps), and its answer moves the stream on. The last
 //! stage's answers become the stream's results: `vad` probabilities with speech events, or
-//! keyword scores with `keyword` events.
+//! keyword scores with `keyword` events. A stream behind real time (`keep_pace`) asks for
+//! its models' fallbacks until it has caught up.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
@@ -12,6 +13,7 @@ use crate::actors::served::InferOptions;
 use crate::error::ServeError;
 use crate::manifest::StreamKind;
 use crate::model::InferResponse;
+use crate::stream::pace::still_behind;
 use crate::stream::pipeline::StepDone;
 use crate::stream::protocol::{ResultsMode, ServerMessage};
 
@@ -26,6 +28,7 @@ impl StreamSession {
         match next {
             Some(stage) => {
                 self.in_flight = true;
+                self.keep_pace();
                 self.send_step(stage, ctx);
             }
             None if self.ending => self.finish(ctx),
@@ -33,12 +36,31 @@ impl StreamSession {
         }
     }
 
+    /// Whether the stream is behind real time, from its oldest waiting chunk. A stream falls
+    /// behind when the CPU cannot keep up with all the streams: its audio waits here, one
+    /// step at a time, where the router's predicted wait does not see it. While it is behind,
+    /// its steps go straight to their models' fallbacks (where they have one), which cost less
+    /// of the CPU, until it has caught up.
+    fn keep_pace(&mut self) {
+        let (Some(lateness), Some(&(end, ready))) = (&self.lateness, self.chunk_ready.front())
+        else {
+            self.behind = false;
+            return;
+        };
+        let late = lateness.of(end, ready, Instant::now());
+        self.behind = still_behind(self.behind, late, self.behind_after);
+    }
+
     /// Sends `stage`'s next step. A retry builds the same request again: nothing it reads
     /// (the stage's window and state) moves while the step is in flight, and building it
     /// again is cheaper than keeping a copy of every step for the rare retry.
     fn send_step(&mut self, stage: usize, ctx: &mut Context<Self>) {
         let request = self.progress.request(&self.layout, stage);
-        let answer = self.stages[stage].infer(request, InferOptions::now());
+        let options = InferOptions {
+            fallback_first: self.behind,
+            ..InferOptions::now()
+        };
+        let answer = self.stages[stage].infer(request, options);
         ctx.spawn(
             answer
                 .into_actor(self)
@@ -133,6 +155,12 @@ impl StreamSession {
             self.per_step
                 .chunk_latency
                 .record(ready.elapsed().as_secs_f64());
+            if let Some(pace) = &self.params.pace {
+                pace.record(self.behind);
+            }
+            if self.behind {
+                self.per_step.behind_chunks.increment(1);
+            }
         }
     }
 

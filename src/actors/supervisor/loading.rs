@@ -180,6 +180,7 @@ fn model_info(
         replicas: entry.replicas,
         max_queue: entry.max_queue,
         fallback: entry.fallback.clone(),
+        slo: entry.slo,
         sha256: entry.sha256.clone(),
         description: entry.description.clone(),
         source: entry.source.clone(),

@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 use crate::config::Admission;
 use crate::machine::cpu_share::CpuShare;
 use crate::model::InferResponse;
+use crate::stream::pace::StreamPace;
 
 /// How often the adaptive limit is reconsidered (when answers come in).
 pub const WINDOW: Duration = Duration::from_millis(50);
@@ -303,6 +304,8 @@ struct Series {
     fallback_in_flight: metrics::Gauge,
     wait: metrics::Histogram,
     refused: metrics::Counter,
+    /// New streams refused because the open ones were behind real time.
+    streams_behind: metrics::Counter,
     to_fallback: metrics::Counter,
 }
 
@@ -330,6 +333,8 @@ pub struct AdmissionLimit {
     target: Duration,
     state: Mutex<State>,
     series: Series,
+    /// Whether the open streams keep real time (`streams.rs`).
+    streams: Arc<StreamPace>,
 }
 
 impl AdmissionLimit {
@@ -364,6 +369,7 @@ impl AdmissionLimit {
         let limit = AdmissionLimit {
             mode,
             target,
+            streams: Arc::new(StreamPace::new()),
             series: Series {
                 limit: metrics::gauge!("streamserve_admission_limit"),
                 in_flight: metrics::gauge!("streamserve_admission_in_flight"),
@@ -371,6 +377,7 @@ impl AdmissionLimit {
                 fallback_in_flight: metrics::gauge!("streamserve_admission_fallback_in_flight"),
                 wait: metrics::histogram!("streamserve_admission_wait_seconds"),
                 refused: metrics::counter!("streamserve_admission_refused_total"),
+                streams_behind: metrics::counter!("streamserve_streams_refused_behind_total"),
                 to_fallback: metrics::counter!("streamserve_admission_fallback_total"),
             },
             state: Mutex::new(State {
@@ -470,25 +477,6 @@ impl AdmissionLimit {
         self.lock().primary.limit()
     }
 
-    /// Whether a request overflowed the limit (refused, or sent to its fallback) within the
-    /// last second: the server is short of CPU, so new long-lived work (streams) had better
-    /// go elsewhere.
-    pub fn refusing(&self) -> bool {
-        self.lock()
-            .last_overflow
-            .is_some_and(|at| at.elapsed() < REFUSING_FOR)
-    }
-
-    /// Whether a new stream may start: not while the door is [`refusing`](Self::refusing);
-    /// a stream turned away is counted with the refused requests.
-    pub fn admit_stream(&self) -> bool {
-        let refusing = self.refusing();
-        if refusing {
-            self.series.refused.increment(1);
-        }
-        !refusing
-    }
-
     /// Leaves; an answered request reports its wait outside its model and its time from
     /// arrival to answer.
     fn leave(&self, lane: LaneId, answered: Option<(Duration, Duration)>) {
@@ -571,5 +559,8 @@ impl Drop for AdmissionPermit {
     }
 }
 
+mod streams;
 #[cfg(test)]
 mod tests;
+
+pub use streams::StreamRefused;

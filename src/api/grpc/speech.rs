@@ -22,6 +22,7 @@ use crate::access::StreamPass;
 use crate::actors::stream_session::{
     feed, Attach, Connection, Detach, End, FeedError, StreamModels, StreamParams, StreamSession,
 };
+use crate::api::door::limit::StreamRefused;
 use crate::api::AppState;
 use crate::error::ServeError;
 use crate::manifest::StreamKind;
@@ -82,10 +83,14 @@ impl SpeechService {
             .access
             .check_version(&pass, &served.info.name, &served.info.version)?;
         let access = state.access.stream(&pass, &served.info.name)?;
-        if !state.admission.admit_stream() {
-            return Err(ServeError::Busy {
-                limit: state.admission.limit(),
-                retry_after: Duration::from_secs(1),
+        if let Err(refused) = state.admission.admit_stream() {
+            let retry_after = Duration::from_secs(1);
+            return Err(match refused {
+                StreamRefused::AtLimit => ServeError::Busy {
+                    limit: state.admission.limit(),
+                    retry_after,
+                },
+                StreamRefused::StreamsBehind => ServeError::StreamsBehind { retry_after },
             }
             .into());
         }
@@ -99,6 +104,7 @@ impl SpeechService {
             resume_window: Duration::ZERO,
             keys: state.streams.keys.clone(),
             checkpoint_samples: 0,
+            pace: Some(state.streams.pace.clone()),
         };
         let (model, version) = (served.info.name.clone(), served.info.version.clone());
         let id: Arc<str> = uuid::Uuid::new_v4().simple().to_string().into();

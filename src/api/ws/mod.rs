@@ -34,6 +34,7 @@ use crate::actors::supervisor::Supervisor;
 use crate::error::ServeError;
 use crate::machine::traffic::{self, Protocol};
 use crate::stream::checkpoint::TokenKeys;
+use crate::stream::pace::StreamPace;
 use crate::stream::protocol::{ClientMessage, ServerMessage, StartMessage};
 use open::AttachError;
 
@@ -63,6 +64,8 @@ pub struct StreamsConfig {
     pub supervisor: Addr<Supervisor>,
     /// Where sessions of transports outside actix's own threads (gRPC) live.
     pub arbiters: SessionArbiters,
+    /// Whether the streams keep real time: sessions report to it, the door reads it.
+    pub pace: Arc<StreamPace>,
 }
 
 /// Threads that run stream sessions for transports outside actix's threads (gRPC runs on a
@@ -193,9 +196,10 @@ async fn connection(
     let resuming = start.stream_id.is_some() || start.resume.is_some();
     // A server short of CPU keeps the streams it has in real time rather than take on more:
     // a new stream is told to retry (1013), a resumed one (already counted here) goes on.
-    if !resuming && !admission.admit_stream() {
-        let reason = "the server is at its admission limit; retry in a second".to_string();
-        return close_with_error(ws, CloseCode::Again, reason).await;
+    if !resuming {
+        if let Err(refused) = admission.admit_stream() {
+            return close_with_error(ws, CloseCode::Again, refused.to_string()).await;
+        }
     }
     let opened = match open::open_session(start, caller, &config).await {
         Ok(opened) => opened,

@@ -323,5 +323,6 @@ fn params(
         resume_window: config.resume_window,
         keys: config.keys.clone(),
         checkpoint_samples: if checkpoints { every } else { 0 },
+        pace: Some(config.pace.clone()),
     }
 }

@@ -79,6 +79,8 @@ pub(super) async fn segments(
         resume_window: Duration::ZERO,
         keys: state.streams.keys.clone(),
         checkpoint_samples: 0,
+        // A whole file, stepped as fast as the models go: no real time to keep.
+        pace: None,
     };
     let info = served.info.clone();
     let id: Arc<str> = uuid::Uuid::new_v4().simple().to_string().into();

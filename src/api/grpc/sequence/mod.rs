@@ -450,8 +450,11 @@ impl SequenceTask {
             .stream(&pass, &served.info.name)
             .map_err(|e| e.to_string())?;
         let resuming = start.stream_id.is_some() || start.resume.is_some();
-        if !resuming && !state.admission.admit_stream() {
-            return Err("the server is at its admission limit; retry in a second".into());
+        if !resuming {
+            state
+                .admission
+                .admit_stream()
+                .map_err(|refused| refused.to_string())?;
         }
         self.model = served.info.name.clone();
         self.version = served.info.version.clone();

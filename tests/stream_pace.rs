@@ -1,0 +1,140 @@
+//! Streams that fall behind real time, over real sockets on the bundled models. While Silero
+//! VAD is slowed (an injected fault), real-time streams wait for it one step at a time, where
+//! the router's predicted wait does not see them: each stream that is behind steps on the
+//! fallback (`vad_energy`, flagged degraded) until it has caught up, a new stream is told to
+//! retry (close 1013, "behind real time"), the open ones finish with every result once and in
+//! order, and once nothing is behind a new stream is let in. Behaviour, not timings: the
+//! load suite measures how far past capacity this holds (docs/overload.md, "Streams").
+
+mod common;
+
+use std::time::Duration;
+
+use common::stream_client::*;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+
+const TOKEN: &str = "test-token";
+/// 20 ms of 16 kHz 16-bit audio: frames sent at real-time pace.
+const FRAME_BYTES: usize = 640;
+const FRAME: Duration = Duration::from_millis(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streams_behind_real_time_degrade_and_new_ones_are_told_to_retry() {
+    let url = start(&repo().join("models"), |config| {
+        config.admin_token = Some(TOKEN.into());
+    });
+    let c = client();
+    // Every Silero batch takes 150 ms, while each stream sends a 32 ms chunk every 32 ms.
+    let response = c
+        .post(format!("{url}/admin/models/silero_vad/faults"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"fault": {"kind": "slow", "ms": 150}, "count": 40}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+
+    let (audio, rate) = fixture_pcm16("two_phrases_16k");
+    let audio = audio[..5 * 32_000].to_vec(); // five seconds
+    let streams: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, audio) = (url.clone(), audio.clone());
+            tokio::spawn(async move {
+                stream_resumable(&[url], &audio, rate, FRAME_BYTES, FRAME, 0).await
+            })
+        })
+        .collect();
+
+    let mut refused = None;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Err(close) = open_stream(&url).await {
+            refused = Some(close);
+            break;
+        }
+    }
+    let (code, reason) = refused
+        .expect("a new stream is refused while the open ones are behind")
+        .expect("a close frame");
+    assert_eq!(code, CloseCode::Again, "1013: try again later");
+    assert!(reason.contains("behind real time"), "{reason}");
+
+    let mut degraded = 0;
+    for stream in streams {
+        let run = stream.await.unwrap();
+        assert!(
+            matches!(run.ends[..], [Ended::Done]),
+            "every open stream finishes: {:?}",
+            run.ends
+        );
+        assert!(run.out_of_order.is_empty(), "{:?}", run.out_of_order);
+        let vad: Vec<&Value> = run.results.iter().filter(|m| m["type"] == "vad").collect();
+        // A result per chunk, the last one partial.
+        assert_eq!(
+            vad.len(),
+            (5 * 16_000usize).div_ceil(512),
+            "a result per chunk"
+        );
+        degraded += vad.iter().filter(|m| m["degraded"] == true).count();
+    }
+    assert!(degraded > 0, "the streams behind stepped on the fallback");
+
+    let text = metrics_text(&c, &url).await;
+    assert!(counter(&text, "streamserve_streams_refused_behind_total") >= 1.0);
+    assert!(
+        counter(
+            &text,
+            r#"streamserve_stream_behind_chunks_total{model="silero_vad"}"#
+        ) > 0.0
+    );
+
+    // Nothing is behind any more: within a second or so new streams are let in again.
+    let mut let_in = None;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Ok(first) = open_stream(&url).await {
+            let_in = Some(first);
+            break;
+        }
+    }
+    assert_eq!(let_in.as_deref(), Some("started"));
+}
+
+/// Opens a stream on `silero_vad` and returns its first message's type, or how it was closed.
+async fn open_stream(url: &str) -> Result<String, Option<(CloseCode, String)>> {
+    let mut ws = connect_to(url, "silero_vad")
+        .await
+        .expect("websocket upgrade");
+    let start = json!({"type": "start", "sample_rate": 16000});
+    ws.send(Message::text(start.to_string())).await.unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .expect("the server answers within 30 s")
+        {
+            Some(Ok(Message::Text(text))) => {
+                let message: Value = serde_json::from_str(&text).unwrap();
+                if message["type"] == "error" {
+                    continue;
+                }
+                return Ok(message["type"].as_str().unwrap_or("").to_string());
+            }
+            Some(Ok(Message::Close(frame))) => {
+                return Err(frame.map(|f| (f.code, f.reason.to_string())))
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return Err(None),
+        }
+    }
+}
+
+/// The value of the series `name` (with its labels) in a metrics page; 0 when absent.
+fn counter(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
