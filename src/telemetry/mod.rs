@@ -301,6 +301,7 @@ pub fn register_model_series(info: &crate::model::ModelInfo) {
         for name in [
             "streamserve_stream_chunks_total",
             "streamserve_stream_degraded_chunks_total",
+            "streamserve_stream_behind_chunks_total",
             "streamserve_stream_resumes_total",
             "streamserve_stream_checkpoints_total",
             "streamserve_stream_handovers_total",
