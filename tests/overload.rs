@@ -11,12 +11,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::stream_client::open_stream;
 use common::*;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 use streamserve::config::Admission;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::Message;
 
 const TOKEN: &str = "test-token";
 /// The adaptive limit's ceiling in these tests: far below the burst, so that the door refuses
@@ -178,39 +178,6 @@ async fn a_burst_far_above_capacity_gets_one_answer_each_and_the_limit_grows_bac
         Some(0.0),
         "and every place of the fallbacks"
     );
-}
-
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// Opens a stream on silero_vad and sends `start`; returns the server's first reply: its
-/// first message's type, or the close frame.
-async fn open_stream(url: &str) -> Result<String, Option<(CloseCode, String)>> {
-    let ws_url = format!("{}/v1/streams/silero_vad", url.replace("http://", "ws://"));
-    let (mut ws, _): (Socket, _) = tokio_tungstenite::connect_async(ws_url)
-        .await
-        .expect("websocket upgrade");
-    let start = json!({"type": "start", "sample_rate": 16000});
-    ws.send(Message::text(start.to_string())).await.unwrap();
-    loop {
-        match tokio::time::timeout(Duration::from_secs(30), ws.next())
-            .await
-            .expect("the server answers within 30 s")
-        {
-            Some(Ok(Message::Text(text))) => {
-                let message: Value = serde_json::from_str(&text).unwrap();
-                if message["type"] == "error" {
-                    continue;
-                }
-                return Ok(message["type"].as_str().unwrap_or("").to_string());
-            }
-            Some(Ok(Message::Close(frame))) => {
-                return Err(frame.map(|f| (f.code, f.reason.to_string())))
-            }
-            Some(Ok(_)) => continue,
-            Some(Err(_)) | None => return Err(None),
-        }
-    }
 }
 
 /// Waits (a second at most) until the gauge `name` reads `value`.

@@ -12,10 +12,8 @@ use std::time::Duration;
 
 use common::stream_client::*;
 use common::*;
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::Message;
 
 const TOKEN: &str = "test-token";
 /// 20 ms of 16 kHz 16-bit audio: frames sent at real-time pace.
@@ -102,34 +100,6 @@ async fn streams_behind_real_time_degrade_and_new_ones_are_told_to_retry() {
         }
     }
     assert_eq!(let_in.as_deref(), Some("started"));
-}
-
-/// Opens a stream on `silero_vad` and returns its first message's type, or how it was closed.
-async fn open_stream(url: &str) -> Result<String, Option<(CloseCode, String)>> {
-    let mut ws = connect_to(url, "silero_vad")
-        .await
-        .expect("websocket upgrade");
-    let start = json!({"type": "start", "sample_rate": 16000});
-    ws.send(Message::text(start.to_string())).await.unwrap();
-    loop {
-        match tokio::time::timeout(Duration::from_secs(30), ws.next())
-            .await
-            .expect("the server answers within 30 s")
-        {
-            Some(Ok(Message::Text(text))) => {
-                let message: Value = serde_json::from_str(&text).unwrap();
-                if message["type"] == "error" {
-                    continue;
-                }
-                return Ok(message["type"].as_str().unwrap_or("").to_string());
-            }
-            Some(Ok(Message::Close(frame))) => {
-                return Err(frame.map(|f| (f.code, f.reason.to_string())))
-            }
-            Some(Ok(_)) => continue,
-            Some(Err(_)) | None => return Err(None),
-        }
-    }
 }
 
 /// The value of the series `name` (with its labels) in a metrics page; 0 when absent.

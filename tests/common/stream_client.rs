@@ -272,3 +272,32 @@ async fn next_message(
         }
     }
 }
+
+/// Opens a stream on `silero_vad` and returns its first message's type (an error message
+/// before it is skipped), or how the server closed it: a refused stream's close code and reason.
+pub async fn open_stream(url: &str) -> Result<String, Option<(CloseCode, String)>> {
+    let mut ws = connect_to(url, "silero_vad")
+        .await
+        .expect("websocket upgrade");
+    let start = json!({"type": "start", "sample_rate": 16000});
+    ws.send(Message::text(start.to_string())).await.unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .expect("the server answers within 30 s")
+        {
+            Some(Ok(Message::Text(text))) => {
+                let message: Value = serde_json::from_str(&text).unwrap();
+                if message["type"] == "error" {
+                    continue;
+                }
+                return Ok(message["type"].as_str().unwrap_or("").to_string());
+            }
+            Some(Ok(Message::Close(frame))) => {
+                return Err(frame.map(|f| (f.code, f.reason.to_string())))
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return Err(None),
+        }
+    }
+}
