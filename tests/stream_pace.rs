@@ -1,10 +1,11 @@
 //! Streams that fall behind real time, over real sockets on the bundled models. While Silero
 //! VAD is slowed (an injected fault), real-time streams wait for it one step at a time, where
 //! the router's predicted wait does not see them: each stream that is behind steps on the
-//! fallback (`vad_energy`, flagged degraded) until it has caught up, a new stream is told to
-//! retry (close 1013, "behind real time"), the open ones finish with every result once and in
-//! order, and once nothing is behind a new stream is let in. Behaviour, not timings: the
-//! load suite measures how far past capacity this holds (docs/overload.md, "Streams").
+//! fallback (`vad_energy`, flagged degraded) until it has caught up; a new stream is told to
+//! retry (close 1013, "behind real time"; gRPC speech: `RESOURCE_EXHAUSTED`); the open ones
+//! finish with every result once and in order; and once nothing is behind a new stream is let
+//! in. Behaviour, not timings: the load suite measures how far past capacity this holds
+//! (docs/overload.md, "Streams").
 
 mod common;
 
@@ -13,7 +14,11 @@ use std::time::Duration;
 use common::stream_client::*;
 use common::*;
 use serde_json::{json, Value};
+use streamserve::api::grpc::proto::speech::speech_client::SpeechClient;
+use streamserve::api::grpc::proto::speech::AudioPiece;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tonic::transport::Channel;
+use tonic::Code;
 
 const TOKEN: &str = "test-token";
 /// 20 ms of 16 kHz 16-bit audio: frames sent at real-time pace.
@@ -22,9 +27,10 @@ const FRAME: Duration = Duration::from_millis(20);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn streams_behind_real_time_degrade_and_new_ones_are_told_to_retry() {
-    let url = start(&repo().join("models"), |config| {
+    let running = start_running(&repo().join("models"), |config| {
         config.admin_token = Some(TOKEN.into());
     });
+    let url = format!("http://{}", running.addr);
     let c = client();
     // Every Silero batch takes 150 ms, while each stream sends a 32 ms chunk every 32 ms.
     let response = c
@@ -60,6 +66,27 @@ async fn streams_behind_real_time_degrade_and_new_ones_are_told_to_retry() {
         .expect("a close frame");
     assert_eq!(code, CloseCode::Again, "1013: try again later");
     assert!(reason.contains("behind real time"), "{reason}");
+    // The same door for gRPC speech: a retryable status, and why.
+    let endpoint = format!("http://{}", running.grpc_addr.unwrap());
+    let mut speech = SpeechClient::new(
+        Channel::from_shared(endpoint)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let piece = AudioPiece {
+        model: "silero_vad".into(),
+        sample_rate: rate,
+        pcm16: audio[..6400].to_vec(),
+        ..Default::default()
+    };
+    let status = speech
+        .summarize(tokio_stream::iter(vec![piece]))
+        .await
+        .expect_err("a new gRPC speech stream is refused too");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("behind real time"), "{status:?}");
 
     let mut degraded = 0;
     for stream in streams {
