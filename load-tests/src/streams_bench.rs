@@ -99,6 +99,8 @@ pub fn vad_manifest(bundled: &Path, setup: &VadSetup) -> anyhow::Result<(String,
         ],
         // Only this model is served: no fallback (and no SLO that would hand chunks to one),
         // so that overload shows as latency, not as chunks quietly served by a cheaper model.
+        // Past about 100 ms behind, new streams are refused (1013): the step fails as it would
+        // on its latency.
         remove: vec!["fallback", "slo_ms"],
     };
     let (text, mut files) = manifest::from_bundled(

@@ -42,7 +42,8 @@ pub struct InferOptions {
     pub deadline: Option<Instant>,
     pub priority: Priority,
     /// Straight to the model's fallback, if it has one that is loaded: the door was past its
-    /// limit (the CPU around the models is short, and the fallback's answer costs less of it).
+    /// limit, or the stream this step is for is behind real time (the CPU is short, and the
+    /// fallback's answer costs less of it).
     pub fallback_first: bool,
 }
 

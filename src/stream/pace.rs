@@ -2,14 +2,13 @@
 //! elsewhere.
 //!
 //! A stream has at most one step in flight, so when the CPU cannot keep up with all its
-//! streams, their audio waits in the sessions (and in the sockets), not in a model's queue:
-//! the router's predicted wait stays under `slo_ms` and neither its fallback nor the door's
-//! limit engages, and every stream falls behind together (measured: 400 `silero_vad` streams
-//! on one core, each result 2.4 s late at p50). Each session knows how far behind real time
-//! its oldest waiting chunk is ([`Lateness`]); it steps on its models' fallbacks while that is
-//! past `slo_ms`, and reports every chunk it completes here, saying whether it was behind
-//! then. While a share of them were, the door turns new streams away (close 1013), so that
-//! the open ones keep their pace.
+//! streams, their audio waits in the sessions, not in a model's queue: the router's predicted
+//! wait stays under `slo_ms`, neither its fallback nor the door's limit engages, and every
+//! stream falls behind together. Each session knows how late its oldest waiting chunk is
+//! against its real-time [`Schedule`]; it steps on its models' fallbacks while that is past
+//! `slo_ms`, and reports every chunk it completes here, saying whether it was behind then.
+//! While a share of them were, the door turns new streams away (close 1013), so that the
+//! open ones keep their pace (docs/overload.md, "Streams behind real time").
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -28,22 +27,27 @@ pub const REFUSE_FOR: Duration = Duration::from_secs(1);
 /// How late a chunk may be when its stream's model has no `slo_ms`: the real-time bound the
 /// load suite holds streams to.
 pub const DEFAULT_BEHIND_AFTER: Duration = Duration::from_millis(100);
+/// How far ahead of its arrival a chunk's schedule may put it. A client's burst (the audio it
+/// kept while reconnecting, a file) runs ahead of real time; waiting behind its own burst is
+/// not the server falling behind, but a burst must not buy the stream slack for good.
+pub const MAX_LEAD: Duration = Duration::from_secs(1);
 
-/// How far behind real time a stream's oldest waiting chunk is. A chunk is due when its audio
-/// arrived, or, for a client sending faster than real time (a file, a catch-up after a
-/// reconnect), when a real-time sender would have sent it: such a client's chunks queue
-/// behind its own audio, which is not the server falling behind.
+/// When a stream's chunks are due. A chunk is due when its audio arrived or, for a client
+/// sending faster than real time (a file, the audio it kept while reconnecting), when a
+/// real-time sender would have sent it, at most [`MAX_LEAD`] after it arrived: such a
+/// client's chunks queue behind its own audio, which is not the server falling behind. The
+/// schedule starts at the stream's first answer on a connection (its sample then, that
+/// instant), so that a model session's slow first call does not count.
 #[derive(Clone, Copy, Debug)]
-pub struct Lateness {
-    /// When the stream's first audio arrived, and the sample it started at.
+pub struct Schedule {
     origin: Instant,
     origin_sample: u64,
     sample_rate: u32,
 }
 
-impl Lateness {
-    pub fn new(origin: Instant, origin_sample: u64, sample_rate: u32) -> Lateness {
-        Lateness {
+impl Schedule {
+    pub fn new(origin: Instant, origin_sample: u64, sample_rate: u32) -> Schedule {
+        Schedule {
             origin,
             origin_sample,
             sample_rate: sample_rate.max(1),
@@ -52,9 +56,10 @@ impl Lateness {
 
     /// How late at `now` the chunk is that ends at sample `end` and whose audio was all in
     /// at `ready` (zero when it is not late).
-    pub fn of(&self, end: u64, ready: Instant, now: Instant) -> Duration {
+    pub fn late(&self, end: u64, ready: Instant, now: Instant) -> Duration {
         let audio = end.saturating_sub(self.origin_sample) as f64 / f64::from(self.sample_rate);
-        let due = (self.origin + Duration::from_secs_f64(audio)).max(ready);
+        let on_schedule = self.origin + Duration::from_secs_f64(audio);
+        let due = on_schedule.clamp(ready, ready + MAX_LEAD);
         now.saturating_duration_since(due)
     }
 }
@@ -87,7 +92,7 @@ impl StreamPace {
     }
 
     /// Whether new streams should wait: enough recent windows had their streams behind.
-    pub fn behind(&self) -> bool {
+    pub fn turning_away(&self) -> bool {
         self.lock().refusing(Instant::now())
     }
 
@@ -126,8 +131,13 @@ impl Windows {
     }
 
     fn record(&mut self, behind: bool, now: Instant) {
-        if now.saturating_duration_since(self.started) >= WINDOW {
+        let open_for = now.saturating_duration_since(self.started);
+        if open_for >= WINDOW {
             self.close(now);
+        }
+        if open_for >= 2 * WINDOW {
+            // Windows with no chunk at all went by: the run of late ones has ended.
+            self.behind_windows = 0;
         }
         self.chunks += 1;
         self.behind += u32::from(behind);
@@ -158,14 +168,26 @@ mod tests {
     #[test]
     fn a_chunk_is_late_from_its_arrival_or_its_real_time_schedule_whichever_is_later() {
         let t0 = Instant::now();
-        let pace = Lateness::new(t0, 16_000, 16_000);
+        let schedule = Schedule::new(t0, 16_000, 16_000);
         // Arrived on schedule (one second of audio in, one second on): late by the wait.
-        assert_eq!(pace.of(32_000, t0 + 1000 * MS, t0 + 1040 * MS), 40 * MS);
+        assert_eq!(
+            schedule.late(32_000, t0 + 1000 * MS, t0 + 1040 * MS),
+            40 * MS
+        );
         // Sent early (a file): due a second in, not when it arrived.
-        assert_eq!(pace.of(32_000, t0 + 10 * MS, t0 + 1040 * MS), 40 * MS);
-        assert_eq!(pace.of(32_000, t0 + 10 * MS, t0 + 500 * MS), Duration::ZERO);
+        assert_eq!(schedule.late(32_000, t0 + 10 * MS, t0 + 1040 * MS), 40 * MS);
+        assert_eq!(
+            schedule.late(32_000, t0 + 10 * MS, t0 + 500 * MS),
+            Duration::ZERO
+        );
         // Sent late (after a pause): due when it arrived.
-        assert_eq!(pace.of(32_000, t0 + 5000 * MS, t0 + 5010 * MS), 10 * MS);
+        assert_eq!(
+            schedule.late(32_000, t0 + 5000 * MS, t0 + 5010 * MS),
+            10 * MS
+        );
+        // Far ahead (ten seconds of audio at once): due at most a second after it arrived.
+        let ahead = schedule.late(176_000, t0 + 10 * MS, t0 + 1030 * MS);
+        assert_eq!(ahead, 20 * MS);
     }
 
     #[test]
@@ -212,5 +234,12 @@ mod tests {
         let mut idle = Windows::new(t0);
         idle.close(t0 + WINDOW);
         assert_eq!(idle.behind_windows, 0);
+        // Two late windows, a quiet spell, one late window: no run of three.
+        let mut w = Windows::new(t0);
+        window(&mut w, t0, 100, 50);
+        window(&mut w, t0 + WINDOW, 100, 50);
+        window(&mut w, t0 + 10 * WINDOW, 100, 50);
+        window(&mut w, t0 + 11 * WINDOW, 1, 0);
+        assert!(!w.refusing(t0 + 11 * WINDOW));
     }
 }

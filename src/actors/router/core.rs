@@ -40,9 +40,9 @@ pub enum Degrade {
     /// When this model cannot take it well: overloaded (predicted wait past `slo_ms`), its
     /// queue full, or no healthy replica.
     WhenShort,
-    /// At once, when a fallback is ready: the door was past its limit, so the CPU around the
-    /// models is short, and the fallback's answer costs less of it. Without a ready
-    /// fallback the request is queued here as usual (the door already gave it a place).
+    /// At once, when a fallback is ready: the door was past its limit, or a stream step's
+    /// stream is behind real time, so the CPU is short, and the fallback's answer costs less
+    /// of it. Without a ready fallback the request is queued here as usual.
     Now,
 }
 

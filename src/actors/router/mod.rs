@@ -68,7 +68,8 @@ pub struct Infer {
     pub received: Instant,
     pub deadline: Option<Instant>,
     pub priority: Priority,
-    /// Straight to the fallback when one is ready (the door was past its limit).
+    /// Straight to the fallback when one is ready (the door was past its limit, or the
+    /// stream this step is for is behind real time).
     pub fallback_first: bool,
 }
 

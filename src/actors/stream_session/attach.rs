@@ -56,6 +56,8 @@ impl Handler<Attach> for StreamSession {
             "superseded by a newer connection to this stream".into(),
         );
         self.generation += 1;
+        // The client was away: its real-time schedule starts again with this connection.
+        self.schedule = None;
         if resumed {
             metrics::counter!("streamserve_stream_resumes_total", &self.labels).increment(1);
         }

@@ -37,7 +37,7 @@ use crate::model::ModelInfo;
 use crate::stream::audio::SampleFormat;
 use crate::stream::checkpoint::TokenKeys;
 use crate::stream::keyword::{KeywordDetector, KeywordOptions};
-use crate::stream::pace::{Lateness, StreamPace, DEFAULT_BEHIND_AFTER};
+use crate::stream::pace::{Schedule, StreamPace, DEFAULT_BEHIND_AFTER};
 use crate::stream::pipeline::{Layout, PipelineState};
 use crate::stream::protocol::{ResultsMode, SegmentSecs, ServerMessage};
 use crate::stream::vad::{VadEvent, VadOptions, VadTracker};
@@ -145,8 +145,8 @@ pub struct StreamSession {
     /// Where each complete-but-unstepped chunk ends (samples), and when it became available,
     /// for chunk latency: over when every stage has done what its audio lets it.
     chunk_ready: VecDeque<(u64, Instant)>,
-    /// The real-time schedule of the stream's audio, from its first audio here.
-    lateness: Option<Lateness>,
+    /// When the stream's chunks are due, from its first answer on this connection (`step.rs`).
+    schedule: Option<Schedule>,
     /// The oldest waiting chunk was more than `behind_after` late when the last step went:
     /// steps go to the models' fallbacks until it catches up (`step.rs`).
     behind: bool,
@@ -287,7 +287,7 @@ impl StreamSession {
             samples_received: 0,
             samples_done: 0,
             chunk_ready: VecDeque::new(),
-            lateness: None,
+            schedule: None,
             behind: false,
             behind_after,
             degraded: false,
@@ -459,9 +459,6 @@ impl Handler<Audio> for StreamSession {
         self.samples_received += samples.len() as u64;
         self.progress.push_audio(&samples);
         let now = Instant::now();
-        if self.lateness.is_none() && self.params.pace.is_some() {
-            self.lateness = Some(Lateness::new(now, before, self.params.sample_rate));
-        }
         let first_new = before / chunk + 1;
         let last_new = self.samples_received / chunk;
         self.chunk_ready

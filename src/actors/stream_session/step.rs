@@ -1,7 +1,7 @@
 //! A stream's steps: the next ready stage's window goes through that stage model's router
 //! (batched there with other streams' steps), and its answer moves the stream on. The last
 //! stage's answers become the stream's results: `vad` probabilities with speech events, or
-//! keyword scores with `keyword` events. A stream behind real time (`keep_pace`) asks for
+//! keyword scores with `keyword` events. A stream behind real time (`check_pace`) asks for
 //! its models' fallbacks until it has caught up.
 
 use std::time::{Duration, Instant};
@@ -13,7 +13,7 @@ use crate::actors::served::InferOptions;
 use crate::error::ServeError;
 use crate::manifest::StreamKind;
 use crate::model::InferResponse;
-use crate::stream::pace::still_behind;
+use crate::stream::pace::{still_behind, Schedule};
 use crate::stream::pipeline::StepDone;
 use crate::stream::protocol::{ResultsMode, ServerMessage};
 
@@ -28,8 +28,8 @@ impl StreamSession {
         match next {
             Some(stage) => {
                 self.in_flight = true;
-                self.keep_pace();
-                self.send_step(stage, ctx);
+                self.check_pace();
+                self.send_step(stage, self.behind, ctx);
             }
             None if self.ending => self.finish(ctx),
             None => {}
@@ -41,23 +41,24 @@ impl StreamSession {
     /// step at a time, where the router's predicted wait does not see it. While it is behind,
     /// its steps go straight to their models' fallbacks (where they have one), which cost less
     /// of the CPU, until it has caught up.
-    fn keep_pace(&mut self) {
-        let (Some(lateness), Some(&(end, ready))) = (&self.lateness, self.chunk_ready.front())
+    fn check_pace(&mut self) {
+        let (Some(schedule), Some(&(end, ready))) = (&self.schedule, self.chunk_ready.front())
         else {
             self.behind = false;
             return;
         };
-        let late = lateness.of(end, ready, Instant::now());
+        let late = schedule.late(end, ready, Instant::now());
         self.behind = still_behind(self.behind, late, self.behind_after);
     }
 
     /// Sends `stage`'s next step. A retry builds the same request again: nothing it reads
     /// (the stage's window and state) moves while the step is in flight, and building it
     /// again is cheaper than keeping a copy of every step for the rare retry.
-    fn send_step(&mut self, stage: usize, ctx: &mut Context<Self>) {
+    /// `fallback_first`: straight to the stage model's fallback (the stream is behind).
+    fn send_step(&mut self, stage: usize, fallback_first: bool, ctx: &mut Context<Self>) {
         let request = self.progress.request(&self.layout, stage);
         let options = InferOptions {
-            fallback_first: self.behind,
+            fallback_first,
             ..InferOptions::now()
         };
         let answer = self.stages[stage].infer(request, options);
@@ -83,8 +84,10 @@ impl StreamSession {
             ) if self.retries < STEP_RETRIES => {
                 self.retries += 1;
                 tracing::debug!(stream = %self.id, error = %e, "retrying stream step");
+                // Through the router's own choice: a fallback that shed the step (its queue
+                // is shorter than its primary's) is not asked again.
                 ctx.run_later(Duration::from_millis(25), move |session, ctx| {
-                    session.send_step(stage, ctx)
+                    session.send_step(stage, false, ctx)
                 });
                 return;
             }
@@ -105,6 +108,10 @@ impl StreamSession {
         self.per_step.stage_steps[stage].increment(1);
         if stage == 0 {
             self.took_audio(done.audio_taken);
+            if self.schedule.is_none() && self.params.pace.is_some() {
+                let rate = self.params.sample_rate;
+                self.schedule = Some(Schedule::new(Instant::now(), self.samples_done, rate));
+            }
         }
         if stage + 1 == self.layout.stages.len() {
             self.result(done);

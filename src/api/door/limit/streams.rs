@@ -36,7 +36,7 @@ impl AdmissionLimit {
             self.series.refused.increment(1);
             return Err(StreamRefused::AtLimit);
         }
-        if self.streams.behind() {
+        if self.streams.turning_away() {
             self.series.streams_behind.increment(1);
             return Err(StreamRefused::StreamsBehind);
         }
