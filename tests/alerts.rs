@@ -537,14 +537,8 @@ async fn prometheus_scrapes_a_server_and_the_restarts_alert_fires_for_an_injecte
     .await;
 
     // The fault: every replica panics on its next 3 batches, with requests flowing.
-    let response = c
-        .post(format!("{url}/admin/models/alerting_mlp/faults"))
-        .bearer_auth(TOKEN)
-        .json(&json!({"fault": {"kind": "panic"}, "count": 3}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    let fault = json!({"fault": {"kind": "panic"}, "count": 3});
+    inject_fault(&c, &url, TOKEN, "alerting_mlp", fault).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load: Vec<_> = (0..4)
         .map(|i| {

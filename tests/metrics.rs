@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 
 const TOKEN: &str = "test-token";
 
@@ -151,17 +151,6 @@ fn every_metric_in_the_source_is_described() {
     assert!(missing.is_empty(), "no describe_* for {missing:?}");
 }
 
-async fn inject(c: &reqwest::Client, url: &str, model: &str, body: Value) {
-    let response = c
-        .post(format!("{url}/admin/models/{model}/faults"))
-        .bearer_auth(TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
-}
-
 /// The primary is overloaded, so requests go to its fallback, whose queue of 2 overflows: some
 /// requests are served degraded, some shed. Each is counted once, under the model the client
 /// called: a shed request is not also counted as degraded, and the fallback's own counters do
@@ -191,16 +180,18 @@ async fn shed_and_degraded_count_each_request_once_under_the_model_asked_for() {
     ));
     let url = start(&dir, |config| config.admin_token = Some(TOKEN.into()));
     let c = client();
-    inject(
+    inject_fault(
         &c,
         &url,
+        TOKEN,
         "shed_mlp",
         json!({"fault": {"kind": "slow", "ms": 200}, "count": 4}),
     )
     .await;
-    inject(
+    inject_fault(
         &c,
         &url,
+        TOKEN,
         "shed_small",
         json!({"fault": {"kind": "slow", "ms": 200}, "count": 4}),
     )

@@ -202,14 +202,8 @@ async fn while_the_door_refuses_a_new_stream_is_told_to_retry() {
     // One slow inference holds the only place at the door, and one slow answer of the
     // fallback the only place past it.
     for model in ["mlp", "mlp_small"] {
-        let response = c
-            .post(format!("{url}/admin/models/{model}/faults"))
-            .bearer_auth(TOKEN)
-            .json(&json!({"fault": {"kind": "slow", "ms": 1500}, "count": 1}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+        let fault = json!({"fault": {"kind": "slow", "ms": 1500}, "count": 1});
+        inject_fault(&c, &url, TOKEN, model, fault).await;
     }
     let spawn_infer = |i: usize| {
         let (c, url) = (c.clone(), url.clone());

@@ -39,17 +39,6 @@ fn mlp_manifest(extra: &str) -> String {
     )
 }
 
-async fn inject(c: &reqwest::Client, url: &str, model: &str, body: Value) {
-    let response = c
-        .post(format!("{url}/admin/models/{model}/faults"))
-        .bearer_auth(TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
-}
-
 async fn router_status(c: &reqwest::Client, url: &str, model: &str) -> Value {
     let list: Value = c
         .get(format!("{url}/admin/models"))
@@ -122,9 +111,10 @@ async fn crashing_workers_are_replaced_and_no_request_is_lost() {
     let url = server(&mlp_manifest(""));
     let c = client();
     // Replica 0 panics on its next three batches (its replacements inherit the queue).
-    inject(
+    inject_fault(
         &c,
         &url,
+        TOKEN,
         "mlp",
         json!({"fault": {"kind": "panic"}, "replica": 0, "count": 3}),
     )
@@ -166,9 +156,10 @@ async fn crashing_workers_are_replaced_and_no_request_is_lost() {
 async fn requests_that_outlive_their_retry_go_to_the_fallback() {
     let url = server(&mlp_manifest("fallback = \"mlp_small\""));
     let c = client();
-    inject(
+    inject_fault(
         &c,
         &url,
+        TOKEN,
         "mlp",
         json!({"fault": {"kind": "panic"}, "count": 2}),
     )
@@ -193,9 +184,10 @@ async fn requests_that_outlive_their_retry_go_to_the_fallback() {
 async fn a_hung_worker_is_detected_and_its_batch_retried() {
     let url = server(&mlp_manifest("hang_timeout_ms = 300"));
     let c = client();
-    inject(
+    inject_fault(
         &c,
         &url,
+        TOKEN,
         "mlp",
         json!({"fault": {"kind": "hang", "ms": 3000}, "replica": 0}),
     )
@@ -221,9 +213,10 @@ async fn overload_goes_to_the_fallback_and_comes_back() {
     let url = server(&mlp_manifest("slo_ms = 20\nfallback = \"mlp_small\""));
     let c = client();
     // Both replicas become slow for a while: the predicted wait passes the SLO.
-    inject(
+    inject_fault(
         &c,
         &url,
+        TOKEN,
         "mlp",
         json!({"fault": {"kind": "slow", "ms": 150}, "count": 4}),
     )
@@ -275,16 +268,18 @@ async fn overload_goes_to_the_fallback_and_comes_back() {
 async fn queued_requests_past_their_deadline_get_504_without_running() {
     let url = server(&mlp_manifest(""));
     let c = client();
-    inject(
+    inject_fault(
         &c,
         &url,
+        TOKEN,
         "mlp",
         json!({"fault": {"kind": "slow", "ms": 600}, "count": 1}),
     )
     .await;
-    inject(
+    inject_fault(
         &c,
         &url,
+        TOKEN,
         "mlp",
         json!({"fault": {"kind": "slow", "ms": 600}, "replica": 1, "count": 1}),
     )
@@ -380,9 +375,10 @@ async fn past_max_inflight_requests_are_refused_at_once() {
         config.max_inflight = 4;
     });
     let c = client();
-    inject(
+    inject_fault(
         &c,
         &url,
+        TOKEN,
         "mlp",
         json!({"fault": {"kind": "slow", "ms": 400}, "count": 4}),
     )

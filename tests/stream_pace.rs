@@ -34,14 +34,8 @@ async fn streams_behind_real_time_degrade_and_new_ones_are_told_to_retry() {
     let c = client();
     // Each Silero replica's next 40 batches take 150 ms each, while every stream sends a 32 ms
     // chunk every 32 ms.
-    let response = c
-        .post(format!("{url}/admin/models/silero_vad/faults"))
-        .bearer_auth(TOKEN)
-        .json(&json!({"fault": {"kind": "slow", "ms": 150}, "count": 40}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    let fault = json!({"fault": {"kind": "slow", "ms": 150}, "count": 40});
+    inject_fault(&c, &url, TOKEN, "silero_vad", fault).await;
 
     let (audio, rate) = fixture_pcm16("two_phrases_16k");
     let audio = audio[..5 * 32_000].to_vec(); // five seconds

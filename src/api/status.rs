@@ -172,7 +172,7 @@ async fn status(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResp
             "window_s": WINDOW_MS as f64 / 1000.0,
             "admission_limit": (limit != usize::MAX).then_some(limit),
             "admission_refusing": state.admission.refusing(),
-            "streams_behind": state.admission.stream_pace().turning_away(),
+            "streams_behind": state.streams.pace.turning_away(),
             "work_in_progress": state.work.active(),
             "draining": state.work.draining(),
         },

@@ -79,14 +79,20 @@ pub fn bundled_manifest() -> String {
 /// queue drains.
 pub async fn slow_silero_for_three_batches(url: &str) {
     let fault = json!({"fault": {"kind": "slow", "ms": 120}, "count": 3});
-    let response = client()
-        .post(format!("{url}/admin/models/silero_vad/faults"))
-        .bearer_auth("t")
+    inject_fault(&client(), url, "t", "silero_vad", fault).await;
+}
+
+/// Injects a fault into `model` through the admin API (`fault`: the request's body, as
+/// README's "Drills" has it) with the admin token `token`; the server must take it.
+pub async fn inject_fault(c: &reqwest::Client, url: &str, token: &str, model: &str, fault: Value) {
+    let response = c
+        .post(format!("{url}/admin/models/{model}/faults"))
+        .bearer_auth(token)
         .json(&fault)
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 200);
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
 }
 
 /// The bundled models' names, as the repository listings sort them.
