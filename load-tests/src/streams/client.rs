@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
+use super::close_code;
 use super::results::read_results;
 use super::{ChunkTimes, ResultsMode, ServerMessage, Shared, StreamOptions, StreamOutcome};
 use crate::hist;
@@ -93,7 +94,7 @@ async fn stream_body(
             }
         },
         Ok(Some(Ok(Message::Close(frame)))) => {
-            outcome.close = Some(frame.as_ref().map_or(1005, |f| u16::from(f.code)));
+            outcome.close = Some(close_code(frame.as_ref()));
             outcome.error(shared, "start", format!("closed before started: {frame:?}"));
             return;
         }
@@ -260,9 +261,7 @@ async fn closing_code(ws: &mut Socket) -> Option<u16> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     loop {
         match tokio::time::timeout_at(deadline, ws.next()).await {
-            Ok(Some(Ok(Message::Close(frame)))) => {
-                return Some(frame.as_ref().map_or(1005, |f| u16::from(f.code)))
-            }
+            Ok(Some(Ok(Message::Close(frame)))) => return Some(close_code(frame.as_ref())),
             Ok(Some(Ok(_))) => continue,
             _ => return None,
         }

@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
 pub use audio::{default_wav, load_audio, Audio};
 pub use options::{ResultsMode, StreamOptions};
@@ -33,6 +34,11 @@ pub use report::StreamReport;
 
 use crate::hist::{self, Histogram};
 use client::one_stream;
+
+/// The code of a server's close frame: 1005 (no status received, RFC 6455) when it has none.
+pub fn close_code(frame: Option<&CloseFrame>) -> u16 {
+    frame.map_or(1005, |f| u16::from(f.code))
+}
 
 /// Upper bounds that keep any run finite and modest.
 pub const MAX_STREAMS: usize = 8192;

@@ -7,7 +7,10 @@ use std::time::Instant;
 use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{ChunkTimes, ResultsMode, ServerMessage, Shared, StreamOptions, StreamOutcome, SHARDS};
+use super::{
+    close_code, ChunkTimes, ResultsMode, ServerMessage, Shared, StreamOptions, StreamOutcome,
+    SHARDS,
+};
 use crate::hist;
 
 /// Reads every server message until the close, checking and timing them.
@@ -37,7 +40,7 @@ pub(super) async fn read_results<S>(
         let text = match next {
             Some(Ok(Message::Text(text))) => text,
             Some(Ok(Message::Close(frame))) => {
-                let code = frame.as_ref().map_or(1005, |f| u16::from(f.code));
+                let code = close_code(frame.as_ref());
                 outcome.close = Some(code);
                 if code != 1000 {
                     let reason = frame.map(|f| f.reason.to_string()).unwrap_or_default();

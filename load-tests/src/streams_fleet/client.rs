@@ -18,6 +18,8 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::streams::close_code;
+
 /// What every stream of a run shares.
 pub struct StreamSpec {
     /// The base URL (`http://127.0.0.1:PORT`): haproxy, or an instance for the solo run.
@@ -381,7 +383,7 @@ where
             Err(_) => return "broken (no message for 10 s)".into(),
             Ok(Some(Ok(Message::Text(text)))) => text,
             Ok(Some(Ok(Message::Close(frame)))) => {
-                let code = frame.as_ref().map_or(1005, |f| u16::from(f.code));
+                let code = close_code(frame.as_ref());
                 return match code {
                     1000 if summary => "done".into(),
                     1001 if handover => "handover".into(),
@@ -459,10 +461,7 @@ async fn next_text(
                 return serde_json::from_str(&text).map_err(|_| format!("invalid message: {text}"))
             }
             Some(Ok(Message::Close(frame))) => {
-                return Err(format!(
-                    "close {}",
-                    frame.as_ref().map_or(1005, |f| u16::from(f.code))
-                ))
+                return Err(format!("close {}", close_code(frame.as_ref())))
             }
             Some(Ok(_)) => {}
             Some(Err(_)) | None => return Err("broken".into()),
