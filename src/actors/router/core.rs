@@ -330,7 +330,7 @@ impl RouterCore {
             if last_idle && self.queue.low_waits_for_normal(now) {
                 break;
             }
-            match self.queue.due(now) {
+            match self.queue.due(now, self.replicas.running()) {
                 Due::Empty => break,
                 Due::At(when) => {
                     if !self.flush_armed {
