@@ -143,6 +143,33 @@ async fn requests_that_wait_together_run_in_one_model_call() {
 }
 
 #[actix_web::test]
+async fn requests_that_come_while_a_replica_runs_fill_one_batch_for_the_next() {
+    let loader = DoubleLoader::new(Behaviour::Sleep(Duration::from_millis(100))).leak();
+    let catalog = Arc::new(SharedCatalog::default());
+    let served = serve(
+        loader,
+        &catalog,
+        "m",
+        "replicas = 2\nmax_batch_size = 8\nmax_queue_delay_ms = 0.0",
+    )
+    .await;
+    healthy(&served, 2).await;
+    // An idle model runs a lone request at once, on the first replica.
+    let first = served.infer(request(&served, 1), InferOptions::now());
+    let first = actix_web::rt::spawn(first);
+    actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+    // Three more while it runs: sent at once, the first would go alone to the idle replica.
+    let more: Vec<_> = (0..3)
+        .map(|_| served.infer(request(&served, 1), InferOptions::now()))
+        .collect();
+    for answer in futures_util::future::join_all(more).await {
+        assert_eq!(answer.unwrap().batch_size, 3);
+    }
+    assert_eq!(first.await.unwrap().unwrap().batch_size, 1);
+    assert_eq!(loader.calls(), vec![1, 3]);
+}
+
+#[actix_web::test]
 async fn a_request_meets_at_most_two_dying_workers_then_gets_503_and_replicas_come_back() {
     let loader = DoubleLoader::new(Behaviour::Panic).leak();
     let catalog = Arc::new(SharedCatalog::default());
