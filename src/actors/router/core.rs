@@ -116,8 +116,9 @@ pub(super) struct RouterCore {
     pub queue: BatchQueue<Pending>,
     pub replicas: Replicas,
     pub scaler: Autoscaler,
-    /// A flush timer is set on the actor.
-    flush_armed: bool,
+    /// When the earliest flush timer set on the actor fires (a later batch deadline waits for
+    /// it; an earlier one sets another).
+    flush_at: Option<Instant>,
     pub health: Arc<ModelHealth>,
     /// Smoothed compute time per batch, for wait predictions.
     mean_batch_time: Duration,
@@ -179,7 +180,7 @@ impl RouterCore {
             fallback,
             queue,
             replicas,
-            flush_armed: false,
+            flush_at: None,
             health,
             mean_batch_time: Duration::from_millis(5),
             overloaded: false,
@@ -313,7 +314,7 @@ impl RouterCore {
 
     /// The flush timer fired: dispatch what is due now.
     pub fn flush(&mut self, effects: &mut Effects) {
-        self.flush_armed = false;
+        self.flush_at = None;
         self.dispatch(effects);
     }
 
@@ -330,11 +331,12 @@ impl RouterCore {
             if last_idle && self.queue.low_waits_for_normal(now) {
                 break;
             }
-            match self.queue.due(now, self.replicas.running()) {
+            let replicas = &self.replicas;
+            match self.queue.due(now, || replicas.running()) {
                 Due::Empty => break,
                 Due::At(when) => {
-                    if !self.flush_armed {
-                        self.flush_armed = true;
+                    if self.flush_at.is_none_or(|at| when < at) {
+                        self.flush_at = Some(when);
                         effects.flush_after = Some(when.saturating_duration_since(now));
                     }
                     break;

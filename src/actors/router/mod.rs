@@ -4,8 +4,9 @@
 //! Batching follows Triton's dynamic batcher: a batch is dispatched when `max_batch_size` rows
 //! are waiting, or when the oldest request has waited `max_queue_delay`, whichever comes
 //! first, and only to an idle worker (a low-priority batch not to the last idle one while
-//! normal traffic is recent: [`queue::NORMAL_RECENT`]). While every worker is busy the queue keeps filling, so
-//! batches grow with load on their own.
+//! normal traffic is recent: [`queue::NORMAL_RECENT`]; a normal one, while another replica
+//! runs, not before it has had [`queue::BUSY_BATCH_DELAY`] to fill). While every worker is
+//! busy the queue keeps filling, so batches grow with load on their own.
 //!
 //! Admission, in order: a request goes to this model's queue while the model has a healthy
 //! replica, is not overloaded (its predicted queue wait is within `slo_ms`, with hysteresis)

@@ -166,8 +166,9 @@ impl<T: Queued> BatchQueue<T> {
 
     /// Whether a batch should go now; dead entries at the fronts should be taken out first
     /// ([`remove_dead_fronts`](Self::remove_dead_fronts)), or they count as waiting. `busy`:
-    /// another replica of the model runs a batch ([`BUSY_BATCH_DELAY`]).
-    pub fn due(&self, now: Instant, busy: bool) -> Due {
+    /// whether another replica of the model runs a batch ([`BUSY_BATCH_DELAY`]), asked only
+    /// when it matters.
+    pub fn due(&self, now: Instant, busy: impl FnOnce() -> bool) -> Due {
         let Some(l) = self.next_lane() else {
             return Due::Empty;
         };
@@ -177,8 +178,6 @@ impl<T: Queued> BatchQueue<T> {
         // threads the OS runs last would otherwise send a worker batch after tiny batch.
         let delay = if l == 1 {
             self.policy.max_queue_delay.max(LOW_BATCH_DELAY)
-        } else if busy {
-            self.policy.max_queue_delay.max(BUSY_BATCH_DELAY)
         } else {
             self.policy.max_queue_delay
         };
@@ -187,7 +186,15 @@ impl<T: Queued> BatchQueue<T> {
         } else {
             self.rows >= self.policy.max_batch_size
         };
-        if !self.policy.batched() || full || waited >= delay {
+        if !self.policy.batched() || full {
+            return Due::Now;
+        }
+        let delay = if l == 0 && delay < BUSY_BATCH_DELAY && busy() {
+            BUSY_BATCH_DELAY
+        } else {
+            delay
+        };
+        if waited >= delay {
             Due::Now
         } else {
             Due::At(now + (delay - waited))
@@ -355,14 +362,18 @@ mod tests {
     fn a_batch_is_due_when_full_or_when_the_oldest_has_waited() {
         let t0 = Instant::now();
         let mut q = queue(4, 10, 100);
-        assert_eq!(q.due(t0, false), Due::Empty);
+        assert_eq!(q.due(t0, || false), Due::Empty);
         q.push(item(1, 1, t0));
-        assert_eq!(q.due(t0, false), Due::At(t0 + 10 * MS));
-        assert_eq!(q.due(t0 + 4 * MS, false), Due::At(t0 + 10 * MS));
-        assert_eq!(q.due(t0 + 10 * MS, false), Due::Now);
+        assert_eq!(q.due(t0, || false), Due::At(t0 + 10 * MS));
+        assert_eq!(q.due(t0 + 4 * MS, || false), Due::At(t0 + 10 * MS));
+        assert_eq!(q.due(t0 + 10 * MS, || false), Due::Now);
         q.push(item(2, 3, t0 + MS));
         assert_eq!(q.rows(), 4);
-        assert_eq!(q.due(t0 + MS, false), Due::Now, "max_batch_size rows wait");
+        assert_eq!(
+            q.due(t0 + MS, || false),
+            Due::Now,
+            "max_batch_size rows wait"
+        );
     }
 
     #[test]
@@ -371,21 +382,21 @@ mod tests {
         let mut q = queue(4, 0, 100);
         q.push(item(1, 1, t0));
         assert_eq!(
-            q.due(t0, false),
+            q.due(t0, || false),
             Due::Now,
             "an idle model runs a request at once"
         );
-        assert_eq!(q.due(t0, true), Due::At(t0 + BUSY_BATCH_DELAY));
-        assert_eq!(q.due(t0 + BUSY_BATCH_DELAY, true), Due::Now);
+        assert_eq!(q.due(t0, || true), Due::At(t0 + BUSY_BATCH_DELAY));
+        assert_eq!(q.due(t0 + BUSY_BATCH_DELAY, || true), Due::Now);
         q.push(item(2, 3, t0));
-        assert_eq!(q.due(t0, true), Due::Now, "max_batch_size rows wait");
+        assert_eq!(q.due(t0, || true), Due::Now, "max_batch_size rows wait");
         // A longer max_queue_delay is kept; a model without a batch axis never waits.
         let mut q = queue(4, 10, 100);
         q.push(item(1, 1, t0));
-        assert_eq!(q.due(t0, true), Due::At(t0 + 10 * MS));
+        assert_eq!(q.due(t0, || true), Due::At(t0 + 10 * MS));
         let mut q = queue(0, 0, 100);
         q.push(item(1, 1, t0));
-        assert_eq!(q.due(t0, true), Due::Now);
+        assert_eq!(q.due(t0, || true), Due::Now);
     }
 
     #[test]
@@ -394,7 +405,7 @@ mod tests {
         let mut q = queue(0, 10, 100);
         q.push(item(1, 1, t0));
         q.push(item(2, 1, t0));
-        assert_eq!(q.due(t0, false), Due::Now);
+        assert_eq!(q.due(t0, || false), Due::Now);
         let mut dead = Vec::new();
         assert_eq!(ids(&q.take_batch(t0, same_shape, &mut dead)), vec![1]);
         assert_eq!(ids(&q.take_batch(t0, same_shape, &mut dead)), vec![2]);
@@ -498,7 +509,7 @@ mod tests {
         bulk.priority = Priority::Low;
         q.push(bulk);
         q.push(item(6, 1, t0 + 8 * MS));
-        assert_eq!(q.due(t0 + 10 * MS, false), Due::At(t0 + 18 * MS));
+        assert_eq!(q.due(t0 + 10 * MS, || false), Due::At(t0 + 18 * MS));
     }
 
     #[test]
@@ -511,16 +522,16 @@ mod tests {
             bulk
         };
         q.push(low(1));
-        assert_eq!(q.due(t0, false), Due::At(t0 + LOW_BATCH_DELAY));
-        assert_eq!(q.due(t0 + LOW_BATCH_DELAY, false), Due::Now);
+        assert_eq!(q.due(t0, || false), Due::At(t0 + LOW_BATCH_DELAY));
+        assert_eq!(q.due(t0 + LOW_BATCH_DELAY, || false), Due::Now);
         for id in 2..=4 {
             q.push(low(id));
         }
-        assert_eq!(q.due(t0, false), Due::Now);
+        assert_eq!(q.due(t0, || false), Due::Now);
         // A normal request goes at once (max_queue_delay 0).
         let mut q = queue(8, 0, 100);
         q.push(item(5, 1, t0));
-        assert_eq!(q.due(t0, false), Due::Now);
+        assert_eq!(q.due(t0, || false), Due::Now);
     }
 
     #[test]

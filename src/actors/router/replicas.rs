@@ -68,15 +68,17 @@ impl Replicas {
         self.slots.iter().filter(|s| s.in_flight.is_some()).count()
     }
 
-    /// Whether a worker is running a batch: it holds one with a request still waiting for
-    /// its answer. A worker that has answered its batch but not yet reported (its thread not
-    /// yet back on a core) does not count, so that a client's next request, sent on the
-    /// answer, is not made to wait for that report ([`super::queue::BUSY_BATCH_DELAY`]).
+    /// Whether a worker is running a batch: it holds one whose last request still waits for
+    /// its answer (a worker answers its batch in order). A worker that has answered its batch
+    /// but not yet reported (its thread not yet back on a core) does not count, so that a
+    /// client's next request, sent on the answer, is not made to wait for that report
+    /// ([`super::queue::BUSY_BATCH_DELAY`]). A hung worker counts until it is given up on.
     pub fn running(&self) -> bool {
         self.slots.iter().any(|s| {
             s.in_flight
                 .as_ref()
-                .is_some_and(|f| f.items.iter().any(|p| !p.reply.is_closed()))
+                .and_then(|f| f.items.last())
+                .is_some_and(|p| !p.reply.is_closed())
         })
     }
 

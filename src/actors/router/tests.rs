@@ -144,7 +144,7 @@ async fn requests_that_wait_together_run_in_one_model_call() {
 
 #[actix_web::test]
 async fn requests_that_come_while_a_replica_runs_fill_one_batch_for_the_next() {
-    let loader = DoubleLoader::new(Behaviour::Sleep(Duration::from_millis(100))).leak();
+    let loader = DoubleLoader::new(Behaviour::Sleep(Duration::from_millis(300))).leak();
     let catalog = Arc::new(SharedCatalog::default());
     let served = serve(
         loader,
@@ -158,7 +158,8 @@ async fn requests_that_come_while_a_replica_runs_fill_one_batch_for_the_next() {
     let first = served.infer(request(&served, 1), InferOptions::now());
     let first = actix_web::rt::spawn(first);
     actix_web::rt::time::sleep(Duration::from_millis(20)).await;
-    // Three more while it runs: sent at once, the first would go alone to the idle replica.
+    // Three more while it runs (admitted in one poll, well within the wait): sent at once,
+    // the first would go alone to the idle replica.
     let more: Vec<_> = (0..3)
         .map(|_| served.infer(request(&served, 1), InferOptions::now()))
         .collect();
