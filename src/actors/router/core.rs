@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::queue::{BatchPolicy, BatchQueue, Due, Priority};
+use super::queue::{BatchPolicy, BatchQueue, Due, Priority, BUSY_WAIT_MAX_BATCH_TIME};
 use super::replicas::{InFlight, Replicas, Slot};
 use super::scaling::Autoscaler;
 use super::{FallbackLookup, RouterHandle, RouterSetup};
@@ -331,8 +331,11 @@ impl RouterCore {
             if last_idle && self.queue.low_waits_for_normal(now) {
                 break;
             }
-            let replicas = &self.replicas;
-            match self.queue.due(now, || replicas.running()) {
+            let (replicas, quick) = (
+                &self.replicas,
+                self.mean_batch_time < BUSY_WAIT_MAX_BATCH_TIME,
+            );
+            match self.queue.due(now, || quick && replicas.running()) {
                 Due::Empty => break,
                 Due::At(when) => {
                     if self.flush_at.is_none_or(|at| when < at) {

@@ -90,6 +90,12 @@ pub const LOW_BATCH_DELAY: Duration = Duration::from_millis(2);
 /// 9.7-10.2k/s with this wait, and a lower p99 (docs/efficiency.md). An idle model still runs
 /// a request at once, so a lone client waits for nothing.
 pub const BUSY_BATCH_DELAY: Duration = Duration::from_millis(3);
+/// The busy wait is for models whose batches are quick (smoothed compute per batch under
+/// this): their per-call overhead is what it saves. A model running slow batches keeps
+/// sending each request to an idle replica at once, so that requests queue behind a slow
+/// spell and its predicted wait (and with it degraded mode) sees it; packed into the slow
+/// batches instead, they would wait there unseen.
+pub const BUSY_WAIT_MAX_BATCH_TIME: Duration = Duration::from_millis(6);
 
 pub struct BatchQueue<T> {
     /// Normal, then low priority.
