@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use crate::bench::{cpu_since, start_server_with, stop_server, ServerSetup, TempModelDir};
 use crate::cli::{count, secs};
 use crate::protocols::results::{levels_json, ratio, render_report, Client, Level};
-use crate::protocols::{MlpClosedLoop, Schedule, CONTENDED_CORES};
+use crate::protocols::{MlpClosedLoop, RestSlice, Schedule, CONTENDED_CORES};
 use crate::rest;
 use crate::sysinfo::{CpuShare, CpuSnapshot};
 
@@ -267,15 +267,20 @@ pub fn run(options: &JobsOptions) -> anyhow::Result<crate::report::Outcome> {
                 rounds: options.rounds,
                 quiet_wait: options.mlp.common.quiet_wait,
             };
-            let timing = (options.warmup, options.duration);
             let levels = schedule.measure(
                 |r| {
                     round.set(r);
                     order(r)
                 },
                 |load, concurrency| {
-                    let shape = (concurrency, 1, false);
-                    let online = options.mlp.rest_load(running.addr, shape, timing);
+                    let slice = RestSlice {
+                        concurrency,
+                        rows: 1,
+                        binary: false,
+                        warmup: options.warmup,
+                        duration: options.duration,
+                    };
+                    let online = options.mlp.rest_load(running.addr, slice);
                     if load == Load::Alone {
                         return rt.block_on(rest::run(&online));
                     }

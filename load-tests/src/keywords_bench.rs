@@ -27,7 +27,7 @@ use crate::cli::{command_line, secs, BenchCommon};
 use crate::fleet::procs::{Instance, InstanceSetup};
 use crate::fleet::watch::{self, CpuWindow};
 use crate::manifest::{self, EntryChange};
-use crate::stream_steps::{self, StepOptions, QUIET_CORES};
+use crate::stream_steps::{self, Attempt, StepOptions, Stepping, QUIET_CORES};
 use crate::streams::{self, Audio};
 use crate::sysinfo::{raise_nofile_limit, wait_for_quiet};
 
@@ -189,16 +189,22 @@ fn step_up(
             window.as_ref().map_or(0.0, |w| w.server_ms_per_stream_s),
         );
         let others = window.as_ref().map_or(0.0, |w| w.cpu.other_cores);
-        Ok((report, window, pass, others, line))
+        Ok(Attempt {
+            report,
+            window,
+            pass,
+            others,
+            figures: line,
+        })
     };
-    stream_steps::step_up(
-        (setup.clone(), setup.label),
-        ("keywords-bench", options.common.quiet_wait),
-        steps,
-        (nofile, 1), // the server's sockets are another process's
-        attempt,
-        || (),
-    )
+    let plan = Stepping {
+        tag: "keywords-bench",
+        label: setup.label,
+        quiet_wait: options.common.quiet_wait,
+        nofile,
+        fds_per_stream: 1, // the server's sockets are another process's
+    };
+    stream_steps::step_up(setup.clone(), &plan, steps, attempt, || ())
 }
 
 /// `streamserve serve` on a fresh directory of the pipeline's entries, every model ready.

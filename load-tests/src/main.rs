@@ -11,8 +11,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use streamserve_load::{
     bench, capacity, efficiency, fleet, jobs_bench, keywords_bench, monitoring, open_loop,
-    overload, plots, protocols, rest, scenario, streams, streams_bench, streams_fleet, sysinfo,
-    timeline,
+    overload, plots, protocols, report, rest, scenario, streams, streams_bench, streams_fleet,
+    sysinfo, timeline,
 };
 
 #[derive(Debug, Parser)]
@@ -441,7 +441,7 @@ fn run_capacity(
     streams: Option<u64>,
     results: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
-    let dir = results.unwrap_or_else(bench::results_dir);
+    let dir = results.unwrap_or_else(report::results_dir);
     let load = |suffix: &str| -> anyhow::Result<Option<(serde_json::Value, String)>> {
         match capacity::latest(&dir, suffix) {
             Some(d) => Ok(Some((

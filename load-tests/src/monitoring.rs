@@ -13,7 +13,7 @@ use streamserve::config::{Config, GrpcPort};
 use crate::bench::{start_server_with, stop_server, ServerSetup, TempModelDir};
 use crate::cli::{count, secs};
 use crate::protocols::results::{levels_json, render_report, Client, Level};
-use crate::protocols::{MlpClosedLoop, Schedule, CONTENDED_CORES};
+use crate::protocols::{MlpClosedLoop, RestSlice, Schedule, CONTENDED_CORES};
 use crate::rest;
 
 /// The plot written beside `report.md` (`protocols`' plot of this run's results).
@@ -111,15 +111,19 @@ pub fn run(options: &MonitoringOptions) -> anyhow::Result<crate::report::Outcome
         rounds: options.rounds,
         quiet_wait: options.mlp.common.quiet_wait,
     };
-    let timing = (options.warmup, options.duration);
     let measured =
         crate::sysinfo::client_runtime(options.mlp.common.threads.get()).and_then(|rt| {
             schedule.measure(
                 |round| options.order(round),
                 |variant, concurrency| {
-                    let shape = (concurrency, options.rows, false);
-                    let addr = servers[variant as usize].addr;
-                    let load = options.mlp.rest_load(addr, shape, timing);
+                    let slice = RestSlice {
+                        concurrency,
+                        rows: options.rows,
+                        binary: false,
+                        warmup: options.warmup,
+                        duration: options.duration,
+                    };
+                    let load = options.mlp.rest_load(servers[variant as usize].addr, slice);
                     rt.block_on(rest::run(&load))
                 },
             )

@@ -130,6 +130,11 @@ pub fn context(results: &serde_json::Value, extra: &[serde_json::Value]) -> serd
     context
 }
 
+/// `load-tests/results/` of the checkout this crate was built from.
+pub fn results_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results")
+}
+
 /// Where a benchmark run wrote its files, and its report.
 #[derive(Clone, Debug)]
 pub struct Outcome {
@@ -154,7 +159,7 @@ impl Start {
             machine: crate::sysinfo::MachineInfo::collect(),
             started_at,
             dir: out.map_or_else(
-                || crate::bench::results_dir().join(format!("{date}-{suffix}")),
+                || results_dir().join(format!("{date}-{suffix}")),
                 |o| o.to_path_buf(),
             ),
         }

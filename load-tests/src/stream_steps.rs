@@ -98,22 +98,47 @@ impl<C, M> Stepped<C, M> {
     }
 }
 
-/// One attempt at a step: the streams' report, what the bench measured besides, whether the
-/// step passed, the cores other processes took meanwhile, and the figures of its progress line.
-pub type Attempt<M> = (StreamReport, M, bool, f64, String);
+/// One attempt at a step.
+pub struct Attempt<M> {
+    pub report: StreamReport,
+    /// What the bench measured besides.
+    pub window: M,
+    pub pass: bool,
+    /// The cores other processes took meanwhile.
+    pub others: f64,
+    /// The figures of its progress line.
+    pub figures: String,
+}
 
-/// Steps `steps` up against `setup` (`label` in the progress lines, after `[tag]`) until one
-/// misses the target, or needs more open files than `nofile` at `fds_per_stream`. Each attempt
-/// waits for a quiet machine, then runs `attempt(n)`; `settle` lets the server let go of the
-/// streams before each next attempt or step.
+/// How a bench steps: its names in the progress lines (`[tag]   label N=…`), how long to wait
+/// for a quiet machine, and the open files it may use.
+pub struct Stepping<'a> {
+    pub tag: &'a str,
+    pub label: &'a str,
+    pub quiet_wait: Duration,
+    /// The process's open-file limit...
+    pub nofile: u64,
+    /// ...and the descriptors each stream takes of it.
+    pub fds_per_stream: usize,
+}
+
+/// Steps `steps` up against `setup` until one misses the target, or needs more open files
+/// than the limit allows. Each attempt waits for a quiet machine, then runs `attempt(n)`;
+/// `settle` lets the server let go of the streams before each next attempt or step.
 pub fn step_up<C, M>(
-    (setup, label): (C, &str),
-    (tag, quiet_wait): (&str, Duration),
+    setup: C,
+    stepping: &Stepping,
     steps: &[usize],
-    (nofile, fds_per_stream): (u64, usize),
     mut attempt: impl FnMut(usize) -> anyhow::Result<Attempt<M>>,
     mut settle: impl FnMut(),
 ) -> anyhow::Result<Stepped<C, M>> {
+    let Stepping {
+        tag,
+        label,
+        quiet_wait,
+        nofile,
+        fds_per_stream,
+    } = *stepping;
     let mut stepped = Stepped {
         setup,
         steps: Vec::new(),
@@ -129,7 +154,13 @@ pub fn step_up<C, M>(
         }
         for tries in 1.. {
             wait_for_quiet(QUIET_CORES, quiet_wait);
-            let (report, window, pass, others, figures) = attempt(n)?;
+            let Attempt {
+                report,
+                window,
+                pass,
+                others,
+                figures,
+            } = attempt(n)?;
             let repeated = !pass && others > CONTENDED_CORES && tries == 1;
             let verdict = match (pass, repeated) {
                 (true, _) => "pass",

@@ -21,7 +21,9 @@ use crate::bench::{cpu_since, start_server_for, stop_server, TempModelDir};
 use crate::cli::{command_line, secs, BenchCommon};
 use crate::manifest::{self, EntryChange};
 use crate::prometheus;
-use crate::stream_steps::{self, counter_delta, ratio, StepOptions, CONTENDED_CORES, QUIET_CORES};
+use crate::stream_steps::{
+    self, counter_delta, ratio, Attempt, StepOptions, Stepping, CONTENDED_CORES, QUIET_CORES,
+};
 use crate::streams::{self, Audio};
 use crate::sysinfo::{raise_nofile_limit, wait_for_quiet, CpuShare, CpuSnapshot, MachineInfo};
 use crate::SplitMix64;
@@ -342,16 +344,24 @@ pub fn run(options: &StreamsBenchOptions) -> anyhow::Result<crate::report::Outco
                 report.late_streams,
             );
             let others = cpu.map_or(0.0, |c| c.other_cores);
-            Ok((report, StepFigures { cpu, server }, pass, others, line))
+            Ok(Attempt {
+                report,
+                window: StepFigures { cpu, server },
+                pass,
+                others,
+                figures: line,
+            })
         };
-        let stepped = stream_steps::step_up(
-            (setup, &label),
-            ("streams-bench", options.common.quiet_wait),
-            &stepping.steps,
-            (nofile, 2), // two descriptors per stream, as above
-            attempt,
-            || settle(&runtime, &client, &base),
-        )?;
+        let plan = Stepping {
+            tag: "streams-bench",
+            label: &label,
+            quiet_wait: options.common.quiet_wait,
+            nofile,
+            fds_per_stream: 2, // two descriptors per stream, as above
+        };
+        let stepped = stream_steps::step_up(setup, &plan, &stepping.steps, attempt, || {
+            settle(&runtime, &client, &base)
+        })?;
         stop_server(&running);
         drop(models);
         results.push(stepped);

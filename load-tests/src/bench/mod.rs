@@ -76,11 +76,6 @@ pub fn default_model_file() -> PathBuf {
 /// The latency-vs-throughput plot written beside `report.md`.
 pub const PLOT_FILE: &str = "latency-throughput.svg";
 
-/// `load-tests/results/` of the checkout this crate was built from.
-pub fn results_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("results")
-}
-
 /// In-process ONNX Runtime throughput: `threads` threads, each with its own session
 /// (`intra_threads = 1`), each running batches of `batch` rows back to back.
 #[derive(Clone, Debug, serde::Serialize)]

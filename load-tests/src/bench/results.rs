@@ -5,7 +5,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use super::{results_dir, BenchOptions, InProcess, ServerResults, ServerSetup, PLOT_FILE};
+use super::{BenchOptions, InProcess, ServerResults, ServerSetup, PLOT_FILE};
+use crate::report::results_dir;
 use crate::rest::RestReport;
 use crate::sysinfo::{CpuShare, MachineInfo};
 

@@ -21,7 +21,7 @@ use crate::bench::{cpu_since, start_server_with, stop_server, ServerSetup, TempM
 use crate::rest::{self, RestReport};
 use crate::sysinfo::{wait_for_quiet, CpuSnapshot};
 use grpc_client::GrpcLoad;
-pub use options::{MlpClosedLoop, Protocol, ProtocolsOptions, CONTENDED_CORES};
+pub use options::{MlpClosedLoop, Protocol, ProtocolsOptions, RestSlice, CONTENDED_CORES};
 use results::{Client, Level, Slice};
 
 /// The plot written beside `report.md`.
@@ -238,9 +238,14 @@ async fn slice(
 ) -> anyhow::Result<RestReport> {
     match protocol {
         Protocol::RestJson | Protocol::RestBinary => {
-            let shape = (concurrency, options.rows, protocol == Protocol::RestBinary);
-            let timing = (options.warmup, options.duration);
-            rest::run(&options.mlp.rest_load(target.http, shape, timing)).await
+            let slice = RestSlice {
+                concurrency,
+                rows: options.rows,
+                binary: protocol == Protocol::RestBinary,
+                warmup: options.warmup,
+                duration: options.duration,
+            };
+            rest::run(&options.mlp.rest_load(target.http, slice)).await
         }
         Protocol::GrpcUnary | Protocol::GrpcStream => {
             let load = GrpcLoad {

@@ -79,14 +79,15 @@ pub struct MlpClosedLoop {
 }
 
 impl MlpClosedLoop {
-    /// One slice of quiet closed-loop `mlp` REST load on the server at `addr`: `(concurrency,
-    /// rows per request, binary)`, warm-up then the measured period.
-    pub fn rest_load(
-        &self,
-        addr: SocketAddr,
-        (concurrency, rows, binary): (usize, usize, bool),
-        (warmup, duration): (Duration, Duration),
-    ) -> RestOptions {
+    /// One slice of quiet closed-loop `mlp` REST load on the server at `addr`.
+    pub fn rest_load(&self, addr: SocketAddr, slice: RestSlice) -> RestOptions {
+        let RestSlice {
+            concurrency,
+            rows,
+            binary,
+            warmup,
+            duration,
+        } = slice;
         RestOptions {
             url: format!("http://{addr}"),
             model: "mlp".into(),
@@ -99,6 +100,17 @@ impl MlpClosedLoop {
             request_timeout: self.request_timeout,
         }
     }
+}
+
+/// One slice of closed-loop REST load: requests in flight, rows per request, JSON or binary,
+/// warm-up then the measured period.
+#[derive(Clone, Copy, Debug)]
+pub struct RestSlice {
+    pub concurrency: usize,
+    pub rows: usize,
+    pub binary: bool,
+    pub warmup: Duration,
+    pub duration: Duration,
 }
 
 /// `loadgen protocols`'s options.
