@@ -6,7 +6,7 @@
 #   docker build -t streamserve:gpu --target gpu .     # NVIDIA GPU: CUDA 13 + cuDNN 9 runtime, onnxruntime-gpu
 #
 # fly.toml deploys the CPU image, fly.gpu.toml the `gpu` target; docs/deploy.md explains both.
-# tests/deploy.rs reads this file: the runtime stages' ENV and CMD are what it starts the real
+# tests/deploy/ reads this file: the runtime stages' ENV and CMD are what it starts the real
 # binary with, and it checks where the binary, the models and libonnxruntime end up.
 
 # The ONNX Runtime release whose C API the binary is built against (src/runtime/mod.rs
