@@ -545,6 +545,28 @@ async fn idle_streams_time_out_and_shutdown_closes_streams_with_going_away() {
     assert_eq!(close.0, CloseCode::Policy);
     assert!(close.1.contains("no message for 1 s"), "{close:?}");
 
+    // A stream that keeps sending for longer than the idle timeout is not idle; once it
+    // stops, it is closed as idle.
+    let mut ws = connect(&url, "silero_vad").await;
+    send_json(&mut ws, json!({"type": "start"})).await;
+    assert_eq!(next_json(&mut ws).await.unwrap()["type"], "started");
+    let began = std::time::Instant::now();
+    while began.elapsed() < Duration::from_millis(2500) {
+        ws.send(Message::binary(pcm16(&[0; 3200]))).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let frames_sent = began.elapsed().as_millis().div_ceil(200) as usize;
+    let mut results = Vec::new();
+    let close = read_until_closed(&mut ws, &mut results).await.unwrap();
+    assert!(close.1.contains("no message for 1 s"), "{close:?}");
+    // Every frame was taken: a reader closed as idle a second in would have answered
+    // about five frames' worth.
+    let chunks = results.iter().filter(|m| m["type"] == "vad").count();
+    assert!(
+        chunks >= (frames_sent - 1) * 3200 / 512,
+        "{chunks} results for {frames_sent} frames of 3200 samples: {close:?}"
+    );
+
     let mut ws = connect(&url, "silero_vad").await;
     send_json(&mut ws, json!({"type": "start"})).await;
     assert_eq!(next_json(&mut ws).await.unwrap()["type"], "started");

@@ -309,15 +309,23 @@ async fn read_loop(
     limits: ReadLimits<'_>,
 ) -> ReadEnd {
     let mut shutdown = config.shutdown.clone();
+    let stopping = async {
+        // A dropped sender means nobody will ever ask for a shutdown, not that one began.
+        if shutdown.wait_for(|stopping| *stopping).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let mut stopping = std::pin::pin!(stopping);
+    // One idle timer for the connection, re-armed only when it fires early, rather than a
+    // timer per frame (set in the runtime's timer wheel, then taken out when the frame
+    // came: some 50 a second for a real-time stream). Idle means no message since the
+    // reader last began to wait for one.
+    let mut last_message = tokio::time::Instant::now();
+    let idle = tokio::time::sleep(config.idle_timeout);
+    let mut idle = std::pin::pin!(idle);
     loop {
-        let stopping = async {
-            // A dropped sender means nobody will ever ask for a shutdown, not that one began.
-            if shutdown.wait_for(|stopping| *stopping).await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        };
         let next = tokio::select! {
-            _ = stopping => {
+            _ = &mut stopping => {
                 if attached.checkpoints {
                     // The session sends a last checkpoint and closes with 1001 itself.
                     session.do_send(Handover);
@@ -325,10 +333,12 @@ async fn read_loop(
                 }
                 return ReadEnd::Close(CloseCode::Away, "server is shutting down; reconnect to another instance".into());
             }
-            next = tokio::time::timeout(config.idle_timeout, messages.recv()) => next.map(counted),
-        };
-        let message = match next {
-            Err(_) => {
+            _ = &mut idle => {
+                let quiet_until = last_message + config.idle_timeout;
+                if tokio::time::Instant::now() < quiet_until {
+                    idle.as_mut().reset(quiet_until);
+                    continue;
+                }
                 metrics::counter!("streamserve_stream_drops_total", "reason" => "idle")
                     .increment(1);
                 return ReadEnd::Close(
@@ -336,9 +346,13 @@ async fn read_loop(
                     format!("no message for {} s", config.idle_timeout.as_secs()),
                 );
             }
-            Ok(None) => return ReadEnd::Gone,
-            Ok(Some(Err(e))) => return protocol_error(e),
-            Ok(Some(Ok(message))) => message,
+            next = messages.recv() => counted(next),
+        };
+        last_message = tokio::time::Instant::now();
+        let message = match next {
+            None => return ReadEnd::Gone,
+            Some(Err(e)) => return protocol_error(e),
+            Some(Ok(message)) => message,
         };
         match message {
             AggregatedMessage::Binary(bytes) => {
@@ -360,6 +374,8 @@ async fn read_loop(
                     Ok(permit) => permit.forget(),
                     Err(_) => return ReadEnd::Gone,
                 }
+                // The wait for room is the server's, not the client's idleness.
+                last_message = tokio::time::Instant::now();
                 session.do_send(Audio(samples));
             }
             AggregatedMessage::Text(text) => match serde_json::from_str::<ClientMessage>(&text) {
@@ -376,6 +392,7 @@ async fn read_loop(
             },
             AggregatedMessage::Ping(bytes) => {
                 let _ = pong(ws, &bytes).await;
+                last_message = tokio::time::Instant::now();
             }
             AggregatedMessage::Pong(_) => {}
             AggregatedMessage::Close(_) => return ReadEnd::Gone,
@@ -457,7 +474,7 @@ async fn write_loop(
             },
             message = messages.recv() => match message {
                 Some(text) => {
-                    match tokio::time::timeout(WRITE_TIMEOUT, send_text(&mut ws, text)).await {
+                    match send_within(WRITE_TIMEOUT, send_text(&mut ws, text)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => return,
                         Err(_) => {
@@ -486,6 +503,21 @@ async fn write_loop(
             description: Some(truncate(reason)),
         }))
         .await;
+}
+
+/// `send` with a deadline, set only if it does not finish at once: a result nearly always
+/// finds room in the connection's queue, and a timer per result would be set in the
+/// runtime's timer wheel and taken out again for every chunk of every stream.
+async fn send_within<F: std::future::Future>(
+    limit: Duration,
+    send: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    let mut send = std::pin::pin!(send);
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(send.as_mut().poll(cx))).await;
+    match first {
+        std::task::Poll::Ready(output) => Ok(output),
+        std::task::Poll::Pending => tokio::time::timeout(limit, send).await,
+    }
 }
 
 async fn close_with_error(mut ws: actix_ws::Session, code: CloseCode, reason: String) {
