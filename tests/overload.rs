@@ -150,6 +150,16 @@ async fn a_burst_far_above_capacity_gets_one_answer_each_and_the_limit_grows_bac
     let to_fallback = sample(&metrics, "streamserve_admission_fallback_total").unwrap();
     assert!(to_fallback >= 1.0, "the fallback took the overflow first");
     assert!(degraded >= 1, "answers from the fallback say so");
+    // Every refusal is counted, by the model asked for (the metrics are the process's, so
+    // at least as many).
+    let counted = |series: &str| sample(&metrics, series).unwrap_or(0.0);
+    let busy = counted(r#"streamserve_requests_total{model="mlp",version="1",status="429"}"#);
+    let shed = counted(r#"streamserve_shed_total{model="mlp",version="1"}"#);
+    assert!(
+        busy >= refused.len() as f64 && shed >= refused.len() as f64,
+        "{} refused; counted {busy} as 429 and {shed} as shed",
+        refused.len()
+    );
     eprintln!(
         "burst of {BURST}: {ok} answered ({degraded} degraded), {} refused ({refused_at_door} at the door)",
         refused.len()

@@ -100,6 +100,8 @@ pub fn count(answer: &Answered<'_>) {
     };
     if status == 200 {
         series.ok(&which).increment(1);
+    } else if status == 429 {
+        series.busy(&which).increment(1);
     } else {
         metrics::counter!(
             "streamserve_requests_total",
@@ -113,6 +115,12 @@ pub fn count(answer: &Answered<'_>) {
     }
 }
 
+/// Whether an answer gets an access line: not a refusal at the door's limit (the door logs
+/// those as a count per second).
+pub fn has_line(outcome: Result<Stats, &ServeError>) -> bool {
+    !matches!(outcome, Err(ServeError::Busy { .. }))
+}
+
 /// Writes an answer's access line (none for a refusal at the door's limit).
 pub fn log(answer: &Answered<'_>) {
     let status = status(answer);
@@ -120,8 +128,10 @@ pub fn log(answer: &Answered<'_>) {
     let total_us = answer.elapsed.as_micros() as u64;
     let (request_id, key) = (answer.request_id, answer.key);
     // One line per answer; the field sets differ by protocol, so each has its own pair.
+    if !has_line(answer.outcome) {
+        return;
+    }
     match (answer.protocol, answer.outcome) {
-        (_, Err(ServeError::Busy { .. })) => {}
         (Protocol::Rest, Ok(stats)) => tracing::info!(
             target: "streamserve::access",
             request_id = %request_id, key = %key, model = %model, version = %version, status,

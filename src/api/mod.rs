@@ -104,8 +104,12 @@ impl AppState {
                 Ok(permit)
             }
             door::limit::Entry::Refused => {
-                ::metrics::counter!("streamserve_shed_total", "model" => served.info.name.clone(), "version" => served.info.version.clone())
-                    .increment(1);
+                let which = crate::telemetry::SeriesOf {
+                    model: &served.info.name,
+                    version: &served.info.version,
+                    grpc: false,
+                };
+                served.series.shed(&which).increment(1);
                 Err(ServeError::Busy {
                     limit: self.admission.limit(),
                     retry_after: Duration::from_secs(1),

@@ -285,22 +285,25 @@ pub(super) async fn run_inference(
     });
     // The access line once the answer is on its way: a task spawned here runs on this thread
     // after the connection's dispatcher has written the response, so the client does not wait
-    // for the log. It holds the pass, as the line is the answer's end.
-    let logged: Result<Stats, ServeError> = match &outcome {
-        Ok((_, stats)) => Ok(*stats),
-        Err(e) => Err(e.clone()),
-    };
-    let logged_id = request_id.clone();
-    actix_web::rt::spawn(async move {
-        accounting::log(&Answered {
-            protocol: Protocol::Rest,
-            request_id: &logged_id,
-            key: admitted.as_ref().map_or("-", |(pass, _)| pass.name()),
-            served: admitted.as_ref().ok().map(|(_, served)| served),
-            elapsed,
-            outcome: logged.as_ref().copied(),
+    // for the log. It holds the pass, as the line is the answer's end. A refusal at the door
+    // has no line, and no task: it comes in floods when the CPU is short.
+    if accounting::has_line(outcome.as_ref().map(|(_, stats)| *stats)) {
+        let logged: Result<Stats, ServeError> = match &outcome {
+            Ok((_, stats)) => Ok(*stats),
+            Err(e) => Err(e.clone()),
+        };
+        let logged_id = request_id.clone();
+        actix_web::rt::spawn(async move {
+            accounting::log(&Answered {
+                protocol: Protocol::Rest,
+                request_id: &logged_id,
+                key: admitted.as_ref().map_or("-", |(pass, _)| pass.name()),
+                served: admitted.as_ref().ok().map(|(_, served)| served),
+                elapsed,
+                outcome: logged.as_ref().copied(),
+            });
         });
-    });
+    }
     let (mut response, _) = outcome?;
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         response

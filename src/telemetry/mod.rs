@@ -212,17 +212,22 @@ const MODEL_COUNTERS: &[&str] = &[
 /// The series answered requests move, for one served version, looked up once each: a lookup
 /// by labels builds and hashes the label strings on every request (about 4% of a 1-row
 /// request's CPU at concurrency 1, with the access line). Each is made on its first use, so
-/// `/metrics` shows exactly the series it showed before. Only the common answer, 200, has its
-/// counter here; other statuses are counted by their labels.
+/// `/metrics` shows exactly the series it showed before. Only the common answers, 200 and the
+/// 429 of an overload, have their counters here; other statuses are counted by their labels.
 #[derive(Default)]
 pub struct RequestSeries {
     /// REST, then gRPC (`protocol="grpc"`).
     protocols: [ProtocolSeries; 2],
+    /// `streamserve_shed_total` of the door's refusals.
+    shed: OnceLock<metrics::Counter>,
 }
 
 #[derive(Default)]
 struct ProtocolSeries {
     ok: OnceLock<metrics::Counter>,
+    /// `status="429"`: refusals come by the thousand a second when the server is short of
+    /// CPU, where looking their series up by label each time is work it can least afford.
+    busy: OnceLock<metrics::Counter>,
     duration: OnceLock<metrics::Histogram>,
     queue: OnceLock<metrics::Histogram>,
 }
@@ -260,6 +265,20 @@ impl RequestSeries {
     pub fn ok(&self, which: &SeriesOf<'_>) -> &metrics::Counter {
         self.of(which).ok.get_or_init(|| {
             metrics::counter!("streamserve_requests_total", &which.labels(Some("200")))
+        })
+    }
+
+    /// `streamserve_requests_total{status="429"}`.
+    pub fn busy(&self, which: &SeriesOf<'_>) -> &metrics::Counter {
+        self.of(which).busy.get_or_init(|| {
+            metrics::counter!("streamserve_requests_total", &which.labels(Some("429")))
+        })
+    }
+
+    /// `streamserve_shed_total` of this version (`model`, `version`).
+    pub fn shed(&self, which: &SeriesOf<'_>) -> &metrics::Counter {
+        self.shed.get_or_init(|| {
+            metrics::counter!("streamserve_shed_total", "model" => which.model.to_string(), "version" => which.version.to_string())
         })
     }
 
