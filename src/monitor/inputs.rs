@@ -74,7 +74,7 @@ impl InputWatch {
         if let Some((min, max, nonfinite)) = scanned {
             if nonfinite > 0 {
                 // Rare (the API refuses them unless the manifest allows them): tell NaN apart.
-                visit(data, usize::MAX, |v| {
+                visit(data, |v| {
                     if v.is_nan() {
                         self.nan += 1;
                     } else if v.is_infinite() {
@@ -86,7 +86,7 @@ impl InputWatch {
             return;
         }
         let (mut min, mut max) = (f64::INFINITY, f64::NEG_INFINITY);
-        visit(data, usize::MAX, |v| {
+        visit(data, |v| {
             if v.is_nan() {
                 self.nan += 1;
             } else if v.is_infinite() {

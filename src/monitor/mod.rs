@@ -27,11 +27,11 @@ pub use render::render;
 
 /// Calls `f` with every value of a tensor as `f64`, whatever its element type.
 pub fn visit_values(data: &TensorData, f: impl FnMut(f64)) {
-    visit(data, usize::MAX, f)
+    visit(data, f)
 }
 use crate::tensor::{NamedTensor, TensorData};
 use inputs::InputWatch;
-use values::{visit, MAX_VALUES_PER_CALL};
+use values::{visit, visit_sampled, MAX_VALUES_PER_CALL};
 
 /// The monitor's settings (flags `--monitor-outputs`, `--drift-reference-rows`,
 /// `--drift-window-rows`).
@@ -155,6 +155,8 @@ struct OutputWatch {
     window: Vec<u64>,
     window_rows: u64,
     psi: Option<f64>,
+    /// Calls observed: where the next call's stride starts (`values::visit_sampled`).
+    calls: usize,
 }
 
 impl ModelWatch {
@@ -397,13 +399,15 @@ fn output_watches(profile: &Profile) -> Vec<OutputWatch> {
             nan: 0,
             window_rows: 0,
             psi: None,
+            calls: 0,
         })
         .collect()
 }
 
 impl OutputWatch {
     fn observe(&mut self, data: &TensorData, rows: u64, window_rows: u64) {
-        visit(data, MAX_VALUES_PER_CALL, |v| {
+        self.calls = self.calls.wrapping_add(1);
+        visit_sampled(data, MAX_VALUES_PER_CALL, self.calls, |v| {
             if v.is_nan() {
                 self.nan += 1;
                 return;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::bins::{Edges, BUCKETS};
-use super::values::{visit, Reservoir, MAX_VALUES_PER_CALL};
+use super::values::{visit_sampled, Reservoir, MAX_VALUES_PER_CALL};
 use crate::tensor::NamedTensor;
 
 /// The profile's file name, in the directory of the model file it describes.
@@ -111,6 +111,8 @@ pub struct ProfileBuilder {
     outputs: Vec<(String, Reservoir)>,
     inputs: BTreeMap<String, InputRange>,
     rows: u64,
+    /// Calls added: where the next call's stride starts (`values::visit_sampled`).
+    calls: usize,
 }
 
 impl ProfileBuilder {
@@ -122,6 +124,7 @@ impl ProfileBuilder {
                 .collect(),
             inputs: BTreeMap::new(),
             rows: 0,
+            calls: 0,
         }
     }
 
@@ -131,9 +134,12 @@ impl ProfileBuilder {
 
     /// Adds one model call's outputs (matched by name) and the `rows` it answered.
     pub fn add_outputs(&mut self, outputs: &[NamedTensor], rows: usize) {
+        self.calls = self.calls.wrapping_add(1);
         for (name, reservoir) in &mut self.outputs {
             if let Some(output) = outputs.iter().find(|o| &o.name == name) {
-                visit(&output.data, MAX_VALUES_PER_CALL, |v| reservoir.offer(v));
+                visit_sampled(&output.data, MAX_VALUES_PER_CALL, self.calls, |v| {
+                    reservoir.offer(v)
+                });
             }
         }
         self.rows += rows as u64;

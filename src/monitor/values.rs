@@ -4,10 +4,11 @@
 use crate::tensor::TensorData;
 
 /// Most values of one tensor looked at per model call: a larger output (an image, a long
-/// embedding batch, a stream model's recurrent state) is read at an even stride instead, so
-/// that watching it costs a bounded, small share of the call. At 8,192, with 330 real-time
-/// `silero_vad` streams on one core (batches of 18, each with a state output of 256 values
-/// per row), the walk over the outputs took 1.4% of the server's CPU (a `perf` profile).
+/// embedding batch, a stream model's recurrent state) is read at an even stride instead,
+/// starting one further on each call, so that watching it costs a bounded, small share of
+/// the call. At 8,192, with 330 real-time `silero_vad` streams on one core (batches of 18,
+/// each with a state output of 256 values per row), the walk over the outputs took 1.4% of
+/// the server's CPU (a `perf` profile).
 pub const MAX_VALUES_PER_CALL: usize = 1024;
 
 trait ToF64: Copy {
@@ -30,14 +31,28 @@ impl ToF64 for bool {
     }
 }
 
-fn strided<T: ToF64>(values: &[T], limit: usize, f: &mut impl FnMut(f64)) {
+fn strided<T: ToF64>(values: &[T], limit: usize, phase: usize, f: &mut impl FnMut(f64)) {
     let step = values.len().div_ceil(limit.max(1)).max(1);
-    values.iter().step_by(step).for_each(|&v| f(v.to_f64()));
+    let start = phase % step;
+    values[start..]
+        .iter()
+        .step_by(step)
+        .for_each(|&v| f(v.to_f64()));
 }
 
-/// Calls `f` with every value of `data`, or with an even stride of at most `limit` of them.
-pub fn visit(data: &TensorData, limit: usize, mut f: impl FnMut(f64)) {
-    crate::with_tensor_data!(data, v => strided(v, limit, &mut f))
+/// Calls `f` with every value of `data`.
+pub fn visit(data: &TensorData, mut f: impl FnMut(f64)) {
+    crate::with_tensor_data!(data, v => strided(v, usize::MAX, 0, &mut f))
+}
+
+/// Calls `f` with every value of `data` or, past `limit` of them, with an even stride of at
+/// most `limit` starting at `phase` (modulo the stride). Callers pass a count of their calls:
+/// a stride that always started at the first value would read the same positions of every
+/// call, e.g. only every fourth unit of a 128-wide recurrent state at a stride of 4, and a
+/// distribution of those units is not the output's; moving the start covers every position
+/// over successive calls.
+pub fn visit_sampled(data: &TensorData, limit: usize, phase: usize, mut f: impl FnMut(f64)) {
+    crate::with_tensor_data!(data, v => strided(v, limit, phase, &mut f))
 }
 
 /// A uniform sample of at most `capacity` values from a stream of them (reservoir sampling,
@@ -86,16 +101,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn large_tensors_are_read_at_a_stride() {
-        let mut seen = Vec::new();
-        visit(&TensorData::Int32((0..100).collect()), 10, |v| seen.push(v));
+    fn large_tensors_are_read_at_a_stride_that_moves_from_call_to_call() {
+        let data = TensorData::Int32((0..100).collect());
+        let read = |phase| {
+            let mut seen = Vec::new();
+            visit_sampled(&data, 10, phase, |v| seen.push(v));
+            seen
+        };
         assert_eq!(
-            seen,
+            read(0),
             (0..100).step_by(10).map(f64::from).collect::<Vec<_>>()
         );
+        assert_eq!(
+            read(3),
+            (3..100).step_by(10).map(f64::from).collect::<Vec<_>>()
+        );
+        assert_eq!(read(13), read(3));
+        // Ten successive calls read every value once.
+        let mut all: Vec<f64> = (0..10).flat_map(read).collect();
+        all.sort_by(f64::total_cmp);
+        assert_eq!(all, (0..100).map(f64::from).collect::<Vec<_>>());
         let mut bools = Vec::new();
-        visit(&TensorData::Bool(vec![true, false]), 10, |v| bools.push(v));
+        visit(&TensorData::Bool(vec![true, false]), |v| bools.push(v));
         assert_eq!(bools, vec![1.0, 0.0]);
+        let mut small = Vec::new();
+        visit_sampled(&TensorData::Int32(vec![7, 8]), 10, 5, |v| small.push(v));
+        assert_eq!(
+            small,
+            vec![7.0, 8.0],
+            "under the limit every value, whatever the phase"
+        );
     }
 
     #[test]

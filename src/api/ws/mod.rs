@@ -325,6 +325,9 @@ async fn read_loop(
     let mut idle = std::pin::pin!(idle);
     loop {
         let next = tokio::select! {
+            // In this order: a shutdown first, and a message that is already here before
+            // the idle timer, as the timeout around each read had it.
+            biased;
             _ = &mut stopping => {
                 if attached.checkpoints {
                     // The session sends a last checkpoint and closes with 1001 itself.
@@ -333,6 +336,7 @@ async fn read_loop(
                 }
                 return ReadEnd::Close(CloseCode::Away, "server is shutting down; reconnect to another instance".into());
             }
+            next = messages.recv() => counted(next),
             _ = &mut idle => {
                 let quiet_until = last_message + config.idle_timeout;
                 if tokio::time::Instant::now() < quiet_until {
@@ -346,7 +350,6 @@ async fn read_loop(
                     format!("no message for {} s", config.idle_timeout.as_secs()),
                 );
             }
-            next = messages.recv() => counted(next),
         };
         last_message = tokio::time::Instant::now();
         let message = match next {
@@ -474,7 +477,7 @@ async fn write_loop(
             },
             message = messages.recv() => match message {
                 Some(text) => {
-                    match send_within(WRITE_TIMEOUT, send_text(&mut ws, text)).await {
+                    match tokio::time::timeout(WRITE_TIMEOUT, send_text(&mut ws, text)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => return,
                         Err(_) => {
@@ -503,21 +506,6 @@ async fn write_loop(
             description: Some(truncate(reason)),
         }))
         .await;
-}
-
-/// `send` with a deadline, set only if it does not finish at once: a result nearly always
-/// finds room in the connection's queue, and a timer per result would be set in the
-/// runtime's timer wheel and taken out again for every chunk of every stream.
-async fn send_within<F: std::future::Future>(
-    limit: Duration,
-    send: F,
-) -> Result<F::Output, tokio::time::error::Elapsed> {
-    let mut send = std::pin::pin!(send);
-    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(send.as_mut().poll(cx))).await;
-    match first {
-        std::task::Poll::Ready(output) => Ok(output),
-        std::task::Poll::Pending => tokio::time::timeout(limit, send).await,
-    }
 }
 
 async fn close_with_error(mut ws: actix_ws::Session, code: CloseCode, reason: String) {
