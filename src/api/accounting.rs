@@ -123,14 +123,14 @@ pub fn has_line(outcome: Result<Stats, &ServeError>) -> bool {
 
 /// Writes an answer's access line (none for a refusal at the door's limit).
 pub fn log(answer: &Answered<'_>) {
+    if !has_line(answer.outcome) {
+        return;
+    }
     let status = status(answer);
     let (model, version) = model_version(answer);
     let total_us = answer.elapsed.as_micros() as u64;
     let (request_id, key) = (answer.request_id, answer.key);
     // One line per answer; the field sets differ by protocol, so each has its own pair.
-    if !has_line(answer.outcome) {
-        return;
-    }
     match (answer.protocol, answer.outcome) {
         (Protocol::Rest, Ok(stats)) => tracing::info!(
             target: "streamserve::access",

@@ -104,12 +104,10 @@ impl AppState {
                 Ok(permit)
             }
             door::limit::Entry::Refused => {
-                let which = crate::telemetry::SeriesOf {
-                    model: &served.info.name,
-                    version: &served.info.version,
-                    grpc: false,
-                };
-                served.series.shed(&which).increment(1);
+                served
+                    .series
+                    .shed(&served.info.name, &served.info.version)
+                    .increment(1);
                 Err(ServeError::Busy {
                     limit: self.admission.limit(),
                     retry_after: Duration::from_secs(1),

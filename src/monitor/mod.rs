@@ -25,13 +25,11 @@ use probe::{Probe, ProbeOutcome, ProbeRecord};
 use profile::{Profile, ProfileBuilder};
 pub use render::render;
 
-/// Calls `f` with every value of a tensor as `f64`, whatever its element type.
-pub fn visit_values(data: &TensorData, f: impl FnMut(f64)) {
-    visit(data, f)
-}
 use crate::tensor::{NamedTensor, TensorData};
 use inputs::InputWatch;
-use values::{visit, visit_sampled, MAX_VALUES_PER_CALL};
+/// Calls `f` with every value of a tensor as `f64`, whatever its element type.
+pub use values::visit as visit_values;
+use values::{visit_sampled, MAX_VALUES_PER_CALL};
 
 /// The monitor's settings (flags `--monitor-outputs`, `--drift-reference-rows`,
 /// `--drift-window-rows`).

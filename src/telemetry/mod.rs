@@ -275,10 +275,11 @@ impl RequestSeries {
         })
     }
 
-    /// `streamserve_shed_total` of this version (`model`, `version`).
-    pub fn shed(&self, which: &SeriesOf<'_>) -> &metrics::Counter {
+    /// `streamserve_shed_total` of this version, `model` and `version` (the series has no
+    /// protocol label).
+    pub fn shed(&self, model: &str, version: &str) -> &metrics::Counter {
         self.shed.get_or_init(|| {
-            metrics::counter!("streamserve_shed_total", "model" => which.model.to_string(), "version" => which.version.to_string())
+            metrics::counter!("streamserve_shed_total", "model" => model.to_string(), "version" => version.to_string())
         })
     }
 

@@ -325,8 +325,9 @@ async fn read_loop(
     let mut idle = std::pin::pin!(idle);
     loop {
         let next = tokio::select! {
-            // In this order: a shutdown first, and a message that is already here before
-            // the idle timer, as the timeout around each read had it.
+            // In this order: a shutdown first, then a message that is already here before
+            // the idle timer, so that a reader running late never calls a stream idle that
+            // sent in time.
             biased;
             _ = &mut stopping => {
                 if attached.checkpoints {
