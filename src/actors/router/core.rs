@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use super::queue::{BatchPolicy, BatchQueue, Due, Priority, BUSY_WAIT_MAX_BATCH_TIME};
 use super::replicas::{InFlight, Replicas, Slot};
 use super::scaling::Autoscaler;
+use super::series::{AskedSeries, BatchSeries};
 use super::{FallbackLookup, RouterHandle, RouterSetup};
 use crate::actors::budget::Budgets;
 use crate::actors::faults::FaultQueue;
@@ -82,29 +83,6 @@ pub(super) struct StartWorker {
     pub scaling_up: bool,
 }
 
-/// The series every dispatch or batch moves, looked up once (a lookup by labels clones them
-/// and hashes the key each time).
-struct BatchSeries {
-    queue_depth: metrics::Gauge,
-    batch_size: metrics::Histogram,
-    batch_requests: metrics::Histogram,
-    inference_duration: metrics::Histogram,
-}
-
-impl BatchSeries {
-    fn new(labels: &[(&'static str, String); 2]) -> BatchSeries {
-        BatchSeries {
-            queue_depth: metrics::gauge!("streamserve_queue_depth", labels),
-            batch_size: metrics::histogram!("streamserve_batch_size", labels),
-            batch_requests: metrics::histogram!("streamserve_batch_requests", labels),
-            inference_duration: metrics::histogram!(
-                "streamserve_inference_duration_seconds",
-                labels
-            ),
-        }
-    }
-}
-
 pub(super) struct RouterCore {
     pub info: Arc<ModelInfo>,
     /// `None` for models without a batch axis.
@@ -130,6 +108,7 @@ pub(super) struct RouterCore {
     pub stopped: bool,
     pub labels: [(&'static str, String); 2],
     series: BatchSeries,
+    asked: AskedSeries,
 }
 
 impl RouterCore {
@@ -170,8 +149,10 @@ impl RouterCore {
             max_queue_delay: info.batching.max_queue_delay,
             max_queue: info.max_queue,
         });
+        let served_by = Arc::new((info.name.clone(), info.version.clone()));
         RouterCore {
-            served_by: Arc::new((info.name.clone(), info.version.clone())),
+            asked: AskedSeries::new(served_by.clone()),
+            served_by,
             scaler: Autoscaler::new(entry.min_replicas, entry.max_replicas, now),
             info,
             layout,
@@ -275,8 +256,7 @@ impl RouterCore {
         let queue_it = healthy && !full && !yield_to_normal && !to_fallback;
         if queue_it {
             if let Some(asked) = &pending.degraded_from {
-                metrics::counter!("streamserve_degraded_total", "model" => asked.0.clone(), "version" => asked.1.clone(), "served_by" => self.info.name.clone())
-                    .increment(1);
+                self.asked.degraded(asked).increment(1);
             }
             self.queue.push(pending);
             self.update_overload();
@@ -299,8 +279,8 @@ impl RouterCore {
             }
         } else {
             // Labelled by the model the client asked for, even when its fallback sheds it.
-            let asked = pending.degraded_from.as_deref().unwrap_or(&self.served_by);
-            metrics::counter!("streamserve_shed_total", "model" => asked.0.clone(), "version" => asked.1.clone())
+            self.asked
+                .shed(pending.degraded_from.as_ref())
                 .increment(1);
             ServeError::Overloaded {
                 model: self.info.name.clone(),

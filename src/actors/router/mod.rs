@@ -35,6 +35,7 @@ mod core;
 pub mod queue;
 mod replicas;
 mod scaling;
+mod series;
 #[cfg(test)]
 mod tests;
 
