@@ -267,20 +267,23 @@ impl SequenceTask {
     ) -> Option<ModelStreamInferResponse> {
         let stopping = draining(stop.clone());
         tokio::pin!(stopping);
+        // One idle timer for the sequence, re-armed only when it fires early, rather than a
+        // timer set and taken out of the runtime's wheel around every step (as the WebSocket
+        // reader does, docs/efficiency.md). Idle means no step since the task last began to
+        // wait for one.
+        let mut waiting_since = tokio::time::Instant::now();
+        let quiet = tokio::time::sleep(idle);
+        tokio::pin!(quiet);
         loop {
             tokio::select! {
+                // A shutdown first, then a step already queued before the idle timer.
                 biased;
                 _ = &mut stopping => return self.stop_now(&mut queue).await,
-                step = tokio::time::timeout(idle, queue.recv()) => match step {
-                    Err(_) => {
-                        tracing::info!(model = %self.model, "a gRPC sequence had no step within the idle time; it waits for a resume");
-                        metrics::counter!("streamserve_stream_drops_total", "reason" => "idle").increment(1);
-                        return None;
-                    }
+                step = queue.recv() => match step {
                     // The call is over; in a shutdown (the call may see it first), hand over.
-                    Ok(None) if *stop.borrow() >= Stop::Draining => return self.stop_now(&mut queue).await,
-                    Ok(None) => return None,
-                    Ok(Some(step)) => {
+                    None if *stop.borrow() >= Stop::Draining => return self.stop_now(&mut queue).await,
+                    None => return None,
+                    Some(step) => {
                         let reply = self.step(step.request, step.start, step.end).await;
                         let over = step.end || self.failed.is_some();
                         if over {
@@ -293,8 +296,19 @@ impl SequenceTask {
                         if over {
                             return None;
                         }
+                        waiting_since = tokio::time::Instant::now();
                     }
                 },
+                _ = &mut quiet => {
+                    let quiet_until = waiting_since + idle;
+                    if tokio::time::Instant::now() < quiet_until {
+                        quiet.as_mut().reset(quiet_until);
+                        continue;
+                    }
+                    tracing::info!(model = %self.model, "a gRPC sequence had no step within the idle time; it waits for a resume");
+                    metrics::counter!("streamserve_stream_drops_total", "reason" => "idle").increment(1);
+                    return None;
+                }
             }
         }
     }
