@@ -561,5 +561,9 @@ async fn long_steps_retried_starts_and_idle_sequences() {
         .await
         .unwrap();
     let last = ok(&mut answers).await;
-    assert_eq!(int(&last, "chunks"), steps + 1, "every step's chunk was answered");
+    assert_eq!(
+        int(&last, "chunks"),
+        steps + 1,
+        "every step's chunk was answered"
+    );
 }

@@ -279,9 +279,7 @@ impl RouterCore {
             }
         } else {
             // Labelled by the model the client asked for, even when its fallback sheds it.
-            self.asked
-                .shed(pending.degraded_from.as_ref())
-                .increment(1);
+            self.asked.shed(pending.degraded_from.as_ref()).increment(1);
             ServeError::Overloaded {
                 model: self.info.name.clone(),
                 queued: self.queue.len(),

@@ -77,9 +77,13 @@ impl AskedSeries {
     pub fn degraded(&mut self, asked: &Asked) -> &Counter {
         let served_by = &self.served_by;
         cached(&mut self.degraded, asked, |asked| {
-            metrics::counter!("streamserve_degraded_total", "model" => asked.0.clone(), "version" => asked.1.clone(), "served_by" => served_by.clone())
+            degraded_counter(asked, served_by)
         })
     }
+}
+
+fn degraded_counter(asked: &Asked, served_by: &str) -> Counter {
+    metrics::counter!("streamserve_degraded_total", "model" => asked.0.clone(), "version" => asked.1.clone(), "served_by" => served_by.to_string())
 }
 
 fn shed_counter(asked: &Asked) -> Counter {
@@ -133,6 +137,9 @@ mod tests {
             series.shed(Some(&Arc::new((format!("p{i}"), "1".into()))));
         }
         assert_eq!(series.shed.len(), MAX_ASKED);
-        assert_eq!(series.shed[MAX_ASKED - 1].0 .0, format!("p{}", MAX_ASKED + 2));
+        assert_eq!(
+            series.shed[MAX_ASKED - 1].0 .0,
+            format!("p{}", MAX_ASKED + 2)
+        );
     }
 }
