@@ -90,8 +90,9 @@ fn shed_counter(asked: &Asked) -> Counter {
     metrics::counter!("streamserve_shed_total", "model" => asked.0.clone(), "version" => asked.1.clone())
 }
 
-/// The counter of `asked` in `cache`, made and kept on first use while there is room. Keeping
-/// the `Arc` keeps its address from being reused by another version.
+/// The counter of `asked` in `cache`, made and kept on first use (in the last place once the
+/// cache is full, so the versions seen first stay). Keeping the `Arc` keeps its address from
+/// being reused by another version.
 fn cached<'a>(
     cache: &'a mut Vec<(Asked, Counter)>,
     asked: &Asked,
