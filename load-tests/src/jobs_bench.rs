@@ -21,9 +21,10 @@ use tokio::time::Instant;
 
 use crate::bench::{cpu_since, start_server_with, stop_server, ServerSetup, TempModelDir};
 use crate::cli::{count, secs};
-use crate::protocols::results::{levels_json, ratio, render_report, Client, Level};
+use crate::protocols::results::{levels_json, render_report, Client, Level};
 use crate::protocols::{MlpClosedLoop, RestSlice, Schedule, CONTENDED_CORES};
 use crate::rest;
+use crate::stream_steps::ratio;
 use crate::sysinfo::{CpuShare, CpuSnapshot};
 
 /// The plot written beside `report.md` (`protocols`' plot of this run's results).
@@ -249,7 +250,10 @@ pub fn run(options: &JobsOptions) -> anyhow::Result<crate::report::Outcome> {
             };
             let job_alone = |when: &str| -> anyhow::Result<JobSlice> {
                 if !options.mlp.common.quiet_wait.is_zero() {
-                    crate::sysinfo::wait_for_quiet(0.15, options.mlp.common.quiet_wait);
+                    crate::sysinfo::wait_for_quiet(
+                        crate::sysinfo::QUIET_CORES,
+                        options.mlp.common.quiet_wait,
+                    );
                 }
                 let before = CpuSnapshot::take();
                 let mut job = rt.block_on(api.slice(options.warmup, options.duration))?;

@@ -6,13 +6,15 @@
 //! when dropped.
 
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+
+use crate::fleet::balancer::free_port;
 
 /// `load-tests/peers/` of the checkout this crate was built from.
 pub fn peers_dir() -> PathBuf {
@@ -75,12 +77,6 @@ pub fn ensure_venv() -> anyhow::Result<PathBuf> {
         );
     }
     Ok(venv_python())
-}
-
-/// A free TCP port on 127.0.0.1 (bound, then released for the peer to take).
-fn free_port() -> anyhow::Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("cannot bind 127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
 }
 
 /// `GET path` over HTTP/1.0; true on a 200.

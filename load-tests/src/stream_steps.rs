@@ -13,10 +13,10 @@ use crate::cli::{count, secs};
 use crate::prometheus;
 use crate::streams::{self, Audio, ResultsMode, StreamOptions, StreamReport};
 use crate::sysinfo::wait_for_quiet;
+pub use crate::sysinfo::QUIET_CORES;
 
-/// Before each measurement, wait until other processes use less than this many cores...
-pub const QUIET_CORES: f64 = 0.15;
-/// ...and count a measurement during which they used more than this many as contended (the
+/// Before each measurement, wait until other processes use less than [`QUIET_CORES`] cores,
+/// and count a measurement during which they used more than this many as contended (the
 /// benches repeat such a step once if it failed; `efficiency` flags it).
 pub const CONTENDED_CORES: f64 = 0.25;
 
@@ -200,7 +200,8 @@ pub fn counter_delta(texts: [&str; 2], name: &str, model: &str, extra: Option<&s
     (after - before).max(0.0)
 }
 
-/// `a / b`, or `None` where `b` is not positive (nothing measured to divide by).
+/// `a ÷ b`, where both are figures (finite, `b` above 0); `None` otherwise (nothing measured
+/// to divide by).
 pub fn ratio(a: f64, b: f64) -> Option<f64> {
-    (b > 0.0).then(|| a / b)
+    (a.is_finite() && b.is_finite() && b > 0.0).then(|| a / b)
 }

@@ -215,6 +215,10 @@ pub fn source_revision() -> String {
     }
 }
 
+/// The threshold every benchmark gives [`wait_for_quiet`]: other processes use less than this
+/// many cores before each measurement.
+pub const QUIET_CORES: f64 = 0.15;
+
 /// Waits, at most `max_wait`, until other processes use less than `threshold` CPU cores over
 /// one second, printing what it waits for; returns what they used in the last second (`None`
 /// where `/proc` cannot be read). Benchmarks call it before each measurement, so that a

@@ -381,7 +381,6 @@ pub struct ServerResults {
     pub cpu: Vec<Option<CpuShare>>,
 }
 
-/// Runs the whole benchmark and writes its report. Takes about
 /// The model file a benchmark loads, as an absolute path, and its sha256 (for the manifest
 /// and the report).
 pub fn model_file_and_sha256(file: &Path) -> anyhow::Result<(PathBuf, String)> {
@@ -393,6 +392,7 @@ pub fn model_file_and_sha256(file: &Path) -> anyhow::Result<(PathBuf, String)> {
     Ok((model_file, sha256))
 }
 
+/// Runs the whole benchmark and writes its report. Takes about
 /// 2 × (warm-up + duration) × levels + 2 × ceiling time, plus start-up.
 pub fn run(options: &BenchOptions) -> anyhow::Result<crate::report::Outcome> {
     if options.concurrencies.is_empty() || options.concurrencies.len() > 16 {
@@ -495,7 +495,7 @@ fn load_levels(
             request_timeout: Duration::from_secs(30),
         };
         if !options.common.quiet_wait.is_zero() {
-            crate::sysinfo::wait_for_quiet(0.15, options.common.quiet_wait);
+            crate::sysinfo::wait_for_quiet(crate::sysinfo::QUIET_CORES, options.common.quiet_wait);
         }
         let before = CpuSnapshot::take();
         let report = runtime.block_on(rest::run(&load))?;

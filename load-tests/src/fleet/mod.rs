@@ -90,7 +90,7 @@ pub fn run(options: &FleetOptions) -> anyhow::Result<report::FleetOutcome> {
     let start = crate::report::Start::now(options.common.out.as_deref(), "fleet-mlp");
     std::fs::create_dir_all(&start.dir)
         .with_context(|| format!("cannot create {}", start.dir.display()))?;
-    wait_for_quiet(0.15, options.common.quiet_wait);
+    wait_for_quiet(crate::sysinfo::QUIET_CORES, options.common.quiet_wait);
     let runtime = crate::sysinfo::client_runtime(options.common.threads.get())?;
     let measured = drill(options, &bin, haproxy_version, &start.dir, &runtime)?;
     drop(runtime);
@@ -98,7 +98,7 @@ pub fn run(options: &FleetOptions) -> anyhow::Result<report::FleetOutcome> {
 }
 
 /// Seconds since `t0`.
-fn since(t0: Instant) -> f64 {
+pub(crate) fn since(t0: Instant) -> f64 {
     t0.elapsed().as_secs_f64()
 }
 

@@ -418,7 +418,7 @@ fn run_variant(
 ) -> anyhow::Result<Variant> {
     let options = context.options;
     let base = server.base();
-    wait_for_quiet(0.15, options.mlp.common.quiet_wait);
+    wait_for_quiet(crate::sysinfo::QUIET_CORES, options.mlp.common.quiet_wait);
     eprintln!(
         "[overload] {label}: capacity, closed loop, concurrency {} ...",
         options.mlp.capacity_concurrency
@@ -438,7 +438,7 @@ fn run_variant(
     let mut levels = Vec::new();
     for &m in &options.multipliers {
         std::thread::sleep(Duration::from_secs(1));
-        wait_for_quiet(0.15, options.mlp.common.quiet_wait);
+        wait_for_quiet(crate::sysinfo::QUIET_CORES, options.mlp.common.quiet_wait);
         let open = OpenLoopOptions {
             rest: RestOptions {
                 duration: options.duration,

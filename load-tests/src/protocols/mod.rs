@@ -167,7 +167,7 @@ impl Schedule<'_> {
             for round in 0..self.rounds {
                 for attempt in 0..2 {
                     if !self.quiet_wait.is_zero() {
-                        let others = wait_for_quiet(0.15, self.quiet_wait);
+                        let others = wait_for_quiet(crate::sysinfo::QUIET_CORES, self.quiet_wait);
                         level.others_before.extend(others);
                     }
                     let mut slices = Vec::new();

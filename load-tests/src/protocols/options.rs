@@ -55,10 +55,6 @@ impl Protocol {
             Protocol::GrpcStream => "gRPC stream",
         }
     }
-
-    pub fn is_grpc(self) -> bool {
-        matches!(self, Protocol::GrpcUnary | Protocol::GrpcStream)
-    }
 }
 
 /// What `protocols`, `monitoring` and `jobs` share after their own options: the closed-loop

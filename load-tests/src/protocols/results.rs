@@ -14,6 +14,7 @@ use super::options::{Protocol, ProtocolsOptions, CONTENDED_CORES};
 use super::tally;
 use crate::bench::ServerSetup;
 use crate::rest::RestReport;
+use crate::stream_steps::ratio;
 use crate::sysinfo::{CpuShare, MachineInfo};
 
 /// What a benchmark compares side by side at each level: a protocol here, a server variant in
@@ -56,11 +57,6 @@ pub struct Level<K = Protocol> {
     pub set_aside: Vec<Slice<K>>,
     /// Cores other processes used in the last second before each round (the quiet check).
     pub others_before: Vec<f64>,
-}
-
-/// `a ÷ b`, where both are figures (finite, `b` above 0).
-pub fn ratio(a: f64, b: f64) -> Option<f64> {
-    (a.is_finite() && b.is_finite() && b > 0.0).then(|| a / b)
 }
 
 /// A run against the baseline's at the same level: throughput (req/s) and p50 / p99 latency

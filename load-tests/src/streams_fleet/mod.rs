@@ -22,6 +22,7 @@ use clap::builder::TypedValueParser as _;
 use crate::cli::{count, secs, BenchCommon};
 use crate::fleet::balancer::{self, Haproxy};
 use crate::fleet::procs::{Instance, InstanceSetup, TempDir};
+use crate::fleet::since;
 use crate::manifest::{self, EntryChange};
 use crate::sysinfo::{process_ticks, wait_for_quiet};
 use client::{StreamRun, StreamSpec};
@@ -148,7 +149,7 @@ pub fn run(options: &StreamsFleetOptions) -> anyhow::Result<(crate::report::Outc
     std::fs::create_dir_all(&start.dir)
         .with_context(|| format!("cannot create {}", start.dir.display()))?;
     crate::sysinfo::raise_nofile_limit(options.streams as u64 * 2 + 256);
-    wait_for_quiet(0.15, options.common.quiet_wait);
+    wait_for_quiet(crate::sysinfo::QUIET_CORES, options.common.quiet_wait);
     let runtime = crate::sysinfo::client_runtime(options.common.threads.get())?;
     let measured = drill(options, &audio, &bin, haproxy_version, &start.dir, &runtime)?;
     drop(runtime);
@@ -162,10 +163,6 @@ pub fn run(options: &StreamsFleetOptions) -> anyhow::Result<(crate::report::Outc
         options.seal_iterations,
     );
     analysis::write(options, &start, &measured, &seal)
-}
-
-fn since(t0: Instant) -> f64 {
-    t0.elapsed().as_secs_f64()
 }
 
 /// One instance's place in the fleet: its id and port stay, its process is replaced.

@@ -84,7 +84,7 @@ pub(super) fn run_on(
     let (capacity, reference_rate, base_rate) = match options.rate {
         Some(rate) => (None, rate, rate),
         None => {
-            wait_for_quiet(0.15, options.mlp.common.quiet_wait);
+            wait_for_quiet(crate::sysinfo::QUIET_CORES, options.mlp.common.quiet_wait);
             eprintln!(
                 "[timeline] capacity: closed loop, concurrency {} ...",
                 options.mlp.capacity_concurrency
@@ -106,7 +106,7 @@ pub(super) fn run_on(
         }
     };
     std::thread::sleep(Duration::from_secs(1));
-    wait_for_quiet(0.15, options.mlp.common.quiet_wait);
+    wait_for_quiet(crate::sysinfo::QUIET_CORES, options.mlp.common.quiet_wait);
 
     let steps: Vec<(Duration, f64)> = plan
         .iter()
