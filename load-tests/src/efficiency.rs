@@ -23,11 +23,11 @@ use anyhow::bail;
 use serde_json::{json, Value};
 
 use crate::bench::TempModelDir;
-use crate::cli::{command_line, count, secs, BenchCommon};
+use crate::cli::{count, secs, BenchCommon, ServerBin};
 use crate::fleet::procs::{Instance, InstanceSetup};
 use crate::fleet::watch::{cpu_share, measured, CpuWindow};
 use crate::manifest::{self, EntryChange};
-use crate::overload::server::{server_bin, Pinning, Unpin as Unpinned};
+use crate::overload::server::{Pinning, Unpin as Unpinned};
 use crate::rest::{self, RestOptions};
 use crate::stream_steps::{counter_delta, ratio, CONTENDED_CORES, QUIET_CORES};
 use crate::streams::{self, Audio, ResultsMode, StreamOptions};
@@ -59,9 +59,8 @@ pub struct EfficiencyOptions {
     /// Measured seconds of each in-process model measurement.
     #[arg(long = "ceiling-secs", value_name = "CEILING_SECS", default_value = "2", value_parser = secs(1, 60))]
     pub ceiling_duration: Duration,
-    /// The `streamserve` binary [default: the one beside loadgen, target/release/streamserve].
-    #[arg(long)]
-    pub server_bin: Option<PathBuf>,
+    #[command(flatten)]
+    pub server: ServerBin,
     /// Start the server on the first CPU this process may use and pin this process to the second.
     #[arg(long)]
     pub pin: bool,
@@ -71,9 +70,6 @@ pub struct EfficiencyOptions {
     pub manifest: PathBuf,
     #[arg(skip = streams::default_wav())]
     pub wav: PathBuf,
-    /// The command line, as it goes in the report.
-    #[arg(skip = command_line())]
-    pub command: String,
 }
 
 impl EfficiencyOptions {
@@ -385,7 +381,7 @@ pub fn run(options: &EfficiencyOptions) -> anyhow::Result<crate::report::Outcome
     if !(1..=16).contains(&n_cases) {
         bail!("give 1 to 16 concurrencies and numbers of streams in all");
     }
-    let bin = server_bin(options.server_bin.as_deref())?;
+    let bin = options.server.get()?;
     let pinning = options.pin.then(Pinning::choose).transpose()?;
     let start = crate::report::Start::now(options.common.out.as_deref(), "efficiency");
     let most_streams = options.streams.iter().max().copied().unwrap_or(0) as u64;
@@ -437,7 +433,7 @@ pub fn run(options: &EfficiencyOptions) -> anyhow::Result<crate::report::Outcome
         .filter_map(|r| r.window.as_ref())
         .any(|w| w.cpu.other_cores > CONTENDED_CORES);
     let json = json!({
-        "kind": "efficiency", "started_at": start.started_at, "command": options.command, "machine": start.machine,
+        "kind": "efficiency", "started_at": start.started_at, "command": options.common.command, "machine": start.machine,
         "server_bin": bin.display().to_string(), "server_command": command, "pinned": pinning,
         "client_threads": options.client_threads(), "open_files_limit": nofile,
         "duration_s": options.duration.as_secs_f64(), "warmup_s": options.warmup.as_secs_f64(), "ramp_s": options.ramp.as_secs_f64(),

@@ -23,7 +23,7 @@ use std::time::Duration;
 use anyhow::bail;
 
 use crate::bench::TempModelDir;
-use crate::cli::{command_line, secs, BenchCommon};
+use crate::cli::{secs, BenchCommon, ServerBin};
 use crate::fleet::procs::{Instance, InstanceSetup};
 use crate::fleet::watch::{self, CpuWindow};
 use crate::manifest::{self, EntryChange};
@@ -61,9 +61,8 @@ pub struct KeywordsBenchOptions {
     /// carried).
     #[arg(long)]
     pub no_gated: bool,
-    /// The `streamserve` binary [default: the one beside loadgen, target/release/streamserve].
-    #[arg(long)]
-    pub server_bin: Option<PathBuf>,
+    #[command(flatten)]
+    pub server: ServerBin,
     #[command(flatten)]
     pub common: BenchCommon,
     /// The bundled manifest, whose four entries are copied.
@@ -71,9 +70,6 @@ pub struct KeywordsBenchOptions {
     pub manifest: PathBuf,
     #[arg(skip = default_wav())]
     pub wav: PathBuf,
-    /// The command line, as it goes in the report.
-    #[arg(skip = command_line())]
-    pub command: String,
 }
 
 /// One configuration: the server's batching, whether the streams keep the gate, and whether
@@ -244,7 +240,7 @@ pub fn run(options: &KeywordsBenchOptions) -> anyhow::Result<crate::report::Outc
     if steps.is_empty() || steps.len() > 32 || steps.windows(2).any(|w| w[0] >= w[1]) {
         bail!("give 1 to 32 steps, ascending");
     }
-    let bin = crate::overload::server::server_bin(options.server_bin.as_deref())?;
+    let bin = options.server.get()?;
     let start = crate::report::Start::now(options.common.out.as_deref(), "streams-keyword");
     let biggest = steps.iter().copied().max().unwrap_or(0) as u64;
     let nofile = raise_nofile_limit(biggest + 1024);

@@ -128,7 +128,7 @@ pub mod cli {
     }
 
     /// What every benchmark that starts its own server takes: where its files go, how long it
-    /// waits for a quiet machine, the client runtime.
+    /// waits for a quiet machine, the client runtime; and the command line for its report.
     #[derive(Clone, Debug, clap::Args)]
     pub struct BenchCommon {
         /// Output directory [default: load-tests/results/<UTC date>-<scenario>/, the scenario
@@ -141,6 +141,25 @@ pub mod cli {
         pub quiet_wait: Duration,
         #[command(flatten)]
         pub threads: Threads,
+        /// The command line, as it goes in the report.
+        #[arg(skip = command_line())]
+        pub command: String,
+    }
+
+    /// The `streamserve` binary of a benchmark that starts `streamserve serve` itself.
+    #[derive(Clone, Debug, clap::Args)]
+    pub struct ServerBin {
+        /// The `streamserve` binary [default: the one beside loadgen, target/release/streamserve].
+        #[arg(long)]
+        pub server_bin: Option<PathBuf>,
+    }
+
+    impl ServerBin {
+        /// The binary given, or the one beside this executable; an error where it does not
+        /// exist.
+        pub fn get(&self) -> anyhow::Result<PathBuf> {
+            crate::overload::server::server_bin(self.server_bin.as_deref())
+        }
     }
 
     /// The command line as given, for the report; `cargo run` shows up as the built binary.

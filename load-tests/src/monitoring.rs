@@ -159,7 +159,7 @@ pub fn results_json(
     json!({
         "kind": "monitoring",
         "started_at": start.started_at,
-        "command": options.mlp.command,
+        "command": options.mlp.common.command,
         "machine": start.machine,
         "loadavg_at_end": crate::sysinfo::MachineInfo::collect().loadavg_at_start,
         "setup": setup,

@@ -18,7 +18,7 @@ use streamserve::runtime::ModelSession;
 use streamserve::tensor::TensorData;
 
 use crate::bench::{cpu_since, start_server_for, stop_server, TempModelDir};
-use crate::cli::{command_line, secs, BenchCommon};
+use crate::cli::{secs, BenchCommon};
 use crate::manifest::{self, EntryChange};
 use crate::prometheus;
 use crate::stream_steps::{
@@ -52,9 +52,6 @@ pub struct StreamsBenchOptions {
     pub manifest: PathBuf,
     #[arg(skip = streams::default_wav())]
     pub wav: PathBuf,
-    /// The command line, as it goes in the report.
-    #[arg(skip = command_line())]
-    pub command: String,
 }
 
 /// One server configuration.
@@ -423,7 +420,7 @@ fn step_json(s: &Step) -> serde_json::Value {
 fn results_json(input: &ReportInput<'_>) -> serde_json::Value {
     serde_json::json!({
         "started_at": input.started_at,
-        "command": input.options.command,
+        "command": input.options.common.command,
         "machine": input.machine,
         "model_file": input.model_file.display().to_string(),
         "sha256": input.sha256,

@@ -39,6 +39,7 @@ fn shortened(out: &Path, defaults: MlpOpenLoop) -> MlpOpenLoop {
             threads: Threads {
                 client_threads: Some(2),
             },
+            ..defaults.common
         },
         ..defaults
     }

@@ -20,7 +20,7 @@ use streamserve::manifest::Device;
 use streamserve::runtime::ModelSession;
 use streamserve::tensor::TensorData;
 
-use crate::cli::{command_line, count, secs, BenchCommon};
+use crate::cli::{count, secs, BenchCommon};
 use crate::rest::{self, RestOptions, RestReport};
 use crate::sysinfo::{CpuShare, CpuSnapshot};
 use crate::{mlp, SplitMix64};
@@ -58,9 +58,6 @@ pub struct BenchOptions {
     /// The model file: `models/mlp/1/model.onnx` of this checkout.
     #[arg(skip = default_model_file())]
     pub model_file: PathBuf,
-    /// The command line, as it goes in the report.
-    #[arg(skip = command_line())]
-    pub command: String,
 }
 
 /// `models/mlp/1/model.onnx` of the checkout this crate was built from.

@@ -59,7 +59,7 @@ pub(super) fn results_json(
 ) -> serde_json::Value {
     serde_json::json!({
         "started_at": started_at,
-        "command": options.command,
+        "command": options.common.command,
         "machine": machine,
         "binary_tensor_data": options.binary,
         "in_process_ceiling": ceiling,

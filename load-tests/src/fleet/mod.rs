@@ -82,7 +82,7 @@ pub struct Measured {
 /// Runs the drill and writes its report.
 pub fn run(options: &FleetOptions) -> anyhow::Result<report::FleetOutcome> {
     options.check()?;
-    let bin = crate::overload::server::server_bin(options.server_bin.as_deref())?;
+    let bin = options.server.get()?;
     let haproxy_version = Haproxy::version()?;
     if !S3::python().is_file() {
         bail!("no .venv with moto's S3 server: run `bash scripts/setup.sh --fleet`");

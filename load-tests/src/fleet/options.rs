@@ -2,14 +2,13 @@
 //! model file its version is pushed from, the `registry deploy` arguments it sends and the
 //! registry event that must end it.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
 use clap::builder::TypedValueParser as _;
 
 use super::{load, MODEL};
-use crate::cli::{count, secs, BenchCommon};
+use crate::cli::{count, secs, BenchCommon, ServerBin};
 
 /// One drill: a deployment strategy and what the fleet must do with it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -108,14 +107,10 @@ pub struct FleetOptions {
     /// haproxy's health check interval, ms.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(100..=10_000))]
     pub check_ms: u64,
-    /// The `streamserve` binary [default: the one beside loadgen, target/release/streamserve].
-    #[arg(long)]
-    pub server_bin: Option<PathBuf>,
+    #[command(flatten)]
+    pub server: ServerBin,
     #[command(flatten)]
     pub common: BenchCommon,
-    /// The command line, as it goes in the report.
-    #[arg(skip = crate::cli::command_line())]
-    pub command: String,
 }
 
 impl Default for FleetOptions {

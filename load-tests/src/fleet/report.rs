@@ -136,7 +136,7 @@ pub fn results_json(options: &FleetOptions, start: &crate::report::Start, m: &Me
     json!({
         "kind": "fleet",
         "started_at": start.started_at,
-        "command": options.command,
+        "command": options.common.command,
         "machine": start.machine,
         "settings": {
             "instances": options.instances,

@@ -169,7 +169,7 @@ pub(super) fn results_json(
         .map(|&(g, b)| compute_limit(costs, g, b, nproc))
         .collect();
     json!({
-        "kind": "keywords_bench", "started_at": start.started_at, "command": options.command, "machine": start.machine,
+        "kind": "keywords_bench", "started_at": start.started_at, "command": options.common.command, "machine": start.machine,
         "target_p99_ms": stepping.target.as_secs_f64() * 1000.0, "frame_ms": stepping.frame_ms,
         "ramp_s": stepping.ramp.as_secs_f64(), "duration_s": stepping.duration.as_secs_f64(),
         "ceiling_s": options.ceiling_duration.as_secs_f64(), "quiet_wait_s": options.common.quiet_wait.as_secs_f64(),

@@ -102,9 +102,6 @@ pub struct OverloadOptions {
     pub server_bin: Option<PathBuf>,
     #[command(flatten)]
     pub mlp: MlpOpenLoop,
-    /// The command line, as it goes in the report.
-    #[arg(skip = crate::cli::command_line())]
-    pub command: String,
 }
 
 impl OverloadOptions {

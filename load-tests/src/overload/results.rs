@@ -136,7 +136,7 @@ pub fn results_json(
     json!({
         "kind": "overload",
         "started_at": start.started_at,
-        "command": options.command,
+        "command": options.mlp.common.command,
         "machine": start.machine,
         "manifest": manifest,
         "pinned": pinning,

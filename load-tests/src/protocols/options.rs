@@ -58,7 +58,8 @@ impl Protocol {
 }
 
 /// What `protocols`, `monitoring` and `jobs` share after their own options: the closed-loop
-/// clients' timeout, the benchmarks' common options, the `mlp` file and the command line.
+/// clients' timeout, the benchmarks' common options (the command line among them) and the
+/// `mlp` file.
 #[derive(Clone, Debug, clap::Args)]
 pub struct MlpClosedLoop {
     /// Seconds to wait for one answer before counting it as a transport error.
@@ -69,9 +70,6 @@ pub struct MlpClosedLoop {
     /// The model file: `models/mlp/1/model.onnx` of this checkout.
     #[arg(skip = crate::bench::default_model_file())]
     pub model_file: PathBuf,
-    /// The command line, as it goes in the report.
-    #[arg(skip = crate::cli::command_line())]
-    pub command: String,
 }
 
 impl MlpClosedLoop {

@@ -193,7 +193,7 @@ pub fn results_json(
     json!({
         "kind": "protocols",
         "started_at": started_at,
-        "command": options.mlp.command,
+        "command": options.mlp.common.command,
         "machine": machine,
         "setup": setup,
         "grpc_addr": grpc_addr,

@@ -290,7 +290,7 @@ pub fn results_json(
     json!({
         "kind": "streams_fleet",
         "started_at": start.started_at,
-        "command": options.command,
+        "command": options.common.command,
         "machine": start.machine,
         "settings": {
             "instances": options.instances, "streams": options.streams,

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use clap::builder::TypedValueParser as _;
 
-use crate::cli::{count, secs, BenchCommon};
+use crate::cli::{count, secs, BenchCommon, ServerBin};
 use crate::fleet::balancer::{self, Haproxy};
 use crate::fleet::procs::{Instance, InstanceSetup, TempDir};
 use crate::fleet::since;
@@ -71,14 +71,10 @@ pub struct StreamsFleetOptions {
     /// Seals and opens of a checkpoint timed in this process (CPU per checkpoint).
     #[arg(long, default_value_t = 10_000, value_parser = count(100, 1_000_000))]
     pub seal_iterations: usize,
-    /// The `streamserve` binary [default: the one beside loadgen, target/release/streamserve].
-    #[arg(long)]
-    pub server_bin: Option<PathBuf>,
+    #[command(flatten)]
+    pub server: ServerBin,
     #[command(flatten)]
     pub common: BenchCommon,
-    /// The command line, as it goes in the report.
-    #[arg(skip = crate::cli::command_line())]
-    pub command: String,
 }
 
 impl Default for StreamsFleetOptions {
@@ -143,7 +139,7 @@ pub struct Measured {
 pub fn run(options: &StreamsFleetOptions) -> anyhow::Result<(crate::report::Outcome, bool)> {
     let audio = crate::streams::Audio::load(&crate::streams::default_wav())?;
     options.check(audio.seconds())?;
-    let bin = crate::overload::server::server_bin(options.server_bin.as_deref())?;
+    let bin = options.server.get()?;
     let haproxy_version = Haproxy::version()?;
     let start = crate::report::Start::now(options.common.out.as_deref(), "streams-fleet");
     std::fs::create_dir_all(&start.dir)

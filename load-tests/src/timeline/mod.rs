@@ -97,9 +97,6 @@ pub struct TimelineOptions {
     pub bin: Duration,
     #[command(flatten)]
     pub mlp: overload::MlpOpenLoop,
-    /// The command line, as it goes in the report.
-    #[arg(skip = crate::cli::command_line())]
-    pub command: String,
 }
 
 impl Default for TimelineOptions {

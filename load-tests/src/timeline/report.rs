@@ -67,7 +67,7 @@ pub(super) fn results_json(input: &ReportInput<'_>) -> Value {
     json!({
         "kind": "timeline",
         "started_at": input.started_at,
-        "command": input.options.command,
+        "command": input.options.mlp.common.command,
         "machine": input.machine,
         "manifest": input.manifest,
         "capacity": m.capacity.map(|(rps, p99)| json!({
