@@ -432,8 +432,7 @@ pub fn run(options: &EfficiencyOptions) -> anyhow::Result<crate::report::Outcome
         .iter()
         .filter_map(|r| r.window.as_ref())
         .any(|w| w.cpu.other_cores > CONTENDED_CORES);
-    let json = json!({
-        "kind": "efficiency", "started_at": start.started_at, "command": options.common.command, "machine": start.machine,
+    let body = json!({
         "server_bin": bin.display().to_string(), "server_command": command, "pinned": pinning,
         "client_threads": options.client_threads(), "open_files_limit": nofile,
         "duration_s": options.duration.as_secs_f64(), "warmup_s": options.warmup.as_secs_f64(), "ramp_s": options.ramp.as_secs_f64(),
@@ -441,13 +440,14 @@ pub fn run(options: &EfficiencyOptions) -> anyhow::Result<crate::report::Outcome
         "manifest": options.manifest.display().to_string(), "wav": options.wav.display().to_string(), "audio_s": audio.seconds(),
         "cases": results, "model_costs": costs, "contended": contended,
     });
+    let json = start.results_json(Some("efficiency"), &options.common.command, body);
     let header = crate::report::header("", start.at.elapsed(), &[], true);
     let extra = json!({ "quiet_cores": QUIET_CORES, "contended_cores": CONTENDED_CORES });
     let report = crate::report::render(
         "efficiency",
         &crate::report::context(&json, &[header, extra]),
     )?;
-    crate::report::save_run(start.dir, "efficiency", report, &json, ("", |_, _| Ok(())))
+    crate::report::save_run(start.dir, "efficiency", report, &json, None)
 }
 
 #[cfg(test)]

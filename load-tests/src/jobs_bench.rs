@@ -315,7 +315,7 @@ pub fn run(options: &JobsOptions) -> anyhow::Result<crate::report::Outcome> {
     );
     let (elapsed, file) = (start.at.elapsed(), (model_file.as_path(), sha256.as_str()));
     let report = render_report(("jobs", TITLE), &json, elapsed, file, PLOT_FILE)?;
-    let plot = (PLOT_FILE, crate::plots::protocols as _);
+    let plot = Some((PLOT_FILE, crate::plots::protocols as _));
     crate::report::save_run(start.dir, "jobs", report, &json, plot)
 }
 
@@ -362,11 +362,7 @@ pub fn results_json(
             "ran_out": kept.iter().any(|j| j.ran_out), "slices": kept,
         });
     }
-    json!({
-        "kind": "jobs",
-        "started_at": start.started_at,
-        "command": options.mlp.common.command,
-        "machine": start.machine,
+    let body = json!({
         "loadavg_at_end": crate::sysinfo::MachineInfo::collect().loadavg_at_start,
         "setup": setup,
         "plot_title": "mlp, 1 row/request: online alone vs with a batch job running, one server (closed loop)",
@@ -384,5 +380,6 @@ pub fn results_json(
         "poll_ms": POLL.as_millis() as u64,
         "ceiling": {"rows_per_s": idle, "slices": ceiling, "ran_out": ceiling.iter().any(|j| j.ran_out)},
         "levels": levels_json,
-    })
+    });
+    start.results_json(Some("jobs"), &options.mlp.common.command, body)
 }

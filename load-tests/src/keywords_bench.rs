@@ -35,7 +35,7 @@ mod compute;
 mod results;
 
 pub use compute::{compute_limit, measure_stage, Stage, StageCost, CEILING_BATCHES, STAGES};
-use results::{no_plot, results_json};
+use results::results_json;
 pub use results::{SetupResults, Step, Window};
 
 /// The keyword spotter (its head) and its gate.
@@ -276,7 +276,7 @@ pub fn run(options: &KeywordsBenchOptions) -> anyhow::Result<crate::report::Outc
     let json = results_json(options, &start, &files, &audio, &costs, &results);
     let (elapsed, nproc) = (start.at.elapsed(), start.machine.nproc);
     let report = results::render(&json, options, elapsed, (&bin, nproc), nofile)?;
-    crate::report::save_run(start.dir, "keywords-bench", report, &json, ("", no_plot))
+    crate::report::save_run(start.dir, "keywords-bench", report, &json, None)
 }
 
 #[cfg(test)]

@@ -144,7 +144,7 @@ pub fn run(options: &MonitoringOptions) -> anyhow::Result<crate::report::Outcome
     let elapsed = start.at.elapsed();
     let file = (model_file.as_path(), sha256.as_str());
     let report = render_report(("monitoring", TITLE), &json, elapsed, file, PLOT_FILE)?;
-    let plot = (PLOT_FILE, crate::plots::protocols as _);
+    let plot = Some((PLOT_FILE, crate::plots::protocols as _));
     crate::report::save_run(start.dir, "monitoring", report, &json, plot)
 }
 
@@ -156,11 +156,7 @@ pub fn results_json(
     levels: &[Level<Monitor>],
 ) -> Value {
     let order = |round| options.order(round);
-    json!({
-        "kind": "monitoring",
-        "started_at": start.started_at,
-        "command": options.mlp.common.command,
-        "machine": start.machine,
+    let body = json!({
         "loadavg_at_end": crate::sysinfo::MachineInfo::collect().loadavg_at_start,
         "setup": setup,
         "plot_title": format!("mlp, {} row/request: model monitor off vs on, two servers (closed loop)", options.rows),
@@ -175,7 +171,8 @@ pub fn results_json(
         "contended_cores": CONTENDED_CORES,
         "monitor": {"off": watched.first(), "on": watched.get(1)},
         "levels": levels_json(levels, &VARIANTS, order, options.rounds),
-    })
+    });
+    start.results_json(Some("monitoring"), &options.mlp.common.command, body)
 }
 
 #[cfg(test)]

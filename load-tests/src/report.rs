@@ -164,20 +164,47 @@ impl Start {
             ),
         }
     }
+
+    /// [`results_json`] of the run that started at `self`.
+    pub fn results_json(
+        &self,
+        kind: Option<&str>,
+        command: &str,
+        body: serde_json::Value,
+    ) -> serde_json::Value {
+        results_json(kind, (&self.machine, &self.started_at), command, body)
+    }
+}
+
+/// What every results.json opens with: when the run started, its command line, the machine,
+/// and its `kind` where it writes one (`bench` and `streams-bench` results have none: `loadgen
+/// plot` tells them apart by their keys); then `body`'s keys.
+pub fn results_json(
+    kind: Option<&str>,
+    (machine, started_at): (&crate::sysinfo::MachineInfo, &str),
+    command: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let mut head =
+        serde_json::json!({ "started_at": started_at, "command": command, "machine": machine });
+    if let Some(kind) = kind {
+        head["kind"] = kind.into();
+    }
+    context(&head, &[body])
 }
 
 /// A plot drawn from a run's results into a file.
 pub type Draw = fn(&serde_json::Value, &std::path::Path) -> anyhow::Result<()>;
 
-/// Writes a benchmark run into `dir`: `report.md`, `results.json`, and the plot that
-/// `draw` makes from those results as `plot_file`. A plot that fails is said on stderr
-/// (prefixed `[tag]`), not an error: the numbers are already written.
+/// Writes a benchmark run into `dir`: `report.md`, `results.json`, and (where the run has
+/// one) the plot that `draw` makes from those results as `plot_file`. A plot that fails is
+/// said on stderr (prefixed `[tag]`), not an error: the numbers are already written.
 pub fn save_run(
     dir: std::path::PathBuf,
     tag: &str,
     report: String,
     results: &serde_json::Value,
-    (plot_file, draw): (&str, Draw),
+    plot: Option<(&str, Draw)>,
 ) -> anyhow::Result<Outcome> {
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     std::fs::write(dir.join("report.md"), &report)
@@ -187,7 +214,7 @@ pub fn save_run(
         serde_json::to_vec_pretty(results)?,
     )
     .with_context(|| format!("cannot write {}/results.json", dir.display()))?;
-    if let Err(e) = draw(results, &dir.join(plot_file)) {
+    if let Some(Err(e)) = plot.map(|(plot_file, draw)| draw(results, &dir.join(plot_file))) {
         eprintln!("[{tag}] {e:#}");
     }
     Ok(Outcome { dir, report })

@@ -25,7 +25,7 @@ use crate::stream_steps::{
     self, counter_delta, ratio, Attempt, StepOptions, Stepping, CONTENDED_CORES, QUIET_CORES,
 };
 use crate::streams::{self, Audio};
-use crate::sysinfo::{raise_nofile_limit, wait_for_quiet, CpuShare, CpuSnapshot, MachineInfo};
+use crate::sysinfo::{raise_nofile_limit, wait_for_quiet, CpuShare, CpuSnapshot};
 use crate::SplitMix64;
 
 pub const MODEL: &str = "silero_vad";
@@ -366,8 +366,7 @@ pub fn run(options: &StreamsBenchOptions) -> anyhow::Result<crate::report::Outco
     drop(runtime);
 
     let input = ReportInput {
-        machine: &start.machine,
-        started_at: &start.started_at,
+        start: &start,
         elapsed: start.at.elapsed(),
         options,
         model_file: &model_file,
@@ -379,7 +378,7 @@ pub fn run(options: &StreamsBenchOptions) -> anyhow::Result<crate::report::Outco
     };
     let json = results_json(&input);
     let report = render_report(&input, &json)?;
-    let plot = (PLOT_FILE, crate::plots::streams_latency as _);
+    let plot = Some((PLOT_FILE, crate::plots::streams_latency as _));
     crate::report::save_run(start.dir, "streams-bench", report, &json, plot)
 }
 
@@ -387,8 +386,7 @@ pub fn run(options: &StreamsBenchOptions) -> anyhow::Result<crate::report::Outco
 pub const PLOT_FILE: &str = "streams-latency.svg";
 
 struct ReportInput<'a> {
-    machine: &'a MachineInfo,
-    started_at: &'a str,
+    start: &'a crate::report::Start,
     elapsed: Duration,
     options: &'a StreamsBenchOptions,
     model_file: &'a Path,
@@ -418,10 +416,7 @@ fn step_json(s: &Step) -> serde_json::Value {
 }
 
 fn results_json(input: &ReportInput<'_>) -> serde_json::Value {
-    serde_json::json!({
-        "started_at": input.started_at,
-        "command": input.options.common.command,
-        "machine": input.machine,
+    let body = serde_json::json!({
         "model_file": input.model_file.display().to_string(),
         "sha256": input.sha256,
         "target_p99_ms": input.options.stepping.target.as_secs_f64() * 1000.0,
@@ -436,7 +431,10 @@ fn results_json(input: &ReportInput<'_>) -> serde_json::Value {
             "stopped": s.stopped,
             "steps": s.steps.iter().map(step_json).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
-    })
+    });
+    input
+        .start
+        .results_json(None, &input.options.common.command, body)
 }
 
 /// `report.md` from `templates/streams_bench.md.j2`: the results JSON, the run's settings and

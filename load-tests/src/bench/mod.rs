@@ -448,14 +448,7 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<crate::report::Outcome> {
     }
     drop(runtime);
 
-    let json = results_json(
-        &start.machine,
-        &start.started_at,
-        options,
-        &ceiling,
-        &batch1,
-        &servers,
-    );
+    let json = results_json(&start, options, &ceiling, &batch1, &servers);
     let mut report = render_report(
         &json,
         start.at.elapsed(),
@@ -465,7 +458,7 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<crate::report::Outcome> {
         &servers,
     )?;
     report.push_str(&capacity_section(&json));
-    let plot = (PLOT_FILE, crate::plots::bench_latency_throughput as _);
+    let plot = Some((PLOT_FILE, crate::plots::bench_latency_throughput as _));
     crate::report::save_run(start.dir, "bench", report, &json, plot)
 }
 

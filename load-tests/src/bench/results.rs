@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::{BenchOptions, InProcess, ServerResults, ServerSetup, PLOT_FILE};
 use crate::report::results_dir;
 use crate::rest::RestReport;
-use crate::sysinfo::{CpuShare, MachineInfo};
+use crate::sysinfo::CpuShare;
 
 /// Example targets of the report's capacity plan (`loadgen capacity` computes any other).
 pub const PLAN_SLO_MS: f64 = 50.0;
@@ -50,17 +50,13 @@ fn run_json(r: &RestReport, cpu: Option<CpuShare>) -> serde_json::Value {
 }
 
 pub(super) fn results_json(
-    machine: &MachineInfo,
-    started_at: &str,
+    start: &crate::report::Start,
     options: &BenchOptions,
     ceiling: &InProcess,
     batch1: &InProcess,
     servers: &[ServerResults],
 ) -> serde_json::Value {
-    serde_json::json!({
-        "started_at": started_at,
-        "command": options.common.command,
-        "machine": machine,
+    let body = serde_json::json!({
         "binary_tensor_data": options.binary,
         "in_process_ceiling": ceiling,
         "in_process_batch1": batch1,
@@ -68,7 +64,8 @@ pub(super) fn results_json(
             "setup": s.setup,
             "runs": s.runs.iter().zip(&s.cpu).map(|(r, c)| run_json(r, *c)).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
-    })
+    });
+    start.results_json(None, &options.common.command, body)
 }
 
 /// `report.md` from `templates/bench.md.j2`: the results JSON, the rows of the results table

@@ -133,11 +133,7 @@ pub fn results_json(options: &FleetOptions, start: &crate::report::Start, m: &Me
     let steps: Vec<Value> = m.steps.iter().map(|s| step_json(options, m, s)).collect();
     let failed = m.answers.iter().filter(|a| !a.ok()).count();
     let first_t = m.answers.first().map_or(0.0, |a| a.sent_s);
-    json!({
-        "kind": "fleet",
-        "started_at": start.started_at,
-        "command": options.common.command,
-        "machine": start.machine,
+    let body = json!({
         "settings": {
             "instances": options.instances,
             "rate_per_s": options.rate,
@@ -163,7 +159,8 @@ pub fn results_json(options: &FleetOptions, start: &crate::report::Start, m: &Me
         "cpu_cores": m.cpu.iter().map(|(part, cores)| json!({ "part": part, "cores": cores })).collect::<Vec<_>>(),
         "steps": steps,
         "history": m.history,
-    })
+    });
+    start.results_json(Some("fleet"), &options.common.command, body)
 }
 
 /// Writes `report.md`, `results.json` and the plot.
@@ -194,7 +191,7 @@ pub fn write(
         "fleet",
         report,
         &results,
-        (PLOT_FILE, crate::plots::fleet),
+        Some((PLOT_FILE, crate::plots::fleet as _)),
     )?;
     Ok(FleetOutcome {
         dir: saved.dir,

@@ -97,11 +97,6 @@ pub fn gated_streams(on: &SetupResults, steps: &[usize]) -> usize {
         .unwrap_or(steps[0])
 }
 
-/// The report's tables say it all: no plot (`save_run` is given this one, which draws none).
-pub(super) fn no_plot(_: &Value, _: &Path) -> anyhow::Result<()> {
-    Ok(())
-}
-
 fn step_json(s: &Step) -> Value {
     let more =
         json!({ "pass": s.pass, "repeated_because_contended": s.repeated, "window": s.window });
@@ -168,8 +163,7 @@ pub(super) fn results_json(
         .iter()
         .map(|&(g, b)| compute_limit(costs, g, b, nproc))
         .collect();
-    json!({
-        "kind": "keywords_bench", "started_at": start.started_at, "command": options.common.command, "machine": start.machine,
+    let body = json!({
         "target_p99_ms": stepping.target.as_secs_f64() * 1000.0, "frame_ms": stepping.frame_ms,
         "ramp_s": stepping.ramp.as_secs_f64(), "duration_s": stepping.duration.as_secs_f64(),
         "ceiling_s": options.ceiling_duration.as_secs_f64(), "quiet_wait_s": options.common.quiet_wait.as_secs_f64(),
@@ -181,7 +175,8 @@ pub(super) fn results_json(
             "steps": s.steps.iter().map(step_json).collect::<Vec<_>>() })).collect::<Vec<_>>(),
         "headline": results.iter().map(|s| headline(s, costs, nproc)).collect::<Vec<_>>(),
         "on_off": on_off(results),
-    })
+    });
+    start.results_json(Some("keywords_bench"), &options.common.command, body)
 }
 
 /// `report.md` from `templates/keywords_bench.md.j2`: the results JSON, the header (the server

@@ -390,7 +390,7 @@ pub fn run(options: &OverloadOptions) -> anyhow::Result<crate::report::Outcome> 
 
     let json = results::results_json(options, &start, &manifest_text, pinning, threads, &variants);
     let report = results::render_report(&json, start.at.elapsed(), options)?;
-    let plot = (PLOT_FILE, crate::plots::overload_levels as _);
+    let plot = Some((PLOT_FILE, crate::plots::overload_levels as _));
     let outcome = crate::report::save_run(start.dir, "overload", report, &json, plot)?;
     for v in &variants {
         if let Some(log) = &v.server_log {

@@ -133,11 +133,7 @@ pub fn results_json(
 ) -> Value {
     let variants_json: Vec<Value> = variants.iter().map(variant_json).collect();
     let first = variants_json.first();
-    json!({
-        "kind": "overload",
-        "started_at": start.started_at,
-        "command": options.mlp.common.command,
-        "machine": start.machine,
+    let body = json!({
         "manifest": manifest,
         "pinned": pinning,
         "client_threads": client_threads,
@@ -147,7 +143,8 @@ pub fn results_json(
         "capacity_from": first.map(|v| v["label"].clone()),
         "comparison": comparison(&variants_json),
         "variants": variants_json,
-    })
+    });
+    start.results_json(Some("overload"), &options.mlp.common.command, body)
 }
 
 /// The file a pinned variant's server output goes to, beside the report.

@@ -102,7 +102,7 @@ pub fn run(options: &ProtocolsOptions) -> anyhow::Result<crate::report::Outcome>
         file,
         PLOT_FILE,
     )?;
-    let plot = (PLOT_FILE, crate::plots::protocols as _);
+    let plot = Some((PLOT_FILE, crate::plots::protocols as _));
     crate::report::save_run(start.dir, "protocols", report, &json, plot)
 }
 

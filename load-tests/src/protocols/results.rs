@@ -190,11 +190,7 @@ pub fn results_json(
     let base = options.baseline();
     let order = |round| options.order(round);
     let levels = levels_json(levels, &options.protocols, order, options.rounds);
-    json!({
-        "kind": "protocols",
-        "started_at": started_at,
-        "command": options.mlp.common.command,
-        "machine": machine,
+    let body = json!({
         "setup": setup,
         "grpc_addr": grpc_addr,
         "protocols": options.protocols.iter().map(|p| json!({"key": p.key(), "label": p.label()})).collect::<Vec<_>>(),
@@ -210,7 +206,9 @@ pub fn results_json(
         "admission": options.admission,
         "contended_cores": CONTENDED_CORES,
         "levels": levels,
-    })
+    });
+    let head = (machine, started_at);
+    crate::report::results_json(Some("protocols"), head, &options.mlp.common.command, body)
 }
 
 /// The report's list of errors: one line per run that had any, with its first error.

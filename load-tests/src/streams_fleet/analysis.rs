@@ -287,11 +287,7 @@ pub fn results_json(
     let connections: Vec<&Connection> = m.runs.iter().flat_map(|r| &r.connections).collect();
     let width = options.bin.as_secs_f64();
     let wall = m.end_s.max(1e-3);
-    json!({
-        "kind": "streams_fleet",
-        "started_at": start.started_at,
-        "command": options.common.command,
-        "machine": start.machine,
+    let body = json!({
         "settings": {
             "instances": options.instances, "streams": options.streams,
             "audio_loops": options.audio_loops, "audio_s": m.audio_secs,
@@ -355,7 +351,8 @@ pub fn results_json(
         "cpu": m.cpu.iter().map(|(part, s)| json!({ "part": part, "seconds": s, "cores": s / wall })).collect::<Vec<_>>(),
         "timeline": latency_bins(&all_chunks, width, m.end_s),
         "connected": connected_bins(&connections, &m.instance_ids, width, m.end_s),
-    })
+    });
+    start.results_json(Some("streams_fleet"), &options.common.command, body)
 }
 
 /// Writes `report.md`, `results.json` and the plot; also says whether every stream finished
@@ -387,7 +384,7 @@ pub fn write(
         "streams-fleet",
         report,
         &results,
-        (PLOT_FILE, crate::plots::streams_fleet),
+        Some((PLOT_FILE, crate::plots::streams_fleet as _)),
     )?;
     Ok((outcome, passed))
 }

@@ -234,8 +234,7 @@ pub fn run(options: &TimelineOptions) -> anyhow::Result<TimelineOutcome> {
     let measured = result?;
 
     let input = ReportInput {
-        machine: &start.machine,
-        started_at: &start.started_at,
+        start: &start,
         elapsed: start.at.elapsed(),
         options,
         manifest: &manifest_text,
@@ -243,7 +242,7 @@ pub fn run(options: &TimelineOptions) -> anyhow::Result<TimelineOutcome> {
     };
     let results = results_json(&input);
     let report = render_report(&input, &results)?;
-    let plot = (PLOT_FILE, crate::plots::timeline as _);
+    let plot = Some((PLOT_FILE, crate::plots::timeline as _));
     let saved = crate::report::save_run(start.dir, "timeline", report, &results, plot)?;
     Ok(TimelineOutcome {
         dir: saved.dir,

@@ -11,11 +11,9 @@ use super::measure::Measured;
 use super::{TimelineOptions, PLOT_FILE, SCRAPE_EVERY};
 use crate::open_loop::TimelineBin;
 use crate::overload::{FALLBACK, MAX_QUEUE, SLO_MS};
-use crate::sysinfo::MachineInfo;
 
 pub(super) struct ReportInput<'a> {
-    pub(super) machine: &'a MachineInfo,
-    pub(super) started_at: &'a str,
+    pub(super) start: &'a crate::report::Start,
     pub(super) elapsed: Duration,
     pub(super) options: &'a TimelineOptions,
     pub(super) manifest: &'a str,
@@ -64,11 +62,7 @@ pub(super) fn results_json(input: &ReportInput<'_>) -> Value {
         })
         .collect();
     let (limits, settles) = settle_times(&r.timeline, width, &m.events, duration);
-    json!({
-        "kind": "timeline",
-        "started_at": input.started_at,
-        "command": input.options.mlp.common.command,
-        "machine": input.machine,
+    let body = json!({
         "manifest": input.manifest,
         "capacity": m.capacity.map(|(rps, p99)| json!({
             "concurrency": input.options.mlp.capacity_concurrency,
@@ -95,7 +89,9 @@ pub(super) fn results_json(input: &ReportInput<'_>) -> Value {
         "phases": phases,
         "bins": bins,
         "server": m.server,
-    })
+    });
+    let command = &input.options.mlp.common.command;
+    input.start.results_json(Some("timeline"), command, body)
 }
 
 /// `report.md` from `templates/timeline.md.j2`: the results JSON and the run's settings.
