@@ -250,6 +250,35 @@ where
     Ok(())
 }
 
+/// One panel on a time axis from 0 to `end` s, under `caption` if any: `lines` (name, points,
+/// colour, width) against `y`, and `marks` as dashed lines across `y_span`; the caller adds
+/// what else it shows and its legend.
+fn time_panel<'a, 'b, Y>(
+    area: &'a Area<'b>,
+    (caption, x_area, both): (Option<&str>, u32, bool),
+    (end, y, y_span): (f64, Y, (f64, f64)),
+    (x_desc, y_desc, y_digits): (Option<&str>, &str, usize),
+    lines: &[(impl AsRef<str>, impl AsRef<[(f64, f64)]>, RGBColor, u32)],
+    marks: impl IntoIterator<Item = (f64, RGBColor)>,
+) -> anyhow::Result<Chart<'a, 'b, plotters::coord::types::RangedCoordf64, Y::CoordDescType>>
+where
+    Y: plotters::coord::ranged1d::AsRangedCoord<Value = f64>,
+    Y::CoordDescType: plotters::coord::ranged1d::ValueFormatter<f64>,
+{
+    let mut builder = chart_on(area, (10, x_area, 70, both));
+    if let Some(caption) = caption {
+        builder.caption(caption, ("sans-serif", 14));
+    }
+    let mut chart = builder.build_cartesian_2d(0.0..end, y).map_err(plot_err)?;
+    axes(&mut chart, (x_desc, y_desc), (0, " s", y_digits), None)?;
+    for (name, points, color, width) in lines {
+        let points = points.as_ref().iter().copied();
+        line(&mut chart, points, (*color, *width, 2), name.as_ref())?;
+    }
+    vertical_marks(&mut chart, marks, y_span)?;
+    Ok(chart)
+}
+
 /// p50, p99 and max (`max_key`) latency per time bin of `width` s, at the bin's middle where it
 /// has one, and a log axis over them: from under the lowest p50 to 3× the highest.
 fn bin_latencies(bins: &[&Value], width: f64, max_key: &str) -> ([Points; 3], (f64, f64)) {

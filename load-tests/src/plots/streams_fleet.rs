@@ -8,10 +8,7 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde_json::Value;
 
-use super::{
-    axes, bin_latencies, canvas, chart_on, f, items, legend_box, line, plot_err, vertical_marks,
-    PALETTE,
-};
+use super::{bin_latencies, canvas, f, items, legend_box, plot_err, time_panel, Points, PALETTE};
 
 pub fn streams_fleet(results: &Value, out: &Path) -> anyhow::Result<()> {
     let bins: Vec<&Value> = items(results, "timeline").collect();
@@ -35,28 +32,20 @@ pub fn streams_fleet(results: &Value, out: &Path) -> anyhow::Result<()> {
     let root = canvas(out, (1100, 760), Some((title, 20)))?;
     let panels = root.split_evenly((2, 1));
 
-    let mut chart = chart_on(&panels[0], (10, 30, 70, false))
-        .caption(
-            "chunk latency per bin, ms (log); dashed: SIGTERM (black), ready again (grey)",
-            ("sans-serif", 14),
-        )
-        .build_cartesian_2d(0.0..end, (y_min..y_max).log_scale())
-        .map_err(plot_err)?;
-    axes(&mut chart, (None, "ms (log)"), (0, " s", 1), None)?;
-    let named = [
-        ("p50 from send", &p50, 2),
-        ("p99 from send", &p99, 2),
-        ("max from due (real-time schedule)", &max, 1),
+    let lines = [
+        ("p50 from send", p50, PALETTE[0], 2),
+        ("p99 from send", p99, PALETTE[3], 2),
+        ("max from due (real-time schedule)", max, PALETTE[4], 1),
     ];
-    for ((name, points, w), color) in named.into_iter().zip([0, 3, 4]) {
-        line(
-            &mut chart,
-            points.iter().copied(),
-            (PALETTE[color], w, 2),
-            name,
-        )?;
-    }
-    vertical_marks(&mut chart, marks.iter().copied(), (y_min, y_max))?;
+    let caption = "chunk latency per bin, ms (log); dashed: SIGTERM (black), ready again (grey)";
+    let mut chart = time_panel(
+        &panels[0],
+        (Some(caption), 30, false),
+        (end, (y_min..y_max).log_scale(), (y_min, y_max)),
+        (None, "ms (log)", 1),
+        &lines,
+        marks.iter().copied(),
+    )?;
     legend_box(&mut chart, SeriesLabelPosition::UpperRight)?;
 
     let ids: Vec<String> = items(results, "instances")
@@ -68,28 +57,22 @@ pub fn streams_fleet(results: &Value, out: &Path) -> anyhow::Result<()> {
         .flat_map(|c| ids.iter().map(|id| f(&c["streams"][id])))
         .fold(1.0, f64::max)
         * 1.15;
-    let mut chart = chart_on(&panels[1], (10, 40, 70, false))
-        .caption("streams connected per instance", ("sans-serif", 14))
-        .build_cartesian_2d(0.0..end, 0.0..c_max)
-        .map_err(plot_err)?;
-    axes(
-        &mut chart,
-        (Some("seconds since the first stream opened"), "streams"),
-        (0, " s", 0),
-        None,
+    let lines: Vec<_> = (ids.iter().enumerate())
+        .map(|(i, id)| {
+            let points: Points = (connected.iter())
+                .map(|c| (f(&c["t_s"]), f(&c["streams"][id])))
+                .collect();
+            (id, points, PALETTE[i % PALETTE.len()], 2)
+        })
+        .collect();
+    let mut chart = time_panel(
+        &panels[1],
+        (Some("streams connected per instance"), 40, false),
+        (end, 0.0..c_max, (0.0, c_max)),
+        (Some("seconds since the first stream opened"), "streams", 0),
+        &lines,
+        marks,
     )?;
-    for (i, id) in ids.iter().enumerate() {
-        let points = connected
-            .iter()
-            .map(|c| (f(&c["t_s"]), f(&c["streams"][id])));
-        line(
-            &mut chart,
-            points,
-            (PALETTE[i % PALETTE.len()], 2, 2),
-            id.as_str(),
-        )?;
-    }
-    vertical_marks(&mut chart, marks, (0.0, c_max))?;
     legend_box(&mut chart, SeriesLabelPosition::UpperRight)?;
     root.present().map_err(plot_err)?;
     Ok(())

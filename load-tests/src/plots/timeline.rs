@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::{
     axes, bin_latencies, canvas, chart_on, f, items, legend_box, legend_line, line, plot_err,
-    vertical_marks, PALETTE,
+    time_panel, vertical_marks, PALETTE,
 };
 
 /// Latency, outcomes and server state over time, from a `loadgen timeline` results.json:
@@ -36,27 +36,19 @@ pub fn timeline(results: &Value, out: &Path) -> anyhow::Result<()> {
     let marks = || events.iter().map(|(t, _)| (*t, BLACK));
 
     // Latency.
-    let mut chart = chart_on(&panels[0], (10, 30, 70, true))
-        .build_cartesian_2d(0.0..duration, (y_min..y_max).log_scale())
-        .map_err(plot_err)?;
-    axes(
-        &mut chart,
-        (None, "latency of 200s, ms (log)"),
-        (0, " s", 1),
-        None,
+    let lines = [
+        ("p50", p50, PALETTE[0], 2),
+        ("p99", p99, PALETTE[1], 2),
+        ("max", max, PALETTE[2], 1),
+    ];
+    let mut chart = time_panel(
+        &panels[0],
+        (None, 30, true),
+        (duration, (y_min..y_max).log_scale(), (y_min, y_max)),
+        (None, "latency of 200s, ms (log)", 1),
+        &lines,
+        marks(),
     )?;
-    for (i, (name, points, width)) in [("p50", &p50, 2), ("p99", &p99, 2), ("max", &max, 1)]
-        .into_iter()
-        .enumerate()
-    {
-        line(
-            &mut chart,
-            points.iter().copied(),
-            (PALETTE[i], width, 2),
-            name,
-        )?;
-    }
-    vertical_marks(&mut chart, marks(), (y_min, y_max))?;
     for (i, (t, label)) in events.iter().enumerate() {
         let y = if i % 2 == 0 { y_max / 1.6 } else { y_max / 3.2 };
         chart
@@ -70,27 +62,30 @@ pub fn timeline(results: &Value, out: &Path) -> anyhow::Result<()> {
     legend_box(&mut chart, SeriesLabelPosition::LowerRight)?;
 
     // Requests per second by outcome.
-    let per_s = |pick: &dyn Fn(&Value) -> f64| -> Vec<(f64, f64)> {
-        bins.iter().map(|b| (mid(b), pick(b) / bin_s)).collect()
+    let per_s = |key: &str| -> Vec<(f64, f64)> {
+        bins.iter().map(|b| (mid(b), f(&b[key]) / bin_s)).collect()
     };
     let series = [
-        ("offered (scheduled)", per_s(&|b| f(&b["scheduled"])), BLACK),
-        ("200 from mlp", per_s(&|b| f(&b["ok_primary"])), PALETTE[0]),
+        ("offered (scheduled)", per_s("scheduled"), BLACK, 1),
+        ("200 from mlp", per_s("ok_primary"), PALETTE[0], 2),
         (
             "200 from fallback (degraded)",
-            per_s(&|b| f(&b["ok_degraded"])),
+            per_s("ok_degraded"),
             PALETTE[3],
+            2,
         ),
-        ("shed 429/503", per_s(&|b| f(&b["shed"])), PALETTE[1]),
+        ("shed 429/503", per_s("shed"), PALETTE[1], 2),
         (
             "failed (other status, transport)",
-            per_s(&|b| f(&b["failed"])),
+            per_s("failed"),
             PALETTE[4],
+            2,
         ),
         (
             "not sent (load generator's in-flight bound)",
-            per_s(&|b| f(&b["not_sent"])),
+            per_s("not_sent"),
             PALETTE[5],
+            2,
         ),
     ];
     let r_max = series
@@ -98,25 +93,14 @@ pub fn timeline(results: &Value, out: &Path) -> anyhow::Result<()> {
         .flat_map(|s| s.1.iter().map(|p| p.1))
         .fold(1.0, f64::max)
         * 1.1;
-    let mut chart = chart_on(&panels[1], (10, 30, 70, true))
-        .build_cartesian_2d(0.0..duration, 0.0..r_max)
-        .map_err(plot_err)?;
-    axes(
-        &mut chart,
-        (None, "requests/s (per bin)"),
-        (0, " s", 0),
-        None,
+    let mut chart = time_panel(
+        &panels[1],
+        (None, 30, true),
+        (duration, 0.0..r_max, (0.0, r_max)),
+        (None, "requests/s (per bin)", 0),
+        &series,
+        marks(),
     )?;
-    for (name, points, color) in &series {
-        let width = if *color == BLACK { 1 } else { 2 };
-        line(
-            &mut chart,
-            points.iter().copied(),
-            (*color, width, 2),
-            *name,
-        )?;
-    }
-    vertical_marks(&mut chart, marks(), (0.0, r_max))?;
     legend_box(&mut chart, SeriesLabelPosition::UpperRight)?;
 
     // The server's view.
