@@ -43,20 +43,14 @@ fn f(v: &Value) -> f64 {
     v.as_f64().unwrap_or(0.0)
 }
 
-/// One server's curve: (throughput req/s, p50 ms, p99 ms) per level.
-struct Curve {
-    label: String,
-    points: Vec<(f64, f64, f64)>,
-}
-
-fn bench_curves(results: &Value) -> Vec<Curve> {
+/// Each server's label and curve: (throughput req/s, p50 ms, p99 ms) per level.
+fn bench_curves(results: &Value) -> Vec<Setup<(f64, f64, f64)>> {
     items(results, "servers")
-        .map(|s| Curve {
-            label: label(s),
-            points: items(s, "runs")
+        .map(|s| {
+            let points = items(s, "runs")
                 .map(|r| (f(&r["requests_per_s"]), p50(r), f(&r["latency_ms"]["p99"])))
-                .filter(|p| p.0 > 0.0 && p.1 > 0.0 && p.2 > 0.0)
-                .collect(),
+                .filter(|p| p.0 > 0.0 && p.1 > 0.0 && p.2 > 0.0);
+            (label(s), points.collect())
         })
         .collect()
 }
@@ -98,31 +92,39 @@ fn legend_line(color: RGBColor, width: u32) -> impl Fn((i32, i32)) -> PathElemen
     move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(width))
 }
 
-/// One setup's latency against x: p50 as a thick line with circles of `circle` px, p99 as a
-/// thin line, each with its legend entry (`{label} p50`, `{label} {p99_legend}`). The p99
-/// markers are the caller's: they say different things per plot.
-fn draw_p50_p99<X, Y>(
-    chart: &mut Chart<'_, '_, X, Y>,
-    label: &str,
-    p99_legend: &str,
-    color: RGBColor,
-    circle: u32,
-    points: impl Iterator<Item = (f64, f64, f64)> + Clone,
+/// Each setup's latency against x, in palette order: p50 as a thick line with circles of
+/// `circle` px, p99 as a thin line, each with its legend entry (`{label} p50`, `{label}
+/// {p99_legend}`), then `mark` (in the setup's colour) at each point: the p99 markers, which
+/// say different things per plot. `xyy` gives a point's (x, p50, p99).
+fn draw_p50_p99<'b, X, Y, P, E>(
+    chart: &mut Chart<'_, 'b, X, Y>,
+    setups: &[Setup<P>],
+    (p99_legend, circle): (&str, u32),
+    xyy: impl Fn(&P) -> (f64, f64, f64),
+    mark: impl Fn(&P, RGBColor) -> E,
 ) -> anyhow::Result<()>
 where
     X: Ranged<ValueType = f64>,
     Y: Ranged<ValueType = f64>,
+    E: plotters::element::Drawable<SVGBackend<'b>>,
+    for<'c> &'c E: plotters::element::PointCollection<'c, (f64, f64)>,
 {
-    let p50 = points.clone().map(|p| (p.0, p.1));
-    line_with_dots(chart, p50, color, circle, format!("{label} p50"))?;
-    chart
-        .draw_series(LineSeries::new(
-            points.map(|p| (p.0, p.2)),
-            color.stroke_width(1),
-        ))
-        .map_err(plot_err)?
-        .label(format!("{label} {p99_legend}"))
-        .legend(move |(x, y)| TriangleMarker::new((x + 10, y), 4, color.filled()));
+    for (i, (label, points)) in setups.iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        let p50 = points.iter().map(&xyy).map(|p| (p.0, p.1));
+        line_with_dots(chart, p50, color, circle, format!("{label} p50"))?;
+        let p99 = points.iter().map(&xyy).map(|p| (p.0, p.2));
+        // The element type named: `E`'s bounds would otherwise be taken for the line's.
+        chart
+            .draw_series::<_, DynElement<'static, SVGBackend<'b>, (f64, f64)>, _, _>(
+                LineSeries::new(p99, color.stroke_width(1)),
+            )
+            .map_err(plot_err)?
+            .label(format!("{label} {p99_legend}"))
+            .legend(move |(x, y)| TriangleMarker::new((x + 10, y), 4, color.filled()));
+        let marks = points.iter().map(|p| mark(p, color));
+        chart.draw_series(marks).map_err(plot_err)?;
+    }
     Ok(())
 }
 
@@ -142,6 +144,8 @@ fn legend_box<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
 
 type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
 type Points = Vec<(f64, f64)>;
+/// A setup's (server's, client's) label and its points.
+type Setup<P> = (String, Vec<P>);
 type Chart<'a, 'b, X, Y> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<X, Y>>;
 
 /// A chart on `area` with every plot's margins: (margin, x label area, y label areas, both
@@ -305,7 +309,7 @@ fn bin_latencies(bins: &[&Value], width: f64, max_key: &str) -> ([Points; 3], (f
 pub fn bench_latency_throughput(results: &Value, out: &Path) -> anyhow::Result<()> {
     let curves = bench_curves(results);
     let ceiling = f(&results["in_process_ceiling"]["rows_per_sec"]);
-    let all = curves.iter().flat_map(|c| c.points.iter());
+    let all = curves.iter().flat_map(|c| c.1.iter());
     let x_max = all.clone().map(|p| p.0).fold(ceiling, f64::max).max(10.0) * 1.5;
     let x_min = all
         .clone()
@@ -335,24 +339,9 @@ pub fn bench_latency_throughput(results: &Value, out: &Path) -> anyhow::Result<(
             label,
         )?;
     }
-    for (i, c) in curves.iter().enumerate() {
-        let color = PALETTE[i % PALETTE.len()];
-        draw_p50_p99(
-            &mut chart,
-            &c.label,
-            "p99",
-            color,
-            4,
-            c.points.iter().copied(),
-        )?;
-        chart
-            .draw_series(
-                c.points
-                    .iter()
-                    .map(|p| TriangleMarker::new((p.0, p.2), 5, color.filled())),
-            )
-            .map_err(plot_err)?;
-    }
+    let mark =
+        |p: &(f64, f64, f64), color: RGBColor| TriangleMarker::new((p.0, p.2), 5, color.filled());
+    draw_p50_p99(&mut chart, &curves, ("p99", 4), |p| *p, mark)?;
     legend_box(&mut chart, SeriesLabelPosition::UpperLeft)?;
     root.present().map_err(plot_err)?;
     Ok(())
@@ -369,7 +358,7 @@ pub fn streams_latency(results: &Value, out: &Path) -> anyhow::Result<()> {
     let ceiling = items(results, "ceilings")
         .map(|c| f(&c["real_time_streams"]))
         .fold(0.0, f64::max);
-    let setups: Vec<(String, Vec<StreamStep>)> = items(results, "servers")
+    let setups: Vec<Setup<StreamStep>> = items(results, "servers")
         .map(|s| {
             let points = items(s, "steps")
                 .map(|st| {
@@ -425,18 +414,13 @@ pub fn streams_latency(results: &Value, out: &Path) -> anyhow::Result<()> {
             label,
         )?;
     }
-    for (i, (label, points)) in setups.iter().enumerate() {
-        let color = PALETTE[i % PALETTE.len()];
-        let lines = points.iter().map(|p| (p.0, p.1, p.2));
-        draw_p50_p99(&mut chart, label, "p99 (× = step failed)", color, 3, lines)?;
-        chart
-            .draw_series(points.iter().map(|p| {
-                EmptyElement::at((p.0, p.2))
-                    + TriangleMarker::new((0, 0), if p.3 { 5 } else { 0 }, color.filled())
-                    + Cross::new((0, 0), if p.3 { 0 } else { 6 }, color.stroke_width(2))
-            }))
-            .map_err(plot_err)?;
-    }
+    let mark = |p: &StreamStep, color: RGBColor| {
+        EmptyElement::at((p.0, p.2))
+            + TriangleMarker::new((0, 0), if p.3 { 5 } else { 0 }, color.filled())
+            + Cross::new((0, 0), if p.3 { 0 } else { 6 }, color.stroke_width(2))
+    };
+    let legend = ("p99 (× = step failed)", 3);
+    draw_p50_p99(&mut chart, &setups, legend, |p| (p.0, p.1, p.2), mark)?;
     legend_box(&mut chart, SeriesLabelPosition::LowerRight)?;
     root.present().map_err(plot_err)?;
     Ok(())

@@ -8,16 +8,12 @@ use plotters::prelude::*;
 use serde_json::Value;
 
 use super::{
-    axes, canvas, chart_on, draw_p50_p99, f, items, legend_box, line_with_dots, plot_err, PALETTE,
+    axes, canvas, chart_on, draw_p50_p99, f, items, legend_box, line_with_dots, plot_err, Setup,
+    PALETTE,
 };
 
-/// One client's levels: (concurrency, req/s, p50 ms, p99 ms).
-struct Series {
-    label: String,
-    points: Vec<(f64, f64, f64, f64)>,
-}
-
-fn series(results: &Value) -> Vec<Series> {
+/// Each client's label and levels: (concurrency, req/s, p50 ms, p99 ms).
+fn series(results: &Value) -> Vec<Setup<(f64, f64, f64, f64)>> {
     items(results, "protocols")
         .map(|p| {
             let key = &p["key"];
@@ -34,10 +30,7 @@ fn series(results: &Value) -> Vec<Series> {
                 })
                 .filter(|p| p.0 > 0.0)
                 .collect();
-            Series {
-                label: p["label"].as_str().unwrap_or("?").to_string(),
-                points,
-            }
+            (p["label"].as_str().unwrap_or("?").to_string(), points)
         })
         .collect()
 }
@@ -45,7 +38,7 @@ fn series(results: &Value) -> Vec<Series> {
 /// Throughput and latency per concurrency level, one line per client.
 pub fn protocols(results: &Value, out: &Path) -> anyhow::Result<()> {
     let all = series(results);
-    let points = all.iter().flat_map(|s| s.points.iter());
+    let points = all.iter().flat_map(|s| s.1.iter());
     let c_max = points.clone().map(|p| p.0).fold(1.0, f64::max) * 1.5;
     let r_max = points.clone().map(|p| p.1).fold(1.0, f64::max) * 1.15;
     let y_max = points.clone().map(|p| p.3).fold(1.0, f64::max) * 2.0;
@@ -72,10 +65,10 @@ pub fn protocols(results: &Value, out: &Path) -> anyhow::Result<()> {
         .map_err(plot_err)?;
     let descs = (Some("requests in flight (log)"), "requests/s");
     axes(&mut chart, descs, (0, "", 0), None)?;
-    for (i, s) in all.iter().enumerate() {
+    for (i, (label, points)) in all.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
-        let xy = s.points.iter().map(|p| (p.0, p.1));
-        line_with_dots(&mut chart, xy, color, 4, s.label.as_str())?;
+        let xy = points.iter().map(|p| (p.0, p.1));
+        line_with_dots(&mut chart, xy, color, 4, label.as_str())?;
     }
     legend_box(&mut chart, SeriesLabelPosition::LowerRight)?;
 
@@ -84,18 +77,10 @@ pub fn protocols(results: &Value, out: &Path) -> anyhow::Result<()> {
         .map_err(plot_err)?;
     let descs = (Some("requests in flight (log)"), "latency, ms (log)");
     axes(&mut chart, descs, (0, "", 2), None)?;
-    for (i, s) in all.iter().enumerate() {
-        let color = PALETTE[i % PALETTE.len()];
-        let lines = s.points.iter().map(|p| (p.0, p.2, p.3));
-        draw_p50_p99(&mut chart, &s.label, "p99", color, 3, lines)?;
-        chart
-            .draw_series(
-                s.points
-                    .iter()
-                    .map(|p| TriangleMarker::new((p.0, p.3), 4, color.filled())),
-            )
-            .map_err(plot_err)?;
-    }
+    let mark = |p: &(f64, f64, f64, f64), color: RGBColor| {
+        TriangleMarker::new((p.0, p.3), 4, color.filled())
+    };
+    draw_p50_p99(&mut chart, &all, ("p99", 3), |p| (p.0, p.2, p.3), mark)?;
     legend_box(&mut chart, SeriesLabelPosition::UpperLeft)?;
     root.present().map_err(plot_err)?;
     Ok(())
