@@ -1,8 +1,9 @@
 //! What every client of `loadgen protocols` counts, in one shape: the REST load loop's
 //! [`RestReport`] (successes, errors by kind, warm-up counts, the latency histogram and the
 //! server-reported batch, queue and model-call sums), so that the gRPC loops' results read,
-//! print and serialise exactly as REST's. Here: one answer's accounting for the gRPC loops
-//! ([`record`]), and merging the tallies of slices (those of tasks: [`RestReport::absorb`]).
+//! print and serialise exactly as REST's. Here: one answer's accounting for the REST and gRPC
+//! loops ([`record`]), and merging the tallies of slices (those of tasks:
+//! [`RestReport::absorb`]).
 
 use std::time::{Duration, Instant};
 
@@ -31,6 +32,24 @@ impl Failed {
     }
 }
 
+impl Counted for Failed {
+    fn key(self) -> String {
+        self.kind
+    }
+
+    fn text(&self) -> String {
+        format!("{}: {}", self.kind, self.detail)
+    }
+}
+
+/// A failed request as [`record`] counts it: under its kind, the error table's key (`key`),
+/// and, the first one of a run, with what exactly happened (`text`); each made only when
+/// needed.
+pub trait Counted {
+    fn key(self) -> String;
+    fn text(&self) -> String;
+}
+
 /// The slices of one client at one level, run one after the other, as one run: counts and
 /// latencies together, the measured time their sum (so requests/s is the slices' mean
 /// weighted by their length). `None` without slices.
@@ -45,7 +64,7 @@ pub fn combine_slices(slices: Vec<RestReport>) -> Option<RestReport> {
 }
 
 /// The measured period of a slice: answers that come in before `start` are warm-up, after
-/// `end` are not counted at all (as the REST loop does).
+/// `end` are not counted at all.
 #[derive(Clone, Copy, Debug)]
 pub struct Period {
     pub start: Instant,
@@ -70,7 +89,7 @@ pub fn record(
     stats: &mut RestReport,
     period: Period,
     (sent, done): (Instant, Instant),
-    outcome: Result<ServerSide, Failed>,
+    outcome: Result<ServerSide, impl Counted>,
 ) {
     let measured = done >= period.start && done <= period.end;
     let warmup = done < period.start;
@@ -85,10 +104,10 @@ pub fn record(
         Ok(_) => stats.warmup_requests += u64::from(warmup),
         Err(failed) => {
             if stats.first_error.is_none() {
-                stats.first_error = Some(format!("{}: {}", failed.kind, failed.detail));
+                stats.first_error = Some(failed.text());
             }
             if measured {
-                *stats.errors.entry(failed.kind).or_default() += 1;
+                *stats.errors.entry(failed.key()).or_default() += 1;
             } else if warmup {
                 stats.warmup_requests += 1;
                 stats.warmup_errors += 1;
@@ -143,7 +162,7 @@ mod tests {
         };
         let at = |ms: u64| now + Duration::from_millis(ms);
         let mut stats = RestReport::empty("x", "mlp", 1, 1, false);
-        let ok = || Ok(ServerSide::default());
+        let ok = || Ok::<_, Failed>(ServerSide::default());
         record(&mut stats, period, (at(0), at(500)), ok());
         record(&mut stats, period, (at(900), at(1100)), ok());
         record(&mut stats, period, (at(1900), at(2100)), ok());

@@ -13,7 +13,7 @@ use super::{
     check_mlp_response, mlp_request, RequestBody, RestOptions, RestReport, ServerSide,
     HEADER_CONTENT_LENGTH, POOL_IDLE_TIMEOUT,
 };
-use crate::hist;
+use crate::protocols::tally::{self, Period};
 
 /// Counters shared with the progress printer.
 #[derive(Default)]
@@ -43,6 +43,16 @@ impl Failure {
             Failure::Transport(e) => format!("transport: {e}"),
             Failure::Invalid(e) => format!("invalid response: {e}"),
         }
+    }
+}
+
+impl tally::Counted for Failure {
+    fn key(self) -> String {
+        self.kind()
+    }
+
+    fn text(&self) -> String {
+        self.describe()
     }
 }
 
@@ -99,53 +109,33 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Sends `body` again and again until `measure_end`, counting into `stats` (this task's own
-/// tally, no locking on the hot path; empty, its `rows` those of `body`).
+/// Sends `body` again and again until the end of `period`, counting into `stats` (this task's
+/// own tally, no locking on the hot path; empty, its `rows` those of `body`).
 async fn task_loop(
     client: reqwest::Client,
     url: Url,
     body: RequestBody,
     mut stats: RestReport,
-    measure_start: Instant,
-    measure_end: Instant,
+    period: Period,
     live: Arc<Live>,
 ) -> RestReport {
-    while Instant::now() < measure_end {
+    while Instant::now() < period.end {
         let started = Instant::now();
         let outcome = send_one(&client, &url, &body, stats.rows).await;
         let done = Instant::now();
+        let counter = if outcome.is_ok() {
+            &live.ok
+        } else {
+            &live.errors
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let transport = matches!(outcome, Err(Failure::Transport(_)));
         // A request counts towards the period in which it completed; one that completes after
         // the end of the measured period is not counted at all.
-        let measured = done >= measure_start && done <= measure_end;
-        let warmup = done < measure_start;
-        match outcome {
-            Ok(server) => {
-                live.ok.fetch_add(1, Ordering::Relaxed);
-                if measured {
-                    stats.ok += 1;
-                    stats.server_sums.add(&server);
-                    let us = hist::micros(done.duration_since(started));
-                    stats.latency_us.saturating_record(us);
-                } else if warmup {
-                    stats.warmup_requests += 1;
-                }
-            }
-            Err(failure) => {
-                live.errors.fetch_add(1, Ordering::Relaxed);
-                if stats.first_error.is_none() {
-                    stats.first_error = Some(failure.describe());
-                }
-                if measured {
-                    *stats.errors.entry(failure.kind()).or_default() += 1;
-                } else if warmup {
-                    stats.warmup_requests += 1;
-                    stats.warmup_errors += 1;
-                }
-                if matches!(failure, Failure::Transport(_)) {
-                    // Connection refused and the like fail instantly: do not spin.
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
+        tally::record(&mut stats, period, (started, done), outcome);
+        if transport {
+            // Connection refused and the like fail instantly: do not spin.
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
     stats
@@ -169,6 +159,10 @@ pub async fn run(options: &RestOptions) -> anyhow::Result<RestReport> {
         options.rows,
         options.binary,
     );
+    let period = Period {
+        start: measure_start,
+        end: measure_end,
+    };
     for i in 0..options.concurrency {
         let body = mlp_request(options.rows, 0x5EED_0000 + i as u64, options.binary);
         tasks.spawn(task_loop(
@@ -176,8 +170,7 @@ pub async fn run(options: &RestOptions) -> anyhow::Result<RestReport> {
             url.clone(),
             body,
             report.clone(),
-            measure_start,
-            measure_end,
+            period,
             live.clone(),
         ));
     }
