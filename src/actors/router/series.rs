@@ -34,7 +34,8 @@ impl BatchSeries {
 }
 
 /// How many versions asking through one fallback keep their counters here; past that (many
-/// versions sharing one fallback), a version's counter is looked up by its labels each time.
+/// versions sharing one fallback), the last place is reused, and versions that take turns
+/// in it are looked up by their labels each time.
 const MAX_ASKED: usize = 8;
 
 /// `streamserve_shed_total` and `streamserve_degraded_total`, labelled by the version the
@@ -52,7 +53,8 @@ pub(super) struct AskedSeries {
 
 impl AskedSeries {
     /// The series of the router serving `own`. Its own shed counter exists from the start
-    /// (the supervisor registers it at 0), so taking its handle now adds no series.
+    /// (`router::start` registers the version's series at 0 before it makes the router's
+    /// state), so taking its handle now adds no series.
     pub fn new(own: Asked) -> AskedSeries {
         AskedSeries {
             served_by: own.0.clone(),
@@ -98,22 +100,24 @@ fn cached<'a>(
     asked: &Asked,
     make: impl Fn(&Asked) -> Counter,
 ) -> &'a Counter {
-    let found = cache
+    let by_pointer = cache
         .iter()
-        .position(|(known, _)| Arc::ptr_eq(known, asked))
-        .or_else(|| cache.iter().position(|(known, _)| known == asked));
-    let index = match found {
-        Some(index) => index,
-        None if cache.len() < MAX_ASKED => {
-            cache.push((asked.clone(), make(asked)));
-            cache.len() - 1
-        }
-        None => {
-            // Full: replace the last entry, so the cache still answers the common versions.
-            let last = cache.len() - 1;
-            cache[last] = (asked.clone(), make(asked));
-            last
-        }
+        .position(|(known, _)| Arc::ptr_eq(known, asked));
+    let index = if let Some(index) = by_pointer {
+        index
+    } else if let Some(index) = cache.iter().position(|(known, _)| known == asked) {
+        // The same version through another `Arc` (its primary was started again): keep that
+        // one, so that the pointer finds it from now on.
+        cache[index].0 = asked.clone();
+        index
+    } else if cache.len() < MAX_ASKED {
+        cache.push((asked.clone(), make(asked)));
+        cache.len() - 1
+    } else {
+        // Full: the last place is reused, so the versions seen first keep theirs.
+        let last = cache.len() - 1;
+        cache[last] = (asked.clone(), make(asked));
+        last
     };
     &cache[index].1
 }
@@ -131,6 +135,10 @@ mod tests {
         series.degraded(&primary);
         series.degraded(&same_labels);
         assert_eq!(series.degraded.len(), 1, "found by its labels too");
+        assert!(
+            Arc::ptr_eq(&series.degraded[0].0, &same_labels),
+            "and kept under the newer Arc"
+        );
         series.shed(None);
         series.shed(Some(&own));
         assert!(series.shed.is_empty(), "its own shed counter is kept apart");

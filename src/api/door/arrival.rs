@@ -42,17 +42,18 @@ pub fn on_connect(io: &dyn Any, data: &mut Extensions) {
 /// another on the same connection counts from when it arrived, which may be before its
 /// predecessor was answered.
 ///
-///
-/// A thread that found no wait on a request less than [`ASK_AGAIN_AFTER`] ago counts none for
-/// the requests that follow, without asking the kernel: it was then taking requests off its
-/// sockets as they came, and in that millisecond a wait can grow by that millisecond at most,
-/// less than the kernel's tick, which is all the reading could have told. Asking is a system
-/// call per request: skipping it took server CPU per 1-row request at concurrency 32 from
-/// 83-84 µs to 79-82 µs in three alternating pairs (`load-tests/results/2026-12-06-arrival-probe/`).
-/// A thread that is behind asks for every request, as before.
+/// A thread whose last reading, less than [`ASK_AGAIN_AFTER`] ago, found no wait counts none
+/// for the requests it takes meanwhile, without asking the kernel. The event loop takes
+/// requests in the order their bytes came, to within one turn of it, so such a request could
+/// have read at most about a tick more than that last reading: the reading's own resolution,
+/// which counting from it less one tick already gives away. A request taken out of that
+/// order (a long turn of the loop) counts no wait at all. Asking is a system call per
+/// request: skipping it took server CPU per 1-row request at concurrency 32 from 83-84 µs to
+/// 79-82 µs in three alternating pairs (`load-tests/results/2026-12-06-arrival-probe/`). Once
+/// a reading finds a wait, the thread asks for every request until one finds none.
 pub fn arrived(req: &HttpRequest) -> Instant {
     let now = Instant::now();
-    if LAST_ASKED.with(|last| kept_up(last.get(), now)) {
+    if LAST_NO_WAIT.with(|last| kept_up(last.get(), now)) {
         return now;
     }
     let Some(since) = req
@@ -62,21 +63,22 @@ pub fn arrived(req: &HttpRequest) -> Instant {
         return now;
     };
     let waited = since.saturating_sub(TICK);
-    LAST_ASKED.with(|last| last.set(Some((now, !waited.is_zero()))));
+    LAST_NO_WAIT.with(|last| last.set(waited.is_zero().then_some(now)));
     now.checked_sub(waited).unwrap_or(now)
 }
 
-/// How long a finding of no wait stands for the requests that follow on its thread.
+/// How long a reading of no wait stands for the requests that follow on its thread.
 const ASK_AGAIN_AFTER: Duration = Duration::from_millis(1);
 
 thread_local! {
-    /// When this HTTP thread last asked the kernel, and whether that request had waited.
-    static LAST_ASKED: std::cell::Cell<Option<(Instant, bool)>> = const { std::cell::Cell::new(None) };
+    /// When this HTTP thread's last reading found no wait (`None`: it found one, or there
+    /// was none yet).
+    static LAST_NO_WAIT: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
 }
 
-/// Whether the thread's last reading, `last`, lets a request at `now` count no wait unasked.
-fn kept_up(last: Option<(Instant, bool)>, now: Instant) -> bool {
-    matches!(last, Some((at, false)) if now.saturating_duration_since(at) < ASK_AGAIN_AFTER)
+/// Whether a request at `now` may count no wait unasked, after a no-wait reading at `last`.
+fn kept_up(last: Option<Instant>, now: Instant) -> bool {
+    last.is_some_and(|at| now.saturating_duration_since(at) < ASK_AGAIN_AFTER)
 }
 
 /// How long ago data last arrived on the socket, by the kernel's clock.
@@ -125,16 +127,15 @@ mod tests {
     }
 
     #[test]
-    fn no_wait_found_stands_for_a_millisecond_and_a_wait_found_for_nothing() {
+    fn a_reading_of_no_wait_stands_for_a_millisecond() {
         let at = Instant::now();
         let soon = at + Duration::from_micros(500);
-        assert!(kept_up(Some((at, false)), soon));
-        assert!(!kept_up(Some((at, false)), at + ASK_AGAIN_AFTER));
+        assert!(kept_up(Some(at), soon));
+        assert!(!kept_up(Some(at), at + ASK_AGAIN_AFTER));
         assert!(
-            !kept_up(Some((at, true)), soon),
-            "a thread behind asks every time"
+            !kept_up(None, soon),
+            "a thread whose last reading found a wait, or that has none yet, asks"
         );
-        assert!(!kept_up(None, soon), "nothing asked yet on this thread");
     }
 
     #[test]

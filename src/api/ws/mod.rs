@@ -49,6 +49,14 @@ const OUTGOING_CAPACITY: usize = 1024;
 /// The subprotocol a browser offers beside `bearer.<key>`, and which the handshake names back.
 pub const SUBPROTOCOL: &str = "streamserve";
 
+/// When a stream that was last heard from at `since` is idle: `since + idle`, or, for an idle
+/// time past the clock's range (`--stream-idle-secs` has no upper bound), a time that never
+/// comes, as a timeout of that length would have it.
+pub fn idle_after(since: tokio::time::Instant, idle: Duration) -> tokio::time::Instant {
+    const NEVER: Duration = Duration::from_secs(86_400 * 365 * 30);
+    since.checked_add(idle).unwrap_or_else(|| since + NEVER)
+}
+
 /// What stream connections share.
 pub struct StreamsConfig {
     pub hub: Addr<StreamHub>,
@@ -339,7 +347,7 @@ async fn read_loop(
             }
             next = messages.recv() => counted(next),
             _ = &mut idle => {
-                let quiet_until = last_message + config.idle_timeout;
+                let quiet_until = idle_after(last_message, config.idle_timeout);
                 if tokio::time::Instant::now() < quiet_until {
                     idle.as_mut().reset(quiet_until);
                     continue;
@@ -546,4 +554,19 @@ fn truncate(mut reason: String) -> String {
         reason.truncate(cut);
     }
     reason
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_idle_time_past_the_clocks_range_never_comes() {
+        let now = tokio::time::Instant::now();
+        assert_eq!(
+            idle_after(now, Duration::from_secs(30)),
+            now + Duration::from_secs(30)
+        );
+        assert!(idle_after(now, Duration::MAX) > now + Duration::from_secs(86_400 * 365));
+    }
 }

@@ -300,7 +300,7 @@ impl SequenceTask {
                     }
                 },
                 _ = &mut quiet => {
-                    let quiet_until = waiting_since + idle;
+                    let quiet_until = crate::api::ws::idle_after(waiting_since, idle);
                     if tokio::time::Instant::now() < quiet_until {
                         quiet.as_mut().reset(quiet_until);
                         continue;
