@@ -6,6 +6,7 @@
 pub mod audio;
 pub mod checkpoint;
 pub mod gate;
+pub mod idle;
 pub mod keyword;
 pub mod layout;
 pub mod pace;

@@ -34,6 +34,7 @@ use crate::actors::supervisor::Supervisor;
 use crate::error::ServeError;
 use crate::machine::traffic::{self, Protocol};
 use crate::stream::checkpoint::TokenKeys;
+use crate::stream::idle::IdleTimer;
 use crate::stream::pace::StreamPace;
 use crate::stream::protocol::{ClientMessage, ServerMessage, StartMessage};
 use open::AttachError;
@@ -48,14 +49,6 @@ const HANDOVER_WAIT: Duration = Duration::from_secs(5);
 const OUTGOING_CAPACITY: usize = 1024;
 /// The subprotocol a browser offers beside `bearer.<key>`, and which the handshake names back.
 pub const SUBPROTOCOL: &str = "streamserve";
-
-/// When a stream that was last heard from at `since` is idle: `since + idle`, or, for an idle
-/// time past the clock's range (`--stream-idle-secs` has no upper bound), a time that never
-/// comes, as a timeout of that length would have it.
-pub fn idle_after(since: tokio::time::Instant, idle: Duration) -> tokio::time::Instant {
-    const NEVER: Duration = Duration::from_secs(86_400 * 365 * 30);
-    since.checked_add(idle).unwrap_or_else(|| since + NEVER)
-}
 
 /// What stream connections share.
 pub struct StreamsConfig {
@@ -324,13 +317,8 @@ async fn read_loop(
         }
     };
     let mut stopping = std::pin::pin!(stopping);
-    // One idle timer for the connection, re-armed only when it fires early, rather than a
-    // timer per frame (set in the runtime's timer wheel, then taken out when the frame
-    // came: some 50 a second for a real-time stream). Idle means no message since the
-    // reader last began to wait for one.
-    let mut last_message = tokio::time::Instant::now();
-    let idle = tokio::time::sleep(config.idle_timeout);
-    let mut idle = std::pin::pin!(idle);
+    // Idle means no message since the reader last began to wait for one.
+    let mut idle = IdleTimer::new(config.idle_timeout);
     loop {
         let next = tokio::select! {
             // In this order: a shutdown first, then a message that is already here before
@@ -346,12 +334,7 @@ async fn read_loop(
                 return ReadEnd::Close(CloseCode::Away, "server is shutting down; reconnect to another instance".into());
             }
             next = messages.recv() => counted(next),
-            _ = &mut idle => {
-                let quiet_until = idle_after(last_message, config.idle_timeout);
-                if tokio::time::Instant::now() < quiet_until {
-                    idle.as_mut().reset(quiet_until);
-                    continue;
-                }
+            _ = idle.expired() => {
                 metrics::counter!("streamserve_stream_drops_total", "reason" => "idle")
                     .increment(1);
                 return ReadEnd::Close(
@@ -360,7 +343,7 @@ async fn read_loop(
                 );
             }
         };
-        last_message = tokio::time::Instant::now();
+        idle.touch();
         let message = match next {
             None => return ReadEnd::Gone,
             Some(Err(e)) => return protocol_error(e),
@@ -387,7 +370,7 @@ async fn read_loop(
                     Err(_) => return ReadEnd::Gone,
                 }
                 // The wait for room is the server's, not the client's idleness.
-                last_message = tokio::time::Instant::now();
+                idle.touch();
                 session.do_send(Audio(samples));
             }
             AggregatedMessage::Text(text) => match serde_json::from_str::<ClientMessage>(&text) {
@@ -404,7 +387,7 @@ async fn read_loop(
             },
             AggregatedMessage::Ping(bytes) => {
                 let _ = pong(ws, &bytes).await;
-                last_message = tokio::time::Instant::now();
+                idle.touch();
             }
             AggregatedMessage::Pong(_) => {}
             AggregatedMessage::Close(_) => return ReadEnd::Gone,
@@ -554,19 +537,4 @@ fn truncate(mut reason: String) -> String {
         reason.truncate(cut);
     }
     reason
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_idle_time_past_the_clocks_range_never_comes() {
-        let now = tokio::time::Instant::now();
-        assert_eq!(
-            idle_after(now, Duration::from_secs(30)),
-            now + Duration::from_secs(30)
-        );
-        assert!(idle_after(now, Duration::MAX) > now + Duration::from_secs(86_400 * 365));
-    }
 }

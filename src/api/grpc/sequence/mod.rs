@@ -37,6 +37,7 @@ use crate::actors::stream_session::{
 use crate::api::ws::open::{open_session, AttachError, Caller};
 use crate::api::AppState;
 use crate::manifest::StreamKind;
+use crate::stream::idle::IdleTimer;
 use answer::{Gathered, SEQUENCE_END, SEQUENCE_ID, SEQUENCE_START};
 use parse::{audio_of, take_flags, SequenceKey};
 
@@ -267,13 +268,8 @@ impl SequenceTask {
     ) -> Option<ModelStreamInferResponse> {
         let stopping = draining(stop.clone());
         tokio::pin!(stopping);
-        // One idle timer for the sequence, re-armed only when it fires early, rather than a
-        // timer set and taken out of the runtime's wheel around every step (as the WebSocket
-        // reader does, docs/efficiency.md). Idle means no step since the task last began to
-        // wait for one.
-        let mut waiting_since = tokio::time::Instant::now();
-        let quiet = tokio::time::sleep(idle);
-        tokio::pin!(quiet);
+        // Idle means no step since the task last began to wait for one.
+        let mut idle = IdleTimer::new(idle);
         loop {
             tokio::select! {
                 // A shutdown first, then a step already queued before the idle timer.
@@ -296,15 +292,10 @@ impl SequenceTask {
                         if over {
                             return None;
                         }
-                        waiting_since = tokio::time::Instant::now();
+                        idle.touch();
                     }
                 },
-                _ = &mut quiet => {
-                    let quiet_until = crate::api::ws::idle_after(waiting_since, idle);
-                    if tokio::time::Instant::now() < quiet_until {
-                        quiet.as_mut().reset(quiet_until);
-                        continue;
-                    }
+                _ = idle.expired() => {
                     tracing::info!(model = %self.model, "a gRPC sequence had no step within the idle time; it waits for a resume");
                     metrics::counter!("streamserve_stream_drops_total", "reason" => "idle").increment(1);
                     return None;
