@@ -18,8 +18,8 @@ FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
 # Cargo's registry and target dir are cache mounts, so the binary is copied out in the same step.
-# --strip-debug drops the debuginfo of [profile.release] debug = 1 but keeps symbol names for
-# panic backtraces.
+# --strip-debug drops the line tables [profile.release] keeps for our code, but keeps symbol
+# names for panic backtraces.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin streamserve \
