@@ -20,6 +20,13 @@ for f in mlp mlp_small typed_ops vad_energy mlp_slow; do
 done
 
 echo "== cargo test"
+# From clean, the builds below write about 7 GB (target/ 4.3 GB, fuzz/target 2.4 GB, measured
+# 2026-12-06). A linker that runs out of disk dies with "Bus error", which names no disk, so
+# say so first.
+free_kb=$(df -Pk . | awk 'NR == 2 { print $4 }')
+if [[ -n "$free_kb" ]] && (( free_kb < 8 * 1024 * 1024 )); then
+    echo "warning: $((free_kb / 1024)) MiB free here; a clean build needs about 7 GiB (a linker short of disk fails with 'Bus error')" >&2
+fi
 # --workspace in both: the same packages resolve the same dependency features, so the test
 # run reuses this build (without it, load-tests' features rebuilt ort, object_store and
 # streamserve itself, ~6 of CI's minutes).
