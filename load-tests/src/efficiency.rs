@@ -1,12 +1,14 @@
 //! `loadgen efficiency`: what the server spends per unit of work, with the server in a process
 //! of its own so that its CPU is told apart from the load generator's.
 //!
-//! 1. `streamserve serve` as a child process (the bundled `mlp` and `silero_vad` entries,
+//! 1. `streamserve serve` as a child process (the bundled `mlp`, `silero_vad` and `vad_energy` entries,
 //!    batching as bundled, `fallback` and `slo_ms` removed), optionally (`--pin`) on one CPU
 //!    with this process on another;
 //! 2. against it, one case after the other: closed-loop REST load of 1-row `mlp` requests, JSON
 //!    and binary, at each concurrency ([`crate::rest`]), then real-time `silero_vad` streams
-//!    with `results: "all"` at each number of streams ([`crate::streams`]);
+//!    with `results: "all"` at each number of streams ([`crate::streams`]), then the same
+//!    streams on `vad_energy` (Silero's interface at next to no cost: what the server spends
+//!    on a chunk besides its model, measured directly rather than as a difference);
 //! 3. at the two ends of each case's measured window (after the warm-up or the ramp): the CPU
 //!    time of the server's pid, of this process and of the machine ([`cpu_mark`]), and the
 //!    server's `/metrics` (requests or stream chunks it counted, rows per model call): **server
@@ -33,9 +35,12 @@ use crate::stream_steps::{counter_delta, ratio, CONTENDED_CORES, QUIET_CORES};
 use crate::streams::{self, Audio, ResultsMode, StreamOptions};
 use crate::sysinfo::{raise_nofile_limit, wait_for_quiet};
 
-/// The REST model and the stream model.
+/// The REST model, the stream model, and the stream model that costs next to nothing.
 pub const MLP: &str = "mlp";
 pub const VAD: &str = "silero_vad";
+pub const ENERGY: &str = "vad_energy";
+/// The server's models, in the order of their files in its manifest.
+const MODELS: [&str; 3] = [MLP, VAD, ENERGY];
 
 /// `loadgen efficiency`'s options.
 #[derive(Clone, Debug, clap::Args)]
@@ -47,6 +52,10 @@ pub struct EfficiencyOptions {
     /// Numbers of concurrent real-time silero_vad streams.
     #[arg(long, value_delimiter = ',', default_values_t = [100usize, 200], value_parser = count(1, streams::MAX_STREAMS))]
     pub streams: Vec<usize>,
+    /// Real-time streams on vad_energy, whose model call costs next to nothing, so that the
+    /// server's CPU per chunk is its plumbing alone (0: no such case).
+    #[arg(long, default_value_t = 200, value_parser = count(0, streams::MAX_STREAMS))]
+    pub plumbing_streams: usize,
     /// Measured seconds of each case.
     #[arg(long = "duration-secs", value_name = "DURATION_SECS", default_value = "8", value_parser = secs(1, 300))]
     pub duration: Duration,
@@ -78,7 +87,7 @@ impl EfficiencyOptions {
     }
 }
 
-/// One load case: REST (JSON or binary) at a concurrency, or N streams.
+/// One load case: REST (JSON or binary) at a concurrency, or N streams on one model.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Case {
     pub label: String,
@@ -105,6 +114,15 @@ impl Case {
             binary,
             n,
             unit,
+        }
+    }
+
+    /// N real-time streams on vad_energy: the plumbing of a chunk, with no model to speak of.
+    pub fn plumbing(n: usize) -> Case {
+        Case {
+            label: format!("{n} streams, {ENERGY}"),
+            model: ENERGY,
+            ..Case::new(true, false, n)
         }
     }
 
@@ -273,7 +291,7 @@ fn run_case(
     wait_for_quiet(QUIET_CORES, options.common.quiet_wait);
     let (seen, first, last) = if case.streams {
         let mut load = StreamOptions::new(base.clone(), audio.clone());
-        (load.model, load.streams, load.results) = (VAD.into(), case.n, ResultsMode::All);
+        (load.model, load.streams, load.results) = (case.model.into(), case.n, ResultsMode::All);
         (load.ramp, load.duration) = (options.ramp, options.duration);
         let times = (options.ramp, options.duration);
         let (r, first, last) =
@@ -371,28 +389,35 @@ fn start_server(
     let taskset = pinning.map(|p| format!("taskset -c {} ", p.server_cpu));
     let args = Instance::args(&setup, "efficiency").join(" ");
     let command = format!("{}{} {args}", taskset.unwrap_or_default(), bin.display());
-    server.wait_ready(&[MLP, VAD], runtime)?;
+    server.wait_ready(&MODELS, runtime)?;
     Ok((server, command, unpin))
 }
 
 /// Runs the whole benchmark and writes its report.
 pub fn run(options: &EfficiencyOptions) -> anyhow::Result<crate::report::Outcome> {
-    let n_cases = options.concurrency.len() + options.streams.len();
+    let plumbing = (options.plumbing_streams > 0).then_some(options.plumbing_streams);
+    let n_cases = options.concurrency.len() + options.streams.len() + plumbing.iter().count();
     if !(1..=16).contains(&n_cases) {
         bail!("give 1 to 16 concurrencies and numbers of streams in all");
     }
     let bin = options.server.get()?;
     let pinning = options.pin.then(Pinning::choose).transpose()?;
     let start = crate::report::Start::now(options.common.out.as_deref(), "efficiency");
-    let most_streams = options.streams.iter().max().copied().unwrap_or(0) as u64;
+    let most_streams = options
+        .streams
+        .iter()
+        .chain(&plumbing)
+        .max()
+        .copied()
+        .unwrap_or(0) as u64;
     let nofile = raise_nofile_limit(most_streams + 1024);
     let audio = Arc::new(Audio::load(&options.wav)?);
     let change = || EntryChange {
         remove: vec!["fallback", "slo_ms"],
         ..Default::default()
     };
-    let note = "mlp and silero_vad as bundled, without fallback and slo_ms";
-    let entries = [(MLP, change()), (VAD, change())];
+    let note = "mlp, silero_vad and vad_energy as bundled, without fallback and slo_ms";
+    let entries = MODELS.map(|m| (m, change()));
     let (text, files) = manifest::from_bundled(&options.manifest, note, &entries)?;
     let models = TempModelDir::create("efficiency", &text)?;
     let runtime = crate::sysinfo::client_runtime(options.client_threads())?;
@@ -409,7 +434,8 @@ pub fn run(options: &EfficiencyOptions) -> anyhow::Result<crate::report::Outcome
             .iter()
             .map(move |&n| Case::new(false, binary, n))
     });
-    let streams = options.streams.iter().map(|&n| Case::new(true, false, n));
+    let streams = (options.streams.iter().map(|&n| Case::new(true, false, n)))
+        .chain(plumbing.map(Case::plumbing));
     let mut results = Vec::new();
     for case in rest.into_iter().flatten().chain(streams) {
         results.push(run_case(&case, options, (&server, &runtime), &audio)?);
@@ -421,7 +447,13 @@ pub fn run(options: &EfficiencyOptions) -> anyhow::Result<crate::report::Outcome
         let Some((w, batch)) = r.window.as_ref().and_then(|w| Some((w, w.batch()?))) else {
             continue;
         };
-        let file = &files[usize::from(r.case.streams)];
+        let Some(file) = MODELS
+            .iter()
+            .position(|&m| m == r.case.model)
+            .map(|i| &files[i])
+        else {
+            continue;
+        };
         let cost = model_cost(&mut costs, (r.case.model, file, batch), options)?;
         r.figures = Some(w.figures(&r.case, Some(cost.us_per_row)));
         r.model_cost = Some(cost);
@@ -535,6 +567,17 @@ mod tests {
         assert_eq!(
             (&options.concurrency[..], &options.streams[..]),
             (&[1, 32][..], &[100, 200][..])
+        );
+        assert_eq!(options.plumbing_streams, 200);
+        let plumbing = Case::plumbing(200);
+        assert_eq!(
+            (
+                plumbing.model,
+                plumbing.unit,
+                plumbing.streams,
+                &plumbing.label[..]
+            ),
+            (ENERGY, "chunk", true, "200 streams, vad_energy")
         );
         assert_eq!(options.client_threads(), 1);
         let case = Case::new(true, false, 200);
