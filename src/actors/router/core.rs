@@ -354,7 +354,7 @@ impl RouterCore {
                 items,
                 started: Instant::now(),
             });
-            slot_ref.last_dispatch = Instant::now();
+            slot_ref.last_dispatch = Some(Instant::now());
         }
         self.update_overload();
         self.publish_queue();
@@ -505,8 +505,8 @@ impl RouterCore {
         let slot = &mut self.replicas.slots[replica];
         slot.handle = Some(worker);
         slot.in_flight = None;
-        slot.last_dispatch = Instant::now();
-        slot.backoff.attached(slot.last_dispatch);
+        slot.last_dispatch = None;
+        slot.backoff.attached(Instant::now());
         self.publish_health();
         self.dispatch(effects);
     }

@@ -18,9 +18,9 @@ pub struct InFlight {
 pub struct Slot {
     pub handle: Option<WorkerHandle>,
     pub in_flight: Option<InFlight>,
-    /// When the slot last got a batch: among idle workers the longest idle goes first, which
-    /// spreads load evenly across replicas.
-    pub last_dispatch: Instant,
+    /// When the slot's worker last got a batch (`None`: not yet): among idle workers the one
+    /// that ran last goes first ([`Replicas::next_idle`]).
+    pub last_dispatch: Option<Instant>,
     pub faults: FaultQueue,
     /// Generation of the latest worker started for this slot (running or loading).
     pub generation: u64,
@@ -33,7 +33,7 @@ impl Slot {
         Slot {
             handle: None,
             in_flight: None,
-            last_dispatch: now,
+            last_dispatch: None,
             faults,
             generation: 0,
             backoff: Backoff::new(now),
@@ -89,13 +89,18 @@ impl Replicas {
             .all(|s| s.handle.is_none() || s.in_flight.is_some())
     }
 
-    /// The idle worker that has waited longest.
+    /// The idle worker that ran a batch last (then the lowest-numbered of those that have not
+    /// run one yet). Its thread is likely still awake (a worker that reports takes the next
+    /// batch itself, with no other thread to wake), and its model's weights are the likeliest
+    /// to be in the CPU's caches: on one core, handing batches to two replicas in turn cost
+    /// ONNX Runtime more per call (docs/efficiency.md, "The replica that ran last"). Load
+    /// still spreads: a replica gets a batch whenever those that ran later are busy.
     pub fn next_idle(&self) -> Option<usize> {
         self.slots
             .iter()
             .enumerate()
             .filter(|(_, s)| s.idle())
-            .min_by_key(|(_, s)| s.last_dispatch)
+            .min_by_key(|(i, s)| (std::cmp::Reverse(s.last_dispatch), *i))
             .map(|(i, _)| i)
     }
 

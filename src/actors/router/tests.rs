@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::actors::budget::Budgets;
 use crate::actors::catalog::{Catalog, ModelVersions, SharedCatalog, VersionState};
+use crate::actors::faults::Fault;
 use crate::actors::served::{InferOptions, Priority, ServedModel};
 use crate::actors::supervisor::load_version;
 use crate::error::ServeError;
@@ -168,6 +169,41 @@ async fn requests_that_come_while_a_replica_runs_fill_one_batch_for_the_next() {
     }
     assert_eq!(first.await.unwrap().unwrap().batch_size, 1);
     assert_eq!(loader.calls(), vec![1, 3]);
+}
+
+/// A lone client's requests stay on the replica that ran last (its thread still awake, its
+/// model in the CPU's caches); another replica gets a batch while that one is busy.
+#[actix_web::test]
+async fn a_lone_client_stays_on_the_replica_that_ran_last() {
+    let loader = DoubleLoader::new(Behaviour::Sleep(Duration::from_millis(50))).leak();
+    let catalog = Arc::new(SharedCatalog::default());
+    let served = serve(
+        loader,
+        &catalog,
+        "m",
+        "replicas = 2\nmax_batch_size = 8\nmax_queue_delay_ms = 0.0",
+    )
+    .await;
+    healthy(&served, 2).await;
+    // Replica 1 panics on its next batch: one request after another never reach it.
+    served.inject_fault(Some(1), Fault::Panic, 1).await.unwrap();
+    for _ in 0..6 {
+        served
+            .infer(request(&served, 1), InferOptions::now())
+            .await
+            .unwrap();
+    }
+    assert_eq!(served.status().await.unwrap().restarts, 0);
+    // Two at once: the second finds replica 0 busy and goes to replica 1, which panics; it is
+    // retried on replica 0 and answered all the same.
+    let two: Vec<_> = (0..2)
+        .map(|_| served.infer(request(&served, 1), InferOptions::now()))
+        .collect();
+    for answer in futures_util::future::join_all(two).await {
+        answer.unwrap();
+    }
+    assert_eq!(served.status().await.unwrap().restarts, 1);
+    answers_again(loader, &served, 2).await;
 }
 
 #[actix_web::test]
