@@ -15,8 +15,9 @@
 //! where more than a tenth of the answers took longer than the target, as the third such
 //! window in a row ([`LATE_WINDOWS`]), cuts the limit to four fifths of the most requests
 //! that were inside during the window, unless no more were inside than the server answers in
-//! twice the target plus their time from arrival to answer, and none was refused
-//! ([`Controller::fits`]: a pool of connections, not an overload). A window that filled the
+//! twice the target plus their time from arrival to answer (their wait before the door
+//! counted up to ten targets), and none was refused ([`Controller::fits`]: a pool of
+//! connections, not an overload). A window that filled the
 //! limit within the target grows it by its square root (fast from a small limit, gently near
 //! a large one), so the limit settles where the measured time meets the target and recovers
 //! within a second once an overload ends. It starts at its ceiling: a server that is not
@@ -69,6 +70,15 @@ pub const RATE_DECAY: f64 = 0.99;
 /// without it, as each refusal and its immediate retry took CPU from the answers; with it,
 /// none.
 pub const FIT_TARGETS: u32 = 2;
+/// What [`Controller::fits`] counts of a request's wait before the door (in its socket and
+/// for the HTTP thread to reach it), in targets: at most this many (50 ms at the default
+/// 5 ms target). A pool of connections waits there for its turn, a few milliseconds; an
+/// overload's backlog waits there hundreds, and counted whole it made as many places "fit"
+/// as it held, so the door never cut while admitted answers took 300-374 ms (measured pinned,
+/// `mlp` at 1-5x capacity with 2048 requests in flight: load-tests/results/2026-12-06-door-wait/).
+/// The time after the door (the model's queue and compute) counts whole: a pool that waits
+/// for a slow model still fits.
+pub const FIT_DOOR_WAIT_TARGETS: u32 = 10;
 /// Refusals are logged as one line per this long, with their count: a line per refused
 /// request would cost the CPU that is already short (measured: goodput at 1.4x capacity,
 /// pinned, 2.8k/s with the access log's line per refusal against 4.8k/s without).
@@ -98,7 +108,8 @@ pub struct Window {
     /// Whether a request overflowed the limit: it was refused, or sent to its fallback.
     pub overflowed: bool,
     /// Seconds from the answers' arrival to the end of their compute, together: in their
-    /// sockets, being read and decoded, in their models' queues and compute.
+    /// sockets (at most [`FIT_DOOR_WAIT_TARGETS`] each), being read and decoded, in their
+    /// models' queues and compute.
     pub to_answer_secs: f64,
     /// The most requests inside at once.
     pub peak: usize,
@@ -137,7 +148,8 @@ impl Controller {
     /// inside (a pool of connections, each sending its next request when the last is
     /// answered) is not overloading the server, even when its requests wait in their sockets
     /// and for the HTTP thread longer than the target: refusing some would not make the
-    /// others faster.
+    /// others faster. The wait in the socket counts only up to [`FIT_DOOR_WAIT_TARGETS`]: an
+    /// overload's backlog there is not a pool's turn.
     pub fn fits(&self) -> f64 {
         self.best_rate * (self.fit_time + self.to_answer_time)
     }
@@ -331,6 +343,9 @@ enum LaneId {
 pub struct AdmissionLimit {
     mode: Admission,
     target: Duration,
+    /// The most of a request's wait before the door that counts in what fits
+    /// ([`FIT_DOOR_WAIT_TARGETS`]).
+    max_door_wait: Duration,
     state: Mutex<State>,
     series: Series,
     /// Whether the open streams keep real time (`streams.rs`).
@@ -369,6 +384,7 @@ impl AdmissionLimit {
         let limit = AdmissionLimit {
             mode,
             target,
+            max_door_wait: FIT_DOOR_WAIT_TARGETS * target,
             streams: Arc::new(StreamPace::new()),
             series: Series {
                 limit: metrics::gauge!("streamserve_admission_limit"),
@@ -468,6 +484,7 @@ impl AdmissionLimit {
         AdmissionPermit {
             limit: self.clone(),
             lane,
+            entered: Instant::now(),
             answered: None,
         }
     }
@@ -520,6 +537,9 @@ impl AdmissionLimit {
 pub struct AdmissionPermit {
     limit: Arc<AdmissionLimit>,
     lane: LaneId,
+    /// When the door gave this place: the request's wait before it counts in what fits only
+    /// up to a bound.
+    entered: Instant,
     /// Set by [`answered`](Self::answered): what leaving reports, the wait outside the model
     /// and the time from arrival to the end of its compute.
     answered: Option<(Duration, Duration)>,
@@ -534,7 +554,8 @@ impl AdmissionPermit {
     /// The request that arrived at `received` was answered with `response` (whose queue
     /// time counts from `received`). What the limit measures: the time since its model
     /// answered (waiting for the HTTP thread to take the answer up, encoding it), and the
-    /// time from its arrival to that answer, for [`Controller::fits`].
+    /// time from its arrival to that answer, for [`Controller::fits`], its wait before the
+    /// door counted up to [`FIT_DOOR_WAIT_TARGETS`].
     ///
     /// The wait before the model (in the socket, reading, decoding) counts in the second,
     /// not the first. Tried the other way (load-tests/results/2026-12-05-door-cpu/): a
@@ -543,7 +564,13 @@ impl AdmissionPermit {
     /// against 0.89-0.93, with admitted p99 no better.
     pub fn answered(mut self, received: Instant, response: &InferResponse) {
         let to_answer = response.queue_time + response.compute_time;
-        self.answered = Some((received.elapsed().saturating_sub(to_answer), to_answer));
+        let waited = received.elapsed().saturating_sub(to_answer);
+        let before_door = self
+            .entered
+            .saturating_duration_since(received)
+            .min(to_answer);
+        let counted = to_answer - before_door + before_door.min(self.limit.max_door_wait);
+        self.answered = Some((waited, counted));
     }
 
     /// Leaves reporting `waited` as the time measured outside the model, and none in it.

@@ -281,6 +281,78 @@ fn a_pool_that_keeps_as_many_inside_as_fit_is_never_refused_however_late_its_ans
     assert!(!door.refusing());
 }
 
+/// Answers `permit` as a request that waited `before_door` in its socket before the door took
+/// it, and `late` after its model answered; its model's queue and compute took the rest of its
+/// time inside.
+fn answer(permit: AdmissionPermit, before_door: Duration, late: Duration) {
+    let received = permit.entered - before_door;
+    let to_answer = (before_door + permit.entered.elapsed()).saturating_sub(late);
+    let response = InferResponse {
+        outputs: Vec::new(),
+        batch_size: 1,
+        queue_time: to_answer,
+        compute_time: Duration::ZERO,
+        served_by: Arc::new(("m".into(), "1".into())),
+        degraded: false,
+    };
+    permit.answered(received, &response);
+}
+
+/// `inside` requests kept inside the door for a second, each answered as [`answer`] says,
+/// `inside / 4` a window (so each is inside for about four windows, 200 ms). The door's limit
+/// after it, and whether it refused.
+fn keep_inside(inside: usize, before_door: Duration, late: Duration) -> (usize, bool) {
+    let door = Arc::new(AdmissionLimit::new(
+        Admission::Adaptive,
+        0,
+        Duration::from_millis(5),
+    ));
+    // As if they had been coming for a while: those answered in the first window came in
+    // four windows ago, those of the fourth one window ago.
+    let mut queue: std::collections::VecDeque<_> = (0..inside)
+        .map(|i| {
+            let mut permit = door.try_enter().unwrap();
+            permit.entered -= WINDOW * (4 - (4 * i / inside) as u32);
+            permit
+        })
+        .collect();
+    let mut refused = false;
+    let until = Instant::now() + 20 * WINDOW;
+    while Instant::now() < until {
+        for _ in 0..inside / 4 {
+            if let Some(permit) = queue.pop_front() {
+                answer(permit, before_door, late);
+            }
+            match door.try_enter() {
+                Some(permit) => queue.push_back(permit),
+                None => refused = true,
+            }
+        }
+        std::thread::sleep(WINDOW);
+    }
+    (door.limit(), refused)
+}
+
+#[test]
+fn a_backlog_before_the_door_is_cut_however_long_it_waited_there() {
+    // An overload: 400 inside the door, each after 300 ms in its socket, each answer 100 ms
+    // late (the HTTP thread is behind), about 2k answers a second. Counted whole, the 300 ms
+    // made 2k/s x 310 ms = 620 places fit, more than were inside, and the door never cut.
+    let (limit, refused) = keep_inside(400, Duration::from_millis(300), Duration::from_millis(100));
+    assert!(limit < 400, "the limit stayed at {limit}");
+    assert!(refused);
+}
+
+#[test]
+fn a_pool_waiting_its_turn_before_the_door_and_for_a_slow_model_still_fits() {
+    // A pool of 400 connections: each request waits 30 ms in its socket for its turn and
+    // 170 ms in its model, and its answer 20 ms for the HTTP thread. Its time inside is what
+    // the server takes for it, so refusing some would not make the others faster.
+    let (limit, refused) = keep_inside(400, Duration::from_millis(30), Duration::from_millis(20));
+    assert_eq!(limit, DEFAULT_MAX_LIMIT);
+    assert!(!refused);
+}
+
 #[test]
 fn static_without_a_limit_lets_everyone_in() {
     let door = Arc::new(AdmissionLimit::new(
