@@ -1,5 +1,5 @@
 # usage: perf script -i OUT.data -F comm,ip,sym,dso --no-inline > OUT.script; python3 categories.py OUT.script
-# Sorts each sample of a server profile (from ../2026-12-06-replica-choice/streams.sh, PERF=1) into
+# Sorts each sample of a server profile (from ../2026-12-06-stream-timers/prof.sh, PERF=1) into
 # the first category its stack matches, in the order below, and prints the shares.
 import sys, collections
 path = sys.argv[1]

@@ -1,8 +1,8 @@
 #!/bin/bash
-# usage: [LOADARGS="more loadgen streams arguments"] [MODEL=silero_vad] [PERF=1] [FREQ=999] prof.sh BIN N OUT : pinned server (CPU 0, one HTTP worker), N real-time streams from CPU 1 (loadgen streams); over 5 s of a 12 s run, perf record into OUT.data (PERF=0: none), and prints the server's cores, chunks/s, batch and CPU per chunk (with perf running, that CPU includes perf's). Run from anywhere; cds to /work/main (edit for your checkout).
+# usage: [MODELS=dir] [LOADARGS="more loadgen streams arguments"] [MODEL=silero_vad] [PERF=1] [FREQ=999] prof.sh BIN N OUT : pinned server (CPU 0, one HTTP worker), N real-time streams from CPU 1 (loadgen streams); over 5 s of a 12 s run, perf record into OUT.data (PERF=0: none), and prints the server's cores, chunks/s, batch and CPU per chunk (with perf running, that CPU includes perf's). Run from anywhere; cds to /work/main (edit for your checkout).
 BIN=$1; N=$2; OUT=$3
 cd /work/main
-taskset -c 0 $BIN serve --port 18314 --grpc-port off --http-workers 1 --models models > /tmp/p-server.log 2>&1 &
+taskset -c 0 $BIN serve --port 18314 --grpc-port off --http-workers 1 --models ${MODELS:-models} > /tmp/p-server.log 2>&1 &
 SP=$!
 for i in $(seq 1 100); do curl -sf localhost:18314/v2/health/ready >/dev/null && break; sleep 0.2; done
 taskset -c 1 ./target/release/loadgen streams --url http://127.0.0.1:18314 --model ${MODEL:-silero_vad} --streams $N --duration-secs 12 --ramp-secs 3 --client-threads 1 --quiet ${LOADARGS} > /tmp/p-load.log 2>&1 &

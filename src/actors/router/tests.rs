@@ -111,6 +111,15 @@ async fn healthy(served: &ServedModel, n: usize) {
     }
 }
 
+/// Serves `m` on two replicas of `loader`'s sessions, batching what queued while both ran.
+async fn two_replicas(loader: &'static DoubleLoader) -> ServedModel {
+    let catalog = Arc::new(SharedCatalog::default());
+    let keys = "replicas = 2\nmax_batch_size = 8\nmax_queue_delay_ms = 0.0";
+    let served = serve(loader, &catalog, "m", keys).await;
+    healthy(&served, 2).await;
+    served
+}
+
 /// Heals the double's sessions, waits for `n` replicas and checks that the version answers.
 async fn answers_again(loader: &DoubleLoader, served: &ServedModel, n: usize) {
     loader.set(Behaviour::Echo);
@@ -146,15 +155,7 @@ async fn requests_that_wait_together_run_in_one_model_call() {
 #[actix_web::test]
 async fn requests_that_come_while_a_replica_runs_fill_one_batch_for_the_next() {
     let loader = DoubleLoader::new(Behaviour::Sleep(Duration::from_millis(300))).leak();
-    let catalog = Arc::new(SharedCatalog::default());
-    let served = serve(
-        loader,
-        &catalog,
-        "m",
-        "replicas = 2\nmax_batch_size = 8\nmax_queue_delay_ms = 0.0",
-    )
-    .await;
-    healthy(&served, 2).await;
+    let served = two_replicas(loader).await;
     // An idle model runs a lone request at once, on the first replica.
     let first = served.infer(request(&served, 1), InferOptions::now());
     let first = actix_web::rt::spawn(first);
@@ -176,15 +177,7 @@ async fn requests_that_come_while_a_replica_runs_fill_one_batch_for_the_next() {
 #[actix_web::test]
 async fn a_lone_client_stays_on_the_replica_that_ran_last() {
     let loader = DoubleLoader::new(Behaviour::Sleep(Duration::from_millis(50))).leak();
-    let catalog = Arc::new(SharedCatalog::default());
-    let served = serve(
-        loader,
-        &catalog,
-        "m",
-        "replicas = 2\nmax_batch_size = 8\nmax_queue_delay_ms = 0.0",
-    )
-    .await;
-    healthy(&served, 2).await;
+    let served = two_replicas(loader).await;
     // Replica 1 panics on its next batch: one request after another never reach it.
     served.inject_fault(Some(1), Fault::Panic, 1).await.unwrap();
     for _ in 0..6 {
