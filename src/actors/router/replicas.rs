@@ -93,8 +93,9 @@ impl Replicas {
     /// run one yet). Its thread is likely still awake (a worker that reports takes the next
     /// batch itself, with no other thread to wake), and its model's weights are the likeliest
     /// to be in the CPU's caches: on one core, handing batches to two replicas in turn cost
-    /// ONNX Runtime more per call (docs/efficiency.md, "The replica that ran last"). Load
-    /// still spreads: a replica gets a batch whenever those that ran later are busy.
+    /// ONNX Runtime more per call (docs/efficiency.md, "The idle replica that ran last takes
+    /// the next batch"). Load still spreads: a replica gets a batch whenever those that ran
+    /// later are busy.
     pub fn next_idle(&self) -> Option<usize> {
         self.slots
             .iter()

@@ -17,11 +17,11 @@
 //! that were inside during the window, unless no more were inside than the server answers in
 //! twice the target plus their time from arrival to answer (their wait before the door
 //! counted up to ten targets), and none was refused ([`Controller::fits`]: a pool of
-//! connections, not an overload). A window that filled the
-//! limit within the target grows it by its square root (fast from a small limit, gently near
-//! a large one), so the limit settles where the measured time meets the target and recovers
-//! within a second once an overload ends. It starts at its ceiling: a server that is not
-//! short of anything refuses nothing. `static` keeps `max_inflight` fixed (0: no limit).
+//! connections, not an overload). A window that filled the limit within the target grows it
+//! by its square root (fast from a small limit, gently near a large one), so the limit
+//! settles where the measured time meets the target and recovers within a second once an
+//! overload ends. It starts at its ceiling: a server that is not short of anything refuses
+//! nothing. `static` keeps `max_inflight` fixed (0: no limit).
 //!
 //! A request's time starts when its bytes arrived in the kernel, not when the HTTP thread got
 //! to them (`arrival.rs`, for REST over TCP on Linux; elsewhere, and for gRPC, when its
