@@ -178,13 +178,18 @@ async fn requests_that_come_while_a_replica_runs_fill_one_batch_for_the_next() {
 async fn a_lone_client_stays_on_the_replica_that_ran_last() {
     let loader = DoubleLoader::new(Behaviour::Sleep(Duration::from_millis(50))).leak();
     let served = two_replicas(loader).await;
-    // Replica 1 panics on its next batch: one request after another never reach it.
+    // Replica 1 panics on its next batch: one request after another never reach it. (Each
+    // waits for the worker that answered the last to report back: sent before that, a
+    // request finds replica 0 still busy and rightly takes the idle one.)
     served.inject_fault(Some(1), Fault::Panic, 1).await.unwrap();
     for _ in 0..6 {
         served
             .infer(request(&served, 1), InferOptions::now())
             .await
             .unwrap();
+        while served.status().await.unwrap().busy_replicas > 0 {
+            actix_web::rt::time::sleep(Duration::from_millis(1)).await;
+        }
     }
     assert_eq!(served.status().await.unwrap().restarts, 0);
     // Two at once: the second finds replica 0 busy and goes to replica 1, which panics; it is
