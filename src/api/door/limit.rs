@@ -343,9 +343,6 @@ enum LaneId {
 pub struct AdmissionLimit {
     mode: Admission,
     target: Duration,
-    /// The most of a request's wait before the door that counts in what fits
-    /// ([`FIT_DOOR_WAIT_TARGETS`]).
-    max_door_wait: Duration,
     state: Mutex<State>,
     series: Series,
     /// Whether the open streams keep real time (`streams.rs`).
@@ -384,7 +381,6 @@ impl AdmissionLimit {
         let limit = AdmissionLimit {
             mode,
             target,
-            max_door_wait: FIT_DOOR_WAIT_TARGETS * target,
             streams: Arc::new(StreamPace::new()),
             series: Series {
                 limit: metrics::gauge!("streamserve_admission_limit"),
@@ -569,7 +565,8 @@ impl AdmissionPermit {
             .entered
             .saturating_duration_since(received)
             .min(to_answer);
-        let counted = to_answer - before_door + before_door.min(self.limit.max_door_wait);
+        let max_door_wait = FIT_DOOR_WAIT_TARGETS * self.limit.target;
+        let counted = to_answer - before_door + before_door.min(max_door_wait);
         self.answered = Some((waited, counted));
     }
 
