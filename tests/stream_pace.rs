@@ -133,6 +133,62 @@ async fn streams_behind_real_time_degrade_and_new_ones_are_told_to_retry() {
     assert_eq!(let_in.as_deref(), Some("started"));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_whose_answers_come_late_steps_on_the_fallback_though_no_audio_waits() {
+    // Silero's SLO at 15 ms, and its calls made 25 ms long once the stream has begun: a
+    // chunk arrives every 32 ms, so chunks hardly wait for the one before them (which is what
+    // a stream stuck behind a slow model shows), yet each answer comes about 25 ms after its
+    // audio. On a full CPU that is where a chunk's lateness builds up: in its model's queue
+    // and compute, after its step went.
+    let manifest = bundled_manifest().replacen(
+        "slo_ms = 30               # a chunk that would wait longer",
+        "slo_ms = 15               # a chunk that would wait longer",
+        1,
+    );
+    assert!(
+        manifest.contains("slo_ms = 15"),
+        "the bundled Silero entry changed"
+    );
+    let running = start_running(&model_dir(&manifest), |config| {
+        config.admin_token = Some(TOKEN.into());
+    });
+    let url = format!("http://{}", running.addr);
+    let (audio, rate) = fixture_pcm16("two_phrases_16k");
+    let audio = audio[..3 * 32_000].to_vec(); // three seconds
+    let stream = {
+        let url = url.clone();
+        tokio::spawn(
+            async move { stream_resumable(&[url], &audio, rate, FRAME_BYTES, FRAME, 0).await },
+        )
+    };
+    // After its first answers: its real-time schedule starts at the first one.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let fault = json!({"fault": {"kind": "slow", "ms": 25}, "count": 200});
+    inject_fault(&client(), &url, TOKEN, "silero_vad", fault).await;
+
+    let run = stream.await.unwrap();
+    assert!(matches!(run.ends[..], [Ended::Done]), "{:?}", run.ends);
+    assert!(run.out_of_order.is_empty(), "{:?}", run.out_of_order);
+    let vad: Vec<&Value> = run.results.iter().filter(|m| m["type"] == "vad").collect();
+    assert_eq!(
+        vad.len(),
+        (3 * 16_000usize).div_ceil(512),
+        "a result per chunk"
+    );
+    // Every answer from the slowed Silero comes past the SLO, so the next step goes to the
+    // fallback, whose answer is on time, so the one after goes back to Silero: about every
+    // other chunk from the slowdown on (50-52 of 94 on the development VM). Judged only by
+    // how late its waiting audio was, the stream stepped on the fallback far less often (16-22
+    // of 94, where a chunk's frames happen to arrive late within its 32 ms).
+    let degraded = vad.iter().filter(|m| m["degraded"] == true).count();
+    assert!(
+        degraded >= vad.len() / 3,
+        "answers 25 ms after their audio, past the 15 ms SLO, put the stream on the fallback \
+         for about every other chunk: {degraded} of {}",
+        vad.len()
+    );
+}
+
 /// The value of the series `name` (with its labels) in a metrics page; 0 when absent.
 fn counter(text: &str, name: &str) -> f64 {
     text.lines()

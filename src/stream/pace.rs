@@ -4,11 +4,12 @@
 //! A stream has at most one step in flight, so when the CPU cannot keep up with all its
 //! streams, their audio waits in the sessions, not in a model's queue: the router's predicted
 //! wait stays under `slo_ms`, neither its fallback nor the door's limit engages, and every
-//! stream falls behind together. Each session knows how late its oldest waiting chunk is
-//! against its real-time [`Schedule`]; it steps on its models' fallbacks while that is past
-//! `slo_ms`, and reports every chunk it completes here, saying whether it was behind then.
-//! While a share of them were, the door turns new streams away (close 1013), so that the
-//! open ones keep their pace (docs/overload.md, "Streams behind real time").
+//! stream falls behind together. Each session knows how late its oldest waiting chunk, and
+//! its last answered one, are against its real-time [`Schedule`]; it steps on its models'
+//! fallbacks while the later of the two is past `slo_ms`, and reports every chunk it
+//! completes here, saying whether it was behind then. While a share of them were, the door
+//! turns new streams away (close 1013), so that the open ones keep their pace
+//! (docs/overload.md, "Streams behind real time").
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};

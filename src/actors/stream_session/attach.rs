@@ -2,6 +2,8 @@
 //! session, new or resumed, replaying what the client missed; `Detach` marks it gone and
 //! keeps the stream for its resume window before dropping it.
 
+use std::time::Duration;
+
 use actix::prelude::*;
 use actix_ws::CloseCode;
 use bytestring::ByteString;
@@ -58,6 +60,7 @@ impl Handler<Attach> for StreamSession {
         self.generation += 1;
         // The client was away: its real-time schedule starts again with this connection.
         self.schedule = None;
+        self.last_done_late = Duration::ZERO;
         if resumed {
             metrics::counter!("streamserve_stream_resumes_total", &self.labels).increment(1);
         }

@@ -147,9 +147,14 @@ pub struct StreamSession {
     chunk_ready: VecDeque<(u64, Instant)>,
     /// When the stream's chunks are due, from its first answer on this connection (`step.rs`).
     schedule: Option<Schedule>,
-    /// The oldest waiting chunk was more than `behind_after` late when the last step went:
-    /// steps go to the models' fallbacks until it catches up (`step.rs`).
+    /// The oldest waiting chunk, or the last completed one, was more than `behind_after` late
+    /// when the last step went: steps go to the models' fallbacks until it catches up
+    /// (`step.rs`).
     behind: bool,
+    /// How late the last completed chunk was against the real-time schedule, up to its last
+    /// step's answer (so counting the model's queue and compute, which a waiting chunk's
+    /// lateness does not).
+    last_done_late: Duration,
     /// The stream model's `slo_ms`, or [`DEFAULT_BEHIND_AFTER`].
     behind_after: Duration,
     /// A stage's answer was degraded since the last stage last answered.
@@ -289,6 +294,7 @@ impl StreamSession {
             chunk_ready: VecDeque::new(),
             schedule: None,
             behind: false,
+            last_done_late: Duration::ZERO,
             behind_after,
             degraded: false,
             in_flight: false,

@@ -36,11 +36,18 @@ impl StreamSession {
         }
     }
 
-    /// Whether the stream is behind real time, from its oldest waiting chunk. A stream falls
+    /// Whether the stream is behind real time: its oldest waiting chunk, or the last one
+    /// completed (up to its answer), is late by more than `behind_after`. A stream falls
     /// behind when the CPU cannot keep up with all the streams: its audio waits here, one
     /// step at a time, where the router's predicted wait does not see it. While it is behind,
     /// its steps go straight to their models' fallbacks (where they have one), which cost less
     /// of the CPU, until it has caught up.
+    ///
+    /// The completed chunk counts because, on a full CPU, most of a chunk's lateness comes
+    /// after its step goes: in the model's queue behind large batches and in their compute.
+    /// Judged only by the waiting chunk, 420 Silero streams on one core kept a chunk p99 of
+    /// 104-111 ms (`slo_ms` 30); judged by both, 52-60 ms, with about as many chunks on the
+    /// fallback (load-tests/results/2026-12-06-streams-done-late/).
     fn check_pace(&mut self) {
         let (Some(schedule), Some(&(end, ready))) = (&self.schedule, self.chunk_ready.front())
         else {
@@ -48,7 +55,11 @@ impl StreamSession {
             return;
         };
         let late = schedule.late(end, ready, Instant::now());
-        self.behind = still_behind(self.behind, late, self.behind_after);
+        self.behind = still_behind(
+            self.behind,
+            late.max(self.last_done_late),
+            self.behind_after,
+        );
     }
 
     /// Sends `stage`'s next step. A retry builds the same request again: nothing it reads
@@ -159,6 +170,9 @@ impl StreamSession {
                 break;
             }
             self.chunk_ready.pop_front();
+            if let Some(schedule) = &self.schedule {
+                self.last_done_late = schedule.late(end, ready, Instant::now());
+            }
             self.per_step
                 .chunk_latency
                 .record(ready.elapsed().as_secs_f64());
