@@ -95,20 +95,7 @@ async fn streams_behind_real_time_degrade_and_new_ones_are_told_to_retry() {
     let mut degraded = 0;
     for stream in streams {
         let run = stream.await.unwrap();
-        assert!(
-            matches!(run.ends[..], [Ended::Done]),
-            "every open stream finishes: {:?}",
-            run.ends
-        );
-        assert!(run.out_of_order.is_empty(), "{:?}", run.out_of_order);
-        let vad: Vec<&Value> = run.results.iter().filter(|m| m["type"] == "vad").collect();
-        // A result per chunk, the last one partial.
-        assert_eq!(
-            vad.len(),
-            (5 * 16_000usize).div_ceil(512),
-            "a result per chunk"
-        );
-        degraded += vad.iter().filter(|m| m["degraded"] == true).count();
+        degraded += degraded_of_every_chunk(&run, 5);
     }
     assert!(degraded > 0, "the streams behind stepped on the fallback");
 
@@ -167,26 +154,36 @@ async fn a_stream_whose_answers_come_late_steps_on_the_fallback_though_no_audio_
     inject_fault(&client(), &url, TOKEN, "silero_vad", fault).await;
 
     let run = stream.await.unwrap();
-    assert!(matches!(run.ends[..], [Ended::Done]), "{:?}", run.ends);
-    assert!(run.out_of_order.is_empty(), "{:?}", run.out_of_order);
-    let vad: Vec<&Value> = run.results.iter().filter(|m| m["type"] == "vad").collect();
-    assert_eq!(
-        vad.len(),
-        (3 * 16_000usize).div_ceil(512),
-        "a result per chunk"
-    );
+    let chunks = (3 * 16_000usize).div_ceil(512);
+    let degraded = degraded_of_every_chunk(&run, 3);
     // Every answer from the slowed Silero comes past the SLO, so the next step goes to the
     // fallback, whose answer is on time, so the one after goes back to Silero: about every
     // other chunk from the slowdown on (50-52 of 94 on the development VM). Judged only by
     // how late its waiting audio was, the stream stepped on the fallback far less often (16-22
     // of 94, where a chunk's frames happen to arrive late within its 32 ms).
-    let degraded = vad.iter().filter(|m| m["degraded"] == true).count();
     assert!(
-        degraded >= vad.len() / 3,
+        degraded >= chunks / 3,
         "answers 25 ms after their audio, past the 15 ms SLO, put the stream on the fallback \
-         for about every other chunk: {degraded} of {}",
-        vad.len()
+         for about every other chunk: {degraded} of {chunks}"
     );
+}
+
+/// Checks that a stream of `seconds` of 16 kHz audio finished with a result for every chunk
+/// (the last one partial), once and in order; returns how many of them were degraded.
+fn degraded_of_every_chunk(run: &Run, seconds: usize) -> usize {
+    assert!(
+        matches!(run.ends[..], [Ended::Done]),
+        "every open stream finishes: {:?}",
+        run.ends
+    );
+    assert!(run.out_of_order.is_empty(), "{:?}", run.out_of_order);
+    let vad: Vec<&Value> = run.results.iter().filter(|m| m["type"] == "vad").collect();
+    assert_eq!(
+        vad.len(),
+        (seconds * 16_000).div_ceil(512),
+        "a result per chunk"
+    );
+    vad.iter().filter(|m| m["degraded"] == true).count()
 }
 
 /// The value of the series `name` (with its labels) in a metrics page; 0 when absent.
