@@ -39,8 +39,7 @@ impl MachineInfo {
             cpu_model: cpu_model.unwrap_or_else(unknown),
             mem_total: procfs::Meminfo::current()
                 .map_or_else(|_| unknown(), |m| format!("{} kB", m.mem_total / 1024)),
-            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-                .map_or_else(|_| unknown(), |s| s.trim().to_string()),
+            kernel: read_trimmed("/proc/sys/kernel/osrelease").unwrap_or_else(unknown),
             loadavg_at_start: load.unwrap_or_else(unknown),
             cpu_idle: cpu_idle(
                 read_trimmed("/sys/devices/system/cpu/cpuidle/current_driver").as_deref(),
@@ -59,7 +58,7 @@ fn read_trimmed(path: &str) -> Option<String> {
 /// The CPU idle driver, and with `haltpoll` (KVM and Firecracker guests) how long an idle
 /// virtual CPU polls before it halts. At 0 it halts at once, and waking a thread on it costs
 /// the waker a trip through the hypervisor: measured on the development VM, a server at
-/// concurrency 1 spent 190-230 µs of CPU a request with 0 and about 140 µs with 200 µs of
+/// concurrency 1 spent 193-224 µs of CPU a request with 0 and 138-153 µs with 200 µs of
 /// polling (load-tests/results/2026-12-06-wakeups/).
 pub fn cpu_idle(driver: Option<&str>, halt_poll_ns: Option<&str>) -> String {
     match (driver, halt_poll_ns) {

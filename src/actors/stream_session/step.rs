@@ -165,17 +165,18 @@ impl StreamSession {
     /// (from when their audio came in) is over, whether or not they made a result (a keyword
     /// spotter makes none until its window fills).
     fn chunks_done(&mut self) {
+        let now = Instant::now();
         while let Some(&(end, ready)) = self.chunk_ready.front() {
             if end > self.samples_done {
                 break;
             }
             self.chunk_ready.pop_front();
             if let Some(schedule) = &self.schedule {
-                self.last_done_late = schedule.late(end, ready, Instant::now());
+                self.last_done_late = schedule.late(end, ready, now);
             }
             self.per_step
                 .chunk_latency
-                .record(ready.elapsed().as_secs_f64());
+                .record(now.saturating_duration_since(ready).as_secs_f64());
             if let Some(pace) = &self.params.pace {
                 pace.record(self.behind);
             }
