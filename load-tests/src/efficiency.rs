@@ -11,8 +11,9 @@
 //!    on a chunk besides its model, measured directly rather than as a difference);
 //! 3. at the two ends of each case's measured window (after the warm-up or the ramp): the CPU
 //!    time of the server's pid, of this process and of the machine ([`cpu_mark`]), and the
-//!    server's `/metrics` (requests or stream chunks it counted, rows per model call): **server
-//!    CPU µs per request / per chunk**, streams per server core;
+//!    server's `/metrics` (requests or stream chunks it counted, rows per model call, the time
+//!    its workers spent in model calls), and its model workers' CPU time: **server CPU µs per
+//!    request / per chunk**, streams per server core, and the workers' CPU per row;
 //! 4. with the server stopped, each model in-process on one thread at the mean batch size its
 //!    server calls had: the model's own µs per row, hence server ÷ model and the plumbing;
 //! 5. `report.md` (`templates/efficiency.md.j2`) and `results.json`.
@@ -33,7 +34,7 @@ use crate::overload::server::{Pinning, Unpin as Unpinned};
 use crate::rest::{self, RestOptions};
 use crate::stream_steps::{counter_delta, ratio, CONTENDED_CORES, QUIET_CORES};
 use crate::streams::{self, Audio, ResultsMode, StreamOptions};
-use crate::sysinfo::{raise_nofile_limit, wait_for_quiet};
+use crate::sysinfo::{raise_nofile_limit, threads_cpu_seconds, wait_for_quiet};
 
 /// The REST model, the stream model, and the stream model that costs next to nothing.
 pub const MLP: &str = "mlp";
@@ -144,6 +145,8 @@ pub struct Window {
     pub units: f64,
     pub rows: f64,
     pub calls: f64,
+    /// CPU seconds of the model's worker threads (its calls, packing batches, answering).
+    pub worker_seconds: f64,
 }
 
 /// The headline figures of one case.
@@ -156,6 +159,10 @@ pub struct Figures {
     pub server_over_model: Option<f64>,
     pub plumbing_us: Option<f64>,
     pub streams_per_core: Option<f64>,
+    /// The model as it ran in the server: its worker threads' CPU per row, and the server's CPU
+    /// per unit besides theirs (HTTP or WebSocket, the sessions, the router, metrics).
+    pub worker_us_per_row: Option<f64>,
+    pub beside_workers_us: Option<f64>,
 }
 
 impl Window {
@@ -172,6 +179,7 @@ impl Window {
             units: delta(case.counter()),
             rows: delta("streamserve_batch_size_sum"),
             calls: delta("streamserve_batch_size_count"),
+            worker_seconds: 0.0,
         }
     }
 
@@ -194,6 +202,9 @@ impl Window {
         // asked for: a stream that fell behind or failed counts for the share it got.
         let real_time_streams = ratio(self.units, seconds).map(|c| c / CHUNKS_PER_STREAM_SECOND);
         let per_core = real_time_streams.and_then(|n| ratio(n, server_cores));
+        // None where the server's threads could not be read.
+        let worker_us_per_row =
+            ratio(self.worker_seconds * 1e6, self.rows).filter(|_| self.worker_seconds > 0.0);
         Figures {
             server_us_per_unit: server_us,
             rows_per_call: self.rows_per_call(),
@@ -202,8 +213,18 @@ impl Window {
             server_over_model: model_us.and_then(|m| ratio(server_us, m)),
             plumbing_us: model_us.map(|m| server_us - m),
             streams_per_core: per_core.filter(|_| case.streams),
+            worker_us_per_row,
+            beside_workers_us: worker_us_per_row.map(|w| server_us - w * rows_per_unit),
         }
     }
+}
+
+/// The name its worker threads start with: `worker-<model>-<version>-<replica>`, as far as
+/// Linux keeps a thread's name (15 bytes).
+fn worker_threads(model: &str) -> String {
+    let mut name = format!("worker-{model}-");
+    name.truncate(15);
+    name
 }
 
 /// One real-time `silero_vad` stream's chunks per second: 512-sample chunks of 16 kHz audio.
@@ -328,9 +349,10 @@ fn run_case(
     let seconds = last.0 .0.duration_since(first.0 .0).as_secs_f64();
     let cores = cpu_share(first.0, last.0);
     let window = match (&first.1, &last.1, cores.is_empty()) {
-        (Some(before), Some(after), false) => {
-            Some(Window::new(case, seconds, &cores, [before, after]))
-        }
+        (Some(before), Some(after), false) => Some(Window {
+            worker_seconds: threads_cpu_seconds(&first.2, &last.2, &worker_threads(case.model)),
+            ..Window::new(case, seconds, &cores, [before, after])
+        }),
         _ => None,
     };
     let w = window.clone().unwrap_or_default();
@@ -509,7 +531,11 @@ mod tests {
         ];
         let cores: Vec<(String, f64)> = cores.iter().map(|(l, c)| (l.to_string(), *c)).collect();
         let (before, after) = (texts(100, 100, 50, 10), texts(8100, 2100, 25050, 5010));
-        Window::new(case, seconds, &cores, [&before, &after])
+        // The model's workers took 0.1 core: 100 µs a request over 8 s, 16 µs a chunk over 4 s.
+        Window {
+            worker_seconds: 0.1 * seconds,
+            ..Window::new(case, seconds, &cores, [&before, &after])
+        }
     }
 
     #[test]
@@ -533,6 +559,9 @@ mod tests {
         );
         assert_eq!(f.streams_per_core, None);
         assert_eq!(w.figures(&case, None).server_over_model, None);
+        // The workers took 100 µs a row in the server, whatever the model costs in-process.
+        let (per_row, beside) = (f.worker_us_per_row.unwrap(), f.beside_workers_us.unwrap());
+        assert!((per_row - 100.0).abs() < 1e-6 && (beside - 900.0).abs() < 1e-6);
     }
 
     #[test]
@@ -546,6 +575,8 @@ mod tests {
             (Some(2.0), Some(40.0))
         );
         assert_eq!(f.streams_per_core, Some(400.0));
+        let (per_row, beside) = (f.worker_us_per_row.unwrap(), f.beside_workers_us.unwrap());
+        assert!((per_row - 16.0).abs() < 1e-6 && (beside - 64.0).abs() < 1e-6);
         // Half the chunks: the streams kept half of real time, so 100 streams on 0.5 core.
         let behind = Window {
             units: 12_500.0,
@@ -580,6 +611,8 @@ mod tests {
             (ENERGY, "chunk", true, "200 streams, vad_energy")
         );
         assert_eq!(options.client_threads(), 1);
+        let names = [MLP, VAD, ENERGY].map(worker_threads);
+        assert_eq!(names, ["worker-mlp-", "worker-silero_v", "worker-vad_ener"]);
         let case = Case::new(true, false, 200);
         let w = window(&case, 4.0, 0.5);
         let cost = ModelCost {
@@ -615,8 +648,10 @@ mod tests {
         let md =
             crate::report::render("efficiency", &crate::report::context(&json, &[header])).unwrap();
         let row = "| 200 streams | 6250 chunks/s | 3.00 / 9.00 ms | 0.50 | **80 µs** per chunk | 5.0 | **40.0 µs** (5) | 2.00× | 40 µs | **400** |";
+        let in_server = "| 200 streams | 5.0 | 40.0 µs (5) | **16.0 µs** | 0.40× | 64 µs |";
         for want in [
             row,
+            in_server,
             "**Errors** in 200 streams",
             "server pinned to CPU 0, load generator to CPU 1",
         ] {

@@ -167,7 +167,7 @@ fn step_up(
         // the ramp nor the streams' ending counts.
         let at = (server.pid(), base.as_str());
         let run = watch::measured(streams::run(&load), (load.ramp, load.duration), at, &client);
-        let (report, (m0, before), (m1, after)) = runtime.block_on(run)?;
+        let (report, (m0, before, _), (m1, after, _)) = runtime.block_on(run)?;
         let texts = [&before, &after].map(|t| t.as_deref().unwrap_or(""));
         let window = CpuWindow::between(m0, m1).map(|cpu| Window::new(cpu, n, texts));
         let pass = match setup.gate {

@@ -305,6 +305,38 @@ pub fn process_ticks(pid: u32) -> Option<u64> {
     Some(stat.utime + stat.stime)
 }
 
+/// Each live thread of process `pid`: its id, name and nanoseconds on a CPU
+/// (`/proc/<pid>/task/*/schedstat`, finer than the clock ticks of `stat`); empty where
+/// unreadable.
+pub fn thread_cpu_ns(pid: u32) -> Vec<(i32, String, u64)> {
+    let Ok(tasks) = procfs::process::Process::new(pid as i32).and_then(|p| p.tasks()) else {
+        return Vec::new();
+    };
+    let read = |task: procfs::process::Task| {
+        let ns = task.schedstat().ok()?.sum_exec_runtime;
+        Some((task.tid, task.stat().ok()?.comm, ns))
+    };
+    tasks.flatten().filter_map(read).collect()
+}
+
+/// Nanoseconds on a CPU between two [`thread_cpu_ns`] readings of the threads whose name
+/// starts with `prefix`; a thread started in between counts from 0, one gone counts no more.
+pub fn threads_cpu_seconds(
+    before: &[(i32, String, u64)],
+    after: &[(i32, String, u64)],
+    prefix: &str,
+) -> f64 {
+    let ns: u64 = after
+        .iter()
+        .filter(|(_, name, _)| name.starts_with(prefix))
+        .map(|(tid, _, ns)| {
+            let earlier = before.iter().find(|t| t.0 == *tid).map_or(0, |t| t.2);
+            ns.saturating_sub(earlier)
+        })
+        .sum();
+    ns as f64 / 1e9
+}
+
 /// Clock ticks per second, the unit of [`cpu_ticks`] and [`process_ticks`].
 pub fn ticks_per_second() -> u64 {
     procfs::ticks_per_second().max(1)
@@ -388,6 +420,23 @@ mod tests {
         }
         assert_eq!(thread_ticks("no-such-thread-name"), 0);
         assert!(raise_nofile_limit(256) >= 256);
+    }
+
+    #[test]
+    fn thread_cpu_by_name() {
+        let before = [
+            (1, "worker-mlp-1-0".to_string(), 1_000),
+            (2, "actix-rt".into(), 5),
+        ];
+        let after = [
+            (1, "worker-mlp-1-0".to_string(), 501_000),
+            (2, "actix-rt".into(), 9),
+            (3, "worker-mlp-1-1".into(), 250_000),
+        ];
+        assert_eq!(threads_cpu_seconds(&before, &after, "worker-mlp-"), 750e-6);
+        assert_eq!(threads_cpu_seconds(&before, &after, "nothing"), 0.0);
+        let mine = thread_cpu_ns(std::process::id());
+        assert!(mine.iter().any(|(_, _, ns)| *ns > 0), "{mine:?}");
     }
 
     #[test]

@@ -77,12 +77,18 @@ pub fn cpu_mark(pids: &[(String, u32)]) -> CpuMark {
     (Instant::now(), CpuSnapshot::take(), process_ticks(pids))
 }
 
-/// A mark of the server: CPU counters and its `/metrics`.
-pub type Mark = (CpuMark, Option<String>);
+/// A mark of the server: CPU counters, its `/metrics` and its threads' CPU time
+/// ([`crate::sysinfo::thread_cpu_ns`]).
+pub type Mark = (CpuMark, Option<String>, Vec<(i32, String, u64)>);
 
 async fn mark(pid: u32, base: &str, client: &reqwest::Client) -> Mark {
     let pids = [("server".to_string(), pid)];
-    (cpu_mark(&pids), prometheus::fetch(client, base).await)
+    let threads = crate::sysinfo::thread_cpu_ns(pid);
+    (
+        cpu_mark(&pids),
+        prometheus::fetch(client, base).await,
+        threads,
+    )
 }
 
 /// Runs `load` while marking the server `skip` after its start and `skip + length` after.
