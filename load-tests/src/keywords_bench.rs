@@ -217,6 +217,7 @@ fn start_server(
         follow: None,
         port: 0,
         extra: &[],
+        cpu: None,
     };
     let instance = Instance::start(
         &instance_setup,

@@ -24,7 +24,8 @@
 //!   job's rows/s against its idle ceiling;
 //! - [`efficiency`]: server CPU per REST request and per stream chunk, the server in its own
 //!   process, beside the model's own cost per row at the batch sizes the run produced;
-//! - [`peer`]: the FastAPI + uvicorn + onnxruntime peer `bench` compares with;
+//! - [`peer`]: the FastAPI + uvicorn + onnxruntime peer `bench` compares with; [`pinning`]:
+//!   a server child on one CPU and this load generator on another;
 //! - [`plots`]: SVG plots of every benchmark's results; [`scenario`]: runs described in
 //!   TOML files; [`capacity`]: instances needed for a target from the measured curves;
 //!   [`prometheus`]: the server's own figures from `/metrics`.
@@ -43,6 +44,7 @@ pub mod monitoring;
 pub mod open_loop;
 pub mod overload;
 pub mod peer;
+pub mod pinning;
 pub mod plots;
 pub mod prometheus;
 pub mod protocols;

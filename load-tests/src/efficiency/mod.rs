@@ -30,7 +30,7 @@ use crate::cli::{count, secs, BenchCommon, ServerBin};
 use crate::fleet::procs::{Instance, InstanceSetup};
 use crate::fleet::watch::{cpu_share, measured, CpuWindow};
 use crate::manifest::{self, EntryChange};
-use crate::overload::server::{Pinning, Unpin as Unpinned};
+use crate::pinning::{Pinning, Unpin as Unpinned};
 use crate::rest::{self, RestOptions};
 use crate::stream_steps::{counter_delta, ratio, CONTENDED_CORES, QUIET_CORES};
 use crate::streams::{self, Audio, ResultsMode, StreamOptions};
@@ -372,8 +372,8 @@ fn run_case(
 }
 
 /// `streamserve serve` on `models`, both models ready, and its command line. With `pinning`,
-/// the server inherits the server CPU (this process sits on it while it starts the server),
-/// then this process moves to the load generator's CPU until the returned guard drops.
+/// the server runs on the server CPU, and this process moves to the load generator's CPU
+/// until the returned guard drops.
 fn start_server(
     bin: &Path,
     models: &TempModelDir,
@@ -392,27 +392,15 @@ fn start_server(
         follow: None,
         port: 0,
         extra: &extra,
+        cpu: pinning.map(|p| p.server_cpu),
     };
-    let server_cpu_only = pinning.map(|p| Pinning {
-        loadgen_cpu: p.server_cpu,
-        ..p
-    });
-    let on_server_cpu = server_cpu_only
-        .as_ref()
-        .map(Pinning::pin_this_process)
-        .transpose()?;
-    let started = Instance::start(&setup, "efficiency", models.path.join("server.log"));
-    drop(on_server_cpu);
-    let server = started?;
+    let server = Instance::start(&setup, "efficiency", models.path.join("server.log"))?;
     let unpin = pinning
         .as_ref()
         .map(Pinning::pin_this_process)
         .transpose()?;
-    let taskset = pinning.map(|p| format!("taskset -c {} ", p.server_cpu));
-    let args = Instance::args(&setup, "efficiency").join(" ");
-    let command = format!("{}{} {args}", taskset.unwrap_or_default(), bin.display());
     server.wait_ready(&MODELS, runtime)?;
-    Ok((server, command, unpin))
+    Ok((server, Instance::command_line(&setup, "efficiency"), unpin))
 }
 
 /// Runs the whole benchmark and writes its report.

@@ -192,6 +192,7 @@ fn drill(
             }),
             port: 0,
             extra: &[],
+            cpu: None,
         };
         instances.push(Instance::start(&setup, &id, out.join(format!("{id}.log")))?);
     }

@@ -321,6 +321,8 @@ pub struct InstanceSetup<'a> {
     pub port: u16,
     /// More `serve` arguments.
     pub extra: &'a [String],
+    /// The one CPU to run on (set between fork and exec), if any.
+    pub cpu: Option<usize>,
 }
 
 impl Instance {
@@ -354,6 +356,18 @@ impl Instance {
         args
     }
 
+    /// Instance `id`'s command line as a shell would give it (`taskset -c N` when pinned), for
+    /// reports.
+    pub fn command_line(setup: &InstanceSetup<'_>, id: &str) -> String {
+        let taskset = setup.cpu.map(|cpu| format!("taskset -c {cpu} "));
+        let args = Instance::args(setup, id).join(" ");
+        format!(
+            "{}{} {args}",
+            taskset.unwrap_or_default(),
+            setup.bin.display()
+        )
+    }
+
     /// Starts instance `id` and waits (at most 60 s) for its `streamserve listening` line.
     pub fn start(setup: &InstanceSetup<'_>, id: &str, log: PathBuf) -> anyhow::Result<Instance> {
         let mut cmd = Command::new(setup.bin);
@@ -362,6 +376,10 @@ impl Instance {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         die_with_parent(&mut cmd);
+        if let Some(cpu) = setup.cpu {
+            // SAFETY: the closure makes one system call and allocates nothing.
+            unsafe { cmd.pre_exec(move || crate::pinning::set_affinity(0, &[cpu])) };
+        }
         let env = setup
             .follow
             .as_ref()

@@ -24,10 +24,11 @@ use crate::bench::{cpu_since, TempModelDir};
 use crate::cli::{count, secs, BenchCommon};
 use crate::manifest::{self, EntryChange};
 use crate::open_loop::{self, OpenLoopOptions, OpenLoopReport};
+use crate::pinning::Pinning;
 use crate::prometheus;
 use crate::rest::{self, RestOptions, RestReport};
 use crate::sysinfo::{wait_for_quiet, CpuShare, CpuSnapshot};
-use server::{ChildServer, PinnedCpu, PinnedSnapshot, Pinning, Server};
+use server::{PinnedCpu, PinnedSnapshot, Server};
 
 pub const PRIMARY: &str = "mlp";
 pub const FALLBACK: &str = "mlp_small";
@@ -361,9 +362,7 @@ pub fn run(options: &OverloadOptions) -> anyhow::Result<crate::report::Outcome> 
         let server = match (&pinning, &server_bin) {
             (Some(p), Some(bin)) => {
                 let log = models.path.join(format!("server-{i}.log"));
-                let child =
-                    ChildServer::start(bin, &models.path, *mode, *p, log, &context.runtime)?;
-                Server::Child(child)
+                Server::child(bin, &models.path, (*mode, *p), log, &context.runtime)?
             }
             _ => Server::in_process(&models.path, *mode)?,
         };
@@ -373,10 +372,7 @@ pub fn run(options: &OverloadOptions) -> anyhow::Result<crate::report::Outcome> 
         );
         let rate = variants.first().map(|v| v.capacity.requests_per_sec());
         let result = run_variant(&context, &server, *mode, &label, rate);
-        let (command, log) = match &server {
-            Server::Child(c) => (Some(c.command.clone()), Some(c.log_text())),
-            Server::InProcess(_) => (None, None),
-        };
+        let (command, log) = server.command_and_log().unzip();
         server.stop();
         variants.push(Variant {
             server_command: command,

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::server::Pinning;
 use super::{OverloadOptions, Variant, CAPACITY_WARMUP, MAX_QUEUE, PLOT_FILE, SLO_MS};
 use crate::hist;
+use crate::pinning::Pinning;
 use crate::rest::RestReport;
 use crate::sysinfo::CpuShare;
 

@@ -215,6 +215,7 @@ fn drill(
             follow: None,
             port,
             extra: &extra,
+            cpu: None,
         };
         Instance::start(&setup, id, log)
     };
