@@ -2,7 +2,7 @@
 //!
 //! - [`rest`]: closed-loop load on the Open Inference Protocol REST endpoint, and
 //!   [`open_loop`]: the same requests at a constant rate (open loop);
-//! - [`bench`]: the REST micro-benchmark, server with and without dynamic batching against
+//! - [`bench`](mod@bench): the REST micro-benchmark, server with and without dynamic batching against
 //!   the in-process ONNX Runtime ceiling;
 //! - [`streams`]: WebSocket speech-stream load, and [`streams_bench`]: how many real-time
 //!   `silero_vad` streams one server carries, batching across streams on and off;

@@ -10,7 +10,7 @@
 //!    streams on `vad_energy` (Silero's interface at next to no cost: what the server spends
 //!    on a chunk besides its model, measured directly rather than as a difference);
 //! 3. at the two ends of each case's measured window (after the warm-up or the ramp): the CPU
-//!    time of the server's pid, of this process and of the machine ([`cpu_mark`]), and the
+//!    time of the server's pid, of this process and of the machine ([`cpu_mark`](crate::fleet::watch::cpu_mark)), and the
 //!    server's `/metrics` (requests or stream chunks it counted, rows per model call, the time
 //!    its workers spent in model calls), and its model workers' CPU time: **server CPU µs per
 //!    request / per chunk**, streams per server core, and the workers' CPU per row;
