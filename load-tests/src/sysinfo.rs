@@ -305,10 +305,12 @@ pub fn process_ticks(pid: u32) -> Option<u64> {
     Some(stat.utime + stat.stime)
 }
 
-/// Each live thread of process `pid`: its id, name and nanoseconds on a CPU
-/// (`/proc/<pid>/task/*/schedstat`, finer than the clock ticks of `stat`); empty where
-/// unreadable.
-pub fn thread_cpu_ns(pid: u32) -> Vec<(i32, String, u64)> {
+/// A thread's id, name and nanoseconds on a CPU.
+pub type ThreadCpu = (i32, String, u64);
+
+/// Each live thread of process `pid` (`/proc/<pid>/task/*/schedstat`, finer than the clock
+/// ticks of `stat`); empty where unreadable.
+pub fn thread_cpu_ns(pid: u32) -> Vec<ThreadCpu> {
     let Ok(tasks) = procfs::process::Process::new(pid as i32).and_then(|p| p.tasks()) else {
         return Vec::new();
     };
@@ -319,13 +321,9 @@ pub fn thread_cpu_ns(pid: u32) -> Vec<(i32, String, u64)> {
     tasks.flatten().filter_map(read).collect()
 }
 
-/// Nanoseconds on a CPU between two [`thread_cpu_ns`] readings of the threads whose name
-/// starts with `prefix`; a thread started in between counts from 0, one gone counts no more.
-pub fn threads_cpu_seconds(
-    before: &[(i32, String, u64)],
-    after: &[(i32, String, u64)],
-    prefix: &str,
-) -> f64 {
+/// Seconds on a CPU between two [`thread_cpu_ns`] readings, of the threads whose name starts
+/// with `prefix`; a thread started in between counts from 0, one gone counts no more.
+pub fn threads_cpu_seconds(before: &[ThreadCpu], after: &[ThreadCpu], prefix: &str) -> f64 {
     let ns: u64 = after
         .iter()
         .filter(|(_, name, _)| name.starts_with(prefix))

@@ -79,7 +79,7 @@ pub fn cpu_mark(pids: &[(String, u32)]) -> CpuMark {
 
 /// A mark of the server: CPU counters, its `/metrics` and its threads' CPU time
 /// ([`crate::sysinfo::thread_cpu_ns`]).
-pub type Mark = (CpuMark, Option<String>, Vec<(i32, String, u64)>);
+pub type Mark = (CpuMark, Option<String>, Vec<crate::sysinfo::ThreadCpu>);
 
 async fn mark(pid: u32, base: &str, client: &reqwest::Client) -> Mark {
     let pids = [("server".to_string(), pid)];
