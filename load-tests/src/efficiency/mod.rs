@@ -10,10 +10,11 @@
 //!    streams on `vad_energy` (Silero's interface at next to no cost: what the server spends
 //!    on a chunk besides its model, measured directly rather than as a difference);
 //! 3. at the two ends of each case's measured window (after the warm-up or the ramp): the CPU
-//!    time of the server's pid, of this process and of the machine ([`cpu_mark`](crate::fleet::watch::cpu_mark)), and the
-//!    server's `/metrics` (requests or stream chunks it counted, rows per model call, the time
-//!    its workers spent in model calls), and its model workers' CPU time: **server CPU µs per
-//!    request / per chunk**, streams per server core, and the workers' CPU per row;
+//!    time of the server's pid, of this process and of the machine
+//!    ([`cpu_mark`](crate::fleet::watch::cpu_mark)), the server's `/metrics` (requests or
+//!    stream chunks it counted, rows per model call), and each server thread's CPU time:
+//!    **server CPU µs per request / per chunk**, streams per server core, and the model's
+//!    worker threads' CPU per row;
 //! 4. with the server stopped, each model in-process on one thread at the mean batch size its
 //!    server calls had: the model's own µs per row, hence server ÷ model and the plumbing;
 //! 5. `report.md` (`templates/efficiency.md.j2`) and `results.json`.
