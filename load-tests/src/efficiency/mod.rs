@@ -35,7 +35,7 @@ use crate::pinning::{Pinning, Unpin as Unpinned};
 use crate::rest::{self, RestOptions};
 use crate::stream_steps::{counter_delta, ratio, CONTENDED_CORES, QUIET_CORES};
 use crate::streams::{self, Audio, ResultsMode, StreamOptions};
-use crate::sysinfo::{raise_nofile_limit, threads_cpu_seconds, wait_for_quiet};
+use crate::sysinfo::{raise_nofile_limit, threads_cpu_seconds, wait_for_quiet, ThreadCpu};
 
 /// The REST model, the stream model, and the stream model that costs next to nothing.
 pub const MLP: &str = "mlp";
@@ -160,17 +160,25 @@ pub struct Figures {
     pub server_over_model: Option<f64>,
     pub plumbing_us: Option<f64>,
     pub streams_per_core: Option<f64>,
-    /// The model as it ran in the server: its worker threads' CPU per row, and the server's CPU
-    /// per unit besides theirs (HTTP or WebSocket, the sessions, the router, metrics).
+    /// The model as it ran in the server: its worker threads' CPU per row, that ÷ the model's
+    /// own µs per row, and the server's CPU per unit besides theirs (HTTP or WebSocket, the
+    /// sessions, the router, metrics).
     pub worker_us_per_row: Option<f64>,
+    pub worker_over_model: Option<f64>,
     pub beside_workers_us: Option<f64>,
 }
 
 impl Window {
     /// From `cpu_share`'s cores (this process first, others last) over `seconds`, and the
-    /// `/metrics` texts at the window's two ends.
-    pub fn new(case: &Case, seconds: f64, cores: &[(String, f64)], texts: [&str; 2]) -> Window {
+    /// `/metrics` texts and the server's thread readings at the window's two ends.
+    pub fn new(
+        case: &Case,
+        seconds: f64,
+        cores: &[(String, f64)],
+        (texts, threads): ([&str; 2], [&[ThreadCpu]; 2]),
+    ) -> Window {
         let delta = |name| counter_delta(texts, name, case.model, None);
+        let [before, after] = threads;
         let cpu = CpuWindow::from_cores(seconds, cores);
         Window {
             cpu: cpu.unwrap_or(CpuWindow {
@@ -180,7 +188,7 @@ impl Window {
             units: delta(case.counter()),
             rows: delta("streamserve_batch_size_sum"),
             calls: delta("streamserve_batch_size_count"),
-            worker_seconds: 0.0,
+            worker_seconds: threads_cpu_seconds(before, after, &worker_threads(case.model)),
         }
     }
 
@@ -215,6 +223,9 @@ impl Window {
             plumbing_us: model_us.map(|m| server_us - m),
             streams_per_core: per_core.filter(|_| case.streams),
             worker_us_per_row,
+            worker_over_model: worker_us_per_row
+                .zip(model_us_per_row)
+                .and_then(|(w, m)| ratio(w, m)),
             beside_workers_us: worker_us_per_row.map(|w| server_us - w * rows_per_unit),
         }
     }
@@ -350,10 +361,10 @@ fn run_case(
     let seconds = last.0 .0.duration_since(first.0 .0).as_secs_f64();
     let cores = cpu_share(first.0, last.0);
     let window = match (&first.1, &last.1, cores.is_empty()) {
-        (Some(before), Some(after), false) => Some(Window {
-            worker_seconds: threads_cpu_seconds(&first.2, &last.2, &worker_threads(case.model)),
-            ..Window::new(case, seconds, &cores, [before, after])
-        }),
+        (Some(before), Some(after), false) => {
+            let ends = ([&before[..], after], [&first.2[..], &last.2]);
+            Some(Window::new(case, seconds, &cores, ends))
+        }
         _ => None,
     };
     let w = window.clone().unwrap_or_default();

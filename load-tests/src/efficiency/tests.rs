@@ -26,11 +26,14 @@ fn window(case: &Case, seconds: f64, server_cores: f64) -> Window {
     ];
     let cores: Vec<(String, f64)> = cores.iter().map(|(l, c)| (l.to_string(), *c)).collect();
     let (before, after) = (texts(100, 100, 50, 10), texts(8100, 2100, 25050, 5010));
-    // The model's workers took 0.1 core: 100 µs a request over 8 s, 16 µs a chunk over 4 s.
-    Window {
-        worker_seconds: 0.1 * seconds,
-        ..Window::new(case, seconds, &cores, [&before, &after])
-    }
+    // The model's workers took 0.1 core: 100 µs a request over 8 s, 16 µs a chunk over 4 s;
+    // another thread's time does not count.
+    let worker = format!("{}1-0", worker_threads(case.model));
+    let ns = (0.1 * seconds * 1e9) as u64;
+    let threads_before = [(7, worker.clone(), 1_000), (8, "actix-rt".into(), 0)];
+    let threads_after = [(7, worker, 1_000 + ns), (8, "actix-rt".into(), 5 * ns)];
+    let ends = ([&before[..], &after], [&threads_before[..], &threads_after]);
+    Window::new(case, seconds, &cores, ends)
 }
 
 #[test]
@@ -57,6 +60,8 @@ fn rest_figures_per_request() {
     // The workers took 100 µs a row in the server, whatever the model costs in-process.
     let (per_row, beside) = (f.worker_us_per_row.unwrap(), f.beside_workers_us.unwrap());
     assert!((per_row - 100.0).abs() < 1e-6 && (beside - 900.0).abs() < 1e-6);
+    assert!((f.worker_over_model.unwrap() - 0.4).abs() < 1e-9);
+    assert_eq!(w.figures(&case, None).worker_over_model, None);
 }
 
 #[test]
@@ -80,7 +85,7 @@ fn stream_figures_per_chunk_and_per_core() {
     assert_eq!(behind.figures(&case, None).streams_per_core, Some(200.0));
     // No counters moved: no batch to measure, nothing divided by zero.
     let still = texts(1, 1, 1, 1);
-    let empty = Window::new(&case, 4.0, &[], [&still, &still]);
+    let empty = Window::new(&case, 4.0, &[], ([&still, &still], [&[], &[]]));
     assert_eq!(
         (empty.batch(), empty.figures(&case, None)),
         (None, Figures::default())
