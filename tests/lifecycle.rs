@@ -397,6 +397,99 @@ async fn bad_deployments_are_refused_and_change_nothing() {
     assert_eq!(status, 200, "an unloaded version loads again on demand");
 }
 
+/// Sends two deploys of `mlp`, the second `after` the first, and returns both answers in
+/// the order they were sent.
+async fn two_deploys(
+    c: &reqwest::Client,
+    url: &str,
+    first: Value,
+    after: Duration,
+    second: Value,
+) -> [(u16, Value); 2] {
+    let path = "/admin/models/mlp/deploy";
+    let (first, second) = tokio::join!(admin(c, url, path, first), async {
+        tokio::time::sleep(after).await;
+        admin(c, url, path, second).await
+    });
+    [first, second]
+}
+
+/// Asserts that exactly one of two deploys was accepted and the other refused (409) because
+/// the first was still being prepared.
+fn one_accepted_one_refused(answers: &[(u16, Value); 2]) {
+    let accepted = answers.iter().filter(|(s, _)| *s == 200).count();
+    assert_eq!(accepted, 1, "exactly one deploy is accepted: {answers:?}");
+    let refused = answers.iter().find(|(s, _)| *s != 200).unwrap().clone();
+    expect(refused, 409, "a deployment of 'mlp' is in progress");
+}
+
+/// After concurrent deploys: the default version of `mlp` is serving, and `mlp` answers (from
+/// the default, or from a canary the accepted deploy started, both serving).
+async fn default_serves(c: &reqwest::Client, url: &str) {
+    let (_, list) = get(c, &format!("{url}/v2/models")).await;
+    let models = list["models"].as_array().unwrap();
+    let default = models
+        .iter()
+        .find(|m| m["name"] == "mlp" && m["default"] == true)
+        .unwrap_or_else(|| panic!("mlp has a default: {list}"));
+    assert_eq!(default["state"], "READY", "{list}");
+    for i in 0..4 {
+        let (status, body) = post(
+            c,
+            &format!("{url}/v2/models/mlp/infer"),
+            &mlp_request(&features(i, 1)),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let version = body["model_version"].as_str().unwrap();
+        assert_eq!(state_of(c, url, version).await, "READY", "{list}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_deploy_while_one_is_prepared_is_refused() {
+    let url = server(&two_versions(""));
+    let c = client();
+    // The default's next model call takes 2 s more: the first deploy's smoke test (of the
+    // version already serving) holds it, and the second comes meanwhile.
+    let fault = json!({"fault": {"kind": "slow", "ms": 2000}, "count": 1});
+    assert_eq!(
+        admin(&c, &url, "/admin/models/mlp/faults", fault).await.0,
+        200
+    );
+    let answers = two_deploys(
+        &c,
+        &url,
+        json!({"version": "1", "strategy": "blue_green"}),
+        Duration::from_millis(200),
+        json!({"version": "2", "strategy": "blue_green"}),
+    )
+    .await;
+    one_accepted_one_refused(&answers);
+    assert_eq!(answers[0].0, 200, "the first one sent: {answers:?}");
+    default_serves(&c, &url).await;
+
+    // A blue/green switch and a canary of the same version, sent together, while version 2's
+    // smoke test is slow: whichever comes first, the other is refused.
+    let (status, _) = admin(&c, &url, "/admin/models/mlp/load", json!({"version": "2"})).await;
+    assert_eq!(status, 200);
+    let fault = json!({"fault": {"kind": "slow", "ms": 2000}, "version": "2", "count": 1});
+    assert_eq!(
+        admin(&c, &url, "/admin/models/mlp/faults", fault).await.0,
+        200
+    );
+    let answers = two_deploys(
+        &c,
+        &url,
+        json!({"version": "2", "strategy": "blue_green"}),
+        Duration::ZERO,
+        json!({"version": "2", "strategy": "canary", "steps": [50, 100], "step_secs": 60}),
+    )
+    .await;
+    one_accepted_one_refused(&answers);
+    default_serves(&c, &url).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rolling_update_moves_traffic_one_replica_at_a_time() {
     let url = server(&two_versions("replicas = 2"));

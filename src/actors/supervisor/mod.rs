@@ -217,10 +217,14 @@ impl Supervisor {
             self.watch,
         );
         ctx.spawn(load.into_actor(self).map(move |state, supervisor, _ctx| {
-            let cold_start = started.elapsed();
-            metrics::histogram!("streamserve_model_load_seconds", "model" => key.0.clone(), "version" => key.1.clone())
-                .record(cold_start.as_secs_f64());
-            tracing::info!(model = %key.0, version = %key.1, cold_start_ms = cold_start.as_millis() as u64, "loaded");
+            // Only a load that ends serving is a cold start; a refusal was logged with its
+            // reason by `load_version` (and by `loaded`, for one that does not fit).
+            if let VersionState::Serving(_) = &state {
+                let cold_start = started.elapsed();
+                metrics::histogram!("streamserve_model_load_seconds", "model" => key.0.clone(), "version" => key.1.clone())
+                    .record(cold_start.as_secs_f64());
+                tracing::info!(model = %key.0, version = %key.1, cold_start_ms = cold_start.as_millis() as u64, "loaded");
+            }
             supervisor.loaded(key, state);
         }));
     }
@@ -418,7 +422,8 @@ impl Handler<Unload> for Supervisor {
         let key = self.key(&msg.name, msg.version.as_deref())?;
         if self.deployments.involves(&key.0, &key.1) {
             return Err(ServeError::Conflict(format!(
-                "{}:{} is part of a running canary; roll it back first",
+                "{}:{} is part of a rollout in progress (a running canary, or a deploy or \
+                 rollback being prepared); wait for it or roll it back first",
                 key.0, key.1
             )));
         }

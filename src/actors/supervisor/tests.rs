@@ -405,3 +405,74 @@ async fn a_rolling_update_steps_one_replicas_share_and_an_operator_can_stop_it()
         "rolled back by an operator"
     );
 }
+
+#[actix::test]
+async fn one_deploy_or_rollback_of_a_model_at_a_time() {
+    let f = start("one-at-a-time", 1024).await;
+    // Every model call takes 300 ms: the first deploy's smoke test holds it that long.
+    f.loader.set(Behaviour::Sleep(Duration::from_millis(300)));
+    let deploy = |version: &str, strategy| Deploy {
+        name: "m".into(),
+        version: version.into(),
+        strategy,
+        steps: vec![50, 100],
+        step_secs: 60,
+        smoke_test: true,
+    };
+    // Sent together: the first is handled (and reserves `m`) before the others.
+    let first = f.supervisor.send(deploy("2", Strategy::BlueGreen));
+    let second = f.supervisor.send(deploy("2", Strategy::Canary));
+    let again = f.supervisor.send(deploy("1", Strategy::BlueGreen));
+    let rollback = f.supervisor.send(Rollback { name: "m".into() });
+    let unload = f.supervisor.send(Unload {
+        name: "m".into(),
+        version: Some("1".into()),
+    });
+    for refused in [second.await, again.await, rollback.await] {
+        match refused.unwrap() {
+            Err(ServeError::Conflict(message)) => assert_eq!(
+                message,
+                "a deployment of 'm' is in progress; wait for its answer and try again"
+            ),
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+    }
+    // The versions of a deployment being prepared are held, like a running canary's.
+    assert!(matches!(
+        unload.await.unwrap(),
+        Err(ServeError::Conflict(_))
+    ));
+    let answer = first.await.unwrap().unwrap();
+    assert_eq!((&answer["from"], &answer["to"]), (&"1".into(), &"2".into()));
+    assert_eq!(f.default_of("m"), "2");
+    assert_eq!(f.label("m", "2"), "READY");
+    assert_eq!(f.label("m", "1"), "UNLOADED");
+    assert!(f.rollouts().await["running"]
+        .as_object()
+        .unwrap()
+        .is_empty());
+
+    // Answered: the model is free again. A rollback holds it in turn, while m:1 loads.
+    let rollback = f.supervisor.send(Rollback { name: "m".into() });
+    let during = f.supervisor.send(deploy("1", Strategy::BlueGreen));
+    match during.await.unwrap() {
+        Err(ServeError::Conflict(message)) => {
+            assert!(
+                message.starts_with("a rollback of 'm' is in progress"),
+                "{message}"
+            )
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(rollback.await.unwrap().unwrap()["to"], "1");
+    assert_eq!(f.default_of("m"), "1");
+
+    // A failed deployment frees the model too.
+    f.loader.set(Behaviour::Fail);
+    assert!(f.deploy("2", Strategy::BlueGreen).await.is_err());
+    f.loader.set(Behaviour::Echo);
+    f.deploy("2", Strategy::BlueGreen).await.unwrap();
+    assert_eq!(f.default_of("m"), "2");
+    let served = f.catalog.snapshot().resolve("m", None).unwrap();
+    assert_eq!(echo(&served).await.unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
+}
