@@ -188,12 +188,25 @@ async fn bodies_beyond_the_memory_bound_get_503_until_memory_is_free() {
         config.min_body_bytes_per_sec = 0;
         config.body_timeout_secs = 60;
     });
-    // A WAV upload announcing 1 MB holds the whole bound while it arrives.
-    let holder = open_body(&url, "/v1/models/silero_vad/segments", 1 << 20, b"RIFF").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let c = client();
     let infer = format!("{url}/v2/models/mlp/infer");
     let body = serde_json::to_vec(&mlp_request(&features(2, 1))).unwrap();
+    // Announcing a body takes nothing: only bytes that arrive count against the bound, so
+    // headers alone cannot lock other clients out.
+    let announced = open_body(&url, "/v1/models/silero_vad/segments", 1 << 20, b"RIFF").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let response = c.post(&infer).body(body.clone()).send().await.unwrap();
+    assert_eq!(
+        response.status(),
+        200,
+        "an announced, unsent body held the bound"
+    );
+    drop(announced);
+    // A WAV upload that has sent 961 KiB of its 2 MB holds the whole bound (reserved in 64 KiB
+    // steps) while the rest is awaited.
+    let mut holder = open_body(&url, "/v1/models/silero_vad/segments", 2 << 20, b"RIFF").await;
+    holder.write_all(&vec![0u8; 961 * 1024]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let response = c.post(&infer).body(body.clone()).send().await.unwrap();
     assert_eq!(response.status(), 503);
     assert_eq!(response.headers()["retry-after"], "1");

@@ -1,13 +1,15 @@
 //! Reading a request body, for every surface that takes one (inference, WAV segments): the
 //! size limit (refused from `Content-Length` before a byte is buffered, and again as bytes
-//! arrive, after decompression too, so a small gzip body cannot expand without bound), the
-//! memory all bodies may hold together ([`BodyMemory`]), and clean errors for bodies that are
-//! too slow (the door's pace, see `door.rs`), cut short, or not valid gzip/deflate.
+//! arrive, after decompression too: a gzip body is inflated a block at a time into a buffer
+//! that refuses to grow past the limit, so a small body cannot expand without bound), the
+//! memory all bodies may hold together ([`BodyMemory`], counted as bytes arrive, not as they
+//! are announced), and clean errors for bodies that are too slow (the door's pace, see
+//! `door.rs`), cut short, or not valid gzip/deflate.
 
+use std::io::{self, Write as _};
 use std::sync::Arc;
 use std::time::Instant;
 
-use actix_web::dev::Decompress;
 use actix_web::error::PayloadError;
 use actix_web::http::header::{self, ContentEncoding};
 use actix_web::{web, HttpRequest};
@@ -21,9 +23,17 @@ use crate::error::ServeError;
 /// touch the semaphore for each.
 const STEP_KIB: usize = 64;
 
+/// The most a body's buffer is given before its bytes arrive. A `Content-Length` is only a
+/// promise: a client that announces 60 MB and sends nothing must not get 60 MB (nor hold the
+/// memory bound) for it. Larger bodies grow the buffer as they arrive.
+const MAX_PREALLOCATED: usize = 1 << 20;
+
 /// The memory that request bodies being read, decoded and answered may hold together. A body
-/// that would take more gets 503 with Retry-After at once: eight 63 MB bodies at the same time
-/// cannot add half a gigabyte to the process and hold every other client up meanwhile.
+/// that would take more gets 503 with Retry-After as soon as its bytes would pass the bound:
+/// eight 63 MB bodies at the same time cannot add half a gigabyte to the process and hold every
+/// other client up meanwhile. Only bytes received (or inflated) count, so connections that
+/// announce large bodies and send nothing cannot fill the bound for others.
+#[derive(Clone)]
 pub struct BodyMemory {
     kib: Arc<Semaphore>,
     limit_mb: u64,
@@ -127,16 +137,15 @@ pub async fn read(
     };
     let reader = Reader {
         limits,
-        capacity: declared.unwrap_or(8 * 1024).min(limit),
+        capacity: declared
+            .unwrap_or(8 * 1024)
+            .min(limit)
+            .min(MAX_PREALLOCATED),
         encoding: encoding.as_deref().filter(|_| coding.is_some()),
     };
     match coding {
         None => reader.collect(body).await,
-        Some(coding) => {
-            reader
-                .collect(Decompress::new(body.into_inner(), coding))
-                .await
-        }
+        Some(coding) => reader.inflate(body, coding).await,
     }
 }
 
@@ -154,7 +163,6 @@ impl Reader<'_> {
         let started = Instant::now();
         let limit = self.limits.max_bytes;
         let mut reserved = None;
-        self.limits.memory.reserve(&mut reserved, self.capacity)?;
         let mut buf = web::BytesMut::with_capacity(self.capacity);
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| self.payload_error(e, buf.len(), started))?;
@@ -168,6 +176,68 @@ impl Reader<'_> {
         Ok(Body {
             bytes: buf,
             _reserved: reserved,
+        })
+    }
+
+    /// Reads a gzip or deflate body, inflating each chunk as it arrives (chunks of 2 KiB and
+    /// more on the blocking pool, as actix's own decoder does, so a large body does not stall
+    /// the connection's HTTP thread).
+    async fn inflate(
+        &self,
+        mut stream: web::Payload,
+        coding: ContentEncoding,
+    ) -> Result<Body, ServeError> {
+        let started = Instant::now();
+        let inflated = Inflated {
+            buf: web::BytesMut::with_capacity(self.capacity),
+            limit: self.limits.max_bytes,
+            memory: self.limits.memory.clone(),
+            reserved: None,
+            refused: None,
+        };
+        let mut decoder = match coding {
+            ContentEncoding::Gzip => {
+                Decoder::Gzip(Box::new(flate2::write::GzDecoder::new(inflated)))
+            }
+            _ => Decoder::Deflate(Box::new(flate2::write::ZlibDecoder::new(inflated))),
+        };
+        while let Some(chunk) = stream.next().await {
+            let chunk =
+                chunk.map_err(|e| self.payload_error(e, decoder.inflated().buf.len(), started))?;
+            let written = if chunk.len() < IN_PLACE {
+                decoder.write_all(&chunk)
+            } else {
+                let (back, written) = tokio::task::spawn_blocking(move || {
+                    let written = decoder.write_all(&chunk);
+                    (decoder, written)
+                })
+                .await
+                .map_err(|_| ServeError::invalid("the request body could not be decoded"))?;
+                decoder = back;
+                written
+            };
+            if written.is_err() {
+                return Err(self.decode_error(decoder.inflated()));
+            }
+        }
+        if decoder.finish().is_err() {
+            return Err(self.decode_error(decoder.inflated()));
+        }
+        let inflated = decoder.inflated();
+        Ok(Body {
+            bytes: std::mem::take(&mut inflated.buf),
+            _reserved: inflated.reserved.take(),
+        })
+    }
+
+    /// Why inflating stopped: the limit or the memory bound, or else data that is not what
+    /// its `Content-Encoding` says.
+    fn decode_error(&self, inflated: &mut Inflated) -> ServeError {
+        inflated.refused.take().unwrap_or_else(|| {
+            let encoding = self.encoding.unwrap_or("compressed");
+            ServeError::invalid(format!(
+                "the request body is not valid {encoding} data (Content-Encoding: {encoding})"
+            ))
         })
     }
 
@@ -198,6 +268,75 @@ impl Reader<'_> {
             }
             (_, None) => ServeError::invalid("the request body could not be read"),
         }
+    }
+}
+
+/// Chunks smaller than this are inflated on the HTTP thread (actix's threshold).
+const IN_PLACE: usize = 2049;
+
+/// A compressed body's decoder, writing what it inflates into an [`Inflated`].
+enum Decoder {
+    Gzip(Box<flate2::write::GzDecoder<Inflated>>),
+    Deflate(Box<flate2::write::ZlibDecoder<Inflated>>),
+}
+
+impl Decoder {
+    fn write_all(&mut self, chunk: &[u8]) -> io::Result<()> {
+        match self {
+            Decoder::Gzip(d) => d.write_all(chunk),
+            Decoder::Deflate(d) => d.write_all(chunk),
+        }
+    }
+
+    fn inflated(&mut self) -> &mut Inflated {
+        match self {
+            Decoder::Gzip(d) => d.get_mut(),
+            Decoder::Deflate(d) => d.get_mut(),
+        }
+    }
+
+    /// Writes out what is left and checks the stream's end (gzip's checksum and length).
+    fn finish(&mut self) -> io::Result<()> {
+        match self {
+            Decoder::Gzip(d) => d.try_finish(),
+            Decoder::Deflate(d) => d.try_finish(),
+        }
+    }
+}
+
+/// Where a compressed body inflates to. It refuses a block that would take the body past its
+/// size limit or the memory bound, so inflating stops there (at most one block, 32 KiB,
+/// beyond the limit), not after the whole body has been inflated.
+struct Inflated {
+    buf: web::BytesMut,
+    limit: usize,
+    memory: BodyMemory,
+    reserved: Option<OwnedSemaphorePermit>,
+    /// Why the last block was refused, for the client.
+    refused: Option<ServeError>,
+}
+
+impl io::Write for Inflated {
+    fn write(&mut self, block: &[u8]) -> io::Result<usize> {
+        let size = self.buf.len() + block.len();
+        let refused = if size > self.limit {
+            Some(ServeError::PayloadTooLarge {
+                size,
+                limit: self.limit,
+            })
+        } else {
+            self.memory.reserve(&mut self.reserved, size).err()
+        };
+        if let Some(refused) = refused {
+            self.refused = Some(refused);
+            return Err(io::Error::other("the body's inflated size was refused"));
+        }
+        self.buf.extend_from_slice(block);
+        Ok(block.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
