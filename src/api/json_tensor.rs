@@ -178,9 +178,12 @@ macro_rules! integer_element {
             const DATATYPE: DataType = DataType::$dt;
             fn from_i64(v: i64) -> Option<Self> { <$t>::try_from(v).ok() }
             fn from_u64(v: u64) -> Option<Self> { <$t>::try_from(v).ok() }
-            // Integral floats such as 3.0 are accepted; 3.5 is not.
+            // Integral floats such as 3.0 are accepted; 3.5 is not. The upper bound is the
+            // first power of two past the type, exclusive: `MAX as f64` rounds up to it for
+            // the 64-bit types, and `as` would then saturate 2^63 to i64::MAX silently.
             fn from_f64(v: f64) -> Option<Self> {
-                if v.fract() == 0.0 && v >= <$t>::MIN as f64 && v <= <$t>::MAX as f64 { Some(v as $t) } else { None }
+                let past_max = 2f64.powi(<$t>::BITS as i32 - i32::from(<$t>::MIN != 0));
+                if v.fract() == 0.0 && v >= <$t>::MIN as f64 && v < past_max { Some(v as $t) } else { None }
             }
         }
     )*};
@@ -373,6 +376,13 @@ impl<'de, T: JsonElement> Visitor<'de> for Flatten<'_, '_, T> {
         self.push(T::from_f64(v), Float(v))
     }
     fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<(), E> {
+        if T::DATATYPE != DataType::Bool {
+            return Err(E::custom(format!(
+                "element {} ({v}) is a boolean, not a valid {}",
+                self.out.len(),
+                T::DATATYPE
+            )));
+        }
         self.push(T::from_bool(v), v)
     }
 }
@@ -547,6 +557,53 @@ mod tests {
                 .unwrap_err()
                 .contains("invalid type: string"));
         }
+    }
+
+    #[test]
+    fn integral_floats_past_an_integer_type_are_refused_not_saturated() {
+        // 2^63 and 2^64 are where `MAX as f64` rounds to for the 64-bit types.
+        for (datatype, data) in [
+            ("INT64", "[0, 9223372036854775808.0]"),
+            ("INT64", "[0, 9.2233720368547758e18]"),
+            ("INT64", "[0, -9223372036854777856.0]"),
+            ("UINT64", "[0, 18446744073709551616.0]"),
+            ("INT32", "[0, 2147483648.0]"),
+            ("UINT8", "[0, 256.0]"),
+            ("UINT8", "[0, -1.0]"),
+        ] {
+            let err = fp(datatype, data).unwrap_err();
+            assert!(
+                err.contains(&format!("is not a valid {datatype}")),
+                "{data}: {err}"
+            );
+        }
+        assert_eq!(
+            fp("INT64", "[-9223372036854775808.0, 9223372036854774784.0]").unwrap(),
+            TensorData::Int64(vec![i64::MIN, 9_223_372_036_854_774_784])
+        );
+        assert_eq!(
+            fp("UINT8", "[255.0, 0.0]").unwrap(),
+            TensorData::Uint8(vec![255, 0])
+        );
+        assert_eq!(
+            fp("INT32", "[2147483647.0, -2147483648.0]").unwrap(),
+            TensorData::Int32(vec![i32::MAX, i32::MIN])
+        );
+    }
+
+    #[test]
+    fn booleans_are_refused_for_numeric_types_as_booleans() {
+        let err = fp("FP32", "[true, 1.0]").unwrap_err();
+        assert!(
+            err.contains("element 0 (true) is a boolean, not a valid FP32"),
+            "{err}"
+        );
+        let err = fp("INT32", "[1, false]").unwrap_err();
+        assert!(err.contains("element 1 (false) is a boolean"), "{err}");
+        assert_eq!(
+            fp("BOOL", "[true, false]").unwrap(),
+            TensorData::Bool(vec![true, false])
+        );
     }
 
     #[test]
