@@ -146,11 +146,17 @@ impl Manifest {
             );
             let delay_ms = s.max_queue_delay_ms.or(d.max_queue_delay_ms).unwrap_or(1.0);
             anyhow::ensure!(
-                delay_ms.is_finite() && delay_ms >= 0.0,
-                "model {}:{}: max_queue_delay_ms must be >= 0",
+                delay_ms.is_finite() && (0.0..=MAX_QUEUE_DELAY_MS).contains(&delay_ms),
+                "model {}:{}: max_queue_delay_ms must be in 0..={MAX_QUEUE_DELAY_MS}",
                 m.name,
                 m.version
             );
+            let replicas = s.replicas.or(d.replicas).unwrap_or(1).max(1);
+            let min_replicas = s.min_replicas.or(d.min_replicas).unwrap_or(0);
+            let max_replicas = s.max_replicas.or(d.max_replicas).unwrap_or(0);
+            let intra_threads = s.intra_threads.or(d.intra_threads).unwrap_or(1).max(1);
+            check_threads(replicas, min_replicas, max_replicas, intra_threads)
+                .map_err(|e| anyhow::anyhow!("model {}:{}: {e}", m.name, m.version))?;
             check_input_decls(&m.inputs)
                 .map_err(|e| anyhow::anyhow!("model {}:{}: {e}", m.name, m.version))?;
             if let Some(stream) = &m.stream {
@@ -166,10 +172,10 @@ impl Manifest {
                     .allow_cpu_fallback
                     .or(d.allow_cpu_fallback)
                     .unwrap_or(false),
-                replicas: s.replicas.or(d.replicas).unwrap_or(1).max(1),
-                min_replicas: s.min_replicas.or(d.min_replicas).unwrap_or(0),
-                max_replicas: s.max_replicas.or(d.max_replicas).unwrap_or(0),
-                intra_threads: s.intra_threads.or(d.intra_threads).unwrap_or(1).max(1),
+                replicas,
+                min_replicas,
+                max_replicas,
+                intra_threads,
                 batching: Batching {
                     max_batch_size: s.max_batch_size.or(d.max_batch_size).unwrap_or(0),
                     max_queue_delay: Duration::from_secs_f64(delay_ms / 1000.0),
@@ -218,6 +224,44 @@ impl Manifest {
             models,
         })
     }
+}
+
+/// The longest batching delay a model may ask for. Past a minute it is no longer a batching
+/// delay, and `Duration` cannot hold every number a manifest can spell.
+const MAX_QUEUE_DELAY_MS: f64 = 60_000.0;
+/// The most replicas (or autoscaling bound) of one version.
+const MAX_REPLICAS: usize = 1024;
+/// The most ONNX Runtime threads one version may start at its largest: replicas (or
+/// max_replicas) times intra_threads. Each replica is a thread of its own with a session of
+/// its own; far past the machine's cores they only contend, and past the OS's thread limit a
+/// manifest would abort the process while it starts instead of being refused.
+const MAX_THREADS: usize = 4096;
+
+/// The replica counts and threads of one version are within bounds a machine can start.
+fn check_threads(
+    replicas: usize,
+    min_replicas: usize,
+    max_replicas: usize,
+    intra_threads: usize,
+) -> anyhow::Result<()> {
+    for (key, n) in [
+        ("replicas", replicas),
+        ("min_replicas", min_replicas),
+        ("max_replicas", max_replicas),
+        ("intra_threads", intra_threads),
+    ] {
+        anyhow::ensure!(
+            n <= MAX_REPLICAS,
+            "{key} must be at most {MAX_REPLICAS}, not {n}"
+        );
+    }
+    let threads = replicas.max(max_replicas) * intra_threads;
+    anyhow::ensure!(
+        threads <= MAX_THREADS,
+        "replicas (or max_replicas) x intra_threads is {threads} threads; at most \
+         {MAX_THREADS} are allowed"
+    );
+    Ok(())
 }
 
 /// Every stage of a declared stream names a model of this manifest, and a gate names one

@@ -66,6 +66,52 @@ fn bad_manifests_are_refused_with_reasons() {
 }
 
 #[test]
+fn numbers_a_machine_cannot_start_are_refused_not_fatal() {
+    let model = |extra: &str| {
+        format!("[[models]]\nname='a'\nversion='1'\nfile='a'\nsha256='{HASH}'\n{extra}\n")
+    };
+    for (extra, needle) in [
+        (
+            "max_queue_delay_ms = 1e300",
+            "max_queue_delay_ms must be in 0..=60000",
+        ),
+        (
+            "max_queue_delay_ms = 60000.5",
+            "max_queue_delay_ms must be in 0..=60000",
+        ),
+        (
+            "max_queue_delay_ms = -1",
+            "max_queue_delay_ms must be in 0..=60000",
+        ),
+        (
+            "max_queue_delay_ms = nan",
+            "max_queue_delay_ms must be in 0..=60000",
+        ),
+        (
+            "replicas = 100000",
+            "model a:1: replicas must be at most 1024, not 100000",
+        ),
+        ("max_replicas = 5000", "max_replicas must be at most 1024"),
+        ("min_replicas = 5000", "min_replicas must be at most 1024"),
+        ("intra_threads = 2000", "intra_threads must be at most 1024"),
+        (
+            "replicas = 64\nintra_threads = 65",
+            "is 4160 threads; at most 4096",
+        ),
+        ("max_replicas = 1024\nintra_threads = 8", "is 8192 threads"),
+    ] {
+        let err = Manifest::parse(Path::new("."), &model(extra)).unwrap_err();
+        assert!(err.to_string().contains(needle), "{extra}: {err}");
+    }
+    let at_the_bounds = model("max_queue_delay_ms = 60000\nreplicas = 64\nintra_threads = 64");
+    let m = Manifest::parse(Path::new("."), &at_the_bounds).unwrap();
+    assert_eq!(
+        m.models[0].batching.max_queue_delay,
+        Duration::from_secs(60)
+    );
+}
+
+#[test]
 fn input_declarations_and_non_finite_flag() {
     let text = format!(
         r#"
