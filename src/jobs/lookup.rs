@@ -21,6 +21,9 @@ use serde_json::{json, Value};
 
 use super::now_ms;
 
+/// The file, in the jobs directory, that names each model's published table.
+pub(super) const PUBLISHED_FILE: &str = "published.json";
+
 /// What `published.json` keeps per model.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Publication {
@@ -151,7 +154,7 @@ impl Tables {
     /// whose output is gone or does not read is dropped with a warning.
     pub fn load(dir: &Path) -> Tables {
         let tables = Tables {
-            file: dir.join("published.json"),
+            file: dir.join(PUBLISHED_FILE),
             tables: RwLock::default(),
             failures: RwLock::default(),
         };

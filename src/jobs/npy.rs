@@ -34,6 +34,11 @@ pub enum NpyErrorKind {
     Read(io::Error),
     #[error("not a .npy file: {0}")]
     NotNpy(String),
+    #[error(
+        "its header is {0} bytes; a job reads headers of at most {MAX_HEADER_BYTES} \
+         (numpy writes ~128 for plain dtypes)"
+    )]
+    HeaderTooLong(u64),
     #[error("a 0-dimensional array has no rows")]
     ZeroDimensional,
     #[error("dtype '{dtype}' ({kind}) is not supported; use float, int, uint or bool")]
@@ -115,6 +120,11 @@ fn write_err(out: &Path, source: io::Error) -> Kind {
 /// The header, read no further than [`MAX_HEADER_BYTES`]. npyz multiplies the shape's
 /// dimensions unchecked (a panic in debug builds), so that is caught here too.
 fn read_header(reader: &mut BufReader<File>) -> Result<NpyHeader, Kind> {
+    // Without this a longer header reads as cut short at the bound, which it is not.
+    let declared = io::BufRead::fill_buf(reader).map_err(Kind::Read)?;
+    if let Some(length) = declared_header_bytes(declared).filter(|&n| n > MAX_HEADER_BYTES) {
+        return Err(Kind::HeaderTooLong(length));
+    }
     let bounded = reader.by_ref().take(MAX_HEADER_BYTES);
     match catch_unwind(AssertUnwindSafe(|| NpyHeader::from_reader(bounded))) {
         Ok(Ok(header)) => Ok(header),
@@ -126,6 +136,17 @@ fn read_header(reader: &mut BufReader<File>) -> Result<NpyHeader, Kind> {
         Err(_) => Err(Kind::NotNpy(
             "its shape has too many elements to count".into(),
         )),
+    }
+}
+
+/// The header's length with its preamble, as a file that starts like a `.npy` declares it:
+/// the magic, the format version, then the length in 2 bytes (version 1) or 4 (2 and 3).
+fn declared_header_bytes(start: &[u8]) -> Option<u64> {
+    let rest = start.strip_prefix(b"\x93NUMPY")?;
+    match rest {
+        [1, _, a, b, ..] => Some(10 + u64::from(u16::from_le_bytes([*a, *b]))),
+        [2 | 3, _, a, b, c, d, ..] => Some(12 + u64::from(u32::from_le_bytes([*a, *b, *c, *d]))),
+        _ => None,
     }
 }
 
@@ -489,6 +510,14 @@ mod tests {
         std::fs::write(&npy, "key,value\n1,2\n").unwrap();
         dir.fails(&npy, "not a .npy file: magic not found for NPY file");
         std::fs::write(&npy, b"\x93NUMPY\x01\x00\x76\x00{'descr': '<f4'").unwrap();
+        dir.fails(&npy, "not a .npy file: its header is cut short");
+        // A header past the bound says so, in either format version's length field.
+        std::fs::write(&npy, b"\x93NUMPY\x02\x00\x00\x00\x00\x03{'descr'").unwrap();
+        dir.fails(
+            &npy,
+            "its header is 50331660 bytes; a job reads headers of at most",
+        );
+        std::fs::write(&npy, b"\x93NUMPY\x01\x00\xff\xff{'descr'").unwrap();
         dir.fails(&npy, "not a .npy file: its header is cut short");
         // A shape whose product overflows (npyz's writer cannot write it) is caught where npyz
         // counts it (debug builds), or as the empty rows it wraps to (release).

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::lookup::PUBLISHED_FILE;
 use super::JobRecord;
 
 fn path_of(dir: &Path, id: &str) -> PathBuf {
@@ -27,7 +28,7 @@ pub(super) fn load_all(dir: &Path) -> std::io::Result<Vec<JobRecord>> {
     for entry in entries {
         let path = entry?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if name.starts_with('.') || !name.ends_with(".json") {
+        if !is_job_file(name) {
             continue;
         }
         match std::fs::read(&path)
@@ -41,6 +42,12 @@ pub(super) fn load_all(dir: &Path) -> std::io::Result<Vec<JobRecord>> {
         }
     }
     Ok(records)
+}
+
+/// A job's state file: `<id>.json`, not hidden (a write in progress), and not
+/// `published.json`, the lookup tables' index (`lookup.rs`), which is no job.
+fn is_job_file(name: &str) -> bool {
+    !name.starts_with('.') && name.ends_with(".json") && name != PUBLISHED_FILE
 }
 
 #[cfg(test)]
@@ -86,5 +93,13 @@ mod tests {
         assert_eq!(loaded[0].progress.part_bytes, 100);
         assert_eq!(loaded[0].spec.on_error, OnError::Skip);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_job_state_files_are_read_as_jobs() {
+        assert!(is_job_file("job-0123456789ab.json"));
+        assert!(!is_job_file(PUBLISHED_FILE), "the tables' index is no job");
+        assert!(!is_job_file(".job-0123456789ab.json.tmp"));
+        assert!(!is_job_file("job-0123456789ab.part"));
     }
 }
