@@ -274,10 +274,12 @@ impl ServeError {
         }
     }
 
-    /// The error as a gRPC status: [`ServeError::grpc_code`], the message REST sends, and
-    /// `retry-after` (whole seconds) in the metadata where REST sends `Retry-After`.
+    /// The error as a gRPC status: [`ServeError::grpc_code`], the message REST sends (cut to
+    /// [`MAX_GRPC_MESSAGE`] bytes), and `retry-after` (whole seconds) in the metadata where REST
+    /// sends `Retry-After`.
     pub fn to_grpc_status(&self) -> tonic::Status {
-        let mut status = tonic::Status::new(self.grpc_code(), self.to_string());
+        let message = grpc_message(&self.to_string()).into_owned();
+        let mut status = tonic::Status::new(self.grpc_code(), message);
         if let Some(secs) = self.retry_after_secs() {
             if let Ok(value) = secs.to_string().parse() {
                 status.metadata_mut().insert("retry-after", value);
@@ -285,6 +287,22 @@ impl ServeError {
         }
         status
     }
+}
+
+/// Longest gRPC status message, in bytes. The message travels in the `grpc-message` header,
+/// percent-encoded (up to 3 bytes a byte), and gRPC clients refuse a response whose metadata
+/// is over 8 KiB (C-core's soft limit, some of the time; 16 KiB always) with RESOURCE_EXHAUSTED
+/// in place of its own status. A message that quotes client text (a 100,000-character model
+/// name, a shape of 3,000 dimensions) is cut to this, so that the real code arrives.
+pub const MAX_GRPC_MESSAGE: usize = 2048;
+
+// Every byte percent-encoded, with 1 KiB for the other headers: still under the soft limit.
+const _: () = assert!(3 * MAX_GRPC_MESSAGE + 1024 <= 8192);
+
+/// `message` as a gRPC status carries it: at most [`MAX_GRPC_MESSAGE`] bytes, cut on a
+/// character boundary and marked `…[+N bytes]`.
+pub fn grpc_message(message: &str) -> std::borrow::Cow<'_, str> {
+    crate::untrusted::capped(message, MAX_GRPC_MESSAGE)
 }
 
 impl From<ServeError> for tonic::Status {
@@ -382,5 +400,33 @@ mod tests {
                 .unwrap(),
             "2"
         );
+    }
+
+    /// A message quoting client text at any length keeps its code and fits the limits gRPC
+    /// clients put on metadata, cut where the quote runs long.
+    #[test]
+    fn grpc_messages_are_capped() {
+        use tonic::Code;
+        let long = ServeError::ModelNotFound("m".repeat(100_000));
+        let status = long.to_grpc_status();
+        assert_eq!(status.code(), Code::NotFound);
+        assert!(status.message().len() <= MAX_GRPC_MESSAGE);
+        assert!(status.message().starts_with("unknown model 'mmm"));
+        assert!(
+            status.message().ends_with(" bytes]"),
+            "{}",
+            status.message()
+        );
+        // Percent-encoded in the header, it stays under the 8 KiB soft limit even when every
+        // byte is escaped.
+        let escaped = ServeError::invalid("é%\n ".repeat(10_000)).to_grpc_status();
+        assert_eq!(escaped.code(), Code::InvalidArgument);
+        let mut headers = tonic::codegen::http::HeaderMap::new();
+        escaped.add_header(&mut headers).unwrap();
+        let header = headers["grpc-message"].len();
+        assert!(header <= 3 * MAX_GRPC_MESSAGE, "{header}");
+        // Messages under the limit are whole.
+        let short = ServeError::invalid("x".repeat(MAX_GRPC_MESSAGE));
+        assert_eq!(short.to_grpc_status().message(), short.to_string());
     }
 }

@@ -28,6 +28,21 @@ impl fmt::Display for Untrusted<'_> {
     }
 }
 
+/// `text` cut to at most `max` bytes (`max` of 33 or more; on a character boundary), ending in
+/// `…[+N bytes]` where it was cut: for a whole message that quotes client text, where
+/// [`Untrusted`] caps one quoted piece.
+pub fn capped(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    // Room for the marker: "…[+" and " bytes]" are 12 bytes, the count at most 20 digits.
+    let mut cut = max.saturating_sub(33);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}…[+{} bytes]", &text[..cut], text.len() - cut).into()
+}
+
 /// Longest `x-request-id` echoed back and logged; longer ones are cut to this.
 pub const MAX_REQUEST_ID: usize = 128;
 
@@ -66,6 +81,23 @@ mod tests {
         assert!(shown.len() < MAX_LOGGED_CHARS + 32, "{}", shown.len());
         assert!(shown.ends_with("…[+15800 bytes]"), "{shown}");
         assert_eq!(Untrusted("mlp").to_string(), "mlp");
+    }
+
+    #[test]
+    fn messages_are_capped_on_a_character_boundary() {
+        assert_eq!(capped("short", 100), "short");
+        let long = "é".repeat(5000); // 10,000 bytes of 2-byte characters
+        for max in [100, 101, 2048] {
+            let cut = capped(&long, max);
+            assert!(cut.len() <= max, "{max}: {}", cut.len());
+            assert!(cut.len() > max - 40, "{max}: {}", cut.len());
+            let kept = cut.find('…').unwrap();
+            assert!(
+                cut.ends_with(&format!("…[+{} bytes]", long.len() - kept)),
+                "{cut}"
+            );
+        }
+        assert!(capped(&long, 10).len() <= 33);
     }
 
     #[test]

@@ -288,3 +288,89 @@ async fn shutdown_ends_streams_after_their_answers_and_stops_listening() {
         "the gRPC port is closed"
     );
 }
+
+/// An error quoting what the client sent (a shape of 3,000 dimensions, a 100,000-character
+/// model or service name) keeps its real code: the message is cut, so that it fits the
+/// metadata limits of gRPC clients (8 KiB soft, 16 KiB hard in C-core, which would answer
+/// RESOURCE_EXHAUSTED in its place).
+#[tokio::test]
+async fn errors_quoting_long_client_text_keep_their_code() {
+    use streamserve::error::MAX_GRPC_MESSAGE;
+
+    /// The call failed with `code`, with a message cut to the limit that still begins with
+    /// `start`.
+    fn bounded<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, start: &str) {
+        let status = result.expect_err("the call must fail");
+        assert_eq!(status.code(), code, "{:.300}", status.message());
+        let message = status.message();
+        assert!(message.len() <= MAX_GRPC_MESSAGE, "{} bytes", message.len());
+        assert!(message.starts_with(start), "{message:.300}");
+    }
+
+    let mut c = grpc().await;
+    let x = features(8, 1);
+    let mut many_dims = mlp_raw(&x[..1]);
+    many_dims.inputs[0].shape = vec![1; 3000];
+    bounded(c.model_infer(many_dims).await, Code::InvalidArgument, "");
+
+    let name = "m".repeat(100_000);
+    let mut long_name = mlp_raw(&x);
+    long_name.model_name = name.clone();
+    bounded(
+        c.model_infer(long_name).await,
+        Code::NotFound,
+        "unknown model 'mmm",
+    );
+    bounded(
+        c.model_ready(ModelReadyRequest {
+            name: name.clone(),
+            version: String::new(),
+        })
+        .await,
+        Code::NotFound,
+        "unknown model 'mmm",
+    );
+    bounded(
+        c.model_metadata(ModelMetadataRequest {
+            name: name.clone(),
+            version: String::new(),
+        })
+        .await,
+        Code::NotFound,
+        "unknown model 'mmm",
+    );
+    bounded(
+        c.model_config(ModelConfigRequest {
+            name: name.clone(),
+            version: String::new(),
+        })
+        .await,
+        Code::NotFound,
+        "unknown model 'mmm",
+    );
+    // health quotes the name cut to 200 characters.
+    let mut h = HealthClient::new(connect(&server().1).await);
+    bounded(
+        h.check(HealthCheckRequest {
+            service: "s\n".repeat(5_000),
+        })
+        .await,
+        Code::NotFound,
+        "unknown service 's\\ns\\n",
+    );
+    let status = h
+        .check(HealthCheckRequest {
+            service: "x".repeat(10_000),
+        })
+        .await
+        .unwrap_err();
+    assert!(status.message().len() < 300, "{}", status.message());
+    assert!(
+        status.message().ends_with("…[+9800 bytes]'"),
+        "{}",
+        status.message()
+    );
+
+    // The connection that carried them still serves.
+    assert!(c.model_infer(mlp_raw(&x)).await.is_ok());
+}

@@ -99,3 +99,120 @@ async fn a_stream_of_many_requests_batches_them() {
     }
     assert!(shared > 0, "no streamed request shared a model call");
 }
+
+/// A client that stops reading a stream's answers holds up that stream, not its connection.
+/// The stream's requests pile up unread in the server's HTTP/2 receive window once it has 64 in
+/// flight and its answers wait for the client; that window is the stream's, smaller than the
+/// connection's, so a unary call on the same connection still gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_stream_does_not_hold_up_its_connection() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    // One connection, shared by the stalled stream and the unary calls. Its small window for
+    // each answer stream (64 KiB; the connection's stays tonic's 5 MiB) makes the stalled
+    // stream's answers back up, and the server stop reading it, after fewer requests.
+    let channel = Channel::from_shared(server().1.clone())
+        .unwrap()
+        .initial_stream_window_size(64 * 1024)
+        .connect()
+        .await
+        .expect("gRPC connects");
+    let mut stalled = Client::new(channel.clone());
+    let mut unary = Client::new(channel);
+
+    // 64-row requests (64 KiB each) until `stop`; `taken` counts those the transport pulled.
+    // They go to mlp_small (mlp's interface, a fraction of its compute), so that this load
+    // does not push the other tests' mlp requests over mlp's SLO to its fallback.
+    let taken = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let requests = {
+        let (taken, stop, x) = (taken.clone(), stop.clone(), features(51, 64));
+        tokio_stream::iter(std::iter::from_fn(move || {
+            if stop.load(Ordering::Relaxed) {
+                return None;
+            }
+            taken.fetch_add(1, Ordering::Relaxed);
+            let mut request = mlp_raw(&x);
+            request.model_name = "mlp_small".into();
+            Some(request)
+        }))
+    };
+    let mut answers = stalled
+        .model_stream_infer(requests)
+        .await
+        .expect("the stream opens")
+        .into_inner(); // never read
+
+    // The source never runs dry, so the transport stops pulling from it only when the stream's
+    // send window is spent: the server holds a window's worth (at least half of it, as window
+    // updates go) unread. Before streams had a window of their own, that window was the
+    // connection's, and every other call on it waited.
+    let started = Instant::now();
+    let (mut last, mut still_since) = (taken.load(Ordering::Relaxed), Instant::now());
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = taken.load(Ordering::Relaxed);
+        if now != last {
+            (last, still_since) = (now, Instant::now());
+        } else if still_since.elapsed() >= Duration::from_secs(2) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the stream never stalled ({now} requests taken)"
+        );
+    }
+    // The server stopped reading with 64 requests in flight or 64 answers waiting to be sent,
+    // and left at least half its 1 MiB window unread (8 requests).
+    eprintln!("the stream stalled after {last} requests");
+    assert!(
+        last >= 64 + 8,
+        "only {last} requests were taken before the stall"
+    );
+
+    let x = features(52, 1);
+    let answered = tokio::time::timeout(Duration::from_secs(10), unary.model_infer(mlp_raw(&x)))
+        .await
+        .expect("a unary call on the stalled stream's connection is answered")
+        .expect("and served");
+    assert_eq!(answered.into_inner().outputs.len(), 2);
+    let live = tokio::time::timeout(
+        Duration::from_secs(10),
+        unary.server_live(ServerLiveRequest {}),
+    )
+    .await
+    .expect("ServerLive on the same connection is answered")
+    .unwrap();
+    assert!(live.into_inner().live);
+    assert_eq!(
+        taken.load(Ordering::Relaxed),
+        last,
+        "the stream stayed stalled throughout"
+    );
+
+    // The client stops sending and reads the backlog: the server takes the rest of what was
+    // sent, every request taken is answered in order, and the stream ends. (A tonic client cannot
+    // reset a stream whose request body waits for window: only the server's reading frees it.)
+    stop.store(true, Ordering::Relaxed);
+    let mut read = 0;
+    let drained = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(answer) = answers.message().await.expect("the stream goes on") {
+            assert_eq!(answer.error_message, "", "answer {read}");
+            read += 1;
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the stream ended ({read} answers read)");
+    assert_eq!(
+        read,
+        taken.load(Ordering::Relaxed),
+        "one answer per request"
+    );
+    let again = tokio::time::timeout(Duration::from_secs(10), unary.model_infer(mlp_raw(&x)))
+        .await
+        .expect("answered after the stream")
+        .unwrap();
+    assert_eq!(again.into_inner().outputs.len(), 2);
+}

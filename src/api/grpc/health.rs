@@ -23,6 +23,7 @@ use super::proto::health::{
 use super::{draining, Stop, INFERENCE_SERVICE};
 use crate::api::{health, AppState};
 use crate::error::ServeError;
+use crate::untrusted::Untrusted;
 
 /// How often `Watch` looks at the state again.
 const WATCH_EVERY: Duration = Duration::from_millis(500);
@@ -74,7 +75,12 @@ impl Health for Arc<HealthService> {
         let service = request.into_inner().service;
         match self.status(&service) {
             Some(status) => Ok(Response::new(HealthService::answer(status))),
-            None => Err(Status::not_found(format!("unknown service '{service}'"))),
+            // The name is the client's: quoted escaped and cut (a status message travels in a
+            // header, and clients refuse long ones).
+            None => Err(Status::not_found(format!(
+                "unknown service '{}'",
+                Untrusted(&service)
+            ))),
         }
     }
 

@@ -7,8 +7,9 @@
 //!   Triton's `ModelConfig`; `health.rs`: the health service.
 //! - `counted.rs`: each connection's bytes and the open connections, for `/metrics`.
 //! - This file: the listener, on a runtime of its own (tonic needs a multi-threaded tokio
-//!   runtime; the actors take messages from any thread), its message limits, and its part of
-//!   the graceful shutdown ([`GrpcServer::drain`], [`GrpcServer::stop`]).
+//!   runtime; the actors take messages from any thread), its message limits, its HTTP/2
+//!   windows (see `builder`), status messages cut to size, and its part of the graceful
+//!   shutdown ([`GrpcServer::drain`], [`GrpcServer::stop`]).
 //!
 //! The proto files are vendored in `proto/` (sources and licences in `proto/README.md`) and
 //! compiled by `build.rs` in pure Rust.
@@ -33,6 +34,7 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Code, Status};
 
 use super::AppState;
+use crate::error::MAX_GRPC_MESSAGE;
 
 /// The generated protocol types, services and clients.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
@@ -132,6 +134,64 @@ fn fix_too_large<B>(mut response: http::Response<B>) -> http::Response<B> {
     response
 }
 
+/// What every answer passes through on its way out: [`fix_too_large`], then [`cap_message`].
+fn fix_status<B>(response: http::Response<B>) -> http::Response<B> {
+    let mut response = fix_too_large(response);
+    cap_message(response.headers_mut());
+    response
+}
+
+/// A status message in the headers (a trailers-only answer: every error of a unary call, and
+/// of a stream before its first answer) cut to [`MAX_GRPC_MESSAGE`] bytes, whoever built the
+/// `Status`: a longer one can make the client refuse the answer (RESOURCE_EXHAUSTED, its
+/// metadata limit) in place of its real code. `ServeError::to_grpc_status` already cuts the
+/// server's own errors; this is for the rest. (The trailers after a stream's answers are out
+/// of reach: tonic's bodies can only be wrapped through `http-body`, see `counted.rs`.)
+fn cap_message(headers: &mut http::HeaderMap) {
+    let Some(encoded) = headers.get("grpc-message") else {
+        return;
+    };
+    if encoded.len() <= MAX_GRPC_MESSAGE {
+        return; // percent-encoded, it is at least as long as the message
+    }
+    let message = String::from_utf8_lossy(&percent_decode(encoded.as_bytes())).into_owned();
+    let std::borrow::Cow::Owned(capped) = crate::error::grpc_message(&message) else {
+        return;
+    };
+    let mut fixed = http::HeaderMap::new();
+    if Status::new(Code::Unknown, capped)
+        .add_header(&mut fixed)
+        .is_ok()
+    {
+        if let Some(value) = fixed.remove("grpc-message") {
+            headers.insert("grpc-message", value);
+        }
+    }
+}
+
+/// `%XX` escapes decoded (the `grpc-message` encoding); anything else is kept as it is.
+fn percent_decode(encoded: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut decoded = Vec::with_capacity(encoded.len());
+    let mut i = 0;
+    while i < encoded.len() {
+        let escape = (encoded[i] == b'%')
+            .then(|| Some((hex(*encoded.get(i + 1)?)?, hex(*encoded.get(i + 2)?)?)))
+            .flatten();
+        match escape {
+            Some((high, low)) => {
+                decoded.push((high * 16 + low) as u8);
+                i += 3;
+            }
+            None => {
+                decoded.push(encoded[i]);
+                i += 1;
+            }
+        }
+    }
+    decoded
+}
+
 /// The running gRPC listener.
 pub struct GrpcServer {
     pub addr: SocketAddr,
@@ -149,10 +209,28 @@ pub struct GrpcConfig<'a> {
     pub tls: Option<(&'a std::path::Path, &'a std::path::Path)>,
 }
 
+/// HTTP/2 receive window of one call (stream): how much of a call's request the client may send
+/// before the server reads it.
+const STREAM_WINDOW: u32 = 1024 * 1024;
+
+/// HTTP/2 receive window of a connection, shared by all its calls.
+const CONNECTION_WINDOW: u32 = 16 * STREAM_WINDOW;
+
 /// The server builder, with TLS when a certificate is configured (read here, so that a
 /// missing or malformed file fails the start, naming the file but never printing the key).
 fn builder(tls: Option<(&std::path::Path, &std::path::Path)>) -> anyhow::Result<Server> {
-    let server = Server::builder();
+    // Flow control: a call whose requests are not read (a `ModelStreamInfer` with 64 requests
+    // in flight whose client does not read the answers) holds its unread bytes against both
+    // its stream's window and its connection's. With hyper's defaults (1 MiB each) one such
+    // stream spends the whole connection window, and every other call on that connection
+    // (unary ones, `ServerLive`) waits until the stream is cancelled. A stream window well
+    // under the connection's (1:16, as gRPC-Go's) leaves a stalled stream holding only its
+    // own; it takes 16 of them to hold up a connection. The stream window stays hyper's 1 MiB,
+    // so a call's upload rate is what it was; a connection buffers at most 16 MiB unread.
+    // (Not hyper's adaptive window: it sets the stream window to the connection's.)
+    let server = Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW);
     let Some((cert, key)) = tls else {
         return Ok(server);
     };
@@ -286,7 +364,7 @@ async fn serve(
     let graceful = draining(stop.clone());
     let mut now = stop.clone();
     let server = builder
-        .layer(tower::util::MapResponseLayer::new(fix_too_large))
+        .layer(tower::util::MapResponseLayer::new(fix_status))
         .add_service(inference)
         .add_service(speech)
         .add_service(health)
@@ -337,6 +415,27 @@ mod tests {
         assert_eq!(fix_too_large(response).headers()["grpc-status"], "8");
         let response = status_response(Status::invalid_argument("no"));
         assert_eq!(fix_too_large(response).headers()["grpc-status"], "3");
+    }
+
+    #[test]
+    fn long_status_messages_are_cut_in_the_headers() {
+        let long = format!("unknown service '{}' é%", "x".repeat(20_000));
+        let response = fix_status(status_response(Status::not_found(long)));
+        let status = Status::from_header_map(response.headers()).unwrap();
+        assert_eq!(status.code(), Code::NotFound);
+        assert!(status.message().len() <= MAX_GRPC_MESSAGE);
+        assert!(status.message().starts_with("unknown service 'xxx"));
+        assert!(
+            status.message().ends_with(" bytes]"),
+            "{}",
+            status.message()
+        );
+        // Short ones pass as they are, escapes and all.
+        let short = "a 'name' with é, % and\n";
+        let response = fix_status(status_response(Status::invalid_argument(short)));
+        let status = Status::from_header_map(response.headers()).unwrap();
+        assert_eq!(status.message(), short);
+        assert_eq!(percent_decode(b"%C3%A9%2x%"), b"\xC3\xA9%2x%");
     }
 
     fn status_response(status: Status) -> http::Response<()> {
