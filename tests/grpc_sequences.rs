@@ -8,105 +8,16 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use common::grpc_sequence::*;
-use common::stream_client::*;
 use common::*;
 use streamserve::api::grpc::proto::inference::infer_parameter::ParameterChoice;
 use streamserve::api::grpc::proto::inference::*;
 use tonic::Code;
 
-const KEYS: &str = "a-fleet-wide-stream-token-key-for-grpc-sequences\n";
-
-fn keys_file() -> PathBuf {
-    let path = common::fleet::temp_dir("grpc-stream-keys").join("keys");
-    std::fs::write(&path, KEYS).unwrap();
-    path
-}
-
 fn server(tweak: impl FnOnce(&mut streamserve::config::Config)) -> streamserve::server::Running {
     start_running(&repo().join("models"), tweak)
-}
-
-/// One step of sequence `id` on silero_vad, with extra `parameters`.
-fn step(
-    id: i64,
-    start: bool,
-    end: bool,
-    audio: Samples,
-    parameters: &[(&str, ParameterChoice)],
-) -> ModelInferRequest {
-    step_on("silero_vad", id, start, end, audio, parameters)
-}
-
-/// What a sequence gave, gathered over its answers.
-#[derive(Debug, Default, PartialEq)]
-struct Results {
-    /// (seq, t, probability) of every chunk.
-    vad: Vec<(u64, f64, f32)>,
-    speech_start: Vec<f64>,
-    speech_end: Vec<f64>,
-    segments: Vec<f64>,
-}
-
-impl Results {
-    fn add(&mut self, r: &ModelInferResponse) {
-        let (seq, t, probability) = (u64s(r, "seq"), f64s(r, "t"), f32s(r, "probability"));
-        assert!(seq.len() == t.len() && t.len() == probability.len());
-        for i in 0..seq.len() {
-            self.vad.push((seq[i], t[i], probability[i]));
-        }
-        self.speech_start.extend(f64s(r, "speech_start"));
-        self.speech_end.extend(f64s(r, "speech_end"));
-        if r.outputs.iter().any(|o| o.name == "segments") {
-            self.segments = f64s(r, "segments");
-        }
-    }
-
-    /// The same from a WebSocket stream's messages.
-    fn of_websocket(run: &Run) -> Results {
-        let mut results = Results::default();
-        for m in &run.results {
-            let t = m["t"].as_f64();
-            match m["type"].as_str().unwrap() {
-                "vad" => results.vad.push((
-                    m["seq"].as_u64().unwrap(),
-                    t.unwrap(),
-                    m["probability"].as_f64().unwrap() as f32,
-                )),
-                "speech_start" => results.speech_start.push(t.unwrap()),
-                "speech_end" => results.speech_end.push(t.unwrap()),
-                "summary" => {
-                    for s in m["segments"].as_array().unwrap() {
-                        results.segments.push(s["start"].as_f64().unwrap());
-                        results.segments.push(s["end"].as_f64().unwrap());
-                    }
-                }
-                _ => {}
-            }
-        }
-        results
-    }
-}
-
-fn fixture() -> (Vec<i16>, u32) {
-    let (bytes, rate) = fixture_pcm16("two_phrases_16k");
-    let pcm = bytes
-        .chunks_exact(2)
-        .map(|b| i16::from_le_bytes([b[0], b[1]]))
-        .collect();
-    (pcm, rate)
-}
-
-/// The WebSocket stream's results for the fixture, on `running`.
-async fn websocket_reference(running: &streamserve::server::Running) -> Results {
-    let (bytes, rate) = fixture_pcm16("two_phrases_16k");
-    let url = format!("http://{}", running.addr);
-    let run = stream_resumable(&[url], &bytes, rate, 2048, Duration::ZERO, 0).await;
-    assert!(matches!(run.ends[..], [Ended::Done]), "{:?}", run.ends);
-    Results::of_websocket(&run)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -566,4 +477,120 @@ async fn long_steps_retried_starts_and_idle_sequences() {
         steps + 1,
         "every step's chunk was answered"
     );
+}
+
+/// A refused `sequence_start` leaves nothing: not its id (it starts again at once), not the
+/// key's one stream place, not a stream, whether it was refused for its options or audio
+/// before anything opened or for the key's audio allowance once a stream had opened (a new
+/// one, or one taken over from a token: no copy of it is left to resume by stream id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_start_leaves_nothing_behind() {
+    let tokens = keys_file();
+    let (api_keys, key) =
+        api_key("models = [\"silero_vad\"]\nmax_streams = 1\naudio_secs_per_min = 1");
+    let a = server(|config| {
+        config.stream_token_keys = Some(tokens.clone());
+        config.stream_checkpoint_ms = 500;
+    });
+    let b = server(|config| {
+        config.stream_token_keys = Some(tokens.clone());
+        config.api_keys = Some(api_keys);
+    });
+    let (pcm, _) = fixture();
+    // A checkpoint of a stream on `a`, for `b` to take the stream over from.
+    let on_a = checkpointed(&mut grpc_client(&a).await, &pcm[..12_000]).await;
+    let (from, last_seq) = (on_a.samples, on_a.last_seq);
+    let last_seq = ("last_seq", ParameterChoice::Int64Param(last_seq));
+    let resume = [
+        ("resume", ParameterChoice::StringParam(on_a.token.clone())),
+        last_seq.clone(),
+    ];
+    let stream_id = on_a.stream_id.clone();
+
+    let mut on_b = Call::open(&mut grpc_client(&b).await, Some(&key)).await;
+    let bogus = [("bogus", ParameterChoice::Int64Param(1))];
+    let bad = step(1, true, false, Samples::Pcm(&pcm[..512]), &bogus);
+    on_b.refused(bad, "not a stream option").await;
+    let bad = step(2, true, false, Samples::Float(&[2.0; 512]), &[]);
+    on_b.refused(bad, "outside [-1, 1]").await;
+    // Over the key's 1 s of audio a minute: refused once the stream is open.
+    let long = Samples::Pcm(&pcm[..20_000]);
+    on_b.refused(step(3, true, false, long, &[]), "audio per minute")
+        .await;
+    let long = Samples::Pcm(&pcm[..20_000]);
+    on_b.refused(step(4, true, false, long, &resume), "audio per minute")
+        .await;
+    let by_id = [
+        ("stream_id", ParameterChoice::StringParam(stream_id)),
+        last_seq,
+    ];
+    let by_id = step(4, true, false, Samples::None, &by_id);
+    on_b.refused(by_id, "unknown or expired stream_id").await;
+    // Each id starts again at once, one at a time as the key's one place allows.
+    for id in 1..=3 {
+        on_b.ok(step(id, true, false, Samples::Pcm(&pcm[..2048]), &[]))
+            .await;
+        let another = step(9, true, false, Samples::None, &[]);
+        on_b.refused(another, "1 open streams").await;
+        let end = on_b.ok(step(id, false, true, Samples::None, &[])).await;
+        assert_eq!(int(&end, "chunks"), 4);
+    }
+    let audio = Samples::Pcm(&pcm[from..from + 2048]);
+    let r = on_b.ok(step(4, true, false, audio, &resume)).await;
+    assert_eq!(int(&r, "samples_received") as usize, from, "taken over");
+}
+
+/// Audio that a call sends after a newer call resumed its stream is not the stream's: its step
+/// is refused ("superseded") having added nothing, and the newer call's steps get the results
+/// of their own audio, each sample counted once, exactly as one call would have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_superseded_call_adds_no_audio_to_the_stream() {
+    let running = server(|_| {});
+    let (pcm, _) = fixture();
+    let steps: Vec<&[i16]> = pcm[16_000..24_192].chunks(2048).collect();
+    let mut c = grpc_client(&running).await;
+    let mut one = Call::open(&mut c, None).await;
+    let mut want = Results::default();
+    for (i, audio) in steps.iter().enumerate() {
+        let r = one
+            .ok(step(1, i == 0, i == 3, Samples::Pcm(audio), &[]))
+            .await;
+        want.add(&r);
+    }
+
+    let mut old = Call::open(&mut c, None).await;
+    let mut got = Results::default();
+    let (mut stream_id, mut last_seq) = (String::new(), 0);
+    for (i, audio) in steps[..2].iter().enumerate() {
+        let r = old
+            .ok(step(2, i == 0, false, Samples::Pcm(audio), &[]))
+            .await;
+        if i == 0 {
+            stream_id = text(&r, "stream_id");
+        }
+        last_seq = int(&r, "last_seq");
+        got.add(&r);
+    }
+    let mut new = Call::open(&mut c, None).await;
+    let resume = [
+        ("stream_id", ParameterChoice::StringParam(stream_id)),
+        ("last_seq", ParameterChoice::Int64Param(last_seq)),
+    ];
+    let r = new.ok(step(3, true, false, Samples::None, &resume)).await;
+    assert_eq!(int(&r, "samples_received"), 4096);
+    got.add(&r);
+    let late = step(2, false, false, Samples::Pcm(steps[2]), &[]);
+    old.refused(late, "superseded by a newer connection").await;
+    for (i, audio) in steps[2..].iter().enumerate() {
+        let r = new
+            .ok(step(3, false, i == 1, Samples::Pcm(audio), &[]))
+            .await;
+        assert_eq!(u64s(&r, "seq").len(), 4, "the chunks of this step's audio");
+        if i == 1 {
+            assert_eq!(int(&r, "chunks"), 16);
+            assert_eq!(real(&r, "duration"), 8192.0 / 16000.0);
+        }
+        got.add(&r);
+    }
+    assert_eq!(got, want, "the stream holds each sample once");
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::{oneshot, Semaphore};
 
-use super::{Audio, StreamSession, AUDIO_CREDITS};
+use super::{Audio, AudioFrom, StreamSession, AUDIO_CREDITS};
 
 /// Audio handed to a session at once: well under its room, so that a piece always fits beside
 /// a partial chunk (which holds some of the room until more audio comes).
@@ -26,28 +26,62 @@ pub enum FeedError {
 }
 
 /// Gives `session` its audio a piece at a time, each once the session has room for it
-/// (`credits`, from its `Attached`): the backpressure a caller feels.
+/// (`credits`, from its `Attached`): the backpressure a caller feels. For a stream no other
+/// connection can take over; a connection that may be superseded uses [`feed_from`].
 pub async fn feed(
     session: &Addr<StreamSession>,
     credits: &Semaphore,
     samples: Vec<f32>,
     wait: Duration,
 ) -> Result<(), FeedError> {
-    let give = |piece: Vec<f32>| async move {
+    in_pieces(credits, samples, wait, |piece| {
+        session.do_send(Audio(piece))
+    })
+    .await
+}
+
+/// [`feed`] from the connection of `generation`: a session that a newer connection has taken
+/// over drops the audio (and gives its credits back), so a superseded connection cannot add
+/// to the stream.
+pub async fn feed_from(
+    session: &Addr<StreamSession>,
+    generation: u64,
+    credits: &Semaphore,
+    samples: Vec<f32>,
+    wait: Duration,
+) -> Result<(), FeedError> {
+    in_pieces(credits, samples, wait, |samples| {
+        session.do_send(AudioFrom {
+            generation,
+            samples,
+        })
+    })
+    .await
+}
+
+/// Hands `samples` to `give` in pieces, each once `credits` has room for it.
+async fn in_pieces(
+    credits: &Semaphore,
+    samples: Vec<f32>,
+    wait: Duration,
+    give: impl Fn(Vec<f32>),
+) -> Result<(), FeedError> {
+    let give = &give;
+    let one = |piece: Vec<f32>| async move {
         match tokio::time::timeout(wait, credits.acquire_many(piece.len() as u32)).await {
             Ok(Ok(permit)) => permit.forget(),
             Ok(Err(_)) => return Err(FeedError::Ended),
             Err(_) => return Err(FeedError::Stalled),
         }
-        session.do_send(Audio(piece));
+        give(piece);
         Ok(())
     };
     // Most often one piece, given without a copy.
     if samples.len() <= PIECE {
-        return give(samples).await;
+        return one(samples).await;
     }
-    for piece in samples.chunks(PIECE) {
-        give(piece.to_vec()).await?;
+    for part in samples.chunks(PIECE) {
+        one(part.to_vec()).await?;
     }
     Ok(())
 }

@@ -9,7 +9,9 @@
 //!
 //! The session outlives its WebSocket: when the connection drops it waits `resume_window` for
 //! the client to come back with its stream id and last seen `seq`, then replays what the client
-//! missed and carries on with the state intact (`attach.rs`). It also sends the client a signed checkpoint
+//! missed and carries on with the state intact (`attach.rs`); audio and its end from a
+//! connection carry its generation ([`AudioFrom`], [`EndFrom`]), so one a resume superseded
+//! no longer alters the stream. It also sends the client a signed checkpoint
 //! every `checkpoint_samples` of audio, and one last one when the server shuts down
 //! ([`checkpoint`]), from which any instance of the fleet can take the stream over.
 
@@ -19,7 +21,7 @@ mod flush;
 mod step;
 
 pub use checkpoint::{Handover, Progress, Retire, ServedBy};
-pub use flush::{feed, FeedError, Flush};
+pub use flush::{feed, feed_from, FeedError, Flush};
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -101,13 +103,45 @@ pub struct Attached {
     pub checkpoints: bool,
 }
 
+/// Audio from whoever holds a stream no other connection can take over (a whole file, a
+/// `Speech` call: streams not listed for resume). A connection that may be superseded by a
+/// resume (a WebSocket, a gRPC sequence) sends [`AudioFrom`].
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Audio(pub Vec<f32>);
 
+/// Audio from the connection of `generation` (its [`Attached`]): the stream takes it only
+/// while that connection is the stream's own. Audio a superseded connection sent after a
+/// newer one attached is dropped, and the credits it took are given back: the newer
+/// connection was told how much audio the stream holds, and sends on from there.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AudioFrom {
+    pub generation: u64,
+    pub samples: Vec<f32>,
+}
+
+/// The audio is over (see [`Audio`] for who sends this; a connection sends [`EndFrom`]).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct End;
+
+/// The audio of the connection of `generation` is over; ignored from a superseded connection,
+/// which no longer speaks for the stream.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct EndFrom {
+    pub generation: u64,
+}
+
+/// The connection of `generation` gives up a stream it was the first to attach to (its
+/// opening step was refused): the stream stops at once, without a resume window, as if it
+/// had never been opened. Ignored once another connection has attached.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Abandon {
+    pub generation: u64,
+}
 
 #[derive(Message)]
 #[rtype(result = "Result<Attached, String>")]
@@ -453,17 +487,16 @@ impl Actor for StreamSession {
     }
 }
 
-impl Handler<Audio> for StreamSession {
-    type Result = ();
-
-    fn handle(&mut self, Audio(samples): Audio, ctx: &mut Self::Context) {
+impl StreamSession {
+    /// Adds audio to the stream, to step as its chunks complete.
+    fn take_audio(&mut self, samples: &[f32], ctx: &mut Context<Self>) {
         if self.ending || self.finished {
             return;
         }
         let chunk = self.layout.chunk_samples() as u64;
         let before = self.samples_received;
         self.samples_received += samples.len() as u64;
-        self.progress.push_audio(&samples);
+        self.progress.push_audio(samples);
         let now = Instant::now();
         let first_new = before / chunk + 1;
         let last_new = self.samples_received / chunk;
@@ -471,12 +504,9 @@ impl Handler<Audio> for StreamSession {
             .extend((first_new..=last_new).map(|n| (n * chunk, now)));
         self.maybe_step(ctx);
     }
-}
 
-impl Handler<End> for StreamSession {
-    type Result = ();
-
-    fn handle(&mut self, _: End, ctx: &mut Self::Context) {
+    /// The audio is over: the last partial chunk is stepped, then the summary sent.
+    fn end_audio(&mut self, ctx: &mut Context<Self>) {
         if !self
             .samples_received
             .is_multiple_of(self.layout.chunk_samples() as u64)
@@ -486,5 +516,60 @@ impl Handler<End> for StreamSession {
         }
         self.ending = true;
         self.maybe_step(ctx);
+    }
+}
+
+impl Handler<Audio> for StreamSession {
+    type Result = ();
+
+    fn handle(&mut self, Audio(samples): Audio, ctx: &mut Self::Context) {
+        self.take_audio(&samples, ctx);
+    }
+}
+
+impl Handler<AudioFrom> for StreamSession {
+    type Result = ();
+
+    fn handle(&mut self, audio: AudioFrom, ctx: &mut Self::Context) {
+        if audio.generation != self.generation {
+            // A superseded connection's: not the stream's audio. Its credits go back, or
+            // the stream's room would shrink by what it sent.
+            tracing::debug!(stream = %self.id, samples = audio.samples.len(), "audio from a superseded connection dropped");
+            self.credits.add_permits(audio.samples.len());
+            return;
+        }
+        self.take_audio(&audio.samples, ctx);
+    }
+}
+
+impl Handler<End> for StreamSession {
+    type Result = ();
+
+    fn handle(&mut self, _: End, ctx: &mut Self::Context) {
+        self.end_audio(ctx);
+    }
+}
+
+impl Handler<EndFrom> for StreamSession {
+    type Result = ();
+
+    fn handle(&mut self, end: EndFrom, ctx: &mut Self::Context) {
+        if end.generation == self.generation {
+            self.end_audio(ctx);
+        }
+    }
+}
+
+impl Handler<Abandon> for StreamSession {
+    type Result = ();
+
+    fn handle(&mut self, abandon: Abandon, ctx: &mut Self::Context) {
+        if abandon.generation != self.generation || self.finished {
+            return;
+        }
+        tracing::debug!(stream = %self.id, "the stream's opening step was refused; it stops");
+        self.finished = true;
+        self.connection = None;
+        ctx.stop();
     }
 }

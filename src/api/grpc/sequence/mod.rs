@@ -8,6 +8,9 @@
 //!
 //! Per call, [`Sequences`] routes each step to its sequence's task, which owns the session's
 //! connection and answers the step through a oneshot that the call's ordered queue awaits.
+//! A refused `sequence_start` ends its task before its answer (the id is free at once) and
+//! stops a stream it opened; a step's audio reaches the session tagged with the connection's
+//! generation, so a call whose sequence another call resumed adds none.
 
 mod answer;
 mod parse;
@@ -32,7 +35,7 @@ use super::proto::inference::{InferParameter, ModelInferRequest, ModelStreamInfe
 use super::{draining, Stop};
 use crate::access::StreamPass;
 use crate::actors::stream_session::{
-    feed, Attached, Detach, End, FeedError, Flush, Handover, StreamSession,
+    feed_from, Abandon, Attached, Detach, EndFrom, FeedError, Flush, Handover, StreamSession,
 };
 use crate::api::ws::open::{open_session, AttachError, Caller};
 use crate::api::AppState;
@@ -232,6 +235,19 @@ struct Live {
     access: StreamPass,
 }
 
+impl Live {
+    /// The sequence's start was refused: a stream this connection was the first to attach to
+    /// (one it opened, new or taken over from a checkpoint) stops at once, with its place
+    /// among the caller's open streams; a stream it resumed waits for a resume as before.
+    fn abandon(self) {
+        if self.attached.generation == 1 {
+            self.session.do_send(Abandon {
+                generation: self.attached.generation,
+            });
+        }
+    }
+}
+
 impl Drop for Live {
     fn drop(&mut self) {
         // The session keeps the stream for a resume (a finished one ignores this).
@@ -281,12 +297,22 @@ impl SequenceTask {
                     None => return None,
                     Some(step) => {
                         let reply = self.step(step.request, step.start, step.end).await;
+                        // A refused sequence_start leaves nothing: the id is free, and a
+                        // stream the start opened is gone.
+                        let refused_start = step.start && !reply.error_message.is_empty();
+                        if refused_start && self.failed.is_none() {
+                            self.failed = Some(reply.error_message.clone());
+                        }
                         let over = step.end || self.failed.is_some();
                         if over {
                             // Before the answer: a new sequence_start of this id is then let
                             // in, and the key's stream place is back.
                             queue.close();
-                            self.live = None;
+                            if let Some(live) = self.live.take() {
+                                if refused_start {
+                                    live.abandon();
+                                }
+                            }
                         }
                         let _ = step.answer.send(reply);
                         if over {
@@ -366,17 +392,9 @@ impl SequenceTask {
             Some("FP32") => "f32",
             _ => "pcm16",
         };
+        // The options and the audio are checked before a start opens anything (a refused
+        // start leaves nothing), and a later step's before it touches the stream.
         let options = answer::start_message(&request.parameters, start, format)?;
-        if start {
-            if let Err(reason) = self.open(request, options).await {
-                self.failed = Some(reason.clone());
-                return Err(reason);
-            }
-        }
-        let live = self
-            .live
-            .as_mut()
-            .ok_or_else(|| "the sequence has no stream".to_string())?;
         // The message and its decoded audio count against the memory REST bodies share.
         let _memory = self
             .state
@@ -385,12 +403,22 @@ impl SequenceTask {
             .map_err(|e| e.to_string())?;
         let decoded = convert::decode(request).map_err(|e| e.to_string())?;
         let samples = audio_of(decoded.inputs)?;
+        if start {
+            self.open(request, options).await?;
+        }
+        let live = self
+            .live
+            .as_mut()
+            .ok_or_else(|| "the sequence has no stream".to_string())?;
+        let generation = live.attached.generation;
         if !samples.is_empty() {
             live.access
                 .audio_samples(samples.len(), live.attached.sample_rate)
                 .map_err(|e| e.to_string())?;
+            // A stream a newer connection took over meanwhile drops the audio: the step is
+            // then answered "superseded", having added nothing.
             let credits = &live.attached.credits;
-            match feed(&live.session, credits, samples, STEP_WAIT).await {
+            match feed_from(&live.session, generation, credits, samples, STEP_WAIT).await {
                 Ok(()) => {}
                 Err(FeedError::Ended) => return Err("the stream has ended".into()),
                 Err(FeedError::Stalled) => return Err("the stream took no audio for 60 s".into()),
@@ -398,7 +426,7 @@ impl SequenceTask {
         }
         let mut gathered = Gathered::of(self.kind);
         if end {
-            live.session.do_send(End);
+            live.session.do_send(EndFrom { generation });
             // Everything up to the summary: the session then lets go of the connection.
             let all = async {
                 while let Some(text) = live.messages.recv().await {
