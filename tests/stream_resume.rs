@@ -482,3 +482,117 @@ async fn a_stale_copy_of_a_stream_gives_way_to_a_newer_checkpoint() {
     }
     assert_same_results(&got, &want);
 }
+
+/// Audio that a connection sends after a newer one resumed its stream (by stream id) is not
+/// the stream's: the newer connection gets the results of its own audio only, each sample
+/// counted once, exactly what one connection gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_superseded_connection_adds_no_audio_to_the_stream() {
+    let running = server(None, |_| {});
+    let url = url(&running);
+    let (audio, rate) = fixture_pcm16("two_phrases_16k");
+    // 8192 samples from 1 s on, sent in two halves.
+    let (first, second) = audio[32_000..48_384].split_at(8192);
+    let start = json!({"type": "start", "sample_rate": rate}).to_string();
+    let mut one = connect(&url).await.unwrap();
+    one.send(Message::text(start.clone())).await.unwrap();
+    let want = send_rest_and_results(&mut one, &[first, second].concat(), 4096).await;
+
+    let mut old = connect(&url).await.unwrap();
+    old.send(Message::text(start)).await.unwrap();
+    old.send(Message::binary(first.to_vec())).await.unwrap();
+    let (mut stream_id, mut got) = (Value::Null, Vec::<Value>::new());
+    while got.iter().filter(|m| m["type"] == "vad").count() < 8 {
+        let Some(Ok(Message::Text(text))) = old.next().await else {
+            panic!("the stream ended early");
+        };
+        let m: Value = serde_json::from_str(&text).unwrap();
+        match m["type"].as_str() {
+            Some("started") => stream_id = m["stream_id"].clone(),
+            _ => got.push(m),
+        }
+    }
+    let last_seq = got.last().unwrap()["seq"].clone();
+    let mut new = connect(&url).await.unwrap();
+    let resume = json!({"type": "start", "stream_id": stream_id, "last_seq": last_seq});
+    new.send(Message::text(resume.to_string())).await.unwrap();
+    let Some(Ok(Message::Text(text))) = new.next().await else {
+        panic!("no answer")
+    };
+    let started: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(started["samples_received"], 4096, "{started}");
+    // The old connection sends the second half before it reads that it was superseded.
+    old.send(Message::binary(second.to_vec())).await.unwrap();
+    let close = loop {
+        match old.next().await {
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => {}
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    let (code, reason) = close.map(|f| (f.code, f.reason.to_string())).unwrap();
+    assert_eq!(code, CloseCode::Policy);
+    assert!(reason.contains("superseded"), "{reason}");
+    got.extend(send_rest_and_results(&mut new, second, 4096).await);
+    assert_eq!(got, want, "the stream holds each sample once");
+}
+
+/// A token older than the one a copy of the stream was resumed with is refused there
+/// ("superseded"), even by a copy restored from a checkpoint that is still computing again what
+/// its client has: it must not roll the stream back, nor close the client that resumed with the
+/// newer token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_older_token_cannot_roll_back_a_stream_resumed_from_a_newer_one() {
+    let keys = keys_file(&[KEY_A]);
+    let (a, b) = (
+        server(Some(keys.clone()), |_| {}),
+        server(Some(keys), |_| {}),
+    );
+    let (audio, rate) = fixture_pcm16("two_phrases_16k");
+    // On A: two checkpoints, then the connection drops.
+    let mut ws = connect(&url(&a)).await.unwrap();
+    ws.send(Message::text(
+        json!({"type": "start", "sample_rate": rate, "checkpoints": true}).to_string(),
+    ))
+    .await
+    .unwrap();
+    for frame in audio[..audio.len() / 2].chunks(2048) {
+        ws.send(Message::binary(frame.to_vec())).await.unwrap();
+    }
+    // Two checkpoints, and results past the second: the client has what a copy restored from
+    // it computes again without sending.
+    let (mut checkpoints, mut last_seq): (Vec<Value>, u64) = (Vec::new(), 0);
+    while checkpoints.len() < 2 || last_seq < checkpoints[1]["next_seq"].as_u64().unwrap() + 2 {
+        let Some(Ok(Message::Text(text))) = ws.next().await else {
+            panic!("the stream ended early");
+        };
+        let m: Value = serde_json::from_str(&text).unwrap();
+        match m["type"].as_str() {
+            Some("checkpoint") if checkpoints.len() < 2 => checkpoints.push(m),
+            _ => last_seq = m["seq"].as_u64().unwrap_or(last_seq),
+        }
+    }
+    drop(ws);
+    let (older, newer) = (&checkpoints[0], &checkpoints[1]);
+    assert!(older["samples"].as_u64() < newer["samples"].as_u64());
+    // On B from the newer token; that connection stays.
+    let (mut resumed, started) =
+        resume_from(&url(&b), newer["token"].as_str().unwrap(), last_seq).await;
+    assert_eq!(started["samples_received"], newer["samples"]);
+    // The older token on B: refused, and the stream stays where the newer one put it.
+    let (answer, close) = start_with(
+        &url(&b),
+        json!({"type": "start", "resume": older["token"], "last_seq": last_seq}),
+    )
+    .await;
+    let (code, reason) = close.unwrap_or_else(|| panic!("the older token was taken: {answer}"));
+    assert_eq!(code, CloseCode::Policy, "{reason}");
+    assert!(reason.contains("superseded"), "{reason}");
+    // The client that resumed with the newer token goes on: its next audio gets results.
+    let from = started["samples_received"].as_u64().unwrap() as usize * 2;
+    let results = send_rest_and_results(&mut resumed, &audio[from..], 2048).await;
+    assert!(
+        results.iter().any(|m| m.get("seq").is_some()),
+        "the newer connection was closed: {results:?}"
+    );
+}

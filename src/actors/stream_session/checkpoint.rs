@@ -144,16 +144,34 @@ impl Handler<Handover> for StreamSession {
     }
 }
 
-/// How far a copy of a stream is: the audio it holds and the next result it will send.
+/// How far a copy of a stream is, for a resume that finds it live.
 #[derive(Message)]
-#[rtype(result = "(u64, u64)")]
+#[rtype(result = "CopyProgress")]
 pub struct Progress;
+
+/// The answer to [`Progress`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CopyProgress {
+    /// The audio it holds, in samples.
+    pub received: u64,
+    /// The results the client can have had from it: a restored copy counts those it is
+    /// computing again without sending (the client has them), not only those it has sent.
+    pub results: u64,
+    /// The newest checkpoint a client resumed it with (tokens older than this are refused).
+    pub redeemed: Option<u32>,
+}
 
 impl Handler<Progress> for StreamSession {
     type Result = MessageResult<Progress>;
 
     fn handle(&mut self, _: Progress, _ctx: &mut Self::Context) -> Self::Result {
-        MessageResult((self.samples_received, self.next_seq))
+        MessageResult(CopyProgress {
+            received: self.samples_received,
+            results: self
+                .next_seq
+                .max(self.suppress_through.map_or(0, |through| through + 1)),
+            redeemed: self.redeemed,
+        })
     }
 }
 

@@ -184,11 +184,20 @@ async fn take_over(
     let mut stale = None;
     match config.hub.send(Lookup { id: id.to_string() }).await {
         Ok(Found::Live(session)) => {
+            let copy = session.send(Progress).await.unwrap_or_default();
+            // A token older than one this copy was resumed with would roll the stream back to
+            // it, and close the client that resumed with the newer one.
+            if let Some(redeemed) = copy.redeemed.filter(|&r| checkpoint.counter < r) {
+                return Err(format!(
+                    "resume token is superseded: the stream was resumed from a newer one \
+                     (checkpoint {redeemed}, this is {})",
+                    checkpoint.counter
+                ));
+            }
             // This copy can go on if it needs no audio the client no longer keeps (before the
             // checkpoint) and has every result the client has (it sends again what follows).
-            let (received, next_seq) = session.send(Progress).await.unwrap_or((0, 0));
-            let has_results = last_seq.is_none_or(|last| next_seq > last);
-            if received >= checkpoint.samples_done && has_results {
+            let has_results = last_seq.is_none_or(|last| copy.results > last);
+            if copy.received >= checkpoint.samples_done && has_results {
                 return Ok(Opened {
                     session,
                     last_seq,
