@@ -90,7 +90,8 @@ pub struct ServeArgs {
     /// not with `--stream-token-keys`. Prefer the environment variable: a flag shows in `ps`.
     #[arg(long, env = "STREAMSERVE_STREAM_TOKEN_KEY", hide_env_values = true)]
     pub stream_token_key: Option<String>,
-    /// Seconds without audio after which a stream is closed; at least 1 [default: 30].
+    /// Seconds without audio (nor `end`) after which a stream is closed; pings do not count; at
+    /// least 1 [default: 30].
     #[arg(long, env = "STREAMSERVE_STREAM_IDLE_SECS")]
     pub stream_idle_secs: Option<u64>,
     /// Seconds to finish in-flight work after SIGTERM before exiting [default: 30].

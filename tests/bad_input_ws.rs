@@ -5,12 +5,13 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::Message;
@@ -189,9 +190,14 @@ async fn refused(url: &str, messages: Vec<Message>) -> Refusal {
             break;
         }
     }
+    refusal(&mut stream).await
+}
+
+/// Reads until the server closes: its `error` message and close frame.
+async fn refusal(stream: &mut SplitStream<Socket>) -> Refusal {
     let mut received = Vec::new();
     let (close, reason) = loop {
-        match next_json(&mut stream).await {
+        match next_json(stream).await {
             Ok(m) => received.push(m),
             Err(close) => break close.expect("a close frame with a reason"),
         }
@@ -425,6 +431,78 @@ async fn models_that_do_not_exist_or_do_not_stream_are_refused_at_the_upgrade() 
             }
             other => panic!("{model}: expected HTTP {status}, got {other:?}"),
         }
+        good.feed().await;
+    }
+    good.finish().await;
+}
+
+/// A binary frame whose header declares `declared` bytes, followed by only 100 of them, after
+/// a `start` or without one: what the server made of it, and how long it took to say.
+async fn declared_frame(url: &str, declared: u64, started: bool) -> (Refusal, Duration) {
+    let mut ws = connect(url, "silero_vad").await;
+    if started {
+        ws.send(start_message()).await.unwrap();
+    }
+    // FIN + binary, masked, a 64-bit length, the mask key, then a little of the payload.
+    let mut frame = vec![0x82, 0x80 | 127];
+    frame.extend_from_slice(&declared.to_be_bytes());
+    frame.extend_from_slice(&[1, 2, 3, 4]);
+    frame.extend_from_slice(&[0u8; 100]);
+    let began = Instant::now();
+    match ws.get_mut() {
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp) => tcp.write_all(&frame).await.unwrap(),
+        _ => unreachable!("a plain TCP connection"),
+    }
+    let (_sink, mut stream) = ws.split();
+    let refusal = refusal(&mut stream).await;
+    (refusal, began.elapsed())
+}
+
+/// A text frame with a reserved bit set, which only a negotiated extension may do (none is).
+fn reserved_bits() -> Message {
+    let mut frame = Frame::message(
+        br#"{"type":"end"}"#.to_vec(),
+        OpCode::Data(Data::Text),
+        true,
+    );
+    frame.header_mut().rsv1 = true;
+    Message::Frame(frame)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn frames_refused_by_their_header() {
+    let url = bundled();
+    let mut good = GoodStream::open(url, 8).await;
+    // A frame over the limit is refused by its header (1009) at once: the server waits for
+    // none of the bytes it declares, and buffers none (the reviewer's 1 GiB of payload after
+    // a 2^40 header grew the server by as much).
+    for (declared, started) in [(70_000, true), (1 << 40, true), (1 << 40, false)] {
+        let (refusal, took) = declared_frame(url, declared, started).await;
+        refusal.is(
+            CloseCode::Size,
+            "too_large",
+            &format!("frame larger than 65536 bytes (its header declares {declared} bytes)"),
+        );
+        assert!(
+            took < Duration::from_secs(15),
+            "{declared} bytes declared: closed after {took:?}"
+        );
+        good.feed().await;
+    }
+    // Reserved bits are a protocol error (1002), not bad text, before `start` and after it.
+    for messages in [
+        vec![reserved_bits()],
+        vec![
+            start_message(),
+            Message::binary(vec![0u8; 640]),
+            reserved_bits(),
+        ],
+    ] {
+        refused(url, messages).await.is(
+            CloseCode::Protocol,
+            "protocol_error",
+            "Received a frame with non-zero reserved bits",
+        );
         good.feed().await;
     }
     good.finish().await;

@@ -6,17 +6,25 @@
 //! finish with every result once and in order; and once nothing is behind a new stream is let
 //! in. Behaviour, not timings: the load suite measures how far past capacity this holds
 //! (docs/overload.md, "Streams").
+//!
+//! And clients that do not keep up with their own stream's side of the socket: one that never
+//! reads its results, one that floods pings without reading the pongs, and one that only
+//! pings. Each is let go (docs/streaming.md, "Flow control"): the first two lose their TCP
+//! connection, the last is closed as idle.
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::stream_client::*;
 use common::*;
+use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use streamserve::api::grpc::proto::speech::speech_client::SpeechClient;
 use streamserve::api::grpc::proto::speech::AudioPiece;
+use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -191,4 +199,157 @@ fn counter(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0.0)
+}
+
+/// A stream whose client reads nothing, ever: the upgrade over a socket with a 4 KiB receive
+/// buffer, then `start`; the socket, to write frames to raw ([`masked`]).
+async fn deaf_stream(url: &str, start: Value) -> tokio::net::TcpStream {
+    let addr: std::net::SocketAddr = url.trim_start_matches("http://").parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(addr).await.unwrap();
+    let (mut ws, _) =
+        tokio_tungstenite::client_async(format!("ws://{addr}/v1/streams/silero_vad"), tcp)
+            .await
+            .unwrap();
+    ws.send(Message::text(start.to_string())).await.unwrap();
+    ws.into_inner()
+}
+
+/// A client frame, masked with a zero key (its payload as it is).
+fn masked(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0x80 | opcode];
+    match payload.len() {
+        n if n < 126 => frame.push(0x80 | n as u8),
+        n => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&u16::try_from(n).unwrap().to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&[0; 4]);
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// Writes `frames(i)` (bytes, then a pause) to a client's socket, i = 0, 1, ..., until a write
+/// fails, which it does once the server has dropped the connection (a write into a server that
+/// only stopped reading waits, and `limit` fails the test); how long that took.
+async fn write_until_dropped(
+    tcp: &mut tokio::net::TcpStream,
+    mut frames: impl FnMut(usize) -> (Vec<u8>, Duration),
+    limit: Duration,
+) -> Duration {
+    let began = Instant::now();
+    let dropped = tokio::time::timeout(limit, async {
+        for i in 0.. {
+            let (bytes, pause) = frames(i);
+            if tcp.write_all(&bytes).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(pause).await;
+        }
+    })
+    .await;
+    assert!(
+        dropped.is_ok(),
+        "the server still holds the connection {limit:?} on"
+    );
+    began.elapsed()
+}
+
+/// Both the writer's deadline (10 s) and the kernel's (15 s without the client taking data,
+/// from when its data stops coming) run, on a loaded machine.
+const DROPPED_WITHIN: Duration = Duration::from_secs(120);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_never_reads_loses_its_connection() {
+    // A checkpoint after every chunk: some 2 KB of results per 32 ms of audio fill the
+    // socket's buffers and the 1,024 queued messages in a few thousand chunks.
+    let url = start(&repo().join("models"), |config| {
+        config.stream_checkpoint_ms = 32;
+    });
+    let c = client();
+    let drops = |text: &str| {
+        ["slow_consumer", "write_timeout"]
+            .map(|reason| {
+                counter(
+                    text,
+                    &format!("streamserve_stream_drops_total{{reason=\"{reason}\"}}"),
+                )
+            })
+            .iter()
+            .sum::<f64>()
+    };
+    let drops_before = drops(&metrics_text(&c, &url).await);
+    let start = json!({"type": "start", "results": "all", "checkpoints": true});
+    let mut tcp = deaf_stream(&url, start).await;
+    // A second of audio a frame, as fast as the server takes it; it stops taking it once it
+    // has given up on the client, and then the connection ends.
+    let audio = masked(2, &[0u8; 32_000]);
+    let took = write_until_dropped(
+        &mut tcp,
+        |_| (audio.clone(), Duration::ZERO),
+        DROPPED_WITHIN,
+    )
+    .await;
+    let text = metrics_text(&c, &url).await;
+    assert!(
+        drops(&text) > drops_before,
+        "counted as a client not reading (after {took:?})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_ping_flood_that_reads_no_pongs_does_not_hold_the_stream_open() {
+    let url = start(&repo().join("models"), |config| config.stream_idle_secs = 2);
+    let mut tcp = deaf_stream(&url, json!({"type": "start"})).await;
+    // 100,000 pings (its pongs fill the socket's buffers many times over), then one every
+    // half second, which a live connection takes.
+    let pings = masked(9, &[b'p'; 125]).repeat(1000);
+    let ping = masked(9, b"still there?");
+    write_until_dropped(
+        &mut tcp,
+        |i| match i {
+            0..100 => (pings.clone(), Duration::ZERO),
+            _ => (ping.clone(), Duration::from_millis(500)),
+        },
+        DROPPED_WITHIN,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pings_do_not_keep_an_idle_stream_open() {
+    let url = start(&repo().join("models"), |config| config.stream_idle_secs = 2);
+    let (mut sink, mut stream) = connect(&url).await.unwrap().split();
+    // Before `start`: the idle time counts from when the server has it.
+    let began = Instant::now();
+    sink.send(Message::text(json!({"type": "start"}).to_string()))
+        .await
+        .unwrap();
+    let mut every = tokio::time::interval(Duration::from_millis(250));
+    let mut pongs = 0;
+    let close = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            tokio::select! {
+                _ = every.tick() => {
+                    let _ = sink.send(Message::Ping(b"alive".to_vec().into())).await;
+                }
+                message = stream.next() => match message {
+                    Some(Ok(Message::Pong(_))) => pongs += 1,
+                    Some(Ok(Message::Close(frame))) => return frame,
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => return None,
+                },
+            }
+        }
+    })
+    .await
+    .expect("a stream that only pings is closed as idle");
+    let closed_after = began.elapsed();
+    let frame = close.expect("a close frame");
+    assert_eq!(frame.code, CloseCode::Policy, "{frame:?}");
+    assert!(frame.reason.contains("no audio for 2 s"), "{frame:?}");
+    assert!(closed_after >= Duration::from_secs(2), "{closed_after:?}");
+    assert!(pongs > 0, "its pings were answered meanwhile");
 }

@@ -543,7 +543,7 @@ async fn idle_streams_time_out_and_shutdown_closes_streams_with_going_away() {
     let mut messages = Vec::new();
     let close = read_until_closed(&mut ws, &mut messages).await.unwrap();
     assert_eq!(close.0, CloseCode::Policy);
-    assert!(close.1.contains("no message for 1 s"), "{close:?}");
+    assert!(close.1.contains("no audio for 1 s"), "{close:?}");
 
     // A stream that keeps sending for longer than the idle timeout is not idle; once it
     // stops, it is closed as idle.
@@ -559,7 +559,7 @@ async fn idle_streams_time_out_and_shutdown_closes_streams_with_going_away() {
     }
     let mut results = Vec::new();
     let close = read_until_closed(&mut ws, &mut results).await.unwrap();
-    assert!(close.1.contains("no message for 1 s"), "{close:?}");
+    assert!(close.1.contains("no audio for 1 s"), "{close:?}");
     // Every frame was taken: a reader closed as idle a second in would have answered
     // about five frames' worth.
     let chunks = results.iter().filter(|m| m["type"] == "vad").count();

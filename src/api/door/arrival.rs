@@ -25,6 +25,13 @@ const TICK: Duration = Duration::from_millis(4);
 #[derive(Clone, Copy, Debug)]
 pub struct ConnectionSocket(#[cfg_attr(not(target_os = "linux"), allow(dead_code))] i32);
 
+impl ConnectionSocket {
+    /// The connection's socket descriptor (for socket options on it: `ws/stall.rs`).
+    pub fn fd(&self) -> i32 {
+        self.0
+    }
+}
+
 /// For `HttpServer::on_connect`: remembers a TCP connection's socket.
 pub fn on_connect(io: &dyn Any, data: &mut Extensions) {
     #[cfg(unix)]

@@ -6,19 +6,25 @@
 //! `segments.rs` is the one-shot endpoint. Each connection is two tasks: a reader (start
 //! message, audio,
 //! `end`; it stops reading while the session holds its audio budget, which is the backpressure
-//! a too-fast client feels) and a writer (results out, with a deadline per write, so a client
-//! that stops reading is dropped without holding anything else up).
+//! a too-fast client feels) and a writer (`write.rs`: results and pongs out, with a deadline
+//! per write, so a client that stops reading is dropped without holding anything else up; the
+//! reader never writes once the stream has started). The client's bytes pass a guard that
+//! refuses an oversized frame by its header (`frame_limit.rs`), and a client that stops taking
+//! the server's bytes is dropped by the kernel (`stall.rs`).
 
+mod frame_limit;
 pub(super) mod open;
 mod segments;
+mod stall;
+mod write;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use actix_web::{web, HttpRequest, HttpResponse};
-use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, ProtocolError};
-use bytestring::ByteString;
+use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
+use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, ProtocolError};
+use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::door::limit::AdmissionLimit;
@@ -28,7 +34,7 @@ use crate::actors::catalog::ServedModel;
 use crate::actors::catalog::SharedCatalog;
 use crate::actors::stream_hub::StreamHub;
 use crate::actors::stream_session::{
-    Attached, Audio, Detach, End, Handover, StreamSession, AUDIO_CREDITS,
+    Attached, AudioFrom, Detach, EndFrom, Handover, StreamSession, AUDIO_CREDITS,
 };
 use crate::actors::supervisor::Supervisor;
 use crate::error::ServeError;
@@ -36,13 +42,12 @@ use crate::machine::traffic::{self, Protocol};
 use crate::stream::checkpoint::TokenKeys;
 use crate::stream::idle::IdleTimer;
 use crate::stream::pace::StreamPace;
-use crate::stream::protocol::{ClientMessage, ServerMessage, StartMessage};
+use crate::stream::protocol::{ClientMessage, StartMessage};
 use open::AttachError;
 
 /// Largest WebSocket frame (and reassembled message) accepted.
 pub const MAX_FRAME_BYTES: usize = 64 * 1024;
 const START_TIMEOUT: Duration = Duration::from_secs(10);
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a shutdown waits for a stream's last checkpoint to be written.
 const HANDOVER_WAIT: Duration = Duration::from_secs(5);
 /// Messages queued for one connection before its client counts as not reading.
@@ -133,7 +138,15 @@ async fn open_stream(
         pass: pass.without_permit(),
         access: state.access.clone(),
     };
+    // actix-ws checks a frame's size only once all of it has arrived: the guard refuses it by
+    // its header, before buffering any of it.
+    let guarded = frame_limit::FrameLimit::new(body.into_inner(), MAX_FRAME_BYTES);
+    let mut guarded = actix_web::dev::Payload::from(frame_limit::boxed(guarded));
+    let body = web::Payload::from_request(&req, &mut guarded).await?;
     let (mut response, session, messages) = actix_ws::handle(&req, body)?;
+    // The handshake is good and this is a stream's connection now: one whose client stops
+    // taking its bytes is dropped by the kernel (stall.rs).
+    stall::drop_when_stalled(&req);
     // A browser that sent its key as a `bearer.<key>` subprotocol also offered `streamserve`,
     // which the handshake must name back (never the key).
     if crate::access::subprotocols(req.headers()).contains(&SUBPROTOCOL) {
@@ -192,27 +205,29 @@ async fn connection(
     let start = match read_start(&mut ws, &mut messages).await {
         Ok(start) => start,
         Err(ReadEnd::Gone | ReadEnd::HandedOver) => return,
-        Err(ReadEnd::Close(code, reason)) => return close_with_error(ws, code, reason).await,
+        Err(ReadEnd::Close(code, reason)) => {
+            return write::close_with_error(ws, code, reason).await
+        }
     };
     let resuming = start.stream_id.is_some() || start.resume.is_some();
     // A server short of CPU keeps the streams it has in real time rather than take on more:
     // a new stream is told to retry (1013), a resumed one (already counted here) goes on.
     if !resuming {
         if let Err(refused) = admission.admit_stream() {
-            return close_with_error(ws, CloseCode::Again, refused.to_string()).await;
+            return write::close_with_error(ws, CloseCode::Again, refused.to_string()).await;
         }
     }
     let opened = match open::open_session(start, caller, &config).await {
         Ok(opened) => opened,
-        Err(reason) => return close_with_error(ws, CloseCode::Policy, reason).await,
+        Err(reason) => return write::close_with_error(ws, CloseCode::Policy, reason).await,
     };
     let (attached, messages_rx, close_rx) = match opened.attach(OUTGOING_CAPACITY).await {
         Ok(c) => (c.attached, c.messages, c.close),
         Err(AttachError::Refused(reason)) => {
-            return close_with_error(ws, CloseCode::Policy, reason).await
+            return write::close_with_error(ws, CloseCode::Policy, reason).await
         }
         Err(AttachError::Ended) => {
-            return close_with_error(ws, CloseCode::Away, "stream has ended".into()).await
+            return write::close_with_error(ws, CloseCode::Away, "stream has ended".into()).await
         }
     };
     let session = opened.session;
@@ -220,18 +235,31 @@ async fn connection(
         tracing::info!(generation = attached.generation, "stream resumed");
     }
     let (reader_close_tx, reader_close_rx) = mpsc::channel(1);
-    let mut writer = actix_web::rt::spawn(write_loop(
+    let (pongs, pongs_rx) = mpsc::channel(write::PONGS_QUEUED);
+    let (session_close, session_let_go) = relay_close(close_rx);
+    let mut writer = actix_web::rt::spawn(write::write_loop(
         ws.clone(),
-        messages_rx,
-        close_rx,
-        reader_close_rx,
+        write::Outgoing {
+            messages: messages_rx,
+            session_close,
+            reader_close: reader_close_rx,
+            pongs: pongs_rx,
+        },
     ));
     let limits = ReadLimits {
         access: &access,
         sample_rate: attached.sample_rate.max(1),
     };
-    let end = read_loop(&mut ws, &mut messages, &session, &attached, &config, limits).await;
-    let mut writer_done = false;
+    // The connection can end on the other side first: the session let go of the stream (its
+    // end, a newer connection, a client not reading its results), or the writer gave up on a
+    // client that took nothing for its write timeout. Then nothing more is read: the client's
+    // audio would go nowhere.
+    let reading = read_loop(&mut messages, &pongs, &session, &attached, &config, limits);
+    let (end, let_go, mut writer_done) = tokio::select! {
+        end = reading => (end, false, false),
+        _ = session_let_go => (ReadEnd::Gone, true, false),
+        _ = &mut writer => (ReadEnd::Gone, false, true),
+    };
     match end {
         ReadEnd::Close(code, reason) => {
             let _ = reader_close_tx.send((code, reason)).await;
@@ -248,27 +276,60 @@ async fn connection(
     session.do_send(Detach {
         generation: attached.generation,
     });
-    drop(reader_close_tx);
+    // A dropped reader side ends the writer at once, without a close: for a client that is
+    // gone, not for one the session let go of (the writer sends it what the session said).
+    if !let_go {
+        drop(reader_close_tx);
+    }
     if !writer_done {
+        // Not long: each of its writes has a deadline.
         let _ = writer.await;
     }
+    // The last handles on the connection go with this task (the client's frames, the
+    // session's sender): actix then ends the response and closes the socket; a client that
+    // stopped reading blocks that close, and the kernel ends its connection (stall.rs).
+}
+
+/// Passes the session's word that it let go of the connection on to the writer (which sends
+/// it as the close); the other receiver completes at the same time, to stop the reader.
+fn relay_close(
+    close: oneshot::Receiver<(CloseCode, String)>,
+) -> (
+    oneshot::Receiver<(CloseCode, String)>,
+    oneshot::Receiver<()>,
+) {
+    let (to_writer, for_writer) = oneshot::channel();
+    let (let_go, reader_stops) = oneshot::channel::<()>();
+    actix_web::rt::spawn(async move {
+        // An error: the session dropped the connection without a word (the writer says
+        // "stream closed").
+        if let Ok(close) = close.await {
+            let _ = to_writer.send(close);
+        }
+        drop(let_go);
+    });
+    (for_writer, reader_stops)
 }
 
 async fn read_start(
     ws: &mut actix_ws::Session,
     messages: &mut AggregatedMessageStream,
 ) -> Result<StartMessage, ReadEnd> {
+    // Within START_TIMEOUT of the upgrade, however many pings come first.
+    let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+    let late = || ReadEnd::Close(CloseCode::Policy, "no start message within 10 s".into());
     loop {
-        let next = tokio::time::timeout(START_TIMEOUT, messages.recv())
+        let next = tokio::time::timeout_at(deadline, messages.recv())
             .await
-            .map_err(|_| {
-                ReadEnd::Close(CloseCode::Policy, "no start message within 10 s".into())
-            })?;
+            .map_err(|_| late())?;
         match counted(next) {
             None | Some(Ok(AggregatedMessage::Close(_))) => return Err(ReadEnd::Gone),
             Some(Err(e)) => return Err(protocol_error(e)),
+            // A client that does not read its pongs holds the reader no longer than that.
             Some(Ok(AggregatedMessage::Ping(bytes))) => {
-                let _ = pong(ws, &bytes).await;
+                let _ = tokio::time::timeout_at(deadline, write::pong(ws, &bytes))
+                    .await
+                    .map_err(|_| late())?;
             }
             Some(Ok(AggregatedMessage::Pong(_))) => {}
             Some(Ok(AggregatedMessage::Binary(_))) => {
@@ -302,8 +363,8 @@ struct ReadLimits<'a> {
 }
 
 async fn read_loop(
-    ws: &mut actix_ws::Session,
     messages: &mut AggregatedMessageStream,
+    pongs: &mpsc::Sender<Bytes>,
     session: &Addr<StreamSession>,
     attached: &Attached,
     config: &StreamsConfig,
@@ -317,7 +378,8 @@ async fn read_loop(
         }
     };
     let mut stopping = std::pin::pin!(stopping);
-    // Idle means no message since the reader last began to wait for one.
+    // Idle means no audio (nor `end`) since the reader last began to wait for some: pings
+    // and pongs do not keep a stream open.
     let mut idle = IdleTimer::new(config.idle_timeout);
     loop {
         let next = tokio::select! {
@@ -339,16 +401,19 @@ async fn read_loop(
                     .increment(1);
                 return ReadEnd::Close(
                     CloseCode::Policy,
-                    format!("no message for {} s", config.idle_timeout.as_secs()),
+                    format!("no audio for {} s", config.idle_timeout.as_secs()),
                 );
             }
         };
-        idle.touch();
         let message = match next {
             None => return ReadEnd::Gone,
             Some(Err(e)) => return protocol_error(e),
             Some(Ok(message)) => message,
         };
+        // Text is `end`, or closes the stream: either way the client was not idle.
+        if let AggregatedMessage::Text(_) = message {
+            idle.touch();
+        }
         match message {
             AggregatedMessage::Binary(bytes) => {
                 let samples = match attached.format.decode(&bytes) {
@@ -358,6 +423,7 @@ async fn read_loop(
                 if samples.is_empty() {
                     continue;
                 }
+                idle.touch();
                 if samples.len() > AUDIO_CREDITS {
                     return ReadEnd::Close(CloseCode::Size, "audio frame too long".into());
                 }
@@ -371,10 +437,18 @@ async fn read_loop(
                 }
                 // The wait for room is the server's, not the client's idleness.
                 idle.touch();
-                session.do_send(Audio(samples));
+                // Dropped by the session (its credits given back) if a resume superseded
+                // this connection meanwhile.
+                session.do_send(AudioFrom {
+                    generation: attached.generation,
+                    samples,
+                });
             }
             AggregatedMessage::Text(text) => match serde_json::from_str::<ClientMessage>(&text) {
-                Ok(ClientMessage::End) => session.do_send(End),
+                // Ignored if a resume superseded this connection: the stream is the newer one's.
+                Ok(ClientMessage::End) => session.do_send(EndFrom {
+                    generation: attached.generation,
+                }),
                 Ok(ClientMessage::Start(_)) => {
                     return ReadEnd::Close(CloseCode::Policy, "stream already started; send audio or end".into())
                 }
@@ -385,9 +459,10 @@ async fn read_loop(
                     )
                 }
             },
+            // Answered by the writer; when it has pongs enough waiting, not at all: the
+            // reader never waits on a client that does not read.
             AggregatedMessage::Ping(bytes) => {
-                let _ = pong(ws, &bytes).await;
-                idle.touch();
+                let _ = pongs.try_send(bytes);
             }
             AggregatedMessage::Pong(_) => {}
             AggregatedMessage::Close(_) => return ReadEnd::Gone,
@@ -410,131 +485,43 @@ fn counted<E>(next: Option<Result<AggregatedMessage, E>>) -> Option<Result<Aggre
     next
 }
 
-/// Sends a text message, counting its payload (`streamserve_sent_bytes_total`).
-async fn send_text(
-    ws: &mut actix_ws::Session,
-    text: impl Into<ByteString>,
-) -> Result<(), actix_ws::Closed> {
-    let text = text.into();
-    traffic::sent(Protocol::WebSocket, text.len());
-    ws.text(text).await
-}
-
-/// Answers a ping, counting the pong's payload.
-async fn pong(ws: &mut actix_ws::Session, bytes: &[u8]) -> Result<(), actix_ws::Closed> {
-    traffic::sent(Protocol::WebSocket, bytes.len());
-    ws.pong(bytes).await
-}
-
 fn protocol_error(error: ProtocolError) -> ReadEnd {
+    if let Some(too_large) = frame_limit::frame_too_large(&error) {
+        return ReadEnd::Close(CloseCode::Size, too_large.to_string());
+    }
     match error {
         ProtocolError::Overflow => ReadEnd::Close(
             CloseCode::Size,
             format!("frame larger than {MAX_FRAME_BYTES} bytes"),
         ),
-        // actix-ws reports these two as I/O errors (tests/bad_input_ws.rs pins the mapping): a
-        // message over the limit in fragments each under it, and text that is not UTF-8.
+        // actix-ws reports these as I/O errors (tests/bad_input_ws.rs pins the mapping): a
+        // message over the limit in fragments each under it, text that is not UTF-8, and (its
+        // other invalid data) a frame with reserved bits set, a protocol error.
         ProtocolError::Io(e) if e.to_string().contains("maximum continuation size") => {
             ReadEnd::Close(
                 CloseCode::Size,
                 format!("message larger than {MAX_FRAME_BYTES} bytes"),
             )
         }
-        ProtocolError::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => ReadEnd::Close(
-            CloseCode::Invalid,
-            format!("text message is not UTF-8 ({e})"),
-        ),
+        ProtocolError::Io(e) if e.kind() == std::io::ErrorKind::InvalidData && not_utf8(&e) => {
+            ReadEnd::Close(
+                CloseCode::Invalid,
+                format!("text message is not UTF-8 ({e})"),
+            )
+        }
+        // Reserved bits set, say ("I/O error: " says nothing to the client).
+        ProtocolError::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            ReadEnd::Close(CloseCode::Protocol, e.to_string())
+        }
         other => ReadEnd::Close(CloseCode::Protocol, other.to_string()),
     }
 }
 
-async fn write_loop(
-    mut ws: actix_ws::Session,
-    mut messages: mpsc::Receiver<ByteString>,
-    mut session_close: oneshot::Receiver<(CloseCode, String)>,
-    mut reader_close: mpsc::Receiver<(CloseCode, String)>,
-) {
-    let (code, reason) = loop {
-        tokio::select! {
-            biased;
-            // The reader's reason first: it detaches from the session right after, which
-            // closes `messages`, and the close must say why rather than "stream closed".
-            close = reader_close.recv() => match close {
-                Some((code, reason)) => {
-                    let error = ServerMessage::Error { code: error_code(code), message: &reason }.to_json();
-                    let _ = send_text(&mut ws, error).await;
-                    break (code, reason);
-                }
-                None => return,
-            },
-            message = messages.recv() => match message {
-                Some(text) => {
-                    match tokio::time::timeout(WRITE_TIMEOUT, send_text(&mut ws, text)).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(_)) => return,
-                        Err(_) => {
-                            metrics::counter!("streamserve_stream_drops_total", "reason" => "write_timeout").increment(1);
-                            break (CloseCode::Policy, "client is not reading results; resume to continue".to_string());
-                        }
-                    }
-                }
-                // The session let go of this connection; it may have said why just before.
-                None => break session_close.try_recv().unwrap_or((CloseCode::Away, "stream closed".to_string())),
-            },
-            close = &mut session_close => {
-                // Send what the session queued before it asked to close (e.g. the summary).
-                while let Ok(text) = messages.try_recv() {
-                    if send_text(&mut ws, text).await.is_err() {
-                        return;
-                    }
-                }
-                break close.unwrap_or((CloseCode::Away, "stream closed".into()));
-            }
-        }
-    };
-    let _ = ws
-        .close(Some(CloseReason {
-            code,
-            description: Some(truncate(reason)),
-        }))
-        .await;
-}
-
-async fn close_with_error(mut ws: actix_ws::Session, code: CloseCode, reason: String) {
-    let error = ServerMessage::Error {
-        code: error_code(code),
-        message: &reason,
-    }
-    .to_json();
-    let _ = send_text(&mut ws, error).await;
-    let _ = ws
-        .close(Some(CloseReason {
-            code,
-            description: Some(truncate(reason)),
-        }))
-        .await;
-}
-
-fn error_code(code: CloseCode) -> &'static str {
-    match code {
-        CloseCode::Invalid => "invalid_data",
-        CloseCode::Unsupported => "unsupported_data",
-        CloseCode::Size => "too_large",
-        CloseCode::Away => "going_away",
-        CloseCode::Protocol => "protocol_error",
-        CloseCode::Again => "try_again",
-        _ => "policy",
-    }
-}
-
-/// Close reasons must fit a control frame (123 bytes).
-fn truncate(mut reason: String) -> String {
-    if reason.len() > 120 {
-        let mut cut = 120;
-        while !reason.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        reason.truncate(cut);
-    }
-    reason
+/// Whether actix-ws's invalid data is text that is not UTF-8: a frame's (a `Utf8Error`) or a
+/// fragmented message's (its text).
+fn not_utf8(error: &std::io::Error) -> bool {
+    error
+        .get_ref()
+        .is_some_and(|inner| inner.is::<std::str::Utf8Error>())
+        || error.to_string().contains("utf-8")
 }
