@@ -336,15 +336,17 @@ fn model_body_limit(info: &ModelInfo) -> Option<usize> {
     let rows = info.batching.max_batch_size.max(1);
     let mut bytes = ENVELOPE;
     for (spec, axis) in info.inputs.iter().zip(&info.input_axes) {
-        let mut dims = Vec::with_capacity(spec.shape.len());
-        for (i, &dim) in spec.shape.iter().enumerate() {
-            dims.push(match usize::try_from(dim) {
-                Ok(fixed) => fixed,
-                Err(_) if info.batched() && *axis == BatchAxis::Axis(i) => rows,
-                Err(_) => return None,
+        // Called per request: the dimensions are walked, not collected.
+        let dims = spec
+            .shape
+            .iter()
+            .enumerate()
+            .map(|(i, &dim)| match usize::try_from(dim) {
+                Ok(fixed) => Some(fixed),
+                Err(_) if info.batched() && *axis == BatchAxis::Axis(i) => Some(rows),
+                Err(_) => None,
             });
-        }
-        bytes = bytes.checked_add(pretty_json_bytes(&dims)?)?;
+        bytes = bytes.checked_add(pretty_json_bytes(dims)?)?;
     }
     Some(bytes)
 }
@@ -355,20 +357,20 @@ fn model_body_limit(info: &ModelInfo) -> Option<usize> {
 /// `JSON.stringify(x, null, 4)`), and every nested array's brackets on lines of their own. A
 /// flat 48 bytes an element refused valid pretty-printed requests to models whose inner axes
 /// are short (`ww_embedding`'s `[64, 76, 32, 1]`: 66 bytes an element at indent 2).
-fn pretty_json_bytes(dims: &[usize]) -> Option<usize> {
+fn pretty_json_bytes(dims: impl IntoIterator<Item = Option<usize>>) -> Option<usize> {
     const NUMBER: usize = 24 + 2;
     const INDENT: usize = 4;
     // The request object, `inputs`, the input and its `data` hold the outermost array.
     const OUTER_LEVELS: usize = 4;
     let line = |level: usize| INDENT * (OUTER_LEVELS + level);
-    let mut arrays = 1usize;
-    let mut bytes = 0usize;
-    for (level, &dim) in dims.iter().enumerate() {
+    let (mut arrays, mut bytes, mut rank) = (1usize, 0usize, 0usize);
+    for dim in dims {
         // Each array of this level: "[" and "]," on lines of their own.
-        bytes = bytes.checked_add(arrays.checked_mul(2 * line(level) + 5)?)?;
-        arrays = arrays.checked_mul(dim)?;
+        bytes = bytes.checked_add(arrays.checked_mul(2 * line(rank) + 5)?)?;
+        arrays = arrays.checked_mul(dim?)?;
+        rank += 1;
     }
-    bytes.checked_add(arrays.checked_mul(NUMBER + line(dims.len()))?)
+    bytes.checked_add(arrays.checked_mul(NUMBER + line(rank))?)
 }
 
 async fn infer_on(
@@ -497,7 +499,7 @@ mod tests {
             let data = nested(&dims);
             let request =
                 json!({"inputs": [{"name": "x", "shape": dims, "datatype": "FP32", "data": data}]});
-            let bound = pretty_json_bytes(&dims).unwrap();
+            let bound = pretty_json_bytes(dims.iter().copied().map(Some)).unwrap();
             for indent in [&b""[..], b"  ", b"    ", b"\t"] {
                 // The name, shape and datatype are the envelope's (64 KiB in the limit).
                 let written = pretty(&request, indent).saturating_sub(1024);
@@ -508,9 +510,14 @@ mod tests {
             }
         }
         assert_eq!(
-            pretty_json_bytes(&[usize::MAX, 2]),
+            pretty_json_bytes([Some(usize::MAX), Some(2)]),
             None,
             "overflow is no bound"
+        );
+        assert_eq!(
+            pretty_json_bytes([Some(2), None]),
+            None,
+            "a free dimension is no bound"
         );
     }
 }
