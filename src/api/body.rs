@@ -96,6 +96,44 @@ pub struct MemoryHold {
     _reserved: Option<OwnedSemaphorePermit>,
 }
 
+/// The memory the messages of one stream hold together: a gRPC stream's requests from when
+/// they are read until they are answered, and its answers until the transport takes them.
+/// Counted as one sum, in the same steps as a body, so that 64 small messages in flight hold
+/// 64 KiB, not 64 steps.
+pub struct StreamHold {
+    memory: BodyMemory,
+    bytes: usize,
+    reserved: Option<OwnedSemaphorePermit>,
+}
+
+impl StreamHold {
+    pub fn new(memory: &BodyMemory) -> StreamHold {
+        StreamHold {
+            memory: memory.clone(),
+            bytes: 0,
+            reserved: None,
+        }
+    }
+
+    /// Counts `bytes` more, or refuses them (503 `BodyMemoryFull`) and counts nothing.
+    pub fn add(&mut self, bytes: usize) -> Result<(), ServeError> {
+        let sum = self.bytes.saturating_add(bytes);
+        self.memory.reserve(&mut self.reserved, sum)?;
+        self.bytes = sum;
+        Ok(())
+    }
+
+    /// Counts `bytes` fewer, giving back the steps no longer needed.
+    pub fn remove(&mut self, bytes: usize) {
+        self.bytes = self.bytes.saturating_sub(bytes);
+        let keep = self.bytes.div_ceil(1024).div_ceil(STEP_KIB) * STEP_KIB;
+        if let Some(reserved) = &mut self.reserved {
+            let spare = reserved.num_permits().saturating_sub(keep);
+            drop(reserved.split(spare));
+        }
+    }
+}
+
 /// A body read whole, with the memory reservation it holds until it is dropped.
 pub struct Body {
     pub bytes: web::BytesMut,
@@ -212,7 +250,11 @@ impl Reader<'_> {
                     (decoder, written)
                 })
                 .await
-                .map_err(|_| ServeError::invalid("the request body could not be decoded"))?;
+                // A task that did not finish was cancelled by the runtime shutting down.
+                .map_err(|e| match e.is_cancelled() {
+                    true => ServeError::ShuttingDown,
+                    false => ServeError::invalid("the request body could not be decoded"),
+                })?;
                 decoder = back;
                 written
             };
@@ -343,6 +385,31 @@ impl io::Write for Inflated {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stream_holds_the_sum_of_its_messages_and_gives_back_what_it_no_longer_needs() {
+        let memory = BodyMemory::new(1);
+        let mut stream = StreamHold::new(&memory);
+        for _ in 0..64 {
+            stream.add(100).unwrap();
+        }
+        assert_eq!(stream.reserved.as_ref().unwrap().num_permits(), STEP_KIB);
+        stream.add(900 * 1024).unwrap();
+        let refused = stream.add(200 * 1024).unwrap_err();
+        assert!(matches!(refused, ServeError::BodyMemoryFull { .. }));
+        assert_eq!(
+            stream.bytes,
+            64 * 100 + 900 * 1024,
+            "a refusal counts nothing"
+        );
+        stream.remove(900 * 1024);
+        assert_eq!(stream.reserved.as_ref().unwrap().num_permits(), STEP_KIB);
+        // What it gave back, others can hold.
+        let mut other = None;
+        memory.reserve(&mut other, 900 * 1024).unwrap();
+        stream.remove(64 * 100);
+        assert_eq!(stream.reserved.as_ref().unwrap().num_permits(), 0);
+    }
 
     #[test]
     fn memory_is_reserved_in_steps_and_refused_past_the_bound() {

@@ -216,3 +216,114 @@ async fn a_stalled_stream_does_not_hold_up_its_connection() {
         .unwrap();
     assert_eq!(again.into_inner().outputs.len(), 2);
 }
+
+/// What a stream holds counts against `--max-body-memory-mb` as REST bodies do: its requests
+/// from when they are read, its answers until the client takes them. A client that stops
+/// reading pins its answers (here each echoes a 60 KB id), so with a 1 MiB bound the stalled
+/// stream fills it: its further requests are refused with an answer of their own, and a large
+/// request from another client gets UNAVAILABLE until the stalled client reads. Before these
+/// were counted, the bound saw none of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_stream_counts_what_it_holds_against_the_memory_bound() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    let running = start_running(&repo().join("models"), |c| c.max_body_memory_mb = 1);
+    let endpoint = format!("http://{}", running.grpc_addr.expect("gRPC is on"));
+    let channel = Channel::from_shared(endpoint.clone())
+        .unwrap()
+        .initial_stream_window_size(64 * 1024)
+        .connect()
+        .await
+        .expect("gRPC connects");
+    let mut stalled = Client::new(channel);
+    let mut other = GrpcInferenceServiceClient::new(connect(&endpoint).await);
+    let small_model = |x: &[f32]| {
+        let mut request = mlp_raw(x);
+        request.model_name = "mlp_small".into();
+        request
+    };
+
+    let taken = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let requests = {
+        let (taken, stop, x) = (taken.clone(), stop.clone(), features(61, 1));
+        let id = "i".repeat(60_000);
+        tokio_stream::iter(std::iter::from_fn(move || {
+            if stop.load(Ordering::Relaxed) {
+                return None;
+            }
+            taken.fetch_add(1, Ordering::Relaxed);
+            let mut request = small_model(&x);
+            request.id = id.clone();
+            Some(request)
+        }))
+    };
+    let mut answers = stalled
+        .model_stream_infer(requests)
+        .await
+        .expect("the stream opens")
+        .into_inner(); // not read until the end
+
+    let started = Instant::now();
+    let (mut last, mut still_since) = (taken.load(Ordering::Relaxed), Instant::now());
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = taken.load(Ordering::Relaxed);
+        if now != last {
+            (last, still_since) = (now, Instant::now());
+        } else if still_since.elapsed() >= Duration::from_secs(2) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the stream never stalled ({now} requests taken)"
+        );
+    }
+
+    // 64 rows: a message of 64 KiB and more, which the bound no longer has room for.
+    let large = small_model(&features(62, 64));
+    let refused = tokio::time::timeout(Duration::from_secs(10), other.model_infer(large.clone()))
+        .await
+        .expect("answered")
+        .expect_err("the bound is held by the stalled stream");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("memory"),
+        "{}",
+        refused.message()
+    );
+
+    // The client reads: every request it sent has one answer, in order; those read past the
+    // bound say so; then the bound is free again.
+    stop.store(true, Ordering::Relaxed);
+    let (mut read, mut over) = (0, 0);
+    let drained = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(answer) = answers.message().await.expect("the stream goes on") {
+            if !answer.error_message.is_empty() {
+                assert!(
+                    answer.error_message.contains("memory"),
+                    "answer {read}: {}",
+                    answer.error_message
+                );
+                over += 1;
+            }
+            assert_eq!(answer.infer_response.unwrap().id.len(), 60_000);
+            read += 1;
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the stream ended ({read} answers read)");
+    assert_eq!(
+        read,
+        taken.load(Ordering::Relaxed),
+        "one answer per request"
+    );
+    assert!(over > 0, "no request of {read} found the bound full");
+    let served = tokio::time::timeout(Duration::from_secs(10), other.model_infer(large))
+        .await
+        .expect("answered after the stream")
+        .expect("the bound is free again");
+    assert_eq!(served.into_inner().outputs.len(), 2);
+}

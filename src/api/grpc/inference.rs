@@ -10,10 +10,10 @@
 
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, FutureExt as _};
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
@@ -31,6 +31,7 @@ use crate::access::Pass;
 use crate::actors::catalog::ServedModel;
 use crate::actors::served::InferOptions;
 use crate::api::accounting::{self, Answered, Protocol, Stats};
+use crate::api::body::StreamHold;
 use crate::api::{health, kserve, rest, AppState};
 use crate::error::ServeError;
 use crate::model::PLATFORM;
@@ -252,11 +253,15 @@ impl GrpcInferenceService for Arc<Inference> {
         let (metadata, _, mut incoming) = request.into_parts();
         let metadata = Arc::new(metadata);
         let this = self.clone();
-        let (tx, rx) = mpsc::channel(STREAM_IN_FLIGHT);
+        let (tx, rx) = mpsc::channel::<Result<Held, Status>>(STREAM_IN_FLIGHT);
+        // The stream's requests count against `--max-body-memory-mb` from when they are read
+        // (while they wait their turn, a cold model loading, say) until answered, and its
+        // answers until the transport takes them: a client that stops reading pins them.
+        let memory = Arc::new(Mutex::new(StreamHold::new(&self.state.body_memory)));
+        let sent = memory.clone();
         tokio::spawn(async move {
             let _work = this.state.work.begin();
-            let mut pending: FuturesOrdered<BoxFuture<'static, ModelStreamInferResponse>> =
-                FuturesOrdered::new();
+            let mut pending: FuturesOrdered<BoxFuture<'static, Held>> = FuturesOrdered::new();
             let mut sequences = Sequences::new(
                 this.state.clone(),
                 this.stop.clone(),
@@ -269,23 +274,35 @@ impl GrpcInferenceService for Arc<Inference> {
             while (open && !stopping) || !pending.is_empty() {
                 tokio::select! {
                     Some(answer) = pending.next(), if !pending.is_empty() => {
-                        if tx.send(Ok(answer)).await.is_err() {
+                        if tx.send(Ok(answered(&memory, answer))).await.is_err() {
                             return; // the client went away
                         }
                     }
                     message = incoming.message(), if open && !stopping && pending.len() < STREAM_IN_FLIGHT => {
                         match message {
-                            Ok(Some(request)) if sequence::is_sequence(&request) => pending.push_back(sequences.route(request)),
-                            Ok(Some(request)) => pending.push_back(Box::pin(this.clone().stream_one(request, metadata.clone(), peer))),
+                            Ok(Some(request)) => {
+                                let size = request.encoded_len();
+                                let counted = memory.lock().expect("stream memory").add(size);
+                                let held = if counted.is_ok() { size } else { 0 };
+                                let answer: BoxFuture<'static, ModelStreamInferResponse> = match counted {
+                                    Err(full) if sequence::is_sequence(&request) => {
+                                        Box::pin(std::future::ready(sequence::refused_unread(&request, full.to_string())))
+                                    }
+                                    Err(full) => Box::pin(std::future::ready(error_answer(&request, full))),
+                                    Ok(()) if sequence::is_sequence(&request) => sequences.route(request),
+                                    Ok(()) => Box::pin(this.clone().stream_one(request, metadata.clone(), peer)),
+                                };
+                                pending.push_back(Box::pin(answer.map(move |answer| (answer, held))));
+                            }
                             Ok(None) => open = false,
                             Err(status) => {
                                 // The transport failed (e.g. a message over the limit): answer
                                 // what was read, then end the stream with the error.
                                 while let Some(answer) = pending.next().await {
-                                    let _ = tx.send(Ok(answer)).await;
+                                    let _ = tx.send(Ok(answered(&memory, answer))).await;
                                 }
                                 for handover in sequences.finish().await {
-                                    let _ = tx.send(Ok(handover)).await;
+                                    let _ = tx.send(Ok((handover, 0))).await;
                                 }
                                 let _ = tx.send(Err(super::transport_status(status))).await;
                                 return;
@@ -298,7 +315,7 @@ impl GrpcInferenceService for Arc<Inference> {
             // Unended sequences wait for a resume; in a shutdown they hand over, after every
             // answer asked for.
             for handover in sequences.finish().await {
-                let _ = tx.send(Ok(handover)).await;
+                let _ = tx.send(Ok((handover, 0))).await;
             }
             if stopping && open {
                 let _ = tx
@@ -308,7 +325,13 @@ impl GrpcInferenceService for Arc<Inference> {
                     .await;
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let answers = ReceiverStream::new(rx).map(move |held| {
+            held.map(|(answer, size)| {
+                sent.lock().expect("stream memory").remove(size);
+                answer
+            })
+        });
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn model_config(
@@ -464,11 +487,10 @@ impl Inference {
             request.model_name.clone(),
             request.model_version.clone(),
         );
-        let request_id = if id.is_empty() {
-            crate::untrusted::new_request_id()
-        } else {
-            id.clone()
-        };
+        // Logged as a unary call's is: visible ASCII, capped (not the stream's one
+        // `x-request-id`, which would name every request of the stream alike).
+        let request_id =
+            crate::untrusted::request_id(&id).unwrap_or_else(crate::untrusted::new_request_id);
         match self
             .infer(
                 "ModelStreamInfer",
@@ -497,4 +519,31 @@ impl Inference {
             },
         }
     }
+}
+
+/// A streamed answer and the bytes of the stream's memory it holds.
+type Held = (ModelStreamInferResponse, usize);
+
+/// The answer to a streamed request that was not run, naming what it was for.
+fn error_answer(request: &ModelInferRequest, error: ServeError) -> ModelStreamInferResponse {
+    ModelStreamInferResponse {
+        error_message: error.to_string(),
+        infer_response: Some(ModelInferResponse {
+            model_name: request.model_name.clone(),
+            model_version: request.model_version.clone(),
+            id: request.id.clone(),
+            ..Default::default()
+        }),
+    }
+}
+
+/// An answer ready to send: its request's bytes are let go of, its own counted if they fit. An
+/// answer that does not fit is sent all the same, uncounted: it is computed, and refusing it
+/// would lose it (a sequence's results with it).
+fn answered(memory: &Mutex<StreamHold>, (answer, request_size): Held) -> Held {
+    let mut memory = memory.lock().expect("stream memory");
+    memory.remove(request_size);
+    let size = answer.encoded_len();
+    let size = if memory.add(size).is_ok() { size } else { 0 };
+    (answer, size)
 }

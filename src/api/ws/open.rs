@@ -38,6 +38,9 @@ pub(in crate::api) struct Opened {
     pub last_seq: Option<u64>,
     /// The counter of the token the client resumed with.
     pub token_counter: Option<u32>,
+    /// This call made the session (a new stream, or one restored from its checkpoint), rather
+    /// than finding it live: only then may a refused start end it.
+    pub created: bool,
 }
 
 /// A connection attached to its session: what the session sends it, and the session's word
@@ -130,6 +133,7 @@ pub(in crate::api) async fn open_session(
             session,
             last_seq: start.last_seq,
             token_counter: None,
+            created: false,
         });
     }
     if start.last_seq.is_some() {
@@ -148,6 +152,7 @@ pub(in crate::api) async fn open_session(
         session,
         last_seq: None,
         token_counter: None,
+        created: true,
     })
 }
 
@@ -202,6 +207,7 @@ async fn take_over(
                     session,
                     last_seq,
                     token_counter,
+                    created: false,
                 });
             }
             // A copy of the stream went further elsewhere: this one is behind; it goes.
@@ -238,6 +244,7 @@ async fn take_over(
             session,
             last_seq,
             token_counter,
+            created: false,
         });
     }
     metrics::counter!("streamserve_stream_takeovers_total").increment(1);
@@ -245,6 +252,7 @@ async fn take_over(
         session,
         last_seq: None,
         token_counter,
+        created: true,
     })
 }
 

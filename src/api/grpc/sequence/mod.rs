@@ -111,6 +111,16 @@ fn refused(
     }
 }
 
+/// The answer to a step that was refused before it reached its sequence (the stream's memory
+/// bound was full): it names the step's sequence, and the sequence is as it was.
+pub fn refused_unread(request: &ModelInferRequest, message: String) -> ModelStreamInferResponse {
+    refused(
+        request,
+        request.parameters.get(SEQUENCE_ID).cloned(),
+        message,
+    )
+}
+
 impl Sequences {
     pub fn new(
         state: Arc<AppState>,
@@ -233,14 +243,17 @@ struct Live {
     messages: mpsc::Receiver<ByteString>,
     close: oneshot::Receiver<(CloseCode, String)>,
     access: StreamPass,
+    /// This call made the session (`Opened::created`).
+    created: bool,
 }
 
 impl Live {
-    /// The sequence's start was refused: a stream this connection was the first to attach to
-    /// (one it opened, new or taken over from a checkpoint) stops at once, with its place
-    /// among the caller's open streams; a stream it resumed waits for a resume as before.
+    /// The sequence's start was refused: a stream this call made (a new one, or one restored
+    /// from a checkpoint) stops at once, with its place among the caller's open streams; a
+    /// stream it found live waits for a resume as before. Not "the first to attach": when two
+    /// takeovers of one token race, the one that lost the race may attach first.
     fn abandon(self) {
-        if self.attached.generation == 1 {
+        if self.created {
             self.session.do_send(Abandon {
                 generation: self.attached.generation,
             });
@@ -514,6 +527,7 @@ impl SequenceTask {
             Err(AttachError::Ended) => return Err("the stream has ended".into()),
         };
         self.live = Some(Live {
+            created: opened.created,
             session: opened.session,
             attached: connection.attached,
             messages: connection.messages,
