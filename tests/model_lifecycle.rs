@@ -273,3 +273,32 @@ async fn versions_that_do_not_fit_the_memory_budget_are_refused() {
     let (_, meta) = get(&c, &format!("{url}/v2/models/mlp_small")).await;
     assert_eq!(meta["parameters"]["resources"]["ram_mb"], 1);
 }
+
+/// The memory budget is checked before a version's replicas load, not after: a file that does
+/// not fit is refused as such without ONNX Runtime ever reading it. (Here the file is not even
+/// a model: were it loaded first, the reason would be that it does not parse.)
+#[tokio::test]
+async fn a_version_that_does_not_fit_is_refused_before_it_loads() {
+    use sha2::{Digest, Sha256};
+    let not_a_model = vec![7u8; 6 << 20]; // 6 MiB: 12 MiB a replica, against a budget of 8
+    let dir = model_dir(&format!(
+        r#"
+        [[models]]
+        name = "big"
+        version = "1"
+        file = "big.onnx"
+        sha256 = "{}"
+        "#,
+        hex::encode(Sha256::digest(&not_a_model))
+    ));
+    std::fs::write(dir.join("big.onnx"), &not_a_model).unwrap();
+    let url = start(&dir, |config| config.memory_budget_mb = Some(8));
+    let (_, list) = get(&client(), &format!("{url}/v2/models")).await;
+    let big = &list["models"][0];
+    assert_eq!(big["state"], "UNLOADED", "{big}");
+    let reason = big["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("does not fit") && reason.contains("needs about 12 MiB on cpu"),
+        "{reason}"
+    );
+}

@@ -73,6 +73,10 @@ async fn serve(
         watch: watch.clone(),
     };
     let faults: Vec<FaultQueue> = (0..entry.replicas).map(|_| FaultQueue::default()).collect();
+    // The memory budget is there so that loading cannot exhaust the machine: a version that
+    // does not fit is refused before its replicas load, not after.
+    let file_bytes = std::fs::metadata(&entry.file).map_or(0, |m| m.len());
+    let reserved = Reserved::take(&budgets, entry.device, file_bytes, entry.replicas)?;
     let (workers, inputs, outputs) = start_workers(&recipe, &faults).await?;
     let device = workers[0].device;
     let info = Arc::new(model_info(entry, inputs, outputs, device)?);
@@ -91,7 +95,7 @@ async fn serve(
     watch.set(model_watch.clone());
     // Ready as soon as this returns: the router only starts (and publishes) on its own thread.
     let health = Arc::new(ModelHealth::new(workers.len(), entry.replicas));
-    take_budgets(entry, &info, workers.len(), &budgets)?;
+    take_budgets(entry, &info, workers.len(), &budgets, reserved)?;
     let fallback: FallbackLookup =
         Arc::new(move |name| Some(catalog.snapshot().ready_fallback(name)?.router));
     let router = router::start(RouterSetup {
@@ -209,18 +213,65 @@ pub(super) fn estimate_resources(entry: &ModelEntry, file_bytes: u64, device: De
     }
 }
 
-/// Takes the loaded replicas' memory on their device (refusing the version, as one that
-/// [`DOES_NOT_FIT`], when it is not there) and their threads (which may go over the CPU
-/// budget: it then only stops scaling up, everywhere).
+/// Memory taken from the budget for a version's replicas before they load; given back unless
+/// the version is served.
+struct Reserved<'a> {
+    budgets: &'a Budgets,
+    device: Device,
+    mb: u64,
+}
+
+impl<'a> Reserved<'a> {
+    /// Every replica's memory on the manifest's device, or the version is refused as one that
+    /// [`DOES_NOT_FIT`].
+    fn take(
+        budgets: &'a Budgets,
+        device: Device,
+        file_bytes: u64,
+        replicas: usize,
+    ) -> Result<Reserved<'a>, String> {
+        let mb = replica_memory_mb(file_bytes) * replicas as u64;
+        budgets
+            .memory
+            .try_take(device, mb)
+            .map_err(|reason| format!("{DOES_NOT_FIT}: {reason}"))?;
+        Ok(Reserved {
+            budgets,
+            device,
+            mb,
+        })
+    }
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        self.budgets.memory.give_back(self.device, self.mb);
+    }
+}
+
+/// Keeps the loaded replicas' memory on their device (what was reserved for replicas that did
+/// not load goes back; a device other than the manifest's is taken anew, refusing the version
+/// when it does not fit there) and takes their threads (which may go over the CPU budget: it
+/// then only stops scaling up, everywhere).
 fn take_budgets(
     entry: &ModelEntry,
     info: &ModelInfo,
     loaded_replicas: usize,
     budgets: &Budgets,
+    mut reserved: Reserved<'_>,
 ) -> Result<(), String> {
     let memory_mb = replica_memory_mb(info.resources.model_file_bytes) * loaded_replicas as u64;
-    if let Err(reason) = budgets.memory.try_take(info.device, memory_mb) {
-        return Err(format!("{DOES_NOT_FIT}: {reason}"));
+    if reserved.device == info.device && memory_mb <= reserved.mb {
+        // Kept: the part that is not needed goes back now, the rest stays taken.
+        budgets
+            .memory
+            .give_back(reserved.device, reserved.mb - memory_mb);
+        reserved.mb = 0;
+    } else {
+        drop(reserved);
+        if let Err(reason) = budgets.memory.try_take(info.device, memory_mb) {
+            return Err(format!("{DOES_NOT_FIT}: {reason}"));
+        }
     }
     let threads = entry.replicas * entry.intra_threads;
     if !budgets.cpu.take(threads) {
