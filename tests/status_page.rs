@@ -421,3 +421,40 @@ fn the_page_says_the_server_is_unreachable_when_status_does_not_answer() {
     );
     assert!(!dom.contains("class=\"banner shown\" id=\"auth\""));
 }
+
+/// A token the Authorization header cannot carry (a smart quote pasted around it; a malformed
+/// escape in the fragment) is dropped, and the page asks for the token again saying why,
+/// instead of claiming that the server is unreachable.
+#[tokio::test]
+async fn a_token_with_invalid_characters_is_refused_with_the_reason_not_as_unreachable() {
+    let dir = model_dir(&format!(
+        r#"
+        [[models]]
+        name = "tiny"
+        version = "1"
+        file = "{{models}}/mlp_small/1/model.onnx"
+        sha256 = "{MLP_SMALL_SHA}"
+        "#
+    ));
+    let url = start(&dir, |c| c.admin_token = Some(TOKEN.into()));
+    for fragment in [
+        format!("%E2%80%9C{TOKEN}%E2%80%9D"),
+        format!("{TOKEN}%E2"),
+        "caf%C3%A9".to_string(),
+    ] {
+        let page = format!("{url}/#token={fragment}");
+        let dom = tokio::task::spawn_blocking(move || dump_dom(&page, 2000))
+            .await
+            .unwrap();
+        assert!(
+            dom.contains("class=\"banner shown\" id=\"auth\"")
+                && dom.contains("token has invalid characters"),
+            "{fragment}: {dom}"
+        );
+        assert!(
+            !dom.contains("class=\"banner shown\" id=\"unreachable\""),
+            "{fragment}: the page says unreachable:\n{dom}"
+        );
+        assert!(!dom.contains("tiny"), "{fragment}: a model shows:\n{dom}");
+    }
+}
