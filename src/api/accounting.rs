@@ -2,8 +2,11 @@
 //! health record (totals, degraded answers, the recent window the status page reads), the
 //! request counters and histograms, and the access log line.
 //!
-//! Series are labelled by the served model only: an unknown name from a client must not mint a
-//! new time series, so requests for no model count under `_unknown`. gRPC's series add
+//! Series are labelled by the served model, or by the manifest's model and version when the
+//! catalog named the version but it could not serve (refused at load, not loaded): those names
+//! come from the manifest, a bounded set, and a version that answers 503 must show under its
+//! own name for its alerts to see it. An unknown name from a client must not mint a new time
+//! series, so requests for no model the catalog knows count under `_unknown`. gRPC's series add
 //! `protocol="grpc"`, with the HTTP status its code stands for. Refusals at the door's
 //! admission limit get no access line: the door logs them as a count per second
 //! (`door::limit`), since a line each would spend the CPU that is short.
@@ -74,7 +77,24 @@ fn status(answer: &Answered<'_>) -> u16 {
 fn model_version<'a>(answer: &Answered<'a>) -> (&'a str, &'a str) {
     match answer.served {
         Some(served) => (served.info.name.as_str(), served.info.version.as_str()),
-        None => ("_unknown", ""),
+        None => answer
+            .outcome
+            .err()
+            .and_then(listed_version)
+            .unwrap_or(("_unknown", "")),
+    }
+}
+
+/// The model and version of a refusal that names a version the catalog lists (so the
+/// manifest's, never a client's spelling): one refused at load, or not loaded. Other
+/// refusals without a served version (unknown model or version, a missing key) stay
+/// `_unknown`, as their names come from the client.
+fn listed_version(error: &ServeError) -> Option<(&str, &str)> {
+    match error {
+        // Written `name:version` by the catalog and the supervisor; a model name has no `:`.
+        ServeError::ModelUnavailable { model, .. } => model.split_once(':'),
+        ServeError::ModelCold { model, version } => Some((model.as_str(), version.as_str())),
+        _ => None,
     }
 }
 
@@ -92,11 +112,20 @@ pub fn count(answer: &Answered<'_>) {
         }
     }
     let (model, version) = model_version(answer);
-    let series = answer.served.map_or(&*UNKNOWN, |served| &*served.series);
     let which = SeriesOf {
         model,
         version,
         grpc: matches!(answer.protocol, Protocol::Grpc { .. }),
+    };
+    let series = match (answer.served, answer.outcome.err().and_then(listed_version)) {
+        (Some(served), _) => &*served.series,
+        // A listed version that cannot serve has no handles of its own: its refusals are
+        // counted by their labels (they are not the hot path).
+        (None, Some(_)) => {
+            count_by_labels(&which, status, answer.elapsed);
+            return;
+        }
+        (None, None) => &*UNKNOWN,
     };
     if status == 200 {
         series.ok(&which).increment(1);
@@ -113,6 +142,17 @@ pub fn count(answer: &Answered<'_>) {
     if let Ok(stats) = answer.outcome {
         series.queue(&which).record(stats.queue_time.as_secs_f64());
     }
+}
+
+/// Counts a refusal of a listed version that is not serving, looking each series up by label.
+fn count_by_labels(which: &SeriesOf<'_>, status: u16, elapsed: Duration) {
+    metrics::counter!(
+        "streamserve_requests_total",
+        &which.labels(Some(&status.to_string()))
+    )
+    .increment(1);
+    metrics::histogram!("streamserve_request_duration_seconds", &which.labels(None))
+        .record(elapsed.as_secs_f64());
 }
 
 /// Whether an answer gets an access line: not a refusal at the door's limit (the door logs

@@ -1,10 +1,12 @@
 //! `GET /metrics`: Prometheus text exposition of everything recorded with the `metrics` crate,
 //! with the machine's figures (process, devices' memory, GPUs) read for each scrape, and the
-//! model monitor's series of every serving version (`crate::monitor`).
+//! model monitor's series of every serving version (`crate::monitor`), and whether each
+//! version the catalog lists can serve (`streamserve_model_version_up`).
 
 use actix_web::{web, HttpResponse};
 
 use super::AppState;
+use crate::actors::catalog::{Catalog, VersionState};
 use crate::machine::{self, Machine};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -16,8 +18,30 @@ async fn render(state: web::Data<AppState>, machine: Option<web::Data<Machine>>)
     state.jobs.record_metrics();
     let mut text = state.prometheus.render();
     machine::render_extra(&mut text);
-    crate::monitor::render(&state.catalog.snapshot().watches(), &mut text);
+    let catalog = state.catalog.snapshot();
+    crate::monitor::render(&catalog.watches(), &mut text);
+    crate::monitor::render_version_up(versions_up(&catalog), &mut text);
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(text)
+}
+
+/// Every version the catalog lists, and whether it can serve: a version refused at load, or
+/// whose last load failed (one that did not fit in memory), cannot until something changes;
+/// serving, loading and unloaded-but-loadable versions can. (A serving version without a
+/// healthy replica is `streamserve_workers`' business.)
+fn versions_up(catalog: &Catalog) -> impl Iterator<Item = (&str, &str, bool)> {
+    catalog.models.iter().flat_map(|(name, model)| {
+        model.versions.iter().map(move |(version, state)| {
+            let up = !matches!(
+                state,
+                VersionState::Unavailable { .. }
+                    | VersionState::Cold {
+                        last_error: Some(_),
+                        ..
+                    }
+            );
+            (name.as_str(), version.as_str(), up)
+        })
+    })
 }

@@ -1,7 +1,12 @@
 //! `streamserve profile`: runs a model version over a reference data set and stores what its
 //! outputs looked like (`profile.json`, the yardstick of drift) beside the model file, tied to
 //! the model's sha256; with `--probe`, also a golden-input probe (`probe.json`) made from the
-//! data set's first request and the answer the model gave it. Publish both with the version.
+//! data set's first request whose answer is all finite, and that answer. Publish both with the
+//! version.
+//!
+//! Each request is validated as the server validates it ([`ModelInfo::validate`]): a request
+//! the server would refuse (an empty batch, a wrong shape or type) is an error naming its line,
+//! rather than rows the server never sees, or a probe it always refuses.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -10,10 +15,11 @@ use anyhow::Context;
 use clap::Args;
 use serde::Deserialize;
 
-use crate::manifest::{sha256_file, verify_sha256, Manifest, ModelEntry};
+use crate::manifest::{sha256_file, verify_sha256, BatchAxis, Manifest, ModelEntry};
+use crate::model::ModelInfo;
 use crate::monitor::probe::{Probe, TensorJson};
 use crate::monitor::profile::{Profile, ProfileBuilder};
-use crate::tensor::NamedTensor;
+use crate::runtime::TensorSpec;
 
 #[derive(Debug, Args)]
 pub struct ProfileArgs {
@@ -26,7 +32,8 @@ pub struct ProfileArgs {
     /// Model directory holding `models.toml`.
     #[arg(long, env = "STREAMSERVE_MODELS", default_value = "models")]
     pub models: PathBuf,
-    /// Also write `probe.json`: the first request of the data set and the model's answer to it.
+    /// Also write `probe.json`: the first request of the data set whose answer is all finite,
+    /// and that answer.
     #[arg(long)]
     pub probe: bool,
     /// Path of libonnxruntime; otherwise `ORT_DYLIB_PATH`, then the project's `.venv`.
@@ -48,13 +55,16 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
     let sessions =
         crate::runtime::ort_sessions(args.ort_dylib.as_deref()).map_err(anyhow::Error::msg)?;
     let mut session = sessions.load(entry).map_err(anyhow::Error::msg)?;
-    let input_specs = session.inputs().to_vec();
-    let output_names: Vec<String> = session.outputs().iter().map(|o| o.name.clone()).collect();
+    let info = model_info(entry, session.inputs().to_vec(), session.outputs().to_vec())
+        .map_err(anyhow::Error::msg)?;
+    let output_names: Vec<String> = info.outputs.iter().map(|o| o.name.clone()).collect();
 
     let file = std::fs::File::open(&args.data)
         .with_context(|| format!("cannot read the data set {}", args.data.display()))?;
     let mut builder = ProfileBuilder::new(&output_names);
-    let mut first: Option<(Vec<NamedTensor>, Vec<NamedTensor>)> = None;
+    // The probe (its JSON) and the line it came from.
+    let mut golden: Option<(usize, String)> = None;
+    let mut first_unfit: Option<(usize, String)> = None;
     for (index, line) in BufReader::new(file).lines().enumerate() {
         let number = index + 1;
         let line = line.with_context(|| format!("line {number}"))?;
@@ -63,19 +73,16 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
         }
         let parsed: Line = serde_json::from_str(&line)
             .with_context(|| format!("line {number} is not a KServe v2 request"))?;
-        let mut inputs = Vec::with_capacity(input_specs.len());
-        for spec in &input_specs {
-            let tensor = parsed
-                .inputs
-                .iter()
-                .find(|t| t.name == spec.name)
-                .with_context(|| format!("line {number} lacks input '{}'", spec.name))?;
-            inputs.push(
-                tensor
-                    .decode()
-                    .map_err(|e| anyhow::anyhow!("line {number}: {e}"))?,
-            );
-        }
+        let decoded = parsed
+            .inputs
+            .iter()
+            .map(TensorJson::decode)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("line {number}: {e}"))?;
+        let request = info
+            .validate(decoded, None)
+            .map_err(|e| anyhow::anyhow!("line {number}: the server would refuse it: {e}"))?;
+        let inputs = request.inputs;
         let borrowed: Vec<(&[i64], &crate::tensor::TensorData)> = inputs
             .iter()
             .map(|t| (t.shape.as_slice(), &t.data))
@@ -83,8 +90,7 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
         let outputs = session
             .run(&borrowed)
             .map_err(|e| anyhow::anyhow!("line {number}: the model refused it: {}", e.message))?;
-        let rows = inputs[0].shape.first().map_or(1, |&d| d.max(1) as usize);
-        builder.add_outputs(&outputs, rows);
+        builder.add_outputs(&outputs, request.rows);
         for input in &inputs {
             let (mut min, mut max) = (f64::INFINITY, f64::NEG_INFINITY);
             crate::monitor::visit_values(&input.data, |v| {
@@ -95,8 +101,15 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
             });
             builder.add_input_range(&input.name, min, max);
         }
-        if first.is_none() {
-            first = Some((inputs, outputs));
+        if args.probe && golden.is_none() {
+            // A probe must be written as JSON numbers and expect what a healthy version
+            // answers: a request whose answer holds NaN or infinity is passed over.
+            match Probe::write_json(&inputs, &outputs) {
+                Ok(text) => golden = Some((number, text)),
+                Err(why) => {
+                    first_unfit.get_or_insert((number, why.to_string()));
+                }
+            }
         }
     }
     anyhow::ensure!(
@@ -104,7 +117,26 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
         "the data set {} has no requests",
         args.data.display()
     );
+    let without = builder.without_finite_values();
+    anyhow::ensure!(
+        without.is_empty(),
+        "the model answered no finite value in output(s) {} over the data set {}: no reference can be cut from it",
+        without.join(", "),
+        args.data.display()
+    );
 
+    // Nothing is written unless everything asked for can be.
+    let probe = match (args.probe, golden) {
+        (false, _) => None,
+        (true, Some(golden)) => Some(golden),
+        (true, None) => {
+            let (line, why) = first_unfit.unwrap_or_default();
+            anyhow::bail!(
+                "no probe written (nor a profile): no request of the data set has an answer a \
+                 probe can hold (line {line}: {why})"
+            );
+        }
+    };
     let profile = builder.finish(
         &entry.sha256,
         Some(
@@ -112,6 +144,7 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot read {}", args.data.display()))?,
         ),
     );
+    profile.check_outputs().map_err(anyhow::Error::msg)?;
     let path = Profile::path_beside(&entry.file);
     write_atomically(&path, &serde_json::to_string_pretty(&profile)?)?;
     println!(
@@ -124,13 +157,60 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
     for (name, output) in &profile.outputs {
         println!("  output {name}: {} buckets", output.edges.buckets());
     }
-    if args.probe {
-        let (inputs, answer) = first.expect("at least one row");
+    if let Some((number, text)) = probe {
         let path = Probe::path_beside(&entry.file);
-        write_atomically(&path, &Probe::write_json(&inputs, &answer))?;
-        println!("probe -> {}", path.display());
+        write_atomically(&path, &text)?;
+        match first_unfit {
+            Some((line, why)) => println!(
+                "probe from line {number} (line {line} could not be one: {why}) -> {}",
+                path.display()
+            ),
+            None => println!("probe from line {number} -> {}", path.display()),
+        }
     }
     Ok(())
+}
+
+/// The version's interface as the server sees it when it validates a request: the model's
+/// inputs and outputs, the manifest's batch axes (0 unless it names another) and its rules
+/// per input. Whether the model can really be batched that way is checked when the server
+/// loads it; here only the axes matter, to count rows and refuse empty batches.
+fn model_info(
+    entry: &ModelEntry,
+    mut inputs: Vec<TensorSpec>,
+    outputs: Vec<TensorSpec>,
+) -> Result<ModelInfo, String> {
+    let axis = |spec: &TensorSpec| {
+        entry
+            .batch_axes
+            .get(&spec.name)
+            .copied()
+            .unwrap_or(BatchAxis::Axis(0))
+    };
+    let input_axes: Vec<BatchAxis> = inputs.iter().map(axis).collect();
+    let output_axes: Vec<BatchAxis> = outputs.iter().map(axis).collect();
+    let input_rules = crate::rules::resolve(entry, &mut inputs, &input_axes)?;
+    Ok(ModelInfo {
+        name: entry.name.clone(),
+        version: entry.version.clone(),
+        inputs,
+        input_rules,
+        allow_non_finite: entry.allow_non_finite,
+        outputs,
+        batching: entry.batching,
+        input_axes,
+        output_axes,
+        stream: entry.stream.clone(),
+        device: entry.device,
+        replicas: entry.replicas,
+        max_queue: entry.max_queue,
+        fallback: entry.fallback.clone(),
+        slo: entry.slo,
+        sha256: entry.sha256.clone(),
+        description: entry.description.clone(),
+        source: entry.source.clone(),
+        resources: Default::default(),
+    })
 }
 
 /// The manifest entry `spec` (`name:version`, or `name` with one version) names.

@@ -23,7 +23,7 @@ use serde::Serialize;
 pub use bins::{psi, Edges};
 use probe::{Probe, ProbeOutcome, ProbeRecord};
 use profile::{Profile, ProfileBuilder};
-pub use render::render;
+pub use render::{render, render_version_up};
 
 use crate::tensor::{NamedTensor, TensorData};
 use inputs::InputWatch;
@@ -82,11 +82,13 @@ impl ReferenceSource {
 }
 
 /// One output's drift against the reference: the population stability index over the
-/// reference's buckets, for the last complete window (`None` before the first window).
+/// reference's buckets, for the last complete window (`None` before the first window, and
+/// after a window of nothing but NaN, which `nan_only_window` then says).
 #[derive(Clone, Debug, Serialize)]
 pub struct OutputDrift {
     pub name: String,
     pub psi: Option<f64>,
+    pub nan_only_window: bool,
 }
 
 /// The last probe results of a version that has a probe.
@@ -152,7 +154,10 @@ struct OutputWatch {
     nan: u64,
     window: Vec<u64>,
     window_rows: u64,
+    window_nan: u64,
     psi: Option<f64>,
+    /// The last complete window held nothing but NaN (so it has no score).
+    nan_only_window: bool,
     /// Calls observed: where the next call's stride starts (`values::visit_sampled`).
     calls: usize,
 }
@@ -250,14 +255,27 @@ impl ModelWatch {
                     builder.add_input_range(&watch.name, watch.min, watch.max);
                 }
             }
-            if builder.rows() >= self.settings.reference_rows {
+            // Rows of NaN answers are no reference: wait for enough finite values in every
+            // output, or every later window would be scored against empty buckets.
+            let wanted = self.settings.reference_rows;
+            if builder.rows() >= wanted && builder.has_finite_rows(wanted) {
                 let Reference::Collecting(builder) =
                     std::mem::replace(&mut state.reference, Reference::FirstAnswers)
                 else {
                     unreachable!()
                 };
+                let nan: Vec<(String, u64)> = builder
+                    .nan_counts()
+                    .map(|(name, n)| (name.to_string(), n))
+                    .collect();
                 let profile = builder.finish(&self.model_sha256, None);
                 state.outputs = output_watches(&profile);
+                // The NaN counters go on from what was counted while collecting.
+                for watch in &mut state.outputs {
+                    if let Some((_, n)) = nan.iter().find(|(name, _)| *name == watch.name) {
+                        watch.nan = *n;
+                    }
+                }
                 tracing::info!(
                     model = %self.model, version = %self.version, rows = profile.rows,
                     "drift reference frozen from the first answers (no profile.json published with this version)"
@@ -284,6 +302,7 @@ impl ModelWatch {
                 .map(|o| OutputDrift {
                     name: o.name.clone(),
                     psi: o.psi,
+                    nan_only_window: o.nan_only_window,
                 })
                 .collect(),
             probe: self.probe.as_ref().map(|_| {
@@ -396,7 +415,9 @@ fn output_watches(profile: &Profile) -> Vec<OutputWatch> {
             sum: 0.0,
             nan: 0,
             window_rows: 0,
+            window_nan: 0,
             psi: None,
+            nan_only_window: false,
             calls: 0,
         })
         .collect()
@@ -408,6 +429,7 @@ impl OutputWatch {
         visit_sampled(data, MAX_VALUES_PER_CALL, self.calls, |v| {
             if v.is_nan() {
                 self.nan += 1;
+                self.window_nan += 1;
                 return;
             }
             let bucket = self.edges.bucket(v);
@@ -417,9 +439,14 @@ impl OutputWatch {
         });
         self.window_rows += rows;
         if self.window_rows >= window_rows.max(1) {
-            self.psi = psi(&self.shares, &self.window).or(self.psi);
+            // A window without a single non-NaN value has no distribution to score: its
+            // score is cleared rather than the last one kept, which would show an all-NaN
+            // model as stable. The NaN counter (and its alert) says what happened.
+            self.psi = psi(&self.shares, &self.window);
+            self.nan_only_window = self.psi.is_none() && self.window_nan > 0;
             self.window.iter_mut().for_each(|c| *c = 0);
             self.window_rows = 0;
+            self.window_nan = 0;
         }
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::tensor::{DataType, NamedTensor};
+use crate::tensor::{DataType, NamedTensor, TensorData};
 
 /// The probe's file name, in the directory of the model file.
 pub const PROBE_FILE: &str = "probe.json";
@@ -174,34 +174,104 @@ impl Probe {
         Ok(())
     }
 
-    /// A probe made from one golden input and the answer the model gave it.
-    pub fn write_json(inputs: &[NamedTensor], answer: &[NamedTensor]) -> String {
-        let tensor = |t: &NamedTensor| {
-            let mut values = Vec::new();
-            super::values::visit(&t.data, |v| values.push(v));
-            (t.name.clone(), t.shape.clone(), t.data.datatype(), values)
-        };
-        let inputs: Vec<serde_json::Value> = inputs
+    /// A probe made from one golden input and the answer the model gave it. Each input is
+    /// written in its own type (an INT64 beyond 2^53 through `f64` would come back as another
+    /// number, or as one the server refuses); a NaN or infinity, in the input or the answer,
+    /// has no JSON number and is refused.
+    pub fn write_json(
+        inputs: &[NamedTensor],
+        answer: &[NamedTensor],
+    ) -> Result<String, ProbeWriteError> {
+        let inputs = inputs
             .iter()
-            .map(tensor)
-            .map(|(name, shape, dt, data)| {
-                let data: serde_json::Value = match dt {
-                    DataType::Bool => data.iter().map(|&v| v != 0.0).collect(),
-                    _ => data.into(),
-                };
-                serde_json::json!({ "name": name, "shape": shape, "datatype": dt.as_str(), "data": data })
+            .map(|t| {
+                if let Some(index) = first_non_finite(&t.data) {
+                    return Err(ProbeWriteError::NonFiniteInput {
+                        name: t.name.clone(),
+                        index,
+                    });
+                }
+                Ok(InputOut {
+                    name: &t.name,
+                    shape: &t.shape,
+                    datatype: t.data.datatype().as_str(),
+                    data: typed_json(&t.data),
+                })
             })
-            .collect();
-        let outputs: Vec<serde_json::Value> = answer
+            .collect::<Result<Vec<_>, _>>()?;
+        let outputs = answer
             .iter()
-            .map(tensor)
-            .map(|(name, _, _, data)| serde_json::json!({ "name": name, "data": data }))
-            .collect();
-        let probe = serde_json::json!({
-            "inputs": inputs, "outputs": outputs,
-            "atol": default_atol(), "rtol": default_rtol(), "every_secs": DEFAULT_EVERY_SECS,
-        });
-        serde_json::to_string_pretty(&probe).expect("JSON values serialize")
+            .map(|t| {
+                let mut data = Vec::new();
+                super::values::visit(&t.data, |v| data.push(v));
+                match data.iter().position(|v| !v.is_finite()) {
+                    Some(index) => Err(ProbeWriteError::NonFiniteOutput {
+                        name: t.name.clone(),
+                        index,
+                    }),
+                    None => Ok(OutputOut {
+                        name: &t.name,
+                        data,
+                    }),
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let probe = ProbeOut {
+            inputs,
+            outputs,
+            atol: default_atol(),
+            rtol: default_rtol(),
+            every_secs: DEFAULT_EVERY_SECS,
+        };
+        Ok(serde_json::to_string_pretty(&probe).expect("JSON values serialize"))
+    }
+}
+
+/// Why no probe could be written from a request and its answer.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ProbeWriteError {
+    #[error("input '{name}' value {index} is not finite: a probe's input must be JSON numbers")]
+    NonFiniteInput { name: String, index: usize },
+    #[error("the answer's output '{name}' value {index} is not finite (NaN or infinity): a probe cannot expect it")]
+    NonFiniteOutput { name: String, index: usize },
+}
+
+#[derive(serde::Serialize)]
+struct ProbeOut<'a> {
+    inputs: Vec<InputOut<'a>>,
+    outputs: Vec<OutputOut<'a>>,
+    atol: f64,
+    rtol: f64,
+    every_secs: u64,
+}
+
+#[derive(serde::Serialize)]
+struct InputOut<'a> {
+    name: &'a str,
+    shape: &'a [i64],
+    datatype: &'static str,
+    data: Box<RawValue>,
+}
+
+#[derive(serde::Serialize)]
+struct OutputOut<'a> {
+    name: &'a str,
+    data: Vec<f64>,
+}
+
+/// A tensor's values as a JSON array of its own element type: integers exactly, floats in
+/// their shortest form that reads back as the same value, booleans as booleans.
+fn typed_json(data: &TensorData) -> Box<RawValue> {
+    let text = crate::with_tensor_data!(data, v => serde_json::to_string(v));
+    RawValue::from_string(text.expect("finite values serialize")).expect("serde_json wrote JSON")
+}
+
+/// The index of the first NaN or infinity of a float tensor.
+fn first_non_finite(data: &TensorData) -> Option<usize> {
+    match data {
+        TensorData::Fp32(v) => v.iter().position(|x| !x.is_finite()),
+        TensorData::Fp64(v) => v.iter().position(|x| !x.is_finite()),
+        _ => None,
     }
 }
 
@@ -235,7 +305,6 @@ pub struct ProbeRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensor::TensorData;
 
     fn probe(text: &str) -> Probe {
         serde_json::from_str(text).unwrap()
@@ -279,5 +348,42 @@ mod tests {
             "unknown keys are refused"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_written_probe_keeps_each_input_type_and_refuses_non_finite_values() {
+        let tensor = |name: &str, data: TensorData| NamedTensor {
+            name: name.into(),
+            shape: vec![1, data.len() as i64],
+            data,
+        };
+        let inputs = [
+            tensor("a", TensorData::Int64(vec![i64::MAX, -3])),
+            tensor("u", TensorData::Uint64(vec![u64::MAX])),
+            tensor("x", TensorData::Fp32(vec![0.1, 3e38])),
+            tensor("m", TensorData::Bool(vec![true, false])),
+        ];
+        let answer = [tensor("y", TensorData::Fp32(vec![1.5]))];
+        let text = Probe::write_json(&inputs, &answer).unwrap();
+        let probe: Probe = serde_json::from_str(&text).unwrap();
+        let decoded = probe.inputs().unwrap();
+        for (read, written) in decoded.iter().zip(&inputs) {
+            assert_eq!(read.data, written.data, "{text}");
+        }
+        assert!(probe.judge(&answer).is_ok());
+
+        let nan = [tensor("y", TensorData::Fp32(vec![1.0, f32::NAN]))];
+        assert_eq!(
+            Probe::write_json(&inputs, &nan),
+            Err(ProbeWriteError::NonFiniteOutput {
+                name: "y".into(),
+                index: 1
+            })
+        );
+        let inf = [tensor("x", TensorData::Fp64(vec![f64::INFINITY]))];
+        assert!(matches!(
+            Probe::write_json(&inf, &answer),
+            Err(ProbeWriteError::NonFiniteInput { .. })
+        ));
     }
 }

@@ -22,6 +22,10 @@ const FORMAT: u32 = 1;
 /// Values kept per output to cut its buckets from.
 const SAMPLE_CAPACITY: usize = 100_000;
 
+/// How far a profile's shares may sum from 1: rounding in a hand-edited file (three
+/// decimals), not a missing bucket.
+const SHARES_SUM_TOLERANCE: f64 = 1e-3;
+
 /// The profile of one model version.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -93,11 +97,31 @@ impl Profile {
                 self.model_sha256
             ));
         }
+        self.check_outputs()
+    }
+
+    /// Checks that every output's buckets can measure drift: finite, increasing edges, one
+    /// share per bucket, and shares that are a distribution (none negative, summing to 1).
+    /// A profile of an output that had no finite value (shares `[0.0]`) would score every
+    /// later window as a large shift, so it is refused, not used.
+    pub fn check_outputs(&self) -> Result<(), String> {
         for (name, output) in &self.outputs {
-            let sorted = output.edges.0.windows(2).all(|w| w[0] < w[1]);
-            if !sorted || output.shares.len() != output.edges.buckets() {
+            let edges = &output.edges.0;
+            let sorted = edges.windows(2).all(|w| w[0] < w[1]);
+            if !sorted
+                || edges.iter().any(|e| !e.is_finite())
+                || output.shares.len() != output.edges.buckets()
+            {
                 return Err(format!(
-                    "output '{name}': edges must increase and there must be one share per bucket"
+                    "output '{name}': edges must be finite and increase, and there must be one share per bucket"
+                ));
+            }
+            let sum: f64 = output.shares.iter().sum();
+            let bad_share = output.shares.iter().any(|s| !s.is_finite() || *s < 0.0);
+            if bad_share || (sum - 1.0).abs() > SHARES_SUM_TOLERANCE {
+                return Err(format!(
+                    "output '{name}': shares must be >= 0 and sum to 1 (they sum to {sum}); \
+                     was the reference data set's output all NaN?"
                 ));
             }
         }
@@ -108,11 +132,24 @@ impl Profile {
 /// Collects what a profile is made of, model call by model call.
 #[derive(Debug)]
 pub struct ProfileBuilder {
-    outputs: Vec<(String, Reservoir)>,
+    outputs: Vec<OutputSample>,
     inputs: BTreeMap<String, InputRange>,
     rows: u64,
     /// Calls added: where the next call's stride starts (`values::visit_sampled`).
     calls: usize,
+}
+
+/// One output's sample, and how many of the values read were finite or NaN: a reference is
+/// cut from finite values only, so rows of NaN answers must not count towards it.
+#[derive(Debug)]
+struct OutputSample {
+    name: String,
+    reservoir: Reservoir,
+    finite: u64,
+    nan: u64,
+    /// Rows' worth of finite values: each call's rows times the share of its values read
+    /// that were finite.
+    finite_rows: f64,
 }
 
 impl ProfileBuilder {
@@ -120,7 +157,13 @@ impl ProfileBuilder {
         ProfileBuilder {
             outputs: outputs
                 .iter()
-                .map(|name| (name.clone(), Reservoir::new(SAMPLE_CAPACITY)))
+                .map(|name| OutputSample {
+                    name: name.clone(),
+                    reservoir: Reservoir::new(SAMPLE_CAPACITY),
+                    finite: 0,
+                    nan: 0,
+                    finite_rows: 0.0,
+                })
                 .collect(),
             inputs: BTreeMap::new(),
             rows: 0,
@@ -135,14 +178,45 @@ impl ProfileBuilder {
     /// Adds one model call's outputs (matched by name) and the `rows` it answered.
     pub fn add_outputs(&mut self, outputs: &[NamedTensor], rows: usize) {
         self.calls = self.calls.wrapping_add(1);
-        for (name, reservoir) in &mut self.outputs {
-            if let Some(output) = outputs.iter().find(|o| &o.name == name) {
+        for sample in &mut self.outputs {
+            if let Some(output) = outputs.iter().find(|o| o.name == sample.name) {
+                let (mut read, mut finite) = (0u64, 0u64);
                 visit_sampled(&output.data, MAX_VALUES_PER_CALL, self.calls, |v| {
-                    reservoir.offer(v)
+                    read += 1;
+                    if v.is_nan() {
+                        sample.nan += 1;
+                    } else if v.is_finite() {
+                        finite += 1;
+                    }
+                    sample.reservoir.offer(v);
                 });
+                sample.finite += finite;
+                if read > 0 {
+                    sample.finite_rows += rows as f64 * finite as f64 / read as f64;
+                }
             }
         }
         self.rows += rows as u64;
+    }
+
+    /// Whether every output gave at least `rows` rows' worth of finite values: what a
+    /// reference frozen from live answers waits for, however many rows of NaN came first.
+    pub fn has_finite_rows(&self, rows: u64) -> bool {
+        self.outputs.iter().all(|o| o.finite_rows >= rows as f64)
+    }
+
+    /// The outputs that gave no finite value at all.
+    pub fn without_finite_values(&self) -> Vec<&str> {
+        self.outputs
+            .iter()
+            .filter(|o| o.finite == 0)
+            .map(|o| o.name.as_str())
+            .collect()
+    }
+
+    /// NaN values read per output so far, in the builder's output order.
+    pub fn nan_counts(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.outputs.iter().map(|o| (o.name.as_str(), o.nan))
     }
 
     /// Widens the recorded range of input `name` to cover `[min, max]`.
@@ -163,12 +237,16 @@ impl ProfileBuilder {
         let outputs = self
             .outputs
             .into_iter()
-            .map(|(name, reservoir)| {
-                let mut values = reservoir.into_values();
-                let edges = Edges::from_quantiles(&mut values, BUCKETS);
-                let shares = edges.shares(&values);
-                (name, OutputProfile { edges, shares })
-            })
+            .map(
+                |OutputSample {
+                     name, reservoir, ..
+                 }| {
+                    let mut values = reservoir.into_values();
+                    let edges = Edges::from_quantiles(&mut values, BUCKETS);
+                    let shares = edges.shares(&values);
+                    (name, OutputProfile { edges, shares })
+                },
+            )
             .collect();
         Profile {
             format: FORMAT,
@@ -219,5 +297,45 @@ mod tests {
         std::fs::write(&path, "{}").unwrap();
         assert!(Profile::load_beside(&model, "aa").is_err());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn nan_answers_count_for_no_reference_and_a_profile_without_a_distribution_is_refused() {
+        let y = |values: Vec<f32>| NamedTensor {
+            name: "y".into(),
+            shape: vec![values.len() as i64],
+            data: TensorData::Fp32(values),
+        };
+        let mut builder = ProfileBuilder::new(&["y".to_string()]);
+        builder.add_outputs(&[y(vec![f32::NAN; 64])], 64);
+        assert_eq!(builder.rows(), 64);
+        assert!(!builder.has_finite_rows(64), "rows of NaN are no reference");
+        assert_eq!(builder.without_finite_values(), vec!["y"]);
+        assert_eq!(builder.nan_counts().collect::<Vec<_>>(), vec![("y", 64)]);
+        builder.add_outputs(&[y((0..32).map(|i| i as f32).collect())], 32);
+        assert!(!builder.has_finite_rows(64));
+        builder.add_outputs(&[y((0..64).map(|i| i as f32 * 0.5).collect())], 32);
+        assert!(builder.has_finite_rows(64));
+        assert!(builder.finish("aa", None).check_outputs().is_ok());
+
+        let output = |edges: Vec<f64>, shares: Vec<f64>| {
+            let mut profile = ProfileBuilder::new(&[]).finish("aa", None);
+            profile.outputs.insert(
+                "y".into(),
+                OutputProfile {
+                    edges: Edges(edges),
+                    shares,
+                },
+            );
+            profile.check_outputs()
+        };
+        let poisoned = output(vec![], vec![0.0]).unwrap_err();
+        assert!(poisoned.contains("sum to 1"), "{poisoned}");
+        assert!(
+            output(vec![0.0], vec![1.5, -0.5]).is_err(),
+            "no negative share"
+        );
+        assert!(output(vec![f64::NAN], vec![0.5, 0.5]).is_err());
+        assert!(output(vec![0.0, 1.0], vec![0.333, 0.333, 0.334]).is_ok());
     }
 }

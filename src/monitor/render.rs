@@ -51,6 +51,18 @@ impl Family {
     }
 }
 
+impl Family {
+    /// Appends the family with its HELP and TYPE, unless it has no sample.
+    fn write(&self, out: &mut String) {
+        if self.lines.is_empty() {
+            return;
+        }
+        let _ = writeln!(out, "# HELP {} {}", self.name, self.help);
+        let _ = writeln!(out, "# TYPE {} {}", self.name, self.kind);
+        out.push_str(&self.lines);
+    }
+}
+
 fn number(v: f64) -> String {
     if v == f64::INFINITY {
         "+Inf".into()
@@ -133,6 +145,11 @@ pub fn render(watches: &[Arc<ModelWatch>], out: &mut String) {
         "gauge",
         "When the last probe check finished, in seconds since the Unix epoch",
     );
+    let mut probe_interval = Family::new(
+        "streamserve_probe_interval_seconds",
+        "gauge",
+        "How often the version's probe runs (its every_secs): a probe is stalled when its last check is several intervals old",
+    );
 
     let mut audio = Family::new(
         "streamserve_stream_audio_seconds_total",
@@ -161,7 +178,8 @@ pub fn render(watches: &[Arc<ModelWatch>], out: &mut String) {
             escape(&watch.model),
             escape(&watch.version)
         );
-        if let Some(_probe) = watch.probe() {
+        if let Some(probe) = watch.probe() {
+            probe_interval.sample("", &version, probe.every().as_secs_f64());
             let record = watch.probe_record().clone();
             let ok = if record.last_error.is_none() {
                 1.0
@@ -202,6 +220,14 @@ pub fn render(watches: &[Arc<ModelWatch>], out: &mut String) {
             continue;
         }
         rows.sample("", &version, state.rows as f64);
+        // While the reference is collecting there are no buckets yet, but NaN answers are
+        // counted all the same: a model that answers only NaN never gets a reference.
+        if let Reference::Collecting(builder) = &state.reference {
+            for (name, n) in builder.nan_counts() {
+                let labels = format!("{version},output=\"{}\"", escape(name));
+                output_nan.sample("", &labels, n as f64);
+            }
+        }
         for o in &state.outputs {
             let labels = format!("{version},output=\"{}\"", escape(&o.name));
             output.histogram(&labels, &o.edges.0, &o.counts, o.sum);
@@ -234,18 +260,38 @@ pub fn render(watches: &[Arc<ModelWatch>], out: &mut String) {
         probe_checks,
         probe_failures,
         probe_last,
+        probe_interval,
         audio,
         speech,
         ratio,
         segments,
     ] {
-        if family.lines.is_empty() {
-            continue;
-        }
-        let _ = writeln!(out, "# HELP {} {}", family.name, family.help);
-        let _ = writeln!(out, "# TYPE {} {}", family.name, family.kind);
-        out.push_str(&family.lines);
+        family.write(out);
     }
+}
+
+/// Writes `streamserve_model_version_up`: one sample per version the catalog lists, with
+/// whether it can serve. Written from the catalog at each scrape rather than kept in a gauge,
+/// so that a version that leaves the catalog leaves `/metrics` too instead of keeping its last
+/// value.
+pub fn render_version_up<'a>(
+    versions: impl IntoIterator<Item = (&'a str, &'a str, bool)>,
+    out: &mut String,
+) {
+    let mut up = Family::new(
+        "streamserve_model_version_up",
+        "gauge",
+        "1 when a version the manifest lists can serve (serving, loading, or unloaded and loadable on demand), 0 when it was refused at load or its last load failed",
+    );
+    for (model, version, can_serve) in versions {
+        let labels = format!(
+            "model=\"{}\",version=\"{}\"",
+            escape(model),
+            escape(version)
+        );
+        up.sample("", &labels, if can_serve { 1.0 } else { 0.0 });
+    }
+    up.write(out);
 }
 
 #[cfg(test)]
@@ -347,5 +393,54 @@ mod tests {
         let mut text = String::new();
         render(&[watch], &mut text);
         assert!(text.contains("source=\"first_answers\""));
+    }
+
+    #[test]
+    fn a_window_of_nan_only_clears_the_score_and_nan_counts_from_the_first_answer() {
+        let settings = WatchSettings {
+            enabled: true,
+            reference_rows: 10,
+            window_rows: 10,
+            probe_gates_readiness: false,
+        };
+        let watch = Arc::new(ModelWatch::new(
+            ("m", "1", "aa"),
+            (&[], &["y".to_string()]),
+            settings,
+            None,
+            None,
+        ));
+        watch.observe(&[], &[y(vec![f32::NAN; 10])], 10);
+        let mut text = String::new();
+        render(std::slice::from_ref(&watch), &mut text);
+        assert!(text.contains("source=\"collecting\""), "{text}");
+        assert!(
+            text.contains(
+                "streamserve_model_output_nan_total{model=\"m\",version=\"1\",output=\"y\"} 10"
+            ),
+            "{text}"
+        );
+        watch.observe(&[], &[y((0..10).map(|i| i as f32).collect())], 10);
+        watch.observe(&[], &[y((0..10).map(|i| i as f32).collect())], 10);
+        assert!(watch.summary().outputs[0].psi.is_some());
+        watch.observe(&[], &[y(vec![f32::NAN; 10])], 10);
+        let drift = &watch.summary().outputs[0];
+        assert!(drift.psi.is_none() && drift.nan_only_window, "{drift:?}");
+        let mut text = String::new();
+        render(&[watch], &mut text);
+        assert!(!text.contains("drift_psi{"), "{text}");
+        assert!(text.contains("output=\"y\"} 20"), "{text}");
+    }
+
+    #[test]
+    fn version_up_is_one_sample_per_listed_version() {
+        let mut text = String::new();
+        render_version_up([("m", "1", true), ("m", "2", false)], &mut text);
+        assert!(text.contains("# TYPE streamserve_model_version_up gauge"));
+        assert!(text.contains("streamserve_model_version_up{model=\"m\",version=\"1\"} 1"));
+        assert!(text.contains("streamserve_model_version_up{model=\"m\",version=\"2\"} 0"));
+        let mut none = String::new();
+        render_version_up([], &mut none);
+        assert!(none.is_empty());
     }
 }
