@@ -4,7 +4,7 @@
 //! switches every instance once all have the new version; a slow canary is rolled back
 //! fleet-wide; a rolling update moves one instance at a time; an instance killed mid-rollout
 //! is not waited for and its replacement joins; the registry can go away and come back; two
-//! racing deploys have one winner.
+//! racing deploys have one winner; a stray object whose key is no path does not stop it.
 //!
 //! These assert behaviour, not speed: how fast a fleet converges is measured by the load
 //! suite's fleet drill (`loadgen fleet`).
@@ -391,6 +391,10 @@ async fn an_unreachable_registry_is_survived_and_caught_up_with() {
         "it cannot know of 2 yet"
     );
 
+    // One warning when it went, however many polls failed since (their texts differ).
+    let warnings = a.logs().matches("registry unreachable; serving").count();
+    assert_eq!(warnings, 1, "{}", a.logs());
+
     // A restart while the store is away serves what the cache kept; a new instance with an
     // empty cache starts too, with nothing to serve.
     a.stop();
@@ -456,4 +460,63 @@ async fn of_racing_deploys_exactly_one_wins() {
         .filter(|(event, _)| event == "deploy")
         .count();
     assert_eq!(deploys, 1, "one rollout recorded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stray_key_in_the_store_does_not_stop_the_fleet() {
+    let s3 = S3::start();
+    let (registry, env) = seeded(&s3, "stray");
+    let fleet = fleet(&registry, &env, 1);
+    wait_serving(&fleet, "1").await;
+    // `aws s3 cp notes.txt s3://stray/registry/models//notes.txt`: a key with an empty
+    // segment, which fails a whole listing of models/.
+    put_object(&s3.endpoint, "stray", "registry/models//notes.txt", b"x");
+    for command in ["list", "status"] {
+        let out = registry_cli(&registry, &env, &[command]);
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(out.status.success(), "{command}: {stdout}{stderr}");
+        assert!(stdout.contains("mlp: default 1"), "{command}: {stdout}");
+        assert!(
+            stderr.contains("bad key in registry") && stderr.contains("models//"),
+            "{command}: {stderr}"
+        );
+    }
+    // The instance still follows the models it knows.
+    registry_ok(
+        &registry,
+        &env,
+        &[
+            "deploy",
+            "mlp",
+            "2",
+            "--strategy",
+            "blue_green",
+            "--no-smoke-test",
+        ],
+    );
+    wait_serving(&fleet, "2").await;
+    let account: serde_json::Value = common::client()
+        .get(format!("{}/admin/registry", fleet[0].url))
+        .bearer_auth("fleet-test")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(account["reachable"], true, "{account}");
+    let error = account["registry_error"].as_str().unwrap_or_default();
+    assert!(error.contains("bad key in registry"), "{account}");
+    assert!(!error.contains("unreachable"), "{account}");
+    // Under instances/ too: status shows the models, and says why it shows no instance.
+    put_object(&s3.endpoint, "stray", "registry/instances//notes.txt", b"x");
+    let out = registry_cli(&registry, &env, &["status"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("instances//"), "{stderr}");
+    let logs = fleet[0].logs();
+    assert!(!logs.contains("registry unreachable"), "{logs}");
 }

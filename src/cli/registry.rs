@@ -3,6 +3,7 @@
 //! (`status`). The work is `registry::ops`; this file parses, prints, and reads the model
 //! file's interface with ONNX Runtime for `push`.
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand, ValueEnum};
@@ -11,6 +12,7 @@ use crate::registry::fleet::{self, DeployRequest};
 use crate::registry::ops::{self, Push, Status};
 use crate::registry::records::{Desired, Interface, Strategy, TensorDecl};
 use crate::registry::{now_ms, rfc3339, whoami, Store};
+use crate::untrusted::Untrusted;
 
 #[derive(Debug, Args)]
 pub struct RegistryArgs {
@@ -131,13 +133,44 @@ pub fn run(args: RegistryArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async move {
+    let done = runtime.block_on(async move {
         let store = Store::open(&uri)?;
-        command(&store, args.command).await
-    })
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        command(&store, args.command, &mut out).await?;
+        out.flush()?;
+        Ok::<_, anyhow::Error>(())
+    });
+    match done {
+        // The reader went away (`registry list | head`): what it wanted it has.
+        Err(e) if is_broken_pipe(&e) => Ok(()),
+        done => done,
+    }
 }
 
-async fn command(store: &Store, command: RegistryCommand) -> anyhow::Result<()> {
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<std::io::Error>()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
+/// Text from the registry (names, reasons, ids other processes wrote) escaped and capped for
+/// the operator's terminal: a report may hold terminal escapes.
+fn u(text: &str) -> String {
+    Untrusted(text).to_string()
+}
+
+/// What a command could not read on the way (bad keys, unreadable reports), on stderr.
+fn warn(warnings: &[String]) {
+    for warning in warnings {
+        eprintln!("warning: {}", u(warning));
+    }
+}
+
+async fn command(
+    store: &Store,
+    command: RegistryCommand,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
     match command {
         RegistryCommand::Push {
             name,
@@ -178,36 +211,39 @@ async fn command(store: &Store, command: RegistryCommand) -> anyhow::Result<()> 
                     settings,
                     interface,
                     by: whoami(),
+                    expect_sha256: None,
                 },
             )
             .await?;
-            println!(
+            writeln!(
+                out,
                 "pushed {}:{} ({} bytes, sha256 {}) to {}",
                 record.name,
                 record.version,
                 record.size,
                 record.sha256,
                 store.uri()
-            );
+            )?;
         }
         RegistryCommand::Seed { models } => {
             let seeded = ops::seed(store, &models, &whoami()).await?;
             for label in &seeded.pushed {
-                println!("pushed   {label}");
+                writeln!(out, "pushed   {label}")?;
             }
             for label in &seeded.present {
-                println!("present  {label}");
+                writeln!(out, "present  {label}")?;
             }
             for (name, version) in &seeded.defaults {
-                println!("default  {name} = {version}");
+                writeln!(out, "default  {name} = {version}")?;
             }
         }
         RegistryCommand::List { name, json } => {
             let listings = ops::list(store, name.as_deref()).await?;
+            warn(&listings.warnings);
             if json {
-                println!("{}", serde_json::to_string_pretty(&listings)?);
+                writeln!(out, "{}", serde_json::to_string_pretty(&listings.models)?)?;
             } else {
-                print_listings(&listings);
+                print_listings(out, &listings.models)?;
             }
         }
         RegistryCommand::Deploy {
@@ -230,18 +266,19 @@ async fn command(store: &Store, command: RegistryCommand) -> anyhow::Result<()> 
                 id: uuid::Uuid::new_v4().simple().to_string(),
             };
             let desired = ops::deploy(store, &name, request).await?;
-            println!("{}", describe_desired(&desired, now_ms()));
+            writeln!(out, "{}", describe_desired(&desired, now_ms()))?;
         }
         RegistryCommand::Rollback { name, to, reason } => {
             let desired = ops::rollback(store, &name, to.as_deref(), &whoami(), &reason).await?;
-            println!("{}", describe_desired(&desired, now_ms()));
+            writeln!(out, "{}", describe_desired(&desired, now_ms()))?;
         }
         RegistryCommand::Status { json, history } => {
             let status = ops::status(store).await?;
+            warn(&status.warnings);
             if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
+                writeln!(out, "{}", serde_json::to_string_pretty(&status)?)?;
             } else {
-                print_status(&status, history);
+                print_status(out, &status, history)?;
             }
         }
     }
@@ -283,9 +320,9 @@ fn ago(now_ms: u64, at_ms: u64) -> String {
 
 /// One line for a model's desired state: its default and the rollout in progress.
 fn describe_desired(desired: &Desired, now_ms: u64) -> String {
-    let default = desired.default.as_deref().unwrap_or("none");
+    let default = u(desired.default.as_deref().unwrap_or("none"));
     let Some(r) = &desired.rollout else {
-        return format!("{}: default {default}", desired.model);
+        return format!("{}: default {default}", u(&desired.model));
     };
     let detail = match r.strategy {
         Strategy::Canary => {
@@ -311,58 +348,62 @@ fn describe_desired(desired: &Desired, now_ms: u64) -> String {
     };
     format!(
         "{}: default {default}; {} rollout of {} from {}{detail}, started {} by {}",
-        desired.model,
+        u(&desired.model),
         r.strategy.name(),
-        r.version,
-        r.from.as_deref().unwrap_or("none"),
+        u(&r.version),
+        u(r.from.as_deref().unwrap_or("none")),
         ago(now_ms, r.started_at_ms),
-        r.started_by
+        u(&r.started_by)
     )
 }
 
-fn print_listings(listings: &[ops::ModelListing]) {
+fn print_listings(out: &mut dyn Write, listings: &[ops::ModelListing]) -> std::io::Result<()> {
     if listings.is_empty() {
-        println!("(no models)");
+        writeln!(out, "(no models)")?;
     }
     let now = now_ms();
     for listing in listings {
         match &listing.desired {
-            Some(desired) => println!("{}", describe_desired(desired, now)),
-            None => println!("{}: no desired state (not deployed)", listing.name),
+            Some(desired) => writeln!(out, "{}", describe_desired(desired, now))?,
+            None => writeln!(out, "{}: no desired state (not deployed)", u(&listing.name))?,
         }
-        println!(
+        writeln!(
+            out,
             "  {:<10} {:<12} {:>10}  {:<20}  {:<24} DESCRIPTION",
             "VERSION", "SHA256", "BYTES", "PUSHED", "BY"
-        );
+        )?;
         for v in &listing.versions {
-            let description: String = v.description.chars().take(60).collect();
-            println!(
+            let description: String = u(&v.description).chars().take(60).collect();
+            writeln!(
+                out,
                 "  {:<10} {:<12} {:>10}  {:<20}  {:<24} {description}",
-                v.version,
+                u(&v.version),
                 &v.sha256[..12],
                 v.size,
                 rfc3339(v.pushed_at_ms),
-                v.pushed_by
-            );
+                u(&v.pushed_by)
+            )?;
         }
         for (version, reason) in &listing.broken {
-            println!("  {version:<10} BROKEN: {reason}");
+            writeln!(out, "  {:<10} BROKEN: {}", u(version), u(reason))?;
         }
     }
+    Ok(())
 }
 
-fn print_status(status: &Status, history: usize) {
+fn print_status(out: &mut dyn Write, status: &Status, history: usize) -> std::io::Result<()> {
     let now = status.now_ms;
     let live = status
         .instances
         .iter()
         .filter(|r| fleet::is_live(r, now))
         .count();
-    println!(
+    writeln!(
+        out,
         "registry {}: {live} live instance(s), {} gone",
         status.registry,
         status.instances.len() - live
-    );
+    )?;
     for report in &status.instances {
         let state = if fleet::is_live(report, now) {
             "live"
@@ -382,35 +423,42 @@ fn print_status(status: &Status, history: usize) {
                 let canary = m
                     .canary
                     .as_ref()
-                    .map(|c| format!(" (+{} at {}%)", c.version, c.percent))
+                    .map(|c| format!(" (+{} at {}%)", u(&c.version), c.percent))
                     .unwrap_or_default();
-                format!("{name}={default} {label}{canary}")
+                format!("{}={} {}{canary}", u(name), u(default), u(label))
             })
             .collect();
-        println!(
+        writeln!(
+            out,
             "  {} [{state}, heartbeat {}{}{}]\n    {}",
-            report.id,
+            u(&report.id),
             ago(now, report.heartbeat_at_ms),
             report
                 .url
                 .as_ref()
-                .map(|u| format!(", {u}"))
+                .map(|url| format!(", {}", u(url)))
                 .unwrap_or_default(),
             report
                 .registry_error
                 .as_ref()
-                .map(|e| format!(", registry error: {e}"))
+                .map(|e| format!(", registry error: {}", u(e)))
                 .unwrap_or_default(),
             serving.join(", ")
-        );
+        )?;
         for (name, m) in &report.models {
             for (version, reason) in &m.unavailable {
-                println!("    {name}:{version} unavailable: {reason}");
+                writeln!(
+                    out,
+                    "    {}:{} unavailable: {}",
+                    u(name),
+                    u(version),
+                    u(reason)
+                )?;
             }
         }
     }
     for desired in &status.models {
-        println!("{}", describe_desired(desired, now));
+        writeln!(out, "{}", describe_desired(desired, now))?;
         if let Some(rollout) = &desired.rollout {
             for report in status.instances.iter().filter(|r| fleet::is_live(r, now)) {
                 let part = report
@@ -421,7 +469,7 @@ fn print_status(status: &Status, history: usize) {
                 let text = match part {
                     None => "not reported yet".to_string(),
                     Some(p) => match &p.failed {
-                        Some(reason) => format!("FAILED: {reason}"),
+                        Some(reason) => format!("FAILED: {}", u(reason)),
                         None => {
                             let mut words =
                                 vec![if p.prepared { "ready" } else { "loading" }.to_string()];
@@ -435,7 +483,7 @@ fn print_status(status: &Status, history: usize) {
                         }
                     },
                 };
-                println!("    {}: {text}", report.id);
+                writeln!(out, "    {}: {text}", u(&report.id))?;
             }
         }
         let shown = desired.history.len().saturating_sub(history);
@@ -443,7 +491,7 @@ fn print_status(status: &Status, history: usize) {
             let from = event
                 .from
                 .as_ref()
-                .map(|f| format!(" from {f}"))
+                .map(|f| format!(" from {}", u(f)))
                 .unwrap_or_default();
             let strategy = event
                 .strategy
@@ -452,15 +500,17 @@ fn print_status(status: &Status, history: usize) {
             let reason = event
                 .reason
                 .as_ref()
-                .map(|r| format!(": {r}"))
+                .map(|r| format!(": {}", u(r)))
                 .unwrap_or_default();
-            println!(
+            writeln!(
+                out,
                 "    {} {} {}{from}{strategy} by {}{reason}",
                 rfc3339(event.at_ms),
                 event.event.name(),
-                event.version,
-                event.by
-            );
+                u(&event.version),
+                u(&event.by)
+            )?;
         }
     }
+    Ok(())
 }

@@ -5,8 +5,10 @@
 //!
 //! A download goes to a temporary file beside its final name and is renamed only once its
 //! size and sha256 match the record: a partial or corrupt download is never served, and the
-//! reason is reported. One directory per registry (named by a hash of its URI), so that two
-//! registries never mix.
+//! reason is reported; one larger than its record says is not downloaded beyond that size.
+//! The temporary file is locked while it is written, so that the leftover of a process that
+//! died mid-download is told apart from a live download and removed. One directory per
+//! registry (named by a hash of its URI), so that two registries never mix.
 
 use std::path::{Path, PathBuf};
 
@@ -62,13 +64,17 @@ impl Cache {
         let dir = self.version_dir(&record.name, &record.version);
         std::fs::create_dir_all(&dir)
             .map_err(|e| RegistryError::Local(format!("cannot create {}: {e}", dir.display())))?;
+        remove_stale_parts(&dir, &record.sha256);
         let part = dir.join(format!(
             ".{}.part-{:016x}",
             record.sha256,
             fastrand::u64(..)
         ));
+        // Held until the download is renamed or removed: it tells a live download from the
+        // leftover of a process that died in the middle of one.
+        let _held = PartLock::create(&part)?;
         let key = super::file_key(&record.name, &record.version, &record.sha256);
-        let outcome = store.download(&key, &part).await;
+        let outcome = store.download_at_most(&key, &part, Some(record.size)).await;
         let checked = outcome.and_then(|(size, sha256)| {
             if size != record.size {
                 Err(RegistryError::Corrupt(format!(
@@ -172,6 +178,77 @@ impl Cache {
             .collect();
         all.sort_by(|a, b| a.model.cmp(&b.model));
         all
+    }
+}
+
+/// Removes the `.<sha256>.part-*` files in `dir` that no live download holds (a process
+/// killed while downloading leaves its part behind; each restart would add another).
+fn remove_stale_parts(dir: &Path, sha256: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = format!(".{sha256}.part-");
+    for entry in entries.flatten() {
+        let stale = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|name| name.starts_with(&prefix));
+        if !stale {
+            continue;
+        }
+        let path = entry.path();
+        if let Ok(Some(_lock)) = PartLock::try_take(&path) {
+            match std::fs::remove_file(&path) {
+                Ok(()) => tracing::info!(part = %path.display(), "removed an interrupted download"),
+                Err(e) => {
+                    tracing::warn!(part = %path.display(), error = %e, "cannot remove an interrupted download")
+                }
+            }
+        }
+    }
+}
+
+/// An exclusive advisory lock (flock) on a download's part file, released when dropped or
+/// when its process dies.
+struct PartLock {
+    _file: std::fs::File,
+}
+
+impl PartLock {
+    fn create(path: &Path) -> Result<PartLock, RegistryError> {
+        let file = std::fs::File::create(path)
+            .map_err(|e| RegistryError::Local(format!("cannot write {}: {e}", path.display())))?;
+        match PartLock::lock(file) {
+            Ok(Some(lock)) => Ok(lock),
+            Ok(None) => Err(RegistryError::Local(format!(
+                "{} is being written by another download",
+                path.display()
+            ))),
+            Err(e) => Err(RegistryError::Local(format!(
+                "cannot lock {}: {e}",
+                path.display()
+            ))),
+        }
+    }
+
+    /// The lock of an existing part, or `None` while a live download holds it.
+    fn try_take(path: &Path) -> std::io::Result<Option<PartLock>> {
+        PartLock::lock(std::fs::OpenOptions::new().write(true).open(path)?)
+    }
+
+    fn lock(file: std::fs::File) -> std::io::Result<Option<PartLock>> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor this function owns.
+        let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if locked == 0 {
+            return Ok(Some(PartLock { _file: file }));
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            Ok(None)
+        } else {
+            Err(e)
+        }
     }
 }
 

@@ -30,6 +30,8 @@ pub struct Push {
     pub settings: toml::Table,
     pub interface: Option<Interface>,
     pub by: String,
+    /// The sha256 the file must have (a manifest's), or the push is refused.
+    pub expect_sha256: Option<String>,
 }
 
 /// Publishes a version: checks its settings, uploads its file, then writes its record, only
@@ -49,6 +51,15 @@ pub async fn push(store: &Store, push: Push) -> Result<VersionRecord, RegistryEr
     .await
     .map_err(|e| RegistryError::Local(e.to_string()))?
     .map_err(|e| RegistryError::Local(format!("cannot read {}: {e}", push.file.display())))?;
+    if let Some(expected) = push.expect_sha256.as_deref().filter(|e| *e != sha256) {
+        return Err(RegistryError::Refused(format!(
+            "{}:{}: {} has sha256 {sha256}, its manifest says {expected} (a corrupt or \
+             replaced copy); not published",
+            push.name,
+            push.version,
+            push.file.display()
+        )));
+    }
     let entry = Manifest::registry_entry(
         &push.name,
         &push.version,
@@ -271,20 +282,36 @@ pub struct ModelListing {
     pub broken: Vec<(String, String)>,
 }
 
+/// What [`list`] found, and what it could not read on the way (bad keys).
+#[derive(Debug)]
+pub struct Listings {
+    pub models: Vec<ModelListing>,
+    pub warnings: Vec<String>,
+}
+
 /// Every model (or only `only`) with its versions, oldest first, and its desired state.
-pub async fn list(store: &Store, only: Option<&str>) -> Result<Vec<ModelListing>, RegistryError> {
+pub async fn list(store: &Store, only: Option<&str>) -> Result<Listings, RegistryError> {
+    let mut warnings = Vec::new();
     let names = match only {
         Some(name) => vec![name.to_string()],
-        None => store.list_dirs(super::MODELS_DIR).await?,
+        None => model_names(store, &mut warnings).await?,
     };
     let mut listings = Vec::new();
     for name in names {
         let mut versions = Vec::new();
         let mut broken = Vec::new();
-        for version in store
+        let listed = match store
             .list_dirs(&format!("{}/{name}", super::MODELS_DIR))
-            .await?
+            .await
         {
+            Ok(listed) => listed,
+            Err(RegistryError::Corrupt(reason)) => {
+                warnings.push(reason);
+                Vec::new()
+            }
+            Err(e) => return Err(e),
+        };
+        for version in listed {
             match record(store, &name, &version).await {
                 Ok(record) => versions.push(record),
                 // A folder without a record: an upload in progress or abandoned.
@@ -310,26 +337,83 @@ pub async fn list(store: &Store, only: Option<&str>) -> Result<Vec<ModelListing>
             broken,
         });
     }
-    Ok(listings)
+    Ok(Listings {
+        models: listings,
+        warnings,
+    })
 }
 
-/// Every instance that has reported, live or not, ordered by id.
-pub async fn instances(store: &Store) -> Result<Vec<InstanceReport>, RegistryError> {
-    let mut reports = Vec::new();
+/// The models under `models/`; when a bad key there fails the listing, the models the
+/// instances report instead (with a warning): one stray object must not hide the rest.
+async fn model_names(
+    store: &Store,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<String>, RegistryError> {
+    match store.list_dirs(super::MODELS_DIR).await {
+        Ok(names) => Ok(names),
+        Err(RegistryError::Corrupt(reason)) => {
+            warnings.push(format!("{reason}; showing the models the instances report"));
+            let reports = instances(store)
+                .await
+                .map(|r| r.reports)
+                .unwrap_or_default();
+            let names: std::collections::BTreeSet<String> = reports
+                .into_iter()
+                .flat_map(|r| r.models.into_keys())
+                .filter(|name| check_name("model name", name).is_ok())
+                .collect();
+            Ok(names.into_iter().collect())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The instance reports [`instances`] read, and why it left others out.
+#[derive(Debug, Default)]
+pub struct InstanceReports {
+    /// Each one's id is its file's name (`instances/<id>.json`), so `instance_key(id)` is the
+    /// object it was read from.
+    pub reports: Vec<InstanceReport>,
+    /// Reports that cannot be read (not a report, too large, a newer format) or that name
+    /// another instance than their file: one line each.
+    pub skipped: Vec<String>,
+}
+
+/// Every instance that has reported, live or not, ordered by id. One unreadable report is
+/// skipped (and said so), not a failure of the whole read: the fleet goes on without it.
+pub async fn instances(store: &Store) -> Result<InstanceReports, RegistryError> {
+    let mut found = InstanceReports::default();
     for file in store.list_files(super::INSTANCES_DIR).await? {
         let Some(id) = file.strip_suffix(".json") else {
             continue;
         };
-        // One that went away between the listing and the read is simply not there.
-        if let Read::Found(found) = store
-            .read_json::<InstanceReport>(&super::instance_key(id), None)
-            .await?
-        {
-            reports.push(found.value);
+        let key = super::instance_key(id);
+        let skip = |why: String| format!("{}: {why}; skipped", crate::untrusted::Untrusted(&key));
+        if check_name("instance id", id).is_err() {
+            found.skipped.push(skip("not an instance id".into()));
+            continue;
+        }
+        match store.read_json::<InstanceReport>(&key, None).await {
+            Ok(Read::Found(report)) if report.value.format > FORMAT => found.skipped.push(skip(
+                newer_format("instance report", report.value.format).to_string(),
+            )),
+            // Another instance's name in this file: deleting or counting it by that name
+            // would act on the other instance.
+            Ok(Read::Found(report)) if report.value.id != id => found.skipped.push(skip(format!(
+                "it says it is instance '{}'",
+                crate::untrusted::Untrusted(&report.value.id)
+            ))),
+            Ok(Read::Found(report)) => found.reports.push(report.value),
+            // One that went away between the listing and the read is simply not there.
+            Ok(Read::Missing | Read::Unchanged) => {}
+            Err(RegistryError::Corrupt(reason)) => found
+                .skipped
+                .push(format!("{}; skipped", crate::untrusted::Untrusted(&reason))),
+            Err(e) => return Err(e),
         }
     }
-    reports.sort_by(|a, b| a.id.cmp(&b.id));
-    Ok(reports)
+    found.reports.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(found)
 }
 
 /// The whole fleet: each model's desired state and every instance's report, read at `now_ms`.
@@ -339,21 +423,39 @@ pub struct Status {
     pub now_ms: u64,
     pub models: Vec<Desired>,
     pub instances: Vec<InstanceReport>,
+    /// What could not be read (bad keys, unreadable reports): the rest is shown without it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 pub async fn status(store: &Store) -> Result<Status, RegistryError> {
+    let mut warnings = Vec::new();
     let mut models = Vec::new();
-    for name in store.list_dirs(super::MODELS_DIR).await? {
-        if let (desired, WriteIf::Matches(_) | WriteIf::Always) = read_desired(store, &name).await?
-        {
-            models.push(desired);
+    for name in model_names(store, &mut warnings).await? {
+        match read_desired(store, &name).await {
+            Ok((desired, WriteIf::Matches(_) | WriteIf::Always)) => models.push(desired),
+            Ok(_) => {}
+            Err(RegistryError::Corrupt(reason)) => warnings.push(reason),
+            Err(e) => return Err(e),
         }
     }
+    let reports = match instances(store).await {
+        Ok(found) => {
+            warnings.extend(found.skipped);
+            found.reports
+        }
+        Err(RegistryError::Corrupt(reason)) => {
+            warnings.push(reason);
+            Vec::new()
+        }
+        Err(e) => return Err(e),
+    };
     Ok(Status {
         registry: store.uri().to_string(),
         now_ms: now_ms(),
         models,
-        instances: instances(store).await?,
+        instances: reports,
+        warnings,
     })
 }
 
@@ -391,11 +493,21 @@ pub async fn seed(store: &Store, dir: &Path, by: &str) -> Result<Seeded, Registr
                 continue;
             }
             Ok(existing) => {
+                let file = entry.file.clone();
+                let actual = tokio::task::spawn_blocking(move || sha256_file(&file))
+                    .await
+                    .map_err(|e| RegistryError::Local(e.to_string()))?
+                    .map_or_else(
+                        |e| format!("unreadable ({e})"),
+                        |sha| format!("sha256 {sha}"),
+                    );
                 return Err(RegistryError::Refused(format!(
-                    "{label} is in the registry with sha256 {}, the directory's file has {}; \
-                     versions are immutable",
-                    existing.sha256, entry.sha256
-                )))
+                    "{label} is in the registry with sha256 {}; the directory's manifest says \
+                     {}, its file {} has {actual}; versions are immutable",
+                    existing.sha256,
+                    entry.sha256,
+                    entry.file.display()
+                )));
             }
             Err(RegistryError::NotFound(_)) => {}
             Err(e) => return Err(e),
@@ -409,6 +521,7 @@ pub async fn seed(store: &Store, dir: &Path, by: &str) -> Result<Seeded, Registr
                 settings,
                 interface: None,
                 by: by.to_string(),
+                expect_sha256: Some(entry.sha256.clone()),
             },
         )
         .await?;

@@ -30,6 +30,9 @@ use tokio::io::AsyncReadExt;
 
 use super::RegistryError;
 
+mod secrets;
+use secrets::{refuse_userinfo, short};
+
 /// An open registry store.
 #[derive(Clone)]
 pub struct Store {
@@ -107,6 +110,7 @@ impl Store {
         if let Some(dir) = local {
             return Store::open_local(&dir, uri);
         }
+        refuse_userinfo(uri)?;
         // TLS through rustls with ring; idempotent (an error means one is installed).
         let _ = rustls::crypto::ring::default_provider().install_default();
         let url = url::Url::parse(uri)
@@ -290,12 +294,26 @@ impl Store {
     }
 
     /// One level under `key/`: its folders' names and its objects' names, each sorted.
+    ///
+    /// A key the store holds that is no valid path (`models//notes.txt`: an empty segment)
+    /// fails the whole listing inside `object_store`; that is [`RegistryError::Corrupt`]
+    /// ("bad key in registry", naming it), not unreachability, so that callers can go on
+    /// with the names they know.
     async fn list(&self, key: &str) -> Result<(Vec<String>, Vec<String>), RegistryError> {
-        let listed = self
+        let listed = match self
             .control
             .list_with_delimiter(Some(&self.path(key)))
             .await
-            .map_err(|e| self.failed("list", key, e))?;
+        {
+            Ok(listed) => listed,
+            Err(object_store::Error::InvalidPath { source }) => {
+                return Err(RegistryError::Corrupt(format!(
+                    "{BAD_KEY} under {key}/: {} (remove or rename that object)",
+                    crate::untrusted::Untrusted(&source.to_string())
+                )))
+            }
+            Err(e) => return Err(self.failed("list", key, e)),
+        };
         let sorted = |mut names: Vec<String>| {
             names.sort();
             names
@@ -365,7 +383,26 @@ impl Store {
     /// Downloads an object into `dest` (a temporary file the caller renames once it is
     /// satisfied), streaming, and returns its size and sha256.
     pub async fn download(&self, key: &str, dest: &FsPath) -> Result<(u64, String), RegistryError> {
+        self.download_at_most(key, dest, None).await
+    }
+
+    /// [`Store::download`], refused as [`RegistryError::Corrupt`] as soon as the object is
+    /// known to be larger than `max_bytes` (from its metadata, or while it streams: a store
+    /// may not say, or may lie), so that a replaced or hostile object costs at most
+    /// `max_bytes` of disk and transfer, not its whole size.
+    pub async fn download_at_most(
+        &self,
+        key: &str,
+        dest: &FsPath,
+        max_bytes: Option<u64>,
+    ) -> Result<(u64, String), RegistryError> {
         use tokio::io::AsyncWriteExt;
+        let too_large = |size: &dyn std::fmt::Display, max: u64| {
+            RegistryError::Corrupt(format!(
+                "{key}: the object is {size} bytes, more than the {max} its record says (a \
+                 replaced upload); not downloaded further"
+            ))
+        };
         let got = match self.bulk.get(&self.path(key)).await {
             Ok(got) => got,
             Err(object_store::Error::NotFound { .. }) => {
@@ -373,6 +410,9 @@ impl Store {
             }
             Err(e) => return Err(self.failed("download", key, e)),
         };
+        if let Some(max) = max_bytes.filter(|max| got.meta.size > *max) {
+            return Err(too_large(&got.meta.size, max));
+        }
         let local = |e: std::io::Error| {
             RegistryError::Local(format!("cannot write {}: {e}", dest.display()))
         };
@@ -382,8 +422,11 @@ impl Store {
         let mut stream = got.into_stream();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| self.failed("download", key, e))?;
-            hasher.update(&chunk);
             size += chunk.len() as u64;
+            if let Some(max) = max_bytes.filter(|max| size > *max) {
+                return Err(too_large(&format_args!("at least {size}"), max));
+            }
+            hasher.update(&chunk);
             out.write_all(&chunk).await.map_err(local)?;
         }
         out.sync_all().await.map_err(local)?;
@@ -394,6 +437,9 @@ impl Store {
         RegistryError::Unreachable(format!("{what} {key} in {}: {}", self.uri, short(&e)))
     }
 }
+
+/// How a listing's error about a key that is no valid path begins (see [`Store`]'s `list`).
+pub const BAD_KEY: &str = "bad key in registry";
 
 /// Which client a store gets: see [`Store`]'s fields.
 #[derive(Clone, Copy)]
@@ -464,42 +510,6 @@ fn open_remote(url: &url::Url, client: Client) -> Result<Arc<dyn ObjectStore>, R
     }
 }
 
-/// Environment variables whose values must never reach a log line or an answer, even when a
-/// store quotes them back (S3 names the access key in some error bodies).
-const SECRET_VARS: &[&str] = &[
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AZURE_STORAGE_ACCOUNT_KEY",
-    "AZURE_STORAGE_ACCESS_KEY",
-    "AZURE_STORAGE_SAS_KEY",
-    "GOOGLE_SERVICE_ACCOUNT_KEY",
-];
-
-/// An `object_store` error in one line, without the request's URL query (which may carry a
-/// signature), the debug chains that repeat it, or any credential.
-fn short(e: &object_store::Error) -> String {
-    let secrets: Vec<String> = SECRET_VARS
-        .iter()
-        .filter_map(|var| std::env::var(var).ok())
-        .collect();
-    scrub(&e.to_string(), &secrets)
-}
-
-/// `text`'s first line, at most 300 characters, cut before a presigned query, with every
-/// secret (of 4 characters or more) replaced.
-fn scrub(text: &str, secrets: &[String]) -> String {
-    let mut line = text.lines().next().unwrap_or_default().to_string();
-    // Redact before cutting: a secret across the cut would leave its first characters.
-    for secret in secrets.iter().filter(|s| s.len() >= 4) {
-        line = line.replace(secret.as_str(), "<redacted>");
-    }
-    if let Some(at) = line.find("X-Amz-") {
-        line.truncate(at);
-    }
-    line.chars().take(300).collect()
-}
-
 /// An exclusive advisory lock on a local registry's `.lock` file, released when dropped.
 struct LocalLock(std::fs::File);
 
@@ -539,26 +549,5 @@ impl Drop for LocalLock {
         unsafe {
             libc::flock(self.0.as_raw_fd(), libc::LOCK_UN);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::scrub;
-
-    #[test]
-    fn errors_lose_credentials_signatures_and_length() {
-        let secrets = vec!["AKIAEXAMPLE".to_string(), "s3cr3t/key+value".to_string()];
-        let text = "Error performing GET http://s3/bucket/x?X-Amz-Signature=abc: <AWSAccessKeyId>AKIAEXAMPLE</AWSAccessKeyId>";
-        assert_eq!(
-            scrub(text, &secrets),
-            "Error performing GET http://s3/bucket/x?"
-        );
-        let text = "403 Forbidden: key AKIAEXAMPLE with s3cr3t/key+value\nsecond line";
-        assert_eq!(
-            scrub(text, &secrets),
-            "403 Forbidden: key <redacted> with <redacted>"
-        );
-        assert_eq!(scrub(&"x".repeat(1000), &[]).len(), 300);
     }
 }

@@ -114,6 +114,24 @@ fn put_empty(url: &str) -> u16 {
     answer.split(' ').nth(1).unwrap().parse().unwrap()
 }
 
+/// Puts an object straight into the S3 server (moto checks no signature), whatever its key:
+/// what a hand-made `aws s3 cp` may leave in a registry.
+pub fn put_object(endpoint: &str, bucket: &str, key: &str, body: &[u8]) {
+    let host = endpoint.strip_prefix("http://").unwrap();
+    let mut stream = TcpStream::connect(host).unwrap();
+    write!(
+        stream,
+        "PUT /{bucket}/{key} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    stream.write_all(body).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let status: u16 = answer.split(' ').nth(1).unwrap().parse().unwrap();
+    assert!(status < 300, "PUT {key}: {answer}");
+}
+
 /// The environment that points the AWS client at `endpoint` (moto takes any keys).
 pub fn s3_env(endpoint: &str) -> Vec<(String, String)> {
     vec![

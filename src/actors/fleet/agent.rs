@@ -2,10 +2,12 @@
 //! states with their ETags, the versions it listed or is fetching, its part in each rollout)
 //! and polls: read, fetch, route, judge, report, decide. See the module header of `fleet`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use futures_util::FutureExt;
 use tokio::task::JoinHandle;
+
+mod report;
 
 use super::part::Part;
 use super::Fleet;
@@ -13,18 +15,18 @@ use crate::actors::catalog::{Canary, Catalog, VersionState};
 use crate::actors::supervisor::traffic::Traffic;
 use crate::actors::supervisor::{Readiness, Route, RouteOutcome};
 use crate::registry::fleet::{self, Decision};
-use crate::registry::records::{
-    CanaryShare, Desired, InstanceReport, ModelReport, Strategy, VersionReport, FORMAT,
-};
+use crate::registry::records::{Desired, InstanceReport, Strategy, FORMAT};
 use crate::registry::store::{Read, Tag, WriteIf};
 use crate::registry::{desired_key, instance_key, now_ms, RegistryError};
 
 /// A model version: (name, version).
 type Key = (String, String);
 
-/// A failed fetch is tried again after this long (a corrupt object stays corrupt; a network
-/// error may pass).
+/// A failed fetch is tried again after this long (a network error may pass)...
 const FETCH_RETRY_MS: u64 = 10_000;
+/// ...and one whose object is not what its record says after this long: versions are
+/// immutable, so a corrupt object stays corrupt, and each try may cost its whole size.
+const CORRUPT_RETRY_MS: u64 = 300_000;
 /// Reports older than this are taken out of the registry (an instance that died without
 /// leaving).
 const STALE_REPORT_MS: u64 = 3_600_000;
@@ -36,6 +38,9 @@ pub(super) struct Agent {
     desired: BTreeMap<String, (Desired, Option<Tag>)>,
     /// Versions listed with the supervisor.
     listed: HashSet<Key>,
+    /// Each version's sha256 as its registry record says, once read: a route names the
+    /// file it means, so that a bundled file of the same label is never taken for it.
+    sha256: HashMap<Key, String>,
     fetching: HashMap<Key, JoinHandle<Result<(), RegistryError>>>,
     /// Versions that could not be fetched or listed: why, and when.
     unavailable: HashMap<Key, (RegistryError, u64)>,
@@ -45,9 +50,20 @@ pub(super) struct Agent {
     parts: HashMap<String, Part>,
     /// The other live instances' reports, as last read.
     others: Vec<InstanceReport>,
+    /// Whether `others` was read this poll: decisions are made only from a fresh view.
+    others_fresh: bool,
     /// This instance's last report.
     mine: InstanceReport,
-    registry_error: Option<String>,
+    /// Whether the registry answered the last poll: a state, so that an outage is logged
+    /// once when it starts and once when it ends, whatever its errors' texts.
+    reachable: bool,
+    /// Why this poll's reads or writes failed, if they did.
+    poll_error: Option<String>,
+    /// The registry holds something this instance cannot read (a bad key under `models/`,
+    /// unreadable reports under `instances/`): it goes on without it, and says so. Each is
+    /// kept until the read that found it is made again (they flap otherwise).
+    models_problem: Option<String>,
+    fleet_problem: Option<String>,
     polls: u64,
 }
 
@@ -59,14 +75,19 @@ impl Agent {
             started_at_ms,
             desired: BTreeMap::new(),
             listed: HashSet::new(),
+            sha256: HashMap::new(),
             fetching: HashMap::new(),
             unavailable: HashMap::new(),
             sent: HashMap::new(),
             outcomes: HashMap::new(),
             parts: HashMap::new(),
             others: Vec::new(),
+            others_fresh: false,
             mine: InstanceReport::default(),
-            registry_error: None,
+            reachable: true,
+            poll_error: None,
+            models_problem: None,
+            fleet_problem: None,
             polls: 0,
         }
     }
@@ -91,6 +112,8 @@ impl Agent {
 
     async fn poll(&mut self) {
         self.polls += 1;
+        self.poll_error = None;
+        self.others_fresh = false;
         let now = now_ms();
         let reachable = self.read_desired().await;
         metrics::gauge!("streamserve_registry_up").set(if reachable { 1.0 } else { 0.0 });
@@ -117,7 +140,7 @@ impl Agent {
                 self.unreachable(e);
             }
         }
-        if reachable && rolling_out {
+        if reachable && rolling_out && self.others_fresh {
             self.decide_all(now).await;
         }
         self.publish_status(now);
@@ -128,10 +151,64 @@ impl Agent {
 
     fn unreachable(&mut self, e: RegistryError) {
         let text = e.to_string();
-        if self.registry_error.as_deref() != Some(&text) {
+        if self.reachable {
             tracing::warn!(error = %text, "registry unreachable; serving what this instance has");
         }
-        self.registry_error = Some(text);
+        self.reachable = false;
+        self.poll_error = Some(text);
+    }
+
+    fn reached(&mut self) {
+        if !self.reachable {
+            tracing::info!("registry reachable again");
+        }
+        self.reachable = true;
+    }
+
+    /// Sets one of the registry's content problems, logging it when it changes.
+    fn problem(slot: &mut Option<String>, now: Option<String>) {
+        if *slot != now {
+            match &now {
+                Some(problem) => {
+                    tracing::warn!(%problem, "the registry holds what this instance cannot read; going on without it")
+                }
+                None if slot.is_some() => {
+                    tracing::info!("the registry's unreadable entries are gone")
+                }
+                None => {}
+            }
+        }
+        *slot = now;
+    }
+
+    /// What went wrong with the registry, as reported: this poll's error, then what it holds
+    /// that cannot be read.
+    fn registry_error(&self) -> Option<String> {
+        let all: Vec<&str> = [&self.poll_error, &self.models_problem, &self.fleet_problem]
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
+            .collect();
+        (!all.is_empty()).then(|| all.join("; "))
+    }
+
+    /// The models to read when a bad key fails the listing of `models/`: the ones known
+    /// already (read before, kept in the cache, or that the other instances serve).
+    fn known_models(&self) -> Vec<String> {
+        let mut names: BTreeSet<String> = self.desired.keys().cloned().collect();
+        names.extend(
+            self.fleet
+                .shared
+                .cache
+                .load_desired()
+                .into_iter()
+                .map(|d| d.model),
+        );
+        names.extend(self.others.iter().flat_map(|r| r.models.keys().cloned()));
+        names
+            .into_iter()
+            .filter(|n| crate::registry::check_name("model name", n).is_ok())
+            .collect()
     }
 
     /// Reads every model's desired state (only changed documents travel); on the first poll
@@ -140,7 +217,16 @@ impl Agent {
     async fn read_desired(&mut self) -> bool {
         let store = self.fleet.shared.store.clone();
         let names = match store.list_dirs(crate::registry::MODELS_DIR).await {
-            Ok(names) => names,
+            Ok(names) => {
+                Self::problem(&mut self.models_problem, None);
+                names
+            }
+            // The store answered, but holds a key that is no path: the known models are still
+            // read (a new model is found once the key is gone).
+            Err(RegistryError::Corrupt(reason)) => {
+                Self::problem(&mut self.models_problem, Some(reason));
+                self.known_models()
+            }
             Err(e) => {
                 if self.polls == 1 {
                     for desired in self.fleet.shared.cache.load_desired() {
@@ -183,9 +269,7 @@ impl Agent {
                 }
             }
         }
-        if self.registry_error.take().is_some() {
-            tracing::info!("registry reachable again");
-        }
+        self.reached();
         true
     }
 
@@ -200,6 +284,10 @@ impl Agent {
             .collect();
         for key in finished {
             let task = self.fetching.remove(&key).expect("listed above");
+            // The record is kept before the file is fetched (even when the file then fails).
+            if let Some(record) = self.fleet.shared.cache.load_record(&key.0, &key.1) {
+                self.sha256.insert(key.clone(), record.sha256);
+            }
             let result = task
                 .now_or_never()
                 .map(|joined| joined.unwrap_or_else(|e| Err(RegistryError::Local(e.to_string()))));
@@ -236,10 +324,13 @@ impl Agent {
             })
             .collect();
         for key in needed {
-            let retry_later = self
-                .unavailable
-                .get(&key)
-                .is_some_and(|(_, at)| now.saturating_sub(*at) < FETCH_RETRY_MS);
+            let retry_later = self.unavailable.get(&key).is_some_and(|(e, at)| {
+                let wait = match e {
+                    RegistryError::Corrupt(_) => CORRUPT_RETRY_MS,
+                    _ => FETCH_RETRY_MS,
+                };
+                now.saturating_sub(*at) < wait
+            });
             if self.listed.contains(&key) || self.fetching.contains_key(&key) || retry_later {
                 continue;
             }
@@ -255,21 +346,33 @@ impl Agent {
     }
 
     /// Reads the other instances' reports, keeping the live ones; takes long-dead ones out.
+    /// Unreadable reports are left out (and reported); a read that fails as a whole leaves
+    /// `others_fresh` false, so that no decision is made from the last view.
     async fn read_others(&mut self, now: u64) {
-        let store = &self.fleet.shared.store;
-        match crate::registry::ops::instances(store).await {
+        let store = self.fleet.shared.store.clone();
+        match crate::registry::ops::instances(&store).await {
             Ok(all) => {
                 let me = self.me().to_string();
-                let (live, dead): (Vec<_>, Vec<_>) =
-                    all.into_iter().partition(|r| fleet::is_live(r, now));
+                let (live, dead): (Vec<_>, Vec<_>) = all
+                    .reports
+                    .into_iter()
+                    .partition(|r| fleet::is_live(r, now));
                 for report in dead {
+                    // `ops::instances` keeps only reports whose id is their file's name:
+                    // this is the key the report was listed under.
                     if now.saturating_sub(report.heartbeat_at_ms) > STALE_REPORT_MS {
                         let _ = store.delete(&instance_key(&report.id)).await;
                     }
                 }
                 self.others = live.into_iter().filter(|r| r.id != me).collect();
+                self.others_fresh = true;
+                let skipped = (!all.skipped.is_empty()).then(|| all.skipped.join("; "));
+                Self::problem(&mut self.fleet_problem, skipped);
                 metrics::gauge!("streamserve_fleet_instances_live")
                     .set((self.others.len() + 1) as f64);
+            }
+            Err(RegistryError::Corrupt(reason)) => {
+                Self::problem(&mut self.fleet_problem, Some(reason))
             }
             Err(e) => self.unreachable(e),
         }
@@ -296,7 +399,16 @@ impl Agent {
             .collect();
         for (name, desired) in models {
             let plan = fleet::plan(&desired, &me, now, &live);
+            let sha256 = plan
+                .versions()
+                .into_iter()
+                .filter_map(|v| {
+                    let sha = self.sha256.get(&(name.clone(), v.clone()))?;
+                    Some((v, sha.clone()))
+                })
+                .collect();
             let route = Route {
+                sha256,
                 name: name.clone(),
                 default: plan.default.clone(),
                 canary: plan.canary.map(|c| Canary {
@@ -407,72 +519,6 @@ impl Agent {
         }
     }
 
-    /// This instance's report: every model it knows, as its catalog has it now.
-    fn report(&self, catalog: &Catalog, now: u64) -> InstanceReport {
-        let options = &self.fleet.shared.options;
-        let mut models = BTreeMap::new();
-        for (name, model) in &catalog.models {
-            let versions = model
-                .versions
-                .iter()
-                .map(|(v, state)| {
-                    let (requests, errors) = match state {
-                        VersionState::Serving(s) => {
-                            let t = Traffic::of(&s.health);
-                            (t.requests, t.errors)
-                        }
-                        _ => (0, 0),
-                    };
-                    let report = VersionReport {
-                        state: state.label().to_string(),
-                        requests,
-                        errors,
-                    };
-                    (v.clone(), report)
-                })
-                .collect();
-            let rollout = self.desired.get(name).and_then(|(d, _)| {
-                let rollout = d.rollout.as_ref()?;
-                let prepared = self
-                    .outcomes
-                    .get(name)
-                    .and_then(|o| o.versions.get(&rollout.version))
-                    == Some(&Readiness::Ready);
-                Some(self.parts.get(name)?.report(prepared))
-            });
-            let unavailable = self
-                .unavailable
-                .iter()
-                .filter(|((n, _), _)| n == name)
-                .map(|((_, v), (reason, _))| (v.clone(), reason.to_string()))
-                .collect();
-            models.insert(
-                name.clone(),
-                ModelReport {
-                    default: model.default_version().map(str::to_string),
-                    canary: model.canary.as_ref().map(|c| CanaryShare {
-                        version: c.version.clone(),
-                        percent: c.percent,
-                    }),
-                    versions,
-                    rollout,
-                    unavailable,
-                },
-            );
-        }
-        InstanceReport {
-            format: FORMAT,
-            id: options.instance_id.clone(),
-            url: options.url.clone(),
-            streamserve: env!("CARGO_PKG_VERSION").to_string(),
-            started_at_ms: self.started_at_ms,
-            heartbeat_at_ms: now,
-            poll_ms: options.poll.as_millis() as u64,
-            registry_error: self.registry_error.clone(),
-            models,
-        }
-    }
-
     /// Records what the live reports say each running rollout should do next.
     async fn decide_all(&mut self, now: u64) {
         let live = self.live();
@@ -510,39 +556,6 @@ impl Agent {
                 Err(e) => self.unreachable(e),
             }
         }
-    }
-
-    fn publish_status(&self, now: u64) {
-        let models: serde_json::Map<String, serde_json::Value> = self
-            .desired
-            .iter()
-            .map(|(name, (desired, etag))| {
-                let outcome = self.outcomes.get(name);
-                let value = serde_json::json!({
-                    "desired": desired,
-                    "from_cache": etag.is_none(),
-                    "routing": outcome.map(|o| serde_json::json!({
-                        "default": o.default,
-                        "canary": o.canary,
-                        "versions": o.versions,
-                    })),
-                    "fetching": self.fetching.keys().filter(|(n, _)| n == name).map(|(_, v)| v).collect::<Vec<_>>(),
-                });
-                (name.clone(), value)
-            })
-            .collect();
-        let status = serde_json::json!({
-            "registry": self.fleet.shared.store.uri(),
-            "instance": self.me(),
-            "reachable": self.registry_error.is_none(),
-            "registry_error": self.registry_error,
-            "last_poll_ms": now,
-            "polls": self.polls,
-            "live_instances": self.others.len() + 1,
-            "models": models,
-            "report": self.mine,
-        });
-        *self.fleet.shared.status.lock().expect("status lock") = status;
     }
 }
 

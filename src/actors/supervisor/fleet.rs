@@ -4,6 +4,11 @@
 //! (its default, a canary's share, versions to load ahead), answering how ready each version
 //! is, so that the agent can report it to the fleet.
 //!
+//! A version is routed only as the registry's file: the route carries each version's sha256
+//! from its record, and a version listed here with another file (a bundled one of the same
+//! name and version) is [`Readiness::Failed`], never routed under the registry's label; a
+//! version whose record the agent has not read yet is [`Readiness::Unknown`].
+//!
 //! Routing changes make before they break: a new default or canary takes traffic only once it
 //! is serving (and has passed its smoke test, when asked); until then the old routing stays,
 //! and versions the registry no longer wants are unloaded only after that.
@@ -106,6 +111,9 @@ pub struct Route {
     /// Versions to load (and smoke-test) before they take traffic.
     pub prepare: Vec<String>,
     pub smoke_test: bool,
+    /// Each version's sha256 as its registry record says (versions without one are not
+    /// known to be the registry's yet).
+    pub sha256: BTreeMap<String, String>,
 }
 
 impl Route {
@@ -154,7 +162,11 @@ impl Handler<Route> for Supervisor {
             .iter()
             .map(|v| {
                 let key = (name.clone(), v.clone());
-                (v.clone(), self.readiness(&key, route.smoke_test, ctx))
+                let expected = route.sha256.get(v).map(String::as_str);
+                (
+                    v.clone(),
+                    self.readiness(&key, expected, route.smoke_test, ctx),
+                )
             })
             .collect();
         let ready = |v: &str| versions.get(v) == Some(&Readiness::Ready);
@@ -168,7 +180,20 @@ impl Handler<Route> for Supervisor {
         model.fleet_managed = true;
         let pinned = model.default_override.clone();
         let unpinned = pinned.is_none() && model.manifest_default.is_none();
-        let target = route.default.as_deref().filter(|d| ready(d) || unpinned);
+        // Unpinned, a version still on its way may be pinned, but never another file than the
+        // registry's under its label.
+        let other_file = |v: &str| {
+            let listed = self.entries.get(&(name.clone(), v.to_string()));
+            route
+                .sha256
+                .get(v)
+                .zip(listed)
+                .is_some_and(|(expected, entry)| *expected != entry.sha256)
+        };
+        let target = route
+            .default
+            .as_deref()
+            .filter(|d| ready(d) || (unpinned && !other_file(d)));
         if let Some(default) = target {
             if pinned.as_deref() != Some(default) {
                 tracing::info!(model = %name, version = default, "default set by the registry");
@@ -221,10 +246,27 @@ impl Supervisor {
             .unwrap_or_default()
     }
 
-    /// How ready `key` is; starts loading it, or its smoke test, if that is what it needs.
-    fn readiness(&mut self, key: &Key, smoke: bool, ctx: &mut Context<Self>) -> Readiness {
-        if !self.entries.contains_key(key) {
+    /// How ready `key` is, as the file with `expected` sha256; starts loading it, or its
+    /// smoke test, if that is what it needs.
+    fn readiness(
+        &mut self,
+        key: &Key,
+        expected: Option<&str>,
+        smoke: bool,
+        ctx: &mut Context<Self>,
+    ) -> Readiness {
+        let Some(entry) = self.entries.get(key) else {
             return Readiness::Unknown;
+        };
+        let Some(expected) = expected else {
+            return Readiness::Unknown;
+        };
+        if entry.sha256 != expected {
+            return Readiness::Failed(format!(
+                "{}:{} here is another file (sha256 {}) than the registry's (sha256 {expected}); \
+                 versions are immutable, so it is not served under that version",
+                key.0, key.1, entry.sha256
+            ));
         }
         match self.state(key) {
             Some(VersionState::Serving(served)) if smoke => match self.fleet.smoke.get(key) {
