@@ -1,6 +1,7 @@
 //! Access control over real sockets: API keys for REST and WebSocket streams (missing, wrong,
 //! expired, outside their models: 401 / 403 without a hint of which keys exist), per-key rate
-//! and stream limits (429 with Retry-After, other keys unaffected), keys reloaded live, and
+//! and stream limits (429 with Retry-After, or a stream's 1013 after `start`, other keys
+//! unaffected), keys reloaded live, and
 //! per-address limits that forwarding headers cannot dodge unless they come from a trusted
 //! proxy. Keys never appear in metrics.
 
@@ -9,9 +10,14 @@ mod common;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use common::stream_client::first_answer;
 use common::*;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
 
 struct Keys {
     file: PathBuf,
@@ -193,38 +199,48 @@ async fn streams_need_a_key_in_a_header_or_a_subprotocol_and_keep_to_their_limit
     // A browser's way: the key as a subprotocol, beside `streamserve`, which comes back.
     let protocols = format!("streamserve, bearer.{}", keys.one_stream);
     let request = ws_request(&url, "silero_vad", None, Some(&protocols));
-    let (first, response) = tokio_tungstenite::connect_async(request)
+    let (mut first, response) = tokio_tungstenite::connect_async(request)
         .await
         .expect("upgrade");
     assert_eq!(response.headers()["sec-websocket-protocol"], "streamserve");
+    assert_eq!(first_answer(&mut first).await, Ok("started".into()));
 
-    // One stream at a time for this key: a second is refused before the upgrade.
+    // One stream at a time for this key: a second is refused once its `start` says it is new
+    // (1013, naming the limit), counted as the key's refusal.
     let second = ws_request(&url, "silero_vad", Some(&keys.one_stream), None);
-    assert_eq!(
-        refused_with(tokio_tungstenite::connect_async(second).await),
-        429
-    );
-    // Another key is unaffected.
-    let other = ws_request(&url, "silero_vad", Some(&keys.full), None);
-    let (other, _) = tokio_tungstenite::connect_async(other)
+    let (mut second, _) = tokio_tungstenite::connect_async(second)
         .await
         .expect("upgrade");
+    let (code, reason) = first_answer(&mut second).await.unwrap_err();
+    assert_eq!(code, CloseCode::Again, "{reason}");
+    assert!(reason.contains("1 open streams"), "{reason}");
+    let metrics = metrics_text(&client(), &url).await;
+    let refused = "streamserve_access_refused_total{key=\"one-stream\",reason=\"rate_limited\"}";
+    assert!(sample(&metrics, refused).unwrap_or(0.0) >= 1.0, "{metrics}");
+    // Another key is unaffected.
+    let other = ws_request(&url, "silero_vad", Some(&keys.full), None);
+    let (mut other, _) = tokio_tungstenite::connect_async(other)
+        .await
+        .expect("upgrade");
+    assert_eq!(first_answer(&mut other).await, Ok("started".into()));
     drop(other);
 
-    // Once the first stream's connection ends, the key may open another.
-    drop(first);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let again = ws_request(&url, "silero_vad", Some(&keys.one_stream), None);
-        match tokio_tungstenite::connect_async(again).await {
-            Ok(_) => break,
-            Err(e) => assert!(
-                Instant::now() < deadline,
-                "the stream's place was not given back: {e}"
-            ),
+    // Once the first stream ends, the key may open another at once.
+    first
+        .send(Message::text(json!({"type": "end"}).to_string()))
+        .await
+        .unwrap();
+    while let Some(Ok(message)) = first.next().await {
+        if let Message::Close(frame) = message {
+            assert_eq!(frame.map(|f| f.code), Some(CloseCode::Normal));
+            break;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let again = ws_request(&url, "silero_vad", Some(&keys.one_stream), None);
+    let (mut again, _) = tokio_tungstenite::connect_async(again)
+        .await
+        .expect("upgrade");
+    assert_eq!(first_answer(&mut again).await, Ok("started".into()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -355,11 +355,26 @@ async fn bad_keyword_starts_are_refused_with_reasons_while_a_good_stream_carries
             CloseCode::Invalid,
             "invalid type: string \"off\", expected a boolean",
         ),
+        // Options of the other kind of stream are refused, not ignored.
+        (
+            json!({"type": "start", "vad": {"min_speech_ms": 100}}),
+            CloseCode::Policy,
+            "`vad` options do not apply to this model's streams (a keyword stream)",
+        ),
     ] {
         let (got_code, got_reason) = refused(&url, SPOTTER, start.clone()).await;
         assert_eq!(got_code, code, "{start}: {got_reason}");
         assert!(got_reason.contains(reason), "{start}: {got_reason}");
     }
+    let keyword = json!({"type": "start", "keyword": {"threshold": 0.5}});
+    let (code, reason) = refused(&url, "silero_vad", keyword).await;
+    assert_eq!(code, CloseCode::Policy, "{reason}");
+    assert!(
+        reason.contains(
+            "`keyword` options do not apply to this model's streams (a voice activity stream)"
+        ),
+        "{reason}"
+    );
     // A stage's model is not a stream; nor is the spotter a voice activity model.
     let c = client();
     let ws_url = format!(
@@ -470,6 +485,11 @@ async fn a_keyword_sequence_over_grpc_gives_the_websocket_streams_results() {
             "gate",
             ParameterChoice::StringParam("off".into()),
             "expected a boolean",
+        ),
+        (
+            "min_speech_ms",
+            ParameterChoice::Int64Param(100),
+            "`vad` options do not apply",
         ),
     ]) {
         let request = step_on(SPOTTER, id, true, true, Samples::None, &[(key, value)]);

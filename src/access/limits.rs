@@ -1,9 +1,11 @@
-//! A key's live limits: token buckets (`governor`) for requests, rows and audio, and
-//! semaphores for requests in flight and open streams. A reload keeps the state of every key
+//! A key's live limits: token buckets (`governor`) for requests, rows and audio, a semaphore
+//! for requests in flight, and a count of open streams (which a resumed stream may pass: it
+//! was let in once). A reload keeps the state of every key
 //! whose declaration did not change, so editing one key does not hand every other key a fresh
 //! burst.
 
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +24,24 @@ pub struct Key {
     /// In milliseconds of audio.
     audio: Option<DefaultDirectRateLimiter>,
     concurrent: Option<Arc<Semaphore>>,
-    streams: Option<Arc<Semaphore>>,
+    streams: Option<Arc<OpenStreams>>,
+}
+
+/// A key's open streams against its limit. Not a semaphore: a stream taken over from a
+/// checkpoint counts even when the key is at its limit (refusing it would drop a stream the
+/// key was let in with), and new streams wait until the count is under the limit again.
+struct OpenStreams {
+    limit: u32,
+    open: AtomicU32,
+}
+
+/// One stream's place among its key's open streams, given back when dropped.
+pub struct StreamHeld(Arc<OpenStreams>);
+
+impl Drop for StreamHeld {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 fn nonzero(n: Option<u32>) -> Option<NonZeroU32> {
@@ -52,9 +71,15 @@ impl Key {
             .map(|ms| RateLimiter::direct(Quota::per_minute(ms)));
         let semaphore =
             |n: Option<u32>| nonzero(n).map(|n| Arc::new(Semaphore::new(n.get() as usize)));
+        let streams = nonzero(limits.max_streams).map(|limit| {
+            Arc::new(OpenStreams {
+                limit: limit.get(),
+                open: AtomicU32::new(0),
+            })
+        });
         Key {
             concurrent: semaphore(limits.max_concurrent),
-            streams: semaphore(limits.max_streams),
+            streams,
             spec,
             requests,
             rows,
@@ -138,14 +163,31 @@ impl Key {
         })
     }
 
-    /// A new stream: a place among the key's open streams, held by the returned permit.
-    pub fn stream(&self) -> Result<Option<OwnedSemaphorePermit>, ServeError> {
-        let limits = self.spec.limits;
-        self.place(
-            &self.streams,
-            || format!("{} open streams", limits.max_streams.unwrap_or_default()),
-            Duration::from_secs(1),
-        )
+    /// A new stream: a place among the key's open streams, held by the returned guard.
+    pub fn stream(&self) -> Result<Option<StreamHeld>, ServeError> {
+        let Some(streams) = &self.streams else {
+            return Ok(None);
+        };
+        streams
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < streams.limit).then_some(open + 1)
+            })
+            .map(|_| Some(StreamHeld(streams.clone())))
+            .map_err(|_| {
+                self.limited(
+                    format!("{} open streams", streams.limit),
+                    Duration::from_secs(1),
+                )
+            })
+    }
+
+    /// A stream taken over from its checkpoint: counted among the key's open streams, never
+    /// refused (the key was let in when the stream began, wherever that was).
+    pub fn resumed_stream(&self) -> Option<StreamHeld> {
+        let streams = self.streams.as_ref()?;
+        streams.open.fetch_add(1, Ordering::AcqRel);
+        Some(StreamHeld(streams.clone()))
     }
 
     /// `ms` milliseconds of a stream's audio.
@@ -202,6 +244,20 @@ mod tests {
         assert!(k.stream().is_err());
         drop(stream);
         assert!(k.stream().is_ok());
+    }
+
+    #[test]
+    fn a_taken_over_stream_counts_even_past_the_limit() {
+        let k = key("max_streams = 1");
+        let new = k.stream().unwrap();
+        let taken_over = k.resumed_stream();
+        assert!(taken_over.is_some());
+        assert!(k.stream().is_err());
+        drop(new);
+        assert!(k.stream().is_err(), "two were open: one still is");
+        drop(taken_over);
+        assert!(k.stream().unwrap().is_some());
+        assert!(key("").resumed_stream().is_none());
     }
 
     #[test]

@@ -123,10 +123,18 @@ impl Pass {
     }
 }
 
-/// A stream let in: holds its place among the key's open streams while it lives.
+/// A stream's place among its key's open streams, given back when dropped: held by what lives
+/// as long as the stream, its session (which outlives its connections for the resume window),
+/// or a call that is the whole stream.
+pub struct StreamPlace {
+    _held: Option<limits::StreamHeld>,
+}
+
+/// A stream's connection let in: the key's audio allowance, and for a stream that lives and
+/// dies with its call, the stream's place.
 pub struct StreamPass {
     key: Option<Arc<Key>>,
-    _open: Option<OwnedSemaphorePermit>,
+    _place: StreamPlace,
 }
 
 impl StreamPass {
@@ -353,22 +361,43 @@ impl Access {
         })
     }
 
-    /// A new stream for an admitted caller: a place among its key's open streams.
+    /// A stream that lives and dies with its call (a whole file, a `Speech` call): its key's
+    /// audio allowance, holding a place among the key's open streams.
     pub fn stream(&self, pass: &Pass, model: &str) -> Result<StreamPass, ServeError> {
+        Ok(StreamPass {
+            key: pass.key.clone(),
+            _place: self.stream_place(pass, model)?,
+        })
+    }
+
+    /// A connection to a stream whose session holds its place ([`stream_place`](Self::stream_place)):
+    /// the key's audio allowance alone. A resume of a stream the key holds is never refused
+    /// for the key's open streams.
+    pub fn stream_allowance(&self, pass: &Pass) -> StreamPass {
+        StreamPass {
+            key: pass.key.clone(),
+            _place: StreamPlace { _held: None },
+        }
+    }
+
+    /// A new stream's place among its key's open streams, or the refusal (429) at its limit.
+    pub fn stream_place(&self, pass: &Pass, model: &str) -> Result<StreamPlace, ServeError> {
         let Some(key) = &pass.key else {
-            return Ok(StreamPass {
-                key: None,
-                _open: None,
-            });
+            return Ok(StreamPlace { _held: None });
         };
-        let open = key.stream().inspect_err(|error| {
+        let held = key.stream().inspect_err(|error| {
             self.audit
                 .refused(&key.spec.name, model, pass.address, error);
         })?;
-        Ok(StreamPass {
-            key: Some(key.clone()),
-            _open: open,
-        })
+        Ok(StreamPlace { _held: held })
+    }
+
+    /// The place of a stream taken over from its checkpoint: counted, even past the key's
+    /// limit, never refused (the key was let in when the stream began, on whichever instance).
+    pub fn resumed_stream_place(&self, pass: &Pass) -> StreamPlace {
+        StreamPlace {
+            _held: pass.key.as_ref().and_then(|key| key.resumed_stream()),
+        }
     }
 
     /// Forgets addresses not seen lately (the per-address buckets would otherwise grow with

@@ -46,8 +46,11 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
     /// A new key for `--stream-token-keys`: 256 random bits, one line. Put the same file on
-    /// every instance; to rotate, add a new key as the first line everywhere, and remove the
-    /// old one once its tokens have expired (`--stream-resume-secs`).
+    /// every instance. To rotate without dropping streams, in three roll-outs: add the new key
+    /// as the second line on every instance (it verifies, the old key still signs); once every
+    /// instance has it, move it to the first line (it signs); once every instance signs with
+    /// it, wait `--stream-resume-secs` and remove the old key. A new key first on one instance
+    /// before all have it signs tokens the others refuse.
     NewStreamKey,
     /// A new random key: prints the key (once: the file keeps only its hash) and the entry to
     /// add to the keys file.

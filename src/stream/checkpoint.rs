@@ -6,8 +6,11 @@
 //!
 //! A token is `base64url(1 | key id (8) | postcard(checkpoint) | HMAC-SHA256 (32))`, the MAC
 //! over everything before it. The key id (the first 8 bytes of the key's SHA-256) picks the
-//! key among those accepted, so keys can be rotated: a new key first in every instance's keys
-//! file signs, the old ones after it still verify, until they are removed.
+//! key among those accepted, so keys can be rotated without dropping a stream, in three
+//! phases (docs/streaming.md, "Keys"): the new key added second on every instance (it only
+//! verifies); once it is everywhere, moved first (it signs); the old one removed once its
+//! last tokens expired. Moving it first anywhere before it is everywhere would sign tokens
+//! that the instances without it refuse.
 
 use std::path::Path;
 
@@ -141,26 +144,41 @@ impl TokenKeys {
     }
 
     /// Keys from a value: comma- or newline-separated, the first signing (an environment
-    /// variable's form of a keys file).
+    /// variable's form of a keys file). The value may have come from the flag, its
+    /// environment variable or the config file: the error names all three, and a bad key by
+    /// its place among the value's keys (never its text).
     pub fn from_value(value: &str) -> Result<TokenKeys, String> {
-        TokenKeys::parse(&value.replace(',', "\n"))
-            .map_err(|e| format!("STREAMSERVE_STREAM_TOKEN_KEY: {e}"))
+        let items = value.split([',', '\n']).map(str::trim);
+        let items = items.filter(|item| !item.is_empty() && !item.starts_with('#'));
+        TokenKeys::from_items(
+            items
+                .enumerate()
+                .map(|(n, item)| (format!("key {}", n + 1), item)),
+        )
+        .map_err(|e| {
+            format!(
+                "the stream token key value (--stream-token-key, \
+                     STREAMSERVE_STREAM_TOKEN_KEY or stream_token_key in the config file): {e}"
+            )
+        })
     }
 
     fn parse(text: &str) -> Result<TokenKeys, String> {
+        let lines = text.lines().enumerate().map(|(n, line)| (n, line.trim()));
+        let keys = lines.filter(|(_, line)| !line.is_empty() && !line.starts_with('#'));
+        TokenKeys::from_items(keys.map(|(n, line)| (format!("line {}", n + 1), line)))
+    }
+
+    /// Keys from their items, each with where it is (for the error).
+    fn from_items<'a>(items: impl Iterator<Item = (String, &'a str)>) -> Result<TokenKeys, String> {
         let mut keys = Vec::new();
-        for (n, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            if line.chars().count() < MIN_KEY_CHARS {
+        for (place, item) in items {
+            if item.chars().count() < MIN_KEY_CHARS {
                 return Err(format!(
-                    "line {}: a key must be at least {MIN_KEY_CHARS} characters",
-                    n + 1
+                    "{place}: a key must be at least {MIN_KEY_CHARS} characters"
                 ));
             }
-            keys.push(Key::new(line.as_bytes()));
+            keys.push(Key::new(item.as_bytes()));
         }
         if keys.is_empty() {
             return Err("no key in it".into());
@@ -348,6 +366,19 @@ mod tests {
         assert!(TokenKeys::from_value("short")
             .unwrap_err()
             .contains("STREAMSERVE_STREAM_TOKEN_KEY"));
+        // The second of the value's keys is "key 2", wherever the value came from.
+        let second = TokenKeys::from_value(&format!("{B}, short")).unwrap_err();
+        assert!(
+            second.contains("key 2: a key must be at least 32"),
+            "{second}"
+        );
+        assert!(second.contains("--stream-token-key") && second.contains("stream_token_key in"));
+        assert!(!second.contains("line"), "{second}");
+        assert!(
+            !second.contains("short"),
+            "the key's text is never shown: {second}"
+        );
+        assert!(TokenKeys::from_value(" , ").unwrap_err().contains("no key"));
     }
 
     #[test]

@@ -12,4 +12,5 @@ pub mod layout;
 pub mod pace;
 pub mod pipeline;
 pub mod protocol;
+pub mod resume;
 pub mod vad;

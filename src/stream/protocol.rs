@@ -41,11 +41,12 @@ pub struct StartMessage {
     pub checkpoints: bool,
     #[serde(default)]
     pub results: ResultsMode,
+    /// Detection settings of a voice activity stream (refused on a keyword stream).
     #[serde(default)]
-    pub vad: VadOptions,
-    /// Detection settings of a keyword stream.
+    pub vad: Given<VadOptions>,
+    /// Detection settings of a keyword stream (refused on a voice activity stream).
     #[serde(default)]
-    pub keyword: KeywordOptions,
+    pub keyword: Given<KeywordOptions>,
     /// `false`: the model's gate (if its stream declares one) is left out, and every stage
     /// runs on all the audio. Absent: the gate runs.
     #[serde(default)]
@@ -54,6 +55,28 @@ pub struct StartMessage {
 
 fn default_rate() -> u32 {
     16000
+}
+
+/// Options that read as their defaults when left out, and remember whether the client sent
+/// them: those of the other kind of stream are refused, not ignored.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Given<T> {
+    pub value: T,
+    /// The `start` message had them.
+    pub given: bool,
+}
+
+impl<T> std::ops::Deref for Given<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Given<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        T::deserialize(deserializer).map(|value| Given { value, given: true })
+    }
 }
 
 /// Which messages a stream sends while it runs.
@@ -86,6 +109,12 @@ pub enum ServerMessage<'a> {
         resume_window_secs: u64,
         /// Audio samples between two checkpoints (0: none are sent).
         checkpoint_samples: u64,
+        /// Present (true) when a stream was taken over on another model version than its
+        /// checkpoint's, from a zero state: every result from the checkpoint's audio on is
+        /// computed again by this version and sent, numbered from `next_seq` (after the
+        /// client's `last_seq`), so results for audio the client has results for come again.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        fresh_state: bool,
     },
     /// A resume token: the stream as of sample `samples`, results up to `next_seq - 1`. A
     /// client keeps its audio from `samples` on, to send again if it resumes from this token.
@@ -160,6 +189,8 @@ pub enum SentMessage {
         samples_received: u64,
         chunk_samples: u64,
         next_seq: u64,
+        #[serde(default)]
+        fresh_state: bool,
     },
     Checkpoint {
         token: String,
@@ -256,7 +287,8 @@ mod tests {
             panic!()
         };
         assert_eq!(start.last_seq, Some(7));
-        assert_eq!(start.vad.threshold, 0.6);
+        assert_eq!((start.vad.threshold, start.vad.given), (0.6, true));
+        assert!(!start.keyword.given);
         assert!(
             serde_json::from_str::<ClientMessage>(r#"{"type":"start","samplerate":8000}"#).is_err()
         );

@@ -288,10 +288,18 @@ pub(super) fn describe() {
     describe_counter!(
         "streamserve_stream_takeovers_total",
         Unit::Count,
-        "Streams this instance took over from a checkpoint made elsewhere (or before a restart)"
+        "Streams this instance took over from a checkpoint made elsewhere (or before a restart), by model"
+    );
+    describe_counter!(
+        "streamserve_stream_resume_refused_total",
+        Unit::Count,
+        "Stream resumes refused, by reason: malformed, too_long, unknown_key, tampered, expired, other_stream, wrong_model, last_seq, superseded, ended, unknown_stream"
     );
     describe_machine();
-    metrics::counter!("streamserve_stream_takeovers_total").increment(0);
+    for &reason in crate::stream::resume::RESUME_REFUSAL_REASONS {
+        metrics::counter!("streamserve_stream_resume_refused_total", "reason" => reason)
+            .increment(0);
+    }
     metrics::counter!("streamserve_body_timeouts_total").increment(0);
     metrics::counter!("streamserve_body_memory_refusals_total").increment(0);
     metrics::counter!("streamserve_admission_refused_total").increment(0);

@@ -325,6 +325,7 @@ pub fn register_model_series(info: &crate::model::ModelInfo) {
             "streamserve_stream_resumes_total",
             "streamserve_stream_checkpoints_total",
             "streamserve_stream_handovers_total",
+            "streamserve_stream_takeovers_total",
         ] {
             metrics::counter!(name, &model).increment(0);
         }

@@ -301,3 +301,26 @@ pub async fn open_stream(url: &str) -> Result<String, Option<(CloseCode, String)
         }
     }
 }
+
+/// Sends a new stream's `start` on `ws` and reads the answer: its first message's type, or the
+/// close code and reason of a refusal (after its `error` message).
+pub async fn first_answer(ws: &mut Socket) -> Result<String, (CloseCode, String)> {
+    let start = json!({"type": "start"}).to_string();
+    ws.send(Message::text(start)).await.unwrap();
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+        match next.expect("an answer within 10 s") {
+            Some(Ok(Message::Text(text))) => {
+                let m: Value = serde_json::from_str(&text).unwrap();
+                if m["type"] != "error" {
+                    return Ok(m["type"].as_str().unwrap_or_default().to_string());
+                }
+            }
+            Some(Ok(Message::Close(Some(frame)))) => {
+                return Err((frame.code, frame.reason.to_string()))
+            }
+            Some(Ok(_)) => {}
+            other => panic!("no answer: {other:?}"),
+        }
+    }
+}

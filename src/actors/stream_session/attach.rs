@@ -11,28 +11,44 @@ use bytestring::ByteString;
 use super::{Attach, Attached, Detach, StreamSession};
 use crate::stream::protocol::ServerMessage;
 
+/// Why a session refused a connection.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AttachRefused {
+    #[error("stream has already ended")]
+    Ended,
+    #[error(
+        "resume token is superseded: the stream was resumed from a newer one \
+         (checkpoint {redeemed}, this is {token})"
+    )]
+    Superseded { redeemed: u32, token: u32 },
+    #[error(
+        "results from seq {from} are no longer kept (oldest kept: {oldest}); start a new stream"
+    )]
+    NotKept { from: u64, oldest: u64 },
+    #[error("last_seq {last_seq} is beyond the last result sent ({last_sent})")]
+    Beyond { last_seq: u64, last_sent: i64 },
+}
+
 impl Handler<Attach> for StreamSession {
-    type Result = Result<Attached, String>;
+    type Result = Result<Attached, AttachRefused>;
 
     fn handle(&mut self, attach: Attach, ctx: &mut Self::Context) -> Self::Result {
         if self.finished {
-            return Err("stream has already ended".into());
+            return Err(AttachRefused::Ended);
         }
         let resumed = attach.last_seq.is_some() || self.generation > 0 || self.restored;
         if let (Some(token), Some(redeemed)) = (attach.token_counter, self.redeemed) {
             if token < redeemed {
-                return Err(format!(
-                    "resume token is superseded: the stream was resumed from a newer one \
-                     (checkpoint {redeemed}, this is {token})"
-                ));
+                return Err(AttachRefused::Superseded { redeemed, token });
             }
         }
         let replay_from = attach.last_seq.map_or(0, |s| s + 1);
         if let Some(&(oldest, _)) = self.outbox.front() {
             if replay_from < oldest {
-                return Err(format!(
-                    "results from seq {replay_from} are no longer kept (oldest kept: {oldest}); start a new stream"
-                ));
+                return Err(AttachRefused::NotKept {
+                    from: replay_from,
+                    oldest,
+                });
             }
         }
         // A restored stream has not computed again what the client already has.
@@ -40,11 +56,10 @@ impl Handler<Attach> for StreamSession {
             .next_seq
             .max(self.suppress_through.map_or(0, |through| through + 1));
         if replay_from > known {
-            return Err(format!(
-                "last_seq {} is beyond the last result sent ({})",
-                replay_from - 1,
-                self.next_seq as i64 - 1
-            ));
+            return Err(AttachRefused::Beyond {
+                last_seq: replay_from - 1,
+                last_sent: self.next_seq as i64 - 1,
+            });
         }
         if let Some(timer) = self.resume_timer.take() {
             ctx.cancel_future(timer);
@@ -76,6 +91,8 @@ impl Handler<Attach> for StreamSession {
             next_seq: self.next_seq,
             resume_window_secs: self.params.resume_window.as_secs(),
             checkpoint_samples: self.params.checkpoint_samples,
+            // Said once, to the connection that took the stream over.
+            fresh_state: std::mem::take(&mut self.fresh_state),
         }
         .to_json();
         let _ = attach.connection.messages.try_send(started.into());

@@ -69,10 +69,12 @@ impl StreamSession {
     }
 
     /// Takes over a stream from `checkpoint` (verified by the caller) on `model`, which must
-    /// be the checkpoint's model. Results up to `last_seq` are computed again but not sent:
-    /// the client has them. On the checkpoint's own version the model state goes on; on
-    /// another (`fresh_state`: the stream's version is served nowhere here) it starts again
-    /// from a zero state, and the results differ from an uninterrupted run's.
+    /// be the checkpoint's model. On the checkpoint's own version the model state goes on, and
+    /// results up to `last_seq` are computed again but not sent: the client has them, and
+    /// recomputing gives the same ones. On another version (`fresh_state`: the stream's is not
+    /// served here) it starts again from a zero state, and its results are not the ones the
+    /// client has (other speech events fall elsewhere, so a `seq` names another result): every
+    /// one from the checkpoint on is sent, numbered after `last_seq` (`started` says so).
     pub fn restore(
         checkpoint: Checkpoint,
         models: StreamModels,
@@ -115,7 +117,12 @@ impl StreamSession {
         session.next_seq = checkpoint.next_seq;
         session.checkpoints = checkpoint.counter;
         session.redeemed = Some(checkpoint.counter);
-        session.suppress_through = last_seq;
+        if fresh_state {
+            session.next_seq = session.next_seq.max(last_seq.map_or(0, |last| last + 1));
+            session.fresh_state = true;
+        } else {
+            session.suppress_through = last_seq;
+        }
         session.restored = true;
         session.segments_omitted = checkpoint.segments_omitted;
         Ok(session)

@@ -20,6 +20,7 @@ mod checkpoint;
 mod flush;
 mod step;
 
+pub use attach::AttachRefused;
 pub use checkpoint::{Handover, Progress, Retire, ServedBy};
 pub use flush::{feed, feed_from, FeedError, Flush};
 
@@ -33,6 +34,7 @@ use bytestring::ByteString;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::catalog::ServedModel;
+use crate::access::StreamPlace;
 use crate::error::ServeError;
 use crate::manifest::StreamKind;
 use crate::model::ModelInfo;
@@ -144,7 +146,7 @@ pub struct Abandon {
 }
 
 #[derive(Message)]
-#[rtype(result = "Result<Attached, String>")]
+#[rtype(result = "Result<Attached, AttachRefused>")]
 pub struct Attach {
     pub connection: Connection,
     pub last_seq: Option<u64>,
@@ -227,6 +229,13 @@ pub struct StreamSession {
     segments_omitted: u64,
     /// Flushes waiting for `samples_done` to reach their audio ([`Flush`]).
     flushes: Vec<(u64, oneshot::Sender<()>)>,
+    /// Its place among its caller's key's open streams: held while the stream lives, through
+    /// its resume window, and given back the moment it ends.
+    place: Option<StreamPlace>,
+    /// Taken over on another version than its checkpoint's, from a zero state (the results
+    /// from the checkpoint on are the new version's, all sent, numbered after the client's),
+    /// and the connection that took it over has not been told yet.
+    fresh_state: bool,
 }
 
 /// A stream's chunk counter and latency histogram, and each stage's step counter.
@@ -353,7 +362,15 @@ impl StreamSession {
             summarized: false,
             segments_omitted: 0,
             flushes: Vec::new(),
+            place: None,
+            fresh_state: false,
         })
+    }
+
+    /// The session holds the stream's place among its key's open streams until it stops.
+    pub fn holding(mut self, place: StreamPlace) -> StreamSession {
+        self.place = Some(place);
+        self
     }
 
     fn seconds(&self, samples: u64) -> f64 {
@@ -444,6 +461,8 @@ impl StreamSession {
             keywords: (self.kind == StreamKind::Keyword).then_some(self.keywords.events),
         });
         self.summarized = true;
+        // Before the close: a client that hears its stream ended may open another at once.
+        self.place = None;
         self.disconnect(CloseCode::Normal, "stream ended".into());
         ctx.stop();
     }
@@ -458,6 +477,7 @@ impl StreamSession {
             message: &message,
         });
         self.finished = true;
+        self.place = None;
         let code = if matches!(
             error,
             ServeError::Overloaded { .. } | ServeError::NotReady { .. }
@@ -477,6 +497,7 @@ impl Actor for StreamSession {
     fn stopped(&mut self, ctx: &mut Self::Context) {
         // Wakes a connection waiting for audio credits: this stream takes no more audio.
         self.credits.close();
+        self.place = None;
         if let Some(ended) = &self.ended {
             ended.do_send(StreamEnded {
                 id: self.id.clone(),
@@ -569,6 +590,8 @@ impl Handler<Abandon> for StreamSession {
         }
         tracing::debug!(stream = %self.id, "the stream's opening step was refused; it stops");
         self.finished = true;
+        // Before the answer: the caller's next start may take the place at once.
+        self.place = None;
         self.connection = None;
         ctx.stop();
     }

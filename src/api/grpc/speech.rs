@@ -132,7 +132,7 @@ impl SpeechService {
             .send(attach)
             .await
             .map_err(|_| Status::unavailable("the stream session stopped"))?
-            .map_err(|e| Status::from(ServeError::Inference(e)))?;
+            .map_err(|e| Status::from(ServeError::Inference(e.to_string())))?;
         Ok(Running {
             session,
             messages,

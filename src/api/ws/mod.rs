@@ -132,7 +132,10 @@ async fn open_stream(
     state
         .access
         .check_version(&pass, &served.info.name, &served.info.version)?;
-    let stream_pass = state.access.stream(&pass, &served.info.name)?;
+    // The key's open streams are counted by their sessions: a new stream's place is taken
+    // once `start` says it is new (a resume of one the key holds takes none, and is never
+    // refused for it, though its old connection may still be open).
+    let stream_pass = state.access.stream_allowance(&pass);
     let caller = open::Caller {
         served,
         pass: pass.without_permit(),
@@ -219,7 +222,9 @@ async fn connection(
     }
     let opened = match open::open_session(start, caller, &config).await {
         Ok(opened) => opened,
-        Err(reason) => return write::close_with_error(ws, CloseCode::Policy, reason).await,
+        Err(refused) => {
+            return write::close_with_error(ws, refused.close_code(), refused.to_string()).await
+        }
     };
     let (attached, messages_rx, close_rx) = match opened.attach(OUTGOING_CAPACITY).await {
         Ok(c) => (c.attached, c.messages, c.close),
@@ -231,9 +236,6 @@ async fn connection(
         }
     };
     let session = opened.session;
-    if resuming {
-        tracing::info!(generation = attached.generation, "stream resumed");
-    }
     let (reader_close_tx, reader_close_rx) = mpsc::channel(1);
     let (pongs, pongs_rx) = mpsc::channel(write::PONGS_QUEUED);
     let (session_close, session_let_go) = relay_close(close_rx);

@@ -2,6 +2,11 @@
 //! stream that lives on this instance, by its `stream_id` (results the client missed are sent
 //! again); or a stream taken over from a checkpoint's `resume` token, which any instance that
 //! shares the fleet's token keys can do (docs/streaming.md, "Resume on any instance").
+//!
+//! A new stream, and one restored here from its checkpoint, hold their place among the
+//! caller's key's open streams in their session, for as long as the stream lives (its resume
+//! window included); a resume of a live stream takes none. Every refused resume is counted and
+//! logged by its reason (`stream::resume`).
 
 use std::sync::Arc;
 
@@ -15,12 +20,15 @@ use crate::access::{Access, Pass};
 use crate::actors::catalog::ServedModel;
 use crate::actors::stream_hub::{Adopt, Found, Lookup, Register};
 use crate::actors::stream_session::{
-    Attach, Attached, Connection, Progress, Retire, ServedBy, StreamModels, StreamParams,
-    StreamSession,
+    Attach, AttachRefused, Attached, Connection, Progress, Retire, ServedBy, StreamModels,
+    StreamParams, StreamSession,
 };
 use crate::actors::supervisor::EnsureLoaded;
+use crate::error::ServeError;
+use crate::manifest::StreamKind;
 use crate::stream::checkpoint::Checkpoint;
 use crate::stream::protocol::StartMessage;
+use crate::stream::resume::ResumeRefusal;
 use crate::untrusted::Untrusted;
 
 /// Who opened the stream, on which model (its default version, as the URL asked): what a
@@ -31,9 +39,59 @@ pub(in crate::api) struct Caller {
     pub access: Arc<Access>,
 }
 
+/// How a `start` found its stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(in crate::api) enum Opening {
+    New,
+    /// The stream's live session here, by `stream_id` or by a token.
+    Resumed,
+    /// Restored here from its checkpoint's token.
+    TakenOver,
+}
+
+/// Why a `start` opened no stream.
+#[derive(Debug)]
+pub(in crate::api) enum OpenError {
+    /// It cannot be served (1008 on a WebSocket), and the reason says why.
+    Refused(String),
+    /// A resume refused (1008), counted and logged by its reason when it was made.
+    Resume(ResumeRefusal, String),
+    /// The caller's key holds as many open streams as it may (1013: one may end).
+    KeyLimit(ServeError),
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenError::Refused(reason) | OpenError::Resume(_, reason) => f.write_str(reason),
+            OpenError::KeyLimit(error) => write!(f, "{error}"),
+        }
+    }
+}
+
+impl OpenError {
+    /// The WebSocket close code that carries it.
+    pub fn close_code(&self) -> CloseCode {
+        match self {
+            OpenError::Refused(_) | OpenError::Resume(..) => CloseCode::Policy,
+            OpenError::KeyLimit(_) => CloseCode::Again,
+        }
+    }
+}
+
+impl From<String> for OpenError {
+    fn from(reason: String) -> OpenError {
+        OpenError::Refused(reason)
+    }
+}
+
 /// A session to attach the connection to, and how.
 pub(in crate::api) struct Opened {
     pub session: Addr<StreamSession>,
+    /// The stream's id and model, for the log.
+    pub id: Arc<str>,
+    pub model: String,
+    pub opening: Opening,
     /// Results after this `seq` are (re)sent on attaching.
     pub last_seq: Option<u64>,
     /// The counter of the token the client resumed with.
@@ -76,23 +134,64 @@ impl Opened {
             token_counter: self.token_counter,
         };
         match self.session.send(attach).await {
-            Ok(Ok(attached)) => Ok(AttachedConnection {
-                attached,
-                messages,
-                close,
-            }),
-            Ok(Err(reason)) => Err(AttachError::Refused(reason)),
+            Ok(Ok(attached)) => {
+                if self.opening != Opening::New {
+                    let how = match self.opening {
+                        Opening::TakenOver => "takeover",
+                        _ => "local",
+                    };
+                    tracing::info!(stream = %self.id, model = %self.model, how,
+                        generation = attached.generation, "stream resumed");
+                }
+                Ok(AttachedConnection {
+                    attached,
+                    messages,
+                    close,
+                })
+            }
+            Ok(Err(refused)) => {
+                if let Some(reason) = self.resume_refusal(&refused) {
+                    reason.record(&self.model, Some(&self.id));
+                }
+                Err(AttachError::Refused(refused.to_string()))
+            }
             Err(_) => Err(AttachError::Ended),
         }
     }
+
+    /// A session's refusal of a resume, as a resume refusal (a new stream's is none).
+    fn resume_refusal(&self, refused: &AttachRefused) -> Option<ResumeRefusal> {
+        if self.opening == Opening::New {
+            return None;
+        }
+        Some(match refused {
+            AttachRefused::Ended => ResumeRefusal::Ended,
+            AttachRefused::Superseded { .. } => ResumeRefusal::Superseded,
+            AttachRefused::NotKept { .. } | AttachRefused::Beyond { .. } => ResumeRefusal::LastSeq,
+        })
+    }
 }
 
-/// Finds or makes the session `start` asks for; an `Err` is the reason for a 1008 close.
+/// Finds or makes the session `start` asks for; a refused resume is counted and logged here.
 pub(in crate::api) async fn open_session(
     start: StartMessage,
     caller: Caller,
     config: &StreamsConfig,
-) -> Result<Opened, String> {
+) -> Result<Opened, OpenError> {
+    let model = caller.served.info.name.clone();
+    let named = start.stream_id.clone();
+    let opened = open(start, caller, config).await;
+    if let Err(OpenError::Resume(reason, _)) = &opened {
+        reason.record(&model, named.as_deref());
+    }
+    opened
+}
+
+async fn open(
+    start: StartMessage,
+    caller: Caller,
+    config: &StreamsConfig,
+) -> Result<Opened, OpenError> {
     if let Some(token) = &start.resume {
         let checkpoint = config
             .keys
@@ -101,28 +200,39 @@ pub(in crate::api) async fn open_session(
                 crate::registry::now_ms(),
                 config.resume_window.as_millis() as u64,
             )
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| OpenError::Resume((&e).into(), e.to_string()))?;
         if start
             .stream_id
             .as_ref()
             .is_some_and(|id| *id != checkpoint.stream_id)
         {
-            return Err("the resume token belongs to another stream than stream_id".into());
+            return Err(OpenError::Resume(
+                ResumeRefusal::OtherStream,
+                "the resume token belongs to another stream than stream_id".into(),
+            ));
         }
         return take_over(checkpoint, start.last_seq, caller, config).await;
     }
     if let Some(id) = start.stream_id {
-        let unknown = || format!("unknown or expired stream_id '{}'", Untrusted(&id));
+        let unknown = || {
+            OpenError::Resume(
+                ResumeRefusal::UnknownStream,
+                format!("unknown or expired stream_id '{}'", Untrusted(&id)),
+            )
+        };
         let Ok(Found::Live(session)) = config.hub.send(Lookup { id: id.clone() }).await else {
             return Err(unknown());
         };
         // The stream's own model, at a version this caller may use.
         let (model, version) = session.send(ServedBy).await.map_err(|_| unknown())?;
         if model != caller.served.info.name {
-            return Err(format!(
-                "stream '{}' is on model '{model}', not '{}'",
-                Untrusted(&id),
-                caller.served.info.name
+            return Err(OpenError::Resume(
+                ResumeRefusal::WrongModel,
+                format!(
+                    "stream '{}' is on model '{model}', not '{}'",
+                    Untrusted(&id),
+                    caller.served.info.name
+                ),
             ));
         }
         caller
@@ -131,29 +241,64 @@ pub(in crate::api) async fn open_session(
             .map_err(|e| e.to_string())?;
         return Ok(Opened {
             session,
+            id: id.into(),
+            model,
+            opening: Opening::Resumed,
             last_seq: start.last_seq,
             token_counter: None,
             created: false,
         });
     }
     if start.last_seq.is_some() {
-        return Err("last_seq is only meaningful with stream_id or resume".into());
+        return Err("last_seq is only meaningful with stream_id or resume"
+            .to_string()
+            .into());
     }
+    other_kinds_options(&start, caller.served.info.stream_kind())?;
+    // Before the models load: a key at its limit costs nothing more.
+    let name = caller.served.info.name.clone();
+    let place = caller
+        .access
+        .stream_place(&caller.pass, &name)
+        .map_err(OpenError::KeyLimit)?;
     let id: Arc<str> = uuid::Uuid::new_v4().simple().to_string().into();
     let params = params(config, start.sample_rate, &start, start.checkpoints);
     let hub = Some(config.hub.clone().recipient());
     let models = stage_models(caller.served, params.gate, config).await?;
-    let session = StreamSession::new(id.clone(), models, params, hub)?.start();
+    let session = StreamSession::new(id.clone(), models, params, hub)?
+        .holding(place)
+        .start();
     config.hub.do_send(Register {
-        id,
+        id: id.clone(),
         session: session.clone(),
     });
     Ok(Opened {
         session,
+        id,
+        model: name,
+        opening: Opening::New,
         last_seq: None,
         token_counter: None,
         created: true,
     })
+}
+
+/// Options of the other kind of stream than the model's (`vad` on a keyword spotter,
+/// `keyword` on a voice activity model) are refused, not ignored: the client meant something
+/// the stream will not do.
+fn other_kinds_options(start: &StartMessage, kind: Option<StreamKind>) -> Result<(), OpenError> {
+    let misplaced = match kind {
+        Some(StreamKind::Keyword) if start.vad.given => "vad",
+        Some(StreamKind::Vad) if start.keyword.given => "keyword",
+        _ => return Ok(()),
+    };
+    let kind = match kind {
+        Some(StreamKind::Keyword) => "a keyword",
+        _ => "a voice activity",
+    };
+    Err(OpenError::Refused(format!(
+        "`{misplaced}` options do not apply to this model's streams ({kind} stream)"
+    )))
 }
 
 /// A stream from a verified checkpoint: the live session if it is here and as far along as
@@ -164,13 +309,17 @@ async fn take_over(
     last_seq: Option<u64>,
     caller: Caller,
     config: &StreamsConfig,
-) -> Result<Opened, String> {
+) -> Result<Opened, OpenError> {
     let name = caller.served.info.name.clone();
+    let refused = |reason, message| Err(OpenError::Resume(reason, message));
     if checkpoint.model != name {
-        return Err(format!(
-            "the resume token is for a stream on model '{}', not '{name}'",
-            Untrusted(&checkpoint.model)
-        ));
+        return refused(
+            ResumeRefusal::WrongModel,
+            format!(
+                "the resume token is for a stream on model '{}', not '{name}'",
+                Untrusted(&checkpoint.model)
+            ),
+        );
     }
     caller
         .access
@@ -178,14 +327,26 @@ async fn take_over(
         .map_err(|e| e.to_string())?;
     // The client must have every result before the checkpoint: they are not in it.
     if checkpoint.next_seq > 0 && last_seq.is_none_or(|last| last + 1 < checkpoint.next_seq) {
-        return Err(format!(
-            "the checkpoint starts at seq {}; resume with last_seq {} or later (the results before it are not in the token)",
-            checkpoint.next_seq,
-            checkpoint.next_seq - 1
-        ));
+        return refused(
+            ResumeRefusal::LastSeq,
+            format!(
+                "the checkpoint starts at seq {}; resume with last_seq {} or later (the results before it are not in the token)",
+                checkpoint.next_seq,
+                checkpoint.next_seq - 1
+            ),
+        );
     }
     let token_counter = Some(checkpoint.counter);
     let id: Arc<str> = checkpoint.stream_id.as_str().into();
+    let found = |session, opening, last_seq| Opened {
+        session,
+        id: id.clone(),
+        model: name.clone(),
+        opening,
+        last_seq,
+        token_counter,
+        created: opening == Opening::TakenOver,
+    };
     let mut stale = None;
     match config.hub.send(Lookup { id: id.to_string() }).await {
         Ok(Found::Live(session)) => {
@@ -193,28 +354,25 @@ async fn take_over(
             // A token older than one this copy was resumed with would roll the stream back to
             // it, and close the client that resumed with the newer one.
             if let Some(redeemed) = copy.redeemed.filter(|&r| checkpoint.counter < r) {
-                return Err(format!(
-                    "resume token is superseded: the stream was resumed from a newer one \
-                     (checkpoint {redeemed}, this is {})",
-                    checkpoint.counter
-                ));
+                let refusal = AttachRefused::Superseded {
+                    redeemed,
+                    token: checkpoint.counter,
+                };
+                return refused(ResumeRefusal::Superseded, refusal.to_string());
             }
             // This copy can go on if it needs no audio the client no longer keeps (before the
             // checkpoint) and has every result the client has (it sends again what follows).
             let has_results = last_seq.is_none_or(|last| copy.results > last);
             if copy.received >= checkpoint.samples_done && has_results {
-                return Ok(Opened {
-                    session,
-                    last_seq,
-                    token_counter,
-                    created: false,
-                });
+                return Ok(found(session, Opening::Resumed, last_seq));
             }
             // A copy of the stream went further elsewhere: this one is behind; it goes.
             session.do_send(Retire);
             stale = Some(session);
         }
-        Ok(Found::Finished) => return Err(format!("stream '{id}' has ended")),
+        Ok(Found::Finished) => {
+            return refused(ResumeRefusal::Ended, format!("stream '{id}' has ended"))
+        }
         Ok(Found::Unknown) | Err(_) => {}
     }
     let (model, fresh_state) = checkpoint_model(&checkpoint, caller.served, config).await;
@@ -226,13 +384,16 @@ async fn take_over(
     );
     let hub = Some(config.hub.clone().recipient());
     let models = stage_models(model, checkpoint.gate, config).await?;
-    let restored =
-        StreamSession::restore(checkpoint, models, params, last_seq, fresh_state, hub)?.start();
+    // The key was let in when the stream began: a takeover is counted, never refused.
+    let place = caller.access.resumed_stream_place(&caller.pass);
+    let restored = StreamSession::restore(checkpoint, models, params, last_seq, fresh_state, hub)?
+        .holding(place)
+        .start();
     // Two takeovers of one stream may race: the hub keeps one, the other goes.
     let session = config
         .hub
         .send(Adopt {
-            id,
+            id: id.clone(),
             session: restored.clone(),
             replacing: stale,
         })
@@ -240,20 +401,10 @@ async fn take_over(
         .map_err(|_| "the server is stopping".to_string())?;
     if session != restored {
         restored.do_send(Retire);
-        return Ok(Opened {
-            session,
-            last_seq,
-            token_counter,
-            created: false,
-        });
+        return Ok(found(session, Opening::Resumed, last_seq));
     }
-    metrics::counter!("streamserve_stream_takeovers_total").increment(1);
-    Ok(Opened {
-        session,
-        last_seq: None,
-        token_counter,
-        created: true,
-    })
+    metrics::counter!("streamserve_stream_takeovers_total", "model" => name.clone()).increment(1);
+    Ok(found(session, Opening::TakenOver, None))
 }
 
 /// The checkpoint's own model version, loaded here if it is listed but cold; when this
@@ -334,8 +485,8 @@ fn params(
         sample_rate: start.sample_rate,
         format: start.format,
         results: start.results,
-        vad: start.vad.clone(),
-        keyword: start.keyword.clone(),
+        vad: start.vad.value.clone(),
+        keyword: start.keyword.value.clone(),
         gate: start.gate.unwrap_or(true),
         resume_window: config.resume_window,
         keys: config.keys.clone(),

@@ -103,7 +103,7 @@ pub(super) async fn segments(
         .send(attach)
         .await
         .map_err(|_| ServeError::Inference("stream session stopped".into()))?
-        .map_err(ServeError::Inference)?;
+        .map_err(|refused| ServeError::Inference(refused.to_string()))?;
     let duration = wav.samples.len() as f64 / wav.sample_rate as f64;
     session.do_send(Audio(wav.samples));
     session.do_send(End);

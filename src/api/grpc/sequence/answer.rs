@@ -192,12 +192,16 @@ impl Gathered {
                 samples_received,
                 chunk_samples,
                 next_seq,
+                fresh_state,
             } => {
                 set("stream_id", StringParam(stream_id));
                 set("resumed", BoolParam(resumed));
                 set("samples_received", Int64Param(samples_received as i64));
                 set("chunk_samples", Int64Param(chunk_samples as i64));
                 set("next_seq", Int64Param(next_seq as i64));
+                if fresh_state {
+                    set("fresh_state", BoolParam(true));
+                }
                 self.version = Some(version);
             }
             Sent::Checkpoint {

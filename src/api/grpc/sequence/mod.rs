@@ -249,14 +249,16 @@ struct Live {
 
 impl Live {
     /// The sequence's start was refused: a stream this call made (a new one, or one restored
-    /// from a checkpoint) stops at once, with its place among the caller's open streams; a
-    /// stream it found live waits for a resume as before. Not "the first to attach": when two
-    /// takeovers of one token race, the one that lost the race may attach first.
-    fn abandon(self) {
+    /// from a checkpoint) stops at once, and has given back its place among the caller's open
+    /// streams when this returns; a stream it found live waits for a resume as before. Not
+    /// "the first to attach": when two takeovers of one token race, the one that lost the
+    /// race may attach first.
+    async fn abandon(self) {
         if self.created {
-            self.session.do_send(Abandon {
+            let abandon = Abandon {
                 generation: self.attached.generation,
-            });
+            };
+            let _ = self.session.send(abandon).await;
         }
     }
 }
@@ -323,7 +325,7 @@ impl SequenceTask {
                             queue.close();
                             if let Some(live) = self.live.take() {
                                 if refused_start {
-                                    live.abandon();
+                                    live.abandon().await;
                                 }
                             }
                         }
@@ -491,10 +493,9 @@ impl SequenceTask {
             .access
             .check_version(&pass, &served.info.name, &served.info.version)
             .map_err(|e| e.to_string())?;
-        let access = state
-            .access
-            .stream(&pass, &served.info.name)
-            .map_err(|e| e.to_string())?;
+        // The stream's place among the key's open streams is its session's (taken when the
+        // stream is new, none for a resume).
+        let access = state.access.stream_allowance(&pass);
         let resuming = start.stream_id.is_some() || start.resume.is_some();
         if !resuming {
             state
@@ -520,7 +521,8 @@ impl SequenceTask {
         });
         let opened = opened
             .await
-            .map_err(|_| "the server is stopping".to_string())??;
+            .map_err(|_| "the server is stopping".to_string())?
+            .map_err(|refused| refused.to_string())?;
         let connection = match opened.attach(OUTGOING_CAPACITY).await {
             Ok(connection) => connection,
             Err(AttachError::Refused(reason)) => return Err(reason),
