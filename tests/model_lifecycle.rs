@@ -301,4 +301,10 @@ async fn a_version_that_does_not_fit_is_refused_before_it_loads() {
         reason.contains("does not fit") && reason.contains("needs about 12 MiB on cpu"),
         "{reason}"
     );
+    // It was the only model: a server that can serve nothing is not ready (a load balancer
+    // sends it no traffic), where one with a refused model beside others stays ready.
+    assert_eq!(
+        get(&client(), &format!("{url}/v2/health/ready")).await.0,
+        400
+    );
 }

@@ -166,15 +166,28 @@ impl Catalog {
             .filter(|served| served.health.ready())
     }
 
-    /// Ready when every serving version has at least one healthy replica.
+    /// Ready when every serving version has at least one healthy replica, and some listed
+    /// version can serve (is serving, loading, or loadable on a request). A refused model
+    /// leaves the server ready for the others; one that lists only refused versions (a bad
+    /// hash, a memory budget nothing fits) is not ready, rather than ready for nothing.
     pub fn ready(&self) -> bool {
-        self.models
-            .values()
-            .flat_map(|m| m.versions.values())
-            .all(|state| match state {
-                VersionState::Serving(served) => served.health.ready(),
-                _ => true,
-            })
+        let mut versions = self.models.values().flat_map(|m| m.versions.values());
+        let (mut listed, mut can_serve) = (false, false);
+        let healthy = versions.all(|state| {
+            listed = true;
+            match state {
+                VersionState::Serving(served) => {
+                    can_serve = true;
+                    served.health.ready()
+                }
+                VersionState::Loading { .. } | VersionState::Cold { last_error: None, .. } => {
+                    can_serve = true;
+                    true
+                }
+                VersionState::Cold { .. } | VersionState::Unavailable { .. } => true,
+            }
+        });
+        healthy && (can_serve || !listed)
     }
 }
 
