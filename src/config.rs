@@ -9,7 +9,7 @@
 //! - [`Config`] holds its type and, in `Config::default()`, its default value. The TOML file is
 //!   read straight into `Config` (`#[serde(default, deny_unknown_fields)]`), so toml names a
 //!   misspelt or mistyped key with its line; the flags set are then laid over it by name, through
-//!   their serde form, and only `normalise` below is per key.
+//!   their serde form, and only `normalise` (`config/validate.rs`) is per key.
 //!
 //! A layering crate (figment) was weighed: it would replace the ten lines of [`Config::resolve`]
 //! but brings several crates (a proc-macro among them), and its gain, naming the layer a bad
@@ -19,11 +19,14 @@
 //! environment variable is `STREAMSERVE_<KEY>`, and that each help text's `[default: ...]` is
 //! `Config::default()`'s.
 //!
-//! Adding a key: a field in `ServeArgs` (doc, flag, env), a field in `Config` and its default.
+//! Adding a key: a field in `ServeArgs` (doc, flag, env), a field in `Config` and its default;
+//! a duration or a thread count also gets its maximum in `config/validate.rs`, a secret its
+//! place in `SECRET_KEYS`.
 //!
 //! Secrets: the admin token may come from `STREAMSERVE_ADMIN_TOKEN` or a file
 //! (`admin_token_file`, e.g. a mounted secret) rather than a flag, which `ps` shows; the `Debug`
-//! forms of `ServeArgs` and `Config` print it as `<redacted>`.
+//! forms of `ServeArgs` and `Config` print it as `<redacted>`, and a config-file error never
+//! quotes a secret's line (`config/validate.rs`).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -60,13 +63,14 @@ pub struct ServeArgs {
     /// Log line format [default: text].
     #[arg(long, env = "STREAMSERVE_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
-    /// Log filter in `RUST_LOG` syntax [default: info].
+    /// Log filter in `RUST_LOG` syntax; a directive that does not parse is an error
+    /// [default: info].
     #[arg(long, env = "STREAMSERVE_LOG")]
     pub log: Option<String>,
     /// Largest request body accepted, in bytes [default: 67108864].
     #[arg(long, env = "STREAMSERVE_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
-    /// HTTP worker threads; at least 1 [default: number of CPUs].
+    /// HTTP worker threads; 1 to 1024 [default: number of CPUs].
     #[arg(long, env = "STREAMSERVE_HTTP_WORKERS")]
     pub http_workers: Option<usize>,
     /// Path of libonnxruntime; otherwise `ORT_DYLIB_PATH`, then the project's `.venv`.
@@ -94,7 +98,8 @@ pub struct ServeArgs {
     /// least 1 [default: 30].
     #[arg(long, env = "STREAMSERVE_STREAM_IDLE_SECS")]
     pub stream_idle_secs: Option<u64>,
-    /// Seconds to finish in-flight work after SIGTERM before exiting [default: 30].
+    /// Seconds, from SIGTERM, to finish in-flight work and exit; a second signal exits at
+    /// once; at most 86400 [default: 30].
     #[arg(long, env = "STREAMSERVE_DRAIN_SECS")]
     pub drain_secs: Option<u64>,
     /// Seconds an idle HTTP keep-alive connection stays open [default: 75]. Longer than the
@@ -132,7 +137,8 @@ pub struct ServeArgs {
     #[arg(long, env = "STREAMSERVE_VRAM_BUDGET_MB")]
     pub vram_budget_mb: Option<u64>,
     /// Token that enables the admin API (/admin, `Authorization: Bearer <token>`); unset = off.
-    /// Prefer the environment variable or `--admin-token-file`: a flag shows in `ps`.
+    /// Trimmed; empty or with control characters it is an error. Prefer the environment
+    /// variable or `--admin-token-file`: a flag shows in `ps`.
     #[arg(long, env = "STREAMSERVE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
     /// File whose contents (trimmed) are the admin token, e.g. a mounted secret; instead of
@@ -188,7 +194,7 @@ pub struct ServeArgs {
     /// Unset: no such listener.
     #[arg(long, env = "STREAMSERVE_STREAM_PORT")]
     pub stream_port: Option<u16>,
-    /// HTTP worker threads of the `--stream-port` listener; at least 1 [default: 1].
+    /// HTTP worker threads of the `--stream-port` listener; 1 to 1024 [default: 1].
     #[arg(long, env = "STREAMSERVE_STREAM_WORKERS")]
     pub stream_workers: Option<usize>,
     /// Largest gRPC message received or sent, in bytes [default: max_body_bytes].
@@ -209,7 +215,7 @@ pub struct ServeArgs {
     /// `models`, as its desired state says; unset = the model directory alone.
     #[arg(long, env = "STREAMSERVE_REGISTRY")]
     pub registry: Option<String>,
-    /// Seconds between two polls of the registry; at least 0.1 [default: 5.0].
+    /// Seconds between two polls of the registry; 0.1 to 86400 [default: 5.0].
     #[arg(long, env = "STREAMSERVE_REGISTRY_POLL_SECS")]
     pub registry_poll_secs: Option<f64>,
     /// Directory that keeps the versions taken from the registry (sha256-verified) and its
@@ -455,6 +461,11 @@ impl Config {
             Some(path) => Config::from_file(path)?,
             None => Config::default(),
         };
+        // Before the merge (the file's in `from_file`): NaN and infinity have no JSON form and
+        // would read as "unset".
+        if let Some(secs) = args.registry_poll_secs {
+            validate::check_poll_secs(secs).context("flags and environment")?;
+        }
         let serde_json::Value::Object(mut merged) = serde_json::to_value(&file)? else {
             unreachable!("a struct serializes to a map")
         };
@@ -467,7 +478,7 @@ impl Config {
         merged.extend(flags.into_iter().filter(|(_, value)| !value.is_null()));
         let config: Config =
             serde_json::from_value(merged.into()).context("flags and environment")?;
-        config.normalise()
+        Ok(config.normalise()?)
     }
 
     /// The port gRPC listens on (0: a free one), or `None` when gRPC is off. Unset, it is 8081,
@@ -499,52 +510,15 @@ impl Config {
 
     /// Reads a TOML config file; keys it leaves out are the defaults.
     pub fn from_file(path: &Path) -> anyhow::Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
-    }
-
-    /// The per-key rules that a type cannot say: lower bounds, and the token file read.
-    fn normalise(mut self) -> anyhow::Result<Config> {
-        self.http_workers = self.http_workers.max(1);
-        self.stream_workers = self.stream_workers.max(1);
-        self.stream_idle_secs = self.stream_idle_secs.max(1);
-        self.body_timeout_secs = self.body_timeout_secs.max(1);
-        self.max_body_memory_mb = self.max_body_memory_mb.max(1);
-        self.admission_target_ms = self.admission_target_ms.max(1);
-        self.drift_reference_rows = self.drift_reference_rows.max(1);
-        self.drift_window_rows = self.drift_window_rows.max(1);
-        anyhow::ensure!(
-            self.registry_poll_secs.is_finite() && self.registry_poll_secs >= 0.1,
-            "registry_poll_secs must be at least 0.1, got {}",
-            self.registry_poll_secs
-        );
-        self.registry = self.registry.take().filter(|r| !r.trim().is_empty());
-        anyhow::ensure!(
-            self.grpc_tls_cert.is_some() == self.grpc_tls_key.is_some(),
-            "grpc_tls_cert and grpc_tls_key go together: set both (TLS) or neither (h2c)"
-        );
-        anyhow::ensure!(
-            self.stream_token_keys.is_none() || self.stream_token_key.is_none(),
-            "both stream_token_keys and stream_token_key are set; set one of them"
-        );
-        if let Some(path) = &self.admin_token_file {
-            anyhow::ensure!(
-                self.admin_token.is_none(),
-                "both admin_token and admin_token_file are set; set one of them"
-            );
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                anyhow::anyhow!("cannot read admin token file {}: {e}", path.display())
-            })?;
-            let token = text.trim();
-            anyhow::ensure!(
-                !token.is_empty(),
-                "admin token file {} is empty",
-                path.display()
-            );
-            self.admin_token = Some(token.to_string());
-        }
-        Ok(self)
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        let config: Config =
+            toml::from_str(&text).map_err(|e| validate::file_error(path, &text, &e))?;
+        validate::check_poll_secs(config.registry_poll_secs)
+            .with_context(|| format!("config file {}", path.display()))?;
+        Ok(config)
     }
 }
 
@@ -590,3 +564,6 @@ impl fmt::Debug for ServeArgs {
 
 #[cfg(test)]
 mod tests;
+mod validate;
+
+pub use validate::{ConfigError, MAX_DURATION_SECS, MAX_WORKERS};

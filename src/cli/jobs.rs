@@ -192,7 +192,7 @@ pub fn run(args: JobsArgs) -> anyhow::Result<()> {
             .build()
             .into(),
         base: args.url.trim_end_matches('/').to_string(),
-        auth: format!("Bearer {}", args.token),
+        auth: format!("Bearer {}", args.token.trim()),
     };
     match args.command {
         JobsCommand::Submit {

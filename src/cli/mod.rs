@@ -261,7 +261,9 @@ pub fn run(args: AdminArgs) -> anyhow::Result<()> {
         .build()
         .into();
     let url = format!("{}{path}", args.url.trim_end_matches('/'));
-    let auth = format!("Bearer {}", args.token);
+    // Trimmed as the server trims its own (a token from a file or a secret often ends in a
+    // newline, which a header cannot carry).
+    let auth = format!("Bearer {}", args.token.trim());
     let response = match body {
         None => agent.get(&url).header("Authorization", &auth).call(),
         Some(body) => agent

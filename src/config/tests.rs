@@ -481,3 +481,5 @@ fn a_grpc_tls_certificate_needs_its_key() {
     let both = Config::resolve(args(Some("/cert.pem"), Some("/key.pem"))).unwrap();
     assert_eq!(both.grpc_tls_key, Some(PathBuf::from("/key.pem")));
 }
+
+mod limits;

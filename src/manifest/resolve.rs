@@ -1,6 +1,6 @@
 //! From the file to [`Manifest`]: reads `models.toml`, applies `[defaults]` to each model,
-//! checks names, hashes, duplicates, input declarations and fallbacks, and fills the replica
-//! bounds. Errors name the file, the model and the offending key.
+//! checks names, versions, hashes, duplicates, input declarations and fallbacks, and fills the
+//! replica bounds. Errors name the file, the model and the offending key.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -9,6 +9,19 @@ use std::time::Duration;
 use super::raw::{RawDefaults, RawManifest};
 use super::types::{AllowedValue, Device, InputDecl, LoadPolicy};
 use super::{Batching, Manifest, ModelEntry, MANIFEST_FILE};
+
+/// Longest model version: the longest the admin API takes (a version it could not name could
+/// be served but never unloaded, deployed or rolled back).
+pub const MAX_VERSION_CHARS: usize = 64;
+const _: () = assert!(MAX_VERSION_CHARS == crate::api::admin::MAX_VERSION_LEN);
+
+/// Letters, digits, `_`, `-`, `.`, at least one: what a model name or version may hold.
+fn is_label(label: &str) -> bool {
+    !label.is_empty()
+        && label
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+}
 
 impl Manifest {
     /// Reads `<dir>/models.toml`. Errors name the file and the offending key.
@@ -123,12 +136,17 @@ impl Manifest {
                 allow_non_finite: m.allow_non_finite,
             };
             anyhow::ensure!(
-                !m.name.is_empty()
-                    && m.name
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)),
+                is_label(&m.name),
                 "model name '{}' must be non-empty and use only letters, digits, '_', '-', '.'",
                 m.name
+            );
+            // A version is addressed as a name is (a URL path segment, an admin request, a
+            // metric label), so it follows the same rule, and the admin API's length limit.
+            anyhow::ensure!(
+                is_label(&m.version) && m.version.chars().count() <= MAX_VERSION_CHARS,
+                "model {}: version '{}' must be 1-{MAX_VERSION_CHARS} letters, digits, '_', '-' or '.'",
+                m.name,
+                crate::untrusted::Untrusted(&m.version)
             );
             anyhow::ensure!(
                 m.sha256.len() == 64 && m.sha256.chars().all(|c| c.is_ascii_hexdigit()),

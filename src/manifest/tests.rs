@@ -1,5 +1,5 @@
 //! Tests of manifest parsing: defaults and overrides, refused manifests with their reasons,
-//! input declarations, and version order.
+//! input declarations, version labels, and version order.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -377,4 +377,26 @@ fn a_gate_is_a_voice_activity_model_before_a_later_stage() {
         let err = format!("{:#}", Manifest::parse(Path::new("/m"), &bad).unwrap_err());
         assert!(err.contains(reason), "{from} -> {to}: {err}");
     }
+}
+
+#[test]
+fn versions_follow_the_name_rule_and_the_admin_limit() {
+    let entry = |version: &str| {
+        format!(
+            "[[models]]\nname='a'\nversion={}\nfile='a'\nsha256='{HASH}'\n",
+            toml::Value::String(version.into())
+        )
+    };
+    for bad in ["", "1/../2", "1 2", "v1:2", "é", "1\n2", &"v".repeat(65)] {
+        let err = Manifest::parse(Path::new("."), &entry(bad)).unwrap_err();
+        assert!(err.to_string().contains("version"), "{bad:?}: {err}");
+        assert!(!err.to_string().contains('\n'), "{bad:?}: {err}");
+    }
+    for good in ["1", "2024-01-02", "v1.2.3_rc-1", &"v".repeat(64)] {
+        let m = Manifest::parse(Path::new("."), &entry(good)).unwrap();
+        assert_eq!(m.models[0].version, good);
+    }
+    // The bundled manifest keeps to it.
+    let bundled = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    Manifest::load(&bundled).unwrap();
 }
