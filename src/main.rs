@@ -33,11 +33,33 @@ fn serve(args: streamserve::config::ServeArgs) -> anyhow::Result<()> {
     let config = Config::resolve(args)?;
     streamserve::telemetry::init_logging(config.log_format, &config.log);
     actix_web::rt::System::new().block_on(async move {
+        let mut signals = Signals::new()?;
         let (running, server) = streamserve::server::start(&config).await?;
         let server = actix_web::rt::spawn(server);
-        wait_for_signal().await?;
-        running.shutdown().await;
-        server.await??;
+        signals.next().await;
+        // The drain is counted from the signal: the orchestrator's kill timeout is.
+        let deadline = tokio::time::Instant::now() + running.drain_time();
+        let stopping = async {
+            if !running.shutdown_by(deadline).await {
+                // Connections are left open: the listener's future would wait for them.
+                return Ok(());
+            }
+            let limit = deadline + streamserve::server::STOP_MARGIN;
+            match tokio::time::timeout_at(limit, server).await {
+                Ok(result) => result?.map_err(anyhow::Error::from),
+                Err(_) => {
+                    tracing::warn!("the listener had not stopped past the drain time; exiting");
+                    Ok(())
+                }
+            }
+        };
+        tokio::select! {
+            result = stopping => result?,
+            _ = signals.next() => {
+                tracing::warn!("second signal: stopping now, without finishing the drain");
+                anyhow::bail!("stopped by a second signal before the drain was over");
+            }
+        }
         tracing::info!("streamserve stopped");
         Ok(())
     })
@@ -64,14 +86,26 @@ fn check_models(dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGTERM (what fly.io and container runtimes send) or SIGINT (Ctrl-C).
-async fn wait_for_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+/// SIGTERM (what fly.io and container runtimes send) and SIGINT (Ctrl-C): the first starts
+/// the drain, a second ends it at once.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
     }
-    Ok(())
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM received"),
+            _ = self.int.recv() => tracing::info!("SIGINT received"),
+        }
+    }
 }

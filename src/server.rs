@@ -46,58 +46,106 @@ pub struct Running {
 }
 
 impl Running {
-    /// Graceful stop. The listeners stop accepting; streams are told to reconnect elsewhere
-    /// (WebSocket close code 1001; a gRPC stream ends UNAVAILABLE once its answers are sent,
-    /// and gRPC connections get GOAWAY); every HTTP response from now on carries
-    /// `Connection: close`, so a keep-alive client
-    /// gets the answer to what it sent and then leaves, instead of sending on a connection that
-    /// is about to be cut. The server future completes once every connection has closed, or
-    /// after the drain time. Returns once nothing the server has read is still unanswered
-    /// (or the drain time is up).
+    /// Graceful stop within the drain time from now: see [`Running::shutdown_by`].
     pub async fn shutdown(&self) {
-        tracing::info!(drain_secs = self.drain.as_secs(), "shutting down");
-        // Running batch jobs stop where they are; they resume at the next start.
-        self.jobs.shutdown().await;
-        // Out of the fleet first: a rollout stops waiting for this instance now.
-        if let Some(fleet) = &self.fleet {
-            fleet.leave().await;
-        }
+        self.shutdown_by(tokio::time::Instant::now() + self.drain)
+            .await;
+    }
+
+    /// The drain time this server was started with.
+    pub fn drain_time(&self) -> Duration {
+        self.drain
+    }
+
+    /// Graceful stop, over by `deadline` (the signal's time plus the drain time: orchestrators
+    /// kill a process that outlives its drain, fly.io at `kill_timeout`), each step bounded by
+    /// it, and at most [`STOP_MARGIN`] past it. The listeners stop accepting; streams are
+    /// told to reconnect elsewhere (WebSocket close code 1001; a gRPC stream ends UNAVAILABLE
+    /// once its answers are sent, and gRPC connections get GOAWAY); every HTTP response from
+    /// now on carries `Connection: close`, so a keep-alive client gets the answer to what it
+    /// sent and then leaves, instead of sending on a connection that is about to be cut.
+    /// Batch jobs stop (they resume at the next start) and the instance leaves the fleet
+    /// meanwhile. Returns once nothing the server has read is still unanswered and the
+    /// connections have closed (true), or at the deadline (false: connections are left, the
+    /// listeners' own futures will not end soon).
+    pub async fn shutdown_by(&self, deadline: tokio::time::Instant) -> bool {
+        use tokio::time::timeout_at;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let drain_secs = (left + Duration::from_millis(500)).as_secs();
+        tracing::info!(drain_secs, "shutting down");
         // First take no more connections: one accepted after the first `Connection: close`
-        // answers would be dropped unread by the stopping worker.
-        self.handle.pause().await;
-        if let Some(streams) = &self.stream_handle {
-            streams.pause().await;
-        }
+        // answers would be dropped unread by the stopping worker. A pause is a message to the
+        // listener's own task, bounded all the same.
+        let pause = async {
+            self.handle.pause().await;
+            if let Some(streams) = &self.stream_handle {
+                streams.pause().await;
+            }
+        };
+        let _ = timeout_at(deadline, pause).await;
         self.work.start_draining();
         let _ = self.shutdown.send(true);
         if let Some(grpc) = &self.grpc {
             grpc.drain();
         }
-        let deadline = tokio::time::Instant::now() + self.drain;
-        while self.work.active() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        if self.work.active() > 0 {
-            tracing::warn!(
-                active = self.work.active(),
-                "drain time is up with work still in flight"
-            );
-        }
-        // Closes the listener and waits for the connections left (idle keep-alive ones until
-        // the drain time is up); gRPC's, whose calls are answered by now, close at once.
+        // Beside the drain, not before it: a hung registry (or job) must neither keep the
+        // listener open nor push the exit past the deadline.
+        let jobs = async {
+            if timeout_at(deadline, self.jobs.shutdown()).await.is_err() {
+                tracing::warn!("batch jobs had not stopped when the drain time was up");
+            }
+        };
+        let fleet = async {
+            if let Some(fleet) = &self.fleet {
+                if timeout_at(deadline, fleet.leave()).await.is_err() {
+                    tracing::warn!("could not leave the fleet within the drain time (is the registry reachable?)");
+                }
+            }
+        };
+        let work = async {
+            while self.work.active() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if self.work.active() > 0 {
+                tracing::warn!(
+                    active = self.work.active(),
+                    "drain time is up with work still in flight"
+                );
+            }
+        };
+        tokio::join!(jobs, fleet, work);
+        // Closes the listeners and waits for the connections left (idle keep-alive ones until
+        // the deadline); gRPC's, whose calls are answered by now, close at once. actix's own
+        // `shutdown_timeout` would start only now: the deadline cuts it.
+        let http = async {
+            let streams = async {
+                if let Some(streams) = &self.stream_handle {
+                    streams.stop(true).await;
+                }
+            };
+            tokio::join!(self.handle.stop(true), streams);
+        };
+        let http = async {
+            let closed = timeout_at(deadline, http).await.is_ok();
+            if !closed {
+                tracing::warn!(
+                    "drain time is up with HTTP connections still open; the exit cuts them"
+                );
+            }
+            closed
+        };
         let grpc = async {
             if let Some(grpc) = &self.grpc {
                 grpc.stop(deadline).await;
             }
         };
-        let streams = async {
-            if let Some(streams) = &self.stream_handle {
-                streams.stop(true).await;
-            }
-        };
-        tokio::join!(self.handle.stop(true), grpc, streams);
+        tokio::join!(http, grpc).0
     }
 }
+
+/// How long past its deadline a shutdown may take: gRPC's forced close waits up to a second
+/// for its connections to go.
+pub const STOP_MARGIN: Duration = Duration::from_secs(1);
 
 /// Loads the models and binds the listener; the returned `Server` future serves until stopped.
 /// Must run inside an actix `System`. Signals are the caller's to handle (see `main.rs`), so

@@ -1,5 +1,6 @@
 //! The `streamserve` binary as a user starts it: flags, environment, config file, a clear
-//! message when something is missing, and a clean exit on SIGTERM.
+//! message when something is missing, and a clean exit on SIGTERM, within the drain time
+//! (at once on a second signal).
 
 mod common;
 
@@ -430,5 +431,100 @@ async fn client_text_in_logs_is_escaped_and_capped() {
             .iter()
             .any(|l| l.starts_with("INFO streamserve::access: forged")),
         "{lines:?}"
+    );
+}
+
+/// A server whose every `mlp` batch takes a minute, with `--drain-secs drain`, one request
+/// in flight on it, and the signal `first` sent: returns the child and when it was signalled.
+async fn signalled_with_a_request_past_the_drain(
+    drain: u64,
+    first: &str,
+) -> (Child, std::time::Instant) {
+    let drain = drain.to_string();
+    let mut child = binary()
+        .args([
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--grpc-port",
+            "off",
+        ])
+        .args([
+            "--models",
+            "models",
+            "--log-format",
+            "json",
+            "--drain-secs",
+            &drain,
+        ])
+        .env("STREAMSERVE_ADMIN_TOKEN", "drain")
+        .spawn()
+        .unwrap();
+    let addr = wait_for_address(&mut child);
+    let c = client();
+    let fault = serde_json::json!({"fault": {"kind": "slow", "ms": 60_000}, "count": 4});
+    let response = c
+        .post(format!("http://{addr}/admin/models/mlp/faults"))
+        .bearer_auth("drain")
+        .json(&fault)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let url = format!("http://{addr}/v2/models/mlp/infer");
+    tokio::spawn(async move { c.post(url).json(&mlp_request(&features(1, 1))).send().await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let signalled = std::time::Instant::now();
+    Command::new("kill")
+        .args([first, &child.id().to_string()])
+        .status()
+        .unwrap();
+    (child, signalled)
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let until = std::time::Instant::now() + within;
+    while std::time::Instant::now() < until {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    panic!("still running {within:?} after the signal");
+}
+
+/// The drain is counted from the signal and bounds every step of the stop: a request that
+/// outlives it does not stretch the exit (actix's own graceful stop would wait a drain time
+/// more), so an orchestrator's kill timeout of drain + a few seconds is never reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_outliving_the_drain_does_not_stretch_the_exit() {
+    let (mut child, signalled) = signalled_with_a_request_past_the_drain(3, "-TERM").await;
+    let status = tokio::task::block_in_place(|| wait_exit(&mut child, Duration::from_secs(20)));
+    let took = signalled.elapsed();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        took >= Duration::from_millis(2_900) && took <= Duration::from_millis(4_500),
+        "exit {took:?} after SIGTERM with --drain-secs 3"
+    );
+}
+
+/// A second Ctrl-C (or SIGTERM) during the drain stops the server at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_stops_at_once() {
+    let (mut child, signalled) = signalled_with_a_request_past_the_drain(20, "-INT").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::task::block_in_place(|| wait_exit(&mut child, Duration::from_secs(10)));
+    let took = signalled.elapsed();
+    assert!(!status.success(), "a drain cut short is no clean exit");
+    assert!(
+        took < Duration::from_secs(3),
+        "exit {took:?} after two SIGINTs"
     );
 }

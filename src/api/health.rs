@@ -24,8 +24,13 @@ async fn live() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "live": true }))
 }
 
+/// Not ready while draining, as gRPC's ServerReady: a client on a connection opened before the
+/// listener paused must not be told to send more.
 async fn ready(state: web::Data<AppState>) -> HttpResponse {
-    answer(state.catalog.snapshot().ready(), "ready")
+    answer(
+        state.catalog.snapshot().ready() && !state.work.draining(),
+        "ready",
+    )
 }
 
 async fn model_ready(
