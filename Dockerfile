@@ -7,7 +7,9 @@
 #
 # fly.toml deploys the CPU image, fly.gpu.toml the `gpu` target; docs/deploy.md explains both.
 # tests/deploy/ reads this file: the runtime stages' ENV and CMD are what it starts the real
-# binary with, and it checks where the binary, the models and libonnxruntime end up.
+# binary with, and it checks where the binary, the models and libonnxruntime end up, and that
+# what the server writes (the registry cache, batch jobs' state) is at absolute paths made for
+# its user: the relative defaults would land in /app, which root owns.
 
 # The ONNX Runtime release whose C API the binary is built against (src/runtime/mod.rs
 # ORT_VERSION, requirements.txt). The binary loads the library at run time (ort load-dynamic).
@@ -52,7 +54,7 @@ RUN sed -i 's/^device = "cpu"/device = "cuda:0"/' /app/models/models.toml \
     && ldconfig \
     && groupadd --system --gid 10001 streamserve \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin streamserve \
-    && install -d -o 10001 -g 10001 /var/cache/streamserve
+    && install -d -o 10001 -g 10001 /var/cache/streamserve /var/lib/streamserve /var/lib/streamserve/jobs
 WORKDIR /app
 USER 10001:10001
 ENV STREAMSERVE_HOST=0.0.0.0 \
@@ -60,7 +62,8 @@ ENV STREAMSERVE_HOST=0.0.0.0 \
     STREAMSERVE_MODELS=/app/models \
     STREAMSERVE_LOG_FORMAT=json \
     STREAMSERVE_DRAIN_SECS=30 \
-    STREAMSERVE_REGISTRY_CACHE=/var/cache/streamserve
+    STREAMSERVE_REGISTRY_CACHE=/var/cache/streamserve \
+    STREAMSERVE_JOBS_DIR=/var/lib/streamserve/jobs
 EXPOSE 8080 8081
 STOPSIGNAL SIGTERM
 CMD ["streamserve", "serve"]
@@ -76,7 +79,7 @@ COPY --from=build /usr/local/bin/streamserve /usr/local/bin/streamserve
 COPY models/ /app/models/
 RUN groupadd --system --gid 10001 streamserve \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin streamserve \
-    && install -d -o 10001 -g 10001 /var/cache/streamserve
+    && install -d -o 10001 -g 10001 /var/cache/streamserve /var/lib/streamserve /var/lib/streamserve/jobs
 WORKDIR /app
 USER 10001:10001
 ENV STREAMSERVE_HOST=0.0.0.0 \
@@ -84,7 +87,8 @@ ENV STREAMSERVE_HOST=0.0.0.0 \
     STREAMSERVE_MODELS=/app/models \
     STREAMSERVE_LOG_FORMAT=json \
     STREAMSERVE_DRAIN_SECS=30 \
-    STREAMSERVE_REGISTRY_CACHE=/var/cache/streamserve
+    STREAMSERVE_REGISTRY_CACHE=/var/cache/streamserve \
+    STREAMSERVE_JOBS_DIR=/var/lib/streamserve/jobs
 EXPOSE 8080 8081
 STOPSIGNAL SIGTERM
 # Exec form: streamserve itself receives SIGTERM and drains (a shell wrapper would not pass it on).

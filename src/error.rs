@@ -99,6 +99,9 @@ pub enum ServeError {
     RateLimited { what: String, retry_after: Duration },
     #[error("server is shutting down")]
     ShuttingDown,
+    /// The server's own storage (the jobs directory) failed: nothing the client can fix.
+    #[error("{0}")]
+    Storage(String),
     /// The model registry, for an admin request that needed it.
     #[error("{0}")]
     Registry(#[from] crate::registry::RegistryError),
@@ -138,6 +141,7 @@ impl ServeError {
             ServeError::Unauthenticated(_) => "unauthenticated",
             ServeError::Forbidden(_) => "forbidden",
             ServeError::RateLimited { .. } => "rate_limited",
+            ServeError::Storage(_) => "storage",
             ServeError::Registry(_) => "registry",
         }
     }
@@ -190,9 +194,9 @@ impl ResponseError for ServeError {
             | ServeError::WorkerLost(_)
             | ServeError::ShuttingDown
             | ServeError::BodyMemoryFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ServeError::Inference(_) | ServeError::ResponseTooLarge { .. } => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            ServeError::Inference(_)
+            | ServeError::ResponseTooLarge { .. }
+            | ServeError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ServeError::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
             ServeError::Registry(e) => {
                 use crate::registry::RegistryError as R;
@@ -261,7 +265,7 @@ impl ServeError {
             | ServeError::WorkerLost(_)
             | ServeError::ShuttingDown
             | ServeError::BodyMemoryFull { .. } => Code::Unavailable,
-            ServeError::Inference(_) => Code::Internal,
+            ServeError::Inference(_) | ServeError::Storage(_) => Code::Internal,
             ServeError::Registry(e) => {
                 use crate::registry::RegistryError as R;
                 match e {
@@ -319,6 +323,8 @@ mod tests {
     fn statuses_follow_the_protocol() {
         assert_eq!(ServeError::ModelNotFound("x".into()).status_code(), 404);
         assert_eq!(ServeError::invalid("bad").status_code(), 400);
+        // The server's own directory is no fault of the request.
+        assert_eq!(ServeError::Storage("disk".into()).status_code(), 500);
         assert_eq!(
             ServeError::PayloadTooLarge { size: 2, limit: 1 }.status_code(),
             413
@@ -372,6 +378,7 @@ mod tests {
                 Code::DeadlineExceeded,
             ),
             (ServeError::Inference("boom".into()), Code::Internal),
+            (ServeError::Storage("disk".into()), Code::Internal),
         ];
         for (error, code) in cases {
             let status = error.to_grpc_status();

@@ -199,7 +199,8 @@ impl Jobs {
         let id = record.id.clone();
         if let Err(e) = store::save(&self.inner.dir, &record) {
             let _ = std::fs::remove_file(record.spec.part_path());
-            return Err(ServeError::invalid(format!("cannot save the job: {e}")));
+            tracing::error!(job = %id, error = %e, "cannot save the job");
+            return Err(ServeError::Storage(format!("cannot save the job: {e}")));
         }
         tracing::info!(job = %id, model = %record.spec.model, input = %record.spec.input_name(), output = %record.spec.output_name(), rows = record.rows_total, "batch job submitted");
         if record.spec.publish {

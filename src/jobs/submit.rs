@@ -109,9 +109,12 @@ pub(super) fn check(jobs: &Jobs, submission: Submission) -> Result<JobRecord, Se
         Err(_) => None, // cold, or known but not serving now: the job waits for it
     };
     let id = format!("job-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    // The server's own directory (--jobs-dir): a failure here is its operator's to fix, so
+    // a 5xx, and the log says where.
     std::fs::create_dir_all(&jobs.inner.dir).map_err(|e| {
-        ServeError::invalid(format!(
-            "cannot make the jobs directory {}: {e}",
+        tracing::error!(dir = %jobs.inner.dir.display(), error = %e, "cannot make the jobs directory (set --jobs-dir / STREAMSERVE_JOBS_DIR to a writable one)");
+        ServeError::Storage(format!(
+            "the server cannot make its jobs directory {}: {e}",
             jobs.inner.dir.display()
         ))
     })?;

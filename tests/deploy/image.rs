@@ -1,6 +1,6 @@
 //! Static checks of the image: the Dockerfile pins the ONNX Runtime the binary is built for,
-//! its runtime stages put binary, models and library where the server looks, and
-//! `.dockerignore` keeps what the build needs.
+//! its runtime stages put binary, models and library where the server looks and make the
+//! directories it writes for its user, and `.dockerignore` keeps what the build needs.
 
 use toml::Value;
 
@@ -142,11 +142,57 @@ fn check_runtime_stage(docker: &Dockerfile, stage: &Stage, ort_stage: &str) {
         "{label}: EXPOSE (HTTP, gRPC)"
     );
     assert_eq!(stage.last("STOPSIGNAL"), Some("SIGTERM"), "{label}");
+
+    // What the server writes is at absolute paths the image makes for its user: the defaults
+    // are relative, and WORKDIR belongs to root (batch jobs failed there with 400).
+    let gid = user.split(':').nth(1).unwrap_or(uid);
+    let made = directories_made_for(stage, uid, gid);
+    for key in ["STREAMSERVE_JOBS_DIR", "STREAMSERVE_REGISTRY_CACHE"] {
+        let dir = env
+            .get(key)
+            .unwrap_or_else(|| panic!("{label}: ENV {key} (the default is relative to WORKDIR)"));
+        assert!(dir.starts_with('/'), "{label}: {key}={dir} is not absolute");
+        assert!(
+            made.iter().any(|m| m.trim_end_matches('/') == dir.trim_end_matches('/')),
+            "{label}: {key}={dir} is not made for {uid}:{gid} by `install -d -o {uid} -g {gid}` (made: {made:?})"
+        );
+    }
     assert_eq!(
         env["STREAMSERVE_HOST"], "0.0.0.0",
         "{label}: reachable from outside"
     );
     assert_eq!(env["STREAMSERVE_LOG_FORMAT"], "json", "{label}");
+}
+
+/// The directories a stage's RUN instructions make with `install -d -o <uid> -g <gid>`.
+fn directories_made_for(stage: &Stage, uid: &str, gid: &str) -> Vec<String> {
+    let mut made = Vec::new();
+    for run in stage.all("RUN") {
+        let words = words(run);
+        for command in words.split(|w| w == "&&" || w == ";" || w == "||") {
+            let [install, args @ ..] = command else {
+                continue;
+            };
+            if install != "install" || !args.iter().any(|a| a == "-d") {
+                continue;
+            }
+            let value = |flag: &str| args.iter().position(|a| a == flag).map(|i| &args[i + 1]);
+            if value("-o").map(String::as_str) != Some(uid)
+                || value("-g").map(String::as_str) != Some(gid)
+            {
+                continue;
+            }
+            let mut rest = args.iter();
+            while let Some(arg) = rest.next() {
+                if matches!(arg.as_str(), "-o" | "-g" | "-m") {
+                    rest.next();
+                } else if !arg.starts_with('-') {
+                    made.push(arg.clone());
+                }
+            }
+        }
+    }
+    made
 }
 
 #[test]
