@@ -180,7 +180,10 @@ impl Catalog {
                     can_serve = true;
                     served.health.ready()
                 }
-                VersionState::Loading { .. } | VersionState::Cold { last_error: None, .. } => {
+                VersionState::Loading { .. }
+                | VersionState::Cold {
+                    last_error: None, ..
+                } => {
                     can_serve = true;
                     true
                 }
