@@ -15,11 +15,9 @@ use anyhow::Context;
 use clap::Args;
 use serde::Deserialize;
 
-use crate::manifest::{sha256_file, verify_sha256, BatchAxis, Manifest, ModelEntry};
-use crate::model::ModelInfo;
+use crate::manifest::{sha256_file, verify_sha256, Manifest, ModelEntry};
 use crate::monitor::probe::{Probe, TensorJson};
 use crate::monitor::profile::{Profile, ProfileBuilder};
-use crate::runtime::TensorSpec;
 
 #[derive(Debug, Args)]
 pub struct ProfileArgs {
@@ -55,8 +53,15 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
     let sessions =
         crate::runtime::ort_sessions(args.ort_dylib.as_deref()).map_err(anyhow::Error::msg)?;
     let mut session = sessions.load(entry).map_err(anyhow::Error::msg)?;
-    let info = model_info(entry, session.inputs().to_vec(), session.outputs().to_vec())
-        .map_err(anyhow::Error::msg)?;
+    // The version's interface exactly as the server checks it when it loads the version (batch
+    // axes, input rules, a stream's layout), so that requests are validated as it would.
+    let info = crate::actors::supervisor::model_info(
+        entry,
+        session.inputs().to_vec(),
+        session.outputs().to_vec(),
+        entry.device,
+    )
+    .map_err(anyhow::Error::msg)?;
     let output_names: Vec<String> = info.outputs.iter().map(|o| o.name.clone()).collect();
 
     let file = std::fs::File::open(&args.data)
@@ -169,48 +174,6 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// The version's interface as the server sees it when it validates a request: the model's
-/// inputs and outputs, the manifest's batch axes (0 unless it names another) and its rules
-/// per input. Whether the model can really be batched that way is checked when the server
-/// loads it; here only the axes matter, to count rows and refuse empty batches.
-fn model_info(
-    entry: &ModelEntry,
-    mut inputs: Vec<TensorSpec>,
-    outputs: Vec<TensorSpec>,
-) -> Result<ModelInfo, String> {
-    let axis = |spec: &TensorSpec| {
-        entry
-            .batch_axes
-            .get(&spec.name)
-            .copied()
-            .unwrap_or(BatchAxis::Axis(0))
-    };
-    let input_axes: Vec<BatchAxis> = inputs.iter().map(axis).collect();
-    let output_axes: Vec<BatchAxis> = outputs.iter().map(axis).collect();
-    let input_rules = crate::rules::resolve(entry, &mut inputs, &input_axes)?;
-    Ok(ModelInfo {
-        name: entry.name.clone(),
-        version: entry.version.clone(),
-        inputs,
-        input_rules,
-        allow_non_finite: entry.allow_non_finite,
-        outputs,
-        batching: entry.batching,
-        input_axes,
-        output_axes,
-        stream: entry.stream.clone(),
-        device: entry.device,
-        replicas: entry.replicas,
-        max_queue: entry.max_queue,
-        fallback: entry.fallback.clone(),
-        slo: entry.slo,
-        sha256: entry.sha256.clone(),
-        description: entry.description.clone(),
-        source: entry.source.clone(),
-        resources: Default::default(),
-    })
 }
 
 /// The manifest entry `spec` (`name:version`, or `name` with one version) names.

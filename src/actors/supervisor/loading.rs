@@ -160,7 +160,8 @@ async fn start_workers(
 
 /// What the catalog says of a loaded version: its interface checked against the manifest
 /// (batch axes, declared input rules, a stream kind's required interface) and its resources.
-fn model_info(
+/// `streamserve profile` takes it too, to validate requests as the server does.
+pub fn model_info(
     entry: &ModelEntry,
     mut inputs: Vec<TensorSpec>,
     outputs: Vec<TensorSpec>,

@@ -38,8 +38,8 @@ use crate::monitor::WatchSettings;
 use crate::runtime::Sessions;
 use fleet::FleetRouting;
 pub use fleet::{AddVersions, Readiness, Route, RouteOutcome};
-pub use loading::load_version;
 use loading::DOES_NOT_FIT;
+pub use loading::{load_version, model_info};
 use rollout::Deployments;
 pub use rollout::{traffic, Deploy, Rollback, Rollouts, Strategy};
 
