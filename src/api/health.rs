@@ -24,13 +24,15 @@ async fn live() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "live": true }))
 }
 
-/// Not ready while draining, as gRPC's ServerReady: a client on a connection opened before the
-/// listener paused must not be told to send more.
 async fn ready(state: web::Data<AppState>) -> HttpResponse {
-    answer(
-        state.catalog.snapshot().ready() && !state.work.draining(),
-        "ready",
-    )
+    answer(server_ready(&state), "ready")
+}
+
+/// The server's readiness, for REST and gRPC alike: the catalog's (healthy replicas, some model
+/// that can serve), and not while draining, so that a client on a connection opened before the
+/// listener paused is not told to send more.
+pub fn server_ready(state: &AppState) -> bool {
+    state.catalog.snapshot().ready() && !state.work.draining()
 }
 
 async fn model_ready(

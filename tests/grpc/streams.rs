@@ -108,7 +108,7 @@ async fn a_stream_of_many_requests_batches_them() {
 async fn a_stalled_stream_does_not_hold_up_its_connection() {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     // One connection, shared by the stalled stream and the unary calls. Its small window for
     // each answer stream (64 KiB; the connection's stays tonic's 5 MiB) makes the stalled
@@ -149,21 +149,7 @@ async fn a_stalled_stream_does_not_hold_up_its_connection() {
     // send window is spent: the server holds a window's worth (at least half of it, as window
     // updates go) unread. Before streams had a window of their own, that window was the
     // connection's, and every other call on it waited.
-    let started = Instant::now();
-    let (mut last, mut still_since) = (taken.load(Ordering::Relaxed), Instant::now());
-    loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = taken.load(Ordering::Relaxed);
-        if now != last {
-            (last, still_since) = (now, Instant::now());
-        } else if still_since.elapsed() >= Duration::from_secs(2) {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "the stream never stalled ({now} requests taken)"
-        );
-    }
+    let last = stalled_after(&taken).await;
     // The server stopped reading with 64 requests in flight or 64 answers waiting to be sent,
     // and left at least half its 1 MiB window unread (8 requests).
     eprintln!("the stream stalled after {last} requests");
@@ -227,7 +213,7 @@ async fn a_stalled_stream_does_not_hold_up_its_connection() {
 async fn a_stalled_stream_counts_what_it_holds_against_the_memory_bound() {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     let running = start_running(&repo().join("models"), |c| c.max_body_memory_mb = 1);
     let endpoint = format!("http://{}", running.grpc_addr.expect("gRPC is on"));
@@ -266,21 +252,7 @@ async fn a_stalled_stream_counts_what_it_holds_against_the_memory_bound() {
         .expect("the stream opens")
         .into_inner(); // not read until the end
 
-    let started = Instant::now();
-    let (mut last, mut still_since) = (taken.load(Ordering::Relaxed), Instant::now());
-    loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = taken.load(Ordering::Relaxed);
-        if now != last {
-            (last, still_since) = (now, Instant::now());
-        } else if still_since.elapsed() >= Duration::from_secs(2) {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "the stream never stalled ({now} requests taken)"
-        );
-    }
+    stalled_after(&taken).await;
 
     // 64 rows: a message of 64 KiB and more, which the bound no longer has room for.
     let large = small_model(&features(62, 64));
@@ -326,4 +298,27 @@ async fn a_stalled_stream_counts_what_it_holds_against_the_memory_bound() {
         .expect("answered after the stream")
         .expect("the bound is free again");
     assert_eq!(served.into_inner().outputs.len(), 2);
+}
+
+/// Waits until the transport has stopped pulling requests from a stream's source (`taken`, the
+/// requests it pulled, unchanged for 2 s): the server has stopped reading it. Returns how many
+/// it took.
+async fn stalled_after(taken: &std::sync::atomic::AtomicUsize) -> usize {
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+    let started = Instant::now();
+    let (mut last, mut still_since) = (taken.load(Ordering::Relaxed), Instant::now());
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = taken.load(Ordering::Relaxed);
+        if now != last {
+            (last, still_since) = (now, Instant::now());
+        } else if still_since.elapsed() >= Duration::from_secs(2) {
+            return last;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the stream never stalled ({now} requests taken)"
+        );
+    }
 }

@@ -166,7 +166,7 @@ impl GrpcInferenceService for Arc<Inference> {
     }
 
     async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Answer<ServerReadyResponse> {
-        let ready = self.state.catalog.snapshot().ready() && !self.state.work.draining();
+        let ready = health::server_ready(&self.state);
         Ok(Response::new(ServerReadyResponse { ready }))
     }
 
@@ -288,7 +288,12 @@ impl GrpcInferenceService for Arc<Inference> {
                                     Err(full) if sequence::is_sequence(&request) => {
                                         Box::pin(std::future::ready(sequence::refused_unread(&request, full.to_string())))
                                     }
-                                    Err(full) => Box::pin(std::future::ready(error_answer(&request, full))),
+                                    Err(full) => Box::pin(std::future::ready(error_answer(
+                                        request.model_name.clone(),
+                                        request.model_version.clone(),
+                                        request.id.clone(),
+                                        full,
+                                    ))),
                                     Ok(()) if sequence::is_sequence(&request) => sequences.route(request),
                                     Ok(()) => Box::pin(this.clone().stream_one(request, metadata.clone(), peer)),
                                 };
@@ -508,15 +513,7 @@ impl Inference {
                 error_message: String::new(),
                 infer_response: Some(answer),
             },
-            Err(e) => ModelStreamInferResponse {
-                error_message: e.to_string(),
-                infer_response: Some(ModelInferResponse {
-                    model_name,
-                    model_version,
-                    id,
-                    ..Default::default()
-                }),
-            },
+            Err(e) => error_answer(model_name, model_version, id, e),
         }
     }
 }
@@ -524,14 +521,19 @@ impl Inference {
 /// A streamed answer and the bytes of the stream's memory it holds.
 type Held = (ModelStreamInferResponse, usize);
 
-/// The answer to a streamed request that was not run, naming what it was for.
-fn error_answer(request: &ModelInferRequest, error: ServeError) -> ModelStreamInferResponse {
+/// The answer to a streamed request that failed (or was not run), naming what it was for.
+fn error_answer(
+    model_name: String,
+    model_version: String,
+    id: String,
+    error: ServeError,
+) -> ModelStreamInferResponse {
     ModelStreamInferResponse {
         error_message: error.to_string(),
         infer_response: Some(ModelInferResponse {
-            model_name: request.model_name.clone(),
-            model_version: request.model_version.clone(),
-            id: request.id.clone(),
+            model_name,
+            model_version,
+            id,
             ..Default::default()
         }),
     }
