@@ -11,6 +11,10 @@ use bytestring::ByteString;
 use super::{Attach, Attached, Detach, StreamSession};
 use crate::stream::protocol::ServerMessage;
 
+/// The reason an older connection is closed with when a newer one attaches (1008): a
+/// transport that answers per request tells it from the connection's other ends by it.
+pub const SUPERSEDED: &str = "superseded by a newer connection to this stream";
+
 /// Why a session refused a connection.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AttachRefused {
@@ -68,10 +72,10 @@ impl Handler<Attach> for StreamSession {
             self.redeemed = Some(self.redeemed.map_or(token, |r| r.max(token)));
         }
         // A newer connection supersedes an older one that has not noticed it is gone.
-        self.disconnect(
-            CloseCode::Policy,
-            "superseded by a newer connection to this stream".into(),
-        );
+        self.disconnect(CloseCode::Policy, SUPERSEDED.into());
+        // Where the older connection's results stop: a flush of its still waiting is
+        // answered with those after, which go to this one.
+        self.flushes.cut(self.generation, self.next_seq);
         self.generation += 1;
         // The client was away: its real-time schedule starts again with this connection.
         self.schedule = None;

@@ -20,9 +20,9 @@ mod checkpoint;
 mod flush;
 mod step;
 
-pub use attach::AttachRefused;
+pub use attach::{AttachRefused, SUPERSEDED};
 pub use checkpoint::{Handover, Progress, Retire, ServedBy};
-pub use flush::{feed, feed_from, FeedError, Flush};
+pub use flush::{feed, feed_from, EndFrom, FeedError, Flush, Flushed};
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -115,9 +115,10 @@ pub struct Audio(pub Vec<f32>);
 /// Audio from the connection of `generation` (its [`Attached`]): the stream takes it only
 /// while that connection is the stream's own. Audio a superseded connection sent after a
 /// newer one attached is dropped, and the credits it took are given back: the newer
-/// connection was told how much audio the stream holds, and sends on from there.
+/// connection was told how much audio the stream holds, and sends on from there. The answer
+/// says whether the stream took it (a transport that answers per request needs to know).
 #[derive(Message)]
-#[rtype(result = "()")]
+#[rtype(result = "bool")]
 pub struct AudioFrom {
     pub generation: u64,
     pub samples: Vec<f32>,
@@ -127,14 +128,6 @@ pub struct AudioFrom {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct End;
-
-/// The audio of the connection of `generation` is over; ignored from a superseded connection,
-/// which no longer speaks for the stream.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct EndFrom {
-    pub generation: u64,
-}
 
 /// The connection of `generation` gives up a stream it was the first to attach to (its
 /// opening step was refused): the stream stops at once, without a resume window, as if it
@@ -228,7 +221,7 @@ pub struct StreamSession {
     /// Segments of the stream's start that the checkpoint it was taken over from left out.
     segments_omitted: u64,
     /// Flushes waiting for `samples_done` to reach their audio ([`Flush`]).
-    flushes: Vec<(u64, oneshot::Sender<()>)>,
+    flushes: flush::Flushes,
     /// Its place among its caller's key's open streams: held while the stream lives, through
     /// its resume window, and given back the moment it ends.
     place: Option<StreamPlace>,
@@ -361,7 +354,7 @@ impl StreamSession {
             restored: false,
             summarized: false,
             segments_omitted: 0,
-            flushes: Vec::new(),
+            flushes: flush::Flushes::default(),
             place: None,
             fresh_state: false,
         })
@@ -414,6 +407,16 @@ impl StreamSession {
         }
     }
 
+    /// Numbers the next message after every result the client has, so that the stream's last
+    /// message (its summary, or its error) is sent even when its audio ended before the
+    /// client's `last_seq` (a resume that sent `end` without its audio again): the results it
+    /// has stay unsent, and its `seq`s stay gapless.
+    fn past_suppressed(&mut self) {
+        if let Some(through) = self.suppress_through {
+            self.next_seq = self.next_seq.max(through + 1);
+        }
+    }
+
     fn emit_events(&mut self, events: &[VadEvent]) {
         for event in events {
             let message = match *event {
@@ -452,6 +455,7 @@ impl StreamSession {
         let chunks = self
             .samples_done
             .div_ceil(self.layout.chunk_samples() as u64);
+        self.past_suppressed();
         self.emit(ServerMessage::Summary {
             seq: self.next_seq,
             duration: self.seconds(self.samples_done),
@@ -461,6 +465,7 @@ impl StreamSession {
             keywords: (self.kind == StreamKind::Keyword).then_some(self.keywords.events),
         });
         self.summarized = true;
+        self.settle_flushes(true);
         // Before the close: a client that hears its stream ended may open another at once.
         self.place = None;
         self.disconnect(CloseCode::Normal, "stream ended".into());
@@ -472,6 +477,7 @@ impl StreamSession {
         metrics::counter!("streamserve_stream_drops_total", "reason" => "inference_error")
             .increment(1);
         let message = error.to_string();
+        self.past_suppressed();
         self.emit(ServerMessage::Error {
             code: "inference_failed",
             message: &message,
@@ -549,17 +555,18 @@ impl Handler<Audio> for StreamSession {
 }
 
 impl Handler<AudioFrom> for StreamSession {
-    type Result = ();
+    type Result = bool;
 
-    fn handle(&mut self, audio: AudioFrom, ctx: &mut Self::Context) {
+    fn handle(&mut self, audio: AudioFrom, ctx: &mut Self::Context) -> bool {
         if audio.generation != self.generation {
             // A superseded connection's: not the stream's audio. Its credits go back, or
             // the stream's room would shrink by what it sent.
             tracing::debug!(stream = %self.id, samples = audio.samples.len(), "audio from a superseded connection dropped");
             self.credits.add_permits(audio.samples.len());
-            return;
+            return false;
         }
         self.take_audio(&audio.samples, ctx);
+        true
     }
 }
 
@@ -568,16 +575,6 @@ impl Handler<End> for StreamSession {
 
     fn handle(&mut self, _: End, ctx: &mut Self::Context) {
         self.end_audio(ctx);
-    }
-}
-
-impl Handler<EndFrom> for StreamSession {
-    type Result = ();
-
-    fn handle(&mut self, end: EndFrom, ctx: &mut Self::Context) {
-        if end.generation == self.generation {
-            self.end_audio(ctx);
-        }
     }
 }
 

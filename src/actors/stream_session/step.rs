@@ -132,7 +132,7 @@ impl StreamSession {
         }
         if stage == 0 {
             self.maybe_checkpoint();
-            self.settle_flushes();
+            self.settle_flushes(false);
         }
         self.maybe_step(ctx);
     }

@@ -450,6 +450,7 @@ async fn read_loop(
                 // Ignored if a resume superseded this connection: the stream is the newer one's.
                 Ok(ClientMessage::End) => session.do_send(EndFrom {
                     generation: attached.generation,
+                    done: None,
                 }),
                 Ok(ClientMessage::Start(_)) => {
                     return ReadEnd::Close(CloseCode::Policy, "stream already started; send audio or end".into())

@@ -11,6 +11,7 @@ use super::super::convert::contents_of;
 use super::super::proto::inference::infer_parameter::ParameterChoice;
 use super::super::proto::inference::model_infer_response::InferOutputTensor;
 use super::super::proto::inference::{InferParameter, ModelInferResponse};
+use crate::actors::stream_session::{Flushed, SUPERSEDED};
 use crate::manifest::StreamKind;
 use crate::stream::protocol::{ClientMessage, SentMessage as Sent, StartMessage};
 use crate::tensor::TensorData;
@@ -46,6 +47,14 @@ const KEYWORD: [(&str, &str); 2] = [
     ("keyword_threshold", "threshold"),
     ("refractory_ms", "refractory_ms"),
 ];
+
+/// How much of a step the stream took: of its `sent` samples, `taken`; and whether it was the
+/// last step (`end`).
+pub struct Taken {
+    pub sent: usize,
+    pub taken: usize,
+    pub end: bool,
+}
 
 /// A parameter's value as JSON.
 fn json_of(choice: &ParameterChoice) -> Value {
@@ -264,6 +273,37 @@ impl Gathered {
                 self.last_seq = Some(seq);
             }
             Sent::Error { message } => self.error = Some(message),
+        }
+    }
+
+    /// Settles a step once its flush (or end) is answered (`flushed`; none when the stream did
+    /// not take its end), the connection closed non-normally for `closed`, if it was. A resume
+    /// that came after the stream took the step's audio (and end) does not make the step
+    /// superseded: its audio counted (the resume's `samples_received` says so), so it is
+    /// answered with its results, those that went to the newer connection included; so is a
+    /// step whose flush came before the resume (it has every result). A step the stream took
+    /// none of is answered with the close's reason ("superseded"), one it took part of says
+    /// how much.
+    pub fn settle(&mut self, flushed: Option<Flushed>, step: Taken, closed: Option<&str>) {
+        let superseded = flushed.as_ref().is_some_and(|f| f.superseded);
+        let counted = superseded && (step.end || (step.sent > 0 && step.taken == step.sent));
+        if superseded && (counted || step.taken > 0) {
+            for text in flushed.iter().flat_map(|f| &f.missed) {
+                self.add(text);
+            }
+        }
+        let complete_before = flushed.is_some() && !superseded && closed == Some(SUPERSEDED);
+        if self.error.is_some() || counted || complete_before {
+            return;
+        }
+        if superseded && step.taken > 0 {
+            self.error = Some(format!(
+                "superseded by a newer connection to this stream after it took {} of this \
+                 step's {} samples: the newer one goes on from its samples_received",
+                step.taken, step.sent
+            ));
+        } else if let Some(reason) = closed {
+            self.error = Some(reason.into());
         }
     }
 

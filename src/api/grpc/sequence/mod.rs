@@ -35,13 +35,14 @@ use super::proto::inference::{InferParameter, ModelInferRequest, ModelStreamInfe
 use super::{draining, Stop};
 use crate::access::StreamPass;
 use crate::actors::stream_session::{
-    feed_from, Abandon, Attached, Detach, EndFrom, FeedError, Flush, Handover, StreamSession,
+    feed_from, Abandon, Attached, Detach, EndFrom, FeedError, Flush, Flushed, Handover,
+    StreamSession,
 };
 use crate::api::ws::open::{open_session, AttachError, Caller};
 use crate::api::AppState;
 use crate::manifest::StreamKind;
 use crate::stream::idle::IdleTimer;
-use answer::{Gathered, SEQUENCE_END, SEQUENCE_ID, SEQUENCE_START};
+use answer::{Gathered, Taken, SEQUENCE_END, SEQUENCE_ID, SEQUENCE_START};
 use parse::{audio_of, take_flags, SequenceKey};
 
 /// Steps of one sequence queued behind the one being answered.
@@ -242,6 +243,9 @@ struct Live {
     attached: Attached,
     messages: mpsc::Receiver<ByteString>,
     close: oneshot::Receiver<(CloseCode, String)>,
+    /// How the session closed this connection, once it has: kept, as every later step of a
+    /// superseded connection is refused with it.
+    closed: Option<(CloseCode, String)>,
     access: StreamPass,
     /// This call made the session (`Opened::created`).
     created: bool,
@@ -426,6 +430,8 @@ impl SequenceTask {
             .as_mut()
             .ok_or_else(|| "the sequence has no stream".to_string())?;
         let generation = live.attached.generation;
+        let sent = samples.len();
+        let mut taken = 0;
         if !samples.is_empty() {
             live.access
                 .audio_samples(samples.len(), live.attached.sample_rate)
@@ -433,27 +439,36 @@ impl SequenceTask {
             // A stream a newer connection took over meanwhile drops the audio: the step is
             // then answered "superseded", having added nothing.
             let credits = &live.attached.credits;
-            match feed_from(&live.session, generation, credits, samples, STEP_WAIT).await {
-                Ok(()) => {}
+            taken = match feed_from(&live.session, generation, credits, samples, STEP_WAIT).await {
+                Ok(taken) => taken,
                 Err(FeedError::Ended) => return Err("the stream has ended".into()),
                 Err(FeedError::Stalled) => return Err("the stream took no audio for 60 s".into()),
-            }
+            };
         }
         let mut gathered = Gathered::of(self.kind);
+        // The session's answer to the step's flush or end (none: the end was not taken).
+        let flushed: Option<Flushed>;
         if end {
-            live.session.do_send(EndFrom { generation });
-            // Everything up to the summary: the session then lets go of the connection.
+            let (done, finished) = oneshot::channel();
+            let done = Some(done);
+            live.session.do_send(EndFrom { generation, done });
+            // Everything up to the summary: the session then lets go of the connection,
+            // or a resume took it over, and what this connection missed comes with `done`.
             let all = async {
                 while let Some(text) = live.messages.recv().await {
                     gathered.add(&text);
                 }
+                finished.await.ok()
             };
-            if tokio::time::timeout(STEP_WAIT, all).await.is_err() {
-                gathered.error = Some("the stream did not end within 60 s".into());
-            }
+            flushed = tokio::time::timeout(STEP_WAIT, all)
+                .await
+                .unwrap_or_else(|_| {
+                    gathered.error = Some("the stream did not end within 60 s".into());
+                    None
+                });
         } else {
-            let (flushed, done) = oneshot::channel();
-            live.session.do_send(Flush(flushed));
+            let (answer, done) = oneshot::channel();
+            live.session.do_send(Flush { generation, answer });
             let waited = tokio::time::timeout(STEP_WAIT, done).await;
             while let Ok(text) = live.messages.try_recv() {
                 gathered.add(&text);
@@ -461,12 +476,17 @@ impl SequenceTask {
             if waited.is_err() {
                 gathered.error = Some("the stream's results did not come within 60 s".into());
             }
+            flushed = waited.ok().and_then(Result::ok);
         }
-        if let Ok((code, reason)) = live.close.try_recv() {
-            if code != CloseCode::Normal && gathered.error.is_none() {
-                gathered.error = Some(reason);
-            }
+        if live.closed.is_none() {
+            live.closed = live.close.try_recv().ok();
         }
+        let closed = live
+            .closed
+            .as_ref()
+            .filter(|(code, _)| *code != CloseCode::Normal);
+        let taken = Taken { sent, taken, end };
+        gathered.settle(flushed, taken, closed.map(|(_, reason)| reason.as_str()));
         Ok((gathered, decoded.raw_output))
     }
 
@@ -534,6 +554,7 @@ impl SequenceTask {
             attached: connection.attached,
             messages: connection.messages,
             close: connection.close,
+            closed: None,
             access,
         });
         Ok(())
