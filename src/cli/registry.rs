@@ -445,6 +445,9 @@ fn print_status(out: &mut dyn Write, status: &Status, history: usize) -> std::io
                 .unwrap_or_default(),
             serving.join(", ")
         )?;
+        if let Some(duplicate) = &report.duplicate {
+            writeln!(out, "    warning: {}", u(duplicate))?;
+        }
         for (name, m) in &report.models {
             for (version, reason) in &m.unavailable {
                 writeln!(

@@ -105,6 +105,13 @@ impl Cache {
         Ok(path)
     }
 
+    /// The model file of `record` if it is here already and verified (nothing is
+    /// downloaded): what an instance serves while the registry does not answer.
+    pub async fn local(&self, record: &VersionRecord) -> Result<Option<PathBuf>, RegistryError> {
+        self.write_companions(record)?;
+        Ok(self.verified(record).await.then(|| self.model_file(record)))
+    }
+
     /// Writes the version's `profile.json` and `probe.json` from its record beside its model
     /// file (where loading reads them), and removes stale ones the record does not have.
     fn write_companions(&self, record: &VersionRecord) -> Result<(), RegistryError> {

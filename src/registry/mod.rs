@@ -72,6 +72,22 @@ pub enum RegistryError {
     Local(String),
 }
 
+impl RegistryError {
+    /// The same error, its text followed by `note`.
+    pub fn with_note(self, note: &str) -> RegistryError {
+        let add = |text: String| format!("{text}; {note}");
+        match self {
+            RegistryError::Config(t) => RegistryError::Config(add(t)),
+            RegistryError::Unreachable(t) => RegistryError::Unreachable(add(t)),
+            RegistryError::Conflict(t) => RegistryError::Conflict(add(t)),
+            RegistryError::NotFound(t) => RegistryError::NotFound(add(t)),
+            RegistryError::Corrupt(t) => RegistryError::Corrupt(add(t)),
+            RegistryError::Refused(t) => RegistryError::Refused(add(t)),
+            RegistryError::Local(t) => RegistryError::Local(add(t)),
+        }
+    }
+}
+
 /// Model names and versions become object keys and file names: letters, digits, `_-.`, not
 /// starting with a dot, at most 64 characters.
 pub fn check_name(what: &str, value: &str) -> Result<(), RegistryError> {

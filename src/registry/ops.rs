@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use super::fleet::{self, DeployRequest};
 use super::records::{Desired, InstanceReport, Interface, VersionRecord, FORMAT};
-use super::store::{Read, WriteIf, MAX_DOCUMENT_BYTES};
+use super::store::{Expected, Read, WriteIf, MAX_DOCUMENT_BYTES};
 use super::{check_name, desired_key, file_key, now_ms, version_key, RegistryError, Store};
 use crate::manifest::{compare_versions, sha256_file, Manifest, MANIFEST_FILE};
 use crate::monitor::probe::Probe;
@@ -44,13 +44,12 @@ pub async fn push(store: &Store, push: Push) -> Result<VersionRecord, RegistryEr
         return Err(exists(&push.name, &push.version));
     }
     let file = push.file.clone();
-    let (size, sha256) = tokio::task::spawn_blocking(move || {
-        let size = std::fs::metadata(&file)?.len();
-        Ok::<_, std::io::Error>((size, sha256_file(&file)?))
-    })
-    .await
-    .map_err(|e| RegistryError::Local(e.to_string()))?
-    .map_err(|e| RegistryError::Local(format!("cannot read {}: {e}", push.file.display())))?;
+    // Size and hash from one read: the file's metadata may say another size than the bytes
+    // read (a file being written, a pipe).
+    let (size, sha256) = tokio::task::spawn_blocking(move || hash_file(&file))
+        .await
+        .map_err(|e| RegistryError::Local(e.to_string()))?
+        .map_err(|e| RegistryError::Local(format!("cannot read {}: {e}", push.file.display())))?;
     if let Some(expected) = push.expect_sha256.as_deref().filter(|e| *e != sha256) {
         return Err(RegistryError::Refused(format!(
             "{}:{}: {} has sha256 {sha256}, its manifest says {expected} (a corrupt or \
@@ -71,9 +70,18 @@ pub async fn push(store: &Store, push: Push) -> Result<VersionRecord, RegistryEr
     let (profile, probe) = companions(&push.file, &sha256)?;
     // The file first, under its hash: a record never names a file that is not there, and two
     // racing pushes of one version upload to different names, so the loser cannot replace
-    // the winner's file.
+    // the winner's file. The upload is read again, and completed only if those bytes are
+    // the ones hashed above: a file rewritten in between is refused, not stored under a
+    // hash that every instance would then find wrong.
     store
-        .upload(&file_key(&push.name, &push.version, &sha256), &push.file)
+        .upload_exact(
+            &file_key(&push.name, &push.version, &sha256),
+            &push.file,
+            Expected {
+                size,
+                sha256: &sha256,
+            },
+        )
         .await?;
     let record = VersionRecord {
         format: FORMAT,
@@ -128,6 +136,24 @@ fn companions(file: &Path, sha256: &str) -> Result<(Option<Value>, Option<Value>
         None => None,
     };
     Ok((profile, probe))
+}
+
+/// A file's size and sha256, from one read of it.
+fn hash_file(path: &Path) -> std::io::Result<(u64, String)> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read as _;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 16];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            return Ok((size, hex::encode(hasher.finalize())));
+        }
+        hasher.update(&buffer[..n]);
+        size += n as u64;
+    }
 }
 
 fn exists(name: &str, version: &str) -> RegistryError {

@@ -202,6 +202,15 @@ pub struct InstanceReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
     pub streamserve: String,
+    /// Random, new at every process start: a report under this id written by another boot
+    /// while this process runs means two processes were given the same `--instance-id`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub boot: String,
+    /// Set while another process writes this id's report too (a duplicate `--instance-id`):
+    /// what this one saw of it. The two overwrite each other's report, so the fleet counts
+    /// them as one instance and reads each one's part in a rollout only half the time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duplicate: Option<String>,
     pub started_at_ms: u64,
     pub heartbeat_at_ms: u64,
     pub poll_ms: u64,

@@ -17,21 +17,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
 use object_store::path::Path;
 use object_store::{
     ClientOptions, GetOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
-    RetryConfig, UpdateVersion, WriteMultipart,
+    RetryConfig, UpdateVersion,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
-use tokio::io::AsyncReadExt;
 
 use super::RegistryError;
 
 mod secrets;
+mod transfer;
 use secrets::{refuse_userinfo, short};
+pub use transfer::Expected;
 
 /// An open registry store.
 #[derive(Clone)]
@@ -223,6 +222,9 @@ impl Store {
                 .write_local_if_matches(root, &path, key, body, &etag)
                 .await;
         }
+        // Writing over a version that is gone (deleted since it was read) is losing the race
+        // too, however the store words it.
+        let over_a_version = matches!(condition, WriteIf::Matches(_));
         let mode = match condition {
             WriteIf::Always => PutMode::Overwrite,
             WriteIf::Absent => PutMode::Create,
@@ -248,6 +250,9 @@ impl Store {
                 object_store::Error::AlreadyExists { .. }
                 | object_store::Error::Precondition { .. },
             ) => Err(RegistryError::Conflict(key.to_string())),
+            Err(object_store::Error::NotFound { .. }) if over_a_version => {
+                Err(RegistryError::Conflict(key.to_string()))
+            }
             Err(e) => Err(self.failed("write", key, e)),
         }
     }
@@ -344,93 +349,6 @@ impl Store {
             Err(object_store::Error::NotFound { .. }) => Ok(false),
             Err(e) => Err(self.failed("read", key, e)),
         }
-    }
-
-    /// Uploads a local file (in parts, never whole in memory), overwriting.
-    pub async fn upload(&self, key: &str, file: &FsPath) -> Result<u64, RegistryError> {
-        let mut input = tokio::fs::File::open(file)
-            .await
-            .map_err(|e| RegistryError::Local(format!("cannot read {}: {e}", file.display())))?;
-        let upload = self
-            .bulk
-            .put_multipart(&self.path(key))
-            .await
-            .map_err(|e| self.failed("upload", key, e))?;
-        let mut writer = WriteMultipart::new_with_chunk_size(upload, UPLOAD_PART);
-        let mut buffer = vec![0u8; 1024 * 1024];
-        let mut total = 0u64;
-        loop {
-            let n = input.read(&mut buffer).await.map_err(|e| {
-                RegistryError::Local(format!("cannot read {}: {e}", file.display()))
-            })?;
-            if n == 0 {
-                break;
-            }
-            writer
-                .wait_for_capacity(4)
-                .await
-                .map_err(|e| self.failed("upload", key, e))?;
-            writer.write(&buffer[..n]);
-            total += n as u64;
-        }
-        writer
-            .finish()
-            .await
-            .map_err(|e| self.failed("upload", key, e))?;
-        Ok(total)
-    }
-
-    /// Downloads an object into `dest` (a temporary file the caller renames once it is
-    /// satisfied), streaming, and returns its size and sha256.
-    pub async fn download(&self, key: &str, dest: &FsPath) -> Result<(u64, String), RegistryError> {
-        self.download_at_most(key, dest, None).await
-    }
-
-    /// [`Store::download`], refused as [`RegistryError::Corrupt`] as soon as the object is
-    /// known to be larger than `max_bytes` (from its metadata, or while it streams: a store
-    /// may not say, or may lie), so that a replaced or hostile object costs at most
-    /// `max_bytes` of disk and transfer, not its whole size.
-    pub async fn download_at_most(
-        &self,
-        key: &str,
-        dest: &FsPath,
-        max_bytes: Option<u64>,
-    ) -> Result<(u64, String), RegistryError> {
-        use tokio::io::AsyncWriteExt;
-        let too_large = |size: &dyn std::fmt::Display, max: u64| {
-            RegistryError::Corrupt(format!(
-                "{key}: the object is {size} bytes, more than the {max} its record says (a \
-                 replaced upload); not downloaded further"
-            ))
-        };
-        let got = match self.bulk.get(&self.path(key)).await {
-            Ok(got) => got,
-            Err(object_store::Error::NotFound { .. }) => {
-                return Err(RegistryError::NotFound(key.to_string()))
-            }
-            Err(e) => return Err(self.failed("download", key, e)),
-        };
-        if let Some(max) = max_bytes.filter(|max| got.meta.size > *max) {
-            return Err(too_large(&got.meta.size, max));
-        }
-        let local = |e: std::io::Error| {
-            RegistryError::Local(format!("cannot write {}: {e}", dest.display()))
-        };
-        let mut out = tokio::fs::File::create(dest).await.map_err(local)?;
-        let mut hasher = Sha256::new();
-        let mut size = 0u64;
-        let mut stream = got.into_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| self.failed("download", key, e))?;
-            size += chunk.len() as u64;
-            if let Some(max) = max_bytes.filter(|max| size > *max) {
-                return Err(too_large(&format_args!("at least {size}"), max));
-            }
-            hasher.update(&chunk);
-            out.write_all(&chunk).await.map_err(local)?;
-        }
-        out.sync_all().await.map_err(local)?;
-        Ok((size, hex::encode(hasher.finalize())))
     }
 
     fn failed(&self, what: &str, key: &str, e: object_store::Error) -> RegistryError {

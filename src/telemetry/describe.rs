@@ -270,6 +270,11 @@ pub(super) fn describe() {
         Unit::Count,
         "Instances of the fleet whose heartbeat is recent, this one included, as this instance last read them"
     );
+    describe_gauge!(
+        "streamserve_fleet_duplicate_instance_id",
+        Unit::Count,
+        "1 while another process writes this instance's registry report: two processes were given one --instance-id"
+    );
     describe_counter!(
         "streamserve_fleet_decisions_total",
         Unit::Count,

@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use futures_util::FutureExt;
 use tokio::task::JoinHandle;
 
+mod heartbeat;
 mod report;
+mod startup;
 
 use super::part::Part;
 use super::Fleet;
@@ -34,6 +36,13 @@ const STALE_REPORT_MS: u64 = 3_600_000;
 pub(super) struct Agent {
     fleet: Fleet,
     started_at_ms: u64,
+    /// This process's nonce in its report (see `heartbeat`).
+    boot: String,
+    /// The version of the report this process wrote last: the next write is conditional on
+    /// it, so that a write by anyone else in between is noticed.
+    report_tag: Option<Tag>,
+    /// Another process writing this instance's report: what it is, and when it was last seen.
+    duplicate: Option<(String, u64)>,
     /// Each model's desired state, with the version it was read at (`None`: from the cache).
     desired: BTreeMap<String, (Desired, Option<Tag>)>,
     /// Versions listed with the supervisor.
@@ -73,6 +82,9 @@ impl Agent {
         Agent {
             fleet,
             started_at_ms,
+            boot: format!("{:016x}", fastrand::u64(..)),
+            report_tag: None,
+            duplicate: None,
             desired: BTreeMap::new(),
             listed: HashSet::new(),
             sha256: HashMap::new(),
@@ -101,12 +113,19 @@ impl Agent {
         let mut tick = tokio::time::interval(self.fleet.shared.options.poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = self.fleet.shared.wake.notified() => {}
+            // Settling (see `startup`) asks nothing of the registry, so polls wait meanwhile.
+            let settling = self.settling();
+            let settle = tokio::select! {
+                _ = tick.tick(), if !settling => false,
+                _ = self.fleet.shared.wake.notified(), if !settling => false,
+                _ = tokio::time::sleep(startup::SETTLE_STEP), if settling => true,
                 _ = stop.wait_for(|s| *s) => return,
+            };
+            if settle {
+                self.settle().await;
+            } else {
+                self.poll().await;
             }
-            self.poll().await;
         }
     }
 
@@ -115,11 +134,15 @@ impl Agent {
         self.poll_error = None;
         self.others_fresh = false;
         let now = now_ms();
-        let reachable = self.read_desired().await;
+        let reachable = if self.polls == 1 {
+            self.first_read().await
+        } else {
+            self.read_desired().await
+        };
         metrics::gauge!("streamserve_registry_up").set(if reachable { 1.0 } else { 0.0 });
         let outcome = if reachable { "ok" } else { "error" };
         metrics::counter!("streamserve_registry_polls_total", "outcome" => outcome).increment(1);
-        self.fetch_needed(now).await;
+        self.fetch_needed(now, reachable).await;
         let rolling_out = self.desired.values().any(|(d, _)| d.rollout.is_some());
         if reachable && (rolling_out || self.polls % 10 == 1) {
             self.read_others(now).await;
@@ -129,16 +152,7 @@ impl Agent {
         self.judge_parts(&catalog, now);
         self.mine = self.report(&catalog, now);
         if reachable {
-            let key = instance_key(self.me());
-            if let Err(e) = self
-                .fleet
-                .shared
-                .store
-                .write_json(&key, &self.mine, WriteIf::Always)
-                .await
-            {
-                self.unreachable(e);
-            }
+            self.write_report(now).await;
         }
         if reachable && rolling_out && self.others_fresh {
             self.decide_all(now).await;
@@ -229,10 +243,7 @@ impl Agent {
             }
             Err(e) => {
                 if self.polls == 1 {
-                    for desired in self.fleet.shared.cache.load_desired() {
-                        tracing::info!(model = %desired.model, "desired state from the cache");
-                        self.desired.insert(desired.model.clone(), (desired, None));
-                    }
+                    self.start_from_cache();
                 }
                 self.unreachable(e);
                 return false;
@@ -274,8 +285,10 @@ impl Agent {
     }
 
     /// Starts fetching each version a desired state names that is not listed yet; collects
-    /// the fetches that finished.
-    async fn fetch_needed(&mut self, now: u64) {
+    /// the fetches that finished. While the registry does not answer (`reachable` false),
+    /// takes versions from the cache alone, at once: a fetch would first wait for the
+    /// registry to fail again, and only then fall back to the same cache.
+    async fn fetch_needed(&mut self, now: u64, reachable: bool) {
         let finished: Vec<Key> = self
             .fetching
             .iter()
@@ -332,6 +345,10 @@ impl Agent {
                 now.saturating_sub(*at) < wait
             });
             if self.listed.contains(&key) || self.fetching.contains_key(&key) || retry_later {
+                continue;
+            }
+            if !reachable {
+                self.take_from_cache(&key).await;
                 continue;
             }
             let fleet = self.fleet.clone();

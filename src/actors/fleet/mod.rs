@@ -141,10 +141,35 @@ impl Fleet {
             Err(e) => return Err(e),
         };
         let file = shared.cache.fetch(&shared.store, &record).await?;
-        let entry =
-            Manifest::registry_entry(name, version, &file, &record.sha256, &record.settings)
-                .map_err(|e| RegistryError::Corrupt(format!("{name}:{version}: {e:#}")))?;
-        let mut answers = shared
+        self.add_version(&record, &file).await
+    }
+
+    /// `name:version` from the cache alone (its record and its verified file), listed with
+    /// the supervisor without a word to the registry: for when the registry does not answer.
+    /// Returns its sha256.
+    async fn take_cached(&self, name: &str, version: &str) -> Result<String, RegistryError> {
+        let cache = &self.shared.cache;
+        let missing = || {
+            RegistryError::Unreachable(format!(
+                "{name}:{version} is not in this instance's cache, and the registry does not answer"
+            ))
+        };
+        let record = cache.load_record(name, version).ok_or_else(missing)?;
+        let file = cache.local(&record).await?.ok_or_else(missing)?;
+        self.add_version(&record, &file).await?;
+        Ok(record.sha256)
+    }
+
+    async fn add_version(
+        &self,
+        record: &crate::registry::records::VersionRecord,
+        file: &std::path::Path,
+    ) -> Result<(), RegistryError> {
+        let (name, version) = (&record.name, &record.version);
+        let entry = Manifest::registry_entry(name, version, file, &record.sha256, &record.settings)
+            .map_err(|e| RegistryError::Corrupt(format!("{name}:{version}: {e:#}")))?;
+        let mut answers = self
+            .shared
             .supervisor
             .send(AddVersions(vec![entry]))
             .await
