@@ -24,6 +24,7 @@ use tokio_tungstenite::tungstenite::Message;
 /// server's /metrics.
 const ONLY_IN_SOME_SETUPS: &[&str] = &[
     "streamserve_registry_up",
+    "streamserve_fleet_duplicate_instance_id",
     "streamserve_predictions_refresh_failures_total",
     "streamserve_gpu_utilization_ratio",
     "streamserve_gpu_memory_used_bytes",

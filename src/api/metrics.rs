@@ -1,7 +1,8 @@
 //! `GET /metrics`: Prometheus text exposition of everything recorded with the `metrics` crate,
 //! with the machine's figures (process, devices' memory, GPUs) read for each scrape, and the
 //! model monitor's series of every serving version (`crate::monitor`), and whether each
-//! version the catalog lists can serve (`streamserve_model_version_up`).
+//! version the catalog lists can serve (`streamserve_model_version_up`). Every listed
+//! version's error series exist at 0 from the first scrape that lists it.
 
 use actix_web::{web, HttpResponse};
 
@@ -16,9 +17,15 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 async fn render(state: web::Data<AppState>, machine: Option<web::Data<Machine>>) -> HttpResponse {
     machine::refresh(machine.as_ref().map(|m| m.get_ref())).await;
     state.jobs.record_metrics();
+    let catalog = state.catalog.snapshot();
+    // A version that never loaded (refused, or cold until asked for) answers 503 under its
+    // own name without a router to create its error series. Created before this render, they
+    // are at 0 in the first scrape that could show them, as good as at load for `rate()`.
+    for (model, version, _) in versions_up(&catalog) {
+        crate::telemetry::register_request_error_series(model, version);
+    }
     let mut text = state.prometheus.render();
     machine::render_extra(&mut text);
-    let catalog = state.catalog.snapshot();
     crate::monitor::render(&catalog.watches(), &mut text);
     crate::monitor::render_version_up(versions_up(&catalog), &mut text);
     HttpResponse::Ok()

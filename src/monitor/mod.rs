@@ -29,7 +29,7 @@ use crate::tensor::{NamedTensor, TensorData};
 use inputs::InputWatch;
 /// Calls `f` with every value of a tensor as `f64`, whatever its element type.
 pub use values::visit as visit_values;
-use values::{visit_sampled, MAX_VALUES_PER_CALL};
+use values::{count_nan, visit_sampled, MAX_VALUES_PER_CALL};
 
 /// The monitor's settings (flags `--monitor-outputs`, `--drift-reference-rows`,
 /// `--drift-window-rows`).
@@ -148,9 +148,11 @@ struct OutputWatch {
     name: String,
     edges: Edges,
     shares: Vec<f64>,
-    /// Values per bucket since load (not cumulative; `/metrics` adds them up).
+    /// Values per bucket since load (not cumulative; `/metrics` adds them up), of the
+    /// values read at the stride.
     counts: Vec<u64>,
     sum: f64,
+    /// Every NaN since load, not only the stride's.
     nan: u64,
     window: Vec<u64>,
     window_rows: u64,
@@ -426,10 +428,13 @@ fn output_watches(profile: &Profile) -> Vec<OutputWatch> {
 impl OutputWatch {
     fn observe(&mut self, data: &TensorData, rows: u64, window_rows: u64) {
         self.calls = self.calls.wrapping_add(1);
+        // NaN over every value, not the stride: one NaN in a large output is a wrong answer,
+        // and a sample would see it once in a stride's worth of calls.
+        let nan = count_nan(data);
+        self.nan += nan;
+        self.window_nan += nan;
         visit_sampled(data, MAX_VALUES_PER_CALL, self.calls, |v| {
             if v.is_nan() {
-                self.nan += 1;
-                self.window_nan += 1;
                 return;
             }
             let bucket = self.edges.bucket(v);

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::bins::{Edges, BUCKETS};
-use super::values::{visit_sampled, Reservoir, MAX_VALUES_PER_CALL};
+use super::values::{count_nan, visit_sampled, Reservoir, MAX_VALUES_PER_CALL};
 use crate::tensor::NamedTensor;
 
 /// The profile's file name, in the directory of the model file it describes.
@@ -139,8 +139,9 @@ pub struct ProfileBuilder {
     calls: usize,
 }
 
-/// One output's sample, and how many of the values read were finite or NaN: a reference is
-/// cut from finite values only, so rows of NaN answers must not count towards it.
+/// One output's sample, how many of the values read were finite, and how many of all its
+/// values were NaN: a reference is cut from finite values only, so rows of NaN answers must
+/// not count towards it.
 #[derive(Debug)]
 struct OutputSample {
     name: String,
@@ -180,12 +181,13 @@ impl ProfileBuilder {
         self.calls = self.calls.wrapping_add(1);
         for sample in &mut self.outputs {
             if let Some(output) = outputs.iter().find(|o| o.name == sample.name) {
+                // Every NaN, as the watch counts once the reference is frozen: its counter goes
+                // on from this one.
+                sample.nan += count_nan(&output.data);
                 let (mut read, mut finite) = (0u64, 0u64);
                 visit_sampled(&output.data, MAX_VALUES_PER_CALL, self.calls, |v| {
                     read += 1;
-                    if v.is_nan() {
-                        sample.nan += 1;
-                    } else if v.is_finite() {
+                    if v.is_finite() {
                         finite += 1;
                     }
                     sample.reservoir.offer(v);
@@ -214,7 +216,8 @@ impl ProfileBuilder {
             .collect()
     }
 
-    /// NaN values read per output so far, in the builder's output order.
+    /// NaN values per output so far (every value, not only those sampled), in the builder's
+    /// output order.
     pub fn nan_counts(&self) -> impl Iterator<Item = (&str, u64)> {
         self.outputs.iter().map(|o| (o.name.as_str(), o.nan))
     }

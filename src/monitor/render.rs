@@ -103,7 +103,7 @@ pub fn render(watches: &[Arc<ModelWatch>], out: &mut String) {
     let mut output_nan = Family::new(
         "streamserve_model_output_nan_total",
         "counter",
-        "NaN values in an output",
+        "NaN values in an output, every value counted (the histogram reads large outputs at a stride, this counter does not)",
     );
     let mut drift = Family::new(
         "streamserve_model_output_drift_psi",
@@ -430,6 +430,44 @@ mod tests {
         render(&[watch], &mut text);
         assert!(!text.contains("drift_psi{"), "{text}");
         assert!(text.contains("output=\"y\"} 20"), "{text}");
+    }
+
+    #[test]
+    fn a_single_nan_in_an_output_past_the_sampled_size_is_counted() {
+        let settings = WatchSettings {
+            enabled: true,
+            reference_rows: 4,
+            window_rows: 4,
+            probe_gates_readiness: false,
+        };
+        let watch = Arc::new(ModelWatch::new(
+            ("m", "1", "aa"),
+            (&[], &["y".to_string()]),
+            settings,
+            None,
+            None,
+        ));
+        // 4 rows of 1,024: read at a stride of 4 that starts at 1 on the first call, so the
+        // stride never reads position 0 of that call.
+        let large = |nan_at: usize| {
+            let mut values: Vec<f32> = (0..4096).map(|i| i as f32).collect();
+            values[nan_at] = f32::NAN;
+            y(values)
+        };
+        watch.observe(&[], &[large(0)], 4);
+        assert_eq!(
+            watch.summary().reference,
+            super::super::ReferenceSource::FirstAnswers
+        );
+        watch.observe(&[], &[large(4092)], 4);
+        let mut text = String::new();
+        render(&[watch], &mut text);
+        assert!(
+            text.contains(
+                "streamserve_model_output_nan_total{model=\"m\",version=\"1\",output=\"y\"} 2"
+            ),
+            "one while the reference collected, one after:\n{text}"
+        );
     }
 
     #[test]

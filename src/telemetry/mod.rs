@@ -209,6 +209,40 @@ const MODEL_COUNTERS: &[&str] = &[
     "streamserve_inference_failures_total",
 ];
 
+/// The statuses of `streamserve_requests_total` a listed version's answers can fail with
+/// (500 a failed model call, 503 nothing can serve it, 504 its deadline passed, 429 shed),
+/// created at 0 with the version: the error share alert takes `rate()` over them, which
+/// cannot see the increment that creates a series. Other statuses (4xx of bad requests) are
+/// the client's, and are created on first use.
+pub const ERROR_STATUSES: &[&str] = &["429", "500", "503", "504"];
+
+/// Whether gRPC listens, so its error series are created with REST's (set once at start).
+static GRPC_LISTENS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Says that gRPC listens: from now on each version's error series are created for gRPC's
+/// answers (`protocol="grpc"`) too.
+pub fn grpc_listens() {
+    GRPC_LISTENS.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Creates at 0 `streamserve_requests_total` of every status in [`ERROR_STATUSES`] for a
+/// version the manifest lists (its names are the manifest's, a bounded set), for REST and,
+/// when it listens, gRPC.
+pub fn register_request_error_series(model: &str, version: &str) {
+    let grpc = GRPC_LISTENS.load(std::sync::atomic::Ordering::Relaxed);
+    for grpc in [false, true].into_iter().take(1 + usize::from(grpc)) {
+        let which = SeriesOf {
+            model,
+            version,
+            grpc,
+        };
+        for &status in ERROR_STATUSES {
+            metrics::counter!("streamserve_requests_total", &which.labels(Some(status)))
+                .increment(0);
+        }
+    }
+}
+
 /// The series answered requests move, for one served version, looked up once each: a lookup
 /// by labels builds and hashes the label strings on every request (about 4% of a 1-row
 /// request's CPU at concurrency 1, with the access line). Each is made on its first use, so
@@ -308,6 +342,7 @@ pub fn register_model_series(info: &crate::model::ModelInfo) {
     for &name in MODEL_COUNTERS {
         metrics::counter!(name, &labels).increment(0);
     }
+    register_request_error_series(&info.name, &info.version);
     if let Some(fallback) = &info.fallback {
         metrics::counter!("streamserve_degraded_total", "model" => info.name.clone(), "version" => info.version.clone(), "served_by" => fallback.clone())
             .increment(0);
@@ -360,6 +395,7 @@ pub fn register_rollout_series(model: &str) {
 pub fn register_fleet_series() {
     metrics::gauge!("streamserve_registry_up").set(0.0);
     metrics::gauge!("streamserve_fleet_instances_live").set(1.0);
+    metrics::gauge!("streamserve_fleet_duplicate_instance_id").set(0.0);
     for outcome in ["ok", "error"] {
         metrics::counter!("streamserve_registry_polls_total", "outcome" => outcome).increment(0);
     }
