@@ -15,6 +15,8 @@
 //! but brings several crates (a proc-macro among them), and its gain, naming the layer a bad
 //! value came from, matters only for the file: values from flags and environment are already
 //! typed by clap, and toml's own errors (file, line, key) are clearer than a re-wrapped one.
+//! A `STREAMSERVE_*` variable that no flag reads (a misspelling) is warned about at start-up,
+//! with the name it probably meant (`config/env_vars.rs`).
 //! Tests (`config/tests.rs`) check that the two lists name the same keys, that each
 //! environment variable is `STREAMSERVE_<KEY>`, and that each help text's `[default: ...]` is
 //! `Config::default()`'s.
@@ -34,13 +36,6 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Args;
 use serde::{Deserialize, Serialize};
-
-#[derive(Debug, Args)]
-pub struct CheckArgs {
-    /// Model directory holding `models.toml`.
-    #[arg(long, env = "STREAMSERVE_MODELS", default_value = "models")]
-    pub models: PathBuf,
-}
 
 /// Flags of `streamserve serve`, each with its environment variable. Each is optional here so
 /// that an unset flag falls through to the config file, then to [`Config::default()`]; the
@@ -455,8 +450,14 @@ fn cpus() -> usize {
 
 impl Config {
     /// Lays flags and environment (already merged by clap) over the config file, whose keys
-    /// missing from it are the defaults.
+    /// missing from it are the defaults, then applies the per-key rules.
     pub fn resolve(args: ServeArgs) -> anyhow::Result<Config> {
+        Ok(Config::layered(args)?.normalise()?)
+    }
+
+    /// The layers merged, before the per-key rules (which read the admin token's file):
+    /// enough for `check-models` to find the model directory as `serve` does.
+    pub fn layered(args: ServeArgs) -> anyhow::Result<Config> {
         let file = match &args.config {
             Some(path) => Config::from_file(path)?,
             None => Config::default(),
@@ -476,9 +477,7 @@ impl Config {
         };
         // An unset flag is null; it leaves the file's (or default) value in place.
         merged.extend(flags.into_iter().filter(|(_, value)| !value.is_null()));
-        let config: Config =
-            serde_json::from_value(merged.into()).context("flags and environment")?;
-        Ok(config.normalise()?)
+        serde_json::from_value(merged.into()).context("flags and environment")
     }
 
     /// The port gRPC listens on (0: a free one), or `None` when gRPC is off. Unset, it is 8081,
@@ -562,8 +561,12 @@ impl fmt::Debug for ServeArgs {
     }
 }
 
+mod check;
+mod env_vars;
 #[cfg(test)]
 mod tests;
 mod validate;
 
+pub use check::CheckArgs;
+pub use env_vars::{known_vars, unknown_vars, warn_unknown_vars, UnknownVar, ENV_PREFIX};
 pub use validate::{ConfigError, MAX_DURATION_SECS, MAX_WORKERS};

@@ -3,7 +3,7 @@
 //! (a version's drift reference and probe) and `jobs` (batch prediction jobs). Everything
 //! else lives in the library.
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 use streamserve::cli::{Cli, Command};
 use streamserve::config::Config;
@@ -13,7 +13,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(*args),
-        Command::CheckModels(args) => check_models(&args.models),
+        Command::CheckModels(args) => args.models_dir().and_then(|dir| check_models(&dir)),
         Command::Admin(args) => streamserve::cli::run(args),
         Command::Keys(command) => streamserve::cli::keys(command),
         Command::Registry(args) => streamserve::cli::registry::run(args),
@@ -32,6 +32,7 @@ fn main() -> std::process::ExitCode {
 fn serve(args: streamserve::config::ServeArgs) -> anyhow::Result<()> {
     let config = Config::resolve(args)?;
     streamserve::telemetry::init_logging(config.log_format, &config.log);
+    streamserve::config::warn_unknown_vars(&Cli::command());
     actix_web::rt::System::new().block_on(async move {
         let mut signals = Signals::new()?;
         let (running, server) = streamserve::server::start(&config).await?;

@@ -1,8 +1,8 @@
-//! Starting the whole server: ORT, the supervisor and its models, then the HTTP listener, the
-//! gRPC one beside it (`api/grpc/`) and, with `--stream-port`, an HTTP listener for speech
-//! only, which all stop together.
+//! Starting the whole server: the listeners' ports bound first, then ORT, the supervisor and
+//! its models, then the HTTP listener on its port, the gRPC one beside it (`api/grpc/`) and,
+//! with `--stream-port`, an HTTP listener for speech only, which all stop together.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +25,10 @@ use crate::config::Config;
 use crate::machine::{traffic, Machine};
 use crate::manifest::Manifest;
 use crate::telemetry;
+use sockets::Sockets;
+
+mod sockets;
+pub use sockets::BindError;
 
 /// A started server: where it listens, and how to stop it.
 pub struct Running {
@@ -147,10 +151,17 @@ impl Running {
 /// for its connections to go.
 pub const STOP_MARGIN: Duration = Duration::from_secs(1);
 
-/// Loads the models and binds the listener; the returned `Server` future serves until stopped.
-/// Must run inside an actix `System`. Signals are the caller's to handle (see `main.rs`), so
-/// that a shutdown can tell streams before the listener stops.
+/// Binds the listeners' ports, loads the models and serves on those ports; the returned
+/// `Server` future serves until stopped. Must run inside an actix `System`. Signals are the
+/// caller's to handle (see `main.rs`), so that a shutdown can tell streams before the listener
+/// stops.
 pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::Server)> {
+    // Before anything slow (ONNX Runtime, the models, the registry's versions): a port in use
+    // stops the start at once, not after minutes of loading with the models' memory spent.
+    let sockets = Sockets::bind(config)?;
+    if sockets.grpc.is_some() {
+        telemetry::grpc_listens();
+    }
     let prometheus = telemetry::metrics_handle();
     telemetry::install_panic_hook();
     crate::machine::gpu::init();
@@ -265,8 +276,8 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
         machine,
         door,
     };
-    let (server, addr) = listener.bind(
-        config.port,
+    let (server, addr) = listener.serve(
+        sockets.http,
         config.http_workers,
         main_connections,
         api::routes,
@@ -276,20 +287,21 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
     // thread is reading and refusing. Measured pinned on one core with REST at twice its
     // capacity: 40 streams' chunk p99 245 ms on the shared thread, 6 ms on a thread of their
     // own (load-tests/results/2026-12-05-door-fit).
-    let streams_listener = match config.stream_port {
+    let streams_listener = match sockets.streams {
         None => None,
-        Some(port) => {
-            Some(listener.bind(port, stream_workers, stream_connections, api::stream_routes)?)
-        }
+        Some(sockets) => Some(listener.serve(
+            sockets,
+            stream_workers,
+            stream_connections,
+            api::stream_routes,
+        )?),
     };
-    // Bound after HTTP, so that a failed HTTP bind leaves no gRPC listener behind.
-    let grpc = match config.grpc_listen_port() {
+    let grpc = match sockets.grpc {
         None => None,
-        Some(port) => Some(GrpcServer::start(
+        Some(listener) => Some(GrpcServer::start(
             grpc_state,
             GrpcConfig {
-                host: &config.host,
-                port,
+                listener,
                 max_message: config.grpc_max_message(),
                 workers: config.http_workers,
                 tls: config
@@ -343,18 +355,19 @@ struct Listener<'a> {
 }
 
 impl Listener<'_> {
-    /// An HTTP server with `routes` on `port`, `workers` threads and at most `connections`
-    /// open connections, bound; it starts when its future is first polled.
-    fn bind(
+    /// An HTTP server with `routes` on `sockets` (bound by [`Sockets::bind`]), `workers`
+    /// threads and at most `connections` open connections; it starts when its future is
+    /// first polled.
+    fn serve(
         &self,
-        port: u16,
+        sockets: Vec<TcpListener>,
         workers: usize,
         connections: usize,
         routes: fn(&mut web::ServiceConfig),
     ) -> anyhow::Result<(actix_web::dev::Server, SocketAddr)> {
         let (state, machine, door) = (self.state.clone(), self.machine.clone(), self.door.clone());
         let config = self.config;
-        let server = HttpServer::new(move || {
+        let mut server = HttpServer::new(move || {
             let door = door.clone();
             App::new()
                 .app_data(state.clone())
@@ -387,10 +400,11 @@ impl Listener<'_> {
         // at once, 5 s after a load step left ~2,000 connections idle under actix's 5 s
         // default). Outliving the clients' and proxies' own idle timeouts leaves the closing
         // to them.
-        .keep_alive(Duration::from_secs(config.keep_alive_secs))
-        .bind((config.host.as_str(), port))
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}:{port}: {e}", config.host))?
-        .disable_signals();
+        .keep_alive(Duration::from_secs(config.keep_alive_secs));
+        for socket in sockets {
+            server = server.listen(socket)?;
+        }
+        let server = server.disable_signals();
         let addr = *server
             .addrs()
             .first()

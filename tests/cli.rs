@@ -528,3 +528,49 @@ async fn a_second_signal_stops_at_once() {
         "exit {took:?} after two SIGINTs"
     );
 }
+
+/// `check-models` finds its model directory as `serve` does: the flag over the environment,
+/// the environment over the config file's `models`, the file over the default.
+#[test]
+fn check_models_reads_the_directory_the_config_file_names() {
+    let bad = model_dir(&format!(
+        "[[models]]\nname = \"mlp\"\nversion = \"1\"\nfile = \"{{models}}/mlp_small/1/model.onnx\"\nsha256 = \"{MLP_SHA}\"\n"
+    ));
+    let config = bad.join("streamserve.toml");
+    std::fs::write(&config, format!("models = {:?}\n", bad.to_str().unwrap())).unwrap();
+    let check = |args: &[&str], env: &[(&str, &str)]| {
+        let output = binary()
+            .arg("check-models")
+            .args(args)
+            .env_remove("STREAMSERVE_MODELS")
+            .env_remove("STREAMSERVE_CONFIG")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        (output.status.success(), stdout)
+    };
+    let config = config.to_str().unwrap();
+    let (ok, stdout) = check(&["--config", config], &[]);
+    assert!(
+        !ok && stdout.contains("sha256 mismatch"),
+        "the file's models: {stdout}"
+    );
+    let (ok, stdout) = check(&[], &[("STREAMSERVE_CONFIG", config)]);
+    assert!(
+        !ok && stdout.contains("sha256 mismatch"),
+        "the file from the environment: {stdout}"
+    );
+    let (ok, stdout) = check(&["--config", config, "--models", "models"], &[]);
+    assert!(ok, "the flag wins over the file: {stdout}");
+    let (ok, stdout) = check(&["--config", config], &[("STREAMSERVE_MODELS", "models")]);
+    assert!(ok, "the environment wins over the file: {stdout}");
+    let (ok, stdout) = check(
+        &["--models", bad.to_str().unwrap()],
+        &[("STREAMSERVE_MODELS", "models")],
+    );
+    assert!(
+        !ok && stdout.contains("sha256 mismatch"),
+        "the flag wins over the environment: {stdout}"
+    );
+}

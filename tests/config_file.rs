@@ -1,12 +1,14 @@
 //! The binary's configuration as an operator writes it: a TOML file with the admin token in a
 //! file of its own, and a misspelt key that stops start-up with a message naming it; a bad
 //! line never quoted with its secret; values no server can run with refused at start-up,
-//! naming the key; an admin token from the environment with a trailing newline.
+//! naming the key; an admin token from the environment with a trailing newline; a misspelt
+//! `STREAMSERVE_*` variable warned about by name; ports that cannot be bound refused before
+//! the models load, and ports held (and readiness waiting) while they load.
 
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -207,4 +209,221 @@ async fn an_admin_token_from_the_environment_is_trimmed() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(status.status(), 200);
+}
+
+/// A misspelt `STREAMSERVE_*` variable is ignored, as a deployment platform's own variables
+/// must be, but not silently: one warning per variable, naming it and the one it probably
+/// meant, never its value. Variables of other subcommands (`admin`'s `STREAMSERVE_URL`) are
+/// no mistake.
+#[test]
+fn an_unknown_streamserve_variable_is_warned_about_by_name_only() {
+    let secret = "s3cr3t-in-a-misspelt-variable";
+    let mut command = binary();
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("STREAMSERVE_") {
+            command.env_remove(key);
+        }
+    }
+    let output = command
+        .args([
+            "serve",
+            "--port",
+            "0",
+            "--host",
+            "127.0.0.1",
+            "--log-format",
+            "json",
+        ])
+        .args(["--models", "/nonexistent-models"])
+        .env("STREAMSERVE_MAX_INFLIHGT", "10")
+        .env("STREAMSERVE_ADMIN_TOKN", secret)
+        .env("STREAMSERVE_NOTHING_LIKE_ANY_FLAG_AT_ALL", secret)
+        .env("STREAMSERVE_URL", "http://127.0.0.1:1")
+        .env("STREAMSERVE_HTTP_WORKERS", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !stdout.contains(secret) && !stderr.contains(secret),
+        "{stdout}{stderr}"
+    );
+    let warnings: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|json| json["level"] == "WARN" && json.get("variable").is_some())
+        .collect();
+    let named: Vec<(&str, Option<&str>)> = warnings
+        .iter()
+        .map(|w| (w["variable"].as_str().unwrap(), w["did_you_mean"].as_str()))
+        .collect();
+    for want in [
+        ("STREAMSERVE_MAX_INFLIHGT", Some("STREAMSERVE_MAX_INFLIGHT")),
+        ("STREAMSERVE_ADMIN_TOKN", Some("STREAMSERVE_ADMIN_TOKEN")),
+        ("STREAMSERVE_NOTHING_LIKE_ANY_FLAG_AT_ALL", None),
+    ] {
+        assert_eq!(
+            named.iter().filter(|n| **n == want).count(),
+            1,
+            "{want:?} in {named:?}"
+        );
+    }
+    assert_eq!(
+        named.len(),
+        3,
+        "known variables are not warned about: {named:?}"
+    );
+}
+
+/// A port in use stops the start at once, naming the address, before ONNX Runtime or any
+/// model is loaded: the model directory that does not exist is never reached.
+#[test]
+fn a_port_in_use_stops_the_start_before_the_models_load() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port().to_string();
+    for (flag, what) in [
+        ("--port", "HTTP"),
+        ("--grpc-port", "gRPC"),
+        ("--stream-port", "--stream-port"),
+    ] {
+        let mut args = vec![
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--models",
+            "/nonexistent-models",
+        ];
+        if flag != "--port" {
+            args.extend(["--port", "0"]);
+        }
+        args.extend([flag, &port]);
+        let output = binary()
+            .args(&args)
+            .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{flag}: {stderr}");
+        assert!(
+            stderr.contains(&format!("cannot listen on 127.0.0.1:{port}"))
+                && stderr.contains(what)
+                && stderr.contains("in use"),
+            "{flag}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("onnxruntime") && !stderr.contains("manifest"),
+            "{flag}: the port is checked first: {stderr}"
+        );
+    }
+    drop(held);
+}
+
+/// Kills the server when a test ends, passing or not (a server blocked on a model file would
+/// otherwise outlive it).
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// While the models load, the ports are already held (bound, the free port told), and a
+/// request waits in the listen backlog: readiness is not answered, let alone true, until they
+/// are in. A model file that is a FIFO holds the loading until the test writes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_the_models_load_the_ports_are_held_and_readiness_waits() {
+    let typed_ops = repo().join("models/typed_ops/1/model.onnx");
+    let dir = model_dir(&format!(
+        "[[models]]\nname = \"typed_ops\"\nversion = \"1\"\nfile = {:?}\nsha256 = \"e491291eeeb4b687cde854db925c3c769498cd67b25c9f54b5eb5b14534916de\"\nmax_batch_size = 32\n\n[[models]]\nname = \"held\"\nversion = \"1\"\nfile = \"held.onnx\"\nsha256 = \"{}\"\n",
+        typed_ops.to_str().unwrap(),
+        "0".repeat(64),
+    ));
+    let fifo = dir.join("held.onnx");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let mut child = binary()
+        .args([
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--grpc-port",
+            "off",
+        ])
+        .args(["--log-format", "json", "--models"])
+        .arg(&dir)
+        .spawn()
+        .unwrap();
+    let rx = stdout_lines(&mut child);
+    let child = Killed(child);
+    let mut seen = Vec::new();
+    let bound = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("ports never bound:\n{}", seen.join("\n")));
+        if line.contains("ports bound") {
+            let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+            break json["addr"].as_str().unwrap().to_string();
+        }
+        assert!(!line.contains("streamserve listening"), "{line}");
+        seen.push(line);
+    };
+    assert!(
+        std::net::TcpListener::bind(&bound).is_err(),
+        "{bound} is held while the models load"
+    );
+    let c = client();
+    let early = tokio::spawn({
+        let url = format!("http://{bound}/v2/health/ready");
+        async move { c.get(url).send().await.map(|r| r.status().as_u16()) }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !early.is_finished(),
+        "answered while a model was still loading"
+    );
+    // The refused FIFO model leaves typed_ops, so the server turns ready once loading is over.
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let mut writer = std::fs::OpenOptions::new().write(true).open(fifo).unwrap();
+        let _ = writer.write_all(b"not a model");
+    });
+    let addr = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("listening once the FIFO's model is refused");
+        if line.contains("streamserve listening") {
+            let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+            break json["addr"].as_str().unwrap().to_string();
+        }
+    };
+    assert_eq!(
+        addr, bound,
+        "the port told before loading is the one served"
+    );
+    let status = tokio::time::timeout(Duration::from_secs(30), early)
+        .await
+        .expect("answered once the models are in")
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, 200, "ready once the models are in");
+    drop(child);
+}
+
+/// The child's stdout, line by line, read on a thread of its own.
+fn stdout_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
 }

@@ -240,8 +240,15 @@ async fn grpc_calls_are_counted_with_their_protocol() {
             l.starts_with("streamserve_requests_total{")
                 && l.contains("model=\"mlp_small\"")
                 && l.contains("protocol=\"grpc\"")
+                && l.contains("status=\"200\"")
         })
-        .unwrap_or_else(|| panic!("no gRPC series for mlp_small in:\n{text}"));
-    assert!(line.contains("status=\"200\""), "{line}");
+        .unwrap_or_else(|| panic!("no gRPC 200 series for mlp_small in:\n{text}"));
+    let answered: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(answered >= 1.0, "{line}");
+    // The error statuses are there (at 0 from the start), for gRPC as for REST.
+    assert!(
+        text.contains("streamserve_requests_total{model=\"mlp_small\",version=\"1\",status=\"503\",protocol=\"grpc\"} "),
+        "{text}"
+    );
     assert!(text.contains("streamserve_request_duration_seconds_count{model=\"mlp_small\",version=\"1\",protocol=\"grpc\"}"), "{text}");
 }

@@ -180,8 +180,9 @@ pub struct GrpcServer {
 
 /// What the gRPC listener is configured with.
 pub struct GrpcConfig<'a> {
-    pub host: &'a str,
-    pub port: u16,
+    /// The port, bound by the caller before the models loaded (so that a taken port failed the
+    /// start at once, and port 0 is resolved).
+    pub listener: std::net::TcpListener,
     pub max_message: usize,
     pub workers: usize,
     /// PEM files of the certificate chain and its private key: TLS only; `None`: h2c.
@@ -230,17 +231,10 @@ fn builder(tls: Option<(&std::path::Path, &std::path::Path)>) -> anyhow::Result<
 }
 
 impl GrpcServer {
-    /// Binds the listener (so that a taken port fails the start, and port 0 is resolved
-    /// before this returns) and serves it on a runtime thread of its own.
+    /// Serves the listener on a runtime thread of its own.
     pub fn start(state: Arc<AppState>, config: GrpcConfig<'_>) -> anyhow::Result<GrpcServer> {
         let builder = builder(config.tls)?;
-        let listener = std::net::TcpListener::bind((config.host, config.port)).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot listen for gRPC on {}:{}: {e}",
-                config.host,
-                config.port
-            )
-        })?;
+        let listener = config.listener;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
