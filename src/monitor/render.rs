@@ -301,6 +301,23 @@ mod tests {
     use super::*;
     use crate::tensor::{NamedTensor, TensorData};
 
+    /// A watch of one output `y`, with no profile and no probe.
+    fn watch_of_y(reference_rows: u64, window_rows: u64) -> Arc<ModelWatch> {
+        let settings = WatchSettings {
+            enabled: true,
+            reference_rows,
+            window_rows,
+            probe_gates_readiness: false,
+        };
+        Arc::new(ModelWatch::new(
+            ("m", "1", "aa"),
+            (&[], &["y".to_string()]),
+            settings,
+            None,
+            None,
+        ))
+    }
+
     fn y(values: Vec<f32>) -> NamedTensor {
         NamedTensor {
             name: "y".into(),
@@ -364,19 +381,7 @@ mod tests {
 
     #[test]
     fn without_a_profile_the_reference_is_frozen_from_the_first_answers() {
-        let settings = WatchSettings {
-            enabled: true,
-            reference_rows: 50,
-            window_rows: 50,
-            probe_gates_readiness: false,
-        };
-        let watch = Arc::new(ModelWatch::new(
-            ("m", "1", "aa"),
-            (&[], &["y".to_string()]),
-            settings,
-            None,
-            None,
-        ));
+        let watch = watch_of_y(50, 50);
         watch.observe(&[], &[y((0..40).map(|i| i as f32).collect())], 40);
         assert_eq!(
             watch.summary().reference,
@@ -397,19 +402,7 @@ mod tests {
 
     #[test]
     fn a_window_of_nan_only_clears_the_score_and_nan_counts_from_the_first_answer() {
-        let settings = WatchSettings {
-            enabled: true,
-            reference_rows: 10,
-            window_rows: 10,
-            probe_gates_readiness: false,
-        };
-        let watch = Arc::new(ModelWatch::new(
-            ("m", "1", "aa"),
-            (&[], &["y".to_string()]),
-            settings,
-            None,
-            None,
-        ));
+        let watch = watch_of_y(10, 10);
         watch.observe(&[], &[y(vec![f32::NAN; 10])], 10);
         let mut text = String::new();
         render(std::slice::from_ref(&watch), &mut text);
@@ -434,19 +427,7 @@ mod tests {
 
     #[test]
     fn a_single_nan_in_an_output_past_the_sampled_size_is_counted() {
-        let settings = WatchSettings {
-            enabled: true,
-            reference_rows: 4,
-            window_rows: 4,
-            probe_gates_readiness: false,
-        };
-        let watch = Arc::new(ModelWatch::new(
-            ("m", "1", "aa"),
-            (&[], &["y".to_string()]),
-            settings,
-            None,
-            None,
-        ));
+        let watch = watch_of_y(4, 4);
         // 4 rows of 1,024: read at a stride of 4 that starts at 1 on the first call, so the
         // stride never reads position 0 of that call.
         let large = |nan_at: usize| {
