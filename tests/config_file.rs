@@ -23,6 +23,16 @@ fn binary() -> Command {
     command
 }
 
+/// `serve` on a free HTTP port of 127.0.0.1, without gRPC, logging JSON, on `models`.
+fn serve_on_a_free_port(models: &std::path::Path) -> Command {
+    let mut command = binary();
+    command
+        .args(["serve", "--host", "127.0.0.1", "--port", "0"])
+        .args(["--grpc-port", "off", "--log-format", "json", "--models"])
+        .arg(models);
+    command
+}
+
 #[tokio::test]
 async fn the_admin_token_is_read_from_the_file_the_config_names() {
     let dir = model_dir("");
@@ -174,18 +184,7 @@ fn values_no_server_can_run_with_are_refused_naming_the_key() {
 
 #[tokio::test]
 async fn an_admin_token_from_the_environment_is_trimmed() {
-    let mut child = binary()
-        .args([
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--grpc-port",
-            "off",
-        ])
-        .args(["--log-format", "json", "--models"])
-        .arg(repo().join("models"))
+    let mut child = serve_on_a_free_port(&repo().join("models"))
         .env("STREAMSERVE_ADMIN_TOKEN", "s3cret\n")
         .spawn()
         .unwrap();
@@ -346,20 +345,7 @@ async fn while_the_models_load_the_ports_are_held_and_readiness_waits() {
         .status()
         .unwrap()
         .success());
-    let mut child = binary()
-        .args([
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--grpc-port",
-            "off",
-        ])
-        .args(["--log-format", "json", "--models"])
-        .arg(&dir)
-        .spawn()
-        .unwrap();
+    let mut child = serve_on_a_free_port(&dir).spawn().unwrap();
     let rx = stdout_lines(&mut child);
     let child = Killed(child);
     let mut seen = Vec::new();

@@ -352,20 +352,8 @@ async fn an_unreachable_registry_is_survived_and_caught_up_with() {
     // Mid-run: the store goes away; the instance keeps serving and says so.
     gate.close();
     let http = common::client();
-    let admin = |url: String| {
-        let http = http.clone();
-        async move {
-            let response = http
-                .get(format!("{url}/admin/registry"))
-                .bearer_auth("fleet-test")
-                .send()
-                .await
-                .unwrap();
-            response.json::<serde_json::Value>().await.unwrap()
-        }
-    };
     let down = loop {
-        let status = admin(a.url.clone()).await;
+        let status = admin_registry(&a.url).await;
         if status["reachable"] == false {
             break status;
         }
@@ -498,15 +486,7 @@ async fn a_stray_key_in_the_store_does_not_stop_the_fleet() {
         ],
     );
     wait_serving(&fleet, "2").await;
-    let account: serde_json::Value = common::client()
-        .get(format!("{}/admin/registry", fleet[0].url))
-        .bearer_auth("fleet-test")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let account = admin_registry(&fleet[0].url).await;
     assert_eq!(account["reachable"], true, "{account}");
     let error = account["registry_error"].as_str().unwrap_or_default();
     assert!(error.contains("bad key in registry"), "{account}");

@@ -351,15 +351,7 @@ async fn an_admin_deployment_takes_a_version_only_the_registry_has() {
     let text = response.text().await.unwrap();
     assert!(text.contains("mlp:6 is not in the registry"), "{text}");
 
-    let account: Value = http
-        .get(admin("registry"))
-        .bearer_auth("fleet-test")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let account = admin_registry(&solo.url).await;
     assert_eq!(account["instance"], "solo");
     assert_eq!(account["reachable"], true);
     assert_eq!(account["models"]["mlp"]["desired"]["default"], "1");

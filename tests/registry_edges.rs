@@ -281,18 +281,6 @@ fn a_multipart_upload_that_fails_half_way_is_aborted() {
     );
 }
 
-async fn admin_registry(url: &str) -> Value {
-    common::client()
-        .get(format!("{url}/admin/registry"))
-        .bearer_auth("fleet-test")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_with_one_instance_id_are_found_out() {
     let s3 = S3::start();

@@ -207,15 +207,7 @@ async fn unreadable_and_mislabelled_reports_are_skipped_and_block_nothing_they_s
         "switched while b could not take 2: {history:?}"
     );
     assert_eq!(desired(&status, "mlp")["default"], "1");
-    let account: serde_json::Value = common::client()
-        .get(format!("{}/admin/registry", a.url))
-        .bearer_auth("fleet-test")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let account = admin_registry(&a.url).await;
     assert_eq!(account["reachable"], true, "{account}");
     let error = account["registry_error"].as_str().unwrap_or_default();
     assert!(

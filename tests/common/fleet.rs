@@ -15,6 +15,19 @@ use serde_json::Value;
 
 use super::repo;
 
+/// An instance's `GET /admin/registry` (its admin token is the fleet tests' own).
+pub async fn admin_registry(url: &str) -> Value {
+    super::client()
+        .get(format!("{url}/admin/registry"))
+        .bearer_auth("fleet-test")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// A fresh empty directory.
 pub fn temp_dir(what: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
