@@ -211,8 +211,9 @@ const MODEL_COUNTERS: &[&str] = &[
 
 /// The statuses of `streamserve_requests_total` a listed version's answers can fail with
 /// (500 a failed model call, 503 nothing can serve it, 504 its deadline passed, 429 shed),
-/// created at 0 with the version: the error share alert takes `rate()` over them, which
-/// cannot see the increment that creates a series. Other statuses (4xx of bad requests) are
+/// created at 0 by `/metrics` before it renders (api/metrics.rs: so for every listed version,
+/// loaded, cold or refused): the error share alert takes `rate()` over them, which cannot see
+/// the increment that creates a series. Other statuses (4xx of bad requests) are
 /// the client's, and are created on first use.
 pub const ERROR_STATUSES: &[&str] = &["429", "500", "503", "504"];
 
@@ -342,7 +343,6 @@ pub fn register_model_series(info: &crate::model::ModelInfo) {
     for &name in MODEL_COUNTERS {
         metrics::counter!(name, &labels).increment(0);
     }
-    register_request_error_series(&info.name, &info.version);
     if let Some(fallback) = &info.fallback {
         metrics::counter!("streamserve_degraded_total", "model" => info.name.clone(), "version" => info.version.clone(), "served_by" => fallback.clone())
             .increment(0);

@@ -29,7 +29,7 @@ pub struct Expected<'a> {
 impl Store {
     /// Uploads a local file (in parts, never whole in memory), overwriting. Returns its size.
     pub async fn upload(&self, key: &str, file: &FsPath) -> Result<u64, RegistryError> {
-        Ok(self.upload_checked(key, file, None).await?.0)
+        self.upload_checked(key, file, None).await
     }
 
     /// [`Store::upload`] of a file that must still be `expected`: the bytes are hashed as
@@ -51,7 +51,7 @@ impl Store {
         key: &str,
         file: &FsPath,
         expected: Option<Expected<'_>>,
-    ) -> Result<(u64, String), RegistryError> {
+    ) -> Result<u64, RegistryError> {
         let mut input = tokio::fs::File::open(file)
             .await
             .map_err(|e| RegistryError::Local(format!("cannot read {}: {e}", file.display())))?;
@@ -77,7 +77,8 @@ impl Store {
         }
     }
 
-    /// Streams `input` into `writer`, hashing it; checks it against `expected` at the end.
+    /// Streams `input` into `writer`; returns its size. With `expected`, hashes it as it goes
+    /// and checks it at the end (an upload with nothing to check against is not hashed).
     async fn send(
         &self,
         key: &str,
@@ -85,9 +86,9 @@ impl Store {
         input: &mut tokio::fs::File,
         writer: &mut WriteMultipart,
         expected: Option<Expected<'_>>,
-    ) -> Result<(u64, String), RegistryError> {
+    ) -> Result<u64, RegistryError> {
         let mut buffer = vec![0u8; 1024 * 1024];
-        let mut hasher = Sha256::new();
+        let mut hasher = expected.map(|_| Sha256::new());
         let mut total = 0u64;
         loop {
             let n = input.read(&mut buffer).await.map_err(|e| {
@@ -100,7 +101,9 @@ impl Store {
                 .wait_for_capacity(PARTS_IN_FLIGHT)
                 .await
                 .map_err(|e| self.failed("upload", key, e))?;
-            hasher.update(&buffer[..n]);
+            if let Some(hasher) = &mut hasher {
+                hasher.update(&buffer[..n]);
+            }
             writer.write(&buffer[..n]);
             total += n as u64;
         }
@@ -109,8 +112,8 @@ impl Store {
             .wait_for_capacity(0)
             .await
             .map_err(|e| self.failed("upload", key, e))?;
-        let sha256 = hex::encode(hasher.finalize());
-        if let Some(expected) = expected {
+        if let Some((expected, hasher)) = expected.zip(hasher) {
+            let sha256 = hex::encode(hasher.finalize());
             if expected.size != total || expected.sha256 != sha256 {
                 return Err(RegistryError::Refused(format!(
                     "{} changed while it was being pushed (hashed: {} bytes, sha256 {}; sent: \
@@ -122,7 +125,7 @@ impl Store {
                 )));
             }
         }
-        Ok((total, sha256))
+        Ok(total)
     }
 
     /// Aborts a failed upload, so that the store drops its parts. Best effort: the error
