@@ -159,6 +159,16 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
     // Before anything slow (ONNX Runtime, the models, the registry's versions): a port in use
     // stops the start at once, not after minutes of loading with the models' memory spent.
     let sockets = Sockets::bind(config)?;
+    // The TLS files too: one that cannot be used stops the start here, as a taken port does.
+    let grpc_transport = match sockets.grpc {
+        Some(_) => Some(crate::api::grpc::transport(
+            config
+                .grpc_tls_cert
+                .as_deref()
+                .zip(config.grpc_tls_key.as_deref()),
+        )?),
+        None => None,
+    };
     if sockets.grpc.is_some() {
         telemetry::grpc_listens();
     }
@@ -296,18 +306,15 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
             api::stream_routes,
         )?),
     };
-    let grpc = match sockets.grpc {
+    let grpc = match sockets.grpc.zip(grpc_transport) {
         None => None,
-        Some(listener) => Some(GrpcServer::start(
+        Some((listener, transport)) => Some(GrpcServer::start(
             grpc_state,
             GrpcConfig {
                 listener,
+                transport,
                 max_message: config.grpc_max_message(),
                 workers: config.http_workers,
-                tls: config
-                    .grpc_tls_cert
-                    .as_deref()
-                    .zip(config.grpc_tls_key.as_deref()),
             },
         )?),
     };

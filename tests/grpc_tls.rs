@@ -104,16 +104,24 @@ fn a_certificate_or_key_that_cannot_be_used_stops_the_start() {
     std::fs::write(&garbage, "-----BEGIN PRIVATE KEY-----\nnot a key\n").unwrap();
     let start = |cert: &PathBuf, key: &PathBuf| {
         let output = Command::new(env!("CARGO_BIN_EXE_streamserve"))
+            // Neither ONNX Runtime nor a model directory exists: the TLS files must be
+            // found unusable before either is looked for, as a taken port is.
             .args(["serve", "--host", "127.0.0.1", "--port", "0", "--models"])
-            .arg(repo().join("models"))
+            .arg("/nonexistent-models")
             .arg("--grpc-tls-cert")
             .arg(cert)
             .arg("--grpc-tls-key")
             .arg(key)
+            .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")
             .output()
             .unwrap();
         assert!(!output.status.success(), "the start must fail");
-        String::from_utf8_lossy(&output.stderr).into_owned()
+        let log = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(
+            !log.contains("onnxruntime") && !log.contains("manifest"),
+            "the TLS files are checked before the models load: {log}"
+        );
+        log
     };
     let missing = start(&cert, &cert.with_file_name("nosuch.pem"));
     assert!(

@@ -5,8 +5,9 @@
 //! the page shows that one is required and no model at all. The JSON tests pin `/status`'s
 //! access rules (token, keyed server without a token, development server) and its fields.
 //!
-//! Chromium comes from `scripts/setup.sh --observe` (test.sh runs it); `STREAMSERVE_CHROMIUM`
-//! names another binary. Every wait is bounded, and Chromium's whole process group is killed
+//! Chromium comes from `scripts/setup.sh --observe` (test.sh runs it); `CHROMIUM_BIN`
+//! names another binary (not a `STREAMSERVE_*` name: the server warns about each variable of
+//! its prefix that it does not read). Every wait is bounded, and Chromium's whole process group is killed
 //! when a load ends, however it ends.
 
 mod common;
@@ -23,7 +24,7 @@ use serde_json::Value;
 const TOKEN: &str = "status-page-token";
 
 fn chromium() -> String {
-    std::env::var("STREAMSERVE_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into())
+    std::env::var("CHROMIUM_BIN").unwrap_or_else(|_| "/usr/bin/chromium".into())
 }
 
 /// Chromium's process group, killed when dropped.

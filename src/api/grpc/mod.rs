@@ -179,15 +179,20 @@ pub struct GrpcServer {
 }
 
 /// What the gRPC listener is configured with.
-pub struct GrpcConfig<'a> {
+pub struct GrpcConfig {
     /// The port, bound by the caller before the models loaded (so that a taken port failed the
     /// start at once, and port 0 is resolved).
     pub listener: std::net::TcpListener,
+    /// The transport, made with its TLS files before the models loaded.
+    pub transport: Transport,
     pub max_message: usize,
     pub workers: usize,
-    /// PEM files of the certificate chain and its private key: TLS only; `None`: h2c.
-    pub tls: Option<(&'a std::path::Path, &'a std::path::Path)>,
 }
+
+/// The gRPC transport's settings, TLS included. Made by [`transport`] before anything slow
+/// starts, so that a TLS file that cannot be used fails the start at once, as a port in use
+/// does, not after minutes of loading models.
+pub struct Transport(Server);
 
 /// HTTP/2 receive window of one call (stream): how much of a call's request the client may send
 /// before the server reads it.
@@ -196,8 +201,13 @@ const STREAM_WINDOW: u32 = 1024 * 1024;
 /// HTTP/2 receive window of a connection, shared by all its calls.
 const CONNECTION_WINDOW: u32 = 16 * STREAM_WINDOW;
 
-/// The server builder, with TLS when a certificate is configured (read here, so that a
-/// missing or malformed file fails the start, naming the file but never printing the key).
+/// The transport, with TLS when a certificate is configured (`tls`: the PEM files of the
+/// certificate chain and its private key; `None`: h2c). The files are read here, so that a
+/// missing or malformed one fails the start, naming the file but never printing the key.
+pub fn transport(tls: Option<(&std::path::Path, &std::path::Path)>) -> anyhow::Result<Transport> {
+    builder(tls).map(Transport)
+}
+
 fn builder(tls: Option<(&std::path::Path, &std::path::Path)>) -> anyhow::Result<Server> {
     // Flow control: a call whose requests are not read (a `ModelStreamInfer` with 64 requests
     // in flight whose client does not read the answers) holds its unread bytes against both
@@ -232,8 +242,8 @@ fn builder(tls: Option<(&std::path::Path, &std::path::Path)>) -> anyhow::Result<
 
 impl GrpcServer {
     /// Serves the listener on a runtime thread of its own.
-    pub fn start(state: Arc<AppState>, config: GrpcConfig<'_>) -> anyhow::Result<GrpcServer> {
-        let builder = builder(config.tls)?;
+    pub fn start(state: Arc<AppState>, config: GrpcConfig) -> anyhow::Result<GrpcServer> {
+        let Transport(builder) = config.transport;
         let listener = config.listener;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
