@@ -12,6 +12,7 @@ pub(crate) mod json_tensor;
 pub mod kserve;
 pub mod metrics;
 mod predictions;
+mod repository;
 pub mod rest;
 mod status;
 pub mod ws;
@@ -155,6 +156,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.configure(rest::infer_routes)
         .configure(health::routes)
         .configure(rest::routes)
+        .configure(repository::routes)
         .configure(ws::routes)
         .configure(admin::routes)
         .configure(jobs::routes)

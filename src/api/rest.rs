@@ -1,5 +1,5 @@
 //! Open Inference Protocol (KServe v2) REST endpoints: server and model metadata, the model
-//! repository index, and inference.
+//! list, and inference (the repository extension is in `repository.rs`).
 //!
 //! An inference request goes: body (size-checked) -> [`kserve::decode`] -> [`ModelInfo::validate`]
 //! -> the version's `Router` (queued, batched, run by a worker) -> [`kserve::encode`].
@@ -13,9 +13,10 @@ use serde_json::json;
 use super::accounting::{self, Answered, Protocol, Stats};
 use super::body;
 use super::kserve::{self, HEADER_CONTENT_LENGTH};
+use super::repository::index_rows;
 use super::AppState;
 use crate::access::Pass;
-use crate::actors::catalog::{ServedModel, VersionState};
+use crate::actors::catalog::ServedModel;
 use crate::actors::served::InferOptions;
 use crate::error::ServeError;
 use crate::manifest::BatchAxis;
@@ -26,7 +27,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     // Resources, not bare routes: a known path called with the wrong method gets 405 + Allow.
     cfg.service(web::resource("/v2").route(web::get().to(server_metadata)))
         .service(web::resource("/v2/models").route(web::get().to(list_models)))
-        .service(web::resource("/v2/repository/index").route(web::post().to(repository_index)))
         .service(web::resource("/v2/models/{name}").route(web::get().to(model_metadata)))
         .service(
             web::resource("/v2/models/{name}/versions/{version}")
@@ -59,67 +59,8 @@ async fn server_metadata() -> HttpResponse {
     }))
 }
 
-/// One row of the repository index: a listed model version, its state, and why it is not
-/// serving where it is not.
-pub struct IndexRow {
-    pub name: String,
-    pub version: String,
-    pub state: &'static str,
-    pub reason: String,
-    pub default: bool,
-}
-
-/// Every listed model version with its state, and the reason where it is not serving (REST's
-/// and gRPC's repository index).
-pub fn index_rows(state: &AppState) -> Vec<IndexRow> {
-    let catalog = state.catalog.snapshot();
-    let mut rows = Vec::new();
-    for (name, model) in &catalog.models {
-        for version in model.sorted_versions() {
-            let state = &model.versions[&version];
-            let reason = match state {
-                VersionState::Serving(served) if !served.health.ready() => "no healthy replica",
-                VersionState::Unavailable { reason, .. } => reason.as_str(),
-                VersionState::Cold {
-                    last_error: Some(error),
-                    ..
-                } => error.as_str(),
-                VersionState::Cold { .. } => "not loaded; the next request loads it",
-                _ => "",
-            };
-            rows.push(IndexRow {
-                name: name.clone(),
-                state: state.label(),
-                reason: reason.to_string(),
-                default: model.default_version() == Some(version.as_str()),
-                version,
-            });
-        }
-    }
-    rows
-}
-
-fn index(state: &AppState) -> Vec<serde_json::Value> {
-    index_rows(state)
-        .into_iter()
-        .map(|row| {
-            json!({
-                "name": row.name,
-                "version": row.version,
-                "state": row.state,
-                "reason": row.reason,
-                "default": row.default,
-            })
-        })
-        .collect()
-}
-
 async fn list_models(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok().json(json!({ "models": index(&state) }))
-}
-
-async fn repository_index(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok().json(index(&state))
+    HttpResponse::Ok().json(json!({ "models": index_rows(&state, false) }))
 }
 
 async fn model_metadata(

@@ -18,9 +18,12 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BINARY = Path(os.environ.get("STREAMSERVE_BIN", REPO_ROOT / "target" / "release" / "streamserve"))
+BINARY = Path(os.environ.get("TEST_SERVER_BIN", REPO_ROOT / "target" / "release" / "streamserve"))
 STARTUP_TIMEOUT_S = 60.0
 LISTENING_MESSAGE = "streamserve listening"
+# The server's admin token (from the environment, as a deployment gives it): the model
+# repository's load and unload take it.
+ADMIN_TOKEN = "python-clients-admin-token"
 
 
 class _ServerOutput:
@@ -79,7 +82,7 @@ def _server():
     if not BINARY.is_file():
         pytest.fail(
             f"streamserve binary not found at {BINARY}; build it first with "
-            "`cargo build --release --bin streamserve` (or set STREAMSERVE_BIN)",
+            "`cargo build --release --bin streamserve` (or set TEST_SERVER_BIN)",
             pytrace=False,
         )
     command = [
@@ -92,6 +95,7 @@ def _server():
     proc = subprocess.Popen(
         command,
         cwd=REPO_ROOT,
+        env={**os.environ, "STREAMSERVE_ADMIN_TOKEN": ADMIN_TOKEN},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -147,3 +151,9 @@ def server_grpc_addr(_server):
 @pytest.fixture(scope="session")
 def repo_root():
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def admin_token(_server):
+    """The running server's admin token."""
+    return ADMIN_TOKEN

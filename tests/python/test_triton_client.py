@@ -140,6 +140,22 @@ def test_model_repository_index(client):
         assert row["version"] == "1", row
 
 
+def test_model_repository_load_and_unload(client, admin_token):
+    """`unload_model` and `load_model` as a Triton user calls them: with the admin token."""
+    auth = {"Authorization": f"Bearer {admin_token}"}
+    with pytest.raises(InferenceServerException, match="admin token"):
+        client.unload_model("mlp_small")
+    client.unload_model("mlp_small", headers=auth)
+    states = {row["name"]: row["state"] for row in client.get_model_repository_index()}
+    assert states["mlp_small"] == "UNLOADED", states
+    with pytest.raises(InferenceServerException, match="'config'"):
+        client.load_model("mlp_small", headers=auth, config='{"max_batch_size": 4}')
+    client.load_model("mlp_small", headers=auth)
+    states = {row["name"]: row["state"] for row in client.get_model_repository_index()}
+    assert states["mlp_small"] == "READY", states
+    assert client.is_model_ready("mlp_small")
+
+
 # --------------------------------------------------------------------------------------------
 # inference: mlp, every combination of request and response encodings
 

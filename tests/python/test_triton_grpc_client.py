@@ -84,6 +84,23 @@ def test_model_config_and_repository_index(client):
     assert all(row["state"] == "READY" and row["version"] == "1" for row in rows.values())
 
 
+def test_model_repository_load_and_unload(client, admin_token):
+    """`unload_model` and `load_model` as a Triton user calls them: with the admin token (gRPC
+    metadata keys are lower case)."""
+    auth = {"authorization": f"Bearer {admin_token}"}
+    with pytest.raises(InferenceServerException, match="admin token"):
+        client.unload_model("mlp_small")
+    client.unload_model("mlp_small", headers=auth)
+    index = client.get_model_repository_index(as_json=True)
+    states = {row["name"]: row["state"] for row in index["models"]}
+    assert states["mlp_small"] == "UNLOADED", states
+    client.load_model("mlp_small", headers=auth)
+    assert client.is_model_ready("mlp_small")
+    index = client.get_model_repository_index(as_json=True)
+    states = {row["name"]: row["state"] for row in index["models"]}
+    assert states["mlp_small"] == "READY", states
+
+
 # --------------------------------------------------------------------------------------------
 # unary inference
 

@@ -32,7 +32,7 @@ use crate::actors::catalog::ServedModel;
 use crate::actors::served::InferOptions;
 use crate::api::accounting::{self, Answered, Protocol, Stats};
 use crate::api::body::StreamHold;
-use crate::api::{health, kserve, rest, AppState};
+use crate::api::{health, kserve, repository, AppState};
 use crate::error::ServeError;
 use crate::model::PLATFORM;
 
@@ -59,6 +59,33 @@ struct Caller<'a> {
 
 fn version(v: &str) -> Option<&str> {
     (!v.is_empty()).then_some(v)
+}
+
+/// A load's or unload's parameters, with the repository it names: there is one repository,
+/// so a name other than "" (any) is refused rather than ignored.
+fn repository_parameters(
+    repository_name: &str,
+    parameters: &std::collections::HashMap<String, ModelRepositoryParameter>,
+) -> Result<repository::Parameters, ServeError> {
+    if !repository_name.is_empty() {
+        return Err(ServeError::invalid(format!(
+            "repository_name '{}' is not known: streamserve has one model repository; leave it empty",
+            crate::untrusted::Untrusted(repository_name)
+        )));
+    }
+    if let Some(dependents) = parameters.get("unload_dependents") {
+        if !matches!(
+            dependents.parameter_choice,
+            Some(model_repository_parameter::ParameterChoice::BoolParam(_))
+        ) {
+            return Err(ServeError::invalid(
+                "parameter 'unload_dependents' must be a bool_param",
+            ));
+        }
+    }
+    let mut names: Vec<String> = parameters.keys().cloned().collect();
+    names.sort();
+    Ok(repository::Parameters { names })
 }
 
 fn unimplemented(what: &str, instead: &str) -> Status {
@@ -370,9 +397,8 @@ impl GrpcInferenceService for Arc<Inference> {
         request: Request<RepositoryIndexRequest>,
     ) -> Answer<RepositoryIndexResponse> {
         let request = request.into_inner();
-        let models = rest::index_rows(&self.state)
+        let models = repository::index_rows(&self.state, request.ready)
             .into_iter()
-            .filter(|row| !request.ready || row.state == "READY")
             .map(|row| repository_index_response::ModelIndex {
                 name: row.name,
                 version: row.version,
@@ -383,24 +409,29 @@ impl GrpcInferenceService for Arc<Inference> {
         Ok(Response::new(RepositoryIndexResponse { models }))
     }
 
+    /// Triton's `RepositoryModelLoad`, as REST's `/v2/repository/models/{name}/load`: the
+    /// admin token in `authorization` metadata; answered once the version serves.
     async fn repository_model_load(
         &self,
-        _: Request<RepositoryModelLoadRequest>,
+        request: Request<RepositoryModelLoadRequest>,
     ) -> Answer<RepositoryModelLoadResponse> {
-        Err(unimplemented(
-            "RepositoryModelLoad",
-            "models load on their first request, or through the admin API (POST /admin/models/{name}/load)",
-        ))
+        repository::authorize(&self.state, request.metadata())?;
+        let request = request.into_inner();
+        let parameters = repository_parameters(&request.repository_name, &request.parameters)?;
+        repository::load_model(&self.state, &request.model_name, &parameters).await?;
+        Ok(Response::new(RepositoryModelLoadResponse {}))
     }
 
+    /// Triton's `RepositoryModelUnload`, as REST's `/v2/repository/models/{name}/unload`.
     async fn repository_model_unload(
         &self,
-        _: Request<RepositoryModelUnloadRequest>,
+        request: Request<RepositoryModelUnloadRequest>,
     ) -> Answer<RepositoryModelUnloadResponse> {
-        Err(unimplemented(
-            "RepositoryModelUnload",
-            "use the admin API (POST /admin/models/{name}/unload)",
-        ))
+        repository::authorize(&self.state, request.metadata())?;
+        let request = request.into_inner();
+        let parameters = repository_parameters(&request.repository_name, &request.parameters)?;
+        repository::unload_model(&self.state, &request.model_name, &parameters).await?;
+        Ok(Response::new(RepositoryModelUnloadResponse {}))
     }
 
     async fn system_shared_memory_status(
