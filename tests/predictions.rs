@@ -180,3 +180,66 @@ async fn published_predictions_are_served_by_key_through_a_failed_refresh_and_a_
     assert_eq!(lookup(&c, &url, "row-200").await.0, 404);
     b.shutdown().await;
 }
+
+/// A published answer is one model version's output: a key scoped to another version of the
+/// model may not read it (as it may not call that version), one scoped to that version may.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_scoped_to_another_version_may_not_read_its_answers() {
+    let dir = scratch("predictions-version-scope");
+    let entry = |name: &str, key: &str, models: &str| {
+        let sha = hex::encode(streamserve::access::keys::hash(key));
+        format!("[[keys]]\nname = \"{name}\"\nsha256 = \"{sha}\"\nmodels = [\"{models}\"]\n\n")
+    };
+    let (v1, v2) = (
+        streamserve::access::keys::new_key().unwrap(),
+        streamserve::access::keys::new_key().unwrap(),
+    );
+    let keys = dir.join("keys.toml");
+    std::fs::write(
+        &keys,
+        entry("v1", &v1, "mlp:1") + &entry("v2", &v2, "mlp:2"),
+    )
+    .unwrap();
+    let jobs_dir = dir.join("jobs");
+    let running = start_running(&model_dir(&manifest()), move |config| {
+        config.admin_token = Some(TOKEN.into());
+        config.jobs_dir = jobs_dir;
+        config.api_keys = Some(keys);
+    });
+    let url = format!("http://{}", running.addr);
+    let c = client();
+    let input = dir.join("rows.jsonl");
+    write_input(&input, 4);
+    let job = publish(&c, &url, &input, "out.jsonl").await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+
+    let read = |key: String| {
+        let (c, url) = (c.clone(), url.clone());
+        async move {
+            let response = c
+                .get(format!("{url}/v2/models/mlp/predictions/row-1"))
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            (status, response.text().await.unwrap())
+        }
+    };
+    let (status, body) = read(v1.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = read(v2.clone()).await;
+    assert!(
+        status == 403 && body.contains("version '1'"),
+        "{status} {body}"
+    );
+    // POST (lookup, else online inference) too.
+    let response = c
+        .post(format!("{url}/v2/models/mlp/predictions/row-1"))
+        .bearer_auth(&v2)
+        .json(&row(1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 403);
+}

@@ -1,6 +1,7 @@
 //! The audit trail of refusals: one structured event (`streamserve::audit` target) per refused
-//! request with the key's name (never the key), the model, the client address and the reason,
-//! and a counter per key name and reason. The events are themselves rate-limited, so that an
+//! request with the key's name (never the key), the model, the client address and the reason
+//! (client text in them escaped, so that a `%0A` in a model name cannot forge a line), and a
+//! counter per key name and reason, at 0 from the first scrape for every configured key. The events are themselves rate-limited, so that an
 //! attack cannot flood the logs; the next event says how many were left out.
 
 use std::net::IpAddr;
@@ -10,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::error::ServeError;
+use crate::untrusted::Untrusted;
 
 /// Events per second, and the burst above it.
 const EVENTS_PER_SEC: u32 = 20;
@@ -31,10 +33,25 @@ impl Default for Audit {
     }
 }
 
+/// The reasons (`ServeError::kind`) of the refusals made here: a caller without a valid key
+/// is only ever unauthenticated (or, by address, rate-limited); a key's may be any.
+pub const UNAUTHENTICATED: &str = "unauthenticated";
+pub const RATE_LIMITED: &str = "rate_limited";
+pub const KEY_REASONS: [&str; 3] = [UNAUTHENTICATED, "forbidden", RATE_LIMITED];
+
+/// Creates `streamserve_access_refused_total` of `key` and each of `reasons` at 0 (the names
+/// are the keys file's, a bounded set).
+pub fn register_series(key: &str, reasons: &[&'static str]) {
+    for &reason in reasons {
+        metrics::counter!(REFUSED, "key" => key.to_string(), "reason" => reason).increment(0);
+    }
+}
+
+const REFUSED: &str = "streamserve_access_refused_total";
+
 impl Audit {
     pub fn refused(&self, key: &str, model: &str, address: Option<IpAddr>, error: &ServeError) {
-        metrics::counter!("streamserve_access_refused_total", "key" => key.to_string(), "reason" => error.kind())
-            .increment(1);
+        metrics::counter!(REFUSED, "key" => key.to_string(), "reason" => error.kind()).increment(1);
         if self.events.check().is_err() {
             self.left_out.fetch_add(1, Ordering::Relaxed);
             return;
@@ -43,8 +60,8 @@ impl Audit {
         let address = address.map(|a| a.to_string()).unwrap_or_default();
         tracing::warn!(
             target: "streamserve::audit",
-            key, model = %crate::untrusted::Untrusted(model), client = %address, reason = error.kind(),
-            detail = %error, left_out, "request refused"
+            key, model = %Untrusted(model), client = %address, reason = error.kind(),
+            detail = %Untrusted(&error.to_string()), left_out, "request refused"
         );
     }
 }
@@ -63,5 +80,21 @@ mod tests {
         let left_out = audit.left_out.load(Ordering::Relaxed);
         // 50 beyond the burst, less the few the bucket refills while the loop runs.
         assert!((25..=50).contains(&left_out), "{left_out}");
+    }
+
+    #[test]
+    fn the_series_made_at_0_are_of_the_reasons_refusals_have() {
+        let retry_after = std::time::Duration::from_secs(1);
+        let kinds = [
+            ServeError::Unauthenticated(String::new()).kind(),
+            ServeError::Forbidden(String::new()).kind(),
+            ServeError::RateLimited {
+                what: String::new(),
+                retry_after,
+            }
+            .kind(),
+        ];
+        assert_eq!(kinds, KEY_REASONS);
+        assert_eq!((kinds[0], kinds[2]), (UNAUTHENTICATED, RATE_LIMITED));
     }
 }

@@ -3,7 +3,7 @@
 //! From anyone else those headers are ignored, so a client cannot pick its own address to
 //! dodge a per-address limit or to blame another in the audit log.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 
@@ -33,31 +33,43 @@ impl TrustedProxies {
 
     /// The client's address for a request from `peer`.
     pub fn client(&self, peer: Option<IpAddr>, headers: &dyn Headers) -> Option<IpAddr> {
-        let peer = peer?;
+        // An IPv4 peer of a dual-stack socket (`--host ::`) comes as `::ffff:a.b.c.d`, which an
+        // IPv4 range does not contain.
+        let peer = peer?.to_canonical();
         if !self.trusts(peer) {
             return Some(peer);
         }
-        if let Some(ip) = headers
-            .first("fly-client-ip")
-            .and_then(|v| v.trim().parse().ok())
-        {
+        if let Some(ip) = headers.first("fly-client-ip").and_then(address) {
             return Some(ip);
         }
         // The last address that is not one of our proxies is the one the nearest proxy saw.
-        let forwarded: Vec<IpAddr> = headers
+        // Walked from the nearest: an entry that is not an address (`unknown`, an obfuscated
+        // name) ends the walk at the peer, as what lies before it was written by whoever
+        // that entry stands for, the client included.
+        let forwarded: Vec<&str> = headers
             .all("x-forwarded-for")
             .into_iter()
             .flat_map(|v| v.split(','))
-            .filter_map(|a| a.trim().parse().ok())
             .collect();
-        Some(
-            forwarded
-                .into_iter()
-                .rev()
-                .find(|ip| !self.trusts(*ip))
-                .unwrap_or(peer),
-        )
+        for entry in forwarded.into_iter().rev() {
+            match address(entry) {
+                Some(ip) if self.trusts(ip) => continue,
+                Some(ip) => return Some(ip),
+                None => break,
+            }
+        }
+        Some(peer)
     }
+}
+
+/// An address as forwarding headers write it: bare, or with a port (`203.0.113.7:4711`,
+/// `[2001:db8::7]:4711`, as some load balancers append it).
+fn address(text: &str) -> Option<IpAddr> {
+    let text = text.trim();
+    text.parse::<IpAddr>()
+        .or_else(|_| text.parse::<SocketAddr>().map(|s| s.ip()))
+        .ok()
+        .map(|ip| ip.to_canonical())
 }
 
 #[cfg(test)]
@@ -93,6 +105,25 @@ mod tests {
             Some("198.51.100.7".parse().unwrap())
         );
         assert_eq!(proxies.client(Some(proxy), &headers(&[])), Some(proxy));
+        // A port on the nearest entry does not let an earlier (client-written) one through.
+        let ported = headers(&[("x-forwarded-for", "9.9.9.9, 198.51.100.7:4711")]);
+        assert_eq!(
+            proxies.client(Some(proxy), &ported),
+            Some("198.51.100.7".parse().unwrap())
+        );
+        let v6 = headers(&[("x-forwarded-for", "9.9.9.9, [2001:db8::7]:4711")]);
+        assert_eq!(
+            proxies.client(Some(proxy), &v6),
+            Some("2001:db8::7".parse().unwrap())
+        );
+        let unknown = headers(&[("x-forwarded-for", "9.9.9.9, unknown")]);
+        assert_eq!(proxies.client(Some(proxy), &unknown), Some(proxy));
+        // A trusted IPv4 proxy on a dual-stack socket.
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert_eq!(
+            proxies.client(Some(mapped), &chain),
+            Some("198.51.100.7".parse().unwrap())
+        );
         assert!(TrustedProxies::parse("10.0.0.0/33").is_err());
         assert!(TrustedProxies::parse("").unwrap().0.is_empty());
     }

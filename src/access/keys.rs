@@ -56,7 +56,8 @@ enum RawPriority {
     Low,
 }
 
-/// A key's limits; `None` (or 0) is no limit.
+/// A key's limits; `None` (left out) is no limit. A 0 is refused at load: read as "no limit" it
+/// would give a key that an operator meant to stop, or to throttle to nothing, no limit at all.
 #[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
@@ -162,9 +163,16 @@ pub fn new_key() -> Result<String, String> {
 
 /// Reads the keys file; `keyed` says whether the server has a secret for `hmac_sha256` keys.
 pub fn load(path: &Path, keyed: bool) -> Result<Vec<KeySpec>, String> {
-    let text = std::fs::read_to_string(path)
+    let bytes = std::fs::read(path)
         .map_err(|e| format!("cannot read API keys file {}: {e}", path.display()))?;
-    parse(&text, keyed).map_err(|e| format!("API keys file {}: {e}", path.display()))
+    from_bytes(path, &bytes, keyed)
+}
+
+/// The keys file's contents, read from `path` (named in errors).
+pub fn from_bytes(path: &Path, bytes: &[u8], keyed: bool) -> Result<Vec<KeySpec>, String> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| format!("API keys file {} is not UTF-8 text", path.display()))?;
+    parse(text, keyed).map_err(|e| format!("API keys file {}: {e}", path.display()))
 }
 
 pub fn parse(text: &str, has_secret: bool) -> Result<Vec<KeySpec>, String> {
@@ -181,6 +189,11 @@ pub fn parse(text: &str, has_secret: bool) -> Result<Vec<KeySpec>, String> {
             return Err(format!(
                 "key name '{name}' must be 1-64 letters, digits, '_', '-' or '.' (it labels metrics)"
             ));
+        }
+        if name == "-" {
+            return Err(
+                "a key may not be named '-': metrics and logs name callers without a key so".into(),
+            );
         }
         if specs.iter().any(|s| s.name == name) {
             return Err(format!("two keys are named '{name}'"));
@@ -221,6 +234,7 @@ pub fn parse(text: &str, has_secret: bool) -> Result<Vec<KeySpec>, String> {
             .map(|m| Scope::parse(m))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("key '{name}': {e}"))?;
+        check_limits(&name, &key.limits)?;
         let expires = key
             .expires
             .as_deref()
@@ -242,7 +256,40 @@ pub fn parse(text: &str, has_secret: bool) -> Result<Vec<KeySpec>, String> {
             limits: key.limits,
         });
     }
+    if specs.is_empty() {
+        // A server that requires keys and knows none refuses every call: never what is meant,
+        // and what a file caught half-written (truncated, not yet filled) looks like.
+        return Err(
+            "it declares no keys ([[keys]] entries); every call would be refused. \
+                    Add a key (`streamserve keys new`), or serve without --api-keys"
+                .into(),
+        );
+    }
     Ok(specs)
+}
+
+/// Refuses a limit of 0 (see [`Limits`]), and a `burst` without the rate it is above.
+fn check_limits(name: &str, limits: &Limits) -> Result<(), String> {
+    let fields = [
+        ("requests_per_sec", limits.requests_per_sec),
+        ("burst", limits.burst),
+        ("rows_per_sec", limits.rows_per_sec),
+        ("max_concurrent", limits.max_concurrent),
+        ("max_streams", limits.max_streams),
+        ("audio_secs_per_min", limits.audio_secs_per_min),
+    ];
+    if let Some((field, _)) = fields.iter().find(|(_, value)| *value == Some(0)) {
+        return Err(format!(
+            "key '{name}': {field} = 0 is not a limit: leave {field} out for no limit, and \
+             remove the key (or give it an `expires` in the past) to stop it"
+        ));
+    }
+    if limits.burst.is_some() && limits.requests_per_sec.is_none() {
+        return Err(format!(
+            "key '{name}': burst needs requests_per_sec, the rate it is a burst above"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -298,6 +345,10 @@ mod tests {
                 "must be 1-64",
             ),
             (format!("{}{}", one(""), one("")), "two keys are named"),
+            (one("").replace("\"k\"", "\"-\""), "named '-'"),
+            (one("max_streams = 0\n"), "max_streams = 0 is not a limit"),
+            (one("burst = 3\n"), "burst needs requests_per_sec"),
+            (String::new(), "declares no keys"),
         ] {
             let err = parse(&text, false).unwrap_err();
             assert!(err.contains(says), "{text}\n=> {err}");

@@ -1,8 +1,9 @@
-//! A key's live limits: token buckets (`governor`) for requests, rows and audio, a semaphore
-//! for requests in flight, and a count of open streams (which a resumed stream may pass: it
-//! was let in once). A reload keeps the state of every key
-//! whose declaration did not change, so editing one key does not hand every other key a fresh
-//! burst.
+//! A key's live limits: token buckets (`governor`) for requests, rows and audio, and counts of
+//! its requests in flight and of its open streams (which a resumed stream may pass: it was let
+//! in once). A reload keeps the state of every key whose declaration did not change, so editing
+//! one key does not hand every other key a fresh burst; a key whose declaration changed starts
+//! its buckets afresh but keeps its counts, which are of things still held (an edit must not let
+//! a key at its limit open as many streams again).
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -11,7 +12,6 @@ use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::keys::KeySpec;
 use crate::error::ServeError;
@@ -23,25 +23,34 @@ pub struct Key {
     rows: Option<DefaultDirectRateLimiter>,
     /// In milliseconds of audio.
     audio: Option<DefaultDirectRateLimiter>,
-    concurrent: Option<Arc<Semaphore>>,
-    streams: Option<Arc<OpenStreams>>,
+    /// Requests in flight, where the key limits them.
+    concurrent: Option<Arc<AtomicU32>>,
+    /// Open streams, where the key limits them. Not refused like requests in flight: a stream
+    /// taken over from a checkpoint counts even when the key is at its limit (refusing it would
+    /// drop a stream the key was let in with), and new streams wait until the count is under
+    /// the limit again.
+    streams: Option<Arc<AtomicU32>>,
 }
 
-/// A key's open streams against its limit. Not a semaphore: a stream taken over from a
-/// checkpoint counts even when the key is at its limit (refusing it would drop a stream the
-/// key was let in with), and new streams wait until the count is under the limit again.
-struct OpenStreams {
-    limit: u32,
-    open: AtomicU32,
-}
+/// One place among a key's requests in flight or open streams, given back when dropped (on
+/// every path: an answer, an error, a client gone).
+#[derive(Debug)]
+pub struct Held(Arc<AtomicU32>);
 
-/// One stream's place among its key's open streams, given back when dropped.
-pub struct StreamHeld(Arc<OpenStreams>);
-
-impl Drop for StreamHeld {
+impl Drop for Held {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// A place in `count` if it is under `limit`.
+fn take(count: &Arc<AtomicU32>, limit: u32) -> Option<Held> {
+    count
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < limit).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| Held(count.clone()))
 }
 
 fn nonzero(n: Option<u32>) -> Option<NonZeroU32> {
@@ -60,6 +69,12 @@ fn wait(limiter: &DefaultDirectRateLimiter, n: NonZeroU32) -> Result<(), Duratio
 
 impl Key {
     pub fn new(spec: KeySpec) -> Key {
+        Key::carrying(spec, None)
+    }
+
+    /// A key, counting its requests in flight and open streams with `before`'s counts (the
+    /// same key's, before a reload changed its declaration) where both limit them.
+    fn carrying(spec: KeySpec, before: Option<&Key>) -> Key {
         let limits = spec.limits;
         let requests = nonzero(limits.requests_per_sec).map(|rate| {
             let burst = nonzero(limits.burst).unwrap_or(rate);
@@ -69,17 +84,15 @@ impl Key {
             nonzero(limits.rows_per_sec).map(|rate| RateLimiter::direct(Quota::per_second(rate)));
         let audio = nonzero(limits.audio_secs_per_min.map(|s| s.saturating_mul(1000)))
             .map(|ms| RateLimiter::direct(Quota::per_minute(ms)));
-        let semaphore =
-            |n: Option<u32>| nonzero(n).map(|n| Arc::new(Semaphore::new(n.get() as usize)));
-        let streams = nonzero(limits.max_streams).map(|limit| {
-            Arc::new(OpenStreams {
-                limit: limit.get(),
-                open: AtomicU32::new(0),
-            })
-        });
+        let count = |limit: Option<u32>, held: Option<&Arc<AtomicU32>>| {
+            nonzero(limit).map(|_| held.cloned().unwrap_or_default())
+        };
         Key {
-            concurrent: semaphore(limits.max_concurrent),
-            streams,
+            concurrent: count(
+                limits.max_concurrent,
+                before.and_then(|k| k.concurrent.as_ref()),
+            ),
+            streams: count(limits.max_streams, before.and_then(|k| k.streams.as_ref())),
             spec,
             requests,
             rows,
@@ -87,13 +100,17 @@ impl Key {
         }
     }
 
-    /// Rebuilds the table from `specs`, keeping the live key of every unchanged declaration.
+    /// Rebuilds the table from `specs`, keeping the live key of every unchanged declaration,
+    /// and the counts of a changed one (by its name).
     pub fn rebuild(specs: Vec<KeySpec>, old: &[Arc<Key>]) -> Vec<Arc<Key>> {
         specs
             .into_iter()
             .map(|spec| match old.iter().find(|k| k.spec == spec) {
                 Some(same) => same.clone(),
-                None => Arc::new(Key::new(spec)),
+                None => {
+                    let before = old.iter().find(|k| k.spec.name == spec.name);
+                    Arc::new(Key::carrying(spec, before.map(|k| &**k)))
+                }
             })
             .collect()
     }
@@ -119,40 +136,22 @@ impl Key {
         wait(limiter, n).map_err(|after| self.limited(what(), after))
     }
 
-    /// A place in `semaphore`, if the key has that limit, held by the returned permit.
-    fn place(
-        &self,
-        semaphore: &Option<Arc<Semaphore>>,
-        what: impl FnOnce() -> String,
-        retry_after: Duration,
-    ) -> Result<Option<OwnedSemaphorePermit>, ServeError> {
-        let Some(semaphore) = semaphore else {
-            return Ok(None);
-        };
-        semaphore
-            .clone()
-            .try_acquire_owned()
-            .map(Some)
-            .map_err(|_| self.limited(what(), retry_after))
-    }
-
     /// One request: its rate, then a place among the key's requests in flight (held by the
-    /// returned permit until the answer is sent).
-    pub fn request(&self) -> Result<Option<OwnedSemaphorePermit>, ServeError> {
+    /// returned guard until the answer is sent).
+    pub fn request(&self) -> Result<Option<Held>, ServeError> {
         let limits = self.spec.limits;
         self.bucket(&self.requests, 1, || {
             format!("{} requests/s", limits.requests_per_sec.unwrap_or_default())
         })?;
-        self.place(
-            &self.concurrent,
-            || {
-                format!(
-                    "{} requests in flight",
-                    limits.max_concurrent.unwrap_or_default()
-                )
-            },
-            Duration::from_millis(100),
-        )
+        let (Some(count), Some(limit)) = (&self.concurrent, limits.max_concurrent) else {
+            return Ok(None);
+        };
+        take(count, limit).map(Some).ok_or_else(|| {
+            self.limited(
+                format!("{limit} requests in flight"),
+                Duration::from_millis(100),
+            )
+        })
     }
 
     /// The rows of a decoded request.
@@ -164,30 +163,21 @@ impl Key {
     }
 
     /// A new stream: a place among the key's open streams, held by the returned guard.
-    pub fn stream(&self) -> Result<Option<StreamHeld>, ServeError> {
-        let Some(streams) = &self.streams else {
+    pub fn stream(&self) -> Result<Option<Held>, ServeError> {
+        let (Some(count), Some(limit)) = (&self.streams, self.spec.limits.max_streams) else {
             return Ok(None);
         };
-        streams
-            .open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
-                (open < streams.limit).then_some(open + 1)
-            })
-            .map(|_| Some(StreamHeld(streams.clone())))
-            .map_err(|_| {
-                self.limited(
-                    format!("{} open streams", streams.limit),
-                    Duration::from_secs(1),
-                )
-            })
+        take(count, limit)
+            .map(Some)
+            .ok_or_else(|| self.limited(format!("{limit} open streams"), Duration::from_secs(1)))
     }
 
     /// A stream taken over from its checkpoint: counted among the key's open streams, never
     /// refused (the key was let in when the stream began, wherever that was).
-    pub fn resumed_stream(&self) -> Option<StreamHeld> {
-        let streams = self.streams.as_ref()?;
-        streams.open.fetch_add(1, Ordering::AcqRel);
-        Some(StreamHeld(streams.clone()))
+    pub fn resumed_stream(&self) -> Option<Held> {
+        let count = self.streams.as_ref()?;
+        count.fetch_add(1, Ordering::AcqRel);
+        Some(Held(count.clone()))
     }
 
     /// `ms` milliseconds of a stream's audio.
@@ -284,5 +274,32 @@ mod tests {
         changed.limits.burst = Some(2);
         let table = Key::rebuild(vec![changed], &[a]);
         assert!(table[0].request().is_ok(), "a changed key starts afresh");
+    }
+
+    #[test]
+    fn a_changed_key_keeps_what_it_holds() {
+        let a = Arc::new(key("max_concurrent = 1\nmax_streams = 1"));
+        let (request, stream) = (a.request().unwrap(), a.stream().unwrap());
+        let mut changed = a.spec.clone();
+        changed
+            .scopes
+            .push(crate::access::keys::Scope::Model("mlp".into()));
+        changed.limits.max_streams = Some(2);
+        let table = Key::rebuild(vec![changed], std::slice::from_ref(&a));
+        assert!(
+            table[0].request().is_err(),
+            "its request is still in flight"
+        );
+        let second = table[0].stream().unwrap();
+        assert!(table[0].stream().is_err(), "two open: the old one counts");
+        drop((request, stream, second));
+        assert!(table[0].request().unwrap().is_some());
+        assert!(table[0].stream().unwrap().is_some());
+        // A key renamed is another key.
+        let mut renamed = a.spec.clone();
+        renamed.name = "other".into();
+        let _held = a.stream().unwrap();
+        let table = Key::rebuild(vec![renamed], &[a]);
+        assert!(table[0].stream().is_ok());
     }
 }

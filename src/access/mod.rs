@@ -19,7 +19,7 @@ pub mod client;
 pub mod keys;
 pub mod limits;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -28,12 +28,13 @@ use std::time::{Duration, SystemTime};
 use actix_web::http::header::{HeaderName, AUTHORIZATION};
 use arc_swap::ArcSwap;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tokio::sync::OwnedSemaphorePermit;
 
 use crate::actors::served::Priority;
 use crate::config::Config;
 use crate::error::ServeError;
+use crate::untrusted::Untrusted;
 use limits::Key;
 
 /// Request headers, from whichever protocol: HTTP headers, or gRPC metadata.
@@ -80,8 +81,11 @@ pub const RELOAD_EVERY: Duration = Duration::from_secs(2);
 struct KeysFile {
     path: PathBuf,
     table: ArcSwap<Vec<Arc<Key>>>,
-    /// Modification time of what `table` was read from.
-    read_at: Mutex<Option<SystemTime>>,
+    /// What the file held when last read (a hash of its contents), or why it could not be
+    /// read: a change is one of the contents, not of the modification time, which a rewrite in
+    /// place can leave as it was (coarse clocks, `cp -p`, a file truncated then filled within
+    /// one tick), so that the filled file would never be read.
+    seen: Mutex<Result<[u8; 32], std::io::ErrorKind>>,
 }
 
 pub struct Access {
@@ -89,6 +93,7 @@ pub struct Access {
     /// The server's secret for `hmac_sha256` keys.
     secret: Option<Vec<u8>>,
     header: HeaderName,
+    /// Keyed by [`address_bucket`].
     per_address: Option<DefaultKeyedRateLimiter<IpAddr>>,
     per_address_rate: u32,
     proxies: client::TrustedProxies,
@@ -99,7 +104,7 @@ pub struct Access {
 pub struct Pass {
     key: Option<Arc<Key>>,
     pub address: Option<IpAddr>,
-    _in_flight: Option<OwnedSemaphorePermit>,
+    _in_flight: Option<limits::Held>,
 }
 
 impl Pass {
@@ -127,7 +132,7 @@ impl Pass {
 /// as long as the stream, its session (which outlives its connections for the resume window),
 /// or a call that is the whole stream.
 pub struct StreamPlace {
-    _held: Option<limits::StreamHeld>,
+    _held: Option<limits::Held>,
 }
 
 /// A stream's connection let in: the key's audio allowance, and for a stream that lives and
@@ -165,13 +170,14 @@ impl Access {
         let keys = match &config.api_keys {
             None => None,
             Some(path) => {
-                let specs = keys::load(path, secret.is_some())?;
+                let bytes = std::fs::read(path)
+                    .map_err(|e| format!("cannot read API keys file {}: {e}", path.display()))?;
+                let specs = keys::from_bytes(path, &bytes, secret.is_some())?;
                 tracing::info!(file = %path.display(), keys = specs.len(), "API keys required for inference");
-                let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
                 Some(KeysFile {
                     path: path.clone(),
                     table: ArcSwap::from_pointee(Key::rebuild(specs, &[])),
-                    read_at: Mutex::new(modified),
+                    seen: Mutex::new(Ok(Sha256::digest(&bytes).into())),
                 })
             }
         };
@@ -199,19 +205,25 @@ impl Access {
         })
     }
 
-    /// Re-reads the keys file if it changed since it was read; a file that no longer parses
-    /// leaves the table as it was (and says why in the log).
+    /// Re-reads the keys file if its contents changed since it was read; a file that cannot be
+    /// read or no longer parses (or declares no keys) leaves the table as it was, and says why
+    /// in the log, once for each change.
     pub fn reload_if_changed(&self) {
         let Some(file) = &self.keys else { return };
-        let modified = std::fs::metadata(&file.path)
-            .and_then(|m| m.modified())
-            .ok();
-        let mut read_at = file.read_at.lock().unwrap_or_else(|e| e.into_inner());
-        if modified == *read_at {
+        let read = std::fs::read(&file.path);
+        let now = read
+            .as_ref()
+            .map(|bytes| Sha256::digest(bytes).into())
+            .map_err(std::io::Error::kind);
+        let mut seen = file.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if now == *seen {
             return;
         }
-        *read_at = modified;
-        match keys::load(&file.path, self.secret.is_some()) {
+        *seen = now;
+        let loaded = read
+            .map_err(|e| format!("cannot read API keys file {}: {e}", file.path.display()))
+            .and_then(|bytes| keys::from_bytes(&file.path, &bytes, self.secret.is_some()));
+        match loaded {
             Ok(specs) => {
                 let table = Key::rebuild(specs, &file.table.load());
                 tracing::info!(file = %file.path.display(), keys = table.len(), "API keys reloaded");
@@ -229,7 +241,7 @@ impl Access {
     fn presented<'a>(&self, headers: &'a dyn Headers) -> Option<&'a str> {
         let value = headers.first(self.header.as_str());
         let from_header = if self.header == AUTHORIZATION {
-            value.and_then(|v| v.strip_prefix("Bearer ")).map(str::trim)
+            value.and_then(bearer)
         } else {
             value.map(str::trim)
         };
@@ -238,6 +250,25 @@ impl Access {
                 .into_iter()
                 .find_map(|p| p.strip_prefix("bearer."))
         })
+    }
+
+    /// Creates at 0 `streamserve_access_refused_total` of every key name and reason that a
+    /// refusal can have here (each key's, `-` for a caller without a valid key), so that
+    /// `rate()` sees a first burst of refusals. Called for each scrape: a reload's new keys
+    /// are there from the next.
+    pub fn register_refusal_series(&self) {
+        match &self.keys {
+            Some(file) => {
+                audit::register_series("-", &[audit::UNAUTHENTICATED]);
+                for key in file.table.load().iter() {
+                    audit::register_series(&key.spec.name, &audit::KEY_REASONS);
+                }
+            }
+            None if self.per_address.is_some() => {
+                audit::register_series("-", &[audit::RATE_LIMITED]);
+            }
+            None => {}
+        }
     }
 
     /// The stored key whose hash matches, compared with every key in constant time.
@@ -274,7 +305,7 @@ impl Access {
         };
         let Some(file) = &self.keys else {
             if let (Some(limiter), Some(ip)) = (&self.per_address, address) {
-                limiter.check_key(&ip).map_err(|_| {
+                limiter.check_key(&address_bucket(ip)).map_err(|_| {
                     refuse(
                         "-",
                         ServeError::RateLimited {
@@ -319,7 +350,10 @@ impl Access {
         if !key.spec.scopes.iter().any(|s| s.names(model)) {
             return Err(refuse(
                 name,
-                ServeError::Forbidden(format!("this API key may not call model '{model}'")),
+                ServeError::Forbidden(format!(
+                    "this API key may not call model '{}'",
+                    Untrusted(model)
+                )),
             ));
         }
         let in_flight = key.request().map_err(|e| refuse(name, e))?;
@@ -407,5 +441,60 @@ impl Access {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }
+    }
+}
+
+/// The key of `Authorization: <scheme> <key>` when the scheme is Bearer, which is
+/// case-insensitive (RFC 7235: `bearer` and `BEARER` are Bearer too).
+pub fn bearer(value: &str) -> Option<&str> {
+    let (scheme, key) = value.trim().split_once([' ', '\t'])?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+}
+
+/// Whose per-address bucket a client's requests count in: its address, an IPv4 one written as
+/// IPv6 (`::ffff:a.b.c.d`, from a dual-stack socket) as IPv4, and an IPv6 one by its /64, as a
+/// host is given a whole /64 and could otherwise take a fresh address, and so a fresh bucket,
+/// for every request.
+fn address_bucket(address: IpAddr) -> IpAddr {
+    match address.to_canonical() {
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(Ipv6Addr::from(prefix))
+        }
+        v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer("Bearer ssk_1"), Some("ssk_1"));
+        assert_eq!(bearer("bearer ssk_1"), Some("ssk_1"));
+        assert_eq!(bearer("BEARER   ssk_1 "), Some("ssk_1"));
+        assert_eq!(bearer("Bearer\tssk_1"), Some("ssk_1"));
+        assert_eq!(bearer("Basic dXNlcjpwYXNz"), None);
+        assert_eq!(bearer("Bearerssk_1"), None);
+        assert_eq!(bearer("ssk_1"), None);
+    }
+
+    #[test]
+    fn ipv6_clients_share_a_bucket_per_64_and_mapped_ipv4_is_ipv4() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            address_bucket(ip("2001:db8:1:2:aaaa::1")),
+            address_bucket(ip("2001:db8:1:2:ffff::9"))
+        );
+        assert_ne!(
+            address_bucket(ip("2001:db8:1:2::1")),
+            address_bucket(ip("2001:db8:1:3::1"))
+        );
+        assert_eq!(address_bucket(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_ne!(
+            address_bucket(ip("::ffff:192.0.2.7")),
+            address_bucket(ip("::ffff:192.0.2.8"))
+        );
     }
 }

@@ -2,7 +2,8 @@
 //! with the machine's figures (process, devices' memory, GPUs) read for each scrape, and the
 //! model monitor's series of every serving version (`crate::monitor`), and whether each
 //! version the catalog lists can serve (`streamserve_model_version_up`). Every listed
-//! version's error series exist at 0 from the first scrape that lists it.
+//! version's error series exist at 0 from the first scrape that lists it, and so do the access
+//! refusals of every configured key.
 
 use actix_web::{web, HttpResponse};
 
@@ -24,6 +25,7 @@ async fn render(state: web::Data<AppState>, machine: Option<web::Data<Machine>>)
     for (model, version, _) in versions_up(&catalog) {
         crate::telemetry::register_request_error_series(model, version);
     }
+    state.access.register_refusal_series();
     let mut text = state.prometheus.render();
     machine::render_extra(&mut text);
     crate::monitor::render(&catalog.watches(), &mut text);

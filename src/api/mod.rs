@@ -68,6 +68,28 @@ impl AppState {
         }
     }
 
+    /// The version a metadata or configuration request asks about, loaded first where it is
+    /// cold, as [`served`](Self::served) does; but on a server that requires API keys, a cold
+    /// version is loaded only for a caller whose key may call the model. Metadata stays
+    /// public, and without this a caller with no key could make the server load every lazy
+    /// model (spending its memory and CPU) by asking about them.
+    pub async fn described(
+        &self,
+        headers: &(dyn crate::access::Headers + Sync),
+        peer: Option<std::net::IpAddr>,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<ServedModel, ServeError> {
+        if self.access.requires_keys() {
+            if let Err(ServeError::ModelCold { .. }) =
+                self.catalog.snapshot().resolve(name, version)
+            {
+                self.access.admit(headers, peer, name)?;
+            }
+        }
+        self.served(name, version).await
+    }
+
     /// Lets an inference caller in for model `name` (`access`) and finds the version it asked
     /// for, as [`served`](Self::served) does. Every inference surface starts here.
     pub async fn admitted(

@@ -44,6 +44,18 @@ fn found(answer: serde_json::Value, age_secs: u64) -> HttpResponse {
         .json(answer)
 }
 
+/// A published answer is the output of one model version: a key scoped to other versions of
+/// the model (`"mlp:1"`) may not read it, as it may not call that version.
+fn may_read(
+    state: &AppState,
+    pass: &crate::access::Pass,
+    model: &str,
+    answer: &serde_json::Value,
+) -> Result<(), ServeError> {
+    let version = answer["model_version"].as_str().unwrap_or_default();
+    state.access.check_version(pass, model, version)
+}
+
 async fn published(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -66,11 +78,12 @@ async fn lookup(
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ServeError> {
     let (model, key) = path.into_inner();
-    let _pass = state
+    let pass = state
         .access
         .admit(req.headers(), req.peer_addr().map(|a| a.ip()), &model)?;
     match state.jobs.prediction(&model, &key) {
         Lookup::Found { answer, age_secs } => {
+            may_read(&state, &pass, &model, &answer)?;
             count(&model, "hit");
             Ok(found(answer, age_secs))
         }
@@ -90,9 +103,10 @@ async fn lookup_or_infer(
 ) -> Result<HttpResponse, ServeError> {
     let (model, key) = path.into_inner();
     if let Lookup::Found { answer, age_secs } = state.jobs.prediction(&model, &key) {
-        let _pass = state
+        let pass = state
             .access
             .admit(req.headers(), req.peer_addr().map(|a| a.ip()), &model)?;
+        may_read(&state, &pass, &model, &answer)?;
         count(&model, "hit");
         return Ok(found(answer, age_secs));
     }

@@ -65,25 +65,29 @@ async fn list_models(state: web::Data<AppState>) -> HttpResponse {
 
 async fn model_metadata(
     state: web::Data<AppState>,
+    req: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ServeError> {
-    metadata(&state, &path.into_inner(), None).await
+    metadata(&state, &req, &path.into_inner(), None).await
 }
 
 async fn model_version_metadata(
     state: web::Data<AppState>,
+    req: HttpRequest,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ServeError> {
     let (name, version) = path.into_inner();
-    metadata(&state, &name, Some(&version)).await
+    metadata(&state, &req, &name, Some(&version)).await
 }
 
 async fn metadata(
     state: &AppState,
+    req: &HttpRequest,
     name: &str,
     version: Option<&str>,
 ) -> Result<HttpResponse, ServeError> {
-    let served = state.served(name, version).await?;
+    let peer = req.peer_addr().map(|a| a.ip());
+    let served = state.described(req.headers(), peer, name, version).await?;
     let catalog = state.catalog.snapshot();
     let info = &served.info;
     let versions = catalog
@@ -120,27 +124,31 @@ async fn metadata(
 
 async fn model_config(
     state: web::Data<AppState>,
+    req: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ServeError> {
-    config(&state, &path.into_inner(), None).await
+    config(&state, &req, &path.into_inner(), None).await
 }
 
 async fn model_version_config(
     state: web::Data<AppState>,
+    req: HttpRequest,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ServeError> {
     let (name, version) = path.into_inner();
-    config(&state, &name, Some(&version)).await
+    config(&state, &req, &name, Some(&version)).await
 }
 
 /// The serving configuration in the shape of Triton's model configuration, which tools that
 /// speak Triton's HTTP API read.
 async fn config(
     state: &AppState,
+    req: &HttpRequest,
     name: &str,
     version: Option<&str>,
 ) -> Result<HttpResponse, ServeError> {
-    let served = state.served(name, version).await?;
+    let peer = req.peer_addr().map(|a| a.ip());
+    let served = state.described(req.headers(), peer, name, version).await?;
     let info = &served.info;
     // Triton's convention: with batching on, dims exclude the batch axis.
     let tensor = |(s, axis): (&crate::runtime::TensorSpec, &crate::manifest::BatchAxis)| json!({ "name": s.name, "data_type": format!("TYPE_{}", s.datatype), "dims": kserve::config_dims(info, &s.shape, axis) });

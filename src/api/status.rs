@@ -125,9 +125,8 @@ pub(super) fn admin_token_matches(
     let Some(token) = state.admin_token.as_deref() else {
         return Err(ServeError::AdminOff);
     };
-    let given = authorization
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+    // The scheme in any case, as for API keys (RFC 7235).
+    let given = authorization.and_then(crate::access::bearer).unwrap_or("");
     let (given, token) = (
         Sha256::digest(given.as_bytes()),
         Sha256::digest(token.as_bytes()),

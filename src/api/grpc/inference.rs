@@ -218,10 +218,11 @@ impl GrpcInferenceService for Arc<Inference> {
         &self,
         request: Request<ModelMetadataRequest>,
     ) -> Answer<ModelMetadataResponse> {
-        let request = request.into_inner();
+        let peer = request.remote_addr().map(|a| a.ip());
+        let (metadata, _, request) = request.into_parts();
         let served = self
             .state
-            .served(&request.name, version(&request.version))
+            .described(&metadata, peer, &request.name, version(&request.version))
             .await?;
         let info = &served.info;
         let versions = self
@@ -370,10 +371,11 @@ impl GrpcInferenceService for Arc<Inference> {
         &self,
         request: Request<ModelConfigRequest>,
     ) -> Answer<ModelConfigResponse> {
-        let request = request.into_inner();
+        let peer = request.remote_addr().map(|a| a.ip());
+        let (metadata, _, request) = request.into_parts();
         let served = self
             .state
-            .served(&request.name, version(&request.version))
+            .described(&metadata, peer, &request.name, version(&request.version))
             .await?;
         Ok(Response::new(ModelConfigResponse {
             config: Some(super::model_config::model_config(&served.info)),
