@@ -238,6 +238,8 @@ impl RouterCore {
             return;
         }
         let may_degrade = degrade != Degrade::Never;
+        // Whether the fallback was asked already (and none was ready): asked once per request.
+        let mut fallback_tried = degrade == Degrade::Now;
         let pending = if degrade == Degrade::Now {
             match self.degrade(pending, effects) {
                 Ok(()) => return,
@@ -252,8 +254,20 @@ impl RouterCore {
         // overloaded model to normal traffic.
         let squeezed = self.overloaded || 2 * self.queue.len() >= self.info.max_queue;
         let yield_to_normal = pending.priority == Priority::Low && squeezed;
-        let to_fallback = self.overloaded && may_degrade && self.info.fallback.is_some();
-        let queue_it = healthy && !full && !yield_to_normal && !to_fallback;
+        // Overloaded: new requests go to the fallback while one is ready. One that is not
+        // (cold, loading, without a healthy replica) takes nothing, and the request is queued
+        // here as on a model without a fallback, up to `max_queue`: a 429 while the queue has
+        // room would shed the load the queue is there to absorb.
+        let pending = if self.overloaded && may_degrade && !fallback_tried {
+            fallback_tried = true;
+            match self.degrade(pending, effects) {
+                Ok(()) => return,
+                Err(pending) => pending,
+            }
+        } else {
+            pending
+        };
+        let queue_it = healthy && !full && !yield_to_normal;
         if queue_it {
             if let Some(asked) = &pending.degraded_from {
                 self.asked.degraded(asked).increment(1);
@@ -263,7 +277,7 @@ impl RouterCore {
             self.dispatch(effects);
             return;
         }
-        let pending = if may_degrade {
+        let pending = if may_degrade && !fallback_tried {
             match self.degrade(pending, effects) {
                 Ok(()) => return,
                 Err(pending) => pending,
@@ -488,6 +502,26 @@ impl RouterCore {
             ),
         }
         self.dispatch(effects);
+    }
+
+    /// Starts a worker for each replica whose first one failed to load with the version (the
+    /// version serves on those that loaded): replicas are the router's to keep up, whatever
+    /// ended their worker. Called once, when the router starts.
+    pub fn start_missing(&mut self, effects: &mut Effects) {
+        for (replica, slot) in self.replicas.slots.iter_mut().enumerate() {
+            if slot.handle.is_some() {
+                continue;
+            }
+            slot.generation += 1;
+            tracing::warn!(model = %self.info.name, version = %self.info.version, replica, "replica did not load with the version; starting it again");
+            effects.starts.push(StartWorker {
+                replica,
+                generation: slot.generation,
+                faults: slot.faults.clone(),
+                delay: slot.backoff.died(Instant::now()),
+                scaling_up: false,
+            });
+        }
     }
 
     /// A started worker takes its replica's slot, unless a newer one was started since.

@@ -49,7 +49,7 @@ use super::budget::{replica_memory_mb, Budgets};
 use super::faults::FaultQueue;
 use super::health::ModelHealth;
 use super::pending::{Pending, Reply};
-use super::worker::restart::restart;
+use super::worker::restart::{restart, start_once};
 use super::worker::{ReportTarget, WorkerHandle, WorkerRecipe, WorkerReport};
 use crate::model::{InferRequest, ModelInfo};
 pub use control::{Drain, InjectFault, RouterStatus, Status};
@@ -115,6 +115,11 @@ pub fn start(setup: RouterSetup) -> RouterHandle {
     let _ = shared.addr.set(addr);
     let target: Weak<Shared> = Arc::downgrade(&shared);
     reports.connect(target);
+    // Replicas whose worker failed to load with the version are started again now (the
+    // address is set: the starts go to the actor).
+    let mut effects = Effects::default();
+    shared.lock().start_missing(&mut effects);
+    shared.apply(effects);
     RouterHandle(shared)
 }
 
@@ -315,13 +320,28 @@ impl Handler<StartWorker> for Router {
             delay,
             scaling_up,
         } = start;
+        if scaling_up {
+            // One try: a new replica that cannot load is given up (`autoscale.rs`).
+            let started = async move { start_once(&recipe, replica, generation, faults).await };
+            // Attached (or given up) under the same lock that ends the adding, so that no watch
+            // sees the new slot empty and not adding, and scales it down before it serves.
+            ctx.spawn(started.into_actor(self).map(move |started, router, _ctx| {
+                router.with_core(|core, effects| {
+                    core.scaler.added();
+                    match started {
+                        Ok(worker) => core.attach(worker, effects),
+                        Err(reason) => core.scale_up_failed(replica, &reason),
+                    }
+                })
+            }));
+            return;
+        }
         let started = restart(recipe, replica, generation, faults, delay);
-        ctx.spawn(started.into_actor(self).map(move |started, router, ctx| {
-            if scaling_up {
-                router.lock().scaler.added();
-            }
-            ctx.notify(Attach(started));
-        }));
+        ctx.spawn(
+            started
+                .into_actor(self)
+                .map(|started, _router, ctx| ctx.notify(Attach(started))),
+        );
     }
 }
 

@@ -1,7 +1,8 @@
 //! When a model version gains or loses a replica, pure (the caller passes the clock): a
 //! replica is added when the queue has stayed deeper than every worker can take at once for
-//! `SCALE_UP_AFTER`, and the newest one is removed after `SCALE_DOWN_IDLE` without any batch,
-//! within the manifest's `min_replicas..=max_replicas`. Whether the machine's budgets have
+//! `SCALE_UP_AFTER` (not within `SCALE_UP_RETRY` of one that failed to load), and the newest
+//! one is removed after `SCALE_DOWN_IDLE` without any batch (not a serving one while another is
+//! being replaced: [`Load::newest_idle`]), within the manifest's `min_replicas..=max_replicas`. Whether the machine's budgets have
 //! room is the router's question, asked only when this says `Up`.
 
 use std::time::{Duration, Instant};
@@ -10,6 +11,9 @@ use std::time::{Duration, Instant};
 pub const SCALE_UP_AFTER: Duration = Duration::from_secs(1);
 /// A replica above `min_replicas` is removed after this long without any batch.
 pub const SCALE_DOWN_IDLE: Duration = Duration::from_secs(5);
+/// After a new replica failed to load, no other is tried for this long (a file gone or a
+/// device out of memory does not mend in a second, and each try loads a session).
+pub const SCALE_UP_RETRY: Duration = Duration::from_secs(10);
 
 /// What the router sees at one watch tick.
 #[derive(Clone, Copy, Debug)]
@@ -19,7 +23,7 @@ pub struct Load {
     /// More rows wait than every healthy worker can take at once, and no worker is idle.
     pub pressure: bool,
     pub replicas: usize,
-    /// The newest replica runs no batch (it can go).
+    /// The newest replica runs no batch, and taking it out leaves no other short (it can go).
     pub newest_idle: bool,
 }
 
@@ -40,6 +44,8 @@ pub struct Autoscaler {
     idle_since: Instant,
     /// A replica being added (its session loading).
     adding: bool,
+    /// No replica is added before this: the last one failed to load.
+    hold_until: Option<Instant>,
 }
 
 impl Autoscaler {
@@ -50,6 +56,7 @@ impl Autoscaler {
             pressure_since: None,
             idle_since: now,
             adding: false,
+            hold_until: None,
         }
     }
 
@@ -67,7 +74,8 @@ impl Autoscaler {
         let sustained = self
             .pressure_since
             .is_some_and(|t| now.duration_since(t) >= SCALE_UP_AFTER);
-        if sustained && !self.adding && load.replicas < self.max {
+        let held = self.hold_until.is_some_and(|t| now < t);
+        if sustained && !self.adding && !held && load.replicas < self.max {
             return Scale::Up;
         }
         let idle_long = now.duration_since(self.idle_since) >= SCALE_DOWN_IDLE;
@@ -87,6 +95,12 @@ impl Autoscaler {
     /// The new replica is serving (or gave up).
     pub fn added(&mut self) {
         self.adding = false;
+    }
+
+    /// The new replica failed to load (after [`added`](Self::added)): the next is tried
+    /// [`SCALE_UP_RETRY`] from `now` at the earliest.
+    pub fn failed_to_add(&mut self, now: Instant) {
+        self.hold_until = Some(now + SCALE_UP_RETRY);
     }
 }
 
@@ -135,6 +149,31 @@ mod tests {
             s.decide(load(true, true, 3), t2 + SCALE_UP_AFTER),
             Scale::Hold,
             "at max"
+        );
+    }
+
+    #[test]
+    fn a_replica_that_failed_to_load_holds_the_next_back() {
+        let t0 = Instant::now();
+        let mut s = Autoscaler::new(1, 3, t0);
+        s.decide(load(true, true, 1), t0);
+        assert_eq!(
+            s.decide(load(true, true, 1), t0 + SCALE_UP_AFTER),
+            Scale::Up
+        );
+        s.started_adding();
+        let failed = t0 + SCALE_UP_AFTER * 2;
+        s.added();
+        s.failed_to_add(failed);
+        s.decide(load(true, true, 1), failed);
+        assert_eq!(
+            s.decide(load(true, true, 1), failed + SCALE_UP_AFTER),
+            Scale::Hold,
+            "held back"
+        );
+        assert_eq!(
+            s.decide(load(true, true, 1), failed + SCALE_UP_RETRY),
+            Scale::Up
         );
     }
 

@@ -432,3 +432,155 @@ async fn a_request_the_door_sends_to_the_fallback_goes_there_while_one_is_ready(
     assert!(!response.degraded);
     assert_eq!(main.calls(), vec![1, 1]);
 }
+
+/// Fails its next `failures` loads (each after `slow`), then loads the double model: one
+/// replica of a version that fails to load while the others do, or a file that goes away.
+struct FlakyLoader {
+    inner: DoubleLoader,
+    failures: std::sync::atomic::AtomicUsize,
+    slow: Duration,
+}
+
+impl FlakyLoader {
+    fn leak(failures: usize, slow: Duration, behaviour: Behaviour) -> &'static FlakyLoader {
+        Box::leak(Box::new(FlakyLoader {
+            inner: DoubleLoader::new(behaviour),
+            failures: failures.into(),
+            slow,
+        }))
+    }
+}
+
+impl crate::runtime::SessionLoader for FlakyLoader {
+    fn load(
+        &self,
+        entry: &ModelEntry,
+    ) -> Result<Box<dyn crate::runtime::InferenceSession>, String> {
+        use std::sync::atomic::Ordering;
+        let fail = self
+            .failures
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok();
+        if fail {
+            std::thread::sleep(self.slow);
+            return Err("flaky load".into());
+        }
+        self.inner.load(entry)
+    }
+}
+
+/// Serves `entry` on `sessions` within `budgets`.
+async fn serve_within(
+    sessions: crate::runtime::Sessions,
+    budgets: &Arc<Budgets>,
+    entry: ModelEntry,
+) -> ServedModel {
+    let catalog = Arc::new(SharedCatalog::default());
+    let state = load_version(
+        Arc::new(entry),
+        sessions,
+        catalog,
+        budgets.clone(),
+        Default::default(),
+    )
+    .await;
+    match state {
+        VersionState::Serving(served) => served,
+        _ => panic!("the double model did not load"),
+    }
+}
+
+/// Waits until the router reports `n` replicas (a scale-up or its undoing is in the background).
+async fn replicas(served: &ServedModel, n: usize, what: &str) {
+    let start = Instant::now();
+    while served.status().await.unwrap().replicas != n {
+        assert!(start.elapsed() < Duration::from_secs(10), "{what}");
+        actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[actix_web::test]
+async fn a_replica_that_failed_to_load_with_its_version_is_started_again() {
+    let loader = FlakyLoader::leak(1, Duration::ZERO, Behaviour::Echo);
+    let budgets = Arc::new(Budgets::new(64, 100, 0));
+    let entry = entries(&[("m", "replicas = 2\nmax_batch_size = 4")]).remove(0);
+    let served = serve_within(loader, &budgets, entry).await;
+    // The version serves on the replica that loaded, and gets the other back.
+    healthy(&served, 2).await;
+    assert!(served
+        .infer(request(&served, 1), InferOptions::now())
+        .await
+        .is_ok());
+    // Both replicas' memory is held while it serves (1 MiB each, the file rounded up), and all
+    // of it, no more, goes back when it unloads.
+    let cpu = crate::manifest::Device::Cpu;
+    assert_eq!(budgets.memory.in_use_mb(cpu), 2);
+    served.drain();
+    let start = Instant::now();
+    while served.status().await.is_some() {
+        assert!(start.elapsed() < Duration::from_secs(5), "did not unload");
+        actix_web::rt::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(budgets.memory.in_use_mb(cpu), 0);
+    assert!(
+        budgets.memory.try_take(cpu, 101).is_err(),
+        "the budget grew past its 100 MiB"
+    );
+    assert_eq!(budgets.cpu.available(), 64);
+}
+
+#[actix_web::test]
+async fn a_new_replica_that_cannot_load_is_given_up_with_its_budget() {
+    let sleep = Behaviour::Sleep(Duration::from_millis(100));
+    let loader = FlakyLoader::leak(0, Duration::from_millis(300), sleep);
+    let budgets = Arc::new(Budgets::new(64, 100, 0));
+    let keys = "replicas = 1\nmax_replicas = 2\nmax_batch_size = 1";
+    let entry = entries(&[("m", keys)]).remove(0);
+    let served = serve_within(loader, &budgets, entry).await;
+    // Its file is gone, say: every session load fails from now on (after 300 ms).
+    loader
+        .failures
+        .store(usize::MAX, std::sync::atomic::Ordering::Release);
+    // 20 requests of 100 ms on one replica: the queue stays deeper than it can take for well
+    // over a second, so the router adds a replica, which cannot load.
+    let answers: Vec<_> = (0..20)
+        .map(|_| served.infer(request(&served, 1), InferOptions::now()))
+        .collect();
+    let answers = actix_web::rt::spawn(futures_util::future::join_all(answers));
+    let start = Instant::now();
+    while served.status().await.unwrap().replicas < 2 {
+        assert!(start.elapsed() < Duration::from_secs(3), "did not scale up");
+        actix_web::rt::time::sleep(Duration::from_millis(5)).await;
+    }
+    replicas(&served, 1, "the replica that cannot load is still counted").await;
+    assert_eq!(budgets.cpu.available(), 63, "its thread went back");
+    let cpu = crate::manifest::Device::Cpu;
+    assert_eq!(budgets.memory.in_use_mb(cpu), 1, "its memory went back");
+    for answer in answers.await.unwrap() {
+        assert!(answer.is_ok(), "{answer:?}");
+    }
+    let status = served.status().await.unwrap();
+    assert_eq!((status.replicas, status.healthy_replicas), (1, 1));
+}
+
+#[actix_web::test]
+async fn an_overloaded_model_whose_fallback_is_cold_queues_instead_of_shedding() {
+    // The fallback is named but not loaded (lazy, or unloaded when idle): nothing can take the
+    // overflow, so the model's own queue does, up to max_queue, as without a fallback.
+    let loader = DoubleLoader::new(Behaviour::Sleep(Duration::from_millis(40))).leak();
+    let catalog = Arc::new(SharedCatalog::default());
+    let keys = "max_batch_size = 1\nmax_queue = 100\nslo_ms = 50\nfallback = \"spare\"";
+    let primary = entries(&[("m", keys), ("spare", "max_batch_size = 4")]).remove(0);
+    let served = serve_entry(loader, &catalog, primary).await;
+    // 20 at once: from the 12th on the predicted wait passes 50 ms (11 batches queued at
+    // 5 ms each), and the model is overloaded.
+    let answers: Vec<_> = (0..20)
+        .map(|_| served.infer(request(&served, 1), InferOptions::now()))
+        .collect();
+    assert!(served.status().await.unwrap().overloaded);
+    for answer in futures_util::future::join_all(answers).await {
+        let response = answer.expect("queued, not shed: the queue had room");
+        assert!(!response.degraded);
+    }
+    assert_eq!(loader.calls().len(), 20);
+}

@@ -1,7 +1,8 @@
-//! Loading one model version, and what a load needs to know: [`load_version`] verifies the file,
-//! starts a worker per replica, checks the model's interface against the manifest, takes the
-//! version's share of the [`Budgets`], and starts its router; [`smoke_test`] proves a freshly
-//! loaded version answers before a deployment gives it traffic.
+//! Loading one model version, and what a load needs to know: [`load_version`] reserves the
+//! version's memory in the [`Budgets`] (a version that does not fit costs nothing more),
+//! verifies the file, starts a worker per replica, checks the model's interface against the
+//! manifest, takes the rest of its share of the budgets, and starts its router; [`smoke_test`]
+//! proves a freshly loaded version answers before a deployment gives it traffic.
 //!
 //! These are plain functions of a manifest entry, not of the supervisor's state, so that the
 //! supervisor only decides *when* to load (startup, first request, deployment) and what the
@@ -32,9 +33,9 @@ use crate::stream::pipeline::Layout;
 /// How a refusal for lack of memory starts: such a version stays loadable later.
 pub(super) const DOES_NOT_FIT: &str = "does not fit";
 
-/// Loads one model version: verifies its sha256, starts a worker per replica (each loads its
-/// own session), checks the interface against the manifest, and starts its router on an
-/// arbiter of its own. A version that cannot be served comes back `Unavailable` with the reason.
+/// Loads one model version: reserves its memory, verifies its sha256, starts a worker per
+/// replica (each loads its own session), checks the interface against the manifest, and starts
+/// its router on an arbiter of its own. A version that cannot be served comes back `Unavailable` with the reason.
 pub async fn load_version(
     entry: Arc<ModelEntry>,
     sessions: Sessions,
@@ -60,6 +61,13 @@ async fn serve(
     watch_settings: WatchSettings,
 ) -> Result<ServedModel, String> {
     let started = Instant::now();
+    // The memory budget is there so that loading cannot exhaust the machine: a version that
+    // does not fit is refused before its replicas load, not after. And before its file is
+    // hashed: such a version stays loadable, so each request for it tries again, and a
+    // refusal must not cost a read of the whole file (seconds, for a large model, on the
+    // supervisor's thread) every time.
+    let file_bytes = std::fs::metadata(&entry.file).map_or(0, |m| m.len());
+    let reserved = Reserved::take(&budgets, entry.device, file_bytes, entry.replicas)?;
     verify_sha256(entry)?;
     // Both are read before any worker starts: a broken profile or probe refuses the version,
     // so that a typo cannot silently turn a check off.
@@ -73,10 +81,6 @@ async fn serve(
         watch: watch.clone(),
     };
     let faults: Vec<FaultQueue> = (0..entry.replicas).map(|_| FaultQueue::default()).collect();
-    // The memory budget is there so that loading cannot exhaust the machine: a version that
-    // does not fit is refused before its replicas load, not after.
-    let file_bytes = std::fs::metadata(&entry.file).map_or(0, |m| m.len());
-    let reserved = Reserved::take(&budgets, entry.device, file_bytes, entry.replicas)?;
     let (workers, inputs, outputs) = start_workers(&recipe, &faults).await?;
     let device = workers[0].device;
     let info = Arc::new(model_info(entry, inputs, outputs, device)?);
@@ -95,7 +99,7 @@ async fn serve(
     watch.set(model_watch.clone());
     // Ready as soon as this returns: the router only starts (and publishes) on its own thread.
     let health = Arc::new(ModelHealth::new(workers.len(), entry.replicas));
-    take_budgets(entry, &info, workers.len(), &budgets, reserved)?;
+    take_budgets(entry, &info, &budgets, reserved)?;
     let fallback: FallbackLookup =
         Arc::new(move |name| Some(catalog.snapshot().ready_fallback(name)?.router));
     let router = router::start(RouterSetup {
@@ -250,18 +254,18 @@ impl Drop for Reserved<'_> {
     }
 }
 
-/// Keeps the loaded replicas' memory on their device (what was reserved for replicas that did
-/// not load goes back; a device other than the manifest's is taken anew, refusing the version
-/// when it does not fit there) and takes their threads (which may go over the CPU budget: it
-/// then only stops scaling up, everywhere).
+/// Keeps every replica's memory on the replicas' device (a device other than the manifest's is
+/// taken anew, refusing the version when it does not fit there) and takes their threads (which
+/// may go over the CPU budget: it then only stops scaling up, everywhere). Every replica's, not
+/// only those that loaded: the router starts the others again, and gives back every replica's
+/// share when the version unloads.
 fn take_budgets(
     entry: &ModelEntry,
     info: &ModelInfo,
-    loaded_replicas: usize,
     budgets: &Budgets,
     mut reserved: Reserved<'_>,
 ) -> Result<(), String> {
-    let memory_mb = replica_memory_mb(info.resources.model_file_bytes) * loaded_replicas as u64;
+    let memory_mb = replica_memory_mb(info.resources.model_file_bytes) * entry.replicas as u64;
     if reserved.device == info.device && memory_mb <= reserved.mb {
         // Kept: the part that is not needed goes back now, the rest stays taken.
         budgets
@@ -451,6 +455,37 @@ mod tests {
         let all_shared = entry("max_batch_size = 8\nbatch_axes = { x = \"shared\" }");
         let err = batch_axes(&all_shared, &x, &y).unwrap_err();
         assert!(err.contains("every input is shared"), "{err}");
+    }
+
+    /// A version that does not fit is refused before its file is read: it stays loadable, so
+    /// every request for it loads it again, and hashing a large file each time would cost
+    /// seconds of the supervisor's thread. Here the hash is wrong too, and goes unread.
+    #[actix_web::test]
+    async fn a_version_that_does_not_fit_is_refused_before_its_file_is_hashed() {
+        let dir = std::env::temp_dir().join(format!("streamserve-fit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("m.onnx"), b"not the file the manifest hashed").unwrap();
+        let text = format!(
+            "[[models]]\nname = \"m\"\nversion = \"1\"\nfile = \"m.onnx\"\nsha256 = \"{}\"\n",
+            "0".repeat(64)
+        );
+        let entry = Manifest::parse(&dir, &text).unwrap().models.remove(0);
+        let loader =
+            crate::runtime::doubles::DoubleLoader::new(crate::runtime::doubles::Behaviour::Echo)
+                .leak();
+        let budgets = Arc::new(Budgets::new(4, 0, 0));
+        let state = load_version(
+            Arc::new(entry),
+            loader,
+            Arc::new(SharedCatalog::default()),
+            budgets,
+            WatchSettings::default(),
+        )
+        .await;
+        let VersionState::Unavailable { reason, .. } = state else {
+            panic!("expected a refusal");
+        };
+        assert!(reason.starts_with(DOES_NOT_FIT), "{reason}");
     }
 
     #[test]

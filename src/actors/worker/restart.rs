@@ -2,7 +2,7 @@
 //! for a one-off crash, with growing backoff for a worker that keeps dying, and at once again
 //! after the replica has served quietly for a while; it is pure (the caller passes the clock),
 //! so the policy is tested without a model or a timer. [`restart`] then starts the
-//! replacement, retrying until a session loads.
+//! replacement, retrying until a session loads; a new replica gets one try ([`start_once`]).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -87,17 +87,31 @@ pub async fn restart(
     let mut backoff = Duration::from_millis(100);
     let entry = &recipe.entry;
     loop {
-        match recipe.spawn(replica, generation, faults.clone()).await {
-            Ok(Ok(started)) => return started.handle,
-            Ok(Err(reason)) => {
+        match start_once(&recipe, replica, generation, faults.clone()).await {
+            Ok(handle) => return handle,
+            Err(reason) => {
                 tracing::error!(model = %entry.name, version = %entry.version, replica, %reason, "worker restart failed")
-            }
-            Err(_) => {
-                tracing::error!(model = %entry.name, replica, "worker thread ended while loading")
             }
         }
         actix_web::rt::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_DELAY);
+    }
+}
+
+/// One try at starting a worker: its handle once its session has loaded, or why it did not. A
+/// new replica (autoscaling) gets this one try: a replica that cannot load now (its file gone,
+/// its device out of memory) is given up, and its budget goes back, rather than held by a slot
+/// that retries forever and keeps its router from scaling either way.
+pub async fn start_once(
+    recipe: &WorkerRecipe,
+    replica: usize,
+    generation: u64,
+    faults: FaultQueue,
+) -> Result<WorkerHandle, String> {
+    match recipe.spawn(replica, generation, faults).await {
+        Ok(Ok(started)) => Ok(started.handle),
+        Ok(Err(reason)) => Err(reason),
+        Err(_) => Err("worker thread ended while loading".into()),
     }
 }
 
