@@ -137,12 +137,19 @@ fn print(value: &Value) {
 pub fn progress_line(job: &Value) -> String {
     let done = job["rows_done"].as_u64().unwrap_or(0);
     let Some(total) = job["rows_total"].as_u64() else {
-        // An object or a .npy input is counted once staged.
-        return format!(
-            "{} {} staging the input",
-            job["id"].as_str().unwrap_or("?"),
-            job["state"].as_str().unwrap_or("?")
-        );
+        // An object or a .npy input is counted once staged; a job that ended before (its
+        // staging failed, or it was cancelled) says why, not that it is staging.
+        let (id, state) = (job["id"].as_str().unwrap_or("?"), job["state"].as_str());
+        return match (state, job["message"].as_str()) {
+            (Some("queued" | "running"), _) => {
+                format!("{id} {} staging the input", state.unwrap_or("?"))
+            }
+            (state, Some(message)) => format!(
+                "{id} {} before its input was staged: {message}",
+                state.unwrap_or("?")
+            ),
+            (state, None) => format!("{id} {} before its input was staged", state.unwrap_or("?")),
+        };
     };
     let percent = if total > 0 {
         100.0 * done as f64 / total as f64

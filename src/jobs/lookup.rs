@@ -54,6 +54,9 @@ struct Table {
     unkeyed: u64,
 }
 
+/// A job's output indexed, not yet serving ([`Tables::index`]).
+pub struct Indexed(Table);
+
 /// What a lookup found.
 pub enum Lookup {
     /// The answer, as `GET .../predictions/{key}` shows it, and its age in seconds.
@@ -189,13 +192,28 @@ impl Tables {
     }
 
     /// Makes job `job`'s finished output the table of `model`, replacing the previous one,
-    /// and records it for the next start.
+    /// and records it for the next start ([`index`](Self::index), then
+    /// [`install`](Self::install)).
+    #[cfg(test)]
     pub fn publish(&self, model: &str, job: &str, output: &Path) -> Result<(), String> {
-        let table = Table::open(Publication {
+        self.install(model, Tables::index(job, output)?)
+    }
+
+    /// Reads job `job`'s finished output into a table, to [`install`](Self::install): a read
+    /// of the whole output, so done by the caller without holding any lock.
+    pub fn index(job: &str, output: &Path) -> Result<Indexed, String> {
+        Table::open(Publication {
             job: job.to_string(),
             output: output.to_path_buf(),
             computed_unix_ms: now_ms(),
-        })?;
+        })
+        .map(Indexed)
+    }
+
+    /// Makes an indexed output the table of `model`, replacing the previous one, and records
+    /// it for the next start.
+    pub fn install(&self, model: &str, Indexed(table): Indexed) -> Result<(), String> {
+        let job = table.publication.job.clone();
         let keys = table.index.len();
         self.set(model, table);
         self.save()?;

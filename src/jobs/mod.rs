@@ -56,6 +56,9 @@ struct Entry {
     signal: watch::Sender<Signal>,
     /// When this process started running it, and its rows done then (for the rate).
     started: Option<(Instant, u64)>,
+    /// Its output is complete and being renamed (and indexed, to publish): too late to
+    /// cancel.
+    finishing: bool,
 }
 
 struct Inner {
@@ -68,6 +71,9 @@ struct Inner {
     close: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
     /// The published predictions of each model (`lookup.rs`).
     published: lookup::Tables,
+    /// Outputs of submissions being checked, not yet in `table`: a second submission of the
+    /// same output meanwhile is refused (the checks of an object take a while).
+    claimed: Mutex<std::collections::HashSet<String>>,
 }
 
 /// The jobs of this server (cheap to clone: one shared registry).
@@ -139,6 +145,7 @@ impl Jobs {
                 tasks: Mutex::new(Vec::new()),
                 close: Mutex::new(Some(close)),
                 published: lookup::Tables::load(&dir),
+                claimed: Mutex::default(),
                 dir,
             }),
         };
@@ -171,6 +178,7 @@ impl Jobs {
                 record,
                 signal,
                 started: None,
+                finishing: false,
             },
         );
     }
@@ -183,10 +191,20 @@ impl Jobs {
         let Some(signal) = self.table().get(id).map(|e| e.signal.subscribe()) else {
             return;
         };
-        let task = self
-            .inner
-            .runtime
-            .spawn(run::run(self.clone(), id.to_string(), signal));
+        let (jobs, id) = (self.clone(), id.to_string());
+        // A task that panics ends without a word: caught, the job fails saying so instead of
+        // showing `running` forever (and running into the same panic at every start).
+        let task = self.inner.runtime.spawn(async move {
+            let run = std::panic::AssertUnwindSafe(run::run(jobs.clone(), id.clone(), signal));
+            if let Err(panic) = futures_util::FutureExt::catch_unwind(run).await {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".into());
+                jobs.fail(&id, format!("the job stopped on an internal error: {why}"));
+            }
+        });
         let mut tasks = self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner());
         tasks.retain(|t| !t.is_finished());
         tasks.push(task);
@@ -195,7 +213,8 @@ impl Jobs {
     /// Checks a submission (model, input, output) and starts the job: 202's record. Reads the
     /// whole input to count its rows: call it off the HTTP threads.
     pub fn submit(&self, submission: Submission) -> Result<Value, ServeError> {
-        let record = submit::check(self, submission)?;
+        // The output stays claimed until the job is in the table (`_claim` dropped at the end).
+        let (record, _claim) = submit::check(self, submission)?;
         let id = record.id.clone();
         if let Err(e) = store::save(&self.inner.dir, &record) {
             let _ = std::fs::remove_file(record.spec.part_path());
@@ -211,14 +230,23 @@ impl Jobs {
         self.get(&id)
     }
 
-    /// Outputs of unfinished jobs (a second job may not write the same file): paths and
-    /// URIs.
-    fn outputs_in_use(&self) -> Vec<String> {
-        self.table()
+    /// Claims `output` (a path or a URI, as [`JobSpec::output_name`] writes it) for a
+    /// submission: `None` when an unfinished job writes it or another submission has claimed
+    /// it. Checked and claimed under the table's lock, so two submissions of one output at
+    /// once cannot both pass.
+    fn claim_output(&self, output: String) -> Option<OutputClaim> {
+        let table = self.table();
+        let in_use = table
             .values()
-            .filter(|e| !e.record.state.finished())
-            .map(|e| e.record.spec.output_name())
-            .collect()
+            .any(|e| !e.record.state.finished() && e.record.spec.output_name() == output);
+        let mut claimed = self.inner.claimed.lock().unwrap_or_else(|e| e.into_inner());
+        if in_use || !claimed.insert(output.clone()) {
+            return None;
+        }
+        Some(OutputClaim {
+            jobs: self.clone(),
+            output,
+        })
     }
 
     /// Runs `future` on the jobs' runtime and waits for it: for the object-store checks of a
@@ -260,6 +288,11 @@ impl Jobs {
             return Err(ServeError::Conflict(format!(
                 "job '{id}' has already {}",
                 state.name()
+            )));
+        }
+        if entry.finishing {
+            return Err(ServeError::Conflict(format!(
+                "job '{id}' is finishing: every row is written"
             )));
         }
         entry.record.state = JobState::Cancelled;
@@ -412,14 +445,21 @@ impl Jobs {
 
     /// Every row is written and checkpointed: the `.part` file becomes the output.
     fn succeed(&self, id: &str) {
-        let mut table = self.table();
-        let Some(entry) = table.get_mut(id) else {
-            return;
+        // The rename, and to publish, the read of the whole output, are done without the
+        // registry's lock: the HTTP workers take it (every `/v2/jobs` call, `/metrics`,
+        // `/status`), and indexing an output of millions of rows takes seconds. Meanwhile the
+        // job is `finishing`, which a cancel is refused, so its state cannot change.
+        let spec = {
+            let mut table = self.table();
+            let Some(entry) = table.get_mut(id) else {
+                return;
+            };
+            if entry.record.state != JobState::Running {
+                return;
+            }
+            entry.finishing = true;
+            entry.record.spec.clone()
         };
-        if entry.record.state != JobState::Running {
-            return;
-        }
-        let spec = &entry.record.spec;
         let part = spec.part_path();
         // A crash between the rename and the state file leaves the output and no `.part`.
         let renamed = if part.exists() || !spec.output.exists() {
@@ -429,19 +469,29 @@ impl Jobs {
         };
         // Publishing indexes the output (a read of it) before the job is called succeeded: a
         // job asked to publish that cannot has failed, and the previous table stays.
-        let finished = match renamed {
+        let not_published = |e: String| format!("the output is written but not published: {e}");
+        let indexed = match renamed {
             Err(e) => Err(format!(
                 "cannot rename {} to {}: {e}",
                 part.display(),
                 spec.output.display()
             )),
-            Ok(()) if spec.publish => self
-                .inner
-                .published
-                .publish(&spec.model, id, &spec.output)
-                .map_err(|e| format!("the output is written but not published: {e}")),
-            Ok(()) => Ok(()),
+            Ok(()) if spec.publish => lookup::Tables::index(id, &spec.output)
+                .map(Some)
+                .map_err(not_published),
+            Ok(()) => Ok(None),
         };
+        let mut table = self.table();
+        let Some(entry) = table.get_mut(id) else {
+            return;
+        };
+        entry.finishing = false;
+        let finished = indexed.and_then(|indexed| match indexed {
+            Some(indexed) => {
+                (self.inner.published.install(&spec.model, indexed)).map_err(not_published)
+            }
+            None => Ok(()),
+        });
         spec.discard_files(finished.is_ok());
         match finished {
             Ok(()) => entry.record.state = JobState::Succeeded,
@@ -481,6 +531,20 @@ impl Jobs {
         if let Err(e) = store::save(&self.inner.dir, &entry.record) {
             tracing::warn!(job = %id, error = %e, "cannot save the job's state");
         }
+    }
+}
+
+/// An output claimed by a submission being checked; released when dropped (the job is then
+/// in the table, or was refused).
+struct OutputClaim {
+    jobs: Jobs,
+    output: String,
+}
+
+impl Drop for OutputClaim {
+    fn drop(&mut self) {
+        let mut claimed = (self.jobs.inner.claimed.lock()).unwrap_or_else(|e| e.into_inner());
+        claimed.remove(&self.output);
     }
 }
 

@@ -62,6 +62,8 @@ pub enum NpyErrorKind {
     BadRow { row: u64, reason: String },
     #[error("cannot write its rows to {}: {source}", .out.display())]
     Write { out: PathBuf, source: io::Error },
+    #[error("the job was stopped while its rows were written")]
+    Stopped,
 }
 
 use NpyErrorKind as Kind;
@@ -73,15 +75,26 @@ use NpyErrorKind as Kind;
 ///
 /// `out` is created (truncated if it exists), written through a buffer and fsynced; on an
 /// error it is removed. A float row holding NaN or an infinity fails, naming the row: JSON
-/// has no such numbers.
-pub(super) fn npy_to_jsonl(npy: &Path, input_name: &str, out: &Path) -> Result<u64, NpyError> {
-    convert(npy, input_name, out).map_err(|kind| NpyError {
+/// has no such numbers. `stopped` is asked between rows: true ends the conversion
+/// ([`NpyErrorKind::Stopped`]), so that a job cancelled while staging a large array stops.
+pub(super) fn npy_to_jsonl(
+    npy: &Path,
+    input_name: &str,
+    out: &Path,
+    stopped: &dyn Fn() -> bool,
+) -> Result<u64, NpyError> {
+    convert(npy, input_name, out, stopped).map_err(|kind| NpyError {
         path: npy.to_owned(),
         kind,
     })
 }
 
-fn convert(npy: &Path, input_name: &str, out: &Path) -> Result<u64, Kind> {
+fn convert(
+    npy: &Path,
+    input_name: &str,
+    out: &Path,
+    stopped: &dyn Fn() -> bool,
+) -> Result<u64, Kind> {
     let file = File::open(npy).map_err(Kind::Read)?;
     let file_len = file.metadata().map_err(Kind::Read)?.len();
     let mut reader = BufReader::with_capacity(1 << 20, file);
@@ -92,17 +105,17 @@ fn convert(npy: &Path, input_name: &str, out: &Path) -> Result<u64, Kind> {
     let out_file = File::create(out).map_err(|source| write_err(out, source))?;
     let mut w = BufWriter::with_capacity(1 << 20, out_file);
     let written = match plan.datatype {
-        DataType::Bool => write_rows::<bool>(npy_file, &plan, input_name, out, &mut w),
-        DataType::Uint8 => write_rows::<u8>(npy_file, &plan, input_name, out, &mut w),
-        DataType::Uint16 => write_rows::<u16>(npy_file, &plan, input_name, out, &mut w),
-        DataType::Uint32 => write_rows::<u32>(npy_file, &plan, input_name, out, &mut w),
-        DataType::Uint64 => write_rows::<u64>(npy_file, &plan, input_name, out, &mut w),
-        DataType::Int8 => write_rows::<i8>(npy_file, &plan, input_name, out, &mut w),
-        DataType::Int16 => write_rows::<i16>(npy_file, &plan, input_name, out, &mut w),
-        DataType::Int32 => write_rows::<i32>(npy_file, &plan, input_name, out, &mut w),
-        DataType::Int64 => write_rows::<i64>(npy_file, &plan, input_name, out, &mut w),
-        DataType::Fp32 => write_rows::<f32>(npy_file, &plan, input_name, out, &mut w),
-        DataType::Fp64 => write_rows::<f64>(npy_file, &plan, input_name, out, &mut w),
+        DataType::Bool => write_rows::<bool>(npy_file, &plan, input_name, out, &mut w, stopped),
+        DataType::Uint8 => write_rows::<u8>(npy_file, &plan, input_name, out, &mut w, stopped),
+        DataType::Uint16 => write_rows::<u16>(npy_file, &plan, input_name, out, &mut w, stopped),
+        DataType::Uint32 => write_rows::<u32>(npy_file, &plan, input_name, out, &mut w, stopped),
+        DataType::Uint64 => write_rows::<u64>(npy_file, &plan, input_name, out, &mut w, stopped),
+        DataType::Int8 => write_rows::<i8>(npy_file, &plan, input_name, out, &mut w, stopped),
+        DataType::Int16 => write_rows::<i16>(npy_file, &plan, input_name, out, &mut w, stopped),
+        DataType::Int32 => write_rows::<i32>(npy_file, &plan, input_name, out, &mut w, stopped),
+        DataType::Int64 => write_rows::<i64>(npy_file, &plan, input_name, out, &mut w, stopped),
+        DataType::Fp32 => write_rows::<f32>(npy_file, &plan, input_name, out, &mut w, stopped),
+        DataType::Fp64 => write_rows::<f64>(npy_file, &plan, input_name, out, &mut w, stopped),
     }
     .and_then(|()| w.into_inner().map_err(|e| write_err(out, e.into_error())))
     .and_then(|file| file.sync_all().map_err(|e| write_err(out, e)));
@@ -290,11 +303,15 @@ fn write_rows<T: Element>(
     input_name: &str,
     out: &Path,
     writer: &mut impl Write,
+    stopped: &dyn Fn() -> bool,
 ) -> Result<(), Kind> {
     let bad_row = |row: u64, reason: String| Kind::BadRow { row, reason };
     let mut elements = npy.data::<T>().map_err(|e| Kind::NotNpy(e.to_string()))?;
     let (mut data, mut line) = (Vec::with_capacity(plan.row_len), Vec::new());
     for row in 0..plan.rows {
+        if stopped() {
+            return Err(Kind::Stopped);
+        }
         data.clear();
         for _ in 0..plan.row_len {
             match elements.next() {
@@ -386,7 +403,7 @@ mod tests {
         /// The lines `npy` becomes.
         fn lines(&self, npy: &Path) -> Result<String, NpyError> {
             let out = self.0.join("rows.jsonl");
-            let rows = npy_to_jsonl(npy, "features", &out)?;
+            let rows = npy_to_jsonl(npy, "features", &out, &|| false)?;
             let text = std::fs::read_to_string(&out).unwrap();
             assert_eq!(text.lines().count() as u64, rows);
             Ok(text)
@@ -531,5 +548,20 @@ mod tests {
             err.contains("not a .npy file") || err.contains("no elements"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_stopped_conversion_ends_and_leaves_no_rows() {
+        let dir = Dir::new("stopped");
+        let npy = dir.npy("<f4", &[3, 2], &[0f32, 1., 2., 3., 4., 5.]);
+        let out = dir.0.join("rows.jsonl");
+        let asked = std::cell::Cell::new(0);
+        let stopped = || {
+            asked.set(asked.get() + 1);
+            asked.get() > 1
+        };
+        let err = npy_to_jsonl(&npy, "features", &out, &stopped).unwrap_err();
+        assert!(matches!(err.kind, Kind::Stopped), "{err}");
+        assert!(!out.exists(), "the half-written rows are removed");
     }
 }

@@ -107,7 +107,11 @@ impl JobSpec {
     pub(super) fn discard_files(&self, succeeded: bool) {
         let _ = std::fs::remove_file(self.part_path());
         if self.source.is_some() {
-            let _ = std::fs::remove_file(&self.input);
+            // The staged input, and what a staging cut short left: the rows being written
+            // and a downloaded array (stage.rs).
+            for suffix in ["", ".tmp", ".npy"] {
+                let _ = std::fs::remove_file(with_suffix(&self.input, suffix));
+            }
         }
         if self.upload_to.is_some() && !(succeeded && self.publish) {
             let _ = std::fs::remove_file(&self.output);

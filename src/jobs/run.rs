@@ -73,11 +73,13 @@ pub(super) async fn run(jobs: Jobs, id: String, signal: watch::Receiver<Signal>)
         signal,
     };
     if !record.staged {
-        match job.unless_stopped(stage::stage(&record.spec)).await {
-            None => return,
-            Some(Err(message)) => return jobs.fail(&id, message),
-            Some(Ok(rows)) if jobs.staged(&id, rows) => record.rows_total = rows,
-            Some(Ok(_)) => return,
+        match stage::stage(&record.spec, job.signal.clone()).await {
+            Ok(None) => return,
+            Err(message) => return jobs.fail(&id, message),
+            Ok(Some(rows)) if jobs.staged(&id, rows) => record.rows_total = rows,
+            // Cancelled between the staging and now: its cancel may have come before the
+            // staged input existed.
+            Ok(Some(_)) => return record.spec.discard_files(false),
         }
     }
     let outcome = match job.drive(&record).await {
@@ -200,7 +202,7 @@ impl Job<'_> {
         let mut read_pos = progress.input_bytes;
         let mut read_line = progress.line;
         let mut pace = self.spec.max_rows_per_sec.map(|n| {
-            let mut every = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(n)));
+            let mut every = tokio::time::interval(pace_period(n));
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             every
         });
@@ -212,21 +214,23 @@ impl Job<'_> {
         let mut chunk_rows = 0u64;
         let mut last_checkpoint = Instant::now();
         let mut input_done = false;
-        let mut text = String::new();
+        let mut bytes: Vec<u8> = Vec::new();
         loop {
             // Fill the window.
             while !input_done && window.len() < WINDOW {
-                text.clear();
-                // Bounded, in case the file grew a longer line since it was checked.
+                bytes.clear();
+                // Bounded, in case the file grew a longer line since it was checked. Read as
+                // bytes: a line that is not UTF-8 is one malformed row, not an unreadable input.
                 let n = (&mut input)
                     .take(MAX_LINE_BYTES as u64 + 1)
-                    .read_line(&mut text)
+                    .read_until(b'\n', &mut bytes)
                     .map_err(|e| format!("cannot read {}: {e}", self.spec.input.display()))?;
                 if n == 0 {
                     input_done = true;
                     break;
                 }
-                if n > MAX_LINE_BYTES {
+                // The line's length without its newline, as the submission measured it.
+                if n - usize::from(bytes.last() == Some(&b'\n')) > MAX_LINE_BYTES {
                     return Err(format!(
                         "line {} of the input is longer than {MAX_LINE_BYTES} bytes",
                         read_line + 1
@@ -234,7 +238,9 @@ impl Job<'_> {
                 }
                 read_pos += n as u64;
                 read_line += 1;
-                if text.trim().is_empty() {
+                // Blank as the submission counted it (ASCII whitespace only), so that
+                // `rows_total` is the number of rows the job writes.
+                if is_blank(&bytes) {
                     continue;
                 }
                 if let Some(pace) = pace.as_mut() {
@@ -242,11 +248,21 @@ impl Job<'_> {
                         return Ok(Outcome::Stopped);
                     }
                 }
-                let (key, sent) = send(&served, &text, &self.spec.key_field);
+                let (text, key, sent) = match String::from_utf8(std::mem::take(&mut bytes)) {
+                    Ok(text) => {
+                        let (key, sent) = send(&served, &text, &self.spec.key_field);
+                        (text, key, sent)
+                    }
+                    Err(e) => (
+                        String::new(),
+                        Value::Null,
+                        Err(format!("not UTF-8 text: {}", e.utf8_error())),
+                    ),
+                };
                 window.push_back(Row {
                     line: read_line,
                     end: read_pos,
-                    text: std::mem::take(&mut text),
+                    text,
                     key,
                     sent,
                 });
@@ -267,6 +283,8 @@ impl Job<'_> {
                     &response,
                 ),
                 Err(error) => {
+                    // It may quote the row (a name, a datatype), which may be megabytes.
+                    let error = bounded(error);
                     if self.spec.on_error == OnError::Stop {
                         return Err(format!("line {}: {error}", row.line));
                     }
@@ -388,6 +406,36 @@ impl Job<'_> {
     }
 }
 
+/// The time between two rows at `rows_per_sec`: never zero, which `tokio::time::interval`
+/// refuses with a panic (a rate above a billion rows a second rounds to zero nanoseconds).
+fn pace_period(rows_per_sec: u32) -> Duration {
+    Duration::from_secs_f64(1.0 / f64::from(rows_per_sec.max(1))).max(Duration::from_nanos(1))
+}
+
+/// The longest row error kept: it is in the state file (rewritten at every checkpoint), in
+/// every `GET /v2/jobs`, and in the row's output line.
+const MAX_ERROR_BYTES: usize = 1024;
+
+/// `error` cut to [`MAX_ERROR_BYTES`] (at a character boundary), saying how long it was.
+fn bounded(mut error: String) -> String {
+    if error.len() <= MAX_ERROR_BYTES {
+        return error;
+    }
+    let full = error.len();
+    let mut cut = MAX_ERROR_BYTES;
+    while !error.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    error.truncate(cut);
+    error.push_str(&format!("... ({full} bytes)"));
+    error
+}
+
+/// A line that is no row: only ASCII whitespace (what `submit::count_rows` skips).
+pub(super) fn is_blank(line: &[u8]) -> bool {
+    line.iter().all(u8::is_ascii_whitespace)
+}
+
 fn backoff(attempt: u32) -> Duration {
     Duration::from_millis((50u64 << attempt.min(5)).min(2000))
 }
@@ -505,4 +553,38 @@ fn write_answer(
                 .collect(),
         },
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_rate_paces_without_a_zero_period() {
+        for rate in [1, 150, 1_000_000_000, 2_000_000_000, u32::MAX] {
+            assert!(pace_period(rate) > Duration::ZERO, "{rate}");
+        }
+        assert_eq!(pace_period(4), Duration::from_millis(250));
+    }
+
+    #[test]
+    fn a_long_row_error_is_cut_at_a_character() {
+        assert_eq!(bounded("short".into()), "short");
+        let long = format!("no input '{}'", "é".repeat(2000));
+        let cut = bounded(long.clone());
+        assert!(cut.len() < MAX_ERROR_BYTES + 32, "{}", cut.len());
+        assert!(
+            cut.ends_with(&format!("... ({} bytes)", long.len())),
+            "{cut}"
+        );
+    }
+
+    #[test]
+    fn blank_is_ascii_whitespace_as_the_submission_counts_it() {
+        assert!(is_blank(b" \t\r\n"));
+        assert!(is_blank(b""));
+        // Unicode whitespace and a vertical tab are counted as rows at submission.
+        assert!(!is_blank("\u{a0}\n".as_bytes()));
+        assert!(!is_blank(b"\x0b\n"));
+    }
 }

@@ -4,21 +4,41 @@
 //! temporary name, renamed when complete, so a restart stages again or finds it whole), and
 //! counts its rows; delivering uploads the finished output to its object, whole.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use tokio::sync::watch;
+
 use super::record::with_suffix;
-use super::{npy, remote, submit, JobSpec};
+use super::{npy, remote, submit, JobSpec, Signal};
 
 /// Uploads are tried this many times, backing off, before the job fails.
 const UPLOAD_TRIES: u32 = 5;
 
-/// Makes `spec.input` from `spec.source`: the rows it holds.
-pub(super) async fn stage(spec: &JobSpec) -> Result<u64, String> {
+/// Resolves once the job is told to stop (a shutdown or a cancel).
+async fn stop_signalled(mut signal: watch::Receiver<Signal>) {
+    if signal.wait_for(|s| *s != Signal::Run).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Makes `spec.input` from `spec.source`: the rows it holds, or `None` when the job was
+/// stopped meanwhile. A stopped staging removes what it had written (the download, the
+/// half-converted rows) before it returns: a job cancelled while staging leaves nothing in
+/// the jobs directory, and one stopped by a shutdown stages again at the next start.
+pub(super) async fn stage(
+    spec: &JobSpec,
+    signal: watch::Receiver<Signal>,
+) -> Result<Option<u64>, String> {
     let Some(source) = spec.source.clone() else {
         return Err("the job has no input to stage".into());
     };
     let tmp = with_suffix(&spec.input, ".tmp");
+    let remove = |paths: &[&Path]| {
+        for path in paths {
+            let _ = std::fs::remove_file(path);
+        }
+    };
     let downloaded = match remote::parse(&source.from) {
         Some(remote) => {
             let remote = remote?;
@@ -27,7 +47,13 @@ pub(super) async fn stage(spec: &JobSpec) -> Result<u64, String> {
             } else {
                 tmp.clone()
             };
-            remote.download(&dest).await?;
+            tokio::select! {
+                got = remote.download(&dest) => got.inspect_err(|_| remove(&[&dest]))?,
+                () = stop_signalled(signal.clone()) => {
+                    remove(&[&dest]);
+                    return Ok(None);
+                }
+            };
             Some(dest)
         }
         None => None,
@@ -36,9 +62,13 @@ pub(super) async fn stage(spec: &JobSpec) -> Result<u64, String> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(&source.from));
     let converted = tmp.clone();
+    let watching = signal.clone();
+    let stopped = move || *watching.borrow() != Signal::Run;
+    // Waited for whole, even when the job is stopped (the conversion checks between rows),
+    // so that nothing writes the temporary file after it is removed.
     let rows = tokio::task::spawn_blocking(move || match &source.npy_input {
         // Named as submitted, not as the copy staged.
-        Some(input_name) => npy::npy_to_jsonl(&local, input_name, &converted)
+        Some(input_name) => npy::npy_to_jsonl(&local, input_name, &converted, &stopped)
             .map_err(|e| format!("{}: {}", source.from, e.kind)),
         None => submit::count_rows(&converted)
             .map_err(|e| format!("cannot read {}: {e}", source.from))?,
@@ -46,15 +76,17 @@ pub(super) async fn stage(spec: &JobSpec) -> Result<u64, String> {
     .await
     .map_err(|e| format!("staging the input failed: {e}"))?;
     if let Some(npy) = downloaded.filter(|d| *d != tmp) {
-        let _ = std::fs::remove_file(npy);
+        remove(&[&npy]);
     }
-    let rows = rows.inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })?;
+    if *signal.borrow() != Signal::Run {
+        remove(&[&tmp]);
+        return Ok(None);
+    }
+    let rows = rows.inspect_err(|_| remove(&[&tmp]))?;
     std::fs::rename(&tmp, &spec.input)
         .and_then(|()| crate::files::sync_dir(&spec.input))
         .map_err(|e| format!("cannot stage the input at {}: {e}", spec.input.display()))?;
-    Ok(rows)
+    Ok(Some(rows))
 }
 
 /// Moves the finished `.part` file to `spec.output` (in the jobs directory) and uploads it

@@ -16,8 +16,9 @@ pub(super) fn save(dir: &Path, record: &JobRecord) -> std::io::Result<()> {
     crate::files::write_atomically(&path_of(dir, &record.id), &bytes)
 }
 
-/// Every job in `dir` (none when it does not exist). A file that does not read is skipped
-/// with a warning: one damaged job must not keep the server from starting.
+/// Every job in `dir` (none when it does not exist). A file that does not read, or that is
+/// not `<id>.json` of the job it holds, is skipped with a warning: one damaged job must not
+/// keep the server from starting, and no job is loaded twice.
 pub(super) fn load_all(dir: &Path) -> std::io::Result<Vec<JobRecord>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
@@ -35,6 +36,11 @@ pub(super) fn load_all(dir: &Path) -> std::io::Result<Vec<JobRecord>> {
             .map_err(|e| e.to_string())
             .and_then(|b| serde_json::from_slice::<JobRecord>(&b).map_err(|e| e.to_string()))
         {
+            // A copy of a state file under another name (a backup beside it) holds the same
+            // job: loaded too, the job would run twice, both writing its one `.part` file.
+            Ok(record) if path_of(dir, &record.id) != path => {
+                tracing::warn!(file = %path.display(), job = %record.id, "skipping a job state file not named after its job (a copy?)")
+            }
             Ok(record) => records.push(record),
             Err(e) => {
                 tracing::warn!(file = %path.display(), error = %e, "skipping a job state file that does not read")
@@ -88,6 +94,8 @@ mod tests {
         save(&dir, &record).unwrap();
         save(&dir, &record).unwrap();
         std::fs::write(dir.join("junk.json"), "{").unwrap();
+        // A copy of a job's file is not a second job of the same id.
+        std::fs::copy(dir.join("j1.json"), dir.join("j1.backup.json")).unwrap();
         let loaded = load_all(&dir).unwrap();
         assert_eq!(loaded.len(), 1);
         assert_eq!(loaded[0].progress.part_bytes, 100);

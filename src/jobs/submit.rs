@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::{
-    now_ms, remote, Checkpoint, JobRecord, JobSpec, JobState, Jobs, OnError, Source, MAX_LINE_BYTES,
+    now_ms, remote, Checkpoint, JobRecord, JobSpec, JobState, Jobs, OnError, OutputClaim, Source,
+    MAX_LINE_BYTES,
 };
 use crate::error::ServeError;
 
@@ -82,8 +83,12 @@ pub(super) fn count_rows(path: &Path) -> std::io::Result<Result<u64, String>> {
     }
 }
 
-/// The job's record, queued, with its `.part` file made; or why it cannot run.
-pub(super) fn check(jobs: &Jobs, submission: Submission) -> Result<JobRecord, ServeError> {
+/// The job's record, queued, with its `.part` file made, and its output claimed until the
+/// job is in the registry; or why it cannot run.
+pub(super) fn check(
+    jobs: &Jobs,
+    submission: Submission,
+) -> Result<(JobRecord, OutputClaim), ServeError> {
     let Submission {
         model,
         version,
@@ -124,6 +129,16 @@ pub(super) fn check(jobs: &Jobs, submission: Submission) -> Result<JobRecord, Se
     // `.npy` array is staged by the job into the jobs directory first (and counted then).
     let npy = input.trim_end().to_ascii_lowercase().ends_with(".npy");
     let npy_input = if npy {
+        // Its rows are written keyed `key` (their index): another field would find no key in
+        // any row, and a job asked to publish them would fail at its end.
+        if key_field
+            .as_deref()
+            .is_some_and(|k| !k.is_empty() && k != "key")
+        {
+            return Err(ServeError::invalid(
+                "key_field is for JSON Lines inputs: a .npy array's rows are keyed by their index",
+            ));
+        }
         Some(npy_input_name(input_name, served.as_ref())?)
     } else if input_name.is_some() {
         return Err(ServeError::invalid(
@@ -173,26 +188,28 @@ pub(super) fn check(jobs: &Jobs, submission: Submission) -> Result<JobRecord, Se
     // The output: a local file beside which `.part` is made now (proving the place
     // writable); an object checked absent and writable, its rows written in the jobs
     // directory and uploaded when complete.
-    let (output_path, upload_to) = match remote::parse(&output) {
+    let (output_path, upload_to, claim) = match remote::parse(&output) {
         Some(remote) => {
             let remote = remote.map_err(ServeError::invalid)?;
             let uri = remote.uri().to_string();
             if source.as_ref().is_some_and(|s| s.from == uri) {
                 return Err(ServeError::invalid("output is the input"));
             }
-            if jobs.outputs_in_use().contains(&uri) {
-                return Err(ServeError::invalid(format!(
+            // Claimed before the store is asked: another submission of this output while
+            // it answers is refused, not a second job uploading over the first's answers.
+            let claim = jobs.claim_output(uri.clone()).ok_or_else(|| {
+                ServeError::invalid(format!(
                     "output '{uri}' is not writable: another job is writing it"
-                )));
-            }
+                ))
+            })?;
             jobs.block_on(async move { remote.check_output().await })
                 .map_err(ServeError::invalid)?;
-            (staged("output.jsonl"), Some(uri))
+            (staged("output.jsonl"), Some(uri), claim)
         }
         None => {
             let path = absolute("output", &output)?;
-            local_output(jobs, &path, &input_path)?;
-            (path, None)
+            let claim = local_output(jobs, &path, &input_path)?;
+            (path, None, claim)
         }
     };
     let spec = JobSpec {
@@ -227,7 +244,7 @@ pub(super) fn check(jobs: &Jobs, submission: Submission) -> Result<JobRecord, Se
                 spec.output.display()
             ))
         })?;
-    Ok(JobRecord {
+    let record = JobRecord {
         id,
         staged: spec.source.is_none(),
         spec,
@@ -237,7 +254,8 @@ pub(super) fn check(jobs: &Jobs, submission: Submission) -> Result<JobRecord, Se
         message: None,
         created_unix_ms: now_ms(),
         finished_unix_ms: None,
-    })
+    };
+    Ok((record, claim))
 }
 
 /// The model input a `.npy` array's rows go to: the one named, or the model's only input.
@@ -287,8 +305,8 @@ fn readable_file(path: &Path) -> Result<(), ServeError> {
 }
 
 /// A local output: not the input, in a directory that exists, not there yet, and no other
-/// job's.
-fn local_output(jobs: &Jobs, output: &Path, input: &Path) -> Result<(), ServeError> {
+/// job's (claimed for this submission).
+fn local_output(jobs: &Jobs, output: &Path, input: &Path) -> Result<OutputClaim, ServeError> {
     if output == input {
         return Err(ServeError::invalid("output is the input file"));
     }
@@ -310,13 +328,8 @@ fn local_output(jobs: &Jobs, output: &Path, input: &Path) -> Result<(), ServeErr
     if output.exists() {
         return Err(unwritable("it already exists".into()));
     }
-    if jobs
-        .outputs_in_use()
-        .contains(&output.display().to_string())
-    {
-        return Err(unwritable("another job is writing it".into()));
-    }
-    Ok(())
+    jobs.claim_output(output.display().to_string())
+        .ok_or_else(|| unwritable("another job is writing it".into()))
 }
 
 #[cfg(test)]
