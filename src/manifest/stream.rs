@@ -27,7 +27,8 @@ pub enum StreamKind {
 #[serde(deny_unknown_fields)]
 pub struct StreamDecl {
     pub kind: StreamKind,
-    /// Sample rates a client may stream at; the first is the default.
+    /// Sample rates a client may stream at. (A `start` that names none asks for 16000, which
+    /// a declaration without it refuses: such a model's clients must name their rate.)
     #[serde(default = "default_rates")]
     pub sample_rates: Vec<u32>,
     /// The phrase a keyword stream detects (sent with each event).
@@ -303,6 +304,17 @@ impl StreamDecl {
     }
 }
 
+/// The most new audio one step of the first stage may take, in samples. A stream holds at
+/// most 65,536 samples of its client's audio (`actors::stream_session::AUDIO_CREDITS`), and
+/// stops reading its socket until a step takes some: a step must be able to run with the
+/// largest frame a client may send (64 KiB: 32,768 PCM16 samples) still waiting for room,
+/// or the stream waits for itself for ever.
+const MAX_HOP_SAMPLES: usize = 32_768;
+const _: () = assert!(
+    MAX_HOP_SAMPLES + 64 * 1024 / 2 <= crate::actors::stream_session::AUDIO_CREDITS,
+    "a step's audio and the largest frame must fit in a stream's buffer"
+);
+
 /// The first stage's window and hop in samples at `rate`.
 pub fn audio_window(w: &WindowDecl, rate: u32) -> Result<(usize, usize), String> {
     let samples = |ms: Option<f64>, what: &str| -> Result<usize, String> {
@@ -318,6 +330,21 @@ pub fn audio_window(w: &WindowDecl, rate: u32) -> Result<(usize, usize), String>
     let window = samples(w.window_ms, "window_ms")?;
     let hop = samples(w.hop_ms, "hop_ms")?;
     check_window(window, hop, w.prefill)?;
+    // The stream's chunk is the hop: each step takes one hop of new audio, and a result's
+    // time (a `vad` result's chunk start) counts back one hop from where the step reached.
+    // Another prefill would make the first step take more or less than a hop.
+    if w.prefill.is_some_and(|p| p != window - hop) {
+        return Err(format!(
+            "the first stage's prefill is its context, window - hop ({} samples at {rate} Hz): leave it out",
+            window - hop
+        ));
+    }
+    if hop > MAX_HOP_SAMPLES {
+        return Err(format!(
+            "hop_ms = {} is {hop} samples at {rate} Hz; a step may take at most {MAX_HOP_SAMPLES} (a stream buffers 65536 samples of audio)",
+            w.hop_ms.unwrap_or_default()
+        ));
+    }
     Ok((window, hop))
 }
 
@@ -357,4 +384,38 @@ pub(super) fn deserialize_stream<'de, D: Deserializer<'de>>(
         }
     }
     deserializer.deserialize_any(Visit).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn first(window_ms: f64, hop_ms: f64, prefill: Option<usize>) -> StreamDecl {
+        let mut decl = StreamDecl::silero_vad();
+        decl.input.window_ms = Some(window_ms);
+        decl.input.hop_ms = Some(hop_ms);
+        decl.input.prefill = prefill;
+        decl
+    }
+
+    #[test]
+    fn the_first_stage_takes_one_hop_a_step_and_fits_the_streams_buffer() {
+        assert!(StreamDecl::silero_vad().validate("vad").is_ok());
+        // Its context spelt out is fine; any other prefill is refused, at every rate.
+        assert!(first(36.0, 32.0, Some(64)).validate("vad").is_err()); // 32 at 8 kHz
+        let mut at_16k = first(36.0, 32.0, Some(64));
+        at_16k.sample_rates = vec![16000];
+        assert!(at_16k.validate("vad").is_ok());
+        let err = first(36.0, 32.0, Some(560)).validate("vad").unwrap_err();
+        assert!(err.contains("prefill is its context"), "{err}");
+        let err = first(36.0, 32.0, Some(0)).validate("vad").unwrap_err();
+        assert!(
+            err.contains("window - hop (64 samples at 16000 Hz)"),
+            "{err}"
+        );
+        // Two seconds a step at 16 kHz fit; five do not.
+        assert!(first(2048.0, 2048.0, None).validate("vad").is_ok());
+        let err = first(5000.0, 5000.0, None).validate("vad").unwrap_err();
+        assert!(err.contains("80000 samples at 16000 Hz"), "{err}");
+    }
 }

@@ -8,7 +8,12 @@ use crate::manifest::{
     audio_window, BatchAxis, ConstantDecl, GateDecl, StageDecl, StreamDecl, StreamKind,
 };
 use crate::model::ModelInfo;
-use crate::tensor::{DataType, TensorData};
+use crate::tensor::{DataType, NamedTensor, TensorData};
+
+/// The most elements a stage's window may hold (64 MiB of f32): every stream keeps its
+/// stages' windows, so a declaration past this is a mistake, refused before anything is
+/// allocated for it.
+const MAX_WINDOW_ELEMENTS: usize = 1 << 24;
 
 /// One stage resolved against its model.
 #[derive(Clone, Debug)]
@@ -159,33 +164,37 @@ fn resolve_stage(
             .position(|s| s.name == name)
             .ok_or_else(|| format!("the model has no output '{name}'"))
     };
-    let fp32_row_shape = |index: usize, is_input: bool| -> Result<(Vec<i64>, usize), String> {
-        let (spec, axis) = if is_input {
-            (&info.inputs[index], &info.input_axes[index])
-        } else {
-            (&info.outputs[index], &info.output_axes[index])
-        };
-        if spec.datatype != DataType::Fp32 {
-            return Err(format!("'{}' must be FP32", spec.name));
-        }
-        let BatchAxis::Axis(axis) = *axis else {
-            return Err(format!("'{}' must have a batch axis", spec.name));
-        };
-        let mut shape = spec.shape.clone();
-        if axis >= shape.len() {
-            return Err(format!("'{}' has no axis {axis} to batch on", spec.name));
-        }
-        shape[axis] = 1;
-        let fixed = shape.iter().all(|&d| d >= 1);
-        Ok((
-            shape.clone(),
-            if fixed {
-                shape.iter().product::<i64>() as usize
+    // The shape of one row (the batch axis at 1), the elements it holds (0: some dimension
+    // is open), and the batch axis.
+    let fp32_row_shape =
+        |index: usize, is_input: bool| -> Result<(Vec<i64>, usize, usize), String> {
+            let (spec, axis) = if is_input {
+                (&info.inputs[index], &info.input_axes[index])
             } else {
-                0
-            },
-        ))
-    };
+                (&info.outputs[index], &info.output_axes[index])
+            };
+            if spec.datatype != DataType::Fp32 {
+                return Err(format!("'{}' must be FP32", spec.name));
+            }
+            let BatchAxis::Axis(axis) = *axis else {
+                return Err(format!("'{}' must have a batch axis", spec.name));
+            };
+            let mut shape = spec.shape.clone();
+            if axis >= shape.len() {
+                return Err(format!("'{}' has no axis {axis} to batch on", spec.name));
+            }
+            shape[axis] = 1;
+            let fixed = shape.iter().all(|&d| d >= 1);
+            Ok((
+                shape.clone(),
+                if fixed {
+                    shape.iter().product::<i64>() as usize
+                } else {
+                    0
+                },
+                axis,
+            ))
+        };
 
     let w = &stage.input;
     let (window, hop) = if reads_audio {
@@ -194,22 +203,29 @@ fn resolve_stage(
         (w.window.unwrap_or(0), w.hop.unwrap_or(0))
     };
     let window_input = input(&w.tensor)?;
-    let (mut window_shape, fixed_len) = fp32_row_shape(window_input, true)?;
-    let window_len = window * frame_len;
+    let (mut window_shape, fixed_len, batch_axis) = fp32_row_shape(window_input, true)?;
+    let window_len = window
+        .checked_mul(frame_len)
+        .filter(|&n| n <= MAX_WINDOW_ELEMENTS)
+        .ok_or_else(|| {
+            format!(
+                "a window of {window} frames of {frame_len} is over {MAX_WINDOW_ELEMENTS} values"
+            )
+        })?;
     if fixed_len != window_len {
         // A [batch, n] input whose n the file leaves open (or the manifest declares per
-        // rate, as Silero's): the window goes in flat.
+        // rate, as Silero's): the window goes in flat. Whether the model takes that n is
+        // checked below, on a whole step.
         if window_shape.len() != 2 {
             return Err(format!(
                 "input '{}' of shape {:?} cannot take a window of {window} frames of {frame_len}",
                 w.tensor, info.inputs[window_input].shape
             ));
         }
-        let other = usize::from(window_shape[0] == 1);
-        window_shape[other] = window_len as i64;
+        window_shape[1 - batch_axis] = window_len as i64;
     }
     let output_index = output(&stage.output.tensor)?;
-    let (_, out_len) = fp32_row_shape(output_index, false)?;
+    let (_, out_len, _) = fp32_row_shape(output_index, false)?;
     let frames_out = stage.output.frames;
     // The last stage's output is read for its first value: its size may be left open.
     let open_ok = last && frames_out == 1;
@@ -222,10 +238,10 @@ fn resolve_stage(
     let mut recurrent = Vec::new();
     for (input_name, output_name) in &stage.state {
         let input_index = input(input_name)?;
-        let (shape, len) = fp32_row_shape(input_index, true)?;
+        let (shape, len, _) = fp32_row_shape(input_index, true)?;
         let output_index = output(output_name)?;
         // ONNX files often leave the output's dimensions open; its size is checked per step.
-        let (_, out) = fp32_row_shape(output_index, false)?;
+        let (_, out, _) = fp32_row_shape(output_index, false)?;
         if len == 0 || (out != 0 && out != len) {
             return Err(format!(
                 "state '{input_name}' must have fixed dimensions, and '{output_name}' its size"
@@ -264,7 +280,7 @@ fn resolve_stage(
             info.inputs.len()
         ));
     }
-    Ok(StageLayout {
+    let layout = StageLayout {
         model: info.name.clone(),
         input_names: info.inputs.iter().map(|s| s.name.clone()).collect(),
         window_input,
@@ -279,7 +295,57 @@ fn resolve_stage(
         out_frame_len: out_len / frames_out,
         recurrent,
         constants,
-    })
+    };
+    check_step(&layout, info, sample_rate)?;
+    Ok(layout)
+}
+
+/// The stage's first step, checked as the model checks any request: its input shapes (the
+/// file's, or those the manifest declares, paired with a value: Silero takes 576 samples
+/// with `sr` 16000 and 288 with 8000), values and finite floats. A window, sample rate or
+/// `pad` the model cannot take is refused here, when the model loads (a stream of one
+/// stage) or when a stream starts, rather than failing the stream's first step. (Stream
+/// steps are not validated again on their way to the model.)
+fn check_step(s: &StageLayout, info: &ModelInfo, sample_rate: u32) -> Result<(), String> {
+    let window = vec![s.pad; s.window * s.frame_len];
+    let states: Vec<Vec<f32>> = s.recurrent.iter().map(|r| vec![0.0; r.len]).collect();
+    info.validate(s.inputs(window, &states), None)
+        .map(drop)
+        .map_err(|e| format!("at {sample_rate} Hz the model would refuse its steps: {e}"))
+}
+
+impl StageLayout {
+    /// One step's inputs, in the model's order: `window` (the stage's window, flat), the
+    /// recurrent `states`, and the constants.
+    pub(super) fn inputs(&self, window: Vec<f32>, states: &[Vec<f32>]) -> Vec<NamedTensor> {
+        let mut inputs: Vec<NamedTensor> = self
+            .input_names
+            .iter()
+            .map(|name| NamedTensor {
+                name: name.clone(),
+                shape: Vec::new(),
+                data: TensorData::Fp32(Vec::new()),
+            })
+            .collect();
+        inputs[self.window_input].shape = self.window_shape.clone();
+        inputs[self.window_input].data = TensorData::Fp32(window);
+        for (r, state) in self.recurrent.iter().zip(states) {
+            inputs[r.input].shape = r.shape.clone();
+            inputs[r.input].data = TensorData::Fp32(state.clone());
+        }
+        for (index, shape, data) in &self.constants {
+            inputs[*index].shape = shape.clone();
+            inputs[*index].data = data.clone();
+        }
+        inputs
+    }
+
+    /// The outputs a step asks for: the result, then each recurrent state's.
+    pub(super) fn outputs(&self) -> Vec<usize> {
+        let mut outputs = vec![self.output];
+        outputs.extend(self.recurrent.iter().map(|r| r.output));
+        outputs
+    }
 }
 
 /// The gate at one sample rate.

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use super::gate::{GateState, Verdict};
 pub use super::layout::{Layout, StageLayout};
 use crate::model::InferRequest;
-use crate::tensor::{NamedTensor, TensorData};
+use crate::tensor::TensorData;
 
 /// One stage's progress: its buffer (from the next step's first frame on), the audio time of
 /// each frame (stages after the first), its step count and recurrent state.
@@ -300,32 +300,11 @@ impl PipelineState {
     pub fn request(&self, layout: &Layout, stage: usize) -> InferRequest {
         let s = layout.stage(stage);
         let p = self.stage(stage);
-        let mut inputs: Vec<NamedTensor> = s
-            .input_names
-            .iter()
-            .map(|name| NamedTensor {
-                name: name.clone(),
-                shape: Vec::new(),
-                data: TensorData::Fp32(Vec::new()),
-            })
-            .collect();
         let window: Vec<f32> = p.frames.range(..s.window * s.frame_len).copied().collect();
-        inputs[s.window_input].shape = s.window_shape.clone();
-        inputs[s.window_input].data = TensorData::Fp32(window);
-        for (r, state) in s.recurrent.iter().zip(&p.states) {
-            inputs[r.input].shape = r.shape.clone();
-            inputs[r.input].data = TensorData::Fp32(state.clone());
-        }
-        for (index, shape, data) in &s.constants {
-            inputs[*index].shape = shape.clone();
-            inputs[*index].data = data.clone();
-        }
-        let mut outputs = vec![s.output];
-        outputs.extend(s.recurrent.iter().map(|r| r.output));
         InferRequest {
-            inputs,
+            inputs: s.inputs(window, &p.states),
             rows: 1,
-            outputs,
+            outputs: s.outputs(),
         }
     }
 

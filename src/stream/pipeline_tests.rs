@@ -4,12 +4,13 @@
 
 use super::*;
 use crate::manifest::{
-    BatchAxis, Batching, Device, OutputDecl, StageDecl, StreamDecl, StreamKind, WindowDecl,
+    AllowedValue, BatchAxis, Batching, Device, OutputDecl, StageDecl, StreamDecl, StreamKind,
+    WindowDecl,
 };
 use crate::model::ModelInfo;
 use crate::model::Resources;
 use crate::runtime::TensorSpec;
-use crate::tensor::DataType;
+use crate::tensor::{DataType, NamedTensor};
 
 fn spec(name: &str, datatype: DataType, shape: &[i64]) -> TensorSpec {
     TensorSpec {
@@ -67,6 +68,14 @@ fn silero() -> ModelInfo {
         ],
     );
     m.output_axes[1] = BatchAxis::Axis(1);
+    // As the bundled manifest declares them: 512 + 64 samples at 16 kHz, 256 + 32 at 8 kHz.
+    m.input_rules[0] = crate::rules::InputRule {
+        shapes: vec![vec![-1, 576], vec![-1, 288]],
+        values: Vec::new(),
+        paired_with: Some("sr".into()),
+        paired: Some(2),
+    };
+    m.input_rules[2].values = vec![AllowedValue::Int(16000), AllowedValue::Int(8000)];
     m
 }
 
@@ -329,6 +338,43 @@ fn declarations_that_do_not_fit_their_models_say_why() {
         err.contains("stage 2 (kw): the model has no input 'embeddings'"),
         "{err}"
     );
+}
+
+#[test]
+fn windows_rates_and_pads_the_model_refuses_are_refused_by_the_layout() {
+    // Silero's rules take 576 samples with sr 16000 and 288 with 8000: a declaration that
+    // also lists 48 kHz resolves at the two rates, and not at the third.
+    let mut decl = StreamDecl::silero_vad();
+    decl.sample_rates.push(48000);
+    let vad = silero();
+    assert!(Layout::resolve(&decl, &[&vad], 8000).is_ok());
+    let err = Layout::resolve(&decl, &[&vad], 48000).unwrap_err();
+    assert!(
+        err.contains("at 48000 Hz the model would refuse its steps") && err.contains("[1, 1728]"),
+        "{err}"
+    );
+    // A window the first stage's fixed [batch, 6] input cannot take (5 samples).
+    let (mut decl, models) = chain();
+    let infos: Vec<&ModelInfo> = models.iter().collect();
+    decl.stages[0].input.window_ms = Some(5.0);
+    let err = Layout::resolve(&decl, &infos, 1000).unwrap_err();
+    assert!(
+        err.contains("stage 0 (feat)") && err.contains("dimension 1 must be 6"),
+        "{err}"
+    );
+    // A pad the model would refuse as a value.
+    let (mut decl, _) = chain();
+    decl.stages[1].input.pad = f32::NAN;
+    let err = Layout::resolve(&decl, &infos, 1000).unwrap_err();
+    assert!(
+        err.contains("stage 1 (emb)") && err.contains("NaN"),
+        "{err}"
+    );
+    // A window past what a stream may hold is refused before anything is allocated for it.
+    let (mut decl, _) = chain();
+    decl.input.window = Some(usize::MAX / 2);
+    let err = Layout::resolve(&decl, &infos, 1000).unwrap_err();
+    assert!(err.contains("values"), "{err}");
 }
 
 /// The chain with a gate on its second stage: a voice activity model of 4-sample chunks that
