@@ -53,6 +53,39 @@ impl ModelInfo {
     pub fn stream_kind(&self) -> Option<StreamKind> {
         self.stream.as_ref().map(|s| s.kind)
     }
+
+    /// Why `fallback` cannot answer this model's requests, if it cannot: a request validated
+    /// for this model goes to the fallback as it is, so every input must be there with the
+    /// same type, rank and fixed dimensions (a free dimension, -1, matches any), and every
+    /// output this model answers with too. The manifest only names a fallback; what its
+    /// model takes is known once both are loaded.
+    pub fn fallback_mismatch(&self, fallback: &ModelInfo) -> Option<String> {
+        let differs = |what: &str, ours: &[TensorSpec], theirs: &[TensorSpec]| {
+            ours.iter().find_map(|spec| {
+                let Some(other) = theirs.iter().find(|t| t.name == spec.name) else {
+                    return Some(format!("it has no {what} '{}'", spec.name));
+                };
+                let dims_agree = spec.shape.len() == other.shape.len()
+                    && spec
+                        .shape
+                        .iter()
+                        .zip(&other.shape)
+                        .all(|(a, b)| a == b || *a < 0 || *b < 0);
+                (other.datatype != spec.datatype || !dims_agree).then(|| {
+                    format!(
+                        "its {what} '{}' is {} {:?}, not {} {:?}",
+                        spec.name, other.datatype, other.shape, spec.datatype, spec.shape
+                    )
+                })
+            })
+        };
+        let why = differs("input", &self.inputs, &fallback.inputs)
+            .or_else(|| differs("output", &self.outputs, &fallback.outputs))?;
+        Some(format!(
+            "fallback '{}' of model '{}' cannot take its requests: {why}",
+            fallback.name, self.name
+        ))
+    }
 }
 
 /// Resource needs of a model version: CPU threads of its replicas, and a memory estimate
@@ -392,6 +425,30 @@ mod tests {
             source: String::new(),
             resources: Resources::default(),
         }
+    }
+
+    #[test]
+    fn a_fallback_must_take_every_input_and_give_every_output() {
+        let primary = info();
+        let mut fallback = info();
+        fallback.name = "f".into();
+        assert_eq!(primary.fallback_mismatch(&fallback), None);
+        // A free dimension matches a fixed one; extra outputs are harmless.
+        fallback.inputs[0].shape = vec![-1, -1];
+        fallback.outputs.push(fallback.outputs[0].clone());
+        fallback.outputs[1].name = "extra".into();
+        assert_eq!(primary.fallback_mismatch(&fallback), None);
+        let why = |change: fn(&mut ModelInfo)| {
+            let mut fallback = info();
+            fallback.name = "f".into();
+            change(&mut fallback);
+            primary.fallback_mismatch(&fallback).expect("a mismatch")
+        };
+        assert!(why(|f| f.inputs[1].name = "w".into()).contains("no input 'y'"));
+        assert!(why(|f| f.inputs[0].datatype = DataType::Fp64).contains("input 'x' is FP64"));
+        assert!(why(|f| f.inputs[0].shape = vec![-1, 3]).contains("[-1, 3]"));
+        assert!(why(|f| f.inputs[0].shape = vec![-1, 2, 1]).contains("input 'x'"));
+        assert!(why(|f| f.outputs[0].name = "q".into()).contains("no output 'z'"));
     }
 
     fn x(rows: i64) -> NamedTensor {

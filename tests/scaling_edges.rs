@@ -1,6 +1,7 @@
-//! The edges of scaling, over real HTTP: an overloaded model whose fallback is not loaded
-//! queues its overflow instead of shedding it, and a new replica that cannot load is given up
-//! with its budget instead of being counted (and retried) forever.
+//! The edges of scaling, over real HTTP: an overloaded model whose fallback is not loaded, or
+//! cannot take its requests, queues its overflow instead of shedding or failing it, and a new
+//! replica that cannot load is given up with its budget instead of being counted (and
+//! retried) forever.
 
 mod common;
 
@@ -91,6 +92,42 @@ async fn an_overloaded_model_whose_fallback_is_cold_queues_its_overflow() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fallback_that_cannot_take_the_requests_is_not_used() {
+    // `g` is loaded and healthy, but its model takes other inputs (`typed_ops`): degrading
+    // to it failed every request it took, just when the load was high. It is never used;
+    // the overflow queues as on a model without a fallback.
+    let manifest = format!(
+        r#"
+        [[models]]
+        name = "q"
+        version = "1"
+        file = "{{models}}/mlp_small/1/model.onnx"
+        sha256 = "{MLP_SMALL_SHA}"
+        max_batch_size = 1
+        max_queue = 100
+        slo_ms = 50
+        fallback = "g"
+
+        [[models]]
+        name = "g"
+        version = "1"
+        file = "{{models}}/typed_ops/1/model.onnx"
+        sha256 = "e491291eeeb4b687cde854db925c3c769498cd67b25c9f54b5eb5b14534916de"
+        "#
+    );
+    let url = start(&model_dir(&manifest), |config| {
+        config.admin_token = Some(TOKEN.into())
+    });
+    let fault = json!({"fault": {"kind": "slow", "ms": 60}, "count": 24});
+    inject_fault(&client(), &url, TOKEN, "q", fault).await;
+    let answers = burst(&url, "q", 24).await;
+    for (status, degraded, answer) in &answers {
+        assert_eq!(*status, 200, "queued, not failed by the fallback: {answer}");
+        assert!(!degraded, "answered by q itself: {answer}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_new_replica_that_cannot_load_is_given_up() {
     // The model's file is a copy that goes away once the version serves (a cleaned-up
     // download, a lost volume): a replica added now cannot load its session.
@@ -151,12 +188,13 @@ async fn a_new_replica_that_cannot_load_is_given_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_serving_replica_is_not_scaled_down_while_another_is_being_replaced() {
+    // Its own model name: metrics are one registry for every server in this process.
     // Two replicas, down to one when idle. Replica 0 dies, and its replacement cannot load
     // (the file is gone): removing replica 1, the newest, would leave no worker at all.
     let dir = model_dir(
         r#"
         [[models]]
-        name = "m"
+        name = "n"
         version = "1"
         file = "model.onnx"
         sha256 = "1ee4e3ca0ab831f8b5d0012533fdfe38626360da2dfded1adc62f14bb97bb481"
@@ -171,10 +209,10 @@ async fn a_serving_replica_is_not_scaled_down_while_another_is_being_replaced() 
     let c = client();
     std::fs::remove_file(&file).unwrap();
     let panic = json!({"replica": 0, "fault": {"kind": "panic"}, "count": 1});
-    inject_fault(&c, &url, TOKEN, "m", panic).await;
+    inject_fault(&c, &url, TOKEN, "n", panic).await;
     // Two at once, until replica 0 has taken one (and died; its request is retried on 1).
     for _ in 0..50 {
-        for (status, _, answer) in burst(&url, "m", 2).await {
+        for (status, _, answer) in burst(&url, "n", 2).await {
             assert_eq!(status, 200, "{answer}");
         }
         if router(&c, &url).await["restarts"] == 1 {
@@ -190,6 +228,6 @@ async fn a_serving_replica_is_not_scaled_down_while_another_is_being_replaced() 
         (&json!(2), &json!(1)),
         "{status}"
     );
-    let (status, _, answer) = burst(&url, "m", 1).await.remove(0);
+    let (status, _, answer) = burst(&url, "n", 1).await.remove(0);
     assert_eq!(status, 200, "{answer}");
 }

@@ -119,7 +119,14 @@ impl AppState {
         // model. Looked up only past the limit.
         let fallback_ready = || {
             served.info.fallback.as_deref().is_some_and(|name| {
-                name != served.info.name && self.catalog.snapshot().ready_fallback(name).is_some()
+                name != served.info.name
+                    && self
+                        .catalog
+                        .snapshot()
+                        .ready_fallback(name)
+                        .is_some_and(|fallback| {
+                            served.info.fallback_mismatch(&fallback.info).is_none()
+                        })
             })
         };
         match self.admission.enter(fallback_ready) {

@@ -100,8 +100,21 @@ async fn serve(
     // Ready as soon as this returns: the router only starts (and publishes) on its own thread.
     let health = Arc::new(ModelHealth::new(workers.len(), entry.replicas));
     take_budgets(entry, &info, &budgets, reserved)?;
-    let fallback: FallbackLookup =
-        Arc::new(move |name| Some(catalog.snapshot().ready_fallback(name)?.router));
+    // A fallback whose model cannot take this one's requests is never used (said once in the
+    // log): degrading to it would fail every request it took, just when load is high.
+    let fallback: FallbackLookup = {
+        let (info, warned) = (info.clone(), std::sync::atomic::AtomicBool::new(false));
+        Arc::new(move |name| {
+            let fallback = catalog.snapshot().ready_fallback(name)?;
+            if let Some(why) = info.fallback_mismatch(&fallback.info) {
+                if !warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::error!(model = %info.name, version = %info.version, "{why}; it is not used");
+                }
+                return None;
+            }
+            Some(fallback.router)
+        })
+    };
     let router = router::start(RouterSetup {
         info: info.clone(),
         recipe,
