@@ -161,11 +161,7 @@ async fn version_request(
 }
 
 fn parse<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ServeError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(T::default());
-    }
-    serde_json::from_slice(body)
-        .map_err(|e| ServeError::invalid(format!("malformed admin request: {e}")))
+    super::body::json_or_default(body, "admin request")
 }
 
 /// Asks the supervisor; it is gone only while the server shuts down.

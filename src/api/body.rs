@@ -147,6 +147,18 @@ pub struct BodyLimits<'a> {
     pub pace: BodyPace,
 }
 
+/// A small control request's JSON body (admin, repository), where no body (or only
+/// whitespace) means every field's default; `what` names the request in the error.
+pub fn json_or_default<T: serde::de::DeserializeOwned + Default>(
+    bytes: &[u8],
+    what: &str,
+) -> Result<T, ServeError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(bytes).map_err(|e| ServeError::invalid(format!("malformed {what}: {e}")))
+}
+
 /// Reads the body, decompressing it per `Content-Encoding` (gzip or deflate, as Triton's
 /// clients send with `request_compression_algorithm`). `max_bytes` bounds the decompressed size.
 pub async fn read(

@@ -211,9 +211,5 @@ async fn unload(
 }
 
 fn parse<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ServeError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(T::default());
-    }
-    serde_json::from_slice(body)
-        .map_err(|e| ServeError::invalid(format!("malformed repository request: {e}")))
+    super::body::json_or_default(body, "repository request")
 }
