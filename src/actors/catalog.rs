@@ -12,6 +12,7 @@ use arc_swap::ArcSwap;
 pub use super::served::ServedModel;
 use crate::error::ServeError;
 use crate::manifest::{compare_versions, ModelEntry};
+use crate::model::ModelInfo;
 
 /// One version's state in the catalog.
 #[derive(Clone)]
@@ -157,13 +158,27 @@ impl Catalog {
         }
     }
 
-    /// The version of `name` a request to it goes to, if that one is serving with a healthy
-    /// replica: what a model's fallback must be to take a request, for the router's handoffs
-    /// and for the door's overflow alike.
-    pub fn ready_fallback(&self, name: &str) -> Option<ServedModel> {
-        self.resolve(name, None)
+    /// The version of `name` a request to it goes to, if that one can take `of`'s requests
+    /// now: serving with a healthy replica, and its model takes the same inputs and gives the
+    /// same outputs ([`ModelInfo::fallback_mismatch`]). What a model's fallback must be to take
+    /// a request, for the router's handoffs and for the door's overflow alike. `Err`: it serves,
+    /// but its model cannot take `of`'s requests, and why.
+    pub fn ready_fallback(
+        &self,
+        name: &str,
+        of: &ModelInfo,
+    ) -> Result<Option<ServedModel>, String> {
+        let Some(fallback) = self
+            .resolve(name, None)
             .ok()
             .filter(|served| served.health.ready())
+        else {
+            return Ok(None);
+        };
+        match of.fallback_mismatch(&fallback.info) {
+            Some(why) => Err(why),
+            None => Ok(Some(fallback)),
+        }
     }
 
     /// Ready when every serving version has at least one healthy replica, and some listed

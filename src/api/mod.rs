@@ -120,13 +120,10 @@ impl AppState {
         let fallback_ready = || {
             served.info.fallback.as_deref().is_some_and(|name| {
                 name != served.info.name
-                    && self
-                        .catalog
-                        .snapshot()
-                        .ready_fallback(name)
-                        .is_some_and(|fallback| {
-                            served.info.fallback_mismatch(&fallback.info).is_none()
-                        })
+                    && matches!(
+                        self.catalog.snapshot().ready_fallback(name, &served.info),
+                        Ok(Some(_))
+                    )
             })
         };
         match self.admission.enter(fallback_ready) {

@@ -104,16 +104,17 @@ async fn serve(
     // log): degrading to it would fail every request it took, just when load is high.
     let fallback: FallbackLookup = {
         let (info, warned) = (info.clone(), std::sync::atomic::AtomicBool::new(false));
-        Arc::new(move |name| {
-            let fallback = catalog.snapshot().ready_fallback(name)?;
-            if let Some(why) = info.fallback_mismatch(&fallback.info) {
-                if !warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                    tracing::error!(model = %info.name, version = %info.version, "{why}; it is not used");
+        Arc::new(
+            move |name| match catalog.snapshot().ready_fallback(name, &info) {
+                Ok(fallback) => fallback.map(|fallback| fallback.router),
+                Err(why) => {
+                    if !warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        tracing::error!(model = %info.name, version = %info.version, "{why}; it is not used");
+                    }
+                    None
                 }
-                return None;
-            }
-            Some(fallback.router)
-        })
+            },
+        )
     };
     let router = router::start(RouterSetup {
         info: info.clone(),
