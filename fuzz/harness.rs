@@ -1,5 +1,5 @@
 //! What each fuzz target checks, one function per parser, fed bytes the way the server feeds
-//! that parser. Shared by the libFuzzer targets (fuzz_targets/) and by tests/fuzz_corpus.rs,
+//! that parser. Shared by the libFuzzer targets (fuzz_targets/) and by tests/behaviour/fuzz_corpus.rs,
 //! which runs every committed corpus file and crash reproducer through the same functions in
 //! the plain `cargo test`.
 //!

@@ -1,5 +1,5 @@
 //! libFuzzer entry point for `harness::wav` (the checks are there, shared with the plain
-//! `cargo test` in tests/fuzz_corpus.rs).
+//! `cargo test` in tests/behaviour/fuzz_corpus.rs).
 #![no_main]
 
 #[path = "../harness.rs"]

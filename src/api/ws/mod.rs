@@ -497,7 +497,7 @@ fn protocol_error(error: ProtocolError) -> ReadEnd {
             CloseCode::Size,
             format!("frame larger than {MAX_FRAME_BYTES} bytes"),
         ),
-        // actix-ws reports these as I/O errors (tests/bad_input_ws.rs pins the mapping): a
+        // actix-ws reports these as I/O errors (tests/behaviour/bad_input_ws.rs pins the mapping): a
         // message over the limit in fragments each under it, text that is not UTF-8, and (its
         // other invalid data) a frame with reserved bits set, a protocol error.
         ProtocolError::Io(e) if e.to_string().contains("maximum continuation size") => {

@@ -2,7 +2,7 @@
 //! few seconds, not after the store client has timed out and retried every read of the first
 //! polls (three reads in a row, the list of models, a version's record and the list again,
 //! each up to its connect timeout three times over against an address that drops packets;
-//! 40 s in all before the instance listened, in `tests/registry_edges.rs`).
+//! 40 s in all before the instance listened, in `tests/behaviour/registry_edges.rs`).
 //!
 //! With desired states in the cache, the first read of the registry may take
 //! [`FIRST_ANSWER`]; past that the instance starts from the cache. Versions are then taken

@@ -3,7 +3,7 @@
 //! store fails half-way, two processes given one `--instance-id`, and a start with a warm
 //! cache while the registry's address swallows every packet.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};

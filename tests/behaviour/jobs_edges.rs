@@ -5,7 +5,7 @@
 //! object output submitted twice at once, a published output indexed while the API is asked,
 //! and what `streamserve jobs list` says of a job whose staging failed.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -265,52 +265,6 @@ async fn a_job_cancelled_while_staging_leaves_nothing_staged() {
     assert!(!output.exists() && !part(&output).exists());
     running.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// Submissions of one object output at once: one job, the others refused (both once passed
-/// while the store was asked, and the second job's upload replaced the first's answers).
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn one_object_output_submitted_at_once_makes_one_job() {
-    let s3 = common::fleet::S3::start();
-    s3.registry("edges");
-    for (name, value) in common::fleet::s3_env(&s3.endpoint) {
-        std::env::set_var(name, value);
-    }
-    let dir = scratch("edges-same-output");
-    let running = server(&dir.join("jobs"));
-    let url = format!("http://{}", running.addr);
-    let c = client();
-    let input = dir.join("in.jsonl");
-    write_input(&input, 5);
-    let body = json!({"model": "mlp", "input": input, "output": "s3://edges/out/answers.jsonl",
-                      "max_rows_per_sec": 1});
-    let tries: Vec<_> = (0..4)
-        .map(|_| tokio::spawn(submit_owned(c.clone(), url.clone(), body.clone())))
-        .collect();
-    let mut statuses = Vec::new();
-    for task in tries {
-        let (status, answer) = task.await.unwrap();
-        if status != 202 {
-            assert_eq!(status, 400, "{answer}");
-            let error = answer["error"].as_str().unwrap();
-            assert!(error.contains("another job is writing it"), "{error}");
-        }
-        statuses.push(status);
-    }
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 202).count(),
-        1,
-        "{statuses:?}"
-    );
-    running.shutdown().await;
-}
-
-async fn submit_owned(
-    c: reqwest::Client,
-    url: String,
-    body: serde_json::Value,
-) -> (u16, serde_json::Value) {
-    submit(&c, &url, body).await
 }
 
 /// A `.npy` input takes no key field; `streamserve jobs list` says why a job whose staging

@@ -3,7 +3,7 @@
 //! keeps getting 200s; no admin number makes the server allocate in proportion to it; and a
 //! fault is applied exactly the number of times asked.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 //! audio in pieces, the summary out) give what the one-shot REST endpoint gives for the same
 //! audio; bad calls get precise status codes while a good call carries on.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! Micro-batching under concurrency: many requests share model calls, and each still gets
 //! exactly the answer its own input gets when sent alone (batching never mixes up rows).
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::json;

@@ -5,7 +5,7 @@
 //! that goes away. On a local directory, with `serve --registry` processes and the
 //! `registry` commands.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! certificate or key that cannot be read or parsed stops the start with the file's name and
 //! never the key.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::process::Command;

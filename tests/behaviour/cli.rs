@@ -2,7 +2,7 @@
 //! message when something is missing, and a clean exit on SIGTERM, within the drain time
 //! (at once on a second signal).
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

@@ -5,7 +5,7 @@
 //! instance that does not serve the stream's model version, which goes on from a fresh state
 //! and says so, every result from the checkpoint on sent again, numbered after the client's.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -5,7 +5,7 @@
 //! step whose audio the stream took before a resume superseded its call is answered with its
 //! results, not told it was superseded.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

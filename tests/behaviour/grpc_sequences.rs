@@ -6,7 +6,7 @@
 //! checkpoint after a shutdown handed it over; bad steps get their reasons while a good
 //! sequence on the same call carries on.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -6,7 +6,7 @@
 //! and each stream then failed with 1011), and a keyword stream declared at a rate its front
 //! end cannot take (refused at `start` with 1008, and the stream beside it unharmed).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

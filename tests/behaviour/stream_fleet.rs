@@ -6,7 +6,7 @@
 //! lands, and ends with exactly the results of a solo run of the same audio: the same
 //! messages, none missing, none twice.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -10,7 +10,7 @@
 //! its prefix that it does not read). Every wait is bounded, and Chromium's whole process group is killed
 //! when a load ends, however it ends.
 
-mod common;
+use crate::common;
 
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -397,7 +397,7 @@ fn the_page_says_the_server_is_unreachable_when_status_does_not_answer() {
     // A stand-in server: the page at /, and a connection closed unanswered for anything else.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let page = include_str!("../src/api/status.html");
+    let page = include_str!("../../src/api/status.html");
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };

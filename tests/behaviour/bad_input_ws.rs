@@ -3,7 +3,7 @@
 //! reason, and a well-behaved stream running on the same server all the while gets exactly its
 //! normal results.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

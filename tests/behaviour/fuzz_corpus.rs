@@ -3,7 +3,7 @@
 //! the plain `cargo test`: a parser that starts panicking, or allocating from a declared size
 //! again, fails here with no fuzzing tools installed.
 
-#[path = "../fuzz/harness.rs"]
+#[path = "../../fuzz/harness.rs"]
 mod harness;
 
 use std::path::PathBuf;

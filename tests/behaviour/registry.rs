@@ -4,7 +4,7 @@
 //! the reason reported), an admin deployment of a version that only the registry has, and
 //! racing deploys on a local directory (its compare-and-swap is a file lock).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 //! connection is still open), a stream taken over from a checkpoint counts on its new instance
 //! even past the limit, and the place is back as soon as the client hears its stream ended.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 //! starts a server that answers the probes, the metrics path and an inference: once on a model
 //! directory where the storage initializer would put it, once following a registry.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -3,7 +3,7 @@
 //! and unload take the admin token; what cannot be honoured (a configuration or files sent
 //! with a load, another repository) is refused, and a client inferring meanwhile is unharmed.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::{json, Value};

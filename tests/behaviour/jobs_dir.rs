@@ -2,7 +2,7 @@
 //! read-only working directory, a wrong `--jobs-dir`), a submission gets a 5xx naming the
 //! directory, not a 400 that tells the client to fix its request.
 
-mod common;
+use crate::common;
 
 use common::jobs::*;
 use common::*;

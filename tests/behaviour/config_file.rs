@@ -5,7 +5,7 @@
 //! `STREAMSERVE_*` variable warned about by name; ports that cannot be bound refused before
 //! the models load, and ports held (and readiness waiting) while they load.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
