@@ -34,7 +34,7 @@ cargo build --release --locked --workspace --all-targets
 cargo test --release --locked --workspace
 
 echo "== fuzz: each parser's target for a few seconds (fuzz/README.md runs them longer)"
-bash scripts/fuzz.sh 5
+bash scripts/fuzz.sh --dev 5
 
 echo "== Python clients against the real binary"
 ./target/release/streamserve check-models
