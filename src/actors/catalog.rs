@@ -117,7 +117,8 @@ impl Catalog {
             .collect()
     }
 
-    /// Finds a serving model version; the default version when `version` is `None`.
+    /// Finds a serving model version; the default version when `version` is `None`. The
+    /// handle is held ([`ServedModel::held`]) for as long as the caller keeps it.
     pub fn resolve(&self, name: &str, version: Option<&str>) -> Result<ServedModel, ServeError> {
         let model = self
             .models
@@ -131,7 +132,8 @@ impl Catalog {
             },
         };
         match model.versions.get(version) {
-            Some(VersionState::Serving(served)) => Ok(served.clone()),
+            // Held: the version is not unloaded for idleness while the caller has it.
+            Some(VersionState::Serving(served)) => Ok(served.held()),
             Some(VersionState::Unavailable { reason, .. }) => Err(ServeError::ModelUnavailable {
                 model: format!("{name}:{version}"),
                 reason: reason.clone(),

@@ -1,5 +1,5 @@
 //! `ModelHealth`: a model version's health and traffic counters. Its router writes the replica
-//! count, the API records each answer, and the health API, the supervisor (idle unload,
+//! counts (as autoscaling changes them), the API records each answer, and the health API, the supervisor (idle unload,
 //! canary judgement) and the status page read it without locks.
 //!
 //! Besides the totals since load, [`RecentWindow`] keeps the last seconds of traffic (answers,
@@ -17,7 +17,9 @@ use serde::Serialize;
 #[derive(Debug, Default)]
 pub struct ModelHealth {
     pub healthy_replicas: AtomicUsize,
-    pub replicas: usize,
+    /// Replicas the router runs now: the manifest's `replicas` at load, then as autoscaling
+    /// adds and removes them (between `min_replicas` and `max_replicas`).
+    pub replicas: AtomicUsize,
     /// Milliseconds since the process started, at the last request.
     pub last_used_ms: AtomicU64,
     pub requests: AtomicU64,
@@ -34,7 +36,7 @@ impl ModelHealth {
     pub fn new(healthy: usize, replicas: usize) -> ModelHealth {
         let health = ModelHealth {
             healthy_replicas: AtomicUsize::new(healthy),
-            replicas,
+            replicas: AtomicUsize::new(replicas),
             ..ModelHealth::default()
         };
         health.touch();

@@ -4,11 +4,20 @@
 //! to the version's router with its reply slot and deadline, and resolves to the answer or a
 //! typed error. Its other methods are the router's controls (status, faults, drain), so that
 //! nothing outside the actors touches the router's messages or reply slots.
+//!
+//! A version is "in use", and never unloaded for idleness, while a handle taken from the
+//! catalog for a request or a stream ([`ServedModel::held`]) lives: from the moment a request
+//! is resolved (its body may still be arriving) until it is answered, and for a stream's whole
+//! life, silent or not. A handle taken in the instant of an idle unload may still find its
+//! router stopped: the router gives the request back unqueued, and the handle's [`Relay`]
+//! takes it to the version loaded again, as a request after the unload would have loaded it.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use actix::{Message, Recipient};
 use tokio::sync::oneshot;
 
 use super::faults::Fault;
@@ -31,6 +40,94 @@ pub struct ServedModel {
     pub watch: Arc<ModelWatch>,
     /// The request series its answers move, looked up once.
     pub series: Arc<RequestSeries>,
+    /// Who holds the version, and where its requests go once its router has stopped.
+    pub hold: Hold,
+}
+
+/// Load a version again after an idle unload and answer its new handle: what a [`Relay`] asks
+/// the supervisor (which answers as for a request's `EnsureLoaded` of that version).
+#[derive(Message)]
+#[rtype(result = "Result<ServedModel, ServeError>")]
+pub struct Reload {
+    pub name: String,
+    pub version: String,
+}
+
+/// What every handle of one loaded version shares: how many handles hold it (see the module),
+/// and how a handle whose router has stopped reaches the version that serves after it. Only a
+/// version unloaded for idleness gets a way to load it again
+/// ([`reload_with`](Relay::reload_with)): one unloaded by a rollout, the fleet or an admin
+/// answers what still reaches it "the router dropped the request", as before.
+#[derive(Default)]
+pub struct Relay {
+    /// Handles of the version held for requests and streams ([`ServedModel::held`]).
+    holders: AtomicUsize,
+    /// Set by the supervisor just before it drains the version for idleness.
+    reload: OnceLock<Recipient<Reload>>,
+    /// The version loaded again, once a request needed it.
+    next: Mutex<Option<ServedModel>>,
+}
+
+impl Relay {
+    fn reload_with(&self, supervisor: Recipient<Reload>) {
+        let _ = self.reload.set(supervisor);
+    }
+
+    fn next(&self) -> Option<ServedModel> {
+        self.next.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_next(&self, served: ServedModel) {
+        *self.next.lock().unwrap_or_else(|e| e.into_inner()) = Some(served);
+    }
+}
+
+/// A handle's share of its version's [`Relay`]. A held one counts among the version's holders,
+/// and so does each of its clones, until dropped; the catalog's own copies do not count.
+#[derive(Default)]
+pub struct Hold {
+    relay: Arc<Relay>,
+    counted: bool,
+}
+
+impl Hold {
+    fn counted(relay: Arc<Relay>) -> Hold {
+        relay.holders.fetch_add(1, Ordering::AcqRel);
+        Hold {
+            relay,
+            counted: true,
+        }
+    }
+}
+
+impl Clone for Hold {
+    fn clone(&self) -> Hold {
+        if self.counted {
+            Hold::counted(self.relay.clone())
+        } else {
+            Hold {
+                relay: self.relay.clone(),
+                counted: false,
+            }
+        }
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if self.counted {
+            self.relay.holders.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// How long a request whose version was unloaded under it waits for the version to load again
+/// (as long as a request to a cold version waits at the door).
+const RELOAD_WAIT: Duration = Duration::from_secs(60);
+
+/// What a request's caller hears when its router stopped and nothing serves after it.
+fn dropped() -> ServeError {
+    ServeError::WorkerLost("the router dropped the request".into())
 }
 
 /// When a request arrived, by when it must have started running, and its lane.
@@ -80,17 +177,39 @@ impl InferOptions {
 }
 
 impl ServedModel {
+    /// This handle, held for a request or a stream: the version is not unloaded for idleness
+    /// while it (or a clone of it) lives. What the catalog hands out.
+    pub fn held(&self) -> ServedModel {
+        ServedModel {
+            hold: Hold::counted(self.hold.relay.clone()),
+            ..self.clone()
+        }
+    }
+
+    /// The version is about to be unloaded for idleness: what still reaches its stopped
+    /// router loads it again through `supervisor` (see [`Relay`]).
+    pub fn reload_with(&self, supervisor: Recipient<Reload>) {
+        self.hold.relay.reload_with(supervisor);
+    }
+
+    /// How many held handles of this version live now.
+    pub fn holders(&self) -> usize {
+        self.hold.relay.holders.load(Ordering::Acquire)
+    }
+
     /// Queues a validated request on this version (or its fallback, in degraded mode) and
     /// resolves to its one answer. The request is handed over before this returns, so calls
-    /// made one after another are queued in that order (a stream's steps rely on it).
+    /// made one after another are queued in that order (a stream's steps rely on it); only a
+    /// request whose version was unloaded for idleness under it, and must wait for it to load
+    /// again, is handed over later (see the module).
     pub fn infer(
         &self,
         request: InferRequest,
         options: InferOptions,
     ) -> impl Future<Output = Result<InferResponse, ServeError>> + 'static {
         let (tx, answer) = oneshot::channel();
-        self.router.infer(Infer {
-            request,
+        let refused = self.hand_over(Infer {
+            request: Arc::new(request),
             reply: Reply::new(tx),
             received: options.received,
             deadline: options.deadline,
@@ -98,11 +217,64 @@ impl ServedModel {
             fallback_first: options.fallback_first,
         });
         async move {
-            answer.await.unwrap_or_else(|_| {
-                Err(ServeError::WorkerLost(
-                    "the router dropped the request".into(),
-                ))
-            })
+            if let Some((stopped, infer)) = refused {
+                stopped.reload(infer).await?;
+            }
+            answer.await.unwrap_or_else(|_| Err(dropped()))
+        }
+    }
+
+    /// Hands `infer` to this version's router or, once that has stopped, to the version loaded
+    /// again after it (and after that one, ...). Gives it back, never queued, with the last
+    /// stopped handle, when no version serves after it yet.
+    fn hand_over(&self, infer: Infer) -> Option<(ServedModel, Infer)> {
+        let mut infer = match self.router.infer(infer) {
+            Ok(()) => return None,
+            Err(infer) => infer,
+        };
+        let mut stopped = self.clone();
+        while let Some(next) = stopped.hold.relay.next() {
+            match next.router.infer(infer) {
+                Ok(()) => {
+                    // Straight there next time, past the stopped ones between.
+                    self.hold.relay.set_next(next);
+                    return None;
+                }
+                Err(back) => (infer, stopped) = (back, next),
+            }
+        }
+        Some((stopped, infer))
+    }
+
+    /// This version's router has stopped and nothing serves after it yet: when it was unloaded
+    /// for idleness, loads it again (or waits for the load another request started) and hands
+    /// `infer` to it; otherwise `infer` is dropped, as it always was.
+    async fn reload(self, infer: Infer) -> Result<(), ServeError> {
+        let Some(supervisor) = self.hold.relay.reload.get().cloned() else {
+            return Err(dropped());
+        };
+        let load = supervisor.send(Reload {
+            name: self.info.name.clone(),
+            version: self.info.version.clone(),
+        });
+        let served = match tokio::time::timeout(RELOAD_WAIT, load).await {
+            Ok(Ok(loaded)) => loaded?,
+            Ok(Err(_)) => return Err(ServeError::ShuttingDown),
+            Err(_) => {
+                return Err(ServeError::NotReady {
+                    model: self.info.name.clone(),
+                    reason: format!("version {} is still loading", self.info.version),
+                    retry_after: Duration::from_secs(5),
+                })
+            }
+        };
+        tracing::debug!(model = %self.info.name, version = %self.info.version, "request taken to the version loaded again");
+        self.hold.relay.set_next(served.clone());
+        // Loaded this instant: a router that stopped already (unloaded again, or the server
+        // shutting down) is not chased further.
+        match served.hand_over(infer) {
+            None => Ok(()),
+            Some(_) => Err(dropped()),
         }
     }
 

@@ -104,7 +104,8 @@ async fn metadata(
         "parameters": {
             "version": info.version,
             "device": info.device.to_string(),
-            "replicas": info.replicas,
+            // The replicas running now (autoscaling moves them), not the manifest's count.
+            "replicas": served.health.replicas.load(std::sync::atomic::Ordering::Relaxed),
             "max_batch_size": info.batching.max_batch_size,
             "sha256": info.sha256,
             "description": info.description,

@@ -49,6 +49,7 @@ impl RouterCore {
                 metrics::counter!("streamserve_scale_events_total", "model" => self.info.name.clone(), "direction" => "up").increment(1);
                 metrics::gauge!("streamserve_replicas", &self.labels)
                     .set(self.replicas.len() as f64);
+                self.publish_health();
                 effects.starts.push(StartWorker {
                     replica,
                     generation: 0,

@@ -103,8 +103,8 @@ pub(super) struct RouterCore {
     pub overloaded: bool,
     pub restarts: u64,
     pub draining: bool,
-    /// The actor has stopped (the version is unloaded): requests that still arrive are
-    /// dropped, which their callers see as a lost request, as with a stopped actor's mailbox.
+    /// The actor has stopped (the version is unloaded): requests that still arrive are given
+    /// back to their callers unqueued ([`super::RouterHandle::infer`]).
     pub stopped: bool,
     pub labels: [(&'static str, String); 2],
     series: BatchSeries,
@@ -173,11 +173,16 @@ impl RouterCore {
         }
     }
 
+    /// Publishes the replica counts (healthy, and all the router runs) to the version's
+    /// health and the `streamserve_workers` gauge; called whenever either changes.
     pub fn publish_health(&self) {
         let healthy = self.replicas.healthy();
         self.health
             .healthy_replicas
             .store(healthy, Ordering::Relaxed);
+        self.health
+            .replicas
+            .store(self.replicas.len(), Ordering::Relaxed);
         metrics::gauge!("streamserve_workers", &self.labels).set(healthy as f64);
     }
 
@@ -552,7 +557,7 @@ impl RouterCore {
         if self.draining && self.queue.is_empty() && self.replicas.busy() == 0 {
             tracing::info!(model = %self.info.name, version = %self.info.version, "unloaded");
             // Under this same lock: a request that still arrives (from a caller holding an old
-            // handle) is dropped at once, not queued behind a timer that will never fire.
+            // handle) is given back at once, not queued behind a timer that will never fire.
             self.stopped = true;
             return true;
         }

@@ -65,7 +65,7 @@ pub type FallbackLookup = Arc<dyn Fn(&str) -> Option<RouterHandle> + Send + Sync
 /// A validated request to queue; the answer arrives on `reply`. From `ServedModel::infer`
 /// only.
 pub struct Infer {
-    pub request: InferRequest,
+    pub request: Arc<InferRequest>,
     pub reply: Reply,
     pub received: Instant,
     pub deadline: Option<Instant>,
@@ -144,15 +144,19 @@ impl Shared {
     }
 
     /// Takes a request in (or hands it to the fallback, or refuses it), then carries out what
-    /// that asked of the actor.
-    fn admit(&self, pending: Pending, degrade: Degrade) {
+    /// that asked of the actor. Gives it back untouched once the router has stopped.
+    fn admit(&self, pending: Pending, degrade: Degrade) -> Result<(), Pending> {
         let mut effects = Effects::default();
         {
             let mut core = self.lock();
+            if core.stopped {
+                return Err(pending);
+            }
             core.health.touch();
             core.admit(pending, degrade, &mut effects);
         }
         self.apply(effects);
+        Ok(())
     }
 
     /// Carries out what the state asked for, with the lock released: hands workers their
@@ -185,7 +189,9 @@ impl Shared {
             }
         }
         for (fallback, pending) in handoffs {
-            fallback.0.admit(pending, Degrade::Never);
+            // A fallback that stopped since it was looked up drops the request, as before:
+            // its caller hears that the router dropped it.
+            let _ = fallback.0.admit(pending, Degrade::Never);
         }
     }
 }
@@ -207,10 +213,14 @@ impl ReportTarget for Shared {
 
 impl RouterHandle {
     /// Queues a validated request: admission, and the dispatch to an idle worker, run here
-    /// on the caller's thread. The request is in the queue (or answered) when this returns.
-    pub fn infer(&self, msg: Infer) {
+    /// on the caller's thread. The request is in the queue (or answered) when this returns,
+    /// unless the router has stopped (its version was unloaded): then it comes back as it
+    /// went in, never queued nor answered, for the caller to take elsewhere
+    /// (`ServedModel::infer` takes it to the version loaded again after an idle unload).
+    pub fn infer(&self, msg: Infer) -> Result<(), Infer> {
+        let fallback_first = msg.fallback_first;
         let pending = Pending {
-            request: Arc::new(msg.request),
+            request: msg.request,
             reply: msg.reply,
             enqueued: msg.received,
             deadline: msg.deadline,
@@ -218,12 +228,19 @@ impl RouterHandle {
             degraded_from: None,
             priority: msg.priority,
         };
-        let degrade = if msg.fallback_first {
+        let degrade = if fallback_first {
             Degrade::Now
         } else {
             Degrade::WhenShort
         };
-        self.0.admit(pending, degrade);
+        self.0.admit(pending, degrade).map_err(|pending| Infer {
+            request: pending.request,
+            reply: pending.reply,
+            received: pending.enqueued,
+            deadline: pending.deadline,
+            priority: pending.priority,
+            fallback_first,
+        })
     }
 
     /// The actor, for the control messages.

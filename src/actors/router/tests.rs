@@ -552,7 +552,16 @@ async fn a_new_replica_that_cannot_load_is_given_up_with_its_budget() {
         assert!(start.elapsed() < Duration::from_secs(3), "did not scale up");
         actix_web::rt::time::sleep(Duration::from_millis(5)).await;
     }
+    // The version's health (model metadata) counts the replicas running, not the manifest's.
+    let running = || {
+        served
+            .health
+            .replicas
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert_eq!(running(), 2);
     replicas(&served, 1, "the replica that cannot load is still counted").await;
+    assert_eq!(running(), 1);
     assert_eq!(budgets.cpu.available(), 63, "its thread went back");
     let cpu = crate::manifest::Device::Cpu;
     assert_eq!(budgets.memory.in_use_mb(cpu), 1, "its memory went back");

@@ -133,6 +133,7 @@ async fn serve(
     Ok(ServedModel {
         watch: model_watch,
         series: Default::default(),
+        hold: Default::default(),
         info,
         router,
         health,

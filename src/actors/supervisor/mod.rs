@@ -2,6 +2,8 @@
 //! loads versions (at startup, or on the first request for `load = "lazy"`: [`EnsureLoaded`]),
 //! unloads idle ones (`idle_unload_secs`, scale to zero) or on request ([`Unload`]), and runs
 //! deployments; every change becomes a new [`Catalog`] published to the [`SharedCatalog`].
+//! A version unloaded for idleness loads again for the requests and streams that still held
+//! it ([`Reload`], from their handle's relay: `served.rs`).
 //!
 //! A model that cannot be served (hash mismatch, file missing, GPU unusable) is refused with a
 //! clear log line and listed as unavailable; every other model keeps serving. Workers that die
@@ -31,7 +33,7 @@ use tokio::sync::oneshot;
 
 use super::budget::Budgets;
 use super::catalog::{Canary, Catalog, SharedCatalog, VersionState};
-use super::served::ServedModel;
+use super::served::{Reload, ServedModel};
 use crate::error::ServeError;
 use crate::manifest::{compare_versions, Manifest, ModelEntry};
 use crate::monitor::WatchSettings;
@@ -284,8 +286,9 @@ impl Supervisor {
     }
 
     /// Every 250 ms: unloads versions idle past their `idle_unload_secs` (unless a rollout
-    /// uses them), sends the probes that are due, and ends the canary steps that are due.
-    fn tick(&mut self) {
+    /// uses them, or a request or stream holds them), sends the probes that are due, and ends
+    /// the canary steps that are due.
+    fn tick(&mut self, ctx: &mut Context<Self>) {
         let now_ms = crate::telemetry::uptime_ms();
         let idle: Vec<Key> = self
             .entries
@@ -296,10 +299,20 @@ impl Supervisor {
                 let idle_for =
                     now_ms.saturating_sub(served.health.last_used_ms.load(Ordering::Relaxed));
                 let in_rollout = self.deployments.involves(&key.0, &key.1) || self.fleet.holds(key);
-                (idle_for >= idle_after.as_millis() as u64 && !in_rollout).then(|| key.clone())
+                // A request or stream that holds it (its body still arriving, a silent stream)
+                // uses it, however long ago its router last saw a request.
+                let in_use = served.holders() > 0;
+                (idle_for >= idle_after.as_millis() as u64 && !in_rollout && !in_use)
+                    .then(|| key.clone())
             })
             .collect();
         for key in idle {
+            // Before its router can stop: a request resolved to it before this unload (its
+            // body still arriving) or a stream that holds it is taken to the version loaded
+            // again, as a request that comes after the unload loads it, not dropped.
+            if let Some(served) = self.served(&key) {
+                served.reload_with(ctx.address().recipient());
+            }
             self.unload(&key, "idle");
         }
         self.run_due_probes(now_ms);
@@ -335,8 +348,8 @@ impl Actor for Supervisor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.run_interval(Duration::from_millis(250), |supervisor, _ctx| {
-            supervisor.tick()
+        ctx.run_interval(Duration::from_millis(250), |supervisor, ctx| {
+            supervisor.tick(ctx)
         });
     }
 }
@@ -401,9 +414,27 @@ impl Handler<EnsureLoaded> for Supervisor {
 
     fn handle(&mut self, msg: EnsureLoaded, ctx: &mut Self::Context) -> Self::Result {
         match self.key(&msg.name, msg.version.as_deref()) {
-            Ok(key) => Box::pin(when_loaded(self.ensure(key, ctx))),
+            // Held for the request or stream that asked, as the catalog's handles are.
+            Ok(key) => {
+                let loaded = when_loaded(self.ensure(key, ctx));
+                Box::pin(async move { loaded.await.map(|served| served.held()) })
+            }
             Err(e) => Box::pin(async move { Err(e) }),
         }
+    }
+}
+
+impl Handler<Reload> for Supervisor {
+    type Result = ResponseFuture<Result<ServedModel, ServeError>>;
+
+    fn handle(&mut self, msg: Reload, ctx: &mut Self::Context) -> Self::Result {
+        self.handle(
+            EnsureLoaded {
+                name: msg.name,
+                version: Some(msg.version),
+            },
+            ctx,
+        )
     }
 }
 

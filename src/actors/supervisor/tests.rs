@@ -232,6 +232,83 @@ async fn an_idle_version_unloads_and_loads_again_on_demand() {
     assert_eq!(echo(&served).await.unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
 }
 
+/// The catalog's own handle of a serving version, as a request takes it in the instant of an
+/// unload: it does not hold the version.
+fn unheld(f: &Fixture, name: &str, version: &str) -> ServedModel {
+    match &f.catalog.snapshot().models[name].versions[version] {
+        VersionState::Serving(served) => served.clone(),
+        _ => panic!("{name}:{version} is not serving"),
+    }
+}
+
+/// Waits until the version's router has stopped (drained after an unload).
+async fn stopped(served: &ServedModel) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while served.status().await.is_some() {
+        assert!(Instant::now() < deadline, "the router did not stop");
+        actix::clock::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[actix::test]
+async fn a_held_version_is_not_unloaded_idle_and_a_request_it_stopped_under_loads_it_again() {
+    let f = start("idle-held", 1024).await;
+    // Held, as by a request whose body is still arriving or a silent stream: it stays loaded
+    // well past its second of idleness, and serves.
+    let held = f.ensure("idle", None).await.unwrap();
+    assert_eq!(held.holders(), 1);
+    actix::clock::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(f.label("idle", "1"), "READY");
+    assert_eq!(echo(&held).await.unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
+    // Once nobody holds it, it unloads.
+    let stale = unheld(&f, "idle", "1");
+    drop(held);
+    assert_eq!(stale.holders(), 0);
+    eventually("idle:1 unloads once free", || {
+        f.label("idle", "1") == "UNLOADED"
+    })
+    .await;
+    stopped(&stale).await;
+    // A request that still reaches the stopped router is not lost: the version loads again
+    // and answers it, once.
+    let calls = f.loader.calls().len();
+    assert_eq!(echo(&stale).await.unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
+    assert_eq!(f.loader.calls().len(), calls + 1, "run exactly once");
+    assert_eq!(f.label("idle", "1"), "READY");
+    // The stale handle now leads to the new version (and holds it), with no second load.
+    let reloaded = unheld(&f, "idle", "1");
+    assert_eq!(reloaded.holders(), 1);
+    assert_eq!(echo(&stale).await.unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
+    assert_eq!(f.label("idle", "1"), "READY");
+    drop(stale);
+    assert_eq!(reloaded.holders(), 0);
+    eventually("idle:1 unloads again", || {
+        f.label("idle", "1") == "UNLOADED"
+    })
+    .await;
+}
+
+#[actix::test]
+async fn a_request_that_reaches_a_version_unloaded_otherwise_is_dropped_as_before() {
+    // Only an idle unload loads the version again for what still holds it: an admin's (or a
+    // rollout's) unload is meant to take the version away.
+    let f = start("admin-unload", 1024).await;
+    let held = f.served("m", "1");
+    let unload = f.supervisor.send(Unload {
+        name: "m".into(),
+        version: Some("1".into()),
+    });
+    assert_eq!(unload.await.unwrap().unwrap()["unloaded"], true);
+    stopped(&held).await;
+    match echo(&held).await {
+        Err(ServeError::WorkerLost(reason)) => {
+            assert!(reason.contains("router dropped"), "{reason}")
+        }
+        other => panic!("expected a lost request, got {other:?}"),
+    }
+    assert_eq!(f.label("m", "1"), "UNLOADED");
+}
+
 #[actix::test]
 async fn a_version_that_does_not_fit_stays_loadable() {
     // No memory budget at all: nothing fits.
