@@ -283,7 +283,9 @@ fn check_threads(
 }
 
 /// Every stage of a declared stream names a model of this manifest, and a gate names one
-/// that serves voice activity streams on its own.
+/// that serves voice activity streams on its own, at every rate the stream declares. (Whether
+/// the models have the tensors the declaration names is checked when the declaring version
+/// loads: `stream::layout::check_declaration`.)
 fn check_stream_stages(models: &[ModelEntry]) -> anyhow::Result<()> {
     for m in models {
         let Some(stream) = &m.stream else { continue };
@@ -311,12 +313,30 @@ fn check_stream_stages(models: &[ModelEntry]) -> anyhow::Result<()> {
             gate.model
         );
         anyhow::ensure!(
-            named.into_iter().all(vad_alone),
+            named.iter().all(|o| vad_alone(o)),
             "model {}:{}: stream gate '{}' must serve voice activity streams on its own (stream = \"vad\", or kind = \"vad\" with no stages)",
             m.name,
             m.version,
             gate.model
         );
+        // The gate hears every stream the declaration takes: a rate it does not take would
+        // refuse each gated stream at that rate at its `start`, not the manifest here.
+        for other in named {
+            let rates = other
+                .stream
+                .as_ref()
+                .map_or(&[][..], |s| &s.sample_rates[..]);
+            if let Some(rate) = stream.sample_rates.iter().find(|r| !rates.contains(r)) {
+                anyhow::bail!(
+                    "model {}:{}: stream gate '{}' (version {}) does not take {rate} Hz, which the \
+                     stream's sample_rates list; gate only rates it takes, or list only those",
+                    m.name,
+                    m.version,
+                    gate.model,
+                    other.version
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -371,6 +371,14 @@ fn a_gate_is_a_voice_activity_model_before_a_later_stage() {
             "",
             "stream gate 'vad' must serve voice activity streams on its own",
         ),
+        // A stream at a rate its gate does not take (Silero's: 16 and 8 kHz): every gated
+        // stream at 12 kHz was refused at its `start` (1008) by a server that had loaded
+        // the declaration.
+        (
+            "kind = \"keyword\"",
+            "kind = \"keyword\"\n    sample_rates = [16000, 12000]",
+            "stream gate 'vad' (version 1) does not take 12000 Hz",
+        ),
     ] {
         let bad = text.replacen(from, to, 1);
         assert_ne!(bad, text, "{from} is not in the manifest");

@@ -1,8 +1,10 @@
 //! A stream's stages resolved against the models that serve them, at one sample rate
 //! ([`Layout`]): which input each stage's window goes to and in what shape, its hop and
 //! prefill, the recurrent state it carries, its constant inputs, and the gate's model if the
-//! stream has one. Checked once when a stream starts, so that stepping (`stream::pipeline`)
-//! cannot meet a tensor the declaration did not promise.
+//! stream has one. Checked when the declaring version loads, at every rate it declares
+//! ([`check_declaration`]), and again when a stream starts (its stage models' versions may
+//! have changed since), so that stepping (`stream::pipeline`) cannot meet a tensor the
+//! declaration did not promise.
 
 use crate::manifest::{
     audio_window, BatchAxis, ConstantDecl, GateDecl, StageDecl, StreamDecl, StreamKind,
@@ -77,15 +79,43 @@ impl Layout {
         let mut resolved = Vec::with_capacity(stages.len());
         let last = stages.len() - 1;
         for (i, (stage, info)) in stages.iter().zip(infos).enumerate() {
+            if info.name != stage.model {
+                return Err(format!(
+                    "stream stage {i} is '{}', not the model '{}' given for it",
+                    stage.model, info.name
+                ));
+            }
+            // Where the manifest declares the stage: a deployer reads this at load.
+            let key = if i == last {
+                format!("[models.stream] of '{}'", stage.model)
+            } else {
+                format!("[models.stream] stages[{i}]")
+            };
             let layout = resolve_stage(stage, info, (i == 0, i == last), frame_len, sample_rate)
-                .map_err(|e| format!("stream stage {i} ({}): {e}", stage.model))?;
+                .map_err(|e| {
+                    format!(
+                        "stream stage {i} ({}): {e} (declared at {key})",
+                        stage.model
+                    )
+                })?;
             frame_len = layout.out_frame_len;
             resolved.push(layout);
         }
         let gate = match &decl.gate {
+            Some(g) if infos[stages.len()].name != g.model => {
+                return Err(format!(
+                    "the stream's gate is '{}', not the model '{}' given for it",
+                    g.model,
+                    infos[stages.len()].name
+                ))
+            }
             Some(g) => Some(
-                resolve_gate(g, infos[stages.len()], &resolved, sample_rate)
-                    .map_err(|e| format!("stream gate ({}): {e}", g.model))?,
+                resolve_gate(g, infos[stages.len()], &resolved, sample_rate).map_err(|e| {
+                    format!(
+                        "stream gate ({}): {e} (declared at [models.stream.gate])",
+                        g.model
+                    )
+                })?,
             ),
             None => None,
         };
@@ -107,6 +137,49 @@ impl Layout {
     pub fn chunk_samples(&self) -> usize {
         self.stages[0].hop
     }
+}
+
+/// The models a stream declaration names besides the model that declares it, in the order
+/// [`check_declaration`] takes them: its stages', then its gate's.
+pub fn declared_models(decl: &StreamDecl) -> Vec<&str> {
+    let stages = decl.stages.iter().map(|s| s.model.as_str());
+    stages
+        .chain(decl.gate.as_ref().map(|g| g.model.as_str()))
+        .collect()
+}
+
+/// Checks the stream that `own` declares against its models, at every sample rate the
+/// declaration lists, as a stream's start resolves it ([`Layout::resolve`]): when the
+/// declaring version loads, so that a declaration that does not fit its models refuses that
+/// version with the reason (the model, the stage, the manifest key and the tensor), rather
+/// than closing every stream at its `start` (1008) while the model looks ready. `others`
+/// are the models [`declared_models`] names, in that order: the versions a stream would run
+/// on (each model's default). A declaration of no stages and no gate needs none. (A `start`
+/// still resolves the stream against the versions it gets then, which a deployment may have
+/// changed since.)
+pub fn check_declaration(
+    decl: &StreamDecl,
+    own: &ModelInfo,
+    others: &[&ModelInfo],
+) -> Result<(), String> {
+    let names = declared_models(decl);
+    if others.len() != names.len() {
+        return Err(format!(
+            "the stream names {} models besides '{}' ({}); {} were given",
+            names.len(),
+            own.name,
+            names.join(", "),
+            others.len()
+        ));
+    }
+    let (stages, gate) = others.split_at(decl.stages.len());
+    let mut infos: Vec<&ModelInfo> = stages.to_vec();
+    infos.push(own);
+    infos.extend(gate);
+    for &rate in &decl.sample_rates {
+        Layout::resolve(decl, &infos, rate)?;
+    }
+    Ok(())
 }
 
 /// The gate: its model's own voice activity stream, stepped on the audio.
@@ -152,17 +225,31 @@ fn resolve_stage(
     frame_len: usize,
     sample_rate: u32,
 ) -> Result<StageLayout, String> {
+    let names = |specs: &[crate::runtime::TensorSpec]| {
+        let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+        names.join(", ")
+    };
     let input = |name: &str| {
         info.inputs
             .iter()
             .position(|s| s.name == name)
-            .ok_or_else(|| format!("the model has no input '{name}'"))
+            .ok_or_else(|| {
+                format!(
+                    "the model has no input '{name}' (its inputs: {})",
+                    names(&info.inputs)
+                )
+            })
     };
     let output = |name: &str| {
         info.outputs
             .iter()
             .position(|s| s.name == name)
-            .ok_or_else(|| format!("the model has no output '{name}'"))
+            .ok_or_else(|| {
+                format!(
+                    "the model has no output '{name}' (its outputs: {})",
+                    names(&info.outputs)
+                )
+            })
     };
     // The shape of one row (the batch axis at 1), the elements it holds (0: some dimension
     // is open), and the batch axis.
@@ -373,4 +460,69 @@ fn lookback(stages: &[StageLayout], gated: usize) -> u64 {
         per_frame = per_frame * s.hop as f64 / s.frames_out as f64;
     }
     total.ceil() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::pipeline::tests::{chain, gated_chain, silero};
+
+    #[test]
+    fn a_declaration_is_checked_against_its_models_at_every_rate() {
+        // Silero alone: no other model; a rate its input rules refuse names the rate.
+        let mut decl = StreamDecl::silero_vad();
+        let vad = silero();
+        assert!(check_declaration(&decl, &vad, &[]).is_ok());
+        decl.sample_rates.push(48000);
+        let err = check_declaration(&decl, &vad, &[]).unwrap_err();
+        assert!(err.contains("at 48000 Hz"), "{err}");
+
+        // The chain, gated: its stages' models, then its gate's.
+        let (decl, models) = gated_chain();
+        assert_eq!(declared_models(&decl), ["feat", "emb", "gate"]);
+        let [feat, emb, kw, gate] = [&models[0], &models[1], &models[2], &models[3]];
+        assert!(check_declaration(&decl, kw, &[feat, emb, gate]).is_ok());
+        // A stage's output the model does not have: the stage, its manifest key, and the
+        // names the model has.
+        let (mut wrong, _) = gated_chain();
+        wrong.stages[1].output.tensor = "embedding".into();
+        let err = check_declaration(&wrong, kw, &[feat, emb, gate]).unwrap_err();
+        assert!(
+            err.contains(
+                "stream stage 1 (emb): the model has no output 'embedding' (its outputs: emb)"
+            ) && err.contains("declared at [models.stream] stages[1]"),
+            "{err}"
+        );
+        // The declaring model's own input.
+        let (mut wrong, _) = gated_chain();
+        wrong.input.tensor = "embeddings".into();
+        let err = check_declaration(&wrong, kw, &[feat, emb, gate]).unwrap_err();
+        assert!(
+            err.contains("stage 2 (kw): the model has no input 'embeddings'")
+                && err.contains("declared at [models.stream] of 'kw'"),
+            "{err}"
+        );
+        // A gate that does not hear the stream's rate.
+        let mut deaf = gate.clone();
+        let mut its_stream = (**deaf.stream.as_ref().unwrap()).clone();
+        its_stream.sample_rates = vec![2000];
+        deaf.stream = Some(std::sync::Arc::new(its_stream));
+        let err = check_declaration(&decl, kw, &[feat, emb, &deaf]).unwrap_err();
+        assert!(
+            err.contains("stream gate (gate): it does not take 1000 Hz")
+                && err.contains("[models.stream.gate]"),
+            "{err}"
+        );
+        // Models missing, or given in another order than the declaration's.
+        let err = check_declaration(&decl, kw, &[feat, emb]).unwrap_err();
+        assert!(err.contains("names 3 models besides 'kw'"), "{err}");
+        let err = check_declaration(&decl, kw, &[emb, feat, gate]).unwrap_err();
+        assert!(err.contains("stream stage 0 is 'feat'"), "{err}");
+        let err = check_declaration(&decl, kw, &[feat, emb, feat]).unwrap_err();
+        assert!(err.contains("the stream's gate is 'gate'"), "{err}");
+
+        // Ungated, the chain needs no gate.
+        let (decl, models) = chain();
+        assert!(check_declaration(&decl, &models[2], &[&models[0], &models[1]]).is_ok());
+    }
 }

@@ -103,6 +103,10 @@ impl GateProgress {
 pub struct StepDone {
     /// Audio time the step's input reached, in samples (padding included).
     pub time: u64,
+    /// `time` within the audio received: the same but for steps of the stream's last window,
+    /// which the stream completed with silence; theirs is where the audio ended. What a
+    /// result may claim to have heard: never a time after the last sample received.
+    pub heard: u64,
     /// New audio samples the step consumed (first stage only; 0 for the others).
     pub audio_taken: u64,
     /// The first element of the stage's output: the last stage's probability or score.
@@ -373,6 +377,9 @@ impl PipelineState {
         }
         Ok(StepDone {
             time,
+            // A step's frames came from audio received, but the last window's were padded
+            // with silence past it: no step of any stage reached further than the audio.
+            heard: time.min(self.audio_in),
             audio_taken,
             value,
         })
@@ -390,6 +397,7 @@ impl PipelineState {
         gate.state.hear(g, time, probability);
         StepDone {
             time,
+            heard: time.min(audio_in),
             audio_taken: 0,
             value: probability,
         }
@@ -424,4 +432,4 @@ impl PipelineState {
 
 #[cfg(test)]
 #[path = "pipeline_tests.rs"]
-mod tests;
+pub(super) mod tests;

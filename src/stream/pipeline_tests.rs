@@ -1,6 +1,6 @@
 //! The stream engine against models described by hand (no ONNX Runtime): Silero's stepping,
 //! a three-stage chain like the keyword spotter's, the same chain gated by a voice activity
-//! model, and checkpoints that go on exactly.
+//! model, and checkpoints that go on exactly. (`stream::layout`'s tests take the same models.)
 
 use super::*;
 use crate::manifest::{
@@ -48,7 +48,7 @@ fn info(name: &str, inputs: Vec<(TensorSpec, BatchAxis)>, outputs: Vec<TensorSpe
     }
 }
 
-fn silero() -> ModelInfo {
+pub(in crate::stream) fn silero() -> ModelInfo {
     let mut m = info(
         "vad",
         vec![
@@ -132,6 +132,7 @@ fn silero_steps_as_its_own_wrapper_does() {
         steps[0].1,
         StepDone {
             time: 512,
+            heard: 512,
             audio_taken: 512,
             value: 0.75
         }
@@ -140,12 +141,14 @@ fn silero_steps_as_its_own_wrapper_does() {
     let first = seen.borrow()[0].clone();
     assert!(first[..64].iter().all(|&x| x == 0.0));
     assert_eq!(&first[64..], &audio[..512]);
-    // The end pads the last 488 samples with silence to a window.
+    // The end pads the last 488 samples with silence to a window: the step reaches 1024,
+    // the audio it heard 1000.
     let steps = drain(&layout, &mut state, true, &model);
     assert_eq!(
         steps[0].1,
         StepDone {
             time: 1024,
+            heard: 1000,
             audio_taken: 488,
             value: 0.75
         }
@@ -164,7 +167,7 @@ fn silero_steps_as_its_own_wrapper_does() {
 
 /// Audio (window 6, hop 4) -> 2 frames of 3; frames (window 4, hop 2, prefill 2 of 1.0) -> one
 /// frame of 5; frames (window 3, hop 1) -> a score.
-fn chain() -> (StreamDecl, Vec<ModelInfo>) {
+pub(in crate::stream) fn chain() -> (StreamDecl, Vec<ModelInfo>) {
     let frames = |tensor: &str, window, hop, prefill, pad| WindowDecl {
         tensor: tensor.into(),
         window: Some(window),
@@ -286,6 +289,13 @@ fn a_chain_steps_downstream_first_and_stamps_audio_time() {
     assert!(scores.windows(2).all(|w| w[1] == w[0] + 4));
     let taken: u64 = steps.iter().map(|(_, d)| d.audio_taken).sum();
     assert_eq!(taken, 30, "every sample is stepped, the last ones padded");
+    // The padded last window reaches 32; every stage's step heard no further than the 30
+    // samples of audio, and a step before the end heard all it reached.
+    let last = steps.last().unwrap().1;
+    assert_eq!((last.time, last.heard), (32, 30));
+    assert!(steps
+        .iter()
+        .all(|(_, d)| d.heard == d.time.min(30) && d.heard <= 30));
     // However the audio arrives, the results are the same.
     assert_eq!(run_chain(&audio, 7), steps);
 }
@@ -379,7 +389,7 @@ fn windows_rates_and_pads_the_model_refuses_are_refused_by_the_layout() {
 
 /// The chain with a gate on its second stage: a voice activity model of 4-sample chunks that
 /// hears speech where the chunk's mean magnitude is above 0.5; 4 samples of hangover.
-fn gated_chain() -> (StreamDecl, Vec<ModelInfo>) {
+pub(in crate::stream) fn gated_chain() -> (StreamDecl, Vec<ModelInfo>) {
     let (mut decl, mut models) = chain();
     decl.gate = Some(crate::manifest::GateDecl {
         model: "gate".into(),

@@ -154,8 +154,25 @@ impl VadTracker {
         self.segments = state.segments;
     }
 
-    /// Feeds the probability of the chunk that ends at sample `chunk_end`.
+    /// Feeds the probability of the chunk that ends at sample `chunk_end`, all of it audio
+    /// received.
     pub fn push(&mut self, chunk_end: u64, probability: f32, events: &mut Vec<VadEvent>) {
+        self.push_heard(chunk_end, chunk_end, probability, events);
+    }
+
+    /// Feeds the probability of the chunk that ends at sample `chunk_end`, of which the audio
+    /// received reaches `heard`: `chunk_end` itself, but for the stream's last chunk, which
+    /// the stream completed with silence. Padding is not audio: a segment never ends after
+    /// `heard`, and speech is confirmed (its start sent) only once the audio received holds
+    /// `min_speech_ms` of it.
+    pub fn push_heard(
+        &mut self,
+        chunk_end: u64,
+        heard: u64,
+        probability: f32,
+        events: &mut Vec<VadEvent>,
+    ) {
+        let heard = heard.min(chunk_end);
         if probability >= self.threshold {
             self.temp_end = None;
             if !self.triggered {
@@ -172,7 +189,7 @@ impl VadTracker {
         if self.triggered
             && !self.confirmed
             && self.temp_end.is_none()
-            && chunk_end - self.start >= self.min_speech
+            && heard.saturating_sub(self.start) >= self.min_speech
         {
             self.confirmed = true;
             events.push(VadEvent::SpeechStart { sample: self.start });
@@ -183,7 +200,7 @@ impl VadTracker {
                 // ...and forward no further than the audio heard so far.
                 let end = (temp_end + self.pad)
                     .saturating_sub(self.window)
-                    .min(chunk_end)
+                    .min(heard)
                     .max(self.start);
                 self.close(end, events);
             }
@@ -201,8 +218,12 @@ impl VadTracker {
         }
     }
 
+    /// Ends the open segment at `end`. One whose start was sent always gets its end (and its
+    /// place in the summary), even when the padding rule makes it end under `min_speech_ms`
+    /// (a pad shorter than a chunk ends it before the chunk that confirmed it): a client
+    /// told that speech started must be told that it ended.
     fn close(&mut self, end: u64, events: &mut Vec<VadEvent>) {
-        if end - self.start >= self.min_speech {
+        if self.confirmed || end - self.start >= self.min_speech {
             if !self.confirmed {
                 events.push(VadEvent::SpeechStart { sample: self.start });
             }
@@ -308,6 +329,80 @@ mod tests {
         for pair in tracker.segments.windows(2) {
             assert!(pair[0].end <= pair[1].start, "{:?}", tracker.segments);
         }
+    }
+
+    #[test]
+    fn the_last_chunks_padding_is_not_audio() {
+        // Speech, then silence that closes the segment in the stream's last chunk, of which
+        // the client sent only 100 samples: with a long pad the end stops at the audio.
+        let options = VadOptions {
+            speech_pad_ms: 2000,
+            ..VadOptions::default()
+        };
+        let mut tracker = VadTracker::new(&options, 16000, 512);
+        let mut events = Vec::new();
+        let mut p = vec![0.9f32; 20];
+        p.extend([0.0; 4]);
+        for (i, &p) in p.iter().enumerate() {
+            tracker.push((i as u64 + 1) * 512, p, &mut events);
+        }
+        let heard = 24 * 512 + 100;
+        tracker.push_heard(25 * 512, heard, 0.0, &mut events);
+        tracker.finish(heard, &mut events);
+        assert_eq!(tracker.segments.len(), 1, "{events:?}");
+        assert_eq!(tracker.segments[0].end, heard, "{events:?}");
+        assert!(matches!(events.last(), Some(VadEvent::SpeechEnd { sample }) if *sample == heard));
+
+        // Speech that began 3,950 samples before the audio ended: the padded last chunk
+        // reaches past min_speech_ms (4,000 samples), the audio does not. It is not speech:
+        // no start is sent (one was, with no end and no segment in the summary).
+        let mut tracker = VadTracker::new(&VadOptions::default(), 16000, 512);
+        let mut events = Vec::new();
+        for i in 0..10u64 {
+            tracker.push((i + 1) * 512, 0.0, &mut events);
+        }
+        let start = 10 * 512 - 480; // the first speech chunk's start, less the 30 ms pad
+        let heard = start + 3950;
+        let mut chunk_end = 11 * 512;
+        while chunk_end < heard {
+            tracker.push(chunk_end, 0.9, &mut events);
+            chunk_end += 512;
+        }
+        tracker.push_heard(chunk_end, heard, 0.9, &mut events);
+        tracker.finish(heard, &mut events);
+        assert!(events.is_empty(), "{events:?}");
+        assert!(tracker.segments.is_empty());
+    }
+
+    #[test]
+    fn a_start_sent_always_gets_its_end() {
+        // min_speech_ms 254 (4,064 samples) is reached by the chunk that confirms the speech,
+        // whose own probability is already silence; the 30 ms pad ends the segment 32
+        // samples before that chunk's end, under min_speech_ms. The start was sent: so is
+        // the end, and the segment is in the summary.
+        let options = VadOptions {
+            min_speech_ms: 254,
+            ..VadOptions::default()
+        };
+        let mut tracker = VadTracker::new(&options, 16000, 512);
+        let mut events = Vec::new();
+        let mut p = vec![0.0f32; 4];
+        p.extend([0.9; 6]);
+        p.extend([0.0; 10]);
+        for (i, &p) in p.iter().enumerate() {
+            tracker.push((i as u64 + 1) * 512, p, &mut events);
+        }
+        tracker.finish(p.len() as u64 * 512, &mut events);
+        let starts = events
+            .iter()
+            .filter(|e| matches!(e, VadEvent::SpeechStart { .. }))
+            .count();
+        let ends = events
+            .iter()
+            .filter(|e| matches!(e, VadEvent::SpeechEnd { .. }))
+            .count();
+        assert_eq!((starts, ends), (1, 1), "{events:?}");
+        assert_eq!(tracker.segments.len(), 1);
     }
 
     #[test]

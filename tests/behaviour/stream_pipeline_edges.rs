@@ -149,12 +149,31 @@ async fn rates_and_windows_the_model_refuses_are_refused_when_it_loads() {
 async fn a_keyword_stream_at_a_rate_its_front_end_cannot_take_is_refused_at_start() {
     // hey_marvin declared at 16 and 8 kHz: its mel front end takes 1,760 samples a step, and
     // 110 ms at 8 kHz is 880. The stream opened and failed with 1011 ("inference failed") at
-    // its first step; it is refused at `start`, with 1008 and the stage that cannot take it.
+    // its first step. With the front end loaded first, hey_marvin is refused when it loads,
+    // naming the stage.
     let manifest = bundled_manifest().replace(
         "kind = \"keyword\"\nphrase",
         "kind = \"keyword\"\nsample_rates = [16000, 8000]\nphrase",
     );
     assert!(manifest.contains("sample_rates = [16000, 8000]\nphrase"));
+    let eager = start(&model_dir(&manifest), |_| {});
+    let (_, list) = get(&client(), &format!("{eager}/v2/models")).await;
+    let row = list["models"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["name"] == "hey_marvin"))
+        .unwrap_or_else(|| panic!("{list}"))
+        .to_string();
+    assert!(
+        row.contains("UNAVAILABLE") && row.contains("ww_melspec"),
+        "{row}"
+    );
+    // With the front end lazy, the declaration is checked at `start`: 1008 and the stage
+    // that cannot take the rate.
+    let manifest = manifest.replace(
+        "name = \"ww_melspec\"\n",
+        "name = \"ww_melspec\"\nload = \"lazy\"\n",
+    );
+    assert!(manifest.contains("load = \"lazy\""));
     let url = start(&model_dir(&manifest), |_| {});
     let mut ws = connect_to(&url, "hey_marvin").await.unwrap();
     let start = json!({"type": "start", "sample_rate": 8000});

@@ -186,7 +186,8 @@ impl StreamSession {
         }
     }
 
-    /// The last stage answered: the stream's result for the audio up to `done.time`.
+    /// The last stage answered: the stream's result for the audio up to `done.time`, of which
+    /// the client sent the audio up to `done.heard` (the rest, at the stream's end, is padding).
     fn result(&mut self, done: StepDone) {
         let degraded = std::mem::take(&mut self.degraded);
         if degraded {
@@ -206,11 +207,15 @@ impl StreamSession {
                     });
                 }
                 let mut events = Vec::new();
-                self.tracker.push(done.time, done.value, &mut events);
+                self.tracker
+                    .push_heard(done.time, done.heard, done.value, &mut events);
                 self.emit_events(&events);
             }
             StreamKind::Keyword => {
-                let t = self.seconds(done.time);
+                // The audio the score heard, to its end: for the stream's last step, whose
+                // window the end completed with silence, the end of the audio (the padding
+                // is not audio the client sent).
+                let t = self.seconds(done.heard);
                 if all {
                     self.emit(ServerMessage::Score {
                         seq: self.next_seq,
@@ -222,7 +227,7 @@ impl StreamSession {
                 let rate = self.params.sample_rate;
                 if self
                     .keywords
-                    .push(&self.params.keyword, rate, done.time, done.value)
+                    .push(&self.params.keyword, rate, done.heard, done.value)
                 {
                     metrics::counter!("streamserve_stream_keywords_total", &self.labels)
                         .increment(1);

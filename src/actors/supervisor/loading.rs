@@ -28,6 +28,7 @@ use crate::monitor::probe::{Probe, ProbeOutcome};
 use crate::monitor::profile::Profile;
 use crate::monitor::{ModelWatch, OnceWatch, WatchSettings};
 use crate::runtime::{Sessions, TensorSpec};
+use crate::stream::layout::{check_declaration, declared_models};
 use crate::stream::pipeline::Layout;
 
 /// How a refusal for lack of memory starts: such a version stays loadable later.
@@ -84,6 +85,7 @@ async fn serve(
     let (workers, inputs, outputs) = start_workers(&recipe, &faults).await?;
     let device = workers[0].device;
     let info = Arc::new(model_info(entry, inputs, outputs, device)?);
+    check_stream_models(&info, &catalog)?;
     let names = |specs: &[TensorSpec]| specs.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
     let mut model_watch = ModelWatch::new(
         (&entry.name, &entry.version, &entry.sha256),
@@ -218,6 +220,35 @@ pub fn model_info(
         }
     }
     Ok(info)
+}
+
+/// A stream declared with stages or a gate, checked against its models' default versions as
+/// a stream's `start` would resolve it, so that a declaration that does not fit its models
+/// refuses the declaring version with the reason, not every stream with a 1008. The supervisor
+/// loads such versions after the others (`Start`); a model the declaration names that is not
+/// serving (lazy, or failed) leaves the check to each `start`.
+fn check_stream_models(info: &ModelInfo, catalog: &SharedCatalog) -> Result<(), String> {
+    let Some(decl) = &info.stream else {
+        return Ok(());
+    };
+    let names = declared_models(decl);
+    if names.is_empty() {
+        return Ok(()); // `model_info` checked a stream of this model alone
+    }
+    let catalog = catalog.snapshot();
+    let mut served = Vec::with_capacity(names.len());
+    for name in &names {
+        match catalog.resolve(name, None) {
+            Ok(model) => served.push(model),
+            Err(e) => {
+                tracing::info!(model = %info.name, version = %info.version, stage = %name, reason = %e,
+                    "a model the stream declaration names is not serving: the declaration is checked when a stream starts");
+                return Ok(());
+            }
+        }
+    }
+    let infos: Vec<&ModelInfo> = served.iter().map(|m| &*m.info).collect();
+    check_declaration(decl, info, &infos).map_err(|reason| format!("stream: {reason}"))
 }
 
 /// What a version's replicas are estimated to use, as the catalog publishes it: their threads,

@@ -38,6 +38,7 @@ use crate::error::ServeError;
 use crate::manifest::{compare_versions, Manifest, ModelEntry};
 use crate::monitor::WatchSettings;
 use crate::runtime::Sessions;
+use crate::stream::layout::declared_models;
 use fleet::FleetRouting;
 pub use fleet::{AddVersions, Readiness, Route, RouteOutcome};
 use loading::DOES_NOT_FIT;
@@ -364,7 +365,10 @@ impl Handler<Start> for Supervisor {
     type Result = ResponseActFuture<Self, ()>;
 
     fn handle(&mut self, Start(manifest): Start, ctx: &mut Self::Context) -> Self::Result {
+        // Versions that declare a stream over other models load once those have: their
+        // declaration is checked against them when they load (loading.rs).
         let mut loads = Vec::new();
+        let mut after = Vec::new();
         for entry in manifest.models {
             let entry = Arc::new(entry);
             let key = (entry.name.clone(), entry.version.clone());
@@ -377,7 +381,16 @@ impl Handler<Start> for Supervisor {
                     last_error: None,
                 },
             );
-            if !entry.lazy {
+            if entry.lazy {
+                continue;
+            }
+            let over_others = entry
+                .stream
+                .as_ref()
+                .is_some_and(|decl| !declared_models(decl).is_empty());
+            if over_others {
+                after.push(key);
+            } else {
                 loads.push(self.ensure(key, ctx));
             }
         }
@@ -392,12 +405,10 @@ impl Handler<Start> for Supervisor {
             model.manifest_default = highest(false).or_else(|| highest(true));
         }
         self.publish();
-        Box::pin(
-            async move {
-                join_all(loads).await;
-            }
-            .into_actor(self),
-        )
+        Box::pin(join_all(loads).into_actor(self).then(|_, act, ctx| {
+            let loads: Vec<_> = after.into_iter().map(|key| act.ensure(key, ctx)).collect();
+            join_all(loads).into_actor(act).map(|_, _, _| ())
+        }))
     }
 }
 
