@@ -250,6 +250,15 @@ pub struct ServeArgs {
     /// from it when the server starts [default: .streamserve-jobs].
     #[arg(long, env = "STREAMSERVE_JOBS_DIR")]
     pub jobs_dir: Option<PathBuf>,
+    /// Seconds a finished batch job (succeeded, failed or cancelled) stays listed after it
+    /// ended; then its record and state file are removed (never its output). 0 = no age
+    /// limit; at most 3650 days [default: 604800].
+    #[arg(long, env = "STREAMSERVE_JOBS_RETENTION_SECS")]
+    pub jobs_retention_secs: Option<u64>,
+    /// Most finished batch jobs kept; beyond it the oldest finished are removed first, as
+    /// past `jobs_retention_secs`. 0 = no count limit [default: 1000].
+    #[arg(long, env = "STREAMSERVE_JOBS_KEEP_FINISHED")]
+    pub jobs_keep_finished: Option<usize>,
 }
 
 /// Where gRPC listens: a port (0: a free one), or nowhere. Written `8081` or `"off"`, in TOML
@@ -372,6 +381,10 @@ pub struct Config {
     pub drift_window_rows: u64,
     pub probe_readiness: bool,
     pub jobs_dir: PathBuf,
+    /// 0: finished jobs are not removed for their age.
+    pub jobs_retention_secs: u64,
+    /// 0: no limit on how many finished jobs are kept.
+    pub jobs_keep_finished: usize,
 }
 
 impl Default for Config {
@@ -426,6 +439,8 @@ impl Default for Config {
             drift_window_rows: 1000,
             probe_readiness: false,
             jobs_dir: PathBuf::from(".streamserve-jobs"),
+            jobs_retention_secs: 7 * 86_400,
+            jobs_keep_finished: 1000,
         }
     }
 }
@@ -502,6 +517,15 @@ impl Config {
         }
     }
 
+    /// How long, and how many, finished batch jobs are kept.
+    pub fn jobs_retention(&self) -> crate::jobs::Retention {
+        crate::jobs::Retention {
+            max_age: (self.jobs_retention_secs > 0)
+                .then(|| std::time::Duration::from_secs(self.jobs_retention_secs)),
+            max_finished: (self.jobs_keep_finished > 0).then_some(self.jobs_keep_finished),
+        }
+    }
+
     /// The largest gRPC message, received or sent.
     pub fn grpc_max_message(&self) -> usize {
         self.grpc_max_message_bytes.unwrap_or(self.max_body_bytes)
@@ -569,4 +593,4 @@ mod validate;
 
 pub use check::CheckArgs;
 pub use env_vars::{known_vars, unknown_vars, warn_unknown_vars, UnknownVar, ENV_PREFIX};
-pub use validate::{ConfigError, MAX_DURATION_SECS, MAX_WORKERS};
+pub use validate::{ConfigError, MAX_DURATION_SECS, MAX_JOBS_RETENTION_SECS, MAX_WORKERS};

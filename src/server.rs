@@ -215,7 +215,12 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
         }
     };
     // Unfinished batch jobs resume once the models are in.
-    let jobs = crate::jobs::Jobs::start(&config.jobs_dir, catalog.clone(), supervisor.clone())?;
+    let jobs = crate::jobs::Jobs::start_with(
+        &config.jobs_dir,
+        config.jobs_retention(),
+        catalog.clone(),
+        supervisor.clone(),
+    )?;
     let (shutdown, shutdown_rx) = watch::channel(false);
     let keys = token_keys(config)?;
     let admission = Arc::new(door::limit::AdmissionLimit::new(

@@ -364,6 +364,19 @@ impl Access {
         })
     }
 
+    /// Who a refused request is, for its access line, as its audit event names it: the name
+    /// of the stored key it presents (refused for its scope, a limit or its expiry, or let in
+    /// and then refused further on), `-` for no key or one that is not valid. Never the key.
+    /// A refusal's [`admit`](Self::admit) has no [`Pass`] to ask; this looks the key up again
+    /// (a hash and the constant-time comparisons: only refusals pay it).
+    pub fn caller_name(&self, headers: &dyn Headers) -> String {
+        let (Some(file), Some(presented)) = (&self.keys, self.presented(headers)) else {
+            return "-".into();
+        };
+        self.find(&file.table.load(), presented)
+            .map_or_else(|| "-".into(), |key| key.spec.name.clone())
+    }
+
     fn how_to_send(&self) -> String {
         if self.header == AUTHORIZATION {
             "Authorization: Bearer <key>".into()
@@ -478,6 +491,35 @@ mod tests {
         assert_eq!(bearer("Basic dXNlcjpwYXNz"), None);
         assert_eq!(bearer("Bearerssk_1"), None);
         assert_eq!(bearer("ssk_1"), None);
+    }
+
+    #[test]
+    fn a_refused_caller_is_named_by_its_key_and_an_unknown_key_is_not() {
+        use actix_web::http::header::{HeaderMap, HeaderValue};
+        let key = keys::new_key().unwrap();
+        let dir = std::env::temp_dir().join(format!("access-name-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("keys.toml");
+        let sha = hex::encode(keys::hash(&key));
+        let entry = format!("[[keys]]\nname = \"web\"\nsha256 = \"{sha}\"\nmodels = [\"mlp\"]\n");
+        std::fs::write(&file, entry).unwrap();
+        let access = Access::from_config(&Config {
+            api_keys: Some(file),
+            ..Config::default()
+        })
+        .unwrap();
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(AUTHORIZATION, HeaderValue::from_str(value).unwrap());
+            headers
+        };
+        // Outside its scope: refused, and named.
+        let headers = with(&format!("Bearer {key}"));
+        assert!(access.admit(&headers, None, "other").is_err());
+        assert_eq!(access.caller_name(&headers), "web");
+        assert_eq!(access.caller_name(&with("Bearer ssk_nope")), "-");
+        assert_eq!(access.caller_name(&HeaderMap::new()), "-");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -53,7 +53,8 @@ impl From<&crate::model::InferResponse> for Stats {
 pub struct Answered<'a> {
     pub protocol: Protocol,
     pub request_id: &'a str,
-    /// The caller's key name, `-` without keys.
+    /// The caller's key name (for a refusal too: `Access::caller_name`), `-` without a
+    /// valid key.
     pub key: &'a str,
     /// The version that was asked for, when it was found.
     pub served: Option<&'a ServedModel>,

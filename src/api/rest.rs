@@ -210,8 +210,16 @@ pub(super) async fn run_inference(
     let peer = req.peer_addr().map(|a| a.ip());
     let admitted = state.admitted(req.headers(), peer, name, version).await;
     // The caller's key name for the access log; the pass (and its in-flight permit) lives until
-    // the answer is logged.
-    let key = admitted.as_ref().map_or("-", |(pass, _)| pass.name());
+    // the answer is logged. A refusal has no pass: the key it presented is named all the same
+    // (`-` for none or one that is not valid).
+    let refused_key = admitted
+        .as_ref()
+        .err()
+        .map(|_| state.access.caller_name(req.headers()));
+    let key = match &admitted {
+        Ok((pass, _)) => pass.name(),
+        Err(_) => refused_key.as_deref().unwrap_or("-"),
+    };
     let outcome = match &admitted {
         Ok((pass, served)) => infer_on(state, served, req, body, received, pass).await,
         Err(refused) => {
@@ -247,7 +255,10 @@ pub(super) async fn run_inference(
             accounting::log(&Answered {
                 protocol: Protocol::Rest,
                 request_id: &logged_id,
-                key: admitted.as_ref().map_or("-", |(pass, _)| pass.name()),
+                key: match &admitted {
+                    Ok((pass, _)) => pass.name(),
+                    Err(_) => refused_key.as_deref().unwrap_or("-"),
+                },
                 served: admitted.as_ref().ok().map(|(_, served)| served),
                 elapsed,
                 outcome: logged.as_ref().copied(),

@@ -149,8 +149,12 @@ fn defaults_are_unchanged() {
         drift_window_rows,
         probe_readiness,
         jobs_dir,
+        jobs_retention_secs,
+        jobs_keep_finished,
     } = Config::default();
     assert_eq!(jobs_dir, PathBuf::from(".streamserve-jobs"));
+    assert_eq!(jobs_retention_secs, 604_800);
+    assert_eq!(jobs_keep_finished, 1000);
     assert!(monitor_outputs);
     assert_eq!(drift_reference_rows, 1000);
     assert_eq!(drift_window_rows, 1000);

@@ -11,6 +11,8 @@ use super::{Config, SECRET_KEYS};
 /// Longest duration a key may set: beyond it a value is a unit mix-up or a templated "max",
 /// not a wish, and near `u64::MAX` it panics where it is added to an `Instant`.
 pub const MAX_DURATION_SECS: u64 = 86_400;
+/// Longest retention of finished batch jobs: ten years, far from any overflow.
+pub const MAX_JOBS_RETENTION_SECS: u64 = 3650 * 86_400;
 /// Most HTTP threads a listener may start: each is an OS thread with its own event loop, and
 /// a typo (an extra zero) would start threads until the OS refuses, then panic.
 pub const MAX_WORKERS: usize = 1024;
@@ -307,6 +309,13 @@ impl Config {
                     max: format!("{max} (1 day)"),
                 });
             }
+        }
+        if self.jobs_retention_secs > MAX_JOBS_RETENTION_SECS {
+            return Err(ConfigError::TooLarge {
+                key: "jobs_retention_secs",
+                value: self.jobs_retention_secs,
+                max: format!("{MAX_JOBS_RETENTION_SECS} (3650 days)"),
+            });
         }
         for (key, value) in [
             ("http_workers", self.http_workers),

@@ -14,10 +14,12 @@ mod lookup;
 mod npy;
 mod record;
 mod remote;
+mod retention;
 mod run;
 mod stage;
 mod store;
 mod submit;
+mod view;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -38,7 +40,9 @@ pub use record::{
     Checkpoint, JobRecord, JobSpec, JobState, OnError, RowError, Source, KEPT_ERRORS,
     MAX_LINE_BYTES,
 };
+pub use retention::Retention;
 pub use submit::Submission;
+use view::view;
 
 /// What a running job's task is told.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +78,8 @@ struct Inner {
     /// Outputs of submissions being checked, not yet in `table`: a second submission of the
     /// same output meanwhile is refused (the checks of an object take a while).
     claimed: Mutex<std::collections::HashSet<String>>,
+    /// How long, and how many, finished jobs are kept (`retention.rs`).
+    retention: Retention,
 }
 
 /// The jobs of this server (cheap to clone: one shared registry).
@@ -102,10 +108,21 @@ fn now_ms() -> u64 {
 }
 
 impl Jobs {
-    /// The registry on `dir`, its runtime started, and every unfinished job in `dir` resumed.
-    /// The directory is made at the first submission, not here.
+    /// [`start_with`](Self::start_with) the default retention (7 days, 1000 finished jobs).
     pub fn start(
         dir: &Path,
+        catalog: Arc<SharedCatalog>,
+        supervisor: Addr<Supervisor>,
+    ) -> anyhow::Result<Jobs> {
+        Jobs::start_with(dir, Retention::default(), catalog, supervisor)
+    }
+
+    /// The registry on `dir`, its runtime started, the finished jobs past `retention`
+    /// removed, and every unfinished job in `dir` resumed. The directory is made at the first
+    /// submission, not here.
+    pub fn start_with(
+        dir: &Path,
+        retention: Retention,
         catalog: Arc<SharedCatalog>,
         supervisor: Addr<Supervisor>,
     ) -> anyhow::Result<Jobs> {
@@ -146,6 +163,7 @@ impl Jobs {
                 close: Mutex::new(Some(close)),
                 published: lookup::Tables::load(&dir),
                 claimed: Mutex::default(),
+                retention,
                 dir,
             }),
         };
@@ -167,6 +185,8 @@ impl Jobs {
                 jobs.spawn(&id);
             }
         }
+        jobs.prune_finished();
+        jobs.sweep_periodically();
         Ok(jobs)
     }
 
@@ -303,7 +323,10 @@ impl Jobs {
             tracing::warn!(job = %id, error = %e, "cannot save the cancelled job's state");
         }
         tracing::info!(job = %id, "batch job cancelled");
-        Ok(view(entry))
+        let cancelled = view(entry);
+        drop(table);
+        self.prune_finished();
+        Ok(cancelled)
     }
 
     /// Stops every running job where it is (they resume at the next start) and ends the
@@ -508,6 +531,8 @@ impl Jobs {
             tracing::warn!(job = %id, error = %e, "cannot save the job's state");
         }
         tracing::info!(job = %id, state = ?entry.record.state, rows = entry.record.progress.rows_done, errors = entry.record.progress.errors, "batch job finished");
+        drop(table);
+        self.prune_finished();
     }
 
     fn fail(&self, id: &str, message: String) {
@@ -531,6 +556,8 @@ impl Jobs {
         if let Err(e) = store::save(&self.inner.dir, &entry.record) {
             tracing::warn!(job = %id, error = %e, "cannot save the job's state");
         }
+        drop(table);
+        self.prune_finished();
     }
 }
 
@@ -546,43 +573,4 @@ impl Drop for OutputClaim {
         let mut claimed = (self.jobs.inner.claimed.lock()).unwrap_or_else(|e| e.into_inner());
         claimed.remove(&self.output);
     }
-}
-
-/// A job as the API shows it: its record, and while it runs, its rate and time left.
-fn view(entry: &Entry) -> Value {
-    let record = &entry.record;
-    let progress = &record.progress;
-    let rate = match (record.state, entry.started) {
-        (JobState::Running, Some((since, rows_then))) => {
-            let secs = since.elapsed().as_secs_f64();
-            (secs > 0.0).then(|| progress.rows_done.saturating_sub(rows_then) as f64 / secs)
-        }
-        _ => None,
-    };
-    let left = record.rows_total.saturating_sub(progress.rows_done);
-    let eta = rate
-        .filter(|r| *r > 0.0)
-        .map(|r| (left as f64 / r).ceil() as u64);
-    json!({
-        "id": record.id,
-        "state": record.state,
-        "model": record.spec.model,
-        "version": record.spec.version,
-        "input": record.spec.input_name(),
-        "output": record.spec.output_name(),
-        "key_field": record.spec.key_field,
-        "on_error": record.spec.on_error,
-        "max_rows_per_sec": record.spec.max_rows_per_sec,
-        "publish": record.spec.publish,
-        "rows_total": record.staged.then_some(record.rows_total),
-        "rows_done": progress.rows_done,
-        "rows_per_sec": rate.map(|r| (r * 10.0).round() / 10.0),
-        "eta_secs": eta,
-        "errors": progress.errors,
-        "error_lines": progress.first_errors.iter().map(|e| e.line).collect::<Vec<_>>(),
-        "first_errors": progress.first_errors,
-        "message": record.message,
-        "created_unix_ms": record.created_unix_ms,
-        "finished_unix_ms": record.finished_unix_ms,
-    })
 }

@@ -29,8 +29,16 @@ use crate::model::InferResponse;
 use crate::monitor::probe::TensorJson;
 use crate::tensor::{DataType, TensorData};
 
-/// Rows sent to the router and not yet written.
+/// Rows sent to the router and not yet written ...
 const WINDOW: usize = 32;
+/// ... and the bytes of their lines, which each keeps to send again: with no bound but the
+/// rows, lines of up to [`MAX_LINE_BYTES`] (64 MiB) would hold 2 GiB, and their decoded
+/// tensors as much again. A row more is read while the window is under this, so it holds at
+/// most this plus one line, and always at least one row.
+const WINDOW_BYTES: usize = 32 * 1024 * 1024;
+/// A checkpoint after this many bytes of answers too, so that a model's large outputs do not
+/// pile up in memory for [`CHUNK_ROWS`] rows.
+const CHUNK_BYTES: usize = 16 * 1024 * 1024;
 /// A checkpoint after this many rows, or after [`CHUNK_TIME`], whichever comes first.
 const CHUNK_ROWS: u64 = 256;
 const CHUNK_TIME: Duration = Duration::from_secs(1);
@@ -210,6 +218,7 @@ impl Job<'_> {
             return Ok(Outcome::Stopped);
         };
         let mut window: VecDeque<Row> = VecDeque::with_capacity(WINDOW);
+        let mut window_bytes = 0usize;
         let mut chunk: Vec<u8> = Vec::new();
         let mut chunk_rows = 0u64;
         let mut last_checkpoint = Instant::now();
@@ -217,7 +226,7 @@ impl Job<'_> {
         let mut bytes: Vec<u8> = Vec::new();
         loop {
             // Fill the window.
-            while !input_done && window.len() < WINDOW {
+            while !input_done && has_room(window.len(), window_bytes) {
                 bytes.clear();
                 // Bounded, in case the file grew a longer line since it was checked. Read as
                 // bytes: a line that is not UTF-8 is one malformed row, not an unreadable input.
@@ -259,6 +268,7 @@ impl Job<'_> {
                         Err(format!("not UTF-8 text: {}", e.utf8_error())),
                     ),
                 };
+                window_bytes += text.len();
                 window.push_back(Row {
                     line: read_line,
                     end: read_pos,
@@ -270,6 +280,7 @@ impl Job<'_> {
             let Some(row) = window.pop_front() else {
                 break;
             };
+            window_bytes -= row.text.len();
             let Some(answer) = self.answer(&mut served, row.sent, &row.text).await? else {
                 return Ok(Outcome::Stopped);
             };
@@ -308,7 +319,10 @@ impl Job<'_> {
             chunk_rows += 1;
             progress.line = row.line;
             progress.input_bytes = row.end;
-            if chunk_rows >= CHUNK_ROWS || last_checkpoint.elapsed() >= CHUNK_TIME {
+            if chunk_rows >= CHUNK_ROWS
+                || chunk.len() >= CHUNK_BYTES
+                || last_checkpoint.elapsed() >= CHUNK_TIME
+            {
                 if !self.flush(&mut part, &mut chunk, &mut chunk_rows, &mut progress)? {
                     return Ok(Outcome::Stopped);
                 }
@@ -408,6 +422,11 @@ impl Job<'_> {
 
 /// The time between two rows at `rows_per_sec`: never zero, which `tokio::time::interval`
 /// refuses with a panic (a rate above a billion rows a second rounds to zero nanoseconds).
+/// Whether the window takes another row, holding `rows` rows of `bytes` bytes of lines.
+fn has_room(rows: usize, bytes: usize) -> bool {
+    rows < WINDOW && (rows == 0 || bytes < WINDOW_BYTES)
+}
+
 fn pace_period(rows_per_sec: u32) -> Duration {
     Duration::from_secs_f64(1.0 / f64::from(rows_per_sec.max(1))).max(Duration::from_nanos(1))
 }
@@ -556,35 +575,4 @@ fn write_answer(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn any_rate_paces_without_a_zero_period() {
-        for rate in [1, 150, 1_000_000_000, 2_000_000_000, u32::MAX] {
-            assert!(pace_period(rate) > Duration::ZERO, "{rate}");
-        }
-        assert_eq!(pace_period(4), Duration::from_millis(250));
-    }
-
-    #[test]
-    fn a_long_row_error_is_cut_at_a_character() {
-        assert_eq!(bounded("short".into()), "short");
-        let long = format!("no input '{}'", "é".repeat(2000));
-        let cut = bounded(long.clone());
-        assert!(cut.len() < MAX_ERROR_BYTES + 32, "{}", cut.len());
-        assert!(
-            cut.ends_with(&format!("... ({} bytes)", long.len())),
-            "{cut}"
-        );
-    }
-
-    #[test]
-    fn blank_is_ascii_whitespace_as_the_submission_counts_it() {
-        assert!(is_blank(b" \t\r\n"));
-        assert!(is_blank(b""));
-        // Unicode whitespace and a vertical tab are counted as rows at submission.
-        assert!(!is_blank("\u{a0}\n".as_bytes()));
-        assert!(!is_blank(b"\x0b\n"));
-    }
-}
+mod tests;

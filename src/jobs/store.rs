@@ -16,6 +16,14 @@ pub(super) fn save(dir: &Path, record: &JobRecord) -> std::io::Result<()> {
     crate::files::write_atomically(&path_of(dir, &record.id), &bytes)
 }
 
+/// Removes job `id`'s state file (already gone is no error).
+pub(super) fn remove(dir: &Path, id: &str) -> std::io::Result<()> {
+    match std::fs::remove_file(path_of(dir, id)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// Every job in `dir` (none when it does not exist). A file that does not read, or that is
 /// not `<id>.json` of the job it holds, is skipped with a warning: one damaged job must not
 /// keep the server from starting, and no job is loaded twice.
@@ -93,6 +101,7 @@ mod tests {
         };
         save(&dir, &record).unwrap();
         save(&dir, &record).unwrap();
+        remove(&dir, "j2").expect("a file already gone is no error");
         std::fs::write(dir.join("junk.json"), "{").unwrap();
         // A copy of a job's file is not a second job of the same id.
         std::fs::copy(dir.join("j1.json"), dir.join("j1.backup.json")).unwrap();

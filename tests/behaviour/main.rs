@@ -13,6 +13,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod access_log;
 mod architecture;
 mod bad_input_admin;
 mod bad_input_ws;
@@ -24,15 +25,18 @@ mod fuzz_corpus;
 mod grpc_sequences;
 mod grpc_speech;
 mod grpc_tls;
+mod idle_unload;
 mod jobs;
 mod jobs_dir;
 mod jobs_edges;
+mod jobs_retention;
 mod kserve;
 mod registry;
 mod registry_edges;
 mod registry_hardening;
 mod repository;
 mod status_page;
+mod stream_ends;
 mod stream_fleet;
 mod stream_limits;
 mod stream_pipeline_edges;

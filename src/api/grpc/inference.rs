@@ -114,8 +114,16 @@ impl Inference {
             )
             .await;
         // The caller's key name for the access log; the pass (and its in-flight permit) lives until
-        // the answer is logged.
-        let key = admitted.as_ref().map_or("-", |(pass, _)| pass.name());
+        // the answer is logged. A refusal has no pass: the key it presented is named all the same
+        // (`-` for none or one that is not valid).
+        let refused_key = admitted
+            .as_ref()
+            .err()
+            .map(|_| self.state.access.caller_name(caller.metadata));
+        let key = match &admitted {
+            Ok((pass, _)) => pass.name(),
+            Err(_) => refused_key.as_deref().unwrap_or("-"),
+        };
         let outcome = match &admitted {
             Ok((pass, served)) => {
                 self.infer_on(served, &mut request, call_timeout, received, pass)

@@ -196,3 +196,42 @@ fn a_bad_log_filter_is_refused_naming_the_directive() {
         .unwrap_or_else(|e| panic!("{filter}: {e}"));
     }
 }
+
+#[test]
+fn jobs_retention_reads_from_the_file_with_its_own_maximum_and_0_as_no_limit() {
+    use std::time::Duration;
+    let config = resolve_text(
+        "jobs-retention",
+        "jobs_retention_secs = 30\njobs_keep_finished = 5\n",
+    )
+    .unwrap();
+    let retention = config.jobs_retention();
+    assert_eq!(retention.max_age, Some(Duration::from_secs(30)));
+    assert_eq!(retention.max_finished, Some(5));
+    // Seven days by default: past the 1-day maximum of the other durations.
+    let retention = Config::resolve(ServeArgs::default())
+        .unwrap()
+        .jobs_retention();
+    assert_eq!(retention.max_age, Some(Duration::from_secs(7 * 86_400)));
+    assert_eq!(retention.max_finished, Some(1000));
+    let config = resolve_text(
+        "jobs-retention",
+        "jobs_retention_secs = 0\njobs_keep_finished = 0\n",
+    )
+    .unwrap();
+    let retention = config.jobs_retention();
+    assert_eq!((retention.max_age, retention.max_finished), (None, None));
+    let err = Config::resolve(ServeArgs {
+        jobs_retention_secs: Some(MAX_JOBS_RETENTION_SECS + 1),
+        ..ServeArgs::default()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.starts_with("jobs_retention_secs") && err.contains("maximum"),
+        "{err}"
+    );
+    // A misspelt key is an error, naming it.
+    let err = resolve_text("jobs-retention", "jobs_retention = 30\n").unwrap_err();
+    assert!(format!("{err:#}").contains("jobs_retention"), "{err:#}");
+}
