@@ -215,7 +215,7 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, actix_web::dev::
         }
     };
     // Unfinished batch jobs resume once the models are in.
-    let jobs = crate::jobs::Jobs::start_with(
+    let jobs = crate::jobs::Jobs::start(
         &config.jobs_dir,
         config.jobs_retention(),
         catalog.clone(),

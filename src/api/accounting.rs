@@ -16,6 +16,7 @@
 
 use std::time::Duration;
 
+use crate::access::Pass;
 use crate::actors::catalog::ServedModel;
 use crate::error::ServeError;
 use crate::telemetry::{RequestSeries, SeriesOf};
@@ -197,5 +198,17 @@ pub fn log(answer: &Answered<'_>) {
             version = %version, status, code = ?e.grpc_code(),
             error = %Untrusted(&e.to_string()), total_us, "infer"
         ),
+    }
+}
+
+/// The key an access line names: the pass's, or for a refusal (which has no pass) the name of
+/// the stored key it presented (`refused`, from `Access::caller_name`), `-` for none.
+pub fn key_name<'a>(
+    admitted: &'a Result<(Pass, ServedModel), ServeError>,
+    refused: &'a Option<String>,
+) -> &'a str {
+    match admitted {
+        Ok((pass, _)) => pass.name(),
+        Err(_) => refused.as_deref().unwrap_or("-"),
     }
 }

@@ -216,10 +216,7 @@ pub(super) async fn run_inference(
         .as_ref()
         .err()
         .map(|_| state.access.caller_name(req.headers()));
-    let key = match &admitted {
-        Ok((pass, _)) => pass.name(),
-        Err(_) => refused_key.as_deref().unwrap_or("-"),
-    };
+    let key = accounting::key_name(&admitted, &refused_key);
     let outcome = match &admitted {
         Ok((pass, served)) => infer_on(state, served, req, body, received, pass).await,
         Err(refused) => {
@@ -255,10 +252,7 @@ pub(super) async fn run_inference(
             accounting::log(&Answered {
                 protocol: Protocol::Rest,
                 request_id: &logged_id,
-                key: match &admitted {
-                    Ok((pass, _)) => pass.name(),
-                    Err(_) => refused_key.as_deref().unwrap_or("-"),
-                },
+                key: accounting::key_name(&admitted, &refused_key),
                 served: admitted.as_ref().ok().map(|(_, served)| served),
                 elapsed,
                 outcome: logged.as_ref().copied(),

@@ -108,19 +108,10 @@ fn now_ms() -> u64 {
 }
 
 impl Jobs {
-    /// [`start_with`](Self::start_with) the default retention (7 days, 1000 finished jobs).
-    pub fn start(
-        dir: &Path,
-        catalog: Arc<SharedCatalog>,
-        supervisor: Addr<Supervisor>,
-    ) -> anyhow::Result<Jobs> {
-        Jobs::start_with(dir, Retention::default(), catalog, supervisor)
-    }
-
     /// The registry on `dir`, its runtime started, the finished jobs past `retention`
     /// removed, and every unfinished job in `dir` resumed. The directory is made at the first
     /// submission, not here.
-    pub fn start_with(
+    pub fn start(
         dir: &Path,
         retention: Retention,
         catalog: Arc<SharedCatalog>,

@@ -19,16 +19,6 @@ pub struct Retention {
     pub max_finished: Option<usize>,
 }
 
-impl Default for Retention {
-    /// The configuration's defaults: 7 days, 1000 jobs.
-    fn default() -> Retention {
-        Retention {
-            max_age: Some(Duration::from_secs(7 * 86_400)),
-            max_finished: Some(1000),
-        }
-    }
-}
-
 /// When a finished job ended (a record from before `finished_unix_ms` was kept: when it was
 /// made).
 fn ended_ms(record: &JobRecord) -> u64 {

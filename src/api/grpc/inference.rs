@@ -120,10 +120,7 @@ impl Inference {
             .as_ref()
             .err()
             .map(|_| self.state.access.caller_name(caller.metadata));
-        let key = match &admitted {
-            Ok((pass, _)) => pass.name(),
-            Err(_) => refused_key.as_deref().unwrap_or("-"),
-        };
+        let key = accounting::key_name(&admitted, &refused_key);
         let outcome = match &admitted {
             Ok((pass, served)) => {
                 self.infer_on(served, &mut request, call_timeout, received, pass)
