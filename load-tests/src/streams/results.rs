@@ -113,8 +113,7 @@ pub(super) async fn read_results<S>(
                     }
                     k
                 } else {
-                    let end = (message.t.unwrap_or(0.0) * rate / chunk as f64).round() as u64;
-                    let k = end.saturating_sub(1);
+                    let k = scored_chunk(message.t.unwrap_or(0.0), rate, chunk);
                     outcome.first_scored.get_or_insert(k);
                     k
                 };
@@ -189,4 +188,12 @@ pub(super) async fn read_results<S>(
             }
         }
     }
+}
+
+/// The chunk a keyword `score` is for: the one its `t` ends. The last step's `t` is the end of
+/// the audio sent (its chunk completed with silence by `end`), which can fall anywhere in that
+/// chunk, so the end rounds up; the 1e-6 absorbs a full chunk's end printed a hair above it.
+pub(super) fn scored_chunk(t: f64, rate: f64, chunk: u64) -> u64 {
+    let ends = (t * rate / chunk as f64 - 1e-6).ceil().max(0.0) as u64;
+    ends.saturating_sub(1)
 }

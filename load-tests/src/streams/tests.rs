@@ -56,3 +56,17 @@ fn bounds_and_loopback() {
     assert_eq!("events".parse(), Ok(ResultsMode::Events));
     assert!("some".parse::<ResultsMode>().is_err());
 }
+
+#[test]
+fn a_score_maps_to_the_chunk_its_t_ends() {
+    let chunk = 1280;
+    // Full chunks: t is a chunk's end, whichever side of it the float lands.
+    assert_eq!(results::scored_chunk(7.36, 16000.0, chunk), 91);
+    assert_eq!(results::scored_chunk(7.360000001, 16000.0, chunk), 91);
+    assert_eq!(results::scored_chunk(7.359999999, 16000.0, chunk), 91);
+    // The last, partial chunk: t is the end of the audio sent, a quarter into chunk 92.
+    assert_eq!(results::scored_chunk(7.38, 16000.0, chunk), 92);
+    assert_eq!(results::scored_chunk(7.42, 16000.0, chunk), 92);
+    assert_eq!(results::scored_chunk(0.08, 16000.0, chunk), 0);
+    assert_eq!(results::scored_chunk(0.0, 16000.0, chunk), 0);
+}
