@@ -87,6 +87,10 @@ pub enum ServeError {
     Inference(String),
     #[error("the worker serving this request was lost: {0}")]
     WorkerLost(String),
+    /// The version a request or stream step was resolved to was taken out of service (a
+    /// rollout, the fleet or an admin unloaded it) before it ran; nothing of it was run.
+    #[error("model '{model}' version {version} was taken out of service before this request ran")]
+    VersionRetired { model: String, version: String },
     #[error("the admin API is off; start the server with --admin-token (or STREAMSERVE_ADMIN_TOKEN) to enable it")]
     AdminOff,
     #[error("missing or wrong admin token (send Authorization: Bearer <token>)")]
@@ -135,6 +139,7 @@ impl ServeError {
             ServeError::Inference(_) => "inference",
             ServeError::DeadlineExceeded { .. } => "deadline",
             ServeError::WorkerLost(_) => "worker_lost",
+            ServeError::VersionRetired { .. } => "retired",
             ServeError::ShuttingDown => "shutting_down",
             ServeError::AdminOff => "admin_off",
             ServeError::Unauthorized => "unauthorized",
@@ -160,6 +165,7 @@ impl ServeError {
             | ServeError::NotReady { retry_after, .. }
             | ServeError::RateLimited { retry_after, .. } => Some(*retry_after),
             ServeError::WorkerLost(_)
+            | ServeError::VersionRetired { .. }
             | ServeError::ShuttingDown
             | ServeError::BodyMemoryFull { .. } => Some(Duration::from_secs(1)),
             _ => None,
@@ -192,6 +198,7 @@ impl ResponseError for ServeError {
             ServeError::ModelUnavailable { .. }
             | ServeError::NotReady { .. }
             | ServeError::WorkerLost(_)
+            | ServeError::VersionRetired { .. }
             | ServeError::ShuttingDown
             | ServeError::BodyMemoryFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ServeError::Inference(_)
@@ -263,6 +270,7 @@ impl ServeError {
             | ServeError::ModelUnavailable { .. }
             | ServeError::NotReady { .. }
             | ServeError::WorkerLost(_)
+            | ServeError::VersionRetired { .. }
             | ServeError::ShuttingDown
             | ServeError::BodyMemoryFull { .. } => Code::Unavailable,
             ServeError::Inference(_) | ServeError::Storage(_) => Code::Internal,

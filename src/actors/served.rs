@@ -56,8 +56,8 @@ pub struct Reload {
 /// What every handle of one loaded version shares: how many handles hold it (see the module),
 /// and how a handle whose router has stopped reaches the version that serves after it. Only a
 /// version unloaded for idleness gets a way to load it again
-/// ([`reload_with`](Relay::reload_with)): one unloaded by a rollout, the fleet or an admin
-/// answers what still reaches it "the router dropped the request", as before.
+/// ([`reload_with`](Relay::reload_with)): what still reaches one unloaded by a rollout, the
+/// fleet or an admin is answered [`ServeError::VersionRetired`], never run.
 #[derive(Default)]
 pub struct Relay {
     /// Handles of the version held for requests and streams ([`ServedModel::held`]).
@@ -251,7 +251,13 @@ impl ServedModel {
     /// `infer` to it; otherwise `infer` is dropped, as it always was.
     async fn reload(self, infer: Infer) -> Result<(), ServeError> {
         let Some(supervisor) = self.hold.relay.reload.get().cloned() else {
-            return Err(dropped());
+            // Not unloaded for idleness (a rollout, the fleet or an admin took it out of
+            // service), or its router stopped for another reason (shutdown): nothing of the
+            // request ran.
+            return Err(ServeError::VersionRetired {
+                model: self.info.name.clone(),
+                version: self.info.version.clone(),
+            });
         };
         let load = supervisor.send(Reload {
             name: self.info.name.clone(),

@@ -289,9 +289,9 @@ async fn a_held_version_is_not_unloaded_idle_and_a_request_it_stopped_under_load
 }
 
 #[actix::test]
-async fn a_request_that_reaches_a_version_unloaded_otherwise_is_dropped_as_before() {
+async fn a_request_that_reaches_a_version_unloaded_otherwise_is_told_it_was_retired() {
     // Only an idle unload loads the version again for what still holds it: an admin's (or a
-    // rollout's) unload is meant to take the version away.
+    // rollout's) unload is meant to take the version away, and says so.
     let f = start("admin-unload", 1024).await;
     let held = f.served("m", "1");
     let unload = f.supervisor.send(Unload {
@@ -301,10 +301,10 @@ async fn a_request_that_reaches_a_version_unloaded_otherwise_is_dropped_as_befor
     assert_eq!(unload.await.unwrap().unwrap()["unloaded"], true);
     stopped(&held).await;
     match echo(&held).await {
-        Err(ServeError::WorkerLost(reason)) => {
-            assert!(reason.contains("router dropped"), "{reason}")
+        Err(ServeError::VersionRetired { model, version }) => {
+            assert_eq!((model.as_str(), version.as_str()), ("m", "1"))
         }
-        other => panic!("expected a lost request, got {other:?}"),
+        other => panic!("expected a retired version, got {other:?}"),
     }
     assert_eq!(f.label("m", "1"), "UNLOADED");
 }
