@@ -207,12 +207,16 @@ impl VadTracker {
         }
     }
 
-    /// The stream ended at `total` samples: close an open segment there.
+    /// The stream ended at `total` samples: close an open segment there or, when its silence
+    /// had begun (shorter than `min_silence_ms`), where the mid-stream rule would have ended
+    /// it: the silent chunk's start plus the pad, within the audio.
     pub fn finish(&mut self, total: u64, events: &mut Vec<VadEvent>) {
         if self.triggered {
             let end = self
                 .temp_end
-                .map_or(total, |t| (t + self.pad).min(total))
+                .map_or(total, |t| {
+                    (t + self.pad).saturating_sub(self.window).min(total)
+                })
                 .max(self.start);
             self.close(end, events);
         }
@@ -305,6 +309,30 @@ mod tests {
         let events = run(&[0.0, 0.0, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9]);
         assert_eq!(events.len(), 2);
         assert_eq!(events[1], (false, 11.0 * 512.0 / 16000.0));
+    }
+
+    #[test]
+    fn a_silence_cut_short_by_the_end_ends_where_a_longer_one_would() {
+        // Speech, then silence: once long enough (min_silence_ms), and once cut short by the
+        // stream's end. Both segments end at the first silent chunk's start plus the pad.
+        let options = VadOptions::default();
+        let pad = 480; // 30 ms at 16 kHz
+        let mut p = vec![0.0f32; 2];
+        p.extend([0.9; 10]);
+        let speech_end = p.len() as u64 * 512;
+        let mut long = VadTracker::new(&options, 16000, 512);
+        let mut cut = VadTracker::new(&options, 16000, 512);
+        let mut events = Vec::new();
+        for (i, &p) in p.iter().chain(&[0.0; 2]).enumerate() {
+            cut.push((i as u64 + 1) * 512, p, &mut events);
+        }
+        cut.finish((p.len() as u64 + 2) * 512, &mut events);
+        for (i, &p) in p.iter().chain(&[0.0; 12]).enumerate() {
+            long.push((i as u64 + 1) * 512, p, &mut events);
+        }
+        assert_eq!(long.segments.len(), 1);
+        assert_eq!(cut.segments, long.segments);
+        assert_eq!(cut.segments[0].end, speech_end + pad);
     }
 
     #[test]
