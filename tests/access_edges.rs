@@ -332,13 +332,10 @@ async fn metadata_without_a_key_does_not_load_a_cold_model() {
     let c = client();
     let state = |c: reqwest::Client, url: String| async move {
         let (_, list) = get(&c, &format!("{url}/v2/models")).await;
-        list["models"]
-            .as_array()
+        common::model_row(&list, "mlp")["state"]
+            .as_str()
             .unwrap()
-            .iter()
-            .find(|m| m["name"] == "mlp")
-            .map(|m| m["state"].as_str().unwrap().to_string())
-            .unwrap()
+            .to_string()
     };
     assert_eq!(state(c.clone(), url.clone()).await, "UNLOADED");
 

@@ -254,15 +254,7 @@ async fn a_declaration_that_does_not_fit_its_models_is_refused_when_it_loads() {
     // first client's 1008. It is refused at load, with the reason, and the rest serve.
     let url = start(&model_dir(&misdeclared_manifest()), |_| {});
     let (_, list) = get(&client(), &format!("{url}/v2/models")).await;
-    let model = |name: &str| -> Value {
-        list["models"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["name"] == name)
-            .unwrap_or_else(|| panic!("{name} is not listed: {list}"))
-            .clone()
-    };
+    let model = |name: &str| common::model_row(&list, name).clone();
     let marvin = model("hey_marvin");
     assert_eq!(marvin["state"], "UNAVAILABLE", "{marvin}");
     let reason = marvin["reason"].as_str().unwrap_or_default();

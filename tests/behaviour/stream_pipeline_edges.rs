@@ -113,15 +113,7 @@ async fn rates_and_windows_the_model_refuses_are_refused_when_it_loads() {
     let url = start(&model_dir(&manifest), |_| {});
     let c = client();
     let (_, list) = get(&c, &format!("{url}/v2/models")).await;
-    let model = |name: &str| -> Value {
-        list["models"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["name"] == name)
-            .unwrap_or_else(|| panic!("{name} is not listed: {list}"))
-            .clone()
-    };
+    let model = |name: &str| common::model_row(&list, name).clone();
     for (name, needle) in [("vad_48k", "at 48000 Hz"), ("vad_40ms", "[1, 640]")] {
         let m = model(name);
         assert_eq!(m["state"], "UNAVAILABLE", "{m}");
@@ -158,11 +150,7 @@ async fn a_keyword_stream_at_a_rate_its_front_end_cannot_take_is_refused_at_star
     assert!(manifest.contains("sample_rates = [16000, 8000]\nphrase"));
     let eager = start(&model_dir(&manifest), |_| {});
     let (_, list) = get(&client(), &format!("{eager}/v2/models")).await;
-    let row = list["models"]
-        .as_array()
-        .and_then(|rows| rows.iter().find(|r| r["name"] == "hey_marvin"))
-        .unwrap_or_else(|| panic!("{list}"))
-        .to_string();
+    let row = common::model_row(&list, "hey_marvin").to_string();
     assert!(
         row.contains("UNAVAILABLE") && row.contains("ww_melspec"),
         "{row}"

@@ -163,6 +163,14 @@ pub async fn metrics_text(client: &reqwest::Client, base: &str) -> String {
         .expect("/metrics is text")
 }
 
+/// The row named `name` in a listing's `models` (`/v2/models`, the status page's JSON).
+pub fn model_row<'a>(list: &'a Value, name: &str) -> &'a Value {
+    list["models"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|row| row["name"] == name))
+        .unwrap_or_else(|| panic!("{name} is not listed: {list}"))
+}
+
 pub async fn get(client: &reqwest::Client, url: &str) -> (u16, Value) {
     let response = client.get(url).send().await.expect("request sent");
     let status = response.status().as_u16();
