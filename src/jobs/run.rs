@@ -343,7 +343,8 @@ impl Job<'_> {
     }
 
     /// A row's answer: the model's, or why the row is bad (`Err` inside). Refusals that pass
-    /// (queue full, version loading or unloaded, a worker lost) send it again. `None`: stopped.
+    /// (queue full, version loading, unloaded or taken out of service, a worker lost) send it
+    /// again. `None`: stopped.
     async fn answer(
         &mut self,
         served: &mut ServedModel,
@@ -374,6 +375,7 @@ impl Job<'_> {
                     | ServeError::NotReady { .. }
                     | ServeError::ModelCold { .. }
                     | ServeError::ModelUnavailable { .. }
+                    | ServeError::VersionRetired { .. }
                     | ServeError::DeadlineExceeded { .. },
                 ) => {}
                 Err(e) if attempt >= RETRIES => {

@@ -3,7 +3,8 @@
 //! line exactly as long as a job reads, a
 //! job cancelled while its `.npy` array is staged, a `.npy` job given a key field, the same
 //! object output submitted twice at once, a published output indexed while the API is asked,
-//! and what `streamserve jobs list` says of a job whose staging failed.
+//! what `streamserve jobs list` says of a job whose staging failed, and a blue/green
+//! deployment in the middle of a job.
 
 use crate::common;
 
@@ -390,4 +391,79 @@ async fn the_jobs_api_answers_while_a_published_output_is_indexed() {
     assert_eq!(status, 200);
     running.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A job that names no version follows a blue/green deployment made while it runs: the rows
+/// before the switch are answered by version 1, the rest by version 2, every row once and in
+/// order, none failed (rows sent to version 1 after it was taken out of service go again to
+/// version 2), and each line names the file that answered it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_during_a_job_moves_the_rest_of_it_to_the_new_version() {
+    const ROWS: usize = 3_000;
+    let dir = scratch("edges-deploy");
+    let manifest = format!(
+        "{}\n[[models]]\nname = \"mlp\"\nversion = \"2\"\nfile = \"{{models}}/mlp_small/1/model.onnx\"\nsha256 = \"{MLP_SMALL_SHA}\"\nmax_batch_size = 64\nload = \"lazy\"\n",
+        manifest()
+    );
+    let jobs_dir = dir.join("jobs");
+    let running = start_running(&model_dir(&manifest), move |config| {
+        config.admin_token = Some(TOKEN.into());
+        config.jobs_dir = jobs_dir;
+        config.drain_secs = 1;
+    });
+    let url = format!("http://{}", running.addr);
+    let c = client();
+    let input = dir.join("in.jsonl");
+    write_input(&input, ROWS);
+    let output = dir.join("out.jsonl");
+    // About 3 s of rows: the deployment lands in the middle.
+    let (status, submitted) = submit(
+        &c,
+        &url,
+        json!({"model": "mlp", "input": input, "output": output, "max_rows_per_sec": 1000}),
+    )
+    .await;
+    assert_eq!(status, 202, "{submitted}");
+    let id = submitted["id"].as_str().unwrap();
+    wait_until(&c, &url, id, Duration::from_secs(20), |job| {
+        job["rows_done"].as_u64() > Some(0)
+    })
+    .await;
+    let (status, deployed) = call(
+        &c,
+        reqwest::Method::POST,
+        &format!("{url}/admin/models/mlp/deploy"),
+        Some(json!({"version": "2", "strategy": "blue_green"})),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 200, "{deployed}");
+    let done = wait_until(&c, &url, id, Duration::from_secs(60), finished).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["rows_done"], ROWS, "{done}");
+    assert_eq!(done["errors"], 0, "{done}");
+
+    let lines = output_lines(&output);
+    assert_eq!(lines.len(), ROWS);
+    let mut switched_at = None;
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line["line"], i + 1);
+        assert_eq!(line["key"], format!("row-{i}"));
+        let version = line["model_version"].as_str().unwrap();
+        let sha = if version == "1" {
+            MLP_SHA
+        } else {
+            MLP_SMALL_SHA
+        };
+        assert_eq!(line["sha256"], sha, "line {}: {line}", i + 1);
+        match (version, switched_at) {
+            ("1", None) => {}
+            ("2", None) => switched_at = Some(i),
+            ("2", Some(_)) => {}
+            _ => panic!("line {} went back to version {version}: {line}", i + 1),
+        }
+    }
+    let switched_at = switched_at.expect("the rows after the deployment went to version 2");
+    assert!(switched_at > 0 && switched_at < ROWS, "{switched_at}");
+    running.shutdown().await;
 }
