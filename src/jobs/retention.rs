@@ -19,6 +19,13 @@ pub struct Retention {
     pub max_finished: Option<usize>,
 }
 
+impl Retention {
+    /// No limit of either kind: nothing is ever forgotten.
+    fn keeps_everything(&self) -> bool {
+        self.max_age.is_none() && self.max_finished.is_none()
+    }
+}
+
 /// When a finished job ended (a record from before `finished_unix_ms` was kept: when it was
 /// made).
 fn ended_ms(record: &JobRecord) -> u64 {
@@ -64,12 +71,7 @@ impl Jobs {
     /// Returns how many.
     pub(super) fn prune_finished(&self) -> usize {
         let retention = self.inner.retention;
-        if retention
-            == (Retention {
-                max_age: None,
-                max_finished: None,
-            })
-        {
+        if retention.keeps_everything() {
             return 0;
         }
         let mut table = self.table();
