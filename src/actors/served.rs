@@ -11,6 +11,13 @@
 //! life, silent or not. A handle taken in the instant of an idle unload may still find its
 //! router stopped: the router gives the request back unqueued, and the handle's [`Relay`]
 //! takes it to the version loaded again, as a request after the unload would have loaded it.
+//! Its answer is counted there ([`Sent::Answered`]'s `by`), not on the stopped version.
+//!
+//! A version taken out of service otherwise (a rollout, the fleet, an admin's unload) serves
+//! nothing more: a request that still reaches it is not run. [`ServedModel::infer`] answers it
+//! [`ServeError::VersionRetired`] (a stream's step must not move to another version unasked);
+//! [`ServedModel::send`] gives it back ([`Sent::Retired`]), so that REST and gRPC can send a
+//! request that asked for the model, not a version, to its default version now (`api/rest.rs`).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -130,6 +137,44 @@ fn dropped() -> ServeError {
     ServeError::WorkerLost("the router dropped the request".into())
 }
 
+/// What became of a request given to [`ServedModel::send`].
+pub enum Sent {
+    /// Its answer (or refusal), and the handle of the version that took it when that is not
+    /// the one it was sent to (the version loaded again after an idle unload): its answer is
+    /// counted there.
+    Answered {
+        answer: Result<InferResponse, ServeError>,
+        by: Option<ServedModel>,
+    },
+    /// Nothing of it ran: its version was taken out of service (a rollout, the fleet, an
+    /// admin) before the request reached its router. The request, to send to another version
+    /// or answer [`ServeError::VersionRetired`] ([`ServedModel::retired`] of `stopped`, the
+    /// version it reached).
+    Retired {
+        request: Arc<InferRequest>,
+        stopped: ServedModel,
+    },
+}
+
+/// Which router took a request ([`ServedModel::hand_over`]).
+enum Handed {
+    /// The handle's own.
+    Here,
+    /// That of a version loaded again after the handle's was unloaded for idleness.
+    To(ServedModel),
+    /// None: every router on the way has stopped; the last stopped handle, and the request.
+    Back(ServedModel, Infer),
+}
+
+/// Why [`ServedModel::reload`] did not hand a request over.
+enum Unsent {
+    Retired {
+        request: Arc<InferRequest>,
+        stopped: ServedModel,
+    },
+    Failed(ServeError),
+}
+
 /// When a request arrived, by when it must have started running, and its lane.
 #[derive(Clone, Copy, Debug)]
 pub struct InferOptions {
@@ -201,15 +246,34 @@ impl ServedModel {
     /// resolves to its one answer. The request is handed over before this returns, so calls
     /// made one after another are queued in that order (a stream's steps rely on it); only a
     /// request whose version was unloaded for idleness under it, and must wait for it to load
-    /// again, is handed over later (see the module).
+    /// again, is handed over later (see the module). A request that reaches a version taken
+    /// out of service is answered [`ServeError::VersionRetired`]; [`send`](Self::send) gives
+    /// it back instead, and says which version answered.
     pub fn infer(
         &self,
         request: InferRequest,
         options: InferOptions,
     ) -> impl Future<Output = Result<InferResponse, ServeError>> + 'static {
+        let sent = self.send(Arc::new(request), options);
+        async move {
+            match sent.await {
+                Sent::Answered { answer, .. } => answer,
+                Sent::Retired { stopped, .. } => Err(stopped.retired()),
+            }
+        }
+    }
+
+    /// [`infer`](Self::infer), for a caller that counts the answer under the version that gave
+    /// it, and may send a request whose version was taken out of service to another one: what
+    /// the REST and gRPC inference requests use. Handed over before this returns, as `infer`.
+    pub fn send(
+        &self,
+        request: Arc<InferRequest>,
+        options: InferOptions,
+    ) -> impl Future<Output = Sent> + 'static {
         let (tx, answer) = oneshot::channel();
-        let refused = self.hand_over(Infer {
-            request: Arc::new(request),
+        let handed = self.hand_over(Infer {
+            request,
             reply: Reply::new(tx),
             received: options.received,
             deadline: options.deadline,
@@ -217,19 +281,43 @@ impl ServedModel {
             fallback_first: options.fallback_first,
         });
         async move {
-            if let Some((stopped, infer)) = refused {
-                stopped.reload(infer).await?;
+            let by = match handed {
+                Handed::Here => None,
+                Handed::To(next) => Some(next),
+                Handed::Back(stopped, infer) => match stopped.reload(infer).await {
+                    Ok(served) => Some(served),
+                    Err(Unsent::Retired { request, stopped }) => {
+                        return Sent::Retired { request, stopped }
+                    }
+                    Err(Unsent::Failed(e)) => {
+                        return Sent::Answered {
+                            answer: Err(e),
+                            by: None,
+                        }
+                    }
+                },
+            };
+            Sent::Answered {
+                answer: answer.await.unwrap_or_else(|_| Err(dropped())),
+                by,
             }
-            answer.await.unwrap_or_else(|_| Err(dropped()))
+        }
+    }
+
+    /// What a request that reached this version after it was taken out of service is told.
+    pub fn retired(&self) -> ServeError {
+        ServeError::VersionRetired {
+            model: self.info.name.clone(),
+            version: self.info.version.clone(),
         }
     }
 
     /// Hands `infer` to this version's router or, once that has stopped, to the version loaded
-    /// again after it (and after that one, ...). Gives it back, never queued, with the last
-    /// stopped handle, when no version serves after it yet.
-    fn hand_over(&self, infer: Infer) -> Option<(ServedModel, Infer)> {
+    /// again after it (and after that one, ...), and says which took it. Gives it back, never
+    /// queued, with the last stopped handle, when no version serves after it yet.
+    fn hand_over(&self, infer: Infer) -> Handed {
         let mut infer = match self.router.infer(infer) {
-            Ok(()) => return None,
+            Ok(()) => return Handed::Here,
             Err(infer) => infer,
         };
         let mut stopped = self.clone();
@@ -237,26 +325,26 @@ impl ServedModel {
             match next.router.infer(infer) {
                 Ok(()) => {
                     // Straight there next time, past the stopped ones between.
-                    self.hold.relay.set_next(next);
-                    return None;
+                    self.hold.relay.set_next(next.clone());
+                    return Handed::To(next);
                 }
                 Err(back) => (infer, stopped) = (back, next),
             }
         }
-        Some((stopped, infer))
+        Handed::Back(stopped, infer)
     }
 
     /// This version's router has stopped and nothing serves after it yet: when it was unloaded
-    /// for idleness, loads it again (or waits for the load another request started) and hands
-    /// `infer` to it; otherwise `infer` is dropped, as it always was.
-    async fn reload(self, infer: Infer) -> Result<(), ServeError> {
+    /// for idleness, loads it again (or waits for the load another request started), hands
+    /// `infer` to it and answers its handle; otherwise gives the request back unrun.
+    async fn reload(self, infer: Infer) -> Result<ServedModel, Unsent> {
         let Some(supervisor) = self.hold.relay.reload.get().cloned() else {
             // Not unloaded for idleness (a rollout, the fleet or an admin took it out of
             // service), or its router stopped for another reason (shutdown): nothing of the
             // request ran.
-            return Err(ServeError::VersionRetired {
-                model: self.info.name.clone(),
-                version: self.info.version.clone(),
+            return Err(Unsent::Retired {
+                request: infer.request,
+                stopped: self,
             });
         };
         let load = supervisor.send(Reload {
@@ -264,14 +352,15 @@ impl ServedModel {
             version: self.info.version.clone(),
         });
         let served = match tokio::time::timeout(RELOAD_WAIT, load).await {
-            Ok(Ok(loaded)) => loaded?,
-            Ok(Err(_)) => return Err(ServeError::ShuttingDown),
+            Ok(Ok(Ok(loaded))) => loaded,
+            Ok(Ok(Err(e))) => return Err(Unsent::Failed(e)),
+            Ok(Err(_)) => return Err(Unsent::Failed(ServeError::ShuttingDown)),
             Err(_) => {
-                return Err(ServeError::NotReady {
+                return Err(Unsent::Failed(ServeError::NotReady {
                     model: self.info.name.clone(),
                     reason: format!("version {} is still loading", self.info.version),
                     retry_after: Duration::from_secs(5),
-                })
+                }))
             }
         };
         tracing::debug!(model = %self.info.name, version = %self.info.version, "request taken to the version loaded again");
@@ -279,8 +368,9 @@ impl ServedModel {
         // Loaded this instant: a router that stopped already (unloaded again, or the server
         // shutting down) is not chased further.
         match served.hand_over(infer) {
-            None => Ok(()),
-            Some(_) => Err(dropped()),
+            Handed::Here => Ok(served),
+            Handed::To(next) => Ok(next),
+            Handed::Back(..) => Err(Unsent::Failed(dropped())),
         }
     }
 

@@ -6,7 +6,8 @@
 //! catalog named the version but it could not serve (refused at load, not loaded): those names
 //! come from the manifest, a bounded set, and a version that answers 503 must show under its
 //! own name for its alerts to see it. An unknown name from a client must not mint a new time
-//! series, so requests for no model the catalog knows count under `_unknown`. gRPC's series add
+//! series, so requests for no model the catalog knows count under `_unknown`; their access line
+//! names the model the client asked for, escaped and capped. gRPC's series add
 //! `protocol="grpc"`, with the HTTP status its code stands for. Refusals at the door's
 //! admission limit get no access line: the door logs them as a count per second
 //! (`door::limit`), since a line each would spend the CPU that is short.
@@ -57,7 +58,12 @@ pub struct Answered<'a> {
     /// The caller's key name (for a refusal too: `Access::caller_name`), `-` without a
     /// valid key.
     pub key: &'a str,
-    /// The version that was asked for, when it was found.
+    /// The model name the client asked for, as it wrote it: what the access line of a refusal
+    /// without a version names (escaped and capped), never a series label. May be empty where
+    /// the request was answered (its `served` names it).
+    pub asked: &'a str,
+    /// The version that answered (the one resolved for the request, or the one it moved to:
+    /// `api/rest.rs` `send`), when one was found.
     pub served: Option<&'a ServedModel>,
     pub elapsed: Duration,
     pub outcome: Result<Stats, &'a ServeError>,
@@ -98,6 +104,31 @@ fn listed_version(error: &ServeError) -> Option<(&str, &str)> {
         ServeError::ModelCold { model, version } => Some((model.as_str(), version.as_str())),
         _ => None,
     }
+}
+
+/// The model an access line names: the served or listed version's, else the name the client
+/// asked for, escaped and capped ([`Untrusted`]): a log line may say what an unknown name was,
+/// where a series label may not (`_unknown` when it asked for none).
+struct Logged<'a> {
+    model: &'a str,
+    asked: Option<&'a str>,
+}
+
+impl std::fmt::Display for Logged<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.asked {
+            Some(asked) if !asked.is_empty() => Untrusted(asked).fmt(f),
+            _ => f.write_str(self.model),
+        }
+    }
+}
+
+fn logged_model<'a>(answer: &Answered<'a>) -> (Logged<'a>, &'a str) {
+    let (model, version) = model_version(answer);
+    let unknown =
+        answer.served.is_none() && answer.outcome.err().and_then(listed_version).is_none();
+    let asked = unknown.then_some(answer.asked);
+    (Logged { model, asked }, version)
 }
 
 /// The series of requests for no known model.
@@ -169,7 +200,7 @@ pub fn log(answer: &Answered<'_>) {
         return;
     }
     let status = status(answer);
-    let (model, version) = model_version(answer);
+    let (model, version) = logged_model(answer);
     let total_us = answer.elapsed.as_micros() as u64;
     let (request_id, key) = (answer.request_id, answer.key);
     // One line per answer; the field sets differ by protocol, so each has its own pair.
@@ -210,5 +241,46 @@ pub fn key_name<'a>(
     match admitted {
         Ok((pass, _)) => pass.name(),
         Err(_) => refused.as_deref().unwrap_or("-"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused<'a>(asked: &'a str, error: &'a ServeError) -> Answered<'a> {
+        Answered {
+            protocol: Protocol::Rest,
+            request_id: "r",
+            key: "-",
+            asked,
+            served: None,
+            elapsed: Duration::ZERO,
+            outcome: Err(error),
+        }
+    }
+
+    #[test]
+    fn a_refusal_without_a_version_logs_the_name_asked_for_escaped_but_counts_unknown() {
+        let error = ServeError::ModelNotFound("x".into());
+        let forged = "evil\nINFO forged line";
+        let answer = refused(forged, &error);
+        assert_eq!(model_version(&answer), ("_unknown", ""), "the series label");
+        let (logged, version) = logged_model(&answer);
+        let logged = logged.to_string();
+        assert_eq!(logged, "evil\\nINFO forged line");
+        assert_eq!(version, "");
+        let long = "m".repeat(10_000);
+        let logged = logged_model(&refused(&long, &error)).0.to_string();
+        assert!(logged.len() < 300, "capped: {} bytes", logged.len());
+        // Nothing asked (a gRPC request without a name): `_unknown`.
+        assert_eq!(logged_model(&refused("", &error)).0.to_string(), "_unknown");
+        // A listed version's refusal names the manifest's version, not the client's spelling.
+        let cold = ServeError::ModelCold {
+            model: "mlp".into(),
+            version: "2".into(),
+        };
+        let (logged, version) = logged_model(&refused("mlp\u{1b}", &cold));
+        assert_eq!((logged.to_string().as_str(), version), ("mlp", "2"));
     }
 }

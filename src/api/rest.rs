@@ -4,6 +4,7 @@
 //! An inference request goes: body (size-checked) -> [`kserve::decode`] -> [`ModelInfo::validate`]
 //! -> the version's `Router` (queued, batched, run by a worker) -> [`kserve::encode`].
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_web::http::header::{self, HeaderValue};
@@ -17,10 +18,10 @@ use super::repository::index_rows;
 use super::AppState;
 use crate::access::Pass;
 use crate::actors::catalog::ServedModel;
-use crate::actors::served::InferOptions;
+use crate::actors::served::{InferOptions, Sent};
 use crate::error::ServeError;
 use crate::manifest::BatchAxis;
-use crate::model::{InferRequest, ModelInfo, PLATFORM};
+use crate::model::{InferRequest, InferResponse, ModelInfo, PLATFORM};
 use crate::untrusted;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -169,6 +170,9 @@ async fn config(
             json!({ "max_queue_delay_microseconds": info.batching.max_queue_delay.as_micros() as u64,
                     "max_queue_size": info.max_queue })
         } else { json!(null) },
+        // The configured count (the manifest's `replicas`, what the version starts with), as
+        // Triton's config gives it; the replicas running now, which autoscaling moves, are in
+        // the model metadata's `parameters.replicas` and the status page.
         "instance_group": [{ "count": info.replicas, "kind": kind, "gpus": gpus }],
     })))
 }
@@ -217,8 +221,14 @@ pub(super) async fn run_inference(
         .err()
         .map(|_| state.access.caller_name(req.headers()));
     let key = accounting::key_name(&admitted, &refused_key);
+    // The version that answered, when not the one resolved here: loaded again after an idle
+    // unload, or the default now, for a request to the model whose version was retired.
+    let mut moved = None;
     let outcome = match &admitted {
-        Ok((pass, served)) => infer_on(state, served, req, body, received, pass).await,
+        Ok((pass, served)) => {
+            let asked = Asked { served, version };
+            infer_on(state, asked, req, body, received, pass, &mut moved).await
+        }
         Err(refused) => {
             if matches!(refused, ServeError::RateLimited { .. }) {
                 // A client over its rate keeps its connection: read the body it sent (within
@@ -234,7 +244,10 @@ pub(super) async fn run_inference(
         protocol: Protocol::Rest,
         request_id: &request_id,
         key,
-        served: admitted.as_ref().ok().map(|(_, served)| served),
+        asked: name,
+        served: moved
+            .as_ref()
+            .or(admitted.as_ref().ok().map(|(_, served)| served)),
         elapsed,
         outcome: outcome.as_ref().map(|(_, stats)| *stats),
     });
@@ -248,12 +261,20 @@ pub(super) async fn run_inference(
             Err(e) => Err(e.clone()),
         };
         let logged_id = request_id.clone();
+        // The name the client asked for, for a refusal's line only (`served` names the rest).
+        let asked = match &admitted {
+            Ok(_) => String::new(),
+            Err(_) => name.to_string(),
+        };
         actix_web::rt::spawn(async move {
             accounting::log(&Answered {
                 protocol: Protocol::Rest,
                 request_id: &logged_id,
                 key: accounting::key_name(&admitted, &refused_key),
-                served: admitted.as_ref().ok().map(|(_, served)| served),
+                asked: &asked,
+                served: moved
+                    .as_ref()
+                    .or(admitted.as_ref().ok().map(|(_, served)| served)),
                 elapsed,
                 outcome: logged.as_ref().copied(),
             });
@@ -330,12 +351,14 @@ fn pretty_json_bytes(dims: impl IntoIterator<Item = Option<usize>>) -> Option<us
 
 async fn infer_on(
     state: &AppState,
-    served: &ServedModel,
+    asked: Asked<'_>,
     req: &HttpRequest,
     body: web::Payload,
     received: Instant,
     pass: &Pass,
+    moved: &mut Option<ServedModel>,
 ) -> Result<(HttpResponse, Stats), ServeError> {
+    let served = asked.served;
     state
         .access
         .check_version(pass, &served.info.name, &served.info.version)?;
@@ -403,8 +426,10 @@ async fn infer_on(
         .with_timeout(timeout)
         .with_priority(pass.priority())
         .with_fallback_first(permit.to_fallback());
-    let response = served.infer(request, options).await?;
-    let encoded = kserve::encode(&info, &decoded, &response);
+    let response = send(state, asked, pass, request, options, moved).await?;
+    // The version that answered names itself in the answer.
+    let info = moved.as_ref().map_or(&info, |by| &by.info);
+    let encoded = kserve::encode(info, &decoded, &response);
     let mut http = HttpResponse::Ok();
     if let Some(n) = encoded.json_length {
         http.insert_header((HEADER_CONTENT_LENGTH, n.to_string()));
@@ -419,6 +444,80 @@ async fn infer_on(
     }
     let stats = Stats::from(&response);
     Ok((http.body(encoded.body), stats))
+}
+
+/// The version a request was resolved to, and the version its path named (`None`: the model's
+/// default, whichever it is).
+#[derive(Clone, Copy)]
+pub(super) struct Asked<'a> {
+    pub served: &'a ServedModel,
+    pub version: Option<&'a str>,
+}
+
+/// Runs a validated REST or gRPC request on the version it was resolved to, and sets `moved`
+/// to the handle of the version that answered when that is another ([`Sent::Answered`]). A
+/// request that reaches its version after a rollout, the fleet or an admin took it out of
+/// service ran nowhere: one that asked for the model, not a version, goes once to the model's
+/// default version now (the version it was resolved to is no longer the model), when the key
+/// may call that version and the request is valid for it (validated again: the same inputs
+/// and outputs by name). Otherwise, or when that version is retired too, it is answered
+/// [`ServeError::VersionRetired`]: nothing ran, a retry is safe.
+pub(super) async fn send(
+    state: &AppState,
+    asked: Asked<'_>,
+    pass: &Pass,
+    request: InferRequest,
+    options: InferOptions,
+    moved: &mut Option<ServedModel>,
+) -> Result<InferResponse, ServeError> {
+    let (request, stopped) = match asked.served.send(Arc::new(request), options).await {
+        Sent::Answered { answer, by } => {
+            *moved = by;
+            return answer;
+        }
+        Sent::Retired { request, stopped } => (request, stopped),
+    };
+    let retired = stopped.retired();
+    if asked.version.is_some() {
+        return Err(retired);
+    }
+    let from = &asked.served.info;
+    let Ok(default) = state.served(&from.name, None).await else {
+        return Err(retired);
+    };
+    state
+        .access
+        .check_version(pass, &default.info.name, &default.info.version)
+        .map_err(|_| retired.clone())?;
+    // Validated again for the default, as it came: its inputs by name, the outputs it asked
+    // for by name. A version that takes other inputs or gives other outputs cannot take it.
+    // The request is the router's no more (it gave it back), so it is not copied.
+    let Ok(request) = Arc::try_unwrap(request) else {
+        return Err(retired);
+    };
+    let outputs = request
+        .outputs
+        .iter()
+        .filter_map(|&i| from.outputs.get(i).map(|spec| spec.name.clone()))
+        .collect();
+    let request = match default.info.validate(request.inputs, Some(outputs)) {
+        Ok(request) => Arc::new(request),
+        Err(why) => {
+            tracing::info!(model = %from.name, retired = %from.version, default = %default.info.version, why = %why, "a request to a retired version cannot go to the default");
+            return Err(retired);
+        }
+    };
+    tracing::debug!(model = %from.name, retired = %from.version, default = %default.info.version, "request to a retired version sent to the default");
+    match default.send(request, options).await {
+        Sent::Answered { answer, by } => {
+            *moved = Some(by.unwrap_or(default));
+            answer
+        }
+        Sent::Retired { stopped, .. } => {
+            *moved = Some(default);
+            Err(stopped.retired())
+        }
+    }
 }
 
 #[cfg(test)]

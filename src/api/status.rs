@@ -201,7 +201,8 @@ async fn status(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResp
 
 /// One model version as the admin API lists it (`GET /admin/models`) and the status page
 /// starts from it: name, version, state, default and canary share, and for a serving version
-/// its device, replicas, fallback and its router's status (`router`, null once it stopped).
+/// its device, replicas (running now, and the manifest's), fallback and its router's status
+/// (`router`, null once it stopped).
 pub(super) fn version_row(
     name: &str,
     model: &ModelVersions,
@@ -213,7 +214,11 @@ pub(super) fn version_row(
             "name": name, "version": version, "state": "SERVING",
             "default": model.default_version() == Some(version),
             "canary_percent": model.canary.as_ref().filter(|c| c.version == version).map(|c| c.percent),
-            "device": served.info.device.to_string(), "replicas": served.info.replicas,
+            // The replicas running now (autoscaling moves them, as the router's own count), and
+            // the manifest's `replicas`, what the version starts with (Triton's config count).
+            "device": served.info.device.to_string(),
+            "replicas": served.health.replicas.load(std::sync::atomic::Ordering::Relaxed),
+            "configured_replicas": served.info.replicas,
             "fallback": served.info.fallback, "router": router,
         }),
         VersionState::Unavailable { reason, .. } => {

@@ -1,7 +1,9 @@
 //! The access line of a request refused for a named API key names the key (never the key
 //! itself), as its audit event does: over its rate, over its requests in flight, a model
 //! outside its scope, a model that does not exist; a key that is not valid, or none, stays
-//! `-`. Read from the server's own log output (the binary, JSON lines), over real sockets.
+//! `-`. The line of a refusal without a version names the model the client asked for,
+//! escaped (its series say `_unknown`). Read from the server's own log output (the binary,
+//! JSON lines), over real sockets.
 
 use crate::common;
 
@@ -114,6 +116,9 @@ async fn refusals_for_a_named_key_name_it_in_the_access_log_and_unknown_keys_sta
     check("out-of-scope", status, 403, "single");
     let status = infer(&c, &addr, "absent", Some(&any), "no-such-model").await;
     check("no-such-model", status, 404, "any");
+    // A name with a line break in it: the line names it escaped (no forged line).
+    let status = infer(&c, &addr, "absent%0Aforged", Some(&any), "forged-name").await;
+    check("forged-name", status, 404, "any");
     let status = infer(&c, &addr, "mlp", Some("ssk_not_a_key"), "bad-key").await;
     check("bad-key", status, 401, "-");
     check(
@@ -148,6 +153,29 @@ async fn refusals_for_a_named_key_name_it_in_the_access_log_and_unknown_keys_sta
             .unwrap_or_else(|| panic!("no access line for {id}: {lines:?}"));
         assert_eq!(line["key"], name.as_str(), "{id}: {line}");
     }
+    // A refusal names the model the client asked for (escaped), where its series say
+    // `_unknown`; an answer names the version that answered.
+    for (id, model, version) in [
+        ("ok", "mlp", "1"),
+        ("out-of-scope", "mlp_small", ""),
+        ("no-such-model", "absent", ""),
+        ("forged-name", "absent\\nforged", ""),
+        ("bad-key", "mlp", ""),
+        ("no-key", "mlp", ""),
+    ] {
+        let line = lines
+            .iter()
+            .find(|l| l["target"] == "streamserve::access" && l["request_id"] == id)
+            .unwrap();
+        assert_eq!(line["model"], model, "{id}: {line}");
+        assert_eq!(line["version"], version, "{id}: {line}");
+    }
+    assert!(
+        !lines.iter().any(|l| l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("forged"))),
+        "a forged line"
+    );
     let text = serde_json::to_string(&lines).unwrap();
     for secret in [&rated, &single, &any] {
         assert!(!text.contains(secret.as_str()), "a key in the log");

@@ -35,6 +35,7 @@ mod registry;
 mod registry_edges;
 mod registry_hardening;
 mod repository;
+mod rollout_in_flight;
 mod status_page;
 mod stream_ends;
 mod stream_fleet;

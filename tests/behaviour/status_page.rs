@@ -459,3 +459,55 @@ async fn a_token_with_invalid_characters_is_refused_with_the_reason_not_as_unrea
         assert!(!dom.contains("tiny"), "{fragment}: a model shows:\n{dom}");
     }
 }
+
+#[tokio::test]
+async fn status_and_admin_give_the_replicas_running_and_the_config_the_configured_count() {
+    // Two replicas at load, one once the second has idled past the scale-down delay.
+    let manifest = format!(
+        r#"
+        [[models]]
+        name = "mlp"
+        version = "1"
+        file = "{{models}}/mlp/1/model.onnx"
+        sha256 = "{MLP_SHA}"
+        replicas = 2
+        min_replicas = 1
+        max_replicas = 2
+        max_batch_size = 4
+        "#
+    );
+    let url = start(&model_dir(&manifest), |config| {
+        config.admin_token = Some(TOKEN.into());
+        config.cpu_budget = 4;
+    });
+    let c = client();
+    let mut scaled = None;
+    for _ in 0..150 {
+        let (_, body) = status(&c, &url, Some(TOKEN)).await;
+        let mlp = row(&body, "mlp").clone();
+        if mlp["router"]["replicas"] == 1 {
+            scaled = Some(mlp);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mlp = scaled.expect("mlp did not scale down to 1 replica");
+    assert_eq!(mlp["replicas"], 1, "the replicas running: {mlp}");
+    assert_eq!(mlp["configured_replicas"], 2, "the manifest's: {mlp}");
+    let admin: Value = c
+        .get(format!("{url}/admin/models"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(admin["models"][0]["replicas"], 1, "{admin}");
+    assert_eq!(admin["models"][0]["configured_replicas"], 2, "{admin}");
+    // The model metadata gives the running count; Triton's config the configured one.
+    let (_, metadata) = get(&c, &format!("{url}/v2/models/mlp")).await;
+    assert_eq!(metadata["parameters"]["replicas"], 1, "{metadata}");
+    let (_, config) = get(&c, &format!("{url}/v2/models/mlp/config")).await;
+    assert_eq!(config["instance_group"][0]["count"], 2, "{config}");
+}

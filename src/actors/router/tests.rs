@@ -393,7 +393,11 @@ async fn a_request_to_an_unloaded_version_is_refused_at_once() {
     )
     .await
     .expect("answered, not left waiting");
-    assert!(matches!(late, Err(ServeError::WorkerLost(_))), "{late:?}");
+    // Nothing of it ran: its version is out of service (not unloaded for idleness).
+    assert!(
+        matches!(late, Err(ServeError::VersionRetired { .. })),
+        "{late:?}"
+    );
 }
 
 #[actix_web::test]

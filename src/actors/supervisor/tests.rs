@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use actix::{Actor, Addr};
 
 use super::*;
-use crate::actors::served::InferOptions;
+use crate::actors::served::{InferOptions, Sent};
 use crate::manifest::sha256_file;
 use crate::runtime::doubles::{Behaviour, DoubleLoader};
 use crate::tensor::{NamedTensor, TensorData};
@@ -155,14 +155,19 @@ impl Fixture {
     }
 }
 
-/// Runs `[1, 2, 3, 4]` through `served` and returns what came back.
-async fn echo(served: &ServedModel) -> Result<Vec<f32>, ServeError> {
+/// `[1, 2, 3, 4]`, validated for `served`.
+fn one_row(served: &ServedModel) -> Result<crate::model::InferRequest, ServeError> {
     let x = NamedTensor {
         name: "x".into(),
         shape: vec![1, 4],
         data: TensorData::Fp32(vec![1.0, 2.0, 3.0, 4.0]),
     };
-    let request = served.info.validate(vec![x], None)?;
+    served.info.validate(vec![x], None)
+}
+
+/// Runs `[1, 2, 3, 4]` through `served` and returns what came back.
+async fn echo(served: &ServedModel) -> Result<Vec<f32>, ServeError> {
+    let request = one_row(served)?;
     let response = served.infer(request, InferOptions::now()).await?;
     match &response.outputs[0].data {
         TensorData::Fp32(y) => Ok(y.clone()),
@@ -289,6 +294,41 @@ async fn a_held_version_is_not_unloaded_idle_and_a_request_it_stopped_under_load
 }
 
 #[actix::test]
+async fn a_request_taken_to_the_version_loaded_again_says_which_answered_it() {
+    // What counts the answer (the version's health, its series) must be the version that
+    // answered, not the stopped one the request was resolved to.
+    let f = start("idle-counted", 1024).await;
+    f.ensure("idle", None).await.unwrap();
+    let stale = unheld(&f, "idle", "1");
+    eventually("idle:1 unloads", || f.label("idle", "1") == "UNLOADED").await;
+    stopped(&stale).await;
+    let request = Arc::new(one_row(&stale).unwrap());
+    let Sent::Answered { answer, by } = stale.send(request.clone(), InferOptions::now()).await
+    else {
+        panic!("an idle unload is not a retirement");
+    };
+    assert!(answer.is_ok());
+    let reloaded = unheld(&f, "idle", "1");
+    let by = by.expect("another version answered");
+    assert!(
+        Arc::ptr_eq(&by.health, &reloaded.health),
+        "the reloaded one"
+    );
+    assert!(!Arc::ptr_eq(&by.health, &stale.health));
+    // Straight to it the next time, and said so again.
+    let Sent::Answered { by, .. } = stale.send(request, InferOptions::now()).await else {
+        panic!("served");
+    };
+    assert!(Arc::ptr_eq(&by.unwrap().health, &reloaded.health));
+    // A handle whose own router serves names none.
+    let request = Arc::new(one_row(&reloaded).unwrap());
+    let Sent::Answered { by, .. } = reloaded.send(request, InferOptions::now()).await else {
+        panic!("served");
+    };
+    assert!(by.is_none());
+}
+
+#[actix::test]
 async fn a_request_that_reaches_a_version_unloaded_otherwise_is_told_it_was_retired() {
     // Only an idle unload loads the version again for what still holds it: an admin's (or a
     // rollout's) unload is meant to take the version away, and says so.
@@ -307,6 +347,18 @@ async fn a_request_that_reaches_a_version_unloaded_otherwise_is_told_it_was_reti
         other => panic!("expected a retired version, got {other:?}"),
     }
     assert_eq!(f.label("m", "1"), "UNLOADED");
+    // `send` gives the request back unrun, for REST or gRPC to send to the default now.
+    let request = Arc::new(one_row(&held).unwrap());
+    match held.send(request.clone(), InferOptions::now()).await {
+        Sent::Retired {
+            request: back,
+            stopped,
+        } => {
+            assert!(Arc::ptr_eq(&back, &request), "the same request, unrun");
+            assert_eq!(stopped.info.version, "1");
+        }
+        Sent::Answered { answer, .. } => panic!("expected it back, got {:?}", answer.map(|_| ())),
+    }
 }
 
 #[actix::test]

@@ -32,6 +32,7 @@ use crate::actors::catalog::ServedModel;
 use crate::actors::served::InferOptions;
 use crate::api::accounting::{self, Answered, Protocol, Stats};
 use crate::api::body::StreamHold;
+use crate::api::rest::{send, Asked};
 use crate::api::{health, kserve, repository, AppState};
 use crate::error::ServeError;
 use crate::model::PLATFORM;
@@ -121,10 +122,19 @@ impl Inference {
             .err()
             .map(|_| self.state.access.caller_name(caller.metadata));
         let key = accounting::key_name(&admitted, &refused_key);
+        // The version that answered, when not the one resolved here (`rest::send`).
+        let mut moved = None;
         let outcome = match &admitted {
             Ok((pass, served)) => {
-                self.infer_on(served, &mut request, call_timeout, received, pass)
-                    .await
+                self.infer_on(
+                    served,
+                    &mut request,
+                    call_timeout,
+                    received,
+                    pass,
+                    &mut moved,
+                )
+                .await
             }
             Err(e) => Err(e.clone()),
         };
@@ -132,7 +142,10 @@ impl Inference {
             protocol: Protocol::Grpc { rpc },
             request_id: &request_id,
             key,
-            served: admitted.as_ref().ok().map(|(_, served)| served),
+            asked: &request.model_name,
+            served: moved
+                .as_ref()
+                .or(admitted.as_ref().ok().map(|(_, served)| served)),
             elapsed: received.elapsed(),
             outcome: outcome.as_ref().map(|(_, response)| Stats::from(response)),
         });
@@ -146,6 +159,7 @@ impl Inference {
         call_timeout: Option<Duration>,
         received: Instant,
         pass: &Pass,
+        moved: &mut Option<ServedModel>,
     ) -> Result<(ModelInferResponse, crate::model::InferResponse), ServeError> {
         let state = &self.state;
         state
@@ -164,17 +178,20 @@ impl Inference {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let response = served
-            .infer(
-                validated,
-                InferOptions::received_at(received)
-                    .with_timeout(timeout)
-                    .with_priority(pass.priority())
-                    .with_fallback_first(permit.to_fallback()),
-            )
-            .await?;
+        let options = InferOptions::received_at(received)
+            .with_timeout(timeout)
+            .with_priority(pass.priority())
+            .with_fallback_first(permit.to_fallback());
+        // A request that named no version follows the model's default if its version is
+        // retired before it runs, as REST's does.
+        let asked = Asked {
+            served,
+            version: version(&request.model_version),
+        };
+        let response = send(state, asked, pass, validated, options, moved).await?;
+        let info = moved.as_ref().map_or(&info, |by| &by.info);
         let answer = convert::encode(
-            &info,
+            info,
             std::mem::take(&mut request.id),
             decoded.raw_output,
             &response,

@@ -63,6 +63,8 @@ pub fn model_config(info: &ModelInfo) -> ModelConfig {
         instance_group: vec![ModelInstanceGroup {
             name: format!("{}_{}", info.name, info.version),
             kind: kind as i32,
+            // Configured, as REST's config and Triton's: the manifest's `replicas`; the count
+            // running now is the metadata's and the status page's.
             count: i32::try_from(info.replicas).unwrap_or(i32::MAX),
             gpus,
             ..Default::default()
