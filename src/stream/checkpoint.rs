@@ -4,8 +4,10 @@
 //! the fleet shares, so that any instance can take the stream over and a client cannot forge
 //! or alter its state (docs/streaming.md, "Resume on any instance").
 //!
-//! A token is `base64url(1 | key id (8) | postcard(checkpoint) | HMAC-SHA256 (32))`, the MAC
-//! over everything before it. The key id (the first 8 bytes of the key's SHA-256) picks the
+//! A token is `base64url(format (1) | key id (8) | postcard(checkpoint) | HMAC-SHA256 (32))`,
+//! the MAC over everything before it. The format byte is 2, or 3 for the handover checkpoint
+//! of a stream whose model version was taken out of service ([`Checkpoint::retired`]): the
+//! same payload, so that tokens of format 2 read as before on every instance. The key id (the first 8 bytes of the key's SHA-256) picks the
 //! key among those accepted, so keys can be rotated without dropping a stream, in three
 //! phases (docs/streaming.md, "Keys"): the new key added second on every instance (it only
 //! verifies); once it is everywhere, moved first (it signs); the old one removed once its
@@ -51,6 +53,12 @@ pub struct Checkpoint {
     pub tracker: TrackerState,
     /// ...and this many older ones were left out.
     pub segments_omitted: u64,
+    /// The stream's handover checkpoint after a model version it ran on (its own, a stage's
+    /// or its gate's) was taken out of service: a resume goes on on the model's default
+    /// version rather than load the checkpoint's again (`api/ws/open.rs`). Carried by the
+    /// format byte ([`FORMAT_RETIRED`]), not the payload.
+    #[serde(skip)]
+    pub retired: bool,
 }
 
 /// Most speech segments a checkpoint carries (at most 20 KB, a token of about 29,000
@@ -62,6 +70,9 @@ pub const MAX_SEGMENTS: usize = 2000;
 /// The format byte that starts every token (2: a stream's progress through declared stages
 /// replaced format 1's Silero-only state and context; a format 1 token reads as malformed).
 const FORMAT: u8 = 2;
+/// The format byte of a [`Checkpoint::retired`] one (an instance that knows only format 2
+/// refuses it as malformed; it is resumed where it was issued).
+const FORMAT_RETIRED: u8 = 3;
 const KEY_ID_LEN: usize = 8;
 const MAC_LEN: usize = 32;
 /// Longest token accepted (a Silero checkpoint is about 1.9 KB, the keyword spotter's about
@@ -191,7 +202,11 @@ impl TokenKeys {
         let key = &self.keys[0];
         let payload = postcard::to_stdvec(checkpoint).expect("checkpoints serialize");
         let mut bytes = Vec::with_capacity(1 + KEY_ID_LEN + payload.len() + MAC_LEN);
-        bytes.push(FORMAT);
+        bytes.push(if checkpoint.retired {
+            FORMAT_RETIRED
+        } else {
+            FORMAT
+        });
         bytes.extend_from_slice(&key.id);
         bytes.extend_from_slice(&payload);
         let mut mac = key.mac();
@@ -214,7 +229,7 @@ impl TokenKeys {
         let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(token.trim())
             .map_err(|_| TokenError::Malformed)?;
-        if bytes.len() < 1 + KEY_ID_LEN + MAC_LEN || bytes[0] != FORMAT {
+        if bytes.len() < 1 + KEY_ID_LEN + MAC_LEN || ![FORMAT, FORMAT_RETIRED].contains(&bytes[0]) {
             return Err(TokenError::Malformed);
         }
         let (signed, mac) = bytes.split_at(bytes.len() - MAC_LEN);
@@ -227,8 +242,10 @@ impl TokenKeys {
         check.update(signed);
         // Constant time: a forger learns nothing from how long a comparison took.
         check.verify_slice(mac).map_err(|_| TokenError::Tampered)?;
-        let checkpoint: Checkpoint =
+        let mut checkpoint: Checkpoint =
             postcard::from_bytes(&signed[1 + KEY_ID_LEN..]).map_err(|_| TokenError::Malformed)?;
+        // Signed with the rest: a client cannot set or clear it.
+        checkpoint.retired = signed[0] == FORMAT_RETIRED;
         let age = now_ms.saturating_sub(checkpoint.issued_at_ms);
         if age > max_age_ms {
             return Err(TokenError::Expired((age - max_age_ms) / 1000));
@@ -274,6 +291,7 @@ mod tests {
                 segments: vec![Segment { start: 1, end: 2 }],
             },
             segments_omitted: 0,
+            retired: false,
         }
     }
 
@@ -290,6 +308,36 @@ mod tests {
         let token = k.seal(&checkpoint());
         assert!(token.len() < 2200, "{} characters", token.len());
         assert_eq!(k.open(&token, 1_000_500, 30_000).unwrap(), checkpoint());
+    }
+
+    #[test]
+    fn a_retired_handover_says_so_in_its_signed_format_byte() {
+        let k = keys(A);
+        let retired = Checkpoint {
+            retired: true,
+            ..checkpoint()
+        };
+        let token = k.seal(&retired);
+        assert_eq!(k.open(&token, 1_000_500, 30_000).unwrap(), retired);
+        // The same payload as a plain checkpoint's: only the format byte differs.
+        let plain = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(k.seal(&checkpoint()))
+            .unwrap();
+        let mut bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(&token)
+            .unwrap();
+        assert_eq!((plain[0], bytes[0]), (FORMAT, FORMAT_RETIRED));
+        assert_eq!(
+            plain[1..plain.len() - MAC_LEN],
+            bytes[1..bytes.len() - MAC_LEN]
+        );
+        // Flipping it back is an alteration.
+        bytes[0] = FORMAT;
+        let flipped = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        assert_eq!(
+            k.open(&flipped, 1_000_500, 30_000),
+            Err(TokenError::Tampered)
+        );
     }
 
     #[test]

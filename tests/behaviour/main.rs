@@ -42,4 +42,5 @@ mod stream_fleet;
 mod stream_limits;
 mod stream_pipeline_edges;
 mod stream_resume_edges;
+mod stream_retire;
 mod stream_rollout;

@@ -1,6 +1,7 @@
 //! A connection coming and going: `Attach` binds a WebSocket (or gRPC sequence) to the
 //! session, new or resumed, replaying what the client missed; `Detach` marks it gone and
-//! keeps the stream for its resume window before dropping it.
+//! keeps the stream for its resume window before dropping it. A stream whose version was
+//! retired while it had no connection hands the next one over at once (`checkpoint.rs`).
 
 use std::time::Duration;
 
@@ -110,6 +111,9 @@ impl Handler<Attach> for StreamSession {
         for text in missed {
             self.send(text);
         }
+        // Its version was retired while no client was attached: this one gets what it
+        // missed, then the handover.
+        self.hand_over_retired(ctx);
         Ok(Attached {
             generation: self.generation,
             credits: self.credits.clone(),

@@ -1,7 +1,13 @@
 //! A stream's checkpoints: issuing them (every `checkpoint_samples` of audio, and one last one
-//! when the server shuts down, [`Handover`]), and taking a stream over from one
+//! when the server shuts down, [`Handover`], or when a step finds a model version the stream
+//! runs on taken out of service, [`Retired`]), and taking a stream over from one
 //! ([`StreamSession::restore`]), on this instance or any other of the fleet that shares the
 //! signing keys.
+//!
+//! Both handovers are one path ([`StreamSession::hand_over`]): a last checkpoint marked
+//! `handover`, then a close 1001 whose reason says why. A retired version's is final for the
+//! session (it can step no more; a resume from its token goes on on the model's default
+//! version), so the session then stops; at a shutdown the process is going anyway.
 //!
 //! A checkpoint is taken at a chunk boundary: the stages' buffers and recurrent state after
 //! the last completed step, the tracker's or detector's progress, and the counts of audio consumed and results
@@ -15,6 +21,9 @@ use super::{StreamEnded, StreamModels, StreamParams, StreamSession};
 use crate::stream::checkpoint::{Checkpoint, MAX_SEGMENTS};
 use crate::stream::pipeline::PipelineState;
 use crate::stream::protocol::ServerMessage;
+
+/// Longest close reason sent, in bytes (a WebSocket close frame holds 123 of reason).
+const CLOSE_REASON_BYTES: usize = 120;
 
 impl StreamSession {
     /// The stream as of its last completed step, as a checkpoint (counted).
@@ -42,6 +51,7 @@ impl StreamSession {
             keywords: self.keywords.clone(),
             tracker,
             segments_omitted: self.segments_omitted + over as u64,
+            retired: self.retired.is_some(),
         }
     }
 
@@ -142,12 +152,86 @@ impl Handler<Handover> for StreamSession {
         if self.finished || self.connection.is_none() {
             return;
         }
-        self.send_checkpoint(true);
-        metrics::counter!("streamserve_stream_handovers_total", &self.labels).increment(1);
-        self.disconnect(
-            CloseCode::Away,
+        self.hand_over(
+            true,
             "server is shutting down; resume from the last checkpoint on another instance".into(),
         );
+    }
+}
+
+/// The model version a step of the stream reached was taken out of service (a rollout, the
+/// fleet or an admin unloaded it: [`ServeError::VersionRetired`]); nothing of that step ran.
+///
+/// [`ServeError::VersionRetired`]: crate::error::ServeError::VersionRetired
+#[derive(Clone, Debug)]
+pub struct Retired {
+    pub model: String,
+    pub version: String,
+}
+
+impl Retired {
+    /// The close's reason: what was retired, and what to do (within a close frame's room).
+    pub fn reason(&self, checkpoints: bool) -> String {
+        let todo = if checkpoints {
+            "resume from the last checkpoint"
+        } else {
+            "start the stream again"
+        };
+        let reason = format!(
+            "model version taken out of service ({}:{}); {todo}",
+            self.model, self.version
+        );
+        if reason.len() <= CLOSE_REASON_BYTES {
+            return reason;
+        }
+        format!("model version taken out of service; {todo}")
+    }
+}
+
+impl StreamSession {
+    /// The last checkpoint (`checkpoint`: if the stream sends them), marked `handover`, then a
+    /// close 1001 for `reason`: the one way a stream is handed over, at a shutdown and when
+    /// its version is retired. The checkpoint is as of the last completed step: a step in
+    /// flight is not in it, and the client sends its audio again from the checkpoint.
+    fn hand_over(&mut self, checkpoint: bool, reason: String) {
+        if checkpoint {
+            self.send_checkpoint(true);
+            metrics::counter!("streamserve_stream_handovers_total", &self.labels).increment(1);
+        }
+        self.disconnect(CloseCode::Away, reason);
+    }
+
+    /// A step found `model:version` taken out of service: the stream can step no more here.
+    /// It hands over to the connection attached now, or to the next one that attaches
+    /// ([`StreamSession::hand_over_retired`]); until then it keeps its resume window.
+    pub(super) fn version_retired(
+        &mut self,
+        model: String,
+        version: String,
+        ctx: &mut Context<Self>,
+    ) {
+        tracing::info!(stream = %self.id, %model, %version,
+            "a model version of the stream was taken out of service; it hands over");
+        self.retired = Some(Retired { model, version });
+        if self.connection.is_some() {
+            self.hand_over_retired(ctx);
+        }
+    }
+
+    /// Hands a retired stream over and stops it: results sent stay sent, and flushes waiting
+    /// are answered (with the checkpoint before them), so a transport that answers per request
+    /// answers the one in flight with the handover.
+    pub(super) fn hand_over_retired(&mut self, ctx: &mut Context<Self>) {
+        let Some(retired) = self.retired.clone() else {
+            return;
+        };
+        let checkpoints = self.params.checkpoint_samples > 0;
+        self.hand_over(checkpoints, retired.reason(checkpoints));
+        self.finished = true;
+        // Before the flushes' answers: the resume may follow at once.
+        self.place = None;
+        self.settle_flushes(true);
+        ctx.stop();
     }
 }
 
@@ -211,5 +295,34 @@ impl Handler<Retire> for StreamSession {
             "superseded: the stream went on from a newer checkpoint".into(),
         );
         ctx.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retired_streams_close_reason_says_what_and_what_to_do_within_a_close_frame() {
+        let retired = Retired {
+            model: "silero_vad".into(),
+            version: "2".into(),
+        };
+        assert_eq!(
+            retired.reason(true),
+            "model version taken out of service (silero_vad:2); resume from the last checkpoint"
+        );
+        assert!(retired.reason(false).ends_with("; start the stream again"));
+        // A name too long for the frame is left out, never cut in the middle of a character.
+        let long = Retired {
+            model: "é".repeat(200),
+            version: "1".into(),
+        };
+        let reason = long.reason(true);
+        assert!(reason.len() <= 123, "{} bytes", reason.len());
+        assert!(
+            reason.ends_with("resume from the last checkpoint"),
+            "{reason}"
+        );
     }
 }

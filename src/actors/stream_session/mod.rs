@@ -12,8 +12,9 @@
 //! missed and carries on with the state intact (`attach.rs`); audio and its end from a
 //! connection carry its generation ([`AudioFrom`], [`EndFrom`]), so one a resume superseded
 //! no longer alters the stream. It also sends the client a signed checkpoint
-//! every `checkpoint_samples` of audio, and one last one when the server shuts down
-//! ([`checkpoint`]), from which any instance of the fleet can take the stream over.
+//! every `checkpoint_samples` of audio, and one last one when the server shuts down or a
+//! version it runs on is taken out of service ([`checkpoint`]), from which any instance of the
+//! fleet can take the stream over.
 
 mod attach;
 mod checkpoint;
@@ -229,6 +230,9 @@ pub struct StreamSession {
     /// from the checkpoint on are the new version's, all sent, numbered after the client's),
     /// and the connection that took it over has not been told yet.
     fresh_state: bool,
+    /// A step reached a model version taken out of service (`checkpoint.rs`, [`Retired`]):
+    /// the stream steps no more, and hands over to the next connection that attaches.
+    retired: Option<checkpoint::Retired>,
 }
 
 /// A stream's chunk counter and latency histogram, and each stage's step counter.
@@ -357,6 +361,7 @@ impl StreamSession {
             flushes: flush::Flushes::default(),
             place: None,
             fresh_state: false,
+            retired: None,
         })
     }
 
@@ -517,7 +522,7 @@ impl Actor for StreamSession {
 impl StreamSession {
     /// Adds audio to the stream, to step as its chunks complete.
     fn take_audio(&mut self, samples: &[f32], ctx: &mut Context<Self>) {
-        if self.ending || self.finished {
+        if self.ending || self.finished || self.retired.is_some() {
             return;
         }
         let chunk = self.layout.chunk_samples() as u64;

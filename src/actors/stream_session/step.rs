@@ -19,7 +19,7 @@ use crate::stream::protocol::{ResultsMode, ServerMessage};
 
 impl StreamSession {
     pub(super) fn maybe_step(&mut self, ctx: &mut Context<Self>) {
-        if self.in_flight || self.finished {
+        if self.in_flight || self.finished || self.retired.is_some() {
             return;
         }
         let skipped_before = self.progress.gated_skips();
@@ -88,6 +88,13 @@ impl StreamSession {
     ) {
         let response = match result {
             Ok(response) => response,
+            // Final for that version (never retried): nothing of the step ran, so the stream
+            // is whole as of its last completed step, and hands over from there.
+            Err(ServeError::VersionRetired { model, version }) => {
+                self.in_flight = false;
+                self.retries = 0;
+                return self.version_retired(model, version, ctx);
+            }
             Err(
                 e @ (ServeError::Overloaded { .. }
                 | ServeError::NotReady { .. }

@@ -181,6 +181,8 @@ enum ReadEnd {
     Close(CloseCode, String),
     /// The server is shutting down and the session closes the socket after its checkpoint.
     HandedOver,
+    /// The session stopped (it takes no more audio), and closes the socket itself.
+    SessionStopped,
 }
 
 struct ConnectionGauge;
@@ -207,7 +209,7 @@ async fn connection(
     let _gauge = ConnectionGauge::new();
     let start = match read_start(&mut ws, &mut messages).await {
         Ok(start) => start,
-        Err(ReadEnd::Gone | ReadEnd::HandedOver) => return,
+        Err(ReadEnd::Gone | ReadEnd::HandedOver | ReadEnd::SessionStopped) => return,
         Err(ReadEnd::Close(code, reason)) => {
             return write::close_with_error(ws, code, reason).await
         }
@@ -238,7 +240,7 @@ async fn connection(
     let session = opened.session;
     let (reader_close_tx, reader_close_rx) = mpsc::channel(1);
     let (pongs, pongs_rx) = mpsc::channel(write::PONGS_QUEUED);
-    let (session_close, session_let_go) = relay_close(close_rx);
+    let (session_close, mut session_let_go) = relay_close(close_rx);
     let mut writer = actix_web::rt::spawn(write::write_loop(
         ws.clone(),
         write::Outgoing {
@@ -257,10 +259,22 @@ async fn connection(
     // client that took nothing for its write timeout. Then nothing more is read: the client's
     // audio would go nowhere.
     let reading = read_loop(&mut messages, &pongs, &session, &attached, &config, limits);
-    let (end, let_go, mut writer_done) = tokio::select! {
+    let (end, mut let_go, mut writer_done) = tokio::select! {
         end = reading => (end, false, false),
-        _ = session_let_go => (ReadEnd::Gone, true, false),
+        _ = &mut session_let_go => (ReadEnd::Gone, true, false),
         _ = &mut writer => (ReadEnd::Gone, false, true),
+    };
+    // The session stopped while the reader waited for room for its audio: its word to close
+    // (a handover's, say) is on its way to the writer, which must send it rather than be
+    // ended as for a client that is gone. The word comes at once, or none will (a session
+    // that dropped the connection unsaid lets go the same instant).
+    let end = match end {
+        ReadEnd::SessionStopped => {
+            let _ = tokio::time::timeout(HANDOVER_WAIT, &mut session_let_go).await;
+            let_go = true;
+            ReadEnd::Gone
+        }
+        end => end,
     };
     match end {
         ReadEnd::Close(code, reason) => {
@@ -273,7 +287,7 @@ async fn connection(
                 .await
                 .is_ok();
         }
-        ReadEnd::Gone => {}
+        ReadEnd::Gone | ReadEnd::SessionStopped => {}
     }
     session.do_send(Detach {
         generation: attached.generation,
@@ -435,7 +449,7 @@ async fn read_loop(
                 // Backpressure: wait until the session has room for this audio.
                 match attached.credits.acquire_many(samples.len() as u32).await {
                     Ok(permit) => permit.forget(),
-                    Err(_) => return ReadEnd::Gone,
+                    Err(_) => return ReadEnd::SessionStopped,
                 }
                 // The wait for room is the server's, not the client's idleness.
                 idle.touch();

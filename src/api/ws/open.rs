@@ -375,7 +375,7 @@ async fn take_over(
         }
         Ok(Found::Unknown) | Err(_) => {}
     }
-    let (model, fresh_state) = checkpoint_model(&checkpoint, caller.served, config).await;
+    let (model, mut fresh_state) = checkpoint_model(&checkpoint, caller.served, config).await;
     let params = params(
         config,
         checkpoint.sample_rate,
@@ -384,6 +384,12 @@ async fn take_over(
     );
     let hub = Some(config.hub.clone().recipient());
     let models = stage_models(model, checkpoint.gate, config).await?;
+    // A stream handed over because a version it ran on was retired, with models besides its
+    // own: the retired one may have been one of theirs, and each now runs its default
+    // version, whose state the checkpoint's is not (it does not say which versions made it).
+    if checkpoint.retired && (models.stages.len() > 1 || models.gate.is_some()) {
+        fresh_state = true;
+    }
     // The key was let in when the stream began: a takeover is counted, never refused.
     let place = caller.access.resumed_stream_place(&caller.pass);
     let restored = StreamSession::restore(checkpoint, models, params, last_seq, fresh_state, hub)?
@@ -408,7 +414,9 @@ async fn take_over(
 }
 
 /// The checkpoint's own model version, loaded here if it is listed but cold; when this
-/// instance cannot serve that version, the default one with a fresh state (`true`).
+/// instance cannot serve that version, or it was taken out of service under the stream (a
+/// [`Checkpoint::retired`] handover: loading it again would undo the rollout or unload), the
+/// default one with a fresh state (`true`).
 async fn checkpoint_model(
     checkpoint: &Checkpoint,
     default: ServedModel,
@@ -416,6 +424,12 @@ async fn checkpoint_model(
 ) -> (ServedModel, bool) {
     if default.info.version == checkpoint.version {
         return (default, false);
+    }
+    if checkpoint.retired {
+        tracing::info!(model = %checkpoint.model, version = %checkpoint.version,
+            default = %default.info.version,
+            "the stream's version was taken out of service; it goes on from a fresh state on the default version");
+        return (default, true);
     }
     let load = config.supervisor.send(EnsureLoaded {
         name: checkpoint.model.clone(),

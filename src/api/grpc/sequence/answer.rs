@@ -392,3 +392,22 @@ impl Gathered {
         }
     }
 }
+
+/// Why a sequence handed over under a step is over, should its close have said nothing.
+pub const RETIRED: &str =
+    "model version taken out of service; resume from the handover checkpoint (sequence_start with resume)";
+
+/// Marks an answer as a sequence's handover (parameter `handover`), and says why
+/// (`handover_reason`) when it is not the shutdown's.
+pub fn mark_handover(response: &mut ModelInferResponse, reason: Option<&str>) {
+    response.parameters.insert(
+        "handover".into(),
+        parameter(ParameterChoice::BoolParam(true)),
+    );
+    if let Some(reason) = reason {
+        response.parameters.insert(
+            "handover_reason".into(),
+            parameter(ParameterChoice::StringParam(reason.into())),
+        );
+    }
+}

@@ -2,7 +2,8 @@
 //! requests that carry `sequence_id` (`sequence_start` on the first, `sequence_end` on the
 //! last) to a model that serves streams are the audio of one speech stream each, with its
 //! state kept here (a `StreamSession`, as a WebSocket stream has: batched across streams,
-//! checkpoints, resume, handover). Each request is answered once, in order, with the results
+//! checkpoints, resume, handover at a shutdown or when a version the stream runs on is
+//! taken out of service). Each request is answered once, in order, with the results
 //! its audio completed (`answer.rs`); the sequences of one call are independent and their
 //! ids are the call's own, so a client cannot reach another call's stream by guessing an id.
 //!
@@ -30,7 +31,6 @@ use tokio::task::JoinSet;
 use tonic::metadata::MetadataMap;
 
 use super::convert;
-use super::proto::inference::infer_parameter::ParameterChoice;
 use super::proto::inference::{InferParameter, ModelInferRequest, ModelStreamInferResponse};
 use super::{draining, Stop};
 use crate::access::StreamPass;
@@ -42,7 +42,7 @@ use crate::api::ws::open::{open_session, AttachError, Caller};
 use crate::api::AppState;
 use crate::manifest::StreamKind;
 use crate::stream::idle::IdleTimer;
-use answer::{Gathered, Taken, SEQUENCE_END, SEQUENCE_ID, SEQUENCE_START};
+use answer::{mark_handover, Gathered, Taken, RETIRED, SEQUENCE_END, SEQUENCE_ID, SEQUENCE_START};
 use parse::{audio_of, take_flags, SequenceKey};
 
 /// Steps of one sequence queued behind the one being answered.
@@ -374,20 +374,32 @@ impl SequenceTask {
     ) -> ModelStreamInferResponse {
         match self.take(&mut request, start, end).await {
             Ok((mut gathered, raw)) => {
-                let error = gathered.error.take();
+                let mut error = gathered.error.take();
+                // The stream was handed over under this step (a model version it runs on was
+                // taken out of service): the answer carries its results and the handover
+                // checkpoint, as a shutdown's does, and no error (Triton's client hides an
+                // answer's outputs when it has one). The sequence is over; its later steps
+                // are refused with the close's reason.
+                let handover = gathered.handover;
+                if handover {
+                    self.failed = Some(error.take().unwrap_or_else(|| RETIRED.into()));
+                }
                 if let Some(reason) = &error {
                     self.failed = Some(reason.clone());
                 }
                 if let Some(version) = gathered.version.clone() {
                     self.version = version;
                 }
-                let response = gathered.into_response(
+                let mut response = gathered.into_response(
                     &self.model,
                     &self.version,
                     std::mem::take(&mut request.id),
                     self.echo.clone(),
                     raw,
                 );
+                if let Some(reason) = self.failed.as_ref().filter(|_| handover) {
+                    mark_handover(&mut response, Some(reason));
+                }
                 ModelStreamInferResponse {
                     error_message: error.unwrap_or_default(),
                     infer_response: Some(response),
@@ -441,7 +453,19 @@ impl SequenceTask {
             let credits = &live.attached.credits;
             taken = match feed_from(&live.session, generation, credits, samples, STEP_WAIT).await {
                 Ok(taken) => taken,
-                Err(FeedError::Ended) => return Err("the stream has ended".into()),
+                // Handed over while it took the audio (its version was retired): the answer
+                // carries the handover checkpoint the session sent before it stopped.
+                Err(FeedError::Ended) => {
+                    let mut gathered = Gathered::of(self.kind);
+                    while let Ok(text) = live.messages.try_recv() {
+                        gathered.add(&text);
+                    }
+                    if !gathered.handover {
+                        return Err("the stream has ended".into());
+                    }
+                    gathered.error = live.close.try_recv().ok().map(|(_, reason)| reason);
+                    return Ok((gathered, decoded.raw_output));
+                }
                 Err(FeedError::Stalled) => return Err("the stream took no audio for 60 s".into()),
             };
         }
@@ -586,12 +610,7 @@ impl SequenceTask {
             false,
         );
         // Not an error: Triton's client hides an answer's outputs when it has one.
-        response.parameters.insert(
-            "handover".into(),
-            InferParameter {
-                parameter_choice: Some(ParameterChoice::BoolParam(true)),
-            },
-        );
+        mark_handover(&mut response, None);
         Some(ModelStreamInferResponse {
             error_message: String::new(),
             infer_response: Some(response),
