@@ -117,6 +117,17 @@ impl Catalog {
             .collect()
     }
 
+    /// The sha256 of a listed version's file, whatever its state now: a version unloaded
+    /// since it answered still names the file that computed the answer.
+    pub fn sha256_of(&self, name: &str, version: &str) -> Option<&str> {
+        Some(match self.models.get(name)?.versions.get(version)? {
+            VersionState::Serving(served) => &served.info.sha256,
+            VersionState::Unavailable { entry, .. }
+            | VersionState::Cold { entry, .. }
+            | VersionState::Loading { entry } => &entry.sha256,
+        })
+    }
+
     /// Finds a serving model version; the default version when `version` is `None`. The
     /// handle is held ([`ServedModel::held`]) for as long as the caller keeps it.
     pub fn resolve(&self, name: &str, version: Option<&str>) -> Result<ServedModel, ServeError> {

@@ -548,11 +548,13 @@ fn write_answer(
     let sha256 = if *model == served.info.name && *version == served.info.version {
         served.info.sha256.clone()
     } else {
+        // Another version than the job's now: the one before a deployment (unloaded since,
+        // perhaps), or the fallback.
         catalog
             .snapshot()
-            .resolve(model, Some(version))
-            .map(|s| s.info.sha256.clone())
+            .sha256_of(model, version)
             .unwrap_or_default()
+            .to_string()
     };
     write_line(
         chunk,
