@@ -2,15 +2,22 @@
 //! id finds the session that holds its state. Sessions run on the arbiter of the connection
 //! that created them (spreading streams over the HTTP worker threads); the hub only maps ids
 //! to addresses and counts them. It also remembers, for a while, the streams that ended here
-//! with their summary, so that a replayed resume token of one is refused, not restored.
+//! with their summary, so that a replayed resume token of one is refused, not restored; and,
+//! for the resume window, the last messages of those that sent checkpoints ([`EndedTail`]),
+//! so that a client whose connection dropped after its `end` can still get its summary.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use super::stream_session::{StreamEnded, StreamSession};
+use super::stream_session::{EndedTail, StreamEnded, StreamSession};
+
+/// The most the hub's [`EndedTail`]s hold together: 1,024 full ones (64 KiB each). Past it the
+/// oldest go first (a client that comes back does so within seconds); a resume that needed
+/// one is refused `ended`, as it was before tails were kept.
+pub const TAILS_BUDGET: usize = 64 * 1024 * 1024;
 
 pub struct StreamHub {
     streams: HashMap<Arc<str>, Addr<StreamSession>>,
@@ -18,6 +25,7 @@ pub struct StreamHub {
     finished: HashMap<Arc<str>, Instant>,
     /// How long an ended stream is remembered: longer than its tokens live.
     finished_kept: Duration,
+    tails: Tails,
 }
 
 impl StreamHub {
@@ -27,6 +35,76 @@ impl StreamHub {
             streams: HashMap::new(),
             finished: HashMap::new(),
             finished_kept: (resume_window * 2).max(Duration::from_secs(60)),
+            tails: Tails::new(resume_window, TAILS_BUDGET),
+        }
+    }
+}
+
+/// The tails of streams that ended here, each for `kept` (the resume window: every token of
+/// the stream was issued before its end, so none is valid longer), all within `budget` bytes.
+struct Tails {
+    kept: Duration,
+    budget: usize,
+    bytes: usize,
+    by_id: HashMap<Arc<str>, (Instant, EndedTail)>,
+    /// Ids in the order their streams ended (so the order they expire in).
+    order: VecDeque<(Instant, Arc<str>)>,
+}
+
+impl Tails {
+    fn new(kept: Duration, budget: usize) -> Tails {
+        Tails {
+            kept,
+            budget,
+            bytes: 0,
+            by_id: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    fn keep(&mut self, id: Arc<str>, tail: EndedTail, now: Instant) {
+        self.expire(now);
+        let size = tail.bytes();
+        if size > self.budget {
+            return;
+        }
+        if let Some((_, old)) = self.by_id.insert(id.clone(), (now, tail)) {
+            self.bytes -= old.bytes();
+        }
+        self.bytes += size;
+        self.order.push_back((now, id));
+        while self.bytes > self.budget && !self.order.is_empty() {
+            self.drop_oldest();
+        }
+    }
+
+    fn get(&self, id: &str, now: Instant) -> Option<EndedTail> {
+        let (at, tail) = self.by_id.get(id)?;
+        (now.duration_since(*at) < self.kept).then(|| tail.clone())
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while let Some((at, _)) = self.order.front() {
+            if now.duration_since(*at) < self.kept {
+                break;
+            }
+            self.drop_oldest();
+        }
+    }
+
+    fn drop_oldest(&mut self) {
+        let Some((at, id)) = self.order.pop_front() else {
+            return;
+        };
+        // Unless the id ended again since (its newer tail has its own place in the order).
+        if self
+            .by_id
+            .get(&id)
+            .is_some_and(|(kept_at, _)| *kept_at == at)
+        {
+            if let Some((_, tail)) = self.by_id.remove(&id) {
+                self.bytes -= tail.bytes();
+            }
         }
     }
 }
@@ -34,8 +112,8 @@ impl StreamHub {
 /// What the hub knows of a stream id.
 pub enum Found {
     Live(Addr<StreamSession>),
-    /// It ended here with its summary.
-    Finished,
+    /// It ended here with its summary; its last messages, if they are still kept.
+    Finished(Option<EndedTail>),
     Unknown,
 }
 
@@ -54,9 +132,10 @@ pub struct Lookup {
 
 /// List `session` as stream `id`, unless a live session already is (two takeovers of one
 /// stream racing): the answer is the session that holds the id. `replacing` names a session
-/// that may be replaced (a stale copy the caller retired).
+/// that may be replaced (a stale copy the caller retired). `None`: the stream ended here (it
+/// did while the caller restored it from a token): it is not listed again.
 #[derive(Message)]
-#[rtype(result = "Addr<StreamSession>")]
+#[rtype(result = "Option<Addr<StreamSession>>")]
 pub struct Adopt {
     pub id: Arc<str>,
     pub session: Addr<StreamSession>,
@@ -90,8 +169,12 @@ impl Handler<StreamEnded> for StreamHub {
         }
         if msg.summarized {
             let kept = self.finished_kept;
-            self.finished.retain(|_, at| at.elapsed() < kept);
-            self.finished.insert(msg.id, Instant::now());
+            let now = Instant::now();
+            self.finished.retain(|_, at| now.duration_since(*at) < kept);
+            if let Some(tail) = msg.tail {
+                self.tails.keep(msg.id.clone(), tail, now);
+            }
+            self.finished.insert(msg.id, now);
         }
         self.publish();
     }
@@ -103,7 +186,9 @@ impl Handler<Lookup> for StreamHub {
         let id = msg.id.as_str();
         MessageResult(match self.streams.get(id).filter(|a| a.connected()) {
             Some(session) => Found::Live(session.clone()),
-            None if self.finished.contains_key(id) => Found::Finished,
+            None if self.finished.contains_key(id) => {
+                Found::Finished(self.tails.get(id, Instant::now()))
+            }
             None => Found::Unknown,
         })
     }
@@ -117,10 +202,86 @@ impl Handler<Adopt> for StreamHub {
             .get(&msg.id)
             .filter(|a| a.connected() && msg.replacing.as_ref() != Some(*a));
         if let Some(holder) = holder {
-            return MessageResult(holder.clone());
+            return MessageResult(Some(holder.clone()));
+        }
+        if self.finished.contains_key(&msg.id) {
+            return MessageResult(None);
         }
         self.streams.insert(msg.id, msg.session.clone());
         self.publish();
-        MessageResult(msg.session)
+        MessageResult(Some(msg.session))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytestring::ByteString;
+
+    fn tail(summary_seq: u64, len: usize) -> EndedTail {
+        EndedTail {
+            model: "m".into(),
+            version: "1".into(),
+            started: ByteString::from_static("{}"),
+            messages: vec![(summary_seq, ByteString::from("x".repeat(len)))].into(),
+        }
+    }
+
+    const WINDOW: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn a_tail_is_kept_for_the_resume_window() {
+        let mut tails = Tails::new(WINDOW, 1 << 20);
+        let t0 = Instant::now();
+        tails.keep("a".into(), tail(3, 10), t0);
+        assert!(tails
+            .get("a", t0 + WINDOW - Duration::from_millis(1))
+            .is_some());
+        assert!(tails.get("a", t0 + WINDOW).is_none());
+        assert!(tails.get("b", t0).is_none());
+        // Ending another stream later lets the expired one go, and its bytes with it.
+        tails.keep("b".into(), tail(5, 10), t0 + WINDOW);
+        assert!(!tails.by_id.contains_key("a"));
+        assert_eq!(tails.bytes, tail(5, 10).bytes());
+        assert_eq!(tails.order.len(), 1);
+    }
+
+    #[test]
+    fn past_the_budget_the_oldest_tails_go_first() {
+        let one = tail(0, 1000).bytes();
+        let mut tails = Tails::new(WINDOW, 3 * one);
+        let t0 = Instant::now();
+        for (i, id) in ["a", "b", "c", "d"].into_iter().enumerate() {
+            tails.keep(
+                id.into(),
+                tail(0, 1000),
+                t0 + Duration::from_millis(i as u64),
+            );
+        }
+        assert!(tails.get("a", t0).is_none());
+        for id in ["b", "c", "d"] {
+            assert!(tails.get(id, t0).is_some(), "{id}");
+        }
+        assert_eq!(tails.bytes, 3 * one);
+        // One larger than the whole budget is not kept, and costs the others nothing.
+        tails.keep("e".into(), tail(0, 4 * one), t0);
+        assert!(tails.get("e", t0).is_none());
+        assert_eq!(tails.bytes, 3 * one);
+    }
+
+    #[test]
+    fn an_id_that_ends_again_keeps_its_newer_tail() {
+        let mut tails = Tails::new(WINDOW, 1 << 20);
+        let t0 = Instant::now();
+        tails.keep("a".into(), tail(3, 10), t0);
+        tails.keep("a".into(), tail(7, 20), t0 + Duration::from_secs(10));
+        // The first ending's place in the order expires; the newer tail stays.
+        tails.expire(t0 + WINDOW);
+        let kept = tails.get("a", t0 + WINDOW).expect("the newer tail");
+        assert_eq!(kept.messages[0].0, 7);
+        assert_eq!(tails.bytes, tail(7, 20).bytes());
+        tails.expire(t0 + WINDOW + Duration::from_secs(10));
+        assert_eq!(tails.bytes, 0);
+        assert!(tails.by_id.is_empty());
     }
 }

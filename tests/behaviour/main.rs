@@ -44,3 +44,4 @@ mod stream_pipeline_edges;
 mod stream_resume_edges;
 mod stream_retire;
 mod stream_rollout;
+mod stream_summary_resume;

@@ -20,10 +20,12 @@ mod attach;
 mod checkpoint;
 mod flush;
 mod step;
+mod tail;
 
 pub use attach::{AttachRefused, SUPERSEDED};
 pub use checkpoint::{Handover, Progress, Retire, ServedBy};
 pub use flush::{feed, feed_from, EndFrom, FeedError, Flush, Flushed};
+pub use tail::{EndedTail, TailRefused};
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -272,6 +274,8 @@ pub struct StreamEnded {
     /// It ended with its summary (not dropped, not failed): a token of it can no longer
     /// resume it.
     pub summarized: bool,
+    /// Its last messages, for a resume that missed them (a summarized stream with checkpoints).
+    pub tail: Option<EndedTail>,
 }
 
 impl StreamSession {
@@ -514,6 +518,7 @@ impl Actor for StreamSession {
                 id: self.id.clone(),
                 session: ctx.address(),
                 summarized: self.summarized,
+                tail: self.ended_tail(),
             });
         }
     }

@@ -222,8 +222,9 @@ async fn connection(
             return write::close_with_error(ws, CloseCode::Again, refused.to_string()).await;
         }
     }
-    let opened = match open::open_session(start, caller, &config).await {
-        Ok(opened) => opened,
+    let opened = match open::open_stream(start, caller, &config).await {
+        Ok(open::Outcome::Session(opened)) => opened,
+        Ok(open::Outcome::Ended(replay)) => return write::replay_ended(ws, replay).await,
         Err(refused) => {
             return write::close_with_error(ws, refused.close_code(), refused.to_string()).await
         }

@@ -7,6 +7,9 @@
 //! caller's key's open streams in their session, for as long as the stream lives (its resume
 //! window included); a resume of a live stream takes none. Every refused resume is counted and
 //! logged by its reason (`stream::resume`).
+//!
+//! A resume of a stream that already ended here with its summary is answered from the tail the
+//! hub keeps of it ([`EndedReplay`]): what the client missed, summary included, then the close.
 
 use std::sync::Arc;
 
@@ -20,8 +23,8 @@ use crate::access::{Access, Pass};
 use crate::actors::catalog::ServedModel;
 use crate::actors::stream_hub::{Adopt, Found, Lookup, Register};
 use crate::actors::stream_session::{
-    Attach, AttachRefused, Attached, Connection, Progress, Retire, ServedBy, StreamModels,
-    StreamParams, StreamSession,
+    Abandon, Attach, AttachRefused, Attached, Connection, EndedTail, Progress, Retire, ServedBy,
+    StreamModels, StreamParams, StreamSession, TailRefused,
 };
 use crate::actors::supervisor::EnsureLoaded;
 use crate::error::ServeError;
@@ -101,6 +104,22 @@ pub(in crate::api) struct Opened {
     pub created: bool,
 }
 
+/// A resume of a stream that ended here with its summary, from the tail the hub kept: the
+/// connection sends `started`, then `missed` (the messages after the client's `last_seq`,
+/// exactly as they were sent, the summary last), then closes 1000 "stream ended".
+pub(in crate::api) struct EndedReplay {
+    pub id: Arc<str>,
+    pub model: String,
+    pub started: ByteString,
+    pub missed: Vec<ByteString>,
+}
+
+/// What a `start` opened: a session to attach to, or the end of a stream that ended here.
+pub(in crate::api) enum Outcome {
+    Session(Opened),
+    Ended(EndedReplay),
+}
+
 /// A connection attached to its session: what the session sends it, and the session's word
 /// to close it (a code and reason, once what is queued is sent).
 pub(in crate::api) struct AttachedConnection {
@@ -172,12 +191,30 @@ impl Opened {
     }
 }
 
-/// Finds or makes the session `start` asks for; a refused resume is counted and logged here.
+/// Finds or makes the session `start` asks for, for a transport that answers per request (a
+/// gRPC sequence): it does not send an ended stream's tail, whose resume is refused `ended`.
 pub(in crate::api) async fn open_session(
     start: StartMessage,
     caller: Caller,
     config: &StreamsConfig,
 ) -> Result<Opened, OpenError> {
+    match open_stream(start, caller, config).await? {
+        Outcome::Session(opened) => Ok(opened),
+        Outcome::Ended(replay) => {
+            let refusal = ResumeRefusal::Ended;
+            refusal.record(&replay.model, Some(&replay.id));
+            Err(OpenError::Resume(refusal, ended(&replay.id)))
+        }
+    }
+}
+
+/// Finds or makes the session `start` asks for, or the tail of the stream it resumes if that
+/// ended here; a refused resume is counted and logged here.
+pub(in crate::api) async fn open_stream(
+    start: StartMessage,
+    caller: Caller,
+    config: &StreamsConfig,
+) -> Result<Outcome, OpenError> {
     let model = caller.served.info.name.clone();
     let named = start.stream_id.clone();
     let opened = open(start, caller, config).await;
@@ -187,11 +224,37 @@ pub(in crate::api) async fn open_session(
     opened
 }
 
+fn ended(id: &str) -> String {
+    format!("stream '{}' has ended", Untrusted(id))
+}
+
+/// The answer to a resume of a stream that ended here: its tail from after `last_seq`, if the
+/// hub still keeps it and the client lacks some of it; else `refused`.
+fn replay_ended(
+    id: Arc<str>,
+    tail: Option<EndedTail>,
+    last_seq: Option<u64>,
+    refused: OpenError,
+) -> Result<Outcome, OpenError> {
+    let Some(tail) = tail else {
+        return Err(refused);
+    };
+    match tail.missed(last_seq) {
+        Ok(missed) => Ok(Outcome::Ended(EndedReplay {
+            id,
+            model: tail.model,
+            started: tail.started,
+            missed,
+        })),
+        Err(TailRefused::HasAll | TailRefused::NotKept) => Err(refused),
+    }
+}
+
 async fn open(
     start: StartMessage,
     caller: Caller,
     config: &StreamsConfig,
-) -> Result<Opened, OpenError> {
+) -> Result<Outcome, OpenError> {
     if let Some(token) = &start.resume {
         let checkpoint = config
             .keys
@@ -220,8 +283,20 @@ async fn open(
                 format!("unknown or expired stream_id '{}'", Untrusted(&id)),
             )
         };
-        let Ok(Found::Live(session)) = config.hub.send(Lookup { id: id.clone() }).await else {
-            return Err(unknown());
+        let session = match config.hub.send(Lookup { id: id.clone() }).await {
+            Ok(Found::Live(session)) => session,
+            Ok(Found::Finished(Some(tail))) => {
+                // As a live stream's resume: its own model, at a version this caller may use.
+                if tail.model != caller.served.info.name {
+                    return Err(unknown());
+                }
+                caller
+                    .access
+                    .check_version(&caller.pass, &tail.model, &tail.version)
+                    .map_err(|e| e.to_string())?;
+                return replay_ended(id.as_str().into(), Some(tail), start.last_seq, unknown());
+            }
+            _ => return Err(unknown()),
         };
         // The stream's own model, at a version this caller may use.
         let (model, version) = session.send(ServedBy).await.map_err(|_| unknown())?;
@@ -239,7 +314,7 @@ async fn open(
             .access
             .check_version(&caller.pass, &model, &version)
             .map_err(|e| e.to_string())?;
-        return Ok(Opened {
+        return Ok(Outcome::Session(Opened {
             session,
             id: id.into(),
             model,
@@ -247,7 +322,7 @@ async fn open(
             last_seq: start.last_seq,
             token_counter: None,
             created: false,
-        });
+        }));
     }
     if start.last_seq.is_some() {
         return Err("last_seq is only meaningful with stream_id or resume"
@@ -272,7 +347,7 @@ async fn open(
         id: id.clone(),
         session: session.clone(),
     });
-    Ok(Opened {
+    Ok(Outcome::Session(Opened {
         session,
         id,
         model: name,
@@ -280,7 +355,7 @@ async fn open(
         last_seq: None,
         token_counter: None,
         created: true,
-    })
+    }))
 }
 
 /// Options of the other kind of stream than the model's (`vad` on a keyword spotter,
@@ -303,13 +378,14 @@ fn other_kinds_options(start: &StartMessage, kind: Option<StreamKind>) -> Result
 
 /// A stream from a verified checkpoint: the live session if it is here and as far along as
 /// the token (exact: it sends again what the client missed), else a session restored from the
-/// checkpoint, on the checkpoint's own model version (loaded if need be).
+/// checkpoint, on the checkpoint's own model version (loaded if need be); or, if the stream
+/// ended here, what the client missed of its end.
 async fn take_over(
     checkpoint: Checkpoint,
     last_seq: Option<u64>,
     caller: Caller,
     config: &StreamsConfig,
-) -> Result<Opened, OpenError> {
+) -> Result<Outcome, OpenError> {
     let name = caller.served.info.name.clone();
     let refused = |reason, message| Err(OpenError::Resume(reason, message));
     if checkpoint.model != name {
@@ -338,14 +414,20 @@ async fn take_over(
     }
     let token_counter = Some(checkpoint.counter);
     let id: Arc<str> = checkpoint.stream_id.as_str().into();
-    let found = |session, opening, last_seq| Opened {
-        session,
-        id: id.clone(),
-        model: name.clone(),
-        opening,
-        last_seq,
-        token_counter,
-        created: opening == Opening::TakenOver,
+    let found = |session, opening, last_seq| {
+        Outcome::Session(Opened {
+            session,
+            id: id.clone(),
+            model: name.clone(),
+            opening,
+            last_seq,
+            token_counter,
+            created: opening == Opening::TakenOver,
+        })
+    };
+    let ended_here = |tail| {
+        let refused = OpenError::Resume(ResumeRefusal::Ended, ended(&id));
+        replay_ended(id.clone(), tail, last_seq, refused)
     };
     let mut stale = None;
     match config.hub.send(Lookup { id: id.to_string() }).await {
@@ -370,9 +452,7 @@ async fn take_over(
             session.do_send(Retire);
             stale = Some(session);
         }
-        Ok(Found::Finished) => {
-            return refused(ResumeRefusal::Ended, format!("stream '{id}' has ended"))
-        }
+        Ok(Found::Finished(tail)) => return ended_here(tail),
         Ok(Found::Unknown) | Err(_) => {}
     }
     let (model, mut fresh_state) = checkpoint_model(&checkpoint, caller.served, config).await;
@@ -396,7 +476,7 @@ async fn take_over(
         .holding(place)
         .start();
     // Two takeovers of one stream may race: the hub keeps one, the other goes.
-    let session = config
+    let adopted = config
         .hub
         .send(Adopt {
             id: id.clone(),
@@ -405,6 +485,16 @@ async fn take_over(
         })
         .await
         .map_err(|_| "the server is stopping".to_string())?;
+    let Some(session) = adopted else {
+        // The stream ended here while this restored it (the live copy found above finished):
+        // the copy goes, unattached, and the token is answered as one of an ended stream.
+        restored.do_send(Abandon { generation: 0 });
+        let tail = match config.hub.send(Lookup { id: id.to_string() }).await {
+            Ok(Found::Finished(tail)) => tail,
+            _ => None,
+        };
+        return ended_here(tail);
+    };
     if session != restored {
         restored.do_send(Retire);
         return Ok(found(session, Opening::Resumed, last_seq));

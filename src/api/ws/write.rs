@@ -12,6 +12,7 @@ use bytes::Bytes;
 use bytestring::ByteString;
 use tokio::sync::{mpsc, oneshot};
 
+use super::open::EndedReplay;
 use crate::machine::traffic::{self, Protocol};
 use crate::stream::protocol::ServerMessage;
 
@@ -131,6 +132,22 @@ fn gave_up(unsent: Unsent) {
             WRITE_TIMEOUT.as_secs()
         );
     }
+}
+
+/// Answers a resume of a stream that ended here: `started`, what the client missed (its
+/// summary last), then the close 1000, as the stream's own connection would have; each write
+/// with its deadline. Counted and logged as a resume.
+pub(super) async fn replay_ended(mut ws: actix_ws::Session, replay: EndedReplay) {
+    metrics::counter!("streamserve_stream_resumes_total", "model" => replay.model.clone())
+        .increment(1);
+    tracing::info!(stream = %replay.id, model = %replay.model, how = "ended",
+        missed = replay.missed.len(), "stream resumed");
+    for text in std::iter::once(replay.started).chain(replay.missed) {
+        if let Err(unsent) = bounded(send_text(&mut ws, text)).await {
+            return gave_up(unsent);
+        }
+    }
+    close(ws, CloseCode::Normal, "stream ended".into(), false).await;
 }
 
 /// Closes with `code`, after an `error` message saying `reason` unless the stream ended
