@@ -34,6 +34,27 @@ pub enum AttachRefused {
     Beyond { last_seq: u64, last_sent: i64 },
 }
 
+impl StreamSession {
+    /// The `started` message of this stream as it stands: what a connection that attaches is
+    /// told first (and what an ended stream's tail begins with, `tail.rs`).
+    pub(super) fn started_message(&self, resumed: bool, fresh_state: bool) -> ServerMessage<'_> {
+        ServerMessage::Started {
+            stream_id: &self.id,
+            resumed,
+            model: &self.model.info.name,
+            version: &self.model.info.version,
+            sample_rate: self.params.sample_rate,
+            format: self.params.format,
+            chunk_samples: self.layout.chunk_samples(),
+            samples_received: self.samples_received,
+            next_seq: self.next_seq,
+            resume_window_secs: self.params.resume_window.as_secs(),
+            checkpoint_samples: self.params.checkpoint_samples,
+            fresh_state,
+        }
+    }
+}
+
 impl Handler<Attach> for StreamSession {
     type Result = Result<Attached, AttachRefused>;
 
@@ -84,22 +105,9 @@ impl Handler<Attach> for StreamSession {
         if resumed {
             metrics::counter!("streamserve_stream_resumes_total", &self.labels).increment(1);
         }
-        let started = ServerMessage::Started {
-            stream_id: &self.id,
-            resumed,
-            model: &self.model.info.name,
-            version: &self.model.info.version,
-            sample_rate: self.params.sample_rate,
-            format: self.params.format,
-            chunk_samples: self.layout.chunk_samples(),
-            samples_received: self.samples_received,
-            next_seq: self.next_seq,
-            resume_window_secs: self.params.resume_window.as_secs(),
-            checkpoint_samples: self.params.checkpoint_samples,
-            // Said once, to the connection that took the stream over.
-            fresh_state: std::mem::take(&mut self.fresh_state),
-        }
-        .to_json();
+        // Said once, to the connection that took the stream over.
+        let fresh_state = std::mem::take(&mut self.fresh_state);
+        let started = self.started_message(resumed, fresh_state).to_json();
         let _ = attach.connection.messages.try_send(started.into());
         self.connection = Some(attach.connection);
         let missed: Vec<ByteString> = self

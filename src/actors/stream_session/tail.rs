@@ -17,7 +17,6 @@ use std::sync::Arc;
 use bytestring::ByteString;
 
 use super::StreamSession;
-use crate::stream::protocol::ServerMessage;
 
 /// The most a stream's tail holds, its bookkeeping counted ([`EndedTail::bytes`]): about
 /// 20 s of per-chunk probabilities (many checkpoints' worth: a client has its newest one),
@@ -110,21 +109,7 @@ impl StreamSession {
         if !self.summarized || self.params.checkpoint_samples == 0 {
             return None;
         }
-        let started = ServerMessage::Started {
-            stream_id: &self.id,
-            resumed: true,
-            model: &self.model.info.name,
-            version: &self.model.info.version,
-            sample_rate: self.params.sample_rate,
-            format: self.params.format,
-            chunk_samples: self.layout.chunk_samples(),
-            samples_received: self.samples_received,
-            next_seq: self.next_seq,
-            resume_window_secs: self.params.resume_window.as_secs(),
-            checkpoint_samples: self.params.checkpoint_samples,
-            fresh_state: false,
-        }
-        .to_json();
+        let started = self.started_message(true, false).to_json();
         let (model, version) = (&self.model.info.name, &self.model.info.version);
         let fixed = TAIL_OVERHEAD + model.len() + version.len() + started.len();
         Some(EndedTail {
