@@ -82,14 +82,16 @@ fn status(answer: &Answered<'_>) -> u16 {
     }
 }
 
+/// The series labels of an answer: its known version's ([`known_version`]), else `_unknown`.
 fn model_version<'a>(answer: &Answered<'a>) -> (&'a str, &'a str) {
+    known_version(answer).unwrap_or(("_unknown", ""))
+}
+
+/// The version that answered, or the listed one a refusal names; `None` when neither.
+fn known_version<'a>(answer: &Answered<'a>) -> Option<(&'a str, &'a str)> {
     match answer.served {
-        Some(served) => (served.info.name.as_str(), served.info.version.as_str()),
-        None => answer
-            .outcome
-            .err()
-            .and_then(listed_version)
-            .unwrap_or(("_unknown", "")),
+        Some(served) => Some((served.info.name.as_str(), served.info.version.as_str())),
+        None => answer.outcome.err().and_then(listed_version),
     }
 }
 
@@ -124,11 +126,12 @@ impl std::fmt::Display for Logged<'_> {
 }
 
 fn logged_model<'a>(answer: &Answered<'a>) -> (Logged<'a>, &'a str) {
-    let (model, version) = model_version(answer);
-    let unknown =
-        answer.served.is_none() && answer.outcome.err().and_then(listed_version).is_none();
-    let asked = unknown.then_some(answer.asked);
-    (Logged { model, asked }, version)
+    let Some((model, version)) = known_version(answer) else {
+        let asked = Some(answer.asked);
+        let model = "_unknown";
+        return (Logged { model, asked }, "");
+    };
+    (Logged { model, asked: None }, version)
 }
 
 /// The series of requests for no known model.
