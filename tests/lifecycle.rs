@@ -42,15 +42,13 @@ fn server(manifest: &str) -> String {
 }
 
 async fn admin(c: &reqwest::Client, url: &str, path: &str, body: Value) -> (u16, Value) {
-    let response = c
-        .post(format!("{url}{path}"))
-        .bearer_auth(TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap())
+    common::admin_call(c, &format!("{url}{path}"), TOKEN, Some(&body)).await
+}
+
+async fn admin_get(c: &reqwest::Client, url: &str, path: &str) -> Value {
+    let (status, answer) = common::admin_call(c, &format!("{url}{path}"), TOKEN, None).await;
+    assert_eq!(status, 200, "GET {path}: {answer}");
+    answer
 }
 
 async fn states(c: &reqwest::Client, url: &str) -> Vec<(String, String, String)> {
@@ -300,15 +298,7 @@ async fn a_slow_canary_is_rolled_back_automatically() {
     let (status, answer) = admin(&c, &url, "/admin/models/mlp/deploy", body).await;
     assert_eq!(status, 200, "{answer}");
     eventually("the canary is rolled back", async || {
-        let rollouts: Value = c
-            .get(format!("{url}/admin/rollouts"))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let rollouts = admin_get(&c, &url, "/admin/rollouts").await;
         rollouts["last_rollback"]["mlp"].is_string()
     })
     .await;
@@ -331,15 +321,7 @@ async fn a_slow_canary_is_rolled_back_automatically() {
         after.iter().all(|v| *v == "1"),
         "traffic is back on the stable version: {after:?}"
     );
-    let rollouts: Value = c
-        .get(format!("{url}/admin/rollouts"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rollouts = admin_get(&c, &url, "/admin/rollouts").await;
     assert!(
         rollouts["last_rollback"]["mlp"]
             .as_str()
@@ -553,15 +535,7 @@ async fn replicas_scale_up_under_pressure_within_the_cpu_budget_and_back_down() 
     );
     let traffic = Traffic::start(&url, 24);
     let status = |c: reqwest::Client, url: String| async move {
-        let list: Value = c
-            .get(format!("{url}/admin/models"))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let list = admin_get(&c, &url, "/admin/models").await;
         list["models"][0]["router"].clone()
     };
     eventually("a second replica starts", async || {

@@ -40,22 +40,8 @@ fn mlp_manifest(extra: &str) -> String {
 }
 
 async fn router_status(c: &reqwest::Client, url: &str, model: &str) -> Value {
-    let list: Value = c
-        .get(format!("{url}/admin/models"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    list["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == model)
-        .unwrap()["router"]
-        .clone()
+    let (_, list) = admin_call(c, &format!("{url}/admin/models"), TOKEN, None).await;
+    model_row(&list, model)["router"].clone()
 }
 
 async fn wait_for_replicas(c: &reqwest::Client, url: &str, model: &str, want: u64) {

@@ -31,15 +31,7 @@ async fn burst(url: &str, model: &str, count: usize) -> Vec<(u16, bool, Value)> 
 
 /// The router's status of the first listed model, from the admin API.
 async fn router(c: &reqwest::Client, url: &str) -> Value {
-    let list: Value = c
-        .get(format!("{url}/admin/models"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, list) = admin_call(c, &format!("{url}/admin/models"), TOKEN, None).await;
     list["models"][0]["router"].clone()
 }
 

@@ -124,15 +124,7 @@ fn rss_bytes() -> u64 {
 }
 
 async fn router_status(c: &reqwest::Client, url: &str, model: &str) -> Value {
-    let list: Value = c
-        .get(format!("{url}/admin/models"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, list) = common::admin_call(c, &format!("{url}/admin/models"), TOKEN, None).await;
     list["models"]
         .as_array()
         .unwrap()

@@ -109,28 +109,18 @@ async fn finish(mut slow: Slow) -> (u16, String, Value) {
 }
 
 async fn admin(c: &reqwest::Client, url: &str, path: &str, body: Value) -> (u16, Value) {
-    let response = c
-        .post(format!("{url}/admin/models/mlp/{path}"))
-        .bearer_auth(TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
+    common::admin_call(
+        c,
+        &format!("{url}/admin/models/mlp/{path}"),
+        TOKEN,
+        Some(&body),
+    )
+    .await
 }
 
 /// The `/status` row of `mlp`'s `version`.
 async fn status_row(c: &reqwest::Client, url: &str, version: &str) -> Value {
-    let status: Value = c
-        .get(format!("{url}/status"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, status) = common::admin_call(c, &format!("{url}/status"), TOKEN, None).await;
     status["models"]
         .as_array()
         .unwrap()

@@ -155,15 +155,6 @@ async fn status(c: &reqwest::Client, url: &str, token: Option<&str>) -> (u16, Va
     (code, response.json().await.unwrap())
 }
 
-fn row<'a>(status: &'a Value, name: &str) -> &'a Value {
-    status["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["name"] == name)
-        .unwrap_or_else(|| panic!("no {name} in {status}"))
-}
-
 /// Concurrent REST inference on `mlp` until `stop` (or 40 s at most).
 fn load(url: &str, stop: Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<u64>> {
     (0..6)
@@ -195,7 +186,7 @@ async fn the_page_shows_live_models_latency_and_machine_under_load_and_nothing_w
     loop {
         let (code, body) = status(&c, &url, Some(TOKEN)).await;
         assert_eq!(code, 200, "{body}");
-        if row(&body, "mlp")["traffic"]["recent"]["requests"].as_u64() > Some(20) {
+        if model_row(&body, "mlp")["traffic"]["recent"]["requests"].as_u64() > Some(20) {
             break;
         }
         assert!(
@@ -309,7 +300,7 @@ async fn status_needs_the_admin_token_when_the_server_has_one() {
             "machine.{field}: {body}"
         );
     }
-    let tiny = row(&body, "tiny");
+    let tiny = model_row(&body, "tiny");
     assert_eq!(tiny["state"], "SERVING");
     assert_eq!(tiny["default"], true);
     assert_eq!(tiny["router"]["replicas"], 1);
@@ -388,7 +379,7 @@ async fn a_keyed_server_without_admin_token_hides_status_and_a_development_serve
     let open = start(&model_dir(&manifest), |_| {});
     let (code, body) = status(&c, &open, None).await;
     assert_eq!(code, 200, "{body}");
-    assert_eq!(row(&body, "open_tiny")["state"], "SERVING");
+    assert_eq!(model_row(&body, "open_tiny")["state"], "SERVING");
 }
 
 #[test]
@@ -484,7 +475,7 @@ async fn status_and_admin_give_the_replicas_running_and_the_config_the_configure
     let mut scaled = None;
     for _ in 0..150 {
         let (_, body) = status(&c, &url, Some(TOKEN)).await;
-        let mlp = row(&body, "mlp").clone();
+        let mlp = model_row(&body, "mlp").clone();
         if mlp["router"]["replicas"] == 1 {
             scaled = Some(mlp);
             break;
@@ -494,15 +485,7 @@ async fn status_and_admin_give_the_replicas_running_and_the_config_the_configure
     let mlp = scaled.expect("mlp did not scale down to 1 replica");
     assert_eq!(mlp["replicas"], 1, "the replicas running: {mlp}");
     assert_eq!(mlp["configured_replicas"], 2, "the manifest's: {mlp}");
-    let admin: Value = c
-        .get(format!("{url}/admin/models"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, admin) = common::admin_call(&c, &format!("{url}/admin/models"), TOKEN, None).await;
     assert_eq!(admin["models"][0]["replicas"], 1, "{admin}");
     assert_eq!(admin["models"][0]["configured_replicas"], 2, "{admin}");
     // The model metadata gives the running count; Triton's config the configured one.

@@ -163,6 +163,33 @@ pub async fn metrics_text(client: &reqwest::Client, base: &str) -> String {
         .expect("/metrics is text")
 }
 
+/// An admin API call: `body` is POSTed as JSON, or with `None` a GET; the admin `token` as
+/// bearer. The status and the JSON answer (`Null` for an empty body; a body that is not JSON
+/// fails the test).
+pub async fn admin_call(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    body: Option<&Value>,
+) -> (u16, Value) {
+    let request = match body {
+        Some(body) => client.post(url).json(body),
+        None => client.get(url),
+    };
+    let response = request
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("request sent");
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    if text.is_empty() {
+        return (status, Value::Null);
+    }
+    let value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
+    (status, value)
+}
+
 /// The row named `name` in a listing's `models` (`/v2/models`, the status page's JSON).
 pub fn model_row<'a>(list: &'a Value, name: &str) -> &'a Value {
     list["models"]
