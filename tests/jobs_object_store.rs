@@ -190,6 +190,71 @@ async fn one_object_output_submitted_at_once_makes_one_job() {
     running.shutdown().await;
 }
 
+/// A refresh by a job whose output is an object keeps one local copy, the serving table's:
+/// the copy of the table it replaced is removed (every refresh kept one more copy of the whole
+/// output in the jobs directory), and a copy that nothing serves is removed at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refresh_removes_the_local_copy_of_the_table_it_replaces() {
+    object_store();
+    let dir = scratch("edges-refresh-copies");
+    let jobs_dir = dir.join("jobs");
+    let input = dir.join("in.jsonl");
+    write_input(&input, 10);
+    // Left by an earlier server: a replaced table's copy that nothing serves or needs.
+    std::fs::create_dir_all(&jobs_dir).unwrap();
+    let left = jobs_dir.join("job-0123456789ab.output.jsonl");
+    std::fs::write(&left, "{}\n").unwrap();
+    let running = server(&jobs_dir);
+    assert!(!left.exists(), "a copy nothing needs is removed at start");
+    let url = format!("http://{}", running.addr);
+    let c = client();
+    let mut copies = Vec::new();
+    for n in 0..3 {
+        let (status, submitted) = submit(
+            &c,
+            &url,
+            json!({"model": "mlp", "input": input, "publish": true,
+                   "output": format!("s3://edges/refresh/answers-{n}.jsonl")}),
+        )
+        .await;
+        assert_eq!(status, 202, "{submitted}");
+        let id = submitted["id"].as_str().unwrap().to_string();
+        let done = wait_until(&c, &url, &id, Duration::from_secs(30), finished).await;
+        assert_eq!(done["state"], "succeeded", "{done}");
+        copies.push(jobs_dir.join(format!("{id}.output.jsonl")));
+    }
+    let (newest, replaced) = copies.split_last().unwrap();
+    assert!(newest.exists(), "the serving table's copy stays");
+    for copy in replaced {
+        assert!(!copy.exists(), "{} is kept", copy.display());
+    }
+    let (status, answer) = call(
+        &c,
+        reqwest::Method::GET,
+        &format!("{url}/v2/models/mlp/predictions/row-3"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    running.shutdown().await;
+
+    // After a restart the serving copy is still there, and served.
+    let running = server(&jobs_dir);
+    assert!(newest.exists());
+    let url = format!("http://{}", running.addr);
+    let (status, answer) = call(
+        &c,
+        reqwest::Method::GET,
+        &format!("{url}/v2/models/mlp/predictions/row-3"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    running.shutdown().await;
+}
+
 async fn submit_owned(
     c: reqwest::Client,
     url: String,

@@ -170,7 +170,9 @@ impl Tables {
         };
         for (model, publication) in published {
             match Table::open(publication) {
-                Ok(table) => tables.set(&model, table),
+                Ok(table) => {
+                    tables.set(&model, table);
+                }
                 Err(e) => {
                     tracing::warn!(model = %model, error = %e, "published predictions dropped")
                 }
@@ -179,7 +181,8 @@ impl Tables {
         tables
     }
 
-    fn set(&self, model: &str, table: Table) {
+    /// Makes `table` the one `model` serves: the table it replaced, if any.
+    fn set(&self, model: &str, table: Table) -> Option<Arc<Table>> {
         self.expect_refresh(model);
         ::metrics::gauge!("streamserve_predictions_keys", "model" => model.to_string())
             .set(table.index.len() as f64);
@@ -188,7 +191,39 @@ impl Tables {
         self.tables
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(model.to_string(), Arc::new(table));
+            .insert(model.to_string(), Arc::new(table))
+    }
+
+    /// Whether a table serves the file at `path`.
+    pub(super) fn serves(&self, path: &Path) -> bool {
+        self.tables
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .any(|t| t.publication.output == path)
+    }
+
+    /// Removes a replaced table's output when it is the local copy of an uploaded output
+    /// (`<jobs_dir>/<id>.output.jsonl`): kept only while it served, it would otherwise stay
+    /// in the jobs directory for good, one more copy at every refresh. An output the user
+    /// named is never removed. Lookups still reading the old table keep their open handle.
+    fn discard_copy(&self, replaced: &Publication) {
+        let Some(dir) = self.file.parent() else {
+            return;
+        };
+        let copy = super::record::staged_output(dir, &replaced.job);
+        if replaced.output != copy || self.serves(&copy) {
+            return;
+        }
+        match std::fs::remove_file(&copy) {
+            Ok(()) => {
+                tracing::info!(job = %replaced.job, file = %copy.display(), "replaced published predictions' local copy removed")
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(file = %copy.display(), error = %e, "cannot remove replaced published predictions' local copy")
+            }
+        }
     }
 
     /// Makes job `job`'s finished output the table of `model`, replacing the previous one,
@@ -215,8 +250,12 @@ impl Tables {
     pub fn install(&self, model: &str, Indexed(table): Indexed) -> Result<(), String> {
         let job = table.publication.job.clone();
         let keys = table.index.len();
-        self.set(model, table);
+        let replaced = self.set(model, table);
         self.save()?;
+        // Only once `published.json` no longer names it: a restart must find what it names.
+        if let Some(replaced) = replaced {
+            self.discard_copy(&replaced.publication);
+        }
         self.failures
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -412,6 +451,38 @@ mod tests {
             .unwrap_err()
             .contains("no row with a key"));
         assert!(matches!(again.lookup("m", "a"), Lookup::Found { .. }));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The local copy of an uploaded output goes once a newer table replaces it (each
+    /// refresh would otherwise leave one more in the jobs directory); an output the user
+    /// named stays.
+    #[test]
+    fn a_replaced_tables_local_copy_is_removed_and_a_named_output_kept() {
+        let dir = std::env::temp_dir().join(format!("jobs-lookup-copy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let row = concat!(
+            r#"{"line":1,"key":"a","model":"m","model_version":"1","sha256":"s","outputs":[1]}"#,
+            "\n"
+        );
+        let copy = |id: &str| {
+            let path = super::super::record::staged_output(&dir, id);
+            std::fs::write(&path, row).unwrap();
+            path
+        };
+        let (first, second) = (copy("job-1"), copy("job-2"));
+        let named = dir.join("answers.jsonl");
+        std::fs::write(&named, row).unwrap();
+        let tables = Tables::load(&dir);
+        tables.publish("m", "job-1", &first).unwrap();
+        tables.publish("m", "job-2", &second).unwrap();
+        assert!(!first.exists(), "the replaced copy is removed");
+        assert!(second.exists(), "the serving copy stays");
+        assert!(matches!(tables.lookup("m", "a"), Lookup::Found { .. }));
+        tables.publish("m", "job-3", &named).unwrap();
+        assert!(!second.exists());
+        tables.publish("m", "job-4", &copy("job-4")).unwrap();
+        assert!(named.exists(), "an output the user named is never removed");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

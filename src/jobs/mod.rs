@@ -164,17 +164,21 @@ impl Jobs {
                 jobs.inner.dir.display()
             )
         })?;
+        let mut resume = Vec::new();
         for record in records {
-            let unfinished = !record.state.finished();
-            let id = record.id.clone();
-            if unfinished && record.spec.publish {
-                jobs.inner.published.expect_refresh(&record.spec.model);
+            if !record.state.finished() {
+                if record.spec.publish {
+                    jobs.inner.published.expect_refresh(&record.spec.model);
+                }
+                resume.push(record.id.clone());
             }
             jobs.insert(record);
-            if unfinished {
-                tracing::info!(job = %id, "resuming batch job");
-                jobs.spawn(&id);
-            }
+        }
+        // Before any job runs: what is staged for an unfinished job is its own.
+        jobs.remove_leftovers();
+        for id in resume {
+            tracing::info!(job = %id, "resuming batch job");
+            jobs.spawn(&id);
         }
         jobs.prune_finished();
         jobs.sweep_periodically();

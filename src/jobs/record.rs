@@ -2,7 +2,7 @@
 //! asked for ([`JobSpec`]), where it stands ([`JobState`], [`Checkpoint`]), and the rules of
 //! its files (where its `.part` file sits, what it may remove when it ends).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +26,34 @@ pub enum JobState {
     Succeeded,
     Failed,
     Cancelled,
+}
+
+/// Where a job stages its input in the jobs directory (an object, or a `.npy` array converted
+/// to JSON Lines): `<jobs_dir>/<id>.input.jsonl`.
+pub(super) fn staged_input(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.input.jsonl"))
+}
+
+/// Where a job whose output is an object writes it before the upload:
+/// `<jobs_dir>/<id>.output.jsonl`, kept after the upload only while it serves the job's
+/// published predictions.
+pub(super) fn staged_output(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.output.jsonl"))
+}
+
+/// The job a file of the jobs directory was staged for, if it is one: its staged input (and
+/// what staging it leaves on the way, `.tmp`, `.npy`) or the local copy of its output (and
+/// its `.part`), as [`staged_input`] and [`staged_output`] name them.
+pub(super) fn staged_for(name: &str) -> Option<&str> {
+    const STAGED: [&str; 5] = [
+        "input.jsonl",
+        "input.jsonl.tmp",
+        "input.jsonl.npy",
+        "output.jsonl",
+        "output.jsonl.part",
+    ];
+    let (id, rest) = name.split_once('.')?;
+    (id.starts_with("job-") && STAGED.contains(&rest)).then_some(id)
 }
 
 /// `path` with `suffix` added to its file name (`out.jsonl` → `out.jsonl.part`).
@@ -180,4 +208,35 @@ pub struct JobRecord {
 
 fn staged_by_default() -> bool {
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staged_files_are_known_by_their_names() {
+        let dir = Path::new("/jobs");
+        let input = staged_input(dir, "job-0123456789ab");
+        let output = staged_output(dir, "job-0123456789ab");
+        for path in [
+            input.clone(),
+            with_suffix(&input, ".tmp"),
+            with_suffix(&input, ".npy"),
+            output.clone(),
+            with_suffix(&output, ".part"),
+        ] {
+            let name = path.file_name().unwrap().to_str().unwrap();
+            assert_eq!(staged_for(name), Some("job-0123456789ab"), "{name}");
+        }
+        for name in [
+            "job-0123456789ab.json",
+            ".job-0123456789ab.json.tmp",
+            "published.json",
+            "answers.output.jsonl",
+            "job-0123456789ab.output.jsonl.bak",
+        ] {
+            assert_eq!(staged_for(name), None, "{name}");
+        }
+    }
 }

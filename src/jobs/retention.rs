@@ -5,7 +5,8 @@
 //! server that runs jobs for months neither lists nor holds every job it ever ran. What a job
 //! wrote (its output, published or not) is never removed here, and a job that has not ended
 //! is never forgotten. Swept when the registry starts, when a job ends, and every
-//! [`sweep_every`] between.
+//! [`sweep_every`] between. At start, the files jobs staged in the jobs directory that nothing
+//! needs any more (a replaced table's local copy of an uploaded output) are removed too.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -98,6 +99,48 @@ impl Jobs {
             );
         }
         forget.len()
+    }
+
+    /// Removes, at start, the files that jobs staged in the jobs directory and that no
+    /// unfinished job or published table needs any more: the local copies of uploaded outputs
+    /// whose tables were replaced (earlier servers kept every one: a copy of the output at
+    /// every refresh), and what a crash left of a finished job's staging. A file
+    /// that is some job's own output (a path the user named) is kept.
+    pub(super) fn remove_leftovers(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.inner.dir) else {
+            return;
+        };
+        let table = self.table();
+        let needed = |id: &str, path: &std::path::Path| {
+            table.get(id).is_some_and(|e| !e.record.state.finished())
+                || table
+                    .values()
+                    .any(|e| e.record.spec.upload_to.is_none() && e.record.spec.output == path)
+                || self.inner.published.serves(path)
+        };
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name();
+            let Some(id) = name.to_str().and_then(super::record::staged_for) else {
+                continue;
+            };
+            if needed(id, &path) {
+                continue;
+            }
+            match std::fs::remove_file(&path) {
+                Ok(()) => removed += 1,
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot remove a finished job's staged file")
+                }
+            }
+        }
+        if removed > 0 {
+            tracing::info!(
+                files = removed,
+                "staged files of finished batch jobs removed from the jobs directory"
+            );
+        }
     }
 
     /// Sweeps finished jobs every [`sweep_every`] on the jobs' runtime, for as long as the

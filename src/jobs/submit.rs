@@ -123,7 +123,6 @@ pub(super) fn check(
             jobs.inner.dir.display()
         ))
     })?;
-    let staged = |what: &str| jobs.inner.dir.join(format!("{id}.{what}"));
 
     // The input: a local JSON Lines file is read where it is and counted now; an object or a
     // `.npy` array is staged by the job into the jobs directory first (and counted then).
@@ -153,7 +152,11 @@ pub(super) fn check(
             jobs.block_on(async move { remote.check_input().await })
                 .map_err(ServeError::invalid)?;
             let from = input.trim().to_string();
-            (staged("input.jsonl"), Some(Source { from, npy_input }), 0)
+            (
+                super::record::staged_input(&jobs.inner.dir, &id),
+                Some(Source { from, npy_input }),
+                0,
+            )
         }
         None => {
             let path = absolute("input", &input)?;
@@ -162,7 +165,7 @@ pub(super) fn check(
                 Some(npy_input) => {
                     let from = path.display().to_string();
                     (
-                        staged("input.jsonl"),
+                        super::record::staged_input(&jobs.inner.dir, &id),
                         Some(Source {
                             from,
                             npy_input: Some(npy_input),
@@ -204,7 +207,11 @@ pub(super) fn check(
             })?;
             jobs.block_on(async move { remote.check_output().await })
                 .map_err(ServeError::invalid)?;
-            (staged("output.jsonl"), Some(uri), claim)
+            (
+                super::record::staged_output(&jobs.inner.dir, &id),
+                Some(uri),
+                claim,
+            )
         }
         None => {
             let path = absolute("output", &output)?;
