@@ -3,8 +3,9 @@
 //! keeps the keys in force), a rewrite read by its contents whatever its modification time, a
 //! key edited while it holds its streams still holding them, the Bearer scheme in any case,
 //! client text escaped in refusals, per-address limits that an IPv6 client or a port in a
-//! forwarding header cannot dodge, and metadata that loads a cold model only for a caller
-//! whose key may call it.
+//! forwarding header cannot dodge, metadata that loads a cold model only for a caller
+//! whose key may call it, and a request more than a key's rows/s or audio per minute ever
+//! lets through refused as such (400), every refusal of those limits counted.
 
 mod common;
 
@@ -99,6 +100,79 @@ fn rewrite_keeping_mtime(file: &Path, text: &str) {
         .set_modified(before)
         .unwrap();
     assert_eq!(std::fs::metadata(file).unwrap().modified().unwrap(), before);
+}
+
+/// `secs` seconds of silence as a 16 kHz mono 16-bit WAV file.
+fn silent_wav(secs: f64) -> Vec<u8> {
+    let data = (16_000.0 * secs) as u32 * 2;
+    let mut wav = Vec::new();
+    wav.extend_from_slice(b"RIFF");
+    wav.extend_from_slice(&(36 + data).to_le_bytes());
+    wav.extend_from_slice(b"WAVEfmt ");
+    for field in [16u32.to_le_bytes(), [1, 0, 1, 0]] {
+        wav.extend_from_slice(&field);
+    }
+    wav.extend_from_slice(&16_000u32.to_le_bytes());
+    wav.extend_from_slice(&32_000u32.to_le_bytes());
+    wav.extend_from_slice(&[2, 0, 16, 0]);
+    wav.extend_from_slice(b"data");
+    wav.extend_from_slice(&data.to_le_bytes());
+    wav.resize(wav.len() + data as usize, 0);
+    wav
+}
+
+/// A request of more rows than a key's rows/s ever lets through, or more audio at once than
+/// its audio per minute, is 400 saying the most there is: no wait lets it through, and the
+/// 429 it had (Retry-After: 60) had a client retry it for ever. One within the limit that
+/// comes too soon is still 429 with Retry-After. Each refusal of those limits is counted
+/// (`rate_limited`), the audio ones too, which were not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn more_than_a_key_ever_lets_through_is_400_and_each_limit_refusal_counts() {
+    let key = new_key();
+    let limits = "models = [\"*\"]\nrows_per_sec = 4\naudio_secs_per_min = 1";
+    let file = keys_file(&entry("edge-small", &key, limits));
+    let url = start(&repo().join("models"), |c| c.api_keys = Some(file));
+    let c = client();
+    let infer = |rows: usize| {
+        c.post(format!("{url}/v2/models/mlp/infer"))
+            .bearer_auth(&key)
+            .json(&mlp_request(&features(1, rows)))
+            .send()
+    };
+    let segments = |secs: f64| {
+        c.post(format!("{url}/v1/models/silero_vad/segments"))
+            .bearer_auth(&key)
+            .body(silent_wav(secs))
+            .send()
+    };
+    let refused = |response: reqwest::Response| async move {
+        let (status, retry) = (
+            response.status().as_u16(),
+            response.headers().contains_key("retry-after"),
+        );
+        let body: serde_json::Value = response.json().await.unwrap();
+        (status, retry, body["error"].as_str().unwrap().to_string())
+    };
+
+    let (status, retry, error) = refused(infer(8).await.unwrap()).await;
+    assert_eq!((status, retry), (400, false), "{error}");
+    assert!(error.contains("'edge-small'"), "{error}");
+    assert!(error.contains("at most 4 rows per request"), "{error}");
+    // It took nothing: the key's 4 rows are there, and then spent.
+    assert_eq!(infer(4).await.unwrap().status(), 200);
+    let (status, retry, error) = refused(infer(1).await.unwrap()).await;
+    assert_eq!((status, retry), (429, true), "{error}");
+
+    let (status, retry, error) = refused(segments(2.0).await.unwrap()).await;
+    assert_eq!((status, retry), (400, false), "{error}");
+    assert!(error.contains("at most 1 s"), "{error}");
+    assert_eq!(segments(0.8).await.unwrap().status(), 200);
+    let (status, retry, error) = refused(segments(0.8).await.unwrap()).await;
+    assert_eq!((status, retry), (429, true), "{error}");
+
+    let metrics = metrics_text(&c, &url).await;
+    let series = "streamserve_access_refused_total{key=\"edge-small\",reason=\"rate_limited\"}";
+    assert_eq!(sample(&metrics, series), Some(4.0), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

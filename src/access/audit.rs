@@ -51,7 +51,21 @@ const REFUSED: &str = "streamserve_access_refused_total";
 
 impl Audit {
     pub fn refused(&self, key: &str, model: &str, address: Option<IpAddr>, error: &ServeError) {
-        metrics::counter!(REFUSED, "key" => key.to_string(), "reason" => error.kind()).increment(1);
+        self.refused_as(key, model, address, error.kind(), error);
+    }
+
+    /// A refusal counted under `reason` rather than the error's own kind: a request more than
+    /// a key's rate ever lets through is answered 400 (no wait would let it pass) but is a
+    /// refusal for the key's limit, `rate_limited`, as the others of that limit.
+    pub fn refused_as(
+        &self,
+        key: &str,
+        model: &str,
+        address: Option<IpAddr>,
+        reason: &'static str,
+        error: &ServeError,
+    ) {
+        metrics::counter!(REFUSED, "key" => key.to_string(), "reason" => reason).increment(1);
         if self.events.check().is_err() {
             self.left_out.fetch_add(1, Ordering::Relaxed);
             return;
@@ -60,7 +74,7 @@ impl Audit {
         let address = address.map(|a| a.to_string()).unwrap_or_default();
         tracing::warn!(
             target: "streamserve::audit",
-            key, model = %Untrusted(model), client = %address, reason = error.kind(),
+            key, model = %Untrusted(model), client = %address, reason,
             detail = %Untrusted(&error.to_string()), left_out, "request refused"
         );
     }

@@ -57,13 +57,22 @@ fn nonzero(n: Option<u32>) -> Option<NonZeroU32> {
     n.and_then(NonZeroU32::new)
 }
 
-/// How long until `limiter` has `n` cells again.
-fn wait(limiter: &DefaultDirectRateLimiter, n: NonZeroU32) -> Result<(), Duration> {
+/// Why `limiter` cannot take `n` cells now.
+enum Short {
+    /// It has them again after this long.
+    For(Duration),
+    /// It never holds `n` (more than its capacity): no wait lets them through.
+    Never,
+}
+
+/// Takes `n` cells of `limiter`, or says how long until it has them.
+fn wait(limiter: &DefaultDirectRateLimiter, n: NonZeroU32) -> Result<(), Short> {
     match limiter.check_n(n) {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(not_until)) => Err(not_until.wait_time_from(DefaultClock::default().now())),
-        // More than the bucket ever holds: never.
-        Err(_) => Err(Duration::from_secs(60)),
+        Ok(Err(not_until)) => Err(Short::For(
+            not_until.wait_time_from(DefaultClock::default().now()),
+        )),
+        Err(_) => Err(Short::Never),
     }
 }
 
@@ -122,27 +131,40 @@ impl Key {
         }
     }
 
-    /// `n` cells of `limiter`, if the key has that limit; `what` names it for the refusal.
+    /// `n` cells of `limiter`, if the key has that limit; `what` names it for the refusal, and
+    /// `too_big` says what to do when `n` is more than the limit ever lets through at once.
+    /// That is no 429: its Retry-After would be a promise no wait keeps, and a client that
+    /// follows it would retry the same request for ever. It is 400, saying the most there is.
     fn bucket(
         &self,
         limiter: &Option<DefaultDirectRateLimiter>,
         n: usize,
         what: impl FnOnce() -> String,
+        too_big: impl FnOnce() -> String,
     ) -> Result<(), ServeError> {
         let (Some(limiter), Some(n)) = (limiter, NonZeroU32::new(n.min(u32::MAX as usize) as u32))
         else {
             return Ok(());
         };
-        wait(limiter, n).map_err(|after| self.limited(what(), after))
+        wait(limiter, n).map_err(|short| match short {
+            Short::For(after) => self.limited(what(), after),
+            Short::Never => {
+                ServeError::invalid(format!("API key '{}' {}", self.spec.name, too_big()))
+            }
+        })
     }
 
     /// One request: its rate, then a place among the key's requests in flight (held by the
     /// returned guard until the answer is sent).
     pub fn request(&self) -> Result<Option<Held>, ServeError> {
         let limits = self.spec.limits;
-        self.bucket(&self.requests, 1, || {
-            format!("{} requests/s", limits.requests_per_sec.unwrap_or_default())
-        })?;
+        // One request always fits: a bucket holds at least one.
+        self.bucket(
+            &self.requests,
+            1,
+            || format!("{} requests/s", limits.requests_per_sec.unwrap_or_default()),
+            String::new,
+        )?;
         let (Some(count), Some(limit)) = (&self.concurrent, limits.max_concurrent) else {
             return Ok(None);
         };
@@ -156,10 +178,18 @@ impl Key {
 
     /// The rows of a decoded request.
     pub fn rows(&self, rows: usize) -> Result<(), ServeError> {
-        let limits = self.spec.limits;
-        self.bucket(&self.rows, rows, || {
-            format!("{} rows/s", limits.rows_per_sec.unwrap_or_default())
-        })
+        let rate = self.spec.limits.rows_per_sec.unwrap_or_default();
+        self.bucket(
+            &self.rows,
+            rows,
+            || format!("{rate} rows/s"),
+            || {
+                format!(
+                    "may send at most {rate} rows/s: a request of {rows} rows never fits; \
+                     send at most {rate} rows per request"
+                )
+            },
+        )
     }
 
     /// A new stream: a place among the key's open streams, held by the returned guard.
@@ -182,13 +212,18 @@ impl Key {
 
     /// `ms` milliseconds of a stream's audio.
     pub fn audio(&self, ms: u32) -> Result<(), ServeError> {
-        let limits = self.spec.limits;
-        self.bucket(&self.audio, ms as usize, || {
-            format!(
-                "{} s of audio per minute",
-                limits.audio_secs_per_min.unwrap_or_default()
-            )
-        })
+        let secs = self.spec.limits.audio_secs_per_min.unwrap_or_default();
+        self.bucket(
+            &self.audio,
+            ms as usize,
+            || format!("{secs} s of audio per minute"),
+            || {
+                format!(
+                    "may send at most {secs} s of audio per minute: {ms} ms of audio at once \
+                     never fits; send at most {secs} s at once"
+                )
+            },
+        )
     }
 }
 
@@ -254,14 +289,38 @@ mod tests {
     fn rows_and_audio_are_counted_by_size() {
         let k = key("rows_per_sec = 10\naudio_secs_per_min = 1");
         assert!(k.rows(10).is_ok());
-        assert!(k.rows(1).is_err());
-        assert!(k.rows(11).is_err(), "more than the bucket holds");
+        assert!(matches!(k.rows(1), Err(ServeError::RateLimited { .. })));
         assert!(k.audio(600).is_ok());
         assert!(k.audio(400).is_ok());
-        assert!(k.audio(100).is_err());
+        assert!(matches!(k.audio(100), Err(ServeError::RateLimited { .. })));
         let free = key("");
         assert!(free.request().unwrap().is_none());
         assert!(free.rows(1_000_000).is_ok());
+    }
+
+    /// More than a bucket ever holds is refused as a request that cannot pass (400, saying
+    /// the most there is), not as one that may pass later (429 with a Retry-After that never
+    /// comes true): whether or not the bucket is full.
+    #[test]
+    fn more_than_a_limit_ever_lets_through_is_no_rate_refusal() {
+        let k = key("rows_per_sec = 10\naudio_secs_per_min = 1");
+        for _ in 0..2 {
+            match k.rows(11) {
+                Err(ServeError::InvalidRequest(why)) => assert!(
+                    why.contains("'k'") && why.contains("11 rows") && why.contains("at most 10"),
+                    "{why}"
+                ),
+                other => panic!("expected 400, got {other:?}"),
+            }
+            match k.audio(1001) {
+                Err(ServeError::InvalidRequest(why)) => {
+                    assert!(why.contains("1001 ms") && why.contains("1 s"), "{why}")
+                }
+                other => panic!("expected 400, got {other:?}"),
+            }
+        }
+        assert!(k.rows(10).is_ok(), "a refused request took nothing");
+        assert!(k.audio(1000).is_ok());
     }
 
     #[test]

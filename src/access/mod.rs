@@ -12,7 +12,7 @@
 //! Keys are never logged nor put in metrics (only their names), and a presented key is
 //! compared with every stored hash in constant time. Refusals: 401 (no key, or not a valid
 //! one: the answer does not say which keys exist), 403 (a valid key outside its models), 429
-//! with Retry-After (over a limit).
+//! with Retry-After (over a limit), 400 (one request more than a limit ever lets through).
 
 pub mod audit;
 pub mod client;
@@ -97,13 +97,17 @@ pub struct Access {
     per_address: Option<DefaultKeyedRateLimiter<IpAddr>>,
     per_address_rate: u32,
     proxies: client::TrustedProxies,
-    audit: audit::Audit,
+    /// Shared with each stream's [`StreamPass`], whose audio refusals it counts and logs.
+    audit: Arc<audit::Audit>,
 }
 
 /// A caller let in, for one request or stream: who it is, and the permits it holds.
 pub struct Pass {
     key: Option<Arc<Key>>,
     pub address: Option<IpAddr>,
+    /// The model it was let in for, as the request named it (for the audit of a later
+    /// refusal: a stream's audio).
+    model: String,
     _in_flight: Option<limits::Held>,
 }
 
@@ -140,12 +144,25 @@ pub struct StreamPlace {
 pub struct StreamPass {
     key: Option<Arc<Key>>,
     _place: StreamPlace,
+    /// Where an audio refusal is counted and logged, as every refusal is.
+    audit: Arc<audit::Audit>,
+    model: String,
+    address: Option<IpAddr>,
 }
 
 impl StreamPass {
     /// `ms` milliseconds of the stream's audio, against the key's audio per minute.
     pub fn audio(&self, ms: u32) -> Result<(), ServeError> {
-        self.key.as_ref().map_or(Ok(()), |k| k.audio(ms))
+        let Some(key) = &self.key else { return Ok(()) };
+        key.audio(ms).inspect_err(|error| {
+            self.audit.refused_as(
+                &key.spec.name,
+                &self.model,
+                self.address,
+                audit::RATE_LIMITED,
+                error,
+            );
+        })
     }
 
     /// [`audio`](Self::audio) for `samples` samples at `sample_rate`, rounded up to a ms.
@@ -201,7 +218,7 @@ impl Access {
             proxies: client::TrustedProxies::parse(
                 config.trusted_proxies.as_deref().unwrap_or(""),
             )?,
-            audit: audit::Audit::default(),
+            audit: Arc::default(),
         })
     }
 
@@ -321,6 +338,7 @@ impl Access {
             return Ok(Pass {
                 key: None,
                 address,
+                model: model.to_string(),
                 _in_flight: None,
             });
         };
@@ -360,6 +378,7 @@ impl Access {
         Ok(Pass {
             key: Some(key),
             address,
+            model: model.to_string(),
             _in_flight: in_flight,
         })
     }
@@ -399,12 +418,18 @@ impl Access {
         Err(error)
     }
 
-    /// After decoding: the request's rows against the key's rows/s.
+    /// After decoding: the request's rows against the key's rows/s (429 over it; 400 for a
+    /// request of more rows than it ever lets through, counted as `rate_limited` too).
     pub fn check_rows(&self, pass: &Pass, model: &str, rows: usize) -> Result<(), ServeError> {
         let Some(key) = &pass.key else { return Ok(()) };
         key.rows(rows).inspect_err(|error| {
-            self.audit
-                .refused(&key.spec.name, model, pass.address, error);
+            self.audit.refused_as(
+                &key.spec.name,
+                model,
+                pass.address,
+                audit::RATE_LIMITED,
+                error,
+            );
         })
     }
 
@@ -414,6 +439,9 @@ impl Access {
         Ok(StreamPass {
             key: pass.key.clone(),
             _place: self.stream_place(pass, model)?,
+            audit: self.audit.clone(),
+            model: model.to_string(),
+            address: pass.address,
         })
     }
 
@@ -424,6 +452,9 @@ impl Access {
         StreamPass {
             key: pass.key.clone(),
             _place: StreamPlace { _held: None },
+            audit: self.audit.clone(),
+            model: pass.model.clone(),
+            address: pass.address,
         }
     }
 

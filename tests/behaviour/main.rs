@@ -21,6 +21,7 @@ mod batching;
 mod cli;
 mod config_file;
 mod deploy;
+mod documented_jobs_access;
 mod fuzz_corpus;
 mod grpc_sequences;
 mod grpc_speech;
