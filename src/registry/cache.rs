@@ -24,9 +24,16 @@ pub struct Cache {
 }
 
 impl Cache {
-    /// The cache of registry `uri` under `dir`.
+    /// The cache of registry `uri` under `dir`. A relative `dir` (the default,
+    /// `.streamserve-cache`) is taken from the current directory once, here: a model entry
+    /// made from a cached file resolves its file against the file's own directory, so a
+    /// relative path would name the cache twice over (`dir/…/dir/…/<sha256>.onnx`) and no
+    /// version could load.
     pub fn open(dir: &Path, uri: &str) -> Result<Cache, RegistryError> {
         let tag = hex::encode(&Sha256::digest(uri.as_bytes())[..8]);
+        let dir = std::path::absolute(dir).map_err(|e| {
+            RegistryError::Local(format!("cannot resolve cache {}: {e}", dir.display()))
+        })?;
         let root = dir.join(tag);
         std::fs::create_dir_all(root.join("desired")).map_err(|e| {
             RegistryError::Local(format!("cannot create cache {}: {e}", root.display()))

@@ -63,9 +63,16 @@ pub(super) struct Agent {
     others_fresh: bool,
     /// This instance's last report.
     mine: InstanceReport,
-    /// Whether the registry answered the last poll: a state, so that an outage is logged
-    /// once when it starts and once when it ends, whatever its errors' texts.
+    /// Whether the registry answered this poll so far, and once it is over, the whole poll
+    /// (`settling` and `GET /admin/registry` read it).
     reachable: bool,
+    /// Whether the last poll ended with the registry up, as logged: an outage is logged
+    /// when it starts and when it ends, not at each failing poll.
+    said_up: bool,
+    /// The last poll's reads of the desired states failed: a start then settles from the
+    /// cache (`startup`). A failed write alone (the report) is no reason to: what was read
+    /// is being fetched from the registry.
+    read_failed: bool,
     /// Why this poll's reads or writes failed, if they did.
     poll_error: Option<String>,
     /// The registry holds something this instance cannot read (a bad key under `models/`,
@@ -97,6 +104,8 @@ impl Agent {
             others_fresh: false,
             mine: InstanceReport::default(),
             reachable: true,
+            said_up: true,
+            read_failed: false,
             poll_error: None,
             models_problem: None,
             fleet_problem: None,
@@ -139,9 +148,7 @@ impl Agent {
         } else {
             self.read_desired().await
         };
-        metrics::gauge!("streamserve_registry_up").set(if reachable { 1.0 } else { 0.0 });
-        let outcome = if reachable { "ok" } else { "error" };
-        metrics::counter!("streamserve_registry_polls_total", "outcome" => outcome).increment(1);
+        self.read_failed = !reachable;
         self.fetch_needed(now, reachable).await;
         let rolling_out = self.desired.values().any(|(d, _)| d.rollout.is_some());
         if reachable && (rolling_out || self.polls % 10 == 1) {
@@ -157,26 +164,44 @@ impl Agent {
         if reachable && rolling_out && self.others_fresh {
             self.decide_all(now).await;
         }
+        self.end_poll();
         self.publish_status(now);
         if !*self.fleet.shared.synced.borrow() && self.settled() {
             let _ = self.fleet.shared.synced.send(true);
         }
     }
 
+    /// A read or write of this poll failed. Said (logged, counted) once the poll is over, by
+    /// [`Agent::end_poll`].
     fn unreachable(&mut self, e: RegistryError) {
-        let text = e.to_string();
-        if self.reachable {
-            tracing::warn!(error = %text, "registry unreachable; serving what this instance has");
-        }
         self.reachable = false;
-        self.poll_error = Some(text);
+        self.poll_error = Some(e.to_string());
     }
 
+    /// This poll's reads answered (a later write of the same poll may still fail).
     fn reached(&mut self) {
-        if !self.reachable {
-            tracing::info!("registry reachable again");
-        }
         self.reachable = true;
+    }
+
+    /// Whether the registry answered the whole poll: its reads, and the writes that followed
+    /// them (the report, a rollout's decision). A store that answers reads but refuses this
+    /// instance's writes (read-only credentials) is not up: the fleet does not see this
+    /// instance. An outage is logged once when it starts and once when it ends, however many
+    /// polls fail meanwhile, and `streamserve_registry_up` says the same.
+    fn end_poll(&mut self) {
+        let up = self.poll_error.is_none();
+        self.reachable = up;
+        metrics::gauge!("streamserve_registry_up").set(if up { 1.0 } else { 0.0 });
+        let outcome = if up { "ok" } else { "error" };
+        metrics::counter!("streamserve_registry_polls_total", "outcome" => outcome).increment(1);
+        match (&self.poll_error, self.said_up) {
+            (Some(error), true) => {
+                tracing::warn!(%error, "registry unreachable; serving what this instance has")
+            }
+            (None, false) => tracing::info!("registry reachable again"),
+            _ => {}
+        }
+        self.said_up = up;
     }
 
     /// Sets one of the registry's content problems, logging it when it changes.

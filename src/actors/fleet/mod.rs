@@ -126,8 +126,19 @@ impl Fleet {
     }
 
     /// Takes `name:version` from the registry (its record, and its file into the cache) and
-    /// lists it with the supervisor, so that it can be loaded and deployed here.
+    /// lists it with the supervisor, so that it can be loaded and deployed here. A name the
+    /// registry cannot hold (an admin request's `"version": "../x"`) is not in it: 404, as
+    /// for any other version it lacks, not the 409 of a refused registry operation.
     pub async fn fetch(&self, name: &str, version: &str) -> Result<(), RegistryError> {
+        if let Err(e) = crate::registry::check_name("model name", name)
+            .and_then(|()| crate::registry::check_name("version", version))
+        {
+            return Err(RegistryError::NotFound(format!(
+                "{}:{} ({e})",
+                crate::untrusted::Untrusted(name),
+                crate::untrusted::Untrusted(version)
+            )));
+        }
         let shared = &self.shared;
         let record = match ops::record(&shared.store, name, version).await {
             Ok(record) => {

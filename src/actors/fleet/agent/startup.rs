@@ -77,7 +77,7 @@ impl Agent {
     /// Whether the agent is starting without the registry and its models are still loading.
     pub(super) fn settling(&self) -> bool {
         !*self.fleet.shared.synced.borrow()
-            && !self.reachable
+            && self.read_failed
             && self.polls > 0
             && now_ms().saturating_sub(self.started_at_ms) < SETTLE_LIMIT_MS
     }
