@@ -54,10 +54,18 @@ impl CanaryRollout {
 
 /// A rolling update's steps for a version of `replicas` replicas: one replica's share more at
 /// each (100/N %, rounded down, ending at 100), and at least two steps, so that even a single
-/// replica is judged on half the traffic before it takes all of it.
+/// replica is judged on half the traffic before it takes all of it. Past 100 replicas a
+/// replica's share is under one percent: a share that rounds to 0 (a step in which the new
+/// version would get no traffic, and pass unjudged) or to the last step's is left out, so
+/// that the steps stay strictly increasing in 1..=100 as an operator's canary steps must.
 pub(super) fn rolling_steps(replicas: usize) -> Vec<u32> {
-    let n = replicas.max(2) as u32;
-    (1..=n).map(|k| k * 100 / n).collect()
+    let n = replicas.max(2) as u64;
+    let mut steps: Vec<u32> = (1..=n)
+        .map(|k| (k * 100 / n) as u32)
+        .filter(|p| *p > 0)
+        .collect();
+    steps.dedup();
+    steps
 }
 
 /// Starts a stepped rollout of `key`, loaded as `served`, against `stable`: its first step's
@@ -224,5 +232,19 @@ mod tests {
         assert_eq!(rolling_steps(2), vec![50, 100]);
         assert_eq!(rolling_steps(3), vec![33, 66, 100]);
         assert_eq!(rolling_steps(4), vec![25, 50, 75, 100]);
+    }
+
+    #[test]
+    fn past_100_replicas_no_step_is_empty_or_repeated() {
+        for replicas in [99, 100, 101, 128, 300, 1024] {
+            let steps = rolling_steps(replicas);
+            assert!(steps[0] >= 1, "{replicas}: {steps:?}");
+            assert!(
+                steps.windows(2).all(|w| w[0] < w[1]),
+                "{replicas}: {steps:?}"
+            );
+            assert_eq!(steps.last(), Some(&100), "{replicas}: {steps:?}");
+        }
+        assert_eq!(rolling_steps(100), (1..=100).collect::<Vec<u32>>());
     }
 }
