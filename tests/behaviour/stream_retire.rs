@@ -5,7 +5,8 @@
 //! token on the same server ends with its summary, its `seq`s gapless: on the same version
 //! exactly when the default is that version again (unloaded, it loads again), on the new
 //! default from a fresh state when a rollout moved it. A stream on another model goes on
-//! untouched; a gRPC sequence is handed over in the answer to its step.
+//! untouched; a gRPC sequence is handed over in the answer to its step. A stream whose client
+//! is away when its version is retired hands over to the connection that resumes it.
 
 use crate::common;
 
@@ -346,6 +347,58 @@ async fn a_blue_green_deploy_hands_streams_over_to_the_new_default_and_spares_ot
         chunks as u64,
         "every chunk's result"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_retired_while_its_client_is_away_hands_over_when_it_resumes() {
+    let running = server();
+    let url = format!("http://{}", running.addr);
+    let (audio, _) = fixture_pcm16(PHRASES);
+    let mut ws = connect_to(&url, "silero_vad").await.unwrap();
+    let start = json!({"type": "start", "checkpoints": true, "results": EVENTS});
+    ws.send(Message::text(start.to_string())).await.unwrap();
+    for frame in audio[..2 * 67200].chunks(2048) {
+        ws.send(Message::binary(frame.to_vec())).await.unwrap();
+    }
+    let mut seen = Seen {
+        messages: Vec::new(),
+        close: None,
+    };
+    read(&mut ws, &mut seen, Duration::from_secs(1)).await;
+    let started = seen.messages[0].clone();
+    assert_eq!(started["version"], "2", "{started}");
+    // The connection drops: the stream waits for its client, and no step of it runs while
+    // the deploy takes its version out of service.
+    drop(ws);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deploy = json!({"version": "1", "strategy": "blue_green"});
+    admin(&url, "silero_vad/deploy", deploy).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // The client comes back by its stream id, sends nothing, and is handed over at once.
+    let mut ws = connect_to(&url, "silero_vad").await.unwrap();
+    let id = &started["stream_id"];
+    let start = json!({"type": "start", "stream_id": id, "last_seq": seen.last_seq()});
+    ws.send(Message::text(start.to_string())).await.unwrap();
+    let mut back = Seen {
+        messages: Vec::new(),
+        close: None,
+    };
+    read(&mut ws, &mut back, Duration::from_secs(5)).await;
+    assert_eq!(back.messages[0]["type"], "started", "{:?}", back.messages);
+    assert_eq!(back.messages[0]["resumed"], true);
+    let checkpoint = handed_over(&back, "silero_vad:2");
+    let token = checkpoint["token"].as_str().unwrap();
+
+    // Its token goes on on the new default, from a fresh state, to the summary.
+    let (started, after) = resume(&url, ("silero_vad", PHRASES), token, seen.last_seq()).await;
+    assert_eq!(started["version"], "1", "{started}");
+    assert_eq!(started["fresh_state"], true, "{started}");
+    assert_eq!(after.close.as_ref().unwrap().0, CloseCode::Normal);
+    let mut results = seen.results();
+    results.extend(back.results());
+    results.extend(after.results());
+    gapless(&results);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -3,16 +3,20 @@
 //! its last checkpoint and gets what it missed (the last results and the summary, exactly as an
 //! uninterrupted run sends them, `seq`s gapless), then the close 1000, by its token or by its
 //! `stream_id`; one that has the summary is refused `ended` (1008); a stream running beside
-//! them is not affected.
+//! them is not affected. A gRPC sequence whose call dropped after its `sequence_end` gets the
+//! same in the answer to the `sequence_start` that resumes it, and the sequence is then over.
 
 use crate::common;
 
 use std::time::Duration;
 
+use common::grpc_sequence::{self as grpc, Call, Results, Samples};
 use common::stream_client::*;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
+use streamserve::api::grpc::proto::inference::infer_parameter::ParameterChoice;
+use streamserve::api::grpc::proto::inference::ModelInferResponse;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -240,4 +244,106 @@ async fn results_lost_in_flight_before_the_summary_come_again_and_only_once() {
     // A `last_seq` past the summary is refused `ended` too.
     let (_, close) = resume(&url, token, summary_seq + 5).await;
     assert_eq!(close.map(|c| c.0), Some(CloseCode::Policy));
+}
+
+/// Sequence 1 of `call` with checkpoints, `pcm` in steps of 4,000 samples: what its answers
+/// gave, its last `seq`, and its newest checkpoint's token.
+async fn sequence_with_audio(call: &mut Call, pcm: &[i16]) -> (Results, i64, String) {
+    let checkpoints = [("checkpoints", ParameterChoice::BoolParam(true))];
+    let (mut got, mut last_seq, mut token) = (Results::default(), -1, String::new());
+    for (i, chunk) in pcm.chunks(4000).enumerate() {
+        let options: &[_] = if i == 0 { &checkpoints } else { &[] };
+        let r = call
+            .ok(grpc::step(1, i == 0, false, Samples::Pcm(chunk), options))
+            .await;
+        if r.parameters.contains_key("checkpoint") {
+            token = grpc::text(&r, "checkpoint");
+        }
+        last_seq = grpc::int(&r, "last_seq");
+        got.add(&r);
+    }
+    (got, last_seq, token)
+}
+
+fn flag(r: &ModelInferResponse, key: &str) -> bool {
+    matches!(
+        r.parameters
+            .get(key)
+            .and_then(|p| p.parameter_choice.clone()),
+        Some(ParameterChoice::BoolParam(true))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_grpc_sequence_whose_call_dropped_after_its_end_gets_the_end_on_resume() {
+    let running = server();
+    let (pcm, _) = grpc::fixture();
+    let pcm = &pcm[..SECONDS * 16000];
+    let mut c = grpc::grpc_client(&running).await;
+    // Uninterrupted: the results and the summary.
+    let mut call = Call::open(&mut c, None).await;
+    let (mut want, _, _) = sequence_with_audio(&mut call, pcm).await;
+    let end = call
+        .ok(grpc::step(1, false, true, Samples::None, &[]))
+        .await;
+    want.add(&end);
+    let summary_seq = grpc::int(&end, "last_seq");
+    let duration = grpc::real(&end, "duration");
+
+    // The same audio; its `sequence_end` reaches the server, and the call drops before the
+    // client reads the answer.
+    let mut call = Call::open(&mut c, None).await;
+    let (mut got, last_seq, token) = sequence_with_audio(&mut call, pcm).await;
+    assert!(last_seq < summary_seq);
+    call.tx
+        .send(grpc::step(1, false, true, Samples::None, &[]))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(call);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // A new call resumes it from its token: its one answer has what the client missed, the
+    // summary included, and says the stream ended; the sequence is then over.
+    let mut call = Call::open(&mut c, None).await;
+    let resume = [
+        ("resume", ParameterChoice::StringParam(token.clone())),
+        ("last_seq", ParameterChoice::Int64Param(last_seq)),
+    ];
+    let r = call
+        .ok(grpc::step(2, true, false, Samples::None, &resume))
+        .await;
+    assert!(flag(&r, "resumed") && flag(&r, "ended"), "{r:?}");
+    assert_eq!(grpc::int(&r, "next_seq"), summary_seq + 1);
+    assert_eq!(grpc::int(&r, "samples_received") as usize, pcm.len());
+    assert_eq!(grpc::int(&r, "last_seq"), summary_seq);
+    assert_eq!(grpc::real(&r, "duration"), duration);
+    assert_eq!(r.model_version, "1");
+    got.add(&r);
+    assert_eq!(got, want, "the results and summary of an uninterrupted run");
+    let more = grpc::step(2, false, false, Samples::Pcm(&pcm[..512]), &[]);
+    call.refused(more, "send sequence_start").await;
+
+    // By its `stream_id`, the same answer; the same id may start again on the call.
+    let stream_id = grpc::text(&r, "stream_id");
+    let by_id = [
+        ("stream_id", ParameterChoice::StringParam(stream_id)),
+        ("last_seq", ParameterChoice::Int64Param(last_seq)),
+    ];
+    let again = call
+        .ok(grpc::step(2, true, false, Samples::None, &by_id))
+        .await;
+    assert_eq!(again.parameters, r.parameters);
+    assert_eq!(again.raw_output_contents, r.raw_output_contents);
+
+    // A client that has the summary has nothing to get: refused, as before.
+    let has_all = [
+        ("resume", ParameterChoice::StringParam(token)),
+        ("last_seq", ParameterChoice::Int64Param(summary_seq)),
+    ];
+    call.refused(
+        grpc::step(3, true, false, Samples::None, &has_all),
+        "has ended",
+    )
+    .await;
 }

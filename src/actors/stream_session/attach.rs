@@ -1,7 +1,8 @@
 //! A connection coming and going: `Attach` binds a WebSocket (or gRPC sequence) to the
 //! session, new or resumed, replaying what the client missed; `Detach` marks it gone and
 //! keeps the stream for its resume window before dropping it. A stream whose version was
-//! retired while it had no connection hands the next one over at once (`checkpoint.rs`).
+//! retired while it had no connection (a step found it gone, or the catalog the connection
+//! brings no longer serves it) hands the next one over at once (`checkpoint.rs`).
 
 use std::time::Duration;
 
@@ -119,8 +120,12 @@ impl Handler<Attach> for StreamSession {
         for text in missed {
             self.send(text);
         }
-        // Its version was retired while no client was attached: this one gets what it
-        // missed, then the handover.
+        // Its version was retired while no client was attached (a step found it, or no step
+        // has run since and the catalog no longer serves it): this one gets what it missed,
+        // then the handover.
+        if self.retired.is_none() {
+            self.retired = attach.catalog.and_then(|c| self.out_of_service(&c));
+        }
         self.hand_over_retired(ctx);
         Ok(Attached {
             generation: self.generation,

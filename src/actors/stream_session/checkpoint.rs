@@ -1,6 +1,7 @@
 //! A stream's checkpoints: issuing them (every `checkpoint_samples` of audio, and one last one
 //! when the server shuts down, [`Handover`], or when a step finds a model version the stream
-//! runs on taken out of service, [`Retired`]), and taking a stream over from one
+//! runs on taken out of service, or a connection that attaches finds the catalog no longer
+//! serving it, [`Retired`]), and taking a stream over from one
 //! ([`StreamSession::restore`]), on this instance or any other of the fleet that shares the
 //! signing keys.
 //!
@@ -18,6 +19,7 @@ use actix::prelude::*;
 use actix_ws::CloseCode;
 
 use super::{StreamEnded, StreamModels, StreamParams, StreamSession};
+use crate::actors::catalog::{Catalog, VersionState};
 use crate::stream::checkpoint::{Checkpoint, MAX_SEGMENTS};
 use crate::stream::pipeline::PipelineState;
 use crate::stream::protocol::ServerMessage;
@@ -216,6 +218,27 @@ impl StreamSession {
         if self.connection.is_some() {
             self.hand_over_retired(ctx);
         }
+    }
+
+    /// The first of the stream's model versions (its stages', its own, its gate's) that
+    /// `catalog` no longer serves through the router the stream holds: taken out of service
+    /// (a deploy, the fleet, an admin), as a step of the stream would find it. A version the
+    /// stream holds is never unloaded for idleness, so a router that is not the catalog's is
+    /// one that stopped.
+    pub(super) fn out_of_service(&self, catalog: &Catalog) -> Option<Retired> {
+        self.stages.iter().find_map(|stage| {
+            let (model, version) = (&stage.info.name, &stage.info.version);
+            let listed = catalog
+                .models
+                .get(model)
+                .and_then(|m| m.versions.get(version));
+            let serving = matches!(listed, Some(VersionState::Serving(served))
+                if served.router.actor() == stage.router.actor());
+            (!serving).then(|| Retired {
+                model: model.clone(),
+                version: version.clone(),
+            })
+        })
     }
 
     /// Hands a retired stream over and stops it: results sent stay sent, and flushes waiting

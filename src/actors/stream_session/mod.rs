@@ -19,6 +19,7 @@
 mod attach;
 mod checkpoint;
 mod flush;
+mod out;
 mod step;
 mod tail;
 
@@ -36,9 +37,8 @@ use actix_ws::CloseCode;
 use bytestring::ByteString;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use super::catalog::ServedModel;
+use super::catalog::{Catalog, ServedModel};
 use crate::access::StreamPlace;
-use crate::error::ServeError;
 use crate::manifest::StreamKind;
 use crate::model::ModelInfo;
 use crate::stream::audio::SampleFormat;
@@ -46,8 +46,8 @@ use crate::stream::checkpoint::TokenKeys;
 use crate::stream::keyword::{KeywordDetector, KeywordOptions};
 use crate::stream::pace::{Schedule, StreamPace, DEFAULT_BEHIND_AFTER};
 use crate::stream::pipeline::{Layout, PipelineState};
-use crate::stream::protocol::{ResultsMode, SegmentSecs, ServerMessage};
-use crate::stream::vad::{VadEvent, VadOptions, VadTracker};
+use crate::stream::protocol::ResultsMode;
+use crate::stream::vad::{VadOptions, VadTracker};
 
 /// Audio samples a stream may have buffered before the server stops reading its socket.
 pub const AUDIO_CREDITS: usize = 65536;
@@ -149,6 +149,11 @@ pub struct Attach {
     /// The counter of the checkpoint token the client resumed with, if it sent one: a token
     /// older than one already used to resume this stream is refused (a replay).
     pub token_counter: Option<u32>,
+    /// The catalog as the connection found it: a version of the stream's that it no longer
+    /// serves was taken out of service while no step reached it (the stream had no client),
+    /// and the stream hands this connection over at once (`checkpoint.rs`). `None`: a
+    /// transport whose streams are its own only (no resume), whose steps find it.
+    pub catalog: Option<Arc<Catalog>>,
 }
 
 #[derive(Message)]
@@ -377,132 +382,6 @@ impl StreamSession {
 
     fn seconds(&self, samples: u64) -> f64 {
         samples as f64 / self.params.sample_rate as f64
-    }
-
-    /// Sends a message now (if a client is attached) and keeps it for replay.
-    fn emit(&mut self, message: ServerMessage<'_>) {
-        let text = ByteString::from(message.to_json());
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        if self.outbox.len() == OUTBOX_LIMIT {
-            self.outbox.pop_front();
-        }
-        self.outbox.push_back((seq, text.clone()));
-        if self.suppress_through.is_some_and(|through| seq <= through) {
-            return;
-        }
-        self.send(text);
-    }
-
-    fn send(&mut self, text: ByteString) {
-        let Some(connection) = &self.connection else {
-            return;
-        };
-        if connection.messages.try_send(text).is_err() {
-            // The client is not reading its results: cut it loose; it may resume later.
-            metrics::counter!("streamserve_stream_drops_total", "reason" => "slow_consumer")
-                .increment(1);
-            tracing::warn!(stream = %self.id, "client is not reading results; disconnecting it");
-            self.disconnect(
-                CloseCode::Policy,
-                "client is not reading results fast enough; resume to continue".into(),
-            );
-        }
-    }
-
-    fn disconnect(&mut self, code: CloseCode, reason: String) {
-        if let Some(connection) = self.connection.take() {
-            let _ = connection.close.send((code, reason));
-        }
-    }
-
-    /// Numbers the next message after every result the client has, so that the stream's last
-    /// message (its summary, or its error) is sent even when its audio ended before the
-    /// client's `last_seq` (a resume that sent `end` without its audio again): the results it
-    /// has stay unsent, and its `seq`s stay gapless.
-    fn past_suppressed(&mut self) {
-        if let Some(through) = self.suppress_through {
-            self.next_seq = self.next_seq.max(through + 1);
-        }
-    }
-
-    fn emit_events(&mut self, events: &[VadEvent]) {
-        for event in events {
-            let message = match *event {
-                VadEvent::SpeechStart { sample } => ServerMessage::SpeechStart {
-                    seq: self.next_seq,
-                    t: self.seconds(sample),
-                },
-                VadEvent::SpeechEnd { sample } => {
-                    let segment = self.tracker.segments.last().filter(|s| s.end == sample);
-                    if let (Some(segment), Some(stats)) = (segment, self.model.watch.stream_stats())
-                    {
-                        let samples = segment.end.saturating_sub(segment.start);
-                        stats.add_segment(samples as f64 / f64::from(self.params.sample_rate));
-                    }
-                    ServerMessage::SpeechEnd {
-                        seq: self.next_seq,
-                        t: self.seconds(sample),
-                    }
-                }
-            };
-            self.emit(message);
-        }
-    }
-
-    fn finish(&mut self, ctx: &mut Context<Self>) {
-        self.finished = true;
-        let mut events = Vec::new();
-        self.tracker.finish(self.samples_done, &mut events);
-        self.emit_events(&events);
-        let segments = self
-            .tracker
-            .segments
-            .iter()
-            .map(|s| SegmentSecs::from_samples(s, self.params.sample_rate))
-            .collect();
-        let chunks = self
-            .samples_done
-            .div_ceil(self.layout.chunk_samples() as u64);
-        self.past_suppressed();
-        self.emit(ServerMessage::Summary {
-            seq: self.next_seq,
-            duration: self.seconds(self.samples_done),
-            chunks,
-            segments,
-            segments_omitted: self.segments_omitted,
-            keywords: (self.kind == StreamKind::Keyword).then_some(self.keywords.events),
-        });
-        self.summarized = true;
-        self.settle_flushes(true);
-        // Before the close: a client that hears its stream ended may open another at once.
-        self.place = None;
-        self.disconnect(CloseCode::Normal, "stream ended".into());
-        ctx.stop();
-    }
-
-    fn fail(&mut self, error: &ServeError, ctx: &mut Context<Self>) {
-        tracing::error!(stream = %self.id, %error, "stream failed");
-        metrics::counter!("streamserve_stream_drops_total", "reason" => "inference_error")
-            .increment(1);
-        let message = error.to_string();
-        self.past_suppressed();
-        self.emit(ServerMessage::Error {
-            code: "inference_failed",
-            message: &message,
-        });
-        self.finished = true;
-        self.place = None;
-        let code = if matches!(
-            error,
-            ServeError::Overloaded { .. } | ServeError::NotReady { .. }
-        ) {
-            CloseCode::Again
-        } else {
-            CloseCode::Error
-        };
-        self.disconnect(code, message.chars().take(120).collect());
-        ctx.stop();
     }
 }
 

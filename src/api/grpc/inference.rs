@@ -6,18 +6,16 @@
 //! [`ServedModel::infer`] with the deadline from `grpc-timeout` (or Triton's `timeout`
 //! parameter), [`convert::encode`]. Errors are `ServeError`s, mapped to status codes in
 //! `error.rs`; a streamed request's error answers that request (`error_message`) and the
-//! stream goes on.
+//! stream goes on (`inference/stream.rs`, the `ModelStreamInfer` call).
+
+mod stream;
 
 use std::net::IpAddr;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::future::{BoxFuture, FutureExt as _};
-use futures_util::stream::{FuturesOrdered, StreamExt};
 use prost::Message;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::watch;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -25,21 +23,15 @@ use super::convert;
 use super::proto::inference::grpc_inference_service_server::GrpcInferenceService;
 use super::proto::inference::model_metadata_response::TensorMetadata;
 use super::proto::inference::*;
-use super::sequence::{self, Sequences};
-use super::{draining, grpc_timeout, request_id, Stop};
+use super::{grpc_timeout, request_id, Stop};
 use crate::access::Pass;
 use crate::actors::catalog::ServedModel;
 use crate::actors::served::InferOptions;
 use crate::api::accounting::{self, Answered, Protocol, Stats};
-use crate::api::body::StreamHold;
 use crate::api::rest::{send, Asked};
 use crate::api::{health, kserve, repository, AppState};
 use crate::error::ServeError;
 use crate::model::PLATFORM;
-
-/// Requests of one stream being decoded, queued or run at once; beyond it the stream is not
-/// read until an answer is sent (HTTP/2 flow control then holds the client back).
-const STREAM_IN_FLIGHT: usize = 64;
 
 pub struct Inference {
     pub state: Arc<AppState>,
@@ -289,104 +281,17 @@ impl GrpcInferenceService for Arc<Inference> {
         Ok(response)
     }
 
-    type ModelStreamInferStream =
-        Pin<Box<dyn futures_util::Stream<Item = Result<ModelStreamInferResponse, Status>> + Send>>;
+    type ModelStreamInferStream = stream::Answers;
 
-    /// Answers in the order the requests came; up to [`STREAM_IN_FLIGHT`] of them are in
-    /// flight at once, so a stream's requests batch with each other and with other clients'.
+    /// Answers in the order the requests came (`inference/stream.rs`).
     async fn model_stream_infer(
         &self,
         request: Request<Streaming<ModelInferRequest>>,
     ) -> Answer<Self::ModelStreamInferStream> {
-        // Every request of the stream is let in (or not) on the stream's own metadata.
-        let peer = request.remote_addr().map(|a| a.ip());
-        let (metadata, _, mut incoming) = request.into_parts();
-        let metadata = Arc::new(metadata);
-        let this = self.clone();
-        let (tx, rx) = mpsc::channel::<Result<Held, Status>>(STREAM_IN_FLIGHT);
-        // The stream's requests count against `--max-body-memory-mb` from when they are read
-        // (while they wait their turn, a cold model loading, say) until answered, and its
-        // answers until the transport takes them: a client that stops reading pins them.
-        let memory = Arc::new(Mutex::new(StreamHold::new(&self.state.body_memory)));
-        let sent = memory.clone();
-        tokio::spawn(async move {
-            let _work = this.state.work.begin();
-            let mut pending: FuturesOrdered<BoxFuture<'static, Held>> = FuturesOrdered::new();
-            let mut sequences = Sequences::new(
-                this.state.clone(),
-                this.stop.clone(),
-                metadata.clone(),
-                peer,
-            );
-            let stop = draining(this.stop.clone());
-            tokio::pin!(stop);
-            let (mut open, mut stopping) = (true, false);
-            while (open && !stopping) || !pending.is_empty() {
-                tokio::select! {
-                    Some(answer) = pending.next(), if !pending.is_empty() => {
-                        if tx.send(Ok(answered(&memory, answer))).await.is_err() {
-                            return; // the client went away
-                        }
-                    }
-                    message = incoming.message(), if open && !stopping && pending.len() < STREAM_IN_FLIGHT => {
-                        match message {
-                            Ok(Some(request)) => {
-                                let size = request.encoded_len();
-                                let counted = memory.lock().expect("stream memory").add(size);
-                                let held = if counted.is_ok() { size } else { 0 };
-                                let answer: BoxFuture<'static, ModelStreamInferResponse> = match counted {
-                                    Err(full) if sequence::is_sequence(&request) => {
-                                        Box::pin(std::future::ready(sequence::refused_unread(&request, full.to_string())))
-                                    }
-                                    Err(full) => Box::pin(std::future::ready(error_answer(
-                                        request.model_name.clone(),
-                                        request.model_version.clone(),
-                                        request.id.clone(),
-                                        full,
-                                    ))),
-                                    Ok(()) if sequence::is_sequence(&request) => sequences.route(request),
-                                    Ok(()) => Box::pin(this.clone().stream_one(request, metadata.clone(), peer)),
-                                };
-                                pending.push_back(Box::pin(answer.map(move |answer| (answer, held))));
-                            }
-                            Ok(None) => open = false,
-                            Err(status) => {
-                                // The transport failed (e.g. a message over the limit): answer
-                                // what was read, then end the stream with the error.
-                                while let Some(answer) = pending.next().await {
-                                    let _ = tx.send(Ok(answered(&memory, answer))).await;
-                                }
-                                for handover in sequences.finish().await {
-                                    let _ = tx.send(Ok((handover, 0))).await;
-                                }
-                                let _ = tx.send(Err(super::transport_status(status))).await;
-                                return;
-                            }
-                        }
-                    }
-                    _ = &mut stop, if !stopping => stopping = true,
-                }
-            }
-            // Unended sequences wait for a resume; in a shutdown they hand over, after every
-            // answer asked for.
-            for handover in sequences.finish().await {
-                let _ = tx.send(Ok((handover, 0))).await;
-            }
-            if stopping && open {
-                let _ = tx
-                    .send(Err(Status::unavailable(
-                        "the server is shutting down; reconnect and send the rest again",
-                    )))
-                    .await;
-            }
-        });
-        let answers = ReceiverStream::new(rx).map(move |held| {
-            held.map(|(answer, size)| {
-                sent.lock().expect("stream memory").remove(size);
-                answer
-            })
-        });
-        Ok(Response::new(Box::pin(answers)))
+        Ok(Response::new(stream::answer_in_order(
+            self.clone(),
+            request,
+        )))
     }
 
     async fn model_config(
@@ -531,76 +436,4 @@ impl GrpcInferenceService for Arc<Inference> {
             "the log filter is set at start (--log, STREAMSERVE_LOG)",
         ))
     }
-}
-
-impl Inference {
-    /// One request of a stream, answered in the stream: its answer, or its error in
-    /// `error_message` beside its id, model and version so that the client can tell which.
-    async fn stream_one(
-        self: Arc<Self>,
-        request: ModelInferRequest,
-        metadata: Arc<MetadataMap>,
-        peer: Option<IpAddr>,
-    ) -> ModelStreamInferResponse {
-        let (id, model_name, model_version) = (
-            request.id.clone(),
-            request.model_name.clone(),
-            request.model_version.clone(),
-        );
-        // Logged as a unary call's is: visible ASCII, capped (not the stream's one
-        // `x-request-id`, which would name every request of the stream alike).
-        let request_id =
-            crate::untrusted::request_id(&id).unwrap_or_else(crate::untrusted::new_request_id);
-        match self
-            .infer(
-                "ModelStreamInfer",
-                request,
-                None,
-                request_id,
-                Caller {
-                    metadata: &metadata,
-                    peer,
-                },
-            )
-            .await
-        {
-            Ok(answer) => ModelStreamInferResponse {
-                error_message: String::new(),
-                infer_response: Some(answer),
-            },
-            Err(e) => error_answer(model_name, model_version, id, e),
-        }
-    }
-}
-
-/// A streamed answer and the bytes of the stream's memory it holds.
-type Held = (ModelStreamInferResponse, usize);
-
-/// The answer to a streamed request that failed (or was not run), naming what it was for.
-fn error_answer(
-    model_name: String,
-    model_version: String,
-    id: String,
-    error: ServeError,
-) -> ModelStreamInferResponse {
-    ModelStreamInferResponse {
-        error_message: error.to_string(),
-        infer_response: Some(ModelInferResponse {
-            model_name,
-            model_version,
-            id,
-            ..Default::default()
-        }),
-    }
-}
-
-/// An answer ready to send: its request's bytes are let go of, its own counted if they fit. An
-/// answer that does not fit is sent all the same, uncounted: it is computed, and refusing it
-/// would lose it (a sequence's results with it).
-fn answered(memory: &Mutex<StreamHold>, (answer, request_size): Held) -> Held {
-    let mut memory = memory.lock().expect("stream memory");
-    memory.remove(request_size);
-    let size = answer.encoded_len();
-    let size = if memory.add(size).is_ok() { size } else { 0 };
-    (answer, size)
 }

@@ -127,6 +127,8 @@ impl SpeechService {
             },
             last_seq: None,
             token_counter: None,
+            // A new stream, its steps the first to reach its versions.
+            catalog: None,
         };
         let attached = session
             .send(attach)

@@ -9,7 +9,11 @@
 //! logged by its reason (`stream::resume`).
 //!
 //! A resume of a stream that already ended here with its summary is answered from the tail the
-//! hub keeps of it ([`EndedReplay`]): what the client missed, summary included, then the close.
+//! hub keeps of it ([`EndedReplay`]): what the client missed, summary included, then the end
+//! (a WebSocket's close 1000, a gRPC sequence's answer). A takeover from a token is
+//! `takeover.rs`.
+
+mod takeover;
 
 use std::sync::Arc;
 
@@ -20,16 +24,15 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::StreamsConfig;
 use crate::access::{Access, Pass};
-use crate::actors::catalog::ServedModel;
-use crate::actors::stream_hub::{Adopt, Found, Lookup, Register};
+use crate::actors::catalog::{ServedModel, SharedCatalog};
+use crate::actors::stream_hub::{Found, Lookup, Register};
 use crate::actors::stream_session::{
-    Abandon, Attach, AttachRefused, Attached, Connection, EndedTail, Progress, Retire, ServedBy,
-    StreamModels, StreamParams, StreamSession, TailRefused,
+    Attach, AttachRefused, Attached, Connection, EndedTail, ServedBy, StreamModels, StreamParams,
+    StreamSession, TailRefused,
 };
 use crate::actors::supervisor::EnsureLoaded;
 use crate::error::ServeError;
 use crate::manifest::StreamKind;
-use crate::stream::checkpoint::Checkpoint;
 use crate::stream::protocol::StartMessage;
 use crate::stream::resume::ResumeRefusal;
 use crate::untrusted::Untrusted;
@@ -102,6 +105,8 @@ pub(in crate::api) struct Opened {
     /// This call made the session (a new stream, or one restored from its checkpoint), rather
     /// than finding it live: only then may a refused start end it.
     pub created: bool,
+    /// Where the session checks, as the connection attaches, that its versions still serve.
+    pub catalog: Arc<SharedCatalog>,
 }
 
 /// A resume of a stream that ended here with its summary, from the tail the hub kept: the
@@ -151,6 +156,7 @@ impl Opened {
             },
             last_seq: self.last_seq,
             token_counter: self.token_counter,
+            catalog: Some(self.catalog.snapshot()),
         };
         match self.session.send(attach).await {
             Ok(Ok(attached)) => {
@@ -188,23 +194,6 @@ impl Opened {
             AttachRefused::Superseded { .. } => ResumeRefusal::Superseded,
             AttachRefused::NotKept { .. } | AttachRefused::Beyond { .. } => ResumeRefusal::LastSeq,
         })
-    }
-}
-
-/// Finds or makes the session `start` asks for, for a transport that answers per request (a
-/// gRPC sequence): it does not send an ended stream's tail, whose resume is refused `ended`.
-pub(in crate::api) async fn open_session(
-    start: StartMessage,
-    caller: Caller,
-    config: &StreamsConfig,
-) -> Result<Opened, OpenError> {
-    match open_stream(start, caller, config).await? {
-        Outcome::Session(opened) => Ok(opened),
-        Outcome::Ended(replay) => {
-            let refusal = ResumeRefusal::Ended;
-            refusal.record(&replay.model, Some(&replay.id));
-            Err(OpenError::Resume(refusal, ended(&replay.id)))
-        }
     }
 }
 
@@ -274,7 +263,7 @@ async fn open(
                 "the resume token belongs to another stream than stream_id".into(),
             ));
         }
-        return take_over(checkpoint, start.last_seq, caller, config).await;
+        return takeover::take_over(checkpoint, start.last_seq, caller, config).await;
     }
     if let Some(id) = start.stream_id {
         let unknown = || {
@@ -322,6 +311,7 @@ async fn open(
             last_seq: start.last_seq,
             token_counter: None,
             created: false,
+            catalog: config.catalog.clone(),
         }));
     }
     if start.last_seq.is_some() {
@@ -355,6 +345,7 @@ async fn open(
         last_seq: None,
         token_counter: None,
         created: true,
+        catalog: config.catalog.clone(),
     }))
 }
 
@@ -374,166 +365,6 @@ fn other_kinds_options(start: &StartMessage, kind: Option<StreamKind>) -> Result
     Err(OpenError::Refused(format!(
         "`{misplaced}` options do not apply to this model's streams ({kind} stream)"
     )))
-}
-
-/// A stream from a verified checkpoint: the live session if it is here and as far along as
-/// the token (exact: it sends again what the client missed), else a session restored from the
-/// checkpoint, on the checkpoint's own model version (loaded if need be); or, if the stream
-/// ended here, what the client missed of its end.
-async fn take_over(
-    checkpoint: Checkpoint,
-    last_seq: Option<u64>,
-    caller: Caller,
-    config: &StreamsConfig,
-) -> Result<Outcome, OpenError> {
-    let name = caller.served.info.name.clone();
-    let refused = |reason, message| Err(OpenError::Resume(reason, message));
-    if checkpoint.model != name {
-        return refused(
-            ResumeRefusal::WrongModel,
-            format!(
-                "the resume token is for a stream on model '{}', not '{name}'",
-                Untrusted(&checkpoint.model)
-            ),
-        );
-    }
-    caller
-        .access
-        .check_version(&caller.pass, &name, &checkpoint.version)
-        .map_err(|e| e.to_string())?;
-    // The client must have every result before the checkpoint: they are not in it.
-    if checkpoint.next_seq > 0 && last_seq.is_none_or(|last| last + 1 < checkpoint.next_seq) {
-        return refused(
-            ResumeRefusal::LastSeq,
-            format!(
-                "the checkpoint starts at seq {}; resume with last_seq {} or later (the results before it are not in the token)",
-                checkpoint.next_seq,
-                checkpoint.next_seq - 1
-            ),
-        );
-    }
-    let token_counter = Some(checkpoint.counter);
-    let id: Arc<str> = checkpoint.stream_id.as_str().into();
-    let found = |session, opening, last_seq| {
-        Outcome::Session(Opened {
-            session,
-            id: id.clone(),
-            model: name.clone(),
-            opening,
-            last_seq,
-            token_counter,
-            created: opening == Opening::TakenOver,
-        })
-    };
-    let ended_here = |tail| {
-        let refused = OpenError::Resume(ResumeRefusal::Ended, ended(&id));
-        replay_ended(id.clone(), tail, last_seq, refused)
-    };
-    let mut stale = None;
-    match config.hub.send(Lookup { id: id.to_string() }).await {
-        Ok(Found::Live(session)) => {
-            let copy = session.send(Progress).await.unwrap_or_default();
-            // A token older than one this copy was resumed with would roll the stream back to
-            // it, and close the client that resumed with the newer one.
-            if let Some(redeemed) = copy.redeemed.filter(|&r| checkpoint.counter < r) {
-                let refusal = AttachRefused::Superseded {
-                    redeemed,
-                    token: checkpoint.counter,
-                };
-                return refused(ResumeRefusal::Superseded, refusal.to_string());
-            }
-            // This copy can go on if it needs no audio the client no longer keeps (before the
-            // checkpoint) and has every result the client has (it sends again what follows).
-            let has_results = last_seq.is_none_or(|last| copy.results > last);
-            if copy.received >= checkpoint.samples_done && has_results {
-                return Ok(found(session, Opening::Resumed, last_seq));
-            }
-            // A copy of the stream went further elsewhere: this one is behind; it goes.
-            session.do_send(Retire);
-            stale = Some(session);
-        }
-        Ok(Found::Finished(tail)) => return ended_here(tail),
-        Ok(Found::Unknown) | Err(_) => {}
-    }
-    let (model, mut fresh_state) = checkpoint_model(&checkpoint, caller.served, config).await;
-    let params = params(
-        config,
-        checkpoint.sample_rate,
-        &StartMessage::default(),
-        true,
-    );
-    let hub = Some(config.hub.clone().recipient());
-    let models = stage_models(model, checkpoint.gate, config).await?;
-    // A stream handed over because a version it ran on was retired, with models besides its
-    // own: the retired one may have been one of theirs, and each now runs its default
-    // version, whose state the checkpoint's is not (it does not say which versions made it).
-    if checkpoint.retired && (models.stages.len() > 1 || models.gate.is_some()) {
-        fresh_state = true;
-    }
-    // The key was let in when the stream began: a takeover is counted, never refused.
-    let place = caller.access.resumed_stream_place(&caller.pass);
-    let restored = StreamSession::restore(checkpoint, models, params, last_seq, fresh_state, hub)?
-        .holding(place)
-        .start();
-    // Two takeovers of one stream may race: the hub keeps one, the other goes.
-    let adopted = config
-        .hub
-        .send(Adopt {
-            id: id.clone(),
-            session: restored.clone(),
-            replacing: stale,
-        })
-        .await
-        .map_err(|_| "the server is stopping".to_string())?;
-    let Some(session) = adopted else {
-        // The stream ended here while this restored it (the live copy found above finished):
-        // the copy goes, unattached, and the token is answered as one of an ended stream.
-        restored.do_send(Abandon { generation: 0 });
-        let tail = match config.hub.send(Lookup { id: id.to_string() }).await {
-            Ok(Found::Finished(tail)) => tail,
-            _ => None,
-        };
-        return ended_here(tail);
-    };
-    if session != restored {
-        restored.do_send(Retire);
-        return Ok(found(session, Opening::Resumed, last_seq));
-    }
-    metrics::counter!("streamserve_stream_takeovers_total", "model" => name.clone()).increment(1);
-    Ok(found(session, Opening::TakenOver, None))
-}
-
-/// The checkpoint's own model version, loaded here if it is listed but cold; when this
-/// instance cannot serve that version, or it was taken out of service under the stream (a
-/// [`Checkpoint::retired`] handover: loading it again would undo the rollout or unload), the
-/// default one with a fresh state (`true`).
-async fn checkpoint_model(
-    checkpoint: &Checkpoint,
-    default: ServedModel,
-    config: &StreamsConfig,
-) -> (ServedModel, bool) {
-    if default.info.version == checkpoint.version {
-        return (default, false);
-    }
-    if checkpoint.retired {
-        tracing::info!(model = %checkpoint.model, version = %checkpoint.version,
-            default = %default.info.version,
-            "the stream's version was taken out of service; it goes on from a fresh state on the default version");
-        return (default, true);
-    }
-    let load = config.supervisor.send(EnsureLoaded {
-        name: checkpoint.model.clone(),
-        version: Some(checkpoint.version.clone()),
-    });
-    match load.await {
-        Ok(Ok(served)) => (served, false),
-        Ok(Err(e)) => {
-            tracing::warn!(model = %checkpoint.model, version = %checkpoint.version, error = %e,
-                "the stream's version is not served here; it goes on from a fresh state on the default version");
-            (default, true)
-        }
-        Err(_) => (default, true),
-    }
 }
 
 /// The models of a stream's stages, `model` (the stream's own) last, and its gate's: the

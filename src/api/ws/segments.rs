@@ -98,6 +98,8 @@ pub(super) async fn segments(
         },
         last_seq: None,
         token_counter: None,
+        // A new stream, its steps the first to reach its versions.
+        catalog: None,
     };
     session
         .send(attach)

@@ -154,6 +154,9 @@ pub struct Gathered {
     pub handover: bool,
     /// The session reported an error (its stream is over).
     pub error: Option<String>,
+    /// The answer to a resume of a stream that had ended: its end, replayed (parameter
+    /// `ended`).
+    pub ended: bool,
 }
 
 fn parameter(choice: ParameterChoice) -> InferParameter {
@@ -325,6 +328,10 @@ impl Gathered {
             );
         }
         self.parameters.insert(SEQUENCE_ID.into(), sequence);
+        if self.ended {
+            self.parameters
+                .insert("ended".into(), parameter(ParameterChoice::BoolParam(true)));
+        }
         let chunks = self.seq.len() as i64;
         let value = if self.keyword { "score" } else { "probability" };
         let mut outputs = vec![

@@ -11,9 +11,11 @@
 //! connection and answers the step through a oneshot that the call's ordered queue awaits.
 //! A refused `sequence_start` ends its task before its answer (the id is free at once) and
 //! stops a stream it opened; a step's audio reaches the session tagged with the connection's
-//! generation, so a call whose sequence another call resumed adds none.
+//! generation, so a call whose sequence another call resumed adds none. How a sequence
+//! opens, resumes or finds its stream ended is `open.rs`.
 
 mod answer;
+mod open;
 mod parse;
 
 use std::collections::HashMap;
@@ -21,9 +23,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::prelude::*;
 use actix_ws::CloseCode;
-use bytestring::ByteString;
 use futures_util::future::BoxFuture;
 use prost::Message as _;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -33,16 +33,12 @@ use tonic::metadata::MetadataMap;
 use super::convert;
 use super::proto::inference::{InferParameter, ModelInferRequest, ModelStreamInferResponse};
 use super::{draining, Stop};
-use crate::access::StreamPass;
-use crate::actors::stream_session::{
-    feed_from, Abandon, Attached, Detach, EndFrom, FeedError, Flush, Flushed, Handover,
-    StreamSession,
-};
-use crate::api::ws::open::{open_session, AttachError, Caller};
+use crate::actors::stream_session::{feed_from, EndFrom, FeedError, Flush, Flushed};
 use crate::api::AppState;
 use crate::manifest::StreamKind;
 use crate::stream::idle::IdleTimer;
 use answer::{mark_handover, Gathered, Taken, RETIRED, SEQUENCE_END, SEQUENCE_ID, SEQUENCE_START};
+use open::Live;
 use parse::{audio_of, take_flags, SequenceKey};
 
 /// Steps of one sequence queued behind the one being answered.
@@ -237,45 +233,6 @@ impl Sequences {
     }
 }
 
-/// The session of a started sequence, and the connection its messages come through.
-struct Live {
-    session: Addr<StreamSession>,
-    attached: Attached,
-    messages: mpsc::Receiver<ByteString>,
-    close: oneshot::Receiver<(CloseCode, String)>,
-    /// How the session closed this connection, once it has: kept, as every later step of a
-    /// superseded connection is refused with it.
-    closed: Option<(CloseCode, String)>,
-    access: StreamPass,
-    /// This call made the session (`Opened::created`).
-    created: bool,
-}
-
-impl Live {
-    /// The sequence's start was refused: a stream this call made (a new one, or one restored
-    /// from a checkpoint) stops at once, and has given back its place among the caller's open
-    /// streams when this returns; a stream it found live waits for a resume as before. Not
-    /// "the first to attach": when two takeovers of one token race, the one that lost the
-    /// race may attach first.
-    async fn abandon(self) {
-        if self.created {
-            let abandon = Abandon {
-                generation: self.attached.generation,
-            };
-            let _ = self.session.send(abandon).await;
-        }
-    }
-}
-
-impl Drop for Live {
-    fn drop(&mut self) {
-        // The session keeps the stream for a resume (a finished one ignores this).
-        self.session.do_send(Detach {
-            generation: self.attached.generation,
-        });
-    }
-}
-
 /// One sequence: its steps, in order.
 struct SequenceTask {
     state: Arc<AppState>,
@@ -435,7 +392,10 @@ impl SequenceTask {
         let decoded = convert::decode(request).map_err(|e| e.to_string())?;
         let samples = audio_of(decoded.inputs)?;
         if start {
-            self.open(request, options).await?;
+            if let Some(ended) = self.open(request, options).await? {
+                // Its stream ended here: the answer is what the call that lost its end missed.
+                return Ok((ended, decoded.raw_output));
+            }
         }
         let live = self
             .live
@@ -512,108 +472,5 @@ impl SequenceTask {
         let taken = Taken { sent, taken, end };
         gathered.settle(flushed, taken, closed.map(|(_, reason)| reason.as_str()));
         Ok((gathered, decoded.raw_output))
-    }
-
-    /// Lets the caller in and opens (or finds, to resume) the stream a `sequence_start` asks for.
-    async fn open(
-        &mut self,
-        request: &ModelInferRequest,
-        start: crate::stream::protocol::StartMessage,
-    ) -> Result<(), String> {
-        let state = &self.state;
-        let version = (!request.model_version.is_empty()).then_some(request.model_version.as_str());
-        let (pass, served) = state
-            .admitted(&*self.metadata, self.peer, &request.model_name, version)
-            .await
-            .map_err(|e| e.to_string())?;
-        let Some(kind) = served.info.stream_kind() else {
-            return Err(format!(
-                "model '{}' does not serve streams: sequences go to a model whose manifest \
-                 entry declares a `stream` (a voice activity or keyword model)",
-                served.info.name
-            ));
-        };
-        state
-            .access
-            .check_version(&pass, &served.info.name, &served.info.version)
-            .map_err(|e| e.to_string())?;
-        // The stream's place among the key's open streams is its session's (taken when the
-        // stream is new, none for a resume).
-        let access = state.access.stream_allowance(&pass);
-        let resuming = start.stream_id.is_some() || start.resume.is_some();
-        if !resuming {
-            state
-                .admission
-                .admit_stream()
-                .map_err(|refused| refused.to_string())?;
-        }
-        self.model = served.info.name.clone();
-        self.version = served.info.version.clone();
-        self.kind = kind;
-        let caller = Caller {
-            served,
-            pass: pass.without_permit(),
-            access: state.access.clone(),
-        };
-        // Sessions are actors: they start on an actix thread, not on gRPC's runtime.
-        let (opened_tx, opened) = oneshot::channel();
-        let streams = state.streams.clone();
-        streams.arbiters.next().spawn_fn(move || {
-            actix::spawn(async move {
-                let _ = opened_tx.send(open_session(start, caller, &streams).await);
-            });
-        });
-        let opened = opened
-            .await
-            .map_err(|_| "the server is stopping".to_string())?
-            .map_err(|refused| refused.to_string())?;
-        let connection = match opened.attach(OUTGOING_CAPACITY).await {
-            Ok(connection) => connection,
-            Err(AttachError::Refused(reason)) => return Err(reason),
-            Err(AttachError::Ended) => return Err("the stream has ended".into()),
-        };
-        self.live = Some(Live {
-            created: opened.created,
-            session: opened.session,
-            attached: connection.attached,
-            messages: connection.messages,
-            close: connection.close,
-            closed: None,
-            access,
-        });
-        Ok(())
-    }
-
-    /// The stream's last checkpoint, as an answer of its own (no request asked for it) for
-    /// the client to resume from elsewhere; streams without checkpoints have none to give.
-    async fn last_checkpoint(&mut self) -> Option<ModelStreamInferResponse> {
-        let live = self.live.as_mut()?;
-        if !live.attached.checkpoints || self.failed.is_some() {
-            return None;
-        }
-        live.session.do_send(Handover);
-        let mut gathered = Gathered::of(self.kind);
-        let all = async {
-            while let Some(text) = live.messages.recv().await {
-                gathered.add(&text);
-            }
-        };
-        let _ = tokio::time::timeout(HANDOVER_WAIT, all).await;
-        if !gathered.handover {
-            return None;
-        }
-        let mut response = gathered.into_response(
-            &self.model,
-            &self.version,
-            String::new(),
-            self.echo.clone(),
-            false,
-        );
-        // Not an error: Triton's client hides an answer's outputs when it has one.
-        mark_handover(&mut response, None);
-        Some(ModelStreamInferResponse {
-            error_message: String::new(),
-            infer_response: Some(response),
-        })
     }
 }
