@@ -182,8 +182,9 @@ async fn infer(
     path: web::Path<String>,
     req: HttpRequest,
     body: web::Payload,
-) -> Result<HttpResponse, ServeError> {
-    run_inference(&state, &path.into_inner(), None, &req, body).await
+) -> HttpResponse {
+    let (request_id, answer) = answer(&state, &path.into_inner(), None, &req, body).await;
+    with_request_id(answer, &request_id)
 }
 
 async fn infer_version(
@@ -191,11 +192,27 @@ async fn infer_version(
     path: web::Path<(String, String)>,
     req: HttpRequest,
     body: web::Payload,
-) -> Result<HttpResponse, ServeError> {
+) -> HttpResponse {
     let (name, version) = path.into_inner();
-    run_inference(&state, &name, Some(&version), &req, body).await
+    let (request_id, answer) = answer(&state, &name, Some(&version), &req, body).await;
+    with_request_id(answer, &request_id)
 }
 
+/// The answer, an error's too, with the request's id in `x-request-id`: a client that got a
+/// 4xx or 5xx is the one that needs the id to find the request's line in the log (a generated
+/// id is known only from here).
+fn with_request_id(answer: Result<HttpResponse, ServeError>, request_id: &str) -> HttpResponse {
+    let mut response = answer.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e));
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        response
+            .headers_mut()
+            .insert(header::HeaderName::from_static("x-request-id"), v);
+    }
+    response
+}
+
+/// An inference request's answer (`x-request-id` set on a success only), for callers that
+/// answer with it as their own (`predictions.rs`).
 pub(super) async fn run_inference(
     state: &AppState,
     name: &str,
@@ -203,6 +220,18 @@ pub(super) async fn run_inference(
     req: &HttpRequest,
     body: web::Payload,
 ) -> Result<HttpResponse, ServeError> {
+    let (request_id, answer) = answer(state, name, version, req, body).await;
+    answer.map(|response| with_request_id(Ok(response), &request_id))
+}
+
+/// Runs an inference request and logs it; returns its id (given or generated) and the answer.
+async fn answer(
+    state: &AppState,
+    name: &str,
+    version: Option<&str>,
+    req: &HttpRequest,
+    body: web::Payload,
+) -> (String, Result<HttpResponse, ServeError>) {
     // From when its bytes arrived, not when this thread got to them.
     let received = super::door::arrival::arrived(req);
     let request_id = req
@@ -280,13 +309,7 @@ pub(super) async fn run_inference(
             });
         });
     }
-    let (mut response, _) = outcome?;
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        response
-            .headers_mut()
-            .insert(header::HeaderName::from_static("x-request-id"), v);
-    }
-    Ok(response)
+    (request_id, outcome.map(|(response, _)| response))
 }
 
 /// Bodies up to this size are decoded on the HTTP thread; larger ones on the blocking pool.

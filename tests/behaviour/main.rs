@@ -22,6 +22,7 @@ mod cli;
 mod config_file;
 mod deploy;
 mod documented_jobs_access;
+mod documented_limits;
 mod documented_registry;
 mod fuzz_corpus;
 mod grpc_sequences;
