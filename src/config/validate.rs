@@ -107,6 +107,13 @@ fn shown_line(line: &str) -> (String, Option<&str>) {
     if trimmed.is_empty() || trimmed.starts_with('#') {
         return (String::new(), None);
     }
+    // A table header of bare names (`[server]`, `[[admin_token]]`) holds no value: shown
+    // whole, as a misspelt key's name is, so that a misplaced section names itself instead of
+    // reading "unknown field `<redacted>`".
+    let header = trimmed.trim_start_matches('[').trim_end_matches(']');
+    if trimmed.starts_with('[') && header.split('.').all(|name| is_key_like(name.trim())) {
+        return (trimmed.to_string(), None);
+    }
     let (key, value) = match trimmed.strip_prefix('[') {
         Some(header) => (header.trim_start_matches('[').split(']').next(), None),
         None => match trimmed.split_once('=') {

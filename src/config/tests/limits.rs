@@ -40,6 +40,21 @@ fn a_bad_line_holding_a_secret_is_not_echoed() {
         assert!(err.contains(want), "{text}: {err}");
         assert!(err.contains("<redacted>"), "{text}: {err}");
     }
+    // A table header is names, not values: a misplaced section is named (a quoted one, which
+    // could be anything, is not).
+    for (text, want) in [
+        ("port = 0\n[serve]\nport = 1\n", "unknown field `serve`"),
+        ("[[admin_token]]\n", "1 | [[admin_token]]"),
+    ] {
+        let err = format!("{:#}", resolve_text("header-line", text).unwrap_err());
+        assert!(err.contains(want), "{text}: {err}");
+        assert!(!err.contains("<redacted>"), "{text}: {err}");
+    }
+    let err = format!(
+        "{:#}",
+        resolve_text("header-line", &format!("[\"{secret}\"]\n")).unwrap_err()
+    );
+    assert!(!err.contains(secret), "{err}");
     // A known key that is no secret is still quoted whole, as a reader needs it.
     let err = resolve_text("secret-line", "port = 70000\n").unwrap_err();
     assert!(err.to_string().contains("1 | port = 70000"), "{err}");
