@@ -39,6 +39,10 @@ impl Manifest {
     pub fn parse(dir: &Path, text: &str) -> anyhow::Result<Manifest> {
         let raw: RawManifest = toml::from_str(text)?;
         let manifest = Manifest::resolve(dir, raw)?;
+        // A whole manifest names its streams' stages and gates among its own models. Not a
+        // registry entry, one version alone: its stages are other registry versions (or
+        // bundled ones), found when it loads (`supervisor::loading`).
+        check_stream_stages(&manifest.models)?;
         for m in &manifest.models {
             if let Some(fallback) = &m.fallback {
                 anyhow::ensure!(
@@ -56,7 +60,8 @@ impl Manifest {
     /// One version published in the model registry: `settings` are the keys of a
     /// `[[models]]` entry other than its identity (name, version, file, sha256), checked as
     /// the manifest checks them; `file` is where the model file is. The fallback it names is
-    /// not checked here: it may be another registry model, or a bundled one.
+    /// not checked here, nor its stream's stages and gate: each may be another registry model,
+    /// or a bundled one.
     pub fn registry_entry(
         name: &str,
         version: &str,
@@ -236,7 +241,6 @@ impl Manifest {
                 max.max(m.replicas)
             };
         }
-        check_stream_stages(&models)?;
         Ok(Manifest {
             dir: dir.to_path_buf(),
             models,

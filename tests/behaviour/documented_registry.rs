@@ -2,7 +2,8 @@
 //! commands from a working directory of their own (relative registry path, the default
 //! `--registry-cache`), and what an instance says when the store answers its reads but
 //! refuses its report (`streamserve_registry_up`, one warning per outage, a start that does
-//! not wait for the cache). Each instance is a separate `streamserve` process, so reading
+//! not wait for the cache), and the bundled models seeded whole, keyword pipeline included.
+//! Each instance is a separate `streamserve` process, so reading
 //! its `/metrics` is safe here.
 
 use crate::common;
@@ -261,4 +262,40 @@ async fn an_admin_deploy_of_a_name_the_registry_cannot_hold_is_not_found() {
         assert_eq!(status, 404, "{version}: {body}");
         assert!(body.contains("is not in the registry"), "{version}: {body}");
     }
+}
+
+/// The README's and docs/registry.md's first step, `registry seed --models models`, on the
+/// bundled directory itself: it failed at `hey_marvin` ("stream stage 'ww_melspec' is not a
+/// model of this manifest", each version checked as a manifest of its own), so no keyword
+/// pipeline could be served from a registry. Now every bundled model is seeded, and an
+/// instance serving only the registry runs a keyword stream through the pipeline's stages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bundled_models_seed_whole_and_the_keyword_pipeline_serves_from_the_registry() {
+    let work = temp_dir("seed-bundled");
+    let bundled = common::repo().join("models");
+    let bundled = bundled.to_str().unwrap();
+    registry_in(&work, &["--registry", "./r", "seed", "--models", bundled]);
+    let served = serve_in(&work, &["--registry", "./r", "--models", "/nowhere"]);
+    let (audio, rate) = common::stream_client::fixture_pcm16("keyword_positive");
+    let run = common::stream_client::stream_resumable_to(
+        ("hey_marvin", &serde_json::json!({"gate": false})),
+        std::slice::from_ref(&served.url),
+        &audio,
+        rate,
+        3200,
+        Duration::ZERO,
+        0,
+    )
+    .await;
+    assert!(
+        matches!(run.ends[..], [common::stream_client::Ended::Done]),
+        "{:?}",
+        run.ends
+    );
+    let keywords = run.results.iter().filter(|m| m["type"] == "keyword");
+    assert!(
+        keywords.count() > 0,
+        "the phrase is spotted: {:?}",
+        run.summary()
+    );
 }
