@@ -241,3 +241,59 @@ async fn shed_and_degraded_count_each_request_once_under_the_model_asked_for() {
     assert!(!text.contains(r#"streamserve_degraded_total{model="shed_small""#));
     assert_eq!(undescribed(&text), Vec::<String>::new());
 }
+
+/// A version unloaded while a request runs on it, and loaded again before that request ends,
+/// has two routers under the same labels for a while. The old one zeroed
+/// `streamserve_workers` and `streamserve_replicas` when it stopped, after the new one had
+/// published its counts: the serving version read 0 of 0 (no healthy replica, to an alert)
+/// until its replicas next changed. The scrape reads the current router's counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_version_loaded_again_while_its_old_router_drains_shows_its_replicas() {
+    let dir = model_dir(
+        r#"
+        [[models]]
+        name = "again_ops"
+        version = "1"
+        file = "{models}/typed_ops/1/model.onnx"
+        sha256 = "e491291eeeb4b687cde854db925c3c769498cd67b25c9f54b5eb5b14534916de"
+        "#,
+    );
+    let url = start(&dir, |config| config.admin_token = Some(TOKEN.into()));
+    let c = client();
+    let request = json!({"inputs": [
+        {"name": "a", "datatype": "INT64", "shape": [1, 4], "data": [1, 2, 3, 4]},
+        {"name": "b", "datatype": "FP64", "shape": [1, 4], "data": [0.5, -1.0, 0.0, 2.0]},
+        {"name": "mask", "datatype": "BOOL", "shape": [1, 4], "data": [true, false, true, false]}
+    ]});
+    let fault = json!({"fault": {"kind": "slow", "ms": 1000}});
+    inject_fault(&c, &url, TOKEN, "again_ops", fault).await;
+    let running = tokio::spawn({
+        let (c, url) = (c.clone(), format!("{url}/v2/models/again_ops/infer"));
+        async move { post(&c, &url, &request).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // The admin API's unload answers at once; the old router drains the running request.
+    for action in ["unload", "load"] {
+        let (status, answer) = admin_call(
+            &c,
+            &format!("{url}/admin/models/again_ops/{action}"),
+            TOKEN,
+            Some(&json!({})),
+        )
+        .await;
+        assert_eq!(status, 200, "{action}: {answer}");
+    }
+    let (status, body) = running.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    // The old router stops within its watch interval (50 ms) of its last answer.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let text = metrics_text(&c, &url).await;
+    let labels = r#"{model="again_ops",version="1"}"#;
+    for gauge in ["streamserve_workers", "streamserve_replicas"] {
+        assert_eq!(
+            sample(&text, &format!("{gauge}{labels}")),
+            Some(1.0),
+            "{gauge}: the version serves on its one replica"
+        );
+    }
+}

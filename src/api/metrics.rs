@@ -3,7 +3,8 @@
 //! model monitor's series of every serving version (`crate::monitor`), and whether each
 //! version the catalog lists can serve (`streamserve_model_version_up`). Every listed
 //! version's error series exist at 0 from the first scrape that lists it, and so do the access
-//! refusals of every configured key.
+//! refusals of every configured key. Each serving version's replica gauges are set from its
+//! health at each scrape (see [`publish_replicas`]).
 
 use actix_web::{web, HttpResponse};
 
@@ -25,6 +26,7 @@ async fn render(state: web::Data<AppState>, machine: Option<web::Data<Machine>>)
     for (model, version, _) in versions_up(&catalog) {
         crate::telemetry::register_request_error_series(model, version);
     }
+    publish_replicas(&catalog);
     state.access.register_refusal_series();
     let mut text = state.prometheus.render();
     machine::render_extra(&mut text);
@@ -33,6 +35,29 @@ async fn render(state: web::Data<AppState>, machine: Option<web::Data<Machine>>)
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(text)
+}
+
+/// Sets `streamserve_workers` (healthy replicas) and `streamserve_replicas` of every serving
+/// version from its router's own counts. The gauges are keyed by model and version only, and a
+/// version unloaded and loaded again has two routers under the same labels for a while: the
+/// old one, still draining, zeroes both when it stops, after the new one published its counts,
+/// which left a serving version reading 0 of 0 until its next replica change (possibly never).
+/// The catalog says which router is the current one; its counts win at every scrape.
+fn publish_replicas(catalog: &Catalog) {
+    use std::sync::atomic::Ordering::Relaxed;
+    for (name, model) in &catalog.models {
+        for (version, state) in &model.versions {
+            let VersionState::Serving(served) = state else {
+                continue;
+            };
+            let labels = [("model", name.clone()), ("version", version.clone())];
+            let health = &served.health;
+            metrics::gauge!("streamserve_workers", &labels)
+                .set(health.healthy_replicas.load(Relaxed) as f64);
+            metrics::gauge!("streamserve_replicas", &labels)
+                .set(health.replicas.load(Relaxed) as f64);
+        }
+    }
 }
 
 /// Every version the catalog lists, and whether it can serve: a version refused at load, or
