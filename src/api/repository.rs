@@ -10,12 +10,15 @@
 //! files to use instead of the repository's; here a version comes only from the manifest or
 //! the model registry, so such a load is refused with 400 saying so, never half applied.
 
+use std::time::Duration;
+
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 
 use super::AppState;
 use crate::access::Headers;
 use crate::actors::catalog::VersionState;
+use crate::actors::served::ServedModel;
 use crate::actors::supervisor::Unload;
 use crate::error::ServeError;
 
@@ -109,9 +112,17 @@ pub async fn load_model(
     state.served(name, None).await.map(|_| ())
 }
 
-/// Unloads `name`'s default version (drained first; it loads again on its next request, as
-/// any cold version does). `unload_dependents` is taken and has nothing to act on: a model
-/// here has no dependents. Any other parameter is refused.
+/// Longest an unload waits for its version's router to drain and stop before it answers
+/// anyway (the drain goes on): a queue of long requests, or a hung batch waiting for its
+/// `hang_timeout_ms`, may take this long; the answer must not wait without bound.
+const UNLOAD_DRAIN_WAIT: Duration = Duration::from_secs(60);
+
+/// Unloads `name`'s default version and answers once it is drained: what was queued on it has
+/// been answered, its router has stopped and its replicas (threads, memory budget) are given
+/// back, as the README promises a Triton client (whose next step may be to load another model
+/// in that memory, or to read `streamserve_workers`). Its next request loads it again, as any
+/// cold version's. `unload_dependents` is taken and has nothing to act on: a model here has no
+/// dependents. Any other parameter is refused.
 pub async fn unload_model(
     state: &AppState,
     name: &str,
@@ -127,15 +138,53 @@ pub async fn unload_model(
             crate::untrusted::Untrusted(given)
         )));
     }
-    state
+    // The default version as it serves now: its router is the one the unload stops.
+    let serving = {
+        let catalog = state.catalog.snapshot();
+        catalog.models.get(name).and_then(|model| {
+            match model.versions.get(model.default_version()?)? {
+                VersionState::Serving(served) => Some(served.clone()),
+                _ => None,
+            }
+        })
+    };
+    let answer = state
         .supervisor
         .send(Unload {
             name: name.to_string(),
             version: None,
         })
         .await
-        .map_err(|_| ServeError::ShuttingDown)?
-        .map(|_| ())
+        .map_err(|_| ServeError::ShuttingDown)??;
+    // Only the router this unload took out of service (a deployment may have switched the
+    // default between the snapshot and the unload).
+    if let Some(served) = serving.filter(|served| {
+        answer["unloaded"] == true && answer["version"] == served.info.version.as_str()
+    }) {
+        drained(&served).await;
+    }
+    Ok(())
+}
+
+/// Waits until `served`'s router has stopped (its status no longer answers), at most
+/// [`UNLOAD_DRAIN_WAIT`].
+async fn drained(served: &ServedModel) {
+    let stopped = async {
+        while served.status().await.is_some() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    if tokio::time::timeout(UNLOAD_DRAIN_WAIT, stopped)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            model = %served.info.name,
+            version = %served.info.version,
+            wait_secs = UNLOAD_DRAIN_WAIT.as_secs(),
+            "unloaded version still draining; answering the unload anyway"
+        );
+    }
 }
 
 /// Checks the admin token in `headers` (HTTP headers or gRPC metadata).

@@ -224,6 +224,13 @@ pub(super) fn version_row(
         VersionState::Unavailable { reason, .. } => {
             json!({ "name": name, "version": version, "state": "UNAVAILABLE", "reason": reason })
         }
+        // Unloaded because its last load failed (it did not fit its device's memory): the
+        // reason, as `/v2/models` gives it, or the page would show a bare UNLOADED that the
+        // next request may refuse again with no hint why.
+        other @ VersionState::Cold {
+            last_error: Some(reason),
+            ..
+        } => json!({ "name": name, "version": version, "state": other.label(), "reason": reason }),
         other => json!({ "name": name, "version": version, "state": other.label() }),
     }
 }

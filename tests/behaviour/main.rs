@@ -23,6 +23,7 @@ mod config_file;
 mod deploy;
 mod documented_jobs_access;
 mod documented_limits;
+mod documented_operations;
 mod documented_registry;
 mod fuzz_corpus;
 mod grpc_sequences;
