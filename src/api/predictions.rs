@@ -107,6 +107,10 @@ async fn lookup_or_infer(
             .access
             .admit(req.headers(), req.peer_addr().map(|a| a.ip()), &model)?;
         may_read(&state, &pass, &model, &answer)?;
+        // The inputs sent for a miss are not needed, but read: a body left unread closes the
+        // connection (each hit would cost a new one, and a request pipelined behind it would
+        // go unanswered).
+        super::body::read(&req, body, &state.body_limits(state.max_body_bytes)).await?;
         count(&model, "hit");
         return Ok(found(answer, age_secs));
     }
