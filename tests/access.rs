@@ -601,3 +601,47 @@ fn with_key<T>(message: T, key: Option<&str>) -> tonic::Request<T> {
     }
     request
 }
+
+/// A WebSocket frame of more audio than the key's `audio_secs_per_min` ever lets through
+/// closes the stream with 1008 (policy) saying the most there is, not 1013 (try again later):
+/// no retry of it can pass. Within the limit, audio is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_frame_of_more_audio_than_a_key_ever_lets_through_closes_with_policy() {
+    let key = streamserve::access::keys::new_key().unwrap();
+    let file = model_dir("").join("keys.toml");
+    let limits = "models = [\"silero_vad\"]\naudio_secs_per_min = 1";
+    std::fs::write(&file, entry("one-second", &key, limits)).unwrap();
+    let url = start(&repo().join("models"), |c| c.api_keys = Some(file));
+    let open = || async {
+        let request = ws_request(&url, "silero_vad", Some(&key), None);
+        let (mut ws, _) = tokio_tungstenite::connect_async(request)
+            .await
+            .expect("upgrade");
+        assert_eq!(first_answer(&mut ws).await, Ok("started".into()));
+        ws
+    };
+    let close_of = |mut ws: common::stream_client::Socket| async move {
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+            match next.expect("closed within 10 s") {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return (frame.code, frame.reason.to_string())
+                }
+                Some(Ok(_)) => {}
+                other => panic!("no close frame: {other:?}"),
+            }
+        }
+    };
+    // 1.5 s of 16 kHz PCM16 in one frame.
+    let mut ws = open().await;
+    ws.send(Message::binary(vec![0u8; 48_000])).await.unwrap();
+    let (code, reason) = close_of(ws).await;
+    assert_eq!(code, CloseCode::Policy, "{reason}");
+    assert!(reason.contains("at most 1 s"), "{reason}");
+    // Half a second fits; another second within the minute does not, yet: 1013.
+    let mut ws = open().await;
+    ws.send(Message::binary(vec![0u8; 16_000])).await.unwrap();
+    ws.send(Message::binary(vec![0u8; 32_000])).await.unwrap();
+    let (code, reason) = close_of(ws).await;
+    assert_eq!(code, CloseCode::Again, "{reason}");
+}

@@ -445,7 +445,11 @@ async fn read_loop(
                     return ReadEnd::Close(CloseCode::Size, "audio frame too long".into());
                 }
                 if let Err(e) = limits.access.audio_samples(samples.len(), limits.sample_rate) {
-                    return ReadEnd::Close(CloseCode::Again, e.to_string());
+                    // Over the key's audio rate, a later frame may pass: 1013, try again. A
+                    // frame of more audio than the rate ever lets through never will: 1008.
+                    let never = matches!(e, ServeError::InvalidRequest(_));
+                    let code = if never { CloseCode::Policy } else { CloseCode::Again };
+                    return ReadEnd::Close(code, e.to_string());
                 }
                 // Backpressure: wait until the session has room for this audio.
                 match attached.credits.acquire_many(samples.len() as u32).await {
