@@ -253,7 +253,7 @@ pub(super) fn describe() {
     describe_gauge!(
         "streamserve_registry_up",
         Unit::Count,
-        "1 when the model registry answered this instance's last poll, 0 when it did not (the instance serves what it has)"
+        "1 when the model registry answered every read and write of this instance's last poll, 0 when it did not (the instance serves what it has)"
     );
     describe_counter!(
         "streamserve_registry_polls_total",
