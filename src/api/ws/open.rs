@@ -119,6 +119,16 @@ pub(in crate::api) struct EndedReplay {
     pub missed: Vec<ByteString>,
 }
 
+impl EndedReplay {
+    /// Counts and logs the replay as a resume of its stream, on either transport.
+    pub fn count_resume(&self) {
+        metrics::counter!("streamserve_stream_resumes_total", "model" => self.model.clone())
+            .increment(1);
+        tracing::info!(stream = %self.id, model = %self.model, how = "ended",
+            missed = self.missed.len(), "stream resumed");
+    }
+}
+
 /// What a `start` opened: a session to attach to, or the end of a stream that ended here.
 pub(in crate::api) enum Outcome {
     Session(Opened),

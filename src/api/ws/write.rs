@@ -138,10 +138,7 @@ fn gave_up(unsent: Unsent) {
 /// summary last), then the close 1000, as the stream's own connection would have; each write
 /// with its deadline. Counted and logged as a resume.
 pub(super) async fn replay_ended(mut ws: actix_ws::Session, replay: EndedReplay) {
-    metrics::counter!("streamserve_stream_resumes_total", "model" => replay.model.clone())
-        .increment(1);
-    tracing::info!(stream = %replay.id, model = %replay.model, how = "ended",
-        missed = replay.missed.len(), "stream resumed");
+    replay.count_resume();
     for text in std::iter::once(replay.started).chain(replay.missed) {
         if let Err(unsent) = bounded(send_text(&mut ws, text)).await {
             return gave_up(unsent);

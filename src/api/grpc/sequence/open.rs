@@ -142,10 +142,7 @@ impl SequenceTask {
     /// stream sent them, its summary last, as a WebSocket's resume gets them. The sequence is
     /// then over on this call, as after its `sequence_end`.
     fn ended(&mut self, replay: EndedReplay) -> Gathered {
-        metrics::counter!("streamserve_stream_resumes_total", "model" => replay.model.clone())
-            .increment(1);
-        tracing::info!(stream = %replay.id, model = %replay.model, how = "ended",
-            missed = replay.missed.len(), "stream resumed");
+        replay.count_resume();
         let mut gathered = Gathered::of(self.kind);
         for text in std::iter::once(&replay.started).chain(&replay.missed) {
             gathered.add(text);
