@@ -114,12 +114,14 @@ async fn lookup_or_infer(
         count(&model, "hit");
         return Ok(found(answer, age_secs));
     }
-    // Admitted there, as any inference request.
-    let mut response = super::rest::run_inference(&state, &model, None, &req, body).await?;
-    count(&model, "online");
-    response.headers_mut().insert(
-        header::HeaderName::from_static(SOURCE),
-        HeaderValue::from_static("online"),
-    );
-    Ok(response)
+    // Admitted there, as any inference request, and answered as one (`x-request-id` too).
+    let (request_id, mut answer) = super::rest::answer(&state, &model, None, &req, body).await;
+    if let Ok(response) = &mut answer {
+        count(&model, "online");
+        response.headers_mut().insert(
+            header::HeaderName::from_static(SOURCE),
+            HeaderValue::from_static("online"),
+        );
+    }
+    Ok(super::rest::with_request_id(answer, &request_id))
 }

@@ -201,7 +201,10 @@ async fn infer_version(
 /// The answer, an error's too, with the request's id in `x-request-id`: a client that got a
 /// 4xx or 5xx is the one that needs the id to find the request's line in the log (a generated
 /// id is known only from here).
-fn with_request_id(answer: Result<HttpResponse, ServeError>, request_id: &str) -> HttpResponse {
+pub(super) fn with_request_id(
+    answer: Result<HttpResponse, ServeError>,
+    request_id: &str,
+) -> HttpResponse {
     let mut response = answer.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e));
     if let Ok(v) = HeaderValue::from_str(request_id) {
         response
@@ -211,21 +214,9 @@ fn with_request_id(answer: Result<HttpResponse, ServeError>, request_id: &str) -
     response
 }
 
-/// An inference request's answer (`x-request-id` set on a success only), for callers that
-/// answer with it as their own (`predictions.rs`).
-pub(super) async fn run_inference(
-    state: &AppState,
-    name: &str,
-    version: Option<&str>,
-    req: &HttpRequest,
-    body: web::Payload,
-) -> Result<HttpResponse, ServeError> {
-    let (request_id, answer) = answer(state, name, version, req, body).await;
-    answer.map(|response| with_request_id(Ok(response), &request_id))
-}
-
-/// Runs an inference request and logs it; returns its id (given or generated) and the answer.
-async fn answer(
+/// Runs an inference request and logs it; returns its id (given or generated) and the answer
+/// (which [`with_request_id`] makes the response; `predictions.rs` marks a success first).
+pub(super) async fn answer(
     state: &AppState,
     name: &str,
     version: Option<&str>,
