@@ -88,6 +88,30 @@ fn registry_in(dir: &Path, args: &[&str]) {
     );
 }
 
+/// A local registry holding the small `mlp`, seeded as the docs do.
+fn seeded_registry() -> String {
+    let registry = temp_dir("registry").display().to_string();
+    let models = small_mlp_dir();
+    registry_ok(
+        &registry,
+        NO_ENV,
+        &["seed", "--models", models.to_str().unwrap()],
+    );
+    registry
+}
+
+/// One instance of `registry`, `id`, with no models of its own.
+fn solo(id: &str, registry: &str) -> Instance {
+    Instance::start(InstanceSetup {
+        id,
+        registry,
+        models: &temp_dir("no-models"),
+        cache: &temp_dir("cache"),
+        env: NO_ENV,
+        extra: &[],
+    })
+}
+
 fn one_row() -> serde_json::Value {
     serde_json::json!({"inputs": [{"name": "features", "shape": [1, 256], "datatype": "FP32",
                                    "data": vec![0.1f32; 256]}]})
@@ -148,24 +172,11 @@ async fn the_quick_start_serves_from_the_default_relative_cache() {
 /// answered at all. Once the report can be written, one line says it is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_refuses_the_report_is_not_up_and_says_so_once() {
-    let registry = temp_dir("registry").display().to_string();
-    let models = small_mlp_dir();
-    registry_ok(
-        &registry,
-        NO_ENV,
-        &["seed", "--models", models.to_str().unwrap()],
-    );
+    let registry = seeded_registry();
     let blocked = Path::new(&registry).join("instances/refused.json");
     std::fs::create_dir_all(blocked.join("in-the-way")).unwrap();
     let started = Instant::now();
-    let solo = Instance::start(InstanceSetup {
-        id: "refused",
-        registry: &registry,
-        models: &temp_dir("no-models"),
-        cache: &temp_dir("cache"),
-        env: NO_ENV,
-        extra: &[],
-    });
+    let solo = solo("refused", &registry);
     assert!(
         started.elapsed() < Duration::from_secs(30),
         "the start waited {:?}: a refused report is no reason to settle from the cache",
@@ -233,21 +244,8 @@ async fn a_store_that_refuses_the_report_is_not_up_and_says_so_once() {
 /// a version name the registry cannot hold is not in it (404, as `mlp:7` is), not a 409.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_deploy_of_a_name_the_registry_cannot_hold_is_not_found() {
-    let registry = temp_dir("registry").display().to_string();
-    let models = small_mlp_dir();
-    registry_ok(
-        &registry,
-        NO_ENV,
-        &["seed", "--models", models.to_str().unwrap()],
-    );
-    let solo = Instance::start(InstanceSetup {
-        id: "solo",
-        registry: &registry,
-        models: &temp_dir("no-models"),
-        cache: &temp_dir("cache"),
-        env: NO_ENV,
-        extra: &[],
-    });
+    let registry = seeded_registry();
+    let solo = solo("solo", &registry);
     let http = common::client();
     for version in ["7", "../../x", ".hidden", "a b"] {
         let response = http
