@@ -37,6 +37,8 @@ pub enum ServeError {
     InvalidRequest(String),
     #[error("request body of {size} bytes exceeds the limit of {limit} bytes")]
     PayloadTooLarge { size: usize, limit: usize },
+    #[error("request body of {size} bytes is larger than the {limit_mb} MiB all request bodies may hold together (--max-body-memory-mb), so it can never be read")]
+    LargerThanBodyMemory { size: usize, limit_mb: u64 },
     #[error("request body of {size} bytes exceeds the limit of {limit} bytes for model '{model}' (its inputs at max_batch_size {rows} rows)")]
     TooLargeForModel {
         size: usize,
@@ -127,7 +129,9 @@ impl ServeError {
             ServeError::ModelCold { .. } => "cold",
             ServeError::Conflict(_) => "conflict",
             ServeError::InvalidRequest(_) => "invalid",
-            ServeError::PayloadTooLarge { .. } | ServeError::TooLargeForModel { .. } => "too_large",
+            ServeError::PayloadTooLarge { .. }
+            | ServeError::LargerThanBodyMemory { .. }
+            | ServeError::TooLargeForModel { .. } => "too_large",
             ServeError::ResponseTooLarge { .. } => "response_too_large",
             ServeError::BodyTimeout { .. } => "body_timeout",
             ServeError::BodyMemoryFull { .. } => "body_memory_full",
@@ -186,9 +190,9 @@ impl ResponseError for ServeError {
             ServeError::Conflict(_) => StatusCode::CONFLICT,
             ServeError::ModelCold { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ServeError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
-            ServeError::PayloadTooLarge { .. } | ServeError::TooLargeForModel { .. } => {
-                StatusCode::PAYLOAD_TOO_LARGE
-            }
+            ServeError::PayloadTooLarge { .. }
+            | ServeError::LargerThanBodyMemory { .. }
+            | ServeError::TooLargeForModel { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ServeError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ServeError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ServeError::Overloaded { .. }
@@ -230,6 +234,7 @@ impl ResponseError for ServeError {
             self,
             ServeError::BodyTimeout { .. }
                 | ServeError::PayloadTooLarge { .. }
+                | ServeError::LargerThanBodyMemory { .. }
                 | ServeError::TooLargeForModel { .. }
         ) {
             // The rest of the body is never read: the connection cannot carry another request.
@@ -256,6 +261,7 @@ impl ServeError {
             ServeError::Conflict(_) => Code::FailedPrecondition,
             ServeError::InvalidRequest(_) => Code::InvalidArgument,
             ServeError::PayloadTooLarge { .. }
+            | ServeError::LargerThanBodyMemory { .. }
             | ServeError::TooLargeForModel { .. }
             | ServeError::ResponseTooLarge { .. }
             | ServeError::Overloaded { .. }

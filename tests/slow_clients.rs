@@ -202,9 +202,21 @@ async fn bodies_beyond_the_memory_bound_get_503_until_memory_is_free() {
         "an announced, unsent body held the bound"
     );
     drop(announced);
-    // A WAV upload that has sent 961 KiB of its 2 MB holds the whole bound (reserved in 64 KiB
-    // steps) while the rest is awaited.
-    let mut holder = open_body(&url, "/v1/models/silero_vad/segments", 2 << 20, b"RIFF").await;
+    // A body larger than the whole bound could never be read: 413 at once, which a client
+    // does not retry (a 503 + Retry-After would be retried for ever).
+    let mut too_large = open_body(&url, "/v1/models/silero_vad/segments", 2 << 20, b"RIFF").await;
+    let (status, json, _) = answer(&mut too_large, Duration::from_secs(10)).await;
+    assert_eq!(status, 413, "{json}");
+    assert!(
+        json["error"]
+            .as_str()
+            .unwrap()
+            .contains("--max-body-memory-mb"),
+        "{json}"
+    );
+    // A WAV upload that has sent 961 KiB of its 1000 KiB holds the whole bound (reserved in
+    // 64 KiB steps) while the rest is awaited.
+    let mut holder = open_body(&url, "/v1/models/silero_vad/segments", 1000 * 1024, b"RIFF").await;
     holder.write_all(&vec![0u8; 961 * 1024]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let response = c.post(&infer).body(body.clone()).send().await.unwrap();

@@ -37,6 +37,8 @@ const MAX_PREALLOCATED: usize = 1 << 20;
 pub struct BodyMemory {
     kib: Arc<Semaphore>,
     limit_mb: u64,
+    /// The whole bound in bytes: no one body can ever hold more than this.
+    limit_bytes: usize,
 }
 
 impl BodyMemory {
@@ -47,6 +49,26 @@ impl BodyMemory {
         BodyMemory {
             kib: Arc::new(Semaphore::new(kib)),
             limit_mb,
+            limit_bytes: kib.saturating_mul(1024),
+        }
+    }
+
+    /// The refusal for a body of `size` bytes where `max_bytes` is its size limit, if it is
+    /// larger than that or than the whole bound. A body larger than the bound could never be
+    /// read, so it gets 413 (never 503 + Retry-After, which a client would obey for ever).
+    fn refuse_size(&self, size: usize, max_bytes: usize) -> Option<ServeError> {
+        if size > max_bytes {
+            Some(ServeError::PayloadTooLarge {
+                size,
+                limit: max_bytes,
+            })
+        } else if size > self.limit_bytes {
+            Some(ServeError::LargerThanBodyMemory {
+                size,
+                limit_mb: self.limit_mb,
+            })
+        } else {
+            None
         }
     }
 
@@ -78,6 +100,9 @@ impl BodyMemory {
     /// (a gRPC message, which tonic has already received whole), until the hold is dropped:
     /// its decoded copies count against the same bound as REST bodies.
     pub fn hold(&self, bytes: usize) -> Result<MemoryHold, ServeError> {
+        if let Some(refused) = self.refuse_size(bytes, usize::MAX) {
+            return Err(refused);
+        }
         let mut held = None;
         self.reserve(&mut held, bytes)?;
         Ok(MemoryHold { _reserved: held })
@@ -115,8 +140,12 @@ impl StreamHold {
         }
     }
 
-    /// Counts `bytes` more, or refuses them (503 `BodyMemoryFull`) and counts nothing.
+    /// Counts `bytes` more, or refuses them and counts nothing: 503 `BodyMemoryFull` while
+    /// the bound is full, 413 for one message larger than the whole bound.
     pub fn add(&mut self, bytes: usize) -> Result<(), ServeError> {
+        if let Some(refused) = self.memory.refuse_size(bytes, usize::MAX) {
+            return Err(refused);
+        }
         let sum = self.bytes.saturating_add(bytes);
         self.memory.reserve(&mut self.reserved, sum)?;
         self.bytes = sum;
@@ -172,8 +201,8 @@ pub async fn read(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.parse::<usize>().ok());
-    if let Some(size) = declared.filter(|&n| n > limit) {
-        return Err(ServeError::PayloadTooLarge { size, limit });
+    if let Some(refused) = declared.and_then(|size| limits.memory.refuse_size(size, limit)) {
+        return Err(refused);
     }
     let encoding = req
         .headers()
@@ -217,8 +246,8 @@ impl Reader<'_> {
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| self.payload_error(e, buf.len(), started))?;
             let size = buf.len() + chunk.len();
-            if size > limit {
-                return Err(ServeError::PayloadTooLarge { size, limit });
+            if let Some(refused) = self.limits.memory.refuse_size(size, limit) {
+                return Err(refused);
             }
             self.limits.memory.reserve(&mut reserved, size)?;
             buf.extend_from_slice(&chunk);
@@ -240,7 +269,7 @@ impl Reader<'_> {
         let started = Instant::now();
         let inflated = Inflated {
             buf: web::BytesMut::with_capacity(self.capacity),
-            limit: self.limits.max_bytes,
+            max_bytes: self.limits.max_bytes,
             memory: self.limits.memory.clone(),
             reserved: None,
             refused: None,
@@ -363,7 +392,7 @@ impl Decoder {
 /// beyond the limit), not after the whole body has been inflated.
 struct Inflated {
     buf: web::BytesMut,
-    limit: usize,
+    max_bytes: usize,
     memory: BodyMemory,
     reserved: Option<OwnedSemaphorePermit>,
     /// Why the last block was refused, for the client.
@@ -373,14 +402,10 @@ struct Inflated {
 impl io::Write for Inflated {
     fn write(&mut self, block: &[u8]) -> io::Result<usize> {
         let size = self.buf.len() + block.len();
-        let refused = if size > self.limit {
-            Some(ServeError::PayloadTooLarge {
-                size,
-                limit: self.limit,
-            })
-        } else {
-            self.memory.reserve(&mut self.reserved, size).err()
-        };
+        let refused = self
+            .memory
+            .refuse_size(size, self.max_bytes)
+            .or_else(|| self.memory.reserve(&mut self.reserved, size).err());
         if let Some(refused) = refused {
             self.refused = Some(refused);
             return Err(io::Error::other("the body's inflated size was refused"));
@@ -397,6 +422,8 @@ impl io::Write for Inflated {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use actix_web::http::StatusCode;
+    use actix_web::ResponseError as _;
 
     #[test]
     fn a_stream_holds_the_sum_of_its_messages_and_gives_back_what_it_no_longer_needs() {
@@ -439,5 +466,30 @@ mod tests {
         ));
         drop(a);
         memory.reserve(&mut b, 512 * 1024).unwrap();
+    }
+
+    /// A body or message larger than the whole bound would get 503 + Retry-After on every
+    /// try; it gets the size refusal instead, and a full bound stays the 503 it was.
+    #[test]
+    fn larger_than_the_whole_bound_is_too_large_not_try_again() {
+        let memory = BodyMemory::new(1);
+        let over = (1 << 20) + 1;
+        assert!(memory.refuse_size(1 << 20, 64 << 20).is_none());
+        assert!(matches!(
+            memory.refuse_size(over, 64 << 20),
+            Some(ServeError::LargerThanBodyMemory { size, limit_mb: 1 }) if size == over
+        ));
+        assert!(matches!(
+            memory.refuse_size(over, 1000),
+            Some(ServeError::PayloadTooLarge { limit: 1000, .. })
+        ));
+        let refused = memory.hold(over).err().unwrap();
+        assert_eq!(refused.status_code(), StatusCode::PAYLOAD_TOO_LARGE);
+        let mut stream = StreamHold::new(&memory);
+        let refused = stream.add(over).unwrap_err();
+        assert!(matches!(refused, ServeError::LargerThanBodyMemory { .. }));
+        stream.add(600 * 1024).unwrap();
+        let refused = stream.add(600 * 1024).unwrap_err();
+        assert!(matches!(refused, ServeError::BodyMemoryFull { .. }));
     }
 }

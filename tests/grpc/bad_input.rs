@@ -209,22 +209,63 @@ async fn messages_over_the_limit_are_resource_exhausted() {
 
 #[tokio::test]
 async fn messages_count_against_the_body_memory_bound_as_rest_bodies_do() {
+    use tokio::io::AsyncWriteExt;
+
     let running = start_running(&repo().join("models"), |config| {
         config.max_body_memory_mb = 1;
+        config.min_body_bytes_per_sec = 0;
+        config.body_timeout_secs = 60;
     });
     let endpoint = format!("http://{}", running.grpc_addr.unwrap());
     let mut c = GrpcInferenceServiceClient::new(connect(&endpoint).await);
-    // 2 MiB of floats: within the message size limit (64 MiB), beyond the 1 MiB memory bound,
-    // refused before it is decoded (it would also be too many rows for mlp).
+    // 2 MiB of floats: within the message size limit (64 MiB), but larger than the whole 1 MiB
+    // memory bound, so it could never be read: RESOURCE_EXHAUSTED naming the bound, not
+    // UNAVAILABLE, which a client would retry for ever.
     let big = features(5, 2048);
     expect_status(
         c.model_infer(mlp_raw(&big)).await,
+        Code::ResourceExhausted,
+        "--max-body-memory-mb",
+    );
+    // A REST upload that has sent 961 KiB of its 1000 KiB holds the whole bound (64 KiB
+    // steps) while the rest is awaited: a message that fits the bound waits its turn.
+    let mut holder = tokio::net::TcpStream::connect(running.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/models/silero_vad/segments HTTP/1.1\r\nHost: {}\r\nContent-Type: audio/wav\r\nContent-Length: {}\r\n\r\n",
+        running.addr,
+        1000 * 1024
+    );
+    holder.write_all(head.as_bytes()).await.unwrap();
+    holder.write_all(&vec![0u8; 961 * 1024]).await.unwrap();
+    let small = features(6, 2);
+    let mut refused = None;
+    for _ in 0..50 {
+        match c.model_infer(mlp_raw(&small)).await {
+            Err(status) => {
+                refused = Some(status);
+                break;
+            }
+            // The holder's bytes may not all have arrived yet.
+            Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    expect_status::<()>(
+        Err(refused.expect("refused while the bound is full")),
         Code::Unavailable,
         "memory bound",
     );
-    // The bound is given back: a request that fits is answered, on the same connection.
-    let small = features(6, 2);
-    assert!(c.model_infer(mlp_raw(&small)).await.is_ok());
+    // The bound is given back when the holder goes: the same request is answered, on the
+    // same connection.
+    drop(holder);
+    let mut answered = false;
+    for _ in 0..50 {
+        if c.model_infer(mlp_raw(&small)).await.is_ok() {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(answered, "memory is free again once the holder has gone");
 }
 
 #[tokio::test]
