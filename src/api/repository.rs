@@ -19,7 +19,7 @@ use super::AppState;
 use crate::access::Headers;
 use crate::actors::catalog::VersionState;
 use crate::actors::served::ServedModel;
-use crate::actors::supervisor::Unload;
+use crate::actors::supervisor::UnloadAll;
 use crate::error::ServeError;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -117,10 +117,11 @@ pub async fn load_model(
 /// `hang_timeout_ms`, may take this long; the answer must not wait without bound.
 const UNLOAD_DRAIN_WAIT: Duration = Duration::from_secs(60);
 
-/// Unloads `name`'s default version and answers once it is drained: what was queued on it has
-/// been answered, its router has stopped and its replicas (threads, memory budget) are given
-/// back, as the README promises a Triton client (whose next step may be to load another model
-/// in that memory, or to read `streamserve_workers`). Its next request loads it again, as any
+/// Unloads every loaded version of `name` (as Triton unloads a model, not one version of it)
+/// and answers once they are drained: what was queued on them has been answered, their
+/// routers have stopped and their replicas (threads, memory budget) are given back, as the
+/// README promises a Triton client (whose next step may be to load another model in that
+/// memory, or to read `streamserve_workers`). A next request loads its version again, as any
 /// cold version's. `unload_dependents` is taken and has nothing to act on: a model here has no
 /// dependents. Any other parameter is refused.
 pub async fn unload_model(
@@ -138,31 +139,37 @@ pub async fn unload_model(
             crate::untrusted::Untrusted(given)
         )));
     }
-    // The default version as it serves now: its router is the one the unload stops.
-    let serving = {
+    // The versions as they serve now: their routers are the ones the unload stops.
+    let serving: Vec<ServedModel> = {
         let catalog = state.catalog.snapshot();
-        catalog.models.get(name).and_then(|model| {
-            match model.versions.get(model.default_version()?)? {
-                VersionState::Serving(served) => Some(served.clone()),
-                _ => None,
-            }
-        })
+        catalog
+            .models
+            .get(name)
+            .map(|model| {
+                model
+                    .versions
+                    .values()
+                    .filter_map(|version| match version {
+                        VersionState::Serving(served) => Some(served.clone()),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
     };
-    let answer = state
+    let unloaded = state
         .supervisor
-        .send(Unload {
+        .send(UnloadAll {
             name: name.to_string(),
-            version: None,
         })
         .await
         .map_err(|_| ServeError::ShuttingDown)??;
-    // Only the router this unload took out of service (a deployment may have switched the
-    // default between the snapshot and the unload).
-    if let Some(served) = serving.filter(|served| {
-        answer["unloaded"] == true && answer["version"] == served.info.version.as_str()
-    }) {
-        drained(&served).await;
-    }
+    // Only the routers this unload took out of service (a deployment may have loaded another
+    // between the snapshot and the unload).
+    let draining = serving
+        .iter()
+        .filter(|served| unloaded.contains(&served.info.version));
+    futures_util::future::join_all(draining.map(drained)).await;
     Ok(())
 }
 

@@ -280,3 +280,70 @@ async fn load_and_unload_over_grpc_take_the_admin_token() {
         .expect("loaded");
     assert!(ready_names(&mut c).await.contains(&"mlp".to_string()));
 }
+
+/// Triton's unload takes the model out, not one version of it: with two versions of `mlp`
+/// serving, both are unloaded (each drained), where before only the default was and the other
+/// went on serving. A request for either version loads it again, as after an idle unload.
+#[tokio::test]
+async fn an_unload_takes_every_loaded_version_out() {
+    let manifest = format!(
+        r#"
+        [[models]]
+        name = "mlp"
+        version = "1"
+        file = "{{models}}/mlp/1/model.onnx"
+        sha256 = "{MLP_SHA}"
+        max_batch_size = 64
+
+        [[models]]
+        name = "mlp"
+        version = "2"
+        file = "{{models}}/mlp/1/model.onnx"
+        sha256 = "{MLP_SHA}"
+        max_batch_size = 64
+        "#
+    );
+    let base = start(&model_dir(&manifest), |config| {
+        config.admin_token = Some(TOKEN.into());
+    });
+    let c = client();
+    let states = |rows: Vec<Value>| -> Vec<(String, String)> {
+        rows.iter()
+            .filter(|row| row["name"] == "mlp")
+            .map(|row| {
+                let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+                (text(&row["version"]), text(&row["state"]))
+            })
+            .collect()
+    };
+    let ready = |v: &str| (v.to_string(), "READY".to_string());
+    let unloaded = |v: &str| (v.to_string(), "UNLOADED".to_string());
+    assert_eq!(
+        states(ready_rows(&c, &base, None).await),
+        [ready("1"), ready("2")]
+    );
+
+    let unload = format!("{base}/v2/repository/models/mlp/unload");
+    let (status, text) = call(&c, &unload, Some(TOKEN), None).await;
+    assert_eq!((status, text.as_str()), (200, ""));
+    assert_eq!(
+        states(ready_rows(&c, &base, None).await),
+        [unloaded("1"), unloaded("2")],
+        "every version is unloaded, not only the default"
+    );
+
+    for version in ["1", "2"] {
+        let (status, body) = post(
+            &c,
+            &format!("{base}/v2/models/mlp/versions/{version}/infer"),
+            &mlp_request(&features(7, 1)),
+        )
+        .await;
+        assert_eq!(status, 200, "version {version} loads again: {body}");
+    }
+    // Unloading a model that is not loaded at all is a no-op, as Triton's is.
+    let (status, _) = call(&c, &unload, Some(TOKEN), None).await;
+    assert_eq!(status, 200);
+    let (status, _) = call(&c, &unload, Some(TOKEN), None).await;
+    assert_eq!(status, 200);
+}

@@ -473,3 +473,43 @@ impl Handler<Unload> for Supervisor {
         Ok(serde_json::json!({ "model": key.0, "version": key.1, "unloaded": unloaded }))
     }
 }
+
+/// Unload every loaded version of a model now (Triton's repository unload, which unloads the
+/// model, not one version of it). Refused, unloading nothing, while any of its versions is
+/// part of a rollout. Answers the versions it took out of service.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<String>, ServeError>")]
+pub struct UnloadAll {
+    pub name: String,
+}
+
+impl Handler<UnloadAll> for Supervisor {
+    type Result = Result<Vec<String>, ServeError>;
+
+    fn handle(&mut self, msg: UnloadAll, _ctx: &mut Self::Context) -> Self::Result {
+        let Some(model) = self.catalog.models.get(&msg.name) else {
+            return Err(ServeError::ModelNotFound(msg.name));
+        };
+        let loaded: Vec<Key> = model
+            .sorted_versions()
+            .into_iter()
+            .map(|version| (msg.name.clone(), version))
+            .filter(|key| self.served(key).is_some())
+            .collect();
+        if let Some(key) = loaded
+            .iter()
+            .find(|key| self.deployments.involves(&key.0, &key.1))
+        {
+            return Err(ServeError::Conflict(format!(
+                "{}:{} is part of a rollout in progress (a running canary, or a deploy or \
+                 rollback being prepared); wait for it or roll it back first",
+                key.0, key.1
+            )));
+        }
+        Ok(loaded
+            .into_iter()
+            .filter(|key| self.unload(key, "admin request"))
+            .map(|(_, version)| version)
+            .collect())
+    }
+}
