@@ -130,6 +130,21 @@ pub fn run(args: RegistryArgs) -> anyhow::Result<()> {
     let uri = args.registry.ok_or_else(|| {
         anyhow::anyhow!("which registry? Give --registry URI (or STREAMSERVE_REGISTRY)")
     })?;
+    // Opening a local registry creates its directory, as `push` and `seed` into a new one
+    // need; a command that only reads or changes what is there would otherwise create an
+    // empty registry at a misspelt path and answer "(no models)".
+    let publishes = matches!(
+        args.command,
+        RegistryCommand::Push { .. } | RegistryCommand::Seed { .. }
+    );
+    if let Some(dir) = crate::registry::store::local_dir(&uri).filter(|dir| !dir.is_dir()) {
+        if !publishes {
+            anyhow::bail!(
+                "registry directory {} does not exist (`push` or `seed` creates it)",
+                dir.display()
+            );
+        }
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -92,6 +92,17 @@ pub const MAX_DOCUMENT_BYTES: u64 = 1024 * 1024;
 /// Parts of a multipart upload.
 const UPLOAD_PART: usize = 8 * 1024 * 1024;
 
+/// The directory a registry URI names, where it names one (`file:///dir` or a plain path)
+/// rather than an object store.
+pub fn local_dir(uri: &str) -> Option<PathBuf> {
+    let uri = uri.trim();
+    match uri.strip_prefix("file://") {
+        Some(path) => Some(PathBuf::from(path)),
+        None if !uri.contains("://") => Some(PathBuf::from(uri)),
+        None => None,
+    }
+}
+
 impl Store {
     /// Opens the store a URI names: `s3://bucket/prefix` (endpoint and keys from `AWS_*`; an
     /// `http://` endpoint is allowed as such, for MinIO and local test servers), `gs://`,
@@ -101,12 +112,7 @@ impl Store {
         if uri.is_empty() {
             return Err(RegistryError::Config("the registry URI is empty".into()));
         }
-        let local = match uri.strip_prefix("file://") {
-            Some(path) => Some(PathBuf::from(path)),
-            None if !uri.contains("://") => Some(PathBuf::from(uri)),
-            None => None,
-        };
-        if let Some(dir) = local {
+        if let Some(dir) = local_dir(uri) {
             return Store::open_local(&dir, uri);
         }
         refuse_userinfo(uri)?;

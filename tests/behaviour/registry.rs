@@ -200,6 +200,19 @@ fn bad_input_gets_a_clear_error() {
         let stderr = failure(&registry, &args);
         assert!(stderr.contains(want), "{args:?}: {stderr}");
     }
+    // A misspelt registry directory is named, not created and listed as "(no models)".
+    let misspelt = temp_dir("misspelt").join("regsitry");
+    for args in [&["list"][..], &["status"], &["deploy", "mlp", "1"]] {
+        let stderr = failure(misspelt.to_str().unwrap(), args);
+        assert!(
+            stderr.contains("regsitry does not exist (`push` or `seed` creates it)"),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert!(
+        !misspelt.exists(),
+        "a reading command created the directory"
+    );
     registry_ok(
         &registry,
         NO_ENV,
