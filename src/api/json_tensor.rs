@@ -1,9 +1,9 @@
 //! JSON tensor `data`: parsed straight into a typed vector (no intermediate
 //! `serde_json::Value` tree: for large tensors that tree costs more than the inference), with
 //! the nesting checked against the shape as it goes, and written back with non-finite floats
-//! spelt out. Also the one-pass input reader, [`EagerInput`], which parses an input's `data`
-//! as the request is read when its datatype and shape come first. The rest of the KServe wire
-//! format is in `kserve.rs`.
+//! spelt out. The one-pass input reader, [`EagerInput`], which parses an input's `data` as the
+//! request is read when its datatype and shape come first, is in `json_tensor/eager.rs`. The
+//! rest of the KServe wire format is in `kserve.rs`.
 //!
 //! `data` may be flat (every number directly in the outer array, as Triton's clients send it)
 //! or nested exactly as the shape; a ragged or wrongly nested array is refused, naming where.
@@ -12,15 +12,16 @@
 //! `"Infinity"` and `"-Infinity"` (the proto3 JSON mapping of KServe's gRPC protocol, which
 //! numpy parses too), never `null`.
 
+mod eager;
+
 use std::fmt;
-use std::marker::PhantomData;
 
-use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
+use serde::de::{DeserializeSeed, SeqAccess, Visitor};
 use serde::ser::SerializeSeq;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
 
+pub(crate) use self::eager::{EagerInput, InputData, JSON_TEXT_LEN};
 use crate::tensor::{element_count, DataType, TensorData};
 use crate::with_element_type;
 
@@ -71,90 +72,6 @@ impl<'de> DeserializeSeed<'de> for TypedData<'_> {
             Ok(Wrap(out))
         })
     }
-}
-
-/// An input's `data`: set aside as text, or parsed already.
-pub(crate) enum InputData<'a> {
-    Raw(&'a RawValue),
-    Parsed(TensorData),
-}
-
-/// An input as `InputJson` (in `kserve.rs`) reads it, except that `data` that
-/// comes after a known `datatype` and a `shape` (the order Triton's clients write) is parsed
-/// as it is read: one pass over the numbers instead of two, which was a third of the JSON
-/// decoding of a 1-row request (perf, docs/efficiency.md). It fails on anything unusual (a
-/// repeated key, `null` data, data that does not parse); the request is then read again as
-/// before, so that every refusal keeps its exact message and order.
-pub(crate) struct EagerInput<'a> {
-    pub(crate) name: String,
-    pub(crate) shape: Vec<i64>,
-    pub(crate) datatype: String,
-    pub(crate) parameters: Option<Map<String, Value>>,
-    pub(crate) data: Option<InputData<'a>>,
-}
-
-impl<'de: 'a, 'a> Deserialize<'de> for EagerInput<'a> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct EagerVisitor<'a>(PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for EagerVisitor<'a> {
-            type Value = EagerInput<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an input object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<EagerInput<'a>, A::Error> {
-                use serde::de::Error;
-                let (mut name, mut shape, mut datatype) = (None, None::<Vec<i64>>, None::<String>);
-                let (mut parameters, mut data, mut data_seen) = (None, None, false);
-                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                    let repeated = match &*key {
-                        "name" => name.replace(map.next_value()?).is_some(),
-                        "shape" => shape.replace(map.next_value()?).is_some(),
-                        "datatype" => datatype.replace(map.next_value()?).is_some(),
-                        "parameters" => parameters.replace(map.next_value()?).is_some(),
-                        "data" => {
-                            let known = datatype.as_deref().and_then(DataType::parse);
-                            data = match (known, shape.as_deref()) {
-                                (Some(datatype), Some(shape)) => {
-                                    Some(InputData::Parsed(JSON_TEXT_LEN.with(|text_budget| {
-                                        map.next_value_seed(TypedData {
-                                            datatype,
-                                            shape,
-                                            text_budget,
-                                        })
-                                    })?))
-                                }
-                                // `null` is no data, as `InputJson` reads it.
-                                _ => map.next_value::<Option<&RawValue>>()?.map(InputData::Raw),
-                            };
-                            std::mem::replace(&mut data_seen, true)
-                        }
-                        _ => map.next_value::<serde::de::IgnoredAny>().map(|_| false)?,
-                    };
-                    if repeated {
-                        return Err(A::Error::custom("repeated key"));
-                    }
-                }
-                let missing = || A::Error::custom("missing key");
-                Ok(EagerInput {
-                    name: name.ok_or_else(missing)?,
-                    shape: shape.ok_or_else(missing)?,
-                    datatype: datatype.ok_or_else(missing)?,
-                    parameters: parameters.flatten(),
-                    data,
-                })
-            }
-        }
-        deserializer.deserialize_map(EagerVisitor(PhantomData))
-    }
-}
-
-thread_local! {
-    /// What is left of the JSON text `kserve::decode` is reading, after what
-    /// earlier inputs reserved: the most the next input's data can hold, which bounds what is
-    /// reserved for it (as [`parse`] bounds each input by its own text), so that a request of
-    /// many inputs cannot reserve many times its size. A `Deserialize` impl has no other way
-    /// to learn it.
-    pub(crate) static JSON_TEXT_LEN: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// A tensor element that can be read from a JSON number or boolean, exactly.

@@ -5,8 +5,9 @@
 //!
 //! The body must be a JSON object. JSON tensor data is parsed straight into typed vectors,
 //! its nesting checked against the shape, and written back with non-finite floats spelt out
-//! (`json_tensor.rs`, which also holds the one-pass input reader); binary outputs carry NaN
-//! and infinities as they are.
+//! (`json_tensor.rs`; the one-pass input reader is `json_tensor/eager.rs`); binary outputs
+//! carry NaN and infinities as they are. An empty `outputs` list asks for every output, as an
+//! absent one does, and Triton's `timeout` of 0 is no timeout, both as Triton reads them.
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -200,17 +201,25 @@ pub fn decode(body: &[u8], json_length: Option<usize>) -> Result<DecodedRequest,
                 if e.is_data() && first != Some(&b'{') {
                     NOT_AN_OBJECT.to_string()
                 } else {
-                    format!("malformed inference request JSON: {e}")
+                    format!(
+                        "malformed inference request JSON: {e}{}",
+                        json_length_hint(&e, json_length)
+                    )
                 },
             ));
         }
     };
     let binary_default = flag(&request.parameters, "binary_data_output")?.unwrap_or(false);
+    // Triton's `timeout`: 0, as in Triton, is no timeout (not a deadline already passed).
     let timeout_us = match request.parameters.as_ref().and_then(|p| p.get("timeout")) {
         None => None,
         Some(v) => Some(v.as_u64().ok_or_else(|| {
-            ServeError::invalid("parameter 'timeout' must be a whole number of microseconds")
-        })?),
+            ServeError::invalid(format!(
+                "parameter 'timeout' must be a whole number of microseconds from 0 (none) to {}, got {v}",
+                u64::MAX
+            ))
+        })?)
+        .filter(|&us| us > 0),
     };
 
     let mut inputs = Vec::with_capacity(request.inputs.len());
@@ -237,8 +246,14 @@ pub fn decode(body: &[u8], json_length: Option<usize>) -> Result<DecodedRequest,
             }
             (Some(size), None) => {
                 if size > binary.len() {
+                    let hint = match json_length {
+                        None => format!(
+                            " (no {HEADER_CONTENT_LENGTH} header: binary tensor data needs it)"
+                        ),
+                        Some(_) => String::new(),
+                    };
                     return Err(ServeError::invalid(format!(
-                        "input '{name}' declares binary_data_size {size} but only {} binary bytes remain",
+                        "input '{name}' declares binary_data_size {size} but only {} binary bytes remain{hint}",
                         binary.len()
                     )));
                 }
@@ -269,7 +284,9 @@ pub fn decode(body: &[u8], json_length: Option<usize>) -> Result<DecodedRequest,
         )));
     }
 
-    let (outputs, binary_outputs) = match request.outputs {
+    // An empty `outputs` asks for every output, as an absent one does (Triton's REST and gRPC,
+    // and this server's gRPC, read it so): not for a model run whose answers are all dropped.
+    let (outputs, binary_outputs) = match request.outputs.filter(|list| !list.is_empty()) {
         None => (None, Vec::new()),
         Some(list) => {
             let mut names = Vec::with_capacity(list.len());
@@ -299,6 +316,24 @@ pub fn decode(body: &[u8], json_length: Option<usize>) -> Result<DecodedRequest,
         binary_default,
         timeout_us,
     })
+}
+
+/// What to check when the JSON part ends in the wrong place, which is most often the
+/// `Inference-Header-Content-Length` header: missing before binary tensor data (the bytes after
+/// the JSON read as trailing characters), or not the JSON's length in bytes.
+fn json_length_hint(e: &serde_json::Error, json_length: Option<usize>) -> String {
+    let trailing = e.to_string().starts_with("trailing characters");
+    match json_length {
+        None if trailing => format!(
+            " (binary tensor data after the JSON needs the {HEADER_CONTENT_LENGTH} header: \
+             the length of the JSON part in bytes)"
+        ),
+        Some(n) if trailing || e.is_eof() => format!(
+            " (the JSON part is cut at {HEADER_CONTENT_LENGTH} = {n} bytes: the header must be \
+             the length of the JSON part in bytes)"
+        ),
+        _ => String::new(),
+    }
 }
 
 fn flag(parameters: &Option<Map<String, Value>>, key: &str) -> Result<Option<bool>, ServeError> {

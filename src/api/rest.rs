@@ -425,14 +425,7 @@ async fn infer_on(
     };
     // A deadline from the `x-timeout-ms` header, or Triton's `timeout` parameter (µs).
     let timeout = match req.headers().get("x-timeout-ms") {
-        Some(v) => Some(Duration::from_millis(
-            v.to_str()
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-                .ok_or_else(|| {
-                    ServeError::invalid("x-timeout-ms must be a whole number of milliseconds")
-                })?,
-        )),
+        Some(v) => Some(timeout_ms(v)?),
         None => decoded.timeout_us.map(Duration::from_micros),
     };
     state.access.check_rows(pass, &info.name, request.rows)?;
@@ -458,6 +451,29 @@ async fn infer_on(
     }
     let stats = Stats::from(&response);
     Ok((http.body(encoded.body), stats))
+}
+
+/// The deadline an `x-timeout-ms` header asks for. A refusal says what the header may hold,
+/// and tells a number too large apart from one that is no whole number at all.
+fn timeout_ms(value: &HeaderValue) -> Result<Duration, ServeError> {
+    let refused = |why: String| {
+        ServeError::invalid(format!(
+            "x-timeout-ms must be a whole number of milliseconds from 0 to {}: {why}",
+            u64::MAX
+        ))
+    };
+    let Ok(text) = value.to_str().map(str::trim) else {
+        return Err(refused("the value is not visible ASCII".into()));
+    };
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(refused(format!(
+            "'{}' is not one",
+            untrusted::capped(text, 60)
+        )));
+    }
+    text.parse()
+        .map(Duration::from_millis)
+        .map_err(|_| refused(format!("{} is too large", untrusted::capped(text, 60))))
 }
 
 /// The version a request was resolved to, and the version its path named (`None`: the model's

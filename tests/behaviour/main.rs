@@ -25,6 +25,7 @@ mod documented_jobs_access;
 mod documented_limits;
 mod documented_operations;
 mod documented_registry;
+mod documented_rest;
 mod fuzz_corpus;
 mod grpc_sequences;
 mod grpc_speech;

@@ -410,6 +410,15 @@ def test_error_unknown_output(client):
     assert "nope" in error.message()
 
 
+def test_timeout_zero_is_no_timeout(client, repo_root):
+    # tritonclient sends `timeout` (microseconds) as given; Triton reads 0 as "no timeout".
+    # It was a deadline already passed: every such request answered 504 and never run.
+    x = features(seed=5, rows=1)
+    expected = reference(repo_root, "mlp", {"features": x})
+    assert_mlp_result(client.infer("mlp", [mlp_input(x)], timeout=0), expected)
+    assert_mlp_result(client.infer("mlp", [mlp_input(x)], timeout=10_000_000), expected)
+
+
 def test_server_still_serves_after_errors(client, repo_root):
     x = features(seed=99, rows=1)
     assert_mlp_result(client.infer("mlp", [mlp_input(x)]), reference(repo_root, "mlp", {"features": x}))
