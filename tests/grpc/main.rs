@@ -7,6 +7,7 @@
 mod common;
 
 mod bad_input;
+mod documented;
 mod inference;
 mod metadata;
 mod streams;

@@ -171,6 +171,17 @@ def test_bad_requests_get_their_status(client):
     assert client.infer("mlp", [mlp_input(features(seed=5, rows=1))]).as_numpy("logits").shape == (1, 16)
 
 
+def test_timeout_zero_is_no_timeout_as_in_triton(client, repo_root):
+    # tritonclient sends `timeout` as Triton's int64 request parameter (microseconds); in
+    # Triton 0 means no timeout, not a deadline already passed.
+    x = features(seed=6, rows=2)
+    result = client.infer("mlp", [mlp_input(x)], timeout=0)
+    assert_mlp_result(result, reference(repo_root, "mlp", {"features": x}))
+    # A timeout that has passed before the request is queued is still one.
+    error = infer_error(client, "mlp", [mlp_input(x)], timeout=1)
+    assert error.status() == "StatusCode.DEADLINE_EXCEEDED", error
+
+
 # --------------------------------------------------------------------------------------------
 # streaming: start_stream / async_stream_infer
 

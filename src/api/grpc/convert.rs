@@ -32,7 +32,7 @@ pub struct Decoded {
     pub outputs: Option<Vec<String>>,
     /// Answer in `raw_output_contents` rather than typed `contents`.
     pub raw_output: bool,
-    /// Triton's `timeout` request parameter (microseconds).
+    /// Triton's `timeout` request parameter (microseconds; 0, as in Triton, is none).
     pub timeout: Option<Duration>,
 }
 
@@ -49,6 +49,7 @@ pub fn decode(request: &mut ModelInferRequest) -> Result<Decoded, ServeError> {
              (docs/streaming.md)"
         )));
     }
+    // Triton's `timeout`: 0, as in Triton, is no timeout (not a deadline already passed).
     let timeout = match parameters
         .get("timeout")
         .and_then(|p| p.parameter_choice.as_ref())
@@ -58,10 +59,12 @@ pub fn decode(request: &mut ModelInferRequest) -> Result<Decoded, ServeError> {
         Some(ParameterChoice::Uint64Param(us)) => Some(*us),
         Some(_) => {
             return Err(ServeError::invalid(
-                "parameter 'timeout' must be a whole number of microseconds (int64_param)",
+                "parameter 'timeout' must be a whole number of microseconds, 0 for none \
+                 (int64_param)",
             ))
         }
     }
+    .filter(|&us| us > 0)
     .map(Duration::from_micros);
     let raw = std::mem::take(&mut request.raw_input_contents);
     let raw_output = match parameters
@@ -461,6 +464,15 @@ mod tests {
         let decoded = decode(&mut request).unwrap();
         assert_eq!(decoded.timeout, Some(Duration::from_micros(2500)));
         assert!(decoded.raw_output);
+        // 0 is Triton's "no timeout", in either integer form.
+        for zero in [
+            ParameterChoice::Int64Param(0),
+            ParameterChoice::Uint64Param(0),
+        ] {
+            let mut request = ModelInferRequest::default();
+            request.parameters.insert("timeout".into(), parameter(zero));
+            assert_eq!(decode(&mut request).unwrap().timeout, None);
+        }
         let mut request = ModelInferRequest::default();
         request.parameters.insert(
             "timeout".into(),

@@ -25,6 +25,9 @@ use super::{Caller, Inference};
 use crate::api::body::StreamHold;
 use crate::error::ServeError;
 
+/// Triton's parameter naming a sequence, kept on an answer replaced by an error.
+const SEQUENCE_ID: &str = "sequence_id";
+
 /// Requests of one stream being decoded, queued or run at once; beyond it the stream is not
 /// read until an answer is sent (HTTP/2 flow control then holds the client back).
 const STREAM_IN_FLIGHT: usize = 64;
@@ -63,7 +66,7 @@ pub(super) fn answer_in_order(
         while (open && !stopping) || !pending.is_empty() {
             tokio::select! {
                 Some(answer) = pending.next(), if !pending.is_empty() => {
-                    if tx.send(Ok(answered(&memory, answer))).await.is_err() {
+                    if tx.send(Ok(answered(&memory, answer, this.max_message))).await.is_err() {
                         return; // the client went away
                     }
                 }
@@ -93,7 +96,8 @@ pub(super) fn answer_in_order(
                             // The transport failed (e.g. a message over the limit): answer
                             // what was read, then end the stream with the error.
                             while let Some(answer) = pending.next().await {
-                                let _ = tx.send(Ok(answered(&memory, answer))).await;
+                                let answer = answered(&memory, answer, this.max_message);
+                                let _ = tx.send(Ok(answer)).await;
                             }
                             for handover in sequences.finish().await {
                                 let _ = tx.send(Ok((handover, 0))).await;
@@ -191,11 +195,129 @@ fn error_answer(
 
 /// An answer ready to send: its request's bytes are let go of, its own counted if they fit. An
 /// answer that does not fit is sent all the same, uncounted: it is computed, and refusing it
-/// would lose it (a sequence's results with it).
-fn answered(memory: &Mutex<StreamHold>, (answer, request_size): Held) -> Held {
+/// would lose it (a sequence's results with it). One over the message limit (`max_message`)
+/// is sent as [`too_large`] in its place: tonic would refuse to encode it and end the whole
+/// call, every answer after it lost.
+fn answered(memory: &Mutex<StreamHold>, (answer, request_size): Held, max_message: usize) -> Held {
+    let answer = within_limit(answer, max_message);
     let mut memory = memory.lock().expect("stream memory");
     memory.remove(request_size);
     let size = answer.encoded_len();
     let size = if memory.add(size).is_ok() { size } else { 0 };
     (answer, size)
+}
+
+/// `answer`, or [`too_large`] in its place when its message is over `max_message`. The check
+/// is on the streamed message, the answer with its wrapping: an answer just under the limit,
+/// wrapped, can be just over it.
+fn within_limit(answer: ModelStreamInferResponse, max_message: usize) -> ModelStreamInferResponse {
+    let size = answer.encoded_len();
+    if size <= max_message {
+        return answer;
+    }
+    too_large(answer, size, max_message)
+}
+
+/// The error answer that stands for an answer of `size` bytes over the limit: its request's
+/// model, version, id and sequence id (Triton's clients match answers by them), without the
+/// id if even that is too large (the answers stay in order all the same).
+fn too_large(
+    answer: ModelStreamInferResponse,
+    size: usize,
+    limit: usize,
+) -> ModelStreamInferResponse {
+    let response = answer.infer_response.unwrap_or_default();
+    let mut error = error_answer(
+        response.model_name,
+        response.model_version,
+        response.id,
+        ServeError::ResponseTooLarge { size, limit },
+    );
+    if let (Some(sequence), Some(error)) = (
+        response.parameters.get(SEQUENCE_ID),
+        error.infer_response.as_mut(),
+    ) {
+        error
+            .parameters
+            .insert(SEQUENCE_ID.into(), sequence.clone());
+    }
+    if error.encoded_len() > limit {
+        if let Some(error) = error.infer_response.as_mut() {
+            error.id.clear();
+        }
+    }
+    error
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::super::convert::parameter;
+    use super::super::super::proto::inference::infer_parameter::ParameterChoice;
+    use super::*;
+
+    fn answer(id: &str, raw: usize) -> ModelStreamInferResponse {
+        let mut response = ModelInferResponse {
+            model_name: "m".into(),
+            model_version: "1".into(),
+            id: id.into(),
+            raw_output_contents: vec![vec![7; raw]],
+            ..Default::default()
+        };
+        response.parameters.insert(
+            SEQUENCE_ID.into(),
+            parameter(ParameterChoice::Uint64Param(42)),
+        );
+        ModelStreamInferResponse {
+            error_message: String::new(),
+            infer_response: Some(response),
+        }
+    }
+
+    #[test]
+    fn an_answer_over_the_limit_only_once_wrapped_is_replaced_by_an_error() {
+        let fits = answer("a", 100);
+        let limit = fits.encoded_len();
+        assert_eq!(
+            within_limit(fits.clone(), limit),
+            fits,
+            "at the limit: sent"
+        );
+        // Its inner message fits the limit; the streamed one, wrapped, does not.
+        let over = answer("a", 102);
+        assert!(over.infer_response.as_ref().unwrap().encoded_len() <= limit);
+        let sent = within_limit(over.clone(), limit);
+        assert!(sent.encoded_len() <= limit);
+        assert_eq!(
+            sent.error_message,
+            format!(
+                "the answer of {} bytes exceeds the message limit of {limit} bytes (ask for \
+                 fewer rows or outputs)",
+                over.encoded_len()
+            )
+        );
+        let response = sent.infer_response.unwrap();
+        assert_eq!(
+            (
+                response.model_name.as_str(),
+                response.model_version.as_str()
+            ),
+            ("m", "1")
+        );
+        assert_eq!(response.id, "a", "it names its request");
+        assert_eq!(
+            response.parameters[SEQUENCE_ID],
+            parameter(ParameterChoice::Uint64Param(42))
+        );
+        assert!(response.raw_output_contents.is_empty());
+    }
+
+    #[test]
+    fn an_id_too_long_for_the_error_is_left_out() {
+        let id = "i".repeat(300);
+        let sent = within_limit(answer(&id, 10), 250);
+        assert!(sent
+            .error_message
+            .contains("exceeds the message limit of 250 bytes"));
+        assert_eq!(sent.infer_response.unwrap().id, "");
+    }
 }
