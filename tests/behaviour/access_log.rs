@@ -7,16 +7,17 @@
 
 use crate::common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use common::child::{listening_address, stdout_lines, stop};
 use common::*;
 use serde_json::Value;
 
 /// A server process on the bundled models with the keys file `keys`, logging JSON lines.
-fn serve(keys: &std::path::Path) -> (Child, mpsc::Receiver<Value>, String) {
+fn serve(keys: &std::path::Path) -> (Child, mpsc::Receiver<String>, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_streamserve"))
         .current_dir(repo())
         .args([
@@ -34,37 +35,9 @@ fn serve(keys: &std::path::Path) -> (Child, mpsc::Receiver<Value>, String) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Ok(json) = serde_json::from_str::<Value>(&line) {
-                let _ = tx.send(json);
-            }
-        }
-    });
-    let addr = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("server starts");
-        if line["message"] == "streamserve listening" {
-            break line["addr"].as_str().unwrap().to_string();
-        }
-    };
+    let rx = stdout_lines(&mut child);
+    let addr = listening_address(&rx);
     (child, rx, addr)
-}
-
-fn stop(mut child: Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    for _ in 0..300 {
-        if child.try_wait().unwrap().is_some() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    child.kill().unwrap();
 }
 
 fn entry(name: &str, key: &str, extra: &str) -> String {
@@ -143,7 +116,9 @@ async fn refusals_for_a_named_key_name_it_in_the_access_log_and_unknown_keys_sta
     // Every line, then the audit events' names beside them.
     let mut lines = Vec::new();
     while let Ok(line) = logs.recv_timeout(Duration::from_secs(2)) {
-        lines.push(line);
+        if let Ok(json) = serde_json::from_str::<Value>(&line) {
+            lines.push(json);
+        }
     }
     stop(child);
     for (id, name) in &expected {

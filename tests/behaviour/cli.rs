@@ -4,11 +4,10 @@
 
 use crate::common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
+use common::child::{listening_address, stdout_lines, stop, wait_for_address};
 use common::*;
 
 fn binary() -> Command {
@@ -18,59 +17,6 @@ fn binary() -> Command {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     command
-}
-
-/// The child's stdout, line by line, read on a thread of its own.
-fn stdout_lines(child: &mut Child) -> mpsc::Receiver<String> {
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    rx
-}
-
-/// Waits for the "listening" log line and returns the address it names.
-fn wait_for_address(child: &mut Child) -> String {
-    listening_address(&stdout_lines(child))
-}
-
-/// Reads log lines until the "listening" one, and returns the address it names.
-fn listening_address(rx: &mpsc::Receiver<String>) -> String {
-    let mut seen = Vec::new();
-    loop {
-        match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(line) => {
-                if line.contains("streamserve listening") {
-                    let json: serde_json::Value =
-                        serde_json::from_str(&line).expect("JSON log line");
-                    return json["addr"].as_str().unwrap().to_string();
-                }
-                seen.push(line);
-            }
-            Err(_) => panic!(
-                "server never said it was listening; output:\n{}",
-                seen.join("\n")
-            ),
-        }
-    }
-}
-
-fn stop(mut child: Child) -> std::process::ExitStatus {
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    for _ in 0..300 {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    child.kill().unwrap();
-    panic!("server did not exit within 30 s of SIGTERM");
 }
 
 #[tokio::test]

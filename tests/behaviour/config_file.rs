@@ -7,10 +7,10 @@
 
 use crate::common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::child::{listening_address, stdout_lines, stdout_lines_kept, wait_for_address};
 use common::*;
 
 fn binary() -> Command {
@@ -53,24 +53,9 @@ async fn the_admin_token_is_read_from_the_file_the_config_names() {
         .arg(&config)
         .spawn()
         .unwrap();
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stdout.lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut logged = Vec::new();
-    let addr = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("never listening:\n{}", logged.join("\n")));
-        if line.contains("streamserve listening") {
-            let json: serde_json::Value = serde_json::from_str(&line).unwrap();
-            break json["addr"].as_str().unwrap().to_string();
-        }
-        logged.push(line);
-    };
+    let logged = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let rx = stdout_lines_kept(&mut child, logged.clone());
+    let addr = listening_address(&rx);
     let c = client();
     let url = format!("http://{addr}/admin/models");
     let with = |token: &str| c.get(&url).bearer_auth(token).send();
@@ -78,10 +63,9 @@ async fn the_admin_token_is_read_from_the_file_the_config_names() {
     assert_eq!(with("from-a-fil").await.unwrap().status(), 401);
     child.kill().unwrap();
     child.wait().unwrap();
-    while let Ok(line) = rx.try_recv() {
-        logged.push(line);
-    }
-    let logged = logged.join("\n");
+    // Every line it printed: the reader ends (and the channel closes) at the end of stdout.
+    while rx.recv_timeout(Duration::from_secs(10)).is_ok() {}
+    let logged = logged.lock().unwrap().join("\n");
     assert!(
         !logged.contains("from-a-file"),
         "the token is never logged: {logged}"
@@ -188,16 +172,7 @@ async fn an_admin_token_from_the_environment_is_trimmed() {
         .env("STREAMSERVE_ADMIN_TOKEN", "s3cret\n")
         .spawn()
         .unwrap();
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    let addr = stdout
-        .lines()
-        .map_while(Result::ok)
-        .find(|line| line.contains("streamserve listening"))
-        .map(|line| {
-            let json: serde_json::Value = serde_json::from_str(&line).unwrap();
-            json["addr"].as_str().unwrap().to_string()
-        })
-        .expect("listening");
+    let addr = wait_for_address(&mut child);
     let url = format!("http://{addr}/admin/models");
     let status = client()
         .get(&url)
@@ -380,15 +355,8 @@ async fn while_the_models_load_the_ports_are_held_and_readiness_waits() {
         let mut writer = std::fs::OpenOptions::new().write(true).open(fifo).unwrap();
         let _ = writer.write_all(b"not a model");
     });
-    let addr = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("listening once the FIFO's model is refused");
-        if line.contains("streamserve listening") {
-            let json: serde_json::Value = serde_json::from_str(&line).unwrap();
-            break json["addr"].as_str().unwrap().to_string();
-        }
-    };
+    // Listening once the FIFO's model is refused.
+    let addr = listening_address(&rx);
     assert_eq!(
         addr, bound,
         "the port told before loading is the one served"
@@ -400,16 +368,4 @@ async fn while_the_models_load_the_ports_are_held_and_readiness_waits() {
         .unwrap();
     assert_eq!(status, 200, "ready once the models are in");
     drop(child);
-}
-
-/// The child's stdout, line by line, read on a thread of its own.
-fn stdout_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    rx
 }

@@ -8,12 +8,11 @@
 
 use crate::common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::child::wait_for_address;
 use common::fleet::*;
 
 const NO_ENV: &[(String, String)] = &[];
@@ -52,23 +51,8 @@ fn serve_in(dir: &Path, args: &[&str]) -> Served {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let (tx, rx) = mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.contains("streamserve listening") {
-                let _ = tx.send(line);
-            }
-        }
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the server never listened");
-    let json: serde_json::Value = serde_json::from_str(&line).unwrap();
-    Served {
-        child,
-        url: format!("http://{}", json["addr"].as_str().unwrap()),
-    }
+    let url = format!("http://{}", wait_for_address(&mut child));
+    Served { child, url }
 }
 
 /// `streamserve registry ARGS...` from `dir`; must succeed.

@@ -53,7 +53,6 @@ impl Drop for Server {
 /// Starts the binary as KServe would (runtime args, then the InferenceService's env) and
 /// returns it with its address.
 fn start(args: &[String], env: &[(String, String)]) -> (Server, String) {
-    use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_streamserve"))
         .current_dir(common::repo())
         .args(args)
@@ -62,15 +61,12 @@ fn start(args: &[String], env: &[(String, String)]) -> (Server, String) {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    // Read for as long as it runs (a full pipe would stop its logging, and it), and killed if
+    // it never listens.
+    let lines = common::child::stdout_lines(&mut child);
     let server = Server(child);
-    for line in stdout.lines().map_while(Result::ok) {
-        if line.contains("streamserve listening") {
-            let json: serde_json::Value = serde_json::from_str(&line).unwrap();
-            return (server, format!("http://{}", json["addr"].as_str().unwrap()));
-        }
-    }
-    panic!("never listened");
+    let addr = common::child::listening_address(&lines);
+    (server, format!("http://{addr}"))
 }
 
 async fn probes_metrics_and_an_inference(url: &str) {

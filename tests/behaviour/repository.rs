@@ -286,23 +286,7 @@ async fn load_and_unload_over_grpc_take_the_admin_token() {
 /// went on serving. A request for either version loads it again, as after an idle unload.
 #[tokio::test]
 async fn an_unload_takes_every_loaded_version_out() {
-    let manifest = format!(
-        r#"
-        [[models]]
-        name = "mlp"
-        version = "1"
-        file = "{{models}}/mlp/1/model.onnx"
-        sha256 = "{MLP_SHA}"
-        max_batch_size = 64
-
-        [[models]]
-        name = "mlp"
-        version = "2"
-        file = "{{models}}/mlp/1/model.onnx"
-        sha256 = "{MLP_SHA}"
-        max_batch_size = 64
-        "#
-    );
+    let manifest = mlp_entry("1", "max_batch_size = 64") + &mlp_entry("2", "max_batch_size = 64");
     let base = start(&model_dir(&manifest), |config| {
         config.admin_token = Some(TOKEN.into());
     });

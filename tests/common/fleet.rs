@@ -8,7 +8,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -277,31 +277,12 @@ impl Instance {
             .spawn()
             .unwrap();
         let logs = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        let kept = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.contains("streamserve listening") {
-                    let _ = tx.send(line.clone());
-                }
-                kept.lock().unwrap().push(line);
-            }
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(90))
-            .unwrap_or_else(|_| {
-                panic!(
-                    "instance {} never listened:\n{}",
-                    setup.id,
-                    logs.lock().unwrap().join("\n")
-                )
-            });
-        let json: Value = serde_json::from_str(&line).unwrap();
+        let lines = super::child::stdout_lines_kept(&mut child, logs.clone());
+        let addr = super::child::listening_address(&lines);
         Instance {
             child: Some(child),
             id: setup.id.to_string(),
-            url: format!("http://{}", json["addr"].as_str().unwrap()),
+            url: format!("http://{addr}"),
             logs,
         }
     }

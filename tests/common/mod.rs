@@ -2,6 +2,7 @@
 //! build model directories whose manifests point at the bundled model files.
 #![allow(dead_code)]
 
+pub mod child;
 pub mod fleet;
 pub mod grpc_sequence;
 pub mod jobs;
@@ -108,6 +109,15 @@ pub const BUNDLED_MODELS: [&str; 8] = [
 ];
 
 pub const MLP_SHA: &str = "682ec0e4afa4d55060b8b4465d0e2ee9f78ac23bbe28b6999a1db956956e1943";
+
+/// A `[[models]]` entry of `mlp` at `version` on the bundled mlp file (for [`model_dir`]),
+/// with `extra` TOML lines (settings) after its identity.
+pub fn mlp_entry(version: &str, extra: &str) -> String {
+    format!(
+        "[[models]]\nname = \"mlp\"\nversion = \"{version}\"\n\
+         file = \"{{models}}/mlp/1/model.onnx\"\nsha256 = \"{MLP_SHA}\"\n{extra}\n\n"
+    )
+}
 pub const MLP_SMALL_SHA: &str = "1ee4e3ca0ab831f8b5d0012533fdfe38626360da2dfded1adc62f14bb97bb481";
 
 pub fn client() -> reqwest::Client {
