@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tonic::codec::CompressionEncoding;
 use tonic::codegen::http;
 use tonic::metadata::MetadataMap;
 use tonic::transport::server::TcpIncoming;
@@ -319,13 +320,20 @@ async fn serve(
         max_message,
         stop: stop.clone(),
     });
+    // Requests compressed as tritonclient's `compression_algorithm` sends them (gzip or
+    // deflate, as Triton takes); the message limit bounds the inflated size (tonic inflates
+    // into a buffer of at most `max_message`), so a small message cannot expand without bound.
     let inference =
         proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer::new(inference)
+            .accept_compressed(CompressionEncoding::Gzip)
+            .accept_compressed(CompressionEncoding::Deflate)
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
     let speech = proto::speech::speech_server::SpeechServer::new(Arc::new(speech::SpeechService {
         state: state.clone(),
     }))
+    .accept_compressed(CompressionEncoding::Gzip)
+    .accept_compressed(CompressionEncoding::Deflate)
     .max_decoding_message_size(max_message)
     .max_encoding_message_size(max_message);
     let health = proto::health::health_server::HealthServer::new(Arc::new(health::HealthService {
