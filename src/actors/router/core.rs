@@ -2,15 +2,16 @@
 //! move them. It sits behind a mutex that every thread with news takes for a moment: the
 //! caller's thread admits its request and, when a worker is idle, hands it the batch; a
 //! worker's thread reports its batch done and takes the next one itself. The router actor
-//! ([`super::Router`]) only keeps the clock (batching delays, the watch) and starts workers.
+//! ([`super::Router`]) only keeps the watch and starts workers; batching delays are the flush
+//! clock's (`clock.rs`).
 //!
 //! Why a lock and not the actor's mailbox: with the mailbox, a request crossed four threads
 //! (caller -> router -> worker -> caller, and the worker's report back to the router), and on
 //! an idle server each crossing wakes a sleeping thread. Scheduling was about 40% of the
 //! server's CPU for a 1-row request at concurrency 1 (docs/efficiency.md). Now a request wakes
-//! two: its worker, and its caller. What needs a timer or an `await` is left to the actor as
-//! [`Effects`], carried out once the lock is released (never while holding it, so that two
-//! routers handing requests to each other's fallback cannot deadlock). One consequence: when a
+//! two: its worker, and its caller. What needs a timer or an `await` is left to the clock or
+//! the actor as [`Effects`], carried out once the lock is released (never while holding it, so
+//! that two routers handing requests to each other's fallback cannot deadlock). One consequence: when a
 //! version's last worker dies, the requests it hands to its fallback travel after the lock is
 //! released, so a request admitted meanwhile on another thread may reach the fallback before
 //! them. Each is answered exactly once all the same; only their order at the fallback can
@@ -50,9 +51,9 @@ pub enum Degrade {
 /// What the state machine asks of the actor, once the lock is released.
 #[derive(Default)]
 pub(super) struct Effects {
-    /// Dispatch again after this long: the oldest request of a partial batch has not waited
-    /// `max_queue_delay` yet, and no timer is set for it.
-    pub flush_after: Option<Duration>,
+    /// Dispatch again at this instant (the flush clock's): the oldest request of a partial
+    /// batch has not waited `max_queue_delay` yet, and no wake-up is set for it.
+    pub wake_at: Option<Instant>,
     /// Workers to start: replacements of dead or hung ones, and new replicas.
     pub starts: Vec<StartWorker>,
     /// Requests handed to a fallback model (degraded mode).
@@ -94,8 +95,8 @@ pub(super) struct RouterCore {
     pub queue: BatchQueue<Pending>,
     pub replicas: Replicas,
     pub scaler: Autoscaler,
-    /// When the earliest flush timer set on the actor fires (a later batch deadline waits for
-    /// it; an earlier one sets another).
+    /// When the earliest wake-up set on the flush clock comes (a later batch deadline waits
+    /// for it; an earlier one sets another).
     flush_at: Option<Instant>,
     pub health: Arc<ModelHealth>,
     /// Smoothed compute time per batch, for wait predictions.
@@ -309,7 +310,7 @@ impl RouterCore {
         pending.reply.send(Err(error));
     }
 
-    /// The flush timer fired: dispatch what is due now.
+    /// The flush clock's wake-up came: dispatch what is due now.
     pub fn flush(&mut self, effects: &mut Effects) {
         self.flush_at = None;
         self.dispatch(effects);
@@ -337,7 +338,7 @@ impl RouterCore {
                 Due::At(when) => {
                     if self.flush_at.is_none_or(|at| when < at) {
                         self.flush_at = Some(when);
-                        effects.flush_after = Some(when.saturating_duration_since(now));
+                        effects.wake_at = Some(when);
                     }
                     break;
                 }

@@ -22,14 +22,16 @@
 //!
 //! The state lives in [`core`], behind a mutex: the caller's thread admits a request and hands
 //! an idle worker its batch, and a worker's thread, done with a batch, takes the next one, so a
-//! request wakes only its worker and its caller (`core.rs` says why). The actor keeps the
-//! clock (the batching delay's timer, the watch) and starts workers; callers hold a
+//! request wakes only its worker and its caller (`core.rs` says why). The flush clock
+//! (`clock.rs`, one thread for the process) wakes it when a partial batch is due; the actor
+//! keeps the watch and starts workers; callers hold a
 //! [`RouterHandle`]. The rules live in plain parts: [`queue`] (lanes, when a batch is due and
 //! what it holds, expiry, predicted wait), [`replicas`] (which worker is idle, busy or hung)
 //! and [`scaling`] (when to add or remove a replica; `autoscale.rs` carries that out);
 //! [`control`] holds the admin and supervisor messages.
 
 mod autoscale;
+mod clock;
 mod control;
 mod core;
 pub mod queue;
@@ -103,9 +105,10 @@ pub fn start(setup: RouterSetup) -> RouterHandle {
     core.publish_queue();
     metrics::gauge!("streamserve_overloaded", &core.labels).set(0.0);
     metrics::gauge!("streamserve_replicas", &core.labels).set(core.replicas.len() as f64);
-    let shared = Arc::new(Shared {
+    let shared = Arc::new_cyclic(|me| Shared {
         core: Mutex::new(core),
         addr: OnceLock::new(),
+        me: me.clone(),
     });
     let arbiter = Arbiter::new();
     let actor_shared = shared.clone();
@@ -134,6 +137,8 @@ struct Shared {
     core: Mutex<RouterCore>,
     /// Set right after the actor starts, before anyone can reach the state.
     addr: OnceLock<Addr<Router>>,
+    /// Itself, for the flush clock (which must not keep a stopped router alive).
+    me: Weak<Shared>,
 }
 
 impl Shared {
@@ -160,12 +165,12 @@ impl Shared {
     }
 
     /// Carries out what the state asked for, with the lock released: hands workers their
-    /// batches (one a worker cannot take goes back under the lock), sends the actor its timer
-    /// and worker starts, and hands requests to fallbacks (their routers' own locks, taken only
+    /// batches (one a worker cannot take goes back under the lock), arms the flush clock, sends
+    /// the actor its worker starts, and hands requests to fallbacks (their routers' own locks, taken only
     /// now that this router's is released).
     fn apply(&self, effects: Effects) {
         let Effects {
-            flush_after,
+            wake_at,
             starts,
             handoffs,
             batches,
@@ -178,12 +183,12 @@ impl Shared {
                 self.apply(effects);
             }
         }
+        if let Some(at) = wake_at {
+            clock::arm(at, self.me.clone());
+        }
         // The address is set before any caller or worker can reach the state, and the
         // actor's own first watch comes a tick (50 ms) after it starts.
         if let Some(addr) = self.addr.get() {
-            if let Some(wait) = flush_after {
-                addr.do_send(ArmFlush(wait));
-            }
             for start in starts {
                 addr.do_send(start);
             }
@@ -193,6 +198,20 @@ impl Shared {
             // its caller hears that the router dropped it.
             let _ = fallback.0.admit(pending, Degrade::Never);
         }
+    }
+}
+
+impl clock::Flush for Shared {
+    fn flush(&self) {
+        let mut effects = Effects::default();
+        {
+            let mut core = self.lock();
+            if core.stopped {
+                return;
+            }
+            core.flush(&mut effects);
+        }
+        self.apply(effects);
     }
 }
 
@@ -254,11 +273,6 @@ pub struct Router {
     shared: Arc<Shared>,
 }
 
-/// Dispatch once `max_queue_delay` has passed for the oldest request of a partial batch.
-#[derive(Message)]
-#[rtype(result = "()")]
-struct ArmFlush(Duration);
-
 /// A replacement worker, or a new replica's, that has loaded.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -311,16 +325,6 @@ impl Actor for Router {
             if router.with_core(|core, effects| core.watch(effects)) {
                 ctx.stop();
             }
-        });
-    }
-}
-
-impl Handler<ArmFlush> for Router {
-    type Result = ();
-
-    fn handle(&mut self, ArmFlush(wait): ArmFlush, ctx: &mut Self::Context) {
-        ctx.run_later(wait, |router, _ctx| {
-            router.with_core(|core, effects| core.flush(effects))
         });
     }
 }
