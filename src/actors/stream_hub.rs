@@ -112,6 +112,11 @@ impl Tails {
 /// What the hub knows of a stream id.
 pub enum Found {
     Live(Addr<StreamSession>),
+    /// Its session has stopped, and its [`StreamEnded`] is behind this question in the hub's
+    /// mailbox (a session says so as it stops, before its own mailbox closes): asked again,
+    /// the hub answers `Finished` or `Unknown`. A resume that races the stream's end sees
+    /// this, and must not take it for an unknown stream.
+    Stopping,
     /// It ended here with its summary; its last messages, if they are still kept.
     Finished(Option<EndedTail>),
     Unknown,
@@ -184,8 +189,9 @@ impl Handler<Lookup> for StreamHub {
     type Result = MessageResult<Lookup>;
     fn handle(&mut self, msg: Lookup, _: &mut Self::Context) -> Self::Result {
         let id = msg.id.as_str();
-        MessageResult(match self.streams.get(id).filter(|a| a.connected()) {
-            Some(session) => Found::Live(session.clone()),
+        MessageResult(match self.streams.get(id) {
+            Some(session) if session.connected() => Found::Live(session.clone()),
+            Some(_) => Found::Stopping,
             None if self.finished.contains_key(id) => {
                 Found::Finished(self.tails.get(id, Instant::now()))
             }

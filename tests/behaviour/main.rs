@@ -26,6 +26,7 @@ mod documented_limits;
 mod documented_operations;
 mod documented_registry;
 mod documented_rest;
+mod documented_streams;
 mod fuzz_corpus;
 mod grpc_sequences;
 mod grpc_speech;

@@ -21,6 +21,7 @@ use super::proto::speech::*;
 use crate::access::StreamPass;
 use crate::actors::stream_session::{
     feed, Attach, Connection, Detach, End, FeedError, StreamModels, StreamParams, StreamSession,
+    AUDIO_CREDITS,
 };
 use crate::api::door::limit::StreamRefused;
 use crate::api::AppState;
@@ -69,6 +70,7 @@ impl SpeechService {
         model: &str,
         sample_rate: u32,
         vad: Option<VadOptions>,
+        capacity: usize,
     ) -> Result<Running, Status> {
         let state = &self.state;
         let (pass, served) = state.admitted(metadata, peer, model, None).await?;
@@ -118,7 +120,9 @@ impl SpeechService {
         let session = started
             .await
             .map_err(|_| Status::unavailable("the server is stopping"))?;
-        let (tx, messages) = mpsc::channel(4096);
+        // Past `capacity` messages waiting, the session cuts the call loose as a client that
+        // does not read (and its summary is lost): each caller keeps below it.
+        let (tx, messages) = mpsc::channel(capacity);
         let (close, _) = oneshot::channel();
         let attach = Attach {
             connection: Connection {
@@ -160,12 +164,28 @@ impl Drop for Running {
 impl Running {
     /// Hands `samples` to the session as it has room for them (backpressure on the caller).
     async fn feed(&self, samples: Vec<f32>) -> Result<(), Status> {
-        match feed(&self.session, &self.credits, samples, EVENT_WAIT).await {
-            Ok(()) => Ok(()),
-            Err(FeedError::Ended) => Err(Status::internal("the stream session stopped")),
-            Err(FeedError::Stalled) => Err(Status::deadline_exceeded(
-                "the model took no audio for 60 s",
-            )),
+        fed_status(feed(&self.session, &self.credits, samples, EVENT_WAIT).await)
+    }
+
+    /// [`feed`](Self::feed), taking the session's messages meanwhile: for a call that answers
+    /// with the summary only, whose events (two a speech segment, thousands in an hour's
+    /// recording) would otherwise wait unread until the audio is over, fill the session's
+    /// queue, and have the call cut loose without its summary. An `error` the stream sent
+    /// (its model failed) is the call's answer.
+    async fn feed_skipping_events(&mut self, samples: Vec<f32>) -> Result<(), Status> {
+        let fed = feed(&self.session, &self.credits, samples, EVENT_WAIT);
+        let mut fed = std::pin::pin!(fed);
+        loop {
+            tokio::select! {
+                // The session's messages first: what it sent before it stopped explains why.
+                biased;
+                text = self.messages.recv() => match text.as_deref().map(serde_json::from_str::<Sent>) {
+                    Some(Ok(Sent::Error { message })) => return Err(Status::unavailable(message)),
+                    Some(_) => {}
+                    None => return Err(Status::internal("the stream ended without a summary")),
+                },
+                fed = &mut fed => return fed_status(fed),
+            }
         }
     }
 
@@ -220,6 +240,17 @@ impl Running {
     }
 }
 
+/// How audio given to a session went, as the call's status.
+fn fed_status(fed: Result<(), FeedError>) -> Result<(), Status> {
+    match fed {
+        Ok(()) => Ok(()),
+        Err(FeedError::Ended) => Err(Status::internal("the stream session stopped")),
+        Err(FeedError::Stalled) => Err(Status::deadline_exceeded(
+            "the model took no audio for 60 s",
+        )),
+    }
+}
+
 /// A piece's audio: PCM16 bytes or float samples in [-1, 1], one of the two.
 fn piece_audio(piece: AudioPiece) -> Result<Vec<f32>, Status> {
     match (piece.pcm16.is_empty(), piece.samples.is_empty()) {
@@ -257,6 +288,9 @@ impl Speech for Arc<SpeechService> {
         let peer = request.remote_addr().map(|a| a.ip());
         let (metadata, _, request) = request.into_parts();
         let wav = read_wav(&request.wav).map_err(Status::invalid_argument)?;
+        // The whole file goes in before its events are read: room for every one it can have
+        // (two a chunk at most), as the one-shot endpoint has.
+        let capacity = wav.samples.len() / 128 + 16;
         let mut running = self
             .open(
                 &metadata,
@@ -264,6 +298,7 @@ impl Speech for Arc<SpeechService> {
                 &request.model,
                 wav.sample_rate,
                 request.vad,
+                capacity,
             )
             .await?;
         running
@@ -317,8 +352,12 @@ impl Speech for Arc<SpeechService> {
             first.sample_rate
         };
         let _work = self.state.work.begin();
+        // Its events are taken as its audio goes in (`feed_skipping_events`): what waits
+        // unread is what the session steps from its audio buffer while the call waits for
+        // the client's next piece (two events a chunk at most: 512 at 8 kHz), twice over.
+        let capacity = 4 * AUDIO_CREDITS / 256 + 16;
         let mut running = self
-            .open(&metadata, peer, &first.model, rate, first.vad)
+            .open(&metadata, peer, &first.model, rate, first.vad, capacity)
             .await?;
         let mut piece = Some(first);
         while let Some(next) = piece.take() {
@@ -329,7 +368,7 @@ impl Speech for Arc<SpeechService> {
             }
             let samples = piece_audio(next)?;
             running._access.audio_samples(samples.len(), rate)?;
-            running.feed(samples).await?;
+            running.feed_skipping_events(samples).await?;
             piece = pieces.message().await?;
         }
         running.session.do_send(End);

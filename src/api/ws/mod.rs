@@ -237,6 +237,8 @@ async fn connection(
         Err(AttachError::Ended) => {
             return write::close_with_error(ws, CloseCode::Away, "stream has ended".into()).await
         }
+        // The stream ended with its summary as this resume came: what the client missed.
+        Err(AttachError::EndedHere(replay)) => return write::replay_ended(ws, replay).await,
     };
     let session = opened.session;
     let (reader_close_tx, reader_close_rx) = mpsc::channel(1);

@@ -10,8 +10,9 @@
 //!
 //! A resume of a stream that already ended here with its summary is answered from the tail the
 //! hub keeps of it ([`EndedReplay`]): what the client missed, summary included, then the end
-//! (a WebSocket's close 1000, a gRPC sequence's answer). A takeover from a token is
-//! `takeover.rs`.
+//! (a WebSocket's close 1000, a gRPC sequence's answer). So is one that races the end: it
+//! found the session live, and the session stopped at its summary before it could attach
+//! ([`AttachError::EndedHere`]). A takeover from a token is `takeover.rs`.
 
 mod takeover;
 
@@ -25,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::StreamsConfig;
 use crate::access::{Access, Pass};
 use crate::actors::catalog::{ServedModel, SharedCatalog};
-use crate::actors::stream_hub::{Found, Lookup, Register};
+use crate::actors::stream_hub::{Found, Lookup, Register, StreamHub};
 use crate::actors::stream_session::{
     Attach, AttachRefused, Attached, Connection, EndedTail, ServedBy, StreamModels, StreamParams,
     StreamSession, TailRefused,
@@ -107,6 +108,8 @@ pub(in crate::api) struct Opened {
     pub created: bool,
     /// Where the session checks, as the connection attaches, that its versions still serve.
     pub catalog: Arc<SharedCatalog>,
+    /// Where a resume whose session stopped before it attached finds the stream's end.
+    pub hub: Addr<StreamHub>,
 }
 
 /// A resume of a stream that ended here with its summary, from the tail the hub kept: the
@@ -151,6 +154,9 @@ pub(in crate::api) enum AttachError {
     Refused(String),
     /// The session ended before it could answer.
     Ended,
+    /// A resume raced the stream's end: the session stopped at its summary before the
+    /// connection attached, and this is what the client missed of the end, summary last.
+    EndedHere(EndedReplay),
 }
 
 impl Opened {
@@ -184,6 +190,9 @@ impl Opened {
                     close,
                 })
             }
+            Ok(Err(AttachRefused::Ended)) | Err(_) if self.opening != Opening::New => {
+                Err(self.ended_meanwhile().await)
+            }
             Ok(Err(refused)) => {
                 if let Some(reason) = self.resume_refusal(&refused) {
                     reason.record(&self.model, Some(&self.id));
@@ -191,6 +200,36 @@ impl Opened {
                 Err(AttachError::Refused(refused.to_string()))
             }
             Err(_) => Err(AttachError::Ended),
+        }
+    }
+
+    /// A resume whose session stopped between the hub's answer and the attach: if the stream
+    /// ended with its summary, the client gets what it missed of the end, as a resume that
+    /// came a moment later would (docs/streaming.md, "After `end`"), or the refusal such a
+    /// resume gets; a stream that stopped otherwise (failed, its resume window passed) is
+    /// gone, as before.
+    async fn ended_meanwhile(&self) -> AttachError {
+        let Found::Finished(tail) = lookup(&self.hub, &self.id).await else {
+            return AttachError::Ended;
+        };
+        // The refusal a later resume of the same kind gets (by a token, or by stream_id).
+        let (reason, refused) = if self.token_counter.is_some() {
+            (ResumeRefusal::Ended, ended(&self.id))
+        } else {
+            (ResumeRefusal::UnknownStream, unknown_stream(&self.id))
+        };
+        match replay_ended(
+            self.id.clone(),
+            tail,
+            self.last_seq,
+            OpenError::Resume(reason, refused),
+        ) {
+            Ok(Outcome::Ended(replay)) => AttachError::EndedHere(replay),
+            Ok(Outcome::Session(_)) => AttachError::Ended,
+            Err(refused) => {
+                reason.record(&self.model, Some(&self.id));
+                AttachError::Refused(refused.to_string())
+            }
         }
     }
 
@@ -225,6 +264,23 @@ pub(in crate::api) async fn open_stream(
 
 fn ended(id: &str) -> String {
     format!("stream '{}' has ended", Untrusted(id))
+}
+
+fn unknown_stream(id: &str) -> String {
+    format!("unknown or expired stream_id '{}'", Untrusted(id))
+}
+
+/// What the hub knows of stream `id`; of a session that has just stopped, once its end has
+/// reached the hub ([`Found::Stopping`]: asked again, the hub has it).
+pub(super) async fn lookup(hub: &Addr<StreamHub>, id: &str) -> Found {
+    for _ in 0..3 {
+        match hub.send(Lookup { id: id.to_string() }).await {
+            Ok(Found::Stopping) => continue,
+            Ok(found) => return found,
+            Err(_) => return Found::Unknown,
+        }
+    }
+    Found::Unknown
 }
 
 /// The answer to a resume of a stream that ended here: its tail from after `last_seq`, if the
@@ -276,15 +332,9 @@ async fn open(
         return takeover::take_over(checkpoint, start.last_seq, caller, config).await;
     }
     if let Some(id) = start.stream_id {
-        let unknown = || {
-            OpenError::Resume(
-                ResumeRefusal::UnknownStream,
-                format!("unknown or expired stream_id '{}'", Untrusted(&id)),
-            )
-        };
-        let session = match config.hub.send(Lookup { id: id.clone() }).await {
-            Ok(Found::Live(session)) => session,
-            Ok(Found::Finished(Some(tail))) => {
+        let unknown = || OpenError::Resume(ResumeRefusal::UnknownStream, unknown_stream(&id));
+        let ended_here = |found| match found {
+            Found::Finished(Some(tail)) => {
                 // As a live stream's resume: its own model, at a version this caller may use.
                 if tail.model != caller.served.info.name {
                     return Err(unknown());
@@ -293,12 +343,19 @@ async fn open(
                     .access
                     .check_version(&caller.pass, &tail.model, &tail.version)
                     .map_err(|e| e.to_string())?;
-                return replay_ended(id.as_str().into(), Some(tail), start.last_seq, unknown());
+                replay_ended(id.as_str().into(), Some(tail), start.last_seq, unknown())
             }
-            _ => return Err(unknown()),
+            _ => Err(unknown()),
         };
-        // The stream's own model, at a version this caller may use.
-        let (model, version) = session.send(ServedBy).await.map_err(|_| unknown())?;
+        let session = match lookup(&config.hub, &id).await {
+            Found::Live(session) => session,
+            found => return ended_here(found),
+        };
+        // The stream's own model, at a version this caller may use; a session that stopped
+        // meanwhile (at its summary, say) is asked of the hub again.
+        let Ok((model, version)) = session.send(ServedBy).await else {
+            return ended_here(lookup(&config.hub, &id).await);
+        };
         if model != caller.served.info.name {
             return Err(OpenError::Resume(
                 ResumeRefusal::WrongModel,
@@ -322,6 +379,7 @@ async fn open(
             token_counter: None,
             created: false,
             catalog: config.catalog.clone(),
+            hub: config.hub.clone(),
         }));
     }
     if start.last_seq.is_some() {
@@ -356,6 +414,7 @@ async fn open(
         token_counter: None,
         created: true,
         catalog: config.catalog.clone(),
+        hub: config.hub.clone(),
     }))
 }
 

@@ -157,6 +157,8 @@ pub struct Gathered {
     /// The answer to a resume of a stream that had ended: its end, replayed (parameter
     /// `ended`).
     pub ended: bool,
+    /// The stream's summary is in it: the stream is over.
+    pub summarized: bool,
 }
 
 fn parameter(choice: ParameterChoice) -> InferParameter {
@@ -274,6 +276,7 @@ impl Gathered {
                 }
                 self.segments = Some(segments.iter().flat_map(|s| [s.start, s.end]).collect());
                 self.last_seq = Some(seq);
+                self.summarized = true;
             }
             Sent::Error { message } => self.error = Some(message),
         }

@@ -344,6 +344,14 @@ impl SequenceTask {
                 if let Some(reason) = &error {
                     self.failed = Some(reason.clone());
                 }
+                // The stream ended under a step that did not end it: a resume that took the
+                // stream while the older call's `sequence_end` was being processed gets the
+                // summary with its `sequence_start`. The sequence is over on this call, as
+                // after a `sequence_end` (or a resume answered from the ended stream's tail).
+                if gathered.summarized && !end && self.failed.is_none() {
+                    gathered.ended = true;
+                    self.failed = Some(open::ENDED.into());
+                }
                 if let Some(version) = gathered.version.clone() {
                     self.version = version;
                 }

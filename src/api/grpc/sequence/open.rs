@@ -19,7 +19,8 @@ use crate::stream::protocol::StartMessage;
 
 /// What ends a sequence whose resume was answered with its stream's end, as a `sequence_end`
 /// does: a later step of it is refused as one of a sequence this call does not run.
-const ENDED: &str = "the stream has ended (its summary answered the sequence_start that \
+pub(super) const ENDED: &str =
+    "the stream has ended (its summary answered the sequence_start that \
                      resumed it): send sequence_start to begin another";
 
 /// The session of a started sequence, and the connection its messages come through.
@@ -124,6 +125,8 @@ impl SequenceTask {
             Ok(connection) => connection,
             Err(AttachError::Refused(reason)) => return Err(reason),
             Err(AttachError::Ended) => return Err("the stream has ended".into()),
+            // The stream ended with its summary as this resume came: what the client missed.
+            Err(AttachError::EndedHere(replay)) => return Ok(Some(self.ended(replay))),
         };
         self.live = Some(Live {
             created: opened.created,

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use super::{
-    ended, params, replay_ended, stage_models, Caller, OpenError, Opened, Opening, Outcome,
+    ended, lookup, params, replay_ended, stage_models, Caller, OpenError, Opened, Opening, Outcome,
 };
 use crate::actors::catalog::ServedModel;
-use crate::actors::stream_hub::{Adopt, Found, Lookup};
+use crate::actors::stream_hub::{Adopt, Found};
 use crate::actors::stream_session::{Abandon, AttachRefused, Progress, Retire, StreamSession};
 use crate::actors::supervisor::EnsureLoaded;
 use crate::api::ws::StreamsConfig;
@@ -69,6 +69,7 @@ pub(super) async fn take_over(
             token_counter,
             created: opening == Opening::TakenOver,
             catalog: config.catalog.clone(),
+            hub: config.hub.clone(),
         })
     };
     let ended_here = |tail| {
@@ -76,8 +77,8 @@ pub(super) async fn take_over(
         replay_ended(id.clone(), tail, last_seq, refused)
     };
     let mut stale = None;
-    match config.hub.send(Lookup { id: id.to_string() }).await {
-        Ok(Found::Live(session)) => {
+    match lookup(&config.hub, &id).await {
+        Found::Live(session) => {
             let copy = session.send(Progress).await.unwrap_or_default();
             // A token older than one this copy was resumed with would roll the stream back to
             // it, and close the client that resumed with the newer one.
@@ -98,8 +99,8 @@ pub(super) async fn take_over(
             session.do_send(Retire);
             stale = Some(session);
         }
-        Ok(Found::Finished(tail)) => return ended_here(tail),
-        Ok(Found::Unknown) | Err(_) => {}
+        Found::Finished(tail) => return ended_here(tail),
+        Found::Unknown | Found::Stopping => {}
     }
     let (model, mut fresh_state) = checkpoint_model(&checkpoint, caller.served, config).await;
     let params = params(
@@ -135,8 +136,8 @@ pub(super) async fn take_over(
         // The stream ended here while this restored it (the live copy found above finished):
         // the copy goes, unattached, and the token is answered as one of an ended stream.
         restored.do_send(Abandon { generation: 0 });
-        let tail = match config.hub.send(Lookup { id: id.to_string() }).await {
-            Ok(Found::Finished(tail)) => tail,
+        let tail = match lookup(&config.hub, &id).await {
+            Found::Finished(tail) => tail,
             _ => None,
         };
         return ended_here(tail);
