@@ -16,6 +16,10 @@ use actix_web::{web, HttpRequest};
 use futures_util::StreamExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+mod model_limit;
+
+pub use model_limit::model_body_limit;
+
 use super::door::{self, BodyPace};
 use crate::error::ServeError;
 
