@@ -2,8 +2,9 @@
 //! a `ModelStreamInfer` answer is held to the message limit as the client receives it (an
 //! answer just under the limit, wrapped in the stream's message, is just over it: that answer
 //! is an error, the call goes on), Triton's `timeout` parameter of 0 means no timeout, as
-//! in Triton, and a request compressed as tritonclient's `compression_algorithm` sends it is
-//! taken (its inflated size held to the message limit).
+//! in Triton, a request compressed as tritonclient's `compression_algorithm` sends it is
+//! taken (its inflated size held to the message limit), and speech audio sent without the
+//! sequence parameters is told how to send a sequence.
 
 use super::*;
 use prost::Message;
@@ -175,4 +176,32 @@ async fn compressed_requests_are_taken_and_inflate_no_further_than_the_message_l
         );
         assert!(c.model_infer(mlp_raw(&x)).await.is_ok(), "{encoding:?}");
     }
+}
+
+/// A speech model's audio sent on `ModelStreamInfer` without the sequence parameters runs as
+/// one plain inference and fails on the input the model does not have; the error says how a
+/// speech stream is sent. A plain request beside it on the same stream is answered.
+#[tokio::test]
+async fn stream_audio_without_a_sequence_id_is_told_how_to_send_a_sequence() {
+    use super::common::grpc_sequence::{step, Samples};
+
+    let mut audio = step(7, true, false, Samples::Pcm(&[0i16; 512]), &[]);
+    for key in ["sequence_id", "sequence_start", "sequence_end"] {
+        audio.parameters.remove(key);
+    }
+    let mut c = grpc().await;
+    let mut answers = c
+        .model_stream_infer(tokio_stream::iter([audio, mlp_raw(&features(72, 1))]))
+        .await
+        .unwrap()
+        .into_inner();
+    let refused = answers.message().await.unwrap().unwrap();
+    assert!(
+        refused.error_message.contains("has no input 'AUDIO'")
+            && refused.error_message.contains("non-zero sequence_id"),
+        "{}",
+        refused.error_message
+    );
+    let answered = answers.message().await.unwrap().unwrap();
+    assert_eq!(answered.error_message, "");
 }

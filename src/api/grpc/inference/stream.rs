@@ -167,8 +167,35 @@ impl Inference {
                 error_message: String::new(),
                 infer_response: Some(answer),
             },
-            Err(e) => error_answer(model_name, model_version, id, e),
+            Err(e) => {
+                let e = self.sequence_hint(&model_name, e);
+                error_answer(model_name, model_version, id, e)
+            }
         }
+    }
+
+    /// A request of a speech model's stream input sent without the sequence parameters ran
+    /// as one plain inference, and failed on an input the model does not have: says how the
+    /// stream is sent instead.
+    fn sequence_hint(&self, model: &str, error: ServeError) -> ServeError {
+        let ServeError::InvalidRequest(message) = &error else {
+            return error;
+        };
+        let streams = self
+            .state
+            .catalog
+            .snapshot()
+            .resolve(model, None)
+            .is_ok_and(|served| served.info.stream.is_some());
+        if !streams || !message.contains("has no input") {
+            return error;
+        }
+        ServeError::invalid(format!(
+            "{message}; a speech stream of '{}' is a sequence: send its audio with a non-zero \
+             sequence_id, sequence_start on the first request and sequence_end on the last \
+             (docs/streaming.md)",
+            crate::untrusted::Untrusted(model)
+        ))
     }
 }
 
