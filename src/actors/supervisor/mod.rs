@@ -264,6 +264,18 @@ impl Supervisor {
         }
     }
 
+    /// Refuses (409) to unload a version that a rollout uses.
+    fn not_in_rollout(&self, key: &Key) -> Result<(), ServeError> {
+        if !self.deployments.involves(&key.0, &key.1) {
+            return Ok(());
+        }
+        Err(ServeError::Conflict(format!(
+            "{}:{} is part of a rollout in progress (a running canary, or a deploy or \
+             rollback being prepared); wait for it or roll it back first",
+            key.0, key.1
+        )))
+    }
+
     /// Takes a version out of service: new requests no longer reach it, its router finishes
     /// what it holds and stops, and the workers end. It loads again on demand.
     fn unload(&mut self, key: &Key, why: &str) -> bool {
@@ -462,13 +474,7 @@ impl Handler<Unload> for Supervisor {
 
     fn handle(&mut self, msg: Unload, _ctx: &mut Self::Context) -> Self::Result {
         let key = self.key(&msg.name, msg.version.as_deref())?;
-        if self.deployments.involves(&key.0, &key.1) {
-            return Err(ServeError::Conflict(format!(
-                "{}:{} is part of a rollout in progress (a running canary, or a deploy or \
-                 rollback being prepared); wait for it or roll it back first",
-                key.0, key.1
-            )));
-        }
+        self.not_in_rollout(&key)?;
         let unloaded = self.unload(&key, "admin request");
         Ok(serde_json::json!({ "model": key.0, "version": key.1, "unloaded": unloaded }))
     }
@@ -496,15 +502,8 @@ impl Handler<UnloadAll> for Supervisor {
             .map(|version| (msg.name.clone(), version))
             .filter(|key| self.served(key).is_some())
             .collect();
-        if let Some(key) = loaded
-            .iter()
-            .find(|key| self.deployments.involves(&key.0, &key.1))
-        {
-            return Err(ServeError::Conflict(format!(
-                "{}:{} is part of a rollout in progress (a running canary, or a deploy or \
-                 rollback being prepared); wait for it or roll it back first",
-                key.0, key.1
-            )));
+        for key in &loaded {
+            self.not_in_rollout(key)?;
         }
         Ok(loaded
             .into_iter()

@@ -20,13 +20,10 @@ use tonic::{Request, Status, Streaming};
 
 use super::super::draining;
 use super::super::proto::inference::*;
-use super::super::sequence::{self, Sequences};
+use super::super::sequence::{self, Sequences, SEQUENCE_ID};
 use super::{Caller, Inference};
 use crate::api::body::StreamHold;
 use crate::error::ServeError;
-
-/// Triton's parameter naming a sequence, kept on an answer replaced by an error.
-const SEQUENCE_ID: &str = "sequence_id";
 
 /// Requests of one stream being decoded, queued or run at once; beyond it the stream is not
 /// read until an answer is sent (HTTP/2 flow control then holds the client back).

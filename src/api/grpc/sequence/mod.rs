@@ -37,7 +37,8 @@ use crate::actors::stream_session::{feed_from, EndFrom, FeedError, Flush, Flushe
 use crate::api::AppState;
 use crate::manifest::StreamKind;
 use crate::stream::idle::IdleTimer;
-use answer::{mark_handover, Gathered, Taken, RETIRED, SEQUENCE_END, SEQUENCE_ID, SEQUENCE_START};
+pub use answer::SEQUENCE_ID;
+use answer::{mark_handover, Gathered, Taken, RETIRED, SEQUENCE_END, SEQUENCE_START};
 use open::Live;
 use parse::{audio_of, take_flags, SequenceKey};
 
