@@ -72,18 +72,6 @@ fn registry_in(dir: &Path, args: &[&str]) {
     );
 }
 
-/// A local registry holding the small `mlp`, seeded as the docs do.
-fn seeded_registry() -> String {
-    let registry = temp_dir("registry").display().to_string();
-    let models = small_mlp_dir();
-    registry_ok(
-        &registry,
-        NO_ENV,
-        &["seed", "--models", models.to_str().unwrap()],
-    );
-    registry
-}
-
 /// One instance of `registry`, `id`, with no models of its own.
 fn solo(id: &str, registry: &str) -> Instance {
     Instance::start(InstanceSetup {

@@ -22,7 +22,6 @@ use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use streamserve::api::grpc::proto::inference::infer_parameter::ParameterChoice;
-use streamserve::api::grpc::proto::inference::ModelInferResponse;
 use streamserve::api::grpc::proto::speech::speech_client::SpeechClient;
 use streamserve::api::grpc::proto::speech::speech_event::Event;
 use streamserve::api::grpc::proto::speech::{AudioPiece, SegmentsRequest, VadOptions};
@@ -139,15 +138,6 @@ async fn a_websocket_resume_racing_its_streams_end_gets_the_summary() {
     }
 }
 
-fn flag(r: &ModelInferResponse, key: &str) -> bool {
-    matches!(
-        r.parameters
-            .get(key)
-            .and_then(|p| p.parameter_choice.clone()),
-        Some(ParameterChoice::BoolParam(true))
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_grpc_resume_racing_its_sequences_end_gets_the_summary() {
     let running = server();
@@ -180,8 +170,8 @@ async fn a_grpc_resume_racing_its_sequences_end_gets_the_summary() {
             answer.error_message
         );
         let mut r = answer.infer_response.unwrap();
-        assert!(flag(&r, "resumed"), "round {round}: {r:?}");
-        if !flag(&r, "ended") {
+        assert!(grpc::flag(&r, "resumed"), "round {round}: {r:?}");
+        if !grpc::flag(&r, "ended") {
             // The resume took the stream before its end did: the stream is this call's.
             r = b.ok(grpc::step(id, false, true, Samples::None, &[])).await;
         }
@@ -257,23 +247,10 @@ batch_axes = { state = 1, stateN = 1, sr = "shared" }
     assert_eq!(summary.chunks, (SEGMENTS * 4) as u64);
 
     // The same audio as a WAV file: every event, then the summary.
-    let mut wav = std::io::Cursor::new(Vec::new());
-    let spec = hound::WavSpec {
-        channels: 1,
-        sample_rate: 16000,
-        bits_per_sample: 16,
-        sample_format: hound::SampleFormat::Int,
-    };
-    let mut writer = hound::WavWriter::new(&mut wav, spec).unwrap();
-    for pair in unit.repeat(SEGMENTS).chunks(2) {
-        writer
-            .write_sample(i16::from_le_bytes([pair[0], pair[1]]))
-            .unwrap();
-    }
-    writer.finalize().unwrap();
+    let wav = pcm16_wav(&unit.repeat(SEGMENTS));
     let request = SegmentsRequest {
         model: "vad_energy".into(),
-        wav: wav.into_inner(),
+        wav,
         vad: Some(VadOptions {
             min_speech_ms: Some(32),
             min_silence_ms: Some(32),

@@ -30,22 +30,6 @@ fn failure(registry: &str, args: &[&str]) -> String {
     String::from_utf8(out.stderr).unwrap()
 }
 
-/// A registry directory seeded with `mlp` 1 (the small mlp file).
-fn seeded() -> String {
-    let registry = temp_dir("registry").display().to_string();
-    let models = small_mlp_dir();
-    let out = registry_ok(
-        &registry,
-        NO_ENV,
-        &["seed", "--models", models.to_str().unwrap()],
-    );
-    assert!(
-        out.contains("pushed   mlp:1") && out.contains("default  mlp = 1"),
-        "{out}"
-    );
-    registry
-}
-
 #[test]
 fn push_records_the_version_and_refuses_to_overwrite_it() {
     let registry = format!("file://{}", temp_dir("registry").display());
@@ -113,7 +97,7 @@ fn push_records_the_version_and_refuses_to_overwrite_it() {
 
 #[test]
 fn bad_input_gets_a_clear_error() {
-    let registry = seeded();
+    let registry = seeded_registry();
     let dir = temp_dir("bad");
     let typo = dir.join("typo.toml");
     std::fs::write(&typo, "replicaz = 2\n").unwrap();
@@ -279,7 +263,7 @@ fn unavailable_reason(registry: &str, version: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_or_mismatched_file_is_never_served_and_says_why() {
-    let registry = seeded();
+    let registry = seeded_registry();
     let small = small();
     for version in ["2", "3"] {
         registry_ok(
@@ -334,7 +318,7 @@ async fn a_corrupt_or_mismatched_file_is_never_served_and_says_why() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_deployment_takes_a_version_only_the_registry_has() {
-    let registry = seeded();
+    let registry = seeded_registry();
     registry_ok(
         &registry,
         NO_ENV,
@@ -375,7 +359,7 @@ async fn an_admin_deployment_takes_a_version_only_the_registry_has() {
 
 #[test]
 fn racing_deploys_on_a_local_directory_have_one_winner() {
-    let registry = seeded();
+    let registry = seeded_registry();
     for version in ["2", "3"] {
         registry_ok(
             &registry,
@@ -442,7 +426,7 @@ fn mlp_probe() -> std::path::PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_probe_published_with_a_version_travels_with_it_and_stops_a_wrong_one() {
-    let registry = seeded();
+    let registry = seeded_registry();
     // Version 7 is the small mlp's file with the real mlp's probe beside it: a wrong version.
     let dir = temp_dir("wrong");
     let file = dir.join("model.onnx");

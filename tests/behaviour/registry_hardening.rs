@@ -28,18 +28,6 @@ fn big() -> String {
         .to_string()
 }
 
-/// A registry directory seeded with `mlp` 1 (the small mlp file).
-fn seeded() -> String {
-    let registry = temp_dir("registry").display().to_string();
-    let models = small_mlp_dir();
-    registry_ok(
-        &registry,
-        NO_ENV,
-        &["seed", "--models", models.to_str().unwrap()],
-    );
-    registry
-}
-
 /// A model directory with its own `mlp` 2: the small file, loaded lazily.
 fn bundled_mlp_2() -> PathBuf {
     let dir = temp_dir("bundled");
@@ -90,7 +78,7 @@ fn instance_report(id: &str, heartbeat_ms: u64, extra: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bundled_file_under_the_registrys_label_is_never_routed() {
-    let registry = seeded();
+    let registry = seeded_registry();
     // The registry's mlp:2 is the big mlp; this instance's own mlp:2 is the small file.
     registry_ok(
         &registry,
@@ -118,7 +106,7 @@ async fn a_bundled_file_under_the_registrys_label_is_never_routed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreadable_and_mislabelled_reports_are_skipped_and_block_nothing_they_should_not() {
-    let registry = seeded();
+    let registry = seeded_registry();
     registry_ok(
         &registry,
         NO_ENV,
@@ -220,7 +208,7 @@ async fn unreadable_and_mislabelled_reports_are_skipped_and_block_nothing_they_s
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_object_is_not_downloaded_and_a_dead_download_is_cleaned_up() {
-    let registry = seeded();
+    let registry = seeded_registry();
     registry_ok(
         &registry,
         NO_ENV,
@@ -298,7 +286,7 @@ fn seed_refuses_a_file_that_is_not_what_its_manifest_says() {
     assert_eq!(list.trim(), "[]", "a corrupt copy was published");
 
     // Seeded with the right file, a rerun with the cut copy names all three hashes.
-    let good = seeded();
+    let good = seeded_registry();
     let out = registry_cli(
         &good,
         NO_ENV,
@@ -351,7 +339,7 @@ fn credentials_in_the_uri_are_refused_and_not_repeated() {
 
 #[test]
 fn a_reader_that_goes_away_ends_list_and_status_quietly() {
-    let registry = seeded();
+    let registry = seeded_registry();
     for command in ["list", "status"] {
         // The reader is gone before the command writes a byte.
         let mut child = std::process::Command::new("sh")

@@ -127,23 +127,9 @@ async fn keyword_times_never_pass_the_audio_received() {
 
 /// The one-shot endpoint's answer for `audio` (PCM16 at 16 kHz) with `query`.
 async fn one_shot(url: &str, audio: &[u8], query: &str) -> Value {
-    let mut wav = std::io::Cursor::new(Vec::new());
-    let spec = hound::WavSpec {
-        channels: 1,
-        sample_rate: 16000,
-        bits_per_sample: 16,
-        sample_format: hound::SampleFormat::Int,
-    };
-    let mut writer = hound::WavWriter::new(&mut wav, spec).unwrap();
-    for pair in audio.chunks(2) {
-        writer
-            .write_sample(i16::from_le_bytes([pair[0], pair[1]]))
-            .unwrap();
-    }
-    writer.finalize().unwrap();
     let response = client()
         .post(format!("{url}/v1/models/silero_vad/segments?{query}"))
-        .body(wav.into_inner())
+        .body(pcm16_wav(audio))
         .send()
         .await
         .unwrap();

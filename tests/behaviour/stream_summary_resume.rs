@@ -16,7 +16,6 @@ use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use streamserve::api::grpc::proto::inference::infer_parameter::ParameterChoice;
-use streamserve::api::grpc::proto::inference::ModelInferResponse;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -265,15 +264,6 @@ async fn sequence_with_audio(call: &mut Call, pcm: &[i16]) -> (Results, i64, Str
     (got, last_seq, token)
 }
 
-fn flag(r: &ModelInferResponse, key: &str) -> bool {
-    matches!(
-        r.parameters
-            .get(key)
-            .and_then(|p| p.parameter_choice.clone()),
-        Some(ParameterChoice::BoolParam(true))
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_grpc_sequence_whose_call_dropped_after_its_end_gets_the_end_on_resume() {
     let running = server();
@@ -313,7 +303,10 @@ async fn a_grpc_sequence_whose_call_dropped_after_its_end_gets_the_end_on_resume
     let r = call
         .ok(grpc::step(2, true, false, Samples::None, &resume))
         .await;
-    assert!(flag(&r, "resumed") && flag(&r, "ended"), "{r:?}");
+    assert!(
+        grpc::flag(&r, "resumed") && grpc::flag(&r, "ended"),
+        "{r:?}"
+    );
     assert_eq!(grpc::int(&r, "next_seq"), summary_seq + 1);
     assert_eq!(grpc::int(&r, "samples_received") as usize, pcm.len());
     assert_eq!(grpc::int(&r, "last_seq"), summary_seq);

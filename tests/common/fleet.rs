@@ -171,6 +171,23 @@ pub fn registry_cli(registry: &str, env: &[(String, String)], args: &[&str]) -> 
         .unwrap()
 }
 
+/// A local registry directory seeded (as the docs do) with `mlp` 1, the small mlp file, as
+/// its default.
+pub fn seeded_registry() -> String {
+    let registry = temp_dir("registry").display().to_string();
+    let models = small_mlp_dir();
+    let out = registry_ok(
+        &registry,
+        &[],
+        &["seed", "--models", models.to_str().unwrap()],
+    );
+    assert!(
+        out.contains("pushed   mlp:1") && out.contains("default  mlp = 1"),
+        "{out}"
+    );
+    registry
+}
+
 /// [`registry_cli`] that must succeed; returns its standard output.
 pub fn registry_ok(registry: &str, env: &[(String, String)], args: &[&str]) -> String {
     let out = registry_cli(registry, env, args);

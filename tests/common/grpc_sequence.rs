@@ -289,6 +289,17 @@ pub fn text(response: &ModelInferResponse, key: &str) -> String {
     }
 }
 
+/// Whether the bool parameter `key` is there and true.
+pub fn flag(response: &ModelInferResponse, key: &str) -> bool {
+    matches!(
+        response
+            .parameters
+            .get(key)
+            .and_then(|p| p.parameter_choice.clone()),
+        Some(ParameterChoice::BoolParam(true))
+    )
+}
+
 pub fn real(response: &ModelInferResponse, key: &str) -> f64 {
     match response.parameters[key].parameter_choice.clone().unwrap() {
         ParameterChoice::DoubleParam(x) => x,

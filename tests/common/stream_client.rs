@@ -30,6 +30,25 @@ pub fn fixture_pcm16(name: &str) -> (Vec<u8>, u32) {
     (bytes, rate)
 }
 
+/// A mono 16 kHz WAV file of `pcm` (16-bit little-endian samples), as a client uploads one.
+pub fn pcm16_wav(pcm: &[u8]) -> Vec<u8> {
+    let mut wav = std::io::Cursor::new(Vec::new());
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: 16000,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut writer = hound::WavWriter::new(&mut wav, spec).unwrap();
+    for pair in pcm.chunks(2) {
+        writer
+            .write_sample(i16::from_le_bytes([pair[0], pair[1]]))
+            .unwrap();
+    }
+    writer.finalize().unwrap();
+    wav.into_inner()
+}
+
 pub async fn connect(url: &str) -> Result<Socket, String> {
     connect_to(url, "silero_vad").await
 }
